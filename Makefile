@@ -1,0 +1,33 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first: a plain `torch` requirement with nothing installed pulls a multi-GB CUDA build.
+# On a GPU machine, override it, e.g. `make TORCH_SPEC='torch==2.13.0' test` with your index.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/gpu-agent demo
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) benchmarks/graph_latency.py
+
+clean:
+	rm -rf $(VENV) .gpu-agent .pytest_cache build *.egg-info

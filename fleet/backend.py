@@ -1,0 +1,30 @@
+"""The one interface every inventory backend (simulated, NVML, replay, Ray) implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from fleet.models import GPUInfo, GPUSample
+
+
+class FleetBackend(Protocol):
+    name: str
+
+    def inventory(self) -> list[GPUInfo]:
+        """Every GPU the fleet has, allocated or not."""
+        ...
+
+    def sample(
+        self, gpu_ids: list[str], now: float, holders: Mapping[str, str]
+    ) -> list[GPUSample]:
+        """One reading per GPU. `holders` maps allocated GPUs to their project."""
+        ...
+
+    def throttle(self, gpu_id: str) -> bool:
+        """Act on an overheating GPU; True when the backend could do something about it."""
+        ...
+
+    def reset(self, gpu_ids: list[str]) -> None:
+        """Undo per-allocation actions (throttling) once the GPUs are released."""
+        ...

@@ -1,0 +1,46 @@
+"""Budget arithmetic that makes overspending impossible by construction.
+
+Every active allocation has a deadline, and it is charged at most price x GPUs x (deadline -
+start). Admission requires spent + the worst case of every active allocation + the new one to
+fit the budget. When a budget is lowered, deadlines move earlier to the moment the project's
+combined spend would reach it, and the monitor releases each allocation there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Running:
+    id: str
+    rate_usd_per_s: float
+    started_at: float
+    lease_end: float
+
+
+def accrued(items: list[Running], at: float) -> float:
+    return sum(r.rate_usd_per_s * max(0.0, min(at, r.lease_end) - r.started_at) for r in items)
+
+
+def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dict[str, float]:
+    """Deadlines so that the spend of `items` stays within `remaining_usd`.
+
+    All allocations run until a common time T (or their own lease end, if earlier), where T
+    solves accrued(T) = remaining. The caller guarantees accrued(now) <= remaining.
+    """
+    if accrued(items, max((r.lease_end for r in items), default=now)) <= remaining_usd + EPS:
+        return {r.id: r.lease_end for r in items}
+    # accrued() is piecewise linear and increasing in T; walk its breakpoints.
+    points = sorted({now, *(r.lease_end for r in items if r.lease_end > now)})
+    lo = now
+    for hi in points:
+        if accrued(items, hi) >= remaining_usd:
+            rate = sum(r.rate_usd_per_s for r in items if r.lease_end > lo)
+            t = lo + (remaining_usd - accrued(items, lo)) / rate if rate > 0 else lo
+            cut = max(now, min(hi, t))
+            return {r.id: min(r.lease_end, cut) for r in items}
+        lo = hi
+    return {r.id: r.lease_end for r in items}

@@ -1,0 +1,168 @@
+"""The fleet file: GPU catalog, pools, nodes and every policy knob, read from TOML.
+
+Unknown keys are errors, so a typo in a threshold never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fleet.errors import ConfigError, one_line
+from fleet.models import Purpose
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPUTypeSpec(_Strict):
+    memory_gb: float = Field(gt=0)
+    price_per_hour: float = Field(gt=0)
+    relative_throughput: float = Field(gt=0)
+    tdp_watts: float = Field(default=400, gt=0)
+
+
+class NodeSpec(_Strict):
+    name: str = Field(min_length=1)
+    gpu_type: str
+    gpus: int = Field(ge=1, le=64)
+    rack: str = "rack-0"
+    nvlink: bool = True
+    ambient_c: float = 30.0
+
+
+class MonitorSettings(_Strict):
+    tick_seconds: float = Field(default=60, gt=0)
+    low_util_pct: float = Field(default=20, ge=0, le=100)
+    low_util_window_minutes: float = Field(default=10, gt=0)
+    idle_util_pct: float = Field(default=5, ge=0, le=100)
+    idle_timeout_minutes: float = Field(default=30, gt=0)
+    throttle_temp_c: float = Field(default=85, gt=0)
+    sample_window: int = Field(default=10, ge=1, le=1000)
+
+
+class SchedulerSettings(_Strict):
+    half_life_hours: float = Field(default=24, gt=0)
+    poll_seconds: float = Field(default=60, gt=0)
+    age_max_hours: float = Field(default=2, gt=0)
+    weight_priority: float = Field(default=1000, ge=0)
+    weight_fairshare: float = Field(default=1000, ge=0)
+    weight_age: float = Field(default=500, ge=0)
+    stale_after_polls: float = Field(default=3, gt=1)
+
+
+class CouncilSettings(_Strict):
+    auto_approve_max_gpus: int = Field(default=1, ge=0)
+    auto_approve_max_usd: float = Field(default=25, ge=0)
+    approve_threshold: float = Field(default=0.6, gt=0, lt=1)
+    deny_threshold: float = Field(default=0.4, gt=0, lt=1)
+    quorum: int = Field(default=3, ge=1)
+    history_events: int = Field(default=32, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CouncilSettings:
+        if self.deny_threshold >= self.approve_threshold:
+            raise ValueError("deny_threshold must be below approve_threshold")
+        return self
+
+
+class LimitSettings(_Strict):
+    max_duration_hours: float = Field(default=720, gt=0)
+    min_duration_minutes: float = Field(default=1, gt=0)
+
+
+class QuotaSettings(_Strict):
+    default_max_gpus: int | None = Field(default=None, ge=1)
+    projects: dict[str, int] = Field(default_factory=dict)
+
+    def max_gpus(self, project: str) -> int | None:
+        return self.projects.get(project, self.default_max_gpus)
+
+
+class SimulationSettings(_Strict):
+    seed: int = 0
+    default_workload: str = "train"
+    workloads: dict[str, str] = Field(default_factory=dict)
+
+
+class ClockSettings(_Strict):
+    time_scale: float = Field(default=1.0, gt=0)
+
+
+class FleetConfig(_Strict):
+    catalog: dict[str, GPUTypeSpec]
+    pools: dict[Purpose, list[str]]
+    nodes: list[NodeSpec] = Field(min_length=1)
+    monitor: MonitorSettings = MonitorSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    council: CouncilSettings = CouncilSettings()
+    limits: LimitSettings = LimitSettings()
+    quotas: QuotaSettings = QuotaSettings()
+    shares: dict[str, float] = Field(default_factory=dict)
+    budgets: dict[str, float] = Field(default_factory=dict)
+    simulation: SimulationSettings = SimulationSettings()
+    clock: ClockSettings = ClockSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FleetConfig:
+        for purpose in Purpose:
+            if not self.pools.get(purpose):
+                raise ValueError(f"pools.{purpose.value} must list at least one GPU type")
+        for purpose, types in self.pools.items():
+            for t in types:
+                if t not in self.catalog:
+                    raise ValueError(f"pools.{purpose.value} names unknown GPU type {t!r}")
+        names: set[str] = set()
+        for node in self.nodes:
+            if node.gpu_type not in self.catalog:
+                raise ValueError(f"node {node.name!r} has unknown GPU type {node.gpu_type!r}")
+            if node.name in names:
+                raise ValueError(f"node name {node.name!r} appears twice")
+            names.add(node.name)
+        for project, share in self.shares.items():
+            if share <= 0:
+                raise ValueError(f"shares.{project} must be positive")
+        for project, budget in self.budgets.items():
+            if budget < 0:
+                raise ValueError(f"budgets.{project} must not be negative")
+        return self
+
+    def gpus_of_type(self, gpu_type: str) -> int:
+        return sum(n.gpus for n in self.nodes if n.gpu_type == gpu_type)
+
+    def pool(self, purpose: Purpose) -> list[str]:
+        return self.pools[purpose]
+
+
+DEFAULT_FLEET = "default_fleet.toml"
+
+
+def parse_fleet(text: str, source: str = "fleet file") -> FleetConfig:
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return FleetConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc, prefix=f"{source}: ")) from None
+
+
+def load_fleet(path: str | Path | None = None) -> FleetConfig:
+    """The fleet at `path`, or the default fleet shipped with the package."""
+    if path is None:
+        text = resources.files("fleet").joinpath("data", DEFAULT_FLEET).read_text("utf-8")
+        return parse_fleet(text, source=f"default fleet ({DEFAULT_FLEET})")
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"fleet file {p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"fleet file {p}: cannot read it ({exc})") from None
+    return parse_fleet(text, source=f"fleet file {p}")

@@ -1,0 +1,46 @@
+"""The errors users see. Each carries a one-line message and the CLI exit code it maps to."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class GPUAgentError(Exception):
+    exit_code = 1
+
+
+class InvalidInput(GPUAgentError, ValueError):
+    """Bad input of any kind: nothing was changed."""
+
+    exit_code = 2
+
+
+class ConfigError(InvalidInput):
+    """A malformed fleet file."""
+
+
+class StateDirError(InvalidInput):
+    """A missing, unreadable or corrupt state directory."""
+
+
+class Denied(GPUAgentError):
+    """The council, a budget or a quota said no."""
+
+    exit_code = 3
+
+
+class NotPlaced(GPUAgentError):
+    """The request could not be placed within its maximum wait."""
+
+    exit_code = 4
+
+
+def one_line(exc: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as one readable line: `field: message` of the first problem."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return f"{prefix}{where}{msg}{more}"

@@ -1,0 +1,337 @@
+"""Every record the graph state and the ledger exchange.
+
+This module is the stable home of the checkpointed types: LangGraph stores module and class
+names with each checkpoint, so renaming or moving anything here breaks resumption of old
+threads. Add fields with defaults; never rename.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Purpose(StrEnum):
+    TRAINING = "training"
+    INFERENCE = "inference"
+    RESEARCH = "research"
+
+
+PURPOSE_ALIASES: dict[str, Purpose] = {
+    "training": Purpose.TRAINING,
+    "train": Purpose.TRAINING,
+    "model_training": Purpose.TRAINING,
+    "model-training": Purpose.TRAINING,
+    "fine_tuning": Purpose.TRAINING,
+    "fine-tuning": Purpose.TRAINING,
+    "finetuning": Purpose.TRAINING,
+    "pretraining": Purpose.TRAINING,
+    "inference": Purpose.INFERENCE,
+    "model_inference": Purpose.INFERENCE,
+    "model-inference": Purpose.INFERENCE,
+    "serving": Purpose.INFERENCE,
+    "batch_inference": Purpose.INFERENCE,
+    "research": Purpose.RESEARCH,
+    "experiment": Purpose.RESEARCH,
+    "experimentation": Purpose.RESEARCH,
+    "development": Purpose.RESEARCH,
+    "dev": Purpose.RESEARCH,
+}
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class RouteMode(StrEnum):
+    BUDGET = "budget"
+    PERFORMANCE = "performance"
+
+
+class Status(StrEnum):
+    """Where a request stands; the CLI's JSON `status` field carries these values."""
+
+    PENDING = "pending"
+    INVALID = "invalid"
+    DENIED = "denied"
+    PENDING_REVIEW = "pending_review"
+    QUEUED = "queued"
+    ALLOCATED = "allocated"
+    RELEASED = "released"
+    TIMED_OUT = "timed_out"
+
+
+class ReleaseReason(StrEnum):
+    LEASE_EXPIRED = "lease-expired"
+    IDLE = "idle"
+    BUDGET = "budget"
+    EXPLICIT = "explicit"
+    CONTEXT_EXIT = "context-exit"
+    EXPIRED_WHILE_DOWN = "expired-while-down"
+    CANCELLED = "cancelled"
+
+
+class Verdict(StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+    ABSTAIN = "abstain"
+
+
+class Outcome(StrEnum):
+    APPROVED = "approved"
+    DENIED = "denied"
+    SPLIT = "split"
+    AUTO_APPROVED = "auto_approved"
+
+
+class EventKind(StrEnum):
+    QUEUED = "queued"
+    PLACED = "placed"
+    LOW_UTILIZATION = "low_utilization"
+    THROTTLE = "throttle"
+    IDLE = "idle"
+    HUMAN_DECISION = "human_decision"
+    RELEASED = "released"
+
+
+def utc(ts: float) -> datetime:
+    """A POSIX timestamp as an aware UTC datetime (the clock speaks floats, records datetimes)."""
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+_PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_project(name: str) -> str:
+    if not isinstance(name, str) or not _PROJECT_RE.match(name):
+        raise ValueError("project must be 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+class GPURequest(BaseModel):
+    """What a user asks for. Field-level checks here; fleet-level checks in fleet.validation."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    project: str = "default"
+    purpose: Purpose = Purpose.TRAINING
+    gpu_type: str | None = Field(default=None, alias="type")
+    count: int = Field(default=1, ge=1, le=100_000)
+    duration_hours: float = Field(gt=0)
+    priority: Priority = Priority.NORMAL
+    budget_limit: float | None = Field(default=None, gt=0)
+    min_memory_gb: float | None = Field(default=None, gt=0)
+    mode: RouteMode = RouteMode.BUDGET
+    max_wait_minutes: float | None = Field(default=None, ge=0)
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+    @field_validator("project")
+    @classmethod
+    def _project_name(cls, v: str) -> str:
+        return check_project(v)
+
+    @field_validator("purpose", mode="before")
+    @classmethod
+    def _purpose_alias(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            key = v.strip().lower().replace(" ", "_")
+            if key in PURPOSE_ALIASES:
+                return PURPOSE_ALIASES[key]
+            raise ValueError(f"unknown purpose {v!r} (use training, inference or research)")
+        return v
+
+    @field_validator("gpu_type", mode="before")
+    @classmethod
+    def _gpu_type_name(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            return v.upper() if v else None
+        return v
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _no_bool_count(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("count must be an integer")
+        return v
+
+    @field_validator(
+        "duration_hours", "budget_limit", "min_memory_gb", "max_wait_minutes", mode="before"
+    )
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number")
+        if isinstance(v, int | float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class Reason(BaseModel):
+    """One feature's pull on a vote: `effect` > 0 pushed towards approval."""
+
+    feature: str
+    value: float
+    effect: float
+    text: str
+
+
+class MemberVote(BaseModel):
+    member: str
+    verdict: Verdict
+    probability: float
+    weight: float = 1.0
+    reasons: list[Reason] = Field(default_factory=list)
+
+
+class CouncilDecision(BaseModel):
+    outcome: Outcome
+    probability: float
+    votes: list[MemberVote] = Field(default_factory=list)
+    quorum: int = 0
+    policy: str = ""
+    summary: str = ""
+
+
+class HumanDecision(BaseModel):
+    approve: bool
+    by: str = "human"
+    comment: str = ""
+
+
+class RouteOption(BaseModel):
+    gpu_type: str
+    price_per_hour: float
+    relative_throughput: float
+    est_hours: float
+    est_cost_usd: float
+    feasible: bool
+    why_not: str | None = None
+
+
+class RouteDecision(BaseModel):
+    gpu_type: str
+    pool: Purpose
+    mode: RouteMode
+    price_per_hour: float
+    est_hours: float
+    est_cost_usd: float
+    reason: str
+    alternatives: list[RouteOption] = Field(default_factory=list)
+
+
+class Allocation(BaseModel):
+    id: str
+    request_id: str
+    thread_id: str
+    project: str
+    gpu_type: str
+    count: int
+    gpu_ids: list[str]
+    node: str
+    nodes: list[str]
+    price_per_hour: float
+    started_at: datetime
+    lease_end: datetime
+    cuda_visible_devices: str
+
+
+class GPUInfo(BaseModel):
+    uuid: str
+    gpu_type: str
+    node: str
+    index: int
+    memory_gb: float
+
+
+class GPUSample(BaseModel):
+    """One reading of one GPU; a field the device could not report is None, never a failed read."""
+
+    gpu_id: str
+    at: datetime
+    util_pct: float | None = None
+    mem_used_gb: float | None = None
+    mem_total_gb: float | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    throttled: bool = False
+
+
+class MonitorState(BaseModel):
+    """What the monitor carries from tick to tick (bounded, so checkpoints stay small)."""
+
+    ticks: int = 0
+    last_tick_at: datetime | None = None
+    util_sum: float = 0.0
+    util_n: int = 0
+    window: list[tuple[float, float]] = Field(default_factory=list)  # (time, mean util)
+    idle_since: datetime | None = None
+    low_util_warned: bool = False
+    throttled: list[str] = Field(default_factory=list)
+
+    @property
+    def mean_util(self) -> float | None:
+        return self.util_sum / self.util_n if self.util_n else None
+
+
+class Event(BaseModel):
+    at: datetime
+    kind: EventKind
+    message: str
+    gpu_id: str | None = None
+
+
+class Release(BaseModel):
+    allocation_id: str
+    reason: ReleaseReason
+    released_at: datetime
+    hours: float
+    cost_usd: float
+    mean_util_pct: float | None = None
+
+
+class HistoryRecord(BaseModel):
+    allocation_id: str
+    thread_id: str
+    project: str
+    purpose: Purpose
+    gpu_type: str
+    count: int
+    gpu_ids: list[str]
+    started_at: datetime
+    ended_at: datetime
+    hours: float
+    cost_usd: float
+    reason: ReleaseReason
+    mean_util_pct: float | None = None
+    priority: Priority = Priority.NORMAL
+    requested_hours: float = 0.0
+
+
+class ProjectStats(BaseModel):
+    """A project's standing as the ledger sees it now: what the council and fair share read."""
+
+    project: str
+    budget_usd: float | None
+    spent_usd: float
+    committed_usd: float
+    active_gpus: int
+    decayed_gpu_hours: float
+    usage_share: float
+    fair_share: float
+    recent: list[HistoryRecord] = Field(default_factory=list)
+
+    @property
+    def remaining_usd(self) -> float | None:
+        if self.budget_usd is None:
+            return None
+        return self.budget_usd - self.spent_usd - self.committed_usd

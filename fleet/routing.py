@@ -1,0 +1,101 @@
+"""Pick the GPU type for a request: cheapest per unit of work, or fastest within budget.
+
+A request's duration is time on its reference type (the type it names, or the first type of its
+purpose's pool). On another type the same work takes duration x ref_speed / speed, so a card
+twice as fast at less than twice the price is the cheaper choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet.config import FleetConfig
+from fleet.models import GPURequest, RouteDecision, RouteMode, RouteOption
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """No type is allowed; `reason` says which hard rule stopped each one."""
+
+    reason: str
+
+
+def estimate(request: GPURequest, config: FleetConfig, gpu_type: str) -> tuple[float, float]:
+    """(hours, USD) for the request's work on `gpu_type`."""
+    ref = request.gpu_type or config.pool(request.purpose)[0]
+    work = request.duration_hours * config.catalog[ref].relative_throughput
+    spec = config.catalog[gpu_type]
+    hours = work / spec.relative_throughput
+    return hours, spec.price_per_hour * request.count * hours
+
+
+def _option(
+    request: GPURequest, config: FleetConfig, gpu_type: str, remaining_usd: float | None
+) -> RouteOption:
+    spec = config.catalog[gpu_type]
+    hours, cost = estimate(request, config, gpu_type)
+    why_not = None
+    if request.min_memory_gb is not None and spec.memory_gb < request.min_memory_gb:
+        why_not = f"{spec.memory_gb:g} GB < {request.min_memory_gb:g} GB"
+    elif request.count > config.gpus_of_type(gpu_type):
+        why_not = f"fleet has {config.gpus_of_type(gpu_type)}"
+    elif hours > config.limits.max_duration_hours:
+        why_not = f"{hours:.1f} h is over the duration limit"
+    elif request.budget_limit is not None and cost > request.budget_limit:
+        why_not = f"${cost:.2f} > request budget ${request.budget_limit:.2f}"
+    elif remaining_usd is not None and cost > remaining_usd:
+        why_not = f"${cost:.2f} > project's remaining ${max(remaining_usd, 0):.2f}"
+    return RouteOption(
+        gpu_type=gpu_type,
+        price_per_hour=spec.price_per_hour,
+        relative_throughput=spec.relative_throughput,
+        est_hours=hours,
+        est_cost_usd=cost,
+        feasible=why_not is None,
+        why_not=why_not,
+    )
+
+
+def route(
+    request: GPURequest, config: FleetConfig, remaining_usd: float | None
+) -> RouteDecision | Refusal:
+    types = list(config.pool(request.purpose))
+    if request.gpu_type and request.gpu_type not in types:
+        types.append(request.gpu_type)
+    options = sorted(
+        (_option(request, config, t, remaining_usd) for t in types),
+        key=lambda o: (o.est_cost_usd, -o.relative_throughput, o.gpu_type),
+    )
+    feasible = [o for o in options if o.feasible]
+    if request.gpu_type:
+        named = next(o for o in options if o.gpu_type == request.gpu_type)
+        if not named.feasible:
+            offer = (
+                f"; {feasible[0].gpu_type} fits at ${feasible[0].est_cost_usd:.2f} "
+                f"(--gpu-type {feasible[0].gpu_type})"
+                if feasible
+                else ""
+            )
+            return Refusal(f"{named.gpu_type} refused: {named.why_not}{offer}")
+        chosen, why = named, "requested type"
+    elif not feasible:
+        return Refusal(
+            "no GPU type fits: " + "; ".join(f"{o.gpu_type}: {o.why_not}" for o in options)
+        )
+    elif request.mode is RouteMode.PERFORMANCE:
+        chosen = max(feasible, key=lambda o: (o.relative_throughput, -o.est_cost_usd))
+        why = "fastest within budget"
+    else:
+        chosen = feasible[0]
+        why = "cheapest per unit of work"
+    return RouteDecision(
+        gpu_type=chosen.gpu_type,
+        pool=request.purpose,
+        mode=request.mode,
+        price_per_hour=chosen.price_per_hour,
+        est_hours=chosen.est_hours,
+        est_cost_usd=chosen.est_cost_usd,
+        reason=f"{why}: {chosen.gpu_type} x{request.count} for {chosen.est_hours:.2f} h, "
+        f"${chosen.est_cost_usd:.2f}",
+        alternatives=[o for o in options if o.gpu_type != chosen.gpu_type],
+    )

@@ -1,0 +1,50 @@
+"""Fair scheduling: Slurm-style multifactor priority with fair share and aging.
+
+score = w_p * P + w_f * F + w_a * A, where P is the priority level (0.25 .. 1), F = 2^(-U/S)
+is the fair-share factor (U: the project's share of half-life-decayed GPU-hours, S: its
+normalised share), and A grows from 0 to 1 over `age_max_hours` of waiting, so nothing starves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from fleet.config import SchedulerSettings
+from fleet.models import Priority
+
+PRIORITY_FACTOR: dict[Priority, float] = {
+    Priority.LOW: 0.25,
+    Priority.NORMAL: 0.5,
+    Priority.HIGH: 0.75,
+    Priority.CRITICAL: 1.0,
+}
+
+
+def decayed(value: float, since: float, now: float, half_life_hours: float) -> float:
+    return value * float(2.0 ** (-max(0.0, now - since) / (half_life_hours * 3600.0)))
+
+
+def fair_share_factors(
+    usage: Mapping[str, float], shares: Mapping[str, float], projects: Iterable[str]
+) -> dict[str, float]:
+    """F = 2^(-U/S) for each project, over the projects that compete now."""
+    names = sorted(set(projects) | set(usage))
+    total_usage = sum(usage.get(p, 0.0) for p in names)
+    total_shares = sum(shares.get(p, 1.0) for p in names)
+    factors = {}
+    for p in names:
+        u = usage.get(p, 0.0) / total_usage if total_usage > 0 else 0.0
+        s = shares.get(p, 1.0) / total_shares
+        factors[p] = 2.0 ** (-u / s)
+    return factors
+
+
+def score(
+    priority: Priority, fair_share: float, waited_seconds: float, settings: SchedulerSettings
+) -> float:
+    age = min(1.0, max(0.0, waited_seconds) / (settings.age_max_hours * 3600.0))
+    return (
+        settings.weight_priority * PRIORITY_FACTOR[priority]
+        + settings.weight_fairshare * fair_share
+        + settings.weight_age * age
+    )

@@ -1,0 +1,68 @@
+"""The state directory: ledger, checkpoints and the shared epoch of a scaled clock."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from fleet.clock import Clock, ScaledClock, WallClock
+from fleet.config import ClockSettings
+from fleet.errors import StateDirError
+
+LEDGER = "ledger.sqlite"
+CHECKPOINTS = "checkpoints.sqlite"
+CLOCK = "clock.json"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("GPU_AGENT_HOME") or ".gpu-agent")
+
+
+def prepare(path: str | Path, *, create: bool) -> Path:
+    """The state directory, checked; created (parent must exist) only when `create`."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise StateDirError(f"state directory {p} is not a directory")
+    if not p.exists():
+        if not create:
+            raise StateDirError(
+                f"state directory {p} does not exist (gpu-agent request creates it; "
+                "or pass --state-dir)"
+            )
+        if not p.parent.is_dir():
+            raise StateDirError(f"cannot create state directory {p}: {p.parent} does not exist")
+        try:
+            p.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateDirError(f"cannot create state directory {p}: {exc.strerror}") from None
+    if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
+        raise StateDirError(f"state directory {p} is not readable and writable")
+    if not create and not (p / LEDGER).exists():
+        raise StateDirError(f"state directory {p} holds no ledger ({LEDGER} is missing)")
+    return p
+
+
+def clock_for(state_dir: Path, settings: ClockSettings) -> Clock:
+    """Wall time, or wall time sped up from an epoch every process of this state dir shares."""
+    if settings.time_scale == 1.0:
+        return WallClock()
+    path = state_dir / CLOCK
+    epoch = {"real": time.time(), "virtual": time.time()}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(epoch, f)
+    except FileExistsError:
+        try:
+            epoch = json.loads(path.read_text())
+            real, virtual = float(epoch["real"]), float(epoch["virtual"])
+        except (ValueError, KeyError, TypeError, OSError):
+            raise StateDirError(
+                f"{path} is corrupt; delete it to restart the scaled clock"
+            ) from None
+        epoch = {"real": real, "virtual": virtual}
+    return ScaledClock(settings.time_scale, epoch["real"], epoch["virtual"])

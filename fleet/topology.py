@@ -1,0 +1,72 @@
+"""The fleet as a networkx graph: GPUs inside nodes, nodes in racks, racks on one fabric.
+
+Placement asks it for the tightest set of free GPUs: one node when any node has room (the
+fullest such node, to keep big holes open for big requests), otherwise nodes as close to each
+other as the fabric allows.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import networkx as nx
+
+from fleet.config import FleetConfig
+from fleet.models import GPUInfo
+
+NVLINK, PCIE, RACK, FABRIC = 1.0, 2.0, 4.0, 8.0
+
+
+class Topology:
+    def __init__(self, config: FleetConfig, inventory: list[GPUInfo]) -> None:
+        self.graph = nx.Graph()
+        nvlink = {n.name: n.nvlink for n in config.nodes}
+        rack_of = {n.name: n.rack for n in config.nodes}
+        for rack in set(rack_of.values()):
+            self.graph.add_edge(("rack", rack), ("fabric", "root"), weight=FABRIC)
+        for node, rack in rack_of.items():
+            self.graph.add_edge(("node", node), ("rack", rack), weight=RACK)
+        by_node: dict[str, list[GPUInfo]] = defaultdict(list)
+        for gpu in inventory:
+            by_node[gpu.node].append(gpu)
+            self.graph.add_edge(("gpu", gpu.uuid), ("node", gpu.node), weight=PCIE)
+        for node, gpus in by_node.items():
+            if nvlink.get(node, False):
+                for i, a in enumerate(gpus):
+                    for b in gpus[i + 1 :]:
+                        self.graph.add_edge(("gpu", a.uuid), ("gpu", b.uuid), weight=NVLINK)
+        hosts = [("node", name) for name in rack_of]
+        self._node_distance: dict[str, dict[str, float]] = {}
+        for host in hosts:
+            lengths = nx.single_source_dijkstra_path_length(self.graph, host, weight="weight")
+            self._node_distance[host[1]] = {h[1]: float(lengths[h]) for h in hosts if h in lengths}
+
+    def node_distance(self, a: str, b: str) -> float:
+        return self._node_distance[a][b]
+
+    def choose(self, free: list[GPUInfo], count: int) -> list[GPUInfo] | None:
+        """The best `count` GPUs among `free` (all of one type), or None if there are too few."""
+        if count > len(free):
+            return None
+        by_node: dict[str, list[GPUInfo]] = defaultdict(list)
+        for gpu in sorted(free, key=lambda g: (g.node, g.index)):
+            by_node[gpu.node].append(gpu)
+        fitting = [n for n, gpus in by_node.items() if len(gpus) >= count]
+        if fitting:
+            best = min(fitting, key=lambda n: (len(by_node[n]), n))
+            return by_node[best][:count]
+        best_set: list[GPUInfo] | None = None
+        best_cost = float("inf")
+        for seed in sorted(by_node):
+            order = sorted(
+                by_node, key=lambda n: (self.node_distance(seed, n), -len(by_node[n]), n)
+            )
+            chosen: list[GPUInfo] = []
+            for node in order:
+                chosen.extend(by_node[node][: count - len(chosen)])
+                if len(chosen) == count:
+                    break
+            cost = sum(self.node_distance(seed, g.node) for g in chosen)
+            if cost < best_cost:
+                best_set, best_cost = chosen, cost
+        return best_set

@@ -1,0 +1,265 @@
+"""The `gpu-agent` command.
+
+Exit codes: 0 done (or queued / pending review), 2 invalid input (one line on stderr),
+3 denied (council, budget or quota), 4 not placed within --max-wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from fleet.config import FleetConfig, load_fleet
+from fleet.errors import GPUAgentError
+from fleet.models import Event, HumanDecision, Status
+from fleet.validation import check_against_fleet, check_budget, parse_request
+from graph.orchestrator import Orchestrator, RequestOutcome
+
+EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2: argparse's default prints the whole usage first."""
+        self.exit(2, f"gpu-agent: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent)")
+    p.add_argument("--fleet", help="fleet TOML file (env GPU_AGENT_FLEET; default: built-in fleet)")
+    p.add_argument("--backend", default=None, choices=["simulated"],
+                   help="inventory backend (env GPU_AGENT_BACKEND)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpu-agent", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("request", help="request GPUs (stays to monitor unless --no-wait)")
+    _common(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("--purpose", required=True, help="training, inference or research")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--hours", type=float, required=True)
+    p.add_argument("--gpu-type")
+    p.add_argument("--budget", type=float, help="this request's budget limit in USD")
+    p.add_argument("--priority", default="normal", choices=["low", "normal", "high", "critical"])
+    p.add_argument("--min-memory-gb", type=float)
+    p.add_argument("--mode", default="budget", choices=["budget", "performance"])
+    p.add_argument("--thread-id")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once placed or queued; `resume` carries the thread on")
+    p.add_argument("--max-wait", type=float, metavar="MINUTES",
+                   help="give up (exit 4) if not placed within this many minutes")
+
+    p = sub.add_parser("status", help="every GPU and every allocation")
+    _common(p)
+
+    p = sub.add_parser("release", help="release an allocation now (or cancel a queued one)")
+    _common(p)
+    p.add_argument("allocation_id")
+
+    p = sub.add_parser("resume", help="continue a thread from its last checkpoint")
+    _common(p)
+    p.add_argument("thread_id")
+    decision = p.add_mutually_exclusive_group()
+    decision.add_argument("--approve", action="store_true", help="approve a pending review")
+    decision.add_argument("--deny", action="store_true", help="deny a pending review")
+    p.add_argument("--by", default="cli", help="who decides (recorded)")
+    p.add_argument("--comment", default="", help="why (recorded)")
+
+    p = sub.add_parser("history", help="finished allocations")
+    _common(p)
+    p.add_argument("--project")
+
+    p = sub.add_parser("costs", help="spend and remaining budget per project")
+    _common(p)
+
+    p = sub.add_parser("budget", help="manage project budgets")
+    bsub = p.add_subparsers(dest="budget_command", required=True, parser_class=_Parser)
+    bp = bsub.add_parser("set", help="set a project's budget in USD")
+    _common(bp)
+    bp.add_argument("project")
+    bp.add_argument("usd", type=float)
+
+    p = sub.add_parser("demo", help="a short story on the simulated fleet in virtual time")
+    _common(p)
+    return parser
+
+
+def _orchestrator(
+    args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None
+) -> Orchestrator:
+    return Orchestrator(args.state_dir, config or args.fleet,
+                        backend=args.backend or "simulated", create=create)
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data) if args.json else text)
+
+
+def _print_event(event: Event) -> None:
+    print(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.kind.value:<16} {event.message}", flush=True)
+
+
+def _describe(outcome: RequestOutcome) -> str:
+    lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({outcome.reason})"]
+    a = outcome.allocation
+    if a is not None:
+        lines.append(f"allocation {a.id}: {a.count} x {a.gpu_type} on {a.node}, "
+                     f"${a.price_per_hour:.3f}/GPU-h, "
+                     f"lease until {a.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+        lines.append(f"CUDA_VISIBLE_DEVICES={a.cuda_visible_devices}")
+    if outcome.status is Status.RELEASED:
+        lines.append(f"charged ${outcome.cost_usd:.2f}")
+    if outcome.status is Status.PENDING_REVIEW:
+        lines.append(f"decide with: gpu-agent resume {outcome.thread_id} --approve|--deny")
+    if outcome.status is Status.QUEUED or (outcome.next and outcome.status is Status.ALLOCATED):
+        lines.append(f"carry on with: gpu-agent resume {outcome.thread_id}")
+    return "\n".join(lines)
+
+
+def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
+    _emit(args, outcome.to_json(), _describe(outcome))
+    return EXIT_CODES.get(outcome.status, 0)
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    raw: dict[str, Any] = {
+        "project": args.project, "purpose": args.purpose, "count": args.count,
+        "duration_hours": args.hours, "priority": args.priority, "mode": args.mode,
+    }
+    optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
+                "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait}
+    raw |= {k: v for k, v in optional.items() if v is not None}
+    config = load_fleet(args.fleet)
+    request = parse_request(raw)  # invalid input stops here, before anything is touched
+    check_against_fleet(request, config)
+    with _orchestrator(args, create=True, config=config) as orch:
+        on_event = None if args.json or args.no_wait else _print_event
+        outcome = orch.request(request, thread_id=args.thread_id, wait=not args.no_wait,
+                               on_event=on_event)
+        return _finish(args, outcome)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    decision = None
+    if args.approve or args.deny:
+        decision = HumanDecision(approve=args.approve, by=args.by, comment=args.comment)
+    with _orchestrator(args, create=False) as orch:
+        on_event = None if args.json else _print_event
+        return _finish(args, orch.resume(args.thread_id, decision, on_event=on_event))
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        before = orch.services.ledger.get(args.allocation_id)
+        release = orch.release(args.allocation_id)
+        note = " (it was already released)" if before.state == "released" else ""
+        _emit(args, release.model_dump(mode="json") | {"already_released": bool(note)},
+              f"{release.allocation_id}: released ({release.reason.value}) after "
+              f"{release.hours:.2f} h, charged ${release.cost_usd:.2f}{note}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        data = orch.status()
+    lines = [f"{'GPU':<14}{'type':<9}{'node':<9}{'holder':<22}{'util':>6}{'mem GB':>9}"
+             f"{'temp':>7}{'power':>8}"]
+    for g in data["gpus"]:
+        holder = f"{g['project']}/{g['allocation_id']}" if g["allocation_id"] else "-"
+        lines.append(f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node']:<9}{holder:<22}"
+                     f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
+                     f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}")
+    live = [a for a in data["allocations"] if a["state"] != "released"]
+    lines.append("")
+    lines.append(f"{len(live)} live allocation(s), "
+                 f"{len(data['allocations']) - len(live)} released")
+    for a in live:
+        until = f"until {a['deadline']}" if a["state"] == "active" else "waiting"
+        lines.append(f"  {a['id']}  {a['project']:<12} {a['state']:<7} {a['count']} x "
+                     f"{a['gpu_type']:<8} {until}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.0f}{unit}"
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        records = orch.history(args.project)
+    lines = [f"{'allocation':<16}{'project':<14}{'GPUs':<14}{'hours':>7}{'cost':>11}  reason"]
+    for r in records:
+        lines.append(f"{r.allocation_id:<16}{r.project:<14}{f'{r.count} x {r.gpu_type}':<14}"
+                     f"{r.hours:>7.2f}{f'${r.cost_usd:,.2f}':>11}  {r.reason.value}")
+    _emit(args, {"records": [r.model_dump(mode="json") for r in records]}, "\n".join(lines))
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        costs = orch.costs()
+    rows = []
+    lines = [f"{'project':<16}{'spent':>12}{'running':>12}{'budget':>12}{'remaining':>12}"]
+    for c in costs:
+        remaining = None if c.budget_usd is None else c.budget_usd - c.spent_usd - c.committed_usd
+        rows.append({"project": c.project, "spent_usd": c.spent_usd,
+                     "accrued_usd": c.accrued_usd, "committed_usd": c.committed_usd,
+                     "budget_usd": c.budget_usd, "remaining_usd": remaining})
+        lines.append(f"{c.project:<16}{f'${c.spent_usd:,.2f}':>12}{f'${c.accrued_usd:,.2f}':>12}"
+                     f"{_usd(c.budget_usd):>12}{_usd(remaining):>12}")
+    _emit(args, {"projects": rows}, "\n".join(lines))
+    return 0
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.2f}"
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    check_budget(args.project, args.usd)
+    with _orchestrator(args, create=True) as orch:
+        moved = orch.set_budget(args.project, args.usd)
+    note = f"; {len(moved)} running allocation(s) now end earlier" if moved else ""
+    _emit(args, {"project": args.project, "budget_usd": args.usd, "moved": moved},
+          f"budget of {args.project}: ${args.usd:,.2f}{note}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sim.demo import run_demo  # the CLI is the one place graph/ reaches into sim/
+
+    code: int = run_demo(state_dir=args.state_dir, fleet=args.fleet, as_json=args.json)
+    return code
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "request": cmd_request, "status": cmd_status, "release": cmd_release,
+    "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
+    "budget": cmd_budget, "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GPUAgentError as exc:
+        print(f"gpu-agent: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gpu-agent: interrupted; the thread is checkpointed: `gpu-agent resume` "
+              "carries it on", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

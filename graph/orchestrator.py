@@ -1,0 +1,422 @@
+"""The Python API: request GPUs, hold them in a `with` block, resume, release, report.
+
+    orchestrator = Orchestrator(project="vision")
+    allocation = await orchestrator.allocate_gpu(GPURequest(type="A100", count=2, ...))
+    async with allocation:
+        train(gpu_ids=allocation.gpu_ids)
+    # released, charged and recorded here, also when the block raises
+
+Every request is a LangGraph thread checkpointed in the state directory; the ledger is the
+truth about GPUs and money. `allocate_gpu_sync` is the synchronous twin for scripts and
+notebooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command, Durability
+
+from council.voting import Council
+from fleet.backend import FleetBackend
+from fleet.clock import Clock, VirtualClock
+from fleet.config import FleetConfig
+from fleet.errors import Denied, GPUAgentError, InvalidInput, NotPlaced
+from fleet.ledger import ProjectCost
+from fleet.models import (
+    Allocation,
+    CouncilDecision,
+    Event,
+    GPURequest,
+    HistoryRecord,
+    HumanDecision,
+    Release,
+    ReleaseReason,
+    RouteDecision,
+    Status,
+    utc,
+)
+from fleet.validation import check_against_fleet, check_budget, parse_request
+from graph.builder import build_graph
+from graph.checkpoint import open_sqlite_saver
+from nodes.context import Context, Services, open_services
+from nodes.review import parse_decision
+from nodes.state import InputState
+
+# Durability "sync": the checkpoint of each step is on disk before the next step starts, so
+# a crash loses at most the step that was running; every side effect is idempotent, so
+# re-running that step is safe. Measured cost: see benchmarks/graph_latency.py.
+DURABILITY: Durability = "sync"
+RECURSION_LIMIT = 10_000_000  # the monitor loops one super-step per tick
+
+
+class PendingReview(GPUAgentError):
+    """The council was split; a human must approve or deny the thread."""
+
+    exit_code = 0
+
+    def __init__(self, thread_id: str, reason: str) -> None:
+        super().__init__(f"{reason}; decide with: gpu-agent resume {thread_id} --approve|--deny")
+        self.thread_id = thread_id
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """Where a request's thread stands: the CLI prints this, with --json as `to_json()`."""
+
+    thread_id: str
+    status: Status
+    reason: str
+    cost_usd: float
+    allocation: Allocation | None = None
+    council: CouncilDecision | None = None
+    route: RouteDecision | None = None
+    release: Release | None = None
+    events: list[Event] = field(default_factory=list)
+    next: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.allocation
+        return {
+            "thread_id": self.thread_id,
+            "status": self.status.value,
+            "reason": self.reason,
+            "cost_usd": round(self.cost_usd, 6),
+            "allocation": None if a is None else {
+                "id": a.id,
+                "project": a.project,
+                "gpu_ids": a.gpu_ids,
+                "node": a.node,
+                "gpu_type": a.gpu_type,
+                "count": a.count,
+                "cuda_visible_devices": a.cuda_visible_devices,
+                "started_at": a.started_at.isoformat(),
+                "lease_end": a.lease_end.isoformat(),
+                "price_per_hour": a.price_per_hour,
+            },
+            "release": None if self.release is None else self.release.model_dump(mode="json"),
+            "council": None if self.council is None else self.council.model_dump(mode="json"),
+            "route": None if self.route is None else self.route.model_dump(mode="json"),
+            "events": [e.model_dump(mode="json") for e in self.events],
+            "next": list(self.next),
+        }
+
+    def raise_for_status(self) -> None:
+        """Turn an outcome without GPUs into the error an API caller expects."""
+        if self.status is Status.INVALID:
+            raise InvalidInput(self.reason)
+        if self.status is Status.DENIED:
+            raise Denied(self.reason)
+        if self.status is Status.TIMED_OUT:
+            raise NotPlaced(self.reason)
+        if self.status is Status.PENDING_REVIEW:
+            raise PendingReview(self.thread_id, self.reason)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        state_dir: str | Path | None = None,
+        fleet: FleetConfig | str | Path | None = None,
+        *,
+        project: str | None = None,
+        backend: str | FleetBackend = "simulated",
+        clock: Clock | None = None,
+        council: Council | None = None,
+        create: bool = True,
+    ) -> None:
+        self.services: Services = open_services(
+            state_dir, fleet, backend=backend, clock=clock, council=council, create=create
+        )
+        self.project = project
+        self.checkpointer = open_sqlite_saver(self.services.state_dir)
+        self.graph = build_graph(self.checkpointer)
+        self.context = Context(state_dir=str(self.services.state_dir), services=self.services)
+        self.reconciled = self.services.ledger.reconcile(self.services.clock.now())
+
+    def close(self) -> None:
+        self.checkpointer.conn.close()
+        self.services.close()
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- running threads -------------------------------------------------------------------
+
+    def check(self, request: GPURequest | Mapping[str, Any]) -> GPURequest:
+        """The request as the graph will see it, or InvalidInput; nothing is written."""
+        req = parse_request(request)
+        if self.project and "project" not in req.model_fields_set:
+            req = req.model_copy(update={"project": self.project})
+        check_against_fleet(req, self.services.config)
+        return req
+
+    def _config(self, thread_id: str) -> RunnableConfig:
+        return {"configurable": {"thread_id": thread_id}, "recursion_limit": RECURSION_LIMIT}
+
+    def _invoke(
+        self,
+        graph_input: InputState | Command[Any] | None,
+        thread_id: str,
+        *,
+        wait: bool,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> RequestOutcome:
+        for chunk in self.graph.stream(
+            graph_input,
+            self._config(thread_id),
+            context=self.context,
+            durability=DURABILITY,
+            interrupt_after=None if wait else ["allocate"],
+            stream_mode="updates",
+        ):
+            if on_event is None:
+                continue
+            for update in chunk.values():
+                if isinstance(update, dict):
+                    for event in update.get("events", []):
+                        on_event(event)
+        return self.outcome(thread_id)
+
+    def request(
+        self,
+        request: GPURequest | Mapping[str, Any],
+        *,
+        thread_id: str | None = None,
+        wait: bool = True,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> RequestOutcome:
+        """Run a request. wait=True: to the end of its allocation; False: until placed or queued.
+
+        Invalid input raises InvalidInput before anything is written.
+        """
+        req = self.check(request)
+        thread_id = thread_id or uuid.uuid4().hex
+        if self.graph.get_state(self._config(thread_id)).values:
+            raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
+        return self._invoke(InputState(request=req), thread_id, wait=wait, on_event=on_event)
+
+    def resume(
+        self,
+        thread_id: str,
+        decision: HumanDecision | bool | Mapping[str, Any] | None = None,
+        *,
+        wait: bool = True,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> RequestOutcome:
+        """Carry a thread on from its last checkpoint: after a crash, a queue, or a review."""
+        snap = self.graph.get_state(self._config(thread_id))
+        if not snap.values:
+            raise InvalidInput(f"no thread {thread_id!r}")
+        if snap.interrupts:
+            if decision is None:
+                return self.outcome(thread_id)
+            human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
+            return self._invoke(Command(resume=human.model_dump()), thread_id, wait=wait,
+                                on_event=on_event)
+        if decision is not None:
+            raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
+        if not snap.next:
+            return self.outcome(thread_id)
+        return self._invoke(None, thread_id, wait=wait, on_event=on_event)
+
+    def outcome(self, thread_id: str) -> RequestOutcome:
+        snap = self.graph.get_state(self._config(thread_id))
+        values = snap.values
+        if not values:
+            raise InvalidInput(f"no thread {thread_id!r}")
+        status = Status.PENDING_REVIEW if snap.interrupts else values.get("status", Status.PENDING)
+        return RequestOutcome(
+            thread_id=thread_id,
+            status=status,
+            reason=values.get("reason", ""),
+            cost_usd=values.get("cost_usd", 0.0),
+            allocation=values.get("allocation"),
+            council=values.get("council"),
+            route=values.get("route"),
+            release=values.get("release"),
+            events=values.get("events", []),
+            next=tuple(snap.next),
+        )
+
+    # ---- holding GPUs in a block ------------------------------------------------------------
+
+    def allocate_gpu_sync(
+        self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
+    ) -> AllocationHandle:
+        """Place the request and return while the graph keeps monitoring in the background.
+
+        Raises InvalidInput, Denied, NotPlaced or PendingReview when no GPUs were placed.
+        """
+        req = self.check(request)
+        thread_id = thread_id or uuid.uuid4().hex
+        placed = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                for mode, chunk in self.graph.stream(
+                    InputState(request=req), self._config(thread_id), context=self.context,
+                    durability=DURABILITY, stream_mode=["updates"],
+                ):
+                    step = chunk.get("allocate") if isinstance(chunk, dict) else None
+                    if mode == "updates" and step and step.get("status") is Status.ALLOCATED:
+                        box["allocation"] = step["allocation"]
+                        placed.set()
+            except BaseException as exc:  # handed to the caller, never swallowed
+                box["error"] = exc
+            finally:
+                placed.set()
+
+        runner = self._spawn(run)
+        placed.wait()
+        if "allocation" in box:
+            return AllocationHandle(self, thread_id, box["allocation"], runner, box)
+        runner.join()
+        if "error" in box:
+            raise box["error"]
+        outcome = self.outcome(thread_id)
+        outcome.raise_for_status()
+        raise GPUAgentError(f"request ended without GPUs: {outcome.reason}")
+
+    async def allocate_gpu(
+        self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
+    ) -> AllocationHandle:
+        return await asyncio.to_thread(self.allocate_gpu_sync, request, thread_id=thread_id)
+
+    def _spawn(self, fn: Callable[[], None]) -> threading.Thread:
+        clock = self.services.clock
+        if isinstance(clock, VirtualClock):
+            return clock.spawn(fn)
+        thread = threading.Thread(target=fn, daemon=True)
+        thread.start()
+        return thread
+
+    # ---- the ledger's view ----------------------------------------------------------------
+
+    def release(
+        self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
+    ) -> Release:
+        """Release now (or cancel a queued request). A second release returns the first."""
+        release = self.services.ledger.release(allocation_id, reason, self.services.clock.now())
+        self.services.wake(allocation_id)
+        self.services.wake_waiters()
+        return release
+
+    def set_budget(self, project: str, budget_usd: float) -> list[str]:
+        """Set a project's budget; returns the allocations whose deadline it moved."""
+        check_budget(project, budget_usd)
+        moved = self.services.ledger.set_budget(project, budget_usd, self.services.clock.now())
+        for row in moved:
+            self.services.wake(row.id)
+        return [row.id for row in moved]
+
+    def history(self, project: str | None = None) -> list[HistoryRecord]:
+        return self.services.ledger.history(project)
+
+    def costs(self) -> list[ProjectCost]:
+        return self.services.ledger.costs(self.services.clock.now())
+
+    def status(self) -> dict[str, Any]:
+        svc = self.services
+        now = svc.clock.now()
+        holders = svc.ledger.holders()
+        samples = svc.backend.sample(
+            [g.uuid for g in svc.inventory], now, {g: p for g, (_, p) in holders.items()}
+        )
+        gpus = []
+        for gpu, sample in zip(svc.inventory, samples, strict=True):
+            aid, project = holders.get(gpu.uuid, (None, None))
+            gpus.append({
+                "uuid": gpu.uuid, "type": gpu.gpu_type, "node": gpu.node, "index": gpu.index,
+                "memory_gb": gpu.memory_gb, "allocation_id": aid, "project": project,
+                "util_pct": sample.util_pct, "mem_used_gb": sample.mem_used_gb,
+                "temp_c": sample.temp_c, "power_w": sample.power_w,
+                "throttled": sample.throttled,
+            })
+        allocations = [
+            {
+                "id": r.id, "project": r.project, "thread_id": r.thread_id,
+                "gpu_ids": r.gpu_ids, "gpu_type": r.gpu_type, "count": r.count,
+                "state": r.state, "nodes": r.nodes, "price_per_hour": r.price_per_hour,
+                "enqueued_at": utc(r.enqueued_at).isoformat(),
+                "started_at": utc(r.started_at).isoformat() if r.started_at else None,
+                "lease_end": utc(r.lease_end).isoformat() if r.lease_end else None,
+                "deadline": utc(r.deadline).isoformat() if r.deadline else None,
+                "released_at": utc(r.released_at).isoformat() if r.released_at else None,
+                "reason": r.release_reason.value if r.release_reason else None,
+                "cost_usd": r.cost_usd,
+            }
+            for r in svc.ledger.allocations()
+        ]
+        return {"backend": svc.backend.name, "now": utc(now).isoformat(),
+                "gpus": gpus, "allocations": allocations}
+
+
+class AllocationHandle:
+    """GPUs held by a running thread. Leaving the `with` block releases them, exactly once."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        thread_id: str,
+        allocation: Allocation,
+        runner: threading.Thread,
+        box: dict[str, Any],
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.thread_id = thread_id
+        self.allocation = allocation
+        self._runner = runner
+        self._box = box
+
+    @property
+    def id(self) -> str:
+        return self.allocation.id
+
+    @property
+    def gpu_ids(self) -> list[str]:
+        return self.allocation.gpu_ids
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return self.allocation.cuda_visible_devices
+
+    def release(self, reason: ReleaseReason = ReleaseReason.EXPLICIT) -> Release:
+        release = self.orchestrator.release(self.id, reason)
+        self._runner.join()
+        return release
+
+    def wait(self) -> RequestOutcome:
+        """Block until the graph has released the allocation (lease, idle, budget...)."""
+        self._runner.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self.orchestrator.outcome(self.thread_id)
+
+    def __enter__(self) -> AllocationHandle:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        self.release(ReleaseReason.CONTEXT_EXIT)
+        return False
+
+    async def __aenter__(self) -> AllocationHandle:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> Literal[False]:
+        await asyncio.to_thread(self.release, ReleaseReason.CONTEXT_EXIT)
+        return False

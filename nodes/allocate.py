@@ -1,0 +1,52 @@
+"""Reserve GPUs in the ledger, or take a place in the fair queue.
+
+Idempotent on (thread_id, request_id): a re-run after a crash finds the allocation it made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from fleet.ledger import allocation_id
+from fleet.models import Event, EventKind, MonitorState, Status, utc
+from fleet.placement import Kind
+from nodes.context import Context, services_for
+from nodes.state import State, request_of
+
+
+def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    svc = services_for(runtime)
+    request = request_of(state)
+    thread_id = state.get("thread_id") or "anonymous"
+    now = svc.clock.now()
+    result = svc.ledger.place(
+        request, state["route"], thread_id, now, svc.inventory, svc.topology
+    )
+    decision, row = result.decision, result.row
+    aid = allocation_id(thread_id, request.request_id)
+    if decision.kind is Kind.DENY:
+        return {"status": Status.DENIED, "reason": decision.reason, "allocation_id": aid}
+    assert row is not None
+    if decision.kind is Kind.GONE:
+        return {"status": Status.RELEASED, "reason": decision.reason, "allocation_id": aid,
+                "release": row.to_release(), "cost_usd": row.cost_usd or 0.0}
+    if decision.kind is Kind.QUEUE:
+        update: dict[str, Any] = {"status": Status.QUEUED, "reason": decision.reason,
+                                  "allocation_id": aid}
+        if state.get("status") is not Status.QUEUED:
+            update["events"] = [Event(at=utc(now), kind=EventKind.QUEUED,
+                                      message=f"waiting: {decision.reason}")]
+        return update
+    allocation = row.to_allocation()
+    return {
+        "status": Status.ALLOCATED,
+        "reason": decision.reason,
+        "allocation_id": aid,
+        "allocation": allocation,
+        "monitor": MonitorState(last_tick_at=allocation.started_at),
+        "events": [Event(at=allocation.started_at, kind=EventKind.PLACED,
+                         message=f"{allocation.count} x {allocation.gpu_type} on "
+                         f"{allocation.node} until {allocation.lease_end:%Y-%m-%d %H:%M} UTC")],
+    }

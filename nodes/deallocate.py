@@ -1,0 +1,31 @@
+"""Release: free the GPUs, charge the project, write history. The ledger makes it happen once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from fleet.models import Event, EventKind, Status
+from nodes.context import Context, services_for
+from nodes.state import State
+
+
+def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    svc = services_for(runtime)
+    allocation = state["allocation"]
+    at = state.get("release_at")
+    when = at.timestamp() if at is not None else svc.clock.now()
+    release = svc.ledger.release(allocation.id, state["release_reason"], when)
+    svc.backend.reset(allocation.gpu_ids)
+    svc.forget(allocation.id)
+    svc.wake_waiters()
+    return {
+        "status": Status.RELEASED,
+        "reason": f"released: {release.reason.value}",
+        "release": release,
+        "cost_usd": release.cost_usd,
+        "events": [Event(at=release.released_at, kind=EventKind.RELEASED,
+                         message=f"after {release.hours:.2f} h ({release.reason.value}), "
+                         f"charged ${release.cost_usd:.2f}")],
+    }

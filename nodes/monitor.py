@@ -1,0 +1,59 @@
+"""One monitoring tick: sleep to the next tick, read the GPUs, warn, throttle, decide release.
+
+The ledger's deadline (lease end, or earlier when a budget was cut) is re-read every tick.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from fleet.clock import sleep_until
+from fleet.ledger import LedgerRow
+from fleet.models import utc
+from fleet.monitoring import assess
+from nodes.context import Context, services_for
+from nodes.state import State
+
+
+def _ended(row: LedgerRow, now: float) -> dict[str, Any] | None:
+    """The release this tick must make, if the allocation is over."""
+    if row.state == "released":
+        assert row.release_reason is not None and row.released_at is not None
+        return {"release_reason": row.release_reason, "release_at": utc(row.released_at)}
+    assert row.deadline is not None and row.deadline_reason is not None
+    if now >= row.deadline:
+        return {"release_reason": row.deadline_reason, "release_at": utc(row.deadline)}
+    return None
+
+
+def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    svc = services_for(runtime)
+    allocation = state["allocation"]
+    mon = state["monitor"]
+    row = svc.ledger.get(allocation.id)
+    ended = _ended(row, svc.clock.now())
+    if ended:
+        return ended
+    assert row.deadline is not None and mon.last_tick_at is not None
+    next_tick = mon.last_tick_at.timestamp() + svc.config.monitor.tick_seconds
+    sleep_until(svc.clock, min(next_tick, row.deadline), svc.waker(allocation.id))
+    now = svc.clock.now()
+    row = svc.ledger.get(allocation.id)
+    ended = _ended(row, now)
+    if ended:
+        return ended
+    holders = dict.fromkeys(allocation.gpu_ids, allocation.project)
+    samples = svc.backend.sample(allocation.gpu_ids, now, holders)
+    assert allocation.started_at is not None
+    result = assess(samples, mon, svc.config.monitor, now, allocation.started_at.timestamp())
+    for gpu_id in result.throttle:
+        svc.backend.throttle(gpu_id)
+    svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.mean_util)
+    update: dict[str, Any] = {"monitor": result.state, "samples": samples}
+    if result.events:
+        update["events"] = result.events
+    if result.release is not None:
+        update |= {"release_reason": result.release, "release_at": utc(now)}
+    return update

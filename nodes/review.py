@@ -1,0 +1,57 @@
+"""A split council stops the run for a human: interrupt(), then Command(resume=decision).
+
+No side effects before interrupt(): LangGraph re-runs this node from its first line on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+from langgraph.types import interrupt
+from pydantic import ValidationError
+
+from fleet.errors import InvalidInput
+from fleet.models import Event, EventKind, HumanDecision, Status, utc
+from nodes.context import Context, services_for
+from nodes.state import State, request_of
+
+
+def parse_decision(answer: Any) -> HumanDecision:
+    """A human's answer: true/false, "approve"/"deny", or {"approve": bool, "by", "comment"}."""
+    if isinstance(answer, HumanDecision):
+        return answer
+    if isinstance(answer, bool):
+        return HumanDecision(approve=answer)
+    if isinstance(answer, str) and answer.strip().lower() in ("approve", "deny"):
+        return HumanDecision(approve=answer.strip().lower() == "approve")
+    if isinstance(answer, dict):
+        try:
+            return HumanDecision.model_validate(answer, strict=True)
+        except ValidationError:
+            pass
+    raise InvalidInput(
+        'a review decision must be true/false, "approve"/"deny" or '
+        '{"approve": true|false, "by": "...", "comment": "..."}'
+    )
+
+
+def review(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    request = request_of(state)
+    decision = state["council"]
+    answer = interrupt({
+        "question": f"approve {request.count} GPU(s) for {request.project}?",
+        "thread_id": state.get("thread_id", ""),
+        "request": request.model_dump(mode="json"),
+        "council": decision.model_dump(mode="json"),
+    })
+    human = parse_decision(answer)
+    now = services_for(runtime).clock.now()
+    verdict = "approved" if human.approve else "denied"
+    note = f" ({human.comment})" if human.comment else ""
+    event = Event(at=utc(now), kind=EventKind.HUMAN_DECISION,
+                  message=f"{human.by} {verdict}{note}")
+    update: dict[str, Any] = {"human": human, "events": [event]}
+    if human.approve:
+        return update | {"status": Status.PENDING, "reason": f"approved by {human.by}"}
+    return update | {"status": Status.DENIED, "reason": f"denied by {human.by}{note}"}

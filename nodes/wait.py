@@ -1,0 +1,34 @@
+"""Wait for a fair turn: sleep one poll, then allocate tries again; give up after max wait."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from fleet.clock import sleep_until
+from fleet.models import ReleaseReason, Status
+from nodes.context import Context, services_for
+from nodes.state import State, request_of
+
+
+def wait(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    svc = services_for(runtime)
+    request = request_of(state)
+    aid = state["allocation_id"]
+    row = svc.ledger.get(aid)
+    if row.state == "released":  # cancelled while waiting
+        return {"status": Status.RELEASED, "reason": "cancelled while queued",
+                "release": row.to_release(), "cost_usd": 0.0}
+    wake_at = svc.clock.now() + svc.config.scheduler.poll_seconds
+    give_up = None
+    if request.max_wait_minutes is not None:
+        give_up = row.enqueued_at + request.max_wait_minutes * 60.0
+        wake_at = min(wake_at, give_up)
+    sleep_until(svc.clock, wake_at, svc.waker(aid))
+    if give_up is not None and svc.clock.now() >= give_up:
+        svc.ledger.release(aid, ReleaseReason.CANCELLED, svc.clock.now())
+        return {"status": Status.TIMED_OUT,
+                "reason": f"not placed within {request.max_wait_minutes:g} min "
+                f"({state.get('reason', 'no capacity')})"}
+    return {}

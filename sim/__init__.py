@@ -1,0 +1,1 @@
+"""Virtual-time evaluation: scenarios (and, later, trace replays) through the real graph."""

@@ -1,0 +1,106 @@
+"""`gpu-agent demo`: five teams share the default fleet for one virtual working day.
+
+vision trains on all eight H100s; sandbox grabs two RTX 4090s and leaves them idle (released
+for idling); ads serves on T4s until finance cuts its budget (released for budget); vision
+and nlp both queue for the H100s, and nlp, which has used less, goes first (fair share);
+sandbox then asks for sixteen H100s at critical priority and the council says no.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from fleet.clock import VirtualClock
+from fleet.config import FleetConfig, load_fleet
+from fleet.models import utc
+from graph.orchestrator import Orchestrator
+from sim.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
+
+STORY: list[Step] = [
+    SetBudget(0.0, "ads", 40.0),
+    Submit(0.0, "vision-pretrain", {"project": "vision", "purpose": "model_training",
+                                    "count": 8, "duration_hours": 6, "budget_limit": 500}),
+    Submit(0.1, "sandbox-notebook", {"project": "sandbox", "purpose": "research",
+                                     "count": 2, "duration_hours": 4}),
+    Submit(0.2, "ads-serving", {"project": "ads", "purpose": "inference",
+                                "count": 2, "duration_hours": 12}),
+    Submit(0.5, "vision-finetune", {"project": "vision", "purpose": "training",
+                                    "count": 8, "duration_hours": 4}),
+    Submit(1.0, "nlp-train", {"project": "nlp", "purpose": "training",
+                              "count": 8, "duration_hours": 4}),
+    Submit(1.5, "sandbox-bigrun", {"project": "sandbox", "purpose": "training", "count": 16,
+                                   "duration_hours": 24, "priority": "critical"}),
+    SetBudget(2.0, "ads", 4.0),
+]
+
+
+def demo_fleet(fleet: str | Path | None) -> FleetConfig:
+    """The fleet, with 5-minute ticks and sandbox's GPUs left idle (its notebook hoards)."""
+    base = load_fleet(fleet)
+    return base.model_copy(update={
+        "monitor": base.monitor.model_copy(update={"tick_seconds": 300}),
+        "scheduler": base.scheduler.model_copy(update={"poll_seconds": 300}),
+        "simulation": base.simulation.model_copy(update={"workloads": {"sandbox": "hoard"}}),
+    })
+
+
+def run_demo(state_dir: str | None = None, fleet: str | None = None,
+             as_json: bool = False) -> int:
+    with tempfile.TemporaryDirectory(prefix="gpu-agent-demo-") as tmp:
+        directory = Path(state_dir) if state_dir else Path(tmp) / "state"
+        clock = VirtualClock()
+        start = clock.now()
+        lines: list[tuple[float, int, str]] = []
+        lock = threading.Lock()
+
+        def report(at: float, who: str, what: str) -> None:
+            with lock:
+                lines.append((at, len(lines), f"  +{_hm(at - start)}  {who:<17} {what}"))
+                if not as_json:
+                    print(lines[-1][2], flush=True)
+
+        if not as_json:
+            print(f"gpu-agent demo: one virtual day on the default fleet (state: {directory})")
+        with Orchestrator(directory, demo_fleet(fleet), clock=clock) as orch:
+            result = run_scenario(orch, clock, STORY, report)
+            costs = orch.costs()
+            if as_json:
+                print(json.dumps({
+                    "outcomes": {k: v.to_json() for k, v in result.outcomes.items()},
+                    "costs": [c.__dict__ for c in costs],
+                    "timeline": [text.strip() for _, _, text in sorted(lines)],
+                }))
+            else:
+                print(_tables(result, orch, start))
+    return 0
+
+
+def _hm(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _tables(result: ScenarioResult, orch: Orchestrator, start: float) -> str:
+    out = ["", f"{'request':<18}{'status':<10}{'GPUs':<13}{'held':>7}{'cost':>10}  why it ended"]
+    for label, o in result.outcomes.items():
+        a, r = o.allocation, o.release
+        gpus = f"{a.count} x {a.gpu_type}" if a else "-"
+        held = f"{r.hours:.2f} h" if r else "-"
+        why = r.reason.value if r else o.reason
+        out.append(f"{label:<18}{o.status.value:<10}{gpus:<13}{held:>7}"
+                   f"{f'${o.cost_usd:,.2f}':>10}  {why}")
+    out += ["", f"{'project':<12}{'spent':>10}{'budget':>10}"]
+    for c in orch.costs():
+        budget = "-" if c.budget_usd is None else f"${c.budget_usd:,.2f}"
+        out.append(f"{c.project:<12}{f'${c.spent_usd:,.2f}':>10}{budget:>10}")
+    out.append(f"\nvirtual time used: {_hm(orch.services.clock.now() - start)} "
+               f"(ended {utc(orch.services.clock.now()):%Y-%m-%d %H:%M} UTC)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())

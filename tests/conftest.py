@@ -1,0 +1,143 @@
+"""Shared fixtures: a small fleet, orchestrators on virtual time, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.clock import VirtualClock
+from fleet.config import FleetConfig, parse_fleet
+from graph.orchestrator import Orchestrator
+from nodes.context import Services, open_services
+
+SMALL_FLEET = """
+[catalog.A100]
+memory_gb = 80
+price_per_hour = 5.12
+relative_throughput = 1.0
+tdp_watts = 400
+
+[catalog.H100]
+memory_gb = 80
+price_per_hour = 8.0
+relative_throughput = 2.0
+tdp_watts = 700
+
+[catalog.T4]
+memory_gb = 16
+price_per_hour = 0.526
+relative_throughput = 0.15
+tdp_watts = 70
+
+[catalog.RTX4090]
+memory_gb = 24
+price_per_hour = 0.60
+relative_throughput = 0.8
+tdp_watts = 450
+
+[pools]
+training = ["A100", "H100"]
+inference = ["T4"]
+research = ["RTX4090"]
+
+[[nodes]]
+name = "a100-0"
+gpu_type = "A100"
+gpus = 4
+rack = "rack-a"
+
+[[nodes]]
+name = "a100-1"
+gpu_type = "A100"
+gpus = 4
+rack = "rack-b"
+
+[[nodes]]
+name = "h100-0"
+gpu_type = "H100"
+gpus = 2
+rack = "rack-a"
+
+[[nodes]]
+name = "t4-0"
+gpu_type = "T4"
+gpus = 2
+rack = "rack-b"
+nvlink = false
+
+[[nodes]]
+name = "rtx-0"
+gpu_type = "RTX4090"
+gpus = 2
+rack = "rack-b"
+nvlink = false
+"""
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def small_config(**sections: dict[str, Any]) -> FleetConfig:
+    """The small fleet, with sections replaced field by field (e.g. monitor={"tick_seconds": 5})."""
+    base = parse_fleet(SMALL_FLEET)
+    update = {}
+    for name, fields in sections.items():
+        current = getattr(base, name)
+        update[name] = current.model_copy(update=fields) if hasattr(current, "model_copy") \
+            else fields
+    return base.model_copy(update=update)
+
+
+def fleet_toml(**sections: dict[str, Any]) -> str:
+    """SMALL_FLEET plus extra TOML sections (written as `[name]` tables of scalars)."""
+    extra = []
+    for name, fields in sections.items():
+        extra.append(f"\n[{name}]")
+        extra += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    return SMALL_FLEET + "\n".join(extra) + "\n"
+
+
+@pytest.fixture
+def config() -> FleetConfig:
+    return small_config()
+
+
+@pytest.fixture
+def services(tmp_path: Path, config: FleetConfig) -> Iterator[Services]:
+    svc = open_services(tmp_path / "state", config, clock=VirtualClock())
+    yield svc
+    svc.close()
+
+
+OrchFactory = Callable[..., Orchestrator]
+
+
+@pytest.fixture
+def make_orch(tmp_path: Path) -> Iterator[OrchFactory]:
+    opened: list[Orchestrator] = []
+
+    def make(config: FleetConfig | None = None, *, clock: Any = None, name: str = "state",
+             **kwargs: Any) -> Orchestrator:
+        orch = Orchestrator(tmp_path / name, config or small_config(),
+                            clock=clock or VirtualClock(), **kwargs)
+        opened.append(orch)
+        return orch
+
+    yield make
+    for orch in opened:
+        orch.close()
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real `gpu-agent` command in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "graph.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

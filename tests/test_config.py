@@ -1,0 +1,52 @@
+"""The fleet file: the default loads; every malformed one is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleet.config import load_fleet, parse_fleet
+from fleet.errors import ConfigError
+from tests.conftest import SMALL_FLEET
+
+
+def test_default_fleet() -> None:
+    config = load_fleet()
+    assert set(config.catalog) == {"A100", "H100", "T4", "V100", "RTX4090"}
+    assert config.catalog["T4"].price_per_hour == 0.526
+    assert config.catalog["V100"].price_per_hour == 2.48
+    assert config.catalog["A100"].price_per_hour == 5.12
+    assert config.catalog["H100"].price_per_hour == 8.00
+    assert config.pools["training"] == ["A100", "H100"]
+    assert config.pools["inference"] == ["T4", "V100"]
+    assert config.pools["research"] == ["RTX4090"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[[nodes", "not valid TOML"),
+    (SMALL_FLEET.replace("gpus = 4", "gpus = 0", 1), "greater than or equal to 1"),
+    (SMALL_FLEET.replace('gpu_type = "T4"', 'gpu_type = "K80"'), "unknown GPU type 'K80'"),
+    (SMALL_FLEET.replace('research = ["RTX4090"]', 'research = ["TPU"]'), "unknown GPU type"),
+    (SMALL_FLEET.replace('research = ["RTX4090"]', "research = []"), "at least one"),
+    (SMALL_FLEET.replace('name = "a100-1"', 'name = "a100-0"'), "appears twice"),
+    (SMALL_FLEET.replace("price_per_hour = 5.12", "price_per_hour = -1"), "greater than 0"),
+    (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
+    (SMALL_FLEET + "\n[council]\napprove_threshold = 0.3\n", "deny_threshold"),
+    ("", "catalog"),
+])
+def test_malformed(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_fleet(text, source="fleet file f.toml")
+    assert needle in str(err.value)
+    assert str(err.value).startswith("fleet file f.toml: ")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_fleet(tmp_path / "nope.toml")
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError):
+        load_fleet(binary)

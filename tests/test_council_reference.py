@@ -1,0 +1,106 @@
+"""The rule-based reference council: votes with reasons, quorum, thresholds, monotonicity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from council.features import RequestFeatures, build_features
+from council.reference import MEMBERS, ReferenceCouncil, member_vote
+from council.voting import combine, convene
+from fleet.config import CouncilSettings, FleetConfig
+from fleet.models import (
+    GPURequest,
+    HistoryRecord,
+    MemberVote,
+    Outcome,
+    ProjectStats,
+    ReleaseReason,
+    Verdict,
+    utc,
+)
+
+SETTINGS = CouncilSettings()
+GOOD = RequestFeatures(count=2, hours=4, priority=0.5, worst_case_usd=32, cost_pressure=0.06,
+                       budgeted=False, usage_share=0.0, fair_share=1.0, pool_share=0.1,
+                       pool_busy=0.2, hoarding_rate=0.0, overrun_rate=0.0, recent_util=75,
+                       history_len=5, purpose_mismatch=0.0)
+
+
+def council_p(f: RequestFeatures) -> float:
+    return ReferenceCouncil().decide(f, SETTINGS).probability
+
+
+def test_a_reasonable_request_is_approved_with_reasons() -> None:
+    decision = ReferenceCouncil().decide(GOOD, SETTINGS)
+    assert decision.outcome is Outcome.APPROVED and decision.probability > 0.8
+    assert [v.member for v in decision.votes] == list(MEMBERS)
+    assert all(v.reasons for v in decision.votes if v.member != "risk")
+
+
+def test_a_hoarder_asking_for_the_pool_is_denied() -> None:
+    bad = dataclasses.replace(GOOD, count=16, worst_case_usd=1536, cost_pressure=3.0,
+                              pool_share=0.67, pool_busy=0.5, hoarding_rate=1.0, recent_util=2)
+    decision = ReferenceCouncil().decide(bad, SETTINGS)
+    assert decision.outcome is Outcome.DENIED
+    risk = next(v for v in decision.votes if v.member == "risk")
+    assert risk.verdict is Verdict.DENY and risk.reasons[0].feature == "hoarding_rate"
+
+
+def test_quorum_and_split() -> None:
+    def vote(p: float, verdict: Verdict) -> MemberVote:
+        return MemberVote(member="m", verdict=verdict, probability=p)
+
+    split = combine([vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY),
+                     vote(0.5, Verdict.APPROVE)], SETTINGS, "t")
+    assert split.outcome is Outcome.SPLIT
+    no_quorum = combine([vote(0.9, Verdict.APPROVE), vote(0.5, Verdict.ABSTAIN),
+                         vote(0.5, Verdict.ABSTAIN)], SETTINGS, "t")
+    assert no_quorum.outcome is Outcome.SPLIT and "quorum" in no_quorum.summary
+
+
+def test_member_abstains_when_unsure() -> None:
+    unsure = dataclasses.replace(GOOD, fair_share=0.35)  # fairness logit -1.4 + 1.4 = 0
+    assert member_vote("fairness", unsure).verdict is Verdict.ABSTAIN
+
+
+def test_small_requests_skip_the_members_but_critical_ones_do_not() -> None:
+    small = dataclasses.replace(GOOD, count=1, worst_case_usd=5)
+    assert convene(ReferenceCouncil(), small, False, SETTINGS).outcome is Outcome.AUTO_APPROVED
+    voted = convene(ReferenceCouncil(), small, True, SETTINGS)
+    assert voted.outcome is Outcome.APPROVED and voted.votes
+
+
+unit = st.floats(0, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.builds(dataclasses.replace, st.just(GOOD), hoarding_rate=unit, overrun_rate=unit,
+                      recent_util=st.floats(0, 100), cost_pressure=st.floats(0, 10)),
+       more=unit, worse=st.floats(0, 100))
+def test_worse_records_never_raise_approval(base: RequestFeatures, more: float,
+                                            worse: float) -> None:
+    p = council_p(base)
+    assert council_p(dataclasses.replace(base, overrun_rate=min(1, base.overrun_rate + more))) <= p
+    assert council_p(dataclasses.replace(base, hoarding_rate=min(1, base.hoarding_rate + more))) <= p
+    assert council_p(dataclasses.replace(base, recent_util=max(0, base.recent_util - worse))) <= p
+    assert council_p(dataclasses.replace(base, cost_pressure=base.cost_pressure + more)) <= p
+
+
+def test_features_read_the_project_record(config: FleetConfig) -> None:
+    t = utc(1.8e9)
+    record = HistoryRecord(allocation_id="a", thread_id="t", project="p", purpose="research",
+                           gpu_type="RTX4090", count=2, gpu_ids=["g1", "g2"], started_at=t,
+                           ended_at=t, hours=1.0, cost_usd=1.2, reason=ReleaseReason.IDLE,
+                           mean_util_pct=1.0)
+    stats = ProjectStats(project="p", budget_usd=100, spent_usd=20, committed_usd=30,
+                         active_gpus=0, decayed_gpu_hours=2, usage_share=0.5, fair_share=0.25,
+                         recent=[record])
+    request = GPURequest(project="p", purpose="inference", gpu_type="A100", count=1,
+                         duration_hours=2)
+    f = build_features(request, config, stats, {"T4": 1})
+    assert f.hoarding_rate == 1.0 and f.recent_util == 1.0 and f.purpose_mismatch == 1.0
+    assert f.cost_pressure == 2 * 5.12 / 50 and f.budgeted
+    assert f.pool_busy == 0.5 and f.pool_share == 0.5

@@ -1,0 +1,191 @@
+"""The ledger: atomic placement, exactly-once release, budgets, reconciliation, corruption."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fleet.config import FleetConfig
+from fleet.errors import InvalidInput, StateDirError
+from fleet.ledger import Ledger
+from fleet.models import GPURequest, ReleaseReason, RouteDecision
+from fleet.placement import Kind
+from fleet.routing import route
+from fleet.simulated import SimulatedFleet
+from fleet.topology import Topology
+
+T0 = 1_800_000_000.0
+
+
+class Fixture:
+    def __init__(self, path: Path, config: FleetConfig) -> None:
+        self.config = config
+        self.ledger = Ledger(path, config)
+        self.inventory = SimulatedFleet(config).inventory()
+        self.topology = Topology(config, self.inventory)
+
+    def place(self, thread: str, now: float = T0, **fields: object):  # type: ignore[no-untyped-def]
+        base: dict[str, object] = {"project": "p", "purpose": "training", "count": 2,
+                                   "duration_hours": 2, "gpu_type": "A100",
+                                   "request_id": f"r-{thread}"}
+        request = GPURequest.model_validate(base | fields)
+        decision = route(request, self.config, None)
+        assert isinstance(decision, RouteDecision)
+        return self.ledger.place(request, decision, thread, now, self.inventory, self.topology)
+
+
+@pytest.fixture
+def fx(tmp_path: Path, config: FleetConfig) -> Fixture:
+    return Fixture(tmp_path / "ledger.sqlite", config)
+
+
+def counts(ledger: Ledger) -> tuple[int, int, int]:
+    db = sqlite3.connect(ledger.path)
+    try:
+        return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
+                     for t in ("holds", "charges", "history"))
+    finally:
+        db.close()
+
+
+def test_place_is_idempotent(fx: Fixture) -> None:
+    first = fx.place("t1")
+    again = fx.place("t1", now=T0 + 100)
+    assert first.decision.kind is Kind.PLACE and again.decision.kind is Kind.PLACE
+    assert first.row is not None and again.row is not None
+    assert again.row.gpu_ids == first.row.gpu_ids and again.row.started_at == T0
+    assert counts(fx.ledger) == (2, 0, 0)
+
+
+def test_no_gpu_is_held_twice(fx: Fixture) -> None:
+    held: set[str] = set()
+    for i in range(4):
+        res = fx.place(f"t{i}")
+        assert res.decision.kind is Kind.PLACE and res.row is not None
+        assert not held & set(res.row.gpu_ids)
+        held |= set(res.row.gpu_ids)
+    assert fx.place("t9").decision.kind is Kind.QUEUE  # 8 A100 in the fleet
+
+
+def test_release_charges_and_records_once(fx: Fixture) -> None:
+    row = fx.place("t1").row
+    assert row is not None
+    first = fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 1800)
+    second = fx.ledger.release(row.id, ReleaseReason.IDLE, T0 + 3600)
+    assert first == second
+    assert first.cost_usd == pytest.approx(2 * 5.12 * 0.5) and first.reason is ReleaseReason.EXPLICIT
+    assert counts(fx.ledger) == (0, 1, 1)
+    [record] = fx.ledger.history()
+    assert record.allocation_id == row.id and record.hours == pytest.approx(0.5)
+    assert fx.place("t2").decision.kind is Kind.PLACE  # the freed GPUs are placeable again
+
+
+def test_release_never_charges_past_the_deadline(fx: Fixture) -> None:
+    row = fx.place("t1").row
+    assert row is not None
+    release = fx.ledger.release(row.id, ReleaseReason.LEASE_EXPIRED, T0 + 99 * 3600)
+    assert release.hours == pytest.approx(2.0) and release.cost_usd == pytest.approx(20.48)
+
+
+def test_unknown_allocation(fx: Fixture) -> None:
+    with pytest.raises(InvalidInput, match="no allocation"):
+        fx.ledger.release("a-nope", ReleaseReason.EXPLICIT, T0)
+
+
+def test_cancel_a_queued_request(fx: Fixture) -> None:
+    for i in range(4):
+        fx.place(f"t{i}")
+    queued = fx.place("tq").row
+    assert queued is not None and queued.state == "queued"
+    release = fx.ledger.release(queued.id, ReleaseReason.EXPLICIT, T0 + 60)
+    assert release.reason is ReleaseReason.CANCELLED and release.cost_usd == 0
+    assert fx.place("tq").decision.kind is Kind.GONE
+    assert counts(fx.ledger) == (8, 0, 0)
+
+
+def test_budget_denies_and_committed_counts(fx: Fixture) -> None:
+    fx.ledger.set_budget("p", 25.0, T0)
+    assert fx.place("t1").decision.kind is Kind.PLACE  # worst case 20.48
+    denied = fx.place("t2")
+    assert denied.decision.kind is Kind.DENY and denied.row is None
+    assert fx.ledger.remaining_usd("p") == pytest.approx(25 - 20.48)
+
+
+def test_lowering_a_budget_moves_deadlines(fx: Fixture) -> None:
+    row = fx.place("t1").row  # 10.24 $/h, until T0 + 2 h
+    assert row is not None
+    moved = fx.ledger.set_budget("p", 5.12, T0 + 600)
+    assert [m.id for m in moved] == [row.id]
+    after = fx.ledger.get(row.id)
+    assert after.deadline == pytest.approx(T0 + 1800) and after.deadline_reason is ReleaseReason.BUDGET
+    release = fx.ledger.release(row.id, ReleaseReason.BUDGET, T0 + 7200)
+    assert release.cost_usd == pytest.approx(5.12)
+    with pytest.raises(InvalidInput, match="below what it has already spent"):
+        fx.ledger.set_budget("p", 1.0, T0 + 7200)
+
+
+def test_raising_the_budget_restores_the_lease(fx: Fixture) -> None:
+    row = fx.place("t1").row
+    assert row is not None
+    fx.ledger.set_budget("p", 5.12, T0 + 60)
+    fx.ledger.set_budget("p", 1000.0, T0 + 120)
+    after = fx.ledger.get(row.id)
+    assert after.deadline == after.lease_end and after.deadline_reason is ReleaseReason.LEASE_EXPIRED
+
+
+def test_reconcile_releases_expired_leases_of_dead_monitors(fx: Fixture) -> None:
+    row = fx.place("t1").row
+    assert row is not None
+    assert fx.ledger.reconcile(T0 + 3600) == []  # not yet expired
+    [release] = fx.ledger.reconcile(T0 + 10 * 3600)
+    assert release.reason is ReleaseReason.EXPIRED_WHILE_DOWN
+    assert release.hours == pytest.approx(2.0) and release.cost_usd == pytest.approx(20.48)
+    assert fx.ledger.reconcile(T0 + 20 * 3600) == []
+    assert counts(fx.ledger) == (0, 1, 1)
+
+
+def test_heartbeat_counts_a_tick_once(fx: Fixture) -> None:
+    row = fx.place("t1").row
+    assert row is not None
+    fx.ledger.heartbeat(row.id, T0 + 60, 1, 80.0)
+    fx.ledger.heartbeat(row.id, T0 + 60, 1, 80.0)  # a resumed monitor re-runs tick 1
+    fx.ledger.heartbeat(row.id, T0 + 120, 2, 40.0)
+    assert fx.ledger.get(row.id).mean_util == pytest.approx(60.0)
+
+
+def test_truncated_or_foreign_files(tmp_path: Path, config: FleetConfig) -> None:
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StateDirError, match="move it aside"):
+        Ledger(junk, config)
+    foreign = tmp_path / "foreign.sqlite"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(StateDirError, match="not a gpu-agent ledger"):
+        Ledger(foreign, config)
+
+
+def test_truncated_ledger(fx: Fixture, tmp_path: Path, config: FleetConfig) -> None:
+    fx.place("t1")
+    fx.ledger.close()
+    data = fx.ledger.path.read_bytes()
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(StateDirError):
+        ledger = Ledger(cut, config)
+        ledger.allocations()
+
+
+def test_newer_schema_is_refused(fx: Fixture, config: FleetConfig) -> None:
+    fx.ledger.close()
+    db = sqlite3.connect(fx.ledger.path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateDirError, match="newer than this"):
+        Ledger(fx.ledger.path, config)
+

@@ -1,0 +1,70 @@
+"""One tick's conclusions: low utilisation, idleness, overheating, unavailable fields."""
+
+from __future__ import annotations
+
+from fleet.config import MonitorSettings
+from fleet.models import EventKind, GPUSample, MonitorState, ReleaseReason, utc
+from fleet.monitoring import assess
+
+S = MonitorSettings(tick_seconds=60, low_util_pct=20, low_util_window_minutes=10,
+                    idle_util_pct=5, idle_timeout_minutes=30, throttle_temp_c=85)
+T0 = 1_800_000_000.0
+
+
+def sample(util: float | None, temp: float | None = 50.0, gpu: str = "g0") -> GPUSample:
+    return GPUSample(gpu_id=gpu, at=utc(T0), util_pct=util, temp_c=temp)
+
+
+def run(utils: list[list[float | None]], temps: float = 50.0):  # type: ignore[no-untyped-def]
+    state = MonitorState(last_tick_at=utc(T0))
+    results = []
+    for i, tick in enumerate(utils, start=1):
+        samples = [sample(u, temps, gpu=f"g{j}") for j, u in enumerate(tick)]
+        result = assess(samples, state, S, T0 + 60 * i, T0)
+        state = result.state
+        results.append(result)
+    return results
+
+
+def test_healthy_training_is_quiet() -> None:
+    results = run([[80.0, 85.0]] * 60)
+    assert all(not r.events and r.release is None for r in results)
+    assert results[-1].state.mean_util == 82.5
+
+
+def test_low_utilisation_warns_once_after_the_window() -> None:
+    results = run([[10.0]] * 30)
+    warned = [i for i, r in enumerate(results) if any(
+        e.kind is EventKind.LOW_UTILIZATION for e in r.events)]
+    assert warned == [9]  # the 10th minute
+    assert all(r.release is None for r in results)  # 10% is low, not idle
+
+
+def test_idle_is_released_after_the_timeout() -> None:
+    results = run([[0.0, 1.0]] * 40)
+    released = [i for i, r in enumerate(results) if r.release is ReleaseReason.IDLE]
+    assert released[0] == 30  # idle since tick 1, 30 minutes later
+    assert any(e.kind is EventKind.IDLE for e in results[30].events)
+
+
+def test_one_busy_gpu_is_not_idle() -> None:
+    results = run([[0.0, 60.0]] * 40)
+    assert all(r.release is None for r in results)
+
+
+def test_activity_resets_idleness() -> None:
+    results = run([[0.0]] * 20 + [[50.0]] + [[0.0]] * 20)
+    assert all(r.release is None for r in results)
+
+
+def test_hot_gpu_is_throttled_once() -> None:
+    results = run([[90.0]] * 5, temps=88.0)
+    assert results[0].throttle == ["g0"]
+    assert all(r.throttle == [] for r in results[1:])
+    assert any(e.kind is EventKind.THROTTLE for e in results[0].events)
+
+
+def test_unavailable_fields_never_fail_a_read() -> None:
+    results = run([[None]] * 45, temps=None)  # type: ignore[arg-type]
+    assert all(r.release is None and not r.events for r in results)
+    assert results[-1].state.mean_util is None

@@ -1,0 +1,104 @@
+"""Fair scheduling: fair share, priority, aging, quotas, stale tickets, budgets."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.config import FleetConfig, SchedulerSettings
+from fleet.models import Priority
+from fleet.placement import Kind, Snapshot, Ticket, decide
+from fleet.scheduler import decayed, fair_share_factors, score
+from fleet.simulated import SimulatedFleet
+from fleet.topology import Topology
+from tests.conftest import small_config
+
+NOW = 1_000_000.0
+
+
+def ticket(aid: str, project: str, count: int = 2, prio: Priority = Priority.NORMAL,
+           enqueued: float = NOW, heartbeat: float = NOW) -> Ticket:
+    return Ticket(aid, project, "A100", count, prio, enqueued, heartbeat)
+
+
+def snapshot(config: FleetConfig, free: int, waiting: list[Ticket], **kw: object) -> Snapshot:
+    inventory = [g for g in SimulatedFleet(config).inventory() if g.gpu_type == "A100"]
+    fields: dict[str, object] = dict(now=NOW, free=inventory[:free], waiting=waiting, usage={},
+                                     active_gpus={}, budget_usd=None, spent_usd=0.0,
+                                     committed_usd=0.0)
+    return Snapshot(**(fields | kw))  # type: ignore[arg-type]
+
+
+def topo(config: FleetConfig) -> Topology:
+    return Topology(config, SimulatedFleet(config).inventory())
+
+
+def test_fair_share_formula() -> None:
+    f = fair_share_factors({"heavy": 30.0, "light": 10.0}, {}, ["heavy", "light", "new"])
+    assert f["new"] == 1.0
+    assert f["heavy"] == pytest.approx(2 ** (-0.75 / (1 / 3)))
+    assert f["light"] > f["heavy"]
+    weighted = fair_share_factors({"a": 10.0, "b": 10.0}, {"a": 3.0}, ["a", "b"])
+    assert weighted["a"] > weighted["b"]
+
+
+def test_decay_halves_per_half_life() -> None:
+    assert decayed(8.0, 0.0, 2 * 3600.0, half_life_hours=1) == pytest.approx(2.0)
+
+
+def test_aging_saturates() -> None:
+    s = SchedulerSettings(age_max_hours=1)
+    assert score(Priority.LOW, 0.5, 7200, s) == score(Priority.LOW, 0.5, 3600, s)
+    assert score(Priority.LOW, 0.5, 1800, s) < score(Priority.LOW, 0.5, 3600, s)
+
+
+def test_lower_usage_goes_first(config: FleetConfig) -> None:
+    # heavy queued first; light arrives later with no usage and is ahead of it
+    heavy = ticket("h", "heavy", count=4, enqueued=NOW - 60)
+    snap = snapshot(config, 4, [heavy], usage={"heavy": 100.0})
+    assert decide(ticket("l", "light", count=4), 1.0, snap, config, topo(config)).kind is Kind.PLACE
+    # and heavy, seeing light waiting, must wait
+    light = ticket("l", "light", count=4)
+    snap = snapshot(config, 4, [light], usage={"heavy": 100.0})
+    d = decide(heavy, 1.0, snap, config, topo(config))
+    assert d.kind is Kind.QUEUE and "ahead" in d.reason
+
+
+def test_priority_beats_fair_share(config: FleetConfig) -> None:
+    crit = ticket("c", "heavy", count=4, prio=Priority.CRITICAL)
+    snap = snapshot(config, 4, [crit], usage={"heavy": 10.0, "light": 5.0})
+    assert decide(ticket("l", "light", count=4, prio=Priority.LOW), 1.0, snap, config,
+                  topo(config)).kind is Kind.QUEUE
+
+
+def test_aging_lets_the_starved_through(config: FleetConfig) -> None:
+    old = ticket("o", "heavy", count=4, prio=Priority.LOW, enqueued=NOW - 10 * 3600)
+    snap = snapshot(config, 4, [old], usage={"heavy": 50.0})
+    assert decide(ticket("n", "heavy", count=4, prio=Priority.LOW), 1.0, snap, config,
+                  topo(config)).kind is Kind.QUEUE
+
+
+def test_stale_tickets_block_nobody(config: FleetConfig) -> None:
+    gone = ticket("g", "light", count=4, heartbeat=NOW - 10 * 3600)
+    snap = snapshot(config, 4, [gone], usage={"heavy": 10.0})
+    assert decide(ticket("h", "heavy", count=4), 1.0, snap, config, topo(config)).kind is Kind.PLACE
+
+
+def test_smaller_request_fits_beside_a_waiting_one(config: FleetConfig) -> None:
+    ahead = ticket("a", "light", count=2)
+    snap = snapshot(config, 4, [ahead], usage={"heavy": 10.0})
+    assert decide(ticket("h", "heavy", count=2), 1.0, snap, config, topo(config)).kind is Kind.PLACE
+    assert decide(ticket("h", "heavy", count=3), 1.0, snap, config, topo(config)).kind is Kind.QUEUE
+
+
+def test_quota_waits(config: FleetConfig) -> None:
+    limited = small_config(quotas={"default_max_gpus": 4})
+    snap = snapshot(limited, 8, [], active_gpus={"p": 3})
+    d = decide(ticket("x", "p", count=2), 1.0, snap, limited, topo(limited))
+    assert d.kind is Kind.QUEUE and "quota" in d.reason
+
+
+def test_budget_denies_on_worst_case(config: FleetConfig) -> None:
+    snap = snapshot(config, 8, [], budget_usd=100.0, spent_usd=50.0, committed_usd=30.0)
+    assert decide(ticket("x", "p"), 20.0, snap, config, topo(config)).kind is Kind.PLACE
+    d = decide(ticket("x", "p"), 20.01, snap, config, topo(config))
+    assert d.kind is Kind.DENY and "budget" in d.reason

@@ -1,0 +1,65 @@
+"""Routing: cost per unit of work, performance mode, alternatives, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.config import FleetConfig
+from fleet.models import GPURequest, RouteMode
+from fleet.routing import Refusal, estimate, route
+
+
+def r(**fields: object) -> GPURequest:
+    base: dict[str, object] = {"project": "p", "purpose": "training", "count": 2,
+                               "duration_hours": 4}
+    return GPURequest.model_validate(base | fields)
+
+
+def test_faster_card_wins_when_it_finishes_sooner(config: FleetConfig) -> None:
+    decision = route(r(), config, None)
+    assert not isinstance(decision, Refusal)
+    # 4 h on an A100 is 2 h on an H100: 2 x 8.00 x 2 = 32 < 2 x 5.12 x 4 = 40.96
+    assert decision.gpu_type == "H100"
+    assert decision.est_hours == pytest.approx(2.0)
+    assert decision.est_cost_usd == pytest.approx(32.0)
+    [alt] = decision.alternatives
+    assert alt.gpu_type == "A100" and alt.est_cost_usd == pytest.approx(40.96) and alt.feasible
+
+
+def test_cheaper_card_wins_when_speed_does_not_pay(config: FleetConfig) -> None:
+    slow_h100 = config.model_copy(update={"catalog": config.catalog | {
+        "H100": config.catalog["H100"].model_copy(update={"relative_throughput": 1.2})}})
+    decision = route(r(), slow_h100, None)
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "A100"
+
+
+def test_performance_mode_takes_fastest_within_budget(config: FleetConfig) -> None:
+    decision = route(r(mode=RouteMode.PERFORMANCE, budget_limit=100), config, None)
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "H100"
+
+
+def test_named_type_is_honoured(config: FleetConfig) -> None:
+    decision = route(r(gpu_type="A100", budget_limit=50), config, None)
+    assert not isinstance(decision, Refusal)
+    assert decision.gpu_type == "A100" and decision.est_cost_usd == pytest.approx(40.96)
+
+
+def test_over_budget_named_type_is_offered_a_cheaper_one(config: FleetConfig) -> None:
+    decision = route(r(gpu_type="A100", budget_limit=35), config, None)
+    assert isinstance(decision, Refusal)
+    assert "request budget" in decision.reason and "--gpu-type H100" in decision.reason
+
+
+def test_project_budget_refuses(config: FleetConfig) -> None:
+    decision = route(r(), config, 10.0)
+    assert isinstance(decision, Refusal) and "remaining" in decision.reason
+
+
+def test_memory_filters_types(config: FleetConfig) -> None:
+    decision = route(r(purpose="research", min_memory_gb=20, count=1), config, None)
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "RTX4090"
+
+
+def test_estimate_scales_by_throughput(config: FleetConfig) -> None:
+    hours, cost = estimate(r(purpose="inference", count=1, duration_hours=3), config, "T4")
+    assert hours == pytest.approx(3) and cost == pytest.approx(3 * 0.526)
