@@ -16,20 +16,27 @@ class Council(Protocol):
 
 
 def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str) -> CouncilDecision:
-    voting = [v for v in votes if v.verdict is not Verdict.ABSTAIN]
-    weight = sum(v.weight for v in voting)
-    p = sum(v.probability * v.weight for v in voting) / weight if weight > 0 else 0.5
-    if len(voting) < settings.quorum:
-        outcome = Outcome.SPLIT
-        summary = f"no quorum: {len(voting)} of {len(votes)} members voted"
-    elif p >= settings.approve_threshold:
-        outcome, summary = Outcome.APPROVED, f"approved with p={p:.2f}"
-    elif p <= settings.deny_threshold:
+    """Weighted soft vote over every member; abstentions count against the quorum only.
+
+    Keeping unsure members in the average (rather than dropping them) makes the council's
+    probability a monotone function of each member's, and approval (never denial) needs a
+    quorum, so a worse record can never turn a denial into anything kinder.
+    """
+    weight = sum(v.weight for v in votes)
+    p = sum(v.probability * v.weight for v in votes) / weight if weight > 0 else 0.5
+    confident = sum(v.verdict is not Verdict.ABSTAIN for v in votes)
+    if p <= settings.deny_threshold:
         outcome, summary = Outcome.DENIED, f"denied with p={p:.2f}"
-    else:
+    elif p < settings.approve_threshold:
         outcome, summary = Outcome.SPLIT, f"split at p={p:.2f}: a human decides"
+    elif confident < settings.quorum:
+        outcome = Outcome.SPLIT
+        summary = f"no quorum: {confident} of {len(votes)} members are sure; a human decides"
+    else:
+        outcome, summary = Outcome.APPROVED, f"approved with p={p:.2f}"
     if outcome is not Outcome.APPROVED:
-        against = [v for v in voting if v.verdict is Verdict.DENY]
+        against = sorted((v for v in votes if v.verdict is Verdict.DENY),
+                         key=lambda v: v.probability)
         if against and against[0].reasons:
             summary += f" ({against[0].member}: {against[0].reasons[0].text})"
     return CouncilDecision(

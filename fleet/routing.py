@@ -44,7 +44,7 @@ def _option(
     elif request.budget_limit is not None and cost > request.budget_limit:
         why_not = f"${cost:.2f} > request budget ${request.budget_limit:.2f}"
     elif remaining_usd is not None and cost > remaining_usd:
-        why_not = f"${cost:.2f} > project's remaining ${max(remaining_usd, 0):.2f}"
+        why_not = f"${cost:.2f} > project's remaining budget ${max(remaining_usd, 0):.2f}"
     return RouteOption(
         gpu_type=gpu_type,
         price_per_hour=spec.price_per_hour,

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, one_line
 from fleet.models import GPURequest, check_project
+from fleet.routing import Refusal, route
 
 
 def parse_request(raw: GPURequest | Mapping[str, Any]) -> GPURequest:
@@ -66,3 +67,16 @@ def check_budget(project: str, budget_usd: float) -> None:
     if isinstance(budget_usd, bool) or not isinstance(budget_usd, int | float) \
             or not math.isfinite(budget_usd) or budget_usd < 0:
         raise InvalidInput(f"budget must be a finite amount of at least 0, not {budget_usd}")
+
+
+def refusal(request: GPURequest, config: FleetConfig, remaining_usd: float | None) -> str | None:
+    """Why a hard rule (quota, budget, duration on every type) refuses the request, if one does.
+
+    Checked before the council sits and again before it votes, so nobody is asked to approve
+    what the rules forbid anyway.
+    """
+    quota = config.quotas.max_gpus(request.project)
+    if quota is not None and request.count > quota:
+        return f"quota: {request.project} may hold at most {quota} GPUs"
+    decision = route(request, config, remaining_usd)
+    return f"refused: {decision.reason}" if isinstance(decision, Refusal) else None

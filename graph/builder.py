@@ -29,10 +29,9 @@ def after_validate(state: State) -> Literal["council", "__end__"]:
 
 
 def after_council(state: State) -> Literal["route", "review", "__end__"]:
-    outcome = state["council"].outcome
-    if outcome is Outcome.SPLIT:
-        return "review"
-    return "__end__" if outcome is Outcome.DENIED else "route"
+    if state.get("status") is Status.DENIED:
+        return "__end__"
+    return "review" if state["council"].outcome is Outcome.SPLIT else "route"
 
 
 def after_review(state: State) -> Literal["route", "__end__"]:

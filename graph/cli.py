@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -255,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GPUAgentError as exc:
         print(f"gpu-agent: {exc}", file=sys.stderr)
         return exc.exit_code
+    except sqlite3.DatabaseError as exc:
+        print(f"gpu-agent: the state directory is damaged ({exc}); move it aside and start "
+              "afresh, or restore it from a backup", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gpu-agent: interrupted; the thread is checkpointed: `gpu-agent resume` "
               "carries it on", file=sys.stderr)

@@ -10,6 +10,7 @@ from langgraph.runtime import Runtime
 from council.features import build_features, is_critical
 from council.voting import convene
 from fleet.models import Outcome, Status
+from fleet.validation import refusal
 from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
@@ -18,6 +19,9 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
     settings = svc.config.council
+    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
+    if refused:  # the budget changed since validate: the rules decide, not the council
+        return {"status": Status.DENIED, "reason": refused}
     stats = svc.ledger.project_stats(request.project, svc.clock.now(), settings.history_events)
     types = {g.uuid: g.gpu_type for g in svc.inventory}
     held = Counter(types[g] for g in svc.ledger.holders() if g in types)

@@ -1,4 +1,5 @@
-"""Choose the GPU type and price; the budget and quota rules refuse here."""
+"""Choose the GPU type and price. Validate already applied the hard rules; they are checked
+again here because budgets can change while the council deliberates."""
 
 from __future__ import annotations
 
@@ -16,10 +17,6 @@ from nodes.state import State, request_of
 def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
-    quota = svc.config.quotas.max_gpus(request.project)
-    if quota is not None and request.count > quota:
-        return {"status": Status.DENIED,
-                "reason": f"quota: {request.project} may hold at most {quota} GPUs"}
     decision = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project))
     if isinstance(decision, Refusal):
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}

@@ -1,4 +1,5 @@
-"""Check the request; an invalid one ends the run with one clear reason."""
+"""Check the request. Invalid input ends the run with one clear reason; a request that a hard
+rule (quota, budget) refuses ends denied before the council is troubled with it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from langgraph.runtime import Runtime
 
 from fleet.errors import InvalidInput
 from fleet.models import Status
-from fleet.validation import check_against_fleet, parse_request
+from fleet.validation import check_against_fleet, parse_request, refusal
 from nodes.context import Context, services_for
 from nodes.state import State
 
@@ -16,9 +17,14 @@ from nodes.state import State
 def validate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     thread_id = runtime.execution_info.thread_id if runtime.execution_info else None
+    update: dict[str, Any] = {"thread_id": thread_id or ""}
     try:
         request = parse_request(state["request"])
         check_against_fleet(request, svc.config)
     except InvalidInput as exc:
-        return {"status": Status.INVALID, "reason": str(exc), "thread_id": thread_id or ""}
-    return {"request": request, "status": Status.PENDING, "thread_id": thread_id or ""}
+        return update | {"status": Status.INVALID, "reason": str(exc)}
+    update["request"] = request
+    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
+    if refused:
+        return update | {"status": Status.DENIED, "reason": refused}
+    return update | {"status": Status.PENDING}

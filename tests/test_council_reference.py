@@ -56,9 +56,13 @@ def test_quorum_and_split() -> None:
     split = combine([vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY),
                      vote(0.5, Verdict.APPROVE)], SETTINGS, "t")
     assert split.outcome is Outcome.SPLIT
-    no_quorum = combine([vote(0.9, Verdict.APPROVE), vote(0.5, Verdict.ABSTAIN),
-                         vote(0.5, Verdict.ABSTAIN)], SETTINGS, "t")
+    no_quorum = combine([vote(0.95, Verdict.APPROVE), vote(0.95, Verdict.APPROVE),
+                         vote(0.52, Verdict.ABSTAIN), vote(0.53, Verdict.ABSTAIN)], SETTINGS, "t")
+    assert no_quorum.probability > SETTINGS.approve_threshold
     assert no_quorum.outcome is Outcome.SPLIT and "quorum" in no_quorum.summary
+    unsure_no = combine([vote(0.1, Verdict.DENY), vote(0.52, Verdict.ABSTAIN),
+                         vote(0.48, Verdict.ABSTAIN)], SETTINGS, "t")
+    assert unsure_no.outcome is Outcome.DENIED  # denial needs no quorum
 
 
 def test_member_abstains_when_unsure() -> None:
@@ -87,6 +91,12 @@ def test_worse_records_never_raise_approval(base: RequestFeatures, more: float,
     assert council_p(dataclasses.replace(base, hoarding_rate=min(1, base.hoarding_rate + more))) <= p
     assert council_p(dataclasses.replace(base, recent_util=max(0, base.recent_util - worse))) <= p
     assert council_p(dataclasses.replace(base, cost_pressure=base.cost_pressure + more)) <= p
+    rank = {Outcome.DENIED: 0, Outcome.SPLIT: 1, Outcome.APPROVED: 2}
+    worse_f = dataclasses.replace(base, hoarding_rate=min(1, base.hoarding_rate + more),
+                                  recent_util=max(0, base.recent_util - worse))
+    council = ReferenceCouncil()
+    assert rank[council.decide(worse_f, SETTINGS).outcome] <= \
+        rank[council.decide(base, SETTINGS).outcome]
 
 
 def test_features_read_the_project_record(config: FleetConfig) -> None:

@@ -1,0 +1,170 @@
+"""The `gpu-agent` command: JSON shapes, exit codes, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fleet_toml, run_cli
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Path, list[str]]:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600}))
+    return tmp_path, ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
+
+
+def ledger_rows(state: Path) -> list[str]:
+    db = sqlite3.connect(state / "ledger.sqlite")
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
+def test_request_status_release_history_costs(env: tuple[Path, list[str]]) -> None:
+    cwd, opts = env
+    r = run_cli("request", "--project", "vision", "--purpose", "model_training", "--count", "2",
+                "--hours", "4", "--gpu-type", "A100", "--budget", "50", "--no-wait", "--json",
+                "--thread-id", "t1", *opts, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"thread_id", "status", "reason", "cost_usd", "allocation"} <= set(out)
+    assert out["thread_id"] == "t1" and out["status"] == "allocated"
+    alloc = out["allocation"]
+    assert {"id", "gpu_ids", "node", "gpu_type", "cuda_visible_devices", "lease_end",
+            "price_per_hour"} <= set(alloc)
+    assert alloc["cuda_visible_devices"] == ",".join(alloc["gpu_ids"])
+
+    status = json.loads(run_cli("status", "--json", *opts, cwd=cwd).stdout)
+    held = [g for g in status["gpus"] if g["allocation_id"] == alloc["id"]]
+    assert len(held) == 2 and all({"uuid", "type", "node", "util_pct"} <= set(g) for g in held)
+    [a] = status["allocations"]
+    assert a["state"] == "active" and a["thread_id"] == "t1" and a["gpu_ids"] == alloc["gpu_ids"]
+
+    r = run_cli("release", alloc["id"], "--json", *opts, cwd=cwd)
+    assert r.returncode == 0 and json.loads(r.stdout)["reason"] == "explicit"
+    again = json.loads(run_cli("release", alloc["id"], "--json", *opts, cwd=cwd).stdout)
+    assert again["already_released"] is True
+
+    history = json.loads(run_cli("history", "--project", "vision", "--json", *opts,
+                                 cwd=cwd).stdout)
+    [record] = history["records"]
+    assert record["allocation_id"] == alloc["id"] and record["reason"] == "explicit"
+    assert {"thread_id", "project", "gpu_ids", "cost_usd"} <= set(record)
+
+    costs = json.loads(run_cli("costs", "--json", *opts, cwd=cwd).stdout)
+    [row] = costs["projects"]
+    assert row["project"] == "vision" and row["spent_usd"] == pytest.approx(record["cost_usd"])
+    assert row["budget_usd"] is None
+
+    done = json.loads(run_cli("resume", "t1", "--json", *opts, cwd=cwd).stdout)
+    assert done["status"] == "released" and done["release"]["reason"] == "explicit"
+
+
+def test_foreground_request_runs_to_the_end(env: tuple[Path, list[str]]) -> None:
+    cwd, opts = env  # one virtual hour per real second
+    r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
+                "--hours", "2", "--gpu-type", "A100", *opts, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert "placed" in r.stdout and "lease-expired" in r.stdout and "charged $10.24" in r.stdout
+
+
+def test_exit_codes(env: tuple[Path, list[str]]) -> None:
+    cwd, opts = env
+    assert run_cli("budget", "set", "tight", "5", *opts, cwd=cwd).returncode == 0
+    denied = run_cli("request", "--project", "tight", "--purpose", "training", "--count", "2",
+                     "--hours", "4", "--json", *opts, cwd=cwd)
+    assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
+    run_cli("request", "--project", "a", "--purpose", "training", "--count", "2", "--hours", "5",
+            "--gpu-type", "H100", "--no-wait", *opts, cwd=cwd)
+    late = run_cli("request", "--project", "b", "--purpose", "training", "--count", "2",
+                   "--hours", "1", "--gpu-type", "H100", "--max-wait", "60", "--json", *opts,
+                   cwd=cwd)
+    assert late.returncode == 4 and json.loads(late.stdout)["status"] == "timed_out"
+    queued = run_cli("request", "--project", "b", "--purpose", "training", "--count", "2",
+                     "--hours", "1", "--gpu-type", "H100", "--no-wait", "--json", *opts, cwd=cwd)
+    assert queued.returncode == 0 and json.loads(queued.stdout)["status"] == "queued"
+
+
+BAD_REQUESTS = [
+    ["--count", "0"], ["--count", "-2"], ["--count", "two"], ["--count", "999"],
+    ["--gpu-type", "K80"], ["--hours", "nan"], ["--hours", "-1"], ["--hours", "0"],
+    ["--hours", "100000"], ["--hours", "inf"], ["--budget", "nan"], ["--budget", "-5"],
+    ["--priority", "urgent"], ["--purpose", "mining"], ["--project", "no spaces"],
+    ["--min-memory-gb", "500"], ["--mode", "cheap"], ["--max-wait", "-1"],
+]
+
+
+@pytest.mark.parametrize("bad", BAD_REQUESTS, ids=lambda b: " ".join(b))
+def test_bad_requests_exit_2_and_change_nothing(env: tuple[Path, list[str]],
+                                                bad: list[str]) -> None:
+    cwd, opts = env
+    assert run_cli("budget", "set", "p", "100", *opts, cwd=cwd).returncode == 0
+    before = ledger_rows(cwd / "state")
+    args = {"--project": "p", "--purpose": "training", "--count": "1", "--hours": "1"}
+    args.update(dict(zip(bad[::2], bad[1::2], strict=True)))
+    flat = [x for kv in args.items() for x in kv]
+    r = run_cli("request", *flat, *opts, cwd=cwd)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert ledger_rows(cwd / "state") == before
+
+
+@pytest.mark.parametrize("args", [["budget", "set", "p", "nan"], ["budget", "set", "p", "-3"],
+                                  ["budget", "set", "bad name", "3"], ["release", "a-nope"],
+                                  ["resume", "no-such-thread"], ["request"], ["frobnicate"]])
+def test_other_bad_input(env: tuple[Path, list[str]], args: list[str]) -> None:
+    cwd, opts = env
+    assert run_cli("budget", "set", "p", "100", *opts, cwd=cwd).returncode == 0
+    before = ledger_rows(cwd / "state")
+    r = run_cli(*args, *(opts if args[0] not in ("request", "frobnicate") else []), cwd=cwd)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert ledger_rows(cwd / "state") == before
+
+
+def test_missing_and_corrupt_state_dirs(tmp_path: Path) -> None:
+    missing = run_cli("status", "--state-dir", str(tmp_path / "nope"), cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "file").write_text("x")
+    not_dir = run_cli("status", "--state-dir", str(tmp_path / "file"), cwd=tmp_path)
+    assert not_dir.returncode == 2 and "not a directory" in not_dir.stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ledger.sqlite").write_bytes(b"garbage" * 1000)
+    r = run_cli("status", "--state-dir", str(corrupt), cwd=tmp_path)
+    assert r.returncode == 2 and "move it aside" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
+                "--hours", "1", "--state-dir", str(corrupt), cwd=tmp_path)
+    assert r.returncode == 2 and (corrupt / "ledger.sqlite").read_bytes() == b"garbage" * 1000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("history", "--state-dir", str(empty), cwd=tmp_path)
+    assert r.returncode == 2 and "no ledger" in r.stderr
+
+
+def test_malformed_fleet_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[nodes]]\nname = 3\n")
+    r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
+                "--hours", "1", "--fleet", str(bad), "--state-dir", str(tmp_path / "s"),
+                cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("gpu-agent: fleet file")
+    assert not (tmp_path / "s").exists()
+
+
+def test_demo(tmp_path: Path) -> None:
+    r = run_cli("demo", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)["outcomes"]
+    reasons = {k: (v["release"] or {}).get("reason") for k, v in out.items()}
+    assert reasons["sandbox-notebook"] == "idle"
+    assert reasons["ads-serving"] == "budget"
+    assert out["sandbox-bigrun"]["status"] == "denied"
+    assert out["nlp-train"]["allocation"]["started_at"] < \
+        out["vision-finetune"]["allocation"]["started_at"]  # queued later, went first
+    assert any(e["kind"] == "queued" for e in out["vision-finetune"]["events"])

@@ -1,0 +1,68 @@
+"""Eight processes request at once against a small fleet: no double-booking, no overspending."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_FLEET, run_cli
+
+TINY = SMALL_FLEET.replace("gpus = 4", "gpus = 2")  # 4 A100 on two nodes
+
+
+def launch(cwd: Path, opts: list[str], projects: list[str]) -> list[dict[str, object]]:
+    """Start every request before waiting for any, so they race for the ledger."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "graph.cli", "request", "--project", p, "--purpose",
+             "training", "--count", "1", "--hours", "1", "--gpu-type", "A100", "--no-wait",
+             "--json", "--thread-id", f"t{i}", *opts],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, p in enumerate(projects)
+    ]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode in (0, 3), stderr
+        outs.append(json.loads(stdout))
+    return outs
+
+
+def holds(state: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(state / "ledger.sqlite")
+    try:
+        return db.execute("SELECT gpu_uuid, allocation_id FROM holds").fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def opts(tmp_path: Path) -> list[str]:
+    (tmp_path / "fleet.toml").write_text(TINY)
+    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(tmp_path / "fleet.toml")]
+
+
+def test_eight_processes_never_double_book(tmp_path: Path, opts: list[str]) -> None:
+    outs = launch(tmp_path, opts, [f"p{i}" for i in range(8)])
+    placed = [o for o in outs if o["status"] == "allocated"]
+    assert len(placed) == 4 and sum(o["status"] == "queued" for o in outs) == 4
+    gpu_ids = [g for o in placed for g in o["allocation"]["gpu_ids"]]  # type: ignore[index]
+    assert len(gpu_ids) == len(set(gpu_ids)) == 4
+    assert sorted(g for g, _ in holds(tmp_path / "state")) == sorted(gpu_ids)
+
+
+def test_eight_processes_never_overspend(tmp_path: Path, opts: list[str]) -> None:
+    assert run_cli("budget", "set", "team", "16", *opts, cwd=tmp_path).returncode == 0
+    outs = launch(tmp_path, opts, ["team"] * 8)
+    placed = [o for o in outs if o["status"] == "allocated"]
+    denied = [o for o in outs if o["status"] == "denied"]
+    assert len(placed) == 3 and len(denied) == 5, [(o["status"], o["reason"]) for o in outs]
+    assert all("budget" in str(o["reason"]) for o in denied)
+    costs = json.loads(run_cli("costs", "--json", *opts, cwd=tmp_path).stdout)
+    [team] = costs["projects"]
+    assert team["spent_usd"] + team["committed_usd"] <= 16.0

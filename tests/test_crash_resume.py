@@ -1,0 +1,98 @@
+"""SIGKILL a foreground request while it monitors, then `gpu-agent resume`: nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fleet_toml, run_cli
+
+# 600x: one real second is ten virtual minutes; a 1-hour lease lasts 6 s.
+SCALE = 600
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, list[str]]:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": SCALE},
+                                monitor={"tick_seconds": 30},
+                                scheduler={"poll_seconds": 30}))
+    return tmp_path, ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
+
+
+def ledger(state: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{state / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def start_and_kill(cwd: Path, opts: list[str], thread: str, min_ticks: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "request", "--project", "p", "--purpose", "training",
+         "--count", "2", "--hours", "1", "--gpu-type", "A100", "--thread-id", thread, *opts],
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    state = cwd / "state"
+    while time.monotonic() < deadline:
+        try:
+            rows = ledger(state, "SELECT ticks FROM allocations WHERE state='active'")
+        except sqlite3.Error:  # not created yet
+            rows = []
+        if rows and int(rows[0][0]) >= min_ticks:  # type: ignore[call-overload]
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail("the request never started monitoring")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def exactly_once(state: Path) -> tuple[float, str]:
+    assert ledger(state, "SELECT count(*) FROM holds") == [(0,)]
+    [(charges, spent)] = ledger(state, "SELECT count(*), sum(amount_usd) FROM charges")
+    [(records, reason)] = ledger(state, "SELECT count(*), max(reason) FROM history")
+    assert charges == 1 and records == 1
+    return float(spent), str(reason)  # type: ignore[arg-type]
+
+
+def test_killed_while_monitoring_then_resumed(setup: tuple[Path, list[str]]) -> None:
+    cwd, opts = setup
+    start_and_kill(cwd, opts, "crashy", min_ticks=3)
+    [(state_before,)] = ledger(cwd / "state", "SELECT state FROM allocations")
+    assert state_before == "active"  # the GPUs stay held while nobody watches
+    r = run_cli("resume", "crashy", "--json", *opts, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["status"] == "released" and out["release"]["reason"] == "lease-expired"
+    spent, reason = exactly_once(cwd / "state")
+    assert reason == "lease-expired"
+    assert spent == pytest.approx(2 * 5.12 * 1.0) == pytest.approx(out["cost_usd"])
+    again = json.loads(run_cli("resume", "crashy", "--json", *opts, cwd=cwd).stdout)
+    assert again["cost_usd"] == out["cost_usd"]
+    exactly_once(cwd / "state")
+
+
+def test_lease_expires_while_down(setup: tuple[Path, list[str]]) -> None:
+    cwd, opts = setup
+    start_and_kill(cwd, opts, "gone", min_ticks=1)
+    time.sleep(3600 / SCALE + 1)  # the lease ends while no process runs
+    r = run_cli("status", "--json", *opts, cwd=cwd)  # any start-up reconciles
+    [alloc] = json.loads(r.stdout)["allocations"]
+    assert alloc["state"] == "released" and alloc["reason"] == "expired-while-down"
+    spent, reason = exactly_once(cwd / "state")
+    assert reason == "expired-while-down" and spent == pytest.approx(2 * 5.12)
+    out = json.loads(run_cli("resume", "gone", "--json", *opts, cwd=cwd).stdout)
+    assert out["status"] == "released" and out["release"]["reason"] == "expired-while-down"
+    exactly_once(cwd / "state")

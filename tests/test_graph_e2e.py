@@ -1,0 +1,233 @@
+"""End to end through the compiled graph, one test per branch, on virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from fleet.clock import VirtualClock
+from fleet.errors import Denied, InvalidInput, NotPlaced
+from fleet.models import (
+    Allocation,
+    CouncilDecision,
+    EventKind,
+    GPURequest,
+    Outcome,
+    ReleaseReason,
+    Status,
+)
+from graph.orchestrator import Orchestrator, PendingReview
+from sim.scenario import SetBudget, Submit, run_scenario
+from tests.conftest import OrchFactory, small_config
+
+
+def req(**fields: Any) -> dict[str, Any]:
+    return {"project": "p", "purpose": "training", "count": 2, "duration_hours": 2} | fields
+
+
+def kinds(outcome: Any) -> list[EventKind]:
+    return [e.kind for e in outcome.events]
+
+
+def test_invalid_input_ends_with_a_reason(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    before = orch.services.ledger.dump()
+    out = orch.graph.invoke({"request": req(count=-2)}, orch._config("t-bad"),
+                            context=orch.context)
+    assert out["status"] is Status.INVALID and "count" in out["reason"]
+    with pytest.raises(InvalidInput, match="K80"):
+        orch.request(req(gpu_type="K80"))
+    assert orch.services.ledger.dump() == before
+
+
+def test_approved_allocated_monitored_released(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    out = orch.request(req(gpu_type="A100", budget_limit=50), thread_id="t1")
+    assert out.status is Status.RELEASED and out.release is not None
+    assert out.release.reason is ReleaseReason.LEASE_EXPIRED
+    assert out.cost_usd == pytest.approx(2 * 5.12 * 2)
+    assert out.council is not None and out.council.outcome is Outcome.APPROVED
+    assert out.route is not None and out.route.alternatives
+    assert kinds(out) == [EventKind.PLACED, EventKind.RELEASED]
+    [record] = orch.history()
+    assert record.thread_id == "t1" and record.cost_usd == pytest.approx(out.cost_usd)
+
+
+def test_council_denies_a_hoarder_with_votes(make_orch: OrchFactory) -> None:
+    orch = make_orch(small_config(simulation={"workloads": {"lazy": "hoard"}}))
+    first = orch.request(req(project="lazy", purpose="research", count=2, duration_hours=4))
+    assert first.release is not None and first.release.reason is ReleaseReason.IDLE
+    out = orch.request(req(project="lazy", count=8, duration_hours=48, priority="critical"))
+    assert out.status is Status.DENIED and out.reason.startswith("council:")
+    assert out.council is not None and out.council.outcome is Outcome.DENIED
+    assert {v.member for v in out.council.votes} == {"cost", "fairness", "capacity", "risk"}
+    with pytest.raises(Denied):
+        orch.allocate_gpu_sync(req(project="lazy", count=8, duration_hours=48))
+    assert len(orch.history()) == 1
+
+
+def test_budget_refuses(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    orch.set_budget("p", 10.0)
+    out = orch.request(req())
+    assert out.status is Status.DENIED and "remaining" in out.reason
+    assert orch.services.ledger.allocations() == []
+
+
+def split_config() -> Any:
+    return small_config(council={"approve_threshold": 0.99, "deny_threshold": 0.05,
+                                 "auto_approve_max_gpus": 0})
+
+
+def test_split_council_waits_for_a_human(make_orch: OrchFactory) -> None:
+    orch = make_orch(split_config())
+    out = orch.request(req(), thread_id="t-review")
+    assert out.status is Status.PENDING_REVIEW and out.next == ("review",)
+    assert orch.services.ledger.allocations() == []
+    assert orch.resume("t-review").status is Status.PENDING_REVIEW  # no decision: still waiting
+    done = orch.resume("t-review", {"approve": True, "by": "ana", "comment": "paper deadline"})
+    assert done.status is Status.RELEASED
+    assert EventKind.HUMAN_DECISION in kinds(done)
+    orch.request(req(), thread_id="t-no")
+    denied = orch.resume("t-no", False)
+    assert denied.status is Status.DENIED and denied.reason.startswith("denied by")
+    with pytest.raises(InvalidInput, match="not waiting"):
+        orch.resume("t-no", True)
+    with pytest.raises(PendingReview):
+        orch.allocate_gpu_sync(req())
+
+
+def test_bad_review_answer_changes_nothing(make_orch: OrchFactory) -> None:
+    orch = make_orch(split_config())
+    orch.request(req(), thread_id="t")
+    with pytest.raises(InvalidInput):
+        orch.resume("t", {"approve": "sure"})
+    assert orch.resume("t").status is Status.PENDING_REVIEW
+
+
+def test_queue_waits_its_fair_turn(make_orch: OrchFactory) -> None:
+    clock = VirtualClock()
+    orch = make_orch(clock=clock)
+    h100 = {"gpu_type": "H100", "count": 2}
+    result = run_scenario(orch, clock, [
+        Submit(0.0, "heavy-1", req(project="heavy", duration_hours=3, **h100)),
+        Submit(0.5, "heavy-2", req(project="heavy", duration_hours=1, **h100)),
+        Submit(1.0, "light", req(project="light", duration_hours=1, **h100)),
+    ], lambda *a: None)
+    heavy2, light = result.outcomes["heavy-2"], result.outcomes["light"]
+    assert heavy2.status is light.status is Status.RELEASED
+    assert light.allocation is not None and heavy2.allocation is not None
+    # heavy-2 queued first, but light has used less: light goes as soon as heavy-1 ends
+    assert light.allocation.started_at < heavy2.allocation.started_at
+    first = result.outcomes["heavy-1"].allocation
+    assert first is not None and light.allocation.started_at == first.lease_end
+    assert EventKind.QUEUED in kinds(heavy2) and EventKind.QUEUED in kinds(light)
+
+
+def test_no_wait_then_resume(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    held = orch.request(req(gpu_type="H100"), thread_id="a", wait=False)
+    assert held.status is Status.ALLOCATED and held.next == ("monitor",)
+    queued = orch.request(req(gpu_type="H100"), thread_id="b", wait=False)
+    assert queued.status is Status.QUEUED and queued.next == ("wait",)
+    states = {a.thread_id: a.state for a in orch.services.ledger.allocations()}
+    assert states == {"a": "active", "b": "queued"}
+    orch.release(held.allocation.id if held.allocation else "")
+    done = orch.resume("b")
+    assert done.status is Status.RELEASED
+    assert orch.resume("a").release is not None
+    assert orch.resume("a").release.reason is ReleaseReason.EXPLICIT  # type: ignore[union-attr]
+
+
+def test_max_wait_times_out(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    orch.request(req(gpu_type="H100", duration_hours=5), thread_id="a", wait=False)
+    out = orch.request(req(gpu_type="H100", max_wait_minutes=30), thread_id="b")
+    assert out.status is Status.TIMED_OUT and "30 min" in out.reason
+    with pytest.raises(NotPlaced):
+        orch.allocate_gpu_sync(req(gpu_type="H100", max_wait_minutes=5))
+    row = next(a for a in orch.services.ledger.allocations() if a.thread_id == "b")
+    assert row.state == "released" and row.release_reason is ReleaseReason.CANCELLED
+
+
+def test_budget_cut_releases_before_overrun(make_orch: OrchFactory) -> None:
+    clock = VirtualClock()
+    orch = make_orch(clock=clock)
+    result = run_scenario(orch, clock, [
+        Submit(0.0, "serve", req(purpose="inference", count=2, duration_hours=12)),
+        SetBudget(2.0, "p", 4.0),
+    ], lambda *a: None)
+    out = result.outcomes["serve"]
+    assert out.release is not None and out.release.reason is ReleaseReason.BUDGET
+    assert out.cost_usd == pytest.approx(4.0)
+    assert sum(c.spent_usd for c in orch.costs()) <= 4.0 + 1e-6
+
+
+def test_low_utilisation_warns_and_overheat_throttles(make_orch: OrchFactory) -> None:
+    orch = make_orch(small_config(simulation={"workloads": {"b": "bursty", "h": "overheat"}}))
+    bursty = orch.request(req(project="b", duration_hours=1))
+    assert EventKind.LOW_UTILIZATION in kinds(bursty)
+    assert bursty.release is not None and bursty.release.reason is ReleaseReason.LEASE_EXPIRED
+    hot = orch.request(req(project="h", duration_hours=1))
+    throttles = [e for e in hot.events if e.kind is EventKind.THROTTLE]
+    assert len(throttles) == 2 and {e.gpu_id for e in throttles} == set(hot.allocation.gpu_ids)  # type: ignore[union-attr]
+
+
+def test_with_block_releases_also_on_error(make_orch: OrchFactory) -> None:
+    clock = VirtualClock()
+    orch = make_orch(clock=clock)
+    with clock.actor():  # time stands still while the block runs
+        with pytest.raises(RuntimeError):
+            with orch.allocate_gpu_sync(req(gpu_type="A100")) as allocation:
+                assert len(allocation.gpu_ids) == 2
+                raise RuntimeError("training crashed")
+    [record] = orch.history()
+    assert record.reason is ReleaseReason.CONTEXT_EXIT
+    assert orch.outcome(allocation.thread_id).status is Status.RELEASED
+    assert orch.services.ledger.holders() == {}
+
+
+def test_async_with_block(make_orch: OrchFactory) -> None:
+    clock = VirtualClock()
+    orch = make_orch(clock=clock, project="vision")
+
+    async def main() -> list[str]:
+        allocation = await orch.allocate_gpu(GPURequest(type="A100", count=2, duration_hours=4,
+                                                        purpose="model_training",
+                                                        budget_limit=50.0))
+        async with allocation:
+            seen = list(allocation.gpu_ids)
+        return seen
+
+    with clock.actor():
+        gpu_ids = asyncio.run(main())
+    [record] = orch.history()
+    assert record.project == "vision" and record.gpu_ids == gpu_ids
+    assert record.reason is ReleaseReason.CONTEXT_EXIT
+
+
+def test_handle_wait_runs_to_the_lease_end(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    handle = orch.allocate_gpu_sync(req(gpu_type="A100", duration_hours=1))
+    out = handle.wait()
+    assert out.status is Status.RELEASED and out.release is not None
+    assert out.release.reason is ReleaseReason.LEASE_EXPIRED
+
+
+def test_checkpoints_reload_as_models_without_warnings(
+    make_orch: OrchFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    orch = make_orch()
+    orch.request(req(gpu_type="A100", duration_hours=0.5), thread_id="t")
+    again = Orchestrator(orch.services.state_dir, small_config(), clock=VirtualClock())
+    try:
+        with caplog.at_level(logging.WARNING):
+            values = again.graph.get_state(again._config("t")).values
+        assert isinstance(values["allocation"], Allocation)
+        assert isinstance(values["council"], CouncilDecision)
+        assert not [r for r in caplog.records if "eserializ" in r.getMessage()]
+    finally:
+        again.close()
