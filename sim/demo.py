@@ -80,7 +80,7 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None,
 
 
 def _hm(seconds: float) -> str:
-    minutes = int(round(seconds / 60))
+    minutes = round(seconds / 60)
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.clock import VirtualClock
+from fleet.errors import GPUAgentError
 from fleet.models import Event
 from graph.orchestrator import Orchestrator, RequestOutcome
 
@@ -37,7 +38,7 @@ Reporter = Callable[[float, str, str], None]  # (virtual time, who, what)
 @dataclass
 class ScenarioResult:
     outcomes: dict[str, RequestOutcome] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # refused steps: label -> why
 
 
 def run_scenario(
@@ -52,14 +53,26 @@ def run_scenario(
             report(event.at.timestamp(), step.label, f"{event.kind.value}: {event.message}")
 
         report(clock.now(), step.label, f"asks for {_ask(step.request)}")
-        outcome = orch.request(step.request, thread_id=step.label, on_event=on_event)
+        try:
+            outcome = orch.request(step.request, thread_id=step.label, on_event=on_event)
+        except GPUAgentError as exc:
+            with lock:
+                result.errors[step.label] = str(exc)
+            report(clock.now(), step.label, f"refused: {exc}")
+            return
         with lock:
             result.outcomes[step.label] = outcome
         if outcome.allocation is None:
             report(clock.now(), step.label, f"{outcome.status.value}: {outcome.reason}")
 
     def set_budget(step: SetBudget) -> None:
-        moved = orch.set_budget(step.project, step.usd)
+        try:
+            moved = orch.set_budget(step.project, step.usd)
+        except GPUAgentError as exc:
+            with lock:
+                result.errors[f"budget {step.project} @{step.at_hours:g}h"] = str(exc)
+            report(clock.now(), "finance", f"cannot set {step.project}'s budget: {exc}")
+            return
         note = f"; {len(moved)} running allocation(s) must now end earlier" if moved else ""
         report(clock.now(), "finance", f"sets {step.project}'s budget to ${step.usd:,.2f}{note}")
 

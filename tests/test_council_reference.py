@@ -87,10 +87,11 @@ unit = st.floats(0, 1)
 def test_worse_records_never_raise_approval(base: RequestFeatures, more: float,
                                             worse: float) -> None:
     p = council_p(base)
-    assert council_p(dataclasses.replace(base, overrun_rate=min(1, base.overrun_rate + more))) <= p
-    assert council_p(dataclasses.replace(base, hoarding_rate=min(1, base.hoarding_rate + more))) <= p
-    assert council_p(dataclasses.replace(base, recent_util=max(0, base.recent_util - worse))) <= p
-    assert council_p(dataclasses.replace(base, cost_pressure=base.cost_pressure + more)) <= p
+    replace = dataclasses.replace
+    assert council_p(replace(base, overrun_rate=min(1, base.overrun_rate + more))) <= p
+    assert council_p(replace(base, hoarding_rate=min(1, base.hoarding_rate + more))) <= p
+    assert council_p(replace(base, recent_util=max(0, base.recent_util - worse))) <= p
+    assert council_p(replace(base, cost_pressure=base.cost_pressure + more)) <= p
     rank = {Outcome.DENIED: 0, Outcome.SPLIT: 1, Outcome.APPROVED: 2}
     worse_f = dataclasses.replace(base, hoarding_rate=min(1, base.hoarding_rate + more),
                                   recent_util=max(0, base.recent_util - worse))

@@ -179,11 +179,11 @@ def test_low_utilisation_warns_and_overheat_throttles(make_orch: OrchFactory) ->
 def test_with_block_releases_also_on_error(make_orch: OrchFactory) -> None:
     clock = VirtualClock()
     orch = make_orch(clock=clock)
-    with clock.actor():  # time stands still while the block runs
-        with pytest.raises(RuntimeError):
-            with orch.allocate_gpu_sync(req(gpu_type="A100")) as allocation:
-                assert len(allocation.gpu_ids) == 2
-                raise RuntimeError("training crashed")
+    # time stands still while the block runs
+    with clock.actor(), pytest.raises(RuntimeError):  # noqa: SIM117 (the handle must exist)
+        with orch.allocate_gpu_sync(req(gpu_type="A100")) as allocation:
+            assert len(allocation.gpu_ids) == 2
+            raise RuntimeError("training crashed")
     [record] = orch.history()
     assert record.reason is ReleaseReason.CONTEXT_EXIT
     assert orch.outcome(allocation.thread_id).status is Status.RELEASED

@@ -75,7 +75,8 @@ def test_release_charges_and_records_once(fx: Fixture) -> None:
     first = fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 1800)
     second = fx.ledger.release(row.id, ReleaseReason.IDLE, T0 + 3600)
     assert first == second
-    assert first.cost_usd == pytest.approx(2 * 5.12 * 0.5) and first.reason is ReleaseReason.EXPLICIT
+    assert first.cost_usd == pytest.approx(2 * 5.12 * 0.5)
+    assert first.reason is ReleaseReason.EXPLICIT
     assert counts(fx.ledger) == (0, 1, 1)
     [record] = fx.ledger.history()
     assert record.allocation_id == row.id and record.hours == pytest.approx(0.5)
@@ -119,7 +120,8 @@ def test_lowering_a_budget_moves_deadlines(fx: Fixture) -> None:
     moved = fx.ledger.set_budget("p", 5.12, T0 + 600)
     assert [m.id for m in moved] == [row.id]
     after = fx.ledger.get(row.id)
-    assert after.deadline == pytest.approx(T0 + 1800) and after.deadline_reason is ReleaseReason.BUDGET
+    assert after.deadline == pytest.approx(T0 + 1800)
+    assert after.deadline_reason is ReleaseReason.BUDGET
     release = fx.ledger.release(row.id, ReleaseReason.BUDGET, T0 + 7200)
     assert release.cost_usd == pytest.approx(5.12)
     with pytest.raises(InvalidInput, match="below what it has already spent"):
@@ -132,7 +134,8 @@ def test_raising_the_budget_restores_the_lease(fx: Fixture) -> None:
     fx.ledger.set_budget("p", 5.12, T0 + 60)
     fx.ledger.set_budget("p", 1000.0, T0 + 120)
     after = fx.ledger.get(row.id)
-    assert after.deadline == after.lease_end and after.deadline_reason is ReleaseReason.LEASE_EXPIRED
+    assert after.deadline == after.lease_end
+    assert after.deadline_reason is ReleaseReason.LEASE_EXPIRED
 
 
 def test_reconcile_releases_expired_leases_of_dead_monitors(fx: Fixture) -> None:
