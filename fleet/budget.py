@@ -18,11 +18,16 @@ class Running:
     id: str
     rate_usd_per_s: float
     started_at: float
-    lease_end: float
+    ends_at: float
+
+
+def worst_case(items: list[Running]) -> float:
+    """What the allocations cost if each runs to its deadline."""
+    return sum(r.rate_usd_per_s * (r.ends_at - r.started_at) for r in items)
 
 
 def accrued(items: list[Running], at: float) -> float:
-    return sum(r.rate_usd_per_s * max(0.0, min(at, r.lease_end) - r.started_at) for r in items)
+    return sum(r.rate_usd_per_s * max(0.0, min(at, r.ends_at) - r.started_at) for r in items)
 
 
 def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dict[str, float]:
@@ -31,16 +36,16 @@ def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dic
     All allocations run until a common time T (or their own lease end, if earlier), where T
     solves accrued(T) = remaining. The caller guarantees accrued(now) <= remaining.
     """
-    if accrued(items, max((r.lease_end for r in items), default=now)) <= remaining_usd + EPS:
-        return {r.id: r.lease_end for r in items}
+    if accrued(items, max((r.ends_at for r in items), default=now)) <= remaining_usd + EPS:
+        return {r.id: r.ends_at for r in items}
     # accrued() is piecewise linear and increasing in T; walk its breakpoints.
-    points = sorted({now, *(r.lease_end for r in items if r.lease_end > now)})
+    points = sorted({now, *(r.ends_at for r in items if r.ends_at > now)})
     lo = now
     for hi in points:
         if accrued(items, hi) >= remaining_usd:
-            rate = sum(r.rate_usd_per_s for r in items if r.lease_end > lo)
+            rate = sum(r.rate_usd_per_s for r in items if r.ends_at > lo)
             t = lo + (remaining_usd - accrued(items, lo)) / rate if rate > 0 else lo
             cut = max(now, min(hi, t))
-            return {r.id: min(r.lease_end, cut) for r in items}
+            return {r.id: min(r.ends_at, cut) for r in items}
         lo = hi
-    return {r.id: r.lease_end for r in items}
+    return {r.id: r.ends_at for r in items}

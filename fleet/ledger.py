@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.budget import EPS, Running, accrued, cut_deadlines
+from fleet.budget import EPS, Running, accrued, cut_deadlines, worst_case
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.models import (
@@ -301,6 +301,24 @@ class Ledger:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read: a deferred transaction, so readers never take the write lock."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def _running(self, db: sqlite3.Connection, project: str) -> list[Running]:
+        return [
+            _row(r).running()
+            for r in db.execute(
+                "SELECT * FROM allocations WHERE state='active' AND project=?", (project,)
+            )
+        ]
+
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
@@ -389,7 +407,7 @@ class Ledger:
             active_gpus=active_gpus,
             budget_usd=self._budget(db, me.project),
             spent_usd=self._spent(db, me.project),
-            committed_usd=sum(r.rate_usd_per_s * (r.lease_end - r.started_at) for r in mine),
+            committed_usd=worst_case(mine),
         )
 
     def _usage(
@@ -407,18 +425,11 @@ class Ledger:
 
     def remaining_usd(self, project: str) -> float | None:
         """Budget left after spend and the worst case of active allocations (None: unlimited)."""
-        with self.transaction() as db:
+        with self.reading() as db:
             budget = self._budget(db, project)
             if budget is None:
                 return None
-            active = [
-                _row(r).running()
-                for r in db.execute(
-                    "SELECT * FROM allocations WHERE state='active' AND project=?", (project,)
-                )
-            ]
-            committed = sum(r.rate_usd_per_s * (r.lease_end - r.started_at) for r in active)
-            return budget - self._spent(db, project) - committed
+            return budget - self._spent(db, project) - worst_case(self._running(db, project))
 
     def _budget(self, db: sqlite3.Connection, project: str) -> float | None:
         row = db.execute("SELECT budget_usd FROM budgets WHERE project=?", (project,)).fetchone()
@@ -629,7 +640,7 @@ class Ledger:
         ]
 
     def costs(self, now: float) -> list[ProjectCost]:
-        with self.transaction() as db:
+        with self.reading() as db:
             projects = sorted(
                 {r["project"] for r in db.execute("SELECT project FROM allocations")}
                 | {r["project"] for r in db.execute("SELECT project FROM budgets")}
@@ -637,25 +648,19 @@ class Ledger:
             )
             out = []
             for p in projects:
-                active = [
-                    _row(r).running()
-                    for r in db.execute(
-                        "SELECT * FROM allocations WHERE state='active' AND project=?", (p,)
-                    )
-                ]
+                active = self._running(db, p)
                 out.append(ProjectCost(
                     project=p,
                     spent_usd=self._spent(db, p),
                     accrued_usd=accrued(active, now),
-                    committed_usd=sum(r.rate_usd_per_s * (r.lease_end - r.started_at)
-                                      for r in active),
+                    committed_usd=worst_case(active),
                     budget_usd=self._budget(db, p),
                 ))
             return out
 
     def project_stats(self, project: str, now: float, recent: int) -> ProjectStats:
         """The project's standing for the council: budget, usage share, recent history."""
-        with self.transaction() as db:
+        with self.reading() as db:
             active = [_row(r) for r in db.execute("SELECT * FROM allocations WHERE state='active'")]
             usage = self._usage(db, now, active)
             factors = fair_share_factors(usage, self.config.shares, [project])
@@ -665,8 +670,7 @@ class Ledger:
                 project=project,
                 budget_usd=self._budget(db, project),
                 spent_usd=self._spent(db, project),
-                committed_usd=sum(a.rate_usd_per_s * ((a.deadline or now) - (a.started_at or now))
-                                  for a in mine),
+                committed_usd=worst_case([a.running() for a in mine]),
                 active_gpus=sum(a.count for a in mine),
                 decayed_gpu_hours=usage.get(project, 0.0),
                 usage_share=usage.get(project, 0.0) / total if total > 0 else 0.0,

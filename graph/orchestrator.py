@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability
@@ -45,17 +45,17 @@ from fleet.models import (
     utc,
 )
 from fleet.validation import check_against_fleet, check_budget, parse_request
-from graph.builder import build_graph
+from graph.builder import after_allocate, build_graph
 from graph.checkpoint import open_sqlite_saver
 from nodes.context import Context, Services, open_services
 from nodes.review import parse_decision
 from nodes.state import InputState
 
-# Durability "sync": the checkpoint of each step is on disk before the next step starts, so
-# a crash loses at most the step that was running; every side effect is idempotent, so
-# re-running that step is safe. Measured cost: see benchmarks/graph_latency.py.
+# Durability from allocate on: each step's checkpoint is on disk before the next step starts
+# (see Orchestrator._invoke for the pure part before it).
 DURABILITY: Durability = "sync"
 RECURSION_LIMIT = 10_000_000  # the monitor loops one super-step per tick
+PURE_NODES = frozenset({"validate", "council", "review", "route"})  # no side effects
 
 
 class PendingReview(GPUAgentError):
@@ -165,29 +165,73 @@ class Orchestrator:
     def _config(self, thread_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": thread_id}, "recursion_limit": RECURSION_LIMIT}
 
+    def _stream(
+        self,
+        graph_input: InputState | Command[Any] | None,
+        config: RunnableConfig,
+        durability: Durability,
+        on_update: Callable[[str, dict[str, Any]], None] | None,
+        *,
+        interrupt_before: list[str] | None = None,
+        interrupt_after: list[str] | None = None,
+    ) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
+        """Run until the graph stops: (final values, interrupts or None if it did not stop)."""
+        values: dict[str, Any] = {}
+        stopped: tuple[Any, ...] | None = None
+        for mode, part in self.graph.stream(
+            graph_input, config, context=self.context, durability=durability,
+            stream_mode=["updates", "values"], interrupt_before=interrupt_before,
+            interrupt_after=interrupt_after,
+        ):
+            chunk = cast(dict[str, Any], part)
+            if mode == "values":
+                values = chunk
+            elif "__interrupt__" in chunk:
+                stopped = tuple(chunk["__interrupt__"])
+            elif on_update is not None:
+                for node, update in chunk.items():
+                    if isinstance(update, dict):
+                        on_update(node, update)
+        return values, stopped
+
     def _invoke(
         self,
         graph_input: InputState | Command[Any] | None,
         thread_id: str,
         *,
         wait: bool,
-        on_event: Callable[[Event], None] | None = None,
+        pure_first: bool,
+        on_update: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
-        for chunk in self.graph.stream(
-            graph_input,
-            self._config(thread_id),
-            context=self.context,
-            durability=DURABILITY,
-            interrupt_after=None if wait else ["allocate"],
-            stream_mode="updates",
-        ):
-            if on_event is None:
-                continue
-            for update in chunk.values():
-                if isinstance(update, dict):
-                    for event in update.get("events", []):
-                        on_event(event)
-        return self.outcome(thread_id)
+        """Run a thread: the pure decision nodes first, then the side effects.
+
+        Durability is chosen per part. validate, council, review and route only read, so they
+        run with durability "exit": one checkpoint when they stop, none per step; a crash there
+        loses no side effect and the request is simply made again. From allocate on, every
+        step is checkpointed synchronously ("sync") before the next begins, so a crash while
+        GPUs are held resumes from the last tick. Both parts are idempotent on re-run.
+        """
+        config = self._config(thread_id)
+        if pure_first:
+            values, stopped = self._stream(graph_input, config, "exit", on_update,
+                                           interrupt_before=["allocate"])
+            if stopped != ():  # finished, or a human review: not standing before allocate
+                return self._outcome_of(thread_id, values, stopped)
+            graph_input = None
+        values, stopped = self._stream(graph_input, config, DURABILITY, on_update,
+                                       interrupt_after=None if wait else ["allocate"])
+        return self._outcome_of(thread_id, values, stopped)
+
+    def _outcome_of(self, thread_id: str, values: dict[str, Any],
+                    stopped: tuple[Any, ...] | None) -> RequestOutcome:
+        if stopped:  # an interrupt() with a payload: the council's human review
+            nxt: tuple[str, ...] = ("review",)
+        elif stopped == ():  # stopped after allocate (--no-wait)
+            step = after_allocate(values)  # type: ignore[arg-type]
+            nxt = () if step == "__end__" else (step,)
+        else:
+            nxt = ()
+        return _outcome(thread_id, values, bool(stopped), nxt)
 
     def request(
         self,
@@ -203,9 +247,10 @@ class Orchestrator:
         """
         req = self.check(request)
         thread_id = thread_id or uuid.uuid4().hex
-        if self.graph.get_state(self._config(thread_id)).values:
+        if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
             raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
-        return self._invoke(InputState(request=req), thread_id, wait=wait, on_event=on_event)
+        return self._invoke(InputState(request=req), thread_id, wait=wait, pure_first=True,
+                            on_update=_events_to(on_event))
 
     def resume(
         self,
@@ -219,36 +264,26 @@ class Orchestrator:
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
+        graph_input: Command[Any] | None = None
         if snap.interrupts:
             if decision is None:
                 return self.outcome(thread_id)
             human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
-            return self._invoke(Command(resume=human.model_dump()), thread_id, wait=wait,
-                                on_event=on_event)
-        if decision is not None:
+            graph_input = Command(resume=human.model_dump())
+        elif decision is not None:
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
-        if not snap.next:
+        elif not snap.next:
             return self.outcome(thread_id)
-        return self._invoke(None, thread_id, wait=wait, on_event=on_event)
+        return self._invoke(graph_input, thread_id, wait=wait,
+                            pure_first=bool(PURE_NODES & set(snap.next)),
+                            on_update=_events_to(on_event))
 
     def outcome(self, thread_id: str) -> RequestOutcome:
+        """Where a thread stands, read from its last checkpoint."""
         snap = self.graph.get_state(self._config(thread_id))
-        values = snap.values
-        if not values:
+        if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
-        status = Status.PENDING_REVIEW if snap.interrupts else values.get("status", Status.PENDING)
-        return RequestOutcome(
-            thread_id=thread_id,
-            status=status,
-            reason=values.get("reason", ""),
-            cost_usd=values.get("cost_usd", 0.0),
-            allocation=values.get("allocation"),
-            council=values.get("council"),
-            route=values.get("route"),
-            release=values.get("release"),
-            events=values.get("events", []),
-            next=tuple(snap.next),
-        )
+        return _outcome(thread_id, snap.values, bool(snap.interrupts), tuple(snap.next))
 
     # ---- holding GPUs in a block ------------------------------------------------------------
 
@@ -264,16 +299,15 @@ class Orchestrator:
         placed = threading.Event()
         box: dict[str, Any] = {}
 
+        def on_update(node: str, update: dict[str, Any]) -> None:
+            if node == "allocate" and update.get("status") is Status.ALLOCATED:
+                box["allocation"] = update["allocation"]
+                placed.set()
+
         def run() -> None:
             try:
-                for mode, chunk in self.graph.stream(
-                    InputState(request=req), self._config(thread_id), context=self.context,
-                    durability=DURABILITY, stream_mode=["updates"],
-                ):
-                    step = chunk.get("allocate") if isinstance(chunk, dict) else None
-                    if mode == "updates" and step and step.get("status") is Status.ALLOCATED:
-                        box["allocation"] = step["allocation"]
-                        placed.set()
+                box["outcome"] = self._invoke(InputState(request=req), thread_id, wait=True,
+                                              pure_first=True, on_update=on_update)
             except BaseException as exc:  # handed to the caller, never swallowed
                 box["error"] = exc
             finally:
@@ -286,7 +320,7 @@ class Orchestrator:
         runner.join()
         if "error" in box:
             raise box["error"]
-        outcome = self.outcome(thread_id)
+        outcome: RequestOutcome = box["outcome"]
         outcome.raise_for_status()
         raise GPUAgentError(f"request ended without GPUs: {outcome.reason}")
 
@@ -362,6 +396,35 @@ class Orchestrator:
         ]
         return {"backend": svc.backend.name, "now": utc(now).isoformat(),
                 "gpus": gpus, "allocations": allocations}
+
+
+def _outcome(thread_id: str, values: dict[str, Any], review: bool,
+             nxt: tuple[str, ...]) -> RequestOutcome:
+    return RequestOutcome(
+        thread_id=thread_id,
+        status=Status.PENDING_REVIEW if review else values.get("status", Status.PENDING),
+        reason=values.get("reason", ""),
+        cost_usd=values.get("cost_usd", 0.0),
+        allocation=values.get("allocation"),
+        council=values.get("council"),
+        route=values.get("route"),
+        release=values.get("release"),
+        events=values.get("events", []),
+        next=nxt,
+    )
+
+
+def _events_to(
+    on_event: Callable[[Event], None] | None,
+) -> Callable[[str, dict[str, Any]], None] | None:
+    if on_event is None:
+        return None
+
+    def on_update(node: str, update: dict[str, Any]) -> None:
+        for event in update.get("events", []):
+            on_event(event)
+
+    return on_update
 
 
 class AllocationHandle:

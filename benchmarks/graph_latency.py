@@ -1,0 +1,156 @@
+"""Latency of a request through validate -> council -> route -> allocate, against a floor.
+
+The floor is a bare LangGraph graph with the same number of trivial nodes, the same SQLite
+checkpointer (WAL, same serializer) and durability "sync" on every step. Ours runs as the
+Orchestrator runs it: the pure nodes (validate, council, route) with durability "exit", then
+allocate with "sync" (see graph/orchestrator.py, Orchestrator._invoke, for why). Both run
+in this process, interleaved, on the same machine, so the ratio is what counts. Then each
+node runs on its own (no graph, no checkpointer) to account for the difference.
+
+    .venv/bin/python benchmarks/graph_latency.py [--requests 300]
+
+The last line holds the figures: p50_ms p99_ms rps floor_p50_ms ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import ExecutionInfo, Runtime
+from typing_extensions import TypedDict
+
+from fleet.clock import VirtualClock
+from fleet.config import load_fleet
+from fleet.models import GPURequest, ReleaseReason, Status
+from graph.checkpoint import open_sqlite_saver
+from graph.orchestrator import DURABILITY, RECURSION_LIMIT, Orchestrator
+from nodes.allocate import allocate
+from nodes.context import Context
+from nodes.council import council
+from nodes.route import route
+from nodes.validate import validate
+
+NODES = ["validate", "council", "route", "allocate"]
+
+
+class Bare(TypedDict, total=False):
+    request: dict[str, Any]
+    n: int
+
+
+def _step(state: Bare) -> dict[str, Any]:
+    return {"n": state.get("n", 0) + 1}
+
+
+def bare_graph(state_dir: Path) -> Any:
+    builder = StateGraph(Bare)
+    for name in NODES:
+        builder.add_node(name, _step)
+    builder.add_edge(START, NODES[0])
+    for a, b in itertools.pairwise(NODES):
+        builder.add_edge(a, b)
+    builder.add_edge(NODES[-1], END)
+    state_dir.mkdir()
+    return builder.compile(checkpointer=open_sqlite_saver(state_dir))
+
+
+def request(i: int) -> dict[str, Any]:
+    # Two GPUs: past the council's auto-approval, so every member votes.
+    return {"project": f"team-{i % 4}", "purpose": "training", "count": 2,
+            "duration_hours": 1.0, "request_id": f"r{i}"}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(n: int, warmup: int) -> dict[str, float]:
+    tmp = tempfile.TemporaryDirectory(prefix="gpu-agent-bench-")
+    base = Path(tmp.name)
+    orch = Orchestrator(base / "agent", load_fleet(), clock=VirtualClock())
+    floor = bare_graph(base / "floor")
+    ours: list[float] = []
+    bare: list[float] = []
+    for i in range(warmup + n):
+        thread = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        out = orch.request(request(i), thread_id=thread, wait=False)
+        t1 = time.perf_counter()
+        assert out.status is Status.ALLOCATED and out.allocation is not None, out.reason
+        orch.services.ledger.release(out.allocation.id, ReleaseReason.EXPLICIT,
+                                     orch.services.clock.now())  # untimed: free the GPUs
+        config = {"configurable": {"thread_id": thread}, "recursion_limit": RECURSION_LIMIT}
+        t2 = time.perf_counter()
+        floor.invoke({"request": request(i)}, config, durability=DURABILITY)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            ours.append((t1 - t0) * 1000)
+            bare.append((t3 - t2) * 1000)
+    per_node = node_costs(orch, n)
+    orch.close()
+    floor.checkpointer.conn.close()
+    tmp.cleanup()
+    return {
+        "p50_ms": statistics.median(ours),
+        "p99_ms": percentile(ours, 0.99),
+        "rps": 1000.0 / statistics.mean(ours),
+        "floor_p50_ms": statistics.median(bare),
+        "floor_p99_ms": percentile(bare, 0.99),
+        **{f"{k}_ms": v for k, v in per_node.items()},
+    }
+
+
+def node_costs(orch: Orchestrator, n: int) -> dict[str, float]:
+    """Median milliseconds of each node function alone, outside the graph."""
+    ctx = Context(services=orch.services)
+    costs: dict[str, list[float]] = {name: [] for name in NODES}
+    for i in range(n):
+        thread = f"direct-{i}"
+        runtime: Runtime[Context] = Runtime(
+            context=ctx, execution_info=ExecutionInfo(checkpoint_id="", checkpoint_ns="",
+                                                      task_id="", thread_id=thread))
+        state: dict[str, Any] = {"request": GPURequest.model_validate(request(i))}
+        fns: list[tuple[str, Callable[..., dict[str, Any]]]] = [
+            ("validate", validate), ("council", council), ("route", route),
+            ("allocate", allocate)]
+        for name, fn in fns:
+            t0 = time.perf_counter()
+            state |= fn(state, runtime)
+            costs[name].append((time.perf_counter() - t0) * 1000)
+        orch.services.ledger.release(state["allocation_id"], ReleaseReason.EXPLICIT,
+                                     orch.services.clock.now())
+    return {name: statistics.median(v) for name, v in costs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=30)
+    args = parser.parse_args()
+    r = measure(args.requests, args.warmup)
+    nodes = sum(r[f"{name}_ms"] for name in NODES)
+    print(f"requests through {' -> '.join(NODES)}, SQLite checkpointer; ours: durability "
+          f"'exit' for the pure nodes, {DURABILITY!r} from allocate on; floor: {DURABILITY!r}; "
+          f"{args.requests} requests after {args.warmup} warm-up")
+    print(f"  ours:  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  {r['rps']:.0f} req/s")
+    print(f"  floor: p50 {r['floor_p50_ms']:.2f} ms  p99 {r['floor_p99_ms']:.2f} ms "
+          f"(bare graph, {len(NODES)} trivial nodes)")
+    print(f"  above the floor: {r['p50_ms'] - r['floor_p50_ms']:.2f} ms; the nodes alone "
+          f"(median, no graph): " + ", ".join(f"{n} {r[f'{n}_ms']:.2f}" for n in NODES)
+          + f" = {nodes:.2f} ms")
+    print(f"p50_ms={r['p50_ms']:.2f} p99_ms={r['p99_ms']:.2f} rps={r['rps']:.1f} "
+          f"floor_p50_ms={r['floor_p50_ms']:.2f} ratio={r['p50_ms'] / r['floor_p50_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
