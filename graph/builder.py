@@ -3,7 +3,8 @@ deallocate, with the branches a user expects. Routers are Literal-typed so drawi
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -22,6 +23,7 @@ from nodes.validate import validate
 from nodes.wait import wait
 
 GRAPH_NAME = "gpu-agent"
+RECURSION_LIMIT = 10_000_000  # the monitor loops one super-step per tick
 
 
 def after_validate(state: State) -> Literal["council", "__end__"]:
@@ -57,28 +59,44 @@ def after_monitor(state: State) -> Literal["monitor", "deallocate"]:
     return "deallocate" if state.get("release_reason") else "monitor"
 
 
+Node = Callable[..., dict[str, Any]]  # (state, runtime) -> partial update
+
+NODES: dict[str, Node] = {
+    "validate": validate,
+    "council": council,
+    "review": review,
+    "route": route,
+    "allocate": allocate,
+    "wait": wait,
+    "monitor": monitor,
+    "deallocate": deallocate,
+}
+ROUTERS: dict[str, Callable[[State], str]] = {
+    "validate": after_validate,
+    "council": after_council,
+    "review": after_review,
+    "route": after_route,
+    "allocate": after_allocate,
+    "wait": after_wait,
+    "monitor": after_monitor,
+}
+
+
 def build_graph(
     checkpointer: BaseCheckpointSaver[str] | None = None,
+    *,
+    replace: Mapping[str, Node] | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, State]:
+    """The compiled graph. `replace` swaps node functions (benchmarks, fault-injection tests)."""
     builder = StateGraph(State, context_schema=Context, input_schema=InputState)
-    builder.add_node("validate", validate)
-    builder.add_node("council", council)
-    builder.add_node("review", review)
-    builder.add_node("route", route)
-    builder.add_node("allocate", allocate)
-    builder.add_node("wait", wait)
-    builder.add_node("monitor", monitor)
-    builder.add_node("deallocate", deallocate)
+    for name, fn in NODES.items():
+        builder.add_node(name, (replace or {}).get(name, fn))
     builder.add_edge(START, "validate")
-    builder.add_conditional_edges("validate", after_validate)
-    builder.add_conditional_edges("council", after_council)
-    builder.add_conditional_edges("review", after_review)
-    builder.add_conditional_edges("route", after_route)
-    builder.add_conditional_edges("allocate", after_allocate)
-    builder.add_conditional_edges("wait", after_wait)
-    builder.add_conditional_edges("monitor", after_monitor)
+    for name, router in ROUTERS.items():
+        builder.add_conditional_edges(name, router)
     builder.add_edge("deallocate", END)
-    return builder.compile(checkpointer=checkpointer, name=GRAPH_NAME)
+    compiled = builder.compile(checkpointer=checkpointer, name=GRAPH_NAME)
+    return compiled.with_config(recursion_limit=RECURSION_LIMIT)
 
 
 # Checkpointer-free, for langgraph.json and the LangGraph server (which brings its own).

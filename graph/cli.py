@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
@@ -96,8 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _orchestrator(
     args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None
 ) -> Orchestrator:
-    return Orchestrator(args.state_dir, config or args.fleet,
-                        backend=args.backend or "simulated", create=create)
+    return Orchestrator(args.state_dir, config or _fleet_file(args), backend=_backend(args),
+                        create=create)
+
+
+def _fleet_file(args: argparse.Namespace) -> str | None:
+    return args.fleet or os.environ.get("GPU_AGENT_FLEET") or None
+
+
+def _backend(args: argparse.Namespace) -> str:
+    return args.backend or os.environ.get("GPU_AGENT_BACKEND") or "simulated"
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -138,7 +147,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
                 "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait}
     raw |= {k: v for k, v in optional.items() if v is not None}
-    config = load_fleet(args.fleet)
+    config = load_fleet(_fleet_file(args))
     request = parse_request(raw)  # invalid input stops here, before anything is touched
     check_against_fleet(request, config)
     with _orchestrator(args, create=True, config=config) as orch:
@@ -238,7 +247,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sim.demo import run_demo  # the CLI is the one place graph/ reaches into sim/
 
-    code: int = run_demo(state_dir=args.state_dir, fleet=args.fleet, as_json=args.json)
+    code: int = run_demo(state_dir=args.state_dir, fleet=_fleet_file(args), as_json=args.json)
     return code
 
 

@@ -54,7 +54,6 @@ from nodes.state import InputState
 # Durability from allocate on: each step's checkpoint is on disk before the next step starts
 # (see Orchestrator._invoke for the pure part before it).
 DURABILITY: Durability = "sync"
-RECURSION_LIMIT = 10_000_000  # the monitor loops one super-step per tick
 PURE_NODES = frozenset({"validate", "council", "review", "route"})  # no side effects
 
 
@@ -163,7 +162,7 @@ class Orchestrator:
         return req
 
     def _config(self, thread_id: str) -> RunnableConfig:
-        return {"configurable": {"thread_id": thread_id}, "recursion_limit": RECURSION_LIMIT}
+        return {"configurable": {"thread_id": thread_id}}
 
     def _stream(
         self,

@@ -1,0 +1,42 @@
+"""The module-level graph (for langgraph.json) runs with a plain JSON context, no injection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from langgraph.checkpoint.memory import InMemorySaver
+
+from fleet.models import ReleaseReason, Status
+from graph.builder import build_graph, graph
+from nodes.context import Context
+from tests.conftest import ROOT, fleet_toml
+
+
+def test_exported_graph_has_no_checkpointer() -> None:
+    assert graph.checkpointer is None
+    assert set(graph.get_graph().nodes) >= {"validate", "council", "review", "route",
+                                            "allocate", "wait", "monitor", "deallocate"}
+
+
+def test_context_fields_resolve_to_services(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 360_000}))  # an hour in 10 ms
+    context = Context(state_dir=str(tmp_path / "state"), fleet_file=str(fleet))
+    request = {"project": "p", "purpose": "training", "count": 2, "duration_hours": 1,
+               "gpu_type": "A100"}
+    out = graph.invoke({"request": request}, context=context)
+    assert out["status"] is Status.RELEASED
+    assert out["release"].reason is ReleaseReason.LEASE_EXPIRED
+    with_memory = build_graph(InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    bad = with_memory.invoke({"request": request | {"count": "lots"}}, config, context=context)
+    assert bad["status"] is Status.INVALID and "count" in bad["reason"]
+
+
+def test_quickstart_runs(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "released (context-exit)" in r.stdout and "vision: spent $" in r.stdout
