@@ -40,6 +40,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
                                       message=f"waiting: {decision.reason}")]
         return update
     allocation = row.to_allocation()
+    waited = (allocation.started_at.timestamp() - row.enqueued_at) / 3600.0
+    note = f" (waited {waited:.1f} h)" if waited > 0 else ""
     return {
         "status": Status.ALLOCATED,
         "reason": decision.reason,
@@ -48,5 +50,6 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         "monitor": MonitorState(last_tick_at=allocation.started_at),
         "events": [Event(at=allocation.started_at, kind=EventKind.PLACED,
                          message=f"{allocation.count} x {allocation.gpu_type} on "
-                         f"{allocation.node} until {allocation.lease_end:%Y-%m-%d %H:%M} UTC")],
+                         f"{allocation.node} until {allocation.lease_end:%Y-%m-%d %H:%M} UTC"
+                         f"{note}")],
     }

@@ -97,6 +97,11 @@ def _tables(result: ScenarioResult, orch: Orchestrator, start: float) -> str:
     for c in orch.costs():
         budget = "-" if c.budget_usd is None else f"${c.budget_usd:,.2f}"
         out.append(f"{c.project:<12}{f'${c.spent_usd:,.2f}':>10}{budget:>10}")
+    nlp, vision = result.outcomes.get("nlp-train"), result.outcomes.get("vision-finetune")
+    if nlp and vision and nlp.allocation and vision.allocation \
+            and nlp.allocation.started_at < vision.allocation.started_at:
+        out.append("\nnlp-train queued after vision-finetune but ran first: vision had used "
+                   "far more GPU-hours (fair share).")
     out.append(f"\nvirtual time used: {_hm(orch.services.clock.now() - start)} "
                f"(ended {utc(orch.services.clock.now()):%Y-%m-%d %H:%M} UTC)")
     return "\n".join(out)
