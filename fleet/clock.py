@@ -109,11 +109,6 @@ class VirtualClock:
     def token(self) -> WakeToken:
         return WakeToken(self._cond)
 
-    def advance(self, seconds: float) -> None:
-        """Move time forward from outside any actor (tests, setup)."""
-        with self._cond:
-            self._now += max(0.0, seconds)
-
     @contextmanager
     def actor(self) -> Iterator[None]:
         """Count the calling thread as an actor: time stands still until it leaves or sleeps.

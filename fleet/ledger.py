@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fleet.budget import EPS, Running, accrued, cut_deadlines, worst_case
@@ -206,41 +206,24 @@ class ProjectCost:
     budget_usd: float | None
 
 
+_ROW_FIELDS = frozenset(f.name for f in fields(LedgerRow))
+
+
 def _row(r: sqlite3.Row) -> LedgerRow:
-    return LedgerRow(
-        id=r["id"],
-        thread_id=r["thread_id"],
-        request_id=r["request_id"],
-        project=r["project"],
-        purpose=Purpose(r["purpose"]),
-        priority=r["priority"],
-        gpu_type=r["gpu_type"],
-        count=r["count"],
-        price_per_hour=r["price_per_hour"],
-        hours=r["hours"],
-        state=r["state"],
-        enqueued_at=r["enqueued_at"],
-        heartbeat_at=r["heartbeat_at"],
-        started_at=r["started_at"],
-        lease_end=r["lease_end"],
-        deadline=r["deadline"],
-        deadline_reason=ReleaseReason(r["deadline_reason"]) if r["deadline_reason"] else None,
-        released_at=r["released_at"],
-        release_reason=ReleaseReason(r["release_reason"]) if r["release_reason"] else None,
-        cost_usd=r["cost_usd"],
-        util_sum=r["util_sum"],
-        util_n=r["util_n"],
-        gpu_ids=json.loads(r["gpu_ids"]),
-        nodes=json.loads(r["nodes"]),
-    )
+    d = {k: r[k] for k in r.keys() if k in _ROW_FIELDS}  # noqa: SIM118 (a Row, not a dict)
+    return LedgerRow(**d | {
+        "purpose": Purpose(d["purpose"]),
+        "deadline_reason": ReleaseReason(d["deadline_reason"]) if d["deadline_reason"] else None,
+        "release_reason": ReleaseReason(d["release_reason"]) if d["release_reason"] else None,
+        "gpu_ids": json.loads(d["gpu_ids"]),
+        "nodes": json.loads(d["nodes"]),
+    })
 
 
 class Ledger:
-    def __init__(self, path: str | Path, config: FleetConfig, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, config: FleetConfig) -> None:
         self.path = Path(path)
         self.config = config
-        if not create and not self.path.exists():
-            raise StateDirError(f"no ledger at {self.path}")
         self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(
@@ -586,10 +569,6 @@ class Ledger:
             raise InvalidInput(f"no allocation {aid!r}")
         return _row(rows[0])
 
-    def find(self, aid: str) -> LedgerRow | None:
-        rows = self._read("SELECT * FROM allocations WHERE id=?", (aid,))
-        return _row(rows[0]) if rows else None
-
     def allocations(self, state: str | None = None) -> list[LedgerRow]:
         if state is None:
             rows = self._read("SELECT * FROM allocations ORDER BY enqueued_at, id")
@@ -619,23 +598,11 @@ class Ledger:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [
-            HistoryRecord(
-                allocation_id=r["allocation_id"],
-                thread_id=r["thread_id"],
-                project=r["project"],
-                purpose=r["purpose"],
-                priority=r["priority"],
-                gpu_type=r["gpu_type"],
-                count=r["count"],
-                gpu_ids=json.loads(r["gpu_ids"]),
-                started_at=utc(r["started_at"]),
-                ended_at=utc(r["ended_at"]),
-                hours=r["hours"],
-                requested_hours=r["requested_hours"],
-                cost_usd=r["cost_usd"],
-                reason=r["reason"],
-                mean_util_pct=r["mean_util_pct"],
-            )
+            HistoryRecord.model_validate(dict(r) | {
+                "gpu_ids": json.loads(r["gpu_ids"]),
+                "started_at": utc(r["started_at"]),
+                "ended_at": utc(r["ended_at"]),
+            })
             for r in self._read(sql, args)
         ]
 

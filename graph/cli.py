@@ -18,7 +18,8 @@ from fleet.config import FleetConfig, load_fleet
 from fleet.errors import GPUAgentError
 from fleet.models import Event, HumanDecision, Status
 from fleet.validation import check_against_fleet, check_budget, parse_request
-from graph.orchestrator import Orchestrator, RequestOutcome
+from graph.orchestrator import Orchestrator
+from graph.outcome import RequestOutcome
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 

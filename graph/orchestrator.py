@@ -17,10 +17,8 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability
@@ -29,24 +27,23 @@ from council.voting import Council
 from fleet.backend import FleetBackend
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
-from fleet.errors import Denied, GPUAgentError, InvalidInput, NotPlaced
+from fleet.errors import GPUAgentError, InvalidInput
 from fleet.ledger import ProjectCost
 from fleet.models import (
-    Allocation,
-    CouncilDecision,
     Event,
     GPURequest,
     HistoryRecord,
     HumanDecision,
     Release,
     ReleaseReason,
-    RouteDecision,
     Status,
     utc,
 )
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.builder import after_allocate, build_graph
 from graph.checkpoint import open_sqlite_saver
+from graph.handle import AllocationHandle
+from graph.outcome import RequestOutcome, outcome_from
 from nodes.context import Context, Services, open_services
 from nodes.review import parse_decision
 from nodes.state import InputState
@@ -55,69 +52,6 @@ from nodes.state import InputState
 # (see Orchestrator._invoke for the pure part before it).
 DURABILITY: Durability = "sync"
 PURE_NODES = frozenset({"validate", "council", "review", "route"})  # no side effects
-
-
-class PendingReview(GPUAgentError):
-    """The council was split; a human must approve or deny the thread."""
-
-    exit_code = 0
-
-    def __init__(self, thread_id: str, reason: str) -> None:
-        super().__init__(f"{reason}; decide with: gpu-agent resume {thread_id} --approve|--deny")
-        self.thread_id = thread_id
-
-
-@dataclass(frozen=True)
-class RequestOutcome:
-    """Where a request's thread stands: the CLI prints this, with --json as `to_json()`."""
-
-    thread_id: str
-    status: Status
-    reason: str
-    cost_usd: float
-    allocation: Allocation | None = None
-    council: CouncilDecision | None = None
-    route: RouteDecision | None = None
-    release: Release | None = None
-    events: list[Event] = field(default_factory=list)
-    next: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        a = self.allocation
-        return {
-            "thread_id": self.thread_id,
-            "status": self.status.value,
-            "reason": self.reason,
-            "cost_usd": round(self.cost_usd, 6),
-            "allocation": None if a is None else {
-                "id": a.id,
-                "project": a.project,
-                "gpu_ids": a.gpu_ids,
-                "node": a.node,
-                "gpu_type": a.gpu_type,
-                "count": a.count,
-                "cuda_visible_devices": a.cuda_visible_devices,
-                "started_at": a.started_at.isoformat(),
-                "lease_end": a.lease_end.isoformat(),
-                "price_per_hour": a.price_per_hour,
-            },
-            "release": None if self.release is None else self.release.model_dump(mode="json"),
-            "council": None if self.council is None else self.council.model_dump(mode="json"),
-            "route": None if self.route is None else self.route.model_dump(mode="json"),
-            "events": [e.model_dump(mode="json") for e in self.events],
-            "next": list(self.next),
-        }
-
-    def raise_for_status(self) -> None:
-        """Turn an outcome without GPUs into the error an API caller expects."""
-        if self.status is Status.INVALID:
-            raise InvalidInput(self.reason)
-        if self.status is Status.DENIED:
-            raise Denied(self.reason)
-        if self.status is Status.TIMED_OUT:
-            raise NotPlaced(self.reason)
-        if self.status is Status.PENDING_REVIEW:
-            raise PendingReview(self.thread_id, self.reason)
 
 
 class Orchestrator:
@@ -230,7 +164,7 @@ class Orchestrator:
             nxt = () if step == "__end__" else (step,)
         else:
             nxt = ()
-        return _outcome(thread_id, values, bool(stopped), nxt)
+        return outcome_from(thread_id, values, bool(stopped), nxt)
 
     def request(
         self,
@@ -282,7 +216,7 @@ class Orchestrator:
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
-        return _outcome(thread_id, snap.values, bool(snap.interrupts), tuple(snap.next))
+        return outcome_from(thread_id, snap.values, bool(snap.interrupts), tuple(snap.next))
 
     # ---- holding GPUs in a block ------------------------------------------------------------
 
@@ -397,22 +331,6 @@ class Orchestrator:
                 "gpus": gpus, "allocations": allocations}
 
 
-def _outcome(thread_id: str, values: dict[str, Any], review: bool,
-             nxt: tuple[str, ...]) -> RequestOutcome:
-    return RequestOutcome(
-        thread_id=thread_id,
-        status=Status.PENDING_REVIEW if review else values.get("status", Status.PENDING),
-        reason=values.get("reason", ""),
-        cost_usd=values.get("cost_usd", 0.0),
-        allocation=values.get("allocation"),
-        council=values.get("council"),
-        route=values.get("route"),
-        release=values.get("release"),
-        events=values.get("events", []),
-        next=nxt,
-    )
-
-
 def _events_to(
     on_event: Callable[[Event], None] | None,
 ) -> Callable[[str, dict[str, Any]], None] | None:
@@ -424,61 +342,3 @@ def _events_to(
             on_event(event)
 
     return on_update
-
-
-class AllocationHandle:
-    """GPUs held by a running thread. Leaving the `with` block releases them, exactly once."""
-
-    def __init__(
-        self,
-        orchestrator: Orchestrator,
-        thread_id: str,
-        allocation: Allocation,
-        runner: threading.Thread,
-        box: dict[str, Any],
-    ) -> None:
-        self.orchestrator = orchestrator
-        self.thread_id = thread_id
-        self.allocation = allocation
-        self._runner = runner
-        self._box = box
-
-    @property
-    def id(self) -> str:
-        return self.allocation.id
-
-    @property
-    def gpu_ids(self) -> list[str]:
-        return self.allocation.gpu_ids
-
-    @property
-    def cuda_visible_devices(self) -> str:
-        return self.allocation.cuda_visible_devices
-
-    def release(self, reason: ReleaseReason = ReleaseReason.EXPLICIT) -> Release:
-        release = self.orchestrator.release(self.id, reason)
-        self._runner.join()
-        return release
-
-    def wait(self) -> RequestOutcome:
-        """Block until the graph has released the allocation (lease, idle, budget...)."""
-        self._runner.join()
-        if "error" in self._box:
-            raise self._box["error"]
-        return self.orchestrator.outcome(self.thread_id)
-
-    def __enter__(self) -> AllocationHandle:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
-        self.release(ReleaseReason.CONTEXT_EXIT)
-        return False
-
-    async def __aenter__(self) -> AllocationHandle:
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> Literal[False]:
-        await asyncio.to_thread(self.release, ReleaseReason.CONTEXT_EXIT)
-        return False

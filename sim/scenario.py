@@ -14,7 +14,8 @@ from typing import Any
 from fleet.clock import VirtualClock
 from fleet.errors import GPUAgentError
 from fleet.models import Event
-from graph.orchestrator import Orchestrator, RequestOutcome
+from graph.orchestrator import Orchestrator
+from graph.outcome import RequestOutcome
 
 
 @dataclass(frozen=True)

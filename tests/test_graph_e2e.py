@@ -19,7 +19,8 @@ from fleet.models import (
     ReleaseReason,
     Status,
 )
-from graph.orchestrator import Orchestrator, PendingReview
+from graph.orchestrator import Orchestrator
+from graph.outcome import PendingReview
 from sim.scenario import SetBudget, Submit, run_scenario
 from tests.conftest import OrchFactory, small_config
 

@@ -1,0 +1,88 @@
+"""What a caller gets back: where a request's thread stands, and the errors it maps to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet.errors import Denied, GPUAgentError, InvalidInput, NotPlaced
+from fleet.models import Allocation, CouncilDecision, Event, Release, RouteDecision, Status
+
+
+class PendingReview(GPUAgentError):
+    """The council was split; a human must approve or deny the thread."""
+
+    exit_code = 0
+
+    def __init__(self, thread_id: str, reason: str) -> None:
+        super().__init__(f"{reason}; decide with: gpu-agent resume {thread_id} --approve|--deny")
+        self.thread_id = thread_id
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """Where a request's thread stands: the CLI prints this, with --json as `to_json()`."""
+
+    thread_id: str
+    status: Status
+    reason: str
+    cost_usd: float
+    allocation: Allocation | None = None
+    council: CouncilDecision | None = None
+    route: RouteDecision | None = None
+    release: Release | None = None
+    events: list[Event] = field(default_factory=list)
+    next: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.allocation
+        return {
+            "thread_id": self.thread_id,
+            "status": self.status.value,
+            "reason": self.reason,
+            "cost_usd": round(self.cost_usd, 6),
+            "allocation": None if a is None else {
+                "id": a.id,
+                "project": a.project,
+                "gpu_ids": a.gpu_ids,
+                "node": a.node,
+                "gpu_type": a.gpu_type,
+                "count": a.count,
+                "cuda_visible_devices": a.cuda_visible_devices,
+                "started_at": a.started_at.isoformat(),
+                "lease_end": a.lease_end.isoformat(),
+                "price_per_hour": a.price_per_hour,
+            },
+            "release": None if self.release is None else self.release.model_dump(mode="json"),
+            "council": None if self.council is None else self.council.model_dump(mode="json"),
+            "route": None if self.route is None else self.route.model_dump(mode="json"),
+            "events": [e.model_dump(mode="json") for e in self.events],
+            "next": list(self.next),
+        }
+
+    def raise_for_status(self) -> None:
+        """Turn an outcome without GPUs into the error an API caller expects."""
+        if self.status is Status.INVALID:
+            raise InvalidInput(self.reason)
+        if self.status is Status.DENIED:
+            raise Denied(self.reason)
+        if self.status is Status.TIMED_OUT:
+            raise NotPlaced(self.reason)
+        if self.status is Status.PENDING_REVIEW:
+            raise PendingReview(self.thread_id, self.reason)
+
+
+def outcome_from(thread_id: str, values: dict[str, Any], review: bool,
+             nxt: tuple[str, ...]) -> RequestOutcome:
+    return RequestOutcome(
+        thread_id=thread_id,
+        status=Status.PENDING_REVIEW if review else values.get("status", Status.PENDING),
+        reason=values.get("reason", ""),
+        cost_usd=values.get("cost_usd", 0.0),
+        allocation=values.get("allocation"),
+        council=values.get("council"),
+        route=values.get("route"),
+        release=values.get("release"),
+        events=values.get("events", []),
+        next=nxt,
+    )
