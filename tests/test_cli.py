@@ -168,3 +168,26 @@ def test_demo(tmp_path: Path) -> None:
     assert out["nlp-train"]["allocation"]["started_at"] < \
         out["vision-finetune"]["allocation"]["started_at"]  # queued later, went first
     assert any(e["kind"] == "queued" for e in out["vision-finetune"]["events"])
+
+
+def test_human_review_through_the_cli(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600},
+                                council={"approve_threshold": 0.99, "auto_approve_max_gpus": 0}))
+    opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
+    ask = ["request", "--project", "p", "--purpose", "training", "--count", "2", "--hours", "1",
+           "--json", *opts]
+    first = run_cli(*ask, "--thread-id", "yes", cwd=tmp_path)
+    assert first.returncode == 0 and json.loads(first.stdout)["status"] == "pending_review"
+    assert json.loads(first.stdout)["next"] == ["review"]
+    approved = run_cli("resume", "yes", "--approve", "--by", "ana", "--json", *opts, cwd=tmp_path)
+    out = json.loads(approved.stdout)
+    assert approved.returncode == 0 and out["status"] == "released"
+    assert any(e["kind"] == "human_decision" and "ana approved" in e["message"]
+               for e in out["events"])
+    run_cli(*ask, "--thread-id", "no", cwd=tmp_path)
+    denied = run_cli("resume", "no", "--deny", "--comment", "not now", "--json", *opts,
+                     cwd=tmp_path)
+    assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
+    again = run_cli("resume", "no", "--approve", *opts, cwd=tmp_path)
+    assert again.returncode == 2 and "not waiting" in again.stderr
