@@ -73,7 +73,7 @@ class Orchestrator:
         self.checkpointer = open_sqlite_saver(self.services.state_dir)
         self.graph = build_graph(self.checkpointer)
         self.context = Context(state_dir=str(self.services.state_dir), services=self.services)
-        self.reconciled = self.services.ledger.reconcile(self.services.clock.now())
+        self.services.ledger.reconcile(self.services.clock.now())  # leases that ran out while down
 
     def close(self) -> None:
         self.checkpointer.conn.close()
