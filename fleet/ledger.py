@@ -589,12 +589,12 @@ class Ledger:
         }
 
     def history(self, project: str | None = None, limit: int | None = None) -> list[HistoryRecord]:
-        sql = "SELECT * FROM history"
+        sql = "SELECT h.*, a.request FROM history h JOIN allocations a ON a.id = h.allocation_id"
         args: tuple[object, ...] = ()
         if project is not None:
-            sql += " WHERE project=?"
+            sql += " WHERE h.project=?"
             args = (project,)
-        sql += " ORDER BY ended_at DESC, allocation_id"
+        sql += " ORDER BY h.ended_at DESC, h.allocation_id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [
@@ -602,6 +602,7 @@ class Ledger:
                 "gpu_ids": json.loads(r["gpu_ids"]),
                 "started_at": utc(r["started_at"]),
                 "ended_at": utc(r["ended_at"]),
+                "request": GPURequest.model_validate_json(r["request"]),
             })
             for r in self._read(sql, args)
         ]

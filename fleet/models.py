@@ -315,6 +315,7 @@ class HistoryRecord(BaseModel):
     mean_util_pct: float | None = None
     priority: Priority = Priority.NORMAL
     requested_hours: float = 0.0
+    request: GPURequest | None = None
 
 
 class ProjectStats(BaseModel):

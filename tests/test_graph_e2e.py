@@ -55,6 +55,7 @@ def test_approved_allocated_monitored_released(make_orch: OrchFactory) -> None:
     assert kinds(out) == [EventKind.PLACED, EventKind.RELEASED]
     [record] = orch.history()
     assert record.thread_id == "t1" and record.cost_usd == pytest.approx(out.cost_usd)
+    assert record.request is not None and record.request.budget_limit == 50
 
 
 def test_council_denies_a_hoarder_with_votes(make_orch: OrchFactory) -> None:
