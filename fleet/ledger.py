@@ -588,7 +588,9 @@ class Ledger:
             )
         }
 
-    def history(self, project: str | None = None, limit: int | None = None) -> list[HistoryRecord]:
+    def history(self, project: str | None = None, limit: int | None = None, *,
+                with_requests: bool = True) -> list[HistoryRecord]:
+        """Finished allocations, newest first; `with_requests` also parses each request."""
         sql = "SELECT h.*, a.request FROM history h JOIN allocations a ON a.id = h.allocation_id"
         args: tuple[object, ...] = ()
         if project is not None:
@@ -602,7 +604,7 @@ class Ledger:
                 "gpu_ids": json.loads(r["gpu_ids"]),
                 "started_at": utc(r["started_at"]),
                 "ended_at": utc(r["ended_at"]),
-                "request": GPURequest.model_validate_json(r["request"]),
+                "request": GPURequest.model_validate_json(r["request"]) if with_requests else None,
             })
             for r in self._read(sql, args)
         ]
@@ -644,7 +646,7 @@ class Ledger:
                 usage_share=usage.get(project, 0.0) / total if total > 0 else 0.0,
                 fair_share=factors[project],
             )
-        stats.recent = self.history(project, limit=recent)
+        stats.recent = self.history(project, limit=recent, with_requests=False)
         return stats
 
     def dump(self) -> list[str]:
