@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -274,9 +274,9 @@ class Ledger:
                 )
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def _begin(self, mode: str) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(f"BEGIN {mode}")
             try:
                 yield self._db
             except BaseException:
@@ -284,15 +284,13 @@ class Ledger:
                 raise
             self._db.execute("COMMIT")
 
-    @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A write: BEGIN IMMEDIATE serialises writers across processes."""
+        return self._begin("IMMEDIATE")
+
+    def reading(self) -> AbstractContextManager[sqlite3.Connection]:
         """A consistent read: a deferred transaction, so readers never take the write lock."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield self._db
-            finally:
-                self._db.execute("COMMIT")
+        return self._begin("DEFERRED")
 
     def _running(self, db: sqlite3.Connection, project: str) -> list[Running]:
         return [
@@ -508,10 +506,14 @@ class Ledger:
                     (now, now - stale),
                 )
             ]
+            releases = []
             for row in rows:
                 assert row.deadline is not None
                 self._finish(db, row, ReleaseReason.EXPIRED_WHILE_DOWN, row.deadline)
-        return [self.get(r.id).to_release() for r in rows]
+                released = self._get(db, row.id)
+                assert released is not None
+                releases.append(released.to_release())
+            return releases
 
     # ---- budgets -------------------------------------------------------------------------
 

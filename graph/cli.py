@@ -20,6 +20,7 @@ from fleet.models import Event, HumanDecision, Status
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
+from nodes.context import BACKENDS
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
@@ -33,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent)")
     p.add_argument("--fleet", help="fleet TOML file (env GPU_AGENT_FLEET; default: built-in fleet)")
-    p.add_argument("--backend", default=None, choices=["simulated"],
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="inventory backend (env GPU_AGENT_BACKEND)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

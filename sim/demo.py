@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fleet.clock import VirtualClock
 from fleet.config import FleetConfig, load_fleet
-from fleet.models import utc
+from fleet.ledger import ProjectCost
 from graph.orchestrator import Orchestrator
 from sim.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
 
@@ -75,7 +75,7 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None,
                     "timeline": [text.strip() for _, _, text in sorted(lines)],
                 }))
             else:
-                print(_tables(result, orch, start))
+                print(_tables(result, costs, orch.services.clock.now() - start))
     return 0
 
 
@@ -84,7 +84,7 @@ def _hm(seconds: float) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
-def _tables(result: ScenarioResult, orch: Orchestrator, start: float) -> str:
+def _tables(result: ScenarioResult, costs: list[ProjectCost], elapsed: float) -> str:
     out = ["", f"{'request':<18}{'status':<10}{'GPUs':<13}{'held':>7}{'cost':>10}  why it ended"]
     for label, o in result.outcomes.items():
         a, r = o.allocation, o.release
@@ -94,7 +94,7 @@ def _tables(result: ScenarioResult, orch: Orchestrator, start: float) -> str:
         out.append(f"{label:<18}{o.status.value:<10}{gpus:<13}{held:>7}"
                    f"{f'${o.cost_usd:,.2f}':>10}  {why}")
     out += ["", f"{'project':<12}{'spent':>10}{'budget':>10}"]
-    for c in orch.costs():
+    for c in costs:
         budget = "-" if c.budget_usd is None else f"${c.budget_usd:,.2f}"
         out.append(f"{c.project:<12}{f'${c.spent_usd:,.2f}':>10}{budget:>10}")
     nlp, vision = result.outcomes.get("nlp-train"), result.outcomes.get("vision-finetune")
@@ -102,8 +102,7 @@ def _tables(result: ScenarioResult, orch: Orchestrator, start: float) -> str:
             and nlp.allocation.started_at < vision.allocation.started_at:
         out.append("\nnlp-train queued after vision-finetune but ran first: vision had used "
                    "far more GPU-hours (fair share).")
-    out.append(f"\nvirtual time used: {_hm(orch.services.clock.now() - start)} "
-               f"(ended {utc(orch.services.clock.now()):%Y-%m-%d %H:%M} UTC)")
+    out.append(f"\nvirtual time used: {_hm(elapsed)}")
     return "\n".join(out)
 
 
