@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -27,13 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# benchmarks/council.py would shadow the council package: the repository root goes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from langgraph.graph import END, START, StateGraph
 from typing_extensions import TypedDict
 
 from council.features import build_features
 from council.voting import convene
 from fleet.clock import VirtualClock
-from fleet.config import load_fleet
+from fleet.config import FleetConfig, load_fleet
 from fleet.models import GPURequest, ReleaseReason, RouteDecision, Status
 from fleet.routing import route as choose_route
 from fleet.validation import check_against_fleet, refusal
@@ -67,10 +71,19 @@ def bare_graph(state_dir: Path) -> Any:
     return builder.compile(checkpointer=open_sqlite_saver(state_dir))
 
 
+POLICY = ["neural"]  # the council policy, set from --policy
+
+
+def fleet() -> FleetConfig:
+    config = load_fleet()
+    return config.model_copy(update={"council": config.council.model_copy(
+        update={"policy": POLICY[0]})})
+
+
 def shape_orchestrator(state_dir: Path, recorded: dict[str, dict[str, Any]]) -> Orchestrator:
     """Our graph, state and two-part run, but each node returns a recorded update at once:
     what remains is the cost of the graph's shape (branches, typed state, the two parts)."""
-    orch = Orchestrator(state_dir, load_fleet(), clock=VirtualClock())
+    orch = Orchestrator(state_dir, fleet(), clock=VirtualClock())
 
     def replay(name: str) -> Callable[..., dict[str, Any]]:
         return lambda state, runtime: dict(recorded[name])
@@ -81,7 +94,7 @@ def shape_orchestrator(state_dir: Path, recorded: dict[str, dict[str, Any]]) -> 
 
 def timed_orchestrator(state_dir: Path) -> tuple[Orchestrator, dict[str, list[float]]]:
     """The real graph, with a stopwatch around each of its first four nodes."""
-    orch = Orchestrator(state_dir, load_fleet(), clock=VirtualClock())
+    orch = Orchestrator(state_dir, fleet(), clock=VirtualClock())
     spent: dict[str, list[float]] = {name: [] for name in NODES}
 
     def timed(name: str) -> Callable[..., dict[str, Any]]:
@@ -183,7 +196,7 @@ def component_costs(orch: Orchestrator, n: int) -> dict[str, float]:
         stats = svc.ledger.project_stats(req.project, now, settings.history_events)
         held = Counter(g.gpu_type for g in svc.inventory if g.uuid in svc.ledger.holders())
         t1 = time.perf_counter()
-        features = build_features(req, svc.config, stats, dict(held))
+        features = build_features(req, svc.config, stats, dict(held), now)
         convene(svc.council, features, False, settings)
         t2 = time.perf_counter()
         check_against_fleet(req, svc.config)
@@ -206,10 +219,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--policy", choices=("neural", "reference"), default="neural",
+                        help="the council: the shipped CfC members or the reference rules")
     args = parser.parse_args()
+    POLICY[0] = args.policy
     r = measure(args.requests, args.warmup)
     nodes = sum(r[f"{name}_ms"] for name in NODES)
-    print(f"requests through {' -> '.join(NODES)}, SQLite checkpointer; ours: durability "
+    print(f"{args.policy} council; requests through {' -> '.join(NODES)}, SQLite checkpointer; "
+          "ours: durability "
           f"'exit' for the pure nodes, {DURABILITY!r} from allocate on; floor: {DURABILITY!r}; "
           f"{args.requests} requests after {args.warmup} warm-up")
     print(f"  ours:  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  {r['rps']:.0f} req/s")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from council.record import PastJob, past_jobs, rates
 from fleet.config import FleetConfig
-from fleet.models import GPURequest, HistoryRecord, Priority, ProjectStats, Purpose, ReleaseReason
+from fleet.models import GPURequest, Priority, ProjectStats, Purpose, RecordSummary
 from fleet.routing import estimate
 from fleet.scheduler import PRIORITY_FACTOR
 
@@ -30,30 +31,38 @@ class RequestFeatures:
     recent_util: float  # GPU-hour-weighted mean utilisation of recent allocations (50 if none)
     history_len: int
     purpose_mismatch: float  # 1 when inference or research asks for training hardware
-
-
-def _weighted(records: list[HistoryRecord], pick: set[ReleaseReason]) -> float:
-    total = sum(r.count * r.hours for r in records)
-    if total <= 0:
-        return 0.0
-    return sum(r.count * r.hours for r in records if r.reason in pick) / total
-
-
-def _recent_util(records: list[HistoryRecord]) -> float:
-    rated = [r for r in records if r.mean_util_pct is not None and r.hours > 0]
-    weight = sum(r.count * r.hours for r in rated)
-    if weight <= 0:
-        return 50.0
-    return sum((r.mean_util_pct or 0.0) * r.count * r.hours for r in rated) / weight
+    # the record itself, which the neural council reads event by event
+    past: tuple[PastJob, ...] = ()
+    older: RecordSummary | None = None
+    now: float = 0.0  # epoch seconds when the request was judged
 
 
 def build_features(
-    request: GPURequest, config: FleetConfig, stats: ProjectStats, held: dict[str, int]
+    request: GPURequest, config: FleetConfig, stats: ProjectStats, held: dict[str, int],
+    now: float,
 ) -> RequestFeatures:
     """`held` maps GPU type to GPUs held now."""
+    return assemble(request, config, Standing(stats.remaining_usd, stats.usage_share,
+                                              stats.fair_share), past_jobs(stats),
+                    stats.older, held, now)
+
+
+@dataclass(frozen=True)
+class Standing:
+    remaining_usd: float | None  # None: no budget
+    usage_share: float
+    fair_share: float
+
+
+def assemble(request: GPURequest, config: FleetConfig, standing: Standing,
+             past: tuple[PastJob, ...], older: RecordSummary | None, held: dict[str, int],
+             now: float) -> RequestFeatures:
+    """The features from their parts; the training replay calls this without a ledger."""
+    record = rates(past, older, now, config.council.record_half_life_days,
+                   config.council.record_prior_gpu_hours)
     types = [request.gpu_type] if request.gpu_type else config.pool(request.purpose)
     worst = min(estimate(request, config, t)[1] for t in types)
-    remaining = stats.remaining_usd
+    remaining = standing.remaining_usd
     if remaining is None:
         pressure = worst / REFERENCE_USD
     else:
@@ -73,15 +82,18 @@ def build_features(
         worst_case_usd=worst,
         cost_pressure=min(pressure, 10.0),
         budgeted=remaining is not None,
-        usage_share=stats.usage_share,
-        fair_share=stats.fair_share,
+        usage_share=standing.usage_share,
+        fair_share=standing.fair_share,
         pool_share=request.count / pool_total,
         pool_busy=sum(held.get(t, 0) for t in pool) / pool_total,
-        hoarding_rate=_weighted(stats.recent, {ReleaseReason.IDLE}),
-        overrun_rate=_weighted(stats.recent, {ReleaseReason.BUDGET}),
-        recent_util=_recent_util(stats.recent),
-        history_len=len(stats.recent),
+        hoarding_rate=record.hoarding,
+        overrun_rate=record.overrun,
+        recent_util=record.util,
+        history_len=len(past) + (older.events if older else 0),
         purpose_mismatch=1.0 if mismatch else 0.0,
+        past=past,
+        older=older,
+        now=now,
     )
 
 

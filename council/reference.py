@@ -87,6 +87,11 @@ def member_vote(name: str, f: RequestFeatures) -> MemberVote:
     return MemberVote(member=name, verdict=verdict, probability=p, reasons=reasons)
 
 
+def describe(f: RequestFeatures) -> dict[str, tuple[float, str]]:
+    """Each feature the rules read, with its value and how the rules word it."""
+    return {n: (v, t) for member in MEMBERS.values() for n, v, _, t in member(f)[1]}
+
+
 class ReferenceCouncil:
     """Rule-based members voting by weighted soft vote; the neural council's teacher."""
 
@@ -94,4 +99,4 @@ class ReferenceCouncil:
 
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
         votes = [member_vote(name, features) for name in MEMBERS]
-        return combine(votes, settings, self.name)
+        return combine(votes, settings.model_copy(update={"policy": "reference"}), self.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from council.features import RequestFeatures
@@ -15,23 +16,33 @@ class Council(Protocol):
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision: ...
 
 
-def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str) -> CouncilDecision:
-    """Weighted soft vote over every member; abstentions count against the quorum only.
+def calibrate(p: float, temperature: float) -> float:
+    """Temperature scaling of the averaged probability: monotone, so it never reorders."""
+    if temperature == 1.0 or p in (0.0, 1.0):
+        return p
+    return 1.0 / (1.0 + math.exp(-math.log(p / (1.0 - p)) / temperature))
 
-    Keeping unsure members in the average (rather than dropping them) makes the council's
-    probability a monotone function of each member's, and approval (never denial) needs a
-    quorum, so a worse record can never turn a denial into anything kinder.
+
+def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str,
+            temperature: float = 1.0) -> CouncilDecision:
+    """Weighted soft vote over every member, then `quorum` members must approve outright.
+
+    Keeping unsure (abstaining) members in the average, rather than dropping them, makes the
+    council's probability a monotone function of each member's; and since only approval
+    needs a quorum of approvers, a worse record can never turn a denial into anything kinder.
     """
     weight = sum(v.weight for v in votes)
     p = sum(v.probability * v.weight for v in votes) / weight if weight > 0 else 0.5
-    confident = sum(v.verdict is not Verdict.ABSTAIN for v in votes)
-    if p <= settings.deny_threshold:
+    p = calibrate(p, temperature)
+    deny, approve = settings.band()
+    approvers = sum(v.verdict is Verdict.APPROVE for v in votes)
+    if p <= deny:
         outcome, summary = Outcome.DENIED, f"denied with p={p:.2f}"
-    elif p < settings.approve_threshold:
+    elif p < approve:
         outcome, summary = Outcome.SPLIT, f"split at p={p:.2f}: a human decides"
-    elif confident < settings.quorum:
+    elif approvers < min(settings.quorum, len(votes)):
         outcome = Outcome.SPLIT
-        summary = f"no quorum: {confident} of {len(votes)} members are sure; a human decides"
+        summary = f"no quorum: {approvers} of {len(votes)} members approve; a human decides"
     else:
         outcome, summary = Outcome.APPROVED, f"approved with p={p:.2f}"
     if outcome is not Outcome.APPROVED:
@@ -45,18 +56,33 @@ def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str) -> 
     )
 
 
-def convene(council: Council, features: RequestFeatures, critical: bool,
-            settings: CouncilSettings) -> CouncilDecision:
-    """Small, cheap, non-critical requests skip the members; everything else is voted on."""
-    if (
+def auto_approves(features: RequestFeatures, critical: bool, settings: CouncilSettings) -> bool:
+    """Small, cheap, non-critical requests skip the members."""
+    return (
         not critical
         and features.count <= settings.auto_approve_max_gpus
         and features.worst_case_usd <= settings.auto_approve_max_usd
         and features.cost_pressure < 1.0
-    ):
+    )
+
+
+def convene(council: Council, features: RequestFeatures, critical: bool,
+            settings: CouncilSettings) -> CouncilDecision:
+    """Small, cheap, non-critical requests skip the members; everything else is voted on."""
+    if auto_approves(features, critical, settings):
         return CouncilDecision(
             outcome=Outcome.AUTO_APPROVED, probability=1.0, quorum=settings.quorum,
             policy="auto-approve",
             summary=f"small request: {features.count} GPU, ${features.worst_case_usd:.2f}",
         )
     return council.decide(features, settings)
+
+
+def council_for(settings: CouncilSettings) -> Council:
+    """The council the fleet file asks for: the shipped (or named) neural weights, or the
+    reference rules."""
+    if settings.policy == "reference":
+        from council.reference import ReferenceCouncil
+        return ReferenceCouncil()
+    from council.neural import NeuralCouncil
+    return NeuralCouncil.load(settings.weights)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,19 +56,41 @@ class SchedulerSettings(_Strict):
     stale_after_polls: float = Field(default=3, gt=1)
 
 
+# Each policy's (deny at or below, approve at or above) on its own probability. The neural
+# council's is wider: calibration makes its probability sharp, and the errors it still makes
+# sit in (0.25, 0.75), where a human then decides (council/weights/MODEL_CARD.md).
+POLICY_BANDS: dict[str, tuple[float, float]] = {"neural": (0.25, 0.75),
+                                                "reference": (0.4, 0.6)}
+
+
 class CouncilSettings(_Strict):
     auto_approve_max_gpus: int = Field(default=1, ge=0)
     auto_approve_max_usd: float = Field(default=25, ge=0)
-    approve_threshold: float = Field(default=0.6, gt=0, lt=1)
-    deny_threshold: float = Field(default=0.4, gt=0, lt=1)
+    # On the council's probability; between the two a human decides. Unset: the policy's
+    # own (neural: 0.25 / 0.75 on its calibrated probability; reference: 0.4 / 0.6).
+    approve_threshold: float | None = Field(default=None, gt=0, lt=1)
+    deny_threshold: float | None = Field(default=None, gt=0, lt=1)
     quorum: int = Field(default=3, ge=1)
-    history_events: int = Field(default=32, ge=1, le=256)
+    history_events: int = Field(default=32, ge=1, le=64)
+    record_half_life_days: float = Field(default=7, gt=0)
+    record_prior_gpu_hours: float = Field(default=4, ge=0)
+    policy: Literal["neural", "reference"] = "neural"
+    weights: str | None = None  # a weights file from `gpu-agent council train`; None: shipped
 
     @model_validator(mode="after")
     def _ordered(self) -> CouncilSettings:
-        if self.deny_threshold >= self.approve_threshold:
-            raise ValueError("deny_threshold must be below approve_threshold")
+        deny, approve = self.band()
+        if deny >= approve:
+            raise ValueError(f"deny_threshold ({deny}) must be below approve_threshold "
+                             f"({approve})")
         return self
+
+    def band(self, policy: str | None = None) -> tuple[float, float]:
+        """(deny at or below, approve at or above): the thresholds set, else the policy's."""
+        default = POLICY_BANDS[policy or self.policy]
+        deny = default[0] if self.deny_threshold is None else self.deny_threshold
+        approve = default[1] if self.approve_threshold is None else self.approve_threshold
+        return deny, approve
 
 
 class LimitSettings(_Strict):

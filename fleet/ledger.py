@@ -28,6 +28,7 @@ from fleet.models import (
     Priority,
     ProjectStats,
     Purpose,
+    RecordSummary,
     Release,
     ReleaseReason,
     RouteDecision,
@@ -649,7 +650,39 @@ class Ledger:
                 fair_share=factors[project],
             )
         stats.recent = self.history(project, limit=recent, with_requests=False)
+        if stats.recent:
+            stats.fleet_busy = self._occupancy([r.started_at.timestamp() for r in stats.recent])
+            stats.older = self._older(project, recent, stats.recent[-1].ended_at.timestamp())
         return stats
+
+    def _occupancy(self, times: list[float]) -> list[float]:
+        """The share of the fleet's GPUs held at each time."""
+        lo, hi = min(times), max(times)
+        spans = [(r["started_at"], r["ended_at"], r["count"]) for r in self._read(
+            "SELECT started_at, ended_at, count FROM history WHERE ended_at > ? AND started_at <= ?"
+            " UNION ALL SELECT started_at, 1e300, count FROM allocations"
+            " WHERE state='active' AND started_at <= ?", (lo, hi, hi))]
+        total = sum(n.gpus for n in self.config.nodes)
+        return [min(1.0, sum(c for s, e, c in spans if s <= t < e) / total) for t in times]
+
+    def _older(self, project: str, skip: int, at: float) -> RecordSummary:
+        """History beyond the newest `skip` events, decayed to `at`; events older than eight
+        half-lives weigh under 0.4 % and are left out."""
+        half_life_h = self.config.council.record_half_life_days * 24.0
+        rows = self._read(
+            "SELECT count, hours, ended_at, reason, mean_util_pct FROM history"
+            " WHERE project=? AND ended_at > ? ORDER BY ended_at DESC, allocation_id"
+            " LIMIT -1 OFFSET ?", (project, at - 8 * half_life_h * 3600.0, skip))
+        out = RecordSummary(events=len(rows), at=utc(at))
+        for r in rows:
+            w = decayed(r["count"] * r["hours"], r["ended_at"], at, half_life_h)
+            out.gpu_hours += w
+            out.idle_gpu_hours += w if r["reason"] == ReleaseReason.IDLE else 0.0
+            out.budget_gpu_hours += w if r["reason"] == ReleaseReason.BUDGET else 0.0
+            if r["mean_util_pct"] is not None:
+                out.rated_gpu_hours += w
+                out.util_gpu_hours += w * r["mean_util_pct"]
+        return out
 
     def dump(self) -> list[str]:
         """Every row of every table, for tests that prove nothing changed."""

@@ -318,6 +318,19 @@ class HistoryRecord(BaseModel):
     request: GPURequest | None = None
 
 
+class RecordSummary(BaseModel):
+    """A project's older history (beyond the events the council reads one by one), as sums
+    of GPU-hours decayed to `at`, the end of the oldest event read one by one."""
+
+    events: int = 0
+    at: datetime
+    gpu_hours: float = 0.0
+    idle_gpu_hours: float = 0.0  # released for idling
+    budget_gpu_hours: float = 0.0  # stopped by the budget
+    rated_gpu_hours: float = 0.0  # with a utilisation reading
+    util_gpu_hours: float = 0.0  # sum of utilisation (%) x GPU-hours over rated events
+
+
 class ProjectStats(BaseModel):
     """A project's standing as the ledger sees it now: what the council and fair share read."""
 
@@ -330,6 +343,9 @@ class ProjectStats(BaseModel):
     usage_share: float
     fair_share: float
     recent: list[HistoryRecord] = Field(default_factory=list)
+    # share of the fleet's GPUs held when each recent allocation started (same order as recent)
+    fleet_busy: list[float] = Field(default_factory=list)
+    older: RecordSummary | None = None
 
     @property
     def remaining_usd(self) -> float | None:

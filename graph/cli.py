@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from fleet.config import FleetConfig, load_fleet
-from fleet.errors import GPUAgentError
+from fleet.errors import GPUAgentError, InvalidInput
 from fleet.models import Event, HumanDecision, Status
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.orchestrator import Orchestrator
@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a short story on the simulated fleet in virtual time")
     _common(p)
+
+    p = sub.add_parser("council", help="the neural council's weights")
+    csub = p.add_subparsers(dest="council_command", required=True, parser_class=_Parser)
+    cp = csub.add_parser("train", help="build the data, train, calibrate, evaluate and write "
+                         "weights plus a model card (deterministic given --seed)")
+    cp.add_argument("--fleet", help="fleet TOML file (default: built-in fleet)")
+    cp.add_argument("--out", default="council-weights",
+                    help="directory for council.pt, metrics.json and MODEL_CARD.md; point "
+                    "the fleet file's [council] weights at council.pt to use them")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--worlds", type=int, default=16, help="synthetic worlds (at least 3)")
+    cp.add_argument("--steps", type=int, default=2000)
+    cp.add_argument("--trace", help="also replay this trace (Philly CSV shape), e.g. "
+                    "../shared/traces/philly.csv")
+    cp.add_argument("--trace-jobs", type=int, default=30000)
+    cp.add_argument("--no-ablations", action="store_true")
+    cp.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     return parser
 
 
@@ -253,10 +270,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_council(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from council.train import TrainSettings, train
+
+    if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
+        raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
+    if args.trace and not Path(args.trace).is_file():
+        raise InvalidInput(f"no trace file at {args.trace}")
+    settings = TrainSettings(seed=args.seed, worlds=args.worlds, steps=args.steps,
+                             trace=Path(args.trace) if args.trace else None,
+                             trace_jobs=args.trace_jobs, ablations=not args.no_ablations)
+    log = (lambda _: None) if args.json else print
+    metrics = train(settings, load_fleet(_fleet_file(args)), Path(args.out), log)
+    t = metrics["test"]
+    assert isinstance(t, dict)
+    _emit(args, metrics, f"wrote {args.out}/council.pt: test accuracy {t['accuracy']:.4f}, "
+          f"ECE {t['ece']:.4f}, {t['monotonicity']['violations']} monotonicity violations "
+          f"({metrics['seconds']} s); see {args.out}/MODEL_CARD.md")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "request": cmd_request, "status": cmd_status, "release": cmd_release,
     "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
-    "budget": cmd_budget, "demo": cmd_demo,
+    "budget": cmd_budget, "demo": cmd_demo, "council": cmd_council,
 }
 
 

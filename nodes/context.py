@@ -15,8 +15,7 @@ from pathlib import Path
 
 from langgraph.runtime import Runtime
 
-from council.reference import ReferenceCouncil
-from council.voting import Council
+from council.voting import Council, council_for
 from fleet.backend import FleetBackend
 from fleet.clock import Clock, WakeToken
 from fleet.config import FleetConfig, load_fleet
@@ -36,8 +35,8 @@ class Services:
     backend: FleetBackend
     ledger: Ledger
     clock: Clock
-    council: Council
     state_dir: Path
+    chosen_council: Council | None = None
     inventory: list[GPUInfo] = field(init=False)
     topology: Topology = field(init=False)
     _wakers: dict[str, WakeToken] = field(default_factory=dict, init=False)
@@ -46,6 +45,13 @@ class Services:
     def __post_init__(self) -> None:
         self.inventory = self.backend.inventory()
         self.topology = Topology(self.config, self.inventory)
+
+    @property
+    def council(self) -> Council:
+        """Loaded on first use: commands that never convene it do not pay for torch."""
+        if self.chosen_council is None:
+            self.chosen_council = council_for(self.config.council)
+        return self.chosen_council
 
     def waker(self, allocation_id: str) -> WakeToken:
         """The token that ends this allocation's monitor or queue sleep early."""
@@ -97,7 +103,7 @@ def open_services(
         backend=fleet_backend,
         ledger=Ledger(directory / LEDGER, config),
         clock=clock or clock_for(directory, config.clock),
-        council=council or ReferenceCouncil(),
+        chosen_council=council,
         state_dir=directory,
     )
 

@@ -22,10 +22,11 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
     if refused:  # the budget changed since validate: the rules decide, not the council
         return {"status": Status.DENIED, "reason": refused}
-    stats = svc.ledger.project_stats(request.project, svc.clock.now(), settings.history_events)
+    now = svc.clock.now()
+    stats = svc.ledger.project_stats(request.project, now, settings.history_events)
     types = {g.uuid: g.gpu_type for g in svc.inventory}
     held = Counter(types[g] for g in svc.ledger.holders() if g in types)
-    features = build_features(request, svc.config, stats, dict(held))
+    features = build_features(request, svc.config, stats, dict(held), now)
     decision = convene(svc.council, features, is_critical(request), settings)
     update: dict[str, Any] = {"council": decision}
     if decision.outcome is Outcome.DENIED:

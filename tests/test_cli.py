@@ -13,8 +13,10 @@ from tests.conftest import fleet_toml, run_cli
 
 @pytest.fixture
 def env(tmp_path: Path) -> tuple[Path, list[str]]:
+    """One virtual hour per 3 real seconds: leases of hours outlast a few CLI start-ups
+    (about 1-2.5 s each with torch), and still end within a test."""
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600}))
+    fleet.write_text(fleet_toml(clock={"time_scale": 1200}, monitor={"tick_seconds": 600}))
     return tmp_path, ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
 
 
@@ -67,7 +69,7 @@ def test_request_status_release_history_costs(env: tuple[Path, list[str]]) -> No
 
 
 def test_foreground_request_runs_to_the_end(env: tuple[Path, list[str]]) -> None:
-    cwd, opts = env  # one virtual hour per real second
+    cwd, opts = env
     r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
                 "--hours", "2", "--gpu-type", "A100", *opts, cwd=cwd)
     assert r.returncode == 0, r.stderr
@@ -173,7 +175,8 @@ def test_demo(tmp_path: Path) -> None:
 def test_human_review_through_the_cli(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600},
-                                council={"approve_threshold": 0.99, "auto_approve_max_gpus": 0}))
+                                council={"policy": "reference", "approve_threshold": 0.99,
+                                         "auto_approve_max_gpus": 0}))
     opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
     ask = ["request", "--project", "p", "--purpose", "training", "--count", "2", "--hours", "1",
            "--json", *opts]

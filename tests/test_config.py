@@ -32,7 +32,7 @@ def test_default_fleet() -> None:
     (SMALL_FLEET.replace('name = "a100-1"', 'name = "a100-0"'), "appears twice"),
     (SMALL_FLEET.replace("price_per_hour = 5.12", "price_per_hour = -1"), "greater than 0"),
     (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
-    (SMALL_FLEET + "\n[council]\napprove_threshold = 0.3\n", "deny_threshold"),
+    (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
     ("", "catalog"),
 ])
 def test_malformed(text: str, needle: str) -> None:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from council.features import RequestFeatures, build_features
+from council.record import PastJob, Rates, rates
 from council.reference import MEMBERS, ReferenceCouncil, member_vote
 from council.voting import combine, convene
 from fleet.config import CouncilSettings, FleetConfig
@@ -56,11 +57,14 @@ def test_quorum_and_split() -> None:
     split = combine([vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY),
                      vote(0.5, Verdict.APPROVE)], SETTINGS, "t")
     assert split.outcome is Outcome.SPLIT
-    no_quorum = combine([vote(0.95, Verdict.APPROVE), vote(0.95, Verdict.APPROVE),
-                         vote(0.52, Verdict.ABSTAIN), vote(0.53, Verdict.ABSTAIN)], SETTINGS, "t")
-    assert no_quorum.probability > SETTINGS.approve_threshold
+    no_quorum = combine([vote(0.99, Verdict.APPROVE), vote(0.99, Verdict.APPROVE),
+                         vote(0.54, Verdict.ABSTAIN), vote(0.54, Verdict.ABSTAIN)], SETTINGS, "t")
+    # a quorum counts approvers: a member turning from unsure to "deny" cannot complete it
+    assert combine([vote(0.95, Verdict.APPROVE), vote(0.95, Verdict.APPROVE),
+                    vote(0.3, Verdict.DENY)], SETTINGS, "t").outcome is Outcome.SPLIT
+    assert no_quorum.probability > SETTINGS.band("reference")[1]
     assert no_quorum.outcome is Outcome.SPLIT and "quorum" in no_quorum.summary
-    unsure_no = combine([vote(0.1, Verdict.DENY), vote(0.52, Verdict.ABSTAIN),
+    unsure_no = combine([vote(0.01, Verdict.DENY), vote(0.2, Verdict.DENY),
                          vote(0.48, Verdict.ABSTAIN)], SETTINGS, "t")
     assert unsure_no.outcome is Outcome.DENIED  # denial needs no quorum
 
@@ -111,7 +115,25 @@ def test_features_read_the_project_record(config: FleetConfig) -> None:
                          recent=[record])
     request = GPURequest(project="p", purpose="inference", gpu_type="A100", count=1,
                          duration_hours=2)
-    f = build_features(request, config, stats, {"T4": 1})
-    assert f.hoarding_rate == 1.0 and f.recent_util == 1.0 and f.purpose_mismatch == 1.0
+    f = build_features(request, config, stats, {"T4": 1}, t.timestamp())
+    prior = config.council.record_prior_gpu_hours  # neutral GPU-hours: no waste, 50 % util
+    assert f.hoarding_rate == 2 / (2 + prior) and f.purpose_mismatch == 1.0
+    assert f.recent_util == (1.0 * 2 + 50 * prior) / (2 + prior)
+    assert f.past[0].reason is ReleaseReason.IDLE and f.now == t.timestamp()
     assert f.cost_pressure == 2 * 5.12 / 50 and f.budgeted
     assert f.pool_busy == 0.5 and f.pool_share == 0.5
+
+
+def test_older_records_decay_and_a_reformed_project_is_forgiven(config: FleetConfig) -> None:
+    day = 86400.0
+    now = 1.8e9
+
+    def job(days_ago: float, reason: ReleaseReason, util: float) -> PastJob:
+        return PastJob(now - days_ago * day, 4, 5.0, 100.0, util, reason)
+
+    hoarded_long_ago = [job(60, ReleaseReason.IDLE, 1), job(3, ReleaseReason.EXPLICIT, 80)]
+    hoarded_lately = [job(60, ReleaseReason.EXPLICIT, 80), job(3, ReleaseReason.IDLE, 1)]
+    old, new = (rates(h, None, now, 7, 4) for h in (hoarded_long_ago, hoarded_lately))
+    assert old.hoarding < 0.01 < 0.5 < new.hoarding
+    assert old.util > 70 > 20 > new.util
+    assert rates([], None, now, 7, 4) == Rates(0.0, 0.0, 50.0)

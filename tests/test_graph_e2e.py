@@ -65,7 +65,7 @@ def test_council_denies_a_hoarder_with_votes(make_orch: OrchFactory) -> None:
     out = orch.request(req(project="lazy", count=8, duration_hours=48, priority="critical"))
     assert out.status is Status.DENIED and out.reason.startswith("council:")
     assert out.council is not None and out.council.outcome is Outcome.DENIED
-    assert {v.member for v in out.council.votes} == {"cost", "fairness", "capacity", "risk"}
+    assert {v.member for v in out.council.votes} >= {"cost", "fairness", "capacity", "risk"}
     with pytest.raises(Denied):
         orch.allocate_gpu_sync(req(project="lazy", count=8, duration_hours=48))
     assert len(orch.history()) == 1
@@ -80,7 +80,9 @@ def test_budget_refuses(make_orch: OrchFactory) -> None:
 
 
 def split_config() -> Any:
-    return small_config(council={"approve_threshold": 0.99, "deny_threshold": 0.05,
+    # the review mechanics on the reference rules, whose probability is never sharp
+    return small_config(council={"policy": "reference", "approve_threshold": 0.99,
+                                 "deny_threshold": 0.05,
                                  "auto_approve_max_gpus": 0})
 
 

@@ -64,7 +64,7 @@ def test_validate(services: Services) -> None:
 
 def test_council_votes_and_auto_approves(services: Services) -> None:
     voted = council({"request": request()}, rt(services))
-    assert voted["council"].outcome is Outcome.APPROVED and len(voted["council"].votes) == 4
+    assert voted["council"].outcome is Outcome.APPROVED and len(voted["council"].votes) == 6
     small = council({"request": request(count=1, duration_hours=1)}, rt(services))
     assert small["council"].outcome is Outcome.AUTO_APPROVED
 

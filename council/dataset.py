@@ -1,0 +1,328 @@
+"""Training data for the neural council: project histories replayed on the simulated fleet.
+
+A world is a set of projects submitting jobs over weeks, from a seeded synthetic workload or
+from a real trace (submit time, duration, GPUs, team). Each job becomes a GPURequest; the hard
+rules (fleet.validation.refusal) and the auto-approval rule run first, as in the graph; the
+reference council labels every request it would vote on, and decides whether the job runs.
+A job that runs is watched by the real monitor (fleet.monitoring.assess) on the simulated
+fleet's readings, so idle releases happen where the monitor would make them, and its record
+(hours held, cost, mean utilisation, release reason, fleet load) joins the project's history.
+
+Project habits (how often they hoard, burst, overrun, pad durations, ask for the wrong
+hardware) are drawn per project and redrawn once at a random time, so that recent behaviour
+matters more than old: what the council's time constants are for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import heapq
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from council.features import RequestFeatures, Standing, assemble
+from council.record import PastJob
+from council.reference import MEMBERS, member_vote
+from council.voting import auto_approves
+from fleet.config import FleetConfig, SimulationSettings
+from fleet.errors import GPUAgentError
+from fleet.models import (
+    GPURequest,
+    MonitorState,
+    Priority,
+    Purpose,
+    RecordSummary,
+    ReleaseReason,
+    utc,
+)
+from fleet.monitoring import assess
+from fleet.routing import estimate
+from fleet.scheduler import decayed, fair_share_factors
+from fleet.simulated import PROFILES, SimulatedFleet
+from fleet.validation import check_against_fleet, refusal
+
+TARGETS = (*MEMBERS, "council")  # the reference's member probabilities, then its council's
+EPOCH = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
+BUDGET_PERIOD_DAYS = 30
+WASTE_UTIL_PCT = 20.0
+
+
+@dataclass(frozen=True)
+class Job:
+    project: str
+    submit: float  # epoch seconds
+    count: int
+    hours: float  # how long the work really runs
+
+
+@dataclass(frozen=True)
+class Habits:
+    hoard: float  # chance a job keeps its GPUs idle after finishing
+    bursty: float  # chance a job only bursts now and then
+    overrun: float  # chance a job is stopped by the budget
+    pad: float  # requested hours = true hours x up to this factor
+    mismatch: float  # chance an inference job asks for training hardware
+    priority: tuple[float, float, float, float]  # low, normal, high, critical weights
+
+
+@dataclass
+class Sample:
+    features: RequestFeatures
+    targets: tuple[float, ...]  # by TARGETS
+    wasted: float | None  # the job's own outcome, when it ran: 1 if idle, overrun or < 20 %
+    world: int
+
+
+def _habits(rng: random.Random) -> Habits:
+    kind = rng.random()
+    if kind < 0.35:  # good citizens
+        hoard, bursty, overrun = rng.uniform(0, 0.1), rng.uniform(0, 0.1), rng.uniform(0, 0.05)
+    elif kind < 0.7:  # hoarders and burst users
+        hoard, bursty, overrun = rng.uniform(0.3, 1.0), rng.uniform(0, 0.6), rng.uniform(0, 0.1)
+    else:  # careless with money
+        hoard, bursty, overrun = rng.uniform(0, 0.3), rng.uniform(0, 0.2), rng.uniform(0.3, 0.9)
+    w = [rng.gammavariate(a, 1.0) for a in (1.0, 4.0, 2.0, 0.3)]
+    return Habits(hoard, bursty, overrun, rng.uniform(1.0, 3.0), rng.uniform(0, 0.4),
+                  (w[0] / sum(w), w[1] / sum(w), w[2] / sum(w), w[3] / sum(w)))
+
+
+def synthetic_jobs(seed: int, days: float = 60, projects: int = 24) -> list[Job]:
+    rng = random.Random(seed)
+    jobs = []
+    for p in range(projects):
+        rate = math.exp(rng.uniform(math.log(0.3), math.log(6.0)))  # jobs per day
+        t = EPOCH + rng.uniform(0, 2) * 86400
+        while t < EPOCH + days * 86400:
+            count = rng.choices((1, 2, 4, 8, 16), (25, 25, 25, 17, 8))[0]
+            hours = min(200.0, max(0.1, rng.lognormvariate(math.log(4), 1.2)))
+            jobs.append(Job(f"team-{p:02d}", t, count, hours))
+            t += rng.expovariate(rate) * 86400
+    return sorted(jobs, key=lambda j: (j.submit, j.project))
+
+
+def trace_jobs(path: str | Path, limit: int | None = None) -> list[Job]:
+    """Jobs from a trace in the Philly extract's shape: timestamp, duration (s), num_gpus,
+    cluster (the project). The earliest `limit` jobs, in submission order."""
+    with open(path, newline="") as fh:
+        rows = [(datetime.strptime(r["timestamp"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+                 .timestamp(), r) for r in csv.DictReader(fh)]
+    rows.sort(key=lambda x: x[0])
+    return [Job(f"vc-{r['cluster']}", t, int(r["num_gpus"]),
+                max(1 / 60, float(r["duration"]) / 3600)) for t, r in rows[:limit]]
+
+
+@dataclass
+class _Project:
+    habits: tuple[Habits, Habits]
+    switch_at: float
+    budget: float | None
+    past: list[PastJob] = field(default_factory=list)
+    spent: dict[int, float] = field(default_factory=dict)  # by budget period
+    usage: float = 0.0
+    usage_at: float = 0.0
+
+    def at(self, t: float) -> Habits:
+        return self.habits[t >= self.switch_at]
+
+
+@dataclass(order=True)
+class _Running:
+    end: float
+    project: str = field(compare=False)
+    count: int = field(compare=False)
+    gpu_type: str = field(compare=False)
+    committed: float = field(compare=False)
+    record: PastJob = field(compare=False)
+    period: int = field(compare=False)
+
+
+class World:
+    """One replay. `run()` returns its samples."""
+
+    def __init__(self, jobs: list[Job], config: FleetConfig, seed: int, world: int) -> None:
+        self.jobs, self.world = jobs, world
+        self.rng = random.Random(seed)
+        sim = SimulationSettings(seed=seed, workloads={p: p for p in PROFILES})
+        self.config = config.model_copy(update={"simulation": sim})
+        self.fleet = SimulatedFleet(self.config)
+        self.gpus = {t: [g.uuid for g in self.fleet.inventory() if g.gpu_type == t]
+                     for t in config.catalog}
+        self.total = sum(len(v) for v in self.gpus.values())
+        start = jobs[0].submit if jobs else EPOCH
+        span = (jobs[-1].submit - start) if jobs else 1.0
+        self.projects: dict[str, _Project] = {}
+        for name in sorted({j.project for j in jobs}):
+            budget = None if self.rng.random() < 0.3 else \
+                math.exp(self.rng.uniform(math.log(200), math.log(8000)))
+            self.projects[name] = _Project(
+                (_habits(self.rng), _habits(self.rng)),
+                start + self.rng.uniform(0.2, 0.8) * span if self.rng.random() < 0.7
+                else math.inf, budget)
+        self.running: list[_Running] = []
+
+    def run(self) -> list[Sample]:
+        samples = []
+        for job in self.jobs:
+            self._finish(job.submit)
+            sample = self._submit(job)
+            if sample is not None:
+                samples.append(sample)
+        return samples
+
+    def _finish(self, now: float) -> None:
+        half_life = self.config.scheduler.half_life_hours
+        while self.running and self.running[0].end <= now:
+            r = heapq.heappop(self.running)
+            p = self.projects[r.project]
+            p.past.append(r.record)
+            p.spent[r.period] = p.spent.get(r.period, 0.0) + r.record.cost_usd
+            p.usage = decayed(p.usage, p.usage_at, r.end, half_life) + r.record.gpu_hours
+            p.usage_at = r.end
+
+    def _request(self, job: Job, habits: Habits) -> GPURequest | None:
+        rng = self.rng
+        training = job.count >= 2 or job.hours >= 4
+        purpose = Purpose.TRAINING if training and rng.random() < 0.85 else \
+            rng.choice((Purpose.INFERENCE, Purpose.RESEARCH))
+        gpu_type = None
+        if purpose is not Purpose.TRAINING and rng.random() < habits.mismatch:
+            gpu_type = rng.choice(self.config.pool(Purpose.TRAINING))
+        pad = rng.uniform(1.0, habits.pad)
+        hours = min(self.config.limits.max_duration_hours,
+                    max(0.25, math.ceil(job.hours * pad * 4) / 4))
+        priority = rng.choices(list(Priority), habits.priority)[0]
+        try:
+            request = GPURequest.model_validate({
+                "project": job.project, "purpose": purpose, "type": gpu_type,
+                "count": job.count, "duration_hours": hours, "priority": priority,
+                "request_id": f"w{self.world}-{job.submit:.0f}-{job.project}"})
+            check_against_fleet(request, self.config)
+        except (GPUAgentError, ValueError):
+            return None
+        return request
+
+    def _standing(self, name: str, now: float) -> Standing:
+        p = self.projects[name]
+        half_life = self.config.scheduler.half_life_hours
+        usage = {n: decayed(q.usage, q.usage_at, now, half_life) for n, q in
+                 self.projects.items()}
+        for r in self.running:
+            usage[r.project] += r.count * max(0.0, now - (r.end - r.record.hours * 3600)) / 3600
+        total = sum(usage.values())
+        factors = fair_share_factors(usage, self.config.shares, [name])
+        remaining = None
+        if p.budget is not None:
+            period = self._period(now)
+            committed = sum(r.committed for r in self.running if r.project == name
+                            and r.period == period)
+            remaining = p.budget - p.spent.get(period, 0.0) - committed
+        return Standing(remaining, usage[name] / total if total > 0 else 0.0, factors[name])
+
+    def _period(self, now: float) -> int:
+        return int((now - EPOCH) // (BUDGET_PERIOD_DAYS * 86400))
+
+    def _older(self, past: list[PastJob], keep: int) -> RecordSummary | None:
+        if len(past) <= keep:
+            return None
+        at = past[-keep].ended_at
+        half_life_h = self.config.council.record_half_life_days * 24
+        lo = bisect.bisect_left([j.ended_at for j in past], at - 8 * half_life_h * 3600)
+        out = RecordSummary(events=len(past) - keep - lo, at=utc(at))
+        for j in past[lo:len(past) - keep]:
+            w = decayed(j.gpu_hours, j.ended_at, at, half_life_h)
+            out.gpu_hours += w
+            out.idle_gpu_hours += w if j.reason is ReleaseReason.IDLE else 0.0
+            out.budget_gpu_hours += w if j.reason is ReleaseReason.BUDGET else 0.0
+            if j.util_pct is not None:
+                out.rated_gpu_hours += w
+                out.util_gpu_hours += w * j.util_pct
+        return out if out.events else None
+
+    def _submit(self, job: Job) -> Sample | None:
+        now, p = job.submit, self.projects[job.project]
+        habits = p.at(now)
+        request = self._request(job, habits)
+        if request is None:
+            return None
+        standing = self._standing(job.project, now)
+        if refusal(request, self.config, standing.remaining_usd):
+            return None
+        held: dict[str, int] = {}
+        for r in self.running:
+            held[r.gpu_type] = held.get(r.gpu_type, 0) + r.count
+        keep = self.config.council.history_events
+        features = assemble(request, self.config, standing, tuple(p.past[-keep:]),
+                            self._older(p.past, keep), held, now)
+        voted = not auto_approves(features, request.priority is Priority.CRITICAL,
+                                  self.config.council)
+        targets = tuple(member_vote(m, features).probability for m in MEMBERS)
+        council_p = sum(targets) / len(targets)
+        runs = not voted or council_p > self.config.council.band("reference")[0]
+        wasted = self._run(request, habits, features, standing, now) if runs else None
+        if not voted:
+            return None
+        return Sample(features, (*targets, council_p), wasted, self.world)
+
+    def _run(self, request: GPURequest, habits: Habits, features: RequestFeatures,
+             standing: Standing, now: float) -> float:
+        """Runs the job on the simulated fleet under the monitor; records its history."""
+        rng = self.rng
+        types = [request.gpu_type] if request.gpu_type else self.config.pool(request.purpose)
+        gpu_type = min(types, key=lambda t: estimate(request, self.config, t)[1])
+        hours, _ = estimate(request, self.config, gpu_type)
+        true = min(hours, hours / max(habits.pad, 1.0) * rng.uniform(0.7, 1.3))
+        phases = [("bursty" if rng.random() < habits.bursty else "train", true)]
+        if rng.random() < habits.hoard:
+            phases.append(("hoard", hours - true))
+        cut = rng.uniform(0.1, 1.0) * hours if rng.random() < habits.overrun else None
+        held, util, reason = self._watch(request, gpu_type, phases, now, hours, cut)
+        price = self.config.catalog[gpu_type].price_per_hour
+        busy = min(1.0, sum(r.count for r in self.running) / self.total)
+        record = PastJob(now + held * 3600, request.count, held, price * request.count * held,
+                         util, reason, busy)
+        heapq.heappush(self.running, _Running(
+            record.ended_at, request.project, request.count, gpu_type,
+            price * request.count * hours, record, self._period(now)))
+        return float(reason in (ReleaseReason.IDLE, ReleaseReason.BUDGET)
+                     or util < WASTE_UTIL_PCT)
+
+    def _watch(self, request: GPURequest, gpu_type: str, phases: list[tuple[str, float]],
+               start: float, lease: float, cut: float | None
+               ) -> tuple[float, float, ReleaseReason]:
+        settings = self.config.monitor
+        gpus = self.gpus[gpu_type][:min(2, request.count)]
+        state, t, util_time = MonitorState(), 0.0, 0.0
+        for profile, length in phases:
+            if length <= 0:
+                continue
+            # the monitor ticks every 10 min where it can conclude something; a training
+            # phase needs fewer readings to give its mean
+            tick = max(600.0, length * 3600 / 6) if profile == "train" else 600.0
+            end = t + length
+            while t < end:
+                step = min(tick / 3600, end - t)
+                t += step
+                if cut is not None and t >= cut:
+                    return cut, util_time / cut if cut > 0 else 0.0, ReleaseReason.BUDGET
+                clock = start + t * 3600
+                samples = self.fleet.sample(gpus, clock, dict.fromkeys(gpus, profile))
+                result = assess(samples, state, settings, clock, start)
+                state = result.state
+                util_time += (result.mean_util or 0.0) * step
+                if result.release is not None:
+                    return t, util_time / t, result.release
+        reason = ReleaseReason.EXPLICIT if t < lease - 1e-9 else ReleaseReason.LEASE_EXPIRED
+        return t, util_time / t if t > 0 else 0.0, reason
+
+
+def replay(worlds: Iterable[tuple[int, list[Job]]], config: FleetConfig, seed: int
+           ) -> list[Sample]:
+    out: list[Sample] = []
+    for world, jobs in worlds:
+        out.extend(World(jobs, config, seed * 1000 + world, world).run())
+    return out

@@ -1,0 +1,169 @@
+"""The council's members as one batched network: a recurrent core over the project's record,
+monotone evidence accumulators, and a vote head.
+
+Each member m computes
+
+    logit_m = head_m(h_T, static_free) - penalty_m(rates_m, static_bad)
+
+- h_T: the last state of the member's CfC (or, for ablations, GRU) over the `free` inputs;
+- rates_m: C evidence accumulators, each a decaying weighted mean of non-negative mixes of
+  the `bad` inputs. Decay exp(-r_k * dt_k) and weight w_k come from the core's backbone,
+  which sees only free inputs, so every rate is a positive combination of bad inputs; a
+  neutral prior (learned, never decayed) means old evidence is forgotten;
+- penalty_m: a sum of increasing softplus hinges with non-negative weights.
+So approval probability can only fall when overruns, idling or low utilisation grow, or when
+cost pressure, unfairness, the request's share of the pool or the pool's load grow: monotone
+by construction, for every weight the training finds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from council.cfc import GRU, CfC, Trace, _init
+from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, STATIC_FREE, Encoded
+
+TimeMode = Literal["gate", "none", "input"]
+Core = Literal["cfc", "gru"]
+ALL = "*"
+
+# What each perspective reads; generalists read everything.
+PERSPECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
+    "cost": {"seq_free": ("gpus", "hours", "cost", "is_request", "is_summary"),
+             "seq_bad": (), "static_free": ("budgeted", "worst_case_usd", "count", "duration"),
+             "static_bad": ("cost_pressure", "purpose_mismatch")},
+    "fairness": {"seq_free": ("gpus", "hours", "gpu_hours", "is_request", "is_summary"),
+                 "seq_bad": (), "static_free": ("usage_share", "history_len"),
+                 "static_bad": ("unfair_share",)},
+    "capacity": {"seq_free": ("gpus", "fleet_busy", "is_request", "is_summary"),
+                 "seq_bad": (), "static_free": ("priority", "count"),
+                 "static_bad": ("pool_share", "pool_busy")},
+    "risk": {"seq_free": (ALL,), "seq_bad": (ALL,), "static_free": ("history_len",),
+             "static_bad": ("purpose_mismatch",)},
+}
+GENERAL = {"seq_free": (ALL,), "seq_bad": (ALL,), "static_free": (ALL,), "static_bad": (ALL,)}
+GROUPS = {"seq_free": SEQ_FREE, "seq_bad": SEQ_BAD, "static_free": STATIC_FREE,
+          "static_bad": STATIC_BAD}
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    members: tuple[str, ...]
+    perspectives: tuple[str, ...]  # a PERSPECTIVES key or "general", per member
+    modes: tuple[str, ...]  # CfC mode per member
+    core: Core = "cfc"
+    time: TimeMode = "gate"
+    hidden: int = 16
+    backbone: int = 32
+    activation: str = "silu"  # the backbone's; the paper's default lecun_tanh is 6x slower here
+    channels: int = 4
+    hinges: int = 2
+    head: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, object]) -> NetSpec:
+        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list | tuple)}
+        return NetSpec(**(dict(d) | tuples))  # type: ignore[arg-type]
+
+
+def _mask(spec: NetSpec, group: str) -> Tensor:
+    names = GROUPS[group]
+    rows = []
+    for p in spec.perspectives:
+        wanted = (GENERAL if p == "general" else PERSPECTIVES[p])[group]
+        rows.append([1.0 if ALL in wanted or n in wanted else 0.0 for n in names])
+    return torch.tensor(rows)
+
+
+@dataclass
+class Output:
+    logit: Tensor  # (M, B) approval logit
+    outcome_logit: Tensor  # (M, B) logit that the allocation will be wasted (auxiliary)
+    rates: Tensor  # (M, B, C) evidence accumulators
+    trace: Trace | None = None
+    decay: Tensor | None = field(default=None)  # (M, B, T, C) per-step evidence decay
+
+
+class CouncilNet(nn.Module):
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        m, c = len(spec.members), spec.channels
+        inputs = len(SEQ_FREE) + (1 if spec.time == "input" else 0)
+        core_cls = CfC if spec.core == "cfc" else GRU
+        self.core = core_cls(m, inputs, spec.hidden, spec.backbone, spec.modes, spec.seed,
+                             extra=2 * c, activation=spec.activation)
+        gen = torch.Generator().manual_seed(spec.seed + 1)
+        self.mix = nn.Parameter(torch.zeros(m, c, len(SEQ_BAD)))
+        self.prior_num = nn.Parameter(torch.zeros(m, 1, c))
+        self.prior_den = nn.Parameter(torch.ones(m, 1, c))
+        d = c + len(STATIC_BAD)
+        self.pen_lin = nn.Parameter(torch.zeros(m, 1, d))
+        self.pen_alpha = nn.Parameter(torch.full((m, 1, d, spec.hinges), -2.0))
+        self.pen_beta = nn.Parameter(torch.ones(m, 1, d, spec.hinges))
+        self.pen_gamma = nn.Parameter(torch.linspace(-2, 0, spec.hinges).repeat(m, 1, d, 1))
+        self.w1 = _init(m, spec.hidden + len(STATIC_FREE), spec.head, gen)
+        self.b1 = nn.Parameter(torch.zeros(m, 1, spec.head))
+        self.w2 = _init(m, spec.head, 2, gen)
+        self.b2 = nn.Parameter(torch.zeros(m, 1, 2))
+        self.outcome_k = nn.Parameter(torch.zeros(m, 1))
+        for group in GROUPS:
+            self.register_buffer(f"mask_{group}", _mask(spec, group))
+
+    def _buf(self, name: str) -> Tensor:
+        t = getattr(self, name)
+        assert isinstance(t, Tensor)
+        return t
+
+    def forward(self, enc: Encoded, trace: bool = False, rows: int = 1) -> Output:
+        """`rows` > 1: `enc` holds one request repeated `rows` times with only its `bad` and
+        static inputs changed (council/neural.py's occlusions); those never reach the
+        recurrent core, so it runs once, on the first row, and its result is shared."""
+        spec = self.spec
+        dt = enc.dt if spec.time == "gate" else enc.mask.float()
+        first = enc.take(torch.arange(1)) if rows > 1 else enc
+        free = first.free
+        in_mask = self._buf("mask_seq_free")
+        if spec.time == "input":
+            free = torch.cat([free, torch.log1p(first.dt).unsqueeze(-1)], dim=-1)
+            in_mask = torch.cat([in_mask, in_mask.new_ones(in_mask.shape[0], 1)], dim=1)
+        core_dt = first.dt if spec.time == "gate" else first.mask.float()
+        h, acc, tr = self.core(free, core_dt, first.mask, in_mask, trace)
+        if rows > 1:
+            h, acc = h.expand(-1, rows, -1), acc.expand(-1, rows, -1, -1)
+        rate, weight = acc.clamp(-20.0, 10.0).chunk(2, dim=-1)
+        log_decay = -torch.exp(rate) * dt.view(1, *dt.shape, 1)
+        after = log_decay.sum(2, keepdim=True) - log_decay.cumsum(2)  # decay from k to the end
+        carried = torch.exp(weight + after) * enc.mask.view(1, *enc.mask.shape, 1)
+        mix = F.softplus(self.mix) * self._buf("mask_seq_bad").unsqueeze(1)
+        evidence = torch.einsum("btf,mcf->mbtc", enc.bad, mix)
+        num = F.softplus(self.prior_num) + (carried * evidence).sum(2)
+        den = F.softplus(self.prior_den) + carried.sum(2)
+        rates = num / den
+
+        static_bad = enc.static_bad.unsqueeze(0) * self._buf("mask_static_bad").unsqueeze(1)
+        u = torch.cat([rates, static_bad], dim=-1).unsqueeze(-1)  # (M, B, D, 1)
+        hinges = F.softplus(self.pen_alpha) * F.softplus(F.softplus(self.pen_beta) * u
+                                                         + self.pen_gamma)
+        penalty = (F.softplus(self.pen_lin) * u.squeeze(-1)).sum(-1) + hinges.sum((-1, -2))
+
+        static = enc.static_free.unsqueeze(0) * self._buf("mask_static_free").unsqueeze(1)
+        hidden = torch.tanh(torch.baddbmm(self.b1, torch.cat([h, static], dim=-1), self.w1))
+        head = torch.baddbmm(self.b2, hidden, self.w2)
+        logit = head[..., 0] - penalty
+        outcome = head[..., 1] + F.softplus(self.outcome_k) * penalty
+        return Output(logit, outcome, rates, tr, torch.exp(log_decay) if trace else None)
+
+
+def param_count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

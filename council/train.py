@@ -1,0 +1,348 @@
+"""`gpu-agent council train`: data, training, calibration, held-out evaluation, ablations,
+and the weights plus model card the package ships.
+
+Worlds are split whole into train, validation and test, so the test projects were never
+seen in training. Every random draw is seeded: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from council.dataset import TARGETS, Job, Sample, replay, synthetic_jobs, trace_jobs
+from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
+from council.network import CouncilNet, NetSpec, param_count
+from council.neural import NeuralCouncil
+from fleet.config import FleetConfig
+
+MEMBERS = ("cost", "fairness", "capacity", "risk", "general-1", "general-2")
+PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "risk": "risk"}
+COUNCIL_TARGET = TARGETS.index("council")
+WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    worlds: int = 16  # synthetic worlds; the last two are validation and test
+    world_days: float = 60
+    world_projects: int = 24
+    steps: int = 1500
+    batch: int = 256
+    lr: float = 3e-3
+    trace: Path | None = None
+    trace_jobs: int = 30000
+    ablations: bool = True
+
+
+@dataclass
+class Split:
+    samples: list[Sample]
+    enc: Encoded
+    targets: Tensor  # (N, len(TARGETS))
+    wasted: Tensor  # (N,) 0/1, NaN where the job did not run
+
+    @staticmethod
+    def of(samples: list[Sample]) -> Split:
+        return Split(samples, encode([s.features for s in samples]),
+                     torch.tensor([s.targets for s in samples]),
+                     torch.tensor([math.nan if s.wasted is None else s.wasted
+                                   for s in samples]))
+
+    @property
+    def y(self) -> Tensor:
+        """The reference council leans to approve."""
+        return (self.targets[:, COUNCIL_TARGET] >= 0.5).float()
+
+
+def council_spec(seed: int, **kw: object) -> NetSpec:
+    return NetSpec(members=MEMBERS,
+                   perspectives=tuple(PERSPECTIVE.get(m, "general") for m in MEMBERS),
+                   modes=("default",) * len(MEMBERS), seed=seed, **kw)  # type: ignore[arg-type]
+
+
+def target_columns(spec: NetSpec) -> list[int]:
+    return [TARGETS.index(p) if p != "general" else COUNCIL_TARGET for p in spec.perspectives]
+
+
+def datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split]:
+    worlds: list[tuple[int, list[Job]]] = [
+        (w, synthetic_jobs(s.seed * 1000 + w, s.world_days, s.world_projects))
+        for w in range(s.worlds)]
+    split_of = {w: "train" for w in range(s.worlds - 2)} | {s.worlds - 2: "val",
+                                                            s.worlds - 1: "test"}
+    if s.trace is not None:  # the trace in time order: 70 % train, 15 % val, 15 % test
+        jobs = trace_jobs(s.trace, s.trace_jobs)
+        a, b = int(len(jobs) * 0.7), int(len(jobs) * 0.85)
+        for w, part, name in ((100, jobs[:a], "train"), (101, jobs[a:b], "val"),
+                              (102, jobs[b:], "test")):
+            worlds.append((w, part))
+            split_of[w] = name
+    samples = replay(worlds, config, s.seed)
+    parts = {n: Split.of([x for x in samples if split_of[x.world] == n])
+             for n in ("train", "val", "test")}
+    return parts["train"], parts["val"], parts["test"]
+
+
+def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], None]) -> None:
+    """Distillation (soft BCE to each member's reference target) on a bootstrap resample
+    per member, plus a small auxiliary loss on the jobs' recorded outcomes."""
+    gen = torch.Generator().manual_seed(s.seed + 7)
+    cols = target_columns(net.spec)
+    n, m = len(data.enc), len(cols)
+    boot = torch.poisson(torch.ones(m, n), generator=gen)
+    targets = data.targets[:, cols].t()
+    opt = torch.optim.Adam(net.parameters(), lr=s.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps, eta_min=s.lr / 20)
+    net.train()
+    for step in range(s.steps):
+        idx = torch.randint(n, (s.batch,), generator=gen)
+        out = net(data.enc.take(idx))
+        w = boot[:, idx]
+        loss = (F.binary_cross_entropy_with_logits(out.logit, targets[:, idx],
+                                                   reduction="none") * w).sum() / w.sum()
+        wasted = data.wasted[idx]
+        known = ~torch.isnan(wasted)
+        if bool(known.any()):
+            loss = loss + 0.2 * F.binary_cross_entropy_with_logits(
+                out.outcome_logit[:, known], wasted[known].expand(m, -1))
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == s.steps - 1:
+            log(f"  step {step:5d}  loss {loss.item():.4f}")
+    net.eval()
+
+
+@torch.inference_mode()
+def member_probs(net: CouncilNet, enc: Encoded, chunk: int = 2048) -> Tensor:
+    return torch.cat([torch.sigmoid(net(enc.take(torch.arange(i, min(i + chunk, len(enc)))))
+                                    .logit) for i in range(0, len(enc), chunk)], dim=1)
+
+
+def fit_temperature(p: Tensor, y: Tensor) -> float:
+    """The temperature that minimises log loss of the averaged probability on validation."""
+    z = torch.logit(p.clamp(1e-6, 1 - 1e-6))
+    grid = torch.logspace(-1.5, 1.0, 251)
+    nll = torch.stack([F.binary_cross_entropy_with_logits(z / t, y) for t in grid])
+    return float(grid[int(nll.argmin())])
+
+
+def ece(p: Tensor, y: Tensor, bins: int = 10) -> float:
+    idx = (p * bins).long().clamp(max=bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if bool(sel.any()):
+            total += float(sel.sum()) / len(p) * abs(float(p[sel].mean() - y[sel].mean()))
+    return total
+
+
+def auc(score: Tensor, y: Tensor) -> float:
+    order = torch.argsort(score)
+    ranks = torch.empty_like(score)
+    ranks[order] = torch.arange(1, len(score) + 1, dtype=score.dtype)
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def escalation(council: NeuralCouncil, member_p: Tensor, y: Tensor, approve: float,
+               deny: float, quorum: int) -> dict[str, float]:
+    """Errors the council makes alone, and those left once split votes go to a human."""
+    p = council.council_probability(member_p)
+    approvers = (member_p >= 0.55).sum(0)
+    approved = (p >= approve) & (approvers >= min(quorum, member_p.shape[0]))
+    denied = p <= deny
+    escalated = ~(approved | denied)
+    wrong = (p >= 0.5).float() != y
+    left = (approved & (y == 0)) | (denied & (y == 1))
+    return {"errors": int(wrong.sum()), "escalated": int(escalated.sum()),
+            "escalated_share": float(escalated.float().mean()),
+            "errors_after_escalation": int(left.sum()),
+            "errors_removed_share": 1 - float(left.sum()) / max(1, int(wrong.sum()))}
+
+
+@torch.inference_mode()
+def monotonicity(council: NeuralCouncil, data: Split, n: int = 256) -> dict[str, int]:
+    """Grid sweep on `n` test requests: cost pressure 0..10, all past utilisation 100..0 %,
+    0..all past jobs stopped by the budget. Counts any rise in council probability."""
+    enc = data.enc.take(torch.arange(min(n, len(data.enc))))
+    rated = enc.free[:, :, SEQ_FREE.index("rated")]
+    real = enc.mask & (enc.free[:, :, SEQ_FREE.index("is_request")] == 0)
+    sweeps: list[list[Encoded]] = [[], [], []]
+    for level in torch.linspace(0, 1, 11):
+        a = enc.take(torch.arange(len(enc)))
+        a.static_bad[:, STATIC_BAD.index("cost_pressure")] = level * 10
+        sweeps[0].append(a)
+        b = enc.take(torch.arange(len(enc)))
+        b.bad[:, :, SEQ_BAD.index("util_deficit")] = level * rated
+        sweeps[1].append(b)
+        c = enc.take(torch.arange(len(enc)))
+        hit = real & (torch.arange(enc.mask.shape[1]) >= (1 - level) * enc.mask.shape[1])
+        c.bad[:, :, SEQ_BAD.index("budget_release")] = torch.maximum(
+            c.bad[:, :, SEQ_BAD.index("budget_release")], hit.float())
+        sweeps[2].append(c)
+    violations = checks = 0
+    for sweep in sweeps:
+        p = torch.stack([council.council_probability(torch.sigmoid(council.net(e).logit))
+                         for e in sweep])
+        rises = (p[1:] - p[:-1]) > 1e-6
+        violations += int(rises.sum())
+        checks += rises.numel()
+    return {"violations": violations, "checks": checks}
+
+
+def evaluate(council: NeuralCouncil, data: Split, config: FleetConfig) -> dict[str, object]:
+    mp = member_probs(council.net, data.enc)
+    y = data.y
+    p = council.council_probability(mp)
+    cols = target_columns(council.net.spec)
+    members = {}
+    for i, name in enumerate(council.members):
+        own = (data.targets[:, cols[i]] >= 0.5).float()
+        members[name] = {"accuracy_vs_council": float(((mp[i] >= 0.5).float() == y)
+                                                      .float().mean()),
+                         "accuracy_vs_own_target": float(((mp[i] >= 0.5).float() == own)
+                                                         .float().mean())}
+    known = ~torch.isnan(data.wasted)
+    with torch.inference_mode():
+        risk = torch.sigmoid(council.net(data.enc).outcome_logit).mean(0)
+    deny, approve = config.council.band("neural")
+    return {
+        "samples": len(y), "approve_share": float(y.mean()),
+        "accuracy": float(((p >= 0.5).float() == y).float().mean()),
+        "ece": ece(p, y), "brier": float(((p - y) ** 2).mean()),
+        "best_member_accuracy": max(m["accuracy_vs_council"] for m in members.values()),
+        "members": members,
+        "escalation": escalation(council, mp, y, approve, deny, config.council.quorum),
+        "monotonicity": monotonicity(council, data),
+        "waste_auc": auc(risk[known], data.wasted[known]),
+    }
+
+
+def summary_features(data: Split) -> Tensor:
+    """What a model without a sequence gets: the request, the standing, and unweighted,
+    undecayed means of the record plus its length and age."""
+    enc = data.enc
+    real = (enc.mask & (enc.free[:, :, SEQ_FREE.index("is_request")] == 0)).float()
+    n = real.sum(1, keepdim=True).clamp_min(1)
+    means = (enc.bad * real.unsqueeze(-1)).sum(1) / n
+    age = torch.log1p(enc.dt[:, -1:])
+    return torch.cat([enc.static_free, enc.static_bad, means, n / 64, age], dim=1)
+
+
+def logistic_baseline(train: Split, val: Split, test: Split, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
+    xs = [summary_features(d) for d in (train, val, test)]
+    mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
+    xs = [(x - mu) / sd for x in xs]
+    lin = torch.nn.Linear(xs[0].shape[1], 1)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200)
+    target = train.targets[:, COUNCIL_TARGET]
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(lin(xs[0]).squeeze(1), target)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        pv, pt = (torch.sigmoid(lin(x).squeeze(1)) for x in xs[1:])
+    t = fit_temperature(pv, val.y)
+    pt = torch.sigmoid(torch.logit(pt.clamp(1e-6, 1 - 1e-6)) / t)
+    return {"accuracy": float(((pt >= 0.5).float() == test.y).float().mean()),
+            "ece": ece(pt, test.y)}
+
+
+CFC = "cfc (time in the gate): the council's general-1"
+ABLATIONS: dict[str, dict[str, object]] = {
+    "cfc without time (dt = 1)": {"time": "none"},
+    "cfc no_gate variant": {"modes": ("no_gate",)},
+    "gru with log(1+dt) input": {"core": "gru", "time": "input"},
+}
+
+
+def _alone(member_p: Tensor, val_p: Tensor, test: Split, val: Split) -> dict[str, float]:
+    """One member on its own, temperature-scaled on validation like the council."""
+    t = fit_temperature(val_p, val.y)
+    p = torch.sigmoid(torch.logit(member_p.clamp(1e-6, 1 - 1e-6)) / t)
+    return {"accuracy": float(((p >= 0.5).float() == test.y).float().mean()),
+            "ece": ece(p, test.y)}
+
+
+def ablations(council: NeuralCouncil, train: Split, val: Split, test: Split,
+              s: TrainSettings, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """The council's first general member against one generalist per variant, trained on
+    the same data with the same steps and seed."""
+    g = council.members.index("general-1")
+    out = {CFC: _alone(member_probs(council.net, test.enc)[g],
+                       member_probs(council.net, val.enc)[g], test, val)}
+    for name, change in ABLATIONS.items():
+        log(f"ablation: {name}")
+        spec = replace(NetSpec(members=("general",), perspectives=("general",),
+                               modes=("default",), seed=s.seed), **change)  # type: ignore[arg-type]
+        net = CouncilNet(spec)
+        fit(net, train, s, log)
+        out[name] = _alone(member_probs(net, test.enc)[0], member_probs(net, val.enc)[0],
+                           test, val) | {"params": param_count(net)}
+    out["logistic regression on summary features"] = logistic_baseline(train, val, test,
+                                                                       s.seed)
+    return out
+
+
+def train(s: TrainSettings, config: FleetConfig, out: Path,
+          log: Callable[[str], None] = print) -> dict[str, object]:
+    """One thread: these small recurrent nets gain little from more, and a fixed thread count
+    keeps the result the same bytes on any machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(s, config, out, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(s: TrainSettings, config: FleetConfig, out: Path,
+           log: Callable[[str], None]) -> dict[str, object]:
+    torch.manual_seed(s.seed)
+    started = time.perf_counter()
+    train_set, val, test = datasets(s, config)
+    log(f"data: {len(train_set.samples)} train, {len(val.samples)} validation, "
+        f"{len(test.samples)} test requests ({time.perf_counter() - started:.0f} s)")
+    net = CouncilNet(council_spec(s.seed))
+    fit(net, train_set, s, log)
+    metrics_time = time.perf_counter() - started
+    council = NeuralCouncil(net, 1.0, (1.0,) * len(MEMBERS), "cfc-council")
+    council.temperature = fit_temperature(
+        council.council_probability(member_probs(net, val.enc)), val.y)
+    metrics: dict[str, object] = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+        "params": param_count(net), "temperature": council.temperature,
+        "council_seconds": round(metrics_time, 1),
+        "data": {"train": len(train_set.samples), "validation": len(val.samples),
+                 "test": len(test.samples)},
+        "test": evaluate(council, test, config),
+    }
+    if s.ablations:
+        metrics["ablations"] = ablations(council, train_set, val, test, s, log)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    council.save(out / WEIGHTS_FILE, seed=s.seed)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    from council.card import model_card
+    (out / CARD_FILE).write_text(model_card(metrics))
+    return metrics

@@ -1,0 +1,186 @@
+"""The shipped neural council: weights, decisions with reasons, held-out quality, training,
+the human in the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from council.dataset import World, synthetic_jobs, trace_jobs
+from council.neural import OCCLUSIONS, SHIPPED, NeuralCouncil
+from council.reference import ReferenceCouncil
+from council.train import METRICS_FILE, WEIGHTS_FILE, Split, TrainSettings, evaluate, train
+from council.voting import council_for
+from fleet.config import CouncilSettings, FleetConfig, load_fleet
+from fleet.errors import ConfigError
+from fleet.models import Outcome, ReleaseReason, Status, Verdict
+from tests.conftest import ROOT, SHARED, OrchFactory, fleet_toml, run_cli, small_config
+from tests.test_council_cfc import features, history
+
+SETTINGS = CouncilSettings()
+
+
+@pytest.fixture(scope="module")
+def council() -> NeuralCouncil:
+    return NeuralCouncil.load()
+
+
+def test_shipped_weights_are_a_small_state_dict(council: NeuralCouncil) -> None:
+    assert SHIPPED.stat().st_size < 300_000
+    blob = torch.load(SHIPPED, weights_only=True)  # tensors and plain values, no pickled code
+    assert set(blob) >= {"spec", "state", "temperature", "vote_weights"}
+    assert all(isinstance(v, torch.Tensor) for v in blob["state"].values())
+    assert council.members == ("cost", "fairness", "capacity", "risk", "general-1",
+                               "general-2")
+    assert council.name.startswith("cfc-council-")
+    assert isinstance(council_for(SETTINGS), NeuralCouncil)
+    assert isinstance(council_for(CouncilSettings(policy="reference")), ReferenceCouncil)
+
+
+def test_unreadable_weights_are_a_clear_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "council.pt"
+    bad.write_bytes(b"not a state dict")
+    with pytest.raises(ConfigError, match="cannot load council weights"):
+        NeuralCouncil.load(bad)
+
+
+def good_and_bad() -> tuple[Any, Any]:
+    rng = random.Random(7)
+    good = features(rng, 0, count=2, hours=4, cost_pressure=0.05, worst_case_usd=40,
+                    fair_share=0.9, usage_share=0.05, pool_share=0.1, pool_busy=0.2,
+                    past=history(rng, 20, util=85, bad=0.0))
+    bad = features(rng, 0, count=16, hours=48, cost_pressure=2.0, worst_case_usd=4000,
+                   fair_share=0.2, usage_share=0.6, pool_share=0.7, pool_busy=0.8,
+                   past=history(rng, 20, util=3, bad=0.9))
+    return good, bad
+
+
+def test_votes_carry_reasons_and_contrasting_requests_get_contrasting_decisions(
+        council: NeuralCouncil) -> None:
+    good, bad = good_and_bad()
+    yes, no = council.decide(good, SETTINGS), council.decide(bad, SETTINGS)
+    assert yes.outcome is Outcome.APPROVED and yes.probability > 0.9
+    assert no.outcome is Outcome.DENIED and no.probability < 0.1
+    assert [v.member for v in no.votes] == list(council.members)
+    for vote in no.votes:
+        assert vote.reasons and all(r.feature in OCCLUSIONS for r in vote.reasons)
+        assert all(r.effect < 0 for r in vote.reasons[:1]) or vote.verdict is Verdict.APPROVE
+    risk = next(v for v in no.votes if v.member == "risk")
+    assert risk.verdict is Verdict.DENY
+    assert risk.reasons[0].feature in ("hoarding_rate", "recent_util", "overrun_rate")
+    assert {r.feature for v in no.votes for r in v.reasons} >= {"cost_pressure"}
+
+
+def test_worse_records_never_raise_the_shipped_councils_probability(
+        council: NeuralCouncil) -> None:
+    """Grid sweep on real request shapes: budget overrun and utilisation history."""
+    rng = random.Random(11)
+    for _ in range(8):
+        f = features(rng, rng.randint(1, 32))
+        util_grid = [dataclasses.replace(f, past=tuple(dataclasses.replace(j, util_pct=u)
+                                                       for j in f.past))
+                     for u in range(100, -1, -10)]
+        cost_grid = [dataclasses.replace(f, cost_pressure=c / 4) for c in range(13)]
+        clean = [i for i, j in enumerate(f.past) if j.reason not in
+                 (ReleaseReason.IDLE, ReleaseReason.BUDGET)]  # an idle job stopped by the
+        overrun_grid = [dataclasses.replace(f, past=tuple(  # budget is a swap, not "worse"
+            dataclasses.replace(j, reason=ReleaseReason.BUDGET) if i in clean[:k] else j
+            for i, j in enumerate(f.past))) for k in range(len(clean) + 1)]
+        for grid in (util_grid, cost_grid, overrun_grid):
+            p = council.council_probability(council.probabilities(grid))
+            assert bool((p[1:] <= p[:-1] + 1e-6).all()), p
+
+
+def test_held_out_quality_on_fresh_worlds(council: NeuralCouncil) -> None:
+    """Worlds with seeds the training never used: the Must-show thresholds."""
+    config = load_fleet(None)
+    samples = [s for w in (9001, 9002) for s in World(synthetic_jobs(w), config, w, w).run()]
+    m = evaluate(council, Split.of(samples), config)
+    assert m["samples"] > 1000
+    assert m["accuracy"] >= 0.95 and m["ece"] <= 0.05
+    assert m["accuracy"] >= m["best_member_accuracy"]
+    assert m["monotonicity"]["violations"] == 0
+    esc = m["escalation"]
+    assert esc["errors_after_escalation"] < esc["errors"]
+
+
+def test_training_is_deterministic_and_writes_weights_and_a_card(tmp_path: Path) -> None:
+    s = TrainSettings(worlds=3, world_days=8, world_projects=6, steps=4, batch=32,
+                      ablations=False)
+    config = load_fleet(None)
+    a = train(s, config, tmp_path / "a", log=lambda _: None)
+    b = train(s, config, tmp_path / "b", log=lambda _: None)
+    sa = torch.load(tmp_path / "a" / WEIGHTS_FILE, weights_only=True)["state"]
+    sb = torch.load(tmp_path / "b" / WEIGHTS_FILE, weights_only=True)["state"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for timings in (a, b):
+        del timings["seconds"], timings["council_seconds"]
+    assert a == json.loads(json.dumps(b))
+    assert "Model card" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    assert json.loads((tmp_path / "a" / METRICS_FILE).read_text())["data"]["train"] > 0
+    NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)  # loads like the shipped weights
+
+
+def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None:
+    for args in (("--worlds", "2"), ("--trace", str(tmp_path / "missing.csv"))):
+        done = run_cli("council", "train", "--out", str(tmp_path / "w"), *args, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(not (SHARED / "traces" / "philly.csv").exists(), reason="no ../shared")
+def test_the_philly_trace_replays_into_samples() -> None:
+    jobs = trace_jobs(SHARED / "traces" / "philly.csv", 3000)
+    assert len(jobs) == 3000 and all(a.submit <= b.submit for a, b in itertools.pairwise(jobs))
+    assert all(j.project.startswith("vc-") and j.count >= 1 for j in jobs)
+    samples = World(jobs, load_fleet(None), 1, 100).run()
+    assert samples and all(s.features.past == tuple(sorted(s.features.past,
+                                                           key=lambda j: j.ended_at))
+                           for s in samples)
+
+
+def split_config() -> FleetConfig:
+    """Every member must approve; 8 of the small fleet's 10 training GPUs is too many for
+    the capacity member, so the council splits and a human decides."""
+    return small_config(council={"quorum": 6, "auto_approve_max_gpus": 0})
+
+
+BIG = {"project": "vision", "purpose": "training", "count": 8, "duration_hours": 1}
+
+
+def test_review_interrupt_has_no_side_effects_and_resume_reserves_once(
+        make_orch: OrchFactory) -> None:
+    orch = make_orch(split_config())
+    assert isinstance(orch.services.council, NeuralCouncil)
+    before = orch.services.ledger.dump()
+    out = orch.request(BIG, thread_id="t-1")
+    assert out.status is Status.PENDING_REVIEW and out.council is not None
+    assert len(out.council.votes) == 6 and "no quorum" in out.council.summary
+    assert orch.services.ledger.dump() == before  # council and review reserved nothing
+    assert orch.resume("t-1").status is Status.PENDING_REVIEW  # no answer: still waiting
+    assert orch.services.ledger.dump() == before
+    done = orch.resume("t-1", {"approve": True, "by": "ana", "comment": "deadline"})
+    assert done.status is Status.RELEASED
+    rows = orch.services.ledger.allocations()
+    assert len(rows) == 1 and len(orch.history()) == 1
+    with pytest.raises(Exception, match="not waiting"):
+        orch.resume("t-1", True)
+    assert len(orch.services.ledger.allocations()) == 1 and len(orch.history()) == 1
+
+
+def test_cli_resume_decides_a_split_council(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(council={"quorum": 6, "auto_approve_max_gpus": 0}))
+    common = ("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet), "--json")
+    asked = run_cli("request", "--project", "vision", "--purpose", "training", "--count", "8",
+                    "--hours", "1", "--thread-id", "t-cli", "--no-wait", *common, cwd=ROOT)
+    assert asked.returncode == 0 and json.loads(asked.stdout)["status"] == "pending_review"
+    denied = run_cli("resume", "t-cli", "--deny", "--by", "bo", *common, cwd=ROOT)
+    assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
