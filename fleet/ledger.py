@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS history (
     mean_util_pct REAL
 );
 CREATE INDEX IF NOT EXISTS history_by_project ON history (project, ended_at);
+CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at);
 CREATE TABLE IF NOT EXISTS budgets (
     project TEXT PRIMARY KEY,
     budget_usd REAL NOT NULL,
@@ -273,6 +274,8 @@ class Ledger:
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+            else:  # an index added within version 1: ledgers made before it get it now
+                db.execute("CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at)")
 
     @contextmanager
     def _begin(self, mode: str) -> Iterator[sqlite3.Connection]:
