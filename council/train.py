@@ -21,7 +21,7 @@ from torch import Tensor
 from council.dataset import TARGETS, Job, Sample, replay, synthetic_jobs, trace_jobs
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.network import CouncilNet, NetSpec, param_count
-from council.neural import NeuralCouncil
+from council.neural import ABSTAIN_MARGIN, NeuralCouncil
 from fleet.config import FleetConfig
 
 MEMBERS = ("cost", "fairness", "capacity", "risk", "general-1", "general-2")
@@ -164,7 +164,7 @@ def escalation(council: NeuralCouncil, member_p: Tensor, y: Tensor, approve: flo
                deny: float, quorum: int) -> dict[str, float]:
     """Errors the council makes alone, and those left once split votes go to a human."""
     p = council.council_probability(member_p)
-    approvers = (member_p >= 0.55).sum(0)
+    approvers = (member_p >= 0.5 + ABSTAIN_MARGIN).sum(0)
     approved = (p >= approve) & (approvers >= min(quorum, member_p.shape[0]))
     denied = p <= deny
     escalated = ~(approved | denied)
