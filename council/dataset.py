@@ -16,14 +16,12 @@ matters more than old: what the council's time constants are for.
 from __future__ import annotations
 
 import bisect
-import csv
 import heapq
 import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from council.features import RequestFeatures, Standing, assemble
 from council.record import PastJob
@@ -44,20 +42,13 @@ from fleet.monitoring import assess
 from fleet.routing import estimate
 from fleet.scheduler import decayed, fair_share_factors
 from fleet.simulated import PROFILES, SimulatedFleet
+from fleet.trace import Job
 from fleet.validation import check_against_fleet, refusal
 
 TARGETS = (*MEMBERS, "council")  # the reference's member probabilities, then its council's
 EPOCH = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
 BUDGET_PERIOD_DAYS = 30
 WASTE_UTIL_PCT = 20.0
-
-
-@dataclass(frozen=True)
-class Job:
-    project: str
-    submit: float  # epoch seconds
-    count: int
-    hours: float  # how long the work really runs
 
 
 @dataclass(frozen=True)
@@ -103,17 +94,6 @@ def synthetic_jobs(seed: int, days: float = 60, projects: int = 24) -> list[Job]
             jobs.append(Job(f"team-{p:02d}", t, count, hours))
             t += rng.expovariate(rate) * 86400
     return sorted(jobs, key=lambda j: (j.submit, j.project))
-
-
-def trace_jobs(path: str | Path, limit: int | None = None) -> list[Job]:
-    """Jobs from a trace in the Philly extract's shape: timestamp, duration (s), num_gpus,
-    cluster (the project). The earliest `limit` jobs, in submission order."""
-    with open(path, newline="") as fh:
-        rows = [(datetime.strptime(r["timestamp"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
-                 .timestamp(), r) for r in csv.DictReader(fh)]
-    rows.sort(key=lambda x: x[0])
-    return [Job(f"vc-{r['cluster']}", t, int(r["num_gpus"]),
-                max(1 / 60, float(r["duration"]) / 3600)) for t, r in rows[:limit]]
 
 
 @dataclass

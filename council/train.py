@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from council.dataset import TARGETS, Job, Sample, replay, synthetic_jobs, trace_jobs
+from council.dataset import TARGETS, Sample, replay, synthetic_jobs
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.network import CouncilNet, NetSpec, param_count
 from council.neural import ABSTAIN_MARGIN, NeuralCouncil
 from fleet.config import FleetConfig
+from fleet.trace import Job, read_trace
 
 MEMBERS = ("cost", "fairness", "capacity", "risk", "general-1", "general-2")
 PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "risk": "risk"}
@@ -81,7 +82,8 @@ def datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split
     split_of = {w: "train" for w in range(s.worlds - 2)} | {s.worlds - 2: "val",
                                                             s.worlds - 1: "test"}
     if s.trace is not None:  # the trace in time order: 70 % train, 15 % val, 15 % test
-        jobs = trace_jobs(s.trace, s.trace_jobs)
+        jobs = [replace(j, hours=max(1 / 60, j.hours))  # a zero-length job still holds
+                for j in read_trace(s.trace, limit=s.trace_jobs)]  # its GPUs a minute
         a, b = int(len(jobs) * 0.7), int(len(jobs) * 0.85)
         for w, part, name in ((100, jobs[:a], "train"), (101, jobs[a:b], "val"),
                               (102, jobs[b:], "test")):

@@ -277,8 +277,6 @@ def cmd_council(args: argparse.Namespace) -> int:
 
     if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
-    if args.trace and not Path(args.trace).is_file():
-        raise InvalidInput(f"no trace file at {args.trace}")
     settings = TrainSettings(seed=args.seed, worlds=args.worlds, steps=args.steps,
                              trace=Path(args.trace) if args.trace else None,
                              trace_jobs=args.trace_jobs, ablations=not args.no_ablations)

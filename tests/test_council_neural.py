@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from council.dataset import World, synthetic_jobs, trace_jobs
+from council.dataset import World, synthetic_jobs
 from council.neural import OCCLUSIONS, SHIPPED, NeuralCouncil
 from council.reference import ReferenceCouncil
 from council.train import METRICS_FILE, WEIGHTS_FILE, Split, TrainSettings, evaluate, train
@@ -21,6 +21,7 @@ from council.voting import council_for
 from fleet.config import CouncilSettings, FleetConfig, load_fleet
 from fleet.errors import ConfigError
 from fleet.models import Outcome, ReleaseReason, Status, Verdict
+from fleet.trace import read_trace
 from tests.conftest import ROOT, SHARED, OrchFactory, fleet_toml, run_cli, small_config
 from tests.test_council_cfc import features, history
 
@@ -129,7 +130,10 @@ def test_training_is_deterministic_and_writes_weights_and_a_card(tmp_path: Path)
 
 
 def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None:
-    for args in (("--worlds", "2"), ("--trace", str(tmp_path / "missing.csv"))):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,-5,1,a\n")
+    for args in (("--worlds", "2"), ("--trace", str(tmp_path / "missing.csv")),
+                 ("--trace", str(bad))):
         done = run_cli("council", "train", "--out", str(tmp_path / "w"), *args, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert not (tmp_path / "w").exists()
@@ -137,7 +141,7 @@ def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None
 
 @pytest.mark.skipif(not (SHARED / "traces" / "philly.csv").exists(), reason="no ../shared")
 def test_the_philly_trace_replays_into_samples() -> None:
-    jobs = trace_jobs(SHARED / "traces" / "philly.csv", 3000)
+    jobs = read_trace(SHARED / "traces" / "philly.csv", limit=3000)
     assert len(jobs) == 3000 and all(a.submit <= b.submit for a, b in itertools.pairwise(jobs))
     assert all(j.project.startswith("vc-") and j.count >= 1 for j in jobs)
     samples = World(jobs, load_fleet(None), 1, 100).run()
