@@ -243,19 +243,19 @@ class World:
         targets = tuple(member_vote(m, features).probability for m in MEMBERS)
         council_p = sum(targets) / len(targets)
         runs = not voted or council_p > self.config.council.band("reference")[0]
-        wasted = self._run(request, habits, features, standing, now) if runs else None
+        wasted = self._run(job, request, habits, now) if runs else None
         if not voted:
             return None
         return Sample(features, (*targets, council_p), wasted, self.world)
 
-    def _run(self, request: GPURequest, habits: Habits, features: RequestFeatures,
-             standing: Standing, now: float) -> float:
-        """Runs the job on the simulated fleet under the monitor; records its history."""
+    def _run(self, job: Job, request: GPURequest, habits: Habits, now: float) -> float:
+        """Runs the job on the simulated fleet under the monitor; records its history. The
+        work takes the job's own duration, scaled to the speed of the type it is routed to."""
         rng = self.rng
         types = [request.gpu_type] if request.gpu_type else self.config.pool(request.purpose)
         gpu_type = min(types, key=lambda t: estimate(request, self.config, t)[1])
         hours, _ = estimate(request, self.config, gpu_type)
-        true = min(hours, hours / max(habits.pad, 1.0) * rng.uniform(0.7, 1.3))
+        true = min(hours, job.hours * hours / request.duration_hours)
         phases = [("bursty" if rng.random() < habits.bursty else "train", true)]
         if rng.random() < habits.hoard:
             phases.append(("hoard", hours - true))
