@@ -264,10 +264,7 @@ def logistic_baseline(train: Split, val: Split, test: Split, seed: int) -> dict[
     opt.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         pv, pt = (torch.sigmoid(lin(x).squeeze(1)) for x in xs[1:])
-    t = fit_temperature(pv, val.y)
-    pt = torch.sigmoid(torch.logit(pt.clamp(1e-6, 1 - 1e-6)) / t)
-    return {"accuracy": float(((pt >= 0.5).float() == test.y).float().mean()),
-            "ece": ece(pt, test.y)}
+    return _alone(pt, pv, test, val)
 
 
 CFC = "cfc (time in the gate): the council's general-1"

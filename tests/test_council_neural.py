@@ -113,8 +113,7 @@ def test_held_out_quality_on_fresh_worlds(council: NeuralCouncil) -> None:
 
 
 def test_training_is_deterministic_and_writes_weights_and_a_card(tmp_path: Path) -> None:
-    s = TrainSettings(worlds=3, world_days=8, world_projects=6, steps=4, batch=32,
-                      ablations=False)
+    s = TrainSettings(worlds=3, world_days=8, world_projects=6, steps=4, batch=32)
     config = load_fleet(None)
     a = train(s, config, tmp_path / "a", log=lambda _: None)
     b = train(s, config, tmp_path / "b", log=lambda _: None)
@@ -124,7 +123,8 @@ def test_training_is_deterministic_and_writes_weights_and_a_card(tmp_path: Path)
     for timings in (a, b):
         del timings["seconds"], timings["council_seconds"]
     assert a == json.loads(json.dumps(b))
-    assert "Model card" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    assert "Model card" in card and "logistic regression on summary features" in card
     assert json.loads((tmp_path / "a" / METRICS_FILE).read_text())["data"]["train"] > 0
     NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)  # loads like the shipped weights
 
