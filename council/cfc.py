@@ -1,7 +1,8 @@
 """Closed-form continuous-time (CfC) cells, written from the equations of Hasani et al.,
 "Closed-form continuous-time neural networks", Nature Machine Intelligence 4 (2022):
 
-    z  = lecun_tanh(W [x_k, h_{k-1}] + b)                    backbone
+    z  = act(W [x_k, h_{k-1}] + b)                           backbone (the paper's
+                                                              lecun_tanh, or silu)
     f, g, h = heads(z)                                        g, h squashed by tanh
     gate = sigmoid(-f * dt_k)                                 the time gate
     h_k = gate * g + (1 - gate) * h                           "default" CfC

@@ -36,11 +36,10 @@ from fleet.models import (
     Purpose,
     RecordSummary,
     ReleaseReason,
-    utc,
 )
 from fleet.monitoring import assess
 from fleet.routing import estimate
-from fleet.scheduler import decayed, fair_share_factors
+from fleet.scheduler import decayed, fair_share_factors, summarise
 from fleet.simulated import PROFILES, SimulatedFleet
 from fleet.trace import Job
 from fleet.validation import check_against_fleet, refusal
@@ -212,15 +211,8 @@ class World:
         at = past[-keep].ended_at
         half_life_h = self.config.council.record_half_life_days * 24
         lo = bisect.bisect_left([j.ended_at for j in past], at - 8 * half_life_h * 3600)
-        out = RecordSummary(events=len(past) - keep - lo, at=utc(at))
-        for j in past[lo:len(past) - keep]:
-            w = decayed(j.gpu_hours, j.ended_at, at, half_life_h)
-            out.gpu_hours += w
-            out.idle_gpu_hours += w if j.reason is ReleaseReason.IDLE else 0.0
-            out.budget_gpu_hours += w if j.reason is ReleaseReason.BUDGET else 0.0
-            if j.util_pct is not None:
-                out.rated_gpu_hours += w
-                out.util_gpu_hours += w * j.util_pct
+        out = summarise(((j.count, j.hours, j.ended_at, j.reason, j.util_pct)
+                         for j in past[lo:len(past) - keep]), at, half_life_h)
         return out if out.events else None
 
     def _submit(self, job: Job) -> Sample | None:

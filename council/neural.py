@@ -8,10 +8,11 @@ effect. All variants run in the same batched pass as the vote itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,8 @@ class NeuralCouncil:
         return torch.sigmoid(torch.logit(p) / self.temperature)
 
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
-        logits = _one_thread(lambda: self.member_logits(with_occlusions(encode([features])),
-                                                        occlusions=True))
+        with one_thread():
+            logits = self.member_logits(with_occlusions(encode([features])), occlusions=True)
         p = torch.sigmoid(logits[:, 0]).tolist()
         effects = (logits[:, :1] - logits[:, 1:]).tolist()
         words = describe(features)
@@ -131,16 +132,15 @@ class NeuralCouncil:
                        self.temperature)
 
 
-def _one_thread(fn: Callable[[], Tensor]) -> Tensor:
-    """One request's tensors are too small for intra-op threads to pay; worse, the idle
-    threads keep spinning afterwards and slow the rest of the graph run (measured by
-    benchmarks/graph_latency.py)."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Small tensors: intra-op threads never pay, and idle ones keep spinning afterwards and
+    slow the rest of the graph run (measured by benchmarks/graph_latency.py). Training uses
+    it too, so that a seed gives the same bytes on any machine."""
     threads = torch.get_num_threads()
-    if threads == 1:
-        return fn()
     torch.set_num_threads(1)
     try:
-        return fn()
+        yield
     finally:
         torch.set_num_threads(threads)
 

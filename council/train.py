@@ -21,7 +21,7 @@ from torch import Tensor
 from council.dataset import TARGETS, Sample, replay, synthetic_jobs
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.network import CouncilNet, NetSpec, param_count
-from council.neural import ABSTAIN_MARGIN, NeuralCouncil
+from council.neural import ABSTAIN_MARGIN, NeuralCouncil, one_thread
 from fleet.config import FleetConfig
 from fleet.trace import Job, read_trace
 
@@ -305,14 +305,8 @@ def ablations(council: NeuralCouncil, train: Split, val: Split, test: Split,
 
 def train(s: TrainSettings, config: FleetConfig, out: Path,
           log: Callable[[str], None] = print) -> dict[str, object]:
-    """One thread: these small recurrent nets gain little from more, and a fixed thread count
-    keeps the result the same bytes on any machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _train(s, config, out, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(s: TrainSettings, config: FleetConfig, out: Path,

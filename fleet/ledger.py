@@ -35,7 +35,7 @@ from fleet.models import (
     utc,
 )
 from fleet.placement import Decision, Kind, Snapshot, Ticket, decide
-from fleet.scheduler import decayed, fair_share_factors
+from fleet.scheduler import decayed, fair_share_factors, summarise
 from fleet.topology import Topology
 
 SCHEMA_VERSION = 1
@@ -676,16 +676,8 @@ class Ledger:
             "SELECT count, hours, ended_at, reason, mean_util_pct FROM history"
             " WHERE project=? AND ended_at > ? ORDER BY ended_at DESC, allocation_id"
             " LIMIT -1 OFFSET ?", (project, at - 8 * half_life_h * 3600.0, skip))
-        out = RecordSummary(events=len(rows), at=utc(at))
-        for r in rows:
-            w = decayed(r["count"] * r["hours"], r["ended_at"], at, half_life_h)
-            out.gpu_hours += w
-            out.idle_gpu_hours += w if r["reason"] == ReleaseReason.IDLE else 0.0
-            out.budget_gpu_hours += w if r["reason"] == ReleaseReason.BUDGET else 0.0
-            if r["mean_util_pct"] is not None:
-                out.rated_gpu_hours += w
-                out.util_gpu_hours += w * r["mean_util_pct"]
-        return out
+        return summarise(((r["count"], r["hours"], r["ended_at"], r["reason"],
+                           r["mean_util_pct"]) for r in rows), at, half_life_h)
 
     def dump(self) -> list[str]:
         """Every row of every table, for tests that prove nothing changed."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from fleet.config import SchedulerSettings
-from fleet.models import Priority
+from fleet.models import Priority, RecordSummary, ReleaseReason, utc
+
+# (GPUs, hours held, ended at (epoch s), release reason, mean utilisation % or None)
+Record = tuple[int, float, float, str, float | None]
 
 PRIORITY_FACTOR: dict[Priority, float] = {
     Priority.LOW: 0.25,
@@ -22,6 +25,21 @@ PRIORITY_FACTOR: dict[Priority, float] = {
 
 def decayed(value: float, since: float, now: float, half_life_hours: float) -> float:
     return value * float(2.0 ** (-max(0.0, now - since) / (half_life_hours * 3600.0)))
+
+
+def summarise(records: Iterable[Record], at: float, half_life_hours: float) -> RecordSummary:
+    """A project's older history as GPU-hour sums, each record decayed from its end to `at`."""
+    out = RecordSummary(at=utc(at))
+    for count, hours, ended_at, reason, util in records:
+        w = decayed(count * hours, ended_at, at, half_life_hours)
+        out.events += 1
+        out.gpu_hours += w
+        out.idle_gpu_hours += w if reason == ReleaseReason.IDLE else 0.0
+        out.budget_gpu_hours += w if reason == ReleaseReason.BUDGET else 0.0
+        if util is not None:
+            out.rated_gpu_hours += w
+            out.util_gpu_hours += w * util
+    return out
 
 
 def fair_share_factors(
