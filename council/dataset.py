@@ -15,7 +15,6 @@ matters more than old: what the council's time constants are for.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import random
@@ -210,9 +209,8 @@ class World:
             return None
         at = past[-keep].ended_at
         half_life_h = self.config.council.record_half_life_days * 24
-        lo = bisect.bisect_left([j.ended_at for j in past], at - 8 * half_life_h * 3600)
         out = summarise(((j.count, j.hours, j.ended_at, j.reason, j.util_pct)
-                         for j in past[lo:len(past) - keep]), at, half_life_h)
+                         for j in past[:len(past) - keep]), at, half_life_h)
         return out if out.events else None
 
     def _submit(self, job: Job) -> Sample | None:

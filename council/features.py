@@ -37,6 +37,19 @@ class RequestFeatures:
     now: float = 0.0  # epoch seconds when the request was judged
 
 
+def worst_case_usd(request: GPURequest, config: FleetConfig) -> float:
+    """The request's cost on the cheapest type it may run on."""
+    types = [request.gpu_type] if request.gpu_type else config.pool(request.purpose)
+    return min(estimate(request, config, t)[1] for t in types)
+
+
+def cost_pressure(worst_usd: float, remaining_usd: float | None) -> float:
+    """Worst case over the remaining budget (over REFERENCE_USD without one), capped at 10."""
+    if remaining_usd is None:
+        return min(worst_usd / REFERENCE_USD, 10.0)
+    return min(worst_usd / remaining_usd, 10.0) if remaining_usd > 0 else 10.0
+
+
 def build_features(
     request: GPURequest, config: FleetConfig, stats: ProjectStats, held: dict[str, int],
     now: float,
@@ -60,13 +73,8 @@ def assemble(request: GPURequest, config: FleetConfig, standing: Standing,
     """The features from their parts; the training replay calls this without a ledger."""
     record = rates(past, older, now, config.council.record_half_life_days,
                    config.council.record_prior_gpu_hours)
-    types = [request.gpu_type] if request.gpu_type else config.pool(request.purpose)
-    worst = min(estimate(request, config, t)[1] for t in types)
+    worst = worst_case_usd(request, config)
     remaining = standing.remaining_usd
-    if remaining is None:
-        pressure = worst / REFERENCE_USD
-    else:
-        pressure = worst / remaining if remaining > 0 else 10.0
     pool = config.pool(request.purpose)
     pool_total = sum(config.gpus_of_type(t) for t in pool)
     training = set(config.pool(Purpose.TRAINING))
@@ -80,7 +88,7 @@ def assemble(request: GPURequest, config: FleetConfig, standing: Standing,
         hours=request.duration_hours,
         priority=PRIORITY_FACTOR[request.priority],
         worst_case_usd=worst,
-        cost_pressure=min(pressure, 10.0),
+        cost_pressure=cost_pressure(worst, remaining),
         budgeted=remaining is not None,
         usage_share=standing.usage_share,
         fair_share=standing.fair_share,

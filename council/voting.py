@@ -58,11 +58,27 @@ def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str,
 
 def auto_approves(features: RequestFeatures, critical: bool, settings: CouncilSettings) -> bool:
     """Small, cheap, non-critical requests skip the members."""
+    return small(features.count, features.worst_case_usd, features.cost_pressure, critical,
+                 settings)
+
+
+def small(count: int, worst_case_usd: float, cost_pressure: float, critical: bool,
+          settings: CouncilSettings) -> bool:
+    """The auto-approval rule on its inputs, so a caller can apply it before it gathers the
+    project's record (which the rule does not read)."""
     return (
         not critical
-        and features.count <= settings.auto_approve_max_gpus
-        and features.worst_case_usd <= settings.auto_approve_max_usd
-        and features.cost_pressure < 1.0
+        and count <= settings.auto_approve_max_gpus
+        and worst_case_usd <= settings.auto_approve_max_usd
+        and cost_pressure < 1.0
+    )
+
+
+def auto_approval(count: int, worst_case_usd: float, settings: CouncilSettings
+                  ) -> CouncilDecision:
+    return CouncilDecision(
+        outcome=Outcome.AUTO_APPROVED, probability=1.0, quorum=settings.quorum,
+        policy="auto-approve", summary=f"small request: {count} GPU, ${worst_case_usd:.2f}",
     )
 
 
@@ -70,11 +86,7 @@ def convene(council: Council, features: RequestFeatures, critical: bool,
             settings: CouncilSettings) -> CouncilDecision:
     """Small, cheap, non-critical requests skip the members; everything else is voted on."""
     if auto_approves(features, critical, settings):
-        return CouncilDecision(
-            outcome=Outcome.AUTO_APPROVED, probability=1.0, quorum=settings.quorum,
-            policy="auto-approve",
-            summary=f"small request: {features.count} GPU, ${features.worst_case_usd:.2f}",
-        )
+        return auto_approval(features.count, features.worst_case_usd, settings)
     return council.decide(features, settings)
 
 

@@ -25,6 +25,11 @@ class FleetBackend(Protocol):
         """Act on an overheating GPU; True when the backend could do something about it."""
         ...
 
+    def steady_until(self, gpu_ids: list[str], at: float) -> float:
+        """Until when the readings taken at `at` stay the same; `at` itself when the backend
+        cannot promise it (real GPUs), and then the monitor runs every tick."""
+        ...
+
     def reset(self, gpu_ids: list[str]) -> None:
         """Undo per-allocation actions (throttling) once the GPUs are released."""
         ...

@@ -155,10 +155,25 @@ class FleetConfig(_Strict):
         return self
 
     def gpus_of_type(self, gpu_type: str) -> int:
-        return sum(n.gpus for n in self.nodes if n.gpu_type == gpu_type)
+        return _gpu_counts(self.nodes).get(gpu_type, 0)
 
     def pool(self, purpose: Purpose) -> list[str]:
         return self.pools[purpose]
+
+
+_COUNTS: dict[int, tuple[list[NodeSpec], dict[str, int]]] = {}
+
+
+def _gpu_counts(nodes: list[NodeSpec]) -> dict[str, int]:
+    """GPUs per type of a node list, counted once per list (routing asks at every request);
+    the list is kept with its counts, so a reused id() can never return stale ones."""
+    hit = _COUNTS.get(id(nodes))
+    if hit is None or hit[0] is not nodes:
+        counts: dict[str, int] = {}
+        for n in nodes:
+            counts[n.gpu_type] = counts.get(n.gpu_type, 0) + n.gpus
+        hit = _COUNTS[id(nodes)] = (nodes, counts)
+    return hit[1]
 
 
 DEFAULT_FLEET = "default_fleet.toml"

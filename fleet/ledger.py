@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -34,8 +35,8 @@ from fleet.models import (
     RouteDecision,
     utc,
 )
-from fleet.placement import Decision, Kind, Snapshot, Ticket, decide
-from fleet.scheduler import decayed, fair_share_factors, summarise
+from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
+from fleet.scheduler import decayed, fair_share_factors
 from fleet.topology import Topology
 
 SCHEMA_VERSION = 1
@@ -66,6 +67,8 @@ CREATE TABLE IF NOT EXISTS allocations (
     util_sum REAL NOT NULL DEFAULT 0,
     util_n INTEGER NOT NULL DEFAULT 0,
     ticks INTEGER NOT NULL DEFAULT 0,
+    util_last REAL,
+    busy_at_start REAL,
     gpu_ids TEXT NOT NULL DEFAULT '[]',
     nodes TEXT NOT NULL DEFAULT '[]',
     request TEXT NOT NULL,
@@ -84,6 +87,10 @@ CREATE TABLE IF NOT EXISTS charges (
     charged_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charges_by_project ON charges (project);
+CREATE TABLE IF NOT EXISTS spend (
+    project TEXT PRIMARY KEY,
+    usd REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS history (
     allocation_id TEXT PRIMARY KEY REFERENCES allocations (id),
     thread_id TEXT NOT NULL,
@@ -107,6 +114,16 @@ CREATE TABLE IF NOT EXISTS budgets (
     project TEXT PRIMARY KEY,
     budget_usd REAL NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    project TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    events INTEGER NOT NULL,
+    gpu_hours REAL NOT NULL,
+    idle_gpu_hours REAL NOT NULL,
+    budget_gpu_hours REAL NOT NULL,
+    rated_gpu_hours REAL NOT NULL,
+    util_gpu_hours REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage (
     project TEXT PRIMARY KEY,
@@ -149,6 +166,9 @@ class LedgerRow:
     util_n: int
     gpu_ids: list[str]
     nodes: list[str]
+    ticks: int = 0
+    util_last: float | None = None  # the last tick's mean utilisation
+    busy_at_start: float | None = None  # share of the fleet held by others when it started
 
     @property
     def rate_usd_per_s(self) -> float:
@@ -194,6 +214,17 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """Where an allocation's lease stands: what a monitor reads at every tick."""
+
+    state: str
+    deadline: float | None
+    deadline_reason: ReleaseReason | None
+    released_at: float | None
+    release_reason: ReleaseReason | None
+
+
+@dataclass(frozen=True)
 class PlaceResult:
     decision: Decision
     row: LedgerRow | None  # None only when a fresh request is denied
@@ -208,25 +239,40 @@ class ProjectCost:
     budget_usd: float | None
 
 
-_ROW_FIELDS = frozenset(f.name for f in fields(LedgerRow))
+# budget.worst_case of a project's (:p) active allocations, summed by the database
+COMMITTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (deadline - started_at)), 0)"
+             " FROM allocations WHERE state='active' AND project=:p")
+RECORD_SUMS = ("gpu_hours", "idle_gpu_hours", "budget_gpu_hours", "rated_gpu_hours",
+               "util_gpu_hours")
+
+
+ROW = "SELECT " + ", ".join(f.name for f in fields(LedgerRow)) + " FROM allocations"
+_AT = {f.name: i for i, f in enumerate(fields(LedgerRow))}
 
 
 def _row(r: sqlite3.Row) -> LedgerRow:
-    d = {k: r[k] for k in r.keys() if k in _ROW_FIELDS}  # noqa: SIM118 (a Row, not a dict)
-    return LedgerRow(**d | {
-        "purpose": Purpose(d["purpose"]),
-        "deadline_reason": ReleaseReason(d["deadline_reason"]) if d["deadline_reason"] else None,
-        "release_reason": ReleaseReason(d["release_reason"]) if d["release_reason"] else None,
-        "gpu_ids": json.loads(d["gpu_ids"]),
-        "nodes": json.loads(d["nodes"]),
-    })
+    """A row selected with ROW (its columns in LedgerRow's order)."""
+    v = list(r)
+    v[_AT["purpose"]] = Purpose(v[_AT["purpose"]])
+    for name in ("deadline_reason", "release_reason"):
+        v[_AT[name]] = ReleaseReason(v[_AT[name]]) if v[_AT[name]] else None
+    for name in ("gpu_ids", "nodes"):
+        v[_AT[name]] = json.loads(v[_AT[name]])
+    return LedgerRow(*v)
 
 
 class Ledger:
-    def __init__(self, path: str | Path, config: FleetConfig) -> None:
+    def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
+        """`durable=False` skips fsync (a simulation's scratch ledger): a power cut may lose
+        the last transactions, never corrupt the file's consistency."""
         self.path = Path(path)
         self.config = config
         self._lock = threading.RLock()
+        self._types: tuple[list[GPUInfo], dict[str, list[GPUInfo]]] | None = None
+        # GPU type -> held GPU uuids, valid while no other connection has committed
+        # (PRAGMA data_version); this connection's own changes update it as they are made.
+        self._held: dict[str, set[str]] = {}
+        self._version: int | None = None
         try:
             self._db = sqlite3.connect(
                 str(self.path), isolation_level=None, check_same_thread=False, timeout=60.0
@@ -234,7 +280,7 @@ class Ledger:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 60000")
             self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -274,8 +320,29 @@ class Ledger:
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
-            else:  # an index added within version 1: ledgers made before it get it now
-                db.execute("CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at)")
+            else:
+                self._upgrade(db)
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """What was added within schema version 1: ledgers made before get it now."""
+        db.execute("CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at)")
+        columns = {r["name"] for r in db.execute("PRAGMA table_info(allocations)")}
+        for column in ("util_last", "busy_at_start"):
+            if column not in columns:
+                db.execute(f"ALTER TABLE allocations ADD COLUMN {column} REAL")
+        tables = {r["name"] for r in db.execute("SELECT name FROM sqlite_master")}
+        if "spend" not in tables:
+            db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS spend"):
+                              SCHEMA.index("CREATE TABLE IF NOT EXISTS history")].rstrip("; \n"))
+            db.execute("INSERT INTO spend (project, usd) SELECT project, sum(amount_usd) "
+                       "FROM charges GROUP BY project")
+        if "records" not in tables:
+            db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS records"):
+                              SCHEMA.index("CREATE TABLE IF NOT EXISTS usage")].rstrip("; \n"))
+            for r in db.execute("SELECT project, count, hours, ended_at, reason, mean_util_pct "
+                                "FROM history ORDER BY ended_at, allocation_id").fetchall():
+                self._record(db, r["project"], r["count"] * r["hours"], r["ended_at"],
+                             r["reason"], r["mean_util_pct"])
 
     @contextmanager
     def _begin(self, mode: str) -> Iterator[sqlite3.Connection]:
@@ -285,6 +352,8 @@ class Ledger:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._held.clear()  # it may hold changes that were just undone
+                self._version = None
                 raise
             self._db.execute("COMMIT")
 
@@ -298,13 +367,16 @@ class Ledger:
 
     def _running(self, db: sqlite3.Connection, project: str) -> list[Running]:
         return [
-            _row(r).running()
+            Running(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
+                    r["deadline"])
             for r in db.execute(
-                "SELECT * FROM allocations WHERE state='active' AND project=?", (project,)
+                "SELECT id, price_per_hour, count, started_at, deadline FROM allocations "
+                "WHERE state='active' AND project=?", (project,)
             )
         ]
 
-    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def _read(self, sql: str,
+              args: tuple[object, ...] | dict[str, object] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -347,17 +419,21 @@ class Ledger:
                 )
             if decision.kind is Kind.PLACE:
                 lease_end = now + route.est_hours * 3600.0
+                held = db.execute("SELECT count(*) FROM holds").fetchone()[0]
+                busy = min(1.0, held / len(inventory)) if inventory else 0.0
                 db.executemany(
                     "INSERT INTO holds (gpu_uuid, allocation_id) VALUES (?, ?)",
                     [(g.uuid, aid) for g in decision.gpus],
                 )
+                if route.gpu_type in self._held:
+                    self._held[route.gpu_type].update(g.uuid for g in decision.gpus)
                 nodes = sorted({g.node for g in decision.gpus})
                 db.execute(
                     "UPDATE allocations SET state='active', started_at=?, lease_end=?, "
-                    "deadline=?, deadline_reason=?, heartbeat_at=?, gpu_ids=?, nodes=? "
-                    "WHERE id=?",
+                    "deadline=?, deadline_reason=?, heartbeat_at=?, gpu_ids=?, nodes=?, "
+                    "busy_at_start=? WHERE id=?",
                     (now, lease_end, lease_end, ReleaseReason.LEASE_EXPIRED.value, now,
-                     json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), aid),
+                     json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), busy, aid),
                 )
             elif decision.kind is Kind.QUEUE:
                 db.execute("UPDATE allocations SET heartbeat_at=? WHERE id=?", (now, aid))
@@ -368,94 +444,172 @@ class Ledger:
     def _snapshot(
         self, db: sqlite3.Connection, me: Ticket, now: float, inventory: list[GPUInfo]
     ) -> Snapshot:
-        held = {r["gpu_uuid"] for r in db.execute("SELECT gpu_uuid FROM holds")}
-        free = [g for g in inventory if g.gpu_type == me.gpu_type and g.uuid not in held]
+        return self._line(db, me.gpu_type, me.project, now, inventory, me.allocation_id)
+
+    def _line(self, db: sqlite3.Connection, gpu_type: str, project: str, now: float,
+              inventory: list[GPUInfo], leave_out: str = "") -> Snapshot:
+        """The fleet as a request of `project` for `gpu_type` sees it: free GPUs, the line
+        (without `leave_out`), usage and the project's money."""
         waiting = [
             Ticket(r["id"], r["project"], r["gpu_type"], r["count"],
                    Priority(r["priority"]), r["enqueued_at"], r["heartbeat_at"])
             for r in db.execute(
                 "SELECT id, project, gpu_type, count, priority, enqueued_at, heartbeat_at "
                 "FROM allocations WHERE state='queued' AND gpu_type=? AND id<>?",
-                (me.gpu_type, me.allocation_id),
+                (gpu_type, leave_out),
             )
         ]
-        active = [_row(r) for r in db.execute("SELECT * FROM allocations WHERE state='active'")]
-        active_gpus: dict[str, int] = {}
-        for a in active:
-            active_gpus[a.project] = active_gpus.get(a.project, 0) + a.count
-        mine = [a.running() for a in active if a.project == me.project]
+        active_gpus, usage = self._active(db, now)
         return Snapshot(
             now=now,
-            free=free,
+            free=self._free(db, gpu_type, inventory),
             waiting=waiting,
-            usage=self._usage(db, now, active),
+            usage=usage,
             active_gpus=active_gpus,
-            budget_usd=self._budget(db, me.project),
-            spent_usd=self._spent(db, me.project),
-            committed_usd=worst_case(mine),
+            budget_usd=self._budget(db, project),
+            spent_usd=self._spent(db, project),
+            committed_usd=self._committed(db, project),
         )
 
-    def _usage(
-        self, db: sqlite3.Connection, now: float, active: list[LedgerRow]
-    ) -> dict[str, float]:
+    def placeable(self, freed: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[str]:
+        """Ids of the queued requests that `freed`'s release may let start: the head of its
+        type's line that fits in the free GPUs, and, where the project has a quota, the
+        project's own queued requests."""
+        with self.reading() as db:
+            ids = []
+            if db.execute("SELECT 1 FROM allocations WHERE state='queued' AND gpu_type=? "
+                          "LIMIT 1", (freed.gpu_type,)).fetchone():
+                line = in_line(self._line(db, freed.gpu_type, freed.project, now, inventory),
+                               self.config)
+                ids = [t.allocation_id for t in line]
+            if self.config.quotas.max_gpus(freed.project) is not None:
+                ids += [r["id"] for r in db.execute(
+                    "SELECT id FROM allocations WHERE state='queued' AND project=? "
+                    "AND gpu_type<>? ORDER BY enqueued_at, id", (freed.project, freed.gpu_type))]
+        return ids
+
+    def _free(self, db: sqlite3.Connection, gpu_type: str,
+              inventory: list[GPUInfo]) -> list[GPUInfo]:
+        held = self._held_of(db, gpu_type)
+        return [g for g in self._of_type(inventory, gpu_type) if g.uuid not in held]
+
+    def _held_of(self, db: sqlite3.Connection, gpu_type: str) -> set[str]:
+        """The held GPUs of a type, read once and then kept up to date (see __init__)."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._held.clear()
+            self._version = version
+        held = self._held.get(gpu_type)
+        if held is None:
+            held = self._held[gpu_type] = {r[0] for r in db.execute(
+                "SELECT h.gpu_uuid FROM holds h JOIN allocations a ON a.id = h.allocation_id "
+                "WHERE a.gpu_type=?", (gpu_type,))}
+        return held
+
+    def _of_type(self, inventory: list[GPUInfo], gpu_type: str) -> list[GPUInfo]:
+        """The inventory's GPUs of one type (indexed once per inventory list)."""
+        if self._types is None or self._types[0] is not inventory:
+            by_type: dict[str, list[GPUInfo]] = {}
+            for g in inventory:
+                by_type.setdefault(g.gpu_type, []).append(g)
+            self._types = (inventory, by_type)
+        return self._types[1].get(gpu_type, [])
+
+    def _active(self, db: sqlite3.Connection, now: float) -> tuple[dict[str, int],
+                                                                    dict[str, float]]:
+        """GPUs held per project, and decayed GPU-hours per project with the running
+        allocations' hours so far added (what fair share reads)."""
+        held: dict[str, int] = {}
+        running: dict[str, float] = {}
+        for r in db.execute("SELECT project, sum(count) AS n, sum(count * (? - started_at)) AS s"
+                            " FROM allocations WHERE state='active' GROUP BY project", (now,)):
+            held[r["project"]] = int(r["n"])
+            running[r["project"]] = float(r["s"]) / 3600.0
         half_life = self.config.scheduler.half_life_hours
         usage = {
             r["project"]: decayed(r["gpu_hours"], r["at"], now, half_life)
             for r in db.execute("SELECT project, gpu_hours, at FROM usage")
         }
-        for a in active:
-            assert a.started_at is not None
-            usage[a.project] = usage.get(a.project, 0.0) + a.count * (now - a.started_at) / 3600
-        return usage
+        for project, hours in running.items():
+            usage[project] = usage.get(project, 0.0) + hours
+        return held, usage
 
     def remaining_usd(self, project: str) -> float | None:
-        """Budget left after spend and the worst case of active allocations (None: unlimited)."""
-        with self.reading() as db:
-            budget = self._budget(db, project)
-            if budget is None:
-                return None
-            return budget - self._spent(db, project) - worst_case(self._running(db, project))
+        """Budget left after spend and the worst case of active allocations (None: unlimited).
+
+        One statement, so one consistent read without a transaction around it."""
+        budget, spent, committed = self._read(
+            "SELECT (SELECT budget_usd FROM budgets WHERE project=:p), "
+            f"(SELECT usd FROM spend WHERE project=:p), ({COMMITTED})", {"p": project})[0]
+        if budget is None:
+            budget = self.config.budgets.get(project)
+        if budget is None:
+            return None
+        return float(budget) - float(spent or 0.0) - float(committed or 0.0)
+
+    def _committed(self, db: sqlite3.Connection, project: str) -> float:
+        """budget.worst_case of the project's active allocations, summed by the database."""
+        return float(db.execute(COMMITTED, {"p": project}).fetchone()[0])
+
+    def available_by_type(self, config: FleetConfig) -> dict[str, int]:
+        """Per type, GPUs free now less the GPUs queued requests wait for."""
+        held = self.held_by_type()
+        queued = {r["gpu_type"]: int(r["n"]) for r in self._read(
+            "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='queued' "
+            "GROUP BY gpu_type")}
+        return {t: config.gpus_of_type(t) - held.get(t, 0) - queued.get(t, 0)
+                for t in config.catalog}
+
+    def held_by_type(self) -> dict[str, int]:
+        """GPUs held now, per GPU type."""
+        return {r["gpu_type"]: int(r["n"]) for r in self._read(
+            "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='active' "
+            "GROUP BY gpu_type")}
 
     def _budget(self, db: sqlite3.Connection, project: str) -> float | None:
         row = db.execute("SELECT budget_usd FROM budgets WHERE project=?", (project,)).fetchone()
         return float(row["budget_usd"]) if row else self.config.budgets.get(project)
 
     def _spent(self, db: sqlite3.Connection, project: str) -> float:
-        row = db.execute(
-            "SELECT coalesce(sum(amount_usd), 0) AS s FROM charges WHERE project=?", (project,)
-        ).fetchone()
-        return float(row["s"])
+        """The sum of the project's charges, kept beside them in the same transactions."""
+        row = db.execute("SELECT usd FROM spend WHERE project=?", (project,)).fetchone()
+        return float(row["usd"]) if row else 0.0
 
     # ---- running allocations -------------------------------------------------------------
 
-    def heartbeat(self, aid: str, now: float, tick: int, mean_util: float | None) -> None:
-        """A live monitor says it is still there, with tick `tick`'s mean utilisation.
-
-        A tick is counted once even when a resumed monitor re-runs it.
-        """
-        with self.transaction() as db:
-            db.execute("UPDATE allocations SET heartbeat_at=? WHERE id=?", (now, aid))
-            db.execute(
-                "UPDATE allocations SET ticks=?, util_sum=util_sum+?, util_n=util_n+? "
-                "WHERE id=? AND ticks<?",
-                (tick, mean_util or 0.0, 0 if mean_util is None else 1, aid, tick),
-            )
+    def heartbeat(self, aid: str, now: float, ticks: int, util_sum: float, util_n: int,
+                  util_last: float | None) -> None:
+        """A live monitor says it is still there, with its running utilisation totals after
+        tick `ticks` (absolute, so a resumed monitor that re-runs a tick counts it once)."""
+        with self._lock:  # one statement: atomic without a transaction around it
+            self._db.execute(
+                "UPDATE allocations SET heartbeat_at=:now, "
+                "util_sum=CASE WHEN ticks<:t THEN :s ELSE util_sum END, "
+                "util_n=CASE WHEN ticks<:t THEN :n ELSE util_n END, "
+                "util_last=CASE WHEN ticks<:t THEN :last ELSE util_last END, "
+                "ticks=max(ticks, :t) WHERE id=:id",
+                {"now": now, "t": ticks, "s": util_sum, "n": util_n, "last": util_last,
+                 "id": aid})
 
     def release(self, aid: str, reason: ReleaseReason, at: float) -> Release:
         """Free the GPUs, charge the project and write history, once. Idempotent."""
+        return self.release_once(aid, reason, at)[0]
+
+    def release_once(self, aid: str, reason: ReleaseReason, at: float) -> tuple[Release, bool]:
+        """`release`, and whether this call released it (False: it was released before)."""
         with self.transaction() as db:
             row = self._get(db, aid)
             if row is None:
                 raise InvalidInput(f"no allocation {aid!r}")
             if row.state == "released":
-                return row.to_release()
+                return row.to_release(), False
             if row.state == "queued":
                 self._close(db, aid, ReleaseReason.CANCELLED, at, 0.0)
             else:
                 self._finish(db, row, reason, at)
             released = self._get(db, aid)
             assert released is not None
-            return released.to_release()
+            return released.to_release(), True
 
     def _finish(self, db: sqlite3.Connection, row: LedgerRow, reason: ReleaseReason,
                 at: float) -> None:
@@ -463,20 +617,29 @@ class Ledger:
         end = min(max(at, row.started_at), row.deadline)
         hours = (end - row.started_at) / 3600.0
         cost = round(row.price_per_hour * row.count * hours, 9)
+        util_sum, util_n = self._filled(row, end)
+        mean_util = util_sum / util_n if util_n else None
+        db.execute("UPDATE allocations SET util_sum=?, util_n=? WHERE id=?",
+                   (util_sum, util_n, row.id))
         db.execute("DELETE FROM holds WHERE allocation_id=?", (row.id,))
+        if row.gpu_type in self._held:
+            self._held[row.gpu_type].difference_update(row.gpu_ids)
         db.execute(
             "INSERT INTO charges (allocation_id, project, amount_usd, charged_at) "
             "VALUES (?,?,?,?)",
             (row.id, row.project, cost, end),
         )
+        db.execute("INSERT INTO spend (project, usd) VALUES (?, ?) ON CONFLICT (project) "
+                   "DO UPDATE SET usd = usd + excluded.usd", (row.project, cost))
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "
             "reason, mean_util_pct) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (row.id, row.thread_id, row.project, row.purpose.value, row.priority,
              row.gpu_type, row.count, json.dumps(row.gpu_ids), row.started_at, end, hours,
-             row.hours, cost, reason.value, row.mean_util),
+             row.hours, cost, reason.value, mean_util),
         )
+        self._record(db, row.project, row.count * hours, end, reason.value, mean_util)
         half_life = self.config.scheduler.half_life_hours
         old = db.execute("SELECT gpu_hours, at FROM usage WHERE project=?",
                          (row.project,)).fetchone()
@@ -487,6 +650,16 @@ class Ledger:
             (row.project, base + row.count * hours, end),
         )
         self._close(db, row.id, reason, end, cost)
+
+    def _filled(self, row: LedgerRow, end: float) -> tuple[float, int]:
+        """Utilisation totals over the monitor's ticks, with the ticks it slept through
+        before `end` (a simulated monitor skips ticks whose readings it knows) counted at the
+        last reading."""
+        if row.util_last is None or not row.ticks:
+            return row.util_sum, row.util_n
+        tick = self.config.monitor.tick_seconds
+        missed = max(0, math.ceil((end - row.heartbeat_at) / tick - 1e-9) - 1)
+        return row.util_sum + missed * row.util_last, row.util_n + missed
 
     def _close(self, db: sqlite3.Connection, aid: str, reason: ReleaseReason, at: float,
                cost: float) -> None:
@@ -505,7 +678,7 @@ class Ledger:
             rows = [
                 _row(r)
                 for r in db.execute(
-                    "SELECT * FROM allocations WHERE state='active' AND deadline<=? "
+                    f"{ROW} WHERE state='active' AND deadline<=? "
                     "AND heartbeat_at<?",
                     (now, now - stale),
                 )
@@ -532,7 +705,7 @@ class Ledger:
             active = [
                 _row(r)
                 for r in db.execute(
-                    "SELECT * FROM allocations WHERE state='active' AND project=?", (project,)
+                    f"{ROW} WHERE state='active' AND project=?", (project,)
                 )
             ]
             leases = [
@@ -566,21 +739,31 @@ class Ledger:
     # ---- queries -------------------------------------------------------------------------
 
     def _get(self, db: sqlite3.Connection, aid: str) -> LedgerRow | None:
-        r = db.execute("SELECT * FROM allocations WHERE id=?", (aid,)).fetchone()
+        r = db.execute(f"{ROW} WHERE id=?", (aid,)).fetchone()
         return _row(r) if r else None
 
     def get(self, aid: str) -> LedgerRow:
-        rows = self._read("SELECT * FROM allocations WHERE id=?", (aid,))
+        rows = self._read(f"{ROW} WHERE id=?", (aid,))
         if not rows:
             raise InvalidInput(f"no allocation {aid!r}")
         return _row(rows[0])
 
+    def lease(self, aid: str) -> Lease:
+        rows = self._read("SELECT state, deadline, deadline_reason, released_at, "
+                          "release_reason FROM allocations WHERE id=?", (aid,))
+        if not rows:
+            raise InvalidInput(f"no allocation {aid!r}")
+        state, deadline, deadline_reason, released_at, release_reason = rows[0]
+        return Lease(state, deadline,
+                     ReleaseReason(deadline_reason) if deadline_reason else None, released_at,
+                     ReleaseReason(release_reason) if release_reason else None)
+
     def allocations(self, state: str | None = None) -> list[LedgerRow]:
         if state is None:
-            rows = self._read("SELECT * FROM allocations ORDER BY enqueued_at, id")
+            rows = self._read(f"{ROW} ORDER BY enqueued_at, id")
         else:
             rows = self._read(
-                "SELECT * FROM allocations WHERE state=? ORDER BY enqueued_at, id", (state,)
+                f"{ROW} WHERE state=? ORDER BY enqueued_at, id", (state,)
             )
         return [_row(r) for r in rows]
 
@@ -637,47 +820,89 @@ class Ledger:
     def project_stats(self, project: str, now: float, recent: int) -> ProjectStats:
         """The project's standing for the council: budget, usage share, recent history."""
         with self.reading() as db:
-            active = [_row(r) for r in db.execute("SELECT * FROM allocations WHERE state='active'")]
-            usage = self._usage(db, now, active)
+            active_gpus, usage = self._active(db, now)
             factors = fair_share_factors(usage, self.config.shares, [project])
             total = sum(usage.values())
-            mine = [a for a in active if a.project == project]
             stats = ProjectStats(
                 project=project,
                 budget_usd=self._budget(db, project),
                 spent_usd=self._spent(db, project),
-                committed_usd=worst_case([a.running() for a in mine]),
-                active_gpus=sum(a.count for a in mine),
+                committed_usd=self._committed(db, project),
+                active_gpus=active_gpus.get(project, 0),
                 decayed_gpu_hours=usage.get(project, 0.0),
                 usage_share=usage.get(project, 0.0) / total if total > 0 else 0.0,
                 fair_share=factors[project],
             )
-        stats.recent = self.history(project, limit=recent, with_requests=False)
-        if stats.recent:
-            stats.fleet_busy = self._occupancy([r.started_at.timestamp() for r in stats.recent])
-            stats.older = self._older(project, recent, stats.recent[-1].ended_at.timestamp())
+            stats.recent = self.history(project, limit=recent, with_requests=False)
+            if stats.recent:
+                stats.fleet_busy = self._busy(db, stats.recent)
+                stats.older = self._older(db, project, stats.recent)
         return stats
 
-    def _occupancy(self, times: list[float]) -> list[float]:
-        """The share of the fleet's GPUs held at each time."""
-        lo, hi = min(times), max(times)
-        spans = [(r["started_at"], r["ended_at"], r["count"]) for r in self._read(
-            "SELECT started_at, ended_at, count FROM history WHERE ended_at > ? AND started_at <= ?"
-            " UNION ALL SELECT started_at, 1e300, count FROM allocations"
-            " WHERE state='active' AND started_at <= ?", (lo, hi, hi))]
+    def _busy(self, db: sqlite3.Connection, records: list[HistoryRecord]) -> list[float]:
+        """The share of the fleet that others held when each allocation started (recorded at
+        placement; recomputed from history for allocations placed before it was recorded)."""
+        ids = [r.allocation_id for r in records]
+        marks = ",".join("?" * len(ids))
+        busy = {r["id"]: r["busy_at_start"] for r in db.execute(
+            f"SELECT id, busy_at_start FROM allocations WHERE id IN ({marks})", ids)}
         total = sum(n.gpus for n in self.config.nodes)
-        return [min(1.0, sum(c for s, e, c in spans if s <= t < e) / total) for t in times]
+        out = []
+        for r in records:
+            b = busy.get(r.allocation_id)
+            if b is None:
+                t = r.started_at.timestamp()
+                held = db.execute(
+                    "SELECT coalesce(sum(count), 0) FROM history WHERE started_at < ? AND "
+                    "ended_at > ? AND allocation_id <> ?", (t, t, r.allocation_id)).fetchone()[0]
+                b = min(1.0, held / total)
+            out.append(float(b))
+        return out
 
-    def _older(self, project: str, skip: int, at: float) -> RecordSummary:
-        """History beyond the newest `skip` events, decayed to `at`; events older than eight
-        half-lives weigh under 0.4 % and are left out."""
-        half_life_h = self.config.council.record_half_life_days * 24.0
-        rows = self._read(
-            "SELECT count, hours, ended_at, reason, mean_util_pct FROM history"
-            " WHERE project=? AND ended_at > ? ORDER BY ended_at DESC, allocation_id"
-            " LIMIT -1 OFFSET ?", (project, at - 8 * half_life_h * 3600.0, skip))
-        return summarise(((r["count"], r["hours"], r["ended_at"], r["reason"],
-                           r["mean_util_pct"]) for r in rows), at, half_life_h)
+    def _record(self, db: sqlite3.Connection, project: str, gpu_hours: float, ended_at: float,
+                reason: str, util: float | None) -> None:
+        """Add a finished allocation to the project's decayed record sums (kept at the time
+        of its latest end), so the council's older-history summary costs one row to read."""
+        half_life = self.config.council.record_half_life_days * 24.0
+        row = db.execute("SELECT * FROM records WHERE project=?", (project,)).fetchone()
+        at = max(ended_at, row["at"]) if row else ended_at
+        old = [0.0] * 5
+        if row:
+            k = decayed(1.0, row["at"], at, half_life)
+            old = [k * row[c] for c in RECORD_SUMS]
+        w = decayed(gpu_hours, ended_at, at, half_life)
+        new = [w, w if reason == ReleaseReason.IDLE else 0.0,
+               w if reason == ReleaseReason.BUDGET else 0.0,
+               w if util is not None else 0.0, w * util if util is not None else 0.0]
+        db.execute(
+            "INSERT OR REPLACE INTO records (project, at, events, gpu_hours, idle_gpu_hours, "
+            "budget_gpu_hours, rated_gpu_hours, util_gpu_hours) VALUES (?,?,?,?,?,?,?,?)",
+            (project, at, (row["events"] if row else 0) + 1,
+             *(a + b for a, b in zip(old, new, strict=True))))
+
+    def _older(self, db: sqlite3.Connection, project: str,
+               recent: list[HistoryRecord]) -> RecordSummary | None:
+        """History beyond the `recent` events, decayed to the end of the oldest of them: the
+        project's whole record less the recent events, both decayed to that time."""
+        row = db.execute("SELECT * FROM records WHERE project=?", (project,)).fetchone()
+        if row is None or row["events"] <= len(recent):
+            return None
+        at = recent[-1].ended_at.timestamp()
+        half_life = self.config.council.record_half_life_days * 24.0
+        grow = 2.0 ** ((row["at"] - at) / (half_life * 3600.0))  # from the record's time back
+        sums = [grow * row[c] for c in RECORD_SUMS]
+        for r in recent:
+            w = r.count * r.hours * 2.0 ** ((r.ended_at.timestamp() - at) / (half_life * 3600.0))
+            idle = r.reason is ReleaseReason.IDLE
+            budget = r.reason is ReleaseReason.BUDGET
+            rated = r.mean_util_pct is not None
+            mine = [w, w if idle else 0.0, w if budget else 0.0, w if rated else 0.0,
+                    w * r.mean_util_pct if r.mean_util_pct is not None else 0.0]
+            sums = [a - b for a, b in zip(sums, mine, strict=True)]
+        gpu, idle_h, budget_h, rated_h, util_h = (max(0.0, x) for x in sums)
+        return RecordSummary(events=row["events"] - len(recent), at=utc(at), gpu_hours=gpu,
+                             idle_gpu_hours=idle_h, budget_gpu_hours=budget_h,
+                             rated_gpu_hours=rated_h, util_gpu_hours=util_h)
 
     def dump(self) -> list[str]:
         """Every row of every table, for tests that prove nothing changed."""

@@ -9,10 +9,18 @@ A reading whose field is unavailable (None) counts neither for nor against a con
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fleet.config import MonitorSettings
 from fleet.models import Event, EventKind, GPUSample, MonitorState, ReleaseReason, utc
+
+
+def _copy(state: MonitorState) -> MonitorState:
+    """A copy whose lists can change without touching `state` (model_copy(deep=True) is
+    many times slower, and this runs at every tick)."""
+    return state.model_copy(update={"window": list(state.window),
+                                    "throttled": list(state.throttled)})
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ def assess(
     now: float,
     started_at: float,
 ) -> Assessment:
-    state = prev.model_copy(deep=True)
+    state = _copy(prev)
     state.ticks += 1
     state.last_tick_at = utc(now)
     events: list[Event] = []
@@ -82,3 +90,122 @@ def assess(
                 message=f"{s.temp_c:.0f} C is over {settings.throttle_temp_c:g} C: throttled",
             ))
     return Assessment(state, events, throttle, release, mean)
+
+
+# ---- skipping ticks whose readings are known in advance -----------------------------------
+#
+# A simulated backend knows until when a GPU's readings stay the same. Ticks that would read
+# the same values and conclude nothing new need not run one by one: the monitor sleeps to the
+# first tick that can conclude something (a warning, an idle release) or that reads new
+# values, and `skip` brings its state to where those ticks would have left it. The ticks are
+# the same grid (last tick + k x tick_seconds); real backends never promise steady readings,
+# so on real GPUs every tick runs.
+
+
+@dataclass(frozen=True)
+class Readings:
+    """What `assess` takes from one tick's samples."""
+
+    mean: float | None
+    idle: bool | None  # every GPU under the idle threshold; None: no reading
+
+
+def readings(samples: list[GPUSample], settings: MonitorSettings) -> Readings:
+    utils = [s.util_pct for s in samples if s.util_pct is not None]
+    if not utils:
+        return Readings(None, None)
+    idle = len(utils) == len(samples) and max(utils) < settings.idle_util_pct
+    return Readings(sum(utils) / len(utils), idle)
+
+
+def _grid(t0: float, at: float, tick: float) -> float:
+    """The first tick t0 + k x tick (k >= 1) at or after `at`."""
+    if math.isinf(at):
+        return at
+    k = max(1, math.ceil((at - t0) / tick - 1e-9))
+    return t0 + k * tick
+
+
+def _transient(settings: MonitorSettings, tick: float) -> int:
+    """Ticks after which the window holds only the new readings."""
+    return math.ceil(settings.low_util_window_minutes * 60.0 / tick) + 1
+
+
+def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, tick: float,
+              started_at: float, steady_until: float) -> float:
+    """The first tick that can conclude something new, given readings `last` until
+    `steady_until` (the last tick's time or earlier: no promise, the very next tick)."""
+    assert state.last_tick_at is not None
+    t0 = state.last_tick_at.timestamp()
+    first = t0 + tick
+    if last.mean is None or steady_until <= first:
+        return first
+    horizon = _grid(t0, steady_until, tick)
+    window_s = settings.low_util_window_minutes * 60.0
+    times = [t for t, _ in state.window]
+    window = [u for _, u in state.window]
+    warned = state.low_util_warned
+    idle_since = state.idle_since.timestamp() if state.idle_since else None
+    t = t0
+    for k in range(1, _transient(settings, tick) + 1):
+        t = t0 + k * tick
+        if t >= horizon:
+            return horizon
+        keep = [i for i, x in enumerate(times) if x > t - window_s]
+        times, window = [times[i] for i in keep] + [t], [window[i] for i in keep] + [last.mean]
+        if t - started_at >= window_s:
+            if sum(window) / len(window) < settings.low_util_pct:
+                if not warned:
+                    return t
+            else:
+                warned = False
+        if last.idle:
+            idle_since = t if idle_since is None else idle_since
+            if t - idle_since >= settings.idle_timeout_minutes * 60.0:
+                return t
+        else:
+            idle_since = None
+    at = horizon
+    if last.mean < settings.low_util_pct and not warned:
+        at = min(at, _grid(t0, max(t + tick, started_at + window_s), tick))
+    if last.idle and idle_since is not None:
+        at = min(at, _grid(t0, max(t + tick, idle_since + settings.idle_timeout_minutes * 60.0),
+                           tick))
+    return at
+
+
+def skip(state: MonitorState, last: Readings, settings: MonitorSettings, tick: float,
+         started_at: float, until: float) -> MonitorState:
+    """The state after the ticks before `until` that read `last` and concluded nothing new
+    (the ticks `next_tick` let the monitor sleep through)."""
+    assert state.last_tick_at is not None
+    t0 = state.last_tick_at.timestamp()
+    n = max(0, math.ceil((until - t0) / tick - 1e-9) - 1)  # ticks strictly before `until`
+    if n == 0 or last.mean is None:
+        return state
+    out = _copy(state)
+    window_s = settings.low_util_window_minutes * 60.0
+    explicit = min(n, _transient(settings, tick))
+    for k in range(1, explicit + 1):
+        t = t0 + k * tick
+        out.util_sum += last.mean
+        out.window = [(x, u) for x, u in out.window if x > t - window_s] + [(t, last.mean)]
+        if t - started_at >= window_s and \
+                sum(u for _, u in out.window) / len(out.window) >= settings.low_util_pct:
+            out.low_util_warned = False
+        if last.idle:
+            out.idle_since = out.idle_since or utc(t)
+        else:
+            out.idle_since = None
+    rest = n - explicit
+    if rest:
+        t = t0 + n * tick
+        out.util_sum += rest * last.mean
+        out.window = [(x, last.mean) for x in (t - k * tick for k in range(explicit))
+                      if x > t - window_s][::-1]
+        if t - started_at >= window_s and last.mean >= settings.low_util_pct:
+            out.low_util_warned = False
+    out.ticks += n
+    out.util_n += n
+    out.last_tick_at = utc(t0 + n * tick)
+    return out

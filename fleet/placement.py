@@ -8,7 +8,7 @@ line but blocks nobody until it is resumed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -93,22 +93,49 @@ def decide(
 
 def ahead_of(me: Ticket, snap: Snapshot, config: FleetConfig) -> list[Ticket]:
     """Live waiting requests for the same type that go before `me` in the fair order."""
-    settings = config.scheduler
-    stale_after = settings.stale_after_polls * settings.poll_seconds
-    live = [t for t in snap.waiting if snap.now - t.heartbeat_at <= stale_after]
-    live = [t for t in live if not _over_quota(t, snap, config)]
+    live = _live(snap, config)
     if not live:
         return []
-    factors = fair_share_factors(
-        snap.usage, config.shares, [me.project, *(t.project for t in live)]
-    )
+    key = _fair_key(snap, config, [me, *live])
+    mine = key(me)
+    return [t for t in live if key(t) > mine]
+
+
+def in_line(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
+    """The waiting requests that `decide` would place now, in fair order: the longest head of
+    the line whose GPUs fit in the free ones (no backfill: one that does not fit holds up
+    everyone behind it). Whom to wake when GPUs are freed."""
+    live = _live(snap, config)
+    if not live:
+        return []
+    free, out = len(snap.free), []
+    for t in sorted(live, key=_fair_key(snap, config, live), reverse=True):
+        if t.count > free:
+            break
+        free -= t.count
+        out.append(t)
+    return out
+
+
+def _live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
+    """Waiting requests still polling and not held back by their quota."""
+    settings = config.scheduler
+    stale_after = settings.stale_after_polls * settings.poll_seconds
+    return [t for t in snap.waiting
+            if snap.now - t.heartbeat_at <= stale_after and not _over_quota(t, snap, config)]
+
+
+def _fair_key(snap: Snapshot, config: FleetConfig,
+              tickets: list[Ticket]) -> Callable[[Ticket], tuple[float, float]]:
+    """Multifactor score (then the earlier request) among the projects of `tickets`."""
+    settings = config.scheduler
+    factors = fair_share_factors(snap.usage, config.shares, [t.project for t in tickets])
 
     def key(t: Ticket) -> tuple[float, float]:
         return (score(t.priority, factors[t.project], snap.now - t.enqueued_at, settings),
                 -t.enqueued_at)
 
-    mine = key(me)
-    return [t for t in live if key(t) > mine]
+    return key
 
 
 def _over_quota(t: Ticket, snap: Snapshot, config: FleetConfig) -> bool:

@@ -2,11 +2,14 @@
 
 A request's duration is time on its reference type (the type it names, or the first type of its
 purpose's pool). On another type the same work takes duration x ref_speed / speed, so a card
-twice as fast at less than twice the price is the cheaper choice.
+twice as fast at less than twice the price is the cheaper choice. A cheaper type that is full
+does not make a request wait while a dearer type of its pool could start it now (found by the
+trace simulation: every training job queued for the H100s while the A100s stood idle).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fleet.config import FleetConfig
@@ -57,8 +60,12 @@ def _option(
 
 
 def route(
-    request: GPURequest, config: FleetConfig, remaining_usd: float | None
+    request: GPURequest, config: FleetConfig, remaining_usd: float | None,
+    available: Mapping[str, int] | None = None,
 ) -> RouteDecision | Refusal:
+    """The type for `request`. `available` (GPUs free now less those queued, per type) makes
+    the budget mode take the cheapest type that can start now over a cheaper one it would
+    queue for; without it, or when none can start now, the cheapest."""
     types = list(config.pool(request.purpose))
     if request.gpu_type and request.gpu_type not in types:
         types.append(request.gpu_type)
@@ -86,8 +93,12 @@ def route(
         chosen = max(feasible, key=lambda o: (o.relative_throughput, -o.est_cost_usd))
         why = "fastest within budget"
     else:
-        chosen = feasible[0]
+        ready = [o for o in feasible
+                 if available is not None and available.get(o.gpu_type, 0) >= request.count]
+        chosen = ready[0] if ready else feasible[0]
         why = "cheapest per unit of work"
+        if ready and chosen is not feasible[0]:
+            why = f"cheapest per unit of work free now ({feasible[0].gpu_type} is full)"
     return RouteDecision(
         gpu_type=chosen.gpu_type,
         pool=request.purpose,

@@ -88,6 +88,9 @@ class SimulatedFleet:
         self._throttled.add(gpu_id)
         return True
 
+    def steady_until(self, gpu_ids: list[str], at: float) -> float:
+        return at  # readings jitter from second to second
+
     def reset(self, gpu_ids: list[str]) -> None:
         self._throttled.difference_update(gpu_ids)
 

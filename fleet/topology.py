@@ -8,6 +8,7 @@ other as the fabric allows.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import networkx as nx
 
@@ -44,17 +45,19 @@ class Topology:
     def node_distance(self, a: str, b: str) -> float:
         return self._node_distance[a][b]
 
-    def choose(self, free: list[GPUInfo], count: int) -> list[GPUInfo] | None:
+    def choose(self, free: Sequence[GPUInfo], count: int) -> list[GPUInfo] | None:
         """The best `count` GPUs among `free` (all of one type), or None if there are too few."""
         if count > len(free):
             return None
         by_node: dict[str, list[GPUInfo]] = defaultdict(list)
-        for gpu in sorted(free, key=lambda g: (g.node, g.index)):
+        for gpu in free:
             by_node[gpu.node].append(gpu)
         fitting = [n for n, gpus in by_node.items() if len(gpus) >= count]
-        if fitting:
+        if fitting:  # best fit: the node with the fewest free GPUs that hold the request
             best = min(fitting, key=lambda n: (len(by_node[n]), n))
-            return by_node[best][:count]
+            return sorted(by_node[best], key=lambda g: g.index)[:count]
+        for gpus in by_node.values():
+            gpus.sort(key=lambda g: g.index)
         best_set: list[GPUInfo] | None = None
         best_cost = float("inf")
         for seed in sorted(by_node):

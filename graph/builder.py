@@ -71,6 +71,7 @@ NODES: dict[str, Node] = {
     "monitor": monitor,
     "deallocate": deallocate,
 }
+EDGES: dict[str, str] = {START: "validate", "deallocate": END}  # the unconditional edges
 ROUTERS: dict[str, Callable[[State], str]] = {
     "validate": after_validate,
     "council": after_council,
@@ -91,10 +92,10 @@ def build_graph(
     builder = StateGraph(State, context_schema=Context, input_schema=InputState)
     for name, fn in NODES.items():
         builder.add_node(name, (replace or {}).get(name, fn))
-    builder.add_edge(START, "validate")
+    for source, target in EDGES.items():
+        builder.add_edge(source, target)
     for name, router in ROUTERS.items():
         builder.add_conditional_edges(name, router)
-    builder.add_edge("deallocate", END)
     compiled = builder.compile(checkpointer=checkpointer, name=GRAPH_NAME)
     return compiled.with_config(recursion_limit=RECURSION_LIMIT)
 

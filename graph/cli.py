@@ -94,6 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short story on the simulated fleet in virtual time")
     _common(p)
 
+    p = sub.add_parser("simulate", help="replay a cluster trace through several policies in "
+                       "virtual time and report cost, utilisation, JCT, fairness, hoarding "
+                       "and budget violations side by side")
+    p.add_argument("--trace", required=True, help="trace CSV (submit time, duration, GPUs, "
+                   "project), e.g. ../shared/traces/philly.csv")
+    p.add_argument("--policies", default="naive,slurm-like,gpu-agent",
+                   help="comma-separated: naive, slurm-like, gpu-agent, "
+                   "gpu-agent-no-autorelease (default: naive,slurm-like,gpu-agent)")
+    p.add_argument("--jobs", type=int, help="only the earliest N jobs of the trace")
+    p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace "
+                   "fleet)")
+    p.add_argument("--out", default="simulation", metavar="DIR",
+                   help="where report.md, metrics.json, the plots and each gpu-agent policy's "
+                   "ledger go (default: ./simulation)")
+    p.add_argument("--seed", type=int, default=0, help="the workload's seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("analyze", help="usage patterns of the allocation history: demand "
+                       "against capacity, queueing, idle and hoarded GPU-hours, bottlenecks, "
+                       "recommendations and plots")
+    p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent)"
+                   "; its ledger is only read")
+    p.add_argument("--fleet", help="fleet TOML file (default: the state directory's fleet.toml "
+                   "if there is one, else env GPU_AGENT_FLEET, else the built-in fleet)")
+    p.add_argument("--since", metavar="DATE",
+                   help="keep allocations enqueued at or after this ISO date or datetime (UTC)")
+    p.add_argument("--until", metavar="DATE",
+                   help="keep allocations enqueued before this ISO date or datetime (UTC)")
+    p.add_argument("--out", metavar="DIR", help="directory for the PNG plots "
+                   "(default: <state-dir>/analysis)")
+    p.add_argument("--no-plots", action="store_true", help="write no plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("council", help="the neural council's weights")
     csub = p.add_subparsers(dest="council_command", required=True, parser_class=_Parser)
     cp = csub.add_parser("train", help="build the data, train, calibrate, evaluate and write "
@@ -270,6 +303,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fleet.config import parse_fleet
+    from sim.simulate import as_json, fleet_source, parse_policies, simulate, summary
+
+    policies = parse_policies(args.policies)
+    if args.jobs is not None and args.jobs < 1:
+        raise InvalidInput(f"--jobs must be at least 1, not {args.jobs}")
+    name, text = fleet_source(args.fleet)
+    sim = simulate(args.trace, policies, parse_fleet(text, source=f"fleet file {name}"), name,
+                   Path(args.out), jobs=args.jobs, seed=args.seed, fleet_text=text)
+    if args.json:
+        print(json.dumps(as_json(sim)))
+    else:
+        print(summary(sim))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from sim.analyze import run_analyze  # like demo: only the CLI reaches into sim/
+
+    code: int = run_analyze(state_dir=args.state_dir, fleet=args.fleet, since=args.since,
+                            until=args.until, out=args.out, plots=not args.no_plots,
+                            as_json=args.json)
+    return code
+
+
 def cmd_council(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -293,7 +354,8 @@ def cmd_council(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "request": cmd_request, "status": cmd_status, "release": cmd_release,
     "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
-    "budget": cmd_budget, "demo": cmd_demo, "council": cmd_council,
+    "budget": cmd_budget, "demo": cmd_demo, "simulate": cmd_simulate, "analyze": cmd_analyze,
+    "council": cmd_council,
 }
 
 

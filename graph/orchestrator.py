@@ -39,7 +39,7 @@ from fleet.models import (
     Status,
     utc,
 )
-from fleet.validation import check_against_fleet, check_budget, parse_request
+from fleet.validation import check_against_fleet, parse_request
 from graph.builder import after_allocate, build_graph
 from graph.checkpoint import open_sqlite_saver
 from graph.handle import AllocationHandle
@@ -276,18 +276,11 @@ class Orchestrator:
         self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
     ) -> Release:
         """Release now (or cancel a queued request). A second release returns the first."""
-        release = self.services.ledger.release(allocation_id, reason, self.services.clock.now())
-        self.services.wake(allocation_id)
-        self.services.wake_waiters()
-        return release
+        return self.services.release(allocation_id, reason)
 
     def set_budget(self, project: str, budget_usd: float) -> list[str]:
         """Set a project's budget; returns the allocations whose deadline it moved."""
-        check_budget(project, budget_usd)
-        moved = self.services.ledger.set_budget(project, budget_usd, self.services.clock.now())
-        for row in moved:
-            self.services.wake(row.id)
-        return [row.id for row in moved]
+        return self.services.set_budget(project, budget_usd)
 
     def history(self, project: str | None = None) -> list[HistoryRecord]:
         return self.services.ledger.history(project)

@@ -21,10 +21,11 @@ from fleet.clock import Clock, WakeToken
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
-from fleet.models import GPUInfo
+from fleet.models import GPUInfo, Release, ReleaseReason
 from fleet.simulated import SimulatedFleet
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
+from fleet.validation import check_budget
 
 BACKENDS = ("simulated",)
 
@@ -64,17 +65,36 @@ class Services:
     def wake(self, allocation_id: str) -> None:
         self.waker(allocation_id).set()
 
-    def wake_waiters(self) -> None:
-        """GPUs were freed: queued requests in this process retry now, not at their next poll."""
-        for row in self.ledger.allocations("queued"):
+    def wake_waiters(self, freed: str) -> None:
+        """Allocation `freed` let its GPUs go: the queued requests in this process that can
+        start now retry now, not at their next poll."""
+        for aid in self.ledger.placeable(self.ledger.get(freed), self.clock.now(),
+                                         self.inventory):
             with self._lock:
-                token = self._wakers.get(row.id)
+                token = self._wakers.get(aid)
             if token is not None:
                 token.set()
+
+    def release(self, allocation_id: str, reason: ReleaseReason) -> Release:
+        """Release now (or cancel a queued request); its monitor and the queue hear at once.
+        A second release returns the first."""
+        release = self.ledger.release(allocation_id, reason, self.clock.now())
+        self.wake(allocation_id)
+        self.wake_waiters(allocation_id)
+        return release
 
     def forget(self, allocation_id: str) -> None:
         with self._lock:
             self._wakers.pop(allocation_id, None)
+
+    def set_budget(self, project: str, budget_usd: float) -> list[str]:
+        """Set a project's budget; the monitors of allocations whose deadline moved hear at
+        once. Returns their ids."""
+        check_budget(project, budget_usd)
+        moved = self.ledger.set_budget(project, budget_usd, self.clock.now())
+        for row in moved:
+            self.wake(row.id)
+        return [row.id for row in moved]
 
     def close(self) -> None:
         self.ledger.close()
@@ -94,6 +114,7 @@ def open_services(
     clock: Clock | None = None,
     council: Council | None = None,
     create: bool = True,
+    durable: bool = True,
 ) -> Services:
     config = fleet if isinstance(fleet, FleetConfig) else load_fleet(fleet)
     directory = prepare(state_dir or default_state_dir(), create=create)
@@ -101,7 +122,7 @@ def open_services(
     return Services(
         config=config,
         backend=fleet_backend,
-        ledger=Ledger(directory / LEDGER, config),
+        ledger=Ledger(directory / LEDGER, config, durable=durable),
         clock=clock or clock_for(directory, config.clock),
         chosen_council=council,
         state_dir=directory,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from langgraph.runtime import Runtime
 
-from council.features import build_features, is_critical
-from council.voting import convene
+from council.features import build_features, cost_pressure, is_critical, worst_case_usd
+from council.voting import auto_approval, convene, small
 from fleet.models import Outcome, Status
 from fleet.validation import refusal
 from nodes.context import Context, services_for
@@ -19,15 +18,19 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
     settings = svc.config.council
-    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
+    remaining = svc.ledger.remaining_usd(request.project)
+    refused = refusal(request, svc.config, remaining)
     if refused:  # the budget changed since validate: the rules decide, not the council
         return {"status": Status.DENIED, "reason": refused}
+    worst = worst_case_usd(request, svc.config)
+    critical = is_critical(request)
+    if small(request.count, worst, cost_pressure(worst, remaining), critical, settings):
+        return {"council": auto_approval(request.count, worst, settings)}  # no record needed
     now = svc.clock.now()
     stats = svc.ledger.project_stats(request.project, now, settings.history_events)
-    types = {g.uuid: g.gpu_type for g in svc.inventory}
-    held = Counter(types[g] for g in svc.ledger.holders() if g in types)
-    features = build_features(request, svc.config, stats, dict(held), now)
-    decision = convene(svc.council, features, is_critical(request), settings)
+    held = svc.ledger.held_by_type()
+    features = build_features(request, svc.config, stats, held, now)
+    decision = convene(svc.council, features, critical, settings)
     update: dict[str, Any] = {"council": decision}
     if decision.outcome is Outcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}

@@ -16,10 +16,11 @@ def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     allocation = state["allocation"]
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
-    release = svc.ledger.release(allocation.id, state["release_reason"], when)
+    release, now_freed = svc.ledger.release_once(allocation.id, state["release_reason"], when)
     svc.backend.reset(allocation.gpu_ids)
     svc.forget(allocation.id)
-    svc.wake_waiters()
+    if now_freed:  # whoever released it earlier has woken the queue
+        svc.wake_waiters(allocation.id)
     return {
         "status": Status.RELEASED,
         "reason": f"released: {release.reason.value}",

@@ -1,6 +1,8 @@
 """One monitoring tick: sleep to the next tick, read the GPUs, warn, throttle, decide release.
 
-The ledger's deadline (lease end, or earlier when a budget was cut) is re-read every tick.
+The ledger's deadline (lease end, or earlier when a budget was cut) is re-read every tick. When
+the backend knows the readings will stay the same (a simulated trace), the monitor sleeps
+through the ticks that could conclude nothing new (fleet.monitoring.next_tick and skip).
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
-from fleet.ledger import LedgerRow
+from fleet.ledger import Lease
 from fleet.models import utc
-from fleet.monitoring import assess
+from fleet.monitoring import assess, next_tick, readings, skip
 from nodes.context import Context, services_for
 from nodes.state import State
 
 
-def _ended(row: LedgerRow, now: float) -> dict[str, Any] | None:
+def _ended(row: Lease, now: float) -> dict[str, Any] | None:
     """The release this tick must make, if the allocation is over."""
     if row.state == "released":
         assert row.release_reason is not None and row.released_at is not None
@@ -32,25 +34,35 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     allocation = state["allocation"]
     mon = state["monitor"]
-    row = svc.ledger.get(allocation.id)
+    row = svc.ledger.lease(allocation.id)
     ended = _ended(row, svc.clock.now())
     if ended:
         return ended
     assert row.deadline is not None and mon.last_tick_at is not None
-    next_tick = mon.last_tick_at.timestamp() + svc.config.monitor.tick_seconds
-    sleep_until(svc.clock, min(next_tick, row.deadline), svc.waker(allocation.id))
+    settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
+    started = allocation.started_at.timestamp()
+    last = readings(state["samples"], settings) if state.get("samples") else None
+    wake = mon.last_tick_at.timestamp() + tick
+    if last is not None:  # ticks that would read the same and conclude nothing are skipped
+        steady = svc.backend.steady_until(allocation.gpu_ids, mon.last_tick_at.timestamp())
+        wake = next_tick(mon, last, settings, tick, started, steady)
+    before = svc.clock.now()
+    sleep_until(svc.clock, min(wake, row.deadline), svc.waker(allocation.id))
     now = svc.clock.now()
-    row = svc.ledger.get(allocation.id)
-    ended = _ended(row, now)
-    if ended:
-        return ended
+    if now != before:  # time passed: the allocation may have ended meanwhile
+        row = svc.ledger.lease(allocation.id)
+        ended = _ended(row, now)
+        if ended:
+            return ended
+    if last is not None:
+        mon = skip(mon, last, settings, tick, started, now)
     holders = dict.fromkeys(allocation.gpu_ids, allocation.project)
     samples = svc.backend.sample(allocation.gpu_ids, now, holders)
-    assert allocation.started_at is not None
-    result = assess(samples, mon, svc.config.monitor, now, allocation.started_at.timestamp())
+    result = assess(samples, mon, settings, now, started)
     for gpu_id in result.throttle:
         svc.backend.throttle(gpu_id)
-    svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.mean_util)
+    svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
+                         result.state.util_n, result.mean_util)
     update: dict[str, Any] = {"monitor": result.state, "samples": samples}
     if result.events:
         update["events"] = result.events

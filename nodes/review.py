@@ -36,15 +36,19 @@ def parse_decision(answer: Any) -> HumanDecision:
     )
 
 
-def review(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def question(state: State) -> dict[str, Any]:
+    """What the human is asked: the request and every member's vote."""
     request = request_of(state)
-    decision = state["council"]
-    answer = interrupt({
+    return {
         "question": f"approve {request.count} GPU(s) for {request.project}?",
         "thread_id": state.get("thread_id", ""),
         "request": request.model_dump(mode="json"),
-        "council": decision.model_dump(mode="json"),
-    })
+        "council": state["council"].model_dump(mode="json"),
+    }
+
+
+def decided(state: State, runtime: Runtime[Context], answer: Any) -> dict[str, Any]:
+    """The update a human's answer makes (the simulator's reviewer answers through this too)."""
     human = parse_decision(answer)
     now = services_for(runtime).clock.now()
     verdict = "approved" if human.approve else "denied"
@@ -55,3 +59,7 @@ def review(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     if human.approve:
         return update | {"status": Status.PENDING, "reason": f"approved by {human.by}"}
     return update | {"status": Status.DENIED, "reason": f"denied by {human.by}{note}"}
+
+
+def review(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    return decided(state, runtime, interrupt(question(state)))

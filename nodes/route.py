@@ -17,7 +17,8 @@ from nodes.state import State, request_of
 def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
-    decision = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project))
+    decision = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project),
+                            svc.ledger.available_by_type(svc.config))
     if isinstance(decision, Refusal):
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
     return {"route": decision}

@@ -2,8 +2,9 @@
 
 vision trains on all eight H100s; sandbox grabs two RTX 4090s and leaves them idle (released
 for idling); ads serves on T4s until finance cuts its budget (released for budget); vision
-and nlp both queue for the H100s, and nlp, which has used less, goes first (fair share);
-sandbox then asks for sixteen H100s at critical priority and the council says no.
+and nlp both ask for H100s by name and queue for them, and nlp, which has used less, goes
+first (fair share); sandbox then asks for sixteen H100s at critical priority and the council
+says no.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ STORY: list[Step] = [
     Submit(0.2, "ads-serving", {"project": "ads", "purpose": "inference",
                                 "count": 2, "duration_hours": 12}),
     Submit(0.5, "vision-finetune", {"project": "vision", "purpose": "training",
-                                    "count": 8, "duration_hours": 4}),
-    Submit(1.0, "nlp-train", {"project": "nlp", "purpose": "training",
+                                    "type": "H100", "count": 8, "duration_hours": 4}),
+    Submit(1.0, "nlp-train", {"project": "nlp", "purpose": "training", "type": "H100",
                               "count": 8, "duration_hours": 4}),
     Submit(1.5, "sandbox-bigrun", {"project": "sandbox", "purpose": "training", "count": 16,
                                    "duration_hours": 24, "priority": "critical"}),

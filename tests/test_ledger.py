@@ -152,10 +152,23 @@ def test_reconcile_releases_expired_leases_of_dead_monitors(fx: Fixture) -> None
 def test_heartbeat_counts_a_tick_once(fx: Fixture) -> None:
     row = fx.place("t1").row
     assert row is not None
-    fx.ledger.heartbeat(row.id, T0 + 60, 1, 80.0)
-    fx.ledger.heartbeat(row.id, T0 + 60, 1, 80.0)  # a resumed monitor re-runs tick 1
-    fx.ledger.heartbeat(row.id, T0 + 120, 2, 40.0)
+    fx.ledger.heartbeat(row.id, T0 + 60, 1, 80.0, 1, 80.0)
+    fx.ledger.heartbeat(row.id, T0 + 60, 1, 80.0, 1, 80.0)  # a resumed monitor re-runs tick 1
+    fx.ledger.heartbeat(row.id, T0 + 120, 2, 120.0, 2, 40.0)
     assert fx.ledger.get(row.id).mean_util == pytest.approx(60.0)
+
+
+def test_release_counts_the_ticks_a_monitor_slept_through(fx: Fixture) -> None:
+    """A monitor that skipped steady ticks: the ticks before the release count at the last
+    reading (ticks every 60 s; last heartbeat at T0+120; released at T0+330: ticks at 180,
+    240 and 300 were slept through)."""
+    row = fx.place("t1").row
+    assert row is not None
+    fx.ledger.heartbeat(row.id, T0 + 120, 2, 160.0, 2, 80.0)
+    release = fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 330)
+    assert release.mean_util_pct == pytest.approx((160.0 + 3 * 80.0) / 5)
+    [record] = fx.ledger.history()
+    assert record.mean_util_pct == pytest.approx(80.0)
 
 
 def test_truncated_or_foreign_files(tmp_path: Path, config: FleetConfig) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from fleet.config import FleetConfig, SchedulerSettings
 from fleet.models import Priority
-from fleet.placement import Kind, Snapshot, Ticket, decide
+from fleet.placement import Kind, Snapshot, Ticket, decide, in_line
 from fleet.scheduler import decayed, fair_share_factors, score
 from fleet.simulated import SimulatedFleet
 from fleet.topology import Topology
@@ -102,3 +102,15 @@ def test_budget_denies_on_worst_case(config: FleetConfig) -> None:
     assert decide(ticket("x", "p"), 20.0, snap, config, topo(config)).kind is Kind.PLACE
     d = decide(ticket("x", "p"), 20.01, snap, config, topo(config))
     assert d.kind is Kind.DENY and "budget" in d.reason
+
+
+def test_in_line_is_the_head_of_the_line_that_fits(config: FleetConfig) -> None:
+    """Whom to wake when GPUs free up: in fair order (here: the older request first), as long
+    as their GPUs fit; the first that does not fit stops everyone behind it."""
+    line = [ticket("c", "p3", 1, enqueued=NOW - 60), ticket("a", "p1", 4, enqueued=NOW - 300),
+            ticket("b", "p2", 4, enqueued=NOW - 200)]
+    snap = snapshot(config, 5, line)
+    assert [t.allocation_id for t in in_line(snap, config)] == ["a"]  # b (4) > 1 left: stop,
+    # although c (1) would fit: no backfill
+    assert [t.allocation_id for t in in_line(snapshot(config, 8, line), config)] == ["a", "b"]
+    assert in_line(snapshot(config, 3, line), config) == []

@@ -63,3 +63,15 @@ def test_memory_filters_types(config: FleetConfig) -> None:
 def test_estimate_scales_by_throughput(config: FleetConfig) -> None:
     hours, cost = estimate(r(purpose="inference", count=1, duration_hours=3), config, "T4")
     assert hours == pytest.approx(3) and cost == pytest.approx(3 * 0.526)
+
+
+def test_a_full_cheap_type_does_not_make_a_request_wait(config: FleetConfig) -> None:
+    """H100 is cheaper per unit of work but full: the A100s that are free now take it; with
+    no A100 free either, the request queues for the cheapest, H100."""
+    decision = route(r(), config, None, available={"H100": 1, "A100": 2})
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "A100"
+    assert "H100 is full" in decision.reason
+    decision = route(r(), config, None, available={"H100": 0, "A100": 1})
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "H100"
+    decision = route(r(type="H100"), config, None, available={"H100": 0, "A100": 8})
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "H100"  # named: kept

@@ -1,0 +1,101 @@
+"""How fast a trace goes through the gpu-agent policy (the full graph), and how time grows.
+
+    .venv/bin/python benchmarks/simulate.py [--trace ../shared/traces/philly.csv]
+        [--scaling] [--jobs 1000,10000] [--fleets 64,512,4096]
+
+Times read + synthesize + the gpu-agent run (every job through validate, council, route,
+allocate, monitor and deallocate with the real ledger), not the report. With --scaling it first
+prints a table over job counts and fleet sizes: fleets are the trace fleet's type mix scaled
+to the size, and the trace's arrivals are stretched or squeezed by 1,024 / size so that every
+fleet carries the load per GPU that the 1,024-GPU fleet does. The last line is always the
+whole trace on the trace fleet: `jobs=... seconds=... jobs_per_s=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+# benchmarks/council.py would shadow the council package: the repository root goes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fleet.config import FleetConfig, parse_fleet
+from fleet.trace import Job, read_trace
+from sim.gpu_agent import AgentRun, run_gpu_agent
+from sim.workload import synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT.parent / "shared" / "traces" / "philly.csv"
+BASE_GPUS = 1024
+
+
+def trace_fleet() -> FleetConfig:
+    text = resources.files("fleet").joinpath("data", "trace_fleet.toml").read_text("utf-8")
+    return parse_fleet(text, source="trace_fleet.toml")
+
+
+def scaled(config: FleetConfig, gpus: int) -> FleetConfig:
+    """The same type mix with about `gpus` GPUs (at least one node of each type)."""
+    by_type: dict[str, list] = {}  # type: ignore[type-arg]
+    for node in config.nodes:
+        by_type.setdefault(node.gpu_type, []).append(node)
+    nodes = []
+    for gpu_type, group in by_type.items():
+        want = max(1, round(len(group) * gpus / BASE_GPUS))
+        per = group[0].gpus
+        nodes += [group[0].model_copy(update={"name": f"{gpu_type.lower()}-{i}"})
+                  for i in range(want)]
+        assert all(n.gpus == per for n in group)
+    return config.model_copy(update={"nodes": nodes})
+
+
+def squeezed(jobs: list[Job], factor: float) -> list[Job]:
+    """Arrivals `factor` times further apart (factor < 1: closer together)."""
+    t0 = jobs[0].submit
+    return [Job(j.project, t0 + (j.submit - t0) * factor, j.count, j.hours, j.line)
+            for j in jobs]
+
+
+def timed(jobs: list[Job], config: FleetConfig) -> tuple[float, AgentRun]:
+    start = time.perf_counter()
+    workload = synthesize(jobs, config)
+    with tempfile.TemporaryDirectory(prefix="gpu-agent-bench-") as tmp:
+        run = run_gpu_agent(workload, config, Path(tmp) / "state")
+    return time.perf_counter() - start, run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=str(TRACE))
+    parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--jobs", default="1000,10000")
+    parser.add_argument("--fleets", default="64,512,4096")
+    args = parser.parse_args()
+    base = trace_fleet()
+    started = time.perf_counter()
+    trace = read_trace(args.trace)
+    read_s = time.perf_counter() - started
+    if args.scaling:
+        print(f"{'jobs':>7} {'GPUs':>5} {'seconds':>8} {'jobs/s':>7} {'node runs':>10}")
+        for gpus in (int(g) for g in args.fleets.split(",")):
+            config = scaled(base, gpus)
+            fleet = sum(n.gpus for n in config.nodes)
+            for n in (int(j) for j in args.jobs.split(",")):
+                jobs = squeezed(trace[:n], BASE_GPUS / fleet)
+                seconds, run = timed(jobs, config)
+                print(f"{len(jobs):>7,} {fleet:>5,} {seconds:>8.1f} {len(jobs) / seconds:>7.0f} "
+                      f"{sum(run.steps.values()):>10,}", flush=True)
+    seconds, run = timed(trace, base)
+    seconds += read_s
+    print(f"node runs: {dict(run.steps)}; council: {dict(run.council)}; reviews {run.reviews}")
+    print(f"jobs={len(trace)} seconds={seconds:.1f} jobs_per_s={len(trace) / seconds:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The `gpu-agent` policy on a trace: every job is a request through the graph's own nodes.
+
+Each job attempt is a graph thread in the engine (sim/engine.py), with the real ledger (a
+scratch SQLite file in the run's state directory), the real council, routing, fair queue,
+monitor and auto-release, and the project budgets of the workload enforced. The simulated
+user does what the trace says: when the job's timeline ends (the process exits after its idle
+tail) the user releases the GPUs, unless the monitor released them first. A split council goes
+to a simulated reviewer who approves (a team lead who trusts their team); the count of reviews
+is reported.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.config import FleetConfig
+from fleet.models import GPURequest, Release, ReleaseReason, Status
+from nodes.context import open_services
+from sim.engine import Engine, EventClock, GraphThread
+from sim.lifecycle import Attempt, Segment, account, refused, rerun, timeline
+from sim.telemetry import TraceFleet
+from sim.workload import SimJob, Workload
+
+HORIZON_DAYS = 365  # requests still queued this long after the last submission are unplaced
+STEP_HOURS = 24.0  # the engine runs a virtual day at a time between progress reports
+
+
+@dataclass
+class _Run:
+    job: SimJob
+    attempt: int
+    submit: float
+    segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass
+class AgentRun:
+    attempts: list[Attempt]
+    council: Counter[str]  # outcome -> count
+    reviews: int
+    steps: Counter[str]  # node runs by node
+
+
+def request_for(job: SimJob, attempt: int) -> GPURequest:
+    return GPURequest.model_validate({
+        "project": job.project, "purpose": job.purpose, "type": job.named_type,
+        "count": job.count, "duration_hours": job.requested_hours,
+        "request_id": f"{job.id}-{attempt}"})
+
+
+def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
+                  progress: Callable[[int], None] | None = None) -> AgentRun:
+    config = config.model_copy(update={"budgets": dict(workload.budgets)})
+    jobs = sorted(workload.jobs, key=lambda j: (j.submit, j.id))
+    if not jobs:
+        return AgentRun([], Counter(), 0, Counter())
+    clock = EventClock(jobs[0].submit)
+    backend = TraceFleet(config)
+    services = open_services(state_dir, config, backend=backend, clock=clock, durable=False)
+    attempts: list[Attempt] = []
+    council: Counter[str] = Counter()
+    reviews = 0
+    remaining = len(jobs)
+
+    def reviewer(question: dict[str, Any]) -> dict[str, Any]:
+        nonlocal reviews
+        reviews += 1
+        return {"approve": True, "by": "sim-reviewer"}
+
+    def start(run: _Run) -> None:
+        engine.submit(f"job-{run.job.id}-{run.attempt}", request_for(run.job, run.attempt),
+                      run.submit, tag=run)
+
+    def on_step(thread: GraphThread, node: str, update: dict[str, Any]) -> None:
+        if node == "council" and "council" in update:
+            council[update["council"].outcome.value] += 1
+        if node != "allocate" or update.get("status") is not Status.ALLOCATED:
+            return
+        run: _Run = thread.tag
+        allocation = update["allocation"]
+        run.segments = timeline(run.job, allocation.gpu_type,
+                                allocation.started_at.timestamp(), config)
+        backend.run(allocation.gpu_ids, run.segments)
+        engine.call_at(run.segments[-1].end, lambda: _user_release(allocation.id))
+
+    def _user_release(aid: str) -> None:
+        if services.ledger.lease(aid).state == "active":
+            services.release(aid, ReleaseReason.EXPLICIT)
+
+    def on_end(thread: GraphThread) -> None:
+        nonlocal remaining
+        run: _Run = thread.tag
+        state = thread.state
+        release: Release | None = state.get("release")
+        if run.segments and release is not None:
+            end = release.released_at.timestamp()
+            attempts.append(account(run.job, run.attempt, state["allocation"].gpu_type,
+                                    run.submit, run.segments, end, release.reason,
+                                    release.cost_usd))
+            if attempts[-1].outcome == "killed":
+                again = rerun(run.job, run.segments, end, release.reason, run.attempt, config)
+                if again is not None:
+                    start(_Run(again, run.attempt + 1, end))
+                    return
+        else:
+            status = state.get("status")
+            outcome = "unplaced" if status is Status.TIMED_OUT else "denied"
+            attempts.append(refused(run.job, run.attempt, run.submit, outcome,
+                                    str(state.get("reason", status))))
+        remaining -= 1
+        if progress is not None:
+            progress(1)
+
+    engine = Engine(services, clock, reviewer, observer=on_step, finished=on_end)
+    try:
+        for job in jobs:
+            engine.call_at(job.submit, functools.partial(start, _Run(job, 1, job.submit)))
+        horizon = jobs[-1].submit + HORIZON_DAYS * 86400.0
+        t = jobs[0].submit
+        while remaining and engine.pending and t < horizon:
+            t += STEP_HOURS * 3600.0
+            engine.run(until=t)
+        for row in services.ledger.allocations("queued"):  # never placed within the horizon
+            services.ledger.release(row.id, ReleaseReason.CANCELLED, clock.now())
+    finally:
+        services.close()
+    return AgentRun(attempts + _unplaced(jobs, attempts), council, reviews, engine.steps)
+
+
+def _unplaced(jobs: list[SimJob], attempts: list[Attempt]) -> list[Attempt]:
+    """Jobs whose last request was still queued at the horizon."""
+    last: dict[int, Attempt] = {}
+    for a in attempts:
+        last[a.job] = a
+    return [refused(j, 1, j.submit, "unplaced", "still queued at the end of the simulation")
+            for j in jobs if j.id not in last]

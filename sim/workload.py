@@ -1,0 +1,270 @@
+"""Trace jobs made into requests and workloads by a documented, seeded rule.
+
+A trace row says when a team submitted a job, how many GPUs it held and for how long. It does
+not say what the job was for, which GPU it wanted, how long its owner asked for, what budget
+the team had, or how busy the GPUs were. Each of these is drawn here, from a generator seeded
+by (seed, trace line), so a job's synthetic half does not change when other jobs are added or
+removed:
+
+- purpose: jobs on 2+ GPUs train; a 1-GPU job under 30 minutes is research (a debug run or a
+  notebook); other 1-GPU jobs are batch inference with probability `inference_share`, else
+  training.
+- named type: a training job names the fastest training type with probability
+  `name_fastest_share` ("give me H100s"); an inference job names the training pool's reference
+  type with probability `inference_on_training_share` (inference on training hardware, the
+  waste the project exists to stop); all others leave the type to the router. The trace
+  duration is time on the named type, or on the pool's first (reference) type.
+- requested duration: users pad, and pick round values (Tsafrir, Etsion & Feitelson,
+  "Modeling User Runtime Estimates", JSSPP 2005: estimates are modal and mostly far above
+  the run time). The duration times a log-normal factor (median `pad_median`, sigma
+  `pad_sigma`), rounded up to the next of ROUND_HOURS; with probability `under_share` the
+  user asks for less than the job needs (factor 0.5-1) and the lease ends first.
+- utilisation: the trace duration splits into work (at a per-job SM utilisation), idle time in
+  the middle of the job and an idle tail after the work (a notebook or a finished script that
+  keeps its GPUs). The idle share of a job is Beta-distributed around 49 % for jobs under 6 h
+  and 25 % for jobs over 24 h (allocated-but-idle GPU time on Philly, ../shared/traces/README
+  and research/scheduling.md), 65 % of it mid-job (most idle periods are mid-job). Of the
+  mid-job idle time, a few pauses are long enough for a monitor to see (about one per
+  `1 / pauses_per_hour` hours, exponential with mean `pause_minutes`); the rest is stalls
+  shorter than a tick, which lower the work phases' utilisation. Work runs at about 81 % (the
+  H200 recording's training phase) for three jobs in four and at 10-40 % (under-used) for the
+  rest. `calibration()` prints what this gives against Philly's ~32 % of samples at 0 % and
+  mean utilisation of 47-52 %.
+- budget: each project gets `budget_factor` (a seeded draw per project) times the list price
+  of its trace work on the types the jobs reference.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fleet.config import FleetConfig
+from fleet.models import Purpose
+from fleet.trace import Job
+
+ROUND_HOURS = (0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 24, 48, 72, 96, 120, 168, 240, 336, 504, 720,
+               1080, 1440, 2160)
+MIN_PHASE_HOURS = 1 / 60  # a pause shorter than a minute is part of the work around it
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Work runs `hours` on the reference type at `util` % (faster types finish it sooner);
+    an idle phase (util 0, memory held) lasts `hours` of wall time on any type."""
+
+    hours: float
+    util: float
+    stall: float = 0.0  # share of a work phase spent in stalls too short for a tick to see
+
+    @property
+    def work(self) -> bool:
+        return self.util > 0
+
+
+@dataclass(frozen=True)
+class SimJob:
+    id: int
+    project: str
+    submit: float
+    count: int
+    purpose: Purpose
+    named_type: str | None  # the type the request names; None: the router chooses
+    reference: str  # the type the phases' work hours are measured on
+    requested_hours: float  # the lease asked for, on the reference type
+    pad: float  # requested / needed, kept when the user asks again
+    phases: tuple[Phase, ...]  # work and pauses, then the idle tail
+    line: int = 0
+
+    @property
+    def trace_hours(self) -> float:
+        return sum(p.hours for p in self.phases)
+
+    @property
+    def work_hours(self) -> float:
+        return sum(p.hours for p in self.phases if p.work)
+
+    @property
+    def work_gpu_hours(self) -> float:
+        """Useful work, in GPU-hours of the reference type."""
+        return self.count * self.work_hours
+
+
+@dataclass(frozen=True)
+class WorkloadSettings:
+    seed: int = 0
+    inference_share: float = 0.2
+    research_under_hours: float = 0.5
+    name_fastest_share: float = 0.3
+    inference_on_training_share: float = 0.3
+    pad_median: float = 2.0
+    pad_sigma: float = 0.6
+    under_share: float = 0.05
+    idle_short: float = 0.49  # mean idle share of jobs under 6 h
+    idle_long: float = 0.25  # ... and of jobs over 24 h
+    idle_concentration: float = 4.0
+    pause_share: float = 0.65  # of idle time, in the middle of the job
+    pauses_per_hour: float = 0.25  # pauses long enough for the monitor to see
+    pause_minutes: float = 10.0  # their mean length
+    max_pauses: int = 12
+    dense_share: float = 0.75
+    dense_util: tuple[float, float] = (81.0, 8.0)  # mean, sd (H200 training phase)
+    sparse_util: tuple[float, float] = (10.0, 40.0)  # uniform range
+    budget_factor: tuple[float, float] = (0.8, 1.6)
+
+
+@dataclass
+class Workload:
+    jobs: list[SimJob]
+    budgets: dict[str, float] = field(default_factory=dict)
+
+
+def _rng(seed: int, *key: object) -> random.Random:
+    return random.Random(zlib.crc32(":".join(map(str, (seed, *key))).encode()))
+
+
+def _purpose(job: Job, s: WorkloadSettings, rng: random.Random) -> Purpose:
+    if job.count >= 2:
+        return Purpose.TRAINING
+    if job.hours < s.research_under_hours:
+        return Purpose.RESEARCH
+    return Purpose.INFERENCE if rng.random() < s.inference_share else Purpose.TRAINING
+
+
+def _named(purpose: Purpose, config: FleetConfig, s: WorkloadSettings,
+           rng: random.Random) -> str | None:
+    draw = rng.random()
+    if purpose is Purpose.TRAINING and draw < s.name_fastest_share:
+        pool = config.pool(Purpose.TRAINING)
+        return max(pool, key=lambda t: config.catalog[t].relative_throughput)
+    if purpose is Purpose.INFERENCE and draw < s.inference_on_training_share:
+        return config.pool(Purpose.TRAINING)[0]
+    return None
+
+
+def requested(hours: float, pad: float, max_hours: float) -> float:
+    """What a user asks for: the need times their pad, rounded up to a round value."""
+    want = hours * pad
+    for r in ROUND_HOURS:
+        if r >= want - 1e-9:
+            return float(min(r, max_hours))
+    return max_hours
+
+
+def _pad(s: WorkloadSettings, rng: random.Random) -> float:
+    if rng.random() < s.under_share:
+        return rng.uniform(0.5, 1.0)
+    return max(1.0, s.pad_median * math.exp(rng.gauss(0.0, s.pad_sigma)))
+
+
+def _idle_mean(hours: float, s: WorkloadSettings) -> float:
+    if hours <= 6:
+        return s.idle_short
+    if hours >= 24:
+        return s.idle_long
+    return s.idle_short + (s.idle_long - s.idle_short) * (hours - 6) / 18
+
+
+def _split(total: float, parts: int, rng: random.Random) -> list[float]:
+    cuts = [rng.expovariate(1.0) for _ in range(parts)]
+    scale = total / sum(cuts)
+    return [c * scale for c in cuts]
+
+
+def phases(hours: float, s: WorkloadSettings, rng: random.Random) -> tuple[Phase, ...]:
+    """Work segments with pauses between them, then the idle tail; sums to `hours`.
+
+    Mid-job idle time the monitor can see is a few explicit pauses (exponential lengths);
+    the rest is stalls shorter than a tick, folded into the work phases' utilisation.
+    """
+    mean = _idle_mean(hours, s)
+    k = s.idle_concentration
+    idle = hours * rng.betavariate(mean * k, (1 - mean) * k)
+    busy_util = min(99.0, max(40.0, rng.gauss(*s.dense_util))) \
+        if rng.random() < s.dense_share else rng.uniform(*s.sparse_util)
+    mid = idle * s.pause_share
+    n = min(s.max_pauses, _poisson(hours * s.pauses_per_hour, rng))
+    gaps = [rng.expovariate(60.0 / s.pause_minutes) for _ in range(n)]
+    gaps = [g for g in gaps if g >= MIN_PHASE_HOURS]
+    if sum(gaps) > mid:  # the pauses cannot outlast the job's mid-job idle time
+        gaps = [g * mid / sum(gaps) for g in gaps]
+    busy = hours - idle
+    stalls = mid - sum(gaps)
+    work_hours = busy + stalls
+    util = round(busy_util * busy / work_hours, 1) if work_hours > 0 else 0.0
+    stall = stalls / work_hours if work_hours > 0 else 0.0
+    out: list[Phase] = []
+    for i, w in enumerate(_split(work_hours, len(gaps) + 1, rng)):
+        out.append(Phase(w, max(util, 0.1), stall))
+        if i < len(gaps):
+            out.append(Phase(gaps[i], 0.0))
+    tail = idle - mid
+    if tail > 0:
+        out.append(Phase(tail, 0.0))
+    return tuple(out)
+
+
+def _poisson(lam: float, rng: random.Random) -> int:
+    """Knuth's method for small means, a rounded normal beyond (the pause count only)."""
+    if lam > 30:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def synthesize(trace: Sequence[Job], config: FleetConfig,
+               settings: WorkloadSettings = WorkloadSettings()) -> Workload:
+    """The requests and workloads of `trace` on `config`'s catalog; same seed, same jobs."""
+    s = settings
+    max_hours = config.limits.max_duration_hours
+    jobs: list[SimJob] = []
+    list_cost: dict[str, float] = {}
+    for i, job in enumerate(trace):
+        rng = _rng(s.seed, "job", job.line or i)
+        purpose = _purpose(job, s, rng)
+        named = _named(purpose, config, s, rng)
+        reference = named or config.pool(purpose)[0]
+        hours = max(job.hours, 1 / 3600)  # a zero-second job still took a moment
+        pad = _pad(s, rng)
+        jobs.append(SimJob(
+            id=i, project=job.project, submit=job.submit, count=job.count, purpose=purpose,
+            named_type=named, reference=reference,
+            requested_hours=requested(hours, pad, max_hours), pad=pad,
+            phases=phases(hours, s, rng), line=job.line,
+        ))
+        list_cost[job.project] = list_cost.get(job.project, 0.0) + \
+            job.count * hours * config.catalog[reference].price_per_hour
+    budgets = {p: round(cost * _rng(s.seed, "budget", p).uniform(*s.budget_factor), 2)
+               for p, cost in sorted(list_cost.items())}
+    return Workload(jobs, budgets)
+
+
+def calibration(jobs: Sequence[SimJob]) -> dict[str, float]:
+    """The synthetic workload's utilisation as held on the trace, GPU-time weighted."""
+    held = work_util = idle = 0.0
+    short_idle = short_held = long_idle = long_held = 0.0
+    for j in jobs:
+        gh = j.count * j.trace_hours
+        held += gh
+        work_util += j.count * sum(p.hours * p.util for p in j.phases)
+        i = j.count * sum(p.hours if not p.work else p.hours * p.stall for p in j.phases)
+        idle += i
+        if j.trace_hours < 6:
+            short_idle, short_held = short_idle + i, short_held + gh
+        elif j.trace_hours > 24:
+            long_idle, long_held = long_idle + i, long_held + gh
+    return {
+        "jobs": len(jobs),
+        "gpu_hours": held,
+        "mean_util_pct": work_util / held if held else 0.0,
+        "idle_share": idle / held if held else 0.0,
+        "idle_share_under_6h": short_idle / short_held if short_held else 0.0,
+        "idle_share_over_24h": long_idle / long_held if long_held else 0.0,
+    }

@@ -1,0 +1,249 @@
+"""`gpu-agent simulate` and the gpu-agent policy on traces: hand-computed answers, the same
+metrics for the same seed, budgets never exceeded, bad traces refused naming the line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fleet.config import parse_fleet
+from fleet.models import Purpose
+from fleet.trace import read_trace
+from graph.cli import main
+from sim.gpu_agent import run_gpu_agent
+from sim.metrics import metrics
+from sim.simulate import POLICIES, parse_policies
+from sim.workload import Phase, SimJob, Workload, synthesize
+from tests.conftest import SHARED
+
+TINY_FLEET = """
+[catalog.A100]
+memory_gb = 80
+price_per_hour = 4.0
+relative_throughput = 1.0
+
+[catalog.H100]
+memory_gb = 80
+price_per_hour = 6.0
+relative_throughput = 2.0
+
+[catalog.T4]
+memory_gb = 16
+price_per_hour = 0.5
+relative_throughput = 0.25
+
+[pools]
+training = ["A100", "H100"]
+inference = ["T4"]
+research = ["T4"]
+
+[[nodes]]
+name = "a100-0"
+gpu_type = "A100"
+gpus = 4
+
+[[nodes]]
+name = "h100-0"
+gpu_type = "H100"
+gpus = 2
+
+[[nodes]]
+name = "t4-0"
+gpu_type = "T4"
+gpus = 2
+"""
+T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+PHILLY = SHARED / "traces" / "philly.csv"
+
+
+def job(i: int, project: str, at_h: float, phases: list[Phase], count: int = 1,
+        requested: float = 4.0, named: str | None = None) -> SimJob:
+    return SimJob(id=i, project=project, submit=T0 + at_h * 3600, count=count,
+                  purpose=Purpose.TRAINING, named_type=named, reference=named or "A100",
+                  requested_hours=requested, pad=2.0, phases=tuple(phases))
+
+
+def test_gpu_agent_releases_the_idle_tail_and_routes_by_work(tmp_path: Path) -> None:
+    """One job, 2 h of work on the A100 reference then a 3 h idle tail, 8 h asked for.
+    gpu-agent routes it to the H100 ($6/h at twice the speed beats $4/h): the work takes
+    1 h; the tick at 1 h 00 reads the idle tail, and 30 idle minutes later, at 1 h 30, the
+    monitor releases the GPUs: cost 6 x 1.5 = $9, hoarded 30 min. naive holds its 8 h lease
+    on the dearest type (H100): $48, 7 h hoarded."""
+    config = parse_fleet(TINY_FLEET)
+    w = Workload([job(0, "p", 0, [Phase(2.0, 80.0), Phase(3.0, 0.0)], requested=8.0)],
+                 {"p": 100.0})
+    run = run_gpu_agent(w, config, tmp_path / "agent")
+    [a] = run.attempts
+    assert (a.gpu_type, a.outcome, a.reason) == ("H100", "completed", "idle")
+    assert a.end - a.start == pytest.approx(90 * 60)
+    assert a.cost_usd == pytest.approx(9.0)
+    assert a.hoarded_gpu_hours == pytest.approx(0.5)
+    assert a.done_at == pytest.approx(T0 + 3600)
+    m = metrics(w.jobs, run.attempts, config, w.budgets)
+    assert m["useful_gpu_hours"] == pytest.approx(2.0)
+    assert m["cost_per_useful_gpu_hour"] == pytest.approx(9.0 / 2.0)
+    assert m["jct_hours"]["mean"] == pytest.approx(1.0)
+    naive, _ = POLICIES["naive"](w, config, tmp_path / "naive", lambda _n: None)
+    [b] = naive
+    assert (b.gpu_type, b.cost_usd) == ("H100", pytest.approx(48.0))
+    assert b.hoarded_gpu_hours == pytest.approx(7.0)
+
+
+def test_a_pause_longer_than_the_idle_timeout_kills_the_job_and_it_runs_again(
+        tmp_path: Path) -> None:
+    """Work 1 h, a 45-minute pause, work 1 h (on the named A100, so no speed-up): the monitor
+    releases the GPUs 30 idle minutes into the pause; the training job resumes from its
+    checkpoint (the first work phase is kept) and asks again at once. Killed work is paid
+    for, and counted: two attempts, the second completes."""
+    config = parse_fleet(TINY_FLEET)
+    w = Workload([job(0, "p", 0, [Phase(1.0, 80.0), Phase(0.75, 0.0), Phase(1.0, 80.0)],
+                      requested=4.0, named="A100")], {"p": 1000.0})
+    first, second = run_gpu_agent(w, config, tmp_path / "agent").attempts
+    assert (first.outcome, first.reason, second.outcome) == ("killed", "idle", "completed")
+    # the tick at 1 h 00 reads the pause; idle for 30 min -> released at 1 h 30
+    assert first.end - first.start == pytest.approx(90 * 60)
+    assert first.cost_usd == pytest.approx(4.0 * 1.5)
+    assert second.submit == pytest.approx(first.end)
+    assert second.start == pytest.approx(first.end)
+    assert second.work_gpu_hours == pytest.approx(1.0)  # only the rest of the work
+
+
+def test_budgets_hold_under_gpu_agent(tmp_path: Path) -> None:
+    """A project whose budget covers two of its five jobs: gpu-agent denies the rest before
+    spending; its spend never passes the budget (the naive policy overruns it)."""
+    config = parse_fleet(TINY_FLEET)
+    jobs = [job(i, "p", i * 0.1, [Phase(1.0, 80.0)], requested=1.0, named="A100")
+            for i in range(5)]
+    w = Workload(jobs, {"p": 9.0})  # each job's lease costs $4
+    run = run_gpu_agent(w, config, tmp_path / "agent")
+    m = metrics(w.jobs, run.attempts, config, w.budgets)
+    assert m["budget_violations"]["count"] == 0
+    assert m["per_project"]["p"]["cost_usd"] <= 9.0
+    assert m["jobs"]["denied"] == 3
+    attempts, _ = POLICIES["naive"](w, config, tmp_path / "n", lambda _n: None)
+    naive = metrics(w.jobs, attempts, config, w.budgets)
+    assert naive["budget_violations"]["count"] == 1
+    assert naive["budget_violations"]["usd"] == pytest.approx(20.0 - 9.0)
+
+
+def _trace(tmp_path: Path) -> Path:
+    """A small trace in the Philly shape, rows out of time order."""
+    rows = ["timestamp,duration,num_gpus,gpu_time,cluster"]
+    for i in range(60):
+        minute = (i * 37) % 600
+        rows.append(f"2017-10-0{1 + i % 3} {minute // 60:02d}:{minute % 60:02d}:00,"
+                    f"{600 + (i * 733) % 20000},{[1, 1, 2, 4, 8][i % 5]},0,"
+                    f"{['a1b2', 'c3d4', 'e5f6'][i % 3]}")
+    path = tmp_path / "trace.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_simulate_writes_the_report_and_the_same_seed_gives_the_same_metrics(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = _trace(tmp_path)
+    outs = []
+    for name in ("one", "two"):
+        code, out, err = run(capsys, "simulate", "--trace", str(trace), "--out",
+                             str(tmp_path / name), "--fleet", str(_fleet(tmp_path)),
+                             "--policies", "naive,slurm-like,gpu-agent")
+        assert code == 0, err
+        assert "jobs" in err and "[" in err  # the progress bar
+        assert "naive" in out and "slurm-like" in out and "gpu-agent" in out
+        assert "calibration: mean utilisation" in out
+        outs.append((tmp_path / name / "metrics.json").read_bytes())
+    agent = json.loads(outs[0])["policies"]["gpu-agent"]
+    assert sum(agent["council"].values()) == agent["node_runs"]["council"] > 0
+    assert agent["node_runs"]["validate"] >= 60  # every job, and every rerun
+    assert outs[0] == outs[1]
+    for f in ("report.md", "cost_over_time.png", "utilisation.png", "jct.png",
+              "project_share.png"):
+        assert (tmp_path / "one" / f).stat().st_size > 0
+    assert (tmp_path / "one" / "gpu-agent" / "ledger.sqlite").exists()
+    assert (tmp_path / "one" / "gpu-agent" / "fleet.toml").exists()
+    other = run(capsys, "simulate", "--trace", str(trace), "--out", str(tmp_path / "three"),
+                "--fleet", str(_fleet(tmp_path)), "--policies", "gpu-agent", "--seed", "7")
+    assert other[0] == 0
+    assert json.loads((tmp_path / "three" / "metrics.json").read_text())["meta"]["seed"] == 7
+
+
+def _fleet(tmp_path: Path) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(TINY_FLEET.replace("gpus = 4", "gpus = 8").replace("gpus = 2", "gpus = 8"))
+    return path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--policies", "naive,fastest"], "unknown policy 'fastest'"),
+    (["--policies", "naive,naive"], "named twice"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           args: list[str], message: str) -> None:
+    code, _, err = run(capsys, "simulate", "--trace", str(_trace(tmp_path)), "--out",
+                       str(tmp_path / "o"), *args)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_trace_names_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,60,1,a\n"
+                   "2017-10-01 00:01:00,-5,1,a\n")
+    code, _, err = run(capsys, "simulate", "--trace", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{bad}:3:" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_policy_names() -> None:
+    assert parse_policies("naive, gpu-agent") == ["naive", "gpu-agent"]
+
+
+@pytest.mark.skipif(not PHILLY.exists(), reason="needs ../shared/traces/philly.csv")
+def test_philly_head_under_gpu_agent_keeps_every_budget(tmp_path: Path) -> None:
+    """The first 1,500 jobs of the real trace on the trace fleet: every job ends in one
+    final state, no project spends past its budget, and routing left no H100 queue while
+    A100s were free (the simulator found that failure; routing now avoids it)."""
+    from importlib import resources
+
+    from fleet.config import load_fleet
+    text = resources.files("fleet").joinpath("data", "trace_fleet.toml").read_text()
+    config = parse_fleet(text)
+    w = synthesize(read_trace(PHILLY, limit=1500), config)
+    run_ = run_gpu_agent(w, config, tmp_path / "agent")
+    m = metrics(w.jobs, run_.attempts, config, w.budgets)
+    assert m["budget_violations"] == {"count": 0, "usd": 0.0}
+    jobs = m["jobs"]
+    assert jobs["completed"] + jobs["failed"] + jobs["denied"] + jobs["unplaced"] == 1500
+    assert jobs["completed"] > 1300
+    assert load_fleet  # the trace fleet loads through the same parser as any fleet file
+
+
+def test_trace_gpus_read_the_job_placed_on_them() -> None:
+    """Work at its utilisation, pauses and the tail at 0 % with memory held (the H200
+    recording's hoard phase), free GPUs idle; `steady_until` is the end of the phase."""
+    from sim.lifecycle import timeline
+    from sim.telemetry import TraceFleet
+    config = parse_fleet(TINY_FLEET)
+    fleet = TraceFleet(config)
+    gpu = next(g for g in fleet.inventory() if g.gpu_type == "A100").uuid
+    j = job(0, "p", 0, [Phase(1.0, 80.0), Phase(0.5, 0.0)], named="A100")
+    fleet.run([gpu], timeline(j, "A100", T0, config))
+    held = {gpu: "p"}
+    [work] = fleet.sample([gpu], T0 + 60, held)
+    [tail] = fleet.sample([gpu], T0 + 3600 + 60, held)
+    [free] = fleet.sample([gpu], T0 + 60, {})
+    assert (work.util_pct, tail.util_pct, free.util_pct) == (80.0, 0.0, 0.0)
+    assert tail.mem_used_gb and free.mem_used_gb is not None
+    assert tail.mem_used_gb > free.mem_used_gb
+    assert fleet.steady_until([gpu], T0 + 60) == T0 + 3600
+    assert fleet.steady_until([gpu], T0 + 3600 + 60) == T0 + 3600 + 1800
+    assert fleet.steady_until([gpu], T0 + 9 * 3600) == float("inf")
