@@ -61,6 +61,7 @@ slurm-like (Slurm's multifactor priority with EASY backfill, no cost routing, no
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def _order(a: Attempt) -> tuple[float, int, int]:
     return (a.end if a.end is not None else a.submit, a.job, a.attempt)
 
 
-class _Simulation:
+class _Simulation(ABC):
     """The event loop both baselines share: arrivals, allocation ends, reruns and accounting.
 
     A policy fills in which types a request may use (`allowed`), where it waits (`enqueue`),
@@ -141,22 +142,26 @@ class _Simulation:
 
     # ---- policy hooks ------------------------------------------------------------------
 
+    @abstractmethod
     def allowed(self, job: SimJob) -> tuple[str, ...]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def enqueue(self, request: _Request, now: float) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def released(self, alloc: _Alloc, now: float) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def schedule(self, now: float) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def ends(self, request: _Request, segments: list[Segment],
              now: float) -> tuple[float, str]:
         """(when the allocation of a request starting now ends, why)."""
-        raise NotImplementedError
 
     # ---- the loop ----------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class EventClock:
     def now(self) -> float:
         return self._now
 
+    def advance(self, to: float) -> None:
+        self._now = max(self._now, to)
+
     def sleep(self, seconds: float, wake: WakeToken | None = None) -> None:
         if self.resuming:
             self.resuming = False
@@ -97,10 +100,6 @@ class GraphThread:
     generation: int = 0  # bumped when the thread is rescheduled: stale heap entries skip
     token: WakeToken | None = None  # the token it sleeps on
     parked: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.node == END
 
 
 @dataclass
@@ -161,7 +160,7 @@ class Engine:
         heap = self._heap
         while heap and (until is None or heap[0][0] <= until):
             at, _, entry = heapq.heappop(heap)
-            self.clock._now = max(self.clock._now, at)
+            self.clock.advance(at)
             if entry.call is not None:
                 entry.call()
             elif entry.thread is not None and entry.generation == entry.thread.generation:
