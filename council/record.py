@@ -26,7 +26,7 @@ class PastJob:
     cost_usd: float
     util_pct: float | None
     reason: ReleaseReason
-    fleet_busy: float = 0.0  # share of the fleet's GPUs held when it started
+    fleet_busy: float = 0.0  # share of the fleet's GPUs others held when it started
 
     @property
     def gpu_hours(self) -> float:

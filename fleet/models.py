@@ -343,7 +343,7 @@ class ProjectStats(BaseModel):
     usage_share: float
     fair_share: float
     recent: list[HistoryRecord] = Field(default_factory=list)
-    # share of the fleet's GPUs held when each recent allocation started (same order as recent)
+    # share of the fleet's GPUs others held when each recent allocation started (same order)
     fleet_busy: list[float] = Field(default_factory=list)
     older: RecordSummary | None = None
 
