@@ -323,7 +323,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from sim.analyze import run_analyze  # like demo: only the CLI reaches into sim/
+    from sim.analysis import run_analyze  # like demo: only the CLI reaches into sim/
 
     code: int = run_analyze(state_dir=args.state_dir, fleet=args.fleet, since=args.since,
                             until=args.until, out=args.out, plots=not args.no_plots,

@@ -17,7 +17,7 @@ from fleet.routing import route
 from fleet.simulated import SimulatedFleet
 from fleet.topology import Topology
 from graph.cli import main
-from sim.analyze import (
+from sim.analysis import (
     Analysis,
     analyze,
     load_history,
