@@ -178,10 +178,6 @@ class LedgerRow:
     def mean_util(self) -> float | None:
         return self.util_sum / self.util_n if self.util_n else None
 
-    def running(self) -> Running:
-        assert self.started_at is not None and self.deadline is not None
-        return Running(self.id, self.rate_usd_per_s, self.started_at, self.deadline)
-
     def to_allocation(self) -> Allocation:
         assert self.started_at is not None and self.lease_end is not None
         return Allocation(

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import operator
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_type_hints
 
 from langgraph.graph import END, START
 from langgraph.runtime import ExecutionInfo, Runtime
@@ -31,8 +30,14 @@ from fleet.models import GPURequest
 from graph.builder import EDGES, NODES, ROUTERS, Node
 from nodes.context import Context, Services
 from nodes.review import decided, question
+from nodes.state import State
 
-REDUCERS: dict[str, Callable[[Any, Any], Any]] = {"events": operator.add}  # as in State
+# The state's reducers, read from its Annotated keys (events: operator.add), so the engine
+# merges updates as LangGraph's channels do.
+REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
+    key: hint.__metadata__[0]
+    for key, hint in get_type_hints(State, include_extras=True).items()
+    if hasattr(hint, "__metadata__") and callable(hint.__metadata__[0])}
 Reviewer = Callable[[dict[str, Any]], Any]  # the question -> an answer (see parse_decision)
 Observer = Callable[["GraphThread", str, dict[str, Any]], None]  # (thread, node, update)
 Finisher = Callable[["GraphThread"], None]
