@@ -10,6 +10,9 @@ from fleet.models import GPUInfo, GPUSample
 
 class FleetBackend(Protocol):
     name: str
+    # True where readings come from GPUs (NVML, or a recording of it): the inventory then
+    # defines the fleet's nodes, and the fleet file only contributes its catalog and policy.
+    hardware: bool
 
     def inventory(self) -> list[GPUInfo]:
         """Every GPU the fleet has, allocated or not."""
@@ -21,8 +24,12 @@ class FleetBackend(Protocol):
         """One reading per GPU. `holders` maps allocated GPUs to their project."""
         ...
 
-    def throttle(self, gpu_id: str) -> bool:
-        """Act on an overheating GPU; True when the backend could do something about it."""
+    def throttle(self, gpu_id: str) -> str:
+        """Act on an overheating GPU; what was done, in words, for the event."""
+        ...
+
+    def unhealthy(self) -> dict[str, str]:
+        """GPUs found unusable since the last call (XID errors, lost), with the reason."""
         ...
 
     def steady_until(self, gpu_ids: list[str], at: float) -> float:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.errors import ConfigError, one_line
-from fleet.models import Purpose
+from fleet.models import GPUInfo, Purpose
 
 
 class _Strict(BaseModel):
@@ -119,7 +119,9 @@ class ClockSettings(_Strict):
 class FleetConfig(_Strict):
     catalog: dict[str, GPUTypeSpec]
     pools: dict[Purpose, list[str]]
-    nodes: list[NodeSpec] = Field(min_length=1)
+    # The simulated fleet's machines. With a hardware backend (NVML, replay) the GPUs the
+    # driver reports take their place (`with_inventory`), and the list may be empty.
+    nodes: list[NodeSpec] = Field(default_factory=list)
     monitor: MonitorSettings = MonitorSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     council: CouncilSettings = CouncilSettings()
@@ -154,6 +156,14 @@ class FleetConfig(_Strict):
                 raise ValueError(f"budgets.{project} must not be negative")
         return self
 
+    def with_inventory(self, inventory: list[GPUInfo]) -> FleetConfig:
+        """This policy over the GPUs a hardware backend found: one node per host (and type)."""
+        counts: dict[tuple[str, str], int] = {}
+        for g in inventory:
+            counts[(g.node, g.gpu_type)] = counts.get((g.node, g.gpu_type), 0) + 1
+        nodes = [NodeSpec(name=n, gpu_type=t, gpus=k) for (n, t), k in counts.items()]
+        return self.model_copy(update={"nodes": nodes})
+
     def gpus_of_type(self, gpu_type: str) -> int:
         return _gpu_counts(self.nodes).get(gpu_type, 0)
 
@@ -177,6 +187,7 @@ def _gpu_counts(nodes: list[NodeSpec]) -> dict[str, int]:
 
 
 DEFAULT_FLEET = "default_fleet.toml"
+HOST_FLEET = "host_fleet.toml"  # the default policy over real GPUs (no simulated nodes)
 
 
 def parse_fleet(text: str, source: str = "fleet file") -> FleetConfig:
@@ -190,11 +201,13 @@ def parse_fleet(text: str, source: str = "fleet file") -> FleetConfig:
         raise ConfigError(one_line(exc, prefix=f"{source}: ")) from None
 
 
-def load_fleet(path: str | Path | None = None) -> FleetConfig:
-    """The fleet at `path`, or the default fleet shipped with the package."""
+def load_fleet(path: str | Path | None = None, *, hardware: bool = False) -> FleetConfig:
+    """The fleet at `path`, or the one shipped with the package: the simulated default fleet,
+    or for real GPUs (`hardware`) the host policy, whose nodes are the GPUs found."""
     if path is None:
-        text = resources.files("fleet").joinpath("data", DEFAULT_FLEET).read_text("utf-8")
-        return parse_fleet(text, source=f"default fleet ({DEFAULT_FLEET})")
+        name = HOST_FLEET if hardware else DEFAULT_FLEET
+        text = resources.files("fleet").joinpath("data", name).read_text("utf-8")
+        return parse_fleet(text, source=f"default fleet ({name})")
     p = Path(path)
     try:
         text = p.read_text("utf-8")

@@ -130,6 +130,11 @@ CREATE TABLE IF NOT EXISTS usage (
     gpu_hours REAL NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS unhealthy (
+    gpu_uuid TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+);
 """
 
 
@@ -339,6 +344,8 @@ class Ledger:
                                 "FROM history ORDER BY ended_at, allocation_id").fetchall():
                 self._record(db, r["project"], r["count"] * r["hours"], r["ended_at"],
                              r["reason"], r["mean_util_pct"])
+        if "unhealthy" not in tables:
+            db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS unhealthy"):].rstrip("; \n"))
 
     @contextmanager
     def _begin(self, mode: str) -> Iterator[sqlite3.Connection]:
@@ -772,6 +779,41 @@ class Ledger:
                 "JOIN allocations a ON a.id = h.allocation_id"
             )
         }
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Allocations per state (queued, active, released)."""
+        counts = dict.fromkeys(("queued", "active", "released"), 0)
+        counts |= {r["state"]: int(r["n"]) for r in self._read(
+            "SELECT state, count(*) AS n FROM allocations GROUP BY state")}
+        return counts
+
+    def releases_by_reason(self) -> dict[str, int]:
+        """Finished allocations per release reason."""
+        return {r["reason"]: int(r["n"]) for r in self._read(
+            "SELECT reason, count(*) AS n FROM history GROUP BY reason ORDER BY reason")}
+
+    # ---- GPU health ------------------------------------------------------------------------
+
+    def mark_unhealthy(self, gpus: dict[str, str], now: float) -> list[str]:
+        """Take GPUs out of placement (an XID error, a lost GPU); returns those newly marked.
+        The first reason is kept."""
+        with self.transaction() as db:
+            known = {r[0] for r in db.execute("SELECT gpu_uuid FROM unhealthy")}
+            new = [g for g in gpus if g not in known]
+            db.executemany("INSERT INTO unhealthy (gpu_uuid, reason, since) VALUES (?, ?, ?)",
+                           [(g, gpus[g], now) for g in new])
+            return new
+
+    def unhealthy(self) -> dict[str, str]:
+        """GPU uuid -> why it is out of placement."""
+        return {r["gpu_uuid"]: r["reason"] for r in self._read(
+            "SELECT gpu_uuid, reason FROM unhealthy ORDER BY since, gpu_uuid")}
+
+    def clear_unhealthy(self, gpu_uuid: str) -> bool:
+        """Put a repaired GPU back into placement; False if it was not marked."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM unhealthy WHERE gpu_uuid=?",
+                              (gpu_uuid,)).rowcount > 0
 
     def history(self, project: str | None = None, limit: int | None = None, *,
                 with_requests: bool = True) -> list[HistoryRecord]:

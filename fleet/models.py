@@ -78,6 +78,8 @@ class ReleaseReason(StrEnum):
     CONTEXT_EXIT = "context-exit"
     EXPIRED_WHILE_DOWN = "expired-while-down"
     CANCELLED = "cancelled"
+    UNHEALTHY = "unhealthy"  # a GPU reported an XID error or was lost
+    COMMAND_EXIT = "command-exit"  # `gpu-agent run`'s command ended
 
 
 class Verdict(StrEnum):
@@ -101,6 +103,7 @@ class EventKind(StrEnum):
     IDLE = "idle"
     HUMAN_DECISION = "human_decision"
     RELEASED = "released"
+    UNHEALTHY = "unhealthy"
 
 
 def utc(ts: float) -> datetime:
@@ -251,10 +254,23 @@ class GPUInfo(BaseModel):
     node: str
     index: int
     memory_gb: float
+    model_name: str | None = None  # the driver's name (NVML), e.g. "NVIDIA H200"
+    pci_bus_id: str | None = None
+    mig: bool = False  # MIG mode on: NVML reports no utilisation for the whole GPU
+
+
+class GPUProcess(BaseModel):
+    """A compute process on a GPU, as the driver reports it (host PIDs, even in containers)."""
+
+    pid: int
+    used_gb: float | None = None
 
 
 class GPUSample(BaseModel):
-    """One reading of one GPU; a field the device could not report is None, never a failed read."""
+    """One reading of one GPU; a field the device could not report is None, never a failed read.
+
+    Memory is in GiB. `processes` is None where the backend cannot list them (the simulated
+    fleet). `health` names why the GPU is unusable (an XID error, lost), None when healthy."""
 
     gpu_id: str
     at: datetime
@@ -264,6 +280,10 @@ class GPUSample(BaseModel):
     temp_c: float | None = None
     power_w: float | None = None
     throttled: bool = False
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    processes: list[GPUProcess] | None = None
+    health: str | None = None
 
 
 class MonitorState(BaseModel):

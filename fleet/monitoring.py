@@ -3,7 +3,8 @@
 - low utilisation: the mean over the last `low_util_window_minutes` is under `low_util_pct`
   (a warning, once per low spell);
 - idle: every GPU under `idle_util_pct`; idle for `idle_timeout_minutes` means release;
-- hot: a GPU over `throttle_temp_c` is throttled (once per allocation).
+- hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
+- unhealthy: a GPU with an XID error or lost ends the allocation at once.
 A reading whose field is unavailable (None) counts neither for nor against a conclusion.
 """
 
@@ -66,7 +67,13 @@ def assess(
             state.low_util_warned = False
 
     release = None
-    if utils and len(utils) == len(samples) and max(utils) < settings.idle_util_pct:
+    sick = [s for s in samples if s.health]
+    if sick:
+        release = ReleaseReason.UNHEALTHY
+        events.extend(Event(at=utc(now), kind=EventKind.UNHEALTHY, gpu_id=s.gpu_id,
+                            message=f"{s.health}: the GPU leaves placement and the "
+                            "allocation ends") for s in sick)
+    elif utils and len(utils) == len(samples) and max(utils) < settings.idle_util_pct:
         if state.idle_since is None:
             state.idle_since = utc(now)
         idle_s = now - state.idle_since.timestamp()
@@ -74,7 +81,8 @@ def assess(
             release = ReleaseReason.IDLE
             events.append(Event(
                 at=utc(now), kind=EventKind.IDLE,
-                message=f"every GPU under {settings.idle_util_pct:g}% for {idle_s / 60:.0f} min",
+                message=f"every GPU under {settings.idle_util_pct:g}% for {_span(idle_s)}"
+                f"{_holding(samples)}",
             ))
     elif utils:
         state.idle_since = None
@@ -87,9 +95,40 @@ def assess(
             state.throttled.append(s.gpu_id)
             events.append(Event(
                 at=utc(now), kind=EventKind.THROTTLE, gpu_id=s.gpu_id,
-                message=f"{s.temp_c:.0f} C is over {settings.throttle_temp_c:g} C: throttled",
+                message=f"{s.temp_c:.0f} C is over {settings.throttle_temp_c:g} C",
             ))
     return Assessment(state, events, throttle, release, mean)
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _holding(samples: list[GPUSample]) -> str:
+    """', 40.2 GiB held by 1 process' where the GPUs report it: an idle GPU with memory held
+    is hoarded, not merely forgotten."""
+    procs = [p for s in samples for p in (s.processes or [])]
+    used = [p.used_gb for p in procs if p.used_gb is not None]
+    if not procs:
+        return ""
+    held = f"{sum(used):.1f} GiB held" if used else "held"
+    return f", {held} by {len(procs)} process{'es' if len(procs) > 1 else ''}: hoarded"
+
+
+def condition(sample: GPUSample, held: bool, settings: MonitorSettings) -> str:
+    """One reading in words: free, busy, underused, idle (memory held: hoarded),
+    in use outside gpu-agent, unhealthy or unknown."""
+    if sample.health:
+        return "unhealthy"
+    if not held:
+        return "in use outside gpu-agent" if sample.processes else "free"
+    if sample.util_pct is None:
+        return "unknown"
+    if sample.util_pct >= settings.low_util_pct:
+        return "busy"
+    if sample.util_pct >= settings.idle_util_pct:
+        return "underused"
+    return "idle, memory held" if sample.processes else "idle"
 
 
 # ---- skipping ticks whose readings are known in advance -----------------------------------

@@ -51,8 +51,11 @@ def simulated_uuid(node: str, index: int) -> str:
 
 class SimulatedFleet:
     name = "simulated"
+    hardware = False
 
     def __init__(self, config: FleetConfig) -> None:
+        if not config.nodes:
+            raise ConfigError("the simulated fleet needs [[nodes]] in the fleet file")
         sim = config.simulation
         for profile in [sim.default_workload, *sim.workloads.values()]:
             if profile not in PROFILES:
@@ -84,9 +87,12 @@ class SimulatedFleet:
         sim = self._config.simulation
         return sim.workloads.get(project, sim.default_workload)
 
-    def throttle(self, gpu_id: str) -> bool:
+    def throttle(self, gpu_id: str) -> str:
         self._throttled.add(gpu_id)
-        return True
+        return f"throttled to {THROTTLE_SPEED:.0%} speed"
+
+    def unhealthy(self) -> dict[str, str]:
+        return {}
 
     def steady_until(self, gpu_ids: list[str], at: float) -> float:
         return at  # readings jitter from second to second

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from fleet.backends import BACKENDS, BackendChoice, gpus_present
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import GPUAgentError, InvalidInput
 from fleet.models import Event, HumanDecision, Status
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
-from nodes.context import BACKENDS
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
@@ -35,7 +35,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent)")
     p.add_argument("--fleet", help="fleet TOML file (env GPU_AGENT_FLEET; default: built-in fleet)")
     p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="inventory backend (env GPU_AGENT_BACKEND)")
+                   help="inventory backend (env GPU_AGENT_BACKEND; default simulated): nvml "
+                   "reads this host's GPUs, replay plays a recording, auto picks nvml where "
+                   "a driver is")
+    p.add_argument("--replay", metavar="FILE",
+                   help="the recording --backend replay plays (env GPU_AGENT_REPLAY)")
+    p.add_argument("--allow-power-cap", action="store_true",
+                   help="on overheating, lower the GPU's power limit (root; it changes the "
+                   "card for everyone; restored on release). Default: a warning and an event "
+                   "(env GPU_AGENT_ALLOW_POWER_CAP=1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -83,6 +91,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("costs", help="spend and remaining budget per project")
     _common(p)
+
+    p = sub.add_parser("serve-metrics", help="serve Prometheus metrics (DCGM names for the "
+                       "GPUs, gpu_agent_* for the ledger) until SIGINT/SIGTERM")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9400,
+                   help="port to bind (default 9400; 0: any free port)")
+
+    p = sub.add_parser("run", help="run a command on an allocation's GPUs "
+                       "(CUDA_VISIBLE_DEVICES = their UUIDs); stop it when the allocation ends",
+                       usage="gpu-agent run (--allocation ID | --project P --count N --hours H)"
+                       " [options] -- COMMAND...")
+    _common(p)
+    p.add_argument("--allocation", help="an active allocation (its thread's monitor must be "
+                   "running: gpu-agent request, or resume)")
+    p.add_argument("--project", help="request GPUs for this project, then run")
+    p.add_argument("--purpose", default="training")
+    p.add_argument("--count", type=int)
+    p.add_argument("--hours", type=float)
+    p.add_argument("--gpu-type")
+    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                   help="between SIGTERM and SIGKILL (default 30)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+
+    p = sub.add_parser("health", help="GPUs taken out of placement (XID errors, lost GPUs)")
+    _common(p)
+    p.add_argument("--clear", metavar="UUID", help="put a repaired GPU back into placement")
+
+    p = sub.add_parser("nvml", help="NVML tools")
+    nsub = p.add_subparsers(dest="nvml_command", required=True, parser_class=_Parser)
+    np_ = nsub.add_parser("record", help="record this host's GPUs through NVML (getters "
+                          "only) in the format --backend replay plays")
+    np_.add_argument("--out", required=True, help="the recording (JSON) to write")
+    np_.add_argument("--seconds", type=float, default=10.0)
+    np_.add_argument("--period", type=float, default=0.25, help="seconds between samples")
+    np_.add_argument("--phase", default="recorded", help="label every sample with this phase")
 
     p = sub.add_parser("budget", help="manage project budgets")
     bsub = p.add_subparsers(dest="budget_command", required=True, parser_class=_Parser)
@@ -147,18 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _orchestrator(
-    args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None
+    args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None,
+    choice: BackendChoice | None = None,
 ) -> Orchestrator:
-    return Orchestrator(args.state_dir, config or _fleet_file(args), backend=_backend(args),
-                        create=create)
+    orch = Orchestrator(args.state_dir, config or _fleet_file(args),
+                        backend=choice or _backend(args), create=create)
+    if orch.services.note:
+        print(f"gpu-agent: {orch.services.note}", file=sys.stderr)
+    problem = getattr(orch.services.backend, "problem", None)
+    if problem:
+        print(f"gpu-agent: {orch.services.backend.name}: {problem}; the inventory is empty "
+              "(--backend simulated simulates a fleet)", file=sys.stderr)
+    return orch
 
 
 def _fleet_file(args: argparse.Namespace) -> str | None:
     return args.fleet or os.environ.get("GPU_AGENT_FLEET") or None
 
 
-def _backend(args: argparse.Namespace) -> str:
-    return args.backend or os.environ.get("GPU_AGENT_BACKEND") or "simulated"
+def _backend(args: argparse.Namespace) -> BackendChoice:
+    name = args.backend or os.environ.get("GPU_AGENT_BACKEND")
+    if name is None and (found := gpus_present()):
+        print(f"gpu-agent: using the simulated fleet (the default), although this host has "
+              f"{found} NVIDIA GPU(s): --backend nvml or auto uses them", file=sys.stderr)
+    allow = args.allow_power_cap or os.environ.get("GPU_AGENT_ALLOW_POWER_CAP") == "1"
+    return BackendChoice(name or "simulated", args.replay or os.environ.get("GPU_AGENT_REPLAY"),
+                         allow)
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -199,10 +257,13 @@ def cmd_request(args: argparse.Namespace) -> int:
     optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
                 "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait}
     raw |= {k: v for k, v in optional.items() if v is not None}
-    config = load_fleet(_fleet_file(args))
     request = parse_request(raw)  # invalid input stops here, before anything is touched
-    check_against_fleet(request, config)
-    with _orchestrator(args, create=True, config=config) as orch:
+    choice = _backend(args)
+    config = None
+    if choice.name == "simulated":  # real GPUs are known only once the backend opens
+        config = load_fleet(_fleet_file(args))
+        check_against_fleet(request, config)
+    with _orchestrator(args, create=True, config=config, choice=choice) as orch:
         on_event = None if args.json or args.no_wait else _print_event
         outcome = orch.request(request, thread_id=args.thread_id, wait=not args.no_wait,
                                on_event=on_event)
@@ -232,13 +293,18 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
         data = orch.status()
-    lines = [f"{'GPU':<14}{'type':<9}{'node':<9}{'holder':<22}{'util':>6}{'mem GB':>9}"
-             f"{'temp':>7}{'power':>8}"]
+    lines = [f"backend {data['backend']}"
+             + (f": {data['problem']}" if data["problem"] else "")
+             + (f"; not in the fleet catalog, never placed: {', '.join(data['unpriced_types'])}"
+                if data["unpriced_types"] else ""),
+             f"{'GPU':<14}{'type':<9}{'node':<12}{'holder':<22}{'util':>6}{'mem GB':>9}"
+             f"{'temp':>7}{'power':>8}  condition"]
     for g in data["gpus"]:
         holder = f"{g['project']}/{g['allocation_id']}" if g["allocation_id"] else "-"
-        lines.append(f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node']:<9}{holder:<22}"
+        condition = g["condition"] + (f" ({g['unhealthy']})" if g["unhealthy"] else "")
+        lines.append(f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
                      f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
-                     f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}")
+                     f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}")
     live = [a for a in data["allocations"] if a["state"] != "released"]
     lines.append("")
     lines.append(f"{len(live)} live allocation(s), "
@@ -248,6 +314,70 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"  {a['id']}  {a['project']:<12} {a['state']:<7} {a['count']} x "
                      f"{a['gpu_type']:<8} {until}")
     _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from graph.run import request_and_run, run_on
+
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not argv:
+        raise InvalidInput("no command to run: put it after --")
+    if (args.allocation is None) == (args.project is None):
+        raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
+    if args.grace < 0:
+        raise InvalidInput("--grace must not be negative")
+    request = None
+    if args.project is not None:
+        raw: dict[str, Any] = {"project": args.project, "purpose": args.purpose,
+                               "count": args.count, "duration_hours": args.hours}
+        if args.gpu_type:
+            raw["gpu_type"] = args.gpu_type
+        request = parse_request(raw)
+
+    def say(line: str) -> None:
+        print(f"gpu-agent: {line}", file=sys.stderr, flush=True)
+
+    with _orchestrator(args, create=request is not None) as orch:
+        if request is None:
+            report = run_on(orch, args.allocation, argv, grace_s=args.grace, owned=False,
+                            say=say)
+        else:
+            report = request_and_run(orch, request, argv, grace_s=args.grace, say=say)
+    if report.on_gpus:
+        say(f"processes of the command still on the GPUs: {report.on_gpus}")
+    elif report.ended_by != "command":
+        checked = "NVML lists none of its processes on the GPUs" \
+            if report.on_gpus is not None else "this backend lists no GPU processes"
+        say(f"the command is gone ({'SIGKILL' if report.killed else 'SIGTERM'}); {checked}")
+    if args.json:
+        print(json.dumps(report.to_json()))
+    return report.exit_code
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        if args.clear and not orch.services.ledger.clear_unhealthy(args.clear):
+            raise InvalidInput(f"GPU {args.clear} is not marked unhealthy")
+        bad = orch.services.check_health()
+    lines = [f"{uuid}  {reason}" for uuid, reason in bad.items()] or ["every GPU is healthy"]
+    _emit(args, {"unhealthy": bad}, "\n".join(lines))
+    return 0
+
+
+def cmd_nvml(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fleet.nvml import NvmlSession
+    from fleet.nvml_record import record, write
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise InvalidInput(f"cannot write {out}: {out.parent} is not a directory")
+    recording = record(NvmlSession(timed=True), seconds=args.seconds, period=args.period,
+                       phase=args.phase)
+    write(recording, out)
+    print(f"{out}: {recording['device_count']} GPU(s), {len(recording['samples'])} samples")
     return 0
 
 
@@ -293,6 +423,25 @@ def cmd_budget(args: argparse.Namespace) -> int:
     note = f"; {len(moved)} running allocation(s) now end earlier" if moved else ""
     _emit(args, {"project": args.project, "budget_usd": args.usd, "moved": moved},
           f"budget of {args.project}: ${args.usd:,.2f}{note}")
+    return 0
+
+
+def cmd_serve_metrics(args: argparse.Namespace) -> int:
+    from graph.metrics import MetricsServer, serve_until_signalled
+
+    def ready(server: MetricsServer) -> None:
+        _emit(args, {"host": server.host, "port": server.port, "url": server.url},
+              f"serving metrics on {server.url}")
+        sys.stdout.flush()
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidInput(f"--port must be 0-65535, not {args.port}")
+    with _orchestrator(args, create=False) as orch:
+        try:
+            serve_until_signalled(orch.services, args.host, args.port, on_ready=ready)
+        except OSError as exc:  # the port is taken, the address is not this machine's
+            raise InvalidInput(f"cannot serve on {args.host}:{args.port}: "
+                               f"{exc.strerror or exc}") from None
     return 0
 
 
@@ -355,7 +504,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "request": cmd_request, "status": cmd_status, "release": cmd_release,
     "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
     "budget": cmd_budget, "demo": cmd_demo, "simulate": cmd_simulate, "analyze": cmd_analyze,
-    "council": cmd_council,
+    "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
+    "health": cmd_health, "nvml": cmd_nvml,
 }
 
 

@@ -25,6 +25,7 @@ from langgraph.types import Command, Durability
 
 from council.voting import Council
 from fleet.backend import FleetBackend
+from fleet.backends import BackendChoice
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
 from fleet.errors import GPUAgentError, InvalidInput
@@ -39,6 +40,7 @@ from fleet.models import (
     Status,
     utc,
 )
+from fleet.monitoring import condition
 from fleet.validation import check_against_fleet, parse_request
 from graph.builder import after_allocate, build_graph
 from graph.checkpoint import open_sqlite_saver
@@ -61,7 +63,7 @@ class Orchestrator:
         fleet: FleetConfig | str | Path | None = None,
         *,
         project: str | None = None,
-        backend: str | FleetBackend = "simulated",
+        backend: str | BackendChoice | FleetBackend = "simulated",
         clock: Clock | None = None,
         council: Council | None = None,
         create: bool = True,
@@ -74,6 +76,8 @@ class Orchestrator:
         self.graph = build_graph(self.checkpointer)
         self.context = Context(state_dir=str(self.services.state_dir), services=self.services)
         self.services.ledger.reconcile(self.services.clock.now())  # leases that ran out while down
+        held = self.services.ledger.holders()  # power limits a crashed process left lowered
+        self.services.backend.reset([g.uuid for g in self.services.gpus if g.uuid not in held])
 
     def close(self) -> None:
         self.checkpointer.conn.close()
@@ -90,6 +94,9 @@ class Orchestrator:
     def check(self, request: GPURequest | Mapping[str, Any]) -> GPURequest:
         """The request as the graph will see it, or InvalidInput; nothing is written."""
         req = parse_request(request)
+        problem = getattr(self.services.backend, "problem", None)
+        if problem and not self.services.inventory:
+            raise InvalidInput(f"no GPUs to place on: {problem}")
         if self.project and "project" not in req.model_fields_set:
             req = req.model_copy(update={"project": self.project})
         check_against_fleet(req, self.services.config)
@@ -292,18 +299,24 @@ class Orchestrator:
         svc = self.services
         now = svc.clock.now()
         holders = svc.ledger.holders()
-        samples = svc.backend.sample(
-            [g.uuid for g in svc.inventory], now, {g: p for g, (_, p) in holders.items()}
-        )
+        samples = svc.sample([g.uuid for g in svc.gpus], now,
+                             {g: p for g, (_, p) in holders.items()})
+        unhealthy = svc.check_health()
         gpus = []
-        for gpu, sample in zip(svc.inventory, samples, strict=True):
+        for gpu, sample in zip(svc.gpus, samples, strict=True):
             aid, project = holders.get(gpu.uuid, (None, None))
             gpus.append({
                 "uuid": gpu.uuid, "type": gpu.gpu_type, "node": gpu.node, "index": gpu.index,
-                "memory_gb": gpu.memory_gb, "allocation_id": aid, "project": project,
-                "util_pct": sample.util_pct, "mem_used_gb": sample.mem_used_gb,
-                "temp_c": sample.temp_c, "power_w": sample.power_w,
-                "throttled": sample.throttled,
+                "model": gpu.model_name, "memory_gb": gpu.memory_gb, "mig": gpu.mig,
+                "allocation_id": aid,
+                "project": project, "util_pct": sample.util_pct,
+                "mem_used_gb": sample.mem_used_gb, "temp_c": sample.temp_c,
+                "power_w": sample.power_w, "throttled": sample.throttled,
+                "processes": None if sample.processes is None
+                else [p.model_dump() for p in sample.processes],
+                "condition": condition(sample, aid is not None, svc.config.monitor),
+                "unhealthy": unhealthy.get(gpu.uuid),
+                "placeable": gpu.gpu_type in svc.config.catalog and gpu.uuid not in unhealthy,
             })
         allocations = [
             {
@@ -320,8 +333,9 @@ class Orchestrator:
             }
             for r in svc.ledger.allocations()
         ]
-        return {"backend": svc.backend.name, "now": utc(now).isoformat(),
-                "gpus": gpus, "allocations": allocations}
+        return {"backend": svc.backend.name, "problem": getattr(svc.backend, "problem", None),
+                "unpriced_types": sorted({g.gpu_type for g in svc.unpriced}),
+                "now": utc(now).isoformat(), "gpus": gpus, "allocations": allocations}
 
 
 def _events_to(

@@ -22,7 +22,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     thread_id = state.get("thread_id") or "anonymous"
     now = svc.clock.now()
     result = svc.ledger.place(
-        request, state["route"], thread_id, now, svc.inventory, svc.topology
+        request, state["route"], thread_id, now, svc.placeable(), svc.topology
     )
     decision, row = result.decision, result.row
     aid = allocation_id(thread_id, request.request_id)

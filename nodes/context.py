@@ -17,17 +17,14 @@ from langgraph.runtime import Runtime
 
 from council.voting import Council, council_for
 from fleet.backend import FleetBackend
+from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.clock import Clock, WakeToken
 from fleet.config import FleetConfig, load_fleet
-from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
-from fleet.models import GPUInfo, Release, ReleaseReason
-from fleet.simulated import SimulatedFleet
+from fleet.models import GPUInfo, GPUSample, Release, ReleaseReason
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
 from fleet.validation import check_budget
-
-BACKENDS = ("simulated",)
 
 
 @dataclass
@@ -38,14 +35,62 @@ class Services:
     clock: Clock
     state_dir: Path
     chosen_council: Council | None = None
-    inventory: list[GPUInfo] = field(init=False)
+    note: str | None = None  # what `--backend auto` picked
+    gpus: list[GPUInfo] = field(init=False)  # every GPU the backend reports
+    inventory: list[GPUInfo] = field(init=False)  # those placement may use (a priced type)
     topology: Topology = field(init=False)
     _wakers: dict[str, WakeToken] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _healthy: tuple[frozenset[str], list[GPUInfo]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.inventory = self.backend.inventory()
+        self.gpus = self.backend.inventory()
+        self.inventory = [g for g in self.gpus if g.gpu_type in self.config.catalog]
         self.topology = Topology(self.config, self.inventory)
+
+    @property
+    def unpriced(self) -> list[GPUInfo]:
+        """GPUs whose type the fleet file does not price: listed, never placed."""
+        return [g for g in self.gpus if g.gpu_type not in self.config.catalog]
+
+    def check_health(self) -> dict[str, str]:
+        """Take the GPUs the backend found unusable out of placement; the unhealthy GPUs."""
+        found = self.backend.unhealthy()
+        if found:
+            self.ledger.mark_unhealthy(found, self.clock.now())
+        return self.ledger.unhealthy()
+
+    def placeable(self) -> list[GPUInfo]:
+        """The inventory less unhealthy GPUs (one list per health state, so the ledger's
+        per-list index of it is kept). Only hardware reports health."""
+        if not self.backend.hardware:
+            return self.inventory
+        bad = frozenset(self.check_health())
+        if self._healthy is None or self._healthy[0] != bad:
+            self._healthy = (bad, [g for g in self.inventory if g.uuid not in bad]
+                             if bad else self.inventory)
+        return self._healthy[1]
+
+    def available_by_type(self) -> dict[str, int]:
+        """GPUs free now less those queued requests wait for, per type (what routing reads),
+        less the unhealthy GPUs no allocation holds."""
+        available = self.ledger.available_by_type(self.config)
+        if self.backend.hardware:
+            healthy = {g.uuid for g in self.placeable()}
+            held = self.ledger.holders()
+            for g in self.inventory:
+                if g.uuid not in healthy and g.uuid not in held:
+                    available[g.gpu_type] -= 1
+        return available
+
+    def sample(self, gpu_ids: list[str], now: float,
+               holders: dict[str, str]) -> list[GPUSample]:
+        """Read GPUs; those found unhealthy leave placement at once."""
+        samples = self.backend.sample(gpu_ids, now, holders)
+        bad = {s.gpu_id: s.health for s in samples if s.health}
+        if bad:
+            self.ledger.mark_unhealthy(bad, now)
+        return samples
 
     @property
     def council(self) -> Council:
@@ -69,7 +114,7 @@ class Services:
         """Allocation `freed` let its GPUs go: the queued requests in this process that can
         start now retry now, not at their next poll."""
         for aid in self.ledger.placeable(self.ledger.get(freed), self.clock.now(),
-                                         self.inventory):
+                                         self.placeable()):
             with self._lock:
                 token = self._wakers.get(aid)
             if token is not None:
@@ -98,34 +143,48 @@ class Services:
 
     def close(self) -> None:
         self.ledger.close()
-
-
-def make_backend(name: str, config: FleetConfig) -> FleetBackend:
-    if name == "simulated":
-        return SimulatedFleet(config)
-    raise InvalidInput(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+        close = getattr(self.backend, "close", None)  # NVML's session; nothing to close for sims
+        if close is not None:
+            close()
 
 
 def open_services(
     state_dir: str | Path | None = None,
     fleet: FleetConfig | str | Path | None = None,
     *,
-    backend: str | FleetBackend = "simulated",
+    backend: str | BackendChoice | FleetBackend = "simulated",
     clock: Clock | None = None,
     council: Council | None = None,
     create: bool = True,
     durable: bool = True,
 ) -> Services:
-    config = fleet if isinstance(fleet, FleetConfig) else load_fleet(fleet)
+    """Services over a backend named (or chosen: BackendChoice) or given ready-made. Without a
+    fleet file, real GPUs get the host policy (fleet/data/host_fleet.toml), the simulated
+    fleet the default fleet."""
+    choice = BackendChoice(backend) if isinstance(backend, str) else backend
+    resolved: Resolved | None = None
+    if isinstance(choice, BackendChoice):
+        resolved = resolve(choice)
+        hardware = resolved.hardware
+    else:
+        hardware = choice.hardware
+    config = fleet if isinstance(fleet, FleetConfig) else load_fleet(fleet, hardware=hardware)
     directory = prepare(state_dir or default_state_dir(), create=create)
-    fleet_backend = make_backend(backend, config) if isinstance(backend, str) else backend
+    clock = clock or clock_for(directory, config.clock)
+    if isinstance(choice, BackendChoice):
+        assert resolved is not None
+        fleet_backend = make_backend(resolved, choice, config, clock=clock, state_dir=directory)
+    else:
+        fleet_backend = choice
+    config = placeable_fleet(config, fleet_backend)
     return Services(
         config=config,
         backend=fleet_backend,
         ledger=Ledger(directory / LEDGER, config, durable=durable),
-        clock=clock or clock_for(directory, config.clock),
+        clock=clock,
         chosen_council=council,
         state_dir=directory,
+        note=resolved.note if resolved else None,
     )
 
 
@@ -145,7 +204,12 @@ class Context:
     )
     backend: str = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_BACKEND") or "simulated",
-        metadata={"description": "Inventory backend (env GPU_AGENT_BACKEND): simulated."},
+        metadata={"description": "Inventory backend (env GPU_AGENT_BACKEND): simulated, nvml "
+                  "(real GPUs), replay (a recording) or auto (nvml where a driver is)."},
+    )
+    replay: str | None = field(
+        default_factory=lambda: os.environ.get("GPU_AGENT_REPLAY") or None,
+        metadata={"description": "Recording the replay backend plays (env GPU_AGENT_REPLAY)."},
     )
     services: Services | None = field(
         default=None,
@@ -154,7 +218,7 @@ class Context:
     )
 
 
-_opened: dict[tuple[str, str | None, str], Services] = {}
+_opened: dict[tuple[str, str | None, BackendChoice], Services] = {}
 _opened_lock = threading.Lock()
 
 
@@ -162,8 +226,9 @@ def services_for(runtime: Runtime[Context]) -> Services:
     ctx = runtime.context if runtime.context is not None else Context()
     if ctx.services is not None:
         return ctx.services
-    key = (str(Path(ctx.state_dir).resolve()), ctx.fleet_file, ctx.backend)
+    choice = BackendChoice(ctx.backend, ctx.replay)
+    key = (str(Path(ctx.state_dir).resolve()), ctx.fleet_file, choice)
     with _opened_lock:
         if key not in _opened:
-            _opened[key] = open_services(ctx.state_dir, ctx.fleet_file, backend=ctx.backend)
+            _opened[key] = open_services(ctx.state_dir, ctx.fleet_file, backend=choice)
         return _opened[key]

@@ -13,7 +13,7 @@ from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
 from fleet.ledger import Lease
-from fleet.models import utc
+from fleet.models import EventKind, utc
 from fleet.monitoring import assess, next_tick, readings, skip
 from nodes.context import Context, services_for
 from nodes.state import State
@@ -56,11 +56,14 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
             return ended
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
-    holders = dict.fromkeys(allocation.gpu_ids, allocation.project)
-    samples = svc.backend.sample(allocation.gpu_ids, now, holders)
+    samples = svc.sample(allocation.gpu_ids, now,
+                         dict.fromkeys(allocation.gpu_ids, allocation.project))
     result = assess(samples, mon, settings, now, started)
-    for gpu_id in result.throttle:
-        svc.backend.throttle(gpu_id)
+    for gpu_id in result.throttle:  # its event says what the backend did about it
+        action = svc.backend.throttle(gpu_id)
+        for event in result.events:
+            if event.kind is EventKind.THROTTLE and event.gpu_id == gpu_id:
+                event.message = f"{event.message}: {action}"
     svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
                          result.state.util_n, result.mean_util)
     update: dict[str, Any] = {"monitor": result.state, "samples": samples}

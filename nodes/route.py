@@ -18,7 +18,7 @@ def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
     decision = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project),
-                            svc.ledger.available_by_type(svc.config))
+                            svc.available_by_type())
     if isinstance(decision, Refusal):
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
     return {"route": decision}

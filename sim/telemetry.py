@@ -23,6 +23,7 @@ _TRAIN, _HOARD, _IDLE = PROFILES["train"], PROFILES["hoard"], PROFILES["idle"]
 
 class TraceFleet:
     name = "trace"
+    hardware = False
 
     def __init__(self, config: FleetConfig) -> None:
         self._config = config
@@ -44,8 +45,11 @@ class TraceFleet:
         """Nothing to undo. A GPU's run is replaced when it is placed again, never dropped
         here: the GPU may already be running the next job placed at the same instant."""
 
-    def throttle(self, gpu_id: str) -> bool:
-        return False  # trace jobs stay cool; nothing to act on
+    def throttle(self, gpu_id: str) -> str:
+        return "nothing done (trace jobs stay cool)"
+
+    def unhealthy(self) -> dict[str, str]:
+        return {}
 
     def _segment(self, gpu_id: str, at: float) -> Segment | None:
         run = self._runs.get(gpu_id)

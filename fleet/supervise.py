@@ -1,0 +1,104 @@
+"""Running a user's command on allocated GPUs and stopping it when the allocation ends.
+
+The command starts in a process group of its own, with CUDA_VISIBLE_DEVICES naming the GPUs by
+UUID. Only that group is ever signalled: SIGTERM, a grace period, then SIGKILL (Slurm's
+KillWait pattern). The group leader is never reaped before the end (its exit is observed with
+waitid(WNOWAIT)), so its PID, which is the group's id, cannot be reused by an unrelated process
+while this module may still signal the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.errors import InvalidInput
+
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How the command ended when it was told to."""
+
+    terminated: bool  # SIGTERM was sent
+    killed: bool  # SIGKILL was needed after the grace period
+    leftover: list[int]  # PIDs of the group still alive afterwards (should be empty)
+
+
+def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Live processes (not zombies) of a process group, from /proc."""
+    out = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended while we looked
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+class Supervised:
+    """A command started by gpu-agent, in its own process group."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        if not argv:
+            raise InvalidInput("no command to run (put it after --)")
+        try:
+            self._proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
+        except OSError as exc:
+            raise InvalidInput(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        self.pid = self._proc.pid  # also the process group's id
+
+    def exited(self) -> bool:
+        """Whether the leader has exited (without reaping it)."""
+        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return info is not None and info.si_pid == self.pid
+
+    def members(self) -> list[int]:
+        return group_members(self.pid)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):  # the whole group is gone
+            os.killpg(self.pid, sig)
+
+    def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Poll `done` until it holds or `timeout` seconds pass; whether it held."""
+        end = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def _gone(self) -> bool:
+        return self.exited() and not [p for p in self.members() if p != self.pid]
+
+    def stop(self, grace_s: float) -> Stopped:
+        """SIGTERM the group, wait up to `grace_s`, SIGKILL what is left."""
+        terminated = killed = False
+        if not self._gone():
+            self._signal(signal.SIGTERM)
+            terminated = True
+            if not self.wait_until(self._gone, grace_s):
+                self._signal(signal.SIGKILL)
+                killed = True
+                self.wait_until(self._gone, 10.0)
+        leftover = [p for p in self.members() if p != self.pid]
+        return Stopped(terminated, killed, leftover)
+
+    def returncode(self) -> int:
+        """Reap the leader: its exit status as a shell gives it (128 + signal if killed)."""
+        code = self._proc.wait()
+        return 128 - code if code < 0 else code

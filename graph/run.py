@@ -1,0 +1,121 @@
+"""`gpu-agent run`: a command on an allocation's GPUs, stopped when the allocation ends.
+
+The command gets CUDA_VISIBLE_DEVICES with the allocation's GPU UUIDs. Whoever releases the
+allocation (the monitor for idling, the lease, a budget, `gpu-agent release`) ends the command:
+SIGTERM to its process group, a grace period, SIGKILL; then the GPUs' process lists (NVML) are
+read to confirm nothing of it is left. Only processes this command started are signalled.
+When the command ends by itself, an allocation `run` requested is released (command-exit);
+one it was given (`--allocation`) is left to its owner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+
+from fleet.errors import InvalidInput
+from fleet.models import GPURequest, ReleaseReason
+from fleet.supervise import Supervised
+from graph.orchestrator import Orchestrator
+
+POLL_S = 0.25
+STALE_TICKS = 3  # a monitor silent this many ticks is not running
+
+
+@dataclass
+class RunReport:
+    allocation_id: str
+    exit_code: int
+    ended_by: str  # "command" (it exited), a release reason, or "signal"
+    terminated: bool = False
+    killed: bool = False
+    leftover: list[int] = field(default_factory=list)  # PIDs of it still alive (want none)
+    on_gpus: list[int] | None = None  # PIDs of it NVML still lists; None: cannot list
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@contextmanager
+def _signals() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM to `gpu-agent run` stop the command like a release would."""
+    got: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace_s: float,
+           owned: bool, say: Callable[[str], None] = print) -> RunReport:
+    """Run `argv` on an active allocation until it exits or the allocation ends."""
+    svc = orch.services
+    row = svc.ledger.get(allocation_id)
+    if row.state != "active":
+        raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
+    silent = svc.clock.now() - row.heartbeat_at
+    if not owned and silent > STALE_TICKS * svc.config.monitor.tick_seconds:
+        say(f"nobody has monitored allocation {allocation_id} for {silent:.0f} s: it will not "
+            f"be released for idling until `gpu-agent resume {row.thread_id}` runs")
+    env = dict(os.environ) | {"CUDA_VISIBLE_DEVICES": ",".join(row.gpu_ids),
+                              "GPU_AGENT_ALLOCATION": allocation_id}
+    with _signals() as got:
+        proc = Supervised(argv, env)
+        say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
+        seen = {proc.pid}
+        ended_by = "command"
+        while not proc.exited():
+            seen.update(proc.members())
+            lease = svc.ledger.lease(allocation_id)
+            now = svc.clock.now()
+            if lease.state == "released":
+                assert lease.release_reason is not None
+                ended_by = lease.release_reason.value
+                break
+            if lease.deadline is not None and now >= lease.deadline:
+                assert lease.deadline_reason is not None  # nobody released it on time: we do
+                svc.ledger.release(allocation_id, lease.deadline_reason, lease.deadline)
+                ended_by = lease.deadline_reason.value
+                break
+            if got:
+                ended_by = "signal"
+                break
+            time.sleep(POLL_S)
+        if ended_by != "command":
+            say(f"allocation {allocation_id} ended ({ended_by}): stopping the command "
+                f"(SIGTERM, then SIGKILL after {grace_s:g} s)")
+        stopped = proc.stop(grace_s)  # also what the command left behind when it exited
+        code = proc.returncode()
+    if owned and svc.ledger.get(allocation_id).state == "active":
+        reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
+        orch.release(allocation_id, reason)
+    samples = svc.sample(row.gpu_ids, svc.clock.now(), {})
+    listed = [s.processes for s in samples]
+    on_gpus = None if any(p is None for p in listed) else sorted(
+        p.pid for procs in listed for p in procs or [] if p.pid in seen)
+    return RunReport(allocation_id, code, ended_by, stopped.terminated, stopped.killed,
+                     stopped.leftover, on_gpus)
+
+
+def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str], *,
+                    grace_s: float, say: Callable[[str], None] = print) -> RunReport:
+    """Request GPUs (the graph monitors them in the background) and run `argv` on them."""
+    handle = orch.allocate_gpu_sync(request)
+    say(f"allocation {handle.id}: {handle.allocation.count} x {handle.allocation.gpu_type} "
+        f"until {handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+    try:
+        report = run_on(orch, handle.id, argv, grace_s=grace_s, owned=True, say=say)
+    finally:
+        handle.release(ReleaseReason.EXPLICIT)  # a no-op when it ended already; joins the graph
+    return report

@@ -1,0 +1,143 @@
+"""`gpu-agent run` with real child processes on the simulated fleet (wall-clock time).
+
+The fleet's GPUs read idle (the simulated `idle` workload), and the monitor's idle timeout is
+3 s, so the graph releases the allocation for idling a few seconds after the command starts;
+`run` must then stop the command's whole process group and nothing of it may be left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import fleet_toml, run_cli
+
+# A command that ignores SIGTERM and leaves a grandchild in its process group.
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: time.sleep(0.1)"])
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.getpid()} {child.pid} {os.environ['CUDA_VISIBLE_DEVICES']}")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def idle_fleet(tmp_path: Path, workload: str = "idle") -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(fleet_toml(
+        monitor={"tick_seconds": 0.5, "idle_timeout_minutes": 0.05,
+                 "low_util_window_minutes": 0.05},
+        simulation={"default_workload": workload}))
+    return path
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_an_idle_allocation_is_released_and_its_command_really_goes(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
+                       str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
+                       "--hours", "1", "--grace", "1", "--json", "--",
+                       sys.executable, "-c", STUBBORN, str(pids), cwd=tmp_path, timeout=60)
+        assert done.returncode == 128 + signal.SIGKILL, done.stderr
+        report = json.loads(done.stdout)
+        assert report["ended_by"] == "idle"
+        assert report["terminated"] and report["killed"] and report["leftover"] == []
+        assert report["on_gpus"] is None  # the simulated fleet lists no GPU processes
+        leader, grandchild, visible = pids.read_text().split()
+        assert not alive(int(leader)) and not alive(int(grandchild))
+        assert bystander.poll() is None  # only what run started was signalled
+        assert visible.startswith("GPU-")  # a UUID, not an index
+        assert "ended (idle): stopping the command" in done.stderr
+        history = run_cli("history", "--state-dir", str(tmp_path / "s"), "--json",
+                          cwd=tmp_path)
+        (record,) = json.loads(history.stdout)["records"]
+        assert record["reason"] == "idle" and record["gpu_ids"] == [visible]
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_command_that_obeys_sigterm_needs_no_sigkill(tmp_path: Path) -> None:
+    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
+                   str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
+                   "--hours", "1", "--grace", "20", "--json", "--",
+                   sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)",
+                   cwd=tmp_path, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    report = json.loads(done.stdout)
+    assert report["terminated"] and not report["killed"] and report["ended_by"] == "idle"
+
+
+def test_a_command_that_ends_releases_what_run_requested(tmp_path: Path) -> None:
+    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
+                   str(idle_fleet(tmp_path, "train")), "--project", "vision", "--count", "2",
+                   "--hours", "1", "--json", "--", sys.executable, "-c",
+                   "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(3)",
+                   cwd=tmp_path, timeout=60)
+    assert done.returncode == 3, done.stderr
+    visible = done.stdout.splitlines()[0].split(",")
+    assert len(visible) == 2 and all(v.startswith("GPU-") for v in visible)
+    assert json.loads(done.stdout.splitlines()[1])["ended_by"] == "command"
+    history = run_cli("history", "--state-dir", str(tmp_path / "s"), "--json", cwd=tmp_path)
+    (record,) = json.loads(history.stdout)["records"]
+    assert record["reason"] == "command-exit" and sorted(record["gpu_ids"]) == sorted(visible)
+
+
+def test_run_on_an_allocation_stops_when_someone_releases_it(tmp_path: Path) -> None:
+    state, fleet = str(tmp_path / "s"), str(idle_fleet(tmp_path, "train"))
+    placed = run_cli("request", "--state-dir", state, "--fleet", fleet, "--project", "nlp",
+                     "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait",
+                     "--json", cwd=tmp_path)
+    aid = json.loads(placed.stdout)["allocation"]["id"]
+    time.sleep(2)  # over 3 monitor ticks (0.5 s) with no monitor running
+    env = {**os.environ}
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "run", "--state-dir", state, "--fleet", fleet,
+         "--allocation", aid, "--grace", "5", "--json", "--", sys.executable, "-c",
+         "import time\nwhile True: time.sleep(0.1)"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        lines = [""]
+        while "started pid" not in lines[-1]:
+            assert runner.stderr is not None and time.monotonic() < deadline
+            lines.append(runner.stderr.readline())
+        # placed with --no-wait, so no monitor runs: run says who must run it
+        assert any("nobody has monitored allocation" in line for line in lines)
+        released = run_cli("release", "--state-dir", state, "--fleet", fleet, aid,
+                           cwd=tmp_path)
+        assert released.returncode == 0, released.stderr
+        out, _ = runner.communicate(timeout=30)
+    finally:
+        runner.kill()
+    assert runner.returncode == 128 + signal.SIGTERM
+    report = json.loads(out)
+    assert report["ended_by"] == "explicit" and not report["killed"]
+
+
+def test_run_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    done = run_cli("run", "--state-dir", str(tmp_path), "--project", "p", "--count", "1",
+                   "--hours", "1", cwd=tmp_path)
+    assert done.returncode == 2 and "no command to run" in done.stderr
+    done = run_cli("run", "--state-dir", str(tmp_path), "--", "true", cwd=tmp_path)
+    assert done.returncode == 2 and "either --allocation" in done.stderr
+    done = run_cli("run", "--state-dir", str(tmp_path), "--project", "p", "--count", "0",
+                   "--hours", "1", "--", "true", cwd=tmp_path)
+    assert done.returncode == 2 and "count" in done.stderr
+    assert not (tmp_path / "ledger.sqlite").exists()
