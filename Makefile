@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a GPU machine, override it, e.g. `make TORCH_SPEC='torch==2.13.0' test` with your index.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test lint typecheck bench studio clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# The LangGraph dev server on 127.0.0.1:2024 (offline; Studio itself is a hosted web page).
+studio: install
+	$(VENV)/bin/gpu-agent studio
 
 bench: install
 	$(PY) benchmarks/graph_latency.py

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="between SIGTERM and SIGKILL (default 30)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
+    p = sub.add_parser("studio", help="start the LangGraph dev server (langgraph dev) on "
+                       "127.0.0.1 for Studio, the SDK, RemoteGraph and MCP; no browser")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=2024)
+    p.add_argument("--config", help="langgraph.json (default: ./langgraph.json, else the "
+                   "project's own)")
+
     p = sub.add_parser("health", help="GPUs taken out of placement (XID errors, lost GPUs)")
     _common(p)
     p.add_argument("--clear", metavar="UUID", help="put a repaired GPU back into placement")
@@ -355,6 +362,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    """Replace this process with `langgraph dev` (langgraph-cli[inmem], the dev extra)."""
+    from pathlib import Path
+
+    langgraph = Path(sys.executable).with_name("langgraph")
+    if not langgraph.exists():
+        raise InvalidInput("langgraph dev is not installed: pip install 'langgraph-cli[inmem]' "
+                           "(the dev extra has it)")
+    config = Path(args.config) if args.config else Path("langgraph.json")
+    if not args.config and not config.exists():
+        config = Path(__file__).resolve().parents[1] / "langgraph.json"
+    if not config.exists():
+        raise InvalidInput(f"no {config}: run from the project directory or pass --config")
+    os.environ.setdefault("LANGGRAPH_CLI_NO_ANALYTICS", "1")
+    argv = [str(langgraph), "dev", "--no-browser", "--host", args.host, "--port",
+            str(args.port), "--config", str(config)]
+    print(f"gpu-agent: {' '.join(argv[1:])}\nStudio (a hosted page, needs a browser with "
+          f"internet): https://smith.langchain.com/studio/?baseUrl=http://{args.host}:"
+          f"{args.port}", file=sys.stderr, flush=True)
+    os.execv(argv[0], argv)
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
         if args.clear and not orch.services.ledger.clear_unhealthy(args.clear):
@@ -505,7 +534,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
     "budget": cmd_budget, "demo": cmd_demo, "simulate": cmd_simulate, "analyze": cmd_analyze,
     "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
-    "health": cmd_health, "nvml": cmd_nvml,
+    "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio,
 }
 
 

@@ -14,6 +14,7 @@ notebooks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -46,7 +47,7 @@ from graph.builder import after_allocate, build_graph
 from graph.checkpoint import open_sqlite_saver
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
-from nodes.context import Context, Services, open_services
+from nodes.context import LocalContext, Services, open_services
 from nodes.review import parse_decision
 from nodes.state import InputState
 
@@ -74,7 +75,8 @@ class Orchestrator:
         self.project = project
         self.checkpointer = open_sqlite_saver(self.services.state_dir)
         self.graph = build_graph(self.checkpointer)
-        self.context = Context(state_dir=str(self.services.state_dir), services=self.services)
+        self.context = LocalContext(state_dir=str(self.services.state_dir),
+                                    services=self.services)
         self.services.ledger.reconcile(self.services.clock.now())  # leases that ran out while down
         held = self.services.ledger.holders()  # power limits a crashed process left lowered
         self.services.backend.reset([g.uuid for g in self.services.gpus if g.uuid not in held])
@@ -217,6 +219,16 @@ class Orchestrator:
         return self._invoke(graph_input, thread_id, wait=wait,
                             pure_first=bool(PURE_NODES & set(snap.next)),
                             on_update=_events_to(on_event))
+
+    def continue_in_background(self, thread_id: str) -> threading.Thread:
+        """Carry a placed or queued thread on (monitor, release) in a background thread."""
+        return self._spawn(lambda: self._resume_quietly(thread_id))
+
+    def _resume_quietly(self, thread_id: str) -> None:
+        try:
+            self.resume(thread_id)
+        except Exception:  # the thread stays checkpointed: `gpu-agent resume` carries it on
+            logging.getLogger(__name__).exception("background thread %s stopped", thread_id)
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""

@@ -211,11 +211,14 @@ class Context:
         default_factory=lambda: os.environ.get("GPU_AGENT_REPLAY") or None,
         metadata={"description": "Recording the replay backend plays (env GPU_AGENT_REPLAY)."},
     )
-    services: Services | None = field(
-        default=None,
-        metadata={"description": "Ready services injected in-process; overrides the fields "
-                  "above."},
-    )
+
+
+@dataclass(kw_only=True)
+class LocalContext(Context):
+    """What in-process callers (the Orchestrator, the simulator, tests) pass: ready services.
+    Not JSON, so never part of the graph's context schema that the server and Studio show."""
+
+    services: Services
 
 
 _opened: dict[tuple[str, str | None, BackendChoice], Services] = {}
@@ -224,7 +227,7 @@ _opened_lock = threading.Lock()
 
 def services_for(runtime: Runtime[Context]) -> Services:
     ctx = runtime.context if runtime.context is not None else Context()
-    if ctx.services is not None:
+    if isinstance(ctx, LocalContext):
         return ctx.services
     choice = BackendChoice(ctx.backend, ctx.replay)
     key = (str(Path(ctx.state_dir).resolve()), ctx.fleet_file, choice)

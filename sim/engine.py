@@ -28,7 +28,7 @@ from langgraph.runtime import ExecutionInfo, Runtime
 from fleet.clock import WakeToken
 from fleet.models import GPURequest
 from graph.builder import EDGES, NODES, ROUTERS, Node
-from nodes.context import Context, Services
+from nodes.context import Context, LocalContext, Services
 from nodes.review import decided, question
 from nodes.state import State
 
@@ -122,7 +122,7 @@ class Engine:
         clock.engine = self
         self.services = services
         self.clock = clock
-        self.context = Context(state_dir=str(services.state_dir), services=services)
+        self.context = LocalContext(state_dir=str(services.state_dir), services=services)
         self.observer = observer
         self.finished = finished
         self.nodes: dict[str, Node] = dict(nodes)

@@ -21,7 +21,7 @@ from fleet.models import (
 )
 from fleet.routing import route as choose_route
 from nodes.allocate import allocate
-from nodes.context import Context, Services
+from nodes.context import Context, LocalContext, Services
 from nodes.council import council
 from nodes.deallocate import deallocate
 from nodes.monitor import monitor
@@ -33,7 +33,7 @@ from tests.conftest import small_config
 
 
 def rt(svc: Services, thread_id: str = "t1") -> Runtime[Context]:
-    return Runtime(context=Context(services=svc),
+    return Runtime(context=LocalContext(services=svc),
                    execution_info=ExecutionInfo(checkpoint_id="c", checkpoint_ns="",
                                                 task_id="x", thread_id=thread_id))
 

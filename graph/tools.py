@@ -1,0 +1,110 @@
+"""LangChain tools for agent frameworks: request_gpus, release_gpus, gpu_status.
+
+The tools own the thread id: an agent asks for GPUs and gets a plain result back, never an
+exception or a LangGraph interrupt. A request the council splits comes back as
+"pending_human_approval" with the thread a human decides on (`gpu-agent resume THREAD
+--approve`); a placed request keeps being monitored in the background (idle release, lease,
+budget) until it ends or `release_gpus` ends it.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+from langchain_core.tools import BaseTool, StructuredTool
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleet.errors import GPUAgentError
+from fleet.models import Status
+from graph.orchestrator import Orchestrator
+
+
+class RequestGpusArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="The project that pays, e.g. 'vision'.")
+    purpose: str = Field(default="training",
+                         description="training, inference or research (decides the pool).")
+    count: int = Field(default=1, ge=1, description="How many GPUs.")
+    hours: float = Field(gt=0, description="How long, in hours on the pool's reference GPU.")
+    gpu_type: str | None = Field(default=None, description="A GPU type, e.g. 'A100'; "
+                                 "omit to let routing choose the cheapest that does the job.")
+    budget_usd: float | None = Field(default=None, gt=0,
+                                     description="Refuse if the estimate is over this.")
+
+
+class ReleaseGpusArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    allocation_id: str = Field(description="The allocation_id request_gpus returned.")
+
+
+class GpuStatusArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) -> dict[str, Any]:
+    raw = {"project": args["project"], "purpose": args["purpose"], "count": args["count"],
+           "duration_hours": args["hours"], "gpu_type": args.get("gpu_type"),
+           "budget_limit": args.get("budget_usd")}
+    thread_id = uuid.uuid4().hex
+    try:
+        out = orch.request({k: v for k, v in raw.items() if v is not None},
+                           thread_id=thread_id, wait=False)
+    except GPUAgentError as exc:
+        return {"status": "invalid", "reason": str(exc)}
+    result: dict[str, Any] = {"status": out.status.value, "reason": out.reason,
+                              "thread_id": thread_id}
+    if out.status is Status.PENDING_REVIEW:
+        result |= {"status": "pending_human_approval",
+                   "next_step": f"a human decides: gpu-agent resume {thread_id} "
+                   "--approve|--deny"}
+    if out.allocation is not None and out.status is Status.ALLOCATED:
+        a = out.allocation
+        result |= {"allocation_id": a.id, "gpu_type": a.gpu_type, "gpu_ids": a.gpu_ids,
+                   "cuda_visible_devices": a.cuda_visible_devices,
+                   "lease_end": a.lease_end.isoformat(), "price_per_hour": a.price_per_hour}
+    if out.status in (Status.ALLOCATED, Status.QUEUED):  # keep watching it, as `request` would
+        monitors.append(orch.continue_in_background(thread_id))
+    return result
+
+
+def _release(orch: Orchestrator, allocation_id: str) -> dict[str, Any]:
+    try:
+        release = orch.release(allocation_id)
+    except GPUAgentError as exc:
+        return {"status": "invalid", "reason": str(exc)}
+    return {"status": "released"} | release.model_dump(mode="json")
+
+
+def _status(orch: Orchestrator) -> dict[str, Any]:
+    data = orch.status()
+    free: dict[str, int] = {}
+    for g in data["gpus"]:
+        if g["allocation_id"] is None and g["placeable"]:
+            free[g["type"]] = free.get(g["type"], 0) + 1
+    live = [{k: a[k] for k in ("id", "project", "state", "gpu_type", "count", "deadline")}
+            for a in data["allocations"] if a["state"] != "released"]
+    return {"free_gpus_by_type": free, "allocations": live}
+
+
+def gpu_tools(orch: Orchestrator) -> list[BaseTool]:
+    """The three tools over one Orchestrator. Placed requests are monitored by background
+    threads of this process (the list `tools[0].metadata["monitors"]`)."""
+    monitors: list[threading.Thread] = []
+    request = StructuredTool.from_function(
+        func=lambda **kw: _request(orch, monitors, **kw), name="request_gpus",
+        description="Request GPUs for a project. Returns the allocation (GPU ids, "
+        "CUDA_VISIBLE_DEVICES, lease end), or that the request is queued, denied, or "
+        "pending human approval (then a human must decide before GPUs are placed).",
+        args_schema=RequestGpusArgs, metadata={"monitors": monitors})
+    release = StructuredTool.from_function(
+        func=lambda allocation_id: _release(orch, allocation_id), name="release_gpus",
+        description="Release an allocation now (or cancel a queued request); returns the "
+        "hours held and the cost charged.", args_schema=ReleaseGpusArgs)
+    status = StructuredTool.from_function(
+        func=lambda: _status(orch), name="gpu_status",
+        description="Free GPUs per type and the live allocations.", args_schema=GpuStatusArgs)
+    return [request, release, status]

@@ -1,0 +1,91 @@
+"""The LangChain tools inside a tool-calling agent (langchain's create_agent, a LangGraph graph)
+driven by a scripted fake chat model (langchain-core's GenericFakeChatModel)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from langchain.agents import create_agent
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, ToolMessage
+
+from fleet.models import Status
+from graph.tools import gpu_tools
+from tests.conftest import OrchFactory, small_config
+
+
+class ScriptedModel(GenericFakeChatModel):
+    """Answers with the scripted messages in order; tools are bound by the agent, not used."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedModel:
+        return self
+
+
+def call(name: str, args: dict[str, Any], n: int) -> AIMessage:
+    return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": f"call-{n}",
+                                              "type": "tool_call"}])
+
+
+def results(messages: list[Any]) -> dict[str, dict[str, Any]]:
+    return {m.name: json.loads(m.content) for m in messages if isinstance(m, ToolMessage)}
+
+
+def test_an_agent_requests_gpus_through_the_tool(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    tools = gpu_tools(orch)
+    model = ScriptedModel(messages=iter([
+        call("request_gpus", {"project": "vision", "count": 2, "hours": 3,
+                              "gpu_type": "A100"}, 1),
+        call("gpu_status", {}, 2),
+        AIMessage(content="You have 2 A100s."),
+    ]))
+    agent = create_agent(model, tools)
+    out = agent.invoke({"messages": [("user", "2 A100s for vision, 3 hours please")]})
+    got = results(out["messages"])
+    placed = got["request_gpus"]
+    assert placed["status"] == "allocated" and len(placed["gpu_ids"]) == 2
+    assert placed["cuda_visible_devices"] == ",".join(placed["gpu_ids"])
+    assert set(got["gpu_status"]) == {"free_gpus_by_type", "allocations"}
+    assert out["messages"][-1].content == "You have 2 A100s."
+    for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
+        monitor.join(30)
+    (row,) = orch.services.ledger.allocations()
+    assert row.id == placed["allocation_id"] and row.project == "vision" and row.count == 2
+    assert orch.outcome(placed["thread_id"]).status is Status.RELEASED  # monitored to its end
+
+
+def test_a_split_council_is_a_result_not_an_exception(make_orch: OrchFactory) -> None:
+    orch = make_orch(small_config(council={"policy": "reference", "approve_threshold": 0.99,
+                                           "deny_threshold": 0.05, "auto_approve_max_gpus": 0}))
+    tools = gpu_tools(orch)
+    model = ScriptedModel(messages=iter([
+        call("request_gpus", {"project": "nlp", "count": 2, "hours": 1}, 1),
+        call("release_gpus", {"allocation_id": "a-nope"}, 2),
+        AIMessage(content="Waiting for a human."),
+    ]))
+    out = create_agent(model, tools).invoke({"messages": [("user", "2 GPUs for nlp")]})
+    got = results(out["messages"])
+    pending = got["request_gpus"]
+    assert pending["status"] == "pending_human_approval"
+    assert pending["next_step"] == f"a human decides: gpu-agent resume {pending['thread_id']} " \
+        "--approve|--deny"
+    assert got["release_gpus"]["status"] == "invalid"  # a bad id is a result too
+    assert orch.services.ledger.allocations() == []
+    done = orch.resume(pending["thread_id"], {"approve": True, "by": "lead"})
+    assert done.status is Status.RELEASED and done.allocation is not None
+
+
+def test_bad_tool_arguments_are_refused_by_the_schema(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    request = gpu_tools(orch)[0]
+    for bad in ({"project": "p", "hours": -1}, {"project": "p", "hours": 1, "count": 0},
+                {"project": "p", "hours": 1, "colour": "red"}):
+        try:
+            request.invoke(bad)
+        except Exception as exc:  # pydantic's ValidationError, before anything runs
+            assert "validation error" in str(exc)
+        else:
+            raise AssertionError(f"accepted {bad}")
+    assert request.invoke({"project": "bad name!", "hours": 1})["status"] == "invalid"
+    assert orch.services.ledger.allocations() == []

@@ -1,0 +1,170 @@
+"""The real LangGraph server (`langgraph dev`, langgraph-cli[inmem]) on loopback, driven by the
+real clients: langgraph_sdk, RemoteGraph, MCP over HTTP, and the CLI on the same SQLite file.
+
+The fleet sends requests of two GPUs or more to the (reference) council with thresholds that
+always split, so they stop at the human review; one-GPU requests are auto-approved (what MCP,
+which runs without a thread, can do). The clock runs 3,600 times fast, so a one-hour lease ends
+in about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from langgraph.pregel.remote import RemoteGraph
+from langgraph.types import Command
+from langgraph_sdk import get_client, get_sync_client
+
+from graph.orchestrator import Orchestrator
+from tests.conftest import ROOT, fleet_toml
+
+REQUEST = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        data: dict[str, Any] = json.loads(r.read())
+        return data
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("server")
+    fleet = tmp / "fleet.toml"
+    fleet.write_text(fleet_toml(
+        council={"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.05,
+                 "auto_approve_max_gpus": 1},
+        clock={"time_scale": 3600}))
+    state = tmp / "state"
+    # the project's langgraph.json, with paths made absolute so the server's scratch files
+    # (.langgraph_api/) land in tmp, not in the repository
+    config = json.loads((ROOT / "langgraph.json").read_text())
+    config["dependencies"] = [str(ROOT)]
+    config["graphs"] = {k: str(ROOT / v.removeprefix("./")) for k, v in config["graphs"].items()}
+    config["checkpointer"]["path"] = str(ROOT / config["checkpointer"]["path"].removeprefix("./"))
+    (tmp / "langgraph.json").write_text(json.dumps(config))
+    port = free_port()
+    env = {**os.environ, "GPU_AGENT_HOME": str(state), "GPU_AGENT_FLEET": str(fleet),
+           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false"}
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen(  # `gpu-agent studio` execs `langgraph dev`
+        [sys.executable, "-m", "graph.cli", "studio", "--port", str(port),
+         "--config", str(tmp / "langgraph.json")],
+        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if get(f"{url}/ok").get("ok"):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "langgraph dev did not start in 90 s"
+            time.sleep(0.5)
+        yield {"url": url, "state": str(state), "fleet": str(fleet)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_the_server_shows_the_graph_and_its_context_form(server: dict[str, str]) -> None:
+    client = get_sync_client(url=server["url"])
+    (assistant,) = client.assistants.search(graph_id="gpu-agent")
+    schemas = client.assistants.get_schemas(assistant["assistant_id"])
+    context = schemas["context_schema"]["properties"]
+    assert set(context) == {"state_dir", "fleet_file", "backend", "replay"}
+    assert all(field.get("description") for field in context.values())
+    assert "request" in schemas["input_schema"]["properties"]
+
+
+def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[str, str]) -> None:
+    async def flow() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        client = get_client(url=server["url"])
+        thread = await client.threads.create()
+        tid = thread["thread_id"]
+        seen = [part.event async for part in client.runs.stream(
+            tid, "gpu-agent", input={"request": REQUEST}, stream_mode="updates")]
+        assert "updates" in seen
+        state = await client.threads.get_state(tid)
+        status = (await client.threads.get(tid))["status"]
+        assert status == "interrupted"
+        final = await client.runs.wait(
+            tid, "gpu-agent", command={"resume": {"approve": True, "by": "ana",
+                                                   "comment": "deadline"}})
+        assert isinstance(final, dict)
+        return state, final, await client.threads.get_state(tid)
+
+    state, final, after = asyncio.run(flow())
+    assert state["next"] == ["review"]
+    (question,) = state["interrupts"]
+    assert question["value"]["question"] == "approve 2 GPU(s) for vision?"
+    assert final["status"] == "released"
+    assert final["allocation"]["count"] == 2 and len(final["allocation"]["gpu_ids"]) == 2
+    assert final["release"]["reason"] == "lease-expired"
+    assert "human_decision" in [e["kind"] for e in final["events"]]
+    assert after["next"] == []
+
+
+def test_remote_graph_behaves_like_the_local_graph(server: dict[str, str]) -> None:
+    remote = RemoteGraph("gpu-agent", url=server["url"])
+    tid = get_sync_client(url=server["url"]).threads.create()["thread_id"]
+    config: Any = {"configurable": {"thread_id": tid}}
+    stopped = remote.invoke({"request": REQUEST | {"project": "nlp"}}, config)
+    assert stopped["status"] == "pending_review"
+    assert remote.get_state(config).next == ("review",)
+    done = remote.invoke(Command(resume={"approve": False, "by": "ana"}), config)
+    assert done["status"] == "denied" and done["reason"].startswith("denied by ana")
+
+
+def test_a_thread_made_through_the_server_resumes_from_the_cli(server: dict[str, str]) -> None:
+    client = get_sync_client(url=server["url"])
+    tid = client.threads.create()["thread_id"]
+    client.runs.wait(tid, "gpu-agent", input={"request": REQUEST | {"project": "audio"}})
+    with Orchestrator(server["state"], server["fleet"], create=False) as orch:
+        assert orch.outcome(tid).next == ("review",)  # the server's checkpoint, read here
+        out = orch.resume(tid, {"approve": True, "by": "cli"})
+    assert out.status.value == "released"
+    assert client.threads.get_state(tid)["values"]["status"] == "released"  # and back
+
+
+def test_mcp_runs_a_request_that_needs_no_review(server: dict[str, str]) -> None:
+    def rpc(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+        request = urllib.request.Request(
+            f"{server['url']}/mcp", data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json",
+                     "Accept": "application/json, text/event-stream"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            reply: dict[str, Any] = json.loads(r.read())
+            return reply["result"]  # type: ignore[no-any-return]
+
+    assert rpc("initialize", {"protocolVersion": "2025-03-26", "capabilities": {},
+                              "clientInfo": {"name": "test", "version": "1"}})
+    (tool,) = rpc("tools/list")["tools"]
+    assert tool["name"] == "gpu-agent" and "request" in tool["inputSchema"]["properties"]
+    result = rpc("tools/call", {"name": "gpu-agent", "arguments": {"request": {
+        "project": "solo", "purpose": "training", "count": 1, "duration_hours": 1}}})
+    text = result["content"][0]["text"]
+    assert "'status': 'released'" in text and "'reason': 'lease-expired'" in text
