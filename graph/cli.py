@@ -230,8 +230,35 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data) if args.json else text)
 
 
-def _print_event(event: Event) -> None:
-    print(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.kind.value:<16} {event.message}", flush=True)
+class _Live:
+    """What `request` and `resume` show while they run: the council's votes and the route as
+    lines, the recorded events as lines, and on a terminal the monitor's ticks as one line
+    that updates in place (off a terminal ticks are left out: the events say what matters)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.ticking = False
+
+    def _line(self, text: str) -> None:
+        if self.ticking:
+            print("\r\033[K", end="")
+            self.ticking = False
+        print(text, flush=True)
+
+    def done(self) -> None:
+        if self.ticking:
+            print()
+            self.ticking = False
+
+    def event(self, event: Event) -> None:
+        self._line(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.kind.value:<16} {event.message}")
+
+    def progress(self, line: dict[str, Any]) -> None:
+        if line.get("node") != "monitor":
+            self._line(f"  {line['text']}")
+        elif self.tty:
+            print(f"\r\033[K  {line['text']}", end="", flush=True)
+            self.ticking = True
 
 
 def _describe(outcome: RequestOutcome) -> str:
@@ -271,9 +298,12 @@ def cmd_request(args: argparse.Namespace) -> int:
         config = load_fleet(_fleet_file(args))
         check_against_fleet(request, config)
     with _orchestrator(args, create=True, config=config, choice=choice) as orch:
-        on_event = None if args.json or args.no_wait else _print_event
+        live = None if args.json or args.no_wait else _Live()
         outcome = orch.request(request, thread_id=args.thread_id, wait=not args.no_wait,
-                               on_event=on_event)
+                               on_event=live.event if live else None,
+                               on_progress=live.progress if live else None)
+        if live is not None:
+            live.done()
         return _finish(args, outcome)
 
 
@@ -282,8 +312,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.approve or args.deny:
         decision = HumanDecision(approve=args.approve, by=args.by, comment=args.comment)
     with _orchestrator(args, create=False) as orch:
-        on_event = None if args.json else _print_event
-        return _finish(args, orch.resume(args.thread_id, decision, on_event=on_event))
+        live = None if args.json else _Live()
+        outcome = orch.resume(args.thread_id, decision, on_event=live.event if live else None,
+                              on_progress=live.progress if live else None)
+        if live is not None:
+            live.done()
+        return _finish(args, outcome)
 
 
 def cmd_release(args: argparse.Namespace) -> int:

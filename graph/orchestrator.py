@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
-from langgraph.types import Command, Durability
+from langgraph.types import Command, Durability, StreamMode
 
 from council.voting import Council
 from fleet.backend import FleetBackend
@@ -114,19 +114,26 @@ class Orchestrator:
         durability: Durability,
         on_update: Callable[[str, dict[str, Any]], None] | None,
         *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
         interrupt_before: list[str] | None = None,
         interrupt_after: list[str] | None = None,
     ) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
         """Run until the graph stops: (final values, interrupts or None if it did not stop)."""
         values: dict[str, Any] = {}
         stopped: tuple[Any, ...] | None = None
+        modes: list[StreamMode] = ["updates", "values"]
+        if on_progress is not None:
+            modes.append("custom")
         for mode, part in self.graph.stream(
             graph_input, config, context=self.context, durability=durability,
-            stream_mode=["updates", "values"], interrupt_before=interrupt_before,
+            stream_mode=modes, interrupt_before=interrupt_before,
             interrupt_after=interrupt_after,
         ):
             chunk = cast(dict[str, Any], part)
-            if mode == "values":
+            if mode == "custom":
+                assert on_progress is not None
+                on_progress(chunk)
+            elif mode == "values":
                 values = chunk
             elif "__interrupt__" in chunk:
                 stopped = tuple(chunk["__interrupt__"])
@@ -144,6 +151,7 @@ class Orchestrator:
         wait: bool,
         pure_first: bool,
         on_update: Callable[[str, dict[str, Any]], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
         """Run a thread: the pure decision nodes first, then the side effects.
 
@@ -156,11 +164,13 @@ class Orchestrator:
         config = self._config(thread_id)
         if pure_first:
             values, stopped = self._stream(graph_input, config, "exit", on_update,
+                                           on_progress=on_progress,
                                            interrupt_before=["allocate"])
             if stopped != ():  # finished, or a human review: not standing before allocate
                 return self._outcome_of(thread_id, values, stopped)
             graph_input = None
         values, stopped = self._stream(graph_input, config, DURABILITY, on_update,
+                                       on_progress=on_progress,
                                        interrupt_after=None if wait else ["allocate"])
         return self._outcome_of(thread_id, values, stopped)
 
@@ -182,17 +192,20 @@ class Orchestrator:
         thread_id: str | None = None,
         wait: bool = True,
         on_event: Callable[[Event], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
         """Run a request. wait=True: to the end of its allocation; False: until placed or queued.
 
-        Invalid input raises InvalidInput before anything is written.
+        `on_event` hears each recorded event; `on_progress` each line of the graph's custom
+        stream (votes, route, monitor ticks: {"node", "text", ...}). Invalid input raises
+        InvalidInput before anything is written.
         """
         req = self.check(request)
         thread_id = thread_id or uuid.uuid4().hex
         if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
             raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
         return self._invoke(InputState(request=req), thread_id, wait=wait, pure_first=True,
-                            on_update=_events_to(on_event))
+                            on_update=_events_to(on_event), on_progress=on_progress)
 
     def resume(
         self,
@@ -201,6 +214,7 @@ class Orchestrator:
         *,
         wait: bool = True,
         on_event: Callable[[Event], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
         """Carry a thread on from its last checkpoint: after a crash, a queue, or a review."""
         snap = self.graph.get_state(self._config(thread_id))
@@ -218,7 +232,7 @@ class Orchestrator:
             return self.outcome(thread_id)
         return self._invoke(graph_input, thread_id, wait=wait,
                             pure_first=bool(PURE_NODES & set(snap.next)),
-                            on_update=_events_to(on_event))
+                            on_update=_events_to(on_event), on_progress=on_progress)
 
     def continue_in_background(self, thread_id: str) -> threading.Thread:
         """Carry a placed or queued thread on (monitor, release) in a background thread."""

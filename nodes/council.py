@@ -11,6 +11,7 @@ from council.voting import auto_approval, convene, small
 from fleet.models import Outcome, Status
 from fleet.validation import refusal
 from nodes.context import Context, services_for
+from nodes.progress import report, votes
 from nodes.state import State, request_of
 
 
@@ -25,12 +26,17 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     worst = worst_case_usd(request, svc.config)
     critical = is_critical(request)
     if small(request.count, worst, cost_pressure(worst, remaining), critical, settings):
-        return {"council": auto_approval(request.count, worst, settings)}  # no record needed
+        decision = auto_approval(request.count, worst, settings)  # no record needed
+        report(runtime, "council", f"council: {decision.summary}")
+        return {"council": decision}
     now = svc.clock.now()
     stats = svc.ledger.project_stats(request.project, now, settings.history_events)
     held = svc.ledger.held_by_type()
     features = build_features(request, svc.config, stats, held, now)
     decision = convene(svc.council, features, critical, settings)
+    report(runtime, "council", "council: " + ", ".join(
+        f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)
+        + f" -> {decision.summary}", votes=votes(decision))
     update: dict[str, Any] = {"council": decision}
     if decision.outcome is Outcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}

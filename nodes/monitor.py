@@ -16,6 +16,7 @@ from fleet.ledger import Lease
 from fleet.models import EventKind, utc
 from fleet.monitoring import assess, next_tick, readings, skip
 from nodes.context import Context, services_for
+from nodes.progress import report
 from nodes.state import State
 
 
@@ -28,6 +29,11 @@ def _ended(row: Lease, now: float) -> dict[str, Any] | None:
     if now >= row.deadline:
         return {"release_reason": row.deadline_reason, "release_at": utc(row.deadline)}
     return None
+
+
+def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
+    shown = "n/a" if util is None else f"{util:.0f}%"
+    return f"tick {ticks}: utilisation {shown}, {left_s / 3600:.2f} h left"
 
 
 def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -66,6 +72,9 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
                 event.message = f"{event.message}: {action}"
     svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
                          result.state.util_n, result.mean_util)
+    left = (row.deadline or now) - now
+    report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
+           tick=result.state.ticks, util_pct=result.mean_util, seconds_left=left)
     update: dict[str, Any] = {"monitor": result.state, "samples": samples}
     if result.events:
         update["events"] = result.events

@@ -11,6 +11,7 @@ from fleet.models import Status
 from fleet.routing import Refusal
 from fleet.routing import route as choose_route
 from nodes.context import Context, services_for
+from nodes.progress import report
 from nodes.state import State, request_of
 
 
@@ -21,4 +22,8 @@ def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
                             svc.available_by_type())
     if isinstance(decision, Refusal):
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
+    report(runtime, "route", f"route: {request.count} x {decision.gpu_type} at "
+           f"${decision.price_per_hour:.2f}/GPU-h, about {decision.est_hours:.2f} h, "
+           f"${decision.est_cost_usd:.2f} ({decision.reason})", gpu_type=decision.gpu_type,
+           est_cost_usd=decision.est_cost_usd)
     return {"route": decision}
