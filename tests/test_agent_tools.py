@@ -4,6 +4,9 @@ driven by a scripted fake chat model (langchain-core's GenericFakeChatModel)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from langchain.agents import create_agent
@@ -12,7 +15,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 
 from fleet.models import Status
 from graph.tools import gpu_tools
-from tests.conftest import OrchFactory, small_config
+from tests.conftest import ROOT, OrchFactory, small_config
 
 
 class ScriptedModel(GenericFakeChatModel):
@@ -89,3 +92,10 @@ def test_bad_tool_arguments_are_refused_by_the_schema(make_orch: OrchFactory) ->
             raise AssertionError(f"accepted {bad}")
     assert request.invoke({"project": "bad name!", "hours": 1})["status"] == "invalid"
     assert orch.services.ledger.allocations() == []
+
+
+def test_the_agent_example_runs(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "agent_tool.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"status": "allocated"' in done.stdout and "release_gpus -> explicit" in done.stdout

@@ -1,4 +1,4 @@
-"""examples/council_behaviour.ipynb runs end to end, headless, in this interpreter's kernel."""
+"""The example notebooks run end to end, headless, in this interpreter's kernel."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "council_behaviour.ipynb"
+NOTEBOOKS = [NOTEBOOK, ROOT / "examples" / "resume_after_crash.ipynb"]
 KERNEL = "python3"
 
 
@@ -36,8 +37,9 @@ def kernel_of_this_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> st
     return KERNEL
 
 
-def test_notebook_is_saved_without_outputs() -> None:
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_saved_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
@@ -56,3 +58,16 @@ def test_council_notebook_runs_end_to_end(kernel_of_this_python: str) -> None:
     assert len(images) >= 4, f"only {len(images)} plots"
     printed = "".join(o.text for o in nb.cells[-1].outputs if o.output_type == "stream")
     assert printed.strip() == sys.prefix, "the notebook ran in another interpreter"
+
+
+def test_resume_after_crash_notebook_runs_end_to_end(kernel_of_this_python: str) -> None:
+    nb = nbformat.read(NOTEBOOKS[1], as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=kernel_of_this_python,
+                                     resources={"metadata": {"path": str(ROOT)}})
+    client.execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.outputs)
+    assert "kernel interrupted while the GPUs were held" in printed
+    assert "after the interrupt: allocated next: ('monitor',)" in printed
+    assert "resumed: released - released: lease-expired" in printed
+    assert "fork: denied - denied by what-if" in printed
