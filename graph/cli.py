@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=2024)
     p.add_argument("--config", help="langgraph.json (default: ./langgraph.json, else the "
                    "project's own)")
+    p.add_argument("--jobs", type=int, default=4, help="runs served at once (default 4; "
+                   "`langgraph dev` alone ran one at a time here, so a status call waited "
+                   "for a monitored allocation to end)")
 
     p = sub.add_parser("health", help="GPUs taken out of placement (XID errors, lost GPUs)")
     _common(p)
@@ -410,8 +413,10 @@ def cmd_studio(args: argparse.Namespace) -> int:
     if not config.exists():
         raise InvalidInput(f"no {config}: run from the project directory or pass --config")
     os.environ.setdefault("LANGGRAPH_CLI_NO_ANALYTICS", "1")
+    if args.jobs < 1:
+        raise InvalidInput("--jobs must be at least 1")
     argv = [str(langgraph), "dev", "--no-browser", "--host", args.host, "--port",
-            str(args.port), "--config", str(config)]
+            str(args.port), "--config", str(config), "--n-jobs-per-worker", str(args.jobs)]
     print(f"gpu-agent: {' '.join(argv[1:])}\nStudio (a hosted page, needs a browser with "
           f"internet): https://smith.langchain.com/studio/?baseUrl=http://{args.host}:"
           f"{args.port}", file=sys.stderr, flush=True)

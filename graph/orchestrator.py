@@ -39,14 +39,13 @@ from fleet.models import (
     Release,
     ReleaseReason,
     Status,
-    utc,
 )
-from fleet.monitoring import condition
 from fleet.validation import check_against_fleet, parse_request
 from graph.builder import after_allocate, build_graph
 from graph.checkpoint import open_sqlite_saver
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
+from graph.status import fleet_status
 from nodes.context import LocalContext, Services, open_services
 from nodes.review import parse_decision
 from nodes.state import InputState
@@ -322,46 +321,8 @@ class Orchestrator:
         return self.services.ledger.costs(self.services.clock.now())
 
     def status(self) -> dict[str, Any]:
-        svc = self.services
-        now = svc.clock.now()
-        holders = svc.ledger.holders()
-        samples = svc.sample([g.uuid for g in svc.gpus], now,
-                             {g: p for g, (_, p) in holders.items()})
-        unhealthy = svc.check_health()
-        gpus = []
-        for gpu, sample in zip(svc.gpus, samples, strict=True):
-            aid, project = holders.get(gpu.uuid, (None, None))
-            gpus.append({
-                "uuid": gpu.uuid, "type": gpu.gpu_type, "node": gpu.node, "index": gpu.index,
-                "model": gpu.model_name, "memory_gb": gpu.memory_gb, "mig": gpu.mig,
-                "allocation_id": aid,
-                "project": project, "util_pct": sample.util_pct,
-                "mem_used_gb": sample.mem_used_gb, "temp_c": sample.temp_c,
-                "power_w": sample.power_w, "throttled": sample.throttled,
-                "processes": None if sample.processes is None
-                else [p.model_dump() for p in sample.processes],
-                "condition": condition(sample, aid is not None, svc.config.monitor),
-                "unhealthy": unhealthy.get(gpu.uuid),
-                "placeable": gpu.gpu_type in svc.config.catalog and gpu.uuid not in unhealthy,
-            })
-        allocations = [
-            {
-                "id": r.id, "project": r.project, "thread_id": r.thread_id,
-                "gpu_ids": r.gpu_ids, "gpu_type": r.gpu_type, "count": r.count,
-                "state": r.state, "nodes": r.nodes, "price_per_hour": r.price_per_hour,
-                "enqueued_at": utc(r.enqueued_at).isoformat(),
-                "started_at": utc(r.started_at).isoformat() if r.started_at else None,
-                "lease_end": utc(r.lease_end).isoformat() if r.lease_end else None,
-                "deadline": utc(r.deadline).isoformat() if r.deadline else None,
-                "released_at": utc(r.released_at).isoformat() if r.released_at else None,
-                "reason": r.release_reason.value if r.release_reason else None,
-                "cost_usd": r.cost_usd,
-            }
-            for r in svc.ledger.allocations()
-        ]
-        return {"backend": svc.backend.name, "problem": getattr(svc.backend, "problem", None),
-                "unpriced_types": sorted({g.gpu_type for g in svc.unpriced}),
-                "now": utc(now).isoformat(), "gpus": gpus, "allocations": allocations}
+        """Every GPU with its holder and live reading, every allocation (the `status` JSON)."""
+        return fleet_status(self.services)
 
 
 def _events_to(

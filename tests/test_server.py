@@ -9,6 +9,7 @@ in about a second.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -149,22 +150,59 @@ def test_a_thread_made_through_the_server_resumes_from_the_cli(server: dict[str,
     assert client.threads.get_state(tid)["values"]["status"] == "released"  # and back
 
 
-def test_mcp_runs_a_request_that_needs_no_review(server: dict[str, str]) -> None:
-    def rpc(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
-        request = urllib.request.Request(
-            f"{server['url']}/mcp", data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json",
-                     "Accept": "application/json, text/event-stream"})
-        with urllib.request.urlopen(request, timeout=60) as r:
-            reply: dict[str, Any] = json.loads(r.read())
-            return reply["result"]  # type: ignore[no-any-return]
+def mcp(url: str, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+    request = urllib.request.Request(
+        f"{url}/mcp", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json",
+                 "Accept": "application/json, text/event-stream"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        reply: dict[str, Any] = json.loads(r.read())
+    return reply["result"]  # type: ignore[no-any-return]
 
-    assert rpc("initialize", {"protocolVersion": "2025-03-26", "capabilities": {},
-                              "clientInfo": {"name": "test", "version": "1"}})
-    (tool,) = rpc("tools/list")["tools"]
-    assert tool["name"] == "gpu-agent" and "request" in tool["inputSchema"]["properties"]
-    result = rpc("tools/call", {"name": "gpu-agent", "arguments": {"request": {
-        "project": "solo", "purpose": "training", "count": 1, "duration_hours": 1}}})
-    text = result["content"][0]["text"]
-    assert "'status': 'released'" in text and "'reason': 'lease-expired'" in text
+
+def mcp_call(url: str, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's result: the graph's final state, which the server renders as a repr."""
+    text = mcp(url, "tools/call", {"name": tool, "arguments": arguments})["content"][0]["text"]
+    state: dict[str, Any] = ast.literal_eval(text)
+    return state
+
+
+def test_mcp_lists_the_graphs_and_runs_a_request_that_needs_no_review(
+        server: dict[str, str]) -> None:
+    url = server["url"]
+    assert mcp(url, "initialize", {"protocolVersion": "2025-03-26", "capabilities": {},
+                                   "clientInfo": {"name": "test", "version": "1"}})
+    tools = {t["name"]: t for t in mcp(url, "tools/list")["tools"]}
+    assert set(tools) == {"gpu-agent", "gpu-status", "gpu-release"}
+    assert "request" in tools["gpu-agent"]["inputSchema"]["properties"]
+    assert tools["gpu-release"]["inputSchema"]["required"] == ["allocation_id"]
+    done = mcp_call(url, "gpu-agent", {"request": {
+        "project": "solo", "purpose": "training", "count": 1, "duration_hours": 1}})
+    assert done["status"] == "released" and done["release"]["reason"] == "lease-expired"
+
+
+def test_mcp_status_and_release_reach_a_run_in_progress(server: dict[str, str]) -> None:
+    url, client = server["url"], get_sync_client(url=server["url"])
+    tid = client.threads.create()["thread_id"]
+    stopped = client.runs.wait(tid, "gpu-agent", input={"request": {  # $400: not auto-approved
+        "project": "longrun", "purpose": "training", "count": 1, "duration_hours": 100}})
+    assert isinstance(stopped, dict) and stopped["status"] == "pending_review"
+    run = client.runs.create(tid, "gpu-agent", command={"resume": {"approve": True}})
+    deadline = time.monotonic() + 60
+    while True:
+        fleet = mcp_call(url, "gpu-status", {"project": "longrun"})["fleet"]
+        active = [a for a in fleet["allocations"] if a["state"] == "active"]
+        if active:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    (allocation,) = active
+    held = [g for g in fleet["gpus"] if g["allocation_id"] == allocation["id"]]
+    assert len(held) == 1 and held[0]["project"] == "longrun"
+    released = mcp_call(url, "gpu-release", {"allocation_id": allocation["id"]})
+    assert released["release"]["reason"] == "explicit"
+    final = client.runs.join(tid, run["run_id"])
+    assert final["status"] == "released" and final["release"]["reason"] == "explicit"
+    assert mcp_call(url, "gpu-release", {"allocation_id": "a-nope"})["error"].startswith(
+        "no allocation")
