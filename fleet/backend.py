@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from fleet.models import GPUInfo, GPUSample
 
@@ -39,4 +39,21 @@ class FleetBackend(Protocol):
 
     def reset(self, gpu_ids: list[str]) -> None:
         """Undo per-allocation actions (throttling) once the GPUs are released."""
+        ...
+
+
+@runtime_checkable
+class Reserving(Protocol):
+    """A backend that must be told about placements (a Ray cluster: placement groups). All
+    three are idempotent, so a node re-run after a crash reserves or frees only once."""
+
+    def reserve(self, allocation_id: str, gpu_ids: list[str]) -> str | None:
+        """Reserve the GPUs the ledger placed; None, or why the backend could not."""
+        ...
+
+    def free(self, allocation_id: str) -> None:
+        ...
+
+    def reservations(self) -> Mapping[str, Any]:
+        """The allocations the backend holds reservations for, by id."""
         ...

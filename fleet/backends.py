@@ -18,7 +18,7 @@ from fleet.nvml_backend import NvmlBackend
 from fleet.nvml_replay import FakeNvml, Recording
 from fleet.simulated import SimulatedFleet
 
-BACKENDS = ("simulated", "nvml", "replay", "auto")
+BACKENDS = ("simulated", "nvml", "replay", "auto", "ray")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class BackendChoice:
     name: str = "simulated"
     replay: str | None = None  # the recording `replay` plays
     allow_power_cap: bool = False
+    ray_address: str | None = None  # the Ray cluster (None: RAY_ADDRESS, else a local one)
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
@@ -62,6 +63,10 @@ def make_backend(resolved: Resolved, choice: BackendChoice, config: FleetConfig,
                  clock: Clock, state_dir: Path) -> FleetBackend:
     if resolved.name == "simulated":
         return SimulatedFleet(config)
+    if resolved.name == "ray":
+        from fleet.ray_backend import RayFleet  # the optional `ray` extra
+
+        return RayFleet(config, choice.ray_address)
     if resolved.name == "replay":
         assert choice.replay is not None
         lib = FakeNvml(Recording.load(choice.replay), clock.now)

@@ -40,6 +40,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "a driver is")
     p.add_argument("--replay", metavar="FILE",
                    help="the recording --backend replay plays (env GPU_AGENT_REPLAY)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster --backend ray uses (default: env RAY_ADDRESS, else "
+                   "the local one)")
     p.add_argument("--allow-power-cap", action="store_true",
                    help="on overheating, lower the GPU's power limit (root; it changes the "
                    "card for everyone; restored on release). Default: a warning and an event "
@@ -226,7 +229,7 @@ def _backend(args: argparse.Namespace) -> BackendChoice:
               f"{found} NVIDIA GPU(s): --backend nvml or auto uses them", file=sys.stderr)
     allow = args.allow_power_cap or os.environ.get("GPU_AGENT_ALLOW_POWER_CAP") == "1"
     return BackendChoice(name or "simulated", args.replay or os.environ.get("GPU_AGENT_REPLAY"),
-                         allow)
+                         allow, args.ray_address)
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:

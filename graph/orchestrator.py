@@ -79,6 +79,7 @@ class Orchestrator:
         self.services.ledger.reconcile(self.services.clock.now())  # leases that ran out while down
         held = self.services.ledger.holders()  # power limits a crashed process left lowered
         self.services.backend.reset([g.uuid for g in self.services.gpus if g.uuid not in held])
+        self.services.reconcile_reservations()  # a crashed worker's placement groups (Ray)
 
     def close(self) -> None:
         self.checkpointer.conn.close()

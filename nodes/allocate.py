@@ -10,7 +10,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from fleet.ledger import allocation_id
-from fleet.models import Event, EventKind, MonitorState, Status, utc
+from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, utc
 from fleet.placement import Kind
 from nodes.context import Context, services_for
 from nodes.state import State, request_of
@@ -39,6 +39,10 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
             update["events"] = [Event(at=utc(now), kind=EventKind.QUEUED,
                                       message=f"waiting: {decision.reason}")]
         return update
+    problem = svc.reserve(aid, row.gpu_ids)  # a Ray cluster: its placement group
+    if problem is not None:
+        svc.release(aid, ReleaseReason.CANCELLED)
+        return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}
     allocation = row.to_allocation()
     waited = (allocation.started_at.timestamp() - row.enqueued_at) / 3600.0
     note = f" (waited {waited:.1f} h)" if waited > 0 else ""

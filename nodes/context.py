@@ -16,7 +16,7 @@ from pathlib import Path
 from langgraph.runtime import Runtime
 
 from council.voting import Council, council_for
-from fleet.backend import FleetBackend
+from fleet.backend import FleetBackend, Reserving
 from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.clock import Clock, WakeToken
 from fleet.config import FleetConfig, load_fleet
@@ -42,8 +42,10 @@ class Services:
     _wakers: dict[str, WakeToken] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _healthy: tuple[frozenset[str], list[GPUInfo]] | None = field(default=None, init=False)
+    _reserving: Reserving | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self._reserving = self.backend if isinstance(self.backend, Reserving) else None
         self.gpus = self.backend.inventory()
         self.inventory = [g for g in self.gpus if g.gpu_type in self.config.catalog]
         self.topology = Topology(self.config, self.inventory)
@@ -120,10 +122,35 @@ class Services:
             if token is not None:
                 token.set()
 
+    def reserve(self, allocation_id: str, gpu_ids: list[str]) -> str | None:
+        """Tell a reserving backend (Ray) about a placement; None, or why it could not."""
+        return None if self._reserving is None else \
+            self._reserving.reserve(allocation_id, gpu_ids)
+
+    def free(self, allocation_id: str) -> None:
+        if self._reserving is not None:
+            self._reserving.free(allocation_id)
+
+    def reconcile_reservations(self) -> tuple[list[str], list[str]]:
+        """At start-up: free the reservations of allocations that ended while no process ran,
+        and make those an active allocation lacks. (freed, made)."""
+        if self._reserving is None:
+            return [], []
+        active = {r.id: r.gpu_ids for r in self.ledger.allocations("active")}
+        held = self._reserving.reservations()
+        freed = sorted(a for a in held if a not in active)
+        for aid in freed:
+            self._reserving.free(aid)
+        made = sorted(a for a in active if a not in held)
+        for aid in made:
+            self._reserving.reserve(aid, active[aid])
+        return freed, made
+
     def release(self, allocation_id: str, reason: ReleaseReason) -> Release:
         """Release now (or cancel a queued request); its monitor and the queue hear at once.
         A second release returns the first."""
         release = self.ledger.release(allocation_id, reason, self.clock.now())
+        self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
         return release

@@ -18,6 +18,7 @@ def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     when = at.timestamp() if at is not None else svc.clock.now()
     release, now_freed = svc.ledger.release_once(allocation.id, state["release_reason"], when)
     svc.backend.reset(allocation.gpu_ids)
+    svc.free(allocation.id)
     svc.forget(allocation.id)
     if now_freed:  # whoever released it earlier has woken the queue
         svc.wake_waiters(allocation.id)
