@@ -16,7 +16,7 @@ from fleet.ledger import Lease
 from fleet.models import EventKind, utc
 from fleet.monitoring import assess, next_tick, readings, skip
 from nodes.context import Context, services_for
-from nodes.progress import report
+from nodes.progress import report, streaming
 from nodes.state import State
 
 
@@ -72,9 +72,10 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
                 event.message = f"{event.message}: {action}"
     svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
                          result.state.util_n, result.mean_util)
-    left = (row.deadline or now) - now
-    report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
-           tick=result.state.ticks, util_pct=result.mean_util, seconds_left=left)
+    if streaming(runtime):
+        left = (row.deadline or now) - now
+        report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
+               tick=result.state.ticks, util_pct=result.mean_util, seconds_left=left)
     update: dict[str, Any] = {"monitor": result.state, "samples": samples}
     if result.events:
         update["events"] = result.events

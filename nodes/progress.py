@@ -14,6 +14,14 @@ from langgraph.runtime import Runtime
 from fleet.models import CouncilDecision
 from nodes.context import Context
 
+_SILENT = Runtime().stream_writer  # the writer a run without a "custom" stream has
+
+
+def streaming(runtime: Runtime[Context]) -> bool:
+    """Whether anyone listens: the simulator's engine and plain `invoke` do not, so the text
+    of a line (one per monitor tick) is not even built for them."""
+    return runtime.stream_writer is not _SILENT
+
 
 def report(runtime: Runtime[Context], node: str, text: str, **data: Any) -> None:
     runtime.stream_writer({"node": node, "text": text} | data)
