@@ -25,6 +25,7 @@ from graph.orchestrator import Orchestrator
 
 POLL_S = 0.25
 STALE_TICKS = 3  # a monitor silent this many ticks is not running
+CONFIRM_TRIES = 8
 
 
 @dataclass
@@ -85,7 +86,7 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
                 break
             if lease.deadline is not None and now >= lease.deadline:
                 assert lease.deadline_reason is not None  # nobody released it on time: we do
-                svc.ledger.release(allocation_id, lease.deadline_reason, lease.deadline)
+                svc.release(allocation_id, lease.deadline_reason, at=lease.deadline)
                 ended_by = lease.deadline_reason.value
                 break
             if got:
@@ -100,12 +101,23 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
     if owned and svc.ledger.get(allocation_id).state == "active":
         reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
         orch.release(allocation_id, reason)
-    samples = svc.sample(row.gpu_ids, svc.clock.now(), {})
-    listed = [s.processes for s in samples]
-    on_gpus = None if any(p is None for p in listed) else sorted(
-        p.pid for procs in listed for p in procs or [] if p.pid in seen)
     return RunReport(allocation_id, code, ended_by, stopped.terminated, stopped.killed,
-                     stopped.leftover, on_gpus)
+                     stopped.leftover, _left_on_gpus(orch, row.gpu_ids, seen))
+
+
+def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> list[int] | None:
+    """The command's PIDs the GPUs still list (None: the backend lists no processes). The
+    driver may list an exited process for a moment, so ask a few times before concluding."""
+    found: list[int] | None = None
+    for _ in range(CONFIRM_TRIES):
+        samples = orch.services.sample(gpu_ids, orch.services.clock.now(), {})
+        if any(s.processes is None for s in samples):
+            return None
+        found = sorted(p.pid for s in samples for p in s.processes or [] if p.pid in pids)
+        if not found:
+            return found
+        time.sleep(POLL_S)
+    return found
 
 
 def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str], *,

@@ -146,10 +146,12 @@ class Services:
             self._reserving.reserve(aid, active[aid])
         return freed, made
 
-    def release(self, allocation_id: str, reason: ReleaseReason) -> Release:
-        """Release now (or cancel a queued request); its monitor and the queue hear at once.
-        A second release returns the first."""
-        release = self.ledger.release(allocation_id, reason, self.clock.now())
+    def release(self, allocation_id: str, reason: ReleaseReason, *,
+                at: float | None = None) -> Release:
+        """Release now, or at `at` (a lease's end that passed unseen), or cancel a queued
+        request; its monitor and the queue hear at once. A second release returns the first."""
+        release = self.ledger.release(allocation_id, reason,
+                                      self.clock.now() if at is None else at)
         self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)

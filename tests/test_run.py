@@ -141,3 +141,26 @@ def test_run_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
                    "--hours", "1", "--", "true", cwd=tmp_path)
     assert done.returncode == 2 and "count" in done.stderr
     assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(
+        tmp_path: Path) -> None:
+    """Through the NVML code path (our H200 recording, replayed): a PID of the command that the
+    GPU still lists is reported; one that is not the command's is not."""
+    from fleet.clock import VirtualClock
+    from fleet.config import load_fleet
+    from fleet.nvml import NvmlSession
+    from fleet.nvml_backend import NvmlBackend
+    from fleet.nvml_replay import FakeNvml, Recording
+    from graph.orchestrator import Orchestrator
+    from graph.run import _left_on_gpus
+
+    rec = Recording.load(Path(__file__).with_name("data") / "h200-recorded.json")
+    clock = VirtualClock(start=rec.end)  # the training phase: one process on the GPU
+    backend = NvmlBackend(load_fleet(hardware=True),
+                          NvmlSession(FakeNvml(rec, clock.now, origin=rec.start, loop=False)))
+    pid = rec.samples[0][-1]["procs"][0]["pid"]
+    with Orchestrator(tmp_path, None, backend=backend, clock=clock) as orch:
+        gpu = [orch.services.gpus[0].uuid]
+        assert _left_on_gpus(orch, gpu, {pid}) == [pid]
+        assert _left_on_gpus(orch, gpu, {pid + 1}) == []
