@@ -115,13 +115,16 @@ def _holding(samples: list[GPUSample]) -> str:
     return f", {held} by {len(procs)} process{'es' if len(procs) > 1 else ''}: hoarded"
 
 
+OUTSIDE = "in use outside gpu-agent"  # a free GPU that runs processes: never placed
+
+
 def condition(sample: GPUSample, held: bool, settings: MonitorSettings) -> str:
     """One reading in words: free, busy, underused, idle (memory held: hoarded),
     in use outside gpu-agent, unhealthy or unknown."""
     if sample.health:
         return "unhealthy"
     if not held:
-        return "in use outside gpu-agent" if sample.processes else "free"
+        return OUTSIDE if sample.processes else "free"
     if sample.util_pct is None:
         return "unknown"
     if sample.util_pct >= settings.low_util_pct:

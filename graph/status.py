@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleet.models import utc
-from fleet.monitoring import condition
+from fleet.monitoring import OUTSIDE, condition
 from nodes.context import Services
 
 
@@ -29,9 +29,10 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             "power_w": sample.power_w, "throttled": sample.throttled,
             "processes": None if sample.processes is None
             else [p.model_dump() for p in sample.processes],
-            "condition": condition(sample, aid is not None, svc.config.monitor),
+            "condition": (state := condition(sample, aid is not None, svc.config.monitor)),
             "unhealthy": unhealthy.get(gpu.uuid),
-            "placeable": gpu.gpu_type in svc.config.catalog and gpu.uuid not in unhealthy,
+            "placeable": gpu.gpu_type in svc.config.catalog and gpu.uuid not in unhealthy
+            and state != OUTSIDE,
         })
     allocations = [
         {

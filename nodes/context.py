@@ -41,6 +41,7 @@ class Services:
     topology: Topology = field(init=False)
     _wakers: dict[str, WakeToken] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # (GPUs placement may not use, the inventory without them), kept while the set is the same
     _healthy: tuple[frozenset[str], list[GPUInfo]] | None = field(default=None, init=False)
     _reserving: Reserving | None = field(default=None, init=False)
 
@@ -63,19 +64,24 @@ class Services:
         return self.ledger.unhealthy()
 
     def placeable(self) -> list[GPUInfo]:
-        """The inventory less unhealthy GPUs (one list per health state, so the ledger's
-        per-list index of it is kept). Only hardware reports health."""
+        """The inventory less unhealthy GPUs and free GPUs that run processes gpu-agent did
+        not place (one list per such set, so the ledger's per-list index of it is kept).
+        Only hardware reports either."""
         if not self.backend.hardware:
             return self.inventory
-        bad = frozenset(self.check_health())
+        bad = set(self.check_health())
+        holders = self.ledger.holders()
+        free = [g.uuid for g in self.inventory if g.uuid not in holders and g.uuid not in bad]
+        bad |= {s.gpu_id for s in self.backend.sample(free, self.clock.now(), {})
+                if s.processes}
         if self._healthy is None or self._healthy[0] != bad:
-            self._healthy = (bad, [g for g in self.inventory if g.uuid not in bad]
+            self._healthy = (frozenset(bad), [g for g in self.inventory if g.uuid not in bad]
                              if bad else self.inventory)
         return self._healthy[1]
 
     def available_by_type(self) -> dict[str, int]:
         """GPUs free now less those queued requests wait for, per type (what routing reads),
-        less the unhealthy GPUs no allocation holds."""
+        less the free GPUs placement may not use (unhealthy, or busy outside gpu-agent)."""
         available = self.ledger.available_by_type(self.config)
         if self.backend.hardware:
             healthy = {g.uuid for g in self.placeable()}

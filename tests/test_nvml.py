@@ -400,25 +400,41 @@ def test_the_cli_explains_a_missing_driver(tmp_path: Path) -> None:
 RECORDED = Path(__file__).with_name("data") / "h200-recorded.json"
 
 
+def replayed(rec: Recording, at: float, tmp_path: Path, name: str) -> Orchestrator:
+    clock = VirtualClock(start=at)
+    lib = FakeNvml(rec, clock.now, origin=rec.start, loop=False)
+    backend = NvmlBackend(load_fleet(hardware=True), NvmlSession(lib), name="replay", host="vm")
+    return Orchestrator(tmp_path / name, None, backend=backend, clock=clock)
+
+
 def test_our_h200_recording_replays_through_the_backend(tmp_path: Path) -> None:
     rec = Recording.load(RECORDED)
     phases = {name: (a, b) for name, a, b in rec.phases()}
     assert list(phases) == ["idle", "train"]
-    clock = VirtualClock(start=rec.start)
-    lib = FakeNvml(rec, clock.now, origin=rec.start, loop=False)
-    b = NvmlBackend(load_fleet(hardware=True), NvmlSession(lib), name="replay", host="vm")
-    with Orchestrator(tmp_path, None, backend=b, clock=clock) as orch:
+    request = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 1}
+    with replayed(rec, phases["idle"][1], tmp_path, "a") as orch:  # placed while idle
         (g,) = orch.services.gpus
         assert (g.gpu_type, g.memory_gb, g.model_name) == ("H200", 140.4, "NVIDIA H200")
         idle = orch.status()["gpus"][0]
         # NVML's v2 memory structure: the 615 MiB the driver reserves is not "used"
         assert idle["condition"] == "free" and idle["mem_used_gb"] == 0.0
-        clock.sleep(phases["train"][1] - clock.now())
-        placed = orch.request({"project": "p", "purpose": "training", "count": 1,
-                               "duration_hours": 1}, wait=False)
+        placed = orch.request(request, wait=False)
         assert placed.allocation is not None and placed.allocation.gpu_ids == [g.uuid]
-        busy = orch.status()["gpus"][0]
+        orch.services.clock.sleep(phases["train"][1] - orch.services.clock.now())
+        busy = orch.status()["gpus"][0]  # the allocation's job now computes on it
         assert busy["condition"] == "busy" and busy["util_pct"] == 100.0
         assert busy["processes"] == [{"pid": rec.samples[0][-1]["procs"][0]["pid"],
                                       "used_gb": 0.979}]
         assert busy["power_w"] > 600 and busy["throttled"] is False  # at its power cap: normal
+
+
+def test_a_free_gpu_running_someone_elses_process_is_not_placed(tmp_path: Path) -> None:
+    rec = Recording.load(RECORDED)
+    phases = {name: (a, b) for name, a, b in rec.phases()}
+    with replayed(rec, phases["train"][1], tmp_path, "b") as orch:  # nobody placed the job
+        gpu = orch.status()["gpus"][0]
+        assert gpu["condition"] == "in use outside gpu-agent" and not gpu["placeable"]
+        out = orch.request({"project": "p", "purpose": "training", "count": 1,
+                            "duration_hours": 1}, wait=False)
+        assert out.status is Status.QUEUED and "0 H200 free" in out.reason
+        assert orch.services.ledger.holders() == {}
