@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 from fleet.errors import GPUAgentError
@@ -296,11 +295,3 @@ class NvmlSession:
 def _plain(value: Any) -> Any:
     """A tuple answer as a list (as JSON keeps it); markers and scalars as they are."""
     return list(value) if isinstance(value, tuple) else value
-
-
-def procs_of(reading: Reading) -> list[SimpleNamespace] | None:
-    """The reading's processes, or None where the driver would not list them."""
-    procs = reading.get("procs")
-    if procs is None or is_marker(procs):
-        return None
-    return [SimpleNamespace(pid=p["pid"], used=p.get("usedGpuMemory")) for p in procs]

@@ -45,6 +45,11 @@ def gpu_type_of(name: str, catalog: Mapping[str, object]) -> str:
     return words[0] if words else name
 
 
+def _process(p: dict[str, Any]) -> GPUProcess:
+    used = p.get("usedGpuMemory")  # None where the driver does not say
+    return GPUProcess(pid=p["pid"], used_gb=None if used is None else round(used / GIB, 3))
+
+
 def _num(value: Any) -> float | None:
     return None if value is None or is_marker(value) else float(value)
 
@@ -127,10 +132,9 @@ class NvmlBackend:
     def _to_sample(self, uuid: str, r: Reading, now: float) -> GPUSample:
         if "lost" in r:
             self._flag(uuid, str(r["lost"]))
-            return GPUSample(gpu_id=uuid, at=utc(now), health=self._bad_reason(uuid))
-        mem, util, reasons = r["mem"], r["util"], r["clock_event_reasons"]
+            return GPUSample(gpu_id=uuid, at=utc(now), health=self._bad[uuid])
+        mem, util, reasons, procs = r["mem"], r["util"], r["clock_event_reasons"], r["procs"]
         power = _num(r["power_mW"])
-        procs = nvml.procs_of(r)
         return GPUSample(
             gpu_id=uuid,
             at=utc(now),
@@ -142,10 +146,8 @@ class NvmlBackend:
             throttled=not is_marker(reasons) and bool(int(reasons) & nvml.SLOWDOWN_REASONS),
             sm_clock_mhz=_num(r["sm_clock"]),
             mem_clock_mhz=_num(r["mem_clock"]),
-            processes=None if procs is None else [
-                GPUProcess(pid=p.pid, used_gb=None if p.used is None else round(p.used / GIB, 3))
-                for p in procs],
-            health=self._bad_reason(uuid),
+            processes=None if is_marker(procs) else [_process(p) for p in procs],
+            health=self._bad.get(uuid),
         )
 
     def steady_until(self, gpu_ids: list[str], at: float) -> float:
@@ -165,9 +167,6 @@ class NvmlBackend:
         if uuid not in self._bad:
             self._bad[uuid] = reason
             self._new.append(uuid)
-
-    def _bad_reason(self, uuid: str) -> str | None:
-        return self._bad.get(uuid)
 
     def unhealthy(self) -> dict[str, str]:
         self._poll_events()

@@ -58,7 +58,6 @@ class RayFleet:
 
     def __init__(self, config: FleetConfig, address: str | None = None) -> None:
         self._config = config
-        self.problem: str | None = None
         self._owns = not ray.is_initialized()  # disconnect on close only if we connected
         if self._owns:
             ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False,

@@ -1,9 +1,9 @@
 """The runtime context and the services it resolves to.
 
 Nodes get the fleet backend, ledger, clock and council through LangGraph's runtime context.
-In-process callers (the Orchestrator, tests, notebooks) inject a ready `Services`; callers
-that can only send JSON (the LangGraph server, Studio) send the plain fields, which resolve to
-services opened once per process.
+In-process callers (the Orchestrator, the simulator, tests) pass ready `Services` in a
+`LocalContext`; callers that can only send JSON (the LangGraph server, Studio, MCP) send the
+plain `Context` fields, which resolve to services opened once per process.
 """
 
 from __future__ import annotations
@@ -234,8 +234,8 @@ class Context:
     )
     fleet_file: str | None = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_FLEET") or None,
-        metadata={"description": "Fleet TOML file (env GPU_AGENT_FLEET); the default "
-                  "simulated fleet when empty."},
+        metadata={"description": "Fleet TOML file (env GPU_AGENT_FLEET); when empty, the "
+                  "built-in simulated fleet, or for real GPUs the built-in host policy."},
     )
     backend: str = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_BACKEND") or "simulated",
