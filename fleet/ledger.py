@@ -1,7 +1,7 @@
 """The ledger: the single source of truth for who holds which GPU and what was spent.
 
-SQLite in WAL mode. Every change runs in one `BEGIN IMMEDIATE` transaction, so processes that
-place at the same time are serialised by the database itself. Guarantees, by schema:
+SQLite in WAL mode by default, or one PostgreSQL database that workers on many hosts share
+(fleet.sql: how each serialises the writers that compete). Guarantees, by schema:
 a GPU has at most one hold (primary key), an allocation is charged at most once and written to
 history at most once (primary keys), and a thread's request maps to one allocation (unique key).
 """
@@ -12,11 +12,11 @@ import hashlib
 import json
 import math
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from fleet.budget import EPS, Running, accrued, cut_deadlines, worst_case
 from fleet.config import FleetConfig
@@ -37,9 +37,12 @@ from fleet.models import (
 )
 from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
 from fleet.scheduler import decayed, fair_share_factors
+from fleet.sql import Conn, Database, open_database
 from fleet.topology import Topology
 
-SCHEMA_VERSION = 1
+# 1: allocations, holds, charges, spend, history, budgets, records, usage, unhealthy
+# 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released)
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -136,6 +139,29 @@ CREATE TABLE IF NOT EXISTS unhealthy (
     since REAL NOT NULL
 );
 """
+
+V2 = """
+CREATE TABLE IF NOT EXISTS freed (
+    gpu_uuid TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    thread_id TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done')),
+    submitted_at REAL NOT NULL,
+    worker TEXT,
+    claimed_at REAL,
+    lease_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT,
+    error TEXT,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_at);
+"""
+TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
+          "usage", "unhealthy", "freed", "jobs")
 
 
 def allocation_id(thread_id: str, request_id: str) -> str:
@@ -251,7 +277,7 @@ ROW = "SELECT " + ", ".join(f.name for f in fields(LedgerRow)) + " FROM allocati
 _AT = {f.name: i for i, f in enumerate(fields(LedgerRow))}
 
 
-def _row(r: sqlite3.Row) -> LedgerRow:
+def _row(r: Any) -> LedgerRow:
     """A row selected with ROW (its columns in LedgerRow's order)."""
     v = list(r)
     v[_AT["purpose"]] = Purpose(v[_AT["purpose"]])
@@ -264,111 +290,123 @@ def _row(r: sqlite3.Row) -> LedgerRow:
 
 class Ledger:
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
-        """`durable=False` skips fsync (a simulation's scratch ledger): a power cut may lose
-        the last transactions, never corrupt the file's consistency."""
-        self.path = Path(path)
+        """`path`: a SQLite file, or a postgresql:// URL. `durable=False` skips SQLite's fsync
+        (a simulation's scratch ledger): a power cut may lose the last transactions, never
+        corrupt the file's consistency."""
+        self.db: Database = open_database(path, durable=durable)
+        self.name = self.db.name
         self.config = config
-        self._lock = threading.RLock()
         self._types: tuple[list[GPUInfo], dict[str, list[GPUInfo]]] | None = None
         # GPU type -> held GPU uuids, valid while no other connection has committed
-        # (PRAGMA data_version); this connection's own changes update it as they are made.
+        # (SQLite's data_version); this connection's own changes update it as they are made.
         self._held: dict[str, set[str]] = {}
         self._version: int | None = None
         try:
-            self._db = sqlite3.connect(
-                str(self.path), isolation_level=None, check_same_thread=False, timeout=60.0
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 60000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
-            self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
+            self.db.close()
             raise StateDirError(
-                f"ledger {self.path} is unreadable ({exc}); move it aside to start a new one"
+                f"ledger {self.name} is unreadable ({exc}); move it aside to start a new one"
             ) from None
+        except BaseException:
+            self.db.close()
+            raise
+
+    @property
+    def postgres(self) -> bool:
+        return self.db.dialect == "postgresql"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     def _migrate(self) -> None:
         with self.transaction() as db:
-            found = db.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
-            ).fetchone()
+            tables = self.db.tables(db)
             version = None
-            if found:
+            if "meta" in tables:
                 row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 version = int(row["value"]) if row else None
             if version is not None and version > SCHEMA_VERSION:
                 raise StateDirError(
-                    f"ledger {self.path} has schema version {version}, newer than this "
+                    f"ledger {self.name} has schema version {version}, newer than this "
                     f"gpu-agent understands ({SCHEMA_VERSION}); upgrade gpu-agent"
                 )
             if version is None:
-                tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                if tables:
+                # a SQLite ledger is a file of its own; a database also holds checkpoints
+                foreign = tables & set(TABLES) if self.postgres else tables
+                if foreign:
                     raise StateDirError(
-                        f"{self.path} is a SQLite file but not a gpu-agent ledger; "
-                        "move it aside or choose another --state-dir"
+                        f"{self.name} holds tables but is not a gpu-agent ledger; "
+                        "move it aside or choose another --state-dir or --database"
                     )
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            else:
-                self._upgrade(db)
+                self._create(db, SCHEMA + V2)
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                           (str(SCHEMA_VERSION),))
+                return
+            if version < 2:
+                self._upgrade_v1(db)
+                self._create(db, V2)
+            if version < SCHEMA_VERSION:
+                db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
+                           (str(SCHEMA_VERSION),))
 
-    def _upgrade(self, db: sqlite3.Connection) -> None:
-        """What was added within schema version 1: ledgers made before get it now."""
+    def _create(self, db: Conn, schema: str) -> None:
+        for statement in self.db.schema(schema).split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+    def _upgrade_v1(self, db: Conn) -> None:
+        """What was added while the schema was version 1: older v1 ledgers get it now."""
         db.execute("CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at)")
-        columns = {r["name"] for r in db.execute("PRAGMA table_info(allocations)")}
+        columns = self.db.columns(db, "allocations")
         for column in ("util_last", "busy_at_start"):
             if column not in columns:
-                db.execute(f"ALTER TABLE allocations ADD COLUMN {column} REAL")
-        tables = {r["name"] for r in db.execute("SELECT name FROM sqlite_master")}
+                db.execute(self.db.schema(f"ALTER TABLE allocations ADD COLUMN {column} REAL"))
+        tables = self.db.tables(db)
+
+        def table(name: str, following: str | None) -> str:
+            start = SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {name}")
+            return SCHEMA[start:SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {following}")
+                          if following else None].rstrip("; \n")
+
         if "spend" not in tables:
-            db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS spend"):
-                              SCHEMA.index("CREATE TABLE IF NOT EXISTS history")].rstrip("; \n"))
+            self._create(db, table("spend", "history"))
             db.execute("INSERT INTO spend (project, usd) SELECT project, sum(amount_usd) "
                        "FROM charges GROUP BY project")
         if "records" not in tables:
-            db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS records"):
-                              SCHEMA.index("CREATE TABLE IF NOT EXISTS usage")].rstrip("; \n"))
+            self._create(db, table("records", "usage"))
             for r in db.execute("SELECT project, count, hours, ended_at, reason, mean_util_pct "
                                 "FROM history ORDER BY ended_at, allocation_id").fetchall():
                 self._record(db, r["project"], r["count"] * r["hours"], r["ended_at"],
                              r["reason"], r["mean_util_pct"])
         if "unhealthy" not in tables:
-            db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS unhealthy"):].rstrip("; \n"))
+            self._create(db, table("unhealthy", None))
 
     @contextmanager
-    def _begin(self, mode: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute(f"BEGIN {mode}")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                self._held.clear()  # it may hold changes that were just undone
-                self._version = None
-                raise
-            self._db.execute("COMMIT")
+    def _begin(self, tx: AbstractContextManager[Conn]) -> Iterator[Conn]:
+        try:
+            with tx as db:
+                yield db
+        except BaseException:
+            self._held.clear()  # it may hold changes that were just undone
+            self._version = None
+            raise
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A write: BEGIN IMMEDIATE serialises writers across processes."""
-        return self._begin("IMMEDIATE")
+    def transaction(self, *keys: str) -> AbstractContextManager[Conn]:
+        """A write. Writers that name a common key (or name none) run one at a time, across
+        processes and hosts; SQLite runs every writer one at a time."""
+        return self._begin(self.db.write(keys))
 
-    def reading(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A consistent read: a deferred transaction, so readers never take the write lock."""
-        return self._begin("DEFERRED")
+    def queue_transaction(self) -> AbstractContextManager[Conn]:
+        """A write to the job queue, which claims rows with FOR UPDATE SKIP LOCKED on
+        PostgreSQL instead of taking the ledger's locks."""
+        return self._begin(self.db.plain())
 
-    def _running(self, db: sqlite3.Connection, project: str) -> list[Running]:
+    def reading(self) -> AbstractContextManager[Conn]:
+        """A consistent read that never blocks writers."""
+        return self._begin(self.db.read())
+
+    def _running(self, db: Conn, project: str) -> list[Running]:
         return [
             Running(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
                     r["deadline"])
@@ -378,10 +416,10 @@ class Ledger:
             )
         ]
 
-    def _read(self, sql: str,
-              args: tuple[object, ...] | dict[str, object] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def query(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()) -> list[Any]:
+        """One statement outside a transaction (a statement is consistent by itself)."""
+        with self.db.lock:
+            return self.db.conn().execute(sql, args).fetchall()
 
     # ---- placement -------------------------------------------------------------------
 
@@ -396,7 +434,7 @@ class Ledger:
     ) -> PlaceResult:
         """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request)."""
         aid = allocation_id(thread_id, request.request_id)
-        with self.transaction() as db:
+        with self.transaction(f"type:{route.gpu_type}", f"project:{request.project}") as db:
             existing = self._get(db, aid)
             if existing is not None and existing.state == "active":
                 return PlaceResult(Decision(Kind.PLACE, "already placed"), existing)
@@ -421,6 +459,12 @@ class Ledger:
                      request.model_dump_json()),
                 )
             if decision.kind is Kind.PLACE:
+                # never before its GPUs were let go: a clock read before this transaction
+                # waited for the lock may be older than the release that freed them
+                marks = ",".join("?" * len(decision.gpus))
+                freed = db.execute(f"SELECT max(at) FROM freed WHERE gpu_uuid IN ({marks})",
+                                   [g.uuid for g in decision.gpus]).fetchone()[0]
+                now = max(now, freed) if freed is not None else now
                 lease_end = now + route.est_hours * 3600.0
                 held = db.execute("SELECT count(*) FROM holds").fetchone()[0]
                 busy = min(1.0, held / len(inventory)) if inventory else 0.0
@@ -445,11 +489,11 @@ class Ledger:
             return PlaceResult(decision, self._get(db, aid))
 
     def _snapshot(
-        self, db: sqlite3.Connection, me: Ticket, now: float, inventory: list[GPUInfo]
+        self, db: Conn, me: Ticket, now: float, inventory: list[GPUInfo]
     ) -> Snapshot:
         return self._line(db, me.gpu_type, me.project, now, inventory, me.allocation_id)
 
-    def _line(self, db: sqlite3.Connection, gpu_type: str, project: str, now: float,
+    def _line(self, db: Conn, gpu_type: str, project: str, now: float,
               inventory: list[GPUInfo], leave_out: str = "") -> Snapshot:
         """The fleet as a request of `project` for `gpu_type` sees it: free GPUs, the line
         (without `leave_out`), usage and the project's money."""
@@ -491,22 +535,24 @@ class Ledger:
                     "AND gpu_type<>? ORDER BY enqueued_at, id", (freed.project, freed.gpu_type))]
         return ids
 
-    def _free(self, db: sqlite3.Connection, gpu_type: str,
+    def _free(self, db: Conn, gpu_type: str,
               inventory: list[GPUInfo]) -> list[GPUInfo]:
         held = self._held_of(db, gpu_type)
         return [g for g in self._of_type(inventory, gpu_type) if g.uuid not in held]
 
-    def _held_of(self, db: sqlite3.Connection, gpu_type: str) -> set[str]:
+    def _held_of(self, db: Conn, gpu_type: str) -> set[str]:
         """The held GPUs of a type, read once and then kept up to date (see __init__)."""
-        version = db.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._version:
+        version = self.db.data_version(db)  # None (PostgreSQL): not tracked, never cached
+        if version is None or version != self._version:
             self._held.clear()
             self._version = version
         held = self._held.get(gpu_type)
         if held is None:
-            held = self._held[gpu_type] = {r[0] for r in db.execute(
+            held = {r[0] for r in db.execute(
                 "SELECT h.gpu_uuid FROM holds h JOIN allocations a ON a.id = h.allocation_id "
                 "WHERE a.gpu_type=?", (gpu_type,))}
+            if version is not None:
+                self._held[gpu_type] = held
         return held
 
     def _of_type(self, inventory: list[GPUInfo], gpu_type: str) -> list[GPUInfo]:
@@ -518,7 +564,7 @@ class Ledger:
             self._types = (inventory, by_type)
         return self._types[1].get(gpu_type, [])
 
-    def _active(self, db: sqlite3.Connection, now: float) -> tuple[dict[str, int],
+    def _active(self, db: Conn, now: float) -> tuple[dict[str, int],
                                                                     dict[str, float]]:
         """GPUs held per project, and decayed GPU-hours per project with the running
         allocations' hours so far added (what fair share reads)."""
@@ -541,7 +587,7 @@ class Ledger:
         """Budget left after spend and the worst case of active allocations (None: unlimited).
 
         One statement, so one consistent read without a transaction around it."""
-        budget, spent, committed = self._read(
+        budget, spent, committed = self.query(
             "SELECT (SELECT budget_usd FROM budgets WHERE project=:p), "
             f"(SELECT usd FROM spend WHERE project=:p), ({COMMITTED})", {"p": project})[0]
         if budget is None:
@@ -550,14 +596,14 @@ class Ledger:
             return None
         return float(budget) - float(spent or 0.0) - float(committed or 0.0)
 
-    def _committed(self, db: sqlite3.Connection, project: str) -> float:
+    def _committed(self, db: Conn, project: str) -> float:
         """budget.worst_case of the project's active allocations, summed by the database."""
         return float(db.execute(COMMITTED, {"p": project}).fetchone()[0])
 
     def available_by_type(self, config: FleetConfig) -> dict[str, int]:
         """Per type, GPUs free now less the GPUs queued requests wait for."""
         held = self.held_by_type()
-        queued = {r["gpu_type"]: int(r["n"]) for r in self._read(
+        queued = {r["gpu_type"]: int(r["n"]) for r in self.query(
             "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='queued' "
             "GROUP BY gpu_type")}
         return {t: config.gpus_of_type(t) - held.get(t, 0) - queued.get(t, 0)
@@ -565,15 +611,15 @@ class Ledger:
 
     def held_by_type(self) -> dict[str, int]:
         """GPUs held now, per GPU type."""
-        return {r["gpu_type"]: int(r["n"]) for r in self._read(
+        return {r["gpu_type"]: int(r["n"]) for r in self.query(
             "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='active' "
             "GROUP BY gpu_type")}
 
-    def _budget(self, db: sqlite3.Connection, project: str) -> float | None:
+    def _budget(self, db: Conn, project: str) -> float | None:
         row = db.execute("SELECT budget_usd FROM budgets WHERE project=?", (project,)).fetchone()
         return float(row["budget_usd"]) if row else self.config.budgets.get(project)
 
-    def _spent(self, db: sqlite3.Connection, project: str) -> float:
+    def _spent(self, db: Conn, project: str) -> float:
         """The sum of the project's charges, kept beside them in the same transactions."""
         row = db.execute("SELECT usd FROM spend WHERE project=?", (project,)).fetchone()
         return float(row["usd"]) if row else 0.0
@@ -584,13 +630,13 @@ class Ledger:
                   util_last: float | None) -> None:
         """A live monitor says it is still there, with its running utilisation totals after
         tick `ticks` (absolute, so a resumed monitor that re-runs a tick counts it once)."""
-        with self._lock:  # one statement: atomic without a transaction around it
-            self._db.execute(
+        with self.db.lock:  # one statement: atomic without a transaction around it
+            self.db.conn().execute(
                 "UPDATE allocations SET heartbeat_at=:now, "
                 "util_sum=CASE WHEN ticks<:t THEN :s ELSE util_sum END, "
                 "util_n=CASE WHEN ticks<:t THEN :n ELSE util_n END, "
                 "util_last=CASE WHEN ticks<:t THEN :last ELSE util_last END, "
-                "ticks=max(ticks, :t) WHERE id=:id",
+                "ticks=CASE WHEN ticks<:t THEN :t ELSE ticks END WHERE id=:id",
                 {"now": now, "t": ticks, "s": util_sum, "n": util_n, "last": util_last,
                  "id": aid})
 
@@ -600,10 +646,12 @@ class Ledger:
 
     def release_once(self, aid: str, reason: ReleaseReason, at: float) -> tuple[Release, bool]:
         """`release`, and whether this call released it (False: it was released before)."""
-        with self.transaction() as db:
+        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
+        if not found:
+            raise InvalidInput(f"no allocation {aid!r}")
+        with self.transaction(f"type:{found[0][0]}", f"project:{found[0][1]}") as db:
             row = self._get(db, aid)
-            if row is None:
-                raise InvalidInput(f"no allocation {aid!r}")
+            assert row is not None
             if row.state == "released":
                 return row.to_release(), False
             if row.state == "queued":
@@ -614,7 +662,7 @@ class Ledger:
             assert released is not None
             return released.to_release(), True
 
-    def _finish(self, db: sqlite3.Connection, row: LedgerRow, reason: ReleaseReason,
+    def _finish(self, db: Conn, row: LedgerRow, reason: ReleaseReason,
                 at: float) -> None:
         assert row.started_at is not None and row.deadline is not None
         end = min(max(at, row.started_at), row.deadline)
@@ -625,6 +673,8 @@ class Ledger:
         db.execute("UPDATE allocations SET util_sum=?, util_n=? WHERE id=?",
                    (util_sum, util_n, row.id))
         db.execute("DELETE FROM holds WHERE allocation_id=?", (row.id,))
+        db.executemany("INSERT INTO freed (gpu_uuid, at) VALUES (?, ?) ON CONFLICT (gpu_uuid) "
+                       "DO UPDATE SET at=excluded.at", [(g, end) for g in row.gpu_ids])
         if row.gpu_type in self._held:
             self._held[row.gpu_type].difference_update(row.gpu_ids)
         db.execute(
@@ -633,7 +683,7 @@ class Ledger:
             (row.id, row.project, cost, end),
         )
         db.execute("INSERT INTO spend (project, usd) VALUES (?, ?) ON CONFLICT (project) "
-                   "DO UPDATE SET usd = usd + excluded.usd", (row.project, cost))
+                   "DO UPDATE SET usd = spend.usd + excluded.usd", (row.project, cost))
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "
@@ -664,7 +714,7 @@ class Ledger:
         missed = max(0, math.ceil((end - row.heartbeat_at) / tick - 1e-9) - 1)
         return row.util_sum + missed * row.util_last, row.util_n + missed
 
-    def _close(self, db: sqlite3.Connection, aid: str, reason: ReleaseReason, at: float,
+    def _close(self, db: Conn, aid: str, reason: ReleaseReason, at: float,
                cost: float) -> None:
         db.execute(
             "UPDATE allocations SET state='released', released_at=?, release_reason=?, "
@@ -703,7 +753,7 @@ class Ledger:
         Returns the allocations whose deadline moved. Refuses a budget below what the project
         has already spent or accrued.
         """
-        with self.transaction() as db:
+        with self.transaction(f"project:{project}") as db:
             spent = self._spent(db, project)
             active = [
                 _row(r)
@@ -741,18 +791,18 @@ class Ledger:
 
     # ---- queries -------------------------------------------------------------------------
 
-    def _get(self, db: sqlite3.Connection, aid: str) -> LedgerRow | None:
+    def _get(self, db: Conn, aid: str) -> LedgerRow | None:
         r = db.execute(f"{ROW} WHERE id=?", (aid,)).fetchone()
         return _row(r) if r else None
 
     def get(self, aid: str) -> LedgerRow:
-        rows = self._read(f"{ROW} WHERE id=?", (aid,))
+        rows = self.query(f"{ROW} WHERE id=?", (aid,))
         if not rows:
             raise InvalidInput(f"no allocation {aid!r}")
         return _row(rows[0])
 
     def lease(self, aid: str) -> Lease:
-        rows = self._read("SELECT state, deadline, deadline_reason, released_at, "
+        rows = self.query("SELECT state, deadline, deadline_reason, released_at, "
                           "release_reason FROM allocations WHERE id=?", (aid,))
         if not rows:
             raise InvalidInput(f"no allocation {aid!r}")
@@ -763,9 +813,9 @@ class Ledger:
 
     def allocations(self, state: str | None = None) -> list[LedgerRow]:
         if state is None:
-            rows = self._read(f"{ROW} ORDER BY enqueued_at, id")
+            rows = self.query(f"{ROW} ORDER BY enqueued_at, id")
         else:
-            rows = self._read(
+            rows = self.query(
                 f"{ROW} WHERE state=? ORDER BY enqueued_at, id", (state,)
             )
         return [_row(r) for r in rows]
@@ -774,7 +824,7 @@ class Ledger:
         """GPU uuid -> (allocation id, project) for every held GPU."""
         return {
             r["gpu_uuid"]: (r["allocation_id"], r["project"])
-            for r in self._read(
+            for r in self.query(
                 "SELECT h.gpu_uuid, h.allocation_id, a.project FROM holds h "
                 "JOIN allocations a ON a.id = h.allocation_id"
             )
@@ -783,13 +833,13 @@ class Ledger:
     def counts_by_state(self) -> dict[str, int]:
         """Allocations per state (queued, active, released)."""
         counts = dict.fromkeys(("queued", "active", "released"), 0)
-        counts |= {r["state"]: int(r["n"]) for r in self._read(
+        counts |= {r["state"]: int(r["n"]) for r in self.query(
             "SELECT state, count(*) AS n FROM allocations GROUP BY state")}
         return counts
 
     def releases_by_reason(self) -> dict[str, int]:
         """Finished allocations per release reason."""
-        return {r["reason"]: int(r["n"]) for r in self._read(
+        return {r["reason"]: int(r["n"]) for r in self.query(
             "SELECT reason, count(*) AS n FROM history GROUP BY reason ORDER BY reason")}
 
     # ---- GPU health ------------------------------------------------------------------------
@@ -797,7 +847,7 @@ class Ledger:
     def mark_unhealthy(self, gpus: dict[str, str], now: float) -> list[str]:
         """Take GPUs out of placement (an XID error, a lost GPU); returns those newly marked.
         The first reason is kept."""
-        with self.transaction() as db:
+        with self.transaction("unhealthy") as db:
             known = {r[0] for r in db.execute("SELECT gpu_uuid FROM unhealthy")}
             new = [g for g in gpus if g not in known]
             db.executemany("INSERT INTO unhealthy (gpu_uuid, reason, since) VALUES (?, ?, ?)",
@@ -806,12 +856,12 @@ class Ledger:
 
     def unhealthy(self) -> dict[str, str]:
         """GPU uuid -> why it is out of placement."""
-        return {r["gpu_uuid"]: r["reason"] for r in self._read(
+        return {r["gpu_uuid"]: r["reason"] for r in self.query(
             "SELECT gpu_uuid, reason FROM unhealthy ORDER BY since, gpu_uuid")}
 
     def clear_unhealthy(self, gpu_uuid: str) -> bool:
         """Put a repaired GPU back into placement; False if it was not marked."""
-        with self.transaction() as db:
+        with self.transaction("unhealthy") as db:
             return db.execute("DELETE FROM unhealthy WHERE gpu_uuid=?",
                               (gpu_uuid,)).rowcount > 0
 
@@ -833,7 +883,7 @@ class Ledger:
                 "ended_at": utc(r["ended_at"]),
                 "request": GPURequest.model_validate_json(r["request"]) if with_requests else None,
             })
-            for r in self._read(sql, args)
+            for r in self.query(sql, args)
         ]
 
     def costs(self, now: float) -> list[ProjectCost]:
@@ -877,7 +927,7 @@ class Ledger:
                 stats.older = self._older(db, project, stats.recent)
         return stats
 
-    def _busy(self, db: sqlite3.Connection, records: list[HistoryRecord]) -> list[float]:
+    def _busy(self, db: Conn, records: list[HistoryRecord]) -> list[float]:
         """The share of the fleet that others held when each allocation started (recorded at
         placement; recomputed from history for allocations placed before it was recorded)."""
         ids = [r.allocation_id for r in records]
@@ -897,7 +947,7 @@ class Ledger:
             out.append(float(b))
         return out
 
-    def _record(self, db: sqlite3.Connection, project: str, gpu_hours: float, ended_at: float,
+    def _record(self, db: Conn, project: str, gpu_hours: float, ended_at: float,
                 reason: str, util: float | None) -> None:
         """Add a finished allocation to the project's decayed record sums (kept at the time
         of its latest end), so the council's older-history summary costs one row to read."""
@@ -913,12 +963,16 @@ class Ledger:
                w if reason == ReleaseReason.BUDGET else 0.0,
                w if util is not None else 0.0, w * util if util is not None else 0.0]
         db.execute(
-            "INSERT OR REPLACE INTO records (project, at, events, gpu_hours, idle_gpu_hours, "
-            "budget_gpu_hours, rated_gpu_hours, util_gpu_hours) VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO records (project, at, events, gpu_hours, idle_gpu_hours, "
+            "budget_gpu_hours, rated_gpu_hours, util_gpu_hours) VALUES (?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (project) DO UPDATE SET at=excluded.at, events=excluded.events, "
+            "gpu_hours=excluded.gpu_hours, idle_gpu_hours=excluded.idle_gpu_hours, "
+            "budget_gpu_hours=excluded.budget_gpu_hours, "
+            "rated_gpu_hours=excluded.rated_gpu_hours, util_gpu_hours=excluded.util_gpu_hours",
             (project, at, (row["events"] if row else 0) + 1,
              *(a + b for a, b in zip(old, new, strict=True))))
 
-    def _older(self, db: sqlite3.Connection, project: str,
+    def _older(self, db: Conn, project: str,
                recent: list[HistoryRecord]) -> RecordSummary | None:
         """History beyond the `recent` events, decayed to the end of the oldest of them: the
         project's whole record less the recent events, both decayed to that time."""
@@ -943,7 +997,8 @@ class Ledger:
                              rated_gpu_hours=rated_h, util_gpu_hours=util_h)
 
     def dump(self) -> list[str]:
-        """Every row of every table, for tests that prove nothing changed."""
-        with self._lock:
-            return list(self._db.iterdump())
+        """Every row of every table ("table: row"), for tests that prove nothing changed."""
+        with self.reading() as db:
+            return [f"{t}: {r}" for t in TABLES
+                    for r in sorted(repr(tuple(r)) for r in db.execute(f"SELECT * FROM {t}"))]
 

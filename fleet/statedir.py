@@ -20,8 +20,9 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("GPU_AGENT_HOME") or ".gpu-agent")
 
 
-def prepare(path: str | Path, *, create: bool) -> Path:
-    """The state directory, checked; created (parent must exist) only when `create`."""
+def prepare(path: str | Path, *, create: bool, ledger_here: bool = True) -> Path:
+    """The state directory, checked; created (parent must exist) only when `create`.
+    `ledger_here=False`: the ledger is in a database, not in this directory."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise StateDirError(f"state directory {p} is not a directory")
@@ -41,7 +42,7 @@ def prepare(path: str | Path, *, create: bool) -> Path:
             raise StateDirError(f"cannot create state directory {p}: {exc.strerror}") from None
     if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
         raise StateDirError(f"state directory {p} is not readable and writable")
-    if not create and not (p / LEDGER).exists():
+    if not create and ledger_here and not (p / LEDGER).exists():
         raise StateDirError(f"state directory {p} holds no ledger ({LEDGER} is missing)")
     return p
 

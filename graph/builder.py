@@ -27,32 +27,32 @@ RECURSION_LIMIT = 10_000_000  # the monitor loops one super-step per tick
 
 
 def after_validate(state: State) -> Literal["council", "__end__"]:
-    return "council" if state.get("status") is Status.PENDING else "__end__"
+    return "council" if state.get("status") == Status.PENDING else "__end__"
 
 
 def after_council(state: State) -> Literal["route", "review", "__end__"]:
-    if state.get("status") is Status.DENIED:
+    if state.get("status") == Status.DENIED:
         return "__end__"
     return "review" if state["council"].outcome is Outcome.SPLIT else "route"
 
 
 def after_review(state: State) -> Literal["route", "__end__"]:
-    return "route" if state.get("status") is Status.PENDING else "__end__"
+    return "route" if state.get("status") == Status.PENDING else "__end__"
 
 
 def after_route(state: State) -> Literal["allocate", "__end__"]:
-    return "__end__" if state.get("status") is Status.DENIED else "allocate"
+    return "__end__" if state.get("status") == Status.DENIED else "allocate"
 
 
 def after_allocate(state: State) -> Literal["monitor", "wait", "__end__"]:
     status = state.get("status")
-    if status is Status.ALLOCATED:
+    if status == Status.ALLOCATED:
         return "monitor"
-    return "wait" if status is Status.QUEUED else "__end__"
+    return "wait" if status == Status.QUEUED else "__end__"
 
 
 def after_wait(state: State) -> Literal["allocate", "__end__"]:
-    return "allocate" if state.get("status") is Status.QUEUED else "__end__"
+    return "allocate" if state.get("status") == Status.QUEUED else "__end__"
 
 
 def after_monitor(state: State) -> Literal["monitor", "deallocate"]:

@@ -1,18 +1,22 @@
-"""Checkpointers for the graph: SQLite in the state directory, with our models allow-listed."""
+"""Checkpointers for the graph, with our models allow-listed: SQLite in the state directory, or
+the PostgreSQL database the ledger is in (so any worker can resume any thread)."""
 
 from __future__ import annotations
 
 import enum
 import inspect
 import sqlite3
+import time
 from pathlib import Path
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 from pydantic import BaseModel
 
 import fleet.models
 from fleet.errors import StateDirError
+from fleet.sql import lock_key, redact
 from fleet.statedir import CHECKPOINTS
 
 
@@ -43,3 +47,56 @@ def open_sqlite_saver(state_dir: str | Path) -> SqliteSaver:
             "(running requests then cannot be resumed)"
         ) from None
     return saver
+
+
+# PostgresSaver.setup() runs its migrations without a lock: workers starting together would
+# race. Whoever holds SETUP_LOCK runs them; the others poll for it rather than wait in a
+# statement, because a migration's CREATE INDEX CONCURRENTLY waits for every open statement.
+SETUP_LOCK = lock_key("gpu-agent:checkpoint-setup")
+
+
+def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[str]:
+    """A PostgresSaver over a connection pool, set up (once, whoever starts first)."""
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg import Error
+    from psycopg.rows import dict_row, tuple_row
+    from psycopg_pool import ConnectionPool, PoolTimeout
+
+    pool: ConnectionPool = ConnectionPool(
+        url, min_size=1, max_size=max(2, pool_size), open=False, timeout=60.0,
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
+    try:
+        pool.open(wait=True, timeout=15.0)
+        saver = PostgresSaver(pool, serde=serializer())  # type: ignore[arg-type]
+        with pool.connection() as conn:
+            while True:
+                with conn.cursor(row_factory=tuple_row) as cur:
+                    row = cur.execute("SELECT pg_try_advisory_lock(%s)", (SETUP_LOCK,)).fetchone()
+                if row and row[0]:
+                    break
+                time.sleep(0.05)
+            try:
+                saver.setup()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
+    except (Error, PoolTimeout) as exc:
+        pool.close()
+        raise StateDirError(f"cannot open checkpoints in {redact(url)}: "
+                            f"{str(exc).strip().splitlines()[0]}") from None
+    return saver
+
+
+def open_checkpointer(state_dir: str | Path, database: str | None = None, *,
+                      pool_size: int = 8) -> BaseCheckpointSaver[str]:
+    """Where threads are checkpointed: `database` (PostgreSQL) if given, else the state dir.
+    Close it with `saver.conn.close()` (a connection or a pool)."""
+    if database is not None:
+        return open_postgres_saver(database, pool_size=pool_size)
+    return open_sqlite_saver(state_dir)
+
+
+def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
+    """Close a saver's connection (SQLite) or pool (PostgreSQL)."""
+    conn = getattr(saver, "conn", None)
+    if conn is not None:
+        conn.close()

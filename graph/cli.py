@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
@@ -17,10 +18,12 @@ from typing import Any, NoReturn
 from fleet.backends import BACKENDS, BackendChoice, gpus_present
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import GPUAgentError, InvalidInput
+from fleet.jobs import Job, JobQueue
 from fleet.models import Event, HumanDecision, Status
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
+from graph.worker import Worker
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
@@ -47,16 +50,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="on overheating, lower the GPU's power limit (root; it changes the "
                    "card for everyone; restored on release). Default: a warning and an event "
                    "(env GPU_AGENT_ALLOW_POWER_CAP=1)")
+    p.add_argument("--database", metavar="URL",
+                   help="a postgresql:// database for the ledger and the checkpoints, shared by "
+                   "every worker and host (env GPU_AGENT_DATABASE; default: SQLite in "
+                   "--state-dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpu-agent", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("request", help="request GPUs (stays to monitor unless --no-wait)")
-    _common(p)
+def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--project", required=True)
     p.add_argument("--purpose", required=True, help="training, inference or research")
     p.add_argument("--count", type=int, required=True)
@@ -67,10 +68,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-memory-gb", type=float)
     p.add_argument("--mode", default="budget", choices=["budget", "performance"])
     p.add_argument("--thread-id")
-    p.add_argument("--no-wait", action="store_true",
-                   help="return once placed or queued; `resume` carries the thread on")
     p.add_argument("--max-wait", type=float, metavar="MINUTES",
                    help="give up (exit 4) if not placed within this many minutes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpu-agent", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("request", help="request GPUs (stays to monitor unless --no-wait)")
+    _common(p)
+    _request_args(p)
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once placed or queued; `resume` carries the thread on")
+
+    p = sub.add_parser("submit", help="queue a request for `gpu-agent worker` (prints its "
+                       "thread id); any worker on the same --database runs it")
+    _common(p)
+    _request_args(p)
+
+    p = sub.add_parser("worker", help="serve submitted requests, N at a time, beside other "
+                       "workers; SIGTERM hands running ones back to the others")
+    _common(p)
+    p.add_argument("--concurrency", type=int, default=4, help="requests run at once (4)")
+    p.add_argument("--lease-seconds", type=float, default=30.0,
+                   help="a dead worker's requests are taken over after this long (30)")
+    p.add_argument("--poll-seconds", type=float, default=1.0,
+                   help="how often an idle worker looks for work (1)")
+    p.add_argument("--exit-when-idle", action="store_true",
+                   help="exit once no request is pending or running on any worker")
+
+    p = sub.add_parser("jobs", help="submitted requests: pending, running (where), done (how)")
+    _common(p)
+    p.add_argument("thread_id", nargs="?", help="one job")
 
     p = sub.add_parser("status", help="every GPU and every allocation")
     _common(p)
@@ -205,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _orchestrator(
     args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None,
-    choice: BackendChoice | None = None,
+    choice: BackendChoice | None = None, pool_size: int = 8,
 ) -> Orchestrator:
     orch = Orchestrator(args.state_dir, config or _fleet_file(args),
-                        backend=choice or _backend(args), create=create)
+                        backend=choice or _backend(args), create=create,
+                        database=_database(args), pool_size=pool_size)
     if orch.services.note:
         print(f"gpu-agent: {orch.services.note}", file=sys.stderr)
     problem = getattr(orch.services.backend, "problem", None)
@@ -216,6 +248,10 @@ def _orchestrator(
         print(f"gpu-agent: {orch.services.backend.name}: {problem}; the inventory is empty "
               "(--backend simulated simulates a fleet)", file=sys.stderr)
     return orch
+
+
+def _database(args: argparse.Namespace) -> str | None:
+    return getattr(args, "database", None) or os.environ.get("GPU_AGENT_DATABASE") or None
 
 
 def _fleet_file(args: argparse.Namespace) -> str | None:
@@ -289,15 +325,18 @@ def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
     return EXIT_CODES.get(outcome.status, 0)
 
 
-def cmd_request(args: argparse.Namespace) -> int:
+def _request_of(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "project": args.project, "purpose": args.purpose, "count": args.count,
         "duration_hours": args.hours, "priority": args.priority, "mode": args.mode,
     }
     optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
                 "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait}
-    raw |= {k: v for k, v in optional.items() if v is not None}
-    request = parse_request(raw)  # invalid input stops here, before anything is touched
+    return raw | {k: v for k, v in optional.items() if v is not None}
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    request = parse_request(_request_of(args))  # invalid input stops here, before anything
     choice = _backend(args)
     config = None
     if choice.name == "simulated":  # real GPUs are known only once the backend opens
@@ -311,6 +350,52 @@ def cmd_request(args: argparse.Namespace) -> int:
         if live is not None:
             live.done()
         return _finish(args, outcome)
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return {"thread_id": job.thread_id, "state": job.state, "outcome": job.outcome,
+            "worker": job.worker, "attempts": job.attempts, "error": job.error,
+            "project": job.request.project}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    request = parse_request(_request_of(args))
+    with _orchestrator(args, create=True) as orch:
+        job = orch.submit(request, thread_id=args.thread_id)
+        _emit(args, _job_json(job), f"submitted thread {job.thread_id}; a worker runs it "
+              f"(gpu-agent jobs {job.thread_id})")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        queue = JobQueue(orch.services.ledger)
+        jobs = [queue.get(args.thread_id)] if args.thread_id else queue.jobs()
+        counts = queue.counts()
+    lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {j.request.project:<12} "
+             f"{j.worker or ''}" + (f"  ({j.error})" if j.error else "") for j in jobs]
+    _emit(args, {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
+          "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=True, pool_size=args.concurrency + 2) as orch:
+        worker = Worker(orch, concurrency=args.concurrency, lease_seconds=args.lease_seconds,
+                        poll_seconds=args.poll_seconds, exit_when_idle=args.exit_when_idle)
+        stop = lambda *_: worker.stopping.set()  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        print(f"gpu-agent: worker {worker.worker_id} serving {args.concurrency} at a time",
+              file=sys.stderr, flush=True)
+        finished = worker.serve()
+        _emit(args, {"worker": worker.worker_id, "finished": dict(finished)},
+              f"worker {worker.worker_id} finished {sum(finished.values())} job(s): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(finished.items())))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Threads still running graph steps were handed back: leave now, before they write.
+        os._exit(0)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -576,7 +661,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
     "budget": cmd_budget, "demo": cmd_demo, "simulate": cmd_simulate, "analyze": cmd_analyze,
     "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
-    "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio,
+    "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio, "submit": cmd_submit,
+    "worker": cmd_worker, "jobs": cmd_jobs,
 }
 
 

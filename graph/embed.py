@@ -17,6 +17,7 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 
+from fleet.models import Status
 from graph.builder import build_graph
 
 Node = Callable[[dict[str, Any], RunnableConfig], dict[str, Any]]
@@ -26,7 +27,7 @@ def summary(values: dict[str, Any]) -> dict[str, Any]:
     """What a parent keeps of a finished (or stopped) gpu-agent run: plain JSON."""
     allocation, release = values.get("allocation"), values.get("release")
     return {
-        "status": values["status"].value,
+        "status": Status(values["status"]).value,
         "reason": values.get("reason", ""),
         "thread_id": values.get("thread_id"),
         "allocation": None if allocation is None else allocation.model_dump(mode="json"),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
-from langgraph.types import Command, Durability, StreamMode
+from langgraph.types import Command, Durability, StateSnapshot, StreamMode
 
 from council.voting import Council
 from fleet.backend import FleetBackend
@@ -30,6 +30,7 @@ from fleet.backends import BackendChoice
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
 from fleet.errors import GPUAgentError, InvalidInput
+from fleet.jobs import Job, JobQueue
 from fleet.ledger import ProjectCost
 from fleet.models import (
     Event,
@@ -42,7 +43,7 @@ from fleet.models import (
 )
 from fleet.validation import check_against_fleet, parse_request
 from graph.builder import after_allocate, build_graph
-from graph.checkpoint import open_sqlite_saver
+from graph.checkpoint import close_checkpointer, open_checkpointer
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
 from graph.status import fleet_status
@@ -67,12 +68,23 @@ class Orchestrator:
         clock: Clock | None = None,
         council: Council | None = None,
         create: bool = True,
+        database: str | None = None,
+        pool_size: int = 8,
     ) -> None:
+        """`database`: a postgresql:// URL holding the ledger and the checkpoints, shared by
+        every worker (default: SQLite files in the state directory). `pool_size`: its
+        checkpoint connections (one per thread running at once is plenty)."""
         self.services: Services = open_services(
-            state_dir, fleet, backend=backend, clock=clock, council=council, create=create
+            state_dir, fleet, backend=backend, clock=clock, council=council, create=create,
+            database=database,
         )
         self.project = project
-        self.checkpointer = open_sqlite_saver(self.services.state_dir)
+        try:
+            self.checkpointer = open_checkpointer(self.services.state_dir, database,
+                                                  pool_size=pool_size)
+        except BaseException:
+            self.services.close()
+            raise
         self.graph = build_graph(self.checkpointer)
         self.context = LocalContext(state_dir=str(self.services.state_dir),
                                     services=self.services)
@@ -82,7 +94,7 @@ class Orchestrator:
         self.services.reconcile_reservations()  # a crashed worker's placement groups (Ray)
 
     def close(self) -> None:
-        self.checkpointer.conn.close()
+        close_checkpointer(self.checkpointer)
         self.services.close()
 
     def __enter__(self) -> Orchestrator:
@@ -228,10 +240,10 @@ class Orchestrator:
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
-        elif not snap.next:
+        elif not _to_run(snap):
             return self.outcome(thread_id)
         return self._invoke(graph_input, thread_id, wait=wait,
-                            pure_first=bool(PURE_NODES & set(snap.next)),
+                            pure_first=bool(PURE_NODES & set(_to_run(snap))),
                             on_update=_events_to(on_event), on_progress=on_progress)
 
     def continue_in_background(self, thread_id: str) -> threading.Thread:
@@ -244,12 +256,26 @@ class Orchestrator:
         except Exception:  # the thread stays checkpointed: `gpu-agent resume` carries it on
             logging.getLogger(__name__).exception("background thread %s stopped", thread_id)
 
+    def submit(self, request: GPURequest | Mapping[str, Any], *,
+               thread_id: str | None = None) -> Job:
+        """Queue a request for `gpu-agent worker` (any worker on the same database runs it);
+        checked first, so invalid input raises InvalidInput and queues nothing."""
+        req = self.check(request)
+        thread_id = thread_id or uuid.uuid4().hex
+        if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
+            raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
+        return JobQueue(self.services.ledger).submit(thread_id, req)
+
+    def job(self, thread_id: str) -> Job:
+        """A submitted request's job: pending, running (on which worker) or done (how)."""
+        return JobQueue(self.services.ledger).get(thread_id)
+
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
-        return outcome_from(thread_id, snap.values, bool(snap.interrupts), tuple(snap.next))
+        return outcome_from(thread_id, snap.values, bool(snap.interrupts), _to_run(snap))
 
     # ---- holding GPUs in a block ------------------------------------------------------------
 
@@ -266,7 +292,7 @@ class Orchestrator:
         box: dict[str, Any] = {}
 
         def on_update(node: str, update: dict[str, Any]) -> None:
-            if node == "allocate" and update.get("status") is Status.ALLOCATED:
+            if node == "allocate" and update.get("status") == Status.ALLOCATED:
                 box["allocation"] = update["allocation"]
                 placed.set()
 
@@ -324,6 +350,13 @@ class Orchestrator:
     def status(self) -> dict[str, Any]:
         """Every GPU with its holder and live reading, every allocation (the `status` JSON)."""
         return fleet_status(self.services)
+
+
+def _to_run(snap: StateSnapshot) -> tuple[str, ...]:
+    """The steps a resume would run. A process that died after a step's writes were saved
+    but before its checkpoint leaves that step's task with its result: get_state then shows
+    the step's writes applied and `next` empty, yet a resume applies them and goes on."""
+    return tuple(snap.next) or tuple(t.name for t in snap.tasks if not t.interrupts)
 
 
 def _events_to(

@@ -76,7 +76,8 @@ def outcome_from(thread_id: str, values: dict[str, Any], review: bool,
              nxt: tuple[str, ...]) -> RequestOutcome:
     return RequestOutcome(
         thread_id=thread_id,
-        status=Status.PENDING_REVIEW if review else values.get("status", Status.PENDING),
+        # Status(): PostgresSaver stores a str-valued enum inline as JSON, a plain str on load
+        status=Status.PENDING_REVIEW if review else Status(values.get("status", Status.PENDING)),
         reason=values.get("reason", ""),
         cost_usd=values.get("cost_usd", 0.0),
         allocation=values.get("allocation"),

@@ -35,7 +35,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     if decision.kind is Kind.QUEUE:
         update: dict[str, Any] = {"status": Status.QUEUED, "reason": decision.reason,
                                   "allocation_id": aid}
-        if state.get("status") is not Status.QUEUED:
+        if state.get("status") != Status.QUEUED:
             update["events"] = [Event(at=utc(now), kind=EventKind.QUEUED,
                                       message=f"waiting: {decision.reason}")]
         return update

@@ -20,8 +20,10 @@ from fleet.backend import FleetBackend, Reserving
 from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.clock import Clock, WakeToken
 from fleet.config import FleetConfig, load_fleet
+from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
 from fleet.models import GPUInfo, GPUSample, Release, ReleaseReason
+from fleet.sql import is_postgres
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
 from fleet.validation import check_budget
@@ -34,6 +36,7 @@ class Services:
     ledger: Ledger
     clock: Clock
     state_dir: Path
+    database: str | None = None  # a postgresql:// URL: the ledger (and checkpoints) live there
     chosen_council: Council | None = None
     note: str | None = None  # what `--backend auto` picked
     gpus: list[GPUInfo] = field(init=False)  # every GPU the backend reports
@@ -192,10 +195,12 @@ def open_services(
     council: Council | None = None,
     create: bool = True,
     durable: bool = True,
+    database: str | None = None,
 ) -> Services:
     """Services over a backend named (or chosen: BackendChoice) or given ready-made. Without a
     fleet file, real GPUs get the host policy (fleet/data/host_fleet.toml), the simulated
-    fleet the default fleet."""
+    fleet the default fleet. `database`: a postgresql:// URL for the ledger (default: SQLite
+    in the state directory)."""
     choice = BackendChoice(backend) if isinstance(backend, str) else backend
     resolved: Resolved | None = None
     if isinstance(choice, BackendChoice):
@@ -204,7 +209,11 @@ def open_services(
     else:
         hardware = choice.hardware
     config = fleet if isinstance(fleet, FleetConfig) else load_fleet(fleet, hardware=hardware)
-    directory = prepare(state_dir or default_state_dir(), create=create)
+    if database is not None and not is_postgres(database):
+        raise InvalidInput(f"--database must be a postgresql:// URL, not {database!r} "
+                           "(SQLite, the default, lives in --state-dir)")
+    directory = prepare(state_dir or default_state_dir(), create=create,
+                        ledger_here=database is None)
     clock = clock or clock_for(directory, config.clock)
     if isinstance(choice, BackendChoice):
         assert resolved is not None
@@ -215,8 +224,9 @@ def open_services(
     return Services(
         config=config,
         backend=fleet_backend,
-        ledger=Ledger(directory / LEDGER, config, durable=durable),
+        ledger=Ledger(database or directory / LEDGER, config, durable=durable),
         clock=clock,
+        database=database,
         chosen_council=council,
         state_dir=directory,
         note=resolved.note if resolved else None,
@@ -246,6 +256,11 @@ class Context:
         default_factory=lambda: os.environ.get("GPU_AGENT_REPLAY") or None,
         metadata={"description": "Recording the replay backend plays (env GPU_AGENT_REPLAY)."},
     )
+    database: str | None = field(
+        default_factory=lambda: os.environ.get("GPU_AGENT_DATABASE") or None,
+        metadata={"description": "A postgresql:// URL for the ledger (env GPU_AGENT_DATABASE); "
+                  "when empty, SQLite in the state directory."},
+    )
 
 
 @dataclass(kw_only=True)
@@ -256,7 +271,7 @@ class LocalContext(Context):
     services: Services
 
 
-_opened: dict[tuple[str, str | None, BackendChoice], Services] = {}
+_opened: dict[tuple[str, str | None, BackendChoice, str | None], Services] = {}
 _opened_lock = threading.Lock()
 
 
@@ -265,8 +280,9 @@ def services_for(runtime: Runtime[Context]) -> Services:
     if isinstance(ctx, LocalContext):
         return ctx.services
     choice = BackendChoice(ctx.backend, ctx.replay)
-    key = (str(Path(ctx.state_dir).resolve()), ctx.fleet_file, choice)
+    key = (str(Path(ctx.state_dir).resolve()), ctx.fleet_file, choice, ctx.database)
     with _opened_lock:
         if key not in _opened:
-            _opened[key] = open_services(ctx.state_dir, ctx.fleet_file, backend=choice)
+            _opened[key] = open_services(ctx.state_dir, ctx.fleet_file, backend=choice,
+                                         database=ctx.database)
         return _opened[key]

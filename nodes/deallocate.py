@@ -6,7 +6,7 @@ from typing import Any
 
 from langgraph.runtime import Runtime
 
-from fleet.models import Event, EventKind, Status
+from fleet.models import Event, EventKind, ReleaseReason, Status
 from nodes.context import Context, services_for
 from nodes.state import State
 
@@ -16,7 +16,8 @@ def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     allocation = state["allocation"]
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
-    release, now_freed = svc.ledger.release_once(allocation.id, state["release_reason"], when)
+    reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
+    release, now_freed = svc.ledger.release_once(allocation.id, reason, when)
     svc.backend.reset(allocation.gpu_ids)
     svc.free(allocation.id)
     svc.forget(allocation.id)

@@ -141,3 +141,49 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "graph.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ---- PostgreSQL ------------------------------------------------------------------------------
+# A real server on loopback: GPU_AGENT_TEST_DATABASE (an admin URL) if set, else a private one
+# started here (tests/pgserver.py). Without PostgreSQL installed the Postgres cases skip, unless
+# GPU_AGENT_REQUIRE_POSTGRES=1 (.ci/run sets it) makes that a failure.
+
+
+@pytest.fixture(scope="session")
+def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.pgserver import PgServer, bindir
+
+    given = os.environ.get("GPU_AGENT_TEST_DATABASE")
+    if given:
+        yield given
+        return
+    if bindir() is None:
+        if os.environ.get("GPU_AGENT_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required (GPU_AGENT_REQUIRE_POSTGRES) but not installed")
+        pytest.skip("PostgreSQL is not installed")
+    server = PgServer(Path(f"/tmp/gpu-agent-pg-{os.getpid()}"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        import shutil
+
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_admin: str) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    from tests.pgserver import create_database, drop_database
+
+    url = create_database(pg_admin)
+    yield url
+    drop_database(pg_admin, url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a ledger lives: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    return str(request.getfixturevalue("pg_url"))

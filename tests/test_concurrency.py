@@ -1,15 +1,17 @@
-"""Eight processes request at once against a small fleet: no double-booking, no overspending."""
+"""Eight processes request at once against a small fleet: no double-booking, no overspending,
+with the ledger in SQLite and in PostgreSQL."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fleet.config import parse_fleet
+from fleet.ledger import Ledger
 from tests.conftest import SMALL_FLEET, run_cli
 
 TINY = SMALL_FLEET.replace("gpus = 4", "gpus = 2")  # 4 A100 on two nodes
@@ -33,27 +35,36 @@ def launch(cwd: Path, opts: list[str], projects: list[str]) -> list[dict[str, ob
     return outs
 
 
-def holds(state: Path) -> list[tuple[str, str]]:
-    db = sqlite3.connect(state / "ledger.sqlite")
+def holds(database: str) -> list[str]:
+    ledger = Ledger(database, parse_fleet(TINY))
     try:
-        return db.execute("SELECT gpu_uuid, allocation_id FROM holds").fetchall()
+        return list(ledger.holders())
     finally:
-        db.close()
+        ledger.close()
 
 
 @pytest.fixture
-def opts(tmp_path: Path) -> list[str]:
+def opts(tmp_path: Path, database: str) -> list[str]:
     (tmp_path / "fleet.toml").write_text(TINY)
-    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(tmp_path / "fleet.toml")]
+    given = [] if database.endswith(".sqlite") else ["--database", database]
+    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(tmp_path / "fleet.toml"),
+            *given]
 
 
-def test_eight_processes_never_double_book(tmp_path: Path, opts: list[str]) -> None:
+@pytest.fixture
+def ledger_at(tmp_path: Path, database: str) -> str:
+    return str(tmp_path / "state" / "ledger.sqlite") if database.endswith(".sqlite") \
+        else database
+
+
+def test_eight_processes_never_double_book(tmp_path: Path, opts: list[str],
+                                           ledger_at: str) -> None:
     outs = launch(tmp_path, opts, [f"p{i}" for i in range(8)])
     placed = [o for o in outs if o["status"] == "allocated"]
     assert len(placed) == 4 and sum(o["status"] == "queued" for o in outs) == 4
     gpu_ids = [g for o in placed for g in o["allocation"]["gpu_ids"]]  # type: ignore[index]
     assert len(gpu_ids) == len(set(gpu_ids)) == 4
-    assert sorted(g for g, _ in holds(tmp_path / "state")) == sorted(gpu_ids)
+    assert sorted(holds(ledger_at)) == sorted(gpu_ids)
 
 
 def test_eight_processes_never_overspend(tmp_path: Path, opts: list[str]) -> None:

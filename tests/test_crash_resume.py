@@ -96,3 +96,43 @@ def test_lease_expires_while_down(setup: tuple[Path, list[str]]) -> None:
     out = json.loads(run_cli("resume", "gone", "--json", *opts, cwd=cwd).stdout)
     assert out["status"] == "released" and out["release"]["reason"] == "expired-while-down"
     exactly_once(cwd / "state")
+
+
+class Died(BaseException):
+    """The process dies: raised where a checkpoint would be written."""
+
+
+@pytest.mark.parametrize("step", [4, 5])  # the checkpoint after allocate; after a monitor tick
+def test_death_between_a_steps_writes_and_its_checkpoint(
+        tmp_path: Path, database: str, step: int) -> None:
+    """A step's writes are saved as it ends, its checkpoint just after: a process that dies
+    in between leaves a checkpoint whose `next` is empty (get_state applies the writes) though
+    the run is not over. Resume carries it on, on SQLite and on PostgreSQL."""
+    from fleet.clock import VirtualClock
+    from fleet.models import Status
+    from graph.orchestrator import Orchestrator
+    from tests.conftest import small_config
+
+    db = None if database.endswith(".sqlite") else database
+    request = {"project": "p", "purpose": "training", "count": 2, "duration_hours": 1,
+               "gpu_type": "A100"}
+    first = Orchestrator(tmp_path / "s", small_config(), clock=VirtualClock(), database=db)
+    put = first.checkpointer.put
+
+    def dying_put(config, checkpoint, metadata, versions):  # type: ignore[no-untyped-def]
+        if metadata.get("step") == step:
+            raise Died
+        return put(config, checkpoint, metadata, versions)
+
+    first.checkpointer.put = dying_put  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        first.request(request, thread_id="t")
+    first.close()
+    then = Orchestrator(tmp_path / "s", small_config(), clock=VirtualClock(), database=db)
+    try:
+        assert then.outcome("t").next  # something is left to run
+        out = then.resume("t")
+        assert out.status is Status.RELEASED and out.release is not None
+        assert len(then.history()) == 1 and then.costs()[0].spent_usd == out.cost_usd > 0
+    finally:
+        then.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ T0 = 1_800_000_000.0
 
 
 class Fixture:
-    def __init__(self, path: Path, config: FleetConfig) -> None:
+    def __init__(self, path: Path | str, config: FleetConfig) -> None:
         self.config = config
         self.ledger = Ledger(path, config)
         self.inventory = SimulatedFleet(config).inventory()
@@ -37,17 +38,22 @@ class Fixture:
 
 
 @pytest.fixture
-def fx(tmp_path: Path, config: FleetConfig) -> Fixture:
+def fx(database: str, config: FleetConfig) -> Iterator[Fixture]:
+    """A ledger on SQLite, and the same on PostgreSQL."""
+    f = Fixture(database, config)
+    yield f
+    f.ledger.close()
+
+
+@pytest.fixture
+def sqlite_fx(tmp_path: Path, config: FleetConfig) -> Fixture:
     return Fixture(tmp_path / "ledger.sqlite", config)
 
 
 def counts(ledger: Ledger) -> tuple[int, int, int]:
-    db = sqlite3.connect(ledger.path)
-    try:
-        return tuple(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
-                     for t in ("holds", "charges", "history"))
-    finally:
-        db.close()
+    rows = ledger.dump()
+    return tuple(sum(r.startswith(f"{t}: ") for r in rows)  # type: ignore[return-value]
+                 for t in ("holds", "charges", "history"))
 
 
 def test_place_is_idempotent(fx: Fixture) -> None:
@@ -185,10 +191,10 @@ def test_truncated_or_foreign_files(tmp_path: Path, config: FleetConfig) -> None
         Ledger(foreign, config)
 
 
-def test_truncated_ledger(fx: Fixture, tmp_path: Path, config: FleetConfig) -> None:
-    fx.place("t1")
-    fx.ledger.close()
-    data = fx.ledger.path.read_bytes()
+def test_truncated_ledger(sqlite_fx: Fixture, tmp_path: Path, config: FleetConfig) -> None:
+    sqlite_fx.place("t1")
+    sqlite_fx.ledger.close()
+    data = Path(sqlite_fx.ledger.name).read_bytes()
     cut = tmp_path / "cut.sqlite"
     cut.write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(StateDirError):
@@ -196,12 +202,76 @@ def test_truncated_ledger(fx: Fixture, tmp_path: Path, config: FleetConfig) -> N
         ledger.allocations()
 
 
-def test_newer_schema_is_refused(fx: Fixture, config: FleetConfig) -> None:
+def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig) -> None:
+    fx.place("t1")
+    with fx.ledger.transaction() as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     fx.ledger.close()
-    db = sqlite3.connect(fx.ledger.path)
-    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
-    db.commit()
-    db.close()
-    with pytest.raises(StateDirError, match="newer than this"):
-        Ledger(fx.ledger.path, config)
+    with pytest.raises(StateDirError, match="schema version 99, newer than this gpu-agent "
+                       "understands"):
+        Ledger(database, config)
+    with pytest.raises(StateDirError, match="newer than this"):  # and it changed nothing
+        Ledger(database, config)
 
+
+def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
+    """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
+    and the version-2 job queue) opens as version 2 with its money and history intact."""
+    row = fx.place("t1").row
+    assert row is not None
+    fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
+    fx.place("t2")
+    before = [r for r in fx.ledger.dump()
+              if r.split(":")[0] in ("holds", "charges", "history", "budgets")]
+    spent = fx.ledger.costs(T0)[0].spent_usd
+    with fx.ledger.transaction() as db:
+        for table in ("jobs", "freed", "spend", "records", "unhealthy"):
+            db.execute(f"DROP TABLE {table}")
+        for column in ("util_last", "busy_at_start"):
+            db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    fx.ledger.close()
+
+    ledger = Ledger(database, config)
+    try:
+        with ledger.reading() as db:
+            assert db.execute("SELECT value FROM meta").fetchone()[0] == "2"
+            assert ledger.db.tables(db) >= {"jobs", "freed", "spend", "records", "unhealthy"}
+        assert [r for r in ledger.dump()
+                if r.split(":")[0] in ("holds", "charges", "history", "budgets")] == before
+        assert ledger.costs(T0)[0].spent_usd == pytest.approx(spent) == pytest.approx(5.12 * 2)
+        stats = ledger.project_stats("p", T0 + 7200, recent=5)
+        assert stats.spent_usd == pytest.approx(spent) and len(stats.recent) == 1
+    finally:
+        ledger.close()
+
+
+def test_a_database_with_other_tables_is_refused(pg_url: str, config: FleetConfig) -> None:
+    """Checkpoint tables beside the ledger are fine; a table of the ledger's without its
+    version is someone else's data."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE checkpoints (x int)")
+        conn.execute("CREATE TABLE allocations (x int)")
+    with pytest.raises(StateDirError, match="not a gpu-agent ledger"):
+        Ledger(pg_url, config)
+
+
+def test_an_unreachable_database_is_one_clear_error(config: FleetConfig) -> None:
+    with pytest.raises(StateDirError, match=r"cannot reach the database "
+                       r"postgresql://u:\*\*\*@127.0.0.1:9/x"):
+        Ledger("postgresql://u:secret@127.0.0.1:9/x", config)
+
+
+def test_an_allocation_never_starts_before_its_gpus_were_freed(fx: Fixture) -> None:
+    """A placement whose clock was read before it waited for the lock (another worker
+    released the GPUs meanwhile) starts when they were freed, not before."""
+    rows = [fx.place(f"t{i}", count=4).row for i in range(2)]  # all 8 A100
+    assert all(r is not None for r in rows)
+    first = rows[0]
+    assert first is not None
+    fx.ledger.release(first.id, ReleaseReason.EXPLICIT, T0 + 600)
+    late = fx.place("t9", now=T0 + 300, count=4).row  # its clock read before that release
+    assert late is not None and set(late.gpu_ids) == set(first.gpu_ids)
+    assert late.started_at == T0 + 600 and late.lease_end == T0 + 600 + 2 * 3600

@@ -107,7 +107,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_release_each(self) -> None:
-        db = sqlite3.connect(self.ledger.path)
+        db = sqlite3.connect(self.ledger.name)
         try:
             released = db.execute("SELECT id FROM allocations WHERE state='released' "
                                   "AND started_at IS NOT NULL").fetchall()

@@ -1,5 +1,6 @@
 """The real LangGraph server (`langgraph dev`, langgraph-cli[inmem]) on loopback, driven by the
-real clients: langgraph_sdk, RemoteGraph, MCP over HTTP, and the CLI on the same SQLite file.
+real clients: langgraph_sdk, RemoteGraph, MCP over HTTP, and the CLI on the same SQLite file or
+the same PostgreSQL database.
 
 The fleet sends requests of two GPUs or more to the (reference) council with thresholds that
 always split, so they stop at the human review; one-GPU requests are auto-approved (what MCP,
@@ -44,9 +45,17 @@ def get(url: str) -> dict[str, Any]:
         return data
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The server on SQLite files in the state directory, then on PostgreSQL (ledger and
+    checkpoints both, through env GPU_AGENT_DATABASE)."""
     tmp = tmp_path_factory.mktemp("server")
+    database = {}
+    if request.param == "postgres":
+        from tests.pgserver import create_database
+
+        database = {"GPU_AGENT_DATABASE": create_database(request.getfixturevalue("pg_admin"))}
     fleet = tmp / "fleet.toml"
     fleet.write_text(fleet_toml(
         council={"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.05,
@@ -62,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     (tmp / "langgraph.json").write_text(json.dumps(config))
     port = free_port()
     env = {**os.environ, "GPU_AGENT_HOME": str(state), "GPU_AGENT_FLEET": str(fleet),
-           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false"}
+           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", **database}
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(  # `gpu-agent studio` execs `langgraph dev`
         [sys.executable, "-m", "graph.cli", "studio", "--port", str(port),
@@ -80,7 +89,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
             assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "langgraph dev did not start in 90 s"
             time.sleep(0.5)
-        yield {"url": url, "state": str(state), "fleet": str(fleet)}
+        yield {"url": url, "state": str(state), "fleet": str(fleet),
+               "database": database.get("GPU_AGENT_DATABASE", "")}
     finally:
         proc.terminate()
         try:
@@ -95,7 +105,7 @@ def test_the_server_shows_the_graph_and_its_context_form(server: dict[str, str])
     (assistant,) = client.assistants.search(graph_id="gpu-agent")
     schemas = client.assistants.get_schemas(assistant["assistant_id"])
     context = schemas["context_schema"]["properties"]
-    assert set(context) == {"state_dir", "fleet_file", "backend", "replay"}
+    assert set(context) == {"state_dir", "fleet_file", "backend", "replay", "database"}
     assert all(field.get("description") for field in context.values())
     assert "request" in schemas["input_schema"]["properties"]
 
@@ -143,7 +153,8 @@ def test_a_thread_made_through_the_server_resumes_from_the_cli(server: dict[str,
     client = get_sync_client(url=server["url"])
     tid = client.threads.create()["thread_id"]
     client.runs.wait(tid, "gpu-agent", input={"request": REQUEST | {"project": "audio"}})
-    with Orchestrator(server["state"], server["fleet"], create=False) as orch:
+    with Orchestrator(server["state"], server["fleet"], create=False,
+                      database=server["database"] or None) as orch:
         assert orch.outcome(tid).next == ("review",)  # the server's checkpoint, read here
         out = orch.resume(tid, {"approve": True, "by": "cli"})
     assert out.status.value == "released"

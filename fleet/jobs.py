@@ -1,0 +1,124 @@
+"""The job queue `gpu-agent worker` serves: requests submitted to the database, run by whichever
+worker claims them, and claimed again by another if that worker dies.
+
+A claim is a lease: a worker renews its leases while it lives; once one runs out, any worker
+may claim the job and carry its thread on from the last checkpoint. On PostgreSQL claims take
+the row with `FOR UPDATE SKIP LOCKED`, so workers never wait for each other's claims. Lease
+times are wall-clock seconds (hosts are expected to keep NTP time; a lease outlives any sane
+skew).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fleet.errors import InvalidInput
+from fleet.ledger import Ledger
+from fleet.models import GPURequest
+
+STATES = ("pending", "running", "done")
+
+
+@dataclass(frozen=True)
+class Job:
+    thread_id: str
+    request: GPURequest
+    state: str  # pending | running | done
+    submitted_at: float
+    worker: str | None
+    claimed_at: float | None  # by its current (or last) worker
+    lease_until: float | None
+    attempts: int
+    outcome: str | None  # the thread's status when the job ended (or "failed")
+    error: str | None
+    finished_at: float | None
+
+
+COLUMNS = ("thread_id, request, state, submitted_at, worker, claimed_at, lease_until, attempts, "
+           "outcome, error, finished_at")
+
+
+def _job(r: tuple[object, ...]) -> Job:
+    values = list(r)
+    values[1] = GPURequest.model_validate_json(str(values[1]))
+    return Job(*values)  # type: ignore[arg-type]
+
+
+class JobQueue:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def submit(self, thread_id: str, request: GPURequest, now: float | None = None) -> Job:
+        """Queue a request for the workers; a thread id is submitted once."""
+        with self.ledger.queue_transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE thread_id=?", (thread_id,)).fetchone():
+                raise InvalidInput(f"thread {thread_id!r} was already submitted")
+            db.execute("INSERT INTO jobs (thread_id, request, state, submitted_at) "
+                       "VALUES (?, ?, 'pending', ?)",
+                       (thread_id, request.model_dump_json(), time.time() if now is None else now))
+        return self.get(thread_id)
+
+    def claim(self, worker: str, lease_seconds: float, now: float | None = None) -> Job | None:
+        """The oldest job nobody holds (pending, or its worker's lease ran out), now ours."""
+        now = time.time() if now is None else now
+        with self.ledger.queue_transaction() as db:
+            row = db.execute(
+                "SELECT thread_id FROM jobs WHERE state='pending' OR (state='running' AND "
+                "lease_until<?) ORDER BY submitted_at, thread_id LIMIT 1"
+                + self.ledger.db.skip_locked, (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='running', worker=?, claimed_at=?, lease_until=?, "
+                       "attempts=attempts+1 WHERE thread_id=?",
+                       (worker, now, now + lease_seconds, row[0]))
+        return self.get(row[0])
+
+    def renew(self, worker: str, lease_seconds: float, now: float | None = None) -> int:
+        """Extend every lease this worker holds; how many it still holds."""
+        now = time.time() if now is None else now
+        with self.ledger.queue_transaction() as db:
+            return int(db.execute("UPDATE jobs SET lease_until=? WHERE worker=? AND "
+                                  "state='running'", (now + lease_seconds, worker)).rowcount)
+
+    def finish(self, thread_id: str, worker: str, outcome: str, error: str | None = None,
+               now: float | None = None) -> bool:
+        """The job ended; False when another worker had taken it over (its result counts)."""
+        now = time.time() if now is None else now
+        with self.ledger.queue_transaction() as db:
+            return bool(db.execute(
+                "UPDATE jobs SET state='done', outcome=?, error=?, finished_at=?, "
+                "lease_until=NULL WHERE thread_id=? AND worker=? AND state='running'",
+                (outcome, error, now, thread_id, worker)).rowcount)
+
+    def hand_back(self, worker: str, thread_id: str | None = None) -> int:
+        """Give jobs back to the queue (a worker stopping, or a job to retry), at once."""
+        sql = ("UPDATE jobs SET state='pending', worker=NULL, lease_until=NULL "
+               "WHERE worker=? AND state='running'")
+        args: tuple[str, ...] = (worker,)
+        if thread_id is not None:
+            sql += " AND thread_id=?"
+            args += (thread_id,)
+        with self.ledger.queue_transaction() as db:
+            return int(db.execute(sql, args).rowcount)
+
+    def get(self, thread_id: str) -> Job:
+        rows = self.ledger.query(f"SELECT {COLUMNS} FROM jobs WHERE thread_id=?", (thread_id,))
+        if not rows:
+            raise InvalidInput(f"no submitted thread {thread_id!r}")
+        return _job(rows[0])
+
+    def jobs(self, state: str | None = None) -> list[Job]:
+        sql = f"SELECT {COLUMNS} FROM jobs"
+        args: tuple[str, ...] = ()
+        if state is not None:
+            sql += " WHERE state=?"
+            args = (state,)
+        return [_job(r) for r in self.ledger.query(sql + " ORDER BY submitted_at, thread_id",
+                                                   args)]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        counts |= {r[0]: int(r[1]) for r in self.ledger.query(
+            "SELECT state, count(*) FROM jobs GROUP BY state")}
+        return counts

@@ -1,0 +1,294 @@
+"""The ledger's database: SQLite (one file, the default) or PostgreSQL (shared by many hosts).
+
+The ledger writes its SQL once, in SQLite's spelling (`?` and `:name` placeholders, REAL
+columns). For PostgreSQL the placeholders become psycopg's and REAL becomes DOUBLE PRECISION
+(PostgreSQL's REAL is 4 bytes: a timestamp would lose its seconds).
+
+Writers are serialised so that two processes never decide on the same free GPUs or the same
+budget at once. SQLite does it for the whole file (`BEGIN IMMEDIATE`). PostgreSQL does it per
+key with transaction-scoped advisory locks: a placement locks its GPU type and its project
+(taken in one sorted order, so two writers never deadlock), so placements of other types and
+projects proceed in parallel; a write without keys (reconcile, migrations) locks everything.
+The schema's keys (one hold per GPU, one charge per allocation) stand behind both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from fleet.errors import StateDirError
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """What the ledger calls on a transaction: sqlite3.Connection has it, _PgConn mimics it."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
+
+
+def is_postgres(target: str | Path) -> bool:
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Database:
+    """One connection, used by one thread at a time (the lock), in SQLite's or PostgreSQL's
+    dialect."""
+
+    dialect: str
+    name: str  # the file, or the URL without its password
+    # appended to a SELECT that claims a queue row: other claimers skip it rather than wait
+    skip_locked: str = ""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+    def conn(self) -> Conn:
+        raise NotImplementedError
+
+    def write(self, keys: tuple[str, ...] = ()) -> AbstractContextManager[Conn]:
+        raise NotImplementedError
+
+    def read(self) -> AbstractContextManager[Conn]:
+        raise NotImplementedError
+
+    def plain(self) -> AbstractContextManager[Conn]:
+        """A write that takes no ledger lock: it relies on row locks (a queue claim)."""
+        return self.write()
+
+    def tables(self, db: Conn) -> set[str]:
+        raise NotImplementedError
+
+    def columns(self, db: Conn, table: str) -> set[str]:
+        raise NotImplementedError
+
+    def schema(self, sql: str) -> str:
+        """The CREATE statements in this dialect."""
+        return sql
+
+    def data_version(self, db: Conn) -> int | None:
+        """A number that changes when another connection commits; None: not tracked."""
+        return None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SqliteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
+        super().__init__()
+        self.name = str(path)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None,
+                                       check_same_thread=False, timeout=60.0)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
+            self._db.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as exc:
+            raise StateDirError(
+                f"ledger {path} is unreadable ({exc}); move it aside to start a new one"
+            ) from None
+
+    def conn(self) -> Conn:
+        return self._db
+
+    @contextmanager
+    def _begin(self, mode: str) -> Iterator[Conn]:
+        with self.lock:
+            self._db.execute(f"BEGIN {mode}")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def write(self, keys: tuple[str, ...] = ()) -> AbstractContextManager[Conn]:
+        return self._begin("IMMEDIATE")  # one writer for the whole file, across processes
+
+    def read(self) -> AbstractContextManager[Conn]:
+        return self._begin("DEFERRED")
+
+    def tables(self, db: Conn) -> set[str]:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def columns(self, db: Conn, table: str) -> set[str]:
+        return {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+
+    def data_version(self, db: Conn) -> int | None:
+        return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+
+class Row(tuple[Any, ...]):
+    """A PostgreSQL row read by position or by column name, like sqlite3.Row."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, values: Iterable[Any], names: dict[str, int]) -> Row:
+        row = super().__new__(cls, values)
+        row._names = names
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+def _row_factory(cursor: Any) -> Any:
+    names = {c.name: i for i, c in enumerate(cursor.description or ())}
+    return lambda values: Row(values, names)
+
+
+_PLACEHOLDER = re.compile(r"\?|(?<!:):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=512)
+def _pg(sql: str) -> str:
+    """`?` -> %s and `:name` -> %(name)s (and a literal % doubled)."""
+    sql = sql.replace("%", "%%")
+    return _PLACEHOLDER.sub(lambda m: "%s" if m.group(0) == "?" else f"%({m.group(1)})s", sql)
+
+
+class _PgConn:
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Any = None, /) -> Cursor:
+        return self._conn.execute(_pg(sql), parameters or None)  # type: ignore[no-any-return]
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> None:
+        rows = list(parameters)
+        if rows:
+            with self._conn.cursor() as cur:
+                cur.executemany(_pg(sql), rows)
+
+
+def lock_key(key: str) -> int:
+    """A stable signed 64-bit advisory-lock key (0 is the everything lock)."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big", signed=True) or 1
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        self.name = redact(url)
+        self._conn: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise StateDirError(
+                "a postgresql:// database needs psycopg: pip install 'gpu-agent[postgres]'"
+            ) from None
+        try:
+            self._conn = psycopg.connect(self.url, autocommit=True, row_factory=_row_factory,
+                                         connect_timeout=10)
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StateDirError(f"cannot reach the database {self.name}: {reason}") from None
+
+    def conn(self) -> Conn:
+        if self._conn.closed or self._conn.broken:  # a server restart: connect again
+            self._connect()
+        return _PgConn(self._conn)
+
+    @contextmanager
+    def _tx(self, first: str | None, keys: tuple[str, ...] | None) -> Iterator[Conn]:
+        with self.lock:
+            db = self.conn()
+            with self._conn.transaction():
+                if first:
+                    db.execute(first)
+                if keys is not None:
+                    self._advisory(db, keys)
+                yield db
+
+    @staticmethod
+    def _advisory(db: Conn, keys: tuple[str, ...]) -> None:
+        if not keys:
+            db.execute("SELECT pg_advisory_xact_lock(0)")
+            return
+        db.execute("SELECT pg_advisory_xact_lock_shared(0)")
+        for k in sorted(set(keys)):
+            db.execute("SELECT pg_advisory_xact_lock(?)", (lock_key(k),))
+
+    def write(self, keys: tuple[str, ...] = ()) -> AbstractContextManager[Conn]:
+        return self._tx(None, keys)
+
+    def plain(self) -> AbstractContextManager[Conn]:
+        return self._tx(None, None)
+
+    def read(self) -> AbstractContextManager[Conn]:
+        return self._tx("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY", None)
+
+    def tables(self, db: Conn) -> set[str]:
+        return {r[0] for r in db.execute(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema()")}
+
+    def columns(self, db: Conn, table: str) -> set[str]:
+        return {r[0] for r in db.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?", (table,))}
+
+    def schema(self, sql: str) -> str:
+        return re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._conn is not None:
+                self._conn.close()
+
+
+def open_database(target: str | Path, *, durable: bool = True) -> Database:
+    """A postgresql:// URL, or a SQLite file's path."""
+    if is_postgres(target):
+        return PostgresDatabase(str(target))
+    return SqliteDatabase(Path(target), durable=durable)

@@ -1,0 +1,106 @@
+"""`gpu-agent worker`: serve the job queue with N threads at once, beside other workers.
+
+Each thread claims a job (fleet.jobs), runs its request's thread to the end (placement,
+monitoring, release) and marks the job done with the thread's status. A job whose thread was
+checkpointed already (its worker died, or handed it back on SIGTERM) is resumed, not
+restarted: every side effect from allocate on is idempotent on (thread, request), so a GPU is
+freed and a cost charged once whoever finishes the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from fleet.errors import InvalidInput
+from fleet.jobs import Job, JobQueue
+from graph.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    orch: Orchestrator
+    concurrency: int = 4
+    lease_seconds: float = 30.0  # a dead worker's jobs are claimed again after this long
+    poll_seconds: float = 1.0  # how often an idle thread looks for work
+    exit_when_idle: bool = False  # stop once no job is pending or running anywhere
+    max_attempts: int = 3  # a job that fails this often (an exception, not a status) is failed
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    stopping: threading.Event = field(default_factory=threading.Event)
+    finished: Counter[str] = field(default_factory=Counter)  # outcomes of the jobs it ended
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise InvalidInput(f"--concurrency must be at least 1, not {self.concurrency}")
+        if self.lease_seconds <= 0:
+            raise InvalidInput(f"--lease-seconds must be positive, not {self.lease_seconds}")
+        self.queue = JobQueue(self.orch.services.ledger)
+        self._lock = threading.Lock()
+
+    def serve(self) -> Counter[str]:
+        """Run until `stopping` is set (or, with exit_when_idle, the queue is empty), then
+        hand the jobs still running back to the queue. The outcomes of the jobs it ended."""
+        threads = [threading.Thread(target=self._loop, name=f"job-{i}", daemon=True)
+                   for i in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        try:
+            while not self.stopping.wait(self.lease_seconds / 4):
+                self.queue.renew(self.worker_id, self.lease_seconds)
+                if not any(t.is_alive() for t in threads):
+                    break
+        finally:
+            self.stopping.set()
+            handed = self.queue.hand_back(self.worker_id)
+            if handed:
+                log.info("worker %s handed %d running job(s) back", self.worker_id, handed)
+        return self.finished
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                job = self.queue.claim(self.worker_id, self.lease_seconds)
+            except Exception:  # the database went away for a moment: try again
+                log.exception("claiming a job failed")
+                self.stopping.wait(self.poll_seconds)
+                continue
+            if job is None:
+                if self.exit_when_idle and self._idle():
+                    return
+                self.stopping.wait(self.poll_seconds)
+                continue
+            self._run(job)
+
+    def _idle(self) -> bool:
+        counts = self.queue.counts()
+        return counts["pending"] == 0 and counts["running"] == 0
+
+    def _run(self, job: Job) -> None:
+        tid = job.thread_id
+        try:
+            if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
+                outcome = self.orch.request(job.request, thread_id=tid)
+            else:
+                outcome = self.orch.resume(tid)
+            status, error = outcome.status.value, None
+        except InvalidInput as exc:
+            status, error = "invalid", str(exc)
+        except Exception as exc:
+            if self.stopping.is_set():
+                return  # stopping: the job is handed back
+            log.exception("job %s failed (attempt %d)", tid, job.attempts)
+            if job.attempts < self.max_attempts:
+                self.queue.hand_back(self.worker_id, tid)
+                return
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        if self.queue.finish(tid, self.worker_id, status, error):
+            with self._lock:
+                self.finished[status] += 1

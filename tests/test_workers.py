@@ -1,0 +1,179 @@
+"""Many workers on one PostgreSQL database: the job queue, placement from several processes,
+and a SIGKILLed worker whose threads another worker finishes from their checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from fleet.config import FleetConfig
+from fleet.errors import InvalidInput
+from fleet.jobs import JobQueue
+from fleet.ledger import Ledger
+from fleet.models import GPURequest
+from tests.conftest import fleet_toml, run_cli
+
+REQUEST = GPURequest(project="p", purpose="training", count=1, duration_hours=1)
+
+
+@pytest.fixture
+def queue(database: str, config: FleetConfig) -> JobQueue:
+    return JobQueue(Ledger(database, config))
+
+
+def test_claims_leases_and_takeover(queue: JobQueue) -> None:
+    for i in range(3):
+        queue.submit(f"t{i}", REQUEST, now=100.0 + i)
+    with pytest.raises(InvalidInput, match="already submitted"):
+        queue.submit("t0", REQUEST)
+    a = queue.claim("A", 10.0, now=200.0)
+    b = queue.claim("B", 10.0, now=200.0)
+    assert a is not None and b is not None and (a.thread_id, b.thread_id) == ("t0", "t1")
+    assert queue.renew("A", 10.0, now=205.0) == 1  # A's lease now runs to 215
+    c = queue.claim("C", 10.0, now=212.0)  # B's ran out at 210; A's did not
+    assert c is not None and c.thread_id == "t1" and c.attempts == 2 and c.worker == "C"
+    assert not queue.finish("t1", "B", "released", now=213.0)  # B lost it: C's result counts
+    assert queue.finish("t1", "C", "released", now=214.0)
+    assert queue.hand_back("A") == 1
+    assert [j.thread_id for j in queue.jobs("pending")] == ["t0", "t2"]
+    assert queue.counts() == {"pending": 2, "running": 0, "done": 1}
+    assert queue.get("t1").outcome == "released" and queue.get("t1").request == REQUEST
+    queue.ledger.close()
+
+
+def _fleet(tmp_path: Path) -> Path:
+    """4 A100 on two nodes, one virtual hour a real second, ticks every 10 virtual minutes,
+    and no council for these small requests."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600},
+                                scheduler={"poll_seconds": 300},
+                                council={"auto_approve_max_gpus": 4,
+                                         "auto_approve_max_usd": 1000})
+                     .replace("gpus = 4", "gpus = 2"))
+    return fleet
+
+
+def _opts(tmp_path: Path, pg_url: str) -> list[str]:
+    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(_fleet(tmp_path)),
+            "--database", pg_url]
+
+
+def _worker(tmp_path: Path, opts: list[str], *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "worker", "--json", "--poll-seconds", "0.2",
+         *opts, *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def _submit(tmp_path: Path, opts: list[str], n: int, hours: float) -> list[str]:
+    ids = []
+    for i in range(n):
+        r = run_cli("submit", "--project", f"team{i % 3}", "--purpose", "training",
+                    "--count", "1", "--hours", str(hours), "--gpu-type", "A100", "--json",
+                    *opts, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        ids.append(json.loads(r.stdout)["thread_id"])
+    return ids
+
+
+def _ledger_checks(pg_url: str, config: FleetConfig, n: int) -> Counter[str]:
+    """Every allocation released once, charged once, written to history once; no GPU held
+    by two allocations at any moment."""
+    ledger = Ledger(pg_url, config)
+    try:
+        rows = ledger.allocations()
+        assert len(rows) == n and all(r.state == "released" for r in rows)
+        charges = ledger.query("SELECT allocation_id FROM charges")
+        history = ledger.query("SELECT allocation_id, gpu_ids, started_at, ended_at "
+                               "FROM history")
+        placed = {r.id for r in rows if r.started_at is not None}
+        assert sorted(c[0] for c in charges) == sorted(h[0] for h in history) == sorted(placed)
+        spans: dict[str, list[tuple[float, float]]] = {}
+        for _, gpus, start, end in history:
+            for g in json.loads(gpus):
+                spans.setdefault(g, []).append((start, end))
+        for intervals in spans.values():
+            intervals.sort()
+            for (_, end), (start, _) in pairwise(intervals):
+                assert start >= end - 1e-6  # the next holder started after the last ended
+        assert ledger.holders() == {}
+        return Counter(r.release_reason.value for r in rows if r.release_reason)
+    finally:
+        ledger.close()
+
+
+def test_two_workers_serve_one_queue(tmp_path: Path, pg_url: str) -> None:
+    from fleet.config import load_fleet
+
+    opts = _opts(tmp_path, pg_url)
+    ids = _submit(tmp_path, opts, 8, hours=0.5)
+    workers = [_worker(tmp_path, opts, "--concurrency", "3", "--exit-when-idle")
+               for _ in range(2)]
+    outs = []
+    for w in workers:
+        stdout, stderr = w.communicate(timeout=240)
+        assert w.returncode == 0, stderr
+        outs.append(json.loads(stdout))
+    done = sum(sum(o["finished"].values()) for o in outs)
+    assert done == 8 and all(o["finished"] for o in outs)  # both took a share
+    jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)
+    assert jobs["counts"] == {"pending": 0, "running": 0, "done": 8}
+    assert {j["thread_id"] for j in jobs["jobs"]} == set(ids)
+    assert {j["outcome"] for j in jobs["jobs"]} == {"released"}
+    _ledger_checks(pg_url, load_fleet(str(_fleet(tmp_path))), 8)
+
+
+def test_a_killed_workers_threads_are_finished_by_another(tmp_path: Path, pg_url: str) -> None:
+    from fleet.config import load_fleet
+
+    opts = _opts(tmp_path, pg_url)
+    ids = _submit(tmp_path, opts, 6, hours=4)  # 4 virtual hours: 4 s each; 4 GPUs, 6 requests
+    victim = _worker(tmp_path, opts, "--concurrency", "6", "--lease-seconds", "2")
+    config = load_fleet(str(_fleet(tmp_path)))
+    ledger = Ledger(pg_url, config)
+    try:
+        deadline = time.monotonic() + 60
+        while ledger.counts_by_state()["active"] < 4 or ledger.counts_by_state()["queued"] < 2:
+            assert time.monotonic() < deadline, "the victim never placed its requests"
+            time.sleep(0.1)
+    finally:
+        ledger.close()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    heir = _worker(tmp_path, opts, "--concurrency", "6", "--lease-seconds", "2",
+                   "--exit-when-idle")
+    stdout, stderr = heir.communicate(timeout=240)
+    assert heir.returncode == 0, stderr
+    assert sum(json.loads(stdout)["finished"].values()) == 6
+    jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
+    assert {j["thread_id"] for j in jobs} == set(ids)
+    assert all(j["state"] == "done" and j["outcome"] == "released" and j["attempts"] == 2
+               for j in jobs), [(j["outcome"], j["attempts"], j["error"]) for j in jobs]
+    reasons = _ledger_checks(pg_url, config, 6)
+    assert sum(reasons.values()) == 6
+
+
+def test_bad_databases_are_one_line_errors(tmp_path: Path) -> None:
+    r = run_cli("jobs", "--database", "mysql://db/x", "--state-dir", str(tmp_path),
+                cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "--database must be a postgresql:// URL" in r.stderr
+    r = run_cli("submit", "--project", "p", "--purpose", "training", "--count", "1",
+                "--hours", "1", "--database", "postgresql://u:pw@127.0.0.1:9/x",
+                "--state-dir", str(tmp_path / "s"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot reach the database postgresql://u:***@127.0.0.1:9/x" in r.stderr
+    assert "pw" not in r.stderr
+
+
+def test_a_worker_refuses_bad_settings(tmp_path: Path, pg_url: str) -> None:
+    r = run_cli("worker", "--concurrency", "0", *_opts(tmp_path, pg_url), cwd=tmp_path)
+    assert r.returncode == 2 and "--concurrency must be at least 1" in r.stderr
