@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -90,3 +91,20 @@ def drop_database(admin_url: str, url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _main(argv: list[str]) -> int:
+    """`python3 tests/pgserver.py start DIR` prints the admin URL; `stop DIR` stops it."""
+    if len(argv) != 2 or argv[0] not in ("start", "stop"):
+        print("usage: pgserver.py start|stop DIR", file=sys.stderr)
+        return 2
+    server = PgServer(Path(argv[1]))
+    if argv[0] == "start":
+        print(server.start())
+    else:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
