@@ -8,6 +8,17 @@ from pydantic import ValidationError
 class GPUAgentError(Exception):
     exit_code = 1
 
+    def __str__(self) -> str:
+        """One line, whatever the input it quotes (a key or value with a newline in it)."""
+        return flat(super().__str__())
+
+
+def flat(text: str) -> str:
+    """Text with control characters escaped, so it prints as one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
 
 class InvalidInput(GPUAgentError, ValueError):
     """Bad input of any kind: nothing was changed."""

@@ -3,13 +3,17 @@ deallocate, with the branches a user expects. Routers are Literal-typed so drawi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
 
+from fleet.faults import armed as faults_armed
+from fleet.faults import fault
 from fleet.models import Outcome, Status
 from nodes.allocate import allocate
 from nodes.context import Context
@@ -83,6 +87,19 @@ ROUTERS: dict[str, Callable[[State], str]] = {
 }
 
 
+def _with_faults(name: str, fn: Node) -> Node:
+    """The node with the fault points before:NAME and after:NAME around it (tests only)."""
+
+    @functools.wraps(fn)
+    def node(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+        fault(f"before:{name}")
+        update = fn(state, runtime)
+        fault(f"after:{name}")
+        return update
+
+    return node
+
+
 def build_graph(
     checkpointer: BaseCheckpointSaver[str] | None = None,
     *,
@@ -91,7 +108,8 @@ def build_graph(
     """The compiled graph. `replace` swaps node functions (benchmarks, fault-injection tests)."""
     builder = StateGraph(State, context_schema=Context, input_schema=InputState)
     for name, fn in NODES.items():
-        builder.add_node(name, (replace or {}).get(name, fn))
+        node = (replace or {}).get(name, fn)
+        builder.add_node(name, _with_faults(name, node) if faults_armed() else node)
     for source, target in EDGES.items():
         builder.add_edge(source, target)
     for name, router in ROUTERS.items():

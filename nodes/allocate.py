@@ -9,6 +9,7 @@ from typing import Any
 
 from langgraph.runtime import Runtime
 
+from fleet.faults import fault
 from fleet.ledger import allocation_id
 from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, utc
 from fleet.placement import Kind
@@ -24,6 +25,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     result = svc.ledger.place(
         request, state["route"], thread_id, now, svc.placeable(), svc.topology
     )
+    fault("allocate:placed")
     decision, row = result.decision, result.row
     aid = allocation_id(thread_id, request.request_id)
     if decision.kind is Kind.DENY:

@@ -6,6 +6,7 @@ from typing import Any
 
 from langgraph.runtime import Runtime
 
+from fleet.faults import fault
 from fleet.models import Event, EventKind, ReleaseReason, Status
 from nodes.context import Context, services_for
 from nodes.state import State
@@ -18,8 +19,10 @@ def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when)
+    fault("deallocate:released")
     svc.backend.reset(allocation.gpu_ids)
     svc.free(allocation.id)
+    fault("deallocate:freed")
     svc.forget(allocation.id)
     if now_freed:  # whoever released it earlier has woken the queue
         svc.wake_waiters(allocation.id)

@@ -12,6 +12,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
+from fleet.faults import fault
 from fleet.ledger import Lease
 from fleet.models import EventKind, utc
 from fleet.monitoring import assess, next_tick, readings, skip
@@ -72,6 +73,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
                 event.message = f"{event.message}: {action}"
     svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
                          result.state.util_n, result.mean_util)
+    fault("monitor:heartbeat")
     if streaming(runtime):
         left = (row.deadline or now) - now
         report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
