@@ -40,6 +40,12 @@ class Denied(GPUAgentError):
     exit_code = 3
 
 
+class Forbidden(GPUAgentError):
+    """The caller's identity may not do this (another project's, or not their role)."""
+
+    exit_code = 5
+
+
 class NotPlaced(GPUAgentError):
     """The request could not be placed within its maximum wait."""
 

@@ -12,9 +12,10 @@ import hashlib
 import json
 import math
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from fleet.sql import Conn, Database, open_database
 from fleet.topology import Topology
 
 # 1: allocations, holds, charges, spend, history, budgets, records, usage, unhealthy
-# 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released)
+# 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released),
+#    audit (who approved, denied, decided, released, set a budget, and why)
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -159,9 +161,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_at);
+CREATE TABLE IF NOT EXISTS audit (
+    key TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    project TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
 """
 TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
-          "usage", "unhealthy", "freed", "jobs")
+          "usage", "unhealthy", "freed", "jobs", "audit")
 
 
 def allocation_id(thread_id: str, request_id: str) -> str:
@@ -249,6 +261,23 @@ class Lease:
     deadline_reason: ReleaseReason | None
     released_at: float | None
     release_reason: ReleaseReason | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of the audit log: who did what to which request or project, and why."""
+
+    key: str  # what makes it happen once: a re-run of the same step appends nothing
+    at: float
+    who: str
+    action: str  # approve, deny, decide, release, cancel, budget
+    project: str
+    target: str  # an allocation id, a thread id or a project
+    detail: str
+
+
+AUDIT = ("INSERT INTO audit (key, at, who, action, project, target, detail) "
+         "VALUES (?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING")
 
 
 @dataclass(frozen=True)
@@ -431,8 +460,11 @@ class Ledger:
         now: float,
         inventory: list[GPUInfo],
         topology: Topology,
+        approval: AuditEntry | None = None,
     ) -> PlaceResult:
-        """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request)."""
+        """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request).
+        `approval` (who approved it) is written to the audit log when the request is first
+        placed or queued."""
         aid = allocation_id(thread_id, request.request_id)
         with self.transaction(f"type:{route.gpu_type}", f"project:{request.project}") as db:
             existing = self._get(db, aid)
@@ -449,6 +481,8 @@ class Ledger:
             if existing is None:
                 if decision.kind is Kind.DENY:
                     return PlaceResult(decision, None)
+                if approval is not None:
+                    db.execute(AUDIT, astuple(approval))
                 db.execute(
                     "INSERT INTO allocations (id, thread_id, request_id, project, purpose, "
                     "priority, gpu_type, count, price_per_hour, hours, state, enqueued_at, "
@@ -640,12 +674,15 @@ class Ledger:
                 {"now": now, "t": ticks, "s": util_sum, "n": util_n, "last": util_last,
                  "id": aid})
 
-    def release(self, aid: str, reason: ReleaseReason, at: float) -> Release:
+    def release(self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent"
+                ) -> Release:
         """Free the GPUs, charge the project and write history, once. Idempotent."""
-        return self.release_once(aid, reason, at)[0]
+        return self.release_once(aid, reason, at, by)[0]
 
-    def release_once(self, aid: str, reason: ReleaseReason, at: float) -> tuple[Release, bool]:
-        """`release`, and whether this call released it (False: it was released before)."""
+    def release_once(self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent"
+                     ) -> tuple[Release, bool]:
+        """`release`, and whether this call released it (False: it was released before).
+        `by`: who released it, for the audit log."""
         found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
         if not found:
             raise InvalidInput(f"no allocation {aid!r}")
@@ -660,7 +697,11 @@ class Ledger:
                 self._finish(db, row, reason, at)
             released = self._get(db, aid)
             assert released is not None
-            return released.to_release(), True
+            done = released.to_release()
+            db.execute(AUDIT, (f"release:{aid}", at, by,
+                               "cancel" if row.state == "queued" else "release", row.project,
+                               aid, f"{done.reason.value}, charged ${done.cost_usd:.2f}"))
+            return done, True
 
     def _finish(self, db: Conn, row: LedgerRow, reason: ReleaseReason,
                 at: float) -> None:
@@ -740,6 +781,9 @@ class Ledger:
             for row in rows:
                 assert row.deadline is not None
                 self._finish(db, row, ReleaseReason.EXPIRED_WHILE_DOWN, row.deadline)
+                db.execute(AUDIT, (f"release:{row.id}", now, "reconcile", "release", row.project,
+                                   row.id, "expired-while-down: the lease ended while no "
+                                   "process watched it"))
                 released = self._get(db, row.id)
                 assert released is not None
                 releases.append(released.to_release())
@@ -747,7 +791,8 @@ class Ledger:
 
     # ---- budgets -------------------------------------------------------------------------
 
-    def set_budget(self, project: str, budget_usd: float, now: float) -> list[LedgerRow]:
+    def set_budget(self, project: str, budget_usd: float, now: float, by: str = "gpu-agent"
+                   ) -> list[LedgerRow]:
         """Set a project's budget; active allocations get deadlines that keep spend within it.
 
         Returns the allocations whose deadline moved. Refuses a budget below what the project
@@ -781,6 +826,11 @@ class Ledger:
                     db.execute("UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
                                (new, reason.value, a.id))
                     moved.append(a.id)
+            old = self._budget(db, project)
+            db.execute(AUDIT, (f"budget:{project}:{now!r}:{uuid.uuid4().hex[:8]}", now, by,
+                               "budget", project, project,
+                               f"${'none' if old is None else f'{old:.2f}'} -> "
+                               f"${budget_usd:.2f}; {len(moved)} deadline(s) moved"))
             db.execute(
                 "INSERT INTO budgets (project, budget_usd, updated_at) VALUES (?,?,?) "
                 "ON CONFLICT (project) DO UPDATE SET budget_usd=excluded.budget_usd, "
@@ -841,6 +891,24 @@ class Ledger:
         """Finished allocations per release reason."""
         return {r["reason"]: int(r["n"]) for r in self.query(
             "SELECT reason, count(*) AS n FROM history GROUP BY reason ORDER BY reason")}
+
+    # ---- audit ---------------------------------------------------------------------------
+
+    def audit(self, entry: AuditEntry) -> None:
+        """Append to the audit log (once per key). One statement: atomic by itself."""
+        with self.db.lock:
+            self.db.conn().execute(AUDIT, astuple(entry))
+
+    def audit_log(self, project: str | None = None, limit: int | None = None
+                  ) -> list[AuditEntry]:
+        """The audit log, oldest first (the last `limit` entries)."""
+        sql = "SELECT key, at, who, action, project, target, detail FROM audit"
+        args: tuple[object, ...] = ()
+        if project is not None:
+            sql += " WHERE project=?"
+            args = (project,)
+        rows = [AuditEntry(*r) for r in self.query(sql + " ORDER BY at, key", args)]
+        return rows[-limit:] if limit else rows
 
     # ---- GPU health ------------------------------------------------------------------------
 

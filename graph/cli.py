@@ -1,7 +1,8 @@
 """The `gpu-agent` command.
 
 Exit codes: 0 done (or queued / pending review), 2 invalid input (one line on stderr),
-3 denied (council, budget or quota), 4 not placed within --max-wait.
+3 denied (council, budget or quota), 4 not placed within --max-wait, 5 not allowed (the
+caller's token is for another project or role).
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from fleet.access import ACCESS, add_identity, identify
 from fleet.backends import BACKENDS, BackendChoice, gpus_present
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import GPUAgentError, InvalidInput
 from fleet.jobs import Job, JobQueue
 from fleet.models import Event, HumanDecision, Status
+from fleet.statedir import default_state_dir, prepare
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
@@ -98,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often an idle worker looks for work (1)")
     p.add_argument("--exit-when-idle", action="store_true",
                    help="exit once no request is pending or running on any worker")
+
+    p = sub.add_parser("audit", help="who approved, denied, decided, released and set budgets, "
+                       "and why")
+    _common(p)
+    p.add_argument("--project")
+    p.add_argument("--limit", type=int, help="the last N entries")
+
+    p = sub.add_parser("token", help="identities: tokens mapped to a project and a role")
+    tsub = p.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    tp = tsub.add_parser("add", help="add an identity and print its new token (shown once); "
+                         "the first must be an admin, later ones need an admin's token")
+    tp.add_argument("name")
+    tp.add_argument("--role", required=True, choices=["member", "approver", "admin"])
+    tp.add_argument("--project", help="the project a member or approver belongs to")
+    tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
+    tp.add_argument("--json", action="store_true")
 
     p = sub.add_parser("jobs", help="submitted requests: pending, running (where), done (how)")
     _common(p)
@@ -369,13 +390,38 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
-        queue = JobQueue(orch.services.ledger)
-        jobs = [queue.get(args.thread_id)] if args.thread_id else queue.jobs()
-        counts = queue.counts()
+        jobs = [orch.job(args.thread_id)] if args.thread_id else orch.jobs()
+        counts = JobQueue(orch.services.ledger).counts()
     lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {j.request.project:<12} "
              f"{j.worker or ''}" + (f"  ({j.error})" if j.error else "") for j in jobs]
     _emit(args, {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
           "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise InvalidInput(f"--limit must be at least 1, not {args.limit}")
+    with _orchestrator(args, create=False) as orch:
+        entries = orch.audit(args.project, args.limit)
+    lines = [f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {e.action:<8} "
+             f"{e.project:<14} {e.target:<16} by {e.who}: {e.detail}" for e in entries]
+    _emit(args, {"entries": [asdict(e) for e in entries]}, "\n".join(lines) or "no entries")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    directory = prepare(args.state_dir or default_state_dir(), create=True)
+    if (directory / ACCESS).exists():
+        identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin("add identities")
+    elif args.role != "admin":
+        raise InvalidInput("the first identity must be an admin (who else would set budgets "
+                           "and add the others?)")
+    token = add_identity(directory, args.name, args.role, args.project)
+    _emit(args, {"name": args.name, "role": args.role, "project": args.project,
+                 "token": token},
+          f"{args.name} ({args.role}{' of ' + args.project if args.project else ''}): "
+          f"GPU_AGENT_TOKEN={token}\n(shown once; {directory / ACCESS} keeps only its hash)")
     return 0
 
 
@@ -414,7 +460,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
         before = orch.services.ledger.get(args.allocation_id)
-        release = orch.release(args.allocation_id)
+        release = orch.release(args.allocation_id)  # Forbidden for another project's
         note = " (it was already released)" if before.state == "released" else ""
         _emit(args, release.model_dump(mode="json") | {"already_released": bool(note)},
               f"{release.allocation_id}: released ({release.reason.value}) after "
@@ -438,6 +484,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
                      f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}")
     live = [a for a in data["allocations"] if a["state"] != "released"]
+    lines += [f"problem: {p}" for p in data["problems"]]
     lines.append("")
     lines.append(f"{len(live)} live allocation(s), "
                  f"{len(data['allocations']) - len(live)} released")
@@ -513,6 +560,8 @@ def cmd_studio(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
+        if args.clear:
+            orch.identity.check_admin("put GPUs back into placement")
         if args.clear and not orch.services.ledger.clear_unhealthy(args.clear):
             raise InvalidInput(f"GPU {args.clear} is not marked unhealthy")
         bad = orch.services.check_health()
@@ -662,7 +711,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "budget": cmd_budget, "demo": cmd_demo, "simulate": cmd_simulate, "analyze": cmd_analyze,
     "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
     "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio, "submit": cmd_submit,
-    "worker": cmd_worker, "jobs": cmd_jobs,
+    "worker": cmd_worker, "jobs": cmd_jobs, "audit": cmd_audit, "token": cmd_token,
 }
 
 

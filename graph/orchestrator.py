@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -25,13 +26,14 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability, StateSnapshot, StreamMode
 
 from council.voting import Council
+from fleet.access import LOCAL, identify
 from fleet.backend import FleetBackend
 from fleet.backends import BackendChoice
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
 from fleet.errors import GPUAgentError, InvalidInput
 from fleet.jobs import Job, JobQueue
-from fleet.ledger import ProjectCost
+from fleet.ledger import AuditEntry, ProjectCost
 from fleet.models import (
     Event,
     GPURequest,
@@ -70,16 +72,22 @@ class Orchestrator:
         create: bool = True,
         database: str | None = None,
         pool_size: int = 8,
+        token: str | None = None,
     ) -> None:
         """`database`: a postgresql:// URL holding the ledger and the checkpoints, shared by
         every worker (default: SQLite files in the state directory). `pool_size`: its
-        checkpoint connections (one per thread running at once is plenty)."""
+        checkpoint connections (one per thread running at once is plenty). `token` (default:
+        env GPU_AGENT_TOKEN): who is calling, where the state directory has an access file
+        (fleet.access); without one the caller may do everything."""
         self.services: Services = open_services(
             state_dir, fleet, backend=backend, clock=clock, council=council, create=create,
             database=database,
         )
         self.project = project
         try:
+            self.identity = identify(self.services.state_dir,
+                                     token or os.environ.get("GPU_AGENT_TOKEN"))
+            self.services.actor = self.identity.name
             self.checkpointer = open_checkpointer(self.services.state_dir, database,
                                                   pool_size=pool_size)
         except BaseException:
@@ -111,10 +119,20 @@ class Orchestrator:
         problem = getattr(self.services.backend, "problem", None)
         if problem and not self.services.inventory:
             raise InvalidInput(f"no GPUs to place on: {problem}")
-        if self.project and "project" not in req.model_fields_set:
-            req = req.model_copy(update={"project": self.project})
+        project = self.project or self.identity.project
+        if project and "project" not in req.model_fields_set:
+            req = req.model_copy(update={"project": project})
+        self.identity.check_project(req.project, "request GPUs")
         check_against_fleet(req, self.services.config)
         return req
+
+    def _project_of(self, values: dict[str, Any], what: str) -> str:
+        """The thread's project, if the caller may act on it (else Forbidden)."""
+        request = values.get("request")
+        project = str(request.project if isinstance(request, GPURequest) else
+                      dict(request or {}).get("project", "default"))
+        self.identity.check_project(project, what)
+        return project
 
     def _config(self, thread_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": thread_id}}
@@ -232,11 +250,15 @@ class Orchestrator:
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
+        project = self._project_of(snap.values, "resume threads")
         graph_input: Command[Any] | None = None
         if snap.interrupts:
             if decision is None:
                 return self.outcome(thread_id)
             human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
+            self.identity.check_decide(project)
+            if self.identity is not LOCAL:  # the decision is the caller's, whatever it says
+                human = human.model_copy(update={"by": self.identity.name})
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
@@ -268,13 +290,22 @@ class Orchestrator:
 
     def job(self, thread_id: str) -> Job:
         """A submitted request's job: pending, running (on which worker) or done (how)."""
-        return JobQueue(self.services.ledger).get(thread_id)
+        job = JobQueue(self.services.ledger).get(thread_id)
+        self.identity.check_project(job.request.project, "read jobs")
+        return job
+
+    def jobs(self) -> list[Job]:
+        """The submitted requests the caller may see, oldest first."""
+        mine = self._visible(None)
+        return [j for j in JobQueue(self.services.ledger).jobs()
+                if mine is None or j.request.project == mine]
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
+        self._project_of(snap.values, "read threads")
         return outcome_from(thread_id, snap.values, bool(snap.interrupts), _to_run(snap))
 
     # ---- holding GPUs in a block ------------------------------------------------------------
@@ -335,21 +366,69 @@ class Orchestrator:
         self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
     ) -> Release:
         """Release now (or cancel a queued request). A second release returns the first."""
+        self.identity.check_project(self.services.ledger.get(allocation_id).project,
+                                    "release allocations")
         return self.services.release(allocation_id, reason)
 
     def set_budget(self, project: str, budget_usd: float) -> list[str]:
         """Set a project's budget; returns the allocations whose deadline it moved."""
+        self.identity.check_admin("set budgets")
         return self.services.set_budget(project, budget_usd)
 
+    def _visible(self, project: str | None) -> str | None:
+        """The project a caller may read (None: all, for an admin who asked for all)."""
+        if project is not None:
+            self.identity.check_project(project, "read the records")
+            return project
+        return self.identity.project if not self.identity.admin else None
+
     def history(self, project: str | None = None) -> list[HistoryRecord]:
-        return self.services.ledger.history(project)
+        return self.services.ledger.history(self._visible(project))
 
     def costs(self) -> list[ProjectCost]:
-        return self.services.ledger.costs(self.services.clock.now())
+        mine = self._visible(None)
+        return [c for c in self.services.ledger.costs(self.services.clock.now())
+                if mine is None or c.project == mine]
+
+    def audit(self, project: str | None = None, limit: int | None = None) -> list[AuditEntry]:
+        """Who approved, denied, decided, released and set budgets, and why; oldest first."""
+        return self.services.ledger.audit_log(self._visible(project), limit)
+
+    def problems(self) -> list[str]:
+        """What in the ledger and checkpoints does not add up, each with a way out: live
+        allocations on GPUs this fleet lacks (another --fleet or --backend than they were
+        placed with), and live allocations whose thread has no checkpoint (the checkpoint file
+        replaced or its tables lost), which nothing will monitor or release."""
+        known = {g.uuid for g in self.services.gpus}
+        mine = self._visible(None)
+        out = []
+        for row in self.services.ledger.allocations():
+            if row.state == "released" or (mine is not None and row.project != mine):
+                continue
+            end = (f"`gpu-agent release {row.id}` ends it and charges the time held"
+                   if row.state == "active" else f"`gpu-agent release {row.id}` cancels it")
+            missing = [g for g in row.gpu_ids if g not in known]
+            if missing:
+                out.append(f"allocation {row.id} ({row.project}) holds {', '.join(missing)}, "
+                           "which this fleet does not have (was it placed with another "
+                           f"--fleet or --backend?): {end}")
+            if self.checkpointer.get_tuple(self._config(row.thread_id)) is None:
+                out.append(f"allocation {row.id} ({row.project}): its thread {row.thread_id} "
+                           "has no checkpoint (were the checkpoints replaced or lost?), so "
+                           f"nothing will monitor or release it: {end}")
+        return out
 
     def status(self) -> dict[str, Any]:
-        """Every GPU with its holder and live reading, every allocation (the `status` JSON)."""
-        return fleet_status(self.services)
+        """Every GPU with its holder and live reading, and the allocations the caller may see
+        (the `status` JSON); GPUs held by other projects show no thread or allocation."""
+        status = fleet_status(self.services) | {"problems": self.problems()}
+        mine = self._visible(None)
+        if mine is not None:
+            status["allocations"] = [a for a in status["allocations"] if a["project"] == mine]
+            for gpu in status["gpus"]:
+                if gpu.get("project") not in (None, mine):
+                    gpu["allocation_id"] = None
+        return status
 
 
 def _to_run(snap: StateSnapshot) -> tuple[str, ...]:

@@ -63,6 +63,7 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
     """Run `argv` on an active allocation until it exits or the allocation ends."""
     svc = orch.services
     row = svc.ledger.get(allocation_id)
+    orch.identity.check_project(row.project, "run commands on allocations")
     if row.state != "active":
         raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
     silent = svc.clock.now() - row.heartbeat_at

@@ -13,6 +13,7 @@ from fleet.faults import fault
 from fleet.ledger import allocation_id
 from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, utc
 from fleet.placement import Kind
+from nodes import audit
 from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
@@ -23,12 +24,14 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     thread_id = state.get("thread_id") or "anonymous"
     now = svc.clock.now()
     result = svc.ledger.place(
-        request, state["route"], thread_id, now, svc.placeable(), svc.topology
+        request, state["route"], thread_id, now, svc.placeable(), svc.topology,
+        approval=audit.approval(svc, state, request),
     )
     fault("allocate:placed")
     decision, row = result.decision, result.row
     aid = allocation_id(thread_id, request.request_id)
     if decision.kind is Kind.DENY:
+        audit.denial(svc, state, request, "rules", decision.reason)
         return {"status": Status.DENIED, "reason": decision.reason, "allocation_id": aid}
     assert row is not None
     if decision.kind is Kind.GONE:

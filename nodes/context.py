@@ -37,6 +37,7 @@ class Services:
     clock: Clock
     state_dir: Path
     database: str | None = None  # a postgresql:// URL: the ledger (and checkpoints) live there
+    actor: str = "local"  # who acts through these services, for the audit log
     chosen_council: Council | None = None
     note: str | None = None  # what `--backend auto` picked
     gpus: list[GPUInfo] = field(init=False)  # every GPU the backend reports
@@ -160,7 +161,7 @@ class Services:
         """Release now, or at `at` (a lease's end that passed unseen), or cancel a queued
         request; its monitor and the queue hear at once. A second release returns the first."""
         release = self.ledger.release(allocation_id, reason,
-                                      self.clock.now() if at is None else at)
+                                      self.clock.now() if at is None else at, self.actor)
         self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
@@ -174,7 +175,7 @@ class Services:
         """Set a project's budget; the monitors of allocations whose deadline moved hear at
         once. Returns their ids."""
         check_budget(project, budget_usd)
-        moved = self.ledger.set_budget(project, budget_usd, self.clock.now())
+        moved = self.ledger.set_budget(project, budget_usd, self.clock.now(), self.actor)
         for row in moved:
             self.wake(row.id)
         return [row.id for row in moved]

@@ -10,6 +10,7 @@ from council.features import build_features, cost_pressure, is_critical, worst_c
 from council.voting import auto_approval, convene, small
 from fleet.models import Outcome, Status
 from fleet.validation import refusal
+from nodes import audit
 from nodes.context import Context, services_for
 from nodes.progress import report, votes
 from nodes.state import State, request_of
@@ -22,6 +23,7 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     remaining = svc.ledger.remaining_usd(request.project)
     refused = refusal(request, svc.config, remaining)
     if refused:  # the budget changed since validate: the rules decide, not the council
+        audit.denial(svc, state, request, "rules", refused)
         return {"status": Status.DENIED, "reason": refused}
     worst = worst_case_usd(request, svc.config)
     critical = is_critical(request)
@@ -40,6 +42,7 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     update: dict[str, Any] = {"council": decision}
     if decision.outcome is Outcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}
+        audit.denial(svc, state, request, "council", decision.summary)
     elif decision.outcome is Outcome.SPLIT:
         update |= {"status": Status.PENDING_REVIEW, "reason": f"council: {decision.summary}"}
     return update

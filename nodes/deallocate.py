@@ -18,7 +18,7 @@ def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
-    release, now_freed = svc.ledger.release_once(allocation.id, reason, when)
+    release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
     svc.backend.reset(allocation.gpu_ids)
     svc.free(allocation.id)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from fleet.errors import InvalidInput
 from fleet.models import Event, EventKind, HumanDecision, Status, utc
+from nodes import audit
 from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
@@ -50,7 +51,9 @@ def question(state: State) -> dict[str, Any]:
 def decided(state: State, runtime: Runtime[Context], answer: Any) -> dict[str, Any]:
     """The update a human's answer makes (the simulator's reviewer answers through this too)."""
     human = parse_decision(answer)
-    now = services_for(runtime).clock.now()
+    svc = services_for(runtime)
+    now = svc.clock.now()
+    audit.decision(svc, state, request_of(state), human)
     verdict = "approved" if human.approve else "denied"
     note = f" ({human.comment})" if human.comment else ""
     event = Event(at=utc(now), kind=EventKind.HUMAN_DECISION,

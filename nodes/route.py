@@ -10,6 +10,7 @@ from langgraph.runtime import Runtime
 from fleet.models import Status
 from fleet.routing import Refusal
 from fleet.routing import route as choose_route
+from nodes import audit
 from nodes.context import Context, services_for
 from nodes.progress import report
 from nodes.state import State, request_of
@@ -21,6 +22,7 @@ def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     decision = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project),
                             svc.available_by_type())
     if isinstance(decision, Refusal):
+        audit.denial(svc, state, request, "rules", decision.reason)
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
     report(runtime, "route", f"route: {request.count} x {decision.gpu_type} at "
            f"${decision.price_per_hour:.2f}/GPU-h, about {decision.est_hours:.2f} h, "

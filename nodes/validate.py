@@ -10,6 +10,7 @@ from langgraph.runtime import Runtime
 from fleet.errors import InvalidInput
 from fleet.models import Status
 from fleet.validation import check_against_fleet, parse_request, refusal
+from nodes import audit
 from nodes.context import Context, services_for
 from nodes.state import State
 
@@ -26,5 +27,6 @@ def validate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     update["request"] = request
     refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
     if refused:
+        audit.denial(svc, update | state, request, "rules", refused)  # type: ignore[arg-type]
         return update | {"status": Status.DENIED, "reason": refused}
     return update | {"status": Status.PENDING}

@@ -13,6 +13,7 @@ import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,5 +142,74 @@ def test_a_sigkill_at_every_point(tmp_path: Path, point: str) -> None:
     try:
         exactly_once(ledger)
         assert len(ledger.allocations()) == 1
+    finally:
+        ledger.close()
+
+
+def test_a_damaged_state_directory_is_reported_with_a_way_out(tmp_path: Path) -> None:
+    """Checkpoints lost, or a fleet that no longer has the GPUs a live allocation holds:
+    `status` names each allocation and how to end it; nothing is dropped or changed."""
+    state = tmp_path / "s"
+    with Orchestrator(state, small_config(), clock=VirtualClock()) as o:
+        held = o.request(ONE, thread_id="t", wait=False).allocation
+        assert held is not None and o.problems() == []
+    (state / "checkpoints.sqlite").unlink()
+    renamed = small_config(nodes=[n.model_copy(update={"name": n.name + "-new"})
+                                  for n in small_config().nodes])
+    with Orchestrator(state, renamed, clock=VirtualClock()) as o:
+        before = o.services.ledger.dump()
+        problems = o.status()["problems"]
+        assert o.services.ledger.dump() == before
+        assert len(problems) == 2
+        assert "which this fleet does not have" in problems[0]
+        assert "has no checkpoint" in problems[1]
+        assert all(f"gpu-agent release {held.id}" in p for p in problems)
+        o.release(held.id)
+        assert o.problems() == []
+        exactly_once(o.services.ledger)
+
+
+@pytest.mark.parametrize("point", ["before:review", "after:review", "before:wait", "after:wait"])
+def test_a_sigkill_in_review_and_wait(tmp_path: Path, point: str) -> None:
+    """The two nodes a plain request never reaches: a review (a split council, answered with
+    `resume --approve`) and a wait in the queue (resumed once the holder is released)."""
+    review = point.endswith("review")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 900},
+                                council={"policy": "reference", "approve_threshold": 0.99,
+                                         "deny_threshold": 0.01,
+                                         "auto_approve_max_gpus": 1 if review else 2,
+                                         "auto_approve_max_usd": 25 if review else 10**6}))
+    opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet), "--json"]
+    two = ["--purpose", "training", "--count", "2", "--hours", "1", "--gpu-type", "H100",
+           "--no-wait", *opts]
+
+    def cli(*args: str, fault: str | None = None) -> dict[str, Any]:
+        r = run_cli(*args, cwd=tmp_path, env={ENV: fault} if fault else None)
+        if fault:
+            assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+            return {}
+        assert r.returncode == 0, r.stderr[-2000:]
+        return dict(json.loads(r.stdout))
+
+    if review:
+        first = cli("request", "--project", "p", "--thread-id", "t", *two)
+        assert first["status"] == "pending_review"
+        cli("resume", "t", "--approve", *opts, fault=point)
+        done = cli("resume", "t", *opts)
+        if done["status"] == "pending_review":  # it died before the decision was saved
+            done = cli("resume", "t", "--approve", *opts)
+    else:
+        held = cli("request", "--project", "q", "--thread-id", "h", *two, "--hours", "20")
+        assert held["status"] == "allocated"
+        assert cli("request", "--project", "p", "--thread-id", "t", *two)["status"] == "queued"
+        cli("release", held["allocation"]["id"], *opts)
+        cli("resume", "t", *opts, fault=point)
+        done = cli("resume", "t", *opts)
+        cli("resume", "h", *opts)
+    assert done["status"] == "released"
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite", small_config())
+    try:
+        exactly_once(ledger)
     finally:
         ledger.close()

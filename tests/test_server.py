@@ -20,6 +20,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,17 +47,9 @@ def get(url: str) -> dict[str, Any]:
         return data
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def server(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The server on SQLite files in the state directory, then on PostgreSQL (ledger and
-    checkpoints both, through env GPU_AGENT_DATABASE)."""
-    tmp = tmp_path_factory.mktemp("server")
-    database = {}
-    if request.param == "postgres":
-        from tests.pgserver import create_database
-
-        database = {"GPU_AGENT_DATABASE": create_database(request.getfixturevalue("pg_admin"))}
+@contextmanager
+def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`gpu-agent studio` (which execs `langgraph dev`) on a free loopback port."""
     fleet = tmp / "fleet.toml"
     fleet.write_text(fleet_toml(
         council={"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.05,
@@ -67,13 +61,14 @@ def server(request: pytest.FixtureRequest,
     config = json.loads((ROOT / "langgraph.json").read_text())
     config["dependencies"] = [str(ROOT)]
     config["graphs"] = {k: str(ROOT / v.removeprefix("./")) for k, v in config["graphs"].items()}
-    config["checkpointer"]["path"] = str(ROOT / config["checkpointer"]["path"].removeprefix("./"))
+    for key in ("checkpointer", "auth"):
+        config[key]["path"] = str(ROOT / config[key]["path"].removeprefix("./"))
     (tmp / "langgraph.json").write_text(json.dumps(config))
     port = free_port()
     env = {**os.environ, "GPU_AGENT_HOME": str(state), "GPU_AGENT_FLEET": str(fleet),
-           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", **database}
+           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", **env_extra}
     log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(  # `gpu-agent studio` execs `langgraph dev`
+    proc = subprocess.Popen(
         [sys.executable, "-m", "graph.cli", "studio", "--port", str(port),
          "--config", str(tmp / "langgraph.json")],
         cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -90,7 +85,7 @@ def server(request: pytest.FixtureRequest,
             assert time.monotonic() < deadline, "langgraph dev did not start in 90 s"
             time.sleep(0.5)
         yield {"url": url, "state": str(state), "fleet": str(fleet),
-               "database": database.get("GPU_AGENT_DATABASE", "")}
+               "database": env_extra.get("GPU_AGENT_DATABASE", "")}
     finally:
         proc.terminate()
         try:
@@ -98,6 +93,20 @@ def server(request: pytest.FixtureRequest,
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The server on SQLite files in the state directory, then on PostgreSQL (ledger and
+    checkpoints both, through env GPU_AGENT_DATABASE)."""
+    database = {}
+    if request.param == "postgres":
+        from tests.pgserver import create_database
+
+        database = {"GPU_AGENT_DATABASE": create_database(request.getfixturevalue("pg_admin"))}
+    with serve(tmp_path_factory.mktemp("server"), database) as running:
+        yield running
 
 
 def test_the_server_shows_the_graph_and_its_context_form(server: dict[str, str]) -> None:
@@ -217,3 +226,47 @@ def test_mcp_status_and_release_reach_a_run_in_progress(server: dict[str, str]) 
     assert final["status"] == "released" and final["release"]["reason"] == "explicit"
     assert mcp_call(url, "gpu-release", {"allocation_id": "a-nope"})["error"].startswith(
         "no allocation")
+
+
+def refused(call: Any) -> int:
+    """The HTTP status a call was refused with."""
+    import httpx
+
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        call()
+    return exc.value.response.status_code
+
+
+def test_tokens_scope_threads_runs_and_decisions(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The server with an access file: each project sees and runs only its own threads, a
+    member cannot decide a review, and the decision is recorded as the caller's."""
+    from fleet.access import add_identity
+
+    tmp = tmp_path_factory.mktemp("secured")
+    (tmp / "state").mkdir()
+    tokens = {name: add_identity(tmp / "state", name, role, project) for name, role, project
+              in [("root", "admin", None), ("alice", "member", "vision"),
+                  ("dave", "approver", "vision"), ("bob", "member", "speech")]}
+    with serve(tmp, {}) as running:
+        def client(name: str | None) -> Any:
+            headers = {"Authorization": f"Bearer {tokens[name]}"} if name else None
+            return get_sync_client(url=running["url"], headers=headers)
+
+        assert refused(lambda: client(None).threads.create()) == 401
+        alice, bob, dave = client("alice"), client("bob"), client("dave")
+        tid = alice.threads.create()["thread_id"]
+        stopped = alice.runs.wait(tid, "gpu-agent", input={"request": REQUEST})
+        assert isinstance(stopped, dict) and stopped["status"] == "pending_review"
+        assert tid not in {t["thread_id"] for t in bob.threads.search()}
+        assert refused(lambda: bob.threads.get_state(tid)) in (403, 404)
+        mine = bob.threads.create()["thread_id"]
+        assert refused(lambda: bob.runs.wait(mine, "gpu-agent",  # vision's project
+                                             input={"request": REQUEST})) == 403
+        assert refused(lambda: alice.runs.wait(tid, "gpu-agent", command={
+            "resume": {"approve": True}})) == 403  # a member
+        done = dave.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True,
+                                                                     "by": "mallory"}})
+        assert isinstance(done, dict) and done["status"] == "released"
+        assert done["human"]["by"] == "dave"
+        assert tid in {t["thread_id"] for t in client("root").threads.search()}

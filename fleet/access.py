@@ -1,0 +1,122 @@
+"""Who is asking: tokens mapped to a project and a role, in the state directory's access.toml.
+
+Without an access file the state directory belongs to one user, who may do everything (the
+single-machine default, identity `local`). Once `gpu-agent token add` writes one, every caller
+needs a token (env GPU_AGENT_TOKEN): a member acts on their own project's requests and
+allocations, an approver also decides their project's reviews, an admin may do anything
+(set budgets, act on any project, run workers). Only a hash of each token is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from fleet.errors import Forbidden, InvalidInput, StateDirError
+from fleet.models import check_project
+
+ACCESS = "access.toml"
+Role = Literal["member", "approver", "admin"]
+ROLES: tuple[Role, ...] = ("member", "approver", "admin")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    project: str | None  # None: every project (an admin)
+    role: Role
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_act_on(self, project: str) -> bool:
+        return self.admin or project == self.project
+
+    def check_project(self, project: str, what: str) -> None:
+        if not self.may_act_on(project):
+            raise Forbidden(f"{self.name} ({self.role} of {self.project}) may not {what} "
+                            f"of project {project}")
+
+    def check_decide(self, project: str) -> None:
+        self.check_project(project, "decide reviews")
+        if self.role == "member":
+            raise Forbidden(f"{self.name} is a member of {project}, not an approver: only an "
+                            "approver or an admin decides reviews")
+
+    def check_admin(self, what: str) -> None:
+        if not self.admin:
+            raise Forbidden(f"{self.name} ({self.role}) may not {what}: admins only")
+
+
+LOCAL = Identity("local", None, "admin")
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _load(path: Path) -> list[dict[str, str]]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise StateDirError(f"{path} is unreadable ({exc}); fix it or move it aside") from None
+    entries = data.get("identity", [])
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and {"name", "role", "token_sha256"} <= set(e)
+            and e["role"] in ROLES for e in entries):
+        raise StateDirError(f"{path}: each [[identity]] needs name, role ({', '.join(ROLES)}), "
+                            "token_sha256 and, unless an admin, project")
+    return cast(list[dict[str, str]], entries)
+
+
+def identify(state_dir: Path, token: str | None) -> Identity:
+    """The caller's identity: LOCAL without an access file, else the token's."""
+    path = state_dir / ACCESS
+    if not path.exists():
+        return LOCAL
+    if not token:
+        raise Forbidden(f"{path} requires a token: set GPU_AGENT_TOKEN")
+    digest = _hash(token)
+    for e in _load(path):
+        if hmac.compare_digest(e["token_sha256"], digest):
+            return Identity(e["name"], e.get("project"), cast(Role, e["role"]))
+    raise Forbidden("unknown token (GPU_AGENT_TOKEN)")
+
+
+def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> str:
+    """Add an identity; its new token (shown once, stored only as a hash)."""
+    if not NAME.match(name) or name == LOCAL.name:
+        raise InvalidInput(f"identity name {name!r}: letters, digits and _.@- only, up to 64, "
+                           f"and not {LOCAL.name!r} (the user of a state directory without "
+                           "tokens)")
+    if role not in ROLES:
+        raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role != "admin" and not project:
+        raise InvalidInput(f"a {role} belongs to a project: pass --project")
+    if project:
+        try:
+            check_project(project)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+    path = state_dir / ACCESS
+    entries = _load(path) if path.exists() else []
+    if any(e["name"] == name for e in entries):
+        raise InvalidInput(f"identity {name!r} exists already")
+    token = secrets.token_urlsafe(24)
+    lines = ["[[identity]]", f'name = "{name}"', f'role = "{role}"',
+             f'token_sha256 = "{_hash(token)}"']
+    if project:
+        lines.insert(2, f'project = "{project}"')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+    return token

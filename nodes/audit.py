@@ -1,0 +1,46 @@
+"""The audit entries nodes write: approvals (with the placement), denials, human decisions.
+
+Keys make each entry happen once per (thread, request): LangGraph re-runs a node from its first
+line on resume, and a re-run appends nothing.
+"""
+
+from __future__ import annotations
+
+from fleet.ledger import AuditEntry
+from fleet.models import GPURequest, HumanDecision, Outcome
+from nodes.context import Services
+from nodes.state import State
+
+
+def _key(kind: str, state: State, request: GPURequest) -> str:
+    return f"{kind}:{state.get('thread_id') or 'anonymous'}:{request.request_id}"
+
+
+def _entry(kind: str, svc: Services, state: State, request: GPURequest, who: str,
+           action: str, detail: str) -> AuditEntry:
+    return AuditEntry(_key(kind, state, request), svc.clock.now(), who, action,
+                      request.project, state.get("thread_id") or "anonymous", detail)
+
+
+def denial(svc: Services, state: State, request: GPURequest, who: str, reason: str) -> None:
+    svc.ledger.audit(_entry("deny", svc, state, request, who, "deny", reason))
+
+
+def decision(svc: Services, state: State, request: GPURequest, human: HumanDecision) -> None:
+    verdict = "approve" if human.approve else "deny"
+    svc.ledger.audit(_entry("decide", svc, state, request, human.by, verdict,
+                            f"human review: {human.comment or 'no comment'}"))
+
+
+def approval(svc: Services, state: State, request: GPURequest) -> AuditEntry:
+    """Who let the request through, written with its placement."""
+    human, council = state.get("human"), state.get("council")
+    if human is not None and human.approve:
+        who, detail = human.by, "human review"
+    elif council is not None and council.outcome == Outcome.AUTO_APPROVED:
+        who, detail = "auto-approval", council.summary
+    elif council is not None:
+        who, detail = "council", council.summary
+    else:
+        who, detail = "rules", "no council"
+    return _entry("approve", svc, state, request, who, "approve", detail)

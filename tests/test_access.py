@@ -1,0 +1,173 @@
+"""Identities (tokens mapped to a project and a role) and the audit log.
+
+Every action one project's identity tries on another project's requests, allocations and
+records is refused (Forbidden, exit 5) and changes nothing; the audit log says who approved,
+denied, decided, released and set budgets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.access import ACCESS, LOCAL, add_identity
+from fleet.clock import VirtualClock
+from fleet.errors import Forbidden
+from fleet.models import Status
+from graph.orchestrator import Orchestrator
+from tests.conftest import fleet_toml, run_cli, small_config
+
+COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
+           "auto_approve_max_gpus": 1}
+ONE = {"purpose": "training", "count": 1, "duration_hours": 1, "gpu_type": "A100"}
+TWO = ONE | {"count": 2}  # to the (always split) council: a human review
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A state directory with identities, a placed vision allocation and a vision review."""
+    state = tmp_path / "s"
+    state.mkdir()
+    tokens = {name: add_identity(state, name, role, project) for name, role, project in [
+        ("root", "admin", None), ("alice", "member", "vision"), ("dave", "approver", "vision"),
+        ("bob", "member", "speech"), ("carol", "approver", "speech")]}
+    opened: list[Orchestrator] = []
+    clock = VirtualClock()
+
+    def as_(name: str | None) -> Orchestrator:
+        o = Orchestrator(state, small_config(council=COUNCIL), clock=clock,
+                         token=tokens[name] if name else None)
+        opened.append(o)
+        return o
+
+    alice = as_("alice")
+    placed = alice.request(ONE, thread_id="placed", wait=False)
+    assert placed.status is Status.ALLOCATED and placed.allocation is not None
+    assert alice.request(TWO, thread_id="review").status is Status.PENDING_REVIEW
+    as_("bob").request(ONE, thread_id="bobs", wait=False)
+    yield {"as": as_, "tokens": tokens, "state": state, "allocation": placed.allocation.id}
+    for o in opened:
+        o.close()
+
+
+def test_identities_come_from_tokens(world: dict[str, Any], tmp_path: Path) -> None:
+    as_: Callable[[str | None], Orchestrator] = world["as"]
+    assert as_("alice").identity.project == "vision"
+    with pytest.raises(Forbidden, match="requires a token"):
+        as_(None)
+    with pytest.raises(Forbidden, match="unknown token"):
+        Orchestrator(world["state"], small_config(), clock=VirtualClock(), token="forged")
+    other = tmp_path / "open"  # no access file: one user, every right
+    with Orchestrator(other, small_config(), clock=VirtualClock()) as o:
+        assert o.identity is LOCAL
+    assert "token_sha256" in (world["state"] / ACCESS).read_text()
+    assert world["tokens"]["alice"] not in (world["state"] / ACCESS).read_text()
+
+
+def cross_project_attempts(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
+    """Everything bob (speech) and carol (speech's approver) might try on vision, and what a
+    member may not do even in their own project."""
+    bob, carol, alice = world["as"]("bob"), world["as"]("carol"), world["as"]("alice")
+    aid = world["allocation"]
+    return [
+        ("bob releases vision's allocation", lambda: bob.release(aid)),
+        ("carol releases vision's allocation", lambda: carol.release(aid)),
+        ("bob resumes vision's thread", lambda: bob.resume("placed", wait=False)),
+        ("bob reads vision's thread", lambda: bob.outcome("placed")),
+        ("bob approves vision's review", lambda: bob.resume("review", True)),
+        ("carol approves vision's review", lambda: carol.resume("review", True)),
+        ("carol denies vision's review", lambda: carol.resume("review", False)),
+        ("alice (a member) approves her own review", lambda: alice.resume("review", True)),
+        ("bob requests GPUs for vision", lambda: bob.request(ONE | {"project": "vision"})),
+        ("bob submits for vision", lambda: bob.submit(ONE | {"project": "vision"})),
+        ("bob reads vision's history", lambda: bob.history("vision")),
+        ("bob reads vision's audit", lambda: bob.audit("vision")),
+        ("bob sets vision's budget", lambda: bob.set_budget("vision", 100.0)),
+        ("carol sets speech's budget", lambda: carol.set_budget("speech", 100.0)),
+        ("alice sets her own budget", lambda: alice.set_budget("vision", 1000.0)),
+    ]
+
+
+def test_no_cross_project_action_is_allowed(world: dict[str, Any]) -> None:
+    ledger = world["as"]("root").services.ledger
+    before = ledger.dump()
+    attempts = cross_project_attempts(world)
+    for what, attempt in attempts:
+        with pytest.raises(Forbidden) as exc:
+            attempt()
+        assert "\n" not in str(exc.value), what
+    assert ledger.dump() == before
+    assert world["as"]("root").outcome("review").status is Status.PENDING_REVIEW
+    assert len(attempts) == 15  # the README's count
+
+
+def test_what_each_role_may_do(world: dict[str, Any]) -> None:
+    as_ = world["as"]
+    bob = as_("bob")
+    assert {r.project for r in bob.costs()} <= {"speech"}
+    assert [a["project"] for a in bob.status()["allocations"]] == ["speech"]
+    vision_gpus = [g for g in bob.status()["gpus"] if g.get("project") == "vision"]
+    assert vision_gpus and all(g["allocation_id"] is None for g in vision_gpus)
+    out = as_("dave").resume("review", {"approve": True, "by": "someone else"})
+    assert out.status is Status.RELEASED and out.reason == "released: lease-expired"
+    assert as_("alice").outcome("review").status is Status.RELEASED
+    assert as_("root").set_budget("speech", 50.0) == []
+    assert as_("alice").release(world["allocation"]).allocation_id == world["allocation"]
+
+
+def test_the_audit_log_says_who_and_why(world: dict[str, Any]) -> None:
+    as_ = world["as"]
+    as_("alice").release(world["allocation"])
+    as_("dave").resume("review", {"approve": True, "comment": "deadline friday"})
+    as_("root").set_budget("vision", 30.0)
+    denied = as_("alice").request(TWO | {"duration_hours": 10}, thread_id="pricey")
+    assert denied.status is Status.DENIED
+    log = as_("root").audit()
+    seen = [(e.action, e.who, e.target) for e in log]
+    assert ("approve", "auto-approval", "placed") in seen
+    assert ("approve", "dave", "review") in seen  # the token's name, not the payload's
+    assert ("decide", "dave", "review") not in seen
+    decided = [e for e in log if e.key.startswith("decide:")]
+    assert [(e.action, e.who, e.detail) for e in decided] == [
+        ("approve", "dave", "human review: deadline friday")]
+    assert ("release", "alice", world["allocation"]) in seen
+    assert any(a == "release" and who == "monitor" for a, who, _ in seen)  # the review's
+    assert any(e.action == "budget" and e.who == "root" and "-> $30.00" in e.detail
+               for e in log)
+    assert any(e.action == "deny" and e.target == "pricey" and "budget" in e.detail
+               for e in log)
+    assert len({e.key for e in log}) == len(log)
+    mine = as_("bob").audit()
+    assert mine and {e.project for e in mine} == {"speech"}
+
+
+def test_the_cli_with_tokens(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml())
+    opts = ["--state-dir", str(tmp_path / "s")]
+    first = run_cli("token", "add", "alice", "--role", "member", "--project", "vision", *opts,
+                    cwd=tmp_path)
+    assert first.returncode == 2 and "first identity must be an admin" in first.stderr
+    root = json.loads(run_cli("token", "add", "root", "--role", "admin", "--json", *opts,
+                              cwd=tmp_path).stdout)["token"]
+    refused = run_cli("token", "add", "alice", "--role", "member", "--project", "vision",
+                      *opts, cwd=tmp_path)
+    assert refused.returncode == 5 and refused.stderr.count("\n") == 1
+    alice = json.loads(run_cli("token", "add", "alice", "--role", "member", "--project",
+                               "vision", "--json", *opts, cwd=tmp_path,
+                               env={"GPU_AGENT_TOKEN": root}).stdout)["token"]
+    opts += ["--fleet", str(fleet)]
+    r = run_cli("request", "--purpose", "training", "--count", "1", "--hours", "1",
+                "--no-wait", "--json", "--project", "vision", *opts, cwd=tmp_path,
+                env={"GPU_AGENT_TOKEN": alice})
+    assert r.returncode == 0, r.stderr
+    r = run_cli("budget", "set", "vision", "10", *opts, cwd=tmp_path,
+                env={"GPU_AGENT_TOKEN": alice})
+    assert r.returncode == 5 and "admins only" in r.stderr
+    r = run_cli("status", *opts, cwd=tmp_path)
+    assert r.returncode == 5 and "GPU_AGENT_TOKEN" in r.stderr
+    r = run_cli("audit", "--json", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": root})
+    assert [e["action"] for e in json.loads(r.stdout)["entries"]] == ["approve"]
