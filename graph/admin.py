@@ -4,13 +4,15 @@
 Over MCP the LangGraph server runs every tool call statelessly: a call can never be resumed,
 so nothing that may stop for a human review belongs there. These two never stop; the request
 graph does only when the council splits (small requests are auto-approved), and its call lasts
-until the allocation ends.
+until the allocation ends. Behind a server with tokens (graph/auth.py) a member or approver
+sees only their project's allocations and releases only those.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from langgraph.config import get_config
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
@@ -18,6 +20,7 @@ from typing_extensions import TypedDict
 
 from fleet.errors import GPUAgentError
 from fleet.models import ReleaseReason
+from graph.auth import caller_of
 from graph.status import fleet_status
 from nodes.context import Context, services_for
 
@@ -41,15 +44,26 @@ class ReleaseState(ReleaseInput, total=False):
 
 def read_status(state: StatusState, runtime: Runtime[Context]) -> dict[str, Any]:
     fleet = fleet_status(services_for(runtime))
-    if state.get("project"):
-        fleet["allocations"] = [a for a in fleet["allocations"]
-                                if a["project"] == state["project"]]
+    project = state.get("project")
+    who = caller_of(get_config())
+    if who is not None and not who.admin:  # a token's project: its own allocations only
+        project = who.project or ""
+        for gpu in fleet["gpus"]:
+            if gpu.get("project") not in (None, project):
+                gpu["allocation_id"] = None
+    if project:
+        fleet["allocations"] = [a for a in fleet["allocations"] if a["project"] == project]
     return {"fleet": fleet}
 
 
 def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any]:
+    svc = services_for(runtime)
     try:
-        release = services_for(runtime).release(state["allocation_id"], ReleaseReason.EXPLICIT)
+        who = caller_of(get_config())
+        if who is not None:
+            who.check_project(svc.ledger.get(state["allocation_id"]).project,
+                              "release allocations")
+        release = svc.release(state["allocation_id"], ReleaseReason.EXPLICIT)
     except GPUAgentError as exc:
         return {"error": str(exc)}
     return {"release": release.model_dump(mode="json")}

@@ -10,6 +10,7 @@ caller's name (without an access file, the `by` sent is kept). Admins see everyt
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langgraph_sdk import Auth
@@ -33,10 +34,23 @@ async def authenticate(authorization: str | None) -> Auth.types.MinimalUserDict:
             "permissions": [f"role:{who.role}", f"project:{who.project or ''}"]}
 
 
-def _who(ctx: Auth.types.AuthContext) -> Identity:
-    perms = dict(p.split(":", 1) for p in ctx.permissions if ":" in p)
-    return Identity(ctx.user.identity, perms.get("project") or None,
+def _identity(name: str, permissions: Sequence[str]) -> Identity:
+    perms = dict(p.split(":", 1) for p in permissions if ":" in p)
+    return Identity(name, perms.get("project") or None,
                     perms.get("role", "member"))  # type: ignore[arg-type]
+
+
+def _who(ctx: Auth.types.AuthContext) -> Identity:
+    return _identity(ctx.user.identity, ctx.permissions)
+
+
+def caller_of(config: Mapping[str, Any]) -> Identity | None:
+    """The identity the server authenticated for a run (None outside the server)."""
+    configurable = config.get("configurable") or {}
+    name = configurable.get("langgraph_auth_user_id")
+    if not name:
+        return None
+    return _identity(str(name), configurable.get("langgraph_auth_permissions") or [])
 
 
 def _refuse(detail: str) -> Auth.exceptions.HTTPException:
@@ -74,7 +88,12 @@ async def on_run(ctx: Auth.types.AuthContext,
                 answer = {"approve": answer}
             if isinstance(answer, dict):
                 command["resume"] = answer | {"by": who.name}
-    return None if who.admin else {"project": who.project or ""}
+    if who.admin:
+        return None
+    metadata = value.get("metadata")
+    if isinstance(metadata, dict):  # in place: a stateless run's thread is made from it
+        metadata["project"] = who.project
+    return {"project": who.project or ""}
 
 
 @auth.on.threads

@@ -270,3 +270,10 @@ def test_tokens_scope_threads_runs_and_decisions(
         assert isinstance(done, dict) and done["status"] == "released"
         assert done["human"]["by"] == "dave"
         assert tid in {t["thread_id"] for t in client("root").threads.search()}
+        aid = done["allocation"]["id"]  # the stateless admin graphs (MCP's tools)
+        taken = bob.runs.wait(None, "gpu-release", input={"allocation_id": aid})
+        assert "may not release allocations of project vision" in taken["error"]
+        seen = bob.runs.wait(None, "gpu-status", input={"project": "vision"})
+        assert seen["fleet"]["allocations"] == []
+        seen = client("root").runs.wait(None, "gpu-status", input={"project": "vision"})
+        assert [a["id"] for a in seen["fleet"]["allocations"]] == [aid]
