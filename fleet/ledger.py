@@ -899,6 +899,18 @@ class Ledger:
         with self.db.lock:
             self.db.conn().execute(AUDIT, astuple(entry))
 
+    def claim(self, entry: AuditEntry) -> tuple[bool, AuditEntry]:
+        """Append `entry` unless its key is taken: (whether it was, the entry that holds the
+        key). Two approvers deciding one review at once: exactly one claim wins."""
+        with self.db.lock:
+            won = self.db.conn().execute(AUDIT, astuple(entry)).rowcount > 0
+        return won, self.audit_entry(entry.key) or entry
+
+    def audit_entry(self, key: str) -> AuditEntry | None:
+        rows = self.query("SELECT key, at, who, action, project, target, detail FROM audit "
+                          "WHERE key=?", (key,))
+        return AuditEntry(*rows[0]) if rows else None
+
     def audit_log(self, project: str | None = None, limit: int | None = None
                   ) -> list[AuditEntry]:
         """The audit log, oldest first (the last `limit` entries)."""

@@ -49,9 +49,10 @@ from graph.checkpoint import close_checkpointer, open_checkpointer
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
 from graph.status import fleet_status
+from nodes import audit
 from nodes.context import LocalContext, Services, open_services
 from nodes.review import parse_decision
-from nodes.state import InputState
+from nodes.state import InputState, request_of
 
 # Durability from allocate on: each step's checkpoint is on disk before the next step starts
 # (see Orchestrator._invoke for the pure part before it).
@@ -253,12 +254,9 @@ class Orchestrator:
         project = self._project_of(snap.values, "resume threads")
         graph_input: Command[Any] | None = None
         if snap.interrupts:
-            if decision is None:
+            human = self._decision(snap.values, project, decision)
+            if human is None:
                 return self.outcome(thread_id)
-            human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
-            self.identity.check_decide(project)
-            if self.identity is not LOCAL:  # the decision is the caller's, whatever it says
-                human = human.model_copy(update={"by": self.identity.name})
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
@@ -267,6 +265,32 @@ class Orchestrator:
         return self._invoke(graph_input, thread_id, wait=wait,
                             pure_first=bool(PURE_NODES & set(_to_run(snap))),
                             on_update=_events_to(on_event), on_progress=on_progress)
+
+    def _decision(self, values: dict[str, Any], project: str,
+                  decision: HumanDecision | bool | Mapping[str, Any] | None
+                  ) -> HumanDecision | None:
+        """The decision a waiting review gets, claimed in the ledger first so that exactly one
+        decision wins: a second one (another approver, a second click) is refused with who
+        decided, also the same one twice. Without a decision: the one claimed earlier and not
+        yet applied (a crash between the claim and the review's checkpoint), or None."""
+        request = request_of(values)  # type: ignore[arg-type]
+        key = audit.decision_entry(self.services, values, request,  # type: ignore[arg-type]
+                                   HumanDecision(approve=True)).key
+        claimed = self.services.ledger.audit_entry(key)
+        if decision is None:
+            return None if claimed is None else audit.recorded(claimed)
+        human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
+        self.identity.check_decide(project)
+        if self.identity is not LOCAL:  # the decision is the caller's, whatever it says
+            human = human.model_copy(update={"by": self.identity.name})
+        entry = audit.decision_entry(self.services, values, request,  # type: ignore[arg-type]
+                                     human)
+        won, held = self.services.ledger.claim(entry)
+        if not won:
+            raise InvalidInput(f"this review was already decided: {held.action} by "
+                               f"{held.who} (nothing changed; resume without a decision "
+                               "carries the thread on)")
+        return human
 
     def continue_in_background(self, thread_id: str) -> threading.Thread:
         """Carry a placed or queued thread on (monitor, release) in a background thread."""

@@ -11,6 +11,8 @@ from fleet.models import GPURequest, HumanDecision, Outcome
 from nodes.context import Services
 from nodes.state import State
 
+REVIEW = "human review: "
+
 
 def _key(kind: str, state: State, request: GPURequest) -> str:
     return f"{kind}:{state.get('thread_id') or 'anonymous'}:{request.request_id}"
@@ -26,10 +28,21 @@ def denial(svc: Services, state: State, request: GPURequest, who: str, reason: s
     svc.ledger.audit(_entry("deny", svc, state, request, who, "deny", reason))
 
 
+def decision_entry(svc: Services, state: State, request: GPURequest,
+                   human: HumanDecision) -> AuditEntry:
+    """A human decision's entry; its key is the review's, so one decision per review."""
+    return _entry("decide", svc, state, request, human.by,
+                  "approve" if human.approve else "deny", f"{REVIEW}{human.comment}")
+
+
 def decision(svc: Services, state: State, request: GPURequest, human: HumanDecision) -> None:
-    verdict = "approve" if human.approve else "deny"
-    svc.ledger.audit(_entry("decide", svc, state, request, human.by, verdict,
-                            f"human review: {human.comment or 'no comment'}"))
+    svc.ledger.audit(decision_entry(svc, state, request, human))
+
+
+def recorded(entry: AuditEntry) -> HumanDecision:
+    """The decision an entry records (to apply a claimed decision a crash left unapplied)."""
+    return HumanDecision(approve=entry.action == "approve", by=entry.who,
+                         comment=entry.detail.removeprefix(REVIEW))
 
 
 def approval(svc: Services, state: State, request: GPURequest) -> AuditEntry:

@@ -7,6 +7,7 @@ denied, decided, released and set budgets."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 from fleet.access import ACCESS, LOCAL, add_identity
 from fleet.clock import VirtualClock
 from fleet.errors import Forbidden
-from fleet.models import Status
+from fleet.models import HumanDecision, Status
 from graph.orchestrator import Orchestrator
+from nodes import audit
+from nodes.state import request_of
 from tests.conftest import fleet_toml, run_cli, small_config
 
 COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
@@ -171,3 +174,44 @@ def test_the_cli_with_tokens(tmp_path: Path) -> None:
     assert r.returncode == 5 and "GPU_AGENT_TOKEN" in r.stderr
     r = run_cli("audit", "--json", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": root})
     assert [e["action"] for e in json.loads(r.stdout)["entries"]] == ["approve"]
+
+
+def test_two_decisions_at_once_exactly_one_wins(world: dict[str, Any]) -> None:
+    """Two approvers answer one review at the same moment (and one clicks twice): one
+    decision is applied, the others are told who decided, and nothing else changes."""
+    deciders = [(world["as"]("dave"), False), (world["as"]("root"), True),
+                (world["as"]("dave"), True)]
+    barrier = threading.Barrier(len(deciders))
+    results: list[object] = []
+
+    def decide(o: Orchestrator, approve: bool) -> None:
+        barrier.wait()
+        try:
+            results.append(o.resume("review", approve, wait=False))
+        except Exception as exc:  # the losers
+            results.append(exc)
+
+    threads = [threading.Thread(target=decide, args=d) for d in deciders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if not isinstance(r, Exception)]
+    lost = [r for r in results if isinstance(r, Exception)]
+    assert len(won) == 1 and len(lost) == 2
+    assert all("already decided" in str(e) for e in lost)
+    log = [e for e in world["as"]("root").audit() if e.key.startswith("decide:")]
+    assert len(log) == 1
+    outcome = world["as"]("root").outcome("review")
+    assert outcome.status is (Status.DENIED if log[0].action == "deny" else Status.ALLOCATED)
+
+
+def test_a_claimed_decision_a_crash_left_unapplied_is_applied_on_resume(
+        world: dict[str, Any]) -> None:
+    root = world["as"]("root")
+    snap = root.graph.get_state(root._config("review"))
+    entry = audit.decision_entry(root.services, snap.values, request_of(snap.values),
+                                 HumanDecision(approve=False, by="dave", comment="no"))
+    assert root.services.ledger.claim(entry)[0]  # claimed, then the process died
+    out = root.resume("review")
+    assert out.status is Status.DENIED and out.reason == "denied by dave (no)"
