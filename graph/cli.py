@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fleet.access import ACCESS, add_identity, identify
@@ -119,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--project", help="the project a member or approver belongs to")
     tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
     tp.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("ui", help="the web page: pending reviews (approve or deny), the fleet, "
+                       "spend; on 127.0.0.1")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8750)
+    p.add_argument("--simulation", metavar="DIR", default="simulation",
+                   help="the `gpu-agent simulate` report whose cost figures the spend page "
+                   "shows (default ./simulation)")
 
     p = sub.add_parser("jobs", help="submitted requests: pending, running (where), done (how)")
     _common(p)
@@ -425,6 +435,25 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from graph.ui import SERVER, create_app
+
+    if not 0 < args.port < 65536:
+        raise InvalidInput(f"--port must be 1-65535, not {args.port}")
+    orch = Orchestrator(args.state_dir, _fleet_file(args), backend=_backend(args),
+                        database=_database(args), identity=SERVER)
+    print(f"gpu-agent: the page is on http://{args.host}:{args.port}/", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(create_app(orch, simulation=Path(args.simulation)), host=args.host,
+                    port=args.port, log_level="warning")
+    finally:
+        orch.close()
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=True, pool_size=args.concurrency + 2) as orch:
         worker = Worker(orch, concurrency=args.concurrency, lease_seconds=args.lease_seconds,
@@ -712,6 +741,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
     "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio, "submit": cmd_submit,
     "worker": cmd_worker, "jobs": cmd_jobs, "audit": cmd_audit, "token": cmd_token,
+    "ui": cmd_ui,
 }
 
 

@@ -14,6 +14,7 @@ notebooks.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability, StateSnapshot, StreamMode
 
 from council.voting import Council
-from fleet.access import LOCAL, identify
+from fleet.access import LOCAL, Identity, identify
 from fleet.backend import FleetBackend
 from fleet.backends import BackendChoice
 from fleet.clock import Clock, VirtualClock
@@ -74,20 +75,22 @@ class Orchestrator:
         database: str | None = None,
         pool_size: int = 8,
         token: str | None = None,
+        identity: Identity | None = None,
     ) -> None:
         """`database`: a postgresql:// URL holding the ledger and the checkpoints, shared by
         every worker (default: SQLite files in the state directory). `pool_size`: its
         checkpoint connections (one per thread running at once is plenty). `token` (default:
         env GPU_AGENT_TOKEN): who is calling, where the state directory has an access file
-        (fleet.access); without one the caller may do everything."""
+        (fleet.access); without one the caller may do everything. `identity`: one the caller
+        authenticated itself (a server acting for its users through `acting_as`)."""
         self.services: Services = open_services(
             state_dir, fleet, backend=backend, clock=clock, council=council, create=create,
             database=database,
         )
         self.project = project
         try:
-            self.identity = identify(self.services.state_dir,
-                                     token or os.environ.get("GPU_AGENT_TOKEN"))
+            self.identity = identity or identify(self.services.state_dir,
+                                                 token or os.environ.get("GPU_AGENT_TOKEN"))
             self.services.actor = self.identity.name
             self.checkpointer = open_checkpointer(self.services.state_dir, database,
                                                   pool_size=pool_size)
@@ -259,6 +262,12 @@ class Orchestrator:
                 return self.outcome(thread_id)
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
+            done = self.services.ledger.audit_entry(audit.decision_entry(
+                self.services, snap.values, request_of(snap.values),  # type: ignore[arg-type]
+                HumanDecision(approve=True)).key) if "request" in snap.values else None
+            if done is not None:
+                raise InvalidInput(f"this review was already decided: {done.action} by "
+                                   f"{done.who}; nothing changed")
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
         elif not _to_run(snap):
             return self.outcome(thread_id)
@@ -317,6 +326,20 @@ class Orchestrator:
         job = JobQueue(self.services.ledger).get(thread_id)
         self.identity.check_project(job.request.project, "read jobs")
         return job
+
+    def acting_as(self, identity: Identity) -> Orchestrator:
+        """This orchestrator (same services, graph and checkpoints) acting as `identity`: what
+        a server that authenticates each request (the web page) calls per request."""
+        other = copy.copy(self)
+        other.identity = identity
+        return other
+
+    def pending_reviews(self) -> list[str]:
+        """Threads waiting for a human decision that the caller may see, oldest first."""
+        log = self.services.ledger.audit_log(self._visible(None))
+        decided = {e.key.removeprefix("decide:") for e in log if e.key.startswith("decide:")}
+        return [e.target for e in log
+                if e.action == "ask" and e.key.removeprefix("ask:") not in decided]
 
     def jobs(self) -> list[Job]:
         """The submitted requests the caller may see, oldest first."""

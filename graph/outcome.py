@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.errors import Denied, GPUAgentError, InvalidInput, NotPlaced
-from fleet.models import Allocation, CouncilDecision, Event, Release, RouteDecision, Status
+from fleet.models import (
+    Allocation,
+    CouncilDecision,
+    Event,
+    GPURequest,
+    Release,
+    RouteDecision,
+    Status,
+)
 
 
 class PendingReview(GPUAgentError):
@@ -33,6 +41,7 @@ class RequestOutcome:
     release: Release | None = None
     events: list[Event] = field(default_factory=list)
     next: tuple[str, ...] = ()
+    request: GPURequest | None = None  # as validated (None before validation)
 
     def to_json(self) -> dict[str, Any]:
         a = self.allocation
@@ -86,4 +95,5 @@ def outcome_from(thread_id: str, values: dict[str, Any], review: bool,
         release=values.get("release"),
         events=values.get("events", []),
         next=nxt,
+        request=values["request"] if isinstance(values.get("request"), GPURequest) else None,
     )

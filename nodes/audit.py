@@ -28,6 +28,11 @@ def denial(svc: Services, state: State, request: GPURequest, who: str, reason: s
     svc.ledger.audit(_entry("deny", svc, state, request, who, "deny", reason))
 
 
+def asked(svc: Services, state: State, request: GPURequest, summary: str) -> None:
+    """The council split: a human is asked (the page's list of pending reviews)."""
+    svc.ledger.audit(_entry("ask", svc, state, request, "council", "ask", summary))
+
+
 def decision_entry(svc: Services, state: State, request: GPURequest,
                    human: HumanDecision) -> AuditEntry:
     """A human decision's entry; its key is the review's, so one decision per review."""

@@ -45,4 +45,5 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         audit.denial(svc, state, request, "council", decision.summary)
     elif decision.outcome is Outcome.SPLIT:
         update |= {"status": Status.PENDING_REVIEW, "reason": f"council: {decision.summary}"}
+        audit.asked(svc, state, request, decision.summary)
     return update

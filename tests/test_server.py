@@ -63,6 +63,7 @@ def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
     config["graphs"] = {k: str(ROOT / v.removeprefix("./")) for k, v in config["graphs"].items()}
     for key in ("checkpointer", "auth"):
         config[key]["path"] = str(ROOT / config[key]["path"].removeprefix("./"))
+    config["http"]["app"] = str(ROOT / config["http"]["app"].removeprefix("./"))
     (tmp / "langgraph.json").write_text(json.dumps(config))
     port = free_port()
     env = {**os.environ, "GPU_AGENT_HOME": str(state), "GPU_AGENT_FLEET": str(fleet),
@@ -277,3 +278,15 @@ def test_tokens_scope_threads_runs_and_decisions(
         assert seen["fleet"]["allocations"] == []
         seen = client("root").runs.wait(None, "gpu-status", input={"project": "vision"})
         assert [a["id"] for a in seen["fleet"]["allocations"]] == [aid]
+
+
+def test_the_page_is_mounted_on_the_server(server: dict[str, str]) -> None:
+    """langgraph.json `http.app`: the web page under /ui beside the graph API."""
+    client = get_sync_client(url=server["url"])
+    tid = client.threads.create()["thread_id"]
+    client.runs.wait(tid, "gpu-agent", input={"request": REQUEST | {"project": "webpage"}})
+    with urllib.request.urlopen(f"{server['url']}/ui/reviews", timeout=30) as r:
+        page = r.read().decode()
+    assert "Pending reviews" in page and tid in page
+    with urllib.request.urlopen(f"{server['url']}/ui/reviews/{tid}", timeout=30) as r:
+        assert "If approved" in r.read().decode()
