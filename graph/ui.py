@@ -312,12 +312,21 @@ class WebUI:
             policies = json.loads(path.read_text())["policies"]
         except (OSError, ValueError, KeyError, TypeError):
             return "<p>No simulation report (gpu-agent simulate writes one).</p>"
+        naive = (policies.get("naive") or {}).get("total_cost_usd")
+
+        def saving(cost: Any) -> str:
+            if not naive or not isinstance(cost, int | float):
+                return "-"
+            return f"{100.0 * (1.0 - cost / naive):.1f} %"
+
         rows = "".join(
             f"<tr><td>{_e(name)}</td><td>{_money(m.get('total_cost_usd'))}</td>"
+            f"<td>{saving(m.get('total_cost_usd'))}</td>"
             f"<td>{_e(m.get('cost_per_useful_gpu_hour'))}</td></tr>"
             for name, m in sorted(policies.items()) if isinstance(m, dict))
         return (f"<h2>Latest simulation ({_e(path)})</h2><table><tr><th>policy</th>"
-                f"<th>total cost</th><th>cost per useful GPU-hour</th></tr>{rows}</table>")
+                "<th>total cost</th><th>saved against naive</th>"
+                f"<th>cost per useful GPU-hour</th></tr>{rows}</table>")
 
 
 def out_request(out: RequestOutcome) -> dict[str, Any]:

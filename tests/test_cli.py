@@ -193,4 +193,4 @@ def test_human_review_through_the_cli(tmp_path: Path) -> None:
                      cwd=tmp_path)
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
     again = run_cli("resume", "no", "--approve", *opts, cwd=tmp_path)
-    assert again.returncode == 2 and "not waiting" in again.stderr
+    assert again.returncode == 2 and "already decided: deny by cli" in again.stderr

@@ -163,18 +163,23 @@ def test_review_interrupt_has_no_side_effects_and_resume_reserves_once(
         make_orch: OrchFactory) -> None:
     orch = make_orch(split_config())
     assert isinstance(orch.services.council, NeuralCouncil)
-    before = orch.services.ledger.dump()
+
+    def reserved() -> list[str]:  # the ledger less its audit log (which says who was asked)
+        return [r for r in orch.services.ledger.dump() if not r.startswith("audit: ")]
+
+    before = reserved()
     out = orch.request(BIG, thread_id="t-1")
     assert out.status is Status.PENDING_REVIEW and out.council is not None
     assert len(out.council.votes) == 6 and "no quorum" in out.council.summary
-    assert orch.services.ledger.dump() == before  # council and review reserved nothing
+    assert reserved() == before  # council and review reserved nothing
+    assert [e.action for e in orch.audit()] == ["ask"]
     assert orch.resume("t-1").status is Status.PENDING_REVIEW  # no answer: still waiting
-    assert orch.services.ledger.dump() == before
+    assert reserved() == before
     done = orch.resume("t-1", {"approve": True, "by": "ana", "comment": "deadline"})
     assert done.status is Status.RELEASED
     rows = orch.services.ledger.allocations()
     assert len(rows) == 1 and len(orch.history()) == 1
-    with pytest.raises(Exception, match="not waiting"):
+    with pytest.raises(Exception, match="already decided: approve by ana"):
         orch.resume("t-1", True)
     assert len(orch.services.ledger.allocations()) == 1 and len(orch.history()) == 1
 

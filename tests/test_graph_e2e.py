@@ -98,7 +98,7 @@ def test_split_council_waits_for_a_human(make_orch: OrchFactory) -> None:
     orch.request(req(), thread_id="t-no")
     denied = orch.resume("t-no", False)
     assert denied.status is Status.DENIED and denied.reason.startswith("denied by")
-    with pytest.raises(InvalidInput, match="not waiting"):
+    with pytest.raises(InvalidInput, match="already decided: deny by human"):
         orch.resume("t-no", True)
     with pytest.raises(PendingReview):
         orch.allocate_gpu_sync(req())

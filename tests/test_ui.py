@@ -157,3 +157,19 @@ def test_fleet_and_spend(site: dict[str, Any], tmp_path: Path) -> None:
     assert "vision" in spend and "No simulation report" in spend
     bob = login(site, "bob").get("/fleet").text
     assert "a-" not in re.sub(r"<th>.*?</th>", "", bob.split("Allocations")[1])
+
+
+def test_spend_shows_the_latest_simulation(site: dict[str, Any], tmp_path: Path) -> None:
+    """The cost figures of a report written by the simulator's own writer."""
+    from sim.report import dump
+
+    report = tmp_path / "simulation"
+    report.mkdir()
+    (report / "metrics.json").write_text(dump(
+        {"naive": {"total_cost_usd": 1000.0, "cost_per_useful_gpu_hour": 2.5},
+         "gpu-agent": {"total_cost_usd": 640.0, "cost_per_useful_gpu_hour": 1.6}}, {}, {}))
+    app = create_app(site["orch"], simulation=report)
+    client = TestClient(app, base_url="http://127.0.0.1")
+    client.post("/login", data={"token": site["tokens"]["root"]})
+    page = client.get("/spend").text
+    assert "Latest simulation" in page and "36.0 %" in page and "$640.00" in page
