@@ -18,6 +18,7 @@ import hashlib
 import re
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
@@ -60,7 +61,7 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class Database:
+class Database(ABC):
     """One connection, used by one thread at a time (the lock), in SQLite's or PostgreSQL's
     dialect."""
 
@@ -72,24 +73,29 @@ class Database:
     def __init__(self) -> None:
         self.lock = threading.RLock()
 
+    @abstractmethod
     def conn(self) -> Conn:
-        raise NotImplementedError
+        """The connection, for one statement outside a transaction (hold `lock`)."""
 
+    @abstractmethod
     def write(self, keys: tuple[str, ...] = ()) -> AbstractContextManager[Conn]:
-        raise NotImplementedError
+        """A write transaction, serialised with the writers that name a common key."""
 
+    @abstractmethod
     def read(self) -> AbstractContextManager[Conn]:
-        raise NotImplementedError
+        """A consistent read that never blocks writers."""
 
     def plain(self) -> AbstractContextManager[Conn]:
         """A write that takes no ledger lock: it relies on row locks (a queue claim)."""
         return self.write()
 
+    @abstractmethod
     def tables(self, db: Conn) -> set[str]:
-        raise NotImplementedError
+        """The tables of the ledger's schema (SQLite: the file; PostgreSQL: current_schema)."""
 
+    @abstractmethod
     def columns(self, db: Conn, table: str) -> set[str]:
-        raise NotImplementedError
+        """A table's column names."""
 
     def schema(self, sql: str) -> str:
         """The CREATE statements in this dialect."""
@@ -99,8 +105,9 @@ class Database:
         """A number that changes when another connection commits; None: not tracked."""
         return None
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close the connection."""
 
 
 class SqliteDatabase(Database):
