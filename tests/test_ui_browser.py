@@ -36,9 +36,9 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
     pytest.skip("chromium and chromium-driver are not installed", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 
@@ -82,6 +82,23 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     orch.close()
 
 
+def press(driver: Any, css: str) -> None:
+    """Click a submit button and wait for the page it leads to."""
+    button = driver.find_element(By.CSS_SELECTOR, css)
+    button.click()
+
+    def left(_: Any) -> bool:  # the old page's button is gone: the next page is there
+        try:
+            button.is_enabled()
+        except WebDriverException:  # stale, or "does not belong to the document"
+            return True
+        return False
+
+    WebDriverWait(driver, 60).until(left)
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def browser(site: dict[str, Any], name: str) -> Any:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -92,15 +109,8 @@ def browser(site: dict[str, Any], name: str) -> Any:
     driver.implicitly_wait(5)
     driver.get(site["url"] + "/login")
     driver.find_element(By.NAME, "token").send_keys(site["tokens"][name])
-    driver.find_element(By.TAG_NAME, "button").click()
+    press(driver, "button")
     return driver
-
-
-def press(driver: Any, css: str) -> None:
-    """Click a submit button and wait for the page it leads to."""
-    button = driver.find_element(By.CSS_SELECTOR, css)
-    button.click()
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(button))
 
 
 def shot(driver: Any, name: str) -> None:
