@@ -21,7 +21,7 @@ from typing_extensions import TypedDict
 from fleet.errors import GPUAgentError
 from fleet.models import ReleaseReason
 from graph.auth import caller_of
-from graph.status import fleet_status
+from graph.status import fleet_status, scoped
 from nodes.context import Context, services_for
 
 
@@ -44,13 +44,10 @@ class ReleaseState(ReleaseInput, total=False):
 
 def read_status(state: StatusState, runtime: Runtime[Context]) -> dict[str, Any]:
     fleet = fleet_status(services_for(runtime))
-    project = state.get("project")
     who = caller_of(get_config())
     if who is not None and not who.admin:  # a token's project: its own allocations only
-        project = who.project or ""
-        for gpu in fleet["gpus"]:
-            if gpu.get("project") not in (None, project):
-                gpu["allocation_id"] = None
+        return {"fleet": scoped(fleet, who.project or "")}
+    project = state.get("project")
     if project:
         fleet["allocations"] = [a for a in fleet["allocations"] if a["project"] == project]
     return {"fleet": fleet}

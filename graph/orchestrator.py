@@ -49,7 +49,7 @@ from graph.builder import after_allocate, build_graph
 from graph.checkpoint import close_checkpointer, open_checkpointer
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
-from graph.status import fleet_status
+from graph.status import fleet_status, scoped
 from nodes import audit
 from nodes.context import LocalContext, Services, open_services
 from nodes.review import parse_decision
@@ -262,9 +262,9 @@ class Orchestrator:
                 return self.outcome(thread_id)
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
-            done = self.services.ledger.audit_entry(audit.decision_entry(
-                self.services, snap.values, request_of(snap.values),  # type: ignore[arg-type]
-                HumanDecision(approve=True)).key) if "request" in snap.values else None
+            done = self.services.ledger.audit_entry(audit.decision_key(
+                snap.values, request_of(snap.values))  # type: ignore[arg-type]
+            ) if "request" in snap.values else None
             if done is not None:
                 raise InvalidInput(f"this review was already decided: {done.action} by "
                                    f"{done.who}; nothing changed")
@@ -283,9 +283,8 @@ class Orchestrator:
         decided, also the same one twice. Without a decision: the one claimed earlier and not
         yet applied (a crash between the claim and the review's checkpoint), or None."""
         request = request_of(values)  # type: ignore[arg-type]
-        key = audit.decision_entry(self.services, values, request,  # type: ignore[arg-type]
-                                   HumanDecision(approve=True)).key
-        claimed = self.services.ledger.audit_entry(key)
+        claimed = self.services.ledger.audit_entry(
+            audit.decision_key(values, request))  # type: ignore[arg-type]
         if decision is None:
             return None if claimed is None else audit.recorded(claimed)
         human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
@@ -470,12 +469,7 @@ class Orchestrator:
         (the `status` JSON); GPUs held by other projects show no thread or allocation."""
         status = fleet_status(self.services) | {"problems": self.problems()}
         mine = self._visible(None)
-        if mine is not None:
-            status["allocations"] = [a for a in status["allocations"] if a["project"] == mine]
-            for gpu in status["gpus"]:
-                if gpu.get("project") not in (None, mine):
-                    gpu["allocation_id"] = None
-        return status
+        return status if mine is None else scoped(status, mine)
 
 
 def _to_run(snap: StateSnapshot) -> tuple[str, ...]:

@@ -9,6 +9,16 @@ from fleet.monitoring import OUTSIDE, condition
 from nodes.context import Services
 
 
+def scoped(fleet: dict[str, Any], project: str) -> dict[str, Any]:
+    """The fleet JSON as one project sees it: its own allocations; GPUs other projects hold
+    show as held, without the allocation."""
+    fleet["allocations"] = [a for a in fleet["allocations"] if a["project"] == project]
+    for gpu in fleet["gpus"]:
+        if gpu.get("project") not in (None, project):
+            gpu["allocation_id"] = None
+    return fleet
+
+
 def fleet_status(svc: Services) -> dict[str, Any]:
     """Every GPU with its holder and live reading, every allocation: JSON, for the CLI's
     `status`, the status graph (MCP) and the Orchestrator."""

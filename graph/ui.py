@@ -35,6 +35,7 @@ from starlette.routing import Mount, Route
 from fleet.access import ACCESS, LOCAL, Identity, identify
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
 from fleet.models import Status
+from fleet.routing import Refusal
 from fleet.routing import route as choose_route
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
@@ -231,11 +232,9 @@ class WebUI:
 
     def _route(self, orch: Orchestrator, out: RequestOutcome) -> str:
         """Where the request would go if approved now, and what it would cost."""
-        from fleet.routing import Refusal
-        from nodes.state import request_of
-
-        svc = orch.services
-        request = request_of({"request": out_request(out)})
+        svc, request = orch.services, out.request
+        if request is None:
+            return ""
         route = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project),
                              svc.available_by_type())
         if isinstance(route, Refusal):

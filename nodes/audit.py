@@ -33,6 +33,11 @@ def asked(svc: Services, state: State, request: GPURequest, summary: str) -> Non
     svc.ledger.audit(_entry("ask", svc, state, request, "council", "ask", summary))
 
 
+def decision_key(state: State, request: GPURequest) -> str:
+    """The key of a review's one decision (a claim of it, and the entry the review writes)."""
+    return _key("decide", state, request)
+
+
 def decision_entry(svc: Services, state: State, request: GPURequest,
                    human: HumanDecision) -> AuditEntry:
     """A human decision's entry; its key is the review's, so one decision per review."""
