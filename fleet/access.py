@@ -12,20 +12,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+from fleet import names
 from fleet.errors import Forbidden, InvalidInput, StateDirError
-from fleet.models import check_project
 
 ACCESS = "access.toml"
 Role = Literal["member", "approver", "admin"]
 ROLES: tuple[Role, ...] = ("member", "approver", "admin")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -94,19 +92,16 @@ def identify(state_dir: Path, token: str | None) -> Identity:
 
 def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> str:
     """Add an identity; its new token (shown once, stored only as a hash)."""
-    if not NAME.match(name) or name == LOCAL.name:
-        raise InvalidInput(f"identity name {name!r}: letters, digits and _.@- only, up to 64, "
-                           f"and not {LOCAL.name!r} (the user of a state directory without "
-                           "tokens)")
+    names.check("identity", name)
+    if name == LOCAL.name:
+        raise InvalidInput(f"identity name {LOCAL.name!r} is reserved (the user of a state "
+                           "directory without tokens)")
     if role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if role != "admin" and not project:
         raise InvalidInput(f"a {role} belongs to a project: pass --project")
     if project:
-        try:
-            check_project(project)
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
+        names.check("project", project)
     path = state_dir / ACCESS
     entries = _load(path) if path.exists() else []
     if any(e["name"] == name for e in entries):

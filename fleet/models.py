@@ -8,13 +8,14 @@ threads. Add fields with defaults; never rename.
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fleet import names
 
 
 class Purpose(StrEnum):
@@ -111,13 +112,16 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
-_PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
 def check_project(name: str) -> str:
-    if not isinstance(name, str) or not _PROJECT_RE.match(name):
-        raise ValueError("project must be 1-64 letters, digits, '.', '_' or '-'")
-    return name
+    """A project name (fleet.names), or ValueError (pydantic turns it into one line)."""
+    return _named("project", name)
+
+
+def _named(kind: str, value: str) -> str:
+    why = names.problem(kind, value)
+    if why is not None:
+        raise ValueError(why)
+    return value
 
 
 class GPURequest(BaseModel):
@@ -136,11 +140,24 @@ class GPURequest(BaseModel):
     mode: RouteMode = RouteMode.BUDGET
     max_wait_minutes: float | None = Field(default=None, ge=0)
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    # Who asked: stamped by the entry that authenticated the caller (the Orchestrator, the
+    # LangGraph server), whatever the caller sent; None where nobody could tell.
+    requested_by: str | None = None
 
     @field_validator("project")
     @classmethod
     def _project_name(cls, v: str) -> str:
         return check_project(v)
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, v: str) -> str:
+        return _named("request id", v)
+
+    @field_validator("requested_by")
+    @classmethod
+    def _requester(cls, v: str | None) -> str | None:
+        return None if v is None else _named("identity", v)
 
     @field_validator("purpose", mode="before")
     @classmethod

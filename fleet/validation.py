@@ -8,9 +8,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fleet import names
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, one_line
-from fleet.models import GPURequest, check_project
+from fleet.models import GPURequest
 from fleet.routing import Refusal, route
 
 
@@ -60,10 +61,7 @@ def check_against_fleet(request: GPURequest, config: FleetConfig) -> None:
 
 
 def check_budget(project: str, budget_usd: float) -> None:
-    try:
-        check_project(project)
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+    names.check("project", project)
     if isinstance(budget_usd, bool) or not isinstance(budget_usd, int | float) \
             or not math.isfinite(budget_usd) or budget_usd < 0:
         raise InvalidInput(f"budget must be a finite amount of at least 0, not {budget_usd}")

@@ -1,0 +1,65 @@
+"""The one place that says what a name or an id may look like: projects, identities, thread
+ids, allocation ids and request ids.
+
+Every entry (CLI, Python API, LangGraph server, tools, the web page) checks with a full match
+of these patterns: `re.match(... $)` lets a final newline through, which made "vision\\n" an
+unbudgeted twin of "vision" and wrote unreadable access files. The patterns leave out
+everything that could break a line, a path, a URL or a TOML string: control characters,
+spaces, '/', '?', '#', quotes and ':' (the audit log's key separator).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fleet.errors import InvalidInput
+
+_WORD = r"[A-Za-z0-9][A-Za-z0-9_.-]"
+PROJECT = re.compile(_WORD + r"{0,63}")
+IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+THREAD_ID = re.compile(_WORD + r"{0,127}")
+REQUEST_ID = THREAD_ID
+ALLOCATION_ID = re.compile(r"a-[0-9a-f]{12}")
+
+RULES = {
+    "project": (PROJECT, "1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit"),
+    "identity": (IDENTITY, "1-64 letters, digits, '.', '_', '@' or '-', starting with a "
+                 "letter or digit"),
+    "thread id": (THREAD_ID, "1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                  "or digit"),
+    "request id": (REQUEST_ID, "1-128 letters, digits, '.', '_' or '-', starting with a "
+                   "letter or digit"),
+    "allocation id": (ALLOCATION_ID, "'a-' and 12 hex digits, as `gpu-agent status` shows"),
+}
+
+
+def valid(kind: str, value: object) -> bool:
+    pattern, _ = RULES[kind]
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def problem(kind: str, value: object) -> str | None:
+    """Why `value` is not a valid `kind`, in one line (None: it is)."""
+    if valid(kind, value):
+        return None
+    _, rule = RULES[kind]
+    shown = _shown(value)
+    return f"{kind} {shown}: {rule}"
+
+
+def check(kind: str, value: Any) -> str:
+    """`value` if it is a valid `kind`, else InvalidInput saying what is allowed."""
+    why = problem(kind, value)
+    if why is not None:
+        raise InvalidInput(why)
+    return str(value)
+
+
+def _shown(value: object) -> str:
+    """The value as a short, printable, quoted string (repr escapes control characters)."""
+    if not isinstance(value, str):
+        return f"of type {type(value).__name__}"
+    text = repr(value if len(value) <= 80 else value[:77] + "...")
+    return text
