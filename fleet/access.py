@@ -9,11 +9,15 @@ allocations, an approver also decides their project's reviews, an admin may do a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -22,6 +26,7 @@ from fleet import names
 from fleet.errors import Forbidden, InvalidInput, StateDirError
 
 ACCESS = "access.toml"
+LOCK = ".access.lock"
 Role = Literal["member", "approver", "admin"]
 ROLES: tuple[Role, ...] = ("member", "approver", "admin")
 
@@ -90,6 +95,33 @@ def identify(state_dir: Path, token: str | None) -> Identity:
     raise Forbidden("unknown token (GPU_AGENT_TOKEN)")
 
 
+@contextmanager
+def _locked(state_dir: Path) -> Iterator[Path]:
+    """The access file, with every other writer of it kept out (add and revoke rewrite it)."""
+    fd = os.open(state_dir / LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield state_dir / ACCESS
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, entries: list[dict[str, str]]) -> None:
+    """Replace the access file at once (0600): a crash leaves the old one or the new one."""
+    blocks = []
+    for e in entries:
+        keys = [k for k in ("name", "project", "role", "token_sha256") if e.get(k)]
+        # json.dumps quotes as a TOML basic string does for these characters
+        blocks.append("[[identity]]\n" + "".join(f"{k} = {json.dumps(e[k])}\n" for k in keys))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(blocks))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> str:
     """Add an identity; its new token (shown once, stored only as a hash)."""
     names.check("identity", name)
@@ -100,18 +132,40 @@ def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> 
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if role != "admin" and not project:
         raise InvalidInput(f"a {role} belongs to a project: pass --project")
+    if role == "admin" and project:
+        raise InvalidInput("an admin acts on every project: leave --project out")
     if project:
         names.check("project", project)
-    path = state_dir / ACCESS
-    entries = _load(path) if path.exists() else []
-    if any(e["name"] == name for e in entries):
-        raise InvalidInput(f"identity {name!r} exists already")
-    token = secrets.token_urlsafe(24)
-    lines = ["[[identity]]", f'name = "{name}"', f'role = "{role}"',
-             f'token_sha256 = "{_hash(token)}"']
-    if project:
-        lines.insert(2, f'project = "{project}"')
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write("\n".join(lines) + "\n\n")
+    with _locked(state_dir) as path:
+        entries = _load(path) if path.exists() else []
+        if any(e["name"] == name for e in entries):
+            raise InvalidInput(f"identity {name!r} exists already")
+        token = secrets.token_urlsafe(24)
+        entry = {"name": name, "role": role, "token_sha256": _hash(token)}
+        _write(path, [*entries, entry | ({"project": project} if project else {})])
     return token
+
+
+def identities(state_dir: Path) -> list[Identity]:
+    """Who has a token (never the tokens: only their hashes are kept)."""
+    path = state_dir / ACCESS
+    if not path.exists():
+        return []
+    return [Identity(e["name"], e.get("project"), cast(Role, e["role"])) for e in _load(path)]
+
+
+def revoke_identity(state_dir: Path, name: str) -> Identity:
+    """Remove an identity: its token stops working at once. The last admin stays (nobody
+    could add identities or set budgets again)."""
+    names.check("identity", name)
+    with _locked(state_dir) as path:
+        entries = _load(path) if path.exists() else []
+        gone = [e for e in entries if e["name"] == name]
+        if not gone:
+            raise InvalidInput(f"no identity {name!r}")
+        kept = [e for e in entries if e["name"] != name]
+        if gone[0]["role"] == "admin" and not any(e["role"] == "admin" for e in kept):
+            raise InvalidInput(f"{name} is the last admin: add another admin first")
+        _write(path, kept)
+    e = gone[0]
+    return Identity(e["name"], e.get("project"), cast(Role, e["role"]))

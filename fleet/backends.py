@@ -6,19 +6,23 @@ nvml, and says which it picked either way.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fleet.backend import FleetBackend
-from fleet.clock import Clock
-from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
-from fleet.nvml import NvmlSession, NvmlUnavailable
-from fleet.nvml_backend import NvmlBackend
-from fleet.nvml_replay import FakeNvml, Recording
-from fleet.simulated import SimulatedFleet
+
+if TYPE_CHECKING:  # each backend's modules load when it is made: a command pays for its own
+    from fleet.backend import FleetBackend
+    from fleet.clock import Clock
+    from fleet.config import FleetConfig
+    from fleet.nvml import NvmlSession
 
 BACKENDS = ("simulated", "nvml", "replay", "auto", "ray")
+# What an NVIDIA driver makes: the control device (containers get it from the NVIDIA runtime)
+# and the kernel module's /proc entry.
+_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ def resolve(choice: BackendChoice) -> Resolved:
     """`auto` made concrete: nvml if NVML opens on this host, else simulated."""
     if choice.name != "auto":
         return Resolved(choice.name)
+    from fleet.nvml import NvmlSession, NvmlUnavailable
+
     session = NvmlSession()
     try:
         session.open()
@@ -62,12 +68,19 @@ def resolve(choice: BackendChoice) -> Resolved:
 def make_backend(resolved: Resolved, choice: BackendChoice, config: FleetConfig, *,
                  clock: Clock, state_dir: Path) -> FleetBackend:
     if resolved.name == "simulated":
+        from fleet.simulated import SimulatedFleet
+
         return SimulatedFleet(config)
     if resolved.name == "ray":
         from fleet.ray_backend import RayFleet  # the optional `ray` extra
 
         return RayFleet(config, choice.ray_address)
+    from fleet.nvml import NvmlSession
+    from fleet.nvml_backend import NvmlBackend
+
     if resolved.name == "replay":
+        from fleet.nvml_replay import FakeNvml, Recording
+
         assert choice.replay is not None
         lib = FakeNvml(Recording.load(choice.replay), clock.now)
         return NvmlBackend(config, NvmlSession(lib), name="replay", host="replay",
@@ -85,7 +98,12 @@ def placeable_fleet(config: FleetConfig, backend: FleetBackend) -> FleetConfig:
 
 def gpus_present() -> int:
     """How many GPUs NVML sees here (0 without a driver): a default that simulates on a GPU
-    host says so."""
+    host says so. Without the driver's device nodes NVML cannot open, so it is not loaded:
+    every command without --backend asks, and on a host without GPUs that costs nothing."""
+    if not any(os.path.exists(p) for p in _DRIVER_PATHS):
+        return 0
+    from fleet.nvml import NvmlSession, NvmlUnavailable
+
     session = NvmlSession()
     try:
         session.open()

@@ -44,6 +44,17 @@ class MonitorSettings(_Strict):
     idle_timeout_minutes: float = Field(default=30, gt=0)
     throttle_temp_c: float = Field(default=85, gt=0)
     sample_window: int = Field(default=10, ge=1, le=1000)
+    # Wall-clock seconds, whatever the clock's time_scale: how often a process that monitors
+    # allocations says it is alive, and how long a silence means it is gone (fleet.monitors).
+    heartbeat_seconds: float = Field(default=5, gt=0, le=3600)
+    heartbeat_stale_seconds: float = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _stale_after_beats(self) -> MonitorSettings:
+        if self.heartbeat_stale_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("heartbeat_stale_seconds must be at least twice heartbeat_seconds "
+                             "(one late beat must not look like a dead monitor)")
+        return self
 
 
 class SchedulerSettings(_Strict):

@@ -26,6 +26,10 @@ class InvalidInput(GPUAgentError, ValueError):
     exit_code = 2
 
 
+class MonitoredElsewhere(InvalidInput):
+    """Another live process runs this allocation's thread: nothing was done here."""
+
+
 class ConfigError(InvalidInput):
     """A malformed fleet file."""
 
@@ -44,6 +48,12 @@ class Forbidden(GPUAgentError):
     """The caller's identity may not do this (another project's, or not their role)."""
 
     exit_code = 5
+
+
+class CannotStart(GPUAgentError):
+    """A command could not be started on GPUs already placed (exit 127, as a shell says)."""
+
+    exit_code = 127
 
 
 class NotPlaced(GPUAgentError):

@@ -44,7 +44,8 @@ from fleet.topology import Topology
 # 1: allocations, holds, charges, spend, history, budgets, records, usage, unhealthy
 # 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released),
 #    audit (who approved, denied, decided, released, set a budget, and why)
-SCHEMA_VERSION = 2
+# 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -172,8 +173,18 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
 """
+
+V3 = """
+CREATE TABLE IF NOT EXISTS monitors (
+    allocation_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    beat_at REAL NOT NULL,
+    since REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS monitors_by_owner ON monitors (owner);
+"""
 TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
-          "usage", "unhealthy", "freed", "jobs", "audit")
+          "usage", "unhealthy", "freed", "jobs", "audit", "monitors")
 
 
 def allocation_id(thread_id: str, request_id: str) -> str:
@@ -368,13 +379,15 @@ class Ledger:
                         f"{self.name} holds tables but is not a gpu-agent ledger; "
                         "move it aside or choose another --state-dir or --database"
                     )
-                self._create(db, SCHEMA + V2)
+                self._create(db, SCHEMA + V2 + V3)
                 db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                            (str(SCHEMA_VERSION),))
                 return
             if version < 2:
                 self._upgrade_v1(db)
                 self._create(db, V2)
+            if version < 3:
+                self._create(db, V3)
             if version < SCHEMA_VERSION:
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
                            (str(SCHEMA_VERSION),))
@@ -869,6 +882,11 @@ class Ledger:
                 f"{ROW} WHERE state=? ORDER BY enqueued_at, id", (state,)
             )
         return [_row(r) for r in rows]
+
+    def live(self) -> list[LedgerRow]:
+        """Queued and active allocations, oldest first."""
+        return [_row(r) for r in self.query(
+            f"{ROW} WHERE state IN ('queued', 'active') ORDER BY enqueued_at, id")]
 
     def holders(self) -> dict[str, tuple[str, str]]:
         """GPU uuid -> (allocation id, project) for every held GPU."""

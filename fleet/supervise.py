@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.errors import InvalidInput
+from fleet.errors import CannotStart, InvalidInput
 
 POLL_S = 0.05
 
@@ -49,16 +50,31 @@ def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
     return sorted(out)
 
 
+def check_startable(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """InvalidInput unless `argv[0]` names an executable file (looked up on env's PATH like
+    exec does), so that GPUs are never placed for a command that cannot start."""
+    if not argv:
+        raise InvalidInput("no command to run (put it after --)")
+    program = argv[0]
+    if "/" in program:
+        if not os.path.isfile(program):
+            raise InvalidInput(f"cannot run {program!r}: no such file; nothing was placed")
+        if not os.access(program, os.X_OK):
+            raise InvalidInput(f"cannot run {program!r}: not executable; nothing was placed")
+    elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        raise InvalidInput(f"cannot run {program!r}: not found on PATH; nothing was "
+                               "placed")
+
+
 class Supervised:
     """A command started by gpu-agent, in its own process group."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        if not argv:
-            raise InvalidInput("no command to run (put it after --)")
+        check_startable(argv, env)
         try:
             self._proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
-        except OSError as exc:
-            raise InvalidInput(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        except OSError as exc:  # checked a moment ago: it changed meanwhile
+            raise CannotStart(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         self.pid = self._proc.pid  # also the process group's id
 
     def exited(self) -> bool:

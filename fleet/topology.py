@@ -2,45 +2,64 @@
 
 Placement asks it for the tightest set of free GPUs: one node when any node has room (the
 fullest such node, to keep big holes open for big requests), otherwise nodes as close to each
-other as the fabric allows.
+other as the fabric allows. The graph and its distances are built on first use: placement on
+one node (and every command that only reads the ledger) never loads networkx.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-
-import networkx as nx
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from fleet.config import FleetConfig
 from fleet.models import GPUInfo
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 NVLINK, PCIE, RACK, FABRIC = 1.0, 2.0, 4.0, 8.0
 
 
 class Topology:
     def __init__(self, config: FleetConfig, inventory: list[GPUInfo]) -> None:
-        self.graph = nx.Graph()
-        nvlink = {n.name: n.nvlink for n in config.nodes}
-        rack_of = {n.name: n.rack for n in config.nodes}
+        self._config = config
+        self._inventory = list(inventory)
+
+    @cached_property
+    def graph(self) -> nx.Graph:
+        import networkx as nx  # ~0.15 s: only placement across nodes needs it
+
+        graph = nx.Graph()
+        nvlink = {n.name: n.nvlink for n in self._config.nodes}
+        rack_of = {n.name: n.rack for n in self._config.nodes}
         for rack in set(rack_of.values()):
-            self.graph.add_edge(("rack", rack), ("fabric", "root"), weight=FABRIC)
+            graph.add_edge(("rack", rack), ("fabric", "root"), weight=FABRIC)
         for node, rack in rack_of.items():
-            self.graph.add_edge(("node", node), ("rack", rack), weight=RACK)
+            graph.add_edge(("node", node), ("rack", rack), weight=RACK)
         by_node: dict[str, list[GPUInfo]] = defaultdict(list)
-        for gpu in inventory:
+        for gpu in self._inventory:
             by_node[gpu.node].append(gpu)
-            self.graph.add_edge(("gpu", gpu.uuid), ("node", gpu.node), weight=PCIE)
+            graph.add_edge(("gpu", gpu.uuid), ("node", gpu.node), weight=PCIE)
         for node, gpus in by_node.items():
             if nvlink.get(node, False):
                 for i, a in enumerate(gpus):
                     for b in gpus[i + 1 :]:
-                        self.graph.add_edge(("gpu", a.uuid), ("gpu", b.uuid), weight=NVLINK)
-        hosts = [("node", name) for name in rack_of]
-        self._node_distance: dict[str, dict[str, float]] = {}
+                        graph.add_edge(("gpu", a.uuid), ("gpu", b.uuid), weight=NVLINK)
+        return graph
+
+    @cached_property
+    def _node_distance(self) -> dict[str, dict[str, float]]:
+        import networkx as nx
+
+        graph = self.graph
+        hosts = [("node", name) for name in dict.fromkeys(n.name for n in self._config.nodes)]
+        out: dict[str, dict[str, float]] = {}
         for host in hosts:
-            lengths = nx.single_source_dijkstra_path_length(self.graph, host, weight="weight")
-            self._node_distance[host[1]] = {h[1]: float(lengths[h]) for h in hosts if h in lengths}
+            lengths = nx.single_source_dijkstra_path_length(graph, host, weight="weight")
+            out[host[1]] = {h[1]: float(lengths[h]) for h in hosts if h in lengths}
+        return out
 
     def node_distance(self, a: str, b: str) -> float:
         return self._node_distance[a][b]

@@ -5,7 +5,10 @@ Over MCP the LangGraph server runs every tool call statelessly: a call can never
 so nothing that may stop for a human review belongs there. These two never stop; the request
 graph does only when the council splits (small requests are auto-approved), and its call lasts
 until the allocation ends. Behind a server with tokens (graph/auth.py) a member or approver
-sees only their project's allocations and releases only those.
+sees only their project's allocations and releases only those: another project's allocation
+is answered like one that does not exist. A refusal (a malformed id or project name, an
+unknown or foreign allocation, a context that is not the server's own) is the result's
+`error`, one line, never an exception: over MCP an exception is a traceback in the log.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from typing_extensions import TypedDict
 
-from fleet.errors import GPUAgentError
+from fleet import names
+from fleet.errors import GPUAgentError, InvalidInput
 from fleet.models import ReleaseReason
 from graph.auth import caller_of
 from graph.status import fleet_status, scoped
@@ -31,6 +35,7 @@ class StatusInput(TypedDict, total=False):
 
 class StatusState(StatusInput, total=False):
     fleet: dict[str, Any]
+    error: str
 
 
 class ReleaseInput(TypedDict):
@@ -43,24 +48,32 @@ class ReleaseState(ReleaseInput, total=False):
 
 
 def read_status(state: StatusState, runtime: Runtime[Context]) -> dict[str, Any]:
-    fleet = fleet_status(services_for(runtime))
+    project = state.get("project")
+    try:
+        if project not in (None, ""):
+            names.check("project", project)
+        svc = services_for(runtime)
+    except GPUAgentError as exc:
+        return {"error": str(exc)}
+    fleet = fleet_status(svc)
     who = caller_of(get_config())
     if who is not None and not who.admin:  # a token's project: its own allocations only
         return {"fleet": scoped(fleet, who.project or "")}
-    project = state.get("project")
     if project:
         fleet["allocations"] = [a for a in fleet["allocations"] if a["project"] == project]
     return {"fleet": fleet}
 
 
 def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any]:
-    svc = services_for(runtime)
+    aid = state.get("allocation_id")
     try:
+        names.check("allocation id", aid)
+        svc = services_for(runtime)
+        row = svc.ledger.get(aid)  # InvalidInput: no allocation 'a-...'
         who = caller_of(get_config())
-        if who is not None:
-            who.check_project(svc.ledger.get(state["allocation_id"]).project,
-                              "release allocations")
-        release = svc.release(state["allocation_id"], ReleaseReason.EXPLICIT)
+        if who is not None and not who.may_act_on(row.project):
+            raise InvalidInput(f"no allocation {aid!r}")  # another project's: as if none
+        release = svc.release(row.id, ReleaseReason.EXPLICIT)
     except GPUAgentError as exc:
         return {"error": str(exc)}
     return {"release": release.model_dump(mode="json")}

@@ -5,33 +5,56 @@ directory's access.toml gives it; without an access file every caller is the loc
 on the CLI. A thread is stamped with its creator's project (metadata `project`); a member or
 approver sees, searches and runs only threads of their project, may run requests only for it,
 and only an approver or admin may answer a review (a resume command), whose `by` becomes the
-caller's name (without an access file, the `by` sent is kept). Admins see everything.
+caller's name (without an access file, the `by` sent is kept). Every request a run brings is
+stamped with the caller's name (`requested_by`). Admins see everything.
+
+The server trusts no caller with its configuration: the runtime context is bound to the
+server's own (its environment: GPU_AGENT_HOME, GPU_AGENT_FLEET, GPU_AGENT_BACKEND,
+GPU_AGENT_REPLAY, GPU_AGENT_DATABASE, what `Context()` reads). A run whose `context` or
+`config.configurable` names another state directory, fleet file, backend, recording or
+database is refused (403), whoever asks; echoing the server's own values is fine. Only admins
+write a thread's state or steer a run (a command's `update` or `goto`): either could skip the
+council or the review. Caller-chosen thread ids must be valid names (fleet.names).
+
+Refusals are HTTP errors with one line, except for MCP's tool calls: the server's MCP endpoint
+runs the tool through an in-process client that turns any refusal into a 500 with a traceback,
+so for those the graphs themselves refuse (graph/server.py, graph/admin.py) and the refusal
+comes back as the tool's result.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from langgraph_sdk import Auth
 from langgraph_sdk.auth.types import RunsCreate, ThreadsCreate
 
+from fleet import names
 from fleet.access import LOCAL, Identity, identify
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
+from nodes.context import Context
 
 auth = Auth()
 
+BOUND = ("state_dir", "fleet_file", "backend", "replay", "database")  # the server's, not yours
+VIA_MCP = "via:mcp"  # a permission: the request came through the server's MCP endpoint
+
 
 @auth.authenticate
-async def authenticate(authorization: str | None) -> Auth.types.MinimalUserDict:
+async def authenticate(authorization: str | None, path: str) -> Auth.types.MinimalUserDict:
     token = authorization.removeprefix("Bearer ").strip() if authorization else None
     try:
         who = identify(default_state_dir(), token)
     except (Forbidden, InvalidInput) as exc:
         raise Auth.exceptions.HTTPException(status_code=401, detail=str(exc)) from None
-    return {"identity": who.name,
-            "permissions": [f"role:{who.role}", f"project:{who.project or ''}"]}
+    permissions = [f"role:{who.role}", f"project:{who.project or ''}"]
+    if path.rstrip("/") == "/mcp":  # its tool calls reach on_run below with this identity
+        permissions.append(VIA_MCP)
+    return {"identity": who.name, "permissions": permissions}
 
 
 def _identity(name: str, permissions: Sequence[str]) -> Identity:
@@ -53,13 +76,62 @@ def caller_of(config: Mapping[str, Any]) -> Identity | None:
     return _identity(str(name), configurable.get("langgraph_auth_permissions") or [])
 
 
-def _refuse(detail: str) -> Auth.exceptions.HTTPException:
-    return Auth.exceptions.HTTPException(status_code=403, detail=detail)
+def _refuse(detail: str, status: int = 403) -> Auth.exceptions.HTTPException:
+    return Auth.exceptions.HTTPException(status_code=status, detail=detail)
+
+
+def _where(name: str, value: object) -> object:
+    """A context value as compared: paths resolved (as services_for compares them)."""
+    if name in ("state_dir", "fleet_file", "replay") and isinstance(value, str):
+        try:
+            return str(Path(value).resolve())
+        except (OSError, ValueError):
+            return value
+    return value
+
+
+def chosen_context(*sources: object) -> list[str]:
+    """The bound fields that `sources` (a run's context, its config's configurable, an
+    assistant's) set to anything but the server's own; an empty value is no choice."""
+    own = Context()
+    chosen: list[str] = []
+    for source in sources:
+        if not isinstance(source, Mapping):
+            continue
+        for name in BOUND:
+            value = source.get(name)
+            if value in (None, "") or name in chosen:
+                continue
+            if _where(name, value) != _where(name, getattr(own, name)):
+                chosen.append(name)
+    return chosen
+
+
+async def _chosen(*sources: object) -> list[str]:
+    """chosen_context, off the event loop when there is anything to compare (resolving a
+    relative path reads the working directory, which the dev server flags as blocking)."""
+    if not any(isinstance(s, Mapping) and any(s.get(k) not in (None, "") for k in BOUND)
+               for s in sources):
+        return []
+    return await asyncio.to_thread(chosen_context, *sources)
+
+
+def _context_refusal(chosen: list[str]) -> Auth.exceptions.HTTPException:
+    return _refuse(f"a run may not choose its {', '.join(chosen)}: the context is bound to "
+                   "the server's own configuration (its GPU_AGENT_* environment)")
+
+
+def _check_thread_id(thread_id: object) -> None:
+    if thread_id is not None:
+        why = names.problem("thread id", str(thread_id))
+        if why is not None:
+            raise _refuse(why, 422)
 
 
 @auth.on.threads.create
 async def on_thread_create(ctx: Auth.types.AuthContext,
                            value: ThreadsCreate) -> None:
+    _check_thread_id(value.get("thread_id"))
     who = _who(ctx)
     if not who.admin:  # in place: the server keeps its own reference to the dict
         metadata = value.setdefault("metadata", {})
@@ -70,14 +142,31 @@ async def on_thread_create(ctx: Auth.types.AuthContext,
 async def on_run(ctx: Auth.types.AuthContext,
                  value: RunsCreate) -> dict[str, str] | None:
     who = _who(ctx)
+    # Over MCP a refusal here becomes a 500: the graphs refuse those runs themselves.
+    mcp = VIA_MCP in ctx.permissions
+    _check_thread_id(value.get("thread_id"))
     kwargs = value.get("kwargs") or {}
-    request = (kwargs.get("input") or {}).get("request") if isinstance(
-        kwargs.get("input"), dict) else None
+    config = kwargs.get("config")
+    chosen = await _chosen(kwargs.get("context"),
+                           config.get("configurable") if isinstance(config, dict) else None)
+    if chosen and not mcp:
+        raise _context_refusal(chosen)
+    run_input = kwargs.get("input")
+    request = run_input.get("request") if isinstance(run_input, dict) else None
     if isinstance(request, dict):
-        project = str(request.get("project", "default"))
-        if not who.may_act_on(project):
+        project = request.get("project", "default")
+        why = names.problem("project", project)
+        if why is not None and not mcp:
+            raise _refuse(why, 422)
+        if why is None and not who.may_act_on(project) and not mcp:
             raise _refuse(f"{who.name} may not request GPUs for project {project}")
+        request["requested_by"] = who.name  # in place: who asked, whatever was sent
     command = kwargs.get("command") or {}
+    if isinstance(command, dict):
+        steered = [k for k in ("update", "goto") if command.get(k) not in (None, {}, [], "")]
+        if steered and not who.admin:
+            raise _refuse(f"{who.name} may not steer a run (command {' and '.join(steered)}): "
+                          "only an admin writes a thread's state")
     if isinstance(command, dict) and "resume" in command:
         if who.role == "member":
             raise _refuse(f"{who.name} is a member, not an approver: only an approver or an "
@@ -98,18 +187,44 @@ async def on_run(ctx: Auth.types.AuthContext,
 
 @auth.on.threads
 async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] | None:
-    """Reading, searching, updating and deleting threads: one's own project's only."""
+    """Reading, searching, updating and deleting threads: one's own project's only. Writing a
+    thread's state (an update that is neither a metadata patch nor a run's cancel) could
+    skip the council or the review: admins only; nor may a thread change project."""
     who = _who(ctx)
-    return None if who.admin else {"project": who.project or ""}
+    if who.admin:
+        return None
+    if ctx.action == "update" and isinstance(value, Mapping):
+        if "metadata" not in value and "action" not in value:
+            raise _refuse(f"{who.name} may not write a thread's state: only an admin may")
+        metadata = value.get("metadata")
+        if isinstance(metadata, Mapping) and metadata.get("project", who.project) \
+                != who.project:
+            raise _refuse(f"{who.name} may not move a thread to project "
+                          f"{metadata.get('project')}")
+    return {"project": who.project or ""}
 
 
 @auth.on.assistants
 async def on_assistants(ctx: Auth.types.AuthContext, value: Any) -> bool:
-    """Everyone may find and read the graphs; only admins change them."""
+    """Everyone may find and read the graphs; only admins change them, and an assistant's
+    context is bound like a run's."""
+    if ctx.action in ("create", "update") and isinstance(value, Mapping):
+        config = value.get("config")
+        chosen = await _chosen(value.get("context"), config.get("configurable")
+                               if isinstance(config, Mapping) else None)
+        if chosen:
+            raise _context_refusal(chosen)
     return _who(ctx).admin or ctx.action in ("read", "search")
 
 
 @auth.on
 async def admins_only(ctx: Auth.types.AuthContext, value: Any) -> bool:
-    """Crons and the store: admins only."""
+    """Crons and the store: admins only; a cron's run is bound like any other's."""
+    payload = value.get("payload") if isinstance(value, Mapping) else None
+    if isinstance(payload, Mapping):
+        config = payload.get("config")
+        chosen = await _chosen(payload.get("context"), config.get("configurable")
+                               if isinstance(config, Mapping) else None)
+        if chosen:
+            raise _context_refusal(chosen)
     return _who(ctx).admin

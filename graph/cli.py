@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fleet.access import ACCESS, add_identity, identify
 from fleet.backends import BACKENDS, BackendChoice, gpus_present
@@ -25,11 +25,17 @@ from fleet.config import FleetConfig, load_fleet
 from fleet.errors import GPUAgentError, InvalidInput
 from fleet.jobs import Job, JobQueue
 from fleet.models import Event, HumanDecision, Status
+from fleet.services import Services
 from fleet.statedir import default_state_dir, prepare
 from fleet.validation import check_against_fleet, check_budget, parse_request
-from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
-from graph.worker import Worker
+from graph.records import Records
+
+# Only light modules above: the commands that read or write the ledger (status, costs,
+# release, history, ...) use Records and never load LangGraph, torch or networkx. What runs
+# the graph (the Orchestrator) is imported by the handlers that need it, as is anything heavy.
+if TYPE_CHECKING:
+    from graph.orchestrator import Orchestrator
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
@@ -124,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="the web page: pending reviews (approve or deny), the fleet, "
                        "spend; on 127.0.0.1")
     _common(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default "
+                   "127.0.0.1); the page answers to it and to the loopback names")
+    p.add_argument("--allow-host", metavar="NAME", action="append", dest="allow_host",
+                   help="another host name the page answers to (repeatable; env "
+                   "GPU_AGENT_UI_HOSTS, comma-separated): requests with any other Host are "
+                   "refused")
     p.add_argument("--port", type=int, default=8750)
     p.add_argument("--simulation", metavar="DIR", default="simulation",
                    help="the `gpu-agent simulate` report whose cost figures the spend page "
@@ -269,16 +280,31 @@ def _orchestrator(
     args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None,
     choice: BackendChoice | None = None, pool_size: int = 8,
 ) -> Orchestrator:
+    """For the commands that run threads: the graph and its checkpointer (LangGraph)."""
+    from graph.orchestrator import Orchestrator
+
     orch = Orchestrator(args.state_dir, config or _fleet_file(args),
                         backend=choice or _backend(args), create=create,
                         database=_database(args), pool_size=pool_size)
-    if orch.services.note:
-        print(f"gpu-agent: {orch.services.note}", file=sys.stderr)
-    problem = getattr(orch.services.backend, "problem", None)
-    if problem:
-        print(f"gpu-agent: {orch.services.backend.name}: {problem}; the inventory is empty "
-              "(--backend simulated simulates a fleet)", file=sys.stderr)
+    _say_backend(orch.services)
     return orch
+
+
+def _records(args: argparse.Namespace, *, create: bool) -> Records:
+    """For the commands that only read or write the ledger: no graph, no checkpointer."""
+    records = Records(args.state_dir, _fleet_file(args), backend=_backend(args),
+                      create=create, database=_database(args))
+    _say_backend(records.services)
+    return records
+
+
+def _say_backend(services: Services) -> None:
+    if services.note:
+        print(f"gpu-agent: {services.note}", file=sys.stderr)
+    problem = getattr(services.backend, "problem", None)
+    if problem:
+        print(f"gpu-agent: {services.backend.name}: {problem}; the inventory is empty "
+              "(--backend simulated simulates a fleet)", file=sys.stderr)
 
 
 def _database(args: argparse.Namespace) -> str | None:
@@ -399,9 +425,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
-        jobs = [orch.job(args.thread_id)] if args.thread_id else orch.jobs()
-        counts = JobQueue(orch.services.ledger).counts()
+    with _records(args, create=False) as rec:
+        jobs = [rec.job(args.thread_id)] if args.thread_id else rec.jobs()
+        counts = JobQueue(rec.services.ledger).counts()
     lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {j.request.project:<12} "
              f"{j.worker or ''}" + (f"  ({j.error})" if j.error else "") for j in jobs]
     _emit(args, {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
@@ -412,8 +438,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise InvalidInput(f"--limit must be at least 1, not {args.limit}")
-    with _orchestrator(args, create=False) as orch:
-        entries = orch.audit(args.project, args.limit)
+    with _records(args, create=False) as rec:
+        entries = rec.audit(args.project, args.limit)
     lines = [f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {e.action:<8} "
              f"{e.project:<14} {e.target:<16} by {e.who}: {e.detail}" for e in entries]
     _emit(args, {"entries": [asdict(e) for e in entries]}, "\n".join(lines) or "no entries")
@@ -438,23 +464,29 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from graph.ui import SERVER, create_app
+    from graph.orchestrator import Orchestrator
+    from graph.ui import SERVER, allowed_hosts, create_app, hosts_from_env
 
     if not 0 < args.port < 65536:
         raise InvalidInput(f"--port must be 1-65535, not {args.port}")
+    extra = [args.host, *(args.allow_host or hosts_from_env())]
+    hosts = allowed_hosts(extra)  # checked before anything opens
     orch = Orchestrator(args.state_dir, _fleet_file(args), backend=_backend(args),
                         database=_database(args), identity=SERVER)
-    print(f"gpu-agent: the page is on http://{args.host}:{args.port}/", file=sys.stderr,
-          flush=True)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"gpu-agent: the page is on http://{shown}:{args.port}/ (it answers to host names "
+          f"{', '.join(sorted(hosts))})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(orch, simulation=Path(args.simulation)), host=args.host,
-                    port=args.port, log_level="warning")
+        uvicorn.run(create_app(orch, simulation=Path(args.simulation), allowed=extra),
+                    host=args.host, port=args.port, log_level="warning")
     finally:
         orch.close()
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from graph.worker import Worker
+
     with _orchestrator(args, create=True, pool_size=args.concurrency + 2) as orch:
         worker = Worker(orch, concurrency=args.concurrency, lease_seconds=args.lease_seconds,
                         poll_seconds=args.poll_seconds, exit_when_idle=args.exit_when_idle)
@@ -487,9 +519,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
-        before = orch.services.ledger.get(args.allocation_id)
-        release = orch.release(args.allocation_id)  # Forbidden for another project's
+    with _records(args, create=False) as rec:
+        before = rec.services.ledger.get(args.allocation_id)
+        release = rec.release(args.allocation_id)  # Forbidden for another project's
         note = " (it was already released)" if before.state == "released" else ""
         _emit(args, release.model_dump(mode="json") | {"already_released": bool(note)},
               f"{release.allocation_id}: released ({release.reason.value}) after "
@@ -498,8 +530,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
-        data = orch.status()
+    with _records(args, create=False) as rec:
+        data = rec.status()
     lines = [f"backend {data['backend']}"
              + (f": {data['problem']}" if data["problem"] else "")
              + (f"; not in the fleet catalog, never placed: {', '.join(data['unpriced_types'])}"
@@ -588,12 +620,12 @@ def cmd_studio(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
+    with _records(args, create=False) as rec:
         if args.clear:
-            orch.identity.check_admin("put GPUs back into placement")
-        if args.clear and not orch.services.ledger.clear_unhealthy(args.clear):
+            rec.identity.check_admin("put GPUs back into placement")
+        if args.clear and not rec.services.ledger.clear_unhealthy(args.clear):
             raise InvalidInput(f"GPU {args.clear} is not marked unhealthy")
-        bad = orch.services.check_health()
+        bad = rec.services.check_health()
     lines = [f"{uuid}  {reason}" for uuid, reason in bad.items()] or ["every GPU is healthy"]
     _emit(args, {"unhealthy": bad}, "\n".join(lines))
     return 0
@@ -620,8 +652,8 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
-        records = orch.history(args.project)
+    with _records(args, create=False) as rec:
+        records = rec.history(args.project)
     lines = [f"{'allocation':<16}{'project':<14}{'GPUs':<14}{'hours':>7}{'cost':>11}  reason"]
     for r in records:
         lines.append(f"{r.allocation_id:<16}{r.project:<14}{f'{r.count} x {r.gpu_type}':<14}"
@@ -631,8 +663,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
-        costs = orch.costs()
+    with _records(args, create=False) as rec:
+        costs = rec.costs()
     rows = []
     lines = [f"{'project':<16}{'spent':>12}{'running':>12}{'budget':>12}{'remaining':>12}"]
     for c in costs:
@@ -652,8 +684,8 @@ def _usd(value: float | None) -> str:
 
 def cmd_budget(args: argparse.Namespace) -> int:
     check_budget(args.project, args.usd)
-    with _orchestrator(args, create=True) as orch:
-        moved = orch.set_budget(args.project, args.usd)
+    with _records(args, create=True) as rec:
+        moved = rec.set_budget(args.project, args.usd)
     note = f"; {len(moved)} running allocation(s) now end earlier" if moved else ""
     _emit(args, {"project": args.project, "budget_usd": args.usd, "moved": moved},
           f"budget of {args.project}: ${args.usd:,.2f}{note}")

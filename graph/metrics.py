@@ -21,6 +21,8 @@ in Prometheus base units:
     gpu_agent_releases_total{reason}        finished allocations per release reason
     gpu_agent_gpu_held{gpu,UUID,project,allocation_id}  1 for every held GPU
     gpu_agent_gpu_unhealthy{UUID,reason}    1 for every GPU out of placement
+    gpu_agent_unmonitored{project,allocation_id,state}  1 for every live allocation that no
+                                            process monitors (fleet.monitors): alert on it
 
 `registry_for`, `wsgi_app` and `asgi_app` let another server mount the metrics; `serve` runs
 prometheus_client's own HTTP server in a thread; `serve_until_signalled` is what
@@ -43,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from fleet.models import GPUInfo, GPUSample
+from fleet.monitors import Monitors
 from nodes.context import Services
 
 MIB_PER_GIB = 1024.0
@@ -77,6 +80,7 @@ class _LedgerFamilies(NamedTuple):
     releases: CounterMetricFamily
     held: GaugeMetricFamily
     unhealthy: GaugeMetricFamily
+    unmonitored: GaugeMetricFamily
 
 
 def _dcgm_families() -> list[GaugeMetricFamily]:
@@ -100,6 +104,11 @@ def _ledger_families() -> _LedgerFamilies:
         unhealthy=GaugeMetricFamily("gpu_agent_gpu_unhealthy", "1 for every GPU taken out of "
                                     "placement (an XID error, a lost GPU).",
                                     labels=["UUID", "reason"]),
+        unmonitored=GaugeMetricFamily(
+            "gpu_agent_unmonitored", "1 for every live allocation no process monitors (its "
+            "monitor stopped beating): idle release and the lease are not enforced until a "
+            "worker or `gpu-agent resume` adopts it.",
+            labels=["project", "allocation_id", "state"]),
     )
 
 
@@ -146,6 +155,8 @@ class FleetCollector(Collector):
             m.held.add_metric([index.get(uuid, ""), uuid, project, aid], 1)
         for uuid, reason in svc.check_health().items():
             m.unhealthy.add_metric([uuid, reason], 1)
+        for orphan in Monitors(svc.ledger).orphans():
+            m.unmonitored.add_metric([orphan.row.project, orphan.row.id, orphan.row.state], 1)
         yield from m
 
 

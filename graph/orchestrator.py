@@ -8,15 +8,15 @@
 
 Every request is a LangGraph thread checkpointed in the state directory; the ledger is the
 truth about GPUs and money. `allocate_gpu_sync` is the synchronous twin for scripts and
-notebooks.
+notebooks. The ledger's view (release, budgets, history, costs, audit, status, jobs) is
+inherited from Records (graph/records.py), which opens no graph for the commands that need
+only that.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,31 +27,24 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability, StateSnapshot, StreamMode
 
 from council.voting import Council
-from fleet.access import LOCAL, Identity, identify
+from fleet import names
+from fleet.access import LOCAL, Identity
 from fleet.backend import FleetBackend
 from fleet.backends import BackendChoice
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
-from fleet.errors import GPUAgentError, InvalidInput
+from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere
 from fleet.jobs import Job, JobQueue
-from fleet.ledger import AuditEntry, ProjectCost
-from fleet.models import (
-    Event,
-    GPURequest,
-    HistoryRecord,
-    HumanDecision,
-    Release,
-    ReleaseReason,
-    Status,
-)
+from fleet.models import Event, GPURequest, HumanDecision, Status
+from fleet.monitors import Orphan
 from fleet.validation import check_against_fleet, parse_request
 from graph.builder import after_allocate, build_graph
 from graph.checkpoint import close_checkpointer, open_checkpointer
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
-from graph.status import fleet_status, scoped
+from graph.records import Records
 from nodes import audit
-from nodes.context import LocalContext, Services, open_services
+from nodes.context import LocalContext
 from nodes.review import parse_decision
 from nodes.state import InputState, request_of
 
@@ -61,7 +54,7 @@ DURABILITY: Durability = "sync"
 PURE_NODES = frozenset({"validate", "council", "review", "route"})  # no side effects
 
 
-class Orchestrator:
+class Orchestrator(Records):
     def __init__(
         self,
         state_dir: str | Path | None = None,
@@ -76,22 +69,22 @@ class Orchestrator:
         pool_size: int = 8,
         token: str | None = None,
         identity: Identity | None = None,
+        monitor_kind: str = "python",
     ) -> None:
         """`database`: a postgresql:// URL holding the ledger and the checkpoints, shared by
         every worker (default: SQLite files in the state directory). `pool_size`: its
         checkpoint connections (one per thread running at once is plenty). `token` (default:
         env GPU_AGENT_TOKEN): who is calling, where the state directory has an access file
         (fleet.access); without one the caller may do everything. `identity`: one the caller
-        authenticated itself (a server acting for its users through `acting_as`)."""
-        self.services: Services = open_services(
-            state_dir, fleet, backend=backend, clock=clock, council=council, create=create,
-            database=database,
-        )
+        authenticated itself (a server acting for its users through `acting_as`). The ledger
+        is opened and set right as for Records (graph/records.py); then the checkpointer.
+        `monitor_kind`: what this process is ("cli", "worker", "page", "python"), shown by
+        `status` beside each allocation whose thread it runs (fleet.monitors)."""
+        super().__init__(state_dir, fleet, backend=backend, clock=clock, council=council,
+                         create=create, database=database, token=token, identity=identity)
+        self.services.monitor_kind = monitor_kind
         self.project = project
         try:
-            self.identity = identity or identify(self.services.state_dir,
-                                                 token or os.environ.get("GPU_AGENT_TOKEN"))
-            self.services.actor = self.identity.name
             self.checkpointer = open_checkpointer(self.services.state_dir, database,
                                                   pool_size=pool_size)
         except BaseException:
@@ -100,20 +93,10 @@ class Orchestrator:
         self.graph = build_graph(self.checkpointer)
         self.context = LocalContext(state_dir=str(self.services.state_dir),
                                     services=self.services)
-        self.services.ledger.reconcile(self.services.clock.now())  # leases that ran out while down
-        held = self.services.ledger.holders()  # power limits a crashed process left lowered
-        self.services.backend.reset([g.uuid for g in self.services.gpus if g.uuid not in held])
-        self.services.reconcile_reservations()  # a crashed worker's placement groups (Ray)
 
     def close(self) -> None:
         close_checkpointer(self.checkpointer)
-        self.services.close()
-
-    def __enter__(self) -> Orchestrator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     # ---- running threads -------------------------------------------------------------------
 
@@ -127,6 +110,8 @@ class Orchestrator:
         if project and "project" not in req.model_fields_set:
             req = req.model_copy(update={"project": project})
         self.identity.check_project(req.project, "request GPUs")
+        # who asked is whom the token names, whatever the request said
+        req = req.model_copy(update={"requested_by": self.identity.name})
         check_against_fleet(req, self.services.config)
         return req
 
@@ -139,7 +124,15 @@ class Orchestrator:
         return project
 
     def _config(self, thread_id: str) -> RunnableConfig:
-        return {"configurable": {"thread_id": thread_id}}
+        return {"configurable": {"thread_id": names.check("thread id", thread_id)}}
+
+    def _new_thread(self, thread_id: str | None) -> str:
+        """A thread id for a new request: the caller's (checked, unused) or a fresh one."""
+        if thread_id is None:
+            return uuid.uuid4().hex
+        if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
+            raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
+        return thread_id
 
     def _stream(
         self,
@@ -196,17 +189,20 @@ class Orchestrator:
         GPUs are held resumes from the last tick. Both parts are idempotent on re-run.
         """
         config = self._config(thread_id)
-        if pure_first:
-            values, stopped = self._stream(graph_input, config, "exit", on_update,
+        try:
+            if pure_first:
+                values, stopped = self._stream(graph_input, config, "exit", on_update,
+                                               on_progress=on_progress,
+                                               interrupt_before=["allocate"])
+                if stopped != ():  # finished, or a human review: not standing before allocate
+                    return self._outcome_of(thread_id, values, stopped)
+                graph_input = None
+            values, stopped = self._stream(graph_input, config, DURABILITY, on_update,
                                            on_progress=on_progress,
-                                           interrupt_before=["allocate"])
-            if stopped != ():  # finished, or a human review: not standing before allocate
-                return self._outcome_of(thread_id, values, stopped)
-            graph_input = None
-        values, stopped = self._stream(graph_input, config, DURABILITY, on_update,
-                                       on_progress=on_progress,
-                                       interrupt_after=None if wait else ["allocate"])
-        return self._outcome_of(thread_id, values, stopped)
+                                           interrupt_after=None if wait else ["allocate"])
+            return self._outcome_of(thread_id, values, stopped)
+        finally:  # whatever stopped it, this process no longer runs the thread
+            self.services.unwatch_thread(thread_id)
 
     def _outcome_of(self, thread_id: str, values: dict[str, Any],
                     stopped: tuple[Any, ...] | None) -> RequestOutcome:
@@ -235,9 +231,7 @@ class Orchestrator:
         InvalidInput before anything is written.
         """
         req = self.check(request)
-        thread_id = thread_id or uuid.uuid4().hex
-        if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
-            raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
+        thread_id = self._new_thread(thread_id)
         return self._invoke(InputState(request=req), thread_id, wait=wait, pure_first=True,
                             on_update=_events_to(on_event), on_progress=on_progress)
 
@@ -307,44 +301,34 @@ class Orchestrator:
     def _resume_quietly(self, thread_id: str) -> None:
         try:
             self.resume(thread_id)
+        except MonitoredElsewhere as exc:  # another live process runs it: nothing to do
+            logging.getLogger(__name__).info("thread %s: %s", thread_id, exc)
         except Exception:  # the thread stays checkpointed: `gpu-agent resume` carries it on
             logging.getLogger(__name__).exception("background thread %s stopped", thread_id)
+
+    def claim_orphan(self, orphan: Orphan) -> bool:
+        """Become the monitor of an allocation nobody monitors (False: another process was
+        quicker, or its monitor came back). The caller then resumes its thread."""
+        self.identity.check_project(orphan.row.project, "monitor allocations")
+        try:
+            self.services.watch(orphan.row.id, orphan.row.thread_id)
+        except MonitoredElsewhere:
+            return False
+        return True
+
+    def adopt(self) -> list[threading.Thread]:
+        """Carry on, in background threads of this process, every live allocation the caller
+        may act on whose monitor died (or that nobody monitored); the threads."""
+        return [self.continue_in_background(o.row.thread_id) for o in self.orphans()
+                if o.checkpointed and self.claim_orphan(o)]
 
     def submit(self, request: GPURequest | Mapping[str, Any], *,
                thread_id: str | None = None) -> Job:
         """Queue a request for `gpu-agent worker` (any worker on the same database runs it);
         checked first, so invalid input raises InvalidInput and queues nothing."""
         req = self.check(request)
-        thread_id = thread_id or uuid.uuid4().hex
-        if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
-            raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
+        thread_id = self._new_thread(thread_id)
         return JobQueue(self.services.ledger).submit(thread_id, req)
-
-    def job(self, thread_id: str) -> Job:
-        """A submitted request's job: pending, running (on which worker) or done (how)."""
-        job = JobQueue(self.services.ledger).get(thread_id)
-        self.identity.check_project(job.request.project, "read jobs")
-        return job
-
-    def acting_as(self, identity: Identity) -> Orchestrator:
-        """This orchestrator (same services, graph and checkpoints) acting as `identity`: what
-        a server that authenticates each request (the web page) calls per request."""
-        other = copy.copy(self)
-        other.identity = identity
-        return other
-
-    def pending_reviews(self) -> list[str]:
-        """Threads waiting for a human decision that the caller may see, oldest first."""
-        log = self.services.ledger.audit_log(self._visible(None))
-        decided = {e.key.removeprefix("decide:") for e in log if e.key.startswith("decide:")}
-        return [e.target for e in log
-                if e.action == "ask" and e.key.removeprefix("ask:") not in decided]
-
-    def jobs(self) -> list[Job]:
-        """The submitted requests the caller may see, oldest first."""
-        mine = self._visible(None)
-        return [j for j in JobQueue(self.services.ledger).jobs()
-                if mine is None or j.request.project == mine]
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
@@ -364,7 +348,7 @@ class Orchestrator:
         Raises InvalidInput, Denied, NotPlaced or PendingReview when no GPUs were placed.
         """
         req = self.check(request)
-        thread_id = thread_id or uuid.uuid4().hex
+        thread_id = self._new_thread(thread_id)
         placed = threading.Event()
         box: dict[str, Any] = {}
 
@@ -406,70 +390,9 @@ class Orchestrator:
         thread.start()
         return thread
 
-    # ---- the ledger's view ----------------------------------------------------------------
-
-    def release(
-        self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
-    ) -> Release:
-        """Release now (or cancel a queued request). A second release returns the first."""
-        self.identity.check_project(self.services.ledger.get(allocation_id).project,
-                                    "release allocations")
-        return self.services.release(allocation_id, reason)
-
-    def set_budget(self, project: str, budget_usd: float) -> list[str]:
-        """Set a project's budget; returns the allocations whose deadline it moved."""
-        self.identity.check_admin("set budgets")
-        return self.services.set_budget(project, budget_usd)
-
-    def _visible(self, project: str | None) -> str | None:
-        """The project a caller may read (None: all, for an admin who asked for all)."""
-        if project is not None:
-            self.identity.check_project(project, "read the records")
-            return project
-        return self.identity.project if not self.identity.admin else None
-
-    def history(self, project: str | None = None) -> list[HistoryRecord]:
-        return self.services.ledger.history(self._visible(project))
-
-    def costs(self) -> list[ProjectCost]:
-        mine = self._visible(None)
-        return [c for c in self.services.ledger.costs(self.services.clock.now())
-                if mine is None or c.project == mine]
-
-    def audit(self, project: str | None = None, limit: int | None = None) -> list[AuditEntry]:
-        """Who approved, denied, decided, released and set budgets, and why; oldest first."""
-        return self.services.ledger.audit_log(self._visible(project), limit)
-
-    def problems(self) -> list[str]:
-        """What in the ledger and checkpoints does not add up, each with a way out: live
-        allocations on GPUs this fleet lacks (another --fleet or --backend than they were
-        placed with), and live allocations whose thread has no checkpoint (the checkpoint file
-        replaced or its tables lost), which nothing will monitor or release."""
-        known = {g.uuid for g in self.services.gpus}
-        mine = self._visible(None)
-        out = []
-        for row in self.services.ledger.allocations():
-            if row.state == "released" or (mine is not None and row.project != mine):
-                continue
-            end = (f"`gpu-agent release {row.id}` ends it and charges the time held"
-                   if row.state == "active" else f"`gpu-agent release {row.id}` cancels it")
-            missing = [g for g in row.gpu_ids if g not in known]
-            if missing:
-                out.append(f"allocation {row.id} ({row.project}) holds {', '.join(missing)}, "
-                           "which this fleet does not have (was it placed with another "
-                           f"--fleet or --backend?): {end}")
-            if self.checkpointer.get_tuple(self._config(row.thread_id)) is None:
-                out.append(f"allocation {row.id} ({row.project}): its thread {row.thread_id} "
-                           "has no checkpoint (were the checkpoints replaced or lost?), so "
-                           f"nothing will monitor or release it: {end}")
-        return out
-
-    def status(self) -> dict[str, Any]:
-        """Every GPU with its holder and live reading, and the allocations the caller may see
-        (the `status` JSON); GPUs held by other projects show no thread or allocation."""
-        status = fleet_status(self.services) | {"problems": self.problems()}
-        mine = self._visible(None)
-        return status if mine is None else scoped(status, mine)
+    def _checkpointed(self, thread_ids: list[str]) -> set[str]:
+        """Through the open checkpointer (its connection or pool), not a second one."""
+        return {t for t in thread_ids if self.checkpointer.get_tuple(self._config(t)) is not None}
 
 
 def _to_run(snap: StateSnapshot) -> tuple[str, ...]:

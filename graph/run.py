@@ -20,7 +20,7 @@ from types import FrameType
 
 from fleet.errors import InvalidInput
 from fleet.models import GPURequest, ReleaseReason
-from fleet.supervise import Supervised
+from fleet.supervise import Supervised, check_startable
 from graph.orchestrator import Orchestrator
 
 POLL_S = 0.25
@@ -62,6 +62,7 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
            owned: bool, say: Callable[[str], None] = print) -> RunReport:
     """Run `argv` on an active allocation until it exits or the allocation ends."""
     svc = orch.services
+    check_startable(argv, os.environ)
     row = svc.ledger.get(allocation_id)
     orch.identity.check_project(row.project, "run commands on allocations")
     if row.state != "active":
@@ -123,7 +124,9 @@ def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> lis
 
 def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str], *,
                     grace_s: float, say: Callable[[str], None] = print) -> RunReport:
-    """Request GPUs (the graph monitors them in the background) and run `argv` on them."""
+    """Request GPUs (the graph monitors them in the background) and run `argv` on them.
+    A command that cannot start places nothing."""
+    check_startable(argv, os.environ)
     handle = orch.allocate_gpu_sync(request)
     say(f"allocation {handle.id}: {handle.allocation.count} x {handle.allocation.gpu_type} "
         f"until {handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC")

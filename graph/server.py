@@ -1,7 +1,13 @@
 """What langgraph.json points at for `langgraph dev` and the LangGraph server.
 
-The graph is the checkpointer-free one `graph.builder` exports (the server refuses a graph that
-brings its own). The checkpointer is the project's own SQLite file in the state directory
+The graph is `graph.builder`'s, checkpointer-free (the server refuses a graph that brings its
+own), with the same nodes, so that its checkpoints resume anywhere; only its first step also
+answers for the server's caller: a plain JSON context must be the server's own
+(`services_for` binds it), and a member or approver requests GPUs only for their project.
+graph/auth.py refuses both with a 403 before a run starts; the graph refuses them too, as a
+result (status invalid or denied, with the reason), for the paths where the auth handler
+cannot (MCP's tool calls, where a refusal would come back as a 500) or does not look. The
+checkpointer is the project's own SQLite file in the state directory
 (env GPU_AGENT_HOME, default ./.gpu-agent), or with env GPU_AGENT_DATABASE=postgresql://... the
 PostgreSQL database the workers share, with the same allow-listed serializer the CLI uses,
 so a thread started in Studio or through the SDK can be resumed, inspected or forked from the
@@ -14,16 +20,49 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiosqlite
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.config import get_config
+from langgraph.runtime import Runtime
 
+from fleet import names
+from fleet.errors import InvalidInput
+from fleet.models import GPURequest, Status
 from fleet.statedir import CHECKPOINTS, default_state_dir, prepare
-from graph.builder import graph
+from graph.auth import caller_of
+from graph.builder import build_graph
 from graph.checkpoint import SETUP_LOCK, serializer
+from nodes.context import Context, services_for
+from nodes.state import State
+from nodes.validate import validate
 
 __all__ = ["checkpointer", "graph"]
+
+
+def validate_for_caller(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+    """`validate`, after the server's own checks: the bound context and the caller's project
+    (a malformed project name is validate's to report)."""
+    thread_id = runtime.execution_info.thread_id if runtime.execution_info else None
+    refused = {"thread_id": thread_id or ""}
+    try:
+        services_for(runtime)
+    except InvalidInput as exc:
+        return refused | {"status": Status.INVALID, "reason": str(exc)}
+    who = caller_of(get_config())
+    request = state.get("request")
+    project = request.project if isinstance(request, GPURequest) else \
+        request.get("project", "default") if isinstance(request, dict) else None
+    if who is not None and names.valid("project", project) and \
+            not who.may_act_on(str(project)):
+        return refused | {"status": Status.DENIED,
+                          "reason": f"{who.name} may not request GPUs for project {project}"}
+    return validate(state, runtime)
+
+
+graph = build_graph(replace={"validate": validate_for_caller})
 
 
 @asynccontextmanager

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fleet.models import utc
 from fleet.monitoring import OUTSIDE, condition
-from nodes.context import Services
+from fleet.monitors import Monitors
+from fleet.services import Services
 
 
 def scoped(fleet: dict[str, Any], project: str) -> dict[str, Any]:
@@ -27,6 +29,8 @@ def fleet_status(svc: Services) -> dict[str, Any]:
     samples = svc.sample([g.uuid for g in svc.gpus], now,
                          {g: p for g, (_, p) in holders.items()})
     unhealthy = svc.check_health()
+    monitors = Monitors(svc.ledger)
+    watchers, wall = monitors.watchers(), time.time()
     gpus = []
     for gpu, sample in zip(svc.gpus, samples, strict=True):
         aid, project = holders.get(gpu.uuid, (None, None))
@@ -56,6 +60,11 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             "released_at": utc(r.released_at).isoformat() if r.released_at else None,
             "reason": r.release_reason.value if r.release_reason else None,
             "cost_usd": r.cost_usd,
+            # live only: whether a process runs its thread (fleet.monitors), and which
+            "monitored": None if r.state == "released" else monitors.alive(
+                watchers.get(r.id), wall),
+            "monitor": None if r.state == "released" or r.id not in watchers
+            else watchers[r.id].describe(wall),
         }
         for r in svc.ledger.allocations()
     ]

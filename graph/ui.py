@@ -10,6 +10,12 @@ A decision is applied exactly as `gpu-agent resume THREAD --approve|--deny` appl
 claiming it in the ledger (Orchestrator._decision): a second click, a stale page or a second
 approver gets a page saying who decided. Every form carries a token bound to the caller
 (HMAC of their token), so a forged post from another site is refused.
+
+Before any of that, every request passes `_Guard`: its Host must be a name the page serves
+(loopback names, the bound address, the operator's --allow-host / GPU_AGENT_UI_HOSTS), so a
+page elsewhere that rebinds its DNS name to 127.0.0.1 reads nothing; and a POST whose Origin
+(or, without one, Referer) is another origin, or `null`, is refused. A POST with neither
+(curl, scripts) goes on: the per-caller form token still has to match.
 """
 
 from __future__ import annotations
@@ -19,74 +25,325 @@ import hmac
 import html
 import json
 import os
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from fleet.access import ACCESS, LOCAL, Identity, identify
+from council.features import worst_case_usd
+from fleet import names
+from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
-from fleet.models import Status
-from fleet.routing import Refusal
+from fleet.ledger import AuditEntry
+from fleet.models import GPURequest, RouteMode, Status
+from fleet.routing import Refusal, estimate
 from fleet.routing import route as choose_route
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
+from nodes.audit import decision_key, recorded
 
 COOKIE = "gpu_agent_token"
 # Who the page's own orchestrator is: it acts for each caller through `acting_as`, and as itself
 # only to carry a decided thread on (monitoring, release), as a worker does.
 SERVER = Identity("web-ui", None, "admin")
+# Host names the page always answers to; `gpu-agent ui --host` and --allow-host (or
+# GPU_AGENT_UI_HOSTS, comma-separated) add others.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HOSTS_ENV = "GPU_AGENT_UI_HOSTS"
+REFRESH_SECONDS = 15  # the pending reviews list reloads itself (a <meta> refresh, no script)
+LIVE = ("queued", "active")
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{background:#1f2937;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;
  align-items:center}
 header a{color:#e5e7eb;text-decoration:none}header .who{margin-left:auto;opacity:.8}
-main{padding:1rem 1.2rem;max-width:70rem}
+main{padding:1rem 1.2rem;max-width:90rem}
+.when{white-space:nowrap}
 table{border-collapse:collapse;background:#fff;margin:.5rem 0 1.2rem}
-td,th{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;font-size:.92rem}
+td,th{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;font-size:.92rem;
+ vertical-align:top}
 th{background:#eef1f4}.approve{background:#1a7f37;color:#fff}.deny{background:#cf222e;color:#fff}
+.release{background:#9a6700;color:#fff;padding:.25rem .7rem}
 button{border:0;padding:.45rem 1rem;border-radius:4px;cursor:pointer;margin-right:.5rem}
 .note{background:#fff8c5;padding:.5rem .8rem;border:1px solid #d4a72c}
 .error{background:#ffebe9;padding:.5rem .8rem;border:1px solid #cf222e}
+.flag{background:#ffebe9;border-left:4px solid #cf222e;padding:.4rem .8rem;margin:.4rem 0}
+.badge{background:#cf222e;color:#fff;border-radius:3px;padding:0 .35rem;font-size:.8rem;
+ white-space:nowrap}
+.decided{background:#ddf4ff;padding:.5rem .8rem;border:1px solid #54aeff}
+.explain{max-width:60rem;line-height:1.45}
+.id{font-family:ui-monospace,monospace;font-size:.85rem;overflow-wrap:anywhere}
+.aid{white-space:nowrap}td.gpus{min-width:11rem}
+div.note form{display:inline;margin-left:1rem}
+.muted{color:#57606a}
 textarea{width:28rem;height:3rem}
+svg text{font-family:system-ui,sans-serif;fill:#1b1f24}
 """
+# Every response: no framing (a framed page's buttons could be clicked through), no sniffing
+# a text/plain error into HTML, no script at all, forms post only here.
+SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"content-security-policy",
+     b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+     b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+]
+
+# ---- labels: what the page shows for the models' field names and values ----------------------
+
+FIELDS = {
+    "project": "Project", "requested_by": "Requested by", "purpose": "Purpose",
+    "gpu_type": "GPU type", "count": "GPUs", "duration_hours": "Duration",
+    "priority": "Priority", "mode": "Routing", "budget_limit": "Budget limit",
+    "min_memory_gb": "Minimum GPU memory", "max_wait_minutes": "Longest wait for GPUs",
+    "request_id": "Request id",
+}
+STATUS = {
+    "pending": "not started", "invalid": "invalid", "denied": "denied",
+    "pending_review": "waiting for a review", "queued": "queued for GPUs",
+    "allocated": "GPUs allocated", "released": "finished (GPUs released)",
+    "timed_out": "gave up waiting for GPUs",
+}
+STATE = {"queued": "queued", "active": "running", "released": "released"}
+RELEASE_REASON = {
+    "lease-expired": "lease ended", "idle": "released for idling", "budget": "budget reached",
+    "explicit": "released by hand", "context-exit": "the program's block ended",
+    "expired-while-down": "lease ended while nothing ran", "cancelled": "cancelled",
+    "unhealthy": "a GPU became unhealthy", "command-exit": "the command ended",
+}
+MODE = {"budget": "budget (cheapest per unit of work)",
+        "performance": "performance (fastest within budget)"}
+VERDICT = {"approve": "approve", "deny": "deny", "abstain": "abstain"}
+
+
+def label(table: dict[str, str], key: object) -> str:
+    """A readable label (a raw value not in the map: its underscores and dashes as spaces)."""
+    text = str(key)
+    return table.get(text, text.replace("_", " ").replace("-", " "))
 
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _q(value: str) -> str:
+    """A checked id as one URL path segment (quoted anyway)."""
+    return quote(value, safe="")
+
+
 def _money(x: float | None) -> str:
     return "-" if x is None else f"${x:,.2f}"
+
+
+def _axis_money(x: float) -> str:
+    return "$0" if x == 0 else f"${x:,.0f}" if x >= 100 else f"${x:,.2f}"
 
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else f"{datetime.fromtimestamp(ts, UTC):%Y-%m-%d %H:%M} UTC"
 
 
-def bars(values: list[float], labels: list[str], width: int = 420, height: int = 120) -> str:
-    """A small inline SVG bar chart (no script, no library)."""
+def _iso(value: str | None) -> str:
+    """An ISO timestamp from the status JSON, as the page shows times."""
+    if not value:
+        return "-"
+    try:
+        return f"{datetime.fromisoformat(value).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    except ValueError:
+        return value
+
+
+def _span(seconds: float) -> str:
+    """A duration in words: '45 s', '12 min', '3 h 05 min', '2 d 4 h'."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def _reading(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{round(value):d} {unit}"
+
+
+def _shown(value: str) -> str:
+    """Something a caller sent, as a short one-line quoted string."""
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+def _hours(h: float) -> str:
+    return f"{h:g} h" if float(h).is_integer() else f"{h:.2f} h"
+
+
+def _value(field: str, value: object) -> str:
+    """A request field's value as the page shows it."""
+    if field == "duration_hours" and isinstance(value, int | float):
+        return _hours(float(value))
+    if field == "budget_limit" and isinstance(value, int | float):
+        return _money(float(value))
+    if field == "min_memory_gb":
+        return f"{value:g} GB" if isinstance(value, int | float) else str(value)
+    if field == "max_wait_minutes":
+        return f"{value:g} min" if isinstance(value, int | float) else str(value)
+    if field == "mode":
+        return label(MODE, value)
+    return str(value)
+
+
+def bars(values: list[float], labels: list[str], *, oldest: str = "", newest: str = "",
+         width: int = 560, height: int = 170) -> str:
+    """A small inline SVG bar chart of dollar amounts with its scale: the top and zero of the
+    y axis in dollars, the x axis from oldest to newest with their dates (no script)."""
     if not values:
         return "<p>no history yet</p>"
-    top = max(max(values), 1e-9)
-    w = width / len(values)
+    left, right, top_pad, bottom = 72, 12, 10, 38
+    plot_w, plot_h = width - left - right, height - top_pad - bottom
+    top = max(max(values), 0.0)
+    scale = top if top > 0 else 1.0
+    base = top_pad + plot_h
+    w = plot_w / len(values)
+    bw = min(max(w - 2, 1), 48)  # a bar, centred in its slot
     rects = "".join(
-        f'<rect x="{i * w + 2:.1f}" y="{height - 18 - (v / top) * (height - 30):.1f}" '
-        f'width="{max(w - 4, 1):.1f}" height="{(v / top) * (height - 30):.1f}" fill="#0969da">'
-        f"<title>{_e(label)}: {v:,.2f}</title></rect>"
-        for i, (v, label) in enumerate(zip(values, labels, strict=True)))
-    return (f'<svg role="img" width="{width}" height="{height}" '
-            f'xmlns="http://www.w3.org/2000/svg">{rects}'
-            f'<text x="0" y="{height - 4}" font-size="10">oldest</text>'
-            f'<text x="{width - 40}" y="{height - 4}" font-size="10">newest</text></svg>')
+        f'<rect x="{left + i * w + (w - bw) / 2:.1f}" y="{base - (v / scale) * plot_h:.1f}" '
+        f'width="{bw:.1f}" height="{(max(v, 0.0) / scale) * plot_h:.1f}" '
+        f'fill="#0969da"><title>{_e(lab)}: {_e(_money(v))}</title></rect>'
+        for i, (v, lab) in enumerate(zip(values, labels, strict=True)))
+    axes = (f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{base}" stroke="#57606a"/>'
+            f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" '
+            'stroke="#57606a"/>'
+            f'<line x1="{left - 4}" y1="{top_pad}" x2="{left}" y2="{top_pad}" '
+            'stroke="#57606a"/>'
+            f'<text x="{left - 6}" y="{top_pad + 4}" font-size="11" text-anchor="end">'
+            f"{_e(_axis_money(top))}</text>"
+            f'<text x="{left - 6}" y="{base + 4}" font-size="11" text-anchor="end">$0</text>'
+            f'<text x="{left}" y="{base + 15}" font-size="11">oldest</text>'
+            f'<text x="{left}" y="{base + 29}" font-size="10" class="muted">{_e(oldest)}</text>'
+            f'<text x="{width - right}" y="{base + 15}" font-size="11" text-anchor="end">'
+            "newest</text>"
+            f'<text x="{width - right}" y="{base + 29}" font-size="10" text-anchor="end">'
+            f"{_e(newest)}</text>")
+    return (f'<svg role="img" aria-label="cost per bar, $0 to {_e(_axis_money(top))}" '
+            f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+            f"{axes}{rects}</svg>")
+
+
+# ---- host names and origins ------------------------------------------------------------------
+
+_HOST = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?")
+_NAME = re.compile(r"[a-z0-9._-]{1,253}|[0-9a-f:.]{2,45}")
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def allowed_hosts(extra: Iterable[str] = ()) -> frozenset[str]:
+    """The host names the page answers to: the loopback names and `extra` (a name or an
+    address, IPv6 with or without brackets, no port). InvalidInput for anything else."""
+    out = set(LOOPBACK)
+    for raw in extra:
+        name = raw.strip().lower()
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        if not name:
+            continue
+        if not _NAME.fullmatch(name):
+            raise InvalidInput(f"host name {raw!r}: a DNS name or an IP address, without a "
+                               "port or a scheme")
+        out.add(name)
+    return frozenset(out)
+
+
+def hosts_from_env() -> list[str]:
+    """GPU_AGENT_UI_HOSTS, comma-separated."""
+    return [h for h in os.environ.get(HOSTS_ENV, "").split(",") if h.strip()]
+
+
+def _host_port(value: str) -> tuple[str, int | None] | None:
+    """A Host header's (or an origin's authority's) name and port; None if it is malformed
+    (user info, a path, spaces: nothing but a name or address and a port)."""
+    found = _HOST.fullmatch(value.strip().lower())
+    if found is None:
+        return None
+    port = int(found[3]) if found[3] else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    return found[1] or found[2], port
+
+
+def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
+    """Whether `origin` (scheme://authority, or a Referer URL) names the host the request was
+    sent to: same name, same port (an absent port is the scheme's default on both sides)."""
+    found = re.fullmatch(r"(https?)://([^/?#]+)(?:[/?#].*)?", origin.strip(), re.S)
+    if found is None:
+        return False
+    theirs = _host_port(found[2])
+    if theirs is None:
+        return False
+    default = _DEFAULT_PORT[found[1].lower()]
+    return theirs[0] == host[0] and (theirs[1] or default) == (host[1] or default)
+
+
+class _Guard:
+    """ASGI middleware: the Host check on every request, the Origin check on every POST, and
+    the security headers on every response."""
+
+    def __init__(self, app: Any, ui: WebUI, hosts: frozenset[str]) -> None:
+        self.app, self.ui, self.hosts = app, ui, hosts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+    def refusal(self, scope: Any) -> Response | None:
+        headers = Headers(scope=scope)
+        hosts = headers.getlist("host")
+        host = _host_port(hosts[0]) if len(hosts) == 1 else None
+        if host is None or host[0] not in self.hosts:
+            shown = _shown(hosts[0] if len(hosts) == 1 else "")
+            return PlainTextResponse(
+                f"gpu-agent: this page is not served under host {shown} (its operator adds "
+                "names with `gpu-agent ui --allow-host NAME` or GPU_AGENT_UI_HOSTS)\n", 421)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return None
+        origin, referer = headers.get("origin"), headers.get("referer")
+        if origin is not None:
+            why = None if _same_origin(origin, host) else \
+                f"its Origin {_shown(origin)} is not this page"
+        elif referer is not None:
+            why = None if _same_origin(referer, host) else \
+                "it was sent from another page (its Referer is not this page)"
+        else:  # not a browser (curl, a script): the form token alone decides
+            why = None
+        if why is None:
+            return None
+        return self.ui.error(Request(scope), None, 403,
+                             f"this form was posted from elsewhere ({why}): nothing changed")
 
 
 class WebUI:
@@ -117,35 +374,66 @@ class WebUI:
         basis = request.cookies.get(COOKIE, "local").encode()
         return hmac.new(self.secret, basis, hashlib.sha256).hexdigest()
 
+    def _check_csrf(self, request: Request, form: dict[str, str]) -> None:
+        if not hmac.compare_digest(form.get("csrf", ""), self._csrf(request)):
+            raise Forbidden("this form was not issued to you (a stale or forged post): "
+                            "nothing changed")
+
     def _as(self, who: Identity) -> Orchestrator:
         return self.orch.acting_as(who)
+
+    def _deciders(self, project: str) -> str:
+        """Who may decide a review of `project`, in words."""
+        if not (self.state_dir / ACCESS).exists():
+            return "the local user"
+        people = identities(self.state_dir)
+        approvers = sorted(i.name for i in people if i.role == "approver"
+                           and i.project == project)
+        admins = sorted(i.name for i in people if i.admin)
+        who = (f"an approver of {project} ({', '.join(approvers)})" if approvers
+               else f"an approver of {project} (there is none yet)")
+        return who + (f" or an admin ({', '.join(admins)})" if admins else " or an admin")
 
     # ---- pages ----------------------------------------------------------------------------
 
     def page(self, request: Request, who: Identity | None, title: str, body: str,
-             status: int = 200) -> HTMLResponse:
+             status: int = 200, refresh: int | None = None) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        nav = "".join(f'<a href="{root}/{p}">{label}</a>' for p, label in
+        nav = "".join(f'<a href="{_e(root)}/{p}">{lab}</a>' for p, lab in
                       (("reviews", "Pending reviews"), ("fleet", "Fleet"), ("spend", "Spend")))
         whom = "" if who is None else \
             f'<span class="who">{_e(who.name)} ({_e(who.role)}' + \
             (f" of {_e(who.project)}" if who.project else "") + ")</span>"
+        meta = "" if refresh is None else \
+            f'<meta http-equiv="refresh" content="{int(refresh)}">'
         return HTMLResponse(
-            f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f"<!doctype html><html lang=en><head><meta charset=utf-8>{meta}"
             f"<title>{_e(title)} - gpu-agent</title><style>{STYLE}</style></head>"
             f"<body><header><strong>gpu-agent</strong>{nav}{whom}</header>"
             f"<main><h1>{_e(title)}</h1>{body}</main></body></html>", status_code=status)
 
     def error(self, request: Request, who: Identity | None, status: int,
-              message: str) -> HTMLResponse:
-        return self.page(request, who, {403: "Not allowed", 404: "Not found",
-                                        409: "Already decided"}.get(status, "Bad request"),
-                         f'<p class="error">{_e(message)}</p>', status)
+              message: str, title: str | None = None) -> HTMLResponse:
+        more = ""
+        tid = request.path_params.get("thread") if "path_params" in request.scope else None
+        if status == 409 and isinstance(tid, str) and names.valid("thread id", tid):
+            root = request.scope.get("root_path", "")
+            more = f'<p><a href="{_e(root)}/reviews/{_q(tid)}">See the review</a></p>'
+        return self.page(request, who, title or {403: "Not allowed", 404: "Not found",
+                                                 409: "Already decided"}.get(status,
+                                                                             "Bad request"),
+                         f'<p class="error">{_e(message)}</p>{more}', status)
 
     def guarded(self, fn: Callable[[Request, Identity], Response]
                 ) -> Callable[[Request], Response]:
-        """Log in first where tokens are required; GPUAgentError -> an error page."""
+        """Ids in the path checked first (a malformed one: a one-line 404); then log in where
+        tokens are required; GPUAgentError -> an error page."""
         def endpoint(request: Request) -> Response:
+            for param, kind in (("thread", "thread id"), ("allocation", "allocation id")):
+                if param in request.path_params:
+                    why = names.problem(kind, request.path_params[param])
+                    if why is not None:
+                        return PlainTextResponse(f"not found: {why}\n", 404)
             who = self._identity(request)
             if who is None:
                 root = request.scope.get("root_path", "")
@@ -155,9 +443,10 @@ class WebUI:
             except Forbidden as exc:
                 return self.error(request, who, 403, str(exc))
             except InvalidInput as exc:
-                status = 404 if "no thread" in str(exc) else \
-                    409 if "already decided" in str(exc) or "not waiting" in str(exc) else 400
-                return self.error(request, who, status, str(exc))
+                text = str(exc)
+                status = 404 if text.startswith(("no thread", "no allocation")) else \
+                    409 if "already decided" in text or "not waiting" in text else 400
+                return self.error(request, who, status, text)
         return endpoint
 
     def login(self, request: Request) -> Response:
@@ -175,80 +464,241 @@ class WebUI:
             return response
         return self.page(request, None, "Log in", _login_form(root))
 
+    # ---- reviews ----------------------------------------------------------------------------
+
+    def _asked(self, project: str | None) -> dict[str, AuditEntry]:
+        """The council's "ask" entry of each thread (the latest), by thread id."""
+        return {e.target: e for e in self.orch.services.ledger.audit_log(project)
+                if e.action == "ask"}
+
     def reviews(self, request: Request, who: Identity) -> Response:
         orch = self._as(who)
+        root = request.scope.get("root_path", "")
+        now = orch.services.clock.now()
+        asked = self._asked(None if who.admin else who.project)
         rows = []
         for tid in orch.pending_reviews():
+            if not names.valid("thread id", tid):  # never a link from an unchecked id
+                continue
             out = orch.outcome(tid)
             req = out_request(out)
-            rows.append(f'<tr><td><a href="reviews/{_e(tid)}">{_e(tid)}</a></td>'
-                        f"<td>{_e(req.get('project'))}</td><td>{_e(req.get('count'))} x "
-                        f"{_e(req.get('gpu_type') or 'any')}</td>"
-                        f"<td>{_e(req.get('duration_hours'))} h</td>"
-                        f"<td>{_e(out.council.summary if out.council else '')}</td></tr>")
-        body = ("<table><tr><th>thread</th><th>project</th><th>GPUs</th><th>for</th>"
-                "<th>council</th></tr>" + "".join(rows) + "</table>") if rows else \
+            ask = asked.get(tid)
+            rows.append(
+                f'<tr><td><a class="id" href="{_e(root)}/reviews/{_q(tid)}">{_e(tid)}</a></td>'
+                f"<td>{_e(req.get('project'))}</td>"
+                f"<td>{_e(req.get('requested_by') or 'unknown')}</td>"
+                f"<td>{_e(req.get('count'))} x {_e(req.get('gpu_type') or 'any type')}</td>"
+                f"<td>{_e(_value('duration_hours', req.get('duration_hours')))}</td>"
+                f"<td>{_e(_span(now - ask.at) if ask else '-')}</td>"
+                f"<td>{_e(out.council.summary if out.council else '')}</td></tr>")
+        body = ("<table><tr><th>Thread</th><th>Project</th><th>Requested by</th><th>GPUs</th>"
+                "<th>Duration</th><th>Waiting for</th><th>Council</th></tr>"
+                + "".join(rows) + "</table>") if rows else \
             "<p>No request is waiting for a decision.</p>"
-        return self.page(request, who, "Pending reviews", body)
+        body += (f'<p class="muted">This list reloads itself every {REFRESH_SECONDS} s. '
+                 "Open a request to decide it.</p>")
+        return self.page(request, who, "Pending reviews", body, refresh=REFRESH_SECONDS)
 
     def review(self, request: Request, who: Identity) -> Response:
         tid = request.path_params["thread"]
+        root = request.scope.get("root_path", "")
         orch = self._as(who)
         out = orch.outcome(tid)
         req = out_request(out)
-        parts = [f"<p>Thread <code>{_e(tid)}</code>: <strong>{_e(out.status.value)}</strong>"
+        project = str(req.get("project", "default"))
+        svc = orch.services
+        now = svc.clock.now()
+        ask = self._ask_of(tid, project, out.request)
+        decided = None if out.request is None else svc.ledger.audit_entry(
+            decision_key({"thread_id": tid}, out.request))
+        parts = [f'<p>Thread <code class="id">{_e(tid)}</code>: '
+                 f"<strong>{_e(label(STATUS, out.status.value))}</strong>"
                  f" ({_e(out.reason)})</p>"]
+        asker = req.get("requested_by") or "unknown"
+        if ask is not None:
+            waited = (decided.at if decided else now) - ask.at
+            parts.append(f"<p>Asked by <strong>{_e(asker)}</strong>; the council asked for a "
+                         f"review at {_e(_when(ask.at))}, "
+                         + (f"decided after {_e(_span(waited))}." if decided else
+                            f"waiting for <strong>{_e(_span(waited))}</strong>.") + "</p>")
+        else:
+            parts.append(f"<p>Asked by <strong>{_e(asker)}</strong>.</p>")
+        if decided is not None:
+            human = recorded(decided)
+            verb = "Approved" if human.approve else "Denied"
+            parts.append(f'<p class="decided"><strong>{verb} by {_e(decided.who)}</strong> '
+                         f"at {_e(_when(decided.at))}: "
+                         + (f"&ldquo;{_e(human.comment)}&rdquo;" if human.comment
+                            else "no comment") + "</p>")
         if out.allocation is not None:
-            a = out.allocation
-            parts.append(f'<p class="note">allocation {_e(a.id)}: {a.count} x '
-                         f"{_e(a.gpu_type)} on {_e(a.node)}, lease until "
-                         f"{a.lease_end:%Y-%m-%d %H:%M} UTC</p>")
+            parts.append(self._allocation_note(request, who, out, tid))
         parts.append("<h2>Request</h2><table>" + "".join(
-            f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in req.items()
-            if v is not None and k != "request_id") + "</table>")
+            f"<tr><th>{_e(label(FIELDS, k))}</th><td>{_e(_value(k, v))}</td></tr>"
+            for k, v in req.items()
+            if v is not None and k not in ("request_id", "requested_by")) + "</table>")
         if out.council is not None:
-            parts.append(f"<h2>Council: {_e(out.council.summary)}</h2><table><tr><th>member"
-                         "</th><th>vote</th><th>probability</th><th>what moved it</th></tr>")
+            parts.append(f"<h2>Council: {_e(out.council.summary)}</h2><table><tr><th>Member"
+                         "</th><th>Vote</th><th>Probability of approval</th>"
+                         "<th>What moved it most</th></tr>")
             for v in out.council.votes:
                 top = sorted(v.reasons, key=lambda r: -abs(r.effect))[:3]
-                parts.append(f"<tr><td>{_e(v.member)}</td><td>{_e(v.verdict.value)}</td>"
+                parts.append(f"<tr><td>{_e(v.member)}</td>"
+                             f"<td>{_e(label(VERDICT, v.verdict.value))}</td>"
                              f"<td>{v.probability:.2f}</td><td>"
                              + "; ".join(_e(r.text) for r in top) + "</td></tr>")
             parts.append("</table>")
-        project = str(req.get("project", "default"))
+        pending = out.status is Status.PENDING_REVIEW
+        if pending and out.request is not None:
+            parts.append(self._costs(orch, out.request))
+        elif out.route is not None:
+            r = out.route
+            parts.append(f"<h2>Routed</h2><p>{_e(req.get('count'))} x {_e(r.gpu_type)} at "
+                         f"{_money(r.price_per_hour)}/GPU-h, "
+                         f"estimated {_hours(round(r.est_hours, 2))}: "
+                         f"{_money(r.est_cost_usd)} ({_e(r.reason)})"
+                         + (f"; charged {_money(out.release.cost_usd)} for "
+                            f"{_hours(round(out.release.hours, 2))} held"
+                            if out.release is not None else "") + ".</p>")
         history = list(reversed(orch.history(project)[:20]))
-        parts.append(f"<h2>{_e(project)}: its last {len(history)} allocations (cost)</h2>"
+        parts.append(f"<h2>{_e(project)}: cost of its last {len(history)} allocations</h2>"
                      + bars([h.cost_usd for h in history],
-                            [f"{h.ended_at:%Y-%m-%d} {h.reason.value}" for h in history]))
-        if out.status is Status.PENDING_REVIEW:
-            parts.append(self._route(orch, out))
-            parts.append(f'<form method="post" action="{_e(tid)}/decide">'
-                         f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
-                         '<p><textarea name="comment" placeholder="why (recorded)"></textarea>'
-                         '</p><button class="approve" name="decision" value="approve">Approve'
-                         '</button><button class="deny" name="decision" value="deny">Deny'
-                         "</button></form>")
+                            [f"{h.ended_at:%Y-%m-%d} {label(RELEASE_REASON, h.reason.value)}"
+                             for h in history],
+                            oldest=f"{history[0].ended_at:%Y-%m-%d %H:%M}" if history else "",
+                            newest=f"{history[-1].ended_at:%Y-%m-%d %H:%M}" if history
+                            else ""))
+        if pending and decided is None:
+            parts.append(self._decide_form(request, who, tid, project))
+        parts.append(f'<p><a href="{_e(root)}/reviews">Back to the pending reviews</a></p>')
         return self.page(request, who, f"Review of {project}'s request", "".join(parts))
 
-    def _route(self, orch: Orchestrator, out: RequestOutcome) -> str:
-        """Where the request would go if approved now, and what it would cost."""
-        svc, request = orch.services, out.request
-        if request is None:
-            return ""
-        route = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project),
-                             svc.available_by_type())
+    def _ask_of(self, tid: str, project: str, request: GPURequest | None) -> AuditEntry | None:
+        """The council's "ask" entry of this thread's request."""
+        asks = [e for e in self.orch.services.ledger.audit_log(project)
+                if e.action == "ask" and e.target == tid]
+        if request is not None:
+            mine = [e for e in asks if e.key.endswith(f":{request.request_id}")]
+            asks = mine or asks
+        return asks[-1] if asks else None
+
+    def _decide_form(self, request: Request, who: Identity, tid: str, project: str) -> str:
+        root = request.scope.get("root_path", "")
+        try:
+            who.check_decide(project)
+        except Forbidden:
+            mine = f"You ({who.name}, {who.role}" + \
+                (f" of {who.project}" if who.project else "") + ") may read this review "
+            return (f'<p class="note">{_e(mine)}but not decide it: '
+                    f"{_e(self._deciders(project))} decides it.</p>")
+        return (f'<h2>Decide</h2><form method="post" '
+                f'action="{_e(root)}/reviews/{_q(tid)}/decide">'
+                f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
+                '<p><textarea name="comment" placeholder="why (recorded in the audit log)">'
+                '</textarea></p><button class="approve" name="decision" value="approve">'
+                'Approve</button><button class="deny" name="decision" value="deny">Deny'
+                "</button></form>")
+
+    def _allocation_note(self, request: Request, who: Identity, out: RequestOutcome,
+                         tid: str) -> str:
+        a = out.allocation
+        assert a is not None
+        try:
+            row = self.orch.services.ledger.get(a.id)
+        except InvalidInput:
+            row = None
+        state = row.state if row is not None else "active"
+        text = (f'<div class="note">Allocation <span class="id aid">{_e(a.id)}</span> '
+                f"({_e(label(STATE, state))}): {a.count} x {_e(a.gpu_type)} on {_e(a.node)}, "
+                f"lease until {a.lease_end:%Y-%m-%d %H:%M} UTC")
+        if row is not None and row.state == "released":
+            text += (f"; {_e(label(RELEASE_REASON, row.release_reason or ''))}, "
+                     f"charged {_money(row.cost_usd)}")
+        if state in LIVE and who.may_act_on(a.project):
+            text += self._release_form(request, a.id, f"reviews/{tid}")
+        return text + "</div>"
+
+    def _costs(self, orch: Orchestrator, request: GPURequest) -> str:
+        """The cost the council judged beside what the route would place now, and why they
+        differ: the council prices the request at its worst case (all its GPUs for the whole
+        requested time) on the cheapest type that does the work, whether or not that type has
+        GPUs free; the route takes the type it would really place on now."""
+        svc = orch.services
+        config = svc.config
+        types = [t for t in ([request.gpu_type] if request.gpu_type
+                             else config.pool(request.purpose)) if t in config.catalog]
+        ref = request.gpu_type or next(iter(config.pool(request.purpose)), None)
+        if not types or ref not in config.catalog:  # the fleet file changed since it asked
+            return ("<h2>If approved now</h2><p class=\"error\">this fleet no longer prices "
+                    "the GPU types the request may run on</p>")
+        cheapest = min(types, key=lambda t: (estimate(request, config, t)[1], t))
+        c_hours, _ = estimate(request, config, cheapest)
+        worst = worst_case_usd(request, config)
+        c_price = config.catalog[cheapest].price_per_hour
+        n = request.count
+        work = _hours(request.duration_hours)
+        of_work = "" if cheapest == ref else f", {work} of work at {ref} speed"
+        council = (f"the council judged the cost at its worst case on the cheapest type that "
+                   f"does the work ({n} x {cheapest} for {_hours(round(c_hours, 2))}{of_work}: "
+                   f"{_money(worst)})")
+        available = svc.available_by_type()
+        route = choose_route(request, config, svc.ledger.remaining_usd(request.project),
+                             available)
         if isinstance(route, Refusal):
-            return f'<p class="error">if approved now: refused ({_e(route.reason)})</p>'
-        return (f"<h2>If approved</h2><p>{request.count} x {_e(route.gpu_type)} "
-                f"({_e(route.pool)} pool) at {_money(route.price_per_hour)}/GPU-h, about "
-                f"{route.est_hours:.2f} h: <strong>{_money(route.est_cost_usd)}</strong></p>")
+            return (f"<h2>If approved now</h2><p class=\"error\">refused: {_e(route.reason)}"
+                    f"</p><p class=\"explain\">{_e(council.capitalize())}; routed now the "
+                    "request would be refused.</p>")
+        queued = available.get(route.gpu_type, 0) < n
+        if route.gpu_type == cheapest:
+            why = ("the request names its type, which" if request.gpu_type else
+                   "the cheapest type that does the work") + \
+                (f" has no {n} GPUs free: it would wait in the queue for" if queued
+                 else " has the GPUs free now:")
+            same = abs(route.est_cost_usd - worst) < 0.005
+        else:
+            why_not = next((o.why_not for o in route.alternatives
+                            if o.gpu_type == cheapest and o.why_not), None)
+            if route.mode is RouteMode.PERFORMANCE:
+                why = "performance mode takes the fastest type within budget:"
+            elif why_not:
+                why = f"{cheapest} does not fit ({why_not}), so it takes"
+            elif "free now" in route.reason:
+                why = f"{cheapest} has no {n} GPUs free, so it takes the cheapest type free now:"
+            else:
+                why = "it takes"
+            if queued:
+                why += " (no type has the GPUs free now: it would wait in the queue)"
+            same = False
+        routed = (f"routed now, {why} {route.gpu_type} at {_money(route.price_per_hour)}/GPU-h"
+                  f" for {_hours(round(route.est_hours, 2))}: {_money(route.est_cost_usd)}")
+        table = (
+            "<table><tr><th></th><th>The council judged</th><th>If approved now</th></tr>"
+            f"<tr><th>GPU type</th><td>{_e(cheapest)}</td><td>{_e(route.gpu_type)}</td></tr>"
+            f"<tr><th>GPUs</th><td>{n}</td><td>{n}</td></tr>"
+            f"<tr><th>Price</th><td>{_money(c_price)}/GPU-h</td>"
+            f"<td>{_money(route.price_per_hour)}/GPU-h</td></tr>"
+            f"<tr><th>Hours</th><td>{_e(_hours(round(c_hours, 2)))}</td>"
+            f"<td>{_e(_hours(round(route.est_hours, 2)))}</td></tr>"
+            f"<tr><th>Cost</th><td><strong>{_money(worst)}</strong> (worst case)</td>"
+            f"<td><strong>{_money(route.est_cost_usd)}</strong></td></tr></table>")
+        tail = (" The same figure." if same else "") + (
+            " Both are worst cases: every GPU held for the whole requested time; an allocation"
+            " released earlier (its work done, idle) is charged only for the time it held.")
+        return (f"<h2>Cost: what the council judged, and if approved now</h2>{table}"
+                f'<p class="explain">{_e(council[0].upper() + council[1:])}; '
+                f"{_e(routed)}.{_e(tail)}</p>")
+
+    def _release_form(self, request: Request, aid: str, back: str) -> str:
+        root = request.scope.get("root_path", "")
+        return (f'<form method="post" action="{_e(root)}/allocations/{_q(aid)}/release" '
+                'style="display:inline">'
+                f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
+                f'<input type="hidden" name="back" value="{_e(back)}">'
+                '<button class="release">Release</button></form>')
 
     def decide(self, request: Request, who: Identity) -> Response:
         tid = request.path_params["thread"]
         form = _form(request)
-        if not hmac.compare_digest(form.get("csrf", ""), self._csrf(request)):
-            raise Forbidden("this form was not issued to you (a stale or forged post): "
-                            "nothing changed")
+        self._check_csrf(request, form)
         choice = form.get("decision")
         if choice not in ("approve", "deny"):
             raise InvalidInput("the decision must be approve or deny")
@@ -258,28 +708,86 @@ class WebUI:
                                     "comment": comment}, wait=False)
         if outcome.next:  # placed or queued: monitoring goes on in this process
             self.background.append(self.orch.continue_in_background(tid))
-        return RedirectResponse(str(request.url_for("review", thread=tid)), status_code=303)
+        root = request.scope.get("root_path", "")
+        return RedirectResponse(f"{root}/reviews/{_q(tid)}", status_code=303)
+
+    def release(self, request: Request, who: Identity) -> Response:
+        """Release a live allocation (cancel a queued one) for a caller who may."""
+        aid = request.path_params["allocation"]
+        root = request.scope.get("root_path", "")
+        form = _form(request)
+        self._check_csrf(request, form)
+        back = form.get("back", "fleet")
+        if back != "fleet":
+            tid = back.removeprefix("reviews/")
+            back = f"reviews/{_q(tid)}" if back.startswith("reviews/") and \
+                names.valid("thread id", tid) else "fleet"
+        row = self.orch.services.ledger.get(aid)
+        who.check_project(row.project, "release allocations")
+        if row.state not in LIVE:
+            return self.error(request, who, 409,
+                              f"allocation {aid} was already released "
+                              f"({label(RELEASE_REASON, row.release_reason or '')}, at "
+                              f"{_when(row.released_at)}, charged {_money(row.cost_usd)}): "
+                              "nothing changed", title="Already released")
+        done = self._as(who).release(aid)
+        verb = "Cancelled" if row.state == "queued" else "Released"
+        body = (f'<p class="decided">{verb} allocation <span class="id aid">{_e(aid)}</span> '
+                f"({row.count} x {_e(row.gpu_type)} of {_e(row.project)}): held "
+                f"{_hours(round(done.hours, 2))}, charged {_money(done.cost_usd)}.</p>"
+                f'<p><a href="{_e(root)}/{_e(back)}">Back</a></p>')
+        return self.page(request, who, f"{verb} {aid}", body)
+
+    # ---- fleet and spend ------------------------------------------------------------------
 
     def fleet(self, request: Request, who: Identity) -> Response:
+        root = request.scope.get("root_path", "")
         data = self._as(who).status()
         gpus = "".join(
-            f"<tr><td>{_e(g['uuid'][:14])}</td><td>{_e(g['type'])}</td><td>{_e(g['node'])}"
-            f"</td><td>{_e(g['project'] or '-')}</td><td>{_e(g['allocation_id'] or '-')}</td>"
-            f"<td>{_e('-' if g['util_pct'] is None else round(g['util_pct']))}</td>"
-            f"<td>{_e('-' if g['temp_c'] is None else g['temp_c'])}</td>"
+            f'<tr><td class="id">{_e(g["uuid"])}</td><td>{_e(g["type"])}</td>'
+            f"<td>{_e(g['node'])}</td><td>{_e(g['project'] or '-')}</td>"
+            f'<td class="id aid">{_e(g["allocation_id"] or "-")}</td>'
+            f"<td>{_e(_reading(g['util_pct'], '%'))}</td>"
+            f"<td>{_e(_reading(g['temp_c'], '°C'))}</td>"
             f"<td>{_e(g['condition'])}</td></tr>" for g in data["gpus"])
-        allocs = "".join(
-            f"<tr><td>{_e(a['id'])}</td><td>{_e(a['project'])}</td><td>{_e(a['state'])}</td>"
-            f"<td>{a['count']} x {_e(a['gpu_type'])}</td><td>{_e(a['lease_end'] or '-')}</td>"
-            f"<td>{_e(a['reason'] or '-')}</td><td>{_money(a['cost_usd'])}</td></tr>"
-            for a in data["allocations"][-200:])
+        allocations = data["allocations"]
+        live = [a for a in allocations if a["state"] in LIVE]
+        done = [a for a in allocations if a["state"] not in LIVE][-100:]
+        flags, rows = [], []
+        for a in [*live, *reversed(done)]:
+            aid, tid = str(a["id"]), str(a.get("thread_id") or "")
+            thread = (f'<a class="id" href="{_e(root)}/reviews/{_q(tid)}">{_e(tid)}</a>'
+                      if names.valid("thread id", tid) else _e(tid or "-"))
+            unmonitored = a.get("monitored") is False
+            if unmonitored:
+                resume = tid if names.valid("thread id", tid) else "THREAD"
+                flags.append(
+                    f'<p class="flag"><span class="id aid">{_e(aid)}</span> ({_e(a["project"])})'
+                    f": no process is monitoring this allocation: idle release and lease end"
+                    f" are not enforced until a worker or <code>gpu-agent resume "
+                    f"{_e(resume)}</code> adopts it.</p>")
+            monitor = ('<span class="badge">not monitored</span>' if unmonitored
+                       else _e(a.get("monitor") or "-"))
+            action = self._release_form(request, aid, "fleet") if (
+                a["state"] in LIVE and names.valid("allocation id", aid)
+                and who.may_act_on(str(a["project"]))) else ""
+            rows.append(
+                f'<tr><td class="id aid">{_e(aid)}</td><td>{_e(a["project"])}</td>'
+                f"<td>{thread}</td><td>{_e(label(STATE, a['state']))}</td>"
+                f"<td>{a['count']} x {_e(a['gpu_type'])}</td>"
+                f'<td class="id gpus">{"<br>".join(_e(g) for g in a.get("gpu_ids") or [])}</td>'
+                f'<td class="when">{_e(_iso(a["lease_end"]))}</td>'
+                f"<td>{_e(label(RELEASE_REASON, a['reason']) if a['reason'] else '-')}</td>"
+                f"<td>{_money(a['cost_usd'])}</td><td>{monitor}</td><td>{action}</td></tr>")
         problems = "".join(f'<p class="error">{_e(p)}</p>' for p in data["problems"])
-        body = (f"{problems}<p>backend {_e(data['backend'])}</p><table><tr><th>GPU</th>"
-                "<th>type</th><th>node</th><th>project</th><th>allocation</th><th>util %</th>"
-                f"<th>temp C</th><th>condition</th></tr>{gpus}</table><h2>Allocations</h2>"
-                "<table><tr><th>id</th><th>project</th><th>state</th><th>GPUs</th>"
-                "<th>lease end</th><th>release reason</th><th>cost</th></tr>"
-                f"{allocs}</table>")
+        body = (f"{problems}<p>Backend: {_e(data['backend'])}</p><h2>GPUs</h2><table><tr>"
+                "<th>GPU id</th><th>Type</th><th>Node</th><th>Project</th><th>Allocation</th>"
+                "<th>Utilisation</th><th>Temperature</th><th>Condition</th></tr>"
+                f"{gpus}</table><h2>Allocations</h2>{''.join(flags)}"
+                "<table><tr><th>Allocation</th><th>Project</th><th>Thread</th><th>State</th>"
+                "<th>GPUs</th><th>GPU ids</th><th>Lease end</th><th>Release reason</th>"
+                "<th>Cost</th><th>Monitored by</th><th></th></tr>"
+                f"{''.join(rows)}</table>")
         return self.page(request, who, "Fleet", body)
 
     def spend(self, request: Request, who: Identity) -> Response:
@@ -296,11 +804,14 @@ class WebUI:
             for h in history:
                 total += h.cost_usd
                 cumulative.append(total)
-            charts.append(f"<h3>{_e(c.project)}: spend over its last {len(history)} "
-                          "allocations</h3>" + bars(cumulative, [
-                              f"{h.ended_at:%Y-%m-%d %H:%M}" for h in history]))
-        body = ("<table><tr><th>project</th><th>spent</th><th>running</th><th>budget</th>"
-                "<th>left (worst case)</th></tr>" + "".join(rows) + "</table>"
+            charts.append(
+                f"<h3>{_e(c.project)}: spend over its last {len(history)} allocations "
+                "(cumulative)</h3>"
+                + bars(cumulative, [f"{h.ended_at:%Y-%m-%d %H:%M}" for h in history],
+                       oldest=f"{history[0].ended_at:%Y-%m-%d %H:%M}" if history else "",
+                       newest=f"{history[-1].ended_at:%Y-%m-%d %H:%M}" if history else ""))
+        body = ("<table><tr><th>Project</th><th>Spent</th><th>Running now</th><th>Budget</th>"
+                "<th>Left (worst case)</th></tr>" + "".join(rows) + "</table>"
                 + "".join(charts) + self._simulation())
         return self.page(request, who, "Spend", body)
 
@@ -323,9 +834,9 @@ class WebUI:
             f"<td>{saving(m.get('total_cost_usd'))}</td>"
             f"<td>{_e(m.get('cost_per_useful_gpu_hour'))}</td></tr>"
             for name, m in sorted(policies.items()) if isinstance(m, dict))
-        return (f"<h2>Latest simulation ({_e(path)})</h2><table><tr><th>policy</th>"
-                "<th>total cost</th><th>saved against naive</th>"
-                f"<th>cost per useful GPU-hour</th></tr>{rows}</table>")
+        return (f"<h2>Latest simulation ({_e(path)})</h2><table><tr><th>Policy</th>"
+                "<th>Total cost</th><th>Saved against naive</th>"
+                f"<th>Cost per useful GPU-hour</th></tr>{rows}</table>")
 
 
 def out_request(out: RequestOutcome) -> dict[str, Any]:
@@ -340,13 +851,17 @@ def _form(request: Request) -> dict[str, str]:
 
 
 def _login_form(root: str) -> str:
-    return (f'<form method="post" action="{root}/login"><p>Your gpu-agent token '
+    return (f'<form method="post" action="{_e(root)}/login"><p>Your gpu-agent token '
             '(GPU_AGENT_TOKEN):</p><input type="password" name="token" size="40">'
             "<button>Log in</button></form>")
 
 
-def create_app(orch: Orchestrator, *, simulation: Path | None = None) -> Starlette:
+def create_app(orch: Orchestrator, *, simulation: Path | None = None,
+               allowed: Iterable[str] = ()) -> Starlette:
+    """The page over `orch`. It answers to the loopback names and the host names in `allowed`
+    (`gpu-agent ui` passes its --host and --allow-host names): any other Host is refused."""
     ui = WebUI(orch, simulation=simulation)
+    hosts = allowed_hosts(allowed)
     lock = threading.Lock()  # one decision at a time in this process (the ledger claims too)
 
     def with_body(fn: Callable[[Request], Response]) -> Any:
@@ -361,24 +876,33 @@ def create_app(orch: Orchestrator, *, simulation: Path | None = None) -> Starlet
             return await run_in_threadpool(call)
         return endpoint
 
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        return PlainTextResponse("not found\n" if status == 404 else f"error {status}\n",
+                                 status)
+
     routes = [
         Route("/", lambda r: RedirectResponse(f"{r.scope.get('root_path', '')}/reviews")),
         Route("/login", with_body(ui.login), methods=["GET", "POST"]),
         Route("/reviews", with_body(ui.guarded(ui.reviews))),
         Route("/reviews/{thread}", with_body(ui.guarded(ui.review)), name="review"),
         Route("/reviews/{thread}/decide", with_body(ui.guarded(ui.decide)), methods=["POST"]),
+        Route("/allocations/{allocation}/release", with_body(ui.guarded(ui.release)),
+              methods=["POST"]),
         Route("/fleet", with_body(ui.guarded(ui.fleet))),
         Route("/spend", with_body(ui.guarded(ui.spend))),
     ]
-    web = Starlette(routes=routes)
+    web = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     web.state.ui = ui
+    web.add_middleware(_Guard, ui=ui, hosts=hosts)
     return web
 
 
 class _OnFirstRequest:
     """The page for the LangGraph server (langgraph.json `http.app`), built on first use from
     the environment the server was started with (GPU_AGENT_HOME, GPU_AGENT_FLEET,
-    GPU_AGENT_BACKEND, GPU_AGENT_DATABASE), so that importing it opens nothing."""
+    GPU_AGENT_BACKEND, GPU_AGENT_DATABASE; GPU_AGENT_UI_HOSTS: host names besides the loopback
+    ones), so that importing it opens nothing."""
 
     def __init__(self) -> None:
         self._app: Starlette | None = None
@@ -392,7 +916,7 @@ class _OnFirstRequest:
                 ctx = Context()
                 self._app = create_app(Orchestrator(
                     ctx.state_dir, ctx.fleet_file, backend=ctx.backend,
-                    database=ctx.database, identity=SERVER))
+                    database=ctx.database, identity=SERVER), allowed=hosts_from_env())
             return self._app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

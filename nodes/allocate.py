@@ -22,6 +22,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
     thread_id = state.get("thread_id") or "anonymous"
+    aid = allocation_id(thread_id, request.request_id)
+    svc.watch(aid, thread_id)  # before placing: a live allocation always has its monitor
     now = svc.clock.now()
     result = svc.ledger.place(
         request, state["route"], thread_id, now, svc.placeable(), svc.topology,
@@ -29,7 +31,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     )
     fault("allocate:placed")
     decision, row = result.decision, result.row
-    aid = allocation_id(thread_id, request.request_id)
+    if decision.kind in (Kind.DENY, Kind.GONE):
+        svc.unwatch(aid)  # nothing live to monitor
     if decision.kind is Kind.DENY:
         audit.denial(svc, state, request, "rules", decision.reason)
         return {"status": Status.DENIED, "reason": decision.reason, "allocation_id": aid}

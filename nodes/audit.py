@@ -55,12 +55,13 @@ def recorded(entry: AuditEntry) -> HumanDecision:
                          comment=entry.detail.removeprefix(REVIEW))
 
 
-def approval(svc: Services, state: State, request: GPURequest) -> AuditEntry:
-    """Who let the request through, written with its placement."""
+def approval(svc: Services, state: State, request: GPURequest) -> AuditEntry | None:
+    """Who let the request through, written with its placement. None after a human approval:
+    the decision's own entry says it (one row per decision)."""
     human, council = state.get("human"), state.get("council")
     if human is not None and human.approve:
-        who, detail = human.by, "human review"
-    elif council is not None and council.outcome == Outcome.AUTO_APPROVED:
+        return None
+    if council is not None and council.outcome == Outcome.AUTO_APPROVED:
         who, detail = "auto-approval", council.summary
     elif council is not None:
         who, detail = "council", council.summary

@@ -41,6 +41,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     allocation = state["allocation"]
     mon = state["monitor"]
+    svc.watch(allocation.id, allocation.thread_id)
     row = svc.ledger.lease(allocation.id)
     ended = _ended(row, svc.clock.now())
     if ended:
@@ -55,6 +56,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         wake = next_tick(mon, last, settings, tick, started, steady)
     before = svc.clock.now()
     sleep_until(svc.clock, min(wake, row.deadline), svc.waker(allocation.id))
+    svc.check_watched(allocation.id)  # adopted elsewhere while this process was silent
     now = svc.clock.now()
     if now != before:  # time passed: the allocation may have ended meanwhile
         row = svc.ledger.lease(allocation.id)

@@ -16,8 +16,10 @@ def wait(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
     aid = state["allocation_id"]
+    svc.watch(aid, state.get("thread_id") or "anonymous")
     row = svc.ledger.get(aid)
     if row.state == "released":  # cancelled while waiting
+        svc.forget(aid)
         return {"status": Status.RELEASED, "reason": "cancelled while queued",
                 "release": row.to_release(), "cost_usd": 0.0}
     wake_at = svc.clock.now() + svc.config.scheduler.poll_seconds
@@ -26,8 +28,10 @@ def wait(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         give_up = row.enqueued_at + request.max_wait_minutes * 60.0
         wake_at = min(wake_at, give_up)
     sleep_until(svc.clock, wake_at, svc.waker(aid))
+    svc.check_watched(aid)
     if give_up is not None and svc.clock.now() >= give_up:
         svc.ledger.release(aid, ReleaseReason.CANCELLED, svc.clock.now())
+        svc.forget(aid)
         return {"status": Status.TIMED_OUT,
                 "reason": f"not placed within {request.max_wait_minutes:g} min "
                 f"({state.get('reason', 'no capacity')})"}

@@ -136,6 +136,7 @@ def test_the_audit_log_says_who_and_why(world: dict[str, Any]) -> None:
     decided = [e for e in log if e.key.startswith("decide:")]
     assert [(e.action, e.who, e.detail) for e in decided] == [
         ("approve", "dave", "human review: deadline friday")]
+    assert seen.count(("approve", "dave", "review")) == 1  # one row per decision
     assert ("release", "alice", world["allocation"]) in seen
     assert any(a == "release" and who == "monitor" for a, who, _ in seen)  # the review's
     assert any(e.action == "budget" and e.who == "root" and "-> $30.00" in e.detail

@@ -216,7 +216,8 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
 
 def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
     """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
-    and the version-2 job queue) opens as version 2 with its money and history intact."""
+    and the version-2 job queue, and version 3's monitors) opens as version 3 with its money
+    and history intact."""
     row = fx.place("t1").row
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
@@ -225,7 +226,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
               if r.split(":")[0] in ("holds", "charges", "history", "budgets")]
     spent = fx.ledger.costs(T0)[0].spent_usd
     with fx.ledger.transaction() as db:
-        for table in ("jobs", "freed", "spend", "records", "unhealthy"):
+        for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors"):
             db.execute(f"DROP TABLE {table}")
         for column in ("util_last", "busy_at_start"):
             db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
@@ -235,8 +236,9 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
     ledger = Ledger(database, config)
     try:
         with ledger.reading() as db:
-            assert db.execute("SELECT value FROM meta").fetchone()[0] == "2"
-            assert ledger.db.tables(db) >= {"jobs", "freed", "spend", "records", "unhealthy"}
+            assert db.execute("SELECT value FROM meta").fetchone()[0] == "3"
+            assert ledger.db.tables(db) >= {"jobs", "freed", "spend", "records", "unhealthy",
+                                            "monitors"}
         assert [r for r in ledger.dump()
                 if r.split(":")[0] in ("holds", "charges", "history", "budgets")] == before
         assert ledger.costs(T0)[0].spent_usd == pytest.approx(spent) == pytest.approx(5.12 * 2)

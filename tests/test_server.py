@@ -142,6 +142,7 @@ def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[st
     (question,) = state["interrupts"]
     assert question["value"]["question"] == "approve 2 GPU(s) for vision?"
     assert final["status"] == "released"
+    assert final["request"]["requested_by"] == "local"  # no access file: the local user
     assert final["allocation"]["count"] == 2 and len(final["allocation"]["gpu_ids"]) == 2
     assert final["release"]["reason"] == "lease-expired"
     assert "human_decision" in [e["kind"] for e in final["events"]]
@@ -171,21 +172,26 @@ def test_a_thread_made_through_the_server_resumes_from_the_cli(server: dict[str,
     assert client.threads.get_state(tid)["values"]["status"] == "released"  # and back
 
 
-def mcp(url: str, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+def mcp(url: str, method: str, params: dict[str, Any] | None = None,
+        token: str | None = None) -> dict[str, Any]:
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+    headers = {"Content-Type": "application/json",
+               "Accept": "application/json, text/event-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        f"{url}/mcp", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json",
-                 "Accept": "application/json, text/event-stream"})
+        f"{url}/mcp", data=json.dumps(body).encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=60) as r:
         reply: dict[str, Any] = json.loads(r.read())
     return reply["result"]  # type: ignore[no-any-return]
 
 
-def mcp_call(url: str, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+def mcp_call(url: str, tool: str, arguments: dict[str, Any], token: str | None = None,
+             **params: Any) -> dict[str, Any]:
     """A tool call's result: the graph's final state, which the server renders as a repr."""
-    text = mcp(url, "tools/call", {"name": tool, "arguments": arguments})["content"][0]["text"]
-    state: dict[str, Any] = ast.literal_eval(text)
+    result = mcp(url, "tools/call", {"name": tool, "arguments": arguments, **params}, token)
+    assert not result.get("isError"), result
+    state: dict[str, Any] = ast.literal_eval(result["content"][0]["text"])
     return state
 
 
@@ -225,8 +231,8 @@ def test_mcp_status_and_release_reach_a_run_in_progress(server: dict[str, str]) 
     assert released["release"]["reason"] == "explicit"
     final = client.runs.join(tid, run["run_id"])
     assert final["status"] == "released" and final["release"]["reason"] == "explicit"
-    assert mcp_call(url, "gpu-release", {"allocation_id": "a-nope"})["error"].startswith(
-        "no allocation")
+    assert mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"})["error"] == \
+        "no allocation 'a-00000000cafe'"
 
 
 def refused(call: Any) -> int:
@@ -238,10 +244,10 @@ def refused(call: Any) -> int:
     return exc.value.response.status_code
 
 
-def test_tokens_scope_threads_runs_and_decisions(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The server with an access file: each project sees and runs only its own threads, a
-    member cannot decide a review, and the decision is recorded as the caller's."""
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The server with an access file: an admin, two members of vision and speech, an approver
+    of vision. `client(name)`: an SDK client with that name's token (None: no token)."""
     from fleet.access import add_identity
 
     tmp = tmp_path_factory.mktemp("secured")
@@ -254,30 +260,153 @@ def test_tokens_scope_threads_runs_and_decisions(
             headers = {"Authorization": f"Bearer {tokens[name]}"} if name else None
             return get_sync_client(url=running["url"], headers=headers)
 
-        assert refused(lambda: client(None).threads.create()) == 401
-        alice, bob, dave = client("alice"), client("bob"), client("dave")
-        tid = alice.threads.create()["thread_id"]
-        stopped = alice.runs.wait(tid, "gpu-agent", input={"request": REQUEST})
-        assert isinstance(stopped, dict) and stopped["status"] == "pending_review"
-        assert tid not in {t["thread_id"] for t in bob.threads.search()}
-        assert refused(lambda: bob.threads.get_state(tid)) in (403, 404)
-        mine = bob.threads.create()["thread_id"]
-        assert refused(lambda: bob.runs.wait(mine, "gpu-agent",  # vision's project
-                                             input={"request": REQUEST})) == 403
-        assert refused(lambda: alice.runs.wait(tid, "gpu-agent", command={
-            "resume": {"approve": True}})) == 403  # a member
-        done = dave.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True,
-                                                                     "by": "mallory"}})
-        assert isinstance(done, dict) and done["status"] == "released"
-        assert done["human"]["by"] == "dave"
-        assert tid in {t["thread_id"] for t in client("root").threads.search()}
-        aid = done["allocation"]["id"]  # the stateless admin graphs (MCP's tools)
-        taken = bob.runs.wait(None, "gpu-release", input={"allocation_id": aid})
-        assert "may not release allocations of project vision" in taken["error"]
-        seen = bob.runs.wait(None, "gpu-status", input={"project": "vision"})
-        assert seen["fleet"]["allocations"] == []
-        seen = client("root").runs.wait(None, "gpu-status", input={"project": "vision"})
-        assert [a["id"] for a in seen["fleet"]["allocations"]] == [aid]
+        yield {**running, "tmp": tmp, "tokens": tokens, "client": client}
+
+
+def test_tokens_scope_threads_runs_and_decisions(secured: dict[str, Any]) -> None:
+    """Each project sees and runs only its own threads, a member cannot decide a review, and
+    the decision is recorded as the caller's."""
+    client = secured["client"]
+    assert refused(lambda: client(None).threads.create()) == 401
+    alice, bob, dave = client("alice"), client("bob"), client("dave")
+    tid = alice.threads.create()["thread_id"]
+    stopped = alice.runs.wait(tid, "gpu-agent", input={"request": REQUEST})
+    assert isinstance(stopped, dict) and stopped["status"] == "pending_review"
+    assert tid not in {t["thread_id"] for t in bob.threads.search()}
+    assert refused(lambda: bob.threads.get_state(tid)) in (403, 404)
+    mine = bob.threads.create()["thread_id"]
+    assert refused(lambda: bob.runs.wait(mine, "gpu-agent",  # vision's project
+                                         input={"request": REQUEST})) == 403
+    assert refused(lambda: alice.runs.wait(tid, "gpu-agent", command={
+        "resume": {"approve": True}})) == 403  # a member
+    done = dave.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True,
+                                                                 "by": "mallory"}})
+    assert isinstance(done, dict) and done["status"] == "released"
+    assert done["human"]["by"] == "dave"
+    assert tid in {t["thread_id"] for t in client("root").threads.search()}
+    aid = done["allocation"]["id"]  # the stateless admin graphs (MCP's tools)
+    taken = bob.runs.wait(None, "gpu-release", input={"allocation_id": aid})
+    assert taken["error"] == f"no allocation {aid!r}"  # another project's: as if none
+    seen = bob.runs.wait(None, "gpu-status", input={"project": "vision"})
+    assert seen["fleet"]["allocations"] == []
+    seen = client("root").runs.wait(None, "gpu-status", input={"project": "vision"})
+    assert [a["id"] for a in seen["fleet"]["allocations"]] == [aid]
+
+
+def status_of(code: int, call: Any) -> str:
+    """The one-line `detail` of a call refused with HTTP `code`."""
+    import httpx
+
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        call()
+    assert exc.value.response.status_code == code, exc.value.response.text
+    detail = str(exc.value.response.json()["detail"])
+    assert "\n" not in detail and "Traceback" not in detail
+    return detail
+
+
+def test_the_context_is_the_servers_own(secured: dict[str, Any]) -> None:
+    """A caller may not choose the fleet file, state directory, backend, recording or database:
+    a run that names others is refused (403) before it starts, an admin's too; the server's own
+    values, echoed, are fine. Who asked is the caller, whatever the request says."""
+    tmp, client = secured["tmp"], secured["client"]
+    other = tmp / "other.toml"  # auto-approves anything: no human review
+    other.write_text(fleet_toml(council={"policy": "reference", "auto_approve_max_gpus": 64,
+                                         "auto_approve_max_usd": 1e9}))
+    elsewhere = tmp / "elsewhere"
+    alice, root = client("alice"), client("root")
+    big = REQUEST | {"gpu_type": "H100", "requested_by": "mallory"}
+    allocations = len(root.runs.wait(None, "gpu-status", input={})["fleet"]["allocations"])
+    tid = alice.threads.create()["thread_id"]
+    choices: list[dict[str, Any]] = [
+        {"fleet_file": str(other)}, {"state_dir": str(elsewhere)},
+        {"state_dir": str(elsewhere), "fleet_file": str(other)},
+        {"backend": "nvml"}, {"backend": "replay", "replay": str(tmp / "rec.jsonl")},
+        {"replay": str(tmp / "rec.jsonl")}, {"database": "postgresql://evil/db"}]
+    for context in choices:
+        for who in (alice, root):
+            detail = status_of(403, lambda w=who, c=context: w.runs.wait(
+                tid, "gpu-agent", input={"request": big}, context=c))
+            assert detail.startswith("a run may not choose its " + next(iter(context)))
+            status_of(403, lambda w=who, c=context: w.runs.wait(  # a stateless run
+                None, "gpu-agent", input={"request": big}, context=c))
+    status_of(403, lambda: alice.runs.wait(  # the keys langgraph also reads from configurable
+        tid, "gpu-agent", input={"request": big},
+        config={"configurable": {"fleet_file": str(other)}}))
+    status_of(403, lambda: alice.runs.wait(None, "gpu-status", input={},
+                                           context={"state_dir": str(elsewhere)}))
+    status_of(403, lambda: root.assistants.create(  # an assistant's context is bound too
+        "gpu-agent", context={"fleet_file": str(other)}))
+    assert not elsewhere.exists()
+    assert alice.threads.get_state(tid)["values"] == {}  # nothing ran on the thread
+    after = root.runs.wait(None, "gpu-status", input={})["fleet"]["allocations"]
+    assert len(after) == allocations  # nothing placed anywhere
+
+    own = {"state_dir": secured["state"], "fleet_file": secured["fleet"],
+           "backend": "simulated", "replay": None, "database": None}
+    stopped = alice.runs.wait(tid, "gpu-agent", input={"request": big}, context=own)
+    assert isinstance(stopped, dict) and stopped["status"] == "pending_review"  # the review
+    assert stopped["request"]["requested_by"] == "alice"
+    local = str(Path(secured["state"]).relative_to(tmp))  # relative to the server's cwd
+    plain = root.runs.wait(None, "gpu-agent", context={"state_dir": local},
+                           input={"request": REQUEST | {"count": 1, "project": "solo"}})
+    assert plain["status"] == "released" and plain["request"]["requested_by"] == "root"
+
+    # only admins write a thread's state or steer a run: either could skip the review
+    detail = status_of(403, lambda: alice.threads.update_state(
+        tid, {"status": "pending"}, as_node="review"))
+    assert detail == "alice may not write a thread's state: only an admin may"
+    status_of(403, lambda: client("dave").runs.wait(tid, "gpu-agent", command={
+        "goto": "route", "update": {"status": "pending"}}))
+    status_of(403, lambda: alice.threads.update(tid, metadata={"project": "speech"}))
+    assert alice.threads.get_state(tid)["next"] == ["review"]
+    # caller-chosen thread ids: names.THREAD_ID (the server also wants a UUID)
+    status_of(422, lambda: alice.threads.create(thread_id="../x\n"))
+    assert refused(lambda: alice.threads.create(thread_id="a" * 200)) in (400, 422)
+    detail = status_of(422, lambda: alice.runs.wait(None, "gpu-agent", input={
+        "request": REQUEST | {"project": "vision\nx"}}))
+    assert detail.startswith("project 'vision\\nx': ")
+
+
+def test_refusals_over_mcp_are_one_line_results(secured: dict[str, Any]) -> None:
+    """MCP's tool calls refused for a member: another project's request, another project's or
+    no allocation, malformed ids and names, a context not the server's: one line each, as the
+    tool's result, and no traceback in the server's log."""
+    url, tokens, client = secured["url"], secured["tokens"], secured["client"]
+    alice, bob = tokens["alice"], tokens["bob"]
+    one = {"project": "vision", "purpose": "training", "count": 1, "duration_hours": 1}
+    done = mcp_call(url, "gpu-agent", {"request": one | {"requested_by": "eve"}}, alice)
+    assert done["status"] == "released" and done["request"]["requested_by"] == "alice"
+    aid = done["allocation"]["id"]
+
+    denied = mcp_call(url, "gpu-agent", {"request": one | {"project": "speech"}}, alice)
+    assert denied["status"] == "denied"
+    assert denied["reason"] == "alice may not request GPUs for project speech"
+    assert "allocation" not in denied
+    bad = mcp_call(url, "gpu-agent", {"request": one | {"project": "speech\nx"}}, alice)
+    assert bad["status"] == "invalid" and "\n" not in bad["reason"]
+    assert "project 'speech\\nx'" in bad["reason"]
+    assert mcp_call(url, "gpu-release", {"allocation_id": aid}, bob)["error"] == \
+        f"no allocation {aid!r}"  # vision's, for a member of speech: as if none
+    assert mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"}, bob)["error"] == \
+        "no allocation 'a-00000000cafe'"
+    for bad in ("a-nope", "../a-00000000cafe", "a-00000000cafe\n", "A-00000000CAFE", ""):
+        error = mcp_call(url, "gpu-release", {"allocation_id": bad}, bob)["error"]
+        assert error.startswith("allocation id ") and "\n" not in error
+    error = mcp_call(url, "gpu-status", {"project": "vision\nx"}, bob)["error"]
+    assert error.startswith("project 'vision\\nx'")
+    elsewhere = secured["tmp"] / "mcp-elsewhere"
+    for tool, arguments in [("gpu-agent", {"request": one}), ("gpu-status", {}),
+                            ("gpu-release", {"allocation_id": aid})]:
+        state = mcp_call(url, tool, arguments, alice, context={"state_dir": str(elsewhere)})
+        reason = state.get("reason") or state.get("error")
+        assert reason is not None and reason.startswith("a run may not choose its state_dir")
+    assert not elsewhere.exists()
+    released = client("root").runs.wait(None, "gpu-status", input={"project": "vision"})
+    assert [a["reason"] for a in released["fleet"]["allocations"] if a["id"] == aid] == [
+        "lease-expired"]  # bob's release did not touch it
+    log = (secured["tmp"] / "server.log").read_text()
+    assert "Traceback" not in log and " 500 " not in log
 
 
 def test_the_page_is_mounted_on_the_server(server: dict[str, str]) -> None:

@@ -1,9 +1,14 @@
 """The web page over HTTP (Starlette's TestClient): login, pending reviews, decisions exactly
 once, the fleet and spend pages, and bad input (forged and replayed posts, unknown threads,
-threads not waiting, the wrong role): an error page and nothing changed."""
+threads not waiting, the wrong role): an error page and nothing changed. Also: a forged Host
+(a DNS-rebinding page) and a foreign Origin are refused, malformed ids are a one-line 404,
+what a reviewer reads (who asked, how long it waited, the cost explained, who decided), the
+release button, the unmonitored flag and the readable labels."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import threading
 from collections.abc import Iterator
@@ -13,14 +18,16 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from fleet.access import add_identity
+from fleet.access import Identity, add_identity
+from fleet.errors import InvalidInput
 from fleet.models import Status
 from graph.orchestrator import Orchestrator
 from graph.ui import SERVER, create_app
 from tests.conftest import small_config
 
 COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
-           "auto_approve_max_gpus": 1}
+           "auto_approve_max_gpus": 1, "auto_approve_max_usd": 100_000}
+ALICE = Identity("alice", "vision", "member")
 TWO = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1,
        "gpu_type": "A100"}
 
@@ -35,9 +42,10 @@ def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
         ("erin", "approver", "vision"), ("bob", "member", "speech")]}
     config = small_config(council=COUNCIL, clock={"time_scale": 3600})
     orch = Orchestrator(state, config, identity=SERVER)
-    asker = orch.acting_as(orch.identity)
+    asker = orch.acting_as(ALICE)  # requests carry who asked
     for tid in ("r1", "r2"):
-        assert asker.request(TWO, thread_id=tid).status is Status.PENDING_REVIEW
+        assert asker.request(TWO | {"requested_by": "alice"},
+                             thread_id=tid).status is Status.PENDING_REVIEW
     placed = asker.request(TWO | {"count": 1}, thread_id="placed", wait=False)
     assert placed.status is Status.ALLOCATED and placed.allocation is not None
     asker.release(placed.allocation.id)  # some history for the review page's chart
@@ -173,3 +181,324 @@ def test_spend_shows_the_latest_simulation(site: dict[str, Any], tmp_path: Path)
     client.post("/login", data={"token": site["tokens"]["root"]})
     page = client.get("/spend").text
     assert "Latest simulation" in page and "36.0 %" in page and "$640.00" in page
+
+
+# ---- hosts and origins ---------------------------------------------------------------------
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The page in single-user mode (no access file: every caller is the local user), one
+    request waiting: what a page elsewhere would like to decide through DNS rebinding."""
+    state = tmp_path / "s"
+    state.mkdir()
+    orch = Orchestrator(state, small_config(council=COUNCIL, clock={"time_scale": 3600}),
+                        identity=SERVER)
+    assert orch.request(TWO, thread_id="r1").status is Status.PENDING_REVIEW
+    app = create_app(orch)
+    yield {"orch": orch, "app": app}
+    for thread in app.state.ui.background:
+        thread.join(timeout=60)
+    orch.close()
+
+
+def one_line(r: Any) -> bool:
+    return bool(r.text.endswith("\n") and r.text.count("\n") == 1)
+
+
+def test_a_forged_host_is_refused_and_changes_nothing(local: dict[str, Any]) -> None:
+    """A page on evil.example that rebinds its name to 127.0.0.1: the browser sends
+    Host: evil.example[:port]; it may neither read a form token nor post a decision."""
+    orch: Orchestrator = local["orch"]
+    good = TestClient(local["app"], base_url="http://127.0.0.1")
+    token = csrf(good.get("/reviews/r1").text)
+    before = orch.services.ledger.dump()
+    for host in ("evil.example", "evil.example:8750", "127.0.0.1.evil.example",
+                 "127.0.0.1@evil.example", "evil.example:80, 127.0.0.1", ""):
+        forged = TestClient(local["app"], base_url="http://127.0.0.1",
+                            headers={"Host": host})
+        for path in ("/reviews", "/reviews/r1", "/fleet", "/", "/nope"):
+            r = forged.get(path, follow_redirects=False)
+            assert r.status_code == 421 and one_line(r), (host, path, r.text)
+            assert "csrf" not in r.text and "r1" not in r.text
+        r = forged.post("/reviews/r1/decide", data={"csrf": token, "decision": "approve"})
+        assert r.status_code == 421 and one_line(r)
+    assert orch.services.ledger.dump() == before
+    assert orch.outcome("r1").status is Status.PENDING_REVIEW
+    for host in ("127.0.0.1:8750", "localhost", "LOCALHOST:8750", "[::1]:8750"):
+        ok = TestClient(local["app"], base_url="http://127.0.0.1", headers={"Host": host})
+        assert ok.get("/reviews").status_code == 200, host
+
+
+def test_a_foreign_origin_is_refused_and_changes_nothing(local: dict[str, Any]) -> None:
+    orch: Orchestrator = local["orch"]
+    client = TestClient(local["app"], base_url="http://127.0.0.1")
+    token = csrf(client.get("/reviews/r1").text)
+    before = orch.services.ledger.dump()
+    form = {"csrf": token, "decision": "approve", "comment": "forged"}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": "http://127.0.0.1:9999"},  # another service on this machine
+                    {"Origin": "https://127.0.0.1.evil.example"},
+                    {"Origin": "http://evil@127.0.0.1"}, {"Origin": ""},
+                    {"Referer": "http://evil.example/page"},
+                    {"Referer": "http://127.0.0.1:9999/reviews/r1"}):
+        r = client.post("/reviews/r1/decide", data=form, headers=headers)
+        assert r.status_code == 403, (headers, r.text[-300:])
+        assert "posted from elsewhere" in r.text and "nothing changed" in r.text
+        assert "Not allowed - gpu-agent" in r.text
+    assert orch.services.ledger.dump() == before
+    # the page's own origin (a browser), then a client that sends none (curl): both go on
+    ok = client.post("/reviews/r1/decide", headers={"Origin": "http://127.0.0.1"},
+                     data=form | {"comment": "from the page"})
+    assert ok.status_code == 200 and "Approved by local" in ok.text
+    decided = [e for e in orch.audit() if e.key.startswith("decide:")]
+    assert [(e.who, e.action) for e in decided] == [("local", "approve")]
+    again = client.post("/reviews/r1/decide", data=form)  # no Origin, no Referer
+    assert again.status_code == 409 and "already decided" in again.text
+    assert '<a href="/reviews/r1">See the review</a>' in again.text
+
+
+def test_an_allowed_host_and_its_https_origin(local: dict[str, Any]) -> None:
+    """An operator's --allow-host name behind a TLS proxy that keeps the Host header."""
+    app = create_app(local["orch"], allowed=["GPU.example.com", "[fd00::7]"])
+    client = TestClient(app, base_url="https://gpu.example.com")
+    page = client.get("/reviews/r1")
+    assert page.status_code == 200
+    assert client.get("/reviews", headers={"Host": "[fd00::7]:8750"}).status_code == 200
+    r = client.post("/reviews/r1/decide", headers={"Origin": "https://gpu.example.com"},
+                    data={"csrf": csrf(page.text), "decision": "deny", "comment": "no"})
+    assert r.status_code == 200 and "Denied by local" in r.text
+    assert TestClient(app, base_url="https://evil.example").get("/reviews").status_code == 421
+    with pytest.raises(InvalidInput):
+        create_app(local["orch"], allowed=["http://gpu.example.com/"])
+
+
+def test_the_cli_passes_its_host_names(local: dict[str, Any], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpu-agent ui --allow-host NAME` (or GPU_AGENT_UI_HOSTS): the app uvicorn gets answers
+    to those names, the bound address and the loopback names, and to nothing else."""
+    import uvicorn
+
+    from graph.cli import build_parser, main
+
+    args = build_parser().parse_args(["ui", "--allow-host", "a.example", "--allow-host", "b"])
+    assert args.allow_host == ["a.example", "b"]
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, kw)))
+    monkeypatch.setenv("GPU_AGENT_UI_HOSTS", "env.example, other.example")
+    state = str(tmp_path / "cli")
+    assert main(["ui", "--state-dir", state, "--host", "10.1.2.3",
+                 "--allow-host", "gpu.example.com"]) == 0
+    assert main(["ui", "--state-dir", state]) == 0
+    assert main(["ui", "--state-dir", state, "--allow-host", "bad/name"]) == 2
+    assert len(served) == 2
+    (flagged, kw), (from_env, _) = served
+    assert kw["host"] == "10.1.2.3"
+
+    def code(app: Any, host: str) -> int:
+        client = TestClient(app, base_url="http://127.0.0.1", headers={"Host": host})
+        return int(client.get("/login").status_code)
+
+    assert [code(flagged, h) for h in ("gpu.example.com", "10.1.2.3:8750", "localhost",
+                                       "env.example", "evil.example")] == \
+        [200, 200, 200, 421, 421]
+    assert [code(from_env, h) for h in ("env.example", "other.example", "gpu.example.com")] \
+        == [200, 200, 421]
+
+
+# ---- ids -------------------------------------------------------------------------------------
+
+def test_malformed_ids_are_a_one_line_404(site: dict[str, Any]) -> None:
+    orch: Orchestrator = site["orch"]
+    dave = login(site, "dave")
+    token = csrf(dave.get("/reviews/r1").text)
+    before = orch.services.ledger.dump()
+    for tid in ("..%2Ffleet", "x%3Fy%3D1%23z", "r1%0A", "a%0Ab", "%2E%2E", "-r1", "r%201",
+                "r1%22%3E%3Cscript%3E"):
+        for method, path in (("GET", f"/reviews/{tid}"), ("POST", f"/reviews/{tid}/decide")):
+            r = dave.request(method, path, data={"csrf": token, "decision": "approve"}
+                             if method == "POST" else None)
+            assert r.status_code == 404 and one_line(r), (path, r.text)
+            assert r.headers["content-type"].startswith("text/plain")  # never read as HTML
+            assert r.headers["x-content-type-options"] == "nosniff"
+    for aid in ("..%2Ffleet", "a-XYZ", "a-0123456789ab%0A", "x%3Fy%3D1%23z"):
+        r = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
+        assert r.status_code == 404 and one_line(r), (aid, r.text)
+    r = dave.post("/allocations/a-000000000000/release", data={"csrf": token})
+    assert r.status_code == 404 and "no allocation" in r.text  # well formed, unknown
+    assert orch.services.ledger.dump() == before
+
+
+# ---- what a reviewer reads -------------------------------------------------------------------
+
+def test_who_asked_and_how_long_it_waited(site: dict[str, Any]) -> None:
+    dave = login(site, "dave")
+    listing = dave.get("/reviews").text
+    assert '<meta http-equiv="refresh" content="15">' in listing
+    assert "<th>Requested by</th>" in listing and "<td>alice</td>" in listing
+    assert re.search(r"<td>\d+ (s|min|h \d\d min|d \d+ h)</td>", listing), listing
+    page = dave.get("/reviews/r1").text
+    assert "Asked by <strong>alice</strong>" in page
+    assert re.search(r"waiting for <strong>\d+ (s|min|h \d\d min|d \d+ h)</strong>", page)
+    assert "http-equiv" not in page  # a page with a comment box never reloads itself
+
+
+def test_a_member_sees_no_buttons_but_who_decides(site: dict[str, Any]) -> None:
+    page = login(site, "alice").get("/reviews/r1").text
+    assert 'name="decision"' not in page and "<textarea" not in page
+    assert "may read this review" in page and "but not decide it" in page
+    assert "an approver of vision (dave, erin) or an admin (root) decides it" in page
+    for approver in ("dave", "erin", "root"):
+        assert 'value="approve"' in login(site, approver).get("/reviews/r1").text
+
+
+def test_after_a_decision_the_page_says_who_and_why(site: dict[str, Any]) -> None:
+    dave = login(site, "dave")
+    token = csrf(dave.get("/reviews/r2").text)
+    r = dave.post("/reviews/r2/decide", data={"csrf": token, "decision": "deny",
+                                               "comment": 'not now <b>"sorry"</b>'})
+    assert r.status_code == 200
+    assert "<strong>Denied by dave</strong>" in r.text
+    assert "not now &lt;b&gt;&quot;sorry&quot;&lt;/b&gt;" in r.text
+    assert re.search(r"decided after \d+ (s|min|h \d\d min|d \d+ h)", r.text)
+    assert 'name="decision"' not in r.text
+    alice = login(site, "alice").get("/reviews/r2").text  # members read it too
+    assert "Denied by dave" in alice and "sorry" in alice
+
+
+def test_the_cost_the_council_judged_and_the_route_explained(site: dict[str, Any]) -> None:
+    """The council prices the cheapest type that does the work (H100 here: twice as fast, so
+    cheaper per unit of work); with both H100s held, the route would place A100s."""
+    orch: Orchestrator = site["orch"]
+    alice = orch.acting_as(ALICE)
+    held = alice.request({"project": "vision", "purpose": "training", "count": 2,
+                          "duration_hours": 300, "gpu_type": "H100"}, thread_id="h100s")
+    assert held.status is Status.PENDING_REVIEW
+    held = orch.resume("h100s", {"approve": True, "by": "root"}, wait=False)
+    assert held.status is Status.ALLOCATED  # 300 h: five minutes at this clock's scale
+    asked = alice.request({"project": "vision", "purpose": "training", "count": 2,
+                           "duration_hours": 8}, thread_id="cheap")
+    assert asked.status is Status.PENDING_REVIEW
+    page = login(site, "dave").get("/reviews/cheap").text
+    text = re.sub(r"<[^>]+>", "", page)
+    assert ("The council judged the cost at its worst case on the cheapest type that does "
+            "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
+            "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
+            "$5.12/GPU-h for 8 h: $81.92.") in text, text
+    assert "The council judged" in page and "If approved now" in page
+    # a request that names its type: the same figure, said so
+    same = re.sub(r"<[^>]+>", "", login(site, "dave").get("/reviews/r1").text)
+    assert "(2 x A100 for 1 h: $10.24); routed now, the request names its type, which has " \
+        "the GPUs free now: A100 at $5.12/GPU-h for 1 h: $10.24. The same figure." in same, same
+
+
+def test_readable_labels_everywhere(site: dict[str, Any]) -> None:
+    orch: Orchestrator = site["orch"]
+    orch.acting_as(ALICE).request(TWO | {"max_wait_minutes": 30, "budget_limit": 50,
+                                         "min_memory_gb": 40, "priority": "high"},
+                                  thread_id="full")
+    root = login(site, "root")
+    pages = {p: root.get(p).text for p in ("/reviews", "/reviews/full", "/reviews/placed",
+                                           "/fleet", "/spend")}
+    for path, page in pages.items():
+        for raw in ("pending_review", "duration_hours", "max_wait_minutes", "gpu_type",
+                    "min_memory_gb", "budget_limit", "requested_by", "util %", "temp C",
+                    "lease-expired", ">explicit<", ">active<", "timed_out"):
+            assert raw not in page, (path, raw)
+    full = pages["/reviews/full"]
+    for shown in ("<th>Longest wait for GPUs</th><td>30 min</td>",
+                  "<th>Budget limit</th><td>$50.00</td>",
+                  "<th>Minimum GPU memory</th><td>40 GB</td>", "<th>Duration</th><td>1 h</td>",
+                  "<th>GPU type</th><td>A100</td>", "waiting for a review"):
+        assert shown in full, shown
+    assert "released by hand" in pages["/fleet"]  # the placed thread's release reason
+
+
+def test_full_gpu_ids_and_charts_with_a_scale(site: dict[str, Any]) -> None:
+    root = login(site, "root")
+    fleet = root.get("/fleet").text
+    uuids = site["orch"].services.gpus
+    assert all(f'<td class="id">{_html(g.uuid)}</td>' in fleet for g in uuids)
+    for page in (root.get("/reviews/r1").text, root.get("/spend").text):
+        svg = page[page.index("<svg"):page.index("</svg>")]
+        assert re.search(r'text-anchor="end">\$[\d,]+(\.\d\d)?</text>', svg), svg
+        assert ">$0</text>" in svg and ">oldest</text>" in svg and ">newest</text>" in svg
+        assert re.search(r">\d{4}-\d\d-\d\d \d\d:\d\d</text>", svg)
+
+
+# ---- release and monitoring ------------------------------------------------------------------
+
+def live_allocation(site: dict[str, Any], tid: str = "live") -> str:
+    """A long allocation placed with wait=False: nobody monitors it once the call returned
+    (one cheap GPU: the council approves it alone; 700 h: over ten minutes at 3600x)."""
+    out = site["orch"].acting_as(ALICE).request(
+        {"project": "vision", "purpose": "research", "count": 1, "duration_hours": 700,
+         "gpu_type": "RTX4090"}, thread_id=tid, wait=False)
+    assert out.status is Status.ALLOCATED and out.allocation is not None
+    return str(out.allocation.id)
+
+
+def release_form(page: str, aid: str) -> bool:
+    return f'action="/allocations/{aid}/release"' in page
+
+
+def test_the_release_button_releases_once(site: dict[str, Any]) -> None:
+    orch: Orchestrator = site["orch"]
+    aid = live_allocation(site)
+    dave, bob = login(site, "dave"), login(site, "bob")
+    fleet = dave.get("/fleet").text
+    assert release_form(fleet, aid)
+    assert release_form(dave.get("/reviews/live").text, aid)  # a review whose allocation lives
+    assert release_form(login(site, "alice").get("/fleet").text, aid)  # members: their project
+    assert not release_form(bob.get("/fleet").text, aid)
+    token = csrf(fleet)
+    before = orch.services.ledger.dump()
+    refused = [
+        (dave, {"csrf": token}, {"Origin": "http://evil.example"}, 403),
+        (dave, {"csrf": token}, {"Origin": "null"}, 403),
+        (dave, {"csrf": "0" * 64}, {}, 403),
+        (bob, {"csrf": form_token(site, "bob")}, {}, 403),  # his own token, not his project
+    ]
+    for client, form, headers, status in refused:
+        r = client.post(f"/allocations/{aid}/release", data=form, headers=headers)
+        assert r.status_code == status, r.text[-300:]
+    assert orch.services.ledger.dump() == before
+    assert orch.services.ledger.get(aid).state == "active"
+    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token, "back": "fleet"},
+                  headers={"Origin": "http://127.0.0.1"})
+    assert r.status_code == 200
+    assert f"Released allocation {aid}" in re.sub(r"<[^>]+>", "", r.text)
+    assert orch.services.ledger.get(aid).state == "released"
+    again = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
+    assert again.status_code == 409 and "already released" in again.text
+    assert "Already released - gpu-agent" in again.text
+    releases = [e for e in orch.audit() if e.target == aid and e.action == "release"]
+    assert len(releases) == 1
+    assert not release_form(dave.get("/fleet").text, aid)
+    assert "released by hand" in dave.get("/reviews/live").text
+
+
+def test_an_unmonitored_allocation_is_flagged(site: dict[str, Any]) -> None:
+    """`status()["allocations"]` says whether a process monitors each one ("monitored",
+    "monitor"); an allocation placed with wait=False has nobody once the call returned."""
+    aid = live_allocation(site)
+    allocations = {a["id"]: a for a in site["orch"].status()["allocations"]}
+    assert allocations[aid]["monitored"] is False
+    fleet = login(site, "root").get("/fleet").text
+    flag = re.search(r'<p class="flag">(.*?)</p>', fleet, re.S)
+    assert flag is not None and aid in flag.group(1)
+    assert ("no process is monitoring this allocation: idle release and lease end are not "
+            "enforced until a worker or <code>gpu-agent resume live</code> adopts it") \
+        in flag.group(1)
+    assert '<span class="badge">not monitored</span>' in fleet
+
+
+def form_token(site: dict[str, Any], name: str) -> str:
+    """The form token the page issues to `name` (bob never sees a form of vision's)."""
+    return hmac.new(site["app"].state.ui.secret, site["tokens"][name].encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def _html(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)

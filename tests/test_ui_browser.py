@@ -1,7 +1,9 @@
 """The web page in a real headless browser (Debian's chromium and chromium-driver, driven by
 Selenium): log in, see a pending review a test request made, approve it and see the allocation
 appear, deny another and see its thread end denied, two approvers clicking at once (one
-decision). Screenshots of each view are kept in artifacts/ui/ for a reviewer to open.
+decision), the cost the council judged explained beside the route's, a member's view (no
+buttons), the fleet page's release button and its flag for an allocation nobody monitors.
+Screenshots of each view (the whole page) are kept in artifacts/ui/ for a reviewer to open.
 
 Skipped where chromium is not installed, unless GPU_AGENT_REQUIRE_BROWSER=1 (.ci/run sets it
 and installs the packages)."""
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from fleet.access import add_identity
+from fleet.access import Identity, add_identity
 from fleet.models import Status
 from graph.orchestrator import Orchestrator
 from graph.ui import SERVER, create_app
@@ -57,13 +59,34 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     state.mkdir()
     tokens = {n: add_identity(state, n, r, p) for n, r, p in [
         ("dave", "approver", "vision"), ("erin", "approver", "vision"),
-        ("root", "admin", None)]}
+        ("root", "admin", None), ("alice", "member", "vision")]}
     config = small_config(council={"policy": "reference", "approve_threshold": 0.99,
-                                   "deny_threshold": 0.01, "auto_approve_max_gpus": 1},
+                                   "deny_threshold": 0.01, "auto_approve_max_gpus": 1,
+                                   "auto_approve_max_usd": 100_000},
                           clock={"time_scale": 60})  # a one-hour lease lasts a minute
     orch = Orchestrator(state, config, identity=SERVER)
+    alice = orch.acting_as(Identity("alice", "vision", "member"))
+    for held in (0.3, 0.9, 0.6):  # some history for the charts (bars of different heights)
+        one = alice.request(TWO | {"count": 1}, wait=False)
+        assert one.allocation is not None
+        time.sleep(held)
+        alice.release(one.allocation.id)
     for tid in ("r1", "r2", "r3", "r4"):
-        assert orch.request(TWO, thread_id=tid).status is Status.PENDING_REVIEW
+        assert alice.request(TWO | {"requested_by": "alice"},
+                             thread_id=tid).status is Status.PENDING_REVIEW
+    # both H100s held (approved, placed, nobody monitoring: 100 h last 100 minutes here), so
+    # a request of any training type is routed to A100s while the council priced H100s
+    assert alice.request(TWO | {"gpu_type": "H100", "duration_hours": 100},
+                         thread_id="h100s").status is Status.PENDING_REVIEW
+    assert orch.resume("h100s", {"approve": True, "by": "root", "comment": "benchmarks"},
+                       wait=False).status is Status.ALLOCATED
+    assert alice.request({"project": "vision", "purpose": "training", "count": 2,
+                          "duration_hours": 8, "requested_by": "alice"},
+                         thread_id="cheap").status is Status.PENDING_REVIEW
+    live = alice.request({"project": "vision", "purpose": "research", "count": 1,
+                          "duration_hours": 200, "gpu_type": "RTX4090"}, thread_id="live",
+                         wait=False)  # placed; unmonitored once the call returned
+    assert live.status is Status.ALLOCATED and live.allocation is not None
     app = create_app(orch)
     port = _port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
@@ -74,7 +97,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         time.sleep(0.05)
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
-    yield {"url": f"http://127.0.0.1:{port}", "tokens": tokens, "orch": orch}
+    yield {"url": f"http://127.0.0.1:{port}", "tokens": tokens, "orch": orch,
+           "live": live.allocation.id}
     server.should_exit = True
     thread.join(timeout=30)
     for t in app.state.ui.background:
@@ -114,7 +138,15 @@ def browser(site: dict[str, Any], name: str) -> Any:
 
 
 def shot(driver: Any, name: str) -> None:
+    """The whole page: the window grown to the document's height first."""
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    driver.set_window_size(1280, max(1000, min(height + 120, 6000)))
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
+    driver.set_window_size(1280, 1000)
+
+
+def text(driver: Any) -> str:
+    return str(driver.find_element(By.TAG_NAME, "body").text)
 
 
 def test_approve_see_the_allocation_then_deny(site: dict[str, Any]) -> None:
@@ -127,15 +159,18 @@ def test_approve_see_the_allocation_then_deny(site: dict[str, Any]) -> None:
         shot(dave, "2-review")
         dave.find_element(By.NAME, "comment").send_keys("deadline on friday")
         press(dave, "button.approve")
-        assert "allocation a-" in dave.page_source
-        allocation = dave.find_element(By.CLASS_NAME, "note").text.split()[1].rstrip(":")
+        assert "Allocation a-" in text(dave), text(dave)
+        assert "Approved by dave" in text(dave) and "deadline on friday" in text(dave)
+        allocation = dave.find_element(By.CLASS_NAME, "note").text.split()[1]
         shot(dave, "3-approved")
         dave.find_element(By.LINK_TEXT, "Fleet").click()
         assert allocation in dave.page_source
         shot(dave, "4-fleet")
         dave.get(site["url"] + "/reviews/r2")
+        dave.find_element(By.NAME, "comment").send_keys("no budget left this quarter")
         press(dave, "button.deny")
         assert "denied by dave" in dave.page_source
+        assert "Denied by dave" in text(dave) and "no budget left this quarter" in text(dave)
         shot(dave, "5-denied")
         assert site["orch"].outcome("r2").status is Status.DENIED
         dave.find_element(By.LINK_TEXT, "Spend").click()
@@ -176,9 +211,56 @@ def test_two_approvers_click_at_once(site: dict[str, Any]) -> None:
             d.quit()
 
 
+def test_the_cost_explained_and_a_members_view(site: dict[str, Any]) -> None:
+    dave = browser(site, "dave")
+    try:
+        dave.get(site["url"] + "/reviews/cheap")
+        page = text(dave)
+        assert ("The council judged the cost at its worst case on the cheapest type that does "
+                "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
+                "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
+                "$5.12/GPU-h for 8 h: $81.92.") in page, page
+        assert "Asked by alice" in page and "waiting for" in page
+        shot(dave, "8-review-cost-explained")
+    finally:
+        dave.quit()
+    alice = browser(site, "alice")
+    try:
+        alice.get(site["url"] + "/reviews/cheap")
+        page = text(alice)
+        assert "may read this review but not decide it" in page
+        assert "an approver of vision (dave, erin) or an admin (root) decides it" in page
+        assert not alice.find_elements(By.CSS_SELECTOR, "button.approve, button.deny")
+        shot(alice, "9-member-view")
+    finally:
+        alice.quit()
+
+
+def test_release_from_the_fleet_page(site: dict[str, Any]) -> None:
+    aid = site["live"]
+    root = browser(site, "root")
+    try:
+        root.find_element(By.LINK_TEXT, "Fleet").click()
+        WebDriverWait(root, 60).until(lambda d: "Allocations" in d.page_source)
+        shot(root, "10-fleet-release-unmonitored")
+        fleet = text(root)
+        flagged = "no process is monitoring this allocation" in fleet
+        press(root, f'form[action="/allocations/{aid}/release"] button')
+        assert "Released allocation " + aid in text(root)
+        shot(root, "11-released")
+        assert site["orch"].services.ledger.get(aid).state == "released"
+        releases = [e for e in site["orch"].audit() if e.target == aid]
+        assert [e.action for e in releases] == ["release"]
+        # an allocation placed with wait=False has nobody monitoring it (status()'s
+        # "monitored" key, which the page flags)
+        assert flagged, "no unmonitored flag (does status() carry 'monitored'?): " + fleet
+    finally:
+        root.quit()
+
+
 def test_the_screenshots_are_kept() -> None:
     names = sorted(p.name for p in SHOTS.glob("*.png"))
-    assert len(names) == 7 and all((SHOTS / n).stat().st_size > 5000 for n in names), names
+    assert len(names) == 11 and all((SHOTS / n).stat().st_size > 5000 for n in names), names
 
 
 def test_a_forged_post_from_another_page(site: dict[str, Any], tmp_path: Path) -> None:

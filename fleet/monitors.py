@@ -1,0 +1,236 @@
+"""Who monitors each live allocation, and whether that process is still alive.
+
+A live allocation (queued or active) needs a process that runs its thread: the monitor that
+enforces idle release, the lease and the budget, or the wait that places a queued request.
+That process (the CLI after `request` or `resume`, a worker, the web page, a Python program)
+claims the allocation's row in `monitors` and beats on it from a background thread every
+`heartbeat_seconds` of wall-clock time. No row, a row whose beat is older than
+`heartbeat_stale_seconds`, or a row of a process on this host that has exited (seen at once,
+without waiting for the beats to go stale) means nobody monitors the allocation: `status`,
+the page and the metrics say so, and a worker or `gpu-agent resume` adopts it by claiming the
+row (a claim wins only over a dead or absent monitor, so two adopters never both run it).
+
+Beats are wall-clock seconds on purpose: a process is alive or not in real time, whatever a
+scaled or virtual clock says about the allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.ledger import Ledger, LedgerRow
+
+# How a process that monitors says what it is, for `status` ("cli", "worker", "page", ...).
+KINDS = ("cli", "worker", "page", "server", "python")
+
+
+@dataclass(frozen=True)
+class Watcher:
+    """A monitor's row: which process, what kind, when it last beat (wall clock)."""
+
+    allocation_id: str
+    owner: str
+    kind: str
+    beat_at: float
+    since: float
+
+    def describe(self, now: float) -> str:
+        host, pid = [*self.owner.split(":"), "", ""][:2]
+        return f"{self.kind} pid {pid} on {host}, beat {max(0.0, now - self.beat_at):.0f} s ago"
+
+    def gone_here(self) -> bool:
+        """Its process ran on this host and has exited: dead without waiting for the beats to
+        go stale. (A reused PID only makes us wait for staleness, never adopt a live one.)"""
+        host, pid = [*self.owner.split(":"), "", ""][:2]
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+        return False
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A live allocation nobody monitors: never claimed, or its monitor went quiet."""
+
+    row: LedgerRow
+    last: Watcher | None  # the monitor that stopped beating (None: none, or it let go)
+    checkpointed: bool = True  # its thread can be resumed (adopted)
+
+    def describe(self, now: float) -> str:
+        if self.last is None:
+            return "no process monitors it"
+        return f"its monitor ({self.last.describe(now)}) stopped beating"
+
+
+def new_owner(kind: str) -> str:
+    """A unique name for one monitoring process (or one Orchestrator in it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{kind}"
+
+
+def _watcher(r: Any) -> Watcher:
+    owner = str(r[1])
+    return Watcher(str(r[0]), owner, owner.rsplit(":", 1)[-1], float(r[2]), float(r[3]))
+
+
+WATCHER = "SELECT allocation_id, owner, beat_at, since FROM monitors"
+
+
+class Monitors:
+    """The `monitors` table of a ledger's database."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.stale_seconds = ledger.config.monitor.heartbeat_stale_seconds
+
+    def _one(self, sql: str, args: tuple[object, ...]) -> int:
+        """One statement outside a transaction (atomic by itself); the rows it changed."""
+        with self.ledger.db.lock:
+            return int(self.ledger.db.conn().execute(sql, args).rowcount)
+
+    def claim(self, allocation_id: str, owner: str, now: float | None = None) -> Watcher | None:
+        """Become the allocation's monitor: wins when nobody monitors it, its monitor is
+        stale, or it is ours already. None when won, else the live monitor that holds it.
+        One statement, so two claimers at once cannot both win."""
+        now = time.time() if now is None else now
+        won = self._one(
+            "INSERT INTO monitors (allocation_id, owner, beat_at, since) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (allocation_id) DO UPDATE SET owner=excluded.owner, "
+            "beat_at=excluded.beat_at, since=excluded.since "
+            "WHERE monitors.owner=excluded.owner OR monitors.beat_at<?",
+            (allocation_id, owner, now, now, now - self.stale_seconds))
+        if won:
+            return None
+        holder = self.get(allocation_id)
+        if holder is not None and holder.gone_here() and self._one(
+                "UPDATE monitors SET owner=?, beat_at=?, since=? WHERE allocation_id=? "
+                "AND owner=?", (owner, now, now, allocation_id, holder.owner)):
+            return None
+        return self.get(allocation_id) if holder is not None else None
+
+    def beat(self, owner: str, allocation_ids: set[str], now: float | None = None) -> set[str]:
+        """Say `owner` is alive for its allocations; those it no longer holds (another process
+        adopted them after this one went quiet too long)."""
+        if not allocation_ids:
+            return set()
+        now = time.time() if now is None else now
+        self._one("UPDATE monitors SET beat_at=? WHERE owner=?", (now, owner))
+        held = {str(r[0]) for r in self.ledger.query(
+            "SELECT allocation_id FROM monitors WHERE owner=?", (owner,))}
+        return allocation_ids - held
+
+    def drop(self, allocation_id: str, owner: str) -> None:
+        """Stop monitoring (the thread ended, or stopped before its allocation did)."""
+        self._one("DELETE FROM monitors WHERE allocation_id=? AND owner=?",
+                  (allocation_id, owner))
+
+    def get(self, allocation_id: str) -> Watcher | None:
+        rows = self.ledger.query(f"{WATCHER} WHERE allocation_id=?", (allocation_id,))
+        return _watcher(rows[0]) if rows else None
+
+    def watchers(self) -> dict[str, Watcher]:
+        return {w.allocation_id: w for w in map(_watcher, self.ledger.query(WATCHER))}
+
+    def alive(self, watcher: Watcher | None, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return watcher is not None and watcher.beat_at >= now - self.stale_seconds \
+            and not watcher.gone_here()
+
+    def orphans(self, now: float | None = None) -> list[Orphan]:
+        """Live allocations (queued or active) whose monitor is absent or stale, oldest
+        first."""
+        now = time.time() if now is None else now
+        watchers = self.watchers()
+        return [Orphan(row, watchers.get(row.id)) for row in self.ledger.live()
+                if not self.alive(watchers.get(row.id), now)]
+
+    def prune(self) -> int:
+        """Forget the monitors of allocations that ended."""
+        return self._one("DELETE FROM monitors WHERE allocation_id IN "
+                         "(SELECT id FROM allocations WHERE state='released')", ())
+
+
+class Heartbeat:
+    """One process's beats: a daemon thread that beats for the allocations this process
+    monitors, every `period` seconds while there are any. `lost` hears of an allocation that
+    another process adopted (this one was silent too long): its monitor should stop."""
+
+    def __init__(self, monitors: Monitors, kind: str, period: float,
+                 lost: Callable[[str], None] | None = None) -> None:
+        self.monitors = monitors
+        self.owner = new_owner(kind)
+        self.period = period
+        self._lost = lost
+        self._held: set[str] = set()
+        self._gone: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def claim(self, allocation_id: str) -> Watcher | None:
+        """Monitor this allocation from now on: None, or the live monitor that holds it."""
+        holder = self.monitors.claim(allocation_id, self.owner)
+        if holder is None:
+            with self._lock:
+                self._held.add(allocation_id)
+                self._gone.discard(allocation_id)
+                self._start()
+        return holder
+
+    def release(self, allocation_id: str) -> None:
+        with self._lock:
+            self._held.discard(allocation_id)
+        self.monitors.drop(allocation_id, self.owner)
+
+    def holds(self, allocation_id: str) -> bool:
+        """False once another process adopted it (see `lost`)."""
+        with self._lock:
+            return allocation_id not in self._gone
+
+    def _start(self) -> None:
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="gpu-agent-heartbeat",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            with self._lock:
+                held = set(self._held)
+            try:
+                lost = self.monitors.beat(self.owner, held)
+            except Exception:  # the database went away for a moment: beat at the next one
+                lost = set()
+            for aid in lost:
+                with self._lock:
+                    self._held.discard(aid)
+                    self._gone.add(aid)
+                if self._lost is not None:
+                    self._lost(aid)
+            self._wake.wait(self.period)
+            self._wake.clear()
+
+    def close(self) -> None:
+        """Stop beating and give up every claim (their threads are not running any more)."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            held, self._held = set(self._held), set()
+        for aid in held:
+            with contextlib.suppress(Exception):  # a broken database: the beats stop anyway
+                self.monitors.drop(aid, self.owner)

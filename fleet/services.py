@@ -1,0 +1,296 @@
+"""The services a fleet runs on: its backend, ledger, clock and (loaded when first asked
+for) council, opened once over a state directory.
+
+Plain Python, no LangGraph: the graph's nodes reach these through the runtime context
+(nodes/context.py), and the commands that only read or write the ledger (graph/records.py)
+open them directly, without building the graph.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fleet.backend import FleetBackend, Reserving
+from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
+from fleet.clock import Clock, WakeToken
+from fleet.config import FleetConfig, load_fleet
+from fleet.errors import InvalidInput, MonitoredElsewhere
+from fleet.ledger import Ledger
+from fleet.models import GPUInfo, GPUSample, Release, ReleaseReason
+from fleet.monitors import Heartbeat, Monitors
+from fleet.sql import is_postgres
+from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
+from fleet.topology import Topology
+from fleet.validation import check_budget
+
+if TYPE_CHECKING:  # the council is loaded when first convened (Services.council)
+    from council.voting import Council
+
+
+@dataclass
+class Services:
+    config: FleetConfig
+    backend: FleetBackend
+    ledger: Ledger
+    clock: Clock
+    state_dir: Path
+    database: str | None = None  # a postgresql:// URL: the ledger (and checkpoints) live there
+    actor: str = "local"  # who acts through these services, for the audit log
+    chosen_council: Council | None = None
+    note: str | None = None  # what `--backend auto` picked
+    # What runs threads through these services ("cli", "worker", "page", "server", "python"),
+    # for the heartbeat of the allocations it monitors (fleet.monitors); None: nothing beats
+    # (the simulator, and the commands that only read the ledger).
+    monitor_kind: str | None = None
+    gpus: list[GPUInfo] = field(init=False)  # every GPU the backend reports
+    inventory: list[GPUInfo] = field(init=False)  # those placement may use (a priced type)
+    topology: Topology = field(init=False)
+    _wakers: dict[str, WakeToken] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # (GPUs placement may not use, the inventory without them), kept while the set is the same
+    _healthy: tuple[frozenset[str], list[GPUInfo]] | None = field(default=None, init=False)
+    _reserving: Reserving | None = field(default=None, init=False)
+    _heartbeat: Heartbeat | None = field(default=None, init=False)
+    _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
+
+    def __post_init__(self) -> None:
+        self._reserving = self.backend if isinstance(self.backend, Reserving) else None
+        self.gpus = self.backend.inventory()
+        self.inventory = [g for g in self.gpus if g.gpu_type in self.config.catalog]
+        self.topology = Topology(self.config, self.inventory)
+
+    @property
+    def unpriced(self) -> list[GPUInfo]:
+        """GPUs whose type the fleet file does not price: listed, never placed."""
+        return [g for g in self.gpus if g.gpu_type not in self.config.catalog]
+
+    def check_health(self) -> dict[str, str]:
+        """Take the GPUs the backend found unusable out of placement; the unhealthy GPUs."""
+        found = self.backend.unhealthy()
+        if found:
+            self.ledger.mark_unhealthy(found, self.clock.now())
+        return self.ledger.unhealthy()
+
+    def placeable(self) -> list[GPUInfo]:
+        """The inventory less unhealthy GPUs and free GPUs that run processes gpu-agent did
+        not place (one list per such set, so the ledger's per-list index of it is kept).
+        Only hardware reports either."""
+        if not self.backend.hardware:
+            return self.inventory
+        bad = set(self.check_health())
+        holders = self.ledger.holders()
+        free = [g.uuid for g in self.inventory if g.uuid not in holders and g.uuid not in bad]
+        bad |= {s.gpu_id for s in self.backend.sample(free, self.clock.now(), {})
+                if s.processes}
+        if self._healthy is None or self._healthy[0] != bad:
+            self._healthy = (frozenset(bad), [g for g in self.inventory if g.uuid not in bad]
+                             if bad else self.inventory)
+        return self._healthy[1]
+
+    def available_by_type(self) -> dict[str, int]:
+        """GPUs free now less those queued requests wait for, per type (what routing reads),
+        less the free GPUs placement may not use (unhealthy, or busy outside gpu-agent)."""
+        available = self.ledger.available_by_type(self.config)
+        if self.backend.hardware:
+            healthy = {g.uuid for g in self.placeable()}
+            held = self.ledger.holders()
+            for g in self.inventory:
+                if g.uuid not in healthy and g.uuid not in held:
+                    available[g.gpu_type] -= 1
+        return available
+
+    def sample(self, gpu_ids: list[str], now: float,
+               holders: dict[str, str]) -> list[GPUSample]:
+        """Read GPUs; those found unhealthy leave placement at once."""
+        samples = self.backend.sample(gpu_ids, now, holders)
+        bad = {s.gpu_id: s.health for s in samples if s.health}
+        if bad:
+            self.ledger.mark_unhealthy(bad, now)
+        return samples
+
+    @property
+    def council(self) -> Council:
+        """Loaded on first use: commands that never convene it do not pay for the council's
+        modules, nor (the neural policy) for torch."""
+        if self.chosen_council is None:
+            from council.voting import council_for
+
+            self.chosen_council = council_for(self.config.council)
+        return self.chosen_council
+
+    def waker(self, allocation_id: str) -> WakeToken:
+        """The token that ends this allocation's monitor or queue sleep early."""
+        with self._lock:
+            token = self._wakers.get(allocation_id)
+            if token is None:
+                token = self._wakers[allocation_id] = self.clock.token()
+            return token
+
+    def wake(self, allocation_id: str) -> None:
+        self.waker(allocation_id).set()
+
+    def wake_waiters(self, freed: str) -> None:
+        """Allocation `freed` let its GPUs go: the queued requests in this process that can
+        start now retry now, not at their next poll."""
+        for aid in self.ledger.placeable(self.ledger.get(freed), self.clock.now(),
+                                         self.placeable()):
+            with self._lock:
+                token = self._wakers.get(aid)
+            if token is not None:
+                token.set()
+
+    def reserve(self, allocation_id: str, gpu_ids: list[str]) -> str | None:
+        """Tell a reserving backend (Ray) about a placement; None, or why it could not."""
+        return None if self._reserving is None else \
+            self._reserving.reserve(allocation_id, gpu_ids)
+
+    def free(self, allocation_id: str) -> None:
+        if self._reserving is not None:
+            self._reserving.free(allocation_id)
+
+    def reconcile_reservations(self) -> tuple[list[str], list[str]]:
+        """At start-up: free the reservations of allocations that ended while no process ran,
+        and make those an active allocation lacks. (freed, made)."""
+        if self._reserving is None:
+            return [], []
+        active = {r.id: r.gpu_ids for r in self.ledger.allocations("active")}
+        held = self._reserving.reservations()
+        freed = sorted(a for a in held if a not in active)
+        for aid in freed:
+            self._reserving.free(aid)
+        made = sorted(a for a in active if a not in held)
+        for aid in made:
+            self._reserving.reserve(aid, active[aid])
+        return freed, made
+
+    def release(self, allocation_id: str, reason: ReleaseReason, *,
+                at: float | None = None) -> Release:
+        """Release now, or at `at` (a lease's end that passed unseen), or cancel a queued
+        request; its monitor and the queue hear at once. A second release returns the first."""
+        release = self.ledger.release(allocation_id, reason,
+                                      self.clock.now() if at is None else at, self.actor)
+        self.free(allocation_id)
+        self.wake(allocation_id)
+        self.wake_waiters(allocation_id)
+        return release
+
+    def forget(self, allocation_id: str) -> None:
+        """The allocation ended: no more wake-ups for it, no more heartbeat."""
+        with self._lock:
+            self._wakers.pop(allocation_id, None)
+        self.unwatch(allocation_id)
+
+    # ---- who monitors (fleet.monitors) ----------------------------------------------------
+
+    def watch(self, allocation_id: str, thread_id: str) -> None:
+        """This process runs the allocation's thread from now on: claim its monitor row and
+        beat for it. MonitoredElsewhere when a live monitor of another process holds it (two
+        processes never run one allocation's thread). No-op without a monitor_kind."""
+        if self.monitor_kind is None:
+            return
+        with self._lock:
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(Monitors(self.ledger), self.monitor_kind,
+                                            self.config.monitor.heartbeat_seconds,
+                                            lost=self.wake)
+            beat = self._heartbeat
+            mine = self._watched.get(thread_id) == allocation_id
+        if mine and beat.holds(allocation_id):
+            return
+        holder = beat.claim(allocation_id)
+        if holder is not None:
+            raise MonitoredElsewhere(
+                f"allocation {allocation_id} is monitored by {holder.describe(time.time())}; "
+                "nothing changed (it carries the thread on)")
+        with self._lock:
+            self._watched[thread_id] = allocation_id
+
+    def check_watched(self, allocation_id: str) -> None:
+        """MonitoredElsewhere if another process adopted the allocation meanwhile (this one
+        was silent longer than heartbeat_stale_seconds): its monitor here must stop."""
+        beat = self._heartbeat
+        if beat is not None and not beat.holds(allocation_id):
+            raise MonitoredElsewhere(f"allocation {allocation_id} was adopted by another "
+                                     "process while this one was silent; it stops here")
+
+    def unwatch(self, allocation_id: str) -> None:
+        if self._heartbeat is not None:
+            with self._lock:
+                for thread in [t for t, a in self._watched.items() if a == allocation_id]:
+                    del self._watched[thread]
+            self._heartbeat.release(allocation_id)
+
+    def unwatch_thread(self, thread_id: str) -> None:
+        """The thread stopped running here (it ended, waits for someone, or failed)."""
+        with self._lock:
+            aid = self._watched.get(thread_id)
+        if aid is not None:
+            self.unwatch(aid)
+
+    def set_budget(self, project: str, budget_usd: float) -> list[str]:
+        """Set a project's budget; the monitors of allocations whose deadline moved hear at
+        once. Returns their ids."""
+        check_budget(project, budget_usd)
+        moved = self.ledger.set_budget(project, budget_usd, self.clock.now(), self.actor)
+        for row in moved:
+            self.wake(row.id)
+        return [row.id for row in moved]
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.close()
+        self.ledger.close()
+        close = getattr(self.backend, "close", None)  # NVML's session; nothing to close for sims
+        if close is not None:
+            close()
+
+
+def open_services(
+    state_dir: str | Path | None = None,
+    fleet: FleetConfig | str | Path | None = None,
+    *,
+    backend: str | BackendChoice | FleetBackend = "simulated",
+    clock: Clock | None = None,
+    council: Council | None = None,
+    create: bool = True,
+    durable: bool = True,
+    database: str | None = None,
+) -> Services:
+    """Services over a backend named (or chosen: BackendChoice) or given ready-made. Without a
+    fleet file, real GPUs get the host policy (fleet/data/host_fleet.toml), the simulated
+    fleet the default fleet. `database`: a postgresql:// URL for the ledger (default: SQLite
+    in the state directory)."""
+    choice = BackendChoice(backend) if isinstance(backend, str) else backend
+    resolved: Resolved | None = None
+    if isinstance(choice, BackendChoice):
+        resolved = resolve(choice)
+        hardware = resolved.hardware
+    else:
+        hardware = choice.hardware
+    config = fleet if isinstance(fleet, FleetConfig) else load_fleet(fleet, hardware=hardware)
+    if database is not None and not is_postgres(database):
+        raise InvalidInput(f"--database must be a postgresql:// URL, not {database!r} "
+                           "(SQLite, the default, lives in --state-dir)")
+    directory = prepare(state_dir or default_state_dir(), create=create,
+                        ledger_here=database is None)
+    clock = clock or clock_for(directory, config.clock)
+    if isinstance(choice, BackendChoice):
+        assert resolved is not None
+        fleet_backend = make_backend(resolved, choice, config, clock=clock, state_dir=directory)
+    else:
+        fleet_backend = choice
+    config = placeable_fleet(config, fleet_backend)
+    return Services(
+        config=config,
+        backend=fleet_backend,
+        ledger=Ledger(database or directory / LEDGER, config, durable=durable),
+        clock=clock,
+        database=database,
+        chosen_council=council,
+        state_dir=directory,
+        note=resolved.note if resolved else None,
+    )

@@ -1,0 +1,243 @@
+"""The ledger's view, without the graph: release, budgets, history, costs, audit, status, jobs.
+
+    with Records(project_dir) as records:
+        print(records.costs())
+
+What the everyday commands (`status`, `costs`, `release`, `history`, `audit`, `jobs`,
+`budget`, `health`) need is the services over the state directory and who is asking; they
+never run a thread, so neither LangGraph nor the checkpointer is opened and they start in a
+fraction of a second. The Orchestrator (graph/orchestrator.py) is a Records that also builds
+the graph and runs threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shlex
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from fleet.access import Identity, identify
+from fleet.backends import BackendChoice
+from fleet.errors import StateDirError
+from fleet.jobs import Job, JobQueue
+from fleet.ledger import AuditEntry, ProjectCost
+from fleet.models import HistoryRecord, Release, ReleaseReason
+from fleet.monitors import Monitors, Orphan
+from fleet.services import Services, open_services
+from fleet.sql import Conn
+from fleet.statedir import CHECKPOINTS
+from graph.status import fleet_status, scoped
+
+if TYPE_CHECKING:
+    from council.voting import Council
+    from fleet.backend import FleetBackend
+    from fleet.clock import Clock
+    from fleet.config import FleetConfig
+
+
+class Records:
+    def __init__(
+        self,
+        state_dir: str | Path | None = None,
+        fleet: FleetConfig | str | Path | None = None,
+        *,
+        backend: str | BackendChoice | FleetBackend = "simulated",
+        clock: Clock | None = None,
+        council: Council | None = None,
+        create: bool = True,
+        database: str | None = None,
+        token: str | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        """Open the services and identify the caller, then set the ledger right for a start:
+        leases that ran out while nothing ran end, GPU settings a crashed process left are
+        reset, reservations are made to match the ledger. `database`: a postgresql:// URL
+        (default: SQLite in the state directory). `token` (default: env GPU_AGENT_TOKEN): who
+        is calling, where the state directory has an access file (fleet.access). `identity`:
+        one the caller authenticated itself."""
+        self.services: Services = open_services(
+            state_dir, fleet, backend=backend, clock=clock, council=council, create=create,
+            database=database,
+        )
+        try:
+            self.identity = identity or identify(self.services.state_dir,
+                                                 token or os.environ.get("GPU_AGENT_TOKEN"))
+            self.services.actor = self.identity.name
+        except BaseException:
+            self.services.close()
+            raise
+        svc = self.services
+        svc.ledger.reconcile(svc.clock.now())  # leases that ran out while down
+        held = svc.ledger.holders()  # power limits a crashed process left lowered
+        svc.backend.reset([g.uuid for g in svc.gpus if g.uuid not in held])
+        svc.reconcile_reservations()  # a crashed worker's placement groups (Ray)
+
+    def close(self) -> None:
+        self.services.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def acting_as(self, identity: Identity) -> Self:
+        """This object (same services, and for an Orchestrator the same graph and
+        checkpoints) acting as `identity`: what a server that authenticates each request (the
+        web page) calls per request."""
+        other = copy.copy(self)
+        other.identity = identity
+        return other
+
+    # ---- the ledger's view ----------------------------------------------------------------
+
+    def release(
+        self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
+    ) -> Release:
+        """Release now (or cancel a queued request). A second release returns the first."""
+        self.identity.check_project(self.services.ledger.get(allocation_id).project,
+                                    "release allocations")
+        return self.services.release(allocation_id, reason)
+
+    def set_budget(self, project: str, budget_usd: float) -> list[str]:
+        """Set a project's budget; returns the allocations whose deadline it moved."""
+        self.identity.check_admin("set budgets")
+        return self.services.set_budget(project, budget_usd)
+
+    def _visible(self, project: str | None) -> str | None:
+        """The project a caller may read (None: all, for an admin who asked for all)."""
+        if project is not None:
+            self.identity.check_project(project, "read the records")
+            return project
+        return self.identity.project if not self.identity.admin else None
+
+    def history(self, project: str | None = None) -> list[HistoryRecord]:
+        return self.services.ledger.history(self._visible(project))
+
+    def costs(self) -> list[ProjectCost]:
+        mine = self._visible(None)
+        return [c for c in self.services.ledger.costs(self.services.clock.now())
+                if mine is None or c.project == mine]
+
+    def audit(self, project: str | None = None, limit: int | None = None) -> list[AuditEntry]:
+        """Who approved, denied, decided, released and set budgets, and why; oldest first."""
+        return self.services.ledger.audit_log(self._visible(project), limit)
+
+    def _checkpointed(self, thread_ids: list[str]) -> set[str]:
+        """Those of `thread_ids` that have a checkpoint."""
+        return checkpointed(self.services, thread_ids)
+
+    def problems(self) -> list[str]:
+        """What in the ledger and checkpoints does not add up, each with a way out: live
+        allocations on GPUs this fleet lacks (another --fleet or --backend than they were
+        placed with), and live allocations whose thread has no checkpoint (the checkpoint file
+        replaced or its tables lost), which nothing will monitor or release."""
+        known = {g.uuid for g in self.services.gpus}
+        mine = self._visible(None)
+        live = [row for row in self.services.ledger.allocations()
+                if row.state != "released" and (mine is None or row.project == mine)]
+        saved = self._checkpointed([row.thread_id for row in live])
+        out = []
+        for row in live:
+            end = (f"`gpu-agent release {row.id}` ends it and charges the time held"
+                   if row.state == "active" else f"`gpu-agent release {row.id}` cancels it")
+            missing = [g for g in row.gpu_ids if g not in known]
+            if missing:
+                out.append(f"allocation {row.id} ({row.project}) holds {', '.join(missing)}, "
+                           "which this fleet does not have (was it placed with another "
+                           f"--fleet or --backend?): {end}")
+            if row.thread_id not in saved:
+                out.append(f"allocation {row.id} ({row.project}): its thread {row.thread_id} "
+                           "has no checkpoint (were the checkpoints replaced or lost?), so "
+                           f"nothing will monitor or release it: {end}")
+        wall = time.time()
+        for orphan in self.orphans():
+            if orphan.checkpointed:
+                row = orphan.row
+                out.append(f"allocation {row.id} ({row.project}) is not monitored: "
+                           f"{orphan.describe(wall)}, so idle release, the lease and the "
+                           "budget are not enforced; `gpu-agent resume "
+                           f"{shlex.quote(row.thread_id)}` or a worker adopts it")
+        return out
+
+    def orphans(self) -> list[Orphan]:
+        """The live allocations the caller may see that no process monitors (its monitor
+        died, or it was left placed with --no-wait), oldest first."""
+        mine = self._visible(None)
+        found = [o for o in Monitors(self.services.ledger).orphans()
+                 if mine is None or o.row.project == mine]
+        saved = self._checkpointed([o.row.thread_id for o in found])
+        return [replace(o, checkpointed=o.row.thread_id in saved) for o in found]
+
+    def status(self) -> dict[str, Any]:
+        """Every GPU with its holder and live reading, and the allocations the caller may see
+        (the `status` JSON); GPUs held by other projects show no thread or allocation."""
+        status = fleet_status(self.services) | {"problems": self.problems()}
+        mine = self._visible(None)
+        return status if mine is None else scoped(status, mine)
+
+    def pending_reviews(self) -> list[str]:
+        """Threads waiting for a human decision that the caller may see, oldest first."""
+        log = self.services.ledger.audit_log(self._visible(None))
+        decided = {e.key.removeprefix("decide:") for e in log if e.key.startswith("decide:")}
+        return [e.target for e in log
+                if e.action == "ask" and e.key.removeprefix("ask:") not in decided]
+
+    def jobs(self) -> list[Job]:
+        """The submitted requests the caller may see, oldest first."""
+        mine = self._visible(None)
+        return [j for j in JobQueue(self.services.ledger).jobs()
+                if mine is None or j.request.project == mine]
+
+    def job(self, thread_id: str) -> Job:
+        """A submitted request's job: pending, running (on which worker) or done (how)."""
+        job = JobQueue(self.services.ledger).get(thread_id)
+        self.identity.check_project(job.request.project, "read jobs")
+        return job
+
+
+def checkpointed(services: Services, thread_ids: Iterable[str]) -> set[str]:
+    """Those of `thread_ids` that have a checkpoint the graph would resume from, read straight
+    from the store graph/checkpoint.py's savers write (table `checkpoints`, the root namespace
+    ''), so no checkpointer (nor LangGraph) is opened and nothing is created: SQLite's
+    checkpoints file in the state directory, or the PostgreSQL database the ledger shares."""
+    wanted = sorted(set(thread_ids))
+    if not wanted:
+        return set()
+    if services.database is not None:
+        db = services.ledger.db
+        with db.read() as conn:
+            return _checkpointed_in(conn, wanted) if "checkpoints" in db.tables(conn) else set()
+    path = services.state_dir / CHECKPOINTS
+    if not path.exists():  # never written, or lost: no thread has a checkpoint
+        return set()
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60.0)
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'checkpoints'").fetchone() is None:
+                return set()
+            return _checkpointed_in(conn, wanted)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StateDirError(
+            f"checkpoints {path} are unreadable ({exc}); move the file aside to start afresh "
+            "(running requests then cannot be resumed)"
+        ) from None
+
+
+def _checkpointed_in(conn: Conn | sqlite3.Connection, wanted: list[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(wanted), 500):  # under any SQLite's limit on parameters
+        chunk = wanted[i : i + 500]
+        found |= {str(r[0]) for r in conn.execute(
+            "SELECT DISTINCT thread_id FROM checkpoints WHERE checkpoint_ns = '' "
+            f"AND thread_id IN ({', '.join('?' * len(chunk))})", chunk)}
+    return found

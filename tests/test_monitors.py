@@ -1,0 +1,116 @@
+"""Who monitors each live allocation (fleet.monitors): claims, beats, stale monitors, orphans,
+on SQLite and PostgreSQL. Times are passed in, so nothing here waits on the machine."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from fleet.config import FleetConfig
+from fleet.ledger import Ledger
+from fleet.models import GPURequest, ReleaseReason, RouteDecision
+from fleet.monitors import Heartbeat, Monitors
+from fleet.routing import route
+from fleet.simulated import SimulatedFleet
+from fleet.topology import Topology
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def ledger(database: str, config: FleetConfig) -> Iterator[Ledger]:
+    led = Ledger(database, config)
+    yield led
+    led.close()
+
+
+def place(ledger: Ledger, thread: str) -> str:
+    request = GPURequest(project="p", count=1, duration_hours=1, gpu_type="A100",
+                         request_id=f"r-{thread}")
+    decision = route(request, ledger.config, None)
+    assert isinstance(decision, RouteDecision)
+    inventory = SimulatedFleet(ledger.config).inventory()
+    placed = ledger.place(request, decision, thread, T0, inventory,
+                          Topology(ledger.config, inventory))
+    assert placed.row is not None
+    return placed.row.id
+
+
+def test_a_live_monitor_holds_its_claim_and_a_stale_one_loses_it(ledger: Ledger) -> None:
+    mons = Monitors(ledger)
+    stale = mons.stale_seconds
+    aid = place(ledger, "t1")
+    assert [o.row.id for o in mons.orphans(T0)] == [aid]  # nobody ever monitored it
+    assert mons.orphans(T0)[0].last is None
+    assert mons.claim(aid, "h:1:a:cli", T0) is None
+    assert mons.claim(aid, "h:1:a:cli", T0 + 1) is None  # ours already: renewed
+    holder = mons.claim(aid, "h:2:b:worker", T0 + 2)  # alive: refused, with who holds it
+    assert holder is not None and holder.owner == "h:1:a:cli" and holder.kind == "cli"
+    assert "cli pid 1 on h" in holder.describe(T0 + 2)
+    assert mons.orphans(T0 + stale) == []
+    gone = mons.orphans(T0 + 1 + stale + 1)  # silent for longer than the stale time
+    assert [o.row.id for o in gone] == [aid] and gone[0].last is not None
+    assert "stopped" in gone[0].describe(T0 + stale + 2)
+    assert mons.claim(aid, "h:2:b:worker", T0 + stale + 2) is None  # adopted
+    assert mons.beat("h:1:a:cli", {aid}, T0 + stale + 3) == {aid}  # the old one hears it lost
+    assert mons.beat("h:2:b:worker", {aid}, T0 + stale + 3) == set()
+    ledger.release(aid, ReleaseReason.EXPLICIT, T0 + 60)
+    assert mons.orphans(T0 + 10 * stale) == []  # a released allocation needs no monitor
+    assert mons.prune() == 1 and mons.get(aid) is None
+
+
+def test_two_adopters_at_once_one_wins(ledger: Ledger) -> None:
+    mons = Monitors(ledger)
+    aid = place(ledger, "t1")
+    results: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def adopt(i: int) -> None:
+        barrier.wait()
+        results.append(mons.claim(aid, f"h:{i}:x:worker", T0))
+
+    threads = [threading.Thread(target=adopt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is None for r in results) == 1
+
+
+def test_a_heartbeat_beats_and_gives_its_claims_up_on_close(ledger: Ledger) -> None:
+    mons = Monitors(ledger)
+    aid = place(ledger, "t1")
+    beat = Heartbeat(mons, "python", period=3600)  # one beat at start, then none
+    assert beat.claim(aid) is None and beat.holds(aid)
+    watcher = mons.get(aid)
+    assert watcher is not None and watcher.owner == beat.owner and watcher.kind == "python"
+    other = Heartbeat(mons, "worker", period=3600)
+    assert other.claim(aid) is not None  # alive: not adopted
+    beat.close()
+    assert mons.get(aid) is None  # a process that stops monitoring says so at once
+    assert other.claim(aid) is None
+    other.close()
+
+
+def test_an_adopted_allocation_is_reported_lost_to_its_old_monitor(ledger: Ledger) -> None:
+    mons = Monitors(ledger)
+    aid = place(ledger, "t1")
+    lost: list[str] = []
+    heard = threading.Event()
+
+    def on_lost(a: str) -> None:
+        lost.append(a)
+        heard.set()
+
+    beat = Heartbeat(mons, "cli", period=0.05, lost=on_lost)
+    assert beat.claim(aid) is None
+    with ledger.db.lock:  # another process took it over (as after a long silence)
+        ledger.db.conn().execute("UPDATE monitors SET owner=? WHERE allocation_id=?",
+                                 ("h:9:z:worker", aid))
+    assert heard.wait(30)
+    assert lost == [aid] and not beat.holds(aid)
+    beat.close()
+    watcher = mons.get(aid)
+    assert watcher is not None and watcher.owner == "h:9:z:worker"  # not dropped by the loser
