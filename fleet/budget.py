@@ -21,6 +21,30 @@ class Running:
     ends_at: float
 
 
+@dataclass(frozen=True)
+class Moved:
+    """An allocation whose deadline a budget change moved."""
+
+    id: str
+    before: float | None  # the deadline it had
+    after: float  # the deadline it has now (its lease end when the budget no longer binds)
+
+    @property
+    def earlier(self) -> bool:
+        return self.before is None or self.after < self.before
+
+
+def describe_moves(moves: list[Moved]) -> str:
+    """What a budget change did to running allocations, in words ('' if nothing)."""
+    earlier = sum(m.earlier for m in moves)
+    later = len(moves) - earlier
+    parts = [f"{n} running allocation{'s' if n != 1 else ''} now end{'s' if n == 1 else ''} "
+             f"{when}" for n, when in ((earlier, "earlier (the budget runs out before their "
+                                        "lease)"), (later, "later (back towards their lease)"))
+             if n]
+    return "; ".join(parts)
+
+
 def worst_case(items: list[Running]) -> float:
     """What the allocations cost if each runs to its deadline."""
     return sum(r.rate_usd_per_s * (r.ends_at - r.started_at) for r in items)

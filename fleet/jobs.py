@@ -91,10 +91,14 @@ class JobQueue:
                 "lease_until=NULL WHERE thread_id=? AND worker=? AND state='running'",
                 (outcome, error, now, thread_id, worker)).rowcount)
 
-    def hand_back(self, worker: str, thread_id: str | None = None) -> int:
-        """Give jobs back to the queue (a worker stopping, or a job to retry), at once."""
-        sql = ("UPDATE jobs SET state='pending', worker=NULL, lease_until=NULL "
-               "WHERE worker=? AND state='running'")
+    def hand_back(self, worker: str, thread_id: str | None = None, *,
+                  retry: bool = False) -> int:
+        """Give jobs back to the queue (a worker stopping, or a job to retry), at once.
+        `retry`: the claim was not an attempt (the thread's old monitor still beat), so it
+        does not count towards the job's attempts."""
+        spent = "attempts-1" if retry else "attempts"
+        sql = (f"UPDATE jobs SET state='pending', worker=NULL, lease_until=NULL, "
+               f"attempts={spent} WHERE worker=? AND state='running'")
         args: tuple[str, ...] = (worker,)
         if thread_id is not None:
             sql += " AND thread_id=?"

@@ -19,7 +19,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fleet.budget import EPS, Running, accrued, cut_deadlines, worst_case
+from fleet.budget import EPS, Moved, Running, accrued, cut_deadlines, worst_case
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.models import (
@@ -805,7 +805,7 @@ class Ledger:
     # ---- budgets -------------------------------------------------------------------------
 
     def set_budget(self, project: str, budget_usd: float, now: float, by: str = "gpu-agent"
-                   ) -> list[LedgerRow]:
+                   ) -> list[Moved]:
         """Set a project's budget; active allocations get deadlines that keep spend within it.
 
         Returns the allocations whose deadline moved. Refuses a budget below what the project
@@ -838,7 +838,7 @@ class Ledger:
                 if new != a.deadline or reason != a.deadline_reason:
                     db.execute("UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
                                (new, reason.value, a.id))
-                    moved.append(a.id)
+                    moved.append(Moved(a.id, a.deadline, new))
             old = self._budget(db, project)
             db.execute(AUDIT, (f"budget:{project}:{now!r}:{uuid.uuid4().hex[:8]}", now, by,
                                "budget", project, project,
@@ -850,7 +850,7 @@ class Ledger:
                 "updated_at=excluded.updated_at",
                 (project, budget_usd, now),
             )
-            return [r for r in (self._get(db, m) for m in moved) if r is not None]
+            return moved
 
     # ---- queries -------------------------------------------------------------------------
 

@@ -117,6 +117,11 @@ def check_project(name: str) -> str:
     return _named("project", name)
 
 
+# The largest amount of money gpu-agent accepts anywhere (a budget, a request's limit): far
+# above any real budget, far below where float arithmetic on cents goes wrong.
+MAX_USD = 1e9
+
+
 def _named(kind: str, value: str) -> str:
     why = names.problem(kind, value)
     if why is not None:
@@ -135,7 +140,7 @@ class GPURequest(BaseModel):
     count: int = Field(default=1, ge=1, le=100_000)
     duration_hours: float = Field(gt=0)
     priority: Priority = Priority.NORMAL
-    budget_limit: float | None = Field(default=None, gt=0)
+    budget_limit: float | None = Field(default=None, gt=0, le=MAX_USD)
     min_memory_gb: float | None = Field(default=None, gt=0)
     mode: RouteMode = RouteMode.BUDGET
     max_wait_minutes: float | None = Field(default=None, ge=0)

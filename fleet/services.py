@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from fleet.backend import FleetBackend, Reserving
 from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
+from fleet.budget import Moved
 from fleet.clock import Clock, WakeToken
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere
@@ -168,11 +169,12 @@ class Services:
         return freed, made
 
     def release(self, allocation_id: str, reason: ReleaseReason, *,
-                at: float | None = None) -> Release:
+                at: float | None = None, by: str | None = None) -> Release:
         """Release now, or at `at` (a lease's end that passed unseen), or cancel a queued
-        request; its monitor and the queue hear at once. A second release returns the first."""
+        request; its monitor and the queue hear at once. A second release returns the first.
+        `by`: who, for the audit log (default: whoever these services act for)."""
         release = self.ledger.release(allocation_id, reason,
-                                      self.clock.now() if at is None else at, self.actor)
+                                      self.clock.now() if at is None else at, by or self.actor)
         self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
@@ -231,14 +233,16 @@ class Services:
         if aid is not None:
             self.unwatch(aid)
 
-    def set_budget(self, project: str, budget_usd: float) -> list[str]:
+    def set_budget(self, project: str, budget_usd: float, *, by: str | None = None
+                   ) -> list[Moved]:
         """Set a project's budget; the monitors of allocations whose deadline moved hear at
-        once. Returns their ids."""
+        once. Returns what moved, and from when to when."""
         check_budget(project, budget_usd)
-        moved = self.ledger.set_budget(project, budget_usd, self.clock.now(), self.actor)
-        for row in moved:
-            self.wake(row.id)
-        return [row.id for row in moved]
+        moved = self.ledger.set_budget(project, budget_usd, self.clock.now(),
+                                       by or self.actor)
+        for m in moved:
+            self.wake(m.id)
+        return moved
 
     def close(self) -> None:
         if self._heartbeat is not None:

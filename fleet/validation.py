@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from fleet import names
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, one_line
-from fleet.models import GPURequest
+from fleet.models import MAX_USD, GPURequest
 from fleet.routing import Refusal, route
 
 
@@ -63,8 +63,9 @@ def check_against_fleet(request: GPURequest, config: FleetConfig) -> None:
 def check_budget(project: str, budget_usd: float) -> None:
     names.check("project", project)
     if isinstance(budget_usd, bool) or not isinstance(budget_usd, int | float) \
-            or not math.isfinite(budget_usd) or budget_usd < 0:
-        raise InvalidInput(f"budget must be a finite amount of at least 0, not {budget_usd}")
+            or not math.isfinite(budget_usd) or not 0 <= budget_usd <= MAX_USD:
+        raise InvalidInput(f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not "
+                           f"{budget_usd}")
 
 
 def refusal(request: GPURequest, config: FleetConfig, remaining_usd: float | None) -> str | None:

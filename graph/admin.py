@@ -73,7 +73,8 @@ def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any
         who = caller_of(get_config())
         if who is not None and not who.may_act_on(row.project):
             raise InvalidInput(f"no allocation {aid!r}")  # another project's: as if none
-        release = svc.release(row.id, ReleaseReason.EXPLICIT)
+        release = svc.release(row.id, ReleaseReason.EXPLICIT,
+                              by=who.name if who is not None else None)
     except GPUAgentError as exc:
         return {"error": str(exc)}
     return {"release": release.model_dump(mode="json")}

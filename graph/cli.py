@@ -1,8 +1,9 @@
 """The `gpu-agent` command.
 
-Exit codes: 0 done (or queued / pending review), 2 invalid input (one line on stderr),
-3 denied (council, budget or quota), 4 not placed within --max-wait, 5 not allowed (the
-caller's token is for another project or role).
+Exit codes: 0 done (or queued / pending review), 2 invalid input (one line on stderr and,
+with --json, {"error": ...} on stdout; nothing changed), 3 denied (council, budget or quota),
+4 not placed within --max-wait, 5 not allowed (the caller's token is for another project or
+role), 127 a command `run` placed GPUs for could not start.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import sys
@@ -19,16 +21,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fleet.access import ACCESS, add_identity, identify
+from fleet import names
+from fleet.access import ACCESS, add_identity, identify, identities, revoke_identity
 from fleet.backends import BACKENDS, BackendChoice, gpus_present
+from fleet.budget import describe_moves
 from fleet.config import FleetConfig, load_fleet
-from fleet.errors import GPUAgentError, InvalidInput
+from fleet.errors import GPUAgentError, InvalidInput, flat
 from fleet.jobs import Job, JobQueue
-from fleet.models import Event, HumanDecision, Status
+from fleet.models import Event, Status
 from fleet.services import Services
 from fleet.statedir import default_state_dir, prepare
 from fleet.validation import check_against_fleet, check_budget, parse_request
-from graph.outcome import RequestOutcome
+from graph.outcome import RequestOutcome, lease_note
 from graph.records import Records
 
 # Only light modules above: the commands that read or write the ledger (status, costs,
@@ -41,9 +45,19 @@ EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
 
 class _Parser(argparse.ArgumentParser):
+    json_errors = False  # --json was on the command line: errors go to stdout as JSON too
+
     def error(self, message: str) -> NoReturn:
         """One line, exit 2: argparse's default prints the whole usage first."""
-        self.exit(2, f"gpu-agent: error: {message}\n")
+        _error_json(message, 2, "InvalidInput", _Parser.json_errors)
+        self.exit(2, f"gpu-agent: error: {flat(message)}\n")
+
+
+def _error_json(message: str, code: int, kind: str, wanted: bool) -> None:
+    """With --json, an error is also one JSON object on stdout (scripts read only stdout)."""
+    if wanted:
+        print(json.dumps({"error": flat(message), "exit_code": code, "type": kind}),
+              flush=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -70,7 +84,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", help="who pays (default: the project of your token)")
     p.add_argument("--purpose", required=True, help="training, inference or research")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--hours", type=float, required=True)
@@ -93,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _request_args(p)
     p.add_argument("--no-wait", action="store_true",
-                   help="return once placed or queued; `resume` carries the thread on")
+                   help="return once placed or queued; a worker or `resume` carries the "
+                   "thread on (until then `status` shows the allocation unmonitored)")
 
     p = sub.add_parser("submit", help="queue a request for `gpu-agent worker` (prints its "
                        "thread id); any worker on the same --database runs it")
@@ -126,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--project", help="the project a member or approver belongs to")
     tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
     tp.add_argument("--json", action="store_true")
+    tp = tsub.add_parser("list", help="who has a token: names, roles, projects (admins only)")
+    tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
+    tp.add_argument("--json", action="store_true")
+    tp = tsub.add_parser("revoke", help="remove an identity: its token stops working at once "
+                         "(admins only; the last admin stays)")
+    tp.add_argument("name")
+    tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
+    tp.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reviews", help="requests waiting for a human decision (approve with "
+                       "`gpu-agent resume THREAD --approve`)")
+    _common(p)
 
     p = sub.add_parser("ui", help="the web page: pending reviews (approve or deny), the fleet, "
                        "spend; on 127.0.0.1")
@@ -152,14 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("allocation_id")
 
-    p = sub.add_parser("resume", help="continue a thread from its last checkpoint")
+    p = sub.add_parser("resume", help="continue a thread from its last checkpoint (and "
+                       "monitor its allocation), or adopt every unmonitored one (--orphans)")
     _common(p)
-    p.add_argument("thread_id")
+    p.add_argument("thread_id", nargs="?")
     decision = p.add_mutually_exclusive_group()
     decision.add_argument("--approve", action="store_true", help="approve a pending review")
     decision.add_argument("--deny", action="store_true", help="deny a pending review")
-    p.add_argument("--by", default="cli", help="who decides (recorded)")
+    p.add_argument("--by", default="cli", help="who decides (recorded; with tokens, the "
+                   "token's name)")
     p.add_argument("--comment", default="", help="why (recorded)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once the decision is applied and the request placed or "
+                   "queued; a worker or a later `resume` monitors it")
+    p.add_argument("--orphans", action="store_true",
+                   help="adopt every live allocation you may act on that no process monitors "
+                   "(its monitor died, or it was left with --no-wait) and monitor them here "
+                   "until they end")
 
     p = sub.add_parser("history", help="finished allocations")
     _common(p)
@@ -278,14 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _orchestrator(
     args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None,
-    choice: BackendChoice | None = None, pool_size: int = 8,
+    choice: BackendChoice | None = None, pool_size: int = 8, kind: str = "cli",
 ) -> Orchestrator:
     """For the commands that run threads: the graph and its checkpointer (LangGraph)."""
     from graph.orchestrator import Orchestrator
 
     orch = Orchestrator(args.state_dir, config or _fleet_file(args),
                         backend=choice or _backend(args), create=create,
-                        database=_database(args), pool_size=pool_size)
+                        database=_database(args), pool_size=pool_size, monitor_kind=kind)
     _say_backend(orch.services)
     return orch
 
@@ -329,6 +365,11 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data) if args.json else text)
 
 
+def _q(value: object) -> str:
+    """A value from the ledger as printed: control characters escaped (one line each)."""
+    return flat(str(value))
+
+
 class _Live:
     """What `request` and `resume` show while they run: the council's votes and the route as
     lines, the recorded events as lines, and on a terminal the monitor's ticks as one line
@@ -361,19 +402,24 @@ class _Live:
 
 
 def _describe(outcome: RequestOutcome) -> str:
-    lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({outcome.reason})"]
+    tid = shlex.quote(outcome.thread_id)
+    lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({_q(outcome.reason)})"]
     a = outcome.allocation
     if a is not None:
         lines.append(f"allocation {a.id}: {a.count} x {a.gpu_type} on {a.node}, "
                      f"${a.price_per_hour:.3f}/GPU-h, "
                      f"lease until {a.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+        why = lease_note(outcome)
+        if why:
+            lines.append(why)
         lines.append(f"CUDA_VISIBLE_DEVICES={a.cuda_visible_devices}")
     if outcome.status is Status.RELEASED:
         lines.append(f"charged ${outcome.cost_usd:.2f}")
     if outcome.status is Status.PENDING_REVIEW:
-        lines.append(f"decide with: gpu-agent resume {outcome.thread_id} --approve|--deny")
+        lines.append(f"decide with: gpu-agent resume {tid} --approve (or --deny)")
     if outcome.status is Status.QUEUED or (outcome.next and outcome.status is Status.ALLOCATED):
-        lines.append(f"carry on with: gpu-agent resume {outcome.thread_id}")
+        lines.append(f"nobody monitors it now: a worker adopts it, or carry on with: "
+                     f"gpu-agent resume {tid}")
     return "\n".join(lines)
 
 
@@ -384,12 +430,27 @@ def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
 
 def _request_of(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {
-        "project": args.project, "purpose": args.purpose, "count": args.count,
-        "duration_hours": args.hours, "priority": args.priority, "mode": args.mode,
+        "project": args.project or _own_project(args), "purpose": args.purpose,
+        "count": args.count, "duration_hours": args.hours, "priority": args.priority,
+        "mode": args.mode,
     }
     optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
                 "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait}
+    if args.thread_id is not None:
+        names.check("thread id", args.thread_id)
     return raw | {k: v for k, v in optional.items() if v is not None}
+
+
+def _own_project(args: argparse.Namespace) -> str:
+    """Without --project: the project of the caller's token (a member's or approver's)."""
+    directory = Path(args.state_dir or default_state_dir())
+    who = identify(directory, os.environ.get("GPU_AGENT_TOKEN")) \
+        if (directory / ACCESS).exists() else None
+    if who is None or who.project is None:
+        raise InvalidInput("--project is required (" + (
+            "no token names a project of yours" if who is None else
+            f"{who.name} is an {who.role} of every project") + ")")
+    return who.project
 
 
 def cmd_request(args: argparse.Namespace) -> int:
@@ -426,7 +487,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _records(args, create=False) as rec:
-        jobs = [rec.job(args.thread_id)] if args.thread_id else rec.jobs()
+        jobs = [rec.job(args.thread_id)] if args.thread_id is not None else rec.jobs()
         counts = JobQueue(rec.services.ledger).counts()
     lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {j.request.project:<12} "
              f"{j.worker or ''}" + (f"  ({j.error})" if j.error else "") for j in jobs]
@@ -438,15 +499,40 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise InvalidInput(f"--limit must be at least 1, not {args.limit}")
+    if args.project is not None:
+        names.check("project", args.project)
     with _records(args, create=False) as rec:
         entries = rec.audit(args.project, args.limit)
-    lines = [f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {e.action:<8} "
-             f"{e.project:<14} {e.target:<16} by {e.who}: {e.detail}" for e in entries]
+    lines = [f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {_q(e.action):<8} "
+             f"{_q(e.project):<14} {_q(e.target):<16} by {_q(e.who)}: {_q(e.detail)}"
+             for e in entries]
     _emit(args, {"entries": [asdict(e) for e in entries]}, "\n".join(lines) or "no entries")
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    if args.token_command == "add":
+        return _token_add(args)
+    directory = prepare(args.state_dir or default_state_dir(), create=False, ledger_here=False)
+    if not (directory / ACCESS).exists():
+        raise InvalidInput(f"{directory / ACCESS} does not exist: no tokens yet (the state "
+                           "directory is its local user's)")
+    identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin(
+        f"{args.token_command} identities")
+    if args.token_command == "revoke":
+        gone = revoke_identity(directory, args.name)
+        _emit(args, {"revoked": gone.name, "role": gone.role, "project": gone.project},
+              f"{gone.name} ({gone.role}) revoked: its token no longer works")
+        return 0
+    everyone = identities(directory)
+    _emit(args, {"identities": [{"name": i.name, "role": i.role, "project": i.project}
+                                for i in everyone]},
+          "\n".join(f"{_q(i.name):<24}{i.role:<10}{_q(i.project or 'every project')}"
+                    for i in everyone))
+    return 0
+
+
+def _token_add(args: argparse.Namespace) -> int:
     directory = prepare(args.state_dir or default_state_dir(), create=True)
     if (directory / ACCESS).exists():
         identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin("add identities")
@@ -472,7 +558,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     extra = [args.host, *(args.allow_host or hosts_from_env())]
     hosts = allowed_hosts(extra)  # checked before anything opens
     orch = Orchestrator(args.state_dir, _fleet_file(args), backend=_backend(args),
-                        database=_database(args), identity=SERVER)
+                        database=_database(args), identity=SERVER, monitor_kind="page")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"gpu-agent: the page is on http://{shown}:{args.port}/ (it answers to host names "
           f"{', '.join(sorted(hosts))})", file=sys.stderr, flush=True)
@@ -487,7 +573,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from graph.worker import Worker
 
-    with _orchestrator(args, create=True, pool_size=args.concurrency + 2) as orch:
+    with _orchestrator(args, create=True, pool_size=args.concurrency + 2,
+                       kind="worker") as orch:
         worker = Worker(orch, concurrency=args.concurrency, lease_seconds=args.lease_seconds,
                         poll_seconds=args.poll_seconds, exit_when_idle=args.exit_when_idle)
         stop = lambda *_: worker.stopping.set()  # noqa: E731
@@ -506,19 +593,83 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    if args.orphans:
+        if args.thread_id or args.approve or args.deny or args.no_wait:
+            raise InvalidInput("--orphans takes no thread, decision or --no-wait")
+        return _adopt(args)
+    if args.thread_id is None:
+        raise InvalidInput("give the thread to resume (or --orphans)")
+    from nodes.review import parse_decision
+
+    names.check("thread id", args.thread_id)
     decision = None
     if args.approve or args.deny:
-        decision = HumanDecision(approve=args.approve, by=args.by, comment=args.comment)
+        decision = parse_decision({"approve": bool(args.approve), "by": args.by,
+                                   "comment": args.comment})
     with _orchestrator(args, create=False) as orch:
-        live = None if args.json else _Live()
-        outcome = orch.resume(args.thread_id, decision, on_event=live.event if live else None,
+        live = None if args.json or args.no_wait else _Live()
+        outcome = orch.resume(args.thread_id, decision, wait=not args.no_wait,
+                              on_event=live.event if live else None,
                               on_progress=live.progress if live else None)
         if live is not None:
             live.done()
         return _finish(args, outcome)
 
 
+def _adopt(args: argparse.Namespace) -> int:
+    """`resume --orphans`: monitor here every allocation nobody monitors, until they end."""
+    with _orchestrator(args, create=False) as orch:
+        orphans = [o for o in orch.orphans() if o.checkpointed]
+        threads = [orch.continue_in_background(o.row.thread_id) for o in orphans
+                   if orch.claim_orphan(o)]
+        if not args.json:
+            print(f"adopted {len(threads)} allocation(s) nobody monitored"
+                  + "".join(f"\n  {o.row.id}  {_q(o.row.project)}  thread {o.row.thread_id}"
+                            for o in orphans[:len(threads)]), flush=True)
+        for t in threads:
+            t.join()
+        ended = [orch.outcome(o.row.thread_id) for o in orphans[:len(threads)]]
+    _emit(args, {"adopted": [o.to_json() for o in ended]},
+          "\n".join(_describe(o) for o in ended) or "nothing to adopt")
+    return 0
+
+
+def cmd_reviews(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        waiting = [(orch.outcome(t), e) for t, e in orch.pending_review_entries()]
+    now = datetime.now(UTC).timestamp()
+    rows: list[dict[str, Any]] = []
+    for out, asked in waiting:
+        req = out.request
+        rows.append({"thread_id": out.thread_id, "project": asked.project,
+                     "requested_by": req.requested_by if req else None,
+                     "count": req.count if req else None,
+                     "gpu_type": req.gpu_type if req else None,
+                     "purpose": req.purpose.value if req else None,
+                     "hours": req.duration_hours if req else None,
+                     "asked_at": datetime.fromtimestamp(asked.at, UTC).isoformat(),
+                     "waiting_s": round(now - asked.at, 1),
+                     "council": out.council.summary if out.council else None})
+    lines = [f"{r['thread_id']}  {_q(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
+             f"({r['purpose']}) for {r['hours']:g} h, asked by "
+             f"{_q(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
+             f"{_q(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
+             "--approve (or --deny) --comment WHY" for r in rows]
+    _emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def cmd_release(args: argparse.Namespace) -> int:
+    names.check("allocation id", args.allocation_id)
     with _records(args, create=False) as rec:
         before = rec.services.ledger.get(args.allocation_id)
         release = rec.release(args.allocation_id)  # Forbidden for another project's
@@ -539,25 +690,27 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"{'GPU':<14}{'type':<9}{'node':<12}{'holder':<22}{'util':>6}{'mem GB':>9}"
              f"{'temp':>7}{'power':>8}  condition"]
     for g in data["gpus"]:
-        holder = f"{g['project']}/{g['allocation_id']}" if g["allocation_id"] else "-"
+        holder = f"{_q(g['project'])}/{g['allocation_id']}" if g["allocation_id"] else "-"
         condition = g["condition"] + (f" ({g['unhealthy']})" if g["unhealthy"] else "")
         lines.append(f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
                      f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
                      f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}")
     live = [a for a in data["allocations"] if a["state"] != "released"]
-    lines += [f"problem: {p}" for p in data["problems"]]
+    lines += [f"problem: {_q(p)}" for p in data["problems"]]
     lines.append("")
     lines.append(f"{len(live)} live allocation(s), "
                  f"{len(data['allocations']) - len(live)} released")
     for a in live:
         until = f"until {a['deadline']}" if a["state"] == "active" else "waiting"
-        lines.append(f"  {a['id']}  {a['project']:<12} {a['state']:<7} {a['count']} x "
-                     f"{a['gpu_type']:<8} {until}")
+        watched = f"monitored by {a['monitor']}" if a["monitored"] else "NOT MONITORED"
+        lines.append(f"  {a['id']}  {_q(a['project']):<12} {a['state']:<7} {a['count']} x "
+                     f"{a['gpu_type']:<8} {until}  {watched}")
     _emit(args, data, "\n".join(lines))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fleet.supervise import check_startable
     from graph.run import request_and_run, run_on
 
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -567,6 +720,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
     if args.grace < 0:
         raise InvalidInput("--grace must not be negative")
+    check_startable(argv, os.environ)  # before anything is opened or placed
     request = None
     if args.project is not None:
         raw: dict[str, Any] = {"project": args.project, "purpose": args.purpose,
@@ -596,27 +750,57 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_studio(args: argparse.Namespace) -> int:
-    """Replace this process with `langgraph dev` (langgraph-cli[inmem], the dev extra)."""
-    from pathlib import Path
-
+    """Replace this process with `langgraph dev` (langgraph-cli[inmem], the dev extra), on a
+    port known before it starts, so that the Studio link printed is the one it serves."""
     langgraph = Path(sys.executable).with_name("langgraph")
     if not langgraph.exists():
         raise InvalidInput("langgraph dev is not installed: pip install 'langgraph-cli[inmem]' "
                            "(the dev extra has it)")
+    if not 0 < args.port < 65536:
+        raise InvalidInput(f"--port must be 1-65535, not {args.port}")
+    if args.jobs < 1:
+        raise InvalidInput("--jobs must be at least 1")
     config = Path(args.config) if args.config else Path("langgraph.json")
     if not args.config and not config.exists():
         config = Path(__file__).resolve().parents[1] / "langgraph.json"
     if not config.exists():
         raise InvalidInput(f"no {config}: run from the project directory or pass --config")
+    port = _studio_port(args.host, args.port)
     os.environ.setdefault("LANGGRAPH_CLI_NO_ANALYTICS", "1")
-    if args.jobs < 1:
-        raise InvalidInput("--jobs must be at least 1")
     argv = [str(langgraph), "dev", "--no-browser", "--host", args.host, "--port",
-            str(args.port), "--config", str(config), "--n-jobs-per-worker", str(args.jobs)]
+            str(port), "--config", str(config), "--n-jobs-per-worker", str(args.jobs)]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"gpu-agent: {' '.join(argv[1:])}\nStudio (a hosted page, needs a browser with "
-          f"internet): https://smith.langchain.com/studio/?baseUrl=http://{args.host}:"
-          f"{args.port}", file=sys.stderr, flush=True)
+          f"internet): https://smith.langchain.com/studio/?baseUrl=http://{shown}:{port}",
+          file=sys.stderr, flush=True)
     os.execv(argv[0], argv)
+
+
+def _studio_port(host: str, port: int) -> int:
+    """`port` if it can be bound on `host`, else a free one (said on stderr): `langgraph dev`
+    would move to another port by itself, and the printed link would be wrong."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise InvalidInput(f"--host {host!r}: {exc.strerror}") from None
+
+    def bound(wanted: int) -> int:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, wanted))
+            return int(s.getsockname()[1])
+
+    try:
+        return bound(port)
+    except OSError:
+        pass
+    try:
+        got = bound(0)
+    except OSError as exc:
+        raise InvalidInput(f"cannot serve on {host}: {exc.strerror}") from None
+    print(f"gpu-agent: port {port} is taken on {host}; using {got}", file=sys.stderr)
+    return got
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -652,11 +836,13 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    if args.project is not None:
+        names.check("project", args.project)
     with _records(args, create=False) as rec:
         records = rec.history(args.project)
     lines = [f"{'allocation':<16}{'project':<14}{'GPUs':<14}{'hours':>7}{'cost':>11}  reason"]
     for r in records:
-        lines.append(f"{r.allocation_id:<16}{r.project:<14}{f'{r.count} x {r.gpu_type}':<14}"
+        lines.append(f"{r.allocation_id:<16}{_q(r.project):<14}{f'{r.count} x {r.gpu_type}':<14}"
                      f"{r.hours:>7.2f}{f'${r.cost_usd:,.2f}':>11}  {r.reason.value}")
     _emit(args, {"records": [r.model_dump(mode="json") for r in records]}, "\n".join(lines))
     return 0
@@ -672,7 +858,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
         rows.append({"project": c.project, "spent_usd": c.spent_usd,
                      "accrued_usd": c.accrued_usd, "committed_usd": c.committed_usd,
                      "budget_usd": c.budget_usd, "remaining_usd": remaining})
-        lines.append(f"{c.project:<16}{f'${c.spent_usd:,.2f}':>12}{f'${c.accrued_usd:,.2f}':>12}"
+        lines.append(f"{_q(c.project):<16}{f'${c.spent_usd:,.2f}':>12}"
+                     f"{f'${c.accrued_usd:,.2f}':>12}"
                      f"{_usd(c.budget_usd):>12}{_usd(remaining):>12}")
     _emit(args, {"projects": rows}, "\n".join(lines))
     return 0
@@ -686,8 +873,11 @@ def cmd_budget(args: argparse.Namespace) -> int:
     check_budget(args.project, args.usd)
     with _records(args, create=True) as rec:
         moved = rec.set_budget(args.project, args.usd)
-    note = f"; {len(moved)} running allocation(s) now end earlier" if moved else ""
-    _emit(args, {"project": args.project, "budget_usd": args.usd, "moved": moved},
+    note = f"; {describe_moves(moved)}" if moved else "; no running allocation had to move"
+    _emit(args, {"project": args.project, "budget_usd": args.usd,
+                 "moved": [{"allocation_id": m.id, "earlier": m.earlier,
+                            "deadline_before": m.before, "deadline_after": m.after}
+                           for m in moved]},
           f"budget of {args.project}: ${args.usd:,.2f}{note}")
     return 0
 
@@ -773,20 +963,25 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
     "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio, "submit": cmd_submit,
     "worker": cmd_worker, "jobs": cmd_jobs, "audit": cmd_audit, "token": cmd_token,
-    "ui": cmd_ui,
+    "ui": cmd_ui, "reviews": cmd_reviews,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except GPUAgentError as exc:
+        _error_json(str(exc), exc.exit_code, type(exc).__name__, _Parser.json_errors)
         print(f"gpu-agent: {exc}", file=sys.stderr)
         return exc.exit_code
     except sqlite3.DatabaseError as exc:
-        print(f"gpu-agent: the state directory is damaged ({exc}); move it aside and start "
-              "afresh, or restore it from a backup", file=sys.stderr)
+        message = (f"the state directory is damaged ({exc}); move it aside and start afresh, "
+                   "or restore it from a backup")
+        _error_json(message, 2, "StateDirError", _Parser.json_errors)
+        print(f"gpu-agent: {flat(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpu-agent: interrupted; the thread is checkpointed: `gpu-agent resume` "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ class PendingReview(GPUAgentError):
     exit_code = 0
 
     def __init__(self, thread_id: str, reason: str) -> None:
-        super().__init__(f"{reason}; decide with: gpu-agent resume {thread_id} --approve|--deny")
+        super().__init__(f"{reason}; decide with: gpu-agent resume {shlex.quote(thread_id)} "
+                         "--approve (or --deny)")
         self.thread_id = thread_id
 
 
@@ -79,6 +81,23 @@ class RequestOutcome:
             raise NotPlaced(self.reason)
         if self.status is Status.PENDING_REVIEW:
             raise PendingReview(self.thread_id, self.reason)
+
+
+def lease_note(outcome: RequestOutcome) -> str | None:
+    """Why the lease is not the hours asked, when it is not: a request's hours are time on
+    its reference type (fleet.routing), and a faster type does the same work sooner."""
+    a, req = outcome.allocation, outcome.request
+    if a is None or req is None:
+        return None
+    lease = (a.lease_end - a.started_at).total_seconds() / 3600.0
+    if abs(lease - req.duration_hours) < 0.005:
+        return None
+    options = outcome.route.alternatives if outcome.route is not None else []
+    ref = req.gpu_type or next((o.gpu_type for o in options
+                                if abs(o.est_hours - req.duration_hours) < 1e-9), None)
+    on = f"time on {ref}, the reference type" if ref else "time on the pool's reference type"
+    return (f"lease {lease:.2f} h, not the {req.duration_hours:g} h asked: --hours counts {on}; "
+            f"{a.gpu_type} does that work {req.duration_hours / lease:.2f}x as fast")
 
 
 def outcome_from(thread_id: str, values: dict[str, Any], review: bool,

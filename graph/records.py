@@ -22,8 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from fleet import names
 from fleet.access import Identity, identify
 from fleet.backends import BackendChoice
+from fleet.budget import Moved
 from fleet.errors import StateDirError
 from fleet.jobs import Job, JobQueue
 from fleet.ledger import AuditEntry, ProjectCost
@@ -101,18 +103,20 @@ class Records:
         self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
     ) -> Release:
         """Release now (or cancel a queued request). A second release returns the first."""
+        names.check("allocation id", allocation_id)
         self.identity.check_project(self.services.ledger.get(allocation_id).project,
                                     "release allocations")
-        return self.services.release(allocation_id, reason)
+        return self.services.release(allocation_id, reason, by=self.identity.name)
 
-    def set_budget(self, project: str, budget_usd: float) -> list[str]:
+    def set_budget(self, project: str, budget_usd: float) -> list[Moved]:
         """Set a project's budget; returns the allocations whose deadline it moved."""
         self.identity.check_admin("set budgets")
-        return self.services.set_budget(project, budget_usd)
+        return self.services.set_budget(project, budget_usd, by=self.identity.name)
 
     def _visible(self, project: str | None) -> str | None:
         """The project a caller may read (None: all, for an admin who asked for all)."""
         if project is not None:
+            names.check("project", project)
             self.identity.check_project(project, "read the records")
             return project
         return self.identity.project if not self.identity.admin else None
@@ -184,9 +188,14 @@ class Records:
 
     def pending_reviews(self) -> list[str]:
         """Threads waiting for a human decision that the caller may see, oldest first."""
+        return [thread for thread, _ in self.pending_review_entries()]
+
+    def pending_review_entries(self) -> list[tuple[str, AuditEntry]]:
+        """(thread, the council's "ask" entry: when and for which project) of each review
+        waiting for a decision that the caller may see, oldest first."""
         log = self.services.ledger.audit_log(self._visible(None))
         decided = {e.key.removeprefix("decide:") for e in log if e.key.startswith("decide:")}
-        return [e.target for e in log
+        return [(e.target, e) for e in log
                 if e.action == "ask" and e.key.removeprefix("ask:") not in decided]
 
     def jobs(self) -> list[Job]:
@@ -197,7 +206,7 @@ class Records:
 
     def job(self, thread_id: str) -> Job:
         """A submitted request's job: pending, running (on which worker) or done (how)."""
-        job = JobQueue(self.services.ledger).get(thread_id)
+        job = JobQueue(self.services.ledger).get(names.check("thread id", thread_id))
         self.identity.check_project(job.request.project, "read jobs")
         return job
 

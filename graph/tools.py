@@ -9,6 +9,7 @@ budget) until it ends or `release_gpus` ends it.
 
 from __future__ import annotations
 
+import shlex
 import threading
 import uuid
 from typing import Any
@@ -59,8 +60,8 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
                               "thread_id": thread_id}
     if out.status is Status.PENDING_REVIEW:
         result |= {"status": "pending_human_approval",
-                   "next_step": f"a human decides: gpu-agent resume {thread_id} "
-                   "--approve|--deny"}
+                   "next_step": f"a human decides: gpu-agent resume {shlex.quote(thread_id)} "
+                   "--approve (or --deny)"}
     if out.allocation is not None and out.status is Status.ALLOCATED:
         a = out.allocation
         result |= {"allocation_id": a.id, "gpu_type": a.gpu_type, "gpu_ids": a.gpu_ids,

@@ -5,6 +5,10 @@ monitoring, release) and marks the job done with the thread's status. A job whos
 checkpointed already (its worker died, or handed it back on SIGTERM) is resumed, not
 restarted: every side effect from allocate on is idempotent on (thread, request), so a GPU is
 freed and a cost charged once whoever finishes the thread.
+
+A thread with no job to claim also adopts live allocations whose monitor died (a `request`
+or `resume --approve` killed, a page, another worker's thread: fleet.monitors) or that were
+left placed with --no-wait, and monitors them to their end.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fleet.errors import InvalidInput
+from fleet.errors import InvalidInput, MonitoredElsewhere
 from fleet.jobs import Job, JobQueue
 from graph.orchestrator import Orchestrator
 
@@ -44,6 +49,7 @@ class Worker:
             raise InvalidInput(f"--lease-seconds must be positive, not {self.lease_seconds}")
         self.queue = JobQueue(self.orch.services.ledger)
         self._lock = threading.Lock()
+        self._adopted: set[str] = set()  # threads this worker's threads are adopting
 
     def serve(self) -> Counter[str]:
         """Run until `stopping` is set (or, with exit_when_idle, the queue is empty), then
@@ -73,11 +79,47 @@ class Worker:
                 self.stopping.wait(self.poll_seconds)
                 continue
             if job is None:
+                if self._adopt_one():
+                    continue
                 if self.exit_when_idle and self._idle():
                     return
                 self.stopping.wait(self.poll_seconds)
                 continue
             self._run(job)
+
+    def _adopt_one(self) -> bool:
+        """Monitor one allocation nobody monitors (whose thread no job of the queue holds:
+        the job's own takeover resumes those); whether there was one."""
+        try:
+            orphans = self.orch.orphans()
+            queued = {j.thread_id for j in self.queue.jobs() if j.state != "done"}
+        except Exception:  # the database went away for a moment: try again later
+            log.exception("looking for unmonitored allocations failed")
+            return False
+        for orphan in orphans:
+            tid = orphan.row.thread_id
+            if not orphan.checkpointed or tid in queued:
+                continue
+            with self._lock:
+                if tid in self._adopted:  # another thread of this worker has it
+                    continue
+                self._adopted.add(tid)
+            try:
+                if not self.orch.claim_orphan(orphan):
+                    continue
+                log.info("worker %s adopts %s (thread %s): %s", self.worker_id,
+                         orphan.row.id, tid, orphan.describe(time.time()))
+                outcome = self.orch.resume(tid)
+                with self._lock:
+                    self.finished[f"adopted {outcome.status.value}"] += 1
+                return True
+            except Exception:
+                log.exception("adopted thread %s stopped", tid)
+                return True
+            finally:
+                with self._lock:
+                    self._adopted.discard(tid)
+        return False
 
     def _idle(self) -> bool:
         counts = self.queue.counts()
@@ -91,6 +133,10 @@ class Worker:
             else:
                 outcome = self.orch.resume(tid)
             status, error = outcome.status.value, None
+        except MonitoredElsewhere:  # its old monitor still beats: try again after a poll
+            self.queue.hand_back(self.worker_id, tid, retry=True)
+            self.stopping.wait(self.poll_seconds)
+            return
         except InvalidInput as exc:
             status, error = "invalid", str(exc)
         except Exception as exc:

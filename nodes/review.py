@@ -11,30 +11,46 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import ValidationError
 
+from fleet import names
 from fleet.errors import InvalidInput
 from fleet.models import Event, EventKind, HumanDecision, Status, utc
 from nodes import audit
 from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
+COMMENT_MAX = 500
+
 
 def parse_decision(answer: Any) -> HumanDecision:
-    """A human's answer: true/false, "approve"/"deny", or {"approve": bool, "by", "comment"}."""
+    """A human's answer: true/false, "approve"/"deny", or {"approve": bool, "by", "comment"}.
+    `by` is a name (fleet.names: it is printed in the audit log); the comment's line breaks
+    and tabs become spaces, and other control characters are refused."""
     if isinstance(answer, HumanDecision):
-        return answer
+        return _checked(answer)
     if isinstance(answer, bool):
         return HumanDecision(approve=answer)
     if isinstance(answer, str) and answer.strip().lower() in ("approve", "deny"):
         return HumanDecision(approve=answer.strip().lower() == "approve")
     if isinstance(answer, dict):
         try:
-            return HumanDecision.model_validate(answer, strict=True)
+            return _checked(HumanDecision.model_validate(answer, strict=True))
         except ValidationError:
             pass
     raise InvalidInput(
         'a review decision must be true/false, "approve"/"deny" or '
         '{"approve": true|false, "by": "...", "comment": "..."}'
     )
+
+
+def _checked(human: HumanDecision) -> HumanDecision:
+    names.check("identity", human.by)
+    comment = " ".join(human.comment.split())
+    if not comment.isprintable():
+        raise InvalidInput("a review comment may not hold control characters")
+    if len(comment) > COMMENT_MAX:
+        raise InvalidInput(f"a review comment is at most {COMMENT_MAX} characters, not "
+                           f"{len(comment)}")
+    return human if comment == human.comment else human.model_copy(update={"comment": comment})
 
 
 def question(state: State) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.budget import describe_moves
 from fleet.clock import VirtualClock
 from fleet.errors import GPUAgentError
 from fleet.models import Event
@@ -74,7 +75,7 @@ def run_scenario(
                 result.errors[f"budget {step.project} @{step.at_hours:g}h"] = str(exc)
             report(clock.now(), "finance", f"cannot set {step.project}'s budget: {exc}")
             return
-        note = f"; {len(moved)} running allocation(s) must now end earlier" if moved else ""
+        note = f"; {describe_moves(moved)}" if moved else ""
         report(clock.now(), "finance", f"sets {step.project}'s budget to ${step.usd:,.2f}{note}")
 
     with clock.actor():  # no step may run ahead before all are spawned

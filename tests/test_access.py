@@ -114,7 +114,7 @@ def test_what_each_role_may_do(world: dict[str, Any]) -> None:
     assert [a["project"] for a in bob.status()["allocations"]] == ["speech"]
     vision_gpus = [g for g in bob.status()["gpus"] if g.get("project") == "vision"]
     assert vision_gpus and all(g["allocation_id"] is None for g in vision_gpus)
-    out = as_("dave").resume("review", {"approve": True, "by": "someone else"})
+    out = as_("dave").resume("review", {"approve": True, "by": "mallory"})
     assert out.status is Status.RELEASED and out.reason == "released: lease-expired"
     assert as_("alice").outcome("review").status is Status.RELEASED
     assert as_("root").set_budget("speech", 50.0) == []

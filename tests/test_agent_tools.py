@@ -72,7 +72,7 @@ def test_a_split_council_is_a_result_not_an_exception(make_orch: OrchFactory) ->
     pending = got["request_gpus"]
     assert pending["status"] == "pending_human_approval"
     assert pending["next_step"] == f"a human decides: gpu-agent resume {pending['thread_id']} " \
-        "--approve|--deny"
+        "--approve (or --deny)"
     assert got["release_gpus"]["status"] == "invalid"  # a bad id is a result too
     assert orch.services.ledger.allocations() == []
     done = orch.resume(pending["thread_id"], {"approve": True, "by": "lead"})

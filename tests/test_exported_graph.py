@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
 from fleet.models import ReleaseReason, Status
@@ -20,10 +21,15 @@ def test_exported_graph_has_no_checkpointer() -> None:
                                             "allocate", "wait", "monitor", "deallocate"}
 
 
-def test_context_fields_resolve_to_services(tmp_path: Path) -> None:
+def test_context_fields_resolve_to_services(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON context resolves to this process's own configuration (its environment), as on
+    the LangGraph server; a context naming another state directory is refused (test_server)."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(clock={"time_scale": 360_000}))  # an hour in 10 ms
-    context = Context(state_dir=str(tmp_path / "state"), fleet_file=str(fleet))
+    monkeypatch.setenv("GPU_AGENT_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("GPU_AGENT_FLEET", str(fleet))
+    context = Context()
     request = {"project": "p", "purpose": "training", "count": 2, "duration_hours": 1,
                "gpu_type": "A100"}
     out = graph.invoke({"request": request}, context=context)

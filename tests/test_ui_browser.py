@@ -101,6 +101,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
            "live": live.allocation.id}
     server.should_exit = True
     thread.join(timeout=30)
+    for row in orch.services.ledger.live():  # the monitors carried on here hear it at once
+        orch.release(row.id)
     for t in app.state.ui.background:
         t.join(timeout=90)
     orch.close()
