@@ -619,16 +619,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _adopt(args: argparse.Namespace) -> int:
     """`resume --orphans`: monitor here every allocation nobody monitors, until they end."""
     with _orchestrator(args, create=False) as orch:
-        orphans = [o for o in orch.orphans() if o.checkpointed]
-        threads = [orch.continue_in_background(o.row.thread_id) for o in orphans
-                   if orch.claim_orphan(o)]
+        adopted = orch.adopt()
         if not args.json:
-            print(f"adopted {len(threads)} allocation(s) nobody monitored"
+            print(f"adopted {len(adopted)} allocation(s) nobody monitored"
                   + "".join(f"\n  {o.row.id}  {_q(o.row.project)}  thread {o.row.thread_id}"
-                            for o in orphans[:len(threads)]), flush=True)
-        for t in threads:
-            t.join()
-        ended = [orch.outcome(o.row.thread_id) for o in orphans[:len(threads)]]
+                            for o, _ in adopted), flush=True)
+        for _, thread in adopted:
+            thread.join()
+        ended = [orch.outcome(o.row.thread_id) for o, _ in adopted]
     _emit(args, {"adopted": [o.to_json() for o in ended]},
           "\n".join(_describe(o) for o in ended) or "nothing to adopt")
     return 0

@@ -316,10 +316,11 @@ class Orchestrator(Records):
             return False
         return True
 
-    def adopt(self) -> list[threading.Thread]:
+    def adopt(self) -> list[tuple[Orphan, threading.Thread]]:
         """Carry on, in background threads of this process, every live allocation the caller
-        may act on whose monitor died (or that nobody monitored); the threads."""
-        return [self.continue_in_background(o.row.thread_id) for o in self.orphans()
+        may act on whose monitor died (or that nobody monitored); what it adopted, each with
+        the thread that now runs it."""
+        return [(o, self.continue_in_background(o.row.thread_id)) for o in self.orphans()
                 if o.checkpointed and self.claim_orphan(o)]
 
     def submit(self, request: GPURequest | Mapping[str, Any], *,

@@ -11,6 +11,7 @@ one it was given (`--allocation`) is left to its owner.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,11 +21,11 @@ from types import FrameType
 
 from fleet.errors import InvalidInput
 from fleet.models import GPURequest, ReleaseReason
+from fleet.monitors import Monitors
 from fleet.supervise import Supervised, check_startable
 from graph.orchestrator import Orchestrator
 
 POLL_S = 0.25
-STALE_TICKS = 3  # a monitor silent this many ticks is not running
 CONFIRM_TRIES = 8
 
 
@@ -67,10 +68,10 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
     orch.identity.check_project(row.project, "run commands on allocations")
     if row.state != "active":
         raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
-    silent = svc.clock.now() - row.heartbeat_at
-    if not owned and silent > STALE_TICKS * svc.config.monitor.tick_seconds:
-        say(f"nobody has monitored allocation {allocation_id} for {silent:.0f} s: it will not "
-            f"be released for idling until `gpu-agent resume {row.thread_id}` runs")
+    monitors = Monitors(svc.ledger)
+    if not owned and not monitors.alive(monitors.get(allocation_id)):
+        say(f"nobody monitors allocation {allocation_id}: it will not be released for idling "
+            f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it")
     env = dict(os.environ) | {"CUDA_VISIBLE_DEVICES": ",".join(row.gpu_ids),
                               "GPU_AGENT_ALLOCATION": allocation_id}
     with _signals() as got:
