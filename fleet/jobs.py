@@ -121,6 +121,11 @@ class JobQueue:
         return [_job(r) for r in self.ledger.query(sql + " ORDER BY submitted_at, thread_id",
                                                    args)]
 
+    def open_threads(self) -> set[str]:
+        """The threads of jobs not done (pending, or running on some worker)."""
+        return {str(r[0]) for r in self.ledger.query(
+            "SELECT thread_id FROM jobs WHERE state IN ('pending', 'running')")}
+
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         counts |= {r[0]: int(r[1]) for r in self.ledger.query(

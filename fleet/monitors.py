@@ -148,12 +148,14 @@ class Monitors:
         return watcher is not None and watcher.beat_at >= now - self.stale_seconds \
             and not watcher.gone_here()
 
-    def orphans(self, now: float | None = None) -> list[Orphan]:
-        """Live allocations (queued or active) whose monitor is absent or stale, oldest
-        first."""
+    def orphans(self, now: float | None = None,
+                rows: list[LedgerRow] | None = None) -> list[Orphan]:
+        """Live allocations (queued or active; or those of `rows`, already read) whose
+        monitor is absent, stale or dead, oldest first."""
         now = time.time() if now is None else now
         watchers = self.watchers()
-        return [Orphan(row, watchers.get(row.id)) for row in self.ledger.live()
+        return [Orphan(row, watchers.get(row.id)) for row in
+                (self.ledger.live() if rows is None else rows)
                 if not self.alive(watchers.get(row.id), now)]
 
     def prune(self) -> int:

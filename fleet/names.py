@@ -45,8 +45,7 @@ def problem(kind: str, value: object) -> str | None:
     if valid(kind, value):
         return None
     _, rule = RULES[kind]
-    shown = _shown(value)
-    return f"{kind} {shown}: {rule}"
+    return f"{kind} {shown(value)}: {rule}"
 
 
 def check(kind: str, value: Any) -> str:
@@ -57,9 +56,9 @@ def check(kind: str, value: Any) -> str:
     return str(value)
 
 
-def _shown(value: object) -> str:
-    """The value as a short, printable, quoted string (repr escapes control characters)."""
+def shown(value: object) -> str:
+    """Something a caller sent, as a short, printable, quoted string (repr escapes control
+    characters)."""
     if not isinstance(value, str):
         return f"of type {type(value).__name__}"
-    text = repr(value if len(value) <= 80 else value[:77] + "...")
-    return text
+    return repr(value if len(value) <= 80 else value[:77] + "...")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from langgraph_sdk import Auth
@@ -36,11 +35,10 @@ from fleet import names
 from fleet.access import LOCAL, Identity, identify
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
-from nodes.context import Context
+from nodes.context import BOUND, bound_context_refusal, chosen_context
 
 auth = Auth()
 
-BOUND = ("state_dir", "fleet_file", "backend", "replay", "database")  # the server's, not yours
 VIA_MCP = "via:mcp"  # a permission: the request came through the server's MCP endpoint
 
 
@@ -80,36 +78,16 @@ def _refuse(detail: str, status: int = 403) -> Auth.exceptions.HTTPException:
     return Auth.exceptions.HTTPException(status_code=status, detail=detail)
 
 
-def _where(name: str, value: object) -> object:
-    """A context value as compared: paths resolved (as services_for compares them)."""
-    if name in ("state_dir", "fleet_file", "replay") and isinstance(value, str):
-        try:
-            return str(Path(value).resolve())
-        except (OSError, ValueError):
-            return value
-    return value
-
-
-def chosen_context(*sources: object) -> list[str]:
-    """The bound fields that `sources` (a run's context, its config's configurable, an
-    assistant's) set to anything but the server's own; an empty value is no choice."""
-    own = Context()
-    chosen: list[str] = []
-    for source in sources:
-        if not isinstance(source, Mapping):
-            continue
-        for name in BOUND:
-            value = source.get(name)
-            if value in (None, "") or name in chosen:
-                continue
-            if _where(name, value) != _where(name, getattr(own, name)):
-                chosen.append(name)
-    return chosen
-
-
-async def _chosen(*sources: object) -> list[str]:
-    """chosen_context, off the event loop when there is anything to compare (resolving a
-    relative path reads the working directory, which the dev server flags as blocking)."""
+async def _chosen(holder: object) -> list[str]:
+    """The bound fields a run, assistant or cron payload (`holder`: its "context" and its
+    "config"'s "configurable") chooses (nodes.context.chosen_context), off the event loop when
+    there is anything to compare (resolving a relative path reads the working directory,
+    which the dev server flags as blocking)."""
+    if not isinstance(holder, Mapping):
+        return []
+    config = holder.get("config")
+    sources = (holder.get("context"),
+               config.get("configurable") if isinstance(config, Mapping) else None)
     if not any(isinstance(s, Mapping) and any(s.get(k) not in (None, "") for k in BOUND)
                for s in sources):
         return []
@@ -117,8 +95,7 @@ async def _chosen(*sources: object) -> list[str]:
 
 
 def _context_refusal(chosen: list[str]) -> Auth.exceptions.HTTPException:
-    return _refuse(f"a run may not choose its {', '.join(chosen)}: the context is bound to "
-                   "the server's own configuration (its GPU_AGENT_* environment)")
+    return _refuse(bound_context_refusal(chosen))
 
 
 def _check_thread_id(thread_id: object) -> None:
@@ -146,9 +123,7 @@ async def on_run(ctx: Auth.types.AuthContext,
     mcp = VIA_MCP in ctx.permissions
     _check_thread_id(value.get("thread_id"))
     kwargs = value.get("kwargs") or {}
-    config = kwargs.get("config")
-    chosen = await _chosen(kwargs.get("context"),
-                           config.get("configurable") if isinstance(config, dict) else None)
+    chosen = await _chosen(kwargs)
     if chosen and not mcp:
         raise _context_refusal(chosen)
     run_input = kwargs.get("input")
@@ -208,10 +183,8 @@ async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] 
 async def on_assistants(ctx: Auth.types.AuthContext, value: Any) -> bool:
     """Everyone may find and read the graphs; only admins change them, and an assistant's
     context is bound like a run's."""
-    if ctx.action in ("create", "update") and isinstance(value, Mapping):
-        config = value.get("config")
-        chosen = await _chosen(value.get("context"), config.get("configurable")
-                               if isinstance(config, Mapping) else None)
+    if ctx.action in ("create", "update"):
+        chosen = await _chosen(value)
         if chosen:
             raise _context_refusal(chosen)
     return _who(ctx).admin or ctx.action in ("read", "search")
@@ -220,11 +193,7 @@ async def on_assistants(ctx: Auth.types.AuthContext, value: Any) -> bool:
 @auth.on
 async def admins_only(ctx: Auth.types.AuthContext, value: Any) -> bool:
     """Crons and the store: admins only; a cron's run is bound like any other's."""
-    payload = value.get("payload") if isinstance(value, Mapping) else None
-    if isinstance(payload, Mapping):
-        config = payload.get("config")
-        chosen = await _chosen(payload.get("context"), config.get("configurable")
-                               if isinstance(config, Mapping) else None)
-        if chosen:
-            raise _context_refusal(chosen)
+    chosen = await _chosen(value.get("payload") if isinstance(value, Mapping) else None)
+    if chosen:
+        raise _context_refusal(chosen)
     return _who(ctx).admin

@@ -83,6 +83,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _token_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
+    p.add_argument("--json", action="store_true")
+
+
 def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--project", help="who pays (default: the project of your token)")
     p.add_argument("--purpose", required=True, help="training, inference or research")
@@ -139,16 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("name")
     tp.add_argument("--role", required=True, choices=["member", "approver", "admin"])
     tp.add_argument("--project", help="the project a member or approver belongs to")
-    tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
-    tp.add_argument("--json", action="store_true")
-    tp = tsub.add_parser("list", help="who has a token: names, roles, projects (admins only)")
-    tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
-    tp.add_argument("--json", action="store_true")
+    _token_opts(tp)
+    _token_opts(tsub.add_parser("list", help="who has a token: names, roles, projects "
+                                "(admins only)"))
     tp = tsub.add_parser("revoke", help="remove an identity: its token stops working at once "
                          "(admins only; the last admin stays)")
     tp.add_argument("name")
-    tp.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME)")
-    tp.add_argument("--json", action="store_true")
+    _token_opts(tp)
 
     p = sub.add_parser("reviews", help="requests waiting for a human decision (approve with "
                        "`gpu-agent resume THREAD --approve`)")
@@ -489,8 +491,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with _records(args, create=False) as rec:
         jobs = [rec.job(args.thread_id)] if args.thread_id is not None else rec.jobs()
         counts = JobQueue(rec.services.ledger).counts()
-    lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {j.request.project:<12} "
-             f"{j.worker or ''}" + (f"  ({j.error})" if j.error else "") for j in jobs]
+    lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {_q(j.request.project):<12} "
+             f"{_q(j.worker or '')}" + (f"  ({_q(j.error)})" if j.error else "") for j in jobs]
     _emit(args, {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
           "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]))
     return 0
@@ -635,7 +637,7 @@ def _adopt(args: argparse.Namespace) -> int:
 def cmd_reviews(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
         waiting = [(orch.outcome(t), e) for t, e in orch.pending_review_entries()]
-    now = datetime.now(UTC).timestamp()
+        now = orch.services.clock.now()  # the audit's clock (a scaled one in tests)
     rows: list[dict[str, Any]] = []
     for out, asked in waiting:
         req = out.request

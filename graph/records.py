@@ -28,7 +28,7 @@ from fleet.backends import BackendChoice
 from fleet.budget import Moved
 from fleet.errors import StateDirError
 from fleet.jobs import Job, JobQueue
-from fleet.ledger import AuditEntry, ProjectCost
+from fleet.ledger import AuditEntry, LedgerRow, ProjectCost
 from fleet.models import HistoryRecord, Release, ReleaseReason
 from fleet.monitors import Monitors, Orphan
 from fleet.services import Services, open_services
@@ -140,12 +140,11 @@ class Records:
     def problems(self) -> list[str]:
         """What in the ledger and checkpoints does not add up, each with a way out: live
         allocations on GPUs this fleet lacks (another --fleet or --backend than they were
-        placed with), and live allocations whose thread has no checkpoint (the checkpoint file
-        replaced or its tables lost), which nothing will monitor or release."""
+        placed with), live allocations whose thread has no checkpoint (the checkpoint file
+        replaced or its tables lost), which nothing will monitor or release, and live
+        allocations no process monitors."""
         known = {g.uuid for g in self.services.gpus}
-        mine = self._visible(None)
-        live = [row for row in self.services.ledger.allocations()
-                if row.state != "released" and (mine is None or row.project == mine)]
+        live = self._live()
         saved = self._checkpointed([row.thread_id for row in live])
         out = []
         for row in live:
@@ -161,7 +160,7 @@ class Records:
                            "has no checkpoint (were the checkpoints replaced or lost?), so "
                            f"nothing will monitor or release it: {end}")
         wall = time.time()
-        for orphan in self.orphans():
+        for orphan in self._orphans(live, saved):
             if orphan.checkpointed:
                 row = orphan.row
                 out.append(f"allocation {row.id} ({row.project}) is not monitored: "
@@ -170,13 +169,23 @@ class Records:
                            f"{shlex.quote(row.thread_id)}` or a worker adopts it")
         return out
 
+    def _live(self) -> list[LedgerRow]:
+        """The queued and active allocations the caller may see, oldest first."""
+        mine = self._visible(None)
+        return [row for row in self.services.ledger.live()
+                if mine is None or row.project == mine]
+
     def orphans(self) -> list[Orphan]:
         """The live allocations the caller may see that no process monitors (its monitor
         died, or it was left placed with --no-wait), oldest first."""
-        mine = self._visible(None)
-        found = [o for o in Monitors(self.services.ledger).orphans()
-                 if mine is None or o.row.project == mine]
-        saved = self._checkpointed([o.row.thread_id for o in found])
+        return self._orphans(self._live())
+
+    def _orphans(self, live: list[LedgerRow], saved: set[str] | None = None) -> list[Orphan]:
+        """Those of `live` no process monitors; `saved`: the threads known to have a
+        checkpoint (read when not given)."""
+        found = Monitors(self.services.ledger).orphans(rows=live)
+        if saved is None:
+            saved = self._checkpointed([o.row.thread_id for o in found])
         return [replace(o, checkpointed=o.row.thread_id in saved) for o in found]
 
     def status(self) -> dict[str, Any]:

@@ -45,13 +45,12 @@ from council.features import worst_case_usd
 from fleet import names
 from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
-from fleet.ledger import AuditEntry
 from fleet.models import GPURequest, RouteMode, Status
 from fleet.routing import Refusal, estimate
 from fleet.routing import route as choose_route
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
-from nodes.audit import decision_key, recorded
+from nodes.audit import ask_key, decision_key, recorded
 
 COOKIE = "gpu_agent_token"
 # Who the page's own orchestrator is: it acts for each caller through `acting_as`, and as itself
@@ -179,11 +178,6 @@ def _span(seconds: float) -> str:
 
 def _reading(value: float | None, unit: str) -> str:
     return "-" if value is None else f"{round(value):d} {unit}"
-
-
-def _shown(value: str) -> str:
-    """Something a caller sent, as a short one-line quoted string."""
-    return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
 def _hours(h: float) -> str:
@@ -325,7 +319,7 @@ class _Guard:
         hosts = headers.getlist("host")
         host = _host_port(hosts[0]) if len(hosts) == 1 else None
         if host is None or host[0] not in self.hosts:
-            shown = _shown(hosts[0] if len(hosts) == 1 else "")
+            shown = names.shown(hosts[0] if len(hosts) == 1 else "")
             return PlainTextResponse(
                 f"gpu-agent: this page is not served under host {shown} (its operator adds "
                 "names with `gpu-agent ui --allow-host NAME` or GPU_AGENT_UI_HOSTS)\n", 421)
@@ -334,7 +328,7 @@ class _Guard:
         origin, referer = headers.get("origin"), headers.get("referer")
         if origin is not None:
             why = None if _same_origin(origin, host) else \
-                f"its Origin {_shown(origin)} is not this page"
+                f"its Origin {names.shown(origin)} is not this page"
         elif referer is not None:
             why = None if _same_origin(referer, host) else \
                 "it was sent from another page (its Referer is not this page)"
@@ -466,23 +460,16 @@ class WebUI:
 
     # ---- reviews ----------------------------------------------------------------------------
 
-    def _asked(self, project: str | None) -> dict[str, AuditEntry]:
-        """The council's "ask" entry of each thread (the latest), by thread id."""
-        return {e.target: e for e in self.orch.services.ledger.audit_log(project)
-                if e.action == "ask"}
-
     def reviews(self, request: Request, who: Identity) -> Response:
         orch = self._as(who)
         root = request.scope.get("root_path", "")
         now = orch.services.clock.now()
-        asked = self._asked(None if who.admin else who.project)
         rows = []
-        for tid in orch.pending_reviews():
+        for tid, ask in orch.pending_review_entries():
             if not names.valid("thread id", tid):  # never a link from an unchecked id
                 continue
             out = orch.outcome(tid)
             req = out_request(out)
-            ask = asked.get(tid)
             rows.append(
                 f'<tr><td><a class="id" href="{_e(root)}/reviews/{_q(tid)}">{_e(tid)}</a></td>'
                 f"<td>{_e(req.get('project'))}</td>"
@@ -508,9 +495,9 @@ class WebUI:
         project = str(req.get("project", "default"))
         svc = orch.services
         now = svc.clock.now()
-        ask = self._ask_of(tid, project, out.request)
-        decided = None if out.request is None else svc.ledger.audit_entry(
-            decision_key({"thread_id": tid}, out.request))
+        ask, decided = (None, None) if out.request is None else (
+            svc.ledger.audit_entry(ask_key({"thread_id": tid}, out.request)),
+            svc.ledger.audit_entry(decision_key({"thread_id": tid}, out.request)))
         parts = [f'<p>Thread <code class="id">{_e(tid)}</code>: '
                  f"<strong>{_e(label(STATUS, out.status.value))}</strong>"
                  f" ({_e(out.reason)})</p>"]
@@ -571,15 +558,6 @@ class WebUI:
             parts.append(self._decide_form(request, who, tid, project))
         parts.append(f'<p><a href="{_e(root)}/reviews">Back to the pending reviews</a></p>')
         return self.page(request, who, f"Review of {project}'s request", "".join(parts))
-
-    def _ask_of(self, tid: str, project: str, request: GPURequest | None) -> AuditEntry | None:
-        """The council's "ask" entry of this thread's request."""
-        asks = [e for e in self.orch.services.ledger.audit_log(project)
-                if e.action == "ask" and e.target == tid]
-        if request is not None:
-            mine = [e for e in asks if e.key.endswith(f":{request.request_id}")]
-            asks = mine or asks
-        return asks[-1] if asks else None
 
     def _decide_form(self, request: Request, who: Identity, tid: str, project: str) -> str:
         root = request.scope.get("root_path", "")
@@ -916,7 +894,8 @@ class _OnFirstRequest:
                 ctx = Context()
                 self._app = create_app(Orchestrator(
                     ctx.state_dir, ctx.fleet_file, backend=ctx.backend,
-                    database=ctx.database, identity=SERVER), allowed=hosts_from_env())
+                    database=ctx.database, identity=SERVER, monitor_kind="page"),
+                    allowed=hosts_from_env())
             return self._app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

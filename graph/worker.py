@@ -91,14 +91,14 @@ class Worker:
         """Monitor one allocation nobody monitors (whose thread no job of the queue holds:
         the job's own takeover resumes those); whether there was one."""
         try:
-            orphans = self.orch.orphans()
-            queued = {j.thread_id for j in self.queue.jobs() if j.state != "done"}
+            orphans = [o for o in self.orch.orphans() if o.checkpointed]
+            queued = self.queue.open_threads() if orphans else set()
         except Exception:  # the database went away for a moment: try again later
             log.exception("looking for unmonitored allocations failed")
             return False
         for orphan in orphans:
             tid = orphan.row.thread_id
-            if not orphan.checkpointed or tid in queued:
+            if tid in queued:
                 continue
             with self._lock:
                 if tid in self._adopted:  # another thread of this worker has it

@@ -33,6 +33,11 @@ def asked(svc: Services, state: State, request: GPURequest, summary: str) -> Non
     svc.ledger.audit(_entry("ask", svc, state, request, "council", "ask", summary))
 
 
+def ask_key(state: State, request: GPURequest) -> str:
+    """The key of the council's "ask" entry for a review (written once per request)."""
+    return _key("ask", state, request)
+
+
 def decision_key(state: State, request: GPURequest) -> str:
     """The key of a review's one decision (a claim of it, and the entry the review writes)."""
     return _key("decide", state, request)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,44 @@ _opened: dict[tuple[str, str | None, BackendChoice, str | None], Services] = {}
 _opened_lock = threading.Lock()
 
 
+# The fields a JSON context may echo but never choose: they are this process's own.
+BOUND = ("state_dir", "fleet_file", "backend", "replay", "database")
+
+
+def _compared(name: str, value: object) -> object:
+    """A context value as compared with the process's own: paths resolved."""
+    if name in ("state_dir", "fleet_file", "replay") and isinstance(value, str):
+        try:
+            return str(Path(value).resolve())
+        except (OSError, ValueError):  # a NUL byte, a loop of links: not the server's
+            return value
+    return value
+
+
+def chosen_context(*sources: object) -> list[str]:
+    """The BOUND fields that `sources` (mappings: a run's context, its config's configurable,
+    an assistant's or a cron's) set to anything but this process's own (`Context()`, from the
+    environment); an empty value is no choice. Resolving a relative path reads the working
+    directory: async callers run this off the event loop."""
+    own = Context()
+    chosen: list[str] = []
+    for source in sources:
+        if not isinstance(source, Mapping):
+            continue
+        for name in BOUND:
+            value = source.get(name)
+            if value in (None, "") or name in chosen:
+                continue
+            if _compared(name, value) != _compared(name, getattr(own, name)):
+                chosen.append(name)
+    return chosen
+
+
+def bound_context_refusal(chosen: list[str]) -> str:
+    return (f"a run may not choose its {', '.join(chosen)}: the context is bound to the "
+            "server's own configuration (its GPU_AGENT_* environment)")
+
+
 def services_for(runtime: Runtime[Context]) -> Services:
     """The services a node works with. A LocalContext brings its own. A plain Context (JSON:
     the LangGraph server, Studio, MCP, crons) is bound to this process's own configuration,
@@ -79,24 +118,12 @@ def services_for(runtime: Runtime[Context]) -> Services:
     ctx = runtime.context if runtime.context is not None else Context()
     if isinstance(ctx, LocalContext):
         return ctx.services
-    own = Context()
-
-    def where(name: str, value: object) -> object:
-        if name in ("state_dir", "fleet_file", "replay") and isinstance(value, str):
-            try:
-                return str(Path(value).resolve())
-            except (OSError, ValueError):  # a NUL byte, a loop of links: not the server's
-                return value
-        return value
-
-    chosen = [name for name in ("state_dir", "fleet_file", "backend", "replay", "database")
-              if getattr(ctx, name, None) not in (None, "")
-              and where(name, getattr(ctx, name)) != where(name, getattr(own, name))]
+    chosen = chosen_context({name: getattr(ctx, name, None) for name in BOUND})
     if chosen:
-        raise InvalidInput(f"a run may not choose its {', '.join(chosen)}: the context is bound "
-                           "to the server's own configuration (its GPU_AGENT_* environment)")
+        raise InvalidInput(bound_context_refusal(chosen))
+    own = Context()
     choice = BackendChoice(own.backend, own.replay)
-    key = (str(where("state_dir", own.state_dir)), own.fleet_file, choice, own.database)
+    key = (str(_compared("state_dir", own.state_dir)), own.fleet_file, choice, own.database)
     with _opened_lock:
         if key not in _opened:
             _opened[key] = open_services(own.state_dir, own.fleet_file, backend=choice,
