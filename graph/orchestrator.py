@@ -308,11 +308,15 @@ class Orchestrator(Records):
 
     def claim_orphan(self, orphan: Orphan) -> bool:
         """Become the monitor of an allocation nobody monitors (False: another process was
-        quicker, or its monitor came back). The caller then resumes its thread."""
+        quicker, its monitor came back, or it ended meanwhile). The caller then resumes its
+        thread."""
         self.identity.check_project(orphan.row.project, "monitor allocations")
         try:
             self.services.watch(orphan.row.id, orphan.row.thread_id)
         except MonitoredElsewhere:
+            return False
+        if self.services.ledger.get(orphan.row.id).state == "released":  # ended since it
+            self.services.unwatch(orphan.row.id)  # was read: nothing to adopt
             return False
         return True
 
