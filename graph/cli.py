@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from graph.orchestrator import Orchestrator
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
+# every baseline (sim.simulate.POLICIES; named here so --help need not import the simulator)
+DEFAULT_POLICIES = "naive,slurm-like,slurm-cheapest,cheapest-first,gpu-agent"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and budget violations side by side")
     p.add_argument("--trace", required=True, help="trace CSV (submit time, duration, GPUs, "
                    "project), e.g. ../shared/traces/philly.csv")
-    p.add_argument("--policies", default="naive,slurm-like,gpu-agent",
-                   help="comma-separated: naive, slurm-like, gpu-agent, "
-                   "gpu-agent-no-autorelease (default: naive,slurm-like,gpu-agent)")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
+                   f"gpu-agent, gpu-agent-no-autorelease (default: {DEFAULT_POLICIES})")
     p.add_argument("--jobs", type=int, help="only the earliest N jobs of the trace")
     p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace "
                    "fleet)")

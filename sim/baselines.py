@@ -1,13 +1,13 @@
-"""The two policies gpu-agent is measured against, replayed on the same jobs in virtual time.
+"""The policies gpu-agent is measured against, replayed on the same jobs in virtual time.
 
-Both are discrete-event simulations (one heap of arrivals and allocation ends, ties broken by
+All are discrete-event simulations (one heap of arrivals and allocation ends, ties broken by
 (time, sequence number), all events at one instant handled before one scheduling pass), so the
 same workload always gives the same attempts. GPUs are counted per type: which GPU of a type a
 job holds does not change what a baseline does. What a job does on the GPUs it gets is
 `sim.lifecycle`'s, the same under every policy; budgets are not enforced (violations are
 counted afterwards).
 
-Common to both:
+Common to all:
 
 - Allowed types: the type the request names, else its purpose's pool, less the types the
   fleet has fewer GPUs of (in all) than the request needs. A request left with none is refused
@@ -27,9 +27,10 @@ naive (what an unmanaged shared cluster does):
   pool order) among those the fleet has enough GPUs of, "to be safe".
 - Strict first come, first served per type: a type's queue starts its head as soon as enough
   GPUs of the type are free, and the head blocks everything behind it (no backfill).
-- The allocation is held for the whole requested lease (`requested_hours` of wall time), no
-  matter when the work ends: no auto-release, no early release. Every allocation ends at its
-  lease end ("lease-expired"); the job is killed there if its work is not done.
+- GPUs held for the requested lease, as cloud VMs nobody stops are: the allocation is held
+  for the whole requested lease (`requested_hours` of wall time), no matter when the work
+  ends: no auto-release, no early release. Every allocation ends at its lease end
+  ("lease-expired"); the job is killed there if its work is not done.
 
 slurm-like (Slurm's multifactor priority with EASY backfill, no cost routing, no idle release):
 
@@ -56,6 +57,27 @@ slurm-like (Slurm's multifactor priority with EASY backfill, no cost routing, no
 - Walltime = `requested_hours` of wall time. The allocation ends at the end of the job's
   timeline (the user's process exits after its idle tail: "explicit") or at walltime, whichever
   comes first ("lease-expired"; the job is killed there if its work is not done).
+
+slurm-cheapest (slurm-like with node weights set by cost, as a Slurm administrator sets them):
+
+- Everything as slurm-like, except that each partition's types are ordered cheapest per unit
+  of work first (price_per_hour / relative_throughput; ties in pool order) wherever slurm-like
+  uses pool order: the type a request starts on (the first allowed type with enough free GPUs,
+  backfill included) and ties between types in the reservation. A request that names a type
+  still uses only that type.
+
+cheapest-first (what a cloud launcher with autostop does: SkyPilot's optimizer picks the
+cheapest resource, and the GPUs go back when the job's process exits):
+
+- Type: the named type, else the allowed type cheapest per unit of work (price_per_hour /
+  relative_throughput; ties in pool order) among those with enough free GPUs now.
+- Strict first come, first served per partition (slurm-like's partitions, one queue each):
+  requests are taken in arrival order (submit time, then sequence number). The head of a
+  partition's queue starts as soon as an allowed type has enough free GPUs; until then it
+  blocks everything behind it in its partition (no backfill), not the other partitions.
+- No lease, no walltime, no idle release: the allocation ends at the end of the job's
+  timeline (the process exits after its idle tail: "explicit"). No job is ever killed, and
+  `requested_hours` plays no role.
 """
 
 from __future__ import annotations
@@ -63,7 +85,7 @@ from __future__ import annotations
 import heapq
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from fleet.config import FleetConfig
@@ -122,7 +144,7 @@ def _order(a: Attempt) -> tuple[float, int, int]:
 
 
 class _Simulation(ABC):
-    """The event loop both baselines share: arrivals, allocation ends, reruns and accounting.
+    """The event loop every baseline shares: arrivals, allocation ends, reruns and accounting.
 
     A policy fills in which types a request may use (`allowed`), where it waits (`enqueue`),
     when its allocation ends (`ends`), what it does when GPUs come back (`released`) and the
@@ -403,6 +425,64 @@ class _SlurmLike(_Simulation):
         return best
 
 
+class _SlurmCheapest(_SlurmLike):
+    """slurm-like with each partition's types weighted cheapest per unit of work first: the
+    order of a request's allowed types is what slurm-like tries and breaks ties by."""
+
+    def allowed(self, job: SimJob) -> tuple[str, ...]:
+        return _cheapest(super().allowed(job), self.config)
+
+
+class _CheapestFirst(_Simulation):
+    """The cheapest type free now, strict FCFS per partition, released when the process
+    exits."""
+
+    def __init__(self, workload: Workload, config: FleetConfig,
+                 progress: Progress | None) -> None:
+        super().__init__(workload, config, progress)
+        self.partition = _partitions(config)
+        self.queues: dict[int, deque[_Request]] = {p: deque() for p in self.partition.values()}
+        self.dirty: dict[int, None] = {}  # partitions whose head may start
+
+    def allowed(self, job: SimJob) -> tuple[str, ...]:
+        if job.named_type is not None:
+            return (job.named_type,)
+        return _cheapest(self.config.pool(job.purpose), self.config)
+
+    def enqueue(self, request: _Request, now: float) -> None:
+        # requests arrive in (submit, seq) order: the heap's order, reruns included
+        p = self.partition[request.types[0]]
+        self.queues[p].append(request)
+        self.dirty[p] = None
+
+    def released(self, alloc: _Alloc, now: float) -> None:
+        self.dirty[self.partition[alloc.gpu_type]] = None
+
+    def schedule(self, now: float) -> None:
+        for p in self.dirty:
+            queue = self.queues[p]
+            while queue:
+                head = queue[0]
+                gpu_type = next((t for t in head.types if self.free[t] >= head.job.count),
+                                None)
+                if gpu_type is None:
+                    break  # the head blocks its partition
+                self.start(queue.popleft(), gpu_type, now)
+        self.dirty.clear()
+
+    def ends(self, request: _Request, segments: list[Segment],
+             now: float) -> tuple[float, str]:
+        return segments[-1].end, EXPLICIT
+
+
+def _cheapest(types: Sequence[str], config: FleetConfig) -> tuple[str, ...]:
+    """The types cheapest per unit of work first, ties in the order given: a type twice as
+    fast runs the same work in half the hours, so what the work costs is price / throughput."""
+    catalog = config.catalog
+    return tuple(sorted(types, key=lambda t: catalog[t].price_per_hour /
+                        catalog[t].relative_throughput))
+
+
 def _backfill_type(request: _Request, now: float, free: dict[str, int],
                    reservation: _Reservation) -> tuple[str | None, _Reservation]:
     """The first allowed type the request may start on now without delaying the reservation,
@@ -449,4 +529,18 @@ def run_slurm_like(workload: Workload, config: FleetConfig,
     return _SlurmLike(workload, config, progress).run()
 
 
-__all__ = ["run_naive", "run_slurm_like"]
+def run_slurm_cheapest(workload: Workload, config: FleetConfig,
+                       progress: Progress | None = None) -> list[Attempt]:
+    """Every attempt of every job under the slurm-cheapest policy (see the module docstring);
+    `progress(n)` hears of the jobs that have ended for good (completed, refused, given up)."""
+    return _SlurmCheapest(workload, config, progress).run()
+
+
+def run_cheapest_first(workload: Workload, config: FleetConfig,
+                       progress: Progress | None = None) -> list[Attempt]:
+    """Every attempt of every job under the cheapest-first policy (see the module docstring);
+    `progress(n)` hears of the jobs that have ended for good (completed, refused)."""
+    return _CheapestFirst(workload, config, progress).run()
+
+
+__all__ = ["run_cheapest_first", "run_naive", "run_slurm_cheapest", "run_slurm_like"]

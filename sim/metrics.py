@@ -12,7 +12,17 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
 - **total_cost_usd**: sum of the attempts' `cost_usd` (what the ledger charged).
 - **gpu_hours_held**: sum of the attempts' held GPU-hours, busy or not.
 - **useful_gpu_hours**: `SimJob.work_gpu_hours` (work in GPU-hours of the job's reference type)
-  summed over completed jobs; work of a job that did not complete is worth nothing.
+  summed over completed jobs; work of a job that did not complete is worth nothing. This adds
+  T4-hours to H100-hours; the figures below in work units do not.
+- **work_units_completed**: the work of completed jobs in hours of the unit type
+  (`sim.accounting.work_units`: A100-hours of work on the trace fleet); **work_share**: that
+  over the work units of all of the trace's jobs; **cost_per_work_unit**: total_cost_usd /
+  work_units_completed; **cost_vs_floor**: total_cost_usd / the run's floor (all of the
+  trace's work at the cheapest type each job may use, with its unavoidable pauses:
+  `sim.accounting.floor`). A policy that does all the work at the floor's price scores
+  work_share 1 and cost_vs_floor 1.
+- **cost_breakdown_usd** {work, pause, tail, killed}: the total cost split by what the GPUs
+  were doing (`sim.accounting.breakdown`).
 - **cost_per_useful_gpu_hour**: total_cost_usd / useful_gpu_hours (null when nothing completed).
 - **allocation_util**: gpu_hours_held / (fleet GPUs x span hours); the share of the fleet that
   was allocated, whatever the GPUs did.
@@ -26,15 +36,17 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
 - Percentiles are numpy's default (linear interpolation between closest ranks: the q-th
   percentile of sorted x[0..n-1] sits at rank q/100 x (n - 1)). Empty sets give null.
 - **jain_fairness**: Jain's index J = (sum x)^2 / (n sum x^2) (research/scheduling.md section
-  3) over the n projects with at least one completed job, of finish-time ratios: x_p is the
-  mean over p's completed jobs of min(1, isolated / JCT), where isolated is the job's time to
-  finish its work on the trace (its phases up to the end of the last work phase, i.e.
-  `trace_hours` less the idle tail, which JCT does not include either). x = 1 is a job that
-  finished as soon as on its own trace GPUs (no queueing, no kills), x = 1/2 one that took
-  twice as long (the inverse of Themis' finish-time fairness rho); a job sped up by a faster
-  type is capped at 1. J is 1 when every project is slowed down alike and 1/n when one
-  project alone is served. Projects with no completed job are left out (see jobs per
-  project); null when no project completed anything.
+  3) over the n projects with at least one job with work, of finish-time ratios that see
+  refusals: x_p is the mean over all of p's jobs with work of min(1, isolated / JCT) for a
+  completed job and 0 for a job that was denied, failed or never placed. isolated is the
+  job's time to finish its work on the trace (its phases up to the end of the last work
+  phase, i.e. `trace_hours` less the idle tail, which JCT does not include either). x = 1 is
+  a project whose every job finished as soon as on its own trace GPUs, x = 1/2 one whose
+  jobs took twice as long or half of whose jobs were refused (the inverse of Themis'
+  finish-time fairness rho); a job sped up by a faster type is capped at 1. J is 1 when
+  every project is served alike and 1/n when one project alone is served; null when no
+  project has work or every x is 0. **jain_work_share**: the same index over the projects'
+  work shares (below).
 - **budget_violations** {count, usd}: projects whose total cost exceeds their budget, and the
   sum over them of cost - budget. A project without a budget never violates.
 - **hoarded_gpu_hours**: GPU-hours held after the job's work was done (idle tail, lease left).
@@ -49,7 +61,8 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
   *abandoned_gpu_hours* (all work run by jobs that never completed); *killed_attempts*,
   *kill_reasons* {reason: count} and *wasted_cost_usd* (the cost of killed attempts).
 - **per_project** {project: {cost_usd, budget_usd, gpu_hours_held, useful_gpu_hours,
-  share_of_gpu_hours (of all GPU-hours held), jobs, jobs_completed, finish_ratio (x_p)}}.
+  share_of_gpu_hours (of all GPU-hours held), jobs, jobs_completed, finish_ratio (x_p),
+  work_share (the project's completed work units over its trace work units)}}.
 - **series** (for plots, not the table): `t_hours` (GRID_POINTS points over the span, from the
   first submit), `cost_usd` (cumulative cost, each attempt's cost accrued evenly over its
   holding), `gpus_held` (GPUs allocated at each t, an attempt holding [start, end)) and
@@ -67,6 +80,7 @@ from typing import Any
 import numpy as np
 
 from fleet.config import FleetConfig
+from sim.accounting import breakdown, floor, work_units
 from sim.lifecycle import Attempt
 from sim.workload import SimJob
 
@@ -121,10 +135,12 @@ class JobResult:
 
     @property
     def finish_ratio(self) -> float | None:
-        """min(1, isolated / JCT); None when not completed or the job had no work."""
+        """min(1, isolated / JCT), 0 when not completed; None when the job had no work."""
         isolated = isolated_hours(self.job)
-        if self.jct_hours is None or isolated <= 0:
+        if isolated <= 0:
             return None
+        if self.jct_hours is None:
+            return 0.0
         return 1.0 if self.jct_hours <= isolated else isolated / self.jct_hours
 
 
@@ -199,7 +215,8 @@ def _work(results: Sequence[JobResult], attempts: Sequence[Attempt],
 
 
 def _per_project(results: Sequence[JobResult], attempts: Sequence[Attempt],
-                 budgets: Mapping[str, float], held: float) -> dict[str, dict[str, Any]]:
+                 budgets: Mapping[str, float], held: float,
+                 config: FleetConfig) -> dict[str, dict[str, Any]]:
     cost: dict[str, float] = defaultdict(float)
     hours: dict[str, float] = defaultdict(float)
     for a in attempts:
@@ -211,7 +228,8 @@ def _per_project(results: Sequence[JobResult], attempts: Sequence[Attempt],
     out: dict[str, dict[str, Any]] = {}
     for p in sorted({*cost, *budgets, *by_project}):
         done = [r for r in by_project[p] if r.status == "completed"]
-        ratios = [x for r in done if (x := r.finish_ratio) is not None]
+        ratios = [x for r in by_project[p] if (x := r.finish_ratio) is not None]
+        work = sum(work_units(r.job, config) for r in by_project[p])
         out[p] = {
             "cost_usd": _r(cost[p], 2),
             "budget_usd": budgets.get(p),
@@ -221,12 +239,14 @@ def _per_project(results: Sequence[JobResult], attempts: Sequence[Attempt],
             "jobs": len(by_project[p]),
             "jobs_completed": len(done),
             "finish_ratio": _r(sum(ratios) / len(ratios), 6) if ratios else None,
+            "work_share": _ratio(sum(work_units(r.job, config) for r in done), work),
         }
     return out
 
 
-def _fairness(projects: Mapping[str, Mapping[str, Any]]) -> float | None:
-    xs = [v["finish_ratio"] for v in projects.values() if v["finish_ratio"] is not None]
+def _fairness(projects: Mapping[str, Mapping[str, Any]], key: str) -> float | None:
+    """Jain's index over the projects' `key` (those that have one)."""
+    xs = [v[key] for v in projects.values() if v[key] is not None]
     return _r(jain(xs), 6) if xs and any(x > 0 for x in xs) else None
 
 
@@ -273,8 +293,10 @@ def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetCo
     project_cost: dict[str, float] = defaultdict(float)
     for a in attempts:
         project_cost[a.project] += a.cost_usd
-    projects = _per_project(results, attempts, budgets, held)
+    projects = _per_project(results, attempts, budgets, held, config)
     statuses = Counter(r.status for r in results)
+    bound = floor(jobs, config)
+    units = sum(work_units(r.job, config) for r in results if r.status == "completed")
     return {
         "fleet_gpus": fleet,
         "span_hours": _r(span),
@@ -282,12 +304,18 @@ def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetCo
         "gpu_hours_held": _r(held),
         "useful_gpu_hours": _r(useful),
         "cost_per_useful_gpu_hour": _ratio(cost, useful, 4),
+        "work_units_completed": _r(units),
+        "work_share": _ratio(units, bound.work_units),
+        "cost_per_work_unit": _ratio(cost, units, 4),
+        "cost_vs_floor": _ratio(cost, bound.usd),
+        "cost_breakdown_usd": {k: _r(v, 2) for k, v in breakdown(attempts, config).items()},
         "allocation_util": _ratio(held, fleet * span),
         "sm_util": _ratio(util, held),
         "sm_util_fleet": _ratio(util, fleet * span),
         "jct_hours": summary(jcts),
         "queue_hours": summary(queues),
-        "jain_fairness": _fairness(projects),
+        "jain_fairness": _fairness(projects, "finish_ratio"),
+        "jain_work_share": _fairness(projects, "work_share"),
         "budget_violations": _budgets(project_cost, budgets),
         "hoarded_gpu_hours": _r(sum(a.hoarded_gpu_hours for a in attempts)),
         "idle_gpu_hours": _r(sum(a.idle_gpu_hours for a in attempts)),

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sim import accounting as metrics_accounting
 from sim import metrics as metrics_module
 
 Row = tuple[str, Callable[[Mapping[str, Any]], str]]
@@ -58,6 +59,10 @@ ROWS: tuple[Row, ...] = (
     ("GPU-hours held", _num("gpu_hours_held")),
     ("Useful GPU-hours", _num("useful_gpu_hours")),
     ("Cost per useful GPU-hour (USD)", _num("cost_per_useful_gpu_hour", "{:,.3f}")),
+    ("Work done (unit-hours)", _num("work_units_completed")),
+    ("Work share (of the trace's)", _num("work_share", "{:.2%}")),
+    ("Cost per unit of work (USD)", _num("cost_per_work_unit", "{:,.3f}")),
+    ("Cost against the floor", _num("cost_vs_floor", "{:.3f}x")),
     ("Allocation utilisation", _pct("allocation_util")),
     ("SM utilisation (of held)", _pct("sm_util")),
     ("SM utilisation (of fleet)", _pct("sm_util_fleet")),
@@ -67,7 +72,8 @@ ROWS: tuple[Row, ...] = (
     ("Queue mean (h)", _num("queue_hours.mean", "{:,.2f}")),
     ("Queue p50 (h)", _num("queue_hours.p50", "{:,.2f}")),
     ("Queue p99 (h)", _num("queue_hours.p99", "{:,.2f}")),
-    ("Jain's index (projects)", _num("jain_fairness", "{:.3f}")),
+    ("Jain's index (finish, refusals 0)", _num("jain_fairness", "{:.3f}")),
+    ("Jain's index (work share)", _num("jain_work_share", "{:.3f}")),
     ("Budget violations (count / USD)",
      _pair("budget_violations.count", "budget_violations.usd", "{:,}", "{:,.2f}")),
     ("Hoarded GPU-hours", _num("hoarded_gpu_hours")),
@@ -93,22 +99,71 @@ def _change(new: Any, old: Any) -> str:
     return f"{(new - old) / old:+.1%}"
 
 
+def strongest(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The baseline a user would pick instead of gpu-agent: of the policies that are not
+    gpu-agent's, those that did the most work (within 0.1 % of the work), the cheapest
+    against the floor."""
+    base = {n: m for n, m in results.items() if not n.startswith("gpu-agent")}
+    if not base:
+        return None
+    most = max(m.get("work_share") or 0.0 for m in base.values())
+    fair = [n for n, m in base.items() if (m.get("work_share") or 0.0) >= most - 1e-3]
+    return min(fair, key=lambda n: base[n].get("cost_vs_floor") or float("inf"))
+
+
 def versus(results: Mapping[str, Mapping[str, Any]], baseline: str = BASELINE) -> list[str]:
-    """One line per other policy: its cost and cost per useful GPU-hour against the baseline."""
+    """One line per other policy: its cost, the work it did and its cost per unit of work
+    against the baseline's."""
     if baseline not in results:
         return []
     base = results[baseline]
     return [
         f"{name} versus {baseline}: cost "
-        f"{_change(m.get('total_cost_usd'), base.get('total_cost_usd'))}, "
-        f"cost per useful GPU-hour "
-        f"{_change(m.get('cost_per_useful_gpu_hour'), base.get('cost_per_useful_gpu_hour'))}"
+        f"{_change(m.get('total_cost_usd'), base.get('total_cost_usd'))}, work done "
+        f"{_num('work_share', '{:.2%}')(m)} against {_num('work_share', '{:.2%}')(base)}, "
+        f"cost per unit of work "
+        f"{_change(m.get('cost_per_work_unit'), base.get('cost_per_work_unit'))}"
         for name, m in results.items() if name != baseline
     ]
 
 
-def table(results: Mapping[str, dict[str, Any]]) -> str:
-    """A fixed-width text table, one column per policy in the given order, then the deltas."""
+def _usd(v: float) -> str:
+    return f"-${-v:,.0f}" if v < 0 else f"${v:,.0f}"
+
+
+def judged(results: Mapping[str, Mapping[str, Any]], across: Mapping[str, Any]) -> list[str]:
+    """The floor, the same-work comparison, and where each saving against naive and the
+    strongest baseline comes from (sim.accounting.savings)."""
+    if not across:
+        return []
+    f, same = across["floor"], across["same_work"]
+    lines = [f"floor: ${f['usd']:,.2f} for {f['work_units']:,.1f} {f['unit']}-hours of work "
+             f"(all of the trace's work at the cheapest type each job may use)",
+             f"same work ({same['jobs']:,} jobs every policy completed, floor "
+             f"${same['floor_usd']:,.2f}): " + ", ".join(
+                 f"{n} {_num('cost_vs_floor', '{:.3f}x')(v)}"
+                 for n, v in same["policies"].items())]
+    best = across.get("strongest_baseline")
+    if best is not None:
+        lines.append(f"strongest baseline: {best} (the most work done, then the cheapest "
+                     f"against the floor)")
+    for name, against in across["savings_usd"].items():
+        if not name.startswith("gpu-agent"):
+            continue
+        for base, s in against.items():
+            lines.append(
+                f"{name} saves {_usd(s['total'])} against {base}: routing "
+                f"{_usd(s['routing'])}, idle tails {_usd(s['tail'])}, pauses "
+                f"{_usd(s['pause'])}, kills {_usd(s['killed'])}, work not done "
+                f"{_usd(s['work_not_done'])}")
+    return lines
+
+
+def table(results: Mapping[str, dict[str, Any]],
+          across: Mapping[str, Any] | None = None) -> str:
+    """A fixed-width text table, one column per policy in the given order, then the deltas
+    and, given what the policies say together (sim.simulate.across), the floor and the
+    savings explained."""
     rows = _cells(results)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -118,7 +173,18 @@ def table(results: Mapping[str, dict[str, Any]]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join([*lines, *(["", *versus(results)] if versus(results) else [])])
+    notes = [*versus(results), *_versus_strongest(results, across),
+             *judged(results, across or {})]
+    return "\n".join([*lines, *(["", *notes] if notes else [])])
+
+
+def _versus_strongest(results: Mapping[str, Mapping[str, Any]],
+                      across: Mapping[str, Any] | None) -> list[str]:
+    best = (across or {}).get("strongest_baseline")
+    if best in (None, BASELINE):
+        return []
+    return [line for line in versus(results, best)
+            if line.startswith("gpu-agent")]
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -166,14 +232,19 @@ def _meta(meta: Mapping[str, Any]) -> str:
 
 
 def markdown(results: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, float],
-             meta: Mapping[str, Any], plots: Sequence[str] = PLOTS) -> str:
+             meta: Mapping[str, Any], across: Mapping[str, Any] | None = None,
+             plots: Sequence[str] = PLOTS) -> str:
     """report.md: run, calibration, the table, the deltas, the plots and the definitions."""
     definitions = metrics_module.__doc__ or "See sim/metrics.py for the definitions."
     parts = [
         "# Trace-driven simulation: policies compared", "", "## Run", "", _meta(meta), "",
         "## Workload calibration", "", _calibration(calibration), "",
         "## Results", "", markdown_table(results), "",
-        *(f"- {line}" for line in versus(results)), "",
+        *(f"- {line}" for line in versus(results)),
+        *(f"- {line}" for line in _versus_strongest(results, across)), "",
+        "## Against the floor, and where the savings come from", "",
+        *(f"- {line}" for line in judged(results, across or {})), "",
+        (metrics_accounting.__doc__ or "").strip(), "",
         "## Cost against budget per project", "", _project_table(results), "",
         "## Plots", "", *(f"![{p[:-4]}]({p})\n" for p in plots),
         "## Definitions", "", definitions.strip(), "",
@@ -182,19 +253,20 @@ def markdown(results: Mapping[str, Mapping[str, Any]], calibration: Mapping[str,
 
 
 def dump(results: Mapping[str, Any], calibration: Mapping[str, float],
-         meta: Mapping[str, Any]) -> str:
+         meta: Mapping[str, Any], across: Mapping[str, Any] | None = None) -> str:
     """metrics.json's text: sorted keys, so identical inputs give identical bytes."""
-    doc = {"meta": meta, "calibration": calibration, "policies": results}
+    doc = {"meta": meta, "calibration": calibration, "policies": results, **(across or {})}
     return json.dumps(doc, sort_keys=True, indent=2) + "\n"
 
 
 def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]],
-                 calibration: Mapping[str, float], meta: Mapping[str, Any]) -> list[Path]:
+                 calibration: Mapping[str, float], meta: Mapping[str, Any],
+                 across: Mapping[str, Any] | None = None) -> list[Path]:
     """metrics.json, report.md and the four plots in `out_dir`; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "metrics.json", out_dir / "report.md"]
-    written[0].write_text(dump(results, calibration, meta), encoding="utf-8")
-    written[1].write_text(markdown(results, calibration, meta), encoding="utf-8")
+    written[0].write_text(dump(results, calibration, meta, across), encoding="utf-8")
+    written[1].write_text(markdown(results, calibration, meta, across), encoding="utf-8")
     return written + plot(out_dir, results)
 
 

@@ -1,7 +1,8 @@
 """`gpu-agent simulate`: one trace, several policies, the same jobs, one report.
 
     gpu-agent simulate --trace ../shared/traces/philly.csv \\
-        --policies naive,slurm-like,gpu-agent [--jobs N] [--fleet FILE] [--out DIR] [--seed S]
+        --policies naive,slurm-like,slurm-cheapest,cheapest-first,gpu-agent \\
+        [--jobs N] [--fleet FILE] [--out DIR] [--seed S]
 
 The trace is read through a schema mapping (fleet.trace), made into requests and workloads by
 the seeded rule of sim.workload, and replayed under each policy in virtual time. The gpu-agent
@@ -23,12 +24,13 @@ from fleet.errors import InvalidInput
 from fleet.models import Outcome
 from fleet.statedir import LEDGER
 from fleet.trace import PHILLY, TraceSchema, read_trace
-from sim.baselines import run_naive, run_slurm_like
+from sim.accounting import floor, same_work, savings
+from sim.baselines import run_cheapest_first, run_naive, run_slurm_cheapest, run_slurm_like
 from sim.gpu_agent import run_gpu_agent
 from sim.lifecycle import Attempt
 from sim.metrics import metrics
-from sim.report import table, write_report
-from sim.workload import Workload, WorkloadSettings, calibration, synthesize
+from sim.report import BASELINE, strongest, table, write_report
+from sim.workload import SimJob, Workload, WorkloadSettings, calibration, synthesize
 
 TRACE_FLEET = "trace_fleet.toml"
 NO_RELEASE_MINUTES = 10.0**9  # an idle timeout no allocation reaches: auto-release off
@@ -55,6 +57,8 @@ def _agent(auto_release: bool) -> Runner:
 POLICIES: dict[str, Runner] = {
     "naive": lambda w, c, _out, p: (run_naive(w, c, p), {}),
     "slurm-like": lambda w, c, _out, p: (run_slurm_like(w, c, p), {}),
+    "slurm-cheapest": lambda w, c, _out, p: (run_slurm_cheapest(w, c, p), {}),
+    "cheapest-first": lambda w, c, _out, p: (run_cheapest_first(w, c, p), {}),
     "gpu-agent": _agent(auto_release=True),
     # the same graph with the idle release switched off: what auto-release saves
     "gpu-agent-no-autorelease": _agent(auto_release=False),
@@ -101,6 +105,7 @@ class Simulation:
     calibration: dict[str, float]
     meta: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    across: dict[str, Any] = field(default_factory=dict)  # floor, same_work, savings
     written: list[Path] = field(default_factory=list)
 
 
@@ -118,6 +123,7 @@ def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fl
             "policies": list(policies), "workload": _settings(settings)}
     out.mkdir(parents=True, exist_ok=True)
     sim = Simulation({}, cal, meta)
+    runs: dict[str, list[Attempt]] = {}
     for name in policies:
         state = _fresh_state(out / name)
         if fleet_text is not None:
@@ -127,8 +133,28 @@ def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fl
         bar.draw(end="\n")
         sim.seconds[name] = time.perf_counter() - bar.start
         sim.results[name] = metrics(workload.jobs, attempts, config, workload.budgets) | extra
-    sim.written = write_report(out, sim.results, cal, meta)
+        runs[name] = attempts
+    sim.across = across(workload.jobs, runs, sim.results, config)
+    sim.written = write_report(out, sim.results, cal, meta, sim.across)
     return sim
+
+
+def across(jobs: Sequence[SimJob], runs: Mapping[str, Sequence[Attempt]],
+           results: Mapping[str, Mapping[str, Any]], config: FleetConfig) -> dict[str, Any]:
+    """What only the policies together say: the floor, the same-work comparison, and each
+    policy's saving against naive and against the strongest baseline, explained."""
+    bound = floor(jobs, config)
+    against = [b for b in (BASELINE, strongest(results)) if b is not None and b in runs]
+    return {
+        "floor": {"unit": bound.unit, "usd": round(bound.usd, 2),
+                  "work_units": round(bound.work_units, 4)},
+        "same_work": same_work(jobs, runs, config),
+        "strongest_baseline": strongest(results),
+        "savings_usd": {name: {b: {k: round(v, 2) for k, v in
+                                   savings(runs[b], attempts, config).items()}
+                               for b in dict.fromkeys(against) if b != name}
+                        for name, attempts in runs.items()},
+    }
 
 
 def _settings(s: WorkloadSettings) -> dict[str, Any]:
@@ -153,7 +179,7 @@ def summary(sim: Simulation) -> str:
         f"idle GPU time {c['idle_share']:.1%} (Philly: ~32 % of samples at 0 %; "
         f"under 6 h {c['idle_share_under_6h']:.1%}, over 24 h {c['idle_share_over_24h']:.1%})",
         "",
-        table(sim.results),
+        table(sim.results, sim.across),
         "",
         "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sim.seconds.items()),
         f"report: {sim.written[1] if len(sim.written) > 1 else '-'}",
@@ -175,4 +201,4 @@ def fleet_source(path: str | None) -> tuple[str, str]:
 
 def as_json(sim: Simulation) -> Mapping[str, Any]:
     return {"meta": sim.meta, "calibration": sim.calibration, "policies": sim.results,
-            "seconds": sim.seconds, "written": [str(p) for p in sim.written]}
+            **sim.across, "seconds": sim.seconds, "written": [str(p) for p in sim.written]}

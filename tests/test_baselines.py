@@ -1,5 +1,5 @@
-"""The naive and slurm-like baselines on hand-built jobs, with answers worked out by hand, and
-their invariants on the start of the real trace."""
+"""The baselines (naive, slurm-like, slurm-cheapest, cheapest-first) on hand-built jobs, with
+answers worked out by hand, and their invariants on the start of the real trace."""
 
 from __future__ import annotations
 
@@ -14,12 +14,21 @@ import pytest
 from fleet.config import FleetConfig, load_fleet, parse_fleet
 from fleet.models import Purpose
 from fleet.trace import read_trace
-from sim.baselines import run_naive, run_slurm_like
+from sim.baselines import (
+    _partitions,
+    run_cheapest_first,
+    run_naive,
+    run_slurm_cheapest,
+    run_slurm_like,
+)
 from sim.lifecycle import MAX_ATTEMPTS, Attempt
 from sim.workload import Phase, SimJob, Workload, synthesize
 
 Policy = Callable[[Workload, FleetConfig, Callable[[int], None] | None], list[Attempt]]
-POLICIES: list[Policy] = [run_naive, run_slurm_like]
+POLICIES: dict[str, Policy] = {"naive": run_naive, "slurm-like": run_slurm_like,
+                               "slurm-cheapest": run_slurm_cheapest,
+                               "cheapest-first": run_cheapest_first}
+LEASED = ("naive", "slurm-like", "slurm-cheapest")  # an allocation ends by its lease at the latest
 H = 3600.0
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "philly.csv"
 
@@ -55,6 +64,34 @@ gpus = 4
 
 def tiny(extra: str = "") -> FleetConfig:
     return parse_fleet(TINY + extra)
+
+
+def on_sale() -> FleetConfig:
+    """TINY with FAST at $1.50/h: dearer per hour than SLOW but cheaper per unit of work
+    ($0.75 against $1), as an H100 is against an A100 in the trace fleet."""
+    text = TINY.replace("price_per_hour = 4.0", "price_per_hour = 1.5")
+    assert text != TINY
+    return parse_fleet(text)
+
+
+# A type in no pool: only a request that names it uses it, in a partition of its own.
+EDGE = """
+[catalog.EDGE]
+memory_gb = 16
+price_per_hour = 0.5
+relative_throughput = 0.5
+
+[[nodes]]
+name = "edge-0"
+gpu_type = "EDGE"
+gpus = 1
+"""
+
+
+def policies(*names: str) -> pytest.MarkDecorator:
+    """Run a test once per named policy (every policy when none is named), as `policy`."""
+    chosen = names or tuple(POLICIES)
+    return pytest.mark.parametrize("policy", [POLICIES[n] for n in chosen], ids=chosen)
 
 
 def job(id: int, submit: float, count: int, phases: Sequence[tuple[float, float]],
@@ -152,8 +189,10 @@ def test_fair_share_puts_the_project_that_used_more_behind() -> None:
     # at 2 h heavy has used 8 GPU-hours, light none: F = 0.25 against 1, age cannot make it up
     assert spans(run(run_slurm_like, jobs)) == {0: (0, 2 * H), 1: (3 * H, 4 * H),
                                                  2: (2 * H, 3 * H)}
-    # naive serves them in arrival order
-    assert spans(run(run_naive, jobs)) == {0: (0, 2 * H), 1: (2 * H, 3 * H), 2: (3 * H, 4 * H)}
+    # naive and cheapest-first serve them in arrival order
+    for policy in (run_naive, run_cheapest_first):
+        assert spans(run(policy, jobs)) == {0: (0, 2 * H), 1: (2 * H, 3 * H),
+                                            2: (3 * H, 4 * H)}
 
 
 def test_fair_share_counts_the_hours_of_running_allocations() -> None:
@@ -166,7 +205,7 @@ def test_fair_share_counts_the_hours_of_running_allocations() -> None:
     assert (out[2], out[3]) == ((2 * H, 3 * H), (H, 2 * H))
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=["naive", "slurm-like"])
+@policies(*LEASED)
 def test_walltime_kill_then_training_resumes_from_its_last_finished_work_phase(
         policy: Policy) -> None:
     # work 1 h, pause 30 min, work 1 h, idle 15 min; asks for 2 h: killed at 2 h mid-work
@@ -187,6 +226,88 @@ def test_walltime_kill_then_training_resumes_from_its_last_finished_work_phase(
         assert (second.end, second.reason, second.cost_usd) == (3.25 * H, "explicit", 10.0)
 
 
+# ---- slurm-cheapest ---------------------------------------------------------------------
+
+
+def test_slurm_cheapest_starts_on_the_type_cheapest_per_unit_of_work() -> None:
+    jobs = [job(0, 0, 2, [(2, 80)], requested=3, named=None)]  # 2 h on SLOW, 1 h on FAST
+    cheap = run(run_slurm_cheapest, jobs, on_sale())[0]
+    assert (cheap.gpu_type, cheap.start, cheap.end, cheap.cost_usd) == ("FAST", 0, H, 1.5 * 2)
+    plain = run(run_slurm_like, jobs, on_sale())[0]  # the pool's first type
+    assert (plain.gpu_type, plain.start, plain.end, plain.cost_usd) == ("SLOW", 0, 2 * H, 4.0)
+
+
+def test_slurm_cheapest_falls_back_when_the_cheapest_is_full_and_keeps_named_types() -> None:
+    jobs = [
+        job(0, 0, 4, [(1, 80)], requested=1),  # fills FAST until 1 h
+        job(1, 10, 2, [(2, 80)], requested=3, named=None),  # FAST full: SLOW, 2 h
+        job(2, H + 10, 1, [(1, 80)], requested=2, named="SLOW"),  # FAST free, SLOW named
+        job(3, H + 20, 1, [(1, 80)], requested=2, named=None),  # FAST free again: 30 min
+    ]
+    out = run(run_slurm_cheapest, jobs, on_sale())
+    assert {a.job: (a.gpu_type, a.start, a.end) for a in out} == {
+        0: ("FAST", 0, H), 1: ("SLOW", 10, 10 + 2 * H), 2: ("SLOW", H + 10, 2 * H + 10),
+        3: ("FAST", H + 20, 1.5 * H + 20)}
+
+
+def test_slurm_cheapest_breaks_reservation_ties_cheapest_first() -> None:
+    jobs = [
+        job(0, 0, 6, [(1, 80)], requested=1, named="SLOW"),  # 2 SLOW left until 1 h
+        job(1, 0, 2, [(1, 80)], requested=1),  # 2 FAST left until 1 h
+        job(2, 10, 4, [(1, 80)], requested=1, named=None),  # the head: 4 of either at 1 h
+        job(3, 20, 2, [(1, 80)], requested=3),  # 2 FAST free now, walltime past 1 h
+    ]
+    # slurm-like reserves SLOW (pool order): 3 uses another type and starts at once
+    assert spans(run(run_slurm_like, jobs, on_sale())) == {
+        0: (0, H), 1: (0, H), 2: (H, 2 * H), 3: (20, 20 + H)}
+    # slurm-cheapest reserves FAST with none spare: 3 would delay the head, so it waits
+    assert spans(run(run_slurm_cheapest, jobs, on_sale())) == {
+        0: (0, H), 1: (0, H), 2: (H, 1.5 * H), 3: (1.5 * H, 2.5 * H)}
+
+
+# ---- cheapest-first ---------------------------------------------------------------------
+
+
+def test_cheapest_first_takes_the_cheapest_type_free_now() -> None:
+    jobs = [job(0, 0, 2, [(2, 80)], requested=3, named=None),  # FAST: 1 h
+            job(1, 10, 4, [(2, 80)], requested=3, named=None)]  # 2 FAST free: SLOW, 2 h
+    out = run(run_cheapest_first, jobs, on_sale())
+    assert {a.job: (a.gpu_type, a.start, a.end, a.cost_usd) for a in out} == {
+        0: ("FAST", 0, H, 3.0), 1: ("SLOW", 10, 10 + 2 * H, 8.0)}
+    # at list price FAST costs $2 per unit of work against SLOW's $1
+    assert run(run_cheapest_first, jobs[:1])[0].gpu_type == "SLOW"
+
+
+def test_cheapest_first_head_blocks_its_partition_only() -> None:
+    jobs = [
+        job(0, 0, 8, [(1, 80)], requested=1, named=None),  # all of SLOW until 1 h
+        job(1, 10, 6, [(1, 80)], requested=1, named=None),  # SLOW only (4 FAST): waits
+        job(2, 20, 1, [(1, 80)], requested=1, named=None),  # fits FAST now, behind 1
+        job(3, 30, 1, [(1, 80)], requested=1, named="EDGE"),  # another partition
+    ]
+    out = run(run_cheapest_first, jobs, tiny(EDGE))
+    assert {a.job: (a.gpu_type, a.start, a.end) for a in out} == {
+        0: ("SLOW", 0, H), 1: ("SLOW", H, 2 * H), 2: ("SLOW", H, 2 * H),
+        3: ("EDGE", 30, 30 + H)}
+    # slurm-like backfills 2 onto FAST at once
+    assert spans(run(run_slurm_like, jobs, tiny(EDGE)))[2] == (20, 20 + 0.5 * H)
+
+
+def test_cheapest_first_has_no_lease() -> None:
+    # work 1 h, pause 30 min, work 1 h, idle 15 min, on a 2 h lease: runs to its end
+    j = job(0, 0, 2, [(1, 80), (0.5, 0), (1, 80), (0.25, 0)], requested=2)
+    (only,) = run(run_cheapest_first, [j])
+    assert (only.outcome, only.reason, only.start, only.end, only.done_at, only.cost_usd) == (
+        "completed", "explicit", 0, 2.75 * H, 2.5 * H, 4.0 * 2 * 2.75)
+    first = run(run_slurm_like, [j])[0]  # killed by its walltime
+    assert (first.outcome, first.reason, first.end) == ("killed", "lease-expired", 2 * H)
+    # nor the longest lease allowed
+    config = tiny("\n[limits]\nmax_duration_hours = 1\n")
+    long = job(0, 0, 1, [(2, 80)], requested=1, named=None, purpose=Purpose.RESEARCH)
+    assert [(a.outcome, a.end) for a in run(run_cheapest_first, [long], config)] == [
+        ("completed", 2 * H)]
+
+
 def test_research_starts_over_after_a_kill() -> None:
     j = job(0, 0, 1, [(1, 80), (0.5, 0), (1, 80)], requested=2, named=None,
             purpose=Purpose.RESEARCH)
@@ -197,7 +318,7 @@ def test_research_starts_over_after_a_kill() -> None:
         2 * H, 4.5 * H, "completed", 2.5)
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=["naive", "slurm-like"])
+@policies(*LEASED)
 def test_a_job_that_never_fits_its_lease_gives_up_after_max_attempts(policy: Policy) -> None:
     config = tiny("\n[limits]\nmax_duration_hours = 1\n")
     j = job(0, 0, 1, [(2, 80)], requested=1, named=None, purpose=Purpose.RESEARCH)
@@ -208,7 +329,7 @@ def test_a_job_that_never_fits_its_lease_gives_up_after_max_attempts(policy: Pol
     assert done == [1]
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=["naive", "slurm-like"])
+@policies()
 def test_a_job_larger_than_the_fleet_is_refused(policy: Policy) -> None:
     jobs = [job(0, 0, 16, [(1, 80)], requested=1, named=None),  # 8 SLOW, 4 FAST
             job(1, 5, 6, [(1, 80)], requested=1)]  # names FAST: 4 of them
@@ -233,13 +354,15 @@ def random_jobs(n: int, seed: int) -> list[SimJob]:
     return out
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=["naive", "slurm-like"])
+@policies()
 def test_same_jobs_same_attempts(policy: Policy) -> None:
     jobs = random_jobs(300, seed=7)
     first = run(policy, jobs)
     assert run(policy, jobs) == first
     assert run(policy, list(reversed(jobs))) == first
     check_invariants(first, jobs, tiny())
+    if policy is run_cheapest_first:  # no lease: nothing is killed
+        assert {a.outcome for a in first} == {"completed", "unplaced"}
 
 
 def check_invariants(out: list[Attempt], jobs: list[SimJob], config: FleetConfig) -> None:
@@ -272,7 +395,7 @@ def check_invariants(out: list[Attempt], jobs: list[SimJob], config: FleetConfig
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason="the Philly trace is not in ../shared/traces")
-@pytest.mark.parametrize("policy", POLICIES, ids=["naive", "slurm-like"])
+@policies()
 def test_the_start_of_the_real_trace_keeps_the_invariants(policy: Policy) -> None:
     config = load_fleet(Path(__file__).resolve().parents[1] / "fleet" / "data" /
                         "trace_fleet.toml")
@@ -289,3 +412,27 @@ def test_the_start_of_the_real_trace_keeps_the_invariants(policy: Policy) -> Non
             starts = [s for _, s in mine]
             assert starts == sorted(starts)
         assert {a.reason for a in out if a.start is not None} == {"lease-expired"}
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="the Philly trace is not in ../shared/traces")
+def test_the_new_baselines_complete_a_slice_of_the_real_trace() -> None:
+    config = load_fleet(Path(__file__).resolve().parents[1] / "fleet" / "data" /
+                        "trace_fleet.toml")
+    workload = synthesize(read_trace(TRACE, limit=500), config)
+    cost: dict[str, float] = {}
+    for name in ("slurm-like", "slurm-cheapest", "cheapest-first"):
+        out = POLICIES[name](workload, config, None)
+        check_invariants(out, workload.jobs, config)
+        final = {a.job: a.outcome for a in out}  # the last attempt of each job
+        if name != "slurm-like":
+            assert set(final.values()) == {"completed"}
+        cost[name] = sum(a.cost_usd for a in out)
+        if name == "cheapest-first":  # strict FCFS per partition, nothing killed
+            assert {a.reason for a in out} == {"explicit"}
+            partition = _partitions(config)
+            for p in set(partition.values()):
+                mine = sorted((a.submit, a.job, a.start) for a in out
+                              if a.gpu_type is not None and partition[a.gpu_type] == p)
+                starts = [s for *_, s in mine]
+                assert starts == sorted(starts)
+    assert cost["slurm-cheapest"] <= cost["slurm-like"]

@@ -15,7 +15,13 @@ job 5 (b) 8 GPUs, submit 5: never placed
 
 Totals: cost 31, held 15.5 GPU-h, utilised 6.5, useful 2 + 2 + 2 = 6, span 7 h (28 fleet
 GPU-h). JCTs 2, 1, 6; queueing 0, 0, 1 (job 2 first started at 2), 0 (job 4).
-Finish ratios: job 0 2/2, job 1 1/1, job 2 3/6 -> a 1, b 0.5 -> Jain 0.9.
+Finish ratios, refused and failed jobs at 0: job 0 2/2, job 1 1/1, job 2 3/6, job 5 0, jobs 3
+and 4 0 -> a 1, b 0.25, c 0 -> Jain 1.5625 / (3 x 1.0625).
+Work (A100-hours): 2, 2, 2, 16, 3, 8 = 33, of which 6 completed; per project a 4/4, b 2/10,
+c 0/19. Floor at $2/h, pauses in, tails out: 4 + 4 + 6 + 32 + 6 + 16 (job 5 needs more GPUs
+than the fleet has: priced on its type anyway) = 68.
+Cost by part: tail 8 (job 1's 4 GPU-h), pause 3 (job 2: 0.5 + 1 GPU-h), killed 2 + 6 (job 2's
+first try less its pause, job 4), work 4 + 4 + 4 = 12.
 """
 
 from __future__ import annotations
@@ -154,10 +160,20 @@ def test_cost_and_utilisation(m: dict[str, Any]) -> None:
 def test_completion_queueing_and_fairness(m: dict[str, Any]) -> None:
     assert m["jct_hours"] == {"mean": 3.0, "p50": 2.0, "p99": 5.92}
     assert m["queue_hours"] == {"mean": 0.25, "p50": 0.0, "p99": 0.97}
-    assert m["jain_fairness"] == 0.9
+    assert m["jain_fairness"] == round(1.5625 / (3 * 1.0625), 6)
     assert m["per_project"]["a"]["finish_ratio"] == 1.0
-    assert m["per_project"]["b"]["finish_ratio"] == 0.5
-    assert m["per_project"]["c"]["finish_ratio"] is None  # left out of Jain
+    assert m["per_project"]["b"]["finish_ratio"] == 0.25  # job 5 never placed counts 0
+    assert m["per_project"]["c"]["finish_ratio"] == 0.0  # refused and failed: not left out
+    assert m["jain_work_share"] == round(1.44 / (3 * 1.04), 6)
+
+
+def test_work_in_units_against_the_floor(m: dict[str, Any]) -> None:
+    assert m["work_units_completed"] == 6.0
+    assert m["work_share"] == round(6 / 33, 6)
+    assert m["cost_per_work_unit"] == round(31 / 6, 4)
+    assert m["cost_vs_floor"] == round(31 / 68, 6)
+    assert m["cost_breakdown_usd"] == {"work": 12.0, "pause": 3.0, "tail": 8.0, "killed": 8.0}
+    assert [m["per_project"][p]["work_share"] for p in "abc"] == [1.0, 0.2, 0.0]
 
 
 def test_budgets_jobs_and_work(m: dict[str, Any]) -> None:
@@ -180,7 +196,7 @@ def test_per_project(m: dict[str, Any]) -> None:
     assert m["per_project"]["a"] == {
         "cost_usd": 16.0, "budget_usd": 10.0, "gpu_hours_held": 8.0, "useful_gpu_hours": 4.0,
         "share_of_gpu_hours": round(8 / 15.5, 6), "jobs": 2, "jobs_completed": 2,
-        "finish_ratio": 1.0,
+        "finish_ratio": 1.0, "work_share": 1.0,
     }
     assert [m["per_project"][p]["cost_usd"] for p in "abc"] == [16.0, 9.0, 6.0]
     assert sum(v["share_of_gpu_hours"] for v in m["per_project"].values()) == \
@@ -223,7 +239,8 @@ def test_table_has_a_column_per_policy_and_the_deltas() -> None:
     header = text.splitlines()[0]
     assert header.index("naive") < header.index("gpu-agent")
     assert "31.00" in text and "25.00" in text
-    assert "gpu-agent versus naive: cost -19.4%, cost per useful GPU-hour -19.4%" in text
+    assert "gpu-agent versus naive: cost -19.4%, work done 18.18% against 18.18%, cost per " \
+        "unit of work -19.4%" in text
     assert "3 / 0 / 2" in text  # gpu-agent: completed / failed / denied
 
 
