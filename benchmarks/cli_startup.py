@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/cli_startup.py [--runs 5] [--state-dir DIR]
 
-Runs `--help`, `status`, `costs`, `release <id>`, `history` and a placed `request --no-wait`
-`--runs` times each (interleaved, so a busy moment hits every command alike) against a scratch
+Runs `--help`, `status`, `costs`, `release <id>`, `history` and two placed `request --no-wait`
+(one GPU, which the rules auto-approve, and two, which the neural council votes on) `--runs`
+times each (interleaved, so a busy moment hits every command alike) against a scratch
 state directory on the default simulated fleet, and prints the median, min and max wall
 seconds of each against its goal: 0.5 s for the commands that only read or write the ledger,
 2 s for a request (which runs the graph, so LangGraph is loaded). Each `release` gets a fresh
@@ -32,8 +33,15 @@ from pathlib import Path
 HEAVY = ("torch", "langgraph", "networkx", "pandas", "matplotlib")
 LIGHT_GOAL_S, REQUEST_GOAL_S = 0.5, 2.0
 Timed = tuple[float, subprocess.CompletedProcess[str]]  # wall seconds, and what it did
-REQUEST = ["request", "--project", "vision", "--purpose", "training", "--count", "1",
-           "--hours", "1", "--no-wait", "--json"]
+
+
+def request_argv(count: int) -> list[str]:
+    return ["request", "--project", "vision", "--purpose", "training", "--count", str(count),
+            "--hours", "1", "--no-wait", "--json"]
+
+
+REQUEST = request_argv(1)  # one GPU, one hour: the rules auto-approve it, no member votes
+VOTED = request_argv(2)  # over auto_approve_max_gpus (1): the neural council votes
 
 # What a command imported: runs graph.cli's main in this fresh interpreter, then lists the
 # heavy top-level packages in sys.modules (on stderr's last line, after the command's output).
@@ -77,12 +85,15 @@ class Bench:
         return self.placed(done)
 
     @staticmethod
-    def placed(done: subprocess.CompletedProcess[str]) -> str:
+    def placed(done: subprocess.CompletedProcess[str], voted: bool = False) -> str:
+        """The placed allocation's id; with `voted`, the council's members must have voted."""
         if done.returncode != 0:
             raise RuntimeError(f"request failed ({done.returncode}): {done.stderr.strip()}")
         out = json.loads(done.stdout)
         if out["status"] != "allocated":
             raise RuntimeError(f"request not placed: {out['status']} ({out['reason']})")
+        if voted and not out["council"]["votes"]:
+            raise RuntimeError(f"the council did not vote: {out['council']['summary']}")
         return str(out["allocation"]["id"])
 
     def heavy(self, argv: list[str]) -> list[str]:
@@ -116,9 +127,10 @@ def bench(b: Bench, runs: int) -> int:
     b.place()  # history and a live one for status
 
 
-    def request() -> Timed:
-        took, done = b.run(REQUEST)
-        b.run(["release", b.placed(done)])  # untimed: the fleet never fills up
+    def request(argv: list[str]) -> Timed:
+        took, done = b.run(argv)
+        aid = b.placed(done, voted=argv is VOTED)
+        b.run(["release", aid])  # untimed: the fleet never fills up
         return took, done
 
     def release() -> Timed:
@@ -130,7 +142,8 @@ def bench(b: Bench, runs: int) -> int:
         "costs": (LIGHT_GOAL_S, lambda: b.run(["costs"])),
         "release <id>": (LIGHT_GOAL_S, release),
         "history": (LIGHT_GOAL_S, lambda: b.run(["history"])),
-        "request --no-wait": (REQUEST_GOAL_S, request),
+        "request --no-wait": (REQUEST_GOAL_S, lambda: request(REQUEST)),
+        "request --count 2": (REQUEST_GOAL_S, lambda: request(VOTED)),
     }
     times: dict[str, list[float]] = {name: [] for name in ["python -c pass", *commands]}
     failed = []
@@ -155,7 +168,7 @@ def bench(b: Bench, runs: int) -> int:
     aid = b.place()
     probes = {"--help": ["--help"], "status": ["status"], "costs": ["costs"],
               "release <id>": ["release", aid], "history": ["history"],
-              "request --no-wait": REQUEST}
+              "request --no-wait": REQUEST, "request --count 2": VOTED}
     for name, argv in probes.items():
         found = b.heavy(argv)
         print(f"  {name:<20}{', '.join(found) or 'none'}")

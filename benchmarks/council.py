@@ -1,8 +1,9 @@
 """Latency of the shipped neural council on this CPU: one decision, and 1,024 in one batch.
 
 - one decision: `NeuralCouncil.decide` for a request whose project has 32 past events, all
-  members voting with their reasons (the occlusion variants run in the same batched pass);
-- one bare forward: `probabilities([f])`, encoding included, without reasons;
+  members voting with their reasons (the occlusion variants run in the same batched pass), on
+  the numpy forward a request runs (council/inference.py);
+- one bare forward of the torch model: `probabilities([f])`, encoding included, no reasons;
 - 1,024 requests in one batch with varied histories (0 to 32 events): `probabilities(batch)`
   with encoding, and the forward alone on the encoded batch.
 

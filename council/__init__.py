@@ -1,1 +1,2 @@
-"""The council that approves or denies GPU requests. Plain Python and torch; no LangGraph."""
+"""The council that approves or denies GPU requests: plain Python, numpy to decide, torch to
+train (and for the torch model itself); no LangGraph."""

@@ -209,7 +209,7 @@ class World:
             return None
         at = past[-keep].ended_at
         half_life_h = self.config.council.record_half_life_days * 24
-        out = summarise(((j.count, j.hours, j.ended_at, j.reason, j.util_pct)
+        out = summarise(((j.count, j.hours, j.hoarded_hours, j.ended_at, j.reason, j.util_pct)
                          for j in past[:len(past) - keep]), at, half_life_h)
         return out if out.events else None
 
@@ -254,7 +254,8 @@ class World:
         price = self.config.catalog[gpu_type].price_per_hour
         busy = min(1.0, sum(r.count for r in self.running) / self.total)
         record = PastJob(now + held * 3600, request.count, held, price * request.count * held,
-                         util, reason, busy)
+                         util, reason, busy,  # an idle release here: idle throughout
+                         hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0)
         heapq.heappush(self.running, _Running(
             record.ended_at, request.project, request.count, gpu_type,
             price * request.count * hours, record, self._period(now)))

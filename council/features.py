@@ -52,12 +52,14 @@ def cost_pressure(worst_usd: float, remaining_usd: float | None) -> float:
 
 def build_features(
     request: GPURequest, config: FleetConfig, stats: ProjectStats, held: dict[str, int],
-    now: float,
+    now: float, remaining_usd: float | None = None,
 ) -> RequestFeatures:
-    """`held` maps GPU type to GPUs held now."""
-    return assemble(request, config, Standing(stats.remaining_usd, stats.usage_share,
-                                              stats.fair_share), past_jobs(stats),
-                    stats.older, held, now)
+    """`held` maps GPU type to GPUs held now; `remaining_usd` is the largest worst case the
+    budget admits now (Ledger.remaining_usd: the rule placement applies), by default the
+    budget less spend and the active allocations' worst cases."""
+    remaining = stats.remaining_usd if remaining_usd is None else remaining_usd
+    return assemble(request, config, Standing(remaining, stats.usage_share, stats.fair_share),
+                    past_jobs(stats), stats.older, held, now)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,7 @@ by construction, for every weight the training finds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +26,8 @@ from torch import Tensor, nn
 
 from council.cfc import GRU, CfC, Trace, _init
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, STATIC_FREE, Encoded
+from council.spec import NetSpec
 
-TimeMode = Literal["gate", "none", "input"]
-Core = Literal["cfc", "gru"]
 ALL = "*"
 
 # What each perspective reads; generalists read everything.
@@ -50,30 +47,6 @@ PERSPECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
 GENERAL = {"seq_free": (ALL,), "seq_bad": (ALL,), "static_free": (ALL,), "static_bad": (ALL,)}
 GROUPS = {"seq_free": SEQ_FREE, "seq_bad": SEQ_BAD, "static_free": STATIC_FREE,
           "static_bad": STATIC_BAD}
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    members: tuple[str, ...]
-    perspectives: tuple[str, ...]  # a PERSPECTIVES key or "general", per member
-    modes: tuple[str, ...]  # CfC mode per member
-    core: Core = "cfc"
-    time: TimeMode = "gate"
-    hidden: int = 16
-    backbone: int = 32
-    activation: str = "silu"  # the backbone's; the paper's default lecun_tanh is 6x slower here
-    channels: int = 4
-    hinges: int = 2
-    head: int = 16
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(d: Mapping[str, object]) -> NetSpec:
-        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list | tuple)}
-        return NetSpec(**(dict(d) | tuples))  # type: ignore[arg-type]
 
 
 def _mask(spec: NetSpec, group: str) -> Tensor:
@@ -125,7 +98,7 @@ class CouncilNet(nn.Module):
         assert isinstance(t, Tensor)
         return t
 
-    def forward(self, enc: Encoded, trace: bool = False, rows: int = 1) -> Output:
+    def forward(self, enc: Encoded[Tensor], trace: bool = False, rows: int = 1) -> Output:
         """`rows` > 1: `enc` holds one request repeated `rows` times with only its `bad` and
         static inputs changed (council/neural.py's occlusions); those never reach the
         recurrent core, so it runs once, on the first row, and its result is shared."""

@@ -4,42 +4,61 @@ Reasons come from occlusion: each vote is recomputed with one feature group set 
 value (no hoarding, no overruns, 50 % utilisation, no cost pressure, a fresh project's fair
 share, an empty pool, normal priority); the change in the member's logit is that group's
 effect. All variants run in the same batched pass as the vote itself.
+
+A decision runs the numpy forward (council/inference.py) on the weights council.npz holds, so
+deciding never imports torch; the torch model (`net`), the tensor methods and `save` import it
+when first used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import pickle
-from collections.abc import Callable, Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, STATIC_FREE, Encoded, encode
+from council import weightfiles
+from council.encoding import (
+    SEQ_BAD,
+    SEQ_FREE,
+    STATIC_BAD,
+    STATIC_FREE,
+    A,
+    Encoded,
+    encode,
+    encode_arrays,
+)
 from council.features import RequestFeatures
-from council.network import CouncilNet, NetSpec, Output
+from council.inference import NumpyCouncilNet, sigmoid
 from council.reference import describe
+from council.spec import NetSpec
 from council.voting import combine
 from fleet.config import CouncilSettings
 from fleet.errors import ConfigError
 from fleet.models import CouncilDecision, MemberVote, Reason, Verdict
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+    from torch import Tensor
+
+    from council.network import CouncilNet
 
 SHIPPED = Path(__file__).parent / "weights" / "council.pt"
 ABSTAIN_MARGIN = 0.05
 TOP_REASONS = 3
 
 
-Occlusion = Callable[[Encoded, int], None]  # neutralises one group in row i, in place
+Occlusion = Callable[[Encoded[Any], int], None]  # neutralises one group in row i, in place
 
 
 def _static(group: str, name: str, value: float) -> Occlusion:
     col = (STATIC_FREE if group == "static_free" else STATIC_BAD).index(name)
 
-    def apply(e: Encoded, i: int) -> None:
+    def apply(e: Encoded[Any], i: int) -> None:
         getattr(e, group)[i, col] = value
     return apply
 
@@ -47,7 +66,7 @@ def _static(group: str, name: str, value: float) -> Occlusion:
 def _record(name: str, value: float) -> Occlusion:
     col, rated = SEQ_BAD.index(name), SEQ_FREE.index("rated")
 
-    def apply(e: Encoded, i: int) -> None:
+    def apply(e: Encoded[Any], i: int) -> None:
         e.bad[i, :, col] = value * e.free[i, :, rated]
     return apply
 
@@ -66,10 +85,10 @@ OCCLUSIONS: dict[str, Occlusion] = {
 }
 
 
-def with_occlusions(enc: Encoded) -> Encoded:
+def with_occlusions(enc: Encoded[A]) -> Encoded[A]:
     """Row 0: the request as it is; row 1 + i: with OCCLUSIONS[i] neutralised. Occlusions
     touch only `bad` and static inputs, never what the recurrent core reads."""
-    rows = enc.take(torch.zeros(1 + len(OCCLUSIONS), dtype=torch.long))
+    rows = enc.take([0] * (1 + len(OCCLUSIONS)))
     for i, apply in enumerate(OCCLUSIONS.values(), start=1):
         apply(rows, i)
     return rows
@@ -77,45 +96,80 @@ def with_occlusions(enc: Encoded) -> Encoded:
 
 @dataclass
 class NeuralCouncil:
-    net: CouncilNet
+    model: NumpyCouncilNet  # the weights, and the forward a decision runs
     temperature: float
     vote_weights: tuple[float, ...]
     name: str
+
+    @classmethod
+    def of(cls, net: CouncilNet, temperature: float, vote_weights: tuple[float, ...],
+           name: str) -> NeuralCouncil:
+        """A council with a torch model's weights (training), copied."""
+        state = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+        return cls(NumpyCouncilNet(net.spec, state), temperature, vote_weights, name)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> NeuralCouncil:
         return _load(str(Path(path or SHIPPED).resolve()))
 
     def save(self, path: str | Path, **meta: object) -> None:
-        torch.save({"spec": self.net.spec.to_dict(), "state": self.net.state_dict(),
-                    "temperature": self.temperature, "vote_weights": list(self.vote_weights),
-                    "meta": meta}, path)
+        """`path` (council.pt) and council.npz beside it: see council/weightfiles.py."""
+        weightfiles.write(Path(path), {"spec": self.model.spec.to_dict(),
+                                       "state": self.net.state_dict(),
+                                       "temperature": self.temperature,
+                                       "vote_weights": list(self.vote_weights), "meta": meta})
 
     @property
     def members(self) -> tuple[str, ...]:
-        return self.net.spec.members
+        return self.model.spec.members
 
-    @torch.inference_mode()
-    def member_logits(self, enc: Encoded, occlusions: bool = False) -> Tensor:
-        """(members, batch) approval logits; with `occlusions`, `enc` is one request followed
-        by its occluded variants (with_occlusions), and the core runs once for them all."""
-        out: Output = self.net(enc, rows=len(enc) if occlusions else 1)
-        return out.logit
+    @functools.cached_property
+    def net(self) -> CouncilNet:
+        """The torch model with these weights, for training, notebooks and benchmarks (built
+        outside inference mode even when first used inside it, so that it stays trainable)."""
+        import torch
+
+        from council.network import CouncilNet
+
+        with torch.inference_mode(False):
+            net = CouncilNet(self.model.spec)
+            net.load_state_dict({k: torch.from_numpy(v) for k, v in self.model.state.items()})
+        return net.eval()
+
+    def member_logits(self, enc: Encoded[Tensor], occlusions: bool = False) -> Tensor:
+        """(members, batch) approval logits from the torch model; with `occlusions`, `enc` is
+        one request followed by its occluded variants (with_occlusions), and the core runs
+        once for them all."""
+        import torch
+
+        with torch.inference_mode():
+            logit: Tensor = self.net(enc, rows=len(enc) if occlusions else 1).logit
+        return logit
 
     def probabilities(self, batch: Sequence[RequestFeatures]) -> Tensor:
         """(members, batch) approval probabilities, all members in one pass."""
+        import torch
+
         return torch.sigmoid(self.member_logits(encode(batch)))
 
     def council_probability(self, member_p: Tensor) -> Tensor:
         """Weighted mean over members (axis 0), then temperature scaling."""
+        import torch
+
         w = torch.tensor(self.vote_weights, dtype=torch.float64).unsqueeze(1)
         p = ((member_p.double() * w).sum(0) / w.sum()).clamp(1e-15, 1 - 1e-15)
         return torch.sigmoid(torch.logit(p) / self.temperature)
 
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
-        with one_thread():
-            logits = self.member_logits(with_occlusions(encode([features])), occlusions=True)
-        p = torch.sigmoid(logits[:, 0]).tolist()
+        logits = self.model.logits(with_occlusions(encode_arrays([features])),
+                                   rows=1 + len(OCCLUSIONS))
+        return self.decision(features, logits, settings)
+
+    def decision(self, features: RequestFeatures, logits: NDArray[np.float64],
+                 settings: CouncilSettings) -> CouncilDecision:
+        """Votes, reasons and the combined decision from `logits` (members, 1 + occlusions):
+        the request's, then each occluded variant's (with_occlusions)."""
+        p = sigmoid(logits[:, 0]).tolist()
         effects = (logits[:, :1] - logits[:, 1:]).tolist()
         words = describe(features)
         votes = []
@@ -132,29 +186,13 @@ class NeuralCouncil:
                        self.temperature)
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Small tensors: intra-op threads never pay, and idle ones keep spinning afterwards and
-    slow the rest of the graph run (measured by benchmarks/graph_latency.py). Training uses
-    it too, so that a seed gives the same bytes on any machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=8)
 def _load(path: str) -> NeuralCouncil:
     try:
-        blob = torch.load(path, weights_only=True)
-        net = CouncilNet(NetSpec.from_dict(blob["spec"]))
-        net.load_state_dict(blob["state"])
-    except (OSError, EOFError, KeyError, RuntimeError, TypeError, ValueError,
-            pickle.UnpicklingError) as e:
+        header, state, digest = weightfiles.read(Path(path))
+        model = NumpyCouncilNet(NetSpec.from_dict(header["spec"]), state)
+    except (OSError, EOFError, KeyError, RuntimeError, TypeError, ValueError, AttributeError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise ConfigError(f"cannot load council weights from {path}: {e}") from e
-    net.eval()
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
-    return NeuralCouncil(net, float(blob["temperature"]), tuple(blob["vote_weights"]),
-                         f"cfc-council-{digest}")
+    return NeuralCouncil(model, float(header["temperature"]), tuple(header["vote_weights"]),
+                         f"cfc-council-{digest[:8]}")

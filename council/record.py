@@ -27,6 +27,7 @@ class PastJob:
     util_pct: float | None
     reason: ReleaseReason
     fleet_busy: float = 0.0  # share of the fleet's GPUs others held when it started
+    hoarded_hours: float = 0.0  # held idle at the end with no work left (never the whole)
 
     @property
     def gpu_hours(self) -> float:
@@ -35,7 +36,7 @@ class PastJob:
 
 @dataclass(frozen=True)
 class Rates:
-    hoarding: float  # share of decayed GPU-hours released for idling
+    hoarding: float  # share of decayed GPU-hours held idle with no work left (hoarded)
     overrun: float  # share of decayed GPU-hours stopped by the budget
     util: float  # decayed GPU-hour weighted mean utilisation, %
 
@@ -50,7 +51,7 @@ def past_jobs(stats: ProjectStats) -> tuple[PastJob, ...]:
 def _job(r: HistoryRecord, busy: float) -> PastJob:
     return PastJob(ended_at=r.ended_at.timestamp(), count=r.count, hours=r.hours,
                    cost_usd=r.cost_usd, util_pct=r.mean_util_pct, reason=r.reason,
-                   fleet_busy=busy)
+                   fleet_busy=busy, hoarded_hours=r.hoarded_hours)
 
 
 def rates(past: Sequence[PastJob], older: RecordSummary | None, now: float,
@@ -67,7 +68,7 @@ def rates(past: Sequence[PastJob], older: RecordSummary | None, now: float,
     for j in past:
         w = j.gpu_hours * decay(j.ended_at)
         total += w
-        idle += w if j.reason is ReleaseReason.IDLE else 0.0
+        idle += j.count * j.hoarded_hours * decay(j.ended_at)
         budget += w if j.reason is ReleaseReason.BUDGET else 0.0
         if j.util_pct is not None:
             rated += w

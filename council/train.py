@@ -7,10 +7,11 @@ seen in training. Every random draw is seeded: the same seed gives the same byte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from torch import Tensor
 
 from council.dataset import TARGETS, Sample, replay, synthetic_jobs
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
-from council.network import CouncilNet, NetSpec, param_count
-from council.neural import ABSTAIN_MARGIN, NeuralCouncil, one_thread
+from council.network import CouncilNet, param_count
+from council.neural import ABSTAIN_MARGIN, NeuralCouncil
+from council.spec import NetSpec
 from fleet.config import FleetConfig
 from fleet.trace import Job, read_trace
 
@@ -48,7 +50,7 @@ class TrainSettings:
 @dataclass
 class Split:
     samples: list[Sample]
-    enc: Encoded
+    enc: Encoded[Tensor]
     targets: Tensor  # (N, len(TARGETS))
     wasted: Tensor  # (N,) 0/1, NaN where the job did not run
 
@@ -128,7 +130,7 @@ def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], Non
 
 
 @torch.inference_mode()
-def member_probs(net: CouncilNet, enc: Encoded, chunk: int = 2048) -> Tensor:
+def member_probs(net: CouncilNet, enc: Encoded[Tensor], chunk: int = 2048) -> Tensor:
     return torch.cat([torch.sigmoid(net(enc.take(torch.arange(i, min(i + chunk, len(enc)))))
                                     .logit) for i in range(0, len(enc), chunk)], dim=1)
 
@@ -185,7 +187,7 @@ def monotonicity(council: NeuralCouncil, data: Split, n: int = 256) -> dict[str,
     enc = data.enc.take(torch.arange(min(n, len(data.enc))))
     rated = enc.free[:, :, SEQ_FREE.index("rated")]
     real = enc.mask & (enc.free[:, :, SEQ_FREE.index("is_request")] == 0)
-    sweeps: list[list[Encoded]] = [[], [], []]
+    sweeps: list[list[Encoded[Tensor]]] = [[], [], []]
     for level in torch.linspace(0, 1, 11):
         a = enc.take(torch.arange(len(enc)))
         a.static_bad[:, STATIC_BAD.index("cost_pressure")] = level * 10
@@ -309,6 +311,18 @@ def train(s: TrainSettings, config: FleetConfig, out: Path,
         return _train(s, config, out, log)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread, so that a seed gives the same bytes on any machine; the network's
+    tensors are small enough that intra-op threads would not pay anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train(s: TrainSettings, config: FleetConfig, out: Path,
            log: Callable[[str], None]) -> dict[str, object]:
     torch.manual_seed(s.seed)
@@ -319,7 +333,7 @@ def _train(s: TrainSettings, config: FleetConfig, out: Path,
     net = CouncilNet(council_spec(s.seed))
     fit(net, train_set, s, log)
     metrics_time = time.perf_counter() - started
-    council = NeuralCouncil(net, 1.0, (1.0,) * len(MEMBERS), "cfc-council")
+    council = NeuralCouncil.of(net, 1.0, (1.0,) * len(MEMBERS), "cfc-council")
     council.temperature = fit_temperature(
         council.council_probability(member_probs(net, val.enc)), val.y)
     metrics: dict[str, object] = {

@@ -1,9 +1,25 @@
 """Budget arithmetic that makes overspending impossible by construction.
 
 Every active allocation has a deadline, and it is charged at most price x GPUs x (deadline -
-start). Admission requires spent + the worst case of every active allocation + the new one to
-fit the budget. When a budget is lowered, deadlines move earlier to the moment the project's
-combined spend would reach it, and the monitor releases each allocation there.
+start). The deadlines, not admission, enforce the cap: whenever a project's allocation starts
+or ends or its budget changes, its active allocations get deadlines (cut_deadlines) at which
+their combined worst-case spend reaches the budget at most, each ending at its lease end or at
+the moment the project's spend would reach the budget, whichever is first; the monitor
+releases each at its deadline (reason budget).
+
+So admission can price a request at what it is expected to cost rather than its worst case,
+which reserved the padded leases of everything running and refused work that would have fit:
+spent + the expected cost of every active allocation + the new one's must fit the budget.
+An allocation is expected to cost q x its worst case (price x GPUs x leased hours), never
+more than its deadline allows, where q, the project's usage factor, is the mean of held /
+leased hours over its last 20 finished allocations and PRIOR_LEASES whole leases: a mean,
+because admission sums the expected costs of everything running, and a sum comes to the sum
+of the means (a quantile per allocation would price every one of them at its worst case: on
+the Philly workload, where users pad leases about twofold, the 90th percentile is a whole
+lease). Conservatively: a new project has q = 1 and is admitted on its worst case as before,
+and the whole leases weigh until its record outweighs them; an allocation the budget stopped
+counts as a whole lease (it would have run on); q is never below 0.1. When q is too low the
+price is work cut at the budget, never spend above it.
 """
 
 from __future__ import annotations
@@ -11,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EPS = 1e-9
+RECORDS = 20  # the finished allocations the usage factor reads, newest first
+PRIOR_LEASES = 2  # whole leases the usage factor starts from
+MIN_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -22,8 +41,30 @@ class Running:
 
 
 @dataclass(frozen=True)
+class Active:
+    """An active allocation as admission sees it."""
+
+    id: str
+    rate_usd_per_s: float
+    started_at: float
+    lease_end: float
+    deadline: float
+
+    def expected_usd(self, factor: float) -> float:
+        """Its share `factor` of the lease, never past its deadline."""
+        return self.rate_usd_per_s * min(factor * (self.lease_end - self.started_at),
+                                         self.deadline - self.started_at)
+
+    def running(self, now: float) -> Running:
+        """As cut_deadlines reads it: free to run to its lease end, unless its deadline has
+        passed (it is being released there, at a cost already fixed)."""
+        ends_at = self.lease_end if self.deadline > now else self.deadline
+        return Running(self.id, self.rate_usd_per_s, self.started_at, ends_at)
+
+
+@dataclass(frozen=True)
 class Moved:
-    """An allocation whose deadline a budget change moved."""
+    """An allocation whose deadline a budget change, or a start or end in its project, moved."""
 
     id: str
     before: float | None  # the deadline it had
@@ -45,6 +86,38 @@ def describe_moves(moves: list[Moved]) -> str:
     return "; ".join(parts)
 
 
+def used_share(held_hours: float, leased_hours: float, stopped_by_budget: bool) -> float:
+    """Held / leased time of a finished allocation, in [0, 1]; one the budget stopped counts
+    as its whole lease, since it would have run on."""
+    if stopped_by_budget or leased_hours <= 0:
+        return 1.0
+    return min(1.0, max(0.0, held_hours / leased_hours))
+
+
+def usage_factor(shares: list[float]) -> float:
+    """q: the mean of the newest RECORDS shares (newest first) and PRIOR_LEASES whole
+    leases; at least MIN_FACTOR."""
+    recent = shares[:RECORDS]
+    return max(MIN_FACTOR, (sum(recent) + PRIOR_LEASES) / (len(recent) + PRIOR_LEASES))
+
+
+def committed(active: list[Active], factor: float) -> float:
+    """The expected cost of the active allocations."""
+    return sum(a.expected_usd(factor) for a in active)
+
+
+def admissible_usd(budget_usd: float, spent_usd: float, committed_usd: float,
+                   factor: float) -> float:
+    """The largest worst case a new request may have: factor x it must fit in what the spend
+    and the expected cost of the active allocations (`committed_usd`) leave of the budget."""
+    return (budget_usd - spent_usd - committed_usd) / factor
+
+
+def admits(worst_usd: float, admissible: float | None) -> bool:
+    """The admission rule, for the ledger and the pre-checks alike (None: no budget)."""
+    return admissible is None or worst_usd <= admissible + EPS
+
+
 def worst_case(items: list[Running]) -> float:
     """What the allocations cost if each runs to its deadline."""
     return sum(r.rate_usd_per_s * (r.ends_at - r.started_at) for r in items)
@@ -58,18 +131,19 @@ def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dic
     """Deadlines so that the spend of `items` stays within `remaining_usd`.
 
     All allocations run until a common time T (or their own lease end, if earlier), where T
-    solves accrued(T) = remaining. The caller guarantees accrued(now) <= remaining.
+    solves accrued(T) = remaining; one that starts after T ends as it starts. The caller
+    guarantees accrued(now) <= remaining.
     """
     if accrued(items, max((r.ends_at for r in items), default=now)) <= remaining_usd + EPS:
         return {r.id: r.ends_at for r in items}
     # accrued() is piecewise linear and increasing in T; walk its breakpoints.
-    points = sorted({now, *(r.ends_at for r in items if r.ends_at > now)})
+    points = sorted({now, *(t for r in items for t in (r.started_at, r.ends_at) if t > now)})
     lo = now
     for hi in points:
         if accrued(items, hi) >= remaining_usd:
-            rate = sum(r.rate_usd_per_s for r in items if r.ends_at > lo)
+            rate = sum(r.rate_usd_per_s for r in items if r.started_at <= lo < r.ends_at)
             t = lo + (remaining_usd - accrued(items, lo)) / rate if rate > 0 else lo
             cut = max(now, min(hi, t))
-            return {r.id: min(r.ends_at, cut) for r in items}
+            return {r.id: min(r.ends_at, max(cut, r.started_at)) for r in items}
         lo = hi
     return {r.id: r.ends_at for r in items}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -42,6 +42,17 @@ class MonitorSettings(_Strict):
     low_util_window_minutes: float = Field(default=10, gt=0)
     idle_util_pct: float = Field(default=5, ge=0, le=100)
     idle_timeout_minutes: float = Field(default=30, gt=0)
+    # Where no command is known to run on the GPUs: a timeout per purpose (the one above where
+    # none is given), never shorter than pause_factor x the longest pause the allocation has
+    # already come back from; while a command runs under `gpu-agent run`, idling is a pause
+    # and never ends the allocation (its lease and budget bound a hung command). Once
+    # the command has exited, the work is done: the idle tail goes after
+    # idle_timeout_done_minutes (SkyPilot's autostop default: idle = no job running)
+    # (fleet.monitoring.idle_limit_s).
+    idle_timeout_done_minutes: float = Field(default=5, gt=0)
+    idle_timeout_by_purpose: dict[Purpose, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict)
+    pause_factor: float = Field(default=1.5, ge=1)
     throttle_temp_c: float = Field(default=85, gt=0)
     sample_window: int = Field(default=10, ge=1, le=1000)
     # Wall-clock seconds, whatever the clock's time_scale: how often a process that monitors

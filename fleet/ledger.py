@@ -15,11 +15,24 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fleet.budget import EPS, Moved, Running, accrued, cut_deadlines, worst_case
+from fleet.backfill import Ending
+from fleet.budget import (
+    EPS,
+    RECORDS,
+    Active,
+    Moved,
+    Running,
+    accrued,
+    admissible_usd,
+    cut_deadlines,
+    usage_factor,
+    used_share,
+    worst_case,
+)
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.models import (
@@ -45,7 +58,7 @@ from fleet.topology import Topology
 # 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released),
 #    audit (who approved, denied, decided, released, set a budget, and why)
 # 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +88,7 @@ CREATE TABLE IF NOT EXISTS allocations (
     ticks INTEGER NOT NULL DEFAULT 0,
     util_last REAL,
     busy_at_start REAL,
+    idle_since REAL,
     gpu_ids TEXT NOT NULL DEFAULT '[]',
     nodes TEXT NOT NULL DEFAULT '[]',
     request TEXT NOT NULL,
@@ -112,7 +126,10 @@ CREATE TABLE IF NOT EXISTS history (
     requested_hours REAL NOT NULL,
     cost_usd REAL NOT NULL,
     reason TEXT NOT NULL,
-    mean_util_pct REAL
+    mean_util_pct REAL,
+    hoarded_hours REAL NOT NULL DEFAULT 0,
+    resumed_by TEXT,
+    pause_s REAL
 );
 CREATE INDEX IF NOT EXISTS history_by_project ON history (project, ended_at);
 CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at);
@@ -183,8 +200,21 @@ CREATE TABLE IF NOT EXISTS monitors (
 );
 CREATE INDEX IF NOT EXISTS monitors_by_owner ON monitors (owner);
 """
+
+V4 = """
+CREATE TABLE IF NOT EXISTS commands (
+    allocation_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    exit_code INTEGER
+);
+"""
+V4_COLUMNS = {"allocations": ["idle_since REAL"],
+              "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT",
+                          "pause_s REAL"]}
 TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
-          "usage", "unhealthy", "freed", "jobs", "audit", "monitors")
+          "usage", "unhealthy", "freed", "jobs", "audit", "monitors", "commands")
 
 
 def allocation_id(thread_id: str, request_id: str) -> str:
@@ -264,6 +294,14 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """What a request that resumes released work learns from the release (Ledger.resume)."""
+
+    pause_s: float  # the longest pause the work has come back from
+    working: bool  # it went on at once after an idle release: it works while looking idle
+
+
+@dataclass(frozen=True)
 class Lease:
     """Where an allocation's lease stands: what a monitor reads at every tick."""
 
@@ -295,6 +333,7 @@ AUDIT = ("INSERT INTO audit (key, at, who, action, project, target, detail) "
 class PlaceResult:
     decision: Decision
     row: LedgerRow | None  # None only when a fresh request is denied
+    moved: list[Moved] = field(default_factory=list)  # others' deadlines the placement moved
 
 
 @dataclass(frozen=True)
@@ -309,6 +348,15 @@ class ProjectCost:
 # budget.worst_case of a project's (:p) active allocations, summed by the database
 COMMITTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (deadline - started_at)), 0)"
              " FROM allocations WHERE state='active' AND project=:p")
+# budget.Active.expected_usd summed by the database (the CASE is a min that both dialects read)
+EXPECTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * CASE WHEN "
+            ":q * (lease_end - started_at) < deadline - started_at THEN "
+            ":q * (lease_end - started_at) ELSE deadline - started_at END), 0) "
+            "FROM allocations WHERE state='active' AND project=:p")
+# what cut_deadlines needs to know to leave every deadline at its lease end
+UNCUT = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (lease_end - started_at)), 0)"
+         " AS worst, coalesce(sum(CASE WHEN deadline <> lease_end THEN 1 ELSE 0 END), 0) AS cut"
+         " FROM allocations WHERE state='active' AND project=:p")
 RECORD_SUMS = ("gpu_hours", "idle_gpu_hours", "budget_gpu_hours", "rated_gpu_hours",
                "util_gpu_hours")
 
@@ -379,7 +427,7 @@ class Ledger:
                         f"{self.name} holds tables but is not a gpu-agent ledger; "
                         "move it aside or choose another --state-dir or --database"
                     )
-                self._create(db, SCHEMA + V2 + V3)
+                self._create(db, SCHEMA + V2 + V3 + V4)
                 db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                            (str(SCHEMA_VERSION),))
                 return
@@ -388,9 +436,32 @@ class Ledger:
                 self._create(db, V2)
             if version < 3:
                 self._create(db, V3)
+            if version < 4:
+                self._create(db, V4)
+                for table, columns in V4_COLUMNS.items():
+                    for column in columns:
+                        if column.split()[0] not in self.db.columns(db, table):
+                            db.execute(self.db.schema(
+                                f"ALTER TABLE {table} ADD COLUMN {column}"))
+                self._recount_hoarding(db)
             if version < SCHEMA_VERSION:
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
                            (str(SCHEMA_VERSION),))
+
+    def _recount_hoarding(self, db: Conn) -> None:
+        """Before version 4 an idle release counted its whole allocation as hoarding; what is
+        known of such a release now is that every GPU sat idle for the idle timeout before
+        it: that much counts, and the records' sums are rebuilt from history."""
+        timeout = self.config.monitor.idle_timeout_minutes / 60.0
+        db.execute("UPDATE history SET hoarded_hours = CASE WHEN hours < ? THEN hours ELSE ? "
+                   "END WHERE reason = ?", (timeout, timeout, ReleaseReason.IDLE.value))
+        db.execute("DELETE FROM records")
+        for r in db.execute("SELECT project, count, hours, hoarded_hours, ended_at, reason, "
+                            "mean_util_pct FROM history ORDER BY ended_at, allocation_id"
+                            ).fetchall():
+            self._record(db, r["project"], r["count"] * r["hours"],
+                         r["count"] * r["hoarded_hours"], r["ended_at"], r["reason"],
+                         r["mean_util_pct"])
 
     def _create(self, db: Conn, schema: str) -> None:
         for statement in self.db.schema(schema).split(";"):
@@ -415,12 +486,8 @@ class Ledger:
             self._create(db, table("spend", "history"))
             db.execute("INSERT INTO spend (project, usd) SELECT project, sum(amount_usd) "
                        "FROM charges GROUP BY project")
-        if "records" not in tables:
+        if "records" not in tables:  # filled from history by _recount_hoarding
             self._create(db, table("records", "usage"))
-            for r in db.execute("SELECT project, count, hours, ended_at, reason, mean_util_pct "
-                                "FROM history ORDER BY ended_at, allocation_id").fetchall():
-                self._record(db, r["project"], r["count"] * r["hours"], r["ended_at"],
-                             r["reason"], r["mean_util_pct"])
         if "unhealthy" not in tables:
             self._create(db, table("unhealthy", None))
 
@@ -477,7 +544,8 @@ class Ledger:
     ) -> PlaceResult:
         """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request).
         `approval` (who approved it) is written to the audit log when the request is first
-        placed or queued."""
+        placed or queued. Admission is on expected cost (fleet.budget); a placement then fits
+        the deadlines of the project's active allocations to its budget."""
         aid = allocation_id(thread_id, request.request_id)
         with self.transaction(f"type:{route.gpu_type}", f"project:{request.project}") as db:
             existing = self._get(db, aid)
@@ -488,7 +556,7 @@ class Ledger:
                 return PlaceResult(Decision(Kind.GONE, f"already ended ({reason})"), existing)
             enqueued_at = existing.enqueued_at if existing else now
             me = Ticket(aid, request.project, route.gpu_type, request.count,
-                        request.priority, enqueued_at, now)
+                        request.priority, enqueued_at, now, route.est_hours)
             decision = decide(me, route.est_cost_usd, self._snapshot(db, me, now, inventory),
                               self.config, topology)
             if existing is None:
@@ -529,7 +597,10 @@ class Ledger:
                     (now, lease_end, lease_end, ReleaseReason.LEASE_EXPIRED.value, now,
                      json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), busy, aid),
                 )
-            elif decision.kind is Kind.QUEUE:
+                moved = self._fit_deadlines(db, request.project, now)
+                return PlaceResult(decision, self._get(db, aid),
+                                   [m for m in moved if m.id != aid])
+            if decision.kind is Kind.QUEUE:
                 db.execute("UPDATE allocations SET heartbeat_at=? WHERE id=?", (now, aid))
             else:
                 self._close(db, aid, ReleaseReason.CANCELLED, now, 0.0)
@@ -538,37 +609,58 @@ class Ledger:
     def _snapshot(
         self, db: Conn, me: Ticket, now: float, inventory: list[GPUInfo]
     ) -> Snapshot:
-        return self._line(db, me.gpu_type, me.project, now, inventory, me.allocation_id)
+        return self._line(db, me.gpu_type, me.project, now, inventory, me.allocation_id,
+                          me.count)
 
     def _line(self, db: Conn, gpu_type: str, project: str, now: float,
-              inventory: list[GPUInfo], leave_out: str = "") -> Snapshot:
-        """The fleet as a request of `project` for `gpu_type` sees it: free GPUs, the line
-        (without `leave_out`), usage and the project's money."""
+              inventory: list[GPUInfo], leave_out: str = "", count: int = 0) -> Snapshot:
+        """The fleet as a request of `project` for `gpu_type` (`count` GPUs) sees it: free
+        GPUs, the line (without `leave_out`), when held GPUs come back, usage and the
+        project's money."""
         waiting = [
             Ticket(r["id"], r["project"], r["gpu_type"], r["count"],
-                   Priority(r["priority"]), r["enqueued_at"], r["heartbeat_at"])
+                   Priority(r["priority"]), r["enqueued_at"], r["heartbeat_at"], r["hours"])
             for r in db.execute(
-                "SELECT id, project, gpu_type, count, priority, enqueued_at, heartbeat_at "
-                "FROM allocations WHERE state='queued' AND gpu_type=? AND id<>?",
+                "SELECT id, project, gpu_type, count, priority, enqueued_at, heartbeat_at, "
+                "hours FROM allocations WHERE state='queued' AND gpu_type=? AND id<>?",
                 (gpu_type, leave_out),
             )
         ]
+        free = self._free(db, gpu_type, inventory)
+        # only a line that cannot all start now needs a reservation, hence the endings
+        short = count + sum(t.count for t in waiting) > len(free)
         active_gpus, usage = self._active(db, now)
+        budget = self._budget(db, project)
+        expected, factor = self._expected(db, project) if budget is not None else (0.0, 1.0)
         return Snapshot(
             now=now,
-            free=self._free(db, gpu_type, inventory),
+            free=free,
             waiting=waiting,
+            endings=self._endings(db, gpu_type, inventory) if short else [],
             usage=usage,
             active_gpus=active_gpus,
-            budget_usd=self._budget(db, project),
+            budget_usd=budget,
             spent_usd=self._spent(db, project),
-            committed_usd=self._committed(db, project),
+            committed_usd=expected,
+            usage_factor=factor,
         )
 
+    def _endings(self, db: Conn, gpu_type: str, inventory: list[GPUInfo]) -> list[Ending]:
+        """When the type's active allocations let their GPUs go at the latest (their
+        deadlines), counting the GPUs placement may use again."""
+        usable = {g.uuid for g in self._of_type(inventory, gpu_type)}
+        out = []
+        for r in db.execute("SELECT deadline, gpu_ids FROM allocations "
+                            "WHERE state='active' AND gpu_type=?", (gpu_type,)):
+            gpus = sum(g in usable for g in json.loads(r["gpu_ids"]))
+            if gpus:
+                out.append(Ending(r["deadline"], gpus))
+        return out
+
     def placeable(self, freed: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[str]:
-        """Ids of the queued requests that `freed`'s release may let start: the head of its
-        type's line that fits in the free GPUs, and, where the project has a quota, the
-        project's own queued requests."""
+        """Ids of the queued requests that `freed`'s release may let start: those of its
+        type's line that `placement.in_line` starts now (backfill included), and, where the
+        project has a quota, the project's own queued requests."""
         with self.reading() as db:
             ids = []
             if db.execute("SELECT 1 FROM allocations WHERE state='queued' AND gpu_type=? "
@@ -631,17 +723,54 @@ class Ledger:
         return held, usage
 
     def remaining_usd(self, project: str) -> float | None:
-        """Budget left after spend and the worst case of active allocations (None: unlimited).
+        """The largest worst case a new request of the project is admitted with (None: no
+        budget): what placement admits, for the checks before it (budget.admissible_usd).
+        With q = 1, the budget less spend and the worst case of the active allocations."""
+        with self.reading() as db:
+            budget = self._budget(db, project)
+            if budget is None:
+                return None
+            expected, factor = self._expected(db, project)
+            return admissible_usd(budget, self._spent(db, project), expected, factor)
 
-        One statement, so one consistent read without a transaction around it."""
-        budget, spent, committed = self.query(
-            "SELECT (SELECT budget_usd FROM budgets WHERE project=:p), "
-            f"(SELECT usd FROM spend WHERE project=:p), ({COMMITTED})", {"p": project})[0]
+    def _actives(self, db: Conn, project: str) -> list[Active]:
+        return [Active(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
+                       r["lease_end"], r["deadline"])
+                for r in db.execute(
+                    "SELECT id, price_per_hour, count, started_at, lease_end, deadline "
+                    "FROM allocations WHERE state='active' AND project=? ORDER BY id",
+                    (project,))]
+
+    def _expected(self, db: Conn, project: str) -> tuple[float, float]:
+        """(the expected cost of the project's active allocations, its usage factor q)."""
+        factor = usage_factor([
+            used_share(r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET)
+            for r in db.execute("SELECT hours, requested_hours, reason FROM history "
+                                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
+                                f"LIMIT {RECORDS}", (project,))])
+        expected = db.execute(EXPECTED, {"q": factor, "p": project}).fetchone()[0]
+        return float(expected), factor
+
+    def _fit_deadlines(self, db: Conn, project: str, now: float) -> list[Moved]:
+        """Give the project's active allocations the deadlines (budget.cut_deadlines) at
+        which their combined spend reaches its budget at most; returns those that moved."""
+        budget = self._budget(db, project)
         if budget is None:
-            budget = self.config.budgets.get(project)
-        if budget is None:
-            return None
-        return float(budget) - float(spent or 0.0) - float(committed or 0.0)
+            return []
+        uncut = db.execute(UNCUT, {"p": project}).fetchone()
+        if not uncut["cut"] and uncut["worst"] <= budget - self._spent(db, project) + EPS:
+            return []  # every lease fits whole and none is cut: cut_deadlines would agree
+        active = self._actives(db, project)
+        deadlines = cut_deadlines([a.running(now) for a in active],
+                                  budget - self._spent(db, project), now)
+        moved = [Moved(a.id, a.deadline, deadlines[a.id]) for a in active
+                 if deadlines[a.id] != a.deadline]
+        ends = {a.id: a.lease_end for a in active}
+        db.executemany(
+            "UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
+            [(m.after, (ReleaseReason.LEASE_EXPIRED if m.after >= ends[m.id]
+                        else ReleaseReason.BUDGET).value, m.id) for m in moved])
+        return moved
 
     def _committed(self, db: Conn, project: str) -> float:
         """budget.worst_case of the project's active allocations, summed by the database."""
@@ -674,18 +803,20 @@ class Ledger:
     # ---- running allocations -------------------------------------------------------------
 
     def heartbeat(self, aid: str, now: float, ticks: int, util_sum: float, util_n: int,
-                  util_last: float | None) -> None:
+                  util_last: float | None, idle_since: float | None = None) -> None:
         """A live monitor says it is still there, with its running utilisation totals after
-        tick `ticks` (absolute, so a resumed monitor that re-runs a tick counts it once)."""
+        tick `ticks` (absolute, so a resumed monitor that re-runs a tick counts it once) and
+        since when every GPU has been idle (None: not idle now)."""
         with self.db.lock:  # one statement: atomic without a transaction around it
             self.db.conn().execute(
                 "UPDATE allocations SET heartbeat_at=:now, "
                 "util_sum=CASE WHEN ticks<:t THEN :s ELSE util_sum END, "
                 "util_n=CASE WHEN ticks<:t THEN :n ELSE util_n END, "
                 "util_last=CASE WHEN ticks<:t THEN :last ELSE util_last END, "
+                "idle_since=CASE WHEN ticks<:t THEN :idle ELSE idle_since END, "
                 "ticks=CASE WHEN ticks<:t THEN :t ELSE ticks END WHERE id=:id",
                 {"now": now, "t": ticks, "s": util_sum, "n": util_n, "last": util_last,
-                 "id": aid})
+                 "idle": idle_since, "id": aid})
 
     def release(self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent"
                 ) -> Release:
@@ -708,6 +839,7 @@ class Ledger:
                 self._close(db, aid, ReleaseReason.CANCELLED, at, 0.0)
             else:
                 self._finish(db, row, reason, at)
+                self._fit_deadlines(db, row.project, at)  # the others may run longer now
             released = self._get(db, aid)
             assert released is not None
             done = released.to_release()
@@ -738,15 +870,17 @@ class Ledger:
         )
         db.execute("INSERT INTO spend (project, usd) VALUES (?, ?) ON CONFLICT (project) "
                    "DO UPDATE SET usd = spend.usd + excluded.usd", (row.project, cost))
+        hoarded = self._hoarded_hours(db, row, end)
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "
-            "reason, mean_util_pct) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "reason, mean_util_pct, hoarded_hours) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (row.id, row.thread_id, row.project, row.purpose.value, row.priority,
              row.gpu_type, row.count, json.dumps(row.gpu_ids), row.started_at, end, hours,
-             row.hours, cost, reason.value, mean_util),
+             row.hours, cost, reason.value, mean_util, hoarded),
         )
-        self._record(db, row.project, row.count * hours, end, reason.value, mean_util)
+        self._record(db, row.project, row.count * hours, row.count * hoarded, end,
+                     reason.value, mean_util)
         half_life = self.config.scheduler.half_life_hours
         old = db.execute("SELECT gpu_hours, at FROM usage WHERE project=?",
                          (row.project,)).fetchone()
@@ -757,6 +891,61 @@ class Ledger:
             (row.project, base + row.count * hours, end),
         )
         self._close(db, row.id, reason, end, cost)
+
+    def resumable(self, project: str, aid: str) -> str | None:
+        """Why a request of `project` may not say it resumes allocation `aid` (None: it may)."""
+        rows = self.query("SELECT project, resumed_by FROM history WHERE allocation_id=?",
+                          (aid,))
+        if not rows or rows[0][0] != project:
+            return f"{project} has no released allocation {aid} to resume"
+        return None
+
+    def resume(self, aid: str, by: str, asked_at: float, started_at: float) -> Resumed:
+        """Allocation `by`, asked for at `asked_at` and started at `started_at`, goes on with
+        the work of released allocation `aid`: the idle time at aid's end was a pause, not
+        hoarding (its record is corrected once), and the pause lasted from when aid went idle
+        until `by` started. Asked for within a tick of an idle release, the work was not
+        paused at all: it went on while the GPUs looked idle. The same on a re-run."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM history WHERE allocation_id=?", (aid,)).fetchone()
+            if row is None:
+                return Resumed(0.0, False)
+            working = row["reason"] == ReleaseReason.IDLE.value and \
+                asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
+            if row["resumed_by"] is not None:
+                return Resumed(float(row["pause_s"] or 0.0), working)
+            pause = max(0.0, started_at - (row["ended_at"] - row["hoarded_hours"] * 3600.0)) \
+                if row["hoarded_hours"] > 0 else 0.0
+            before = db.execute("SELECT max(pause_s) AS s FROM history WHERE resumed_by=?",
+                                (aid,)).fetchone()  # what aid itself had learned
+            pause = max(pause, float(before["s"] or 0.0))
+            db.execute("UPDATE history SET resumed_by=?, pause_s=?, hoarded_hours=0 "
+                       "WHERE allocation_id=?", (by, pause, aid))
+            record = db.execute("SELECT at FROM records WHERE project=?",
+                                (row["project"],)).fetchone()
+            if record is not None and row["hoarded_hours"] > 0:
+                half_life = self.config.council.record_half_life_days * 24.0
+                was = decayed(row["count"] * row["hoarded_hours"], row["ended_at"],
+                              record["at"], half_life)
+                db.execute("UPDATE records SET idle_gpu_hours = CASE WHEN idle_gpu_hours > ? "
+                           "THEN idle_gpu_hours - ? ELSE 0 END WHERE project=?",
+                           (was, was, row["project"]))
+            return Resumed(pause, working)
+
+    def _hoarded_hours(self, db: Conn, row: LedgerRow, end: float) -> float:
+        """Hours the allocation was held idle at its end with no work left: since its command
+        exited (fleet.commands), or since every GPU went idle (the monitor's heartbeat), the
+        longer; never the whole allocation for being released for idling."""
+        assert row.started_at is not None
+        since = [end]
+        cmd = db.execute("SELECT ended_at FROM commands WHERE allocation_id=?",
+                         (row.id,)).fetchone()
+        if cmd is not None and cmd["ended_at"] is not None:
+            since.append(cmd["ended_at"])
+        idle = db.execute("SELECT idle_since FROM allocations WHERE id=?", (row.id,)).fetchone()
+        if idle is not None and idle["idle_since"] is not None:
+            since.append(idle["idle_since"])
+        return max(0.0, end - max(min(since), row.started_at)) / 3600.0
 
     def _filled(self, row: LedgerRow, end: float) -> tuple[float, int]:
         """Utilisation totals over the monitor's ticks, with the ticks it slept through
@@ -800,6 +989,8 @@ class Ledger:
                 released = self._get(db, row.id)
                 assert released is not None
                 releases.append(released.to_release())
+            for project in sorted({r.project for r in rows}):
+                self._fit_deadlines(db, project, now)
             return releases
 
     # ---- budgets -------------------------------------------------------------------------
@@ -812,44 +1003,25 @@ class Ledger:
         has already spent or accrued.
         """
         with self.transaction(f"project:{project}") as db:
-            spent = self._spent(db, project)
-            active = [
-                _row(r)
-                for r in db.execute(
-                    f"{ROW} WHERE state='active' AND project=?", (project,)
-                )
-            ]
-            leases = [
-                Running(a.id, a.rate_usd_per_s, a.started_at or now, a.lease_end or now)
-                for a in active
-            ]
-            floor = spent + accrued(leases, now)
+            floor = self._spent(db, project) + accrued(
+                [a.running(now) for a in self._actives(db, project)], now)
             if budget_usd + EPS < floor:
                 raise InvalidInput(
                     f"budget ${budget_usd:.2f} for {project} is below what it has already spent "
                     f"or accrued (${floor:.2f}); release its allocations first"
                 )
-            deadlines = cut_deadlines(leases, budget_usd - spent, now)
-            moved = []
-            for a in active:
-                new = deadlines[a.id]
-                reason = (ReleaseReason.LEASE_EXPIRED if a.lease_end is not None
-                          and new >= a.lease_end else ReleaseReason.BUDGET)
-                if new != a.deadline or reason != a.deadline_reason:
-                    db.execute("UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
-                               (new, reason.value, a.id))
-                    moved.append(Moved(a.id, a.deadline, new))
             old = self._budget(db, project)
-            db.execute(AUDIT, (f"budget:{project}:{now!r}:{uuid.uuid4().hex[:8]}", now, by,
-                               "budget", project, project,
-                               f"${'none' if old is None else f'{old:.2f}'} -> "
-                               f"${budget_usd:.2f}; {len(moved)} deadline(s) moved"))
             db.execute(
                 "INSERT INTO budgets (project, budget_usd, updated_at) VALUES (?,?,?) "
                 "ON CONFLICT (project) DO UPDATE SET budget_usd=excluded.budget_usd, "
                 "updated_at=excluded.updated_at",
                 (project, budget_usd, now),
             )
+            moved = self._fit_deadlines(db, project, now)
+            db.execute(AUDIT, (f"budget:{project}:{now!r}:{uuid.uuid4().hex[:8]}", now, by,
+                               "budget", project, project,
+                               f"${'none' if old is None else f'{old:.2f}'} -> "
+                               f"${budget_usd:.2f}; {len(moved)} deadline(s) moved"))
             return moved
 
     # ---- queries -------------------------------------------------------------------------
@@ -1045,10 +1217,11 @@ class Ledger:
             out.append(float(b))
         return out
 
-    def _record(self, db: Conn, project: str, gpu_hours: float, ended_at: float,
-                reason: str, util: float | None) -> None:
+    def _record(self, db: Conn, project: str, gpu_hours: float, hoarded_gpu_hours: float,
+                ended_at: float, reason: str, util: float | None) -> None:
         """Add a finished allocation to the project's decayed record sums (kept at the time
-        of its latest end), so the council's older-history summary costs one row to read."""
+        of its latest end), so the council's older-history summary costs one row to read.
+        The sum named idle_gpu_hours holds hoarded GPU-hours (held idle at the end)."""
         half_life = self.config.council.record_half_life_days * 24.0
         row = db.execute("SELECT * FROM records WHERE project=?", (project,)).fetchone()
         at = max(ended_at, row["at"]) if row else ended_at
@@ -1057,7 +1230,7 @@ class Ledger:
             k = decayed(1.0, row["at"], at, half_life)
             old = [k * row[c] for c in RECORD_SUMS]
         w = decayed(gpu_hours, ended_at, at, half_life)
-        new = [w, w if reason == ReleaseReason.IDLE else 0.0,
+        new = [w, decayed(hoarded_gpu_hours, ended_at, at, half_life),
                w if reason == ReleaseReason.BUDGET else 0.0,
                w if util is not None else 0.0, w * util if util is not None else 0.0]
         db.execute(
@@ -1082,11 +1255,11 @@ class Ledger:
         grow = 2.0 ** ((row["at"] - at) / (half_life * 3600.0))  # from the record's time back
         sums = [grow * row[c] for c in RECORD_SUMS]
         for r in recent:
-            w = r.count * r.hours * 2.0 ** ((r.ended_at.timestamp() - at) / (half_life * 3600.0))
-            idle = r.reason is ReleaseReason.IDLE
+            k = 2.0 ** ((r.ended_at.timestamp() - at) / (half_life * 3600.0))
+            w = r.count * r.hours * k
             budget = r.reason is ReleaseReason.BUDGET
             rated = r.mean_util_pct is not None
-            mine = [w, w if idle else 0.0, w if budget else 0.0, w if rated else 0.0,
+            mine = [w, r.count * r.hoarded_hours * k, w if budget else 0.0, w if rated else 0.0,
                     w * r.mean_util_pct if r.mean_util_pct is not None else 0.0]
             sums = [a - b for a, b in zip(sums, mine, strict=True)]
         gpu, idle_h, budget_h, rated_h, util_h = (max(0.0, x) for x in sums)

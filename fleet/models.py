@@ -148,6 +148,9 @@ class GPURequest(BaseModel):
     # Who asked: stamped by the entry that authenticated the caller (the Orchestrator, the
     # LangGraph server), whatever the caller sent; None where nobody could tell.
     requested_by: str | None = None
+    # The released allocation of the same project whose work this request goes on with: its
+    # release was a pause, not hoarding, and its pause bounds this one's idle release.
+    resumes: str | None = None
 
     @field_validator("project")
     @classmethod
@@ -163,6 +166,11 @@ class GPURequest(BaseModel):
     @classmethod
     def _requester(cls, v: str | None) -> str | None:
         return None if v is None else _named("identity", v)
+
+    @field_validator("resumes")
+    @classmethod
+    def _resumed(cls, v: str | None) -> str | None:
+        return None if v is None else _named("allocation id", v)
 
     @field_validator("purpose", mode="before")
     @classmethod
@@ -317,6 +325,10 @@ class MonitorState(BaseModel):
     util_n: int = 0
     window: list[tuple[float, float]] = Field(default_factory=list)  # (time, mean util)
     idle_since: datetime | None = None
+    longest_pause_s: float = 0.0  # the longest idle spell the work came back from
+    # it resumes work that went on while its GPUs looked idle (fleet.ledger.Resumed): idling
+    # is no evidence here, as under a running command
+    works_while_idle: bool = False
     low_util_warned: bool = False
     throttled: list[str] = Field(default_factory=list)
 
@@ -355,6 +367,7 @@ class HistoryRecord(BaseModel):
     cost_usd: float
     reason: ReleaseReason
     mean_util_pct: float | None = None
+    hoarded_hours: float = 0.0  # held idle at the end, with no work left (fleet.ledger)
     priority: Priority = Priority.NORMAL
     requested_hours: float = 0.0
     request: GPURequest | None = None
@@ -367,7 +380,7 @@ class RecordSummary(BaseModel):
     events: int = 0
     at: datetime
     gpu_hours: float = 0.0
-    idle_gpu_hours: float = 0.0  # released for idling
+    idle_gpu_hours: float = 0.0  # hoarded: held idle at the end with no work left
     budget_gpu_hours: float = 0.0  # stopped by the budget
     rated_gpu_hours: float = 0.0  # with a utilisation reading
     util_gpu_hours: float = 0.0  # sum of utilisation (%) x GPU-hours over rated events

@@ -2,7 +2,15 @@
 
 - low utilisation: the mean over the last `low_util_window_minutes` is under `low_util_pct`
   (a warning, once per low spell);
-- idle: every GPU under `idle_util_pct`; idle for `idle_timeout_minutes` means release;
+- idle: every GPU under `idle_util_pct`; idle for `idle_limit_s` means release. Idleness is
+  evidence that the work is done only where nothing else is known: while a command runs under
+  `gpu-agent run` an idle spell is a pause and never ends the allocation (its lease and budget
+  bound a hung command); once it has exited, the work is done and the idle
+  tail is released after `idle_timeout_done_minutes` (5); with no command known (a notebook, a
+  shell), after the purpose's timeout (`idle_timeout_by_purpose`, else
+  `idle_timeout_minutes`). But for the tail, none is shorter than `pause_factor` x the
+  longest pause the job has already come back from, in this allocation or in the one it
+  resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not released after 30;
 - hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
 - unhealthy: a GPU with an XID error or lost ends the allocation at once.
 A reading whose field is unavailable (None) counts neither for nor against a conclusion.
@@ -12,9 +20,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fleet.config import MonitorSettings
-from fleet.models import Event, EventKind, GPUSample, MonitorState, ReleaseReason, utc
+from fleet.models import Event, EventKind, GPUSample, MonitorState, Purpose, ReleaseReason, utc
+
+Work = Literal["running", "done", "unknown"]  # what `gpu-agent run` says of the allocation
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    """What an idle spell means for this allocation: its purpose and its command's state."""
+
+    purpose: Purpose = Purpose.TRAINING
+    work: Work = "unknown"
+
+
+UNKNOWN = IdlePolicy()  # nothing known but utilisation (a training job's timeout)
+
+
+def idle_limit_s(settings: MonitorSettings, policy: IdlePolicy, longest_pause_s: float) -> float:
+    """How long every GPU may sit idle before the allocation is released (inf: never)."""
+    if policy.work == "running":
+        return math.inf
+    if policy.work == "done":
+        return settings.idle_timeout_done_minutes * 60.0
+    minutes = settings.idle_timeout_by_purpose.get(policy.purpose, settings.idle_timeout_minutes)
+    return max(minutes * 60.0, settings.pause_factor * longest_pause_s)
+
+
+def _pause_over(state: MonitorState, now: float) -> None:
+    """The work came back: remember how long the pause was, and that it is over."""
+    if state.idle_since is not None:
+        state.longest_pause_s = max(state.longest_pause_s, now - state.idle_since.timestamp())
+        state.idle_since = None
 
 
 def _copy(state: MonitorState) -> MonitorState:
@@ -39,6 +78,7 @@ def assess(
     settings: MonitorSettings,
     now: float,
     started_at: float,
+    policy: IdlePolicy = UNKNOWN,
 ) -> Assessment:
     state = _copy(prev)
     state.ticks += 1
@@ -77,15 +117,15 @@ def assess(
         if state.idle_since is None:
             state.idle_since = utc(now)
         idle_s = now - state.idle_since.timestamp()
-        if idle_s >= settings.idle_timeout_minutes * 60.0:
+        if idle_s >= idle_limit_s(settings, policy, state.longest_pause_s):
             release = ReleaseReason.IDLE
             events.append(Event(
                 at=utc(now), kind=EventKind.IDLE,
                 message=f"every GPU under {settings.idle_util_pct:g}% for {_span(idle_s)}"
-                f"{_holding(samples)}",
+                f"{_holding(samples)}{_why(policy)}",
             ))
     elif utils:
-        state.idle_since = None
+        _pause_over(state, now)
 
     throttle = []
     for s in samples:
@@ -98,6 +138,11 @@ def assess(
                 message=f"{s.temp_c:.0f} C is over {settings.throttle_temp_c:g} C",
             ))
     return Assessment(state, events, throttle, release, mean)
+
+
+def _why(policy: IdlePolicy) -> str:
+    return " after its command exited" if policy.work == "done" else \
+        f" ({policy.purpose.value}; no command known to run on it)"
 
 
 def _span(seconds: float) -> str:
@@ -174,7 +219,8 @@ def _transient(settings: MonitorSettings, tick: float) -> int:
 
 
 def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, tick: float,
-              started_at: float, steady_until: float) -> float:
+              started_at: float, steady_until: float,
+              policy: IdlePolicy = UNKNOWN) -> float:
     """The first tick that can conclude something new, given readings `last` until
     `steady_until` (the last tick's time or earlier: no promise, the very next tick)."""
     assert state.last_tick_at is not None
@@ -188,6 +234,7 @@ def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, ti
     window = [u for _, u in state.window]
     warned = state.low_util_warned
     idle_since = state.idle_since.timestamp() if state.idle_since else None
+    longest = state.longest_pause_s
     t = t0
     for k in range(1, _transient(settings, tick) + 1):
         t = t0 + k * tick
@@ -203,16 +250,16 @@ def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, ti
                 warned = False
         if last.idle:
             idle_since = t if idle_since is None else idle_since
-            if t - idle_since >= settings.idle_timeout_minutes * 60.0:
+            if t - idle_since >= idle_limit_s(settings, policy, longest):
                 return t
-        else:
-            idle_since = None
+        elif idle_since is not None:
+            longest, idle_since = max(longest, t - idle_since), None
     at = horizon
     if last.mean < settings.low_util_pct and not warned:
         at = min(at, _grid(t0, max(t + tick, started_at + window_s), tick))
     if last.idle and idle_since is not None:
-        at = min(at, _grid(t0, max(t + tick, idle_since + settings.idle_timeout_minutes * 60.0),
-                           tick))
+        at = min(at, _grid(t0, max(t + tick, idle_since + idle_limit_s(settings, policy,
+                                                                        longest)), tick))
     return at
 
 
@@ -238,7 +285,7 @@ def skip(state: MonitorState, last: Readings, settings: MonitorSettings, tick: f
         if last.idle:
             out.idle_since = out.idle_since or utc(t)
         else:
-            out.idle_since = None
+            _pause_over(out, t)
     rest = n - explicit
     if rest:
         t = t0 + n * tick

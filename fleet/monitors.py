@@ -49,16 +49,21 @@ class Watcher:
     def gone_here(self) -> bool:
         """Its process ran on this host and has exited: dead without waiting for the beats to
         go stale. (A reused PID only makes us wait for staleness, never adopt a live one.)"""
-        host, pid = [*self.owner.split(":"), "", ""][:2]
-        if host != socket.gethostname() or not pid.isdigit():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, someone else's
-            return False
+        return gone_here(self.owner)
+
+
+def gone_here(owner: str) -> bool:
+    """The process named by `owner` (new_owner's host:pid:...) ran on this host and exited."""
+    host, pid = [*owner.split(":"), "", ""][:2]
+    if host != socket.gethostname() or not pid.isdigit():
         return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 @dataclass(frozen=True)

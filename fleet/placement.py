@@ -1,20 +1,24 @@
 """The placement decision, as a pure function of what the ledger sees inside its transaction.
 
-Order of the hard rules: budget (deny), quota (wait), fair order (wait behind every waiting
-request of the same type that scores higher), capacity (wait), then topology picks the GPUs.
-A waiting request that stopped polling (its caller left with --no-wait) keeps its place in
-line but blocks nobody until it is resumed.
+Order of the hard rules: budget (deny), quota (wait), then the fair line of the type with EASY
+backfill (fleet.backfill): in fair order, each request starts while GPUs are free for it; the
+first that does not fit gets a reservation, and a later one starts now only if it fits in the
+free GPUs left and does not delay that reservation. Then topology picks the GPUs. A waiting
+request that stopped polling (its caller left with --no-wait) keeps its place in line but
+blocks nobody until it is resumed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from fleet.budget import EPS
+from fleet.backfill import Ending, Reservation, backfill, reserve
+from fleet.budget import admissible_usd, admits
 from fleet.config import FleetConfig
-from fleet.models import GPUInfo, Priority
+from fleet.models import GPUInfo, Priority, utc
 from fleet.scheduler import fair_share_factors, score
 from fleet.topology import Topology
 
@@ -28,6 +32,7 @@ class Ticket:
     priority: Priority
     enqueued_at: float
     heartbeat_at: float
+    hours: float  # its lease, once placed: when its GPUs come back
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,13 @@ class Snapshot:
     now: float
     free: list[GPUInfo]  # free GPUs of the requested type
     waiting: list[Ticket]  # other queued requests for the same type
+    endings: list[Ending]  # when the type's running allocations let their GPUs go
     usage: Mapping[str, float]  # decayed GPU-hours per project, active allocations included
     active_gpus: Mapping[str, int]  # GPUs held per project
     budget_usd: float | None  # the requesting project's budget
     spent_usd: float
-    committed_usd: float  # worst case of the project's active allocations
+    committed_usd: float  # expected cost of the project's active allocations
+    usage_factor: float = 1.0  # the project's q (fleet.budget): expected cost / worst case
 
 
 class Kind(StrEnum):
@@ -65,56 +72,88 @@ def decide(
     config: FleetConfig,
     topology: Topology,
 ) -> Decision:
-    if snap.budget_usd is not None:
+    if snap.budget_usd is not None and not admits(worst_case_usd, admissible_usd(
+            snap.budget_usd, snap.spent_usd, snap.committed_usd, snap.usage_factor)):
         remaining = snap.budget_usd - snap.spent_usd - snap.committed_usd
-        if worst_case_usd > remaining + EPS:
-            return Decision(
-                Kind.DENY,
-                f"budget: worst case ${worst_case_usd:.2f} > remaining ${max(remaining, 0):.2f} "
-                f"of {me.project}'s ${snap.budget_usd:.2f}",
-            )
+        return Decision(
+            Kind.DENY,
+            f"budget: expected ${worst_case_usd * snap.usage_factor:.2f} (worst case "
+            f"${worst_case_usd:.2f}) > remaining ${max(remaining, 0):.2f} of {me.project}'s "
+            f"${snap.budget_usd:.2f}",
+        )
     quota = config.quotas.max_gpus(me.project)
     held = snap.active_gpus.get(me.project, 0)
     if quota is not None and held + me.count > quota:
         return Decision(Kind.QUEUE, f"quota: {me.project} holds {held} of its {quota} GPUs")
 
-    ahead = ahead_of(me, snap, config)
-    free = len(snap.free)
-    available = free - sum(t.count for t in ahead)
-    if me.count > available:
-        line = f", {len(ahead)} waiting request(s) ahead" if ahead else ""
-        return Decision(
-            Kind.QUEUE, f"capacity: {free} {me.gpu_type} free, {me.count} needed{line}"
-        )
+    live = _live(snap, config)
+    line = sorted([me, *live], key=_fair_key(snap, config, [me, *live]), reverse=True)
+    plan = plan_line(line, snap)
+    if me not in plan.start:
+        return Decision(Kind.QUEUE, _why_waiting(me, line, plan, snap))
     gpus = topology.choose(snap.free, me.count)
-    assert gpus is not None  # me.count <= available <= free
+    assert gpus is not None  # it starts: its GPUs are among the free ones
     return Decision(Kind.PLACE, f"placed on {', '.join(sorted({g.node for g in gpus}))}", gpus)
 
 
-def ahead_of(me: Ticket, snap: Snapshot, config: FleetConfig) -> list[Ticket]:
-    """Live waiting requests for the same type that go before `me` in the fair order."""
-    live = _live(snap, config)
-    if not live:
-        return []
-    key = _fair_key(snap, config, [me, *live])
-    mine = key(me)
-    return [t for t in live if key(t) > mine]
+@dataclass(frozen=True)
+class Plan:
+    """One EASY-backfill pass over a line: who starts now, and who waits with a reservation."""
+
+    start: list[Ticket]
+    head: Ticket | None  # the first request that cannot start now
+    reservation: Reservation | None  # the head's
+
+
+def plan_line(line: list[Ticket], snap: Snapshot) -> Plan:
+    """In fair order, each request starts while the free GPUs hold it; the first that does not
+    fit gets the reservation, and each later one starts only if it fits in the free GPUs left
+    and `backfill` says it does not delay the reservation."""
+    free = len(snap.free)
+    start: list[Ticket] = []
+    head: Ticket | None = None
+    reservation: Reservation | None = None
+    for t in line:
+        if t.count > free:
+            if head is None:
+                head = t
+                started = [Ending(_ends_at(s, snap.now), s.count) for s in start]
+                reservation = reserve(t.count, free, [*snap.endings, *started], snap.now)
+            continue
+        if reservation is not None:
+            left = backfill(t.count, _ends_at(t, snap.now), reservation)
+            if left is None:
+                continue
+            reservation = left
+        free -= t.count
+        start.append(t)
+    return Plan(start, head, reservation)
 
 
 def in_line(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
-    """The waiting requests that `decide` would place now, in fair order: the longest head of
-    the line whose GPUs fit in the free ones (no backfill: one that does not fit holds up
-    everyone behind it). Whom to wake when GPUs are freed."""
+    """The waiting requests that `decide` would place now, in fair order (backfilled ones
+    included): whom to wake when GPUs are freed."""
     live = _live(snap, config)
     if not live:
         return []
-    free, out = len(snap.free), []
-    for t in sorted(live, key=_fair_key(snap, config, live), reverse=True):
-        if t.count > free:
-            break
-        free -= t.count
-        out.append(t)
-    return out
+    return plan_line(sorted(live, key=_fair_key(snap, config, live), reverse=True), snap).start
+
+
+def _ends_at(t: Ticket, now: float) -> float:
+    return now + t.hours * 3600.0
+
+
+def _why_waiting(me: Ticket, line: list[Ticket], plan: Plan, snap: Snapshot) -> str:
+    ahead = line.index(me)
+    why = f"capacity: {len(snap.free)} {me.gpu_type} free, {me.count} needed"
+    why += f", {ahead} waiting request(s) ahead" if ahead else ""
+    res = plan.reservation
+    if res is None or res.at == math.inf:
+        return why
+    when = f"{utc(res.at):%Y-%m-%d %H:%M} UTC"
+    if plan.head is me:
+        return f"{why}; reserved for it from {when}"
+    return f"{why}; the head of the line has GPUs reserved from {when}"
 
 
 def _live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fleet.budget import admits
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, RouteDecision, RouteMode, RouteOption
 
@@ -46,8 +47,9 @@ def _option(
         why_not = f"{hours:.1f} h is over the duration limit"
     elif request.budget_limit is not None and cost > request.budget_limit:
         why_not = f"${cost:.2f} > request budget ${request.budget_limit:.2f}"
-    elif remaining_usd is not None and cost > remaining_usd:
-        why_not = f"${cost:.2f} > project's remaining budget ${max(remaining_usd, 0):.2f}"
+    elif remaining_usd is not None and not admits(cost, remaining_usd):
+        why_not = (f"${cost:.2f} > the ${max(remaining_usd, 0):.2f} the project's remaining "
+                   "budget admits")
     return RouteOption(
         gpu_type=gpu_type,
         price_per_hour=spec.price_per_hour,
@@ -63,7 +65,9 @@ def route(
     request: GPURequest, config: FleetConfig, remaining_usd: float | None,
     available: Mapping[str, int] | None = None,
 ) -> RouteDecision | Refusal:
-    """The type for `request`. `available` (GPUs free now less those queued, per type) makes
+    """The type for `request`. `remaining_usd` (Ledger.remaining_usd: the largest worst case
+    the project's budget admits, by the rule placement applies; None: no budget) rules out
+    the types that cost more. `available` (GPUs free now less those queued, per type) makes
     the budget mode take the cheapest type that can start now over a cheaper one it would
     queue for; without it, or when none can start now, the cheapest."""
     types = list(config.pool(request.purpose))

@@ -13,7 +13,7 @@ from fleet.config import SchedulerSettings
 from fleet.models import Priority, RecordSummary, ReleaseReason, utc
 
 # (GPUs, hours held, ended at (epoch s), release reason, mean utilisation % or None)
-Record = tuple[int, float, float, str, float | None]
+Record = tuple[int, float, float, float, str, float | None]  # count, hours, hoarded h, ...
 
 PRIORITY_FACTOR: dict[Priority, float] = {
     Priority.LOW: 0.25,
@@ -30,11 +30,11 @@ def decayed(value: float, since: float, now: float, half_life_hours: float) -> f
 def summarise(records: Iterable[Record], at: float, half_life_hours: float) -> RecordSummary:
     """A project's older history as GPU-hour sums, each record decayed from its end to `at`."""
     out = RecordSummary(at=utc(at))
-    for count, hours, ended_at, reason, util in records:
+    for count, hours, hoarded_hours, ended_at, reason, util in records:
         w = decayed(count * hours, ended_at, at, half_life_hours)
         out.events += 1
         out.gpu_hours += w
-        out.idle_gpu_hours += w if reason == ReleaseReason.IDLE else 0.0
+        out.idle_gpu_hours += decayed(count * hoarded_hours, ended_at, at, half_life_hours)
         out.budget_gpu_hours += w if reason == ReleaseReason.BUDGET else 0.0
         if util is not None:
             out.rated_gpu_hours += w

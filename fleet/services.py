@@ -18,6 +18,7 @@ from fleet.backend import FleetBackend, Reserving
 from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.budget import Moved
 from fleet.clock import Clock, WakeToken
+from fleet.commands import Commands
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere
 from fleet.ledger import Ledger
@@ -57,8 +58,10 @@ class Services:
     _reserving: Reserving | None = field(default=None, init=False)
     _heartbeat: Heartbeat | None = field(default=None, init=False)
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
+    commands: Commands = field(init=False)  # what `gpu-agent run` says of each allocation
 
     def __post_init__(self) -> None:
+        self.commands = Commands(self.ledger)
         self._reserving = self.backend if isinstance(self.backend, Reserving) else None
         self.gpus = self.backend.inventory()
         self.inventory = [g for g in self.gpus if g.gpu_type in self.config.catalog]
@@ -116,7 +119,7 @@ class Services:
     @property
     def council(self) -> Council:
         """Loaded on first use: commands that never convene it do not pay for the council's
-        modules, nor (the neural policy) for torch."""
+        modules and weights."""
         if self.chosen_council is None:
             from council.voting import council_for
 

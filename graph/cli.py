@@ -34,6 +34,7 @@ from fleet.statedir import default_state_dir, prepare
 from fleet.validation import check_against_fleet, check_budget, parse_request
 from graph.outcome import RequestOutcome, lease_note
 from graph.records import Records
+from sim import DEFAULT_POLICIES  # a name only: the simulator is imported when it runs
 
 # Only light modules above: the commands that read or write the ledger (status, costs,
 # release, history, ...) use Records and never load LangGraph, torch or networkx. What runs
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from graph.orchestrator import Orchestrator
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
-# every baseline (sim.simulate.POLICIES; named here so --help need not import the simulator)
-DEFAULT_POLICIES = "naive,slurm-like,slurm-cheapest,cheapest-first,gpu-agent"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,6 +102,9 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thread-id")
     p.add_argument("--max-wait", type=float, metavar="MINUTES",
                    help="give up (exit 4) if not placed within this many minutes")
+    p.add_argument("--resumes", metavar="ALLOCATION",
+                   help="the released allocation whose work this goes on with (its idle "
+                   "release was a pause, not hoarding)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,9 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and budget violations side by side")
     p.add_argument("--trace", required=True, help="trace CSV (submit time, duration, GPUs, "
                    "project), e.g. ../shared/traces/philly.csv")
-    p.add_argument("--policies", default=DEFAULT_POLICIES,
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
-                   f"gpu-agent, gpu-agent-no-autorelease (default: {DEFAULT_POLICIES})")
+                   f"gpu-agent, gpu-agent-no-autorelease (default: {','.join(DEFAULT_POLICIES)})")
     p.add_argument("--jobs", type=int, help="only the earliest N jobs of the trace")
     p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace "
                    "fleet)")
@@ -439,7 +441,8 @@ def _request_of(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
     }
     optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
-                "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait}
+                "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait,
+                "resumes": args.resumes}
     if args.thread_id is not None:
         names.check("thread id", args.thread_id)
     return raw | {k: v for k, v in optional.items() if v is not None}

@@ -5,7 +5,9 @@ allocation (the monitor for idling, the lease, a budget, `gpu-agent release`) en
 SIGTERM to its process group, a grace period, SIGKILL; then the GPUs' process lists (NVML) are
 read to confirm nothing of it is left. Only processes this command started are signalled.
 When the command ends by itself, an allocation `run` requested is released (command-exit);
-one it was given (`--allocation`) is left to its owner.
+one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
+takes an idle spell for a pause and never releases the allocation for idling; once it has
+exited, idle time is hoarding (fleet.commands, fleet.monitoring.idle_limit_s).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from types import FrameType
 
 from fleet.errors import InvalidInput
 from fleet.models import GPURequest, ReleaseReason
-from fleet.monitors import Monitors
+from fleet.monitors import Monitors, new_owner
 from fleet.supervise import Supervised, check_startable
 from graph.orchestrator import Orchestrator
 
@@ -76,6 +78,7 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
                               "GPU_AGENT_ALLOCATION": allocation_id}
     with _signals() as got:
         proc = Supervised(argv, env)
+        svc.commands.started(allocation_id, new_owner("run"), svc.clock.now())
         say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
         seen = {proc.pid}
         ended_by = "command"
@@ -101,6 +104,8 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
                 f"(SIGTERM, then SIGKILL after {grace_s:g} s)")
         stopped = proc.stop(grace_s)  # also what the command left behind when it exited
         code = proc.returncode()
+        if ended_by == "command":  # the work is done: idle time from now on is hoarding
+            svc.commands.ended(allocation_id, svc.clock.now(), code)
     if owned and svc.ledger.get(allocation_id).state == "active":
         reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
         orch.release(allocation_id, reason)

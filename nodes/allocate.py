@@ -10,7 +10,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from fleet.faults import fault
-from fleet.ledger import allocation_id
+from fleet.ledger import Resumed, allocation_id
 from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, utc
 from fleet.placement import Kind
 from nodes import audit
@@ -30,6 +30,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         approval=audit.approval(svc, state, request),
     )
     fault("allocate:placed")
+    for moved in result.moved:  # the budget now ends these sooner: their monitors hear at once
+        svc.wake(moved.id)
     decision, row = result.decision, result.row
     if decision.kind in (Kind.DENY, Kind.GONE):
         svc.unwatch(aid)  # nothing live to monitor
@@ -52,6 +54,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         svc.release(aid, ReleaseReason.CANCELLED)
         return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}
     allocation = row.to_allocation()
+    resumed = Resumed(0.0, False) if request.resumes is None else svc.ledger.resume(
+        request.resumes, aid, row.enqueued_at, allocation.started_at.timestamp())
     waited = (allocation.started_at.timestamp() - row.enqueued_at) / 3600.0
     note = f" (waited {waited:.1f} h)" if waited > 0 else ""
     return {
@@ -59,7 +63,9 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         "reason": decision.reason,
         "allocation_id": aid,
         "allocation": allocation,
-        "monitor": MonitorState(last_tick_at=allocation.started_at),
+        "monitor": MonitorState(last_tick_at=allocation.started_at,
+                                longest_pause_s=resumed.pause_s,
+                                works_while_idle=resumed.working),
         "events": [Event(at=allocation.started_at, kind=EventKind.PLACED,
                          message=f"{allocation.count} x {allocation.gpu_type} on "
                          f"{allocation.node} until {allocation.lease_end:%Y-%m-%d %H:%M} UTC"

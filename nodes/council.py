@@ -34,7 +34,7 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     now = svc.clock.now()
     stats = svc.ledger.project_stats(request.project, now, settings.history_events)
     held = svc.ledger.held_by_type()
-    features = build_features(request, svc.config, stats, held, now)
+    features = build_features(request, svc.config, stats, held, now, remaining)
     decision = convene(svc.council, features, critical, settings)
     report(runtime, "council", "council: " + ", ".join(
         f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)

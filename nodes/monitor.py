@@ -14,11 +14,11 @@ from langgraph.runtime import Runtime
 from fleet.clock import sleep_until
 from fleet.faults import fault
 from fleet.ledger import Lease
-from fleet.models import EventKind, utc
-from fleet.monitoring import assess, next_tick, readings, skip
+from fleet.models import EventKind, Purpose, utc
+from fleet.monitoring import IdlePolicy, Work, assess, next_tick, readings, skip
 from nodes.context import Context, services_for
 from nodes.progress import report, streaming
-from nodes.state import State
+from nodes.state import State, request_of
 
 
 def _ended(row: Lease, now: float) -> dict[str, Any] | None:
@@ -30,6 +30,11 @@ def _ended(row: Lease, now: float) -> dict[str, Any] | None:
     if now >= row.deadline:
         return {"release_reason": row.deadline_reason, "release_at": utc(row.deadline)}
     return None
+
+
+def _policy(work: Work, purpose: Purpose, works_while_idle: bool) -> IdlePolicy:
+    """What idling means here: a work that went on while idle is treated as running."""
+    return IdlePolicy(purpose, "running" if works_while_idle and work == "unknown" else work)
 
 
 def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
@@ -49,11 +54,13 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     assert row.deadline is not None and mon.last_tick_at is not None
     settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
     started = allocation.started_at.timestamp()
+    purpose = request_of(state).purpose
+    policy = _policy(svc.commands.work(allocation.id), purpose, mon.works_while_idle)
     last = readings(state["samples"], settings) if state.get("samples") else None
     wake = mon.last_tick_at.timestamp() + tick
     if last is not None:  # ticks that would read the same and conclude nothing are skipped
         steady = svc.backend.steady_until(allocation.gpu_ids, mon.last_tick_at.timestamp())
-        wake = next_tick(mon, last, settings, tick, started, steady)
+        wake = next_tick(mon, last, settings, tick, started, steady, policy)
     before = svc.clock.now()
     sleep_until(svc.clock, min(wake, row.deadline), svc.waker(allocation.id))
     svc.check_watched(allocation.id)  # adopted elsewhere while this process was silent
@@ -63,18 +70,21 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         ended = _ended(row, now)
         if ended:
             return ended
+        policy = _policy(svc.commands.work(allocation.id), purpose, mon.works_while_idle)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(allocation.gpu_ids, now,
                          dict.fromkeys(allocation.gpu_ids, allocation.project))
-    result = assess(samples, mon, settings, now, started)
+    result = assess(samples, mon, settings, now, started, policy)
     for gpu_id in result.throttle:  # its event says what the backend did about it
         action = svc.backend.throttle(gpu_id)
         for event in result.events:
             if event.kind is EventKind.THROTTLE and event.gpu_id == gpu_id:
                 event.message = f"{event.message}: {action}"
+    idle = result.state.idle_since
     svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
-                         result.state.util_n, result.mean_util)
+                         result.state.util_n, result.mean_util,
+                         idle.timestamp() if idle is not None else None)
     fault("monitor:heartbeat")
     if streaming(runtime):
         left = (row.deadline or now) - now

@@ -25,6 +25,10 @@ def validate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     except InvalidInput as exc:
         return update | {"status": Status.INVALID, "reason": str(exc)}
     update["request"] = request
+    if request.resumes is not None:
+        problem = svc.ledger.resumable(request.project, request.resumes)
+        if problem is not None:
+            return update | {"status": Status.INVALID, "reason": problem}
     refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
     if refused:
         audit.denial(svc, update | state, request, "rules", refused)  # type: ignore[arg-type]

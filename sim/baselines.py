@@ -17,7 +17,8 @@ Common to all:
   ended it at the end of its timeline (after the idle tail) and "lease-expired" when the lease
   or walltime ended it.
 - An allocation that ends before the job's work is done kills the job; its user asks again at
-  the kill time (`lifecycle.rerun`: training resumes from its last finished work phase, the
+  the kill time, or when the pause it was killed in ends (`lifecycle.returns_at`;
+  `lifecycle.rerun`: training resumes from its last finished work phase, the
   rest start over, up to `MAX_ATTEMPTS`) as a new request with a new submit time.
 - Attempts are returned in (end, or submit when never placed; job id; attempt) order.
 
@@ -91,7 +92,7 @@ from dataclasses import dataclass
 from fleet.config import FleetConfig
 from fleet.models import Priority, Purpose, ReleaseReason
 from fleet.scheduler import decayed, fair_share_factors, score
-from sim.lifecycle import Attempt, Segment, account, refused, rerun, timeline
+from sim.lifecycle import Attempt, Segment, account, refused, rerun, returns_at, timeline
 from sim.workload import SimJob, Workload
 
 Progress = Callable[[int], None]
@@ -106,7 +107,7 @@ class _Request:
 
     job: SimJob
     attempt: int
-    submit: float  # when this request was made (the kill time for a rerun)
+    submit: float  # when this request was made (lifecycle.returns_at for a rerun)
     seq: int  # arrival order, the tie-breaker everywhere
     types: tuple[str, ...] = ()  # allowed types, in the order a policy tries them
 
@@ -240,7 +241,8 @@ class _Simulation(ABC):
         if attempt.outcome == "killed":
             again = rerun(job, alloc.segments, now, alloc.reason, r.attempt, self.config)
             if again is not None:
-                self.push(now, _Request(again, r.attempt + 1, now, self.seq))
+                back = returns_at(alloc.segments, now)
+                self.push(back, _Request(again, r.attempt + 1, back, self.seq))
                 return 0
         return 1
 

@@ -3,10 +3,13 @@
 Each job attempt is a graph thread in the engine (sim/engine.py), with the real ledger (a
 scratch SQLite file in the run's state directory), the real council, routing, fair queue,
 monitor and auto-release, and the project budgets of the workload enforced. The simulated
-user does what the trace says: when the job's timeline ends (the process exits after its idle
-tail) the user releases the GPUs, unless the monitor released them first. A split council goes
-to a simulated reviewer who approves (a team lead who trusts their team); the count of reviews
-is reported.
+user does what the trace says: a supervised job's command (`gpu-agent run`) starts with the
+allocation and exits when its work is done, which the monitor reads as `gpu-agent run`
+reports it (fleet.commands); when the job's timeline ends (after its idle tail) the user
+releases the GPUs, unless the monitor released them first. A user whose job was killed asks
+again at once, saying which allocation the new request resumes (`GPURequest.resumes`). A
+split council goes to a simulated reviewer who approves (a team lead who trusts their team);
+the count of reviews is reported.
 """
 
 from __future__ import annotations
@@ -20,12 +23,23 @@ from typing import Any
 
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, Release, ReleaseReason, Status
+from fleet.monitors import new_owner
 from nodes.context import open_services
 from sim.engine import Engine, EventClock, GraphThread
-from sim.lifecycle import Attempt, Segment, account, refused, rerun, timeline
+from sim.lifecycle import (
+    Attempt,
+    Segment,
+    account,
+    refused,
+    rerun,
+    returns_at,
+    timeline,
+    work_done_at,
+)
 from sim.telemetry import TraceFleet
 from sim.workload import SimJob, Workload
 
+RUNNER = new_owner("run")  # the simulated users' `gpu-agent run`: this process, alive
 HORIZON_DAYS = 365  # requests still queued this long after the last submission are unplaced
 STEP_HOURS = 24.0  # the engine runs a virtual day at a time between progress reports
 
@@ -36,6 +50,7 @@ class _Run:
     attempt: int
     submit: float
     segments: list[Segment] = field(default_factory=list)
+    resumes: str | None = None  # the killed allocation whose work this attempt goes on with
 
 
 @dataclass
@@ -46,11 +61,11 @@ class AgentRun:
     steps: Counter[str]  # node runs by node
 
 
-def request_for(job: SimJob, attempt: int) -> GPURequest:
+def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPURequest:
     return GPURequest.model_validate({
         "project": job.project, "purpose": job.purpose, "type": job.named_type,
         "count": job.count, "duration_hours": job.requested_hours,
-        "request_id": f"{job.id}-{attempt}"})
+        "request_id": f"{job.id}-{attempt}", "resumes": resumes})
 
 
 def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
@@ -73,8 +88,8 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
         return {"approve": True, "by": "sim-reviewer"}
 
     def start(run: _Run) -> None:
-        engine.submit(f"job-{run.job.id}-{run.attempt}", request_for(run.job, run.attempt),
-                      run.submit, tag=run)
+        engine.submit(f"job-{run.job.id}-{run.attempt}",
+                      request_for(run.job, run.attempt, run.resumes), run.submit, tag=run)
 
     def on_step(thread: GraphThread, node: str, update: dict[str, Any]) -> None:
         if node == "council" and "council" in update:
@@ -86,6 +101,10 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
         run.segments = timeline(run.job, allocation.gpu_type,
                                 allocation.started_at.timestamp(), config)
         backend.run(allocation.gpu_ids, run.segments)
+        if run.job.supervised:  # its command exits when the work is done
+            services.commands.started(allocation.id, RUNNER, run.segments[0].start)
+            engine.call_at(work_done_at(run.segments),
+                           lambda: services.commands.ended(allocation.id, clock.now(), 0))
         engine.call_at(run.segments[-1].end, lambda: _user_release(allocation.id))
 
     def _user_release(aid: str) -> None:
@@ -105,7 +124,8 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
             if attempts[-1].outcome == "killed":
                 again = rerun(run.job, run.segments, end, release.reason, run.attempt, config)
                 if again is not None:
-                    start(_Run(again, run.attempt + 1, end))
+                    start(_Run(again, run.attempt + 1, returns_at(run.segments, end),
+                               resumes=state["allocation"].id))
                     return
         else:
             status = state.get("status")

@@ -6,7 +6,8 @@ take their wall time on any type. The work is done at the end of the last work p
 tail after it is GPUs held with no work (hoarding) until the user lets go.
 
 When an allocation ends before the work is done (released for idling, a lease that ran out),
-the job is killed. Killed work is not a saving: the user asks again. A training job checkpoints
+the job is killed. Killed work is not a saving: the user asks again (at once, or when a pause
+it was killed in is over: `returns_at`). A training job checkpoints
 at the end of each work phase and resumes from the last checkpoint; research and inference jobs
 start over. The second request pads the rest of the job as the first did, twice as much after a
 lease ran out. After MAX_ATTEMPTS the job counts as failed work.
@@ -109,6 +110,16 @@ def account(job: SimJob, attempt: int, gpu_type: str, submit: float, segments: l
         idle_gpu_hours=n * idle, hoarded_gpu_hours=n * hoard, work_gpu_hours=n * work,
         done_at=done if completed else None,
     )
+
+
+def returns_at(segments: list[Segment], end: float) -> float:
+    """When the user of a job killed at `end` asks again: at once, unless the job was paused
+    then (an idle segment with work after it): then when the pause ends and they come back."""
+    done = work_done_at(segments)
+    for s in segments:
+        if s.util == 0 and s.start <= end < s.end and s.end <= done:
+            return s.end
+    return end
 
 
 def rerun(job: SimJob, segments: list[Segment], end: float, reason: ReleaseReason | str,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -112,10 +112,12 @@ class Simulation:
 def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fleet_name: str,
              out: Path, *, jobs: int | None = None, seed: int = 0,
              schema: TraceSchema = PHILLY, stream: TextIO | None = None,
-             fleet_text: str | None = None) -> Simulation:
-    """Run `policies` on the trace's jobs; the progress bars go to `stream` (stderr)."""
+             fleet_text: str | None = None,
+             settings: WorkloadSettings | None = None) -> Simulation:
+    """Run `policies` on the trace's jobs; the progress bars go to `stream` (stderr).
+    `settings` changes the workload model (its seed is `seed`)."""
     stream = stream or sys.stderr
-    settings = WorkloadSettings(seed=seed)
+    settings = replace(settings or WorkloadSettings(), seed=seed)
     workload = synthesize(read_trace(trace, schema, limit=jobs), config, settings)
     cal = calibration(workload.jobs)
     meta = {"trace": str(trace), "jobs": len(workload.jobs), "fleet": fleet_name,

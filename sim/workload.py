@@ -25,13 +25,27 @@ removed:
   and 25 % for jobs over 24 h (allocated-but-idle GPU time on Philly, ../shared/traces/README
   and research/scheduling.md), 65 % of it mid-job (most idle periods are mid-job). Of the
   mid-job idle time, a few pauses are long enough for a monitor to see (about one per
-  `1 / pauses_per_hour` hours, exponential with mean `pause_minutes`); the rest is stalls
-  shorter than a tick, which lower the work phases' utilisation. Work runs at about 81 % (the
-  H200 recording's training phase) for three jobs in four and at 10-40 % (under-used) for the
-  rest. `calibration()` prints what this gives against Philly's ~32 % of samples at 0 % and
-  mean utilisation of 47-52 %.
+  `1 / pauses_per_hour` hours); the rest is stalls shorter than a tick, which lower the work
+  phases' utilisation. What is published bounds the pauses' total (the idle shares above,
+  65 % of idle periods mid-job) but not their lengths, and the lengths decide what an idle
+  timeout kills; durations in GPU clusters are heavy-tailed wherever they were measured (Hu
+  et al., "Characterization and Prediction of Deep Learning Workloads in Large-Scale GPU
+  Datacenters", SC'21, on Helios; Jeon et al., ATC'19, on Philly). So `pause_model` is
+  log-normal by default (median `pause_minutes`, shape `pause_sigma` = 1.5: a mean of about
+  31 minutes, one pause in ten over 68 minutes, one in a hundred over 5.5 hours), and the
+  sensitivity benchmark (benchmarks/sensitivity.py) compares it with an exponential (mean
+  `pause_minutes`, the light tail) and a Pareto (minimum `pause_minutes`, index
+  `pause_alpha` = 1.2, the heaviest tail), so that no conclusion hangs on one of them. Work
+  runs at about 81 % (the H200 recording's training phase) for three jobs in four and at
+  10-40 % (under-used) for the rest. `calibration()` prints what this gives against Philly's
+  ~32 % of samples at 0 % and mean utilisation of 47-52 %.
 - budget: each project gets `budget_factor` (a seeded draw per project) times the list price
   of its trace work on the types the jobs reference.
+- supervised: with probability `supervised_share` the owner runs the job's work through
+  `gpu-agent run`, whose command exits when the last work phase ends (the idle tail is then
+  GPUs kept after the command: a shell or a notebook left open); the others give the monitor
+  nothing but utilisation. Drawn from a generator of its own, so the rest of a job does not
+  change with it.
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ from fleet.trace import Job
 ROUND_HOURS = (0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 24, 48, 72, 96, 120, 168, 240, 336, 504, 720,
                1080, 1440, 2160)
 MIN_PHASE_HOURS = 1 / 60  # a pause shorter than a minute is part of the work around it
+PAUSE_MODELS = ("lognormal", "exponential", "pareto")
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class SimJob:
     pad: float  # requested / needed, kept when the user asks again
     phases: tuple[Phase, ...]  # work and pauses, then the idle tail
     line: int = 0
+    supervised: bool = False  # its work runs under `gpu-agent run`
 
     @property
     def trace_hours(self) -> float:
@@ -108,12 +124,16 @@ class WorkloadSettings:
     idle_concentration: float = 4.0
     pause_share: float = 0.65  # of idle time, in the middle of the job
     pauses_per_hour: float = 0.25  # pauses long enough for the monitor to see
-    pause_minutes: float = 10.0  # their mean length
+    pause_model: str = "lognormal"  # one of PAUSE_MODELS
+    pause_minutes: float = 10.0  # the median (log-normal), mean (exponential), minimum (Pareto)
+    pause_sigma: float = 1.5  # the log-normal's shape
+    pause_alpha: float = 1.2  # the Pareto's tail index
     max_pauses: int = 12
     dense_share: float = 0.75
     dense_util: tuple[float, float] = (81.0, 8.0)  # mean, sd (H200 training phase)
     sparse_util: tuple[float, float] = (10.0, 40.0)  # uniform range
     budget_factor: tuple[float, float] = (0.8, 1.6)
+    supervised_share: float = 0.8
 
 
 @dataclass
@@ -187,7 +207,7 @@ def phases(hours: float, s: WorkloadSettings, rng: random.Random) -> tuple[Phase
         if rng.random() < s.dense_share else rng.uniform(*s.sparse_util)
     mid = idle * s.pause_share
     n = min(s.max_pauses, _poisson(hours * s.pauses_per_hour, rng))
-    gaps = [rng.expovariate(60.0 / s.pause_minutes) for _ in range(n)]
+    gaps = [pause_hours(s, rng) for _ in range(n)]
     gaps = [g for g in gaps if g >= MIN_PHASE_HOURS]
     if sum(gaps) > mid:  # the pauses cannot outlast the job's mid-job idle time
         gaps = [g * mid / sum(gaps) for g in gaps]
@@ -205,6 +225,18 @@ def phases(hours: float, s: WorkloadSettings, rng: random.Random) -> tuple[Phase
     if tail > 0:
         out.append(Phase(tail, 0.0))
     return tuple(out)
+
+
+def pause_hours(s: WorkloadSettings, rng: random.Random) -> float:
+    """One visible pause's length under `s.pause_model` (see the module docstring)."""
+    scale = s.pause_minutes / 60.0
+    if s.pause_model == "exponential":
+        return rng.expovariate(1.0 / scale)
+    if s.pause_model == "pareto":
+        return scale * rng.paretovariate(s.pause_alpha)
+    if s.pause_model == "lognormal":
+        return scale * math.exp(s.pause_sigma * rng.gauss(0.0, 1.0))
+    raise ValueError(f"unknown pause model {s.pause_model!r} (one of {', '.join(PAUSE_MODELS)})")
 
 
 def _poisson(lam: float, rng: random.Random) -> int:
@@ -238,6 +270,7 @@ def synthesize(trace: Sequence[Job], config: FleetConfig,
             named_type=named, reference=reference,
             requested_hours=requested(hours, pad, max_hours), pad=pad,
             phases=phases(hours, s, rng), line=job.line,
+            supervised=_rng(s.seed, "run", job.line or i).random() < s.supervised_share,
         ))
         list_cost[job.project] = list_cost.get(job.project, 0.0) + \
             job.count * hours * config.catalog[reference].price_per_hour

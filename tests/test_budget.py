@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.budget import Running, accrued, cut_deadlines
+from fleet.budget import Active, Running, accrued, cut_deadlines
 
 
 def test_enough_budget_keeps_leases() -> None:
@@ -31,3 +31,21 @@ def test_cut_past_an_earlier_lease_end() -> None:
 def test_already_at_budget_ends_now() -> None:
     items = [Running("a", 1.0, 0.0, 100.0)]
     assert cut_deadlines(items, 10.0, now=10.0) == {"a": pytest.approx(10.0)}
+
+
+def test_a_later_start_is_a_breakpoint() -> None:
+    """b starts (at 50) after the spend reaches the budget (at 40): it ends as it starts, and
+    a alone sets the cut (not both, as if b accrued from now)."""
+    items = [Running("a", 1.0, 0.0, 100.0), Running("b", 1.0, 50.0, 100.0)]
+    deadlines = cut_deadlines(items, 40.0, now=10.0)
+    assert deadlines == {"a": pytest.approx(40.0), "b": 50.0}
+
+
+def test_a_passed_deadline_stays_and_the_rest_may_run_to_their_lease() -> None:
+    """What the ledger hands cut_deadlines: an allocation past its deadline is being released
+    there; one still running may go back to its lease end."""
+    due = Active("a", 1.0, 0.0, lease_end=100.0, deadline=20.0)
+    running = Active("b", 1.0, 0.0, lease_end=100.0, deadline=40.0)
+    items = [due.running(30.0), running.running(30.0)]
+    assert cut_deadlines(items, 200.0, now=30.0) == {"a": 20.0, "b": 100.0}
+    assert cut_deadlines(items, 70.0, now=30.0) == {"a": 20.0, "b": pytest.approx(50.0)}

@@ -29,10 +29,12 @@ def history(rng: random.Random, n: int, util: float | None = None,
     for _ in range(n):
         t += rng.expovariate(1.0) * 86400
         reason = rng.choice(REASONS[1:3]) if rng.random() < bad else ReleaseReason.EXPLICIT
-        jobs.append(PastJob(t, rng.choice((1, 2, 4, 8)), rng.uniform(0.2, 30), rng.uniform(1, 900),
+        hours = rng.uniform(0.2, 30)
+        jobs.append(PastJob(t, rng.choice((1, 2, 4, 8)), hours, rng.uniform(1, 900),
                             util if util is not None else
                             (None if rng.random() < 0.1 else rng.uniform(0, 100)),
-                            reason, rng.random()))
+                            reason, rng.random(),  # released for idling: idle throughout
+                            hoarded_hours=hours if reason is ReleaseReason.IDLE else 0.0))
     return tuple(jobs)
 
 
@@ -79,7 +81,8 @@ def test_negative_time_steps_and_unsorted_times_are_rejected() -> None:
 
 def test_dt_is_in_days_and_capped() -> None:
     rng = random.Random(5)
-    f = features(rng, 0, past=(PastJob(NOW - 500 * 86400, 1, 1, 1, 50, ReleaseReason.IDLE),
+    f = features(rng, 0, past=(PastJob(NOW - 500 * 86400, 1, 1, 1, 50, ReleaseReason.IDLE,
+                                       hoarded_hours=1),
                                PastJob(NOW - 86400, 1, 1, 1, None, ReleaseReason.EXPLICIT)))
     enc = encode([f, features(rng, 5)])
     assert enc.dt[0, -3:].tolist() == [0.0, 60.0, 1.0]

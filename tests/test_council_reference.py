@@ -109,7 +109,7 @@ def test_features_read_the_project_record(config: FleetConfig) -> None:
     record = HistoryRecord(allocation_id="a", thread_id="t", project="p", purpose="research",
                            gpu_type="RTX4090", count=2, gpu_ids=["g1", "g2"], started_at=t,
                            ended_at=t, hours=1.0, cost_usd=1.2, reason=ReleaseReason.IDLE,
-                           mean_util_pct=1.0)
+                           mean_util_pct=1.0, hoarded_hours=1.0)  # idle throughout
     stats = ProjectStats(project="p", budget_usd=100, spent_usd=20, committed_usd=30,
                          active_gpus=0, decayed_gpu_hours=2, usage_share=0.5, fair_share=0.25,
                          recent=[record])
@@ -124,12 +124,24 @@ def test_features_read_the_project_record(config: FleetConfig) -> None:
     assert f.pool_busy == 0.5 and f.pool_share == 0.5
 
 
+def test_only_the_hours_held_with_no_work_left_are_hoarding(config: FleetConfig) -> None:
+    """An allocation released for idling after 3.5 h of work and a 30-minute tail hoarded
+    the tail, not the 4 hours; one the user released after its work hoarded nothing."""
+    now = 1.8e9
+    tail = PastJob(now, 2, 4.0, 10.0, 60.0, ReleaseReason.IDLE, hoarded_hours=0.5)
+    done = PastJob(now, 2, 4.0, 10.0, 60.0, ReleaseReason.EXPLICIT)
+    prior = config.council.record_prior_gpu_hours
+    assert rates([tail], None, now, 7, prior).hoarding == 1.0 / (8.0 + prior)
+    assert rates([done], None, now, 7, prior).hoarding == 0.0
+
+
 def test_older_records_decay_and_a_reformed_project_is_forgiven(config: FleetConfig) -> None:
     day = 86400.0
     now = 1.8e9
 
     def job(days_ago: float, reason: ReleaseReason, util: float) -> PastJob:
-        return PastJob(now - days_ago * day, 4, 5.0, 100.0, util, reason)
+        idle = 5.0 if reason is ReleaseReason.IDLE else 0.0  # idle throughout
+        return PastJob(now - days_ago * day, 4, 5.0, 100.0, util, reason, hoarded_hours=idle)
 
     hoarded_long_ago = [job(60, ReleaseReason.IDLE, 1), job(3, ReleaseReason.EXPLICIT, 80)]
     hoarded_lately = [job(60, ReleaseReason.EXPLICIT, 80), job(3, ReleaseReason.IDLE, 1)]

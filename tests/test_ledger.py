@@ -10,7 +10,7 @@ import pytest
 
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
-from fleet.ledger import Ledger
+from fleet.ledger import SCHEMA_VERSION, Ledger
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import route
@@ -226,19 +226,21 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
               if r.split(":")[0] in ("holds", "charges", "history", "budgets")]
     spent = fx.ledger.costs(T0)[0].spent_usd
     with fx.ledger.transaction() as db:
-        for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors"):
+        for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors", "commands"):
             db.execute(f"DROP TABLE {table}")
-        for column in ("util_last", "busy_at_start"):
+        for column in ("util_last", "busy_at_start", "idle_since"):
             db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
+        for column in ("hoarded_hours", "resumed_by", "pause_s"):
+            db.execute(f"ALTER TABLE history DROP COLUMN {column}")
         db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     fx.ledger.close()
 
     ledger = Ledger(database, config)
     try:
         with ledger.reading() as db:
-            assert db.execute("SELECT value FROM meta").fetchone()[0] == "3"
+            assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
             assert ledger.db.tables(db) >= {"jobs", "freed", "spend", "records", "unhealthy",
-                                            "monitors"}
+                                            "monitors", "commands"}
         assert [r for r in ledger.dump()
                 if r.split(":")[0] in ("holds", "charges", "history", "budgets")] == before
         assert ledger.costs(T0)[0].spent_usd == pytest.approx(spent) == pytest.approx(5.12 * 2)

@@ -1,6 +1,6 @@
 """The everyday commands stay light: `status`, `costs`, `release`, `history` and the other
-ledger commands never load LangGraph, torch, networkx, pandas or matplotlib, and a small
-request (which the council auto-approves and one node holds) loads no torch or networkx.
+ledger commands never load LangGraph, torch, networkx, pandas or matplotlib, and a request
+loads no torch or networkx, whether the rules auto-approve it or the neural council votes.
 
 Not timed: what is checked is which modules a command imports (sys.modules after it ran in a
 fresh interpreter), so an import moved back to a module's top fails here, on any machine.
@@ -20,19 +20,21 @@ from typing import Any
 HEAVY = ("torch", "langgraph", "networkx", "pandas", "matplotlib")
 
 # Runs `gpu-agent <argv>` for each argv in turn, in one fresh interpreter, and writes after
-# each which heavy top-level packages are loaded so far.
+# each which heavy top-level packages are loaded so far, and what it printed.
 PROBE = """
-import json, sys
+import contextlib, io, json, sys
 argvs, out, heavy = json.loads(sys.argv[1]), sys.argv[2], set(json.loads(sys.argv[3]))
 from graph.cli import main
 seen = []
 for argv in argvs:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # --help
-        code = exc.code
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # --help
+            code = exc.code
     loaded = sorted({m.split(".")[0] for m in sys.modules} & heavy)
-    seen.append({"argv": argv, "code": code, "heavy": loaded})
+    seen.append({"argv": argv, "code": code, "heavy": loaded, "stdout": printed.getvalue()})
 with open(out, "w") as f:
     json.dump(seen, f)
 """
@@ -68,6 +70,18 @@ def test_ledger_commands_load_no_heavy_module(tmp_path: Path) -> None:
     for run in seen:
         assert run["code"] == 0, run
         assert run["heavy"] == [], f"gpu-agent {' '.join(run['argv'])} imported {run['heavy']}"
+
+
+def test_a_request_the_neural_council_votes_on_loads_no_torch(tmp_path: Path) -> None:
+    """Two GPUs are over the auto-approval limit: all six members vote, with their reasons,
+    on the numpy forward (council/inference.py) and the weights in council.npz."""
+    [voted] = probe(tmp_path, ["request", "--project", "vision", "--purpose", "training",
+                               "--count", "2", "--hours", "1", "--no-wait", "--json",
+                               "--state-dir", str(tmp_path / "state")],
+                    heavy=("torch", "networkx", "pandas", "matplotlib"))
+    assert voted["code"] == 0 and voted["heavy"] == [], voted
+    council = json.loads(voted["stdout"])["council"]
+    assert council["policy"].startswith("cfc-council-") and len(council["votes"]) == 6
 
 
 def test_the_ledger_api_imports_no_langgraph(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fleet.config import MonitorSettings
-from fleet.models import EventKind, GPUSample, MonitorState, ReleaseReason, utc
-from fleet.monitoring import assess
+from fleet.models import EventKind, GPUSample, MonitorState, Purpose, ReleaseReason, utc
+from fleet.monitoring import UNKNOWN, IdlePolicy, assess, idle_limit_s
 
 S = MonitorSettings(tick_seconds=60, low_util_pct=20, low_util_window_minutes=10,
                     idle_util_pct=5, idle_timeout_minutes=30, throttle_temp_c=85)
@@ -15,12 +15,13 @@ def sample(util: float | None, temp: float | None = 50.0, gpu: str = "g0") -> GP
     return GPUSample(gpu_id=gpu, at=utc(T0), util_pct=util, temp_c=temp)
 
 
-def run(utils: list[list[float | None]], temps: float = 50.0):  # type: ignore[no-untyped-def]
+def run(utils: list[list[float | None]], temps: float = 50.0,  # type: ignore[no-untyped-def]
+        policy: IdlePolicy = UNKNOWN, settings: MonitorSettings = S):
     state = MonitorState(last_tick_at=utc(T0))
     results = []
     for i, tick in enumerate(utils, start=1):
         samples = [sample(u, temps, gpu=f"g{j}") for j, u in enumerate(tick)]
-        result = assess(samples, state, S, T0 + 60 * i, T0)
+        result = assess(samples, state, settings, T0 + 60 * i, T0, policy)
         state = result.state
         results.append(result)
     return results
@@ -68,3 +69,38 @@ def test_unavailable_fields_never_fail_a_read() -> None:
     results = run([[None]] * 45, temps=None)  # type: ignore[arg-type]
     assert all(r.release is None and not r.events for r in results)
     assert results[-1].state.mean_util is None
+
+
+def released_at(results) -> list[int]:  # type: ignore[no-untyped-def]
+    return [i for i, r in enumerate(results) if r.release is ReleaseReason.IDLE]
+
+
+def test_a_running_command_pauses_and_is_never_released_for_idling() -> None:
+    """Under `gpu-agent run`, idleness is a pause: the lease, budget and exit end it."""
+    results = run([[0.0]] * 600, policy=IdlePolicy(Purpose.RESEARCH, "running"))
+    assert released_at(results) == []
+
+
+def test_after_the_command_exits_the_idle_tail_is_released() -> None:
+    results = run([[0.0]] * 40, policy=IdlePolicy(Purpose.RESEARCH, "done"))
+    assert released_at(results)[0] == 5  # idle_timeout_done_minutes
+    assert "after its command exited" in results[5].events[-1].message
+
+
+def test_the_purpose_sets_the_timeout_where_no_command_is_known() -> None:
+    settings = S.model_copy(update={"idle_timeout_by_purpose": {Purpose.TRAINING: 60.0}})
+    training = run([[0.0]] * 70, policy=IdlePolicy(Purpose.TRAINING), settings=settings)
+    research = run([[0.0]] * 70, policy=IdlePolicy(Purpose.RESEARCH), settings=settings)
+    assert released_at(training)[0] == 60 and released_at(research)[0] == 30
+
+
+def test_a_job_that_paused_for_40_minutes_is_not_released_after_30() -> None:
+    """Training may idle 45 minutes; it came back from a 40-minute pause, so the next may
+    last 1.5 x 40 = 60 minutes. With the default 30, the first pause ends it at 30."""
+    settings = S.model_copy(update={"idle_timeout_by_purpose": {Purpose.TRAINING: 45.0}})
+    utils = [[80.0]] * 5 + [[0.0]] * 40 + [[80.0]] * 5 + [[0.0]] * 70
+    results = run(utils, settings=settings)
+    assert results[45].state.longest_pause_s == 40 * 60.0
+    assert released_at(results)[0] == 5 + 40 + 5 + 60
+    assert released_at(run(utils))[0] == 5 + 30
+    assert idle_limit_s(S, IdlePolicy(), 40 * 60.0) == 60 * 60.0

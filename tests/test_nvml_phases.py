@@ -83,7 +83,8 @@ def test_the_monitor_classifies_every_phase_of_the_h200_recording(tmp_path: Path
         # hoard: idle with 40 GiB held -> released for idling after the timeout
         assert by_phase["hoard"] == [EventKind.IDLE, EventKind.RELEASED]
         idle = next(e for e in out.events if e.kind is EventKind.IDLE)
-        assert idle.message == "every GPU under 1% for 10 s, 40.6 GiB held by 1 process: hoarded"
+        assert idle.message == ("every GPU under 1% for 10 s, 40.6 GiB held by 1 process: "
+                                "hoarded (training; no command known to run on it)")
         assert out.release is not None and out.release.reason is ReleaseReason.IDLE
         released = out.release.released_at.timestamp()
         assert phases["hoard"][0] + 10 <= released <= phases["hoard"][0] + 11

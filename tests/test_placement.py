@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.backfill import Ending
 from fleet.config import FleetConfig, SchedulerSettings
 from fleet.models import Priority
 from fleet.placement import Kind, Snapshot, Ticket, decide, in_line
@@ -17,14 +18,14 @@ NOW = 1_000_000.0
 
 def ticket(aid: str, project: str, count: int = 2, prio: Priority = Priority.NORMAL,
            enqueued: float = NOW, heartbeat: float = NOW) -> Ticket:
-    return Ticket(aid, project, "A100", count, prio, enqueued, heartbeat)
+    return Ticket(aid, project, "A100", count, prio, enqueued, heartbeat, 1.0)
 
 
 def snapshot(config: FleetConfig, free: int, waiting: list[Ticket], **kw: object) -> Snapshot:
     inventory = [g for g in SimulatedFleet(config).inventory() if g.gpu_type == "A100"]
-    fields: dict[str, object] = dict(now=NOW, free=inventory[:free], waiting=waiting, usage={},
-                                     active_gpus={}, budget_usd=None, spent_usd=0.0,
-                                     committed_usd=0.0)
+    fields: dict[str, object] = dict(now=NOW, free=inventory[:free], waiting=waiting,
+                                     endings=[], usage={}, active_gpus={}, budget_usd=None,
+                                     spent_usd=0.0, committed_usd=0.0)
     return Snapshot(**(fields | kw))  # type: ignore[arg-type]
 
 
@@ -104,13 +105,15 @@ def test_budget_denies_on_worst_case(config: FleetConfig) -> None:
     assert d.kind is Kind.DENY and "budget" in d.reason
 
 
-def test_in_line_is_the_head_of_the_line_that_fits(config: FleetConfig) -> None:
+def test_in_line_is_the_line_that_starts_now(config: FleetConfig) -> None:
     """Whom to wake when GPUs free up: in fair order (here: the older request first), as long
-    as their GPUs fit; the first that does not fit stops everyone behind it."""
+    as their GPUs fit; the first that does not fit gets a reservation, and a later one only
+    if it does not delay it (EASY backfill: tests/test_backfill.py)."""
     line = [ticket("c", "p3", 1, enqueued=NOW - 60), ticket("a", "p1", 4, enqueued=NOW - 300),
             ticket("b", "p2", 4, enqueued=NOW - 200)]
     snap = snapshot(config, 5, line)
-    assert [t.allocation_id for t in in_line(snap, config)] == ["a"]  # b (4) > 1 left: stop,
-    # although c (1) would fit: no backfill
+    assert [t.allocation_id for t in in_line(snap, config)] == ["a", "c"]  # b waits for a's
+    # GPUs (1 h); c (1 GPU, 1 h) gives its GPU back by then
     assert [t.allocation_id for t in in_line(snapshot(config, 8, line), config)] == ["a", "b"]
-    assert in_line(snapshot(config, 3, line), config) == []
+    # a waits for 1 GPU back in 30 min, with none to spare: c (1 h) would delay it
+    assert in_line(snapshot(config, 3, line, endings=[Ending(NOW + 1800, 1)]), config) == []

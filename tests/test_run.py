@@ -29,12 +29,15 @@ while True:
 """
 
 
+LEASE = "0.002"  # hours: 7.2 s; a command's idle GPUs are a pause, so the lease ends it
+
+
 def idle_fleet(tmp_path: Path, workload: str = "idle") -> Path:
     path = tmp_path / "fleet.toml"
     path.write_text(fleet_toml(
         monitor={"tick_seconds": 0.5, "idle_timeout_minutes": 0.05,
                  "low_util_window_minutes": 0.05},
-        simulation={"default_workload": workload}))
+        simulation={"default_workload": workload}, limits={"min_duration_minutes": 0.05}))
     return path
 
 
@@ -46,28 +49,28 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def test_an_idle_allocation_is_released_and_its_command_really_goes(tmp_path: Path) -> None:
+def test_a_lease_end_stops_the_command_and_it_really_goes(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
                        str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
-                       "--hours", "1", "--grace", "1", "--json", "--",
+                       "--hours", LEASE, "--grace", "1", "--json", "--",
                        sys.executable, "-c", STUBBORN, str(pids), cwd=tmp_path, timeout=60)
         assert done.returncode == 128 + signal.SIGKILL, done.stderr
         report = json.loads(done.stdout)
-        assert report["ended_by"] == "idle"
+        assert report["ended_by"] == "lease-expired"  # idling under `run` is a pause
         assert report["terminated"] and report["killed"] and report["leftover"] == []
         assert report["on_gpus"] is None  # the simulated fleet lists no GPU processes
         leader, grandchild, visible = pids.read_text().split()
         assert not alive(int(leader)) and not alive(int(grandchild))
         assert bystander.poll() is None  # only what run started was signalled
         assert visible.startswith("GPU-")  # a UUID, not an index
-        assert "ended (idle): stopping the command" in done.stderr
+        assert "ended (lease-expired): stopping the command" in done.stderr
         history = run_cli("history", "--state-dir", str(tmp_path / "s"), "--json",
                           cwd=tmp_path)
         (record,) = json.loads(history.stdout)["records"]
-        assert record["reason"] == "idle" and record["gpu_ids"] == [visible]
+        assert record["reason"] == "lease-expired" and record["gpu_ids"] == [visible]
     finally:
         bystander.kill()
         bystander.wait()
@@ -76,12 +79,13 @@ def test_an_idle_allocation_is_released_and_its_command_really_goes(tmp_path: Pa
 def test_a_command_that_obeys_sigterm_needs_no_sigkill(tmp_path: Path) -> None:
     done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
                    str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
-                   "--hours", "1", "--grace", "20", "--json", "--",
+                   "--hours", LEASE, "--grace", "20", "--json", "--",
                    sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)",
                    cwd=tmp_path, timeout=60)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     report = json.loads(done.stdout)
-    assert report["terminated"] and not report["killed"] and report["ended_by"] == "idle"
+    assert report["terminated"] and not report["killed"]
+    assert report["ended_by"] == "lease-expired"
 
 
 def test_a_command_that_ends_releases_what_run_requested(tmp_path: Path) -> None:

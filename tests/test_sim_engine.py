@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from fleet.clock import VirtualClock
 from fleet.config import MonitorSettings
-from fleet.models import EventKind, GPUSample, MonitorState, utc
-from fleet.monitoring import assess, next_tick, readings, skip
+from fleet.models import EventKind, GPUSample, MonitorState, Purpose, utc
+from fleet.monitoring import UNKNOWN, IdlePolicy, Work, assess, next_tick, readings, skip
 from fleet.validation import parse_request
 from graph.builder import NODES, ROUTERS
 from graph.orchestrator import Orchestrator
@@ -85,14 +85,15 @@ def _samples(util: float, at: float, n: int = 2) -> list[GPUSample]:
             for i in range(n)]
 
 
-def _tick_by_tick(levels: list[tuple[float, float]], started: float, end: float
+def _tick_by_tick(levels: list[tuple[float, float]], started: float, end: float,
+                  policy: IdlePolicy = UNKNOWN
                   ) -> tuple[list[tuple[float, str]], MonitorState]:
     """Every tick, as a monitor on real GPUs runs them: (time, event) and the last state."""
     state = MonitorState(last_tick_at=utc(started))
     out: list[tuple[float, str]] = []
     t = started + TICK
     while t < end:
-        result = assess(_samples(_level(levels, t), t), state, MON, t, started)
+        result = assess(_samples(_level(levels, t), t), state, MON, t, started, policy)
         state = result.state
         out += [(t, e.kind.value) for e in result.events]
         if result.release:
@@ -101,7 +102,8 @@ def _tick_by_tick(levels: list[tuple[float, float]], started: float, end: float
     return out, state
 
 
-def _skipping(levels: list[tuple[float, float]], started: float, end: float
+def _skipping(levels: list[tuple[float, float]], started: float, end: float,
+              policy: IdlePolicy = UNKNOWN
               ) -> tuple[list[tuple[float, str]], MonitorState]:
     """The same with the simulated monitor: sleep to `next_tick`, `skip`, then assess."""
     state = MonitorState(last_tick_at=utc(started))
@@ -111,12 +113,13 @@ def _skipping(levels: list[tuple[float, float]], started: float, end: float
         t0 = state.last_tick_at.timestamp()  # type: ignore[union-attr]
         t = t0 + TICK
         if last is not None:
-            t = next_tick(state, last, MON, TICK, started, _change_after(levels, t0))
+            t = min(end, next_tick(state, last, MON, TICK, started, _change_after(levels, t0),
+                                   policy))  # a running command's pause may never conclude
             state = skip(state, last, MON, TICK, started, t)
         if t >= end:
             return out, state
         samples = _samples(_level(levels, t), t)
-        result = assess(samples, state, MON, t, started)
+        result = assess(samples, state, MON, t, started, policy)
         state = result.state
         out += [(t, e.kind.value) for e in result.events]
         if result.release:
@@ -135,11 +138,14 @@ def _change_after(levels: list[tuple[float, float]], t: float) -> float:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 240), st.sampled_from([0.0, 3.0, 12.0, 35.0, 80.0])),
                 min_size=1, max_size=8),
-       st.integers(0, 59))
+       st.integers(0, 59), st.sampled_from(["unknown", "done", "running"]))
 def test_skipped_ticks_conclude_what_every_tick_concludes(
-        phases: list[tuple[int, float]], offset: int) -> None:
+        phases: list[tuple[int, float]], offset: int, work: Work) -> None:
     """Piecewise-constant readings (phases of 1-240 minutes at idle, bursty, low and busy
-    levels): the same warnings and idle release at the same ticks, the same totals."""
+    levels), whatever the command's state: the same warnings and idle release at the same
+    ticks, the same totals and the same longest pause (which moves the release when no
+    command is known)."""
+    policy = IdlePolicy(Purpose.TRAINING, work)
     started = START + offset
     levels, t = [], started
     for minutes, util in phases:
@@ -147,11 +153,12 @@ def test_skipped_ticks_conclude_what_every_tick_concludes(
         t += minutes * 60.0
     end = t + 3 * 3600.0
     levels.append((t, 0.0))
-    ticked, a = _tick_by_tick(levels, started, end)
-    skipped, b = _skipping(levels, started, end)
+    ticked, a = _tick_by_tick(levels, started, end, policy)
+    skipped, b = _skipping(levels, started, end, policy)
     assert skipped == ticked
     if ticked and ticked[-1][1] == EventKind.IDLE.value:
         assert b.ticks == a.ticks and b.util_n == a.util_n
+        assert b.longest_pause_s == a.longest_pause_s
         assert b.util_sum == pytest.approx(a.util_sum)
         assert b.low_util_warned == a.low_util_warned
 

@@ -25,13 +25,14 @@ project and on a project -> pool -> GPU type graph. Definitions:
 - *GPU-hours*: count x hours held (an active allocation up to the window's end).
 - *Idle GPU-hours*: GPU-hours x (1 - mean utilisation) for allocations with a reading.
 - *Hoarded GPU-hours* (held while idle, a lower bound from the ledger's per-allocation
-  means): per allocation the larger of two bounds. (1) Released for `idle`: the monitor
-  releases only after every GPU sat under `monitor.idle_util_pct` for `idle_timeout_minutes`,
-  so at least count x idle_timeout hours were hoarded. (2) Any allocation with a mean
-  utilisation u: by Markov's inequality at most u / idle_util_pct of its GPU-ticks were at or
-  above the idle threshold, so at least GPU-hours x (1 - u / idle_util_pct) were idle (zero
-  when u >= idle_util_pct). An allocation that ran to its lease end nearly idle is thus
-  counted almost whole.
+  means): per allocation the larger of two bounds. (1) What the ledger counted as hoarded at
+  the release: the hours held idle at the end with no work left (since the command exited,
+  or since every GPU went idle), times the GPUs; on a ledger from before that count (schema
+  version 3), an allocation released for `idle` counts count x `idle_timeout_minutes`.
+  (2) Any allocation with a mean utilisation u: by Markov's inequality at most
+  u / idle_util_pct of its GPU-ticks were at or above the idle threshold, so at least
+  GPU-hours x (1 - u / idle_util_pct) were idle (zero when u >= idle_util_pct). An
+  allocation that ran to its lease end nearly idle is thus counted almost whole.
 - The graph (networkx DiGraph) has edges project -> pool and pool -> GPU type with
   `gpu_hours`, `wait_hours` (hours waited by every request: started, still queued or
   cancelled) and `requests`. Edges are ranked by waiting; a node's load is the flow through

@@ -39,6 +39,7 @@ class Record:
     mean_util: float | None  # percent
     min_memory_gb: float | None
     pinned: bool  # the request named its GPU type (else routing chose it)
+    hoarded_hours: float | None = None  # the ledger's own count (None: a ledger before v4)
 
     @property
     def cancelled(self) -> bool:
@@ -139,6 +140,7 @@ def _record(r: sqlite3.Row, config: FleetConfig) -> Record:
         started_at=r["started_at"], ended_at=r["released_at"], last_seen=float(seen),
         reason=r["release_reason"], price_per_hour=float(r["price_per_hour"]),
         cost_usd=r["cost_usd"], mean_util=util, min_memory_gb=memory, pinned=pinned,
+        hoarded_hours=r["h_hoarded"],
     )
 
 
@@ -154,8 +156,10 @@ def load_history(state_dir: str | Path | None, fleet: str | None = None, *,
     db = _open(path)
     try:
         config, source = resolve_fleet(directory, fleet)
+        hoarded = "h.hoarded_hours" if "hoarded_hours" in {
+            c["name"] for c in db.execute("PRAGMA table_info(history)")} else "NULL"
         rows = db.execute(
-            "SELECT a.*, h.mean_util_pct AS h_util FROM allocations a "
+            f"SELECT a.*, h.mean_util_pct AS h_util, {hoarded} AS h_hoarded FROM allocations a "
             "LEFT JOIN history h ON h.allocation_id = a.id "
             "WHERE a.enqueued_at >= ? AND a.enqueued_at < ? ORDER BY a.enqueued_at, a.id",
             (-math.inf if lo is None else lo, math.inf if hi is None else hi),

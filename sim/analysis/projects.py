@@ -14,7 +14,9 @@ def hoarded_gpu_hours(r: Record, end: float, config: FleetConfig) -> float:
     """A lower bound on the GPU-hours this allocation held idle (see the module docstring)."""
     gpu_h = r.count * held_hours(r, end)
     floor = 0.0
-    if r.reason == "idle":
+    if r.hoarded_hours is not None:  # what the ledger measured: held idle with no work left
+        floor = min(gpu_h, r.count * r.hoarded_hours)
+    elif r.reason == "idle":
         floor = min(gpu_h, r.count * config.monitor.idle_timeout_minutes / 60.0)
     threshold = config.monitor.idle_util_pct
     if r.mean_util is not None and threshold > 0:

@@ -1,0 +1,145 @@
+"""What gpu-agent knows of an allocation's work: what `gpu-agent run` tells the monitor
+(fleet.commands: a command runs, it exited, or its supervisor died), what the record counts as
+hoarding, and a request that resumes released work; on SQLite and PostgreSQL, and through a
+real `run` subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.commands import Commands
+from fleet.config import FleetConfig, load_fleet
+from fleet.ledger import Ledger, Resumed
+from fleet.models import GPURequest, ReleaseReason
+from fleet.monitors import new_owner
+from tests.test_cli import run_cli
+from tests.test_monitors import T0, place
+from tests.test_run import idle_fleet
+
+
+@pytest.fixture
+def ledger(database: str, config: FleetConfig) -> Iterator[Ledger]:
+    led = Ledger(database, config)
+    yield led
+    led.close()
+
+
+def dead_owner() -> str:
+    """A `run` process of this host that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host, _pid, *rest = new_owner("run").split(":")
+    return ":".join([host, str(proc.pid), *rest])
+
+
+def test_a_command_runs_then_its_exit_says_the_work_is_done(ledger: Ledger) -> None:
+    commands, aid = Commands(ledger), place(ledger, "t1")
+    assert commands.work(aid) == "unknown"  # nothing known: idleness decides
+    commands.started(aid, new_owner("run"), T0)
+    assert commands.work(aid) == "running" and commands.ended_at(aid) is None
+    commands.ended(aid, T0 + 60, 0)
+    assert commands.work(aid) == "done" and commands.ended_at(aid) == T0 + 60
+    commands.ended(aid, T0 + 90, 1)  # once: the first exit stands
+    assert commands.ended_at(aid) == T0 + 60
+    commands.started(aid, new_owner("run"), T0 + 120)  # a second command on it
+    assert commands.work(aid) == "running"
+
+
+def test_a_dead_supervisor_shields_nothing(ledger: Ledger) -> None:
+    commands, aid = Commands(ledger), place(ledger, "t2")
+    commands.started(aid, dead_owner(), T0)
+    assert commands.work(aid) == "unknown"
+
+
+def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
+    """`run --allocation`: the command's start and exit reach the ledger; the allocation
+    stays its owner's, and its monitor now knows the work is done."""
+    state, fleet = str(tmp_path / "s"), str(idle_fleet(tmp_path))
+    placed = run_cli("request", "--state-dir", state, "--fleet", fleet, "--project", "vision",
+                     "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait", "--json",
+                     cwd=tmp_path)
+    assert placed.returncode == 0, placed.stderr
+    aid = json.loads(placed.stdout)["allocation"]["id"]
+    done = run_cli("run", "--state-dir", state, "--fleet", fleet, "--allocation", aid,
+                   "--json", "--", sys.executable, "-c", "pass", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ended_by"] == "command"
+    ledger = Ledger(str(Path(state) / "ledger.sqlite"), load_fleet(fleet))
+    try:
+        assert Commands(ledger).work(aid) == "done"
+    finally:
+        ledger.close()
+
+
+def hoarded(ledger: Ledger, aid: str) -> float:
+    (record,) = [r for r in ledger.history() if r.allocation_id == aid]
+    return record.hoarded_hours
+
+
+def test_the_record_counts_only_what_was_held_with_no_work_left(ledger: Ledger) -> None:
+    """Hoarding is the time after the command exited or since every GPU went idle, the
+    longer; not the allocation, and nothing when neither is known."""
+    commands = Commands(ledger)
+    exited, idle, both, neither = (place(ledger, f"h{i}") for i in range(4))
+    commands.started(exited, new_owner("run"), T0)
+    commands.ended(exited, T0 + 1800, 0)
+    ledger.heartbeat(idle, T0 + 2400, 40, 800.0, 40, 0.0, idle_since=T0 + 2700)
+    commands.started(both, new_owner("run"), T0)
+    commands.ended(both, T0 + 2700, 0)
+    ledger.heartbeat(both, T0 + 2400, 40, 800.0, 40, 0.0, idle_since=T0 + 1800)
+    for aid in (exited, idle, both, neither):
+        ledger.release(aid, ReleaseReason.IDLE, T0 + 3600)
+    assert hoarded(ledger, exited) == 0.5 and hoarded(ledger, idle) == 0.25
+    assert hoarded(ledger, both) == 0.5 and hoarded(ledger, neither) == 0.0
+    older = ledger.project_stats("p", T0 + 3600, recent=1).older
+    assert older is not None and older.idle_gpu_hours == pytest.approx(0.75, rel=1e-6)
+
+
+def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(
+        ledger: Ledger) -> None:
+    """Released for idling after 30 idle minutes, then resumed by its own project 15 minutes
+    later: the idle half hour was a pause (the record no longer counts it), the pause lasted
+    45 minutes, and asking again changes nothing. Another project may not claim it."""
+    aid = place(ledger, "r1")
+    ledger.heartbeat(aid, T0 + 1800, 30, 900.0, 30, 0.0, idle_since=T0 + 1800)
+    ledger.release(aid, ReleaseReason.IDLE, T0 + 3600)
+    assert hoarded(ledger, aid) == 0.5
+    assert ledger.resumable("p", aid) is None
+    assert ledger.resumable("q", aid) == f"q has no released allocation {aid} to resume"
+    assert ledger.resumable("p", "a-000000000000") is not None
+    assert ledger.resume(aid, "a-111111111111", T0 + 4500, T0 + 4500) == Resumed(2700.0, False)
+    assert ledger.resume(aid, "a-111111111111", T0 + 9999, T0 + 9999).pause_s == 2700.0  # once
+    assert hoarded(ledger, aid) == 0.0
+    with ledger.reading() as db:
+        assert db.execute("SELECT idle_gpu_hours FROM records WHERE project='p'"
+                          ).fetchone()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_work_resumed_at_once_after_an_idle_release_went_on_while_it_looked_idle(
+        ledger: Ledger) -> None:
+    """Asked for again within a tick of its idle release: the job was not paused, it worked
+    at a utilisation the monitor reads as idle; its next allocation is not judged by idling."""
+    aid = place(ledger, "w1")
+    ledger.heartbeat(aid, T0 + 600, 10, 20.0, 10, 2.0, idle_since=T0 + 600)
+    ledger.release(aid, ReleaseReason.IDLE, T0 + 2400)
+    assert ledger.resume(aid, "a-222222222222", T0 + 2400, T0 + 2400) == Resumed(1800.0, True)
+
+
+def test_resumes_names_an_allocation() -> None:
+    with pytest.raises(ValueError, match="allocation id"):
+        GPURequest(project="p", duration_hours=1, resumes="../a-1")
+
+
+def test_resuming_an_allocation_that_is_not_the_projects_is_one_line(tmp_path: Path) -> None:
+    done = run_cli("request", "--state-dir", str(tmp_path / "s"), "--project", "vision",
+                   "--purpose", "training", "--count", "1", "--hours", "1", "--resumes",
+                   "a-000000000000", "--no-wait", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr  # invalid: nothing changed
+    assert "invalid (vision has no released allocation a-000000000000 to resume)" \
+        in done.stdout
