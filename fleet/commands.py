@@ -8,7 +8,7 @@ counts as unknown, so a killed supervisor never shields an allocation from idle 
 
 from __future__ import annotations
 
-from fleet.ledger import Ledger
+from fleet.ledger import Lease, Ledger
 from fleet.monitoring import Work
 from fleet.monitors import gone_here
 
@@ -44,11 +44,13 @@ class Commands:
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     def work(self, allocation_id: str) -> Work:
-        rows = self.ledger.query("SELECT owner, ended_at FROM commands WHERE allocation_id=?",
-                                 (allocation_id,))
-        if not rows:
-            return "unknown"
-        owner, ended = rows[0]
-        if ended is not None:
-            return "done"
-        return "unknown" if gone_here(str(owner)) else "running"
+        return work(self.ledger.lease(allocation_id))
+
+
+def work(lease: Lease) -> Work:
+    """What the lease's command says of the work (the monitor reads it with the lease)."""
+    if lease.command_owner is None:
+        return "unknown"
+    if lease.command_ended_at is not None:
+        return "done"
+    return "unknown" if gone_here(lease.command_owner) else "running"

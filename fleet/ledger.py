@@ -310,6 +310,9 @@ class Lease:
     deadline_reason: ReleaseReason | None
     released_at: float | None
     release_reason: ReleaseReason | None
+    # its latest command under `gpu-agent run` (fleet.commands.work reads these)
+    command_owner: str | None = None
+    command_ended_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -388,6 +391,8 @@ class Ledger:
         # GPU type -> held GPU uuids, valid while no other connection has committed
         # (SQLite's data_version); this connection's own changes update it as they are made.
         self._held: dict[str, set[str]] = {}
+        self._writes = 0  # this connection's write transactions, begun and ended (x2)
+        self._remaining: dict[str, tuple[tuple[int | None, int], float | None]] = {}
         self._version: int | None = None
         try:
             self._migrate()
@@ -492,11 +497,14 @@ class Ledger:
             self._create(db, table("unhealthy", None))
 
     @contextmanager
-    def _begin(self, tx: AbstractContextManager[Conn]) -> Iterator[Conn]:
+    def _begin(self, tx: AbstractContextManager[Conn], write: bool = True) -> Iterator[Conn]:
+        self._writes += write  # what was kept before a write of ours is kept no longer
         try:
             with tx as db:
                 yield db
+            self._writes += write
         except BaseException:
+            self._writes += write
             self._held.clear()  # it may hold changes that were just undone
             self._version = None
             raise
@@ -513,7 +521,7 @@ class Ledger:
 
     def reading(self) -> AbstractContextManager[Conn]:
         """A consistent read that never blocks writers."""
-        return self._begin(self.db.read())
+        return self._begin(self.db.read(), write=False)
 
     def _running(self, db: Conn, project: str) -> list[Running]:
         return [
@@ -725,13 +733,23 @@ class Ledger:
     def remaining_usd(self, project: str) -> float | None:
         """The largest worst case a new request of the project is admitted with (None: no
         budget): what placement admits, for the checks before it (budget.admissible_usd).
-        With q = 1, the budget less spend and the worst case of the active allocations."""
+        With q = 1, the budget less spend and the worst case of the active allocations.
+        Kept until this connection writes or another commits (validate, the council and
+        route ask it of one request in turn)."""
         with self.reading() as db:
+            version = self.db.data_version(db)  # None (PostgreSQL): never kept
+            key = (version, self._writes)
+            kept = self._remaining.get(project)
+            if version is not None and kept is not None and kept[0] == key:
+                return kept[1]
             budget = self._budget(db, project)
-            if budget is None:
-                return None
-            expected, factor = self._expected(db, project)
-            return admissible_usd(budget, self._spent(db, project), expected, factor)
+            remaining = None
+            if budget is not None:
+                expected, factor = self._expected(db, project)
+                remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
+            if version is not None:
+                self._remaining[project] = (key, remaining)
+            return remaining
 
     def _actives(self, db: Conn, project: str) -> list[Active]:
         return [Active(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
@@ -1037,14 +1055,15 @@ class Ledger:
         return _row(rows[0])
 
     def lease(self, aid: str) -> Lease:
-        rows = self.query("SELECT state, deadline, deadline_reason, released_at, "
-                          "release_reason FROM allocations WHERE id=?", (aid,))
+        rows = self.query("SELECT a.state, a.deadline, a.deadline_reason, a.released_at, "
+                          "a.release_reason, c.owner, c.ended_at FROM allocations a "
+                          "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?", (aid,))
         if not rows:
             raise InvalidInput(f"no allocation {aid!r}")
-        state, deadline, deadline_reason, released_at, release_reason = rows[0]
+        state, deadline, deadline_reason, released_at, release_reason, owner, ended = rows[0]
         return Lease(state, deadline,
                      ReleaseReason(deadline_reason) if deadline_reason else None, released_at,
-                     ReleaseReason(release_reason) if release_reason else None)
+                     ReleaseReason(release_reason) if release_reason else None, owner, ended)
 
     def allocations(self, state: str | None = None) -> list[LedgerRow]:
         if state is None:

@@ -12,6 +12,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
+from fleet.commands import work
 from fleet.faults import fault
 from fleet.ledger import Lease
 from fleet.models import EventKind, Purpose, utc
@@ -55,7 +56,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
     started = allocation.started_at.timestamp()
     purpose = request_of(state).purpose
-    policy = _policy(svc.commands.work(allocation.id), purpose, mon.works_while_idle)
+    policy = _policy(work(row), purpose, mon.works_while_idle)
     last = readings(state["samples"], settings) if state.get("samples") else None
     wake = mon.last_tick_at.timestamp() + tick
     if last is not None:  # ticks that would read the same and conclude nothing are skipped
@@ -70,7 +71,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         ended = _ended(row, now)
         if ended:
             return ended
-        policy = _policy(svc.commands.work(allocation.id), purpose, mon.works_while_idle)
+        policy = _policy(work(row), purpose, mon.works_while_idle)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(allocation.gpu_ids, now,
