@@ -136,14 +136,22 @@ def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dic
     """
     if accrued(items, max((r.ends_at for r in items), default=now)) <= remaining_usd + EPS:
         return {r.id: r.ends_at for r in items}
-    # accrued() is piecewise linear and increasing in T; walk its breakpoints.
+    # accrued() is piecewise linear and increasing in T: walk its breakpoints, its slope
+    # changing by an allocation's rate where it starts and ends (one sort, one pass).
     points = sorted({now, *(t for r in items for t in (r.started_at, r.ends_at) if t > now)})
-    lo = now
+    change: dict[float, float] = {}
+    for r in items:
+        for t, d in ((r.started_at, r.rate_usd_per_s), (r.ends_at, -r.rate_usd_per_s)):
+            if t > now:
+                change[t] = change.get(t, 0.0) + d
+    rate = sum(r.rate_usd_per_s for r in items if r.started_at <= now < r.ends_at)
+    spent, lo = accrued(items, now), now
     for hi in points:
-        if accrued(items, hi) >= remaining_usd:
-            rate = sum(r.rate_usd_per_s for r in items if r.started_at <= lo < r.ends_at)
-            t = lo + (remaining_usd - accrued(items, lo)) / rate if rate > 0 else lo
+        at_hi = spent + rate * (hi - lo)
+        if at_hi >= remaining_usd:
+            t = lo + (remaining_usd - spent) / rate if rate > 0 else lo
             cut = max(now, min(hi, t))
             return {r.id: min(r.ends_at, max(cut, r.started_at)) for r in items}
-        lo = hi
+        spent, lo = at_hi, hi
+        rate += change.get(hi, 0.0)
     return {r.id: r.ends_at for r in items}

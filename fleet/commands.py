@@ -37,14 +37,6 @@ class Commands:
         self._write("UPDATE commands SET ended_at=?, exit_code=? WHERE allocation_id=? "
                     "AND ended_at IS NULL", (at, exit_code, allocation_id))
 
-    def ended_at(self, allocation_id: str) -> float | None:
-        """When the latest command exited (None: none known, or it still runs)."""
-        rows = self.ledger.query("SELECT ended_at FROM commands WHERE allocation_id=?",
-                                 (allocation_id,))
-        return None if not rows or rows[0][0] is None else float(rows[0][0])
-
-    def work(self, allocation_id: str) -> Work:
-        return work(self.ledger.lease(allocation_id))
 
 
 def work(lease: Lease) -> Work:

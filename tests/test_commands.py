@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.commands import Commands
+from fleet.commands import Commands, work
 from fleet.config import FleetConfig, load_fleet
 from fleet.ledger import Ledger, Resumed
 from fleet.models import GPURequest, ReleaseReason
@@ -40,21 +40,22 @@ def dead_owner() -> str:
 
 def test_a_command_runs_then_its_exit_says_the_work_is_done(ledger: Ledger) -> None:
     commands, aid = Commands(ledger), place(ledger, "t1")
-    assert commands.work(aid) == "unknown"  # nothing known: idleness decides
+    assert work(ledger.lease(aid)) == "unknown"  # nothing known: idleness decides
     commands.started(aid, new_owner("run"), T0)
-    assert commands.work(aid) == "running" and commands.ended_at(aid) is None
+    assert work(ledger.lease(aid)) == "running"
     commands.ended(aid, T0 + 60, 0)
-    assert commands.work(aid) == "done" and commands.ended_at(aid) == T0 + 60
+    lease = ledger.lease(aid)
+    assert work(lease) == "done" and lease.command_ended_at == T0 + 60
     commands.ended(aid, T0 + 90, 1)  # once: the first exit stands
-    assert commands.ended_at(aid) == T0 + 60
+    assert ledger.lease(aid).command_ended_at == T0 + 60
     commands.started(aid, new_owner("run"), T0 + 120)  # a second command on it
-    assert commands.work(aid) == "running"
+    assert work(ledger.lease(aid)) == "running"
 
 
 def test_a_dead_supervisor_shields_nothing(ledger: Ledger) -> None:
     commands, aid = Commands(ledger), place(ledger, "t2")
     commands.started(aid, dead_owner(), T0)
-    assert commands.work(aid) == "unknown"
+    assert work(ledger.lease(aid)) == "unknown"
 
 
 def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["ended_by"] == "command"
     ledger = Ledger(str(Path(state) / "ledger.sqlite"), load_fleet(fleet))
     try:
-        assert Commands(ledger).work(aid) == "done"
+        assert work(ledger.lease(aid)) == "done"
     finally:
         ledger.close()
 
