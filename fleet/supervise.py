@@ -85,7 +85,8 @@ class Supervised:
     def members(self) -> list[int]:
         return group_members(self.pid)
 
-    def _signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: signal.Signals) -> None:
+        """Signal the command's process group (and nothing else)."""
         with contextlib.suppress(ProcessLookupError):  # the whole group is gone
             os.killpg(self.pid, sig)
 
@@ -105,10 +106,10 @@ class Supervised:
         """SIGTERM the group, wait up to `grace_s`, SIGKILL what is left."""
         terminated = killed = False
         if not self._gone():
-            self._signal(signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             terminated = True
             if not self.wait_until(self._gone, grace_s):
-                self._signal(signal.SIGKILL)
+                self.signal(signal.SIGKILL)
                 killed = True
                 self.wait_until(self._gone, 10.0)
         leftover = [p for p in self.members() if p != self.pid]

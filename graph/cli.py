@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from graph.orchestrator import Orchestrator
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
+NOTICE_SIGNALS = ("USR1", "USR2", "HUP", "INT", "TERM")  # what `run --notice-signal` sends
 
 
 class _Parser(argparse.ArgumentParser):
@@ -231,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-type")
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                    help="between SIGTERM and SIGKILL (default 30)")
+    p.add_argument("--notice", type=float, default=0.0, metavar="SECONDS",
+                   help="send --notice-signal this long before the allocation's deadline, "
+                   "for the command to checkpoint (default 0: none; a command that does not "
+                   "handle the signal ends by it, so it is opt-in, as Slurm's --signal)")
+    p.add_argument("--notice-signal", default="USR1", metavar="NAME",
+                   help="USR1 (default), USR2, HUP, INT or TERM")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
     p = sub.add_parser("studio", help="start the LangGraph dev server (langgraph dev) on "
@@ -723,8 +730,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput("no command to run: put it after --")
     if (args.allocation is None) == (args.project is None):
         raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
-    if args.grace < 0:
-        raise InvalidInput("--grace must not be negative")
+    if args.grace < 0 or args.notice < 0:
+        raise InvalidInput("--grace and --notice must not be negative")
+    if args.notice_signal.upper().removeprefix("SIG") not in NOTICE_SIGNALS:
+        raise InvalidInput(f"--notice-signal must be one of {', '.join(NOTICE_SIGNALS)}, not "
+                           f"{names.shown(args.notice_signal)}")
+    notice = {"notice_s": args.notice, "notice_signal":
+              signal.Signals["SIG" + args.notice_signal.upper().removeprefix("SIG")]}
     check_startable(argv, os.environ)  # before anything is opened or placed
     request = None
     if args.project is not None:
@@ -740,9 +752,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=request is not None) as orch:
         if request is None:
             report = run_on(orch, args.allocation, argv, grace_s=args.grace, owned=False,
-                            say=say)
+                            say=say, **notice)
         else:
-            report = request_and_run(orch, request, argv, grace_s=args.grace, say=say)
+            report = request_and_run(orch, request, argv, grace_s=args.grace, say=say,
+                                     **notice)
     if report.on_gpus:
         say(f"processes of the command still on the GPUs: {report.on_gpus}")
     elif report.ended_by != "command":

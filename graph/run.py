@@ -4,6 +4,8 @@ The command gets CUDA_VISIBLE_DEVICES with the allocation's GPU UUIDs. Whoever r
 allocation (the monitor for idling, the lease, a budget, `gpu-agent release`) ends the command:
 SIGTERM to its process group, a grace period, SIGKILL; then the GPUs' process lists (NVML) are
 read to confirm nothing of it is left. Only processes this command started are signalled.
+With `--notice S`, the command is sent a signal (USR1 by default) S seconds before the
+allocation's deadline, to checkpoint, as Slurm's `--signal` does.
 When the command ends by itself, an allocation `run` requested is released (command-exit);
 one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
 takes an idle spell for a pause and never releases the allocation for idling; once it has
@@ -28,6 +30,8 @@ from fleet.supervise import Supervised, check_startable
 from graph.orchestrator import Orchestrator
 
 POLL_S = 0.25
+NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm's is opt-in too)
+NOTICE_SIGNAL = signal.SIGUSR1
 CONFIRM_TRIES = 8
 
 
@@ -40,6 +44,7 @@ class RunReport:
     killed: bool = False
     leftover: list[int] = field(default_factory=list)  # PIDs of it still alive (want none)
     on_gpus: list[int] | None = None  # PIDs of it NVML still lists; None: cannot list
+    noticed: bool = False  # it was told its allocation's deadline was near (notice_signal)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -62,8 +67,11 @@ def _signals() -> Iterator[list[int]]:
 
 
 def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace_s: float,
-           owned: bool, say: Callable[[str], None] = print) -> RunReport:
-    """Run `argv` on an active allocation until it exits or the allocation ends."""
+           owned: bool, say: Callable[[str], None] = print, notice_s: float = NOTICE_S,
+           notice_signal: signal.Signals = NOTICE_SIGNAL) -> RunReport:
+    """Run `argv` on an active allocation until it exits or the allocation ends; `notice_s`
+    (clock) seconds before the allocation's deadline (its lease end, or where its budget
+    runs out) the command gets `notice_signal`, once, to checkpoint, as Slurm's --signal."""
     svc = orch.services
     check_startable(argv, os.environ)
     row = svc.ledger.get(allocation_id)
@@ -82,6 +90,7 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
         say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
         seen = {proc.pid}
         ended_by = "command"
+        noticed = False
         while not proc.exited():
             seen.update(proc.members())
             lease = svc.ledger.lease(allocation_id)
@@ -90,6 +99,14 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
                 assert lease.release_reason is not None
                 ended_by = lease.release_reason.value
                 break
+            if not noticed and notice_s > 0 and lease.deadline is not None \
+                    and lease.deadline - now <= notice_s:
+                proc.signal(notice_signal)
+                noticed = True
+                assert lease.deadline_reason is not None
+                say(f"allocation {allocation_id} ends in {max(0.0, lease.deadline - now):.0f} s "
+                    f"({lease.deadline_reason.value}): {notice_signal.name} sent to the command "
+                    "to checkpoint")
             if lease.deadline is not None and now >= lease.deadline:
                 assert lease.deadline_reason is not None  # nobody released it on time: we do
                 svc.release(allocation_id, lease.deadline_reason, at=lease.deadline)
@@ -110,7 +127,7 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
         reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
         orch.release(allocation_id, reason)
     return RunReport(allocation_id, code, ended_by, stopped.terminated, stopped.killed,
-                     stopped.leftover, _left_on_gpus(orch, row.gpu_ids, seen))
+                     stopped.leftover, _left_on_gpus(orch, row.gpu_ids, seen), noticed)
 
 
 def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> list[int] | None:
@@ -129,7 +146,9 @@ def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> lis
 
 
 def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str], *,
-                    grace_s: float, say: Callable[[str], None] = print) -> RunReport:
+                    grace_s: float, say: Callable[[str], None] = print,
+                    notice_s: float = NOTICE_S,
+                    notice_signal: signal.Signals = NOTICE_SIGNAL) -> RunReport:
     """Request GPUs (the graph monitors them in the background) and run `argv` on them.
     A command that cannot start places nothing."""
     check_startable(argv, os.environ)
@@ -137,7 +156,8 @@ def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str]
     say(f"allocation {handle.id}: {handle.allocation.count} x {handle.allocation.gpu_type} "
         f"until {handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC")
     try:
-        report = run_on(orch, handle.id, argv, grace_s=grace_s, owned=True, say=say)
+        report = run_on(orch, handle.id, argv, grace_s=grace_s, owned=True, say=say,
+                        notice_s=notice_s, notice_signal=notice_signal)
     finally:
         handle.release(ReleaseReason.EXPLICIT)  # a no-op when it ended already; joins the graph
     return report

@@ -167,3 +167,48 @@ def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(
         gpu = [orch.services.gpus[0].uuid]
         assert _left_on_gpus(orch, gpu, {pid}) == [pid]
         assert _left_on_gpus(orch, gpu, {pid + 1}) == []
+
+
+NOTICED = """
+import signal, sys, time
+log = open(sys.argv[1], "a")
+def note(name):
+    def handler(signum, frame):
+        log.write(f"{name} {time.monotonic()}\\n")
+        log.flush()
+        if name == "term":
+            sys.exit(0)
+    return handler
+signal.signal(signal.SIGUSR1, note("checkpoint"))
+signal.signal(signal.SIGTERM, note("term"))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_the_command_gets_notice_before_its_lease_ends(tmp_path: Path) -> None:
+    """`--notice 4`: USR1 about 4 s before the 14.4 s lease ends (the command checkpoints),
+    then at the end SIGTERM; the command exits within its grace, nothing is killed. (A
+    command that has not yet set its handler would end by the notice: it is opt-in.)"""
+    log = tmp_path / "log"
+    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
+                   str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
+                   "--hours", "0.004", "--notice", "4", "--grace", "10", "--json", "--",
+                   sys.executable, "-c", NOTICED, str(log), cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["noticed"] and report["ended_by"] == "lease-expired"
+    assert report["terminated"] and not report["killed"]
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [name for name, _ in events] == ["checkpoint", "term"]
+    assert float(events[1][1]) - float(events[0][1]) >= 3.0  # notice came first, in time
+    assert "USR1 sent to the command to checkpoint" in done.stderr
+
+
+def test_a_bad_notice_signal_is_one_line(tmp_path: Path) -> None:
+    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--project", "vision",
+                   "--count", "1", "--hours", "1", "--notice", "5", "--notice-signal", "KILL",
+                   "--", "true", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--notice-signal must be one of USR1, USR2, HUP, INT, TERM" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
