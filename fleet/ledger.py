@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS allocations (
     util_last REAL,
     busy_at_start REAL,
     idle_since REAL,
+    resumes TEXT,
     gpu_ids TEXT NOT NULL DEFAULT '[]',
     nodes TEXT NOT NULL DEFAULT '[]',
     request TEXT NOT NULL,
@@ -210,7 +211,7 @@ CREATE TABLE IF NOT EXISTS commands (
     exit_code INTEGER
 );
 """
-V4_COLUMNS = {"allocations": ["idle_since REAL"],
+V4_COLUMNS = {"allocations": ["idle_since REAL", "resumes TEXT"],
               "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT",
                           "pause_s REAL"]}
 TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
@@ -564,7 +565,8 @@ class Ledger:
                 return PlaceResult(Decision(Kind.GONE, f"already ended ({reason})"), existing)
             enqueued_at = existing.enqueued_at if existing else now
             me = Ticket(aid, request.project, route.gpu_type, request.count,
-                        request.priority, enqueued_at, now, route.est_hours)
+                        request.priority, enqueued_at, now, route.est_hours,
+                        request.resumes is not None)
             decision = decide(me, route.est_cost_usd, self._snapshot(db, me, now, inventory),
                               self.config, topology)
             if existing is None:
@@ -575,11 +577,12 @@ class Ledger:
                 db.execute(
                     "INSERT INTO allocations (id, thread_id, request_id, project, purpose, "
                     "priority, gpu_type, count, price_per_hour, hours, state, enqueued_at, "
-                    "heartbeat_at, request) VALUES (?,?,?,?,?,?,?,?,?,?, 'queued', ?,?,?)",
+                    "heartbeat_at, request, resumes) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?, 'queued', ?,?,?,?)",
                     (aid, thread_id, request.request_id, request.project,
                      request.purpose.value, request.priority.value, route.gpu_type,
                      request.count, route.price_per_hour, route.est_hours, now, now,
-                     request.model_dump_json()),
+                     request.model_dump_json(), request.resumes),
                 )
             if decision.kind is Kind.PLACE:
                 # never before its GPUs were let go: a clock read before this transaction
@@ -627,10 +630,12 @@ class Ledger:
         project's money."""
         waiting = [
             Ticket(r["id"], r["project"], r["gpu_type"], r["count"],
-                   Priority(r["priority"]), r["enqueued_at"], r["heartbeat_at"], r["hours"])
+                   Priority(r["priority"]), r["enqueued_at"], r["heartbeat_at"], r["hours"],
+                   r["resumes"] is not None)
             for r in db.execute(
                 "SELECT id, project, gpu_type, count, priority, enqueued_at, heartbeat_at, "
-                "hours FROM allocations WHERE state='queued' AND gpu_type=? AND id<>?",
+                "hours, resumes FROM allocations WHERE state='queued' AND gpu_type=? "
+                "AND id<>?",
                 (gpu_type, leave_out),
             )
         ]

@@ -33,6 +33,7 @@ class Ticket:
     enqueued_at: float
     heartbeat_at: float
     hours: float  # its lease, once placed: when its GPUs come back
+    resumes: bool = False  # it goes on with released work: it queues as if it had aged fully
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,10 @@ def _fair_key(snap: Snapshot, config: FleetConfig,
     factors = fair_share_factors(snap.usage, config.shares, [t.project for t in tickets])
 
     def key(t: Ticket) -> tuple[float, float]:
-        return (score(t.priority, factors[t.project], snap.now - t.enqueued_at, settings),
-                -t.enqueued_at)
+        waited = snap.now - t.enqueued_at
+        if t.resumes:  # released work goes back ahead of new work of its standing
+            waited = max(waited, settings.age_max_hours * 3600.0)
+        return (score(t.priority, factors[t.project], waited, settings), -t.enqueued_at)
 
     return key
 

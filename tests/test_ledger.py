@@ -228,7 +228,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
     with fx.ledger.transaction() as db:
         for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors", "commands"):
             db.execute(f"DROP TABLE {table}")
-        for column in ("util_last", "busy_at_start", "idle_since"):
+        for column in ("util_last", "busy_at_start", "idle_since", "resumes"):
             db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
         for column in ("hoarded_hours", "resumed_by", "pause_s"):
             db.execute(f"ALTER TABLE history DROP COLUMN {column}")

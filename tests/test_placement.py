@@ -78,6 +78,17 @@ def test_aging_lets_the_starved_through(config: FleetConfig) -> None:
                   topo(config)).kind is Kind.QUEUE
 
 
+def test_resumed_work_goes_back_ahead_of_new_work(config: FleetConfig) -> None:
+    """Two requests of one project, the new one asked first: the one that resumes released
+    work queues as if it had aged fully, so it starts first when GPUs free up."""
+    new = ticket("n", "p", count=4, enqueued=NOW - 60)
+    resumed = Ticket("r", "p", "A100", 4, Priority.NORMAL, NOW, NOW, 1.0, resumes=True)
+    assert decide(resumed, 1.0, snapshot(config, 4, [new]), config,
+                  topo(config)).kind is Kind.PLACE
+    assert decide(new, 1.0, snapshot(config, 4, [resumed]), config,
+                  topo(config)).kind is Kind.QUEUE
+
+
 def test_stale_tickets_block_nobody(config: FleetConfig) -> None:
     gone = ticket("g", "light", count=4, heartbeat=NOW - 10 * 3600)
     snap = snapshot(config, 4, [gone], usage={"heavy": 10.0})
