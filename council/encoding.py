@@ -36,7 +36,7 @@ DAY = 86400.0
 MAX_DT_DAYS = 60.0
 SEQ_FREE = ("gpus", "hours", "gpu_hours", "cost", "fleet_busy", "rated", "is_request",
             "is_summary")
-SEQ_BAD = ("idle_release", "budget_release", "util_deficit")
+SEQ_BAD = ("hoarded_share", "budget_release", "util_deficit")
 STATIC_FREE = ("budgeted", "worst_case_usd", "usage_share", "priority", "count", "duration",
                "history_len")
 # each can only count against a request: monotone by construction

@@ -79,7 +79,7 @@ OCCLUSIONS: dict[str, Occlusion] = {
     "pool_share": _static("static_bad", "pool_share", 0.0),
     "pool_busy": _static("static_bad", "pool_busy", 0.0),
     "priority": _static("static_free", "priority", 0.5),
-    "hoarding_rate": _record("idle_release", 0.0),
+    "hoarding_rate": _record("hoarded_share", 0.0),
     "overrun_rate": _record("budget_release", 0.0),
     "recent_util": _record("util_deficit", 0.5),
 }

@@ -55,6 +55,10 @@ class Active:
         return self.rate_usd_per_s * min(factor * (self.lease_end - self.started_at),
                                          self.deadline - self.started_at)
 
+    def charged(self) -> Running:
+        """As it is charged at the latest: until its deadline."""
+        return Running(self.id, self.rate_usd_per_s, self.started_at, self.deadline)
+
     def running(self, now: float) -> Running:
         """As cut_deadlines reads it: free to run to its lease end, unless its deadline has
         passed (it is being released there, at a cost already fixed)."""

@@ -25,7 +25,6 @@ from fleet.budget import (
     RECORDS,
     Active,
     Moved,
-    Running,
     accrued,
     admissible_usd,
     cut_deadlines,
@@ -524,16 +523,6 @@ class Ledger:
         """A consistent read that never blocks writers."""
         return self._begin(self.db.read(), write=False)
 
-    def _running(self, db: Conn, project: str) -> list[Running]:
-        return [
-            Running(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
-                    r["deadline"])
-            for r in db.execute(
-                "SELECT id, price_per_hour, count, started_at, deadline FROM allocations "
-                "WHERE state='active' AND project=?", (project,)
-            )
-        ]
-
     def query(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()) -> list[Any]:
         """One statement outside a transaction (a statement is consistent by itself)."""
         with self.db.lock:
@@ -780,12 +769,12 @@ class Ledger:
         budget = self._budget(db, project)
         if budget is None:
             return []
+        left = budget - self._spent(db, project)
         uncut = db.execute(UNCUT, {"p": project}).fetchone()
-        if not uncut["cut"] and uncut["worst"] <= budget - self._spent(db, project) + EPS:
+        if not uncut["cut"] and uncut["worst"] <= left + EPS:
             return []  # every lease fits whole and none is cut: cut_deadlines would agree
         active = self._actives(db, project)
-        deadlines = cut_deadlines([a.running(now) for a in active],
-                                  budget - self._spent(db, project), now)
+        deadlines = cut_deadlines([a.running(now) for a in active], left, now)
         moved = [Moved(a.id, a.deadline, deadlines[a.id]) for a in active
                  if deadlines[a.id] != a.deadline]
         ends = {a.id: a.lease_end for a in active}
@@ -917,8 +906,7 @@ class Ledger:
 
     def resumable(self, project: str, aid: str) -> str | None:
         """Why a request of `project` may not say it resumes allocation `aid` (None: it may)."""
-        rows = self.query("SELECT project, resumed_by FROM history WHERE allocation_id=?",
-                          (aid,))
+        rows = self.query("SELECT project FROM history WHERE allocation_id=?", (aid,))
         if not rows or rows[0][0] != project:
             return f"{project} has no released allocation {aid} to resume"
         return None
@@ -960,15 +948,12 @@ class Ledger:
         exited (fleet.commands), or since every GPU went idle (the monitor's heartbeat), the
         longer; never the whole allocation for being released for idling."""
         assert row.started_at is not None
-        since = [end]
-        cmd = db.execute("SELECT ended_at FROM commands WHERE allocation_id=?",
-                         (row.id,)).fetchone()
-        if cmd is not None and cmd["ended_at"] is not None:
-            since.append(cmd["ended_at"])
-        idle = db.execute("SELECT idle_since FROM allocations WHERE id=?", (row.id,)).fetchone()
-        if idle is not None and idle["idle_since"] is not None:
-            since.append(idle["idle_since"])
-        return max(0.0, end - max(min(since), row.started_at)) / 3600.0
+        marks = db.execute("SELECT a.idle_since, c.ended_at FROM allocations a LEFT JOIN "
+                           "commands c ON c.allocation_id = a.id WHERE a.id=?",
+                           (row.id,)).fetchone()
+        since = min([end, *(float(t) for t in (marks["idle_since"], marks["ended_at"])
+                            if t is not None)])
+        return max(0.0, end - max(since, row.started_at)) / 3600.0
 
     def _filled(self, row: LedgerRow, end: float) -> tuple[float, int]:
         """Utilisation totals over the monitor's ticks, with the ticks it slept through
@@ -1189,7 +1174,7 @@ class Ledger:
             )
             out = []
             for p in projects:
-                active = self._running(db, p)
+                active = [a.charged() for a in self._actives(db, p)]
                 out.append(ProjectCost(
                     project=p,
                     spent_usd=self._spent(db, p),

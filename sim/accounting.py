@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose
-from sim.lifecycle import Attempt
-from sim.workload import SimJob
+from sim.lifecycle import Attempt, speed
+from sim.workload import SimJob, candidate_types
 
 PARTS = ("work", "pause", "tail", "killed")
 SAVINGS = ("tail", "pause", "killed", "routing", "work_not_done")
@@ -57,15 +57,13 @@ def unit_type(config: FleetConfig) -> str:
 
 def work_units(job: SimJob, config: FleetConfig) -> float:
     """The job's work in hours of the unit type."""
-    tp = config.catalog
-    return job.work_gpu_hours * tp[job.reference].relative_throughput / \
-        tp[unit_type(config)].relative_throughput
+    return job.work_gpu_hours / speed(job, unit_type(config), config)
 
 
 def allowed_types(job: SimJob, config: FleetConfig) -> tuple[str, ...]:
     """The named type, else the pool's types, less those the fleet has too few GPUs of
     (all of them when none has enough: the floor is then a bound nobody reaches)."""
-    types = (job.named_type,) if job.named_type is not None else tuple(config.pool(job.purpose))
+    types = candidate_types(job, config)
     fits = tuple(t for t in types if config.gpus_of_type(t) >= job.count)
     return fits or types
 
@@ -80,10 +78,9 @@ def floor_usd(job: SimJob, config: FleetConfig) -> float:
     """The job's work and pauses on the cheapest type it may use."""
     if not any(p.work for p in job.phases):
         return 0.0
-    ref = config.catalog[job.reference].relative_throughput
     pauses = pause_hours(job)
     return min(config.catalog[t].price_per_hour * job.count
-               * (job.work_hours * ref / config.catalog[t].relative_throughput + pauses)
+               * (job.work_hours / speed(job, t, config) + pauses)
                for t in allowed_types(job, config))
 
 

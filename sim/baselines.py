@@ -83,6 +83,7 @@ cheapest resource, and the GPUs go back when the job's process exits):
 
 from __future__ import annotations
 
+import functools
 import heapq
 from abc import ABC, abstractmethod
 from collections import deque
@@ -93,7 +94,7 @@ from fleet.config import FleetConfig
 from fleet.models import Priority, Purpose, ReleaseReason
 from fleet.scheduler import decayed, fair_share_factors, score
 from sim.lifecycle import Attempt, Segment, account, refused, rerun, returns_at, timeline
-from sim.workload import SimJob, Workload
+from sim.workload import SimJob, Workload, candidate_types
 
 Progress = Callable[[int], None]
 
@@ -147,7 +148,8 @@ def _order(a: Attempt) -> tuple[float, int, int]:
 class _Simulation(ABC):
     """The event loop every baseline shares: arrivals, allocation ends, reruns and accounting.
 
-    A policy fills in which types a request may use (`allowed`), where it waits (`enqueue`),
+    A policy fills in the order it tries a request's types in (`order`), where it waits
+    (`enqueue`),
     when its allocation ends (`ends`), what it does when GPUs come back (`released`) and the
     scheduling pass (`schedule`).
     """
@@ -165,9 +167,13 @@ class _Simulation(ABC):
 
     # ---- policy hooks ------------------------------------------------------------------
 
-    @abstractmethod
     def allowed(self, job: SimJob) -> tuple[str, ...]:
-        ...
+        """The job's candidate types (sim.workload), in the order the policy tries them."""
+        return self.order(candidate_types(job, self.config))
+
+    def order(self, types: tuple[str, ...]) -> tuple[str, ...]:
+        """The pool's order, unless a policy prefers another."""
+        return types
 
     @abstractmethod
     def enqueue(self, request: _Request, now: float) -> None:
@@ -256,11 +262,8 @@ class _Naive(_Simulation):
         self.queues: dict[str, deque[_Request]] = {t: deque() for t in config.catalog}
         self.touched: dict[str, None] = {}  # types whose queue may start someone
 
-    def allowed(self, job: SimJob) -> tuple[str, ...]:
-        if job.named_type is not None:
-            return (job.named_type,)
-        pool = self.config.pool(job.purpose)
-        return tuple(sorted(pool, key=lambda t: -self.config.catalog[t].price_per_hour))
+    def order(self, types: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(types, key=lambda t: -self.config.catalog[t].price_per_hour))
 
     def enqueue(self, request: _Request, now: float) -> None:
         gpu_type = request.types[0]  # the dearest type that can hold it
@@ -307,11 +310,6 @@ class _SlurmLike(_Simulation):
         self.origin = min((j.submit for j in workload.jobs), default=0.0)
         self.run_gpus: dict[str, int] = {}  # project: GPUs held now
         self.run_since: dict[str, float] = {}  # project: sum of GPUs x (start - origin)
-
-    def allowed(self, job: SimJob) -> tuple[str, ...]:
-        if job.named_type is not None:
-            return (job.named_type,)
-        return tuple(self.config.pool(job.purpose))
 
     def enqueue(self, request: _Request, now: float) -> None:
         p = self.partition[request.types[0]]
@@ -431,8 +429,8 @@ class _SlurmCheapest(_SlurmLike):
     """slurm-like with each partition's types weighted cheapest per unit of work first: the
     order of a request's allowed types is what slurm-like tries and breaks ties by."""
 
-    def allowed(self, job: SimJob) -> tuple[str, ...]:
-        return _cheapest(super().allowed(job), self.config)
+    def order(self, types: tuple[str, ...]) -> tuple[str, ...]:
+        return _cheapest(types, self.config)
 
 
 class _CheapestFirst(_Simulation):
@@ -446,10 +444,8 @@ class _CheapestFirst(_Simulation):
         self.queues: dict[int, deque[_Request]] = {p: deque() for p in self.partition.values()}
         self.dirty: dict[int, None] = {}  # partitions whose head may start
 
-    def allowed(self, job: SimJob) -> tuple[str, ...]:
-        if job.named_type is not None:
-            return (job.named_type,)
-        return _cheapest(self.config.pool(job.purpose), self.config)
+    def order(self, types: tuple[str, ...]) -> tuple[str, ...]:
+        return _cheapest(types, self.config)
 
     def enqueue(self, request: _Request, now: float) -> None:
         # requests arrive in (submit, seq) order: the heap's order, reruns included
@@ -517,32 +513,22 @@ def _partitions(config: FleetConfig) -> dict[str, int]:
     return {t: numbers.setdefault(root(t), len(numbers)) for t in config.catalog}
 
 
-def run_naive(workload: Workload, config: FleetConfig,
-              progress: Progress | None = None) -> list[Attempt]:
-    """Every attempt of every job under the naive policy (see the module docstring);
+BASELINES: dict[str, type[_Simulation]] = {"naive": _Naive, "slurm-like": _SlurmLike,
+                                           "slurm-cheapest": _SlurmCheapest,
+                                           "cheapest-first": _CheapestFirst}
+
+
+def run_baseline(name: str, workload: Workload, config: FleetConfig,
+                 progress: Progress | None = None) -> list[Attempt]:
+    """Every attempt of every job under baseline `name` (see the module docstring);
     `progress(n)` hears of the jobs that have ended for good (completed, refused, given up)."""
-    return _Naive(workload, config, progress).run()
+    return BASELINES[name](workload, config, progress).run()
 
 
-def run_slurm_like(workload: Workload, config: FleetConfig,
-                   progress: Progress | None = None) -> list[Attempt]:
-    """Every attempt of every job under the slurm-like policy (see the module docstring);
-    `progress(n)` hears of the jobs that have ended for good (completed, refused, given up)."""
-    return _SlurmLike(workload, config, progress).run()
+run_naive = functools.partial(run_baseline, "naive")
+run_slurm_like = functools.partial(run_baseline, "slurm-like")
+run_slurm_cheapest = functools.partial(run_baseline, "slurm-cheapest")
+run_cheapest_first = functools.partial(run_baseline, "cheapest-first")
 
-
-def run_slurm_cheapest(workload: Workload, config: FleetConfig,
-                       progress: Progress | None = None) -> list[Attempt]:
-    """Every attempt of every job under the slurm-cheapest policy (see the module docstring);
-    `progress(n)` hears of the jobs that have ended for good (completed, refused, given up)."""
-    return _SlurmCheapest(workload, config, progress).run()
-
-
-def run_cheapest_first(workload: Workload, config: FleetConfig,
-                       progress: Progress | None = None) -> list[Attempt]:
-    """Every attempt of every job under the cheapest-first policy (see the module docstring);
-    `progress(n)` hears of the jobs that have ended for good (completed, refused)."""
-    return _CheapestFirst(workload, config, progress).run()
-
-
-__all__ = ["run_cheapest_first", "run_naive", "run_slurm_cheapest", "run_slurm_like"]
+__all__ = ["BASELINES", "run_baseline", "run_cheapest_first", "run_naive", "run_slurm_cheapest",
+           "run_slurm_like"]

@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 
 from fleet.config import FleetConfig
-from sim.accounting import breakdown, floor, work_units
+from sim.accounting import Floor, breakdown, floor, work_units
 from sim.lifecycle import Attempt
 from sim.workload import SimJob
 
@@ -278,8 +278,10 @@ def series(attempts: Sequence[Attempt], first: float, last: float,
 
 
 def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetConfig,
-            budgets: Mapping[str, float]) -> dict[str, Any]:
-    """One policy's figures on `jobs` (see the module docstring for each definition)."""
+            budgets: Mapping[str, float], bound: Floor | None = None) -> dict[str, Any]:
+    """One policy's figures on `jobs` (see the module docstring for each definition);
+    `bound` is the run's floor when the caller has it already (it is the same for every
+    policy)."""
     results = job_results(jobs, attempts)
     first, last = _span(jobs, attempts)
     span = (last - first) / HOUR
@@ -295,7 +297,7 @@ def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetCo
         project_cost[a.project] += a.cost_usd
     projects = _per_project(results, attempts, budgets, held, config)
     statuses = Counter(r.status for r in results)
-    bound = floor(jobs, config)
+    bound = bound or floor(jobs, config)
     units = sum(work_units(r.job, config) for r in results if r.status == "completed")
     return {
         "fleet_gpus": fleet,

@@ -24,8 +24,8 @@ from fleet.errors import InvalidInput
 from fleet.models import Outcome
 from fleet.statedir import LEDGER
 from fleet.trace import PHILLY, TraceSchema, read_trace
-from sim.accounting import floor, same_work, savings
-from sim.baselines import run_cheapest_first, run_naive, run_slurm_cheapest, run_slurm_like
+from sim.accounting import Floor, floor, same_work, savings
+from sim.baselines import BASELINES, run_baseline
 from sim.gpu_agent import run_gpu_agent
 from sim.lifecycle import Attempt
 from sim.metrics import metrics
@@ -54,11 +54,12 @@ def _agent(auto_release: bool) -> Runner:
     return run
 
 
+def _baseline(name: str) -> Runner:
+    return lambda w, c, _out, p: (run_baseline(name, w, c, p), {})
+
+
 POLICIES: dict[str, Runner] = {
-    "naive": lambda w, c, _out, p: (run_naive(w, c, p), {}),
-    "slurm-like": lambda w, c, _out, p: (run_slurm_like(w, c, p), {}),
-    "slurm-cheapest": lambda w, c, _out, p: (run_slurm_cheapest(w, c, p), {}),
-    "cheapest-first": lambda w, c, _out, p: (run_cheapest_first(w, c, p), {}),
+    **{name: _baseline(name) for name in BASELINES},
     "gpu-agent": _agent(auto_release=True),
     # the same graph with the idle release switched off: what auto-release saves
     "gpu-agent-no-autorelease": _agent(auto_release=False),
@@ -126,6 +127,7 @@ def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fl
     out.mkdir(parents=True, exist_ok=True)
     sim = Simulation({}, cal, meta)
     runs: dict[str, list[Attempt]] = {}
+    bound = floor(workload.jobs, config)
     for name in policies:
         state = _fresh_state(out / name)
         if fleet_text is not None:
@@ -134,24 +136,27 @@ def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fl
         attempts, extra = POLICIES[name](workload, config, state, bar)
         bar.draw(end="\n")
         sim.seconds[name] = time.perf_counter() - bar.start
-        sim.results[name] = metrics(workload.jobs, attempts, config, workload.budgets) | extra
+        sim.results[name] = metrics(workload.jobs, attempts, config, workload.budgets,
+                                    bound) | extra
         runs[name] = attempts
-    sim.across = across(workload.jobs, runs, sim.results, config)
+    sim.across = across(workload.jobs, runs, sim.results, config, bound)
     sim.written = write_report(out, sim.results, cal, meta, sim.across)
     return sim
 
 
 def across(jobs: Sequence[SimJob], runs: Mapping[str, Sequence[Attempt]],
-           results: Mapping[str, Mapping[str, Any]], config: FleetConfig) -> dict[str, Any]:
+           results: Mapping[str, Mapping[str, Any]], config: FleetConfig,
+           bound: Floor | None = None) -> dict[str, Any]:
     """What only the policies together say: the floor, the same-work comparison, and each
     policy's saving against naive and against the strongest baseline, explained."""
-    bound = floor(jobs, config)
-    against = [b for b in (BASELINE, strongest(results)) if b is not None and b in runs]
+    bound = bound or floor(jobs, config)
+    best = strongest(results)
+    against = [b for b in (BASELINE, best) if b is not None and b in runs]
     return {
         "floor": {"unit": bound.unit, "usd": round(bound.usd, 2),
                   "work_units": round(bound.work_units, 4)},
         "same_work": same_work(jobs, runs, config),
-        "strongest_baseline": strongest(results),
+        "strongest_baseline": best,
         "savings_usd": {name: {b: {k: round(v, 2) for k, v in
                                    savings(runs[b], attempts, config).items()}
                                for b in dict.fromkeys(against) if b != name}

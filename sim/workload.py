@@ -142,6 +142,11 @@ class Workload:
     budgets: dict[str, float] = field(default_factory=dict)
 
 
+def candidate_types(job: SimJob, config: FleetConfig) -> tuple[str, ...]:
+    """The types a job may use: the one its request names, else its purpose's pool."""
+    return (job.named_type,) if job.named_type is not None else tuple(config.pool(job.purpose))
+
+
 def _rng(seed: int, *key: object) -> random.Random:
     return random.Random(zlib.crc32(":".join(map(str, (seed, *key))).encode()))
 
