@@ -2,7 +2,7 @@
 models and two settings of each idle timeout, every baseline beside gpu-agent in each run.
 
     .venv/bin/python benchmarks/sensitivity.py [--trace ../shared/traces/philly.csv]
-        [--jobs 5000] [--done 5,30] [--training 30,240]
+        [--jobs 5000] [--done 0,5] [--training 30,240]
         [--models lognormal,exponential,pareto]
 
 Pause models are sim.workload's (PAUSE_MODELS); `done` is the trace fleet's
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", default=str(TRACE))
     parser.add_argument("--jobs", type=int, default=5000)
-    parser.add_argument("--done", default="5,30")
+    parser.add_argument("--done", default="0,5")
     parser.add_argument("--training", default="30,240")
     parser.add_argument("--models", default=",".join(PAUSE_MODELS))
     args = parser.parse_args()

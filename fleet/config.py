@@ -47,9 +47,10 @@ class MonitorSettings(_Strict):
     # already come back from; while a command runs under `gpu-agent run`, idling is a pause
     # and never ends the allocation (its lease and budget bound a hung command). Once
     # the command has exited, the work is done: the idle tail goes after
-    # idle_timeout_done_minutes (SkyPilot's autostop default: idle = no job running)
-    # (fleet.monitoring.idle_limit_s).
-    idle_timeout_done_minutes: float = Field(default=5, gt=0)
+    # idle_timeout_done_minutes, 0 by default (the first tick that reads the GPUs idle: no
+    # work is lost by it, the next command asks again; raise it to keep GPUs between
+    # commands, as SkyPilot's autostop waits 5) (fleet.monitoring.idle_limit_s).
+    idle_timeout_done_minutes: float = Field(default=0, ge=0)
     idle_timeout_by_purpose: dict[Purpose, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict)
     pause_factor: float = Field(default=1.5, ge=1)

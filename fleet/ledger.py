@@ -19,7 +19,7 @@ from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fleet.backfill import Ending
+from fleet.backfill import Ending, reserve
 from fleet.budget import (
     EPS,
     RECORDS,
@@ -364,6 +364,7 @@ RECORD_SUMS = ("gpu_hours", "idle_gpu_hours", "budget_gpu_hours", "rated_gpu_hou
                "util_gpu_hours")
 
 
+PRIORITIES = {p.value: p for p in Priority}  # a dict read is many times faster than Priority(v)
 ROW = "SELECT " + ", ".join(f.name for f in fields(LedgerRow)) + " FROM allocations"
 _AT = {f.name: i for i, f in enumerate(fields(LedgerRow))}
 
@@ -388,11 +389,17 @@ class Ledger:
         self.name = self.db.name
         self.config = config
         self._types: tuple[list[GPUInfo], dict[str, list[GPUInfo]]] | None = None
+        # per type, for the inventory list it was built from: its GPUs, and how many of them
+        # each active allocation holds (see _endings)
+        self._usable_of: tuple[list[GPUInfo],
+                               dict[str, tuple[set[str], dict[str, int]]]] | None = None
         # GPU type -> held GPU uuids, valid while no other connection has committed
         # (SQLite's data_version); this connection's own changes update it as they are made.
         self._held: dict[str, set[str]] = {}
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
         self._remaining: dict[str, tuple[tuple[int | None, int], float | None]] = {}
+        self._finished = 0  # allocations this connection moved to history
+        self._factors: dict[str, tuple[tuple[int, int], float]] = {}
         self._version: int | None = None
         try:
             self._migrate()
@@ -618,10 +625,9 @@ class Ledger:
         GPUs, the line (without `leave_out`), when held GPUs come back, usage and the
         project's money."""
         waiting = [
-            Ticket(r["id"], r["project"], r["gpu_type"], r["count"],
-                   Priority(r["priority"]), r["enqueued_at"], r["heartbeat_at"], r["hours"],
-                   r["resumes"] is not None)
-            for r in db.execute(
+            Ticket(aid, proj, kind, count, PRIORITIES[prio], enq, beat, hours,
+                   resumes is not None)
+            for aid, proj, kind, count, prio, enq, beat, hours, resumes in db.execute(
                 "SELECT id, project, gpu_type, count, priority, enqueued_at, heartbeat_at, "
                 "hours, resumes FROM allocations WHERE state='queued' AND gpu_type=? "
                 "AND id<>?",
@@ -650,13 +656,22 @@ class Ledger:
     def _endings(self, db: Conn, gpu_type: str, inventory: list[GPUInfo]) -> list[Ending]:
         """When the type's active allocations let their GPUs go at the latest (their
         deadlines), counting the GPUs placement may use again."""
-        usable = {g.uuid for g in self._of_type(inventory, gpu_type)}
+        if self._usable_of is None or self._usable_of[0] is not inventory:
+            self._usable_of = (inventory, {})
+        usable, known = self._usable_of[1].get(gpu_type) or (
+            {g.uuid for g in self._of_type(inventory, gpu_type)}, {})
+        counts: dict[str, int] = {}  # the active ones only: the next call reuses them
         out = []
-        for r in db.execute("SELECT deadline, gpu_ids FROM allocations "
-                            "WHERE state='active' AND gpu_type=?", (gpu_type,)):
-            gpus = sum(g in usable for g in json.loads(r["gpu_ids"]))
+        for aid, deadline, gpu_ids in db.execute(
+                "SELECT id, deadline, gpu_ids FROM allocations "
+                "WHERE state='active' AND gpu_type=?", (gpu_type,)):
+            gpus = known.get(aid)
+            if gpus is None:  # an allocation's GPUs never change: decoded once
+                gpus = sum(g in usable for g in json.loads(gpu_ids))
+            counts[aid] = gpus
             if gpus:
-                out.append(Ending(r["deadline"], gpus))
+                out.append(Ending(deadline, gpus))
+        self._usable_of[1][gpu_type] = (usable, counts)
         return out
 
     def placeable(self, freed: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[str]:
@@ -753,13 +768,31 @@ class Ledger:
                     "FROM allocations WHERE state='active' AND project=? ORDER BY id",
                     (project,))]
 
-    def _expected(self, db: Conn, project: str) -> tuple[float, float]:
-        """(the expected cost of the project's active allocations, its usage factor q)."""
+    def usage_factor(self, project: str) -> float:
+        """The project's q (fleet.budget.usage_factor): the share of its leases it is
+        expected to hold."""
+        with self.reading() as db:
+            return self._factor(db, project)
+
+    def _factor(self, db: Conn, project: str) -> float:
+        """Kept until this connection adds to history or another commits (placement, routing
+        and admission ask it of every request)."""
+        version = self.db.data_version(db)  # None (PostgreSQL): never kept
+        kept = self._factors.get(project)
+        if version is not None and kept is not None and kept[0] == (version, self._finished):
+            return kept[1]
         factor = usage_factor([
             used_share(r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET)
             for r in db.execute("SELECT hours, requested_hours, reason FROM history "
                                 "WHERE project=? ORDER BY ended_at DESC, allocation_id "
                                 f"LIMIT {RECORDS}", (project,))])
+        if version is not None:
+            self._factors[project] = ((version, self._finished), factor)
+        return factor
+
+    def _expected(self, db: Conn, project: str) -> tuple[float, float]:
+        """(the expected cost of the project's active allocations, its usage factor q)."""
+        factor = self._factor(db, project)
         expected = db.execute(EXPECTED, {"q": factor, "p": project}).fetchone()[0]
         return float(expected), factor
 
@@ -788,14 +821,24 @@ class Ledger:
         """budget.worst_case of the project's active allocations, summed by the database."""
         return float(db.execute(COMMITTED, {"p": project}).fetchone()[0])
 
-    def available_by_type(self, config: FleetConfig) -> dict[str, int]:
-        """Per type, GPUs free now less the GPUs queued requests wait for."""
-        held = self.held_by_type()
-        queued = {r["gpu_type"]: int(r["n"]) for r in self.query(
-            "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='queued' "
-            "GROUP BY gpu_type")}
-        return {t: config.gpus_of_type(t) - held.get(t, 0) - queued.get(t, 0)
-                for t in config.catalog}
+    def starts_in_hours(self, gpu_type: str, count: int, now: float,
+                        inventory: list[GPUInfo]) -> float:
+        """At the latest, how long until a new request for `count` GPUs of the type could
+        start (0: now): when running allocations have let enough GPUs go by their deadlines.
+        Infinite (unknown) while others wait for the type: the fair queue orders them and
+        may put them ahead, so no bound holds (waiting behind a line was what made routing
+        to a full type cost queueing time on the Philly trace)."""
+        with self.reading() as db:
+            free = len(self._free(db, gpu_type, inventory))
+            queued = int(db.execute("SELECT coalesce(sum(count), 0) FROM allocations "
+                                    "WHERE state='queued' AND gpu_type=?",
+                                    (gpu_type,)).fetchone()[0])
+            if free - queued >= count:
+                return 0.0
+            if queued:
+                return math.inf
+            at = reserve(count, free, self._endings(db, gpu_type, inventory), now).at
+        return (at - now) / 3600.0
 
     def held_by_type(self) -> dict[str, int]:
         """GPUs held now, per GPU type."""
@@ -883,6 +926,7 @@ class Ledger:
         db.execute("INSERT INTO spend (project, usd) VALUES (?, ?) ON CONFLICT (project) "
                    "DO UPDATE SET usd = spend.usd + excluded.usd", (row.project, cost))
         hoarded = self._hoarded_hours(db, row, end)
+        self._finished += 1  # the usage factors read history: kept no longer
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "

@@ -5,9 +5,9 @@
 - idle: every GPU under `idle_util_pct`; idle for `idle_limit_s` means release. Idleness is
   evidence that the work is done only where nothing else is known: while a command runs under
   `gpu-agent run` an idle spell is a pause and never ends the allocation (its lease and budget
-  bound a hung command); once it has exited, the work is done and the idle
-  tail is released after `idle_timeout_done_minutes` (5); with no command known (a notebook, a
-  shell), after the purpose's timeout (`idle_timeout_by_purpose`, else
+  bound a hung command); once it has exited, the work is done and the idle tail is released
+  after `idle_timeout_done_minutes` (0: at the first idle tick); with no command known (a
+  notebook, a shell), after the purpose's timeout (`idle_timeout_by_purpose`, else
   `idle_timeout_minutes`). But for the tail, none is shorter than `pause_factor` x the
   longest pause the job has already come back from, in this allocation or in the one it
   resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not released after 30;

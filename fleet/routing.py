@@ -4,11 +4,16 @@ A request's duration is time on its reference type (the type it names, or the fi
 purpose's pool). On another type the same work takes duration x ref_speed / speed, so a card
 twice as fast at less than twice the price is the cheaper choice. A cheaper type that is full
 does not make a request wait while a dearer type of its pool could start it now (found by the
-trace simulation: every training job queued for the H100s while the A100s stood idle).
+trace simulation: every training job queued for the H100s while the A100s stood idle), unless
+it would still finish no later: a cheaper type whose GPUs come back (at the latest, by the
+running leases) within the time the dearer type would take longer is worth the wait (on the
+Philly trace, A100-hours taken while the H100s were about to free were most of what gpu-agent
+paid over the floor).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -61,20 +66,28 @@ def _option(
     )
 
 
-def route(
-    request: GPURequest, config: FleetConfig, remaining_usd: float | None,
-    available: Mapping[str, int] | None = None,
-) -> RouteDecision | Refusal:
-    """The type for `request`. `remaining_usd` (Ledger.remaining_usd: the largest worst case
-    the project's budget admits, by the rule placement applies; None: no budget) rules out
-    the types that cost more. `available` (GPUs free now less those queued, per type) makes
-    the budget mode take the cheapest type that can start now over a cheaper one it would
-    queue for; without it, or when none can start now, the cheapest."""
+def types_for(request: GPURequest, config: FleetConfig) -> list[str]:
+    """The types routing weighs: the purpose's pool, and the type the request names."""
     types = list(config.pool(request.purpose))
     if request.gpu_type and request.gpu_type not in types:
         types.append(request.gpu_type)
+    return types
+
+
+def route(
+    request: GPURequest, config: FleetConfig, remaining_usd: float | None,
+    starts_in: Mapping[str, float] | None = None, used_share: float = 1.0,
+) -> RouteDecision | Refusal:
+    """The type for `request`. `remaining_usd` (Ledger.remaining_usd: the largest worst case
+    the project's budget admits, by the rule placement applies; None: no budget) rules out
+    the types that cost more. `starts_in` (per type, at the latest how many hours until the
+    request could start: 0 now, Services.starts_in_hours) makes the budget mode take the
+    cheapest type that can start now over a cheaper one it would queue for, unless waiting
+    for the cheaper one still finishes no later, for a request expected to hold `used_share`
+    of its lease (the project's usage factor, fleet.budget); without it, or when none can
+    start now, the cheapest."""
     options = sorted(
-        (_option(request, config, t, remaining_usd) for t in types),
+        (_option(request, config, t, remaining_usd) for t in types_for(request, config)),
         key=lambda o: (o.est_cost_usd, -o.relative_throughput, o.gpu_type),
     )
     feasible = [o for o in options if o.feasible]
@@ -97,12 +110,7 @@ def route(
         chosen = max(feasible, key=lambda o: (o.relative_throughput, -o.est_cost_usd))
         why = "fastest within budget"
     else:
-        ready = [o for o in feasible
-                 if available is not None and available.get(o.gpu_type, 0) >= request.count]
-        chosen = ready[0] if ready else feasible[0]
-        why = "cheapest per unit of work"
-        if ready and chosen is not feasible[0]:
-            why = f"cheapest per unit of work free now ({feasible[0].gpu_type} is full)"
+        chosen, why = _cheapest_in_time(feasible, starts_in, used_share)
     return RouteDecision(
         gpu_type=chosen.gpu_type,
         pool=request.purpose,
@@ -114,3 +122,23 @@ def route(
         f"${chosen.est_cost_usd:.2f}",
         alternatives=[o for o in options if o.gpu_type != chosen.gpu_type],
     )
+
+
+def _cheapest_in_time(feasible: list[RouteOption], starts_in: Mapping[str, float] | None,
+                      used_share: float) -> tuple[RouteOption, str]:
+    """The cheapest option that starts now, or a cheaper one that, waiting for its GPUs,
+    finishes no later than that one would: waits at most the time it saves on the share
+    of the lease it is expected to use. With nothing free now, the cheapest."""
+    why = "cheapest per unit of work"
+    if starts_in is None:
+        return feasible[0], why
+    ready = [o for o in feasible if starts_in.get(o.gpu_type, math.inf) <= 0]
+    if not ready or ready[0] is feasible[0]:
+        return (ready or feasible)[0], why
+    now = ready[0]
+    for o in feasible[:feasible.index(now)]:
+        wait = starts_in.get(o.gpu_type, math.inf)
+        if wait <= used_share * (now.est_hours - o.est_hours):
+            return o, (f"{why}: {o.gpu_type} is full but frees within {wait:.2f} h, so it "
+                       f"finishes before {now.gpu_type} started now would")
+    return now, f"{why} free now ({feasible[0].gpu_type} is full)"

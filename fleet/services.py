@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,17 +96,12 @@ class Services:
                              if bad else self.inventory)
         return self._healthy[1]
 
-    def available_by_type(self) -> dict[str, int]:
-        """GPUs free now less those queued requests wait for, per type (what routing reads),
-        less the free GPUs placement may not use (unhealthy, or busy outside gpu-agent)."""
-        available = self.ledger.available_by_type(self.config)
-        if self.backend.hardware:
-            healthy = {g.uuid for g in self.placeable()}
-            held = self.ledger.holders()
-            for g in self.inventory:
-                if g.uuid not in healthy and g.uuid not in held:
-                    available[g.gpu_type] -= 1
-        return available
+    def starts_in_hours(self, count: int, types: Iterable[str]) -> dict[str, float]:
+        """Per type, at the latest how long until a request for `count` GPUs could start
+        (Ledger.starts_in_hours on the GPUs placement may use): what routing weighs a
+        cheaper type's wait against."""
+        now, usable = self.clock.now(), self.placeable()
+        return {t: self.ledger.starts_in_hours(t, count, now, usable) for t in types}
 
     def sample(self, gpu_ids: list[str], now: float,
                holders: dict[str, str]) -> list[GPUSample]:

@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "handle the signal ends by it, so it is opt-in, as Slurm's --signal)")
     p.add_argument("--notice-signal", default="USR1", metavar="NAME",
                    help="USR1 (default), USR2, HUP, INT or TERM")
+    p.add_argument("--requeue", type=int, default=0, metavar="N",
+                   help="with --project: when the allocation ends before the command (lease "
+                   "ran out, a GPU failed), ask again resuming it (ahead of new work) and "
+                   "start the command again to go on from its checkpoint, at most N times "
+                   "(default 0)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
     p = sub.add_parser("studio", help="start the LangGraph dev server (langgraph dev) on "
@@ -730,8 +735,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput("no command to run: put it after --")
     if (args.allocation is None) == (args.project is None):
         raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
-    if args.grace < 0 or args.notice < 0:
-        raise InvalidInput("--grace and --notice must not be negative")
+    if args.grace < 0 or args.notice < 0 or args.requeue < 0:
+        raise InvalidInput("--grace, --notice and --requeue must not be negative")
+    if args.requeue and args.allocation is not None:
+        raise InvalidInput("--requeue needs --project: an allocation given with --allocation "
+                           "is its owner's to ask for again")
     if args.notice_signal.upper().removeprefix("SIG") not in NOTICE_SIGNALS:
         raise InvalidInput(f"--notice-signal must be one of {', '.join(NOTICE_SIGNALS)}, not "
                            f"{names.shown(args.notice_signal)}")
@@ -755,7 +763,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             say=say, **notice)
         else:
             report = request_and_run(orch, request, argv, grace_s=args.grace, say=say,
-                                     **notice)
+                                     requeue=args.requeue, **notice)
     if report.on_gpus:
         say(f"processes of the command still on the GPUs: {report.on_gpus}")
     elif report.ended_by != "command":

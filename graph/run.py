@@ -6,6 +6,10 @@ SIGTERM to its process group, a grace period, SIGKILL; then the GPUs' process li
 read to confirm nothing of it is left. Only processes this command started are signalled.
 With `--notice S`, the command is sent a signal (USR1 by default) S seconds before the
 allocation's deadline, to checkpoint, as Slurm's `--signal` does.
+With `--requeue N`, an allocation `run` requested that ends before its command does (its
+lease ran out, a GPU failed, gpu-agent was down past its lease) is asked for again, resuming
+the old one (`GPURequest.resumes`: it queues ahead of new work), and the command starts again
+on the new GPUs to go on from its checkpoint, at most N times, as Slurm's --requeue does.
 When the command ends by itself, an allocation `run` requested is released (command-exit);
 one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
 takes an idle spell for a pause and never releases the allocation for idling; once it has
@@ -18,12 +22,13 @@ import os
 import shlex
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
-from fleet.errors import InvalidInput
+from fleet.errors import Denied, InvalidInput, NotPlaced
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, new_owner
 from fleet.supervise import Supervised, check_startable
@@ -32,6 +37,10 @@ from graph.orchestrator import Orchestrator
 POLL_S = 0.25
 NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm's is opt-in too)
 NOTICE_SIGNAL = signal.SIGUSR1
+# Ends that the same request may outlive; not a budget (it would be refused again), an
+# idle release or someone's explicit release (a decision, not an accident).
+REQUEUE_ON = frozenset({ReleaseReason.LEASE_EXPIRED.value, ReleaseReason.UNHEALTHY.value,
+                        ReleaseReason.EXPIRED_WHILE_DOWN.value})
 CONFIRM_TRIES = 8
 
 
@@ -45,6 +54,7 @@ class RunReport:
     leftover: list[int] = field(default_factory=list)  # PIDs of it still alive (want none)
     on_gpus: list[int] | None = None  # PIDs of it NVML still lists; None: cannot list
     noticed: bool = False  # it was told its allocation's deadline was near (notice_signal)
+    requeued_from: list[str] = field(default_factory=list)  # earlier allocations, oldest first
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -148,16 +158,36 @@ def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> lis
 def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str], *,
                     grace_s: float, say: Callable[[str], None] = print,
                     notice_s: float = NOTICE_S,
-                    notice_signal: signal.Signals = NOTICE_SIGNAL) -> RunReport:
-    """Request GPUs (the graph monitors them in the background) and run `argv` on them.
-    A command that cannot start places nothing."""
+                    notice_signal: signal.Signals = NOTICE_SIGNAL,
+                    requeue: int = 0) -> RunReport:
+    """Request GPUs (the graph monitors them in the background) and run `argv` on them;
+    requeued up to `requeue` times when the allocation ends first (REQUEUE_ON). A command
+    that cannot start places nothing."""
     check_startable(argv, os.environ)
-    handle = orch.allocate_gpu_sync(request)
-    say(f"allocation {handle.id}: {handle.allocation.count} x {handle.allocation.gpu_type} "
-        f"until {handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC")
-    try:
-        report = run_on(orch, handle.id, argv, grace_s=grace_s, owned=True, say=say,
-                        notice_s=notice_s, notice_signal=notice_signal)
-    finally:
-        handle.release(ReleaseReason.EXPLICIT)  # a no-op when it ended already; joins the graph
-    return report
+    earlier: list[str] = []
+    last: RunReport | None = None
+    while True:
+        try:
+            handle = orch.allocate_gpu_sync(request)
+        except (Denied, NotPlaced) as exc:
+            if last is None:
+                raise
+            say(f"the requeue of allocation {last.allocation_id} was not placed: {exc}")
+            return last
+        say(f"allocation {handle.id}: {handle.allocation.count} x "
+            f"{handle.allocation.gpu_type} until "
+            f"{handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+        try:
+            report = run_on(orch, handle.id, argv, grace_s=grace_s, owned=True, say=say,
+                            notice_s=notice_s, notice_signal=notice_signal)
+        finally:
+            handle.release(ReleaseReason.EXPLICIT)  # a no-op when it ended; joins the graph
+        report.requeued_from = list(earlier)
+        if report.ended_by not in REQUEUE_ON or len(earlier) >= requeue:
+            return report
+        last = report
+        earlier.append(handle.id)
+        request = request.model_copy(update={"resumes": handle.id,
+                                             "request_id": uuid.uuid4().hex})
+        say(f"allocation {handle.id} ended ({report.ended_by}) before the command: requeued "
+            f"to resume it ahead of new work ({requeue - len(earlier)} requeue(s) left)")

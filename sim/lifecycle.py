@@ -9,8 +9,11 @@ When an allocation ends before the work is done (released for idling, a lease th
 the job is killed. Killed work is not a saving: the user asks again (at once, or when a pause
 it was killed in is over: `returns_at`). A training job checkpoints
 at the end of each work phase and resumes from the last checkpoint; research and inference jobs
-start over. The second request pads the rest of the job as the first did, twice as much after a
-lease ran out. After MAX_ATTEMPTS the job counts as failed work.
+start over. A supervised training job also checkpoints when it is given notice: a lease or a
+budget ends it at a deadline known ahead (`gpu-agent run --notice`, or Slurm's `--signal`,
+under every policy alike), so it loses none of its work (NOTICED). The second request pads the
+rest of the job as the first did, twice as much after a lease ran out. After MAX_ATTEMPTS the
+job counts as failed work.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fleet.models import Purpose, ReleaseReason
 from sim.workload import Phase, SimJob, requested
 
 MAX_ATTEMPTS = 3
+NOTICED = frozenset({ReleaseReason.LEASE_EXPIRED.value, ReleaseReason.BUDGET.value})
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,14 @@ def rerun(job: SimJob, segments: list[Segment], end: float, reason: ReleaseReaso
         for i, s in enumerate(segments):
             if s.util > 0 and s.end <= end:
                 kept = i + 1
-        rest = job.phases[kept:]
+            elif s.util > 0 and s.start < end < s.end and job.supervised \
+                    and str(reason) in NOTICED:  # noticed mid-phase: checkpointed at `end`
+                left = (s.end - end) / (s.end - s.start)
+                rest = (replace(job.phases[i], hours=job.phases[i].hours * left),
+                        *job.phases[i + 1:])
+                break
+        else:
+            rest = job.phases[kept:]
         while rest and not rest[0].work:
             rest = rest[1:]
     if not any(p.work for p in rest):

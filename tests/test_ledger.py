@@ -279,3 +279,18 @@ def test_an_allocation_never_starts_before_its_gpus_were_freed(fx: Fixture) -> N
     late = fx.place("t9", now=T0 + 300, count=4).row  # its clock read before that release
     assert late is not None and set(late.gpu_ids) == set(first.gpu_ids)
     assert late.started_at == T0 + 600 and late.lease_end == T0 + 600 + 2 * 3600
+
+
+def test_starts_in_hours_reads_the_deadlines_unless_others_wait(fx: Fixture) -> None:
+    """8 A100s held by four 2-hour leases of 2 GPUs, placed half an hour apart: at 1.5 h, a
+    request for 2 could start when the first lease ends (0.5 h), one for 6 when the third
+    does (1.5 h); while a request waits for A100s, no bound holds."""
+    for i in range(4):
+        assert fx.place(f"t{i}", now=T0 + i * 1800).decision.kind is Kind.PLACE
+    now = T0 + 1.5 * 3600
+    assert fx.ledger.starts_in_hours("A100", 2, now, fx.inventory) == pytest.approx(0.5)
+    assert fx.ledger.starts_in_hours("A100", 6, now, fx.inventory) == pytest.approx(1.5)
+    assert fx.ledger.starts_in_hours("A100", 9, now, fx.inventory) == float("inf")
+    assert fx.ledger.starts_in_hours("H100", 2, now, fx.inventory) == 0.0
+    assert fx.place("t4", now=now).decision.kind is Kind.QUEUE
+    assert fx.ledger.starts_in_hours("A100", 2, now, fx.inventory) == float("inf")

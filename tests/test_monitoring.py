@@ -83,8 +83,11 @@ def test_a_running_command_pauses_and_is_never_released_for_idling() -> None:
 
 def test_after_the_command_exits_the_idle_tail_is_released() -> None:
     results = run([[0.0]] * 40, policy=IdlePolicy(Purpose.RESEARCH, "done"))
-    assert released_at(results)[0] == 5  # idle_timeout_done_minutes
-    assert "after its command exited" in results[5].events[-1].message
+    assert released_at(results)[0] == 0  # idle_timeout_done_minutes: the first idle tick
+    assert "after its command exited" in results[0].events[-1].message
+    kept = run([[0.0]] * 40, policy=IdlePolicy(Purpose.RESEARCH, "done"),
+               settings=MonitorSettings(idle_timeout_done_minutes=5))
+    assert released_at(kept)[0] == 5
 
 
 def test_the_purpose_sets_the_timeout_where_no_command_is_known() -> None:

@@ -68,10 +68,24 @@ def test_estimate_scales_by_throughput(config: FleetConfig) -> None:
 def test_a_full_cheap_type_does_not_make_a_request_wait(config: FleetConfig) -> None:
     """H100 is cheaper per unit of work but full: the A100s that are free now take it; with
     no A100 free either, the request queues for the cheapest, H100."""
-    decision = route(r(), config, None, available={"H100": 1, "A100": 2})
+    decision = route(r(), config, None, starts_in={"H100": 50.0, "A100": 0.0})
     assert not isinstance(decision, Refusal) and decision.gpu_type == "A100"
     assert "H100 is full" in decision.reason
-    decision = route(r(), config, None, available={"H100": 0, "A100": 1})
+    decision = route(r(), config, None, starts_in={"H100": 1.0, "A100": 2.0})
     assert not isinstance(decision, Refusal) and decision.gpu_type == "H100"
-    decision = route(r(type="H100"), config, None, available={"H100": 0, "A100": 8})
+    decision = route(r(type="H100"), config, None, starts_in={"H100": 9.0, "A100": 0.0})
     assert not isinstance(decision, Refusal) and decision.gpu_type == "H100"  # named: kept
+
+
+def test_a_cheaper_type_that_frees_in_time_is_worth_the_wait(config: FleetConfig) -> None:
+    """10 h of A100 work is 5 h on an H100 (cheaper per unit of work). Waiting up to the 5 h
+    it saves still finishes no later than the free A100s would; a project expected to hold
+    half its lease saves only 2.5 h, so it waits at most that long."""
+    request = r(duration_hours=10)
+    for wait, share, chosen in ((4.9, 1.0, "H100"), (5.1, 1.0, "A100"),
+                                (2.4, 0.5, "H100"), (2.6, 0.5, "A100")):
+        decision = route(request, config, None, starts_in={"H100": wait, "A100": 0.0},
+                         used_share=share)
+        assert not isinstance(decision, Refusal) and decision.gpu_type == chosen, (wait, share)
+        if chosen == "H100":
+            assert "finishes before A100 started now would" in decision.reason

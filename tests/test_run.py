@@ -211,3 +211,57 @@ def test_a_bad_notice_signal_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--notice-signal must be one of USR1, USR2, HUP, INT, TERM" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# Checkpoints nothing itself: starting again on the same log is its resume from a checkpoint.
+RESUMABLE = """
+import os, signal, sys, time
+log = sys.argv[1]
+resumed = os.path.exists(log)
+def term(*_):
+    with open(log, "a") as f:
+        f.write("term\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+with open(log, "a") as f:
+    f.write(("resume" if resumed else "start") + " " + os.environ["GPU_AGENT_ALLOCATION"] + "\\n")
+while not resumed:
+    time.sleep(0.1)
+"""
+
+
+def test_requeue_resumes_the_command_on_a_new_allocation_after_its_lease_ends(
+        tmp_path: Path) -> None:
+    """`--requeue 2`: the lease ends the command (SIGTERM, it exits within its grace); run
+    asks again with the old allocation as the one it resumes (so it queues ahead of new
+    work) and starts the command again, which goes on and finishes: one requeue, not two."""
+    import sqlite3
+
+    log = tmp_path / "log"
+    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
+                   str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
+                   "--hours", LEASE, "--grace", "10", "--requeue", "2", "--json", "--",
+                   sys.executable, "-c", RESUMABLE, str(log), cwd=tmp_path, timeout=90)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    [first] = report["requeued_from"]
+    second = report["allocation_id"]
+    assert report["ended_by"] == "command" and first != second
+    assert log.read_text().split() == ["start", first, "term", "resume", second]
+    assert "requeued to resume it ahead of new work (1 requeue(s) left)" in done.stderr
+    with sqlite3.connect(tmp_path / "s" / "ledger.sqlite") as db:
+        rows = dict(db.execute("SELECT id, resumes FROM allocations").fetchall())
+        reasons = dict(db.execute("SELECT id, release_reason FROM allocations").fetchall())
+    assert rows == {first: None, second: first}
+    assert reasons == {first: "lease-expired", second: "command-exit"}
+
+
+def test_requeue_is_for_what_run_requested(tmp_path: Path) -> None:
+    cases = {("--allocation", "a1", "--requeue", "1"): "--requeue needs --project",
+             ("--project", "vision", "--count", "1", "--hours", "1", "--requeue", "-1"):
+                 "must not be negative"}
+    for args, message in cases.items():
+        done = run_cli("run", "--state-dir", str(tmp_path / "s"), *args, "--", "true",
+                       cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

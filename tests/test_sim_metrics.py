@@ -34,7 +34,7 @@ import pytest
 
 from fleet.config import FleetConfig, GPUTypeSpec, NodeSpec
 from fleet.models import Purpose
-from sim.lifecycle import Attempt, account, timeline
+from sim.lifecycle import Attempt, account, rerun, timeline
 from sim.metrics import isolated_hours, jain, metrics, percentiles, series, summary
 from sim.report import table, write_report
 from sim.workload import Phase, SimJob
@@ -262,3 +262,25 @@ def test_write_report_is_complete_and_reproducible(tmp_path: Path) -> None:
     for text in ("| naive | gpu-agent |", "![jct](jct.png)", "32 %", "47-52 %",
                  "jain_fairness", "hand-built"):
         assert text in report
+
+
+def test_a_noticed_training_job_goes_on_from_where_its_lease_ended_it() -> None:
+    """Work 2 h, a 1 h pause, work 2 h; ended 1 h into its first work phase. Given notice (a
+    lease or budget end, under `gpu-agent run`), it checkpoints there: 1 h of that phase is
+    left. Unsupervised, or ended for idling, it goes back to its last checkpoint, the start."""
+    from dataclasses import replace
+
+    from fleet.models import ReleaseReason
+    phases = (Phase(2, 80), Phase(1, 0), Phase(2, 80))
+    base = job(9, "a", 1, Purpose.TRAINING, 0, *phases)
+    segments = timeline(base, "A100", t(0), CONFIG)
+    noticed = rerun(replace(base, supervised=True), segments, t(1),
+                    ReleaseReason.LEASE_EXPIRED, 1, CONFIG)
+    assert noticed is not None and noticed.phases == (Phase(1, 80), *phases[1:])
+    for j, reason in ((base, ReleaseReason.LEASE_EXPIRED),
+                      (replace(base, supervised=True), ReleaseReason.IDLE)):
+        again = rerun(j, segments, t(1), reason, 1, CONFIG)
+        assert again is not None and again.phases == phases
+    after_pause = rerun(replace(base, supervised=True), segments, t(2.5),
+                        ReleaseReason.LEASE_EXPIRED, 1, CONFIG)
+    assert after_pause is not None and after_pause.phases == phases[2:]

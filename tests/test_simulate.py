@@ -281,9 +281,10 @@ def test_trace_gpus_read_the_job_placed_on_them() -> None:
 def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
     """The first 5,000 jobs under every policy (issue: "never throw work away"). gpu-agent
     fails no job, overruns no budget, costs at most 1.05 x the floor, queues and finishes no
-    later than slurm-cheapest, hoards a tenth of what slurm-like does and does all the work
-    but what the budgets refuse: three jobs of projects whose budgets cannot take them (two
-    of them overrun by every baseline), 1.3 % of the slice's work."""
+    later than slurm-cheapest, hoards at most a tenth of what slurm-like does and does all the
+    work but what the budgets refuse: three jobs of projects whose budgets cannot take them
+    (two of them overrun by every baseline), 1.3 % of the slice's work, so the whole trace's
+    bound (0.999 of the best baseline's work) is not this slice's."""
     from importlib import resources
 
     from sim import DEFAULT_POLICIES
@@ -297,7 +298,7 @@ def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
     assert agent["work_share"] >= 0.985 * best
     assert agent["budget_violations"] == {"count": 0, "usd": 0.0}
     assert agent["cost_vs_floor"] <= 1.05
-    assert agent["hoarded_gpu_hours"] <= 0.11 * r["slurm-like"]["hoarded_gpu_hours"]
+    assert agent["hoarded_gpu_hours"] <= 0.10 * r["slurm-like"]["hoarded_gpu_hours"]
     assert agent["queue_hours"]["mean"] <= r["slurm-cheapest"]["queue_hours"]["mean"]
     assert agent["jct_hours"]["p50"] <= r["slurm-cheapest"]["jct_hours"]["p50"]
     same = sim.across["same_work"]["policies"]
