@@ -126,15 +126,16 @@ def test_a_job_under_gpu_agent_run_pauses_and_its_tail_goes_after_the_command(
         tmp_path: Path) -> None:
     """The same job, run through `gpu-agent run`: its 45-minute pause is a pause (the
     command runs), so nothing is killed; when the command exits at 2 h 45 the work is done
-    and the 3 h idle tail is released 5 minutes later, hoarding 5 minutes."""
+    and the 3 h idle tail is released at the first tick that reads it idle, hoarding
+    nothing."""
     config = parse_fleet(TINY_FLEET)
     phases = [Phase(1.0, 80.0), Phase(0.75, 0.0), Phase(1.0, 80.0), Phase(3.0, 0.0)]
     supervised = replace(job(0, "p", 0, phases, requested=8.0, named="A100"), supervised=True)
     [a] = run_gpu_agent(Workload([supervised], {"p": 1000.0}), config,
                         tmp_path / "agent").attempts
     assert (a.outcome, a.reason) == ("completed", "idle")
-    assert a.end - a.start == pytest.approx((2.75 + 5 / 60) * 3600)
-    assert a.hoarded_gpu_hours == pytest.approx(5 / 60)
+    assert a.end - a.start == pytest.approx(2.75 * 3600)
+    assert a.hoarded_gpu_hours == pytest.approx(0.0)
     assert a.idle_gpu_hours == pytest.approx(0.75)  # the pause, paid for: not a saving
 
 
