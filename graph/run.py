@@ -33,6 +33,7 @@ from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, new_owner
 from fleet.supervise import Supervised, check_startable
 from graph.orchestrator import Orchestrator
+from graph.outcome import PendingReview
 
 POLL_S = 0.25
 NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm's is opt-in too)
@@ -169,7 +170,7 @@ def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str]
     while True:
         try:
             handle = orch.allocate_gpu_sync(request)
-        except (Denied, NotPlaced) as exc:
+        except (Denied, NotPlaced, PendingReview) as exc:
             if last is None:
                 raise
             say(f"the requeue of allocation {last.allocation_id} was not placed: {exc}")
