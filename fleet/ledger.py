@@ -13,7 +13,7 @@ import json
 import math
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
@@ -396,6 +396,7 @@ class Ledger:
         # GPU type -> held GPU uuids, valid while no other connection has committed
         # (SQLite's data_version); this connection's own changes update it as they are made.
         self._held: dict[str, set[str]] = {}
+        self._free_of: dict[str, tuple[list[GPUInfo], set[str], list[GPUInfo]]] = {}
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
         self._remaining: dict[str, tuple[tuple[int | None, int], float | None]] = {}
         self._finished = 0  # allocations this connection moved to history
@@ -596,6 +597,7 @@ class Ledger:
                 )
                 if route.gpu_type in self._held:
                     self._held[route.gpu_type].update(g.uuid for g in decision.gpus)
+                    self._free_of.pop(route.gpu_type, None)
                 nodes = sorted({g.node for g in decision.gpus})
                 db.execute(
                     "UPDATE allocations SET state='active', started_at=?, lease_end=?, "
@@ -637,7 +639,9 @@ class Ledger:
         free = self._free(db, gpu_type, inventory)
         # only a line that cannot all start now needs a reservation, hence the endings
         short = count + sum(t.count for t in waiting) > len(free)
-        active_gpus, usage = self._active(db, now)
+        # a request alone in its line needs no fair order, and without a quota no holdings
+        alone = not waiting and self.config.quotas.max_gpus(project) is None
+        active_gpus, usage = ({}, {}) if alone else self._active(db, now)
         budget = self._budget(db, project)
         expected, factor = self._expected(db, project) if budget is not None else (0.0, 1.0)
         return Snapshot(
@@ -693,8 +697,16 @@ class Ledger:
 
     def _free(self, db: Conn, gpu_type: str,
               inventory: list[GPUInfo]) -> list[GPUInfo]:
+        """The type's GPUs in `inventory` nobody holds, kept while the inventory list and the
+        held set are the same objects (placement and release drop it when they change the
+        set; callers do not change the list)."""
         held = self._held_of(db, gpu_type)
-        return [g for g in self._of_type(inventory, gpu_type) if g.uuid not in held]
+        kept = self._free_of.get(gpu_type)
+        if kept is not None and kept[0] is inventory and kept[1] is held:
+            return kept[2]
+        free = [g for g in self._of_type(inventory, gpu_type) if g.uuid not in held]
+        self._free_of[gpu_type] = (inventory, held, free)
+        return free
 
     def _held_of(self, db: Conn, gpu_type: str) -> set[str]:
         """The held GPUs of a type, read once and then kept up to date (see __init__)."""
@@ -821,23 +833,27 @@ class Ledger:
         """budget.worst_case of the project's active allocations, summed by the database."""
         return float(db.execute(COMMITTED, {"p": project}).fetchone()[0])
 
-    def starts_in_hours(self, gpu_type: str, count: int, now: float,
-                        inventory: list[GPUInfo]) -> float:
-        """At the latest, how long until a new request for `count` GPUs of the type could
+    def starts_in_hours(self, types: Iterable[str], count: int, now: float,
+                        inventory: list[GPUInfo]) -> dict[str, float]:
+        """Per type, at the latest how long until a new request for `count` GPUs could
         start (0: now): when running allocations have let enough GPUs go by their deadlines.
         Infinite (unknown) while others wait for the type: the fair queue orders them and
         may put them ahead, so no bound holds (waiting behind a line was what made routing
         to a full type cost queueing time on the Philly trace)."""
         with self.reading() as db:
-            free = len(self._free(db, gpu_type, inventory))
-            queued = int(db.execute("SELECT coalesce(sum(count), 0) FROM allocations "
-                                    "WHERE state='queued' AND gpu_type=?",
-                                    (gpu_type,)).fetchone()[0])
-            if free - queued >= count:
-                return 0.0
-            if queued:
-                return math.inf
-            at = reserve(count, free, self._endings(db, gpu_type, inventory), now).at
+            return {t: self._starts_in(db, t, count, now, inventory) for t in types}
+
+    def _starts_in(self, db: Conn, gpu_type: str, count: int, now: float,
+                   inventory: list[GPUInfo]) -> float:
+        free = len(self._free(db, gpu_type, inventory))
+        queued = int(db.execute("SELECT coalesce(sum(count), 0) FROM allocations "
+                                "WHERE state='queued' AND gpu_type=?",
+                                (gpu_type,)).fetchone()[0])
+        if free - queued >= count:
+            return 0.0
+        if queued:
+            return math.inf
+        at = reserve(count, free, self._endings(db, gpu_type, inventory), now).at
         return (at - now) / 3600.0
 
     def held_by_type(self) -> dict[str, int]:
@@ -918,6 +934,7 @@ class Ledger:
                        "DO UPDATE SET at=excluded.at", [(g, end) for g in row.gpu_ids])
         if row.gpu_type in self._held:
             self._held[row.gpu_type].difference_update(row.gpu_ids)
+            self._free_of.pop(row.gpu_type, None)
         db.execute(
             "INSERT INTO charges (allocation_id, project, amount_usd, charged_at) "
             "VALUES (?,?,?,?)",

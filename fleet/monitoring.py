@@ -240,8 +240,10 @@ def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, ti
         t = t0 + k * tick
         if t >= horizon:
             return horizon
-        keep = [i for i, x in enumerate(times) if x > t - window_s]
-        times, window = [times[i] for i in keep] + [t], [window[i] for i in keep] + [last.mean]
+        while times and times[0] <= t - window_s:  # the window's times ascend
+            del times[0], window[0]
+        times.append(t)
+        window.append(last.mean)
         if t - started_at >= window_s:
             if sum(window) / len(window) < settings.low_util_pct:
                 if not warned:

@@ -100,8 +100,7 @@ class Services:
         """Per type, at the latest how long until a request for `count` GPUs could start
         (Ledger.starts_in_hours on the GPUs placement may use): what routing weighs a
         cheaper type's wait against."""
-        now, usable = self.clock.now(), self.placeable()
-        return {t: self.ledger.starts_in_hours(t, count, now, usable) for t in types}
+        return self.ledger.starts_in_hours(types, count, self.clock.now(), self.placeable())
 
     def sample(self, gpu_ids: list[str], now: float,
                holders: dict[str, str]) -> list[GPUSample]:

@@ -288,9 +288,12 @@ def test_starts_in_hours_reads_the_deadlines_unless_others_wait(fx: Fixture) -> 
     for i in range(4):
         assert fx.place(f"t{i}", now=T0 + i * 1800).decision.kind is Kind.PLACE
     now = T0 + 1.5 * 3600
-    assert fx.ledger.starts_in_hours("A100", 2, now, fx.inventory) == pytest.approx(0.5)
-    assert fx.ledger.starts_in_hours("A100", 6, now, fx.inventory) == pytest.approx(1.5)
-    assert fx.ledger.starts_in_hours("A100", 9, now, fx.inventory) == float("inf")
-    assert fx.ledger.starts_in_hours("H100", 2, now, fx.inventory) == 0.0
+
+    def starts(count: int) -> dict[str, float]:
+        return fx.ledger.starts_in_hours(["A100", "H100"], count, now, fx.inventory)
+
+    assert starts(2) == {"A100": pytest.approx(0.5), "H100": 0.0}
+    assert starts(6)["A100"] == pytest.approx(1.5)
+    assert starts(9)["A100"] == float("inf")
     assert fx.place("t4", now=now).decision.kind is Kind.QUEUE
-    assert fx.ledger.starts_in_hours("A100", 2, now, fx.inventory) == float("inf")
+    assert starts(2)["A100"] == float("inf")
