@@ -5,10 +5,11 @@ purpose's pool). On another type the same work takes duration x ref_speed / spee
 twice as fast at less than twice the price is the cheaper choice. A cheaper type that is full
 does not make a request wait while a dearer type of its pool could start it now (found by the
 trace simulation: every training job queued for the H100s while the A100s stood idle), unless
-it would still finish no later: a cheaper type whose GPUs come back (at the latest, by the
-running leases) within the time the dearer type would take longer is worth the wait (on the
-Philly trace, A100-hours taken while the H100s were about to free were most of what gpu-agent
-paid over the floor).
+it would still finish sooner: a cheaper type whose GPUs come back (at the latest, by the
+running allocations' deadlines, with nobody else waiting for them) within the time it saves
+on the share of its lease the project is expected to use is worth the wait (on the Philly
+trace, A100-hours taken while the H100s were about to free were most of what gpu-agent paid
+over the floor).
 """
 
 from __future__ import annotations
