@@ -8,8 +8,8 @@ trace simulation: every training job queued for the H100s while the A100s stood 
 it would still finish sooner: a cheaper type whose GPUs come back (at the latest, by the
 running allocations' deadlines, with nobody else waiting for them) within the time it saves
 on the share of its lease the project is expected to use is worth the wait (on the Philly
-trace, A100-hours taken while the H100s were about to free were most of what gpu-agent paid
-over the floor).
+trace, work run on A100s while the H100s were full was the largest part of what gpu-agent
+paid over the floor).
 """
 
 from __future__ import annotations
@@ -136,10 +136,10 @@ def _cheapest_in_time(feasible: list[RouteOption], starts_in: Mapping[str, float
     ready = [o for o in feasible if starts_in.get(o.gpu_type, math.inf) <= 0]
     if not ready or ready[0] is feasible[0]:
         return (ready or feasible)[0], why
-    now = ready[0]
-    for o in feasible[:feasible.index(now)]:
+    free_now = ready[0]
+    for o in feasible[:feasible.index(free_now)]:
         wait = starts_in.get(o.gpu_type, math.inf)
-        if wait <= used_share * (now.est_hours - o.est_hours):
+        if wait <= used_share * (free_now.est_hours - o.est_hours):
             return o, (f"{why}: {o.gpu_type} is full but frees within {wait:.2f} h, so it "
-                       f"finishes before {now.gpu_type} started now would")
-    return now, f"{why} free now ({feasible[0].gpu_type} is full)"
+                       f"finishes before {free_now.gpu_type} started now would")
+    return free_now, f"{why} free now ({feasible[0].gpu_type} is full)"

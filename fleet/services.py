@@ -23,8 +23,9 @@ from fleet.commands import Commands
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere
 from fleet.ledger import Ledger
-from fleet.models import GPUInfo, GPUSample, Release, ReleaseReason
+from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
+from fleet.routing import Refusal, route, types_for
 from fleet.sql import is_postgres
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
@@ -96,11 +97,18 @@ class Services:
                              if bad else self.inventory)
         return self._healthy[1]
 
-    def starts_in_hours(self, count: int, types: Iterable[str]) -> dict[str, float]:
+    def starts_in_hours(self, types: Iterable[str], count: int) -> dict[str, float]:
         """Per type, at the latest how long until a request for `count` GPUs could start
         (Ledger.starts_in_hours on the GPUs placement may use): what routing weighs a
         cheaper type's wait against."""
         return self.ledger.starts_in_hours(types, count, self.clock.now(), self.placeable())
+
+    def route(self, request: GPURequest) -> RouteDecision | Refusal:
+        """Route `request` now, as the route node does: within the project's budget, with
+        each type's wait and the project's usage factor (fleet.routing.route)."""
+        return route(request, self.config, self.ledger.remaining_usd(request.project),
+                     self.starts_in_hours(types_for(request, self.config), request.count),
+                     self.ledger.usage_factor(request.project))
 
     def sample(self, gpu_ids: list[str], now: float,
                holders: dict[str, str]) -> list[GPUSample]:

@@ -46,8 +46,7 @@ from fleet import names
 from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
 from fleet.models import GPURequest, RouteMode, Status
-from fleet.routing import Refusal, estimate, types_for
-from fleet.routing import route as choose_route
+from fleet.routing import Refusal, estimate
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
 from nodes.audit import ask_key, decision_key, recorded
@@ -618,14 +617,12 @@ class WebUI:
         council = (f"the council judged the cost at its worst case on the cheapest type that "
                    f"does the work ({n} x {cheapest} for {_hours(round(c_hours, 2))}{of_work}: "
                    f"{_money(worst)})")
-        starts_in = svc.starts_in_hours(n, types_for(request, config))
-        route = choose_route(request, config, svc.ledger.remaining_usd(request.project),
-                             starts_in, svc.ledger.usage_factor(request.project))
+        route = svc.route(request)
         if isinstance(route, Refusal):
             return (f"<h2>If approved now</h2><p class=\"error\">refused: {_e(route.reason)}"
                     f"</p><p class=\"explain\">{_e(council.capitalize())}; routed now the "
                     "request would be refused.</p>")
-        queued = starts_in.get(route.gpu_type, 0.0) > 0
+        queued = svc.starts_in_hours([route.gpu_type], n)[route.gpu_type] > 0
         if route.gpu_type == cheapest:
             why = ("the request names its type, which" if request.gpu_type else
                    "the cheapest type that does the work") + \

@@ -8,8 +8,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from fleet.models import Status
-from fleet.routing import Refusal, types_for
-from fleet.routing import route as choose_route
+from fleet.routing import Refusal
 from nodes import audit
 from nodes.context import Context, services_for
 from nodes.progress import report
@@ -19,9 +18,7 @@ from nodes.state import State, request_of
 def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
-    decision = choose_route(request, svc.config, svc.ledger.remaining_usd(request.project),
-                            svc.starts_in_hours(request.count, types_for(request, svc.config)),
-                            svc.ledger.usage_factor(request.project))
+    decision = svc.route(request)
     if isinstance(decision, Refusal):
         audit.denial(svc, state, request, "rules", decision.reason)
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
