@@ -190,9 +190,10 @@ def component_costs(orch: Orchestrator, n: int) -> dict[str, float]:
         req = GPURequest.model_validate(request(i) | {"request_id": f"c{i}"})
         now = svc.clock.now()
         t0 = time.perf_counter()
-        remaining = svc.ledger.remaining_usd(req.project)
-        for _ in range(2):  # validate, council and route each read it
-            svc.ledger.remaining_usd(req.project)
+        svc.ledger.remaining_usd(req.project)  # the council's features
+        remaining = svc.ledger.remaining_usd(req.project, running=False)
+        for _ in range(2):  # validate, the council's check and route each read it
+            svc.ledger.remaining_usd(req.project, running=False)
         stats = svc.ledger.project_stats(req.project, now, settings.history_events)
         held = Counter(g.gpu_type for g in svc.inventory if g.uuid in svc.ledger.holders())
         t1 = time.perf_counter()

@@ -8,7 +8,8 @@ models and two settings of each idle timeout, every baseline beside gpu-agent in
 Pause models are sim.workload's (PAUSE_MODELS); `done` is the trace fleet's
 `monitor.idle_timeout_done_minutes` (the idle tail after a command exits), `training` its
 timeout for a training allocation with no command known (`idle_timeout_by_purpose`). One row
-per (model, done, training): gpu-agent's work share and against the best baseline's, the jobs
+per (model, done, training): gpu-agent's work share and against the most work a baseline did
+within the budgets (metrics' work_share_in_budget), the jobs
 the policy failed and denied, cost against the floor for gpu-agent and the strongest baseline,
 hoarded GPU-hours against slurm-like's and budget violations.
 """
@@ -48,7 +49,7 @@ def row(model: str, done: float, training: float, results: dict[str, Any],
         across: dict[str, Any]) -> str:
     agent = results["gpu-agent"]
     base = {n: m for n, m in results.items() if n != "gpu-agent"}
-    best_share = max(m["work_share"] for m in base.values())
+    best_share = max(m["work_share_in_budget"] for m in base.values())
     strongest = across["strongest_baseline"]
     hoard = agent["hoarded_gpu_hours"] / results["slurm-like"]["hoarded_gpu_hours"]
     return (f"{model:<12} {done:>5g} {training:>8g} {agent['work_share']:>8.4f} "
@@ -80,7 +81,8 @@ def main() -> None:
                                    stream=io.StringIO(),
                                    settings=WorkloadSettings(pause_model=model))
                 print(row(model, done, training, sim.results, sim.across), flush=True)
-    print("work: gpu-agent's work share; vs best: over the baselines' best; failed: jobs the "
+    print("work: gpu-agent's work share; vs best: over the most work a baseline did within "
+          "the budgets; failed: jobs the "
           "policy killed that reruns could not finish; floor x: cost against the floor "
           "(gpu-agent, the strongest baseline); hoard/sl: hoarded GPU-hours against "
           "slurm-like's; over: budget violations")

@@ -12,14 +12,23 @@ which reserved the padded leases of everything running and refused work that wou
 spent + the expected cost of every active allocation + the new one's must fit the budget.
 An allocation is expected to cost q x its worst case (price x GPUs x leased hours), never
 more than its deadline allows, where q, the project's usage factor, is the mean of held /
-leased hours over its last 20 finished allocations and PRIOR_LEASES whole leases: a mean,
-because admission sums the expected costs of everything running, and a sum comes to the sum
-of the means (a quantile per allocation would price every one of them at its worst case: on
-the Philly workload, where users pad leases about twofold, the 90th percentile is a whole
-lease). Conservatively: a new project has q = 1 and is admitted on its worst case as before,
-and the whole leases weigh until its record outweighs them; an allocation the budget stopped
-counts as a whole lease (it would have run on); q is never below 0.1. When q is too low the
-price is work cut at the budget, never spend above it.
+leased hours over its last 20 finished allocations and PRIOR_LEASES leases held for the
+fleet's share: a mean, because admission sums the expected costs of everything running, and
+a sum comes to the sum of the means (a quantile per allocation would price every one of them
+at its worst case: on the Philly workload, where users pad leases about twofold, the 90th
+percentile is a whole lease). A project without a record is expected to hold its leases as
+the fleet's last FLEET_RECORDS finished allocations did (a whole lease on a new fleet), and
+that prior weighs until its own record outweighs it; an allocation the budget stopped counts
+as a whole lease (it would have run on); q is never below 0.1. When q is too low the price
+is work cut at the budget, never spend above it.
+
+What the expected cost of the running allocations holds comes back when they end, so a
+request that only they keep out waits for them (as Slurm's jobs pend on an association's
+limits); one that the spend alone keeps out is refused. A lease whose worst case the budget
+less the spend cannot take whole is shortened to what that buys, down to min_lease_share of
+it (admitted_hours), rather than refused; never for what the running allocations hold (on
+the Philly slice, a lease shortened for that ran out before the work and its rerun no longer
+fitted the budget, where waiting for the whole lease did all of the work).
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from dataclasses import dataclass
 
 EPS = 1e-9
 RECORDS = 20  # the finished allocations the usage factor reads, newest first
-PRIOR_LEASES = 2  # whole leases the usage factor starts from
+PRIOR_LEASES = 2  # leases, held for the fleet's share, the usage factor starts from
+FLEET_RECORDS = 200  # the fleet's finished allocations that share is the mean of
 MIN_FACTOR = 0.1
 
 
@@ -98,11 +108,12 @@ def used_share(held_hours: float, leased_hours: float, stopped_by_budget: bool) 
     return min(1.0, max(0.0, held_hours / leased_hours))
 
 
-def usage_factor(shares: list[float]) -> float:
-    """q: the mean of the newest RECORDS shares (newest first) and PRIOR_LEASES whole
-    leases; at least MIN_FACTOR."""
+def usage_factor(shares: list[float], prior: float = 1.0) -> float:
+    """q: the mean of the newest RECORDS shares (newest first) and PRIOR_LEASES leases held
+    for the share `prior` (the fleet's: the mean used_share of its newest FLEET_RECORDS
+    finished allocations, a whole lease on a fleet without any); at least MIN_FACTOR."""
     recent = shares[:RECORDS]
-    return max(MIN_FACTOR, (sum(recent) + PRIOR_LEASES) / (len(recent) + PRIOR_LEASES))
+    return max(MIN_FACTOR, (sum(recent) + prior * PRIOR_LEASES) / (len(recent) + PRIOR_LEASES))
 
 
 def committed(active: list[Active], factor: float) -> float:
@@ -120,6 +131,25 @@ def admissible_usd(budget_usd: float, spent_usd: float, committed_usd: float,
 def admits(worst_usd: float, admissible: float | None) -> bool:
     """The admission rule, for the ledger and the pre-checks alike (None: no budget)."""
     return admissible is None or worst_usd <= admissible + EPS
+
+
+def admitted_hours(hours: float, usd_per_hour: float, admissible: float | None,
+                   min_share: float) -> float | None:
+    """The lease the budget admits for one asking `hours` at `usd_per_hour`: all of it when
+    its worst case fits `admissible`; else the hours `admissible` buys, when that is at least
+    `min_share` of the lease (leases are padded, about twofold on Philly, so a shorter one
+    mostly still does the work, and its deadline and notice end it at the budget, never past
+    it); else None, a refusal."""
+    if admits(hours * usd_per_hour, admissible):
+        return hours
+    assert admissible is not None
+    bought = max(admissible, 0.0) / usd_per_hour
+    return bought if bought > 0 and bought >= min_share * hours - EPS else None
+
+
+def even_shortened(min_share: float) -> str:
+    """What a budget refusal adds where leases may be shortened: not even that fitted."""
+    return f", even for {min_share:.0%} of the lease" if min_share < 1 else ""
 
 
 def worst_case(items: list[Running]) -> float:

@@ -119,6 +119,9 @@ class CouncilSettings(_Strict):
 class LimitSettings(_Strict):
     max_duration_hours: float = Field(default=720, gt=0)
     min_duration_minutes: float = Field(default=1, gt=0)
+    # A budget that cannot take a whole lease shortens it down to this share of the hours
+    # asked rather than refuse the request (fleet.budget.admitted_hours); 1: never shortens.
+    min_lease_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class QuotaSettings(_Strict):

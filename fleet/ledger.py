@@ -22,6 +22,7 @@ from typing import Any
 from fleet.backfill import Ending, reserve
 from fleet.budget import (
     EPS,
+    FLEET_RECORDS,
     RECORDS,
     Active,
     Moved,
@@ -356,6 +357,13 @@ EXPECTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * CASE WHEN "
             ":q * (lease_end - started_at) < deadline - started_at THEN "
             ":q * (lease_end - started_at) ELSE deadline - started_at END), 0) "
             "FROM allocations WHERE state='active' AND project=:p")
+# the prior of the usage factor (budget.usage_factor): the mean budget.used_share of the fleet's
+# newest finished allocations, taken by the database (:n of them; :budget, the reason that
+# counts a whole lease)
+FLEET_SHARE = ("SELECT avg(CASE WHEN reason = :budget OR requested_hours <= 0 "
+               "OR hours >= requested_hours THEN 1.0 WHEN hours <= 0 THEN 0.0 "
+               "ELSE hours / requested_hours END) FROM (SELECT hours, requested_hours, reason "
+               "FROM history ORDER BY ended_at DESC, allocation_id LIMIT :n) newest")
 # what cut_deadlines needs to know to leave every deadline at its lease end
 UNCUT = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (lease_end - started_at)), 0)"
          " AS worst, coalesce(sum(CASE WHEN deadline <> lease_end THEN 1 ELSE 0 END), 0) AS cut"
@@ -398,9 +406,10 @@ class Ledger:
         self._held: dict[str, set[str]] = {}
         self._free_of: dict[str, tuple[list[GPUInfo], set[str], list[GPUInfo]]] = {}
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
-        self._remaining: dict[str, tuple[tuple[int | None, int], float | None]] = {}
+        self._remaining: dict[tuple[str, bool],
+                              tuple[tuple[int | None, int], float | None]] = {}
         self._finished = 0  # allocations this connection moved to history
-        self._factors: dict[str, tuple[tuple[int, int], float]] = {}
+        self._factors: dict[str | None, tuple[tuple[int, int], float]] = {}  # None: fleet
         self._version: int | None = None
         try:
             self._migrate()
@@ -588,7 +597,8 @@ class Ledger:
                 freed = db.execute(f"SELECT max(at) FROM freed WHERE gpu_uuid IN ({marks})",
                                    [g.uuid for g in decision.gpus]).fetchone()[0]
                 now = max(now, freed) if freed is not None else now
-                lease_end = now + route.est_hours * 3600.0
+                hours = decision.hours or route.est_hours
+                lease_end = now + hours * 3600.0
                 held = db.execute("SELECT count(*) FROM holds").fetchone()[0]
                 busy = min(1.0, held / len(inventory)) if inventory else 0.0
                 db.executemany(
@@ -602,9 +612,10 @@ class Ledger:
                 db.execute(
                     "UPDATE allocations SET state='active', started_at=?, lease_end=?, "
                     "deadline=?, deadline_reason=?, heartbeat_at=?, gpu_ids=?, nodes=?, "
-                    "busy_at_start=? WHERE id=?",
+                    "busy_at_start=?, hours=? WHERE id=?",
                     (now, lease_end, lease_end, ReleaseReason.LEASE_EXPIRED.value, now,
-                     json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), busy, aid),
+                     json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), busy,
+                     hours, aid),
                 )
                 moved = self._fit_deadlines(db, request.project, now)
                 return PlaceResult(decision, self._get(db, aid),
@@ -751,25 +762,27 @@ class Ledger:
             usage[project] = usage.get(project, 0.0) + hours
         return held, usage
 
-    def remaining_usd(self, project: str) -> float | None:
+    def remaining_usd(self, project: str, running: bool = True) -> float | None:
         """The largest worst case a new request of the project is admitted with (None: no
         budget): what placement admits, for the checks before it (budget.admissible_usd).
-        With q = 1, the budget less spend and the worst case of the active allocations.
-        Kept until this connection writes or another commits (validate, the council and
-        route ask it of one request in turn)."""
+        With q = 1, the budget less spend and the worst case of the active allocations;
+        without `running`, once they have ended: past that a request is refused, below it
+        it waits for them. Kept until this connection writes or another commits (validate,
+        the council and route ask it of one request in turn)."""
         with self.reading() as db:
             version = self.db.data_version(db)  # None (PostgreSQL): never kept
             key = (version, self._writes)
-            kept = self._remaining.get(project)
+            kept = self._remaining.get((project, running))
             if version is not None and kept is not None and kept[0] == key:
                 return kept[1]
             budget = self._budget(db, project)
             remaining = None
             if budget is not None:
-                expected, factor = self._expected(db, project)
+                expected, factor = self._expected(db, project) if running else \
+                    (0.0, self._factor(db, project))
                 remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
             if version is not None:
-                self._remaining[project] = (key, remaining)
+                self._remaining[(project, running)] = (key, remaining)
             return remaining
 
     def _actives(self, db: Conn, project: str) -> list[Active]:
@@ -793,14 +806,33 @@ class Ledger:
         kept = self._factors.get(project)
         if version is not None and kept is not None and kept[0] == (version, self._finished):
             return kept[1]
-        factor = usage_factor([
-            used_share(r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET)
-            for r in db.execute("SELECT hours, requested_hours, reason FROM history "
-                                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
-                                f"LIMIT {RECORDS}", (project,))])
+        factor = usage_factor(self._shares(db, project, RECORDS), self._fleet_share(db))
         if version is not None:
             self._factors[project] = ((version, self._finished), factor)
         return factor
+
+    def _fleet_share(self, db: Conn) -> float:
+        """The prior of a project without a record (FLEET_SHARE), kept as the usage
+        factors are."""
+        version = self.db.data_version(db)
+        kept = self._factors.get(None)
+        if version is not None and kept is not None and kept[0] == (version, self._finished):
+            return kept[1]
+        mean = db.execute(FLEET_SHARE, {"budget": ReleaseReason.BUDGET.value,
+                                        "n": FLEET_RECORDS}).fetchone()[0]
+        share = 1.0 if mean is None else float(mean)  # a whole lease on a new fleet
+        if version is not None:
+            self._factors[None] = ((version, self._finished), share)
+        return share
+
+    def _shares(self, db: Conn, project: str, limit: int) -> list[float]:
+        """budget.used_share of the project's newest `limit` finished allocations, newest
+        first."""
+        return [
+            used_share(r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET)
+            for r in db.execute("SELECT hours, requested_hours, reason FROM history "
+                                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
+                                f"LIMIT {limit}", (project,))]
 
     def _expected(self, db: Conn, project: str) -> tuple[float, float]:
         """(the expected cost of the project's active allocations, its usage factor q)."""

@@ -249,6 +249,7 @@ class RouteOption(BaseModel):
     est_cost_usd: float
     feasible: bool
     why_not: str | None = None
+    asked_hours: float | None = None  # the lease on this type, where the budget shortened it
 
 
 class RouteDecision(BaseModel):
@@ -260,6 +261,7 @@ class RouteDecision(BaseModel):
     est_cost_usd: float
     reason: str
     alternatives: list[RouteOption] = Field(default_factory=list)
+    asked_hours: float | None = None  # the lease on this type, where the budget shortened it
 
 
 class Allocation(BaseModel):

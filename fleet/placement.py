@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from fleet.backfill import Ending, Reservation, backfill, reserve
-from fleet.budget import admissible_usd, admits
+from fleet.budget import admissible_usd, admits, admitted_hours, even_shortened
 from fleet.config import FleetConfig
 from fleet.models import GPUInfo, Priority, utc
 from fleet.scheduler import fair_share_factors, score
@@ -64,6 +64,7 @@ class Decision:
     kind: Kind
     reason: str
     gpus: list[GPUInfo] = field(default_factory=list)
+    hours: float | None = None  # a placement's lease: the route's, or what the budget admits
 
 
 def decide(
@@ -73,15 +74,25 @@ def decide(
     config: FleetConfig,
     topology: Topology,
 ) -> Decision:
-    if snap.budget_usd is not None and not admits(worst_case_usd, admissible_usd(
-            snap.budget_usd, snap.spent_usd, snap.committed_usd, snap.usage_factor)):
-        remaining = snap.budget_usd - snap.spent_usd - snap.committed_usd
-        return Decision(
-            Kind.DENY,
-            f"budget: expected ${worst_case_usd * snap.usage_factor:.2f} (worst case "
-            f"${worst_case_usd:.2f}) > remaining ${max(remaining, 0):.2f} of {me.project}'s "
-            f"${snap.budget_usd:.2f}",
-        )
+    asked, share = me.hours, config.limits.min_lease_share  # the route's lease
+    if snap.budget_usd is not None:
+        rate = worst_case_usd / me.hours
+        # the lease the budget less the spend admits: never more, and never shortened for
+        # what the running allocations hold, which comes back when they end
+        lease = admitted_hours(me.hours, rate, admissible_usd(
+            snap.budget_usd, snap.spent_usd, 0.0, snap.usage_factor), share)
+        expected = f"expected ${worst_case_usd * snap.usage_factor:.2f} (worst case " \
+            f"${worst_case_usd:.2f})"
+        if lease is None:
+            left = max(snap.budget_usd - snap.spent_usd, 0)
+            return Decision(Kind.DENY, f"budget: {expected} > the ${left:.2f} left of "
+                            f"{me.project}'s ${snap.budget_usd:.2f}" + even_shortened(share))
+        if not admits(lease * rate, admissible_usd(snap.budget_usd, snap.spent_usd,
+                                                   snap.committed_usd, snap.usage_factor)):
+            return Decision(Kind.QUEUE, f"budget: {expected} waits for the "
+                            f"${snap.committed_usd:.2f} {me.project}'s running allocations "
+                            "are expected to cost")
+        me = replace(me, hours=lease) if lease < asked else me
     quota = config.quotas.max_gpus(me.project)
     held = snap.active_gpus.get(me.project, 0)
     if quota is not None and held + me.count > quota:
@@ -94,7 +105,10 @@ def decide(
         return Decision(Kind.QUEUE, _why_waiting(me, line, plan, snap))
     gpus = topology.choose(snap.free, me.count)
     assert gpus is not None  # it starts: its GPUs are among the free ones
-    return Decision(Kind.PLACE, f"placed on {', '.join(sorted({g.node for g in gpus}))}", gpus)
+    why = f"placed on {', '.join(sorted({g.node for g in gpus}))}"
+    if me.hours < asked:
+        why += f"; the project's budget shortens its lease to {me.hours:.2f} h"
+    return Decision(Kind.PLACE, why, gpus, me.hours)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fleet.budget import admits
+from fleet.budget import admitted_hours, even_shortened
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, RouteDecision, RouteMode, RouteOption
 
@@ -44,6 +44,7 @@ def _option(
 ) -> RouteOption:
     spec = config.catalog[gpu_type]
     hours, cost = estimate(request, config, gpu_type)
+    admitted = admitted_hours(hours, cost / hours, remaining_usd, config.limits.min_lease_share)
     why_not = None
     if request.min_memory_gb is not None and spec.memory_gb < request.min_memory_gb:
         why_not = f"{spec.memory_gb:g} GB < {request.min_memory_gb:g} GB"
@@ -53,17 +54,20 @@ def _option(
         why_not = f"{hours:.1f} h is over the duration limit"
     elif request.budget_limit is not None and cost > request.budget_limit:
         why_not = f"${cost:.2f} > request budget ${request.budget_limit:.2f}"
-    elif remaining_usd is not None and not admits(cost, remaining_usd):
+    elif admitted is None:
+        assert remaining_usd is not None
         why_not = (f"${cost:.2f} > the ${max(remaining_usd, 0):.2f} the project's remaining "
-                   "budget admits")
+                   "budget admits" + even_shortened(config.limits.min_lease_share))
+    lease = hours if admitted is None else admitted
     return RouteOption(
         gpu_type=gpu_type,
         price_per_hour=spec.price_per_hour,
         relative_throughput=spec.relative_throughput,
-        est_hours=hours,
-        est_cost_usd=cost,
+        est_hours=lease,
+        est_cost_usd=cost if lease == hours else cost * lease / hours,
         feasible=why_not is None,
         why_not=why_not,
+        asked_hours=hours if lease < hours else None,
     )
 
 
@@ -87,9 +91,10 @@ def route(
     for the cheaper one still finishes no later, for a request expected to hold `used_share`
     of its lease (the project's usage factor, fleet.budget); without it, or when none can
     start now, the cheapest."""
-    options = sorted(
+    options = sorted(  # by price per unit of work, whatever lease the budget leaves
         (_option(request, config, t, remaining_usd) for t in types_for(request, config)),
-        key=lambda o: (o.est_cost_usd, -o.relative_throughput, o.gpu_type),
+        key=lambda o: (o.price_per_hour / o.relative_throughput, -o.relative_throughput,
+                       o.gpu_type),
     )
     feasible = [o for o in options if o.feasible]
     if request.gpu_type:
@@ -120,8 +125,11 @@ def route(
         est_hours=chosen.est_hours,
         est_cost_usd=chosen.est_cost_usd,
         reason=f"{why}: {chosen.gpu_type} x{request.count} for {chosen.est_hours:.2f} h, "
-        f"${chosen.est_cost_usd:.2f}",
+        f"${chosen.est_cost_usd:.2f}" + (
+            f" (the project's budget shortens the {chosen.asked_hours:.2f} h lease)"
+            if chosen.asked_hours is not None else ""),
         alternatives=[o for o in options if o.gpu_type != chosen.gpu_type],
+        asked_hours=chosen.asked_hours,
     )
 
 
@@ -139,7 +147,12 @@ def _cheapest_in_time(feasible: list[RouteOption], starts_in: Mapping[str, float
     free_now = ready[0]
     for o in feasible[:feasible.index(free_now)]:
         wait = starts_in.get(o.gpu_type, math.inf)
-        if wait <= used_share * (free_now.est_hours - o.est_hours):
+        if wait <= used_share * (_work_hours(free_now) - _work_hours(o)):
             return o, (f"{why}: {o.gpu_type} is full but frees within {wait:.2f} h, so it "
                        f"finishes before {free_now.gpu_type} started now would")
     return free_now, f"{why} free now ({feasible[0].gpu_type} is full)"
+
+
+def _work_hours(option: RouteOption) -> float:
+    """How long the request's work takes on the option's type, whatever the budget leases."""
+    return option.asked_hours or option.est_hours

@@ -104,9 +104,11 @@ class Services:
         return self.ledger.starts_in_hours(types, count, self.clock.now(), self.placeable())
 
     def route(self, request: GPURequest) -> RouteDecision | Refusal:
-        """Route `request` now, as the route node does: within the project's budget, with
+        """Route `request` now, as the route node does: within what the project's budget
+        admits once its running work has ended (placement makes it wait for that), with
         each type's wait and the project's usage factor (fleet.routing.route)."""
-        return route(request, self.config, self.ledger.remaining_usd(request.project),
+        return route(request, self.config,
+                     self.ledger.remaining_usd(request.project, running=False),
                      self.starts_in_hours(types_for(request, self.config), request.count),
                      self.ledger.usage_factor(request.project))
 

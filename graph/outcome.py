@@ -84,17 +84,24 @@ class RequestOutcome:
 
 
 def lease_note(outcome: RequestOutcome) -> str | None:
-    """Why the lease is not the hours asked, when it is not: a request's hours are time on
-    its reference type (fleet.routing), and a faster type does the same work sooner."""
+    """Why the lease is not the hours asked, when it is not: the project's budget shortened
+    it (fleet.budget.admitted_hours), or the request's hours are time on its reference type
+    (fleet.routing) and a faster type does the same work sooner."""
     a, req = outcome.allocation, outcome.request
     if a is None or req is None:
         return None
     lease = (a.lease_end - a.started_at).total_seconds() / 3600.0
+    route = outcome.route
+    on_type = (route.asked_hours or route.est_hours) if route is not None else None
+    if on_type is not None and lease < on_type - 0.005:
+        return (f"lease {lease:.2f} h, not the {on_type:.2f} h this work takes on "
+                f"{a.gpu_type}: the project's budget buys no more (limits.min_lease_share)")
     if abs(lease - req.duration_hours) < 0.005:
         return None
-    options = outcome.route.alternatives if outcome.route is not None else []
+    options = route.alternatives if route is not None else []
     ref = req.gpu_type or next((o.gpu_type for o in options
-                                if abs(o.est_hours - req.duration_hours) < 1e-9), None)
+                                if abs((o.asked_hours or o.est_hours) - req.duration_hours)
+                                < 1e-9), None)
     on = f"time on {ref}, the reference type" if ref else "time on the pool's reference type"
     return (f"lease {lease:.2f} h, not the {req.duration_hours:g} h asked: --hours counts {on}; "
             f"{a.gpu_type} does that work {req.duration_hours / lease:.2f}x as fast")

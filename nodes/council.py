@@ -20,8 +20,9 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     svc = services_for(runtime)
     request = request_of(state)
     settings = svc.config.council
-    remaining = svc.ledger.remaining_usd(request.project)
-    refused = refusal(request, svc.config, remaining)
+    remaining = svc.ledger.remaining_usd(request.project)  # what it admits now, as trained
+    refused = refusal(request, svc.config,
+                      svc.ledger.remaining_usd(request.project, running=False))
     if refused:  # the budget changed since validate: the rules decide, not the council
         audit.denial(svc, state, request, "rules", refused)
         return {"status": Status.DENIED, "reason": refused}

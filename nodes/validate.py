@@ -29,7 +29,8 @@ def validate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         problem = svc.ledger.resumable(request.project, request.resumes)
         if problem is not None:
             return update | {"status": Status.INVALID, "reason": problem}
-    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project))
+    refused = refusal(request, svc.config,
+                      svc.ledger.remaining_usd(request.project, running=False))
     if refused:
         audit.denial(svc, update | state, request, "rules", refused)  # type: ignore[arg-type]
         return update | {"status": Status.DENIED, "reason": refused}

@@ -49,6 +49,10 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
   work shares (below).
 - **budget_violations** {count, usd}: projects whose total cost exceeds their budget, and the
   sum over them of cost - budget. A project without a budget never violates.
+- **work_share_in_budget**: work_share counting only the jobs that finished their work before
+  their project's spend passed its budget (each attempt's cost accrued evenly over its
+  holding): the work a policy did with money the project had. Equal to work_share for a
+  policy without violations; the fair measure of a baseline that overruns budgets.
 - **hoarded_gpu_hours**: GPU-hours held after the job's work was done (idle tail, lease left).
 - **idle_gpu_hours**: GPU-hours held at 0 % before the work was done (pauses).
 - **jobs** {total, completed, failed, denied, unplaced}: the job statuses above.
@@ -72,6 +76,7 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -191,6 +196,49 @@ def _budgets(cost: Mapping[str, float],
              budgets: Mapping[str, float]) -> dict[str, float | int]:
     over = [cost.get(p, 0.0) - b for p, b in budgets.items() if cost.get(p, 0.0) > b + 1e-9]
     return {"count": len(over), "usd": _r(sum(over), 2)}
+
+
+def overrun_at(attempts: Sequence[Attempt], budget: float) -> float:
+    """When the attempts' spend, each attempt's cost accrued evenly over its holding, passes
+    `budget` (inf if it never does)."""
+    if sum(a.cost_usd for a in attempts) <= budget + 1e-9:
+        return math.inf
+    slope: dict[float, float] = defaultdict(float)  # change of the spend rate at t
+    jump: dict[float, float] = defaultdict(float)  # cost charged at once at t
+    for a in attempts:
+        if a.start is None or a.end is None or a.cost_usd <= 0:
+            continue
+        if a.end <= a.start:
+            jump[a.start] += a.cost_usd
+        else:
+            rate = a.cost_usd / (a.end - a.start)
+            slope[a.start] += rate
+            slope[a.end] -= rate
+    times = sorted({*slope, *jump})
+    spent = rate = 0.0
+    at = times[0]
+    for t in times:
+        reached = spent + rate * (t - at)
+        if reached > budget + 1e-9:
+            return at + (budget - spent) / rate
+        spent, at = reached + jump[t], t
+        if spent > budget + 1e-9:
+            return t
+        rate += slope[t]
+    return at
+
+
+def _in_budget_units(results: Sequence[JobResult], attempts: Sequence[Attempt],
+                     budgets: Mapping[str, float], config: FleetConfig) -> float:
+    """The work units of completed jobs whose work finished before their project's spend
+    passed its budget."""
+    by_project: dict[str, list[Attempt]] = defaultdict(list)
+    for a in attempts:
+        by_project[a.project].append(a)
+    cutoff = {p: overrun_at(by_project[p], b) for p, b in budgets.items()}
+    done_at = {a.job: a.done_at or a.end or 0.0 for a in attempts if a.outcome == "completed"}
+    return sum(work_units(r.job, config) for r in results if r.status == "completed"
+               and done_at[r.job.id] <= cutoff.get(r.job.project, math.inf))
 
 
 def _work(results: Sequence[JobResult], attempts: Sequence[Attempt],
@@ -319,6 +367,8 @@ def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetCo
         "jain_fairness": _fairness(projects, "finish_ratio"),
         "jain_work_share": _fairness(projects, "work_share"),
         "budget_violations": _budgets(project_cost, budgets),
+        "work_share_in_budget": _ratio(_in_budget_units(results, attempts, budgets, config),
+                                       bound.work_units),
         "hoarded_gpu_hours": _r(sum(a.hoarded_gpu_hours for a in attempts)),
         "idle_gpu_hours": _r(sum(a.idle_gpu_hours for a in attempts)),
         "jobs": {"total": len(results), **{s: statuses.get(s, 0) for s in STATUSES}},

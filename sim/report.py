@@ -61,6 +61,7 @@ ROWS: tuple[Row, ...] = (
     ("Cost per useful GPU-hour (USD)", _num("cost_per_useful_gpu_hour", "{:,.3f}")),
     ("Work done (unit-hours)", _num("work_units_completed")),
     ("Work share (of the trace's)", _num("work_share", "{:.2%}")),
+    ("Work share within budgets", _num("work_share_in_budget", "{:.2%}")),
     ("Cost per unit of work (USD)", _num("cost_per_work_unit", "{:,.3f}")),
     ("Cost against the floor", _num("cost_vs_floor", "{:.3f}x")),
     ("Allocation utilisation", _pct("allocation_util")),

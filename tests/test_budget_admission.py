@@ -111,8 +111,9 @@ def fleet(database: str, config: FleetConfig) -> Iterator[Fleet]:
 
 def test_a_project_that_uses_half_its_leases_gets_work_the_worst_case_refused(
         fleet: Fleet) -> None:
-    """20 finished leases held for half their time: q = (10 + 2) / 22. With $30 left, two
-    2 x A100 x 2 h requests ($20.48 worst case, $11.17 expected each) both start; the old
+    """20 finished leases held for half their time, the fleet's only ones: q = (10 + 2 x 0.5)
+    / 22 = 0.5 (the prior leases are held for the fleet's share). With $30 left, two 2 x A100
+    x 2 h requests ($20.48 worst case, $10.24 expected each) both start; the old
     rule ($20.48 + $20.48 > $30) refused the second. Their deadlines then stop both when the
     spend would reach the budget."""
     now = fleet.record("p", [0.5] * RECORDS, T0 - 30 * HOUR)
@@ -137,22 +138,53 @@ def test_a_project_that_uses_half_its_leases_gets_work_the_worst_case_refused(
         assert row.deadline == pytest.approx(cut)
         assert row.deadline_reason is ReleaseReason.BUDGET
 
-    third = fleet.request("p", "A100", 2, 2.0)  # expected 3 x 11.17 > 30: refused, by both
-    assert isinstance(route(third, fleet.config, fleet.ledger.remaining_usd("p")), Refusal)
-    denied = fleet.place(third, T0)
-    assert denied.decision.kind is Kind.DENY and "expected $11.17" in denied.decision.reason
-
     fleet.ledger.release(first.row.id, ReleaseReason.EXPLICIT, T0 + 0.5 * HOUR)  # $5.12
     after = fleet.ledger.get(second.row.id)  # $24.88 left covers its whole lease again
     assert after.deadline == after.lease_end
     assert after.deadline_reason is ReleaseReason.LEASE_EXPIRED
 
 
-def test_a_new_project_is_admitted_exactly_as_before(fleet: Fleet) -> None:
+def test_the_budget_shortens_a_lease_then_makes_the_next_wait(fleet: Fleet) -> None:
+    """With q = 0.5 and $30 of budget, a 2 x A100 x 8 h request ($81.92 worst case, $40.96
+    expected) starts with the lease that $30 buys at q (5.86 h: at least half of its lease,
+    limits.min_lease_share); a next one then waits for the running work rather than being
+    refused or shortened, and starts when that ends early; one of which not half fits what
+    the spend leaves is refused."""
+    now = fleet.record("p", [0.5] * RECORDS, T0 - 30 * HOUR)
+    assert now <= T0
+    spent = fleet.ledger.costs(T0)[0].spent_usd
+    fleet.ledger.set_budget("p", spent + 30.0, T0)
+    q = 0.5
+    first = fleet.place(fleet.request("p", "A100", 2, 8.0), T0)
+    assert first.decision.kind is Kind.PLACE and first.row is not None
+    shortened = 30.0 / q / 10.24
+    assert first.decision.hours == pytest.approx(shortened)
+    assert first.row.lease_end == pytest.approx(T0 + shortened * HOUR)
+    assert "budget shortens its lease to 5.86 h" in first.decision.reason
+
+    second_request = fleet.request("p", "A100", 2, 2.0)
+    assert isinstance(route(second_request, fleet.config,
+                            fleet.ledger.remaining_usd("p", running=False)), RouteDecision)
+    second = fleet.place(second_request, T0)
+    assert second.decision.kind is Kind.QUEUE and "waits for" in second.decision.reason
+    fleet.ledger.release(first.row.id, ReleaseReason.EXPLICIT, T0 + 0.25 * HOUR)  # $5.12
+    placed = fleet.place(second_request, T0 + 0.25 * HOUR)
+    assert placed.decision.kind is Kind.PLACE and placed.decision.hours == 2.0
+
+    over = fleet.request("p", "A100", 2, 12.0)  # $122.88: not half of it fits what spend leaves
+    assert isinstance(route(over, fleet.config, fleet.ledger.remaining_usd("p", running=False)),
+                      Refusal)
+    assert fleet.place(over, T0 + 0.25 * HOUR).decision.kind is Kind.DENY
+
+
+def test_a_new_project_on_a_new_fleet_is_admitted_on_its_worst_case(fleet: Fleet) -> None:
+    """Without any record in the fleet q = 1: the second request waits for the first."""
     fleet.ledger.set_budget("p", 25.0, T0)
     assert fleet.place(fleet.request("p", "A100", 2, 2.0), T0).decision.kind is Kind.PLACE
     assert fleet.ledger.remaining_usd("p") == pytest.approx(25.0 - 20.48)
-    assert fleet.place(fleet.request("p", "A100", 2, 2.0), T0).decision.kind is Kind.DENY
+    assert fleet.ledger.remaining_usd("p", running=False) == pytest.approx(25.0)
+    second = fleet.place(fleet.request("p", "A100", 2, 2.0), T0).decision
+    assert second.kind is Kind.QUEUE and "waits for the $20.48" in second.reason
 
 
 def test_a_budget_cut_record_keeps_the_worst_case(fleet: Fleet) -> None:
@@ -166,8 +198,9 @@ def test_a_budget_cut_record_keeps_the_worst_case(fleet: Fleet) -> None:
         fleet.ledger.release(row.id, ReleaseReason.BUDGET, row.deadline)
         now = row.deadline
         fleet.ledger.set_budget("p", fleet.ledger.costs(now)[0].spent_usd + 1.5, now)
-    # the 3 cut leases count whole: q = (3 + 17 x 0.5 + 2) / 22
-    assert fleet.ledger.remaining_usd("p") == pytest.approx(1.5 / (13.5 / 22))
+    # the 3 cut leases count whole: q = (3 + 17 x 0.5 + 2 x 13 / 23) / 22, the prior
+    # leases held for the share of the fleet's 23 records
+    assert fleet.ledger.remaining_usd("p") == pytest.approx(1.5 / ((11.5 + 26 / 23) / 22))
 
 
 # ---- any interleaving ------------------------------------------------------------------------
@@ -212,7 +245,8 @@ class BudgetMachine(RuleBasedStateMachine):
         free = route(request, self.fleet.config, None)
         if not isinstance(free, RouteDecision):
             return
-        checked = route(request, self.fleet.config, self.ledger.remaining_usd(project))
+        checked = route(request, self.fleet.config,
+                        self.ledger.remaining_usd(project, running=False))
         old_admits = free.est_cost_usd <= self.old_remaining(project) + 1e-9
         result = self.fleet.place(request, self.now)
         denied = result.decision.kind is Kind.DENY

@@ -102,6 +102,24 @@ def test_the_lease_says_why_it_is_not_the_hours_asked(day: dict[str, Any]) -> No
         assert cli(day, "alice", "release", aid).returncode == 0
 
 
+def test_the_lease_says_when_the_budget_shortened_it(day: dict[str, Any]) -> None:
+    """A new fleet prices a new project at its worst case: $30 buys 5.86 of the 10 A100
+    hours (over half of them, limits.min_lease_share), so the lease is that long (the
+    council asks a human about a request dearer than the budget left)."""
+    assert cli(day, "root", "budget", "set", "vision", "30").returncode == 0
+    asked = cli(day, "alice", "request", "--purpose", "training", "--count", "1", "--hours",
+                "10", "--gpu-type", "A100", "--no-wait", "--json")
+    thread = json.loads(asked.stdout)["thread_id"]
+    r = cli(day, "dave", "resume", thread, "--approve", "--no-wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "lease 5.86 h, not the 10.00 h this work takes on A100: the project's budget " \
+        "buys no more" in r.stdout
+    refused = cli(day, "alice", "request", "--purpose", "training", "--count", "2",
+                  "--hours", "10", "--gpu-type", "A100", "--no-wait")
+    assert refused.returncode != 0 and "even for 50% of the lease" in refused.stdout + \
+        refused.stderr
+
+
 def test_what_a_budget_change_did(day: dict[str, Any]) -> None:
     r = cli(day, "alice", "request", "--purpose", "training", "--count", "1", "--hours", "10",
             "--gpu-type", "A100", "--no-wait", "--json")

@@ -71,9 +71,13 @@ def test_eight_processes_never_overspend(tmp_path: Path, opts: list[str]) -> Non
     assert run_cli("budget", "set", "team", "16", *opts, cwd=tmp_path).returncode == 0
     outs = launch(tmp_path, opts, ["team"] * 8)
     placed = [o for o in outs if o["status"] == "allocated"]
-    denied = [o for o in outs if o["status"] == "denied"]
-    assert len(placed) == 3 and len(denied) == 5, [(o["status"], o["reason"]) for o in outs]
-    assert all("budget" in str(o["reason"]) for o in denied)
+    kept_out = [o for o in outs if o["status"] != "allocated"]
+    # the other five wait for the running three (placement) or, where the council sat after
+    # they started, are denied by its cost member (the budget left then: $0.64)
+    assert len(placed) == 3, [(o["status"], o["reason"]) for o in outs]
+    assert all((o["status"] == "queued" and "waits for" in str(o["reason"]))
+               or (o["status"] == "denied" and "budget" in str(o["reason"]))
+               for o in kept_out), [(o["status"], o["reason"]) for o in kept_out]
     costs = json.loads(run_cli("costs", "--json", *opts, cwd=tmp_path).stdout)
     [team] = costs["projects"]
     assert team["spent_usd"] + team["committed_usd"] <= 16.0

@@ -73,7 +73,7 @@ def test_council_denies_a_hoarder_with_votes(make_orch: OrchFactory) -> None:
 
 def test_budget_refuses(make_orch: OrchFactory) -> None:
     orch = make_orch()
-    orch.set_budget("p", 10.0)
+    orch.set_budget("p", 5.0)  # $16 on H100s: not even half the lease fits
     out = orch.request(req())
     assert out.status is Status.DENIED and "remaining" in out.reason
     assert orch.services.ledger.allocations() == []

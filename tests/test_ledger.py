@@ -112,12 +112,15 @@ def test_cancel_a_queued_request(fx: Fixture) -> None:
     assert counts(fx.ledger) == (8, 0, 0)
 
 
-def test_budget_denies_and_committed_counts(fx: Fixture) -> None:
+def test_budget_waits_for_what_is_committed_and_denies_past_the_spend(fx: Fixture) -> None:
     fx.ledger.set_budget("p", 25.0, T0)
     assert fx.place("t1").decision.kind is Kind.PLACE  # worst case 20.48
-    denied = fx.place("t2")
-    assert denied.decision.kind is Kind.DENY and denied.row is None
+    waits = fx.place("t2")
+    assert waits.decision.kind is Kind.QUEUE and waits.row is not None
+    assert waits.row.state == "queued"
     assert fx.ledger.remaining_usd("p") == pytest.approx(25 - 20.48)
+    denied = fx.place("t3", duration_hours=5)  # $51.20: not half of it fits $25
+    assert denied.decision.kind is Kind.DENY and denied.row is None
 
 
 def test_lowering_a_budget_moves_deadlines(fx: Fixture) -> None:

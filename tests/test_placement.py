@@ -109,11 +109,27 @@ def test_quota_waits(config: FleetConfig) -> None:
     assert d.kind is Kind.QUEUE and "quota" in d.reason
 
 
-def test_budget_denies_on_worst_case(config: FleetConfig) -> None:
+def test_budget_places_shortens_waits_or_denies(config: FleetConfig) -> None:
+    """$50 of a $100 budget is left after the spend, $20 of it after the $30 expected of the
+    running work: a whole lease up to $20 starts; up to $50 it waits for the running work; a
+    dearer one is shortened to what $50 buys, down to half of it (limits.min_lease_share),
+    and starts once nothing running stands in its way; one of which not half fits $50 is
+    refused."""
     snap = snapshot(config, 8, [], budget_usd=100.0, spent_usd=50.0, committed_usd=30.0)
-    assert decide(ticket("x", "p"), 20.0, snap, config, topo(config)).kind is Kind.PLACE
-    d = decide(ticket("x", "p"), 20.01, snap, config, topo(config))
-    assert d.kind is Kind.DENY and "budget" in d.reason
+    whole = decide(ticket("x", "p"), 20.0, snap, config, topo(config))
+    assert whole.kind is Kind.PLACE and whole.hours == 1.0 and "budget" not in whole.reason
+    waits = decide(ticket("x", "p"), 45.0, snap, config, topo(config))
+    assert waits.kind is Kind.QUEUE and "waits for the $30.00" in waits.reason
+    assert decide(ticket("x", "p"), 80.0, snap, config, topo(config)).kind is Kind.QUEUE
+    idle = snapshot(config, 8, [], budget_usd=100.0, spent_usd=50.0, committed_usd=0.0)
+    short = decide(ticket("x", "p"), 80.0, idle, config, topo(config))
+    assert short.kind is Kind.PLACE and short.hours == pytest.approx(50 / 80)
+    assert "budget shortens its lease to 0.62 h" in short.reason
+    denied = decide(ticket("x", "p"), 100.01, snap, config, topo(config))
+    assert denied.kind is Kind.DENY and "even for 50% of the lease" in denied.reason
+    never = small_config(limits={"min_lease_share": 1})
+    assert decide(ticket("x", "p"), 20.01, snap, never, topo(never)).kind is Kind.QUEUE
+    assert decide(ticket("x", "p"), 50.01, snap, never, topo(never)).kind is Kind.DENY
 
 
 def test_in_line_is_the_line_that_starts_now(config: FleetConfig) -> None:

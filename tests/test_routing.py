@@ -51,8 +51,22 @@ def test_over_budget_named_type_is_offered_a_cheaper_one(config: FleetConfig) ->
 
 
 def test_project_budget_refuses(config: FleetConfig) -> None:
-    decision = route(r(), config, 10.0)
+    decision = route(r(), config, 10.0)  # $32 on H100s: not even half of the lease fits $10
     assert isinstance(decision, Refusal) and "remaining" in decision.reason
+    assert "even for 50% of the lease" in decision.reason
+
+
+def test_project_budget_shortens_a_lease_it_cannot_take_whole(config: FleetConfig) -> None:
+    """$20 buys 1.25 of the 2 H100 hours: the lease is shortened, and the type is still the
+    cheapest per unit of work, not the one whose shortened lease happens to cost least."""
+    decision = route(r(), config, 20.0)
+    assert not isinstance(decision, Refusal) and decision.gpu_type == "H100"
+    assert decision.est_hours == pytest.approx(1.25) and decision.asked_hours == 2.0
+    assert decision.est_cost_usd == pytest.approx(20.0)
+    assert "budget shortens the 2.00 h lease" in decision.reason
+    never = config.model_copy(update={"limits": config.limits.model_copy(
+        update={"min_lease_share": 1.0})})
+    assert isinstance(route(r(), never, 20.0), Refusal)
 
 
 def test_memory_filters_types(config: FleetConfig) -> None:

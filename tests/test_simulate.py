@@ -282,10 +282,9 @@ def test_trace_gpus_read_the_job_placed_on_them() -> None:
 def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
     """The first 5,000 jobs under every policy (issue: "never throw work away"). gpu-agent
     fails no job, overruns no budget, costs at most 1.05 x the floor, queues and finishes no
-    later than slurm-cheapest, hoards at most a tenth of what slurm-like does and does all the
-    work but what the budgets refuse: three jobs of projects whose budgets cannot take them
-    (two of them overrun by every baseline), 1.3 % of the slice's work, so the whole trace's
-    bound (0.999 of the best baseline's work) is not this slice's."""
+    later than slurm-cheapest, hoards at most a tenth of what slurm-like does, and does at
+    least 0.999 of the work of the best baseline, which all overrun budgets (the work they
+    did within the budgets is less)."""
     from importlib import resources
 
     from sim import DEFAULT_POLICIES
@@ -294,9 +293,11 @@ def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
     sim = simulate(PHILLY, DEFAULT_POLICIES, parse_fleet(text), "trace_fleet.toml",
                    tmp_path, jobs=5000, stream=io.StringIO())
     r, agent = sim.results, sim.results["gpu-agent"]
-    best = max(m["work_share"] for n, m in r.items() if n != "gpu-agent")
-    assert agent["jobs"]["failed"] == 0 and agent["jobs"]["denied"] <= 3
-    assert agent["work_share"] >= 0.985 * best
+    baselines = {n: m for n, m in r.items() if n != "gpu-agent"}
+    assert agent["jobs"]["failed"] == 0
+    assert agent["work_share"] >= 0.999 * max(m["work_share"] for m in baselines.values())
+    assert agent["work_share_in_budget"] == agent["work_share"]
+    assert all(m["work_share_in_budget"] < m["work_share"] for m in baselines.values())
     assert agent["budget_violations"] == {"count": 0, "usd": 0.0}
     assert agent["cost_vs_floor"] <= 1.05
     assert agent["hoarded_gpu_hours"] <= 0.10 * r["slurm-like"]["hoarded_gpu_hours"]
