@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a GPU machine, override it, e.g. `make TORCH_SPEC='torch==2.13.0' test` with your index.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint typecheck bench studio clean
+.PHONY: install demo test lint bench studio clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,12 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+# ruff, strict mypy on every package, and the layers of ../shared/ARCHITECTURE.md
+# ([tool.importlinter] in pyproject.toml); CI runs it before the tests.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The LangGraph dev server on 127.0.0.1:2024 (offline; Studio itself is a hosted web page).
 studio: install

@@ -41,11 +41,12 @@ from fleet.config import FleetConfig, load_fleet
 from fleet.models import GPURequest, ReleaseReason, RouteDecision, Status
 from fleet.routing import route as choose_route
 from fleet.validation import check_against_fleet, refusal
-from graph.builder import NODES as GRAPH_NODES
 from graph.builder import build_graph
 from graph.checkpoint import open_sqlite_saver
 from graph.orchestrator import DURABILITY, Orchestrator
+from nodes.context import council_of
 from nodes.state import InputState
+from nodes.wiring import NODES as GRAPH_NODES
 
 NODES = ["validate", "council", "route", "allocate"]
 
@@ -198,7 +199,7 @@ def component_costs(orch: Orchestrator, n: int) -> dict[str, float]:
         held = Counter(g.gpu_type for g in svc.inventory if g.uuid in svc.ledger.holders())
         t1 = time.perf_counter()
         features = build_features(req, svc.config, stats, dict(held), now)
-        convene(svc.council, features, False, settings)
+        convene(council_of(svc), features, False, settings)
         t2 = time.perf_counter()
         check_against_fleet(req, svc.config)
         for _ in range(2):  # validate (hard rules) and council (again) ...

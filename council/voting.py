@@ -88,13 +88,3 @@ def convene(council: Council, features: RequestFeatures, critical: bool,
     if auto_approves(features, critical, settings):
         return auto_approval(features.count, features.worst_case_usd, settings)
     return council.decide(features, settings)
-
-
-def council_for(settings: CouncilSettings) -> Council:
-    """The council the fleet file asks for: the shipped (or named) neural weights, or the
-    reference rules."""
-    if settings.policy == "reference":
-        from council.reference import ReferenceCouncil
-        return ReferenceCouncil()
-    from council.neural import NeuralCouncil
-    return NeuralCouncil.load(settings.weights)

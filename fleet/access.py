@@ -122,14 +122,21 @@ def _write(path: Path, entries: list[dict[str, str]]) -> None:
     os.replace(tmp, path)
 
 
+def role_of(value: str) -> Role:
+    """`value` as a Role, or one line naming the roles."""
+    for role in ROLES:
+        if value == role:
+            return role
+    raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {value!r}")
+
+
 def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> str:
     """Add an identity; its new token (shown once, stored only as a hash)."""
     names.check("identity", name)
     if name == LOCAL.name:
         raise InvalidInput(f"identity name {LOCAL.name!r} is reserved (the user of a state "
                            "directory without tokens)")
-    if role not in ROLES:
-        raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    role = role_of(role)
     if role != "admin" and not project:
         raise InvalidInput(f"a {role} belongs to a project: pass --project")
     if role == "admin" and project:

@@ -1,5 +1,6 @@
-"""The services a fleet runs on: its backend, ledger, clock and (loaded when first asked
-for) council, opened once over a state directory.
+"""The services a fleet runs on: its backend, ledger, clock and the council a caller gives
+(else the fleet file's, which nodes.context.council_of loads when first convened), opened once
+over a state directory.
 
 Plain Python, no LangGraph: the graph's nodes reach these through the runtime context
 (nodes/context.py), and the commands that only read or write the ledger (graph/records.py)
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fleet.backend import FleetBackend, Reserving
 from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
@@ -31,9 +32,6 @@ from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
-if TYPE_CHECKING:  # the council is loaded when first convened (Services.council)
-    from council.voting import Council
-
 
 @dataclass
 class Services:
@@ -44,7 +42,9 @@ class Services:
     state_dir: Path
     database: str | None = None  # a postgresql:// URL: the ledger (and checkpoints) live there
     actor: str = "local"  # who acts through these services, for the audit log
-    chosen_council: Council | None = None
+    # The council a run convenes (council.voting.Council), typed loosely so that the domain
+    # imports no council; None: the fleet file's, loaded on first use (nodes.context.council_of)
+    chosen_council: Any = None
     note: str | None = None  # what `--backend auto` picked
     # What runs threads through these services ("cli", "worker", "page", "server", "python"),
     # for the heartbeat of the allocations it monitors (fleet.monitors); None: nothing beats
@@ -120,16 +120,6 @@ class Services:
         if bad:
             self.ledger.mark_unhealthy(bad, now)
         return samples
-
-    @property
-    def council(self) -> Council:
-        """Loaded on first use: commands that never convene it do not pay for the council's
-        modules and weights."""
-        if self.chosen_council is None:
-            from council.voting import council_for
-
-            self.chosen_council = council_for(self.config.council)
-        return self.chosen_council
 
     def waker(self, allocation_id: str) -> WakeToken:
         """The token that ends this allocation's monitor or queue sleep early."""
@@ -267,7 +257,7 @@ def open_services(
     *,
     backend: str | BackendChoice | FleetBackend = "simulated",
     clock: Clock | None = None,
-    council: Council | None = None,
+    council: Any = None,  # a council.voting.Council; None: the fleet file's
     create: bool = True,
     durable: bool = True,
     database: str | None = None,

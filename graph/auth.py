@@ -32,7 +32,7 @@ from langgraph_sdk import Auth
 from langgraph_sdk.auth.types import RunsCreate, ThreadsCreate
 
 from fleet import names
-from fleet.access import LOCAL, Identity, identify
+from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
 from nodes.context import BOUND, bound_context_refusal, chosen_context
@@ -57,8 +57,7 @@ async def authenticate(authorization: str | None, path: str) -> Auth.types.Minim
 
 def _identity(name: str, permissions: Sequence[str]) -> Identity:
     perms = dict(p.split(":", 1) for p in permissions if ":" in p)
-    return Identity(name, perms.get("project") or None,
-                    perms.get("role", "member"))  # type: ignore[arg-type]
+    return Identity(name, perms.get("project") or None, role_of(perms.get("role", "member")))
 
 
 def _who(ctx: Auth.types.AuthContext) -> Identity:

@@ -58,16 +58,17 @@ SETUP_LOCK = lock_key("gpu-agent:checkpoint-setup")
 def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[str]:
     """A PostgresSaver over a connection pool, set up (once, whoever starts first)."""
     from langgraph.checkpoint.postgres import PostgresSaver
-    from psycopg import Error
-    from psycopg.rows import dict_row, tuple_row
+    from psycopg import Connection, Error
+    from psycopg.rows import DictRow, dict_row, tuple_row
     from psycopg_pool import ConnectionPool, PoolTimeout
 
-    pool: ConnectionPool = ConnectionPool(
-        url, min_size=1, max_size=max(2, pool_size), open=False, timeout=60.0,
+    pool = ConnectionPool(
+        url, connection_class=Connection[DictRow], min_size=1, max_size=max(2, pool_size),
+        open=False, timeout=60.0,
         kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
     try:
         pool.open(wait=True, timeout=15.0)
-        saver = PostgresSaver(pool, serde=serializer())  # type: ignore[arg-type]
+        saver = PostgresSaver(pool, serde=serializer())
         with pool.connection() as conn:
             while True:
                 with conn.cursor(row_factory=tuple_row) as cur:

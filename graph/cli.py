@@ -928,7 +928,7 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sim.demo import run_demo  # the CLI is the one place graph/ reaches into sim/
+    from graph.demo import run_demo  # loaded when it runs
 
     code: int = run_demo(state_dir=args.state_dir, fleet=_fleet_file(args), as_json=args.json)
     return code

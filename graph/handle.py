@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from fleet.models import Allocation, Release, ReleaseReason
 from graph.outcome import RequestOutcome
 
-if TYPE_CHECKING:
-    from graph.orchestrator import Orchestrator
+
+class Owner(Protocol):
+    """What a handle needs of the Orchestrator that made it (which imports this module)."""
+
+    def release(self, allocation_id: str,
+                reason: ReleaseReason = ReleaseReason.EXPLICIT) -> Release: ...
+
+    def outcome(self, thread_id: str) -> RequestOutcome: ...
 
 
 class AllocationHandle:
@@ -19,7 +25,7 @@ class AllocationHandle:
 
     def __init__(
         self,
-        orchestrator: Orchestrator,
+        orchestrator: Owner,
         thread_id: str,
         allocation: Allocation,
         runner: threading.Thread,

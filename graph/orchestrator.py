@@ -38,7 +38,7 @@ from fleet.jobs import Job, JobQueue
 from fleet.models import Event, GPURequest, HumanDecision, Status
 from fleet.monitors import Orphan
 from fleet.validation import check_against_fleet, parse_request
-from graph.builder import after_allocate, build_graph
+from graph.builder import build_graph
 from graph.checkpoint import close_checkpointer, open_checkpointer
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
@@ -46,7 +46,8 @@ from graph.records import Records
 from nodes import audit
 from nodes.context import LocalContext
 from nodes.review import parse_decision
-from nodes.state import InputState, request_of
+from nodes.state import InputState, State, request_of
+from nodes.wiring import after_allocate
 
 # Durability from allocate on: each step's checkpoint is on disk before the next step starts
 # (see Orchestrator._invoke for the pure part before it).
@@ -144,9 +145,9 @@ class Orchestrator(Records):
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         interrupt_before: list[str] | None = None,
         interrupt_after: list[str] | None = None,
-    ) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
+    ) -> tuple[State, tuple[Any, ...] | None]:
         """Run until the graph stops: (final values, interrupts or None if it did not stop)."""
-        values: dict[str, Any] = {}
+        values: State = {}
         stopped: tuple[Any, ...] | None = None
         modes: list[StreamMode] = ["updates", "values"]
         if on_progress is not None:
@@ -161,7 +162,7 @@ class Orchestrator(Records):
                 assert on_progress is not None
                 on_progress(chunk)
             elif mode == "values":
-                values = chunk
+                values = _state(chunk)
             elif "__interrupt__" in chunk:
                 stopped = tuple(chunk["__interrupt__"])
             elif on_update is not None:
@@ -204,12 +205,12 @@ class Orchestrator(Records):
         finally:  # whatever stopped it, this process no longer runs the thread
             self.services.unwatch_thread(thread_id)
 
-    def _outcome_of(self, thread_id: str, values: dict[str, Any],
+    def _outcome_of(self, thread_id: str, values: State,
                     stopped: tuple[Any, ...] | None) -> RequestOutcome:
         if stopped:  # an interrupt() with a payload: the council's human review
             nxt: tuple[str, ...] = ("review",)
         elif stopped == ():  # stopped after allocate (--no-wait)
-            step = after_allocate(values)  # type: ignore[arg-type]
+            step = after_allocate(values)
             nxt = () if step == "__end__" else (step,)
         else:
             nxt = ()
@@ -251,14 +252,14 @@ class Orchestrator(Records):
         project = self._project_of(snap.values, "resume threads")
         graph_input: Command[Any] | None = None
         if snap.interrupts:
-            human = self._decision(snap.values, project, decision)
+            human = self._decision(_state(snap.values), project, decision)
             if human is None:
                 return self.outcome(thread_id)
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
+            values = _state(snap.values)
             done = self.services.ledger.audit_entry(audit.decision_key(
-                snap.values, request_of(snap.values))  # type: ignore[arg-type]
-            ) if "request" in snap.values else None
+                values, request_of(values))) if "request" in values else None
             if done is not None:
                 raise InvalidInput(f"this review was already decided: {done.action} by "
                                    f"{done.who}; nothing changed")
@@ -269,24 +270,23 @@ class Orchestrator(Records):
                             pure_first=bool(PURE_NODES & set(_to_run(snap))),
                             on_update=_events_to(on_event), on_progress=on_progress)
 
-    def _decision(self, values: dict[str, Any], project: str,
+    def _decision(self, values: State, project: str,
                   decision: HumanDecision | bool | Mapping[str, Any] | None
                   ) -> HumanDecision | None:
         """The decision a waiting review gets, claimed in the ledger first so that exactly one
         decision wins: a second one (another approver, a second click) is refused with who
         decided, also the same one twice. Without a decision: the one claimed earlier and not
         yet applied (a crash between the claim and the review's checkpoint), or None."""
-        request = request_of(values)  # type: ignore[arg-type]
+        request = request_of(values)
         claimed = self.services.ledger.audit_entry(
-            audit.decision_key(values, request))  # type: ignore[arg-type]
+            audit.decision_key(values, request))
         if decision is None:
             return None if claimed is None else audit.recorded(claimed)
         human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
         self.identity.check_decide(project)
         if self.identity is not LOCAL:  # the decision is the caller's, whatever it says
             human = human.model_copy(update={"by": self.identity.name})
-        entry = audit.decision_entry(self.services, values, request,  # type: ignore[arg-type]
-                                     human)
+        entry = audit.decision_entry(self.services, values, request, human)
         won, held = self.services.ledger.claim(entry)
         if not won:
             raise InvalidInput(f"this review was already decided: {held.action} by "
@@ -418,3 +418,9 @@ def _events_to(
             on_event(event)
 
     return on_update
+
+
+def _state(values: dict[str, Any]) -> State:
+    """A checkpoint's or a stream's values: the graph's State, which LangGraph types as a
+    plain dict."""
+    return cast(State, values)

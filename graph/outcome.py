@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +108,7 @@ def lease_note(outcome: RequestOutcome) -> str | None:
             f"{a.gpu_type} does that work {req.duration_hours / lease:.2f}x as fast")
 
 
-def outcome_from(thread_id: str, values: dict[str, Any], review: bool,
+def outcome_from(thread_id: str, values: Mapping[str, Any], review: bool,
              nxt: tuple[str, ...]) -> RequestOutcome:
     return RequestOutcome(
         thread_id=thread_id,

@@ -20,7 +20,6 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import aiosqlite
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -42,11 +41,11 @@ from nodes.validate import validate
 __all__ = ["checkpointer", "graph"]
 
 
-def validate_for_caller(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def validate_for_caller(state: State, runtime: Runtime[Context]) -> State:
     """`validate`, after the server's own checks: the bound context and the caller's project
     (a malformed project name is validate's to report)."""
     thread_id = runtime.execution_info.thread_id if runtime.execution_info else None
-    refused = {"thread_id": thread_id or ""}
+    refused: State = {"thread_id": thread_id or ""}
     try:
         services_for(runtime)
     except InvalidInput as exc:
@@ -82,12 +81,14 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[str]]:
 @asynccontextmanager
 async def _postgres(url: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-    from psycopg.rows import dict_row, tuple_row
+    from psycopg import AsyncConnection
+    from psycopg.rows import DictRow, dict_row, tuple_row
     from psycopg_pool import AsyncConnectionPool
 
     kwargs = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row}
-    async with AsyncConnectionPool(url, min_size=1, max_size=8, kwargs=kwargs) as pool:
-        saver = AsyncPostgresSaver(pool, serde=serializer())  # type: ignore[arg-type]
+    async with AsyncConnectionPool(url, connection_class=AsyncConnection[DictRow], min_size=1,
+                                   max_size=8, kwargs=kwargs) as pool:
+        saver = AsyncPostgresSaver(pool, serde=serializer())
         async with pool.connection() as conn:
             while True:  # polled, not a waiting statement: see graph.checkpoint
                 async with conn.cursor(row_factory=tuple_row) as cur:

@@ -5,8 +5,6 @@ Idempotent on (thread_id, request_id): a re-run after a crash finds the allocati
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from fleet.faults import fault
@@ -18,7 +16,7 @@ from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
 
-def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def allocate(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
     thread_id = state.get("thread_id") or "anonymous"
@@ -43,7 +41,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         return {"status": Status.RELEASED, "reason": decision.reason, "allocation_id": aid,
                 "release": row.to_release(), "cost_usd": row.cost_usd or 0.0}
     if decision.kind is Kind.QUEUE:
-        update: dict[str, Any] = {"status": Status.QUEUED, "reason": decision.reason,
+        update: State = {"status": Status.QUEUED, "reason": decision.reason,
                                   "allocation_id": aid}
         if state.get("status") != Status.QUEUED:
             update["events"] = [Event(at=utc(now), kind=EventKind.QUEUED,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from langgraph.runtime import Runtime
 
+from council.voting import Council
 from fleet.backends import BackendChoice
 from fleet.services import Services, open_services
 from fleet.statedir import default_state_dir
@@ -104,6 +105,17 @@ def chosen_context(*sources: object) -> list[str]:
 def bound_context_refusal(chosen: list[str]) -> str:
     return (f"a run may not choose its {', '.join(chosen)}: the context is bound to the "
             "server's own configuration (its GPU_AGENT_* environment)")
+
+
+def council_of(svc: Services) -> Council:
+    """The council the services convene: the one given, else the fleet file's, loaded on first
+    use (commands that never convene it do not pay for its modules and weights)."""
+    if svc.chosen_council is None:
+        from council.policies import council_for
+
+        svc.chosen_council = council_for(svc.config.council)
+    council: Council = svc.chosen_council
+    return council
 
 
 def services_for(runtime: Runtime[Context]) -> Services:

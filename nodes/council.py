@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from council.features import build_features, cost_pressure, is_critical, worst_case_usd
@@ -11,12 +9,12 @@ from council.voting import auto_approval, convene, small
 from fleet.models import Outcome, Status
 from fleet.validation import refusal
 from nodes import audit
-from nodes.context import Context, services_for
+from nodes.context import Context, council_of, services_for
 from nodes.progress import report, votes
 from nodes.state import State, request_of
 
 
-def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def council(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
     settings = svc.config.council
@@ -36,11 +34,11 @@ def council(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     stats = svc.ledger.project_stats(request.project, now, settings.history_events)
     held = svc.ledger.held_by_type()
     features = build_features(request, svc.config, stats, held, now, remaining)
-    decision = convene(svc.council, features, critical, settings)
+    decision = convene(council_of(svc), features, critical, settings)
     report(runtime, "council", "council: " + ", ".join(
         f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)
         + f" -> {decision.summary}", votes=votes(decision))
-    update: dict[str, Any] = {"council": decision}
+    update: State = {"council": decision}
     if decision.outcome is Outcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}
         audit.denial(svc, state, request, "council", decision.summary)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from fleet.faults import fault
@@ -12,7 +10,7 @@ from nodes.context import Context, services_for
 from nodes.state import State
 
 
-def deallocate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def deallocate(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     allocation = state["allocation"]
     at = state.get("release_at")

@@ -7,8 +7,6 @@ through the ticks that could conclude nothing new (fleet.monitoring.next_tick an
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
@@ -22,7 +20,7 @@ from nodes.progress import report, streaming
 from nodes.state import State, request_of
 
 
-def _ended(row: Lease, now: float) -> dict[str, Any] | None:
+def _ended(row: Lease, now: float) -> State | None:
     """The release this tick must make, if the allocation is over."""
     if row.state == "released":
         assert row.release_reason is not None and row.released_at is not None
@@ -43,7 +41,7 @@ def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
     return f"tick {ticks}: utilisation {shown}, {left_s / 3600:.2f} h left"
 
 
-def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def monitor(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     allocation = state["allocation"]
     mon = state["monitor"]
@@ -91,7 +89,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
         left = (row.deadline or now) - now
         report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
                tick=result.state.ticks, util_pct=result.mean_util, seconds_left=left)
-    update: dict[str, Any] = {"monitor": result.state, "samples": samples}
+    update: State = {"monitor": result.state, "samples": samples}
     if result.events:
         update["events"] = result.events
     if result.release is not None:

@@ -64,7 +64,7 @@ def question(state: State) -> dict[str, Any]:
     }
 
 
-def decided(state: State, runtime: Runtime[Context], answer: Any) -> dict[str, Any]:
+def decided(state: State, runtime: Runtime[Context], answer: Any) -> State:
     """The update a human's answer makes (the simulator's reviewer answers through this too)."""
     human = parse_decision(answer)
     svc = services_for(runtime)
@@ -74,11 +74,11 @@ def decided(state: State, runtime: Runtime[Context], answer: Any) -> dict[str, A
     note = f" ({human.comment})" if human.comment else ""
     event = Event(at=utc(now), kind=EventKind.HUMAN_DECISION,
                   message=f"{human.by} {verdict}{note}")
-    update: dict[str, Any] = {"human": human, "events": [event]}
+    update: State = {"human": human, "events": [event]}
     if human.approve:
         return update | {"status": Status.PENDING, "reason": f"approved by {human.by}"}
     return update | {"status": Status.DENIED, "reason": f"denied by {human.by}{note}"}
 
 
-def review(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def review(state: State, runtime: Runtime[Context]) -> State:
     return decided(state, runtime, interrupt(question(state)))

@@ -3,8 +3,6 @@ again here because budgets can change while the council deliberates."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from fleet.models import Status
@@ -15,7 +13,7 @@ from nodes.progress import report
 from nodes.state import State, request_of
 
 
-def route(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def route(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
     decision = svc.route(request)

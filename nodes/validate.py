@@ -3,8 +3,6 @@ rule (quota, budget) refuses ends denied before the council is troubled with it.
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from fleet.errors import InvalidInput
@@ -15,10 +13,10 @@ from nodes.context import Context, services_for
 from nodes.state import State
 
 
-def validate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def validate(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     thread_id = runtime.execution_info.thread_id if runtime.execution_info else None
-    update: dict[str, Any] = {"thread_id": thread_id or ""}
+    update: State = {"thread_id": thread_id or ""}
     try:
         request = parse_request(state["request"])
         check_against_fleet(request, svc.config)
@@ -32,6 +30,6 @@ def validate(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     refused = refusal(request, svc.config,
                       svc.ledger.remaining_usd(request.project, running=False))
     if refused:
-        audit.denial(svc, update | state, request, "rules", refused)  # type: ignore[arg-type]
+        audit.denial(svc, update | state, request, "rules", refused)
         return update | {"status": Status.DENIED, "reason": refused}
     return update | {"status": Status.PENDING}

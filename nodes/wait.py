@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
@@ -12,7 +10,7 @@ from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
 
-def wait(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
+def wait(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
     aid = state["allocation_id"]

@@ -3,7 +3,7 @@
 LangGraph runs one request per thread and its nodes sleep on the clock (the monitor between
 ticks, the wait node between polls). For a trace of 82,247 requests that is 82,247 threads, a
 checkpoint per step and a condition variable that wakes every sleeper at every step. This
-engine runs the same node functions (`graph.builder.NODES`), the same routers (`ROUTERS`), the
+engine runs the same node functions (`nodes.wiring.NODES`), the same routers (`ROUTERS`), the
 same edges and the same state reducers, but a sleeping node parks its thread instead of
 blocking: the engine's clock raises `Asleep`, and the node is run again from its first line
 when its time comes or its wake token is set, the way LangGraph re-runs a node resumed after
@@ -27,10 +27,10 @@ from langgraph.runtime import ExecutionInfo, Runtime
 
 from fleet.clock import WakeToken
 from fleet.models import GPURequest
-from graph.builder import EDGES, NODES, ROUTERS, Node
 from nodes.context import Context, LocalContext, Services
 from nodes.review import decided, question
 from nodes.state import State
+from nodes.wiring import EDGES, NODES, ROUTERS, Node
 
 # The state's reducers, read from its Annotated keys (events: operator.add), so the engine
 # merges updates as LangGraph's channels do.
@@ -39,7 +39,7 @@ REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
     for key, hint in get_type_hints(State, include_extras=True).items()
     if hasattr(hint, "__metadata__") and callable(hint.__metadata__[0])}
 Reviewer = Callable[[dict[str, Any]], Any]  # the question -> an answer (see parse_decision)
-Observer = Callable[["GraphThread", str, dict[str, Any]], None]  # (thread, node, update)
+Observer = Callable[["GraphThread", str, State], None]  # (thread, node, update)
 Finisher = Callable[["GraphThread"], None]
 
 

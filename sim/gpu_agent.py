@@ -25,6 +25,7 @@ from fleet.config import FleetConfig
 from fleet.models import GPURequest, Release, ReleaseReason, Status
 from fleet.monitors import new_owner
 from nodes.context import open_services
+from nodes.state import State
 from sim.engine import Engine, EventClock, GraphThread
 from sim.lifecycle import (
     Attempt,
@@ -91,7 +92,7 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
         engine.submit(f"job-{run.job.id}-{run.attempt}",
                       request_for(run.job, run.attempt, run.resumes), run.submit, tag=run)
 
-    def on_step(thread: GraphThread, node: str, update: dict[str, Any]) -> None:
+    def on_step(thread: GraphThread, node: str, update: State) -> None:
         if node == "council" and "council" in update:
             council[update["council"].outcome.value] += 1
         if node != "allocate" or update.get("status") is not Status.ALLOCATED:

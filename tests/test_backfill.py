@@ -19,7 +19,7 @@ from fleet.routing import route
 from fleet.simulated import SimulatedFleet
 from fleet.topology import Topology
 from graph.outcome import RequestOutcome
-from sim.scenario import Submit, run_scenario
+from graph.scenario import Submit, run_scenario
 from tests.conftest import OrchFactory, small_config
 
 # 8 A100 on two nodes and 2 H100; the council approves these requests without a vote

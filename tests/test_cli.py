@@ -76,16 +76,21 @@ def test_foreground_request_runs_to_the_end(env: tuple[Path, list[str]]) -> None
     assert "placed" in r.stdout and "lease-expired" in r.stdout and "charged $10.24" in r.stdout
 
 
-def test_exit_codes(env: tuple[Path, list[str]]) -> None:
-    cwd, opts = env
+def test_exit_codes(tmp_path: Path) -> None:
+    """One virtual minute per real second: the 5 h lease that the last two requests queue
+    behind lasts 5 real minutes, however slow the machine runs the few CLI calls before."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 60}, monitor={"tick_seconds": 600}))
+    cwd, opts = tmp_path, ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
     assert run_cli("budget", "set", "tight", "5", *opts, cwd=cwd).returncode == 0
     denied = run_cli("request", "--project", "tight", "--purpose", "training", "--count", "2",
                      "--hours", "4", "--json", *opts, cwd=cwd)
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
-    run_cli("request", "--project", "a", "--purpose", "training", "--count", "2", "--hours", "5",
-            "--gpu-type", "H100", "--no-wait", *opts, cwd=cwd)
+    held = run_cli("request", "--project", "a", "--purpose", "training", "--count", "2",
+                   "--hours", "5", "--gpu-type", "H100", "--no-wait", "--json", *opts, cwd=cwd)
+    assert json.loads(held.stdout)["status"] == "allocated"
     late = run_cli("request", "--project", "b", "--purpose", "training", "--count", "2",
-                   "--hours", "1", "--gpu-type", "H100", "--max-wait", "60", "--json", *opts,
+                   "--hours", "1", "--gpu-type", "H100", "--max-wait", "1", "--json", *opts,
                    cwd=cwd)
     assert late.returncode == 4 and json.loads(late.stdout)["status"] == "timed_out"
     queued = run_cli("request", "--project", "b", "--purpose", "training", "--count", "2",

@@ -15,13 +15,14 @@ import torch
 
 from council.dataset import World, synthetic_jobs
 from council.neural import OCCLUSIONS, SHIPPED, NeuralCouncil
+from council.policies import council_for
 from council.reference import ReferenceCouncil
 from council.train import METRICS_FILE, WEIGHTS_FILE, Split, TrainSettings, evaluate, train
-from council.voting import council_for
 from fleet.config import CouncilSettings, FleetConfig, load_fleet
 from fleet.errors import ConfigError
 from fleet.models import Outcome, ReleaseReason, Status, Verdict
 from fleet.trace import read_trace
+from nodes.context import council_of
 from tests.conftest import ROOT, SHARED, OrchFactory, fleet_toml, run_cli, small_config
 from tests.test_council_cfc import features, history
 
@@ -162,7 +163,7 @@ BIG = {"project": "vision", "purpose": "training", "count": 8, "duration_hours":
 def test_review_interrupt_has_no_side_effects_and_resume_reserves_once(
         make_orch: OrchFactory) -> None:
     orch = make_orch(split_config())
-    assert isinstance(orch.services.council, NeuralCouncil)
+    assert isinstance(council_of(orch.services), NeuralCouncil)
 
     def reserved() -> list[str]:  # the ledger less its audit log (which says who was asked)
         return [r for r in orch.services.ledger.dump() if not r.startswith("audit: ")]

@@ -21,7 +21,7 @@ from fleet.models import (
 )
 from graph.orchestrator import Orchestrator
 from graph.outcome import PendingReview
-from sim.scenario import SetBudget, Submit, run_scenario
+from graph.scenario import SetBudget, Submit, run_scenario
 from tests.conftest import OrchFactory, small_config
 
 

@@ -19,7 +19,7 @@ from fleet.routing import route
 from fleet.simulated import SimulatedFleet
 from fleet.topology import Topology
 from graph.orchestrator import Orchestrator
-from sim.scenario import SetBudget, Step, Submit, run_scenario
+from graph.scenario import SetBudget, Step, Submit, run_scenario
 from tests.conftest import small_config
 
 PROJECTS = ["a", "b", "c"]

@@ -15,12 +15,12 @@ from fleet.config import MonitorSettings
 from fleet.models import EventKind, GPUSample, MonitorState, Purpose, utc
 from fleet.monitoring import UNKNOWN, IdlePolicy, Work, assess, next_tick, readings, skip
 from fleet.validation import parse_request
-from graph.builder import NODES, ROUTERS
+from graph.demo import STORY, demo_fleet
 from graph.orchestrator import Orchestrator
+from graph.scenario import SetBudget, Submit, run_scenario
 from nodes.context import open_services
-from sim.demo import STORY, demo_fleet
+from nodes.wiring import NODES, ROUTERS
 from sim.engine import Engine, EventClock, GraphThread
-from sim.scenario import SetBudget, Submit, run_scenario
 
 START = 1_767_225_600.0
 

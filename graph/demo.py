@@ -19,7 +19,7 @@ from fleet.clock import VirtualClock
 from fleet.config import FleetConfig, load_fleet
 from fleet.ledger import ProjectCost
 from graph.orchestrator import Orchestrator
-from sim.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
+from graph.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
 
 STORY: list[Step] = [
     SetBudget(0.0, "ads", 40.0),
