@@ -5,12 +5,20 @@ Unknown keys are errors, so a typo in a threshold never silently falls back to a
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fleet.errors import ConfigError, one_line
 from fleet.models import GPUInfo, Purpose
@@ -142,7 +150,19 @@ class ClockSettings(_Strict):
     time_scale: float = Field(default=1.0, gt=0)
 
 
+SHIPPED_CATALOG = "catalog.toml"  # the GPU types a fleet file may name (fleet/data/)
+
+
+@functools.cache
+def shipped_catalog() -> dict[str, GPUTypeSpec]:
+    """The shipped GPU catalog (fleet/data/catalog.toml), the one copy of its types' prices."""
+    text = resources.files("fleet").joinpath("data", SHIPPED_CATALOG).read_text("utf-8")
+    return {name: GPUTypeSpec.model_validate(spec) for name, spec in tomllib.loads(text).items()}
+
+
 class FleetConfig(_Strict):
+    # A list of names from the shipped catalog, or a table per type (a type of its own, or
+    # a price of its own): see _named_types.
     catalog: dict[str, GPUTypeSpec]
     pools: dict[Purpose, list[str]]
     # The simulated fleet's machines. With a hardware backend (NVML, replay) the GPUs the
@@ -157,6 +177,22 @@ class FleetConfig(_Strict):
     budgets: dict[str, float] = Field(default_factory=dict)
     simulation: SimulationSettings = SimulationSettings()
     clock: ClockSettings = ClockSettings()
+
+    @field_validator("catalog", mode="before")
+    @classmethod
+    def _named_types(cls, value: Any) -> Any:
+        """`catalog = ["A100", ...]` takes those types from the shipped catalog, in order."""
+        if not isinstance(value, list):
+            return value
+        shipped = shipped_catalog()
+        unknown = [v for v in value if not isinstance(v, str) or v not in shipped]
+        if unknown:
+            raise ValueError(f"catalog names {unknown[0]!r}, not a type of the shipped "
+                             f"catalog ({', '.join(shipped)}); give a [catalog.NAME] table "
+                             "for a type of your own")
+        if len(set(value)) != len(value):
+            raise ValueError("catalog names a type twice")
+        return {name: shipped[name] for name in value}
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetConfig:

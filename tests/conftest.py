@@ -18,29 +18,7 @@ from graph.orchestrator import Orchestrator
 from nodes.context import Services, open_services
 
 SMALL_FLEET = """
-[catalog.A100]
-memory_gb = 80
-price_per_hour = 5.12
-relative_throughput = 1.0
-tdp_watts = 400
-
-[catalog.H100]
-memory_gb = 80
-price_per_hour = 8.0
-relative_throughput = 2.0
-tdp_watts = 700
-
-[catalog.T4]
-memory_gb = 16
-price_per_hour = 0.526
-relative_throughput = 0.15
-tdp_watts = 70
-
-[catalog.RTX4090]
-memory_gb = 24
-price_per_hour = 0.60
-relative_throughput = 0.8
-tdp_watts = 450
+catalog = ["A100", "H100", "T4", "RTX4090"]
 
 [pools]
 training = ["A100", "H100"]

@@ -30,7 +30,11 @@ def test_default_fleet() -> None:
     (SMALL_FLEET.replace('research = ["RTX4090"]', 'research = ["TPU"]'), "unknown GPU type"),
     (SMALL_FLEET.replace('research = ["RTX4090"]', "research = []"), "at least one"),
     (SMALL_FLEET.replace('name = "a100-1"', 'name = "a100-0"'), "appears twice"),
-    (SMALL_FLEET.replace("price_per_hour = 5.12", "price_per_hour = -1"), "greater than 0"),
+    (SMALL_FLEET.replace('catalog = ["A100", "H100", "T4", "RTX4090"]',
+                         "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = -1\n"
+                         "relative_throughput = 1"), "greater than 0"),
+    (SMALL_FLEET.replace('"RTX4090"]', '"GTX480"]', 1), "catalog names 'GTX480', not a type"),
+    (SMALL_FLEET.replace('"T4", "RTX4090"]', '"T4", "T4", "RTX4090"]', 1), "a type twice"),
     (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
     (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
     ("", "catalog"),
