@@ -33,6 +33,7 @@ fitted the budget, where waiting for the whole lease did all of the work).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 EPS = 1e-9
@@ -161,15 +162,11 @@ def accrued(items: list[Running], at: float) -> float:
     return sum(r.rate_usd_per_s * max(0.0, min(at, r.ends_at) - r.started_at) for r in items)
 
 
-def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dict[str, float]:
-    """Deadlines so that the spend of `items` stays within `remaining_usd`.
-
-    All allocations run until a common time T (or their own lease end, if earlier), where T
-    solves accrued(T) = remaining; one that starts after T ends as it starts. The caller
-    guarantees accrued(now) <= remaining.
-    """
-    if accrued(items, max((r.ends_at for r in items), default=now)) <= remaining_usd + EPS:
-        return {r.id: r.ends_at for r in items}
+def reaches_at(items: list[Running], amount_usd: float, now: float) -> float:
+    """When the spend of `items` (accrued, from `now`, where it is at most `amount_usd`)
+    reaches `amount_usd`; inf if it never does."""
+    if accrued(items, max((r.ends_at for r in items), default=now)) <= amount_usd + EPS:
+        return math.inf
     # accrued() is piecewise linear and increasing in T: walk its breakpoints, its slope
     # changing by an allocation's rate where it starts and ends (one sort, one pass).
     points = sorted({now, *(t for r in items for t in (r.started_at, r.ends_at) if t > now)})
@@ -182,10 +179,21 @@ def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dic
     spent, lo = accrued(items, now), now
     for hi in points:
         at_hi = spent + rate * (hi - lo)
-        if at_hi >= remaining_usd:
-            t = lo + (remaining_usd - spent) / rate if rate > 0 else lo
-            cut = max(now, min(hi, t))
-            return {r.id: min(r.ends_at, max(cut, r.started_at)) for r in items}
+        if at_hi >= amount_usd:
+            t = lo + (amount_usd - spent) / rate if rate > 0 else lo
+            return max(now, min(hi, t))
         spent, lo = at_hi, hi
         rate += change.get(hi, 0.0)
-    return {r.id: r.ends_at for r in items}
+    return math.inf
+
+
+def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dict[str, float]:
+    """Deadlines so that the spend of `items` stays within `remaining_usd`.
+
+    All allocations run until a common time T (or their own lease end, if earlier), where T
+    solves accrued(T) = remaining (reaches_at); one that starts after T ends as it starts.
+    The caller guarantees accrued(now) <= remaining.
+    """
+    cut = reaches_at(items, remaining_usd, now)
+    return {r.id: r.ends_at if cut == math.inf else min(r.ends_at, max(cut, r.started_at))
+            for r in items}

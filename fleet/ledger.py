@@ -13,7 +13,7 @@ import json
 import math
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
@@ -802,28 +802,29 @@ class Ledger:
     def _factor(self, db: Conn, project: str) -> float:
         """Kept until this connection adds to history or another commits (placement, routing
         and admission ask it of every request)."""
-        version = self.db.data_version(db)  # None (PostgreSQL): never kept
-        kept = self._factors.get(project)
-        if version is not None and kept is not None and kept[0] == (version, self._finished):
-            return kept[1]
-        factor = usage_factor(self._shares(db, project, RECORDS), self._fleet_share(db))
-        if version is not None:
-            self._factors[project] = ((version, self._finished), factor)
-        return factor
+        return self._kept(db, project, lambda: usage_factor(
+            self._shares(db, project, RECORDS), self._fleet_share(db)))
 
     def _fleet_share(self, db: Conn) -> float:
         """The prior of a project without a record (FLEET_SHARE), kept as the usage
-        factors are."""
+        factors are; a whole lease on a new fleet."""
+        def share() -> float:
+            mean = db.execute(FLEET_SHARE, {"budget": ReleaseReason.BUDGET.value,
+                                            "n": FLEET_RECORDS}).fetchone()[0]
+            return 1.0 if mean is None else float(mean)
+        return self._kept(db, None, share)
+
+    def _kept(self, db: Conn, key: str | None, compute: Callable[[], float]) -> float:
+        """`compute()`, kept under `key` until this connection adds to history or another
+        commits (never on PostgreSQL, which has no data_version)."""
         version = self.db.data_version(db)
-        kept = self._factors.get(None)
+        kept = self._factors.get(key)
         if version is not None and kept is not None and kept[0] == (version, self._finished):
             return kept[1]
-        mean = db.execute(FLEET_SHARE, {"budget": ReleaseReason.BUDGET.value,
-                                        "n": FLEET_RECORDS}).fetchone()[0]
-        share = 1.0 if mean is None else float(mean)  # a whole lease on a new fleet
+        value = compute()
         if version is not None:
-            self._factors[None] = ((version, self._finished), share)
-        return share
+            self._factors[key] = ((version, self._finished), value)
+        return value
 
     def _shares(self, db: Conn, project: str, limit: int) -> list[float]:
         """budget.used_share of the project's newest `limit` finished allocations, newest

@@ -83,14 +83,15 @@ def route(
     request: GPURequest, config: FleetConfig, remaining_usd: float | None,
     starts_in: Mapping[str, float] | None = None, used_share: float = 1.0,
 ) -> RouteDecision | Refusal:
-    """The type for `request`. `remaining_usd` (Ledger.remaining_usd: the largest worst case
-    the project's budget admits, by the rule placement applies; None: no budget) rules out
-    the types that cost more. `starts_in` (per type, at the latest how many hours until the
-    request could start: 0 now, Services.starts_in_hours) makes the budget mode take the
-    cheapest type that can start now over a cheaper one it would queue for, unless waiting
-    for the cheaper one still finishes no later, for a request expected to hold `used_share`
-    of its lease (the project's usage factor, fleet.budget); without it, or when none can
-    start now, the cheapest."""
+    """The type for `request`. `remaining_usd` (Ledger.remaining_usd with running=False: the
+    largest worst case the project's budget admits once its running work has ended, by the
+    rule placement applies; None: no budget) rules out the types that cost more, or shortens
+    their lease to what it buys (fleet.budget.admitted_hours). `starts_in` (per type, at the
+    latest how many hours until the request could start: 0 now, Services.starts_in_hours)
+    makes the budget mode take the cheapest type that can start now over a cheaper one it
+    would queue for, unless waiting for the cheaper one still finishes no later, for a
+    request expected to hold `used_share` of its lease (the project's usage factor,
+    fleet.budget); without it, or when none can start now, the cheapest."""
     options = sorted(  # by price per unit of work, whatever lease the budget leaves
         (_option(request, config, t, remaining_usd) for t in types_for(request, config)),
         key=lambda o: (o.price_per_hour / o.relative_throughput, -o.relative_throughput,

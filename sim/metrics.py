@@ -84,6 +84,7 @@ from typing import Any
 
 import numpy as np
 
+from fleet.budget import Running, reaches_at
 from fleet.config import FleetConfig
 from sim.accounting import Floor, breakdown, floor, work_units
 from sim.lifecycle import Attempt
@@ -200,32 +201,12 @@ def _budgets(cost: Mapping[str, float],
 
 def overrun_at(attempts: Sequence[Attempt], budget: float) -> float:
     """When the attempts' spend, each attempt's cost accrued evenly over its holding, passes
-    `budget` (inf if it never does)."""
-    if sum(a.cost_usd for a in attempts) <= budget + 1e-9:
-        return math.inf
-    slope: dict[float, float] = defaultdict(float)  # change of the spend rate at t
-    jump: dict[float, float] = defaultdict(float)  # cost charged at once at t
-    for a in attempts:
-        if a.start is None or a.end is None or a.cost_usd <= 0:
-            continue
-        if a.end <= a.start:
-            jump[a.start] += a.cost_usd
-        else:
-            rate = a.cost_usd / (a.end - a.start)
-            slope[a.start] += rate
-            slope[a.end] -= rate
-    times = sorted({*slope, *jump})
-    spent = rate = 0.0
-    at = times[0]
-    for t in times:
-        reached = spent + rate * (t - at)
-        if reached > budget + 1e-9:
-            return at + (budget - spent) / rate
-        spent, at = reached + jump[t], t
-        if spent > budget + 1e-9:
-            return t
-        rate += slope[t]
-    return at
+    `budget` (inf if it never does): fleet.budget.reaches_at, the ledger's own sweep."""
+    items = [Running(str(i), a.cost_usd / (end - start), start, end)
+             for i, a in enumerate(attempts)
+             if (start := a.start) is not None and (end := a.end) is not None and end > start
+             and a.cost_usd > 0]
+    return reaches_at(items, budget, min((r.started_at for r in items), default=0.0))
 
 
 def _in_budget_units(results: Sequence[JobResult], attempts: Sequence[Attempt],
