@@ -8,16 +8,18 @@ history at most once (primary keys), and a thread's request maps to one allocati
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from fleet.backfill import Ending, reserve
 from fleet.budget import (
@@ -58,7 +60,7 @@ from fleet.topology import Topology
 # 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released),
 #    audit (who approved, denied, decided, released, set a budget, and why)
 # 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -214,6 +216,10 @@ CREATE TABLE IF NOT EXISTS commands (
 V4_COLUMNS = {"allocations": ["idle_since REAL", "resumes TEXT"],
               "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT",
                           "pause_s REAL"]}
+# a resumed allocation looks up what its resumer had learned (Ledger.resume)
+V5 = """
+CREATE INDEX IF NOT EXISTS history_by_resumer ON history (resumed_by);
+"""
 TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
           "usage", "unhealthy", "freed", "jobs", "audit", "monitors", "commands")
 
@@ -357,13 +363,6 @@ EXPECTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * CASE WHEN "
             ":q * (lease_end - started_at) < deadline - started_at THEN "
             ":q * (lease_end - started_at) ELSE deadline - started_at END), 0) "
             "FROM allocations WHERE state='active' AND project=:p")
-# the prior of the usage factor (budget.usage_factor): the mean budget.used_share of the fleet's
-# newest finished allocations, taken by the database (:n of them; :budget, the reason that
-# counts a whole lease)
-FLEET_SHARE = ("SELECT avg(CASE WHEN reason = :budget OR requested_hours <= 0 "
-               "OR hours >= requested_hours THEN 1.0 WHEN hours <= 0 THEN 0.0 "
-               "ELSE hours / requested_hours END) FROM (SELECT hours, requested_hours, reason "
-               "FROM history ORDER BY ended_at DESC, allocation_id LIMIT :n) newest")
 # what cut_deadlines needs to know to leave every deadline at its lease end
 UNCUT = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (lease_end - started_at)), 0)"
          " AS worst, coalesce(sum(CASE WHEN deadline <> lease_end THEN 1 ELSE 0 END), 0) AS cut"
@@ -372,9 +371,56 @@ RECORD_SUMS = ("gpu_hours", "idle_gpu_hours", "budget_gpu_hours", "rated_gpu_hou
                "util_gpu_hours")
 
 
+T = TypeVar("T")
 PRIORITIES = {p.value: p for p in Priority}  # a dict read is many times faster than Priority(v)
 ROW = "SELECT " + ", ".join(f.name for f in fields(LedgerRow)) + " FROM allocations"
 _AT = {f.name: i for i, f in enumerate(fields(LedgerRow))}
+TICKET = "id, project, gpu_type, count, priority, enqueued_at, heartbeat_at, hours, resumes"
+
+
+def _ticket(r: Any) -> Ticket:
+    """A queued allocation as placement sees it, from a row that starts with TICKET."""
+    aid, project, gpu_type, count, priority, enqueued, beat, hours, resumes = tuple(r)[:9]
+    return Ticket(aid, project, gpu_type, count, PRIORITIES[priority], enqueued, beat, hours,
+                  resumes is not None)
+
+
+@dataclass(frozen=True)
+class _Running:
+    """An active allocation as the ledger keeps it between reads (Ledger._running)."""
+
+    project: str
+    gpu_type: str
+    gpu_ids: str  # as stored (JSON): decoded where needed
+    active: Active
+
+
+class _Runs:
+    """The active allocations by GPU type and by project, each by id."""
+
+    def __init__(self) -> None:
+        self.of_type: dict[str, dict[str, _Running]] = {}
+        self.of_project: dict[str, dict[str, _Running]] = {}
+
+    def put(self, run: _Running) -> None:
+        self.of_type.setdefault(run.gpu_type, {})[run.active.id] = run
+        self.of_project.setdefault(run.project, {})[run.active.id] = run
+
+    def drop(self, aid: str, gpu_type: str, project: str) -> None:
+        self.of_type.get(gpu_type, {}).pop(aid, None)
+        self.of_project.get(project, {}).pop(aid, None)
+
+
+RUNNING = "project, gpu_type, gpu_ids, id, price_per_hour, count, started_at, lease_end, " \
+    "deadline"
+
+
+def _running(r: Any) -> _Running:
+    """An active allocation from a row that starts with RUNNING."""
+    project, gpu_type, gpu_ids, aid, price, count, started, lease_end, deadline = \
+        tuple(r)[:9]
+    return _Running(project, gpu_type, gpu_ids,
+                    Active(aid, price * count / 3600.0, started, lease_end, deadline))
 
 
 def _row(r: Any) -> LedgerRow:
@@ -390,8 +436,9 @@ def _row(r: Any) -> LedgerRow:
 
 class Ledger:
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
-        """`path`: a SQLite file, or a postgresql:// URL. `durable=False` skips SQLite's fsync
-        (a simulation's scratch ledger): a power cut may lose the last transactions, never
+        """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
+        scratch ledger) skips SQLite's fsync and holds the file's lock while open, so no
+        other process reads it meanwhile: a power cut may lose the last transactions, never
         corrupt the file's consistency."""
         self.db: Database = open_database(path, durable=durable)
         self.name = self.db.name
@@ -404,12 +451,19 @@ class Ledger:
         # GPU type -> held GPU uuids, valid while no other connection has committed
         # (SQLite's data_version); this connection's own changes update it as they are made.
         self._held: dict[str, set[str]] = {}
+        # GPU type -> its queued requests as tickets, in the order the table stores them;
+        # kept the same way (placement reads the whole line of a type at every decision)
+        self._queues: dict[str, dict[str, Ticket]] = {}
+        self._runs: _Runs | None = None  # the active allocations, kept the same way
+        self._window: list[tuple[float, str, float]] | None = None  # see _newest
         self._free_of: dict[str, tuple[list[GPUInfo], set[str], list[GPUInfo]]] = {}
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
         self._remaining: dict[tuple[str, bool],
                               tuple[tuple[int | None, int], float | None]] = {}
-        self._finished = 0  # allocations this connection moved to history
-        self._factors: dict[str | None, tuple[tuple[int, int], float]] = {}  # None: fleet
+        # allocations this connection moved to history, in all and per project
+        self._finished = 0
+        self._finished_of: Counter[str] = Counter()
+        self._kept_values: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
         self._version: int | None = None
         try:
             self._migrate()
@@ -449,7 +503,7 @@ class Ledger:
                         f"{self.name} holds tables but is not a gpu-agent ledger; "
                         "move it aside or choose another --state-dir or --database"
                     )
-                self._create(db, SCHEMA + V2 + V3 + V4)
+                self._create(db, SCHEMA + V2 + V3 + V4 + V5)
                 db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                            (str(SCHEMA_VERSION),))
                 return
@@ -466,6 +520,8 @@ class Ledger:
                             db.execute(self.db.schema(
                                 f"ALTER TABLE {table} ADD COLUMN {column}"))
                 self._recount_hoarding(db)
+            if version < 5:
+                self._create(db, V5)
             if version < SCHEMA_VERSION:
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
                            (str(SCHEMA_VERSION),))
@@ -522,8 +578,8 @@ class Ledger:
             self._writes += write
         except BaseException:
             self._writes += write
-            self._held.clear()  # it may hold changes that were just undone
-            self._version = None
+            self._version = None  # what is kept may hold changes just undone: read again
+            self._kept_values.clear()
             raise
 
     def transaction(self, *keys: str) -> AbstractContextManager[Conn]:
@@ -617,11 +673,13 @@ class Ledger:
                      json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), busy,
                      hours, aid),
                 )
+                self._track(db, aid)
                 moved = self._fit_deadlines(db, request.project, now)
                 return PlaceResult(decision, self._get(db, aid),
                                    [m for m in moved if m.id != aid])
             if decision.kind is Kind.QUEUE:
                 db.execute("UPDATE allocations SET heartbeat_at=? WHERE id=?", (now, aid))
+                self._track(db, aid)
             else:
                 self._close(db, aid, ReleaseReason.CANCELLED, now, 0.0)
             return PlaceResult(decision, self._get(db, aid))
@@ -633,27 +691,20 @@ class Ledger:
                           me.count)
 
     def _line(self, db: Conn, gpu_type: str, project: str, now: float,
-              inventory: list[GPUInfo], leave_out: str = "", count: int = 0) -> Snapshot:
+              inventory: list[GPUInfo], leave_out: str = "", count: int = 0,
+              money: bool = True) -> Snapshot:
         """The fleet as a request of `project` for `gpu_type` (`count` GPUs) sees it: free
-        GPUs, the line (without `leave_out`), when held GPUs come back, usage and the
-        project's money."""
-        waiting = [
-            Ticket(aid, proj, kind, count, PRIORITIES[prio], enq, beat, hours,
-                   resumes is not None)
-            for aid, proj, kind, count, prio, enq, beat, hours, resumes in db.execute(
-                "SELECT id, project, gpu_type, count, priority, enqueued_at, heartbeat_at, "
-                "hours, resumes FROM allocations WHERE state='queued' AND gpu_type=? "
-                "AND id<>?",
-                (gpu_type, leave_out),
-            )
-        ]
+        GPUs, the line (without `leave_out`), when held GPUs come back, usage and (unless
+        `money` is False: who is in line only) the project's money."""
+        waiting = [t for t in self._queued(db, gpu_type).values()
+                   if t.allocation_id != leave_out]
         free = self._free(db, gpu_type, inventory)
         # only a line that cannot all start now needs a reservation, hence the endings
         short = count + sum(t.count for t in waiting) > len(free)
         # a request alone in its line needs no fair order, and without a quota no holdings
         alone = not waiting and self.config.quotas.max_gpus(project) is None
         active_gpus, usage = ({}, {}) if alone else self._active(db, now)
-        budget = self._budget(db, project)
+        budget = self._budget(db, project) if money else None
         expected, factor = self._expected(db, project) if budget is not None else (0.0, 1.0)
         return Snapshot(
             now=now,
@@ -663,7 +714,7 @@ class Ledger:
             usage=usage,
             active_gpus=active_gpus,
             budget_usd=budget,
-            spent_usd=self._spent(db, project),
+            spent_usd=self._spent(db, project) if money else 0.0,
             committed_usd=expected,
             usage_factor=factor,
         )
@@ -677,9 +728,12 @@ class Ledger:
             {g.uuid for g in self._of_type(inventory, gpu_type)}, {})
         counts: dict[str, int] = {}  # the active ones only: the next call reuses them
         out = []
-        for aid, deadline, gpu_ids in db.execute(
-                "SELECT id, deadline, gpu_ids FROM allocations "
-                "WHERE state='active' AND gpu_type=?", (gpu_type,)):
+        runs = self._running(db)
+        rows = db.execute("SELECT id, deadline, gpu_ids FROM allocations "
+                          "WHERE state='active' AND gpu_type=?", (gpu_type,)) \
+            if runs is None else ((r.active.id, r.active.deadline, r.gpu_ids)
+                                  for r in runs.of_type.get(gpu_type, {}).values())
+        for aid, deadline, gpu_ids in rows:
             gpus = known.get(aid)
             if gpus is None:  # an allocation's GPUs never change: decoded once
                 gpus = sum(g in usable for g in json.loads(gpu_ids))
@@ -695,10 +749,9 @@ class Ledger:
         project has a quota, the project's own queued requests."""
         with self.reading() as db:
             ids = []
-            if db.execute("SELECT 1 FROM allocations WHERE state='queued' AND gpu_type=? "
-                          "LIMIT 1", (freed.gpu_type,)).fetchone():
-                line = in_line(self._line(db, freed.gpu_type, freed.project, now, inventory),
-                               self.config)
+            if self._queued(db, freed.gpu_type):
+                line = in_line(self._line(db, freed.gpu_type, freed.project, now, inventory,
+                                          money=False), self.config)
                 ids = [t.allocation_id for t in line]
             if self.config.quotas.max_gpus(freed.project) is not None:
                 ids += [r["id"] for r in db.execute(
@@ -721,18 +774,70 @@ class Ledger:
 
     def _held_of(self, db: Conn, gpu_type: str) -> set[str]:
         """The held GPUs of a type, read once and then kept up to date (see __init__)."""
-        version = self.db.data_version(db)  # None (PostgreSQL): not tracked, never cached
-        if version is None or version != self._version:
-            self._held.clear()
-            self._version = version
+        fresh = self._fresh(db)
         held = self._held.get(gpu_type)
         if held is None:
             held = {r[0] for r in db.execute(
                 "SELECT h.gpu_uuid FROM holds h JOIN allocations a ON a.id = h.allocation_id "
                 "WHERE a.gpu_type=?", (gpu_type,))}
-            if version is not None:
+            if fresh:
                 self._held[gpu_type] = held
         return held
+
+    def _fresh(self, db: Conn) -> bool:
+        """Whether what this connection keeps up to date (held GPUs, queued tickets) may be
+        kept: dropped when another connection has committed since (SQLite's data_version;
+        PostgreSQL has none, so nothing is kept there)."""
+        version = self.db.data_version(db)
+        if version is None or version != self._version:
+            self._held.clear()
+            self._queues.clear()
+            self._runs = self._window = None
+            self._version = version
+        return version is not None
+
+    def _queued(self, db: Conn, gpu_type: str) -> dict[str, Ticket]:
+        """The type's queued requests by id, in the table's order, read once and then kept up
+        to date as the held GPUs are (_track)."""
+        fresh = self._fresh(db)
+        queue = self._queues.get(gpu_type)
+        if queue is None:
+            queue = {r[0]: _ticket(r) for r in db.execute(
+                f"SELECT {TICKET} FROM allocations WHERE state='queued' AND gpu_type=?",
+                (gpu_type,))}
+            if fresh:
+                self._queues[gpu_type] = queue
+        return queue
+
+    def _track(self, db: Conn, aid: str) -> None:
+        """This connection changed allocation `aid`: what is kept of it follows (in the kept
+        line an update keeps its place, a new request goes last, as in the table)."""
+        if not self._queues and self._runs is None:
+            return
+        r = db.execute(f"SELECT {TICKET}, state, {RUNNING} FROM allocations WHERE id=?",
+                       (aid,)).fetchone()
+        if r is None:
+            return
+        queue = self._queues.get(r["gpu_type"])  # None: not kept, read whole when next asked
+        if queue is not None and r["state"] == "queued":
+            queue[aid] = _ticket(r)
+        elif queue is not None:
+            queue.pop(aid, None)
+        if self._runs is not None and r["state"] == "active":
+            self._runs.put(_running(tuple(r)[10:]))
+        elif self._runs is not None:
+            self._runs.drop(aid, r["gpu_type"], r["project"])
+
+    def _running(self, db: Conn) -> _Runs | None:
+        """The active allocations, read once and then kept up to date as the held GPUs are;
+        None where nothing is kept (PostgreSQL): the caller asks the database."""
+        if not self._fresh(db):
+            return None
+        if self._runs is None:
+            self._runs = _Runs()
+            for r in db.execute(f"SELECT {RUNNING} FROM allocations WHERE state='active'"):
+                self._runs.put(_running(r))
+        return self._runs
 
     def _of_type(self, inventory: list[GPUInfo], gpu_type: str) -> list[GPUInfo]:
         """The inventory's GPUs of one type (indexed once per inventory list)."""
@@ -769,12 +874,12 @@ class Ledger:
         without `running`, once they have ended: past that a request is refused, below it
         it waits for them. Kept until this connection writes or another commits (validate,
         the council and route ask it of one request in turn)."""
+        version = self.db.version()  # None (PostgreSQL): never kept
+        key = (version, self._writes)
+        kept = self._remaining.get((project, running))
+        if version is not None and kept is not None and kept[0] == key:
+            return kept[1]
         with self.reading() as db:
-            version = self.db.data_version(db)  # None (PostgreSQL): never kept
-            key = (version, self._writes)
-            kept = self._remaining.get((project, running))
-            if version is not None and kept is not None and kept[0] == key:
-                return kept[1]
             budget = self._budget(db, project)
             remaining = None
             if budget is not None:
@@ -786,6 +891,10 @@ class Ledger:
             return remaining
 
     def _actives(self, db: Conn, project: str) -> list[Active]:
+        """The project's active allocations, by id."""
+        runs = self._running(db)
+        if runs is not None:
+            return [r.active for _, r in sorted(runs.of_project.get(project, {}).items())]
         return [Active(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
                        r["lease_end"], r["deadline"])
                 for r in db.execute(
@@ -800,30 +909,47 @@ class Ledger:
             return self._factor(db, project)
 
     def _factor(self, db: Conn, project: str) -> float:
-        """Kept until this connection adds to history or another commits (placement, routing
-        and admission ask it of every request)."""
-        return self._kept(db, project, lambda: usage_factor(
-            self._shares(db, project, RECORDS), self._fleet_share(db)))
+        """Placement, routing and admission ask it of every request: the project's shares are
+        kept until it finishes an allocation here, the fleet's until any does (_kept)."""
+        shares = self._kept(db, ("shares", project), self._finished_of[project],
+                            lambda: self._shares(db, project, RECORDS))
+        return usage_factor(shares, self._fleet_share(db))
 
     def _fleet_share(self, db: Conn) -> float:
-        """The prior of a project without a record (FLEET_SHARE), kept as the usage
-        factors are; a whole lease on a new fleet."""
+        """The prior of a project without a record: the mean used share of the fleet's newest
+        FLEET_RECORDS finished allocations; a whole lease on a new fleet."""
         def share() -> float:
-            mean = db.execute(FLEET_SHARE, {"budget": ReleaseReason.BUDGET.value,
-                                            "n": FLEET_RECORDS}).fetchone()[0]
-            return 1.0 if mean is None else float(mean)
-        return self._kept(db, None, share)
+            newest = self._newest(db)
+            return sum(s for *_, s in newest) / len(newest) if newest else 1.0
+        return self._kept(db, ("fleet", ""), self._finished, share)
 
-    def _kept(self, db: Conn, key: str | None, compute: Callable[[], float]) -> float:
-        """`compute()`, kept under `key` until this connection adds to history or another
-        commits (never on PostgreSQL, which has no data_version)."""
+    def _newest(self, db: Conn) -> list[tuple[float, str, float]]:
+        """(-ended_at, allocation id, budget.used_share) of the fleet's newest FLEET_RECORDS
+        finished allocations, newest first; read once and then kept up to date (_finish)."""
+        fresh = self._fresh(db)
+        if self._window is not None:
+            return self._window
+        window = [(-r["ended_at"], r["allocation_id"], used_share(
+            r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET))
+            for r in db.execute("SELECT ended_at, allocation_id, hours, requested_hours, "
+                                "reason FROM history ORDER BY ended_at DESC, allocation_id "
+                                f"LIMIT {FLEET_RECORDS}")]
+        if fresh:
+            self._window = window
+        return window
+
+    def _kept(self, db: Conn, key: tuple[str, str], generation: int,
+              compute: Callable[[], T]) -> T:
+        """`compute()`, kept under `key` while `generation` (a count of this connection's
+        changes to what it reads) stays and no other connection commits (never on
+        PostgreSQL, which has no data_version)."""
         version = self.db.data_version(db)
-        kept = self._factors.get(key)
-        if version is not None and kept is not None and kept[0] == (version, self._finished):
-            return kept[1]
+        kept = self._kept_values.get(key)
+        if version is not None and kept is not None and kept[0] == (version, generation):
+            return cast(T, kept[1])
         value = compute()
         if version is not None:
-            self._factors[key] = ((version, self._finished), value)
+            self._kept_values[key] = ((version, generation), value)
         return value
 
     def _shares(self, db: Conn, project: str, limit: int) -> list[float]:
@@ -848,8 +974,8 @@ class Ledger:
         if budget is None:
             return []
         left = budget - self._spent(db, project)
-        uncut = db.execute(UNCUT, {"p": project}).fetchone()
-        if not uncut["cut"] and uncut["worst"] <= left + EPS:
+        worst, cut = db.execute(UNCUT, {"p": project}).fetchone()
+        if not cut and worst <= left + EPS:
             return []  # every lease fits whole and none is cut: cut_deadlines would agree
         active = self._actives(db, project)
         deadlines = cut_deadlines([a.running(now) for a in active], left, now)
@@ -860,6 +986,8 @@ class Ledger:
             "UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
             [(m.after, (ReleaseReason.LEASE_EXPIRED if m.after >= ends[m.id]
                         else ReleaseReason.BUDGET).value, m.id) for m in moved])
+        for m in moved:
+            self._track(db, m.id)
         return moved
 
     def _committed(self, db: Conn, project: str) -> float:
@@ -879,9 +1007,7 @@ class Ledger:
     def _starts_in(self, db: Conn, gpu_type: str, count: int, now: float,
                    inventory: list[GPUInfo]) -> float:
         free = len(self._free(db, gpu_type, inventory))
-        queued = int(db.execute("SELECT coalesce(sum(count), 0) FROM allocations "
-                                "WHERE state='queued' AND gpu_type=?",
-                                (gpu_type,)).fetchone()[0])
+        queued = sum(t.count for t in self._queued(db, gpu_type).values())
         if free - queued >= count:
             return 0.0
         if queued:
@@ -931,9 +1057,12 @@ class Ledger:
                      ) -> tuple[Release, bool]:
         """`release`, and whether this call released it (False: it was released before).
         `by`: who released it, for the audit log."""
-        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
+        found = self.query("SELECT gpu_type, project, state FROM allocations WHERE id=?",
+                           (aid,))
         if not found:
             raise InvalidInput(f"no allocation {aid!r}")
+        if found[0][2] == "released":  # for good: no lock needed to say so
+            return self.get(aid).to_release(), False
         with self.transaction(f"type:{found[0][0]}", f"project:{found[0][1]}") as db:
             row = self._get(db, aid)
             assert row is not None
@@ -977,6 +1106,11 @@ class Ledger:
                    "DO UPDATE SET usd = spend.usd + excluded.usd", (row.project, cost))
         hoarded = self._hoarded_hours(db, row, end)
         self._finished += 1  # the usage factors read history: kept no longer
+        self._finished_of[row.project] += 1
+        if self._window is not None:
+            bisect.insort(self._window, (-end, row.id, used_share(
+                hours, row.hours, reason is ReleaseReason.BUDGET)))
+            del self._window[FLEET_RECORDS:]
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "
@@ -1066,6 +1200,7 @@ class Ledger:
             "cost_usd=? WHERE id=?",
             (at, reason.value, cost, aid),
         )
+        self._track(db, aid)
 
     def reconcile(self, now: float) -> list[Release]:
         """Release leases that ran out while no monitor was alive to see it."""

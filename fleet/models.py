@@ -333,6 +333,9 @@ class MonitorState(BaseModel):
     works_while_idle: bool = False
     low_util_warned: bool = False
     throttled: list[str] = Field(default_factory=list)
+    # when the next tick is due (epoch s, exact: it may be the ledger's deadline), planned at
+    # the end of this one; None: not planned yet
+    wake_at: float | None = None
 
     @property
     def mean_util(self) -> float | None:

@@ -17,6 +17,7 @@ scaled or virtual clock says about the allocation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -52,10 +53,16 @@ class Watcher:
         return gone_here(self.owner)
 
 
+@functools.cache
+def _host() -> str:
+    """This host's name, read once (the monitor asks at every tick)."""
+    return socket.gethostname()
+
+
 def gone_here(owner: str) -> bool:
     """The process named by `owner` (new_owner's host:pid:...) ran on this host and exited."""
     host, pid = [*owner.split(":"), "", ""][:2]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != _host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -82,7 +89,7 @@ class Orphan:
 
 def new_owner(kind: str) -> str:
     """A unique name for one monitoring process (or one Orchestrator in it)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{kind}"
+    return f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{kind}"
 
 
 def _watcher(r: Any) -> Watcher:

@@ -19,7 +19,7 @@ from fleet.backfill import Ending, Reservation, backfill, reserve
 from fleet.budget import admissible_usd, admits, admitted_hours, even_shortened
 from fleet.config import FleetConfig
 from fleet.models import GPUInfo, Priority, utc
-from fleet.scheduler import fair_share_factors, score
+from fleet.scheduler import fair_share_factors, scorer
 from fleet.topology import Topology
 
 
@@ -184,12 +184,13 @@ def _fair_key(snap: Snapshot, config: FleetConfig,
     """Multifactor score (then the earlier request) among the projects of `tickets`."""
     settings = config.scheduler
     factors = fair_share_factors(snap.usage, config.shares, [t.project for t in tickets])
+    of, now, aged = scorer(settings), snap.now, settings.age_max_hours * 3600.0
 
     def key(t: Ticket) -> tuple[float, float]:
-        waited = snap.now - t.enqueued_at
+        waited = now - t.enqueued_at
         if t.resumes:  # released work goes back ahead of new work of its standing
-            waited = max(waited, settings.age_max_hours * 3600.0)
-        return (score(t.priority, factors[t.project], waited, settings), -t.enqueued_at)
+            waited = max(waited, aged)
+        return (of(t.priority, factors[t.project], waited), -t.enqueued_at)
 
     return key
 

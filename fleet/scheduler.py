@@ -7,7 +7,7 @@ normalised share), and A grows from 0 to 1 over `age_max_hours` of waiting, so n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from fleet.config import SchedulerSettings
 from fleet.models import Priority, RecordSummary, ReleaseReason, utc
@@ -60,9 +60,17 @@ def fair_share_factors(
 def score(
     priority: Priority, fair_share: float, waited_seconds: float, settings: SchedulerSettings
 ) -> float:
-    age = min(1.0, max(0.0, waited_seconds) / (settings.age_max_hours * 3600.0))
-    return (
-        settings.weight_priority * PRIORITY_FACTOR[priority]
-        + settings.weight_fairshare * fair_share
-        + settings.weight_age * age
-    )
+    return scorer(settings)(priority, fair_share, waited_seconds)
+
+
+def scorer(settings: SchedulerSettings) -> Callable[[Priority, float, float], float]:
+    """`score` with the settings read once: placement scores every waiting request at every
+    decision."""
+    w_p, w_f, w_a = settings.weight_priority, settings.weight_fairshare, settings.weight_age
+    age_max = settings.age_max_hours * 3600.0
+
+    def of(priority: Priority, fair_share: float, waited_seconds: float) -> float:
+        age = min(1.0, max(0.0, waited_seconds) / age_max)
+        return w_p * PRIORITY_FACTOR[priority] + w_f * fair_share + w_a * age
+
+    return of

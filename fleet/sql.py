@@ -105,6 +105,11 @@ class Database(ABC):
         """A number that changes when another connection commits; None: not tracked."""
         return None
 
+    def version(self) -> int | None:
+        """data_version outside a transaction (read before one opens, a commit in between
+        shows as a change the next time)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Close the connection."""
@@ -121,6 +126,8 @@ class SqliteDatabase(Database):
                                        check_same_thread=False, timeout=60.0)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 60000")
+            if not durable:  # a scratch file, this connection's alone: no lock per transaction
+                self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -157,6 +164,10 @@ class SqliteDatabase(Database):
 
     def data_version(self, db: Conn) -> int | None:
         return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+    def version(self) -> int | None:
+        with self.lock:
+            return self.data_version(self._db)
 
     def close(self) -> None:
         with self.lock:

@@ -1,8 +1,12 @@
 """One monitoring tick: sleep to the next tick, read the GPUs, warn, throttle, decide release.
 
-The ledger's deadline (lease end, or earlier when a budget was cut) is re-read every tick. When
-the backend knows the readings will stay the same (a simulated trace), the monitor sleeps
-through the ticks that could conclude nothing new (fleet.monitoring.next_tick and skip).
+Each tick plans the next (`MonitorState.wake_at`) from what it read, so the node starts by
+sleeping: a node runs again from its first line after a sleep (LangGraph after `interrupt()`,
+sim.engine after every sleep), and work before the sleep would be done twice. A release or a
+deadline moved meanwhile wakes it early. The ledger's deadline (lease end, or earlier when a
+budget was cut) is re-read every tick. When the backend knows the readings will stay the same
+(a simulated trace), the monitor sleeps through the ticks that could conclude nothing new
+(fleet.monitoring.next_tick and skip).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from fleet.clock import sleep_until
 from fleet.commands import work
 from fleet.faults import fault
 from fleet.ledger import Lease
-from fleet.models import EventKind, Purpose, utc
-from fleet.monitoring import IdlePolicy, Work, assess, next_tick, readings, skip
+from fleet.models import EventKind, MonitorState, Purpose, utc
+from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, readings, skip
+from fleet.services import Services
 from nodes.context import Context, services_for
 from nodes.progress import report, streaming
 from nodes.state import State, request_of
@@ -41,35 +46,47 @@ def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
     return f"tick {ticks}: utilisation {shown}, {left_s / 3600:.2f} h left"
 
 
+def _wake(row: Lease, mon: MonitorState, last: Readings | None, policy: IdlePolicy,
+          started: float, gpu_ids: list[str], svc: Services) -> float:
+    """When the tick after `mon`'s is due: the next one, or the first that can conclude
+    something new where the backend knows the readings stay the same; never past the
+    allocation's deadline."""
+    assert row.deadline is not None and mon.last_tick_at is not None
+    settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
+    wake = mon.last_tick_at.timestamp() + tick
+    if last is not None:  # ticks that would read the same and conclude nothing are skipped
+        steady = svc.backend.steady_until(gpu_ids, mon.last_tick_at.timestamp())
+        wake = next_tick(mon, last, settings, tick, started, steady, policy)
+    return min(wake, row.deadline)
+
+
 def monitor(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     allocation = state["allocation"]
     mon = state["monitor"]
     svc.watch(allocation.id, allocation.thread_id)
-    row = svc.ledger.lease(allocation.id)
-    ended = _ended(row, svc.clock.now())
-    if ended:
-        return ended
-    assert row.deadline is not None and mon.last_tick_at is not None
     settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
     started = allocation.started_at.timestamp()
     purpose = request_of(state).purpose
-    policy = _policy(work(row), purpose, mon.works_while_idle)
     last = readings(state["samples"], settings) if state.get("samples") else None
-    wake = mon.last_tick_at.timestamp() + tick
-    if last is not None:  # ticks that would read the same and conclude nothing are skipped
-        steady = svc.backend.steady_until(allocation.gpu_ids, mon.last_tick_at.timestamp())
-        wake = next_tick(mon, last, settings, tick, started, steady, policy)
-    before = svc.clock.now()
-    sleep_until(svc.clock, min(wake, row.deadline), svc.waker(allocation.id))
-    svc.check_watched(allocation.id)  # adopted elsewhere while this process was silent
-    now = svc.clock.now()
-    if now != before:  # time passed: the allocation may have ended meanwhile
+    if mon.wake_at is None:  # the first tick, or a checkpoint from before ticks were planned
         row = svc.ledger.lease(allocation.id)
-        ended = _ended(row, now)
+        ended = _ended(row, svc.clock.now())
         if ended:
             return ended
         policy = _policy(work(row), purpose, mon.works_while_idle)
+        wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc)
+    else:  # planned by the last tick, which read the lease at the same moment
+        wake = mon.wake_at
+    sleep_until(svc.clock, wake, svc.waker(allocation.id))
+    svc.check_watched(allocation.id)  # adopted elsewhere while this process was silent
+    now = svc.clock.now()
+    row = svc.ledger.lease(allocation.id)  # the allocation may have ended meanwhile
+    ended = _ended(row, now)
+    if ended:
+        return ended
+    assert row.deadline is not None
+    policy = _policy(work(row), purpose, mon.works_while_idle)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(allocation.gpu_ids, now,
@@ -86,10 +103,14 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
                          idle.timestamp() if idle is not None else None)
     fault("monitor:heartbeat")
     if streaming(runtime):
-        left = (row.deadline or now) - now
+        left = row.deadline - now
         report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
                tick=result.state.ticks, util_pct=result.mean_util, seconds_left=left)
-    update: State = {"monitor": result.state, "samples": samples}
+    ticked = result.state
+    if result.release is None:  # plan the next tick now, from what this one read
+        ticked.wake_at = _wake(row, ticked, readings(samples, settings), policy, started,
+                               allocation.gpu_ids, svc)
+    update: State = {"monitor": ticked, "samples": samples}
     if result.events:
         update["events"] = result.events
     if result.release is not None:

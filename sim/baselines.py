@@ -92,7 +92,7 @@ from dataclasses import dataclass
 
 from fleet.config import FleetConfig
 from fleet.models import Priority, Purpose, ReleaseReason
-from fleet.scheduler import decayed, fair_share_factors, score
+from fleet.scheduler import decayed, fair_share_factors, scorer
 from sim.lifecycle import Attempt, Segment, account, refused, rerun, returns_at, timeline
 from sim.workload import SimJob, Workload, candidate_types
 
@@ -365,13 +365,13 @@ class _SlurmLike(_Simulation):
         """The waiting requests in priority order, produced lazily (a pass that fills the
         partition stops early). Within a project the order is arrival order (same fair share,
         the older request has the higher age), so the projects' queues are merged."""
-        settings = self.config.scheduler
         factors = fair_share_factors(self.usage(now), self.config.shares, waiting)
+        of = scorer(self.config.scheduler)
 
         def keyed(project: str, queue: list[_Request]) -> Iterator[_Ranked]:
             f = factors[project]
             for r in queue:
-                yield (-score(Priority.NORMAL, f, now - r.submit, settings), r.submit, r.seq, r)
+                yield (-of(Priority.NORMAL, f, now - r.submit), r.submit, r.seq, r)
 
         for *_, r in heapq.merge(*(keyed(p, q) for p, q in waiting.items())):
             yield r

@@ -219,8 +219,8 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
 
 def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
     """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
-    and the version-2 job queue, and version 3's monitors) opens as version 3 with its money
-    and history intact."""
+    and the version-2 job queue, version 3's monitors, version 4's commands and version 5's
+    index) opens as the current version with its money and history intact."""
     row = fx.place("t1").row
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
@@ -231,6 +231,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
     with fx.ledger.transaction() as db:
         for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors", "commands"):
             db.execute(f"DROP TABLE {table}")
+        db.execute("DROP INDEX history_by_resumer")  # version 5's
         for column in ("util_last", "busy_at_start", "idle_since", "resumes"):
             db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
         for column in ("hoarded_hours", "resumed_by", "pause_s"):
@@ -300,3 +301,48 @@ def test_starts_in_hours_reads_the_deadlines_unless_others_wait(fx: Fixture) -> 
     assert starts(9)["A100"] == float("inf")
     assert fx.place("t4", now=now).decision.kind is Kind.QUEUE
     assert starts(2)["A100"] == float("inf")
+
+
+def test_what_the_ledger_keeps_between_reads_follows_every_change(
+        tmp_path: Path, config: FleetConfig) -> None:
+    """On SQLite the ledger keeps each type's line, the running allocations and the fleet's
+    newest shares in memory between reads. They follow this connection's own changes,
+    forget a transaction that was undone, and are dropped when another connection commits:
+    at every step they are what a ledger opened afresh reads from the file."""
+    path = tmp_path / "ledger.sqlite"
+    fx = Fixture(path, config)
+    other = Ledger(path, config)
+
+    def seen(ledger: Ledger) -> tuple[object, ...]:
+        with ledger.reading() as db:
+            snap = ledger._line(db, "A100", "p", T0 + 60, fx.inventory, count=1)
+            endings = sorted(snap.endings, key=lambda e: (e.at, e.gpus))
+            return (snap.waiting, endings, snap.free, ledger._fleet_share(db),
+                    ledger._actives(db, "p"))
+
+    def check() -> None:
+        kept = seen(fx.ledger)  # before the fresh ledger's own transaction
+        fresh = Ledger(path, config)
+        try:
+            assert kept == seen(fresh)
+        finally:
+            fresh.close()
+
+    rows = {t: fx.place(t, T0 + i, duration_hours=1 + i).row for i, t in enumerate(
+        ["a", "b", "c", "d", "e", "f", "g"])}  # four run, three wait
+    check()
+    fx.ledger.release(rows["a"].id, ReleaseReason.EXPLICIT, T0 + 1800)  # this connection
+    check()
+    fx.place("e", T0 + 1900)  # a waiting request polls again: its place in line is kept
+    check()
+    other.release(rows["b"].id, ReleaseReason.IDLE, T0 + 2000)  # another connection
+    check()
+    with pytest.raises(RuntimeError), fx.ledger.transaction() as db:  # undone
+        fx.ledger._close(db, rows["c"].id, ReleaseReason.EXPLICIT, T0 + 2100, 0.0)
+        assert rows["c"].id not in [a.id for a in fx.ledger._actives(db, "p")]
+        raise RuntimeError("undone")
+    check()
+    fx.ledger.release(rows["f"].id, ReleaseReason.CANCELLED, T0 + 2200)  # a waiting one
+    check()
+    other.close()
+    fx.ledger.close()

@@ -183,3 +183,25 @@ def test_idle_readings_wake_the_monitor_twice() -> None:
     assert [e.kind for e in result.events] == [EventKind.LOW_UTILIZATION]
     release = next_tick(result.state, last, MON, TICK, START, float("inf"))
     assert release == t + MON.idle_timeout_minutes * 60.0
+
+
+def test_a_lease_ending_between_microseconds_ends_on_time(tmp_path: Path) -> None:
+    """The monitor plans its next tick at the end of each one (MonitorState.wake_at). A lease
+    whose end is no whole microsecond must still end exactly there, once: a plan kept at a
+    datetime's precision would wake just before it, tick, and plan the same instant again."""
+    config = demo_fleet(None)
+    at = START + 0.2677422
+    events = EventClock(at)
+    services = open_services(tmp_path / "engine", config, clock=events)
+    ended: list[GraphThread] = []
+    engine = Engine(services, events, reviewer=lambda _q: True, finished=ended.append)
+    request = parse_request({"project": "vision", "purpose": "inference", "count": 1,
+                             "duration_hours": 0.25})
+    engine.call_at(at, lambda: engine.submit("short", request, at))
+    engine.run(until=at + 86400.0)
+    services.close()
+    (thread,) = ended
+    release = thread.state["release"]
+    assert release.reason.value == "lease-expired"
+    assert release.released_at.timestamp() == pytest.approx(at + 900.0, abs=1e-6)
+    assert engine.steps["monitor"] <= 900.0 / TICK + 2  # one node run per tick at most
