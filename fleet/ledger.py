@@ -216,9 +216,13 @@ CREATE TABLE IF NOT EXISTS commands (
 V4_COLUMNS = {"allocations": ["idle_since REAL", "resumes TEXT"],
               "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT",
                           "pause_s REAL"]}
-# a resumed allocation looks up what its resumer had learned (Ledger.resume)
+# a resumed allocation looks up what its resumer had learned (Ledger.resume); the running
+# allocations' usage and expected cost are summed from an index alone (Ledger._active,
+# EXPECTED, UNCUT, COMMITTED), without reading their rows
 V5 = """
 CREATE INDEX IF NOT EXISTS history_by_resumer ON history (resumed_by);
+CREATE INDEX IF NOT EXISTS allocations_running ON allocations (state, project, count,
+    started_at, price_per_hour, lease_end, deadline);
 """
 TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
           "usage", "unhealthy", "freed", "jobs", "audit", "monitors", "commands")

@@ -121,6 +121,7 @@ class SqliteDatabase(Database):
     def __init__(self, path: Path, *, durable: bool = True) -> None:
         super().__init__()
         self.name = str(path)
+        self._alone = not durable  # the file's lock is held: no other connection writes
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None,
                                        check_same_thread=False, timeout=60.0)
@@ -154,7 +155,13 @@ class SqliteDatabase(Database):
         return self._begin("IMMEDIATE")  # one writer for the whole file, across processes
 
     def read(self) -> AbstractContextManager[Conn]:
-        return self._begin("DEFERRED")
+        return self._locked() if self._alone else self._begin("DEFERRED")
+
+    @contextmanager
+    def _locked(self) -> Iterator[Conn]:
+        """A read where no other connection can write: one state without a transaction."""
+        with self.lock:
+            yield self._db
 
     def tables(self, db: Conn) -> set[str]:
         return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
