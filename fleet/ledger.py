@@ -405,21 +405,25 @@ class _Runs:
     def __init__(self) -> None:
         self.of_type: dict[str, dict[str, _Running]] = {}
         self.of_project: dict[str, dict[str, _Running]] = {}
+        self.changes: Counter[str] = Counter()  # per type: what is derived from it is stale
+        self.endings: dict[str, tuple[int, list[Ending]]] = {}  # Ledger._endings, per type
 
     def put(self, run: _Running) -> None:
         self.of_type.setdefault(run.gpu_type, {})[run.active.id] = run
         self.of_project.setdefault(run.project, {})[run.active.id] = run
+        self.changes[run.gpu_type] += 1
 
     def drop(self, aid: str, gpu_type: str, project: str) -> None:
         self.of_type.get(gpu_type, {}).pop(aid, None)
         self.of_project.get(project, {}).pop(aid, None)
+        self.changes[gpu_type] += 1
 
 
 RUNNING = "project, gpu_type, gpu_ids, id, price_per_hour, count, started_at, lease_end, " \
     "deadline"
 
 
-def _running(r: Any) -> _Running:
+def _run_of(r: Any) -> _Running:
     """An active allocation from a row that starts with RUNNING."""
     project, gpu_type, gpu_ids, aid, price, count, started, lease_end, deadline = \
         tuple(r)[:9]
@@ -726,13 +730,17 @@ class Ledger:
     def _endings(self, db: Conn, gpu_type: str, inventory: list[GPUInfo]) -> list[Ending]:
         """When the type's active allocations let their GPUs go at the latest (their
         deadlines), counting the GPUs placement may use again."""
+        runs = self._running(db)
+        fresh = self._usable_of is not None and self._usable_of[0] is inventory
+        if runs is not None and fresh and runs.endings.get(gpu_type, (-1, []))[0] == \
+                runs.changes[gpu_type]:  # no allocation of the type started, ended or moved
+            return runs.endings[gpu_type][1]
         if self._usable_of is None or self._usable_of[0] is not inventory:
             self._usable_of = (inventory, {})
         usable, known = self._usable_of[1].get(gpu_type) or (
             {g.uuid for g in self._of_type(inventory, gpu_type)}, {})
         counts: dict[str, int] = {}  # the active ones only: the next call reuses them
         out = []
-        runs = self._running(db)
         rows = db.execute("SELECT id, deadline, gpu_ids FROM allocations "
                           "WHERE state='active' AND gpu_type=?", (gpu_type,)) \
             if runs is None else ((r.active.id, r.active.deadline, r.gpu_ids)
@@ -745,6 +753,8 @@ class Ledger:
             if gpus:
                 out.append(Ending(deadline, gpus))
         self._usable_of[1][gpu_type] = (usable, counts)
+        if runs is not None:
+            runs.endings[gpu_type] = (runs.changes[gpu_type], out)
         return out
 
     def placeable(self, freed: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[str]:
@@ -789,9 +799,10 @@ class Ledger:
         return held
 
     def _fresh(self, db: Conn) -> bool:
-        """Whether what this connection keeps up to date (held GPUs, queued tickets) may be
-        kept: dropped when another connection has committed since (SQLite's data_version;
-        PostgreSQL has none, so nothing is kept there)."""
+        """Whether what this connection keeps up to date (held GPUs, the lines, the running
+        allocations, the fleet's newest shares) may be kept: all of it is dropped when
+        another connection has committed since (SQLite's data_version; PostgreSQL has none,
+        so nothing is kept there)."""
         version = self.db.data_version(db)
         if version is None or version != self._version:
             self._held.clear()
@@ -828,7 +839,7 @@ class Ledger:
         elif queue is not None:
             queue.pop(aid, None)
         if self._runs is not None and r["state"] == "active":
-            self._runs.put(_running(tuple(r)[10:]))
+            self._runs.put(_run_of(tuple(r)[10:]))
         elif self._runs is not None:
             self._runs.drop(aid, r["gpu_type"], r["project"])
 
@@ -840,7 +851,7 @@ class Ledger:
         if self._runs is None:
             self._runs = _Runs()
             for r in db.execute(f"SELECT {RUNNING} FROM allocations WHERE state='active'"):
-                self._runs.put(_running(r))
+                self._runs.put(_run_of(r))
         return self._runs
 
     def _of_type(self, inventory: list[GPUInfo], gpu_type: str) -> list[GPUInfo]:
