@@ -1,13 +1,16 @@
 """How two checkouts of gpu-agent compare on the simulator, as a ratio measured in one run.
 
     .venv/bin/python benchmarks/compare.py OLD_CHECKOUT NEW_CHECKOUT [--jobs 15000] [--runs 2]
-        [--trace ../shared/traces/philly.csv]
+        [--side-by-side] [--trace ../shared/traces/philly.csv]
 
 Each run times `sim.gpu_agent.run_gpu_agent` alone (every job through the graph's nodes with the
 real ledger) on the first N jobs of the trace and the trace fleet, in a fresh process whose
 imports come from one checkout; runs alternate between the checkouts so that the machine's
-drift hits both. Prints each time, then `old=... new=... ratio=...` (medians; ratio = new / old).
-A checkout is a directory holding the project's packages, e.g. `git worktree add /tmp/old REV`.
+drift hits both, or with --side-by-side run both at once, one per core (drift that comes and
+goes within minutes then hits both alike). Prints each time, then `old=... new=... ratio=...`
+(medians; ratio = new / old) and whether both made the same decisions (every attempt's job,
+outcome and cost). A checkout is a directory holding the project's packages, e.g.
+`git worktree add /tmp/old REV`.
 """
 
 from __future__ import annotations
@@ -35,16 +38,27 @@ config = parse_fleet(text)
 workload = synthesize(jobs, config)
 with tempfile.TemporaryDirectory(prefix="gpu-agent-compare-") as tmp:
     start = time.perf_counter()
-    run_gpu_agent(workload, config, Path(tmp) / "state")
-    print(time.perf_counter() - start)
+    run = run_gpu_agent(workload, config, Path(tmp) / "state")
+    seconds = time.perf_counter() - start
+decisions = repr([(a.job, a.attempt, a.outcome, round(a.cost_usd, 6)) for a in run.attempts])
+print(hashlib.sha256(decisions.encode()).hexdigest()[:16], seconds)
 """
 
 
-def one_run(checkout: Path, trace: str, jobs: int) -> float:
+def start(checkout: Path, trace: str, jobs: int) -> subprocess.Popen[str]:
     env = dict(os.environ) | {"PYTHONPATH": str(checkout)}
-    done = subprocess.run([sys.executable, "-c", ONE_RUN, trace, str(jobs)], cwd=checkout,
-                          env=env, capture_output=True, text=True, check=True)
-    return float(done.stdout.split()[-1])
+    return subprocess.Popen([sys.executable, "-c", "import hashlib\n" + ONE_RUN, trace,
+                             str(jobs)], cwd=checkout, env=env, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[str, float]:
+    """(a digest of the run's decisions, its seconds)."""
+    out, _ = process.communicate()
+    if process.returncode:
+        raise SystemExit(f"a run failed (exit {process.returncode})")
+    digest, seconds = out.split()[-2:]
+    return digest, float(seconds)
 
 
 def main() -> int:
@@ -54,16 +68,24 @@ def main() -> int:
     parser.add_argument("new", type=Path)
     parser.add_argument("--jobs", type=int, default=15000)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--side-by-side", action="store_true")
     parser.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "philly.csv"))
     args = parser.parse_args()
     times: dict[str, list[float]] = {"old": [], "new": []}
+    digests: set[str] = set()
+    checkouts = {"old": args.old.resolve(), "new": args.new.resolve()}
     for _ in range(args.runs):
-        for name, checkout in (("old", args.old), ("new", args.new)):
-            seconds = one_run(checkout.resolve(), args.trace, args.jobs)
-            times[name].append(seconds)
-            print(f"{name} {seconds:.1f} s", flush=True)
+        batches = [list(checkouts)] if args.side_by_side else [[name] for name in checkouts]
+        for batch in batches:
+            running = {name: start(checkouts[name], args.trace, args.jobs) for name in batch}
+            for name, process in running.items():
+                digest, seconds = finish(process)
+                digests.add(digest)
+                times[name].append(seconds)
+                print(f"{name} {seconds:.1f} s", flush=True)
     old, new = statistics.median(times["old"]), statistics.median(times["new"])
-    print(f"old={old:.1f} new={new:.1f} ratio={new / old:.3f}")
+    print(f"old={old:.1f} new={new:.1f} ratio={new / old:.3f} "
+          f"same_decisions={len(digests) == 1}")
     return 0
 
 
