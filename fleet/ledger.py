@@ -910,12 +910,9 @@ class Ledger:
         runs = self._running(db)
         if runs is not None:
             return [r.active for _, r in sorted(runs.of_project.get(project, {}).items())]
-        return [Active(r["id"], r["price_per_hour"] * r["count"] / 3600.0, r["started_at"],
-                       r["lease_end"], r["deadline"])
-                for r in db.execute(
-                    "SELECT id, price_per_hour, count, started_at, lease_end, deadline "
-                    "FROM allocations WHERE state='active' AND project=? ORDER BY id",
-                    (project,))]
+        return [_run_of(r).active for r in db.execute(
+            f"SELECT {RUNNING} FROM allocations WHERE state='active' AND project=? ORDER BY id",
+            (project,))]
 
     def usage_factor(self, project: str) -> float:
         """The project's q (fleet.budget.usage_factor): the share of its leases it is

@@ -127,7 +127,7 @@ class SqliteDatabase(Database):
                                        check_same_thread=False, timeout=60.0)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 60000")
-            if not durable:  # a scratch file, this connection's alone: no lock per transaction
+            if self._alone:  # a scratch file, this connection's alone: no lock per transaction
                 self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
