@@ -74,6 +74,9 @@ def main() -> int:
     times: dict[str, list[float]] = {"old": [], "new": []}
     digests: set[str] = set()
     checkouts = {"old": args.old.resolve(), "new": args.new.resolve()}
+    for checkout in checkouts.values():
+        if not (checkout / "sim" / "gpu_agent.py").is_file():
+            parser.error(f"{checkout} is not a gpu-agent checkout")
     for _ in range(args.runs):
         batches = [list(checkouts)] if args.side_by_side else [[name] for name in checkouts]
         for batch in batches:
