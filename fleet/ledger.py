@@ -445,9 +445,9 @@ def _row(r: Any) -> LedgerRow:
 class Ledger:
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
         """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
-        scratch ledger) skips SQLite's fsync and holds the file's lock while open, so no
-        other process reads it meanwhile: a power cut may lose the last transactions, never
-        corrupt the file's consistency."""
+        scratch ledger, SQLite only): it works in memory and is written to its file when
+        closed, and holds the file's lock while open, so no other process reads it
+        meanwhile; a run killed before it closes leaves the file as it was."""
         self.db: Database = open_database(path, durable=durable)
         self.name = self.db.name
         self.config = config
@@ -468,7 +468,8 @@ class Ledger:
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
         self._remaining: dict[tuple[str, bool],
                               tuple[tuple[int | None, int], float | None]] = {}
-        # allocations this connection moved to history, in all and per project
+        # allocations this connection moved to history, in all and per project (where it
+        # also counts a history it corrected, see resume)
         self._finished = 0
         self._finished_of: Counter[str] = Counter()
         self._kept_values: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
@@ -1172,6 +1173,7 @@ class Ledger:
             pause = max(pause, float(before["s"] or 0.0))
             db.execute("UPDATE history SET resumed_by=?, pause_s=?, hoarded_hours=0 "
                        "WHERE allocation_id=?", (by, pause, aid))
+            self._finished_of[row["project"]] += 1  # its record reads hoarded hours
             record = db.execute("SELECT at FROM records WHERE project=?",
                                 (row["project"],)).fetchone()
             if record is not None and row["hoarded_hours"] > 0:
@@ -1441,31 +1443,47 @@ class Ledger:
                 usage_share=usage.get(project, 0.0) / total if total > 0 else 0.0,
                 fair_share=factors[project],
             )
-            stats.recent = self.history(project, limit=recent, with_requests=False)
-            if stats.recent:
-                stats.fleet_busy = self._busy(db, stats.recent)
-                stats.older = self._older(db, project, stats.recent)
+            records, busy, older = self._kept(
+                db, (f"record:{recent}", project), self._finished_of[project],
+                lambda: self._record_of(db, project, recent))
+            if busy is None:
+                busy, _ = self._busy(db, records)
+            stats.recent, stats.fleet_busy, stats.older = list(records), list(busy), older
         return stats
 
-    def _busy(self, db: Conn, records: list[HistoryRecord]) -> list[float]:
+    def _record_of(self, db: Conn, project: str, recent: int
+                   ) -> tuple[list[HistoryRecord], list[float] | None, RecordSummary | None]:
+        """The project's `recent` newest finished allocations, the fleet's load when each
+        started (None where some started before it was recorded: that reads the others'
+        history), and the rest of its record: what changes only when its own history does."""
+        records = self.history(project, limit=recent, with_requests=False)
+        if not records:
+            return [], [], None
+        busy, recorded = self._busy(db, records)
+        return records, busy if recorded else None, self._older(db, project, records)
+
+    def _busy(self, db: Conn, records: list[HistoryRecord]) -> tuple[list[float], bool]:
         """The share of the fleet that others held when each allocation started (recorded at
-        placement; recomputed from history for allocations placed before it was recorded)."""
+        placement; recomputed from history for allocations placed before it was recorded),
+        and whether every one was recorded."""
         ids = [r.allocation_id for r in records]
         marks = ",".join("?" * len(ids))
         busy = {r["id"]: r["busy_at_start"] for r in db.execute(
             f"SELECT id, busy_at_start FROM allocations WHERE id IN ({marks})", ids)}
         total = sum(n.gpus for n in self.config.nodes)
         out = []
+        recorded = True
         for r in records:
             b = busy.get(r.allocation_id)
             if b is None:
+                recorded = False
                 t = r.started_at.timestamp()
                 held = db.execute(
                     "SELECT coalesce(sum(count), 0) FROM history WHERE started_at < ? AND "
                     "ended_at > ? AND allocation_id <> ?", (t, t, r.allocation_id)).fetchone()[0]
                 b = min(1.0, held / total)
             out.append(float(b))
-        return out
+        return out, recorded
 
     def _record(self, db: Conn, project: str, gpu_hours: float, hoarded_gpu_hours: float,
                 ended_at: float, reason: str, util: float | None) -> None:

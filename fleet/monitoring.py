@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from fleet.config import MonitorSettings
@@ -52,8 +53,13 @@ def idle_limit_s(settings: MonitorSettings, policy: IdlePolicy, longest_pause_s:
 def _pause_over(state: MonitorState, now: float) -> None:
     """The work came back: remember how long the pause was, and that it is over."""
     if state.idle_since is not None:
-        state.longest_pause_s = max(state.longest_pause_s, now - state.idle_since.timestamp())
+        state.longest_pause_s = _longest(state.longest_pause_s, state.idle_since, now)
         state.idle_since = None
+
+
+def _longest(longest_pause_s: float, idle_since: datetime, now: float) -> float:
+    """The longest pause, with the one idle since `idle_since` that ends at `now`."""
+    return max(longest_pause_s, now - idle_since.timestamp())
 
 
 def _copy(state: MonitorState) -> MonitorState:
@@ -274,29 +280,33 @@ def skip(state: MonitorState, last: Readings, settings: MonitorSettings, tick: f
     n = max(0, math.ceil((until - t0) / tick - 1e-9) - 1)  # ticks strictly before `until`
     if n == 0 or last.mean is None:
         return state
-    out = _copy(state)
+    mean = last.mean
     window_s = settings.low_util_window_minutes * 60.0
     explicit = min(n, _transient(settings, tick))
+    # the model's fields in locals: a pydantic attribute write costs many times a local's
+    util_sum, window, warned = state.util_sum, state.window, state.low_util_warned
+    idle_since, longest = state.idle_since, state.longest_pause_s
     for k in range(1, explicit + 1):
         t = t0 + k * tick
-        out.util_sum += last.mean
-        out.window = [(x, u) for x, u in out.window if x > t - window_s] + [(t, last.mean)]
+        util_sum += mean
+        window = [(x, u) for x, u in window if x > t - window_s] + [(t, mean)]
         if t - started_at >= window_s and \
-                sum(u for _, u in out.window) / len(out.window) >= settings.low_util_pct:
-            out.low_util_warned = False
+                sum(u for _, u in window) / len(window) >= settings.low_util_pct:
+            warned = False
         if last.idle:
-            out.idle_since = out.idle_since or utc(t)
-        else:
-            _pause_over(out, t)
+            idle_since = idle_since or utc(t)
+        elif idle_since is not None:  # the pause is over (_pause_over)
+            longest, idle_since = _longest(longest, idle_since, t), None
     rest = n - explicit
     if rest:
         t = t0 + n * tick
-        out.util_sum += rest * last.mean
-        out.window = [(x, last.mean) for x in (t - k * tick for k in range(explicit))
-                      if x > t - window_s][::-1]
-        if t - started_at >= window_s and last.mean >= settings.low_util_pct:
-            out.low_util_warned = False
-    out.ticks += n
-    out.util_n += n
-    out.last_tick_at = utc(t0 + n * tick)
-    return out
+        util_sum += rest * mean
+        window = [(x, mean) for x in (t - k * tick for k in range(explicit))
+                  if x > t - window_s][::-1]
+        if t - started_at >= window_s and mean >= settings.low_util_pct:
+            warned = False
+    return state.model_copy(update={
+        "util_sum": util_sum, "window": window, "low_util_warned": warned,
+        "idle_since": idle_since, "longest_pause_s": longest, "ticks": state.ticks + n,
+        "util_n": state.util_n + n, "last_tick_at": utc(t0 + n * tick),
+        "throttled": list(state.throttled)})

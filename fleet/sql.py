@@ -119,18 +119,27 @@ class SqliteDatabase(Database):
     dialect = "sqlite"
 
     def __init__(self, path: Path, *, durable: bool = True) -> None:
+        """`durable=False`: a scratch ledger (a simulation's). It lives in memory, where a
+        commit costs no write to the file, and is written to its file when closed; the file
+        stays locked meanwhile, so no other process reads or writes it half-way."""
         super().__init__()
         self.name = str(path)
-        self._alone = not durable  # the file's lock is held: no other connection writes
+        self._alone = not durable  # no other connection writes: reads need no transaction
+        self._file: sqlite3.Connection | None = None  # a scratch ledger's file, held
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None,
-                                       check_same_thread=False, timeout=60.0)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 60000")
-            if self._alone:  # a scratch file, this connection's alone: no lock per transaction
-                self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'OFF'}")
+            if durable:
+                self._db = _connect(str(path))
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+            else:
+                self._file = _connect(str(path))
+                self._file.execute("PRAGMA locking_mode = EXCLUSIVE")
+                self._file.execute("PRAGMA journal_mode = WAL")
+                self._file.execute("PRAGMA synchronous = OFF")
+                self._file.execute("BEGIN IMMEDIATE")  # the lock, held until closed
+                self._file.execute("COMMIT")
+                self._db = _connect(":memory:")
+                self._file.backup(self._db)  # a ledger left there goes on
             self._db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             raise StateDirError(
@@ -170,6 +179,8 @@ class SqliteDatabase(Database):
         return {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
 
     def data_version(self, db: Conn) -> int | None:
+        if self._alone:  # no other connection: nothing it could have committed
+            return 0
         return int(db.execute("PRAGMA data_version").fetchone()[0])
 
     def version(self) -> int | None:
@@ -178,7 +189,17 @@ class SqliteDatabase(Database):
 
     def close(self) -> None:
         with self.lock:
+            if self._file is not None:
+                self._db.backup(self._file)
+                self._file.close()
             self._db.close()
+
+
+def _connect(target: str) -> sqlite3.Connection:
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=60.0)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA busy_timeout = 60000")
+    return db
 
 
 class Row(tuple[Any, ...]):

@@ -53,7 +53,9 @@ class Topology:
     def _node_distance(self) -> dict[str, dict[str, float]]:
         import networkx as nx
 
-        graph = self.graph
+        # a node's GPUs lead only to each other and back to it: no path between two nodes
+        # runs through one, so the distances are read on the graph without them
+        graph = self.graph.subgraph(v for v in self.graph if v[0] != "gpu")
         hosts = [("node", name) for name in dict.fromkeys(n.name for n in self._config.nodes)]
         out: dict[str, dict[str, float]] = {}
         for host in hosts:

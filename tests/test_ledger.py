@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,9 @@ T0 = 1_800_000_000.0
 
 
 class Fixture:
-    def __init__(self, path: Path | str, config: FleetConfig) -> None:
+    def __init__(self, path: Path | str, config: FleetConfig, *, durable: bool = True) -> None:
         self.config = config
-        self.ledger = Ledger(path, config)
+        self.ledger = Ledger(path, config, durable=durable)
         self.inventory = SimulatedFleet(config).inventory()
         self.topology = Topology(config, self.inventory)
 
@@ -305,10 +306,10 @@ def test_starts_in_hours_reads_the_deadlines_unless_others_wait(fx: Fixture) -> 
 
 def test_what_the_ledger_keeps_between_reads_follows_every_change(
         tmp_path: Path, config: FleetConfig) -> None:
-    """On SQLite the ledger keeps each type's line, the running allocations and the fleet's
-    newest shares in memory between reads. They follow this connection's own changes,
-    forget a transaction that was undone, and are dropped when another connection commits:
-    at every step they are what a ledger opened afresh reads from the file."""
+    """On SQLite the ledger keeps each type's line, the running allocations, the fleet's
+    newest shares and a project's record in memory between reads. They follow this
+    connection's own changes, forget a transaction that was undone, and are dropped when
+    another connection commits: at every step they are what a ledger opened afresh reads."""
     path = tmp_path / "ledger.sqlite"
     fx = Fixture(path, config)
     other = Ledger(path, config)
@@ -317,8 +318,9 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
         with ledger.reading() as db:
             snap = ledger._line(db, "A100", "p", T0 + 60, fx.inventory, count=1)
             endings = sorted(snap.endings, key=lambda e: (e.at, e.gpus))
-            return (snap.waiting, endings, snap.free, ledger._fleet_share(db),
+            kept = (snap.waiting, endings, snap.free, ledger._fleet_share(db),
                     ledger._actives(db, "p"))
+        return (*kept, ledger.project_stats("p", T0 + 60, 4))
 
     def check() -> None:
         kept = seen(fx.ledger)  # before the fresh ledger's own transaction
@@ -335,7 +337,10 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
     check()
     fx.place("e", T0 + 1900)  # a waiting request polls again: its place in line is kept
     check()
+    other.heartbeat(rows["b"].id, T0 + 1500, 1, 0.0, 1, 0.0, idle_since=T0 + 1000)
     other.release(rows["b"].id, ReleaseReason.IDLE, T0 + 2000)  # another connection
+    check()
+    fx.ledger.resume(rows["b"].id, rows["e"].id, T0 + 2050, T0 + 2050)  # b's record mended
     check()
     with pytest.raises(RuntimeError), fx.ledger.transaction() as db:  # undone
         fx.ledger._close(db, rows["c"].id, ReleaseReason.EXPLICIT, T0 + 2100, 0.0)
@@ -346,3 +351,21 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
     check()
     other.close()
     fx.ledger.close()
+
+
+def test_a_scratch_ledger_holds_its_file_and_writes_it_when_closed(
+        tmp_path: Path, config: FleetConfig) -> None:
+    """The simulator's ledger (durable=False) works in memory: while it is open no other
+    process can read its file half-way, and what it holds is in the file once it is closed,
+    also a ledger that was already there and went on."""
+    path = tmp_path / "ledger.sqlite"
+    for run, thread in enumerate(("t1", "t2"), start=1):
+        fx = Fixture(path, config, durable=False)
+        assert fx.place(thread).decision.kind is Kind.PLACE
+        other = sqlite3.connect(path, timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("SELECT count(*) FROM allocations").fetchone()
+        other.close()
+        fx.ledger.close()
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM allocations").fetchone()[0] == run
