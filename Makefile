@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a GPU machine, override it, e.g. `make TORCH_SPEC='torch==2.13.0' test` with your index.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint bench studio clean
+.PHONY: install demo test lint docs bench studio clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, a page
+# missing from the nav or a bad anchor fails the build (CI runs it).
+docs: install
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 # The LangGraph dev server on 127.0.0.1:2024 (offline; Studio itself is a hosted web page).
 studio: install

@@ -259,7 +259,7 @@ class World:
         heapq.heappush(self.running, _Running(
             record.ended_at, request.project, request.count, gpu_type,
             price * request.count * hours, record, self._period(now)))
-        return float(reason in (ReleaseReason.IDLE, ReleaseReason.BUDGET)
+        return float(reason is ReleaseReason.IDLE or reason.cut_by_budget
                      or util < WASTE_UTIL_PCT)
 
     def _watch(self, request: GPURequest, gpu_type: str, phases: list[tuple[str, float]],

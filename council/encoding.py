@@ -26,7 +26,6 @@ import numpy as np
 
 from council.features import RequestFeatures
 from fleet.errors import InvalidInput
-from fleet.models import ReleaseReason
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -84,11 +83,10 @@ def _raw(f: RequestFeatures) -> list[tuple[float, ...]]:
                      0.0, older.gpu_hours, 0.0, 0.0,
                      older.util_gpu_hours / rated if rated > 0 else math.nan,
                      older.idle_gpu_hours / share, older.budget_gpu_hours / share, _SUMMARY))
-    budget = ReleaseReason.BUDGET
     rows += [(j.ended_at, j.count, j.hours, j.count * j.hours, j.cost_usd, j.fleet_busy,
               math.nan if j.util_pct is None else j.util_pct,
               j.hoarded_hours / j.hours if j.hours > 0 else 0.0,
-              float(j.reason is budget), _PAST) for j in f.past]
+              float(j.reason.cut_by_budget), _PAST) for j in f.past]
     rows.append((f.now, f.count, f.hours, f.count * f.hours, f.worst_case_usd, f.pool_busy,
                  math.nan, 0.0, 0.0, _REQUEST))
     return rows

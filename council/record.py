@@ -69,7 +69,7 @@ def rates(past: Sequence[PastJob], older: RecordSummary | None, now: float,
         w = j.gpu_hours * decay(j.ended_at)
         total += w
         idle += j.count * j.hoarded_hours * decay(j.ended_at)
-        budget += w if j.reason is ReleaseReason.BUDGET else 0.0
+        budget += w if j.reason.cut_by_budget else 0.0
         if j.util_pct is not None:
             rated += w
             util += w * j.util_pct

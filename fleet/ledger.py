@@ -38,6 +38,7 @@ from fleet.budget import (
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.models import (
+    CUT_BY_BUDGET,
     Allocation,
     GPUInfo,
     GPURequest,
@@ -943,7 +944,7 @@ class Ledger:
         if self._window is not None:
             return self._window
         window = [(-r["ended_at"], r["allocation_id"], used_share(
-            r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET))
+            r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET))
             for r in db.execute("SELECT ended_at, allocation_id, hours, requested_hours, "
                                 "reason FROM history ORDER BY ended_at DESC, allocation_id "
                                 f"LIMIT {FLEET_RECORDS}")]
@@ -969,7 +970,7 @@ class Ledger:
         """budget.used_share of the project's newest `limit` finished allocations, newest
         first."""
         return [
-            used_share(r["hours"], r["requested_hours"], r["reason"] == ReleaseReason.BUDGET)
+            used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET)
             for r in db.execute("SELECT hours, requested_hours, reason FROM history "
                                 "WHERE project=? ORDER BY ended_at DESC, allocation_id "
                                 f"LIMIT {limit}", (project,))]
@@ -1122,7 +1123,7 @@ class Ledger:
         self._finished_of[row.project] += 1
         if self._window is not None:
             bisect.insort(self._window, (-end, row.id, used_share(
-                hours, row.hours, reason is ReleaseReason.BUDGET)))
+                hours, row.hours, reason.cut_by_budget)))
             del self._window[FLEET_RECORDS:]
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
@@ -1499,7 +1500,7 @@ class Ledger:
             old = [k * row[c] for c in RECORD_SUMS]
         w = decayed(gpu_hours, ended_at, at, half_life)
         new = [w, decayed(hoarded_gpu_hours, ended_at, at, half_life),
-               w if reason == ReleaseReason.BUDGET else 0.0,
+               w if reason in CUT_BY_BUDGET else 0.0,
                w if util is not None else 0.0, w * util if util is not None else 0.0]
         db.execute(
             "INSERT INTO records (project, at, events, gpu_hours, idle_gpu_hours, "
@@ -1525,7 +1526,7 @@ class Ledger:
         for r in recent:
             k = 2.0 ** ((r.ended_at.timestamp() - at) / (half_life * 3600.0))
             w = r.count * r.hours * k
-            budget = r.reason is ReleaseReason.BUDGET
+            budget = r.reason.cut_by_budget
             rated = r.mean_util_pct is not None
             mine = [w, r.count * r.hoarded_hours * k, w if budget else 0.0, w if rated else 0.0,
                     w * r.mean_util_pct if r.mean_util_pct is not None else 0.0]

@@ -82,6 +82,26 @@ class ReleaseReason(StrEnum):
     UNHEALTHY = "unhealthy"  # a GPU reported an XID error or was lost
     COMMAND_EXIT = "command-exit"  # `gpu-agent run`'s command ended
 
+    @property
+    def cut_by_budget(self) -> bool:
+        """The project's budget ended the work before its lease. What counts against the
+        project: its used share is the whole lease (fleet.budget.used_share, so its next
+        leases are expected to run whole), and the council's record counts the hours as cut
+        by the budget. An idle release is not a mark by its reason: the record counts only
+        the hours held with no work (hoarded hours), whatever ended the allocation."""
+        return self is ReleaseReason.BUDGET
+
+    @property
+    def with_notice(self) -> bool:
+        """The holder knew the end was coming (the lease's end or the budget's cut deadline,
+        both in the ledger beforehand; `gpu-agent run --notice` signals it): a job can
+        checkpoint and lose no work. Other ends come without warning."""
+        return self in (ReleaseReason.LEASE_EXPIRED, ReleaseReason.BUDGET)
+
+
+# the values of the reasons cut_by_budget, for rows read as plain strings
+CUT_BY_BUDGET = frozenset(r.value for r in ReleaseReason if r.cut_by_budget)
+
 
 class Verdict(StrEnum):
     APPROVE = "approve"

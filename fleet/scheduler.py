@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from fleet.config import SchedulerSettings
-from fleet.models import Priority, RecordSummary, ReleaseReason, utc
+from fleet.models import CUT_BY_BUDGET, Priority, RecordSummary, utc
 
 # (GPUs, hours held, ended at (epoch s), release reason, mean utilisation % or None)
 Record = tuple[int, float, float, float, str, float | None]  # count, hours, hoarded h, ...
@@ -35,7 +35,7 @@ def summarise(records: Iterable[Record], at: float, half_life_hours: float) -> R
         out.events += 1
         out.gpu_hours += w
         out.idle_gpu_hours += decayed(count * hoarded_hours, ended_at, at, half_life_hours)
-        out.budget_gpu_hours += w if reason == ReleaseReason.BUDGET else 0.0
+        out.budget_gpu_hours += w if reason in CUT_BY_BUDGET else 0.0
         if util is not None:
             out.rated_gpu_hours += w
             out.util_gpu_hours += w * util

@@ -25,7 +25,7 @@ from fleet.models import Purpose, ReleaseReason
 from sim.workload import Phase, SimJob, requested
 
 MAX_ATTEMPTS = 3
-NOTICED = frozenset({ReleaseReason.LEASE_EXPIRED.value, ReleaseReason.BUDGET.value})
+NOTICED = frozenset(r.value for r in ReleaseReason if r.with_notice)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def test_no_cross_project_action_is_allowed(world: dict[str, Any]) -> None:
         assert "\n" not in str(exc.value), what
     assert ledger.dump() == before
     assert world["as"]("root").outcome("review").status is Status.PENDING_REVIEW
-    assert len(attempts) == 15  # the README's count
+    assert len(attempts) == 15  # the count in docs/reliability.md
 
 
 def test_what_each_role_may_do(world: dict[str, Any]) -> None:

@@ -230,6 +230,6 @@ def test_trace_files(tmp_path: Path, rows: list[list[str]], header: bool) -> Non
 
 
 def test_how_many_were_tried() -> None:
-    """Runs last in this file: the README's count of bad inputs comes from here."""
+    """Runs last in this file: the count of bad inputs in docs/reliability.md comes from here."""
     print("bad inputs tried:", TRIED, sum(TRIED.values()))
     assert sum(TRIED.values()) >= 500

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from council.record import past_jobs, rates
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.ledger import SCHEMA_VERSION, Ledger
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import route
+from fleet.scheduler import summarise
 from fleet.simulated import SimulatedFleet
 from fleet.topology import Topology
 
@@ -369,3 +371,28 @@ def test_a_scratch_ledger_holds_its_file_and_writes_it_when_closed(
         fx.ledger.close()
         with closing(sqlite3.connect(path)) as db:
             assert db.execute("SELECT count(*) FROM allocations").fetchone()[0] == run
+
+
+@pytest.mark.parametrize("reason", list(ReleaseReason))
+def test_what_a_release_counts_against_its_project_is_a_property_of_its_reason(
+        sqlite_fx: Fixture, reason: ReleaseReason) -> None:
+    """Half an hour of a 2-hour lease, ended for `reason`: the project's used share, its
+    record's budget-cut hours (as the ledger keeps them and as the scheduler sums history)
+    and the council's overrun rate all follow `reason.cut_by_budget`, and nothing else."""
+    row = sqlite_fx.place("t1", duration_hours=2).row
+    assert row is not None and row.state == "active"
+    sqlite_fx.ledger.release(row.id, reason, T0 + 1800)
+    cut = reason.cut_by_budget
+    with sqlite_fx.ledger.reading() as db:
+        assert sqlite_fx.ledger._shares(db, "p", 10) == [1.0 if cut else 0.25]
+        kept = db.execute("SELECT gpu_hours, budget_gpu_hours FROM records").fetchone()
+    assert (kept["budget_gpu_hours"] == kept["gpu_hours"] > 0) is cut
+    assert kept["budget_gpu_hours"] == (kept["gpu_hours"] if cut else 0.0)
+    [record] = sqlite_fx.ledger.history("p")
+    summed = summarise([(record.count, record.hours, record.hoarded_hours,
+                         record.ended_at.timestamp(), record.reason, record.mean_util_pct)],
+                       T0 + 1800, 24.0)
+    assert (summed.budget_gpu_hours > 0) is cut
+    stats = sqlite_fx.ledger.project_stats("p", T0 + 1800, 4)
+    overrun = rates(past_jobs(stats), None, T0 + 1800, 30.0, 0.0).overrun
+    assert (overrun == 1.0) is cut and (overrun == 0.0) is not cut
