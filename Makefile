@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a GPU machine, override it, e.g. `make TORCH_SPEC='torch==2.13.0' test` with your index.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint docs bench studio clean
+.PHONY: install demo test lint format docs bench studio clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,17 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-# ruff, strict mypy on every package, and the layers of ../shared/ARCHITECTURE.md
-# ([tool.importlinter] in pyproject.toml); CI runs it before the tests.
+# ruff (lint and format), strict mypy on every package, and the layers of
+# ../shared/ARCHITECTURE.md ([tool.importlinter] in pyproject.toml); CI runs it before the tests.
+# `make format` rewrites what `ruff format --check` refuses.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+format: install
+	$(VENV)/bin/ruff format .
 
 # The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, a page
 # missing from the nav or a bad anchor fails the build (CI runs it).

@@ -36,8 +36,19 @@ Timed = tuple[float, subprocess.CompletedProcess[str]]  # wall seconds, and what
 
 
 def request_argv(count: int) -> list[str]:
-    return ["request", "--project", "vision", "--purpose", "training", "--count", str(count),
-            "--hours", "1", "--no-wait", "--json"]
+    return [
+        "request",
+        "--project",
+        "vision",
+        "--purpose",
+        "training",
+        "--count",
+        str(count),
+        "--hours",
+        "1",
+        "--no-wait",
+        "--json",
+    ]
 
 
 REQUEST = request_argv(1)  # one GPU, one hour: the rules auto-approve it, no member votes
@@ -70,8 +81,14 @@ class Bench:
 
     def run(self, argv: list[str]) -> Timed:
         start = time.perf_counter()
-        done = subprocess.run([*self.command, *argv], env=self.env, cwd=self.cwd,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [*self.command, *argv],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return time.perf_counter() - start, done
 
     def floor(self) -> float:
@@ -97,9 +114,14 @@ class Bench:
         return str(out["allocation"]["id"])
 
     def heavy(self, argv: list[str]) -> list[str]:
-        done = subprocess.run([self.python, "-c", PROBE, json.dumps(HEAVY), *argv],
-                              env=self.env, cwd=self.cwd, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [self.python, "-c", PROBE, json.dumps(HEAVY), *argv],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         if not last.startswith("HEAVY "):
             raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()[-500:]}")
@@ -110,8 +132,9 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs per command (5)")
-    parser.add_argument("--state-dir", help="a scratch state directory to create (default: "
-                        "a new temporary one)")
+    parser.add_argument(
+        "--state-dir", help="a scratch state directory to create (default: a new temporary one)"
+    )
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -125,7 +148,6 @@ def main() -> int:
 def bench(b: Bench, runs: int) -> int:
     b.run(["release", b.place()])  # the state directory, with a finished allocation for
     b.place()  # history and a live one for status
-
 
     def request(argv: list[str]) -> Timed:
         took, done = b.run(argv)
@@ -155,20 +177,30 @@ def bench(b: Bench, runs: int) -> int:
             if done.returncode != 0:
                 failed.append(f"{name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
 
-    print(f"gpu-agent start-up, {runs} run(s) each, new process per run "
-          f"({' '.join(b.command)}; {os.cpu_count()} CPUs)")
+    print(
+        f"gpu-agent start-up, {runs} run(s) each, new process per run "
+        f"({' '.join(b.command)}; {os.cpu_count()} CPUs)"
+    )
     print(f"{'command':<20}{'median s':>10}{'min s':>8}{'max s':>8}{'goal s':>8}  meets")
     for name, secs in times.items():
         goal = commands[name][0] if name in commands else None
         verdict = "-" if goal is None else ("yes" if statistics.median(secs) < goal else "NO")
-        print(f"{name:<20}{statistics.median(secs):>10.3f}{min(secs):>8.3f}{max(secs):>8.3f}"
-              f"{'' if goal is None else f'{goal:.1f}':>8}  {verdict}")
+        print(
+            f"{name:<20}{statistics.median(secs):>10.3f}{min(secs):>8.3f}{max(secs):>8.3f}"
+            f"{'' if goal is None else f'{goal:.1f}':>8}  {verdict}"
+        )
 
     print("\nheavy modules imported (of " + ", ".join(HEAVY) + "):")
     aid = b.place()
-    probes = {"--help": ["--help"], "status": ["status"], "costs": ["costs"],
-              "release <id>": ["release", aid], "history": ["history"],
-              "request --no-wait": REQUEST, "request --count 2": VOTED}
+    probes = {
+        "--help": ["--help"],
+        "status": ["status"],
+        "costs": ["costs"],
+        "release <id>": ["release", aid],
+        "history": ["history"],
+        "request --no-wait": REQUEST,
+        "request --count 2": VOTED,
+    }
     for name, argv in probes.items():
         found = b.heavy(argv)
         print(f"  {name:<20}{', '.join(found) or 'none'}")

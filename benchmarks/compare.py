@@ -47,9 +47,13 @@ print(hashlib.sha256(decisions.encode()).hexdigest()[:16], seconds)
 
 def start(checkout: Path, trace: str, jobs: int) -> subprocess.Popen[str]:
     env = dict(os.environ) | {"PYTHONPATH": str(checkout)}
-    return subprocess.Popen([sys.executable, "-c", "import hashlib\n" + ONE_RUN, trace,
-                             str(jobs)], cwd=checkout, env=env, stdout=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", "import hashlib\n" + ONE_RUN, trace, str(jobs)],
+        cwd=checkout,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[str, float]:
@@ -62,8 +66,9 @@ def finish(process: subprocess.Popen[str]) -> tuple[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
     parser.add_argument("--jobs", type=int, default=15000)
@@ -87,8 +92,7 @@ def main() -> int:
                 times[name].append(seconds)
                 print(f"{name} {seconds:.1f} s", flush=True)
     old, new = statistics.median(times["old"]), statistics.median(times["new"])
-    print(f"old={old:.1f} new={new:.1f} ratio={new / old:.3f} "
-          f"same_decisions={len(digests) == 1}")
+    print(f"old={old:.1f} new={new:.1f} ratio={new / old:.3f} same_decisions={len(digests) == 1}")
     return 0
 
 

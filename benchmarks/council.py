@@ -48,8 +48,13 @@ HISTORY = 32  # past events of the single request: CouncilSettings().history_eve
 BATCH = 1024
 GOAL_SINGLE_MS = 3.0
 GOAL_BATCH_MS = 100.0
-REASONS = (ReleaseReason.EXPLICIT, ReleaseReason.EXPLICIT, ReleaseReason.LEASE_EXPIRED,
-           ReleaseReason.IDLE, ReleaseReason.BUDGET)
+REASONS = (
+    ReleaseReason.EXPLICIT,
+    ReleaseReason.EXPLICIT,
+    ReleaseReason.LEASE_EXPIRED,
+    ReleaseReason.IDLE,
+    ReleaseReason.BUDGET,
+)
 
 
 def history(rng: random.Random, n: int) -> tuple[PastJob, ...]:
@@ -62,10 +67,17 @@ def history(rng: random.Random, n: int) -> tuple[PastJob, ...]:
     jobs = []
     for end in ends:
         count, hours = rng.choice((1, 2, 4, 8)), rng.uniform(0.5, 48.0)
-        jobs.append(PastJob(
-            ended_at=end, count=count, hours=hours, cost_usd=count * hours * 5.12,
-            util_pct=None if rng.random() < 0.1 else rng.uniform(0.0, 100.0),
-            reason=rng.choice(REASONS), fleet_busy=rng.random()))
+        jobs.append(
+            PastJob(
+                ended_at=end,
+                count=count,
+                hours=hours,
+                cost_usd=count * hours * 5.12,
+                util_pct=None if rng.random() < 0.1 else rng.uniform(0.0, 100.0),
+                reason=rng.choice(REASONS),
+                fleet_busy=rng.random(),
+            )
+        )
     return tuple(jobs)
 
 
@@ -74,12 +86,25 @@ def features(rng: random.Random, n_past: int) -> RequestFeatures:
     r = rates(past, None, NOW, 7.0, 4.0)
     count, hours = rng.choice((1, 2, 4, 8, 16)), rng.uniform(1.0, 72.0)
     return RequestFeatures(
-        count=count, hours=hours, priority=rng.choice((0.25, 0.5, 0.75, 1.0)),
-        worst_case_usd=count * hours * 5.12, cost_pressure=rng.uniform(0.0, 3.0),
-        budgeted=rng.random() < 0.7, usage_share=rng.random(), fair_share=rng.random(),
-        pool_share=count / 24, pool_busy=rng.random(), hoarding_rate=r.hoarding,
-        overrun_rate=r.overrun, recent_util=r.util, history_len=len(past),
-        purpose_mismatch=float(rng.random() < 0.1), past=past, older=None, now=NOW)
+        count=count,
+        hours=hours,
+        priority=rng.choice((0.25, 0.5, 0.75, 1.0)),
+        worst_case_usd=count * hours * 5.12,
+        cost_pressure=rng.uniform(0.0, 3.0),
+        budgeted=rng.random() < 0.7,
+        usage_share=rng.random(),
+        fair_share=rng.random(),
+        pool_share=count / 24,
+        pool_busy=rng.random(),
+        hoarding_rate=r.hoarding,
+        overrun_rate=r.overrun,
+        recent_util=r.util,
+        history_len=len(past),
+        purpose_mismatch=float(rng.random() < 0.1),
+        past=past,
+        older=None,
+        now=NOW,
+    )
 
 
 def timings_ms(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
@@ -101,33 +126,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300, help="single-request timings")
     parser.add_argument("--batch-runs", type=int, default=7, help="timings of the batch")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
-    print(f"{cores} cores, load average {load:.2f}"
-          + (" -- busy: the figures below will be slower than on an idle machine"
-             if load > 0.5 * cores else ""))
+    print(
+        f"{cores} cores, load average {load:.2f}"
+        + (
+            " -- busy: the figures below will be slower than on an idle machine"
+            if load > 0.5 * cores
+            else ""
+        )
+    )
 
     council = NeuralCouncil.load()
     settings = CouncilSettings()
     rng = random.Random(0)
     one = features(rng, HISTORY)
     batch = [features(rng, rng.randint(0, HISTORY)) for _ in range(BATCH)]
-    print(f"{council.name}: {len(council.members)} members, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"{council.name}: {len(council.members)} members, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
 
     decide = timings_ms(lambda: council.decide(one, settings), args.repeats, warmup=30)
     single_p50 = statistics.median(decide)
-    print(f"decide(), {HISTORY} past events, {len(council.members)} members with reasons: "
-          f"p50 {single_p50:.2f} ms, p99 {p99(decide):.2f} ms ({args.repeats} runs)")
+    print(
+        f"decide(), {HISTORY} past events, {len(council.members)} members with reasons: "
+        f"p50 {single_p50:.2f} ms, p99 {p99(decide):.2f} ms ({args.repeats} runs)"
+    )
 
     bare = timings_ms(lambda: council.probabilities([one]), args.repeats, warmup=30)
-    print(f"probabilities([f]), encoding included, no reasons: "
-          f"p50 {statistics.median(bare):.2f} ms, p99 {p99(bare):.2f} ms")
+    print(
+        f"probabilities([f]), encoding included, no reasons: "
+        f"p50 {statistics.median(bare):.2f} ms, p99 {p99(bare):.2f} ms"
+    )
 
     full = timings_ms(lambda: council.probabilities(batch), args.batch_runs, warmup=1)
     batch_ms = statistics.median(full)
@@ -135,16 +172,20 @@ def main() -> None:
     with torch.inference_mode():
         forward = timings_ms(lambda: council.member_logits(enc), args.batch_runs, warmup=1)
     steps = int(enc.free.shape[1])
-    print(f"{BATCH} requests in one batch ({steps} steps after padding), median of "
-          f"{args.batch_runs}: {batch_ms:.1f} ms with encoding "
-          f"({1e3 * batch_ms / BATCH:.1f} us per request), forward only "
-          f"{statistics.median(forward):.1f} ms")
+    print(
+        f"{BATCH} requests in one batch ({steps} steps after padding), median of "
+        f"{args.batch_runs}: {batch_ms:.1f} ms with encoding "
+        f"({1e3 * batch_ms / BATCH:.1f} us per request), forward only "
+        f"{statistics.median(forward):.1f} ms"
+    )
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
-    print(f"goals: single p50 < {GOAL_SINGLE_MS:g} ms: {verdict(single_p50 < GOAL_SINGLE_MS)}; "
-          f"batch of {BATCH} < {GOAL_BATCH_MS:g} ms: {verdict(batch_ms < GOAL_BATCH_MS)}")
+    print(
+        f"goals: single p50 < {GOAL_SINGLE_MS:g} ms: {verdict(single_p50 < GOAL_SINGLE_MS)}; "
+        f"batch of {BATCH} < {GOAL_BATCH_MS:g} ms: {verdict(batch_ms < GOAL_BATCH_MS)}"
+    )
     print(f"single_p50_ms={single_p50:.2f} batch1024_ms={batch_ms:.1f}")
 
 

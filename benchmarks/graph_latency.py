@@ -77,8 +77,9 @@ POLICY = ["neural"]  # the council policy, set from --policy
 
 def fleet() -> FleetConfig:
     config = load_fleet()
-    return config.model_copy(update={"council": config.council.model_copy(
-        update={"policy": POLICY[0]})})
+    return config.model_copy(
+        update={"council": config.council.model_copy(update={"policy": POLICY[0]})}
+    )
 
 
 def shape_orchestrator(state_dir: Path, recorded: dict[str, dict[str, Any]]) -> Orchestrator:
@@ -120,15 +121,25 @@ def record_updates(orch: Orchestrator) -> dict[str, dict[str, Any]]:
     def keep(node: str, update: dict[str, Any]) -> None:
         recorded[node] = update
 
-    orch._invoke(InputState(request=GPURequest.model_validate(request(-1))), "recording",
-                 wait=False, pure_first=True, on_update=keep)
+    orch._invoke(
+        InputState(request=GPURequest.model_validate(request(-1))),
+        "recording",
+        wait=False,
+        pure_first=True,
+        on_update=keep,
+    )
     return recorded
 
 
 def request(i: int) -> dict[str, Any]:
     # Two GPUs: past the council's auto-approval, so every member votes.
-    return {"project": f"team-{i % 4}", "purpose": "training", "count": 2,
-            "duration_hours": 1.0, "request_id": f"r{i}"}
+    return {
+        "project": f"team-{i % 4}",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 1.0,
+        "request_id": f"r{i}",
+    }
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -151,8 +162,9 @@ def measure(n: int, warmup: int) -> dict[str, float]:
         out = orch.request(request(i), thread_id=thread, wait=False)
         t1 = time.perf_counter()
         assert out.status is Status.ALLOCATED and out.allocation is not None, out.reason
-        orch.services.ledger.release(out.allocation.id, ReleaseReason.EXPLICIT,
-                                     orch.services.clock.now())  # untimed: free the GPUs
+        orch.services.ledger.release(
+            out.allocation.id, ReleaseReason.EXPLICIT, orch.services.clock.now()
+        )  # untimed: free the GPUs
         config = {"configurable": {"thread_id": thread}}
         t2 = time.perf_counter()
         floor.invoke({"request": request(i)}, config, durability=DURABILITY)
@@ -185,8 +197,12 @@ def component_costs(orch: Orchestrator, n: int) -> dict[str, float]:
     """Median milliseconds per request of what the nodes do, grouped by kind of work."""
     svc = orch.services
     settings = svc.config.council
-    costs: dict[str, list[float]] = {"ledger reads": [], "ledger placement": [],
-                                     "council": [], "routing and checks": []}
+    costs: dict[str, list[float]] = {
+        "ledger reads": [],
+        "ledger placement": [],
+        "council": [],
+        "routing and checks": [],
+    }
     for i in range(n):
         req = GPURequest.model_validate(request(i) | {"request_id": f"c{i}"})
         now = svc.clock.now()
@@ -211,8 +227,12 @@ def component_costs(orch: Orchestrator, n: int) -> dict[str, float]:
         t4 = time.perf_counter()
         assert placed.row is not None
         svc.ledger.release(placed.row.id, ReleaseReason.EXPLICIT, now)
-        for key, dt in [("ledger reads", t1 - t0), ("council", t2 - t1),
-                        ("routing and checks", t3 - t2), ("ledger placement", t4 - t3)]:
+        for key, dt in [
+            ("ledger reads", t1 - t0),
+            ("council", t2 - t1),
+            ("routing and checks", t3 - t2),
+            ("ledger placement", t4 - t3),
+        ]:
             costs[key].append(dt * 1000)
     return {k: statistics.median(v) for k, v in costs.items()}
 
@@ -221,31 +241,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--policy", choices=("neural", "reference"), default="neural",
-                        help="the council: the shipped CfC members or the reference rules")
+    parser.add_argument(
+        "--policy",
+        choices=("neural", "reference"),
+        default="neural",
+        help="the council: the shipped CfC members or the reference rules",
+    )
     args = parser.parse_args()
     POLICY[0] = args.policy
     r = measure(args.requests, args.warmup)
     nodes = sum(r[f"{name}_ms"] for name in NODES)
-    print(f"{args.policy} council; requests through {' -> '.join(NODES)}, SQLite checkpointer; "
-          "ours: durability "
-          f"'exit' for the pure nodes, {DURABILITY!r} from allocate on; floor: {DURABILITY!r}; "
-          f"{args.requests} requests after {args.warmup} warm-up")
+    print(
+        f"{args.policy} council; requests through {' -> '.join(NODES)}, SQLite checkpointer; "
+        "ours: durability "
+        f"'exit' for the pure nodes, {DURABILITY!r} from allocate on; floor: {DURABILITY!r}; "
+        f"{args.requests} requests after {args.warmup} warm-up"
+    )
     print(f"  ours:  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  {r['rps']:.0f} req/s")
-    print(f"  floor: p50 {r['floor_p50_ms']:.2f} ms  p99 {r['floor_p99_ms']:.2f} ms "
-          f"(bare graph, {len(NODES)} trivial nodes)")
-    print(f"  shape: p50 {r['shape_p50_ms']:.2f} ms (our graph and two-part run, nodes "
-          f"replaying recorded updates): {r['shape_p50_ms'] - r['floor_p50_ms']:.2f} ms "
-          "above the floor")
-    print(f"  above the floor: {r['p50_ms'] - r['floor_p50_ms']:.2f} ms; time inside our nodes "
-          f"(median): " + ", ".join(f"{n} {r[f'{n}_ms']:.2f}" for n in NODES)
-          + f" = {nodes:.2f} ms")
+    print(
+        f"  floor: p50 {r['floor_p50_ms']:.2f} ms  p99 {r['floor_p99_ms']:.2f} ms "
+        f"(bare graph, {len(NODES)} trivial nodes)"
+    )
+    print(
+        f"  shape: p50 {r['shape_p50_ms']:.2f} ms (our graph and two-part run, nodes "
+        f"replaying recorded updates): {r['shape_p50_ms'] - r['floor_p50_ms']:.2f} ms "
+        "above the floor"
+    )
+    print(
+        f"  above the floor: {r['p50_ms'] - r['floor_p50_ms']:.2f} ms; time inside our nodes "
+        f"(median): " + ", ".join(f"{n} {r[f'{n}_ms']:.2f}" for n in NODES) + f" = {nodes:.2f} ms"
+    )
     parts = {k.removeprefix("part:"): v for k, v in r.items() if k.startswith("part:")}
-    print("  the same work outside the graph, by kind (median): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-          + f" = {sum(parts.values()):.2f} ms")
-    print(f"p50_ms={r['p50_ms']:.2f} p99_ms={r['p99_ms']:.2f} rps={r['rps']:.1f} "
-          f"floor_p50_ms={r['floor_p50_ms']:.2f} ratio={r['p50_ms'] / r['floor_p50_ms']:.2f}")
+    print(
+        "  the same work outside the graph, by kind (median): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+        + f" = {sum(parts.values()):.2f} ms"
+    )
+    print(
+        f"p50_ms={r['p50_ms']:.2f} p99_ms={r['p99_ms']:.2f} rps={r['rps']:.1f} "
+        f"floor_p50_ms={r['floor_p50_ms']:.2f} ratio={r['p50_ms'] / r['floor_p50_ms']:.2f}"
+    )
 
 
 if __name__ == "__main__":

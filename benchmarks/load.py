@@ -90,8 +90,11 @@ TERMINAL = {Status.RELEASED, Status.DENIED, Status.INVALID, Status.TIMED_OUT}
 
 
 def fleet_toml() -> str:
-    nodes = [f'\n[[nodes]]\nname = "{name}-{i}"\ngpu_type = "{t}"\ngpus = 8\n'
-             f'rack = "rack-{i % 2}"\n' for name, t, n in NODES for i in range(n)]
+    nodes = [
+        f'\n[[nodes]]\nname = "{name}-{i}"\ngpu_type = "{t}"\ngpus = 8\nrack = "rack-{i % 2}"\n'
+        for name, t, n in NODES
+        for i in range(n)
+    ]
     return FLEET + "".join(nodes)
 
 
@@ -101,9 +104,15 @@ def requests(n: int, seed: int) -> list[GPURequest]:
     for i in range(n):
         purpose = rng.choices(["training", "inference", "research"], [5, 3, 2])[0]
         count = rng.choices([1, 2, 4, 8], [8, 4, 2, 1])[0] if purpose != "inference" else 1
-        out.append(GPURequest(project=rng.choice(PROJECTS), purpose=purpose, count=count,
-                              duration_hours=rng.choice([0.25, 0.5, 1.0, 2.0]),
-                              request_id=f"load-{seed}-{i}"))
+        out.append(
+            GPURequest(
+                project=rng.choice(PROJECTS),
+                purpose=purpose,
+                count=count,
+                duration_hours=rng.choice([0.25, 0.5, 1.0, 2.0]),
+                request_id=f"load-{seed}-{i}",
+            )
+        )
     return out
 
 
@@ -129,16 +138,14 @@ def check(database: str, state: Path, fleet: Path, n: int) -> list[str]:
             problems.append(f"allocations not released: {Counter(r.state for r in rows)}")
         placed = sorted(r.id for r in rows if r.started_at is not None)
         charges = sorted(r[0] for r in ledger.query("SELECT allocation_id FROM charges"))
-        history = ledger.query("SELECT allocation_id, gpu_ids, started_at, ended_at "
-                               "FROM history")
+        history = ledger.query("SELECT allocation_id, gpu_ids, started_at, ended_at FROM history")
         if not placed == charges == sorted(h[0] for h in history):
             problems.append("charges, history and placed allocations differ")
         spans: dict[str, list[tuple[float, float]]] = {}
         for _, gpus, start, end in history:
             for g in json.loads(gpus):
                 spans.setdefault(g, []).append((start, end))
-        overlaps = sum(b[0] < a[1] - 1e-6 for s in spans.values()
-                       for a, b in pairwise(sorted(s)))
+        overlaps = sum(b[0] < a[1] - 1e-6 for s in spans.values() for a, b in pairwise(sorted(s)))
         if overlaps or ledger.holders():
             problems.append(f"double-booked: {overlaps} overlaps, {len(ledger.holders())} held")
         for cost in ledger.costs(time.time()):
@@ -154,8 +161,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=24, help="threads per worker")
-    ap.add_argument("--kill-at", type=float, default=0.4,
-                    help="SIGKILL one worker when this share is done (0: never)")
+    ap.add_argument(
+        "--kill-at",
+        type=float,
+        default=0.4,
+        help="SIGKILL one worker when this share is done (0: never)",
+    )
     ap.add_argument("--lease-seconds", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
@@ -190,11 +201,30 @@ def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
     opts = ["--state-dir", str(state), "--fleet", str(fleet), "--database", database]
     log = open(tmp / "workers.log", "w")  # noqa: SIM115
     start = time.time()
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "worker", "--json", "--concurrency",
-         str(args.concurrency), "--lease-seconds", str(args.lease_seconds), "--poll-seconds",
-         "0.25", "--exit-when-idle", *opts], cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
-        text=True) for _ in range(args.workers)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "graph.cli",
+                "worker",
+                "--json",
+                "--concurrency",
+                str(args.concurrency),
+                "--lease-seconds",
+                str(args.lease_seconds),
+                "--poll-seconds",
+                "0.25",
+                "--exit-when-idle",
+                *opts,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        for _ in range(args.workers)
+    ]
     killed = False
     ledger = Ledger(database, load_fleet(str(fleet)))
     queue = JobQueue(ledger)
@@ -204,8 +234,11 @@ def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
             if not killed and args.kill_at and done >= args.kill_at * n:
                 workers[0].send_signal(signal.SIGKILL)
                 killed = True
-                print(f"SIGKILL worker pid {workers[0].pid} at {time.time() - start:.1f} s "
-                      f"({done} of {n} done)", flush=True)
+                print(
+                    f"SIGKILL worker pid {workers[0].pid} at {time.time() - start:.1f} s "
+                    f"({done} of {n} done)",
+                    flush=True,
+                )
             time.sleep(0.2)
         wall = time.time() - start
         jobs = queue.jobs()
@@ -215,19 +248,31 @@ def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
     e2e = [j.finished_at - j.submitted_at for j in jobs if j.finished_at]
     run_s = [j.finished_at - j.claimed_at for j in jobs if j.finished_at and j.claimed_at]
     taken = sum(j.attempts > 1 for j in jobs)
-    print(f"requests {n}  workers {args.workers} x {args.concurrency} threads  "
-          f"fleet 64 GPUs  database PostgreSQL")
+    print(
+        f"requests {n}  workers {args.workers} x {args.concurrency} threads  "
+        f"fleet 64 GPUs  database PostgreSQL"
+    )
     print(f"outcomes {dict(Counter(j.outcome for j in jobs))}")
-    print(f"per worker {[sum(f.get('finished', {}).values()) for f in finished]} "
-          f"(the first was killed); {taken} jobs taken over from it")
+    print(
+        f"per worker {[sum(f.get('finished', {}).values()) for f in finished]} "
+        f"(the first was killed); {taken} jobs taken over from it"
+    )
     print(f"wall {wall:.1f} s  throughput {n / wall:.1f} requests/s")
-    print(f"latency submit->done p50 {pct(e2e, 50):.2f} s p99 {pct(e2e, 99):.2f} s; "
-          f"claim->done p50 {pct(run_s, 50):.2f} s p99 {pct(run_s, 99):.2f} s")
+    print(
+        f"latency submit->done p50 {pct(e2e, 50):.2f} s p99 {pct(e2e, 99):.2f} s; "
+        f"claim->done p50 {pct(run_s, 50):.2f} s p99 {pct(run_s, 99):.2f} s"
+    )
     problems = check(database, state, fleet, n)
     for p in problems[:20]:
         print("FAIL", p)
-    print("checks: " + ("all passed (no double-booking, no overrun, one terminal state each)"
-                        if not problems else f"{len(problems)} failed"))
+    print(
+        "checks: "
+        + (
+            "all passed (no double-booking, no overrun, one terminal state each)"
+            if not problems
+            else f"{len(problems)} failed"
+        )
+    )
     return 1 if problems else 0
 
 

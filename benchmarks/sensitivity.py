@@ -40,23 +40,27 @@ def fleet(done: float, training: float) -> FleetConfig:
     text = resources.files("fleet").joinpath("data", "trace_fleet.toml").read_text("utf-8")
     config = parse_fleet(text, source="trace_fleet.toml")
     by_purpose = config.monitor.idle_timeout_by_purpose | {Purpose.TRAINING: training}
-    monitor = config.monitor.model_copy(update={"idle_timeout_done_minutes": done,
-                                                "idle_timeout_by_purpose": by_purpose})
+    monitor = config.monitor.model_copy(
+        update={"idle_timeout_done_minutes": done, "idle_timeout_by_purpose": by_purpose}
+    )
     return config.model_copy(update={"monitor": monitor})
 
 
-def row(model: str, done: float, training: float, results: dict[str, Any],
-        across: dict[str, Any]) -> str:
+def row(
+    model: str, done: float, training: float, results: dict[str, Any], across: dict[str, Any]
+) -> str:
     agent = results["gpu-agent"]
     base = {n: m for n, m in results.items() if n != "gpu-agent"}
     best_share = max(m["work_share_in_budget"] for m in base.values())
     strongest = across["strongest_baseline"]
     hoard = agent["hoarded_gpu_hours"] / results["slurm-like"]["hoarded_gpu_hours"]
-    return (f"{model:<12} {done:>5g} {training:>8g} {agent['work_share']:>8.4f} "
-            f"{agent['work_share'] / best_share:>10.4f} {agent['jobs']['failed']:>6} "
-            f"{agent['jobs']['denied']:>6} {agent['cost_vs_floor']:>9.3f} "
-            f"{results[strongest]['cost_vs_floor']:>9.3f} {strongest:>15} {hoard:>9.3f} "
-            f"{agent['budget_violations']['count']:>5}")
+    return (
+        f"{model:<12} {done:>5g} {training:>8g} {agent['work_share']:>8.4f} "
+        f"{agent['work_share'] / best_share:>10.4f} {agent['jobs']['failed']:>6} "
+        f"{agent['jobs']['denied']:>6} {agent['cost_vs_floor']:>9.3f} "
+        f"{results[strongest]['cost_vs_floor']:>9.3f} {strongest:>15} {hoard:>9.3f} "
+        f"{agent['budget_violations']['count']:>5}"
+    )
 
 
 def main() -> None:
@@ -67,25 +71,37 @@ def main() -> None:
     parser.add_argument("--training", default="30,240")
     parser.add_argument("--models", default=",".join(PAUSE_MODELS))
     args = parser.parse_args()
-    print(f"{args.jobs:,} jobs of {Path(args.trace).name}, seed 0; gpu-agent's figures "
-          f"against the baselines {', '.join(POLICIES[:-1])}")
-    print(f"{'pauses':<12} {'done':>5} {'training':>8} {'work':>8} {'vs best':>10} {'failed':>6} "
-          f"{'denied':>6} {'floor x':>9} {'best x':>9} {'strongest':>15} {'hoard/sl':>9} "
-          f"{'over':>5}")
+    print(
+        f"{args.jobs:,} jobs of {Path(args.trace).name}, seed 0; gpu-agent's figures "
+        f"against the baselines {', '.join(POLICIES[:-1])}"
+    )
+    print(
+        f"{'pauses':<12} {'done':>5} {'training':>8} {'work':>8} {'vs best':>10} {'failed':>6} "
+        f"{'denied':>6} {'floor x':>9} {'best x':>9} {'strongest':>15} {'hoard/sl':>9} "
+        f"{'over':>5}"
+    )
     for model in args.models.split(","):
         for done in (float(t) for t in args.done.split(",")):
             for training in (float(t) for t in args.training.split(",")):
                 with tempfile.TemporaryDirectory() as out:
-                    sim = simulate(args.trace, POLICIES, fleet(done, training),
-                                   "trace_fleet.toml", Path(out), jobs=args.jobs,
-                                   stream=io.StringIO(),
-                                   settings=WorkloadSettings(pause_model=model))
+                    sim = simulate(
+                        args.trace,
+                        POLICIES,
+                        fleet(done, training),
+                        "trace_fleet.toml",
+                        Path(out),
+                        jobs=args.jobs,
+                        stream=io.StringIO(),
+                        settings=WorkloadSettings(pause_model=model),
+                    )
                 print(row(model, done, training, sim.results, sim.across), flush=True)
-    print("work: gpu-agent's work share; vs best: over the most work a baseline did within "
-          "the budgets; failed: jobs the "
-          "policy killed that reruns could not finish; floor x: cost against the floor "
-          "(gpu-agent, the strongest baseline); hoard/sl: hoarded GPU-hours against "
-          "slurm-like's; over: budget violations")
+    print(
+        "work: gpu-agent's work share; vs best: over the most work a baseline did within "
+        "the budgets; failed: jobs the "
+        "policy killed that reruns could not finish; floor x: cost against the floor "
+        "(gpu-agent, the strongest baseline); hoard/sl: hoarded GPU-hours against "
+        "slurm-like's; over: budget violations"
+    )
 
 
 if __name__ == "__main__":

@@ -46,16 +46,16 @@ def scaled(config: FleetConfig, gpus: int) -> FleetConfig:
     nodes = []
     for gpu_type, group in by_type.items():  # the trace fleet's nodes of a type are alike
         want = max(1, round(len(group) * gpus / BASE_GPUS))
-        nodes += [group[0].model_copy(update={"name": f"{gpu_type.lower()}-{i}"})
-                  for i in range(want)]
+        nodes += [
+            group[0].model_copy(update={"name": f"{gpu_type.lower()}-{i}"}) for i in range(want)
+        ]
     return config.model_copy(update={"nodes": nodes})
 
 
 def squeezed(jobs: list[Job], factor: float) -> list[Job]:
     """Arrivals `factor` times further apart (factor < 1: closer together)."""
     t0 = jobs[0].submit
-    return [Job(j.project, t0 + (j.submit - t0) * factor, j.count, j.hours, j.line)
-            for j in jobs]
+    return [Job(j.project, t0 + (j.submit - t0) * factor, j.count, j.hours, j.line) for j in jobs]
 
 
 def timed(jobs: list[Job], config: FleetConfig) -> tuple[float, AgentRun]:
@@ -67,8 +67,9 @@ def timed(jobs: list[Job], config: FleetConfig) -> tuple[float, AgentRun]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trace", default=str(TRACE))
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--jobs", default="1000,10000")
@@ -86,8 +87,11 @@ def main() -> int:
             for n in (int(j) for j in args.jobs.split(",")):
                 jobs = squeezed(trace[:n], BASE_GPUS / fleet)
                 seconds, run = timed(jobs, config)
-                print(f"{len(jobs):>7,} {fleet:>5,} {seconds:>8.1f} {len(jobs) / seconds:>7.0f} "
-                      f"{sum(run.steps.values()):>10,}", flush=True)
+                print(
+                    f"{len(jobs):>7,} {fleet:>5,} {seconds:>8.1f} {len(jobs) / seconds:>7.0f} "
+                    f"{sum(run.steps.values()):>10,}",
+                    flush=True,
+                )
     seconds, run = timed(trace, base)
     seconds += read_s
     print(f"node runs: {dict(run.steps)}; council: {dict(run.council)}; reviews {run.reviews}")

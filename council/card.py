@@ -33,8 +33,11 @@ def model_card(m: dict[str, Any]) -> str:
         f"Project histories replayed on the simulated fleet: {s['worlds']} synthetic worlds "
         f"({s['world_projects']} projects over {s['world_days']:g} days each, seeded habits "
         "that change once), "
-        + (f"plus the trace {s['trace']} (first {s['trace_jobs']} jobs, split by time). "
-           if s["trace"] not in (None, "None") else "no trace. ")
+        + (
+            f"plus the trace {s['trace']} (first {s['trace_jobs']} jobs, split by time). "
+            if s["trace"] not in (None, "None")
+            else "no trace. "
+        )
         + "Each request the council would vote on is labelled by the reference policy "
         "(council/reference.py): each perspective member learns its own rule's probability, "
         "the general members learn the reference council's. An auxiliary head learns the "
@@ -61,8 +64,10 @@ def model_card(m: dict[str, Any]) -> str:
         "",
         "| member | accuracy against the council's reference | against its own rule |",
         "| --- | --- | --- |",
-        *[f"| {k} | {v['accuracy_vs_council']:.4f} | {v['accuracy_vs_own_target']:.4f} |"
-          for k, v in t["members"].items()],
+        *[
+            f"| {k} | {v['accuracy_vs_council']:.4f} | {v['accuracy_vs_own_target']:.4f} |"
+            for k, v in t["members"].items()
+        ],
         "",
     ]
     if "ablations" in m:
@@ -71,8 +76,7 @@ def model_card(m: dict[str, Any]) -> str:
             "",
             "| model | test accuracy | ECE |",
             "| --- | --- | --- |",
-            *[f"| {k} | {v['accuracy']:.4f} | {v['ece']:.4f} |"
-              for k, v in m["ablations"].items()],
+            *[f"| {k} | {v['accuracy']:.4f} | {v['ece']:.4f} |" for k, v in m["ablations"].items()],
             "",
             _verdict(m["ablations"]),
             "",
@@ -99,9 +103,13 @@ def _verdict(ab: dict[str, dict[str, float]]) -> str:
     others = {k: v["accuracy"] for k, v in ab.items() if k != name}
     best = max(others, key=lambda k: others[k])
     if others[best] >= cfc - 0.002:
-        return (f"Honestly: `{best}` matches or beats the CfC here "
-                f"({others[best]:.4f} against {cfc:.4f}); the council's case rests on its "
-                "monotone construction, explanations and calibration, not on accuracy "
-                "the baselines cannot reach.")
-    return (f"The CfC with time in its gate is the most accurate variant ({cfc:.4f}); the "
-            f"closest baseline is `{best}` ({others[best]:.4f}).")
+        return (
+            f"Honestly: `{best}` matches or beats the CfC here "
+            f"({others[best]:.4f} against {cfc:.4f}); the council's case rests on its "
+            "monotone construction, explanations and calibration, not on accuracy "
+            "the baselines cannot reach."
+        )
+    return (
+        f"The CfC with time in its gate is the most accurate variant ({cfc:.4f}); the "
+        f"closest baseline is `{best}` ({others[best]:.4f})."
+    )

@@ -30,8 +30,10 @@ def lecun_tanh(x: Tensor) -> Tensor:
     return 1.7159 * torch.tanh(0.666 * x)
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"lecun_tanh": lecun_tanh,
-                                                   "silu": nn.functional.silu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "lecun_tanh": lecun_tanh,
+    "silu": nn.functional.silu,
+}
 
 
 def _init(members: int, fan_in: int, fan_out: int, gen: torch.Generator) -> nn.Parameter:
@@ -69,9 +71,17 @@ class CfC(nn.Module):
     no_gate: Tensor
     activation: Callable[[Tensor], Tensor]
 
-    def __init__(self, members: int, inputs: int, hidden: int, backbone: int,
-                 modes: tuple[str, ...], seed: int, extra: int = 0,
-                 activation: str = "lecun_tanh") -> None:
+    def __init__(
+        self,
+        members: int,
+        inputs: int,
+        hidden: int,
+        backbone: int,
+        modes: tuple[str, ...],
+        seed: int,
+        extra: int = 0,
+        activation: str = "lecun_tanh",
+    ) -> None:
         super().__init__()
         if len(modes) != members or any(m not in MODES for m in modes):
             raise ValueError(f"one mode per member, each one of {MODES}")
@@ -85,11 +95,18 @@ class CfC(nn.Module):
         self.b = nn.Parameter(torch.zeros(members, 1, backbone))
         self.w_heads = _init(members, backbone, 3 * hidden + extra, gen)
         self.b_heads = nn.Parameter(torch.zeros(members, 1, 3 * hidden + extra))
-        self.register_buffer("no_gate", torch.tensor([m == "no_gate" for m in modes])
-                             .view(members, 1, 1))
+        self.register_buffer(
+            "no_gate", torch.tensor([m == "no_gate" for m in modes]).view(members, 1, 1)
+        )
 
-    def forward(self, x: Tensor, dt: Tensor, mask: Tensor, in_mask: Tensor | None = None,
-                trace: bool = False) -> tuple[Tensor, Tensor, Trace | None]:
+    def forward(
+        self,
+        x: Tensor,
+        dt: Tensor,
+        mask: Tensor,
+        in_mask: Tensor | None = None,
+        trace: bool = False,
+    ) -> tuple[Tensor, Tensor, Trace | None]:
         """x (B, T, F), dt (B, T), mask (B, T): True for real steps, padding first.
 
         Returns the last state (M, B, H), the extra read-outs (M, B, T, extra) and, with
@@ -111,29 +128,40 @@ class CfC(nn.Module):
             z = act(torch.baddbmm(xp[k], h, w_rec))
             heads = torch.baddbmm(b_heads, z, w_heads)
             f = heads[..., :hid]
-            gh = torch.tanh(heads[..., hid:3 * hid])
+            gh = torch.tanh(heads[..., hid : 3 * hid])
             g, hh = gh[..., :hid], gh[..., hid:]
             gate = torch.sigmoid(f * neg_dt[k])
             new = torch.lerp(hh, g, gate)
             if no_gate is not None:
                 new = torch.where(no_gate, g + gate * hh, new)
             h = torch.where(keep[k], new, h) if padded else new
-            extras.append(heads[..., 3 * hid:])
+            extras.append(heads[..., 3 * hid :])
             if trace:
                 gates.append(gate)
                 rates.append(f)
                 hs.append(h)
-        out = Trace(torch.stack(gates, 2), torch.stack(rates, 2), torch.stack(hs, 2)) \
-            if trace else None
+        out = (
+            Trace(torch.stack(gates, 2), torch.stack(rates, 2), torch.stack(hs, 2))
+            if trace
+            else None
+        )
         return h, torch.stack(extras, 2), out
 
 
 class GRU(nn.Module):
     """`members` independent GRU cells with the CfC's interface; time only as an input."""
 
-    def __init__(self, members: int, inputs: int, hidden: int, backbone: int,
-                 modes: tuple[str, ...], seed: int, extra: int = 0,
-                 activation: str = "lecun_tanh") -> None:
+    def __init__(
+        self,
+        members: int,
+        inputs: int,
+        hidden: int,
+        backbone: int,
+        modes: tuple[str, ...],
+        seed: int,
+        extra: int = 0,
+        activation: str = "lecun_tanh",
+    ) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.hidden = hidden
@@ -143,8 +171,14 @@ class GRU(nn.Module):
         self.w_out = _init(members, hidden, extra, gen)
         self.b_out = nn.Parameter(torch.zeros(members, 1, extra))
 
-    def forward(self, x: Tensor, dt: Tensor, mask: Tensor, in_mask: Tensor | None = None,
-                trace: bool = False) -> tuple[Tensor, Tensor, Trace | None]:
+    def forward(
+        self,
+        x: Tensor,
+        dt: Tensor,
+        mask: Tensor,
+        in_mask: Tensor | None = None,
+        trace: bool = False,
+    ) -> tuple[Tensor, Tensor, Trace | None]:
         check_dt(dt)
         w_in = self.w_in if in_mask is None else self.w_in * in_mask.unsqueeze(-1)
         xp = torch.einsum("btf,mfu->tmbu", x, w_in) + self.b

@@ -76,8 +76,14 @@ def _habits(rng: random.Random) -> Habits:
     else:  # careless with money
         hoard, bursty, overrun = rng.uniform(0, 0.3), rng.uniform(0, 0.2), rng.uniform(0.3, 0.9)
     w = [rng.gammavariate(a, 1.0) for a in (1.0, 4.0, 2.0, 0.3)]
-    return Habits(hoard, bursty, overrun, rng.uniform(1.0, 3.0), rng.uniform(0, 0.4),
-                  (w[0] / sum(w), w[1] / sum(w), w[2] / sum(w), w[3] / sum(w)))
+    return Habits(
+        hoard,
+        bursty,
+        overrun,
+        rng.uniform(1.0, 3.0),
+        rng.uniform(0, 0.4),
+        (w[0] / sum(w), w[1] / sum(w), w[2] / sum(w), w[3] / sum(w)),
+    )
 
 
 def synthetic_jobs(seed: int, days: float = 60, projects: int = 24) -> list[Job]:
@@ -128,19 +134,24 @@ class World:
         sim = SimulationSettings(seed=seed, workloads={p: p for p in PROFILES})
         self.config = config.model_copy(update={"simulation": sim})
         self.fleet = SimulatedFleet(self.config)
-        self.gpus = {t: [g.uuid for g in self.fleet.inventory() if g.gpu_type == t]
-                     for t in config.catalog}
+        self.gpus = {
+            t: [g.uuid for g in self.fleet.inventory() if g.gpu_type == t] for t in config.catalog
+        }
         self.total = sum(len(v) for v in self.gpus.values())
         start = jobs[0].submit if jobs else EPOCH
         span = (jobs[-1].submit - start) if jobs else 1.0
         self.projects: dict[str, _Project] = {}
         for name in sorted({j.project for j in jobs}):
-            budget = None if self.rng.random() < 0.3 else \
-                math.exp(self.rng.uniform(math.log(200), math.log(8000)))
+            budget = (
+                None
+                if self.rng.random() < 0.3
+                else math.exp(self.rng.uniform(math.log(200), math.log(8000)))
+            )
             self.projects[name] = _Project(
                 (_habits(self.rng), _habits(self.rng)),
-                start + self.rng.uniform(0.2, 0.8) * span if self.rng.random() < 0.7
-                else math.inf, budget)
+                start + self.rng.uniform(0.2, 0.8) * span if self.rng.random() < 0.7 else math.inf,
+                budget,
+            )
         self.running: list[_Running] = []
 
     def run(self) -> list[Sample]:
@@ -165,20 +176,31 @@ class World:
     def _request(self, job: Job, habits: Habits) -> GPURequest | None:
         rng = self.rng
         training = job.count >= 2 or job.hours >= 4
-        purpose = Purpose.TRAINING if training and rng.random() < 0.85 else \
-            rng.choice((Purpose.INFERENCE, Purpose.RESEARCH))
+        purpose = (
+            Purpose.TRAINING
+            if training and rng.random() < 0.85
+            else rng.choice((Purpose.INFERENCE, Purpose.RESEARCH))
+        )
         gpu_type = None
         if purpose is not Purpose.TRAINING and rng.random() < habits.mismatch:
             gpu_type = rng.choice(self.config.pool(Purpose.TRAINING))
         pad = rng.uniform(1.0, habits.pad)
-        hours = min(self.config.limits.max_duration_hours,
-                    max(0.25, math.ceil(job.hours * pad * 4) / 4))
+        hours = min(
+            self.config.limits.max_duration_hours, max(0.25, math.ceil(job.hours * pad * 4) / 4)
+        )
         priority = rng.choices(list(Priority), habits.priority)[0]
         try:
-            request = GPURequest.model_validate({
-                "project": job.project, "purpose": purpose, "type": gpu_type,
-                "count": job.count, "duration_hours": hours, "priority": priority,
-                "request_id": f"w{self.world}-{job.submit:.0f}-{job.project}"})
+            request = GPURequest.model_validate(
+                {
+                    "project": job.project,
+                    "purpose": purpose,
+                    "type": gpu_type,
+                    "count": job.count,
+                    "duration_hours": hours,
+                    "priority": priority,
+                    "request_id": f"w{self.world}-{job.submit:.0f}-{job.project}",
+                }
+            )
             check_against_fleet(request, self.config)
         except (GPUAgentError, ValueError):
             return None
@@ -187,8 +209,7 @@ class World:
     def _standing(self, name: str, now: float) -> Standing:
         p = self.projects[name]
         half_life = self.config.scheduler.half_life_hours
-        usage = {n: decayed(q.usage, q.usage_at, now, half_life) for n, q in
-                 self.projects.items()}
+        usage = {n: decayed(q.usage, q.usage_at, now, half_life) for n, q in self.projects.items()}
         for r in self.running:
             usage[r.project] += r.count * max(0.0, now - (r.end - r.record.hours * 3600)) / 3600
         total = sum(usage.values())
@@ -196,8 +217,9 @@ class World:
         remaining = None
         if p.budget is not None:
             period = self._period(now)
-            committed = sum(r.committed for r in self.running if r.project == name
-                            and r.period == period)
+            committed = sum(
+                r.committed for r in self.running if r.project == name and r.period == period
+            )
             remaining = p.budget - p.spent.get(period, 0.0) - committed
         return Standing(remaining, usage[name] / total if total > 0 else 0.0, factors[name])
 
@@ -209,8 +231,14 @@ class World:
             return None
         at = past[-keep].ended_at
         half_life_h = self.config.council.record_half_life_days * 24
-        out = summarise(((j.count, j.hours, j.hoarded_hours, j.ended_at, j.reason, j.util_pct)
-                         for j in past[:len(past) - keep]), at, half_life_h)
+        out = summarise(
+            (
+                (j.count, j.hours, j.hoarded_hours, j.ended_at, j.reason, j.util_pct)
+                for j in past[: len(past) - keep]
+            ),
+            at,
+            half_life_h,
+        )
         return out if out.events else None
 
     def _submit(self, job: Job) -> Sample | None:
@@ -226,10 +254,18 @@ class World:
         for r in self.running:
             held[r.gpu_type] = held.get(r.gpu_type, 0) + r.count
         keep = self.config.council.history_events
-        features = assemble(request, self.config, standing, tuple(p.past[-keep:]),
-                            self._older(p.past, keep), held, now)
-        voted = not auto_approves(features, request.priority is Priority.CRITICAL,
-                                  self.config.council)
+        features = assemble(
+            request,
+            self.config,
+            standing,
+            tuple(p.past[-keep:]),
+            self._older(p.past, keep),
+            held,
+            now,
+        )
+        voted = not auto_approves(
+            features, request.priority is Priority.CRITICAL, self.config.council
+        )
         targets = tuple(member_vote(m, features).probability for m in MEMBERS)
         council_p = sum(targets) / len(targets)
         runs = not voted or council_p > self.config.council.band("reference")[0]
@@ -253,20 +289,41 @@ class World:
         held, util, reason = self._watch(request, gpu_type, phases, now, hours, cut)
         price = self.config.catalog[gpu_type].price_per_hour
         busy = min(1.0, sum(r.count for r in self.running) / self.total)
-        record = PastJob(now + held * 3600, request.count, held, price * request.count * held,
-                         util, reason, busy,  # an idle release here: idle throughout
-                         hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0)
-        heapq.heappush(self.running, _Running(
-            record.ended_at, request.project, request.count, gpu_type,
-            price * request.count * hours, record, self._period(now)))
-        return float(reason is ReleaseReason.IDLE or reason.cut_by_budget
-                     or util < WASTE_UTIL_PCT)
+        record = PastJob(
+            now + held * 3600,
+            request.count,
+            held,
+            price * request.count * held,
+            util,
+            reason,
+            busy,  # an idle release here: idle throughout
+            hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0,
+        )
+        heapq.heappush(
+            self.running,
+            _Running(
+                record.ended_at,
+                request.project,
+                request.count,
+                gpu_type,
+                price * request.count * hours,
+                record,
+                self._period(now),
+            ),
+        )
+        return float(reason is ReleaseReason.IDLE or reason.cut_by_budget or util < WASTE_UTIL_PCT)
 
-    def _watch(self, request: GPURequest, gpu_type: str, phases: list[tuple[str, float]],
-               start: float, lease: float, cut: float | None
-               ) -> tuple[float, float, ReleaseReason]:
+    def _watch(
+        self,
+        request: GPURequest,
+        gpu_type: str,
+        phases: list[tuple[str, float]],
+        start: float,
+        lease: float,
+        cut: float | None,
+    ) -> tuple[float, float, ReleaseReason]:
         settings = self.config.monitor
-        gpus = self.gpus[gpu_type][:min(2, request.count)]
+        gpus = self.gpus[gpu_type][: min(2, request.count)]
         state, t, util_time = MonitorState(), 0.0, 0.0
         for profile, length in phases:
             if length <= 0:
@@ -291,8 +348,7 @@ class World:
         return t, util_time / t if t > 0 else 0.0, reason
 
 
-def replay(worlds: Iterable[tuple[int, list[Job]]], config: FleetConfig, seed: int
-           ) -> list[Sample]:
+def replay(worlds: Iterable[tuple[int, list[Job]]], config: FleetConfig, seed: int) -> list[Sample]:
     out: list[Sample] = []
     for world, jobs in worlds:
         out.extend(World(jobs, config, seed * 1000 + world, world).run())

@@ -33,11 +33,17 @@ if TYPE_CHECKING:
 
 DAY = 86400.0
 MAX_DT_DAYS = 60.0
-SEQ_FREE = ("gpus", "hours", "gpu_hours", "cost", "fleet_busy", "rated", "is_request",
-            "is_summary")
+SEQ_FREE = ("gpus", "hours", "gpu_hours", "cost", "fleet_busy", "rated", "is_request", "is_summary")
 SEQ_BAD = ("hoarded_share", "budget_release", "util_deficit")
-STATIC_FREE = ("budgeted", "worst_case_usd", "usage_share", "priority", "count", "duration",
-               "history_len")
+STATIC_FREE = (
+    "budgeted",
+    "worst_case_usd",
+    "usage_share",
+    "priority",
+    "count",
+    "duration",
+    "history_len",
+)
 # each can only count against a request: monotone by construction
 STATIC_BAD = ("cost_pressure", "unfair_share", "pool_share", "pool_busy", "purpose_mismatch")
 
@@ -79,16 +85,49 @@ def _raw(f: RequestFeatures) -> list[tuple[float, ...]]:
         rated = older.rated_gpu_hours
         share = older.gpu_hours or 1.0
         # at the oldest event read one by one (its datetime may round a microsecond later)
-        rows.append((f.past[0].ended_at if f.past else older.at.timestamp(), older.events,
-                     0.0, older.gpu_hours, 0.0, 0.0,
-                     older.util_gpu_hours / rated if rated > 0 else math.nan,
-                     older.idle_gpu_hours / share, older.budget_gpu_hours / share, _SUMMARY))
-    rows += [(j.ended_at, j.count, j.hours, j.count * j.hours, j.cost_usd, j.fleet_busy,
-              math.nan if j.util_pct is None else j.util_pct,
-              j.hoarded_hours / j.hours if j.hours > 0 else 0.0,
-              float(j.reason.cut_by_budget), _PAST) for j in f.past]
-    rows.append((f.now, f.count, f.hours, f.count * f.hours, f.worst_case_usd, f.pool_busy,
-                 math.nan, 0.0, 0.0, _REQUEST))
+        rows.append(
+            (
+                f.past[0].ended_at if f.past else older.at.timestamp(),
+                older.events,
+                0.0,
+                older.gpu_hours,
+                0.0,
+                0.0,
+                older.util_gpu_hours / rated if rated > 0 else math.nan,
+                older.idle_gpu_hours / share,
+                older.budget_gpu_hours / share,
+                _SUMMARY,
+            )
+        )
+    rows += [
+        (
+            j.ended_at,
+            j.count,
+            j.hours,
+            j.count * j.hours,
+            j.cost_usd,
+            j.fleet_busy,
+            math.nan if j.util_pct is None else j.util_pct,
+            j.hoarded_hours / j.hours if j.hours > 0 else 0.0,
+            float(j.reason.cut_by_budget),
+            _PAST,
+        )
+        for j in f.past
+    ]
+    rows.append(
+        (
+            f.now,
+            f.count,
+            f.hours,
+            f.count * f.hours,
+            f.worst_case_usd,
+            f.pool_busy,
+            math.nan,
+            0.0,
+            0.0,
+            _REQUEST,
+        )
+    )
     return rows
 
 
@@ -113,18 +152,29 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     gap[first] = 0.0
     if bool((gap < 0).any()):
         at = int(np.flatnonzero(gap < 0)[0])
-        raise InvalidInput("the council's history must be in time order: an event at "
-                           f"{float(times[at]):.0f} follows one at {float(times[at - 1]):.0f}")
+        raise InvalidInput(
+            "the council's history must be in time order: an event at "
+            f"{float(times[at]):.0f} follows one at {float(times[at - 1]):.0f}"
+        )
     kind, util = raw[:, 9], raw[:, 6]
     rated = ~np.isnan(util)
     summary = kind == _SUMMARY
-    step_free = np.stack([
-        _scale(raw[:, 1], 64),  # GPUs (events, for the summary)
-        _scale(raw[:, 2], 720), _scale(raw[:, 3], 1e4), _scale(raw[:, 4], 1e5), raw[:, 5],
-        rated, kind == _REQUEST, summary,
-    ], axis=1).astype(np.float32)
-    step_bad = np.stack([raw[:, 7], raw[:, 8], np.where(rated, 1 - util / 100, 0.0)],
-                        axis=1).astype(np.float32)
+    step_free = np.stack(
+        [
+            _scale(raw[:, 1], 64),  # GPUs (events, for the summary)
+            _scale(raw[:, 2], 720),
+            _scale(raw[:, 3], 1e4),
+            _scale(raw[:, 4], 1e5),
+            raw[:, 5],
+            rated,
+            kind == _REQUEST,
+            summary,
+        ],
+        axis=1,
+    ).astype(np.float32)
+    step_bad = np.stack(
+        [raw[:, 7], raw[:, 8], np.where(rated, 1 - util / 100, 0.0)], axis=1
+    ).astype(np.float32)
 
     free = np.zeros((n, steps, len(SEQ_FREE)), dtype=np.float32)
     bad = np.zeros((n, steps, len(SEQ_BAD)), dtype=np.float32)
@@ -134,12 +184,34 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     bad[owner, pos] = step_bad
     dt[owner, pos] = np.minimum(gap / DAY, MAX_DT_DAYS)
     mask[owner, pos] = True
-    static_free = np.array([[
-        float(f.budgeted), _log(f.worst_case_usd, 1e5), f.usage_share, f.priority,
-        _log(f.count, 64), _log(f.hours, 720), min(f.history_len, 256) / 256,
-    ] for f in batch], dtype=np.float32)
-    static_bad = np.array([[min(f.cost_pressure, 10.0), 1.0 - f.fair_share, f.pool_share,
-                            f.pool_busy, f.purpose_mismatch] for f in batch], dtype=np.float32)
+    static_free = np.array(
+        [
+            [
+                float(f.budgeted),
+                _log(f.worst_case_usd, 1e5),
+                f.usage_share,
+                f.priority,
+                _log(f.count, 64),
+                _log(f.hours, 720),
+                min(f.history_len, 256) / 256,
+            ]
+            for f in batch
+        ],
+        dtype=np.float32,
+    )
+    static_bad = np.array(
+        [
+            [
+                min(f.cost_pressure, 10.0),
+                1.0 - f.fair_share,
+                f.pool_share,
+                f.pool_busy,
+                f.purpose_mismatch,
+            ]
+            for f in batch
+        ],
+        dtype=np.float32,
+    )
     return Encoded(free, bad, dt, mask, static_free, static_bad)
 
 

@@ -51,15 +51,26 @@ def cost_pressure(worst_usd: float, remaining_usd: float | None) -> float:
 
 
 def build_features(
-    request: GPURequest, config: FleetConfig, stats: ProjectStats, held: dict[str, int],
-    now: float, remaining_usd: float | None = None,
+    request: GPURequest,
+    config: FleetConfig,
+    stats: ProjectStats,
+    held: dict[str, int],
+    now: float,
+    remaining_usd: float | None = None,
 ) -> RequestFeatures:
     """`held` maps GPU type to GPUs held now; `remaining_usd` is the largest worst case the
     budget admits now (Ledger.remaining_usd: the rule placement applies), by default the
     budget less spend and the active allocations' worst cases."""
     remaining = stats.remaining_usd if remaining_usd is None else remaining_usd
-    return assemble(request, config, Standing(remaining, stats.usage_share, stats.fair_share),
-                    past_jobs(stats), stats.older, held, now)
+    return assemble(
+        request,
+        config,
+        Standing(remaining, stats.usage_share, stats.fair_share),
+        past_jobs(stats),
+        stats.older,
+        held,
+        now,
+    )
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,23 @@ class Standing:
     fair_share: float
 
 
-def assemble(request: GPURequest, config: FleetConfig, standing: Standing,
-             past: tuple[PastJob, ...], older: RecordSummary | None, held: dict[str, int],
-             now: float) -> RequestFeatures:
+def assemble(
+    request: GPURequest,
+    config: FleetConfig,
+    standing: Standing,
+    past: tuple[PastJob, ...],
+    older: RecordSummary | None,
+    held: dict[str, int],
+    now: float,
+) -> RequestFeatures:
     """The features from their parts; the training replay calls this without a ledger."""
-    record = rates(past, older, now, config.council.record_half_life_days,
-                   config.council.record_prior_gpu_hours)
+    record = rates(
+        past,
+        older,
+        now,
+        config.council.record_half_life_days,
+        config.council.record_prior_gpu_hours,
+    )
     worst = worst_case_usd(request, config)
     remaining = standing.remaining_usd
     pool = config.pool(request.purpose)

@@ -67,8 +67,12 @@ class NumpyCouncilNet:
     def logits(self, enc: Encoded[NDArray[Any]], rows: int = 1) -> Array:
         """(members, batch) approval logits, as CouncilNet.forward(enc, rows=rows).logit."""
         spec = self.spec
-        enc = Encoded(*(a.astype(np.float64) if a.dtype == np.float32 else a for a in
-                        (enc.free, enc.bad, enc.dt, enc.mask, enc.static_free, enc.static_bad)))
+        enc = Encoded(
+            *(
+                a.astype(np.float64) if a.dtype == np.float32 else a
+                for a in (enc.free, enc.bad, enc.dt, enc.mask, enc.static_free, enc.static_bad)
+            )
+        )
         dt = enc.dt if spec.time == "gate" else enc.mask.astype(np.float64)
         first = enc.take([0]) if rows > 1 else enc
         free = first.free
@@ -86,8 +90,7 @@ class NumpyCouncilNet:
         after = log_decay.sum(2, keepdims=True) - log_decay.cumsum(2)  # decay from k to the end
         carried = np.exp(weight + after) * enc.mask[None, :, :, None]
         evidence = np.einsum("btf,mcf->mbtc", enc.bad, self.mix)
-        rates = (self.prior_num + (carried * evidence).sum(2)) / (self.prior_den
-                                                                   + carried.sum(2))
+        rates = (self.prior_num + (carried * evidence).sum(2)) / (self.prior_den + carried.sum(2))
         static_bad = enc.static_bad[None] * self.mask_static_bad
         u = np.concatenate([rates, static_bad], axis=-1)
         hinges = self.pen_alpha * softplus(self.pen_beta * u[..., None] + self.pen_gamma)
@@ -112,14 +115,14 @@ class NumpyCouncilNet:
             z = self.act(xp[k] + h @ c["w_rec"])
             heads = c["b_heads"] + z @ c["w_heads"]
             f = heads[..., :hid]
-            gh = np.tanh(heads[..., hid:3 * hid])
+            gh = np.tanh(heads[..., hid : 3 * hid])
             g, hh = gh[..., :hid], gh[..., hid:]
             gate = sigmoid(f * neg_dt[k])
             new = hh + gate * (g - hh)
             if self.no_gate is not None:
                 new = np.where(self.no_gate, g + gate * hh, new)
             h = np.where(keep[k], new, h) if padded else new
-            extras.append(heads[..., 3 * hid:])
+            extras.append(heads[..., 3 * hid :])
         return h, np.stack(extras, 2)
 
     def _gru(self, x: Array, dt: Array, mask: NDArray[np.bool_]) -> tuple[Array, Array]:

@@ -32,21 +32,38 @@ ALL = "*"
 
 # What each perspective reads; generalists read everything.
 PERSPECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
-    "cost": {"seq_free": ("gpus", "hours", "cost", "is_request", "is_summary"),
-             "seq_bad": (), "static_free": ("budgeted", "worst_case_usd", "count", "duration"),
-             "static_bad": ("cost_pressure", "purpose_mismatch")},
-    "fairness": {"seq_free": ("gpus", "hours", "gpu_hours", "is_request", "is_summary"),
-                 "seq_bad": (), "static_free": ("usage_share", "history_len"),
-                 "static_bad": ("unfair_share",)},
-    "capacity": {"seq_free": ("gpus", "fleet_busy", "is_request", "is_summary"),
-                 "seq_bad": (), "static_free": ("priority", "count"),
-                 "static_bad": ("pool_share", "pool_busy")},
-    "risk": {"seq_free": (ALL,), "seq_bad": (ALL,), "static_free": ("history_len",),
-             "static_bad": ("purpose_mismatch",)},
+    "cost": {
+        "seq_free": ("gpus", "hours", "cost", "is_request", "is_summary"),
+        "seq_bad": (),
+        "static_free": ("budgeted", "worst_case_usd", "count", "duration"),
+        "static_bad": ("cost_pressure", "purpose_mismatch"),
+    },
+    "fairness": {
+        "seq_free": ("gpus", "hours", "gpu_hours", "is_request", "is_summary"),
+        "seq_bad": (),
+        "static_free": ("usage_share", "history_len"),
+        "static_bad": ("unfair_share",),
+    },
+    "capacity": {
+        "seq_free": ("gpus", "fleet_busy", "is_request", "is_summary"),
+        "seq_bad": (),
+        "static_free": ("priority", "count"),
+        "static_bad": ("pool_share", "pool_busy"),
+    },
+    "risk": {
+        "seq_free": (ALL,),
+        "seq_bad": (ALL,),
+        "static_free": ("history_len",),
+        "static_bad": ("purpose_mismatch",),
+    },
 }
 GENERAL = {"seq_free": (ALL,), "seq_bad": (ALL,), "static_free": (ALL,), "static_bad": (ALL,)}
-GROUPS = {"seq_free": SEQ_FREE, "seq_bad": SEQ_BAD, "static_free": STATIC_FREE,
-          "static_bad": STATIC_BAD}
+GROUPS = {
+    "seq_free": SEQ_FREE,
+    "seq_bad": SEQ_BAD,
+    "static_free": STATIC_FREE,
+    "static_bad": STATIC_BAD,
+}
 
 
 def _mask(spec: NetSpec, group: str) -> Tensor:
@@ -74,8 +91,16 @@ class CouncilNet(nn.Module):
         m, c = len(spec.members), spec.channels
         inputs = len(SEQ_FREE) + (1 if spec.time == "input" else 0)
         core_cls = CfC if spec.core == "cfc" else GRU
-        self.core = core_cls(m, inputs, spec.hidden, spec.backbone, spec.modes, spec.seed,
-                             extra=2 * c, activation=spec.activation)
+        self.core = core_cls(
+            m,
+            inputs,
+            spec.hidden,
+            spec.backbone,
+            spec.modes,
+            spec.seed,
+            extra=2 * c,
+            activation=spec.activation,
+        )
         gen = torch.Generator().manual_seed(spec.seed + 1)
         self.mix = nn.Parameter(torch.zeros(m, c, len(SEQ_BAD)))
         self.prior_num = nn.Parameter(torch.zeros(m, 1, c))
@@ -126,8 +151,9 @@ class CouncilNet(nn.Module):
 
         static_bad = enc.static_bad.unsqueeze(0) * self._buf("mask_static_bad").unsqueeze(1)
         u = torch.cat([rates, static_bad], dim=-1).unsqueeze(-1)  # (M, B, D, 1)
-        hinges = F.softplus(self.pen_alpha) * F.softplus(F.softplus(self.pen_beta) * u
-                                                         + self.pen_gamma)
+        hinges = F.softplus(self.pen_alpha) * F.softplus(
+            F.softplus(self.pen_beta) * u + self.pen_gamma
+        )
         penalty = (F.softplus(self.pen_lin) * u.squeeze(-1)).sum(-1) + hinges.sum((-1, -2))
 
         static = enc.static_free.unsqueeze(0) * self._buf("mask_static_free").unsqueeze(1)

@@ -60,6 +60,7 @@ def _static(group: str, name: str, value: float) -> Occlusion:
 
     def apply(e: Encoded[Any], i: int) -> None:
         getattr(e, group)[i, col] = value
+
     return apply
 
 
@@ -68,6 +69,7 @@ def _record(name: str, value: float) -> Occlusion:
 
     def apply(e: Encoded[Any], i: int) -> None:
         e.bad[i, :, col] = value * e.free[i, :, rated]
+
     return apply
 
 
@@ -102,8 +104,9 @@ class NeuralCouncil:
     name: str
 
     @classmethod
-    def of(cls, net: CouncilNet, temperature: float, vote_weights: tuple[float, ...],
-           name: str) -> NeuralCouncil:
+    def of(
+        cls, net: CouncilNet, temperature: float, vote_weights: tuple[float, ...], name: str
+    ) -> NeuralCouncil:
         """A council with a torch model's weights (training), copied."""
         state = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
         return cls(NumpyCouncilNet(net.spec, state), temperature, vote_weights, name)
@@ -114,10 +117,16 @@ class NeuralCouncil:
 
     def save(self, path: str | Path, **meta: object) -> None:
         """`path` (council.pt) and council.npz beside it: see council/weightfiles.py."""
-        weightfiles.write(Path(path), {"spec": self.model.spec.to_dict(),
-                                       "state": self.net.state_dict(),
-                                       "temperature": self.temperature,
-                                       "vote_weights": list(self.vote_weights), "meta": meta})
+        weightfiles.write(
+            Path(path),
+            {
+                "spec": self.model.spec.to_dict(),
+                "state": self.net.state_dict(),
+                "temperature": self.temperature,
+                "vote_weights": list(self.vote_weights),
+                "meta": meta,
+            },
+        )
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -161,12 +170,14 @@ class NeuralCouncil:
         return torch.sigmoid(torch.logit(p) / self.temperature)
 
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
-        logits = self.model.logits(with_occlusions(encode_arrays([features])),
-                                   rows=1 + len(OCCLUSIONS))
+        logits = self.model.logits(
+            with_occlusions(encode_arrays([features])), rows=1 + len(OCCLUSIONS)
+        )
         return self.decision(features, logits, settings)
 
-    def decision(self, features: RequestFeatures, logits: NDArray[np.float64],
-                 settings: CouncilSettings) -> CouncilDecision:
+    def decision(
+        self, features: RequestFeatures, logits: NDArray[np.float64], settings: CouncilSettings
+    ) -> CouncilDecision:
         """Votes, reasons and the combined decision from `logits` (members, 1 + occlusions):
         the request's, then each occluded variant's (with_occlusions)."""
         p = sigmoid(logits[:, 0]).tolist()
@@ -175,15 +186,32 @@ class NeuralCouncil:
         votes = []
         for i, member in enumerate(self.members):
             reasons = sorted(
-                (Reason(feature=g, value=words[g][0], effect=e, text=words[g][1])
-                 for g, e in zip(OCCLUSIONS, effects[i], strict=True) if abs(e) >= 0.01),
-                key=lambda r: -abs(r.effect))[:TOP_REASONS]
-            verdict = Verdict.ABSTAIN if abs(p[i] - 0.5) < ABSTAIN_MARGIN else \
-                Verdict.APPROVE if p[i] >= 0.5 else Verdict.DENY
-            votes.append(MemberVote(member=member, verdict=verdict, probability=p[i],
-                                    weight=self.vote_weights[i], reasons=reasons))
-        return combine(votes, settings.model_copy(update={"policy": "neural"}), self.name,
-                       self.temperature)
+                (
+                    Reason(feature=g, value=words[g][0], effect=e, text=words[g][1])
+                    for g, e in zip(OCCLUSIONS, effects[i], strict=True)
+                    if abs(e) >= 0.01
+                ),
+                key=lambda r: -abs(r.effect),
+            )[:TOP_REASONS]
+            verdict = (
+                Verdict.ABSTAIN
+                if abs(p[i] - 0.5) < ABSTAIN_MARGIN
+                else Verdict.APPROVE
+                if p[i] >= 0.5
+                else Verdict.DENY
+            )
+            votes.append(
+                MemberVote(
+                    member=member,
+                    verdict=verdict,
+                    probability=p[i],
+                    weight=self.vote_weights[i],
+                    reasons=reasons,
+                )
+            )
+        return combine(
+            votes, settings.model_copy(update={"policy": "neural"}), self.name, self.temperature
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,8 +219,21 @@ def _load(path: str) -> NeuralCouncil:
     try:
         header, state, digest = weightfiles.read(Path(path))
         model = NumpyCouncilNet(NetSpec.from_dict(header["spec"]), state)
-    except (OSError, EOFError, KeyError, RuntimeError, TypeError, ValueError, AttributeError,
-            pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (
+        OSError,
+        EOFError,
+        KeyError,
+        RuntimeError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
         raise ConfigError(f"cannot load council weights from {path}: {e}") from e
-    return NeuralCouncil(model, float(header["temperature"]), tuple(header["vote_weights"]),
-                         f"cfc-council-{digest[:8]}")
+    return NeuralCouncil(
+        model,
+        float(header["temperature"]),
+        tuple(header["vote_weights"]),
+        f"cfc-council-{digest[:8]}",
+    )

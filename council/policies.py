@@ -11,6 +11,8 @@ def council_for(settings: CouncilSettings) -> Council:
     """The council of `settings.policy`; each is imported only when chosen."""
     if settings.policy == "reference":
         from council.reference import ReferenceCouncil
+
         return ReferenceCouncil()
     from council.neural import NeuralCouncil
+
     return NeuralCouncil.load(settings.weights)

@@ -49,21 +49,36 @@ def past_jobs(stats: ProjectStats) -> tuple[PastJob, ...]:
 
 
 def _job(r: HistoryRecord, busy: float) -> PastJob:
-    return PastJob(ended_at=r.ended_at.timestamp(), count=r.count, hours=r.hours,
-                   cost_usd=r.cost_usd, util_pct=r.mean_util_pct, reason=r.reason,
-                   fleet_busy=busy, hoarded_hours=r.hoarded_hours)
+    return PastJob(
+        ended_at=r.ended_at.timestamp(),
+        count=r.count,
+        hours=r.hours,
+        cost_usd=r.cost_usd,
+        util_pct=r.mean_util_pct,
+        reason=r.reason,
+        fleet_busy=busy,
+        hoarded_hours=r.hoarded_hours,
+    )
 
 
-def rates(past: Sequence[PastJob], older: RecordSummary | None, now: float,
-          half_life_days: float, prior_gpu_hours: float) -> Rates:
+def rates(
+    past: Sequence[PastJob],
+    older: RecordSummary | None,
+    now: float,
+    half_life_days: float,
+    prior_gpu_hours: float,
+) -> Rates:
     def decay(at: float) -> float:
         return float(2.0 ** (-max(0.0, now - at) / (half_life_days * 86400.0)))
 
     total = idle = budget = rated = util = 0.0
     if older is not None and older.events:
         k = decay(older.at.timestamp())
-        total, idle, budget = k * older.gpu_hours, k * older.idle_gpu_hours, \
-            k * older.budget_gpu_hours
+        total, idle, budget = (
+            k * older.gpu_hours,
+            k * older.idle_gpu_hours,
+            k * older.budget_gpu_hours,
+        )
         rated, util = k * older.rated_gpu_hours, k * older.util_gpu_hours
     for j in past:
         w = j.gpu_hours * decay(j.ended_at)
@@ -80,5 +95,6 @@ def rates(past: Sequence[PastJob], older: RecordSummary | None, now: float,
         hoarding=idle / weight,
         overrun=budget / weight,
         util=(util + prior_gpu_hours * PRIOR_UTIL) / (rated + prior_gpu_hours)
-        if rated + prior_gpu_hours > 0 else PRIOR_UTIL,
+        if rated + prior_gpu_hours > 0
+        else PRIOR_UTIL,
     )

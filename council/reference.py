@@ -28,24 +28,41 @@ Term = tuple[str, float, float, str]  # feature, value, effect (logits), text
 def _cost(f: RequestFeatures) -> tuple[float, list[Term]]:
     of = "the project's remaining budget" if f.budgeted else f"${REFERENCE_USD:.0f} (no budget)"
     return 3.0, [
-        ("cost_pressure", f.cost_pressure, -6.0 * f.cost_pressure,
-         f"worst case ${f.worst_case_usd:.2f} is {100 * f.cost_pressure:.0f}% of {of}"),
-        ("purpose_mismatch", f.purpose_mismatch, -1.5 * f.purpose_mismatch,
-         "asks for training hardware for other work"),
+        (
+            "cost_pressure",
+            f.cost_pressure,
+            -6.0 * f.cost_pressure,
+            f"worst case ${f.worst_case_usd:.2f} is {100 * f.cost_pressure:.0f}% of {of}",
+        ),
+        (
+            "purpose_mismatch",
+            f.purpose_mismatch,
+            -1.5 * f.purpose_mismatch,
+            "asks for training hardware for other work",
+        ),
     ]
 
 
 def _fairness(f: RequestFeatures) -> tuple[float, list[Term]]:
     return -1.4, [
-        ("fair_share", f.fair_share, 4.0 * f.fair_share,
-         f"fair-share factor {f.fair_share:.2f} (decayed usage share {100 * f.usage_share:.0f}%)"),
+        (
+            "fair_share",
+            f.fair_share,
+            4.0 * f.fair_share,
+            f"fair-share factor {f.fair_share:.2f} "
+            f"(decayed usage share {100 * f.usage_share:.0f}%)",
+        ),
     ]
 
 
 def _capacity(f: RequestFeatures) -> tuple[float, list[Term]]:
     return 3.0, [
-        ("pool_share", f.pool_share, -5.0 * f.pool_share,
-         f"asks for {100 * f.pool_share:.0f}% of the pool"),
+        (
+            "pool_share",
+            f.pool_share,
+            -5.0 * f.pool_share,
+            f"asks for {100 * f.pool_share:.0f}% of the pool",
+        ),
         ("pool_busy", f.pool_busy, -2.0 * f.pool_busy, f"pool {100 * f.pool_busy:.0f}% busy"),
         ("priority", f.priority, 0.8 * (f.priority - 0.5), "priority"),
     ]
@@ -54,14 +71,30 @@ def _capacity(f: RequestFeatures) -> tuple[float, list[Term]]:
 def _risk(f: RequestFeatures) -> tuple[float, list[Term]]:
     low_util = max(0.0, 40.0 - f.recent_util)
     return 2.0, [
-        ("hoarding_rate", f.hoarding_rate, -5.0 * f.hoarding_rate,
-         f"{100 * f.hoarding_rate:.0f}% of recent GPU-hours were released for idling"),
-        ("overrun_rate", f.overrun_rate, -3.0 * f.overrun_rate,
-         f"{100 * f.overrun_rate:.0f}% of recent GPU-hours were stopped by the budget"),
-        ("recent_util", f.recent_util, -0.04 * low_util,
-         f"recent mean utilisation {f.recent_util:.0f}%"),
-        ("purpose_mismatch", f.purpose_mismatch, -1.5 * f.purpose_mismatch,
-         "inference or research on training hardware"),
+        (
+            "hoarding_rate",
+            f.hoarding_rate,
+            -5.0 * f.hoarding_rate,
+            f"{100 * f.hoarding_rate:.0f}% of recent GPU-hours were released for idling",
+        ),
+        (
+            "overrun_rate",
+            f.overrun_rate,
+            -3.0 * f.overrun_rate,
+            f"{100 * f.overrun_rate:.0f}% of recent GPU-hours were stopped by the budget",
+        ),
+        (
+            "recent_util",
+            f.recent_util,
+            -0.04 * low_util,
+            f"recent mean utilisation {f.recent_util:.0f}%",
+        ),
+        (
+            "purpose_mismatch",
+            f.purpose_mismatch,
+            -1.5 * f.purpose_mismatch,
+            "inference or research on training hardware",
+        ),
     ]
 
 

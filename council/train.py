@@ -56,10 +56,12 @@ class Split:
 
     @staticmethod
     def of(samples: list[Sample]) -> Split:
-        return Split(samples, encode([s.features for s in samples]),
-                     torch.tensor([s.targets for s in samples]),
-                     torch.tensor([math.nan if s.wasted is None else s.wasted
-                                   for s in samples]))
+        return Split(
+            samples,
+            encode([s.features for s in samples]),
+            torch.tensor([s.targets for s in samples]),
+            torch.tensor([math.nan if s.wasted is None else s.wasted for s in samples]),
+        )
 
     @property
     def y(self) -> Tensor:
@@ -68,9 +70,13 @@ class Split:
 
 
 def council_spec(seed: int, **kw: object) -> NetSpec:
-    return NetSpec(members=MEMBERS,
-                   perspectives=tuple(PERSPECTIVE.get(m, "general") for m in MEMBERS),
-                   modes=("default",) * len(MEMBERS), seed=seed, **kw)  # type: ignore[arg-type]
+    return NetSpec(
+        members=MEMBERS,
+        perspectives=tuple(PERSPECTIVE.get(m, "general") for m in MEMBERS),
+        modes=("default",) * len(MEMBERS),
+        seed=seed,
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def target_columns(spec: NetSpec) -> list[int]:
@@ -80,20 +86,30 @@ def target_columns(spec: NetSpec) -> list[int]:
 def datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split]:
     worlds: list[tuple[int, list[Job]]] = [
         (w, synthetic_jobs(s.seed * 1000 + w, s.world_days, s.world_projects))
-        for w in range(s.worlds)]
-    split_of = {w: "train" for w in range(s.worlds - 2)} | {s.worlds - 2: "val",
-                                                            s.worlds - 1: "test"}
+        for w in range(s.worlds)
+    ]
+    split_of = {w: "train" for w in range(s.worlds - 2)} | {
+        s.worlds - 2: "val",
+        s.worlds - 1: "test",
+    }
     if s.trace is not None:  # the trace in time order: 70 % train, 15 % val, 15 % test
-        jobs = [replace(j, hours=max(1 / 60, j.hours))  # a zero-length job still holds
-                for j in read_trace(s.trace, limit=s.trace_jobs)]  # its GPUs a minute
+        jobs = [
+            replace(j, hours=max(1 / 60, j.hours))  # a zero-length job still holds
+            for j in read_trace(s.trace, limit=s.trace_jobs)
+        ]  # its GPUs a minute
         a, b = int(len(jobs) * 0.7), int(len(jobs) * 0.85)
-        for w, part, name in ((100, jobs[:a], "train"), (101, jobs[a:b], "val"),
-                              (102, jobs[b:], "test")):
+        for w, part, name in (
+            (100, jobs[:a], "train"),
+            (101, jobs[a:b], "val"),
+            (102, jobs[b:], "test"),
+        ):
             worlds.append((w, part))
             split_of[w] = name
     samples = replay(worlds, config, s.seed)
-    parts = {n: Split.of([x for x in samples if split_of[x.world] == n])
-             for n in ("train", "val", "test")}
+    parts = {
+        n: Split.of([x for x in samples if split_of[x.world] == n])
+        for n in ("train", "val", "test")
+    }
     return parts["train"], parts["val"], parts["test"]
 
 
@@ -112,13 +128,15 @@ def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], Non
         idx = torch.randint(n, (s.batch,), generator=gen)
         out = net(data.enc.take(idx))
         w = boot[:, idx]
-        loss = (F.binary_cross_entropy_with_logits(out.logit, targets[:, idx],
-                                                   reduction="none") * w).sum() / w.sum()
+        loss = (
+            F.binary_cross_entropy_with_logits(out.logit, targets[:, idx], reduction="none") * w
+        ).sum() / w.sum()
         wasted = data.wasted[idx]
         known = ~torch.isnan(wasted)
         if bool(known.any()):
             loss = loss + 0.2 * F.binary_cross_entropy_with_logits(
-                out.outcome_logit[:, known], wasted[known].expand(m, -1))
+                out.outcome_logit[:, known], wasted[known].expand(m, -1)
+            )
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -131,8 +149,13 @@ def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], Non
 
 @torch.inference_mode()
 def member_probs(net: CouncilNet, enc: Encoded[Tensor], chunk: int = 2048) -> Tensor:
-    return torch.cat([torch.sigmoid(net(enc.take(torch.arange(i, min(i + chunk, len(enc)))))
-                                    .logit) for i in range(0, len(enc), chunk)], dim=1)
+    return torch.cat(
+        [
+            torch.sigmoid(net(enc.take(torch.arange(i, min(i + chunk, len(enc))))).logit)
+            for i in range(0, len(enc), chunk)
+        ],
+        dim=1,
+    )
 
 
 def fit_temperature(p: Tensor, y: Tensor) -> float:
@@ -164,8 +187,9 @@ def auc(score: Tensor, y: Tensor) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def escalation(council: NeuralCouncil, member_p: Tensor, y: Tensor, approve: float,
-               deny: float, quorum: int) -> dict[str, float]:
+def escalation(
+    council: NeuralCouncil, member_p: Tensor, y: Tensor, approve: float, deny: float, quorum: int
+) -> dict[str, float]:
     """Errors the council makes alone, and those left once split votes go to a human."""
     p = council.council_probability(member_p)
     approvers = (member_p >= 0.5 + ABSTAIN_MARGIN).sum(0)
@@ -174,10 +198,13 @@ def escalation(council: NeuralCouncil, member_p: Tensor, y: Tensor, approve: flo
     escalated = ~(approved | denied)
     wrong = (p >= 0.5).float() != y
     left = (approved & (y == 0)) | (denied & (y == 1))
-    return {"errors": int(wrong.sum()), "escalated": int(escalated.sum()),
-            "escalated_share": float(escalated.float().mean()),
-            "errors_after_escalation": int(left.sum()),
-            "errors_removed_share": 1 - float(left.sum()) / max(1, int(wrong.sum()))}
+    return {
+        "errors": int(wrong.sum()),
+        "escalated": int(escalated.sum()),
+        "escalated_share": float(escalated.float().mean()),
+        "errors_after_escalation": int(left.sum()),
+        "errors_removed_share": 1 - float(left.sum()) / max(1, int(wrong.sum())),
+    }
 
 
 @torch.inference_mode()
@@ -198,12 +225,14 @@ def monotonicity(council: NeuralCouncil, data: Split, n: int = 256) -> dict[str,
         c = enc.take(torch.arange(len(enc)))
         hit = real & (torch.arange(enc.mask.shape[1]) >= (1 - level) * enc.mask.shape[1])
         c.bad[:, :, SEQ_BAD.index("budget_release")] = torch.maximum(
-            c.bad[:, :, SEQ_BAD.index("budget_release")], hit.float())
+            c.bad[:, :, SEQ_BAD.index("budget_release")], hit.float()
+        )
         sweeps[2].append(c)
     violations = checks = 0
     for sweep in sweeps:
-        p = torch.stack([council.council_probability(torch.sigmoid(council.net(e).logit))
-                         for e in sweep])
+        p = torch.stack(
+            [council.council_probability(torch.sigmoid(council.net(e).logit)) for e in sweep]
+        )
         rises = (p[1:] - p[:-1]) > 1e-6
         violations += int(rises.sum())
         checks += rises.numel()
@@ -218,18 +247,20 @@ def evaluate(council: NeuralCouncil, data: Split, config: FleetConfig) -> dict[s
     members = {}
     for i, name in enumerate(council.members):
         own = (data.targets[:, cols[i]] >= 0.5).float()
-        members[name] = {"accuracy_vs_council": float(((mp[i] >= 0.5).float() == y)
-                                                      .float().mean()),
-                         "accuracy_vs_own_target": float(((mp[i] >= 0.5).float() == own)
-                                                         .float().mean())}
+        members[name] = {
+            "accuracy_vs_council": float(((mp[i] >= 0.5).float() == y).float().mean()),
+            "accuracy_vs_own_target": float(((mp[i] >= 0.5).float() == own).float().mean()),
+        }
     known = ~torch.isnan(data.wasted)
     with torch.inference_mode():
         risk = torch.sigmoid(council.net(data.enc).outcome_logit).mean(0)
     deny, approve = config.council.band("neural")
     return {
-        "samples": len(y), "approve_share": float(y.mean()),
+        "samples": len(y),
+        "approve_share": float(y.mean()),
         "accuracy": float(((p >= 0.5).float() == y).float().mean()),
-        "ece": ece(p, y), "brier": float(((p - y) ** 2).mean()),
+        "ece": ece(p, y),
+        "brier": float(((p - y) ** 2).mean()),
         "best_member_accuracy": max(m["accuracy_vs_council"] for m in members.values()),
         "members": members,
         "escalation": escalation(council, mp, y, approve, deny, config.council.quorum),
@@ -263,6 +294,7 @@ def logistic_baseline(train: Split, val: Split, test: Split, seed: int) -> dict[
         loss = F.binary_cross_entropy_with_logits(lin(xs[0]).squeeze(1), target)
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
+
     opt.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         pv, pt = (torch.sigmoid(lin(x).squeeze(1)) for x in xs[1:])
@@ -281,32 +313,45 @@ def _alone(member_p: Tensor, val_p: Tensor, test: Split, val: Split) -> dict[str
     """One member on its own, temperature-scaled on validation like the council."""
     t = fit_temperature(val_p, val.y)
     p = torch.sigmoid(torch.logit(member_p.clamp(1e-6, 1 - 1e-6)) / t)
-    return {"accuracy": float(((p >= 0.5).float() == test.y).float().mean()),
-            "ece": ece(p, test.y)}
+    return {"accuracy": float(((p >= 0.5).float() == test.y).float().mean()), "ece": ece(p, test.y)}
 
 
-def ablations(council: NeuralCouncil, train: Split, val: Split, test: Split,
-              s: TrainSettings, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+def ablations(
+    council: NeuralCouncil,
+    train: Split,
+    val: Split,
+    test: Split,
+    s: TrainSettings,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
     """The council's first general member against one generalist per variant, trained on
     the same data with the same steps and seed."""
     g = council.members.index("general-1")
-    out = {CFC: _alone(member_probs(council.net, test.enc)[g],
-                       member_probs(council.net, val.enc)[g], test, val)}
+    out = {
+        CFC: _alone(
+            member_probs(council.net, test.enc)[g], member_probs(council.net, val.enc)[g], test, val
+        )
+    }
     for name, change in ABLATIONS.items():
         log(f"ablation: {name}")
-        spec = replace(NetSpec(members=("general",), perspectives=("general",),
-                               modes=("default",), seed=s.seed), **change)  # type: ignore[arg-type]
+        spec = replace(
+            NetSpec(
+                members=("general",), perspectives=("general",), modes=("default",), seed=s.seed
+            ),
+            **change,  # type: ignore[arg-type]
+        )
         net = CouncilNet(spec)
         fit(net, train, s, log)
-        out[name] = _alone(member_probs(net, test.enc)[0], member_probs(net, val.enc)[0],
-                           test, val) | {"params": param_count(net)}
-    out["logistic regression on summary features"] = logistic_baseline(train, val, test,
-                                                                       s.seed)
+        out[name] = _alone(
+            member_probs(net, test.enc)[0], member_probs(net, val.enc)[0], test, val
+        ) | {"params": param_count(net)}
+    out["logistic regression on summary features"] = logistic_baseline(train, val, test, s.seed)
     return out
 
 
-def train(s: TrainSettings, config: FleetConfig, out: Path,
-          log: Callable[[str], None] = print) -> dict[str, object]:
+def train(
+    s: TrainSettings, config: FleetConfig, out: Path, log: Callable[[str], None] = print
+) -> dict[str, object]:
     with one_thread():
         return _train(s, config, out, log)
 
@@ -323,25 +368,33 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _train(s: TrainSettings, config: FleetConfig, out: Path,
-           log: Callable[[str], None]) -> dict[str, object]:
+def _train(
+    s: TrainSettings, config: FleetConfig, out: Path, log: Callable[[str], None]
+) -> dict[str, object]:
     torch.manual_seed(s.seed)
     started = time.perf_counter()
     train_set, val, test = datasets(s, config)
-    log(f"data: {len(train_set.samples)} train, {len(val.samples)} validation, "
-        f"{len(test.samples)} test requests ({time.perf_counter() - started:.0f} s)")
+    log(
+        f"data: {len(train_set.samples)} train, {len(val.samples)} validation, "
+        f"{len(test.samples)} test requests ({time.perf_counter() - started:.0f} s)"
+    )
     net = CouncilNet(council_spec(s.seed))
     fit(net, train_set, s, log)
     metrics_time = time.perf_counter() - started
     council = NeuralCouncil.of(net, 1.0, (1.0,) * len(MEMBERS), "cfc-council")
     council.temperature = fit_temperature(
-        council.council_probability(member_probs(net, val.enc)), val.y)
+        council.council_probability(member_probs(net, val.enc)), val.y
+    )
     metrics: dict[str, object] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
-        "params": param_count(net), "temperature": council.temperature,
+        "params": param_count(net),
+        "temperature": council.temperature,
         "council_seconds": round(metrics_time, 1),
-        "data": {"train": len(train_set.samples), "validation": len(val.samples),
-                 "test": len(test.samples)},
+        "data": {
+            "train": len(train_set.samples),
+            "validation": len(val.samples),
+            "test": len(test.samples),
+        },
         "test": evaluate(council, test, config),
     }
     if s.ablations:
@@ -351,5 +404,6 @@ def _train(s: TrainSettings, config: FleetConfig, out: Path,
     council.save(out / WEIGHTS_FILE, seed=s.seed)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     from council.card import model_card
+
     (out / CARD_FILE).write_text(model_card(metrics))
     return metrics

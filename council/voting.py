@@ -23,8 +23,9 @@ def calibrate(p: float, temperature: float) -> float:
     return 1.0 / (1.0 + math.exp(-math.log(p / (1.0 - p)) / temperature))
 
 
-def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str,
-            temperature: float = 1.0) -> CouncilDecision:
+def combine(
+    votes: list[MemberVote], settings: CouncilSettings, policy: str, temperature: float = 1.0
+) -> CouncilDecision:
     """Weighted soft vote over every member, then `quorum` members must approve outright.
 
     Keeping unsure (abstaining) members in the average, rather than dropping them, makes the
@@ -46,24 +47,35 @@ def combine(votes: list[MemberVote], settings: CouncilSettings, policy: str,
     else:
         outcome, summary = Outcome.APPROVED, f"approved with p={p:.2f}"
     if outcome is not Outcome.APPROVED:
-        against = sorted((v for v in votes if v.verdict is Verdict.DENY),
-                         key=lambda v: v.probability)
+        against = sorted(
+            (v for v in votes if v.verdict is Verdict.DENY), key=lambda v: v.probability
+        )
         if against and against[0].reasons:
             summary += f" ({against[0].member}: {against[0].reasons[0].text})"
     return CouncilDecision(
-        outcome=outcome, probability=p, votes=votes, quorum=settings.quorum, policy=policy,
+        outcome=outcome,
+        probability=p,
+        votes=votes,
+        quorum=settings.quorum,
+        policy=policy,
         summary=summary,
     )
 
 
 def auto_approves(features: RequestFeatures, critical: bool, settings: CouncilSettings) -> bool:
     """Small, cheap, non-critical requests skip the members."""
-    return small(features.count, features.worst_case_usd, features.cost_pressure, critical,
-                 settings)
+    return small(
+        features.count, features.worst_case_usd, features.cost_pressure, critical, settings
+    )
 
 
-def small(count: int, worst_case_usd: float, cost_pressure: float, critical: bool,
-          settings: CouncilSettings) -> bool:
+def small(
+    count: int,
+    worst_case_usd: float,
+    cost_pressure: float,
+    critical: bool,
+    settings: CouncilSettings,
+) -> bool:
     """The auto-approval rule on its inputs, so a caller can apply it before it gathers the
     project's record (which the rule does not read)."""
     return (
@@ -74,16 +86,19 @@ def small(count: int, worst_case_usd: float, cost_pressure: float, critical: boo
     )
 
 
-def auto_approval(count: int, worst_case_usd: float, settings: CouncilSettings
-                  ) -> CouncilDecision:
+def auto_approval(count: int, worst_case_usd: float, settings: CouncilSettings) -> CouncilDecision:
     return CouncilDecision(
-        outcome=Outcome.AUTO_APPROVED, probability=1.0, quorum=settings.quorum,
-        policy="auto-approve", summary=f"small request: {count} GPU, ${worst_case_usd:.2f}",
+        outcome=Outcome.AUTO_APPROVED,
+        probability=1.0,
+        quorum=settings.quorum,
+        policy="auto-approve",
+        summary=f"small request: {count} GPU, ${worst_case_usd:.2f}",
     )
 
 
-def convene(council: Council, features: RequestFeatures, critical: bool,
-            settings: CouncilSettings) -> CouncilDecision:
+def convene(
+    council: Council, features: RequestFeatures, critical: bool, settings: CouncilSettings
+) -> CouncilDecision:
     """Small, cheap, non-critical requests skip the members; everything else is voted on."""
     if auto_approves(features, critical, settings):
         return auto_approval(features.count, features.worst_case_usd, settings)

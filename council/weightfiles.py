@@ -34,8 +34,10 @@ def write(pt: Path, blob: Mapping[str, Any]) -> None:
 
     torch.save(blob, pt)
     header = {k: v for k, v in blob.items() if k != "state"} | {"pt_sha256": _digest(pt)}
-    entries = {"header": np.array(json.dumps(header)),
-               **{f"state/{k}": v.cpu().numpy() for k, v in blob["state"].items()}}
+    entries = {
+        "header": np.array(json.dumps(header)),
+        **{f"state/{k}": v.cpu().numpy() for k, v in blob["state"].items()},
+    }
     with zipfile.ZipFile(arrays_path(pt), "w") as z:
         for name, array in entries.items():
             buf = io.BytesIO()
@@ -50,8 +52,11 @@ def read(pt: Path) -> tuple[Header, State, str]:
         with np.load(arrays_path(pt), allow_pickle=False) as z:
             header: Header = json.loads(str(z["header"]))
             if header.pop("pt_sha256") == digest:
-                return header, {k.removeprefix("state/"): z[k] for k in z.files
-                                if k.startswith("state/")}, digest
+                return (
+                    header,
+                    {k.removeprefix("state/"): z[k] for k in z.files if k.startswith("state/")},
+                    digest,
+                )
     import torch
 
     blob = torch.load(pt, weights_only=True)

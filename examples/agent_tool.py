@@ -31,20 +31,27 @@ class ScriptedModel(GenericFakeChatModel):
 
 
 def tool_call(name: str, args: dict[str, Any], n: int) -> AIMessage:
-    return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": f"call-{n}",
-                                              "type": "tool_call"}])
+    return AIMessage(
+        content="",
+        tool_calls=[{"name": name, "args": args, "id": f"call-{n}", "type": "tool_call"}],
+    )
 
 
 def main(state_dir: str) -> None:
     orch = Orchestrator(state_dir)
     try:
         tools = gpu_tools(orch)
-        script = iter([
-            tool_call("request_gpus", {"project": "vision", "count": 2, "hours": 4,
-                                       "gpu_type": "A100"}, 1),
-            tool_call("gpu_status", {}, 2),
-            AIMessage(content="Got 2 A100s; releasing them now that the test run is done."),
-        ])
+        script = iter(
+            [
+                tool_call(
+                    "request_gpus",
+                    {"project": "vision", "count": 2, "hours": 4, "gpu_type": "A100"},
+                    1,
+                ),
+                tool_call("gpu_status", {}, 2),
+                AIMessage(content="Got 2 A100s; releasing them now that the test run is done."),
+            ]
+        )
         agent = create_agent(ScriptedModel(messages=script), tools)
         result = agent.invoke({"messages": [("user", "I need 2 A100s for 4 hours for vision")]})
         for message in result["messages"]:
@@ -52,11 +59,18 @@ def main(state_dir: str) -> None:
                 print(f"{message.name} -> {json.dumps(json.loads(message.content))[:200]}")
             elif isinstance(message, AIMessage) and message.content:
                 print(f"agent: {message.content}")
-        placed = json.loads(next(m.content for m in result["messages"]
-                                 if isinstance(m, ToolMessage) and m.name == "request_gpus"))
+        placed = json.loads(
+            next(
+                m.content
+                for m in result["messages"]
+                if isinstance(m, ToolMessage) and m.name == "request_gpus"
+            )
+        )
         released = tools[1].invoke({"allocation_id": placed["allocation_id"]})
-        print(f"release_gpus -> {released['reason']} after {released['hours'] * 3600:.2f} s, "
-              f"${released['cost_usd']:.4f}")
+        print(
+            f"release_gpus -> {released['reason']} after {released['hours'] * 3600:.2f} s, "
+            f"${released['cost_usd']:.4f}"
+        )
         for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
             monitor.join()
     finally:

@@ -24,17 +24,24 @@ def train(gpu_ids: list[str]) -> None:
 async def main(state_dir: str) -> None:
     orchestrator = Orchestrator(state_dir, project="vision")
     try:
-        allocation = await orchestrator.allocate_gpu(GPURequest(
-            type="A100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0))
-        print(f"allocated {allocation.id} on {allocation.allocation.node} "
-              f"until {allocation.allocation.lease_end:%H:%M} UTC")
+        allocation = await orchestrator.allocate_gpu(
+            GPURequest(
+                type="A100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0
+            )
+        )
+        print(
+            f"allocated {allocation.id} on {allocation.allocation.node} "
+            f"until {allocation.allocation.lease_end:%H:%M} UTC"
+        )
         async with allocation:
             train(gpu_ids=allocation.gpu_ids)
             await asyncio.sleep(2)
         # released, charged and recorded here, also when the block raises
         [record] = orchestrator.history()
-        print(f"released ({record.reason.value}) after {record.hours * 3600:.1f} s, "
-              f"charged ${record.cost_usd:.4f}")
+        print(
+            f"released ({record.reason.value}) after {record.hours * 3600:.1f} s, "
+            f"charged ${record.cost_usd:.4f}"
+        )
         for cost in orchestrator.costs():
             print(f"{cost.project}: spent ${cost.spent_usd:.4f}")
     finally:

@@ -46,14 +46,17 @@ class Identity:
 
     def check_project(self, project: str, what: str) -> None:
         if not self.may_act_on(project):
-            raise Forbidden(f"{self.name} ({self.role} of {self.project}) may not {what} "
-                            f"of project {project}")
+            raise Forbidden(
+                f"{self.name} ({self.role} of {self.project}) may not {what} of project {project}"
+            )
 
     def check_decide(self, project: str) -> None:
         self.check_project(project, "decide reviews")
         if self.role == "member":
-            raise Forbidden(f"{self.name} is a member of {project}, not an approver: only an "
-                            "approver or an admin decides reviews")
+            raise Forbidden(
+                f"{self.name} is a member of {project}, not an approver: only an "
+                "approver or an admin decides reviews"
+            )
 
     def check_admin(self, what: str) -> None:
         if not self.admin:
@@ -74,10 +77,13 @@ def _load(path: Path) -> list[dict[str, str]]:
         raise StateDirError(f"{path} is unreadable ({exc}); fix it or move it aside") from None
     entries = data.get("identity", [])
     if not isinstance(entries, list) or not all(
-            isinstance(e, dict) and {"name", "role", "token_sha256"} <= set(e)
-            and e["role"] in ROLES for e in entries):
-        raise StateDirError(f"{path}: each [[identity]] needs name, role ({', '.join(ROLES)}), "
-                            "token_sha256 and, unless an admin, project")
+        isinstance(e, dict) and {"name", "role", "token_sha256"} <= set(e) and e["role"] in ROLES
+        for e in entries
+    ):
+        raise StateDirError(
+            f"{path}: each [[identity]] needs name, role ({', '.join(ROLES)}), "
+            "token_sha256 and, unless an admin, project"
+        )
     return cast(list[dict[str, str]], entries)
 
 
@@ -134,8 +140,10 @@ def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> 
     """Add an identity; its new token (shown once, stored only as a hash)."""
     names.check("identity", name)
     if name == LOCAL.name:
-        raise InvalidInput(f"identity name {LOCAL.name!r} is reserved (the user of a state "
-                           "directory without tokens)")
+        raise InvalidInput(
+            f"identity name {LOCAL.name!r} is reserved (the user of a state "
+            "directory without tokens)"
+        )
     role = role_of(role)
     if role != "admin" and not project:
         raise InvalidInput(f"a {role} belongs to a project: pass --project")

@@ -18,9 +18,7 @@ class FleetBackend(Protocol):
         """Every GPU the fleet has, allocated or not."""
         ...
 
-    def sample(
-        self, gpu_ids: list[str], now: float, holders: Mapping[str, str]
-    ) -> list[GPUSample]:
+    def sample(self, gpu_ids: list[str], now: float, holders: Mapping[str, str]) -> list[GPUSample]:
         """One reading per GPU. `holders` maps allocated GPUs to their project."""
         ...
 
@@ -51,8 +49,7 @@ class Reserving(Protocol):
         """Reserve the GPUs the ledger placed; None, or why the backend could not."""
         ...
 
-    def free(self, allocation_id: str) -> None:
-        ...
+    def free(self, allocation_id: str) -> None: ...
 
     def reservations(self) -> Mapping[str, Any]:
         """The allocations the backend holds reservations for, by id."""

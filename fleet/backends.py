@@ -36,8 +36,9 @@ class BackendChoice:
         if self.name not in BACKENDS:
             raise InvalidInput(f"unknown backend {self.name!r} (use {', '.join(BACKENDS)})")
         if self.name == "replay" and not self.replay:
-            raise InvalidInput("the replay backend needs a recording (--replay FILE or env "
-                               "GPU_AGENT_REPLAY)")
+            raise InvalidInput(
+                "the replay backend needs a recording (--replay FILE or env GPU_AGENT_REPLAY)"
+            )
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,9 @@ def resolve(choice: BackendChoice) -> Resolved:
     return Resolved("nvml", f"backend auto: nvml ({len(session.handles)} GPU(s))", session)
 
 
-def make_backend(resolved: Resolved, choice: BackendChoice, config: FleetConfig, *,
-                 clock: Clock, state_dir: Path) -> FleetBackend:
+def make_backend(
+    resolved: Resolved, choice: BackendChoice, config: FleetConfig, *, clock: Clock, state_dir: Path
+) -> FleetBackend:
     if resolved.name == "simulated":
         from fleet.simulated import SimulatedFleet
 
@@ -83,10 +85,20 @@ def make_backend(resolved: Resolved, choice: BackendChoice, config: FleetConfig,
 
         assert choice.replay is not None
         lib = FakeNvml(Recording.load(choice.replay), clock.now)
-        return NvmlBackend(config, NvmlSession(lib), name="replay", host="replay",
-                           state_dir=state_dir, allow_power_cap=choice.allow_power_cap)
-    return NvmlBackend(config, resolved.session or NvmlSession(), state_dir=state_dir,
-                       allow_power_cap=choice.allow_power_cap)
+        return NvmlBackend(
+            config,
+            NvmlSession(lib),
+            name="replay",
+            host="replay",
+            state_dir=state_dir,
+            allow_power_cap=choice.allow_power_cap,
+        )
+    return NvmlBackend(
+        config,
+        resolved.session or NvmlSession(),
+        state_dir=state_dir,
+        allow_power_cap=choice.allow_power_cap,
+    )
 
 
 def placeable_fleet(config: FleetConfig, backend: FleetBackend) -> FleetConfig:

@@ -63,8 +63,9 @@ class Active:
 
     def expected_usd(self, factor: float) -> float:
         """Its share `factor` of the lease, never past its deadline."""
-        return self.rate_usd_per_s * min(factor * (self.lease_end - self.started_at),
-                                         self.deadline - self.started_at)
+        return self.rate_usd_per_s * min(
+            factor * (self.lease_end - self.started_at), self.deadline - self.started_at
+        )
 
     def charged(self) -> Running:
         """As it is charged at the latest: until its deadline."""
@@ -94,10 +95,14 @@ def describe_moves(moves: list[Moved]) -> str:
     """What a budget change did to running allocations, in words ('' if nothing)."""
     earlier = sum(m.earlier for m in moves)
     later = len(moves) - earlier
-    parts = [f"{n} running allocation{'s' if n != 1 else ''} now end{'s' if n == 1 else ''} "
-             f"{when}" for n, when in ((earlier, "earlier (the budget runs out before their "
-                                        "lease)"), (later, "later (back towards their lease)"))
-             if n]
+    parts = [
+        f"{n} running allocation{'s' if n != 1 else ''} now end{'s' if n == 1 else ''} {when}"
+        for n, when in (
+            (earlier, "earlier (the budget runs out before their lease)"),
+            (later, "later (back towards their lease)"),
+        )
+        if n
+    ]
     return "; ".join(parts)
 
 
@@ -122,8 +127,9 @@ def committed(active: list[Active], factor: float) -> float:
     return sum(a.expected_usd(factor) for a in active)
 
 
-def admissible_usd(budget_usd: float, spent_usd: float, committed_usd: float,
-                   factor: float) -> float:
+def admissible_usd(
+    budget_usd: float, spent_usd: float, committed_usd: float, factor: float
+) -> float:
     """The largest worst case a new request may have: factor x it must fit in what the spend
     and the expected cost of the active allocations (`committed_usd`) leave of the budget."""
     return (budget_usd - spent_usd - committed_usd) / factor
@@ -134,8 +140,9 @@ def admits(worst_usd: float, admissible: float | None) -> bool:
     return admissible is None or worst_usd <= admissible + EPS
 
 
-def admitted_hours(hours: float, usd_per_hour: float, admissible: float | None,
-                   min_share: float) -> float | None:
+def admitted_hours(
+    hours: float, usd_per_hour: float, admissible: float | None, min_share: float
+) -> float | None:
     """The lease the budget admits for one asking `hours` at `usd_per_hour`: all of it when
     its worst case fits `admissible`; else the hours `admissible` buys, when that is at least
     `min_share` of the lease (leases are padded, about twofold on Philly, so a shorter one
@@ -195,5 +202,7 @@ def cut_deadlines(items: list[Running], remaining_usd: float, now: float) -> dic
     The caller guarantees accrued(now) <= remaining.
     """
     cut = reaches_at(items, remaining_usd, now)
-    return {r.id: r.ends_at if cut == math.inf else min(r.ends_at, max(cut, r.started_at))
-            for r in items}
+    return {
+        r.id: r.ends_at if cut == math.inf else min(r.ends_at, max(cut, r.started_at))
+        for r in items
+    }

@@ -30,13 +30,16 @@ class Commands:
             "INSERT INTO commands (allocation_id, owner, started_at) VALUES (?, ?, ?) "
             "ON CONFLICT (allocation_id) DO UPDATE SET owner=excluded.owner, "
             "started_at=excluded.started_at, ended_at=NULL, exit_code=NULL",
-            (allocation_id, owner, at))
+            (allocation_id, owner, at),
+        )
 
     def ended(self, allocation_id: str, at: float, exit_code: int | None) -> None:
         """The command exited by itself: the allocation's work is done."""
-        self._write("UPDATE commands SET ended_at=?, exit_code=? WHERE allocation_id=? "
-                    "AND ended_at IS NULL", (at, exit_code, allocation_id))
-
+        self._write(
+            "UPDATE commands SET ended_at=?, exit_code=? WHERE allocation_id=? "
+            "AND ended_at IS NULL",
+            (at, exit_code, allocation_id),
+        )
 
 
 def work(lease: Lease) -> Work:

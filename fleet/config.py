@@ -60,7 +60,8 @@ class MonitorSettings(_Strict):
     # commands, as SkyPilot's autostop waits 5) (fleet.monitoring.idle_limit_s).
     idle_timeout_done_minutes: float = Field(default=0, ge=0)
     idle_timeout_by_purpose: dict[Purpose, Annotated[float, Field(gt=0)]] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
     pause_factor: float = Field(default=1.5, ge=1)
     throttle_temp_c: float = Field(default=85, gt=0)
     sample_window: int = Field(default=10, ge=1, le=1000)
@@ -72,8 +73,10 @@ class MonitorSettings(_Strict):
     @model_validator(mode="after")
     def _stale_after_beats(self) -> MonitorSettings:
         if self.heartbeat_stale_seconds < 2 * self.heartbeat_seconds:
-            raise ValueError("heartbeat_stale_seconds must be at least twice heartbeat_seconds "
-                             "(one late beat must not look like a dead monitor)")
+            raise ValueError(
+                "heartbeat_stale_seconds must be at least twice heartbeat_seconds "
+                "(one late beat must not look like a dead monitor)"
+            )
         return self
 
 
@@ -90,8 +93,7 @@ class SchedulerSettings(_Strict):
 # Each policy's (deny at or below, approve at or above) on its own probability. The neural
 # council's is wider: calibration makes its probability sharp, and the errors it still makes
 # sit in (0.25, 0.75), where a human then decides (council/weights/MODEL_CARD.md).
-POLICY_BANDS: dict[str, tuple[float, float]] = {"neural": (0.25, 0.75),
-                                                "reference": (0.4, 0.6)}
+POLICY_BANDS: dict[str, tuple[float, float]] = {"neural": (0.25, 0.75), "reference": (0.4, 0.6)}
 
 
 class CouncilSettings(_Strict):
@@ -112,8 +114,7 @@ class CouncilSettings(_Strict):
     def _ordered(self) -> CouncilSettings:
         deny, approve = self.band()
         if deny >= approve:
-            raise ValueError(f"deny_threshold ({deny}) must be below approve_threshold "
-                             f"({approve})")
+            raise ValueError(f"deny_threshold ({deny}) must be below approve_threshold ({approve})")
         return self
 
     def band(self, policy: str | None = None) -> tuple[float, float]:
@@ -187,9 +188,11 @@ class FleetConfig(_Strict):
         shipped = shipped_catalog()
         unknown = [v for v in value if not isinstance(v, str) or v not in shipped]
         if unknown:
-            raise ValueError(f"catalog names {unknown[0]!r}, not a type of the shipped "
-                             f"catalog ({', '.join(shipped)}); give a [catalog.NAME] table "
-                             "for a type of your own")
+            raise ValueError(
+                f"catalog names {unknown[0]!r}, not a type of the shipped "
+                f"catalog ({', '.join(shipped)}); give a [catalog.NAME] table "
+                "for a type of your own"
+            )
         if len(set(value)) != len(value):
             raise ValueError("catalog names a type twice")
         return {name: shipped[name] for name in value}

@@ -35,8 +35,10 @@ class Job:
     finished_at: float | None
 
 
-COLUMNS = ("thread_id, request, state, submitted_at, worker, claimed_at, lease_until, attempts, "
-           "outcome, error, finished_at")
+COLUMNS = (
+    "thread_id, request, state, submitted_at, worker, claimed_at, lease_until, attempts, "
+    "outcome, error, finished_at"
+)
 
 
 def _job(r: tuple[object, ...]) -> Job:
@@ -54,9 +56,11 @@ class JobQueue:
         with self.ledger.queue_transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE thread_id=?", (thread_id,)).fetchone():
                 raise InvalidInput(f"thread {thread_id!r} was already submitted")
-            db.execute("INSERT INTO jobs (thread_id, request, state, submitted_at) "
-                       "VALUES (?, ?, 'pending', ?)",
-                       (thread_id, request.model_dump_json(), time.time() if now is None else now))
+            db.execute(
+                "INSERT INTO jobs (thread_id, request, state, submitted_at) "
+                "VALUES (?, ?, 'pending', ?)",
+                (thread_id, request.model_dump_json(), time.time() if now is None else now),
+            )
         return self.get(thread_id)
 
     def claim(self, worker: str, lease_seconds: float, now: float | None = None) -> Job | None:
@@ -66,39 +70,57 @@ class JobQueue:
             row = db.execute(
                 "SELECT thread_id FROM jobs WHERE state='pending' OR (state='running' AND "
                 "lease_until<?) ORDER BY submitted_at, thread_id LIMIT 1"
-                + self.ledger.db.skip_locked, (now,)).fetchone()
+                + self.ledger.db.skip_locked,
+                (now,),
+            ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state='running', worker=?, claimed_at=?, lease_until=?, "
-                       "attempts=attempts+1 WHERE thread_id=?",
-                       (worker, now, now + lease_seconds, row[0]))
+            db.execute(
+                "UPDATE jobs SET state='running', worker=?, claimed_at=?, lease_until=?, "
+                "attempts=attempts+1 WHERE thread_id=?",
+                (worker, now, now + lease_seconds, row[0]),
+            )
         return self.get(row[0])
 
     def renew(self, worker: str, lease_seconds: float, now: float | None = None) -> int:
         """Extend every lease this worker holds; how many it still holds."""
         now = time.time() if now is None else now
         with self.ledger.queue_transaction() as db:
-            return int(db.execute("UPDATE jobs SET lease_until=? WHERE worker=? AND "
-                                  "state='running'", (now + lease_seconds, worker)).rowcount)
+            return int(
+                db.execute(
+                    "UPDATE jobs SET lease_until=? WHERE worker=? AND state='running'",
+                    (now + lease_seconds, worker),
+                ).rowcount
+            )
 
-    def finish(self, thread_id: str, worker: str, outcome: str, error: str | None = None,
-               now: float | None = None) -> bool:
+    def finish(
+        self,
+        thread_id: str,
+        worker: str,
+        outcome: str,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> bool:
         """The job ended; False when another worker had taken it over (its result counts)."""
         now = time.time() if now is None else now
         with self.ledger.queue_transaction() as db:
-            return bool(db.execute(
-                "UPDATE jobs SET state='done', outcome=?, error=?, finished_at=?, "
-                "lease_until=NULL WHERE thread_id=? AND worker=? AND state='running'",
-                (outcome, error, now, thread_id, worker)).rowcount)
+            return bool(
+                db.execute(
+                    "UPDATE jobs SET state='done', outcome=?, error=?, finished_at=?, "
+                    "lease_until=NULL WHERE thread_id=? AND worker=? AND state='running'",
+                    (outcome, error, now, thread_id, worker),
+                ).rowcount
+            )
 
-    def hand_back(self, worker: str, thread_id: str | None = None, *,
-                  retry: bool = False) -> int:
+    def hand_back(self, worker: str, thread_id: str | None = None, *, retry: bool = False) -> int:
         """Give jobs back to the queue (a worker stopping, or a job to retry), at once.
         `retry`: the claim was not an attempt (the thread's old monitor still beat), so it
         does not count towards the job's attempts."""
         spent = "attempts-1" if retry else "attempts"
-        sql = (f"UPDATE jobs SET state='pending', worker=NULL, lease_until=NULL, "
-               f"attempts={spent} WHERE worker=? AND state='running'")
+        sql = (
+            f"UPDATE jobs SET state='pending', worker=NULL, lease_until=NULL, "
+            f"attempts={spent} WHERE worker=? AND state='running'"
+        )
         args: tuple[str, ...] = (worker,)
         if thread_id is not None:
             sql += " AND thread_id=?"
@@ -118,16 +140,21 @@ class JobQueue:
         if state is not None:
             sql += " WHERE state=?"
             args = (state,)
-        return [_job(r) for r in self.ledger.query(sql + " ORDER BY submitted_at, thread_id",
-                                                   args)]
+        return [_job(r) for r in self.ledger.query(sql + " ORDER BY submitted_at, thread_id", args)]
 
     def open_threads(self) -> set[str]:
         """The threads of jobs not done (pending, or running on some worker)."""
-        return {str(r[0]) for r in self.ledger.query(
-            "SELECT thread_id FROM jobs WHERE state IN ('pending', 'running')")}
+        return {
+            str(r[0])
+            for r in self.ledger.query(
+                "SELECT thread_id FROM jobs WHERE state IN ('pending', 'running')"
+            )
+        }
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
-        counts |= {r[0]: int(r[1]) for r in self.ledger.query(
-            "SELECT state, count(*) FROM jobs GROUP BY state")}
+        counts |= {
+            r[0]: int(r[1])
+            for r in self.ledger.query("SELECT state, count(*) FROM jobs GROUP BY state")
+        }
         return counts

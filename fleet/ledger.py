@@ -214,9 +214,10 @@ CREATE TABLE IF NOT EXISTS commands (
     exit_code INTEGER
 );
 """
-V4_COLUMNS = {"allocations": ["idle_since REAL", "resumes TEXT"],
-              "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT",
-                          "pause_s REAL"]}
+V4_COLUMNS = {
+    "allocations": ["idle_since REAL", "resumes TEXT"],
+    "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT", "pause_s REAL"],
+}
 # a resumed allocation looks up what its resumer had learned (Ledger.resume); the running
 # allocations' usage and expected cost are summed from an index alone (Ledger._active,
 # EXPECTED, UNCUT, COMMITTED), without reading their rows
@@ -225,8 +226,23 @@ CREATE INDEX IF NOT EXISTS history_by_resumer ON history (resumed_by);
 CREATE INDEX IF NOT EXISTS allocations_running ON allocations (state, project, count,
     started_at, price_per_hour, lease_end, deadline);
 """
-TABLES = ("meta", "allocations", "holds", "charges", "spend", "history", "budgets", "records",
-          "usage", "unhealthy", "freed", "jobs", "audit", "monitors", "commands")
+TABLES = (
+    "meta",
+    "allocations",
+    "holds",
+    "charges",
+    "spend",
+    "history",
+    "budgets",
+    "records",
+    "usage",
+    "unhealthy",
+    "freed",
+    "jobs",
+    "audit",
+    "monitors",
+    "commands",
+)
 
 
 def allocation_id(thread_id: str, request_id: str) -> str:
@@ -340,8 +356,10 @@ class AuditEntry:
     detail: str
 
 
-AUDIT = ("INSERT INTO audit (key, at, who, action, project, target, detail) "
-         "VALUES (?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING")
+AUDIT = (
+    "INSERT INTO audit (key, at, who, action, project, target, detail) "
+    "VALUES (?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"
+)
 
 
 @dataclass(frozen=True)
@@ -361,19 +379,30 @@ class ProjectCost:
 
 
 # budget.worst_case of a project's (:p) active allocations, summed by the database
-COMMITTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (deadline - started_at)), 0)"
-             " FROM allocations WHERE state='active' AND project=:p")
+COMMITTED = (
+    "SELECT coalesce(sum(price_per_hour * count / 3600.0 * (deadline - started_at)), 0)"
+    " FROM allocations WHERE state='active' AND project=:p"
+)
 # budget.Active.expected_usd summed by the database (the CASE is a min that both dialects read)
-EXPECTED = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * CASE WHEN "
-            ":q * (lease_end - started_at) < deadline - started_at THEN "
-            ":q * (lease_end - started_at) ELSE deadline - started_at END), 0) "
-            "FROM allocations WHERE state='active' AND project=:p")
+EXPECTED = (
+    "SELECT coalesce(sum(price_per_hour * count / 3600.0 * CASE WHEN "
+    ":q * (lease_end - started_at) < deadline - started_at THEN "
+    ":q * (lease_end - started_at) ELSE deadline - started_at END), 0) "
+    "FROM allocations WHERE state='active' AND project=:p"
+)
 # what cut_deadlines needs to know to leave every deadline at its lease end
-UNCUT = ("SELECT coalesce(sum(price_per_hour * count / 3600.0 * (lease_end - started_at)), 0)"
-         " AS worst, coalesce(sum(CASE WHEN deadline <> lease_end THEN 1 ELSE 0 END), 0) AS cut"
-         " FROM allocations WHERE state='active' AND project=:p")
-RECORD_SUMS = ("gpu_hours", "idle_gpu_hours", "budget_gpu_hours", "rated_gpu_hours",
-               "util_gpu_hours")
+UNCUT = (
+    "SELECT coalesce(sum(price_per_hour * count / 3600.0 * (lease_end - started_at)), 0)"
+    " AS worst, coalesce(sum(CASE WHEN deadline <> lease_end THEN 1 ELSE 0 END), 0) AS cut"
+    " FROM allocations WHERE state='active' AND project=:p"
+)
+RECORD_SUMS = (
+    "gpu_hours",
+    "idle_gpu_hours",
+    "budget_gpu_hours",
+    "rated_gpu_hours",
+    "util_gpu_hours",
+)
 
 
 T = TypeVar("T")
@@ -386,8 +415,17 @@ TICKET = "id, project, gpu_type, count, priority, enqueued_at, heartbeat_at, hou
 def _ticket(r: Any) -> Ticket:
     """A queued allocation as placement sees it, from a row that starts with TICKET."""
     aid, project, gpu_type, count, priority, enqueued, beat, hours, resumes = tuple(r)[:9]
-    return Ticket(aid, project, gpu_type, count, PRIORITIES[priority], enqueued, beat, hours,
-                  resumes is not None)
+    return Ticket(
+        aid,
+        project,
+        gpu_type,
+        count,
+        PRIORITIES[priority],
+        enqueued,
+        beat,
+        hours,
+        resumes is not None,
+    )
 
 
 @dataclass(frozen=True)
@@ -420,16 +458,18 @@ class _Runs:
         self.changes[gpu_type] += 1
 
 
-RUNNING = "project, gpu_type, gpu_ids, id, price_per_hour, count, started_at, lease_end, " \
-    "deadline"
+RUNNING = "project, gpu_type, gpu_ids, id, price_per_hour, count, started_at, lease_end, deadline"
 
 
 def _run_of(r: Any) -> _Running:
     """An active allocation from a row that starts with RUNNING."""
-    project, gpu_type, gpu_ids, aid, price, count, started, lease_end, deadline = \
-        tuple(r)[:9]
-    return _Running(project, gpu_type, gpu_ids,
-                    Active(aid, price * count / 3600.0, started, lease_end, deadline))
+    project, gpu_type, gpu_ids, aid, price, count, started, lease_end, deadline = tuple(r)[:9]
+    return _Running(
+        project,
+        gpu_type,
+        gpu_ids,
+        Active(aid, price * count / 3600.0, started, lease_end, deadline),
+    )
 
 
 def _row(r: Any) -> LedgerRow:
@@ -455,8 +495,9 @@ class Ledger:
         self._types: tuple[list[GPUInfo], dict[str, list[GPUInfo]]] | None = None
         # per type, for the inventory list it was built from: its GPUs, and how many of them
         # each active allocation holds (see _endings)
-        self._usable_of: tuple[list[GPUInfo],
-                               dict[str, tuple[set[str], dict[str, int]]]] | None = None
+        self._usable_of: tuple[list[GPUInfo], dict[str, tuple[set[str], dict[str, int]]]] | None = (
+            None
+        )
         # GPU type -> held GPU uuids, valid while no other connection has committed
         # (SQLite's data_version); this connection's own changes update it as they are made.
         self._held: dict[str, set[str]] = {}
@@ -467,8 +508,7 @@ class Ledger:
         self._window: list[tuple[float, str, float]] | None = None  # see _newest
         self._free_of: dict[str, tuple[list[GPUInfo], set[str], list[GPUInfo]]] = {}
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
-        self._remaining: dict[tuple[str, bool],
-                              tuple[tuple[int | None, int], float | None]] = {}
+        self._remaining: dict[tuple[str, bool], tuple[tuple[int | None, int], float | None]] = {}
         # allocations this connection moved to history, in all and per project (where it
         # also counts a history it corrected, see resume)
         self._finished = 0
@@ -514,8 +554,10 @@ class Ledger:
                         "move it aside or choose another --state-dir or --database"
                     )
                 self._create(db, SCHEMA + V2 + V3 + V4 + V5)
-                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                           (str(SCHEMA_VERSION),))
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
                 return
             if version < 2:
                 self._upgrade_v1(db)
@@ -527,29 +569,39 @@ class Ledger:
                 for table, columns in V4_COLUMNS.items():
                     for column in columns:
                         if column.split()[0] not in self.db.columns(db, table):
-                            db.execute(self.db.schema(
-                                f"ALTER TABLE {table} ADD COLUMN {column}"))
+                            db.execute(self.db.schema(f"ALTER TABLE {table} ADD COLUMN {column}"))
                 self._recount_hoarding(db)
             if version < 5:
                 self._create(db, V5)
             if version < SCHEMA_VERSION:
-                db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
-                           (str(SCHEMA_VERSION),))
+                db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
 
     def _recount_hoarding(self, db: Conn) -> None:
         """Before version 4 an idle release counted its whole allocation as hoarding; what is
         known of such a release now is that every GPU sat idle for the idle timeout before
         it: that much counts, and the records' sums are rebuilt from history."""
         timeout = self.config.monitor.idle_timeout_minutes / 60.0
-        db.execute("UPDATE history SET hoarded_hours = CASE WHEN hours < ? THEN hours ELSE ? "
-                   "END WHERE reason = ?", (timeout, timeout, ReleaseReason.IDLE.value))
+        db.execute(
+            "UPDATE history SET hoarded_hours = CASE WHEN hours < ? THEN hours ELSE ? "
+            "END WHERE reason = ?",
+            (timeout, timeout, ReleaseReason.IDLE.value),
+        )
         db.execute("DELETE FROM records")
-        for r in db.execute("SELECT project, count, hours, hoarded_hours, ended_at, reason, "
-                            "mean_util_pct FROM history ORDER BY ended_at, allocation_id"
-                            ).fetchall():
-            self._record(db, r["project"], r["count"] * r["hours"],
-                         r["count"] * r["hoarded_hours"], r["ended_at"], r["reason"],
-                         r["mean_util_pct"])
+        for r in db.execute(
+            "SELECT project, count, hours, hoarded_hours, ended_at, reason, "
+            "mean_util_pct FROM history ORDER BY ended_at, allocation_id"
+        ).fetchall():
+            self._record(
+                db,
+                r["project"],
+                r["count"] * r["hours"],
+                r["count"] * r["hoarded_hours"],
+                r["ended_at"],
+                r["reason"],
+                r["mean_util_pct"],
+            )
 
     def _create(self, db: Conn, schema: str) -> None:
         for statement in self.db.schema(schema).split(";"):
@@ -567,13 +619,18 @@ class Ledger:
 
         def table(name: str, following: str | None) -> str:
             start = SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {name}")
-            return SCHEMA[start:SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {following}")
-                          if following else None].rstrip("; \n")
+            return SCHEMA[
+                start : SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {following}")
+                if following
+                else None
+            ].rstrip("; \n")
 
         if "spend" not in tables:
             self._create(db, table("spend", "history"))
-            db.execute("INSERT INTO spend (project, usd) SELECT project, sum(amount_usd) "
-                       "FROM charges GROUP BY project")
+            db.execute(
+                "INSERT INTO spend (project, usd) SELECT project, sum(amount_usd) "
+                "FROM charges GROUP BY project"
+            )
         if "records" not in tables:  # filled from history by _recount_hoarding
             self._create(db, table("records", "usage"))
         if "unhealthy" not in tables:
@@ -636,11 +693,24 @@ class Ledger:
                 reason = existing.release_reason.value if existing.release_reason else "released"
                 return PlaceResult(Decision(Kind.GONE, f"already ended ({reason})"), existing)
             enqueued_at = existing.enqueued_at if existing else now
-            me = Ticket(aid, request.project, route.gpu_type, request.count,
-                        request.priority, enqueued_at, now, route.est_hours,
-                        request.resumes is not None)
-            decision = decide(me, route.est_cost_usd, self._snapshot(db, me, now, inventory),
-                              self.config, topology)
+            me = Ticket(
+                aid,
+                request.project,
+                route.gpu_type,
+                request.count,
+                request.priority,
+                enqueued_at,
+                now,
+                route.est_hours,
+                request.resumes is not None,
+            )
+            decision = decide(
+                me,
+                route.est_cost_usd,
+                self._snapshot(db, me, now, inventory),
+                self.config,
+                topology,
+            )
             if existing is None:
                 if decision.kind is Kind.DENY:
                     return PlaceResult(decision, None)
@@ -651,17 +721,31 @@ class Ledger:
                     "priority, gpu_type, count, price_per_hour, hours, state, enqueued_at, "
                     "heartbeat_at, request, resumes) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?, 'queued', ?,?,?,?)",
-                    (aid, thread_id, request.request_id, request.project,
-                     request.purpose.value, request.priority.value, route.gpu_type,
-                     request.count, route.price_per_hour, route.est_hours, now, now,
-                     request.model_dump_json(), request.resumes),
+                    (
+                        aid,
+                        thread_id,
+                        request.request_id,
+                        request.project,
+                        request.purpose.value,
+                        request.priority.value,
+                        route.gpu_type,
+                        request.count,
+                        route.price_per_hour,
+                        route.est_hours,
+                        now,
+                        now,
+                        request.model_dump_json(),
+                        request.resumes,
+                    ),
                 )
             if decision.kind is Kind.PLACE:
                 # never before its GPUs were let go: a clock read before this transaction
                 # waited for the lock may be older than the release that freed them
                 marks = ",".join("?" * len(decision.gpus))
-                freed = db.execute(f"SELECT max(at) FROM freed WHERE gpu_uuid IN ({marks})",
-                                   [g.uuid for g in decision.gpus]).fetchone()[0]
+                freed = db.execute(
+                    f"SELECT max(at) FROM freed WHERE gpu_uuid IN ({marks})",
+                    [g.uuid for g in decision.gpus],
+                ).fetchone()[0]
                 now = max(now, freed) if freed is not None else now
                 hours = decision.hours or route.est_hours
                 lease_end = now + hours * 3600.0
@@ -679,14 +763,22 @@ class Ledger:
                     "UPDATE allocations SET state='active', started_at=?, lease_end=?, "
                     "deadline=?, deadline_reason=?, heartbeat_at=?, gpu_ids=?, nodes=?, "
                     "busy_at_start=?, hours=? WHERE id=?",
-                    (now, lease_end, lease_end, ReleaseReason.LEASE_EXPIRED.value, now,
-                     json.dumps([g.uuid for g in decision.gpus]), json.dumps(nodes), busy,
-                     hours, aid),
+                    (
+                        now,
+                        lease_end,
+                        lease_end,
+                        ReleaseReason.LEASE_EXPIRED.value,
+                        now,
+                        json.dumps([g.uuid for g in decision.gpus]),
+                        json.dumps(nodes),
+                        busy,
+                        hours,
+                        aid,
+                    ),
                 )
                 self._track(db, aid)
                 moved = self._fit_deadlines(db, request.project, now)
-                return PlaceResult(decision, self._get(db, aid),
-                                   [m for m in moved if m.id != aid])
+                return PlaceResult(decision, self._get(db, aid), [m for m in moved if m.id != aid])
             if decision.kind is Kind.QUEUE:
                 db.execute("UPDATE allocations SET heartbeat_at=? WHERE id=?", (now, aid))
                 self._track(db, aid)
@@ -694,20 +786,24 @@ class Ledger:
                 self._close(db, aid, ReleaseReason.CANCELLED, now, 0.0)
             return PlaceResult(decision, self._get(db, aid))
 
-    def _snapshot(
-        self, db: Conn, me: Ticket, now: float, inventory: list[GPUInfo]
-    ) -> Snapshot:
-        return self._line(db, me.gpu_type, me.project, now, inventory, me.allocation_id,
-                          me.count)
+    def _snapshot(self, db: Conn, me: Ticket, now: float, inventory: list[GPUInfo]) -> Snapshot:
+        return self._line(db, me.gpu_type, me.project, now, inventory, me.allocation_id, me.count)
 
-    def _line(self, db: Conn, gpu_type: str, project: str, now: float,
-              inventory: list[GPUInfo], leave_out: str = "", count: int = 0,
-              money: bool = True) -> Snapshot:
+    def _line(
+        self,
+        db: Conn,
+        gpu_type: str,
+        project: str,
+        now: float,
+        inventory: list[GPUInfo],
+        leave_out: str = "",
+        count: int = 0,
+        money: bool = True,
+    ) -> Snapshot:
         """The fleet as a request of `project` for `gpu_type` (`count` GPUs) sees it: free
         GPUs, the line (without `leave_out`), when held GPUs come back, usage and (unless
         `money` is False: who is in line only) the project's money."""
-        waiting = [t for t in self._queued(db, gpu_type).values()
-                   if t.allocation_id != leave_out]
+        waiting = [t for t in self._queued(db, gpu_type).values() if t.allocation_id != leave_out]
         free = self._free(db, gpu_type, inventory)
         # only a line that cannot all start now needs a reservation, hence the endings
         short = count + sum(t.count for t in waiting) > len(free)
@@ -734,19 +830,31 @@ class Ledger:
         deadlines), counting the GPUs placement may use again."""
         runs = self._running(db)
         fresh = self._usable_of is not None and self._usable_of[0] is inventory
-        if runs is not None and fresh and runs.endings.get(gpu_type, (-1, []))[0] == \
-                runs.changes[gpu_type]:  # no allocation of the type started, ended or moved
+        if (
+            runs is not None
+            and fresh
+            and runs.endings.get(gpu_type, (-1, []))[0] == runs.changes[gpu_type]
+        ):  # no allocation of the type started, ended or moved
             return runs.endings[gpu_type][1]
         if self._usable_of is None or self._usable_of[0] is not inventory:
             self._usable_of = (inventory, {})
         usable, known = self._usable_of[1].get(gpu_type) or (
-            {g.uuid for g in self._of_type(inventory, gpu_type)}, {})
+            {g.uuid for g in self._of_type(inventory, gpu_type)},
+            {},
+        )
         counts: dict[str, int] = {}  # the active ones only: the next call reuses them
         out = []
-        rows = db.execute("SELECT id, deadline, gpu_ids FROM allocations "
-                          "WHERE state='active' AND gpu_type=?", (gpu_type,)) \
-            if runs is None else ((r.active.id, r.active.deadline, r.gpu_ids)
-                                  for r in runs.of_type.get(gpu_type, {}).values())
+        rows = (
+            db.execute(
+                "SELECT id, deadline, gpu_ids FROM allocations WHERE state='active' AND gpu_type=?",
+                (gpu_type,),
+            )
+            if runs is None
+            else (
+                (r.active.id, r.active.deadline, r.gpu_ids)
+                for r in runs.of_type.get(gpu_type, {}).values()
+            )
+        )
         for aid, deadline, gpu_ids in rows:
             gpus = known.get(aid)
             if gpus is None:  # an allocation's GPUs never change: decoded once
@@ -766,17 +874,23 @@ class Ledger:
         with self.reading() as db:
             ids = []
             if self._queued(db, freed.gpu_type):
-                line = in_line(self._line(db, freed.gpu_type, freed.project, now, inventory,
-                                          money=False), self.config)
+                line = in_line(
+                    self._line(db, freed.gpu_type, freed.project, now, inventory, money=False),
+                    self.config,
+                )
                 ids = [t.allocation_id for t in line]
             if self.config.quotas.max_gpus(freed.project) is not None:
-                ids += [r["id"] for r in db.execute(
-                    "SELECT id FROM allocations WHERE state='queued' AND project=? "
-                    "AND gpu_type<>? ORDER BY enqueued_at, id", (freed.project, freed.gpu_type))]
+                ids += [
+                    r["id"]
+                    for r in db.execute(
+                        "SELECT id FROM allocations WHERE state='queued' AND project=? "
+                        "AND gpu_type<>? ORDER BY enqueued_at, id",
+                        (freed.project, freed.gpu_type),
+                    )
+                ]
         return ids
 
-    def _free(self, db: Conn, gpu_type: str,
-              inventory: list[GPUInfo]) -> list[GPUInfo]:
+    def _free(self, db: Conn, gpu_type: str, inventory: list[GPUInfo]) -> list[GPUInfo]:
         """The type's GPUs in `inventory` nobody holds, kept while the inventory list and the
         held set are the same objects (placement and release drop it when they change the
         set; callers do not change the list)."""
@@ -793,9 +907,14 @@ class Ledger:
         fresh = self._fresh(db)
         held = self._held.get(gpu_type)
         if held is None:
-            held = {r[0] for r in db.execute(
-                "SELECT h.gpu_uuid FROM holds h JOIN allocations a ON a.id = h.allocation_id "
-                "WHERE a.gpu_type=?", (gpu_type,))}
+            held = {
+                r[0]
+                for r in db.execute(
+                    "SELECT h.gpu_uuid FROM holds h JOIN allocations a ON a.id = h.allocation_id "
+                    "WHERE a.gpu_type=?",
+                    (gpu_type,),
+                )
+            }
             if fresh:
                 self._held[gpu_type] = held
         return held
@@ -819,9 +938,13 @@ class Ledger:
         fresh = self._fresh(db)
         queue = self._queues.get(gpu_type)
         if queue is None:
-            queue = {r[0]: _ticket(r) for r in db.execute(
-                f"SELECT {TICKET} FROM allocations WHERE state='queued' AND gpu_type=?",
-                (gpu_type,))}
+            queue = {
+                r[0]: _ticket(r)
+                for r in db.execute(
+                    f"SELECT {TICKET} FROM allocations WHERE state='queued' AND gpu_type=?",
+                    (gpu_type,),
+                )
+            }
             if fresh:
                 self._queues[gpu_type] = queue
         return queue
@@ -831,8 +954,9 @@ class Ledger:
         line an update keeps its place, a new request goes last, as in the table)."""
         if not self._queues and self._runs is None:
             return
-        r = db.execute(f"SELECT {TICKET}, state, {RUNNING} FROM allocations WHERE id=?",
-                       (aid,)).fetchone()
+        r = db.execute(
+            f"SELECT {TICKET}, state, {RUNNING} FROM allocations WHERE id=?", (aid,)
+        ).fetchone()
         if r is None:
             return
         queue = self._queues.get(r["gpu_type"])  # None: not kept, read whole when next asked
@@ -865,14 +989,16 @@ class Ledger:
             self._types = (inventory, by_type)
         return self._types[1].get(gpu_type, [])
 
-    def _active(self, db: Conn, now: float) -> tuple[dict[str, int],
-                                                                    dict[str, float]]:
+    def _active(self, db: Conn, now: float) -> tuple[dict[str, int], dict[str, float]]:
         """GPUs held per project, and decayed GPU-hours per project with the running
         allocations' hours so far added (what fair share reads)."""
         held: dict[str, int] = {}
         running: dict[str, float] = {}
-        for r in db.execute("SELECT project, sum(count) AS n, sum(count * (? - started_at)) AS s"
-                            " FROM allocations WHERE state='active' GROUP BY project", (now,)):
+        for r in db.execute(
+            "SELECT project, sum(count) AS n, sum(count * (? - started_at)) AS s"
+            " FROM allocations WHERE state='active' GROUP BY project",
+            (now,),
+        ):
             held[r["project"]] = int(r["n"])
             running[r["project"]] = float(r["s"]) / 3600.0
         half_life = self.config.scheduler.half_life_hours
@@ -900,8 +1026,9 @@ class Ledger:
             budget = self._budget(db, project)
             remaining = None
             if budget is not None:
-                expected, factor = self._expected(db, project) if running else \
-                    (0.0, self._factor(db, project))
+                expected, factor = (
+                    self._expected(db, project) if running else (0.0, self._factor(db, project))
+                )
                 remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
             if version is not None:
                 self._remaining[(project, running)] = (key, remaining)
@@ -912,9 +1039,13 @@ class Ledger:
         runs = self._running(db)
         if runs is not None:
             return [r.active for _, r in sorted(runs.of_project.get(project, {}).items())]
-        return [_run_of(r).active for r in db.execute(
-            f"SELECT {RUNNING} FROM allocations WHERE state='active' AND project=? ORDER BY id",
-            (project,))]
+        return [
+            _run_of(r).active
+            for r in db.execute(
+                f"SELECT {RUNNING} FROM allocations WHERE state='active' AND project=? ORDER BY id",
+                (project,),
+            )
+        ]
 
     def usage_factor(self, project: str) -> float:
         """The project's q (fleet.budget.usage_factor): the share of its leases it is
@@ -925,16 +1056,22 @@ class Ledger:
     def _factor(self, db: Conn, project: str) -> float:
         """Placement, routing and admission ask it of every request: the project's shares are
         kept until it finishes an allocation here, the fleet's until any does (_kept)."""
-        shares = self._kept(db, ("shares", project), self._finished_of[project],
-                            lambda: self._shares(db, project, RECORDS))
+        shares = self._kept(
+            db,
+            ("shares", project),
+            self._finished_of[project],
+            lambda: self._shares(db, project, RECORDS),
+        )
         return usage_factor(shares, self._fleet_share(db))
 
     def _fleet_share(self, db: Conn) -> float:
         """The prior of a project without a record: the mean used share of the fleet's newest
         FLEET_RECORDS finished allocations; a whole lease on a new fleet."""
+
         def share() -> float:
             newest = self._newest(db)
             return sum(s for *_, s in newest) / len(newest) if newest else 1.0
+
         return self._kept(db, ("fleet", ""), self._finished, share)
 
     def _newest(self, db: Conn) -> list[tuple[float, str, float]]:
@@ -943,17 +1080,23 @@ class Ledger:
         fresh = self._fresh(db)
         if self._window is not None:
             return self._window
-        window = [(-r["ended_at"], r["allocation_id"], used_share(
-            r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET))
-            for r in db.execute("SELECT ended_at, allocation_id, hours, requested_hours, "
-                                "reason FROM history ORDER BY ended_at DESC, allocation_id "
-                                f"LIMIT {FLEET_RECORDS}")]
+        window = [
+            (
+                -r["ended_at"],
+                r["allocation_id"],
+                used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET),
+            )
+            for r in db.execute(
+                "SELECT ended_at, allocation_id, hours, requested_hours, "
+                "reason FROM history ORDER BY ended_at DESC, allocation_id "
+                f"LIMIT {FLEET_RECORDS}"
+            )
+        ]
         if fresh:
             self._window = window
         return window
 
-    def _kept(self, db: Conn, key: tuple[str, str], generation: int,
-              compute: Callable[[], T]) -> T:
+    def _kept(self, db: Conn, key: tuple[str, str], generation: int, compute: Callable[[], T]) -> T:
         """`compute()`, kept under `key` while `generation` (a count of this connection's
         changes to what it reads) stays and no other connection commits (never on
         PostgreSQL, which has no data_version)."""
@@ -971,9 +1114,13 @@ class Ledger:
         first."""
         return [
             used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET)
-            for r in db.execute("SELECT hours, requested_hours, reason FROM history "
-                                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
-                                f"LIMIT {limit}", (project,))]
+            for r in db.execute(
+                "SELECT hours, requested_hours, reason FROM history "
+                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
+                f"LIMIT {limit}",
+                (project,),
+            )
+        ]
 
     def _expected(self, db: Conn, project: str) -> tuple[float, float]:
         """(the expected cost of the project's active allocations, its usage factor q)."""
@@ -993,13 +1140,27 @@ class Ledger:
             return []  # every lease fits whole and none is cut: cut_deadlines would agree
         active = self._actives(db, project)
         deadlines = cut_deadlines([a.running(now) for a in active], left, now)
-        moved = [Moved(a.id, a.deadline, deadlines[a.id]) for a in active
-                 if deadlines[a.id] != a.deadline]
+        moved = [
+            Moved(a.id, a.deadline, deadlines[a.id])
+            for a in active
+            if deadlines[a.id] != a.deadline
+        ]
         ends = {a.id: a.lease_end for a in active}
         db.executemany(
             "UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
-            [(m.after, (ReleaseReason.LEASE_EXPIRED if m.after >= ends[m.id]
-                        else ReleaseReason.BUDGET).value, m.id) for m in moved])
+            [
+                (
+                    m.after,
+                    (
+                        ReleaseReason.LEASE_EXPIRED
+                        if m.after >= ends[m.id]
+                        else ReleaseReason.BUDGET
+                    ).value,
+                    m.id,
+                )
+                for m in moved
+            ],
+        )
         for m in moved:
             self._track(db, m.id)
         return moved
@@ -1008,8 +1169,9 @@ class Ledger:
         """budget.worst_case of the project's active allocations, summed by the database."""
         return float(db.execute(COMMITTED, {"p": project}).fetchone()[0])
 
-    def starts_in_hours(self, types: Iterable[str], count: int, now: float,
-                        inventory: list[GPUInfo]) -> dict[str, float]:
+    def starts_in_hours(
+        self, types: Iterable[str], count: int, now: float, inventory: list[GPUInfo]
+    ) -> dict[str, float]:
         """Per type, at the latest how long until a new request for `count` GPUs could
         start (0: now): when running allocations have let enough GPUs go by their deadlines.
         Infinite (unknown) while others wait for the type: the fair queue orders them and
@@ -1018,8 +1180,9 @@ class Ledger:
         with self.reading() as db:
             return {t: self._starts_in(db, t, count, now, inventory) for t in types}
 
-    def _starts_in(self, db: Conn, gpu_type: str, count: int, now: float,
-                   inventory: list[GPUInfo]) -> float:
+    def _starts_in(
+        self, db: Conn, gpu_type: str, count: int, now: float, inventory: list[GPUInfo]
+    ) -> float:
         free = len(self._free(db, gpu_type, inventory))
         queued = sum(t.count for t in self._queued(db, gpu_type).values())
         if free - queued >= count:
@@ -1031,9 +1194,13 @@ class Ledger:
 
     def held_by_type(self) -> dict[str, int]:
         """GPUs held now, per GPU type."""
-        return {r["gpu_type"]: int(r["n"]) for r in self.query(
-            "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='active' "
-            "GROUP BY gpu_type")}
+        return {
+            r["gpu_type"]: int(r["n"])
+            for r in self.query(
+                "SELECT gpu_type, sum(count) AS n FROM allocations WHERE state='active' "
+                "GROUP BY gpu_type"
+            )
+        }
 
     def _budget(self, db: Conn, project: str) -> float | None:
         row = db.execute("SELECT budget_usd FROM budgets WHERE project=?", (project,)).fetchone()
@@ -1046,8 +1213,16 @@ class Ledger:
 
     # ---- running allocations -------------------------------------------------------------
 
-    def heartbeat(self, aid: str, now: float, ticks: int, util_sum: float, util_n: int,
-                  util_last: float | None, idle_since: float | None = None) -> None:
+    def heartbeat(
+        self,
+        aid: str,
+        now: float,
+        ticks: int,
+        util_sum: float,
+        util_n: int,
+        util_last: float | None,
+        idle_since: float | None = None,
+    ) -> None:
         """A live monitor says it is still there, with its running utilisation totals after
         tick `ticks` (absolute, so a resumed monitor that re-runs a tick counts it once) and
         since when every GPU has been idle (None: not idle now)."""
@@ -1059,20 +1234,27 @@ class Ledger:
                 "util_last=CASE WHEN ticks<:t THEN :last ELSE util_last END, "
                 "idle_since=CASE WHEN ticks<:t THEN :idle ELSE idle_since END, "
                 "ticks=CASE WHEN ticks<:t THEN :t ELSE ticks END WHERE id=:id",
-                {"now": now, "t": ticks, "s": util_sum, "n": util_n, "last": util_last,
-                 "idle": idle_since, "id": aid})
+                {
+                    "now": now,
+                    "t": ticks,
+                    "s": util_sum,
+                    "n": util_n,
+                    "last": util_last,
+                    "idle": idle_since,
+                    "id": aid,
+                },
+            )
 
-    def release(self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent"
-                ) -> Release:
+    def release(self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent") -> Release:
         """Free the GPUs, charge the project and write history, once. Idempotent."""
         return self.release_once(aid, reason, at, by)[0]
 
-    def release_once(self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent"
-                     ) -> tuple[Release, bool]:
+    def release_once(
+        self, aid: str, reason: ReleaseReason, at: float, by: str = "gpu-agent"
+    ) -> tuple[Release, bool]:
         """`release`, and whether this call released it (False: it was released before).
         `by`: who released it, for the audit log."""
-        found = self.query("SELECT gpu_type, project, state FROM allocations WHERE id=?",
-                           (aid,))
+        found = self.query("SELECT gpu_type, project, state FROM allocations WHERE id=?", (aid,))
         if not found:
             raise InvalidInput(f"no allocation {aid!r}")
         if found[0][2] == "released":  # for good: no lock needed to say so
@@ -1090,54 +1272,86 @@ class Ledger:
             released = self._get(db, aid)
             assert released is not None
             done = released.to_release()
-            db.execute(AUDIT, (f"release:{aid}", at, by,
-                               "cancel" if row.state == "queued" else "release", row.project,
-                               aid, f"{done.reason.value}, charged ${done.cost_usd:.2f}"))
+            db.execute(
+                AUDIT,
+                (
+                    f"release:{aid}",
+                    at,
+                    by,
+                    "cancel" if row.state == "queued" else "release",
+                    row.project,
+                    aid,
+                    f"{done.reason.value}, charged ${done.cost_usd:.2f}",
+                ),
+            )
             return done, True
 
-    def _finish(self, db: Conn, row: LedgerRow, reason: ReleaseReason,
-                at: float) -> None:
+    def _finish(self, db: Conn, row: LedgerRow, reason: ReleaseReason, at: float) -> None:
         assert row.started_at is not None and row.deadline is not None
         end = min(max(at, row.started_at), row.deadline)
         hours = (end - row.started_at) / 3600.0
         cost = round(row.price_per_hour * row.count * hours, 9)
         util_sum, util_n = self._filled(row, end)
         mean_util = util_sum / util_n if util_n else None
-        db.execute("UPDATE allocations SET util_sum=?, util_n=? WHERE id=?",
-                   (util_sum, util_n, row.id))
+        db.execute(
+            "UPDATE allocations SET util_sum=?, util_n=? WHERE id=?", (util_sum, util_n, row.id)
+        )
         db.execute("DELETE FROM holds WHERE allocation_id=?", (row.id,))
-        db.executemany("INSERT INTO freed (gpu_uuid, at) VALUES (?, ?) ON CONFLICT (gpu_uuid) "
-                       "DO UPDATE SET at=excluded.at", [(g, end) for g in row.gpu_ids])
+        db.executemany(
+            "INSERT INTO freed (gpu_uuid, at) VALUES (?, ?) ON CONFLICT (gpu_uuid) "
+            "DO UPDATE SET at=excluded.at",
+            [(g, end) for g in row.gpu_ids],
+        )
         if row.gpu_type in self._held:
             self._held[row.gpu_type].difference_update(row.gpu_ids)
             self._free_of.pop(row.gpu_type, None)
         db.execute(
-            "INSERT INTO charges (allocation_id, project, amount_usd, charged_at) "
-            "VALUES (?,?,?,?)",
+            "INSERT INTO charges (allocation_id, project, amount_usd, charged_at) VALUES (?,?,?,?)",
             (row.id, row.project, cost, end),
         )
-        db.execute("INSERT INTO spend (project, usd) VALUES (?, ?) ON CONFLICT (project) "
-                   "DO UPDATE SET usd = spend.usd + excluded.usd", (row.project, cost))
+        db.execute(
+            "INSERT INTO spend (project, usd) VALUES (?, ?) ON CONFLICT (project) "
+            "DO UPDATE SET usd = spend.usd + excluded.usd",
+            (row.project, cost),
+        )
         hoarded = self._hoarded_hours(db, row, end)
         self._finished += 1  # the usage factors read history: kept no longer
         self._finished_of[row.project] += 1
         if self._window is not None:
-            bisect.insort(self._window, (-end, row.id, used_share(
-                hours, row.hours, reason.cut_by_budget)))
+            bisect.insort(
+                self._window, (-end, row.id, used_share(hours, row.hours, reason.cut_by_budget))
+            )
             del self._window[FLEET_RECORDS:]
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "
             "reason, mean_util_pct, hoarded_hours) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (row.id, row.thread_id, row.project, row.purpose.value, row.priority,
-             row.gpu_type, row.count, json.dumps(row.gpu_ids), row.started_at, end, hours,
-             row.hours, cost, reason.value, mean_util, hoarded),
+            (
+                row.id,
+                row.thread_id,
+                row.project,
+                row.purpose.value,
+                row.priority,
+                row.gpu_type,
+                row.count,
+                json.dumps(row.gpu_ids),
+                row.started_at,
+                end,
+                hours,
+                row.hours,
+                cost,
+                reason.value,
+                mean_util,
+                hoarded,
+            ),
         )
-        self._record(db, row.project, row.count * hours, row.count * hoarded, end,
-                     reason.value, mean_util)
+        self._record(
+            db, row.project, row.count * hours, row.count * hoarded, end, reason.value, mean_util
+        )
         half_life = self.config.scheduler.half_life_hours
-        old = db.execute("SELECT gpu_hours, at FROM usage WHERE project=?",
-                         (row.project,)).fetchone()
+        old = db.execute(
+            "SELECT gpu_hours, at FROM usage WHERE project=?", (row.project,)
+        ).fetchone()
         base = decayed(old["gpu_hours"], old["at"], end, half_life) if old else 0.0
         db.execute(
             "INSERT INTO usage (project, gpu_hours, at) VALUES (?,?,?) ON CONFLICT (project) "
@@ -1163,27 +1377,39 @@ class Ledger:
             row = db.execute("SELECT * FROM history WHERE allocation_id=?", (aid,)).fetchone()
             if row is None:
                 return Resumed(0.0, False)
-            working = row["reason"] == ReleaseReason.IDLE.value and \
-                asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
+            working = (
+                row["reason"] == ReleaseReason.IDLE.value
+                and asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
+            )
             if row["resumed_by"] is not None:
                 return Resumed(float(row["pause_s"] or 0.0), working)
-            pause = max(0.0, started_at - (row["ended_at"] - row["hoarded_hours"] * 3600.0)) \
-                if row["hoarded_hours"] > 0 else 0.0
-            before = db.execute("SELECT max(pause_s) AS s FROM history WHERE resumed_by=?",
-                                (aid,)).fetchone()  # what aid itself had learned
+            pause = (
+                max(0.0, started_at - (row["ended_at"] - row["hoarded_hours"] * 3600.0))
+                if row["hoarded_hours"] > 0
+                else 0.0
+            )
+            before = db.execute(
+                "SELECT max(pause_s) AS s FROM history WHERE resumed_by=?", (aid,)
+            ).fetchone()  # what aid itself had learned
             pause = max(pause, float(before["s"] or 0.0))
-            db.execute("UPDATE history SET resumed_by=?, pause_s=?, hoarded_hours=0 "
-                       "WHERE allocation_id=?", (by, pause, aid))
+            db.execute(
+                "UPDATE history SET resumed_by=?, pause_s=?, hoarded_hours=0 WHERE allocation_id=?",
+                (by, pause, aid),
+            )
             self._finished_of[row["project"]] += 1  # its record reads hoarded hours
-            record = db.execute("SELECT at FROM records WHERE project=?",
-                                (row["project"],)).fetchone()
+            record = db.execute(
+                "SELECT at FROM records WHERE project=?", (row["project"],)
+            ).fetchone()
             if record is not None and row["hoarded_hours"] > 0:
                 half_life = self.config.council.record_half_life_days * 24.0
-                was = decayed(row["count"] * row["hoarded_hours"], row["ended_at"],
-                              record["at"], half_life)
-                db.execute("UPDATE records SET idle_gpu_hours = CASE WHEN idle_gpu_hours > ? "
-                           "THEN idle_gpu_hours - ? ELSE 0 END WHERE project=?",
-                           (was, was, row["project"]))
+                was = decayed(
+                    row["count"] * row["hoarded_hours"], row["ended_at"], record["at"], half_life
+                )
+                db.execute(
+                    "UPDATE records SET idle_gpu_hours = CASE WHEN idle_gpu_hours > ? "
+                    "THEN idle_gpu_hours - ? ELSE 0 END WHERE project=?",
+                    (was, was, row["project"]),
+                )
             return Resumed(pause, working)
 
     def _hoarded_hours(self, db: Conn, row: LedgerRow, end: float) -> float:
@@ -1191,11 +1417,14 @@ class Ledger:
         exited (fleet.commands), or since every GPU went idle (the monitor's heartbeat), the
         longer; never the whole allocation for being released for idling."""
         assert row.started_at is not None
-        marks = db.execute("SELECT a.idle_since, c.ended_at FROM allocations a LEFT JOIN "
-                           "commands c ON c.allocation_id = a.id WHERE a.id=?",
-                           (row.id,)).fetchone()
-        since = min([end, *(float(t) for t in (marks["idle_since"], marks["ended_at"])
-                            if t is not None)])
+        marks = db.execute(
+            "SELECT a.idle_since, c.ended_at FROM allocations a LEFT JOIN "
+            "commands c ON c.allocation_id = a.id WHERE a.id=?",
+            (row.id,),
+        ).fetchone()
+        since = min(
+            [end, *(float(t) for t in (marks["idle_since"], marks["ended_at"]) if t is not None)]
+        )
         return max(0.0, end - max(since, row.started_at)) / 3600.0
 
     def _filled(self, row: LedgerRow, end: float) -> tuple[float, int]:
@@ -1208,8 +1437,7 @@ class Ledger:
         missed = max(0, math.ceil((end - row.heartbeat_at) / tick - 1e-9) - 1)
         return row.util_sum + missed * row.util_last, row.util_n + missed
 
-    def _close(self, db: Conn, aid: str, reason: ReleaseReason, at: float,
-               cost: float) -> None:
+    def _close(self, db: Conn, aid: str, reason: ReleaseReason, at: float, cost: float) -> None:
         db.execute(
             "UPDATE allocations SET state='released', released_at=?, release_reason=?, "
             "cost_usd=? WHERE id=?",
@@ -1220,14 +1448,15 @@ class Ledger:
     def reconcile(self, now: float) -> list[Release]:
         """Release leases that ran out while no monitor was alive to see it."""
         settings = self.config.scheduler
-        stale = max(settings.stale_after_polls * self.config.monitor.tick_seconds,
-                    settings.stale_after_polls * settings.poll_seconds)
+        stale = max(
+            settings.stale_after_polls * self.config.monitor.tick_seconds,
+            settings.stale_after_polls * settings.poll_seconds,
+        )
         with self.transaction() as db:
             rows = [
                 _row(r)
                 for r in db.execute(
-                    f"{ROW} WHERE state='active' AND deadline<=? "
-                    "AND heartbeat_at<?",
+                    f"{ROW} WHERE state='active' AND deadline<=? AND heartbeat_at<?",
                     (now, now - stale),
                 )
             ]
@@ -1235,9 +1464,18 @@ class Ledger:
             for row in rows:
                 assert row.deadline is not None
                 self._finish(db, row, ReleaseReason.EXPIRED_WHILE_DOWN, row.deadline)
-                db.execute(AUDIT, (f"release:{row.id}", now, "reconcile", "release", row.project,
-                                   row.id, "expired-while-down: the lease ended while no "
-                                   "process watched it"))
+                db.execute(
+                    AUDIT,
+                    (
+                        f"release:{row.id}",
+                        now,
+                        "reconcile",
+                        "release",
+                        row.project,
+                        row.id,
+                        "expired-while-down: the lease ended while no process watched it",
+                    ),
+                )
                 released = self._get(db, row.id)
                 assert released is not None
                 releases.append(released.to_release())
@@ -1247,8 +1485,9 @@ class Ledger:
 
     # ---- budgets -------------------------------------------------------------------------
 
-    def set_budget(self, project: str, budget_usd: float, now: float, by: str = "gpu-agent"
-                   ) -> list[Moved]:
+    def set_budget(
+        self, project: str, budget_usd: float, now: float, by: str = "gpu-agent"
+    ) -> list[Moved]:
         """Set a project's budget; active allocations get deadlines that keep spend within it.
 
         Returns the allocations whose deadline moved. Refuses a budget below what the project
@@ -1256,7 +1495,8 @@ class Ledger:
         """
         with self.transaction(f"project:{project}") as db:
             floor = self._spent(db, project) + accrued(
-                [a.running(now) for a in self._actives(db, project)], now)
+                [a.running(now) for a in self._actives(db, project)], now
+            )
             if budget_usd + EPS < floor:
                 raise InvalidInput(
                     f"budget ${budget_usd:.2f} for {project} is below what it has already spent "
@@ -1270,10 +1510,19 @@ class Ledger:
                 (project, budget_usd, now),
             )
             moved = self._fit_deadlines(db, project, now)
-            db.execute(AUDIT, (f"budget:{project}:{now!r}:{uuid.uuid4().hex[:8]}", now, by,
-                               "budget", project, project,
-                               f"${'none' if old is None else f'{old:.2f}'} -> "
-                               f"${budget_usd:.2f}; {len(moved)} deadline(s) moved"))
+            db.execute(
+                AUDIT,
+                (
+                    f"budget:{project}:{now!r}:{uuid.uuid4().hex[:8]}",
+                    now,
+                    by,
+                    "budget",
+                    project,
+                    project,
+                    f"${'none' if old is None else f'{old:.2f}'} -> "
+                    f"${budget_usd:.2f}; {len(moved)} deadline(s) moved",
+                ),
+            )
             return moved
 
     # ---- queries -------------------------------------------------------------------------
@@ -1289,29 +1538,40 @@ class Ledger:
         return _row(rows[0])
 
     def lease(self, aid: str) -> Lease:
-        rows = self.query("SELECT a.state, a.deadline, a.deadline_reason, a.released_at, "
-                          "a.release_reason, c.owner, c.ended_at FROM allocations a "
-                          "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?", (aid,))
+        rows = self.query(
+            "SELECT a.state, a.deadline, a.deadline_reason, a.released_at, "
+            "a.release_reason, c.owner, c.ended_at FROM allocations a "
+            "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
+            (aid,),
+        )
         if not rows:
             raise InvalidInput(f"no allocation {aid!r}")
         state, deadline, deadline_reason, released_at, release_reason, owner, ended = rows[0]
-        return Lease(state, deadline,
-                     ReleaseReason(deadline_reason) if deadline_reason else None, released_at,
-                     ReleaseReason(release_reason) if release_reason else None, owner, ended)
+        return Lease(
+            state,
+            deadline,
+            ReleaseReason(deadline_reason) if deadline_reason else None,
+            released_at,
+            ReleaseReason(release_reason) if release_reason else None,
+            owner,
+            ended,
+        )
 
     def allocations(self, state: str | None = None) -> list[LedgerRow]:
         if state is None:
             rows = self.query(f"{ROW} ORDER BY enqueued_at, id")
         else:
-            rows = self.query(
-                f"{ROW} WHERE state=? ORDER BY enqueued_at, id", (state,)
-            )
+            rows = self.query(f"{ROW} WHERE state=? ORDER BY enqueued_at, id", (state,))
         return [_row(r) for r in rows]
 
     def live(self) -> list[LedgerRow]:
         """Queued and active allocations, oldest first."""
-        return [_row(r) for r in self.query(
-            f"{ROW} WHERE state IN ('queued', 'active') ORDER BY enqueued_at, id")]
+        return [
+            _row(r)
+            for r in self.query(
+                f"{ROW} WHERE state IN ('queued', 'active') ORDER BY enqueued_at, id"
+            )
+        ]
 
     def holders(self) -> dict[str, tuple[str, str]]:
         """GPU uuid -> (allocation id, project) for every held GPU."""
@@ -1326,14 +1586,20 @@ class Ledger:
     def counts_by_state(self) -> dict[str, int]:
         """Allocations per state (queued, active, released)."""
         counts = dict.fromkeys(("queued", "active", "released"), 0)
-        counts |= {r["state"]: int(r["n"]) for r in self.query(
-            "SELECT state, count(*) AS n FROM allocations GROUP BY state")}
+        counts |= {
+            r["state"]: int(r["n"])
+            for r in self.query("SELECT state, count(*) AS n FROM allocations GROUP BY state")
+        }
         return counts
 
     def releases_by_reason(self) -> dict[str, int]:
         """Finished allocations per release reason."""
-        return {r["reason"]: int(r["n"]) for r in self.query(
-            "SELECT reason, count(*) AS n FROM history GROUP BY reason ORDER BY reason")}
+        return {
+            r["reason"]: int(r["n"])
+            for r in self.query(
+                "SELECT reason, count(*) AS n FROM history GROUP BY reason ORDER BY reason"
+            )
+        }
 
     # ---- audit ---------------------------------------------------------------------------
 
@@ -1350,12 +1616,12 @@ class Ledger:
         return won, self.audit_entry(entry.key) or entry
 
     def audit_entry(self, key: str) -> AuditEntry | None:
-        rows = self.query("SELECT key, at, who, action, project, target, detail FROM audit "
-                          "WHERE key=?", (key,))
+        rows = self.query(
+            "SELECT key, at, who, action, project, target, detail FROM audit WHERE key=?", (key,)
+        )
         return AuditEntry(*rows[0]) if rows else None
 
-    def audit_log(self, project: str | None = None, limit: int | None = None
-                  ) -> list[AuditEntry]:
+    def audit_log(self, project: str | None = None, limit: int | None = None) -> list[AuditEntry]:
         """The audit log, oldest first (the last `limit` entries)."""
         sql = "SELECT key, at, who, action, project, target, detail FROM audit"
         args: tuple[object, ...] = ()
@@ -1373,23 +1639,27 @@ class Ledger:
         with self.transaction("unhealthy") as db:
             known = {r[0] for r in db.execute("SELECT gpu_uuid FROM unhealthy")}
             new = [g for g in gpus if g not in known]
-            db.executemany("INSERT INTO unhealthy (gpu_uuid, reason, since) VALUES (?, ?, ?)",
-                           [(g, gpus[g], now) for g in new])
+            db.executemany(
+                "INSERT INTO unhealthy (gpu_uuid, reason, since) VALUES (?, ?, ?)",
+                [(g, gpus[g], now) for g in new],
+            )
             return new
 
     def unhealthy(self) -> dict[str, str]:
         """GPU uuid -> why it is out of placement."""
-        return {r["gpu_uuid"]: r["reason"] for r in self.query(
-            "SELECT gpu_uuid, reason FROM unhealthy ORDER BY since, gpu_uuid")}
+        return {
+            r["gpu_uuid"]: r["reason"]
+            for r in self.query("SELECT gpu_uuid, reason FROM unhealthy ORDER BY since, gpu_uuid")
+        }
 
     def clear_unhealthy(self, gpu_uuid: str) -> bool:
         """Put a repaired GPU back into placement; False if it was not marked."""
         with self.transaction("unhealthy") as db:
-            return db.execute("DELETE FROM unhealthy WHERE gpu_uuid=?",
-                              (gpu_uuid,)).rowcount > 0
+            return db.execute("DELETE FROM unhealthy WHERE gpu_uuid=?", (gpu_uuid,)).rowcount > 0
 
-    def history(self, project: str | None = None, limit: int | None = None, *,
-                with_requests: bool = True) -> list[HistoryRecord]:
+    def history(
+        self, project: str | None = None, limit: int | None = None, *, with_requests: bool = True
+    ) -> list[HistoryRecord]:
         """Finished allocations, newest first; `with_requests` also parses each request."""
         sql = "SELECT h.*, a.request FROM history h JOIN allocations a ON a.id = h.allocation_id"
         args: tuple[object, ...] = ()
@@ -1400,12 +1670,17 @@ class Ledger:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [
-            HistoryRecord.model_validate(dict(r) | {
-                "gpu_ids": json.loads(r["gpu_ids"]),
-                "started_at": utc(r["started_at"]),
-                "ended_at": utc(r["ended_at"]),
-                "request": GPURequest.model_validate_json(r["request"]) if with_requests else None,
-            })
+            HistoryRecord.model_validate(
+                dict(r)
+                | {
+                    "gpu_ids": json.loads(r["gpu_ids"]),
+                    "started_at": utc(r["started_at"]),
+                    "ended_at": utc(r["ended_at"]),
+                    "request": GPURequest.model_validate_json(r["request"])
+                    if with_requests
+                    else None,
+                }
+            )
             for r in self.query(sql, args)
         ]
 
@@ -1419,13 +1694,15 @@ class Ledger:
             out = []
             for p in projects:
                 active = [a.charged() for a in self._actives(db, p)]
-                out.append(ProjectCost(
-                    project=p,
-                    spent_usd=self._spent(db, p),
-                    accrued_usd=accrued(active, now),
-                    committed_usd=worst_case(active),
-                    budget_usd=self._budget(db, p),
-                ))
+                out.append(
+                    ProjectCost(
+                        project=p,
+                        spent_usd=self._spent(db, p),
+                        accrued_usd=accrued(active, now),
+                        committed_usd=worst_case(active),
+                        budget_usd=self._budget(db, p),
+                    )
+                )
             return out
 
     def project_stats(self, project: str, now: float, recent: int) -> ProjectStats:
@@ -1445,15 +1722,19 @@ class Ledger:
                 fair_share=factors[project],
             )
             records, busy, older = self._kept(
-                db, (f"record:{recent}", project), self._finished_of[project],
-                lambda: self._record_of(db, project, recent))
+                db,
+                (f"record:{recent}", project),
+                self._finished_of[project],
+                lambda: self._record_of(db, project, recent),
+            )
             if busy is None:
                 busy, _ = self._busy(db, records)
             stats.recent, stats.fleet_busy, stats.older = list(records), list(busy), older
         return stats
 
-    def _record_of(self, db: Conn, project: str, recent: int
-                   ) -> tuple[list[HistoryRecord], list[float] | None, RecordSummary | None]:
+    def _record_of(
+        self, db: Conn, project: str, recent: int
+    ) -> tuple[list[HistoryRecord], list[float] | None, RecordSummary | None]:
         """The project's `recent` newest finished allocations, the fleet's load when each
         started (None where some started before it was recorded: that reads the others'
         history), and the rest of its record: what changes only when its own history does."""
@@ -1469,8 +1750,12 @@ class Ledger:
         and whether every one was recorded."""
         ids = [r.allocation_id for r in records]
         marks = ",".join("?" * len(ids))
-        busy = {r["id"]: r["busy_at_start"] for r in db.execute(
-            f"SELECT id, busy_at_start FROM allocations WHERE id IN ({marks})", ids)}
+        busy = {
+            r["id"]: r["busy_at_start"]
+            for r in db.execute(
+                f"SELECT id, busy_at_start FROM allocations WHERE id IN ({marks})", ids
+            )
+        }
         total = sum(n.gpus for n in self.config.nodes)
         out = []
         recorded = True
@@ -1481,13 +1766,23 @@ class Ledger:
                 t = r.started_at.timestamp()
                 held = db.execute(
                     "SELECT coalesce(sum(count), 0) FROM history WHERE started_at < ? AND "
-                    "ended_at > ? AND allocation_id <> ?", (t, t, r.allocation_id)).fetchone()[0]
+                    "ended_at > ? AND allocation_id <> ?",
+                    (t, t, r.allocation_id),
+                ).fetchone()[0]
                 b = min(1.0, held / total)
             out.append(float(b))
         return out, recorded
 
-    def _record(self, db: Conn, project: str, gpu_hours: float, hoarded_gpu_hours: float,
-                ended_at: float, reason: str, util: float | None) -> None:
+    def _record(
+        self,
+        db: Conn,
+        project: str,
+        gpu_hours: float,
+        hoarded_gpu_hours: float,
+        ended_at: float,
+        reason: str,
+        util: float | None,
+    ) -> None:
         """Add a finished allocation to the project's decayed record sums (kept at the time
         of its latest end), so the council's older-history summary costs one row to read.
         The sum named idle_gpu_hours holds hoarded GPU-hours (held idle at the end)."""
@@ -1499,9 +1794,13 @@ class Ledger:
             k = decayed(1.0, row["at"], at, half_life)
             old = [k * row[c] for c in RECORD_SUMS]
         w = decayed(gpu_hours, ended_at, at, half_life)
-        new = [w, decayed(hoarded_gpu_hours, ended_at, at, half_life),
-               w if reason in CUT_BY_BUDGET else 0.0,
-               w if util is not None else 0.0, w * util if util is not None else 0.0]
+        new = [
+            w,
+            decayed(hoarded_gpu_hours, ended_at, at, half_life),
+            w if reason in CUT_BY_BUDGET else 0.0,
+            w if util is not None else 0.0,
+            w * util if util is not None else 0.0,
+        ]
         db.execute(
             "INSERT INTO records (project, at, events, gpu_hours, idle_gpu_hours, "
             "budget_gpu_hours, rated_gpu_hours, util_gpu_hours) VALUES (?,?,?,?,?,?,?,?) "
@@ -1509,11 +1808,15 @@ class Ledger:
             "gpu_hours=excluded.gpu_hours, idle_gpu_hours=excluded.idle_gpu_hours, "
             "budget_gpu_hours=excluded.budget_gpu_hours, "
             "rated_gpu_hours=excluded.rated_gpu_hours, util_gpu_hours=excluded.util_gpu_hours",
-            (project, at, (row["events"] if row else 0) + 1,
-             *(a + b for a, b in zip(old, new, strict=True))))
+            (
+                project,
+                at,
+                (row["events"] if row else 0) + 1,
+                *(a + b for a, b in zip(old, new, strict=True)),
+            ),
+        )
 
-    def _older(self, db: Conn, project: str,
-               recent: list[HistoryRecord]) -> RecordSummary | None:
+    def _older(self, db: Conn, project: str, recent: list[HistoryRecord]) -> RecordSummary | None:
         """History beyond the `recent` events, decayed to the end of the oldest of them: the
         project's whole record less the recent events, both decayed to that time."""
         row = db.execute("SELECT * FROM records WHERE project=?", (project,)).fetchone()
@@ -1528,17 +1831,30 @@ class Ledger:
             w = r.count * r.hours * k
             budget = r.reason.cut_by_budget
             rated = r.mean_util_pct is not None
-            mine = [w, r.count * r.hoarded_hours * k, w if budget else 0.0, w if rated else 0.0,
-                    w * r.mean_util_pct if r.mean_util_pct is not None else 0.0]
+            mine = [
+                w,
+                r.count * r.hoarded_hours * k,
+                w if budget else 0.0,
+                w if rated else 0.0,
+                w * r.mean_util_pct if r.mean_util_pct is not None else 0.0,
+            ]
             sums = [a - b for a, b in zip(sums, mine, strict=True)]
         gpu, idle_h, budget_h, rated_h, util_h = (max(0.0, x) for x in sums)
-        return RecordSummary(events=row["events"] - len(recent), at=utc(at), gpu_hours=gpu,
-                             idle_gpu_hours=idle_h, budget_gpu_hours=budget_h,
-                             rated_gpu_hours=rated_h, util_gpu_hours=util_h)
+        return RecordSummary(
+            events=row["events"] - len(recent),
+            at=utc(at),
+            gpu_hours=gpu,
+            idle_gpu_hours=idle_h,
+            budget_gpu_hours=budget_h,
+            rated_gpu_hours=rated_h,
+            util_gpu_hours=util_h,
+        )
 
     def dump(self) -> list[str]:
         """Every row of every table ("table: row"), for tests that prove nothing changed."""
         with self.reading() as db:
-            return [f"{t}: {r}" for t in TABLES
-                    for r in sorted(repr(tuple(r)) for r in db.execute(f"SELECT * FROM {t}"))]
-
+            return [
+                f"{t}: {r}"
+                for t in TABLES
+                for r in sorted(repr(tuple(r)) for r in db.execute(f"SELECT * FROM {t}"))
+            ]

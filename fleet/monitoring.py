@@ -65,8 +65,9 @@ def _longest(longest_pause_s: float, idle_since: datetime, now: float) -> float:
 def _copy(state: MonitorState) -> MonitorState:
     """A copy whose lists can change without touching `state` (model_copy(deep=True) is
     many times slower, and this runs at every tick)."""
-    return state.model_copy(update={"window": list(state.window),
-                                    "throttled": list(state.throttled)})
+    return state.model_copy(
+        update={"window": list(state.window), "throttled": list(state.throttled)}
+    )
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,15 @@ def assess(
         if window_mean < settings.low_util_pct:
             if not state.low_util_warned:
                 state.low_util_warned = True
-                events.append(Event(
-                    at=utc(now), kind=EventKind.LOW_UTILIZATION,
-                    message=f"mean utilisation {window_mean:.1f}% over the last "
-                    f"{settings.low_util_window_minutes:g} min is under "
-                    f"{settings.low_util_pct:g}%",
-                ))
+                events.append(
+                    Event(
+                        at=utc(now),
+                        kind=EventKind.LOW_UTILIZATION,
+                        message=f"mean utilisation {window_mean:.1f}% over the last "
+                        f"{settings.low_util_window_minutes:g} min is under "
+                        f"{settings.low_util_pct:g}%",
+                    )
+                )
         else:
             state.low_util_warned = False
 
@@ -116,39 +120,58 @@ def assess(
     sick = [s for s in samples if s.health]
     if sick:
         release = ReleaseReason.UNHEALTHY
-        events.extend(Event(at=utc(now), kind=EventKind.UNHEALTHY, gpu_id=s.gpu_id,
-                            message=f"{s.health}: the GPU leaves placement and the "
-                            "allocation ends") for s in sick)
+        events.extend(
+            Event(
+                at=utc(now),
+                kind=EventKind.UNHEALTHY,
+                gpu_id=s.gpu_id,
+                message=f"{s.health}: the GPU leaves placement and the allocation ends",
+            )
+            for s in sick
+        )
     elif utils and len(utils) == len(samples) and max(utils) < settings.idle_util_pct:
         if state.idle_since is None:
             state.idle_since = utc(now)
         idle_s = now - state.idle_since.timestamp()
         if idle_s >= idle_limit_s(settings, policy, state.longest_pause_s):
             release = ReleaseReason.IDLE
-            events.append(Event(
-                at=utc(now), kind=EventKind.IDLE,
-                message=f"every GPU under {settings.idle_util_pct:g}% for {_span(idle_s)}"
-                f"{_holding(samples)}{_why(policy)}",
-            ))
+            events.append(
+                Event(
+                    at=utc(now),
+                    kind=EventKind.IDLE,
+                    message=f"every GPU under {settings.idle_util_pct:g}% for {_span(idle_s)}"
+                    f"{_holding(samples)}{_why(policy)}",
+                )
+            )
     elif utils:
         _pause_over(state, now)
 
     throttle = []
     for s in samples:
-        if s.temp_c is not None and s.temp_c > settings.throttle_temp_c \
-                and s.gpu_id not in state.throttled:
+        if (
+            s.temp_c is not None
+            and s.temp_c > settings.throttle_temp_c
+            and s.gpu_id not in state.throttled
+        ):
             throttle.append(s.gpu_id)
             state.throttled.append(s.gpu_id)
-            events.append(Event(
-                at=utc(now), kind=EventKind.THROTTLE, gpu_id=s.gpu_id,
-                message=f"{s.temp_c:.0f} C is over {settings.throttle_temp_c:g} C",
-            ))
+            events.append(
+                Event(
+                    at=utc(now),
+                    kind=EventKind.THROTTLE,
+                    gpu_id=s.gpu_id,
+                    message=f"{s.temp_c:.0f} C is over {settings.throttle_temp_c:g} C",
+                )
+            )
     return Assessment(state, events, throttle, release, mean)
 
 
 def _why(policy: IdlePolicy) -> str:
-    return " after its command exited" if policy.work == "done" else \
-        f" ({policy.purpose.value}; no command known to run on it)"
+    return (
+        " after its command exited"
+        if policy.work == "done"
+        else f" ({policy.purpose.value}; no command known to run on it)"
+    )
 
 
 def _span(seconds: float) -> str:
@@ -224,9 +247,15 @@ def _transient(settings: MonitorSettings, tick: float) -> int:
     return math.ceil(settings.low_util_window_minutes * 60.0 / tick) + 1
 
 
-def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, tick: float,
-              started_at: float, steady_until: float,
-              policy: IdlePolicy = UNKNOWN) -> float:
+def next_tick(
+    state: MonitorState,
+    last: Readings,
+    settings: MonitorSettings,
+    tick: float,
+    started_at: float,
+    steady_until: float,
+    policy: IdlePolicy = UNKNOWN,
+) -> float:
     """The first tick that can conclude something new, given readings `last` until
     `steady_until` (the last tick's time or earlier: no promise, the very next tick)."""
     assert state.last_tick_at is not None
@@ -266,13 +295,20 @@ def next_tick(state: MonitorState, last: Readings, settings: MonitorSettings, ti
     if last.mean < settings.low_util_pct and not warned:
         at = min(at, _grid(t0, max(t + tick, started_at + window_s), tick))
     if last.idle and idle_since is not None:
-        at = min(at, _grid(t0, max(t + tick, idle_since + idle_limit_s(settings, policy,
-                                                                        longest)), tick))
+        at = min(
+            at, _grid(t0, max(t + tick, idle_since + idle_limit_s(settings, policy, longest)), tick)
+        )
     return at
 
 
-def skip(state: MonitorState, last: Readings, settings: MonitorSettings, tick: float,
-         started_at: float, until: float) -> MonitorState:
+def skip(
+    state: MonitorState,
+    last: Readings,
+    settings: MonitorSettings,
+    tick: float,
+    started_at: float,
+    until: float,
+) -> MonitorState:
     """The state after the ticks before `until` that read `last` and concluded nothing new
     (the ticks `next_tick` let the monitor sleep through)."""
     assert state.last_tick_at is not None
@@ -290,8 +326,10 @@ def skip(state: MonitorState, last: Readings, settings: MonitorSettings, tick: f
         t = t0 + k * tick
         util_sum += mean
         window = [(x, u) for x, u in window if x > t - window_s] + [(t, mean)]
-        if t - started_at >= window_s and \
-                sum(u for _, u in window) / len(window) >= settings.low_util_pct:
+        if (
+            t - started_at >= window_s
+            and sum(u for _, u in window) / len(window) >= settings.low_util_pct
+        ):
             warned = False
         if last.idle:
             idle_since = idle_since or utc(t)
@@ -301,12 +339,21 @@ def skip(state: MonitorState, last: Readings, settings: MonitorSettings, tick: f
     if rest:
         t = t0 + n * tick
         util_sum += rest * mean
-        window = [(x, mean) for x in (t - k * tick for k in range(explicit))
-                  if x > t - window_s][::-1]
+        window = [(x, mean) for x in (t - k * tick for k in range(explicit)) if x > t - window_s][
+            ::-1
+        ]
         if t - started_at >= window_s and mean >= settings.low_util_pct:
             warned = False
-    return state.model_copy(update={
-        "util_sum": util_sum, "window": window, "low_util_warned": warned,
-        "idle_since": idle_since, "longest_pause_s": longest, "ticks": state.ticks + n,
-        "util_n": state.util_n + n, "last_tick_at": utc(t0 + n * tick),
-        "throttled": list(state.throttled)})
+    return state.model_copy(
+        update={
+            "util_sum": util_sum,
+            "window": window,
+            "low_util_warned": warned,
+            "idle_since": idle_since,
+            "longest_pause_s": longest,
+            "ticks": state.ticks + n,
+            "util_n": state.util_n + n,
+            "last_tick_at": utc(t0 + n * tick),
+            "throttled": list(state.throttled),
+        }
+    )

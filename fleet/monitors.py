@@ -122,13 +122,19 @@ class Monitors:
             "ON CONFLICT (allocation_id) DO UPDATE SET owner=excluded.owner, "
             "beat_at=excluded.beat_at, since=excluded.since "
             "WHERE monitors.owner=excluded.owner OR monitors.beat_at<?",
-            (allocation_id, owner, now, now, now - self.stale_seconds))
+            (allocation_id, owner, now, now, now - self.stale_seconds),
+        )
         if won:
             return None
         holder = self.get(allocation_id)
-        if holder is not None and holder.gone_here() and self._one(
-                "UPDATE monitors SET owner=?, beat_at=?, since=? WHERE allocation_id=? "
-                "AND owner=?", (owner, now, now, allocation_id, holder.owner)):
+        if (
+            holder is not None
+            and holder.gone_here()
+            and self._one(
+                "UPDATE monitors SET owner=?, beat_at=?, since=? WHERE allocation_id=? AND owner=?",
+                (owner, now, now, allocation_id, holder.owner),
+            )
+        ):
             return None
         return self.get(allocation_id) if holder is not None else None
 
@@ -139,14 +145,15 @@ class Monitors:
             return set()
         now = time.time() if now is None else now
         self._one("UPDATE monitors SET beat_at=? WHERE owner=?", (now, owner))
-        held = {str(r[0]) for r in self.ledger.query(
-            "SELECT allocation_id FROM monitors WHERE owner=?", (owner,))}
+        held = {
+            str(r[0])
+            for r in self.ledger.query("SELECT allocation_id FROM monitors WHERE owner=?", (owner,))
+        }
         return allocation_ids - held
 
     def drop(self, allocation_id: str, owner: str) -> None:
         """Stop monitoring (the thread ended, or stopped before its allocation did)."""
-        self._one("DELETE FROM monitors WHERE allocation_id=? AND owner=?",
-                  (allocation_id, owner))
+        self._one("DELETE FROM monitors WHERE allocation_id=? AND owner=?", (allocation_id, owner))
 
     def get(self, allocation_id: str) -> Watcher | None:
         rows = self.ledger.query(f"{WATCHER} WHERE allocation_id=?", (allocation_id,))
@@ -157,23 +164,32 @@ class Monitors:
 
     def alive(self, watcher: Watcher | None, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        return watcher is not None and watcher.beat_at >= now - self.stale_seconds \
+        return (
+            watcher is not None
+            and watcher.beat_at >= now - self.stale_seconds
             and not watcher.gone_here()
+        )
 
-    def orphans(self, now: float | None = None,
-                rows: list[LedgerRow] | None = None) -> list[Orphan]:
+    def orphans(
+        self, now: float | None = None, rows: list[LedgerRow] | None = None
+    ) -> list[Orphan]:
         """Live allocations (queued or active; or those of `rows`, already read) whose
         monitor is absent, stale or dead, oldest first."""
         now = time.time() if now is None else now
         watchers = self.watchers()
-        return [Orphan(row, watchers.get(row.id)) for row in
-                (self.ledger.live() if rows is None else rows)
-                if not self.alive(watchers.get(row.id), now)]
+        return [
+            Orphan(row, watchers.get(row.id))
+            for row in (self.ledger.live() if rows is None else rows)
+            if not self.alive(watchers.get(row.id), now)
+        ]
 
     def prune(self) -> int:
         """Forget the monitors of allocations that ended."""
-        return self._one("DELETE FROM monitors WHERE allocation_id IN "
-                         "(SELECT id FROM allocations WHERE state='released')", ())
+        return self._one(
+            "DELETE FROM monitors WHERE allocation_id IN "
+            "(SELECT id FROM allocations WHERE state='released')",
+            (),
+        )
 
 
 class Heartbeat:
@@ -181,8 +197,13 @@ class Heartbeat:
     monitors, every `period` seconds while there are any. `lost` hears of an allocation that
     another process adopted (this one was silent too long): its monitor should stop."""
 
-    def __init__(self, monitors: Monitors, kind: str, period: float,
-                 lost: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        monitors: Monitors,
+        kind: str,
+        period: float,
+        lost: Callable[[str], None] | None = None,
+    ) -> None:
         self.monitors = monitors
         self.owner = new_owner(kind)
         self.period = period
@@ -216,8 +237,9 @@ class Heartbeat:
 
     def _start(self) -> None:
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._run, name="gpu-agent-heartbeat",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="gpu-agent-heartbeat", daemon=True
+            )
             self._thread.start()
 
     def _run(self) -> None:

@@ -23,14 +23,19 @@ REQUEST_ID = THREAD_ID
 ALLOCATION_ID = re.compile(r"a-[0-9a-f]{12}")
 
 RULES = {
-    "project": (PROJECT, "1-64 letters, digits, '.', '_' or '-', starting with a letter or "
-                "digit"),
-    "identity": (IDENTITY, "1-64 letters, digits, '.', '_', '@' or '-', starting with a "
-                 "letter or digit"),
-    "thread id": (THREAD_ID, "1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                  "or digit"),
-    "request id": (REQUEST_ID, "1-128 letters, digits, '.', '_' or '-', starting with a "
-                   "letter or digit"),
+    "project": (PROJECT, "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    "identity": (
+        IDENTITY,
+        "1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+    ),
+    "thread id": (
+        THREAD_ID,
+        "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ),
+    "request id": (
+        REQUEST_ID,
+        "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ),
     "allocation id": (ALLOCATION_ID, "'a-' and 12 hex digits, as `gpu-agent status` shows"),
 }
 

@@ -42,8 +42,11 @@ NO_DRIVER = {
     LIB_RM_VERSION_MISMATCH: "the NVIDIA driver was upgraded without a reboot (NVML/RM "
     "version mismatch)",
 }
-LOST = {GPU_IS_LOST: "GPU is lost", RESET_REQUIRED: "GPU requires a reset",
-        GPU_NOT_FOUND: "GPU not found"}
+LOST = {
+    GPU_IS_LOST: "GPU is lost",
+    RESET_REQUIRED: "GPU requires a reset",
+    GPU_NOT_FOUND: "GPU not found",
+}
 # The call is missing or refused for this GPU: do not ask again.
 PERMANENT = {NOT_SUPPORTED, FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH, NO_PERMISSION}
 
@@ -136,9 +139,11 @@ class NvmlSession:
     def system(self) -> dict[str, Any]:
         """Driver, NVML and CUDA driver versions."""
         out: dict[str, Any] = {}
-        for key, call in (("driver", "nvmlSystemGetDriverVersion"),
-                          ("nvml_version", "nvmlSystemGetNVMLVersion"),
-                          ("cuda_driver", "nvmlSystemGetCudaDriverVersion_v2")):
+        for key, call in (
+            ("driver", "nvmlSystemGetDriverVersion"),
+            ("nvml_version", "nvmlSystemGetNVMLVersion"),
+            ("cuda_driver", "nvmlSystemGetCudaDriverVersion_v2"),
+        ):
             try:
                 out[key] = _text(getattr(self.lib, call)())
             except (self.lib.NVMLError, AttributeError):
@@ -168,8 +173,7 @@ class NvmlSession:
             return marker(self.lib, exc.value)
         finally:
             if self._timed:
-                self.latency.setdefault(name, []).append(
-                    (time.perf_counter() - start) * 1e6)
+                self.latency.setdefault(name, []).append((time.perf_counter() - start) * 1e6)
         return value
 
     def _first(self, index: int, *calls: tuple[str, tuple[Any, ...], dict[str, Any]]) -> Any:
@@ -185,6 +189,7 @@ class NvmlSession:
 
     def static(self, index: int) -> Reading:
         """What does not change while the GPU runs (the recording's `inventory` entry)."""
+
         def get(name: str, *args: Any, **kwargs: Any) -> Any:
             return self.call(index, name, *args, **kwargs)
 
@@ -198,8 +203,7 @@ class NvmlSession:
             "cuda_cc": _plain(get("nvmlDeviceGetCudaComputeCapability")),
             "mig_mode": _plain(get("nvmlDeviceGetMigMode")),
             "power_limit": get("nvmlDeviceGetPowerManagementLimit"),
-            "power_limit_constraints": _plain(
-                get("nvmlDeviceGetPowerManagementLimitConstraints")),
+            "power_limit_constraints": _plain(get("nvmlDeviceGetPowerManagementLimitConstraints")),
             "power_default": get("nvmlDeviceGetPowerManagementDefaultLimit"),
             "enforced_power": get("nvmlDeviceGetEnforcedPowerLimit"),
             "temp_slowdown": get("nvmlDeviceGetTemperatureThreshold", THRESHOLD_SLOWDOWN),
@@ -219,24 +223,31 @@ class NvmlSession:
         try:
             util = self.call(index, "nvmlDeviceGetUtilizationRates")
             procs = self._first(
-                index, ("nvmlDeviceGetComputeRunningProcesses", (), {}),
-                ("nvmlDeviceGetComputeRunningProcesses_v2", (), {}))
+                index,
+                ("nvmlDeviceGetComputeRunningProcesses", (), {}),
+                ("nvmlDeviceGetComputeRunningProcesses_v2", (), {}),
+            )
             return {
                 "t": t,
                 "gpu": index,
                 "util": util if is_marker(util) else {"gpu": util.gpu, "memory": util.memory},
                 "mem": self._memory(index),
                 "temp": self._first(
-                    index, ("nvmlDeviceGetTemperatureV", (TEMPERATURE_GPU,), {}),
-                    ("nvmlDeviceGetTemperature", (TEMPERATURE_GPU,), {})),
+                    index,
+                    ("nvmlDeviceGetTemperatureV", (TEMPERATURE_GPU,), {}),
+                    ("nvmlDeviceGetTemperature", (TEMPERATURE_GPU,), {}),
+                ),
                 "power_mW": self.call(index, "nvmlDeviceGetPowerUsage"),
                 "sm_clock": self.call(index, "nvmlDeviceGetClockInfo", CLOCK_SM),
                 "mem_clock": self.call(index, "nvmlDeviceGetClockInfo", CLOCK_MEM),
                 "clock_event_reasons": self._first(
-                    index, ("nvmlDeviceGetCurrentClocksEventReasons", (), {}),
-                    ("nvmlDeviceGetCurrentClocksThrottleReasons", (), {})),
-                "procs": procs if is_marker(procs) else [
-                    {"pid": p.pid, "usedGpuMemory": p.usedGpuMemory} for p in procs],
+                    index,
+                    ("nvmlDeviceGetCurrentClocksEventReasons", (), {}),
+                    ("nvmlDeviceGetCurrentClocksThrottleReasons", (), {}),
+                ),
+                "procs": procs
+                if is_marker(procs)
+                else [{"pid": p.pid, "usedGpuMemory": p.usedGpuMemory} for p in procs],
             }
         except DeviceLost as lost:
             return {"t": t, "gpu": index, "lost": lost.reason}
@@ -244,8 +255,11 @@ class NvmlSession:
     def _memory(self, index: int) -> Any:
         """Memory through the v2 structure (v1's `used` counts reserved memory, hundreds of
         MiB on an idle card), falling back to v1 on drivers without it."""
-        mem = self._first(index, ("nvmlDeviceGetMemoryInfo", (), {"version": MEMORY_V2}),
-                          ("nvmlDeviceGetMemoryInfo", (), {}))
+        mem = self._first(
+            index,
+            ("nvmlDeviceGetMemoryInfo", (), {"version": MEMORY_V2}),
+            ("nvmlDeviceGetMemoryInfo", (), {}),
+        )
         if is_marker(mem):
             return mem
         out = {"total": mem.total, "free": mem.free, "used": mem.used}
@@ -283,8 +297,7 @@ class NvmlSession:
                     out.append(("", -1))  # the wait itself failed: the caller decides
                 return out
             if data.eventType & EVENT_XID:
-                out.append((_text(self.lib.nvmlDeviceGetUUID(data.device)),
-                            int(data.eventData)))
+                out.append((_text(self.lib.nvmlDeviceGetUUID(data.device)), int(data.eventData)))
 
     # ---- setters (root only; used only with --allow-power-cap) ---------------------------------
 

@@ -101,16 +101,18 @@ class NvmlBackend:
         for info, gpu_type in zip(infos, types, strict=True):
             mem = info["memory"]
             pci = info["pci"]
-            out.append(GPUInfo(
-                uuid=info["uuid"],
-                gpu_type=gpu_type,
-                node=f"{self.host}/{gpu_type}" if mixed else self.host,
-                index=info["index"],
-                memory_gb=0.0 if is_marker(mem) else round(mem["total"] / GIB, 1),
-                model_name=str(info["name"]),
-                pci_bus_id=None if is_marker(pci) else pci["busId"],
-                mig=not is_marker(info["mig_mode"]) and bool(info["mig_mode"][0]),
-            ))
+            out.append(
+                GPUInfo(
+                    uuid=info["uuid"],
+                    gpu_type=gpu_type,
+                    node=f"{self.host}/{gpu_type}" if mixed else self.host,
+                    index=info["index"],
+                    memory_gb=0.0 if is_marker(mem) else round(mem["total"] / GIB, 1),
+                    model_name=str(info["name"]),
+                    pci_bus_id=None if is_marker(pci) else pci["busId"],
+                    mig=not is_marker(info["mig_mode"]) and bool(info["mig_mode"][0]),
+                )
+            )
         return out
 
     def inventory(self) -> list[GPUInfo]:
@@ -122,12 +124,14 @@ class NvmlBackend:
 
     # ---- readings ----------------------------------------------------------------------------
 
-    def sample(self, gpu_ids: list[str], now: float,
-               holders: Mapping[str, str]) -> list[GPUSample]:
+    def sample(self, gpu_ids: list[str], now: float, holders: Mapping[str, str]) -> list[GPUSample]:
         self._poll_events()
-        return [self._to_sample(g, self._session.read(self._index[g], now), now)
-                if g in self._index else GPUSample(gpu_id=g, at=utc(now))  # not on this host
-                for g in gpu_ids]
+        return [
+            self._to_sample(g, self._session.read(self._index[g], now), now)
+            if g in self._index
+            else GPUSample(gpu_id=g, at=utc(now))  # not on this host
+            for g in gpu_ids
+        ]
 
     def _to_sample(self, uuid: str, r: Reading, now: float) -> GPUSample:
         if "lost" in r:
@@ -177,8 +181,10 @@ class NvmlBackend:
 
     def throttle(self, gpu_id: str) -> str:
         if not self.allow_power_cap:
-            return ("warning only: lowering the power limit changes the card for everyone and "
-                    "needs root, so it is off (--allow-power-cap turns it on)")
+            return (
+                "warning only: lowering the power limit changes the card for everyone and "
+                "needs root, so it is off (--allow-power-cap turns it on)"
+            )
         index = self._index[gpu_id]
         caps = self._caps()
         if gpu_id in caps:
@@ -223,7 +229,8 @@ class NvmlBackend:
         except (OSError, ValueError) as exc:
             raise StateDirError(
                 f"{self._caps_file} is unreadable ({exc}); it holds the power limits to "
-                "restore: restore them with nvidia-smi -pl, then delete the file") from None
+                "restore: restore them with nvidia-smi -pl, then delete the file"
+            ) from None
         return caps
 
     def _save(self, caps: dict[str, dict[str, int]]) -> None:

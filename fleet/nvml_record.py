@@ -52,15 +52,15 @@ def record(
             break
         sleep(max(0.0, at - clock()))
         now = clock()
-        samples.extend(session.read(i, now) | {"phase": phase}
-                       for i in range(len(session.handles)))
+        samples.extend(session.read(i, now) | {"phase": phase} for i in range(len(session.handles)))
         tick += 1
     return {
-        "meta": session.system() | {
+        "meta": session.system()
+        | {
             "period_s": period,
             "binding": binding_version(),
             "recorded": f"{datetime.fromtimestamp(started, UTC):%Y-%m-%d %H:%M:%S} UTC, "
-                        f"{len(inventory)} GPU(s), gpu-agent nvml record",
+            f"{len(inventory)} GPU(s), gpu-agent nvml record",
             "phases": {phase: "as labelled by --phase"},
         },
         "device_count": len(inventory),

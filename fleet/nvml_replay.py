@@ -75,18 +75,26 @@ class Recording:
         if not isinstance(raw, dict):
             raise InvalidInput(f"{source}: expected a JSON object")
         inventory, samples = raw.get("inventory"), raw.get("samples")
-        if not isinstance(inventory, list) or not inventory or not all(
-                isinstance(g, dict) and isinstance(g.get("uuid"), str) for g in inventory):
+        if (
+            not isinstance(inventory, list)
+            or not inventory
+            or not all(isinstance(g, dict) and isinstance(g.get("uuid"), str) for g in inventory)
+        ):
             raise InvalidInput(f"{source}: 'inventory' must list GPUs, each with a 'uuid'")
         if not isinstance(samples, list) or not samples:
             raise InvalidInput(f"{source}: 'samples' must be a non-empty list")
         by_gpu: dict[int, list[dict[str, Any]]] = {}
         for i, s in enumerate(samples):
-            if not (isinstance(s, dict) and isinstance(s.get("gpu"), int)
-                    and 0 <= s["gpu"] < len(inventory)
-                    and isinstance(s.get("t"), int | float) and math.isfinite(s["t"])):
-                raise InvalidInput(f"{source}: sample {i} needs 'gpu' (an inventory index) "
-                                   "and a finite 't'")
+            if not (
+                isinstance(s, dict)
+                and isinstance(s.get("gpu"), int)
+                and 0 <= s["gpu"] < len(inventory)
+                and isinstance(s.get("t"), int | float)
+                and math.isfinite(s["t"])
+            ):
+                raise InvalidInput(
+                    f"{source}: sample {i} needs 'gpu' (an inventory index) and a finite 't'"
+                )
             by_gpu.setdefault(s["gpu"], []).append(s)
         if len(by_gpu) != len(inventory):
             raise InvalidInput(f"{source}: every GPU of the inventory needs samples")
@@ -96,8 +104,12 @@ class Recording:
         if not isinstance(events, list):
             raise InvalidInput(f"{source}: 'events' must be a list")
         meta = raw.get("meta", {})
-        return cls(meta if isinstance(meta, dict) else {}, inventory, by_gpu,
-                   sorted(events, key=lambda e: e["t"]))
+        return cls(
+            meta if isinstance(meta, dict) else {},
+            inventory,
+            by_gpu,
+            sorted(events, key=lambda e: e["t"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -181,19 +193,26 @@ class FakeNvml:
     def _enter(self, name: str, handle: _Handle | None = None) -> None:
         if name in self.faults:
             raise _error(self.faults[name])
-        if handle is not None and (handle.index in self.lost
-                                   or "lost" in self._sample(handle.index)):
+        if handle is not None and (
+            handle.index in self.lost or "lost" in self._sample(handle.index)
+        ):
             raise _error(nvml.GPU_IS_LOST)
 
     def _static(self, name: str, handle: _Handle, key: str) -> Any:
         self._enter(name, handle)
-        return _raise_marker(self.recording.inventory[handle.index].get(
-            key, {"nvml_error": "Not Supported", "class": "NVMLError_NotSupported"}))
+        return _raise_marker(
+            self.recording.inventory[handle.index].get(
+                key, {"nvml_error": "Not Supported", "class": "NVMLError_NotSupported"}
+            )
+        )
 
     def _dynamic(self, name: str, handle: _Handle, key: str) -> Any:
         self._enter(name, handle)
-        return _raise_marker(self._sample(handle.index).get(
-            key, {"nvml_error": "Not Supported", "class": "NVMLError_NotSupported"}))
+        return _raise_marker(
+            self._sample(handle.index).get(
+                key, {"nvml_error": "Not Supported", "class": "NVMLError_NotSupported"}
+            )
+        )
 
     # ---- system ----------------------------------------------------------------------------
 
@@ -251,8 +270,9 @@ class FakeNvml:
         return int(mode[0]), int(mode[1])
 
     def nvmlDeviceGetPowerManagementLimitConstraints(self, h: _Handle) -> tuple[int, int]:
-        lo, hi = self._static("nvmlDeviceGetPowerManagementLimitConstraints", h,
-                              "power_limit_constraints")
+        lo, hi = self._static(
+            "nvmlDeviceGetPowerManagementLimitConstraints", h, "power_limit_constraints"
+        )
         return int(lo), int(hi)
 
     def nvmlDeviceGetPowerManagementDefaultLimit(self, h: _Handle) -> int:
@@ -267,8 +287,11 @@ class FakeNvml:
         return self._power_limit.get(h.index, value)
 
     def nvmlDeviceGetTemperatureThreshold(self, h: _Handle, which: int) -> int:
-        key = {nvml.THRESHOLD_SLOWDOWN: "temp_slowdown", nvml.THRESHOLD_SHUTDOWN:
-               "temp_shutdown", nvml.THRESHOLD_GPU_MAX: "temp_gpu_max"}.get(which, "")
+        key = {
+            nvml.THRESHOLD_SLOWDOWN: "temp_slowdown",
+            nvml.THRESHOLD_SHUTDOWN: "temp_shutdown",
+            nvml.THRESHOLD_GPU_MAX: "temp_gpu_max",
+        }.get(which, "")
         return int(self._static("nvmlDeviceGetTemperatureThreshold", h, key))
 
     def nvmlDeviceGetMaxClockInfo(self, h: _Handle, clock: int) -> int:
@@ -303,15 +326,21 @@ class FakeNvml:
         return int(self._dynamic("nvmlDeviceGetClockInfo", h, key))
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, h: _Handle) -> int:
-        return int(self._dynamic("nvmlDeviceGetCurrentClocksEventReasons", h,
-                                 "clock_event_reasons"))
+        return int(
+            self._dynamic("nvmlDeviceGetCurrentClocksEventReasons", h, "clock_event_reasons")
+        )
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: _Handle) -> list[SimpleNamespace]:
         procs = self._dynamic("nvmlDeviceGetComputeRunningProcesses", h, "procs")
-        return [SimpleNamespace(pid=p["pid"], usedGpuMemory=p.get("usedGpuMemory"),
-                                gpuInstanceId=p.get("gpuInstanceId", 0xFFFFFFFF),
-                                computeInstanceId=p.get("computeInstanceId", 0xFFFFFFFF))
-                for p in procs]
+        return [
+            SimpleNamespace(
+                pid=p["pid"],
+                usedGpuMemory=p.get("usedGpuMemory"),
+                gpuInstanceId=p.get("gpuInstanceId", 0xFFFFFFFF),
+                computeInstanceId=p.get("computeInstanceId", 0xFFFFFFFF),
+            )
+            for p in procs
+        ]
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -331,12 +360,14 @@ class FakeNvml:
 
     def nvmlEventSetWait_v2(self, event_set: object, timeout_ms: int) -> SimpleNamespace:
         self._enter("nvmlEventSetWait_v2")
-        if self._delivered < len(self._events) and \
-                self._events[self._delivered]["t"] <= self.now():
+        if self._delivered < len(self._events) and self._events[self._delivered]["t"] <= self.now():
             event = self._events[self._delivered]
             self._delivered += 1
-            return SimpleNamespace(device=_Handle(int(event["gpu"])),
-                                   eventType=nvml.EVENT_XID, eventData=int(event["xid"]))
+            return SimpleNamespace(
+                device=_Handle(int(event["gpu"])),
+                eventType=nvml.EVENT_XID,
+                eventData=int(event["xid"]),
+            )
         raise _error(nvml.TIMEOUT)
 
     # ---- setters ----------------------------------------------------------------------------

@@ -79,19 +79,32 @@ def decide(
         rate = worst_case_usd / me.hours
         # the lease the budget less the spend admits: never more, and never shortened for
         # what the running allocations hold, which comes back when they end
-        lease = admitted_hours(me.hours, rate, admissible_usd(
-            snap.budget_usd, snap.spent_usd, 0.0, snap.usage_factor), share)
-        expected = f"expected ${worst_case_usd * snap.usage_factor:.2f} (worst case " \
-            f"${worst_case_usd:.2f})"
+        lease = admitted_hours(
+            me.hours,
+            rate,
+            admissible_usd(snap.budget_usd, snap.spent_usd, 0.0, snap.usage_factor),
+            share,
+        )
+        expected = (
+            f"expected ${worst_case_usd * snap.usage_factor:.2f} (worst case ${worst_case_usd:.2f})"
+        )
         if lease is None:
             left = max(snap.budget_usd - snap.spent_usd, 0)
-            return Decision(Kind.DENY, f"budget: {expected} > the ${left:.2f} left of "
-                            f"{me.project}'s ${snap.budget_usd:.2f}" + even_shortened(share))
-        if not admits(lease * rate, admissible_usd(snap.budget_usd, snap.spent_usd,
-                                                   snap.committed_usd, snap.usage_factor)):
-            return Decision(Kind.QUEUE, f"budget: {expected} waits for the "
-                            f"${snap.committed_usd:.2f} {me.project}'s running allocations "
-                            "are expected to cost")
+            return Decision(
+                Kind.DENY,
+                f"budget: {expected} > the ${left:.2f} left of "
+                f"{me.project}'s ${snap.budget_usd:.2f}" + even_shortened(share),
+            )
+        if not admits(
+            lease * rate,
+            admissible_usd(snap.budget_usd, snap.spent_usd, snap.committed_usd, snap.usage_factor),
+        ):
+            return Decision(
+                Kind.QUEUE,
+                f"budget: {expected} waits for the "
+                f"${snap.committed_usd:.2f} {me.project}'s running allocations "
+                "are expected to cost",
+            )
         me = replace(me, hours=lease) if lease < asked else me
     quota = config.quotas.max_gpus(me.project)
     held = snap.active_gpus.get(me.project, 0)
@@ -175,12 +188,16 @@ def _live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
     """Waiting requests still polling and not held back by their quota."""
     settings = config.scheduler
     stale_after = settings.stale_after_polls * settings.poll_seconds
-    return [t for t in snap.waiting
-            if snap.now - t.heartbeat_at <= stale_after and not _over_quota(t, snap, config)]
+    return [
+        t
+        for t in snap.waiting
+        if snap.now - t.heartbeat_at <= stale_after and not _over_quota(t, snap, config)
+    ]
 
 
-def _fair_key(snap: Snapshot, config: FleetConfig,
-              tickets: list[Ticket]) -> Callable[[Ticket], tuple[float, float]]:
+def _fair_key(
+    snap: Snapshot, config: FleetConfig, tickets: list[Ticket]
+) -> Callable[[Ticket], tuple[float, float]]:
     """Multifactor score (then the earlier request) among the projects of `tickets`."""
     settings = config.scheduler
     factors = fair_share_factors(snap.usage, config.shares, [t.project for t in tickets])

@@ -60,8 +60,12 @@ class RayFleet:
         self._config = config
         self._owns = not ray.is_initialized()  # disconnect on close only if we connected
         if self._owns:
-            ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False,
-                     logging_level=logging.ERROR)
+            ray.init(
+                address=address or "auto",
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
         self._inventory = self._discover()
         self._alive = {node_of(g.uuid) for g in self._inventory}
         self._lost: dict[str, str] = {}
@@ -73,15 +77,26 @@ class RayFleet:
             gpus = int(node["Resources"].get("GPU", 0)) if node["Alive"] else 0
             if not gpus:
                 continue
-            kinds = [k.removeprefix(_ACCELERATOR) for k in node["Resources"]
-                     if k.startswith(_ACCELERATOR)]
+            kinds = [
+                k.removeprefix(_ACCELERATOR)
+                for k in node["Resources"]
+                if k.startswith(_ACCELERATOR)
+            ]
             model = kinds[0] if kinds else "GPU"
             gpu_type = gpu_type_of(model, self._config.catalog)
             spec = self._config.catalog.get(gpu_type)
             name = f"{node['NodeManagerHostname']}-{node['NodeID'][:8]}"
-            out += [GPUInfo(uuid=gpu_id(node["NodeID"], i), gpu_type=gpu_type, node=name,
-                            index=i, memory_gb=spec.memory_gb if spec else 0.0,
-                            model_name=model) for i in range(gpus)]
+            out += [
+                GPUInfo(
+                    uuid=gpu_id(node["NodeID"], i),
+                    gpu_type=gpu_type,
+                    node=name,
+                    index=i,
+                    memory_gb=spec.memory_gb if spec else 0.0,
+                    model_name=model,
+                )
+                for i in range(gpus)
+            ]
         return out
 
     def inventory(self) -> list[GPUInfo]:
@@ -93,8 +108,7 @@ class RayFleet:
 
     # ---- readings and health -----------------------------------------------------------------
 
-    def sample(self, gpu_ids: list[str], now: float,
-               holders: Mapping[str, str]) -> list[GPUSample]:
+    def sample(self, gpu_ids: list[str], now: float, holders: Mapping[str, str]) -> list[GPUSample]:
         self._check_nodes()
         return [GPUSample(gpu_id=g, at=utc(now), health=self._lost.get(g)) for g in gpu_ids]
 
@@ -129,13 +143,17 @@ class RayFleet:
         group = placement_group(
             [{"GPU": 1} for _ in gpu_ids],
             strategy="STRICT_PACK" if len(set(nodes)) == 1 else "PACK",
-            name=PREFIX + allocation_id, lifetime="detached",
-            bundle_label_selector=[{"ray.io/node-id": n} for n in nodes])
+            name=PREFIX + allocation_id,
+            lifetime="detached",
+            bundle_label_selector=[{"ray.io/node-id": n} for n in nodes],
+        )
         if group.wait(RESERVE_TIMEOUT_S):
             return None
         remove_placement_group(group)
-        return (f"the Ray cluster could not reserve {len(gpu_ids)} GPU(s) on "
-                f"{', '.join(sorted(set(nodes)))} within {RESERVE_TIMEOUT_S:g} s")
+        return (
+            f"the Ray cluster could not reserve {len(gpu_ids)} GPU(s) on "
+            f"{', '.join(sorted(set(nodes)))} within {RESERVE_TIMEOUT_S:g} s"
+        )
 
     def free(self, allocation_id: str) -> None:
         try:
@@ -146,5 +164,8 @@ class RayFleet:
 
     def reservations(self) -> dict[str, dict[str, Any]]:
         """Live placement groups of gpu-agent: allocation id -> Ray's record of it."""
-        return {g["name"].removeprefix(PREFIX): g for g in placement_group_table().values()
-                if g["name"].startswith(PREFIX) and g["state"] != "REMOVED"}
+        return {
+            g["name"].removeprefix(PREFIX): g
+            for g in placement_group_table().values()
+            if g["name"].startswith(PREFIX) and g["state"] != "REMOVED"
+        }

@@ -56,8 +56,10 @@ def _option(
         why_not = f"${cost:.2f} > request budget ${request.budget_limit:.2f}"
     elif admitted is None:
         assert remaining_usd is not None
-        why_not = (f"${cost:.2f} > the ${max(remaining_usd, 0):.2f} the project's remaining "
-                   "budget admits" + even_shortened(config.limits.min_lease_share))
+        why_not = (
+            f"${cost:.2f} > the ${max(remaining_usd, 0):.2f} the project's remaining "
+            "budget admits" + even_shortened(config.limits.min_lease_share)
+        )
     lease = hours if admitted is None else admitted
     return RouteOption(
         gpu_type=gpu_type,
@@ -80,8 +82,11 @@ def types_for(request: GPURequest, config: FleetConfig) -> list[str]:
 
 
 def route(
-    request: GPURequest, config: FleetConfig, remaining_usd: float | None,
-    starts_in: Mapping[str, float] | None = None, used_share: float = 1.0,
+    request: GPURequest,
+    config: FleetConfig,
+    remaining_usd: float | None,
+    starts_in: Mapping[str, float] | None = None,
+    used_share: float = 1.0,
 ) -> RouteDecision | Refusal:
     """The type for `request`. `remaining_usd` (Ledger.remaining_usd with running=False: the
     largest worst case the project's budget admits once its running work has ended, by the
@@ -94,8 +99,11 @@ def route(
     fleet.budget); without it, or when none can start now, the cheapest."""
     options = sorted(  # by price per unit of work, whatever lease the budget leaves
         (_option(request, config, t, remaining_usd) for t in types_for(request, config)),
-        key=lambda o: (o.price_per_hour / o.relative_throughput, -o.relative_throughput,
-                       o.gpu_type),
+        key=lambda o: (
+            o.price_per_hour / o.relative_throughput,
+            -o.relative_throughput,
+            o.gpu_type,
+        ),
     )
     feasible = [o for o in options if o.feasible]
     if request.gpu_type:
@@ -126,16 +134,20 @@ def route(
         est_hours=chosen.est_hours,
         est_cost_usd=chosen.est_cost_usd,
         reason=f"{why}: {chosen.gpu_type} x{request.count} for {chosen.est_hours:.2f} h, "
-        f"${chosen.est_cost_usd:.2f}" + (
+        f"${chosen.est_cost_usd:.2f}"
+        + (
             f" (the project's budget shortens the {chosen.asked_hours:.2f} h lease)"
-            if chosen.asked_hours is not None else ""),
+            if chosen.asked_hours is not None
+            else ""
+        ),
         alternatives=[o for o in options if o.gpu_type != chosen.gpu_type],
         asked_hours=chosen.asked_hours,
     )
 
 
-def _cheapest_in_time(feasible: list[RouteOption], starts_in: Mapping[str, float] | None,
-                      used_share: float) -> tuple[RouteOption, str]:
+def _cheapest_in_time(
+    feasible: list[RouteOption], starts_in: Mapping[str, float] | None, used_share: float
+) -> tuple[RouteOption, str]:
     """The cheapest option that starts now, or a cheaper one that, waiting for its GPUs,
     finishes no later than that one would: waits at most the time it saves on the share
     of the lease it is expected to use. With nothing free now, the cheapest."""
@@ -146,11 +158,13 @@ def _cheapest_in_time(feasible: list[RouteOption], starts_in: Mapping[str, float
     if not ready or ready[0] is feasible[0]:
         return (ready or feasible)[0], why
     free_now = ready[0]
-    for o in feasible[:feasible.index(free_now)]:
+    for o in feasible[: feasible.index(free_now)]:
         wait = starts_in.get(o.gpu_type, math.inf)
         if wait <= used_share * (_work_hours(free_now) - _work_hours(o)):
-            return o, (f"{why}: {o.gpu_type} is full but frees within {wait:.2f} h, so it "
-                       f"finishes before {free_now.gpu_type} started now would")
+            return o, (
+                f"{why}: {o.gpu_type} is full but frees within {wait:.2f} h, so it "
+                f"finishes before {free_now.gpu_type} started now would"
+            )
     return free_now, f"{why} free now ({feasible[0].gpu_type} is full)"
 
 

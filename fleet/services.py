@@ -90,11 +90,12 @@ class Services:
         bad = set(self.check_health())
         holders = self.ledger.holders()
         free = [g.uuid for g in self.inventory if g.uuid not in holders and g.uuid not in bad]
-        bad |= {s.gpu_id for s in self.backend.sample(free, self.clock.now(), {})
-                if s.processes}
+        bad |= {s.gpu_id for s in self.backend.sample(free, self.clock.now(), {}) if s.processes}
         if self._healthy is None or self._healthy[0] != bad:
-            self._healthy = (frozenset(bad), [g for g in self.inventory if g.uuid not in bad]
-                             if bad else self.inventory)
+            self._healthy = (
+                frozenset(bad),
+                [g for g in self.inventory if g.uuid not in bad] if bad else self.inventory,
+            )
         return self._healthy[1]
 
     def starts_in_hours(self, types: Iterable[str], count: int) -> dict[str, float]:
@@ -107,13 +108,15 @@ class Services:
         """Route `request` now, as the route node does: within what the project's budget
         admits once its running work has ended (placement makes it wait for that), with
         each type's wait and the project's usage factor (fleet.routing.route)."""
-        return route(request, self.config,
-                     self.ledger.remaining_usd(request.project, running=False),
-                     self.starts_in_hours(types_for(request, self.config), request.count),
-                     self.ledger.usage_factor(request.project))
+        return route(
+            request,
+            self.config,
+            self.ledger.remaining_usd(request.project, running=False),
+            self.starts_in_hours(types_for(request, self.config), request.count),
+            self.ledger.usage_factor(request.project),
+        )
 
-    def sample(self, gpu_ids: list[str], now: float,
-               holders: dict[str, str]) -> list[GPUSample]:
+    def sample(self, gpu_ids: list[str], now: float, holders: dict[str, str]) -> list[GPUSample]:
         """Read GPUs; those found unhealthy leave placement at once."""
         samples = self.backend.sample(gpu_ids, now, holders)
         bad = {s.gpu_id: s.health for s in samples if s.health}
@@ -135,8 +138,9 @@ class Services:
     def wake_waiters(self, freed: str) -> None:
         """Allocation `freed` let its GPUs go: the queued requests in this process that can
         start now retry now, not at their next poll."""
-        for aid in self.ledger.placeable(self.ledger.get(freed), self.clock.now(),
-                                         self.placeable()):
+        for aid in self.ledger.placeable(
+            self.ledger.get(freed), self.clock.now(), self.placeable()
+        ):
             with self._lock:
                 token = self._wakers.get(aid)
             if token is not None:
@@ -144,8 +148,7 @@ class Services:
 
     def reserve(self, allocation_id: str, gpu_ids: list[str]) -> str | None:
         """Tell a reserving backend (Ray) about a placement; None, or why it could not."""
-        return None if self._reserving is None else \
-            self._reserving.reserve(allocation_id, gpu_ids)
+        return None if self._reserving is None else self._reserving.reserve(allocation_id, gpu_ids)
 
     def free(self, allocation_id: str) -> None:
         if self._reserving is not None:
@@ -166,13 +169,20 @@ class Services:
             self._reserving.reserve(aid, active[aid])
         return freed, made
 
-    def release(self, allocation_id: str, reason: ReleaseReason, *,
-                at: float | None = None, by: str | None = None) -> Release:
+    def release(
+        self,
+        allocation_id: str,
+        reason: ReleaseReason,
+        *,
+        at: float | None = None,
+        by: str | None = None,
+    ) -> Release:
         """Release now, or at `at` (a lease's end that passed unseen), or cancel a queued
         request; its monitor and the queue hear at once. A second release returns the first.
         `by`: who, for the audit log (default: whoever these services act for)."""
-        release = self.ledger.release(allocation_id, reason,
-                                      self.clock.now() if at is None else at, by or self.actor)
+        release = self.ledger.release(
+            allocation_id, reason, self.clock.now() if at is None else at, by or self.actor
+        )
         self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
@@ -194,9 +204,12 @@ class Services:
             return
         with self._lock:
             if self._heartbeat is None:
-                self._heartbeat = Heartbeat(Monitors(self.ledger), self.monitor_kind,
-                                            self.config.monitor.heartbeat_seconds,
-                                            lost=self.wake)
+                self._heartbeat = Heartbeat(
+                    Monitors(self.ledger),
+                    self.monitor_kind,
+                    self.config.monitor.heartbeat_seconds,
+                    lost=self.wake,
+                )
             beat = self._heartbeat
             mine = self._watched.get(thread_id) == allocation_id
         if mine and beat.holds(allocation_id):
@@ -205,7 +218,8 @@ class Services:
         if holder is not None:
             raise MonitoredElsewhere(
                 f"allocation {allocation_id} is monitored by {holder.describe(time.time())}; "
-                "nothing changed (it carries the thread on)")
+                "nothing changed (it carries the thread on)"
+            )
         with self._lock:
             self._watched[thread_id] = allocation_id
 
@@ -214,8 +228,10 @@ class Services:
         was silent longer than heartbeat_stale_seconds): its monitor here must stop."""
         beat = self._heartbeat
         if beat is not None and not beat.holds(allocation_id):
-            raise MonitoredElsewhere(f"allocation {allocation_id} was adopted by another "
-                                     "process while this one was silent; it stops here")
+            raise MonitoredElsewhere(
+                f"allocation {allocation_id} was adopted by another "
+                "process while this one was silent; it stops here"
+            )
 
     def unwatch(self, allocation_id: str) -> None:
         if self._heartbeat is not None:
@@ -231,13 +247,11 @@ class Services:
         if aid is not None:
             self.unwatch(aid)
 
-    def set_budget(self, project: str, budget_usd: float, *, by: str | None = None
-                   ) -> list[Moved]:
+    def set_budget(self, project: str, budget_usd: float, *, by: str | None = None) -> list[Moved]:
         """Set a project's budget; the monitors of allocations whose deadline moved hear at
         once. Returns what moved, and from when to when."""
         check_budget(project, budget_usd)
-        moved = self.ledger.set_budget(project, budget_usd, self.clock.now(),
-                                       by or self.actor)
+        moved = self.ledger.set_budget(project, budget_usd, self.clock.now(), by or self.actor)
         for m in moved:
             self.wake(m.id)
         return moved
@@ -275,10 +289,13 @@ def open_services(
         hardware = choice.hardware
     config = fleet if isinstance(fleet, FleetConfig) else load_fleet(fleet, hardware=hardware)
     if database is not None and not is_postgres(database):
-        raise InvalidInput(f"--database must be a postgresql:// URL, not {database!r} "
-                           "(SQLite, the default, lives in --state-dir)")
-    directory = prepare(state_dir or default_state_dir(), create=create,
-                        ledger_here=database is None)
+        raise InvalidInput(
+            f"--database must be a postgresql:// URL, not {database!r} "
+            "(SQLite, the default, lives in --state-dir)"
+        )
+    directory = prepare(
+        state_dir or default_state_dir(), create=create, ledger_here=database is None
+    )
     clock = clock or clock_for(directory, config.clock)
     if isinstance(choice, BackendChoice):
         assert resolved is not None

@@ -100,9 +100,7 @@ class SimulatedFleet:
     def reset(self, gpu_ids: list[str]) -> None:
         self._throttled.difference_update(gpu_ids)
 
-    def sample(
-        self, gpu_ids: list[str], now: float, holders: Mapping[str, str]
-    ) -> list[GPUSample]:
+    def sample(self, gpu_ids: list[str], now: float, holders: Mapping[str, str]) -> list[GPUSample]:
         return [self._read(self._by_id[g], now, holders.get(g)) for g in gpu_ids]
 
     def _read(self, gpu: GPUInfo, now: float, project: str | None) -> GPUSample:

@@ -274,8 +274,9 @@ class PostgresDatabase(Database):
                 "a postgresql:// database needs psycopg: pip install 'gpu-agent[postgres]'"
             ) from None
         try:
-            self._conn = psycopg.connect(self.url, autocommit=True, row_factory=_row_factory,
-                                         connect_timeout=10)
+            self._conn = psycopg.connect(
+                self.url, autocommit=True, row_factory=_row_factory, connect_timeout=10
+            )
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StateDirError(f"cannot reach the database {self.name}: {reason}") from None
@@ -315,14 +316,23 @@ class PostgresDatabase(Database):
         return self._tx("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY", None)
 
     def tables(self, db: Conn) -> set[str]:
-        return {r[0] for r in db.execute(
-            "SELECT table_name FROM information_schema.tables "
-            "WHERE table_schema = current_schema()")}
+        return {
+            r[0]
+            for r in db.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        }
 
     def columns(self, db: Conn, table: str) -> set[str]:
-        return {r[0] for r in db.execute(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = ?", (table,))}
+        return {
+            r[0]
+            for r in db.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?",
+                (table,),
+            )
+        }
 
     def schema(self, sql: str) -> str:
         return re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)

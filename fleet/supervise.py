@@ -44,7 +44,7 @@ def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
         except OSError:
             continue  # it ended while we looked
         # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(entry.name))
     return sorted(out)
@@ -62,8 +62,7 @@ def check_startable(argv: Sequence[str], env: Mapping[str, str]) -> None:
         if not os.access(program, os.X_OK):
             raise InvalidInput(f"cannot run {program!r}: not executable; nothing was placed")
     elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
-        raise InvalidInput(f"cannot run {program!r}: not found on PATH; nothing was "
-                               "placed")
+        raise InvalidInput(f"cannot run {program!r}: not found on PATH; nothing was placed")
 
 
 class Supervised:

@@ -47,23 +47,27 @@ class Job:
     line: int = 0  # the line of the trace file it came from (0: not from a file)
 
 
-def read_trace(path: str | Path, schema: TraceSchema = PHILLY,
-               limit: int | None = None) -> list[Job]:
+def read_trace(
+    path: str | Path, schema: TraceSchema = PHILLY, limit: int | None = None
+) -> list[Job]:
     """The jobs in submission order (ties by line); with `limit`, the earliest `limit`."""
     if limit is not None and limit < 1:
         raise InvalidInput(f"a trace limit must be at least 1, not {limit}")
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"cannot read trace {path}: {getattr(e, 'strerror', None) or e}"
-                           ) from None
+        raise InvalidInput(
+            f"cannot read trace {path}: {getattr(e, 'strerror', None) or e}"
+        ) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise InvalidInput(f"trace {path} is empty")
     missing = [c for c in schema.columns if c not in reader.fieldnames]
     if missing:
-        raise InvalidInput(f"trace {path} has no column {', '.join(map(repr, missing))} "
-                           f"(its columns: {', '.join(reader.fieldnames)})")
+        raise InvalidInput(
+            f"trace {path} has no column {', '.join(map(repr, missing))} "
+            f"(its columns: {', '.join(reader.fieldnames)})"
+        )
     try:
         jobs = [_job(row, schema, reader.line_num) for row in reader]
     except ValueError as e:
@@ -82,25 +86,33 @@ def _job(row: dict[str, str], schema: TraceSchema, line: int) -> Job:
         if schema.time_format == "epoch":
             submit = float(raw_time)
         else:
-            submit = datetime.strptime(raw_time, schema.time_format).replace(
-                tzinfo=UTC).timestamp()
+            submit = datetime.strptime(raw_time, schema.time_format).replace(tzinfo=UTC).timestamp()
     except ValueError:
         submit = math.nan
     if not math.isfinite(submit):
         raise ValueError(f"cannot read the time {raw_time!r} in column {schema.submit!r}")
     duration = _number(row, schema.duration)
     if duration < 0:
-        raise ValueError(f"column {schema.duration!r} must be a duration of at least 0, "
-                         f"not {row.get(schema.duration)!r}")
+        raise ValueError(
+            f"column {schema.duration!r} must be a duration of at least 0, "
+            f"not {row.get(schema.duration)!r}"
+        )
     gpus = _number(row, schema.gpus)
     if gpus < 1 or gpus != int(gpus):
-        raise ValueError(f"column {schema.gpus!r} must be a whole number of GPUs of at least "
-                         f"1, not {row.get(schema.gpus)!r}")
+        raise ValueError(
+            f"column {schema.gpus!r} must be a whole number of GPUs of at least "
+            f"1, not {row.get(schema.gpus)!r}"
+        )
     project = (row.get(schema.project) or "").strip()
     if not project:
         raise ValueError(f"column {schema.project!r} is empty")
-    return Job(schema.project_prefix + project, submit, int(gpus),
-               duration * schema.duration_seconds / 3600.0, line)
+    return Job(
+        schema.project_prefix + project,
+        submit,
+        int(gpus),
+        duration * schema.duration_seconds / 3600.0,
+        line,
+    )
 
 
 def _number(row: dict[str, str], column: str) -> float:

@@ -55,17 +55,19 @@ def check_against_fleet(request: GPURequest, config: FleetConfig) -> None:
     capacity = max(config.gpus_of_type(t) for t in types)
     if request.count > capacity:
         raise InvalidInput(
-            f"count {request.count} is more than the fleet has ({capacity} x "
-            f"{'/'.join(types)})"
+            f"count {request.count} is more than the fleet has ({capacity} x {'/'.join(types)})"
         )
 
 
 def check_budget(project: str, budget_usd: float) -> None:
     names.check("project", project)
-    if isinstance(budget_usd, bool) or not isinstance(budget_usd, int | float) \
-            or not math.isfinite(budget_usd) or not 0 <= budget_usd <= MAX_USD:
-        raise InvalidInput(f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not "
-                           f"{budget_usd}")
+    if (
+        isinstance(budget_usd, bool)
+        or not isinstance(budget_usd, int | float)
+        or not math.isfinite(budget_usd)
+        or not 0 <= budget_usd <= MAX_USD
+    ):
+        raise InvalidInput(f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {budget_usd}")
 
 
 def refusal(request: GPURequest, config: FleetConfig, remaining_usd: float | None) -> str | None:

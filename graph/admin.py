@@ -73,15 +73,17 @@ def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any
         who = caller_of(get_config())
         if who is not None and not who.may_act_on(row.project):
             raise InvalidInput(f"no allocation {aid!r}")  # another project's: as if none
-        release = svc.release(row.id, ReleaseReason.EXPLICIT,
-                              by=who.name if who is not None else None)
+        release = svc.release(
+            row.id, ReleaseReason.EXPLICIT, by=who.name if who is not None else None
+        )
     except GPUAgentError as exc:
         return {"error": str(exc)}
     return {"release": release.model_dump(mode="json")}
 
 
-def _one_step(state: type[Any], input_schema: type[Any], name: str,
-              node: Any) -> CompiledStateGraph[Any, Context, Any, Any]:
+def _one_step(
+    state: type[Any], input_schema: type[Any], name: str, node: Any
+) -> CompiledStateGraph[Any, Context, Any, Any]:
     builder = StateGraph(state, context_schema=Context, input_schema=input_schema)
     builder.add_node(name.removeprefix("gpu-"), node)
     builder.add_edge(START, name.removeprefix("gpu-"))

@@ -85,10 +85,13 @@ async def _chosen(holder: object) -> list[str]:
     if not isinstance(holder, Mapping):
         return []
     config = holder.get("config")
-    sources = (holder.get("context"),
-               config.get("configurable") if isinstance(config, Mapping) else None)
-    if not any(isinstance(s, Mapping) and any(s.get(k) not in (None, "") for k in BOUND)
-               for s in sources):
+    sources = (
+        holder.get("context"),
+        config.get("configurable") if isinstance(config, Mapping) else None,
+    )
+    if not any(
+        isinstance(s, Mapping) and any(s.get(k) not in (None, "") for k in BOUND) for s in sources
+    ):
         return []
     return await asyncio.to_thread(chosen_context, *sources)
 
@@ -105,8 +108,7 @@ def _check_thread_id(thread_id: object) -> None:
 
 
 @auth.on.threads.create
-async def on_thread_create(ctx: Auth.types.AuthContext,
-                           value: ThreadsCreate) -> None:
+async def on_thread_create(ctx: Auth.types.AuthContext, value: ThreadsCreate) -> None:
     _check_thread_id(value.get("thread_id"))
     who = _who(ctx)
     if not who.admin:  # in place: the server keeps its own reference to the dict
@@ -115,8 +117,7 @@ async def on_thread_create(ctx: Auth.types.AuthContext,
 
 
 @auth.on.threads.create_run
-async def on_run(ctx: Auth.types.AuthContext,
-                 value: RunsCreate) -> dict[str, str] | None:
+async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, str] | None:
     who = _who(ctx)
     # Over MCP a refusal here becomes a 500: the graphs refuse those runs themselves.
     mcp = VIA_MCP in ctx.permissions
@@ -139,12 +140,16 @@ async def on_run(ctx: Auth.types.AuthContext,
     if isinstance(command, dict):
         steered = [k for k in ("update", "goto") if command.get(k) not in (None, {}, [], "")]
         if steered and not who.admin:
-            raise _refuse(f"{who.name} may not steer a run (command {' and '.join(steered)}): "
-                          "only an admin writes a thread's state")
+            raise _refuse(
+                f"{who.name} may not steer a run (command {' and '.join(steered)}): "
+                "only an admin writes a thread's state"
+            )
     if isinstance(command, dict) and "resume" in command:
         if who.role == "member":
-            raise _refuse(f"{who.name} is a member, not an approver: only an approver or an "
-                          "admin decides reviews")
+            raise _refuse(
+                f"{who.name} is a member, not an approver: only an approver or an "
+                "admin decides reviews"
+            )
         answer = command["resume"]
         if who.name != LOCAL.name:  # with tokens, the decision is the caller's
             if isinstance(answer, bool):
@@ -171,10 +176,8 @@ async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] 
         if "metadata" not in value and "action" not in value:
             raise _refuse(f"{who.name} may not write a thread's state: only an admin may")
         metadata = value.get("metadata")
-        if isinstance(metadata, Mapping) and metadata.get("project", who.project) \
-                != who.project:
-            raise _refuse(f"{who.name} may not move a thread to project "
-                          f"{metadata.get('project')}")
+        if isinstance(metadata, Mapping) and metadata.get("project", who.project) != who.project:
+            raise _refuse(f"{who.name} may not move a thread to project {metadata.get('project')}")
     return {"project": who.project or ""}
 
 

@@ -63,9 +63,14 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
     from psycopg_pool import ConnectionPool, PoolTimeout
 
     pool = ConnectionPool(
-        url, connection_class=Connection[DictRow], min_size=1, max_size=max(2, pool_size),
-        open=False, timeout=60.0,
-        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
+        url,
+        connection_class=Connection[DictRow],
+        min_size=1,
+        max_size=max(2, pool_size),
+        open=False,
+        timeout=60.0,
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+    )
     try:
         pool.open(wait=True, timeout=15.0)
         saver = PostgresSaver(pool, serde=serializer())
@@ -82,13 +87,15 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
                 conn.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
     except (Error, PoolTimeout) as exc:
         pool.close()
-        raise StateDirError(f"cannot open checkpoints in {redact(url)}: "
-                            f"{str(exc).strip().splitlines()[0]}") from None
+        raise StateDirError(
+            f"cannot open checkpoints in {redact(url)}: {str(exc).strip().splitlines()[0]}"
+        ) from None
     return saver
 
 
-def open_checkpointer(state_dir: str | Path, database: str | None = None, *,
-                      pool_size: int = 8) -> BaseCheckpointSaver[str]:
+def open_checkpointer(
+    state_dir: str | Path, database: str | None = None, *, pool_size: int = 8
+) -> BaseCheckpointSaver[str]:
     """Where threads are checkpointed: `database` (PostgreSQL) if given, else the state dir.
     Close it with `saver.conn.close()` (a connection or a pool)."""
     if database is not None:

@@ -58,30 +58,44 @@ class _Parser(argparse.ArgumentParser):
 def _error_json(message: str, code: int, kind: str, wanted: bool) -> None:
     """With --json, an error is also one JSON object on stdout (scripts read only stdout)."""
     if wanted:
-        print(json.dumps({"error": flat(message), "exit_code": code, "type": kind}),
-              flush=True)
+        print(json.dumps({"error": flat(message), "exit_code": code, "type": kind}), flush=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent)")
     p.add_argument("--fleet", help="fleet TOML file (env GPU_AGENT_FLEET; default: built-in fleet)")
-    p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="inventory backend (env GPU_AGENT_BACKEND; default simulated): nvml "
-                   "reads this host's GPUs, replay plays a recording, auto picks nvml where "
-                   "a driver is")
-    p.add_argument("--replay", metavar="FILE",
-                   help="the recording --backend replay plays (env GPU_AGENT_REPLAY)")
-    p.add_argument("--ray-address", metavar="ADDRESS",
-                   help="the Ray cluster --backend ray uses (default: env RAY_ADDRESS, else "
-                   "the local one)")
-    p.add_argument("--allow-power-cap", action="store_true",
-                   help="on overheating, lower the GPU's power limit (root; it changes the "
-                   "card for everyone; restored on release). Default: a warning and an event "
-                   "(env GPU_AGENT_ALLOW_POWER_CAP=1)")
-    p.add_argument("--database", metavar="URL",
-                   help="a postgresql:// database for the ledger and the checkpoints, shared by "
-                   "every worker and host (env GPU_AGENT_DATABASE; default: SQLite in "
-                   "--state-dir)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="inventory backend (env GPU_AGENT_BACKEND; default simulated): nvml "
+        "reads this host's GPUs, replay plays a recording, auto picks nvml where "
+        "a driver is",
+    )
+    p.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="the recording --backend replay plays (env GPU_AGENT_REPLAY)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster --backend ray uses (default: env RAY_ADDRESS, else the local one)",
+    )
+    p.add_argument(
+        "--allow-power-cap",
+        action="store_true",
+        help="on overheating, lower the GPU's power limit (root; it changes the "
+        "card for everyone; restored on release). Default: a warning and an event "
+        "(env GPU_AGENT_ALLOW_POWER_CAP=1)",
+    )
+    p.add_argument(
+        "--database",
+        metavar="URL",
+        help="a postgresql:// database for the ledger and the checkpoints, shared by "
+        "every worker and host (env GPU_AGENT_DATABASE; default: SQLite in "
+        "--state-dir)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -101,79 +115,132 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-memory-gb", type=float)
     p.add_argument("--mode", default="budget", choices=["budget", "performance"])
     p.add_argument("--thread-id")
-    p.add_argument("--max-wait", type=float, metavar="MINUTES",
-                   help="give up (exit 4) if not placed within this many minutes")
-    p.add_argument("--resumes", metavar="ALLOCATION",
-                   help="the released allocation whose work this goes on with (its idle "
-                   "release was a pause, not hoarding)")
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        metavar="MINUTES",
+        help="give up (exit 4) if not placed within this many minutes",
+    )
+    p.add_argument(
+        "--resumes",
+        metavar="ALLOCATION",
+        help="the released allocation whose work this goes on with (its idle "
+        "release was a pause, not hoarding)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpu-agent", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="gpu-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("request", help="request GPUs (stays to monitor unless --no-wait)")
     _common(p)
     _request_args(p)
-    p.add_argument("--no-wait", action="store_true",
-                   help="return once placed or queued; a worker or `resume` carries the "
-                   "thread on (until then `status` shows the allocation unmonitored)")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once placed or queued; a worker or `resume` carries the "
+        "thread on (until then `status` shows the allocation unmonitored)",
+    )
 
-    p = sub.add_parser("submit", help="queue a request for `gpu-agent worker` (prints its "
-                       "thread id); any worker on the same --database runs it")
+    p = sub.add_parser(
+        "submit",
+        help="queue a request for `gpu-agent worker` (prints its "
+        "thread id); any worker on the same --database runs it",
+    )
     _common(p)
     _request_args(p)
 
-    p = sub.add_parser("worker", help="serve submitted requests, N at a time, beside other "
-                       "workers; SIGTERM hands running ones back to the others")
+    p = sub.add_parser(
+        "worker",
+        help="serve submitted requests, N at a time, beside other "
+        "workers; SIGTERM hands running ones back to the others",
+    )
     _common(p)
     p.add_argument("--concurrency", type=int, default=4, help="requests run at once (4)")
-    p.add_argument("--lease-seconds", type=float, default=30.0,
-                   help="a dead worker's requests are taken over after this long (30)")
-    p.add_argument("--poll-seconds", type=float, default=1.0,
-                   help="how often an idle worker looks for work (1)")
-    p.add_argument("--exit-when-idle", action="store_true",
-                   help="exit once no request is pending or running on any worker")
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="a dead worker's requests are taken over after this long (30)",
+    )
+    p.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=1.0,
+        help="how often an idle worker looks for work (1)",
+    )
+    p.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="exit once no request is pending or running on any worker",
+    )
 
-    p = sub.add_parser("audit", help="who approved, denied, decided, released and set budgets, "
-                       "and why")
+    p = sub.add_parser(
+        "audit", help="who approved, denied, decided, released and set budgets, and why"
+    )
     _common(p)
     p.add_argument("--project")
     p.add_argument("--limit", type=int, help="the last N entries")
 
     p = sub.add_parser("token", help="identities: tokens mapped to a project and a role")
     tsub = p.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
-    tp = tsub.add_parser("add", help="add an identity and print its new token (shown once); "
-                         "the first must be an admin, later ones need an admin's token")
+    tp = tsub.add_parser(
+        "add",
+        help="add an identity and print its new token (shown once); "
+        "the first must be an admin, later ones need an admin's token",
+    )
     tp.add_argument("name")
     tp.add_argument("--role", required=True, choices=["member", "approver", "admin"])
     tp.add_argument("--project", help="the project a member or approver belongs to")
     _token_opts(tp)
-    _token_opts(tsub.add_parser("list", help="who has a token: names, roles, projects "
-                                "(admins only)"))
-    tp = tsub.add_parser("revoke", help="remove an identity: its token stops working at once "
-                         "(admins only; the last admin stays)")
+    _token_opts(
+        tsub.add_parser("list", help="who has a token: names, roles, projects (admins only)")
+    )
+    tp = tsub.add_parser(
+        "revoke",
+        help="remove an identity: its token stops working at once "
+        "(admins only; the last admin stays)",
+    )
     tp.add_argument("name")
     _token_opts(tp)
 
-    p = sub.add_parser("reviews", help="requests waiting for a human decision (approve with "
-                       "`gpu-agent resume THREAD --approve`)")
+    p = sub.add_parser(
+        "reviews",
+        help="requests waiting for a human decision (approve with "
+        "`gpu-agent resume THREAD --approve`)",
+    )
     _common(p)
 
-    p = sub.add_parser("ui", help="the web page: pending reviews (approve or deny), the fleet, "
-                       "spend; on 127.0.0.1")
+    p = sub.add_parser(
+        "ui", help="the web page: pending reviews (approve or deny), the fleet, spend; on 127.0.0.1"
+    )
     _common(p)
-    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default "
-                   "127.0.0.1); the page answers to it and to the loopback names")
-    p.add_argument("--allow-host", metavar="NAME", action="append", dest="allow_host",
-                   help="another host name the page answers to (repeatable; env "
-                   "GPU_AGENT_UI_HOSTS, comma-separated): requests with any other Host are "
-                   "refused")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to bind (default "
+        "127.0.0.1); the page answers to it and to the loopback names",
+    )
+    p.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        dest="allow_host",
+        help="another host name the page answers to (repeatable; env "
+        "GPU_AGENT_UI_HOSTS, comma-separated): requests with any other Host are "
+        "refused",
+    )
     p.add_argument("--port", type=int, default=8750)
-    p.add_argument("--simulation", metavar="DIR", default="simulation",
-                   help="the `gpu-agent simulate` report whose cost figures the spend page "
-                   "shows (default ./simulation)")
+    p.add_argument(
+        "--simulation",
+        metavar="DIR",
+        default="simulation",
+        help="the `gpu-agent simulate` report whose cost figures the spend page "
+        "shows (default ./simulation)",
+    )
 
     p = sub.add_parser("jobs", help="submitted requests: pending, running (where), done (how)")
     _common(p)
@@ -186,23 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("allocation_id")
 
-    p = sub.add_parser("resume", help="continue a thread from its last checkpoint (and "
-                       "monitor its allocation), or adopt every unmonitored one (--orphans)")
+    p = sub.add_parser(
+        "resume",
+        help="continue a thread from its last checkpoint (and "
+        "monitor its allocation), or adopt every unmonitored one (--orphans)",
+    )
     _common(p)
     p.add_argument("thread_id", nargs="?")
     decision = p.add_mutually_exclusive_group()
     decision.add_argument("--approve", action="store_true", help="approve a pending review")
     decision.add_argument("--deny", action="store_true", help="deny a pending review")
-    p.add_argument("--by", default="cli", help="who decides (recorded; with tokens, the "
-                   "token's name)")
+    p.add_argument(
+        "--by", default="cli", help="who decides (recorded; with tokens, the token's name)"
+    )
     p.add_argument("--comment", default="", help="why (recorded)")
-    p.add_argument("--no-wait", action="store_true",
-                   help="return once the decision is applied and the request placed or "
-                   "queued; a worker or a later `resume` monitors it")
-    p.add_argument("--orphans", action="store_true",
-                   help="adopt every live allocation you may act on that no process monitors "
-                   "(its monitor died, or it was left with --no-wait) and monitor them here "
-                   "until they end")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the decision is applied and the request placed or "
+        "queued; a worker or a later `resume` monitors it",
+    )
+    p.add_argument(
+        "--orphans",
+        action="store_true",
+        help="adopt every live allocation you may act on that no process monitors "
+        "(its monitor died, or it was left with --no-wait) and monitor them here "
+        "until they end",
+    )
 
     p = sub.add_parser("history", help="finished allocations")
     _common(p)
@@ -211,49 +288,87 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("costs", help="spend and remaining budget per project")
     _common(p)
 
-    p = sub.add_parser("serve-metrics", help="serve Prometheus metrics (DCGM names for the "
-                       "GPUs, gpu_agent_* for the ledger) until SIGINT/SIGTERM")
+    p = sub.add_parser(
+        "serve-metrics",
+        help="serve Prometheus metrics (DCGM names for the "
+        "GPUs, gpu_agent_* for the ledger) until SIGINT/SIGTERM",
+    )
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=9400,
-                   help="port to bind (default 9400; 0: any free port)")
+    p.add_argument(
+        "--port", type=int, default=9400, help="port to bind (default 9400; 0: any free port)"
+    )
 
-    p = sub.add_parser("run", help="run a command on an allocation's GPUs "
-                       "(CUDA_VISIBLE_DEVICES = their UUIDs); stop it when the allocation ends",
-                       usage="gpu-agent run (--allocation ID | --project P --count N --hours H)"
-                       " [options] -- COMMAND...")
+    p = sub.add_parser(
+        "run",
+        help="run a command on an allocation's GPUs "
+        "(CUDA_VISIBLE_DEVICES = their UUIDs); stop it when the allocation ends",
+        usage="gpu-agent run (--allocation ID | --project P --count N --hours H)"
+        " [options] -- COMMAND...",
+    )
     _common(p)
-    p.add_argument("--allocation", help="an active allocation (its thread's monitor must be "
-                   "running: gpu-agent request, or resume)")
+    p.add_argument(
+        "--allocation",
+        help="an active allocation (its thread's monitor must be "
+        "running: gpu-agent request, or resume)",
+    )
     p.add_argument("--project", help="request GPUs for this project, then run")
     p.add_argument("--purpose", default="training")
     p.add_argument("--count", type=int)
     p.add_argument("--hours", type=float)
     p.add_argument("--gpu-type")
-    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
-                   help="between SIGTERM and SIGKILL (default 30)")
-    p.add_argument("--notice", type=float, default=0.0, metavar="SECONDS",
-                   help="send --notice-signal this long before the allocation's deadline, "
-                   "for the command to checkpoint (default 0: none; a command that does not "
-                   "handle the signal ends by it, so it is opt-in, as Slurm's --signal)")
-    p.add_argument("--notice-signal", default="USR1", metavar="NAME",
-                   help="USR1 (default), USR2, HUP, INT or TERM")
-    p.add_argument("--requeue", type=int, default=0, metavar="N",
-                   help="with --project: when the allocation ends before the command (lease "
-                   "ran out, a GPU failed), ask again resuming it (ahead of new work) and "
-                   "start the command again to go on from its checkpoint, at most N times "
-                   "(default 0)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="between SIGTERM and SIGKILL (default 30)",
+    )
+    p.add_argument(
+        "--notice",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="send --notice-signal this long before the allocation's deadline, "
+        "for the command to checkpoint (default 0: none; a command that does not "
+        "handle the signal ends by it, so it is opt-in, as Slurm's --signal)",
+    )
+    p.add_argument(
+        "--notice-signal",
+        default="USR1",
+        metavar="NAME",
+        help="USR1 (default), USR2, HUP, INT or TERM",
+    )
+    p.add_argument(
+        "--requeue",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --project: when the allocation ends before the command (lease "
+        "ran out, a GPU failed), ask again resuming it (ahead of new work) and "
+        "start the command again to go on from its checkpoint, at most N times "
+        "(default 0)",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 
-    p = sub.add_parser("studio", help="start the LangGraph dev server (langgraph dev) on "
-                       "127.0.0.1 for Studio, the SDK, RemoteGraph and MCP; no browser")
+    p = sub.add_parser(
+        "studio",
+        help="start the LangGraph dev server (langgraph dev) on "
+        "127.0.0.1 for Studio, the SDK, RemoteGraph and MCP; no browser",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2024)
-    p.add_argument("--config", help="langgraph.json (default: ./langgraph.json, else the "
-                   "project's own)")
-    p.add_argument("--jobs", type=int, default=4, help="runs served at once (default 4; "
-                   "`langgraph dev` alone ran one at a time here, so a status call waited "
-                   "for a monitored allocation to end)")
+    p.add_argument(
+        "--config", help="langgraph.json (default: ./langgraph.json, else the project's own)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=4,
+        help="runs served at once (default 4; "
+        "`langgraph dev` alone ran one at a time here, so a status call waited "
+        "for a monitored allocation to end)",
+    )
 
     p = sub.add_parser("health", help="GPUs taken out of placement (XID errors, lost GPUs)")
     _common(p)
@@ -261,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nvml", help="NVML tools")
     nsub = p.add_subparsers(dest="nvml_command", required=True, parser_class=_Parser)
-    np_ = nsub.add_parser("record", help="record this host's GPUs through NVML (getters "
-                          "only) in the format --backend replay plays")
+    np_ = nsub.add_parser(
+        "record",
+        help="record this host's GPUs through NVML (getters "
+        "only) in the format --backend replay plays",
+    )
     np_.add_argument("--out", required=True, help="the recording (JSON) to write")
     np_.add_argument("--seconds", type=float, default=10.0)
     np_.add_argument("--period", type=float, default=0.25, help="seconds between samples")
@@ -278,52 +396,87 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short story on the simulated fleet in virtual time")
     _common(p)
 
-    p = sub.add_parser("simulate", help="replay a cluster trace through several policies in "
-                       "virtual time and report cost, utilisation, JCT, fairness, hoarding "
-                       "and budget violations side by side")
-    p.add_argument("--trace", required=True, help="trace CSV (submit time, duration, GPUs, "
-                   "project), e.g. ../shared/traces/philly.csv")
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
-                   f"gpu-agent, gpu-agent-no-autorelease (default: {','.join(DEFAULT_POLICIES)})")
+    p = sub.add_parser(
+        "simulate",
+        help="replay a cluster trace through several policies in "
+        "virtual time and report cost, utilisation, JCT, fairness, hoarding "
+        "and budget violations side by side",
+    )
+    p.add_argument(
+        "--trace",
+        required=True,
+        help="trace CSV (submit time, duration, GPUs, project), e.g. ../shared/traces/philly.csv",
+    )
+    p.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
+        f"gpu-agent, gpu-agent-no-autorelease (default: {','.join(DEFAULT_POLICIES)})",
+    )
     p.add_argument("--jobs", type=int, help="only the earliest N jobs of the trace")
-    p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace "
-                   "fleet)")
-    p.add_argument("--out", default="simulation", metavar="DIR",
-                   help="where report.md, metrics.json, the plots and each gpu-agent policy's "
-                   "ledger go (default: ./simulation)")
+    p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace fleet)")
+    p.add_argument(
+        "--out",
+        default="simulation",
+        metavar="DIR",
+        help="where report.md, metrics.json, the plots and each gpu-agent policy's "
+        "ledger go (default: ./simulation)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the workload's seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    p = sub.add_parser("analyze", help="usage patterns of the allocation history: demand "
-                       "against capacity, queueing, idle and hoarded GPU-hours, bottlenecks, "
-                       "recommendations and plots")
-    p.add_argument("--state-dir", help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent)"
-                   "; its ledger is only read")
-    p.add_argument("--fleet", help="fleet TOML file (default: the state directory's fleet.toml "
-                   "if there is one, else env GPU_AGENT_FLEET, else the built-in fleet)")
-    p.add_argument("--since", metavar="DATE",
-                   help="keep allocations enqueued at or after this ISO date or datetime (UTC)")
-    p.add_argument("--until", metavar="DATE",
-                   help="keep allocations enqueued before this ISO date or datetime (UTC)")
-    p.add_argument("--out", metavar="DIR", help="directory for the PNG plots "
-                   "(default: <state-dir>/analysis)")
+    p = sub.add_parser(
+        "analyze",
+        help="usage patterns of the allocation history: demand "
+        "against capacity, queueing, idle and hoarded GPU-hours, bottlenecks, "
+        "recommendations and plots",
+    )
+    p.add_argument(
+        "--state-dir",
+        help="state directory (env GPU_AGENT_HOME, default ./.gpu-agent); its ledger is only read",
+    )
+    p.add_argument(
+        "--fleet",
+        help="fleet TOML file (default: the state directory's fleet.toml "
+        "if there is one, else env GPU_AGENT_FLEET, else the built-in fleet)",
+    )
+    p.add_argument(
+        "--since",
+        metavar="DATE",
+        help="keep allocations enqueued at or after this ISO date or datetime (UTC)",
+    )
+    p.add_argument(
+        "--until",
+        metavar="DATE",
+        help="keep allocations enqueued before this ISO date or datetime (UTC)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="directory for the PNG plots (default: <state-dir>/analysis)"
+    )
     p.add_argument("--no-plots", action="store_true", help="write no plots")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser("council", help="the neural council's weights")
     csub = p.add_subparsers(dest="council_command", required=True, parser_class=_Parser)
-    cp = csub.add_parser("train", help="build the data, train, calibrate, evaluate and write "
-                         "weights plus a model card (deterministic given --seed)")
+    cp = csub.add_parser(
+        "train",
+        help="build the data, train, calibrate, evaluate and write "
+        "weights plus a model card (deterministic given --seed)",
+    )
     cp.add_argument("--fleet", help="fleet TOML file (default: built-in fleet)")
-    cp.add_argument("--out", default="council-weights",
-                    help="directory for council.pt, metrics.json and MODEL_CARD.md; point "
-                    "the fleet file's [council] weights at council.pt to use them")
+    cp.add_argument(
+        "--out",
+        default="council-weights",
+        help="directory for council.pt, metrics.json and MODEL_CARD.md; point "
+        "the fleet file's [council] weights at council.pt to use them",
+    )
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--worlds", type=int, default=16, help="synthetic worlds (at least 3)")
     cp.add_argument("--steps", type=int, default=2000)
-    cp.add_argument("--trace", help="also replay this trace (Philly CSV shape), e.g. "
-                    "../shared/traces/philly.csv")
+    cp.add_argument(
+        "--trace",
+        help="also replay this trace (Philly CSV shape), e.g. ../shared/traces/philly.csv",
+    )
     cp.add_argument("--trace-jobs", type=int, default=30000)
     cp.add_argument("--no-ablations", action="store_true")
     cp.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -331,23 +484,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _orchestrator(
-    args: argparse.Namespace, *, create: bool, config: FleetConfig | None = None,
-    choice: BackendChoice | None = None, pool_size: int = 8, kind: str = "cli",
+    args: argparse.Namespace,
+    *,
+    create: bool,
+    config: FleetConfig | None = None,
+    choice: BackendChoice | None = None,
+    pool_size: int = 8,
+    kind: str = "cli",
 ) -> Orchestrator:
     """For the commands that run threads: the graph and its checkpointer (LangGraph)."""
     from graph.orchestrator import Orchestrator
 
-    orch = Orchestrator(args.state_dir, config or _fleet_file(args),
-                        backend=choice or _backend(args), create=create,
-                        database=_database(args), pool_size=pool_size, monitor_kind=kind)
+    orch = Orchestrator(
+        args.state_dir,
+        config or _fleet_file(args),
+        backend=choice or _backend(args),
+        create=create,
+        database=_database(args),
+        pool_size=pool_size,
+        monitor_kind=kind,
+    )
     _say_backend(orch.services)
     return orch
 
 
 def _records(args: argparse.Namespace, *, create: bool) -> Records:
     """For the commands that only read or write the ledger: no graph, no checkpointer."""
-    records = Records(args.state_dir, _fleet_file(args), backend=_backend(args),
-                      create=create, database=_database(args))
+    records = Records(
+        args.state_dir,
+        _fleet_file(args),
+        backend=_backend(args),
+        create=create,
+        database=_database(args),
+    )
     _say_backend(records.services)
     return records
 
@@ -357,8 +526,11 @@ def _say_backend(services: Services) -> None:
         print(f"gpu-agent: {services.note}", file=sys.stderr)
     problem = getattr(services.backend, "problem", None)
     if problem:
-        print(f"gpu-agent: {services.backend.name}: {problem}; the inventory is empty "
-              "(--backend simulated simulates a fleet)", file=sys.stderr)
+        print(
+            f"gpu-agent: {services.backend.name}: {problem}; the inventory is empty "
+            "(--backend simulated simulates a fleet)",
+            file=sys.stderr,
+        )
 
 
 def _database(args: argparse.Namespace) -> str | None:
@@ -372,11 +544,18 @@ def _fleet_file(args: argparse.Namespace) -> str | None:
 def _backend(args: argparse.Namespace) -> BackendChoice:
     name = args.backend or os.environ.get("GPU_AGENT_BACKEND")
     if name is None and (found := gpus_present()):
-        print(f"gpu-agent: using the simulated fleet (the default), although this host has "
-              f"{found} NVIDIA GPU(s): --backend nvml or auto uses them", file=sys.stderr)
+        print(
+            f"gpu-agent: using the simulated fleet (the default), although this host has "
+            f"{found} NVIDIA GPU(s): --backend nvml or auto uses them",
+            file=sys.stderr,
+        )
     allow = args.allow_power_cap or os.environ.get("GPU_AGENT_ALLOW_POWER_CAP") == "1"
-    return BackendChoice(name or "simulated", args.replay or os.environ.get("GPU_AGENT_REPLAY"),
-                         allow, args.ray_address)
+    return BackendChoice(
+        name or "simulated",
+        args.replay or os.environ.get("GPU_AGENT_REPLAY"),
+        allow,
+        args.ray_address,
+    )
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -424,9 +603,11 @@ def _describe(outcome: RequestOutcome) -> str:
     lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({_q(outcome.reason)})"]
     a = outcome.allocation
     if a is not None:
-        lines.append(f"allocation {a.id}: {a.count} x {a.gpu_type} on {a.node}, "
-                     f"${a.price_per_hour:.3f}/GPU-h, "
-                     f"lease until {a.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+        lines.append(
+            f"allocation {a.id}: {a.count} x {a.gpu_type} on {a.node}, "
+            f"${a.price_per_hour:.3f}/GPU-h, "
+            f"lease until {a.lease_end:%Y-%m-%d %H:%M:%S} UTC"
+        )
         why = lease_note(outcome)
         if why:
             lines.append(why)
@@ -436,8 +617,9 @@ def _describe(outcome: RequestOutcome) -> str:
     if outcome.status is Status.PENDING_REVIEW:
         lines.append(f"decide with: gpu-agent resume {tid} --approve (or --deny)")
     if outcome.status is Status.QUEUED or (outcome.next and outcome.status is Status.ALLOCATED):
-        lines.append(f"nobody monitors it now: a worker adopts it, or carry on with: "
-                     f"gpu-agent resume {tid}")
+        lines.append(
+            f"nobody monitors it now: a worker adopts it, or carry on with: gpu-agent resume {tid}"
+        )
     return "\n".join(lines)
 
 
@@ -448,13 +630,20 @@ def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
 
 def _request_of(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {
-        "project": args.project or _own_project(args), "purpose": args.purpose,
-        "count": args.count, "duration_hours": args.hours, "priority": args.priority,
+        "project": args.project or _own_project(args),
+        "purpose": args.purpose,
+        "count": args.count,
+        "duration_hours": args.hours,
+        "priority": args.priority,
         "mode": args.mode,
     }
-    optional = {"gpu_type": args.gpu_type, "budget_limit": args.budget,
-                "min_memory_gb": args.min_memory_gb, "max_wait_minutes": args.max_wait,
-                "resumes": args.resumes}
+    optional = {
+        "gpu_type": args.gpu_type,
+        "budget_limit": args.budget,
+        "min_memory_gb": args.min_memory_gb,
+        "max_wait_minutes": args.max_wait,
+        "resumes": args.resumes,
+    }
     if args.thread_id is not None:
         names.check("thread id", args.thread_id)
     return raw | {k: v for k, v in optional.items() if v is not None}
@@ -463,12 +652,21 @@ def _request_of(args: argparse.Namespace) -> dict[str, Any]:
 def _own_project(args: argparse.Namespace) -> str:
     """Without --project: the project of the caller's token (a member's or approver's)."""
     directory = Path(args.state_dir or default_state_dir())
-    who = identify(directory, os.environ.get("GPU_AGENT_TOKEN")) \
-        if (directory / ACCESS).exists() else None
+    who = (
+        identify(directory, os.environ.get("GPU_AGENT_TOKEN"))
+        if (directory / ACCESS).exists()
+        else None
+    )
     if who is None or who.project is None:
-        raise InvalidInput("--project is required (" + (
-            "no token names a project of yours" if who is None else
-            f"{who.name} is an {who.role} of every project") + ")")
+        raise InvalidInput(
+            "--project is required ("
+            + (
+                "no token names a project of yours"
+                if who is None
+                else f"{who.name} is an {who.role} of every project"
+            )
+            + ")"
+        )
     return who.project
 
 
@@ -481,26 +679,39 @@ def cmd_request(args: argparse.Namespace) -> int:
         check_against_fleet(request, config)
     with _orchestrator(args, create=True, config=config, choice=choice) as orch:
         live = None if args.json or args.no_wait else _Live()
-        outcome = orch.request(request, thread_id=args.thread_id, wait=not args.no_wait,
-                               on_event=live.event if live else None,
-                               on_progress=live.progress if live else None)
+        outcome = orch.request(
+            request,
+            thread_id=args.thread_id,
+            wait=not args.no_wait,
+            on_event=live.event if live else None,
+            on_progress=live.progress if live else None,
+        )
         if live is not None:
             live.done()
         return _finish(args, outcome)
 
 
 def _job_json(job: Job) -> dict[str, Any]:
-    return {"thread_id": job.thread_id, "state": job.state, "outcome": job.outcome,
-            "worker": job.worker, "attempts": job.attempts, "error": job.error,
-            "project": job.request.project}
+    return {
+        "thread_id": job.thread_id,
+        "state": job.state,
+        "outcome": job.outcome,
+        "worker": job.worker,
+        "attempts": job.attempts,
+        "error": job.error,
+        "project": job.request.project,
+    }
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     request = parse_request(_request_of(args))
     with _orchestrator(args, create=True) as orch:
         job = orch.submit(request, thread_id=args.thread_id)
-        _emit(args, _job_json(job), f"submitted thread {job.thread_id}; a worker runs it "
-              f"(gpu-agent jobs {job.thread_id})")
+        _emit(
+            args,
+            _job_json(job),
+            f"submitted thread {job.thread_id}; a worker runs it (gpu-agent jobs {job.thread_id})",
+        )
     return 0
 
 
@@ -508,10 +719,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with _records(args, create=False) as rec:
         jobs = [rec.job(args.thread_id)] if args.thread_id is not None else rec.jobs()
         counts = JobQueue(rec.services.ledger).counts()
-    lines = [f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {_q(j.request.project):<12} "
-             f"{_q(j.worker or '')}" + (f"  ({_q(j.error)})" if j.error else "") for j in jobs]
-    _emit(args, {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
-          "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]))
+    lines = [
+        f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {_q(j.request.project):<12} "
+        f"{_q(j.worker or '')}" + (f"  ({_q(j.error)})" if j.error else "")
+        for j in jobs
+    ]
+    _emit(
+        args,
+        {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
+        "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]),
+    )
     return 0
 
 
@@ -522,9 +739,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         names.check("project", args.project)
     with _records(args, create=False) as rec:
         entries = rec.audit(args.project, args.limit)
-    lines = [f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {_q(e.action):<8} "
-             f"{_q(e.project):<14} {_q(e.target):<16} by {_q(e.who)}: {_q(e.detail)}"
-             for e in entries]
+    lines = [
+        f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {_q(e.action):<8} "
+        f"{_q(e.project):<14} {_q(e.target):<16} by {_q(e.who)}: {_q(e.detail)}"
+        for e in entries
+    ]
     _emit(args, {"entries": [asdict(e) for e in entries]}, "\n".join(lines) or "no entries")
     return 0
 
@@ -534,20 +753,29 @@ def cmd_token(args: argparse.Namespace) -> int:
         return _token_add(args)
     directory = prepare(args.state_dir or default_state_dir(), create=False, ledger_here=False)
     if not (directory / ACCESS).exists():
-        raise InvalidInput(f"{directory / ACCESS} does not exist: no tokens yet (the state "
-                           "directory is its local user's)")
+        raise InvalidInput(
+            f"{directory / ACCESS} does not exist: no tokens yet (the state "
+            "directory is its local user's)"
+        )
     identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin(
-        f"{args.token_command} identities")
+        f"{args.token_command} identities"
+    )
     if args.token_command == "revoke":
         gone = revoke_identity(directory, args.name)
-        _emit(args, {"revoked": gone.name, "role": gone.role, "project": gone.project},
-              f"{gone.name} ({gone.role}) revoked: its token no longer works")
+        _emit(
+            args,
+            {"revoked": gone.name, "role": gone.role, "project": gone.project},
+            f"{gone.name} ({gone.role}) revoked: its token no longer works",
+        )
         return 0
     everyone = identities(directory)
-    _emit(args, {"identities": [{"name": i.name, "role": i.role, "project": i.project}
-                                for i in everyone]},
-          "\n".join(f"{_q(i.name):<24}{i.role:<10}{_q(i.project or 'every project')}"
-                    for i in everyone))
+    _emit(
+        args,
+        {"identities": [{"name": i.name, "role": i.role, "project": i.project} for i in everyone]},
+        "\n".join(
+            f"{_q(i.name):<24}{i.role:<10}{_q(i.project or 'every project')}" for i in everyone
+        ),
+    )
     return 0
 
 
@@ -556,13 +784,16 @@ def _token_add(args: argparse.Namespace) -> int:
     if (directory / ACCESS).exists():
         identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin("add identities")
     elif args.role != "admin":
-        raise InvalidInput("the first identity must be an admin (who else would set budgets "
-                           "and add the others?)")
+        raise InvalidInput(
+            "the first identity must be an admin (who else would set budgets and add the others?)"
+        )
     token = add_identity(directory, args.name, args.role, args.project)
-    _emit(args, {"name": args.name, "role": args.role, "project": args.project,
-                 "token": token},
-          f"{args.name} ({args.role}{' of ' + args.project if args.project else ''}): "
-          f"GPU_AGENT_TOKEN={token}\n(shown once; {directory / ACCESS} keeps only its hash)")
+    _emit(
+        args,
+        {"name": args.name, "role": args.role, "project": args.project, "token": token},
+        f"{args.name} ({args.role}{' of ' + args.project if args.project else ''}): "
+        f"GPU_AGENT_TOKEN={token}\n(shown once; {directory / ACCESS} keeps only its hash)",
+    )
     return 0
 
 
@@ -576,14 +807,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--port must be 1-65535, not {args.port}")
     extra = [args.host, *(args.allow_host or hosts_from_env())]
     hosts = allowed_hosts(extra)  # checked before anything opens
-    orch = Orchestrator(args.state_dir, _fleet_file(args), backend=_backend(args),
-                        database=_database(args), identity=SERVER, monitor_kind="page")
+    orch = Orchestrator(
+        args.state_dir,
+        _fleet_file(args),
+        backend=_backend(args),
+        database=_database(args),
+        identity=SERVER,
+        monitor_kind="page",
+    )
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"gpu-agent: the page is on http://{shown}:{args.port}/ (it answers to host names "
-          f"{', '.join(sorted(hosts))})", file=sys.stderr, flush=True)
+    print(
+        f"gpu-agent: the page is on http://{shown}:{args.port}/ (it answers to host names "
+        f"{', '.join(sorted(hosts))})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
-        uvicorn.run(create_app(orch, simulation=Path(args.simulation), allowed=extra),
-                    host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(
+            create_app(orch, simulation=Path(args.simulation), allowed=extra),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+        )
     finally:
         orch.close()
     return 0
@@ -592,19 +837,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from graph.worker import Worker
 
-    with _orchestrator(args, create=True, pool_size=args.concurrency + 2,
-                       kind="worker") as orch:
-        worker = Worker(orch, concurrency=args.concurrency, lease_seconds=args.lease_seconds,
-                        poll_seconds=args.poll_seconds, exit_when_idle=args.exit_when_idle)
+    with _orchestrator(args, create=True, pool_size=args.concurrency + 2, kind="worker") as orch:
+        worker = Worker(
+            orch,
+            concurrency=args.concurrency,
+            lease_seconds=args.lease_seconds,
+            poll_seconds=args.poll_seconds,
+            exit_when_idle=args.exit_when_idle,
+        )
         stop = lambda *_: worker.stopping.set()  # noqa: E731
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        print(f"gpu-agent: worker {worker.worker_id} serving {args.concurrency} at a time",
-              file=sys.stderr, flush=True)
+        print(
+            f"gpu-agent: worker {worker.worker_id} serving {args.concurrency} at a time",
+            file=sys.stderr,
+            flush=True,
+        )
         finished = worker.serve()
-        _emit(args, {"worker": worker.worker_id, "finished": dict(finished)},
-              f"worker {worker.worker_id} finished {sum(finished.values())} job(s): "
-              + ", ".join(f"{k} {v}" for k, v in sorted(finished.items())))
+        _emit(
+            args,
+            {"worker": worker.worker_id, "finished": dict(finished)},
+            f"worker {worker.worker_id} finished {sum(finished.values())} job(s): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(finished.items())),
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         # Threads still running graph steps were handed back: leave now, before they write.
@@ -623,13 +878,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
     names.check("thread id", args.thread_id)
     decision = None
     if args.approve or args.deny:
-        decision = parse_decision({"approve": bool(args.approve), "by": args.by,
-                                   "comment": args.comment})
+        decision = parse_decision(
+            {"approve": bool(args.approve), "by": args.by, "comment": args.comment}
+        )
     with _orchestrator(args, create=False) as orch:
         live = None if args.json or args.no_wait else _Live()
-        outcome = orch.resume(args.thread_id, decision, wait=not args.no_wait,
-                              on_event=live.event if live else None,
-                              on_progress=live.progress if live else None)
+        outcome = orch.resume(
+            args.thread_id,
+            decision,
+            wait=not args.no_wait,
+            on_event=live.event if live else None,
+            on_progress=live.progress if live else None,
+        )
         if live is not None:
             live.done()
         return _finish(args, outcome)
@@ -640,14 +900,22 @@ def _adopt(args: argparse.Namespace) -> int:
     with _orchestrator(args, create=False) as orch:
         adopted = orch.adopt()
         if not args.json:
-            print(f"adopted {len(adopted)} allocation(s) nobody monitored"
-                  + "".join(f"\n  {o.row.id}  {_q(o.row.project)}  thread {o.row.thread_id}"
-                            for o, _ in adopted), flush=True)
+            print(
+                f"adopted {len(adopted)} allocation(s) nobody monitored"
+                + "".join(
+                    f"\n  {o.row.id}  {_q(o.row.project)}  thread {o.row.thread_id}"
+                    for o, _ in adopted
+                ),
+                flush=True,
+            )
         for _, thread in adopted:
             thread.join()
         ended = [orch.outcome(o.row.thread_id) for o, _ in adopted]
-    _emit(args, {"adopted": [o.to_json() for o in ended]},
-          "\n".join(_describe(o) for o in ended) or "nothing to adopt")
+    _emit(
+        args,
+        {"adopted": [o.to_json() for o in ended]},
+        "\n".join(_describe(o) for o in ended) or "nothing to adopt",
+    )
     return 0
 
 
@@ -658,20 +926,28 @@ def cmd_reviews(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for out, asked in waiting:
         req = out.request
-        rows.append({"thread_id": out.thread_id, "project": asked.project,
-                     "requested_by": req.requested_by if req else None,
-                     "count": req.count if req else None,
-                     "gpu_type": req.gpu_type if req else None,
-                     "purpose": req.purpose.value if req else None,
-                     "hours": req.duration_hours if req else None,
-                     "asked_at": datetime.fromtimestamp(asked.at, UTC).isoformat(),
-                     "waiting_s": round(now - asked.at, 1),
-                     "council": out.council.summary if out.council else None})
-    lines = [f"{r['thread_id']}  {_q(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
-             f"({r['purpose']}) for {r['hours']:g} h, asked by "
-             f"{_q(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
-             f"{_q(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
-             "--approve (or --deny) --comment WHY" for r in rows]
+        rows.append(
+            {
+                "thread_id": out.thread_id,
+                "project": asked.project,
+                "requested_by": req.requested_by if req else None,
+                "count": req.count if req else None,
+                "gpu_type": req.gpu_type if req else None,
+                "purpose": req.purpose.value if req else None,
+                "hours": req.duration_hours if req else None,
+                "asked_at": datetime.fromtimestamp(asked.at, UTC).isoformat(),
+                "waiting_s": round(now - asked.at, 1),
+                "council": out.council.summary if out.council else None,
+            }
+        )
+    lines = [
+        f"{r['thread_id']}  {_q(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
+        f"({r['purpose']}) for {r['hours']:g} h, asked by "
+        f"{_q(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
+        f"{_q(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
+        "--approve (or --deny) --comment WHY"
+        for r in rows
+    ]
     _emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")
     return 0
 
@@ -691,37 +967,48 @@ def cmd_release(args: argparse.Namespace) -> int:
         before = rec.services.ledger.get(args.allocation_id)
         release = rec.release(args.allocation_id)  # Forbidden for another project's
         note = " (it was already released)" if before.state == "released" else ""
-        _emit(args, release.model_dump(mode="json") | {"already_released": bool(note)},
-              f"{release.allocation_id}: released ({release.reason.value}) after "
-              f"{release.hours:.2f} h, charged ${release.cost_usd:.2f}{note}")
+        _emit(
+            args,
+            release.model_dump(mode="json") | {"already_released": bool(note)},
+            f"{release.allocation_id}: released ({release.reason.value}) after "
+            f"{release.hours:.2f} h, charged ${release.cost_usd:.2f}{note}",
+        )
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _records(args, create=False) as rec:
         data = rec.status()
-    lines = [f"backend {data['backend']}"
-             + (f": {data['problem']}" if data["problem"] else "")
-             + (f"; not in the fleet catalog, never placed: {', '.join(data['unpriced_types'])}"
-                if data["unpriced_types"] else ""),
-             f"{'GPU':<14}{'type':<9}{'node':<12}{'holder':<22}{'util':>6}{'mem GB':>9}"
-             f"{'temp':>7}{'power':>8}  condition"]
+    lines = [
+        f"backend {data['backend']}"
+        + (f": {data['problem']}" if data["problem"] else "")
+        + (
+            f"; not in the fleet catalog, never placed: {', '.join(data['unpriced_types'])}"
+            if data["unpriced_types"]
+            else ""
+        ),
+        f"{'GPU':<14}{'type':<9}{'node':<12}{'holder':<22}{'util':>6}{'mem GB':>9}"
+        f"{'temp':>7}{'power':>8}  condition",
+    ]
     for g in data["gpus"]:
         holder = f"{_q(g['project'])}/{g['allocation_id']}" if g["allocation_id"] else "-"
         condition = g["condition"] + (f" ({g['unhealthy']})" if g["unhealthy"] else "")
-        lines.append(f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
-                     f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
-                     f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}")
+        lines.append(
+            f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
+            f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
+            f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}"
+        )
     live = [a for a in data["allocations"] if a["state"] != "released"]
     lines += [f"problem: {_q(p)}" for p in data["problems"]]
     lines.append("")
-    lines.append(f"{len(live)} live allocation(s), "
-                 f"{len(data['allocations']) - len(live)} released")
+    lines.append(f"{len(live)} live allocation(s), {len(data['allocations']) - len(live)} released")
     for a in live:
         until = f"until {a['deadline']}" if a["state"] == "active" else "waiting"
         watched = f"monitored by {a['monitor']}" if a["monitored"] else "NOT MONITORED"
-        lines.append(f"  {a['id']}  {_q(a['project']):<12} {a['state']:<7} {a['count']} x "
-                     f"{a['gpu_type']:<8} {until}  {watched}")
+        lines.append(
+            f"  {a['id']}  {_q(a['project']):<12} {a['state']:<7} {a['count']} x "
+            f"{a['gpu_type']:<8} {until}  {watched}"
+        )
     _emit(args, data, "\n".join(lines))
     return 0
 
@@ -738,18 +1025,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.grace < 0 or args.notice < 0 or args.requeue < 0:
         raise InvalidInput("--grace, --notice and --requeue must not be negative")
     if args.requeue and args.allocation is not None:
-        raise InvalidInput("--requeue needs --project: an allocation given with --allocation "
-                           "is its owner's to ask for again")
+        raise InvalidInput(
+            "--requeue needs --project: an allocation given with --allocation "
+            "is its owner's to ask for again"
+        )
     if args.notice_signal.upper().removeprefix("SIG") not in NOTICE_SIGNALS:
-        raise InvalidInput(f"--notice-signal must be one of {', '.join(NOTICE_SIGNALS)}, not "
-                           f"{names.shown(args.notice_signal)}")
-    notice = {"notice_s": args.notice, "notice_signal":
-              signal.Signals["SIG" + args.notice_signal.upper().removeprefix("SIG")]}
+        raise InvalidInput(
+            f"--notice-signal must be one of {', '.join(NOTICE_SIGNALS)}, not "
+            f"{names.shown(args.notice_signal)}"
+        )
+    notice = {
+        "notice_s": args.notice,
+        "notice_signal": signal.Signals["SIG" + args.notice_signal.upper().removeprefix("SIG")],
+    }
     check_startable(argv, os.environ)  # before anything is opened or placed
     request = None
     if args.project is not None:
-        raw: dict[str, Any] = {"project": args.project, "purpose": args.purpose,
-                               "count": args.count, "duration_hours": args.hours}
+        raw: dict[str, Any] = {
+            "project": args.project,
+            "purpose": args.purpose,
+            "count": args.count,
+            "duration_hours": args.hours,
+        }
         if args.gpu_type:
             raw["gpu_type"] = args.gpu_type
         request = parse_request(raw)
@@ -759,16 +1056,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with _orchestrator(args, create=request is not None) as orch:
         if request is None:
-            report = run_on(orch, args.allocation, argv, grace_s=args.grace, owned=False,
-                            say=say, **notice)
+            report = run_on(
+                orch, args.allocation, argv, grace_s=args.grace, owned=False, say=say, **notice
+            )
         else:
-            report = request_and_run(orch, request, argv, grace_s=args.grace, say=say,
-                                     requeue=args.requeue, **notice)
+            report = request_and_run(
+                orch, request, argv, grace_s=args.grace, say=say, requeue=args.requeue, **notice
+            )
     if report.on_gpus:
         say(f"processes of the command still on the GPUs: {report.on_gpus}")
     elif report.ended_by != "command":
-        checked = "NVML lists none of its processes on the GPUs" \
-            if report.on_gpus is not None else "this backend lists no GPU processes"
+        checked = (
+            "NVML lists none of its processes on the GPUs"
+            if report.on_gpus is not None
+            else "this backend lists no GPU processes"
+        )
         say(f"the command is gone ({'SIGKILL' if report.killed else 'SIGTERM'}); {checked}")
     if args.json:
         print(json.dumps(report.to_json()))
@@ -780,8 +1082,10 @@ def cmd_studio(args: argparse.Namespace) -> int:
     port known before it starts, so that the Studio link printed is the one it serves."""
     langgraph = Path(sys.executable).with_name("langgraph")
     if not langgraph.exists():
-        raise InvalidInput("langgraph dev is not installed: pip install 'langgraph-cli[inmem]' "
-                           "(the dev extra has it)")
+        raise InvalidInput(
+            "langgraph dev is not installed: pip install 'langgraph-cli[inmem]' "
+            "(the dev extra has it)"
+        )
     if not 0 < args.port < 65536:
         raise InvalidInput(f"--port must be 1-65535, not {args.port}")
     if args.jobs < 1:
@@ -793,12 +1097,26 @@ def cmd_studio(args: argparse.Namespace) -> int:
         raise InvalidInput(f"no {config}: run from the project directory or pass --config")
     port = _studio_port(args.host, args.port)
     os.environ.setdefault("LANGGRAPH_CLI_NO_ANALYTICS", "1")
-    argv = [str(langgraph), "dev", "--no-browser", "--host", args.host, "--port",
-            str(port), "--config", str(config), "--n-jobs-per-worker", str(args.jobs)]
+    argv = [
+        str(langgraph),
+        "dev",
+        "--no-browser",
+        "--host",
+        args.host,
+        "--port",
+        str(port),
+        "--config",
+        str(config),
+        "--n-jobs-per-worker",
+        str(args.jobs),
+    ]
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"gpu-agent: {' '.join(argv[1:])}\nStudio (a hosted page, needs a browser with "
-          f"internet): https://smith.langchain.com/studio/?baseUrl=http://{shown}:{port}",
-          file=sys.stderr, flush=True)
+    print(
+        f"gpu-agent: {' '.join(argv[1:])}\nStudio (a hosted page, needs a browser with "
+        f"internet): https://smith.langchain.com/studio/?baseUrl=http://{shown}:{port}",
+        file=sys.stderr,
+        flush=True,
+    )
     os.execv(argv[0], argv)
 
 
@@ -850,8 +1168,9 @@ def cmd_nvml(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise InvalidInput(f"cannot write {out}: {out.parent} is not a directory")
-    recording = record(NvmlSession(timed=True), seconds=args.seconds, period=args.period,
-                       phase=args.phase)
+    recording = record(
+        NvmlSession(timed=True), seconds=args.seconds, period=args.period, phase=args.phase
+    )
     write(recording, out)
     print(f"{out}: {recording['device_count']} GPU(s), {len(recording['samples'])} samples")
     return 0
@@ -868,8 +1187,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         records = rec.history(args.project)
     lines = [f"{'allocation':<16}{'project':<14}{'GPUs':<14}{'hours':>7}{'cost':>11}  reason"]
     for r in records:
-        lines.append(f"{r.allocation_id:<16}{_q(r.project):<14}{f'{r.count} x {r.gpu_type}':<14}"
-                     f"{r.hours:>7.2f}{f'${r.cost_usd:,.2f}':>11}  {r.reason.value}")
+        lines.append(
+            f"{r.allocation_id:<16}{_q(r.project):<14}{f'{r.count} x {r.gpu_type}':<14}"
+            f"{r.hours:>7.2f}{f'${r.cost_usd:,.2f}':>11}  {r.reason.value}"
+        )
     _emit(args, {"records": [r.model_dump(mode="json") for r in records]}, "\n".join(lines))
     return 0
 
@@ -881,12 +1202,21 @@ def cmd_costs(args: argparse.Namespace) -> int:
     lines = [f"{'project':<16}{'spent':>12}{'running':>12}{'budget':>12}{'remaining':>12}"]
     for c in costs:
         remaining = None if c.budget_usd is None else c.budget_usd - c.spent_usd - c.committed_usd
-        rows.append({"project": c.project, "spent_usd": c.spent_usd,
-                     "accrued_usd": c.accrued_usd, "committed_usd": c.committed_usd,
-                     "budget_usd": c.budget_usd, "remaining_usd": remaining})
-        lines.append(f"{_q(c.project):<16}{f'${c.spent_usd:,.2f}':>12}"
-                     f"{f'${c.accrued_usd:,.2f}':>12}"
-                     f"{_usd(c.budget_usd):>12}{_usd(remaining):>12}")
+        rows.append(
+            {
+                "project": c.project,
+                "spent_usd": c.spent_usd,
+                "accrued_usd": c.accrued_usd,
+                "committed_usd": c.committed_usd,
+                "budget_usd": c.budget_usd,
+                "remaining_usd": remaining,
+            }
+        )
+        lines.append(
+            f"{_q(c.project):<16}{f'${c.spent_usd:,.2f}':>12}"
+            f"{f'${c.accrued_usd:,.2f}':>12}"
+            f"{_usd(c.budget_usd):>12}{_usd(remaining):>12}"
+        )
     _emit(args, {"projects": rows}, "\n".join(lines))
     return 0
 
@@ -900,11 +1230,23 @@ def cmd_budget(args: argparse.Namespace) -> int:
     with _records(args, create=True) as rec:
         moved = rec.set_budget(args.project, args.usd)
     note = f"; {describe_moves(moved)}" if moved else "; no running allocation had to move"
-    _emit(args, {"project": args.project, "budget_usd": args.usd,
-                 "moved": [{"allocation_id": m.id, "earlier": m.earlier,
-                            "deadline_before": m.before, "deadline_after": m.after}
-                           for m in moved]},
-          f"budget of {args.project}: ${args.usd:,.2f}{note}")
+    _emit(
+        args,
+        {
+            "project": args.project,
+            "budget_usd": args.usd,
+            "moved": [
+                {
+                    "allocation_id": m.id,
+                    "earlier": m.earlier,
+                    "deadline_before": m.before,
+                    "deadline_after": m.after,
+                }
+                for m in moved
+            ],
+        },
+        f"budget of {args.project}: ${args.usd:,.2f}{note}",
+    )
     return 0
 
 
@@ -912,8 +1254,11 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
     from graph.metrics import MetricsServer, serve_until_signalled
 
     def ready(server: MetricsServer) -> None:
-        _emit(args, {"host": server.host, "port": server.port, "url": server.url},
-              f"serving metrics on {server.url}")
+        _emit(
+            args,
+            {"host": server.host, "port": server.port, "url": server.url},
+            f"serving metrics on {server.url}",
+        )
         sys.stdout.flush()
 
     if not 0 <= args.port <= 65535:
@@ -922,8 +1267,9 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
         try:
             serve_until_signalled(orch.services, args.host, args.port, on_ready=ready)
         except OSError as exc:  # the port is taken, the address is not this machine's
-            raise InvalidInput(f"cannot serve on {args.host}:{args.port}: "
-                               f"{exc.strerror or exc}") from None
+            raise InvalidInput(
+                f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}"
+            ) from None
     return 0
 
 
@@ -944,8 +1290,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise InvalidInput(f"--jobs must be at least 1, not {args.jobs}")
     name, text = fleet_source(args.fleet)
-    sim = simulate(args.trace, policies, parse_fleet(text, source=f"fleet file {name}"), name,
-                   Path(args.out), jobs=args.jobs, seed=args.seed, fleet_text=text)
+    sim = simulate(
+        args.trace,
+        policies,
+        parse_fleet(text, source=f"fleet file {name}"),
+        name,
+        Path(args.out),
+        jobs=args.jobs,
+        seed=args.seed,
+        fleet_text=text,
+    )
     if args.json:
         print(json.dumps(as_json(sim)))
     else:
@@ -956,9 +1310,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from sim.analysis import run_analyze  # like demo: only the CLI reaches into sim/
 
-    code: int = run_analyze(state_dir=args.state_dir, fleet=args.fleet, since=args.since,
-                            until=args.until, out=args.out, plots=not args.no_plots,
-                            as_json=args.json)
+    code: int = run_analyze(
+        state_dir=args.state_dir,
+        fleet=args.fleet,
+        since=args.since,
+        until=args.until,
+        out=args.out,
+        plots=not args.no_plots,
+        as_json=args.json,
+    )
     return code
 
 
@@ -969,27 +1329,52 @@ def cmd_council(args: argparse.Namespace) -> int:
 
     if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
-    settings = TrainSettings(seed=args.seed, worlds=args.worlds, steps=args.steps,
-                             trace=Path(args.trace) if args.trace else None,
-                             trace_jobs=args.trace_jobs, ablations=not args.no_ablations)
+    settings = TrainSettings(
+        seed=args.seed,
+        worlds=args.worlds,
+        steps=args.steps,
+        trace=Path(args.trace) if args.trace else None,
+        trace_jobs=args.trace_jobs,
+        ablations=not args.no_ablations,
+    )
     log = (lambda _: None) if args.json else print
     metrics = train(settings, load_fleet(_fleet_file(args)), Path(args.out), log)
     t = metrics["test"]
     assert isinstance(t, dict)
-    _emit(args, metrics, f"wrote {args.out}/council.pt: test accuracy {t['accuracy']:.4f}, "
-          f"ECE {t['ece']:.4f}, {t['monotonicity']['violations']} monotonicity violations "
-          f"({metrics['seconds']} s); see {args.out}/MODEL_CARD.md")
+    _emit(
+        args,
+        metrics,
+        f"wrote {args.out}/council.pt: test accuracy {t['accuracy']:.4f}, "
+        f"ECE {t['ece']:.4f}, {t['monotonicity']['violations']} monotonicity violations "
+        f"({metrics['seconds']} s); see {args.out}/MODEL_CARD.md",
+    )
     return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "request": cmd_request, "status": cmd_status, "release": cmd_release,
-    "resume": cmd_resume, "history": cmd_history, "costs": cmd_costs,
-    "budget": cmd_budget, "demo": cmd_demo, "simulate": cmd_simulate, "analyze": cmd_analyze,
-    "council": cmd_council, "serve-metrics": cmd_serve_metrics, "run": cmd_run,
-    "health": cmd_health, "nvml": cmd_nvml, "studio": cmd_studio, "submit": cmd_submit,
-    "worker": cmd_worker, "jobs": cmd_jobs, "audit": cmd_audit, "token": cmd_token,
-    "ui": cmd_ui, "reviews": cmd_reviews,
+    "request": cmd_request,
+    "status": cmd_status,
+    "release": cmd_release,
+    "resume": cmd_resume,
+    "history": cmd_history,
+    "costs": cmd_costs,
+    "budget": cmd_budget,
+    "demo": cmd_demo,
+    "simulate": cmd_simulate,
+    "analyze": cmd_analyze,
+    "council": cmd_council,
+    "serve-metrics": cmd_serve_metrics,
+    "run": cmd_run,
+    "health": cmd_health,
+    "nvml": cmd_nvml,
+    "studio": cmd_studio,
+    "submit": cmd_submit,
+    "worker": cmd_worker,
+    "jobs": cmd_jobs,
+    "audit": cmd_audit,
+    "token": cmd_token,
+    "ui": cmd_ui,
+    "reviews": cmd_reviews,
 }
 
 
@@ -1004,14 +1389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-agent: {exc}", file=sys.stderr)
         return exc.exit_code
     except sqlite3.DatabaseError as exc:
-        message = (f"the state directory is damaged ({exc}); move it aside and start afresh, "
-                   "or restore it from a backup")
+        message = (
+            f"the state directory is damaged ({exc}); move it aside and start afresh, "
+            "or restore it from a backup"
+        )
         _error_json(message, 2, "StateDirError", _Parser.json_errors)
         print(f"gpu-agent: {flat(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gpu-agent: interrupted; the thread is checkpointed: `gpu-agent resume` "
-              "carries it on", file=sys.stderr)
+        print(
+            "gpu-agent: interrupted; the thread is checkpointed: `gpu-agent resume` carries it on",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -23,18 +23,54 @@ from graph.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
 
 STORY: list[Step] = [
     SetBudget(0.0, "ads", 40.0),
-    Submit(0.0, "vision-pretrain", {"project": "vision", "purpose": "model_training",
-                                    "count": 8, "duration_hours": 6, "budget_limit": 500}),
-    Submit(0.1, "sandbox-notebook", {"project": "sandbox", "purpose": "research",
-                                     "count": 2, "duration_hours": 4}),
-    Submit(0.2, "ads-serving", {"project": "ads", "purpose": "inference",
-                                "count": 2, "duration_hours": 12}),
-    Submit(0.5, "vision-finetune", {"project": "vision", "purpose": "training",
-                                    "type": "H100", "count": 8, "duration_hours": 4}),
-    Submit(1.0, "nlp-train", {"project": "nlp", "purpose": "training", "type": "H100",
-                              "count": 8, "duration_hours": 4}),
-    Submit(1.5, "sandbox-bigrun", {"project": "sandbox", "purpose": "training", "count": 16,
-                                   "duration_hours": 24, "priority": "critical"}),
+    Submit(
+        0.0,
+        "vision-pretrain",
+        {
+            "project": "vision",
+            "purpose": "model_training",
+            "count": 8,
+            "duration_hours": 6,
+            "budget_limit": 500,
+        },
+    ),
+    Submit(
+        0.1,
+        "sandbox-notebook",
+        {"project": "sandbox", "purpose": "research", "count": 2, "duration_hours": 4},
+    ),
+    Submit(
+        0.2,
+        "ads-serving",
+        {"project": "ads", "purpose": "inference", "count": 2, "duration_hours": 12},
+    ),
+    Submit(
+        0.5,
+        "vision-finetune",
+        {
+            "project": "vision",
+            "purpose": "training",
+            "type": "H100",
+            "count": 8,
+            "duration_hours": 4,
+        },
+    ),
+    Submit(
+        1.0,
+        "nlp-train",
+        {"project": "nlp", "purpose": "training", "type": "H100", "count": 8, "duration_hours": 4},
+    ),
+    Submit(
+        1.5,
+        "sandbox-bigrun",
+        {
+            "project": "sandbox",
+            "purpose": "training",
+            "count": 16,
+            "duration_hours": 24,
+            "priority": "critical",
+        },
+    ),
     SetBudget(2.0, "ads", 4.0),
 ]
 
@@ -42,15 +78,16 @@ STORY: list[Step] = [
 def demo_fleet(fleet: str | Path | None) -> FleetConfig:
     """The fleet, with 5-minute ticks and sandbox's GPUs left idle (its notebook hoards)."""
     base = load_fleet(fleet)
-    return base.model_copy(update={
-        "monitor": base.monitor.model_copy(update={"tick_seconds": 300}),
-        "scheduler": base.scheduler.model_copy(update={"poll_seconds": 300}),
-        "simulation": base.simulation.model_copy(update={"workloads": {"sandbox": "hoard"}}),
-    })
+    return base.model_copy(
+        update={
+            "monitor": base.monitor.model_copy(update={"tick_seconds": 300}),
+            "scheduler": base.scheduler.model_copy(update={"poll_seconds": 300}),
+            "simulation": base.simulation.model_copy(update={"workloads": {"sandbox": "hoard"}}),
+        }
+    )
 
 
-def run_demo(state_dir: str | None = None, fleet: str | None = None,
-             as_json: bool = False) -> int:
+def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-agent-demo-") as tmp:
         directory = Path(state_dir) if state_dir else Path(tmp) / "state"
         clock = VirtualClock()
@@ -70,11 +107,15 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None,
             result = run_scenario(orch, clock, STORY, report)
             costs = orch.costs()
             if as_json:
-                print(json.dumps({
-                    "outcomes": {k: v.to_json() for k, v in result.outcomes.items()},
-                    "costs": [c.__dict__ for c in costs],
-                    "timeline": [text.strip() for _, _, text in sorted(lines)],
-                }))
+                print(
+                    json.dumps(
+                        {
+                            "outcomes": {k: v.to_json() for k, v in result.outcomes.items()},
+                            "costs": [c.__dict__ for c in costs],
+                            "timeline": [text.strip() for _, _, text in sorted(lines)],
+                        }
+                    )
+                )
             else:
                 print(_tables(result, costs, orch.services.clock.now() - start))
     return 0
@@ -92,17 +133,25 @@ def _tables(result: ScenarioResult, costs: list[ProjectCost], elapsed: float) ->
         gpus = f"{a.count} x {a.gpu_type}" if a else "-"
         held = f"{r.hours:.2f} h" if r else "-"
         why = r.reason.value if r else o.reason
-        out.append(f"{label:<18}{o.status.value:<10}{gpus:<13}{held:>7}"
-                   f"{f'${o.cost_usd:,.2f}':>10}  {why}")
+        out.append(
+            f"{label:<18}{o.status.value:<10}{gpus:<13}{held:>7}{f'${o.cost_usd:,.2f}':>10}  {why}"
+        )
     out += ["", f"{'project':<12}{'spent':>10}{'budget':>10}"]
     for c in costs:
         budget = "-" if c.budget_usd is None else f"${c.budget_usd:,.2f}"
         out.append(f"{c.project:<12}{f'${c.spent_usd:,.2f}':>10}{budget:>10}")
     nlp, vision = result.outcomes.get("nlp-train"), result.outcomes.get("vision-finetune")
-    if nlp and vision and nlp.allocation and vision.allocation \
-            and nlp.allocation.started_at < vision.allocation.started_at:
-        out.append("\nnlp-train queued after vision-finetune but ran first: vision had used "
-                   "far more GPU-hours (fair share).")
+    if (
+        nlp
+        and vision
+        and nlp.allocation
+        and vision.allocation
+        and nlp.allocation.started_at < vision.allocation.started_at
+    ):
+        out.append(
+            "\nnlp-train queued after vision-finetune but ran first: vision had used "
+            "far more GPU-hours (fair share)."
+        )
     out.append(f"\nvirtual time used: {_hm(elapsed)}")
     return "\n".join(out)
 

@@ -36,8 +36,11 @@ def summary(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def gpu_request_node(request_key: str = "gpu_request", result_key: str = "gpu_result",
-                     graph: CompiledStateGraph[Any, Any, Any, Any] | None = None) -> Node:
+def gpu_request_node(
+    request_key: str = "gpu_request",
+    result_key: str = "gpu_result",
+    graph: CompiledStateGraph[Any, Any, Any, Any] | None = None,
+) -> Node:
     """A parent-graph node: runs the request at `state[request_key]` through gpu-agent and
     writes `summary(...)` to `result_key`; nothing else of the graph's state leaks out."""
     compiled = graph or build_graph()

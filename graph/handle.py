@@ -14,8 +14,9 @@ from graph.outcome import RequestOutcome
 class Owner(Protocol):
     """What a handle needs of the Orchestrator that made it (which imports this module)."""
 
-    def release(self, allocation_id: str,
-                reason: ReleaseReason = ReleaseReason.EXPLICIT) -> Release: ...
+    def release(
+        self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
+    ) -> Release: ...
 
     def outcome(self, thread_id: str) -> RequestOutcome: ...
 
@@ -65,15 +66,17 @@ class AllocationHandle:
     def __enter__(self) -> AllocationHandle:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         self.release(ReleaseReason.CONTEXT_EXIT)
         return False
 
     async def __aenter__(self) -> AllocationHandle:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> Literal[False]:
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         await asyncio.to_thread(self.release, ReleaseReason.CONTEXT_EXIT)
         return False

@@ -56,11 +56,20 @@ _DCGM: tuple[tuple[str, str, Callable[[GPUSample], float | None]], ...] = (
     ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", lambda s: s.util_pct),
     ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", lambda s: s.temp_c),
     ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", lambda s: s.power_w),
-    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).",
-     lambda s: None if s.mem_used_gb is None else s.mem_used_gb * MIB_PER_GIB),
-    ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).",
-     lambda s: None if s.mem_used_gb is None or s.mem_total_gb is None
-     else max(0.0, s.mem_total_gb - s.mem_used_gb) * MIB_PER_GIB),
+    (
+        "DCGM_FI_DEV_FB_USED",
+        "Framebuffer memory used (in MiB).",
+        lambda s: None if s.mem_used_gb is None else s.mem_used_gb * MIB_PER_GIB,
+    ),
+    (
+        "DCGM_FI_DEV_FB_FREE",
+        "Framebuffer memory free (in MiB).",
+        lambda s: (
+            None
+            if s.mem_used_gb is None or s.mem_total_gb is None
+            else max(0.0, s.mem_total_gb - s.mem_used_gb) * MIB_PER_GIB
+        ),
+    ),
     ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", lambda s: s.sm_clock_mhz),
     ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", lambda s: s.mem_clock_mhz),
 )
@@ -68,8 +77,14 @@ _DCGM: tuple[tuple[str, str, Callable[[GPUSample], float | None]], ...] = (
 
 def dcgm_labels(gpu: GPUInfo) -> list[str]:
     """The DCGM exporter's label values for one GPU, in DCGM_LABELS' order."""
-    return [str(gpu.index), gpu.uuid, f"nvidia{gpu.index}", gpu.model_name or gpu.gpu_type,
-            gpu.node, gpu.pci_bus_id or ""]
+    return [
+        str(gpu.index),
+        gpu.uuid,
+        f"nvidia{gpu.index}",
+        gpu.model_name or gpu.gpu_type,
+        gpu.node,
+        gpu.pci_bus_id or "",
+    ]
 
 
 class _LedgerFamilies(NamedTuple):
@@ -89,26 +104,39 @@ def _dcgm_families() -> list[GaugeMetricFamily]:
 
 def _ledger_families() -> _LedgerFamilies:
     return _LedgerFamilies(
-        allocations=GaugeMetricFamily("gpu_agent_allocations",
-                                      "Allocations in the ledger per state.", labels=["state"]),
+        allocations=GaugeMetricFamily(
+            "gpu_agent_allocations", "Allocations in the ledger per state.", labels=["state"]
+        ),
         queue=GaugeMetricFamily("gpu_agent_queue_length", "Allocations queued for GPUs."),
-        spend=GaugeMetricFamily("gpu_agent_spend_usd", "Charged to the project so far, in USD.",
-                                labels=["project"]),
-        budget=GaugeMetricFamily("gpu_agent_budget_usd", "The project's budget, in USD.",
-                                 labels=["project"]),
+        spend=GaugeMetricFamily(
+            "gpu_agent_spend_usd", "Charged to the project so far, in USD.", labels=["project"]
+        ),
+        budget=GaugeMetricFamily(
+            "gpu_agent_budget_usd", "The project's budget, in USD.", labels=["project"]
+        ),
         releases=CounterMetricFamily(
-            "gpu_agent_releases", "Finished allocations per release reason (idle, "
-            "lease-expired, budget, unhealthy, explicit, ...).", labels=["reason"]),
-        held=GaugeMetricFamily("gpu_agent_gpu_held", "1 for every GPU an allocation holds.",
-                               labels=["gpu", "UUID", "project", "allocation_id"]),
-        unhealthy=GaugeMetricFamily("gpu_agent_gpu_unhealthy", "1 for every GPU taken out of "
-                                    "placement (an XID error, a lost GPU).",
-                                    labels=["UUID", "reason"]),
+            "gpu_agent_releases",
+            "Finished allocations per release reason (idle, "
+            "lease-expired, budget, unhealthy, explicit, ...).",
+            labels=["reason"],
+        ),
+        held=GaugeMetricFamily(
+            "gpu_agent_gpu_held",
+            "1 for every GPU an allocation holds.",
+            labels=["gpu", "UUID", "project", "allocation_id"],
+        ),
+        unhealthy=GaugeMetricFamily(
+            "gpu_agent_gpu_unhealthy",
+            "1 for every GPU taken out of placement (an XID error, a lost GPU).",
+            labels=["UUID", "reason"],
+        ),
         unmonitored=GaugeMetricFamily(
-            "gpu_agent_unmonitored", "1 for every live allocation no process monitors (its "
+            "gpu_agent_unmonitored",
+            "1 for every live allocation no process monitors (its "
             "monitor stopped beating): idle release and the lease are not enforced until a "
             "worker or `gpu-agent resume` adopts it.",
-            labels=["project", "allocation_id", "state"]),
+            labels=["project", "allocation_id", "state"],
+        ),
     )
 
 
@@ -128,8 +156,9 @@ class FleetCollector(Collector):
         svc = self.services
         now = svc.clock.now()
         holders = svc.ledger.holders()
-        samples = svc.sample([g.uuid for g in svc.gpus], now,
-                             {g: project for g, (_, project) in holders.items()})
+        samples = svc.sample(
+            [g.uuid for g in svc.gpus], now, {g: project for g, (_, project) in holders.items()}
+        )
         dcgm = _dcgm_families()
         for gpu, sample in zip(svc.gpus, samples, strict=True):
             labels = dcgm_labels(gpu)
@@ -173,8 +202,14 @@ def wsgi_app(services: Services) -> WSGIApplication:
     return app
 
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
-                    Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [
+        dict[str, Any],
+        Callable[[], Awaitable[dict[str, Any]]],
+        Callable[[dict[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
 
 
 def asgi_app(services: Services) -> ASGIApp:
@@ -214,8 +249,9 @@ class MetricsServer:
 def serve(services: Services, host: str = "127.0.0.1", port: int = 9400) -> MetricsServer:
     """Serve the metrics at http://host:port/metrics in a thread; port 0: any free port."""
     server, thread = start_http_server(port, host, registry_for(services))
-    return MetricsServer(host=host, port=int(server.server_address[1]), server=server,
-                         thread=thread)
+    return MetricsServer(
+        host=host, port=int(server.server_address[1]), server=server, thread=thread
+    )
 
 
 def serve_until_signalled(

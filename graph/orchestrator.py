@@ -81,19 +81,28 @@ class Orchestrator(Records):
         is opened and set right as for Records (graph/records.py); then the checkpointer.
         `monitor_kind`: what this process is ("cli", "worker", "page", "python"), shown by
         `status` beside each allocation whose thread it runs (fleet.monitors)."""
-        super().__init__(state_dir, fleet, backend=backend, clock=clock, council=council,
-                         create=create, database=database, token=token, identity=identity)
+        super().__init__(
+            state_dir,
+            fleet,
+            backend=backend,
+            clock=clock,
+            council=council,
+            create=create,
+            database=database,
+            token=token,
+            identity=identity,
+        )
         self.services.monitor_kind = monitor_kind
         self.project = project
         try:
-            self.checkpointer = open_checkpointer(self.services.state_dir, database,
-                                                  pool_size=pool_size)
+            self.checkpointer = open_checkpointer(
+                self.services.state_dir, database, pool_size=pool_size
+            )
         except BaseException:
             self.services.close()
             raise
         self.graph = build_graph(self.checkpointer)
-        self.context = LocalContext(state_dir=str(self.services.state_dir),
-                                    services=self.services)
+        self.context = LocalContext(state_dir=str(self.services.state_dir), services=self.services)
 
     def close(self) -> None:
         close_checkpointer(self.checkpointer)
@@ -119,8 +128,11 @@ class Orchestrator(Records):
     def _project_of(self, values: dict[str, Any], what: str) -> str:
         """The thread's project, if the caller may act on it (else Forbidden)."""
         request = values.get("request")
-        project = str(request.project if isinstance(request, GPURequest) else
-                      dict(request or {}).get("project", "default"))
+        project = str(
+            request.project
+            if isinstance(request, GPURequest)
+            else dict(request or {}).get("project", "default")
+        )
         self.identity.check_project(project, what)
         return project
 
@@ -153,8 +165,12 @@ class Orchestrator(Records):
         if on_progress is not None:
             modes.append("custom")
         for mode, part in self.graph.stream(
-            graph_input, config, context=self.context, durability=durability,
-            stream_mode=modes, interrupt_before=interrupt_before,
+            graph_input,
+            config,
+            context=self.context,
+            durability=durability,
+            stream_mode=modes,
+            interrupt_before=interrupt_before,
             interrupt_after=interrupt_after,
         ):
             chunk = cast(dict[str, Any], part)
@@ -192,21 +208,32 @@ class Orchestrator(Records):
         config = self._config(thread_id)
         try:
             if pure_first:
-                values, stopped = self._stream(graph_input, config, "exit", on_update,
-                                               on_progress=on_progress,
-                                               interrupt_before=["allocate"])
+                values, stopped = self._stream(
+                    graph_input,
+                    config,
+                    "exit",
+                    on_update,
+                    on_progress=on_progress,
+                    interrupt_before=["allocate"],
+                )
                 if stopped != ():  # finished, or a human review: not standing before allocate
                     return self._outcome_of(thread_id, values, stopped)
                 graph_input = None
-            values, stopped = self._stream(graph_input, config, DURABILITY, on_update,
-                                           on_progress=on_progress,
-                                           interrupt_after=None if wait else ["allocate"])
+            values, stopped = self._stream(
+                graph_input,
+                config,
+                DURABILITY,
+                on_update,
+                on_progress=on_progress,
+                interrupt_after=None if wait else ["allocate"],
+            )
             return self._outcome_of(thread_id, values, stopped)
         finally:  # whatever stopped it, this process no longer runs the thread
             self.services.unwatch_thread(thread_id)
 
-    def _outcome_of(self, thread_id: str, values: State,
-                    stopped: tuple[Any, ...] | None) -> RequestOutcome:
+    def _outcome_of(
+        self, thread_id: str, values: State, stopped: tuple[Any, ...] | None
+    ) -> RequestOutcome:
         if stopped:  # an interrupt() with a payload: the council's human review
             nxt: tuple[str, ...] = ("review",)
         elif stopped == ():  # stopped after allocate (--no-wait)
@@ -233,8 +260,14 @@ class Orchestrator(Records):
         """
         req = self.check(request)
         thread_id = self._new_thread(thread_id)
-        return self._invoke(InputState(request=req), thread_id, wait=wait, pure_first=True,
-                            on_update=_events_to(on_event), on_progress=on_progress)
+        return self._invoke(
+            InputState(request=req),
+            thread_id,
+            wait=wait,
+            pure_first=True,
+            on_update=_events_to(on_event),
+            on_progress=on_progress,
+        )
 
     def resume(
         self,
@@ -258,28 +291,36 @@ class Orchestrator(Records):
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
             values = _state(snap.values)
-            done = self.services.ledger.audit_entry(audit.decision_key(
-                values, request_of(values))) if "request" in values else None
+            done = (
+                self.services.ledger.audit_entry(audit.decision_key(values, request_of(values)))
+                if "request" in values
+                else None
+            )
             if done is not None:
-                raise InvalidInput(f"this review was already decided: {done.action} by "
-                                   f"{done.who}; nothing changed")
+                raise InvalidInput(
+                    f"this review was already decided: {done.action} by {done.who}; nothing changed"
+                )
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
         elif not _to_run(snap):
             return self.outcome(thread_id)
-        return self._invoke(graph_input, thread_id, wait=wait,
-                            pure_first=bool(PURE_NODES & set(_to_run(snap))),
-                            on_update=_events_to(on_event), on_progress=on_progress)
+        return self._invoke(
+            graph_input,
+            thread_id,
+            wait=wait,
+            pure_first=bool(PURE_NODES & set(_to_run(snap))),
+            on_update=_events_to(on_event),
+            on_progress=on_progress,
+        )
 
-    def _decision(self, values: State, project: str,
-                  decision: HumanDecision | bool | Mapping[str, Any] | None
-                  ) -> HumanDecision | None:
+    def _decision(
+        self, values: State, project: str, decision: HumanDecision | bool | Mapping[str, Any] | None
+    ) -> HumanDecision | None:
         """The decision a waiting review gets, claimed in the ledger first so that exactly one
         decision wins: a second one (another approver, a second click) is refused with who
         decided, also the same one twice. Without a decision: the one claimed earlier and not
         yet applied (a crash between the claim and the review's checkpoint), or None."""
         request = request_of(values)
-        claimed = self.services.ledger.audit_entry(
-            audit.decision_key(values, request))
+        claimed = self.services.ledger.audit_entry(audit.decision_key(values, request))
         if decision is None:
             return None if claimed is None else audit.recorded(claimed)
         human = parse_decision(dict(decision) if isinstance(decision, Mapping) else decision)
@@ -289,9 +330,11 @@ class Orchestrator(Records):
         entry = audit.decision_entry(self.services, values, request, human)
         won, held = self.services.ledger.claim(entry)
         if not won:
-            raise InvalidInput(f"this review was already decided: {held.action} by "
-                               f"{held.who} (nothing changed; resume without a decision "
-                               "carries the thread on)")
+            raise InvalidInput(
+                f"this review was already decided: {held.action} by "
+                f"{held.who} (nothing changed; resume without a decision "
+                "carries the thread on)"
+            )
         return human
 
     def continue_in_background(self, thread_id: str) -> threading.Thread:
@@ -324,11 +367,15 @@ class Orchestrator(Records):
         """Carry on, in background threads of this process, every live allocation the caller
         may act on whose monitor died (or that nobody monitored); what it adopted, each with
         the thread that now runs it."""
-        return [(o, self.continue_in_background(o.row.thread_id)) for o in self.orphans()
-                if o.checkpointed and self.claim_orphan(o)]
+        return [
+            (o, self.continue_in_background(o.row.thread_id))
+            for o in self.orphans()
+            if o.checkpointed and self.claim_orphan(o)
+        ]
 
-    def submit(self, request: GPURequest | Mapping[str, Any], *,
-               thread_id: str | None = None) -> Job:
+    def submit(
+        self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
+    ) -> Job:
         """Queue a request for `gpu-agent worker` (any worker on the same database runs it);
         checked first, so invalid input raises InvalidInput and queues nothing."""
         req = self.check(request)
@@ -364,8 +411,13 @@ class Orchestrator(Records):
 
         def run() -> None:
             try:
-                box["outcome"] = self._invoke(InputState(request=req), thread_id, wait=True,
-                                              pure_first=True, on_update=on_update)
+                box["outcome"] = self._invoke(
+                    InputState(request=req),
+                    thread_id,
+                    wait=True,
+                    pure_first=True,
+                    on_update=on_update,
+                )
             except BaseException as exc:  # handed to the caller, never swallowed
                 box["error"] = exc
             finally:

@@ -25,8 +25,10 @@ class PendingReview(GPUAgentError):
     exit_code = 0
 
     def __init__(self, thread_id: str, reason: str) -> None:
-        super().__init__(f"{reason}; decide with: gpu-agent resume {shlex.quote(thread_id)} "
-                         "--approve (or --deny)")
+        super().__init__(
+            f"{reason}; decide with: gpu-agent resume {shlex.quote(thread_id)} "
+            "--approve (or --deny)"
+        )
         self.thread_id = thread_id
 
 
@@ -53,7 +55,9 @@ class RequestOutcome:
             "status": self.status.value,
             "reason": self.reason,
             "cost_usd": round(self.cost_usd, 6),
-            "allocation": None if a is None else {
+            "allocation": None
+            if a is None
+            else {
                 "id": a.id,
                 "project": a.project,
                 "gpu_ids": a.gpu_ids,
@@ -95,21 +99,31 @@ def lease_note(outcome: RequestOutcome) -> str | None:
     route = outcome.route
     on_type = (route.asked_hours or route.est_hours) if route is not None else None
     if on_type is not None and lease < on_type - 0.005:
-        return (f"lease {lease:.2f} h, not the {on_type:.2f} h this work takes on "
-                f"{a.gpu_type}: the project's budget buys no more (limits.min_lease_share)")
+        return (
+            f"lease {lease:.2f} h, not the {on_type:.2f} h this work takes on "
+            f"{a.gpu_type}: the project's budget buys no more (limits.min_lease_share)"
+        )
     if abs(lease - req.duration_hours) < 0.005:
         return None
     options = route.alternatives if route is not None else []
-    ref = req.gpu_type or next((o.gpu_type for o in options
-                                if abs((o.asked_hours or o.est_hours) - req.duration_hours)
-                                < 1e-9), None)
+    ref = req.gpu_type or next(
+        (
+            o.gpu_type
+            for o in options
+            if abs((o.asked_hours or o.est_hours) - req.duration_hours) < 1e-9
+        ),
+        None,
+    )
     on = f"time on {ref}, the reference type" if ref else "time on the pool's reference type"
-    return (f"lease {lease:.2f} h, not the {req.duration_hours:g} h asked: --hours counts {on}; "
-            f"{a.gpu_type} does that work {req.duration_hours / lease:.2f}x as fast")
+    return (
+        f"lease {lease:.2f} h, not the {req.duration_hours:g} h asked: --hours counts {on}; "
+        f"{a.gpu_type} does that work {req.duration_hours / lease:.2f}x as fast"
+    )
 
 
-def outcome_from(thread_id: str, values: Mapping[str, Any], review: bool,
-             nxt: tuple[str, ...]) -> RequestOutcome:
+def outcome_from(
+    thread_id: str, values: Mapping[str, Any], review: bool, nxt: tuple[str, ...]
+) -> RequestOutcome:
     return RequestOutcome(
         thread_id=thread_id,
         # Status(): PostgresSaver stores a str-valued enum inline as JSON, a plain str on load

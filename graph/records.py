@@ -64,12 +64,18 @@ class Records:
         is calling, where the state directory has an access file (fleet.access). `identity`:
         one the caller authenticated itself."""
         self.services: Services = open_services(
-            state_dir, fleet, backend=backend, clock=clock, council=council, create=create,
+            state_dir,
+            fleet,
+            backend=backend,
+            clock=clock,
+            council=council,
+            create=create,
             database=database,
         )
         try:
-            self.identity = identity or identify(self.services.state_dir,
-                                                 token or os.environ.get("GPU_AGENT_TOKEN"))
+            self.identity = identity or identify(
+                self.services.state_dir, token or os.environ.get("GPU_AGENT_TOKEN")
+            )
             self.services.actor = self.identity.name
         except BaseException:
             self.services.close()
@@ -104,8 +110,9 @@ class Records:
     ) -> Release:
         """Release now (or cancel a queued request). A second release returns the first."""
         names.check("allocation id", allocation_id)
-        self.identity.check_project(self.services.ledger.get(allocation_id).project,
-                                    "release allocations")
+        self.identity.check_project(
+            self.services.ledger.get(allocation_id).project, "release allocations"
+        )
         return self.services.release(allocation_id, reason, by=self.identity.name)
 
     def set_budget(self, project: str, budget_usd: float) -> list[Moved]:
@@ -126,8 +133,11 @@ class Records:
 
     def costs(self) -> list[ProjectCost]:
         mine = self._visible(None)
-        return [c for c in self.services.ledger.costs(self.services.clock.now())
-                if mine is None or c.project == mine]
+        return [
+            c
+            for c in self.services.ledger.costs(self.services.clock.now())
+            if mine is None or c.project == mine
+        ]
 
     def audit(self, project: str | None = None, limit: int | None = None) -> list[AuditEntry]:
         """Who approved, denied, decided, released and set budgets, and why; oldest first."""
@@ -148,32 +158,40 @@ class Records:
         saved = self._checkpointed([row.thread_id for row in live])
         out = []
         for row in live:
-            end = (f"`gpu-agent release {row.id}` ends it and charges the time held"
-                   if row.state == "active" else f"`gpu-agent release {row.id}` cancels it")
+            end = (
+                f"`gpu-agent release {row.id}` ends it and charges the time held"
+                if row.state == "active"
+                else f"`gpu-agent release {row.id}` cancels it"
+            )
             missing = [g for g in row.gpu_ids if g not in known]
             if missing:
-                out.append(f"allocation {row.id} ({row.project}) holds {', '.join(missing)}, "
-                           "which this fleet does not have (was it placed with another "
-                           f"--fleet or --backend?): {end}")
+                out.append(
+                    f"allocation {row.id} ({row.project}) holds {', '.join(missing)}, "
+                    "which this fleet does not have (was it placed with another "
+                    f"--fleet or --backend?): {end}"
+                )
             if row.thread_id not in saved:
-                out.append(f"allocation {row.id} ({row.project}): its thread {row.thread_id} "
-                           "has no checkpoint (were the checkpoints replaced or lost?), so "
-                           f"nothing will monitor or release it: {end}")
+                out.append(
+                    f"allocation {row.id} ({row.project}): its thread {row.thread_id} "
+                    "has no checkpoint (were the checkpoints replaced or lost?), so "
+                    f"nothing will monitor or release it: {end}"
+                )
         wall = time.time()
         for orphan in self._orphans(live, saved):
             if orphan.checkpointed:
                 row = orphan.row
-                out.append(f"allocation {row.id} ({row.project}) is not monitored: "
-                           f"{orphan.describe(wall)}, so idle release, the lease and the "
-                           "budget are not enforced; `gpu-agent resume "
-                           f"{shlex.quote(row.thread_id)}` or a worker adopts it")
+                out.append(
+                    f"allocation {row.id} ({row.project}) is not monitored: "
+                    f"{orphan.describe(wall)}, so idle release, the lease and the "
+                    "budget are not enforced; `gpu-agent resume "
+                    f"{shlex.quote(row.thread_id)}` or a worker adopts it"
+                )
         return out
 
     def _live(self) -> list[LedgerRow]:
         """The queued and active allocations the caller may see, oldest first."""
         mine = self._visible(None)
-        return [row for row in self.services.ledger.live()
-                if mine is None or row.project == mine]
+        return [row for row in self.services.ledger.live() if mine is None or row.project == mine]
 
     def orphans(self) -> list[Orphan]:
         """The live allocations the caller may see that no process monitors (its monitor
@@ -204,14 +222,20 @@ class Records:
         waiting for a decision that the caller may see, oldest first."""
         log = self.services.ledger.audit_log(self._visible(None))
         decided = {e.key.removeprefix("decide:") for e in log if e.key.startswith("decide:")}
-        return [(e.target, e) for e in log
-                if e.action == "ask" and e.key.removeprefix("ask:") not in decided]
+        return [
+            (e.target, e)
+            for e in log
+            if e.action == "ask" and e.key.removeprefix("ask:") not in decided
+        ]
 
     def jobs(self) -> list[Job]:
         """The submitted requests the caller may see, oldest first."""
         mine = self._visible(None)
-        return [j for j in JobQueue(self.services.ledger).jobs()
-                if mine is None or j.request.project == mine]
+        return [
+            j
+            for j in JobQueue(self.services.ledger).jobs()
+            if mine is None or j.request.project == mine
+        ]
 
     def job(self, thread_id: str) -> Job:
         """A submitted request's job: pending, running (on which worker) or done (how)."""
@@ -238,8 +262,12 @@ def checkpointed(services: Services, thread_ids: Iterable[str]) -> set[str]:
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60.0)
         try:
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                            "AND name = 'checkpoints'").fetchone() is None:
+            if (
+                conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
+                ).fetchone()
+                is None
+            ):
                 return set()
             return _checkpointed_in(conn, wanted)
         finally:
@@ -255,7 +283,12 @@ def _checkpointed_in(conn: Conn | sqlite3.Connection, wanted: list[str]) -> set[
     found: set[str] = set()
     for i in range(0, len(wanted), 500):  # under any SQLite's limit on parameters
         chunk = wanted[i : i + 500]
-        found |= {str(r[0]) for r in conn.execute(
-            "SELECT DISTINCT thread_id FROM checkpoints WHERE checkpoint_ns = '' "
-            f"AND thread_id IN ({', '.join('?' * len(chunk))})", chunk)}
+        found |= {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT thread_id FROM checkpoints WHERE checkpoint_ns = '' "
+                f"AND thread_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+        }
     return found

@@ -40,8 +40,13 @@ NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm'
 NOTICE_SIGNAL = signal.SIGUSR1
 # Ends that the same request may outlive; not a budget (it would be refused again), an
 # idle release or someone's explicit release (a decision, not an accident).
-REQUEUE_ON = frozenset({ReleaseReason.LEASE_EXPIRED.value, ReleaseReason.UNHEALTHY.value,
-                        ReleaseReason.EXPIRED_WHILE_DOWN.value})
+REQUEUE_ON = frozenset(
+    {
+        ReleaseReason.LEASE_EXPIRED.value,
+        ReleaseReason.UNHEALTHY.value,
+        ReleaseReason.EXPIRED_WHILE_DOWN.value,
+    }
+)
 CONFIRM_TRIES = 8
 
 
@@ -77,9 +82,17 @@ def _signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace_s: float,
-           owned: bool, say: Callable[[str], None] = print, notice_s: float = NOTICE_S,
-           notice_signal: signal.Signals = NOTICE_SIGNAL) -> RunReport:
+def run_on(
+    orch: Orchestrator,
+    allocation_id: str,
+    argv: Sequence[str],
+    *,
+    grace_s: float,
+    owned: bool,
+    say: Callable[[str], None] = print,
+    notice_s: float = NOTICE_S,
+    notice_signal: signal.Signals = NOTICE_SIGNAL,
+) -> RunReport:
     """Run `argv` on an active allocation until it exits or the allocation ends; `notice_s`
     (clock) seconds before the allocation's deadline (its lease end, or where its budget
     runs out) the command gets `notice_signal`, once, to checkpoint, as Slurm's --signal."""
@@ -91,10 +104,14 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
         raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
     monitors = Monitors(svc.ledger)
     if not owned and not monitors.alive(monitors.get(allocation_id)):
-        say(f"nobody monitors allocation {allocation_id}: it will not be released for idling "
-            f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it")
-    env = dict(os.environ) | {"CUDA_VISIBLE_DEVICES": ",".join(row.gpu_ids),
-                              "GPU_AGENT_ALLOCATION": allocation_id}
+        say(
+            f"nobody monitors allocation {allocation_id}: it will not be released for idling "
+            f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it"
+        )
+    env = dict(os.environ) | {
+        "CUDA_VISIBLE_DEVICES": ",".join(row.gpu_ids),
+        "GPU_AGENT_ALLOCATION": allocation_id,
+    }
     with _signals() as got:
         proc = Supervised(argv, env)
         svc.commands.started(allocation_id, new_owner("run"), svc.clock.now())
@@ -110,14 +127,20 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
                 assert lease.release_reason is not None
                 ended_by = lease.release_reason.value
                 break
-            if not noticed and notice_s > 0 and lease.deadline is not None \
-                    and lease.deadline - now <= notice_s:
+            if (
+                not noticed
+                and notice_s > 0
+                and lease.deadline is not None
+                and lease.deadline - now <= notice_s
+            ):
                 proc.signal(notice_signal)
                 noticed = True
                 assert lease.deadline_reason is not None
-                say(f"allocation {allocation_id} ends in {max(0.0, lease.deadline - now):.0f} s "
+                say(
+                    f"allocation {allocation_id} ends in {max(0.0, lease.deadline - now):.0f} s "
                     f"({lease.deadline_reason.value}): {notice_signal.name} sent to the command "
-                    "to checkpoint")
+                    "to checkpoint"
+                )
             if lease.deadline is not None and now >= lease.deadline:
                 assert lease.deadline_reason is not None  # nobody released it on time: we do
                 svc.release(allocation_id, lease.deadline_reason, at=lease.deadline)
@@ -128,8 +151,10 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
                 break
             time.sleep(POLL_S)
         if ended_by != "command":
-            say(f"allocation {allocation_id} ended ({ended_by}): stopping the command "
-                f"(SIGTERM, then SIGKILL after {grace_s:g} s)")
+            say(
+                f"allocation {allocation_id} ended ({ended_by}): stopping the command "
+                f"(SIGTERM, then SIGKILL after {grace_s:g} s)"
+            )
         stopped = proc.stop(grace_s)  # also what the command left behind when it exited
         code = proc.returncode()
         if ended_by == "command":  # the work is done: idle time from now on is hoarding
@@ -137,8 +162,16 @@ def run_on(orch: Orchestrator, allocation_id: str, argv: Sequence[str], *, grace
     if owned and svc.ledger.get(allocation_id).state == "active":
         reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
         orch.release(allocation_id, reason)
-    return RunReport(allocation_id, code, ended_by, stopped.terminated, stopped.killed,
-                     stopped.leftover, _left_on_gpus(orch, row.gpu_ids, seen), noticed)
+    return RunReport(
+        allocation_id,
+        code,
+        ended_by,
+        stopped.terminated,
+        stopped.killed,
+        stopped.leftover,
+        _left_on_gpus(orch, row.gpu_ids, seen),
+        noticed,
+    )
 
 
 def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> list[int] | None:
@@ -156,11 +189,17 @@ def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> lis
     return found
 
 
-def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str], *,
-                    grace_s: float, say: Callable[[str], None] = print,
-                    notice_s: float = NOTICE_S,
-                    notice_signal: signal.Signals = NOTICE_SIGNAL,
-                    requeue: int = 0) -> RunReport:
+def request_and_run(
+    orch: Orchestrator,
+    request: GPURequest,
+    argv: Sequence[str],
+    *,
+    grace_s: float,
+    say: Callable[[str], None] = print,
+    notice_s: float = NOTICE_S,
+    notice_signal: signal.Signals = NOTICE_SIGNAL,
+    requeue: int = 0,
+) -> RunReport:
     """Request GPUs (the graph monitors them in the background) and run `argv` on them;
     requeued up to `requeue` times when the allocation ends first (REQUEUE_ON). A command
     that cannot start places nothing."""
@@ -175,12 +214,22 @@ def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str]
                 raise
             say(f"the requeue of allocation {last.allocation_id} was not placed: {exc}")
             return last
-        say(f"allocation {handle.id}: {handle.allocation.count} x "
+        say(
+            f"allocation {handle.id}: {handle.allocation.count} x "
             f"{handle.allocation.gpu_type} until "
-            f"{handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+            f"{handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC"
+        )
         try:
-            report = run_on(orch, handle.id, argv, grace_s=grace_s, owned=True, say=say,
-                            notice_s=notice_s, notice_signal=notice_signal)
+            report = run_on(
+                orch,
+                handle.id,
+                argv,
+                grace_s=grace_s,
+                owned=True,
+                say=say,
+                notice_s=notice_s,
+                notice_signal=notice_signal,
+            )
         finally:
             handle.release(ReleaseReason.EXPLICIT)  # a no-op when it ended; joins the graph
         report.requeued_from = list(earlier)
@@ -188,7 +237,8 @@ def request_and_run(orch: Orchestrator, request: GPURequest, argv: Sequence[str]
             return report
         last = report
         earlier.append(handle.id)
-        request = request.model_copy(update={"resumes": handle.id,
-                                             "request_id": uuid.uuid4().hex})
-        say(f"allocation {handle.id} ended ({report.ended_by}) before the command: requeued "
-            f"to resume it ahead of new work ({requeue - len(earlier)} requeue(s) left)")
+        request = request.model_copy(update={"resumes": handle.id, "request_id": uuid.uuid4().hex})
+        say(
+            f"allocation {handle.id} ended ({report.ended_by}) before the command: requeued "
+            f"to resume it ahead of new work ({requeue - len(earlier)} requeue(s) left)"
+        )

@@ -80,8 +80,9 @@ def run_scenario(
 
     with clock.actor():  # no step may run ahead before all are spawned
         threads = [
-            clock.spawn(submit if isinstance(s, Submit) else set_budget, s,
-                        at=start + s.at_hours * 3600.0)
+            clock.spawn(
+                submit if isinstance(s, Submit) else set_budget, s, at=start + s.at_hours * 3600.0
+            )
             for s in steps
         ]
     for t in threads:
@@ -91,5 +92,6 @@ def run_scenario(
 
 def _ask(r: dict[str, Any]) -> str:
     kind = r.get("gpu_type") or r.get("purpose", "training")
-    return (f"{r.get('count', 1)} GPU(s) for {kind}, {r['duration_hours']:g} h"
-            + (f", priority {r['priority']}" if r.get("priority") else ""))
+    return f"{r.get('count', 1)} GPU(s) for {kind}, {r['duration_hours']:g} h" + (
+        f", priority {r['priority']}" if r.get("priority") else ""
+    )

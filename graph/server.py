@@ -52,12 +52,18 @@ def validate_for_caller(state: State, runtime: Runtime[Context]) -> State:
         return refused | {"status": Status.INVALID, "reason": str(exc)}
     who = caller_of(get_config())
     request = state.get("request")
-    project = request.project if isinstance(request, GPURequest) else \
-        request.get("project", "default") if isinstance(request, dict) else None
-    if who is not None and names.valid("project", project) and \
-            not who.may_act_on(str(project)):
-        return refused | {"status": Status.DENIED,
-                          "reason": f"{who.name} may not request GPUs for project {project}"}
+    project = (
+        request.project
+        if isinstance(request, GPURequest)
+        else request.get("project", "default")
+        if isinstance(request, dict)
+        else None
+    )
+    if who is not None and names.valid("project", project) and not who.may_act_on(str(project)):
+        return refused | {
+            "status": Status.DENIED,
+            "reason": f"{who.name} may not request GPUs for project {project}",
+        }
     return validate(state, runtime)
 
 
@@ -86,8 +92,9 @@ async def _postgres(url: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
     from psycopg_pool import AsyncConnectionPool
 
     kwargs = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row}
-    async with AsyncConnectionPool(url, connection_class=AsyncConnection[DictRow], min_size=1,
-                                   max_size=8, kwargs=kwargs) as pool:
+    async with AsyncConnectionPool(
+        url, connection_class=AsyncConnection[DictRow], min_size=1, max_size=8, kwargs=kwargs
+    ) as pool:
         saver = AsyncPostgresSaver(pool, serde=serializer())
         async with pool.connection() as conn:
             while True:  # polled, not a waiting statement: see graph.checkpoint

@@ -26,33 +26,50 @@ def fleet_status(svc: Services) -> dict[str, Any]:
     `status`, the status graph (MCP) and the Orchestrator."""
     now = svc.clock.now()
     holders = svc.ledger.holders()
-    samples = svc.sample([g.uuid for g in svc.gpus], now,
-                         {g: p for g, (_, p) in holders.items()})
+    samples = svc.sample([g.uuid for g in svc.gpus], now, {g: p for g, (_, p) in holders.items()})
     unhealthy = svc.check_health()
     monitors = Monitors(svc.ledger)
     watchers, wall = monitors.watchers(), time.time()
     gpus = []
     for gpu, sample in zip(svc.gpus, samples, strict=True):
         aid, project = holders.get(gpu.uuid, (None, None))
-        gpus.append({
-            "uuid": gpu.uuid, "type": gpu.gpu_type, "node": gpu.node, "index": gpu.index,
-            "model": gpu.model_name, "memory_gb": gpu.memory_gb, "mig": gpu.mig,
-            "allocation_id": aid,
-            "project": project, "util_pct": sample.util_pct,
-            "mem_used_gb": sample.mem_used_gb, "temp_c": sample.temp_c,
-            "power_w": sample.power_w, "throttled": sample.throttled,
-            "processes": None if sample.processes is None
-            else [p.model_dump() for p in sample.processes],
-            "condition": (state := condition(sample, aid is not None, svc.config.monitor)),
-            "unhealthy": unhealthy.get(gpu.uuid),
-            "placeable": gpu.gpu_type in svc.config.catalog and gpu.uuid not in unhealthy
-            and state != OUTSIDE,
-        })
+        gpus.append(
+            {
+                "uuid": gpu.uuid,
+                "type": gpu.gpu_type,
+                "node": gpu.node,
+                "index": gpu.index,
+                "model": gpu.model_name,
+                "memory_gb": gpu.memory_gb,
+                "mig": gpu.mig,
+                "allocation_id": aid,
+                "project": project,
+                "util_pct": sample.util_pct,
+                "mem_used_gb": sample.mem_used_gb,
+                "temp_c": sample.temp_c,
+                "power_w": sample.power_w,
+                "throttled": sample.throttled,
+                "processes": None
+                if sample.processes is None
+                else [p.model_dump() for p in sample.processes],
+                "condition": (state := condition(sample, aid is not None, svc.config.monitor)),
+                "unhealthy": unhealthy.get(gpu.uuid),
+                "placeable": gpu.gpu_type in svc.config.catalog
+                and gpu.uuid not in unhealthy
+                and state != OUTSIDE,
+            }
+        )
     allocations = [
         {
-            "id": r.id, "project": r.project, "thread_id": r.thread_id,
-            "gpu_ids": r.gpu_ids, "gpu_type": r.gpu_type, "count": r.count,
-            "state": r.state, "nodes": r.nodes, "price_per_hour": r.price_per_hour,
+            "id": r.id,
+            "project": r.project,
+            "thread_id": r.thread_id,
+            "gpu_ids": r.gpu_ids,
+            "gpu_type": r.gpu_type,
+            "count": r.count,
+            "state": r.state,
+            "nodes": r.nodes,
+            "price_per_hour": r.price_per_hour,
             "enqueued_at": utc(r.enqueued_at).isoformat(),
             "started_at": utc(r.started_at).isoformat() if r.started_at else None,
             "lease_end": utc(r.lease_end).isoformat() if r.lease_end else None,
@@ -61,13 +78,20 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             "reason": r.release_reason.value if r.release_reason else None,
             "cost_usd": r.cost_usd,
             # live only: whether a process runs its thread (fleet.monitors), and which
-            "monitored": None if r.state == "released" else monitors.alive(
-                watchers.get(r.id), wall),
-            "monitor": None if r.state == "released" or r.id not in watchers
+            "monitored": None
+            if r.state == "released"
+            else monitors.alive(watchers.get(r.id), wall),
+            "monitor": None
+            if r.state == "released" or r.id not in watchers
             else watchers[r.id].describe(wall),
         }
         for r in svc.ledger.allocations()
     ]
-    return {"backend": svc.backend.name, "problem": getattr(svc.backend, "problem", None),
-            "unpriced_types": sorted({g.gpu_type for g in svc.unpriced}),
-            "now": utc(now).isoformat(), "gpus": gpus, "allocations": allocations}
+    return {
+        "backend": svc.backend.name,
+        "problem": getattr(svc.backend, "problem", None),
+        "unpriced_types": sorted({g.gpu_type for g in svc.unpriced}),
+        "now": utc(now).isoformat(),
+        "gpus": gpus,
+        "allocations": allocations,
+    }

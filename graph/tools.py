@@ -26,14 +26,19 @@ class RequestGpusArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     project: str = Field(description="The project that pays, e.g. 'vision'.")
-    purpose: str = Field(default="training",
-                         description="training, inference or research (decides the pool).")
+    purpose: str = Field(
+        default="training", description="training, inference or research (decides the pool)."
+    )
     count: int = Field(default=1, ge=1, description="How many GPUs.")
     hours: float = Field(gt=0, description="How long, in hours on the pool's reference GPU.")
-    gpu_type: str | None = Field(default=None, description="A GPU type, e.g. 'A100'; "
-                                 "omit to let routing choose the cheapest that does the job.")
-    budget_usd: float | None = Field(default=None, gt=0,
-                                     description="Refuse if the estimate is over this.")
+    gpu_type: str | None = Field(
+        default=None,
+        description="A GPU type, e.g. 'A100'; "
+        "omit to let routing choose the cheapest that does the job.",
+    )
+    budget_usd: float | None = Field(
+        default=None, gt=0, description="Refuse if the estimate is over this."
+    )
 
 
 class ReleaseGpusArgs(BaseModel):
@@ -47,26 +52,42 @@ class GpuStatusArgs(BaseModel):
 
 
 def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) -> dict[str, Any]:
-    raw = {"project": args["project"], "purpose": args["purpose"], "count": args["count"],
-           "duration_hours": args["hours"], "gpu_type": args.get("gpu_type"),
-           "budget_limit": args.get("budget_usd")}
+    raw = {
+        "project": args["project"],
+        "purpose": args["purpose"],
+        "count": args["count"],
+        "duration_hours": args["hours"],
+        "gpu_type": args.get("gpu_type"),
+        "budget_limit": args.get("budget_usd"),
+    }
     thread_id = uuid.uuid4().hex
     try:
-        out = orch.request({k: v for k, v in raw.items() if v is not None},
-                           thread_id=thread_id, wait=False)
+        out = orch.request(
+            {k: v for k, v in raw.items() if v is not None}, thread_id=thread_id, wait=False
+        )
     except GPUAgentError as exc:
         return {"status": "invalid", "reason": str(exc)}
-    result: dict[str, Any] = {"status": out.status.value, "reason": out.reason,
-                              "thread_id": thread_id}
+    result: dict[str, Any] = {
+        "status": out.status.value,
+        "reason": out.reason,
+        "thread_id": thread_id,
+    }
     if out.status is Status.PENDING_REVIEW:
-        result |= {"status": "pending_human_approval",
-                   "next_step": f"a human decides: gpu-agent resume {shlex.quote(thread_id)} "
-                   "--approve (or --deny)"}
+        result |= {
+            "status": "pending_human_approval",
+            "next_step": f"a human decides: gpu-agent resume {shlex.quote(thread_id)} "
+            "--approve (or --deny)",
+        }
     if out.allocation is not None and out.status is Status.ALLOCATED:
         a = out.allocation
-        result |= {"allocation_id": a.id, "gpu_type": a.gpu_type, "gpu_ids": a.gpu_ids,
-                   "cuda_visible_devices": a.cuda_visible_devices,
-                   "lease_end": a.lease_end.isoformat(), "price_per_hour": a.price_per_hour}
+        result |= {
+            "allocation_id": a.id,
+            "gpu_type": a.gpu_type,
+            "gpu_ids": a.gpu_ids,
+            "cuda_visible_devices": a.cuda_visible_devices,
+            "lease_end": a.lease_end.isoformat(),
+            "price_per_hour": a.price_per_hour,
+        }
     if out.status in (Status.ALLOCATED, Status.QUEUED):  # keep watching it, as `request` would
         monitors.append(orch.continue_in_background(thread_id))
     return result
@@ -86,8 +107,11 @@ def _status(orch: Orchestrator) -> dict[str, Any]:
     for g in data["gpus"]:
         if g["allocation_id"] is None and g["placeable"]:
             free[g["type"]] = free.get(g["type"], 0) + 1
-    live = [{k: a[k] for k in ("id", "project", "state", "gpu_type", "count", "deadline")}
-            for a in data["allocations"] if a["state"] != "released"]
+    live = [
+        {k: a[k] for k in ("id", "project", "state", "gpu_type", "count", "deadline")}
+        for a in data["allocations"]
+        if a["state"] != "released"
+    ]
     return {"free_gpus_by_type": free, "allocations": live}
 
 
@@ -96,16 +120,25 @@ def gpu_tools(orch: Orchestrator) -> list[BaseTool]:
     threads of this process (the list `tools[0].metadata["monitors"]`)."""
     monitors: list[threading.Thread] = []
     request = StructuredTool.from_function(
-        func=lambda **kw: _request(orch, monitors, **kw), name="request_gpus",
+        func=lambda **kw: _request(orch, monitors, **kw),
+        name="request_gpus",
         description="Request GPUs for a project. Returns the allocation (GPU ids, "
         "CUDA_VISIBLE_DEVICES, lease end), or that the request is queued, denied, or "
         "pending human approval (then a human must decide before GPUs are placed).",
-        args_schema=RequestGpusArgs, metadata={"monitors": monitors})
+        args_schema=RequestGpusArgs,
+        metadata={"monitors": monitors},
+    )
     release = StructuredTool.from_function(
-        func=lambda allocation_id: _release(orch, allocation_id), name="release_gpus",
+        func=lambda allocation_id: _release(orch, allocation_id),
+        name="release_gpus",
         description="Release an allocation now (or cancel a queued request); returns the "
-        "hours held and the cost charged.", args_schema=ReleaseGpusArgs)
+        "hours held and the cost charged.",
+        args_schema=ReleaseGpusArgs,
+    )
     status = StructuredTool.from_function(
-        func=lambda: _status(orch), name="gpu_status",
-        description="Free GPUs per type and the live allocations.", args_schema=GpuStatusArgs)
+        func=lambda: _status(orch),
+        name="gpu_status",
+        description="Free GPUs per type and the live allocations.",
+        args_schema=GpuStatusArgs,
+    )
     return [request, release, status]

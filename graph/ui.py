@@ -94,35 +94,55 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
-    (b"content-security-policy",
-     b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
-     b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
 ]
 
 # ---- labels: what the page shows for the models' field names and values ----------------------
 
 FIELDS = {
-    "project": "Project", "requested_by": "Requested by", "purpose": "Purpose",
-    "gpu_type": "GPU type", "count": "GPUs", "duration_hours": "Duration",
-    "priority": "Priority", "mode": "Routing", "budget_limit": "Budget limit",
-    "min_memory_gb": "Minimum GPU memory", "max_wait_minutes": "Longest wait for GPUs",
+    "project": "Project",
+    "requested_by": "Requested by",
+    "purpose": "Purpose",
+    "gpu_type": "GPU type",
+    "count": "GPUs",
+    "duration_hours": "Duration",
+    "priority": "Priority",
+    "mode": "Routing",
+    "budget_limit": "Budget limit",
+    "min_memory_gb": "Minimum GPU memory",
+    "max_wait_minutes": "Longest wait for GPUs",
     "request_id": "Request id",
 }
 STATUS = {
-    "pending": "not started", "invalid": "invalid", "denied": "denied",
-    "pending_review": "waiting for a review", "queued": "queued for GPUs",
-    "allocated": "GPUs allocated", "released": "finished (GPUs released)",
+    "pending": "not started",
+    "invalid": "invalid",
+    "denied": "denied",
+    "pending_review": "waiting for a review",
+    "queued": "queued for GPUs",
+    "allocated": "GPUs allocated",
+    "released": "finished (GPUs released)",
     "timed_out": "gave up waiting for GPUs",
 }
 STATE = {"queued": "queued", "active": "running", "released": "released"}
 RELEASE_REASON = {
-    "lease-expired": "lease ended", "idle": "released for idling", "budget": "budget reached",
-    "explicit": "released by hand", "context-exit": "the program's block ended",
-    "expired-while-down": "lease ended while nothing ran", "cancelled": "cancelled",
-    "unhealthy": "a GPU became unhealthy", "command-exit": "the command ended",
+    "lease-expired": "lease ended",
+    "idle": "released for idling",
+    "budget": "budget reached",
+    "explicit": "released by hand",
+    "context-exit": "the program's block ended",
+    "expired-while-down": "lease ended while nothing ran",
+    "cancelled": "cancelled",
+    "unhealthy": "a GPU became unhealthy",
+    "command-exit": "the command ended",
 }
-MODE = {"budget": "budget (cheapest per unit of work)",
-        "performance": "performance (fastest within budget)"}
+MODE = {
+    "budget": "budget (cheapest per unit of work)",
+    "performance": "performance (fastest within budget)",
+}
 VERDICT = {"approve": "approve", "deny": "deny", "abstain": "abstain"}
 
 
@@ -198,8 +218,15 @@ def _value(field: str, value: object) -> str:
     return str(value)
 
 
-def bars(values: list[float], labels: list[str], *, oldest: str = "", newest: str = "",
-         width: int = 560, height: int = 170) -> str:
+def bars(
+    values: list[float],
+    labels: list[str],
+    *,
+    oldest: str = "",
+    newest: str = "",
+    width: int = 560,
+    height: int = 170,
+) -> str:
     """A small inline SVG bar chart of dollar amounts with its scale: the top and zero of the
     y axis in dollars, the x axis from oldest to newest with their dates (no script)."""
     if not values:
@@ -215,24 +242,29 @@ def bars(values: list[float], labels: list[str], *, oldest: str = "", newest: st
         f'<rect x="{left + i * w + (w - bw) / 2:.1f}" y="{base - (v / scale) * plot_h:.1f}" '
         f'width="{bw:.1f}" height="{(max(v, 0.0) / scale) * plot_h:.1f}" '
         f'fill="#0969da"><title>{_e(lab)}: {_e(_money(v))}</title></rect>'
-        for i, (v, lab) in enumerate(zip(values, labels, strict=True)))
-    axes = (f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{base}" stroke="#57606a"/>'
-            f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" '
-            'stroke="#57606a"/>'
-            f'<line x1="{left - 4}" y1="{top_pad}" x2="{left}" y2="{top_pad}" '
-            'stroke="#57606a"/>'
-            f'<text x="{left - 6}" y="{top_pad + 4}" font-size="11" text-anchor="end">'
-            f"{_e(_axis_money(top))}</text>"
-            f'<text x="{left - 6}" y="{base + 4}" font-size="11" text-anchor="end">$0</text>'
-            f'<text x="{left}" y="{base + 15}" font-size="11">oldest</text>'
-            f'<text x="{left}" y="{base + 29}" font-size="10" class="muted">{_e(oldest)}</text>'
-            f'<text x="{width - right}" y="{base + 15}" font-size="11" text-anchor="end">'
-            "newest</text>"
-            f'<text x="{width - right}" y="{base + 29}" font-size="10" text-anchor="end">'
-            f"{_e(newest)}</text>")
-    return (f'<svg role="img" aria-label="cost per bar, $0 to {_e(_axis_money(top))}" '
-            f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
-            f"{axes}{rects}</svg>")
+        for i, (v, lab) in enumerate(zip(values, labels, strict=True))
+    )
+    axes = (
+        f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{base}" stroke="#57606a"/>'
+        f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" '
+        'stroke="#57606a"/>'
+        f'<line x1="{left - 4}" y1="{top_pad}" x2="{left}" y2="{top_pad}" '
+        'stroke="#57606a"/>'
+        f'<text x="{left - 6}" y="{top_pad + 4}" font-size="11" text-anchor="end">'
+        f"{_e(_axis_money(top))}</text>"
+        f'<text x="{left - 6}" y="{base + 4}" font-size="11" text-anchor="end">$0</text>'
+        f'<text x="{left}" y="{base + 15}" font-size="11">oldest</text>'
+        f'<text x="{left}" y="{base + 29}" font-size="10" class="muted">{_e(oldest)}</text>'
+        f'<text x="{width - right}" y="{base + 15}" font-size="11" text-anchor="end">'
+        "newest</text>"
+        f'<text x="{width - right}" y="{base + 29}" font-size="10" text-anchor="end">'
+        f"{_e(newest)}</text>"
+    )
+    return (
+        f'<svg role="img" aria-label="cost per bar, $0 to {_e(_axis_money(top))}" '
+        f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+        f"{axes}{rects}</svg>"
+    )
 
 
 # ---- host names and origins ------------------------------------------------------------------
@@ -253,8 +285,9 @@ def allowed_hosts(extra: Iterable[str] = ()) -> frozenset[str]:
         if not name:
             continue
         if not _NAME.fullmatch(name):
-            raise InvalidInput(f"host name {raw!r}: a DNS name or an IP address, without a "
-                               "port or a scheme")
+            raise InvalidInput(
+                f"host name {raw!r}: a DNS name or an IP address, without a port or a scheme"
+            )
         out.add(name)
     return frozenset(out)
 
@@ -321,22 +354,34 @@ class _Guard:
             shown = names.shown(hosts[0] if len(hosts) == 1 else "")
             return PlainTextResponse(
                 f"gpu-agent: this page is not served under host {shown} (its operator adds "
-                "names with `gpu-agent ui --allow-host NAME` or GPU_AGENT_UI_HOSTS)\n", 421)
+                "names with `gpu-agent ui --allow-host NAME` or GPU_AGENT_UI_HOSTS)\n",
+                421,
+            )
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return None
         origin, referer = headers.get("origin"), headers.get("referer")
         if origin is not None:
-            why = None if _same_origin(origin, host) else \
-                f"its Origin {names.shown(origin)} is not this page"
+            why = (
+                None
+                if _same_origin(origin, host)
+                else f"its Origin {names.shown(origin)} is not this page"
+            )
         elif referer is not None:
-            why = None if _same_origin(referer, host) else \
-                "it was sent from another page (its Referer is not this page)"
+            why = (
+                None
+                if _same_origin(referer, host)
+                else "it was sent from another page (its Referer is not this page)"
+            )
         else:  # not a browser (curl, a script): the form token alone decides
             why = None
         if why is None:
             return None
-        return self.ui.error(Request(scope), None, 403,
-                             f"this form was posted from elsewhere ({why}): nothing changed")
+        return self.ui.error(
+            Request(scope),
+            None,
+            403,
+            f"this form was posted from elsewhere ({why}): nothing changed",
+        )
 
 
 class WebUI:
@@ -369,8 +414,9 @@ class WebUI:
 
     def _check_csrf(self, request: Request, form: dict[str, str]) -> None:
         if not hmac.compare_digest(form.get("csrf", ""), self._csrf(request)):
-            raise Forbidden("this form was not issued to you (a stale or forged post): "
-                            "nothing changed")
+            raise Forbidden(
+                "this form was not issued to you (a stale or forged post): nothing changed"
+            )
 
     def _as(self, who: Identity) -> Orchestrator:
         return self.orch.acting_as(who)
@@ -380,47 +426,75 @@ class WebUI:
         if not (self.state_dir / ACCESS).exists():
             return "the local user"
         people = identities(self.state_dir)
-        approvers = sorted(i.name for i in people if i.role == "approver"
-                           and i.project == project)
+        approvers = sorted(i.name for i in people if i.role == "approver" and i.project == project)
         admins = sorted(i.name for i in people if i.admin)
-        who = (f"an approver of {project} ({', '.join(approvers)})" if approvers
-               else f"an approver of {project} (there is none yet)")
+        who = (
+            f"an approver of {project} ({', '.join(approvers)})"
+            if approvers
+            else f"an approver of {project} (there is none yet)"
+        )
         return who + (f" or an admin ({', '.join(admins)})" if admins else " or an admin")
 
     # ---- pages ----------------------------------------------------------------------------
 
-    def page(self, request: Request, who: Identity | None, title: str, body: str,
-             status: int = 200, refresh: int | None = None) -> HTMLResponse:
+    def page(
+        self,
+        request: Request,
+        who: Identity | None,
+        title: str,
+        body: str,
+        status: int = 200,
+        refresh: int | None = None,
+    ) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        nav = "".join(f'<a href="{_e(root)}/{p}">{lab}</a>' for p, lab in
-                      (("reviews", "Pending reviews"), ("fleet", "Fleet"), ("spend", "Spend")))
-        whom = "" if who is None else \
-            f'<span class="who">{_e(who.name)} ({_e(who.role)}' + \
-            (f" of {_e(who.project)}" if who.project else "") + ")</span>"
-        meta = "" if refresh is None else \
-            f'<meta http-equiv="refresh" content="{int(refresh)}">'
+        nav = "".join(
+            f'<a href="{_e(root)}/{p}">{lab}</a>'
+            for p, lab in (("reviews", "Pending reviews"), ("fleet", "Fleet"), ("spend", "Spend"))
+        )
+        whom = (
+            ""
+            if who is None
+            else f'<span class="who">{_e(who.name)} ({_e(who.role)}'
+            + (f" of {_e(who.project)}" if who.project else "")
+            + ")</span>"
+        )
+        meta = "" if refresh is None else f'<meta http-equiv="refresh" content="{int(refresh)}">'
         return HTMLResponse(
             f"<!doctype html><html lang=en><head><meta charset=utf-8>{meta}"
             f"<title>{_e(title)} - gpu-agent</title><style>{STYLE}</style></head>"
             f"<body><header><strong>gpu-agent</strong>{nav}{whom}</header>"
-            f"<main><h1>{_e(title)}</h1>{body}</main></body></html>", status_code=status)
+            f"<main><h1>{_e(title)}</h1>{body}</main></body></html>",
+            status_code=status,
+        )
 
-    def error(self, request: Request, who: Identity | None, status: int,
-              message: str, title: str | None = None) -> HTMLResponse:
+    def error(
+        self,
+        request: Request,
+        who: Identity | None,
+        status: int,
+        message: str,
+        title: str | None = None,
+    ) -> HTMLResponse:
         more = ""
         tid = request.path_params.get("thread") if "path_params" in request.scope else None
         if status == 409 and isinstance(tid, str) and names.valid("thread id", tid):
             root = request.scope.get("root_path", "")
             more = f'<p><a href="{_e(root)}/reviews/{_q(tid)}">See the review</a></p>'
-        return self.page(request, who, title or {403: "Not allowed", 404: "Not found",
-                                                 409: "Already decided"}.get(status,
-                                                                             "Bad request"),
-                         f'<p class="error">{_e(message)}</p>{more}', status)
+        return self.page(
+            request,
+            who,
+            title
+            or {403: "Not allowed", 404: "Not found", 409: "Already decided"}.get(
+                status, "Bad request"
+            ),
+            f'<p class="error">{_e(message)}</p>{more}',
+            status,
+        )
 
-    def guarded(self, fn: Callable[[Request, Identity], Response]
-                ) -> Callable[[Request], Response]:
+    def guarded(self, fn: Callable[[Request, Identity], Response]) -> Callable[[Request], Response]:
         """Ids in the path checked first (a malformed one: a one-line 404); then log in where
         tokens are required; GPUAgentError -> an error page."""
+
         def endpoint(request: Request) -> Response:
             for param, kind in (("thread", "thread id"), ("allocation", "allocation id")):
                 if param in request.path_params:
@@ -437,9 +511,15 @@ class WebUI:
                 return self.error(request, who, 403, str(exc))
             except InvalidInput as exc:
                 text = str(exc)
-                status = 404 if text.startswith(("no thread", "no allocation")) else \
-                    409 if "already decided" in text or "not waiting" in text else 400
+                status = (
+                    404
+                    if text.startswith(("no thread", "no allocation"))
+                    else 409
+                    if "already decided" in text or "not waiting" in text
+                    else 400
+                )
                 return self.error(request, who, status, text)
+
         return endpoint
 
     def login(self, request: Request) -> Response:
@@ -449,11 +529,15 @@ class WebUI:
             try:
                 identify(self.state_dir, token)
             except GPUAgentError:
-                return self.page(request, None, "Log in",
-                                 '<p class="error">unknown token</p>' + _login_form(root), 403)
+                return self.page(
+                    request,
+                    None,
+                    "Log in",
+                    '<p class="error">unknown token</p>' + _login_form(root),
+                    403,
+                )
             response = RedirectResponse(f"{root}/reviews", status_code=303)
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                                path=root or "/")
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=root or "/")
             return response
         return self.page(request, None, "Log in", _login_form(root))
 
@@ -476,13 +560,22 @@ class WebUI:
                 f"<td>{_e(req.get('count'))} x {_e(req.get('gpu_type') or 'any type')}</td>"
                 f"<td>{_e(_value('duration_hours', req.get('duration_hours')))}</td>"
                 f"<td>{_e(_span(now - ask.at) if ask else '-')}</td>"
-                f"<td>{_e(out.council.summary if out.council else '')}</td></tr>")
-        body = ("<table><tr><th>Thread</th><th>Project</th><th>Requested by</th><th>GPUs</th>"
+                f"<td>{_e(out.council.summary if out.council else '')}</td></tr>"
+            )
+        body = (
+            (
+                "<table><tr><th>Thread</th><th>Project</th><th>Requested by</th><th>GPUs</th>"
                 "<th>Duration</th><th>Waiting for</th><th>Council</th></tr>"
-                + "".join(rows) + "</table>") if rows else \
-            "<p>No request is waiting for a decision.</p>"
-        body += (f'<p class="muted">This list reloads itself every {REFRESH_SECONDS} s. '
-                 "Open a request to decide it.</p>")
+                + "".join(rows)
+                + "</table>"
+            )
+            if rows
+            else "<p>No request is waiting for a decision.</p>"
+        )
+        body += (
+            f'<p class="muted">This list reloads itself every {REFRESH_SECONDS} s. '
+            "Open a request to decide it.</p>"
+        )
         return self.page(request, who, "Pending reviews", body, refresh=REFRESH_SECONDS)
 
     def review(self, request: Request, who: Identity) -> Response:
@@ -494,65 +587,98 @@ class WebUI:
         project = str(req.get("project", "default"))
         svc = orch.services
         now = svc.clock.now()
-        ask, decided = (None, None) if out.request is None else (
-            svc.ledger.audit_entry(ask_key({"thread_id": tid}, out.request)),
-            svc.ledger.audit_entry(decision_key({"thread_id": tid}, out.request)))
-        parts = [f'<p>Thread <code class="id">{_e(tid)}</code>: '
-                 f"<strong>{_e(label(STATUS, out.status.value))}</strong>"
-                 f" ({_e(out.reason)})</p>"]
+        ask, decided = (
+            (None, None)
+            if out.request is None
+            else (
+                svc.ledger.audit_entry(ask_key({"thread_id": tid}, out.request)),
+                svc.ledger.audit_entry(decision_key({"thread_id": tid}, out.request)),
+            )
+        )
+        parts = [
+            f'<p>Thread <code class="id">{_e(tid)}</code>: '
+            f"<strong>{_e(label(STATUS, out.status.value))}</strong>"
+            f" ({_e(out.reason)})</p>"
+        ]
         asker = req.get("requested_by") or "unknown"
         if ask is not None:
             waited = (decided.at if decided else now) - ask.at
-            parts.append(f"<p>Asked by <strong>{_e(asker)}</strong>; the council asked for a "
-                         f"review at {_e(_when(ask.at))}, "
-                         + (f"decided after {_e(_span(waited))}." if decided else
-                            f"waiting for <strong>{_e(_span(waited))}</strong>.") + "</p>")
+            parts.append(
+                f"<p>Asked by <strong>{_e(asker)}</strong>; the council asked for a "
+                f"review at {_e(_when(ask.at))}, "
+                + (
+                    f"decided after {_e(_span(waited))}."
+                    if decided
+                    else f"waiting for <strong>{_e(_span(waited))}</strong>."
+                )
+                + "</p>"
+            )
         else:
             parts.append(f"<p>Asked by <strong>{_e(asker)}</strong>.</p>")
         if decided is not None:
             human = recorded(decided)
             verb = "Approved" if human.approve else "Denied"
-            parts.append(f'<p class="decided"><strong>{verb} by {_e(decided.who)}</strong> '
-                         f"at {_e(_when(decided.at))}: "
-                         + (f"&ldquo;{_e(human.comment)}&rdquo;" if human.comment
-                            else "no comment") + "</p>")
+            parts.append(
+                f'<p class="decided"><strong>{verb} by {_e(decided.who)}</strong> '
+                f"at {_e(_when(decided.at))}: "
+                + (f"&ldquo;{_e(human.comment)}&rdquo;" if human.comment else "no comment")
+                + "</p>"
+            )
         if out.allocation is not None:
             parts.append(self._allocation_note(request, who, out, tid))
-        parts.append("<h2>Request</h2><table>" + "".join(
-            f"<tr><th>{_e(label(FIELDS, k))}</th><td>{_e(_value(k, v))}</td></tr>"
-            for k, v in req.items()
-            if v is not None and k not in ("request_id", "requested_by")) + "</table>")
+        parts.append(
+            "<h2>Request</h2><table>"
+            + "".join(
+                f"<tr><th>{_e(label(FIELDS, k))}</th><td>{_e(_value(k, v))}</td></tr>"
+                for k, v in req.items()
+                if v is not None and k not in ("request_id", "requested_by")
+            )
+            + "</table>"
+        )
         if out.council is not None:
-            parts.append(f"<h2>Council: {_e(out.council.summary)}</h2><table><tr><th>Member"
-                         "</th><th>Vote</th><th>Probability of approval</th>"
-                         "<th>What moved it most</th></tr>")
+            parts.append(
+                f"<h2>Council: {_e(out.council.summary)}</h2><table><tr><th>Member"
+                "</th><th>Vote</th><th>Probability of approval</th>"
+                "<th>What moved it most</th></tr>"
+            )
             for v in out.council.votes:
                 top = sorted(v.reasons, key=lambda r: -abs(r.effect))[:3]
-                parts.append(f"<tr><td>{_e(v.member)}</td>"
-                             f"<td>{_e(label(VERDICT, v.verdict.value))}</td>"
-                             f"<td>{v.probability:.2f}</td><td>"
-                             + "; ".join(_e(r.text) for r in top) + "</td></tr>")
+                parts.append(
+                    f"<tr><td>{_e(v.member)}</td>"
+                    f"<td>{_e(label(VERDICT, v.verdict.value))}</td>"
+                    f"<td>{v.probability:.2f}</td><td>"
+                    + "; ".join(_e(r.text) for r in top)
+                    + "</td></tr>"
+                )
             parts.append("</table>")
         pending = out.status is Status.PENDING_REVIEW
         if pending and out.request is not None:
             parts.append(self._costs(orch, out.request))
         elif out.route is not None:
             r = out.route
-            parts.append(f"<h2>Routed</h2><p>{_e(req.get('count'))} x {_e(r.gpu_type)} at "
-                         f"{_money(r.price_per_hour)}/GPU-h, "
-                         f"estimated {_hours(round(r.est_hours, 2))}: "
-                         f"{_money(r.est_cost_usd)} ({_e(r.reason)})"
-                         + (f"; charged {_money(out.release.cost_usd)} for "
-                            f"{_hours(round(out.release.hours, 2))} held"
-                            if out.release is not None else "") + ".</p>")
+            parts.append(
+                f"<h2>Routed</h2><p>{_e(req.get('count'))} x {_e(r.gpu_type)} at "
+                f"{_money(r.price_per_hour)}/GPU-h, "
+                f"estimated {_hours(round(r.est_hours, 2))}: "
+                f"{_money(r.est_cost_usd)} ({_e(r.reason)})"
+                + (
+                    f"; charged {_money(out.release.cost_usd)} for "
+                    f"{_hours(round(out.release.hours, 2))} held"
+                    if out.release is not None
+                    else ""
+                )
+                + ".</p>"
+            )
         history = list(reversed(orch.history(project)[:20]))
-        parts.append(f"<h2>{_e(project)}: cost of its last {len(history)} allocations</h2>"
-                     + bars([h.cost_usd for h in history],
-                            [f"{h.ended_at:%Y-%m-%d} {label(RELEASE_REASON, h.reason.value)}"
-                             for h in history],
-                            oldest=f"{history[0].ended_at:%Y-%m-%d %H:%M}" if history else "",
-                            newest=f"{history[-1].ended_at:%Y-%m-%d %H:%M}" if history
-                            else ""))
+        parts.append(
+            f"<h2>{_e(project)}: cost of its last {len(history)} allocations</h2>"
+            + bars(
+                [h.cost_usd for h in history],
+                [f"{h.ended_at:%Y-%m-%d} {label(RELEASE_REASON, h.reason.value)}" for h in history],
+                oldest=f"{history[0].ended_at:%Y-%m-%d %H:%M}" if history else "",
+                newest=f"{history[-1].ended_at:%Y-%m-%d %H:%M}" if history else "",
+            )
+        )
         if pending and decided is None:
             parts.append(self._decide_form(request, who, tid, project))
         parts.append(f'<p><a href="{_e(root)}/reviews">Back to the pending reviews</a></p>')
@@ -563,20 +689,28 @@ class WebUI:
         try:
             who.check_decide(project)
         except Forbidden:
-            mine = f"You ({who.name}, {who.role}" + \
-                (f" of {who.project}" if who.project else "") + ") may read this review "
-            return (f'<p class="note">{_e(mine)}but not decide it: '
-                    f"{_e(self._deciders(project))} decides it.</p>")
-        return (f'<h2>Decide</h2><form method="post" '
-                f'action="{_e(root)}/reviews/{_q(tid)}/decide">'
-                f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
-                '<p><textarea name="comment" placeholder="why (recorded in the audit log)">'
-                '</textarea></p><button class="approve" name="decision" value="approve">'
-                'Approve</button><button class="deny" name="decision" value="deny">Deny'
-                "</button></form>")
+            mine = (
+                f"You ({who.name}, {who.role}"
+                + (f" of {who.project}" if who.project else "")
+                + ") may read this review "
+            )
+            return (
+                f'<p class="note">{_e(mine)}but not decide it: '
+                f"{_e(self._deciders(project))} decides it.</p>"
+            )
+        return (
+            f'<h2>Decide</h2><form method="post" '
+            f'action="{_e(root)}/reviews/{_q(tid)}/decide">'
+            f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
+            '<p><textarea name="comment" placeholder="why (recorded in the audit log)">'
+            '</textarea></p><button class="approve" name="decision" value="approve">'
+            'Approve</button><button class="deny" name="decision" value="deny">Deny'
+            "</button></form>"
+        )
 
-    def _allocation_note(self, request: Request, who: Identity, out: RequestOutcome,
-                         tid: str) -> str:
+    def _allocation_note(
+        self, request: Request, who: Identity, out: RequestOutcome, tid: str
+    ) -> str:
         a = out.allocation
         assert a is not None
         try:
@@ -584,12 +718,16 @@ class WebUI:
         except InvalidInput:
             row = None
         state = row.state if row is not None else "active"
-        text = (f'<div class="note">Allocation <span class="id aid">{_e(a.id)}</span> '
-                f"({_e(label(STATE, state))}): {a.count} x {_e(a.gpu_type)} on {_e(a.node)}, "
-                f"lease until {a.lease_end:%Y-%m-%d %H:%M} UTC")
+        text = (
+            f'<div class="note">Allocation <span class="id aid">{_e(a.id)}</span> '
+            f"({_e(label(STATE, state))}): {a.count} x {_e(a.gpu_type)} on {_e(a.node)}, "
+            f"lease until {a.lease_end:%Y-%m-%d %H:%M} UTC"
+        )
         if row is not None and row.state == "released":
-            text += (f"; {_e(label(RELEASE_REASON, row.release_reason or ''))}, "
-                     f"charged {_money(row.cost_usd)}")
+            text += (
+                f"; {_e(label(RELEASE_REASON, row.release_reason or ''))}, "
+                f"charged {_money(row.cost_usd)}"
+            )
         if state in LIVE and who.may_act_on(a.project):
             text += self._release_form(request, a.id, f"reviews/{tid}")
         return text + "</div>"
@@ -601,12 +739,17 @@ class WebUI:
         GPUs free; the route takes the type it would really place on now."""
         svc = orch.services
         config = svc.config
-        types = [t for t in ([request.gpu_type] if request.gpu_type
-                             else config.pool(request.purpose)) if t in config.catalog]
+        types = [
+            t
+            for t in ([request.gpu_type] if request.gpu_type else config.pool(request.purpose))
+            if t in config.catalog
+        ]
         ref = request.gpu_type or next(iter(config.pool(request.purpose)), None)
         if not types or ref not in config.catalog:  # the fleet file changed since it asked
-            return ("<h2>If approved now</h2><p class=\"error\">this fleet no longer prices "
-                    "the GPU types the request may run on</p>")
+            return (
+                '<h2>If approved now</h2><p class="error">this fleet no longer prices '
+                "the GPU types the request may run on</p>"
+            )
         cheapest = min(types, key=lambda t: (estimate(request, config, t)[1], t))
         c_hours, _ = estimate(request, config, cheapest)
         worst = worst_case_usd(request, config)
@@ -614,24 +757,35 @@ class WebUI:
         n = request.count
         work = _hours(request.duration_hours)
         of_work = "" if cheapest == ref else f", {work} of work at {ref} speed"
-        council = (f"the council judged the cost at its worst case on the cheapest type that "
-                   f"does the work ({n} x {cheapest} for {_hours(round(c_hours, 2))}{of_work}: "
-                   f"{_money(worst)})")
+        council = (
+            f"the council judged the cost at its worst case on the cheapest type that "
+            f"does the work ({n} x {cheapest} for {_hours(round(c_hours, 2))}{of_work}: "
+            f"{_money(worst)})"
+        )
         route = svc.route(request)
         if isinstance(route, Refusal):
-            return (f"<h2>If approved now</h2><p class=\"error\">refused: {_e(route.reason)}"
-                    f"</p><p class=\"explain\">{_e(council.capitalize())}; routed now the "
-                    "request would be refused.</p>")
+            return (
+                f'<h2>If approved now</h2><p class="error">refused: {_e(route.reason)}'
+                f'</p><p class="explain">{_e(council.capitalize())}; routed now the '
+                "request would be refused.</p>"
+            )
         queued = svc.starts_in_hours([route.gpu_type], n)[route.gpu_type] > 0
         if route.gpu_type == cheapest:
-            why = ("the request names its type, which" if request.gpu_type else
-                   "the cheapest type that does the work") + \
-                (f" has no {n} GPUs free: it would wait in the queue for" if queued
-                 else " has the GPUs free now:")
+            why = (
+                "the request names its type, which"
+                if request.gpu_type
+                else "the cheapest type that does the work"
+            ) + (
+                f" has no {n} GPUs free: it would wait in the queue for"
+                if queued
+                else " has the GPUs free now:"
+            )
             same = abs(route.est_cost_usd - worst) < 0.005
         else:
-            why_not = next((o.why_not for o in route.alternatives
-                            if o.gpu_type == cheapest and o.why_not), None)
+            why_not = next(
+                (o.why_not for o in route.alternatives if o.gpu_type == cheapest and o.why_not),
+                None,
+            )
             if route.mode is RouteMode.PERFORMANCE:
                 why = "performance mode takes the fastest type within budget:"
             elif why_not:
@@ -643,8 +797,10 @@ class WebUI:
             if queued:
                 why += " (no type has the GPUs free now: it would wait in the queue)"
             same = False
-        routed = (f"routed now, {why} {route.gpu_type} at {_money(route.price_per_hour)}/GPU-h"
-                  f" for {_hours(round(route.est_hours, 2))}: {_money(route.est_cost_usd)}")
+        routed = (
+            f"routed now, {why} {route.gpu_type} at {_money(route.price_per_hour)}/GPU-h"
+            f" for {_hours(round(route.est_hours, 2))}: {_money(route.est_cost_usd)}"
+        )
         table = (
             "<table><tr><th></th><th>The council judged</th><th>If approved now</th></tr>"
             f"<tr><th>GPU type</th><td>{_e(cheapest)}</td><td>{_e(route.gpu_type)}</td></tr>"
@@ -654,21 +810,27 @@ class WebUI:
             f"<tr><th>Hours</th><td>{_e(_hours(round(c_hours, 2)))}</td>"
             f"<td>{_e(_hours(round(route.est_hours, 2)))}</td></tr>"
             f"<tr><th>Cost</th><td><strong>{_money(worst)}</strong> (worst case)</td>"
-            f"<td><strong>{_money(route.est_cost_usd)}</strong></td></tr></table>")
+            f"<td><strong>{_money(route.est_cost_usd)}</strong></td></tr></table>"
+        )
         tail = (" The same figure." if same else "") + (
             " Both are worst cases: every GPU held for the whole requested time; an allocation"
-            " released earlier (its work done, idle) is charged only for the time it held.")
-        return (f"<h2>Cost: what the council judged, and if approved now</h2>{table}"
-                f'<p class="explain">{_e(council[0].upper() + council[1:])}; '
-                f"{_e(routed)}.{_e(tail)}</p>")
+            " released earlier (its work done, idle) is charged only for the time it held."
+        )
+        return (
+            f"<h2>Cost: what the council judged, and if approved now</h2>{table}"
+            f'<p class="explain">{_e(council[0].upper() + council[1:])}; '
+            f"{_e(routed)}.{_e(tail)}</p>"
+        )
 
     def _release_form(self, request: Request, aid: str, back: str) -> str:
         root = request.scope.get("root_path", "")
-        return (f'<form method="post" action="{_e(root)}/allocations/{_q(aid)}/release" '
-                'style="display:inline">'
-                f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
-                f'<input type="hidden" name="back" value="{_e(back)}">'
-                '<button class="release">Release</button></form>')
+        return (
+            f'<form method="post" action="{_e(root)}/allocations/{_q(aid)}/release" '
+            'style="display:inline">'
+            f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
+            f'<input type="hidden" name="back" value="{_e(back)}">'
+            '<button class="release">Release</button></form>'
+        )
 
     def decide(self, request: Request, who: Identity) -> Response:
         tid = request.path_params["thread"]
@@ -679,8 +841,9 @@ class WebUI:
             raise InvalidInput("the decision must be approve or deny")
         comment = form.get("comment", "")[:500]
         orch = self._as(who)
-        outcome = orch.resume(tid, {"approve": choice == "approve", "by": who.name,
-                                    "comment": comment}, wait=False)
+        outcome = orch.resume(
+            tid, {"approve": choice == "approve", "by": who.name, "comment": comment}, wait=False
+        )
         if outcome.next:  # placed or queued: monitoring goes on in this process
             self.background.append(self.orch.continue_in_background(tid))
         root = request.scope.get("root_path", "")
@@ -695,22 +858,32 @@ class WebUI:
         back = form.get("back", "fleet")
         if back != "fleet":
             tid = back.removeprefix("reviews/")
-            back = f"reviews/{_q(tid)}" if back.startswith("reviews/") and \
-                names.valid("thread id", tid) else "fleet"
+            back = (
+                f"reviews/{_q(tid)}"
+                if back.startswith("reviews/") and names.valid("thread id", tid)
+                else "fleet"
+            )
         row = self.orch.services.ledger.get(aid)
         who.check_project(row.project, "release allocations")
         if row.state not in LIVE:
-            return self.error(request, who, 409,
-                              f"allocation {aid} was already released "
-                              f"({label(RELEASE_REASON, row.release_reason or '')}, at "
-                              f"{_when(row.released_at)}, charged {_money(row.cost_usd)}): "
-                              "nothing changed", title="Already released")
+            return self.error(
+                request,
+                who,
+                409,
+                f"allocation {aid} was already released "
+                f"({label(RELEASE_REASON, row.release_reason or '')}, at "
+                f"{_when(row.released_at)}, charged {_money(row.cost_usd)}): "
+                "nothing changed",
+                title="Already released",
+            )
         done = self._as(who).release(aid)
         verb = "Cancelled" if row.state == "queued" else "Released"
-        body = (f'<p class="decided">{verb} allocation <span class="id aid">{_e(aid)}</span> '
-                f"({row.count} x {_e(row.gpu_type)} of {_e(row.project)}): held "
-                f"{_hours(round(done.hours, 2))}, charged {_money(done.cost_usd)}.</p>"
-                f'<p><a href="{_e(root)}/{_e(back)}">Back</a></p>')
+        body = (
+            f'<p class="decided">{verb} allocation <span class="id aid">{_e(aid)}</span> '
+            f"({row.count} x {_e(row.gpu_type)} of {_e(row.project)}): held "
+            f"{_hours(round(done.hours, 2))}, charged {_money(done.cost_usd)}.</p>"
+            f'<p><a href="{_e(root)}/{_e(back)}">Back</a></p>'
+        )
         return self.page(request, who, f"{verb} {aid}", body)
 
     # ---- fleet and spend ------------------------------------------------------------------
@@ -724,15 +897,20 @@ class WebUI:
             f'<td class="id aid">{_e(g["allocation_id"] or "-")}</td>'
             f"<td>{_e(_reading(g['util_pct'], '%'))}</td>"
             f"<td>{_e(_reading(g['temp_c'], '°C'))}</td>"
-            f"<td>{_e(g['condition'])}</td></tr>" for g in data["gpus"])
+            f"<td>{_e(g['condition'])}</td></tr>"
+            for g in data["gpus"]
+        )
         allocations = data["allocations"]
         live = [a for a in allocations if a["state"] in LIVE]
         done = [a for a in allocations if a["state"] not in LIVE][-100:]
         flags, rows = [], []
         for a in [*live, *reversed(done)]:
             aid, tid = str(a["id"]), str(a.get("thread_id") or "")
-            thread = (f'<a class="id" href="{_e(root)}/reviews/{_q(tid)}">{_e(tid)}</a>'
-                      if names.valid("thread id", tid) else _e(tid or "-"))
+            thread = (
+                f'<a class="id" href="{_e(root)}/reviews/{_q(tid)}">{_e(tid)}</a>'
+                if names.valid("thread id", tid)
+                else _e(tid or "-")
+            )
             unmonitored = a.get("monitored") is False
             if unmonitored:
                 resume = tid if names.valid("thread id", tid) else "THREAD"
@@ -740,12 +918,22 @@ class WebUI:
                     f'<p class="flag"><span class="id aid">{_e(aid)}</span> ({_e(a["project"])})'
                     f": no process is monitoring this allocation: idle release and lease end"
                     f" are not enforced until a worker or <code>gpu-agent resume "
-                    f"{_e(resume)}</code> adopts it.</p>")
-            monitor = ('<span class="badge">not monitored</span>' if unmonitored
-                       else _e(a.get("monitor") or "-"))
-            action = self._release_form(request, aid, "fleet") if (
-                a["state"] in LIVE and names.valid("allocation id", aid)
-                and who.may_act_on(str(a["project"]))) else ""
+                    f"{_e(resume)}</code> adopts it.</p>"
+                )
+            monitor = (
+                '<span class="badge">not monitored</span>'
+                if unmonitored
+                else _e(a.get("monitor") or "-")
+            )
+            action = (
+                self._release_form(request, aid, "fleet")
+                if (
+                    a["state"] in LIVE
+                    and names.valid("allocation id", aid)
+                    and who.may_act_on(str(a["project"]))
+                )
+                else ""
+            )
             rows.append(
                 f'<tr><td class="id aid">{_e(aid)}</td><td>{_e(a["project"])}</td>'
                 f"<td>{thread}</td><td>{_e(label(STATE, a['state']))}</td>"
@@ -753,27 +941,31 @@ class WebUI:
                 f'<td class="id gpus">{"<br>".join(_e(g) for g in a.get("gpu_ids") or [])}</td>'
                 f'<td class="when">{_e(_iso(a["lease_end"]))}</td>'
                 f"<td>{_e(label(RELEASE_REASON, a['reason']) if a['reason'] else '-')}</td>"
-                f"<td>{_money(a['cost_usd'])}</td><td>{monitor}</td><td>{action}</td></tr>")
+                f"<td>{_money(a['cost_usd'])}</td><td>{monitor}</td><td>{action}</td></tr>"
+            )
         problems = "".join(f'<p class="error">{_e(p)}</p>' for p in data["problems"])
-        body = (f"{problems}<p>Backend: {_e(data['backend'])}</p><h2>GPUs</h2><table><tr>"
-                "<th>GPU id</th><th>Type</th><th>Node</th><th>Project</th><th>Allocation</th>"
-                "<th>Utilisation</th><th>Temperature</th><th>Condition</th></tr>"
-                f"{gpus}</table><h2>Allocations</h2>{''.join(flags)}"
-                "<table><tr><th>Allocation</th><th>Project</th><th>Thread</th><th>State</th>"
-                "<th>GPUs</th><th>GPU ids</th><th>Lease end</th><th>Release reason</th>"
-                "<th>Cost</th><th>Monitored by</th><th></th></tr>"
-                f"{''.join(rows)}</table>")
+        body = (
+            f"{problems}<p>Backend: {_e(data['backend'])}</p><h2>GPUs</h2><table><tr>"
+            "<th>GPU id</th><th>Type</th><th>Node</th><th>Project</th><th>Allocation</th>"
+            "<th>Utilisation</th><th>Temperature</th><th>Condition</th></tr>"
+            f"{gpus}</table><h2>Allocations</h2>{''.join(flags)}"
+            "<table><tr><th>Allocation</th><th>Project</th><th>Thread</th><th>State</th>"
+            "<th>GPUs</th><th>GPU ids</th><th>Lease end</th><th>Release reason</th>"
+            "<th>Cost</th><th>Monitored by</th><th></th></tr>"
+            f"{''.join(rows)}</table>"
+        )
         return self.page(request, who, "Fleet", body)
 
     def spend(self, request: Request, who: Identity) -> Response:
         orch = self._as(who)
         rows, charts = [], []
         for c in orch.costs():
-            left = None if c.budget_usd is None else \
-                c.budget_usd - c.spent_usd - c.committed_usd
-            rows.append(f"<tr><td>{_e(c.project)}</td><td>{_money(c.spent_usd)}</td>"
-                        f"<td>{_money(c.accrued_usd)}</td><td>{_money(c.budget_usd)}</td>"
-                        f"<td>{_money(left)}</td></tr>")
+            left = None if c.budget_usd is None else c.budget_usd - c.spent_usd - c.committed_usd
+            rows.append(
+                f"<tr><td>{_e(c.project)}</td><td>{_money(c.spent_usd)}</td>"
+                f"<td>{_money(c.accrued_usd)}</td><td>{_money(c.budget_usd)}</td>"
+                f"<td>{_money(left)}</td></tr>"
+            )
             history = list(reversed(orch.history(c.project)[:30]))
             total, cumulative = 0.0, []
             for h in history:
@@ -782,12 +974,21 @@ class WebUI:
             charts.append(
                 f"<h3>{_e(c.project)}: spend over its last {len(history)} allocations "
                 "(cumulative)</h3>"
-                + bars(cumulative, [f"{h.ended_at:%Y-%m-%d %H:%M}" for h in history],
-                       oldest=f"{history[0].ended_at:%Y-%m-%d %H:%M}" if history else "",
-                       newest=f"{history[-1].ended_at:%Y-%m-%d %H:%M}" if history else ""))
-        body = ("<table><tr><th>Project</th><th>Spent</th><th>Running now</th><th>Budget</th>"
-                "<th>Left (worst case)</th></tr>" + "".join(rows) + "</table>"
-                + "".join(charts) + self._simulation())
+                + bars(
+                    cumulative,
+                    [f"{h.ended_at:%Y-%m-%d %H:%M}" for h in history],
+                    oldest=f"{history[0].ended_at:%Y-%m-%d %H:%M}" if history else "",
+                    newest=f"{history[-1].ended_at:%Y-%m-%d %H:%M}" if history else "",
+                )
+            )
+        body = (
+            "<table><tr><th>Project</th><th>Spent</th><th>Running now</th><th>Budget</th>"
+            "<th>Left (worst case)</th></tr>"
+            + "".join(rows)
+            + "</table>"
+            + "".join(charts)
+            + self._simulation()
+        )
         return self.page(request, who, "Spend", body)
 
     def _simulation(self) -> str:
@@ -808,10 +1009,14 @@ class WebUI:
             f"<tr><td>{_e(name)}</td><td>{_money(m.get('total_cost_usd'))}</td>"
             f"<td>{saving(m.get('total_cost_usd'))}</td>"
             f"<td>{_e(m.get('cost_per_useful_gpu_hour'))}</td></tr>"
-            for name, m in sorted(policies.items()) if isinstance(m, dict))
-        return (f"<h2>Latest simulation ({_e(path)})</h2><table><tr><th>Policy</th>"
-                "<th>Total cost</th><th>Saved against naive</th>"
-                f"<th>Cost per useful GPU-hour</th></tr>{rows}</table>")
+            for name, m in sorted(policies.items())
+            if isinstance(m, dict)
+        )
+        return (
+            f"<h2>Latest simulation ({_e(path)})</h2><table><tr><th>Policy</th>"
+            "<th>Total cost</th><th>Saved against naive</th>"
+            f"<th>Cost per useful GPU-hour</th></tr>{rows}</table>"
+        )
 
 
 def out_request(out: RequestOutcome) -> dict[str, Any]:
@@ -826,13 +1031,16 @@ def _form(request: Request) -> dict[str, str]:
 
 
 def _login_form(root: str) -> str:
-    return (f'<form method="post" action="{_e(root)}/login"><p>Your gpu-agent token '
-            '(GPU_AGENT_TOKEN):</p><input type="password" name="token" size="40">'
-            "<button>Log in</button></form>")
+    return (
+        f'<form method="post" action="{_e(root)}/login"><p>Your gpu-agent token '
+        '(GPU_AGENT_TOKEN):</p><input type="password" name="token" size="40">'
+        "<button>Log in</button></form>"
+    )
 
 
-def create_app(orch: Orchestrator, *, simulation: Path | None = None,
-               allowed: Iterable[str] = ()) -> Starlette:
+def create_app(
+    orch: Orchestrator, *, simulation: Path | None = None, allowed: Iterable[str] = ()
+) -> Starlette:
     """The page over `orch`. It answers to the loopback names and the host names in `allowed`
     (`gpu-agent ui` passes its --host and --allow-host names): any other Host is refused."""
     ui = WebUI(orch, simulation=simulation)
@@ -848,13 +1056,14 @@ def create_app(orch: Orchestrator, *, simulation: Path | None = None,
                     with lock:
                         return fn(request)
                 return fn(request)
+
             return await run_in_threadpool(call)
+
         return endpoint
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
-        return PlainTextResponse("not found\n" if status == 404 else f"error {status}\n",
-                                 status)
+        return PlainTextResponse("not found\n" if status == 404 else f"error {status}\n", status)
 
     routes = [
         Route("/", lambda r: RedirectResponse(f"{r.scope.get('root_path', '')}/reviews")),
@@ -862,8 +1071,9 @@ def create_app(orch: Orchestrator, *, simulation: Path | None = None,
         Route("/reviews", with_body(ui.guarded(ui.reviews))),
         Route("/reviews/{thread}", with_body(ui.guarded(ui.review)), name="review"),
         Route("/reviews/{thread}/decide", with_body(ui.guarded(ui.decide)), methods=["POST"]),
-        Route("/allocations/{allocation}/release", with_body(ui.guarded(ui.release)),
-              methods=["POST"]),
+        Route(
+            "/allocations/{allocation}/release", with_body(ui.guarded(ui.release)), methods=["POST"]
+        ),
         Route("/fleet", with_body(ui.guarded(ui.fleet))),
         Route("/spend", with_body(ui.guarded(ui.spend))),
     ]
@@ -889,10 +1099,17 @@ class _OnFirstRequest:
         with self._lock:
             if self._app is None:
                 ctx = Context()
-                self._app = create_app(Orchestrator(
-                    ctx.state_dir, ctx.fleet_file, backend=ctx.backend,
-                    database=ctx.database, identity=SERVER, monitor_kind="page"),
-                    allowed=hosts_from_env())
+                self._app = create_app(
+                    Orchestrator(
+                        ctx.state_dir,
+                        ctx.fleet_file,
+                        backend=ctx.backend,
+                        database=ctx.database,
+                        identity=SERVER,
+                        monitor_kind="page",
+                    ),
+                    allowed=hosts_from_env(),
+                )
             return self._app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -38,7 +38,8 @@ class Worker:
     exit_when_idle: bool = False  # stop once no job is pending or running anywhere
     max_attempts: int = 3  # a job that fails this often (an exception, not a status) is failed
     worker_id: str = field(
-        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    )
     stopping: threading.Event = field(default_factory=threading.Event)
     finished: Counter[str] = field(default_factory=Counter)  # outcomes of the jobs it ended
 
@@ -54,8 +55,10 @@ class Worker:
     def serve(self) -> Counter[str]:
         """Run until `stopping` is set (or, with exit_when_idle, the queue is empty), then
         hand the jobs still running back to the queue. The outcomes of the jobs it ended."""
-        threads = [threading.Thread(target=self._loop, name=f"job-{i}", daemon=True)
-                   for i in range(self.concurrency)]
+        threads = [
+            threading.Thread(target=self._loop, name=f"job-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
         for t in threads:
             t.start()
         try:
@@ -107,8 +110,13 @@ class Worker:
             try:
                 if not self.orch.claim_orphan(orphan):
                     continue
-                log.info("worker %s adopts %s (thread %s): %s", self.worker_id,
-                         orphan.row.id, tid, orphan.describe(time.time()))
+                log.info(
+                    "worker %s adopts %s (thread %s): %s",
+                    self.worker_id,
+                    orphan.row.id,
+                    tid,
+                    orphan.describe(time.time()),
+                )
                 outcome = self.orch.resume(tid)
                 with self._lock:
                     self.finished[f"adopted {outcome.status.value}"] += 1

@@ -24,7 +24,12 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     svc.watch(aid, thread_id)  # before placing: a live allocation always has its monitor
     now = svc.clock.now()
     result = svc.ledger.place(
-        request, state["route"], thread_id, now, svc.placeable(), svc.topology,
+        request,
+        state["route"],
+        thread_id,
+        now,
+        svc.placeable(),
+        svc.topology,
         approval=audit.approval(svc, state, request),
     )
     fault("allocate:placed")
@@ -38,22 +43,32 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         return {"status": Status.DENIED, "reason": decision.reason, "allocation_id": aid}
     assert row is not None
     if decision.kind is Kind.GONE:
-        return {"status": Status.RELEASED, "reason": decision.reason, "allocation_id": aid,
-                "release": row.to_release(), "cost_usd": row.cost_usd or 0.0}
+        return {
+            "status": Status.RELEASED,
+            "reason": decision.reason,
+            "allocation_id": aid,
+            "release": row.to_release(),
+            "cost_usd": row.cost_usd or 0.0,
+        }
     if decision.kind is Kind.QUEUE:
-        update: State = {"status": Status.QUEUED, "reason": decision.reason,
-                                  "allocation_id": aid}
+        update: State = {"status": Status.QUEUED, "reason": decision.reason, "allocation_id": aid}
         if state.get("status") != Status.QUEUED:
-            update["events"] = [Event(at=utc(now), kind=EventKind.QUEUED,
-                                      message=f"waiting: {decision.reason}")]
+            update["events"] = [
+                Event(at=utc(now), kind=EventKind.QUEUED, message=f"waiting: {decision.reason}")
+            ]
         return update
     problem = svc.reserve(aid, row.gpu_ids)  # a Ray cluster: its placement group
     if problem is not None:
         svc.release(aid, ReleaseReason.CANCELLED)
         return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}
     allocation = row.to_allocation()
-    resumed = Resumed(0.0, False) if request.resumes is None else svc.ledger.resume(
-        request.resumes, aid, row.enqueued_at, allocation.started_at.timestamp())
+    resumed = (
+        Resumed(0.0, False)
+        if request.resumes is None
+        else svc.ledger.resume(
+            request.resumes, aid, row.enqueued_at, allocation.started_at.timestamp()
+        )
+    )
     waited = (allocation.started_at.timestamp() - row.enqueued_at) / 3600.0
     note = f" (waited {waited:.1f} h)" if waited > 0 else ""
     return {
@@ -61,11 +76,18 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         "reason": decision.reason,
         "allocation_id": aid,
         "allocation": allocation,
-        "monitor": MonitorState(last_tick_at=allocation.started_at,
-                                longest_pause_s=resumed.pause_s,
-                                works_while_idle=resumed.working),
-        "events": [Event(at=allocation.started_at, kind=EventKind.PLACED,
-                         message=f"{allocation.count} x {allocation.gpu_type} on "
-                         f"{allocation.node} until {allocation.lease_end:%Y-%m-%d %H:%M} UTC"
-                         f"{note}")],
+        "monitor": MonitorState(
+            last_tick_at=allocation.started_at,
+            longest_pause_s=resumed.pause_s,
+            works_while_idle=resumed.working,
+        ),
+        "events": [
+            Event(
+                at=allocation.started_at,
+                kind=EventKind.PLACED,
+                message=f"{allocation.count} x {allocation.gpu_type} on "
+                f"{allocation.node} until {allocation.lease_end:%Y-%m-%d %H:%M} UTC"
+                f"{note}",
+            )
+        ],
     }

@@ -18,10 +18,18 @@ def _key(kind: str, state: State, request: GPURequest) -> str:
     return f"{kind}:{state.get('thread_id') or 'anonymous'}:{request.request_id}"
 
 
-def _entry(kind: str, svc: Services, state: State, request: GPURequest, who: str,
-           action: str, detail: str) -> AuditEntry:
-    return AuditEntry(_key(kind, state, request), svc.clock.now(), who, action,
-                      request.project, state.get("thread_id") or "anonymous", detail)
+def _entry(
+    kind: str, svc: Services, state: State, request: GPURequest, who: str, action: str, detail: str
+) -> AuditEntry:
+    return AuditEntry(
+        _key(kind, state, request),
+        svc.clock.now(),
+        who,
+        action,
+        request.project,
+        state.get("thread_id") or "anonymous",
+        detail,
+    )
 
 
 def denial(svc: Services, state: State, request: GPURequest, who: str, reason: str) -> None:
@@ -43,11 +51,19 @@ def decision_key(state: State, request: GPURequest) -> str:
     return _key("decide", state, request)
 
 
-def decision_entry(svc: Services, state: State, request: GPURequest,
-                   human: HumanDecision) -> AuditEntry:
+def decision_entry(
+    svc: Services, state: State, request: GPURequest, human: HumanDecision
+) -> AuditEntry:
     """A human decision's entry; its key is the review's, so one decision per review."""
-    return _entry("decide", svc, state, request, human.by,
-                  "approve" if human.approve else "deny", f"{REVIEW}{human.comment}")
+    return _entry(
+        "decide",
+        svc,
+        state,
+        request,
+        human.by,
+        "approve" if human.approve else "deny",
+        f"{REVIEW}{human.comment}",
+    )
 
 
 def decision(svc: Services, state: State, request: GPURequest, human: HumanDecision) -> None:
@@ -56,8 +72,9 @@ def decision(svc: Services, state: State, request: GPURequest, human: HumanDecis
 
 def recorded(entry: AuditEntry) -> HumanDecision:
     """The decision an entry records (to apply a claimed decision a crash left unapplied)."""
-    return HumanDecision(approve=entry.action == "approve", by=entry.who,
-                         comment=entry.detail.removeprefix(REVIEW))
+    return HumanDecision(
+        approve=entry.action == "approve", by=entry.who, comment=entry.detail.removeprefix(REVIEW)
+    )
 
 
 def approval(svc: Services, state: State, request: GPURequest) -> AuditEntry | None:

@@ -33,18 +33,24 @@ class Context:
 
     state_dir: str = field(
         default_factory=lambda: str(default_state_dir()),
-        metadata={"description": "State directory holding the ledger and checkpoints "
-                  "(env GPU_AGENT_HOME, default ./.gpu-agent)."},
+        metadata={
+            "description": "State directory holding the ledger and checkpoints "
+            "(env GPU_AGENT_HOME, default ./.gpu-agent)."
+        },
     )
     fleet_file: str | None = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_FLEET") or None,
-        metadata={"description": "Fleet TOML file (env GPU_AGENT_FLEET); when empty, the "
-                  "built-in simulated fleet, or for real GPUs the built-in host policy."},
+        metadata={
+            "description": "Fleet TOML file (env GPU_AGENT_FLEET); when empty, the "
+            "built-in simulated fleet, or for real GPUs the built-in host policy."
+        },
     )
     backend: str = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_BACKEND") or "simulated",
-        metadata={"description": "Inventory backend (env GPU_AGENT_BACKEND): simulated, nvml "
-                  "(real GPUs), replay (a recording) or auto (nvml where a driver is)."},
+        metadata={
+            "description": "Inventory backend (env GPU_AGENT_BACKEND): simulated, nvml "
+            "(real GPUs), replay (a recording) or auto (nvml where a driver is)."
+        },
     )
     replay: str | None = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_REPLAY") or None,
@@ -52,8 +58,10 @@ class Context:
     )
     database: str | None = field(
         default_factory=lambda: os.environ.get("GPU_AGENT_DATABASE") or None,
-        metadata={"description": "A postgresql:// URL for the ledger (env GPU_AGENT_DATABASE); "
-                  "when empty, SQLite in the state directory."},
+        metadata={
+            "description": "A postgresql:// URL for the ledger (env GPU_AGENT_DATABASE); "
+            "when empty, SQLite in the state directory."
+        },
     )
 
 
@@ -103,8 +111,10 @@ def chosen_context(*sources: object) -> list[str]:
 
 
 def bound_context_refusal(chosen: list[str]) -> str:
-    return (f"a run may not choose its {', '.join(chosen)}: the context is bound to the "
-            "server's own configuration (its GPU_AGENT_* environment)")
+    return (
+        f"a run may not choose its {', '.join(chosen)}: the context is bound to the "
+        "server's own configuration (its GPU_AGENT_* environment)"
+    )
 
 
 def council_of(svc: Services) -> Council:
@@ -138,7 +148,8 @@ def services_for(runtime: Runtime[Context]) -> Services:
     key = (str(_compared("state_dir", own.state_dir)), own.fleet_file, choice, own.database)
     with _opened_lock:
         if key not in _opened:
-            _opened[key] = open_services(own.state_dir, own.fleet_file, backend=choice,
-                                         database=own.database)
+            _opened[key] = open_services(
+                own.state_dir, own.fleet_file, backend=choice, database=own.database
+            )
             _opened[key].monitor_kind = "server"  # its runs beat for what they monitor
         return _opened[key]

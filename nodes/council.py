@@ -19,8 +19,7 @@ def council(state: State, runtime: Runtime[Context]) -> State:
     request = request_of(state)
     settings = svc.config.council
     remaining = svc.ledger.remaining_usd(request.project)  # what it admits now, as trained
-    refused = refusal(request, svc.config,
-                      svc.ledger.remaining_usd(request.project, running=False))
+    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project, running=False))
     if refused:  # the budget changed since validate: the rules decide, not the council
         audit.denial(svc, state, request, "rules", refused)
         return {"status": Status.DENIED, "reason": refused}
@@ -35,9 +34,14 @@ def council(state: State, runtime: Runtime[Context]) -> State:
     held = svc.ledger.held_by_type()
     features = build_features(request, svc.config, stats, held, now, remaining)
     decision = convene(council_of(svc), features, critical, settings)
-    report(runtime, "council", "council: " + ", ".join(
-        f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)
-        + f" -> {decision.summary}", votes=votes(decision))
+    report(
+        runtime,
+        "council",
+        "council: "
+        + ", ".join(f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)
+        + f" -> {decision.summary}",
+        votes=votes(decision),
+    )
     update: State = {"council": decision}
     if decision.outcome is Outcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}

@@ -29,7 +29,12 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
         "reason": f"released: {release.reason.value}",
         "release": release,
         "cost_usd": release.cost_usd,
-        "events": [Event(at=release.released_at, kind=EventKind.RELEASED,
-                         message=f"after {release.hours:.2f} h ({release.reason.value}), "
-                         f"charged ${release.cost_usd:.2f}")],
+        "events": [
+            Event(
+                at=release.released_at,
+                kind=EventKind.RELEASED,
+                message=f"after {release.hours:.2f} h ({release.reason.value}), "
+                f"charged ${release.cost_usd:.2f}",
+            )
+        ],
     }

@@ -46,8 +46,15 @@ def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
     return f"tick {ticks}: utilisation {shown}, {left_s / 3600:.2f} h left"
 
 
-def _wake(row: Lease, mon: MonitorState, last: Readings | None, policy: IdlePolicy,
-          started: float, gpu_ids: list[str], svc: Services) -> float:
+def _wake(
+    row: Lease,
+    mon: MonitorState,
+    last: Readings | None,
+    policy: IdlePolicy,
+    started: float,
+    gpu_ids: list[str],
+    svc: Services,
+) -> float:
     """When the tick after `mon`'s is due: the next one, or the first that can conclude
     something new where the backend knows the readings stay the same; never past the
     allocation's deadline."""
@@ -89,8 +96,9 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     policy = _policy(work(row), purpose, mon.works_while_idle)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
-    samples = svc.sample(allocation.gpu_ids, now,
-                         dict.fromkeys(allocation.gpu_ids, allocation.project))
+    samples = svc.sample(
+        allocation.gpu_ids, now, dict.fromkeys(allocation.gpu_ids, allocation.project)
+    )
     result = assess(samples, mon, settings, now, started, policy)
     for gpu_id in result.throttle:  # its event says what the backend did about it
         action = svc.backend.throttle(gpu_id)
@@ -98,18 +106,31 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
             if event.kind is EventKind.THROTTLE and event.gpu_id == gpu_id:
                 event.message = f"{event.message}: {action}"
     idle = result.state.idle_since
-    svc.ledger.heartbeat(allocation.id, now, result.state.ticks, result.state.util_sum,
-                         result.state.util_n, result.mean_util,
-                         idle.timestamp() if idle is not None else None)
+    svc.ledger.heartbeat(
+        allocation.id,
+        now,
+        result.state.ticks,
+        result.state.util_sum,
+        result.state.util_n,
+        result.mean_util,
+        idle.timestamp() if idle is not None else None,
+    )
     fault("monitor:heartbeat")
     if streaming(runtime):
         left = row.deadline - now
-        report(runtime, "monitor", _tick_text(result.state.ticks, result.mean_util, left),
-               tick=result.state.ticks, util_pct=result.mean_util, seconds_left=left)
+        report(
+            runtime,
+            "monitor",
+            _tick_text(result.state.ticks, result.mean_util, left),
+            tick=result.state.ticks,
+            util_pct=result.mean_util,
+            seconds_left=left,
+        )
     ticked = result.state
     if result.release is None:  # plan the next tick now, from what this one read
-        ticked.wake_at = _wake(row, ticked, readings(samples, settings), policy, started,
-                               allocation.gpu_ids, svc)
+        ticked.wake_at = _wake(
+            row, ticked, readings(samples, settings), policy, started, allocation.gpu_ids, svc
+        )
     update: State = {"monitor": ticked, "samples": samples}
     if result.events:
         update["events"] = result.events

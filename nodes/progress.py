@@ -28,5 +28,7 @@ def report(runtime: Runtime[Context], node: str, text: str, **data: Any) -> None
 
 
 def votes(decision: CouncilDecision) -> list[dict[str, Any]]:
-    return [{"member": v.member, "verdict": v.verdict.value, "probability": round(v.probability, 3)}
-            for v in decision.votes]
+    return [
+        {"member": v.member, "verdict": v.verdict.value, "probability": round(v.probability, 3)}
+        for v in decision.votes
+    ]

@@ -48,8 +48,9 @@ def _checked(human: HumanDecision) -> HumanDecision:
     if not comment.isprintable():
         raise InvalidInput("a review comment may not hold control characters")
     if len(comment) > COMMENT_MAX:
-        raise InvalidInput(f"a review comment is at most {COMMENT_MAX} characters, not "
-                           f"{len(comment)}")
+        raise InvalidInput(
+            f"a review comment is at most {COMMENT_MAX} characters, not {len(comment)}"
+        )
     return human if comment == human.comment else human.model_copy(update={"comment": comment})
 
 
@@ -72,8 +73,7 @@ def decided(state: State, runtime: Runtime[Context], answer: Any) -> State:
     audit.decision(svc, state, request_of(state), human)
     verdict = "approved" if human.approve else "denied"
     note = f" ({human.comment})" if human.comment else ""
-    event = Event(at=utc(now), kind=EventKind.HUMAN_DECISION,
-                  message=f"{human.by} {verdict}{note}")
+    event = Event(at=utc(now), kind=EventKind.HUMAN_DECISION, message=f"{human.by} {verdict}{note}")
     update: State = {"human": human, "events": [event]}
     if human.approve:
         return update | {"status": Status.PENDING, "reason": f"approved by {human.by}"}

@@ -20,8 +20,13 @@ def route(state: State, runtime: Runtime[Context]) -> State:
     if isinstance(decision, Refusal):
         audit.denial(svc, state, request, "rules", decision.reason)
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
-    report(runtime, "route", f"route: {request.count} x {decision.gpu_type} at "
-           f"${decision.price_per_hour:.2f}/GPU-h, about {decision.est_hours:.2f} h, "
-           f"${decision.est_cost_usd:.2f} ({decision.reason})", gpu_type=decision.gpu_type,
-           est_cost_usd=decision.est_cost_usd)
+    report(
+        runtime,
+        "route",
+        f"route: {request.count} x {decision.gpu_type} at "
+        f"${decision.price_per_hour:.2f}/GPU-h, about {decision.est_hours:.2f} h, "
+        f"${decision.est_cost_usd:.2f} ({decision.reason})",
+        gpu_type=decision.gpu_type,
+        est_cost_usd=decision.est_cost_usd,
+    )
     return {"route": decision}

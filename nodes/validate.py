@@ -27,8 +27,7 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
         problem = svc.ledger.resumable(request.project, request.resumes)
         if problem is not None:
             return update | {"status": Status.INVALID, "reason": problem}
-    refused = refusal(request, svc.config,
-                      svc.ledger.remaining_usd(request.project, running=False))
+    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project, running=False))
     if refused:
         audit.denial(svc, update | state, request, "rules", refused)
         return update | {"status": Status.DENIED, "reason": refused}

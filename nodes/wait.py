@@ -18,8 +18,12 @@ def wait(state: State, runtime: Runtime[Context]) -> State:
     row = svc.ledger.get(aid)
     if row.state == "released":  # cancelled while waiting
         svc.forget(aid)
-        return {"status": Status.RELEASED, "reason": "cancelled while queued",
-                "release": row.to_release(), "cost_usd": 0.0}
+        return {
+            "status": Status.RELEASED,
+            "reason": "cancelled while queued",
+            "release": row.to_release(),
+            "cost_usd": 0.0,
+        }
     wake_at = svc.clock.now() + svc.config.scheduler.poll_seconds
     give_up = None
     if request.max_wait_minutes is not None:
@@ -30,7 +34,9 @@ def wait(state: State, runtime: Runtime[Context]) -> State:
     if give_up is not None and svc.clock.now() >= give_up:
         svc.ledger.release(aid, ReleaseReason.CANCELLED, svc.clock.now())
         svc.forget(aid)
-        return {"status": Status.TIMED_OUT,
-                "reason": f"not placed within {request.max_wait_minutes:g} min "
-                f"({state.get('reason', 'no capacity')})"}
+        return {
+            "status": Status.TIMED_OUT,
+            "reason": f"not placed within {request.max_wait_minutes:g} min "
+            f"({state.get('reason', 'no capacity')})",
+        }
     return {}

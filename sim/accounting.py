@@ -79,9 +79,12 @@ def floor_usd(job: SimJob, config: FleetConfig) -> float:
     if not any(p.work for p in job.phases):
         return 0.0
     pauses = pause_hours(job)
-    return min(config.catalog[t].price_per_hour * job.count
-               * (job.work_hours / speed(job, t, config) + pauses)
-               for t in allowed_types(job, config))
+    return min(
+        config.catalog[t].price_per_hour
+        * job.count
+        * (job.work_hours / speed(job, t, config) + pauses)
+        for t in allowed_types(job, config)
+    )
 
 
 @dataclass(frozen=True)
@@ -133,28 +136,36 @@ def work_cost_by_job(attempts: Iterable[Attempt], config: FleetConfig) -> dict[i
     return out
 
 
-def savings(base: Sequence[Attempt], other: Sequence[Attempt],
-            config: FleetConfig) -> dict[str, float]:
+def savings(
+    base: Sequence[Attempt], other: Sequence[Attempt], config: FleetConfig
+) -> dict[str, float]:
     """base's cost minus other's, explained in SAVINGS parts that add up to `total`."""
     b, o = breakdown(base, config), breakdown(other, config)
     done_b, done_o = completed_jobs(base), completed_jobs(other)
     work_b, work_o = work_cost_by_job(base, config), work_cost_by_job(other, config)
     not_done = sum(work_b[j] for j in done_b - done_o) - sum(work_o[j] for j in done_o - done_b)
-    out = {"tail": b["tail"] - o["tail"], "pause": b["pause"] - o["pause"],
-           "killed": b["killed"] - o["killed"],
-           "routing": b["work"] - o["work"] - not_done, "work_not_done": not_done}
+    out = {
+        "tail": b["tail"] - o["tail"],
+        "pause": b["pause"] - o["pause"],
+        "killed": b["killed"] - o["killed"],
+        "routing": b["work"] - o["work"] - not_done,
+        "work_not_done": not_done,
+    }
     out["total"] = sum(out.values())
     return out
 
 
-def same_work(jobs: Sequence[SimJob], runs: Mapping[str, Sequence[Attempt]],
-              config: FleetConfig) -> dict[str, object]:
+def same_work(
+    jobs: Sequence[SimJob], runs: Mapping[str, Sequence[Attempt]], config: FleetConfig
+) -> dict[str, object]:
     """Each policy's cost on the jobs that every policy completed, against their floor."""
     common = set.intersection(*(completed_jobs(a) for a in runs.values())) if runs else set()
     floor_common = sum(floor_usd(j, config) for j in jobs if j.id in common)
     policies: dict[str, dict[str, float | None]] = {}
     for name, attempts in runs.items():
         cost = sum(a.cost_usd for a in attempts if a.job in common)
-        policies[name] = {"cost_usd": round(cost, 2), "cost_vs_floor":
-                          round(cost / floor_common, 6) if floor_common else None}
+        policies[name] = {
+            "cost_usd": round(cost, 2),
+            "cost_vs_floor": round(cost / floor_common, 6) if floor_common else None,
+        }
     return {"jobs": len(common), "floor_usd": round(floor_common, 2), "policies": policies}

@@ -154,8 +154,7 @@ class _Simulation(ABC):
     scheduling pass (`schedule`).
     """
 
-    def __init__(self, workload: Workload, config: FleetConfig,
-                 progress: Progress | None) -> None:
+    def __init__(self, workload: Workload, config: FleetConfig, progress: Progress | None) -> None:
         self.workload = workload
         self.config = config
         self.progress = progress
@@ -176,20 +175,16 @@ class _Simulation(ABC):
         return types
 
     @abstractmethod
-    def enqueue(self, request: _Request, now: float) -> None:
-        ...
+    def enqueue(self, request: _Request, now: float) -> None: ...
 
     @abstractmethod
-    def released(self, alloc: _Alloc, now: float) -> None:
-        ...
+    def released(self, alloc: _Alloc, now: float) -> None: ...
 
     @abstractmethod
-    def schedule(self, now: float) -> None:
-        ...
+    def schedule(self, now: float) -> None: ...
 
     @abstractmethod
-    def ends(self, request: _Request, segments: list[Segment],
-             now: float) -> tuple[float, str]:
+    def ends(self, request: _Request, segments: list[Segment], now: float) -> tuple[float, str]:
         """(when the allocation of a request starting now ends, why)."""
 
     # ---- the loop ----------------------------------------------------------------------
@@ -220,8 +215,11 @@ class _Simulation(ABC):
         job = request.job
         request.types = tuple(t for t in self.allowed(job) if self.capacity[t] >= job.count)
         if not request.types:
-            self.attempts.append(refused(job, request.attempt, request.submit, "unplaced",
-                                         "more GPUs than the fleet has"))
+            self.attempts.append(
+                refused(
+                    job, request.attempt, request.submit, "unplaced", "more GPUs than the fleet has"
+                )
+            )
             return 1
         self.enqueue(request, now)
         return 0
@@ -240,8 +238,9 @@ class _Simulation(ABC):
         self.free[alloc.gpu_type] += job.count
         price = self.config.catalog[alloc.gpu_type].price_per_hour
         cost = price * job.count * (now - alloc.start) / 3600.0
-        attempt = account(job, r.attempt, alloc.gpu_type, r.submit, alloc.segments, now,
-                          alloc.reason, cost)
+        attempt = account(
+            job, r.attempt, alloc.gpu_type, r.submit, alloc.segments, now, alloc.reason, cost
+        )
         self.attempts.append(attempt)
         self.released(alloc, now)
         if attempt.outcome == "killed":
@@ -256,8 +255,7 @@ class _Simulation(ABC):
 class _Naive(_Simulation):
     """Most expensive type, strict FCFS per type, the whole lease held."""
 
-    def __init__(self, workload: Workload, config: FleetConfig,
-                 progress: Progress | None) -> None:
+    def __init__(self, workload: Workload, config: FleetConfig, progress: Progress | None) -> None:
         super().__init__(workload, config, progress)
         self.queues: dict[str, deque[_Request]] = {t: deque() for t in config.catalog}
         self.touched: dict[str, None] = {}  # types whose queue may start someone
@@ -280,8 +278,7 @@ class _Naive(_Simulation):
                 self.start(queue.popleft(), gpu_type, now)
         self.touched.clear()
 
-    def ends(self, request: _Request, segments: list[Segment],
-             now: float) -> tuple[float, str]:
+    def ends(self, request: _Request, segments: list[Segment], now: float) -> tuple[float, str]:
         return now + request.walltime, LEASE_EXPIRED
 
 
@@ -295,8 +292,7 @@ class _Reservation:
 class _SlurmLike(_Simulation):
     """Fair-share and age priority, EASY backfill per partition, walltime kills."""
 
-    def __init__(self, workload: Workload, config: FleetConfig,
-                 progress: Progress | None) -> None:
+    def __init__(self, workload: Workload, config: FleetConfig, progress: Progress | None) -> None:
         super().__init__(workload, config, progress)
         self.partition = _partitions(config)
         n = max(self.partition.values()) + 1
@@ -321,8 +317,9 @@ class _SlurmLike(_Simulation):
         self.running[gpu_type][request.seq] = alloc
         project = request.job.project
         self.run_gpus[project] = self.run_gpus.get(project, 0) + alloc.count
-        self.run_since[project] = self.run_since.get(project, 0.0) + \
-            alloc.count * (now - self.origin)
+        self.run_since[project] = self.run_since.get(project, 0.0) + alloc.count * (
+            now - self.origin
+        )
         return alloc
 
     def released(self, alloc: _Alloc, now: float) -> None:
@@ -334,12 +331,13 @@ class _SlurmLike(_Simulation):
             self.run_since[project] = 0.0  # no rounding residue carried forward
         half_life = self.config.scheduler.half_life_hours
         old, at = self.used.get(project, (0.0, now))
-        self.used[project] = (decayed(old, at, now, half_life)
-                              + n * (now - alloc.start) / 3600.0, now)
+        self.used[project] = (
+            decayed(old, at, now, half_life) + n * (now - alloc.start) / 3600.0,
+            now,
+        )
         self.dirty[self.partition[alloc.gpu_type]] = None
 
-    def ends(self, request: _Request, segments: list[Segment],
-             now: float) -> tuple[float, str]:
+    def ends(self, request: _Request, segments: list[Segment], now: float) -> tuple[float, str]:
         walltime_end = now + request.walltime
         if segments[-1].end <= walltime_end:
             return segments[-1].end, EXPLICIT
@@ -376,8 +374,7 @@ class _SlurmLike(_Simulation):
         for *_, r in heapq.merge(*(keyed(p, q) for p, q in waiting.items())):
             yield r
 
-    def backfill(self, waiting: dict[str, list[_Request]], types: list[str],
-                 now: float) -> None:
+    def backfill(self, waiting: dict[str, list[_Request]], types: list[str], now: float) -> None:
         """One EASY-backfill pass over a partition's waiting requests."""
         free = self.free
         idle = sum(free[t] for t in types)
@@ -437,8 +434,7 @@ class _CheapestFirst(_Simulation):
     """The cheapest type free now, strict FCFS per partition, released when the process
     exits."""
 
-    def __init__(self, workload: Workload, config: FleetConfig,
-                 progress: Progress | None) -> None:
+    def __init__(self, workload: Workload, config: FleetConfig, progress: Progress | None) -> None:
         super().__init__(workload, config, progress)
         self.partition = _partitions(config)
         self.queues: dict[int, deque[_Request]] = {p: deque() for p in self.partition.values()}
@@ -461,15 +457,13 @@ class _CheapestFirst(_Simulation):
             queue = self.queues[p]
             while queue:
                 head = queue[0]
-                gpu_type = next((t for t in head.types if self.free[t] >= head.job.count),
-                                None)
+                gpu_type = next((t for t in head.types if self.free[t] >= head.job.count), None)
                 if gpu_type is None:
                     break  # the head blocks its partition
                 self.start(queue.popleft(), gpu_type, now)
         self.dirty.clear()
 
-    def ends(self, request: _Request, segments: list[Segment],
-             now: float) -> tuple[float, str]:
+    def ends(self, request: _Request, segments: list[Segment], now: float) -> tuple[float, str]:
         return segments[-1].end, EXPLICIT
 
 
@@ -477,12 +471,14 @@ def _cheapest(types: Sequence[str], config: FleetConfig) -> tuple[str, ...]:
     """The types cheapest per unit of work first, ties in the order given: a type twice as
     fast runs the same work in half the hours, so what the work costs is price / throughput."""
     catalog = config.catalog
-    return tuple(sorted(types, key=lambda t: catalog[t].price_per_hour /
-                        catalog[t].relative_throughput))
+    return tuple(
+        sorted(types, key=lambda t: catalog[t].price_per_hour / catalog[t].relative_throughput)
+    )
 
 
-def _backfill_type(request: _Request, now: float, free: dict[str, int],
-                   reservation: _Reservation) -> tuple[str | None, _Reservation]:
+def _backfill_type(
+    request: _Request, now: float, free: dict[str, int], reservation: _Reservation
+) -> tuple[str | None, _Reservation]:
     """The first allowed type the request may start on now without delaying the reservation,
     and the reservation with the spare GPUs it then uses taken out."""
     n = request.job.count
@@ -513,13 +509,17 @@ def _partitions(config: FleetConfig) -> dict[str, int]:
     return {t: numbers.setdefault(root(t), len(numbers)) for t in config.catalog}
 
 
-BASELINES: dict[str, type[_Simulation]] = {"naive": _Naive, "slurm-like": _SlurmLike,
-                                           "slurm-cheapest": _SlurmCheapest,
-                                           "cheapest-first": _CheapestFirst}
+BASELINES: dict[str, type[_Simulation]] = {
+    "naive": _Naive,
+    "slurm-like": _SlurmLike,
+    "slurm-cheapest": _SlurmCheapest,
+    "cheapest-first": _CheapestFirst,
+}
 
 
-def run_baseline(name: str, workload: Workload, config: FleetConfig,
-                 progress: Progress | None = None) -> list[Attempt]:
+def run_baseline(
+    name: str, workload: Workload, config: FleetConfig, progress: Progress | None = None
+) -> list[Attempt]:
     """Every attempt of every job under baseline `name` (see the module docstring);
     `progress(n)` hears of the jobs that have ended for good (completed, refused, given up)."""
     return BASELINES[name](workload, config, progress).run()
@@ -530,5 +530,11 @@ run_slurm_like = functools.partial(run_baseline, "slurm-like")
 run_slurm_cheapest = functools.partial(run_baseline, "slurm-cheapest")
 run_cheapest_first = functools.partial(run_baseline, "cheapest-first")
 
-__all__ = ["BASELINES", "run_baseline", "run_cheapest_first", "run_naive", "run_slurm_cheapest",
-           "run_slurm_like"]
+__all__ = [
+    "BASELINES",
+    "run_baseline",
+    "run_cheapest_first",
+    "run_naive",
+    "run_slurm_cheapest",
+    "run_slurm_like",
+]

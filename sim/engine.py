@@ -37,7 +37,8 @@ from nodes.wiring import EDGES, NODES, ROUTERS, Node
 REDUCERS: dict[str, Callable[[Any, Any], Any]] = {
     key: hint.__metadata__[0]
     for key, hint in get_type_hints(State, include_extras=True).items()
-    if hasattr(hint, "__metadata__") and callable(hint.__metadata__[0])}
+    if hasattr(hint, "__metadata__") and callable(hint.__metadata__[0])
+}
 Reviewer = Callable[[dict[str, Any]], Any]  # the question -> an answer (see parse_decision)
 Observer = Callable[["GraphThread", str, State], None]  # (thread, node, update)
 Finisher = Callable[["GraphThread"], None]
@@ -115,9 +116,15 @@ class _Entry:
 
 
 class Engine:
-    def __init__(self, services: Services, clock: EventClock, reviewer: Reviewer,
-                 observer: Observer | None = None, finished: Finisher | None = None,
-                 nodes: Mapping[str, Node] = NODES) -> None:
+    def __init__(
+        self,
+        services: Services,
+        clock: EventClock,
+        reviewer: Reviewer,
+        observer: Observer | None = None,
+        finished: Finisher | None = None,
+        nodes: Mapping[str, Node] = NODES,
+    ) -> None:
         assert services.clock is clock
         clock.engine = self
         self.services = services
@@ -127,7 +134,8 @@ class Engine:
         self.finished = finished
         self.nodes: dict[str, Node] = dict(nodes)
         self.nodes["review"] = lambda state, runtime: decided(
-            state, runtime, reviewer(question(state)))
+            state, runtime, reviewer(question(state))
+        )
         self._heap: list[tuple[float, int, _Entry]] = []  # (time, sequence, what)
         self._seq = itertools.count()
         self._sleepers: dict[int, GraphThread] = {}  # id(token) -> parked thread
@@ -135,11 +143,16 @@ class Engine:
 
     # ---- scheduling -------------------------------------------------------------------
 
-    def submit(self, thread_id: str, request: GPURequest, at: float,
-               tag: Any = None) -> GraphThread:
+    def submit(
+        self, thread_id: str, request: GPURequest, at: float, tag: Any = None
+    ) -> GraphThread:
         """A new graph thread with `request` as its input, starting at `at`."""
-        runtime: Runtime[Context] = Runtime(context=self.context, execution_info=ExecutionInfo(
-            checkpoint_id="", checkpoint_ns="", task_id="", thread_id=thread_id))
+        runtime: Runtime[Context] = Runtime(
+            context=self.context,
+            execution_info=ExecutionInfo(
+                checkpoint_id="", checkpoint_ns="", task_id="", thread_id=thread_id
+            ),
+        )
         thread = GraphThread(thread_id, {"request": request}, EDGES[START], runtime, tag)
         self._push(at, thread)
         return thread
@@ -149,8 +162,10 @@ class Engine:
         heapq.heappush(self._heap, (at, next(self._seq), _Entry(0, None, call)))
 
     def _push(self, at: float, thread: GraphThread) -> None:
-        heapq.heappush(self._heap, (max(at, self.clock.now()), next(self._seq),
-                                    _Entry(thread.generation, thread, None)))
+        heapq.heappush(
+            self._heap,
+            (max(at, self.clock.now()), next(self._seq), _Entry(thread.generation, thread, None)),
+        )
 
     def woken(self, token: WakeToken) -> None:
         thread = self._sleepers.pop(id(token), None)

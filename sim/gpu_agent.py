@@ -65,14 +65,25 @@ class AgentRun:
 
 
 def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPURequest:
-    return GPURequest.model_validate({
-        "project": job.project, "purpose": job.purpose, "type": job.named_type,
-        "count": job.count, "duration_hours": job.requested_hours,
-        "request_id": f"{job.id}-{attempt}", "resumes": resumes})
+    return GPURequest.model_validate(
+        {
+            "project": job.project,
+            "purpose": job.purpose,
+            "type": job.named_type,
+            "count": job.count,
+            "duration_hours": job.requested_hours,
+            "request_id": f"{job.id}-{attempt}",
+            "resumes": resumes,
+        }
+    )
 
 
-def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
-                  progress: Callable[[int], None] | None = None) -> AgentRun:
+def run_gpu_agent(
+    workload: Workload,
+    config: FleetConfig,
+    state_dir: Path,
+    progress: Callable[[int], None] | None = None,
+) -> AgentRun:
     config = config.model_copy(update={"budgets": dict(workload.budgets)})
     jobs = sorted(workload.jobs, key=lambda j: (j.submit, j.id))
     if not jobs:
@@ -91,8 +102,12 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
         return {"approve": True, "by": "sim-reviewer"}
 
     def start(run: _Run) -> None:
-        engine.submit(f"job-{run.job.id}-{run.attempt}",
-                      request_for(run.job, run.attempt, run.resumes), run.submit, tag=run)
+        engine.submit(
+            f"job-{run.job.id}-{run.attempt}",
+            request_for(run.job, run.attempt, run.resumes),
+            run.submit,
+            tag=run,
+        )
 
     def on_step(thread: GraphThread, node: str, update: State) -> None:
         if node == "council" and "council" in update:
@@ -101,13 +116,16 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
             return
         run: _Run = thread.tag
         allocation = update["allocation"]
-        run.segments = timeline(run.job, allocation.gpu_type,
-                                allocation.started_at.timestamp(), config)
+        run.segments = timeline(
+            run.job, allocation.gpu_type, allocation.started_at.timestamp(), config
+        )
         backend.run(allocation.gpu_ids, run.segments)
         if run.job.supervised:  # its command exits when the work is done
             services.commands.started(allocation.id, RUNNER, run.segments[0].start)
-            engine.call_at(work_done_at(run.segments),
-                           lambda: services.commands.ended(allocation.id, clock.now(), 0))
+            engine.call_at(
+                work_done_at(run.segments),
+                lambda: services.commands.ended(allocation.id, clock.now(), 0),
+            )
         engine.call_at(run.segments[-1].end, lambda: _user_release(allocation.id))
 
     def _user_release(aid: str) -> None:
@@ -121,20 +139,36 @@ def run_gpu_agent(workload: Workload, config: FleetConfig, state_dir: Path,
         release: Release | None = state.get("release")
         if run.segments and release is not None:
             end = release.released_at.timestamp()
-            attempts.append(account(run.job, run.attempt, state["allocation"].gpu_type,
-                                    run.submit, run.segments, end, release.reason,
-                                    release.cost_usd))
+            attempts.append(
+                account(
+                    run.job,
+                    run.attempt,
+                    state["allocation"].gpu_type,
+                    run.submit,
+                    run.segments,
+                    end,
+                    release.reason,
+                    release.cost_usd,
+                )
+            )
             if attempts[-1].outcome == "killed":
                 again = rerun(run.job, run.segments, end, release.reason, run.attempt, config)
                 if again is not None:
-                    start(_Run(again, run.attempt + 1, returns_at(run.segments, end),
-                               resumes=state["allocation"].id))
+                    start(
+                        _Run(
+                            again,
+                            run.attempt + 1,
+                            returns_at(run.segments, end),
+                            resumes=state["allocation"].id,
+                        )
+                    )
                     return
         else:
             status = state.get("status")
             outcome = "unplaced" if status is Status.TIMED_OUT else "denied"
-            attempts.append(refused(run.job, run.attempt, run.submit, outcome,
-                                    str(state.get("reason", status))))
+            attempts.append(
+                refused(run.job, run.attempt, run.submit, outcome, str(state.get("reason", status)))
+            )
         remaining -= 1
         if progress is not None:
             progress(1)
@@ -173,5 +207,8 @@ def _unplaced(jobs: list[SimJob], attempts: list[Attempt]) -> list[Attempt]:
     last: dict[int, Attempt] = {}
     for a in attempts:
         last[a.job] = a
-    return [refused(j, 1, j.submit, "unplaced", "still queued at the end of the simulation")
-            for j in jobs if j.id not in last]
+    return [
+        refused(j, 1, j.submit, "unplaced", "still queued at the end of the simulation")
+        for j in jobs
+        if j.id not in last
+    ]

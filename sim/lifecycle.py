@@ -37,8 +37,10 @@ class Segment:
 
 
 def speed(job: SimJob, gpu_type: str, config: FleetConfig) -> float:
-    return config.catalog[gpu_type].relative_throughput / \
-        config.catalog[job.reference].relative_throughput
+    return (
+        config.catalog[gpu_type].relative_throughput
+        / config.catalog[job.reference].relative_throughput
+    )
 
 
 def timeline(job: SimJob, gpu_type: str, start: float, config: FleetConfig) -> list[Segment]:
@@ -81,8 +83,16 @@ class Attempt:
     done_at: float | None = None  # the job's work finished in this attempt
 
 
-def account(job: SimJob, attempt: int, gpu_type: str, submit: float, segments: list[Segment],
-            end: float, reason: ReleaseReason | str, cost_usd: float) -> Attempt:
+def account(
+    job: SimJob,
+    attempt: int,
+    gpu_type: str,
+    submit: float,
+    segments: list[Segment],
+    end: float,
+    reason: ReleaseReason | str,
+    cost_usd: float,
+) -> Attempt:
     """The attempt's figures for an allocation held from the timeline's start until `end`."""
     start = segments[0].start
     done = work_done_at(segments)
@@ -107,11 +117,23 @@ def account(job: SimJob, attempt: int, gpu_type: str, submit: float, segments: l
     completed = end >= done - 1e-6
     n = job.count
     return Attempt(
-        job=job.id, attempt=attempt, project=job.project, purpose=job.purpose,
-        gpu_type=gpu_type, count=n, submit=submit, start=start, end=end,
-        outcome="completed" if completed else "killed", reason=str(reason),
-        cost_usd=cost_usd, held_gpu_hours=n * held, util_gpu_hours=n * util,
-        idle_gpu_hours=n * idle, hoarded_gpu_hours=n * hoard, work_gpu_hours=n * work,
+        job=job.id,
+        attempt=attempt,
+        project=job.project,
+        purpose=job.purpose,
+        gpu_type=gpu_type,
+        count=n,
+        submit=submit,
+        start=start,
+        end=end,
+        outcome="completed" if completed else "killed",
+        reason=str(reason),
+        cost_usd=cost_usd,
+        held_gpu_hours=n * held,
+        util_gpu_hours=n * util,
+        idle_gpu_hours=n * idle,
+        hoarded_gpu_hours=n * hoard,
+        work_gpu_hours=n * work,
         done_at=done if completed else None,
     )
 
@@ -126,8 +148,14 @@ def returns_at(segments: list[Segment], end: float) -> float:
     return end
 
 
-def rerun(job: SimJob, segments: list[Segment], end: float, reason: ReleaseReason | str,
-          attempt: int, config: FleetConfig) -> SimJob | None:
+def rerun(
+    job: SimJob,
+    segments: list[Segment],
+    end: float,
+    reason: ReleaseReason | str,
+    attempt: int,
+    config: FleetConfig,
+) -> SimJob | None:
     """The job its user asks for again after a kill at `end`, or None when it gives up."""
     if attempt >= MAX_ATTEMPTS:
         return None
@@ -137,11 +165,14 @@ def rerun(job: SimJob, segments: list[Segment], end: float, reason: ReleaseReaso
         for i, s in enumerate(segments):
             if s.util > 0 and s.end <= end:
                 kept = i + 1
-            elif s.util > 0 and s.start < end < s.end and job.supervised \
-                    and str(reason) in NOTICED:  # noticed mid-phase: checkpointed at `end`
+            elif (
+                s.util > 0 and s.start < end < s.end and job.supervised and str(reason) in NOTICED
+            ):  # noticed mid-phase: checkpointed at `end`
                 left = (s.end - end) / (s.end - s.start)
-                rest = (replace(job.phases[i], hours=job.phases[i].hours * left),
-                        *job.phases[i + 1:])
+                rest = (
+                    replace(job.phases[i], hours=job.phases[i].hours * left),
+                    *job.phases[i + 1 :],
+                )
                 break
         else:
             rest = job.phases[kept:]
@@ -151,11 +182,25 @@ def rerun(job: SimJob, segments: list[Segment], end: float, reason: ReleaseReaso
         return None
     pad = job.pad * (2.0 if str(reason) == ReleaseReason.LEASE_EXPIRED.value else 1.0)
     hours = sum(p.hours for p in rest)
-    return replace(job, phases=rest, pad=pad,
-                   requested_hours=requested(hours, pad, config.limits.max_duration_hours))
+    return replace(
+        job,
+        phases=rest,
+        pad=pad,
+        requested_hours=requested(hours, pad, config.limits.max_duration_hours),
+    )
 
 
 def refused(job: SimJob, attempt: int, submit: float, outcome: str, reason: str) -> Attempt:
-    return Attempt(job=job.id, attempt=attempt, project=job.project, purpose=job.purpose,
-                   gpu_type=None, count=job.count, submit=submit, start=None, end=None,
-                   outcome=outcome, reason=reason)
+    return Attempt(
+        job=job.id,
+        attempt=attempt,
+        project=job.project,
+        purpose=job.purpose,
+        gpu_type=None,
+        count=job.count,
+        submit=submit,
+        start=None,
+        end=None,
+        outcome=outcome,
+        reason=reason,
+    )

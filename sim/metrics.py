@@ -119,8 +119,7 @@ def summary(xs: Sequence[float], digits: int = 4) -> dict[str, float | None]:
     if not xs:
         return {"mean": None, "p50": None, "p99": None}
     p50, p99 = percentiles(xs, (50, 99))
-    return {"mean": _r(sum(xs) / len(xs), digits), "p50": _r(p50, digits),
-            "p99": _r(p99, digits)}
+    return {"mean": _r(sum(xs) / len(xs), digits), "p50": _r(p50, digits), "p99": _r(p99, digits)}
 
 
 def isolated_hours(job: SimJob) -> float:
@@ -165,12 +164,15 @@ def job_results(jobs: Sequence[SimJob], attempts: Sequence[Attempt]) -> list[Job
             status = _FAILED_BY.get(tries[-1].outcome, "failed") if tries else "unplaced"
         starts = [a.start for a in tries if a.start is not None]
         end = done.done_at if done is not None and done.done_at is not None else None
-        out.append(JobResult(
-            job=job, status=status,
-            jct_hours=(end - job.submit) / HOUR if end is not None else None,
-            queue_hours=(starts[0] - job.submit) / HOUR if starts else None,
-            run_gpu_hours=sum(a.work_gpu_hours for a in tries),
-        ))
+        out.append(
+            JobResult(
+                job=job,
+                status=status,
+                jct_hours=(end - job.submit) / HOUR if end is not None else None,
+                queue_hours=(starts[0] - job.submit) / HOUR if starts else None,
+                run_gpu_hours=sum(a.work_gpu_hours for a in tries),
+            )
+        )
     return out
 
 
@@ -193,8 +195,7 @@ def _span(jobs: Sequence[SimJob], attempts: Sequence[Attempt]) -> tuple[float, f
     return first, max([first, *ends])
 
 
-def _budgets(cost: Mapping[str, float],
-             budgets: Mapping[str, float]) -> dict[str, float | int]:
+def _budgets(cost: Mapping[str, float], budgets: Mapping[str, float]) -> dict[str, float | int]:
     over = [cost.get(p, 0.0) - b for p, b in budgets.items() if cost.get(p, 0.0) > b + 1e-9]
     return {"count": len(over), "usd": _r(sum(over), 2)}
 
@@ -202,15 +203,23 @@ def _budgets(cost: Mapping[str, float],
 def overrun_at(attempts: Sequence[Attempt], budget: float) -> float:
     """When the attempts' spend, each attempt's cost accrued evenly over its holding, passes
     `budget` (inf if it never does): fleet.budget.reaches_at, the ledger's own sweep."""
-    items = [Running(str(i), a.cost_usd / (end - start), start, end)
-             for i, a in enumerate(attempts)
-             if (start := a.start) is not None and (end := a.end) is not None and end > start
-             and a.cost_usd > 0]
+    items = [
+        Running(str(i), a.cost_usd / (end - start), start, end)
+        for i, a in enumerate(attempts)
+        if (start := a.start) is not None
+        and (end := a.end) is not None
+        and end > start
+        and a.cost_usd > 0
+    ]
     return reaches_at(items, budget, min((r.started_at for r in items), default=0.0))
 
 
-def _in_budget_units(results: Sequence[JobResult], attempts: Sequence[Attempt],
-                     budgets: Mapping[str, float], config: FleetConfig) -> float:
+def _in_budget_units(
+    results: Sequence[JobResult],
+    attempts: Sequence[Attempt],
+    budgets: Mapping[str, float],
+    config: FleetConfig,
+) -> float:
     """The work units of completed jobs whose work finished before their project's spend
     passed its budget."""
     by_project: dict[str, list[Attempt]] = defaultdict(list)
@@ -218,21 +227,25 @@ def _in_budget_units(results: Sequence[JobResult], attempts: Sequence[Attempt],
         by_project[a.project].append(a)
     cutoff = {p: overrun_at(by_project[p], b) for p, b in budgets.items()}
     done_at = {a.job: a.done_at or a.end or 0.0 for a in attempts if a.outcome == "completed"}
-    return sum(work_units(r.job, config) for r in results if r.status == "completed"
-               and done_at[r.job.id] <= cutoff.get(r.job.project, math.inf))
+    return sum(
+        work_units(r.job, config)
+        for r in results
+        if r.status == "completed" and done_at[r.job.id] <= cutoff.get(r.job.project, math.inf)
+    )
 
 
-def _work(results: Sequence[JobResult], attempts: Sequence[Attempt],
-          useful: float) -> dict[str, Any]:
+def _work(
+    results: Sequence[JobResult], attempts: Sequence[Attempt], useful: float
+) -> dict[str, Any]:
     killed = [a for a in attempts if a.outcome == "killed"]
     run = sum(a.work_gpu_hours for a in attempts)
-    redone = sum(r.run_gpu_hours - r.job.work_gpu_hours for r in results
-                 if r.status == "completed")
+    redone = sum(r.run_gpu_hours - r.job.work_gpu_hours for r in results if r.status == "completed")
     abandoned = sum(r.run_gpu_hours for r in results if r.status != "completed")
     return {
         "completed_gpu_hours": _r(useful),
-        "failed_gpu_hours": _r(sum(r.job.work_gpu_hours for r in results
-                                   if r.status != "completed")),
+        "failed_gpu_hours": _r(
+            sum(r.job.work_gpu_hours for r in results if r.status != "completed")
+        ),
         "run_gpu_hours": _r(run),
         "lost_gpu_hours": _r(max(0.0, run - useful)),
         "redone_gpu_hours": _r(max(0.0, redone)),
@@ -243,9 +256,13 @@ def _work(results: Sequence[JobResult], attempts: Sequence[Attempt],
     }
 
 
-def _per_project(results: Sequence[JobResult], attempts: Sequence[Attempt],
-                 budgets: Mapping[str, float], held: float,
-                 config: FleetConfig) -> dict[str, dict[str, Any]]:
+def _per_project(
+    results: Sequence[JobResult],
+    attempts: Sequence[Attempt],
+    budgets: Mapping[str, float],
+    held: float,
+    config: FleetConfig,
+) -> dict[str, dict[str, Any]]:
     cost: dict[str, float] = defaultdict(float)
     hours: dict[str, float] = defaultdict(float)
     for a in attempts:
@@ -279,15 +296,20 @@ def _fairness(projects: Mapping[str, Mapping[str, Any]], key: str) -> float | No
     return _r(jain(xs), 6) if xs and any(x > 0 for x in xs) else None
 
 
-def series(attempts: Sequence[Attempt], first: float, last: float,
-           jcts: Sequence[float], points: int = GRID_POINTS) -> dict[str, Any]:
+def series(
+    attempts: Sequence[Attempt],
+    first: float,
+    last: float,
+    jcts: Sequence[float],
+    points: int = GRID_POINTS,
+) -> dict[str, Any]:
     """Cumulative cost and GPUs held on a fixed grid over the span, and the JCT CDF."""
     grid = np.linspace(first, last, points)
     cost = np.zeros(points)
     held = np.zeros(points)
     placed = [a for a in attempts if a.start is not None and a.end is not None]
     for i in range(0, len(placed), CHUNK):
-        block = placed[i:i + CHUNK]
+        block = placed[i : i + CHUNK]
         s = np.array([a.start for a in block], dtype=float)[:, None]
         e = np.array([a.end for a in block], dtype=float)[:, None]
         c = np.array([a.cost_usd for a in block], dtype=float)[:, None]
@@ -301,13 +323,17 @@ def series(attempts: Sequence[Attempt], first: float, last: float,
         "t_hours": [_r((t - first) / HOUR) for t in grid.tolist()],
         "cost_usd": [_r(v, 2) for v in cost.tolist()],
         "gpus_held": [_r(v, 2) for v in held.tolist()],
-        "jct_cdf": {"pct": pct,
-                    "hours": [_r(v) for v in percentiles(jcts, pct)] if jcts else []},
+        "jct_cdf": {"pct": pct, "hours": [_r(v) for v in percentiles(jcts, pct)] if jcts else []},
     }
 
 
-def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetConfig,
-            budgets: Mapping[str, float], bound: Floor | None = None) -> dict[str, Any]:
+def metrics(
+    jobs: Sequence[SimJob],
+    attempts: Sequence[Attempt],
+    config: FleetConfig,
+    budgets: Mapping[str, float],
+    bound: Floor | None = None,
+) -> dict[str, Any]:
     """One policy's figures on `jobs` (see the module docstring for each definition);
     `bound` is the run's floor when the caller has it already (it is the same for every
     policy)."""
@@ -348,8 +374,9 @@ def metrics(jobs: Sequence[SimJob], attempts: Sequence[Attempt], config: FleetCo
         "jain_fairness": _fairness(projects, "finish_ratio"),
         "jain_work_share": _fairness(projects, "work_share"),
         "budget_violations": _budgets(project_cost, budgets),
-        "work_share_in_budget": _ratio(_in_budget_units(results, attempts, budgets, config),
-                                       bound.work_units),
+        "work_share_in_budget": _ratio(
+            _in_budget_units(results, attempts, budgets, config), bound.work_units
+        ),
         "hoarded_gpu_hours": _r(sum(a.hoarded_gpu_hours for a in attempts)),
         "idle_gpu_hours": _r(sum(a.idle_gpu_hours for a in attempts)),
         "jobs": {"total": len(results), **{s: statuses.get(s, 0) for s in STATUSES}},

@@ -37,6 +37,7 @@ def _num(path: str, fmt: str = "{:,.1f}") -> Callable[[Mapping[str, Any]], str]:
     def cell(m: Mapping[str, Any]) -> str:
         v = _get(m, path)
         return "n/a" if v is None else fmt.format(v)
+
     return cell
 
 
@@ -75,8 +76,10 @@ ROWS: tuple[Row, ...] = (
     ("Queue p99 (h)", _num("queue_hours.p99", "{:,.2f}")),
     ("Jain's index (finish, refusals 0)", _num("jain_fairness", "{:.3f}")),
     ("Jain's index (work share)", _num("jain_work_share", "{:.3f}")),
-    ("Budget violations (count / USD)",
-     _pair("budget_violations.count", "budget_violations.usd", "{:,}", "{:,.2f}")),
+    (
+        "Budget violations (count / USD)",
+        _pair("budget_violations.count", "budget_violations.usd", "{:,}", "{:,.2f}"),
+    ),
     ("Hoarded GPU-hours", _num("hoarded_gpu_hours")),
     ("Idle GPU-hours", _num("idle_gpu_hours")),
     ("Jobs completed / failed / denied", _jobs),
@@ -84,8 +87,7 @@ ROWS: tuple[Row, ...] = (
     ("Lost work (GPU-hours)", _num("work.lost_gpu_hours")),
     ("Killed attempts", _num("work.killed_attempts", "{:,}")),
     ("Wasted cost (USD)", _num("work.wasted_cost_usd", "{:,.2f}")),
-    ("Council denials / human reviews",
-     _pair("council.denied", "reviews", "{:,}", "{:,}")),
+    ("Council denials / human reviews", _pair("council.denied", "reviews", "{:,}", "{:,}")),
 )
 
 
@@ -124,7 +126,8 @@ def versus(results: Mapping[str, Mapping[str, Any]], baseline: str = BASELINE) -
         f"{_num('work_share', '{:.2%}')(m)} against {_num('work_share', '{:.2%}')(base)}, "
         f"cost per unit of work "
         f"{_change(m.get('cost_per_work_unit'), base.get('cost_per_work_unit'))}"
-        for name, m in results.items() if name != baseline
+        for name, m in results.items()
+        if name != baseline
     ]
 
 
@@ -138,16 +141,20 @@ def judged(results: Mapping[str, Mapping[str, Any]], across: Mapping[str, Any]) 
     if not across:
         return []
     f, same = across["floor"], across["same_work"]
-    lines = [f"floor: ${f['usd']:,.2f} for {f['work_units']:,.1f} {f['unit']}-hours of work "
-             f"(all of the trace's work at the cheapest type each job may use)",
-             f"same work ({same['jobs']:,} jobs every policy completed, floor "
-             f"${same['floor_usd']:,.2f}): " + ", ".join(
-                 f"{n} {_num('cost_vs_floor', '{:.3f}x')(v)}"
-                 for n, v in same["policies"].items())]
+    lines = [
+        f"floor: ${f['usd']:,.2f} for {f['work_units']:,.1f} {f['unit']}-hours of work "
+        f"(all of the trace's work at the cheapest type each job may use)",
+        f"same work ({same['jobs']:,} jobs every policy completed, floor "
+        f"${same['floor_usd']:,.2f}): "
+        + ", ".join(
+            f"{n} {_num('cost_vs_floor', '{:.3f}x')(v)}" for n, v in same["policies"].items()
+        ),
+    ]
     best = across.get("strongest_baseline")
     if best is not None:
-        lines.append(f"strongest baseline: {best} (the most work done, then the cheapest "
-                     f"against the floor)")
+        lines.append(
+            f"strongest baseline: {best} (the most work done, then the cheapest against the floor)"
+        )
     for name, against in across["savings_usd"].items():
         if not name.startswith("gpu-agent"):
             continue
@@ -156,12 +163,12 @@ def judged(results: Mapping[str, Mapping[str, Any]], across: Mapping[str, Any]) 
                 f"{name} saves {_usd(s['total'])} against {base}: routing "
                 f"{_usd(s['routing'])}, idle tails {_usd(s['tail'])}, pauses "
                 f"{_usd(s['pause'])}, kills {_usd(s['killed'])}, work not done "
-                f"{_usd(s['work_not_done'])}")
+                f"{_usd(s['work_not_done'])}"
+            )
     return lines
 
 
-def table(results: Mapping[str, dict[str, Any]],
-          across: Mapping[str, Any] | None = None) -> str:
+def table(results: Mapping[str, dict[str, Any]], across: Mapping[str, Any] | None = None) -> str:
     """A fixed-width text table, one column per policy in the given order, then the deltas
     and, given what the policies say together (sim.simulate.across), the floor and the
     savings explained."""
@@ -169,23 +176,24 @@ def table(results: Mapping[str, dict[str, Any]],
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:],
-                                                                       strict=True))]
+        cells = [
+            row[0].ljust(widths[0]),
+            *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
+        ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    notes = [*versus(results), *_versus_strongest(results, across),
-             *judged(results, across or {})]
+    notes = [*versus(results), *_versus_strongest(results, across), *judged(results, across or {})]
     return "\n".join([*lines, *(["", *notes] if notes else [])])
 
 
-def _versus_strongest(results: Mapping[str, Mapping[str, Any]],
-                      across: Mapping[str, Any] | None) -> list[str]:
+def _versus_strongest(
+    results: Mapping[str, Mapping[str, Any]], across: Mapping[str, Any] | None
+) -> list[str]:
     best = (across or {}).get("strongest_baseline")
     if best in (None, BASELINE):
         return []
-    return [line for line in versus(results, best)
-            if line.startswith("gpu-agent")]
+    return [line for line in versus(results, best) if line.startswith("gpu-agent")]
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -198,12 +206,13 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 def _project_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Cost against budget per project, one column per policy."""
     projects = sorted({p for m in results.values() for p in m.get("per_project", {})})
-    out = ["| Project | Budget (USD) | " + " | ".join(f"{n} cost" for n in results) + " |",
-           "|---|---:" + "|---:" * len(results) + "|"]
+    out = [
+        "| Project | Budget (USD) | " + " | ".join(f"{n} cost" for n in results) + " |",
+        "|---|---:" + "|---:" * len(results) + "|",
+    ]
     for p in projects:
         entries = [m.get("per_project", {}).get(p, {}) for m in results.values()]
-        budget = next((e["budget_usd"] for e in entries if e.get("budget_usd") is not None),
-                      None)
+        budget = next((e["budget_usd"] for e in entries if e.get("budget_usd") is not None), None)
         costs = [_num("cost_usd", "{:,.2f}")(e) for e in entries]
         shown = "n/a" if budget is None else f"{budget:,.2f}"
         out.append(f"| {p} | {shown} | " + " | ".join(costs) + " |")
@@ -216,53 +225,90 @@ def _calibration(c: Mapping[str, float]) -> str:
         return "n/a" if v is None else f"{v * 100:.1f} %"
 
     util = c.get("mean_util_pct")
-    return "\n".join([
-        f"- Jobs: {c.get('jobs', 'n/a')}; GPU-hours on the trace: "
-        f"{c.get('gpu_hours', 0.0):,.0f}",
-        f"- Mean SM utilisation while held: {'n/a' if util is None else f'{util:.1f} %'} "
-        f"(Philly, published: {PHILLY_MEAN_UTIL})",
-        f"- Share of held GPU time at 0 %: {share('idle_share')} "
-        f"(Philly, published: ~{PHILLY_IDLE_SHARE * 100:.0f} % of samples)",
-        f"- Idle share of jobs under 6 h: {share('idle_share_under_6h')}; over 24 h: "
-        f"{share('idle_share_over_24h')}",
-    ])
+    return "\n".join(
+        [
+            f"- Jobs: {c.get('jobs', 'n/a')}; GPU-hours on the trace: "
+            f"{c.get('gpu_hours', 0.0):,.0f}",
+            f"- Mean SM utilisation while held: {'n/a' if util is None else f'{util:.1f} %'} "
+            f"(Philly, published: {PHILLY_MEAN_UTIL})",
+            f"- Share of held GPU time at 0 %: {share('idle_share')} "
+            f"(Philly, published: ~{PHILLY_IDLE_SHARE * 100:.0f} % of samples)",
+            f"- Idle share of jobs under 6 h: {share('idle_share_under_6h')}; over 24 h: "
+            f"{share('idle_share_over_24h')}",
+        ]
+    )
 
 
 def _meta(meta: Mapping[str, Any]) -> str:
     return "\n".join(f"- {k}: {meta[k]}" for k in sorted(meta))
 
 
-def markdown(results: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, float],
-             meta: Mapping[str, Any], across: Mapping[str, Any] | None = None,
-             plots: Sequence[str] = PLOTS) -> str:
+def markdown(
+    results: Mapping[str, Mapping[str, Any]],
+    calibration: Mapping[str, float],
+    meta: Mapping[str, Any],
+    across: Mapping[str, Any] | None = None,
+    plots: Sequence[str] = PLOTS,
+) -> str:
     """report.md: run, calibration, the table, the deltas, the plots and the definitions."""
     definitions = metrics_module.__doc__ or "See sim/metrics.py for the definitions."
     parts = [
-        "# Trace-driven simulation: policies compared", "", "## Run", "", _meta(meta), "",
-        "## Workload calibration", "", _calibration(calibration), "",
-        "## Results", "", markdown_table(results), "",
+        "# Trace-driven simulation: policies compared",
+        "",
+        "## Run",
+        "",
+        _meta(meta),
+        "",
+        "## Workload calibration",
+        "",
+        _calibration(calibration),
+        "",
+        "## Results",
+        "",
+        markdown_table(results),
+        "",
         *(f"- {line}" for line in versus(results)),
-        *(f"- {line}" for line in _versus_strongest(results, across)), "",
-        "## Against the floor, and where the savings come from", "",
-        *(f"- {line}" for line in judged(results, across or {})), "",
-        (metrics_accounting.__doc__ or "").strip(), "",
-        "## Cost against budget per project", "", _project_table(results), "",
-        "## Plots", "", *(f"![{p[:-4]}]({p})\n" for p in plots),
-        "## Definitions", "", definitions.strip(), "",
+        *(f"- {line}" for line in _versus_strongest(results, across)),
+        "",
+        "## Against the floor, and where the savings come from",
+        "",
+        *(f"- {line}" for line in judged(results, across or {})),
+        "",
+        (metrics_accounting.__doc__ or "").strip(),
+        "",
+        "## Cost against budget per project",
+        "",
+        _project_table(results),
+        "",
+        "## Plots",
+        "",
+        *(f"![{p[:-4]}]({p})\n" for p in plots),
+        "## Definitions",
+        "",
+        definitions.strip(),
+        "",
     ]
     return "\n".join(parts)
 
 
-def dump(results: Mapping[str, Any], calibration: Mapping[str, float],
-         meta: Mapping[str, Any], across: Mapping[str, Any] | None = None) -> str:
+def dump(
+    results: Mapping[str, Any],
+    calibration: Mapping[str, float],
+    meta: Mapping[str, Any],
+    across: Mapping[str, Any] | None = None,
+) -> str:
     """metrics.json's text: sorted keys, so identical inputs give identical bytes."""
     doc = {"meta": meta, "calibration": calibration, "policies": results, **(across or {})}
     return json.dumps(doc, sort_keys=True, indent=2) + "\n"
 
 
-def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]],
-                 calibration: Mapping[str, float], meta: Mapping[str, Any],
-                 across: Mapping[str, Any] | None = None) -> list[Path]:
+def write_report(
+    out_dir: Path,
+    results: Mapping[str, dict[str, Any]],
+    calibration: Mapping[str, float],
+    meta: Mapping[str, Any],
+    across: Mapping[str, Any] | None = None,
+) -> list[Path]:
     """metrics.json, report.md and the four plots in `out_dir`; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "metrics.json", out_dir / "report.md"]
@@ -279,8 +325,7 @@ def plot(out_dir: Path, results: Mapping[str, Mapping[str, Any]]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, draw in zip(PLOTS, (_cost_plot, _util_plot, _jct_plot, _share_plot),
-                          strict=True):
+    for name, draw in zip(PLOTS, (_cost_plot, _util_plot, _jct_plot, _share_plot), strict=True):
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         draw(ax, results)
         fig.tight_layout()
@@ -315,8 +360,11 @@ def _jct_plot(ax: Any, results: Mapping[str, Mapping[str, Any]]) -> None:
             pct = _get(m, "series.jct_cdf.pct")
             ax.plot([max(h, 1e-3) for h in hours], [p / 100 for p in pct], label=name)
     ax.set_xscale("log")
-    ax.set(title="Job completion time (completed jobs)", xlabel="JCT (hours, log)",
-           ylabel="fraction of jobs")
+    ax.set(
+        title="Job completion time (completed jobs)",
+        xlabel="JCT (hours, log)",
+        ylabel="fraction of jobs",
+    )
     ax.legend()
 
 
@@ -327,7 +375,8 @@ def _share_plot(ax: Any, results: Mapping[str, Mapping[str, Any]]) -> None:
         per = m.get("per_project", {})
         shares = [per.get(p, {}).get("share_of_gpu_hours") or 0.0 for p in projects]
         ax.bar([k + i * width for k in range(len(projects))], shares, width, label=name)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(projects))], projects,
-                  rotation=45, ha="right")
+    ax.set_xticks(
+        [k + 0.4 - width / 2 for k in range(len(projects))], projects, rotation=45, ha="right"
+    )
     ax.set(title="Share of GPU-hours held per project", ylabel="share")
     ax.legend()

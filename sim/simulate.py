@@ -35,22 +35,26 @@ from sim.workload import SimJob, Workload, WorkloadSettings, calibration, synthe
 TRACE_FLEET = "trace_fleet.toml"
 NO_RELEASE_MINUTES = 10.0**9  # an idle timeout no allocation reaches: auto-release off
 # (workload, fleet, state directory, progress) -> (attempts, what else the policy reports)
-Runner = Callable[[Workload, FleetConfig, Path, Callable[[int], None]],
-                  tuple[list[Attempt], dict[str, Any]]]
+Runner = Callable[
+    [Workload, FleetConfig, Path, Callable[[int], None]], tuple[list[Attempt], dict[str, Any]]
+]
 
 
 def _agent(auto_release: bool) -> Runner:
-    def run(workload: Workload, config: FleetConfig, out: Path,
-            progress: Callable[[int], None]) -> tuple[list[Attempt], dict[str, Any]]:
+    def run(
+        workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
+    ) -> tuple[list[Attempt], dict[str, Any]]:
         if not auto_release:
-            monitor = config.monitor.model_copy(
-                update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
+            monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
         result = run_gpu_agent(workload, config, out, progress)
         council = {o.value: result.council.get(o.value, 0) for o in Outcome}
-        return result.attempts, {"council": dict(sorted(council.items())),
-                                 "reviews": result.reviews,
-                                 "node_runs": dict(sorted(result.steps.items()))}
+        return result.attempts, {
+            "council": dict(sorted(council.items())),
+            "reviews": result.reviews,
+            "node_runs": dict(sorted(result.steps.items())),
+        }
+
     return run
 
 
@@ -70,8 +74,10 @@ def parse_policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if not names or unknown:
-        raise InvalidInput(f"unknown policy {', '.join(map(repr, unknown)) or '(none)'} "
-                           f"(choose from {', '.join(POLICIES)})")
+        raise InvalidInput(
+            f"unknown policy {', '.join(map(repr, unknown)) or '(none)'} "
+            f"(choose from {', '.join(POLICIES)})"
+        )
     if len(set(names)) != len(names):
         raise InvalidInput("a policy is named twice")
     return names
@@ -95,8 +101,10 @@ class Progress:
     def draw(self, end: str = "") -> None:
         share = self.done / self.total if self.total else 1.0
         bar = "#" * round(30 * share)
-        self.stream.write(f"\r  {self.label:<26} [{bar:<30}] {self.done:>7,}/{self.total:,} "
-                          f"jobs {time.perf_counter() - self.start:6.1f} s{end}")
+        self.stream.write(
+            f"\r  {self.label:<26} [{bar:<30}] {self.done:>7,}/{self.total:,} "
+            f"jobs {time.perf_counter() - self.start:6.1f} s{end}"
+        )
         self.stream.flush()
 
 
@@ -110,20 +118,35 @@ class Simulation:
     written: list[Path] = field(default_factory=list)
 
 
-def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fleet_name: str,
-             out: Path, *, jobs: int | None = None, seed: int = 0,
-             schema: TraceSchema = PHILLY, stream: TextIO | None = None,
-             fleet_text: str | None = None,
-             settings: WorkloadSettings | None = None) -> Simulation:
+def simulate(
+    trace: str | Path,
+    policies: Sequence[str],
+    config: FleetConfig,
+    fleet_name: str,
+    out: Path,
+    *,
+    jobs: int | None = None,
+    seed: int = 0,
+    schema: TraceSchema = PHILLY,
+    stream: TextIO | None = None,
+    fleet_text: str | None = None,
+    settings: WorkloadSettings | None = None,
+) -> Simulation:
     """Run `policies` on the trace's jobs; the progress bars go to `stream` (stderr).
     `settings` changes the workload model (its seed is `seed`)."""
     stream = stream or sys.stderr
     settings = replace(settings or WorkloadSettings(), seed=seed)
     workload = synthesize(read_trace(trace, schema, limit=jobs), config, settings)
     cal = calibration(workload.jobs)
-    meta = {"trace": str(trace), "jobs": len(workload.jobs), "fleet": fleet_name,
-            "fleet_gpus": sum(n.gpus for n in config.nodes), "seed": seed,
-            "policies": list(policies), "workload": _settings(settings)}
+    meta = {
+        "trace": str(trace),
+        "jobs": len(workload.jobs),
+        "fleet": fleet_name,
+        "fleet_gpus": sum(n.gpus for n in config.nodes),
+        "seed": seed,
+        "policies": list(policies),
+        "workload": _settings(settings),
+    }
     out.mkdir(parents=True, exist_ok=True)
     sim = Simulation({}, cal, meta)
     runs: dict[str, list[Attempt]] = {}
@@ -136,31 +159,43 @@ def simulate(trace: str | Path, policies: Sequence[str], config: FleetConfig, fl
         attempts, extra = POLICIES[name](workload, config, state, bar)
         bar.draw(end="\n")
         sim.seconds[name] = time.perf_counter() - bar.start
-        sim.results[name] = metrics(workload.jobs, attempts, config, workload.budgets,
-                                    bound) | extra
+        sim.results[name] = (
+            metrics(workload.jobs, attempts, config, workload.budgets, bound) | extra
+        )
         runs[name] = attempts
     sim.across = across(workload.jobs, runs, sim.results, config, bound)
     sim.written = write_report(out, sim.results, cal, meta, sim.across)
     return sim
 
 
-def across(jobs: Sequence[SimJob], runs: Mapping[str, Sequence[Attempt]],
-           results: Mapping[str, Mapping[str, Any]], config: FleetConfig,
-           bound: Floor | None = None) -> dict[str, Any]:
+def across(
+    jobs: Sequence[SimJob],
+    runs: Mapping[str, Sequence[Attempt]],
+    results: Mapping[str, Mapping[str, Any]],
+    config: FleetConfig,
+    bound: Floor | None = None,
+) -> dict[str, Any]:
     """What only the policies together say: the floor, the same-work comparison, and each
     policy's saving against naive and against the strongest baseline, explained."""
     bound = bound or floor(jobs, config)
     best = strongest(results)
     against = [b for b in (BASELINE, best) if b is not None and b in runs]
     return {
-        "floor": {"unit": bound.unit, "usd": round(bound.usd, 2),
-                  "work_units": round(bound.work_units, 4)},
+        "floor": {
+            "unit": bound.unit,
+            "usd": round(bound.usd, 2),
+            "work_units": round(bound.work_units, 4),
+        },
         "same_work": same_work(jobs, runs, config),
         "strongest_baseline": best,
-        "savings_usd": {name: {b: {k: round(v, 2) for k, v in
-                                   savings(runs[b], attempts, config).items()}
-                               for b in dict.fromkeys(against) if b != name}
-                        for name, attempts in runs.items()},
+        "savings_usd": {
+            name: {
+                b: {k: round(v, 2) for k, v in savings(runs[b], attempts, config).items()}
+                for b in dict.fromkeys(against)
+                if b != name
+            }
+            for name, attempts in runs.items()
+        },
     }
 
 
@@ -198,6 +233,7 @@ def fleet_source(path: str | None) -> tuple[str, str]:
     """(name, TOML text) of the fleet to simulate: the file given, or the trace fleet."""
     if path is None:
         from importlib import resources
+
         text = resources.files("fleet").joinpath("data", TRACE_FLEET).read_text("utf-8")
         return f"{TRACE_FLEET} (built in)", text
     try:
@@ -207,5 +243,11 @@ def fleet_source(path: str | None) -> tuple[str, str]:
 
 
 def as_json(sim: Simulation) -> Mapping[str, Any]:
-    return {"meta": sim.meta, "calibration": sim.calibration, "policies": sim.results,
-            **sim.across, "seconds": sim.seconds, "written": [str(p) for p in sim.written]}
+    return {
+        "meta": sim.meta,
+        "calibration": sim.calibration,
+        "policies": sim.results,
+        **sim.across,
+        "seconds": sim.seconds,
+        "written": [str(p) for p in sim.written],
+    }

@@ -65,8 +65,7 @@ class TraceFleet:
         ends = [s.end for g in gpu_ids if (s := self._segment(g, at)) is not None]
         return min(ends) if ends else math.inf
 
-    def sample(self, gpu_ids: list[str], now: float,
-               holders: Mapping[str, str]) -> list[GPUSample]:
+    def sample(self, gpu_ids: list[str], now: float, holders: Mapping[str, str]) -> list[GPUSample]:
         return [self._read(self._by_id[g], now, g in holders) for g in gpu_ids]
 
     def _read(self, gpu: GPUInfo, now: float, held: bool) -> GPUSample:
@@ -76,7 +75,9 @@ class TraceFleet:
         spec = self._config.catalog[gpu.gpu_type]
         load = util / _TRAIN.util if util > 0 else 1.0
         return GPUSample(
-            gpu_id=gpu.uuid, at=utc(now), util_pct=util,
+            gpu_id=gpu.uuid,
+            at=utc(now),
+            util_pct=util,
             mem_used_gb=round(gpu.memory_gb * profile.mem_share, 2),
             mem_total_gb=gpu.memory_gb,
             temp_c=round(self._ambient[gpu.node] + profile.temp_rise * load, 1),

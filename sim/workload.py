@@ -60,8 +60,30 @@ from fleet.config import FleetConfig
 from fleet.models import Purpose
 from fleet.trace import Job
 
-ROUND_HOURS = (0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 24, 48, 72, 96, 120, 168, 240, 336, 504, 720,
-               1080, 1440, 2160)
+ROUND_HOURS = (
+    0.25,
+    0.5,
+    1,
+    2,
+    3,
+    4,
+    6,
+    8,
+    12,
+    24,
+    48,
+    72,
+    96,
+    120,
+    168,
+    240,
+    336,
+    504,
+    720,
+    1080,
+    1440,
+    2160,
+)
 MIN_PHASE_HOURS = 1 / 60  # a pause shorter than a minute is part of the work around it
 PAUSE_MODELS = ("lognormal", "exponential", "pareto")
 
@@ -159,8 +181,9 @@ def _purpose(job: Job, s: WorkloadSettings, rng: random.Random) -> Purpose:
     return Purpose.INFERENCE if rng.random() < s.inference_share else Purpose.TRAINING
 
 
-def _named(purpose: Purpose, config: FleetConfig, s: WorkloadSettings,
-           rng: random.Random) -> str | None:
+def _named(
+    purpose: Purpose, config: FleetConfig, s: WorkloadSettings, rng: random.Random
+) -> str | None:
     draw = rng.random()
     if purpose is Purpose.TRAINING and draw < s.name_fastest_share:
         pool = config.pool(Purpose.TRAINING)
@@ -208,8 +231,11 @@ def phases(hours: float, s: WorkloadSettings, rng: random.Random) -> tuple[Phase
     mean = _idle_mean(hours, s)
     k = s.idle_concentration
     idle = hours * rng.betavariate(mean * k, (1 - mean) * k)
-    busy_util = min(99.0, max(40.0, rng.gauss(*s.dense_util))) \
-        if rng.random() < s.dense_share else rng.uniform(*s.sparse_util)
+    busy_util = (
+        min(99.0, max(40.0, rng.gauss(*s.dense_util)))
+        if rng.random() < s.dense_share
+        else rng.uniform(*s.sparse_util)
+    )
     mid = idle * s.pause_share
     n = min(s.max_pauses, _poisson(hours * s.pauses_per_hour, rng))
     gaps = [pause_hours(s, rng) for _ in range(n)]
@@ -256,8 +282,9 @@ def _poisson(lam: float, rng: random.Random) -> int:
         k += 1
 
 
-def synthesize(trace: Sequence[Job], config: FleetConfig,
-               settings: WorkloadSettings = WorkloadSettings()) -> Workload:
+def synthesize(
+    trace: Sequence[Job], config: FleetConfig, settings: WorkloadSettings = WorkloadSettings()
+) -> Workload:
     """The requests and workloads of `trace` on `config`'s catalog; same seed, same jobs."""
     s = settings
     max_hours = config.limits.max_duration_hours
@@ -270,17 +297,30 @@ def synthesize(trace: Sequence[Job], config: FleetConfig,
         reference = named or config.pool(purpose)[0]
         hours = max(job.hours, 1 / 3600)  # a zero-second job still took a moment
         pad = _pad(s, rng)
-        jobs.append(SimJob(
-            id=i, project=job.project, submit=job.submit, count=job.count, purpose=purpose,
-            named_type=named, reference=reference,
-            requested_hours=requested(hours, pad, max_hours), pad=pad,
-            phases=phases(hours, s, rng), line=job.line,
-            supervised=_rng(s.seed, "run", job.line or i).random() < s.supervised_share,
-        ))
-        list_cost[job.project] = list_cost.get(job.project, 0.0) + \
-            job.count * hours * config.catalog[reference].price_per_hour
-    budgets = {p: round(cost * _rng(s.seed, "budget", p).uniform(*s.budget_factor), 2)
-               for p, cost in sorted(list_cost.items())}
+        jobs.append(
+            SimJob(
+                id=i,
+                project=job.project,
+                submit=job.submit,
+                count=job.count,
+                purpose=purpose,
+                named_type=named,
+                reference=reference,
+                requested_hours=requested(hours, pad, max_hours),
+                pad=pad,
+                phases=phases(hours, s, rng),
+                line=job.line,
+                supervised=_rng(s.seed, "run", job.line or i).random() < s.supervised_share,
+            )
+        )
+        list_cost[job.project] = (
+            list_cost.get(job.project, 0.0)
+            + job.count * hours * config.catalog[reference].price_per_hour
+        )
+    budgets = {
+        p: round(cost * _rng(s.seed, "budget", p).uniform(*s.budget_factor), 2)
+        for p, cost in sorted(list_cost.items())
+    }
     return Workload(jobs, budgets)
 
 

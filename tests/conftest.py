@@ -68,8 +68,9 @@ def small_config(**sections: dict[str, Any]) -> FleetConfig:
     update = {}
     for name, fields in sections.items():
         current = getattr(base, name)
-        update[name] = current.model_copy(update=fields) if hasattr(current, "model_copy") \
-            else fields
+        update[name] = (
+            current.model_copy(update=fields) if hasattr(current, "model_copy") else fields
+        )
     return base.model_copy(update=update)
 
 
@@ -101,10 +102,12 @@ OrchFactory = Callable[..., Orchestrator]
 def make_orch(tmp_path: Path) -> Iterator[OrchFactory]:
     opened: list[Orchestrator] = []
 
-    def make(config: FleetConfig | None = None, *, clock: Any = None, name: str = "state",
-             **kwargs: Any) -> Orchestrator:
-        orch = Orchestrator(tmp_path / name, config or small_config(),
-                            clock=clock or VirtualClock(), **kwargs)
+    def make(
+        config: FleetConfig | None = None, *, clock: Any = None, name: str = "state", **kwargs: Any
+    ) -> Orchestrator:
+        orch = Orchestrator(
+            tmp_path / name, config or small_config(), clock=clock or VirtualClock(), **kwargs
+        )
         opened.append(orch)
         return orch
 
@@ -113,12 +116,19 @@ def make_orch(tmp_path: Path) -> Iterator[OrchFactory]:
         orch.close()
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """The real `gpu-agent` command in a subprocess."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "graph.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "graph.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------

@@ -26,8 +26,7 @@ def matmuls(seconds: float) -> None:
 
 def hoard(gib: float) -> None:
     held = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    print(f"holding {held.numel() / 2**30:.0f} GiB on {torch.cuda.get_device_name(0)}",
-          flush=True)
+    print(f"holding {held.numel() / 2**30:.0f} GiB on {torch.cuda.get_device_name(0)}", flush=True)
     while True:
         time.sleep(1)
 

@@ -57,13 +57,32 @@ class PgServer:
         self.root.mkdir(parents=True, exist_ok=True)
         if self._as:
             shutil.chown(self.root, "postgres", "postgres")
-        self._run(str(self.bins / "initdb"), "-D", str(self.data), "-A", "trust",
-                  "-U", "postgres", "-E", "UTF8", "--no-instructions")
+        self._run(
+            str(self.bins / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data} -c max_connections=300"
         if not self.durable:  # test data: nothing to keep across a power cut
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-l",
-                  str(self.data / "server.log"), "-o", options, "-w", "start")
+        self._run(
+            str(self.bins / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.data / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
         return self.url("postgres")
 
     def url(self, database: str) -> str:
@@ -71,8 +90,19 @@ class PgServer:
 
     def stop(self) -> None:
         if self.data.exists():
-            subprocess.run([*self._as, str(self.bins / "pg_ctl"), "-D", str(self.data),
-                            "-m", "immediate", "stop"], capture_output=True, timeout=60)
+            subprocess.run(
+                [
+                    *self._as,
+                    str(self.bins / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-m",
+                    "immediate",
+                    "stop",
+                ],
+                capture_output=True,
+                timeout=60,
+            )
 
 
 def create_database(admin_url: str, name: str | None = None) -> str:

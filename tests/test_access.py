@@ -23,8 +23,12 @@ from nodes import audit
 from nodes.state import request_of
 from tests.conftest import fleet_toml, run_cli, small_config
 
-COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
-           "auto_approve_max_gpus": 1}
+COUNCIL = {
+    "policy": "reference",
+    "approve_threshold": 0.99,
+    "deny_threshold": 0.01,
+    "auto_approve_max_gpus": 1,
+}
 ONE = {"purpose": "training", "count": 1, "duration_hours": 1, "gpu_type": "A100"}
 TWO = ONE | {"count": 2}  # to the (always split) council: a human review
 
@@ -34,15 +38,23 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A state directory with identities, a placed vision allocation and a vision review."""
     state = tmp_path / "s"
     state.mkdir()
-    tokens = {name: add_identity(state, name, role, project) for name, role, project in [
-        ("root", "admin", None), ("alice", "member", "vision"), ("dave", "approver", "vision"),
-        ("bob", "member", "speech"), ("carol", "approver", "speech")]}
+    tokens = {
+        name: add_identity(state, name, role, project)
+        for name, role, project in [
+            ("root", "admin", None),
+            ("alice", "member", "vision"),
+            ("dave", "approver", "vision"),
+            ("bob", "member", "speech"),
+            ("carol", "approver", "speech"),
+        ]
+    }
     opened: list[Orchestrator] = []
     clock = VirtualClock()
 
     def as_(name: str | None) -> Orchestrator:
-        o = Orchestrator(state, small_config(council=COUNCIL), clock=clock,
-                         token=tokens[name] if name else None)
+        o = Orchestrator(
+            state, small_config(council=COUNCIL), clock=clock, token=tokens[name] if name else None
+        )
         opened.append(o)
         return o
 
@@ -135,14 +147,13 @@ def test_the_audit_log_says_who_and_why(world: dict[str, Any]) -> None:
     assert ("decide", "dave", "review") not in seen
     decided = [e for e in log if e.key.startswith("decide:")]
     assert [(e.action, e.who, e.detail) for e in decided] == [
-        ("approve", "dave", "human review: deadline friday")]
+        ("approve", "dave", "human review: deadline friday")
+    ]
     assert seen.count(("approve", "dave", "review")) == 1  # one row per decision
     assert ("release", "alice", world["allocation"]) in seen
     assert any(a == "release" and who == "monitor" for a, who, _ in seen)  # the review's
-    assert any(e.action == "budget" and e.who == "root" and "-> $30.00" in e.detail
-               for e in log)
-    assert any(e.action == "deny" and e.target == "pricey" and "budget" in e.detail
-               for e in log)
+    assert any(e.action == "budget" and e.who == "root" and "-> $30.00" in e.detail for e in log)
+    assert any(e.action == "deny" and e.target == "pricey" and "budget" in e.detail for e in log)
     assert len({e.key for e in log}) == len(log)
     mine = as_("bob").audit()
     assert mine and {e.project for e in mine} == {"speech"}
@@ -152,24 +163,53 @@ def test_the_cli_with_tokens(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml())
     opts = ["--state-dir", str(tmp_path / "s")]
-    first = run_cli("token", "add", "alice", "--role", "member", "--project", "vision", *opts,
-                    cwd=tmp_path)
+    first = run_cli(
+        "token", "add", "alice", "--role", "member", "--project", "vision", *opts, cwd=tmp_path
+    )
     assert first.returncode == 2 and "first identity must be an admin" in first.stderr
-    root = json.loads(run_cli("token", "add", "root", "--role", "admin", "--json", *opts,
-                              cwd=tmp_path).stdout)["token"]
-    refused = run_cli("token", "add", "alice", "--role", "member", "--project", "vision",
-                      *opts, cwd=tmp_path)
+    root = json.loads(
+        run_cli("token", "add", "root", "--role", "admin", "--json", *opts, cwd=tmp_path).stdout
+    )["token"]
+    refused = run_cli(
+        "token", "add", "alice", "--role", "member", "--project", "vision", *opts, cwd=tmp_path
+    )
     assert refused.returncode == 5 and refused.stderr.count("\n") == 1
-    alice = json.loads(run_cli("token", "add", "alice", "--role", "member", "--project",
-                               "vision", "--json", *opts, cwd=tmp_path,
-                               env={"GPU_AGENT_TOKEN": root}).stdout)["token"]
+    alice = json.loads(
+        run_cli(
+            "token",
+            "add",
+            "alice",
+            "--role",
+            "member",
+            "--project",
+            "vision",
+            "--json",
+            *opts,
+            cwd=tmp_path,
+            env={"GPU_AGENT_TOKEN": root},
+        ).stdout
+    )["token"]
     opts += ["--fleet", str(fleet)]
-    r = run_cli("request", "--purpose", "training", "--count", "1", "--hours", "1",
-                "--no-wait", "--json", "--project", "vision", *opts, cwd=tmp_path,
-                env={"GPU_AGENT_TOKEN": alice})
+    r = run_cli(
+        "request",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--no-wait",
+        "--json",
+        "--project",
+        "vision",
+        *opts,
+        cwd=tmp_path,
+        env={"GPU_AGENT_TOKEN": alice},
+    )
     assert r.returncode == 0, r.stderr
-    r = run_cli("budget", "set", "vision", "10", *opts, cwd=tmp_path,
-                env={"GPU_AGENT_TOKEN": alice})
+    r = run_cli(
+        "budget", "set", "vision", "10", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": alice}
+    )
     assert r.returncode == 5 and "admins only" in r.stderr
     r = run_cli("status", *opts, cwd=tmp_path)
     assert r.returncode == 5 and "GPU_AGENT_TOKEN" in r.stderr
@@ -180,8 +220,11 @@ def test_the_cli_with_tokens(tmp_path: Path) -> None:
 def test_two_decisions_at_once_exactly_one_wins(world: dict[str, Any]) -> None:
     """Two approvers answer one review at the same moment (and one clicks twice): one
     decision is applied, the others are told who decided, and nothing else changes."""
-    deciders = [(world["as"]("dave"), False), (world["as"]("root"), True),
-                (world["as"]("dave"), True)]
+    deciders = [
+        (world["as"]("dave"), False),
+        (world["as"]("root"), True),
+        (world["as"]("dave"), True),
+    ]
     barrier = threading.Barrier(len(deciders))
     results: list[object] = []
 
@@ -208,11 +251,16 @@ def test_two_decisions_at_once_exactly_one_wins(world: dict[str, Any]) -> None:
 
 
 def test_a_claimed_decision_a_crash_left_unapplied_is_applied_on_resume(
-        world: dict[str, Any]) -> None:
+    world: dict[str, Any],
+) -> None:
     root = world["as"]("root")
     snap = root.graph.get_state(root._config("review"))
-    entry = audit.decision_entry(root.services, snap.values, request_of(snap.values),
-                                 HumanDecision(approve=False, by="dave", comment="no"))
+    entry = audit.decision_entry(
+        root.services,
+        snap.values,
+        request_of(snap.values),
+        HumanDecision(approve=False, by="dave", comment="no"),
+    )
     assert root.services.ledger.claim(entry)[0]  # claimed, then the process died
     out = root.resume("review")
     assert out.status is Status.DENIED and out.reason == "denied by dave (no)"

@@ -26,22 +26,39 @@ from tests.test_sim_metrics import ATTEMPTS, CONFIG, J4, JOBS, _results, refused
 
 AGENT = [a for a in ATTEMPTS if a.job != 4] + [refused(J4, "denied", "budget")]
 MIXED = FleetConfig(
-    catalog={"A100": GPUTypeSpec(memory_gb=80, price_per_hour=5.0, relative_throughput=1.0),
-             "H100": GPUTypeSpec(memory_gb=80, price_per_hour=8.0, relative_throughput=2.0),
-             "T4": GPUTypeSpec(memory_gb=16, price_per_hour=0.5, relative_throughput=0.15)},
-    pools={Purpose.TRAINING: ["A100", "H100"], Purpose.INFERENCE: ["T4"],
-           Purpose.RESEARCH: ["A100"]},
-    nodes=[NodeSpec(name="a", gpu_type="A100", gpus=8), NodeSpec(name="h", gpu_type="H100",
-                                                                gpus=2),
-           NodeSpec(name="t", gpu_type="T4", gpus=4)],
+    catalog={
+        "A100": GPUTypeSpec(memory_gb=80, price_per_hour=5.0, relative_throughput=1.0),
+        "H100": GPUTypeSpec(memory_gb=80, price_per_hour=8.0, relative_throughput=2.0),
+        "T4": GPUTypeSpec(memory_gb=16, price_per_hour=0.5, relative_throughput=0.15),
+    },
+    pools={
+        Purpose.TRAINING: ["A100", "H100"],
+        Purpose.INFERENCE: ["T4"],
+        Purpose.RESEARCH: ["A100"],
+    },
+    nodes=[
+        NodeSpec(name="a", gpu_type="A100", gpus=8),
+        NodeSpec(name="h", gpu_type="H100", gpus=2),
+        NodeSpec(name="t", gpu_type="T4", gpus=4),
+    ],
 )
 
 
-def sim_job(count: int, *phases: Phase, named: str | None = None,
-            purpose: Purpose = Purpose.TRAINING) -> SimJob:
-    return SimJob(id=0, project="p", submit=t(0), count=count, purpose=purpose,
-                  named_type=named, reference=named or "A100", requested_hours=8.0, pad=2.0,
-                  phases=phases)
+def sim_job(
+    count: int, *phases: Phase, named: str | None = None, purpose: Purpose = Purpose.TRAINING
+) -> SimJob:
+    return SimJob(
+        id=0,
+        project="p",
+        submit=t(0),
+        count=count,
+        purpose=purpose,
+        named_type=named,
+        reference=named or "A100",
+        requested_hours=8.0,
+        pad=2.0,
+        phases=phases,
+    )
 
 
 def test_work_is_counted_in_hours_of_the_unit_type() -> None:
@@ -75,8 +92,14 @@ def test_the_hand_run_against_its_floor() -> None:
 def test_savings_add_up_and_work_not_done_is_named() -> None:
     # gpu-agent's run denies job 4 (two killed tries in the naive run): $6 saved by kills
     s = savings(ATTEMPTS, AGENT, CONFIG)
-    assert s == {"tail": 0.0, "pause": 0.0, "killed": 6.0, "routing": 0.0,
-                 "work_not_done": 0.0, "total": 6.0}
+    assert s == {
+        "tail": 0.0,
+        "pause": 0.0,
+        "killed": 6.0,
+        "routing": 0.0,
+        "work_not_done": 0.0,
+        "total": 6.0,
+    }
     # a run that did not do job 0: the $4 it saved is work not done
     fewer = [a for a in ATTEMPTS if a.job != 0] + [refused(JOBS[0], "denied", "council")]
     s = savings(ATTEMPTS, fewer, CONFIG)
@@ -87,22 +110,31 @@ def test_same_work_is_the_jobs_every_policy_completed() -> None:
     fewer = [a for a in ATTEMPTS if a.job != 0] + [refused(JOBS[0], "denied", "council")]
     same = same_work(JOBS, {"naive": ATTEMPTS, "gpu-agent": fewer}, CONFIG)
     # jobs 1 and 2: floor 4 + 6; naive charged 12 + 3 + 6 for them
-    assert same == {"jobs": 2, "floor_usd": 10.0, "policies": {
-        "naive": {"cost_usd": 21.0, "cost_vs_floor": 2.1},
-        "gpu-agent": {"cost_usd": 21.0, "cost_vs_floor": 2.1}}}
+    assert same == {
+        "jobs": 2,
+        "floor_usd": 10.0,
+        "policies": {
+            "naive": {"cost_usd": 21.0, "cost_vs_floor": 2.1},
+            "gpu-agent": {"cost_usd": 21.0, "cost_vs_floor": 2.1},
+        },
+    }
 
 
 def test_the_strongest_baseline_does_the_most_work_then_costs_least() -> None:
     full = {"work_share": 1.0, "cost_vs_floor": 1.3}
-    results = {"naive": {"work_share": 1.0, "cost_vs_floor": 4.0},
-               "slurm-like": full, "cheap-but-lazy": {"work_share": 0.5, "cost_vs_floor": 0.6},
-               "gpu-agent": {"work_share": 1.0, "cost_vs_floor": 1.0}}
+    results = {
+        "naive": {"work_share": 1.0, "cost_vs_floor": 4.0},
+        "slurm-like": full,
+        "cheap-but-lazy": {"work_share": 0.5, "cost_vs_floor": 0.6},
+        "gpu-agent": {"work_share": 1.0, "cost_vs_floor": 1.0},
+    }
     assert strongest(results) == "slurm-like"
     assert strongest({"gpu-agent": full}) is None
 
 
 def test_the_report_says_what_the_policies_say_together(tmp_path: Path) -> None:
     from sim.simulate import across
+
     results = _results()
     together = across(JOBS, {"naive": ATTEMPTS, "gpu-agent": AGENT}, results, CONFIG)
     assert together["floor"] == {"unit": "A100", "usd": 68.0, "work_units": 33.0}
@@ -110,8 +142,10 @@ def test_the_report_says_what_the_policies_say_together(tmp_path: Path) -> None:
     assert together["savings_usd"]["gpu-agent"]["naive"]["killed"] == 6.0
     text = table(results, together)
     assert "floor: $68.00 for 33.0 A100-hours of work" in text
-    assert "gpu-agent saves $6 against naive: routing $0, idle tails $0, pauses $0, kills " \
+    assert (
+        "gpu-agent saves $6 against naive: routing $0, idle tails $0, pauses $0, kills "
         "$6, work not done $0" in text
+    )
     meta = {"trace": "hand-built", "jobs": len(JOBS), "fleet": "4 x A100", "seed": 0}
     written = write_report(tmp_path, results, {"jobs": 6.0}, meta, together)
     doc = json.loads(written[0].read_text())

@@ -26,8 +26,10 @@ class ScriptedModel(GenericFakeChatModel):
 
 
 def call(name: str, args: dict[str, Any], n: int) -> AIMessage:
-    return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": f"call-{n}",
-                                              "type": "tool_call"}])
+    return AIMessage(
+        content="",
+        tool_calls=[{"name": name, "args": args, "id": f"call-{n}", "type": "tool_call"}],
+    )
 
 
 def results(messages: list[Any]) -> dict[str, dict[str, Any]]:
@@ -37,12 +39,19 @@ def results(messages: list[Any]) -> dict[str, dict[str, Any]]:
 def test_an_agent_requests_gpus_through_the_tool(make_orch: OrchFactory) -> None:
     orch = make_orch()
     tools = gpu_tools(orch)
-    model = ScriptedModel(messages=iter([
-        call("request_gpus", {"project": "vision", "count": 2, "hours": 3,
-                              "gpu_type": "A100"}, 1),
-        call("gpu_status", {}, 2),
-        AIMessage(content="You have 2 A100s."),
-    ]))
+    model = ScriptedModel(
+        messages=iter(
+            [
+                call(
+                    "request_gpus",
+                    {"project": "vision", "count": 2, "hours": 3, "gpu_type": "A100"},
+                    1,
+                ),
+                call("gpu_status", {}, 2),
+                AIMessage(content="You have 2 A100s."),
+            ]
+        )
+    )
     agent = create_agent(model, tools)
     out = agent.invoke({"messages": [("user", "2 A100s for vision, 3 hours please")]})
     got = results(out["messages"])
@@ -59,20 +68,34 @@ def test_an_agent_requests_gpus_through_the_tool(make_orch: OrchFactory) -> None
 
 
 def test_a_split_council_is_a_result_not_an_exception(make_orch: OrchFactory) -> None:
-    orch = make_orch(small_config(council={"policy": "reference", "approve_threshold": 0.99,
-                                           "deny_threshold": 0.05, "auto_approve_max_gpus": 0}))
+    orch = make_orch(
+        small_config(
+            council={
+                "policy": "reference",
+                "approve_threshold": 0.99,
+                "deny_threshold": 0.05,
+                "auto_approve_max_gpus": 0,
+            }
+        )
+    )
     tools = gpu_tools(orch)
-    model = ScriptedModel(messages=iter([
-        call("request_gpus", {"project": "nlp", "count": 2, "hours": 1}, 1),
-        call("release_gpus", {"allocation_id": "a-nope"}, 2),
-        AIMessage(content="Waiting for a human."),
-    ]))
+    model = ScriptedModel(
+        messages=iter(
+            [
+                call("request_gpus", {"project": "nlp", "count": 2, "hours": 1}, 1),
+                call("release_gpus", {"allocation_id": "a-nope"}, 2),
+                AIMessage(content="Waiting for a human."),
+            ]
+        )
+    )
     out = create_agent(model, tools).invoke({"messages": [("user", "2 GPUs for nlp")]})
     got = results(out["messages"])
     pending = got["request_gpus"]
     assert pending["status"] == "pending_human_approval"
-    assert pending["next_step"] == f"a human decides: gpu-agent resume {pending['thread_id']} " \
+    assert (
+        pending["next_step"] == f"a human decides: gpu-agent resume {pending['thread_id']} "
         "--approve (or --deny)"
+    )
     assert got["release_gpus"]["status"] == "invalid"  # a bad id is a result too
     assert orch.services.ledger.allocations() == []
     done = orch.resume(pending["thread_id"], {"approve": True, "by": "lead"})
@@ -82,8 +105,11 @@ def test_a_split_council_is_a_result_not_an_exception(make_orch: OrchFactory) ->
 def test_bad_tool_arguments_are_refused_by_the_schema(make_orch: OrchFactory) -> None:
     orch = make_orch()
     request = gpu_tools(orch)[0]
-    for bad in ({"project": "p", "hours": -1}, {"project": "p", "hours": 1, "count": 0},
-                {"project": "p", "hours": 1, "colour": "red"}):
+    for bad in (
+        {"project": "p", "hours": -1},
+        {"project": "p", "hours": 1, "count": 0},
+        {"project": "p", "hours": 1, "colour": "red"},
+    ):
         try:
             request.invoke(bad)
         except Exception as exc:  # pydantic's ValidationError, before anything runs
@@ -95,7 +121,12 @@ def test_bad_tool_arguments_are_refused_by_the_schema(make_orch: OrchFactory) ->
 
 
 def test_the_agent_example_runs(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "agent_tool.py")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "agent_tool.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert '"status": "allocated"' in done.stdout and "release_gpus -> explicit" in done.stdout

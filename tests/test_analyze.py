@@ -29,7 +29,7 @@ from tests.conftest import SMALL_FLEET, small_config
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 H = 3600.0
-EXTRA = '\n[quotas.projects]\nads = 8\n\n[budgets]\nvision = 10000\n'
+EXTRA = "\n[quotas.projects]\nads = 8\n\n[budgets]\nvision = 10000\n"
 
 
 def planted_config() -> FleetConfig:
@@ -40,19 +40,35 @@ def iso(hours: float) -> str:
     return datetime.fromtimestamp(T0 + hours * H, UTC).isoformat()
 
 
-def plant(ledger: Ledger, aid: str, project: str, purpose: str, gpu_type: str, count: int,
-          enq: float, start: float | None = None, end: float | None = None,
-          reason: ReleaseReason | None = None, util: float | None = None,
-          pinned: bool = True) -> None:
+def plant(
+    ledger: Ledger,
+    aid: str,
+    project: str,
+    purpose: str,
+    gpu_type: str,
+    count: int,
+    enq: float,
+    start: float | None = None,
+    end: float | None = None,
+    reason: ReleaseReason | None = None,
+    util: float | None = None,
+    pinned: bool = True,
+) -> None:
     """One allocation as the ledger would hold it (times in hours after T0), history included."""
     price = ledger.config.catalog[gpu_type].price_per_hour
     state = "released" if end is not None else "active" if start is not None else "queued"
     held = (end - start) if start is not None and end is not None else 0.0
     cost = price * count * held if end is not None else None
-    request = GPURequest.model_validate({
-        "project": project, "purpose": purpose, "count": count,
-        "duration_hours": max(held, 1.0), "request_id": aid}
-        | ({"gpu_type": gpu_type} if pinned else {}))
+    request = GPURequest.model_validate(
+        {
+            "project": project,
+            "purpose": purpose,
+            "count": count,
+            "duration_hours": max(held, 1.0),
+            "request_id": aid,
+        }
+        | ({"gpu_type": gpu_type} if pinned else {})
+    )
     seen = max(t for t in (enq, start, end) if t is not None)
     ts = [None if t is None else T0 + t * H for t in (enq, start, end)]
     with ledger.transaction() as db:
@@ -61,17 +77,50 @@ def plant(ledger: Ledger, aid: str, project: str, purpose: str, gpu_type: str, c
             "gpu_type, count, price_per_hour, hours, state, enqueued_at, heartbeat_at, "
             "started_at, released_at, release_reason, cost_usd, util_sum, util_n, request) "
             "VALUES (?,?,?,?,?,'normal',?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (aid, f"t-{aid}", aid, project, purpose, gpu_type, count, price, held, state,
-             ts[0], T0 + seen * H, ts[1], ts[2], reason.value if reason else None, cost,
-             util or 0.0, 0 if util is None else 1, request.model_dump_json()))
+            (
+                aid,
+                f"t-{aid}",
+                aid,
+                project,
+                purpose,
+                gpu_type,
+                count,
+                price,
+                held,
+                state,
+                ts[0],
+                T0 + seen * H,
+                ts[1],
+                ts[2],
+                reason.value if reason else None,
+                cost,
+                util or 0.0,
+                0 if util is None else 1,
+                request.model_dump_json(),
+            ),
+        )
         if start is not None and end is not None:
             assert reason is not None and cost is not None
             db.execute(
                 "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
                 "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, "
                 "cost_usd, reason, mean_util_pct) VALUES (?,?,?,?,'normal',?,?,'[]',?,?,?,?,?,?,?)",
-                (aid, f"t-{aid}", project, purpose, gpu_type, count, ts[1], ts[2], held, held,
-                 cost, reason.value, util))
+                (
+                    aid,
+                    f"t-{aid}",
+                    project,
+                    purpose,
+                    gpu_type,
+                    count,
+                    ts[1],
+                    ts[2],
+                    held,
+                    held,
+                    cost,
+                    reason.value,
+                    util,
+                ),
+            )
 
 
 LEASE, IDLE, CANCELLED = ReleaseReason.LEASE_EXPIRED, ReleaseReason.IDLE, ReleaseReason.CANCELLED
@@ -116,8 +165,7 @@ def recs(a: Analysis, kind: str) -> dict[str, dict[str, object]]:
     return {r.subject: r.evidence for r in a.recommendations if r.kind == kind}
 
 
-def test_the_fleet_the_history_ran_on_is_read(state: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_fleet_the_history_ran_on_is_read(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GPU_AGENT_FLEET", raising=False)
     history, config = load_history(state)
     assert history.fleet == str(state / "fleet.toml") and config.quotas.projects == {"ads": 8}
@@ -171,26 +219,39 @@ def test_unused_quota_and_budget(state: Path) -> None:
     a = run(state)
     unused = [r for r in a.recommendations if r.kind == "quota-unused"]
     assert {(r.subject, *sorted(r.evidence)[:1]) for r in unused} == {
-        ("ads", "peak_demand_gpus"), ("vision", "budget_usd")}
+        ("ads", "peak_demand_gpus"),
+        ("vision", "budget_usd"),
+    }
     ads = next(r for r in unused if r.subject == "ads")
     assert ads.evidence == {"quota_gpus": 8, "peak_demand_gpus": 1, "peak_held_gpus": 1}
     vision = next(r for r in unused if r.subject == "vision")
     assert vision.evidence["spent_usd"] == pytest.approx(8 * 5.12 * 6 + 2 * 8.0 * 6)
     assert not recs(a, "inference-on-training-gpus")
     assert [r.kind for r in a.recommendations] == [
-        "pool-short", "hoarder", "quota-unused", "quota-unused", "idle-pool"]
+        "pool-short",
+        "hoarder",
+        "quota-unused",
+        "quota-unused",
+        "idle-pool",
+    ]
 
 
-def test_inference_on_training_gpus_from_a_real_ledger(tmp_path: Path,
-                                                       config: FleetConfig) -> None:
+def test_inference_on_training_gpus_from_a_real_ledger(tmp_path: Path, config: FleetConfig) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite", config)
     inventory = SimulatedFleet(config).inventory()
     topology = Topology(config, inventory)
 
     def place(thread: str, gpu_type: str, hours: float) -> None:
-        request = GPURequest.model_validate({
-            "project": "ads", "purpose": "inference", "count": 2, "duration_hours": hours,
-            "gpu_type": gpu_type, "request_id": thread})
+        request = GPURequest.model_validate(
+            {
+                "project": "ads",
+                "purpose": "inference",
+                "count": 2,
+                "duration_hours": hours,
+                "gpu_type": gpu_type,
+                "request_id": thread,
+            }
+        )
         decision = route(request, config, None)
         assert isinstance(decision, RouteDecision) and decision.gpu_type == gpu_type
         row = ledger.place(request, decision, thread, T0, inventory, topology).row
@@ -236,7 +297,15 @@ def test_since_and_until_filter_by_enqueue_time(state: Path) -> None:
     assert not recs(late, "pool-short")
     early = run(state, until=iso(1.5))
     assert sorted(r.id for r in early.history.records) == [
-        "a1", "n0", "n1", "n2", "n3", "s1", "v1", "v2"]
+        "a1",
+        "n0",
+        "n1",
+        "n2",
+        "n3",
+        "s1",
+        "v1",
+        "v2",
+    ]
     assert recs(early, "pool-short")["training"]["sustained_shortfall_gpus"] == 8
     nothing = run(state, since="2027-01-16")
     assert not nothing.history.records and not nothing.recommendations
@@ -254,41 +323,69 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_cli_json_plots_and_read_only(state: Path, capsys: pytest.CaptureFixture[str],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_json_plots_and_read_only(
+    state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("GPU_AGENT_FLEET", raising=False)
     before = sha(state / "ledger.sqlite")
     assert main(["analyze", "--state-dir", str(state), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"ledger", "fleet", "window", "allocations", "pools", "projects", "graph",
-            "recommendations", "plots", "plots_dir"} <= set(out)
-    assert out["allocations"] == {"total": 11, "queued": 0, "active": 0, "released": 11,
-                                  "cancelled": 1}
+    assert {
+        "ledger",
+        "fleet",
+        "window",
+        "allocations",
+        "pools",
+        "projects",
+        "graph",
+        "recommendations",
+        "plots",
+        "plots_dir",
+    } <= set(out)
+    assert out["allocations"] == {
+        "total": 11,
+        "queued": 0,
+        "active": 0,
+        "released": 11,
+        "cancelled": 1,
+    }
     assert {r["kind"] for r in out["recommendations"]} == {
-        "pool-short", "idle-pool", "hoarder", "quota-unused"}
-    assert all({"kind", "subject", "text", "evidence"} <= set(r) and r["evidence"]
-               for r in out["recommendations"])
+        "pool-short",
+        "idle-pool",
+        "hoarder",
+        "quota-unused",
+    }
+    assert all(
+        {"kind", "subject", "text", "evidence"} <= set(r) and r["evidence"]
+        for r in out["recommendations"]
+    )
     assert out["plots_dir"] == str(state / "analysis")
-    assert set(out["plots"]) == {"demand_vs_capacity", "demand_by_gpu_type", "queueing_delay",
-                                 "idle_hoarded", "project_pool_graph"}
+    assert set(out["plots"]) == {
+        "demand_vs_capacity",
+        "demand_by_gpu_type",
+        "queueing_delay",
+        "idle_hoarded",
+        "project_pool_graph",
+    }
     for path in out["plots"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sha(state / "ledger.sqlite") == before
 
-    assert main(["analyze", "--state-dir", str(state), "--no-plots",
-                 "--since", "2027-01-15"]) == 0
+    assert main(["analyze", "--state-dir", str(state), "--no-plots", "--since", "2027-01-15"]) == 0
     text = capsys.readouterr().out
     assert "pool training is short of 10 GPUs at peak" in text and "No plots written" in text
 
 
-def test_cli_bad_input(tmp_path: Path, state: Path,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_input(tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", "--state-dir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no ledger at" in err
     assert not (tmp_path / "nowhere").exists()
-    for flags in (["--since", "yesterday"], ["--until", "2027-13-01"],
-                  ["--since", "2027-01-16", "--until", "2027-01-15"]):
+    for flags in (
+        ["--since", "yesterday"],
+        ["--until", "2027-13-01"],
+        ["--since", "2027-01-16", "--until", "2027-01-15"],
+    ):
         assert main(["analyze", "--state-dir", str(state), *flags]) == 2
         captured = capsys.readouterr()
         assert captured.err.count("\n") == 1 and captured.out == ""
@@ -302,8 +399,9 @@ def test_cli_bad_input(tmp_path: Path, state: Path,
 
 def test_an_empty_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     Ledger(tmp_path / "ledger.sqlite", small_config()).close()
-    assert main(["analyze", "--state-dir", str(tmp_path), "--fleet", str(write_fleet(tmp_path))]
-                ) == 0
+    assert (
+        main(["analyze", "--state-dir", str(tmp_path), "--fleet", str(write_fleet(tmp_path))]) == 0
+    )
     assert "no allocations in the window" in capsys.readouterr().out
     assert main(["analyze", "--state-dir", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -28,8 +28,13 @@ HOUR = 3600.0
 
 
 def ask(project: str, count: int, hours: float, gpu_type: str = "A100") -> dict[str, Any]:
-    return {"project": project, "purpose": "training", "gpu_type": gpu_type, "count": count,
-            "duration_hours": hours}
+    return {
+        "project": project,
+        "purpose": "training",
+        "gpu_type": gpu_type,
+        "count": count,
+        "duration_hours": hours,
+    }
 
 
 def run(make_orch: OrchFactory, *steps: Submit) -> dict[str, RequestOutcome]:
@@ -99,8 +104,13 @@ def test_another_type_starts_now(make_orch: OrchFactory) -> None:
 def test_spare_gpus_at_the_reservation_take_a_long_request(make_orch: OrchFactory) -> None:
     """(d) and (e): 4 A100 held until 4 h and a head for 6: at 4 h 2 are spare. The first long
     request (10 h) takes them now; the second would take what the head needs: it waits."""
-    out = run(make_orch, Submit(0.0, "running", ask("r", 4, 4)), Submit(0.1, "big", ask("b", 6, 1)),
-              Submit(0.2, "long-1", ask("l", 2, 10)), Submit(0.3, "long-2", ask("m", 2, 10)))
+    out = run(
+        make_orch,
+        Submit(0.0, "running", ask("r", 4, 4)),
+        Submit(0.1, "big", ask("b", 6, 1)),
+        Submit(0.2, "long-1", ask("l", 2, 10)),
+        Submit(0.3, "long-2", ask("m", 2, 10)),
+    )
     assert started(out, "long-1") == pytest.approx(0.2)
     assert started(out, "big") == pytest.approx(4.0)
     assert started(out, "long-2") == pytest.approx(5.0)
@@ -111,8 +121,9 @@ def test_spare_gpus_at_the_reservation_take_a_long_request(make_orch: OrchFactor
 T0 = 1_800_000_000.0
 
 
-def place(ledger: Ledger, thread: str, now: float, project: str, count: int,
-          hours: float) -> PlaceResult:
+def place(
+    ledger: Ledger, thread: str, now: float, project: str, count: int, hours: float
+) -> PlaceResult:
     request = GPURequest.model_validate(ask(project, count, hours) | {"request_id": thread})
     decision = route(request, CONFIG, None)
     assert isinstance(decision, RouteDecision)
@@ -140,8 +151,7 @@ def test_processes_backfill_no_more_than_is_free(database: str) -> None:
     hours = {"s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0, "l1": 10.0, "l2": 10.0}
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(len(hours))
-    procs = [ctx.Process(target=_candidate, args=(database, t, h, start))
-             for t, h in hours.items()]
+    procs = [ctx.Process(target=_candidate, args=(database, t, h, start)) for t, h in hours.items()]
     for p in procs:
         p.start()
     for p in procs:

@@ -25,9 +25,12 @@ from sim.lifecycle import MAX_ATTEMPTS, Attempt
 from sim.workload import Phase, SimJob, Workload, synthesize
 
 Policy = Callable[[Workload, FleetConfig, Callable[[int], None] | None], list[Attempt]]
-POLICIES: dict[str, Policy] = {"naive": run_naive, "slurm-like": run_slurm_like,
-                               "slurm-cheapest": run_slurm_cheapest,
-                               "cheapest-first": run_cheapest_first}
+POLICIES: dict[str, Policy] = {
+    "naive": run_naive,
+    "slurm-like": run_slurm_like,
+    "slurm-cheapest": run_slurm_cheapest,
+    "cheapest-first": run_cheapest_first,
+}
 LEASED = ("naive", "slurm-like", "slurm-cheapest")  # an allocation ends by its lease at the latest
 H = 3600.0
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "philly.csv"
@@ -94,13 +97,30 @@ def policies(*names: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("policy", [POLICIES[n] for n in chosen], ids=chosen)
 
 
-def job(id: int, submit: float, count: int, phases: Sequence[tuple[float, float]],
-        requested: float, named: str | None = "FAST", project: str = "p",
-        purpose: Purpose = Purpose.TRAINING, pad: float = 1.0) -> SimJob:
+def job(
+    id: int,
+    submit: float,
+    count: int,
+    phases: Sequence[tuple[float, float]],
+    requested: float,
+    named: str | None = "FAST",
+    project: str = "p",
+    purpose: Purpose = Purpose.TRAINING,
+    pad: float = 1.0,
+) -> SimJob:
     """A job with (hours, util) phases measured on the named type (else SLOW)."""
-    return SimJob(id=id, project=project, submit=submit, count=count, purpose=purpose,
-                  named_type=named, reference=named or "SLOW", requested_hours=requested,
-                  pad=pad, phases=tuple(Phase(h, u) for h, u in phases))
+    return SimJob(
+        id=id,
+        project=project,
+        submit=submit,
+        count=count,
+        purpose=purpose,
+        named_type=named,
+        reference=named or "SLOW",
+        requested_hours=requested,
+        pad=pad,
+        phases=tuple(Phase(h, u) for h, u in phases),
+    )
 
 
 def run(policy: Policy, jobs: list[SimJob], config: FleetConfig | None = None) -> list[Attempt]:
@@ -144,8 +164,10 @@ def test_naive_is_strict_fcfs_per_type_and_holds_the_whole_lease() -> None:
 
 
 def test_naive_takes_the_dearest_type_that_can_hold_the_job() -> None:
-    jobs = [job(0, 0, 2, [(2, 80)], requested=3, named=None),  # 2 h on SLOW, 1 h on FAST
-            job(1, 0, 6, [(1, 80)], requested=1, named=None)]  # FAST has only 4 GPUs
+    jobs = [
+        job(0, 0, 2, [(2, 80)], requested=3, named=None),  # 2 h on SLOW, 1 h on FAST
+        job(1, 0, 6, [(1, 80)], requested=1, named=None),
+    ]  # FAST has only 4 GPUs
     out = by_job(run(run_naive, jobs))
     dear, big = out[0][0], out[1][0]
     assert (dear.gpu_type, dear.start, dear.end, dear.done_at) == ("FAST", 0, 3 * H, H)
@@ -178,28 +200,35 @@ def test_backfill_never_delays_the_reserved_head_job() -> None:
         job(4, 1100, 2, [(1, 80)], requested=2, named=None),  # SLOW: not reserved, starts
     ]
     out = spans(run(run_slurm_like, jobs))
-    assert out == {0: (0, H), 1: (H, 2 * H), 2: (20, 20 + 0.25 * H),
-                   3: (2 * H, 2.5 * H), 4: (1100, 1100 + H)}
+    assert out == {
+        0: (0, H),
+        1: (H, 2 * H),
+        2: (20, 20 + 0.25 * H),
+        3: (2 * H, 2.5 * H),
+        4: (1100, 1100 + H),
+    }
 
 
 def test_fair_share_puts_the_project_that_used_more_behind() -> None:
-    jobs = [job(0, 0, 4, [(2, 80)], requested=2, project="heavy"),
-            job(1, 100, 4, [(1, 80)], requested=1, project="heavy"),
-            job(2, 200, 4, [(1, 80)], requested=1, project="light")]
+    jobs = [
+        job(0, 0, 4, [(2, 80)], requested=2, project="heavy"),
+        job(1, 100, 4, [(1, 80)], requested=1, project="heavy"),
+        job(2, 200, 4, [(1, 80)], requested=1, project="light"),
+    ]
     # at 2 h heavy has used 8 GPU-hours, light none: F = 0.25 against 1, age cannot make it up
-    assert spans(run(run_slurm_like, jobs)) == {0: (0, 2 * H), 1: (3 * H, 4 * H),
-                                                 2: (2 * H, 3 * H)}
+    assert spans(run(run_slurm_like, jobs)) == {0: (0, 2 * H), 1: (3 * H, 4 * H), 2: (2 * H, 3 * H)}
     # naive and cheapest-first serve them in arrival order
     for policy in (run_naive, run_cheapest_first):
-        assert spans(run(policy, jobs)) == {0: (0, 2 * H), 1: (2 * H, 3 * H),
-                                            2: (3 * H, 4 * H)}
+        assert spans(run(policy, jobs)) == {0: (0, 2 * H), 1: (2 * H, 3 * H), 2: (3 * H, 4 * H)}
 
 
 def test_fair_share_counts_the_hours_of_running_allocations() -> None:
-    jobs = [job(0, 0, 8, [(10, 80)], requested=10, named="SLOW", project="heavy"),
-            job(1, 0, 4, [(1, 80)], requested=1, project="other"),
-            job(2, 100, 4, [(1, 80)], requested=1, project="heavy"),
-            job(3, 200, 4, [(1, 80)], requested=1, project="light")]
+    jobs = [
+        job(0, 0, 8, [(10, 80)], requested=10, named="SLOW", project="heavy"),
+        job(1, 0, 4, [(1, 80)], requested=1, project="other"),
+        job(2, 100, 4, [(1, 80)], requested=1, project="heavy"),
+        job(3, 200, 4, [(1, 80)], requested=1, project="light"),
+    ]
     # at 1 h heavy's running job has held 8 GPU-hours so far, more than other's finished 4
     out = spans(run(run_slurm_like, jobs))
     assert (out[2], out[3]) == ((2 * H, 3 * H), (H, 2 * H))
@@ -207,18 +236,27 @@ def test_fair_share_counts_the_hours_of_running_allocations() -> None:
 
 @policies(*LEASED)
 def test_walltime_kill_then_training_resumes_from_its_last_finished_work_phase(
-        policy: Policy) -> None:
+    policy: Policy,
+) -> None:
     # work 1 h, pause 30 min, work 1 h, idle 15 min; asks for 2 h: killed at 2 h mid-work
     j = job(0, 0, 2, [(1, 80), (0.5, 0), (1, 80), (0.25, 0)], requested=2)
     first, second = by_job(run(policy, [j]))[0]
     assert (first.outcome, first.reason, first.start, first.end) == (
-        "killed", "lease-expired", 0, 2 * H)
+        "killed",
+        "lease-expired",
+        0,
+        2 * H,
+    )
     assert first.cost_usd == 4.0 * 2 * 2
     assert first.done_at is None
     # asked again at the kill: the second work phase and the tail (1.25 h), padded twice
     # (pad 1 -> 2 after a lease ran out): 2.5 h, rounded up to 3 h
     assert (second.attempt, second.submit, second.start, second.outcome) == (
-        2, 2 * H, 2 * H, "completed")
+        2,
+        2 * H,
+        2 * H,
+        "completed",
+    )
     assert second.done_at == 3 * H
     if policy is run_naive:  # the whole 3 h lease
         assert (second.end, second.reason, second.cost_usd) == (5 * H, "lease-expired", 24.0)
@@ -246,8 +284,11 @@ def test_slurm_cheapest_falls_back_when_the_cheapest_is_full_and_keeps_named_typ
     ]
     out = run(run_slurm_cheapest, jobs, on_sale())
     assert {a.job: (a.gpu_type, a.start, a.end) for a in out} == {
-        0: ("FAST", 0, H), 1: ("SLOW", 10, 10 + 2 * H), 2: ("SLOW", H + 10, 2 * H + 10),
-        3: ("FAST", H + 20, 1.5 * H + 20)}
+        0: ("FAST", 0, H),
+        1: ("SLOW", 10, 10 + 2 * H),
+        2: ("SLOW", H + 10, 2 * H + 10),
+        3: ("FAST", H + 20, 1.5 * H + 20),
+    }
 
 
 def test_slurm_cheapest_breaks_reservation_ties_cheapest_first() -> None:
@@ -259,21 +300,33 @@ def test_slurm_cheapest_breaks_reservation_ties_cheapest_first() -> None:
     ]
     # slurm-like reserves SLOW (pool order): 3 uses another type and starts at once
     assert spans(run(run_slurm_like, jobs, on_sale())) == {
-        0: (0, H), 1: (0, H), 2: (H, 2 * H), 3: (20, 20 + H)}
+        0: (0, H),
+        1: (0, H),
+        2: (H, 2 * H),
+        3: (20, 20 + H),
+    }
     # slurm-cheapest reserves FAST with none spare: 3 would delay the head, so it waits
     assert spans(run(run_slurm_cheapest, jobs, on_sale())) == {
-        0: (0, H), 1: (0, H), 2: (H, 1.5 * H), 3: (1.5 * H, 2.5 * H)}
+        0: (0, H),
+        1: (0, H),
+        2: (H, 1.5 * H),
+        3: (1.5 * H, 2.5 * H),
+    }
 
 
 # ---- cheapest-first ---------------------------------------------------------------------
 
 
 def test_cheapest_first_takes_the_cheapest_type_free_now() -> None:
-    jobs = [job(0, 0, 2, [(2, 80)], requested=3, named=None),  # FAST: 1 h
-            job(1, 10, 4, [(2, 80)], requested=3, named=None)]  # 2 FAST free: SLOW, 2 h
+    jobs = [
+        job(0, 0, 2, [(2, 80)], requested=3, named=None),  # FAST: 1 h
+        job(1, 10, 4, [(2, 80)], requested=3, named=None),
+    ]  # 2 FAST free: SLOW, 2 h
     out = run(run_cheapest_first, jobs, on_sale())
     assert {a.job: (a.gpu_type, a.start, a.end, a.cost_usd) for a in out} == {
-        0: ("FAST", 0, H, 3.0), 1: ("SLOW", 10, 10 + 2 * H, 8.0)}
+        0: ("FAST", 0, H, 3.0),
+        1: ("SLOW", 10, 10 + 2 * H, 8.0),
+    }
     # at list price FAST costs $2 per unit of work against SLOW's $1
     assert run(run_cheapest_first, jobs[:1])[0].gpu_type == "SLOW"
 
@@ -287,8 +340,11 @@ def test_cheapest_first_head_blocks_its_partition_only() -> None:
     ]
     out = run(run_cheapest_first, jobs, tiny(EDGE))
     assert {a.job: (a.gpu_type, a.start, a.end) for a in out} == {
-        0: ("SLOW", 0, H), 1: ("SLOW", H, 2 * H), 2: ("SLOW", H, 2 * H),
-        3: ("EDGE", 30, 30 + H)}
+        0: ("SLOW", 0, H),
+        1: ("SLOW", H, 2 * H),
+        2: ("SLOW", H, 2 * H),
+        3: ("EDGE", 30, 30 + H),
+    }
     # slurm-like backfills 2 onto FAST at once
     assert spans(run(run_slurm_like, jobs, tiny(EDGE)))[2] == (20, 20 + 0.5 * H)
 
@@ -298,24 +354,36 @@ def test_cheapest_first_has_no_lease() -> None:
     j = job(0, 0, 2, [(1, 80), (0.5, 0), (1, 80), (0.25, 0)], requested=2)
     (only,) = run(run_cheapest_first, [j])
     assert (only.outcome, only.reason, only.start, only.end, only.done_at, only.cost_usd) == (
-        "completed", "explicit", 0, 2.75 * H, 2.5 * H, 4.0 * 2 * 2.75)
+        "completed",
+        "explicit",
+        0,
+        2.75 * H,
+        2.5 * H,
+        4.0 * 2 * 2.75,
+    )
     first = run(run_slurm_like, [j])[0]  # killed by its walltime
     assert (first.outcome, first.reason, first.end) == ("killed", "lease-expired", 2 * H)
     # nor the longest lease allowed
     config = tiny("\n[limits]\nmax_duration_hours = 1\n")
     long = job(0, 0, 1, [(2, 80)], requested=1, named=None, purpose=Purpose.RESEARCH)
     assert [(a.outcome, a.end) for a in run(run_cheapest_first, [long], config)] == [
-        ("completed", 2 * H)]
+        ("completed", 2 * H)
+    ]
 
 
 def test_research_starts_over_after_a_kill() -> None:
-    j = job(0, 0, 1, [(1, 80), (0.5, 0), (1, 80)], requested=2, named=None,
-            purpose=Purpose.RESEARCH)
+    j = job(
+        0, 0, 1, [(1, 80), (0.5, 0), (1, 80)], requested=2, named=None, purpose=Purpose.RESEARCH
+    )
     first, second = by_job(run(run_slurm_like, [j]))[0]
     assert (first.outcome, first.end) == ("killed", 2 * H)
     # all 2.5 h again, padded 2 x: 5 h, asked as 6 h; ends with its timeline
     assert (second.start, second.end, second.outcome, second.cost_usd) == (
-        2 * H, 4.5 * H, "completed", 2.5)
+        2 * H,
+        4.5 * H,
+        "completed",
+        2.5,
+    )
 
 
 @policies(*LEASED)
@@ -325,18 +393,22 @@ def test_a_job_that_never_fits_its_lease_gives_up_after_max_attempts(policy: Pol
     done: list[int] = []
     out = policy(Workload([j]), config, done.append)
     assert [(a.attempt, a.start, a.end, a.outcome) for a in out] == [
-        (n, (n - 1) * H, n * H, "killed") for n in range(1, MAX_ATTEMPTS + 1)]
+        (n, (n - 1) * H, n * H, "killed") for n in range(1, MAX_ATTEMPTS + 1)
+    ]
     assert done == [1]
 
 
 @policies()
 def test_a_job_larger_than_the_fleet_is_refused(policy: Policy) -> None:
-    jobs = [job(0, 0, 16, [(1, 80)], requested=1, named=None),  # 8 SLOW, 4 FAST
-            job(1, 5, 6, [(1, 80)], requested=1)]  # names FAST: 4 of them
+    jobs = [
+        job(0, 0, 16, [(1, 80)], requested=1, named=None),  # 8 SLOW, 4 FAST
+        job(1, 5, 6, [(1, 80)], requested=1),
+    ]  # names FAST: 4 of them
     out = run(policy, jobs)
     assert [(a.job, a.outcome, a.reason, a.start, a.gpu_type, a.cost_usd) for a in out] == [
         (0, "unplaced", "more GPUs than the fleet has", None, None, 0.0),
-        (1, "unplaced", "more GPUs than the fleet has", None, None, 0.0)]
+        (1, "unplaced", "more GPUs than the fleet has", None, None, 0.0),
+    ]
 
 
 # ---- both -------------------------------------------------------------------------------
@@ -348,9 +420,18 @@ def random_jobs(n: int, seed: int) -> list[SimJob]:
     for i in range(n):
         named = rng.choice(["FAST", "SLOW", None])
         phases = [(rng.uniform(0.1, 3), 80), (rng.uniform(0, 1), 0), (rng.uniform(0.1, 2), 50)]
-        out.append(job(i, float(rng.randrange(0, 40) * 600), rng.choice([1, 1, 2, 4, 8]),
-                       phases, requested=rng.choice([1, 2, 4, 8]), named=named,
-                       project=rng.choice("abc"), purpose=rng.choice(list(Purpose))))
+        out.append(
+            job(
+                i,
+                float(rng.randrange(0, 40) * 600),
+                rng.choice([1, 1, 2, 4, 8]),
+                phases,
+                requested=rng.choice([1, 2, 4, 8]),
+                named=named,
+                project=rng.choice("abc"),
+                purpose=rng.choice(list(Purpose)),
+            )
+        )
     return out
 
 
@@ -398,8 +479,7 @@ def check_invariants(out: list[Attempt], jobs: list[SimJob], config: FleetConfig
 @pytest.mark.skipif(not TRACE.exists(), reason="the Philly trace is not in ../shared/traces")
 @policies()
 def test_the_start_of_the_real_trace_keeps_the_invariants(policy: Policy) -> None:
-    config = load_fleet(Path(__file__).resolve().parents[1] / "fleet" / "data" /
-                        "trace_fleet.toml")
+    config = load_fleet(Path(__file__).resolve().parents[1] / "fleet" / "data" / "trace_fleet.toml")
     workload = synthesize(read_trace(TRACE, limit=2000), config)
     done: list[int] = []
     out = policy(workload, config, done.append)
@@ -408,8 +488,9 @@ def test_the_start_of_the_real_trace_keeps_the_invariants(policy: Policy) -> Non
     assert sum(a.outcome == "completed" for a in out) > 0.9 * len(workload.jobs)
     if policy is run_naive:  # strict FCFS per type: an earlier request never starts later
         for gpu_type in config.catalog:
-            mine = sorted((a.submit, a.start) for a in out
-                          if a.gpu_type == gpu_type and a.start is not None)
+            mine = sorted(
+                (a.submit, a.start) for a in out if a.gpu_type == gpu_type and a.start is not None
+            )
             starts = [s for _, s in mine]
             assert starts == sorted(starts)
         assert {a.reason for a in out if a.start is not None} == {"lease-expired"}
@@ -417,8 +498,7 @@ def test_the_start_of_the_real_trace_keeps_the_invariants(policy: Policy) -> Non
 
 @pytest.mark.skipif(not TRACE.exists(), reason="the Philly trace is not in ../shared/traces")
 def test_the_new_baselines_complete_a_slice_of_the_real_trace() -> None:
-    config = load_fleet(Path(__file__).resolve().parents[1] / "fleet" / "data" /
-                        "trace_fleet.toml")
+    config = load_fleet(Path(__file__).resolve().parents[1] / "fleet" / "data" / "trace_fleet.toml")
     workload = synthesize(read_trace(TRACE, limit=500), config)
     cost: dict[str, float] = {}
     for name in ("slurm-like", "slurm-cheapest", "cheapest-first"):
@@ -432,8 +512,11 @@ def test_the_new_baselines_complete_a_slice_of_the_real_trace() -> None:
             assert {a.reason for a in out} == {"explicit"}
             partition = _partitions(config)
             for p in set(partition.values()):
-                mine = sorted((a.submit, a.job, a.start) for a in out
-                              if a.gpu_type is not None and partition[a.gpu_type] == p)
+                mine = sorted(
+                    (a.submit, a.job, a.start)
+                    for a in out
+                    if a.gpu_type is not None and partition[a.gpu_type] == p
+                )
                 starts = [s for *_, s in mine]
                 assert starts == sorted(starts)
     assert cost["slurm-cheapest"] <= cost["slurm-like"]

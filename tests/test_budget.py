@@ -17,8 +17,9 @@ def test_common_cut_time() -> None:
     deadlines = cut_deadlines(items, 70.0, now=20.0)
     # a + b accrue 1*(T-0) + 2*(T-10) = 70  ->  T = 30
     assert deadlines == {"a": pytest.approx(30.0), "b": pytest.approx(30.0)}
-    assert accrued([Running(i.id, i.rate_usd_per_s, i.started_at, deadlines[i.id])
-                    for i in items], 1e9) == pytest.approx(70.0)
+    assert accrued(
+        [Running(i.id, i.rate_usd_per_s, i.started_at, deadlines[i.id]) for i in items], 1e9
+    ) == pytest.approx(70.0)
 
 
 def test_cut_past_an_earlier_lease_end() -> None:

@@ -43,6 +43,7 @@ PURPOSE = {"T4": "inference", "RTX4090": "research"}
 
 # ---- the usage factor ------------------------------------------------------------------------
 
+
 def test_a_new_project_is_priced_at_its_worst_case() -> None:
     assert usage_factor([]) == 1.0
     assert usage_factor([0.5]) == pytest.approx(2.5 / 3)  # two whole leases still weigh
@@ -72,6 +73,7 @@ def test_expected_cost_never_passes_the_deadline() -> None:
 
 # ---- the ledger: a hand-built record -----------------------------------------------------------
 
+
 class Fleet:
     def __init__(self, path: Path | str, config: FleetConfig) -> None:
         self.config = config
@@ -82,15 +84,21 @@ class Fleet:
 
     def request(self, project: str, gpu_type: str, count: int, hours: float) -> GPURequest:
         self.n += 1
-        return GPURequest(project=project, purpose=PURPOSE.get(gpu_type, "training"),
-                          gpu_type=gpu_type, count=count, duration_hours=hours,
-                          request_id=f"r{self.n}")
+        return GPURequest(
+            project=project,
+            purpose=PURPOSE.get(gpu_type, "training"),
+            gpu_type=gpu_type,
+            count=count,
+            duration_hours=hours,
+            request_id=f"r{self.n}",
+        )
 
     def place(self, request: GPURequest, now: float) -> PlaceResult:
         decision = route(request, self.config, None)
         assert isinstance(decision, RouteDecision)
-        return self.ledger.place(request, decision, f"t{self.n}", now, self.inventory,
-                                 self.topology)
+        return self.ledger.place(
+            request, decision, f"t{self.n}", now, self.inventory, self.topology
+        )
 
     def record(self, project: str, shares: list[float], start: float) -> float:
         """Finished 1 x T4, 1 h leases that held `shares` of their lease; the time after."""
@@ -109,8 +117,7 @@ def fleet(database: str, config: FleetConfig) -> Iterator[Fleet]:
     f.ledger.close()
 
 
-def test_a_project_that_uses_half_its_leases_gets_work_the_worst_case_refused(
-        fleet: Fleet) -> None:
+def test_a_project_that_uses_half_its_leases_gets_work_the_worst_case_refused(fleet: Fleet) -> None:
     """20 finished leases held for half their time, the fleet's only ones: q = (10 + 2 x 0.5)
     / 22 = 0.5 (the prior leases are held for the fleet's share). With $30 left, two 2 x A100
     x 2 h requests ($20.48 worst case, $10.24 expected each) both start; the old
@@ -128,8 +135,9 @@ def test_a_project_that_uses_half_its_leases_gets_work_the_worst_case_refused(
     assert old_remaining == pytest.approx(30.0 - 20.48)  # the old rule: 20.48 does not fit
 
     second_request = fleet.request("p", "A100", 2, 2.0)
-    assert isinstance(route(second_request, fleet.config, fleet.ledger.remaining_usd("p")),
-                      RouteDecision)  # the route node's pre-check agrees with the ledger
+    assert isinstance(
+        route(second_request, fleet.config, fleet.ledger.remaining_usd("p")), RouteDecision
+    )  # the route node's pre-check agrees with the ledger
     second = fleet.place(second_request, T0)
     assert second.decision.kind is Kind.PLACE and second.row is not None
     assert [m.id for m in second.moved] == [first.row.id]  # the first now ends earlier
@@ -163,8 +171,10 @@ def test_the_budget_shortens_a_lease_then_makes_the_next_wait(fleet: Fleet) -> N
     assert "budget shortens its lease to 5.86 h" in first.decision.reason
 
     second_request = fleet.request("p", "A100", 2, 2.0)
-    assert isinstance(route(second_request, fleet.config,
-                            fleet.ledger.remaining_usd("p", running=False)), RouteDecision)
+    assert isinstance(
+        route(second_request, fleet.config, fleet.ledger.remaining_usd("p", running=False)),
+        RouteDecision,
+    )
     second = fleet.place(second_request, T0)
     assert second.decision.kind is Kind.QUEUE and "waits for" in second.decision.reason
     fleet.ledger.release(first.row.id, ReleaseReason.EXPLICIT, T0 + 0.25 * HOUR)  # $5.12
@@ -172,8 +182,9 @@ def test_the_budget_shortens_a_lease_then_makes_the_next_wait(fleet: Fleet) -> N
     assert placed.decision.kind is Kind.PLACE and placed.decision.hours == 2.0
 
     over = fleet.request("p", "A100", 2, 12.0)  # $122.88: not half of it fits what spend leaves
-    assert isinstance(route(over, fleet.config, fleet.ledger.remaining_usd("p", running=False)),
-                      Refusal)
+    assert isinstance(
+        route(over, fleet.config, fleet.ledger.remaining_usd("p", running=False)), Refusal
+    )
     assert fleet.place(over, T0 + 0.25 * HOUR).decision.kind is Kind.DENY
 
 
@@ -207,7 +218,8 @@ def test_a_budget_cut_record_keeps_the_worst_case(fleet: Fleet) -> None:
 
 # a record long enough to count: each lease held for a share of at most some typical share
 USES = st.floats(0.05, 1.0).flatmap(
-    lambda most: st.lists(st.floats(0.0, most), min_size=RECORDS - 2, max_size=RECORDS))
+    lambda most: st.lists(st.floats(0.0, most), min_size=RECORDS - 2, max_size=RECORDS)
+)
 
 
 class BudgetMachine(RuleBasedStateMachine):
@@ -226,11 +238,13 @@ class BudgetMachine(RuleBasedStateMachine):
         self.ledger.close()
         self.tmp.cleanup()
 
-    @initialize(records=st.fixed_dictionaries({p: st.one_of(st.just([]), USES) for p in PROJECTS}),
-                budgets=st.fixed_dictionaries(
-        {p: st.one_of(st.none(), st.floats(0, 200)) for p in PROJECTS}))
-    def history(self, records: dict[str, list[float]], budgets: dict[str, float | None]
-                ) -> None:
+    @initialize(
+        records=st.fixed_dictionaries({p: st.one_of(st.just([]), USES) for p in PROJECTS}),
+        budgets=st.fixed_dictionaries(
+            {p: st.one_of(st.none(), st.floats(0, 200)) for p in PROJECTS}
+        ),
+    )
+    def history(self, records: dict[str, list[float]], budgets: dict[str, float | None]) -> None:
         start = T0 - 200 * HOUR
         for project in PROJECTS:
             start = self.fleet.record(project, records[project], start)
@@ -238,15 +252,20 @@ class BudgetMachine(RuleBasedStateMachine):
             if usd is not None:
                 self.ledger.set_budget(project, self.spent().get(project, 0.0) + usd, self.now)
 
-    @rule(project=st.sampled_from(PROJECTS), gpu_type=st.sampled_from(TYPES),
-          count=st.integers(1, 4), hours=st.floats(0.05, 8))
+    @rule(
+        project=st.sampled_from(PROJECTS),
+        gpu_type=st.sampled_from(TYPES),
+        count=st.integers(1, 4),
+        hours=st.floats(0.05, 8),
+    )
     def place(self, project: str, gpu_type: str, count: int, hours: float) -> None:
         request = self.fleet.request(project, gpu_type, count, hours)
         free = route(request, self.fleet.config, None)
         if not isinstance(free, RouteDecision):
             return
-        checked = route(request, self.fleet.config,
-                        self.ledger.remaining_usd(project, running=False))
+        checked = route(
+            request, self.fleet.config, self.ledger.remaining_usd(project, running=False)
+        )
         old_admits = free.est_cost_usd <= self.old_remaining(project) + 1e-9
         result = self.fleet.place(request, self.now)
         denied = result.decision.kind is Kind.DENY
@@ -284,8 +303,7 @@ class BudgetMachine(RuleBasedStateMachine):
         spent = self.spent()
         for project, budget in self.budgets().items():
             active = self.active(project)
-            committed = sum(r.rate_usd_per_s * (self.deadline(r) - self.started(r))
-                            for r in active)
+            committed = sum(r.rate_usd_per_s * (self.deadline(r) - self.started(r)) for r in active)
             assert spent.get(project, 0.0) + committed <= budget + 1e-6
             if any(self.now < self.deadline(r) < self.lease_end(r) for r in active):
                 assert spent.get(project, 0.0) + committed == pytest.approx(budget, abs=1e-6)
@@ -306,12 +324,12 @@ class BudgetMachine(RuleBasedStateMachine):
 
     @invariant()
     def charged_once(self) -> None:
-        released = sorted(r.id for r in self.ledger.allocations("released")
-                          if r.started_at is not None)
+        released = sorted(
+            r.id for r in self.ledger.allocations("released") if r.started_at is not None
+        )
         charges = self.ledger.query("SELECT allocation_id, project, amount_usd FROM charges")
         assert sorted(c[0] for c in charges) == released
-        assert sorted(h.allocation_id for h in self.ledger.history(with_requests=False)) \
-            == released
+        assert sorted(h.allocation_id for h in self.ledger.history(with_requests=False)) == released
         by_project: dict[str, float] = {}
         for _, project, amount in charges:
             by_project[project] = by_project.get(project, 0.0) + amount
@@ -328,8 +346,9 @@ class BudgetMachine(RuleBasedStateMachine):
         return {r[0]: float(r[1]) for r in self.ledger.query("SELECT project, usd FROM spend")}
 
     def budgets(self) -> dict[str, float]:
-        return {c.project: c.budget_usd for c in self.ledger.costs(self.now)
-                if c.budget_usd is not None}
+        return {
+            c.project: c.budget_usd for c in self.ledger.costs(self.now) if c.budget_usd is not None
+        }
 
     def active(self, project: str) -> list[LedgerRow]:
         return [r for r in self.ledger.allocations("active") if r.project == project]
@@ -357,6 +376,5 @@ class BudgetMachine(RuleBasedStateMachine):
         return r.lease_end
 
 
-BudgetMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40,
-                                           deadline=None)
+BudgetMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
 TestBudgetMachine = BudgetMachine.TestCase

@@ -30,16 +30,41 @@ def ledger_rows(state: Path) -> list[str]:
 
 def test_request_status_release_history_costs(env: tuple[Path, list[str]]) -> None:
     cwd, opts = env
-    r = run_cli("request", "--project", "vision", "--purpose", "model_training", "--count", "2",
-                "--hours", "4", "--gpu-type", "A100", "--budget", "50", "--no-wait", "--json",
-                "--thread-id", "t1", *opts, cwd=cwd)
+    r = run_cli(
+        "request",
+        "--project",
+        "vision",
+        "--purpose",
+        "model_training",
+        "--count",
+        "2",
+        "--hours",
+        "4",
+        "--gpu-type",
+        "A100",
+        "--budget",
+        "50",
+        "--no-wait",
+        "--json",
+        "--thread-id",
+        "t1",
+        *opts,
+        cwd=cwd,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"thread_id", "status", "reason", "cost_usd", "allocation"} <= set(out)
     assert out["thread_id"] == "t1" and out["status"] == "allocated"
     alloc = out["allocation"]
-    assert {"id", "gpu_ids", "node", "gpu_type", "cuda_visible_devices", "lease_end",
-            "price_per_hour"} <= set(alloc)
+    assert {
+        "id",
+        "gpu_ids",
+        "node",
+        "gpu_type",
+        "cuda_visible_devices",
+        "lease_end",
+        "price_per_hour",
+    } <= set(alloc)
     assert alloc["cuda_visible_devices"] == ",".join(alloc["gpu_ids"])
 
     status = json.loads(run_cli("status", "--json", *opts, cwd=cwd).stdout)
@@ -53,8 +78,7 @@ def test_request_status_release_history_costs(env: tuple[Path, list[str]]) -> No
     again = json.loads(run_cli("release", alloc["id"], "--json", *opts, cwd=cwd).stdout)
     assert again["already_released"] is True
 
-    history = json.loads(run_cli("history", "--project", "vision", "--json", *opts,
-                                 cwd=cwd).stdout)
+    history = json.loads(run_cli("history", "--project", "vision", "--json", *opts, cwd=cwd).stdout)
     [record] = history["records"]
     assert record["allocation_id"] == alloc["id"] and record["reason"] == "explicit"
     assert {"thread_id", "project", "gpu_ids", "cost_usd"} <= set(record)
@@ -70,8 +94,21 @@ def test_request_status_release_history_costs(env: tuple[Path, list[str]]) -> No
 
 def test_foreground_request_runs_to_the_end(env: tuple[Path, list[str]]) -> None:
     cwd, opts = env
-    r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
-                "--hours", "2", "--gpu-type", "A100", *opts, cwd=cwd)
+    r = run_cli(
+        "request",
+        "--project",
+        "p",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "2",
+        "--gpu-type",
+        "A100",
+        *opts,
+        cwd=cwd,
+    )
     assert r.returncode == 0, r.stderr
     assert "placed" in r.stdout and "lease-expired" in r.stdout and "charged $10.24" in r.stdout
 
@@ -83,33 +120,104 @@ def test_exit_codes(tmp_path: Path) -> None:
     fleet.write_text(fleet_toml(clock={"time_scale": 60}, monitor={"tick_seconds": 600}))
     cwd, opts = tmp_path, ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
     assert run_cli("budget", "set", "tight", "5", *opts, cwd=cwd).returncode == 0
-    denied = run_cli("request", "--project", "tight", "--purpose", "training", "--count", "2",
-                     "--hours", "4", "--json", *opts, cwd=cwd)
+    denied = run_cli(
+        "request",
+        "--project",
+        "tight",
+        "--purpose",
+        "training",
+        "--count",
+        "2",
+        "--hours",
+        "4",
+        "--json",
+        *opts,
+        cwd=cwd,
+    )
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
-    held = run_cli("request", "--project", "a", "--purpose", "training", "--count", "2",
-                   "--hours", "5", "--gpu-type", "H100", "--no-wait", "--json", *opts, cwd=cwd)
+    held = run_cli(
+        "request",
+        "--project",
+        "a",
+        "--purpose",
+        "training",
+        "--count",
+        "2",
+        "--hours",
+        "5",
+        "--gpu-type",
+        "H100",
+        "--no-wait",
+        "--json",
+        *opts,
+        cwd=cwd,
+    )
     assert json.loads(held.stdout)["status"] == "allocated"
-    late = run_cli("request", "--project", "b", "--purpose", "training", "--count", "2",
-                   "--hours", "1", "--gpu-type", "H100", "--max-wait", "1", "--json", *opts,
-                   cwd=cwd)
+    late = run_cli(
+        "request",
+        "--project",
+        "b",
+        "--purpose",
+        "training",
+        "--count",
+        "2",
+        "--hours",
+        "1",
+        "--gpu-type",
+        "H100",
+        "--max-wait",
+        "1",
+        "--json",
+        *opts,
+        cwd=cwd,
+    )
     assert late.returncode == 4 and json.loads(late.stdout)["status"] == "timed_out"
-    queued = run_cli("request", "--project", "b", "--purpose", "training", "--count", "2",
-                     "--hours", "1", "--gpu-type", "H100", "--no-wait", "--json", *opts, cwd=cwd)
+    queued = run_cli(
+        "request",
+        "--project",
+        "b",
+        "--purpose",
+        "training",
+        "--count",
+        "2",
+        "--hours",
+        "1",
+        "--gpu-type",
+        "H100",
+        "--no-wait",
+        "--json",
+        *opts,
+        cwd=cwd,
+    )
     assert queued.returncode == 0 and json.loads(queued.stdout)["status"] == "queued"
 
 
 BAD_REQUESTS = [
-    ["--count", "0"], ["--count", "-2"], ["--count", "two"], ["--count", "999"],
-    ["--gpu-type", "K80"], ["--hours", "nan"], ["--hours", "-1"], ["--hours", "0"],
-    ["--hours", "100000"], ["--hours", "inf"], ["--budget", "nan"], ["--budget", "-5"],
-    ["--priority", "urgent"], ["--purpose", "mining"], ["--project", "no spaces"],
-    ["--min-memory-gb", "500"], ["--mode", "cheap"], ["--max-wait", "-1"],
+    ["--count", "0"],
+    ["--count", "-2"],
+    ["--count", "two"],
+    ["--count", "999"],
+    ["--gpu-type", "K80"],
+    ["--hours", "nan"],
+    ["--hours", "-1"],
+    ["--hours", "0"],
+    ["--hours", "100000"],
+    ["--hours", "inf"],
+    ["--budget", "nan"],
+    ["--budget", "-5"],
+    ["--priority", "urgent"],
+    ["--purpose", "mining"],
+    ["--project", "no spaces"],
+    ["--min-memory-gb", "500"],
+    ["--mode", "cheap"],
+    ["--max-wait", "-1"],
 ]
 
 
 @pytest.mark.parametrize("bad", BAD_REQUESTS, ids=lambda b: " ".join(b))
-def test_bad_requests_exit_2_and_change_nothing(env: tuple[Path, list[str]],
-                                                bad: list[str]) -> None:
+def test_bad_requests_exit_2_and_change_nothing(
+    env: tuple[Path, list[str]], bad: list[str]
+) -> None:
     cwd, opts = env
     assert run_cli("budget", "set", "p", "100", *opts, cwd=cwd).returncode == 0
     before = ledger_rows(cwd / "state")
@@ -122,9 +230,18 @@ def test_bad_requests_exit_2_and_change_nothing(env: tuple[Path, list[str]],
     assert ledger_rows(cwd / "state") == before
 
 
-@pytest.mark.parametrize("args", [["budget", "set", "p", "nan"], ["budget", "set", "p", "-3"],
-                                  ["budget", "set", "bad name", "3"], ["release", "a-nope"],
-                                  ["resume", "no-such-thread"], ["request"], ["frobnicate"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["budget", "set", "p", "nan"],
+        ["budget", "set", "p", "-3"],
+        ["budget", "set", "bad name", "3"],
+        ["release", "a-nope"],
+        ["resume", "no-such-thread"],
+        ["request"],
+        ["frobnicate"],
+    ],
+)
 def test_other_bad_input(env: tuple[Path, list[str]], args: list[str]) -> None:
     cwd, opts = env
     assert run_cli("budget", "set", "p", "100", *opts, cwd=cwd).returncode == 0
@@ -145,8 +262,20 @@ def test_missing_and_corrupt_state_dirs(tmp_path: Path) -> None:
     (corrupt / "ledger.sqlite").write_bytes(b"garbage" * 1000)
     r = run_cli("status", "--state-dir", str(corrupt), cwd=tmp_path)
     assert r.returncode == 2 and "move it aside" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
-                "--hours", "1", "--state-dir", str(corrupt), cwd=tmp_path)
+    r = run_cli(
+        "request",
+        "--project",
+        "p",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--state-dir",
+        str(corrupt),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and (corrupt / "ledger.sqlite").read_bytes() == b"garbage" * 1000
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -157,9 +286,22 @@ def test_missing_and_corrupt_state_dirs(tmp_path: Path) -> None:
 def test_malformed_fleet_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[[nodes]]\nname = 3\n")
-    r = run_cli("request", "--project", "p", "--purpose", "training", "--count", "1",
-                "--hours", "1", "--fleet", str(bad), "--state-dir", str(tmp_path / "s"),
-                cwd=tmp_path)
+    r = run_cli(
+        "request",
+        "--project",
+        "p",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--fleet",
+        str(bad),
+        "--state-dir",
+        str(tmp_path / "s"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and r.stderr.startswith("gpu-agent: fleet file")
     assert not (tmp_path / "s").exists()
 
@@ -172,30 +314,49 @@ def test_demo(tmp_path: Path) -> None:
     assert reasons["sandbox-notebook"] == "idle"
     assert reasons["ads-serving"] == "budget"
     assert out["sandbox-bigrun"]["status"] == "denied"
-    assert out["nlp-train"]["allocation"]["started_at"] < \
-        out["vision-finetune"]["allocation"]["started_at"]  # queued later, went first
+    assert (
+        out["nlp-train"]["allocation"]["started_at"]
+        < out["vision-finetune"]["allocation"]["started_at"]
+    )  # queued later, went first
     assert any(e["kind"] == "queued" for e in out["vision-finetune"]["events"])
 
 
 def test_human_review_through_the_cli(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600},
-                                council={"policy": "reference", "approve_threshold": 0.99,
-                                         "auto_approve_max_gpus": 0}))
+    fleet.write_text(
+        fleet_toml(
+            clock={"time_scale": 3600},
+            monitor={"tick_seconds": 600},
+            council={"policy": "reference", "approve_threshold": 0.99, "auto_approve_max_gpus": 0},
+        )
+    )
     opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
-    ask = ["request", "--project", "p", "--purpose", "training", "--count", "2", "--hours", "1",
-           "--json", *opts]
+    ask = [
+        "request",
+        "--project",
+        "p",
+        "--purpose",
+        "training",
+        "--count",
+        "2",
+        "--hours",
+        "1",
+        "--json",
+        *opts,
+    ]
     first = run_cli(*ask, "--thread-id", "yes", cwd=tmp_path)
     assert first.returncode == 0 and json.loads(first.stdout)["status"] == "pending_review"
     assert json.loads(first.stdout)["next"] == ["review"]
     approved = run_cli("resume", "yes", "--approve", "--by", "ana", "--json", *opts, cwd=tmp_path)
     out = json.loads(approved.stdout)
     assert approved.returncode == 0 and out["status"] == "released"
-    assert any(e["kind"] == "human_decision" and "ana approved" in e["message"]
-               for e in out["events"])
+    assert any(
+        e["kind"] == "human_decision" and "ana approved" in e["message"] for e in out["events"]
+    )
     run_cli(*ask, "--thread-id", "no", cwd=tmp_path)
-    denied = run_cli("resume", "no", "--deny", "--comment", "not now", "--json", *opts,
-                     cwd=tmp_path)
+    denied = run_cli(
+        "resume", "no", "--deny", "--comment", "not now", "--json", *opts, cwd=tmp_path
+    )
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
     again = run_cli("resume", "no", "--approve", *opts, cwd=tmp_path)
     assert again.returncode == 2 and "already decided: deny by cli" in again.stderr

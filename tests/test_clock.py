@@ -31,8 +31,11 @@ def test_actors_interleave_in_time_order() -> None:
                 log.append((clock.now(), name))
 
     with clock.actor():
-        threads = [clock.spawn(actor, "a", 3.0, 4), clock.spawn(actor, "b", 5.0, 3),
-                   clock.spawn(actor, "c", 1.0, 2, at=10.0)]
+        threads = [
+            clock.spawn(actor, "a", 3.0, 4),
+            clock.spawn(actor, "b", 5.0, 3),
+            clock.spawn(actor, "c", 1.0, 2, at=10.0),
+        ]
     for t in threads:
         t.join(timeout=10)
     times = [t for t, _ in log]

@@ -62,13 +62,41 @@ def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
     """`run --allocation`: the command's start and exit reach the ledger; the allocation
     stays its owner's, and its monitor now knows the work is done."""
     state, fleet = str(tmp_path / "s"), str(idle_fleet(tmp_path))
-    placed = run_cli("request", "--state-dir", state, "--fleet", fleet, "--project", "vision",
-                     "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait", "--json",
-                     cwd=tmp_path)
+    placed = run_cli(
+        "request",
+        "--state-dir",
+        state,
+        "--fleet",
+        fleet,
+        "--project",
+        "vision",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--no-wait",
+        "--json",
+        cwd=tmp_path,
+    )
     assert placed.returncode == 0, placed.stderr
     aid = json.loads(placed.stdout)["allocation"]["id"]
-    done = run_cli("run", "--state-dir", state, "--fleet", fleet, "--allocation", aid,
-                   "--json", "--", sys.executable, "-c", "pass", cwd=tmp_path)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        state,
+        "--fleet",
+        fleet,
+        "--allocation",
+        aid,
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        "pass",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ended_by"] == "command"
     ledger = Ledger(str(Path(state) / "ledger.sqlite"), load_fleet(fleet))
@@ -102,8 +130,7 @@ def test_the_record_counts_only_what_was_held_with_no_work_left(ledger: Ledger) 
     assert older is not None and older.idle_gpu_hours == pytest.approx(0.75, rel=1e-6)
 
 
-def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(
-        ledger: Ledger) -> None:
+def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(ledger: Ledger) -> None:
     """Released for idling after 30 idle minutes, then resumed by its own project 15 minutes
     later: the idle half hour was a pause (the record no longer counts it), the pause lasted
     45 minutes, and asking again changes nothing. Another project may not claim it."""
@@ -118,12 +145,14 @@ def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(
     assert ledger.resume(aid, "a-111111111111", T0 + 9999, T0 + 9999).pause_s == 2700.0  # once
     assert hoarded(ledger, aid) == 0.0
     with ledger.reading() as db:
-        assert db.execute("SELECT idle_gpu_hours FROM records WHERE project='p'"
-                          ).fetchone()[0] == pytest.approx(0.0, abs=1e-9)
+        assert db.execute("SELECT idle_gpu_hours FROM records WHERE project='p'").fetchone()[
+            0
+        ] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_work_resumed_at_once_after_an_idle_release_went_on_while_it_looked_idle(
-        ledger: Ledger) -> None:
+    ledger: Ledger,
+) -> None:
     """Asked for again within a tick of its idle release: the job was not paused, it worked
     at a utilisation the monitor reads as idle; its next allocation is not judged by idling."""
     aid = place(ledger, "w1")
@@ -138,9 +167,22 @@ def test_resumes_names_an_allocation() -> None:
 
 
 def test_resuming_an_allocation_that_is_not_the_projects_is_one_line(tmp_path: Path) -> None:
-    done = run_cli("request", "--state-dir", str(tmp_path / "s"), "--project", "vision",
-                   "--purpose", "training", "--count", "1", "--hours", "1", "--resumes",
-                   "a-000000000000", "--no-wait", cwd=tmp_path)
+    done = run_cli(
+        "request",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--project",
+        "vision",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--resumes",
+        "a-000000000000",
+        "--no-wait",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr  # invalid: nothing changed
-    assert "invalid (vision has no released allocation a-000000000000 to resume)" \
-        in done.stdout
+    assert "invalid (vision has no released allocation a-000000000000 to resume)" in done.stdout

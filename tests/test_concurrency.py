@@ -21,10 +21,32 @@ def launch(cwd: Path, opts: list[str], projects: list[str]) -> list[dict[str, ob
     """Start every request before waiting for any, so they race for the ledger."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "graph.cli", "request", "--project", p, "--purpose",
-             "training", "--count", "1", "--hours", "1", "--gpu-type", "A100", "--no-wait",
-             "--json", "--thread-id", f"t{i}", *opts],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "graph.cli",
+                "request",
+                "--project",
+                p,
+                "--purpose",
+                "training",
+                "--count",
+                "1",
+                "--hours",
+                "1",
+                "--gpu-type",
+                "A100",
+                "--no-wait",
+                "--json",
+                "--thread-id",
+                f"t{i}",
+                *opts,
+            ],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i, p in enumerate(projects)
     ]
     outs = []
@@ -47,18 +69,15 @@ def holds(database: str) -> list[str]:
 def opts(tmp_path: Path, database: str) -> list[str]:
     (tmp_path / "fleet.toml").write_text(TINY)
     given = [] if database.endswith(".sqlite") else ["--database", database]
-    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(tmp_path / "fleet.toml"),
-            *given]
+    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(tmp_path / "fleet.toml"), *given]
 
 
 @pytest.fixture
 def ledger_at(tmp_path: Path, database: str) -> str:
-    return str(tmp_path / "state" / "ledger.sqlite") if database.endswith(".sqlite") \
-        else database
+    return str(tmp_path / "state" / "ledger.sqlite") if database.endswith(".sqlite") else database
 
 
-def test_eight_processes_never_double_book(tmp_path: Path, opts: list[str],
-                                           ledger_at: str) -> None:
+def test_eight_processes_never_double_book(tmp_path: Path, opts: list[str], ledger_at: str) -> None:
     outs = launch(tmp_path, opts, [f"p{i}" for i in range(8)])
     placed = [o for o in outs if o["status"] == "allocated"]
     assert len(placed) == 4 and sum(o["status"] == "queued" for o in outs) == 4
@@ -75,9 +94,11 @@ def test_eight_processes_never_overspend(tmp_path: Path, opts: list[str]) -> Non
     # the other five wait for the running three (placement) or, where the council sat after
     # they started, are denied by its cost member (the budget left then: $0.64)
     assert len(placed) == 3, [(o["status"], o["reason"]) for o in outs]
-    assert all((o["status"] == "queued" and "waits for" in str(o["reason"]))
-               or (o["status"] == "denied" and "budget" in str(o["reason"]))
-               for o in kept_out), [(o["status"], o["reason"]) for o in kept_out]
+    assert all(
+        (o["status"] == "queued" and "waits for" in str(o["reason"]))
+        or (o["status"] == "denied" and "budget" in str(o["reason"]))
+        for o in kept_out
+    ), [(o["status"], o["reason"]) for o in kept_out]
     costs = json.loads(run_cli("costs", "--json", *opts, cwd=tmp_path).stdout)
     [team] = costs["projects"]
     assert team["spent_usd"] + team["committed_usd"] <= 16.0

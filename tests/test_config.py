@@ -23,22 +23,29 @@ def test_default_fleet() -> None:
     assert config.pools["research"] == ["RTX4090"]
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("[[nodes", "not valid TOML"),
-    (SMALL_FLEET.replace("gpus = 4", "gpus = 0", 1), "greater than or equal to 1"),
-    (SMALL_FLEET.replace('gpu_type = "T4"', 'gpu_type = "K80"'), "unknown GPU type 'K80'"),
-    (SMALL_FLEET.replace('research = ["RTX4090"]', 'research = ["TPU"]'), "unknown GPU type"),
-    (SMALL_FLEET.replace('research = ["RTX4090"]', "research = []"), "at least one"),
-    (SMALL_FLEET.replace('name = "a100-1"', 'name = "a100-0"'), "appears twice"),
-    (SMALL_FLEET.replace('catalog = ["A100", "H100", "T4", "RTX4090"]',
-                         "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = -1\n"
-                         "relative_throughput = 1"), "greater than 0"),
-    (SMALL_FLEET.replace('"RTX4090"]', '"GTX480"]', 1), "catalog names 'GTX480', not a type"),
-    (SMALL_FLEET.replace('"T4", "RTX4090"]', '"T4", "T4", "RTX4090"]', 1), "a type twice"),
-    (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
-    (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
-    ("", "catalog"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[[nodes", "not valid TOML"),
+        (SMALL_FLEET.replace("gpus = 4", "gpus = 0", 1), "greater than or equal to 1"),
+        (SMALL_FLEET.replace('gpu_type = "T4"', 'gpu_type = "K80"'), "unknown GPU type 'K80'"),
+        (SMALL_FLEET.replace('research = ["RTX4090"]', 'research = ["TPU"]'), "unknown GPU type"),
+        (SMALL_FLEET.replace('research = ["RTX4090"]', "research = []"), "at least one"),
+        (SMALL_FLEET.replace('name = "a100-1"', 'name = "a100-0"'), "appears twice"),
+        (
+            SMALL_FLEET.replace(
+                'catalog = ["A100", "H100", "T4", "RTX4090"]',
+                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = -1\nrelative_throughput = 1",
+            ),
+            "greater than 0",
+        ),
+        (SMALL_FLEET.replace('"RTX4090"]', '"GTX480"]', 1), "catalog names 'GTX480', not a type"),
+        (SMALL_FLEET.replace('"T4", "RTX4090"]', '"T4", "T4", "RTX4090"]', 1), "a type twice"),
+        (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
+        (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
+        ("", "catalog"),
+    ],
+)
 def test_malformed(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_fleet(text, source="fleet file f.toml")

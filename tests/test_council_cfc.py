@@ -19,38 +19,67 @@ from fleet.errors import InvalidInput
 from fleet.models import ReleaseReason
 
 NOW = 1.8e9
-REASONS = [ReleaseReason.EXPLICIT, ReleaseReason.IDLE, ReleaseReason.BUDGET,
-           ReleaseReason.LEASE_EXPIRED]
+REASONS = [
+    ReleaseReason.EXPLICIT,
+    ReleaseReason.IDLE,
+    ReleaseReason.BUDGET,
+    ReleaseReason.LEASE_EXPIRED,
+]
 
 
-def history(rng: random.Random, n: int, util: float | None = None,
-            bad: float = 0.2) -> tuple[PastJob, ...]:
+def history(
+    rng: random.Random, n: int, util: float | None = None, bad: float = 0.2
+) -> tuple[PastJob, ...]:
     t, jobs = NOW - 60 * 86400, []
     for _ in range(n):
         t += rng.expovariate(1.0) * 86400
         reason = rng.choice(REASONS[1:3]) if rng.random() < bad else ReleaseReason.EXPLICIT
         hours = rng.uniform(0.2, 30)
-        jobs.append(PastJob(t, rng.choice((1, 2, 4, 8)), hours, rng.uniform(1, 900),
-                            util if util is not None else
-                            (None if rng.random() < 0.1 else rng.uniform(0, 100)),
-                            reason, rng.random(),  # released for idling: idle throughout
-                            hoarded_hours=hours if reason is ReleaseReason.IDLE else 0.0))
+        jobs.append(
+            PastJob(
+                t,
+                rng.choice((1, 2, 4, 8)),
+                hours,
+                rng.uniform(1, 900),
+                util if util is not None else (None if rng.random() < 0.1 else rng.uniform(0, 100)),
+                reason,
+                rng.random(),  # released for idling: idle throughout
+                hoarded_hours=hours if reason is ReleaseReason.IDLE else 0.0,
+            )
+        )
     return tuple(jobs)
 
 
 def features(rng: random.Random, n: int | None = None, **kw: object) -> RequestFeatures:
     past = history(rng, rng.randint(0, 40) if n is None else n)
-    base = RequestFeatures(count=rng.choice((2, 4, 8)), hours=rng.uniform(1, 48), priority=0.5,
-                           worst_case_usd=rng.uniform(10, 3000), cost_pressure=rng.uniform(0, 3),
-                           budgeted=True, usage_share=rng.random(), fair_share=rng.random(),
-                           pool_share=rng.random(), pool_busy=rng.random(), hoarding_rate=0.0,
-                           overrun_rate=0.0, recent_util=50.0, history_len=len(past),
-                           purpose_mismatch=0.0, past=past, now=NOW)
+    base = RequestFeatures(
+        count=rng.choice((2, 4, 8)),
+        hours=rng.uniform(1, 48),
+        priority=0.5,
+        worst_case_usd=rng.uniform(10, 3000),
+        cost_pressure=rng.uniform(0, 3),
+        budgeted=True,
+        usage_share=rng.random(),
+        fair_share=rng.random(),
+        pool_share=rng.random(),
+        pool_busy=rng.random(),
+        hoarding_rate=0.0,
+        overrun_rate=0.0,
+        recent_util=50.0,
+        history_len=len(past),
+        purpose_mismatch=0.0,
+        past=past,
+        now=NOW,
+    )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
-SPEC = NetSpec(members=("cost", "risk", "general"), perspectives=("cost", "risk", "general"),
-               modes=("default", "default", "no_gate"), seed=3)
+SPEC = NetSpec(
+    members=("cost", "risk", "general"),
+    perspectives=("cost", "risk", "general"),
+    modes=("default", "default", "no_gate"),
+    seed=3,
+)
 
 
 def test_batched_output_equals_per_sample_output() -> None:
@@ -81,9 +110,14 @@ def test_negative_time_steps_and_unsorted_times_are_rejected() -> None:
 
 def test_dt_is_in_days_and_capped() -> None:
     rng = random.Random(5)
-    f = features(rng, 0, past=(PastJob(NOW - 500 * 86400, 1, 1, 1, 50, ReleaseReason.IDLE,
-                                       hoarded_hours=1),
-                               PastJob(NOW - 86400, 1, 1, 1, None, ReleaseReason.EXPLICIT)))
+    f = features(
+        rng,
+        0,
+        past=(
+            PastJob(NOW - 500 * 86400, 1, 1, 1, 50, ReleaseReason.IDLE, hoarded_hours=1),
+            PastJob(NOW - 86400, 1, 1, 1, None, ReleaseReason.EXPLICIT),
+        ),
+    )
     enc = encode([f, features(rng, 5)])
     assert enc.dt[0, -3:].tolist() == [0.0, 60.0, 1.0]
     assert enc.mask[0].tolist() == [False] * 3 + [True] * 3  # left-padded to the longer one
@@ -113,8 +147,10 @@ def test_no_gate_variant_and_seeds() -> None:
     rng = random.Random(4)
     enc = encode([features(rng, 8)])
     a, b = CouncilNet(SPEC), CouncilNet(SPEC)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
-                                                 b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     gated = CouncilNet(dataclasses.replace(SPEC, modes=("default",) * 3))
     with torch.no_grad():
         assert torch.equal(a(enc).logit, b(enc).logit)
@@ -133,10 +169,15 @@ def _worse(enc: Encoded, column: str, rows: torch.Tensor) -> Encoded:
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), net_seed=st.integers(0, 50),
-       column=st.sampled_from(SEQ_BAD), amount=st.floats(0, 1))
-def test_monotone_by_construction_for_any_weights(seed: int, net_seed: int, column: str,
-                                                  amount: float) -> None:
+@given(
+    seed=st.integers(0, 10_000),
+    net_seed=st.integers(0, 50),
+    column=st.sampled_from(SEQ_BAD),
+    amount=st.floats(0, 1),
+)
+def test_monotone_by_construction_for_any_weights(
+    seed: int, net_seed: int, column: str, amount: float
+) -> None:
     """Untrained nets with random weights: a worse record or more cost pressure never raises
     any member's approval logit. This holds for whatever weights training finds."""
     rng = random.Random(seed)

@@ -53,8 +53,12 @@ def exact(net: CouncilNet) -> CouncilNet:
 
 
 def double(enc: Encoded[torch.Tensor]) -> Encoded[torch.Tensor]:
-    return Encoded(*(t.double() if t.is_floating_point() else t for t in
-                     (enc.free, enc.bad, enc.dt, enc.mask, enc.static_free, enc.static_bad)))
+    return Encoded(
+        *(
+            t.double() if t.is_floating_point() else t
+            for t in (enc.free, enc.bad, enc.dt, enc.mask, enc.static_free, enc.static_bad)
+        )
+    )
 
 
 def same(a: Any, b: Any, tol: float) -> bool:
@@ -62,11 +66,15 @@ def same(a: Any, b: Any, tol: float) -> bool:
     if isinstance(a, float):
         return isinstance(b, float) and abs(a - b) <= tol
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            same(a[k], b[k], tol) for k in a)
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k], tol) for k in a)
+        )
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(
-            same(x, y, tol) for x, y in zip(a, b, strict=True))
+        return (
+            isinstance(b, list)
+            and len(a) == len(b)
+            and all(same(x, y, tol) for x, y in zip(a, b, strict=True))
+        )
     return bool(a == b)
 
 
@@ -85,8 +93,9 @@ def test_the_npz_holds_the_pts_tensors_and_vote() -> None:
     assert header["pt_sha256"] == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
 
 
-def test_numpy_logits_are_the_torch_models(council: NeuralCouncil,
-                                           batch: list[RequestFeatures]) -> None:
+def test_numpy_logits_are_the_torch_models(
+    council: NeuralCouncil, batch: list[RequestFeatures]
+) -> None:
     ours = council.model.logits(encode_arrays(batch))
     enc = encode(batch)
     with torch.no_grad():
@@ -97,8 +106,9 @@ def test_numpy_logits_are_the_torch_models(council: NeuralCouncil,
     assert np.abs(sigmoid(ours) - sigmoid(in_float32)).max() < 1e-4
 
 
-def test_decisions_and_reasons_are_the_torch_models(council: NeuralCouncil,
-                                                    batch: list[RequestFeatures]) -> None:
+def test_decisions_and_reasons_are_the_torch_models(
+    council: NeuralCouncil, batch: list[RequestFeatures]
+) -> None:
     """decide() against the same decision built from the torch model's logits for the request
     and its occluded variants: the same outcomes, votes, verdicts and reasons."""
     net64 = exact(council.net)
@@ -115,9 +125,17 @@ def test_decisions_and_reasons_are_the_torch_models(council: NeuralCouncil,
     assert outcomes == {"approved", "denied", "split"}  # the batch reaches every outcome
 
 
-@pytest.mark.parametrize("change", [{}, {"time": "none"}, {"time": "input"},
-                                    {"core": "gru", "time": "input"},
-                                    {"activation": "lecun_tanh"}], ids=str)
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"time": "none"},
+        {"time": "input"},
+        {"core": "gru", "time": "input"},
+        {"activation": "lecun_tanh"},
+    ],
+    ids=str,
+)
 def test_every_network_variant_matches(change: dict[str, str]) -> None:
     """Untrained nets moved away from their initialisation (not so far that the recurrence
     turns chaotic and amplifies rounding), with a no_gate member (SPEC): the forward is
@@ -134,8 +152,9 @@ def test_every_network_variant_matches(change: dict[str, str]) -> None:
         whole = exact(net)(double(encode(batch))).logit.numpy()
         occluded = exact(net)(double(with_occlusions(encode(one))), rows=ROWS).logit.numpy()
     assert np.abs(model.logits(encode_arrays(batch)) - whole).max() < 1e-9
-    assert np.abs(model.logits(with_occlusions(encode_arrays(one)), rows=ROWS)
-                  - occluded).max() < 1e-9
+    assert (
+        np.abs(model.logits(with_occlusions(encode_arrays(one)), rows=ROWS) - occluded).max() < 1e-9
+    )
 
 
 def test_bad_times_fail_as_in_the_torch_model(council: NeuralCouncil) -> None:
@@ -146,8 +165,9 @@ def test_bad_times_fail_as_in_the_torch_model(council: NeuralCouncil) -> None:
         council.decide(f, SETTINGS)
 
 
-def test_a_pt_without_its_own_npz_is_read_through_torch(council: NeuralCouncil,
-                                                        tmp_path: Path) -> None:
+def test_a_pt_without_its_own_npz_is_read_through_torch(
+    council: NeuralCouncil, tmp_path: Path
+) -> None:
     """Weights trained before council.npz existed, or a council.pt replaced on its own."""
     shutil.copy(SHIPPED, tmp_path / "council.pt")
     alone = NeuralCouncil.load(tmp_path / "council.pt")

@@ -39,8 +39,7 @@ def test_shipped_weights_are_a_small_state_dict(council: NeuralCouncil) -> None:
     blob = torch.load(SHIPPED, weights_only=True)  # tensors and plain values, no pickled code
     assert set(blob) >= {"spec", "state", "temperature", "vote_weights"}
     assert all(isinstance(v, torch.Tensor) for v in blob["state"].values())
-    assert council.members == ("cost", "fairness", "capacity", "risk", "general-1",
-                               "general-2")
+    assert council.members == ("cost", "fairness", "capacity", "risk", "general-1", "general-2")
     assert council.name.startswith("cfc-council-")
     assert isinstance(council_for(SETTINGS), NeuralCouncil)
     assert isinstance(council_for(CouncilSettings(policy="reference")), ReferenceCouncil)
@@ -55,17 +54,38 @@ def test_unreadable_weights_are_a_clear_config_error(tmp_path: Path) -> None:
 
 def good_and_bad() -> tuple[Any, Any]:
     rng = random.Random(7)
-    good = features(rng, 0, count=2, hours=4, cost_pressure=0.05, worst_case_usd=40,
-                    fair_share=0.9, usage_share=0.05, pool_share=0.1, pool_busy=0.2,
-                    past=history(rng, 20, util=85, bad=0.0))
-    bad = features(rng, 0, count=16, hours=48, cost_pressure=2.0, worst_case_usd=4000,
-                   fair_share=0.2, usage_share=0.6, pool_share=0.7, pool_busy=0.8,
-                   past=history(rng, 20, util=3, bad=0.9))
+    good = features(
+        rng,
+        0,
+        count=2,
+        hours=4,
+        cost_pressure=0.05,
+        worst_case_usd=40,
+        fair_share=0.9,
+        usage_share=0.05,
+        pool_share=0.1,
+        pool_busy=0.2,
+        past=history(rng, 20, util=85, bad=0.0),
+    )
+    bad = features(
+        rng,
+        0,
+        count=16,
+        hours=48,
+        cost_pressure=2.0,
+        worst_case_usd=4000,
+        fair_share=0.2,
+        usage_share=0.6,
+        pool_share=0.7,
+        pool_busy=0.8,
+        past=history(rng, 20, util=3, bad=0.9),
+    )
     return good, bad
 
 
 def test_votes_carry_reasons_and_contrasting_requests_get_contrasting_decisions(
-        council: NeuralCouncil) -> None:
+    council: NeuralCouncil,
+) -> None:
     good, bad = good_and_bad()
     yes, no = council.decide(good, SETTINGS), council.decide(bad, SETTINGS)
     assert yes.outcome is Outcome.APPROVED and yes.probability > 0.9
@@ -80,21 +100,31 @@ def test_votes_carry_reasons_and_contrasting_requests_get_contrasting_decisions(
     assert {r.feature for v in no.votes for r in v.reasons} >= {"cost_pressure"}
 
 
-def test_worse_records_never_raise_the_shipped_councils_probability(
-        council: NeuralCouncil) -> None:
+def test_worse_records_never_raise_the_shipped_councils_probability(council: NeuralCouncil) -> None:
     """Grid sweep on real request shapes: budget overrun and utilisation history."""
     rng = random.Random(11)
     for _ in range(8):
         f = features(rng, rng.randint(1, 32))
-        util_grid = [dataclasses.replace(f, past=tuple(dataclasses.replace(j, util_pct=u)
-                                                       for j in f.past))
-                     for u in range(100, -1, -10)]
+        util_grid = [
+            dataclasses.replace(f, past=tuple(dataclasses.replace(j, util_pct=u) for j in f.past))
+            for u in range(100, -1, -10)
+        ]
         cost_grid = [dataclasses.replace(f, cost_pressure=c / 4) for c in range(13)]
-        clean = [i for i, j in enumerate(f.past) if j.reason not in
-                 (ReleaseReason.IDLE, ReleaseReason.BUDGET)]  # an idle job stopped by the
-        overrun_grid = [dataclasses.replace(f, past=tuple(  # budget is a swap, not "worse"
-            dataclasses.replace(j, reason=ReleaseReason.BUDGET) if i in clean[:k] else j
-            for i, j in enumerate(f.past))) for k in range(len(clean) + 1)]
+        clean = [
+            i
+            for i, j in enumerate(f.past)
+            if j.reason not in (ReleaseReason.IDLE, ReleaseReason.BUDGET)
+        ]  # an idle job stopped by the
+        overrun_grid = [
+            dataclasses.replace(
+                f,
+                past=tuple(  # budget is a swap, not "worse"
+                    dataclasses.replace(j, reason=ReleaseReason.BUDGET) if i in clean[:k] else j
+                    for i, j in enumerate(f.past)
+                ),
+            )
+            for k in range(len(clean) + 1)
+        ]
         for grid in (util_grid, cost_grid, overrun_grid):
             p = council.council_probability(council.probabilities(grid))
             assert bool((p[1:] <= p[:-1] + 1e-6).all()), p
@@ -133,8 +163,11 @@ def test_training_is_deterministic_and_writes_weights_and_a_card(tmp_path: Path)
 def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,-5,1,a\n")
-    for args in (("--worlds", "2"), ("--trace", str(tmp_path / "missing.csv")),
-                 ("--trace", str(bad))):
+    for args in (
+        ("--worlds", "2"),
+        ("--trace", str(tmp_path / "missing.csv")),
+        ("--trace", str(bad)),
+    ):
         done = run_cli("council", "train", "--out", str(tmp_path / "w"), *args, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert not (tmp_path / "w").exists()
@@ -146,9 +179,9 @@ def test_the_philly_trace_replays_into_samples() -> None:
     assert len(jobs) == 3000 and all(a.submit <= b.submit for a, b in itertools.pairwise(jobs))
     assert all(j.project.startswith("vc-") and j.count >= 1 for j in jobs)
     samples = World(jobs, load_fleet(None), 1, 100).run()
-    assert samples and all(s.features.past == tuple(sorted(s.features.past,
-                                                           key=lambda j: j.ended_at))
-                           for s in samples)
+    assert samples and all(
+        s.features.past == tuple(sorted(s.features.past, key=lambda j: j.ended_at)) for s in samples
+    )
 
 
 def split_config() -> FleetConfig:
@@ -161,7 +194,8 @@ BIG = {"project": "vision", "purpose": "training", "count": 8, "duration_hours":
 
 
 def test_review_interrupt_has_no_side_effects_and_resume_reserves_once(
-        make_orch: OrchFactory) -> None:
+    make_orch: OrchFactory,
+) -> None:
     orch = make_orch(split_config())
     assert isinstance(council_of(orch.services), NeuralCouncil)
 
@@ -189,8 +223,22 @@ def test_cli_resume_decides_a_split_council(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(council={"quorum": 6, "auto_approve_max_gpus": 0}))
     common = ("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet), "--json")
-    asked = run_cli("request", "--project", "vision", "--purpose", "training", "--count", "8",
-                    "--hours", "1", "--thread-id", "t-cli", "--no-wait", *common, cwd=ROOT)
+    asked = run_cli(
+        "request",
+        "--project",
+        "vision",
+        "--purpose",
+        "training",
+        "--count",
+        "8",
+        "--hours",
+        "1",
+        "--thread-id",
+        "t-cli",
+        "--no-wait",
+        *common,
+        cwd=ROOT,
+    )
     assert asked.returncode == 0 and json.loads(asked.stdout)["status"] == "pending_review"
     denied = run_cli("resume", "t-cli", "--deny", "--by", "bo", *common, cwd=ROOT)
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"

@@ -24,10 +24,23 @@ from fleet.models import (
 )
 
 SETTINGS = CouncilSettings()
-GOOD = RequestFeatures(count=2, hours=4, priority=0.5, worst_case_usd=32, cost_pressure=0.06,
-                       budgeted=False, usage_share=0.0, fair_share=1.0, pool_share=0.1,
-                       pool_busy=0.2, hoarding_rate=0.0, overrun_rate=0.0, recent_util=75,
-                       history_len=5, purpose_mismatch=0.0)
+GOOD = RequestFeatures(
+    count=2,
+    hours=4,
+    priority=0.5,
+    worst_case_usd=32,
+    cost_pressure=0.06,
+    budgeted=False,
+    usage_share=0.0,
+    fair_share=1.0,
+    pool_share=0.1,
+    pool_busy=0.2,
+    hoarding_rate=0.0,
+    overrun_rate=0.0,
+    recent_util=75,
+    history_len=5,
+    purpose_mismatch=0.0,
+)
 
 
 def council_p(f: RequestFeatures) -> float:
@@ -42,8 +55,16 @@ def test_a_reasonable_request_is_approved_with_reasons() -> None:
 
 
 def test_a_hoarder_asking_for_the_pool_is_denied() -> None:
-    bad = dataclasses.replace(GOOD, count=16, worst_case_usd=1536, cost_pressure=3.0,
-                              pool_share=0.67, pool_busy=0.5, hoarding_rate=1.0, recent_util=2)
+    bad = dataclasses.replace(
+        GOOD,
+        count=16,
+        worst_case_usd=1536,
+        cost_pressure=3.0,
+        pool_share=0.67,
+        pool_busy=0.5,
+        hoarding_rate=1.0,
+        recent_util=2,
+    )
     decision = ReferenceCouncil().decide(bad, SETTINGS)
     assert decision.outcome is Outcome.DENIED
     risk = next(v for v in decision.votes if v.member == "risk")
@@ -54,18 +75,38 @@ def test_quorum_and_split() -> None:
     def vote(p: float, verdict: Verdict) -> MemberVote:
         return MemberVote(member="m", verdict=verdict, probability=p)
 
-    split = combine([vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY),
-                     vote(0.5, Verdict.APPROVE)], SETTINGS, "t")
+    split = combine(
+        [vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY), vote(0.5, Verdict.APPROVE)],
+        SETTINGS,
+        "t",
+    )
     assert split.outcome is Outcome.SPLIT
-    no_quorum = combine([vote(0.99, Verdict.APPROVE), vote(0.99, Verdict.APPROVE),
-                         vote(0.54, Verdict.ABSTAIN), vote(0.54, Verdict.ABSTAIN)], SETTINGS, "t")
+    no_quorum = combine(
+        [
+            vote(0.99, Verdict.APPROVE),
+            vote(0.99, Verdict.APPROVE),
+            vote(0.54, Verdict.ABSTAIN),
+            vote(0.54, Verdict.ABSTAIN),
+        ],
+        SETTINGS,
+        "t",
+    )
     # a quorum counts approvers: a member turning from unsure to "deny" cannot complete it
-    assert combine([vote(0.95, Verdict.APPROVE), vote(0.95, Verdict.APPROVE),
-                    vote(0.3, Verdict.DENY)], SETTINGS, "t").outcome is Outcome.SPLIT
+    assert (
+        combine(
+            [vote(0.95, Verdict.APPROVE), vote(0.95, Verdict.APPROVE), vote(0.3, Verdict.DENY)],
+            SETTINGS,
+            "t",
+        ).outcome
+        is Outcome.SPLIT
+    )
     assert no_quorum.probability > SETTINGS.band("reference")[1]
     assert no_quorum.outcome is Outcome.SPLIT and "quorum" in no_quorum.summary
-    unsure_no = combine([vote(0.01, Verdict.DENY), vote(0.2, Verdict.DENY),
-                         vote(0.48, Verdict.ABSTAIN)], SETTINGS, "t")
+    unsure_no = combine(
+        [vote(0.01, Verdict.DENY), vote(0.2, Verdict.DENY), vote(0.48, Verdict.ABSTAIN)],
+        SETTINGS,
+        "t",
+    )
     assert unsure_no.outcome is Outcome.DENIED  # denial needs no quorum
 
 
@@ -85,11 +126,21 @@ unit = st.floats(0, 1)
 
 
 @settings(max_examples=200, deadline=None)
-@given(base=st.builds(dataclasses.replace, st.just(GOOD), hoarding_rate=unit, overrun_rate=unit,
-                      recent_util=st.floats(0, 100), cost_pressure=st.floats(0, 10)),
-       more=unit, worse=st.floats(0, 100))
-def test_worse_records_never_raise_approval(base: RequestFeatures, more: float,
-                                            worse: float) -> None:
+@given(
+    base=st.builds(
+        dataclasses.replace,
+        st.just(GOOD),
+        hoarding_rate=unit,
+        overrun_rate=unit,
+        recent_util=st.floats(0, 100),
+        cost_pressure=st.floats(0, 10),
+    ),
+    more=unit,
+    worse=st.floats(0, 100),
+)
+def test_worse_records_never_raise_approval(
+    base: RequestFeatures, more: float, worse: float
+) -> None:
     p = council_p(base)
     replace = dataclasses.replace
     assert council_p(replace(base, overrun_rate=min(1, base.overrun_rate + more))) <= p
@@ -97,24 +148,50 @@ def test_worse_records_never_raise_approval(base: RequestFeatures, more: float,
     assert council_p(replace(base, recent_util=max(0, base.recent_util - worse))) <= p
     assert council_p(replace(base, cost_pressure=base.cost_pressure + more)) <= p
     rank = {Outcome.DENIED: 0, Outcome.SPLIT: 1, Outcome.APPROVED: 2}
-    worse_f = dataclasses.replace(base, hoarding_rate=min(1, base.hoarding_rate + more),
-                                  recent_util=max(0, base.recent_util - worse))
+    worse_f = dataclasses.replace(
+        base,
+        hoarding_rate=min(1, base.hoarding_rate + more),
+        recent_util=max(0, base.recent_util - worse),
+    )
     council = ReferenceCouncil()
-    assert rank[council.decide(worse_f, SETTINGS).outcome] <= \
-        rank[council.decide(base, SETTINGS).outcome]
+    assert (
+        rank[council.decide(worse_f, SETTINGS).outcome]
+        <= rank[council.decide(base, SETTINGS).outcome]
+    )
 
 
 def test_features_read_the_project_record(config: FleetConfig) -> None:
     t = utc(1.8e9)
-    record = HistoryRecord(allocation_id="a", thread_id="t", project="p", purpose="research",
-                           gpu_type="RTX4090", count=2, gpu_ids=["g1", "g2"], started_at=t,
-                           ended_at=t, hours=1.0, cost_usd=1.2, reason=ReleaseReason.IDLE,
-                           mean_util_pct=1.0, hoarded_hours=1.0)  # idle throughout
-    stats = ProjectStats(project="p", budget_usd=100, spent_usd=20, committed_usd=30,
-                         active_gpus=0, decayed_gpu_hours=2, usage_share=0.5, fair_share=0.25,
-                         recent=[record])
-    request = GPURequest(project="p", purpose="inference", gpu_type="A100", count=1,
-                         duration_hours=2)
+    record = HistoryRecord(
+        allocation_id="a",
+        thread_id="t",
+        project="p",
+        purpose="research",
+        gpu_type="RTX4090",
+        count=2,
+        gpu_ids=["g1", "g2"],
+        started_at=t,
+        ended_at=t,
+        hours=1.0,
+        cost_usd=1.2,
+        reason=ReleaseReason.IDLE,
+        mean_util_pct=1.0,
+        hoarded_hours=1.0,
+    )  # idle throughout
+    stats = ProjectStats(
+        project="p",
+        budget_usd=100,
+        spent_usd=20,
+        committed_usd=30,
+        active_gpus=0,
+        decayed_gpu_hours=2,
+        usage_share=0.5,
+        fair_share=0.25,
+        recent=[record],
+    )
+    request = GPURequest(
+        project="p", purpose="inference", gpu_type="A100", count=1, duration_hours=2
+    )
     f = build_features(request, config, stats, {"T4": 1}, t.timestamp())
     prior = config.council.record_prior_gpu_hours  # neutral GPU-hours: no waste, 50 % util
     assert f.hoarding_rate == 2 / (2 + prior) and f.purpose_mismatch == 1.0

@@ -22,9 +22,13 @@ SCALE = 600
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[Path, list[str]]:
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_toml(clock={"time_scale": SCALE},
-                                monitor={"tick_seconds": 30},
-                                scheduler={"poll_seconds": 30}))
+    fleet.write_text(
+        fleet_toml(
+            clock={"time_scale": SCALE},
+            monitor={"tick_seconds": 30},
+            scheduler={"poll_seconds": 30},
+        )
+    )
     return tmp_path, ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
 
 
@@ -38,9 +42,29 @@ def ledger(state: Path, sql: str) -> list[tuple[object, ...]]:
 
 def start_and_kill(cwd: Path, opts: list[str], thread: str, min_ticks: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "request", "--project", "p", "--purpose", "training",
-         "--count", "2", "--hours", "1", "--gpu-type", "A100", "--thread-id", thread, *opts],
-        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "graph.cli",
+            "request",
+            "--project",
+            "p",
+            "--purpose",
+            "training",
+            "--count",
+            "2",
+            "--hours",
+            "1",
+            "--gpu-type",
+            "A100",
+            "--thread-id",
+            thread,
+            *opts,
+        ],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     state = cwd / "state"
     while time.monotonic() < deadline:
@@ -104,7 +128,8 @@ class Died(BaseException):
 
 @pytest.mark.parametrize("step", [4, 5])  # the checkpoint after allocate; after a monitor tick
 def test_death_between_a_steps_writes_and_its_checkpoint(
-        tmp_path: Path, database: str, step: int) -> None:
+    tmp_path: Path, database: str, step: int
+) -> None:
     """A step's writes are saved as it ends, its checkpoint just after: a process that dies
     in between leaves a checkpoint whose `next` is empty (get_state applies the writes) though
     the run is not over. Resume carries it on, on SQLite and on PostgreSQL."""
@@ -114,8 +139,13 @@ def test_death_between_a_steps_writes_and_its_checkpoint(
     from tests.conftest import small_config
 
     db = None if database.endswith(".sqlite") else database
-    request = {"project": "p", "purpose": "training", "count": 2, "duration_hours": 1,
-               "gpu_type": "A100"}
+    request = {
+        "project": "p",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 1,
+        "gpu_type": "A100",
+    }
     first = Orchestrator(tmp_path / "s", small_config(), clock=VirtualClock(), database=db)
     put = first.checkpointer.put
 

@@ -17,12 +17,21 @@ from tests.conftest import ROOT, fleet_toml
 
 def test_exported_graph_has_no_checkpointer() -> None:
     assert graph.checkpointer is None
-    assert set(graph.get_graph().nodes) >= {"validate", "council", "review", "route",
-                                            "allocate", "wait", "monitor", "deallocate"}
+    assert set(graph.get_graph().nodes) >= {
+        "validate",
+        "council",
+        "review",
+        "route",
+        "allocate",
+        "wait",
+        "monitor",
+        "deallocate",
+    }
 
 
-def test_context_fields_resolve_to_services(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_context_fields_resolve_to_services(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A JSON context resolves to this process's own configuration (its environment), as on
     the LangGraph server; a context naming another state directory is refused (test_server)."""
     fleet = tmp_path / "fleet.toml"
@@ -30,8 +39,13 @@ def test_context_fields_resolve_to_services(tmp_path: Path,
     monkeypatch.setenv("GPU_AGENT_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("GPU_AGENT_FLEET", str(fleet))
     context = Context()
-    request = {"project": "p", "purpose": "training", "count": 2, "duration_hours": 1,
-               "gpu_type": "A100"}
+    request = {
+        "project": "p",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 1,
+        "gpu_type": "A100",
+    }
     out = graph.invoke({"request": request}, context=context)
     assert out["status"] is Status.RELEASED
     assert out["release"].reason is ReleaseReason.LEASE_EXPIRED
@@ -42,7 +56,12 @@ def test_context_fields_resolve_to_services(tmp_path: Path,
 
 
 def test_quickstart_runs(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "released (context-exit)" in r.stdout and "vision: spent $" in r.stdout

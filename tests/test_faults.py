@@ -26,17 +26,25 @@ from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
 from tests.conftest import fleet_toml, run_cli, small_config
 
-ONE = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 1,
-       "gpu_type": "A100"}
+ONE = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 1, "gpu_type": "A100"}
 TWO = ONE | {"count": 2, "gpu_type": "H100"}  # $16: past auto-approval, to the council
-MAIN = [f"{when}:{node}" for node in ("validate", "council", "route", "allocate", "monitor",
-                                      "deallocate") for when in ("before", "after")]
+MAIN = [
+    f"{when}:{node}"
+    for node in ("validate", "council", "route", "allocate", "monitor", "deallocate")
+    for when in ("before", "after")
+]
 
 
 def config():  # type: ignore[no-untyped-def]
     """The small fleet; a council that always splits, so two-GPU requests reach review."""
-    return small_config(council={"policy": "reference", "approve_threshold": 0.99,
-                                 "deny_threshold": 0.01, "auto_approve_max_gpus": 1})
+    return small_config(
+        council={
+            "policy": "reference",
+            "approve_threshold": 0.99,
+            "deny_threshold": 0.01,
+            "auto_approve_max_gpus": 1,
+        }
+    )
 
 
 # Each scenario: (unarmed set-up, the armed run, the request the thread was made from)
@@ -58,16 +66,19 @@ def _queued_setup(orch: Orchestrator) -> None:
     orch.release(allocation.id)
 
 
-Scenario = tuple[Callable[[Orchestrator], object] | None, Callable[[Orchestrator], object],
-                 dict[str, object]]
+Scenario = tuple[
+    Callable[[Orchestrator], object] | None, Callable[[Orchestrator], object], dict[str, object]
+]
 SCENARIOS: dict[str, Scenario] = {
     "placed": (None, _placed, ONE),
     "review": (_review_setup, lambda o: o.resume("t", {"approve": True}), TWO),
     "queued": (_queued_setup, lambda o: o.resume("t"), TWO),
 }
-CASES = ([("placed", p) for p in MAIN + list(INSIDE)]
-         + [("review", p) for p in ("before:review", "after:review")]
-         + [("queued", p) for p in ("before:wait", "after:wait")])
+CASES = (
+    [("placed", p) for p in MAIN + list(INSIDE)]
+    + [("review", p) for p in ("before:review", "after:review")]
+    + [("queued", p) for p in ("before:wait", "after:wait")]
+)
 
 
 def finish(orch: Orchestrator, request: dict[str, object]) -> None:
@@ -101,8 +112,9 @@ def exactly_once(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize(("scenario", "point"), CASES)
-def test_a_raise_at_every_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                database: str, scenario: str, point: str) -> None:
+def test_a_raise_at_every_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str, scenario: str, point: str
+) -> None:
     """In process, on SQLite and on PostgreSQL."""
     setup, run, request = SCENARIOS[scenario]
     db = None if database.endswith(".sqlite") else database
@@ -129,8 +141,21 @@ def test_a_sigkill_at_every_point(tmp_path: Path, point: str) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 900}))
     opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet), "--json"]
-    args = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "1",
-            "--gpu-type", "A100", "--thread-id", "t", *opts]
+    args = [
+        "--project",
+        "p",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--gpu-type",
+        "A100",
+        "--thread-id",
+        "t",
+        *opts,
+    ]
     died = run_cli("request", *args, cwd=tmp_path, env={ENV: point})
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     again = run_cli("resume", "t", *opts, cwd=tmp_path)
@@ -156,8 +181,9 @@ def test_a_damaged_state_directory_is_reported_with_a_way_out(tmp_path: Path) ->
         [unmonitored] = o.problems()  # wait=False: nobody carries it on until adopted
         assert f"allocation {held.id} (p) is not monitored" in unmonitored
     (state / "checkpoints.sqlite").unlink()
-    renamed = small_config(nodes=[n.model_copy(update={"name": n.name + "-new"})
-                                  for n in small_config().nodes])
+    renamed = small_config(
+        nodes=[n.model_copy(update={"name": n.name + "-new"}) for n in small_config().nodes]
+    )
     with Orchestrator(state, renamed, clock=VirtualClock()) as o:
         before = o.services.ledger.dump()
         problems = o.status()["problems"]
@@ -177,14 +203,32 @@ def test_a_sigkill_in_review_and_wait(tmp_path: Path, point: str) -> None:
     `resume --approve`) and a wait in the queue (resumed once the holder is released)."""
     review = point.endswith("review")
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 900},
-                                council={"policy": "reference", "approve_threshold": 0.99,
-                                         "deny_threshold": 0.01,
-                                         "auto_approve_max_gpus": 1 if review else 2,
-                                         "auto_approve_max_usd": 25 if review else 10**6}))
+    fleet.write_text(
+        fleet_toml(
+            clock={"time_scale": 3600},
+            monitor={"tick_seconds": 900},
+            council={
+                "policy": "reference",
+                "approve_threshold": 0.99,
+                "deny_threshold": 0.01,
+                "auto_approve_max_gpus": 1 if review else 2,
+                "auto_approve_max_usd": 25 if review else 10**6,
+            },
+        )
+    )
     opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet), "--json"]
-    two = ["--purpose", "training", "--count", "2", "--hours", "1", "--gpu-type", "H100",
-           "--no-wait", *opts]
+    two = [
+        "--purpose",
+        "training",
+        "--count",
+        "2",
+        "--hours",
+        "1",
+        "--gpu-type",
+        "H100",
+        "--no-wait",
+        *opts,
+    ]
 
     def cli(*args: str, fault: str | None = None) -> dict[str, Any]:
         r = run_cli(*args, cwd=tmp_path, env={ENV: fault} if fault else None)

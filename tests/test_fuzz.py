@@ -26,15 +26,28 @@ from graph.orchestrator import Orchestrator
 from graph.tools import gpu_tools
 from tests.conftest import SMALL_FLEET, fleet_toml, small_config
 
-SETTINGS = settings(max_examples=150, derandomize=True, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
-VALID = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1.0,
-         "gpu_type": "A100"}
+SETTINGS = settings(
+    max_examples=150,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+VALID = {
+    "project": "vision",
+    "purpose": "training",
+    "count": 2,
+    "duration_hours": 1.0,
+    "gpu_type": "A100",
+}
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
-                                                          max_size=2))
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 TRIED: dict[str, int] = {}
 
 
@@ -42,8 +55,12 @@ def tried(target: str) -> None:
     TRIED[target] = TRIED.get(target, 0) + 1
 
 
-COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
-           "auto_approve_max_gpus": 1}
+COUNCIL = {
+    "policy": "reference",
+    "approve_threshold": 0.99,
+    "deny_threshold": 0.01,
+    "auto_approve_max_gpus": 1,
+}
 FLEET = fleet_toml(council=COUNCIL)
 
 
@@ -77,9 +94,22 @@ def bad_requests(draw: st.DrawFn) -> dict[str, Any]:
     elif how == "extra":
         request[draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in VALID))] = 1
     else:
-        field = draw(st.sampled_from(["project", "purpose", "count", "duration_hours",
-                                      "gpu_type", "priority", "budget_limit", "min_memory_gb",
-                                      "max_wait_minutes", "mode"]))
+        field = draw(
+            st.sampled_from(
+                [
+                    "project",
+                    "purpose",
+                    "count",
+                    "duration_hours",
+                    "gpu_type",
+                    "priority",
+                    "budget_limit",
+                    "min_memory_gb",
+                    "max_wait_minutes",
+                    "mode",
+                ]
+            )
+        )
         request[field] = draw(JUNK)
     return request
 
@@ -103,33 +133,66 @@ def test_the_python_api(orch: Orchestrator, request: dict[str, Any]) -> None:
     tried("api")
 
 
-FLAGS = {"--count": st.sampled_from(["0", "-1", "x", "1.5", "", "1e9", "nan", "100001"]),
-         "--hours": st.sampled_from(["0", "-2", "nan", "inf", "x", "", "-0"]),
-         "--purpose": st.text(max_size=12).filter(lambda t: t.strip().lower() not in (
-             "training", "inference", "research", "model_training", "fine-tuning",
-             "serving", "experiment", "train", "finetune", "fine_tuning", "eval")),
-         "--priority": st.text(max_size=8).filter(
-             lambda t: t not in ("low", "normal", "high", "critical")),
-         "--gpu-type": st.text(max_size=10).filter(  # empty: any type
-             lambda t: t.strip() not in ("", "A100", "H100", "T4", "RTX4090")),
-         "--budget": st.sampled_from(["0", "-1", "nan", "x", "-inf"]),
-         "--min-memory-gb": st.sampled_from(["-1", "0", "nan", "1e9", "x"]),
-         "--max-wait": st.sampled_from(["-1", "nan", "x"]),
-         "--project": st.sampled_from(["", " ", "a b", "x" * 300, "bad/name", "ä\u0000"]),
-         "--mode": st.text(max_size=8).filter(lambda t: t not in ("budget", "performance"))}
+FLAGS = {
+    "--count": st.sampled_from(["0", "-1", "x", "1.5", "", "1e9", "nan", "100001"]),
+    "--hours": st.sampled_from(["0", "-2", "nan", "inf", "x", "", "-0"]),
+    "--purpose": st.text(max_size=12).filter(
+        lambda t: (
+            t.strip().lower()
+            not in (
+                "training",
+                "inference",
+                "research",
+                "model_training",
+                "fine-tuning",
+                "serving",
+                "experiment",
+                "train",
+                "finetune",
+                "fine_tuning",
+                "eval",
+            )
+        )
+    ),
+    "--priority": st.text(max_size=8).filter(
+        lambda t: t not in ("low", "normal", "high", "critical")
+    ),
+    "--gpu-type": st.text(max_size=10).filter(  # empty: any type
+        lambda t: t.strip() not in ("", "A100", "H100", "T4", "RTX4090")
+    ),
+    "--budget": st.sampled_from(["0", "-1", "nan", "x", "-inf"]),
+    "--min-memory-gb": st.sampled_from(["-1", "0", "nan", "1e9", "x"]),
+    "--max-wait": st.sampled_from(["-1", "nan", "x"]),
+    "--project": st.sampled_from(["", " ", "a b", "x" * 300, "bad/name", "ä\u0000"]),
+    "--mode": st.text(max_size=8).filter(lambda t: t not in ("budget", "performance")),
+}
 
 
 @SETTINGS
 @given(flag=st.sampled_from(sorted(FLAGS)), data=st.data())
-def test_the_cli_arguments(orch: Orchestrator, tmp_path: Path, flag: str,
-                           data: st.DataObject) -> None:
+def test_the_cli_arguments(
+    orch: Orchestrator, tmp_path: Path, flag: str, data: st.DataObject
+) -> None:
     value = data.draw(FLAGS[flag])
-    args = {"--project": "vision", "--purpose": "training", "--count": "2", "--hours": "1",
-            "--gpu-type": "A100"} | {flag: value}
+    args = {
+        "--project": "vision",
+        "--purpose": "training",
+        "--count": "2",
+        "--hours": "1",
+        "--gpu-type": "A100",
+    } | {flag: value}
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
-    argv = ["request", "--state-dir", str(tmp_path / "s"), "--fleet", str(fleet), "--no-wait",
-            "--json", *[x for kv in args.items() for x in kv]]
+    argv = [
+        "request",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(fleet),
+        "--no-wait",
+        "--json",
+        *[x for kv in args.items() for x in kv],
+    ]
     before = snapshot(orch)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -144,10 +207,16 @@ def test_the_cli_arguments(orch: Orchestrator, tmp_path: Path, flag: str,
 
 
 @SETTINGS
-@given(answer=st.recursive(JUNK, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
-        ["approve", "by", "comment", "x"]), inner, max_size=3)), max_leaves=6)
-       .filter(lambda a: a is not None))  # None: no decision, which shows the outcome
+@given(
+    answer=st.recursive(
+        JUNK,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.sampled_from(["approve", "by", "comment", "x"]), inner, max_size=3),
+        ),
+        max_leaves=6,
+    ).filter(lambda a: a is not None)
+)  # None: no decision, which shows the outcome
 def test_review_decisions(orch: Orchestrator, answer: Any) -> None:
     from nodes.review import parse_decision
 
@@ -167,9 +236,13 @@ def test_review_decisions(orch: Orchestrator, answer: Any) -> None:
 
 
 @SETTINGS
-@given(args=st.dictionaries(st.sampled_from(["project", "hours", "count", "purpose",
-                                             "gpu_type", "budget_usd", "zzz"]), JUNK,
-                            max_size=5))
+@given(
+    args=st.dictionaries(
+        st.sampled_from(["project", "hours", "count", "purpose", "gpu_type", "budget_usd", "zzz"]),
+        JUNK,
+        max_size=5,
+    )
+)
 def test_the_agent_tool(orch: Orchestrator, args: dict[str, Any]) -> None:
     request = gpu_tools(orch)[0]
     before = snapshot(orch)
@@ -198,8 +271,15 @@ def test_fleet_files(data: st.DataObject) -> None:
     if how == "number":
         at = data.draw(st.sampled_from([i for i, line in enumerate(lines) if _numbers(line)]))
         key = lines[at].split("=")[0]
-        lines[at] = key + "= " + data.draw(st.sampled_from(
-            ["-1", "0", '"x"', "nan", "inf", "[]", "{}", "1e400", "-0.5", "true"]))
+        lines[at] = (
+            key
+            + "= "
+            + data.draw(
+                st.sampled_from(
+                    ["-1", "0", '"x"', "nan", "inf", "[]", "{}", "1e400", "-0.5", "true"]
+                )
+            )
+        )
     elif how == "drop":
         at = data.draw(st.sampled_from([i for i, line in enumerate(lines) if line.strip()]))
         del lines[at]
@@ -213,9 +293,16 @@ def test_fleet_files(data: st.DataObject) -> None:
 
 
 @SETTINGS
-@given(rows=st.lists(st.lists(st.one_of(st.text(max_size=12), st.integers().map(str),
-                                        st.floats().map(str)), max_size=9), max_size=6),
-       header=st.booleans())
+@given(
+    rows=st.lists(
+        st.lists(
+            st.one_of(st.text(max_size=12), st.integers().map(str), st.floats().map(str)),
+            max_size=9,
+        ),
+        max_size=6,
+    ),
+    header=st.booleans(),
+)
 def test_trace_files(tmp_path: Path, rows: list[list[str]], header: bool) -> None:
     head = "timestamp,duration,num_gpus,gpu_time,cluster\n" if header else ""
     path = tmp_path / "trace.csv"

@@ -36,8 +36,7 @@ def kinds(outcome: Any) -> list[EventKind]:
 def test_invalid_input_ends_with_a_reason(make_orch: OrchFactory) -> None:
     orch = make_orch()
     before = orch.services.ledger.dump()
-    out = orch.graph.invoke({"request": req(count=-2)}, orch._config("t-bad"),
-                            context=orch.context)
+    out = orch.graph.invoke({"request": req(count=-2)}, orch._config("t-bad"), context=orch.context)
     assert out["status"] is Status.INVALID and "count" in out["reason"]
     with pytest.raises(InvalidInput, match="K80"):
         orch.request(req(gpu_type="K80"))
@@ -81,9 +80,14 @@ def test_budget_refuses(make_orch: OrchFactory) -> None:
 
 def split_config() -> Any:
     # the review mechanics on the reference rules, whose probability is never sharp
-    return small_config(council={"policy": "reference", "approve_threshold": 0.99,
-                                 "deny_threshold": 0.05,
-                                 "auto_approve_max_gpus": 0})
+    return small_config(
+        council={
+            "policy": "reference",
+            "approve_threshold": 0.99,
+            "deny_threshold": 0.05,
+            "auto_approve_max_gpus": 0,
+        }
+    )
 
 
 def test_split_council_waits_for_a_human(make_orch: OrchFactory) -> None:
@@ -116,11 +120,16 @@ def test_queue_waits_its_fair_turn(make_orch: OrchFactory) -> None:
     clock = VirtualClock()
     orch = make_orch(clock=clock)
     h100 = {"gpu_type": "H100", "count": 2}
-    result = run_scenario(orch, clock, [
-        Submit(0.0, "heavy-1", req(project="heavy", duration_hours=3, **h100)),
-        Submit(0.5, "heavy-2", req(project="heavy", duration_hours=1, **h100)),
-        Submit(1.0, "light", req(project="light", duration_hours=1, **h100)),
-    ], lambda *a: None)
+    result = run_scenario(
+        orch,
+        clock,
+        [
+            Submit(0.0, "heavy-1", req(project="heavy", duration_hours=3, **h100)),
+            Submit(0.5, "heavy-2", req(project="heavy", duration_hours=1, **h100)),
+            Submit(1.0, "light", req(project="light", duration_hours=1, **h100)),
+        ],
+        lambda *a: None,
+    )
     heavy2, light = result.outcomes["heavy-2"], result.outcomes["light"]
     assert heavy2.status is light.status is Status.RELEASED
     assert light.allocation is not None and heavy2.allocation is not None
@@ -160,10 +169,15 @@ def test_max_wait_times_out(make_orch: OrchFactory) -> None:
 def test_budget_cut_releases_before_overrun(make_orch: OrchFactory) -> None:
     clock = VirtualClock()
     orch = make_orch(clock=clock)
-    result = run_scenario(orch, clock, [
-        Submit(0.0, "serve", req(purpose="inference", count=2, duration_hours=12)),
-        SetBudget(2.0, "p", 4.0),
-    ], lambda *a: None)
+    result = run_scenario(
+        orch,
+        clock,
+        [
+            Submit(0.0, "serve", req(purpose="inference", count=2, duration_hours=12)),
+            SetBudget(2.0, "p", 4.0),
+        ],
+        lambda *a: None,
+    )
     out = result.outcomes["serve"]
     assert out.release is not None and out.release.reason is ReleaseReason.BUDGET
     assert out.cost_usd == pytest.approx(4.0)
@@ -199,9 +213,11 @@ def test_async_with_block(make_orch: OrchFactory) -> None:
     orch = make_orch(clock=clock, project="vision")
 
     async def main() -> list[str]:
-        allocation = await orch.allocate_gpu(GPURequest(type="A100", count=2, duration_hours=4,
-                                                        purpose="model_training",
-                                                        budget_limit=50.0))
+        allocation = await orch.allocate_gpu(
+            GPURequest(
+                type="A100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0
+            )
+        )
         async with allocation:
             seen = list(allocation.gpu_ids)
         return seen

@@ -31,9 +31,14 @@ class Fixture:
         self.topology = Topology(config, self.inventory)
 
     def place(self, thread: str, now: float = T0, **fields: object):  # type: ignore[no-untyped-def]
-        base: dict[str, object] = {"project": "p", "purpose": "training", "count": 2,
-                                   "duration_hours": 2, "gpu_type": "A100",
-                                   "request_id": f"r-{thread}"}
+        base: dict[str, object] = {
+            "project": "p",
+            "purpose": "training",
+            "count": 2,
+            "duration_hours": 2,
+            "gpu_type": "A100",
+            "request_id": f"r-{thread}",
+        }
         request = GPURequest.model_validate(base | fields)
         decision = route(request, self.config, None)
         assert isinstance(decision, RouteDecision)
@@ -55,8 +60,10 @@ def sqlite_fx(tmp_path: Path, config: FleetConfig) -> Fixture:
 
 def counts(ledger: Ledger) -> tuple[int, int, int]:
     rows = ledger.dump()
-    return tuple(sum(r.startswith(f"{t}: ") for r in rows)  # type: ignore[return-value]
-                 for t in ("holds", "charges", "history"))
+    return tuple(
+        sum(r.startswith(f"{t}: ") for r in rows)  # type: ignore[return-value]
+        for t in ("holds", "charges", "history")
+    )
 
 
 def test_place_is_idempotent(fx: Fixture) -> None:
@@ -213,8 +220,9 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
     with fx.ledger.transaction() as db:
         db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     fx.ledger.close()
-    with pytest.raises(StateDirError, match="schema version 99, newer than this gpu-agent "
-                       "understands"):
+    with pytest.raises(
+        StateDirError, match="schema version 99, newer than this gpu-agent understands"
+    ):
         Ledger(database, config)
     with pytest.raises(StateDirError, match="newer than this"):  # and it changed nothing
         Ledger(database, config)
@@ -228,8 +236,9 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
     fx.place("t2")
-    before = [r for r in fx.ledger.dump()
-              if r.split(":")[0] in ("holds", "charges", "history", "budgets")]
+    before = [
+        r for r in fx.ledger.dump() if r.split(":")[0] in ("holds", "charges", "history", "budgets")
+    ]
     spent = fx.ledger.costs(T0)[0].spent_usd
     with fx.ledger.transaction() as db:
         for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors", "commands"):
@@ -246,10 +255,20 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
     try:
         with ledger.reading() as db:
             assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
-            assert ledger.db.tables(db) >= {"jobs", "freed", "spend", "records", "unhealthy",
-                                            "monitors", "commands"}
-        assert [r for r in ledger.dump()
-                if r.split(":")[0] in ("holds", "charges", "history", "budgets")] == before
+            assert ledger.db.tables(db) >= {
+                "jobs",
+                "freed",
+                "spend",
+                "records",
+                "unhealthy",
+                "monitors",
+                "commands",
+            }
+        assert [
+            r
+            for r in ledger.dump()
+            if r.split(":")[0] in ("holds", "charges", "history", "budgets")
+        ] == before
         assert ledger.costs(T0)[0].spent_usd == pytest.approx(spent) == pytest.approx(5.12 * 2)
         stats = ledger.project_stats("p", T0 + 7200, recent=5)
         assert stats.spent_usd == pytest.approx(spent) and len(stats.recent) == 1
@@ -270,8 +289,11 @@ def test_a_database_with_other_tables_is_refused(pg_url: str, config: FleetConfi
 
 
 def test_an_unreachable_database_is_one_clear_error(config: FleetConfig) -> None:
-    with pytest.raises(StateDirError, match=r"cannot reach the database "
-                       r"postgresql://u:\*\*\*@127.0.0.1:9/x"):
+    with pytest.raises(
+        StateDirError,
+        match=r"cannot reach the database "
+        r"postgresql://u:\*\*\*@127.0.0.1:9/x",
+    ):
         Ledger("postgresql://u:secret@127.0.0.1:9/x", config)
 
 
@@ -307,7 +329,8 @@ def test_starts_in_hours_reads_the_deadlines_unless_others_wait(fx: Fixture) -> 
 
 
 def test_what_the_ledger_keeps_between_reads_follows_every_change(
-        tmp_path: Path, config: FleetConfig) -> None:
+    tmp_path: Path, config: FleetConfig
+) -> None:
     """On SQLite the ledger keeps each type's line, the running allocations, the fleet's
     newest shares and a project's record in memory between reads. They follow this
     connection's own changes, forget a transaction that was undone, and are dropped when
@@ -320,8 +343,13 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
         with ledger.reading() as db:
             snap = ledger._line(db, "A100", "p", T0 + 60, fx.inventory, count=1)
             endings = sorted(snap.endings, key=lambda e: (e.at, e.gpus))
-            kept = (snap.waiting, endings, snap.free, ledger._fleet_share(db),
-                    ledger._actives(db, "p"))
+            kept = (
+                snap.waiting,
+                endings,
+                snap.free,
+                ledger._fleet_share(db),
+                ledger._actives(db, "p"),
+            )
         return (*kept, ledger.project_stats("p", T0 + 60, 4))
 
     def check() -> None:
@@ -332,8 +360,10 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
         finally:
             fresh.close()
 
-    rows = {t: fx.place(t, T0 + i, duration_hours=1 + i).row for i, t in enumerate(
-        ["a", "b", "c", "d", "e", "f", "g"])}  # four run, three wait
+    rows = {
+        t: fx.place(t, T0 + i, duration_hours=1 + i).row
+        for i, t in enumerate(["a", "b", "c", "d", "e", "f", "g"])
+    }  # four run, three wait
     check()
     fx.ledger.release(rows["a"].id, ReleaseReason.EXPLICIT, T0 + 1800)  # this connection
     check()
@@ -356,7 +386,8 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
 
 
 def test_a_scratch_ledger_holds_its_file_and_writes_it_when_closed(
-        tmp_path: Path, config: FleetConfig) -> None:
+    tmp_path: Path, config: FleetConfig
+) -> None:
     """The simulator's ledger (durable=False) works in memory: while it is open no other
     process can read its file half-way, and what it holds is in the file once it is closed,
     also a ledger that was already there and went on."""
@@ -375,7 +406,8 @@ def test_a_scratch_ledger_holds_its_file_and_writes_it_when_closed(
 
 @pytest.mark.parametrize("reason", list(ReleaseReason))
 def test_what_a_release_counts_against_its_project_is_a_property_of_its_reason(
-        sqlite_fx: Fixture, reason: ReleaseReason) -> None:
+    sqlite_fx: Fixture, reason: ReleaseReason
+) -> None:
     """Half an hour of a 2-hour lease, ended for `reason`: the project's used share, its
     record's budget-cut hours (as the ledger keeps them and as the scheduler sums history)
     and the council's overrun rate all follow `reason.cut_by_budget`, and nothing else."""
@@ -389,9 +421,20 @@ def test_what_a_release_counts_against_its_project_is_a_property_of_its_reason(
     assert (kept["budget_gpu_hours"] == kept["gpu_hours"] > 0) is cut
     assert kept["budget_gpu_hours"] == (kept["gpu_hours"] if cut else 0.0)
     [record] = sqlite_fx.ledger.history("p")
-    summed = summarise([(record.count, record.hours, record.hoarded_hours,
-                         record.ended_at.timestamp(), record.reason, record.mean_util_pct)],
-                       T0 + 1800, 24.0)
+    summed = summarise(
+        [
+            (
+                record.count,
+                record.hours,
+                record.hoarded_hours,
+                record.ended_at.timestamp(),
+                record.reason,
+                record.mean_util_pct,
+            )
+        ],
+        T0 + 1800,
+        24.0,
+    )
     assert (summed.budget_gpu_hours > 0) is cut
     stats = sqlite_fx.ledger.project_stats("p", T0 + 1800, 4)
     overrun = rates(past_jobs(stats), None, T0 + 1800, 30.0, 0.0).overrun

@@ -45,12 +45,18 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("GPU_AGENT_")}
 
 
-def probe(tmp_path: Path, *argvs: list[str],
-          heavy: tuple[str, ...] = HEAVY) -> list[dict[str, Any]]:
+def probe(
+    tmp_path: Path, *argvs: list[str], heavy: tuple[str, ...] = HEAVY
+) -> list[dict[str, Any]]:
     out = tmp_path / "probe.json"
-    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs), str(out),
-                        json.dumps(heavy)], cwd=tmp_path, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(argvs), str(out), json.dumps(heavy)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     seen: list[dict[str, Any]] = json.loads(out.read_text())
     return seen
@@ -58,14 +64,38 @@ def probe(tmp_path: Path, *argvs: list[str],
 
 def test_ledger_commands_load_no_heavy_module(tmp_path: Path) -> None:
     state = ["--state-dir", str(tmp_path / "state")]
-    [placed] = probe(tmp_path, ["request", "--project", "vision", "--purpose", "training",
-                                "--count", "1", "--hours", "1", "--no-wait", "--json", *state],
-                     heavy=("torch", "networkx", "pandas", "matplotlib"))
+    [placed] = probe(
+        tmp_path,
+        [
+            "request",
+            "--project",
+            "vision",
+            "--purpose",
+            "training",
+            "--count",
+            "1",
+            "--hours",
+            "1",
+            "--no-wait",
+            "--json",
+            *state,
+        ],
+        heavy=("torch", "networkx", "pandas", "matplotlib"),
+    )
     assert placed["code"] == 0 and placed["heavy"] == [], placed
-    light = [["--help"], ["status", *state], ["status", "--json", *state], ["costs", *state],
-             ["history", *state], ["audit", *state], ["jobs", *state], ["health", *state],
-             ["budget", "set", "vision", "100", *state],
-             ["release", _allocation(tmp_path / "state"), *state], ["history", "--json", *state]]
+    light = [
+        ["--help"],
+        ["status", *state],
+        ["status", "--json", *state],
+        ["costs", *state],
+        ["history", *state],
+        ["audit", *state],
+        ["jobs", *state],
+        ["health", *state],
+        ["budget", "set", "vision", "100", *state],
+        ["release", _allocation(tmp_path / "state"), *state],
+        ["history", "--json", *state],
+    ]
     seen = probe(tmp_path, *light)
     for run in seen:
         assert run["code"] == 0, run
@@ -75,10 +105,25 @@ def test_ledger_commands_load_no_heavy_module(tmp_path: Path) -> None:
 def test_a_request_the_neural_council_votes_on_loads_no_torch(tmp_path: Path) -> None:
     """Two GPUs are over the auto-approval limit: all six members vote, with their reasons,
     on the numpy forward (council/inference.py) and the weights in council.npz."""
-    [voted] = probe(tmp_path, ["request", "--project", "vision", "--purpose", "training",
-                               "--count", "2", "--hours", "1", "--no-wait", "--json",
-                               "--state-dir", str(tmp_path / "state")],
-                    heavy=("torch", "networkx", "pandas", "matplotlib"))
+    [voted] = probe(
+        tmp_path,
+        [
+            "request",
+            "--project",
+            "vision",
+            "--purpose",
+            "training",
+            "--count",
+            "2",
+            "--hours",
+            "1",
+            "--no-wait",
+            "--json",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        heavy=("torch", "networkx", "pandas", "matplotlib"),
+    )
     assert voted["code"] == 0 and voted["heavy"] == [], voted
     council = json.loads(voted["stdout"])["council"]
     assert council["policy"].startswith("cfc-council-") and len(council["votes"]) == 6
@@ -86,9 +131,19 @@ def test_a_request_the_neural_council_votes_on_loads_no_torch(tmp_path: Path) ->
 
 def test_the_ledger_api_imports_no_langgraph(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-c", "import sys, graph.records, graph.status, fleet.services, "
-         "graph.cli; print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))",
-         *HEAVY, "langchain_core"], env=_env(), capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import sys, graph.records, graph.status, fleet.services, "
+            "graph.cli; print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))",
+            *HEAVY,
+            "langchain_core",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 

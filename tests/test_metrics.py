@@ -45,10 +45,20 @@ def one(samples: list[Sample], **labels: str) -> float:
 def test_scrape_over_loopback(make_orch: OrchFactory) -> None:
     orch = make_orch()
     svc = orch.services
-    held = orch.request({"project": "vision", "purpose": "training", "count": 2,
-                         "duration_hours": 2, "type": "A100"}, wait=False)
-    gone = orch.request({"project": "nlp", "purpose": "training", "count": 1,
-                         "duration_hours": 1, "type": "H100"}, wait=False)
+    held = orch.request(
+        {
+            "project": "vision",
+            "purpose": "training",
+            "count": 2,
+            "duration_hours": 2,
+            "type": "A100",
+        },
+        wait=False,
+    )
+    gone = orch.request(
+        {"project": "nlp", "purpose": "training", "count": 1, "duration_hours": 1, "type": "H100"},
+        wait=False,
+    )
     assert held.status is Status.ALLOCATED and gone.status is Status.ALLOCATED
     assert held.allocation is not None and gone.allocation is not None
     orch.release(gone.allocation.id)
@@ -68,16 +78,22 @@ def test_scrape_over_loopback(make_orch: OrchFactory) -> None:
     for gpu in svc.inventory:
         labels = by_uuid[gpu.uuid]
         assert set(labels) == set(DCGM_LABELS)
-        assert labels == {"gpu": str(gpu.index), "UUID": gpu.uuid,
-                          "device": f"nvidia{gpu.index}", "modelName": gpu.gpu_type,
-                          "Hostname": gpu.node, "pci_bus_id": ""}
+        assert labels == {
+            "gpu": str(gpu.index),
+            "UUID": gpu.uuid,
+            "device": f"nvidia{gpu.index}",
+            "modelName": gpu.gpu_type,
+            "Hostname": gpu.node,
+            "pci_bus_id": "",
+        }
 
     uuid = held.allocation.gpu_ids[0]
     [sample] = svc.backend.sample([uuid], now, {uuid: "vision"})
     assert sample.mem_used_gb is not None and sample.mem_total_gb is not None
     assert one(m["DCGM_FI_DEV_FB_USED"], UUID=uuid) == pytest.approx(sample.mem_used_gb * 1024)
     assert one(m["DCGM_FI_DEV_FB_FREE"], UUID=uuid) == pytest.approx(
-        (sample.mem_total_gb - sample.mem_used_gb) * 1024)
+        (sample.mem_total_gb - sample.mem_used_gb) * 1024
+    )
     assert "DCGM_FI_DEV_SM_CLOCK" not in m  # the simulated fleet reports no clocks
 
     assert one(m["gpu_agent_allocations"], state="active") == 1
@@ -93,11 +109,11 @@ def test_scrape_over_loopback(make_orch: OrchFactory) -> None:
     assert {s.labels["UUID"] for s in m["gpu_agent_gpu_held"]} == set(held.allocation.gpu_ids)
     assert one(m["gpu_agent_gpu_held"], UUID=uuid) == 1
     index = {g.uuid: g.index for g in svc.inventory}
-    assert m["gpu_agent_gpu_held"][0].labels.keys() == {"gpu", "UUID", "project",
-                                                         "allocation_id"}
-    assert {(s.labels["gpu"], s.labels["project"], s.labels["allocation_id"])
-            for s in m["gpu_agent_gpu_held"]} == {
-        (str(index[g]), "vision", held.allocation.id) for g in held.allocation.gpu_ids}
+    assert m["gpu_agent_gpu_held"][0].labels.keys() == {"gpu", "UUID", "project", "allocation_id"}
+    assert {
+        (s.labels["gpu"], s.labels["project"], s.labels["allocation_id"])
+        for s in m["gpu_agent_gpu_held"]
+    } == {(str(index[g]), "vision", held.allocation.id) for g in held.allocation.gpu_ids}
     [bad] = m["gpu_agent_gpu_unhealthy"]
     assert bad.labels == {"UUID": free.uuid, "reason": "XID 79"} and bad.value == 1
 
@@ -110,20 +126,36 @@ class NoTempFleet:
 
     def __init__(self, config: FleetConfig) -> None:
         self._inventory = [
-            GPUInfo(uuid=f"GPU-{node.name}-{i}", gpu_type=node.gpu_type, node=node.name,
-                    index=i, memory_gb=config.catalog[node.gpu_type].memory_gb,
-                    model_name=f"NVIDIA {node.gpu_type}", pci_bus_id=f"00000000:{i + 1:02X}:00.0")
-            for node in config.nodes for i in range(node.gpus)
+            GPUInfo(
+                uuid=f"GPU-{node.name}-{i}",
+                gpu_type=node.gpu_type,
+                node=node.name,
+                index=i,
+                memory_gb=config.catalog[node.gpu_type].memory_gb,
+                model_name=f"NVIDIA {node.gpu_type}",
+                pci_bus_id=f"00000000:{i + 1:02X}:00.0",
+            )
+            for node in config.nodes
+            for i in range(node.gpus)
         ]
 
     def inventory(self) -> list[GPUInfo]:
         return list(self._inventory)
 
-    def sample(self, gpu_ids: list[str], now: float,
-               holders: Mapping[str, str]) -> list[GPUSample]:
-        return [GPUSample(gpu_id=g, at=utc(now), util_pct=42.0, mem_used_gb=10.0,
-                          mem_total_gb=80.0, temp_c=None, power_w=100.0, sm_clock_mhz=1410.0)
-                for g in gpu_ids]
+    def sample(self, gpu_ids: list[str], now: float, holders: Mapping[str, str]) -> list[GPUSample]:
+        return [
+            GPUSample(
+                gpu_id=g,
+                at=utc(now),
+                util_pct=42.0,
+                mem_used_gb=10.0,
+                mem_total_gb=80.0,
+                temp_c=None,
+                power_w=100.0,
+                sm_clock_mhz=1410.0,
+            )
+            for g in gpu_ids
+        ]
 
     def throttle(self, gpu_id: str) -> str:
         return "nothing to do"
@@ -149,8 +181,13 @@ def test_a_field_the_gpu_cannot_report_is_not_exported(make_orch: OrchFactory) -
     assert one(m["DCGM_FI_DEV_FB_FREE"], UUID="GPU-a100-0-1") == 70 * 1024
     [power] = [s for s in m["DCGM_FI_DEV_POWER_USAGE"] if s.labels["UUID"] == "GPU-a100-0-1"]
     assert power.value == 100.0 and power.labels == {
-        "gpu": "1", "UUID": "GPU-a100-0-1", "device": "nvidia1", "modelName": "NVIDIA A100",
-        "Hostname": "a100-0", "pci_bus_id": "00000000:02:00.0"}
+        "gpu": "1",
+        "UUID": "GPU-a100-0-1",
+        "device": "nvidia1",
+        "modelName": "NVIDIA A100",
+        "Hostname": "a100-0",
+        "pci_bus_id": "00000000:02:00.0",
+    }
 
 
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
@@ -159,9 +196,23 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     state = tmp_path / "state"
     open_services(state, str(fleet)).close()  # the command opens an existing state dir
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "serve-metrics", "--state-dir", str(state),
-         "--fleet", str(fleet), "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "graph.cli",
+            "serve-metrics",
+            "--state-dir",
+            str(state),
+            "--fleet",
+            str(fleet),
+            "--port",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watchdog = threading.Timer(60, proc.kill)
     watchdog.start()
     try:

@@ -6,8 +6,14 @@ from fleet.config import MonitorSettings
 from fleet.models import EventKind, GPUSample, MonitorState, Purpose, ReleaseReason, utc
 from fleet.monitoring import UNKNOWN, IdlePolicy, assess, idle_limit_s
 
-S = MonitorSettings(tick_seconds=60, low_util_pct=20, low_util_window_minutes=10,
-                    idle_util_pct=5, idle_timeout_minutes=30, throttle_temp_c=85)
+S = MonitorSettings(
+    tick_seconds=60,
+    low_util_pct=20,
+    low_util_window_minutes=10,
+    idle_util_pct=5,
+    idle_timeout_minutes=30,
+    throttle_temp_c=85,
+)
 T0 = 1_800_000_000.0
 
 
@@ -15,8 +21,12 @@ def sample(util: float | None, temp: float | None = 50.0, gpu: str = "g0") -> GP
     return GPUSample(gpu_id=gpu, at=utc(T0), util_pct=util, temp_c=temp)
 
 
-def run(utils: list[list[float | None]], temps: float = 50.0,  # type: ignore[no-untyped-def]
-        policy: IdlePolicy = UNKNOWN, settings: MonitorSettings = S):
+def run(
+    utils: list[list[float | None]],
+    temps: float = 50.0,  # type: ignore[no-untyped-def]
+    policy: IdlePolicy = UNKNOWN,
+    settings: MonitorSettings = S,
+):
     state = MonitorState(last_tick_at=utc(T0))
     results = []
     for i, tick in enumerate(utils, start=1):
@@ -35,8 +45,11 @@ def test_healthy_training_is_quiet() -> None:
 
 def test_low_utilisation_warns_once_after_the_window() -> None:
     results = run([[10.0]] * 30)
-    warned = [i for i, r in enumerate(results) if any(
-        e.kind is EventKind.LOW_UTILIZATION for e in r.events)]
+    warned = [
+        i
+        for i, r in enumerate(results)
+        if any(e.kind is EventKind.LOW_UTILIZATION for e in r.events)
+    ]
     assert warned == [9]  # the 10th minute
     assert all(r.release is None for r in results)  # 10% is low, not idle
 
@@ -85,8 +98,11 @@ def test_after_the_command_exits_the_idle_tail_is_released() -> None:
     results = run([[0.0]] * 40, policy=IdlePolicy(Purpose.RESEARCH, "done"))
     assert released_at(results)[0] == 0  # idle_timeout_done_minutes: the first idle tick
     assert "after its command exited" in results[0].events[-1].message
-    kept = run([[0.0]] * 40, policy=IdlePolicy(Purpose.RESEARCH, "done"),
-               settings=MonitorSettings(idle_timeout_done_minutes=5))
+    kept = run(
+        [[0.0]] * 40,
+        policy=IdlePolicy(Purpose.RESEARCH, "done"),
+        settings=MonitorSettings(idle_timeout_done_minutes=5),
+    )
     assert released_at(kept)[0] == 5
 
 

@@ -27,13 +27,15 @@ def ledger(database: str, config: FleetConfig) -> Iterator[Ledger]:
 
 
 def place(ledger: Ledger, thread: str) -> str:
-    request = GPURequest(project="p", count=1, duration_hours=1, gpu_type="A100",
-                         request_id=f"r-{thread}")
+    request = GPURequest(
+        project="p", count=1, duration_hours=1, gpu_type="A100", request_id=f"r-{thread}"
+    )
     decision = route(request, ledger.config, None)
     assert isinstance(decision, RouteDecision)
     inventory = SimulatedFleet(ledger.config).inventory()
-    placed = ledger.place(request, decision, thread, T0, inventory,
-                          Topology(ledger.config, inventory))
+    placed = ledger.place(
+        request, decision, thread, T0, inventory, Topology(ledger.config, inventory)
+    )
     assert placed.row is not None
     return placed.row.id
 
@@ -107,8 +109,9 @@ def test_an_adopted_allocation_is_reported_lost_to_its_old_monitor(ledger: Ledge
     beat = Heartbeat(mons, "cli", period=0.05, lost=on_lost)
     assert beat.claim(aid) is None
     with ledger.db.lock:  # another process took it over (as after a long silence)
-        ledger.db.conn().execute("UPDATE monitors SET owner=? WHERE allocation_id=?",
-                                 ("h:9:z:worker", aid))
+        ledger.db.conn().execute(
+            "UPDATE monitors SET owner=? WHERE allocation_id=?", ("h:9:z:worker", aid)
+        )
     assert heard.wait(30)
     assert lost == [aid] and not beat.holds(aid)
     beat.close()

@@ -31,27 +31,65 @@ from graph.tools import gpu_tools
 from graph.ui import create_app
 from tests.conftest import fleet_toml, small_config
 
-SETTINGS = settings(max_examples=60, derandomize=True, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
-COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
-           "auto_approve_max_gpus": 1}
-REQUEST = {"project": "vision", "purpose": "training", "count": 1, "duration_hours": 1.0,
-           "gpu_type": "A100"}
-BREAKERS = ["\n", "\r", "\t", "\x00", "\x1b[31m", "\u2028", "\x85", " ", "/", "?", "#", "'",
-            '"', ":", "é", "%0a", "\\"]
+SETTINGS = settings(
+    max_examples=60,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+COUNCIL = {
+    "policy": "reference",
+    "approve_threshold": 0.99,
+    "deny_threshold": 0.01,
+    "auto_approve_max_gpus": 1,
+}
+REQUEST = {
+    "project": "vision",
+    "purpose": "training",
+    "count": 1,
+    "duration_hours": 1.0,
+    "gpu_type": "A100",
+}
+BREAKERS = [
+    "\n",
+    "\r",
+    "\t",
+    "\x00",
+    "\x1b[31m",
+    "\u2028",
+    "\x85",
+    " ",
+    "/",
+    "?",
+    "#",
+    "'",
+    '"',
+    ":",
+    "é",
+    "%0a",
+    "\\",
+]
 
 
 def bad(kind: str) -> st.SearchStrategy[str]:
     """Strings that are not a valid `kind`: a good one broken by a character, or any text."""
-    good = {"project": "vision", "identity": "eve", "thread id": "t-1",
-            "allocation id": "a-0123456789ab"}[kind]
-    broken = st.builds(lambda where, c: {"end": good + c, "start": c + good,
-                                         "middle": good[:1] + c + good[1:]}[where],
-                       st.sampled_from(["end", "start", "middle"]), st.sampled_from(BREAKERS))
-    fixed = st.sampled_from(["", ".", "..", "../fleet", "x?y=1#z", "-a", "_a", "a" * 200,
-                             "vision\n", "a-0123456789AB"])
-    return st.one_of(broken, fixed, st.text(max_size=20)).filter(
-        lambda v: not names.valid(kind, v))
+    good = {
+        "project": "vision",
+        "identity": "eve",
+        "thread id": "t-1",
+        "allocation id": "a-0123456789ab",
+    }[kind]
+    broken = st.builds(
+        lambda where, c: {"end": good + c, "start": c + good, "middle": good[:1] + c + good[1:]}[
+            where
+        ],
+        st.sampled_from(["end", "start", "middle"]),
+        st.sampled_from(BREAKERS),
+    )
+    fixed = st.sampled_from(
+        ["", ".", "..", "../fleet", "x?y=1#z", "-a", "_a", "a" * 200, "vision\n", "a-0123456789AB"]
+    )
+    return st.one_of(broken, fixed, st.text(max_size=20)).filter(lambda v: not names.valid(kind, v))
 
 
 @pytest.fixture
@@ -65,8 +103,11 @@ def orch(tmp_path: Path) -> Iterator[Orchestrator]:
 
 def snapshot(o: Orchestrator) -> tuple[list[str], int, bytes | None]:
     access = o.services.state_dir / "access.toml"
-    return (o.services.ledger.dump(), sum(1 for _ in o.checkpointer.list(None)),
-            access.read_bytes() if access.exists() else None)
+    return (
+        o.services.ledger.dump(),
+        sum(1 for _ in o.checkpointer.list(None)),
+        access.read_bytes() if access.exists() else None,
+    )
 
 
 def one_line(text: str) -> None:
@@ -77,16 +118,21 @@ def one_line(text: str) -> None:
 @given(project=bad("project"), thread=bad("thread id"), aid=bad("allocation id"))
 def test_the_python_api(orch: Orchestrator, project: str, thread: str, aid: str) -> None:
     before = snapshot(orch)
-    attempts = [lambda: orch.request(REQUEST | {"project": project}),
-                lambda: orch.request(REQUEST, thread_id=thread),
-                lambda: orch.submit(REQUEST, thread_id=thread),
-                lambda: orch.allocate_gpu_sync(REQUEST, thread_id=thread),
-                lambda: orch.resume(thread), lambda: orch.outcome(thread),
-                lambda: orch.release(aid), lambda: orch.history(project),
-                lambda: orch.audit(project), lambda: orch.job(thread),
-                lambda: orch.set_budget(project, 10.0),
-                lambda: orch.request(REQUEST | {"requested_by": project + "\n"}),
-                lambda: orch.request(REQUEST | {"request_id": thread})]
+    attempts = [
+        lambda: orch.request(REQUEST | {"project": project}),
+        lambda: orch.request(REQUEST, thread_id=thread),
+        lambda: orch.submit(REQUEST, thread_id=thread),
+        lambda: orch.allocate_gpu_sync(REQUEST, thread_id=thread),
+        lambda: orch.resume(thread),
+        lambda: orch.outcome(thread),
+        lambda: orch.release(aid),
+        lambda: orch.history(project),
+        lambda: orch.audit(project),
+        lambda: orch.job(thread),
+        lambda: orch.set_budget(project, 10.0),
+        lambda: orch.request(REQUEST | {"requested_by": project + "\n"}),
+        lambda: orch.request(REQUEST | {"request_id": thread}),
+    ]
     for attempt in attempts:
         with pytest.raises(InvalidInput) as exc:
             attempt()
@@ -105,23 +151,30 @@ def run(argv: list[str]) -> tuple[int, str, str]:
 
 
 @SETTINGS
-@given(project=bad("project"), thread=bad("thread id"), aid=bad("allocation id"),
-       who=bad("identity"))
-def test_the_cli(orch: Orchestrator, tmp_path: Path, project: str, thread: str, aid: str,
-                 who: str) -> None:
+@given(
+    project=bad("project"), thread=bad("thread id"), aid=bad("allocation id"), who=bad("identity")
+)
+def test_the_cli(
+    orch: Orchestrator, tmp_path: Path, project: str, thread: str, aid: str, who: str
+) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(council=COUNCIL))
     opts = ["--state-dir", str(orch.services.state_dir), "--fleet", str(fleet), "--json"]
     ask = ["request", "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait"]
     before = snapshot(orch)
-    for argv in ([*ask, "--project", project], [*ask, "--project", "vision", "--thread-id",
-                                                 thread],
-                 ["resume", thread], ["jobs", thread], ["release", aid],
-                 ["history", "--project", project], ["audit", "--project", project],
-                 ["budget", "set", project, "10"], ["resume", "placed", "--approve", "--by",
-                                                    who],
-                 ["token", "add", who, "--role", "admin"],
-                 ["token", "add", "eve", "--role", "member", "--project", project]):
+    for argv in (
+        [*ask, "--project", project],
+        [*ask, "--project", "vision", "--thread-id", thread],
+        ["resume", thread],
+        ["jobs", thread],
+        ["release", aid],
+        ["history", "--project", project],
+        ["audit", "--project", project],
+        ["budget", "set", project, "10"],
+        ["resume", "placed", "--approve", "--by", who],
+        ["token", "add", who, "--role", "admin"],
+        ["token", "add", "eve", "--role", "member", "--project", project],
+    ):
         code, out, err = run([*argv, *opts])
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and err.startswith("gpu-agent: "), (argv, err)
@@ -144,15 +197,19 @@ def test_the_tools(orch: Orchestrator, project: str, aid: str) -> None:
 
 
 @SETTINGS
-@given(thread=bad("thread id").filter(lambda v: v not in ("", ".", "..")),
-       aid=bad("allocation id").filter(lambda v: v not in ("", ".", "..")))
+@given(
+    thread=bad("thread id").filter(lambda v: v not in ("", ".", "..")),
+    aid=bad("allocation id").filter(lambda v: v not in ("", ".", "..")),
+)
 def test_the_page(orch: Orchestrator, thread: str, aid: str) -> None:
     """("", "." and ".." name other pages: clients resolve them before they ask.)"""
     client = TestClient(create_app(orch), base_url="http://127.0.0.1")
     before = snapshot(orch)
-    for path in (f"/reviews/{urllib.parse.quote(thread, safe='')}",
-                 f"/reviews/{urllib.parse.quote(thread, safe='')}/decide",
-                 f"/allocations/{urllib.parse.quote(aid, safe='')}/release"):
+    for path in (
+        f"/reviews/{urllib.parse.quote(thread, safe='')}",
+        f"/reviews/{urllib.parse.quote(thread, safe='')}/decide",
+        f"/allocations/{urllib.parse.quote(aid, safe='')}/release",
+    ):
         for method in ("GET", "POST"):
             r = client.request(method, path, data={"decision": "approve"})
             assert r.status_code in (404, 405), (path, r.status_code)
@@ -191,8 +248,15 @@ def test_a_newline_in_a_token_name_locks_nobody_out(tmp_path: Path) -> None:
 def test_what_the_ledger_holds_is_printed_escaped(orch: Orchestrator) -> None:
     """An entry written by an older version (a comment with a newline, a name with an escape
     sequence) prints as one escaped line: no forged line in an admin's `gpu-agent audit`."""
-    forged = ("x", 1.0, "eve\n2026-01-01 00:00:00  approve  vision  t  by root", "approve",
-              "vision", "t", "ok\x1b[2J")
+    forged = (
+        "x",
+        1.0,
+        "eve\n2026-01-01 00:00:00  approve  vision  t  by root",
+        "approve",
+        "vision",
+        "t",
+        "ok\x1b[2J",
+    )
     with orch.services.ledger.db.lock:
         orch.services.ledger.db.conn().execute(AUDIT, forged)
     code, out, err = run(["audit", "--state-dir", str(orch.services.state_dir)])

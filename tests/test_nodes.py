@@ -33,14 +33,22 @@ from tests.conftest import small_config
 
 
 def rt(svc: Services, thread_id: str = "t1") -> Runtime[Context]:
-    return Runtime(context=LocalContext(services=svc),
-                   execution_info=ExecutionInfo(checkpoint_id="c", checkpoint_ns="",
-                                                task_id="x", thread_id=thread_id))
+    return Runtime(
+        context=LocalContext(services=svc),
+        execution_info=ExecutionInfo(
+            checkpoint_id="c", checkpoint_ns="", task_id="x", thread_id=thread_id
+        ),
+    )
 
 
 def request(**fields: Any) -> GPURequest:
-    base: dict[str, Any] = {"project": "p", "purpose": "training", "count": 2,
-                            "duration_hours": 2, "request_id": "r1"}
+    base: dict[str, Any] = {
+        "project": "p",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 2,
+        "request_id": "r1",
+    }
     return GPURequest.model_validate(base | fields)
 
 
@@ -52,8 +60,10 @@ def placed_state(svc: Services, thread: str = "t1", **fields: Any) -> dict[str, 
 
 
 def test_validate(services: Services) -> None:
-    ok = validate({"request": {"project": "p", "purpose": "train", "count": 1,
-                               "duration_hours": 1}}, rt(services))
+    ok = validate(
+        {"request": {"project": "p", "purpose": "train", "count": 1, "duration_hours": 1}},
+        rt(services),
+    )
     assert ok["status"] is Status.PENDING and isinstance(ok["request"], GPURequest)
     assert ok["thread_id"] == "t1"
     bad = validate({"request": {"project": "p", "count": -1, "duration_hours": 1}}, rt(services))
@@ -81,8 +91,9 @@ def test_route_applies_the_budget(services: Services) -> None:
 def test_validate_enforces_quota(tmp_path: Any) -> None:
     from nodes.context import open_services
 
-    svc = open_services(tmp_path / "q", small_config(quotas={"default_max_gpus": 1}),
-                        clock=VirtualClock())
+    svc = open_services(
+        tmp_path / "q", small_config(quotas={"default_max_gpus": 1}), clock=VirtualClock()
+    )
     try:
         out = validate({"request": request()}, rt(svc))
         assert out["status"] is Status.DENIED and "quota" in out["reason"]
@@ -131,8 +142,9 @@ def test_monitor_ticks_then_releases_at_the_deadline(services: Services) -> None
 
 def test_monitor_sees_an_explicit_release(services: Services) -> None:
     state = placed_state(services, gpu_type="A100")
-    services.ledger.release(state["allocation_id"], ReleaseReason.EXPLICIT,
-                            services.clock.now() + 30)
+    services.ledger.release(
+        state["allocation_id"], ReleaseReason.EXPLICIT, services.clock.now() + 30
+    )
     out = monitor(state, rt(services))  # type: ignore[arg-type]
     assert out["release_reason"] is ReleaseReason.EXPLICIT
 
@@ -141,7 +153,8 @@ def test_parse_decision() -> None:
     assert parse_decision(True).approve
     assert not parse_decision("deny").approve
     assert parse_decision({"approve": True, "by": "ana", "comment": "ok"}) == HumanDecision(
-        approve=True, by="ana", comment="ok")
+        approve=True, by="ana", comment="ok"
+    )
     for bad in [None, 1, "maybe", {"approve": "yes"}, {"ok": True}]:
         with pytest.raises(InvalidInput):
             parse_decision(bad)

@@ -25,11 +25,15 @@ def kernel_of_this_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> st
     """
     spec = tmp_path / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (test)",
-        "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (test)",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))  # connection files
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # no user profile or startup
@@ -47,8 +51,12 @@ def test_notebook_is_saved_without_outputs(path: Path) -> None:
 def test_council_notebook_runs_end_to_end(kernel_of_this_python: str) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=kernel_of_this_python,
-                                     resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name=kernel_of_this_python,
+        resources={"metadata": {"path": str(ROOT)}},
+    )
     client.execute()  # raises CellExecutionError, naming the cell, on the first error
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -62,11 +70,16 @@ def test_council_notebook_runs_end_to_end(kernel_of_this_python: str) -> None:
 
 def test_resume_after_crash_notebook_runs_end_to_end(kernel_of_this_python: str) -> None:
     nb = nbformat.read(NOTEBOOKS[1], as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=kernel_of_this_python,
-                                     resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name=kernel_of_this_python,
+        resources={"metadata": {"path": str(ROOT)}},
+    )
     client.execute()
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                      for o in c.outputs)
+    printed = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert "kernel interrupted while the GPUs were held" in printed
     assert "after the interrupt: allocated next: ('monitor',)" in printed
     assert "resumed: released - released: lease-expired" in printed

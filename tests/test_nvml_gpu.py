@@ -34,8 +34,10 @@ def _driver() -> bool:
     return True
 
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _driver(), reason="no NVIDIA driver (NVML cannot start)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _driver(), reason="no NVIDIA driver (NVML cannot start)"),
+]
 LOAD = Path(__file__).with_name("gpu_load.py")
 
 
@@ -48,13 +50,17 @@ def backend() -> Iterator[NvmlBackend]:
 
 
 def test_inventory_matches_nvidia_smi(backend: NvmlBackend) -> None:
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name,memory.total",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                         check=True).stdout
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [[f.strip() for f in line.split(",")] for line in smi.strip().splitlines()]
     inv = backend.inventory()
-    assert [(g.index, g.uuid, g.model_name) for g in inv] == \
-        [(int(i), uuid, name) for i, uuid, name, _ in rows]
+    assert [(g.index, g.uuid, g.model_name) for g in inv] == [
+        (int(i), uuid, name) for i, uuid, name, _ in rows
+    ]
     for g, (*_, mib) in zip(inv, rows, strict=True):
         assert abs(g.memory_gb - int(mib) / 1024) < 0.2  # nvidia-smi's MiB, our GiB
     print("\ninventory:", [(g.uuid, g.model_name, g.gpu_type, g.memory_gb) for g in inv])
@@ -78,8 +84,10 @@ def test_a_matmul_shows_as_utilisation_and_as_a_process(backend: NvmlBackend) ->
         stopped = proc.stop(5.0)
         code = proc.returncode()
     after = backend.sample([gpu.uuid], time.time(), {})[0]
-    print(f"\nbefore: {before}\nutil while running: {utils}\nNVML pids: {sorted(pids)}, "
-          f"child {proc.pid}\nafter: {after}\nstopped: {stopped} code {code}")
+    print(
+        f"\nbefore: {before}\nutil while running: {utils}\nNVML pids: {sorted(pids)}, "
+        f"child {proc.pid}\nafter: {after}\nstopped: {stopped} code {code}"
+    )
     assert max(u for u in utils if u is not None) >= 50
     assert proc.pid in pids
     assert stopped.leftover == []
@@ -89,12 +97,20 @@ def test_a_matmul_shows_as_utilisation_and_as_a_process(backend: NvmlBackend) ->
 
 def test_gpu_agent_run_on_the_real_gpu(tmp_path: Path) -> None:
     host = load_fleet(hardware=True)
-    config = host.model_copy(update={"monitor": host.monitor.model_copy(
-        update={"tick_seconds": 0.5})})
+    config = host.model_copy(
+        update={"monitor": host.monitor.model_copy(update={"tick_seconds": 0.5})}
+    )
     with Orchestrator(tmp_path, config, backend="nvml") as orch:
         gpu_type = orch.services.inventory[0].gpu_type
-        request = orch.check({"project": "gpu-test", "purpose": "training", "count": 1,
-                              "duration_hours": 0.1, "gpu_type": gpu_type})
+        request = orch.check(
+            {
+                "project": "gpu-test",
+                "purpose": "training",
+                "count": 1,
+                "duration_hours": 0.1,
+                "gpu_type": gpu_type,
+            }
+        )
         report = request_and_run(orch, request, [sys.executable, str(LOAD), "6"], grace_s=5)
         (record,) = orch.history()
         outcome = orch.outcome(record.thread_id)

@@ -42,9 +42,17 @@ def test_the_monitor_classifies_every_phase_of_the_h200_recording(tmp_path: Path
         return next(n for n, (a, b) in phases.items() if a <= t <= b + 0.25)
 
     host = load_fleet(hardware=True)
-    config = host.model_copy(update={"monitor": host.monitor.model_copy(update={
-        "tick_seconds": 0.25, "low_util_window_minutes": 8 / 60,
-        "idle_timeout_minutes": 10 / 60})})
+    config = host.model_copy(
+        update={
+            "monitor": host.monitor.model_copy(
+                update={
+                    "tick_seconds": 0.25,
+                    "low_util_window_minutes": 8 / 60,
+                    "idle_timeout_minutes": 10 / 60,
+                }
+            )
+        }
+    )
     assert config.monitor.idle_util_pct == 1  # the host policy's, not a test's choice
     clock = VirtualClock(start=rec.start)
     lib = FakeNvml(rec, clock.now, origin=rec.start, loop=False)
@@ -60,8 +68,9 @@ def test_the_monitor_classifies_every_phase_of_the_h200_recording(tmp_path: Path
 
         # train starts: the request is placed on the H200 and the graph monitors it
         clock.sleep(phases["train"][0] - clock.now())
-        out = orch.request({"project": "vision", "purpose": "training", "count": 1,
-                            "duration_hours": 1}, wait=True)
+        out = orch.request(
+            {"project": "vision", "purpose": "training", "count": 1, "duration_hours": 1}, wait=True
+        )
         assert out.status is Status.RELEASED and out.allocation is not None
         assert out.allocation.gpu_ids == [gpu.uuid]
         by_phase: dict[str, list[EventKind]] = {}
@@ -71,8 +80,9 @@ def test_the_monitor_classifies_every_phase_of_the_h200_recording(tmp_path: Path
         # train: healthy; busy while it computes, and no warning at all
         assert by_phase["train"] == [EventKind.PLACED]
         t = sum(phases["train"]) / 2  # read it again there, through a second replay
-        mid = NvmlBackend(config, NvmlSession(FakeNvml(rec, lambda: t, origin=rec.start)),
-                          host="h200")
+        mid = NvmlBackend(
+            config, NvmlSession(FakeNvml(rec, lambda: t, origin=rec.start)), host="h200"
+        )
         busy = mid.sample([gpu.uuid], t, {gpu.uuid: "vision"})[0]
         assert condition(busy, True, settings) == "busy"
         assert busy.health is None and not busy.throttled and busy.processes
@@ -83,8 +93,10 @@ def test_the_monitor_classifies_every_phase_of_the_h200_recording(tmp_path: Path
         # hoard: idle with 40 GiB held -> released for idling after the timeout
         assert by_phase["hoard"] == [EventKind.IDLE, EventKind.RELEASED]
         idle = next(e for e in out.events if e.kind is EventKind.IDLE)
-        assert idle.message == ("every GPU under 1% for 10 s, 40.6 GiB held by 1 process: "
-                                "hoarded (training; no command known to run on it)")
+        assert idle.message == (
+            "every GPU under 1% for 10 s, 40.6 GiB held by 1 process: "
+            "hoarded (training; no command known to run on it)"
+        )
         assert out.release is not None and out.release.reason is ReleaseReason.IDLE
         released = out.release.released_at.timestamp()
         assert phases["hoard"][0] + 10 <= released <= phases["hoard"][0] + 11

@@ -16,16 +16,30 @@ from tests.conftest import small_config
 NOW = 1_000_000.0
 
 
-def ticket(aid: str, project: str, count: int = 2, prio: Priority = Priority.NORMAL,
-           enqueued: float = NOW, heartbeat: float = NOW) -> Ticket:
+def ticket(
+    aid: str,
+    project: str,
+    count: int = 2,
+    prio: Priority = Priority.NORMAL,
+    enqueued: float = NOW,
+    heartbeat: float = NOW,
+) -> Ticket:
     return Ticket(aid, project, "A100", count, prio, enqueued, heartbeat, 1.0)
 
 
 def snapshot(config: FleetConfig, free: int, waiting: list[Ticket], **kw: object) -> Snapshot:
     inventory = [g for g in SimulatedFleet(config).inventory() if g.gpu_type == "A100"]
-    fields: dict[str, object] = dict(now=NOW, free=inventory[:free], waiting=waiting,
-                                     endings=[], usage={}, active_gpus={}, budget_usd=None,
-                                     spent_usd=0.0, committed_usd=0.0)
+    fields: dict[str, object] = dict(
+        now=NOW,
+        free=inventory[:free],
+        waiting=waiting,
+        endings=[],
+        usage={},
+        active_gpus={},
+        budget_usd=None,
+        spent_usd=0.0,
+        committed_usd=0.0,
+    )
     return Snapshot(**(fields | kw))  # type: ignore[arg-type]
 
 
@@ -67,15 +81,23 @@ def test_lower_usage_goes_first(config: FleetConfig) -> None:
 def test_priority_beats_fair_share(config: FleetConfig) -> None:
     crit = ticket("c", "heavy", count=4, prio=Priority.CRITICAL)
     snap = snapshot(config, 4, [crit], usage={"heavy": 10.0, "light": 5.0})
-    assert decide(ticket("l", "light", count=4, prio=Priority.LOW), 1.0, snap, config,
-                  topo(config)).kind is Kind.QUEUE
+    assert (
+        decide(
+            ticket("l", "light", count=4, prio=Priority.LOW), 1.0, snap, config, topo(config)
+        ).kind
+        is Kind.QUEUE
+    )
 
 
 def test_aging_lets_the_starved_through(config: FleetConfig) -> None:
     old = ticket("o", "heavy", count=4, prio=Priority.LOW, enqueued=NOW - 10 * 3600)
     snap = snapshot(config, 4, [old], usage={"heavy": 50.0})
-    assert decide(ticket("n", "heavy", count=4, prio=Priority.LOW), 1.0, snap, config,
-                  topo(config)).kind is Kind.QUEUE
+    assert (
+        decide(
+            ticket("n", "heavy", count=4, prio=Priority.LOW), 1.0, snap, config, topo(config)
+        ).kind
+        is Kind.QUEUE
+    )
 
 
 def test_resumed_work_goes_back_ahead_of_new_work(config: FleetConfig) -> None:
@@ -83,10 +105,8 @@ def test_resumed_work_goes_back_ahead_of_new_work(config: FleetConfig) -> None:
     work queues as if it had aged fully, so it starts first when GPUs free up."""
     new = ticket("n", "p", count=4, enqueued=NOW - 60)
     resumed = Ticket("r", "p", "A100", 4, Priority.NORMAL, NOW, NOW, 1.0, resumes=True)
-    assert decide(resumed, 1.0, snapshot(config, 4, [new]), config,
-                  topo(config)).kind is Kind.PLACE
-    assert decide(new, 1.0, snapshot(config, 4, [resumed]), config,
-                  topo(config)).kind is Kind.QUEUE
+    assert decide(resumed, 1.0, snapshot(config, 4, [new]), config, topo(config)).kind is Kind.PLACE
+    assert decide(new, 1.0, snapshot(config, 4, [resumed]), config, topo(config)).kind is Kind.QUEUE
 
 
 def test_stale_tickets_block_nobody(config: FleetConfig) -> None:
@@ -136,8 +156,11 @@ def test_in_line_is_the_line_that_starts_now(config: FleetConfig) -> None:
     """Whom to wake when GPUs free up: in fair order (here: the older request first), as long
     as their GPUs fit; the first that does not fit gets a reservation, and a later one only
     if it does not delay it (EASY backfill: tests/test_backfill.py)."""
-    line = [ticket("c", "p3", 1, enqueued=NOW - 60), ticket("a", "p1", 4, enqueued=NOW - 300),
-            ticket("b", "p2", 4, enqueued=NOW - 200)]
+    line = [
+        ticket("c", "p3", 1, enqueued=NOW - 60),
+        ticket("a", "p1", 4, enqueued=NOW - 300),
+        ticket("b", "p2", 4, enqueued=NOW - 200),
+    ]
     snap = snapshot(config, 5, line)
     assert [t.allocation_id for t in in_line(snap, config)] == ["a", "c"]  # b waits for a's
     # GPUs (1 h); c (1 GPU, 1 h) gives its GPU back by then

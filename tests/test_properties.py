@@ -44,18 +44,29 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.close()
         self.tmp.cleanup()
 
-    @rule(project=st.sampled_from(PROJECTS), gpu_type=st.sampled_from(TYPES),
-          count=st.integers(1, 4), hours=st.floats(0.05, 8))
+    @rule(
+        project=st.sampled_from(PROJECTS),
+        gpu_type=st.sampled_from(TYPES),
+        count=st.integers(1, 4),
+        hours=st.floats(0.05, 8),
+    )
     def place(self, project: str, gpu_type: str, count: int, hours: float) -> None:
         self.n += 1
         purpose = {"T4": "inference", "RTX4090": "research"}.get(gpu_type, "training")
-        request = GPURequest(project=project, purpose=purpose, gpu_type=gpu_type, count=count,
-                             duration_hours=hours, request_id=f"r{self.n}")
+        request = GPURequest(
+            project=project,
+            purpose=purpose,
+            gpu_type=gpu_type,
+            count=count,
+            duration_hours=hours,
+            request_id=f"r{self.n}",
+        )
         decision = route(request, self.config, None)
         if not isinstance(decision, RouteDecision):
             return
-        result = self.ledger.place(request, decision, f"t{self.n}", self.now, self.inventory,
-                                   self.topology)
+        result = self.ledger.place(
+            request, decision, f"t{self.n}", self.now, self.inventory, self.topology
+        )
         if result.decision.kind is Kind.PLACE:
             assert result.row is not None
             self.placed.add(result.row.id)
@@ -73,12 +84,14 @@ class LedgerMachine(RuleBasedStateMachine):
         for row in self.ledger.allocations():
             self.ledger.release(row.id, ReleaseReason.EXPLICIT, self.now)
         self.n += 1
-        request = GPURequest(project="fresh", gpu_type="A100", count=8, duration_hours=0.1,
-                             request_id=f"r{self.n}")
+        request = GPURequest(
+            project="fresh", gpu_type="A100", count=8, duration_hours=0.1, request_id=f"r{self.n}"
+        )
         decision = route(request, self.config, None)
         assert isinstance(decision, RouteDecision)
-        result = self.ledger.place(request, decision, f"t{self.n}", self.now, self.inventory,
-                                   self.topology)
+        result = self.ledger.place(
+            request, decision, f"t{self.n}", self.now, self.inventory, self.topology
+        )
         assert result.decision.kind is Kind.PLACE and result.row is not None
         self.placed.add(result.row.id)
 
@@ -109,8 +122,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def one_release_each(self) -> None:
         db = sqlite3.connect(self.ledger.name)
         try:
-            released = db.execute("SELECT id FROM allocations WHERE state='released' "
-                                  "AND started_at IS NOT NULL").fetchall()
+            released = db.execute(
+                "SELECT id FROM allocations WHERE state='released' AND started_at IS NOT NULL"
+            ).fetchall()
             charges = db.execute("SELECT allocation_id FROM charges").fetchall()
             history = db.execute("SELECT allocation_id FROM history").fetchall()
         finally:
@@ -118,8 +132,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert sorted(released) == sorted(charges) == sorted(history)
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
-                                           deadline=None)
+LedgerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestLedgerMachine = LedgerMachine.TestCase
 
 
@@ -131,8 +144,9 @@ def test_freed_gpus_are_allocatable_again(tmp_path: Path) -> None:
     for round_ in range(3):
         ids = []
         for i in range(8):
-            req = GPURequest(project="p", gpu_type="A100", count=1, duration_hours=1,
-                             request_id=f"{round_}-{i}")
+            req = GPURequest(
+                project="p", gpu_type="A100", count=1, duration_hours=1, request_id=f"{round_}-{i}"
+            )
             decision = route(req, config, None)
             assert isinstance(decision, RouteDecision)
             res = ledger.place(req, decision, f"t{round_}-{i}", 1.8e9, inventory, topology)
@@ -144,14 +158,16 @@ def test_freed_gpus_are_allocatable_again(tmp_path: Path) -> None:
     ledger.close()
 
 
-request_st = st.fixed_dictionaries({
-    "project": st.sampled_from(PROJECTS),
-    "purpose": st.sampled_from(["training", "inference", "research"]),
-    "count": st.integers(1, 4),
-    "duration_hours": st.floats(0.1, 6),
-    "priority": st.sampled_from(["low", "normal", "high"]),
-    "max_wait_minutes": st.one_of(st.none(), st.floats(0, 240)),
-})
+request_st = st.fixed_dictionaries(
+    {
+        "project": st.sampled_from(PROJECTS),
+        "purpose": st.sampled_from(["training", "inference", "research"]),
+        "count": st.integers(1, 4),
+        "duration_hours": st.floats(0.1, 6),
+        "priority": st.sampled_from(["low", "normal", "high"]),
+        "max_wait_minutes": st.one_of(st.none(), st.floats(0, 240)),
+    }
+)
 step_st = st.one_of(
     st.builds(Submit, st.floats(0, 12), st.uuids().map(str), request_st),
     st.builds(SetBudget, st.floats(0, 12), st.sampled_from(PROJECTS), st.floats(0, 200)),
@@ -159,22 +175,28 @@ step_st = st.one_of(
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(step_st, min_size=1, max_size=10), budgets=st.dictionaries(
-    st.sampled_from(PROJECTS), st.floats(5, 300)))
+@given(
+    steps=st.lists(step_st, min_size=1, max_size=10),
+    budgets=st.dictionaries(st.sampled_from(PROJECTS), st.floats(5, 300)),
+)
 def test_random_streams_through_the_graph(steps: list[Step], budgets: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clock = VirtualClock()
-        config = small_config(monitor={"tick_seconds": 600},
-                              scheduler={"poll_seconds": 600}).model_copy(
-            update={"budgets": budgets})
+        config = small_config(
+            monitor={"tick_seconds": 600}, scheduler={"poll_seconds": 600}
+        ).model_copy(update={"budgets": budgets})
         orch = Orchestrator(Path(tmp), config, clock=clock)
         try:
             result = run_scenario(orch, clock, steps, lambda *a: None)
             submitted = {s.label for s in steps if isinstance(s, Submit)}
             assert submitted == set(result.outcomes) | (set(result.errors) & submitted)
             for outcome in result.outcomes.values():
-                assert outcome.status in (Status.RELEASED, Status.DENIED, Status.TIMED_OUT,
-                                          Status.PENDING_REVIEW)
+                assert outcome.status in (
+                    Status.RELEASED,
+                    Status.DENIED,
+                    Status.TIMED_OUT,
+                    Status.PENDING_REVIEW,
+                )
             rows = orch.services.ledger.allocations()
             assert all(r.state == "released" for r in rows)
             assert orch.services.ledger.holders() == {}

@@ -24,8 +24,10 @@ from graph.orchestrator import Orchestrator  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 2, "resources": {"accelerator_type:A100": 2}})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 2, "resources": {"accelerator_type:A100": 2}},
+    )
     c.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:A100": 2})
     c.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:H100": 2})
     c.wait_for_nodes()
@@ -41,8 +43,11 @@ def config() -> FleetConfig:
 
 
 def groups() -> dict[str, dict[str, Any]]:
-    return {g["name"].removeprefix(PREFIX): g for g in placement_group_table().values()
-            if g["name"].startswith(PREFIX) and g["state"] != "REMOVED"}
+    return {
+        g["name"].removeprefix(PREFIX): g
+        for g in placement_group_table().values()
+        if g["name"].startswith(PREFIX) and g["state"] != "REMOVED"
+    }
 
 
 def orchestrator(tmp_path: Path, config: FleetConfig, clock: VirtualClock) -> Orchestrator:
@@ -50,8 +55,13 @@ def orchestrator(tmp_path: Path, config: FleetConfig, clock: VirtualClock) -> Or
 
 
 def ask(gpu_type: str, count: int, hours: float = 1) -> dict[str, Any]:
-    return {"project": "vision", "purpose": "training", "gpu_type": gpu_type, "count": count,
-            "duration_hours": hours}
+    return {
+        "project": "vision",
+        "purpose": "training",
+        "gpu_type": gpu_type,
+        "count": count,
+        "duration_hours": hours,
+    }
 
 
 def test_the_inventory_is_the_clusters_gpu_nodes(cluster: Cluster, config: FleetConfig) -> None:
@@ -64,7 +74,8 @@ def test_the_inventory_is_the_clusters_gpu_nodes(cluster: Cluster, config: Fleet
 
 
 def test_an_allocation_is_a_placement_group_until_released(
-        cluster: Cluster, config: FleetConfig, tmp_path: Path) -> None:
+    cluster: Cluster, config: FleetConfig, tmp_path: Path
+) -> None:
     with orchestrator(tmp_path, config, VirtualClock()) as orch:
         placed = orch.request(ask("H100", 2), wait=False)
         assert placed.status is Status.ALLOCATED and placed.allocation is not None
@@ -80,8 +91,9 @@ def test_an_allocation_is_a_placement_group_until_released(
         assert aid not in groups()
 
 
-def test_a_request_across_nodes_is_packed(cluster: Cluster, config: FleetConfig,
-                                          tmp_path: Path) -> None:
+def test_a_request_across_nodes_is_packed(
+    cluster: Cluster, config: FleetConfig, tmp_path: Path
+) -> None:
     with orchestrator(tmp_path, config, VirtualClock()) as orch:
         placed = orch.request(ask("A100", 3), wait=False)
         assert placed.allocation is not None and len(placed.allocation.nodes) == 2
@@ -93,7 +105,8 @@ def test_a_request_across_nodes_is_packed(cluster: Cluster, config: FleetConfig,
 
 
 def test_a_restart_reconciles_what_a_crashed_worker_left(
-        cluster: Cluster, config: FleetConfig, tmp_path: Path) -> None:
+    cluster: Cluster, config: FleetConfig, tmp_path: Path
+) -> None:
     clock = VirtualClock()
     with orchestrator(tmp_path, config, clock) as orch:
         kept = orch.request(ask("A100", 1), wait=False)

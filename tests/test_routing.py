@@ -10,8 +10,12 @@ from fleet.routing import Refusal, estimate, route
 
 
 def r(**fields: object) -> GPURequest:
-    base: dict[str, object] = {"project": "p", "purpose": "training", "count": 2,
-                               "duration_hours": 4}
+    base: dict[str, object] = {
+        "project": "p",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 4,
+    }
     return GPURequest.model_validate(base | fields)
 
 
@@ -27,8 +31,12 @@ def test_faster_card_wins_when_it_finishes_sooner(config: FleetConfig) -> None:
 
 
 def test_cheaper_card_wins_when_speed_does_not_pay(config: FleetConfig) -> None:
-    slow_h100 = config.model_copy(update={"catalog": config.catalog | {
-        "H100": config.catalog["H100"].model_copy(update={"relative_throughput": 1.2})}})
+    slow_h100 = config.model_copy(
+        update={
+            "catalog": config.catalog
+            | {"H100": config.catalog["H100"].model_copy(update={"relative_throughput": 1.2})}
+        }
+    )
     decision = route(r(), slow_h100, None)
     assert not isinstance(decision, Refusal) and decision.gpu_type == "A100"
 
@@ -64,8 +72,9 @@ def test_project_budget_shortens_a_lease_it_cannot_take_whole(config: FleetConfi
     assert decision.est_hours == pytest.approx(1.25) and decision.asked_hours == 2.0
     assert decision.est_cost_usd == pytest.approx(20.0)
     assert "budget shortens the 2.00 h lease" in decision.reason
-    never = config.model_copy(update={"limits": config.limits.model_copy(
-        update={"min_lease_share": 1.0})})
+    never = config.model_copy(
+        update={"limits": config.limits.model_copy(update={"min_lease_share": 1.0})}
+    )
     assert isinstance(route(r(), never, 20.0), Refusal)
 
 
@@ -96,10 +105,15 @@ def test_a_cheaper_type_that_frees_in_time_is_worth_the_wait(config: FleetConfig
     it saves still finishes no later than the free A100s would; a project expected to hold
     half its lease saves only 2.5 h, so it waits at most that long."""
     request = r(duration_hours=10)
-    for wait, share, chosen in ((4.9, 1.0, "H100"), (5.1, 1.0, "A100"),
-                                (2.4, 0.5, "H100"), (2.6, 0.5, "A100")):
-        decision = route(request, config, None, starts_in={"H100": wait, "A100": 0.0},
-                         used_share=share)
+    for wait, share, chosen in (
+        (4.9, 1.0, "H100"),
+        (5.1, 1.0, "A100"),
+        (2.4, 0.5, "H100"),
+        (2.6, 0.5, "A100"),
+    ):
+        decision = route(
+            request, config, None, starts_in={"H100": wait, "A100": 0.0}, used_share=share
+        )
         assert not isinstance(decision, Refusal) and decision.gpu_type == chosen, (wait, share)
         if chosen == "H100":
             assert "finishes before A100 started now would" in decision.reason

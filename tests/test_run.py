@@ -34,10 +34,17 @@ LEASE = "0.002"  # hours: 7.2 s; a command's idle GPUs are a pause, so the lease
 
 def idle_fleet(tmp_path: Path, workload: str = "idle") -> Path:
     path = tmp_path / "fleet.toml"
-    path.write_text(fleet_toml(
-        monitor={"tick_seconds": 0.5, "idle_timeout_minutes": 0.05,
-                 "low_util_window_minutes": 0.05},
-        simulation={"default_workload": workload}, limits={"min_duration_minutes": 0.05}))
+    path.write_text(
+        fleet_toml(
+            monitor={
+                "tick_seconds": 0.5,
+                "idle_timeout_minutes": 0.05,
+                "low_util_window_minutes": 0.05,
+            },
+            simulation={"default_workload": workload},
+            limits={"min_duration_minutes": 0.05},
+        )
+    )
     return path
 
 
@@ -53,10 +60,29 @@ def test_a_lease_end_stops_the_command_and_it_really_goes(tmp_path: Path) -> Non
     pids = tmp_path / "pids"
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
-                       str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
-                       "--hours", LEASE, "--grace", "1", "--json", "--",
-                       sys.executable, "-c", STUBBORN, str(pids), cwd=tmp_path, timeout=60)
+        done = run_cli(
+            "run",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--fleet",
+            str(idle_fleet(tmp_path)),
+            "--project",
+            "vision",
+            "--count",
+            "1",
+            "--hours",
+            LEASE,
+            "--grace",
+            "1",
+            "--json",
+            "--",
+            sys.executable,
+            "-c",
+            STUBBORN,
+            str(pids),
+            cwd=tmp_path,
+            timeout=60,
+        )
         assert done.returncode == 128 + signal.SIGKILL, done.stderr
         report = json.loads(done.stdout)
         assert report["ended_by"] == "lease-expired"  # idling under `run` is a pause
@@ -67,8 +93,7 @@ def test_a_lease_end_stops_the_command_and_it_really_goes(tmp_path: Path) -> Non
         assert bystander.poll() is None  # only what run started was signalled
         assert visible.startswith("GPU-")  # a UUID, not an index
         assert "ended (lease-expired): stopping the command" in done.stderr
-        history = run_cli("history", "--state-dir", str(tmp_path / "s"), "--json",
-                          cwd=tmp_path)
+        history = run_cli("history", "--state-dir", str(tmp_path / "s"), "--json", cwd=tmp_path)
         (record,) = json.loads(history.stdout)["records"]
         assert record["reason"] == "lease-expired" and record["gpu_ids"] == [visible]
     finally:
@@ -77,11 +102,28 @@ def test_a_lease_end_stops_the_command_and_it_really_goes(tmp_path: Path) -> Non
 
 
 def test_a_command_that_obeys_sigterm_needs_no_sigkill(tmp_path: Path) -> None:
-    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
-                   str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
-                   "--hours", LEASE, "--grace", "20", "--json", "--",
-                   sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)",
-                   cwd=tmp_path, timeout=60)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(idle_fleet(tmp_path)),
+        "--project",
+        "vision",
+        "--count",
+        "1",
+        "--hours",
+        LEASE,
+        "--grace",
+        "20",
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        "import time\nwhile True: time.sleep(0.1)",
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     report = json.loads(done.stdout)
     assert report["terminated"] and not report["killed"]
@@ -89,11 +131,26 @@ def test_a_command_that_obeys_sigterm_needs_no_sigkill(tmp_path: Path) -> None:
 
 
 def test_a_command_that_ends_releases_what_run_requested(tmp_path: Path) -> None:
-    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
-                   str(idle_fleet(tmp_path, "train")), "--project", "vision", "--count", "2",
-                   "--hours", "1", "--json", "--", sys.executable, "-c",
-                   "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(3)",
-                   cwd=tmp_path, timeout=60)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(idle_fleet(tmp_path, "train")),
+        "--project",
+        "vision",
+        "--count",
+        "2",
+        "--hours",
+        "1",
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(3)",
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert done.returncode == 3, done.stderr
     visible = done.stdout.splitlines()[0].split(",")
     assert len(visible) == 2 and all(v.startswith("GPU-") for v in visible)
@@ -105,16 +162,52 @@ def test_a_command_that_ends_releases_what_run_requested(tmp_path: Path) -> None
 
 def test_run_on_an_allocation_stops_when_someone_releases_it(tmp_path: Path) -> None:
     state, fleet = str(tmp_path / "s"), str(idle_fleet(tmp_path, "train"))
-    placed = run_cli("request", "--state-dir", state, "--fleet", fleet, "--project", "nlp",
-                     "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait",
-                     "--json", cwd=tmp_path)
+    placed = run_cli(
+        "request",
+        "--state-dir",
+        state,
+        "--fleet",
+        fleet,
+        "--project",
+        "nlp",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--no-wait",
+        "--json",
+        cwd=tmp_path,
+    )
     aid = json.loads(placed.stdout)["allocation"]["id"]
     env = {**os.environ}
     runner = subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "run", "--state-dir", state, "--fleet", fleet,
-         "--allocation", aid, "--grace", "5", "--json", "--", sys.executable, "-c",
-         "import time\nwhile True: time.sleep(0.1)"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "graph.cli",
+            "run",
+            "--state-dir",
+            state,
+            "--fleet",
+            fleet,
+            "--allocation",
+            aid,
+            "--grace",
+            "5",
+            "--json",
+            "--",
+            sys.executable,
+            "-c",
+            "import time\nwhile True: time.sleep(0.1)",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         lines = [""]
@@ -123,8 +216,7 @@ def test_run_on_an_allocation_stops_when_someone_releases_it(tmp_path: Path) -> 
             lines.append(runner.stderr.readline())
         # placed with --no-wait, so no monitor runs: run says who must run it
         assert any("nobody monitors allocation" in line for line in lines)
-        released = run_cli("release", "--state-dir", state, "--fleet", fleet, aid,
-                           cwd=tmp_path)
+        released = run_cli("release", "--state-dir", state, "--fleet", fleet, aid, cwd=tmp_path)
         assert released.returncode == 0, released.stderr
         out, _ = runner.communicate(timeout=30)
     finally:
@@ -135,19 +227,40 @@ def test_run_on_an_allocation_stops_when_someone_releases_it(tmp_path: Path) -> 
 
 
 def test_run_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
-    done = run_cli("run", "--state-dir", str(tmp_path), "--project", "p", "--count", "1",
-                   "--hours", "1", cwd=tmp_path)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path),
+        "--project",
+        "p",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "no command to run" in done.stderr
     done = run_cli("run", "--state-dir", str(tmp_path), "--", "true", cwd=tmp_path)
     assert done.returncode == 2 and "either --allocation" in done.stderr
-    done = run_cli("run", "--state-dir", str(tmp_path), "--project", "p", "--count", "0",
-                   "--hours", "1", "--", "true", cwd=tmp_path)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path),
+        "--project",
+        "p",
+        "--count",
+        "0",
+        "--hours",
+        "1",
+        "--",
+        "true",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "count" in done.stderr
     assert not (tmp_path / "ledger.sqlite").exists()
 
 
-def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(
-        tmp_path: Path) -> None:
+def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(tmp_path: Path) -> None:
     """Through the NVML code path (our H200 recording, replayed): a PID of the command that the
     GPU still lists is reported; one that is not the command's is not."""
     from fleet.clock import VirtualClock
@@ -160,8 +273,10 @@ def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(
 
     rec = Recording.load(Path(__file__).with_name("data") / "h200-recorded.json")
     clock = VirtualClock(start=rec.end)  # the training phase: one process on the GPU
-    backend = NvmlBackend(load_fleet(hardware=True),
-                          NvmlSession(FakeNvml(rec, clock.now, origin=rec.start, loop=False)))
+    backend = NvmlBackend(
+        load_fleet(hardware=True),
+        NvmlSession(FakeNvml(rec, clock.now, origin=rec.start, loop=False)),
+    )
     pid = rec.samples[0][-1]["procs"][0]["pid"]
     with Orchestrator(tmp_path, None, backend=backend, clock=clock) as orch:
         gpu = [orch.services.gpus[0].uuid]
@@ -191,10 +306,31 @@ def test_the_command_gets_notice_before_its_lease_ends(tmp_path: Path) -> None:
     then at the end SIGTERM; the command exits within its grace, nothing is killed. (A
     command that has not yet set its handler would end by the notice: it is opt-in.)"""
     log = tmp_path / "log"
-    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
-                   str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
-                   "--hours", "0.004", "--notice", "4", "--grace", "10", "--json", "--",
-                   sys.executable, "-c", NOTICED, str(log), cwd=tmp_path, timeout=60)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(idle_fleet(tmp_path)),
+        "--project",
+        "vision",
+        "--count",
+        "1",
+        "--hours",
+        "0.004",
+        "--notice",
+        "4",
+        "--grace",
+        "10",
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        NOTICED,
+        str(log),
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["noticed"] and report["ended_by"] == "lease-expired"
@@ -205,9 +341,24 @@ def test_the_command_gets_notice_before_its_lease_ends(tmp_path: Path) -> None:
 
 
 def test_a_bad_notice_signal_is_one_line(tmp_path: Path) -> None:
-    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--project", "vision",
-                   "--count", "1", "--hours", "1", "--notice", "5", "--notice-signal", "KILL",
-                   "--", "true", cwd=tmp_path)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--project",
+        "vision",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--notice",
+        "5",
+        "--notice-signal",
+        "KILL",
+        "--",
+        "true",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "--notice-signal must be one of USR1, USR2, HUP, INT, TERM" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -231,17 +382,39 @@ while not resumed:
 
 
 def test_requeue_resumes_the_command_on_a_new_allocation_after_its_lease_ends(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """`--requeue 2`: the lease ends the command (SIGTERM, it exits within its grace); run
     asks again with the old allocation as the one it resumes (so it queues ahead of new
     work) and starts the command again, which goes on and finishes: one requeue, not two."""
     import sqlite3
 
     log = tmp_path / "log"
-    done = run_cli("run", "--state-dir", str(tmp_path / "s"), "--fleet",
-                   str(idle_fleet(tmp_path)), "--project", "vision", "--count", "1",
-                   "--hours", LEASE, "--grace", "10", "--requeue", "2", "--json", "--",
-                   sys.executable, "-c", RESUMABLE, str(log), cwd=tmp_path, timeout=90)
+    done = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(idle_fleet(tmp_path)),
+        "--project",
+        "vision",
+        "--count",
+        "1",
+        "--hours",
+        LEASE,
+        "--grace",
+        "10",
+        "--requeue",
+        "2",
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        RESUMABLE,
+        str(log),
+        cwd=tmp_path,
+        timeout=90,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     [first] = report["requeued_from"]
@@ -257,11 +430,20 @@ def test_requeue_resumes_the_command_on_a_new_allocation_after_its_lease_ends(
 
 
 def test_requeue_is_for_what_run_requested(tmp_path: Path) -> None:
-    cases = {("--allocation", "a1", "--requeue", "1"): "--requeue needs --project",
-             ("--project", "vision", "--count", "1", "--hours", "1", "--requeue", "-1"):
-                 "must not be negative"}
+    cases = {
+        ("--allocation", "a1", "--requeue", "1"): "--requeue needs --project",
+        (
+            "--project",
+            "vision",
+            "--count",
+            "1",
+            "--hours",
+            "1",
+            "--requeue",
+            "-1",
+        ): "must not be negative",
+    }
     for args, message in cases.items():
-        done = run_cli("run", "--state-dir", str(tmp_path / "s"), *args, "--", "true",
-                       cwd=tmp_path)
+        done = run_cli("run", "--state-dir", str(tmp_path / "s"), *args, "--", "true", cwd=tmp_path)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1

@@ -51,10 +51,17 @@ def get(url: str) -> dict[str, Any]:
 def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
     """`gpu-agent studio` (which execs `langgraph dev`) on a free loopback port."""
     fleet = tmp / "fleet.toml"
-    fleet.write_text(fleet_toml(
-        council={"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.05,
-                 "auto_approve_max_gpus": 1},
-        clock={"time_scale": 3600}))
+    fleet.write_text(
+        fleet_toml(
+            council={
+                "policy": "reference",
+                "approve_threshold": 0.99,
+                "deny_threshold": 0.05,
+                "auto_approve_max_gpus": 1,
+            },
+            clock={"time_scale": 3600},
+        )
+    )
     state = tmp / "state"
     # the project's langgraph.json, with paths made absolute so the server's scratch files
     # (.langgraph_api/) land in tmp, not in the repository
@@ -66,13 +73,31 @@ def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
     config["http"]["app"] = str(ROOT / config["http"]["app"].removeprefix("./"))
     (tmp / "langgraph.json").write_text(json.dumps(config))
     port = free_port()
-    env = {**os.environ, "GPU_AGENT_HOME": str(state), "GPU_AGENT_FLEET": str(fleet),
-           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false", **env_extra}
+    env = {
+        **os.environ,
+        "GPU_AGENT_HOME": str(state),
+        "GPU_AGENT_FLEET": str(fleet),
+        "LANGGRAPH_CLI_NO_ANALYTICS": "1",
+        "LANGSMITH_TRACING": "false",
+        **env_extra,
+    }
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "studio", "--port", str(port),
-         "--config", str(tmp / "langgraph.json")],
-        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "graph.cli",
+            "studio",
+            "--port",
+            str(port),
+            "--config",
+            str(tmp / "langgraph.json"),
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -85,8 +110,12 @@ def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
             assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "langgraph dev did not start in 90 s"
             time.sleep(0.5)
-        yield {"url": url, "state": str(state), "fleet": str(fleet),
-               "database": env_extra.get("GPU_AGENT_DATABASE", "")}
+        yield {
+            "url": url,
+            "state": str(state),
+            "fleet": str(fleet),
+            "database": env_extra.get("GPU_AGENT_DATABASE", ""),
+        }
     finally:
         proc.terminate()
         try:
@@ -97,8 +126,9 @@ def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def server(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """The server on SQLite files in the state directory, then on PostgreSQL (ledger and
     checkpoints both, through env GPU_AGENT_DATABASE)."""
     database = {}
@@ -125,15 +155,21 @@ def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[st
         client = get_client(url=server["url"])
         thread = await client.threads.create()
         tid = thread["thread_id"]
-        seen = [part.event async for part in client.runs.stream(
-            tid, "gpu-agent", input={"request": REQUEST}, stream_mode="updates")]
+        seen = [
+            part.event
+            async for part in client.runs.stream(
+                tid, "gpu-agent", input={"request": REQUEST}, stream_mode="updates"
+            )
+        ]
         assert "updates" in seen
         state = await client.threads.get_state(tid)
         status = (await client.threads.get(tid))["status"]
         assert status == "interrupted"
         final = await client.runs.wait(
-            tid, "gpu-agent", command={"resume": {"approve": True, "by": "ana",
-                                                   "comment": "deadline"}})
+            tid,
+            "gpu-agent",
+            command={"resume": {"approve": True, "by": "ana", "comment": "deadline"}},
+        )
         assert isinstance(final, dict)
         return state, final, await client.threads.get_state(tid)
 
@@ -164,30 +200,33 @@ def test_a_thread_made_through_the_server_resumes_from_the_cli(server: dict[str,
     client = get_sync_client(url=server["url"])
     tid = client.threads.create()["thread_id"]
     client.runs.wait(tid, "gpu-agent", input={"request": REQUEST | {"project": "audio"}})
-    with Orchestrator(server["state"], server["fleet"], create=False,
-                      database=server["database"] or None) as orch:
+    with Orchestrator(
+        server["state"], server["fleet"], create=False, database=server["database"] or None
+    ) as orch:
         assert orch.outcome(tid).next == ("review",)  # the server's checkpoint, read here
         out = orch.resume(tid, {"approve": True, "by": "cli"})
     assert out.status.value == "released"
     assert client.threads.get_state(tid)["values"]["status"] == "released"  # and back
 
 
-def mcp(url: str, method: str, params: dict[str, Any] | None = None,
-        token: str | None = None) -> dict[str, Any]:
+def mcp(
+    url: str, method: str, params: dict[str, Any] | None = None, token: str | None = None
+) -> dict[str, Any]:
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
-    headers = {"Content-Type": "application/json",
-               "Accept": "application/json, text/event-stream"}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        f"{url}/mcp", data=json.dumps(body).encode(), method="POST", headers=headers)
+        f"{url}/mcp", data=json.dumps(body).encode(), method="POST", headers=headers
+    )
     with urllib.request.urlopen(request, timeout=60) as r:
         reply: dict[str, Any] = json.loads(r.read())
     return reply["result"]  # type: ignore[no-any-return]
 
 
-def mcp_call(url: str, tool: str, arguments: dict[str, Any], token: str | None = None,
-             **params: Any) -> dict[str, Any]:
+def mcp_call(
+    url: str, tool: str, arguments: dict[str, Any], token: str | None = None, **params: Any
+) -> dict[str, Any]:
     """A tool call's result: the graph's final state, which the server renders as a repr."""
     result = mcp(url, "tools/call", {"name": tool, "arguments": arguments, **params}, token)
     assert not result.get("isError"), result
@@ -196,24 +235,45 @@ def mcp_call(url: str, tool: str, arguments: dict[str, Any], token: str | None =
 
 
 def test_mcp_lists_the_graphs_and_runs_a_request_that_needs_no_review(
-        server: dict[str, str]) -> None:
+    server: dict[str, str],
+) -> None:
     url = server["url"]
-    assert mcp(url, "initialize", {"protocolVersion": "2025-03-26", "capabilities": {},
-                                   "clientInfo": {"name": "test", "version": "1"}})
+    assert mcp(
+        url,
+        "initialize",
+        {
+            "protocolVersion": "2025-03-26",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    )
     tools = {t["name"]: t for t in mcp(url, "tools/list")["tools"]}
     assert set(tools) == {"gpu-agent", "gpu-status", "gpu-release"}
     assert "request" in tools["gpu-agent"]["inputSchema"]["properties"]
     assert tools["gpu-release"]["inputSchema"]["required"] == ["allocation_id"]
-    done = mcp_call(url, "gpu-agent", {"request": {
-        "project": "solo", "purpose": "training", "count": 1, "duration_hours": 1}})
+    done = mcp_call(
+        url,
+        "gpu-agent",
+        {"request": {"project": "solo", "purpose": "training", "count": 1, "duration_hours": 1}},
+    )
     assert done["status"] == "released" and done["release"]["reason"] == "lease-expired"
 
 
 def test_mcp_status_and_release_reach_a_run_in_progress(server: dict[str, str]) -> None:
     url, client = server["url"], get_sync_client(url=server["url"])
     tid = client.threads.create()["thread_id"]
-    stopped = client.runs.wait(tid, "gpu-agent", input={"request": {  # $400: not auto-approved
-        "project": "longrun", "purpose": "training", "count": 1, "duration_hours": 100}})
+    stopped = client.runs.wait(
+        tid,
+        "gpu-agent",
+        input={
+            "request": {  # $400: not auto-approved
+                "project": "longrun",
+                "purpose": "training",
+                "count": 1,
+                "duration_hours": 100,
+            }
+        },
+    )
     assert isinstance(stopped, dict) and stopped["status"] == "pending_review"
     run = client.runs.create(tid, "gpu-agent", command={"resume": {"approve": True}})
     deadline = time.monotonic() + 60
@@ -231,8 +291,10 @@ def test_mcp_status_and_release_reach_a_run_in_progress(server: dict[str, str]) 
     assert released["release"]["reason"] == "explicit"
     final = client.runs.join(tid, run["run_id"])
     assert final["status"] == "released" and final["release"]["reason"] == "explicit"
-    assert mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"})["error"] == \
-        "no allocation 'a-00000000cafe'"
+    assert (
+        mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"})["error"]
+        == "no allocation 'a-00000000cafe'"
+    )
 
 
 def refused(call: Any) -> int:
@@ -252,10 +314,17 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 
     tmp = tmp_path_factory.mktemp("secured")
     (tmp / "state").mkdir()
-    tokens = {name: add_identity(tmp / "state", name, role, project) for name, role, project
-              in [("root", "admin", None), ("alice", "member", "vision"),
-                  ("dave", "approver", "vision"), ("bob", "member", "speech")]}
+    tokens = {
+        name: add_identity(tmp / "state", name, role, project)
+        for name, role, project in [
+            ("root", "admin", None),
+            ("alice", "member", "vision"),
+            ("dave", "approver", "vision"),
+            ("bob", "member", "speech"),
+        ]
+    }
     with serve(tmp, {}) as running:
+
         def client(name: str | None) -> Any:
             headers = {"Authorization": f"Bearer {tokens[name]}"} if name else None
             return get_sync_client(url=running["url"], headers=headers)
@@ -275,12 +344,21 @@ def test_tokens_scope_threads_runs_and_decisions(secured: dict[str, Any]) -> Non
     assert tid not in {t["thread_id"] for t in bob.threads.search()}
     assert refused(lambda: bob.threads.get_state(tid)) in (403, 404)
     mine = bob.threads.create()["thread_id"]
-    assert refused(lambda: bob.runs.wait(mine, "gpu-agent",  # vision's project
-                                         input={"request": REQUEST})) == 403
-    assert refused(lambda: alice.runs.wait(tid, "gpu-agent", command={
-        "resume": {"approve": True}})) == 403  # a member
-    done = dave.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True,
-                                                                 "by": "mallory"}})
+    assert (
+        refused(
+            lambda: bob.runs.wait(
+                mine,
+                "gpu-agent",  # vision's project
+                input={"request": REQUEST},
+            )
+        )
+        == 403
+    )
+    assert (
+        refused(lambda: alice.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True}}))
+        == 403
+    )  # a member
+    done = dave.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True, "by": "mallory"}})
     assert isinstance(done, dict) and done["status"] == "released"
     assert done["human"]["by"] == "dave"
     assert tid in {t["thread_id"] for t in client("root").threads.search()}
@@ -311,60 +389,111 @@ def test_the_context_is_the_servers_own(secured: dict[str, Any]) -> None:
     values, echoed, are fine. Who asked is the caller, whatever the request says."""
     tmp, client = secured["tmp"], secured["client"]
     other = tmp / "other.toml"  # auto-approves anything: no human review
-    other.write_text(fleet_toml(council={"policy": "reference", "auto_approve_max_gpus": 64,
-                                         "auto_approve_max_usd": 1e9}))
+    other.write_text(
+        fleet_toml(
+            council={
+                "policy": "reference",
+                "auto_approve_max_gpus": 64,
+                "auto_approve_max_usd": 1e9,
+            }
+        )
+    )
     elsewhere = tmp / "elsewhere"
     alice, root = client("alice"), client("root")
     big = REQUEST | {"gpu_type": "H100", "requested_by": "mallory"}
     allocations = len(root.runs.wait(None, "gpu-status", input={})["fleet"]["allocations"])
     tid = alice.threads.create()["thread_id"]
     choices: list[dict[str, Any]] = [
-        {"fleet_file": str(other)}, {"state_dir": str(elsewhere)},
+        {"fleet_file": str(other)},
+        {"state_dir": str(elsewhere)},
         {"state_dir": str(elsewhere), "fleet_file": str(other)},
-        {"backend": "nvml"}, {"backend": "replay", "replay": str(tmp / "rec.jsonl")},
-        {"replay": str(tmp / "rec.jsonl")}, {"database": "postgresql://evil/db"}]
+        {"backend": "nvml"},
+        {"backend": "replay", "replay": str(tmp / "rec.jsonl")},
+        {"replay": str(tmp / "rec.jsonl")},
+        {"database": "postgresql://evil/db"},
+    ]
     for context in choices:
         for who in (alice, root):
-            detail = status_of(403, lambda w=who, c=context: w.runs.wait(
-                tid, "gpu-agent", input={"request": big}, context=c))
+            detail = status_of(
+                403,
+                lambda w=who, c=context: w.runs.wait(
+                    tid, "gpu-agent", input={"request": big}, context=c
+                ),
+            )
             assert detail.startswith("a run may not choose its " + next(iter(context)))
-            status_of(403, lambda w=who, c=context: w.runs.wait(  # a stateless run
-                None, "gpu-agent", input={"request": big}, context=c))
-    status_of(403, lambda: alice.runs.wait(  # the keys langgraph also reads from configurable
-        tid, "gpu-agent", input={"request": big},
-        config={"configurable": {"fleet_file": str(other)}}))
-    status_of(403, lambda: alice.runs.wait(None, "gpu-status", input={},
-                                           context={"state_dir": str(elsewhere)}))
-    status_of(403, lambda: root.assistants.create(  # an assistant's context is bound too
-        "gpu-agent", context={"fleet_file": str(other)}))
+            status_of(
+                403,
+                lambda w=who, c=context: w.runs.wait(  # a stateless run
+                    None, "gpu-agent", input={"request": big}, context=c
+                ),
+            )
+    status_of(
+        403,
+        lambda: alice.runs.wait(  # the keys langgraph also reads from configurable
+            tid,
+            "gpu-agent",
+            input={"request": big},
+            config={"configurable": {"fleet_file": str(other)}},
+        ),
+    )
+    status_of(
+        403,
+        lambda: alice.runs.wait(
+            None, "gpu-status", input={}, context={"state_dir": str(elsewhere)}
+        ),
+    )
+    status_of(
+        403,
+        lambda: root.assistants.create(  # an assistant's context is bound too
+            "gpu-agent", context={"fleet_file": str(other)}
+        ),
+    )
     assert not elsewhere.exists()
     assert alice.threads.get_state(tid)["values"] == {}  # nothing ran on the thread
     after = root.runs.wait(None, "gpu-status", input={})["fleet"]["allocations"]
     assert len(after) == allocations  # nothing placed anywhere
 
-    own = {"state_dir": secured["state"], "fleet_file": secured["fleet"],
-           "backend": "simulated", "replay": None, "database": None}
+    own = {
+        "state_dir": secured["state"],
+        "fleet_file": secured["fleet"],
+        "backend": "simulated",
+        "replay": None,
+        "database": None,
+    }
     stopped = alice.runs.wait(tid, "gpu-agent", input={"request": big}, context=own)
     assert isinstance(stopped, dict) and stopped["status"] == "pending_review"  # the review
     assert stopped["request"]["requested_by"] == "alice"
     local = str(Path(secured["state"]).relative_to(tmp))  # relative to the server's cwd
-    plain = root.runs.wait(None, "gpu-agent", context={"state_dir": local},
-                           input={"request": REQUEST | {"count": 1, "project": "solo"}})
+    plain = root.runs.wait(
+        None,
+        "gpu-agent",
+        context={"state_dir": local},
+        input={"request": REQUEST | {"count": 1, "project": "solo"}},
+    )
     assert plain["status"] == "released" and plain["request"]["requested_by"] == "root"
 
     # only admins write a thread's state or steer a run: either could skip the review
-    detail = status_of(403, lambda: alice.threads.update_state(
-        tid, {"status": "pending"}, as_node="review"))
+    detail = status_of(
+        403, lambda: alice.threads.update_state(tid, {"status": "pending"}, as_node="review")
+    )
     assert detail == "alice may not write a thread's state: only an admin may"
-    status_of(403, lambda: client("dave").runs.wait(tid, "gpu-agent", command={
-        "goto": "route", "update": {"status": "pending"}}))
+    status_of(
+        403,
+        lambda: client("dave").runs.wait(
+            tid, "gpu-agent", command={"goto": "route", "update": {"status": "pending"}}
+        ),
+    )
     status_of(403, lambda: alice.threads.update(tid, metadata={"project": "speech"}))
     assert alice.threads.get_state(tid)["next"] == ["review"]
     # caller-chosen thread ids: names.THREAD_ID (the server also wants a UUID)
     status_of(422, lambda: alice.threads.create(thread_id="../x\n"))
     assert refused(lambda: alice.threads.create(thread_id="a" * 200)) in (400, 422)
-    detail = status_of(422, lambda: alice.runs.wait(None, "gpu-agent", input={
-        "request": REQUEST | {"project": "vision\nx"}}))
+    detail = status_of(
+        422,
+        lambda: alice.runs.wait(
+            None, "gpu-agent", input={"request": REQUEST | {"project": "vision\nx"}}
+        ),
+    )
     assert detail.startswith("project 'vision\\nx': ")
 
 
@@ -386,25 +515,33 @@ def test_refusals_over_mcp_are_one_line_results(secured: dict[str, Any]) -> None
     bad = mcp_call(url, "gpu-agent", {"request": one | {"project": "speech\nx"}}, alice)
     assert bad["status"] == "invalid" and "\n" not in bad["reason"]
     assert "project 'speech\\nx'" in bad["reason"]
-    assert mcp_call(url, "gpu-release", {"allocation_id": aid}, bob)["error"] == \
-        f"no allocation {aid!r}"  # vision's, for a member of speech: as if none
-    assert mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"}, bob)["error"] == \
-        "no allocation 'a-00000000cafe'"
+    assert (
+        mcp_call(url, "gpu-release", {"allocation_id": aid}, bob)["error"]
+        == f"no allocation {aid!r}"
+    )  # vision's, for a member of speech: as if none
+    assert (
+        mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"}, bob)["error"]
+        == "no allocation 'a-00000000cafe'"
+    )
     for bad in ("a-nope", "../a-00000000cafe", "a-00000000cafe\n", "A-00000000CAFE", ""):
         error = mcp_call(url, "gpu-release", {"allocation_id": bad}, bob)["error"]
         assert error.startswith("allocation id ") and "\n" not in error
     error = mcp_call(url, "gpu-status", {"project": "vision\nx"}, bob)["error"]
     assert error.startswith("project 'vision\\nx'")
     elsewhere = secured["tmp"] / "mcp-elsewhere"
-    for tool, arguments in [("gpu-agent", {"request": one}), ("gpu-status", {}),
-                            ("gpu-release", {"allocation_id": aid})]:
+    for tool, arguments in [
+        ("gpu-agent", {"request": one}),
+        ("gpu-status", {}),
+        ("gpu-release", {"allocation_id": aid}),
+    ]:
         state = mcp_call(url, tool, arguments, alice, context={"state_dir": str(elsewhere)})
         reason = state.get("reason") or state.get("error")
         assert reason is not None and reason.startswith("a run may not choose its state_dir")
     assert not elsewhere.exists()
     released = client("root").runs.wait(None, "gpu-status", input={"project": "vision"})
     assert [a["reason"] for a in released["fleet"]["allocations"] if a["id"] == aid] == [
-        "lease-expired"]  # bob's release did not touch it
+        "lease-expired"
+    ]  # bob's release did not touch it
     log = (secured["tmp"] / "server.log").read_text()
     assert "Traceback" not in log and " 500 " not in log
 

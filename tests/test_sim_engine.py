@@ -26,12 +26,16 @@ START = 1_767_225_600.0
 
 
 def _outcome(status: Any, allocation: Any, release: Any, cost: float) -> tuple[Any, ...]:
-    return (status.value,
-            None if allocation is None else (allocation.gpu_type, allocation.node,
-                                             allocation.started_at),
-            None if release is None else (release.reason.value, release.released_at,
-                                          round(release.cost_usd, 6)),
-            round(cost, 6))
+    return (
+        status.value,
+        None
+        if allocation is None
+        else (allocation.gpu_type, allocation.node, allocation.started_at),
+        None
+        if release is None
+        else (release.reason.value, release.released_at, round(release.cost_usd, 6)),
+        round(cost, 6),
+    )
 
 
 def test_the_engine_ends_the_demo_exactly_as_langgraph_does(tmp_path: Path) -> None:
@@ -42,8 +46,10 @@ def test_the_engine_ends_the_demo_exactly_as_langgraph_does(tmp_path: Path) -> N
     clock = VirtualClock(START)
     with Orchestrator(tmp_path / "graph", config, clock=clock) as orch:
         result = run_scenario(orch, clock, STORY, lambda *_: None)
-    expected = {k: _outcome(o.status, o.allocation, o.release, o.cost_usd)
-                for k, o in result.outcomes.items()}
+    expected = {
+        k: _outcome(o.status, o.allocation, o.release, o.cost_usd)
+        for k, o in result.outcomes.items()
+    }
 
     events = EventClock(START)
     services = open_services(tmp_path / "engine", config, clock=events)
@@ -51,8 +57,9 @@ def test_the_engine_ends_the_demo_exactly_as_langgraph_does(tmp_path: Path) -> N
 
     def finished(thread: GraphThread) -> None:
         s = thread.state
-        ended[thread.id] = _outcome(s["status"], s.get("allocation"), s.get("release"),
-                                    s.get("cost_usd", 0.0))
+        ended[thread.id] = _outcome(
+            s["status"], s.get("allocation"), s.get("release"), s.get("cost_usd", 0.0)
+        )
 
     engine = Engine(services, events, reviewer=lambda _q: True, finished=finished)
     for step in STORY:
@@ -81,13 +88,12 @@ TICK = MON.tick_seconds
 
 
 def _samples(util: float, at: float, n: int = 2) -> list[GPUSample]:
-    return [GPUSample(gpu_id=f"g{i}", at=utc(at), util_pct=util, temp_c=40.0)
-            for i in range(n)]
+    return [GPUSample(gpu_id=f"g{i}", at=utc(at), util_pct=util, temp_c=40.0) for i in range(n)]
 
 
-def _tick_by_tick(levels: list[tuple[float, float]], started: float, end: float,
-                  policy: IdlePolicy = UNKNOWN
-                  ) -> tuple[list[tuple[float, str]], MonitorState]:
+def _tick_by_tick(
+    levels: list[tuple[float, float]], started: float, end: float, policy: IdlePolicy = UNKNOWN
+) -> tuple[list[tuple[float, str]], MonitorState]:
     """Every tick, as a monitor on real GPUs runs them: (time, event) and the last state."""
     state = MonitorState(last_tick_at=utc(started))
     out: list[tuple[float, str]] = []
@@ -102,9 +108,9 @@ def _tick_by_tick(levels: list[tuple[float, float]], started: float, end: float,
     return out, state
 
 
-def _skipping(levels: list[tuple[float, float]], started: float, end: float,
-              policy: IdlePolicy = UNKNOWN
-              ) -> tuple[list[tuple[float, str]], MonitorState]:
+def _skipping(
+    levels: list[tuple[float, float]], started: float, end: float, policy: IdlePolicy = UNKNOWN
+) -> tuple[list[tuple[float, str]], MonitorState]:
     """The same with the simulated monitor: sleep to `next_tick`, `skip`, then assess."""
     state = MonitorState(last_tick_at=utc(started))
     out: list[tuple[float, str]] = []
@@ -113,8 +119,9 @@ def _skipping(levels: list[tuple[float, float]], started: float, end: float,
         t0 = state.last_tick_at.timestamp()  # type: ignore[union-attr]
         t = t0 + TICK
         if last is not None:
-            t = min(end, next_tick(state, last, MON, TICK, started, _change_after(levels, t0),
-                                   policy))  # a running command's pause may never conclude
+            t = min(
+                end, next_tick(state, last, MON, TICK, started, _change_after(levels, t0), policy)
+            )  # a running command's pause may never conclude
             state = skip(state, last, MON, TICK, started, t)
         if t >= end:
             return out, state
@@ -136,11 +143,18 @@ def _change_after(levels: list[tuple[float, float]], t: float) -> float:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 240), st.sampled_from([0.0, 3.0, 12.0, 35.0, 80.0])),
-                min_size=1, max_size=8),
-       st.integers(0, 59), st.sampled_from(["unknown", "done", "running"]))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 240), st.sampled_from([0.0, 3.0, 12.0, 35.0, 80.0])),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(0, 59),
+    st.sampled_from(["unknown", "done", "running"]),
+)
 def test_skipped_ticks_conclude_what_every_tick_concludes(
-        phases: list[tuple[int, float]], offset: int, work: Work) -> None:
+    phases: list[tuple[int, float]], offset: int, work: Work
+) -> None:
     """Piecewise-constant readings (phases of 1-240 minutes at idle, bursty, low and busy
     levels), whatever the command's state: the same warnings and idle release at the same
     ticks, the same totals and the same longest pause (which moves the release when no
@@ -178,8 +192,9 @@ def test_idle_readings_wake_the_monitor_twice() -> None:
     last = readings(_samples(0.0, t), MON)
     warn = next_tick(state, last, MON, TICK, START, float("inf"))
     assert warn == START + MON.low_util_window_minutes * 60.0
-    result = assess(_samples(0.0, warn), skip(state, last, MON, TICK, START, warn), MON, warn,
-                    START)
+    result = assess(
+        _samples(0.0, warn), skip(state, last, MON, TICK, START, warn), MON, warn, START
+    )
     assert [e.kind for e in result.events] == [EventKind.LOW_UTILIZATION]
     release = next_tick(result.state, last, MON, TICK, START, float("inf"))
     assert release == t + MON.idle_timeout_minutes * 60.0
@@ -195,8 +210,9 @@ def test_a_lease_ending_between_microseconds_ends_on_time(tmp_path: Path) -> Non
     services = open_services(tmp_path / "engine", config, clock=events)
     ended: list[GraphThread] = []
     engine = Engine(services, events, reviewer=lambda _q: True, finished=ended.append)
-    request = parse_request({"project": "vision", "purpose": "inference", "count": 1,
-                             "duration_hours": 0.25})
+    request = parse_request(
+        {"project": "vision", "purpose": "inference", "count": 1, "duration_hours": 0.25}
+    )
     engine.call_at(at, lambda: engine.submit("short", request, at))
     engine.run(until=at + 86400.0)
     services.close()

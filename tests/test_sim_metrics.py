@@ -53,11 +53,21 @@ def t(hours: float) -> float:
     return T0 + hours * H
 
 
-def job(i: int, project: str, count: int, purpose: Purpose, submit: float,
-        *phases: Phase) -> SimJob:
-    return SimJob(id=i, project=project, submit=t(submit), count=count, purpose=purpose,
-                  named_type=None, reference="A100", requested_hours=8.0, pad=2.0,
-                  phases=tuple(phases))
+def job(
+    i: int, project: str, count: int, purpose: Purpose, submit: float, *phases: Phase
+) -> SimJob:
+    return SimJob(
+        id=i,
+        project=project,
+        submit=t(submit),
+        count=count,
+        purpose=purpose,
+        named_type=None,
+        reference="A100",
+        requested_hours=8.0,
+        pad=2.0,
+        phases=tuple(phases),
+    )
 
 
 JOBS = [
@@ -70,36 +80,137 @@ JOBS = [
 ]
 
 
-def ran(j: SimJob, n: int, submit: float, start: float, end: float, outcome: str,
-        reason: str, **figures: float) -> Attempt:
+def ran(
+    j: SimJob,
+    n: int,
+    submit: float,
+    start: float,
+    end: float,
+    outcome: str,
+    reason: str,
+    **figures: float,
+) -> Attempt:
     done = figures.pop("done_at", None)
-    return Attempt(job=j.id, attempt=n, project=j.project, purpose=j.purpose,
-                   gpu_type="A100", count=j.count, submit=t(submit), start=t(start),
-                   end=t(end), outcome=outcome, reason=reason,
-                   done_at=None if done is None else t(done), **figures)
+    return Attempt(
+        job=j.id,
+        attempt=n,
+        project=j.project,
+        purpose=j.purpose,
+        gpu_type="A100",
+        count=j.count,
+        submit=t(submit),
+        start=t(start),
+        end=t(end),
+        outcome=outcome,
+        reason=reason,
+        done_at=None if done is None else t(done),
+        **figures,
+    )
 
 
 def refused(j: SimJob, outcome: str, reason: str) -> Attempt:
-    return Attempt(job=j.id, attempt=1, project=j.project, purpose=j.purpose, gpu_type=None,
-                   count=j.count, submit=j.submit, start=None, end=None, outcome=outcome,
-                   reason=reason)
+    return Attempt(
+        job=j.id,
+        attempt=1,
+        project=j.project,
+        purpose=j.purpose,
+        gpu_type=None,
+        count=j.count,
+        submit=j.submit,
+        start=None,
+        end=None,
+        outcome=outcome,
+        reason=reason,
+    )
 
 
 J0, J1, J2, J3, J4, J5 = JOBS
 ATTEMPTS = [
-    ran(J0, 1, 0, 0, 2, "completed", "done", cost_usd=4.0, held_gpu_hours=2.0,
-        util_gpu_hours=1.6, work_gpu_hours=2.0, done_at=2),
-    ran(J1, 1, 0, 0, 3, "completed", "lease_expired", cost_usd=12.0, held_gpu_hours=6.0,
-        util_gpu_hours=1.0, hoarded_gpu_hours=4.0, work_gpu_hours=2.0, done_at=1),
-    ran(J2, 1, 1, 2, 3.5, "killed", "idle", cost_usd=3.0, held_gpu_hours=1.5,
-        util_gpu_hours=1.0, idle_gpu_hours=0.5, work_gpu_hours=1.0),
-    ran(J2, 2, 3.5, 4, 7, "completed", "done", cost_usd=6.0, held_gpu_hours=3.0,
-        util_gpu_hours=2.0, idle_gpu_hours=1.0, work_gpu_hours=2.0, done_at=7),
+    ran(
+        J0,
+        1,
+        0,
+        0,
+        2,
+        "completed",
+        "done",
+        cost_usd=4.0,
+        held_gpu_hours=2.0,
+        util_gpu_hours=1.6,
+        work_gpu_hours=2.0,
+        done_at=2,
+    ),
+    ran(
+        J1,
+        1,
+        0,
+        0,
+        3,
+        "completed",
+        "lease_expired",
+        cost_usd=12.0,
+        held_gpu_hours=6.0,
+        util_gpu_hours=1.0,
+        hoarded_gpu_hours=4.0,
+        work_gpu_hours=2.0,
+        done_at=1,
+    ),
+    ran(
+        J2,
+        1,
+        1,
+        2,
+        3.5,
+        "killed",
+        "idle",
+        cost_usd=3.0,
+        held_gpu_hours=1.5,
+        util_gpu_hours=1.0,
+        idle_gpu_hours=0.5,
+        work_gpu_hours=1.0,
+    ),
+    ran(
+        J2,
+        2,
+        3.5,
+        4,
+        7,
+        "completed",
+        "done",
+        cost_usd=6.0,
+        held_gpu_hours=3.0,
+        util_gpu_hours=2.0,
+        idle_gpu_hours=1.0,
+        work_gpu_hours=2.0,
+        done_at=7,
+    ),
     refused(J3, "denied", "budget"),
-    ran(J4, 1, 0.5, 0.5, 1.5, "killed", "lease_expired", cost_usd=2.0, held_gpu_hours=1.0,
-        util_gpu_hours=0.3, work_gpu_hours=1.0),
-    ran(J4, 2, 1.5, 2, 4, "killed", "lease_expired", cost_usd=4.0, held_gpu_hours=2.0,
-        util_gpu_hours=0.6, work_gpu_hours=2.0),
+    ran(
+        J4,
+        1,
+        0.5,
+        0.5,
+        1.5,
+        "killed",
+        "lease_expired",
+        cost_usd=2.0,
+        held_gpu_hours=1.0,
+        util_gpu_hours=0.3,
+        work_gpu_hours=1.0,
+    ),
+    ran(
+        J4,
+        2,
+        1.5,
+        2,
+        4,
+        "killed",
+        "lease_expired",
+        cost_usd=4.0,
+        held_gpu_hours=2.0,
+        util_gpu_hours=0.6,
+        work_gpu_hours=2.0,
+    ),
     refused(J5, "unplaced", "no capacity"),
 ]
 
@@ -111,14 +222,26 @@ def m() -> dict[str, Any]:
 
 def test_hand_attempts_match_the_lifecycle_accounting() -> None:
     """The hand-written figures are what sim.lifecycle would have charged."""
-    def acc(j: SimJob, n: int, start: float, end: float) -> Attempt:
-        return account(j, n, "A100", t(start), timeline(j, "A100", t(start), CONFIG), t(end),
-                       "x", 0.0)
 
-    for got, want in ((acc(J1, 1, 0, 3), ATTEMPTS[1]), (acc(J2, 1, 2, 3.5), ATTEMPTS[2]),
-                      (acc(J2, 2, 4, 7), ATTEMPTS[3])):
-        for f in ("outcome", "held_gpu_hours", "util_gpu_hours", "idle_gpu_hours",
-                  "hoarded_gpu_hours", "work_gpu_hours", "done_at"):
+    def acc(j: SimJob, n: int, start: float, end: float) -> Attempt:
+        return account(
+            j, n, "A100", t(start), timeline(j, "A100", t(start), CONFIG), t(end), "x", 0.0
+        )
+
+    for got, want in (
+        (acc(J1, 1, 0, 3), ATTEMPTS[1]),
+        (acc(J2, 1, 2, 3.5), ATTEMPTS[2]),
+        (acc(J2, 2, 4, 7), ATTEMPTS[3]),
+    ):
+        for f in (
+            "outcome",
+            "held_gpu_hours",
+            "util_gpu_hours",
+            "idle_gpu_hours",
+            "hoarded_gpu_hours",
+            "work_gpu_hours",
+            "done_at",
+        ):
             assert getattr(got, f) == pytest.approx(getattr(want, f)), f
 
 
@@ -194,13 +317,20 @@ def test_budgets_jobs_and_work(m: dict[str, Any]) -> None:
 
 def test_per_project(m: dict[str, Any]) -> None:
     assert m["per_project"]["a"] == {
-        "cost_usd": 16.0, "budget_usd": 10.0, "gpu_hours_held": 8.0, "useful_gpu_hours": 4.0,
-        "share_of_gpu_hours": round(8 / 15.5, 6), "jobs": 2, "jobs_completed": 2,
-        "finish_ratio": 1.0, "work_share": 1.0,
+        "cost_usd": 16.0,
+        "budget_usd": 10.0,
+        "gpu_hours_held": 8.0,
+        "useful_gpu_hours": 4.0,
+        "share_of_gpu_hours": round(8 / 15.5, 6),
+        "jobs": 2,
+        "jobs_completed": 2,
+        "finish_ratio": 1.0,
+        "work_share": 1.0,
     }
     assert [m["per_project"][p]["cost_usd"] for p in "abc"] == [16.0, 9.0, 6.0]
-    assert sum(v["share_of_gpu_hours"] for v in m["per_project"].values()) == \
-        pytest.approx(1.0, abs=1e-5)
+    assert sum(v["share_of_gpu_hours"] for v in m["per_project"].values()) == pytest.approx(
+        1.0, abs=1e-5
+    )
 
 
 def test_series_on_an_hourly_grid() -> None:
@@ -230,8 +360,10 @@ def test_a_run_where_nothing_completes() -> None:
 def _results() -> dict[str, dict[str, Any]]:
     """naive: the run above; gpu-agent: the same, with job 4 denied instead of run twice."""
     agent = [a for a in ATTEMPTS if a.job != 4] + [refused(J4, "denied", "budget")]
-    return {"naive": metrics(JOBS, ATTEMPTS, CONFIG, BUDGETS),
-            "gpu-agent": metrics(JOBS, agent, CONFIG, BUDGETS)}
+    return {
+        "naive": metrics(JOBS, ATTEMPTS, CONFIG, BUDGETS),
+        "gpu-agent": metrics(JOBS, agent, CONFIG, BUDGETS),
+    }
 
 
 def test_table_has_a_column_per_policy_and_the_deltas() -> None:
@@ -239,19 +371,33 @@ def test_table_has_a_column_per_policy_and_the_deltas() -> None:
     header = text.splitlines()[0]
     assert header.index("naive") < header.index("gpu-agent")
     assert "31.00" in text and "25.00" in text
-    assert "gpu-agent versus naive: cost -19.4%, work done 18.18% against 18.18%, cost per " \
+    assert (
+        "gpu-agent versus naive: cost -19.4%, work done 18.18% against 18.18%, cost per "
         "unit of work -19.4%" in text
+    )
     assert "3 / 0 / 2" in text  # gpu-agent: completed / failed / denied
 
 
 def test_write_report_is_complete_and_reproducible(tmp_path: Path) -> None:
     meta = {"trace": "hand-built", "jobs": len(JOBS), "fleet": "4 x A100", "seed": 0}
-    calibration = {"jobs": 6.0, "gpu_hours": 31.0, "mean_util_pct": 49.5, "idle_share": 0.3,
-                   "idle_share_under_6h": 0.3, "idle_share_over_24h": 0.0}
+    calibration = {
+        "jobs": 6.0,
+        "gpu_hours": 31.0,
+        "mean_util_pct": 49.5,
+        "idle_share": 0.3,
+        "idle_share_under_6h": 0.3,
+        "idle_share_over_24h": 0.0,
+    }
     first = write_report(tmp_path / "one", _results(), calibration, meta)
     second = write_report(tmp_path / "two", _results(), calibration, meta)
-    names = ["metrics.json", "report.md", "cost_over_time.png", "utilisation.png", "jct.png",
-             "project_share.png"]
+    names = [
+        "metrics.json",
+        "report.md",
+        "cost_over_time.png",
+        "utilisation.png",
+        "jct.png",
+        "project_share.png",
+    ]
     assert [p.name for p in first] == names
     assert all(p.exists() and p.stat().st_size > 0 for p in first + second)
     assert first[0].read_bytes() == second[0].read_bytes()
@@ -259,8 +405,14 @@ def test_write_report_is_complete_and_reproducible(tmp_path: Path) -> None:
     assert set(doc) == {"meta", "calibration", "policies"}
     assert doc["policies"]["naive"]["total_cost_usd"] == 31.0
     report = first[1].read_text()
-    for text in ("| naive | gpu-agent |", "![jct](jct.png)", "32 %", "47-52 %",
-                 "jain_fairness", "hand-built"):
+    for text in (
+        "| naive | gpu-agent |",
+        "![jct](jct.png)",
+        "32 %",
+        "47-52 %",
+        "jain_fairness",
+        "hand-built",
+    ):
         assert text in report
 
 
@@ -271,16 +423,21 @@ def test_a_noticed_training_job_goes_on_from_where_its_lease_ended_it() -> None:
     from dataclasses import replace
 
     from fleet.models import ReleaseReason
+
     phases = (Phase(2, 80), Phase(1, 0), Phase(2, 80))
     base = job(9, "a", 1, Purpose.TRAINING, 0, *phases)
     segments = timeline(base, "A100", t(0), CONFIG)
-    noticed = rerun(replace(base, supervised=True), segments, t(1),
-                    ReleaseReason.LEASE_EXPIRED, 1, CONFIG)
+    noticed = rerun(
+        replace(base, supervised=True), segments, t(1), ReleaseReason.LEASE_EXPIRED, 1, CONFIG
+    )
     assert noticed is not None and noticed.phases == (Phase(1, 80), *phases[1:])
-    for j, reason in ((base, ReleaseReason.LEASE_EXPIRED),
-                      (replace(base, supervised=True), ReleaseReason.IDLE)):
+    for j, reason in (
+        (base, ReleaseReason.LEASE_EXPIRED),
+        (replace(base, supervised=True), ReleaseReason.IDLE),
+    ):
         again = rerun(j, segments, t(1), reason, 1, CONFIG)
         assert again is not None and again.phases == phases
-    after_pause = rerun(replace(base, supervised=True), segments, t(2.5),
-                        ReleaseReason.LEASE_EXPIRED, 1, CONFIG)
+    after_pause = rerun(
+        replace(base, supervised=True), segments, t(2.5), ReleaseReason.LEASE_EXPIRED, 1, CONFIG
+    )
     assert after_pause is not None and after_pause.phases == phases[2:]

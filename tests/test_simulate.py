@@ -62,11 +62,27 @@ T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 PHILLY = SHARED / "traces" / "philly.csv"
 
 
-def job(i: int, project: str, at_h: float, phases: list[Phase], count: int = 1,
-        requested: float = 4.0, named: str | None = None) -> SimJob:
-    return SimJob(id=i, project=project, submit=T0 + at_h * 3600, count=count,
-                  purpose=Purpose.TRAINING, named_type=named, reference=named or "A100",
-                  requested_hours=requested, pad=2.0, phases=tuple(phases))
+def job(
+    i: int,
+    project: str,
+    at_h: float,
+    phases: list[Phase],
+    count: int = 1,
+    requested: float = 4.0,
+    named: str | None = None,
+) -> SimJob:
+    return SimJob(
+        id=i,
+        project=project,
+        submit=T0 + at_h * 3600,
+        count=count,
+        purpose=Purpose.TRAINING,
+        named_type=named,
+        reference=named or "A100",
+        requested_hours=requested,
+        pad=2.0,
+        phases=tuple(phases),
+    )
 
 
 def test_gpu_agent_releases_the_idle_tail_and_routes_by_work(tmp_path: Path) -> None:
@@ -76,8 +92,7 @@ def test_gpu_agent_releases_the_idle_tail_and_routes_by_work(tmp_path: Path) -> 
     monitor releases the GPUs: cost 6 x 1.5 = $9, hoarded 30 min. naive holds its 8 h lease
     on the dearest type (H100): $48, 7 h hoarded."""
     config = parse_fleet(TINY_FLEET)
-    w = Workload([job(0, "p", 0, [Phase(2.0, 80.0), Phase(3.0, 0.0)], requested=8.0)],
-                 {"p": 100.0})
+    w = Workload([job(0, "p", 0, [Phase(2.0, 80.0), Phase(3.0, 0.0)], requested=8.0)], {"p": 100.0})
     run = run_gpu_agent(w, config, tmp_path / "agent")
     [a] = run.attempts
     assert (a.gpu_type, a.outcome, a.reason) == ("H100", "completed", "idle")
@@ -96,7 +111,8 @@ def test_gpu_agent_releases_the_idle_tail_and_routes_by_work(tmp_path: Path) -> 
 
 
 def test_a_pause_longer_than_the_idle_timeout_kills_the_job_and_it_runs_again(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Work 1 h, a 45-minute pause, work 1 h (on the named A100, so no speed-up): the monitor
     releases the GPUs 30 idle minutes into the pause; the training job resumes from its
     checkpoint (the first work phase is kept), its user asks again when the pause is over
@@ -104,8 +120,19 @@ def test_a_pause_longer_than_the_idle_timeout_kills_the_job_and_it_runs_again(
     counted: two attempts, the second completes, and the first's idle half hour is no longer
     hoarding in the project's record: it was a pause."""
     config = parse_fleet(TINY_FLEET)
-    w = Workload([job(0, "p", 0, [Phase(1.0, 80.0), Phase(0.75, 0.0), Phase(1.0, 80.0)],
-                      requested=4.0, named="A100")], {"p": 1000.0})
+    w = Workload(
+        [
+            job(
+                0,
+                "p",
+                0,
+                [Phase(1.0, 80.0), Phase(0.75, 0.0), Phase(1.0, 80.0)],
+                requested=4.0,
+                named="A100",
+            )
+        ],
+        {"p": 1000.0},
+    )
     first, second = run_gpu_agent(w, config, tmp_path / "agent").attempts
     assert (first.outcome, first.reason, second.outcome) == ("killed", "idle", "completed")
     # the tick at 1 h 00 reads the pause; idle for 30 min -> released at 1 h 30
@@ -123,7 +150,8 @@ def test_a_pause_longer_than_the_idle_timeout_kills_the_job_and_it_runs_again(
 
 
 def test_a_job_under_gpu_agent_run_pauses_and_its_tail_goes_after_the_command(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """The same job, run through `gpu-agent run`: its 45-minute pause is a pause (the
     command runs), so nothing is killed; when the command exits at 2 h 45 the work is done
     and the 3 h idle tail is released at the first tick that reads it idle, hoarding
@@ -131,8 +159,7 @@ def test_a_job_under_gpu_agent_run_pauses_and_its_tail_goes_after_the_command(
     config = parse_fleet(TINY_FLEET)
     phases = [Phase(1.0, 80.0), Phase(0.75, 0.0), Phase(1.0, 80.0), Phase(3.0, 0.0)]
     supervised = replace(job(0, "p", 0, phases, requested=8.0, named="A100"), supervised=True)
-    [a] = run_gpu_agent(Workload([supervised], {"p": 1000.0}), config,
-                        tmp_path / "agent").attempts
+    [a] = run_gpu_agent(Workload([supervised], {"p": 1000.0}), config, tmp_path / "agent").attempts
     assert (a.outcome, a.reason) == ("completed", "idle")
     assert a.end - a.start == pytest.approx(2.75 * 3600)
     assert a.hoarded_gpu_hours == pytest.approx(0.0)
@@ -143,8 +170,7 @@ def test_budgets_hold_under_gpu_agent(tmp_path: Path) -> None:
     """A project whose budget covers two of its five jobs: gpu-agent denies the rest before
     spending; its spend never passes the budget (the naive policy overruns it)."""
     config = parse_fleet(TINY_FLEET)
-    jobs = [job(i, "p", i * 0.1, [Phase(1.0, 80.0)], requested=1.0, named="A100")
-            for i in range(5)]
+    jobs = [job(i, "p", i * 0.1, [Phase(1.0, 80.0)], requested=1.0, named="A100") for i in range(5)]
     w = Workload(jobs, {"p": 9.0})  # each job's lease costs $4
     run = run_gpu_agent(w, config, tmp_path / "agent")
     m = metrics(w.jobs, run.attempts, config, w.budgets)
@@ -162,9 +188,11 @@ def _trace(tmp_path: Path) -> Path:
     rows = ["timestamp,duration,num_gpus,gpu_time,cluster"]
     for i in range(60):
         minute = (i * 37) % 600
-        rows.append(f"2017-10-0{1 + i % 3} {minute // 60:02d}:{minute % 60:02d}:00,"
-                    f"{600 + (i * 733) % 20000},{[1, 1, 2, 4, 8][i % 5]},0,"
-                    f"{['a1b2', 'c3d4', 'e5f6'][i % 3]}")
+        rows.append(
+            f"2017-10-0{1 + i % 3} {minute // 60:02d}:{minute % 60:02d}:00,"
+            f"{600 + (i * 733) % 20000},{[1, 1, 2, 4, 8][i % 5]},0,"
+            f"{['a1b2', 'c3d4', 'e5f6'][i % 3]}"
+        )
     path = tmp_path / "trace.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -177,13 +205,23 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def test_simulate_writes_the_report_and_the_same_seed_gives_the_same_metrics(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     trace = _trace(tmp_path)
     outs = []
     for name in ("one", "two"):
-        code, out, err = run(capsys, "simulate", "--trace", str(trace), "--out",
-                             str(tmp_path / name), "--fleet", str(_fleet(tmp_path)),
-                             "--policies", "naive,slurm-like,gpu-agent")
+        code, out, err = run(
+            capsys,
+            "simulate",
+            "--trace",
+            str(trace),
+            "--out",
+            str(tmp_path / name),
+            "--fleet",
+            str(_fleet(tmp_path)),
+            "--policies",
+            "naive,slurm-like,gpu-agent",
+        )
         assert code == 0, err
         assert "jobs" in err and "[" in err  # the progress bar
         assert "naive" in out and "slurm-like" in out and "gpu-agent" in out
@@ -193,13 +231,24 @@ def test_simulate_writes_the_report_and_the_same_seed_gives_the_same_metrics(
     assert sum(agent["council"].values()) == agent["node_runs"]["council"] > 0
     assert agent["node_runs"]["validate"] >= 60  # every job, and every rerun
     assert outs[0] == outs[1]
-    for f in ("report.md", "cost_over_time.png", "utilisation.png", "jct.png",
-              "project_share.png"):
+    for f in ("report.md", "cost_over_time.png", "utilisation.png", "jct.png", "project_share.png"):
         assert (tmp_path / "one" / f).stat().st_size > 0
     assert (tmp_path / "one" / "gpu-agent" / "ledger.sqlite").exists()
     assert (tmp_path / "one" / "gpu-agent" / "fleet.toml").exists()
-    other = run(capsys, "simulate", "--trace", str(trace), "--out", str(tmp_path / "three"),
-                "--fleet", str(_fleet(tmp_path)), "--policies", "gpu-agent", "--seed", "7")
+    other = run(
+        capsys,
+        "simulate",
+        "--trace",
+        str(trace),
+        "--out",
+        str(tmp_path / "three"),
+        "--fleet",
+        str(_fleet(tmp_path)),
+        "--policies",
+        "gpu-agent",
+        "--seed",
+        "7",
+    )
     assert other[0] == 0
     assert json.loads((tmp_path / "three" / "metrics.json").read_text())["meta"]["seed"] == 7
 
@@ -210,23 +259,30 @@ def _fleet(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--policies", "naive,fastest"], "unknown policy 'fastest'"),
-    (["--policies", "naive,naive"], "named twice"),
-    (["--jobs", "0"], "--jobs must be at least 1"),
-])
-def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                           args: list[str], message: str) -> None:
-    code, _, err = run(capsys, "simulate", "--trace", str(_trace(tmp_path)), "--out",
-                       str(tmp_path / "o"), *args)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "naive,fastest"], "unknown policy 'fastest'"),
+        (["--policies", "naive,naive"], "named twice"),
+        (["--jobs", "0"], "--jobs must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, _, err = run(
+        capsys, "simulate", "--trace", str(_trace(tmp_path)), "--out", str(tmp_path / "o"), *args
+    )
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
 def test_a_bad_trace_names_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.csv"
-    bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,60,1,a\n"
-                   "2017-10-01 00:01:00,-5,1,a\n")
+    bad.write_text(
+        "timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,60,1,a\n"
+        "2017-10-01 00:01:00,-5,1,a\n"
+    )
     code, _, err = run(capsys, "simulate", "--trace", str(bad), "--out", str(tmp_path / "o"))
     assert code == 2 and f"{bad}:3:" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -244,6 +300,7 @@ def test_philly_head_under_gpu_agent_keeps_every_budget(tmp_path: Path) -> None:
     from importlib import resources
 
     from fleet.config import load_fleet
+
     text = resources.files("fleet").joinpath("data", "trace_fleet.toml").read_text()
     config = parse_fleet(text)
     w = synthesize(read_trace(PHILLY, limit=1500), config)
@@ -261,6 +318,7 @@ def test_trace_gpus_read_the_job_placed_on_them() -> None:
     recording's hoard phase), free GPUs idle; `steady_until` is the end of the phase."""
     from sim.lifecycle import timeline
     from sim.telemetry import TraceFleet
+
     config = parse_fleet(TINY_FLEET)
     fleet = TraceFleet(config)
     gpu = next(g for g in fleet.inventory() if g.gpu_type == "A100").uuid
@@ -289,9 +347,17 @@ def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
 
     from sim import DEFAULT_POLICIES
     from sim.simulate import simulate
+
     text = resources.files("fleet").joinpath("data", "trace_fleet.toml").read_text()
-    sim = simulate(PHILLY, DEFAULT_POLICIES, parse_fleet(text), "trace_fleet.toml",
-                   tmp_path, jobs=5000, stream=io.StringIO())
+    sim = simulate(
+        PHILLY,
+        DEFAULT_POLICIES,
+        parse_fleet(text),
+        "trace_fleet.toml",
+        tmp_path,
+        jobs=5000,
+        stream=io.StringIO(),
+    )
     r, agent = sim.results, sim.results["gpu-agent"]
     baselines = {n: m for n, m in r.items() if n != "gpu-agent"}
     assert agent["jobs"]["failed"] == 0
@@ -305,4 +371,5 @@ def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
     assert agent["jct_hours"]["p50"] <= r["slurm-cheapest"]["jct_hours"]["p50"]
     same = sim.across["same_work"]["policies"]
     assert same["gpu-agent"]["cost_vs_floor"] < min(
-        v["cost_vs_floor"] for n, v in same.items() if n != "gpu-agent")
+        v["cost_vs_floor"] for n, v in same.items() if n != "gpu-agent"
+    )

@@ -31,8 +31,10 @@ def test_load_drives_telemetry(config: FleetConfig) -> None:
     busy = [fleet.sample([gpu], 1e9 + t, {gpu: "p"})[0] for t in range(100)]
     assert max(s.util_pct or 0 for s in idle) == 0
     assert statistics.mean(s.util_pct or 0 for s in busy) > 70
-    assert statistics.mean(s.temp_c or 0 for s in busy) > statistics.mean(
-        s.temp_c or 0 for s in idle) + 15
+    assert (
+        statistics.mean(s.temp_c or 0 for s in busy)
+        > statistics.mean(s.temp_c or 0 for s in idle) + 15
+    )
 
 
 def test_throttling_lowers_speed_and_heat() -> None:
@@ -62,8 +64,12 @@ def test_profiles_match_the_h200_recording() -> None:
     for s in data["samples"]:
         phases[s["phase"]].append(s)
     idle_temp = statistics.mean(s["temp"] for s in phases["idle"])  # type: ignore[misc]
-    for phase, profile in [("idle", "idle"), ("train", "train"), ("bursty", "bursty"),
-                           ("hoard", "hoard")]:
+    for phase, profile in [
+        ("idle", "idle"),
+        ("train", "train"),
+        ("bursty", "bursty"),
+        ("hoard", "hoard"),
+    ]:
         rows = phases[phase]
         util = statistics.mean(s["util"]["gpu"] for s in rows)  # type: ignore[index]
         power = statistics.mean(s["power_mW"] for s in rows) / 1000 / tdp  # type: ignore[misc]

@@ -9,15 +9,25 @@ from typing import Any
 from graph.orchestrator import Orchestrator
 from tests.conftest import OrchFactory, fleet_toml, run_cli
 
-REQ = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 0.5,
-       "gpu_type": "A100"}
+REQ = {
+    "project": "vision",
+    "purpose": "training",
+    "count": 2,
+    "duration_hours": 0.5,
+    "gpu_type": "A100",
+}
 
 
 def test_stream_updates_and_custom_yields_readable_progress(make_orch: OrchFactory) -> None:
     orch: Orchestrator = make_orch()
-    seen: list[tuple[str, Any]] = list(orch.graph.stream(
-        {"request": REQ}, {"configurable": {"thread_id": "s1"}}, context=orch.context,
-        stream_mode=["updates", "custom"]))
+    seen: list[tuple[str, Any]] = list(
+        orch.graph.stream(
+            {"request": REQ},
+            {"configurable": {"thread_id": "s1"}},
+            context=orch.context,
+            stream_mode=["updates", "custom"],
+        )
+    )
     custom = [part for mode, part in seen if mode == "custom"]
     nodes = [line["node"] for line in custom]
     assert nodes[0] == "council" and nodes[1] == "route" and set(nodes[2:]) == {"monitor"}
@@ -43,9 +53,24 @@ def test_orchestrator_hands_progress_to_its_caller(make_orch: OrchFactory) -> No
 def test_the_cli_prints_the_council_and_the_route(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(clock={"time_scale": 3600}))  # an hour's lease in a second
-    done = run_cli("request", "--state-dir", str(tmp_path / "s"), "--fleet", str(fleet),
-                   "--project", "vision", "--purpose", "training", "--count", "1", "--hours",
-                   "1", "--gpu-type", "A100", cwd=tmp_path)
+    done = run_cli(
+        "request",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(fleet),
+        "--project",
+        "vision",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--gpu-type",
+        "A100",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("  council: ") and lines[1].startswith("  route: 1 x A100")

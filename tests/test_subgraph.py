@@ -49,30 +49,45 @@ ASK = {"project": "vision", "purpose": "training", "duration_hours": 1}
 
 def test_the_graph_is_one_step_of_a_parent_graph(make_orch: OrchFactory) -> None:
     orch = make_orch()
-    out = pipeline().invoke({"gpu_request": ASK | {"count": 1}, "events": []},
-                            {"configurable": {"thread_id": "p1"}}, context=orch.context)
+    out = pipeline().invoke(
+        {"gpu_request": ASK | {"count": 1}, "events": []},
+        {"configurable": {"thread_id": "p1"}},
+        context=orch.context,
+    )
     result = out["gpu_result"]
     assert result["status"] == "released" and result["release"]["reason"] == "lease-expired"
     assert len(result["allocation"]["gpu_ids"]) == 1
-    assert out["events"] == ["gpu-agent: released",
-                             f"trained on {result['allocation']['gpu_ids']}"]  # not doubled
+    assert out["events"] == [
+        "gpu-agent: released",
+        f"trained on {result['allocation']['gpu_ids']}",
+    ]  # not doubled
     assert set(out) == {"gpu_request", "gpu_result", "events"}  # nothing else leaked in
     assert [r.allocation_id for r in orch.history()] == [result["allocation"]["id"]]
 
 
 def test_a_human_review_interrupts_the_parent_and_resumes_through_it(
-        make_orch: OrchFactory) -> None:
-    orch = make_orch(small_config(council={"policy": "reference", "approve_threshold": 0.99,
-                                           "deny_threshold": 0.05,
-                                           "auto_approve_max_gpus": 0}))
+    make_orch: OrchFactory,
+) -> None:
+    orch = make_orch(
+        small_config(
+            council={
+                "policy": "reference",
+                "approve_threshold": 0.99,
+                "deny_threshold": 0.05,
+                "auto_approve_max_gpus": 0,
+            }
+        )
+    )
     parent, config = pipeline(), {"configurable": {"thread_id": "p2"}}
-    stopped = parent.invoke({"gpu_request": ASK | {"count": 2}, "events": []}, config,
-                            context=orch.context)
+    stopped = parent.invoke(
+        {"gpu_request": ASK | {"count": 2}, "events": []}, config, context=orch.context
+    )
     (question,) = stopped["__interrupt__"]
     assert question.value["question"] == "approve 2 GPU(s) for vision?"
     assert orch.services.ledger.allocations() == []
-    done = parent.invoke(Command(resume={"approve": True, "by": "lead"}), config,
-                         context=orch.context)
+    done = parent.invoke(
+        Command(resume={"approve": True, "by": "lead"}), config, context=orch.context
+    )
     assert done["gpu_result"]["status"] == "released"
     assert done["events"][0] == "gpu-agent: released" and len(done["events"]) == 2
     assert len(orch.history()) == 1

@@ -21,39 +21,59 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_rows_out_of_time_order_are_sorted_and_mapped(tmp_path: Path) -> None:
-    path = write(tmp_path, HEADER + "2017-10-09 07:01:55,66.0,1,66.0,11cb48\n"
-                 "2017-10-09 06:13:03,7200,4,28800,6214e9\n"
-                 "2017-10-09 06:13:03,0,2,0,6214e9\n")
+    path = write(
+        tmp_path,
+        HEADER + "2017-10-09 07:01:55,66.0,1,66.0,11cb48\n"
+        "2017-10-09 06:13:03,7200,4,28800,6214e9\n"
+        "2017-10-09 06:13:03,0,2,0,6214e9\n",
+    )
     jobs = read_trace(path)
     assert [(j.line, j.project, j.count, j.hours) for j in jobs] == [
-        (3, "vc-6214e9", 4, 2.0), (4, "vc-6214e9", 2, 0.0), (2, "vc-11cb48", 1, 66 / 3600)]
+        (3, "vc-6214e9", 4, 2.0),
+        (4, "vc-6214e9", 2, 0.0),
+        (2, "vc-11cb48", 1, 66 / 3600),
+    ]
     assert jobs[0].submit == 1507529583.0  # 2017-10-09 06:13:03 UTC
     assert [j.line for j in read_trace(path, limit=2)] == [3, 4]
 
 
 def test_another_trace_loads_through_its_own_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "submitted_s,minutes,gpus,team\n100,30,8,nlp\n50,90,1,vision\n")
-    schema = TraceSchema(submit="submitted_s", duration="minutes", gpus="gpus", project="team",
-                         time_format="epoch", duration_seconds=60, project_prefix="")
+    schema = TraceSchema(
+        submit="submitted_s",
+        duration="minutes",
+        gpus="gpus",
+        project="team",
+        time_format="epoch",
+        duration_seconds=60,
+        project_prefix="",
+    )
     jobs = read_trace(path, schema)
     assert [(j.project, j.submit, j.count, j.hours) for j in jobs] == [
-        ("vision", 50.0, 1, 1.5), ("nlp", 100.0, 8, 0.5)]
+        ("vision", 50.0, 1, 1.5),
+        ("nlp", 100.0, 8, 0.5),
+    ]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "is empty"),
-    (HEADER, "header but no jobs"),
-    ("timestamp,duration,cluster\n2017-10-09 07:01:55,66,a\n", "no column 'num_gpus'"),
-    (HEADER + "2017-10-09 07:01:55,66,1,66,a\n2017-13-40 07:01:55,66,1,66,a\n",
-     ":3: cannot read the time '2017-13-40 07:01:55'"),
-    (HEADER + "2017-10-09 07:01:55,-1,1,66,a\n", ":2: column 'duration' must be a duration"),
-    (HEADER + "2017-10-09 07:01:55,soon,1,66,a\n", ":2: column 'duration' must be a number"),
-    (HEADER + "2017-10-09 07:01:55,nan,1,66,a\n", ":2: column 'duration' must be a finite"),
-    (HEADER + "2017-10-09 07:01:55,66,0,66,a\n", ":2: column 'num_gpus' must be a whole"),
-    (HEADER + "2017-10-09 07:01:55,66,1.5,66,a\n", ":2: column 'num_gpus' must be a whole"),
-    (HEADER + "2017-10-09 07:01:55,66,1,66,\n", ":2: column 'cluster' is empty"),
-    (HEADER + "2017-10-09 07:01:55,66\n", ":2: column 'num_gpus' must be a number"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        (HEADER, "header but no jobs"),
+        ("timestamp,duration,cluster\n2017-10-09 07:01:55,66,a\n", "no column 'num_gpus'"),
+        (
+            HEADER + "2017-10-09 07:01:55,66,1,66,a\n2017-13-40 07:01:55,66,1,66,a\n",
+            ":3: cannot read the time '2017-13-40 07:01:55'",
+        ),
+        (HEADER + "2017-10-09 07:01:55,-1,1,66,a\n", ":2: column 'duration' must be a duration"),
+        (HEADER + "2017-10-09 07:01:55,soon,1,66,a\n", ":2: column 'duration' must be a number"),
+        (HEADER + "2017-10-09 07:01:55,nan,1,66,a\n", ":2: column 'duration' must be a finite"),
+        (HEADER + "2017-10-09 07:01:55,66,0,66,a\n", ":2: column 'num_gpus' must be a whole"),
+        (HEADER + "2017-10-09 07:01:55,66,1.5,66,a\n", ":2: column 'num_gpus' must be a whole"),
+        (HEADER + "2017-10-09 07:01:55,66,1,66,\n", ":2: column 'cluster' is empty"),
+        (HEADER + "2017-10-09 07:01:55,66\n", ":2: column 'num_gpus' must be a number"),
+    ],
+)
 def test_bad_traces_name_the_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(")) as err:
         read_trace(write(tmp_path, text))

@@ -25,11 +25,21 @@ from graph.orchestrator import Orchestrator
 from graph.ui import SERVER, create_app
 from tests.conftest import small_config
 
-COUNCIL = {"policy": "reference", "approve_threshold": 0.99, "deny_threshold": 0.01,
-           "auto_approve_max_gpus": 1, "auto_approve_max_usd": 100_000}
+COUNCIL = {
+    "policy": "reference",
+    "approve_threshold": 0.99,
+    "deny_threshold": 0.01,
+    "auto_approve_max_gpus": 1,
+    "auto_approve_max_usd": 100_000,
+}
 ALICE = Identity("alice", "vision", "member")
-TWO = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1,
-       "gpu_type": "A100"}
+TWO = {
+    "project": "vision",
+    "purpose": "training",
+    "count": 2,
+    "duration_hours": 1,
+    "gpu_type": "A100",
+}
 
 
 @pytest.fixture
@@ -37,15 +47,24 @@ def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The page over a state directory with identities and two vision requests waiting."""
     state = tmp_path / "s"
     state.mkdir()
-    tokens = {n: add_identity(state, n, r, p) for n, r, p in [
-        ("root", "admin", None), ("alice", "member", "vision"), ("dave", "approver", "vision"),
-        ("erin", "approver", "vision"), ("bob", "member", "speech")]}
+    tokens = {
+        n: add_identity(state, n, r, p)
+        for n, r, p in [
+            ("root", "admin", None),
+            ("alice", "member", "vision"),
+            ("dave", "approver", "vision"),
+            ("erin", "approver", "vision"),
+            ("bob", "member", "speech"),
+        ]
+    }
     config = small_config(council=COUNCIL, clock={"time_scale": 3600})
     orch = Orchestrator(state, config, identity=SERVER)
     asker = orch.acting_as(ALICE)  # requests carry who asked
     for tid in ("r1", "r2"):
-        assert asker.request(TWO | {"requested_by": "alice"},
-                             thread_id=tid).status is Status.PENDING_REVIEW
+        assert (
+            asker.request(TWO | {"requested_by": "alice"}, thread_id=tid).status
+            is Status.PENDING_REVIEW
+        )
     placed = asker.request(TWO | {"count": 1}, thread_id="placed", wait=False)
     assert placed.status is Status.ALLOCATED and placed.allocation is not None
     asker.release(placed.allocation.id)  # some history for the review page's chart
@@ -96,11 +115,13 @@ def test_pending_reviews_and_what_a_reviewer_sees(site: dict[str, Any]) -> None:
 def test_approve_and_deny_resume_the_threads(site: dict[str, Any]) -> None:
     dave = login(site, "dave")
     token = csrf(dave.get("/reviews/r1").text)
-    r = dave.post("/reviews/r1/decide", data={"csrf": token, "decision": "approve",
-                                               "comment": "go"})
+    r = dave.post(
+        "/reviews/r1/decide", data={"csrf": token, "decision": "approve", "comment": "go"}
+    )
     assert r.status_code == 200 and ("allocated" in r.text or "released" in r.text)
-    r = dave.post("/reviews/r2/decide", data={"csrf": token, "decision": "deny",
-                                               "comment": "not now"})
+    r = dave.post(
+        "/reviews/r2/decide", data={"csrf": token, "decision": "deny", "comment": "not now"}
+    )
     assert r.status_code == 200 and "denied by dave (not now)" in r.text
     root = site["orch"]
     assert root.outcome("r2").status is Status.DENIED
@@ -117,9 +138,17 @@ def test_bad_posts_change_nothing(site: dict[str, Any]) -> None:
     cases = [
         (dave, "/reviews/r1/decide", {"csrf": "0" * 64, "decision": "approve"}, 403),
         (dave, "/reviews/r1/decide", {"decision": "approve"}, 403),
-        (alice, "/reviews/r1/decide", {"csrf": csrf(alice.get("/reviews/r1").text)
-                                       if "csrf" in alice.get("/reviews/r1").text else "x",
-                                       "decision": "approve"}, 403),
+        (
+            alice,
+            "/reviews/r1/decide",
+            {
+                "csrf": csrf(alice.get("/reviews/r1").text)
+                if "csrf" in alice.get("/reviews/r1").text
+                else "x",
+                "decision": "approve",
+            },
+            403,
+        ),
         (dave, "/reviews/r1/decide", {"csrf": token, "decision": "maybe"}, 400),
         (dave, "/reviews/nope/decide", {"csrf": token, "decision": "approve"}, 404),
         (dave, "/reviews/placed/decide", {"csrf": token, "decision": "approve"}, 409),
@@ -143,8 +172,9 @@ def test_two_approvers_at_once_one_decision(site: dict[str, Any]) -> None:
 
     def post(i: int) -> None:
         barrier.wait()
-        r = clients[i].post("/reviews/r1/decide",
-                            data={"csrf": tokens[i], "decision": ["approve", "deny"][i]})
+        r = clients[i].post(
+            "/reviews/r1/decide", data={"csrf": tokens[i], "decision": ["approve", "deny"][i]}
+        )
         codes.append(r.status_code)
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(2)]
@@ -173,9 +203,16 @@ def test_spend_shows_the_latest_simulation(site: dict[str, Any], tmp_path: Path)
 
     report = tmp_path / "simulation"
     report.mkdir()
-    (report / "metrics.json").write_text(dump(
-        {"naive": {"total_cost_usd": 1000.0, "cost_per_useful_gpu_hour": 2.5},
-         "gpu-agent": {"total_cost_usd": 640.0, "cost_per_useful_gpu_hour": 1.6}}, {}, {}))
+    (report / "metrics.json").write_text(
+        dump(
+            {
+                "naive": {"total_cost_usd": 1000.0, "cost_per_useful_gpu_hour": 2.5},
+                "gpu-agent": {"total_cost_usd": 640.0, "cost_per_useful_gpu_hour": 1.6},
+            },
+            {},
+            {},
+        )
+    )
     app = create_app(site["orch"], simulation=report)
     client = TestClient(app, base_url="http://127.0.0.1")
     client.post("/login", data={"token": site["tokens"]["root"]})
@@ -185,14 +222,16 @@ def test_spend_shows_the_latest_simulation(site: dict[str, Any], tmp_path: Path)
 
 # ---- hosts and origins ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The page in single-user mode (no access file: every caller is the local user), one
     request waiting: what a page elsewhere would like to decide through DNS rebinding."""
     state = tmp_path / "s"
     state.mkdir()
-    orch = Orchestrator(state, small_config(council=COUNCIL, clock={"time_scale": 3600}),
-                        identity=SERVER)
+    orch = Orchestrator(
+        state, small_config(council=COUNCIL, clock={"time_scale": 3600}), identity=SERVER
+    )
     assert orch.request(TWO, thread_id="r1").status is Status.PENDING_REVIEW
     app = create_app(orch)
     yield {"orch": orch, "app": app}
@@ -212,10 +251,15 @@ def test_a_forged_host_is_refused_and_changes_nothing(local: dict[str, Any]) -> 
     good = TestClient(local["app"], base_url="http://127.0.0.1")
     token = csrf(good.get("/reviews/r1").text)
     before = orch.services.ledger.dump()
-    for host in ("evil.example", "evil.example:8750", "127.0.0.1.evil.example",
-                 "127.0.0.1@evil.example", "evil.example:80, 127.0.0.1", ""):
-        forged = TestClient(local["app"], base_url="http://127.0.0.1",
-                            headers={"Host": host})
+    for host in (
+        "evil.example",
+        "evil.example:8750",
+        "127.0.0.1.evil.example",
+        "127.0.0.1@evil.example",
+        "evil.example:80, 127.0.0.1",
+        "",
+    ):
+        forged = TestClient(local["app"], base_url="http://127.0.0.1", headers={"Host": host})
         for path in ("/reviews", "/reviews/r1", "/fleet", "/", "/nope"):
             r = forged.get(path, follow_redirects=False)
             assert r.status_code == 421 and one_line(r), (host, path, r.text)
@@ -235,20 +279,27 @@ def test_a_foreign_origin_is_refused_and_changes_nothing(local: dict[str, Any]) 
     token = csrf(client.get("/reviews/r1").text)
     before = orch.services.ledger.dump()
     form = {"csrf": token, "decision": "approve", "comment": "forged"}
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
-                    {"Origin": "http://127.0.0.1:9999"},  # another service on this machine
-                    {"Origin": "https://127.0.0.1.evil.example"},
-                    {"Origin": "http://evil@127.0.0.1"}, {"Origin": ""},
-                    {"Referer": "http://evil.example/page"},
-                    {"Referer": "http://127.0.0.1:9999/reviews/r1"}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:9999"},  # another service on this machine
+        {"Origin": "https://127.0.0.1.evil.example"},
+        {"Origin": "http://evil@127.0.0.1"},
+        {"Origin": ""},
+        {"Referer": "http://evil.example/page"},
+        {"Referer": "http://127.0.0.1:9999/reviews/r1"},
+    ):
         r = client.post("/reviews/r1/decide", data=form, headers=headers)
         assert r.status_code == 403, (headers, r.text[-300:])
         assert "posted from elsewhere" in r.text and "nothing changed" in r.text
         assert "Not allowed - gpu-agent" in r.text
     assert orch.services.ledger.dump() == before
     # the page's own origin (a browser), then a client that sends none (curl): both go on
-    ok = client.post("/reviews/r1/decide", headers={"Origin": "http://127.0.0.1"},
-                     data=form | {"comment": "from the page"})
+    ok = client.post(
+        "/reviews/r1/decide",
+        headers={"Origin": "http://127.0.0.1"},
+        data=form | {"comment": "from the page"},
+    )
     assert ok.status_code == 200 and "Approved by local" in ok.text
     decided = [e for e in orch.audit() if e.key.startswith("decide:")]
     assert [(e.who, e.action) for e in decided] == [("local", "approve")]
@@ -264,16 +315,20 @@ def test_an_allowed_host_and_its_https_origin(local: dict[str, Any]) -> None:
     page = client.get("/reviews/r1")
     assert page.status_code == 200
     assert client.get("/reviews", headers={"Host": "[fd00::7]:8750"}).status_code == 200
-    r = client.post("/reviews/r1/decide", headers={"Origin": "https://gpu.example.com"},
-                    data={"csrf": csrf(page.text), "decision": "deny", "comment": "no"})
+    r = client.post(
+        "/reviews/r1/decide",
+        headers={"Origin": "https://gpu.example.com"},
+        data={"csrf": csrf(page.text), "decision": "deny", "comment": "no"},
+    )
     assert r.status_code == 200 and "Denied by local" in r.text
     assert TestClient(app, base_url="https://evil.example").get("/reviews").status_code == 421
     with pytest.raises(InvalidInput):
         create_app(local["orch"], allowed=["http://gpu.example.com/"])
 
 
-def test_the_cli_passes_its_host_names(local: dict[str, Any], tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_passes_its_host_names(
+    local: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`gpu-agent ui --allow-host NAME` (or GPU_AGENT_UI_HOSTS): the app uvicorn gets answers
     to those names, the bound address and the loopback names, and to nothing else."""
     import uvicorn
@@ -286,8 +341,10 @@ def test_the_cli_passes_its_host_names(local: dict[str, Any], tmp_path: Path,
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, kw)))
     monkeypatch.setenv("GPU_AGENT_UI_HOSTS", "env.example, other.example")
     state = str(tmp_path / "cli")
-    assert main(["ui", "--state-dir", state, "--host", "10.1.2.3",
-                 "--allow-host", "gpu.example.com"]) == 0
+    assert (
+        main(["ui", "--state-dir", state, "--host", "10.1.2.3", "--allow-host", "gpu.example.com"])
+        == 0
+    )
     assert main(["ui", "--state-dir", state]) == 0
     assert main(["ui", "--state-dir", state, "--allow-host", "bad/name"]) == 2
     assert len(served) == 2
@@ -298,25 +355,41 @@ def test_the_cli_passes_its_host_names(local: dict[str, Any], tmp_path: Path,
         client = TestClient(app, base_url="http://127.0.0.1", headers={"Host": host})
         return int(client.get("/login").status_code)
 
-    assert [code(flagged, h) for h in ("gpu.example.com", "10.1.2.3:8750", "localhost",
-                                       "env.example", "evil.example")] == \
-        [200, 200, 200, 421, 421]
-    assert [code(from_env, h) for h in ("env.example", "other.example", "gpu.example.com")] \
-        == [200, 200, 421]
+    assert [
+        code(flagged, h)
+        for h in ("gpu.example.com", "10.1.2.3:8750", "localhost", "env.example", "evil.example")
+    ] == [200, 200, 200, 421, 421]
+    assert [code(from_env, h) for h in ("env.example", "other.example", "gpu.example.com")] == [
+        200,
+        200,
+        421,
+    ]
 
 
 # ---- ids -------------------------------------------------------------------------------------
+
 
 def test_malformed_ids_are_a_one_line_404(site: dict[str, Any]) -> None:
     orch: Orchestrator = site["orch"]
     dave = login(site, "dave")
     token = csrf(dave.get("/reviews/r1").text)
     before = orch.services.ledger.dump()
-    for tid in ("..%2Ffleet", "x%3Fy%3D1%23z", "r1%0A", "a%0Ab", "%2E%2E", "-r1", "r%201",
-                "r1%22%3E%3Cscript%3E"):
+    for tid in (
+        "..%2Ffleet",
+        "x%3Fy%3D1%23z",
+        "r1%0A",
+        "a%0Ab",
+        "%2E%2E",
+        "-r1",
+        "r%201",
+        "r1%22%3E%3Cscript%3E",
+    ):
         for method, path in (("GET", f"/reviews/{tid}"), ("POST", f"/reviews/{tid}/decide")):
-            r = dave.request(method, path, data={"csrf": token, "decision": "approve"}
-                             if method == "POST" else None)
+            r = dave.request(
+                method,
+                path,
+                data={"csrf": token, "decision": "approve"} if method == "POST" else None,
+            )
             assert r.status_code == 404 and one_line(r), (path, r.text)
             assert r.headers["content-type"].startswith("text/plain")  # never read as HTML
             assert r.headers["x-content-type-options"] == "nosniff"
@@ -329,6 +402,7 @@ def test_malformed_ids_are_a_one_line_404(site: dict[str, Any]) -> None:
 
 
 # ---- what a reviewer reads -------------------------------------------------------------------
+
 
 def test_who_asked_and_how_long_it_waited(site: dict[str, Any]) -> None:
     dave = login(site, "dave")
@@ -354,8 +428,10 @@ def test_a_member_sees_no_buttons_but_who_decides(site: dict[str, Any]) -> None:
 def test_after_a_decision_the_page_says_who_and_why(site: dict[str, Any]) -> None:
     dave = login(site, "dave")
     token = csrf(dave.get("/reviews/r2").text)
-    r = dave.post("/reviews/r2/decide", data={"csrf": token, "decision": "deny",
-                                               "comment": 'not now <b>"sorry"</b>'})
+    r = dave.post(
+        "/reviews/r2/decide",
+        data={"csrf": token, "decision": "deny", "comment": 'not now <b>"sorry"</b>'},
+    )
     assert r.status_code == 200
     assert "<strong>Denied by dave</strong>" in r.text
     assert "not now &lt;b&gt;&quot;sorry&quot;&lt;/b&gt;" in r.text
@@ -370,45 +446,78 @@ def test_the_cost_the_council_judged_and_the_route_explained(site: dict[str, Any
     cheaper per unit of work); with both H100s held, the route would place A100s."""
     orch: Orchestrator = site["orch"]
     alice = orch.acting_as(ALICE)
-    held = alice.request({"project": "vision", "purpose": "training", "count": 2,
-                          "duration_hours": 300, "gpu_type": "H100"}, thread_id="h100s")
+    held = alice.request(
+        {
+            "project": "vision",
+            "purpose": "training",
+            "count": 2,
+            "duration_hours": 300,
+            "gpu_type": "H100",
+        },
+        thread_id="h100s",
+    )
     assert held.status is Status.PENDING_REVIEW
     held = orch.resume("h100s", {"approve": True, "by": "root"}, wait=False)
     assert held.status is Status.ALLOCATED  # 300 h: five minutes at this clock's scale
-    asked = alice.request({"project": "vision", "purpose": "training", "count": 2,
-                           "duration_hours": 8}, thread_id="cheap")
+    asked = alice.request(
+        {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 8},
+        thread_id="cheap",
+    )
     assert asked.status is Status.PENDING_REVIEW
     page = login(site, "dave").get("/reviews/cheap").text
     text = re.sub(r"<[^>]+>", "", page)
-    assert ("The council judged the cost at its worst case on the cheapest type that does "
-            "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
-            "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
-            "$5.12/GPU-h for 8 h: $81.92.") in text, text
+    assert (
+        "The council judged the cost at its worst case on the cheapest type that does "
+        "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
+        "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
+        "$5.12/GPU-h for 8 h: $81.92."
+    ) in text, text
     assert "The council judged" in page and "If approved now" in page
     # a request that names its type: the same figure, said so
     same = re.sub(r"<[^>]+>", "", login(site, "dave").get("/reviews/r1").text)
-    assert "(2 x A100 for 1 h: $10.24); routed now, the request names its type, which has " \
-        "the GPUs free now: A100 at $5.12/GPU-h for 1 h: $10.24. The same figure." in same, same
+    assert (
+        "(2 x A100 for 1 h: $10.24); routed now, the request names its type, which has "
+        "the GPUs free now: A100 at $5.12/GPU-h for 1 h: $10.24. The same figure." in same
+    ), same
 
 
 def test_readable_labels_everywhere(site: dict[str, Any]) -> None:
     orch: Orchestrator = site["orch"]
-    orch.acting_as(ALICE).request(TWO | {"max_wait_minutes": 30, "budget_limit": 50,
-                                         "min_memory_gb": 40, "priority": "high"},
-                                  thread_id="full")
+    orch.acting_as(ALICE).request(
+        TWO | {"max_wait_minutes": 30, "budget_limit": 50, "min_memory_gb": 40, "priority": "high"},
+        thread_id="full",
+    )
     root = login(site, "root")
-    pages = {p: root.get(p).text for p in ("/reviews", "/reviews/full", "/reviews/placed",
-                                           "/fleet", "/spend")}
+    pages = {
+        p: root.get(p).text
+        for p in ("/reviews", "/reviews/full", "/reviews/placed", "/fleet", "/spend")
+    }
     for path, page in pages.items():
-        for raw in ("pending_review", "duration_hours", "max_wait_minutes", "gpu_type",
-                    "min_memory_gb", "budget_limit", "requested_by", "util %", "temp C",
-                    "lease-expired", ">explicit<", ">active<", "timed_out"):
+        for raw in (
+            "pending_review",
+            "duration_hours",
+            "max_wait_minutes",
+            "gpu_type",
+            "min_memory_gb",
+            "budget_limit",
+            "requested_by",
+            "util %",
+            "temp C",
+            "lease-expired",
+            ">explicit<",
+            ">active<",
+            "timed_out",
+        ):
             assert raw not in page, (path, raw)
     full = pages["/reviews/full"]
-    for shown in ("<th>Longest wait for GPUs</th><td>30 min</td>",
-                  "<th>Budget limit</th><td>$50.00</td>",
-                  "<th>Minimum GPU memory</th><td>40 GB</td>", "<th>Duration</th><td>1 h</td>",
-                  "<th>GPU type</th><td>A100</td>", "waiting for a review"):
+    for shown in (
+        "<th>Longest wait for GPUs</th><td>30 min</td>",
+        "<th>Budget limit</th><td>$50.00</td>",
+        "<th>Minimum GPU memory</th><td>40 GB</td>",
+        "<th>Duration</th><td>1 h</td>",
+        "<th>GPU type</th><td>A100</td>",
+        "waiting for a review",
+    ):
         assert shown in full, shown
     assert "released by hand" in pages["/fleet"]  # the placed thread's release reason
 
@@ -419,7 +528,7 @@ def test_full_gpu_ids_and_charts_with_a_scale(site: dict[str, Any]) -> None:
     uuids = site["orch"].services.gpus
     assert all(f'<td class="id">{_html(g.uuid)}</td>' in fleet for g in uuids)
     for page in (root.get("/reviews/r1").text, root.get("/spend").text):
-        svg = page[page.index("<svg"):page.index("</svg>")]
+        svg = page[page.index("<svg") : page.index("</svg>")]
         assert re.search(r'text-anchor="end">\$[\d,]+(\.\d\d)?</text>', svg), svg
         assert ">$0</text>" in svg and ">oldest</text>" in svg and ">newest</text>" in svg
         assert re.search(r">\d{4}-\d\d-\d\d \d\d:\d\d</text>", svg)
@@ -427,12 +536,25 @@ def test_full_gpu_ids_and_charts_with_a_scale(site: dict[str, Any]) -> None:
 
 # ---- release and monitoring ------------------------------------------------------------------
 
+
 def live_allocation(site: dict[str, Any], tid: str = "live") -> str:
     """A long allocation placed with wait=False: nobody monitors it once the call returned
     (one cheap GPU: the council approves it alone; 700 h: over ten minutes at 3600x)."""
-    out = site["orch"].acting_as(ALICE).request(
-        {"project": "vision", "purpose": "research", "count": 1, "duration_hours": 700,
-         "gpu_type": "RTX4090"}, thread_id=tid, wait=False)
+    out = (
+        site["orch"]
+        .acting_as(ALICE)
+        .request(
+            {
+                "project": "vision",
+                "purpose": "research",
+                "count": 1,
+                "duration_hours": 700,
+                "gpu_type": "RTX4090",
+            },
+            thread_id=tid,
+            wait=False,
+        )
+    )
     assert out.status is Status.ALLOCATED and out.allocation is not None
     return str(out.allocation.id)
 
@@ -463,8 +585,11 @@ def test_the_release_button_releases_once(site: dict[str, Any]) -> None:
         assert r.status_code == status, r.text[-300:]
     assert orch.services.ledger.dump() == before
     assert orch.services.ledger.get(aid).state == "active"
-    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token, "back": "fleet"},
-                  headers={"Origin": "http://127.0.0.1"})
+    r = dave.post(
+        f"/allocations/{aid}/release",
+        data={"csrf": token, "back": "fleet"},
+        headers={"Origin": "http://127.0.0.1"},
+    )
     assert r.status_code == 200
     assert f"Released allocation {aid}" in re.sub(r"<[^>]+>", "", r.text)
     assert orch.services.ledger.get(aid).state == "released"
@@ -486,16 +611,18 @@ def test_an_unmonitored_allocation_is_flagged(site: dict[str, Any]) -> None:
     fleet = login(site, "root").get("/fleet").text
     flag = re.search(r'<p class="flag">(.*?)</p>', fleet, re.S)
     assert flag is not None and aid in flag.group(1)
-    assert ("no process is monitoring this allocation: idle release and lease end are not "
-            "enforced until a worker or <code>gpu-agent resume live</code> adopts it") \
-        in flag.group(1)
+    assert (
+        "no process is monitoring this allocation: idle release and lease end are not "
+        "enforced until a worker or <code>gpu-agent resume live</code> adopts it"
+    ) in flag.group(1)
     assert '<span class="badge">not monitored</span>' in fleet
 
 
 def form_token(site: dict[str, Any], name: str) -> str:
     """The form token the page issues to `name` (bob never sees a form of vision's)."""
-    return hmac.new(site["app"].state.ui.secret, site["tokens"][name].encode(),
-                    hashlib.sha256).hexdigest()
+    return hmac.new(
+        site["app"].state.ui.secret, site["tokens"][name].encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def _html(text: str) -> str:

@@ -29,8 +29,13 @@ from tests.conftest import ROOT, small_config
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = ROOT / "artifacts" / "ui"
-TWO = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1,
-       "gpu_type": "A100"}
+TWO = {
+    "project": "vision",
+    "purpose": "training",
+    "count": 2,
+    "duration_hours": 1,
+    "gpu_type": "A100",
+}
 
 if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
     if os.environ.get("GPU_AGENT_REQUIRE_BROWSER"):
@@ -57,13 +62,25 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     state = tmp_path_factory.mktemp("ui") / "s"
     state.mkdir()
-    tokens = {n: add_identity(state, n, r, p) for n, r, p in [
-        ("dave", "approver", "vision"), ("erin", "approver", "vision"),
-        ("root", "admin", None), ("alice", "member", "vision")]}
-    config = small_config(council={"policy": "reference", "approve_threshold": 0.99,
-                                   "deny_threshold": 0.01, "auto_approve_max_gpus": 1,
-                                   "auto_approve_max_usd": 100_000},
-                          clock={"time_scale": 60})  # a one-hour lease lasts a minute
+    tokens = {
+        n: add_identity(state, n, r, p)
+        for n, r, p in [
+            ("dave", "approver", "vision"),
+            ("erin", "approver", "vision"),
+            ("root", "admin", None),
+            ("alice", "member", "vision"),
+        ]
+    }
+    config = small_config(
+        council={
+            "policy": "reference",
+            "approve_threshold": 0.99,
+            "deny_threshold": 0.01,
+            "auto_approve_max_gpus": 1,
+            "auto_approve_max_usd": 100_000,
+        },
+        clock={"time_scale": 60},
+    )  # a one-hour lease lasts a minute
     orch = Orchestrator(state, config, identity=SERVER)
     alice = orch.acting_as(Identity("alice", "vision", "member"))
     for held in (0.3, 0.9, 0.6):  # some history for the charts (bars of different heights)
@@ -72,33 +89,62 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         time.sleep(held)
         alice.release(one.allocation.id)
     for tid in ("r1", "r2", "r3", "r4"):
-        assert alice.request(TWO | {"requested_by": "alice"},
-                             thread_id=tid).status is Status.PENDING_REVIEW
+        assert (
+            alice.request(TWO | {"requested_by": "alice"}, thread_id=tid).status
+            is Status.PENDING_REVIEW
+        )
     # both H100s held (approved, placed, nobody monitoring: 100 h last 100 minutes here), so
     # a request of any training type is routed to A100s while the council priced H100s
-    assert alice.request(TWO | {"gpu_type": "H100", "duration_hours": 100},
-                         thread_id="h100s").status is Status.PENDING_REVIEW
-    assert orch.resume("h100s", {"approve": True, "by": "root", "comment": "benchmarks"},
-                       wait=False).status is Status.ALLOCATED
-    assert alice.request({"project": "vision", "purpose": "training", "count": 2,
-                          "duration_hours": 8, "requested_by": "alice"},
-                         thread_id="cheap").status is Status.PENDING_REVIEW
-    live = alice.request({"project": "vision", "purpose": "research", "count": 1,
-                          "duration_hours": 200, "gpu_type": "RTX4090"}, thread_id="live",
-                         wait=False)  # placed; unmonitored once the call returned
+    assert (
+        alice.request(TWO | {"gpu_type": "H100", "duration_hours": 100}, thread_id="h100s").status
+        is Status.PENDING_REVIEW
+    )
+    assert (
+        orch.resume(
+            "h100s", {"approve": True, "by": "root", "comment": "benchmarks"}, wait=False
+        ).status
+        is Status.ALLOCATED
+    )
+    assert (
+        alice.request(
+            {
+                "project": "vision",
+                "purpose": "training",
+                "count": 2,
+                "duration_hours": 8,
+                "requested_by": "alice",
+            },
+            thread_id="cheap",
+        ).status
+        is Status.PENDING_REVIEW
+    )
+    live = alice.request(
+        {
+            "project": "vision",
+            "purpose": "research",
+            "count": 1,
+            "duration_hours": 200,
+            "gpu_type": "RTX4090",
+        },
+        thread_id="live",
+        wait=False,
+    )  # placed; unmonitored once the call returned
     assert live.status is Status.ALLOCATED and live.allocation is not None
     app = create_app(orch)
     port = _port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
-    yield {"url": f"http://127.0.0.1:{port}", "tokens": tokens, "orch": orch,
-           "live": live.allocation.id}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "tokens": tokens,
+        "orch": orch,
+        "live": live.allocation.id,
+    }
     server.should_exit = True
     thread.join(timeout=30)
     for row in orch.services.ledger.live():  # the monitors carried on here hear it at once
@@ -122,14 +168,20 @@ def press(driver: Any, css: str) -> None:
 
     WebDriverWait(driver, 60).until(left)
     WebDriverWait(driver, 60).until(
-        lambda d: d.execute_script("return document.readyState") == "complete")
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
 
 
 def browser(site: dict[str, Any], name: str) -> Any:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1280,1000", "--disable-gpu"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        "--disable-gpu",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.implicitly_wait(5)
@@ -193,8 +245,10 @@ def test_two_approvers_click_at_once(site: dict[str, Any]) -> None:
             barrier.wait()
             press(d, css)
 
-        clicks = [threading.Thread(target=click, args=(d, css)) for d, css in
-                  zip(drivers, ("button.approve", "button.deny"), strict=True)]
+        clicks = [
+            threading.Thread(target=click, args=(d, css))
+            for d, css in zip(drivers, ("button.approve", "button.deny"), strict=True)
+        ]
         for c in clicks:
             c.start()
         for c in clicks:
@@ -205,8 +259,9 @@ def test_two_approvers_click_at_once(site: dict[str, Any]) -> None:
         loser = next(d for d in drivers if d.title.startswith("Already decided"))
         assert "already decided" in loser.page_source
         shot(loser, "7-already-decided")
-        decided = [e for e in site["orch"].audit() if e.key.startswith("decide:")
-                   and e.target == "r3"]
+        decided = [
+            e for e in site["orch"].audit() if e.key.startswith("decide:") and e.target == "r3"
+        ]
         assert len(decided) == 1
     finally:
         for d in drivers:
@@ -218,10 +273,12 @@ def test_the_cost_explained_and_a_members_view(site: dict[str, Any]) -> None:
     try:
         dave.get(site["url"] + "/reviews/cheap")
         page = text(dave)
-        assert ("The council judged the cost at its worst case on the cheapest type that does "
-                "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
-                "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
-                "$5.12/GPU-h for 8 h: $81.92.") in page, page
+        assert (
+            "The council judged the cost at its worst case on the cheapest type that does "
+            "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
+            "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
+            "$5.12/GPU-h for 8 h: $81.92."
+        ) in page, page
         assert "Asked by alice" in page and "waiting for" in page
         shot(dave, "8-review-cost-explained")
     finally:
@@ -271,16 +328,17 @@ def test_a_forged_post_from_another_page(site: dict[str, Any], tmp_path: Path) -
     try:
         dave.get(site["url"] + "/reviews/r4")  # the cookie is set for this origin
         forged = tmp_path / "forged.html"
-        forged.write_text(f'<form id=f method=post action="{site["url"]}/reviews/r4/decide">'
-                          '<input name=decision value=deny></form>'
-                          '<script>document.getElementById("f").submit()</script>')
+        forged.write_text(
+            f'<form id=f method=post action="{site["url"]}/reviews/r4/decide">'
+            "<input name=decision value=deny></form>"
+            '<script>document.getElementById("f").submit()</script>'
+        )
         dave.get(forged.as_uri())
         WebDriverWait(dave, 30).until(lambda d: "gpu-agent" in d.title)
         # refused: the SameSite=Strict cookie is not sent from another site (the log-in
         # page), and had it been, the form token would be missing (the not-allowed page)
         assert dave.title.split(" - ")[0] in ("Log in", "Not allowed")
         assert site["orch"].outcome("r4").status is Status.PENDING_REVIEW
-        assert not [e for e in site["orch"].audit() if e.target == "r4"
-                    and e.action != "ask"]
+        assert not [e for e in site["orch"].audit() if e.target == "r4" and e.action != "ask"]
     finally:
         dave.quit()

@@ -16,42 +16,52 @@ def req(**fields: object) -> dict[str, object]:
     return {"project": "p", "purpose": "training", "count": 1, "duration_hours": 1} | fields
 
 
-@pytest.mark.parametrize("alias,purpose", [
-    ("model_training", Purpose.TRAINING), ("Fine-Tuning", Purpose.TRAINING),
-    ("serving", Purpose.INFERENCE), ("model_inference", Purpose.INFERENCE),
-    ("experiment", Purpose.RESEARCH), ("research", Purpose.RESEARCH),
-])
+@pytest.mark.parametrize(
+    "alias,purpose",
+    [
+        ("model_training", Purpose.TRAINING),
+        ("Fine-Tuning", Purpose.TRAINING),
+        ("serving", Purpose.INFERENCE),
+        ("model_inference", Purpose.INFERENCE),
+        ("experiment", Purpose.RESEARCH),
+        ("research", Purpose.RESEARCH),
+    ],
+)
 def test_purpose_aliases(alias: str, purpose: Purpose) -> None:
     assert parse_request(req(purpose=alias)).purpose is purpose
 
 
 def test_type_alias_and_api_shape() -> None:
-    r = GPURequest(type="a100", count=2, duration_hours=4, purpose="model_training",
-                   budget_limit=50.0)
+    r = GPURequest(
+        type="a100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0
+    )
     assert (r.gpu_type, r.count, r.purpose, r.project) == ("A100", 2, Purpose.TRAINING, "default")
 
 
-@pytest.mark.parametrize("fields,needle", [
-    ({"count": 0}, "count"),
-    ({"count": -3}, "count"),
-    ({"count": True}, "count"),
-    ({"count": 1.5}, "count"),
-    ({"duration_hours": 0}, "duration_hours"),
-    ({"duration_hours": -1}, "duration_hours"),
-    ({"duration_hours": math.nan}, "finite"),
-    ({"duration_hours": math.inf}, "finite"),
-    ({"budget_limit": math.nan}, "finite"),
-    ({"budget_limit": -5}, "budget_limit"),
-    ({"budget_limit": 0}, "budget_limit"),
-    ({"min_memory_gb": -1}, "min_memory_gb"),
-    ({"purpose": "mining"}, "unknown purpose"),
-    ({"priority": "urgent"}, "priority"),
-    ({"project": ""}, "project"),
-    ({"project": "a b"}, "project"),
-    ({"project": "x" * 65}, "project"),
-    ({"surprise": 1}, "surprise"),
-    ({"mode": "cheap"}, "mode"),
-])
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"count": 0}, "count"),
+        ({"count": -3}, "count"),
+        ({"count": True}, "count"),
+        ({"count": 1.5}, "count"),
+        ({"duration_hours": 0}, "duration_hours"),
+        ({"duration_hours": -1}, "duration_hours"),
+        ({"duration_hours": math.nan}, "finite"),
+        ({"duration_hours": math.inf}, "finite"),
+        ({"budget_limit": math.nan}, "finite"),
+        ({"budget_limit": -5}, "budget_limit"),
+        ({"budget_limit": 0}, "budget_limit"),
+        ({"min_memory_gb": -1}, "min_memory_gb"),
+        ({"purpose": "mining"}, "unknown purpose"),
+        ({"priority": "urgent"}, "priority"),
+        ({"project": ""}, "project"),
+        ({"project": "a b"}, "project"),
+        ({"project": "x" * 65}, "project"),
+        ({"surprise": 1}, "surprise"),
+        ({"mode": "cheap"}, "mode"),
+    ],
+)
 def test_bad_fields_give_one_line(fields: dict[str, object], needle: str) -> None:
     with pytest.raises(InvalidInput) as err:
         parse_request(req(**fields))
@@ -64,15 +74,18 @@ def test_not_a_mapping() -> None:
         parse_request(["count", 1])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fields,needle", [
-    ({"gpu_type": "B200"}, "unknown GPU type"),
-    ({"count": 9}, "more than the fleet has"),          # 8 A100 is the largest training type
-    ({"count": 3, "gpu_type": "H100"}, "more than the fleet has"),
-    ({"duration_hours": 10_000}, "over the limit"),
-    ({"duration_hours": 0.001}, "under the minimum"),
-    ({"min_memory_gb": 200}, "no GPU"),
-    ({"purpose": "inference", "min_memory_gb": 40}, "no GPU"),
-])
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"gpu_type": "B200"}, "unknown GPU type"),
+        ({"count": 9}, "more than the fleet has"),  # 8 A100 is the largest training type
+        ({"count": 3, "gpu_type": "H100"}, "more than the fleet has"),
+        ({"duration_hours": 10_000}, "over the limit"),
+        ({"duration_hours": 0.001}, "under the minimum"),
+        ({"min_memory_gb": 200}, "no GPU"),
+        ({"purpose": "inference", "min_memory_gb": 40}, "no GPU"),
+    ],
+)
 def test_fleet_checks(config: FleetConfig, fields: dict[str, object], needle: str) -> None:
     with pytest.raises(InvalidInput, match=needle):
         check_against_fleet(parse_request(req(**fields)), config)
@@ -82,8 +95,9 @@ def test_fleet_checks_accept_what_fits(config: FleetConfig) -> None:
     check_against_fleet(parse_request(req(count=8, min_memory_gb=80)), config)
 
 
-@pytest.mark.parametrize("project,usd", [("ok", math.nan), ("ok", -1), ("ok", math.inf),
-                                         ("bad name", 10), ("ok", True)])
+@pytest.mark.parametrize(
+    "project,usd", [("ok", math.nan), ("ok", -1), ("ok", math.inf), ("bad name", 10), ("ok", True)]
+)
 def test_bad_budgets(project: str, usd: float) -> None:
     with pytest.raises(InvalidInput):
         check_budget(project, usd)

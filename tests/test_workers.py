@@ -53,32 +53,67 @@ def _fleet(tmp_path: Path) -> Path:
     """4 A100 on two nodes, one virtual hour a real second, ticks every 10 virtual minutes,
     and no council for these small requests."""
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_toml(clock={"time_scale": 3600}, monitor={"tick_seconds": 600},
-                                scheduler={"poll_seconds": 300},
-                                council={"auto_approve_max_gpus": 4,
-                                         "auto_approve_max_usd": 1000})
-                     .replace("gpus = 4", "gpus = 2"))
+    fleet.write_text(
+        fleet_toml(
+            clock={"time_scale": 3600},
+            monitor={"tick_seconds": 600},
+            scheduler={"poll_seconds": 300},
+            council={"auto_approve_max_gpus": 4, "auto_approve_max_usd": 1000},
+        ).replace("gpus = 4", "gpus = 2")
+    )
     return fleet
 
 
 def _opts(tmp_path: Path, pg_url: str) -> list[str]:
-    return ["--state-dir", str(tmp_path / "state"), "--fleet", str(_fleet(tmp_path)),
-            "--database", pg_url]
+    return [
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--fleet",
+        str(_fleet(tmp_path)),
+        "--database",
+        pg_url,
+    ]
 
 
 def _worker(tmp_path: Path, opts: list[str], *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "worker", "--json", "--poll-seconds", "0.2",
-         *opts, *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "graph.cli",
+            "worker",
+            "--json",
+            "--poll-seconds",
+            "0.2",
+            *opts,
+            *extra,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _submit(tmp_path: Path, opts: list[str], n: int, hours: float) -> list[str]:
     ids = []
     for i in range(n):
-        r = run_cli("submit", "--project", f"team{i % 3}", "--purpose", "training",
-                    "--count", "1", "--hours", str(hours), "--gpu-type", "A100", "--json",
-                    *opts, cwd=tmp_path)
+        r = run_cli(
+            "submit",
+            "--project",
+            f"team{i % 3}",
+            "--purpose",
+            "training",
+            "--count",
+            "1",
+            "--hours",
+            str(hours),
+            "--gpu-type",
+            "A100",
+            "--json",
+            *opts,
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, r.stderr
         ids.append(json.loads(r.stdout)["thread_id"])
     return ids
@@ -92,8 +127,7 @@ def _ledger_checks(pg_url: str, config: FleetConfig, n: int) -> Counter[str]:
         rows = ledger.allocations()
         assert len(rows) == n and all(r.state == "released" for r in rows)
         charges = ledger.query("SELECT allocation_id FROM charges")
-        history = ledger.query("SELECT allocation_id, gpu_ids, started_at, ended_at "
-                               "FROM history")
+        history = ledger.query("SELECT allocation_id, gpu_ids, started_at, ended_at FROM history")
         placed = {r.id for r in rows if r.started_at is not None}
         assert sorted(c[0] for c in charges) == sorted(h[0] for h in history) == sorted(placed)
         spans: dict[str, list[tuple[float, float]]] = {}
@@ -115,8 +149,7 @@ def test_two_workers_serve_one_queue(tmp_path: Path, pg_url: str) -> None:
 
     opts = _opts(tmp_path, pg_url)
     ids = _submit(tmp_path, opts, 8, hours=0.5)
-    workers = [_worker(tmp_path, opts, "--concurrency", "3", "--exit-when-idle")
-               for _ in range(2)]
+    workers = [_worker(tmp_path, opts, "--concurrency", "3", "--exit-when-idle") for _ in range(2)]
     outs = []
     for w in workers:
         stdout, stderr = w.communicate(timeout=240)
@@ -148,27 +181,39 @@ def test_a_killed_workers_threads_are_finished_by_another(tmp_path: Path, pg_url
         ledger.close()
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    heir = _worker(tmp_path, opts, "--concurrency", "6", "--lease-seconds", "2",
-                   "--exit-when-idle")
+    heir = _worker(tmp_path, opts, "--concurrency", "6", "--lease-seconds", "2", "--exit-when-idle")
     stdout, stderr = heir.communicate(timeout=240)
     assert heir.returncode == 0, stderr
     assert sum(json.loads(stdout)["finished"].values()) == 6
     jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
     assert {j["thread_id"] for j in jobs} == set(ids)
-    assert all(j["state"] == "done" and j["outcome"] == "released" and j["attempts"] == 2
-               for j in jobs), [(j["outcome"], j["attempts"], j["error"]) for j in jobs]
+    assert all(
+        j["state"] == "done" and j["outcome"] == "released" and j["attempts"] == 2 for j in jobs
+    ), [(j["outcome"], j["attempts"], j["error"]) for j in jobs]
     reasons = _ledger_checks(pg_url, config, 6)
     assert sum(reasons.values()) == 6
 
 
 def test_bad_databases_are_one_line_errors(tmp_path: Path) -> None:
-    r = run_cli("jobs", "--database", "mysql://db/x", "--state-dir", str(tmp_path),
-                cwd=tmp_path)
+    r = run_cli("jobs", "--database", "mysql://db/x", "--state-dir", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "--database must be a postgresql:// URL" in r.stderr
-    r = run_cli("submit", "--project", "p", "--purpose", "training", "--count", "1",
-                "--hours", "1", "--database", "postgresql://u:pw@127.0.0.1:9/x",
-                "--state-dir", str(tmp_path / "s"), cwd=tmp_path)
+    r = run_cli(
+        "submit",
+        "--project",
+        "p",
+        "--purpose",
+        "training",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--database",
+        "postgresql://u:pw@127.0.0.1:9/x",
+        "--state-dir",
+        str(tmp_path / "s"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "cannot reach the database postgresql://u:***@127.0.0.1:9/x" in r.stderr
     assert "pw" not in r.stderr

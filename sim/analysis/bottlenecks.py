@@ -38,19 +38,36 @@ def _flow(g: Any, node: str, weight: str) -> float:
 
 
 def graph_summary(g: Any) -> dict[str, Any]:
-    nodes = [{"node": n, "kind": d["kind"], "name": d["name"],
-              "gpu_hours": _flow(g, n, "gpu_hours"), "wait_hours": _flow(g, n, "wait_hours")}
-             for n, d in g.nodes(data=True)]
-    edges = [{"source": u, "target": v, **{k: e[k] for k in
-              ("gpu_hours", "wait_hours", "mean_wait_hours", "requests")}}
-             for u, v, e in g.edges(data=True)]
-    by_wait = sorted((e for e in edges if g.nodes[e["source"]]["kind"] == "project"),
-                     key=lambda e: (-e["wait_hours"], -e["gpu_hours"], e["source"]))
-    resources = sorted((n for n in nodes if n["kind"] != "project"),
-                       key=lambda n: (-n["wait_hours"], -n["gpu_hours"], n["kind"] != "pool",
-                                      n["node"]))
-    return {"nodes": nodes, "edges": edges,
-            "top_edges": [e for e in by_wait if e["wait_hours"] > 0][:TOP_N],
-            "bottleneck_nodes": [n for n in resources if n["wait_hours"] > 0][:TOP_N],
-            "most_loaded_nodes": sorted(nodes, key=lambda n: (-n["gpu_hours"], n["node"]))
-            [:TOP_N]}
+    nodes = [
+        {
+            "node": n,
+            "kind": d["kind"],
+            "name": d["name"],
+            "gpu_hours": _flow(g, n, "gpu_hours"),
+            "wait_hours": _flow(g, n, "wait_hours"),
+        }
+        for n, d in g.nodes(data=True)
+    ]
+    edges = [
+        {
+            "source": u,
+            "target": v,
+            **{k: e[k] for k in ("gpu_hours", "wait_hours", "mean_wait_hours", "requests")},
+        }
+        for u, v, e in g.edges(data=True)
+    ]
+    by_wait = sorted(
+        (e for e in edges if g.nodes[e["source"]]["kind"] == "project"),
+        key=lambda e: (-e["wait_hours"], -e["gpu_hours"], e["source"]),
+    )
+    resources = sorted(
+        (n for n in nodes if n["kind"] != "project"),
+        key=lambda n: (-n["wait_hours"], -n["gpu_hours"], n["kind"] != "pool", n["node"]),
+    )
+    return {
+        "nodes": nodes,
+        "edges": edges,
+        "top_edges": [e for e in by_wait if e["wait_hours"] > 0][:TOP_N],
+        "bottleneck_nodes": [n for n in resources if n["wait_hours"] > 0][:TOP_N],
+        "most_loaded_nodes": sorted(nodes, key=lambda n: (-n["gpu_hours"], n["node"]))[:TOP_N],
+    }

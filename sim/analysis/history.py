@@ -72,8 +72,10 @@ def parse_date(value: str | None, flag: str) -> float | None:
     try:
         when = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise InvalidInput(f"{flag}: {value!r} is not an ISO date or datetime "
-                           "(e.g. 2026-01-01 or 2026-01-01T12:00)") from None
+        raise InvalidInput(
+            f"{flag}: {value!r} is not an ISO date or datetime "
+            "(e.g. 2026-01-01 or 2026-01-01T12:00)"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
@@ -123,30 +125,50 @@ def _request(text: str) -> tuple[float | None, bool]:
     if not isinstance(raw, dict):
         return None, False
     memory = raw.get("min_memory_gb")
-    return (float(memory) if isinstance(memory, int | float) else None,
-            bool(raw.get("gpu_type") or raw.get("type")))
+    return (
+        float(memory) if isinstance(memory, int | float) else None,
+        bool(raw.get("gpu_type") or raw.get("type")),
+    )
 
 
 def _record(r: sqlite3.Row, config: FleetConfig) -> Record:
     purpose = Purpose(r["purpose"])
     memory, pinned = _request(r["request"])
     util = r["util_sum"] / r["util_n"] if r["util_n"] else r["h_util"]
-    seen = max(t for t in (r["enqueued_at"], r["heartbeat_at"], r["started_at"],
-                           r["released_at"]) if t is not None)
+    seen = max(
+        t
+        for t in (r["enqueued_at"], r["heartbeat_at"], r["started_at"], r["released_at"])
+        if t is not None
+    )
     return Record(
-        id=r["id"], project=r["project"], purpose=purpose,
-        pool=pool_of(purpose, r["gpu_type"], config), gpu_type=r["gpu_type"],
-        count=int(r["count"]), state=r["state"], enqueued_at=float(r["enqueued_at"]),
-        started_at=r["started_at"], ended_at=r["released_at"], last_seen=float(seen),
-        reason=r["release_reason"], price_per_hour=float(r["price_per_hour"]),
-        cost_usd=r["cost_usd"], mean_util=util, min_memory_gb=memory, pinned=pinned,
+        id=r["id"],
+        project=r["project"],
+        purpose=purpose,
+        pool=pool_of(purpose, r["gpu_type"], config),
+        gpu_type=r["gpu_type"],
+        count=int(r["count"]),
+        state=r["state"],
+        enqueued_at=float(r["enqueued_at"]),
+        started_at=r["started_at"],
+        ended_at=r["released_at"],
+        last_seen=float(seen),
+        reason=r["release_reason"],
+        price_per_hour=float(r["price_per_hour"]),
+        cost_usd=r["cost_usd"],
+        mean_util=util,
+        min_memory_gb=memory,
+        pinned=pinned,
         hoarded_hours=r["h_hoarded"],
     )
 
 
-def load_history(state_dir: str | Path | None, fleet: str | None = None, *,
-                 since: str | None = None, until: str | None = None) -> tuple[History,
-                                                                             FleetConfig]:
+def load_history(
+    state_dir: str | Path | None,
+    fleet: str | None = None,
+    *,
+    since: str | None = None,
+    until: str | None = None,
+) -> tuple[History, FleetConfig]:
     """The kept allocations of a state directory's ledger, read-only, and the fleet."""
     lo, hi = parse_date(since, "--since"), parse_date(until, "--until")
     if lo is not None and hi is not None and lo >= hi:
@@ -156,8 +178,11 @@ def load_history(state_dir: str | Path | None, fleet: str | None = None, *,
     db = _open(path)
     try:
         config, source = resolve_fleet(directory, fleet)
-        hoarded = "h.hoarded_hours" if "hoarded_hours" in {
-            c["name"] for c in db.execute("PRAGMA table_info(history)")} else "NULL"
+        hoarded = (
+            "h.hoarded_hours"
+            if "hoarded_hours" in {c["name"] for c in db.execute("PRAGMA table_info(history)")}
+            else "NULL"
+        )
         rows = db.execute(
             f"SELECT a.*, h.mean_util_pct AS h_util, {hoarded} AS h_hoarded FROM allocations a "
             "LEFT JOIN history h ON h.allocation_id = a.id "
@@ -165,11 +190,18 @@ def load_history(state_dir: str | Path | None, fleet: str | None = None, *,
             (-math.inf if lo is None else lo, math.inf if hi is None else hi),
         ).fetchall()
         budgets = dict(config.budgets) | {
-            r["project"]: float(r["budget_usd"]) for r in db.execute("SELECT * FROM budgets")}
+            r["project"]: float(r["budget_usd"]) for r in db.execute("SELECT * FROM budgets")
+        }
     finally:
         db.close()
     records = [_record(r, config) for r in rows]
     unknown = sorted({r.gpu_type for r in records} - set(config.catalog))
-    warnings = [f"the history names GPU types this fleet lacks ({', '.join(unknown)}): "
-                f"is {source} the fleet it ran on?"] if unknown else []
+    warnings = (
+        [
+            f"the history names GPU types this fleet lacks ({', '.join(unknown)}): "
+            f"is {source} the fleet it ran on?"
+        ]
+        if unknown
+        else []
+    )
     return History(str(path), source, records, budgets, lo, hi, warnings), config

@@ -33,10 +33,13 @@ def write_plots(a: Analysis, out: Path) -> dict[str, str]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidInput(f"cannot write plots to {out}: {exc.strerror}") from None
-    drawers = {"demand_vs_capacity": lambda a, plt: _plot_demand(a, plt, "pool"),
-               "demand_by_gpu_type": lambda a, plt: _plot_demand(a, plt, "GPU type"),
-               "queueing_delay": _plot_waits,
-               "idle_hoarded": _plot_projects, "project_pool_graph": _plot_graph}
+    drawers = {
+        "demand_vs_capacity": lambda a, plt: _plot_demand(a, plt, "pool"),
+        "demand_by_gpu_type": lambda a, plt: _plot_demand(a, plt, "GPU type"),
+        "queueing_delay": _plot_waits,
+        "idle_hoarded": _plot_projects,
+        "project_pool_graph": _plot_graph,
+    }
     written = {}
     for name, draw in drawers.items():
         fig = draw(a, plt)
@@ -49,18 +52,18 @@ def write_plots(a: Analysis, out: Path) -> dict[str, str]:
 
 def _plot_demand(a: Analysis, plt: Any, kind: str) -> Any:
     pools = list((a.pools if kind == "pool" else a.gpu_types).values())
-    fig, axes = plt.subplots(len(pools), 1, figsize=(9, 2.6 * len(pools)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(pools), 1, figsize=(9, 2.6 * len(pools)), sharex=True, squeeze=False
+    )
     start = a.history.start
     for ax, p in zip(axes[:, 0], pools, strict=True):
         xs = [(t - start) / 3600 for t in p.series.times]
-        ax.fill_between(xs, [h for h, _ in p.series.levels], step="post", alpha=0.4,
-                        label="held")
-        ax.step(xs, p.series.demand(), where="post", color="black",
-                label="demand (held + waiting)")
+        ax.fill_between(xs, [h for h, _ in p.series.levels], step="post", alpha=0.4, label="held")
+        ax.step(xs, p.series.demand(), where="post", color="black", label="demand (held + waiting)")
         ax.axhline(p.capacity_gpus, color="red", linestyle="--", label="capacity")
-        ax.set_title(f"{kind} {p.name}" + (f" ({'/'.join(p.gpu_types)})"
-                                           if p.gpu_types != [p.name] else ""))
+        ax.set_title(
+            f"{kind} {p.name}" + (f" ({'/'.join(p.gpu_types)})" if p.gpu_types != [p.name] else "")
+        )
         ax.set_ylabel("GPUs")
         ax.legend(loc="upper right", fontsize="small")
     axes[-1, 0].set_xlabel(f"hours since {_iso(start)}")
@@ -77,8 +80,9 @@ def _plot_waits(a: Analysis, plt: Any) -> Any:
         started = [wait_hours(r, end) for r in mine if r.started_at is not None]
         if started:
             ax.boxplot([started], positions=[i], widths=0.5)
-        others = [(wait_hours(r, end), "x" if r.cancelled else "^") for r in mine
-                  if r.started_at is None]
+        others = [
+            (wait_hours(r, end), "x" if r.cancelled else "^") for r in mine if r.started_at is None
+        ]
         for w, marker in others:
             ax.scatter([i + 0.3], [w], marker=marker, color="red")
     ax.set_xticks(range(1, len(names) + 1), names)
@@ -91,10 +95,11 @@ def _plot_projects(a: Analysis, plt: Any) -> Any:
     used = [u for u in a.projects if u.allocations]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(used)), 4))
     xs = range(len(used))
-    for offset, label, values in ((-0.27, "GPU-hours", [u.gpu_hours for u in used]),
-                                  (0.0, "idle GPU-hours", [u.idle_gpu_hours for u in used]),
-                                  (0.27, "hoarded GPU-hours (lower bound)",
-                                   [u.hoarded_gpu_hours for u in used])):
+    for offset, label, values in (
+        (-0.27, "GPU-hours", [u.gpu_hours for u in used]),
+        (0.0, "idle GPU-hours", [u.idle_gpu_hours for u in used]),
+        (0.27, "hoarded GPU-hours (lower bound)", [u.hoarded_gpu_hours for u in used]),
+    ):
         ax.bar([x + offset for x in xs], values, width=0.27, label=label)
     ax.set_xticks(list(xs), [u.project for u in used], rotation=30, ha="right")
     ax.set_ylabel("GPU-hours")
@@ -118,14 +123,28 @@ def _plot_graph(a: Analysis, plt: Any) -> Any:
     cmap = plt.get_cmap("coolwarm")
     norm = plt.Normalize(vmin=0.0, vmax=max(max(waits), 1e-9))
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="lightgrey", node_size=900)
-    nx.draw_networkx_labels(g, pos, ax=ax, labels={n: d["name"] for n, d in g.nodes(data=True)},
-                            font_size=8)
-    nx.draw_networkx_edges(g, pos, ax=ax, edge_color=[cmap(norm(w)) for w in waits],
-                           width=[1 + 7 * e["gpu_hours"] / top for _, _, e in edges],
-                           arrows=True, node_size=900)
-    nx.draw_networkx_edge_labels(g, pos, ax=ax, font_size=7, edge_labels={
-        (u, v): f"{e['gpu_hours']:.0f} GPU-h, wait {e['mean_wait_hours']:.1f} h"
-        for u, v, e in edges})
+    nx.draw_networkx_labels(
+        g, pos, ax=ax, labels={n: d["name"] for n, d in g.nodes(data=True)}, font_size=8
+    )
+    nx.draw_networkx_edges(
+        g,
+        pos,
+        ax=ax,
+        edge_color=[cmap(norm(w)) for w in waits],
+        width=[1 + 7 * e["gpu_hours"] / top for _, _, e in edges],
+        arrows=True,
+        node_size=900,
+    )
+    nx.draw_networkx_edge_labels(
+        g,
+        pos,
+        ax=ax,
+        font_size=7,
+        edge_labels={
+            (u, v): f"{e['gpu_hours']:.0f} GPU-h, wait {e['mean_wait_hours']:.1f} h"
+            for u, v, e in edges
+        },
+    )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="mean wait (h)")
     return fig
 

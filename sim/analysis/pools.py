@@ -57,10 +57,15 @@ def wait_stats(records: list[Record], end: float) -> WaitStats:
     queued = [wait_hours(r, end) for r in records if r.state == "queued"]
     cancelled = [wait_hours(r, end) for r in records if r.cancelled]
     return WaitStats(
-        started=len(started), mean_h=sum(started) / len(started) if started else None,
-        p50_h=percentile(started, 0.5), p90_h=percentile(started, 0.9),
-        max_h=max(started, default=None), queued=len(queued), queued_waited_h=sum(queued),
-        cancelled=len(cancelled), cancelled_waited_h=sum(cancelled),
+        started=len(started),
+        mean_h=sum(started) / len(started) if started else None,
+        p50_h=percentile(started, 0.5),
+        p90_h=percentile(started, 0.9),
+        max_h=max(started, default=None),
+        queued=len(queued),
+        queued_waited_h=sum(queued),
+        cancelled=len(cancelled),
+        cancelled_waited_h=sum(cancelled),
     )
 
 
@@ -74,8 +79,9 @@ def type_stats(gpu_type: str, history: History, config: FleetConfig) -> PoolStat
     return capacity_stats(gpu_type, [gpu_type], mine, history, config)
 
 
-def capacity_stats(name: str, types: list[str], mine: list[Record], history: History,
-                   config: FleetConfig) -> PoolStats:
+def capacity_stats(
+    name: str, types: list[str], mine: list[Record], history: History, config: FleetConfig
+) -> PoolStats:
     end, start = history.end, history.start
     s = series((sp for r in mine for sp in spans(r, end)), end)
     capacity = sum(config.gpus_of_type(t) for t in types)
@@ -84,15 +90,22 @@ def capacity_stats(name: str, types: list[str], mine: list[Record], history: His
     i = demand.index(peak) if demand else None
     mean_held = mean_level(s, start, [h for h, _ in s.levels])
     return PoolStats(
-        name=name, gpu_types=types, capacity_gpus=capacity,
-        mean_held_gpus=mean_held, mean_demand_gpus=mean_level(s, start, demand),
-        utilisation=mean_held / capacity if capacity else 0.0, peak_demand_gpus=peak,
+        name=name,
+        gpu_types=types,
+        capacity_gpus=capacity,
+        mean_held_gpus=mean_held,
+        mean_demand_gpus=mean_level(s, start, demand),
+        utilisation=mean_held / capacity if capacity else 0.0,
+        peak_demand_gpus=peak,
         peak_at=s.times[i] if i is not None else None,
         peak_held_gpus=s.levels[i][0] if i is not None else 0,
         peak_waiting_gpus=s.levels[i][1] if i is not None else 0,
         peak_shortfall_gpus=max(0, peak - capacity),
         sustained_shortfall_gpus=sustained_excess(s, capacity),
-        hours_over_capacity=sum(d for v, d in zip(demand, s.durations(), strict=True)
-                                if v > capacity) / 3600.0,
-        wait=wait_stats(mine, end), series=s,
+        hours_over_capacity=sum(
+            d for v, d in zip(demand, s.durations(), strict=True) if v > capacity
+        )
+        / 3600.0,
+        wait=wait_stats(mine, end),
+        series=s,
     )

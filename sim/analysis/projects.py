@@ -57,12 +57,16 @@ def project_usage(project: str, history: History, config: FleetConfig) -> Projec
     total = sum(gpu_h.values())
     s = series((sp for r in mine for sp in spans(r, end)), end)
     return ProjectUsage(
-        project=project, allocations=len(mine), gpu_hours=total,
+        project=project,
+        allocations=len(mine),
+        gpu_hours=total,
         cost_usd=sum(cost_of(r, end) for r in mine),
         mean_util_pct=sum(gpu_h[r.id] * (r.mean_util or 0.0) for r in rated) / rated_h
-        if rated_h else None,
+        if rated_h
+        else None,
         idle_gpu_hours=sum(gpu_h[r.id] * (1 - (r.mean_util or 0.0) / 100) for r in rated),
-        hoarded_gpu_hours=hoarded, hoarded_share=hoarded / total if total else 0.0,
+        hoarded_gpu_hours=hoarded,
+        hoarded_share=hoarded / total if total else 0.0,
         idle_releases=sum(1 for r in mine if r.reason == "idle"),
         peak_held_gpus=max((h for h, _ in s.levels), default=0),
         peak_demand_gpus=max(s.demand(), default=0),

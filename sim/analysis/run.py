@@ -23,17 +23,25 @@ def analyze(history: History, config: FleetConfig) -> Analysis:
     pools = {p.value: pool_stats(p, history, config) for p in Purpose}
     used = {r.gpu_type for r in history.records} | {n.gpu_type for n in config.nodes}
     types = {t: type_stats(t, history, config) for t in sorted(used)}
-    names = sorted({r.project for r in history.records} | set(config.quotas.projects)
-                   | set(history.budgets))
+    names = sorted(
+        {r.project for r in history.records} | set(config.quotas.projects) | set(history.budgets)
+    )
     projects = [project_usage(n, history, config) for n in names]
     g = build_graph(history)
     a = Analysis(history, pools, types, projects, g, graph_summary(g))
     return replace(a, recommendations=recommend(history, config, a))
 
 
-def run_analyze(state_dir: str | None = None, fleet: str | None = None, *,
-                since: str | None = None, until: str | None = None, out: str | None = None,
-                plots: bool = True, as_json: bool = False) -> int:
+def run_analyze(
+    state_dir: str | None = None,
+    fleet: str | None = None,
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    out: str | None = None,
+    plots: bool = True,
+    as_json: bool = False,
+) -> int:
     history, config = load_history(state_dir, fleet, since=since, until=until)
     result = analyze(history, config)
     if plots and history.records:
