@@ -22,13 +22,15 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-# ruff (lint and format), strict mypy on every package, and the layers of
+# ruff (lint and format), strict mypy on every package, the tests, the benchmarks and the
+# examples, and the layers of
 # ../shared/ARCHITECTURE.md ([tool.importlinter] in pyproject.toml); CI runs it before the tests.
 # `make format` rewrites what `ruff format --check` refuses.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests benchmarks examples  # apart: benchmarks/council.py is no package
 	$(VENV)/bin/lint-imports
 
 format: install

@@ -26,7 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # benchmarks/council.py would shadow the council package: the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +45,7 @@ from graph.builder import build_graph
 from graph.checkpoint import open_sqlite_saver
 from graph.orchestrator import DURABILITY, Orchestrator
 from nodes.context import council_of
-from nodes.state import InputState
+from nodes.state import InputState, State
 from nodes.wiring import NODES as GRAPH_NODES
 
 NODES = ["validate", "council", "route", "allocate"]
@@ -87,8 +87,8 @@ def shape_orchestrator(state_dir: Path, recorded: dict[str, dict[str, Any]]) -> 
     what remains is the cost of the graph's shape (branches, typed state, the two parts)."""
     orch = Orchestrator(state_dir, fleet(), clock=VirtualClock())
 
-    def replay(name: str) -> Callable[..., dict[str, Any]]:
-        return lambda state, runtime: dict(recorded[name])
+    def replay(name: str) -> Callable[..., State]:
+        return lambda state, runtime: cast(State, dict(recorded[name]))
 
     orch.graph = build_graph(orch.checkpointer, replace={n: replay(n) for n in recorded})
     return orch
@@ -99,10 +99,10 @@ def timed_orchestrator(state_dir: Path) -> tuple[Orchestrator, dict[str, list[fl
     orch = Orchestrator(state_dir, fleet(), clock=VirtualClock())
     spent: dict[str, list[float]] = {name: [] for name in NODES}
 
-    def timed(name: str) -> Callable[..., dict[str, Any]]:
+    def timed(name: str) -> Callable[..., State]:
         node = GRAPH_NODES[name]
 
-        def run(state: Any, runtime: Any) -> dict[str, Any]:
+        def run(state: Any, runtime: Any) -> State:
             t0 = time.perf_counter()
             try:
                 return node(state, runtime)

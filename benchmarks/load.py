@@ -116,7 +116,7 @@ def requests(n: int, seed: int) -> list[GPURequest]:
     return out
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from graph.orchestrator import Orchestrator
 from graph.tools import gpu_tools
@@ -53,15 +53,15 @@ def main(state_dir: str) -> None:
             ]
         )
         agent = create_agent(ScriptedModel(messages=script), tools)
-        result = agent.invoke({"messages": [("user", "I need 2 A100s for 4 hours for vision")]})
+        result = agent.invoke({"messages": [HumanMessage("I need 2 A100s for 4 hours for vision")]})
         for message in result["messages"]:
             if isinstance(message, ToolMessage):
-                print(f"{message.name} -> {json.dumps(json.loads(message.content))[:200]}")
+                print(f"{message.name} -> {json.dumps(json.loads(message.text))[:200]}")
             elif isinstance(message, AIMessage) and message.content:
                 print(f"agent: {message.content}")
         placed = json.loads(
             next(
-                m.content
+                m.text
                 for m in result["messages"]
                 if isinstance(m, ToolMessage) and m.name == "request_gpus"
             )

@@ -26,7 +26,11 @@ async def main(state_dir: str) -> None:
     try:
         allocation = await orchestrator.allocate_gpu(
             GPURequest(
-                type="A100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0
+                gpu_type="A100",
+                count=2,
+                duration_hours=4,
+                purpose="model_training",
+                budget_limit=50.0,
             )
         )
         print(

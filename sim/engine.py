@@ -112,7 +112,7 @@ class GraphThread:
 class _Entry:
     generation: int
     thread: GraphThread | None
-    call: Callable[[], None] | None
+    call: Callable[[], object] | None
 
 
 class Engine:
@@ -157,7 +157,7 @@ class Engine:
         self._push(at, thread)
         return thread
 
-    def call_at(self, at: float, call: Callable[[], None]) -> None:
+    def call_at(self, at: float, call: Callable[[], object]) -> None:
         """Run `call` (a user's action: a release, a budget change) at virtual time `at`."""
         heapq.heappush(self._heap, (at, next(self._seq), _Entry(0, None, call)))
 

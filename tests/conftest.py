@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def small_config(**sections: dict[str, Any]) -> FleetConfig:
+def small_config(**sections: Any) -> FleetConfig:
     """The small fleet, with sections replaced field by field (e.g. monitor={"tick_seconds": 5})."""
     base = parse_fleet(SMALL_FLEET)
     update = {}

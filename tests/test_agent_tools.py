@@ -11,7 +11,7 @@ from typing import Any
 
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from fleet.models import Status
 from graph.tools import gpu_tools
@@ -33,7 +33,7 @@ def call(name: str, args: dict[str, Any], n: int) -> AIMessage:
 
 
 def results(messages: list[Any]) -> dict[str, dict[str, Any]]:
-    return {m.name: json.loads(m.content) for m in messages if isinstance(m, ToolMessage)}
+    return {str(m.name): json.loads(m.text) for m in messages if isinstance(m, ToolMessage)}
 
 
 def test_an_agent_requests_gpus_through_the_tool(make_orch: OrchFactory) -> None:
@@ -53,7 +53,7 @@ def test_an_agent_requests_gpus_through_the_tool(make_orch: OrchFactory) -> None
         )
     )
     agent = create_agent(model, tools)
-    out = agent.invoke({"messages": [("user", "2 A100s for vision, 3 hours please")]})
+    out = agent.invoke({"messages": [HumanMessage("2 A100s for vision, 3 hours please")]})
     got = results(out["messages"])
     placed = got["request_gpus"]
     assert placed["status"] == "allocated" and len(placed["gpu_ids"]) == 2
@@ -88,7 +88,7 @@ def test_a_split_council_is_a_result_not_an_exception(make_orch: OrchFactory) ->
             ]
         )
     )
-    out = create_agent(model, tools).invoke({"messages": [("user", "2 GPUs for nlp")]})
+    out = create_agent(model, tools).invoke({"messages": [HumanMessage("2 GPUs for nlp")]})
     got = results(out["messages"])
     pending = got["request_gpus"]
     assert pending["status"] == "pending_human_approval"

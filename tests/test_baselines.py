@@ -458,7 +458,7 @@ def check_invariants(out: list[Attempt], jobs: list[SimJob], config: FleetConfig
         assert len(attempts) <= MAX_ATTEMPTS
         assert all(a.outcome == "killed" for a in attempts[:-1])
         # asked again at the kill, or when the pause it was killed in was over
-        assert all(b.submit >= a.end for a, b in itertools.pairwise(attempts))
+        assert all(a.end is not None and b.submit >= a.end for a, b in itertools.pairwise(attempts))
         assert attempts[-1].outcome in {"completed", "killed", "unplaced"}
     # never more GPUs of a type held than the fleet has (ends free before starts take)
     changes: dict[str, list[tuple[float, int]]] = defaultdict(list)
@@ -515,7 +515,7 @@ def test_the_new_baselines_complete_a_slice_of_the_real_trace() -> None:
                 mine = sorted(
                     (a.submit, a.job, a.start)
                     for a in out
-                    if a.gpu_type is not None and partition[a.gpu_type] == p
+                    if a.gpu_type is not None and a.start is not None and partition[a.gpu_type] == p
                 )
                 starts = [s for *_, s in mine]
                 assert starts == sorted(starts)

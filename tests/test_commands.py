@@ -18,7 +18,7 @@ from fleet.config import FleetConfig, load_fleet
 from fleet.ledger import Ledger, Resumed
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import new_owner
-from tests.test_cli import run_cli
+from tests.conftest import run_cli
 from tests.test_monitors import T0, place
 from tests.test_run import idle_fleet
 

@@ -8,6 +8,7 @@ import pytest
 
 from fleet.config import load_fleet, parse_fleet
 from fleet.errors import ConfigError
+from fleet.models import Purpose
 from tests.conftest import SMALL_FLEET
 
 
@@ -18,9 +19,9 @@ def test_default_fleet() -> None:
     assert config.catalog["V100"].price_per_hour == 2.48
     assert config.catalog["A100"].price_per_hour == 5.12
     assert config.catalog["H100"].price_per_hour == 8.00
-    assert config.pools["training"] == ["A100", "H100"]
-    assert config.pools["inference"] == ["T4", "V100"]
-    assert config.pools["research"] == ["RTX4090"]
+    assert config.pools[Purpose.TRAINING] == ["A100", "H100"]
+    assert config.pools[Purpose.INFERENCE] == ["T4", "V100"]
+    assert config.pools[Purpose.RESEARCH] == ["RTX4090"]
 
 
 @pytest.mark.parametrize(

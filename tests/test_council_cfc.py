@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from council.cfc import CfC
 from council.encoding import SEQ_BAD, Encoded, encode
 from council.features import RequestFeatures
-from council.network import CouncilNet, NetSpec
+from council.network import CouncilNet
 from council.record import PastJob
+from council.spec import NetSpec
 from fleet.errors import InvalidInput
 from fleet.models import ReleaseReason
 
@@ -161,7 +162,7 @@ def test_no_gate_variant_and_seeds() -> None:
         assert not torch.equal(a(enc).logit, other(enc).logit)
 
 
-def _worse(enc: Encoded, column: str, rows: torch.Tensor) -> Encoded:
+def _worse(enc: Encoded[torch.Tensor], column: str, rows: torch.Tensor) -> Encoded[torch.Tensor]:
     out = enc.take(torch.arange(len(enc)))
     col = SEQ_BAD.index(column)
     out.bad[:, :, col] = torch.maximum(out.bad[:, :, col], rows)

@@ -134,7 +134,7 @@ def test_held_out_quality_on_fresh_worlds(council: NeuralCouncil) -> None:
     """Worlds with seeds the training never used: the Must-show thresholds."""
     config = load_fleet(None)
     samples = [s for w in (9001, 9002) for s in World(synthetic_jobs(w), config, w, w).run()]
-    m = evaluate(council, Split.of(samples), config)
+    m: dict[str, Any] = evaluate(council, Split.of(samples), config)
     assert m["samples"] > 1000
     assert m["accuracy"] >= 0.95 and m["ece"] <= 0.05
     assert m["accuracy"] >= m["best_member_accuracy"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 
 from fleet.models import ReleaseReason, Status
@@ -39,7 +41,7 @@ def test_context_fields_resolve_to_services(
     monkeypatch.setenv("GPU_AGENT_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("GPU_AGENT_FLEET", str(fleet))
     context = Context()
-    request = {
+    request: dict[str, Any] = {
         "project": "p",
         "purpose": "training",
         "count": 2,
@@ -50,7 +52,7 @@ def test_context_fields_resolve_to_services(
     assert out["status"] is Status.RELEASED
     assert out["release"].reason is ReleaseReason.LEASE_EXPIRED
     with_memory = build_graph(InMemorySaver())
-    config = {"configurable": {"thread_id": "t"}}
+    config: RunnableConfig = {"configurable": {"thread_id": "t"}}
     bad = with_memory.invoke({"request": request | {"count": "lots"}}, config, context=context)
     assert bad["status"] is Status.INVALID and "count" in bad["reason"]
 

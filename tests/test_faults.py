@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from fleet.clock import VirtualClock
+from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
 from fleet.faults import ENV, INSIDE, InjectedFault
 from fleet.ledger import Ledger
@@ -35,7 +36,7 @@ MAIN = [
 ]
 
 
-def config():  # type: ignore[no-untyped-def]
+def config() -> FleetConfig:
     """The small fleet; a council that always splits, so two-GPU requests reach review."""
     return small_config(
         council={

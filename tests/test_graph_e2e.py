@@ -215,7 +215,11 @@ def test_async_with_block(make_orch: OrchFactory) -> None:
     async def main() -> list[str]:
         allocation = await orch.allocate_gpu(
             GPURequest(
-                type="A100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0
+                gpu_type="A100",
+                count=2,
+                duration_hours=4,
+                purpose="model_training",
+                budget_limit=50.0,
             )
         )
         async with allocation:

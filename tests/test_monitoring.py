@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fleet.config import MonitorSettings
 from fleet.models import EventKind, GPUSample, MonitorState, Purpose, ReleaseReason, utc
-from fleet.monitoring import UNKNOWN, IdlePolicy, assess, idle_limit_s
+from fleet.monitoring import UNKNOWN, Assessment, IdlePolicy, assess, idle_limit_s
 
 S = MonitorSettings(
     tick_seconds=60,
@@ -22,11 +24,11 @@ def sample(util: float | None, temp: float | None = 50.0, gpu: str = "g0") -> GP
 
 
 def run(
-    utils: list[list[float | None]],
-    temps: float = 50.0,  # type: ignore[no-untyped-def]
+    utils: Sequence[Sequence[float | None]],
+    temps: float = 50.0,
     policy: IdlePolicy = UNKNOWN,
     settings: MonitorSettings = S,
-):
+) -> list[Assessment]:
     state = MonitorState(last_tick_at=utc(T0))
     results = []
     for i, tick in enumerate(utils, start=1):

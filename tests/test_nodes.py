@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from langgraph.runtime import ExecutionInfo, Runtime
@@ -27,6 +27,7 @@ from nodes.deallocate import deallocate
 from nodes.monitor import monitor
 from nodes.review import parse_decision
 from nodes.route import route
+from nodes.state import State
 from nodes.validate import validate
 from nodes.wait import wait
 from tests.conftest import small_config
@@ -106,7 +107,7 @@ def test_allocate_places_idempotently_then_queues(services: Services) -> None:
     assert state["status"] is Status.ALLOCATED
     alloc = state["allocation"]
     assert alloc.cuda_visible_devices == ",".join(alloc.gpu_ids) and alloc.node == "h100-0"
-    again = allocate(state, rt(services))  # a re-run after a crash
+    again = allocate(cast(State, state), rt(services))  # a re-run after a crash
     assert again["allocation"] == alloc
     queued = placed_state(services, "t2", gpu_type="H100")
     assert queued["status"] is Status.QUEUED and "capacity" in queued["reason"]

@@ -249,7 +249,7 @@ def test_errors_are_matched_by_value_not_by_class_name() -> None:
     """A binding whose generated classes differ (another version, a wrapper) still works:
     only NVMLError and `.value` are relied on."""
 
-    class OtherBindingError(pynvml.NVMLError):
+    class OtherBindingError(pynvml.NVMLError):  # type: ignore[misc]
         def __new__(cls, value: int) -> OtherBindingError:
             obj = Exception.__new__(cls)
             obj.value = value

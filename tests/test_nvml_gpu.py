@@ -72,7 +72,8 @@ def test_a_matmul_shows_as_utilisation_and_as_a_process(backend: NvmlBackend) ->
     limit = backend._session.call(gpu.index, "nvmlDeviceGetPowerManagementLimit")
     env = dict(os.environ) | {"CUDA_VISIBLE_DEVICES": gpu.uuid}
     proc = Supervised([sys.executable, str(LOAD), "8"], env)
-    utils, pids = [], set()
+    utils: list[float | None] = []
+    pids: set[int] = set()
     try:
         end = time.monotonic() + 7
         while time.monotonic() < end:

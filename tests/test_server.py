@@ -32,7 +32,12 @@ from langgraph_sdk import get_client, get_sync_client
 from graph.orchestrator import Orchestrator
 from tests.conftest import ROOT, fleet_toml
 
-REQUEST = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1}
+REQUEST: dict[str, Any] = {
+    "project": "vision",
+    "purpose": "training",
+    "count": 2,
+    "duration_hours": 1,
+}
 
 
 def free_port() -> int:
@@ -143,7 +148,7 @@ def server(
 def test_the_server_shows_the_graph_and_its_context_form(server: dict[str, str]) -> None:
     client = get_sync_client(url=server["url"])
     (assistant,) = client.assistants.search(graph_id="gpu-agent")
-    schemas = client.assistants.get_schemas(assistant["assistant_id"])
+    schemas: Any = client.assistants.get_schemas(assistant["assistant_id"])
     context = schemas["context_schema"]["properties"]
     assert set(context) == {"state_dir", "fleet_file", "backend", "replay", "database"}
     assert all(field.get("description") for field in context.values())
@@ -151,7 +156,7 @@ def test_the_server_shows_the_graph_and_its_context_form(server: dict[str, str])
 
 
 def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[str, str]) -> None:
-    async def flow() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    async def flow() -> tuple[Any, Any, Any]:
         client = get_client(url=server["url"])
         thread = await client.threads.create()
         tid = thread["thread_id"]
@@ -192,7 +197,7 @@ def test_remote_graph_behaves_like_the_local_graph(server: dict[str, str]) -> No
     stopped = remote.invoke({"request": REQUEST | {"project": "nlp"}}, config)
     assert stopped["status"] == "pending_review"
     assert remote.get_state(config).next == ("review",)
-    done = remote.invoke(Command(resume={"approve": False, "by": "ana"}), config)
+    done: Any = remote.invoke(Command(resume={"approve": False, "by": "ana"}), config)
     assert done["status"] == "denied" and done["reason"].startswith("denied by ana")
 
 
@@ -206,7 +211,8 @@ def test_a_thread_made_through_the_server_resumes_from_the_cli(server: dict[str,
         assert orch.outcome(tid).next == ("review",)  # the server's checkpoint, read here
         out = orch.resume(tid, {"approve": True, "by": "cli"})
     assert out.status.value == "released"
-    assert client.threads.get_state(tid)["values"]["status"] == "released"  # and back
+    after: Any = client.threads.get_state(tid)
+    assert after["values"]["status"] == "released"  # and back
 
 
 def mcp(
@@ -523,8 +529,8 @@ def test_refusals_over_mcp_are_one_line_results(secured: dict[str, Any]) -> None
         mcp_call(url, "gpu-release", {"allocation_id": "a-00000000cafe"}, bob)["error"]
         == "no allocation 'a-00000000cafe'"
     )
-    for bad in ("a-nope", "../a-00000000cafe", "a-00000000cafe\n", "A-00000000CAFE", ""):
-        error = mcp_call(url, "gpu-release", {"allocation_id": bad}, bob)["error"]
+    for wrong in ("a-nope", "../a-00000000cafe", "a-00000000cafe\n", "A-00000000CAFE", ""):
+        error = mcp_call(url, "gpu-release", {"allocation_id": wrong}, bob)["error"]
         assert error.startswith("allocation id ") and "\n" not in error
     error = mcp_call(url, "gpu-status", {"project": "vision\nx"}, bob)["error"]
     assert error.startswith("project 'vision\\nx'")

@@ -3,6 +3,7 @@ LangGraph does, and the monitor's skipped ticks must conclude what ticking would
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,9 @@ def test_the_engine_ends_the_demo_exactly_as_langgraph_does(tmp_path: Path) -> N
         at = START + step.at_hours * 3600.0
         if isinstance(step, Submit):
             request = parse_request(step.request)
-            engine.call_at(at, lambda s=step, r=request, t=at: engine.submit(s.label, r, t))
+            engine.call_at(at, functools.partial(engine.submit, step.label, request, at))
         elif isinstance(step, SetBudget):
-            engine.call_at(at, lambda s=step: services.set_budget(s.project, s.usd))
+            engine.call_at(at, functools.partial(services.set_budget, step.project, step.usd))
     engine.run()
     services.close()
     assert ended == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from typing import Any
 
 import pytest
 
@@ -60,10 +61,10 @@ def test_profiles_match_the_h200_recording() -> None:
     """Utilisation and power levels per phase agree with the real recording."""
     data = json.loads(FIXTURE.read_text())
     tdp = data["inventory"][0]["power_limit"] / 1000
-    phases: dict[str, list[dict[str, object]]] = defaultdict(list)
+    phases: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in data["samples"]:
         phases[s["phase"]].append(s)
-    idle_temp = statistics.mean(s["temp"] for s in phases["idle"])  # type: ignore[misc]
+    idle_temp = statistics.mean(s["temp"] for s in phases["idle"])
     for phase, profile in [
         ("idle", "idle"),
         ("train", "train"),
@@ -71,9 +72,9 @@ def test_profiles_match_the_h200_recording() -> None:
         ("hoard", "hoard"),
     ]:
         rows = phases[phase]
-        util = statistics.mean(s["util"]["gpu"] for s in rows)  # type: ignore[index]
-        power = statistics.mean(s["power_mW"] for s in rows) / 1000 / tdp  # type: ignore[misc]
-        temp = statistics.mean(s["temp"] for s in rows) - idle_temp  # type: ignore[misc]
+        util = statistics.mean(s["util"]["gpu"] for s in rows)
+        power = statistics.mean(s["power_mW"] for s in rows) / 1000 / tdp
+        temp = statistics.mean(s["temp"] for s in rows) - idle_temp
         p = PROFILES[profile]
         mean_util = p.util * (1 - p.burst_share) + p.burst_util * p.burst_share
         assert mean_util == pytest.approx(util, abs=3), phase

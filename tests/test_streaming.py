@@ -21,7 +21,7 @@ REQ = {
 def test_stream_updates_and_custom_yields_readable_progress(make_orch: OrchFactory) -> None:
     orch: Orchestrator = make_orch()
     seen: list[tuple[str, Any]] = list(
-        orch.graph.stream(
+        orch.graph.stream(  # type: ignore[arg-type]
             {"request": REQ},
             {"configurable": {"thread_id": "s1"}},
             context=orch.context,

@@ -24,7 +24,7 @@ class Pipeline(TypedDict, total=False):
 
 
 def pipeline() -> Any:
-    get_gpus = gpu_request_node()
+    get_gpus: Any = gpu_request_node()  # a plain-dict node, as other graphs embed it
 
     def train(state: Pipeline) -> dict[str, Any]:
         allocation = state["gpu_result"]["allocation"]

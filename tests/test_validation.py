@@ -32,8 +32,14 @@ def test_purpose_aliases(alias: str, purpose: Purpose) -> None:
 
 
 def test_type_alias_and_api_shape() -> None:
-    r = GPURequest(
-        type="a100", count=2, duration_hours=4, purpose="model_training", budget_limit=50.0
+    r = GPURequest.model_validate(  # JSON's name for the type, and a purpose's alias
+        {
+            "type": "a100",
+            "count": 2,
+            "duration_hours": 4,
+            "purpose": "model_training",
+            "budget_limit": 50.0,
+        }
     )
     assert (r.gpu_type, r.count, r.purpose, r.project) == ("A100", 2, Purpose.TRAINING, "default")
 
