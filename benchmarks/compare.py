@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/compare.py OLD_CHECKOUT NEW_CHECKOUT [--jobs 15000] [--runs 2]
         [--side-by-side] [--trace ../shared/traces/philly.csv]
 
-Each run times `sim.gpu_agent.run_gpu_agent` alone (every job through the graph's nodes with the
+Each run times `sim.agent_replay.run_gpu_agent` alone (every job through the graph's nodes with the
 real ledger) on the first N jobs of the trace and the trace fleet, in a fresh process whose
 imports come from one checkout; runs alternate between the checkouts so that the machine's
 drift hits both, or with --side-by-side run both at once, one per core (drift that comes and
@@ -30,7 +30,10 @@ from importlib import resources
 from pathlib import Path
 from fleet.config import parse_fleet
 from fleet.trace import read_trace
-from sim.gpu_agent import run_gpu_agent
+try:
+    from sim.agent_replay import run_gpu_agent
+except ImportError:  # a checkout from before the module's rename
+    from sim.gpu_agent import run_gpu_agent
 from sim.workload import synthesize
 jobs = read_trace(sys.argv[1])[: int(sys.argv[2])]
 text = resources.files("fleet").joinpath("data", "trace_fleet.toml").read_text("utf-8")
@@ -80,7 +83,7 @@ def main() -> int:
     digests: set[str] = set()
     checkouts = {"old": args.old.resolve(), "new": args.new.resolve()}
     for checkout in checkouts.values():
-        if not (checkout / "sim" / "gpu_agent.py").is_file():
+        if not any((checkout / "sim" / f).is_file() for f in ("agent_replay.py", "gpu_agent.py")):
             parser.error(f"{checkout} is not a gpu-agent checkout")
     for _ in range(args.runs):
         batches = [list(checkouts)] if args.side_by_side else [[name] for name in checkouts]

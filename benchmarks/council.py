@@ -37,7 +37,7 @@ import torch
 
 from council.encoding import encode
 from council.features import RequestFeatures
-from council.neural import NeuralCouncil
+from council.neural_council import NeuralCouncil
 from council.record import PastJob, rates
 from fleet.config import CouncilSettings
 from fleet.models import ReleaseReason

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleet.config import FleetConfig, NodeSpec, parse_fleet
 from fleet.trace import Job, read_trace
-from sim.gpu_agent import AgentRun, run_gpu_agent
+from sim.agent_replay import AgentRun, run_gpu_agent
 from sim.workload import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ def model_card(m: dict[str, Any]) -> str:
             else "no trace. "
         )
         + "Each request the council would vote on is labelled by the reference policy "
-        "(council/reference.py): each perspective member learns its own rule's probability, "
+        "(council/rules.py): each perspective member learns its own rule's probability, "
         "the general members learn the reference council's. An auxiliary head learns the "
         "outcome the replay recorded for each job that ran (idle release, budget stop or "
         "under 20 % utilisation). Worlds are split whole: "

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from council.features import RequestFeatures, Standing, assemble
 from council.record import PastJob
-from council.reference import MEMBERS, member_vote
+from council.rules import MEMBERS, member_vote
 from council.voting import auto_approves
 from fleet.config import FleetConfig, SimulationSettings
 from fleet.errors import GPUAgentError

@@ -7,7 +7,7 @@ saturate the time gates. Inputs are split by how they may move the vote:
 - `bad` features (released for idling, stopped by the budget, utilisation deficit; and of the
   request: cost pressure, 1 - fair share, its share of the pool, the pool's load, asking for
   training hardware for other work) reach the output only through non-negative weights, so
-  a worse record can never raise approval (monotone by construction, see council/network.py).
+  a worse record can never raise approval (monotone by construction, see council/torch_net.py).
 
 The encoder is numpy, so that a decision (council/inference.py) never imports torch; `encode`
 hands the same arrays to torch for the network and training.

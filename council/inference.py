@@ -1,7 +1,7 @@
 """CouncilNet's forward pass in numpy, from the same state dict: what a decision runs, so that
 `gpu-agent request` never imports torch (over a second of a new process, on a 2-core machine).
 
-It computes the approval logits of council/network.py step for step, in float64: the evidence
+It computes the approval logits of council/torch_net.py step for step, in float64: the evidence
 decay sums thousands before it subtracts, which in torch's float32 moves a probability by up
 to 5e-5 on held-out requests, while float64 agrees with the torch model run in float64 to
 1e-9 (tests/test_council_inference.py). Training, the outcome head and the traces stay with

@@ -10,9 +10,9 @@ from fleet.config import CouncilSettings
 def council_for(settings: CouncilSettings) -> Council:
     """The council of `settings.policy`; each is imported only when chosen."""
     if settings.policy == "reference":
-        from council.reference import ReferenceCouncil
+        from council.rules import ReferenceCouncil
 
         return ReferenceCouncil()
-    from council.neural import NeuralCouncil
+    from council.neural_council import NeuralCouncil
 
     return NeuralCouncil.load(settings.weights)

@@ -1,4 +1,4 @@
-"""The council network's shape: what the torch model (council/network.py) is built from and
+"""The council network's shape: what the torch model (council/torch_net.py) is built from and
 the numpy forward (council/inference.py) reads, kept free of torch so that loading a council
 to decide never imports it."""
 

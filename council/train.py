@@ -21,9 +21,9 @@ from torch import Tensor
 
 from council.dataset import TARGETS, Sample, replay, synthetic_jobs
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
-from council.network import CouncilNet, param_count
-from council.neural import ABSTAIN_MARGIN, NeuralCouncil
+from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil
 from council.spec import NetSpec
+from council.torch_net import CouncilNet, param_count
 from fleet.config import FleetConfig
 from fleet.trace import Job, read_trace
 

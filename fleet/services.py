@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.backend import FleetBackend, Reserving
-from fleet.backends import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.budget import Moved
+from fleet.choose_backend import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.clock import Clock, WakeToken
 from fleet.commands import Commands
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere
+from fleet.fleet_backend import FleetBackend, Reserving
 from fleet.ledger import Ledger
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fleet import names
 from fleet.access import ACCESS, add_identity, identify, identities, revoke_identity
-from fleet.backends import BACKENDS, BackendChoice, gpus_present
 from fleet.budget import describe_moves
+from fleet.choose_backend import BACKENDS, BackendChoice, gpus_present
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import GPUAgentError, InvalidInput, flat
 from fleet.jobs import Job, JobQueue
@@ -1015,7 +1015,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fleet.supervise import check_startable
-    from graph.run import request_and_run, run_on
+    from graph.run_command import request_and_run, run_on
 
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not argv:

@@ -29,11 +29,11 @@ from langgraph.types import Command, Durability, StateSnapshot, StreamMode
 from council.voting import Council
 from fleet import names
 from fleet.access import LOCAL, Identity
-from fleet.backend import FleetBackend
-from fleet.backends import BackendChoice
+from fleet.choose_backend import BackendChoice
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
 from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere
+from fleet.fleet_backend import FleetBackend
 from fleet.jobs import Job, JobQueue
 from fleet.models import Event, GPURequest, HumanDecision, Status
 from fleet.monitors import Orphan

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 from fleet import names
 from fleet.access import Identity, identify
-from fleet.backends import BackendChoice
 from fleet.budget import Moved
+from fleet.choose_backend import BackendChoice
 from fleet.errors import StateDirError
 from fleet.jobs import Job, JobQueue
 from fleet.ledger import AuditEntry, LedgerRow, ProjectCost
@@ -38,9 +38,9 @@ from graph.status import fleet_status, scoped
 
 if TYPE_CHECKING:
     from council.voting import Council
-    from fleet.backend import FleetBackend
     from fleet.clock import Clock
     from fleet.config import FleetConfig
+    from fleet.fleet_backend import FleetBackend
 
 
 class Records:

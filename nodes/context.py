@@ -18,7 +18,7 @@ from pathlib import Path
 from langgraph.runtime import Runtime
 
 from council.voting import Council
-from fleet.backends import BackendChoice
+from fleet.choose_backend import BackendChoice
 from fleet.services import Services, open_services
 from fleet.statedir import default_state_dir
 

@@ -25,8 +25,8 @@ from fleet.models import Outcome
 from fleet.statedir import LEDGER
 from fleet.trace import PHILLY, TraceSchema, read_trace
 from sim.accounting import Floor, floor, same_work, savings
+from sim.agent_replay import run_gpu_agent
 from sim.baselines import BASELINES, run_baseline
-from sim.gpu_agent import run_gpu_agent
 from sim.lifecycle import Attempt
 from sim.metrics import metrics
 from sim.report import BASELINE, strongest, table, write_report

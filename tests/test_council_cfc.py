@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from council.cfc import CfC
 from council.encoding import SEQ_BAD, Encoded, encode
 from council.features import RequestFeatures
-from council.network import CouncilNet
 from council.record import PastJob
 from council.spec import NetSpec
+from council.torch_net import CouncilNet
 from fleet.errors import InvalidInput
 from fleet.models import ReleaseReason
 
@@ -199,7 +199,7 @@ def test_monotone_by_construction_for_any_weights(
 
 def test_occlusions_share_one_core_pass() -> None:
     """decide() runs the recurrent core once for a request and all its occluded variants."""
-    from council.neural import with_occlusions
+    from council.neural_council import with_occlusions
 
     rng = random.Random(6)
     enc = with_occlusions(encode([features(rng, 20)]))

@@ -21,9 +21,9 @@ from council.dataset import World, synthetic_jobs
 from council.encoding import Encoded, encode, encode_arrays
 from council.features import RequestFeatures
 from council.inference import NumpyCouncilNet, sigmoid
-from council.network import CouncilNet
-from council.neural import OCCLUSIONS, SHIPPED, NeuralCouncil, with_occlusions
+from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil, with_occlusions
 from council.spec import NetSpec
+from council.torch_net import CouncilNet
 from council.weightfiles import arrays_path
 from fleet.config import CouncilSettings, load_fleet
 from tests.test_council_cfc import SPEC, features

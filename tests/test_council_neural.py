@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from council.dataset import World, synthetic_jobs
-from council.neural import OCCLUSIONS, SHIPPED, NeuralCouncil
+from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil
 from council.policies import council_for
-from council.reference import ReferenceCouncil
+from council.rules import ReferenceCouncil
 from council.train import METRICS_FILE, WEIGHTS_FILE, Split, TrainSettings, evaluate, train
 from fleet.config import CouncilSettings, FleetConfig, load_fleet
 from fleet.errors import ConfigError

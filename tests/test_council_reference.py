@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from council.features import RequestFeatures, build_features
 from council.record import PastJob, Rates, rates
-from council.reference import MEMBERS, ReferenceCouncil, member_vote
+from council.rules import MEMBERS, ReferenceCouncil, member_vote
 from council.voting import combine, convene
 from fleet.config import CouncilSettings, FleetConfig
 from fleet.models import (

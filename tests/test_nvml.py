@@ -15,7 +15,7 @@ import pynvml
 import pytest
 
 from fleet import nvml
-from fleet.backends import BackendChoice, resolve
+from fleet.choose_backend import BackendChoice, resolve
 from fleet.clock import VirtualClock
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput

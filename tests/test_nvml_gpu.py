@@ -22,7 +22,7 @@ from fleet.nvml import NvmlSession
 from fleet.nvml_backend import NvmlBackend
 from fleet.supervise import Supervised
 from graph.orchestrator import Orchestrator
-from graph.run import request_and_run
+from graph.run_command import request_and_run
 
 
 def _driver() -> bool:

@@ -269,7 +269,7 @@ def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(tmp_p
     from fleet.nvml_backend import NvmlBackend
     from fleet.nvml_replay import FakeNvml, Recording
     from graph.orchestrator import Orchestrator
-    from graph.run import _left_on_gpus
+    from graph.run_command import _left_on_gpus
 
     rec = Recording.load(Path(__file__).with_name("data") / "h200-recorded.json")
     clock = VirtualClock(start=rec.end)  # the training phase: one process on the GPU

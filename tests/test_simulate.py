@@ -16,7 +16,7 @@ from fleet.models import Purpose, ReleaseReason
 from fleet.statedir import LEDGER
 from fleet.trace import read_trace
 from graph.cli import main
-from sim.gpu_agent import run_gpu_agent
+from sim.agent_replay import run_gpu_agent
 from sim.lifecycle import Attempt
 from sim.metrics import metrics
 from sim.simulate import POLICIES, parse_policies

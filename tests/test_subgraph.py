@@ -13,7 +13,7 @@ from langgraph.types import Command
 from typing_extensions import TypedDict
 
 from graph.checkpoint import serializer
-from graph.embed import gpu_request_node
+from graph.subgraph import gpu_request_node
 from tests.conftest import OrchFactory, small_config
 
 

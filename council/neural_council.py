@@ -33,7 +33,7 @@ from council.encoding import (
 )
 from council.features import RequestFeatures
 from council.inference import NumpyCouncilNet, sigmoid
-from council.reference import describe
+from council.rules import describe
 from council.spec import NetSpec
 from council.voting import combine
 from fleet.config import CouncilSettings
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from torch import Tensor
 
-    from council.network import CouncilNet
+    from council.torch_net import CouncilNet
 
 SHIPPED = Path(__file__).parent / "weights" / "council.pt"
 ABSTAIN_MARGIN = 0.05
@@ -138,7 +138,7 @@ class NeuralCouncil:
         outside inference mode even when first used inside it, so that it stays trainable)."""
         import torch
 
-        from council.network import CouncilNet
+        from council.torch_net import CouncilNet
 
         with torch.inference_mode(False):
             net = CouncilNet(self.model.spec)

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from fleet.errors import InvalidInput
 
 if TYPE_CHECKING:  # each backend's modules load when it is made: a command pays for its own
-    from fleet.backend import FleetBackend
     from fleet.clock import Clock
     from fleet.config import FleetConfig
+    from fleet.fleet_backend import FleetBackend
     from fleet.nvml import NvmlSession
 
 BACKENDS = ("simulated", "nvml", "replay", "auto", "ray")

@@ -125,7 +125,7 @@ class CouncilNet(nn.Module):
 
     def forward(self, enc: Encoded[Tensor], trace: bool = False, rows: int = 1) -> Output:
         """`rows` > 1: `enc` holds one request repeated `rows` times with only its `bad` and
-        static inputs changed (council/neural.py's occlusions); those never reach the
+        static inputs changed (council/neural_council.py's occlusions); those never reach the
         recurrent core, so it runs once, on the first row, and its result is shared."""
         spec = self.spec
         dt = enc.dt if spec.time == "gate" else enc.mask.float()
