@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # each backend's modules load when it is made: a command pays
     from fleet.clock import Clock
     from fleet.config import FleetConfig
     from fleet.fleet_backend import FleetBackend
-    from fleet.nvml import NvmlSession
+    from fleet.nvml.reader import NvmlSession
 
 BACKENDS = ("simulated", "nvml", "replay", "auto", "ray")
 # What an NVIDIA driver makes: the control device (containers get it from the NVIDIA runtime)
@@ -56,7 +56,7 @@ def resolve(choice: BackendChoice) -> Resolved:
     """`auto` made concrete: nvml if NVML opens on this host, else simulated."""
     if choice.name != "auto":
         return Resolved(choice.name)
-    from fleet.nvml import NvmlSession, NvmlUnavailable
+    from fleet.nvml.reader import NvmlSession, NvmlUnavailable
 
     session = NvmlSession()
     try:
@@ -77,11 +77,11 @@ def make_backend(
         from fleet.ray_backend import RayFleet  # the optional `ray` extra
 
         return RayFleet(config, choice.ray_address)
-    from fleet.nvml import NvmlSession
-    from fleet.nvml_backend import NvmlBackend
+    from fleet.nvml.backend import NvmlBackend
+    from fleet.nvml.reader import NvmlSession
 
     if resolved.name == "replay":
-        from fleet.nvml_replay import FakeNvml, Recording
+        from fleet.nvml.replay import FakeNvml, Recording
 
         assert choice.replay is not None
         lib = FakeNvml(Recording.load(choice.replay), clock.now)
@@ -114,7 +114,7 @@ def gpus_present() -> int:
     every command without --backend asks, and on a host without GPUs that costs nothing."""
     if not any(os.path.exists(p) for p in _DRIVER_PATHS):
         return 0
-    from fleet.nvml import NvmlSession, NvmlUnavailable
+    from fleet.nvml.reader import NvmlSession, NvmlUnavailable
 
     session = NvmlSession()
     try:

@@ -31,7 +31,7 @@ from ray.util.placement_group import (
 
 from fleet.config import FleetConfig
 from fleet.models import GPUInfo, GPUSample, utc
-from fleet.nvml_backend import gpu_type_of
+from fleet.nvml.backend import gpu_type_of
 
 PREFIX = "gpu-agent:"
 NAMESPACE = "gpu-agent"

@@ -1162,8 +1162,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_nvml(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fleet.nvml import NvmlSession
-    from fleet.nvml_record import record, write
+    from fleet.nvml.reader import NvmlSession
+    from fleet.nvml.record import record, write
 
     out = Path(args.out)
     if not out.parent.is_dir():

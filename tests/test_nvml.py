@@ -1,7 +1,7 @@
 """The NVML backend through a fake pynvml: parsing, fallbacks, injected errors, health, caps.
 
-Every test here runs the real reader (fleet.nvml) and backend (fleet.nvml_backend); only the
-library underneath is replaced (fleet.nvml_replay.FakeNvml), the way gpustat's tests mock NVML
+Every test here runs the real reader (fleet.nvml.reader) and backend (fleet.nvml.backend); only the
+library underneath is replaced (fleet.nvml.replay.FakeNvml), the way gpustat's tests mock NVML
 at the call boundary. The errors raised are the binding's own NVMLError classes.
 """
 
@@ -14,16 +14,16 @@ from typing import Any
 import pynvml
 import pytest
 
-from fleet import nvml
 from fleet.choose_backend import BackendChoice, resolve
 from fleet.clock import VirtualClock
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.models import ReleaseReason, Status
-from fleet.nvml import NvmlSession
-from fleet.nvml_backend import NvmlBackend, gpu_type_of
-from fleet.nvml_record import record
-from fleet.nvml_replay import FakeNvml, Recording
+from fleet.nvml import reader as nvml
+from fleet.nvml.backend import NvmlBackend, gpu_type_of
+from fleet.nvml.reader import NvmlSession
+from fleet.nvml.record import record
+from fleet.nvml.replay import FakeNvml, Recording
 from graph.orchestrator import Orchestrator
 from tests.conftest import run_cli
 

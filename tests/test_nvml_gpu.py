@@ -18,8 +18,8 @@ import pytest
 
 from fleet.config import load_fleet
 from fleet.models import ReleaseReason, Status
-from fleet.nvml import NvmlSession
-from fleet.nvml_backend import NvmlBackend
+from fleet.nvml.backend import NvmlBackend
+from fleet.nvml.reader import NvmlSession
 from fleet.supervise import Supervised
 from graph.orchestrator import Orchestrator
 from graph.run_command import request_and_run

@@ -23,9 +23,9 @@ from fleet.clock import VirtualClock
 from fleet.config import load_fleet
 from fleet.models import EventKind, ReleaseReason, Status
 from fleet.monitoring import condition
-from fleet.nvml import NvmlSession
-from fleet.nvml_backend import NvmlBackend
-from fleet.nvml_replay import FakeNvml, Recording
+from fleet.nvml.backend import NvmlBackend
+from fleet.nvml.reader import NvmlSession
+from fleet.nvml.replay import FakeNvml, Recording
 from graph.orchestrator import Orchestrator
 from tests.conftest import SHARED
 

@@ -265,9 +265,9 @@ def test_nvml_confirmation_names_a_process_of_the_command_still_on_the_gpu(tmp_p
     GPU still lists is reported; one that is not the command's is not."""
     from fleet.clock import VirtualClock
     from fleet.config import load_fleet
-    from fleet.nvml import NvmlSession
-    from fleet.nvml_backend import NvmlBackend
-    from fleet.nvml_replay import FakeNvml, Recording
+    from fleet.nvml.backend import NvmlBackend
+    from fleet.nvml.reader import NvmlSession
+    from fleet.nvml.replay import FakeNvml, Recording
     from graph.orchestrator import Orchestrator
     from graph.run_command import _left_on_gpus
 

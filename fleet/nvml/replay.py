@@ -1,6 +1,6 @@
 """A recorded GPU played back through the NVML code path: a fake `pynvml` module.
 
-`FakeNvml` answers the calls `fleet.nvml.NvmlSession` makes from a recording in the format of
+`FakeNvml` answers the calls `fleet.nvml.reader.NvmlSession` makes from a recording in the format of
 ../shared/fixtures/nvml/h200-phases.json (what `gpu-agent nvml record` writes), so the real
 backend's parsing, fallbacks and error handling run without a GPU, the way gpustat's tests
 mock NVML at the call boundary. Errors are the binding's own (`pynvml.NVMLError(value)`, which
@@ -26,8 +26,8 @@ from typing import Any
 
 import pynvml
 
-from fleet import nvml
 from fleet.errors import InvalidInput
+from fleet.nvml import reader as nvml
 
 NVMLError = pynvml.NVMLError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.errors import InvalidInput
-from fleet.nvml import NvmlSession
+from fleet.nvml.reader import NvmlSession
 
 
 def binding_version() -> str:

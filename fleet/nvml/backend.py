@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fleet import nvml
 from fleet.config import FleetConfig
 from fleet.errors import StateDirError
 from fleet.models import GPUInfo, GPUProcess, GPUSample, utc
-from fleet.nvml import NvmlSession, NvmlUnavailable, Reading, is_marker
+from fleet.nvml import reader as nvml
+from fleet.nvml.reader import NvmlSession, NvmlUnavailable, Reading, is_marker
 
 GIB = float(2**30)
 POWER_CAP_SHARE = 0.8  # a capped GPU runs at 80 % of its limit, never under the card's minimum

@@ -7,7 +7,7 @@ the class names the binding generates at import time. The readings are plain dic
 format of a recording (../shared/fixtures/nvml/h200-phases.json), so the recorder writes them
 as they are and the replay serves them back through the same code.
 
-The NVML module is injected: `pynvml` on a real host, `fleet.nvml_replay.FakeNvml` in tests.
+The NVML module is injected: `pynvml` on a real host, `fleet.nvml.replay.FakeNvml` in tests.
 """
 
 from __future__ import annotations
