@@ -7,7 +7,7 @@ from typing import Protocol
 
 from council.features import RequestFeatures
 from fleet.config import CouncilSettings
-from fleet.models import CouncilDecision, MemberVote, Outcome, Verdict
+from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
 
 
 class Council(Protocol):
@@ -38,15 +38,15 @@ def combine(
     deny, approve = settings.band()
     approvers = sum(v.verdict is Verdict.APPROVE for v in votes)
     if p <= deny:
-        outcome, summary = Outcome.DENIED, f"denied with p={p:.2f}"
+        outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
     elif p < approve:
-        outcome, summary = Outcome.SPLIT, f"split at p={p:.2f}: a human decides"
+        outcome, summary = CouncilOutcome.SPLIT, f"split at p={p:.2f}: a human decides"
     elif approvers < min(settings.quorum, len(votes)):
-        outcome = Outcome.SPLIT
+        outcome = CouncilOutcome.SPLIT
         summary = f"no quorum: {approvers} of {len(votes)} members approve; a human decides"
     else:
-        outcome, summary = Outcome.APPROVED, f"approved with p={p:.2f}"
-    if outcome is not Outcome.APPROVED:
+        outcome, summary = CouncilOutcome.APPROVED, f"approved with p={p:.2f}"
+    if outcome is not CouncilOutcome.APPROVED:
         against = sorted(
             (v for v in votes if v.verdict is Verdict.DENY), key=lambda v: v.probability
         )
@@ -88,7 +88,7 @@ def small(
 
 def auto_approval(count: int, worst_case_usd: float, settings: CouncilSettings) -> CouncilDecision:
     return CouncilDecision(
-        outcome=Outcome.AUTO_APPROVED,
+        outcome=CouncilOutcome.AUTO_APPROVED,
         probability=1.0,
         quorum=settings.quorum,
         policy="auto-approve",

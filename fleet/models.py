@@ -109,11 +109,18 @@ class Verdict(StrEnum):
     ABSTAIN = "abstain"
 
 
-class Outcome(StrEnum):
+class CouncilOutcome(StrEnum):
+    """What the council concluded (a request's own outcome is graph.outcome.RequestOutcome)."""
+
     APPROVED = "approved"
     DENIED = "denied"
     SPLIT = "split"
     AUTO_APPROVED = "auto_approved"
+
+
+# its name before 2026-12-03: checkpoints written then store the class by that name, and the
+# serializer (graph/checkpoint.py) allows every name this module binds to a model or enum
+Outcome = CouncilOutcome
 
 
 class EventKind(StrEnum):
@@ -247,7 +254,7 @@ class MemberVote(BaseModel):
 
 
 class CouncilDecision(BaseModel):
-    outcome: Outcome
+    outcome: CouncilOutcome
     probability: float
     votes: list[MemberVote] = Field(default_factory=list)
     quorum: int = 0

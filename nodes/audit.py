@@ -7,7 +7,7 @@ line on resume, and a re-run appends nothing.
 from __future__ import annotations
 
 from fleet.ledger import AuditEntry
-from fleet.models import GPURequest, HumanDecision, Outcome
+from fleet.models import CouncilOutcome, GPURequest, HumanDecision
 from nodes.context import Services
 from nodes.state import State
 
@@ -83,7 +83,7 @@ def approval(svc: Services, state: State, request: GPURequest) -> AuditEntry | N
     human, council = state.get("human"), state.get("council")
     if human is not None and human.approve:
         return None
-    if council is not None and council.outcome == Outcome.AUTO_APPROVED:
+    if council is not None and council.outcome == CouncilOutcome.AUTO_APPROVED:
         who, detail = "auto-approval", council.summary
     elif council is not None:
         who, detail = "council", council.summary

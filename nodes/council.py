@@ -6,7 +6,7 @@ from langgraph.runtime import Runtime
 
 from council.features import build_features, cost_pressure, is_critical, worst_case_usd
 from council.voting import auto_approval, convene, small
-from fleet.models import Outcome, Status
+from fleet.models import CouncilOutcome, Status
 from fleet.validation import refusal
 from nodes import audit
 from nodes.context import Context, council_of, services_for
@@ -43,10 +43,10 @@ def council(state: State, runtime: Runtime[Context]) -> State:
         votes=votes(decision),
     )
     update: State = {"council": decision}
-    if decision.outcome is Outcome.DENIED:
+    if decision.outcome is CouncilOutcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}
         audit.denial(svc, state, request, "council", decision.summary)
-    elif decision.outcome is Outcome.SPLIT:
+    elif decision.outcome is CouncilOutcome.SPLIT:
         update |= {"status": Status.PENDING_REVIEW, "reason": f"council: {decision.summary}"}
         audit.asked(svc, state, request, decision.summary)
     return update

@@ -10,7 +10,7 @@ from typing import Literal
 
 from langgraph.graph import END, START
 
-from fleet.models import Outcome, Status
+from fleet.models import CouncilOutcome, Status
 from nodes.allocate import allocate
 from nodes.council import council
 from nodes.deallocate import deallocate
@@ -29,7 +29,7 @@ def after_validate(state: State) -> Literal["council", "__end__"]:
 def after_council(state: State) -> Literal["route", "review", "__end__"]:
     if state.get("status") == Status.DENIED:
         return "__end__"
-    return "review" if state["council"].outcome is Outcome.SPLIT else "route"
+    return "review" if state["council"].outcome is CouncilOutcome.SPLIT else "route"
 
 
 def after_review(state: State) -> Literal["route", "__end__"]:

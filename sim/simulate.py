@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
-from fleet.models import Outcome
+from fleet.models import CouncilOutcome
 from fleet.statedir import LEDGER
 from fleet.trace import PHILLY, TraceSchema, read_trace
 from sim.accounting import Floor, floor, same_work, savings
@@ -48,7 +48,7 @@ def _agent(auto_release: bool) -> Runner:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
         result = run_gpu_agent(workload, config, out, progress)
-        council = {o.value: result.council.get(o.value, 0) for o in Outcome}
+        council = {o.value: result.council.get(o.value, 0) for o in CouncilOutcome}
         return result.attempts, {
             "council": dict(sorted(council.items())),
             "reviews": result.reviews,

@@ -20,7 +20,7 @@ from council.rules import ReferenceCouncil
 from council.train import METRICS_FILE, WEIGHTS_FILE, Split, TrainSettings, evaluate, train
 from fleet.config import CouncilSettings, FleetConfig, load_fleet
 from fleet.errors import ConfigError
-from fleet.models import Outcome, ReleaseReason, Status, Verdict
+from fleet.models import CouncilOutcome, ReleaseReason, Status, Verdict
 from fleet.trace import read_trace
 from nodes.context import council_of
 from tests.conftest import ROOT, SHARED, OrchFactory, fleet_toml, run_cli, small_config
@@ -88,8 +88,8 @@ def test_votes_carry_reasons_and_contrasting_requests_get_contrasting_decisions(
 ) -> None:
     good, bad = good_and_bad()
     yes, no = council.decide(good, SETTINGS), council.decide(bad, SETTINGS)
-    assert yes.outcome is Outcome.APPROVED and yes.probability > 0.9
-    assert no.outcome is Outcome.DENIED and no.probability < 0.1
+    assert yes.outcome is CouncilOutcome.APPROVED and yes.probability > 0.9
+    assert no.outcome is CouncilOutcome.DENIED and no.probability < 0.1
     assert [v.member for v in no.votes] == list(council.members)
     for vote in no.votes:
         assert vote.reasons and all(r.feature in OCCLUSIONS for r in vote.reasons)

@@ -13,10 +13,10 @@ from council.rules import MEMBERS, ReferenceCouncil, member_vote
 from council.voting import combine, convene
 from fleet.config import CouncilSettings, FleetConfig
 from fleet.models import (
+    CouncilOutcome,
     GPURequest,
     HistoryRecord,
     MemberVote,
-    Outcome,
     ProjectStats,
     ReleaseReason,
     Verdict,
@@ -49,7 +49,7 @@ def council_p(f: RequestFeatures) -> float:
 
 def test_a_reasonable_request_is_approved_with_reasons() -> None:
     decision = ReferenceCouncil().decide(GOOD, SETTINGS)
-    assert decision.outcome is Outcome.APPROVED and decision.probability > 0.8
+    assert decision.outcome is CouncilOutcome.APPROVED and decision.probability > 0.8
     assert [v.member for v in decision.votes] == list(MEMBERS)
     assert all(v.reasons for v in decision.votes if v.member != "risk")
 
@@ -66,7 +66,7 @@ def test_a_hoarder_asking_for_the_pool_is_denied() -> None:
         recent_util=2,
     )
     decision = ReferenceCouncil().decide(bad, SETTINGS)
-    assert decision.outcome is Outcome.DENIED
+    assert decision.outcome is CouncilOutcome.DENIED
     risk = next(v for v in decision.votes if v.member == "risk")
     assert risk.verdict is Verdict.DENY and risk.reasons[0].feature == "hoarding_rate"
 
@@ -80,7 +80,7 @@ def test_quorum_and_split() -> None:
         SETTINGS,
         "t",
     )
-    assert split.outcome is Outcome.SPLIT
+    assert split.outcome is CouncilOutcome.SPLIT
     no_quorum = combine(
         [
             vote(0.99, Verdict.APPROVE),
@@ -98,16 +98,16 @@ def test_quorum_and_split() -> None:
             SETTINGS,
             "t",
         ).outcome
-        is Outcome.SPLIT
+        is CouncilOutcome.SPLIT
     )
     assert no_quorum.probability > SETTINGS.band("reference")[1]
-    assert no_quorum.outcome is Outcome.SPLIT and "quorum" in no_quorum.summary
+    assert no_quorum.outcome is CouncilOutcome.SPLIT and "quorum" in no_quorum.summary
     unsure_no = combine(
         [vote(0.01, Verdict.DENY), vote(0.2, Verdict.DENY), vote(0.48, Verdict.ABSTAIN)],
         SETTINGS,
         "t",
     )
-    assert unsure_no.outcome is Outcome.DENIED  # denial needs no quorum
+    assert unsure_no.outcome is CouncilOutcome.DENIED  # denial needs no quorum
 
 
 def test_member_abstains_when_unsure() -> None:
@@ -117,9 +117,11 @@ def test_member_abstains_when_unsure() -> None:
 
 def test_small_requests_skip_the_members_but_critical_ones_do_not() -> None:
     small = dataclasses.replace(GOOD, count=1, worst_case_usd=5)
-    assert convene(ReferenceCouncil(), small, False, SETTINGS).outcome is Outcome.AUTO_APPROVED
+    assert (
+        convene(ReferenceCouncil(), small, False, SETTINGS).outcome is CouncilOutcome.AUTO_APPROVED
+    )
     voted = convene(ReferenceCouncil(), small, True, SETTINGS)
-    assert voted.outcome is Outcome.APPROVED and voted.votes
+    assert voted.outcome is CouncilOutcome.APPROVED and voted.votes
 
 
 unit = st.floats(0, 1)
@@ -147,7 +149,7 @@ def test_worse_records_never_raise_approval(
     assert council_p(replace(base, hoarding_rate=min(1, base.hoarding_rate + more))) <= p
     assert council_p(replace(base, recent_util=max(0, base.recent_util - worse))) <= p
     assert council_p(replace(base, cost_pressure=base.cost_pressure + more)) <= p
-    rank = {Outcome.DENIED: 0, Outcome.SPLIT: 1, Outcome.APPROVED: 2}
+    rank = {CouncilOutcome.DENIED: 0, CouncilOutcome.SPLIT: 1, CouncilOutcome.APPROVED: 2}
     worse_f = dataclasses.replace(
         base,
         hoarding_rate=min(1, base.hoarding_rate + more),

@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import ormsgpack
 import pytest
 
+from fleet.models import CouncilOutcome
+from graph.checkpoint import serializer
 from tests.conftest import fleet_toml, run_cli
 
 # 600x: one real second is ten virtual minutes; a 1-hour lease lasts 6 s.
@@ -166,3 +169,12 @@ def test_death_between_a_steps_writes_and_its_checkpoint(
         assert len(then.history()) == 1 and then.costs()[0].spent_usd == out.cost_usd > 0
     finally:
         then.close()
+
+
+def test_a_checkpoint_from_before_the_council_outcome_was_renamed_still_loads() -> None:
+    """Checkpoints store an enum by its class's name: one written when CouncilOutcome was
+    still called Outcome reads back as the same value."""
+    old = ormsgpack.packb(
+        {"o": ormsgpack.Ext(0, ormsgpack.packb(["fleet.models", "Outcome", "split"]))}
+    )
+    assert serializer().loads_typed(("msgpack", old))["o"] is CouncilOutcome.SPLIT

@@ -13,9 +13,9 @@ from fleet.errors import Denied, InvalidInput, NotPlaced
 from fleet.models import (
     Allocation,
     CouncilDecision,
+    CouncilOutcome,
     EventKind,
     GPURequest,
-    Outcome,
     ReleaseReason,
     Status,
 )
@@ -49,7 +49,7 @@ def test_approved_allocated_monitored_released(make_orch: OrchFactory) -> None:
     assert out.status is Status.RELEASED and out.release is not None
     assert out.release.reason is ReleaseReason.LEASE_EXPIRED
     assert out.cost_usd == pytest.approx(2 * 5.12 * 2)
-    assert out.council is not None and out.council.outcome is Outcome.APPROVED
+    assert out.council is not None and out.council.outcome is CouncilOutcome.APPROVED
     assert out.route is not None and out.route.alternatives
     assert kinds(out) == [EventKind.PLACED, EventKind.RELEASED]
     [record] = orch.history()
@@ -63,7 +63,7 @@ def test_council_denies_a_hoarder_with_votes(make_orch: OrchFactory) -> None:
     assert first.release is not None and first.release.reason is ReleaseReason.IDLE
     out = orch.request(req(project="lazy", count=8, duration_hours=48, priority="critical"))
     assert out.status is Status.DENIED and out.reason.startswith("council:")
-    assert out.council is not None and out.council.outcome is Outcome.DENIED
+    assert out.council is not None and out.council.outcome is CouncilOutcome.DENIED
     assert {v.member for v in out.council.votes} >= {"cost", "fairness", "capacity", "risk"}
     with pytest.raises(Denied):
         orch.allocate_gpu_sync(req(project="lazy", count=8, duration_hours=48))

@@ -11,11 +11,11 @@ from fleet.clock import VirtualClock
 from fleet.errors import InvalidInput
 from fleet.ledger import allocation_id
 from fleet.models import (
+    CouncilOutcome,
     EventKind,
     GPURequest,
     HumanDecision,
     MonitorState,
-    Outcome,
     ReleaseReason,
     Status,
 )
@@ -75,9 +75,9 @@ def test_validate(services: Services) -> None:
 
 def test_council_votes_and_auto_approves(services: Services) -> None:
     voted = council({"request": request()}, rt(services))
-    assert voted["council"].outcome is Outcome.APPROVED and len(voted["council"].votes) == 6
+    assert voted["council"].outcome is CouncilOutcome.APPROVED and len(voted["council"].votes) == 6
     small = council({"request": request(count=1, duration_hours=1)}, rt(services))
-    assert small["council"].outcome is Outcome.AUTO_APPROVED
+    assert small["council"].outcome is CouncilOutcome.AUTO_APPROVED
 
 
 def test_route_applies_the_budget(services: Services) -> None:
