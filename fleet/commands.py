@@ -8,7 +8,8 @@ counts as unknown, so a killed supervisor never shields an allocation from idle 
 
 from __future__ import annotations
 
-from fleet.ledger import Lease, Ledger
+from fleet.ledger import Ledger
+from fleet.ledger_rows import Lease
 from fleet.monitoring import Work
 from fleet.monitors import gone_here
 

@@ -9,7 +9,6 @@ history at most once (primary keys), and a thread's request maps to one allocati
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import sqlite3
@@ -17,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -37,9 +36,19 @@ from fleet.budget import (
 )
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
+from fleet.ledger_rows import (
+    AUDIT,
+    AuditEntry,
+    Lease,
+    LedgerRow,
+    PlaceResult,
+    ProjectCost,
+    Resumed,
+    allocation_id,
+)
+from fleet.ledger_schema import SCHEMA, SCHEMA_VERSION, TABLES, V2, V3, V4, V4_COLUMNS, V5
 from fleet.models import (
     CUT_BY_BUDGET,
-    Allocation,
     GPUInfo,
     GPURequest,
     HistoryRecord,
@@ -56,327 +65,6 @@ from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
 from fleet.scheduler import decayed, fair_share_factors
 from fleet.sql import Conn, Database, open_database
 from fleet.topology import Topology
-
-# 1: allocations, holds, charges, spend, history, budgets, records, usage, unhealthy
-# 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released),
-#    audit (who approved, denied, decided, released, set a budget, and why)
-# 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
-SCHEMA_VERSION = 5
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS allocations (
-    id TEXT PRIMARY KEY,
-    thread_id TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    project TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    gpu_type TEXT NOT NULL,
-    count INTEGER NOT NULL CHECK (count > 0),
-    price_per_hour REAL NOT NULL,
-    hours REAL NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'active', 'released')),
-    enqueued_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL,
-    started_at REAL,
-    lease_end REAL,
-    deadline REAL,
-    deadline_reason TEXT,
-    released_at REAL,
-    release_reason TEXT,
-    cost_usd REAL,
-    util_sum REAL NOT NULL DEFAULT 0,
-    util_n INTEGER NOT NULL DEFAULT 0,
-    ticks INTEGER NOT NULL DEFAULT 0,
-    util_last REAL,
-    busy_at_start REAL,
-    idle_since REAL,
-    resumes TEXT,
-    gpu_ids TEXT NOT NULL DEFAULT '[]',
-    nodes TEXT NOT NULL DEFAULT '[]',
-    request TEXT NOT NULL,
-    UNIQUE (thread_id, request_id)
-);
-CREATE INDEX IF NOT EXISTS allocations_by_state ON allocations (state, gpu_type);
-CREATE INDEX IF NOT EXISTS allocations_by_project ON allocations (project, state);
-CREATE TABLE IF NOT EXISTS holds (
-    gpu_uuid TEXT PRIMARY KEY,
-    allocation_id TEXT NOT NULL REFERENCES allocations (id)
-);
-CREATE TABLE IF NOT EXISTS charges (
-    allocation_id TEXT PRIMARY KEY REFERENCES allocations (id),
-    project TEXT NOT NULL,
-    amount_usd REAL NOT NULL,
-    charged_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS charges_by_project ON charges (project);
-CREATE TABLE IF NOT EXISTS spend (
-    project TEXT PRIMARY KEY,
-    usd REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS history (
-    allocation_id TEXT PRIMARY KEY REFERENCES allocations (id),
-    thread_id TEXT NOT NULL,
-    project TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    gpu_type TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    gpu_ids TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    ended_at REAL NOT NULL,
-    hours REAL NOT NULL,
-    requested_hours REAL NOT NULL,
-    cost_usd REAL NOT NULL,
-    reason TEXT NOT NULL,
-    mean_util_pct REAL,
-    hoarded_hours REAL NOT NULL DEFAULT 0,
-    resumed_by TEXT,
-    pause_s REAL
-);
-CREATE INDEX IF NOT EXISTS history_by_project ON history (project, ended_at);
-CREATE INDEX IF NOT EXISTS history_by_end ON history (ended_at);
-CREATE TABLE IF NOT EXISTS budgets (
-    project TEXT PRIMARY KEY,
-    budget_usd REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS records (
-    project TEXT PRIMARY KEY,
-    at REAL NOT NULL,
-    events INTEGER NOT NULL,
-    gpu_hours REAL NOT NULL,
-    idle_gpu_hours REAL NOT NULL,
-    budget_gpu_hours REAL NOT NULL,
-    rated_gpu_hours REAL NOT NULL,
-    util_gpu_hours REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS usage (
-    project TEXT PRIMARY KEY,
-    gpu_hours REAL NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS unhealthy (
-    gpu_uuid TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    since REAL NOT NULL
-);
-"""
-
-V2 = """
-CREATE TABLE IF NOT EXISTS freed (
-    gpu_uuid TEXT PRIMARY KEY,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    thread_id TEXT PRIMARY KEY,
-    request TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done')),
-    submitted_at REAL NOT NULL,
-    worker TEXT,
-    claimed_at REAL,
-    lease_until REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    outcome TEXT,
-    error TEXT,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_at);
-CREATE TABLE IF NOT EXISTS audit (
-    key TEXT PRIMARY KEY,
-    at REAL NOT NULL,
-    who TEXT NOT NULL,
-    action TEXT NOT NULL,
-    project TEXT NOT NULL,
-    target TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
-"""
-
-V3 = """
-CREATE TABLE IF NOT EXISTS monitors (
-    allocation_id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    beat_at REAL NOT NULL,
-    since REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS monitors_by_owner ON monitors (owner);
-"""
-
-V4 = """
-CREATE TABLE IF NOT EXISTS commands (
-    allocation_id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    exit_code INTEGER
-);
-"""
-V4_COLUMNS = {
-    "allocations": ["idle_since REAL", "resumes TEXT"],
-    "history": ["hoarded_hours REAL NOT NULL DEFAULT 0", "resumed_by TEXT", "pause_s REAL"],
-}
-# a resumed allocation looks up what its resumer had learned (Ledger.resume); the running
-# allocations' usage and expected cost are summed from an index alone (Ledger._active,
-# EXPECTED, UNCUT, COMMITTED), without reading their rows
-V5 = """
-CREATE INDEX IF NOT EXISTS history_by_resumer ON history (resumed_by);
-CREATE INDEX IF NOT EXISTS allocations_running ON allocations (state, project, count,
-    started_at, price_per_hour, lease_end, deadline);
-"""
-TABLES = (
-    "meta",
-    "allocations",
-    "holds",
-    "charges",
-    "spend",
-    "history",
-    "budgets",
-    "records",
-    "usage",
-    "unhealthy",
-    "freed",
-    "jobs",
-    "audit",
-    "monitors",
-    "commands",
-)
-
-
-def allocation_id(thread_id: str, request_id: str) -> str:
-    """Deterministic, so that a re-run of the allocate node finds its own allocation."""
-    return "a-" + hashlib.sha1(f"{thread_id}:{request_id}".encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """An allocation as the ledger stores it: queued, active or released."""
-
-    id: str
-    thread_id: str
-    request_id: str
-    project: str
-    purpose: Purpose
-    priority: str
-    gpu_type: str
-    count: int
-    price_per_hour: float
-    hours: float
-    state: str
-    enqueued_at: float
-    heartbeat_at: float
-    started_at: float | None
-    lease_end: float | None
-    deadline: float | None
-    deadline_reason: ReleaseReason | None
-    released_at: float | None
-    release_reason: ReleaseReason | None
-    cost_usd: float | None
-    util_sum: float
-    util_n: int
-    gpu_ids: list[str]
-    nodes: list[str]
-    ticks: int = 0
-    util_last: float | None = None  # the last tick's mean utilisation
-    busy_at_start: float | None = None  # share of the fleet held by others when it started
-
-    @property
-    def rate_usd_per_s(self) -> float:
-        return self.price_per_hour * self.count / 3600.0
-
-    @property
-    def mean_util(self) -> float | None:
-        return self.util_sum / self.util_n if self.util_n else None
-
-    def to_allocation(self) -> Allocation:
-        assert self.started_at is not None and self.lease_end is not None
-        return Allocation(
-            id=self.id,
-            request_id=self.request_id,
-            thread_id=self.thread_id,
-            project=self.project,
-            gpu_type=self.gpu_type,
-            count=self.count,
-            gpu_ids=self.gpu_ids,
-            node="+".join(self.nodes),
-            nodes=self.nodes,
-            price_per_hour=self.price_per_hour,
-            started_at=utc(self.started_at),
-            lease_end=utc(self.lease_end),
-            cuda_visible_devices=",".join(self.gpu_ids),
-        )
-
-    def to_release(self) -> Release:
-        assert self.released_at is not None and self.release_reason is not None
-        held = (self.released_at - self.started_at) if self.started_at is not None else 0.0
-        return Release(
-            allocation_id=self.id,
-            reason=self.release_reason,
-            released_at=utc(self.released_at),
-            hours=held / 3600.0,
-            cost_usd=self.cost_usd or 0.0,
-            mean_util_pct=self.mean_util,
-        )
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """What a request that resumes released work learns from the release (Ledger.resume)."""
-
-    pause_s: float  # the longest pause the work has come back from
-    working: bool  # it went on at once after an idle release: it works while looking idle
-
-
-@dataclass(frozen=True)
-class Lease:
-    """Where an allocation's lease stands: what a monitor reads at every tick."""
-
-    state: str
-    deadline: float | None
-    deadline_reason: ReleaseReason | None
-    released_at: float | None
-    release_reason: ReleaseReason | None
-    # its latest command under `gpu-agent run` (fleet.commands.work reads these)
-    command_owner: str | None = None
-    command_ended_at: float | None = None
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """One line of the audit log: who did what to which request or project, and why."""
-
-    key: str  # what makes it happen once: a re-run of the same step appends nothing
-    at: float
-    who: str
-    action: str  # approve, deny, decide, release, cancel, budget
-    project: str
-    target: str  # an allocation id, a thread id or a project
-    detail: str
-
-
-AUDIT = (
-    "INSERT INTO audit (key, at, who, action, project, target, detail) "
-    "VALUES (?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"
-)
-
-
-@dataclass(frozen=True)
-class PlaceResult:
-    decision: Decision
-    row: LedgerRow | None  # None only when a fresh request is denied
-    moved: list[Moved] = field(default_factory=list)  # others' deadlines the placement moved
-
-
-@dataclass(frozen=True)
-class ProjectCost:
-    project: str
-    spent_usd: float
-    accrued_usd: float  # active allocations, so far
-    committed_usd: float  # active allocations, worst case
-    budget_usd: float | None
-
 
 # budget.worst_case of a project's (:p) active allocations, summed by the database
 COMMITTED = (

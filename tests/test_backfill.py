@@ -12,7 +12,8 @@ import pytest
 
 from fleet.backfill import Ending, Reservation, backfill, reserve
 from fleet.clock import VirtualClock
-from fleet.ledger import Ledger, PlaceResult
+from fleet.ledger import Ledger
+from fleet.ledger_rows import PlaceResult
 from fleet.models import EventKind, GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import route

@@ -12,7 +12,8 @@ import pytest
 from council.record import past_jobs, rates
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
-from fleet.ledger import SCHEMA_VERSION, Ledger
+from fleet.ledger import Ledger
+from fleet.ledger_schema import SCHEMA_VERSION
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import route

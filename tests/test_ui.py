@@ -333,7 +333,8 @@ def test_the_cli_passes_its_host_names(
     to those names, the bound address and the loopback names, and to nothing else."""
     import uvicorn
 
-    from graph.cli import build_parser, main
+    from graph.cli import main
+    from graph.cli_parser import build_parser
 
     args = build_parser().parse_args(["ui", "--allow-host", "a.example", "--allow-host", "b"])
     assert args.allow_host == ["a.example", "b"]

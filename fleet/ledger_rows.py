@@ -1,0 +1,144 @@
+"""What the ledger hands out: an allocation's row, its lease, an audit entry, a placement's
+result, a project's cost, and the id a thread's request is placed under."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from fleet.budget import Moved
+from fleet.models import Allocation, Purpose, Release, ReleaseReason, utc
+from fleet.placement import Decision
+
+
+def allocation_id(thread_id: str, request_id: str) -> str:
+    """Deterministic, so that a re-run of the allocate node finds its own allocation."""
+    return "a-" + hashlib.sha1(f"{thread_id}:{request_id}".encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """An allocation as the ledger stores it: queued, active or released."""
+
+    id: str
+    thread_id: str
+    request_id: str
+    project: str
+    purpose: Purpose
+    priority: str
+    gpu_type: str
+    count: int
+    price_per_hour: float
+    hours: float
+    state: str
+    enqueued_at: float
+    heartbeat_at: float
+    started_at: float | None
+    lease_end: float | None
+    deadline: float | None
+    deadline_reason: ReleaseReason | None
+    released_at: float | None
+    release_reason: ReleaseReason | None
+    cost_usd: float | None
+    util_sum: float
+    util_n: int
+    gpu_ids: list[str]
+    nodes: list[str]
+    ticks: int = 0
+    util_last: float | None = None  # the last tick's mean utilisation
+    busy_at_start: float | None = None  # share of the fleet held by others when it started
+
+    @property
+    def rate_usd_per_s(self) -> float:
+        return self.price_per_hour * self.count / 3600.0
+
+    @property
+    def mean_util(self) -> float | None:
+        return self.util_sum / self.util_n if self.util_n else None
+
+    def to_allocation(self) -> Allocation:
+        assert self.started_at is not None and self.lease_end is not None
+        return Allocation(
+            id=self.id,
+            request_id=self.request_id,
+            thread_id=self.thread_id,
+            project=self.project,
+            gpu_type=self.gpu_type,
+            count=self.count,
+            gpu_ids=self.gpu_ids,
+            node="+".join(self.nodes),
+            nodes=self.nodes,
+            price_per_hour=self.price_per_hour,
+            started_at=utc(self.started_at),
+            lease_end=utc(self.lease_end),
+            cuda_visible_devices=",".join(self.gpu_ids),
+        )
+
+    def to_release(self) -> Release:
+        assert self.released_at is not None and self.release_reason is not None
+        held = (self.released_at - self.started_at) if self.started_at is not None else 0.0
+        return Release(
+            allocation_id=self.id,
+            reason=self.release_reason,
+            released_at=utc(self.released_at),
+            hours=held / 3600.0,
+            cost_usd=self.cost_usd or 0.0,
+            mean_util_pct=self.mean_util,
+        )
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a request that resumes released work learns from the release (Ledger.resume)."""
+
+    pause_s: float  # the longest pause the work has come back from
+    working: bool  # it went on at once after an idle release: it works while looking idle
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Where an allocation's lease stands: what a monitor reads at every tick."""
+
+    state: str
+    deadline: float | None
+    deadline_reason: ReleaseReason | None
+    released_at: float | None
+    release_reason: ReleaseReason | None
+    # its latest command under `gpu-agent run` (fleet.commands.work reads these)
+    command_owner: str | None = None
+    command_ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of the audit log: who did what to which request or project, and why."""
+
+    key: str  # what makes it happen once: a re-run of the same step appends nothing
+    at: float
+    who: str
+    action: str  # approve, deny, decide, release, cancel, budget
+    project: str
+    target: str  # an allocation id, a thread id or a project
+    detail: str
+
+
+AUDIT = (
+    "INSERT INTO audit (key, at, who, action, project, target, detail) "
+    "VALUES (?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"
+)
+
+
+@dataclass(frozen=True)
+class PlaceResult:
+    decision: Decision
+    row: LedgerRow | None  # None only when a fresh request is denied
+    moved: list[Moved] = field(default_factory=list)  # others' deadlines the placement moved
+
+
+@dataclass(frozen=True)
+class ProjectCost:
+    project: str
+    spent_usd: float
+    accrued_usd: float  # active allocations, so far
+    committed_usd: float  # active allocations, worst case
+    budget_usd: float | None
