@@ -10,6 +10,7 @@ says no.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import threading
@@ -92,19 +93,33 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bo
         directory = Path(state_dir) if state_dir else Path(tmp) / "state"
         clock = VirtualClock()
         start = clock.now()
-        lines: list[tuple[float, int, str]] = []
+        # (at, rank, who, arrival, text): one thread's lines keep their order, and lines of
+        # different threads at one instant keep the order of cause and effect (_rank)
+        lines: list[tuple[float, int, str, int, str]] = []
+        held: list[tuple[float, int, str, int, str]] = []  # not yet printed
         lock = threading.Lock()
+
+        def show(before: float) -> None:
+            """Print the lines of the instants before `before`, in order (see _rank)."""
+            for line in sorted(x for x in held if x[0] < before):
+                print(line[-1], flush=True)
+            held[:] = [x for x in held if x[0] >= before]
 
         def report(at: float, who: str, what: str) -> None:
             with lock:
-                lines.append((at, len(lines), f"  +{_hm(at - start)}  {who:<17} {what}"))
+                text = f"  +{_hm(at - start)}  {who:<17} {what}"
+                line = (at, _rank(what), who, len(lines), text)
+                lines.append(line)
                 if not as_json:
-                    print(lines[-1][2], flush=True)
+                    held.append(line)
+                    show(at)
 
         if not as_json:
             print(f"gpu-agent demo: one virtual day on the default fleet (state: {directory})")
         with Orchestrator(directory, demo_fleet(fleet), clock=clock) as orch:
             result = run_scenario(orch, clock, STORY, report)
+            with lock:
+                show(math.inf)
             costs = orch.costs()
             if as_json:
                 print(
@@ -112,13 +127,35 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bo
                         {
                             "outcomes": {k: v.to_json() for k, v in result.outcomes.items()},
                             "costs": [c.__dict__ for c in costs],
-                            "timeline": [text.strip() for _, _, text in sorted(lines)],
+                            "timeline": [text.strip() for *_, text in sorted(lines)],
                         }
                     )
                 )
             else:
                 print(_tables(result, costs, orch.services.clock.now() - start))
     return 0
+
+
+# Within one virtual instant, lines come in the order of cause and effect, whichever thread
+# the machine happened to run first: a request is asked for and a budget set, a monitor
+# sees idling, the allocation is released, and then requests woken by the release are placed.
+_RANKS = {
+    "asks": 0,
+    "sets": 1,
+    "cannot": 1,
+    "released": 3,
+    "placed": 4,
+    "queued": 4,
+    "denied": 4,
+    "timed_out": 4,
+    "invalid": 4,
+    "refused": 4,
+}
+
+
+def _rank(what: str) -> int:
+    """Where a line goes among those of its instant (_RANKS; a monitor's event: 2)."""
+    return _RANKS.get(what.split(":")[0].split()[0], 2)
 
 
 def _hm(seconds: float) -> str:

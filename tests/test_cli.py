@@ -360,3 +360,26 @@ def test_human_review_through_the_cli(tmp_path: Path) -> None:
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
     again = run_cli("resume", "no", "--approve", *opts, cwd=tmp_path)
     assert again.returncode == 2 and "already decided: deny by cli" in again.stderr
+
+
+def test_the_demos_lines_of_one_instant_follow_cause_and_effect() -> None:
+    """Threads report at one virtual instant in whatever order the machine runs them (on a
+    busy machine a woken request's placement could print before the release that woke it):
+    the demo orders them as cause and effect, whatever order they arrived in."""
+    from graph.demo import _rank
+
+    arrived = [
+        ("nlp-train", "placed: 8 x H100 on h100-0"),
+        ("vision-pretrain", "released: after 3.00 h (lease-expired)"),
+        ("vision-pretrain", "idle: every GPU under 5% for 30 min"),
+        ("finance", "sets ads's budget to $4.00"),
+        ("sandbox", "asks for 2 GPU(s) for research, 4 h"),
+    ]
+    ordered = sorted((_rank(what), who, i, what) for i, (who, what) in enumerate(arrived))
+    assert [what.split()[0] for *_, what in ordered] == [
+        "asks",
+        "sets",
+        "idle:",
+        "released:",
+        "placed:",
+    ]
