@@ -39,7 +39,7 @@ format: install
 # The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link, a page
 # missing from the nav or a bad anchor fails the build (CI runs it).
 docs: install
-	$(VENV)/bin/mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict
 
 # The LangGraph dev server on 127.0.0.1:2024 (offline; Studio itself is a hosted web page).
 studio: install

@@ -9,7 +9,7 @@ counts as unknown, so a killed supervisor never shields an allocation from idle 
 from __future__ import annotations
 
 from fleet.ledger import Ledger
-from fleet.ledger_rows import Lease
+from fleet.ledger.rows import Lease
 from fleet.monitoring import Work
 from fleet.monitors import gone_here
 

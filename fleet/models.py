@@ -355,7 +355,7 @@ class MonitorState(BaseModel):
     window: list[tuple[float, float]] = Field(default_factory=list)  # (time, mean util)
     idle_since: datetime | None = None
     longest_pause_s: float = 0.0  # the longest idle spell the work came back from
-    # it resumes work that went on while its GPUs looked idle (fleet.ledger_rows.Resumed): idling
+    # it resumes work that went on while its GPUs looked idle (fleet.ledger.rows.Resumed): idling
     # is no evidence here, as under a running command
     works_while_idle: bool = False
     low_util_warned: bool = False

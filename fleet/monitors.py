@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.ledger import Ledger
-from fleet.ledger_rows import LedgerRow
+from fleet.ledger.rows import LedgerRow
 
 # How a process that monitors says what it is, for `status` ("cli", "worker", "page", ...).
 KINDS = ("cli", "worker", "page", "server", "python")

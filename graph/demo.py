@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fleet.clock import VirtualClock
 from fleet.config import FleetConfig, load_fleet
-from fleet.ledger_rows import ProjectCost
+from fleet.ledger.rows import ProjectCost
 from graph.orchestrator import Orchestrator
 from graph.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
 

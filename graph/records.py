@@ -28,7 +28,7 @@ from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice
 from fleet.errors import StateDirError
 from fleet.jobs import Job, JobQueue
-from fleet.ledger_rows import AuditEntry, LedgerRow, ProjectCost
+from fleet.ledger.rows import AuditEntry, LedgerRow, ProjectCost
 from fleet.models import HistoryRecord, Release, ReleaseReason
 from fleet.monitors import Monitors, Orphan
 from fleet.services import Services, open_services

@@ -8,7 +8,7 @@ from __future__ import annotations
 from langgraph.runtime import Runtime
 
 from fleet.faults import fault
-from fleet.ledger_rows import Resumed, allocation_id
+from fleet.ledger.rows import Resumed, allocation_id
 from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, utc
 from fleet.placement import Kind
 from nodes import audit

@@ -6,7 +6,7 @@ line on resume, and a re-run appends nothing.
 
 from __future__ import annotations
 
-from fleet.ledger_rows import AuditEntry
+from fleet.ledger.rows import AuditEntry
 from fleet.models import CouncilOutcome, GPURequest, HumanDecision
 from nodes.context import Services
 from nodes.state import State

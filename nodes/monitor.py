@@ -16,7 +16,7 @@ from langgraph.runtime import Runtime
 from fleet.clock import sleep_until
 from fleet.commands import work
 from fleet.faults import fault
-from fleet.ledger_rows import Lease
+from fleet.ledger.rows import Lease
 from fleet.models import EventKind, MonitorState, Purpose, utc
 from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, readings, skip
 from fleet.services import Services

@@ -13,7 +13,7 @@ import pytest
 from fleet.backfill import Ending, Reservation, backfill, reserve
 from fleet.clock import VirtualClock
 from fleet.ledger import Ledger
-from fleet.ledger_rows import PlaceResult
+from fleet.ledger.rows import PlaceResult
 from fleet.models import EventKind, GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import route

@@ -27,7 +27,7 @@ from fleet.budget import (
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
-from fleet.ledger_rows import LedgerRow, PlaceResult
+from fleet.ledger.rows import LedgerRow, PlaceResult
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import Refusal, route

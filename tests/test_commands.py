@@ -16,7 +16,7 @@ import pytest
 from fleet.commands import Commands, work
 from fleet.config import FleetConfig, load_fleet
 from fleet.ledger import Ledger
-from fleet.ledger_rows import Resumed
+from fleet.ledger.rows import Resumed
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import new_owner
 from tests.conftest import run_cli

@@ -13,7 +13,7 @@ from council.record import past_jobs, rates
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.ledger import Ledger
-from fleet.ledger_schema import SCHEMA_VERSION
+from fleet.ledger.schema import SCHEMA_VERSION
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Kind
 from fleet.routing import route

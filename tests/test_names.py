@@ -23,7 +23,7 @@ from fleet import names
 from fleet.access import add_identity
 from fleet.clock import VirtualClock
 from fleet.errors import GPUAgentError, InvalidInput
-from fleet.ledger_rows import AUDIT
+from fleet.ledger.rows import AUDIT
 from fleet.models import Status
 from graph import cli
 from graph.orchestrator import Orchestrator

@@ -9,7 +9,7 @@ from langgraph.runtime import ExecutionInfo, Runtime
 
 from fleet.clock import VirtualClock
 from fleet.errors import InvalidInput
-from fleet.ledger_rows import allocation_id
+from fleet.ledger.rows import allocation_id
 from fleet.models import (
     CouncilOutcome,
     EventKind,

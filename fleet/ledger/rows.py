@@ -1,10 +1,12 @@
-"""What the ledger hands out: an allocation's row, its lease, an audit entry, a placement's
-result, a project's cost, and the id a thread's request is placed under."""
+"""What the ledger hands out: an allocation's row (and how it is read), its lease, an audit
+entry, a placement's result, a project's cost, and the id a thread's request is placed under."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from fleet.budget import Moved
 from fleet.models import Allocation, Purpose, Release, ReleaseReason, utc
@@ -142,3 +144,18 @@ class ProjectCost:
     accrued_usd: float  # active allocations, so far
     committed_usd: float  # active allocations, worst case
     budget_usd: float | None
+
+
+ROW = "SELECT " + ", ".join(f.name for f in fields(LedgerRow)) + " FROM allocations"
+_AT = {f.name: i for i, f in enumerate(fields(LedgerRow))}
+
+
+def read_row(r: Any) -> LedgerRow:
+    """A row selected with ROW (its columns in LedgerRow's order)."""
+    v = list(r)
+    v[_AT["purpose"]] = Purpose(v[_AT["purpose"]])
+    for name in ("deadline_reason", "release_reason"):
+        v[_AT[name]] = ReleaseReason(v[_AT[name]]) if v[_AT[name]] else None
+    for name in ("gpu_ids", "nodes"):
+        v[_AT[name]] = json.loads(v[_AT[name]])
+    return LedgerRow(*v)
