@@ -1,5 +1,6 @@
 """The `gpu-agent` command line: every subcommand, its options and their defaults, and the
-one-line (or JSON) error a bad command line gets. graph/cli.py runs what it parses."""
+one-line (or JSON) error a bad command line gets. graph/cli.py hands what it parses to the
+command's handler (graph/cli_requests.py, cli_ledger.py, cli_servers.py, cli_offline.py)."""
 
 from __future__ import annotations
 

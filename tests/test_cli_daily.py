@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fleet.errors import InvalidInput
-from graph.cli import _studio_port
+from graph.cli_servers import _studio_port
 from tests.conftest import fleet_toml, run_cli
 
 COUNCIL = {

@@ -1,0 +1,353 @@
+"""The commands that ask for GPUs and carry threads on: `request`, `submit`, `jobs`,
+`resume`, `reviews` and `run`, with how a request's outcome is shown (live while it runs, then
+described) and the exit code it gets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fleet import names
+from fleet.access import ACCESS, identify
+from fleet.config import load_fleet
+from fleet.errors import InvalidInput
+from fleet.jobs import Job, JobQueue
+from fleet.models import Event, Status
+from fleet.statedir import default_state_dir
+from fleet.validation import check_against_fleet, parse_request
+from graph.cli_common import _backend, _emit, _fleet_file, _orchestrator, _q, _records
+from graph.cli_parser import NOTICE_SIGNALS
+from graph.outcome import RequestOutcome, lease_note
+
+EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
+
+
+class _Live:
+    """What `request` and `resume` show while they run: the council's votes and the route as
+    lines, the recorded events as lines, and on a terminal the monitor's ticks as one line
+    that updates in place (off a terminal ticks are left out: the events say what matters)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.ticking = False
+
+    def _line(self, text: str) -> None:
+        if self.ticking:
+            print("\r\033[K", end="")
+            self.ticking = False
+        print(text, flush=True)
+
+    def done(self) -> None:
+        if self.ticking:
+            print()
+            self.ticking = False
+
+    def event(self, event: Event) -> None:
+        self._line(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.kind.value:<16} {event.message}")
+
+    def progress(self, line: dict[str, Any]) -> None:
+        if line.get("node") != "monitor":
+            self._line(f"  {line['text']}")
+        elif self.tty:
+            print(f"\r\033[K  {line['text']}", end="", flush=True)
+            self.ticking = True
+
+
+def _describe(outcome: RequestOutcome) -> str:
+    tid = shlex.quote(outcome.thread_id)
+    lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({_q(outcome.reason)})"]
+    a = outcome.allocation
+    if a is not None:
+        lines.append(
+            f"allocation {a.id}: {a.count} x {a.gpu_type} on {a.node}, "
+            f"${a.price_per_hour:.3f}/GPU-h, "
+            f"lease until {a.lease_end:%Y-%m-%d %H:%M:%S} UTC"
+        )
+        why = lease_note(outcome)
+        if why:
+            lines.append(why)
+        lines.append(f"CUDA_VISIBLE_DEVICES={a.cuda_visible_devices}")
+    if outcome.status is Status.RELEASED:
+        lines.append(f"charged ${outcome.cost_usd:.2f}")
+    if outcome.status is Status.PENDING_REVIEW:
+        lines.append(f"decide with: gpu-agent resume {tid} --approve (or --deny)")
+    if outcome.status is Status.QUEUED or (outcome.next and outcome.status is Status.ALLOCATED):
+        lines.append(
+            f"nobody monitors it now: a worker adopts it, or carry on with: gpu-agent resume {tid}"
+        )
+    return "\n".join(lines)
+
+
+def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
+    _emit(args, outcome.to_json(), _describe(outcome))
+    return EXIT_CODES.get(outcome.status, 0)
+
+
+def _request_of(args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "project": args.project or _own_project(args),
+        "purpose": args.purpose,
+        "count": args.count,
+        "duration_hours": args.hours,
+        "priority": args.priority,
+        "mode": args.mode,
+    }
+    optional = {
+        "gpu_type": args.gpu_type,
+        "budget_limit": args.budget,
+        "min_memory_gb": args.min_memory_gb,
+        "max_wait_minutes": args.max_wait,
+        "resumes": args.resumes,
+    }
+    if args.thread_id is not None:
+        names.check("thread id", args.thread_id)
+    return raw | {k: v for k, v in optional.items() if v is not None}
+
+
+def _own_project(args: argparse.Namespace) -> str:
+    """Without --project: the project of the caller's token (a member's or approver's)."""
+    directory = Path(args.state_dir or default_state_dir())
+    who = (
+        identify(directory, os.environ.get("GPU_AGENT_TOKEN"))
+        if (directory / ACCESS).exists()
+        else None
+    )
+    if who is None or who.project is None:
+        raise InvalidInput(
+            "--project is required ("
+            + (
+                "no token names a project of yours"
+                if who is None
+                else f"{who.name} is an {who.role} of every project"
+            )
+            + ")"
+        )
+    return who.project
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    request = parse_request(_request_of(args))  # invalid input stops here, before anything
+    choice = _backend(args)
+    config = None
+    if choice.name == "simulated":  # real GPUs are known only once the backend opens
+        config = load_fleet(_fleet_file(args))
+        check_against_fleet(request, config)
+    with _orchestrator(args, create=True, config=config, choice=choice) as orch:
+        live = None if args.json or args.no_wait else _Live()
+        outcome = orch.request(
+            request,
+            thread_id=args.thread_id,
+            wait=not args.no_wait,
+            on_event=live.event if live else None,
+            on_progress=live.progress if live else None,
+        )
+        if live is not None:
+            live.done()
+        return _finish(args, outcome)
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return {
+        "thread_id": job.thread_id,
+        "state": job.state,
+        "outcome": job.outcome,
+        "worker": job.worker,
+        "attempts": job.attempts,
+        "error": job.error,
+        "project": job.request.project,
+    }
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    request = parse_request(_request_of(args))
+    with _orchestrator(args, create=True) as orch:
+        job = orch.submit(request, thread_id=args.thread_id)
+        _emit(
+            args,
+            _job_json(job),
+            f"submitted thread {job.thread_id}; a worker runs it (gpu-agent jobs {job.thread_id})",
+        )
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _records(args, create=False) as rec:
+        jobs = [rec.job(args.thread_id)] if args.thread_id is not None else rec.jobs()
+        counts = JobQueue(rec.services.ledger).counts()
+    lines = [
+        f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {_q(j.request.project):<12} "
+        f"{_q(j.worker or '')}" + (f"  ({_q(j.error)})" if j.error else "")
+        for j in jobs
+    ]
+    _emit(
+        args,
+        {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
+        "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]),
+    )
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    if args.orphans:
+        if args.thread_id or args.approve or args.deny or args.no_wait:
+            raise InvalidInput("--orphans takes no thread, decision or --no-wait")
+        return _adopt(args)
+    if args.thread_id is None:
+        raise InvalidInput("give the thread to resume (or --orphans)")
+    from nodes.review import parse_decision
+
+    names.check("thread id", args.thread_id)
+    decision = None
+    if args.approve or args.deny:
+        decision = parse_decision(
+            {"approve": bool(args.approve), "by": args.by, "comment": args.comment}
+        )
+    with _orchestrator(args, create=False) as orch:
+        live = None if args.json or args.no_wait else _Live()
+        outcome = orch.resume(
+            args.thread_id,
+            decision,
+            wait=not args.no_wait,
+            on_event=live.event if live else None,
+            on_progress=live.progress if live else None,
+        )
+        if live is not None:
+            live.done()
+        return _finish(args, outcome)
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    """`resume --orphans`: monitor here every allocation nobody monitors, until they end."""
+    with _orchestrator(args, create=False) as orch:
+        adopted = orch.adopt()
+        if not args.json:
+            print(
+                f"adopted {len(adopted)} allocation(s) nobody monitored"
+                + "".join(
+                    f"\n  {o.row.id}  {_q(o.row.project)}  thread {o.row.thread_id}"
+                    for o, _ in adopted
+                ),
+                flush=True,
+            )
+        for _, thread in adopted:
+            thread.join()
+        ended = [orch.outcome(o.row.thread_id) for o, _ in adopted]
+    _emit(
+        args,
+        {"adopted": [o.to_json() for o in ended]},
+        "\n".join(_describe(o) for o in ended) or "nothing to adopt",
+    )
+    return 0
+
+
+def cmd_reviews(args: argparse.Namespace) -> int:
+    with _orchestrator(args, create=False) as orch:
+        waiting = [(orch.outcome(t), e) for t, e in orch.pending_review_entries()]
+        now = orch.services.clock.now()  # the audit's clock (a scaled one in tests)
+    rows: list[dict[str, Any]] = []
+    for out, asked in waiting:
+        req = out.request
+        rows.append(
+            {
+                "thread_id": out.thread_id,
+                "project": asked.project,
+                "requested_by": req.requested_by if req else None,
+                "count": req.count if req else None,
+                "gpu_type": req.gpu_type if req else None,
+                "purpose": req.purpose.value if req else None,
+                "hours": req.duration_hours if req else None,
+                "asked_at": datetime.fromtimestamp(asked.at, UTC).isoformat(),
+                "waiting_s": round(now - asked.at, 1),
+                "council": out.council.summary if out.council else None,
+            }
+        )
+    lines = [
+        f"{r['thread_id']}  {_q(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
+        f"({r['purpose']}) for {r['hours']:g} h, asked by "
+        f"{_q(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
+        f"{_q(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
+        "--approve (or --deny) --comment WHY"
+        for r in rows
+    ]
+    _emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fleet.supervise import check_startable
+    from graph.run_command import request_and_run, run_on
+
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not argv:
+        raise InvalidInput("no command to run: put it after --")
+    if (args.allocation is None) == (args.project is None):
+        raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
+    if args.grace < 0 or args.notice < 0 or args.requeue < 0:
+        raise InvalidInput("--grace, --notice and --requeue must not be negative")
+    if args.requeue and args.allocation is not None:
+        raise InvalidInput(
+            "--requeue needs --project: an allocation given with --allocation "
+            "is its owner's to ask for again"
+        )
+    if args.notice_signal.upper().removeprefix("SIG") not in NOTICE_SIGNALS:
+        raise InvalidInput(
+            f"--notice-signal must be one of {', '.join(NOTICE_SIGNALS)}, not "
+            f"{names.shown(args.notice_signal)}"
+        )
+    notice = {
+        "notice_s": args.notice,
+        "notice_signal": signal.Signals["SIG" + args.notice_signal.upper().removeprefix("SIG")],
+    }
+    check_startable(argv, os.environ)  # before anything is opened or placed
+    request = None
+    if args.project is not None:
+        raw: dict[str, Any] = {
+            "project": args.project,
+            "purpose": args.purpose,
+            "count": args.count,
+            "duration_hours": args.hours,
+        }
+        if args.gpu_type:
+            raw["gpu_type"] = args.gpu_type
+        request = parse_request(raw)
+
+    def say(line: str) -> None:
+        print(f"gpu-agent: {line}", file=sys.stderr, flush=True)
+
+    with _orchestrator(args, create=request is not None) as orch:
+        if request is None:
+            report = run_on(
+                orch, args.allocation, argv, grace_s=args.grace, owned=False, say=say, **notice
+            )
+        else:
+            report = request_and_run(
+                orch, request, argv, grace_s=args.grace, say=say, requeue=args.requeue, **notice
+            )
+    if report.on_gpus:
+        say(f"processes of the command still on the GPUs: {report.on_gpus}")
+    elif report.ended_by != "command":
+        checked = (
+            "NVML lists none of its processes on the GPUs"
+            if report.on_gpus is not None
+            else "this backend lists no GPU processes"
+        )
+        say(f"the command is gone ({'SIGKILL' if report.killed else 'SIGTERM'}); {checked}")
+    if args.json:
+        print(json.dumps(report.to_json()))
+    return report.exit_code
