@@ -10,6 +10,8 @@ def _pct(x: float) -> str:
 
 
 def model_card(m: dict[str, Any]) -> str:
+    if m["settings"].get("target") == "outcome":
+        return outcome_card(m)
     t = m["test"]
     esc = t["escalation"]
     mono = t["monotonicity"]
@@ -112,4 +114,63 @@ def _verdict(ab: dict[str, dict[str, float]]) -> str:
     return (
         f"The CfC with time in its gate is the most accurate variant ({cfc:.4f}); the "
         f"closest baseline is `{best}` ({others[best]:.4f})."
+    )
+
+
+def outcome_card(m: dict[str, Any]) -> str:
+    """The card of a council trained on outcomes (council.train, target "outcome")."""
+    t, s = m["test"], m["settings"]
+    mono = t["monotonicity"]
+    deny, approve = t["band"]
+    return "\n".join(
+        [
+            "# Model card: the CfC council trained on outcomes",
+            "",
+            f"Written by `gpu-agent council train --target outcome --seed {s['seed']}` on the "
+            f"CPU in {m['seconds']} s. Every figure below comes from that run (also in "
+            "`metrics.json`).",
+            "",
+            "## What it learns",
+            f"Members {', '.join(m['members'])}: each a CfC cell over the project's record "
+            "with monotone evidence accumulators, as the reference-trained council, "
+            f"{m['params']} parameters in all. Each learns whether a request that ran ended "
+            "without waste (not released for idling, not cut by its budget, at least 20 % "
+            "utilisation). Only requests that ran have an outcome: the logging policy (the "
+            f"reference rules) ran {_pct(s['explore'])} of those it denied anyway, seeded, "
+            "and each request that ran weighs 1 / the chance it had to run.",
+            "",
+            "## Data",
+            f"{s['worlds']} synthetic worlds ({s['world_projects']} projects over "
+            f"{s['world_days']:g} days each), each split by time: the first 60 % trains "
+            f"({m['data']['train']} voted requests), the next 10 % sets the temperature "
+            f"(T = {m['temperature']:.3f}) and the band ({m['data']['validation']}), the last "
+            f"30 % is the test ({m['data']['test']}); on the test slice every request's "
+            "outcome is known, ran or not, because the worlds are simulated.",
+            "",
+            "## Test slice",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+            f"| AUC of 1 - p(approve) for a wasteful outcome | {t['waste_auc']:.3f} |",
+            f"| expected calibration error against the outcome | {t['ece']:.4f} |",
+            f"| band: denied at p <= {deny:.3f}, approved at p >= {approve:.3f} | |",
+            f"| approved requests that ended wasteful | {_pct(t['auto_approved_waste_rate'])} |"
+            if t["auto_approved_waste_rate"] is not None
+            else "| approved requests that ended wasteful | none approved |",
+            f"| voted requests sent to a human | {_pct(t['human_share'])} |",
+            f"| voted requests denied that would not have been wasted | "
+            f"{_pct(t['good_work_denied_share'])} |",
+            f"| wasteful requests among all voted | {_pct(t['waste_rate'])} |",
+            f"| monotonicity violations on the grid sweep | {mono['violations']} of "
+            f"{mono['checks']} checks |",
+            "",
+            "## Known limits",
+            "- The band asks that at most 5 % of what it approves ends wasteful; where waste "
+            "is this hard to foresee most requests fall between its thresholds and go to a "
+            "human. `gpu-agent council evaluate` compares it with the rules, a logistic "
+            "regression on the same outcomes and an oracle that knows each project's habits.",
+            "- Utilisation profiles come from the simulated fleet, calibrated on one H200 "
+            "recording.",
+            "",
+        ]
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -46,6 +46,7 @@ from fleet.validation import check_against_fleet, refusal
 TARGETS = (*MEMBERS, "council")  # the reference's member probabilities, then its council's
 EPOCH = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
 BUDGET_PERIOD_DAYS = 30
+TRAIN, THRESHOLDS = 0.6, 0.7  # ends of the training and threshold slices, as shares of a span
 WASTE_UTIL_PCT = 20.0
 
 
@@ -65,6 +66,16 @@ class Sample:
     targets: tuple[float, ...]  # by TARGETS
     wasted: float | None  # the job's own outcome, when it ran: 1 if idle, overrun or < 20 %
     world: int
+    # what the job would have done had it run, also where it did not: known only because the
+    # world is simulated (a real ledger has no outcome for a denied request), so it is for
+    # evaluation (council.evaluate), never for training
+    would_waste: float = math.nan
+    # the chance the logging policy ran it (1 where it approved; the exploration share where
+    # it denied and ran it anyway): training on outcomes weighs a ran request by 1 / this
+    propensity: float = 1.0
+    # the chance of a wasteful job given the project's habits at the time, which no model
+    # sees: what an oracle would predict (council.evaluate's ceiling)
+    habit_waste: float = math.nan
 
 
 def _habits(rng: random.Random) -> Habits:
@@ -128,8 +139,12 @@ class _Running:
 class World:
     """One replay. `run()` returns its samples."""
 
-    def __init__(self, jobs: list[Job], config: FleetConfig, seed: int, world: int) -> None:
-        self.jobs, self.world = jobs, world
+    def __init__(
+        self, jobs: list[Job], config: FleetConfig, seed: int, world: int, explore: float = 0.0
+    ) -> None:
+        """`explore`: the share of the requests the reference denies that run anyway (each
+        drawn on its own seed), so that outcomes are known where the logging policy says no."""
+        self.jobs, self.world, self.explore = jobs, world, explore
         self.rng = random.Random(seed)
         sim = SimulationSettings(seed=seed, workloads={p: p for p in PROFILES})
         self.config = config.model_copy(update={"simulation": sim})
@@ -269,15 +284,47 @@ class World:
         targets = tuple(member_vote(m, features).probability for m in MEMBERS)
         council_p = sum(targets) / len(targets)
         runs = not voted or council_p > self.config.council.band("reference")[0]
+        propensity = 1.0
+        if not runs and self.explore > 0:
+            runs = random.Random(f"explore:{self.world}:{request.request_id}").random() < (
+                self.explore
+            )
+            propensity = self.explore
         wasted = self._run(job, request, habits, now) if runs else None
         if not voted:
             return None
-        return Sample(features, (*targets, council_p), wasted, self.world)
+        would = wasted
+        if would is None:  # the same job on its own seed, recorded nowhere
+            rng = random.Random(f"{self.world}:{request.request_id}")
+            would = self._outcome(job, request, habits, now, rng)[4]
+        habit_waste = 1 - (1 - habits.hoard) * (1 - habits.bursty) * (1 - habits.overrun)
+        return Sample(
+            features, (*targets, council_p), wasted, self.world, would, propensity, habit_waste
+        )
 
     def _run(self, job: Job, request: GPURequest, habits: Habits, now: float) -> float:
-        """Runs the job on the simulated fleet under the monitor; records its history. The
-        work takes the job's own duration, scaled to the speed of the type it is routed to."""
-        rng = self.rng
+        """Runs the job on the simulated fleet under the monitor; records its history."""
+        record, gpu_type, hours, price, wasted = self._outcome(job, request, habits, now, self.rng)
+        heapq.heappush(
+            self.running,
+            _Running(
+                record.ended_at,
+                request.project,
+                request.count,
+                gpu_type,
+                price * request.count * hours,
+                record,
+                self._period(now),
+            ),
+        )
+        return wasted
+
+    def _outcome(
+        self, job: Job, request: GPURequest, habits: Habits, now: float, rng: random.Random
+    ) -> tuple[PastJob, str, float, float, float]:
+        """What the job does on the simulated fleet under the monitor, drawn from `rng`: its
+        record, type, lease hours, price and whether it was wasted. The work takes the job's
+        own duration, scaled to the speed of the type it is routed to."""
         types = [request.gpu_type] if request.gpu_type else self.config.pool(request.purpose)
         gpu_type = min(types, key=lambda t: estimate(request, self.config, t)[1])
         hours, _ = estimate(request, self.config, gpu_type)
@@ -299,19 +346,10 @@ class World:
             busy,  # an idle release here: idle throughout
             hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0,
         )
-        heapq.heappush(
-            self.running,
-            _Running(
-                record.ended_at,
-                request.project,
-                request.count,
-                gpu_type,
-                price * request.count * hours,
-                record,
-                self._period(now),
-            ),
+        wasted = float(
+            reason is ReleaseReason.IDLE or reason.cut_by_budget or util < WASTE_UTIL_PCT
         )
-        return float(reason is ReleaseReason.IDLE or reason.cut_by_budget or util < WASTE_UTIL_PCT)
+        return record, gpu_type, hours, price, wasted
 
     def _watch(
         self,
@@ -348,8 +386,25 @@ class World:
         return t, util_time / t if t > 0 else 0.0, reason
 
 
-def replay(worlds: Iterable[tuple[int, list[Job]]], config: FleetConfig, seed: int) -> list[Sample]:
+def replay(
+    worlds: Iterable[tuple[int, list[Job]]], config: FleetConfig, seed: int, explore: float = 0.0
+) -> list[Sample]:
     out: list[Sample] = []
     for world, jobs in worlds:
-        out.extend(World(jobs, config, seed * 1000 + world, world).run())
+        out.extend(World(jobs, config, seed * 1000 + world, world, explore).run())
     return out
+
+
+def time_split(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Training, threshold and test slices by when each request was judged: 60/10/30 % of the
+    span from the first to the last."""
+    if not samples:
+        return [], [], []
+    start = min(s.features.now for s in samples)
+    span = max(s.features.now for s in samples) - start
+    a, b = start + TRAIN * span, start + THRESHOLDS * span
+    return (
+        [s for s in samples if s.features.now < a],
+        [s for s in samples if a <= s.features.now < b],
+        [s for s in samples if s.features.now >= b],
+    )

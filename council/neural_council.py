@@ -102,6 +102,9 @@ class NeuralCouncil:
     temperature: float
     vote_weights: tuple[float, ...]
     name: str
+    # (deny at or below, approve at or above) chosen on outcomes when it was trained on them
+    # (council.train, target "outcome"); None: the fleet file's or the policy's band
+    band: tuple[float, float] | None = None
 
     @classmethod
     def of(
@@ -117,16 +120,16 @@ class NeuralCouncil:
 
     def save(self, path: str | Path, **meta: object) -> None:
         """`path` (council.pt) and council.npz beside it: see council/weightfiles.py."""
-        weightfiles.write(
-            Path(path),
-            {
-                "spec": self.model.spec.to_dict(),
-                "state": self.net.state_dict(),
-                "temperature": self.temperature,
-                "vote_weights": list(self.vote_weights),
-                "meta": meta,
-            },
-        )
+        blob: dict[str, object] = {
+            "spec": self.model.spec.to_dict(),
+            "state": self.net.state_dict(),
+            "temperature": self.temperature,
+            "vote_weights": list(self.vote_weights),
+            "meta": meta,
+        }
+        if self.band is not None:  # weights without one keep their bytes
+            blob["band"] = list(self.band)
+        weightfiles.write(Path(path), blob)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -209,9 +212,10 @@ class NeuralCouncil:
                     reasons=reasons,
                 )
             )
-        return combine(
-            votes, settings.model_copy(update={"policy": "neural"}), self.name, self.temperature
-        )
+        update: dict[str, object] = {"policy": "neural"}
+        if self.band is not None and settings.approve_threshold is settings.deny_threshold is None:
+            update |= {"deny_threshold": self.band[0], "approve_threshold": self.band[1]}
+        return combine(votes, settings.model_copy(update=update), self.name, self.temperature)
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,4 +240,5 @@ def _load(path: str) -> NeuralCouncil:
         float(header["temperature"]),
         tuple(header["vote_weights"]),
         f"cfc-council-{digest[:8]}",
+        None if header.get("band") is None else (header["band"][0], header["band"][1]),
     )

@@ -1,8 +1,19 @@
 """`gpu-agent council train`: data, training, calibration, held-out evaluation, ablations,
 and the weights plus model card the package ships.
 
-Worlds are split whole into train, validation and test, so the test projects were never
-seen in training. Every random draw is seeded: the same seed gives the same bytes.
+Two targets. `reference` (the shipped weights): each member learns its part of the reference
+rules, the generalists the whole rules; worlds are split whole into train, validation and
+test, so the test projects were never seen in training. `outcome`: every member learns
+whether a request that ran ended without waste (council.dataset: idle, cut by its budget or
+under 20 % utilisation), from the requests that ran only, as a real ledger would know them.
+The logging policy (the reference rules) runs a small seeded share of the requests it denies
+(`explore`), and each request that ran weighs 1 / the chance it had to run (inverse
+propensity), so what the rules deny is still learned. Each world is split by time: the first
+60 % trains, the next 10 % sets the temperature and the band (council.evaluate.band: approve
+where at most 5 % of the approved end wasteful), the last 30 % is the test. Members: risk
+and cost (their perspectives' inputs) and two generalists; fairness and capacity stay with
+placement, which enforces them. Every random draw is seeded: the same seed gives the same
+bytes.
 """
 
 from __future__ import annotations
@@ -14,20 +25,25 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from council.dataset import TARGETS, Sample, replay, synthetic_jobs
+from council import outcomes
+from council.dataset import TARGETS, Sample, replay, synthetic_jobs, time_split
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil
+from council.outcomes import band, figures
 from council.spec import NetSpec
 from council.torch_net import CouncilNet, param_count
 from fleet.config import FleetConfig
 from fleet.trace import Job, read_trace
 
 MEMBERS = ("cost", "fairness", "capacity", "risk", "general-1", "general-2")
+OUTCOME_MEMBERS = ("risk", "cost", "general-1", "general-2")
+Target = Literal["reference", "outcome"]
 PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "risk": "risk"}
 COUNCIL_TARGET = TARGETS.index("council")
 WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
@@ -45,6 +61,8 @@ class TrainSettings:
     trace: Path | None = None
     trace_jobs: int = 30000
     ablations: bool = True
+    target: Target = "reference"
+    explore: float = 0.05  # outcome target: the share of denied requests run anyway
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Split:
     enc: Encoded[Tensor]
     targets: Tensor  # (N, len(TARGETS))
     wasted: Tensor  # (N,) 0/1, NaN where the job did not run
+    propensity: Tensor  # (N,) the chance the logging policy ran it
 
     @staticmethod
     def of(samples: list[Sample]) -> Split:
@@ -61,7 +80,28 @@ class Split:
             encode([s.features for s in samples]),
             torch.tensor([s.targets for s in samples]),
             torch.tensor([math.nan if s.wasted is None else s.wasted for s in samples]),
+            torch.tensor([s.propensity for s in samples]),
         )
+
+    def take(self, idx: Tensor) -> Split:
+        """The requests at `idx`, in that order."""
+        return Split(
+            [self.samples[i] for i in idx.tolist()],
+            self.enc.take(idx),
+            self.targets[idx],
+            self.wasted[idx],
+            self.propensity[idx],
+        )
+
+    @property
+    def ran(self) -> Tensor:
+        """Which requests ran: those with an outcome."""
+        return ~torch.isnan(self.wasted)
+
+    @property
+    def ipw(self) -> Tensor:
+        """Inverse propensity weights: 1 / the chance to run, for those that ran; else 0."""
+        return torch.where(self.ran, 1.0 / self.propensity, torch.zeros_like(self.propensity))
 
     @property
     def y(self) -> Tensor:
@@ -69,11 +109,12 @@ class Split:
         return (self.targets[:, COUNCIL_TARGET] >= 0.5).float()
 
 
-def council_spec(seed: int, **kw: object) -> NetSpec:
+def council_spec(seed: int, target: Target = "reference", **kw: object) -> NetSpec:
+    members = OUTCOME_MEMBERS if target == "outcome" else MEMBERS
     return NetSpec(
-        members=MEMBERS,
-        perspectives=tuple(PERSPECTIVE.get(m, "general") for m in MEMBERS),
-        modes=("default",) * len(MEMBERS),
+        members=members,
+        perspectives=tuple(PERSPECTIVE.get(m, "general") for m in members),
+        modes=("default",) * len(members),
         seed=seed,
         **kw,  # type: ignore[arg-type]
     )
@@ -83,7 +124,21 @@ def target_columns(spec: NetSpec) -> list[int]:
     return [TARGETS.index(p) if p != "general" else COUNCIL_TARGET for p in spec.perspectives]
 
 
+def outcome_datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split]:
+    """Every world with exploration, each split by time (council.dataset.time_split)."""
+    parts: tuple[list[Sample], list[Sample], list[Sample]] = ([], [], [])
+    for w in range(s.worlds):
+        jobs = synthetic_jobs(s.seed * 1000 + w, s.world_days, s.world_projects)
+        samples = replay([(w, jobs)], config, s.seed, s.explore)
+        for part, got in zip(parts, time_split(samples), strict=True):
+            part.extend(got)
+    train, val, test = (Split.of(p) for p in parts)
+    return train, val, test
+
+
 def datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split]:
+    if s.target == "outcome":
+        return outcome_datasets(s, config)
     worlds: list[tuple[int, list[Job]]] = [
         (w, synthetic_jobs(s.seed * 1000 + w, s.world_days, s.world_projects))
         for w in range(s.worlds)
@@ -114,13 +169,21 @@ def datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split
 
 
 def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], None]) -> None:
-    """Distillation (soft BCE to each member's reference target) on a bootstrap resample
-    per member, plus a small auxiliary loss on the jobs' recorded outcomes."""
+    """Each member on a bootstrap resample of its own. Target `reference`: distillation (soft
+    BCE to each member's reference target) plus a small auxiliary loss on the recorded
+    outcomes. Target `outcome`: BCE to "ended without waste" on the requests that ran, each
+    weighed by its inverse propensity."""
+    if s.target == "outcome":
+        data = data.take(torch.nonzero(data.ran).squeeze(1))
     gen = torch.Generator().manual_seed(s.seed + 7)
     cols = target_columns(net.spec)
     n, m = len(data.enc), len(cols)
     boot = torch.poisson(torch.ones(m, n), generator=gen)
-    targets = data.targets[:, cols].t()
+    if s.target == "outcome":
+        boot = boot * data.ipw
+        targets = (1.0 - data.wasted).expand(m, -1)
+    else:
+        targets = data.targets[:, cols].t()
     opt = torch.optim.Adam(net.parameters(), lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps, eta_min=s.lr / 20)
     net.train()
@@ -133,7 +196,7 @@ def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], Non
         ).sum() / w.sum()
         wasted = data.wasted[idx]
         known = ~torch.isnan(wasted)
-        if bool(known.any()):
+        if s.target == "reference" and bool(known.any()):
             loss = loss + 0.2 * F.binary_cross_entropy_with_logits(
                 out.outcome_logit[:, known], wasted[known].expand(m, -1)
             )
@@ -158,33 +221,42 @@ def member_probs(net: CouncilNet, enc: Encoded[Tensor], chunk: int = 2048) -> Te
     )
 
 
-def fit_temperature(p: Tensor, y: Tensor) -> float:
+def fit_temperature(p: Tensor, y: Tensor, weight: Tensor | None = None) -> float:
     """The temperature that minimises log loss of the averaged probability on validation."""
     z = torch.logit(p.clamp(1e-6, 1 - 1e-6))
     grid = torch.logspace(-1.5, 1.0, 251)
-    nll = torch.stack([F.binary_cross_entropy_with_logits(z / t, y) for t in grid])
+    nll = torch.stack([F.binary_cross_entropy_with_logits(z / t, y, weight) for t in grid])
     return float(grid[int(nll.argmin())])
 
 
+def calibrate_on_outcomes(council: NeuralCouncil, val: Split) -> None:
+    """Temperature and band from the threshold slice's requests that ran, each weighed by its
+    inverse propensity, as a real ledger would allow (council.evaluate.band)."""
+    ran = val.take(torch.nonzero(val.ran).squeeze(1))
+    good = 1.0 - ran.wasted
+    p = council.council_probability(member_probs(council.net, ran.enc)).float()
+    council.temperature = fit_temperature(p, good, ran.ipw)
+    calibrated = council.council_probability(member_probs(council.net, ran.enc))
+    council.band = band(calibrated.tolist(), (ran.wasted == 1).tolist(), ran.ipw.tolist())
+
+
+def outcome_figures(council: NeuralCouncil, test: Split, config: FleetConfig) -> dict[str, object]:
+    """council.evaluate's figures on the test slice (every request's outcome, known in the
+    simulated worlds), with the band and the monotonicity sweep."""
+    decisions = [council.decide(s.features, config.council) for s in test.samples]
+    return {
+        **figures(decisions, test.samples),
+        "band": list(council.band or ()),
+        "monotonicity": monotonicity(council, test),
+    }
+
+
 def ece(p: Tensor, y: Tensor, bins: int = 10) -> float:
-    idx = (p * bins).long().clamp(max=bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if bool(sel.any()):
-            total += float(sel.sum()) / len(p) * abs(float(p[sel].mean() - y[sel].mean()))
-    return total
+    return outcomes.ece(p.tolist(), y.tolist(), bins)
 
 
 def auc(score: Tensor, y: Tensor) -> float:
-    order = torch.argsort(score)
-    ranks = torch.empty_like(score)
-    ranks[order] = torch.arange(1, len(score) + 1, dtype=score.dtype)
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return outcomes.auc(score.tolist(), (y == 1).tolist())
 
 
 def escalation(
@@ -378,16 +450,20 @@ def _train(
         f"data: {len(train_set.samples)} train, {len(val.samples)} validation, "
         f"{len(test.samples)} test requests ({time.perf_counter() - started:.0f} s)"
     )
-    net = CouncilNet(council_spec(s.seed))
+    net = CouncilNet(council_spec(s.seed, s.target))
     fit(net, train_set, s, log)
     metrics_time = time.perf_counter() - started
-    council = NeuralCouncil.of(net, 1.0, (1.0,) * len(MEMBERS), "cfc-council")
-    council.temperature = fit_temperature(
-        council.council_probability(member_probs(net, val.enc)), val.y
-    )
+    council = NeuralCouncil.of(net, 1.0, (1.0,) * len(net.spec.members), "cfc-council")
+    if s.target == "outcome":
+        calibrate_on_outcomes(council, val)
+    else:
+        council.temperature = fit_temperature(
+            council.council_probability(member_probs(net, val.enc)), val.y
+        )
     metrics: dict[str, object] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
         "params": param_count(net),
+        "members": list(net.spec.members),
         "temperature": council.temperature,
         "council_seconds": round(metrics_time, 1),
         "data": {
@@ -395,9 +471,13 @@ def _train(
             "validation": len(val.samples),
             "test": len(test.samples),
         },
-        "test": evaluate(council, test, config),
+        "test": (
+            outcome_figures(council, test, config)
+            if s.target == "outcome"
+            else evaluate(council, test, config)
+        ),
     }
-    if s.ablations:
+    if s.ablations and s.target == "reference":
         metrics["ablations"] = ablations(council, train_set, val, test, s, log)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ def arrays_path(pt: Path) -> Path:
 
 
 def write(pt: Path, blob: Mapping[str, Any]) -> None:
-    """`blob`: spec, state (a torch state dict), temperature, vote_weights, meta."""
+    """`blob`: spec, state (a torch state dict), temperature, vote_weights, meta, and band
+    where the council learned one."""
     import torch
 
     torch.save(blob, pt)

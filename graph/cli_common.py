@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from graph.orchestrator import Orchestrator
 
 
-def _orchestrator(
+def open_orchestrator(
     args: argparse.Namespace,
     *,
     create: bool,
@@ -37,31 +37,31 @@ def _orchestrator(
 
     orch = Orchestrator(
         args.state_dir,
-        config or _fleet_file(args),
-        backend=choice or _backend(args),
+        config or fleet_file(args),
+        backend=choice or backend_choice(args),
         create=create,
-        database=_database(args),
+        database=database_url(args),
         pool_size=pool_size,
         monitor_kind=kind,
     )
-    _say_backend(orch.services)
+    say_backend(orch.services)
     return orch
 
 
-def _records(args: argparse.Namespace, *, create: bool) -> Records:
+def open_records(args: argparse.Namespace, *, create: bool) -> Records:
     """For the commands that only read or write the ledger: no graph, no checkpointer."""
     records = Records(
         args.state_dir,
-        _fleet_file(args),
-        backend=_backend(args),
+        fleet_file(args),
+        backend=backend_choice(args),
         create=create,
-        database=_database(args),
+        database=database_url(args),
     )
-    _say_backend(records.services)
+    say_backend(records.services)
     return records
 
 
-def _say_backend(services: Services) -> None:
+def say_backend(services: Services) -> None:
     if services.note:
         print(f"gpu-agent: {services.note}", file=sys.stderr)
     problem = getattr(services.backend, "problem", None)
@@ -73,15 +73,15 @@ def _say_backend(services: Services) -> None:
         )
 
 
-def _database(args: argparse.Namespace) -> str | None:
+def database_url(args: argparse.Namespace) -> str | None:
     return getattr(args, "database", None) or os.environ.get("GPU_AGENT_DATABASE") or None
 
 
-def _fleet_file(args: argparse.Namespace) -> str | None:
+def fleet_file(args: argparse.Namespace) -> str | None:
     return args.fleet or os.environ.get("GPU_AGENT_FLEET") or None
 
 
-def _backend(args: argparse.Namespace) -> BackendChoice:
+def backend_choice(args: argparse.Namespace) -> BackendChoice:
     name = args.backend or os.environ.get("GPU_AGENT_BACKEND")
     if name is None and (found := gpus_present()):
         print(
@@ -98,10 +98,10 @@ def _backend(args: argparse.Namespace) -> BackendChoice:
     )
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data) if args.json else text)
 
 
-def _q(value: object) -> str:
+def quoted(value: object) -> str:
     """A value from the ledger as printed: control characters escaped (one line each)."""
     return flat(str(value))

@@ -15,11 +15,11 @@ from fleet.budget import describe_moves
 from fleet.errors import InvalidInput
 from fleet.statedir import default_state_dir, prepare
 from fleet.validation import check_budget
-from graph.cli_common import _emit, _q, _records
+from graph.cli_common import emit, open_records, quoted
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         data = rec.status()
     lines = [
         f"backend {data['backend']}"
@@ -33,7 +33,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{'temp':>7}{'power':>8}  condition",
     ]
     for g in data["gpus"]:
-        holder = f"{_q(g['project'])}/{g['allocation_id']}" if g["allocation_id"] else "-"
+        holder = f"{quoted(g['project'])}/{g['allocation_id']}" if g["allocation_id"] else "-"
         condition = g["condition"] + (f" ({g['unhealthy']})" if g["unhealthy"] else "")
         lines.append(
             f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
@@ -41,17 +41,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}"
         )
     live = [a for a in data["allocations"] if a["state"] != "released"]
-    lines += [f"problem: {_q(p)}" for p in data["problems"]]
+    lines += [f"problem: {quoted(p)}" for p in data["problems"]]
     lines.append("")
     lines.append(f"{len(live)} live allocation(s), {len(data['allocations']) - len(live)} released")
     for a in live:
         until = f"until {a['deadline']}" if a["state"] == "active" else "waiting"
         watched = f"monitored by {a['monitor']}" if a["monitored"] else "NOT MONITORED"
         lines.append(
-            f"  {a['id']}  {_q(a['project']):<12} {a['state']:<7} {a['count']} x "
+            f"  {a['id']}  {quoted(a['project']):<12} {a['state']:<7} {a['count']} x "
             f"{a['gpu_type']:<8} {until}  {watched}"
         )
-    _emit(args, data, "\n".join(lines))
+    emit(args, data, "\n".join(lines))
     return 0
 
 
@@ -62,20 +62,20 @@ def _num(value: float | None, unit: str = "") -> str:
 def cmd_history(args: argparse.Namespace) -> int:
     if args.project is not None:
         names.check("project", args.project)
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         records = rec.history(args.project)
     lines = [f"{'allocation':<16}{'project':<14}{'GPUs':<14}{'hours':>7}{'cost':>11}  reason"]
     for r in records:
         lines.append(
-            f"{r.allocation_id:<16}{_q(r.project):<14}{f'{r.count} x {r.gpu_type}':<14}"
+            f"{r.allocation_id:<16}{quoted(r.project):<14}{f'{r.count} x {r.gpu_type}':<14}"
             f"{r.hours:>7.2f}{f'${r.cost_usd:,.2f}':>11}  {r.reason.value}"
         )
-    _emit(args, {"records": [r.model_dump(mode="json") for r in records]}, "\n".join(lines))
+    emit(args, {"records": [r.model_dump(mode="json") for r in records]}, "\n".join(lines))
     return 0
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         costs = rec.costs()
     rows = []
     lines = [f"{'project':<16}{'spent':>12}{'running':>12}{'budget':>12}{'remaining':>12}"]
@@ -92,11 +92,11 @@ def cmd_costs(args: argparse.Namespace) -> int:
             }
         )
         lines.append(
-            f"{_q(c.project):<16}{f'${c.spent_usd:,.2f}':>12}"
+            f"{quoted(c.project):<16}{f'${c.spent_usd:,.2f}':>12}"
             f"{f'${c.accrued_usd:,.2f}':>12}"
             f"{_usd(c.budget_usd):>12}{_usd(remaining):>12}"
         )
-    _emit(args, {"projects": rows}, "\n".join(lines))
+    emit(args, {"projects": rows}, "\n".join(lines))
     return 0
 
 
@@ -106,10 +106,10 @@ def _usd(value: float | None) -> str:
 
 def cmd_budget(args: argparse.Namespace) -> int:
     check_budget(args.project, args.usd)
-    with _records(args, create=True) as rec:
+    with open_records(args, create=True) as rec:
         moved = rec.set_budget(args.project, args.usd)
     note = f"; {describe_moves(moved)}" if moved else "; no running allocation had to move"
-    _emit(
+    emit(
         args,
         {
             "project": args.project,
@@ -131,11 +131,11 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     names.check("allocation id", args.allocation_id)
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         before = rec.services.ledger.get(args.allocation_id)
         release = rec.release(args.allocation_id)  # Forbidden for another project's
         note = " (it was already released)" if before.state == "released" else ""
-        _emit(
+        emit(
             args,
             release.model_dump(mode="json") | {"already_released": bool(note)},
             f"{release.allocation_id}: released ({release.reason.value}) after "
@@ -145,14 +145,14 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         if args.clear:
             rec.identity.check_admin("put GPUs back into placement")
         if args.clear and not rec.services.ledger.clear_unhealthy(args.clear):
             raise InvalidInput(f"GPU {args.clear} is not marked unhealthy")
         bad = rec.services.check_health()
     lines = [f"{uuid}  {reason}" for uuid, reason in bad.items()] or ["every GPU is healthy"]
-    _emit(args, {"unhealthy": bad}, "\n".join(lines))
+    emit(args, {"unhealthy": bad}, "\n".join(lines))
     return 0
 
 
@@ -161,14 +161,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--limit must be at least 1, not {args.limit}")
     if args.project is not None:
         names.check("project", args.project)
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         entries = rec.audit(args.project, args.limit)
     lines = [
-        f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {_q(e.action):<8} "
-        f"{_q(e.project):<14} {_q(e.target):<16} by {_q(e.who)}: {_q(e.detail)}"
+        f"{datetime.fromtimestamp(e.at, UTC):%Y-%m-%d %H:%M:%S}  {quoted(e.action):<8} "
+        f"{quoted(e.project):<14} {quoted(e.target):<16} by {quoted(e.who)}: {quoted(e.detail)}"
         for e in entries
     ]
-    _emit(args, {"entries": [asdict(e) for e in entries]}, "\n".join(lines) or "no entries")
+    emit(args, {"entries": [asdict(e) for e in entries]}, "\n".join(lines) or "no entries")
     return 0
 
 
@@ -186,18 +186,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     )
     if args.token_command == "revoke":
         gone = revoke_identity(directory, args.name)
-        _emit(
+        emit(
             args,
             {"revoked": gone.name, "role": gone.role, "project": gone.project},
             f"{gone.name} ({gone.role}) revoked: its token no longer works",
         )
         return 0
     everyone = identities(directory)
-    _emit(
+    emit(
         args,
         {"identities": [{"name": i.name, "role": i.role, "project": i.project} for i in everyone]},
         "\n".join(
-            f"{_q(i.name):<24}{i.role:<10}{_q(i.project or 'every project')}" for i in everyone
+            f"{quoted(i.name):<24}{i.role:<10}{quoted(i.project or 'every project')}"
+            for i in everyone
         ),
     )
     return 0
@@ -212,7 +213,7 @@ def _token_add(args: argparse.Namespace) -> int:
             "the first identity must be an admin (who else would set budgets and add the others?)"
         )
     token = add_identity(directory, args.name, args.role, args.project)
-    _emit(
+    emit(
         args,
         {"name": args.name, "role": args.role, "project": args.project, "token": token},
         f"{args.name} ({args.role}{' of ' + args.project if args.project else ''}): "

@@ -1,7 +1,7 @@
 """The commands that work beside the fleet rather than on it: the demo story (`demo`), the
 trace-driven simulator (`simulate`), a ledger's analysis (`analyze`), the council's training
-(`council train`) and NVML recordings (`nvml record`). Each imports what it runs when it runs
-(sim/, torch, pynvml)."""
+and evaluation (`council train`, `council evaluate`) and NVML recordings (`nvml record`).
+Each imports what it runs when it runs (sim/, torch, pynvml)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import json
 
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
-from graph.cli_common import _emit, _fleet_file
+from graph.cli_common import emit, fleet_file
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from graph.demo import run_demo  # loaded when it runs
 
-    code: int = run_demo(state_dir=args.state_dir, fleet=_fleet_file(args), as_json=args.json)
+    code: int = run_demo(state_dir=args.state_dir, fleet=fleet_file(args), as_json=args.json)
     return code
 
 
@@ -63,12 +63,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_council(args: argparse.Namespace) -> int:
+    if args.council_command == "evaluate":
+        return council_evaluate(args)
     from pathlib import Path
 
     from council.train import TrainSettings, train
 
     if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
+    if not 0 < args.explore < 1:
+        raise InvalidInput(f"--explore must be above 0 and below 1, not {args.explore}")
+    if args.target == "outcome" and args.trace:
+        raise InvalidInput("--target outcome trains on synthetic worlds only (no --trace yet)")
     settings = TrainSettings(
         seed=args.seed,
         worlds=args.worlds,
@@ -76,18 +82,66 @@ def cmd_council(args: argparse.Namespace) -> int:
         trace=Path(args.trace) if args.trace else None,
         trace_jobs=args.trace_jobs,
         ablations=not args.no_ablations,
+        target=args.target,
+        explore=args.explore,
     )
     log = (lambda _: None) if args.json else print
-    metrics = train(settings, load_fleet(_fleet_file(args)), Path(args.out), log)
+    metrics = train(settings, load_fleet(fleet_file(args)), Path(args.out), log)
     t = metrics["test"]
     assert isinstance(t, dict)
-    _emit(
+    quality = (
+        f"test waste AUC {t['waste_auc']:.3f}, {t['human_share']:.1%} to a human"
+        if args.target == "outcome"
+        else f"test accuracy {t['accuracy']:.4f}"
+    )
+    emit(
         args,
         metrics,
-        f"wrote {args.out}/council.pt: test accuracy {t['accuracy']:.4f}, "
-        f"ECE {t['ece']:.4f}, {t['monotonicity']['violations']} monotonicity violations "
+        f"wrote {args.out}/council.pt: {quality}, ECE {t['ece']:.4f}, "
+        f"{t['monotonicity']['violations']} monotonicity violations "
         f"({metrics['seconds']} s); see {args.out}/MODEL_CARD.md",
     )
+    return 0
+
+
+def council_evaluate(args: argparse.Namespace) -> int:
+    """`council evaluate`: every council named (the shipped one by default) beside the
+    baselines, on the test slices of fresh worlds (council.evaluate)."""
+    from council.evaluate import (
+        EvalSettings,
+        Policy,
+        approve_all,
+        evaluate,
+        fixed,
+        oracle,
+        outcome_logistic,
+        report,
+    )
+    from council.neural_council import SHIPPED, NeuralCouncil
+    from council.rules import ReferenceCouncil
+
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+    except ValueError:
+        raise InvalidInput(
+            f"--seeds must be whole numbers, comma-separated: {args.seeds!r}"
+        ) from None
+    if not 0 < args.days <= 3650 or args.projects < 2:
+        raise InvalidInput("--days must be above 0 and at most 3650, --projects at least 2")
+    config = load_fleet(fleet_file(args))
+    policies: dict[str, Policy] = {
+        (path or "cfc-council"): fixed(NeuralCouncil.load(path or SHIPPED).decide)
+        for path in args.weights or [None]
+    }
+    policies |= {
+        "reference-rules": fixed(ReferenceCouncil().decide),
+        "outcome-logistic": outcome_logistic,
+        "oracle": oracle,
+        "approve-all": fixed(approve_all),
+    }
+    settings = EvalSettings(seeds=seeds, days=args.days, projects=args.projects)
+    result = evaluate(policies, config, settings, (lambda _: None) if args.json else print)
+    emit(args, result, report(result))
     return 0
 
 

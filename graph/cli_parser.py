@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="write no plots")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    p = sub.add_parser("council", help="the neural council's weights")
+    p = sub.add_parser("council", help="the neural council's weights: train, evaluate")
     csub = p.add_subparsers(dest="council_command", required=True, parser_class=Parser)
     cp = csub.add_parser(
         "train",
@@ -448,5 +448,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--trace-jobs", type=int, default=30000)
     cp.add_argument("--no-ablations", action="store_true")
+    cp.add_argument(
+        "--target",
+        choices=("reference", "outcome"),
+        default="reference",
+        help="what the members learn: the reference rules (the shipped weights) or whether "
+        "requests that ran ended without waste (worlds split by time; no ablations yet)",
+    )
+    cp.add_argument(
+        "--explore",
+        type=float,
+        default=0.05,
+        help="with --target outcome: the share of the requests the rules deny that run "
+        "anyway, so their outcomes are learned (default 0.05)",
+    )
     cp.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ep = csub.add_parser(
+        "evaluate",
+        help="a council's decisions against what requests went on to do, on the last 30 %% "
+        "of fresh simulated worlds, beside the reference rules, a logistic regression on "
+        "outcomes, an oracle and approving everything",
+    )
+    ep.add_argument("--fleet", help="fleet TOML file (default: built-in fleet)")
+    ep.add_argument(
+        "--weights",
+        action="append",
+        help="a council.pt to evaluate (repeatable; default: the shipped weights)",
+    )
+    ep.add_argument("--seeds", default="0,1,2,3,4", help="worlds, comma-separated (default 0-4)")
+    ep.add_argument("--days", type=float, default=120, help="each world's span (default 120)")
+    ep.add_argument("--projects", type=int, default=24, help="projects per world (default 24)")
+    ep.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return parser

@@ -22,7 +22,14 @@ from fleet.jobs import Job, JobQueue
 from fleet.models import Event, Status
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
-from graph.cli_common import _backend, _emit, _fleet_file, _orchestrator, _q, _records
+from graph.cli_common import (
+    backend_choice,
+    emit,
+    fleet_file,
+    open_orchestrator,
+    open_records,
+    quoted,
+)
 from graph.cli_parser import NOTICE_SIGNALS
 from graph.outcome import RequestOutcome, lease_note
 
@@ -62,7 +69,7 @@ class _Live:
 
 def _describe(outcome: RequestOutcome) -> str:
     tid = shlex.quote(outcome.thread_id)
-    lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({_q(outcome.reason)})"]
+    lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({quoted(outcome.reason)})"]
     a = outcome.allocation
     if a is not None:
         lines.append(
@@ -86,7 +93,7 @@ def _describe(outcome: RequestOutcome) -> str:
 
 
 def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
-    _emit(args, outcome.to_json(), _describe(outcome))
+    emit(args, outcome.to_json(), _describe(outcome))
     return EXIT_CODES.get(outcome.status, 0)
 
 
@@ -134,12 +141,12 @@ def _own_project(args: argparse.Namespace) -> str:
 
 def cmd_request(args: argparse.Namespace) -> int:
     request = parse_request(_request_of(args))  # invalid input stops here, before anything
-    choice = _backend(args)
+    choice = backend_choice(args)
     config = None
     if choice.name == "simulated":  # real GPUs are known only once the backend opens
-        config = load_fleet(_fleet_file(args))
+        config = load_fleet(fleet_file(args))
         check_against_fleet(request, config)
-    with _orchestrator(args, create=True, config=config, choice=choice) as orch:
+    with open_orchestrator(args, create=True, config=config, choice=choice) as orch:
         live = None if args.json or args.no_wait else _Live()
         outcome = orch.request(
             request,
@@ -167,9 +174,9 @@ def _job_json(job: Job) -> dict[str, Any]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     request = parse_request(_request_of(args))
-    with _orchestrator(args, create=True) as orch:
+    with open_orchestrator(args, create=True) as orch:
         job = orch.submit(request, thread_id=args.thread_id)
-        _emit(
+        emit(
             args,
             _job_json(job),
             f"submitted thread {job.thread_id}; a worker runs it (gpu-agent jobs {job.thread_id})",
@@ -178,15 +185,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    with _records(args, create=False) as rec:
+    with open_records(args, create=False) as rec:
         jobs = [rec.job(args.thread_id)] if args.thread_id is not None else rec.jobs()
         counts = JobQueue(rec.services.ledger).counts()
     lines = [
-        f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {_q(j.request.project):<12} "
-        f"{_q(j.worker or '')}" + (f"  ({_q(j.error)})" if j.error else "")
+        f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {quoted(j.request.project):<12} "
+        f"{quoted(j.worker or '')}" + (f"  ({quoted(j.error)})" if j.error else "")
         for j in jobs
     ]
-    _emit(
+    emit(
         args,
         {"counts": counts, "jobs": [_job_json(j) for j in jobs]},
         "\n".join([*lines, " ".join(f"{k} {v}" for k, v in counts.items())]),
@@ -209,7 +216,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         decision = parse_decision(
             {"approve": bool(args.approve), "by": args.by, "comment": args.comment}
         )
-    with _orchestrator(args, create=False) as orch:
+    with open_orchestrator(args, create=False) as orch:
         live = None if args.json or args.no_wait else _Live()
         outcome = orch.resume(
             args.thread_id,
@@ -225,13 +232,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _adopt(args: argparse.Namespace) -> int:
     """`resume --orphans`: monitor here every allocation nobody monitors, until they end."""
-    with _orchestrator(args, create=False) as orch:
+    with open_orchestrator(args, create=False) as orch:
         adopted = orch.adopt()
         if not args.json:
             print(
                 f"adopted {len(adopted)} allocation(s) nobody monitored"
                 + "".join(
-                    f"\n  {o.row.id}  {_q(o.row.project)}  thread {o.row.thread_id}"
+                    f"\n  {o.row.id}  {quoted(o.row.project)}  thread {o.row.thread_id}"
                     for o, _ in adopted
                 ),
                 flush=True,
@@ -239,7 +246,7 @@ def _adopt(args: argparse.Namespace) -> int:
         for _, thread in adopted:
             thread.join()
         ended = [orch.outcome(o.row.thread_id) for o, _ in adopted]
-    _emit(
+    emit(
         args,
         {"adopted": [o.to_json() for o in ended]},
         "\n".join(_describe(o) for o in ended) or "nothing to adopt",
@@ -248,7 +255,7 @@ def _adopt(args: argparse.Namespace) -> int:
 
 
 def cmd_reviews(args: argparse.Namespace) -> int:
-    with _orchestrator(args, create=False) as orch:
+    with open_orchestrator(args, create=False) as orch:
         waiting = [(orch.outcome(t), e) for t, e in orch.pending_review_entries()]
         now = orch.services.clock.now()  # the audit's clock (a scaled one in tests)
     rows: list[dict[str, Any]] = []
@@ -269,14 +276,14 @@ def cmd_reviews(args: argparse.Namespace) -> int:
             }
         )
     lines = [
-        f"{r['thread_id']}  {_q(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
+        f"{r['thread_id']}  {quoted(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
         f"({r['purpose']}) for {r['hours']:g} h, asked by "
-        f"{_q(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
-        f"{_q(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
+        f"{quoted(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
+        f"{quoted(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
         "--approve (or --deny) --comment WHY"
         for r in rows
     ]
-    _emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")
+    emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")
     return 0
 
 
@@ -330,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"gpu-agent: {line}", file=sys.stderr, flush=True)
 
-    with _orchestrator(args, create=request is not None) as orch:
+    with open_orchestrator(args, create=request is not None) as orch:
         if request is None:
             report = run_on(
                 orch, args.allocation, argv, grace_s=args.grace, owned=False, say=say, **notice

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fleet.errors import InvalidInput
-from graph.cli_common import _backend, _database, _emit, _fleet_file, _orchestrator
+from graph.cli_common import backend_choice, database_url, emit, fleet_file, open_orchestrator
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -26,9 +26,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     hosts = allowed_hosts(extra)  # checked before anything opens
     orch = Orchestrator(
         args.state_dir,
-        _fleet_file(args),
-        backend=_backend(args),
-        database=_database(args),
+        fleet_file(args),
+        backend=backend_choice(args),
+        database=database_url(args),
         identity=SERVER,
         monitor_kind="page",
     )
@@ -54,7 +54,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from graph.worker import Worker
 
-    with _orchestrator(args, create=True, pool_size=args.concurrency + 2, kind="worker") as orch:
+    with open_orchestrator(
+        args, create=True, pool_size=args.concurrency + 2, kind="worker"
+    ) as orch:
         worker = Worker(
             orch,
             concurrency=args.concurrency,
@@ -71,7 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             flush=True,
         )
         finished = worker.serve()
-        _emit(
+        emit(
             args,
             {"worker": worker.worker_id, "finished": dict(finished)},
             f"worker {worker.worker_id} finished {sum(finished.values())} job(s): "
@@ -157,7 +159,7 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
     from graph.metrics import MetricsServer, serve_until_signalled
 
     def ready(server: MetricsServer) -> None:
-        _emit(
+        emit(
             args,
             {"host": server.host, "port": server.port, "url": server.url},
             f"serving metrics on {server.url}",
@@ -166,7 +168,7 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InvalidInput(f"--port must be 0-65535, not {args.port}")
-    with _orchestrator(args, create=False) as orch:
+    with open_orchestrator(args, create=False) as orch:
         try:
             serve_until_signalled(orch.services, args.host, args.port, on_ready=ready)
         except OSError as exc:  # the port is taken, the address is not this machine's

@@ -167,6 +167,10 @@ def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None
         ("--worlds", "2"),
         ("--trace", str(tmp_path / "missing.csv")),
         ("--trace", str(bad)),
+        ("--target", "outcome", "--explore", "0"),
+        ("--target", "outcome", "--explore", "1"),
+        ("--target", "outcome", "--trace", str(bad)),
+        ("--target", "outcomes"),
     ):
         done = run_cli("council", "train", "--out", str(tmp_path / "w"), *args, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr

@@ -1,0 +1,127 @@
+"""How decisions compare with outcomes: ranking (AUC), calibration (ECE), the figures of one
+policy's decisions on requests whose outcomes are known, and a band chosen from outcomes.
+Shared by training on outcomes (council.train) and `council evaluate` (council.evaluate)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from council.dataset import Sample
+from fleet.models import CouncilDecision, CouncilOutcome
+
+FIGURES = (
+    "waste_auc",
+    "ece",
+    "auto_approved_waste_rate",
+    "human_share",
+    "good_work_denied_share",
+)
+AUTO_WASTE_GOAL = 0.05  # a learned band approves where at most this share ends wasteful
+GOOD_DENIED_GOAL = 0.005  # and denies at most this share of requests that would do good work
+
+
+def auc(score: Sequence[float], positive: Sequence[bool]) -> float:
+    """The probability that a positive scores above a negative (ties count half)."""
+    pairs = sorted(zip(score, positive, strict=True))
+    n_pos = sum(positive)
+    n_neg = len(pairs) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        mid = (i + 1 + j) / 2  # the mean rank of a run of ties
+        rank_sum += mid * sum(p for _, p in pairs[i:j])
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def ece(p: Sequence[float], y: Sequence[float], bins: int = 10) -> float:
+    """Expected calibration error over equal-width bins of p."""
+    total = 0.0
+    for b in range(bins):
+        sel = [i for i, x in enumerate(p) if min(int(x * bins), bins - 1) == b]
+        if sel:
+            gap = sum(p[i] for i in sel) / len(sel) - sum(y[i] for i in sel) / len(sel)
+            total += len(sel) / len(p) * abs(gap)
+    return total
+
+
+def share(part: float, whole: float) -> float | None:
+    """part / whole; None where there is nothing to measure (no request approved)."""
+    return part / whole if whole else None
+
+
+def figures(
+    decisions: Sequence[CouncilDecision], samples: Sequence[Sample]
+) -> dict[str, float | None]:
+    """The module's figures for one policy's decisions on `samples` (None: nothing to
+    measure, such as the waste among approved requests where none was approved)."""
+    waste = [s.would_waste == 1.0 for s in samples]
+    p = [d.probability for d in decisions]
+    outcome = [d.outcome for d in decisions]
+    approved = [w for w, o in zip(waste, outcome, strict=True) if o is CouncilOutcome.APPROVED]
+    denied_good = sum(
+        o is CouncilOutcome.DENIED and not w for w, o in zip(waste, outcome, strict=True)
+    )
+    n = len(samples)
+    ranked = auc([1.0 - x for x in p], waste)
+    return {
+        "waste_auc": None if math.isnan(ranked) else ranked,
+        "ece": ece(p, [0.0 if w else 1.0 for w in waste]) if n else None,
+        "auto_approved_waste_rate": share(sum(approved), len(approved)),
+        "human_share": share(sum(o is CouncilOutcome.SPLIT for o in outcome), n),
+        "good_work_denied_share": share(denied_good, n),
+        "requests": n,
+        "waste_rate": share(sum(waste), n),
+    }
+
+
+def band(
+    p: Sequence[float], waste: Sequence[bool], weight: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """(deny at or below, approve at or above), chosen on the threshold slice: the lowest
+    approval threshold whose approved requests end wasteful at most AUTO_WASTE_GOAL of the
+    time, and the highest denial threshold that denies good work of at most GOOD_DENIED_GOAL
+    of the requests. Between them a human decides. `weight`: each request's (inverse
+    propensity), where only some of them ran."""
+    w8 = [1.0] * len(p) if weight is None else list(weight)
+    ranked = sorted(zip(p, waste, w8, strict=True), key=lambda r: -r[0])
+    total = sum(w8)
+    approve, wasted, seen = math.inf, 0.0, 0.0
+    for i, (x, w, k) in enumerate(ranked):
+        wasted, seen = wasted + k * w, seen + k
+        last_of_its_p = i + 1 == len(ranked) or ranked[i + 1][0] != x  # ties go together
+        if last_of_its_p and wasted <= AUTO_WASTE_GOAL * seen:
+            approve = x
+    deny, good = -math.inf, 0.0
+    low = ranked[::-1]
+    for i, (x, w, k) in enumerate(low):
+        good += k * (not w)
+        if good > GOOD_DENIED_GOAL * total:
+            break
+        if i + 1 == len(low) or low[i + 1][0] != x:
+            deny = x
+    return min(deny, approve), approve
+
+
+def banded(p: float, deny: float, approve: float, policy: str) -> CouncilDecision:
+    """A decision from a probability and a band (no members: a single model)."""
+    outcome = (
+        CouncilOutcome.APPROVED
+        if p >= approve
+        else CouncilOutcome.DENIED
+        if p <= deny
+        else CouncilOutcome.SPLIT
+    )
+    return CouncilDecision(
+        outcome=outcome,
+        probability=p,
+        votes=[],
+        quorum=0,
+        policy=policy,
+        summary=f"{outcome.value} at p={p:.2f}",
+    )

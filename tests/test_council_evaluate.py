@@ -1,0 +1,220 @@
+"""`gpu-agent council evaluate`: the outcome figures, the split by time, counterfactual
+outcomes that change nothing the world recorded, and the command's input checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from council.dataset import Sample, World, synthetic_jobs, time_split
+from council.evaluate import EvalSettings, approve_all, evaluate, fixed, outcome_logistic, world
+from council.neural_council import NeuralCouncil
+from council.outcomes import FIGURES, auc, band, ece, figures
+from council.rules import ReferenceCouncil
+from council.train import OUTCOME_MEMBERS, WEIGHTS_FILE, TrainSettings, train
+from fleet.config import CouncilSettings, load_fleet
+from fleet.models import CouncilDecision, CouncilOutcome
+from tests.conftest import run_cli
+from tests.test_council_cfc import features
+
+SMALL = EvalSettings(seeds=(0, 1), days=20, projects=8)
+
+
+def test_auc_and_ece_on_cases_worked_by_hand() -> None:
+    assert auc([0.1, 0.9, 0.5], [False, True, False]) == 1.0
+    assert auc([0.9, 0.1], [False, True]) == 0.0
+    assert auc([0.5, 0.5, 0.5, 0.5], [True, False, True, False]) == 0.5  # ties count half
+    assert auc([0.2, 0.4, 0.4, 0.8], [False, True, False, True]) == pytest.approx(0.875)
+    assert math.isnan(auc([0.1, 0.2], [True, True]))
+    assert ece([0.95, 0.95, 0.05, 0.05], [1, 1, 0, 0]) == pytest.approx(0.05)
+    assert ece([0.7, 0.7], [1, 0]) == pytest.approx(0.2)
+
+
+def decision(outcome: CouncilOutcome, p: float) -> CouncilDecision:
+    return CouncilDecision(
+        outcome=outcome, probability=p, votes=[], quorum=1, policy="test", summary=""
+    )
+
+
+def test_figures_count_what_each_decision_did_with_the_outcome() -> None:
+    """Two wasteful and three good requests: the approved wasteful one is auto-approved
+    waste, the denied good one good work denied, the split one a human's."""
+    f = features(random.Random(0))
+    samples = [Sample(f, (), None, 0, w) for w in (1.0, 1.0, 0.0, 0.0, 0.0)]
+    decisions = [
+        decision(CouncilOutcome.APPROVED, 0.8),
+        decision(CouncilOutcome.DENIED, 0.1),
+        decision(CouncilOutcome.APPROVED, 0.9),
+        decision(CouncilOutcome.DENIED, 0.2),
+        decision(CouncilOutcome.SPLIT, 0.5),
+    ]
+    got = figures(decisions, samples)
+    assert got["auto_approved_waste_rate"] == pytest.approx(1 / 2)
+    assert got["good_work_denied_share"] == pytest.approx(1 / 5)
+    assert got["human_share"] == pytest.approx(1 / 5)
+    assert got["waste_rate"] == pytest.approx(2 / 5)
+    # risk 1 - p: wasteful 0.2, 0.9; good 0.1, 0.8, 0.5 -> 4 of 6 pairs ranked right
+    assert got["waste_auc"] == pytest.approx(4 / 6)
+
+
+def test_the_split_is_by_time_and_the_test_slice_is_the_last_thirty_percent() -> None:
+    samples = world(0, SMALL, load_fleet(None))
+    train, val, test = time_split(samples)
+    assert len(train) + len(val) + len(test) == len(samples) and train and val and test
+    start = min(s.features.now for s in samples)
+    span = max(s.features.now for s in samples) - start
+    assert max(s.features.now for s in train) < start + 0.6 * span
+    assert all(start + 0.6 * span <= s.features.now < start + 0.7 * span for s in val)
+    assert min(s.features.now for s in test) >= start + 0.7 * span
+
+
+def test_every_voted_request_has_an_outcome_and_a_denied_ones_is_recorded_nowhere() -> None:
+    """A request that ran has its own outcome; one the reference denied gets what it would
+    have done, drawn on its own seed: the world's random stream, its running jobs and the
+    project's history are as they were."""
+    config = load_fleet(None)
+    w = World(synthetic_jobs(7, 20, 8), config, 7, 7)
+    samples = w.run()
+    ran = [s for s in samples if s.wasted is not None]
+    denied = [s for s in samples if s.wasted is None]
+    assert ran and denied
+    assert all(s.would_waste == s.wasted for s in ran)
+    assert all(s.would_waste in (0.0, 1.0) for s in samples)
+    job = w.jobs[-1]
+    request = w._request(job, w.projects[job.project].at(job.submit))
+    assert request is not None
+    state, running = w.rng.getstate(), list(w.running)
+    past = {name: list(p.past) for name, p in w.projects.items()}
+    w._outcome(job, request, w.projects[job.project].at(job.submit), job.submit, random.Random(1))
+    assert w.rng.getstate() == state and w.running == running
+    assert {name: p.past for name, p in w.projects.items()} == past
+
+
+def test_evaluate_reports_every_policy_per_seed_with_means_and_the_first_on_top() -> None:
+    config = load_fleet(None)
+    policies = {
+        "reference-rules": fixed(ReferenceCouncil().decide),
+        "outcome-logistic": outcome_logistic,
+        "approve-all": fixed(approve_all),
+    }
+    got = evaluate(policies, config, SMALL)
+    assert got == json.loads(json.dumps(got))  # the same on a second look: plain data
+    assert got["seeds"] == [0, 1] and got["policy"] == "reference-rules"
+    families = got["families"]
+    assert isinstance(families, dict)
+    rules, everyone = families["reference-rules"], families["approve-all"]
+    for key in FIGURES:
+        assert got[key] == rules[f"{key}_mean"]
+        assert f"{key}_sd" in rules
+    assert len(rules["per_seed"]) == 2
+    assert everyone["human_share_mean"] == 0.0 and everyone["good_work_denied_share_mean"] == 0.0
+    assert everyone["waste_auc_mean"] == 0.5
+    assert everyone["auto_approved_waste_rate_mean"] == pytest.approx(everyone["waste_rate_mean"])
+    assert evaluate(policies, config, SMALL) == got  # seeded: the same figures again
+
+
+def test_a_learned_band_meets_its_goals_on_the_slice_it_was_chosen_on() -> None:
+    """Approve where at most 5 % of the approved end wasteful, deny where at most 0.5 % of
+    all requests are good work denied; between, a human."""
+    rng = random.Random(3)
+    p = [rng.random() for _ in range(2000)]
+    waste = [rng.random() > x for x in p]  # calibrated: p is the chance of no waste
+    deny, approve = band(p, waste)
+    assert deny < approve
+    approved = [w for x, w in zip(p, waste, strict=True) if x >= approve]
+    assert approved and sum(approved) / len(approved) <= 0.05
+    denied_good = sum(x <= deny and not w for x, w in zip(p, waste, strict=True))
+    assert denied_good / len(p) <= 0.005
+    assert band([0.9, 0.8], [False, False]) == (-math.inf, 0.8)  # all good: approve all
+    assert band([0.9, 0.8], [True, True]) == (0.9, math.inf)  # all wasteful: deny all
+
+
+def test_approve_all_is_a_decision_like_any_other() -> None:
+    d = approve_all(features(random.Random(1)), CouncilSettings())
+    assert d.outcome is CouncilOutcome.APPROVED and d.probability == 1.0
+
+
+def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path: Path) -> None:
+    args = ("council", "evaluate", "--seeds", "0", "--days", "20", "--projects", "8")
+    done = run_cli(*args, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert set(FIGURES) <= set(got) and got["seeds"] == [0]
+    assert list(got["families"]) == [
+        "cfc-council",
+        "reference-rules",
+        "outcome-logistic",
+        "oracle",
+        "approve-all",
+    ]
+    text = run_cli(*args, cwd=tmp_path)
+    assert text.returncode == 0 and "waste_auc" in text.stdout and "approve-all" in text.stdout
+    for bad in (
+        ("--seeds", "x"),
+        ("--seeds", ""),
+        ("--days", "0"),
+        ("--days", "nan"),
+        ("--projects", "1"),
+        ("--weights", str(tmp_path / "missing.pt")),
+    ):
+        done = run_cli("council", "evaluate", *bad, "--json", cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert json.loads(done.stdout)["error"]
+
+
+def test_exploration_runs_a_seeded_share_of_what_the_rules_deny() -> None:
+    """With exploration some requests the reference denies run anyway, with that share as
+    their propensity; without it none do. The same seed explores the same requests."""
+    config = load_fleet(None)
+    jobs = synthetic_jobs(11, 30, 10)
+    plain = World(jobs, config, 11, 11).run()
+    explored = World(jobs, config, 11, 11, explore=0.5).run()
+    assert all(s.propensity == 1.0 for s in plain)
+    denied = [s for s in explored if s.propensity == 0.5]  # the rules said no: a coin decides
+    ran = sum(s.wasted is not None for s in denied)
+    assert 0 < ran < len(denied)
+    assert [s.propensity for s in World(jobs, config, 11, 11, explore=0.5).run()] == [
+        s.propensity for s in explored
+    ]
+
+
+def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_path: Path) -> None:
+    """Target `outcome`: the weights carry the band chosen on the threshold slice; a council
+    loaded from them decides with it unless the fleet file sets thresholds; deterministic;
+    monotone; the card says what it learned."""
+    s = TrainSettings(
+        worlds=3, world_days=20, world_projects=8, steps=20, batch=64, target="outcome"
+    )
+    config = load_fleet(None)
+    a = train(s, config, tmp_path / "a", log=lambda _: None)
+    b = train(s, config, tmp_path / "b", log=lambda _: None)
+    for timings in (a, b):
+        del timings["seconds"], timings["council_seconds"]
+    assert a == json.loads(json.dumps(b))
+    council = NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)
+    assert council.members == OUTCOME_MEMBERS and council.band is not None
+    test = a["test"]
+    assert isinstance(test, dict)
+    assert test["band"] == list(council.band) and test["monotonicity"]["violations"] == 0
+    deny, approve = council.band
+    f = features(random.Random(5))
+    d = council.decide(f, CouncilSettings())
+    expected = (
+        CouncilOutcome.DENIED
+        if d.probability <= deny
+        else CouncilOutcome.APPROVED
+        if d.probability >= approve
+        else CouncilOutcome.SPLIT
+    )
+    assert d.outcome is expected or (expected is CouncilOutcome.APPROVED and "quorum" in d.summary)
+    assert 0.001 < d.probability < 0.998  # the fleet file's thresholds take over:
+    strict = CouncilSettings(deny_threshold=0.998, approve_threshold=0.999)
+    assert council.decide(f, strict).outcome is CouncilOutcome.DENIED
+    lenient = CouncilSettings(deny_threshold=0.001, approve_threshold=0.002)
+    assert council.decide(f, lenient).outcome is not CouncilOutcome.DENIED
+    card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    assert "trained on outcomes" in card and "1 / the chance it had to run" in card
