@@ -18,11 +18,10 @@ bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -34,7 +33,7 @@ from torch import Tensor
 from council import outcomes
 from council.dataset import TARGETS, Sample, replay, synthetic_jobs, time_split
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
-from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil
+from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
 from council.spec import NetSpec
 from council.torch_net import CouncilNet, param_count
@@ -424,20 +423,8 @@ def ablations(
 def train(
     s: TrainSettings, config: FleetConfig, out: Path, log: Callable[[str], None] = print
 ) -> dict[str, object]:
-    with one_thread():
+    with torch_threads(1):  # one thread: a seed gives the same bytes on any machine
         return _train(s, config, out, log)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One torch thread, so that a seed gives the same bytes on any machine; the network's
-    tensors are small enough that intra-op threads would not pay anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(

@@ -246,3 +246,31 @@ def test_cli_resume_decides_a_split_council(tmp_path: Path) -> None:
     assert asked.returncode == 0 and json.loads(asked.stdout)["status"] == "pending_review"
     denied = run_cli("resume", "t-cli", "--deny", "--by", "bo", *common, cwd=ROOT)
     assert denied.returncode == 3 and json.loads(denied.stdout)["status"] == "denied"
+
+
+def test_batched_probabilities_run_on_the_threads_asked_and_restore_torchs(
+    council: NeuralCouncil,
+) -> None:
+    """torch's own pool spins against a busy machine's other processes: a batch runs on the
+    threads asked for (one by default) and torch's setting is as it was afterwards."""
+    from council.neural_council import torch_threads
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    batch = [features(random.Random(i)) for i in range(4)]
+    real = council.member_logits
+
+    def spy(*args: Any, **kw: Any) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kw)
+
+    council.member_logits = spy  # type: ignore[method-assign]
+    try:
+        one = council.probabilities(batch)
+        two = council.probabilities(batch, threads=2)
+    finally:
+        del council.member_logits
+    assert seen == [1, 2] and torch.get_num_threads() == before
+    assert torch.allclose(one, two)
+    with pytest.raises(ValueError, match="at least 1"), torch_threads(0):
+        pass
