@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 from council.features import REFERENCE_USD, RequestFeatures
+from council.record import PastJob
 from council.voting import combine
 from fleet.config import CouncilSettings
 from fleet.models import CouncilDecision, MemberVote, Reason, Verdict
@@ -68,20 +69,35 @@ def _capacity(f: RequestFeatures) -> tuple[float, list[Term]]:
     ]
 
 
+def _last(f: RequestFeatures, happened: Callable[[PastJob], bool]) -> str:
+    """When the newest allocation of the record for which `happened` holds ended, as a
+    reason words it (the record fades with age: a reader should see how old it is)."""
+    last = max((j.ended_at for j in f.past if happened(j)), default=None)
+    if last is None or f.now <= 0:
+        return ""
+    hours = max(0.0, f.now - last) / 3600.0
+    return (
+        f"; the last {hours / 24:.0f} days ago" if hours >= 48 else f"; the last {hours:.0f} h ago"
+    )
+
+
 def _risk(f: RequestFeatures) -> tuple[float, list[Term]]:
     low_util = max(0.0, 40.0 - f.recent_util)
+    idle = _last(f, lambda j: j.hoarded_hours > 0)
+    cut = _last(f, lambda j: j.reason.cut_by_budget)
     return 2.0, [
         (
             "hoarding_rate",
             f.hoarding_rate,
             -5.0 * f.hoarding_rate,
-            f"{100 * f.hoarding_rate:.0f}% of recent GPU-hours were released for idling",
+            f"{100 * f.hoarding_rate:.0f}% of recent GPU-hours were held idle with no work "
+            f"left{idle}",
         ),
         (
             "overrun_rate",
             f.overrun_rate,
             -3.0 * f.overrun_rate,
-            f"{100 * f.overrun_rate:.0f}% of recent GPU-hours were stopped by the budget",
+            f"{100 * f.overrun_rate:.0f}% of recent GPU-hours were stopped by the budget{cut}",
         ),
         (
             "recent_util",

@@ -71,6 +71,32 @@ def test_a_hoarder_asking_for_the_pool_is_denied() -> None:
     assert risk.verdict is Verdict.DENY and risk.reasons[0].feature == "hoarding_rate"
 
 
+def test_reasons_say_how_old_the_record_they_cite_is() -> None:
+    """The record fades as it ages, so a reason cites when it last happened: the newest
+    allocation held idle with no work left, the newest stopped by the budget."""
+    now = 1_800_000_000.0
+    day = 86_400.0
+
+    def job(days_ago: float, reason: ReleaseReason, hoarded: float = 0.0) -> PastJob:
+        return PastJob(now - days_ago * day, 2, 10.0, 100.0, 30.0, reason, 0.2, hoarded)
+
+    past = (
+        job(120, ReleaseReason.IDLE, hoarded=2.0),
+        job(94, ReleaseReason.IDLE, hoarded=1.0),
+        job(30, ReleaseReason.BUDGET),
+        job(0.5, ReleaseReason.EXPLICIT),
+    )
+    f = dataclasses.replace(GOOD, hoarding_rate=0.2, overrun_rate=0.3, past=past, now=now)
+    risk = next(v for v in ReferenceCouncil().decide(f, SETTINGS).votes if v.member == "risk")
+    texts = {r.feature: r.text for r in risk.reasons}
+    assert texts["hoarding_rate"].endswith("with no work left; the last 94 days ago")
+    assert texts["overrun_rate"].endswith("stopped by the budget; the last 30 days ago")
+    recent = dataclasses.replace(f, past=(*past, job(0.25, ReleaseReason.BUDGET)))
+    risk = next(v for v in ReferenceCouncil().decide(recent, SETTINGS).votes if v.member == "risk")
+    assert {r.feature: r.text for r in risk.reasons}["overrun_rate"].endswith("the last 6 h ago")
+    assert "ago" not in member_vote("risk", dataclasses.replace(f, past=())).reasons[0].text
+
+
 def test_quorum_and_split() -> None:
     def vote(p: float, verdict: Verdict) -> MemberVote:
         return MemberVote(member="m", verdict=verdict, probability=p)
