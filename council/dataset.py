@@ -47,6 +47,7 @@ TARGETS = (*MEMBERS, "council")  # the reference's member probabilities, then it
 EPOCH = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
 BUDGET_PERIOD_DAYS = 30
 TRAIN, THRESHOLDS = 0.6, 0.7  # ends of the training and threshold slices, as shares of a span
+EXPLORE = 0.05  # learning from outcomes: the share of denied requests that run anyway
 WASTE_UTIL_PCT = 20.0
 
 

@@ -24,7 +24,16 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from council.dataset import EPOCH, THRESHOLDS, TRAIN, Sample, World, synthetic_jobs, time_split
+from council.dataset import (
+    EPOCH,
+    EXPLORE,
+    THRESHOLDS,
+    TRAIN,
+    Sample,
+    World,
+    synthetic_jobs,
+    time_split,
+)
 from council.features import RequestFeatures
 from council.outcomes import FIGURES, band, banded, figures
 from fleet.config import CouncilSettings, FleetConfig
@@ -48,10 +57,19 @@ class EvalSettings:
 
 
 def world(seed: int, settings: EvalSettings, config: FleetConfig) -> list[Sample]:
-    """The voted requests of evaluation world `seed`, in time order."""
+    """The voted requests of evaluation world `seed`, in time order, with the exploration
+    that lets a model learn from outcomes where the rules deny (council.dataset.EXPLORE)."""
     w = WORLD_OFFSET + seed
     jobs = synthetic_jobs(w, settings.days, settings.projects)
-    return World(jobs, config, w, w).run()
+    return World(jobs, config, w, w, EXPLORE).run()
+
+
+def observed(samples: list[Sample]) -> tuple[list[Sample], list[float]]:
+    """What a real ledger knows of `samples`: those that ran, each with its inverse
+    propensity weight. The slices a policy learns from are read only through this; the
+    outcomes of requests that did not run are for the test figures alone."""
+    ran = [s for s in samples if s.wasted is not None]
+    return ran, [1.0 / s.propensity for s in ran]
 
 
 def fixed(decide: Decide) -> Policy:
@@ -69,26 +87,30 @@ def outcome_logistic(
     train: list[Sample], val: list[Sample], test: list[Sample], settings: CouncilSettings
 ) -> list[CouncilDecision]:
     """A logistic regression on the summary features (council.train.summary_features),
-    fitted to the training slice's outcomes, its band chosen on the threshold slice: the
-    simplest model that learns from what happened, which the council must beat."""
+    fitted to the outcomes of the training slice's requests that ran (inverse propensity
+    weighted, as `council train --target outcome` learns), its band chosen the same way on
+    the threshold slice: the simplest model that learns from what happened, which the
+    council must beat."""
     import torch
     import torch.nn.functional as F
 
     from council.train import Split, summary_features
 
-    if not train or not test:
+    (ran, weight), (val_ran, val_weight) = observed(train), observed(val)
+    if not ran or not test:
         return []
-    xs = [summary_features(Split.of(part)) for part in (train, val, test)]
+    xs = [summary_features(Split.of(part)) for part in (ran, val_ran, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
     xs = [(x - mu) / sd for x in xs]
-    good = torch.tensor([1.0 - s.would_waste for s in train])
+    good = torch.tensor([1.0 - float(s.wasted or 0.0) for s in ran])
+    w = torch.tensor(weight)
     torch.manual_seed(0)
     lin = torch.nn.Linear(xs[0].shape[1], 1)
     opt = torch.optim.LBFGS(lin.parameters(), max_iter=200)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(lin(xs[0]).squeeze(1), good)
+        loss = F.binary_cross_entropy_with_logits(lin(xs[0]).squeeze(1), good, w)
         loss = loss + 1e-3 * lin.weight.square().sum()
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
@@ -96,7 +118,7 @@ def outcome_logistic(
     opt.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         pv, pt = (torch.sigmoid(lin(x).squeeze(1)).tolist() for x in xs[1:])
-    deny, approve = band(pv, [s.would_waste == 1.0 for s in val])
+    deny, approve = band(pv, [s.wasted == 1.0 for s in val_ran], val_weight)
     return [banded(x, deny, approve, "outcome-logistic") for x in pt]
 
 
@@ -107,7 +129,8 @@ def oracle(
     hoard, burst or overrun), which the world draws and no record shows. Its figures bound
     what any model of the record can reach in these worlds; its band is chosen like a
     learned model's."""
-    deny, approve = band([1 - s.habit_waste for s in val], [s.would_waste == 1.0 for s in val])
+    ran, weight = observed(val)
+    deny, approve = band([1 - s.habit_waste for s in ran], [s.wasted == 1.0 for s in ran], weight)
     return [banded(1 - s.habit_waste, deny, approve, "oracle") for s in test]
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from council import outcomes
-from council.dataset import TARGETS, Sample, replay, synthetic_jobs, time_split
+from council.dataset import EXPLORE, TARGETS, Sample, replay, synthetic_jobs, time_split
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
@@ -61,7 +61,7 @@ class TrainSettings:
     trace_jobs: int = 30000
     ablations: bool = True
     target: Target = "reference"
-    explore: float = 0.05  # outcome target: the share of denied requests run anyway
+    explore: float = EXPLORE  # outcome target: the share of denied requests run anyway
 
 
 @dataclass

@@ -71,8 +71,9 @@ def cmd_council(args: argparse.Namespace) -> int:
 
     if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
-    if not 0 < args.explore < 1:
-        raise InvalidInput(f"--explore must be above 0 and below 1, not {args.explore}")
+    explore = TrainSettings.explore if args.explore is None else args.explore
+    if not 0 < explore < 1:
+        raise InvalidInput(f"--explore must be above 0 and below 1, not {explore}")
     if args.target == "outcome" and args.trace:
         raise InvalidInput("--target outcome trains on synthetic worlds only (no --trace yet)")
     settings = TrainSettings(
@@ -83,7 +84,7 @@ def cmd_council(args: argparse.Namespace) -> int:
         trace_jobs=args.trace_jobs,
         ablations=not args.no_ablations,
         target=args.target,
-        explore=args.explore,
+        explore=explore,
     )
     log = (lambda _: None) if args.json else print
     metrics = train(settings, load_fleet(fleet_file(args)), Path(args.out), log)

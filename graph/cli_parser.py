@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument(
         "--explore",
         type=float,
-        default=0.05,
+        default=None,
         help="with --target outcome: the share of the requests the rules deny that run "
         "anyway, so their outcomes are learned (default 0.05)",
     )
