@@ -20,6 +20,7 @@ request), on the test slice:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ def outcome_logistic(
     from council.train import Split, summary_features
 
     (ran, weight), (val_ran, val_weight) = observed(train), observed(val)
-    if not ran or not test:
-        return []
+    if not ran or not test:  # nothing to learn from: every request to a human
+        return [banded(0.5, -math.inf, math.inf, "outcome-logistic") for _ in test]
     xs = [summary_features(Split.of(part)) for part in (ran, val_ran, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
     xs = [(x - mu) / sd for x in xs]

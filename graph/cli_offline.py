@@ -69,6 +69,8 @@ def cmd_council(args: argparse.Namespace) -> int:
 
     from council.train import TrainSettings, train
 
+    if not 0 <= args.seed < 900:  # training worlds are seed * 1000 + w; evaluation's 900000+
+        raise InvalidInput("--seed must be from 0 to 899 (evaluation worlds use the rest)")
     if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
     explore = TrainSettings.explore if args.explore is None else args.explore
@@ -127,8 +129,10 @@ def council_evaluate(args: argparse.Namespace) -> int:
         raise InvalidInput(
             f"--seeds must be whole numbers, comma-separated: {args.seeds!r}"
         ) from None
-    if not 0 < args.days <= 3650 or args.projects < 2:
-        raise InvalidInput("--days must be above 0 and at most 3650, --projects at least 2")
+    if not all(0 <= seed < 100_000 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise InvalidInput("--seeds must be distinct whole numbers from 0 to 99999")
+    if not 0 < args.days <= 3650 or not 2 <= args.projects <= 1000:
+        raise InvalidInput("--days must be above 0 and at most 3650, --projects from 2 to 1000")
     config = load_fleet(fleet_file(args))
     policies: dict[str, Policy] = {
         (path or "cfc-council"): fixed(NeuralCouncil.load(path or SHIPPED).decide)

@@ -156,9 +156,12 @@ def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path:
     for bad in (
         ("--seeds", "x"),
         ("--seeds", ""),
+        ("--seeds", "-900000"),
+        ("--seeds", "0,0"),
         ("--days", "0"),
         ("--days", "nan"),
         ("--projects", "1"),
+        ("--projects", "100000"),
         ("--weights", str(tmp_path / "missing.pt")),
     ):
         done = run_cli("council", "evaluate", *bad, "--json", cwd=tmp_path)
