@@ -168,7 +168,7 @@ def outcome_card(m: dict[str, Any]) -> str:
             "- The band asks that at most 5 % of what it approves ends wasteful; where waste "
             "is this hard to foresee most requests fall between its thresholds and go to a "
             "human. `gpu-agent council evaluate` compares it with the rules, a logistic "
-            "regression on the same outcomes and an oracle that knows each project's habits.",
+            "regression on the same outcomes and a heuristic that reads each project's habits.",
             "- Utilisation profiles come from the simulated fleet, calibrated on one H200 "
             "recording.",
             "",

@@ -74,8 +74,8 @@ class Sample:
     # the chance the logging policy ran it (1 where it approved; the exploration share where
     # it denied and ran it anyway): training on outcomes weighs a ran request by 1 / this
     propensity: float = 1.0
-    # the chance of a wasteful job given the project's habits at the time, which no model
-    # sees: what an oracle would predict (council.evaluate's ceiling)
+    # the chance of a wasteful job from the project's habits at the time alone, which no model
+    # sees (council.evaluate's habits heuristic, "oracle")
     habit_waste: float = math.nan
 
 

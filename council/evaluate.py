@@ -9,7 +9,8 @@ A request's outcome is whether it would end wasteful (released for idling, cut b
 or under 20 % utilisation: council.dataset.WASTE_UTIL_PCT), known here for denied requests
 too because the world is simulated; a real ledger knows it only for those that ran.
 
-Per policy (the neural council of a weights file, the reference rules, and approving every
+Per policy (the councils of weights files, the reference rules, a logistic regression that
+learns from outcomes, a heuristic that reads the projects' true habits, and approving every
 request), on the test slice:
   waste_auc                 how well 1 - p(approve) ranks wasteful requests above the rest
   ece                       expected calibration error of p(approve) against "not wasteful"
@@ -127,8 +128,9 @@ def oracle(
     train: list[Sample], val: list[Sample], test: list[Sample], settings: CouncilSettings
 ) -> list[CouncilDecision]:
     """Not a policy anyone can run: it reads each project's true habits (how often its jobs
-    hoard, burst or overrun), which the world draws and no record shows. Its figures bound
-    what any model of the record can reach in these worlds; its band is chosen like a
+    hoard, burst or overrun), which the world draws and no record shows, scored as
+    1 - (1-hoard)(1-bursty)(1-overrun): a reference point for how foreseeable waste is in
+    these worlds, not a bound (it ignores the request itself). Its band is chosen like a
     learned model's."""
     ran, weight = observed(val)
     deny, approve = band([1 - s.habit_waste for s in ran], [s.wasted == 1.0 for s in ran], weight)

@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="a council's decisions against what requests went on to do, on the last 30 %% "
         "of fresh simulated worlds, beside the reference rules, a logistic regression on "
-        "outcomes, an oracle and approving everything",
+        'outcomes, a heuristic of the projects\' true habits ("oracle") and approving everything',
     )
     ep.add_argument("--fleet", help="fleet TOML file (default: built-in fleet)")
     ep.add_argument(

@@ -5,11 +5,13 @@ described) and the exit code it gets."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -147,17 +149,24 @@ def cmd_request(args: argparse.Namespace) -> int:
         config = load_fleet(fleet_file(args))
         check_against_fleet(request, config)
     with open_orchestrator(args, create=True, config=config, choice=choice) as orch:
-        live = None if args.json or args.no_wait else _Live()
-        outcome = orch.request(
-            request,
-            thread_id=args.thread_id,
-            wait=not args.no_wait,
-            on_event=live.event if live else None,
-            on_progress=live.progress if live else None,
+        return _followed(
+            args,
+            functools.partial(
+                orch.request, request, thread_id=args.thread_id, wait=not args.no_wait
+            ),
         )
-        if live is not None:
-            live.done()
-        return _finish(args, outcome)
+
+
+def _followed(args: argparse.Namespace, start: Callable[..., RequestOutcome]) -> int:
+    """`start(on_event=, on_progress=)` with its progress shown live on a terminal (not with
+    --json or --no-wait), then the outcome printed."""
+    live = None if args.json or args.no_wait else _Live()
+    outcome = start(
+        on_event=live.event if live else None, on_progress=live.progress if live else None
+    )
+    if live is not None:
+        live.done()
+    return _finish(args, outcome)
 
 
 def _job_json(job: Job) -> dict[str, Any]:
@@ -217,17 +226,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
             {"approve": bool(args.approve), "by": args.by, "comment": args.comment}
         )
     with open_orchestrator(args, create=False) as orch:
-        live = None if args.json or args.no_wait else _Live()
-        outcome = orch.resume(
-            args.thread_id,
-            decision,
-            wait=not args.no_wait,
-            on_event=live.event if live else None,
-            on_progress=live.progress if live else None,
+        return _followed(
+            args, functools.partial(orch.resume, args.thread_id, decision, wait=not args.no_wait)
         )
-        if live is not None:
-            live.done()
-        return _finish(args, outcome)
 
 
 def _adopt(args: argparse.Namespace) -> int:

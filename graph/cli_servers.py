@@ -32,10 +32,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         identity=SERVER,
         monitor_kind="page",
     )
-    shown = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"gpu-agent: the page is on http://{shown}:{args.port}/ (it answers to host names "
-        f"{', '.join(sorted(hosts))})",
+        f"gpu-agent: the page is on http://{url_host(args.host)}:{args.port}/ (it answers to "
+        f"host names {', '.join(sorted(hosts))})",
         file=sys.stderr,
         flush=True,
     )
@@ -118,10 +117,9 @@ def cmd_studio(args: argparse.Namespace) -> int:
         "--n-jobs-per-worker",
         str(args.jobs),
     ]
-    shown = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"gpu-agent: {' '.join(argv[1:])}\nStudio (a hosted page, needs a browser with "
-        f"internet): https://smith.langchain.com/studio/?baseUrl=http://{shown}:{port}",
+        f"internet): https://smith.langchain.com/studio/?baseUrl=http://{url_host(args.host)}:{port}",
         file=sys.stderr,
         flush=True,
     )
@@ -176,3 +174,8 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
                 f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}"
             ) from None
     return 0
+
+
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
