@@ -3,7 +3,7 @@ recent record, and how busy the pool is. The neural council reads the same recor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from council.record import PastJob, past_jobs, rates
 from fleet.config import FleetConfig
@@ -60,13 +60,14 @@ def build_features(
 ) -> RequestFeatures:
     """`held` maps GPU type to GPUs held now; `remaining_usd` is the largest worst case the
     budget admits now (Ledger.remaining_usd: the rule placement applies), by default the
-    budget less spend and the active allocations' worst cases."""
+    budget less spend and the active allocations' worst cases. A record that ended after
+    `now` (written by a host whose clock runs ahead) counts as ending now."""
     remaining = stats.remaining_usd if remaining_usd is None else remaining_usd
     return assemble(
         request,
         config,
         Standing(remaining, stats.usage_share, stats.fair_share),
-        past_jobs(stats),
+        tuple(replace(j, ended_at=min(j.ended_at, now)) for j in past_jobs(stats)),
         stats.older,
         held,
         now,

@@ -6,6 +6,7 @@ import math
 from typing import Protocol
 
 from council.features import RequestFeatures
+from council.guardrails import guardrails
 from fleet.config import CouncilSettings
 from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
 
@@ -26,26 +27,37 @@ def calibrate(p: float, temperature: float) -> float:
 def combine(
     votes: list[MemberVote], settings: CouncilSettings, policy: str, temperature: float = 1.0
 ) -> CouncilDecision:
-    """Weighted soft vote over every member, then `quorum` members must approve outright.
+    """Weighted soft vote over every member; then approve (at or above the approve threshold,
+    with `quorum` members approving outright), approve with guardrails (at or above the guard
+    threshold), ask a human, or deny (at or below the deny threshold).
 
     Keeping unsure (abstaining) members in the average, rather than dropping them, makes the
     council's probability a monotone function of each member's; and since only approval
-    needs a quorum of approvers, a worse record can never turn a denial into anything kinder.
+    needs a quorum of approvers, a worse record can never turn a decision into a kinder one
+    (denied < human < guarded < approved).
     """
     weight = sum(v.weight for v in votes)
     p = sum(v.probability * v.weight for v in votes) / weight if weight > 0 else 0.5
     p = calibrate(p, temperature)
     deny, approve = settings.band()
+    guard = settings.guard()
     approvers = sum(v.verdict is Verdict.APPROVE for v in votes)
+    quorate = approvers >= min(settings.quorum, len(votes))
+    rails = None
     if p <= deny:
         outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
-    elif p < approve:
-        outcome, summary = CouncilOutcome.SPLIT, f"split at p={p:.2f}: a human decides"
-    elif approvers < min(settings.quorum, len(votes)):
-        outcome = CouncilOutcome.SPLIT
-        summary = f"no quorum: {approvers} of {len(votes)} members approve; a human decides"
-    else:
+    elif p >= approve and quorate:
         outcome, summary = CouncilOutcome.APPROVED, f"approved with p={p:.2f}"
+    else:
+        rails = guardrails(p, settings)
+        if p >= guard and guard < approve:
+            outcome = CouncilOutcome.GUARDED
+            summary = f"approved with guardrails at p={p:.2f}: {rails.describe()}"
+        else:
+            outcome = CouncilOutcome.SPLIT
+            summary = f"split at p={p:.2f}: a human decides"
+        if p >= approve:  # held back by the quorum alone
+            summary += f"; no quorum: {approvers} of {len(votes)} members approve"
     if outcome is not CouncilOutcome.APPROVED:
         against = sorted(
             (v for v in votes if v.verdict is Verdict.DENY), key=lambda v: v.probability
@@ -59,6 +71,7 @@ def combine(
         quorum=settings.quorum,
         policy=policy,
         summary=summary,
+        guardrails=rails,
     )
 
 

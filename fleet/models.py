@@ -113,6 +113,7 @@ class CouncilOutcome(StrEnum):
     """What the council concluded (a request's own outcome is graph.outcome.RequestOutcome)."""
 
     APPROVED = "approved"
+    GUARDED = "approved_with_guardrails"  # approved, with the decision's guardrails
     DENIED = "denied"
     SPLIT = "split"
     AUTO_APPROVED = "auto_approved"
@@ -253,6 +254,23 @@ class MemberVote(BaseModel):
     reasons: list[Reason] = Field(default_factory=list)
 
 
+class Guardrails(BaseModel):
+    """What an approval with guardrails changes, chosen from the council's predicted waste
+    (council.guardrails): the allocation is released after `idle_minutes` idle where nothing
+    says its work goes on, and, with `cheaper_type`, routed by price per unit of work even
+    where the request asked for speed."""
+
+    predicted_waste: float  # the chance it ends wasteful, 1 - the council's probability
+    idle_minutes: float
+    cheaper_type: bool = False
+
+    def describe(self) -> str:
+        parts = [f"idle release after {self.idle_minutes:g} min"]
+        if self.cheaper_type:
+            parts.append("the cheapest type per unit of work")
+        return "; ".join(parts)
+
+
 class CouncilDecision(BaseModel):
     outcome: CouncilOutcome
     probability: float
@@ -260,6 +278,8 @@ class CouncilDecision(BaseModel):
     quorum: int = 0
     policy: str = ""
     summary: str = ""
+    # GUARDED: what the approval carries; SPLIT: what a human's approval would carry
+    guardrails: Guardrails | None = None
 
 
 class HumanDecision(BaseModel):

@@ -8,7 +8,8 @@
   bound a hung command); once it has exited, the work is done and the idle tail is released
   after `idle_timeout_done_minutes` (0: at the first idle tick); with no command known (a
   notebook, a shell), after the purpose's timeout (`idle_timeout_by_purpose`, else
-  `idle_timeout_minutes`). But for the tail, none is shorter than `pause_factor` x the
+  `idle_timeout_minutes`), or the shorter timeout of an approval with guardrails
+  (council.guardrails). But for the tail, none is shorter than `pause_factor` x the
   longest pause the job has already come back from, in this allocation or in the one it
   resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not released after 30;
 - hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
@@ -35,6 +36,8 @@ class IdlePolicy:
 
     purpose: Purpose = Purpose.TRAINING
     work: Work = "unknown"
+    # an approval with guardrails' stricter timeout where no command is known (its minutes)
+    guard_minutes: float | None = None
 
 
 UNKNOWN = IdlePolicy()  # nothing known but utilisation (a training job's timeout)
@@ -47,6 +50,8 @@ def idle_limit_s(settings: MonitorSettings, policy: IdlePolicy, longest_pause_s:
     if policy.work == "done":
         return settings.idle_timeout_done_minutes * 60.0
     minutes = settings.idle_timeout_by_purpose.get(policy.purpose, settings.idle_timeout_minutes)
+    if policy.guard_minutes is not None:
+        minutes = min(minutes, policy.guard_minutes)
     return max(minutes * 60.0, settings.pause_factor * longest_pause_s)
 
 

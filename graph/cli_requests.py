@@ -21,7 +21,7 @@ from fleet.access import ACCESS, identify
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.jobs import Job, JobQueue
-from fleet.models import Event, Status
+from fleet.models import Event, Guardrails, Status
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
 from graph.cli_common import (
@@ -72,6 +72,10 @@ class _Live:
 def _describe(outcome: RequestOutcome) -> str:
     tid = shlex.quote(outcome.thread_id)
     lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({quoted(outcome.reason)})"]
+    rails = outcome.council.guardrails if outcome.council else None
+    if rails is not None and outcome.status is not Status.DENIED:
+        when = "if approved" if outcome.status is Status.PENDING_REVIEW else "approved"
+        lines.append(f"guardrails ({when}): {_guarded(rails)}")
     a = outcome.allocation
     if a is not None:
         lines.append(
@@ -92,6 +96,10 @@ def _describe(outcome: RequestOutcome) -> str:
             f"nobody monitors it now: a worker adopts it, or carry on with: gpu-agent resume {tid}"
         )
     return "\n".join(lines)
+
+
+def _guarded(rails: Guardrails) -> str:
+    return f"{rails.describe()}; predicted to end wasteful: {rails.predicted_waste:.0%}"
 
 
 def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
@@ -274,13 +282,18 @@ def cmd_reviews(args: argparse.Namespace) -> int:
                 "asked_at": datetime.fromtimestamp(asked.at, UTC).isoformat(),
                 "waiting_s": round(now - asked.at, 1),
                 "council": out.council.summary if out.council else None,
+                "guardrails": None
+                if out.council is None or out.council.guardrails is None
+                else out.council.guardrails.model_dump(mode="json"),
             }
         )
     lines = [
         f"{r['thread_id']}  {quoted(r['project'])}: {r['count']} x {r['gpu_type'] or 'any'} "
         f"({r['purpose']}) for {r['hours']:g} h, asked by "
         f"{quoted(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
-        f"{quoted(r['council'] or '-')}\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
+        f"{quoted(r['council'] or '-')}"
+        + (f"\n    guardrails if approved: {r['guardrails']}" if r["guardrails"] else "")
+        + f"\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
         "--approve (or --deny) --comment WHY"
         for r in rows
     ]

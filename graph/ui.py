@@ -651,6 +651,13 @@ class WebUI:
                     + "</td></tr>"
                 )
             parts.append("</table>")
+            rails = out.council.guardrails
+            if rails is not None:
+                when = "if approved" if out.status is Status.PENDING_REVIEW else "approved"
+                parts.append(
+                    f'<p class="guardrails">Guardrails ({when}): {_e(rails.describe())}. '
+                    f"Predicted to end wasteful: {rails.predicted_waste:.0%}.</p>"
+                )
         pending = out.status is Status.PENDING_REVIEW
         if pending and out.request is not None:
             parts.append(self._costs(orch, out.request))

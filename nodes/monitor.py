@@ -17,7 +17,7 @@ from fleet.clock import sleep_until
 from fleet.commands import work
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
-from fleet.models import EventKind, MonitorState, Purpose, utc
+from fleet.models import EventKind, MonitorState, utc
 from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, readings, skip
 from fleet.services import Services
 from nodes.context import Context, services_for
@@ -36,9 +36,16 @@ def _ended(row: Lease, now: float) -> State | None:
     return None
 
 
-def _policy(work: Work, purpose: Purpose, works_while_idle: bool) -> IdlePolicy:
-    """What idling means here: a work that went on while idle is treated as running."""
-    return IdlePolicy(purpose, "running" if works_while_idle and work == "unknown" else work)
+def _policy(work: Work, state: State, works_while_idle: bool) -> IdlePolicy:
+    """What idling means here: a work that went on while idle is treated as running; the
+    council's guardrails, where it approved with them, shorten the timeout."""
+    decision = state.get("council")
+    rails = decision.guardrails if decision is not None else None
+    return IdlePolicy(
+        request_of(state).purpose,
+        "running" if works_while_idle and work == "unknown" else work,
+        None if rails is None else rails.idle_minutes,
+    )
 
 
 def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
@@ -74,14 +81,13 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     svc.watch(allocation.id, allocation.thread_id)
     settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
     started = allocation.started_at.timestamp()
-    purpose = request_of(state).purpose
     last = readings(state["samples"], settings) if state.get("samples") else None
     if mon.wake_at is None:  # the first tick, or a checkpoint from before ticks were planned
         row = svc.ledger.lease(allocation.id)
         ended = _ended(row, svc.clock.now())
         if ended:
             return ended
-        policy = _policy(work(row), purpose, mon.works_while_idle)
+        policy = _policy(work(row), state, mon.works_while_idle)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc)
     else:  # planned by the last tick, which read the lease at the same moment
         wake = mon.wake_at
@@ -93,7 +99,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     if ended:
         return ended
     assert row.deadline is not None
-    policy = _policy(work(row), purpose, mon.works_while_idle)
+    policy = _policy(work(row), state, mon.works_while_idle)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(

@@ -188,10 +188,14 @@ def test_the_philly_trace_replays_into_samples() -> None:
     )
 
 
+SPLIT = {"quorum": 6, "auto_approve_max_gpus": 0, "guard_threshold": 0.75}
+
+
 def split_config() -> FleetConfig:
     """Every member must approve; 8 of the small fleet's 10 training GPUs is too many for
-    the capacity member, so the council splits and a human decides."""
-    return small_config(council={"quorum": 6, "auto_approve_max_gpus": 0})
+    the capacity member, so there is no quorum; with no guarded band (guard at approve) a
+    human decides."""
+    return small_config(council=SPLIT)
 
 
 BIG = {"project": "vision", "purpose": "training", "count": 8, "duration_hours": 1}
@@ -225,7 +229,7 @@ def test_review_interrupt_has_no_side_effects_and_resume_reserves_once(
 
 def test_cli_resume_decides_a_split_council(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_toml(council={"quorum": 6, "auto_approve_max_gpus": 0}))
+    fleet.write_text(fleet_toml(council=SPLIT))
     common = ("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet), "--json")
     asked = run_cli(
         "request",

@@ -1,0 +1,143 @@
+"""Approval with guardrails: the band it is voted in, what it carries, and that the monitor
+and routing enforce it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from council.guardrails import guardrails
+from council.voting import combine
+from fleet.config import CouncilSettings, MonitorSettings
+from fleet.models import CouncilOutcome, MemberVote, Purpose, ReleaseReason, Status, Verdict
+from fleet.monitoring import IdlePolicy, idle_limit_s
+from tests.conftest import OrchFactory, small_config
+
+RANK = {
+    CouncilOutcome.DENIED: 0,
+    CouncilOutcome.SPLIT: 1,
+    CouncilOutcome.GUARDED: 2,
+    CouncilOutcome.APPROVED: 3,
+}
+S = CouncilSettings(policy="reference")  # deny 0.4, guard 0.5, approve 0.6
+
+
+def votes(p: float, approvers: int = 4) -> list[MemberVote]:
+    """Four members at probability `p`, the first `approvers` approving outright."""
+    return [
+        MemberVote(
+            member=f"m{i}",
+            verdict=Verdict.APPROVE if i < approvers else Verdict.ABSTAIN,
+            probability=p,
+        )
+        for i in range(4)
+    ]
+
+
+def test_the_four_decisions_by_probability() -> None:
+    assert S.band() == (0.4, 0.6) and S.guard() == 0.5
+    decided = {p: combine(votes(p), S, "t") for p in (0.3, 0.45, 0.52, 0.58, 0.7)}
+    assert [d.outcome for d in decided.values()] == [
+        CouncilOutcome.DENIED,
+        CouncilOutcome.SPLIT,
+        CouncilOutcome.GUARDED,
+        CouncilOutcome.GUARDED,
+        CouncilOutcome.APPROVED,
+    ]
+    assert decided[0.3].guardrails is None and decided[0.7].guardrails is None
+    low, high = decided[0.52].guardrails, decided[0.58].guardrails
+    assert low is not None and high is not None
+    assert low.idle_minutes == high.idle_minutes == S.guard_idle_minutes
+    assert low.cheaper_type and not high.cheaper_type  # more predicted waste, more guardrails
+    assert low.predicted_waste == pytest.approx(0.48)
+    assert decided[0.52].summary.startswith("approved with guardrails at p=0.52: idle release")
+    # a human is shown what approval would carry
+    split = decided[0.45].guardrails
+    assert split is not None and split.cheaper_type
+
+
+def test_without_a_quorum_a_confident_council_approves_with_guardrails() -> None:
+    d = combine(votes(0.9, approvers=2), S, "t")
+    assert d.outcome is CouncilOutcome.GUARDED and "no quorum: 2 of 4" in d.summary
+    # with no guarded band (guard at approve), the quorum still sends it to a human
+    closed = S.model_copy(update={"guard_threshold": 0.6})
+    assert combine(votes(0.9, approvers=2), closed, "t").outcome is CouncilOutcome.SPLIT
+
+
+def test_more_waste_evidence_never_buys_a_kinder_decision() -> None:
+    """Monotone in the probability and in the number of approvers, over a fine grid."""
+    for approvers in range(5):
+        ranks = [RANK[combine(votes(i / 200, approvers), S, "t").outcome] for i in range(1, 200)]
+        assert ranks == sorted(ranks)
+    for i in range(1, 200):
+        ranks = [RANK[combine(votes(i / 200, a), S, "t").outcome] for a in range(5)]
+        assert ranks == sorted(ranks)
+
+
+@pytest.mark.parametrize(
+    ("fields", "word"),
+    [({"guard_threshold": 0.3}, "guard_threshold"), ({"guard_threshold": 0.7}, "guard_threshold")],
+)
+def test_a_guard_threshold_outside_the_band_is_refused(fields: dict[str, Any], word: str) -> None:
+    with pytest.raises(ValidationError, match=word):
+        CouncilSettings(policy="reference", **fields)
+
+
+def test_guard_is_clamped_into_a_band_set_after_validation() -> None:
+    """A neural council's trained band replaces deny and approve without validation."""
+    moved = CouncilSettings(guard_threshold=0.5).model_copy(
+        update={"deny_threshold": 0.6, "approve_threshold": 0.9}
+    )
+    assert 0.6 < moved.guard() <= 0.9
+    assert guardrails(0.7, moved).cheaper_type  # below the middle of 0.6+ .. 0.9
+
+
+def test_the_guardrail_shortens_the_idle_timeout_only_where_no_command_runs() -> None:
+    m = MonitorSettings()
+    assert idle_limit_s(m, IdlePolicy(Purpose.TRAINING), 0.0) == 30 * 60
+    assert idle_limit_s(m, IdlePolicy(Purpose.TRAINING, guard_minutes=10), 0.0) == 10 * 60
+    # a pause the work already came back from still stretches it: no work is cut short
+    assert idle_limit_s(m, IdlePolicy(Purpose.TRAINING, guard_minutes=10), 20 * 60) == 30 * 60
+    assert idle_limit_s(m, IdlePolicy(Purpose.TRAINING, "running", 10), 0.0) == float("inf")
+
+
+GUARDED_FLEET: dict[str, Any] = {
+    "policy": "reference",
+    "deny_threshold": 0.01,
+    "guard_threshold": 0.85,  # the reference council gives this request p=0.91
+    "approve_threshold": 0.999,
+    "auto_approve_max_gpus": 0,
+}
+
+
+def test_a_guarded_allocation_is_released_at_the_guardrails_idle_limit(
+    make_orch: OrchFactory,
+) -> None:
+    orch = make_orch(
+        small_config(council=GUARDED_FLEET, simulation={"workloads": {"lazy": "hoard"}})
+    )
+    request = {
+        "project": "lazy",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 4,
+        "mode": "performance",
+    }
+    out = orch.request(request)
+    assert out.council is not None and out.council.outcome is CouncilOutcome.GUARDED
+    rails = out.council.guardrails
+    assert rails is not None and rails.cheaper_type
+    assert out.status is Status.RELEASED and out.release is not None
+    assert out.release.reason is ReleaseReason.IDLE
+    assert out.allocation is not None
+    held = out.release.released_at - out.allocation.started_at
+    assert held.total_seconds() <= rails.idle_minutes * 60 + small_config().monitor.tick_seconds
+    # routed by price per unit of work although it asked for speed, and says why
+    assert out.route is not None and out.route.mode.value == "budget"
+    assert "guardrail" in out.route.reason
+    plain = make_orch(small_config(simulation={"workloads": {"lazy": "hoard"}}), name="plain")
+    unguarded = plain.request(request)
+    assert unguarded.release is not None and unguarded.allocation is not None
+    assert unguarded.release.released_at - unguarded.allocation.started_at > held
