@@ -7,7 +7,15 @@ from dataclasses import dataclass, replace
 
 from council.record import PastJob, past_jobs, rates
 from fleet.config import FleetConfig
-from fleet.models import GPURequest, Priority, ProjectStats, Purpose, RecordSummary
+from fleet.models import (
+    GPURequest,
+    Priced,
+    Priority,
+    ProjectStats,
+    Purpose,
+    RecordSummary,
+    RouteDecision,
+)
 from fleet.routing import estimate
 from fleet.scheduler import PRIORITY_FACTOR
 
@@ -31,16 +39,41 @@ class RequestFeatures:
     recent_util: float  # GPU-hour-weighted mean utilisation of recent allocations (50 if none)
     history_len: int
     purpose_mismatch: float  # 1 when inference or research asks for training hardware
+    priced: Priced | None = None  # the route worst_case_usd is priced on
     # the record itself, which the neural council reads event by event
     past: tuple[PastJob, ...] = ()
     older: RecordSummary | None = None
     now: float = 0.0  # epoch seconds when the request was judged
 
 
+def cheapest(request: GPURequest, config: FleetConfig) -> Priced:
+    """The request priced on the cheapest type it may run on (its named type, if any)."""
+    types = [request.gpu_type] if request.gpu_type else config.pool(request.purpose)
+    t = min(types, key=lambda t: estimate(request, config, t)[1])
+    hours, cost = estimate(request, config, t)
+    return Priced(
+        gpu_type=t,
+        count=request.count,
+        price_per_hour=config.catalog[t].price_per_hour,
+        hours=hours,
+        cost_usd=cost,
+    )
+
+
+def routed(route: RouteDecision, count: int) -> Priced:
+    """The request priced on the route it would take: what the council judges."""
+    return Priced(
+        gpu_type=route.gpu_type,
+        count=count,
+        price_per_hour=route.price_per_hour,
+        hours=route.est_hours,
+        cost_usd=route.est_cost_usd,
+    )
+
+
 def worst_case_usd(request: GPURequest, config: FleetConfig) -> float:
     """The request's cost on the cheapest type it may run on."""
-    types = [request.gpu_type] if request.gpu_type else config.pool(request.purpose)
-    return min(estimate(request, config, t)[1] for t in types)
+    return cheapest(request, config).cost_usd
 
 
 def cost_pressure(worst_usd: float, remaining_usd: float | None) -> float:
@@ -57,10 +90,12 @@ def build_features(
     held: dict[str, int],
     now: float,
     remaining_usd: float | None = None,
+    priced: Priced | None = None,
 ) -> RequestFeatures:
     """`held` maps GPU type to GPUs held now; `remaining_usd` is the largest worst case the
     budget admits now (Ledger.remaining_usd: the rule placement applies), by default the
-    budget less spend and the active allocations' worst cases. A record that ended after
+    budget less spend and the active allocations' worst cases; `priced` the route the request
+    would take (default: the cheapest type). A record that ended after
     `now` (written by a host whose clock runs ahead) counts as ending now."""
     remaining = stats.remaining_usd if remaining_usd is None else remaining_usd
     return assemble(
@@ -71,6 +106,7 @@ def build_features(
         stats.older,
         held,
         now,
+        priced,
     )
 
 
@@ -89,8 +125,10 @@ def assemble(
     older: RecordSummary | None,
     held: dict[str, int],
     now: float,
+    priced: Priced | None = None,
 ) -> RequestFeatures:
-    """The features from their parts; the training replay calls this without a ledger."""
+    """The features from their parts; the training replay calls this without a ledger.
+    `priced`: the route the request would take (default: the cheapest type)."""
     record = rates(
         past,
         older,
@@ -98,7 +136,8 @@ def assemble(
         config.council.record_half_life_days,
         config.council.record_prior_gpu_hours,
     )
-    worst = worst_case_usd(request, config)
+    priced = priced or cheapest(request, config)
+    worst = priced.cost_usd
     remaining = standing.remaining_usd
     pool = config.pool(request.purpose)
     pool_total = sum(config.gpus_of_type(t) for t in pool)
@@ -124,6 +163,7 @@ def assemble(
         recent_util=record.util,
         history_len=len(past) + (older.events if older else 0),
         purpose_mismatch=1.0 if mismatch else 0.0,
+        priced=priced,
         past=past,
         older=older,
         now=now,

@@ -33,7 +33,7 @@ def _cost(f: RequestFeatures) -> tuple[float, list[Term]]:
             "cost_pressure",
             f.cost_pressure,
             -6.0 * f.cost_pressure,
-            f"worst case ${f.worst_case_usd:.2f} is {100 * f.cost_pressure:.0f}% of {of}",
+            f"worst case ${f.worst_case_usd:.2f}{_on(f)} is {100 * f.cost_pressure:.0f}% of {of}",
         ),
         (
             "purpose_mismatch",
@@ -42,6 +42,11 @@ def _cost(f: RequestFeatures) -> tuple[float, list[Term]]:
             "asks for training hardware for other work",
         ),
     ]
+
+
+def _on(f: RequestFeatures) -> str:
+    """The route the worst case is priced on, as a reason names it."""
+    return "" if f.priced is None else f" ({f.priced.describe()})"
 
 
 def _fairness(f: RequestFeatures) -> tuple[float, list[Term]]:

@@ -271,6 +271,23 @@ class Guardrails(BaseModel):
         return "; ".join(parts)
 
 
+class Priced(BaseModel):
+    """The route the council priced a request on: the type, count, lease and worst case (the
+    route it would take when the council voted, else the cheapest type that does the work)."""
+
+    gpu_type: str
+    count: int
+    price_per_hour: float
+    hours: float
+    cost_usd: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.count} x {self.gpu_type} at ${self.price_per_hour:.2f}/GPU-h "
+            f"for {self.hours:.2f} h"
+        )
+
+
 class CouncilDecision(BaseModel):
     outcome: CouncilOutcome
     probability: float
@@ -280,6 +297,7 @@ class CouncilDecision(BaseModel):
     summary: str = ""
     # GUARDED: what the approval carries; SPLIT: what a human's approval would carry
     guardrails: Guardrails | None = None
+    priced: Priced | None = None  # what the cost member judged (None before 2026-12-04)
 
 
 class HumanDecision(BaseModel):

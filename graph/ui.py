@@ -41,12 +41,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from council.features import worst_case_usd
+from council.features import cheapest
 from fleet import names
 from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
-from fleet.models import GPURequest, RouteMode, Status
-from fleet.routing import Refusal, estimate
+from fleet.models import GPURequest, Priced, RouteMode, Status
+from fleet.routing import Refusal
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
 from nodes.audit import ask_key, decision_key, recorded
@@ -660,7 +660,9 @@ class WebUI:
                 )
         pending = out.status is Status.PENDING_REVIEW
         if pending and out.request is not None:
-            parts.append(self._costs(orch, out.request))
+            parts.append(
+                self._costs(orch, out.request, out.council.priced if out.council else None)
+            )
         elif out.route is not None:
             r = out.route
             parts.append(
@@ -739,11 +741,12 @@ class WebUI:
             text += self._release_form(request, a.id, f"reviews/{tid}")
         return text + "</div>"
 
-    def _costs(self, orch: Orchestrator, request: GPURequest) -> str:
+    def _costs(self, orch: Orchestrator, request: GPURequest, judged: Priced | None) -> str:
         """The cost the council judged beside what the route would place now, and why they
         differ: the council prices the request at its worst case (all its GPUs for the whole
-        requested time) on the cheapest type that does the work, whether or not that type has
-        GPUs free; the route takes the type it would really place on now."""
+        requested time) on the route it would take when the council voted (`judged`; before
+        2026-12-04 the cheapest type that does the work, which `None` stands for here); the
+        fleet's load or the project's budget may have moved the route since."""
         svc = orch.services
         config = svc.config
         types = [
@@ -757,17 +760,15 @@ class WebUI:
                 '<h2>If approved now</h2><p class="error">this fleet no longer prices '
                 "the GPU types the request may run on</p>"
             )
-        cheapest = min(types, key=lambda t: (estimate(request, config, t)[1], t))
-        c_hours, _ = estimate(request, config, cheapest)
-        worst = worst_case_usd(request, config)
-        c_price = config.catalog[cheapest].price_per_hour
+        on = "the route it would take when it voted"
+        if judged is None:
+            judged, on = cheapest(request, config), "the cheapest type that does the work"
         n = request.count
         work = _hours(request.duration_hours)
-        of_work = "" if cheapest == ref else f", {work} of work at {ref} speed"
+        of_work = "" if judged.gpu_type == ref else f", {work} of work at {ref} speed"
         council = (
-            f"the council judged the cost at its worst case on the cheapest type that "
-            f"does the work ({n} x {cheapest} for {_hours(round(c_hours, 2))}{of_work}: "
-            f"{_money(worst)})"
+            f"the council judged the cost at its worst case on {on} ({n} x {judged.gpu_type} "
+            f"for {_hours(round(judged.hours, 2))}{of_work}: {_money(judged.cost_usd)})"
         )
         route = svc.route(request)
         if isinstance(route, Refusal):
@@ -777,46 +778,43 @@ class WebUI:
                 "request would be refused.</p>"
             )
         queued = svc.starts_in_hours([route.gpu_type], n)[route.gpu_type] > 0
-        if route.gpu_type == cheapest:
-            why = (
-                "the request names its type, which"
-                if request.gpu_type
-                else "the cheapest type that does the work"
-            ) + (
+        if route.gpu_type == judged.gpu_type:
+            why = ("the request names its type, which" if request.gpu_type else "the same type") + (
                 f" has no {n} GPUs free: it would wait in the queue for"
                 if queued
                 else " has the GPUs free now:"
             )
-            same = abs(route.est_cost_usd - worst) < 0.005
         else:
             why_not = next(
-                (o.why_not for o in route.alternatives if o.gpu_type == cheapest and o.why_not),
+                (o.why_not for o in route.alternatives if o.gpu_type == judged.gpu_type),
                 None,
             )
             if route.mode is RouteMode.PERFORMANCE:
                 why = "performance mode takes the fastest type within budget:"
             elif why_not:
-                why = f"{cheapest} does not fit ({why_not}), so it takes"
+                why = f"{judged.gpu_type} does not fit ({why_not}), so it takes"
             elif "free now" in route.reason:
-                why = f"{cheapest} has no {n} GPUs free, so it takes the cheapest type free now:"
+                why = f"{route.gpu_type} is the cheapest type free now:"
             else:
-                why = "it takes"
+                why = "the cheapest type per unit of work now:"
             if queued:
                 why += " (no type has the GPUs free now: it would wait in the queue)"
-            same = False
+        same = (
+            route.gpu_type == judged.gpu_type and abs(route.est_cost_usd - judged.cost_usd) < 0.005
+        )
         routed = (
             f"routed now, {why} {route.gpu_type} at {_money(route.price_per_hour)}/GPU-h"
             f" for {_hours(round(route.est_hours, 2))}: {_money(route.est_cost_usd)}"
         )
         table = (
             "<table><tr><th></th><th>The council judged</th><th>If approved now</th></tr>"
-            f"<tr><th>GPU type</th><td>{_e(cheapest)}</td><td>{_e(route.gpu_type)}</td></tr>"
+            f"<tr><th>GPU type</th><td>{_e(judged.gpu_type)}</td><td>{_e(route.gpu_type)}</td></tr>"
             f"<tr><th>GPUs</th><td>{n}</td><td>{n}</td></tr>"
-            f"<tr><th>Price</th><td>{_money(c_price)}/GPU-h</td>"
+            f"<tr><th>Price</th><td>{_money(judged.price_per_hour)}/GPU-h</td>"
             f"<td>{_money(route.price_per_hour)}/GPU-h</td></tr>"
-            f"<tr><th>Hours</th><td>{_e(_hours(round(c_hours, 2)))}</td>"
+            f"<tr><th>Hours</th><td>{_e(_hours(round(judged.hours, 2)))}</td>"
             f"<td>{_e(_hours(round(route.est_hours, 2)))}</td></tr>"
-            f"<tr><th>Cost</th><td><strong>{_money(worst)}</strong> (worst case)</td>"
+            f"<tr><th>Cost</th><td><strong>{_money(judged.cost_usd)}</strong> (worst case)</td>"
             f"<td><strong>{_money(route.est_cost_usd)}</strong></td></tr></table>"
         )
         tail = (" The same figure." if same else "") + (

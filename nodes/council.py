@@ -4,14 +4,27 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from council.features import build_features, cost_pressure, is_critical, worst_case_usd
+from council.features import build_features, cheapest, cost_pressure, is_critical, routed
 from council.voting import auto_approval, convene, small
-from fleet.models import CouncilOutcome, Status
+from fleet.models import CouncilOutcome, GPURequest, Priced, Status
+from fleet.routing import Refusal
+from fleet.services import Services
 from fleet.validation import refusal
 from nodes import audit
 from nodes.context import Context, council_of, services_for
 from nodes.progress import report, votes
 from nodes.state import State, request_of
+
+
+def _priced(request: GPURequest, svc: Services) -> Priced:
+    """The route the request would take now, which the cost member judges; where routing
+    refuses it (the route node then says why), the cheapest type that does the work."""
+    route = svc.route(request)
+    return (
+        cheapest(request, svc.config)
+        if isinstance(route, Refusal)
+        else routed(route, request.count)
+    )
 
 
 def council(state: State, runtime: Runtime[Context]) -> State:
@@ -23,17 +36,19 @@ def council(state: State, runtime: Runtime[Context]) -> State:
     if refused:  # the budget changed since validate: the rules decide, not the council
         audit.denial(svc, state, request, "rules", refused)
         return {"status": Status.DENIED, "reason": refused}
-    worst = worst_case_usd(request, svc.config)
+    priced = _priced(request, svc)
+    worst = priced.cost_usd
     critical = is_critical(request)
     if small(request.count, worst, cost_pressure(worst, remaining), critical, settings):
         decision = auto_approval(request.count, worst, settings)  # no record needed
         report(runtime, "council", f"council: {decision.summary}")
-        return {"council": decision}
+        return {"council": decision.model_copy(update={"priced": priced})}
     now = svc.clock.now()
     stats = svc.ledger.project_stats(request.project, now, settings.history_events)
     held = svc.ledger.held_by_type()
-    features = build_features(request, svc.config, stats, held, now, remaining)
+    features = build_features(request, svc.config, stats, held, now, remaining, priced)
     decision = convene(council_of(svc), features, critical, settings)
+    decision = decision.model_copy(update={"priced": priced})
     report(
         runtime,
         "council",

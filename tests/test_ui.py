@@ -444,8 +444,10 @@ def test_after_a_decision_the_page_says_who_and_why(site: dict[str, Any]) -> Non
 
 
 def test_the_cost_the_council_judged_and_the_route_explained(site: dict[str, Any]) -> None:
-    """The council prices the cheapest type that does the work (H100 here: twice as fast, so
-    cheaper per unit of work); with both H100s held, the route would place A100s."""
+    """The council prices the route the request would take when it votes: with both H100s
+    held (twice as fast, so cheaper per unit of work), A100s, the same figure as the route
+    now; its cost member's reason names that price (it once judged $64.00 on the H100s
+    beside the route's $81.92)."""
     orch: Orchestrator = site["orch"]
     alice = orch.acting_as(ALICE)
     held = alice.request(
@@ -465,14 +467,17 @@ def test_the_cost_the_council_judged_and_the_route_explained(site: dict[str, Any
         {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 8},
         thread_id="cheap",
     )
-    assert asked.status is Status.PENDING_REVIEW
+    assert asked.status is Status.PENDING_REVIEW and asked.council is not None
+    priced = asked.council.priced
+    assert priced is not None and (priced.gpu_type, priced.cost_usd) == ("A100", 81.92)
+    cost = next(v for v in asked.council.votes if v.member == "cost")
+    assert any("(2 x A100 at $5.12/GPU-h for 8.00 h)" in r.text for r in cost.reasons), cost
     page = login(site, "dave").get("/reviews/cheap").text
     text = re.sub(r"<[^>]+>", "", page)
     assert (
-        "The council judged the cost at its worst case on the cheapest type that does "
-        "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
-        "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
-        "$5.12/GPU-h for 8 h: $81.92."
+        "The council judged the cost at its worst case on the route it would take when it "
+        "voted (2 x A100 for 8 h: $81.92); routed now, the same type has the GPUs free "
+        "now: A100 at $5.12/GPU-h for 8 h: $81.92. The same figure."
     ) in text, text
     assert "The council judged" in page and "If approved now" in page
     # a request that names its type: the same figure, said so

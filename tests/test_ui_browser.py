@@ -275,10 +275,9 @@ def test_the_cost_explained_and_a_members_view(site: dict[str, Any]) -> None:
         dave.get(site["url"] + "/reviews/cheap")
         page = text(dave)
         assert (
-            "The council judged the cost at its worst case on the cheapest type that does "
-            "the work (2 x H100 for 4 h, 8 h of work at A100 speed: $64.00); routed now, "
-            "H100 has no 2 GPUs free, so it takes the cheapest type free now: A100 at "
-            "$5.12/GPU-h for 8 h: $81.92."
+            "The council judged the cost at its worst case on the route it would take when it "
+            "voted (2 x A100 for 8 h: $81.92); routed now, the same type has the GPUs free "
+            "now: A100 at $5.12/GPU-h for 8 h: $81.92. The same figure."
         ) in page, page
         assert "Asked by alice" in page and "waiting for" in page
         shot(dave, "8-review-cost-explained")
