@@ -21,7 +21,6 @@ request), on the test slice:
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from council.dataset import (
     time_split,
 )
 from council.features import RequestFeatures
-from council.outcomes import FIGURES, band, banded, figures
+from council.outcomes import BAND_CEILING, BAND_FLOOR, FIGURES, band, banded, figures
 from fleet.config import CouncilSettings, FleetConfig
 from fleet.models import CouncilDecision, CouncilOutcome
 
@@ -100,7 +99,7 @@ def outcome_logistic(
 
     (ran, weight), (val_ran, val_weight) = observed(train), observed(val)
     if not ran or not test:  # nothing to learn from: every request to a human
-        return [banded(0.5, -math.inf, math.inf, "outcome-logistic") for _ in test]
+        return [banded(0.5, BAND_FLOOR, BAND_CEILING, "outcome-logistic") for _ in test]
     xs = [summary_features(Split.of(part)) for part in (ran, val_ran, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
     xs = [(x - mu) / sd for x in xs]

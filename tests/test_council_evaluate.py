@@ -13,11 +13,12 @@ import pytest
 from council.dataset import Sample, World, synthetic_jobs, time_split
 from council.evaluate import EvalSettings, approve_all, evaluate, fixed, outcome_logistic, world
 from council.neural_council import NeuralCouncil
-from council.outcomes import FIGURES, auc, band, ece, figures
+from council.outcomes import BAND_CEILING, BAND_FLOOR, FIGURES, auc, band, banded, ece, figures
 from council.rules import ReferenceCouncil
 from council.train import OUTCOME_MEMBERS, WEIGHTS_FILE, TrainSettings, train
+from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
-from fleet.models import CouncilDecision, CouncilOutcome
+from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
 from tests.conftest import run_cli
 from tests.test_council_cfc import features
 
@@ -129,8 +130,43 @@ def test_a_learned_band_meets_its_goals_on_the_slice_it_was_chosen_on() -> None:
     assert approved and sum(approved) / len(approved) <= 0.05
     denied_good = sum(x <= deny and not w for x, w in zip(p, waste, strict=True))
     assert denied_good / len(p) <= 0.005
-    assert band([0.9, 0.8], [False, False]) == (-math.inf, 0.8)  # all good: approve all
-    assert band([0.9, 0.8], [True, True]) == (0.9, math.inf)  # all wasteful: deny all
+    assert band([0.9, 0.8], [False, False]) == (BAND_FLOOR, 0.8)  # all good: approve all
+    assert band([0.9, 0.8], [True, True]) == (0.9, BAND_CEILING)  # all wasteful: deny all
+
+
+@pytest.mark.parametrize(
+    ("p", "waste"),
+    [
+        ([], []),
+        ([0.9, 0.8], [True, True]),  # no threshold meets the approval goal
+        ([0.9, 0.8], [False, False]),  # none needs to deny
+        ([0.5, 0.5, 0.5], [False, True, False]),  # one tie throughout
+        ([0.0, 1.0, 1e-9, 1 - 1e-9], [True, False, True, False]),  # beyond the edges
+        ([0.3, 0.6, 0.6, 0.9], [True, False, False, False]),  # the goals overlap
+    ],
+)
+def test_a_band_is_always_finite_and_one_the_fleet_file_accepts(
+    p: list[float], waste: list[bool]
+) -> None:
+    """ "Approve nothing" and "deny nothing" are the edges CouncilSettings accepts
+    (0 < deny < approve < 1), never infinities: the band goes into JSON and weights files."""
+    deny, approve = band(p, waste, [2.0] * len(p))
+    assert BAND_FLOOR <= deny < approve <= BAND_CEILING
+    CouncilSettings(deny_threshold=deny, approve_threshold=approve)
+    json.dumps([deny, approve], allow_nan=False)
+
+
+@pytest.mark.parametrize(("deny", "approve"), [(0.3, 0.7), (0.5, 0.5), (0.5, 0.4)])
+def test_banded_decides_in_the_order_the_council_does(deny: float, approve: float) -> None:
+    """Denied at or below `deny` first, then approved at or above `approve`, as
+    council.voting.combine does, ties included."""
+    settings = CouncilSettings().model_copy(
+        update={"deny_threshold": deny, "approve_threshold": approve}
+    )
+    for p in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        vote = MemberVote(member="a", verdict=Verdict.APPROVE, probability=p, weight=1.0)
+        expected = combine([vote], settings, "test").outcome
+        assert banded(p, deny, approve, "test").outcome is expected, (p, deny, approve)
 
 
 def test_approve_all_is_a_decision_like_any_other() -> None:
