@@ -5,15 +5,15 @@ Two targets. `reference` (the shipped weights): each member learns its part of t
 rules, the generalists the whole rules; worlds are split whole into train, validation and
 test, so the test projects were never seen in training. `outcome`: every member learns
 whether a request that ran ended without waste (council.dataset: idle, cut by its budget or
-under 20 % utilisation), from the requests that ran only, as a real ledger would know them.
-The logging policy (the reference rules) runs a small seeded share of the requests it denies
-(`explore`), and each request that ran weighs 1 / the chance it had to run (inverse
-propensity), so what the rules deny is still learned. Each world is split by time: the first
-60 % trains, the next 10 % sets the temperature and the band (council.evaluate.band: approve
-where at most 5 % of the approved end wasteful), the last 30 % is the test. Members: risk
-and cost (their perspectives' inputs) and two generalists; fairness and capacity stay with
-placement, which enforces them. Every random draw is seeded: the same seed gives the same
-bytes.
+under 20 % utilisation), from the requests that ran and had ended by the end of their
+slice only, as a real ledger would know them then. The logging policy (the reference rules)
+runs a small seeded share of the requests it denies (`explore`), and each request that ran
+weighs 1 / the chance it had to run (inverse propensity), so what the rules deny is still
+learned. Each world is split by time: the first 60 % trains, the next 10 % sets the
+temperature and the band (council.outcomes.band: approve where at most 5 % of the approved
+end wasteful), the last 30 % is the test. Members: risk and cost (their perspectives'
+inputs) and two generalists; fairness and capacity stay with placement, which enforces
+them. Every random draw is seeded: the same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from council import outcomes
-from council.dataset import EXPLORE, TARGETS, Sample, replay, synthetic_jobs, time_split
+from council.dataset import (
+    EXPLORE,
+    TARGETS,
+    Sample,
+    cuts,
+    replay,
+    synthetic_jobs,
+    time_split,
+)
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
@@ -69,16 +77,20 @@ class Split:
     samples: list[Sample]
     enc: Encoded[Tensor]
     targets: Tensor  # (N, len(TARGETS))
-    wasted: Tensor  # (N,) 0/1, NaN where the job did not run
+    wasted: Tensor  # (N,) 0/1, NaN where no outcome is known (not run, or not ended yet)
     propensity: Tensor  # (N,) the chance the logging policy ran it
 
     @staticmethod
-    def of(samples: list[Sample]) -> Split:
+    def of(samples: list[Sample], cuts: Sequence[float] | None = None) -> Split:
+        """`cuts`: per request, when its slice ends; an outcome not known by then (the job
+        was still running: Sample.outcome_at) is none. None: every outcome is known."""
+        ends = [math.inf] * len(samples) if cuts is None else cuts
+        wasted = [s.outcome_at(cut) for s, cut in zip(samples, ends, strict=True)]
         return Split(
             samples,
             encode([s.features for s in samples]),
             torch.tensor([s.targets for s in samples]),
-            torch.tensor([math.nan if s.wasted is None else s.wasted for s in samples]),
+            torch.tensor([math.nan if w is None else w for w in wasted]),
             torch.tensor([s.propensity for s in samples]),
         )
 
@@ -93,14 +105,15 @@ class Split:
         )
 
     @property
-    def ran(self) -> Tensor:
-        """Which requests ran: those with an outcome."""
+    def known(self) -> Tensor:
+        """Which requests have a known outcome: they ran and ended by their slice's end."""
         return ~torch.isnan(self.wasted)
 
     @property
     def ipw(self) -> Tensor:
-        """Inverse propensity weights: 1 / the chance to run, for those that ran; else 0."""
-        return torch.where(self.ran, 1.0 / self.propensity, torch.zeros_like(self.propensity))
+        """Inverse propensity weights: 1 / the chance to run, where the outcome is known;
+        else 0."""
+        return torch.where(self.known, 1.0 / self.propensity, torch.zeros_like(self.propensity))
 
     @property
     def y(self) -> Tensor:
@@ -124,14 +137,22 @@ def target_columns(spec: NetSpec) -> list[int]:
 
 
 def outcome_datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split]:
-    """Every world with exploration, each split by time (council.dataset.time_split)."""
+    """Every world with exploration, each split by time (council.dataset.time_split). In
+    the training and threshold slices an outcome counts only if it was known at the slice's
+    end; the test slice's figures read every request's outcome (council.outcomes.figures)."""
     parts: tuple[list[Sample], list[Sample], list[Sample]] = ([], [], [])
+    ends: tuple[list[float], list[float], list[float]] = ([], [], [])
     for w in range(s.worlds):
         jobs = synthetic_jobs(s.seed * 1000 + w, s.world_days, s.world_projects)
         samples = replay([(w, jobs)], config, s.seed, s.explore)
-        for part, got in zip(parts, time_split(samples), strict=True):
+        if not samples:
+            continue
+        for part, end, got, cut in zip(
+            parts, ends, time_split(samples), (*cuts(samples), math.inf), strict=True
+        ):
             part.extend(got)
-    train, val, test = (Split.of(p) for p in parts)
+            end.extend([cut] * len(got))
+    train, val, test = (Split.of(p, e) for p, e in zip(parts, ends, strict=True))
     return train, val, test
 
 
@@ -173,7 +194,7 @@ def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], Non
     outcomes. Target `outcome`: BCE to "ended without waste" on the requests that ran, each
     weighed by its inverse propensity."""
     if s.target == "outcome":
-        data = data.take(torch.nonzero(data.ran).squeeze(1))
+        data = data.take(torch.nonzero(data.known).squeeze(1))
     gen = torch.Generator().manual_seed(s.seed + 7)
     cols = target_columns(net.spec)
     n, m = len(data.enc), len(cols)
@@ -229,9 +250,9 @@ def fit_temperature(p: Tensor, y: Tensor, weight: Tensor | None = None) -> float
 
 
 def calibrate_on_outcomes(council: NeuralCouncil, val: Split) -> None:
-    """Temperature and band from the threshold slice's requests that ran, each weighed by its
-    inverse propensity, as a real ledger would allow (council.evaluate.band)."""
-    ran = val.take(torch.nonzero(val.ran).squeeze(1))
+    """Temperature and band from the threshold slice's requests with a known outcome, each
+    weighed by its inverse propensity, as a real ledger would allow (council.outcomes.band)."""
+    ran = val.take(torch.nonzero(val.known).squeeze(1))
     good = 1.0 - ran.wasted
     p = council.council_probability(member_probs(council.net, ran.enc)).float()
     council.temperature = fit_temperature(p, good, ran.ipw)

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from council.dataset import Sample, World, synthetic_jobs, time_split
+from council.dataset import Sample, World, cuts, replay, synthetic_jobs, time_split
 from council.evaluate import EvalSettings, approve_all, evaluate, fixed, outcome_logistic, world
 from council.neural_council import NeuralCouncil
 from council.outcomes import BAND_CEILING, BAND_FLOOR, FIGURES, auc, band, banded, ece, figures
 from council.rules import ReferenceCouncil
-from council.train import OUTCOME_MEMBERS, WEIGHTS_FILE, TrainSettings, train
+from council.train import (
+    OUTCOME_MEMBERS,
+    WEIGHTS_FILE,
+    TrainSettings,
+    outcome_datasets,
+    train,
+)
 from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
 from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
@@ -257,3 +263,18 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     assert council.decide(f, lenient).outcome is not CouncilOutcome.DENIED
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "trained on outcomes" in card and "1 / the chance it had to run" in card
+
+
+def test_training_on_outcomes_masks_those_not_known_at_the_slice_end() -> None:
+    """`council train --target outcome`: in the training and threshold slices, an outcome
+    counts only where the job had ended by the slice's end; the test slice keeps all."""
+    s = TrainSettings(worlds=1, world_days=20, world_projects=8, target="outcome")
+    config = load_fleet(None)
+    train_split, val_split, test_split = outcome_datasets(s, config)
+    samples = replay([(0, synthetic_jobs(0, 20, 8))], config, 0, s.explore)
+    train_end, val_end = cuts(samples)
+    for split, cut in ((train_split, train_end), (val_split, val_end), (test_split, math.inf)):
+        expected = [x.outcome_at(cut) is not None for x in split.samples]
+        assert split.known.tolist() == expected
+    ran = sum(x.wasted is not None for x in train_split.samples)
+    assert int(train_split.known.sum()) < ran  # some ended after the cut
