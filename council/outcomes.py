@@ -83,6 +83,13 @@ def figures(
     }
 
 
+def ess(weight: Sequence[float]) -> float | None:
+    """Kish's effective sample size, (sum w)^2 / sum w^2: how many equally weighted requests
+    `weight` is worth; None where there is none."""
+    square = sum(w * w for w in weight)
+    return sum(weight) ** 2 / square if square else None
+
+
 def band(
     p: Sequence[float], waste: Sequence[bool], weight: Sequence[float] | None = None
 ) -> tuple[float, float]:

@@ -10,10 +10,30 @@ from pathlib import Path
 
 import pytest
 
-from council.dataset import Sample, World, cuts, replay, synthetic_jobs, time_split
-from council.evaluate import EvalSettings, approve_all, evaluate, fixed, outcome_logistic, world
+from council.dataset import Sample, World, cuts, known, replay, synthetic_jobs, time_split
+from council.evaluate import (
+    EvalSettings,
+    approve_all,
+    cell,
+    evaluate,
+    fixed,
+    outcome_logistic,
+    report,
+    spread,
+    world,
+)
 from council.neural_council import NeuralCouncil
-from council.outcomes import BAND_CEILING, BAND_FLOOR, FIGURES, auc, band, banded, ece, figures
+from council.outcomes import (
+    BAND_CEILING,
+    BAND_FLOOR,
+    FIGURES,
+    auc,
+    band,
+    banded,
+    ece,
+    ess,
+    figures,
+)
 from council.rules import ReferenceCouncil
 from council.train import (
     OUTCOME_MEMBERS,
@@ -24,6 +44,7 @@ from council.train import (
 )
 from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
+from fleet.errors import InvalidInput
 from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
 from tests.conftest import run_cli
 from tests.test_council_cfc import features
@@ -265,6 +286,55 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     assert "trained on outcomes" in card and "1 / the chance it had to run" in card
 
 
+def test_the_effective_sample_size_is_kish_s() -> None:
+    assert ess([1.0, 1.0, 1.0, 1.0]) == pytest.approx(4.0)
+    assert ess([1.0, 3.0]) == pytest.approx(16 / 10)  # one heavy weight: less than two
+    assert ess([20.0]) == pytest.approx(1.0)
+    assert ess([]) is None
+
+
+def test_evaluate_says_what_each_slice_offers_to_learn_from() -> None:
+    """Per seed and slice: voted requests, those that ran, those known by the slice's end,
+    the explored among them and the effective sample size of their weights; in the JSON
+    and in the text."""
+    got = evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), SMALL)
+    slices = got["slices"]
+    assert isinstance(slices, list) and [s["seed"] for s in slices] == [0, 1]
+    for entry in slices:
+        for part in ("train", "validation", "test"):
+            s = entry[part]
+            assert set(s) == {"requests", "ran", "known", "explored", "ess"}
+            assert s["requests"] >= s["ran"] >= s["known"] >= s["explored"] >= 0
+            assert s["ess"] is not None and 0 < s["ess"] <= s["known"]
+    text = report(got)
+    assert "explored" in text and "ess" in text
+    assert f"0      train       {slices[0]['train']['requests']}" in text
+
+
+def test_a_learner_sees_only_the_outcomes_known_when_its_slice_ends() -> None:
+    """A job that ran in the training slice but ended after the slice's end has an outcome
+    nobody knew at the cut: evaluate's learners never see it (world 0 of SMALL has one)."""
+    config = load_fleet(None)
+    samples = world(0, SMALL, config)
+    train, val, _ = time_split(samples)
+    train_end, val_end = cuts(samples)
+    late = [s for s in train if s.wasted is not None and s.outcome_at(train_end) is None]
+    assert late and all(s.ended_at is not None and s.ended_at > train_end for s in late)
+    assert late[0].outcome_at(math.inf) == late[0].wasted
+    seen: list[list[Sample]] = []
+
+    def spy(
+        train: list[Sample], val: list[Sample], test: list[Sample], settings: CouncilSettings
+    ) -> list[CouncilDecision]:
+        seen.extend((train, val))
+        return [approve_all(s.features, settings) for s in test]
+
+    evaluate({"spy": spy}, config, EvalSettings(seeds=(0,), days=20, projects=8))
+    assert seen[0] == known(train, train_end) and seen[1] == known(val, val_end)
+    assert not any(s in seen[0] for s in late)
+    assert all(s.ended_at is not None and s.ended_at <= train_end for s in seen[0])
+
+
 def test_training_on_outcomes_masks_those_not_known_at_the_slice_end() -> None:
     """`council train --target outcome`: in the training and threshold slices, an outcome
     counts only where the job had ended by the slice's end; the test slice keeps all."""
@@ -278,3 +348,25 @@ def test_training_on_outcomes_masks_those_not_known_at_the_slice_end() -> None:
         assert split.known.tolist() == expected
     ran = sum(x.wasted is not None for x in train_split.samples)
     assert int(train_split.known.sum()) < ran  # some ended after the cut
+
+
+def test_means_over_seeds_say_how_many_seeds_they_rest_on() -> None:
+    assert spread([None, 0.5]) == {"mean": 0.5, "sd": None, "n": 1}
+    got = spread([0.2, None, 0.4])
+    assert got["mean"] == pytest.approx(0.3) and got["n"] == 2
+    assert got["sd"] == pytest.approx(math.sqrt(0.02))
+    assert spread([None, None]) == {"mean": None, "sd": None, "n": 0}
+    family = {"waste_auc_mean": 0.7, "waste_auc_sd": None, "waste_auc_n": 1}
+    assert cell(family, "waste_auc", 3) == "0.700 (n=1)"
+    result = evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), SMALL)
+    families = result["families"]
+    assert isinstance(families, dict)
+    assert families["approve-all"]["waste_auc_n"] == 2
+
+
+def test_a_world_with_an_empty_slice_is_refused() -> None:
+    """Too short a span or too few projects to put a voted request in every slice: a clear
+    error, not empty figures (world 7 of 7 days and 2 projects has no threshold slice)."""
+    tiny = EvalSettings(seeds=(7,), days=7, projects=2)
+    with pytest.raises(InvalidInput, match="no voted request in its threshold slice"):
+        evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), tiny)
