@@ -54,6 +54,7 @@ Target = Literal["reference", "outcome"]
 PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "risk": "risk"}
 COUNCIL_TARGET = TARGETS.index("council")
 WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
+TEMPERATURE_LOG10 = (-6.5, 6.0)  # the widest search of fit_temperature, in log10 t
 
 
 @dataclass(frozen=True)
@@ -241,12 +242,34 @@ def member_probs(net: CouncilNet, enc: Encoded[Tensor], chunk: int = 2048) -> Te
     )
 
 
+def log_loss(z: Tensor, y: Tensor, weight: Tensor | None, temperatures: Tensor) -> Tensor:
+    """The (weighted) mean log loss of logits `z` at each temperature, as one batch."""
+    loss = F.binary_cross_entropy_with_logits(
+        z / temperatures[:, None], y.expand(len(temperatures), -1), reduction="none"
+    )
+    return (loss if weight is None else loss * weight).mean(1)
+
+
 def fit_temperature(p: Tensor, y: Tensor, weight: Tensor | None = None) -> float:
-    """The temperature that minimises log loss of the averaged probability on validation."""
+    """The temperature that minimises log loss of the averaged probability on validation.
+
+    A grid on log10 t in steps of 0.01, first over [-1.5, 1]; while its best point is at an
+    edge, the grid grows 2.5 decades that way (the loss is convex in 1/t, so an interior
+    best point is the optimum to the grid's step), up to TEMPERATURE_LOG10. There the limit
+    is reached to five decimals: with p clamped to [1e-6, 1 - 1e-6], t = 1e6 makes every
+    probability 0.5 and t = 10^-6.5 makes each 0 or 1 by the sign of its logit."""
     z = torch.logit(p.clamp(1e-6, 1 - 1e-6))
-    grid = torch.logspace(-1.5, 1.0, 251)
-    nll = torch.stack([F.binary_cross_entropy_with_logits(z / t, y, weight) for t in grid])
-    return float(grid[int(nll.argmin())])
+    lo, hi = -1.5, 1.0
+    while True:
+        grid = torch.logspace(lo, hi, round((hi - lo) * 100) + 1)
+        nll = torch.cat([log_loss(z, y, weight, part) for part in torch.split(grid, 64)])
+        best = int(nll.argmin())
+        if best == 0 and lo > TEMPERATURE_LOG10[0]:
+            lo -= 2.5
+        elif best == len(grid) - 1 and hi < TEMPERATURE_LOG10[1]:
+            hi += 2.5
+        else:
+            return float(grid[best])
 
 
 def calibrate_on_outcomes(council: NeuralCouncil, val: Split) -> None:
