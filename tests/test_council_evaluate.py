@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +47,8 @@ from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
 from fleet.errors import InvalidInput
 from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
+from graph.cli import main
+from graph.cli_offline import writable_dir
 from tests.conftest import run_cli
 from tests.test_council_cfc import features
 
@@ -370,3 +373,69 @@ def test_a_world_with_an_empty_slice_is_refused() -> None:
     tiny = EvalSettings(seeds=(7,), days=7, projects=2)
     with pytest.raises(InvalidInput, match="no voted request in its threshold slice"):
         evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), tiny)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--explore", "0.1"),  # the reference target runs nothing the rules deny
+        ("--target", "outcome", "--explore", "0.6"),
+        ("--target", "outcome", "--explore", "0"),
+        ("--target", "outcome", "--explore", "-0.05"),
+        ("--target", "outcome", "--explore", "nan"),
+    ],
+)
+def test_train_refuses_an_explore_share_it_cannot_use(
+    args: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--explore: with --target outcome only, above 0 and at most 0.5; one line, a JSON
+    error with --json, nothing written."""
+    code = main(["council", "train", "--out", str(tmp_path / "w"), *args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "--explore" in err, err
+    assert "--explore" in json.loads(out)["error"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_train_refuses_an_out_it_cannot_write_before_it_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --out that is a file, or lies under one, is refused in one line before any
+    training starts; the file is left as it was."""
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("council.train.train", never)
+    file = tmp_path / "file"
+    file.write_text("kept")
+    for out in (file, file / "sub"):
+        code = main(["council", "train", "--out", str(out), "--target", "outcome"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "is a file" in err, err
+    assert file.read_text() == "kept"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_train_refuses_an_out_in_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(InvalidInput, match="cannot write in"):
+        writable_dir(locked / "w", "--out")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--days", "1e-9"), "--days must be from 7"),
+        (("--days", "6.9"), "--days must be from 7"),
+        (("--days", "7", "--projects", "2", "--seeds", "7"), "no voted request"),
+    ],
+)
+def test_evaluate_refuses_a_span_too_short_for_its_slices(
+    args: tuple[str, ...], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Too short a world is one line and a non-zero exit, never empty figures."""
+    code = main(["council", "evaluate", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err, err
