@@ -298,8 +298,10 @@ def ece(p: Tensor, y: Tensor, bins: int = 10) -> float:
     return outcomes.ece(p.tolist(), y.tolist(), bins)
 
 
-def auc(score: Tensor, y: Tensor) -> float:
-    return outcomes.auc(score.tolist(), (y == 1).tolist())
+def auc(score: Tensor, y: Tensor) -> float | None:
+    """council.outcomes.auc; None where one class is missing (nothing to rank)."""
+    got = outcomes.auc(score.tolist(), (y == 1).tolist())
+    return None if math.isnan(got) else got
 
 
 def escalation(

@@ -110,7 +110,8 @@ def cmd_council(args: argparse.Namespace) -> int:
     t = metrics["test"]
     assert isinstance(t, dict)
     quality = (
-        f"test waste AUC {t['waste_auc']:.3f}, {t['human_share']:.1%} to a human"
+        f"test waste AUC {'-' if t['waste_auc'] is None else format(t['waste_auc'], '.3f')}, "
+        f"{t['human_share']:.1%} to a human"
         if args.target == "outcome"
         else f"test accuracy {t['accuracy']:.4f}"
     )

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from council.dataset import Sample, World, cuts, known, replay, synthetic_jobs, time_split
 from council.evaluate import (
@@ -43,6 +44,7 @@ from council.train import (
     outcome_datasets,
     train,
 )
+from council.train import auc as train_auc
 from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
 from fleet.errors import InvalidInput
@@ -263,7 +265,7 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     b = train(s, config, tmp_path / "b", log=lambda _: None)
     for timings in (a, b):
         del timings["seconds"], timings["council_seconds"]
-    assert a == json.loads(json.dumps(b))
+    assert a == json.loads(json.dumps(b, allow_nan=False))  # no NaN, no Infinity
     council = NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)
     assert council.members == OUTCOME_MEMBERS and council.band is not None
     test = a["test"]
@@ -287,6 +289,12 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     assert council.decide(f, lenient).outcome is not CouncilOutcome.DENIED
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "trained on outcomes" in card and "1 / the chance it had to run" in card
+
+
+def test_an_auc_with_nothing_to_rank_is_none_not_nan() -> None:
+    """Training's metrics go into JSON: a test slice of one class has no AUC (None)."""
+    assert train_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 1.0])) is None
+    assert train_auc(torch.tensor([0.1, 0.2]), torch.tensor([0.0, 1.0])) == 1.0
 
 
 def test_the_effective_sample_size_is_kish_s() -> None:
