@@ -9,6 +9,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _auc(x: float | None) -> str:
+    return "- (one class only)" if x is None else f"{x:.3f}"
+
+
 def model_card(m: dict[str, Any]) -> str:
     if m["settings"].get("target") == "outcome":
         return outcome_card(m)
@@ -62,7 +66,7 @@ def model_card(m: dict[str, Any]) -> str:
         f"| split votes sent to a human | {esc['escalated']} ({_pct(esc['escalated_share'])}) |",
         f"| errors left after escalation | {esc['errors_after_escalation']} "
         f"({_pct(esc['errors_removed_share'])} removed) |",
-        f"| AUC of the auxiliary waste prediction | {t['waste_auc']:.3f} |",
+        f"| AUC of the auxiliary waste prediction | {_auc(t['waste_auc'])} |",
         "",
         "| member | accuracy against the council's reference | against its own rule |",
         "| --- | --- | --- |",
@@ -151,7 +155,7 @@ def outcome_card(m: dict[str, Any]) -> str:
             "",
             "| metric | value |",
             "| --- | --- |",
-            f"| AUC of 1 - p(approve) for a wasteful outcome | {t['waste_auc']:.3f} |",
+            f"| AUC of 1 - p(approve) for a wasteful outcome | {_auc(t['waste_auc'])} |",
             f"| expected calibration error against the outcome | {t['ece']:.4f} |",
             f"| band: denied at p <= {deny:.3f}, approved at p >= {approve:.3f} | |",
             f"| approved requests that ended wasteful | {_pct(t['auto_approved_waste_rate'])} |"

@@ -77,6 +77,13 @@ class Sample:
     # the chance of a wasteful job from the project's habits at the time alone, which no model
     # sees (council.evaluate's habits heuristic, "oracle")
     habit_waste: float = math.nan
+    # when the job that ran ended, and its outcome became known; None where it did not run
+    ended_at: float | None = None
+
+    def outcome_at(self, cut: float) -> float | None:
+        """`wasted` as a ledger knows it at time `cut`: None until the job has run and
+        ended (a job still running at the cut has an outcome nobody knows yet)."""
+        return self.wasted if self.ended_at is not None and self.ended_at <= cut else None
 
 
 def _habits(rng: random.Random) -> Habits:
@@ -291,7 +298,7 @@ class World:
                 self.explore
             )
             propensity = self.explore
-        wasted = self._run(job, request, habits, now) if runs else None
+        wasted, ended_at = self._run(job, request, habits, now) if runs else (None, None)
         if not voted:
             return None
         would = wasted
@@ -300,11 +307,21 @@ class World:
             would = self._outcome(job, request, habits, now, rng)[4]
         habit_waste = 1 - (1 - habits.hoard) * (1 - habits.bursty) * (1 - habits.overrun)
         return Sample(
-            features, (*targets, council_p), wasted, self.world, would, propensity, habit_waste
+            features,
+            (*targets, council_p),
+            wasted,
+            self.world,
+            would,
+            propensity,
+            habit_waste,
+            ended_at,
         )
 
-    def _run(self, job: Job, request: GPURequest, habits: Habits, now: float) -> float:
-        """Runs the job on the simulated fleet under the monitor; records its history."""
+    def _run(
+        self, job: Job, request: GPURequest, habits: Habits, now: float
+    ) -> tuple[float, float]:
+        """Runs the job on the simulated fleet under the monitor; records its history.
+        Whether it was wasted, and when it ended."""
         record, gpu_type, hours, price, wasted = self._outcome(job, request, habits, now, self.rng)
         heapq.heappush(
             self.running,
@@ -318,7 +335,7 @@ class World:
                 self._period(now),
             ),
         )
-        return wasted
+        return wasted, record.ended_at
 
     def _outcome(
         self, job: Job, request: GPURequest, habits: Habits, now: float, rng: random.Random
@@ -396,16 +413,28 @@ def replay(
     return out
 
 
+def cuts(samples: Sequence[Sample]) -> tuple[float, float]:
+    """When the training and threshold slices end: 60 and 70 % of the span from the first
+    request judged to the last."""
+    start = min(s.features.now for s in samples)
+    span = max(s.features.now for s in samples) - start
+    return start + TRAIN * span, start + THRESHOLDS * span
+
+
 def time_split(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Training, threshold and test slices by when each request was judged: 60/10/30 % of the
     span from the first to the last."""
     if not samples:
         return [], [], []
-    start = min(s.features.now for s in samples)
-    span = max(s.features.now for s in samples) - start
-    a, b = start + TRAIN * span, start + THRESHOLDS * span
+    a, b = cuts(samples)
     return (
         [s for s in samples if s.features.now < a],
         [s for s in samples if a <= s.features.now < b],
         [s for s in samples if s.features.now >= b],
     )
+
+
+def known(samples: Sequence[Sample], cut: float) -> list[Sample]:
+    """What a real ledger knows of `samples` at time `cut`: the requests that ran and ended
+    by then (Sample.outcome_at)."""
+    return [s for s in samples if s.outcome_at(cut) is not None]

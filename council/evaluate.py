@@ -7,7 +7,8 @@ Its voted requests are split by time, never at random: the first 60 % of the wor
 for training, the next 10 % for choosing thresholds, and the figures come from the last 30 %.
 A request's outcome is whether it would end wasteful (released for idling, cut by its budget,
 or under 20 % utilisation: council.dataset.WASTE_UTIL_PCT), known here for denied requests
-too because the world is simulated; a real ledger knows it only for those that ran.
+too because the world is simulated; a real ledger knows it only for those that ran, and
+only once they ended: what a policy learns from a slice is what was known at its end.
 
 Per policy (the councils of weights files, the reference rules, a logistic regression that
 learns from outcomes, a heuristic that reads the projects' true habits, and approving every
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from council.dataset import (
@@ -33,19 +34,24 @@ from council.dataset import (
     TRAIN,
     Sample,
     World,
+    cuts,
+    known,
     synthetic_jobs,
     time_split,
 )
 from council.features import RequestFeatures
-from council.outcomes import FIGURES, band, banded, figures
+from council.outcomes import BAND_CEILING, BAND_FLOOR, FIGURES, band, banded, ess, figures
 from fleet.config import CouncilSettings, FleetConfig
+from fleet.errors import InvalidInput
 from fleet.models import CouncilDecision, CouncilOutcome
 
 WORLD_OFFSET = 900_000  # evaluation worlds' seeds: far from training's seed * 1000 + world
+SLICE_COLUMNS = ("requests", "ran", "known", "explored", "ess")  # learned_from's
 
 
 Decide = Callable[[RequestFeatures, CouncilSettings], CouncilDecision]
-# decisions on the test slice, given the training and threshold slices before it
+# decisions on the test slice, given what a ledger knows of the training and threshold slices
+# at their ends (council.dataset.known: the requests that ran and had ended by then)
 Policy = Callable[
     [list[Sample], list[Sample], list[Sample], CouncilSettings], list[CouncilDecision]
 ]
@@ -58,6 +64,17 @@ class EvalSettings:
     projects: int = 24
 
 
+@dataclass(frozen=True)
+class Slices:
+    """A world's voted requests split by time, and when the first two slices end."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    train_end: float
+    val_end: float
+
+
 def world(seed: int, settings: EvalSettings, config: FleetConfig) -> list[Sample]:
     """The voted requests of evaluation world `seed`, in time order, with the exploration
     that lets a model learn from outcomes where the rules deny (council.dataset.EXPLORE)."""
@@ -66,12 +83,26 @@ def world(seed: int, settings: EvalSettings, config: FleetConfig) -> list[Sample
     return World(jobs, config, w, w, EXPLORE).run()
 
 
-def observed(samples: list[Sample]) -> tuple[list[Sample], list[float]]:
-    """What a real ledger knows of `samples`: those that ran, each with its inverse
-    propensity weight. The slices a policy learns from are read only through this; the
-    outcomes of requests that did not run are for the test figures alone."""
-    ran = [s for s in samples if s.wasted is not None]
-    return ran, [1.0 / s.propensity for s in ran]
+def ipw(samples: list[Sample]) -> list[float]:
+    """Each request's inverse propensity weight: 1 / the chance it had to run."""
+    return [1.0 / s.propensity for s in samples]
+
+
+def learned_from(samples: list[Sample], cut: float) -> dict[str, int | float | None]:
+    """What a slice ending at `cut` offers to learn from: its voted requests, those that
+    ran, those of them known by the cut (ended; the rest are still running), how many of
+    these the rules denied and exploration ran, and the Kish effective sample size of their
+    inverse propensity weights (council.outcomes.ess), which the band rests on."""
+    ran = sum(s.wasted is not None for s in samples)
+    seen = known(samples, cut)
+    size = ess(ipw(seen))
+    return {
+        "requests": len(samples),
+        "ran": ran,
+        "known": len(seen),
+        "explored": sum(s.propensity < 1 for s in seen),
+        "ess": None if size is None else round(size, 1),
+    }
 
 
 def fixed(decide: Decide) -> Policy:
@@ -89,23 +120,22 @@ def outcome_logistic(
     train: list[Sample], val: list[Sample], test: list[Sample], settings: CouncilSettings
 ) -> list[CouncilDecision]:
     """A logistic regression on the summary features (council.train.summary_features),
-    fitted to the outcomes of the training slice's requests that ran (inverse propensity
-    weighted, as `council train --target outcome` learns), its band chosen the same way on
-    the threshold slice: the simplest model that learns from what happened, which the
-    council must beat."""
+    fitted to the known outcomes of the training slice (inverse propensity weighted, as
+    `council train --target outcome` learns), its band chosen the same way on the threshold
+    slice: the simplest model that learns from what happened, which the council must
+    beat."""
     import torch
     import torch.nn.functional as F
 
     from council.train import Split, summary_features
 
-    (ran, weight), (val_ran, val_weight) = observed(train), observed(val)
-    if not ran or not test:  # nothing to learn from: every request to a human
-        return [banded(0.5, -math.inf, math.inf, "outcome-logistic") for _ in test]
-    xs = [summary_features(Split.of(part)) for part in (ran, val_ran, test)]
+    if not train or not test:  # nothing to learn from: every request to a human
+        return [banded(0.5, BAND_FLOOR, BAND_CEILING, "outcome-logistic") for _ in test]
+    xs = [summary_features(Split.of(part)) for part in (train, val, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
     xs = [(x - mu) / sd for x in xs]
-    good = torch.tensor([1.0 - float(s.wasted or 0.0) for s in ran])
-    w = torch.tensor(weight)
+    good = torch.tensor([1.0 - float(s.wasted or 0.0) for s in train])
+    w = torch.tensor(ipw(train))
     torch.manual_seed(0)
     lin = torch.nn.Linear(xs[0].shape[1], 1)
     opt = torch.optim.LBFGS(lin.parameters(), max_iter=200)
@@ -120,7 +150,7 @@ def outcome_logistic(
     opt.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         pv, pt = (torch.sigmoid(lin(x).squeeze(1)).tolist() for x in xs[1:])
-    deny, approve = band(pv, [s.wasted == 1.0 for s in val_ran], val_weight)
+    deny, approve = band(pv, [s.wasted == 1.0 for s in val], ipw(val))
     return [banded(x, deny, approve, "outcome-logistic") for x in pt]
 
 
@@ -132,8 +162,7 @@ def oracle(
     1 - (1-hoard)(1-bursty)(1-overrun): a reference point for how foreseeable waste is in
     these worlds, not a bound (it ignores the request itself). Its band is chosen like a
     learned model's."""
-    ran, weight = observed(val)
-    deny, approve = band([1 - s.habit_waste for s in ran], [s.wasted == 1.0 for s in ran], weight)
+    deny, approve = band([1 - s.habit_waste for s in val], [s.wasted == 1.0 for s in val], ipw(val))
     return [banded(1 - s.habit_waste, deny, approve, "oracle") for s in test]
 
 
@@ -149,6 +178,32 @@ def approve_all(features: RequestFeatures, settings: CouncilSettings) -> Council
     )
 
 
+def spread(values: list[float | None]) -> dict[str, float | int | None]:
+    """The mean, sample standard deviation and number of the values that are not None (a
+    seed with nothing to measure has None): the sd is None below two values, the mean below
+    one."""
+    got = [v for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(got) if got else None,
+        "sd": statistics.stdev(got) if len(got) > 1 else None,
+        "n": len(got),
+    }
+
+
+def split_world(seed: int, settings: EvalSettings, config: FleetConfig) -> Slices:
+    """World `seed`'s training, threshold and test slices and the ends of the first two;
+    refused where a slice holds no voted request (too short a span, too few projects)."""
+    samples = world(seed, settings, config)
+    parts = time_split(samples)
+    for name, part in zip(("training", "threshold", "test"), parts, strict=True):
+        if not part:
+            raise InvalidInput(
+                f"world {seed} has no voted request in its {name} slice: "
+                "give it more days or more projects"
+            )
+    return Slices(*parts, *cuts(samples))
+
+
 def evaluate(
     policies: dict[str, Policy],
     config: FleetConfig,
@@ -156,25 +211,32 @@ def evaluate(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, object]:
     """Every policy on the test slice of every seed's world; per policy the figures per seed,
-    their mean and standard deviation. The first policy's means are also the top-level
-    figures."""
+    their mean, standard deviation and the number of seeds with the figure (`_n`); per seed
+    what its slices offer to learn from (learned_from). The first policy's means are also
+    the top-level figures."""
     runs: dict[str, list[dict[str, float | None]]] = {name: [] for name in policies}
     slices = []
     for seed in settings.seeds:
-        train, val, test = time_split(world(seed, settings, config))
+        w = split_world(seed, settings, config)
         slices.append(
-            {"seed": seed, "train": len(train), "validation": len(val), "test": len(test)}
+            {
+                "seed": seed,
+                "train": learned_from(w.train, w.train_end),
+                "validation": learned_from(w.val, w.val_end),
+                "test": learned_from(w.test, math.inf),
+            }
         )
-        log(f"world {seed}: {len(train)} / {len(val)} / {len(test)} voted requests")
+        log(f"world {seed}: {len(w.train)} / {len(w.val)} / {len(w.test)} voted requests")
+        known_train, known_val = known(w.train, w.train_end), known(w.val, w.val_end)
         for name, policy in policies.items():
-            runs[name].append(figures(policy(train, val, test, config.council), test))
+            decisions = policy(known_train, known_val, w.test, config.council)
+            runs[name].append(figures(decisions, w.test))
     families = {}
     for name, per_seed in runs.items():
         family: dict[str, object] = {"per_seed": per_seed}
         for key in (*FIGURES, "waste_rate"):
-            values = [v for r in per_seed if (v := r[key]) is not None]
-            family[f"{key}_mean"] = statistics.fmean(values) if values else None
-            family[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            for part, value in spread([r[key] for r in per_seed]).items():
+                family[f"{key}_{part}"] = value
         families[name] = family
     first = families[next(iter(policies))]
     return {
@@ -192,29 +254,51 @@ def evaluate(
     }
 
 
+def table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def cell(family: Mapping[str, object], key: str, seeds: int) -> str:
+    """A figure's mean ± sd, the sd left out below two seeds, and how many seeds had the
+    figure where some had nothing to measure."""
+    mean, sd, n = family[f"{key}_mean"], family[f"{key}_sd"], family[f"{key}_n"]
+    if mean is None:
+        return "-"
+    text = f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
+    return text if n == seeds else f"{text} (n={n})"
+
+
 def report(result: dict[str, object]) -> str:
-    """The figures as a table: per policy, each figure's mean ± sd over the seeds."""
-    families = result["families"]
-    assert isinstance(families, dict)
-    head = ["policy", *FIGURES]
-    rows = [head]
-    for name, family in families.items():
-        cells = [name]
-        for key in FIGURES:
-            mean, sd = family[f"{key}_mean"], family[f"{key}_sd"]
-            cells.append("-" if mean is None else f"{mean:.3f} ± {sd:.3f}")
-        rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    seeds = result["seeds"]
-    first = next(iter(families.values()))
-    assert isinstance(seeds, list) and isinstance(first, dict)
-    rate = first["waste_rate_mean"]
+    """The figures as a table: per policy, each figure's mean ± sd over the seeds; then per
+    seed and slice what a learned policy had to learn from."""
+    families, seeds, slices = result["families"], result["seeds"], result["slices"]
+    assert isinstance(families, dict) and isinstance(seeds, list) and isinstance(slices, list)
+    rows = [["policy", *FIGURES]]
+    rows += [[name, *(cell(f, key, len(seeds)) for key in FIGURES)] for name, f in families.items()]
+    learned = [["world", "slice", *SLICE_COLUMNS]]
+    for entry in slices:
+        for part in ("train", "validation", "test"):
+            got = entry[part]
+            learned.append(
+                [
+                    str(entry["seed"]),
+                    part,
+                    *("-" if got[k] is None else str(got[k]) for k in SLICE_COLUMNS),
+                ]
+            )
+    rate = next(iter(families.values()))["waste_rate_mean"]
     return "\n".join(
         [
-            *lines,
+            *table(rows),
             f"on the last 30 % of {len(seeds)} world(s) (seeds {', '.join(map(str, seeds))}),"
             + ("" if rate is None else f" where {rate:.1%} of the voted requests end wasteful")
-            + "; mean ± sd over the seeds",
+            + "; mean ± sd over the seeds (n=: the seeds with something to measure)",
+            "",
+            *table(learned),
+            "what each slice offers to learn from: voted requests, those that ran, those known "
+            "by the slice's end, the explored among them (denied, run anyway), and the "
+            "effective sample size of their inverse propensity weights",
         ]
     )

@@ -19,6 +19,9 @@ FIGURES = (
 )
 AUTO_WASTE_GOAL = 0.05  # a learned band approves where at most this share ends wasteful
 GOOD_DENIED_GOAL = 0.005  # and denies at most this share of requests that would do good work
+# A band's outer edges: "deny nothing" and "approve nothing" as CouncilSettings accepts them
+# (0 < deny < approve < 1), beyond any probability a calibrated model gives in practice
+BAND_FLOOR, BAND_CEILING = 1e-6, 1 - 1e-6
 
 
 def auc(score: Sequence[float], positive: Sequence[bool]) -> float:
@@ -80,6 +83,13 @@ def figures(
     }
 
 
+def ess(weight: Sequence[float]) -> float | None:
+    """Kish's effective sample size, (sum w)^2 / sum w^2: how many equally weighted requests
+    `weight` is worth; None where there is none."""
+    square = sum(w * w for w in weight)
+    return sum(weight) ** 2 / square if square else None
+
+
 def band(
     p: Sequence[float], waste: Sequence[bool], weight: Sequence[float] | None = None
 ) -> tuple[float, float]:
@@ -87,17 +97,27 @@ def band(
     approval threshold whose approved requests end wasteful at most AUTO_WASTE_GOAL of the
     time, and the highest denial threshold that denies good work of at most GOOD_DENIED_GOAL
     of the requests. Between them a human decides. `weight`: each request's (inverse
-    propensity), where only some of them ran."""
+    propensity), where only some of them ran.
+
+    Both shares are self-normalised IPW estimates: weighted sums divided by the sum of the
+    weights, not by the number of requests, so each stays within [0, 1] and has far less
+    variance than the unnormalised estimate where a few explored requests carry large
+    weights (at the cost of a small bias that vanishes as they grow in number).
+
+    The band is always one CouncilSettings accepts: BAND_FLOOR <= deny < approve <=
+    BAND_CEILING. Where no threshold meets the approval goal, approve is BAND_CEILING
+    (approve nothing a calibrated model does not call certain); where none meets the denial
+    goal, deny is BAND_FLOOR; where the two overlap, deny sits just below approve."""
     w8 = [1.0] * len(p) if weight is None else list(weight)
     ranked = sorted(zip(p, waste, w8, strict=True), key=lambda r: -r[0])
     total = sum(w8)
-    approve, wasted, seen = math.inf, 0.0, 0.0
+    approve, wasted, seen = BAND_CEILING, 0.0, 0.0
     for i, (x, w, k) in enumerate(ranked):
         wasted, seen = wasted + k * w, seen + k
         last_of_its_p = i + 1 == len(ranked) or ranked[i + 1][0] != x  # ties go together
         if last_of_its_p and wasted <= AUTO_WASTE_GOAL * seen:
-            approve = x
-    deny, good = -math.inf, 0.0
+            approve = min(max(x, math.nextafter(BAND_FLOOR, 1.0)), BAND_CEILING)
+    deny, good = BAND_FLOOR, 0.0
     low = ranked[::-1]
     for i, (x, w, k) in enumerate(low):
         good += k * (not w)
@@ -105,16 +125,18 @@ def band(
             break
         if i + 1 == len(low) or low[i + 1][0] != x:
             deny = x
-    return min(deny, approve), approve
+    return max(BAND_FLOOR, min(deny, math.nextafter(approve, 0.0))), approve
 
 
 def banded(p: float, deny: float, approve: float, policy: str) -> CouncilDecision:
-    """A decision from a probability and a band (no members: a single model)."""
+    """A decision from a probability and a band (no members: a single model), in
+    council.voting.combine's order: denied at or below `deny` before approved at or above
+    `approve`."""
     outcome = (
-        CouncilOutcome.APPROVED
-        if p >= approve
-        else CouncilOutcome.DENIED
+        CouncilOutcome.DENIED
         if p <= deny
+        else CouncilOutcome.APPROVED
+        if p >= approve
         else CouncilOutcome.SPLIT
     )
     return CouncilDecision(

@@ -5,15 +5,15 @@ Two targets. `reference` (the shipped weights): each member learns its part of t
 rules, the generalists the whole rules; worlds are split whole into train, validation and
 test, so the test projects were never seen in training. `outcome`: every member learns
 whether a request that ran ended without waste (council.dataset: idle, cut by its budget or
-under 20 % utilisation), from the requests that ran only, as a real ledger would know them.
-The logging policy (the reference rules) runs a small seeded share of the requests it denies
-(`explore`), and each request that ran weighs 1 / the chance it had to run (inverse
-propensity), so what the rules deny is still learned. Each world is split by time: the first
-60 % trains, the next 10 % sets the temperature and the band (council.evaluate.band: approve
-where at most 5 % of the approved end wasteful), the last 30 % is the test. Members: risk
-and cost (their perspectives' inputs) and two generalists; fairness and capacity stay with
-placement, which enforces them. Every random draw is seeded: the same seed gives the same
-bytes.
+under 20 % utilisation), from the requests that ran and had ended by the end of their
+slice only, as a real ledger would know them then. The logging policy (the reference rules)
+runs a small seeded share of the requests it denies (`explore`), and each request that ran
+weighs 1 / the chance it had to run (inverse propensity), so what the rules deny is still
+learned. Each world is split by time: the first 60 % trains, the next 10 % sets the
+temperature and the band (council.outcomes.band: approve where at most 5 % of the approved
+end wasteful), the last 30 % is the test. Members: risk and cost (their perspectives'
+inputs) and two generalists; fairness and capacity stay with placement, which enforces
+them. Every random draw is seeded: the same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from council import outcomes
-from council.dataset import EXPLORE, TARGETS, Sample, replay, synthetic_jobs, time_split
+from council.dataset import (
+    EXPLORE,
+    TARGETS,
+    Sample,
+    cuts,
+    replay,
+    synthetic_jobs,
+    time_split,
+)
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
@@ -46,6 +54,7 @@ Target = Literal["reference", "outcome"]
 PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "risk": "risk"}
 COUNCIL_TARGET = TARGETS.index("council")
 WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
+TEMPERATURE_LOG10 = (-6.5, 6.0)  # the widest search of fit_temperature, in log10 t
 
 
 @dataclass(frozen=True)
@@ -69,16 +78,20 @@ class Split:
     samples: list[Sample]
     enc: Encoded[Tensor]
     targets: Tensor  # (N, len(TARGETS))
-    wasted: Tensor  # (N,) 0/1, NaN where the job did not run
+    wasted: Tensor  # (N,) 0/1, NaN where no outcome is known (not run, or not ended yet)
     propensity: Tensor  # (N,) the chance the logging policy ran it
 
     @staticmethod
-    def of(samples: list[Sample]) -> Split:
+    def of(samples: list[Sample], cuts: Sequence[float] | None = None) -> Split:
+        """`cuts`: per request, when its slice ends; an outcome not known by then (the job
+        was still running: Sample.outcome_at) is none. None: every outcome is known."""
+        ends = [math.inf] * len(samples) if cuts is None else cuts
+        wasted = [s.outcome_at(cut) for s, cut in zip(samples, ends, strict=True)]
         return Split(
             samples,
             encode([s.features for s in samples]),
             torch.tensor([s.targets for s in samples]),
-            torch.tensor([math.nan if s.wasted is None else s.wasted for s in samples]),
+            torch.tensor([math.nan if w is None else w for w in wasted]),
             torch.tensor([s.propensity for s in samples]),
         )
 
@@ -93,14 +106,15 @@ class Split:
         )
 
     @property
-    def ran(self) -> Tensor:
-        """Which requests ran: those with an outcome."""
+    def known(self) -> Tensor:
+        """Which requests have a known outcome: they ran and ended by their slice's end."""
         return ~torch.isnan(self.wasted)
 
     @property
     def ipw(self) -> Tensor:
-        """Inverse propensity weights: 1 / the chance to run, for those that ran; else 0."""
-        return torch.where(self.ran, 1.0 / self.propensity, torch.zeros_like(self.propensity))
+        """Inverse propensity weights: 1 / the chance to run, where the outcome is known;
+        else 0."""
+        return torch.where(self.known, 1.0 / self.propensity, torch.zeros_like(self.propensity))
 
     @property
     def y(self) -> Tensor:
@@ -124,14 +138,22 @@ def target_columns(spec: NetSpec) -> list[int]:
 
 
 def outcome_datasets(s: TrainSettings, config: FleetConfig) -> tuple[Split, Split, Split]:
-    """Every world with exploration, each split by time (council.dataset.time_split)."""
+    """Every world with exploration, each split by time (council.dataset.time_split). In
+    the training and threshold slices an outcome counts only if it was known at the slice's
+    end; the test slice's figures read every request's outcome (council.outcomes.figures)."""
     parts: tuple[list[Sample], list[Sample], list[Sample]] = ([], [], [])
+    ends: tuple[list[float], list[float], list[float]] = ([], [], [])
     for w in range(s.worlds):
         jobs = synthetic_jobs(s.seed * 1000 + w, s.world_days, s.world_projects)
         samples = replay([(w, jobs)], config, s.seed, s.explore)
-        for part, got in zip(parts, time_split(samples), strict=True):
+        if not samples:
+            continue
+        for part, end, got, cut in zip(
+            parts, ends, time_split(samples), (*cuts(samples), math.inf), strict=True
+        ):
             part.extend(got)
-    train, val, test = (Split.of(p) for p in parts)
+            end.extend([cut] * len(got))
+    train, val, test = (Split.of(p, e) for p, e in zip(parts, ends, strict=True))
     return train, val, test
 
 
@@ -173,7 +195,7 @@ def fit(net: CouncilNet, data: Split, s: TrainSettings, log: Callable[[str], Non
     outcomes. Target `outcome`: BCE to "ended without waste" on the requests that ran, each
     weighed by its inverse propensity."""
     if s.target == "outcome":
-        data = data.take(torch.nonzero(data.ran).squeeze(1))
+        data = data.take(torch.nonzero(data.known).squeeze(1))
     gen = torch.Generator().manual_seed(s.seed + 7)
     cols = target_columns(net.spec)
     n, m = len(data.enc), len(cols)
@@ -220,18 +242,40 @@ def member_probs(net: CouncilNet, enc: Encoded[Tensor], chunk: int = 2048) -> Te
     )
 
 
+def log_loss(z: Tensor, y: Tensor, weight: Tensor | None, temperatures: Tensor) -> Tensor:
+    """The (weighted) mean log loss of logits `z` at each temperature, as one batch."""
+    loss = F.binary_cross_entropy_with_logits(
+        z / temperatures[:, None], y.expand(len(temperatures), -1), reduction="none"
+    )
+    return (loss if weight is None else loss * weight).mean(1)
+
+
 def fit_temperature(p: Tensor, y: Tensor, weight: Tensor | None = None) -> float:
-    """The temperature that minimises log loss of the averaged probability on validation."""
+    """The temperature that minimises log loss of the averaged probability on validation.
+
+    A grid on log10 t in steps of 0.01, first over [-1.5, 1]; while its best point is at an
+    edge, the grid grows 2.5 decades that way (the loss is convex in 1/t, so an interior
+    best point is the optimum to the grid's step), up to TEMPERATURE_LOG10. There the limit
+    is reached to five decimals: with p clamped to [1e-6, 1 - 1e-6], t = 1e6 makes every
+    probability 0.5 and t = 10^-6.5 makes each 0 or 1 by the sign of its logit."""
     z = torch.logit(p.clamp(1e-6, 1 - 1e-6))
-    grid = torch.logspace(-1.5, 1.0, 251)
-    nll = torch.stack([F.binary_cross_entropy_with_logits(z / t, y, weight) for t in grid])
-    return float(grid[int(nll.argmin())])
+    lo, hi = -1.5, 1.0
+    while True:
+        grid = torch.logspace(lo, hi, round((hi - lo) * 100) + 1)
+        nll = torch.cat([log_loss(z, y, weight, part) for part in torch.split(grid, 64)])
+        best = int(nll.argmin())
+        if best == 0 and lo > TEMPERATURE_LOG10[0]:
+            lo -= 2.5
+        elif best == len(grid) - 1 and hi < TEMPERATURE_LOG10[1]:
+            hi += 2.5
+        else:
+            return float(grid[best])
 
 
 def calibrate_on_outcomes(council: NeuralCouncil, val: Split) -> None:
-    """Temperature and band from the threshold slice's requests that ran, each weighed by its
-    inverse propensity, as a real ledger would allow (council.evaluate.band)."""
-    ran = val.take(torch.nonzero(val.ran).squeeze(1))
+    """Temperature and band from the threshold slice's requests with a known outcome, each
+    weighed by its inverse propensity, as a real ledger would allow (council.outcomes.band)."""
+    ran = val.take(torch.nonzero(val.known).squeeze(1))
     good = 1.0 - ran.wasted
     p = council.council_probability(member_probs(council.net, ran.enc)).float()
     council.temperature = fit_temperature(p, good, ran.ipw)
@@ -254,8 +298,10 @@ def ece(p: Tensor, y: Tensor, bins: int = 10) -> float:
     return outcomes.ece(p.tolist(), y.tolist(), bins)
 
 
-def auc(score: Tensor, y: Tensor) -> float:
-    return outcomes.auc(score.tolist(), (y == 1).tolist())
+def auc(score: Tensor, y: Tensor) -> float | None:
+    """council.outcomes.auc; None where one class is missing (nothing to rank)."""
+    got = outcomes.auc(score.tolist(), (y == 1).tolist())
+    return None if math.isnan(got) else got
 
 
 def escalation(

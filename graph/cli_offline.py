@@ -7,10 +7,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from graph.cli_common import emit, fleet_file
+
+MAX_EXPLORE = 0.5  # council train --explore: at most half of what the rules deny runs anyway
+MIN_DAYS = 7  # council evaluate --days: a week, so that each slice of a world holds requests
+
+
+def writable_dir(path: Path, option: str) -> None:
+    """Refuses, before any work, a directory `path` that cannot be created or written in:
+    an existing file, a path under a file, or an unwritable nearest existing folder."""
+    if path.exists() and not path.is_dir():
+        raise InvalidInput(f"{option} {path} is a file, not a directory")
+    base = next(p for p in (path, *path.parents) if p.exists())
+    if not base.is_dir():
+        raise InvalidInput(f"{option} {path}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InvalidInput(f"{option} {path}: cannot write in {base}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -21,8 +38,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fleet.config import parse_fleet
     from sim.simulate import as_json, fleet_source, parse_policies, simulate, summary
 
@@ -65,19 +80,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_council(args: argparse.Namespace) -> int:
     if args.council_command == "evaluate":
         return council_evaluate(args)
-    from pathlib import Path
-
     from council.train import TrainSettings, train
 
     if not 0 <= args.seed < 900:  # training worlds are seed * 1000 + w; evaluation's 900000+
         raise InvalidInput("--seed must be from 0 to 899 (evaluation worlds use the rest)")
     if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
+    if args.explore is not None and args.target != "outcome":
+        raise InvalidInput("--explore applies to --target outcome only")
     explore = TrainSettings.explore if args.explore is None else args.explore
-    if not 0 < explore < 1:
-        raise InvalidInput(f"--explore must be above 0 and below 1, not {explore}")
+    if not 0 < explore <= MAX_EXPLORE:
+        raise InvalidInput(f"--explore must be above 0 and at most {MAX_EXPLORE}, not {explore}")
     if args.target == "outcome" and args.trace:
         raise InvalidInput("--target outcome trains on synthetic worlds only (no --trace yet)")
+    out = Path(args.out)
+    writable_dir(out, "--out")
     settings = TrainSettings(
         seed=args.seed,
         worlds=args.worlds,
@@ -89,11 +106,12 @@ def cmd_council(args: argparse.Namespace) -> int:
         explore=explore,
     )
     log = (lambda _: None) if args.json else print
-    metrics = train(settings, load_fleet(fleet_file(args)), Path(args.out), log)
+    metrics = train(settings, load_fleet(fleet_file(args)), out, log)
     t = metrics["test"]
     assert isinstance(t, dict)
     quality = (
-        f"test waste AUC {t['waste_auc']:.3f}, {t['human_share']:.1%} to a human"
+        f"test waste AUC {'-' if t['waste_auc'] is None else format(t['waste_auc'], '.3f')}, "
+        f"{t['human_share']:.1%} to a human"
         if args.target == "outcome"
         else f"test accuracy {t['accuracy']:.4f}"
     )
@@ -131,8 +149,11 @@ def council_evaluate(args: argparse.Namespace) -> int:
         ) from None
     if not all(0 <= seed < 100_000 for seed in seeds) or len(set(seeds)) != len(seeds):
         raise InvalidInput("--seeds must be distinct whole numbers from 0 to 99999")
-    if not 0 < args.days <= 3650 or not 2 <= args.projects <= 1000:
-        raise InvalidInput("--days must be above 0 and at most 3650, --projects from 2 to 1000")
+    if not MIN_DAYS <= args.days <= 3650 or not 2 <= args.projects <= 1000:
+        raise InvalidInput(
+            f"--days must be from {MIN_DAYS} to 3650 (each slice needs requests), "
+            "--projects from 2 to 1000"
+        )
     config = load_fleet(fleet_file(args))
     policies: dict[str, Policy] = {
         (path or "cfc-council"): fixed(NeuralCouncil.load(path or SHIPPED).decide)
@@ -151,8 +172,6 @@ def council_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_nvml(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fleet.nvml.reader import NvmlSession
     from fleet.nvml.record import record, write
 

@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument(
         "--out",
         default="council-weights",
-        help="directory for council.pt, metrics.json and MODEL_CARD.md; point "
-        "the fleet file's [council] weights at council.pt to use them",
+        help="directory for council.pt, metrics.json and MODEL_CARD.md (checked before "
+        "training starts); point the fleet file's [council] weights at council.pt to use them",
     )
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--worlds", type=int, default=16, help="synthetic worlds (at least 3)")
@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--explore",
         type=float,
         default=None,
-        help="with --target outcome: the share of the requests the rules deny that run "
-        "anyway, so their outcomes are learned (default 0.05)",
+        help="with --target outcome only: the share of the requests the rules deny that run "
+        "anyway, so their outcomes are learned; above 0, at most 0.5 (default 0.05)",
     )
     cp.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ep = csub.add_parser(
@@ -476,7 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a council.pt to evaluate (repeatable; default: the shipped weights)",
     )
     ep.add_argument("--seeds", default="0,1,2,3,4", help="worlds, comma-separated (default 0-4)")
-    ep.add_argument("--days", type=float, default=120, help="each world's span (default 120)")
+    ep.add_argument(
+        "--days",
+        type=float,
+        default=120,
+        help="each world's span, from 7 (so that every slice holds requests) to 3650 (default 120)",
+    )
     ep.add_argument("--projects", type=int, default=24, help="projects per world (default 24)")
     ep.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return parser

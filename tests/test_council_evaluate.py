@@ -5,19 +5,52 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
-from council.dataset import Sample, World, synthetic_jobs, time_split
-from council.evaluate import EvalSettings, approve_all, evaluate, fixed, outcome_logistic, world
+from council.dataset import Sample, World, cuts, known, replay, synthetic_jobs, time_split
+from council.evaluate import (
+    EvalSettings,
+    approve_all,
+    cell,
+    evaluate,
+    fixed,
+    outcome_logistic,
+    report,
+    spread,
+    world,
+)
 from council.neural_council import NeuralCouncil
-from council.outcomes import FIGURES, auc, band, ece, figures
+from council.outcomes import (
+    BAND_CEILING,
+    BAND_FLOOR,
+    FIGURES,
+    auc,
+    band,
+    banded,
+    ece,
+    ess,
+    figures,
+)
 from council.rules import ReferenceCouncil
-from council.train import OUTCOME_MEMBERS, WEIGHTS_FILE, TrainSettings, train
+from council.train import (
+    OUTCOME_MEMBERS,
+    WEIGHTS_FILE,
+    TrainSettings,
+    outcome_datasets,
+    train,
+)
+from council.train import auc as train_auc
+from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
-from fleet.models import CouncilDecision, CouncilOutcome
+from fleet.errors import InvalidInput
+from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
+from graph.cli import main
+from graph.cli_offline import writable_dir
 from tests.conftest import run_cli
 from tests.test_council_cfc import features
 
@@ -129,8 +162,43 @@ def test_a_learned_band_meets_its_goals_on_the_slice_it_was_chosen_on() -> None:
     assert approved and sum(approved) / len(approved) <= 0.05
     denied_good = sum(x <= deny and not w for x, w in zip(p, waste, strict=True))
     assert denied_good / len(p) <= 0.005
-    assert band([0.9, 0.8], [False, False]) == (-math.inf, 0.8)  # all good: approve all
-    assert band([0.9, 0.8], [True, True]) == (0.9, math.inf)  # all wasteful: deny all
+    assert band([0.9, 0.8], [False, False]) == (BAND_FLOOR, 0.8)  # all good: approve all
+    assert band([0.9, 0.8], [True, True]) == (0.9, BAND_CEILING)  # all wasteful: deny all
+
+
+@pytest.mark.parametrize(
+    ("p", "waste"),
+    [
+        ([], []),
+        ([0.9, 0.8], [True, True]),  # no threshold meets the approval goal
+        ([0.9, 0.8], [False, False]),  # none needs to deny
+        ([0.5, 0.5, 0.5], [False, True, False]),  # one tie throughout
+        ([0.0, 1.0, 1e-9, 1 - 1e-9], [True, False, True, False]),  # beyond the edges
+        ([0.3, 0.6, 0.6, 0.9], [True, False, False, False]),  # the goals overlap
+    ],
+)
+def test_a_band_is_always_finite_and_one_the_fleet_file_accepts(
+    p: list[float], waste: list[bool]
+) -> None:
+    """ "Approve nothing" and "deny nothing" are the edges CouncilSettings accepts
+    (0 < deny < approve < 1), never infinities: the band goes into JSON and weights files."""
+    deny, approve = band(p, waste, [2.0] * len(p))
+    assert BAND_FLOOR <= deny < approve <= BAND_CEILING
+    CouncilSettings(deny_threshold=deny, approve_threshold=approve)
+    json.dumps([deny, approve], allow_nan=False)
+
+
+@pytest.mark.parametrize(("deny", "approve"), [(0.3, 0.7), (0.5, 0.5), (0.5, 0.4)])
+def test_banded_decides_in_the_order_the_council_does(deny: float, approve: float) -> None:
+    """Denied at or below `deny` first, then approved at or above `approve`, as
+    council.voting.combine does, ties included."""
+    settings = CouncilSettings().model_copy(
+        update={"deny_threshold": deny, "approve_threshold": approve}
+    )
+    for p in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        vote = MemberVote(member="a", verdict=Verdict.APPROVE, probability=p, weight=1.0)
+        expected = combine([vote], settings, "test").outcome
+        assert banded(p, deny, approve, "test").outcome is expected, (p, deny, approve)
 
 
 def test_approve_all_is_a_decision_like_any_other() -> None:
@@ -197,7 +265,7 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     b = train(s, config, tmp_path / "b", log=lambda _: None)
     for timings in (a, b):
         del timings["seconds"], timings["council_seconds"]
-    assert a == json.loads(json.dumps(b))
+    assert a == json.loads(json.dumps(b, allow_nan=False))  # no NaN, no Infinity
     council = NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)
     assert council.members == OUTCOME_MEMBERS and council.band is not None
     test = a["test"]
@@ -221,3 +289,161 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     assert council.decide(f, lenient).outcome is not CouncilOutcome.DENIED
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "trained on outcomes" in card and "1 / the chance it had to run" in card
+
+
+def test_an_auc_with_nothing_to_rank_is_none_not_nan() -> None:
+    """Training's metrics go into JSON: a test slice of one class has no AUC (None)."""
+    assert train_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 1.0])) is None
+    assert train_auc(torch.tensor([0.1, 0.2]), torch.tensor([0.0, 1.0])) == 1.0
+
+
+def test_the_effective_sample_size_is_kish_s() -> None:
+    assert ess([1.0, 1.0, 1.0, 1.0]) == pytest.approx(4.0)
+    assert ess([1.0, 3.0]) == pytest.approx(16 / 10)  # one heavy weight: less than two
+    assert ess([20.0]) == pytest.approx(1.0)
+    assert ess([]) is None
+
+
+def test_evaluate_says_what_each_slice_offers_to_learn_from() -> None:
+    """Per seed and slice: voted requests, those that ran, those known by the slice's end,
+    the explored among them and the effective sample size of their weights; in the JSON
+    and in the text."""
+    got = evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), SMALL)
+    slices = got["slices"]
+    assert isinstance(slices, list) and [s["seed"] for s in slices] == [0, 1]
+    for entry in slices:
+        for part in ("train", "validation", "test"):
+            s = entry[part]
+            assert set(s) == {"requests", "ran", "known", "explored", "ess"}
+            assert s["requests"] >= s["ran"] >= s["known"] >= s["explored"] >= 0
+            assert s["ess"] is not None and 0 < s["ess"] <= s["known"]
+    text = report(got)
+    assert "explored" in text and "ess" in text
+    assert f"0      train       {slices[0]['train']['requests']}" in text
+
+
+def test_a_learner_sees_only_the_outcomes_known_when_its_slice_ends() -> None:
+    """A job that ran in the training slice but ended after the slice's end has an outcome
+    nobody knew at the cut: evaluate's learners never see it (world 0 of SMALL has one)."""
+    config = load_fleet(None)
+    samples = world(0, SMALL, config)
+    train, val, _ = time_split(samples)
+    train_end, val_end = cuts(samples)
+    late = [s for s in train if s.wasted is not None and s.outcome_at(train_end) is None]
+    assert late and all(s.ended_at is not None and s.ended_at > train_end for s in late)
+    assert late[0].outcome_at(math.inf) == late[0].wasted
+    seen: list[list[Sample]] = []
+
+    def spy(
+        train: list[Sample], val: list[Sample], test: list[Sample], settings: CouncilSettings
+    ) -> list[CouncilDecision]:
+        seen.extend((train, val))
+        return [approve_all(s.features, settings) for s in test]
+
+    evaluate({"spy": spy}, config, EvalSettings(seeds=(0,), days=20, projects=8))
+    assert seen[0] == known(train, train_end) and seen[1] == known(val, val_end)
+    assert not any(s in seen[0] for s in late)
+    assert all(s.ended_at is not None and s.ended_at <= train_end for s in seen[0])
+
+
+def test_training_on_outcomes_masks_those_not_known_at_the_slice_end() -> None:
+    """`council train --target outcome`: in the training and threshold slices, an outcome
+    counts only where the job had ended by the slice's end; the test slice keeps all."""
+    s = TrainSettings(worlds=1, world_days=20, world_projects=8, target="outcome")
+    config = load_fleet(None)
+    train_split, val_split, test_split = outcome_datasets(s, config)
+    samples = replay([(0, synthetic_jobs(0, 20, 8))], config, 0, s.explore)
+    train_end, val_end = cuts(samples)
+    for split, cut in ((train_split, train_end), (val_split, val_end), (test_split, math.inf)):
+        expected = [x.outcome_at(cut) is not None for x in split.samples]
+        assert split.known.tolist() == expected
+    ran = sum(x.wasted is not None for x in train_split.samples)
+    assert int(train_split.known.sum()) < ran  # some ended after the cut
+
+
+def test_means_over_seeds_say_how_many_seeds_they_rest_on() -> None:
+    assert spread([None, 0.5]) == {"mean": 0.5, "sd": None, "n": 1}
+    got = spread([0.2, None, 0.4])
+    assert got["mean"] == pytest.approx(0.3) and got["n"] == 2
+    assert got["sd"] == pytest.approx(math.sqrt(0.02))
+    assert spread([None, None]) == {"mean": None, "sd": None, "n": 0}
+    family = {"waste_auc_mean": 0.7, "waste_auc_sd": None, "waste_auc_n": 1}
+    assert cell(family, "waste_auc", 3) == "0.700 (n=1)"
+    result = evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), SMALL)
+    families = result["families"]
+    assert isinstance(families, dict)
+    assert families["approve-all"]["waste_auc_n"] == 2
+
+
+def test_a_world_with_an_empty_slice_is_refused() -> None:
+    """Too short a span or too few projects to put a voted request in every slice: a clear
+    error, not empty figures (world 7 of 7 days and 2 projects has no threshold slice)."""
+    tiny = EvalSettings(seeds=(7,), days=7, projects=2)
+    with pytest.raises(InvalidInput, match="no voted request in its threshold slice"):
+        evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), tiny)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--explore", "0.1"),  # the reference target runs nothing the rules deny
+        ("--target", "outcome", "--explore", "0.6"),
+        ("--target", "outcome", "--explore", "0"),
+        ("--target", "outcome", "--explore", "-0.05"),
+        ("--target", "outcome", "--explore", "nan"),
+    ],
+)
+def test_train_refuses_an_explore_share_it_cannot_use(
+    args: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--explore: with --target outcome only, above 0 and at most 0.5; one line, a JSON
+    error with --json, nothing written."""
+    code = main(["council", "train", "--out", str(tmp_path / "w"), *args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "--explore" in err, err
+    assert "--explore" in json.loads(out)["error"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_train_refuses_an_out_it_cannot_write_before_it_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --out that is a file, or lies under one, is refused in one line before any
+    training starts; the file is left as it was."""
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("council.train.train", never)
+    file = tmp_path / "file"
+    file.write_text("kept")
+    for out in (file, file / "sub"):
+        code = main(["council", "train", "--out", str(out), "--target", "outcome"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "is a file" in err, err
+    assert file.read_text() == "kept"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
+def test_train_refuses_an_out_in_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(InvalidInput, match="cannot write in"):
+        writable_dir(locked / "w", "--out")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--days", "1e-9"), "--days must be from 7"),
+        (("--days", "6.9"), "--days must be from 7"),
+        (("--days", "7", "--projects", "2", "--seeds", "7"), "no voted request"),
+    ],
+)
+def test_evaluate_refuses_a_span_too_short_for_its_slices(
+    args: tuple[str, ...], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Too short a world is one line and a non-zero exit, never empty figures."""
+    code = main(["council", "evaluate", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err, err

@@ -17,7 +17,16 @@ from council.dataset import World, synthetic_jobs
 from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil
 from council.policies import council_for
 from council.rules import ReferenceCouncil
-from council.train import METRICS_FILE, WEIGHTS_FILE, Split, TrainSettings, evaluate, train
+from council.train import (
+    METRICS_FILE,
+    TEMPERATURE_LOG10,
+    WEIGHTS_FILE,
+    Split,
+    TrainSettings,
+    evaluate,
+    fit_temperature,
+    train,
+)
 from fleet.config import CouncilSettings, FleetConfig, load_fleet
 from fleet.errors import ConfigError
 from fleet.models import CouncilOutcome, ReleaseReason, Status, Verdict
@@ -278,3 +287,17 @@ def test_batched_probabilities_run_on_the_threads_asked_and_restore_torchs(
     assert torch.allclose(one, two)
     with pytest.raises(ValueError, match="at least 1"), torch_threads(0):
         pass
+
+
+def test_the_temperature_fit_widens_its_search_past_the_first_grid() -> None:
+    """The first grid spans t in [10^-1.5, 10]; an optimum beyond either edge is found, not
+    clipped to it, and where the data want t at 0 the search stops at its far bound."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=gen) * 3
+    blunt = (torch.rand(4000, generator=gen) < torch.sigmoid(x / 20)).float()
+    assert 12 < fit_temperature(torch.sigmoid(x), blunt) < 35
+    x = x[:1000]
+    sharp = (torch.rand(1000, generator=gen) < torch.sigmoid(x)).float()
+    assert fit_temperature(torch.sigmoid(x * 0.01), sharp) == pytest.approx(0.01, rel=0.2)
+    floor = 10 ** TEMPERATURE_LOG10[0]
+    assert fit_temperature(torch.sigmoid(x), (x > 0).float()) == pytest.approx(floor)
