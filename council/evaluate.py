@@ -40,7 +40,16 @@ from council.dataset import (
     time_split,
 )
 from council.features import RequestFeatures
-from council.outcomes import BAND_CEILING, BAND_FLOOR, FIGURES, band, banded, ess, figures
+from council.outcomes import (
+    BAND_CEILING,
+    BAND_FLOOR,
+    DETAILS,
+    FIGURES,
+    band,
+    banded,
+    ess,
+    figures,
+)
 from fleet.config import CouncilSettings, FleetConfig
 from fleet.errors import InvalidInput
 from fleet.models import CouncilDecision, CouncilOutcome
@@ -234,7 +243,7 @@ def evaluate(
     families = {}
     for name, per_seed in runs.items():
         family: dict[str, object] = {"per_seed": per_seed}
-        for key in (*FIGURES, "waste_rate"):
+        for key in (*FIGURES, *DETAILS):
             for part, value in spread([r[key] for r in per_seed]).items():
                 family[f"{key}_{part}"] = value
         families[name] = family
@@ -275,8 +284,9 @@ def report(result: dict[str, object]) -> str:
     seed and slice what a learned policy had to learn from."""
     families, seeds, slices = result["families"], result["seeds"], result["slices"]
     assert isinstance(families, dict) and isinstance(seeds, list) and isinstance(slices, list)
-    rows = [["policy", *FIGURES]]
-    rows += [[name, *(cell(f, key, len(seeds)) for key in FIGURES)] for name, f in families.items()]
+    shown = (*FIGURES, "guarded_share")
+    rows = [["policy", *shown]]
+    rows += [[name, *(cell(f, key, len(seeds)) for key in shown)] for name, f in families.items()]
     learned = [["world", "slice", *SLICE_COLUMNS]]
     for entry in slices:
         for part in ("train", "validation", "test"):

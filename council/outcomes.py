@@ -8,8 +8,11 @@ import math
 from collections.abc import Sequence
 
 from council.dataset import Sample
+from fleet.config import GUARD_AT
 from fleet.models import CouncilDecision, CouncilOutcome
 
+# the outcomes that approve without a human: plain, and with guardrails
+APPROVES = frozenset({CouncilOutcome.APPROVED, CouncilOutcome.GUARDED})
 FIGURES = (
     "waste_auc",
     "ece",
@@ -17,6 +20,8 @@ FIGURES = (
     "human_share",
     "good_work_denied_share",
 )
+# and what they leave out: the plain approvals' waste, the share approved with guardrails
+DETAILS = ("approved_waste_rate", "guarded_share", "waste_rate")
 AUTO_WASTE_GOAL = 0.05  # a learned band approves where at most this share ends wasteful
 GOOD_DENIED_GOAL = 0.005  # and denies at most this share of requests that would do good work
 # A band's outer edges: "deny nothing" and "approve nothing" as CouncilSettings accepts them
@@ -62,11 +67,15 @@ def figures(
     decisions: Sequence[CouncilDecision], samples: Sequence[Sample]
 ) -> dict[str, float | None]:
     """The module's figures for one policy's decisions on `samples` (None: nothing to
-    measure, such as the waste among approved requests where none was approved)."""
+    measure, such as the waste among approved requests where none was approved). Approved
+    with guardrails counts as approved, at the outcome the request would have without its
+    guardrails (the worlds do not simulate them yet): `auto_approved_waste_rate` is an upper
+    bound; `approved_waste_rate` is the plain approvals' alone."""
     waste = [s.would_waste == 1.0 for s in samples]
     p = [d.probability for d in decisions]
     outcome = [d.outcome for d in decisions]
-    approved = [w for w, o in zip(waste, outcome, strict=True) if o is CouncilOutcome.APPROVED]
+    approved = [w for w, o in zip(waste, outcome, strict=True) if o in APPROVES]
+    plain = [w for w, o in zip(waste, outcome, strict=True) if o is CouncilOutcome.APPROVED]
     denied_good = sum(
         o is CouncilOutcome.DENIED and not w for w, o in zip(waste, outcome, strict=True)
     )
@@ -76,6 +85,8 @@ def figures(
         "waste_auc": None if math.isnan(ranked) else ranked,
         "ece": ece(p, [0.0 if w else 1.0 for w in waste]) if n else None,
         "auto_approved_waste_rate": share(sum(approved), len(approved)),
+        "approved_waste_rate": share(sum(plain), len(plain)),
+        "guarded_share": share(len(approved) - len(plain), n),
         "human_share": share(sum(o is CouncilOutcome.SPLIT for o in outcome), n),
         "good_work_denied_share": share(denied_good, n),
         "requests": n,
@@ -131,12 +142,17 @@ def band(
 def banded(p: float, deny: float, approve: float, policy: str) -> CouncilDecision:
     """A decision from a probability and a band (no members: a single model), in
     council.voting.combine's order: denied at or below `deny` before approved at or above
-    `approve`."""
+    `approve`; approved with guardrails from GUARD_AT of the way between, as a council's
+    band is split by default (fleet.config.CouncilSettings.guard), so that the families'
+    human shares compare."""
+    guard = deny + GUARD_AT * (approve - deny)
     outcome = (
         CouncilOutcome.DENIED
         if p <= deny
         else CouncilOutcome.APPROVED
         if p >= approve
+        else CouncilOutcome.GUARDED
+        if p >= guard
         else CouncilOutcome.SPLIT
     )
     return CouncilDecision(

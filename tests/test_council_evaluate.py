@@ -94,6 +94,29 @@ def test_figures_count_what_each_decision_did_with_the_outcome() -> None:
     assert got["waste_auc"] == pytest.approx(4 / 6)
 
 
+def test_approved_with_guardrails_counts_as_approved_at_its_unguarded_outcome() -> None:
+    """Guarded approvals count in auto_approved_waste_rate (an upper bound: the worlds do
+    not simulate guardrails), apart in guarded_share, never in the human share."""
+    f = features(random.Random(0))
+    samples = [Sample(f, (), None, 0, w) for w in (1.0, 0.0, 0.0, 1.0)]
+    decisions = [
+        decision(CouncilOutcome.GUARDED, 0.6),
+        decision(CouncilOutcome.APPROVED, 0.9),
+        decision(CouncilOutcome.APPROVED, 0.8),
+        decision(CouncilOutcome.SPLIT, 0.4),
+    ]
+    got = figures(decisions, samples)
+    assert got["auto_approved_waste_rate"] == pytest.approx(1 / 3)
+    assert got["approved_waste_rate"] == 0.0
+    assert got["guarded_share"] == pytest.approx(1 / 4)
+    assert got["human_share"] == pytest.approx(1 / 4)
+    # a single model's band is split as a council's is: the upper half is guarded
+    assert [banded(p, 0.2, 0.8, "t").outcome for p in (0.45, 0.55)] == [
+        CouncilOutcome.SPLIT,
+        CouncilOutcome.GUARDED,
+    ]
+
+
 def test_the_split_is_by_time_and_the_test_slice_is_the_last_thirty_percent() -> None:
     samples = world(0, SMALL, load_fleet(None))
     train, val, test = time_split(samples)
