@@ -47,8 +47,8 @@ def model_card(m: dict[str, Any]) -> str:
         + "Each request the council would vote on is labelled by the reference policy "
         "(council/rules.py): each perspective member learns its own rule's probability, "
         "the general members learn the reference council's. An auxiliary head learns the "
-        "outcome the replay recorded for each job that ran (idle release, budget stop or "
-        "under 20 % utilisation). Worlds are split whole: "
+        "outcome the replay recorded for each job that ran (council.dataset.wasteful). "
+        "Worlds are split whole: "
         f"{m['data']['train']} training, {m['data']['validation']} validation and "
         f"{m['data']['test']} test requests.",
         "",
@@ -138,8 +138,10 @@ def outcome_card(m: dict[str, Any]) -> str:
             f"Members {', '.join(m['members'])}: each a CfC cell over the project's record "
             "with monotone evidence accumulators, as the reference-trained council, "
             f"{m['params']} parameters in all. Each learns whether a request that ran ended "
-            "without waste (not released for idling, not cut by its budget, at least 20 % "
-            "utilisation). Only requests that ran have an outcome: the logging policy (the "
+            "without waste (its work not lost to an idle release or a budget cut, under a "
+            "tenth of its hours held idle with no work left, at least 20 % utilisation; "
+            "council.dataset.wasteful). Only requests that ran have an outcome: the logging "
+            "policy (the "
             f"reference rules) ran {_pct(s['explore'])} of those it denied anyway, seeded, "
             "and each request that ran weighs 1 / the chance it had to run.",
             "",

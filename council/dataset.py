@@ -36,7 +36,7 @@ from fleet.models import (
     RecordSummary,
     ReleaseReason,
 )
-from fleet.monitoring import assess
+from fleet.monitoring import IdlePolicy, assess
 from fleet.routing import estimate
 from fleet.scheduler import decayed, fair_share_factors, summarise
 from fleet.simulated import PROFILES, SimulatedFleet
@@ -49,6 +49,7 @@ BUDGET_PERIOD_DAYS = 30
 TRAIN, THRESHOLDS = 0.6, 0.7  # ends of the training and threshold slices, as shares of a span
 EXPLORE = 0.05  # learning from outcomes: the share of denied requests that run anyway
 WASTE_UTIL_PCT = 20.0
+WASTE_IDLE_SHARE = 0.1  # of the hours held, held idle with no work left
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,33 @@ class Habits:
     priority: tuple[float, float, float, float]  # low, normal, high, critical weights
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a job does once placed, drawn before it runs."""
+
+    gpu_type: str
+    hours: float  # the lease
+    work: float  # hours of work on that type
+    phases: tuple[tuple[str, float], ...]  # (simulated profile, hours)
+    cut: float | None  # hours until the budget cuts it, if it does
+
+
+def wasteful(held: float, util: float, reason: ReleaseReason, work: float) -> float:
+    """1 where an allocation ended wasteful: released by the monitor or its budget before
+    its work was done (the work is lost), held with no work left for WASTE_IDLE_SHARE of its
+    time or more, or under WASTE_UTIL_PCT mean utilisation; else 0. The GPU-hours held idle,
+    not the release's reason, make an idle tail wasteful: a guardrail that releases it
+    sooner can turn a wasteful outcome into a good one."""
+    lost = (reason is ReleaseReason.IDLE or reason.cut_by_budget) and held < work - 1e-9
+    tail = max(0.0, held - work)
+    return float(lost or tail >= WASTE_IDLE_SHARE * held or util < WASTE_UTIL_PCT)
+
+
 @dataclass
 class Sample:
     features: RequestFeatures
     targets: tuple[float, ...]  # by TARGETS
-    wasted: float | None  # the job's own outcome, when it ran: 1 if idle, overrun or < 20 %
+    wasted: float | None  # the job's own outcome, when it ran (wasteful): 1 or 0
     world: int
     # what the job would have done had it run, also where it did not: known only because the
     # world is simulated (a real ledger has no outcome for a denied request), so it is for
@@ -79,6 +102,9 @@ class Sample:
     habit_waste: float = math.nan
     # when the job that ran ended, and its outcome became known; None where it did not run
     ended_at: float | None = None
+    # what the same job would have done approved with guardrails (a stricter idle release,
+    # council.guardrails), on the same draws: for evaluation, as would_waste is
+    would_waste_guarded: float = math.nan
 
     def outcome_at(self, cut: float) -> float | None:
         """`wasted` as a ledger knows it at time `cut`: None until the job has run and
@@ -298,13 +324,14 @@ class World:
                 self.explore
             )
             propensity = self.explore
-        wasted, ended_at = self._run(job, request, habits, now) if runs else (None, None)
+        # a job that does not run is drawn on its own seed, and recorded nowhere
+        rng = self.rng if runs else random.Random(f"{self.world}:{request.request_id}")
+        plan = self._plan(job, request, habits, rng)
+        wasted, ended_at = self._run(plan, request, now) if runs else (None, None)
         if not voted:
             return None
-        would = wasted
-        if would is None:  # the same job on its own seed, recorded nowhere
-            rng = random.Random(f"{self.world}:{request.request_id}")
-            would = self._outcome(job, request, habits, now, rng)[4]
+        would = self._play(plan, request, now)[1] if wasted is None else wasted
+        guarded = self._play(plan, request, now, self.config.council.guard_idle_minutes)[1]
         habit_waste = 1 - (1 - habits.hoard) * (1 - habits.bursty) * (1 - habits.overrun)
         return Sample(
             features,
@@ -315,44 +342,48 @@ class World:
             propensity,
             habit_waste,
             ended_at,
+            guarded,
         )
 
-    def _run(
-        self, job: Job, request: GPURequest, habits: Habits, now: float
-    ) -> tuple[float, float]:
+    def _run(self, plan: _Plan, request: GPURequest, now: float) -> tuple[float, float]:
         """Runs the job on the simulated fleet under the monitor; records its history.
         Whether it was wasted, and when it ended."""
-        record, gpu_type, hours, price, wasted = self._outcome(job, request, habits, now, self.rng)
+        record, wasted = self._play(plan, request, now)
+        price = self.config.catalog[plan.gpu_type].price_per_hour
         heapq.heappush(
             self.running,
             _Running(
                 record.ended_at,
                 request.project,
                 request.count,
-                gpu_type,
-                price * request.count * hours,
+                plan.gpu_type,
+                price * request.count * plan.hours,
                 record,
                 self._period(now),
             ),
         )
         return wasted, record.ended_at
 
-    def _outcome(
-        self, job: Job, request: GPURequest, habits: Habits, now: float, rng: random.Random
-    ) -> tuple[PastJob, str, float, float, float]:
-        """What the job does on the simulated fleet under the monitor, drawn from `rng`: its
-        record, type, lease hours, price and whether it was wasted. The work takes the job's
-        own duration, scaled to the speed of the type it is routed to."""
+    def _plan(self, job: Job, request: GPURequest, habits: Habits, rng: random.Random) -> _Plan:
+        """What the job will do once placed, drawn from `rng`: the type it is routed to, its
+        lease, its work (the job's own duration, scaled to the type's speed) and its phases."""
         types = [request.gpu_type] if request.gpu_type else self.config.pool(request.purpose)
         gpu_type = min(types, key=lambda t: estimate(request, self.config, t)[1])
         hours, _ = estimate(request, self.config, gpu_type)
-        true = min(hours, job.hours * hours / request.duration_hours)
-        phases = [("bursty" if rng.random() < habits.bursty else "train", true)]
+        work = min(hours, job.hours * hours / request.duration_hours)
+        phases = [("bursty" if rng.random() < habits.bursty else "train", work)]
         if rng.random() < habits.hoard:
-            phases.append(("hoard", hours - true))
+            phases.append(("hoard", hours - work))
         cut = rng.uniform(0.1, 1.0) * hours if rng.random() < habits.overrun else None
-        held, util, reason = self._watch(request, gpu_type, phases, now, hours, cut)
-        price = self.config.catalog[gpu_type].price_per_hour
+        return _Plan(gpu_type, hours, work, tuple(phases), cut)
+
+    def _play(
+        self, plan: _Plan, request: GPURequest, now: float, guard_minutes: float | None = None
+    ) -> tuple[PastJob, float]:
+        """What the planned job does under the monitor (with an approval's stricter idle
+        release where `guard_minutes` is given): its record, and whether it was wasted."""
+        held, util, reason = self._watch(request, plan, now, guard_minutes)
+        price = self.config.catalog[plan.gpu_type].price_per_hour
         busy = min(1.0, sum(r.count for r in self.running) / self.total)
         record = PastJob(
             now + held * 3600,
@@ -364,24 +395,16 @@ class World:
             busy,  # an idle release here: idle throughout
             hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0,
         )
-        wasted = float(
-            reason is ReleaseReason.IDLE or reason.cut_by_budget or util < WASTE_UTIL_PCT
-        )
-        return record, gpu_type, hours, price, wasted
+        return record, wasteful(held, util, reason, plan.work)
 
     def _watch(
-        self,
-        request: GPURequest,
-        gpu_type: str,
-        phases: list[tuple[str, float]],
-        start: float,
-        lease: float,
-        cut: float | None,
+        self, request: GPURequest, plan: _Plan, start: float, guard_minutes: float | None
     ) -> tuple[float, float, ReleaseReason]:
-        settings = self.config.monitor
-        gpus = self.gpus[gpu_type][: min(2, request.count)]
+        settings, cut, lease = self.config.monitor, plan.cut, plan.hours
+        policy = IdlePolicy(guard_minutes=guard_minutes)
+        gpus = self.gpus[plan.gpu_type][: min(2, request.count)]
         state, t, util_time = MonitorState(), 0.0, 0.0
-        for profile, length in phases:
+        for profile, length in plan.phases:
             if length <= 0:
                 continue
             # the monitor ticks every 10 min where it can conclude something; a training
@@ -395,7 +418,7 @@ class World:
                     return cut, util_time / cut if cut > 0 else 0.0, ReleaseReason.BUDGET
                 clock = start + t * 3600
                 samples = self.fleet.sample(gpus, clock, dict.fromkeys(gpus, profile))
-                result = assess(samples, state, settings, clock, start)
+                result = assess(samples, state, settings, clock, start, policy)
                 state = result.state
                 util_time += (result.mean_util or 0.0) * step
                 if result.release is not None:

@@ -5,10 +5,12 @@ Each seed is a simulated world the shipped council never trained on (council.dat
 with habits that differ and change, their jobs on the simulated fleet under the real monitor).
 Its voted requests are split by time, never at random: the first 60 % of the world's span is
 for training, the next 10 % for choosing thresholds, and the figures come from the last 30 %.
-A request's outcome is whether it would end wasteful (released for idling, cut by its budget,
-or under 20 % utilisation: council.dataset.WASTE_UTIL_PCT), known here for denied requests
-too because the world is simulated; a real ledger knows it only for those that ran, and
-only once they ended: what a policy learns from a slice is what was known at its end.
+A request's outcome is whether it would end wasteful (council.dataset.wasteful: its work lost
+to an idle release or a budget cut, a tenth of its hours or more held idle with no work left,
+or under 20 % utilisation), and, where it was approved with guardrails, whether it would
+under them (the same job on the same draws, with the stricter idle release); known here for
+denied requests too because the world is simulated; a real ledger knows it only for those
+that ran, and only once they ended: what a policy learns from a slice is what was known at its end.
 
 Per policy (the councils of weights files, the reference rules, a logistic regression that
 learns from outcomes, a heuristic that reads the projects' true habits, and approving every

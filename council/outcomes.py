@@ -68,13 +68,18 @@ def figures(
 ) -> dict[str, float | None]:
     """The module's figures for one policy's decisions on `samples` (None: nothing to
     measure, such as the waste among approved requests where none was approved). Approved
-    with guardrails counts as approved, at the outcome the request would have without its
-    guardrails (the worlds do not simulate them yet): `auto_approved_waste_rate` is an upper
-    bound; `approved_waste_rate` is the plain approvals' alone."""
+    with guardrails counts as approved, at the outcome the same job has under its guardrails
+    (`Sample.would_waste_guarded`); `approved_waste_rate` is the plain approvals' alone.
+    Ranking and calibration are against the outcome without guardrails."""
     waste = [s.would_waste == 1.0 for s in samples]
     p = [d.probability for d in decisions]
     outcome = [d.outcome for d in decisions]
-    approved = [w for w, o in zip(waste, outcome, strict=True) if o in APPROVES]
+    # a guarded approval ends as the same job would under its guardrails
+    ended = [
+        s.would_waste_guarded == 1.0 if o is CouncilOutcome.GUARDED else w
+        for s, w, o in zip(samples, waste, outcome, strict=True)
+    ]
+    approved = [e for e, o in zip(ended, outcome, strict=True) if o in APPROVES]
     plain = [w for w, o in zip(waste, outcome, strict=True) if o is CouncilOutcome.APPROVED]
     denied_good = sum(
         o is CouncilOutcome.DENIED and not w for w, o in zip(waste, outcome, strict=True)

@@ -4,8 +4,9 @@ and the weights plus model card the package ships.
 Two targets. `reference` (the shipped weights): each member learns its part of the reference
 rules, the generalists the whole rules; worlds are split whole into train, validation and
 test, so the test projects were never seen in training. `outcome`: every member learns
-whether a request that ran ended without waste (council.dataset: idle, cut by its budget or
-under 20 % utilisation), from the requests that ran and had ended by the end of their
+whether a request that ran ended without waste (council.dataset.wasteful: its work lost to
+an idle release or a budget cut, a tenth of its hours held idle with no work left, or under
+20 % utilisation), from the requests that ran and had ended by the end of their
 slice only, as a real ledger would know them then. The logging policy (the reference rules)
 runs a small seeded share of the requests it denies (`explore`), and each request that ran
 weighs 1 / the chance it had to run (inverse propensity), so what the rules deny is still

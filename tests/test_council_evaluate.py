@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from council.dataset import Sample, World, cuts, known, replay, synthetic_jobs, time_split
+from council.dataset import (
+    Sample,
+    World,
+    cuts,
+    known,
+    replay,
+    synthetic_jobs,
+    time_split,
+    wasteful,
+)
 from council.evaluate import (
     EvalSettings,
     approve_all,
@@ -48,7 +57,7 @@ from council.train import auc as train_auc
 from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
 from fleet.errors import InvalidInput
-from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, Verdict
+from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, ReleaseReason, Verdict
 from graph.cli import main
 from graph.cli_offline import writable_dir
 from tests.conftest import run_cli
@@ -94,11 +103,32 @@ def test_figures_count_what_each_decision_did_with_the_outcome() -> None:
     assert got["waste_auc"] == pytest.approx(4 / 6)
 
 
-def test_approved_with_guardrails_counts_as_approved_at_its_unguarded_outcome() -> None:
-    """Guarded approvals count in auto_approved_waste_rate (an upper bound: the worlds do
-    not simulate guardrails), apart in guarded_share, never in the human share."""
+def test_an_idle_tail_is_wasteful_by_its_share_and_lost_work_always() -> None:
+    """8 h of work: a 30-minute idle tail is under a tenth of the 8.5 h held, a 1-hour
+    one is not; an idle release or a budget cut before the work is done loses it."""
+    assert wasteful(8.5, 76.0, ReleaseReason.IDLE, 8.0) == 0.0
+    assert wasteful(9.0, 72.0, ReleaseReason.IDLE, 8.0) == 1.0
+    assert wasteful(4.0, 80.0, ReleaseReason.IDLE, 8.0) == 1.0
+    assert wasteful(4.0, 80.0, ReleaseReason.BUDGET, 8.0) == 1.0
+    assert wasteful(8.0, 80.0, ReleaseReason.EXPLICIT, 8.0) == 0.0
+    assert wasteful(8.0, 12.0, ReleaseReason.EXPLICIT, 8.0) == 1.0  # under 20 % utilisation
+
+
+def test_a_stricter_idle_release_turns_some_wasteful_tails_good_and_never_the_reverse() -> None:
+    """The same world's jobs with and without the guardrails' idle release, on the same
+    draws: guarded, some end good that were wasteful, and none the other way (their work
+    phases never idle long enough for even the stricter release)."""
+    samples = World(synthetic_jobs(3, 30, 12), load_fleet(None), 3, 3).run()
+    assert any(s.would_waste > s.would_waste_guarded for s in samples)
+    assert all(s.would_waste >= s.would_waste_guarded for s in samples)
+
+
+def test_approved_with_guardrails_counts_as_approved_at_its_guarded_outcome() -> None:
+    """Guarded approvals count in auto_approved_waste_rate at the outcome the job has under
+    its guardrails, apart in guarded_share, never in the human share."""
     f = features(random.Random(0))
     samples = [Sample(f, (), None, 0, w) for w in (1.0, 0.0, 0.0, 1.0)]
+    samples[0].would_waste_guarded = 1.0
     decisions = [
         decision(CouncilOutcome.GUARDED, 0.6),
         decision(CouncilOutcome.APPROVED, 0.9),
@@ -107,6 +137,8 @@ def test_approved_with_guardrails_counts_as_approved_at_its_unguarded_outcome() 
     ]
     got = figures(decisions, samples)
     assert got["auto_approved_waste_rate"] == pytest.approx(1 / 3)
+    samples[0].would_waste_guarded = 0.0  # the guardrail ended its idle tail in time
+    assert figures(decisions, samples)["auto_approved_waste_rate"] == 0.0
     assert got["approved_waste_rate"] == 0.0
     assert got["guarded_share"] == pytest.approx(1 / 4)
     assert got["human_share"] == pytest.approx(1 / 4)
@@ -140,12 +172,16 @@ def test_every_voted_request_has_an_outcome_and_a_denied_ones_is_recorded_nowher
     assert ran and denied
     assert all(s.would_waste == s.wasted for s in ran)
     assert all(s.would_waste in (0.0, 1.0) for s in samples)
+    assert all(s.would_waste_guarded in (0.0, 1.0) for s in samples)
     job = w.jobs[-1]
-    request = w._request(job, w.projects[job.project].at(job.submit))
+    habits = w.projects[job.project].at(job.submit)
+    request = w._request(job, habits)
     assert request is not None
     state, running = w.rng.getstate(), list(w.running)
     past = {name: list(p.past) for name, p in w.projects.items()}
-    w._outcome(job, request, w.projects[job.project].at(job.submit), job.submit, random.Random(1))
+    plan = w._plan(job, request, habits, random.Random(1))
+    w._play(plan, request, job.submit)
+    w._play(plan, request, job.submit, guard_minutes=10)
     assert w.rng.getstate() == state and w.running == running
     assert {name: p.past for name, p in w.projects.items()} == past
 
