@@ -141,7 +141,9 @@ class CouncilNet(nn.Module):
             h, acc = h.expand(-1, rows, -1), acc.expand(-1, rows, -1, -1)
         rate, weight = acc.clamp(-20.0, 10.0).chunk(2, dim=-1)
         log_decay = -torch.exp(rate) * dt.view(1, *dt.shape, 1)
-        after = log_decay.sum(2, keepdim=True) - log_decay.cumsum(2)  # decay from k to the end
+        # decay from step k to the end: the sum of the later steps' log decays, summed from the
+        # end (a total minus a running sum cancels thousands in float32: 2e-4 in probability)
+        after = F.pad(log_decay.flip(2).cumsum(2).flip(2)[:, :, 1:], (0, 0, 0, 1))
         carried = torch.exp(weight + after) * enc.mask.view(1, *enc.mask.shape, 1)
         mix = F.softplus(self.mix) * self._buf("mask_seq_bad").unsqueeze(1)
         evidence = torch.einsum("btf,mcf->mbtc", enc.bad, mix)
