@@ -4,7 +4,9 @@
 It computes the approval logits of council/torch_net.py, in float64, and agrees with the torch
 model run in float64 to 1e-9 and with its float32 to 1e-6 in probability
 (tests/test_council_inference.py): both sum the evidence decay from the end, as a total less a
-running sum cancelled thousands (in float32, up to 2e-4). Training, the outcome head and the
+running sum cancelled thousands (in float32, up to 2e-4). The torch model computes the same
+CfC in another form (the batch longest first, padded steps skipped, tanh through sigmoid: see
+council/cfc.py); this one keeps the equations as written. Training, the outcome head and the
 traces stay with the torch model.
 """
 
