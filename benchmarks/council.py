@@ -149,9 +149,10 @@ def measure(
     enc = encode(batch)
     with torch_threads(args.threads), torch.inference_mode():
         forward = timings_ms(lambda: council.member_logits(enc), args.batch_runs, warmup=1)
-    steps = int(enc.free.shape[1])
+    steps, real = int(enc.free.shape[1]), int(enc.mask.sum())
     print(
-        f"  {BATCH} requests in one batch ({steps} steps after padding), median of "
+        f"  {BATCH} requests in one batch ({steps} steps after padding, {real} of "
+        f"{BATCH * steps} real), median of "
         f"{args.batch_runs}: {batch_ms:.1f} ms with encoding "
         f"({1e3 * batch_ms / BATCH:.1f} us per request), forward only "
         f"{statistics.median(forward):.1f} ms"

@@ -110,42 +110,87 @@ class CfC(nn.Module):
         """x (B, T, F), dt (B, T), mask (B, T): True for real steps, padding first.
 
         Returns the last state (M, B, H), the extra read-outs (M, B, T, extra) and, with
-        `trace`, the gates and rates.
+        `trace`, the gates and rates. A padded step leaves the state at zero, so it is not
+        computed: its read-outs, gates and rates are zero.
         """
         check_dt(dt)
         hid = self.hidden
+        b, steps = mask.shape
+        m = self.w_in.shape[0]
+        live, order = _live_prefix(mask)
+        if order is not None:  # longest first: the rows live at a step are a prefix
+            x, dt, mask = x[order], dt[order], mask[order]
         w_in = self.w_in if in_mask is None else self.w_in * in_mask.unsqueeze(-1)
-        xp = torch.einsum("btf,mfu->tmbu", x, w_in) + self.b
-        steps, m, b = xp.shape[0], xp.shape[1], xp.shape[2]
-        neg_dt = (-dt).t().reshape(steps, 1, b, 1)
-        keep = mask.t().reshape(steps, 1, b, 1)
-        padded = not bool(mask.all())
+        # torch's float32 tanh runs several times slower than its sigmoid on a CPU (it was most
+        # of a batch's forward), and tanh(u) = 2 sigmoid(2u) - 1: so the heads of g and h are
+        # doubled (exact, a power of two) and the loop keeps l = (h + 1) / 2, in [0, 1], for h:
+        # h_k = lerp(tanh h', tanh g', gate) = 2 lerp(sigmoid 2h', sigmoid 2g', gate) - 1, and
+        # h @ w_rec = l @ (2 w_rec) - (the sum of w_rec's rows), which joins the input's bias.
+        double = torch.ones_like(self.b_heads)
+        double[..., hid : 3 * hid] = 2.0
+        w_heads, b_heads = self.w_heads * double, self.b_heads * double
+        w_rec = self.w_rec * 2.0
+        bias = self.b - self.w_rec.sum(1, keepdim=True)
+        # the input projection of every live step in one product, step after step: step k's
+        # rows follow the earlier steps' (a padded step is never computed)
+        live_steps = mask.t()
+        xp = torch.baddbmm(bias, x.transpose(0, 1)[live_steps].expand(m, -1, -1), w_in)
+        neg_dt = -dt.t()[live_steps].view(1, -1, 1)
         no_gate = self.no_gate if bool(self.no_gate.any()) else None
-        h = x.new_zeros(m, b, hid)
-        extras, gates, rates, hs = [], [], [], []
-        act, w_rec, w_heads, b_heads = self.activation, self.w_rec, self.w_heads, self.b_heads
-        for k in range(steps):  # the hot loop: one decision runs it once per event
-            z = act(torch.baddbmm(xp[k], h, w_rec))
+        state = x.new_zeros(m, 0, hid)  # l
+        extras = x.new_zeros(m, b, steps, self.extra)
+        traced: list[Tensor] = [x.new_zeros(m, b, steps, hid) for _ in range(3 if trace else 0)]
+        act = self.activation
+        start = 0
+        for k, n in enumerate(live):  # the hot loop: one decision runs it once per event
+            if n == 0:
+                continue
+            if n > state.shape[1]:  # sequences that start here, from h = 0
+                state = torch.cat([state, state.new_full((m, n - state.shape[1], hid), 0.5)], 1)
+            rows = slice(start, start + n)
+            start += n
+            z = act(torch.baddbmm(xp[:, rows], state, w_rec))
             heads = torch.baddbmm(b_heads, z, w_heads)
             f = heads[..., :hid]
-            gh = torch.tanh(heads[..., hid : 3 * hid])
-            g, hh = gh[..., :hid], gh[..., hid:]
-            gate = torch.sigmoid(f * neg_dt[k])
-            new = torch.lerp(hh, g, gate)
-            if no_gate is not None:
-                new = torch.where(no_gate, g + gate * hh, new)
-            h = torch.where(keep[k], new, h) if padded else new
-            extras.append(heads[..., 3 * hid :])
+            gh = torch.sigmoid(heads[..., hid : 3 * hid])
+            g, hh = gh[..., :hid], gh[..., hid:]  # as l is: (g + 1) / 2, (h + 1) / 2
+            gate = torch.sigmoid(f * neg_dt[:, rows])
+            state = torch.lerp(hh, g, gate)
+            if no_gate is not None:  # h_k = tanh g' + gate * tanh h'
+                state = torch.where(no_gate, g + gate * (hh - 0.5), state)
+            extras[:, :n, k] = heads[..., 3 * hid :]
             if trace:
-                gates.append(gate)
-                rates.append(f)
-                hs.append(h)
-        out = (
-            Trace(torch.stack(gates, 2), torch.stack(rates, 2), torch.stack(hs, 2))
-            if trace
-            else None
-        )
-        return h, torch.stack(extras, 2), out
+                for out, step in zip(traced, (gate, f, state * 2 - 1), strict=True):
+                    out[:, :n, k] = step
+        h = state * 2 - 1
+        if h.shape[1] < b:  # sequences with no step at all
+            h = torch.cat([h, h.new_zeros(m, b - h.shape[1], hid)], dim=1)
+        if order is not None:
+            back = torch.argsort(order)
+            h, extras = h[:, back], extras[:, back]
+            traced = [t[:, back] for t in traced]
+        return h, extras, Trace(*traced) if trace else None
+
+
+def longest_first(mask: Tensor) -> Tensor | None:
+    """The order that puts the longest sequences first (stable), or None where they are."""
+    lengths = mask.sum(1)
+    if bool((lengths[1:] <= lengths[:-1]).all()):
+        return None
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
+def _live_prefix(mask: Tensor) -> tuple[list[int], Tensor | None]:
+    """How many sequences are live at each step once longest first, and that order (None:
+    they are). Raises where padding does not come first."""
+    b, steps = mask.shape
+    if bool(mask.all()):
+        return [b] * steps, None
+    starts = steps - mask.sum(1)
+    if not bool((mask == (torch.arange(steps, device=mask.device) >= starts.unsqueeze(1))).all()):
+        raise ValueError("padding must come first: each sequence's steps are its last ones")
+    live = torch.bincount(starts, minlength=steps + 1).cumsum(0)[:steps].tolist()
+    return live, longest_first(mask)
 
 
 class GRU(nn.Module):

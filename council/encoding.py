@@ -15,9 +15,9 @@ hands the same arrays to torch for the network and training.
 
 from __future__ import annotations
 
-import array
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -26,6 +26,7 @@ import numpy as np
 
 from council.features import RequestFeatures
 from fleet.errors import InvalidInput
+from fleet.models import ReleaseReason
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -50,11 +51,6 @@ STATIC_BAD = ("cost_pressure", "unfair_share", "pool_share", "pool_busy", "purpo
 A = TypeVar("A", "NDArray[Any]", "Tensor")  # numpy arrays, or torch tensors over them
 
 
-def _log(x: float, top: float) -> float:
-    """log1p scaled so that `top` maps to 1."""
-    return math.log1p(max(0.0, x)) / math.log1p(top)
-
-
 @dataclass
 class Encoded(Generic[A]):
     free: A  # (B, T, len(SEQ_FREE)) float32
@@ -74,61 +70,85 @@ class Encoded(Generic[A]):
 
 _FIELDS = ("free", "bad", "dt", "mask", "static_free", "static_bad")
 _PAST, _REQUEST, _SUMMARY = 0.0, 1.0, 2.0
+_PAST_OF, _UTIL_OF, _REASON_OF = (operator.attrgetter(a) for a in ("past", "util_pct", "reason"))
+_CUT_BY_BUDGET = frozenset(r for r in ReleaseReason if r.cut_by_budget)
 
 
-def _raw(f: RequestFeatures) -> list[tuple[float, ...]]:
-    """One row per step: time, count, hours, GPU-hours, cost, fleet busy, utilisation (NaN:
-    unknown), hoarded share (held idle with no work left), budget share, kind."""
-    rows: list[tuple[float, ...]] = []
-    older = f.older
-    if older is not None and older.events:
+def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """One row per step, each request's steps in turn: time, count, hours, GPU-hours, cost,
+    fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
+    budget share, kind; and the number of steps of each request. Column by column over the
+    whole batch: a request's past allocations are most of the work."""
+    n = len(batch)
+    jobs = list(itertools.chain.from_iterable(f.past for f in batch))
+    n_past = np.fromiter(map(len, map(_PAST_OF, batch)), np.int64, n)
+    summarised = [i for i, f in enumerate(batch) if f.older is not None and f.older.events]
+    has_summary = np.zeros(n, dtype=np.int64)
+    has_summary[summarised] = 1
+    lengths = has_summary + n_past + 1
+    first = np.cumsum(lengths) - lengths  # flat index of each request's first step
+    raw = np.empty((int(lengths.sum()), 10))
+
+    owner = np.repeat(np.arange(n), n_past)
+    at = np.arange(len(jobs)) + (first + has_summary - (np.cumsum(n_past) - n_past))[owner]
+    ended, count, hours, cost, busy, hoarded = (
+        _column(jobs, name)
+        for name in ("ended_at", "count", "hours", "cost_usd", "fleet_busy", "hoarded_hours")
+    )
+    raw[at] = np.stack(
+        [
+            ended,
+            count,
+            hours,
+            count * hours,
+            cost,
+            busy,
+            np.array(list(map(_UTIL_OF, jobs)), dtype=np.float64),  # None: NaN
+            np.divide(hoarded, hours, out=np.zeros_like(hours), where=hours > 0),
+            np.fromiter(map(_CUT_BY_BUDGET.__contains__, map(_REASON_OF, jobs)), np.bool_),
+            np.full(len(jobs), _PAST),
+        ],
+        axis=1,
+    )
+    count, hours = _column(batch, "count"), _column(batch, "hours")
+    raw[first + lengths - 1] = np.stack(  # the request itself
+        [
+            _column(batch, "now"),
+            count,
+            hours,
+            count * hours,
+            _column(batch, "worst_case_usd"),
+            _column(batch, "pool_busy"),
+            np.full(n, math.nan),
+            np.zeros(n),
+            np.zeros(n),
+            np.full(n, _REQUEST),
+        ],
+        axis=1,
+    )
+    for i in summarised:  # the older history's summary, first
+        f, older = batch[i], batch[i].older
+        assert older is not None
         rated = older.rated_gpu_hours
         share = older.gpu_hours or 1.0
-        # at the oldest event read one by one (its datetime may round a microsecond later)
-        rows.append(
-            (
-                f.past[0].ended_at if f.past else older.at.timestamp(),
-                older.events,
-                0.0,
-                older.gpu_hours,
-                0.0,
-                0.0,
-                older.util_gpu_hours / rated if rated > 0 else math.nan,
-                older.idle_gpu_hours / share,
-                older.budget_gpu_hours / share,
-                _SUMMARY,
-            )
-        )
-    rows += [
-        (
-            j.ended_at,
-            j.count,
-            j.hours,
-            j.count * j.hours,
-            j.cost_usd,
-            j.fleet_busy,
-            math.nan if j.util_pct is None else j.util_pct,
-            j.hoarded_hours / j.hours if j.hours > 0 else 0.0,
-            float(j.reason.cut_by_budget),
-            _PAST,
-        )
-        for j in f.past
-    ]
-    rows.append(
-        (
-            f.now,
-            f.count,
-            f.hours,
-            f.count * f.hours,
-            f.worst_case_usd,
-            f.pool_busy,
-            math.nan,
+        raw[first[i]] = (
+            # at the oldest event read one by one (its datetime may round a microsecond later)
+            f.past[0].ended_at if f.past else older.at.timestamp(),
+            older.events,
+            0.0,
+            older.gpu_hours,
             0.0,
             0.0,
-            _REQUEST,
+            older.util_gpu_hours / rated if rated > 0 else math.nan,
+            older.idle_gpu_hours / share,
+            older.budget_gpu_hours / share,
+            _SUMMARY,
         )
-    )
-    return rows
+    return raw, lengths
+
+
+def _column(items: Sequence[object], name: str) -> NDArray[np.float64]:
+    return np.fromiter(map(operator.attrgetter(name), items), np.float64, len(items))
 
 
 def _scale(x: NDArray[np.float64], top: float) -> NDArray[np.float64]:
@@ -137,11 +157,8 @@ def _scale(x: NDArray[np.float64], top: float) -> NDArray[np.float64]:
 
 def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     """All requests in one pass; sequences are left-padded to the longest."""
-    per = [_raw(f) for f in batch]
-    lengths = np.array([len(r) for r in per])
-    flat = array.array("d", itertools.chain.from_iterable(itertools.chain.from_iterable(per)))
-    raw = np.frombuffer(flat, dtype=np.float64).reshape(-1, len(per[0][0]))
-    n, steps = len(per), int(lengths.max())
+    raw, lengths = _raw(batch)
+    n, steps = len(batch), int(lengths.max())
     owner = np.repeat(np.arange(n), lengths)
     first = np.cumsum(lengths) - lengths  # flat index of each request's first step
     pos = np.arange(len(raw)) - first[owner] + (steps - lengths[owner])
@@ -184,34 +201,28 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     bad[owner, pos] = step_bad
     dt[owner, pos] = np.minimum(gap / DAY, MAX_DT_DAYS)
     mask[owner, pos] = True
-    static_free = np.array(
+    static_free = np.stack(
         [
-            [
-                float(f.budgeted),
-                _log(f.worst_case_usd, 1e5),
-                f.usage_share,
-                f.priority,
-                _log(f.count, 64),
-                _log(f.hours, 720),
-                min(f.history_len, 256) / 256,
-            ]
-            for f in batch
+            _column(batch, "budgeted"),
+            _scale(_column(batch, "worst_case_usd"), 1e5),
+            _column(batch, "usage_share"),
+            _column(batch, "priority"),
+            _scale(_column(batch, "count"), 64),
+            _scale(_column(batch, "hours"), 720),
+            np.minimum(_column(batch, "history_len"), 256) / 256,
         ],
-        dtype=np.float32,
-    )
-    static_bad = np.array(
+        axis=1,
+    ).astype(np.float32)
+    static_bad = np.stack(
         [
-            [
-                min(f.cost_pressure, 10.0),
-                1.0 - f.fair_share,
-                f.pool_share,
-                f.pool_busy,
-                f.purpose_mismatch,
-            ]
-            for f in batch
+            np.minimum(_column(batch, "cost_pressure"), 10.0),
+            1.0 - _column(batch, "fair_share"),
+            _column(batch, "pool_share"),
+            _column(batch, "pool_busy"),
+            _column(batch, "purpose_mismatch"),
         ],
-        dtype=np.float32,
-    )
+        axis=1,
+    ).astype(np.float32)
     return Encoded(free, bad, dt, mask, static_free, static_bad)
 
 

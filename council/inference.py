@@ -1,11 +1,13 @@
 """CouncilNet's forward pass in numpy, from the same state dict: what a decision runs, so that
 `gpu-agent request` never imports torch (over a second of a new process, on a 2-core machine).
 
-It computes the approval logits of council/torch_net.py step for step, in float64: the evidence
-decay sums thousands before it subtracts, which in torch's float32 moves a probability by up
-to 5e-5 on held-out requests, while float64 agrees with the torch model run in float64 to
-1e-9 (tests/test_council_inference.py). Training, the outcome head and the traces stay with
-the torch model.
+It computes the approval logits of council/torch_net.py, in float64, and agrees with the torch
+model run in float64 to 1e-9 and with its float32 to 1e-6 in probability
+(tests/test_council_inference.py): both sum the evidence decay from the end, as a total less a
+running sum cancelled thousands (in float32, up to 2e-4). The torch model computes the same
+CfC in another form (the batch longest first, padded steps skipped, tanh through sigmoid: see
+council/cfc.py); this one keeps the equations as written. Training, the outcome head and the
+traces stay with the torch model.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class NumpyCouncilNet:
             acc = np.broadcast_to(acc, (m, rows, *acc.shape[2:]))
         rate, weight = np.split(np.clip(acc, -20.0, 10.0), 2, axis=-1)
         log_decay = -np.exp(rate) * dt[None, :, :, None]
-        after = log_decay.sum(2, keepdims=True) - log_decay.cumsum(2)  # decay from k to the end
+        after = np.zeros_like(log_decay)  # decay from k to the end, summed from the end
+        after[:, :, :-1] = np.cumsum(log_decay[:, :, :0:-1], axis=2)[:, :, ::-1]
         carried = np.exp(weight + after) * enc.mask[None, :, :, None]
         evidence = np.einsum("btf,mcf->mbtc", enc.bad, self.mix)
         rates = (self.prior_num + (carried * evidence).sum(2)) / (self.prior_den + carried.sum(2))

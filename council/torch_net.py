@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from council.cfc import GRU, CfC, Trace, _init
+from council.cfc import GRU, CfC, Trace, _init, longest_first
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, STATIC_FREE, Encoded
 from council.spec import NetSpec
 
@@ -126,7 +126,25 @@ class CouncilNet(nn.Module):
     def forward(self, enc: Encoded[Tensor], trace: bool = False, rows: int = 1) -> Output:
         """`rows` > 1: `enc` holds one request repeated `rows` times with only its `bad` and
         static inputs changed (council/neural_council.py's occlusions); those never reach the
-        recurrent core, so it runs once, on the first row, and its result is shared."""
+        recurrent core, so it runs once, on the first row, and its result is shared.
+
+        Requests of different lengths run longest first, so that the CfC computes no padded
+        step (council/cfc.py), and their outputs come back in the batch's order."""
+        order = longest_first(enc.mask) if rows == 1 else None
+        if order is None:
+            return self._forward(enc, trace, rows)
+        out = self._forward(enc.take(order), trace, rows)
+        back = torch.argsort(order)
+        tr = out.trace
+        return Output(
+            out.logit[:, back],
+            out.outcome_logit[:, back],
+            out.rates[:, back],
+            None if tr is None else Trace(tr.gate[:, back], tr.rate[:, back], tr.hidden[:, back]),
+            None if out.decay is None else out.decay[:, back],
+        )
+
+    def _forward(self, enc: Encoded[Tensor], trace: bool, rows: int) -> Output:
         spec = self.spec
         dt = enc.dt if spec.time == "gate" else enc.mask.float()
         first = enc.take(torch.arange(1)) if rows > 1 else enc
@@ -139,10 +157,15 @@ class CouncilNet(nn.Module):
         h, acc, tr = self.core(free, core_dt, first.mask, in_mask, trace)
         if rows > 1:
             h, acc = h.expand(-1, rows, -1), acc.expand(-1, rows, -1, -1)
-        rate, weight = acc.clamp(-20.0, 10.0).chunk(2, dim=-1)
+        rate, weight = (a.clamp(-20.0, 10.0) for a in acc.chunk(2, dim=-1))  # contiguous
         log_decay = -torch.exp(rate) * dt.view(1, *dt.shape, 1)
-        after = log_decay.sum(2, keepdim=True) - log_decay.cumsum(2)  # decay from k to the end
-        carried = torch.exp(weight + after) * enc.mask.view(1, *enc.mask.shape, 1)
+        # decay from step k to the end: the sum of the later steps' log decays, summed from the
+        # end (a total minus a running sum cancels thousands in float32: 2e-4 in probability)
+        after = F.pad(log_decay.flip(2).cumsum(2).flip(2)[:, :, 1:], (0, 0, 0, 1))
+        # below e^-80 a step's weight is nothing beside the last step's (at least e^-20), and
+        # torch's float32 exp takes a slow path where it underflows
+        kept = enc.mask.to(after.dtype).view(1, *enc.mask.shape, 1)
+        carried = torch.exp((weight + after).clamp_min(-80.0)) * kept
         mix = F.softplus(self.mix) * self._buf("mask_seq_bad").unsqueeze(1)
         evidence = torch.einsum("btf,mcf->mbtc", enc.bad, mix)
         num = F.softplus(self.prior_num) + (carried * evidence).sum(2)
