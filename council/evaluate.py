@@ -54,7 +54,7 @@ from council.outcomes import (
 )
 from fleet.config import CouncilSettings, FleetConfig
 from fleet.errors import InvalidInput
-from fleet.models import CouncilDecision, CouncilOutcome
+from fleet.models import CouncilDecision
 
 WORLD_OFFSET = 900_000  # evaluation worlds' seeds: far from training's seed * 1000 + world
 SLICE_COLUMNS = ("requests", "ran", "known", "explored", "ess")  # learned_from's
@@ -175,18 +175,6 @@ def oracle(
     learned model's."""
     deny, approve = band([1 - s.habit_waste for s in val], [s.wasted == 1.0 for s in val], ipw(val))
     return [banded(1 - s.habit_waste, deny, approve, "oracle") for s in test]
-
-
-def approve_all(features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
-    """The baseline with no council: every request approved."""
-    return CouncilDecision(
-        outcome=CouncilOutcome.APPROVED,
-        probability=1.0,
-        votes=[],
-        quorum=settings.quorum,
-        policy="none",
-        summary="approved: no council",
-    )
 
 
 def spread(values: list[float | None]) -> dict[str, float | int | None]:

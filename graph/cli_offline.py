@@ -131,7 +131,6 @@ def council_evaluate(args: argparse.Namespace) -> int:
     from council.evaluate import (
         EvalSettings,
         Policy,
-        approve_all,
         evaluate,
         fixed,
         oracle,
@@ -139,6 +138,7 @@ def council_evaluate(args: argparse.Namespace) -> int:
         report,
     )
     from council.neural_council import SHIPPED, NeuralCouncil
+    from council.policies import approve_all
     from council.rules import ReferenceCouncil
 
     try:

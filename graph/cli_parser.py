@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default=",".join(DEFAULT_POLICIES),
         help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
-        f"gpu-agent, gpu-agent-no-autorelease (default: {','.join(DEFAULT_POLICIES)})",
+        f"gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council "
+        f"(default: {','.join(DEFAULT_POLICIES)})",
     )
     p.add_argument("--jobs", type=int, help="only the earliest N jobs of the trace")
     p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace fleet)")

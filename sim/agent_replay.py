@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from council.voting import Council
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, Release, ReleaseReason, Status
 from fleet.monitors import new_owner
@@ -83,14 +84,19 @@ def run_gpu_agent(
     config: FleetConfig,
     state_dir: Path,
     progress: Callable[[int], None] | None = None,
+    judge: Council | None = None,
 ) -> AgentRun:
+    """The workload through the graph; `judge`: the council to convene (None: the fleet
+    file's)."""
     config = config.model_copy(update={"budgets": dict(workload.budgets)})
     jobs = sorted(workload.jobs, key=lambda j: (j.submit, j.id))
     if not jobs:
         return AgentRun([], Counter(), 0, Counter())
     clock = EventClock(jobs[0].submit)
     backend = TraceFleet(config)
-    services = open_services(state_dir, config, backend=backend, clock=clock, durable=False)
+    services = open_services(
+        state_dir, config, backend=backend, clock=clock, durable=False, council=judge
+    )
     attempts: list[Attempt] = []
     council: Counter[str] = Counter()
     reviews = 0

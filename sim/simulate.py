@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
+from council.policies import NoCouncil
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
 from fleet.models import CouncilOutcome
@@ -35,19 +36,27 @@ from sim.workload import SimJob, Workload, WorkloadSettings, calibration, synthe
 TRACE_FLEET = "trace_fleet.toml"
 NO_RELEASE_MINUTES = 10.0**9  # an idle timeout no allocation reaches: auto-release off
 # (workload, fleet, state directory, progress) -> (attempts, what else the policy reports)
+CouncilChoice = Literal["fleet", "reference", "none"]
 Runner = Callable[
     [Workload, FleetConfig, Path, Callable[[int], None]], tuple[list[Attempt], dict[str, Any]]
 ]
 
 
-def _agent(auto_release: bool) -> Runner:
+def _agent(auto_release: bool = True, judge: CouncilChoice = "fleet") -> Runner:
+    """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
+    none (every request approved)."""
+
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
     ) -> tuple[list[Attempt], dict[str, Any]]:
         if not auto_release:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
-        result = run_gpu_agent(workload, config, out, progress)
+        if judge == "reference":
+            rules = config.council.model_copy(update={"policy": "reference"})
+            config = config.model_copy(update={"council": rules})
+        chosen = NoCouncil() if judge == "none" else None
+        result = run_gpu_agent(workload, config, out, progress, chosen)
         council = {o.value: result.council.get(o.value, 0) for o in CouncilOutcome}
         return result.attempts, {
             "council": dict(sorted(council.items())),
@@ -64,9 +73,13 @@ def _baseline(name: str) -> Runner:
 
 POLICIES: dict[str, Runner] = {
     **{name: _baseline(name) for name in BASELINES},
-    "gpu-agent": _agent(auto_release=True),
+    "gpu-agent": _agent(),
     # the same graph with the idle release switched off: what auto-release saves
     "gpu-agent-no-autorelease": _agent(auto_release=False),
+    # the same graph with the reference rules as its council, and with none: what the
+    # fleet file's council adds
+    "gpu-agent-rules": _agent(judge="reference"),
+    "gpu-agent-no-council": _agent(judge="none"),
 }
 
 

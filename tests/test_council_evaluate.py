@@ -24,7 +24,6 @@ from council.dataset import (
 )
 from council.evaluate import (
     EvalSettings,
-    approve_all,
     cell,
     evaluate,
     fixed,
@@ -45,6 +44,7 @@ from council.outcomes import (
     ess,
     figures,
 )
+from council.policies import approve_all
 from council.rules import ReferenceCouncil
 from council.train import (
     OUTCOME_MEMBERS,

@@ -191,6 +191,23 @@ def test_budgets_hold_under_gpu_agent(tmp_path: Path) -> None:
     assert naive["budget_violations"]["usd"] == pytest.approx(20.0 - 9.0)
 
 
+def test_the_councils_compared_on_the_same_jobs(tmp_path: Path) -> None:
+    """gpu-agent-no-council approves every request the council would vote on (2-GPU jobs:
+    none is small enough to skip it); gpu-agent-rules and gpu-agent convene theirs on the
+    same requests."""
+    config = parse_fleet(TINY_FLEET)
+    w = Workload(
+        [job(i, "p", i * 0.1, [Phase(1.0, 80.0)], count=2, requested=1.0) for i in range(4)], {}
+    )
+    counts = {}
+    for name in ("gpu-agent", "gpu-agent-rules", "gpu-agent-no-council"):
+        attempts, extra = POLICIES[name](w, config, tmp_path / name, lambda _n: None)
+        assert metrics(w.jobs, attempts, config, w.budgets)["work_share"] == 1.0
+        counts[name] = extra["council"]
+    assert counts["gpu-agent-no-council"]["approved"] == 4
+    assert all(sum(c.values()) == 4 and c["auto_approved"] == 0 for c in counts.values())
+
+
 def _trace(tmp_path: Path) -> Path:
     """A small trace in the Philly shape, rows out of time order."""
     rows = ["timestamp,duration,num_gpus,gpu_time,cluster"]
