@@ -71,11 +71,6 @@ def routed(route: RouteDecision, count: int) -> Priced:
     )
 
 
-def worst_case_usd(request: GPURequest, config: FleetConfig) -> float:
-    """The request's cost on the cheapest type it may run on."""
-    return cheapest(request, config).cost_usd
-
-
 def cost_pressure(worst_usd: float, remaining_usd: float | None) -> float:
     """Worst case over the remaining budget (over REFERENCE_USD without one), capped at 10."""
     if remaining_usd is None:

@@ -3,6 +3,7 @@ and routing enforce it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from council.voting import combine
 from fleet.config import CouncilSettings, MonitorSettings
 from fleet.models import CouncilOutcome, MemberVote, Purpose, ReleaseReason, Status, Verdict
 from fleet.monitoring import IdlePolicy, idle_limit_s
-from tests.conftest import OrchFactory, small_config
+from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
 
 RANK = {
     CouncilOutcome.DENIED: 0,
@@ -141,3 +142,20 @@ def test_a_guarded_allocation_is_released_at_the_guardrails_idle_limit(
     unguarded = plain.request(request)
     assert unguarded.release is not None and unguarded.allocation is not None
     assert unguarded.release.released_at - unguarded.allocation.started_at > held
+
+
+def test_the_cli_shows_the_guardrails_an_approval_carries(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(council=GUARDED_FLEET))
+    done = run_cli(
+        "request",
+        *("--project", "vision", "--purpose", "training", "--count", "2", "--hours", "1"),
+        *("--mode", "performance", "--no-wait"),
+        *("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet)),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "guardrails (approved): idle release after 10 min; the cheapest type per unit of "
+        "work; predicted to end wasteful: " in done.stdout
+    ), done.stdout
