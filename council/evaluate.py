@@ -20,6 +20,9 @@ request), on the test slice:
   auto_approved_waste_rate  the share of approved requests that end wasteful
   human_share               the share of voted requests sent to a human
   good_work_denied_share    the share of voted requests denied that would not have been wasted
+and, beside them in the JSON, approved_waste_rate (plain approvals alone), guarded_share
+(approved with guardrails, where the fleet file opts in: `guard_share`), waste_rate and
+guarded_waste_rate (every voted request, without guardrails and with them).
 """
 
 from __future__ import annotations
@@ -141,7 +144,10 @@ def outcome_logistic(
     from council.train import Split, summary_features
 
     if not train or not test:  # nothing to learn from: every request to a human
-        return [banded(0.5, BAND_FLOOR, BAND_CEILING, "outcome-logistic") for _ in test]
+        return [
+            banded(0.5, BAND_FLOOR, BAND_CEILING, "outcome-logistic", settings.guard_share)
+            for _ in test
+        ]
     xs = [summary_features(Split.of(part)) for part in (train, val, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
     xs = [(x - mu) / sd for x in xs]
@@ -162,7 +168,7 @@ def outcome_logistic(
     with torch.no_grad():
         pv, pt = (torch.sigmoid(lin(x).squeeze(1)).tolist() for x in xs[1:])
     deny, approve = band(pv, [s.wasted == 1.0 for s in val], ipw(val))
-    return [banded(x, deny, approve, "outcome-logistic") for x in pt]
+    return [banded(x, deny, approve, "outcome-logistic", settings.guard_share) for x in pt]
 
 
 def oracle(
@@ -174,7 +180,7 @@ def oracle(
     these worlds, not a bound (it ignores the request itself). Its band is chosen like a
     learned model's."""
     deny, approve = band([1 - s.habit_waste for s in val], [s.wasted == 1.0 for s in val], ipw(val))
-    return [banded(1 - s.habit_waste, deny, approve, "oracle") for s in test]
+    return [banded(1 - s.habit_waste, deny, approve, "oracle", settings.guard_share) for s in test]
 
 
 def spread(values: list[float | None]) -> dict[str, float | int | None]:
@@ -288,12 +294,14 @@ def report(result: dict[str, object]) -> str:
                     *("-" if got[k] is None else str(got[k]) for k in SLICE_COLUMNS),
                 ]
             )
-    rate = next(iter(families.values()))["waste_rate_mean"]
+    first = next(iter(families.values()))
+    rate, guarded = first["waste_rate_mean"], first["guarded_waste_rate_mean"]
     return "\n".join(
         [
             *table(rows),
             f"on the last 30 % of {len(seeds)} world(s) (seeds {', '.join(map(str, seeds))}),"
             + ("" if rate is None else f" where {rate:.1%} of the voted requests end wasteful")
+            + ("" if guarded is None else f" ({guarded:.1%} under the guardrails)")
             + "; mean ± sd over the seeds (n=: the seeds with something to measure)",
             "",
             *table(learned),

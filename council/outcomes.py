@@ -8,7 +8,6 @@ import math
 from collections.abc import Sequence
 
 from council.dataset import Sample
-from fleet.config import GUARD_AT
 from fleet.models import CouncilDecision, CouncilOutcome
 
 # the outcomes that approve without a human: plain, and with guardrails
@@ -20,8 +19,9 @@ FIGURES = (
     "human_share",
     "good_work_denied_share",
 )
-# and what they leave out: the plain approvals' waste, the share approved with guardrails
-DETAILS = ("approved_waste_rate", "guarded_share", "waste_rate")
+# and what they leave out: the plain approvals' waste, the share approved with guardrails,
+# the waste of all voted requests without guardrails and with them
+DETAILS = ("approved_waste_rate", "guarded_share", "waste_rate", "guarded_waste_rate")
 AUTO_WASTE_GOAL = 0.05  # a learned band approves where at most this share ends wasteful
 GOOD_DENIED_GOAL = 0.005  # and denies at most this share of requests that would do good work
 # A band's outer edges: "deny nothing" and "approve nothing" as CouncilSettings accepts them
@@ -96,6 +96,8 @@ def figures(
         "good_work_denied_share": share(denied_good, n),
         "requests": n,
         "waste_rate": share(sum(waste), n),
+        # the same requests had every one been approved with guardrails
+        "guarded_waste_rate": share(sum(s.would_waste_guarded == 1.0 for s in samples), n),
     }
 
 
@@ -144,13 +146,14 @@ def band(
     return max(BAND_FLOOR, min(deny, math.nextafter(approve, 0.0))), approve
 
 
-def banded(p: float, deny: float, approve: float, policy: str) -> CouncilDecision:
+def banded(
+    p: float, deny: float, approve: float, policy: str, guard_share: float | None = None
+) -> CouncilDecision:
     """A decision from a probability and a band (no members: a single model), in
     council.voting.combine's order: denied at or below `deny` before approved at or above
-    `approve`; approved with guardrails from GUARD_AT of the way between, as a council's
-    band is split by default (fleet.config.CouncilSettings.guard), so that the families'
-    human shares compare."""
-    guard = deny + GUARD_AT * (approve - deny)
+    `approve`; approved with guardrails from `guard_share` of the way between, where given,
+    as a council's band is split (fleet.config.CouncilSettings.guard)."""
+    guard = approve if guard_share is None else deny + guard_share * (approve - deny)
     outcome = (
         CouncilOutcome.DENIED
         if p <= deny

@@ -28,8 +28,9 @@ def combine(
     votes: list[MemberVote], settings: CouncilSettings, policy: str, temperature: float = 1.0
 ) -> CouncilDecision:
     """Weighted soft vote over every member; then approve (at or above the approve threshold,
-    with `quorum` members approving outright), approve with guardrails (at or above the guard
-    threshold), ask a human, or deny (at or below the deny threshold).
+    with `quorum` members approving outright), approve with guardrails (where the fleet opted
+    in, `guard_share`: at or above the guard threshold, or above approve without a quorum),
+    ask a human, or deny (at or below the deny threshold).
 
     Keeping unsure (abstaining) members in the average, rather than dropping them, makes the
     council's probability a monotone function of each member's; and since only approval
@@ -48,16 +49,20 @@ def combine(
         outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
     elif p >= approve and quorate:
         outcome, summary = CouncilOutcome.APPROVED, f"approved with p={p:.2f}"
-    else:
-        rails = guardrails(p, settings)
-        if p >= guard and guard < approve:
+    else:  # a fleet that opted in to guardrails also shows a human what approval carries
+        rails = None if settings.guard_share is None else guardrails(p, settings)
+        short = f"no quorum: {approvers} of {len(votes)} members approve"  # p >= approve
+        if rails is not None and p >= guard:
             outcome = CouncilOutcome.GUARDED
             summary = f"approved with guardrails at p={p:.2f}: {rails.describe()}"
+            summary += f"; {short}" if p >= approve else ""
         else:
             outcome = CouncilOutcome.SPLIT
-            summary = f"split at p={p:.2f}: a human decides"
-        if p >= approve:  # held back by the quorum alone
-            summary += f"; no quorum: {approvers} of {len(votes)} members approve"
+            summary = (
+                f"{short}; a human decides"
+                if p >= approve
+                else f"split at p={p:.2f}: a human decides"
+            )
     if outcome is not CouncilOutcome.APPROVED:
         against = sorted(
             (v for v in votes if v.verdict is Verdict.DENY), key=lambda v: v.probability

@@ -6,7 +6,6 @@ Unknown keys are errors, so a typo in a threshold never silently falls back to a
 from __future__ import annotations
 
 import functools
-import math
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -95,22 +94,19 @@ class SchedulerSettings(_Strict):
 # council's is wider: calibration makes its probability sharp, and the errors it still makes
 # sit in (0.25, 0.75), where a human then decides (council/weights/MODEL_CARD.md).
 POLICY_BANDS: dict[str, tuple[float, float]] = {"neural": (0.25, 0.75), "reference": (0.4, 0.6)}
-# Where the human band ends and approval with guardrails begins, as a share of the way from
-# the deny to the approve threshold: the upper half of the old human band is approved with
-# guardrails rather than asked about (council.guardrails).
-GUARD_AT = 0.5
 
 
 class CouncilSettings(_Strict):
     auto_approve_max_gpus: int = Field(default=1, ge=0)
     auto_approve_max_usd: float = Field(default=25, ge=0)
-    # On the council's probability; between deny and guard a human decides, between guard
-    # and approve (or above approve without a quorum of approvers) it approves with
-    # guardrails. Unset: the policy's own (neural: 0.25 / 0.5 / 0.75 on its calibrated
-    # probability; reference: 0.4 / 0.5 / 0.6); guard unset: GUARD_AT of the way between.
+    # On the council's probability; between the two a human decides. Unset: the policy's
+    # own (neural: 0.25 / 0.75 on its calibrated probability; reference: 0.4 / 0.6).
     approve_threshold: float | None = Field(default=None, gt=0, lt=1)
-    guard_threshold: float | None = Field(default=None, gt=0, lt=1)
     deny_threshold: float | None = Field(default=None, gt=0, lt=1)
+    # Approval with guardrails (council.guardrails), opt-in: from this share of the way from
+    # the deny to the approve threshold (0.5: the upper half of the human band), and above
+    # approve without a quorum of approvers. None: every uncertain request goes to a human.
+    guard_share: float | None = Field(default=None, gt=0, le=1)
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
     guard_idle_minutes: float = Field(default=10, gt=0)
@@ -126,12 +122,6 @@ class CouncilSettings(_Strict):
         deny, approve = self.band()
         if deny >= approve:
             raise ValueError(f"deny_threshold ({deny}) must be below approve_threshold ({approve})")
-        guard = self.guard_threshold
-        if guard is not None and not deny < guard <= approve:
-            raise ValueError(
-                f"guard_threshold ({guard}) must be above deny_threshold ({deny}) and at most "
-                f"approve_threshold ({approve})"
-            )
         return self
 
     def band(self, policy: str | None = None) -> tuple[float, float]:
@@ -142,12 +132,10 @@ class CouncilSettings(_Strict):
         return deny, approve
 
     def guard(self, policy: str | None = None) -> float:
-        """Approve with guardrails at or above this: the threshold set (within the band),
-        else GUARD_AT of the way from deny to approve."""
+        """Approve with guardrails at or above this: `guard_share` of the way from deny to
+        approve; without a share, approve itself (no guarded band)."""
         deny, approve = self.band(policy)
-        if self.guard_threshold is None:
-            return deny + GUARD_AT * (approve - deny)
-        return min(max(self.guard_threshold, math.nextafter(deny, 1.0)), approve)
+        return approve if self.guard_share is None else deny + self.guard_share * (approve - deny)
 
 
 class LimitSettings(_Strict):

@@ -26,7 +26,6 @@ from tests.conftest import fleet_toml, run_cli, small_config
 COUNCIL = {
     "policy": "reference",
     "approve_threshold": 0.99,
-    "guard_threshold": 0.99,
     "deny_threshold": 0.01,
     "auto_approve_max_gpus": 1,
 }

@@ -73,7 +73,6 @@ def test_a_split_council_is_a_result_not_an_exception(make_orch: OrchFactory) ->
             council={
                 "policy": "reference",
                 "approve_threshold": 0.99,
-                "guard_threshold": 0.99,
                 "deny_threshold": 0.05,
                 "auto_approve_max_gpus": 0,
             }

@@ -327,12 +327,7 @@ def test_human_review_through_the_cli(tmp_path: Path) -> None:
         fleet_toml(
             clock={"time_scale": 3600},
             monitor={"tick_seconds": 600},
-            council={
-                "policy": "reference",
-                "approve_threshold": 0.99,
-                "guard_threshold": 0.99,
-                "auto_approve_max_gpus": 0,
-            },
+            council={"policy": "reference", "approve_threshold": 0.99, "auto_approve_max_gpus": 0},
         )
     )
     opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]

@@ -20,7 +20,6 @@ from tests.conftest import fleet_toml, run_cli
 COUNCIL = {
     "policy": "reference",
     "approve_threshold": 0.99,
-    "guard_threshold": 0.99,
     "deny_threshold": 0.01,
     "auto_approve_max_gpus": 1,
     "auto_approve_max_usd": 100_000,

@@ -142,11 +142,12 @@ def test_approved_with_guardrails_counts_as_approved_at_its_guarded_outcome() ->
     assert got["approved_waste_rate"] == 0.0
     assert got["guarded_share"] == pytest.approx(1 / 4)
     assert got["human_share"] == pytest.approx(1 / 4)
-    # a single model's band is split as a council's is: the upper half is guarded
-    assert [banded(p, 0.2, 0.8, "t").outcome for p in (0.45, 0.55)] == [
+    # a single model's band is split as a council's is, where a share is given
+    assert [banded(p, 0.2, 0.8, "t", 0.5).outcome for p in (0.45, 0.55)] == [
         CouncilOutcome.SPLIT,
         CouncilOutcome.GUARDED,
     ]
+    assert banded(0.55, 0.2, 0.8, "t").outcome is CouncilOutcome.SPLIT
 
 
 def test_the_split_is_by_time_and_the_test_slice_is_the_last_thirty_percent() -> None:

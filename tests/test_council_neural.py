@@ -197,13 +197,12 @@ def test_the_philly_trace_replays_into_samples() -> None:
     )
 
 
-SPLIT = {"quorum": 6, "auto_approve_max_gpus": 0, "guard_threshold": 0.75}
+SPLIT = {"quorum": 6, "auto_approve_max_gpus": 0}
 
 
 def split_config() -> FleetConfig:
     """Every member must approve; 8 of the small fleet's 10 training GPUs is too many for
-    the capacity member, so there is no quorum; with no guarded band (guard at approve) a
-    human decides."""
+    the capacity member, so there is no quorum and a human decides."""
     return small_config(council=SPLIT)
 
 

@@ -103,7 +103,7 @@ def test_quorum_and_split() -> None:
         return MemberVote(member="m", verdict=verdict, probability=p)
 
     split = combine(
-        [vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY), vote(0.4, Verdict.DENY)],
+        [vote(0.9, Verdict.APPROVE), vote(0.1, Verdict.DENY), vote(0.5, Verdict.APPROVE)],
         SETTINGS,
         "t",
     )
@@ -125,11 +125,10 @@ def test_quorum_and_split() -> None:
             SETTINGS,
             "t",
         ).outcome
-        is CouncilOutcome.GUARDED
+        is CouncilOutcome.SPLIT
     )
     assert no_quorum.probability > SETTINGS.band("reference")[1]
-    # without a quorum a confident council approves only with guardrails
-    assert no_quorum.outcome is CouncilOutcome.GUARDED and "quorum" in no_quorum.summary
+    assert no_quorum.outcome is CouncilOutcome.SPLIT and "quorum" in no_quorum.summary
     unsure_no = combine(
         [vote(0.01, Verdict.DENY), vote(0.2, Verdict.DENY), vote(0.48, Verdict.ABSTAIN)],
         SETTINGS,

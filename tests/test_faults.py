@@ -42,7 +42,6 @@ def config() -> FleetConfig:
         council={
             "policy": "reference",
             "approve_threshold": 0.99,
-            "guard_threshold": 0.99,
             "deny_threshold": 0.01,
             "auto_approve_max_gpus": 1,
         }
@@ -212,7 +211,6 @@ def test_a_sigkill_in_review_and_wait(tmp_path: Path, point: str) -> None:
             council={
                 "policy": "reference",
                 "approve_threshold": 0.99,
-                "guard_threshold": 0.99,
                 "deny_threshold": 0.01,
                 "auto_approve_max_gpus": 1 if review else 2,
                 "auto_approve_max_usd": 25 if review else 10**6,

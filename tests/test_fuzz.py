@@ -58,7 +58,6 @@ def tried(target: str) -> None:
 COUNCIL = {
     "policy": "reference",
     "approve_threshold": 0.99,
-    "guard_threshold": 0.99,
     "deny_threshold": 0.01,
     "auto_approve_max_gpus": 1,
 }

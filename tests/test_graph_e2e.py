@@ -84,7 +84,6 @@ def split_config() -> Any:
         council={
             "policy": "reference",
             "approve_threshold": 0.99,
-            "guard_threshold": 0.99,
             "deny_threshold": 0.05,
             "auto_approve_max_gpus": 0,
         }

@@ -22,7 +22,7 @@ RANK = {
     CouncilOutcome.GUARDED: 2,
     CouncilOutcome.APPROVED: 3,
 }
-S = CouncilSettings(policy="reference")  # deny 0.4, guard 0.5, approve 0.6
+S = CouncilSettings(policy="reference", guard_share=0.5)  # deny 0.4, guard 0.5, approve 0.6
 
 
 def votes(p: float, approvers: int = 4) -> list[MemberVote]:
@@ -38,7 +38,7 @@ def votes(p: float, approvers: int = 4) -> list[MemberVote]:
 
 
 def test_the_four_decisions_by_probability() -> None:
-    assert S.band() == (0.4, 0.6) and S.guard() == 0.5
+    assert S.band() == (0.4, 0.6) and S.guard() == pytest.approx(0.5)
     decided = {p: combine(votes(p), S, "t") for p in (0.3, 0.45, 0.52, 0.58, 0.7)}
     assert [d.outcome for d in decided.values()] == [
         CouncilOutcome.DENIED,
@@ -62,9 +62,11 @@ def test_the_four_decisions_by_probability() -> None:
 def test_without_a_quorum_a_confident_council_approves_with_guardrails() -> None:
     d = combine(votes(0.9, approvers=2), S, "t")
     assert d.outcome is CouncilOutcome.GUARDED and "no quorum: 2 of 4" in d.summary
-    # with no guarded band (guard at approve), the quorum still sends it to a human
-    closed = S.model_copy(update={"guard_threshold": 0.6})
+    # with no guarded band (the default), the quorum still sends it to a human
+    closed = S.model_copy(update={"guard_share": None})
+    assert closed.guard() == 0.6
     assert combine(votes(0.9, approvers=2), closed, "t").outcome is CouncilOutcome.SPLIT
+    assert combine(votes(0.55), closed, "t").outcome is CouncilOutcome.SPLIT
 
 
 def test_more_waste_evidence_never_buys_a_kinder_decision() -> None:
@@ -77,22 +79,20 @@ def test_more_waste_evidence_never_buys_a_kinder_decision() -> None:
         assert ranks == sorted(ranks)
 
 
-@pytest.mark.parametrize(
-    ("fields", "word"),
-    [({"guard_threshold": 0.3}, "guard_threshold"), ({"guard_threshold": 0.7}, "guard_threshold")],
-)
-def test_a_guard_threshold_outside_the_band_is_refused(fields: dict[str, Any], word: str) -> None:
-    with pytest.raises(ValidationError, match=word):
-        CouncilSettings(policy="reference", **fields)
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_a_guard_share_outside_the_band_is_refused(share: float) -> None:
+    with pytest.raises(ValidationError, match="guard_share"):
+        CouncilSettings(guard_share=share)
 
 
-def test_guard_is_clamped_into_a_band_set_after_validation() -> None:
-    """A neural council's trained band replaces deny and approve without validation."""
-    moved = CouncilSettings(guard_threshold=0.5).model_copy(
+def test_the_guarded_band_follows_a_band_set_after_validation() -> None:
+    """A neural council's trained band replaces deny and approve without validation; the
+    share places the guard inside it."""
+    moved = CouncilSettings(guard_share=0.5).model_copy(
         update={"deny_threshold": 0.6, "approve_threshold": 0.9}
     )
-    assert 0.6 < moved.guard() <= 0.9
-    assert guardrails(0.7, moved).cheaper_type  # below the middle of 0.6+ .. 0.9
+    assert moved.guard() == pytest.approx(0.75)
+    assert guardrails(0.7, moved).cheaper_type  # below the middle of 0.75 .. 0.9
 
 
 def test_the_guardrail_shortens_the_idle_timeout_only_where_no_command_runs() -> None:
@@ -107,7 +107,7 @@ def test_the_guardrail_shortens_the_idle_timeout_only_where_no_command_runs() ->
 GUARDED_FLEET: dict[str, Any] = {
     "policy": "reference",
     "deny_threshold": 0.01,
-    "guard_threshold": 0.85,  # the reference council gives this request p=0.91
+    "guard_share": 0.85,  # guard at 0.85: the reference council gives this request p=0.91
     "approve_threshold": 0.999,
     "auto_approve_max_gpus": 0,
 }

@@ -61,7 +61,6 @@ def serve(tmp: Path, env_extra: dict[str, str]) -> Iterator[dict[str, str]]:
             council={
                 "policy": "reference",
                 "approve_threshold": 0.99,
-                "guard_threshold": 0.99,
                 "deny_threshold": 0.05,
                 "auto_approve_max_gpus": 1,
             },

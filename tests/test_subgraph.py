@@ -73,7 +73,6 @@ def test_a_human_review_interrupts_the_parent_and_resumes_through_it(
             council={
                 "policy": "reference",
                 "approve_threshold": 0.99,
-                "guard_threshold": 0.99,
                 "deny_threshold": 0.05,
                 "auto_approve_max_gpus": 0,
             }

@@ -28,7 +28,6 @@ from tests.conftest import small_config
 COUNCIL = {
     "policy": "reference",
     "approve_threshold": 0.99,
-    "guard_threshold": 0.99,
     "deny_threshold": 0.01,
     "auto_approve_max_gpus": 1,
     "auto_approve_max_usd": 100_000,

@@ -75,7 +75,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         council={
             "policy": "reference",
             "approve_threshold": 0.99,
-            "guard_threshold": 0.99,
             "deny_threshold": 0.01,
             "auto_approve_max_gpus": 1,
             "auto_approve_max_usd": 100_000,
