@@ -144,10 +144,7 @@ def outcome_logistic(
     from council.train import Split, summary_features
 
     if not train or not test:  # nothing to learn from: every request to a human
-        return [
-            banded(0.5, BAND_FLOOR, BAND_CEILING, "outcome-logistic", settings.guard_share)
-            for _ in test
-        ]
+        return [banded(0.5, BAND_FLOOR, BAND_CEILING, "outcome-logistic") for _ in test]
     xs = [summary_features(Split.of(part)) for part in (train, val, test)]
     mu, sd = xs[0].mean(0), xs[0].std(0).clamp_min(1e-6)
     xs = [(x - mu) / sd for x in xs]

@@ -61,13 +61,16 @@ def cheapest(request: GPURequest, config: FleetConfig) -> Priced:
 
 
 def routed(route: RouteDecision, count: int) -> Priced:
-    """The request priced on the route it would take: what the council judges."""
+    """The request priced on the route it would take: what the council judges, on the whole
+    lease it asked for (not one the budget shortened: the training worlds price it so, and
+    a request the budget cannot take whole is not a small one)."""
+    hours = route.asked_hours or route.est_hours
     return Priced(
         gpu_type=route.gpu_type,
         count=count,
         price_per_hour=route.price_per_hour,
-        hours=route.est_hours,
-        cost_usd=route.est_cost_usd,
+        hours=hours,
+        cost_usd=route.price_per_hour * count * hours,
     )
 
 

@@ -106,10 +106,10 @@ class CouncilSettings(_Strict):
     # Approval with guardrails (council.guardrails), opt-in: from this share of the way from
     # the deny to the approve threshold (0.5: the upper half of the human band), and above
     # approve without a quorum of approvers. None: every uncertain request goes to a human.
-    guard_share: float | None = Field(default=None, gt=0, le=1)
+    guard_share: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
-    guard_idle_minutes: float = Field(default=10, gt=0)
+    guard_idle_minutes: float = Field(default=10, gt=0, allow_inf_nan=False)
     quorum: int = Field(default=3, ge=1)
     history_events: int = Field(default=32, ge=1, le=64)
     record_half_life_days: float = Field(default=7, gt=0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from fleet.budget import admitted_hours, even_shortened
 from fleet.config import FleetConfig
-from fleet.models import GPURequest, RouteDecision, RouteMode, RouteOption
+from fleet.models import GPURequest, Guardrails, RouteDecision, RouteMode, RouteOption
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,14 @@ def _option(
         why_not=why_not,
         asked_hours=hours if lease < hours else None,
     )
+
+
+def guarded(request: GPURequest, rails: Guardrails | None) -> GPURequest:
+    """The request as routing weighs it under the council's guardrails: in budget mode where
+    they ask for the cheaper type (a type the request names stays its choice)."""
+    if rails is None or not rails.cheaper_type or request.mode is RouteMode.BUDGET:
+        return request
+    return request.model_copy(update={"mode": RouteMode.BUDGET})
 
 
 def types_for(request: GPURequest, config: FleetConfig) -> list[str]:

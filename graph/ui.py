@@ -45,8 +45,8 @@ from council.features import cheapest
 from fleet import names
 from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
-from fleet.models import GPURequest, Priced, RouteMode, Status
-from fleet.routing import Refusal
+from fleet.models import CouncilDecision, GPURequest, RouteMode, Status
+from fleet.routing import Refusal, guarded
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
 from nodes.audit import ask_key, decision_key, recorded
@@ -652,7 +652,7 @@ class WebUI:
                 )
             parts.append("</table>")
             rails = out.council.guardrails
-            if rails is not None:
+            if rails is not None and out.status is not Status.DENIED:
                 when = "if approved" if out.status is Status.PENDING_REVIEW else "approved"
                 parts.append(
                     f'<p class="guardrails">Guardrails ({when}): {_e(rails.describe())}. '
@@ -660,9 +660,7 @@ class WebUI:
                 )
         pending = out.status is Status.PENDING_REVIEW
         if pending and out.request is not None:
-            parts.append(
-                self._costs(orch, out.request, out.council.priced if out.council else None)
-            )
+            parts.append(self._costs(orch, out.request, out.council))
         elif out.route is not None:
             r = out.route
             parts.append(
@@ -741,12 +739,15 @@ class WebUI:
             text += self._release_form(request, a.id, f"reviews/{tid}")
         return text + "</div>"
 
-    def _costs(self, orch: Orchestrator, request: GPURequest, judged: Priced | None) -> str:
-        """The cost the council judged beside what the route would place now, and why they
-        differ: the council prices the request at its worst case (all its GPUs for the whole
-        requested time) on the route it would take when the council voted (`judged`; before
-        2026-12-04 the cheapest type that does the work, which `None` stands for here); the
-        fleet's load or the project's budget may have moved the route since."""
+    def _costs(
+        self, orch: Orchestrator, request: GPURequest, decision: CouncilDecision | None
+    ) -> str:
+        """The cost the council judged beside what the route would place now, under the
+        guardrails a human's approval carries, and why they differ: the council prices the
+        request at its worst case (all its GPUs for the whole requested time) on the route it
+        would take when the council voted (before 2026-12-04 on the cheapest type that does
+        the work); the fleet's load or the project's budget may have moved the route since."""
+        judged = decision.priced if decision is not None else None
         svc = orch.services
         config = svc.config
         types = [
@@ -770,7 +771,8 @@ class WebUI:
             f"the council judged the cost at its worst case on {on} ({n} x {judged.gpu_type} "
             f"for {_hours(round(judged.hours, 2))}{of_work}: {_money(judged.cost_usd)})"
         )
-        route = svc.route(request)
+        asked = guarded(request, decision.guardrails if decision else None)
+        route = svc.route(asked)
         if isinstance(route, Refusal):
             return (
                 f'<h2>If approved now</h2><p class="error">refused: {_e(route.reason)}'
@@ -799,6 +801,8 @@ class WebUI:
                 why = "the cheapest type per unit of work now:"
             if queued:
                 why += " (no type has the GPUs free now: it would wait in the queue)"
+        if asked is not request:
+            why = f"with the council's guardrail (the cheaper type, not the fastest), {why}"
         same = (
             route.gpu_type == judged.gpu_type and abs(route.est_cost_usd - judged.cost_usd) < 0.005
         )

@@ -5,28 +5,19 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from fleet.models import GPURequest, RouteMode, Status
-from fleet.routing import Refusal
+from fleet.models import Status
+from fleet.routing import Refusal, guarded
 from nodes import audit
 from nodes.context import Context, services_for
 from nodes.progress import report
 from nodes.state import State, request_of
 
 
-def _guarded(request: GPURequest, state: State) -> GPURequest:
-    """The request as routing weighs it: in budget mode where the council's guardrails ask
-    for the cheaper type (a type the request names stays its choice)."""
-    decision = state.get("council")
-    rails = decision.guardrails if decision is not None else None
-    if rails is None or not rails.cheaper_type or request.mode is RouteMode.BUDGET:
-        return request
-    return request.model_copy(update={"mode": RouteMode.BUDGET})
-
-
 def route(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
-    routed = _guarded(request, state)
+    decided = state.get("council")
+    routed = guarded(request, decided.guardrails if decided is not None else None)
     decision = svc.route(routed)
     if isinstance(decision, Refusal):
         audit.denial(svc, state, request, "rules", decision.reason)

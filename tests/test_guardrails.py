@@ -9,11 +9,24 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from council.features import routed
 from council.guardrails import guardrails
 from council.voting import combine
 from fleet.config import CouncilSettings, MonitorSettings
-from fleet.models import CouncilOutcome, MemberVote, Purpose, ReleaseReason, Status, Verdict
+from fleet.models import (
+    CouncilOutcome,
+    GPURequest,
+    Guardrails,
+    MemberVote,
+    Purpose,
+    ReleaseReason,
+    RouteDecision,
+    RouteMode,
+    Status,
+    Verdict,
+)
 from fleet.monitoring import IdlePolicy, idle_limit_s
+from fleet.routing import guarded
 from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
 
 RANK = {
@@ -79,10 +92,27 @@ def test_more_waste_evidence_never_buys_a_kinder_decision() -> None:
         assert ranks == sorted(ranks)
 
 
-@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5, float("nan"), True])
 def test_a_guard_share_outside_the_band_is_refused(share: float) -> None:
     with pytest.raises(ValidationError, match="guard_share"):
         CouncilSettings(guard_share=share)
+
+
+@pytest.mark.parametrize("minutes", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_guard_idle_limit_must_be_a_positive_number(minutes: float) -> None:
+    with pytest.raises(ValidationError, match="guard_idle_minutes"):
+        CouncilSettings(guard_idle_minutes=minutes)
+
+
+def test_the_cheaper_type_guardrail_routes_by_price_unless_a_type_is_named() -> None:
+    """What the route node and the review page's "if approved now" both route."""
+    fast = GPURequest(project="p", count=2, duration_hours=4, mode="performance")
+    rails = Guardrails(predicted_waste=0.4, idle_minutes=10, cheaper_type=True)
+    assert guarded(fast, rails).mode is RouteMode.BUDGET
+    assert guarded(fast, rails.model_copy(update={"cheaper_type": False})) is fast
+    assert guarded(fast, None) is fast
+    named = fast.model_copy(update={"gpu_type": "H100"})
+    assert guarded(named, rails).gpu_type == "H100"  # the named type stays its choice
 
 
 def test_the_guarded_band_follows_a_band_set_after_validation() -> None:
@@ -159,3 +189,21 @@ def test_the_cli_shows_the_guardrails_an_approval_carries(tmp_path: Path) -> Non
         "guardrails (approved): idle release after 10 min; the cheapest type per unit of "
         "work; predicted to end wasteful: " in done.stdout
     ), done.stdout
+
+
+def test_the_council_prices_the_whole_lease_the_route_would_take() -> None:
+    """A budget that shortens the lease to 2.75 h does not make the request look cheaper to
+    the council: it is priced on the 10 h asked, on the routed type."""
+    route = RouteDecision(
+        gpu_type="A100",
+        pool=Purpose.TRAINING,
+        mode=RouteMode.BUDGET,
+        price_per_hour=4.0,
+        est_hours=2.75,
+        est_cost_usd=11.0,
+        reason="cheapest",
+        asked_hours=10.0,
+    )
+    priced = routed(route, 1)
+    assert (priced.gpu_type, priced.hours, priced.cost_usd) == ("A100", 10.0, 40.0)
+    assert priced.describe() == "1 x A100 at $4.00/GPU-h for 10.00 h"
