@@ -124,18 +124,25 @@ def _verdict(ab: dict[str, dict[str, float]]) -> str:
 def outcome_card(m: dict[str, Any]) -> str:
     """The card of a council trained on outcomes (council.train, target "outcome")."""
     t, s = m["test"], m["settings"]
+    core, time = s.get("core", "cfc"), s.get("time", "gate")
+    cell = "CfC" if core == "cfc" else "GRU"
+    cell += (
+        "" if time == "gate" else " (log(1 + dt) as an input)" if time == "input" else " (no time)"
+    )
+    flags = "" if (core, time) == ("cfc", "gate") else f" --core {core} --time {time}"
     mono = t["monotonicity"]
     deny, approve = t["band"]
     return "\n".join(
         [
-            "# Model card: the CfC council trained on outcomes",
+            f"# Model card: the {cell} council trained on outcomes",
             "",
-            f"Written by `gpu-agent council train --target outcome --seed {s['seed']}` on the "
+            f"Written by `gpu-agent council train --target outcome --seed {s['seed']}{flags}` "
+            "on the "
             f"CPU in {m['seconds']} s. Every figure below comes from that run (also in "
             "`metrics.json`).",
             "",
             "## What it learns",
-            f"Members {', '.join(m['members'])}: each a CfC cell over the project's record "
+            f"Members {', '.join(m['members'])}: each a {cell} cell over the project's record "
             "with monotone evidence accumulators, as the reference-trained council, "
             f"{m['params']} parameters in all. Each learns whether a request that ran ended "
             "without waste (its work not lost to an idle release or a budget cut, under a "

@@ -44,7 +44,7 @@ from council.dataset import (
 from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
-from council.spec import NetSpec
+from council.spec import Core, NetSpec, TimeMode
 from council.torch_net import CouncilNet, param_count
 from fleet.config import FleetConfig
 from fleet.trace import Job, read_trace
@@ -72,6 +72,8 @@ class TrainSettings:
     ablations: bool = True
     target: Target = "reference"
     explore: float = EXPLORE  # outcome target: the share of denied requests run anyway
+    core: Core = "cfc"  # the members' recurrent cell (council.spec), for comparing families
+    time: TimeMode = "gate"  # how elapsed time enters it
 
 
 @dataclass
@@ -484,7 +486,7 @@ def _train(
         f"data: {len(train_set.samples)} train, {len(val.samples)} validation, "
         f"{len(test.samples)} test requests ({time.perf_counter() - started:.0f} s)"
     )
-    net = CouncilNet(council_spec(s.seed, s.target))
+    net = CouncilNet(council_spec(s.seed, s.target, core=s.core, time=s.time))
     fit(net, train_set, s, log)
     metrics_time = time.perf_counter() - started
     council = NeuralCouncil.of(net, 1.0, (1.0,) * len(net.spec.members), "cfc-council")

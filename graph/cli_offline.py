@@ -104,6 +104,8 @@ def cmd_council(args: argparse.Namespace) -> int:
         ablations=not args.no_ablations,
         target=args.target,
         explore=explore,
+        core=args.core,
+        time=args.time,
     )
     log = (lambda _: None) if args.json else print
     metrics = train(settings, load_fleet(fleet_file(args)), out, log)

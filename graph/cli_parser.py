@@ -463,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --target outcome only: the share of the requests the rules deny that run "
         "anyway, so their outcomes are learned; above 0, at most 0.5 (default 0.05)",
     )
+    cp.add_argument(
+        "--core",
+        choices=("cfc", "gru"),
+        default="cfc",
+        help="the members' recurrent cell (default cfc), to compare families on the same data",
+    )
+    cp.add_argument(
+        "--time",
+        choices=("gate", "input", "none"),
+        default="gate",
+        help="how elapsed time enters it: the CfC's time gate (default), log(1+dt) as an "
+        "input (a GRU's), or not at all",
+    )
     cp.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ep = csub.add_parser(
         "evaluate",

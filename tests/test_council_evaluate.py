@@ -9,6 +9,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from council.dataset import (
     time_split,
     wasteful,
 )
+from council.encoding import encode_arrays
 from council.evaluate import (
     EvalSettings,
     cell,
@@ -349,6 +351,33 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     assert council.decide(f, lenient).outcome is not CouncilOutcome.DENIED
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "trained on outcomes" in card and "1 / the chance it had to run" in card
+
+
+def test_a_gru_family_trains_on_the_same_data_and_decides_on_numpy(tmp_path: Path) -> None:
+    """`council train --core gru --time input`: the same members, data and steps with a GRU
+    reading log(1 + dt); the weights load into the numpy forward, which agrees with torch,
+    and stay monotone."""
+    s = TrainSettings(
+        worlds=3,
+        world_days=20,
+        world_projects=8,
+        steps=10,
+        batch=64,
+        target="outcome",
+        core="gru",
+        time="input",
+    )
+    metrics = train(s, load_fleet(None), tmp_path, log=lambda _: None)
+    council = NeuralCouncil.load(tmp_path / WEIGHTS_FILE)
+    assert (council.model.spec.core, council.model.spec.time) == ("gru", "input")
+    test = metrics["test"]
+    assert isinstance(test, dict) and test["monotonicity"]["violations"] == 0
+    batch = [features(random.Random(i)) for i in range(8)]
+    torch_p = council.probabilities(batch).double().numpy()
+    numpy_p = 1 / (1 + np.exp(-council.model.logits(encode_arrays(batch))))
+    assert np.abs(torch_p - numpy_p).max() < 1e-5
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "the GRU (log(1 + dt) as an input) council" in card and "--core gru" in card
 
 
 def test_an_auc_with_nothing_to_rank_is_none_not_nan() -> None:
