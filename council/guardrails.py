@@ -1,12 +1,13 @@
 """Which guardrails an approval carries, chosen from the council's predicted waste.
 
-Between the human band and plain approval, the council approves with guardrails rather than
-ask a human or deny: the allocation is released after `guard_idle_minutes` idle where nothing
-says its work goes on (no `gpu-agent run` command running; a pause the work came back from
-still stretches it, fleet.monitoring.idle_limit_s), and where the predicted waste lies in
-the upper half of the guarded band, it is also routed by price per unit of work even where
-the request asked for speed, so that what it may waste costs the least. A denial is for
-requests below the human band, whose expected waste no guardrail would bound.
+Where a fleet opts in (`[council] guard_share`), between the human band and plain approval
+the council approves with guardrails rather than ask a human or deny: the allocation is
+released after `guard_idle_minutes` idle where nothing says its work goes on (no `gpu-agent
+run` command running; a pause the work came back from still stretches it,
+fleet.monitoring.idle_limit_s), and where the predicted waste lies in the upper half of the
+guarded band, it is also routed by price per unit of work even where the request asked for
+speed, so that what it may waste costs the least. A denial is for requests below the human
+band, whose expected waste no guardrail would bound.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from fleet.config import CouncilSettings
 from fleet.models import Guardrails
 
 
-def guardrails(p: float, settings: CouncilSettings, policy: str | None = None) -> Guardrails:
+def guardrails(p: float, settings: CouncilSettings) -> Guardrails:
     """The guardrails for an approval at council probability `p`: a cheaper type too where
     `p` lies below the middle of the guarded band (guard to approve threshold)."""
-    guard = settings.guard(policy)
-    _, approve = settings.band(policy)
+    guard = settings.guard()
+    _, approve = settings.band()
     return Guardrails(
         predicted_waste=1.0 - p,
         idle_minutes=settings.guard_idle_minutes,

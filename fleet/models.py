@@ -270,6 +270,10 @@ class Guardrails(BaseModel):
             parts.append("the cheapest type per unit of work")
         return "; ".join(parts)
 
+    def outlook(self) -> str:
+        """The guardrails and the waste predicted, as the CLI and the page show them."""
+        return f"{self.describe()}; predicted to end wasteful: {self.predicted_waste:.0%}"
+
 
 class Priced(BaseModel):
     """The route the council priced a request on: the type, count, lease and worst case (the

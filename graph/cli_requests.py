@@ -21,7 +21,7 @@ from fleet.access import ACCESS, identify
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.jobs import Job, JobQueue
-from fleet.models import Event, Guardrails, Status
+from fleet.models import Event, Status
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
 from graph.cli_common import (
@@ -75,7 +75,7 @@ def _describe(outcome: RequestOutcome) -> str:
     rails = outcome.council.guardrails if outcome.council else None
     if rails is not None and outcome.status is not Status.DENIED:
         when = "if approved" if outcome.status is Status.PENDING_REVIEW else "approved"
-        lines.append(f"guardrails ({when}): {_guarded(rails)}")
+        lines.append(f"guardrails ({when}): {rails.outlook()}")
     a = outcome.allocation
     if a is not None:
         lines.append(
@@ -96,10 +96,6 @@ def _describe(outcome: RequestOutcome) -> str:
             f"nobody monitors it now: a worker adopts it, or carry on with: gpu-agent resume {tid}"
         )
     return "\n".join(lines)
-
-
-def _guarded(rails: Guardrails) -> str:
-    return f"{rails.describe()}; predicted to end wasteful: {rails.predicted_waste:.0%}"
 
 
 def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
@@ -268,6 +264,7 @@ def cmd_reviews(args: argparse.Namespace) -> int:
         waiting = [(orch.outcome(t), e) for t, e in orch.pending_review_entries()]
         now = orch.services.clock.now()  # the audit's clock (a scaled one in tests)
     rows: list[dict[str, Any]] = []
+    shown = [out.council.guardrails if out.council else None for out, _ in waiting]
     for out, asked in waiting:
         req = out.request
         rows.append(
@@ -292,10 +289,10 @@ def cmd_reviews(args: argparse.Namespace) -> int:
         f"({r['purpose']}) for {r['hours']:g} h, asked by "
         f"{quoted(r['requested_by'] or 'unknown')} {_ago(r['waiting_s'])} ago; council: "
         f"{quoted(r['council'] or '-')}"
-        + (f"\n    guardrails if approved: {r['guardrails']}" if r["guardrails"] else "")
+        + (f"\n    guardrails if approved: {rails.outlook()}" if rails else "")
         + f"\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
         "--approve (or --deny) --comment WHY"
-        for r in rows
+        for r, rails in zip(rows, shown, strict=True)
     ]
     emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")
     return 0

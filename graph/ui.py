@@ -655,8 +655,7 @@ class WebUI:
             if rails is not None and out.status is not Status.DENIED:
                 when = "if approved" if out.status is Status.PENDING_REVIEW else "approved"
                 parts.append(
-                    f'<p class="guardrails">Guardrails ({when}): {_e(rails.describe())}. '
-                    f"Predicted to end wasteful: {rails.predicted_waste:.0%}.</p>"
+                    f'<p class="guardrails">Guardrails ({when}): {_e(rails.outlook())}.</p>'
                 )
         pending = out.status is Status.PENDING_REVIEW
         if pending and out.request is not None:
