@@ -206,16 +206,56 @@ def split_world(seed: int, settings: EvalSettings, config: FleetConfig) -> Slice
     return Slices(*parts, *cuts(samples))
 
 
+def pooled(
+    members: Mapping[str, dict[str, object]], seeds: Mapping[str, int | None]
+) -> dict[str, object]:
+    """A family of councils that differ only in their training seed: per figure the mean,
+    sample sd and number over the councils of each one's mean over the worlds, so that the
+    sd is the spread between training seeds (each council's spread between worlds stays in
+    its entry of `per_training_seed`)."""
+    family: dict[str, object] = {
+        "training_seeds": [seeds[name] for name in members],
+        "per_training_seed": [
+            {"weights": name, "training_seed": seeds[name], **got} for name, got in members.items()
+        ],
+    }
+    for key in (*FIGURES, *DETAILS):
+        values = [got[f"{key}_mean"] for got in members.values()]
+        for part, value in spread([v if isinstance(v, float) else None for v in values]).items():
+            family[f"{key}_{part}"] = value
+    return family
+
+
+def grouped(
+    families: dict[str, dict[str, object]], groups: Mapping[str, Mapping[str, int | None]]
+) -> dict[str, dict[str, object]]:
+    """The policies' figures with each group's pooled in place of its members', where its
+    first member stood."""
+    group_of = {name: group for group, members in groups.items() for name in members}
+    out: dict[str, dict[str, object]] = {}
+    for name, got in families.items():
+        group = group_of.get(name)
+        if group is None:
+            out[name] = got
+        elif group not in out:
+            members = groups[group]
+            out[group] = pooled({m: families[m] for m in members}, members)
+    return out
+
+
 def evaluate(
     policies: dict[str, Policy],
     config: FleetConfig,
     settings: EvalSettings,
     log: Callable[[str], None] = lambda _: None,
+    groups: Mapping[str, Mapping[str, int | None]] | None = None,
 ) -> dict[str, object]:
     """Every policy on the test slice of every seed's world; per policy the figures per seed,
     their mean, standard deviation and the number of seeds with the figure (`_n`); per seed
-    what its slices offer to learn from (learned_from). The first policy's means are also
-    the top-level figures."""
+    what its slices offer to learn from (learned_from). `groups` names families of policies
+    (councils trained alike but for their seed, each with its training seed): such a family
+    is reported as one, its figures pooled over the training seeds (pooled). The first
+    family's means are also the top-level figures."""
     runs: dict[str, list[dict[str, float | None]]] = {name: [] for name in policies}
     slices = []
     for seed in settings.seeds:
@@ -240,10 +280,12 @@ def evaluate(
             for part, value in spread([r[key] for r in per_seed]).items():
                 family[f"{key}_{part}"] = value
         families[name] = family
-    first = families[next(iter(policies))]
+    families = grouped(families, groups or {})
+    lead = next(iter(families))
+    first = families[lead]
     return {
         **{key: first[f"{key}_mean"] for key in FIGURES},
-        "policy": next(iter(policies)),
+        "policy": lead,
         "seeds": list(settings.seeds),
         "world": {"days": settings.days, "projects": settings.projects, "epoch": EPOCH},
         "split": {
@@ -279,7 +321,13 @@ def report(result: dict[str, object]) -> str:
     assert isinstance(families, dict) and isinstance(seeds, list) and isinstance(slices, list)
     shown = (*FIGURES, "guarded_share")
     rows = [["policy", *shown]]
-    rows += [[name, *(cell(f, key, len(seeds)) for key in shown)] for name, f in families.items()]
+    for name, f in families.items():
+        trained = f.get("training_seeds")
+        if isinstance(trained, list):  # a family pooled over its training seeds
+            label = f"{name} ({len(trained)} training seed{'s' * (len(trained) != 1)})"
+            rows.append([label, *(cell(f, key, len(trained)) for key in shown)])
+        else:
+            rows.append([name, *(cell(f, key, len(seeds)) for key in shown)])
     learned = [["world", "slice", *SLICE_COLUMNS]]
     for entry in slices:
         for part in ("train", "validation", "test"):
@@ -299,7 +347,8 @@ def report(result: dict[str, object]) -> str:
             f"on the last 30 % of {len(seeds)} world(s) (seeds {', '.join(map(str, seeds))}),"
             + ("" if rate is None else f" where {rate:.1%} of the voted requests end wasteful")
             + ("" if guarded is None else f" ({guarded:.1%} under the guardrails)")
-            + "; mean ± sd over the seeds (n=: the seeds with something to measure)",
+            + "; mean ± sd over the seeds (n=: the seeds with something to measure), "
+            "over the training seeds for a family of councils",
             "",
             *table(learned),
             "what each slice offers to learn from: voted requests, those that ran, those known "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 from fleet.config import load_fleet
@@ -15,6 +16,7 @@ from fleet.errors import InvalidInput
 from graph.cli_common import emit, fleet_file
 
 MAX_EXPLORE = 0.5  # council train --explore: at most half of what the rules deny runs anyway
+FAMILY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")  # council evaluate --weights FAMILY=PATH
 MIN_DAYS = 7  # council evaluate --days: a week, so that each slice of a world holds requests
 
 
@@ -127,6 +129,17 @@ def cmd_council(args: argparse.Namespace) -> int:
     return 0
 
 
+def family_and_path(entry: str) -> tuple[str | None, str]:
+    """`--weights [FAMILY=]PATH`: the family a council belongs to (councils trained alike
+    but for their seed, pooled in the report), if named, and its weights file."""
+    family, sep, path = entry.partition("=")
+    if not sep or not FAMILY.fullmatch(family):
+        return None, entry
+    if not path:
+        raise InvalidInput(f"--weights {entry}: name a weights file after the '='")
+    return family, path
+
+
 def council_evaluate(args: argparse.Namespace) -> int:
     """`council evaluate`: every council named (the shipped one by default) beside the
     baselines, on the test slices of fresh worlds (council.evaluate)."""
@@ -157,10 +170,16 @@ def council_evaluate(args: argparse.Namespace) -> int:
             "--projects from 2 to 1000"
         )
     config = load_fleet(fleet_file(args))
-    policies: dict[str, Policy] = {
-        (path or "cfc-council"): fixed(NeuralCouncil.load(path or SHIPPED).decide)
-        for path in args.weights or [None]
-    }
+    policies: dict[str, Policy] = {}
+    groups: dict[str, dict[str, int | None]] = {}
+    for family, path in map(family_and_path, args.weights or [""]):
+        name = path or "cfc-council"
+        if name in policies:
+            raise InvalidInput(f"--weights names {name} twice")
+        council = NeuralCouncil.load(path or SHIPPED)
+        policies[name] = fixed(council.decide)
+        if family:
+            groups.setdefault(family, {})[name] = council.model.spec.seed
     policies |= {
         "reference-rules": fixed(ReferenceCouncil().decide),
         "outcome-logistic": outcome_logistic,
@@ -168,7 +187,7 @@ def council_evaluate(args: argparse.Namespace) -> int:
         "approve-all": fixed(approve_all),
     }
     settings = EvalSettings(seeds=seeds, days=args.days, projects=args.projects)
-    result = evaluate(policies, config, settings, (lambda _: None) if args.json else print)
+    result = evaluate(policies, config, settings, (lambda _: None) if args.json else print, groups)
     emit(args, result, report(result))
     return 0
 

@@ -487,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument(
         "--weights",
         action="append",
-        help="a council.pt to evaluate (repeatable; default: the shipped weights)",
+        metavar="[FAMILY=]PATH",
+        help="a council.pt to evaluate (repeatable; default: the shipped weights); councils "
+        "given one FAMILY name (trained alike but for --seed) are reported as one, mean ± sd "
+        "over their training seeds",
     )
     ep.add_argument("--seeds", default="0,1,2,3,4", help="worlds, comma-separated (default 0-4)")
     ep.add_argument(

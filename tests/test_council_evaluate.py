@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from council.evaluate import (
     spread,
     world,
 )
-from council.neural_council import NeuralCouncil
+from council.neural_council import SHIPPED, NeuralCouncil
 from council.outcomes import (
     BAND_CEILING,
     BAND_FLOOR,
@@ -212,6 +213,31 @@ def test_evaluate_reports_every_policy_per_seed_with_means_and_the_first_on_top(
     assert evaluate(policies, config, SMALL) == got  # seeded: the same figures again
 
 
+def test_a_family_of_councils_is_pooled_over_its_training_seeds() -> None:
+    """Councils named one family are reported as one, where the first of them stood: per
+    figure the mean and sd over the family's members of each one's mean over the worlds."""
+    config = load_fleet(None)
+    policies = {
+        "approve-all": fixed(approve_all),
+        "a": fixed(ReferenceCouncil().decide),
+        "b": fixed(approve_all),
+    }
+    alone = evaluate(policies, config, SMALL)["families"]
+    got = evaluate(policies, config, SMALL, groups={"fam": {"a": 3, "b": 4}})
+    families = got["families"]
+    assert isinstance(families, dict) and isinstance(alone, dict)
+    assert list(families) == ["approve-all", "fam"] and got["policy"] == "approve-all"
+    fam = families["fam"]
+    assert fam["training_seeds"] == [3, 4] and fam["waste_auc_n"] == 2
+    means = [alone[name]["waste_auc_mean"] for name in ("a", "b")]
+    assert fam["waste_auc_mean"] == pytest.approx(sum(means) / 2)
+    assert fam["waste_auc_sd"] == pytest.approx(abs(means[0] - means[1]) / math.sqrt(2))
+    entries = fam["per_training_seed"]
+    assert [(e["weights"], e["training_seed"]) for e in entries] == [("a", 3), ("b", 4)]
+    assert entries[0]["per_seed"] == alone["a"]["per_seed"]
+    assert "fam (2 training seeds)" in report(got)
+
+
 def test_a_learned_band_meets_its_goals_on_the_slice_it_was_chosen_on() -> None:
     """Approve where at most 5 % of the approved end wasteful, deny where at most 0.5 % of
     all requests are good work denied; between, a human."""
@@ -283,6 +309,17 @@ def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path:
     ]
     text = run_cli(*args, cwd=tmp_path)
     assert text.returncode == 0 and "waste_auc" in text.stdout and "approve-all" in text.stdout
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for f in SHIPPED.parent.glob("council.*"):
+        shutil.copy(f, twin / f.name)
+    family = ("--weights", f"cfc={SHIPPED}", "--weights", f"cfc={twin / SHIPPED.name}")
+    done = run_cli(*args, *family, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    cfc = got["families"]["cfc"]
+    assert got["policy"] == "cfc" and cfc["training_seeds"] == [0, 0]
+    assert cfc["waste_auc_sd"] == 0.0 and got["waste_auc"] == cfc["waste_auc_mean"]
     for bad in (
         ("--seeds", "x"),
         ("--seeds", ""),
@@ -293,6 +330,8 @@ def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path:
         ("--projects", "1"),
         ("--projects", "100000"),
         ("--weights", str(tmp_path / "missing.pt")),
+        ("--weights", "cfc="),
+        ("--weights", "a.pt", "--weights", "a.pt"),
     ):
         done = run_cli("council", "evaluate", *bad, "--json", cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
