@@ -308,6 +308,9 @@ class HumanDecision(BaseModel):
     approve: bool
     by: str = "human"
     comment: str = ""
+    # an approval keeps the guardrails the council chose (where it chose any) unless the
+    # human drops them: a reviewer who knows the team may grant the lease as asked
+    guardrails: bool = True
 
 
 class RouteOption(BaseModel):

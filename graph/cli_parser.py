@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--comment", default="", help="why (recorded)")
     p.add_argument(
+        "--without-guardrails",
+        action="store_true",
+        help="with --approve: grant the request as asked, without the guardrails the council "
+        "chose (recorded)",
+    )
+    p.add_argument(
         "--no-wait",
         action="store_true",
         help="return once the decision is applied and the request placed or "

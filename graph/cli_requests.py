@@ -72,10 +72,9 @@ class _Live:
 def _describe(outcome: RequestOutcome) -> str:
     tid = shlex.quote(outcome.thread_id)
     lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({quoted(outcome.reason)})"]
-    rails = outcome.council.guardrails if outcome.council else None
-    if rails is not None and outcome.status is not Status.DENIED:
-        when = "if approved" if outcome.status is Status.PENDING_REVIEW else "approved"
-        lines.append(f"guardrails ({when}): {rails.outlook()}")
+    shown = outcome.guardrails()
+    if shown is not None:
+        lines.append(f"guardrails ({shown[0]}): {shown[1].outlook()}")
     a = outcome.allocation
     if a is not None:
         lines.append(
@@ -90,7 +89,8 @@ def _describe(outcome: RequestOutcome) -> str:
     if outcome.status is Status.RELEASED:
         lines.append(f"charged ${outcome.cost_usd:.2f}")
     if outcome.status is Status.PENDING_REVIEW:
-        lines.append(f"decide with: gpu-agent resume {tid} --approve (or --deny)")
+        bare = " [--without-guardrails]" if shown is not None else ""
+        lines.append(f"decide with: gpu-agent resume {tid} --approve{bare} (or --deny)")
     if outcome.status is Status.QUEUED or (outcome.next and outcome.status is Status.ALLOCATED):
         lines.append(
             f"nobody monitors it now: a worker adopts it, or carry on with: gpu-agent resume {tid}"
@@ -216,7 +216,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     if args.orphans:
-        if args.thread_id or args.approve or args.deny or args.no_wait:
+        if args.thread_id or args.approve or args.deny or args.no_wait or args.without_guardrails:
             raise InvalidInput("--orphans takes no thread, decision or --no-wait")
         return _adopt(args)
     if args.thread_id is None:
@@ -225,9 +225,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     names.check("thread id", args.thread_id)
     decision = None
+    if args.without_guardrails and not args.approve:
+        raise InvalidInput("--without-guardrails goes with --approve")
     if args.approve or args.deny:
         decision = parse_decision(
-            {"approve": bool(args.approve), "by": args.by, "comment": args.comment}
+            {
+                "approve": bool(args.approve),
+                "by": args.by,
+                "comment": args.comment,
+                "guardrails": not args.without_guardrails,
+            }
         )
     with open_orchestrator(args, create=False) as orch:
         return _followed(
@@ -291,7 +298,8 @@ def cmd_reviews(args: argparse.Namespace) -> int:
         f"{quoted(r['council'] or '-')}"
         + (f"\n    guardrails if approved: {rails.outlook()}" if rails else "")
         + f"\n    gpu-agent resume {shlex.quote(r['thread_id'])} "
-        "--approve (or --deny) --comment WHY"
+        + ("--approve [--without-guardrails]" if rails else "--approve")
+        + " (or --deny) --comment WHY"
         for r, rails in zip(rows, shown, strict=True)
     ]
     emit(args, {"reviews": rows}, "\n".join(lines) or "no request is waiting for a decision")

@@ -13,6 +13,8 @@ from fleet.models import (
     CouncilDecision,
     Event,
     GPURequest,
+    Guardrails,
+    HumanDecision,
     Release,
     RouteDecision,
     Status,
@@ -47,6 +49,21 @@ class RequestOutcome:
     events: list[Event] = field(default_factory=list)
     next: tuple[str, ...] = ()
     request: GPURequest | None = None  # as validated (None before validation)
+    human: HumanDecision | None = None  # the review's decision, where a human decided
+
+    def guardrails(self) -> tuple[str, Guardrails] | None:
+        """The council's guardrails and where they stand, as the CLI and the page say it:
+        "if approved" (waiting for a human), "approved", or "dropped by NAME" (the human who
+        approved without them); None where it chose none or the request was denied."""
+        rails = self.council.guardrails if self.council is not None else None
+        if rails is None or self.status is Status.DENIED:
+            return None
+        if self.status is Status.PENDING_REVIEW:
+            return "if approved", rails
+        human = self.human
+        if human is not None and human.approve and not human.guardrails:
+            return f"dropped by {human.by}", rails
+        return "approved", rails
 
     def to_json(self) -> dict[str, Any]:
         a = self.allocation
@@ -137,4 +154,5 @@ def outcome_from(
         events=values.get("events", []),
         next=nxt,
         request=values["request"] if isinstance(values.get("request"), GPURequest) else None,
+        human=values.get("human"),
     )

@@ -651,11 +651,11 @@ class WebUI:
                     + "</td></tr>"
                 )
             parts.append("</table>")
-            rails = out.council.guardrails
-            if rails is not None and out.status is not Status.DENIED:
-                when = "if approved" if out.status is Status.PENDING_REVIEW else "approved"
+            shown = out.guardrails()
+            if shown is not None:
                 parts.append(
-                    f'<p class="guardrails">Guardrails ({when}): {_e(rails.outlook())}.</p>'
+                    f'<p class="guardrails">Guardrails ({_e(shown[0])}): '
+                    f"{_e(shown[1].outlook())}.</p>"
                 )
         pending = out.status is Status.PENDING_REVIEW
         if pending and out.request is not None:
@@ -686,11 +686,15 @@ class WebUI:
             )
         )
         if pending and decided is None:
-            parts.append(self._decide_form(request, who, tid, project))
+            rails = out.council is not None and out.council.guardrails is not None
+            parts.append(self._decide_form(request, who, tid, project, rails))
         parts.append(f'<p><a href="{_e(root)}/reviews">Back to the pending reviews</a></p>')
         return self.page(request, who, f"Review of {project}'s request", "".join(parts))
 
-    def _decide_form(self, request: Request, who: Identity, tid: str, project: str) -> str:
+    def _decide_form(
+        self, request: Request, who: Identity, tid: str, project: str, rails: bool
+    ) -> str:
+        """The decision form; where the council chose guardrails, a box to approve without."""
         root = request.scope.get("root_path", "")
         try:
             who.check_decide(project)
@@ -709,7 +713,14 @@ class WebUI:
             f'action="{_e(root)}/reviews/{_q(tid)}/decide">'
             f'<input type="hidden" name="csrf" value="{self._csrf(request)}">'
             '<p><textarea name="comment" placeholder="why (recorded in the audit log)">'
-            '</textarea></p><button class="approve" name="decision" value="approve">'
+            "</textarea></p>"
+            + (
+                '<p><label><input type="checkbox" name="guardrails" value="drop"> '
+                "approve without the council's guardrails</label></p>"
+                if rails
+                else ""
+            )
+            + '<button class="approve" name="decision" value="approve">'
             'Approve</button><button class="deny" name="decision" value="deny">Deny'
             "</button></form>"
         )
@@ -849,9 +860,13 @@ class WebUI:
             raise InvalidInput("the decision must be approve or deny")
         comment = form.get("comment", "")[:500]
         orch = self._as(who)
-        outcome = orch.resume(
-            tid, {"approve": choice == "approve", "by": who.name, "comment": comment}, wait=False
-        )
+        answer = {
+            "approve": choice == "approve",
+            "by": who.name,
+            "comment": comment,
+            "guardrails": choice == "deny" or form.get("guardrails") != "drop",
+        }
+        outcome = orch.resume(tid, answer, wait=False)
         if outcome.next:  # placed or queued: monitoring goes on in this process
             self.background.append(self.orch.continue_in_background(tid))
         root = request.scope.get("root_path", "")

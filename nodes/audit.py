@@ -12,6 +12,7 @@ from nodes.context import Services
 from nodes.state import State
 
 REVIEW = "human review: "
+BARE = "human review, without the council's guardrails: "  # an approval that dropped them
 
 
 def _key(kind: str, state: State, request: GPURequest) -> str:
@@ -62,7 +63,7 @@ def decision_entry(
         request,
         human.by,
         "approve" if human.approve else "deny",
-        f"{REVIEW}{human.comment}",
+        f"{BARE if human.approve and not human.guardrails else REVIEW}{human.comment}",
     )
 
 
@@ -72,8 +73,12 @@ def decision(svc: Services, state: State, request: GPURequest, human: HumanDecis
 
 def recorded(entry: AuditEntry) -> HumanDecision:
     """The decision an entry records (to apply a claimed decision a crash left unapplied)."""
+    bare = entry.detail.startswith(BARE)
     return HumanDecision(
-        approve=entry.action == "approve", by=entry.who, comment=entry.detail.removeprefix(REVIEW)
+        approve=entry.action == "approve",
+        by=entry.who,
+        comment=entry.detail.removeprefix(BARE if bare else REVIEW),
+        guardrails=not bare,
     )
 
 

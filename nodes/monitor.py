@@ -22,7 +22,7 @@ from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, read
 from fleet.services import Services
 from nodes.context import Context, services_for
 from nodes.progress import report, streaming
-from nodes.state import State, request_of
+from nodes.state import State, guardrails_of, request_of
 
 
 def _ended(row: Lease, now: float) -> State | None:
@@ -38,9 +38,9 @@ def _ended(row: Lease, now: float) -> State | None:
 
 def _policy(work: Work, state: State, works_while_idle: bool) -> IdlePolicy:
     """What idling means here: a work that went on while idle is treated as running; the
-    council's guardrails, where it approved with them, shorten the timeout."""
-    decision = state.get("council")
-    rails = decision.guardrails if decision is not None else None
+    council's guardrails, where it approved with them and no human dropped them, shorten
+    the timeout."""
+    rails = guardrails_of(state)
     return IdlePolicy(
         request_of(state).purpose,
         "running" if works_while_idle and work == "unknown" else work,

@@ -22,7 +22,8 @@ COMMENT_MAX = 500
 
 
 def parse_decision(answer: Any) -> HumanDecision:
-    """A human's answer: true/false, "approve"/"deny", or {"approve": bool, "by", "comment"}.
+    """A human's answer: true/false, "approve"/"deny", or {"approve": bool, "by", "comment",
+    "guardrails": bool (false: an approval without the council's guardrails)}.
     `by` is a name (fleet.names: it is printed in the audit log); the comment's line breaks
     and tabs become spaces, and other control characters are refused."""
     if isinstance(answer, HumanDecision):
@@ -38,7 +39,7 @@ def parse_decision(answer: Any) -> HumanDecision:
             pass
     raise InvalidInput(
         'a review decision must be true/false, "approve"/"deny" or '
-        '{"approve": true|false, "by": "...", "comment": "..."}'
+        '{"approve": true|false, "by": "...", "comment": "...", "guardrails": true|false}'
     )
 
 
@@ -72,6 +73,8 @@ def decided(state: State, runtime: Runtime[Context], answer: Any) -> State:
     now = svc.clock.now()
     audit.decision(svc, state, request_of(state), human)
     verdict = "approved" if human.approve else "denied"
+    if human.approve and not human.guardrails and state["council"].guardrails is not None:
+        verdict += " without the council's guardrails"
     note = f" ({human.comment})" if human.comment else ""
     event = Event(at=utc(now), kind=EventKind.HUMAN_DECISION, message=f"{human.by} {verdict}{note}")
     update: State = {"human": human, "events": [event]}

@@ -10,14 +10,13 @@ from fleet.routing import Refusal, guarded
 from nodes import audit
 from nodes.context import Context, services_for
 from nodes.progress import report
-from nodes.state import State, request_of
+from nodes.state import State, guardrails_of, request_of
 
 
 def route(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
-    decided = state.get("council")
-    routed = guarded(request, decided.guardrails if decided is not None else None)
+    routed = guarded(request, guardrails_of(state))
     decision = svc.route(routed)
     if isinstance(decision, Refusal):
         audit.denial(svc, state, request, "rules", decision.reason)

@@ -14,6 +14,7 @@ from fleet.models import (
     Event,
     GPURequest,
     GPUSample,
+    Guardrails,
     HumanDecision,
     MonitorState,
     Release,
@@ -46,6 +47,15 @@ class State(TypedDict, total=False):
     release: Release
     cost_usd: float
     events: Annotated[list[Event], operator.add]
+
+
+def guardrails_of(state: State) -> Guardrails | None:
+    """The guardrails the allocation runs under: the council's, unless the human who
+    approved it dropped them."""
+    decision, human = state.get("council"), state.get("human")
+    if decision is None or (human is not None and human.approve and not human.guardrails):
+        return None
+    return decision.guardrails
 
 
 def request_of(state: State) -> GPURequest:

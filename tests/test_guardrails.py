@@ -13,6 +13,7 @@ from council.features import routed
 from council.guardrails import guardrails
 from council.voting import combine
 from fleet.config import CouncilSettings, MonitorSettings
+from fleet.errors import InvalidInput
 from fleet.models import (
     CouncilOutcome,
     GPURequest,
@@ -27,6 +28,8 @@ from fleet.models import (
 )
 from fleet.monitoring import IdlePolicy, idle_limit_s
 from fleet.routing import guarded
+from nodes.audit import recorded
+from nodes.review import parse_decision
 from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
 
 RANK = {
@@ -191,6 +194,29 @@ def test_the_cli_shows_the_guardrails_an_approval_carries(tmp_path: Path) -> Non
     ), done.stdout
 
 
+def test_the_cli_approves_without_the_guardrails_only_when_asked(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(council=GUARDED_FLEET | {"guard_share": 0.95}))
+    where = ("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet))
+    done = run_cli(
+        "request",
+        *("--project", "vision", "--purpose", "training", "--count", "2", "--hours", "1"),
+        *("--mode", "performance", "--thread-id", "t1", *where),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "guardrails (if approved): " in done.stdout
+    assert "gpu-agent resume t1 --approve [--without-guardrails] (or --deny)" in done.stdout
+    bad = run_cli("resume", "t1", "--deny", "--without-guardrails", *where, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "--without-guardrails goes with --approve" in bad.stderr
+    done = run_cli(
+        "resume", "t1", "--approve", "--without-guardrails", "--no-wait", *where, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "guardrails (dropped by cli): " in done.stdout, done.stdout
+
+
 def test_the_council_prices_the_whole_lease_the_route_would_take() -> None:
     """A budget that shortens the lease to 2.75 h does not make the request look cheaper to
     the council: it is priced on the 10 h asked, on the routed type."""
@@ -207,3 +233,44 @@ def test_the_council_prices_the_whole_lease_the_route_would_take() -> None:
     priced = routed(route, 1)
     assert (priced.gpu_type, priced.hours, priced.cost_usd) == ("A100", 10.0, 40.0)
     assert priced.describe() == "1 x A100 at $4.00/GPU-h for 10.00 h"
+
+
+def test_a_human_may_approve_without_the_guardrails(make_orch: OrchFactory) -> None:
+    """A split the council would guard: approved as shown, the allocation runs under the
+    guardrails; approved without them, as asked (performance mode, the fleet's idle
+    timeout), and the audit log, the event and the outcome say who dropped them."""
+    split = GUARDED_FLEET | {"guard_share": 0.95}  # guard at 0.95 > p = 0.91: a human's
+    orch = make_orch(small_config(council=split, simulation={"workloads": {"lazy": "hoard"}}))
+    request = {
+        "project": "lazy",
+        "purpose": "training",
+        "count": 2,
+        "duration_hours": 4,
+        "mode": "performance",
+    }
+    kept, dropped = (orch.request(request, thread_id=t) for t in ("kept", "dropped"))
+    for out in (kept, dropped):
+        assert out.status is Status.PENDING_REVIEW and out.council is not None
+        assert out.guardrails() == ("if approved", out.council.guardrails)
+    kept = orch.resume("kept", {"approve": True, "by": "ann"})
+    dropped = orch.resume("dropped", {"approve": True, "by": "bob", "guardrails": False})
+    assert kept.route is not None and kept.route.mode is RouteMode.BUDGET
+    assert dropped.route is not None and dropped.route.mode is RouteMode.PERFORMANCE
+    assert "guardrail" not in dropped.route.reason
+    rails = dropped.council.guardrails if dropped.council else None
+    assert rails is not None and dropped.guardrails() == ("dropped by bob", rails)
+    assert kept.guardrails() == ("approved", rails)
+    held = []
+    for out in (kept, dropped):
+        assert out.release is not None and out.release.reason is ReleaseReason.IDLE
+        assert out.allocation is not None
+        held.append(out.release.released_at - out.allocation.started_at)
+    assert held[0].total_seconds() <= rails.idle_minutes * 60 + small_config().monitor.tick_seconds
+    assert held[1] > held[0]
+    assert any("bob approved without the council's guardrails" in e.message for e in dropped.events)
+    decided = {
+        e.who: recorded(e) for e in orch.services.ledger.audit_log("lazy") if e.action == "approve"
+    }
+    assert decided["bob"].guardrails is False and decided["ann"].guardrails is True
+    with pytest.raises(InvalidInput):
+        parse_decision({"approve": True, "guardrails": "no"})

@@ -130,6 +130,34 @@ def test_approve_and_deny_resume_the_threads(site: dict[str, Any]) -> None:
     assert "r1" not in dave.get("/reviews").text
 
 
+def test_an_approver_may_drop_the_guardrails_the_page_shows(tmp_path: Path) -> None:
+    """Where the fleet opts in to guardrails, a split shows them "if approved" with a box to
+    approve without them; ticked, the thread runs as asked and the page says who dropped
+    them."""
+    state = tmp_path / "s"
+    state.mkdir()
+    token = add_identity(state, "dave", "approver", "vision")
+    guarded = COUNCIL | {"guard_share": 0.99}  # guard at 0.98, above the request's 0.95
+    orch = Orchestrator(state, small_config(council=guarded), identity=SERVER)
+    try:
+        asked = orch.acting_as(ALICE).request(TWO, thread_id="g1")
+        assert asked.status is Status.PENDING_REVIEW and asked.guardrails() is not None
+        app = create_app(orch)
+        dave = TestClient(app, base_url="http://127.0.0.1")
+        assert dave.post("/login", data={"token": token}, follow_redirects=False).is_redirect
+        page = dave.get("/reviews/g1").text
+        assert "Guardrails (if approved)" in page and 'name="guardrails" value="drop"' in page
+        form = {"csrf": csrf(page), "decision": "approve", "guardrails": "drop"}
+        r = dave.post("/reviews/g1/decide", data=form)
+        assert r.status_code == 200 and "Guardrails (dropped by dave)" in r.text
+        shown = orch.outcome("g1").guardrails()
+        assert shown is not None and shown[0] == "dropped by dave"
+        for thread in app.state.ui.background:
+            thread.join(timeout=60)
+    finally:
+        orch.close()
+
+
 def test_bad_posts_change_nothing(site: dict[str, Any]) -> None:
     orch: Orchestrator = site["orch"]
     dave, alice = login(site, "dave"), login(site, "alice")
