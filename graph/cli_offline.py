@@ -17,6 +17,7 @@ from graph.cli_common import emit, fleet_file
 
 MAX_EXPLORE = 0.5  # council train --explore: at most half of what the rules deny runs anyway
 FAMILY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")  # council evaluate --weights FAMILY=PATH
+MAX_HABIT_SIGMA = 4.0  # simulate --habits: beyond, every project is all idle or never idle
 MIN_DAYS = 7  # council evaluate --days: a week, so that each slice of a world holds requests
 
 
@@ -42,10 +43,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fleet.config import parse_fleet
     from sim.simulate import as_json, fleet_source, parse_policies, simulate, summary
+    from sim.workload import WorkloadSettings
 
     policies = parse_policies(args.policies)
     if args.jobs is not None and args.jobs < 1:
         raise InvalidInput(f"--jobs must be at least 1, not {args.jobs}")
+    if not 0 <= args.habits <= MAX_HABIT_SIGMA:  # also refuses nan
+        raise InvalidInput(f"--habits must be from 0 to {MAX_HABIT_SIGMA}, not {args.habits}")
     name, text = fleet_source(args.fleet)
     sim = simulate(
         args.trace,
@@ -56,6 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         seed=args.seed,
         fleet_text=text,
+        settings=WorkloadSettings(habit_sigma=args.habits),
     )
     if args.json:
         print(json.dumps(as_json(sim)))

@@ -46,6 +46,23 @@ removed:
   GPUs kept after the command: a shell or a notebook left open); the others give the monitor
   nothing but utilisation. Drawn from a generator of its own, so the rest of a job does not
   change with it.
+- project habits (`habit_sigma` > 0; off by default, so the figures quoted for the whole
+  trace are those of projects alike): projects differ by orders of magnitude in how well
+  they use what they hold (research/scheduling.md, "How much projects differ": allocation
+  utilisation per virtual cluster from 0.8 % to 91 % on Helios Earth; 98 % of PAI tasks use
+  less GPU than they asked for), and a workload that gives every job the same idle
+  distribution gives a council that reads a project's record nothing to learn. No published
+  figure gives the spread of idle *held* time between projects itself, so the model is the
+  plainest that reaches that range: each project draws a shift, normal with sd
+  `habit_sigma`, added to the logit of its jobs' mean idle share (sd 1.5 takes the idle
+  share of a 2 h job, 49 % for everyone, to 11-89 % at +-1.5 sd and beyond at the tails:
+  a notebook that holds its GPUs for days is a project far out), and whether its jobs run
+  under `gpu-agent run` at `supervised_share` or, with probability `unsupervised_projects`,
+  never. Habits drift: with probability `drift_share` a project's habits are drawn again
+  once, at a uniform time in its span in the trace (a team that mends its ways, one that
+  stops using `gpu-agent run`, one that starts leaving notebooks open), so that its recent
+  record says more than its old one. Each project's draws come from a generator keyed by
+  its name; `calibration()` prints the spread this gives between projects.
 """
 
 from __future__ import annotations
@@ -54,7 +71,7 @@ import math
 import random
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose
@@ -156,6 +173,27 @@ class WorkloadSettings:
     sparse_util: tuple[float, float] = (10.0, 40.0)  # uniform range
     budget_factor: tuple[float, float] = (0.8, 1.6)
     supervised_share: float = 0.8
+    habit_sigma: float = 0.0  # sd of the projects' idle shift (logit); 0: projects alike
+    unsupervised_projects: float = 0.2  # with habits: projects that never use gpu-agent run
+    drift_share: float = 0.5  # with habits: projects whose habits change once
+
+
+@dataclass(frozen=True)
+class Habit:
+    """How a project uses what it holds, for a stretch of its time."""
+
+    idle_shift: float  # added to the logit of its jobs' mean idle share
+    supervised: float  # the chance a job's work runs under `gpu-agent run`
+
+
+@dataclass(frozen=True)
+class ProjectHabits:
+    before: Habit
+    after: Habit
+    switch_at: float  # when `after` begins (inf: never)
+
+    def at(self, t: float) -> Habit:
+        return self.after if t >= self.switch_at else self.before
 
 
 @dataclass
@@ -208,12 +246,56 @@ def _pad(s: WorkloadSettings, rng: random.Random) -> float:
     return max(1.0, s.pad_median * math.exp(rng.gauss(0.0, s.pad_sigma)))
 
 
-def _idle_mean(hours: float, s: WorkloadSettings) -> float:
+def _idle_mean(hours: float, s: WorkloadSettings, shift: float = 0.0) -> float:
     if hours <= 6:
-        return s.idle_short
-    if hours >= 24:
-        return s.idle_long
-    return s.idle_short + (s.idle_long - s.idle_short) * (hours - 6) / 18
+        mean = s.idle_short
+    elif hours >= 24:
+        mean = s.idle_long
+    else:
+        mean = s.idle_short + (s.idle_long - s.idle_short) * (hours - 6) / 18
+    if shift == 0.0:
+        return mean
+    shifted = 1.0 / (1.0 + math.exp(-(math.log(mean / (1 - mean)) + shift)))
+    return min(0.99, max(0.01, shifted))  # the Beta's parameters stay positive
+
+
+def _habit(s: WorkloadSettings, rng: random.Random) -> Habit:
+    supervised = 0.0 if rng.random() < s.unsupervised_projects else s.supervised_share
+    return Habit(rng.gauss(0.0, s.habit_sigma), supervised)
+
+
+def project_habits(trace: Sequence[Job], s: WorkloadSettings) -> dict[str, ProjectHabits]:
+    """Each project's habits (see the module docstring), from a generator keyed by its
+    name: none where `habit_sigma` is 0."""
+    if s.habit_sigma <= 0:
+        return {}
+    span: dict[str, tuple[float, float]] = {}
+    weight: dict[str, float] = {}
+    for job in trace:
+        first, last = span.get(job.project, (job.submit, job.submit))
+        span[job.project] = (min(first, job.submit), max(last, job.submit))
+        weight[job.project] = weight.get(job.project, 0.0) + job.count * job.hours
+    drawn: dict[str, tuple[Habit, Habit, float, bool]] = {}
+    for project, (first, last) in sorted(span.items()):
+        rng = _rng(s.seed, "habit", project)
+        before, after = _habit(s, rng), _habit(s, rng)
+        drifts = rng.random() < s.drift_share
+        drawn[project] = (before, after, first + rng.random() * (last - first), drifts)
+    # shifts centred on the GPU-hour-weighted mean, so that the trace's idle share stays
+    # near what Philly published while the projects spread around it
+    total = sum(weight.values()) or 1.0
+    centre = [
+        sum(weight[p] * d[0].idle_shift for p, d in drawn.items()) / total,
+        sum(weight[p] * d[1].idle_shift for p, d in drawn.items()) / total,
+    ]
+    return {
+        p: ProjectHabits(
+            replace(before, idle_shift=before.idle_shift - centre[0]),
+            replace(after, idle_shift=after.idle_shift - centre[1]),
+            at if drifts else math.inf,
+        )
+        for p, (before, after, at, drifts) in drawn.items()
+    }
 
 
 def _split(total: float, parts: int, rng: random.Random) -> list[float]:
@@ -222,13 +304,16 @@ def _split(total: float, parts: int, rng: random.Random) -> list[float]:
     return [c * scale for c in cuts]
 
 
-def phases(hours: float, s: WorkloadSettings, rng: random.Random) -> tuple[Phase, ...]:
+def phases(
+    hours: float, s: WorkloadSettings, rng: random.Random, idle_shift: float = 0.0
+) -> tuple[Phase, ...]:
     """Work segments with pauses between them, then the idle tail; sums to `hours`.
 
     Mid-job idle time the monitor can see is a few explicit pauses (exponential lengths);
     the rest is stalls shorter than a tick, folded into the work phases' utilisation.
+    `idle_shift` is the project's habit (added to the logit of the mean idle share).
     """
-    mean = _idle_mean(hours, s)
+    mean = _idle_mean(hours, s, idle_shift)
     k = s.idle_concentration
     idle = hours * rng.betavariate(mean * k, (1 - mean) * k)
     busy_util = (
@@ -290,7 +375,10 @@ def synthesize(
     max_hours = config.limits.max_duration_hours
     jobs: list[SimJob] = []
     list_cost: dict[str, float] = {}
+    habits = project_habits(trace, s)
+    alike = Habit(0.0, s.supervised_share)
     for i, job in enumerate(trace):
+        habit = habits[job.project].at(job.submit) if habits else alike
         rng = _rng(s.seed, "job", job.line or i)
         purpose = _purpose(job, s, rng)
         named = _named(purpose, config, s, rng)
@@ -308,9 +396,9 @@ def synthesize(
                 reference=reference,
                 requested_hours=requested(hours, pad, max_hours),
                 pad=pad,
-                phases=phases(hours, s, rng),
+                phases=phases(hours, s, rng, habit.idle_shift),
                 line=job.line,
-                supervised=_rng(s.seed, "run", job.line or i).random() < s.supervised_share,
+                supervised=_rng(s.seed, "run", job.line or i).random() < habit.supervised,
             )
         )
         list_cost[job.project] = (
@@ -340,9 +428,32 @@ def calibration(jobs: Sequence[SimJob]) -> dict[str, float]:
             long_idle, long_held = long_idle + i, long_held + gh
     return {
         "jobs": len(jobs),
+        **project_spread(jobs),
         "gpu_hours": held,
         "mean_util_pct": work_util / held if held else 0.0,
         "idle_share": idle / held if held else 0.0,
         "idle_share_under_6h": short_idle / short_held if short_held else 0.0,
         "idle_share_over_24h": long_idle / long_held if long_held else 0.0,
+    }
+
+
+def project_spread(jobs: Sequence[SimJob], least: float = 0.001) -> dict[str, float]:
+    """How differently projects use what they hold: the idle share of each project's held
+    GPU-hours (idle phases and stalls), its lowest, median and highest over the projects
+    that hold at least `least` of all GPU-hours (a project of a few minutes says nothing)."""
+    held: dict[str, float] = {}
+    idle: dict[str, float] = {}
+    for j in jobs:
+        held[j.project] = held.get(j.project, 0.0) + j.count * j.trace_hours
+        idle[j.project] = idle.get(j.project, 0.0) + j.count * sum(
+            p.hours if not p.work else p.hours * p.stall for p in j.phases
+        )
+    total = sum(held.values())
+    shares = sorted(idle[p] / held[p] for p in held if total and held[p] >= least * total)
+    if not shares:
+        return {}
+    return {
+        "project_idle_share_min": shares[0],
+        "project_idle_share_median": shares[len(shares) // 2],
+        "project_idle_share_max": shares[-1],
     }
