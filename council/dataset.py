@@ -105,6 +105,9 @@ class Sample:
     # what the same job would have done approved with guardrails (a stricter idle release,
     # council.guardrails), on the same draws: for evaluation, as would_waste is
     would_waste_guarded: float = math.nan
+    # when the project's habits changed (inf: never), which no record shows: for evaluation
+    # (the habit-change figure, council.outcomes.CHANGE_DAYS)
+    changed_at: float = math.inf
 
     def outcome_at(self, cut: float) -> float | None:
         """`wasted` as a ledger knows it at time `cut`: None until the job has run and
@@ -343,6 +346,7 @@ class World:
             habit_waste,
             ended_at,
             guarded,
+            p.switch_at,
         )
 
     def _run(self, plan: _Plan, request: GPURequest, now: float) -> tuple[float, float]:

@@ -319,7 +319,7 @@ def report(result: dict[str, object]) -> str:
     seed and slice what a learned policy had to learn from."""
     families, seeds, slices = result["families"], result["seeds"], result["slices"]
     assert isinstance(families, dict) and isinstance(seeds, list) and isinstance(slices, list)
-    shown = (*FIGURES, "guarded_share")
+    shown = (*FIGURES, "guarded_share", "waste_auc_changed")
     rows = [["policy", *shown]]
     for name, f in families.items():
         trained = f.get("training_seeds")

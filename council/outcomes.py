@@ -21,7 +21,16 @@ FIGURES = (
 )
 # and what they leave out: the plain approvals' waste, the share approved with guardrails,
 # the waste of all voted requests without guardrails and with them
-DETAILS = ("approved_waste_rate", "guarded_share", "waste_rate", "guarded_waste_rate")
+DETAILS = (
+    "approved_waste_rate",
+    "guarded_share",
+    "waste_rate",
+    "guarded_waste_rate",
+    "waste_auc_changed",
+)
+# the habit-change figure: waste AUC on the requests made within this many days after their
+# project's habits changed, where its older record misleads and time should matter
+CHANGE_DAYS = 30
 AUTO_WASTE_GOAL = 0.05  # a learned band approves where at most this share ends wasteful
 GOOD_DENIED_GOAL = 0.005  # and denies at most this share of requests that would do good work
 # A band's outer edges: "deny nothing" and "approve nothing" as CouncilSettings accepts them
@@ -70,7 +79,8 @@ def figures(
     measure, such as the waste among approved requests where none was approved). Approved
     with guardrails counts as approved, at the outcome the same job has under its guardrails
     (`Sample.would_waste_guarded`); `approved_waste_rate` is the plain approvals' alone.
-    Ranking and calibration are against the outcome without guardrails."""
+    Ranking and calibration are against the outcome without guardrails; `waste_auc_changed`
+    ranks only the requests made within CHANGE_DAYS after their project's habits changed."""
     waste = [s.would_waste == 1.0 for s in samples]
     p = [d.probability for d in decisions]
     outcome = [d.outcome for d in decisions]
@@ -86,6 +96,10 @@ def figures(
     )
     n = len(samples)
     ranked = auc([1.0 - x for x in p], waste)
+    lately = [
+        i for i, s in enumerate(samples) if 0 <= s.features.now - s.changed_at < CHANGE_DAYS * 86400
+    ]
+    changed = auc([1.0 - p[i] for i in lately], [waste[i] for i in lately])
     return {
         "waste_auc": None if math.isnan(ranked) else ranked,
         "ece": ece(p, [0.0 if w else 1.0 for w in waste]) if n else None,
@@ -98,6 +112,8 @@ def figures(
         "waste_rate": share(sum(waste), n),
         # the same requests had every one been approved with guardrails
         "guarded_waste_rate": share(sum(s.would_waste_guarded == 1.0 for s in samples), n),
+        "waste_auc_changed": None if math.isnan(changed) else changed,
+        "changed_requests": len(lately),
     }
 
 

@@ -39,6 +39,7 @@ from council.neural_council import SHIPPED, NeuralCouncil
 from council.outcomes import (
     BAND_CEILING,
     BAND_FLOOR,
+    CHANGE_DAYS,
     FIGURES,
     auc,
     band,
@@ -104,6 +105,23 @@ def test_figures_count_what_each_decision_did_with_the_outcome() -> None:
     assert got["waste_rate"] == pytest.approx(2 / 5)
     # risk 1 - p: wasteful 0.2, 0.9; good 0.1, 0.8, 0.5 -> 4 of 6 pairs ranked right
     assert got["waste_auc"] == pytest.approx(4 / 6)
+
+
+def test_the_habit_change_figure_ranks_only_requests_soon_after_a_change() -> None:
+    """Two requests within CHANGE_DAYS after their project changed, ranked right; two long
+    after, ranked wrong: the overall AUC is lower, the habit-change figure 1."""
+    f = features(random.Random(0))
+    day = 86400.0
+    samples = [Sample(f, (), None, 0, w) for w in (1.0, 0.0, 1.0, 0.0)]
+    for s, since in zip(samples, (1, 2, CHANGE_DAYS + 5, CHANGE_DAYS + 9), strict=True):
+        s.changed_at = f.now - since * day
+    decisions = [decision(CouncilOutcome.SPLIT, p) for p in (0.2, 0.8, 0.9, 0.1)]
+    got = figures(decisions, samples)
+    assert got["waste_auc_changed"] == 1.0 and got["changed_requests"] == 2
+    assert got["waste_auc"] is not None and got["waste_auc"] < 1.0
+    for s in samples:
+        s.changed_at = math.inf  # a project that never changed
+    assert figures(decisions, samples)["waste_auc_changed"] is None
 
 
 def test_an_idle_tail_is_wasteful_by_its_share_and_lost_work_always() -> None:
