@@ -22,7 +22,9 @@ request), on the test slice:
   good_work_denied_share    the share of voted requests denied that would not have been wasted
 and, beside them in the JSON, approved_waste_rate (plain approvals alone), guarded_share
 (approved with guardrails, where the fleet file opts in: `guard_share`), waste_rate and
-guarded_waste_rate (every voted request, without guardrails and with them).
+guarded_waste_rate (every voted request, without guardrails and with them), and
+waste_auc_changed: the waste AUC on the requests made within 30 days after their project's
+habits changed (the habit-change test: where an old record misleads, time should matter).
 """
 
 from __future__ import annotations
