@@ -152,7 +152,9 @@ def cmd_request(args: argparse.Namespace) -> int:
     if choice.name == "simulated":  # real GPUs are known only once the backend opens
         config = load_fleet(fleet_file(args))
         check_against_fleet(request, config)
-    with open_orchestrator(args, create=True, config=config, choice=choice) as orch:
+    with open_orchestrator(
+        args, create=True, config=config, choice=choice, say_problem=False
+    ) as orch:
         return _followed(
             args,
             functools.partial(
