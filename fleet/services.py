@@ -74,6 +74,12 @@ class Services:
         self.topology = Topology(self.config, self.inventory)
 
     @property
+    def scheduler_holds(self) -> bool:
+        """A cluster's scheduler (Slurm) holds the GPUs, and ends them at their deadline by
+        its own time limit even while no gpu-agent process watches."""
+        return self._scheduled is not None
+
+    @property
     def unpriced(self) -> list[GPUInfo]:
         """GPUs whose type the fleet file does not price: listed, never placed."""
         return [g for g in self.gpus if g.gpu_type not in self.config.catalog]

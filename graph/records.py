@@ -182,10 +182,14 @@ class Records:
         for orphan in self._orphans(live, saved):
             if orphan.checkpointed:
                 row = orphan.row
+                unwatched = (
+                    "Slurm's time limit still ends it at its deadline"
+                    if self.services.scheduler_holds
+                    else "so idle release, the lease and the budget are not enforced"
+                )
                 out.append(
                     f"allocation {row.id} ({row.project}) is not monitored: "
-                    f"{orphan.describe(wall)}, so idle release, the lease and the "
-                    "budget are not enforced; `gpu-agent resume "
+                    f"{orphan.describe(wall)}, {unwatched}; `gpu-agent resume "
                     f"{shlex.quote(row.thread_id)}` or a worker adopts it"
                 )
         return out

@@ -223,6 +223,20 @@ def test_a_request_is_a_job_srun_runs_in_until_it_is_released(
     assert len(jobs(aid)) == 1  # one job, never a second
 
 
+def test_the_command_line_names_the_job_to_run_in(slurm: SlurmServer, tmp_path: Path) -> None:
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(tmp_path / "fleet.toml")]
+    args = ["--project", "vision", "--purpose", "training", "--count", "1", "--hours", "1"]
+    done = run_cli("request", *args, "--backend", "slurm", "--no-wait", *opts, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (held,) = [j for j in live() if j["name"].startswith(PREFIX)]
+    assert f"srun --jobid={held['job_id']}" in done.stdout
+    shown = run_cli("status", "--backend", "slurm", "--json", *opts, cwd=tmp_path)
+    (row,) = json.loads(shown.stdout)["allocations"]
+    assert row["job"]["job_id"] == str(held["job_id"])
+    assert "Slurm's time limit still ends it" in json.loads(shown.stdout)["problems"][0]
+
+
 # ---- the lease and the budget ----------------------------------------------------------------
 
 
