@@ -237,6 +237,23 @@ def test_the_command_line_names_the_job_to_run_in(slurm: SlurmServer, tmp_path: 
     assert "Slurm's time limit still ends it" in json.loads(shown.stdout)["problems"][0]
 
 
+def test_gpu_agent_run_runs_the_command_as_a_step_of_the_job(
+    slurm: SlurmServer, tmp_path: Path
+) -> None:
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(tmp_path / "fleet.toml")]
+    args = ["--project", "vision", "--count", "2", "--hours", "1", "--gpu-type", "H100"]
+    show = "echo job=$SLURM_JOB_ID gpus=$SLURM_GPUS_ON_NODE"
+    done = run_cli("run", *args, "--backend", "slurm", *opts, "--", "sh", "-c", show, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with Records(tmp_path / "s", fleet(), backend="slurm") as records:
+        (row,) = records.services.ledger.allocations()
+        assert row.release_reason is ReleaseReason.COMMAND_EXIT
+    (job,) = jobs(row.id)
+    assert f"job={job['job_id']} gpus=2" in done.stdout
+    wait_for(lambda: not live(row.id), 20, "the job ends with the command")
+
+
 # ---- the lease and the budget ----------------------------------------------------------------
 
 
