@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from fleet.clock import Clock, WakeToken
 from fleet.commands import Commands
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere
-from fleet.faults import fault
+from fleet.faults import SUBMITTED, fault
 from fleet.fleet_backend import Ended, FleetBackend, Hold, Reserving, Scheduled
 from fleet.ledger import Ledger
 from fleet.ledger.rows import LedgerRow
@@ -178,7 +178,7 @@ class Services:
         )
         if isinstance(job, str):
             return job
-        fault("allocate:submitted")  # the job runs; the ledger does not know it yet
+        fault(SUBMITTED)  # the job runs; the ledger does not know it yet
         self.ledger.record_job(row.id, self.backend.name, job)
         return None
 
@@ -197,11 +197,15 @@ class Services:
 
     def follow(self, allocation_id: str, deadline: float) -> Ended | None:
         """Where the cluster's scheduler holds the GPUs (Slurm): None while the allocation's job
-        runs (its time limit then covers `deadline`); else how the scheduler ended it."""
+        runs (its time limit then covers `deadline`); else how the scheduler ended it, and
+        when (a job gone with no record of its end: at the allocation's last heartbeat)."""
         if self._scheduled is None:
             return None
         job = self.ledger.scheduler_job(allocation_id)
-        return None if job is None else self._scheduled.follow(job, deadline)
+        ended = None if job is None else self._scheduled.follow(job, deadline)
+        if ended is None or ended.at is not None:
+            return ended
+        return replace(ended, at=self.ledger.get(allocation_id).heartbeat_at)
 
     def reconcile_jobs(self) -> list[Release]:
         """At start-up, where the cluster's scheduler holds the GPUs (Slurm): active allocations
@@ -220,11 +224,11 @@ class Services:
                 if job is not None:
                     self.ledger.record_job(row.id, self.backend.name, job)
                 continue  # never submitted: the thread's resume submits it
-            ended = scheduled.follow(job, row.deadline)
+            ended = self.follow(row.id, row.deadline)
             if ended is not None:
-                at = ended.at if ended.at is not None else row.heartbeat_at
+                assert ended.at is not None
                 release, now = self.ledger.release_once(
-                    row.id, ended.reason, at, f"{self.backend.name}: {ended.why}"
+                    row.id, ended.reason, ended.at, f"{self.backend.name}: {ended.why}"
                 )
                 if now:
                     released.append(release)

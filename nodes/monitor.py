@@ -38,9 +38,10 @@ def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
     gone = svc.follow(aid, row.deadline)
     if gone is None:
         return None
+    assert gone.at is not None
     return {
         "release_reason": gone.reason,
-        "release_at": utc(now if gone.at is None else gone.at),
+        "release_at": utc(gone.at),
         "events": [Event(at=utc(now), kind=EventKind.SCHEDULER, message=gone.why)],
     }
 
