@@ -82,6 +82,13 @@ def ranges(found: tuple[int, ...]) -> str:
     return ",".join(out)
 
 
+def _held(job: Job, start: float) -> SchedulerJob:
+    """A running job as the ledger records it: its id, node, GPU indices and start."""
+    return SchedulerJob(
+        job.job_id, job.nodes, ranges(job.gpus[0].indices) if job.gpus else "", start
+    )
+
+
 class SlurmFleet:
     name = "slurm"
     hardware = True
@@ -109,8 +116,7 @@ class SlurmFleet:
             return
         self.partitions = self._partitions(found)
         wanted = set(self.partitions.values())
-        self._nodes = [n for n in nodes if wanted & set(n.partitions)]
-        self._inventory = self._discover(self._nodes)
+        self._inventory = self._discover([n for n in nodes if wanted & set(n.partitions)])
 
     def _partitions(self, found: dict[str, Partition]) -> dict[Purpose, str]:
         """Each pool's partition: the one the fleet file names, else the default one."""
@@ -284,9 +290,7 @@ class SlurmFleet:
                 state = f"{job.state}: {job.reason}" if job else "gone"
                 return f"Slurm job {job_id} ended before it started ({state})"
             if job.state == "RUNNING" and job.start is not None:
-                return SchedulerJob(
-                    job_id, job.nodes, ranges(job.gpus[0].indices) if job.gpus else "", job.start
-                )
+                return _held(job, job.start)
             if time.monotonic() >= give_up:
                 self._changed()
                 self.slurm.cancel([job_id])
@@ -313,13 +317,8 @@ class SlurmFleet:
             named = self._named(allocation_id, fresh=False)
         except SlurmError:
             return None
-        running = [j for j in named if j.state == "RUNNING" and j.start is not None]
-        if not running:
-            return None
-        job = running[0]
-        return SchedulerJob(
-            job.job_id, job.nodes, ranges(job.gpus[0].indices) if job.gpus else "", job.start or 0
-        )
+        running = [(j, j.start) for j in named if j.state == "RUNNING" and j.start is not None]
+        return _held(*running[0]) if running else None
 
     def live(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
