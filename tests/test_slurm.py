@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -150,6 +151,7 @@ def test_a_cluster_starts_well_under_a_minute_and_stops_clean(slurm: SlurmServer
         assert len(other.pids()) == 3  # munged, slurmctld, one slurmd
     finally:
         other.stop()
+        shutil.rmtree(other.root, ignore_errors=True)
     assert took < 20, took
     assert other.pids() == [] and other.leftovers() == []
 
