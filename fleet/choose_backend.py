@@ -1,4 +1,5 @@
-"""Choosing the inventory backend: simulated, nvml, replay, or auto (nvml where a driver is).
+"""Choosing the inventory backend: simulated, nvml, replay, auto (nvml where a driver is), or a
+cluster: ray, slurm.
 
 The simulated fleet is only ever chosen by name: `auto` on a host with an NVIDIA driver picks
 nvml, and says which it picked either way.
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # each backend's modules load when it is made: a command pays
     from fleet.fleet_backend import FleetBackend
     from fleet.nvml.reader import NvmlSession
 
-BACKENDS = ("simulated", "nvml", "replay", "auto", "ray")
+BACKENDS = ("simulated", "nvml", "replay", "auto", "ray", "slurm")
 # What an NVIDIA driver makes: the control device (containers get it from the NVIDIA runtime)
 # and the kernel module's /proc entry.
 _DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia")
@@ -77,6 +78,10 @@ def make_backend(
         from fleet.ray_backend import RayFleet  # the optional `ray` extra
 
         return RayFleet(config, choice.ray_address)
+    if resolved.name == "slurm":
+        from fleet.slurm.backend import SlurmFleet  # the cluster SLURM_CONF (else /etc) names
+
+        return SlurmFleet(config)
     from fleet.nvml.backend import NvmlBackend
     from fleet.nvml.reader import NvmlSession
 

@@ -160,6 +160,21 @@ class SimulationSettings(_Strict):
     workloads: dict[str, str] = Field(default_factory=dict)
 
 
+class SlurmSettings(_Strict):
+    """How `--backend slurm` submits its holder jobs (fleet/slurm/backend.py)."""
+
+    # The partition each pool's jobs go to; a pool not named here uses the cluster's default
+    # partition. Only the nodes of these partitions are placed on.
+    partitions: dict[Purpose, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
+    # A placed job that Slurm has not started within this long is cancelled, and so is its
+    # allocation (charged nothing).
+    start_timeout_seconds: float = Field(default=60, gt=0)
+    # Added to every holder job's sbatch line: what the site requires (--account, --qos).
+    sbatch_args: list[str] = Field(default_factory=list)
+    # How long one Slurm command may take before Slurm counts as not answering.
+    command_timeout_seconds: float = Field(default=30, gt=0)
+
+
 class ClockSettings(_Strict):
     time_scale: float = Field(default=1.0, gt=0)
 
@@ -191,6 +206,7 @@ class FleetConfig(_Strict):
     budgets: dict[str, float] = Field(default_factory=dict)
     simulation: SimulationSettings = SimulationSettings()
     clock: ClockSettings = ClockSettings()
+    slurm: SlurmSettings = SlurmSettings()
 
     @field_validator("catalog", mode="before")
     @classmethod

@@ -19,6 +19,9 @@ INSIDE = (
     "deallocate:released",  # released and charged in the ledger; the backend not yet reset
     "deallocate:freed",  # the backend's reservation freed too
 )
+# Reached only where a cluster's scheduler holds the GPUs (Slurm: tests/test_slurm.py): the job
+# is submitted and runs, the ledger has not recorded it, the graph has not checkpointed.
+SUBMITTED = "allocate:submitted"
 
 
 class InjectedFault(RuntimeError):

@@ -81,6 +81,9 @@ class ReleaseReason(StrEnum):
     CANCELLED = "cancelled"
     UNHEALTHY = "unhealthy"  # a GPU reported an XID error or was lost
     COMMAND_EXIT = "command-exit"  # `gpu-agent run`'s command ended
+    # the cluster's scheduler ended its job, not gpu-agent: an administrator's scancel,
+    # a preemption, or a job gone with no record of how (Slurm)
+    CANCELLED_OUTSIDE = "cancelled-outside"
 
     @property
     def cut_by_budget(self) -> bool:
@@ -133,6 +136,7 @@ class EventKind(StrEnum):
     HUMAN_DECISION = "human_decision"
     RELEASED = "released"
     UNHEALTHY = "unhealthy"
+    SCHEDULER = "scheduler"  # the cluster's scheduler (Slurm) ended the allocation's job
 
 
 def utc(ts: float) -> datetime:

@@ -55,6 +55,7 @@ def node_of(gpu: str) -> str:
 class RayFleet:
     name = "ray"
     hardware = True
+    monitoring = "leases and budgets only (Ray reports no per-GPU telemetry)"
 
     def __init__(self, config: FleetConfig, address: str | None = None) -> None:
         self._config = config

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ from fleet.clock import Clock, WakeToken
 from fleet.commands import Commands
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere
-from fleet.fleet_backend import FleetBackend, Reserving
+from fleet.faults import SUBMITTED, fault
+from fleet.fleet_backend import Ended, FleetBackend, Hold, Reserving, Scheduled
 from fleet.ledger import Ledger
+from fleet.ledger.rows import LedgerRow
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
@@ -58,6 +60,7 @@ class Services:
     # (GPUs placement may not use, the inventory without them), kept while the set is the same
     _healthy: tuple[frozenset[str], list[GPUInfo]] | None = field(default=None, init=False)
     _reserving: Reserving | None = field(default=None, init=False)
+    _scheduled: Scheduled | None = field(default=None, init=False)
     _heartbeat: Heartbeat | None = field(default=None, init=False)
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
     commands: Commands = field(init=False)  # what `gpu-agent run` says of each allocation
@@ -65,9 +68,16 @@ class Services:
     def __post_init__(self) -> None:
         self.commands = Commands(self.ledger)
         self._reserving = self.backend if isinstance(self.backend, Reserving) else None
+        self._scheduled = self.backend if isinstance(self.backend, Scheduled) else None
         self.gpus = self.backend.inventory()
         self.inventory = [g for g in self.gpus if g.gpu_type in self.config.catalog]
         self.topology = Topology(self.config, self.inventory)
+
+    @property
+    def scheduler_holds(self) -> bool:
+        """A cluster's scheduler (Slurm) holds the GPUs, and ends them at their deadline by
+        its own time limit even while no gpu-agent process watches."""
+        return self._scheduled is not None
 
     @property
     def unpriced(self) -> list[GPUInfo]:
@@ -81,14 +91,23 @@ class Services:
             self.ledger.mark_unhealthy(found, self.clock.now())
         return self.ledger.unhealthy()
 
+    def unavailable(self, holders: dict[str, tuple[str, str]] | None = None) -> dict[str, str]:
+        """GPUs a cluster's scheduler keeps from placement now (Slurm: a drained or down node,
+        a job gpu-agent did not submit), with why; none for other backends."""
+        if self._scheduled is None:
+            return {}
+        held = self.ledger.holders() if holders is None else holders
+        return self._scheduled.unavailable({g: aid for g, (aid, _) in held.items()})
+
     def placeable(self) -> list[GPUInfo]:
-        """The inventory less unhealthy GPUs and free GPUs that run processes gpu-agent did
-        not place (one list per such set, so the ledger's per-list index of it is kept).
-        Only hardware reports either."""
+        """The inventory less unhealthy GPUs, GPUs the cluster's scheduler keeps, and free GPUs
+        that run processes gpu-agent did not place (one list per such set, so the ledger's
+        per-list index of it is kept). Only hardware reports any."""
         if not self.backend.hardware:
             return self.inventory
         bad = set(self.check_health())
         holders = self.ledger.holders()
+        bad |= set(self.unavailable(holders))
         free = [g.uuid for g in self.inventory if g.uuid not in holders and g.uuid not in bad]
         bad |= {s.gpu_id for s in self.backend.sample(free, self.clock.now(), {}) if s.processes}
         if self._healthy is None or self._healthy[0] != bad:
@@ -146,17 +165,84 @@ class Services:
             if token is not None:
                 token.set()
 
-    def reserve(self, allocation_id: str, gpu_ids: list[str]) -> str | None:
-        """Tell a reserving backend (Ray) about a placement; None, or why it could not."""
-        return None if self._reserving is None else self._reserving.reserve(allocation_id, gpu_ids)
+    def reserve(self, row: LedgerRow) -> str | None:
+        """Tell a reserving backend (Ray) about a placement, or have the cluster's scheduler
+        (Slurm) hold its GPUs in a job, recorded in the ledger; None, or why it could not."""
+        if self._reserving is not None:
+            return self._reserving.reserve(row.id, row.gpu_ids)
+        if self._scheduled is None:
+            return None
+        assert row.deadline is not None
+        job = self._scheduled.submit(
+            Hold(row.id, row.project, row.purpose, row.gpu_ids, row.deadline)
+        )
+        if isinstance(job, str):
+            return job
+        fault(SUBMITTED)  # the job runs; the ledger does not know it yet
+        self.ledger.record_job(row.id, self.backend.name, job)
+        return None
 
     def free(self, allocation_id: str) -> None:
+        """Free what the backend holds for an allocation the ledger has released."""
         if self._reserving is not None:
             self._reserving.free(allocation_id)
+        if self._scheduled is not None:
+            self._scheduled.cancel(allocation_id)  # refused: start-up reconciliation retries
+
+    def moved(self, moves: Iterable[Moved]) -> None:
+        """Deadlines moved: their monitors hear at once, and a scheduler's time limits follow."""
+        for m in moves:
+            self.wake(m.id)
+            self.follow(m.id, m.after)
+
+    def follow(self, allocation_id: str, deadline: float) -> Ended | None:
+        """Where the cluster's scheduler holds the GPUs (Slurm): None while the allocation's job
+        runs (its time limit then covers `deadline`); else how the scheduler ended it, and
+        when (a job gone with no record of its end: at the allocation's last heartbeat)."""
+        if self._scheduled is None:
+            return None
+        job = self.ledger.scheduler_job(allocation_id)
+        ended = None if job is None else self._scheduled.follow(job, deadline)
+        if ended is None or ended.at is not None:
+            return ended
+        return replace(ended, at=self.ledger.get(allocation_id).heartbeat_at)
+
+    def reconcile_jobs(self) -> list[Release]:
+        """At start-up, where the cluster's scheduler holds the GPUs (Slurm): active allocations
+        whose job ended while nothing watched end as the scheduler ended them (a job found by
+        its name that the ledger had not recorded yet is recorded). The releases made."""
+        scheduled = self._scheduled
+        if scheduled is None or getattr(self.backend, "problem", None):
+            return []
+        released = []
+        recorded = self.ledger.scheduler_jobs()
+        for row in self.ledger.allocations("active"):
+            assert row.deadline is not None
+            job = recorded.get(row.id)
+            if job is None:  # placed, and the process died before the job was recorded
+                job = scheduled.found(row.id)
+                if job is not None:
+                    self.ledger.record_job(row.id, self.backend.name, job)
+                continue  # never submitted: the thread's resume submits it
+            ended = self.follow(row.id, row.deadline)
+            if ended is not None:
+                assert ended.at is not None
+                release, now = self.ledger.release_once(
+                    row.id, ended.reason, ended.at, f"{self.backend.name}: {ended.why}"
+                )
+                if now:
+                    released.append(release)
+        return released
 
     def reconcile_reservations(self) -> tuple[list[str], list[str]]:
-        """At start-up: free the reservations of allocations that ended while no process ran,
-        and make those an active allocation lacks. (freed, made)."""
+        """At start-up: free the reservations (jobs) of allocations that ended while no process
+        ran, and make the reservations an active allocation lacks (Ray). (freed, made)."""
+        if self._scheduled is not None and not getattr(self.backend, "problem", None):
+            states = {r.id: r.state for r in self.ledger.allocations()}
+            ended = sorted(a for a in self._scheduled.live() if states.get(a) == "released")
+            for aid in ended:
+                self._scheduled.cancel(aid)
+            return ended, []
         if self._reserving is None:
             return [], []
         active = {r.id: r.gpu_ids for r in self.ledger.allocations("active")}
@@ -252,8 +338,7 @@ class Services:
         once. Returns what moved, and from when to when."""
         check_budget(project, budget_usd)
         moved = self.ledger.set_budget(project, budget_usd, self.clock.now(), by or self.actor)
-        for m in moved:
-            self.wake(m.id)
+        self.moved(moved)
         return moved
 
     def close(self) -> None:

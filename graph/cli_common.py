@@ -31,8 +31,11 @@ def open_orchestrator(
     choice: BackendChoice | None = None,
     pool_size: int = 8,
     kind: str = "cli",
+    say_problem: bool = True,
 ) -> Orchestrator:
-    """For the commands that run threads: the graph and its checkpointer (LangGraph)."""
+    """For the commands that run threads: the graph and its checkpointer (LangGraph).
+    `say_problem=False`: a command that places GPUs refuses with the backend's problem
+    itself, so it is not said twice."""
     from graph.orchestrator import Orchestrator
 
     orch = Orchestrator(
@@ -44,7 +47,7 @@ def open_orchestrator(
         pool_size=pool_size,
         monitor_kind=kind,
     )
-    say_backend(orch.services)
+    say_backend(orch.services, say_problem)
     return orch
 
 
@@ -61,11 +64,11 @@ def open_records(args: argparse.Namespace, *, create: bool) -> Records:
     return records
 
 
-def say_backend(services: Services) -> None:
+def say_backend(services: Services, say_problem: bool = True) -> None:
     if services.note:
         print(f"gpu-agent: {services.note}", file=sys.stderr)
     problem = getattr(services.backend, "problem", None)
-    if problem:
+    if problem and say_problem:
         print(
             f"gpu-agent: {services.backend.name}: {problem}; the inventory is empty "
             "(--backend simulated simulates a fleet)",

@@ -28,15 +28,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"; not in the fleet catalog, never placed: {', '.join(data['unpriced_types'])}"
             if data["unpriced_types"]
             else ""
-        ),
-        f"{'GPU':<14}{'type':<9}{'node':<12}{'holder':<22}{'util':>6}{'mem GB':>9}"
+        )
+        + (f"; the monitor enforces {data['monitoring']}" if data["monitoring"] else ""),
+        f"{'GPU':<18}{'type':<9}{'node':<12}{'holder':<22}{'util':>6}{'mem GB':>9}"
         f"{'temp':>7}{'power':>8}  condition",
     ]
     for g in data["gpus"]:
         holder = f"{quoted(g['project'])}/{g['allocation_id']}" if g["allocation_id"] else "-"
         condition = g["condition"] + (f" ({g['unhealthy']})" if g["unhealthy"] else "")
         lines.append(
-            f"{g['uuid'][:12]:<14}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
+            f"{g['uuid'][:16]:<18}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"
             f"{_num(g['util_pct'], '%'):>6}{_num(g['mem_used_gb']):>9}"
             f"{_num(g['temp_c'], 'C'):>7}{_num(g['power_w'], 'W'):>8}  {condition}"
         )
@@ -47,9 +48,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for a in live:
         until = f"until {a['deadline']}" if a["state"] == "active" else "waiting"
         watched = f"monitored by {a['monitor']}" if a["monitored"] else "NOT MONITORED"
+        job = a["job"]
+        held = f"  Slurm job {job['job_id']} on {job['node']} (GPUs {job['gpus']})" if job else ""
         lines.append(
             f"  {a['id']}  {quoted(a['project']):<12} {a['state']:<7} {a['count']} x "
-            f"{a['gpu_type']:<8} {until}  {watched}"
+            f"{a['gpu_type']:<8} {until}  {watched}{held}"
         )
     emit(args, data, "\n".join(lines))
     return 0

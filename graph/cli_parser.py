@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="inventory backend (env GPU_AGENT_BACKEND; default simulated): nvml "
         "reads this host's GPUs, replay plays a recording, auto picks nvml where "
-        "a driver is",
+        "a driver is, ray and slurm govern a cluster (slurm: the one SLURM_CONF names)",
     )
     p.add_argument(
         "--replay",

@@ -12,14 +12,16 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleet import names
 from fleet.access import ACCESS, identify
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
+from fleet.fleet_backend import SchedulerJob
 from fleet.jobs import Job, JobQueue
 from fleet.models import Event, Status
 from fleet.statedir import default_state_dir
@@ -34,6 +36,9 @@ from graph.cli_common import (
 )
 from graph.cli_parser import NOTICE_SIGNALS
 from graph.outcome import RequestOutcome, lease_note
+
+if TYPE_CHECKING:
+    from graph.orchestrator import Orchestrator
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
@@ -69,7 +74,7 @@ class _Live:
             self.ticking = True
 
 
-def _describe(outcome: RequestOutcome) -> str:
+def _describe(outcome: RequestOutcome, job: SchedulerJob | None = None) -> str:
     tid = shlex.quote(outcome.thread_id)
     lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({quoted(outcome.reason)})"]
     shown = outcome.guardrails()
@@ -85,7 +90,13 @@ def _describe(outcome: RequestOutcome) -> str:
         why = lease_note(outcome)
         if why:
             lines.append(why)
-        lines.append(f"CUDA_VISIBLE_DEVICES={a.cuda_visible_devices}")
+        if job is None:
+            lines.append(f"CUDA_VISIBLE_DEVICES={a.cuda_visible_devices}")
+        else:  # Slurm sets CUDA_VISIBLE_DEVICES in the job's steps
+            lines.append(
+                f"Slurm job {job.job_id} on {job.node} holds GPUs {job.gpus}: run in it with "
+                f"srun --jobid={job.job_id} ..."
+            )
     if outcome.status is Status.RELEASED:
         lines.append(f"charged ${outcome.cost_usd:.2f}")
     if outcome.status is Status.PENDING_REVIEW:
@@ -98,8 +109,12 @@ def _describe(outcome: RequestOutcome) -> str:
     return "\n".join(lines)
 
 
-def _finish(args: argparse.Namespace, outcome: RequestOutcome) -> int:
-    emit(args, outcome.to_json(), _describe(outcome))
+def _finish(
+    args: argparse.Namespace, outcome: RequestOutcome, job: SchedulerJob | None = None
+) -> int:
+    """The outcome printed; `job`: the Slurm job that holds its GPUs, where one does."""
+    data = outcome.to_json() | ({"job": asdict(job)} if job is not None else {})
+    emit(args, data, _describe(outcome, job))
     return EXIT_CODES.get(outcome.status, 0)
 
 
@@ -152,16 +167,21 @@ def cmd_request(args: argparse.Namespace) -> int:
     if choice.name == "simulated":  # real GPUs are known only once the backend opens
         config = load_fleet(fleet_file(args))
         check_against_fleet(request, config)
-    with open_orchestrator(args, create=True, config=config, choice=choice) as orch:
+    with open_orchestrator(
+        args, create=True, config=config, choice=choice, say_problem=False
+    ) as orch:
         return _followed(
             args,
             functools.partial(
                 orch.request, request, thread_id=args.thread_id, wait=not args.no_wait
             ),
+            orch,
         )
 
 
-def _followed(args: argparse.Namespace, start: Callable[..., RequestOutcome]) -> int:
+def _followed(
+    args: argparse.Namespace, start: Callable[..., RequestOutcome], orch: Orchestrator
+) -> int:
     """`start(on_event=, on_progress=)` with its progress shown live on a terminal (not with
     --json or --no-wait), then the outcome printed."""
     live = None if args.json or args.no_wait else _Live()
@@ -170,7 +190,9 @@ def _followed(args: argparse.Namespace, start: Callable[..., RequestOutcome]) ->
     )
     if live is not None:
         live.done()
-    return _finish(args, outcome)
+    held = outcome.allocation
+    job = orch.services.ledger.scheduler_job(held.id) if held is not None else None
+    return _finish(args, outcome, job)
 
 
 def _job_json(job: Job) -> dict[str, Any]:
@@ -238,7 +260,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     with open_orchestrator(args, create=False) as orch:
         return _followed(
-            args, functools.partial(orch.resume, args.thread_id, decision, wait=not args.no_wait)
+            args,
+            functools.partial(orch.resume, args.thread_id, decision, wait=not args.no_wait),
+            orch,
         )
 
 

@@ -58,8 +58,9 @@ class Records:
         identity: Identity | None = None,
     ) -> None:
         """Open the services and identify the caller, then set the ledger right for a start:
-        leases that ran out while nothing ran end, GPU settings a crashed process left are
-        reset, reservations are made to match the ledger. `database`: a postgresql:// URL
+        allocations whose Slurm job ended meanwhile end as Slurm ended them, leases that ran out
+        while nothing ran end, GPU settings a crashed process left are reset, reservations
+        (and Slurm jobs) are made to match the ledger. `database`: a postgresql:// URL
         (default: SQLite in the state directory). `token` (default: env GPU_AGENT_TOKEN): who
         is calling, where the state directory has an access file (fleet.access). `identity`:
         one the caller authenticated itself."""
@@ -81,10 +82,11 @@ class Records:
             self.services.close()
             raise
         svc = self.services
+        svc.reconcile_jobs()  # Slurm jobs that ended while down end their allocations
         svc.ledger.reconcile(svc.clock.now())  # leases that ran out while down
         held = svc.ledger.holders()  # power limits a crashed process left lowered
         svc.backend.reset([g.uuid for g in svc.gpus if g.uuid not in held])
-        svc.reconcile_reservations()  # a crashed worker's placement groups (Ray)
+        svc.reconcile_reservations()  # a crashed worker's placement groups (Ray), Slurm jobs
 
     def close(self) -> None:
         self.services.close()
@@ -180,10 +182,14 @@ class Records:
         for orphan in self._orphans(live, saved):
             if orphan.checkpointed:
                 row = orphan.row
+                unwatched = (
+                    "Slurm's time limit still ends it at its deadline"
+                    if self.services.scheduler_holds
+                    else "so idle release, the lease and the budget are not enforced"
+                )
                 out.append(
                     f"allocation {row.id} ({row.project}) is not monitored: "
-                    f"{orphan.describe(wall)}, so idle release, the lease and the "
-                    "budget are not enforced; `gpu-agent resume "
+                    f"{orphan.describe(wall)}, {unwatched}; `gpu-agent resume "
                     f"{shlex.quote(row.thread_id)}` or a worker adopts it"
                 )
         return out

@@ -1,6 +1,7 @@
 """`gpu-agent run`: a command on an allocation's GPUs, stopped when the allocation ends.
 
-The command gets CUDA_VISIBLE_DEVICES with the allocation's GPU UUIDs. Whoever releases the
+The command gets CUDA_VISIBLE_DEVICES with the allocation's GPU UUIDs (on Slurm it runs as a
+step of the allocation's job, `srun --jobid`, and Slurm sets it). Whoever releases the
 allocation (the monitor for idling, the lease, a budget, `gpu-agent release`) ends the command:
 SIGTERM to its process group, a grace period, SIGKILL; then the GPUs' process lists (NVML) are
 read to confirm nothing of it is left. Only processes this command started are signalled.
@@ -108,12 +109,21 @@ def run_on(
             f"nobody monitors allocation {allocation_id}: it will not be released for idling "
             f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it"
         )
-    env = dict(os.environ) | {
-        "CUDA_VISIBLE_DEVICES": ",".join(row.gpu_ids),
-        "GPU_AGENT_ALLOCATION": allocation_id,
-    }
+    env = dict(os.environ) | {"GPU_AGENT_ALLOCATION": allocation_id}
+    command = list(argv)
+    if svc.scheduler_holds:  # a step of the allocation's Slurm job, on its node and GPUs
+        job = svc.ledger.scheduler_job(allocation_id)
+        if job is None:
+            raise InvalidInput(
+                f"allocation {allocation_id} has no Slurm job yet: `gpu-agent resume "
+                f"{shlex.quote(row.thread_id)}` submits it"
+            )
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # Slurm sets it in the step
+        command = ["srun", f"--jobid={job.job_id}", *argv]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(row.gpu_ids)
     with _signals() as got:
-        proc = Supervised(argv, env)
+        proc = Supervised(command, env)
         svc.commands.started(allocation_id, new_owner("run"), svc.clock.now())
         say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
         seen = {proc.pid}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from fleet.models import utc
@@ -28,6 +29,8 @@ def fleet_status(svc: Services) -> dict[str, Any]:
     holders = svc.ledger.holders()
     samples = svc.sample([g.uuid for g in svc.gpus], now, {g: p for g, (_, p) in holders.items()})
     unhealthy = svc.check_health()
+    kept = svc.unavailable(holders)  # Slurm: drained or down nodes, others' jobs
+    jobs = svc.ledger.scheduler_jobs()
     monitors = Monitors(svc.ledger)
     watchers, wall = monitors.watchers(), time.time()
     gpus = []
@@ -52,10 +55,15 @@ def fleet_status(svc: Services) -> dict[str, Any]:
                 "processes": None
                 if sample.processes is None
                 else [p.model_dump() for p in sample.processes],
-                "condition": (state := condition(sample, aid is not None, svc.config.monitor)),
+                "condition": (
+                    state := kept[gpu.uuid]
+                    if aid is None and gpu.uuid in kept
+                    else condition(sample, aid is not None, svc.config.monitor)
+                ),
                 "unhealthy": unhealthy.get(gpu.uuid),
                 "placeable": gpu.gpu_type in svc.config.catalog
                 and gpu.uuid not in unhealthy
+                and gpu.uuid not in kept
                 and state != OUTSIDE,
             }
         )
@@ -84,12 +92,16 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             "monitor": None
             if r.state == "released" or r.id not in watchers
             else watchers[r.id].describe(wall),
+            # the Slurm job that holds it: its id, node and the GPU indices Slurm chose
+            "job": asdict(jobs[r.id]) if r.id in jobs else None,
         }
         for r in svc.ledger.allocations()
     ]
     return {
         "backend": svc.backend.name,
         "problem": getattr(svc.backend, "problem", None),
+        # what the monitor can enforce on this backend, where it is less than everything
+        "monitoring": getattr(svc.backend, "monitoring", None),
         "unpriced_types": sorted({g.gpu_type for g in svc.unpriced}),
         "now": utc(now).isoformat(),
         "gpus": gpus,

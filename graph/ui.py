@@ -138,6 +138,7 @@ RELEASE_REASON = {
     "cancelled": "cancelled",
     "unhealthy": "a GPU became unhealthy",
     "command-exit": "the command ended",
+    "cancelled-outside": "ended by the cluster's scheduler",
 }
 MODE = {
     "budget": "budget (cheapest per unit of work)",

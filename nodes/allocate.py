@@ -33,8 +33,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         approval=audit.approval(svc, state, request),
     )
     fault("allocate:placed")
-    for moved in result.moved:  # the budget now ends these sooner: their monitors hear at once
-        svc.wake(moved.id)
+    svc.moved(result.moved)  # the budget now ends these sooner: their monitors hear at once
     decision, row = result.decision, result.row
     if decision.kind in (Kind.DENY, Kind.GONE):
         svc.unwatch(aid)  # nothing live to monitor
@@ -57,9 +56,9 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
                 Event(at=utc(now), kind=EventKind.QUEUED, message=f"waiting: {decision.reason}")
             ]
         return update
-    problem = svc.reserve(aid, row.gpu_ids)  # a Ray cluster: its placement group
-    if problem is not None:
-        svc.release(aid, ReleaseReason.CANCELLED)
+    problem = svc.reserve(row)  # Ray: its placement group; Slurm: its job
+    if problem is not None:  # it never held anything: charged nothing
+        svc.release(aid, ReleaseReason.CANCELLED, at=row.started_at)
         return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}
     allocation = row.to_allocation()
     resumed = (

@@ -17,7 +17,7 @@ from fleet.clock import sleep_until
 from fleet.commands import work
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
-from fleet.models import EventKind, MonitorState, utc
+from fleet.models import Event, EventKind, MonitorState, utc
 from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, readings, skip
 from fleet.services import Services
 from nodes.context import Context, services_for
@@ -25,15 +25,25 @@ from nodes.progress import report, streaming
 from nodes.state import State, guardrails_of, request_of
 
 
-def _ended(row: Lease, now: float) -> State | None:
-    """The release this tick must make, if the allocation is over."""
+def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
+    """The release this tick must make, if the allocation is over: in the ledger, or where a
+    cluster's scheduler holds the GPUs (Slurm), by the scheduler (whose job's time limit
+    follows the ledger's deadline meanwhile)."""
     if row.state == "released":
         assert row.release_reason is not None and row.released_at is not None
         return {"release_reason": row.release_reason, "release_at": utc(row.released_at)}
     assert row.deadline is not None and row.deadline_reason is not None
     if now >= row.deadline:
         return {"release_reason": row.deadline_reason, "release_at": utc(row.deadline)}
-    return None
+    gone = svc.follow(aid, row.deadline)
+    if gone is None:
+        return None
+    assert gone.at is not None
+    return {
+        "release_reason": gone.reason,
+        "release_at": utc(gone.at),
+        "events": [Event(at=utc(now), kind=EventKind.SCHEDULER, message=gone.why)],
+    }
 
 
 def _policy(work: Work, state: State, works_while_idle: bool) -> IdlePolicy:
@@ -84,7 +94,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     last = readings(state["samples"], settings) if state.get("samples") else None
     if mon.wake_at is None:  # the first tick, or a checkpoint from before ticks were planned
         row = svc.ledger.lease(allocation.id)
-        ended = _ended(row, svc.clock.now())
+        ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
             return ended
         policy = _policy(work(row), state, mon.works_while_idle)
@@ -95,7 +105,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     svc.check_watched(allocation.id)  # adopted elsewhere while this process was silent
     now = svc.clock.now()
     row = svc.ledger.lease(allocation.id)  # the allocation may have ended meanwhile
-    ended = _ended(row, now)
+    ended = _ended(row, now, svc, allocation.id)
     if ended:
         return ended
     assert row.deadline is not None

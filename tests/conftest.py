@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +17,9 @@ from fleet.clock import VirtualClock
 from fleet.config import FleetConfig, parse_fleet
 from graph.orchestrator import Orchestrator
 from nodes.context import Services, open_services
+
+if TYPE_CHECKING:
+    from tests.slurmserver import SlurmServer
 
 SMALL_FLEET = """
 catalog = ["A100", "H100", "T4", "RTX4090"]
@@ -175,3 +179,46 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "ledger.sqlite")
     return str(request.getfixturevalue("pg_url"))
+
+
+# ---- Slurm -----------------------------------------------------------------------------------
+# A real cluster on loopback (tests/slurmserver.py: munged, slurmctld, two slurmds, as root):
+# GPU_AGENT_TEST_SLURM_CONF (its slurm.conf) if set, else one started here for the session.
+# Without Slurm installed, or not as root, the Slurm tests skip, unless GPU_AGENT_REQUIRE_SLURM=1
+# (.ci/run sets it) makes that a failure.
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmServer]:
+    from tests.slurmserver import SlurmServer, installed, scratch_root
+
+    given = os.environ.get("GPU_AGENT_TEST_SLURM_CONF")
+    if given:
+        yield SlurmServer(Path(given).parent)
+        return
+    why = (
+        "Slurm is not installed (slurmctld slurmd slurm-client munge)"
+        if not installed()
+        else "the test Slurm cluster runs as root"
+        if os.geteuid() != 0
+        else None
+    )
+    if why is not None:
+        if os.environ.get("GPU_AGENT_REQUIRE_SLURM"):
+            pytest.fail(f"Slurm is required (GPU_AGENT_REQUIRE_SLURM) but {why}")
+        pytest.skip(why)
+    server = SlurmServer(scratch_root())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm(slurm_cluster: SlurmServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlurmServer]:
+    """The cluster for one test (SLURM_CONF names it); left as started: no job, nodes idle."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    yield slurm_cluster
+    slurm_cluster.reset()

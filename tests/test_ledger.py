@@ -12,6 +12,7 @@ import pytest
 from council.record import past_jobs, rates
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
+from fleet.fleet_backend import SchedulerJob
 from fleet.ledger import Ledger
 from fleet.ledger.schema import SCHEMA_VERSION
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
@@ -231,8 +232,9 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
 
 def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
     """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
-    and the version-2 job queue, version 3's monitors, version 4's commands and version 5's
-    index) opens as the current version with its money and history intact."""
+    and the version-2 job queue, version 3's monitors, version 4's commands, version 5's
+    index and version 6's scheduler jobs) opens as the current version with its money and
+    history intact."""
     row = fx.place("t1").row
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
@@ -242,7 +244,16 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
     ]
     spent = fx.ledger.costs(T0)[0].spent_usd
     with fx.ledger.transaction() as db:
-        for table in ("jobs", "freed", "spend", "records", "unhealthy", "monitors", "commands"):
+        for table in (
+            "jobs",
+            "freed",
+            "spend",
+            "records",
+            "unhealthy",
+            "monitors",
+            "commands",
+            "scheduler_jobs",
+        ):
             db.execute(f"DROP TABLE {table}")
         db.execute("DROP INDEX history_by_resumer")  # version 5's
         for column in ("util_last", "busy_at_start", "idle_since", "resumes"):
@@ -264,6 +275,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
                 "unhealthy",
                 "monitors",
                 "commands",
+                "scheduler_jobs",
             }
         assert [
             r
@@ -275,6 +287,16 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
         assert stats.spent_usd == pytest.approx(spent) and len(stats.recent) == 1
     finally:
         ledger.close()
+
+
+def test_a_scheduler_job_is_recorded_once_per_allocation(fx: Fixture) -> None:
+    row = fx.place("t1").row
+    assert row is not None and fx.ledger.scheduler_job(row.id) is None
+    job = SchedulerJob("17", "gn1", "4-5", T0 + 1)
+    fx.ledger.record_job(row.id, "slurm", job)
+    fx.ledger.record_job(row.id, "slurm", job)  # a re-run after a crash records it again
+    assert fx.ledger.scheduler_job(row.id) == job
+    assert fx.ledger.scheduler_jobs() == {row.id: job}
 
 
 def test_a_database_with_other_tables_is_refused(pg_url: str, config: FleetConfig) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 # 2: jobs (the queue `gpu-agent worker` serves), freed (when each GPU was last released),
 #    audit (who approved, denied, decided, released, set a budget, and why)
 # 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
-SCHEMA_VERSION = 5
+# 4: commands and the hoarding record; 5: indexes; 6: scheduler_jobs (a Slurm job per allocation)
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -172,6 +173,18 @@ CREATE INDEX IF NOT EXISTS history_by_resumer ON history (resumed_by);
 CREATE INDEX IF NOT EXISTS allocations_running ON allocations (state, project, count,
     started_at, price_per_hour, lease_end, deadline);
 """
+# the job that holds an allocation's GPUs where the cluster's scheduler holds them (Slurm):
+# its id, its node and the GPU indices the scheduler chose there, and when it started
+V6 = """
+CREATE TABLE IF NOT EXISTS scheduler_jobs (
+    allocation_id TEXT PRIMARY KEY REFERENCES allocations (id),
+    scheduler TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    gpus TEXT NOT NULL,
+    started_at REAL NOT NULL
+);
+"""
 TABLES = (
     "meta",
     "allocations",
@@ -188,4 +201,5 @@ TABLES = (
     "audit",
     "monitors",
     "commands",
+    "scheduler_jobs",
 )
