@@ -394,6 +394,7 @@ class World:
             reason,
             busy,  # an idle release here: idle throughout
             hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0,
+            lease_hours=plan.hours,
         )
         return record, wasteful(held, util, reason, plan.work)
 
