@@ -105,6 +105,8 @@ class Sample:
     # what the same job would have done approved with guardrails (a stricter idle release,
     # council.guardrails), on the same draws: for evaluation, as would_waste is
     would_waste_guarded: float = math.nan
+    # the project's habits when it asked, which no model sees (benchmarks/waste_ceiling.py)
+    habits: Habits | None = None
 
     def outcome_at(self, cut: float) -> float | None:
         """`wasted` as a ledger knows it at time `cut`: None until the job has run and
@@ -343,6 +345,7 @@ class World:
             habit_waste,
             ended_at,
             guarded,
+            habits,
         )
 
     def _run(self, plan: _Plan, request: GPURequest, now: float) -> tuple[float, float]:
