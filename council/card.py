@@ -121,6 +121,10 @@ def _verdict(ab: dict[str, dict[str, float]]) -> str:
     )
 
 
+def _weights(m: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {w:.2f}" for k, w in zip(m["members"], m["vote_weights"], strict=True))
+
+
 def outcome_card(m: dict[str, Any]) -> str:
     """The card of a council trained on outcomes (council.train, target "outcome")."""
     t, s = m["test"], m["settings"]
@@ -155,8 +159,9 @@ def outcome_card(m: dict[str, Any]) -> str:
             "## Data",
             f"{s['worlds']} synthetic worlds ({s['world_projects']} projects over "
             f"{s['world_days']:g} days each), each split by time: the first 60 % trains "
-            f"({m['data']['train']} voted requests), the next 10 % sets the temperature "
-            f"(T = {m['temperature']:.3f}) and the band ({m['data']['validation']}), the last "
+            f"({m['data']['train']} voted requests), the next 10 % sets each member's weight "
+            f"in the vote ({_weights(m)}), the temperature (T = {m['temperature']:.3f}) and "
+            f"the band ({m['data']['validation']}), the last "
             f"30 % is the test ({m['data']['test']}); on the test slice every request's "
             "outcome is known, ran or not, because the worlds are simulated.",
             "",

@@ -108,6 +108,8 @@ class Sample:
     # when the project's habits changed (inf: never), which no record shows: for evaluation
     # (the habit-change figure, council.outcomes.CHANGE_DAYS)
     changed_at: float = math.inf
+    # the project's habits when it asked, which no model sees (benchmarks/waste_ceiling.py)
+    habits: Habits | None = None
 
     def outcome_at(self, cut: float) -> float | None:
         """`wasted` as a ledger knows it at time `cut`: None until the job has run and
@@ -347,6 +349,7 @@ class World:
             ended_at,
             guarded,
             p.switch_at,
+            habits,
         )
 
     def _run(self, plan: _Plan, request: GPURequest, now: float) -> tuple[float, float]:
@@ -398,6 +401,7 @@ class World:
             reason,
             busy,  # an idle release here: idle throughout
             hoarded_hours=held if reason is ReleaseReason.IDLE else 0.0,
+            lease_hours=plan.hours,
         )
         return record, wasteful(held, util, reason, plan.work)
 

@@ -1,13 +1,22 @@
 """From what the council reads to tensors: one irregularly timed sequence per request.
 
 The sequence is [older-history summary?] + past allocations (oldest first) + the request.
-dt, the time since the previous step, is in days and capped at 60: raw seconds would
-saturate the time gates. Inputs are split by how they may move the vote:
-- `free` features (sizes, cost, fleet load, timing) reach the recurrent cell;
-- `bad` features (released for idling, stopped by the budget, utilisation deficit; and of the
-  request: cost pressure, 1 - fair share, its share of the pool, the pool's load, asking for
-  training hardware for other work) reach the output only through non-negative weights, so
-  a worse record can never raise approval (monotone by construction, see council/torch_net.py).
+dt, the time since the previous step, is in days and not capped: a record fades as it ages
+through the decays of the network (the CfC's time gates and the evidence accumulators, which
+saturate without overflow over any gap), so a year-old record can be forgiven where a cap
+would freeze it at the cap's age (it was 60 days: the shipped weights denied a hoarder whose
+last idle release was 1,000 days old as they denied one of 60 days). Inputs are split by how
+they may move the vote:
+- `free` features (sizes, cost, fleet load, timing, how an allocation ended) reach the
+  recurrent cell;
+- `bad` features (held idle with no work left, stopped by the budget, the utilisation deficit
+  and utilisation under the waste line; and of the request: cost pressure, 1 - fair share,
+  its share of the pool, the pool's load, asking for training hardware for other work) reach
+  the output only through non-negative weights, so a worse record can never raise approval
+  (monotone by construction, see council/torch_net.py).
+
+Each group holds every input; a network reads the columns its spec names (council/spec.py),
+so weights trained on fewer inputs (the `*_V1` groups) still load.
 
 The encoder is numpy, so that a decision (council/inference.py) never imports torch; `encode`
 hands the same arrays to torch for the network and training.
@@ -33,9 +42,22 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 DAY = 86400.0
-MAX_DT_DAYS = 60.0
-SEQ_FREE = ("gpus", "hours", "gpu_hours", "cost", "fleet_busy", "rated", "is_request", "is_summary")
-SEQ_BAD = ("hoarded_share", "budget_release", "util_deficit")
+LOW_UTIL_PCT = 20.0  # council.dataset.WASTE_UTIL_PCT: under it an allocation was wasted
+SEQ_FREE_V1 = (
+    "gpus",
+    "hours",
+    "gpu_hours",
+    "cost",
+    "fleet_busy",
+    "rated",
+    "is_request",
+    "is_summary",
+)
+# released by its holder (not by the lease's end, the monitor or the budget); the share of
+# its lease it held (1 where the lease is unknown)
+SEQ_FREE = (*SEQ_FREE_V1, "by_holder", "lease_used")
+SEQ_BAD_V1 = ("hoarded_share", "budget_release", "util_deficit")
+SEQ_BAD = (*SEQ_BAD_V1, "low_util")  # utilisation under LOW_UTIL_PCT
 STATIC_FREE = (
     "budgeted",
     "worst_case_usd",
@@ -47,6 +69,13 @@ STATIC_FREE = (
 )
 # each can only count against a request: monotone by construction
 STATIC_BAD = ("cost_pressure", "unfair_share", "pool_share", "pool_busy", "purpose_mismatch")
+STATIC_FREE_V1, STATIC_BAD_V1 = STATIC_FREE, STATIC_BAD
+GROUPS = {
+    "seq_free": SEQ_FREE,
+    "seq_bad": SEQ_BAD,
+    "static_free": STATIC_FREE,
+    "static_bad": STATIC_BAD,
+}
 
 A = TypeVar("A", "NDArray[Any]", "Tensor")  # numpy arrays, or torch tensors over them
 
@@ -72,12 +101,21 @@ _FIELDS = ("free", "bad", "dt", "mask", "static_free", "static_bad")
 _PAST, _REQUEST, _SUMMARY = 0.0, 1.0, 2.0
 _PAST_OF, _UTIL_OF, _REASON_OF = (operator.attrgetter(a) for a in ("past", "util_pct", "reason"))
 _CUT_BY_BUDGET = frozenset(r for r in ReleaseReason if r.cut_by_budget)
+_BY_HOLDER = frozenset(
+    {
+        ReleaseReason.EXPLICIT,
+        ReleaseReason.CONTEXT_EXIT,
+        ReleaseReason.COMMAND_EXIT,
+        ReleaseReason.CANCELLED,
+    }
+)
 
 
 def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """One row per step, each request's steps in turn: time, count, hours, GPU-hours, cost,
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
-    budget share, kind; and the number of steps of each request. Column by column over the
+    budget share, kind, released by its holder, share of the lease held; and the number of
+    steps of each request. Column by column over the
     whole batch: a request's past allocations are most of the work."""
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
@@ -87,13 +125,21 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
     has_summary[summarised] = 1
     lengths = has_summary + n_past + 1
     first = np.cumsum(lengths) - lengths  # flat index of each request's first step
-    raw = np.empty((int(lengths.sum()), 10))
+    raw = np.empty((int(lengths.sum()), 12))
 
     owner = np.repeat(np.arange(n), n_past)
     at = np.arange(len(jobs)) + (first + has_summary - (np.cumsum(n_past) - n_past))[owner]
-    ended, count, hours, cost, busy, hoarded = (
+    ended, count, hours, cost, busy, hoarded, lease = (
         _column(jobs, name)
-        for name in ("ended_at", "count", "hours", "cost_usd", "fleet_busy", "hoarded_hours")
+        for name in (
+            "ended_at",
+            "count",
+            "hours",
+            "cost_usd",
+            "fleet_busy",
+            "hoarded_hours",
+            "lease_hours",
+        )
     )
     raw[at] = np.stack(
         [
@@ -107,6 +153,8 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
             np.divide(hoarded, hours, out=np.zeros_like(hours), where=hours > 0),
             np.fromiter(map(_CUT_BY_BUDGET.__contains__, map(_REASON_OF, jobs)), np.bool_),
             np.full(len(jobs), _PAST),
+            np.fromiter(map(_BY_HOLDER.__contains__, map(_REASON_OF, jobs)), np.bool_),
+            np.minimum(np.divide(hours, lease, out=np.ones_like(hours), where=lease > 0), 1.0),
         ],
         axis=1,
     )
@@ -123,6 +171,8 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
             np.zeros(n),
             np.zeros(n),
             np.full(n, _REQUEST),
+            np.zeros(n),
+            np.zeros(n),
         ],
         axis=1,
     )
@@ -143,6 +193,8 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
             older.idle_gpu_hours / share,
             older.budget_gpu_hours / share,
             _SUMMARY,
+            0.0,
+            1.0,
         )
     return raw, lengths
 
@@ -186,11 +238,19 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
             rated,
             kind == _REQUEST,
             summary,
+            raw[:, 10],
+            raw[:, 11],
         ],
         axis=1,
     ).astype(np.float32)
     step_bad = np.stack(
-        [raw[:, 7], raw[:, 8], np.where(rated, 1 - util / 100, 0.0)], axis=1
+        [
+            raw[:, 7],
+            raw[:, 8],
+            np.where(rated, 1 - util / 100, 0.0),
+            rated & (np.nan_to_num(util) < LOW_UTIL_PCT),
+        ],
+        axis=1,
     ).astype(np.float32)
 
     free = np.zeros((n, steps, len(SEQ_FREE)), dtype=np.float32)
@@ -199,7 +259,7 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     mask = np.zeros((n, steps), dtype=np.bool_)
     free[owner, pos] = step_free
     bad[owner, pos] = step_bad
-    dt[owner, pos] = np.minimum(gap / DAY, MAX_DT_DAYS)
+    dt[owner, pos] = gap / DAY
     mask[owner, pos] = True
     static_free = np.stack(
         [

@@ -69,10 +69,18 @@ class NumpyCouncilNet:
     def logits(self, enc: Encoded[NDArray[Any]], rows: int = 1) -> Array:
         """(members, batch) approval logits, as CouncilNet.forward(enc, rows=rows).logit."""
         spec = self.spec
+        read = spec.read(enc)
         enc = Encoded(
             *(
                 a.astype(np.float64) if a.dtype == np.float32 else a
-                for a in (enc.free, enc.bad, enc.dt, enc.mask, enc.static_free, enc.static_bad)
+                for a in (
+                    read.free,
+                    read.bad,
+                    read.dt,
+                    read.mask,
+                    read.static_free,
+                    read.static_bad,
+                )
             )
         )
         dt = enc.dt if spec.time == "gate" else enc.mask.astype(np.float64)

@@ -65,11 +65,14 @@ def _static(group: str, name: str, value: float) -> Occlusion:
     return apply
 
 
-def _record(name: str, value: float) -> Occlusion:
-    col, rated = SEQ_BAD.index(name), SEQ_FREE.index("rated")
+def _record(**values: float) -> Occlusion:
+    """Each named `bad` column of the record set to its value where utilisation is known."""
+    cols = {SEQ_BAD.index(name): value for name, value in values.items()}
+    rated = SEQ_FREE.index("rated")
 
     def apply(e: Encoded[Any], i: int) -> None:
-        e.bad[i, :, col] = value * e.free[i, :, rated]
+        for col, value in cols.items():
+            e.bad[i, :, col] = value * e.free[i, :, rated]
 
     return apply
 
@@ -82,9 +85,9 @@ OCCLUSIONS: dict[str, Occlusion] = {
     "pool_share": _static("static_bad", "pool_share", 0.0),
     "pool_busy": _static("static_bad", "pool_busy", 0.0),
     "priority": _static("static_free", "priority", 0.5),
-    "hoarding_rate": _record("hoarded_share", 0.0),
-    "overrun_rate": _record("budget_release", 0.0),
-    "recent_util": _record("util_deficit", 0.5),
+    "hoarding_rate": _record(hoarded_share=0.0),
+    "overrun_rate": _record(budget_release=0.0),
+    "recent_util": _record(util_deficit=0.5, low_util=0.0),  # 50 %: not under the waste line
 }
 
 

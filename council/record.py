@@ -28,6 +28,7 @@ class PastJob:
     reason: ReleaseReason
     fleet_busy: float = 0.0  # share of the fleet's GPUs others held when it started
     hoarded_hours: float = 0.0  # held idle at the end with no work left (never the whole)
+    lease_hours: float = 0.0  # the lease it was granted (0: unknown); hours / this is its use
 
     @property
     def gpu_hours(self) -> float:
@@ -58,6 +59,7 @@ def _job(r: HistoryRecord, busy: float) -> PastJob:
         reason=r.reason,
         fleet_busy=busy,
         hoarded_hours=r.hoarded_hours,
+        lease_hours=r.requested_hours,
     )
 
 

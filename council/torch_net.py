@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from council.cfc import GRU, CfC, Trace, _init, longest_first
-from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, STATIC_FREE, Encoded
+from council.encoding import GROUPS, Encoded
 from council.spec import NetSpec
 
 ALL = "*"
@@ -58,16 +58,10 @@ PERSPECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 GENERAL = {"seq_free": (ALL,), "seq_bad": (ALL,), "static_free": (ALL,), "static_bad": (ALL,)}
-GROUPS = {
-    "seq_free": SEQ_FREE,
-    "seq_bad": SEQ_BAD,
-    "static_free": STATIC_FREE,
-    "static_bad": STATIC_BAD,
-}
 
 
 def _mask(spec: NetSpec, group: str) -> Tensor:
-    names = GROUPS[group]
+    names = spec.inputs(group)
     rows = []
     for p in spec.perspectives:
         wanted = (GENERAL if p == "general" else PERSPECTIVES[p])[group]
@@ -89,7 +83,7 @@ class CouncilNet(nn.Module):
         super().__init__()
         self.spec = spec
         m, c = len(spec.members), spec.channels
-        inputs = len(SEQ_FREE) + (1 if spec.time == "input" else 0)
+        inputs = len(spec.seq_free) + (1 if spec.time == "input" else 0)
         core_cls = CfC if spec.core == "cfc" else GRU
         self.core = core_cls(
             m,
@@ -102,15 +96,15 @@ class CouncilNet(nn.Module):
             activation=spec.activation,
         )
         gen = torch.Generator().manual_seed(spec.seed + 1)
-        self.mix = nn.Parameter(torch.zeros(m, c, len(SEQ_BAD)))
+        self.mix = nn.Parameter(torch.zeros(m, c, len(spec.seq_bad)))
         self.prior_num = nn.Parameter(torch.zeros(m, 1, c))
         self.prior_den = nn.Parameter(torch.ones(m, 1, c))
-        d = c + len(STATIC_BAD)
+        d = c + len(spec.static_bad)
         self.pen_lin = nn.Parameter(torch.zeros(m, 1, d))
         self.pen_alpha = nn.Parameter(torch.full((m, 1, d, spec.hinges), -2.0))
         self.pen_beta = nn.Parameter(torch.ones(m, 1, d, spec.hinges))
         self.pen_gamma = nn.Parameter(torch.linspace(-2, 0, spec.hinges).repeat(m, 1, d, 1))
-        self.w1 = _init(m, spec.hidden + len(STATIC_FREE), spec.head, gen)
+        self.w1 = _init(m, spec.hidden + len(spec.static_free), spec.head, gen)
         self.b1 = nn.Parameter(torch.zeros(m, 1, spec.head))
         self.w2 = _init(m, spec.head, 2, gen)
         self.b2 = nn.Parameter(torch.zeros(m, 1, 2))
@@ -129,7 +123,9 @@ class CouncilNet(nn.Module):
         recurrent core, so it runs once, on the first row, and its result is shared.
 
         Requests of different lengths run longest first, so that the CfC computes no padded
-        step (council/cfc.py), and their outputs come back in the batch's order."""
+        step (council/cfc.py), and their outputs come back in the batch's order. `enc` holds
+        every input the encoding makes; the network reads those its spec names."""
+        enc = self.spec.read(enc)
         order = longest_first(enc.mask) if rows == 1 else None
         if order is None:
             return self._forward(enc, trace, rows)

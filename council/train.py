@@ -41,7 +41,7 @@ from council.dataset import (
     synthetic_jobs,
     time_split,
 )
-from council.encoding import SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
+from council.encoding import LOW_UTIL_PCT, SEQ_BAD, SEQ_FREE, STATIC_BAD, Encoded, encode
 from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
 from council.spec import Core, NetSpec, TimeMode
@@ -56,6 +56,13 @@ PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "
 COUNCIL_TARGET = TARGETS.index("council")
 WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
 TEMPERATURE_LOG10 = (-6.5, 6.0)  # the widest search of fit_temperature, in log10 t
+# What `council train` runs where its options do not say, per target. Outcomes learn from more
+# and longer worlds, for more steps: a record as long as the evaluation worlds' (120 days)
+# and twice the data raised waste AUC from about 0.76 to 0.77 (docs/decisions.md).
+DEFAULTS: dict[Target, dict[str, int]] = {
+    "reference": {"worlds": 16, "world_days": 60, "steps": 2000},
+    "outcome": {"worlds": 32, "world_days": 120, "steps": 4000},
+}
 
 
 @dataclass(frozen=True)
@@ -127,12 +134,12 @@ class Split:
 
 def council_spec(seed: int, target: Target = "reference", **kw: object) -> NetSpec:
     members = OUTCOME_MEMBERS if target == "outcome" else MEMBERS
-    return NetSpec(
+    return NetSpec.current(
         members=members,
         perspectives=tuple(PERSPECTIVE.get(m, "general") for m in members),
         modes=("default",) * len(members),
         seed=seed,
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
@@ -275,14 +282,40 @@ def fit_temperature(p: Tensor, y: Tensor, weight: Tensor | None = None) -> float
             return float(grid[best])
 
 
+def fit_vote_weights(member_p: Tensor, y: Tensor, weight: Tensor) -> tuple[float, ...]:
+    """Each member's say in the soft vote: the weights on the simplex that, with a
+    temperature, minimise the weighted log loss of the averaged probability `member_p`
+    (members, N) against `y`. A member whose view foresees little (on outcomes, cost, which
+    reads no record) gets little, rather than pulling the average towards its guesses."""
+    p, y, weight = member_p.double().clamp(1e-9, 1 - 1e-9), y.double(), weight.double()
+    logits = torch.zeros(len(p), dtype=torch.float64, requires_grad=True)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits, log_t], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        mean = (p * torch.softmax(logits, 0).unsqueeze(1)).sum(0)
+        z = torch.logit(mean) / torch.exp(log_t)
+        loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * weight).sum()
+        loss = loss / weight.sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return tuple(round(w, 6) for w in torch.softmax(logits.detach(), 0).tolist())
+
+
 def calibrate_on_outcomes(council: NeuralCouncil, val: Split) -> None:
-    """Temperature and band from the threshold slice's requests with a known outcome, each
-    weighed by its inverse propensity, as a real ledger would allow (council.outcomes.band)."""
+    """Vote weights, temperature and band from the threshold slice's requests with a known
+    outcome, each weighed by its inverse propensity, as a real ledger would allow
+    (council.outcomes.band)."""
     ran = val.take(torch.nonzero(val.known).squeeze(1))
     good = 1.0 - ran.wasted
-    p = council.council_probability(member_probs(council.net, ran.enc)).float()
+    member_p = member_probs(council.net, ran.enc)
+    council.vote_weights = fit_vote_weights(member_p, good, ran.ipw)
+    p = council.council_probability(member_p).float()
     council.temperature = fit_temperature(p, good, ran.ipw)
-    calibrated = council.council_probability(member_probs(council.net, ran.enc))
+    calibrated = council.council_probability(member_p)
     council.band = band(calibrated.tolist(), (ran.wasted == 1).tolist(), ran.ipw.tolist())
 
 
@@ -341,6 +374,7 @@ def monotonicity(council: NeuralCouncil, data: Split, n: int = 256) -> dict[str,
         sweeps[0].append(a)
         b = enc.take(torch.arange(len(enc)))
         b.bad[:, :, SEQ_BAD.index("util_deficit")] = level * rated
+        b.bad[:, :, SEQ_BAD.index("low_util")] = float(1 - level < LOW_UTIL_PCT / 100) * rated
         sweeps[1].append(b)
         c = enc.take(torch.arange(len(enc)))
         hit = real & (torch.arange(enc.mask.shape[1]) >= (1 - level) * enc.mask.shape[1])
@@ -455,7 +489,7 @@ def ablations(
     for name, change in ABLATIONS.items():
         log(f"ablation: {name}")
         spec = replace(
-            NetSpec(
+            NetSpec.current(
                 members=("general",), perspectives=("general",), modes=("default",), seed=s.seed
             ),
             **change,  # type: ignore[arg-type]
@@ -500,6 +534,7 @@ def _train(
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
         "params": param_count(net),
         "members": list(net.spec.members),
+        "vote_weights": list(council.vote_weights),
         "temperature": council.temperature,
         "council_seconds": round(metrics_time, 1),
         "data": {

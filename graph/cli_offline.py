@@ -87,12 +87,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_council(args: argparse.Namespace) -> int:
     if args.council_command == "evaluate":
         return council_evaluate(args)
-    from council.train import TrainSettings, train
+    from council.train import DEFAULTS, TrainSettings, train
 
     if not 0 <= args.seed < 900:  # training worlds are seed * 1000 + w; evaluation's 900000+
         raise InvalidInput("--seed must be from 0 to 899 (evaluation worlds use the rest)")
-    if args.worlds < 3 or args.steps < 1 or args.trace_jobs < 1:
+    default = DEFAULTS[args.target]
+    worlds = default["worlds"] if args.worlds is None else args.worlds
+    days = default["world_days"] if args.days is None else args.days
+    steps = default["steps"] if args.steps is None else args.steps
+    if worlds < 3 or steps < 1 or args.trace_jobs < 1:
         raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
+    if not MIN_DAYS <= days <= 3650:
+        raise InvalidInput(f"--days must be from {MIN_DAYS} to 3650, not {days:g}")
     if args.explore is not None and args.target != "outcome":
         raise InvalidInput("--explore applies to --target outcome only")
     explore = TrainSettings.explore if args.explore is None else args.explore
@@ -104,8 +110,9 @@ def cmd_council(args: argparse.Namespace) -> int:
     writable_dir(out, "--out")
     settings = TrainSettings(
         seed=args.seed,
-        worlds=args.worlds,
-        steps=args.steps,
+        worlds=worlds,
+        world_days=days,
+        steps=steps,
         trace=Path(args.trace) if args.trace else None,
         trace_jobs=args.trace_jobs,
         ablations=not args.no_ablations,

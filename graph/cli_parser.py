@@ -456,8 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
         "training starts); point the fleet file's [council] weights at council.pt to use them",
     )
     cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--worlds", type=int, default=16, help="synthetic worlds (at least 3)")
-    cp.add_argument("--steps", type=int, default=2000)
+    cp.add_argument(
+        "--worlds",
+        type=int,
+        help="synthetic worlds (at least 3; default 16, with --target outcome 32)",
+    )
+    cp.add_argument(
+        "--days",
+        type=float,
+        help="each world's span in days, from 7 to 3650 (default 60, with --target outcome 120)",
+    )
+    cp.add_argument(
+        "--steps", type=int, help="training steps (default 2000, with --target outcome 4000)"
+    )
     cp.add_argument(
         "--trace",
         help="also replay this trace (Philly CSV shape), e.g. ../shared/traces/philly.csv",

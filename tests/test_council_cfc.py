@@ -5,13 +5,22 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from council.cfc import CfC
-from council.encoding import SEQ_BAD, Encoded, encode
+from council.encoding import (
+    SEQ_BAD,
+    SEQ_BAD_V1,
+    SEQ_FREE,
+    SEQ_FREE_V1,
+    Encoded,
+    encode,
+    encode_arrays,
+)
 from council.features import RequestFeatures
 from council.record import PastJob
 from council.spec import NetSpec
@@ -75,7 +84,7 @@ def features(rng: random.Random, n: int | None = None, **kw: object) -> RequestF
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
-SPEC = NetSpec(
+SPEC = NetSpec.current(
     members=("cost", "risk", "general"),
     perspectives=("cost", "risk", "general"),
     modes=("default", "default", "no_gate"),
@@ -109,20 +118,58 @@ def test_negative_time_steps_and_unsorted_times_are_rejected() -> None:
         encode([dataclasses.replace(f, now=f.past[-1].ended_at - 1)])
 
 
-def test_dt_is_in_days_and_capped() -> None:
+def test_dt_is_in_days_and_not_capped_and_first_weights_read_their_inputs() -> None:
+    """dt reaches the network as it is (a record fades as it ages, however old); weights
+    trained on the first inputs (a spec that names none: NetSpec's defaults) read their
+    columns alone."""
     rng = random.Random(5)
     f = features(
         rng,
         0,
         past=(
             PastJob(NOW - 500 * 86400, 1, 1, 1, 50, ReleaseReason.IDLE, hoarded_hours=1),
-            PastJob(NOW - 86400, 1, 1, 1, None, ReleaseReason.EXPLICIT),
+            PastJob(NOW - 86400, 1, 1, 1, 12.5, ReleaseReason.EXPLICIT, lease_hours=4),
         ),
     )
     enc = encode([f, features(rng, 5)])
-    assert enc.dt[0, -3:].tolist() == [0.0, 60.0, 1.0]
+    assert enc.dt[0, -3:].tolist() == [0.0, 499.0, 1.0]
     assert enc.mask[0].tolist() == [False] * 3 + [True] * 3  # left-padded to the longer one
-    assert enc.bad[0, -3:].tolist() == [[1.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    # held idle, stopped by the budget, utilisation deficit, under the waste line
+    assert enc.bad[0, -3:].tolist() == [[1.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.875, 1.0], [0.0] * 4]
+    holder, used = SEQ_FREE.index("by_holder"), SEQ_FREE.index("lease_used")
+    assert enc.free[0, -3:, holder].tolist() == [0.0, 1.0, 0.0]
+    assert enc.free[0, -3:, used].tolist() == [1.0, 0.25, 0.0]  # unknown lease: used whole
+    first = NetSpec(members=("risk",), perspectives=("risk",), modes=("default",))
+    read = first.read(enc)
+    assert torch.equal(read.dt, enc.dt)
+    assert read.free.shape[-1] == len(SEQ_FREE_V1) and read.bad.shape[-1] == len(SEQ_BAD_V1)
+    assert torch.equal(read.bad, enc.bad[..., : len(SEQ_BAD_V1)])
+    assert SPEC.read(enc) is enc  # every input: nothing to select
+
+
+def test_years_long_gaps_stay_finite() -> None:
+    """A record ten thousand days old: the time gates and the evidence decay saturate
+    without overflow, torch and numpy alike, and the record is forgotten."""
+    from council.inference import NumpyCouncilNet
+
+    rng = random.Random(8)
+    net = CouncilNet(SPEC).eval()
+    numpy_net = NumpyCouncilNet(SPEC, {k: v.numpy() for k, v in net.state_dict().items()})
+    f = features(rng, 12)
+    ages = (0.0, 1e2, 1e4)  # days between the newest allocation and the request
+    batch = [dataclasses.replace(f, now=f.past[-1].ended_at + a * 86400) for a in ages]
+    with torch.no_grad():
+        out = net(encode(batch), trace=True)
+    assert all(bool(torch.isfinite(t).all()) for t in (out.logit, out.rates))
+    assert out.trace is not None and bool(torch.isfinite(out.trace.hidden).all())
+    logits = numpy_net.logits(encode_arrays(batch))
+    assert bool(np.isfinite(logits).all())
+    assert np.abs(logits - out.logit.double().numpy()).max() < 1e-4
+    # the evidence of the record decays away: the rates reach their prior's
+    forgotten = torch.nn.functional.softplus(net.prior_num) / torch.nn.functional.softplus(
+        net.prior_den
+    )
+    assert bool((out.rates[:, 2] <= forgotten[:, 0] + 1e-6).all())
 
 
 def test_gates_and_time_constants_are_exposed_and_time_moves_them() -> None:

@@ -387,6 +387,9 @@ def test_a_council_trained_on_outcomes_learns_a_band_and_decides_with_it(tmp_pat
     assert a == json.loads(json.dumps(b, allow_nan=False))  # no NaN, no Infinity
     council = NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)
     assert council.members == OUTCOME_MEMBERS and council.band is not None
+    # each member's say, fitted on the threshold slice with the temperature
+    assert list(council.vote_weights) == a["vote_weights"] and len(council.vote_weights) == 4
+    assert abs(sum(council.vote_weights) - 1) < 1e-5
     test = a["test"]
     assert isinstance(test, dict)
     assert test["band"] == list(council.band) and test["monotonicity"]["violations"] == 0

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from council.dataset import World, synthetic_jobs
+from council.features import RequestFeatures
 from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil
 from council.policies import council_for
+from council.record import PastJob, rates
 from council.rules import ReferenceCouncil
 from council.train import (
     METRICS_FILE,
@@ -25,6 +27,7 @@ from council.train import (
     TrainSettings,
     evaluate,
     fit_temperature,
+    fit_vote_weights,
     train,
 )
 from fleet.config import CouncilSettings, FleetConfig, load_fleet
@@ -33,7 +36,7 @@ from fleet.models import CouncilOutcome, ReleaseReason, Status, Verdict
 from fleet.trace import read_trace
 from nodes.context import council_of
 from tests.conftest import ROOT, SHARED, OrchFactory, fleet_toml, run_cli, small_config
-from tests.test_council_cfc import features, history
+from tests.test_council_cfc import NOW, features, history
 
 SETTINGS = CouncilSettings()
 
@@ -139,6 +142,48 @@ def test_worse_records_never_raise_the_shipped_councils_probability(council: Neu
             assert bool((p[1:] <= p[:-1] + 1e-6).all()), p
 
 
+def test_an_old_hoarding_record_is_forgiven_as_it_ages(council: NeuralCouncil) -> None:
+    """No cap on elapsed time: the same record of idle releases, older and older, counts less
+    and less against the request, also past 60 days (the cap time once had, at which the
+    shipped council denied a 1,000-day-old record as it did a 60-day-old one), and the
+    reasons say how old the record is."""
+    day = 86400.0
+
+    def hoarder(age_days: float) -> RequestFeatures:
+        end = NOW - age_days * day
+        past = tuple(
+            PastJob(end - (11 - i) * day, 4, 6.0, 100.0, 2.0, ReleaseReason.IDLE, 0.3, 6.0, 24.0)
+            for i in range(12)
+        )
+        record = rates(past, None, NOW, 7, 4)
+        return features(
+            random.Random(3),
+            0,
+            count=8,
+            hours=24,
+            cost_pressure=0.5,
+            worst_case_usd=1500,
+            fair_share=0.5,
+            usage_share=0.3,
+            pool_share=0.5,
+            pool_busy=0.5,
+            past=past,
+            history_len=len(past),
+            hoarding_rate=record.hoarding,
+            overrun_rate=record.overrun,
+            recent_util=record.util,
+        )
+
+    ages = (1, 7, 30, 60, 94, 200, 400)
+    decisions = [council.decide(hoarder(a), SETTINGS) for a in ages]
+    p = [d.probability for d in decisions]
+    assert p == sorted(p) and p[-1] >= p[ages.index(60)] + 0.1, p
+    assert decisions[0].outcome is CouncilOutcome.DENIED
+    assert decisions[-1].outcome is not CouncilOutcome.DENIED
+    cited = {r.text for v in decisions[ages.index(94)].votes for r in v.reasons}
+    assert any(t.endswith("with no work left; the last 94 days ago") for t in cited), cited
+
+
 def test_held_out_quality_on_fresh_worlds(council: NeuralCouncil) -> None:
     """Worlds with seeds the training never used: the Must-show thresholds."""
     config = load_fleet(None)
@@ -174,6 +219,8 @@ def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None
     bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,-5,1,a\n")
     for args in (
         ("--worlds", "2"),
+        ("--days", "6"),
+        ("--target", "outcome", "--days", "nan"),
         ("--trace", str(tmp_path / "missing.csv")),
         ("--trace", str(bad)),
         ("--target", "outcome", "--explore", "0"),
@@ -286,6 +333,21 @@ def test_batched_probabilities_run_on_the_threads_asked_and_restore_torchs(
     assert torch.allclose(one, two)
     with pytest.raises(ValueError, match="at least 1"), torch_threads(0):
         pass
+
+
+def test_vote_weights_give_a_member_that_foresees_nothing_next_to_no_say() -> None:
+    """fit_vote_weights: on a slice where one member's probability tracks the outcome and
+    another's is noise, the noise gets next to no weight; the weights are a distribution,
+    and the same slice gives the same weights."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.bernoulli(torch.full((2000,), 0.6), generator=gen)
+    informed = torch.where(y == 1, 0.75, 0.3) + 0.05 * torch.rand(2000, generator=gen)
+    noise = torch.rand(2000, generator=gen)
+    member_p = torch.stack([informed, noise, informed.flip(0)])
+    weights = fit_vote_weights(member_p, y, torch.ones(2000))
+    assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5 and min(weights) >= 0
+    assert weights[0] > 0.9 and weights[1] < 0.05, weights
+    assert fit_vote_weights(member_p, y, torch.ones(2000)) == weights
 
 
 def test_the_temperature_fit_widens_its_search_past_the_first_grid() -> None:
