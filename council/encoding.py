@@ -115,8 +115,8 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
     """One row per step, each request's steps in turn: time, count, hours, GPU-hours, cost,
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
     budget share, kind, released by its holder, share of the lease held; and the number of
-    steps of each request. Column by column over the
-    whole batch: a request's past allocations are most of the work."""
+    steps of each request. Column by column over the whole batch: a request's past
+    allocations are most of the work."""
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
     n_past = np.fromiter(map(len, map(_PAST_OF, batch)), np.int64, n)

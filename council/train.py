@@ -57,8 +57,8 @@ COUNCIL_TARGET = TARGETS.index("council")
 WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
 TEMPERATURE_LOG10 = (-6.5, 6.0)  # the widest search of fit_temperature, in log10 t
 # What `council train` runs where its options do not say, per target. Outcomes learn from more
-# and longer worlds, for more steps: a record as long as the evaluation worlds' (120 days)
-# and twice the data raised waste AUC from about 0.76 to 0.77 (docs/decisions.md).
+# and longer worlds, for more steps: records as long as those of the worlds `council evaluate`
+# judges on (120 days), and twice the data (docs/decisions.md, issue 19).
 DEFAULTS: dict[Target, dict[str, int]] = {
     "reference": {"worlds": 16, "world_days": 60, "steps": 2000},
     "outcome": {"worlds": 32, "world_days": 120, "steps": 4000},
