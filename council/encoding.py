@@ -70,18 +70,50 @@ class Encoded(Generic[A]):
 
 _FIELDS = ("free", "bad", "dt", "mask", "static_free", "static_bad")
 _PAST, _REQUEST, _SUMMARY = 0.0, 1.0, 2.0
-_PAST_OF, _UTIL_OF, _REASON_OF = (operator.attrgetter(a) for a in ("past", "util_pct", "reason"))
 _CUT_BY_BUDGET = frozenset(r for r in ReleaseReason if r.cut_by_budget)
+# what is read of each past job, and of each request (its step, then its static inputs),
+# as one tuple per item: a few numpy calls a batch rather than a few per column
+_JOB_OF = operator.attrgetter(
+    "ended_at", "count", "hours", "cost_usd", "fleet_busy", "hoarded_hours"
+)
+_REQUEST_OF = operator.attrgetter(
+    "now",
+    "count",
+    "hours",
+    "worst_case_usd",
+    "pool_busy",
+    "budgeted",
+    "usage_share",
+    "priority",
+    "history_len",
+    "cost_pressure",
+    "fair_share",
+    "pool_share",
+    "purpose_mismatch",
+)
+_UTIL_OF, _REASON_OF = operator.attrgetter("util_pct"), operator.attrgetter("reason")
 
 
-def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+def _values(
+    items: Sequence[object], of: operator.attrgetter[Any], width: int
+) -> NDArray[np.float64]:
+    """(len(items), width): `of`'s values of each item, in one pass (numpy reads the tuples
+    as a flat stream several times faster than as rows)."""
+    flat = itertools.chain.from_iterable(map(of, items))
+    return np.fromiter(flat, np.float64, width * len(items)).reshape(len(items), width)
+
+
+def _raw(
+    batch: Sequence[RequestFeatures],
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64]]:
     """One row per step, each request's steps in turn: time, count, hours, GPU-hours, cost,
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
-    budget share, kind; and the number of steps of each request. Column by column over the
-    whole batch: a request's past allocations are most of the work."""
+    budget share, kind; the number of steps of each request; and each request's _REQUEST_OF
+    values. Column by column over the whole batch: a request's past allocations are most of
+    the work."""
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
-    n_past = np.fromiter(map(len, map(_PAST_OF, batch)), np.int64, n)
+    n_past = np.fromiter((len(f.past) for f in batch), np.int64, n)
     summarised = [i for i, f in enumerate(batch) if f.older is not None and f.older.events]
     has_summary = np.zeros(n, dtype=np.int64)
     has_summary[summarised] = 1
@@ -91,41 +123,24 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
 
     owner = np.repeat(np.arange(n), n_past)
     at = np.arange(len(jobs)) + (first + has_summary - (np.cumsum(n_past) - n_past))[owner]
-    ended, count, hours, cost, busy, hoarded = (
-        _column(jobs, name)
-        for name in ("ended_at", "count", "hours", "cost_usd", "fleet_busy", "hoarded_hours")
-    )
-    raw[at] = np.stack(
-        [
-            ended,
-            count,
-            hours,
-            count * hours,
-            cost,
-            busy,
-            np.array(list(map(_UTIL_OF, jobs)), dtype=np.float64),  # None: NaN
-            np.divide(hoarded, hours, out=np.zeros_like(hours), where=hours > 0),
-            np.fromiter(map(_CUT_BY_BUDGET.__contains__, map(_REASON_OF, jobs)), np.bool_),
-            np.full(len(jobs), _PAST),
-        ],
-        axis=1,
-    )
-    count, hours = _column(batch, "count"), _column(batch, "hours")
-    raw[first + lengths - 1] = np.stack(  # the request itself
-        [
-            _column(batch, "now"),
-            count,
-            hours,
-            count * hours,
-            _column(batch, "worst_case_usd"),
-            _column(batch, "pool_busy"),
-            np.full(n, math.nan),
-            np.zeros(n),
-            np.zeros(n),
-            np.full(n, _REQUEST),
-        ],
-        axis=1,
-    )
+    job = _values(jobs, _JOB_OF, 6)
+    count, hours, hoarded = job[:, 1], job[:, 2], job[:, 5]
+    past = np.empty((len(jobs), 10))
+    past[:, :3] = job[:, :3]
+    past[:, 3] = count * hours
+    past[:, 4:6] = job[:, 3:5]
+    past[:, 6] = np.array(list(map(_UTIL_OF, jobs)), dtype=np.float64)  # None: NaN
+    past[:, 7] = np.divide(hoarded, hours, out=np.zeros_like(hours), where=hours > 0)
+    past[:, 8] = np.fromiter(map(_CUT_BY_BUDGET.__contains__, map(_REASON_OF, jobs)), np.bool_)
+    past[:, 9] = _PAST
+    raw[at] = past
+    request = _values(batch, _REQUEST_OF, 13)
+    step = np.empty((n, 10))  # the request itself
+    step[:, :3] = request[:, :3]
+    step[:, 3] = request[:, 1] * request[:, 2]
+    step[:, 4:6] = request[:, 3:5]
+    step[:, 6:] = (math.nan, 0.0, 0.0, _REQUEST)
+    raw[first + lengths - 1] = step
     for i in summarised:  # the older history's summary, first
         f, older = batch[i], batch[i].older
         assert older is not None
@@ -144,24 +159,22 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
             older.budget_gpu_hours / share,
             _SUMMARY,
         )
-    return raw, lengths
+    return raw, lengths, request
 
 
-def _column(items: Sequence[object], name: str) -> NDArray[np.float64]:
-    return np.fromiter(map(operator.attrgetter(name), items), np.float64, len(items))
+def _scale(x: NDArray[np.float64], log_top: float | NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.log1p(np.maximum(x, 0.0)) / log_top
 
 
-def _scale(x: NDArray[np.float64], top: float) -> NDArray[np.float64]:
-    return np.log1p(np.maximum(x, 0.0)) / math.log1p(top)
+# log1p of the scales' tops: GPUs (events, for the summary), hours, GPU-hours, cost (USD)
+_LOG_TOPS = np.array([math.log1p(top) for top in (64, 720, 1e4, 1e5)])
 
 
 def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     """All requests in one pass; sequences are left-padded to the longest."""
-    raw, lengths = _raw(batch)
+    raw, lengths, request = _raw(batch)
     n, steps = len(batch), int(lengths.max())
-    owner = np.repeat(np.arange(n), lengths)
     first = np.cumsum(lengths) - lengths  # flat index of each request's first step
-    pos = np.arange(len(raw)) - first[owner] + (steps - lengths[owner])
 
     times = raw[:, 0]
     gap = np.zeros_like(times)
@@ -175,54 +188,46 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
         )
     kind, util = raw[:, 9], raw[:, 6]
     rated = ~np.isnan(util)
-    summary = kind == _SUMMARY
-    step_free = np.stack(
-        [
-            _scale(raw[:, 1], 64),  # GPUs (events, for the summary)
-            _scale(raw[:, 2], 720),
-            _scale(raw[:, 3], 1e4),
-            _scale(raw[:, 4], 1e5),
-            raw[:, 5],
-            rated,
-            kind == _REQUEST,
-            summary,
-        ],
-        axis=1,
-    ).astype(np.float32)
-    step_bad = np.stack(
-        [raw[:, 7], raw[:, 8], np.where(rated, 1 - util / 100, 0.0)], axis=1
-    ).astype(np.float32)
+    step_free = np.empty((len(raw), len(SEQ_FREE)), dtype=np.float32)
+    step_free[:, :4] = _scale(raw[:, 1:5], _LOG_TOPS)  # GPUs, hours, GPU-hours, cost
+    step_free[:, 4] = raw[:, 5]
+    step_free[:, 5] = rated
+    step_free[:, 6] = kind == _REQUEST
+    step_free[:, 7] = kind == _SUMMARY
+    step_bad = np.empty((len(raw), len(SEQ_BAD)), dtype=np.float32)
+    step_bad[:, :2] = raw[:, 7:9]
+    step_bad[:, 2] = np.where(rated, 1 - util / 100, 0.0)
+    step_dt = np.minimum(gap / DAY, MAX_DT_DAYS)
 
-    free = np.zeros((n, steps, len(SEQ_FREE)), dtype=np.float32)
-    bad = np.zeros((n, steps, len(SEQ_BAD)), dtype=np.float32)
-    dt = np.zeros((n, steps), dtype=np.float32)
-    mask = np.zeros((n, steps), dtype=np.bool_)
-    free[owner, pos] = step_free
-    bad[owner, pos] = step_bad
-    dt[owner, pos] = np.minimum(gap / DAY, MAX_DT_DAYS)
-    mask[owner, pos] = True
-    static_free = np.stack(
-        [
-            _column(batch, "budgeted"),
-            _scale(_column(batch, "worst_case_usd"), 1e5),
-            _column(batch, "usage_share"),
-            _column(batch, "priority"),
-            _scale(_column(batch, "count"), 64),
-            _scale(_column(batch, "hours"), 720),
-            np.minimum(_column(batch, "history_len"), 256) / 256,
-        ],
-        axis=1,
-    ).astype(np.float32)
-    static_bad = np.stack(
-        [
-            np.minimum(_column(batch, "cost_pressure"), 10.0),
-            1.0 - _column(batch, "fair_share"),
-            _column(batch, "pool_share"),
-            _column(batch, "pool_busy"),
-            _column(batch, "purpose_mismatch"),
-        ],
-        axis=1,
-    ).astype(np.float32)
+    if bool((lengths == steps).all()):  # nothing to pad: the steps are the batch's rows
+        free = step_free.reshape(n, steps, len(SEQ_FREE))
+        bad = step_bad.reshape(n, steps, len(SEQ_BAD))
+        dt = step_dt.astype(np.float32).reshape(n, steps)
+        mask = np.ones((n, steps), dtype=np.bool_)
+    else:
+        owner = np.repeat(np.arange(n), lengths)
+        pos = np.arange(len(raw)) - first[owner] + (steps - lengths[owner])
+        free = np.zeros((n, steps, len(SEQ_FREE)), dtype=np.float32)
+        bad = np.zeros((n, steps, len(SEQ_BAD)), dtype=np.float32)
+        dt = np.zeros((n, steps), dtype=np.float32)
+        mask = np.zeros((n, steps), dtype=np.bool_)
+        free[owner, pos] = step_free
+        bad[owner, pos] = step_bad
+        dt[owner, pos] = step_dt
+        mask[owner, pos] = True
+    # request: now, count, hours, worst_case_usd, pool_busy, then the static inputs (_REQUEST_OF)
+    static_free = np.empty((n, len(STATIC_FREE)), dtype=np.float32)
+    static_free[:, 0] = request[:, 5]  # budgeted
+    static_free[:, 1] = _scale(request[:, 3], _LOG_TOPS[3])  # worst_case_usd
+    static_free[:, 2:4] = request[:, 6:8]  # usage_share, priority
+    static_free[:, 4:6] = _scale(request[:, 1:3], _LOG_TOPS[:2])  # count, duration
+    static_free[:, 6] = np.minimum(request[:, 8], 256) / 256  # history_len
+    static_bad = np.empty((n, len(STATIC_BAD)), dtype=np.float32)
+    static_bad[:, 0] = np.minimum(request[:, 9], 10.0)  # cost_pressure
+    static_bad[:, 1] = 1.0 - request[:, 10]  # unfair share
+    static_bad[:, 2] = request[:, 11]  # pool_share
+    static_bad[:, 3] = request[:, 4]  # pool_busy
+    static_bad[:, 4] = request[:, 12]  # purpose_mismatch
     return Encoded(free, bad, dt, mask, static_free, static_bad)
 
 
