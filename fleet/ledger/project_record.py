@@ -4,6 +4,9 @@ one row per project (so older history costs one read), and its standing (Project
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from fleet.ledger.budgets import Budgets
 from fleet.models import CUT_BY_BUDGET, GPURequest, HistoryRecord, ProjectStats, RecordSummary, utc
@@ -17,6 +20,39 @@ RECORD_SUMS = (
     "rated_gpu_hours",
     "util_gpu_hours",
 )
+
+
+# A project's newest finished allocations with what the council reads beside each: the
+# fleet's load when it started (allocations.busy_at_start) and the project's record sums
+# (records, the same row on each): its whole record in one statement.
+RECENT = (
+    "SELECT h.*, a.busy_at_start, r.at AS record_at, r.events AS record_events, "
+    + ", ".join(f"r.{c} AS record_{c}" for c in RECORD_SUMS)
+    + " FROM history h JOIN allocations a ON a.id = h.allocation_id"
+    " LEFT JOIN records r ON r.project = h.project WHERE h.project=?"
+    " ORDER BY h.ended_at DESC, h.allocation_id LIMIT "
+)
+
+_RECORDS = TypeAdapter(list[HistoryRecord])  # one call validates them all
+
+
+def _history_records(rows: list[Any], with_requests: bool) -> list[HistoryRecord]:
+    """History rows (h.*, and a.request where `with_requests`) as HistoryRecords."""
+    if not rows:
+        return []
+    names = rows[0].keys()  # dict(row) reads each column by name, several times slower
+    return _RECORDS.validate_python(
+        [
+            dict(zip(names, r, strict=True))
+            | {
+                "gpu_ids": json.loads(r["gpu_ids"]),
+                "started_at": utc(r["started_at"]),
+                "ended_at": utc(r["ended_at"]),
+                "request": GPURequest.model_validate_json(r["request"]) if with_requests else None,
+            }
+            for r in rows
+        ]
+    )
 
 
 class ProjectRecord(Budgets):
@@ -34,20 +70,7 @@ class ProjectRecord(Budgets):
         sql += " ORDER BY h.ended_at DESC, h.allocation_id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [
-            HistoryRecord.model_validate(
-                dict(r)
-                | {
-                    "gpu_ids": json.loads(r["gpu_ids"]),
-                    "started_at": utc(r["started_at"]),
-                    "ended_at": utc(r["ended_at"]),
-                    "request": GPURequest.model_validate_json(r["request"])
-                    if with_requests
-                    else None,
-                }
-            )
-            for r in self.query(sql, args)
-        ]
+        return _history_records(self.query(sql, args), with_requests)
 
     def project_stats(self, project: str, now: float, recent: int) -> ProjectStats:
         """The project's standing for the council: budget, usage share, recent history."""
@@ -81,12 +104,16 @@ class ProjectRecord(Budgets):
     ) -> tuple[list[HistoryRecord], list[float] | None, RecordSummary | None]:
         """The project's `recent` newest finished allocations, the fleet's load when each
         started (None where some started before it was recorded: that reads the others'
-        history), and the rest of its record: what changes only when its own history does."""
-        records = self.history(project, limit=recent, with_requests=False)
-        if not records:
-            return [], [], None
-        busy, recorded = self._busy(db, records)
-        return records, busy if recorded else None, self._older(db, project, records)
+        history), and the rest of its record: what changes only when its own history does.
+        One statement (RECENT)."""
+        rows = db.execute(RECENT + str(int(recent)), (project,)).fetchall()
+        records = _history_records(rows, with_requests=False)
+        busy = [row["busy_at_start"] for row in rows]
+        return (
+            records,
+            None if None in busy else [float(b) for b in busy],
+            self._older(rows[0], records) if rows else None,
+        )
 
     def _busy(self, db: Conn, records: list[HistoryRecord]) -> tuple[list[float], bool]:
         """The share of the fleet that others held when each allocation started (recorded at
@@ -160,16 +187,16 @@ class ProjectRecord(Budgets):
             ),
         )
 
-    def _older(self, db: Conn, project: str, recent: list[HistoryRecord]) -> RecordSummary | None:
+    def _older(self, row: Any, recent: list[HistoryRecord]) -> RecordSummary | None:
         """History beyond the `recent` events, decayed to the end of the oldest of them: the
-        project's whole record less the recent events, both decayed to that time."""
-        row = db.execute("SELECT * FROM records WHERE project=?", (project,)).fetchone()
-        if row is None or row["events"] <= len(recent):
+        project's whole record (the record_ columns of RECENT's `row`) less the recent
+        events, both decayed to that time."""
+        if row["record_events"] is None or row["record_events"] <= len(recent):
             return None
         at = recent[-1].ended_at.timestamp()
         half_life = self.config.council.record_half_life_days * 24.0
-        grow = 2.0 ** ((row["at"] - at) / (half_life * 3600.0))  # from the record's time back
-        sums = [grow * row[c] for c in RECORD_SUMS]
+        grow = 2.0 ** ((row["record_at"] - at) / (half_life * 3600.0))  # from the record's time
+        sums = [grow * row[f"record_{c}"] for c in RECORD_SUMS]
         for r in recent:
             k = 2.0 ** ((r.ended_at.timestamp() - at) / (half_life * 3600.0))
             w = r.count * r.hours * k
@@ -185,7 +212,7 @@ class ProjectRecord(Budgets):
             sums = [a - b for a, b in zip(sums, mine, strict=True)]
         gpu, idle_h, budget_h, rated_h, util_h = (max(0.0, x) for x in sums)
         return RecordSummary(
-            events=row["events"] - len(recent),
+            events=row["record_events"] - len(recent),
             at=utc(at),
             gpu_hours=gpu,
             idle_gpu_hours=idle_h,
