@@ -110,41 +110,41 @@ class NumpyCouncilNet:
         """council/cfc.py's CfC: the last state (M, B, H) and the read-outs (M, B, T, extra).
 
         The same equations, arranged for few numpy calls a step: each costs about a
-        microsecond whatever its few hundred numbers, and numpy has no sigmoid (exp(-logaddexp)
-        costs several tanh). With t = tanh(-f dt / 2) the gate sigmoid(-f dt) is (1 + t) / 2,
-        so h_k = h + gate (g - h) is half the sum of the halves of q = [1 + t, 1 - t] * [g, h],
-        the state the loop keeps (the recurrent weights, stacked twice and halved, read it).
-        One product gives the pre-activations of [-f, f, g, h], one multiplication scales the
-        first two by dt / 2, and one tanh squashes all four. Buffers are contiguous: numpy's
-        calls on strided views cost more."""
+        microsecond whatever its few hundred numbers (three times that on a strided view, or
+        broadcasting), and numpy has no sigmoid (exp(-logaddexp) costs several tanh). With
+        t = tanh(-f dt / 2) the gate sigmoid(-f dt) is (1 + t) / 2, so h_k = h + gate (g - h)
+        is half the sum of the halves of q = [1 + t, 1 - t] * [g, h], the state the loop
+        keeps (the recurrent weights, stacked twice and halved, read it). One product gives
+        the pre-activations of [-f, f] and [g, h] (two contiguous blocks), one multiplication
+        scales the first by dt / 2, and one tanh squashes both."""
         _check_dt(dt)
         w, hid = self.loop, self.spec.hidden
         xp = np.matmul(x.transpose(1, 0, 2)[:, None], w.w_in) + w.b  # (T, M, B, U)
         steps, m, b, width = xp.shape
-        scale = np.ones((steps, 1, b, 4 * hid))
-        scale[..., : 2 * hid] = 0.5 * dt.T[:, None, :, None]
-        z = np.ones((steps, m, b, width + 1))  # the backbone; its last column, 1, the bias's
+        scale = np.broadcast_to(0.5 * dt.T[:, None, :, None], (steps, m, b, 2 * hid)).copy()
         keep = mask.T.reshape(steps, 1, b, 1)
         padded = not bool(mask.all())
         silu = self.spec.activation == "silu"
+        one = np.array(1.0)  # as an array: numpy converts a float at every call
+        z = np.empty((steps, m, b, width))  # the backbone at each step
         q = np.zeros((m, b, 2 * hid))
         a, t = np.empty((m, b, width)), np.empty((m, b, width))
-        heads = np.empty((m, b, 4 * hid))
-        gate, gh = heads[..., : 2 * hid], heads[..., 2 * hid :]
+        heads = np.empty((2, m, b, 2 * hid))
+        gate, gh = heads[0], heads[1]
         for k in range(steps):
             np.matmul(q, w.w_rec, out=a)
             a += xp[k]
-            zk = z[k]
             if silu:  # silu(2 a) = a (1 + tanh a)
                 np.tanh(a, out=t)
-                t += 1.0
-                np.multiply(a, t, out=zk[..., :width])
+                t += one
+                np.multiply(a, t, out=z[k])
             else:
-                np.tanh(a, out=zk[..., :width])
-            np.matmul(zk, w.w_heads, out=heads)
-            heads *= scale[k]
-            np.tanh(heads, out=heads)  # [t, -t, g, h]
-            gate += 1.0
+                np.tanh(a, out=z[k])
+            np.matmul(z[k], w.w_heads, out=heads)
+            heads += w.b_heads
+            gate *= scale[k]
+            np.tanh(heads, out=heads)  # [t, -t], [g, h]
+            gate += one
             new = gate * gh
             if self.no_gate is not None:  # h_k = g + gate h: q = [2 g, (1 + t) h]
                 ungated = [2.0 * gh[..., :hid], gate[..., :hid] * gh[..., hid:]]
@@ -153,7 +153,7 @@ class NumpyCouncilNet:
                 np.copyto(q, new, where=keep[k])
             else:
                 q = new
-        extras = np.matmul(z, w.w_extra).transpose(1, 2, 0, 3)
+        extras = (np.matmul(z, w.w_extra) + w.b_extra).transpose(1, 2, 0, 3)
         return 0.5 * (q[..., :hid] + q[..., hid:]), extras
 
     def _gru(self, x: Array, dt: Array, mask: NDArray[np.bool_]) -> tuple[Array, Array]:
@@ -190,18 +190,25 @@ class _CfCWeights:
     w_in: Array  # (M, F, U), times the activation's inner scale; b, its bias, likewise
     b: Array
     w_rec: Array  # (M, 2H, U): stacked twice, halved, times the inner scale
-    w_heads: Array  # (M, U + 1, 4H): [-f, f, g, h], times the outer scale; last row, the bias
-    w_extra: Array  # (M, U + 1, extra): the read-outs, likewise
+    w_heads: Array  # (2, M, U, 2H): [-f, f] and [g, h], times the outer scale
+    b_heads: Array  # (2, M, 1, 2H)
+    w_extra: Array  # (M, U, extra): the read-outs, times the outer scale
+    b_extra: Array
 
 
 def _cfc_weights(core: Mapping[str, Array], hid: int, activation: str) -> _CfCWeights:
     inner, outer = ACTIVATIONS[activation]
-    heads = np.concatenate([outer * core["w_heads"], core["b_heads"]], axis=1)
-    f, gh = heads[..., :hid], heads[..., hid : 3 * hid]
+    w, b = outer * core["w_heads"], core["b_heads"]
     return _CfCWeights(
         w_in=inner * core["w_in"],
         b=inner * core["b"],
         w_rec=np.concatenate([core["w_rec"], core["w_rec"]], axis=1) * (0.5 * inner),
-        w_heads=np.concatenate([-f, f, gh], axis=-1),
-        w_extra=heads[..., 3 * hid :],
+        w_heads=np.stack(
+            [np.concatenate([-w[..., :hid], w[..., :hid]], -1), w[..., hid : 3 * hid]]
+        ),
+        b_heads=np.stack(
+            [np.concatenate([-b[..., :hid], b[..., :hid]], -1), b[..., hid : 3 * hid]]
+        ),
+        w_extra=w[..., 3 * hid :],
+        b_extra=b[..., 3 * hid :],
     )
