@@ -27,7 +27,7 @@ from fleet.ledger import Ledger
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
-from fleet.sql import is_postgres
+from fleet.sql import Conn, is_postgres
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
 from fleet.validation import check_budget
@@ -196,10 +196,11 @@ class Services:
 
     # ---- who monitors (fleet.monitors) ----------------------------------------------------
 
-    def watch(self, allocation_id: str, thread_id: str) -> None:
+    def watch(self, allocation_id: str, thread_id: str, db: Conn | None = None) -> None:
         """This process runs the allocation's thread from now on: claim its monitor row and
         beat for it. MonitoredElsewhere when a live monitor of another process holds it (two
-        processes never run one allocation's thread). No-op without a monitor_kind."""
+        processes never run one allocation's thread). No-op without a monitor_kind. `db`: the
+        claim joins that transaction (a placement's, which then commits both at once)."""
         if self.monitor_kind is None:
             return
         with self._lock:
@@ -214,7 +215,7 @@ class Services:
             mine = self._watched.get(thread_id) == allocation_id
         if mine and beat.holds(allocation_id):
             return
-        holder = beat.claim(allocation_id)
+        holder = beat.claim(allocation_id, db)
         if holder is not None:
             raise MonitoredElsewhere(
                 f"allocation {allocation_id} is monitored by {holder.describe(time.time())}; "
