@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -382,6 +383,55 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
     check()
     fx.ledger.release(rows["f"].id, ReleaseReason.CANCELLED, T0 + 2200)  # a waiting one
     check()
+    other.close()
+    fx.ledger.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_kept_project_record_follows_releases_as_a_fresh_read_finds_it(
+    tmp_path: Path, config: FleetConfig, seed: int
+) -> None:
+    """A project's record (project_stats) is kept between reads and follows this connection's
+    releases without reading it again: releases at the same time, back in time, of both
+    projects, by another connection, with utilisation and idling, and records mended by a
+    resume. After each, it is what a ledger opened afresh reads, for several windows."""
+    path = tmp_path / "ledger.sqlite"
+    fx = Fixture(path, config)
+    other = Ledger(path, config)
+    rng = random.Random(seed)
+
+    def check(now: float) -> None:
+        fresh = Ledger(path, config)
+        try:
+            for project in ("p0", "p1"):
+                for recent in (1, 3, 8):
+                    kept = fx.ledger.project_stats(project, now, recent)
+                    assert kept == fresh.project_stats(project, now, recent), (project, recent)
+        finally:
+            fresh.close()
+
+    live: list[str] = []
+    released: list[str] = []
+    t = T0
+    for i in range(120):
+        t += rng.choice([0.0, rng.uniform(0, 3600)])
+        placed = fx.place(
+            f"t{i}", t, project=f"p{rng.randrange(2)}", count=rng.choice([1, 2]), duration_hours=1
+        )
+        if placed.row is not None and placed.row.state == "active":
+            live.append(placed.row.id)
+        while live and (len(live) > 3 or rng.random() < 0.5):
+            aid = live.pop(rng.randrange(len(live)))
+            when = t + rng.choice([0.0, rng.uniform(-3600, 1800)])
+            by = fx.ledger if rng.random() < 0.8 else other
+            if rng.random() < 0.5:
+                idle = when - 500 if rng.random() < 0.4 else None
+                by.heartbeat(aid, when, 3, rng.uniform(0, 300), 3, 50.0, idle_since=idle)
+            by.release(aid, rng.choice(list(ReleaseReason)), when)
+            if rng.random() < 0.1 and released:
+                fx.ledger.resume(released[-1], aid, when, when)
+            released.append(aid)
+            check(t + 1)
     other.close()
     fx.ledger.close()
 

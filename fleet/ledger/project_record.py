@@ -3,7 +3,9 @@ one row per project (so older history costs one read), and its standing (Project
 
 from __future__ import annotations
 
+import bisect
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -25,13 +27,14 @@ RECORD_SUMS = (
 # A project's newest finished allocations with what the council reads beside each: the
 # fleet's load when it started (allocations.busy_at_start) and the project's record sums
 # (records, the same row on each): its whole record in one statement.
-RECENT = (
+_WITH_RECORD = (
     "SELECT h.*, a.busy_at_start, r.at AS record_at, r.events AS record_events, "
     + ", ".join(f"r.{c} AS record_{c}" for c in RECORD_SUMS)
     + " FROM history h JOIN allocations a ON a.id = h.allocation_id"
-    " LEFT JOIN records r ON r.project = h.project WHERE h.project=?"
-    " ORDER BY h.ended_at DESC, h.allocation_id LIMIT "
+    " LEFT JOIN records r ON r.project = h.project"
 )
+RECENT = f"{_WITH_RECORD} WHERE h.project=? ORDER BY h.ended_at DESC, h.allocation_id LIMIT "
+ONE = f"{_WITH_RECORD} WHERE h.allocation_id=?"  # a history row as RECENT reads it
 
 _RECORDS = TypeAdapter(list[HistoryRecord])  # one call validates them all
 
@@ -53,6 +56,16 @@ def _history_records(rows: list[Any], with_requests: bool) -> list[HistoryRecord
             for r in rows
         ]
     )
+
+
+@dataclass(frozen=True)
+class Record:
+    """A project's newest finished allocations as project_stats keeps them between reads."""
+
+    order: list[tuple[float, str]]  # (-ended_at, allocation_id): RECENT's order, ascending
+    records: list[HistoryRecord]
+    busy: list[float | None]  # busy_at_start as stored (None: placed before it was)
+    older: RecordSummary | None
 
 
 class ProjectRecord(Budgets):
@@ -88,32 +101,60 @@ class ProjectRecord(Budgets):
                 usage_share=usage.get(project, 0.0) / total if total > 0 else 0.0,
                 fair_share=factors[project],
             )
-            records, busy, older = self._kept(
+            kept = self._kept(
                 db,
                 (f"record:{recent}", project),
                 self._finished_of[project],
                 lambda: self._record_of(db, project, recent),
             )
-            if busy is None:
-                busy, _ = self._busy(db, records)
-            stats.recent, stats.fleet_busy, stats.older = list(records), list(busy), older
+            busy = [float(b) for b in kept.busy if b is not None]
+            if len(busy) < len(kept.busy):  # some started before it was recorded: from history
+                busy, _ = self._busy(db, kept.records)
+            stats.recent, stats.fleet_busy, stats.older = list(kept.records), list(busy), kept.older
         return stats
 
-    def _record_of(
-        self, db: Conn, project: str, recent: int
-    ) -> tuple[list[HistoryRecord], list[float] | None, RecordSummary | None]:
+    def _record_of(self, db: Conn, project: str, recent: int) -> Record:
         """The project's `recent` newest finished allocations, the fleet's load when each
-        started (None where some started before it was recorded: that reads the others'
-        history), and the rest of its record: what changes only when its own history does.
+        started, and the rest of its record: what changes only when its own history does.
         One statement (RECENT)."""
         rows = db.execute(RECENT + str(int(recent)), (project,)).fetchall()
         records = _history_records(rows, with_requests=False)
-        busy = [row["busy_at_start"] for row in rows]
-        return (
+        return Record(
+            [(-r["ended_at"], r["allocation_id"]) for r in rows],
             records,
-            None if None in busy else [float(b) for b in busy],
+            [r["busy_at_start"] for r in rows],
             self._older(rows[0], records) if rows else None,
         )
+
+    def _follow_record(self, db: Conn, project: str, aid: str) -> None:
+        """This connection just moved allocation `aid` to the project's history (and its
+        record sums): what it keeps of the record follows, as RECENT would read it now, and
+        is kept under the project's new count of finished allocations (see _kept)."""
+        version = self.db.data_version(db)
+        finished = self._finished_of[project]
+        kept = [
+            (key, value)
+            for key, ((at, generation), value) in self._kept_values.items()
+            if key[1] == project
+            and key[0].startswith("record:")
+            and (at, generation) == (version, finished - 1)
+        ]
+        if version is None or not kept:
+            return
+        row = db.execute(ONE, (aid,)).fetchone()
+        [new] = _history_records([row], with_requests=False)
+        place = (-row["ended_at"], aid)
+        for key, was in kept:
+            recent = int(key[0].removeprefix("record:"))
+            at = bisect.bisect(was.order, place)
+            order, records, busy = list(was.order), list(was.records), list(was.busy)
+            if at < recent:
+                order.insert(at, place)
+                records.insert(at, new)
+                busy.insert(at, row["busy_at_start"])
+                del order[recent:], records[recent:], busy[recent:]
+            older = self._older(row, records) if records else None  # row: the sums now
+            self._kept_values[key] = ((version, finished), Record(order, records, busy, older))
 
     def _busy(self, db: Conn, records: list[HistoryRecord]) -> tuple[list[float], bool]:
         """The share of the fleet that others held when each allocation started (recorded at

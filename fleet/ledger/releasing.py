@@ -155,6 +155,7 @@ class Releasing(ProjectRecord):
         self._record(
             db, row.project, row.count * hours, row.count * hoarded, end, reason.value, mean_util
         )
+        self._follow_record(db, row.project, row.id)
         half_life = self.config.scheduler.half_life_hours
         old = db.execute(
             "SELECT gpu_hours, at FROM usage WHERE project=?", (row.project,)
