@@ -352,7 +352,7 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
                 ledger._fleet_share(db),
                 ledger._actives(db, "p"),
             )
-        return (*kept, ledger.project_stats("p", T0 + 60, 4))
+        return (*kept, ledger.project_stats("p", T0 + 60, 4), ledger.usage_factor("p"))
 
     def check() -> None:
         kept = seen(fx.ledger)  # before the fresh ledger's own transaction

@@ -75,9 +75,18 @@ class Budgets(Kept):
 
     def usage_factor(self, project: str) -> float:
         """The project's q (fleet.budget.usage_factor): the share of its leases it is
-        expected to hold."""
+        expected to hold. Kept as remaining_usd is (the council's pricing and the route node
+        route one request in turn)."""
+        version = self.db.version()  # None (PostgreSQL): never kept
+        key = (version, self._writes)
+        kept = self._factors.get(project)
+        if version is not None and kept is not None and kept[0] == key:
+            return kept[1]
         with self.reading() as db:
-            return self._factor(db, project)
+            factor = self._factor(db, project)
+        if version is not None:
+            self._factors[project] = (key, factor)
+        return factor
 
     def _factor(self, db: Conn, project: str) -> float:
         """Placement, routing and admission ask it of every request: the project's shares are

@@ -107,6 +107,7 @@ class Kept(Store):
         self._window: list[tuple[float, str, float]] | None = None  # see Budgets._newest
         self._free_of: dict[str, tuple[list[GPUInfo], set[str], list[GPUInfo]]] = {}
         self._remaining: dict[tuple[str, bool], tuple[tuple[int | None, int], float | None]] = {}
+        self._factors: dict[str, tuple[tuple[int | None, int], float]] = {}  # likewise
         # allocations this connection moved to history, in all and per project (where it
         # also counts a history it corrected, see Releasing.resume)
         self._finished = 0
