@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from council.record import past_jobs, rates
+from fleet.budget import RECORDS
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.ledger import Ledger
@@ -388,13 +390,14 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_a_kept_project_record_follows_releases_as_a_fresh_read_finds_it(
+def test_a_kept_project_record_and_shares_follow_releases_as_a_fresh_read_finds_them(
     tmp_path: Path, config: FleetConfig, seed: int
 ) -> None:
-    """A project's record (project_stats) is kept between reads and follows this connection's
-    releases without reading it again: releases at the same time, back in time, of both
-    projects, by another connection, with utilisation and idling, and records mended by a
-    resume. After each, it is what a ledger opened afresh reads, for several windows."""
+    """A project's record (project_stats) and its shares (usage_factor) are kept between
+    reads and follow this connection's releases without reading them again: releases at the
+    same time, back in time, of both projects, by another connection, with utilisation and
+    idling, and records mended by a resume. After each, they are what a ledger opened afresh
+    reads, the record for several windows."""
     path = tmp_path / "ledger.sqlite"
     fx = Fixture(path, config)
     other = Ledger(path, config)
@@ -404,6 +407,15 @@ def test_a_kept_project_record_follows_releases_as_a_fresh_read_finds_it(
         fresh = Ledger(path, config)
         try:
             for project in ("p0", "p1"):
+                assert fx.ledger.usage_factor(project) == fresh.usage_factor(project), project
+                with fx.ledger.reading() as db, fresh.reading() as fresh_db:
+                    shares = fx.ledger._kept(  # as kept (or read, where it is not kept)
+                        db,
+                        ("shares", project),
+                        fx.ledger._finished_of[project],
+                        functools.partial(fx.ledger._shares, db, project, RECORDS),
+                    )
+                    assert shares == fresh._shares(fresh_db, project, RECORDS), project
                 for recent in (1, 3, 8):
                     kept = fx.ledger.project_stats(project, now, recent)
                     assert kept == fresh.project_stats(project, now, recent), (project, recent)
@@ -467,7 +479,7 @@ def test_what_a_release_counts_against_its_project_is_a_property_of_its_reason(
     sqlite_fx.ledger.release(row.id, reason, T0 + 1800)
     cut = reason.cut_by_budget
     with sqlite_fx.ledger.reading() as db:
-        assert sqlite_fx.ledger._shares(db, "p", 10) == [1.0 if cut else 0.25]
+        assert [s for *_, s in sqlite_fx.ledger._shares(db, "p", 10)] == [1.0 if cut else 0.25]
         kept = db.execute("SELECT gpu_hours, budget_gpu_hours FROM records").fetchone()
     assert (kept["budget_gpu_hours"] == kept["gpu_hours"] > 0) is cut
     assert kept["budget_gpu_hours"] == (kept["gpu_hours"] if cut else 0.0)

@@ -97,7 +97,7 @@ class Budgets(Kept):
             self._finished_of[project],
             lambda: self._shares(db, project, RECORDS),
         )
-        return usage_factor(shares, self._fleet_share(db))
+        return usage_factor([s for *_, s in shares], self._fleet_share(db))
 
     def _fleet_share(self, db: Conn) -> float:
         """The prior of a project without a record: the mean used share of the fleet's newest
@@ -115,32 +115,26 @@ class Budgets(Kept):
         fresh = self._fresh(db)
         if self._window is not None:
             return self._window
-        window = [
+        window = self._shares(db, None, FLEET_RECORDS)
+        if fresh:
+            self._window = window
+        return window
+
+    def _shares(self, db: Conn, project: str | None, limit: int) -> list[tuple[float, str, float]]:
+        """(-ended_at, allocation id, budget.used_share) of the newest `limit` finished
+        allocations of `project` (None: of the fleet), newest first: in ascending order, so
+        that _finish keeps them with bisect."""
+        where, args = ("WHERE project=? ", (project,)) if project is not None else ("", ())
+        return [
             (
                 -r["ended_at"],
                 r["allocation_id"],
                 used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET),
             )
             for r in db.execute(
-                "SELECT ended_at, allocation_id, hours, requested_hours, "
-                "reason FROM history ORDER BY ended_at DESC, allocation_id "
-                f"LIMIT {FLEET_RECORDS}"
-            )
-        ]
-        if fresh:
-            self._window = window
-        return window
-
-    def _shares(self, db: Conn, project: str, limit: int) -> list[float]:
-        """budget.used_share of the project's newest `limit` finished allocations, newest
-        first."""
-        return [
-            used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET)
-            for r in db.execute(
-                "SELECT hours, requested_hours, reason FROM history "
-                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
-                f"LIMIT {limit}",
-                (project,),
+                "SELECT ended_at, allocation_id, hours, requested_hours, reason FROM history "
+                f"{where}ORDER BY ended_at DESC, allocation_id LIMIT {int(limit)}",
+                args,
             )
         ]
 

@@ -4,6 +4,7 @@ one row per project (so older history costs one read), and its standing (Project
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -128,24 +129,16 @@ class ProjectRecord(Budgets):
 
     def _follow_record(self, db: Conn, project: str, aid: str) -> None:
         """This connection just moved allocation `aid` to the project's history (and its
-        record sums): what it keeps of the record follows, as RECENT would read it now, and
-        is kept under the project's new count of finished allocations (see _kept)."""
-        version = self.db.data_version(db)
-        finished = self._finished_of[project]
-        kept = [
-            (key, value)
-            for key, ((at, generation), value) in self._kept_values.items()
-            if key[1] == project
-            and key[0].startswith("record:")
-            and (at, generation) == (version, finished - 1)
-        ]
-        if version is None or not kept:
-            return
-        row = db.execute(ONE, (aid,)).fetchone()
-        [new] = _history_records([row], with_requests=False)
-        place = (-row["ended_at"], aid)
-        for key, was in kept:
-            recent = int(key[0].removeprefix("record:"))
+        record sums): the records it keeps of the project follow, as RECENT would read them
+        now (see _follow)."""
+        read: list[Any] = []  # the new row and its record, read once if any record is kept
+
+        def follow(was: Record, recent: int) -> Record:
+            if not read:
+                row = db.execute(ONE, (aid,)).fetchone()
+                read.extend([row, *_history_records([row], with_requests=False)])
+            row, new = read
+            place = (-row["ended_at"], aid)
             at = bisect.bisect(was.order, place)
             order, records, busy = list(was.order), list(was.records), list(was.busy)
             if at < recent:
@@ -154,7 +147,13 @@ class ProjectRecord(Budgets):
                 busy.insert(at, row["busy_at_start"])
                 del order[recent:], records[recent:], busy[recent:]
             older = self._older(row, records) if records else None  # row: the sums now
-            self._kept_values[key] = ((version, finished), Record(order, records, busy, older))
+            return Record(order, records, busy, older)
+
+        for key in [k for k in self._kept_values if k[1] == project and k[0].startswith("record:")]:
+            recent = int(key[0].removeprefix("record:"))
+            self._follow(
+                db, key, self._finished_of[project], functools.partial(follow, recent=recent)
+            )
 
     def _busy(self, db: Conn, records: list[HistoryRecord]) -> tuple[list[float], bool]:
         """The share of the fleet that others held when each allocation started (recorded at
