@@ -110,7 +110,9 @@ def _raw(
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
     budget share, kind; the number of steps of each request; and each request's _REQUEST_OF
     values. Column by column over the whole batch: a request's past allocations are most of
-    the work."""
+    the work (_raw_one for a single request)."""
+    if len(batch) == 1:
+        return _raw_one(batch[0])
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
     n_past = np.fromiter((len(f.past) for f in batch), np.int64, n)
@@ -142,24 +144,57 @@ def _raw(
     step[:, 6:] = (math.nan, 0.0, 0.0, _REQUEST)
     raw[first + lengths - 1] = step
     for i in summarised:  # the older history's summary, first
-        f, older = batch[i], batch[i].older
-        assert older is not None
-        rated = older.rated_gpu_hours
-        share = older.gpu_hours or 1.0
-        raw[first[i]] = (
-            # at the oldest event read one by one (its datetime may round a microsecond later)
-            f.past[0].ended_at if f.past else older.at.timestamp(),
-            older.events,
-            0.0,
-            older.gpu_hours,
-            0.0,
-            0.0,
-            older.util_gpu_hours / rated if rated > 0 else math.nan,
-            older.idle_gpu_hours / share,
-            older.budget_gpu_hours / share,
-            _SUMMARY,
-        )
+        raw[first[i]] = _summary(batch[i])
     return raw, lengths, request
+
+
+def _summary(f: RequestFeatures) -> tuple[float, ...]:
+    """The step of the older history's summary (_raw's columns)."""
+    older = f.older
+    assert older is not None
+    rated = older.rated_gpu_hours
+    share = older.gpu_hours or 1.0
+    return (
+        # at the oldest event read one by one (its datetime may round a microsecond later)
+        f.past[0].ended_at if f.past else older.at.timestamp(),
+        older.events,
+        0.0,
+        older.gpu_hours,
+        0.0,
+        0.0,
+        older.util_gpu_hours / rated if rated > 0 else math.nan,
+        older.idle_gpu_hours / share,
+        older.budget_gpu_hours / share,
+        _SUMMARY,
+    )
+
+
+def _raw_one(
+    f: RequestFeatures,
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64]]:
+    """_raw of one request, row by row: a decision's request has a few dozen steps, and
+    numpy's calls, each dearer than the row's arithmetic, are what would cost. The same
+    operations on the same doubles as _raw's columns, so the same values, bit for bit."""
+    rows = [_summary(f)] if f.older is not None and f.older.events else []
+    rows += [
+        (
+            j.ended_at,
+            j.count,
+            j.hours,
+            j.count * j.hours,
+            j.cost_usd,
+            j.fleet_busy,
+            math.nan if j.util_pct is None else j.util_pct,
+            j.hoarded_hours / j.hours if j.hours > 0 else 0.0,
+            j.reason in _CUT_BY_BUDGET,
+            _PAST,
+        )
+        for j in f.past
+    ]
+    request = (f.now, f.count, f.hours, f.count * f.hours, f.worst_case_usd, f.pool_busy)
+    rows.append((*request, math.nan, 0.0, 0.0, _REQUEST))
+    raw = np.array(rows, dtype=np.float64)
+    return raw, np.array([len(rows)]), _values([f], _REQUEST_OF, 13)
 
 
 def _scale(x: NDArray[np.float64], log_top: float | NDArray[np.float64]) -> NDArray[np.float64]:

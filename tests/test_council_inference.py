@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from council.dataset import World, synthetic_jobs
-from council.encoding import Encoded, encode, encode_arrays
+from council.encoding import Encoded, _raw, encode, encode_arrays
 from council.features import RequestFeatures
 from council.inference import NumpyCouncilNet, sigmoid
 from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil, with_occlusions
@@ -91,6 +91,26 @@ def test_the_npz_holds_the_pts_tensors_and_vote() -> None:
     assert header["temperature"] == blob["temperature"]
     assert header["vote_weights"] == blob["vote_weights"] and header["meta"] == blob["meta"]
     assert header["pt_sha256"] == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+
+
+def test_one_request_is_encoded_as_in_a_batch(batch: list[RequestFeatures]) -> None:
+    """encode_arrays builds one request's steps row by row and a batch's column by column:
+    the same arrays, bit for bit (summaries of older history, unrated and zero-hour jobs
+    included)."""
+    one_step = dataclasses.replace(batch[0], past=(), older=None)  # pads nothing beside it
+    zero_hours = [
+        dataclasses.replace(f, past=(dataclasses.replace(f.past[0], hours=0.0), *f.past[1:]))
+        for f in batch[:20]
+        if f.past
+    ]
+    assert any(f.older is not None for f in batch)
+    for f in [*batch, *zero_hours]:
+        raw, lengths, _ = _raw([f])  # the steps before float32, too
+        assert raw.tobytes() == _raw([f, one_step])[0][: int(lengths[0])].tobytes()
+        alone, together = encode_arrays([f]), encode_arrays([f, one_step]).take([0])
+        for name in ("free", "bad", "dt", "mask", "static_free", "static_bad"):
+            a, b = getattr(alone, name), getattr(together, name)
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
 
 
 def test_numpy_logits_are_the_torch_models(
