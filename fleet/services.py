@@ -60,6 +60,10 @@ class Services:
     _reserving: Reserving | None = field(default=None, init=False)
     _heartbeat: Heartbeat | None = field(default=None, init=False)
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
+    # the last route given: (Ledger.stamp, placeable GPUs, request, route), see route()
+    _routed: tuple[Any, list[GPUInfo], GPURequest, RouteDecision | Refusal] | None = field(
+        default=None, init=False
+    )
     commands: Commands = field(init=False)  # what `gpu-agent run` says of each allocation
 
     def __post_init__(self) -> None:
@@ -104,17 +108,36 @@ class Services:
         cheaper type's wait against."""
         return self.ledger.starts_in_hours(types, count, self.clock.now(), self.placeable())
 
-    def route(self, request: GPURequest) -> RouteDecision | Refusal:
+    def route(self, request: GPURequest, *, again: bool = False) -> RouteDecision | Refusal:
         """Route `request` now, as the route node does: within what the project's budget
         admits once its running work has ended (placement makes it wait for that), with
-        each type's wait and the project's usage factor (fleet.routing.route)."""
-        return route(
+        each type's wait and the project's usage factor (fleet.routing.route).
+
+        `again`: the route node's, right after the council priced the same request with no
+        pause between. The route given then stands (once) if nothing it read has changed
+        since: the ledger (Ledger.stamp: never on PostgreSQL) and the placeable GPUs."""
+        stamp, placeable = self.ledger.stamp(), self.placeable()
+        with self._lock:
+            last, self._routed = self._routed, None
+        if (
+            again
+            and last is not None
+            and stamp is not None
+            and last[0] == stamp
+            and last[1] is placeable
+            and last[2] == request
+        ):
+            return last[3]
+        decision = route(
             request,
             self.config,
             self.ledger.remaining_usd(request.project, running=False),
             self.starts_in_hours(types_for(request, self.config), request.count),
             self.ledger.usage_factor(request.project),
         )
+        with self._lock:
+            self._routed = (stamp, placeable, request, decision)
+        return decision
 
     def sample(self, gpu_ids: list[str], now: float, holders: dict[str, str]) -> list[GPUSample]:
         """Read GPUs; those found unhealthy leave placement at once."""
