@@ -110,9 +110,7 @@ def _raw(
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
     budget share, kind; the number of steps of each request; and each request's _REQUEST_OF
     values. Column by column over the whole batch: a request's past allocations are most of
-    the work (_raw_one for a single request)."""
-    if len(batch) == 1:
-        return _raw_one(batch[0])
+    the work."""
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
     n_past = np.fromiter((len(f.past) for f in batch), np.int64, n)
@@ -169,12 +167,9 @@ def _summary(f: RequestFeatures) -> tuple[float, ...]:
     )
 
 
-def _raw_one(
-    f: RequestFeatures,
-) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64]]:
-    """_raw of one request, row by row: a decision's request has a few dozen steps, and
-    numpy's calls, each dearer than the row's arithmetic, are what would cost. The same
-    operations on the same doubles as _raw's columns, so the same values, bit for bit."""
+def _rows_one(f: RequestFeatures) -> list[tuple[float, ...]]:
+    """_raw's rows of one request, in Python: the same operations on the same doubles as
+    _raw's columns, so the same values, bit for bit."""
     rows = [_summary(f)] if f.older is not None and f.older.events else []
     rows += [
         (
@@ -193,8 +188,7 @@ def _raw_one(
     ]
     request = (f.now, f.count, f.hours, f.count * f.hours, f.worst_case_usd, f.pool_busy)
     rows.append((*request, math.nan, 0.0, 0.0, _REQUEST))
-    raw = np.array(rows, dtype=np.float64)
-    return raw, np.array([len(rows)]), _values([f], _REQUEST_OF, 13)
+    return rows
 
 
 def _scale(x: NDArray[np.float64], log_top: float | NDArray[np.float64]) -> NDArray[np.float64]:
@@ -205,8 +199,67 @@ def _scale(x: NDArray[np.float64], log_top: float | NDArray[np.float64]) -> NDAr
 _LOG_TOPS = np.array([math.log1p(top) for top in (64, 720, 1e4, 1e5)])
 
 
+def _out_of_order(times: Sequence[float] | NDArray[np.float64], at: int) -> InvalidInput:
+    return InvalidInput(
+        "the council's history must be in time order: an event at "
+        f"{float(times[at]):.0f} follows one at {float(times[at - 1]):.0f}"
+    )
+
+
+def _encode_one(f: RequestFeatures) -> Encoded[NDArray[Any]]:
+    """encode_arrays of one request, step by step in Python: a decision's request has a few
+    dozen steps, and numpy's calls, each dearer than a step's arithmetic, are what would
+    cost. The same operations on the same doubles as encode_arrays' columns (the scales'
+    log1p through numpy too), so the same arrays, bit for bit."""
+    rows = _rows_one(f)
+    n = len(rows)
+    flat = itertools.chain.from_iterable(r[1:5] for r in rows)  # GPUs, hours, GPU-hours, cost
+    scaled = _scale(np.fromiter(flat, np.float64, 4 * n).reshape(n, 4), _LOG_TOPS).tolist()
+    free: list[float] = []
+    bad: list[float] = []
+    dt: list[float] = []
+    for k, (r, logs) in enumerate(zip(rows, scaled, strict=True)):
+        gap = r[0] - rows[k - 1][0] if k else 0.0
+        if gap < 0:
+            raise _out_of_order([r[0] for r in rows], k)
+        util = r[6]
+        rated = util == util  # not NaN
+        free += logs
+        free += (r[5], rated, r[9] == _REQUEST, r[9] == _SUMMARY)
+        bad += (r[7], r[8], 1 - util / 100 if rated else 0.0)
+        dt.append(min(gap / DAY, MAX_DT_DAYS))
+    count, hours, _, worst = scaled[-1]  # the request's step: its count, hours and cost scaled
+    static_free = (
+        f.budgeted,
+        worst,
+        f.usage_share,
+        f.priority,
+        count,
+        hours,
+        min(f.history_len, 256) / 256,
+    )
+    static_bad = (
+        min(f.cost_pressure, 10.0),
+        1.0 - f.fair_share,
+        f.pool_share,
+        f.pool_busy,
+        f.purpose_mismatch,
+    )
+    return Encoded(
+        np.fromiter(free, np.float32, len(free)).reshape(1, n, len(SEQ_FREE)),
+        np.fromiter(bad, np.float32, len(bad)).reshape(1, n, len(SEQ_BAD)),
+        np.fromiter(dt, np.float32, n).reshape(1, n),
+        np.ones((1, n), dtype=np.bool_),
+        np.array([static_free], dtype=np.float32),
+        np.array([static_bad], dtype=np.float32),
+    )
+
+
 def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
-    """All requests in one pass; sequences are left-padded to the longest."""
+    """All requests in one pass; sequences are left-padded to the longest (one request:
+    _encode_one)."""
+    if len(batch) == 1:
+        return _encode_one(batch[0])
     raw, lengths, request = _raw(batch)
     n, steps = len(batch), int(lengths.max())
     first = np.cumsum(lengths) - lengths  # flat index of each request's first step
@@ -216,11 +269,7 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     gap[1:] = times[1:] - times[:-1]
     gap[first] = 0.0
     if bool((gap < 0).any()):
-        at = int(np.flatnonzero(gap < 0)[0])
-        raise InvalidInput(
-            "the council's history must be in time order: an event at "
-            f"{float(times[at]):.0f} follows one at {float(times[at - 1]):.0f}"
-        )
+        raise _out_of_order(times, int(np.flatnonzero(gap < 0)[0]))
     kind, util = raw[:, 9], raw[:, 6]
     rated = ~np.isnan(util)
     step_free = np.empty((len(raw), len(SEQ_FREE)), dtype=np.float32)

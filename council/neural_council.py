@@ -192,14 +192,14 @@ class NeuralCouncil:
         words = describe(features)
         votes = []
         for i, member in enumerate(self.members):
-            reasons = sorted(
-                (
-                    Reason(feature=g, value=words[g][0], effect=e, text=words[g][1])
-                    for g, e in zip(OCCLUSIONS, effects[i], strict=True)
-                    if abs(e) >= 0.01
-                ),
-                key=lambda r: -abs(r.effect),
+            strongest = sorted(
+                ((g, e) for g, e in zip(OCCLUSIONS, effects[i], strict=True) if abs(e) >= 0.01),
+                key=lambda ge: -abs(ge[1]),
             )[:TOP_REASONS]
+            reasons = [
+                Reason(feature=g, value=words[g][0], effect=e, text=words[g][1])
+                for g, e in strongest
+            ]
             verdict = (
                 Verdict.ABSTAIN
                 if abs(p[i] - 0.5) < ABSTAIN_MARGIN

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from council.dataset import World, synthetic_jobs
-from council.encoding import Encoded, _raw, encode, encode_arrays
+from council.encoding import Encoded, _raw, _rows_one, encode, encode_arrays
 from council.features import RequestFeatures
 from council.inference import NumpyCouncilNet, sigmoid
 from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil, with_occlusions
@@ -26,6 +26,7 @@ from council.spec import NetSpec
 from council.torch_net import CouncilNet
 from council.weightfiles import arrays_path
 from fleet.config import CouncilSettings, load_fleet
+from fleet.errors import InvalidInput
 from tests.test_council_cfc import SPEC, features
 
 SETTINGS = CouncilSettings()
@@ -94,9 +95,9 @@ def test_the_npz_holds_the_pts_tensors_and_vote() -> None:
 
 
 def test_one_request_is_encoded_as_in_a_batch(batch: list[RequestFeatures]) -> None:
-    """encode_arrays builds one request's steps row by row and a batch's column by column:
-    the same arrays, bit for bit (summaries of older history, unrated and zero-hour jobs
-    included)."""
+    """encode_arrays encodes one request step by step in Python and a batch column by column
+    in numpy: the same arrays, bit for bit (summaries of older history, unrated and zero-hour
+    jobs included), and the same refusal of a history out of time order."""
     one_step = dataclasses.replace(batch[0], past=(), older=None)  # pads nothing beside it
     zero_hours = [
         dataclasses.replace(f, past=(dataclasses.replace(f.past[0], hours=0.0), *f.past[1:]))
@@ -105,12 +106,20 @@ def test_one_request_is_encoded_as_in_a_batch(batch: list[RequestFeatures]) -> N
     ]
     assert any(f.older is not None for f in batch)
     for f in [*batch, *zero_hours]:
-        raw, lengths, _ = _raw([f])  # the steps before float32, too
-        assert raw.tobytes() == _raw([f, one_step])[0][: int(lengths[0])].tobytes()
+        rows = np.array(_rows_one(f))  # the steps before float32, too
+        assert rows.tobytes() == _raw([f, one_step])[0][: len(rows)].tobytes()
         alone, together = encode_arrays([f]), encode_arrays([f, one_step]).take([0])
         for name in ("free", "bad", "dt", "mask", "static_free", "static_bad"):
             a, b = getattr(alone, name), getattr(together, name)
-            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    f = next(f for f in batch if len(f.past) > 2)
+    unsorted = dataclasses.replace(f, past=(f.past[1], f.past[0], *f.past[2:]))
+    errors = []
+    for encoding in ([unsorted], [unsorted, one_step]):
+        with pytest.raises(InvalidInput, match="time order") as raised:
+            encode_arrays(encoding)
+        errors.append(str(raised.value))
+    assert errors[0] == errors[1]
 
 
 def test_numpy_logits_are_the_torch_models(
