@@ -131,28 +131,31 @@ class NumpyCouncilNet:
         a, t = np.empty((m, b, width)), np.empty((m, b, width))
         heads = np.empty((2, m, b, 2 * hid))
         gate, gh = heads[0], heads[1]
-        for k in range(steps):
-            np.matmul(q, w.w_rec, out=a)
-            a += xp[k]
+        # names bound once and outputs passed by position: the loop is all calls
+        matmul, tanh, multiply = np.matmul, np.tanh, np.multiply
+        w_rec, w_heads, b_heads, no_gate = w.w_rec, w.w_heads, w.b_heads, self.no_gate
+        for k, (zk, xk, sk) in enumerate(zip(z, xp, scale, strict=True)):
+            matmul(q, w_rec, a)
+            a += xk
             if silu:  # silu(2 a) = a (1 + tanh a)
-                np.tanh(a, out=t)
+                tanh(a, t)
                 t += one
-                np.multiply(a, t, out=z[k])
+                multiply(a, t, zk)
             else:
-                np.tanh(a, out=z[k])
-            np.matmul(z[k], w.w_heads, out=heads)
-            heads += w.b_heads
-            gate *= scale[k]
-            np.tanh(heads, out=heads)  # [t, -t], [g, h]
+                tanh(a, zk)
+            matmul(zk, w_heads, heads)
+            heads += b_heads
+            gate *= sk
+            tanh(heads, heads)  # [t, -t], [g, h]
             gate += one
+            if no_gate is None and not padded:  # the new state, in place
+                multiply(gate, gh, q)
+                continue
             new = gate * gh
-            if self.no_gate is not None:  # h_k = g + gate h: q = [2 g, (1 + t) h]
+            if no_gate is not None:  # h_k = g + gate h: q = [2 g, (1 + t) h]
                 ungated = [2.0 * gh[..., :hid], gate[..., :hid] * gh[..., hid:]]
-                new = np.where(self.no_gate, np.concatenate(ungated, axis=-1), new)
-            if padded:  # a padded step leaves the state as it was
-                np.copyto(q, new, where=keep[k])
-            else:
-                q = new
+                new = np.where(no_gate, np.concatenate(ungated, axis=-1), new)
+            np.copyto(q, new, where=keep[k])  # a padded step leaves the state as it was
         extras = (np.matmul(z, w.w_extra) + w.b_extra).transpose(1, 2, 0, 3)
         return 0.5 * (q[..., :hid] + q[..., hid:]), extras
 
