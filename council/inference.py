@@ -86,17 +86,21 @@ class NumpyCouncilNet:
         if spec.time != "gate":
             dt = mask.astype(np.float64)
         core = self._cfc if spec.core == "cfc" else self._gru
-        h, acc = core(free, dt, mask)  # (M, n, H), (M, n, T, 2C)
-        rate, weight = np.split(np.clip(acc, -20.0, 10.0), 2, axis=-1)
-        log_decay = -np.exp(rate) * dt[None, :, :, None]
-        after = np.zeros_like(log_decay)  # decay from k to the end, summed from the end
-        after[:, :, :-1] = np.cumsum(log_decay[:, :, :0:-1], axis=2)[:, :, ::-1]
-        carried = np.exp(weight + after) * mask[None, :, :, None]
-        # sum over t of carried (M, n, T, C) times the evidence bad (B, T, F) @ mix (M, C, F):
+        h, acc = core(free, dt, mask)  # (M, n, H); (2, T, M, n, C): rates' and weights' logits
+        rate, weight = np.clip(acc, -20.0, 10.0, out=acc)
+        decay = np.exp(rate, out=rate)
+        decay *= -dt.T[:, None, :, None]  # the log of each step's decay
+        after = np.zeros_like(decay)  # decay from k to the end, summed from the end
+        after[:-1] = np.cumsum(decay[:0:-1], axis=0)[::-1]
+        weight += after
+        carried = np.exp(weight, out=weight)
+        if not bool(mask.all()):
+            carried *= mask.T[:, None, :, None]
+        # sum over t of carried (T, M, n, C) times the evidence bad (B, T, F) @ mix (M, C, F):
         # the steps summed first, (M, n, C, T) @ (B, T, F), then the mix
-        seen = np.matmul(carried.transpose(0, 1, 3, 2), enc.bad.astype(np.float64))
+        seen = np.matmul(carried.transpose(1, 2, 3, 0), enc.bad.astype(np.float64))
         num = self.prior_num + (seen * self.mix[:, None]).sum(-1)
-        rates = num / (self.prior_den + carried.sum(2))
+        rates = num / (self.prior_den + carried.sum(0))
         static_bad = enc.static_bad[None] * self.mask_static_bad
         u = np.concatenate([rates, static_bad], axis=-1)
         hinges = self.pen_alpha * softplus(self.pen_beta * u[..., None] + self.pen_gamma)
@@ -107,7 +111,8 @@ class NumpyCouncilNet:
         return out
 
     def _cfc(self, x: Array, dt: Array, mask: NDArray[np.bool_]) -> tuple[Array, Array]:
-        """council/cfc.py's CfC: the last state (M, B, H) and the read-outs (M, B, T, extra).
+        """council/cfc.py's CfC: the last state (M, B, H) and its extra read-outs, time first,
+        (2, T, M, B, C): the evidence's decay rates, then its weights, before clipping.
 
         The same equations, arranged for few numpy calls a step: each costs about a
         microsecond whatever its few hundred numbers (three times that on a strided view, or
@@ -156,11 +161,12 @@ class NumpyCouncilNet:
                 ungated = [2.0 * gh[..., :hid], gate[..., :hid] * gh[..., hid:]]
                 new = np.where(no_gate, np.concatenate(ungated, axis=-1), new)
             np.copyto(q, new, where=keep[k])  # a padded step leaves the state as it was
-        extras = (np.matmul(z, w.w_extra) + w.b_extra).transpose(1, 2, 0, 3)
+        extras = np.matmul(z, w.w_extra)  # (2, T, M, B, C): rates' and weights' logits
+        extras += w.b_extra
         return 0.5 * (q[..., :hid] + q[..., hid:]), extras
 
     def _gru(self, x: Array, dt: Array, mask: NDArray[np.bool_]) -> tuple[Array, Array]:
-        """council/cfc.py's GRU (the ablation core): time only as an input."""
+        """council/cfc.py's GRU (the ablation core): time only as an input; returns as _cfc."""
         _check_dt(dt)
         c, hid = self.core, self.spec.hidden
         xp = np.einsum("btf,mfu->tmbu", x, c["w_in"]) + c["b"]
@@ -175,7 +181,7 @@ class NumpyCouncilNet:
             n = np.tanh(xn + r * hn)
             h = np.where(keep[k], n + z * (h - n), h)
             extras.append(c["b_out"] + h @ c["w_out"])
-        return h, np.stack(extras, 2)
+        return h, np.stack(np.split(np.stack(extras), 2, axis=-1))  # as _cfc's
 
 
 def _check_dt(dt: Array) -> None:
@@ -195,8 +201,8 @@ class _CfCWeights:
     w_rec: Array  # (M, 2H, U): stacked twice, halved, times the inner scale
     w_heads: Array  # (2, M, U, 2H): [-f, f] and [g, h], times the outer scale
     b_heads: Array  # (2, M, 1, 2H)
-    w_extra: Array  # (M, U, extra): the read-outs, times the outer scale
-    b_extra: Array
+    w_extra: Array  # (2, 1, M, U, C): the read-outs (rates', weights'), times the outer scale
+    b_extra: Array  # (2, 1, M, 1, C)
 
 
 def _cfc_weights(core: Mapping[str, Array], hid: int, activation: str) -> _CfCWeights:
@@ -212,6 +218,6 @@ def _cfc_weights(core: Mapping[str, Array], hid: int, activation: str) -> _CfCWe
         b_heads=np.stack(
             [np.concatenate([-b[..., :hid], b[..., :hid]], -1), b[..., hid : 3 * hid]]
         ),
-        w_extra=w[..., 3 * hid :],
-        b_extra=b[..., 3 * hid :],
+        w_extra=np.stack(np.split(w[..., 3 * hid :], 2, axis=-1))[:, None],
+        b_extra=np.stack(np.split(b[..., 3 * hid :], 2, axis=-1))[:, None],
     )
