@@ -17,7 +17,7 @@ import functools
 import pickle
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +106,9 @@ class NeuralCouncil:
     # (deny at or below, approve at or above) chosen on outcomes when it was trained on them
     # (council.train, target "outcome"); None: the fleet file's or the policy's band
     band: tuple[float, float] | None = None
+    _settings: tuple[CouncilSettings, tuple[float, float] | None, CouncilSettings] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )  # see _voting
 
     @classmethod
     def of(
@@ -216,10 +219,21 @@ class NeuralCouncil:
                     reasons=reasons,
                 )
             )
+        return combine(votes, self._voting(settings), self.name, self.temperature)
+
+    def _voting(self, settings: CouncilSettings) -> CouncilSettings:
+        """The settings the votes combine under: the policy's name and, where the council was
+        trained on outcomes, its band. The same copy while the fleet's settings are the same
+        object (they are frozen) and the band the same."""
+        kept = self._settings
+        if kept is not None and kept[0] is settings and kept[1] == self.band:
+            return kept[2]
         update: dict[str, object] = {"policy": "neural"}
         if self.band is not None and settings.approve_threshold is settings.deny_threshold is None:
             update |= {"deny_threshold": self.band[0], "approve_threshold": self.band[1]}
-        return combine(votes, settings.model_copy(update=update), self.name, self.temperature)
+        voting = settings.model_copy(update=update)
+        self._settings = (settings, self.band, voting)
+        return voting
 
 
 @contextlib.contextmanager

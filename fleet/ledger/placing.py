@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import astuple
 
 from fleet.backfill import Ending, reserve
 from fleet.ledger.releasing import Releasing
@@ -71,7 +70,7 @@ class Placing(Releasing):
                 if decision.kind is Kind.DENY:
                     return PlaceResult(decision, None)
                 if approval is not None:
-                    db.execute(AUDIT, astuple(approval))
+                    db.execute(AUDIT, approval.row())
                 db.execute(
                     "INSERT INTO allocations (id, thread_id, request_id, project, purpose, "
                     "priority, gpu_type, count, price_per_hour, hours, state, enqueued_at, "
