@@ -61,17 +61,20 @@ class Budgets(Kept):
         kept = self._remaining.get((project, running))
         if version is not None and kept is not None and kept[0] == key:
             return kept[1]
-        with self.reading() as db:
-            budget = self._budget(db, project)
-            remaining = None
-            if budget is not None:
-                expected, factor = (
-                    self._expected(db, project) if running else (0.0, self._factor(db, project))
-                )
-                remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
-            if version is not None:
-                self._remaining[(project, running)] = (key, remaining)
-            return remaining
+        with self.db.lock:  # no budget: one statement says so, with no transaction around it
+            budget = self._budget(self.db.conn(), project)
+        remaining = None
+        if budget is not None:
+            with self.reading() as db:  # the budget again, and what it admits, in one state
+                budget = self._budget(db, project)
+                if budget is not None:
+                    expected, factor = (
+                        self._expected(db, project) if running else (0.0, self._factor(db, project))
+                    )
+                    remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
+        if version is not None:
+            self._remaining[(project, running)] = (key, remaining)
+        return remaining
 
     def usage_factor(self, project: str) -> float:
         """The project's q (fleet.budget.usage_factor): the share of its leases it is
