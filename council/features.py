@@ -100,7 +100,7 @@ def build_features(
         request,
         config,
         Standing(remaining, stats.usage_share, stats.fair_share),
-        tuple(replace(j, ended_at=min(j.ended_at, now)) for j in past_jobs(stats)),
+        tuple(replace(j, ended_at=now) if now < j.ended_at else j for j in past_jobs(stats)),
         stats.older,
         held,
         now,

@@ -6,13 +6,14 @@ model run in float64 to 1e-9 and with its float32 to 1e-6 in probability
 (tests/test_council_inference.py): both sum the evidence decay from the end, as a total less a
 running sum cancelled thousands (in float32, up to 2e-4). The torch model computes the same
 CfC in another form (the batch longest first, padded steps skipped, tanh through sigmoid: see
-council/cfc.py); this one keeps the equations as written. Training, the outcome head and the
-traces stay with the torch model.
+council/cfc.py); this one sigmoid through tanh, in few numpy calls a step (NumpyCouncilNet._cfc).
+Training, the outcome head and the traces stay with the torch model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,15 +34,17 @@ def softplus(x: Array) -> Array:
     return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
 
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "lecun_tanh": lambda x: 1.7159 * np.tanh(0.666 * x),
-    "silu": lambda x: x * sigmoid(x),
-}
+# The backbone's activation as act(x) = outer * f(inner * x), f = tanh for lecun_tanh and
+# f(a) = a (1 + tanh a) for silu (x sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2): the
+# scales join the weights, so that a step applies one tanh (numpy has no sigmoid ufunc, and
+# exp(-logaddexp) is several times slower than tanh).
+ACTIVATIONS: dict[str, tuple[float, float]] = {"lecun_tanh": (0.666, 1.7159), "silu": (0.5, 1.0)}
 
 
 class NumpyCouncilNet:
     """The council network's approval logits; the masks and input-independent transforms
-    of the weights (softplus of the penalty's and mixes' parameters) are applied once, here."""
+    of the weights (softplus of the penalty's and mixes' parameters, the CfC's weights
+    arranged for its loop) are applied once, here."""
 
     def __init__(self, spec: NetSpec, state: Mapping[str, NDArray[Any]]) -> None:
         if spec.activation not in ACTIVATIONS:
@@ -49,7 +52,6 @@ class NumpyCouncilNet:
         self.spec = spec
         self.state = dict(state)  # as loaded: what the torch model's state dict holds
         s = {k: v.astype(np.float64) for k, v in state.items() if v.dtype != np.bool_}
-        self.act = ACTIVATIONS[spec.activation]
         no_gate = state.get("core.no_gate")  # the CfC's per-member mode; the GRU has none
         self.no_gate = no_gate if no_gate is not None and bool(no_gate.any()) else None
         in_mask = s["mask_seq_free"]
@@ -57,87 +59,115 @@ class NumpyCouncilNet:
             in_mask = np.concatenate([in_mask, np.ones_like(in_mask[:, :1])], axis=1)
         self.core = {k.removeprefix("core."): v for k, v in s.items() if k.startswith("core.")}
         self.core["w_in"] = self.core["w_in"] * in_mask[..., None]
+        if spec.core == "cfc":
+            self.loop = _cfc_weights(self.core, spec.hidden, spec.activation)
         self.mix = softplus(s["mix"]) * s["mask_seq_bad"][:, None]
         self.prior_num, self.prior_den = softplus(s["prior_num"]), softplus(s["prior_den"])
         self.pen_lin = softplus(s["pen_lin"])
         self.pen_alpha, self.pen_beta = softplus(s["pen_alpha"]), softplus(s["pen_beta"])
         self.pen_gamma = s["pen_gamma"]
-        self.w1, self.b1, self.w2, self.b2 = s["w1"], s["b1"], s["w2"], s["b2"]
+        hid = spec.hidden  # the head reads the state and the static inputs, masked (0 or 1)
+        self.w1_h = s["w1"][:, :hid]
+        self.w1_static = s["w1"][:, hid:] * s["mask_static_free"][..., None]
+        self.b1, self.w2, self.b2 = s["b1"], s["w2"][..., :1], s["b2"][..., 0]
         self.mask_static_bad = s["mask_static_bad"][:, None]
-        self.mask_static_free = s["mask_static_free"][:, None]
 
     def logits(self, enc: Encoded[NDArray[Any]], rows: int = 1) -> Array:
-        """(members, batch) approval logits, as CouncilNet.forward(enc, rows=rows).logit."""
+        """(members, batch) approval logits, as CouncilNet.forward(enc, rows=rows).logit.
+
+        With `rows` > 1 the rows differ only in what the core does not read, so the core and
+        the evidence's decay run on the first row alone."""
         spec = self.spec
-        read = spec.read(enc)
-        enc = Encoded(
-            *(
-                a.astype(np.float64) if a.dtype == np.float32 else a
-                for a in (
-                    read.free,
-                    read.bad,
-                    read.dt,
-                    read.mask,
-                    read.static_free,
-                    read.static_bad,
-                )
-            )
-        )
-        dt = enc.dt if spec.time == "gate" else enc.mask.astype(np.float64)
-        first = enc.take([0]) if rows > 1 else enc
-        free = first.free
+        enc = spec.read(enc)  # the inputs the weights were trained on
+        n = 1 if rows > 1 else len(enc)
+        mask = enc.mask[:n]
+        free, dt = enc.free[:n].astype(np.float64), enc.dt[:n].astype(np.float64)
         if spec.time == "input":
-            free = np.concatenate([free, np.log1p(first.dt)[..., None]], axis=-1)
-        core_dt = first.dt if spec.time == "gate" else first.mask.astype(np.float64)
+            free = np.concatenate([free, np.log1p(dt)[..., None]], axis=-1)
+        if spec.time != "gate":
+            dt = mask.astype(np.float64)
         core = self._cfc if spec.core == "cfc" else self._gru
-        h, acc = core(free, core_dt, first.mask)
-        m = h.shape[0]
-        if rows > 1:
-            h = np.broadcast_to(h, (m, rows, h.shape[2]))
-            acc = np.broadcast_to(acc, (m, rows, *acc.shape[2:]))
-        rate, weight = np.split(np.clip(acc, -20.0, 10.0), 2, axis=-1)
-        log_decay = -np.exp(rate) * dt[None, :, :, None]
-        after = np.zeros_like(log_decay)  # decay from k to the end, summed from the end
-        after[:, :, :-1] = np.cumsum(log_decay[:, :, :0:-1], axis=2)[:, :, ::-1]
-        carried = np.exp(weight + after) * enc.mask[None, :, :, None]
-        evidence = np.einsum("btf,mcf->mbtc", enc.bad, self.mix)
-        rates = (self.prior_num + (carried * evidence).sum(2)) / (self.prior_den + carried.sum(2))
+        h, acc = core(free, dt, mask)  # (M, n, H); (2, T, M, n, C): rates' and weights' logits
+        rate, weight = np.clip(acc, -20.0, 10.0, out=acc)
+        decay = np.exp(rate, out=rate)
+        decay *= -dt.T[:, None, :, None]  # the log of each step's decay
+        after = np.zeros_like(decay)  # decay from k to the end, summed from the end
+        after[:-1] = np.cumsum(decay[:0:-1], axis=0)[::-1]
+        weight += after
+        carried = np.exp(weight, out=weight)
+        if not bool(mask.all()):
+            carried *= mask.T[:, None, :, None]
+        # sum over t of carried (T, M, n, C) times the evidence bad (B, T, F) @ mix (M, C, F):
+        # the steps summed first, (M, n, C, T) @ (B, T, F), then the mix
+        seen = np.matmul(carried.transpose(1, 2, 3, 0), enc.bad.astype(np.float64))
+        num = self.prior_num + (seen * self.mix[:, None]).sum(-1)
+        rates = num / (self.prior_den + carried.sum(0))
         static_bad = enc.static_bad[None] * self.mask_static_bad
         u = np.concatenate([rates, static_bad], axis=-1)
         hinges = self.pen_alpha * softplus(self.pen_beta * u[..., None] + self.pen_gamma)
         penalty = (self.pen_lin * u).sum(-1) + hinges.sum((-1, -2))
-        static = enc.static_free[None] * self.mask_static_free
-        hidden = np.tanh(self.b1 + np.concatenate([h, static], axis=-1) @ self.w1)
-        head = self.b2 + hidden @ self.w2
-        out: Array = head[..., 0] - penalty
+        static = np.matmul(enc.static_free.astype(np.float64), self.w1_static)
+        hidden = np.tanh(self.b1 + np.matmul(h, self.w1_h) + static)
+        out: Array = self.b2 + np.matmul(hidden, self.w2)[..., 0] - penalty
         return out
 
     def _cfc(self, x: Array, dt: Array, mask: NDArray[np.bool_]) -> tuple[Array, Array]:
-        """council/cfc.py's CfC: the last state (M, B, H) and the read-outs (M, B, T, extra)."""
+        """council/cfc.py's CfC: the last state (M, B, H) and its extra read-outs, time first,
+        (2, T, M, B, C): the evidence's decay rates, then its weights, before clipping.
+
+        The same equations, arranged for few numpy calls a step: each costs about a
+        microsecond whatever its few hundred numbers (three times that on a strided view, or
+        broadcasting), and numpy has no sigmoid (exp(-logaddexp) costs several tanh). With
+        t = tanh(-f dt / 2) the gate sigmoid(-f dt) is (1 + t) / 2, so h_k = h + gate (g - h)
+        is half the sum of the halves of q = [1 + t, 1 - t] * [g, h], the state the loop
+        keeps (the recurrent weights, stacked twice and halved, read it). One product gives
+        the pre-activations of [-f, f] and [g, h] (two contiguous blocks), one multiplication
+        scales the first by dt / 2, and one tanh squashes both."""
         _check_dt(dt)
-        c, hid = self.core, self.spec.hidden
-        xp = np.einsum("btf,mfu->tmbu", x, c["w_in"]) + c["b"]
-        steps, m, b = xp.shape[:3]
-        neg_dt, keep = -dt.T.reshape(steps, 1, b, 1), mask.T.reshape(steps, 1, b, 1)
+        w, hid = self.loop, self.spec.hidden
+        xp = np.matmul(x.transpose(1, 0, 2)[:, None], w.w_in) + w.b  # (T, M, B, U)
+        steps, m, b, width = xp.shape
+        scale = np.broadcast_to(0.5 * dt.T[:, None, :, None], (steps, m, b, 2 * hid)).copy()
+        keep = mask.T.reshape(steps, 1, b, 1)
         padded = not bool(mask.all())
-        h = np.zeros((m, b, hid))
-        extras = []
-        for k in range(steps):
-            z = self.act(xp[k] + h @ c["w_rec"])
-            heads = c["b_heads"] + z @ c["w_heads"]
-            f = heads[..., :hid]
-            gh = np.tanh(heads[..., hid : 3 * hid])
-            g, hh = gh[..., :hid], gh[..., hid:]
-            gate = sigmoid(f * neg_dt[k])
-            new = hh + gate * (g - hh)
-            if self.no_gate is not None:
-                new = np.where(self.no_gate, g + gate * hh, new)
-            h = np.where(keep[k], new, h) if padded else new
-            extras.append(heads[..., 3 * hid :])
-        return h, np.stack(extras, 2)
+        silu = self.spec.activation == "silu"
+        one = np.array(1.0)  # as an array: numpy converts a float at every call
+        z = np.empty((steps, m, b, width))  # the backbone at each step
+        q = np.zeros((m, b, 2 * hid))
+        a, t = np.empty((m, b, width)), np.empty((m, b, width))
+        heads = np.empty((2, m, b, 2 * hid))
+        gate, gh = heads[0], heads[1]
+        # names bound once and outputs passed by position: the loop is all calls
+        matmul, tanh, multiply = np.matmul, np.tanh, np.multiply
+        w_rec, w_heads, b_heads, no_gate = w.w_rec, w.w_heads, w.b_heads, self.no_gate
+        for k, (zk, xk, sk) in enumerate(zip(z, xp, scale, strict=True)):
+            matmul(q, w_rec, a)
+            a += xk
+            if silu:  # silu(2 a) = a (1 + tanh a)
+                tanh(a, t)
+                t += one
+                multiply(a, t, zk)
+            else:
+                tanh(a, zk)
+            matmul(zk, w_heads, heads)
+            heads += b_heads
+            gate *= sk
+            tanh(heads, heads)  # [t, -t], [g, h]
+            gate += one
+            if no_gate is None and not padded:  # the new state, in place
+                multiply(gate, gh, q)
+                continue
+            new = gate * gh
+            if no_gate is not None:  # h_k = g + gate h: q = [2 g, (1 + t) h]
+                ungated = [2.0 * gh[..., :hid], gate[..., :hid] * gh[..., hid:]]
+                new = np.where(no_gate, np.concatenate(ungated, axis=-1), new)
+            np.copyto(q, new, where=keep[k])  # a padded step leaves the state as it was
+        extras = np.matmul(z, w.w_extra)  # (2, T, M, B, C): rates' and weights' logits
+        extras += w.b_extra
+        return 0.5 * (q[..., :hid] + q[..., hid:]), extras
 
     def _gru(self, x: Array, dt: Array, mask: NDArray[np.bool_]) -> tuple[Array, Array]:
-        """council/cfc.py's GRU (the ablation core): time only as an input."""
+        """council/cfc.py's GRU (the ablation core): time only as an input; returns as _cfc."""
         _check_dt(dt)
         c, hid = self.core, self.spec.hidden
         xp = np.einsum("btf,mfu->tmbu", x, c["w_in"]) + c["b"]
@@ -152,7 +182,7 @@ class NumpyCouncilNet:
             n = np.tanh(xn + r * hn)
             h = np.where(keep[k], n + z * (h - n), h)
             extras.append(c["b_out"] + h @ c["w_out"])
-        return h, np.stack(extras, 2)
+        return h, np.stack(np.split(np.stack(extras), 2, axis=-1))  # as _cfc's
 
 
 def _check_dt(dt: Array) -> None:
@@ -161,3 +191,34 @@ def _check_dt(dt: Array) -> None:
         raise ValueError("time steps must be finite")
     if bool((dt < 0).any()):
         raise ValueError("time steps must not be negative: times must be sorted")
+
+
+@dataclass(frozen=True)
+class _CfCWeights:
+    """The CfC's weights as NumpyCouncilNet._cfc reads them."""
+
+    w_in: Array  # (M, F, U), times the activation's inner scale; b, its bias, likewise
+    b: Array
+    w_rec: Array  # (M, 2H, U): stacked twice, halved, times the inner scale
+    w_heads: Array  # (2, M, U, 2H): [-f, f] and [g, h], times the outer scale
+    b_heads: Array  # (2, M, 1, 2H)
+    w_extra: Array  # (2, 1, M, U, C): the read-outs (rates', weights'), times the outer scale
+    b_extra: Array  # (2, 1, M, 1, C)
+
+
+def _cfc_weights(core: Mapping[str, Array], hid: int, activation: str) -> _CfCWeights:
+    inner, outer = ACTIVATIONS[activation]
+    w, b = outer * core["w_heads"], core["b_heads"]
+    return _CfCWeights(
+        w_in=inner * core["w_in"],
+        b=inner * core["b"],
+        w_rec=np.concatenate([core["w_rec"], core["w_rec"]], axis=1) * (0.5 * inner),
+        w_heads=np.stack(
+            [np.concatenate([-w[..., :hid], w[..., :hid]], -1), w[..., hid : 3 * hid]]
+        ),
+        b_heads=np.stack(
+            [np.concatenate([-b[..., :hid], b[..., :hid]], -1), b[..., hid : 3 * hid]]
+        ),
+        w_extra=np.stack(np.split(w[..., 3 * hid :], 2, axis=-1))[:, None],
+        b_extra=np.stack(np.split(b[..., 3 * hid :], 2, axis=-1))[:, None],
+    )

@@ -17,7 +17,7 @@ import functools
 import pickle
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +109,9 @@ class NeuralCouncil:
     # (deny at or below, approve at or above) chosen on outcomes when it was trained on them
     # (council.train, target "outcome"); None: the fleet file's or the policy's band
     band: tuple[float, float] | None = None
+    _settings: tuple[CouncilSettings, tuple[float, float] | None, CouncilSettings] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )  # see _voting
 
     @classmethod
     def of(
@@ -195,14 +198,14 @@ class NeuralCouncil:
         words = describe(features)
         votes = []
         for i, member in enumerate(self.members):
-            reasons = sorted(
-                (
-                    Reason(feature=g, value=words[g][0], effect=e, text=words[g][1])
-                    for g, e in zip(OCCLUSIONS, effects[i], strict=True)
-                    if abs(e) >= 0.01
-                ),
-                key=lambda r: -abs(r.effect),
+            strongest = sorted(
+                ((g, e) for g, e in zip(OCCLUSIONS, effects[i], strict=True) if abs(e) >= 0.01),
+                key=lambda ge: -abs(ge[1]),
             )[:TOP_REASONS]
+            reasons = [
+                Reason(feature=g, value=words[g][0], effect=e, text=words[g][1])
+                for g, e in strongest
+            ]
             verdict = (
                 Verdict.ABSTAIN
                 if abs(p[i] - 0.5) < ABSTAIN_MARGIN
@@ -219,10 +222,21 @@ class NeuralCouncil:
                     reasons=reasons,
                 )
             )
+        return combine(votes, self._voting(settings), self.name, self.temperature)
+
+    def _voting(self, settings: CouncilSettings) -> CouncilSettings:
+        """The settings the votes combine under: the policy's name and, where the council was
+        trained on outcomes, its band. The same copy while the fleet's settings are the same
+        object (they are frozen) and the band the same."""
+        kept = self._settings
+        if kept is not None and kept[0] is settings and kept[1] == self.band:
+            return kept[2]
         update: dict[str, object] = {"policy": "neural"}
         if self.band is not None and settings.approve_threshold is settings.deny_threshold is None:
             update |= {"deny_threshold": self.band[0], "approve_threshold": self.band[1]}
-        return combine(votes, settings.model_copy(update=update), self.name, self.temperature)
+        voting = settings.model_copy(update=update)
+        self._settings = (settings, self.band, voting)
+        return voting
 
 
 @contextlib.contextmanager

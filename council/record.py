@@ -83,9 +83,10 @@ def rates(
         )
         rated, util = k * older.rated_gpu_hours, k * older.util_gpu_hours
     for j in past:
-        w = j.gpu_hours * decay(j.ended_at)
+        k = decay(j.ended_at)
+        w = j.gpu_hours * k
         total += w
-        idle += j.count * j.hoarded_hours * decay(j.ended_at)
+        idle += j.count * j.hoarded_hours * k
         budget += w if j.reason.cut_by_budget else 0.0
         if j.util_pct is not None:
             rated += w

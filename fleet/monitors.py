@@ -29,6 +29,7 @@ from typing import Any
 
 from fleet.ledger import Ledger
 from fleet.ledger.rows import LedgerRow
+from fleet.sql import Conn
 
 # How a process that monitors says what it is, for `status` ("cli", "worker", "page", ...).
 KINDS = ("cli", "worker", "page", "server", "python")
@@ -108,15 +109,21 @@ class Monitors:
         self.ledger = ledger
         self.stale_seconds = ledger.config.monitor.heartbeat_stale_seconds
 
-    def _one(self, sql: str, args: tuple[object, ...]) -> int:
-        """One statement outside a transaction (atomic by itself); the rows it changed."""
+    def _one(self, sql: str, args: tuple[object, ...], db: Conn | None = None) -> int:
+        """One statement, in `db`'s transaction or else outside one (atomic by itself); the
+        rows it changed."""
+        if db is not None:
+            return int(db.execute(sql, args).rowcount)
         with self.ledger.db.lock:
             return int(self.ledger.db.conn().execute(sql, args).rowcount)
 
-    def claim(self, allocation_id: str, owner: str, now: float | None = None) -> Watcher | None:
+    def claim(
+        self, allocation_id: str, owner: str, now: float | None = None, db: Conn | None = None
+    ) -> Watcher | None:
         """Become the allocation's monitor: wins when nobody monitors it, its monitor is
         stale, or it is ours already. None when won, else the live monitor that holds it.
-        One statement, so two claimers at once cannot both win."""
+        One statement, so two claimers at once cannot both win; in `db`'s transaction when
+        given (a placement's: the claim commits with it, or neither does)."""
         now = time.time() if now is None else now
         won = self._one(
             "INSERT INTO monitors (allocation_id, owner, beat_at, since) VALUES (?, ?, ?, ?) "
@@ -124,20 +131,22 @@ class Monitors:
             "beat_at=excluded.beat_at, since=excluded.since "
             "WHERE monitors.owner=excluded.owner OR monitors.beat_at<?",
             (allocation_id, owner, now, now, now - self.stale_seconds),
+            db,
         )
         if won:
             return None
-        holder = self.get(allocation_id)
+        holder = self.get(allocation_id, db)
         if (
             holder is not None
             and holder.gone_here()
             and self._one(
                 "UPDATE monitors SET owner=?, beat_at=?, since=? WHERE allocation_id=? AND owner=?",
                 (owner, now, now, allocation_id, holder.owner),
+                db,
             )
         ):
             return None
-        return self.get(allocation_id) if holder is not None else None
+        return self.get(allocation_id, db) if holder is not None else None
 
     def beat(self, owner: str, allocation_ids: set[str], now: float | None = None) -> set[str]:
         """Say `owner` is alive for its allocations; those it no longer holds (another process
@@ -156,8 +165,9 @@ class Monitors:
         """Stop monitoring (the thread ended, or stopped before its allocation did)."""
         self._one("DELETE FROM monitors WHERE allocation_id=? AND owner=?", (allocation_id, owner))
 
-    def get(self, allocation_id: str) -> Watcher | None:
-        rows = self.ledger.query(f"{WATCHER} WHERE allocation_id=?", (allocation_id,))
+    def get(self, allocation_id: str, db: Conn | None = None) -> Watcher | None:
+        sql, args = f"{WATCHER} WHERE allocation_id=?", (allocation_id,)
+        rows = self.ledger.query(sql, args) if db is None else db.execute(sql, args).fetchall()
         return _watcher(rows[0]) if rows else None
 
     def watchers(self) -> dict[str, Watcher]:
@@ -216,9 +226,10 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def claim(self, allocation_id: str) -> Watcher | None:
-        """Monitor this allocation from now on: None, or the live monitor that holds it."""
-        holder = self.monitors.claim(allocation_id, self.owner)
+    def claim(self, allocation_id: str, db: Conn | None = None) -> Watcher | None:
+        """Monitor this allocation from now on: None, or the live monitor that holds it. In
+        `db`'s transaction when given: where it is undone, the next beat finds the claim lost."""
+        holder = self.monitors.claim(allocation_id, self.owner, db=db)
         if holder is None:
             with self._lock:
                 self._held.add(allocation_id)

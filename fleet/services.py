@@ -29,7 +29,7 @@ from fleet.ledger.rows import LedgerRow
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
-from fleet.sql import is_postgres
+from fleet.sql import Conn, is_postgres
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
 from fleet.validation import check_budget
@@ -63,6 +63,10 @@ class Services:
     _scheduled: Scheduled | None = field(default=None, init=False)
     _heartbeat: Heartbeat | None = field(default=None, init=False)
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
+    # the last route given: (Ledger.stamp, placeable GPUs, request, route), see route()
+    _routed: tuple[Any, list[GPUInfo], GPURequest, RouteDecision | Refusal] | None = field(
+        default=None, init=False
+    )
     commands: Commands = field(init=False)  # what `gpu-agent run` says of each allocation
 
     def __post_init__(self) -> None:
@@ -123,17 +127,36 @@ class Services:
         cheaper type's wait against."""
         return self.ledger.starts_in_hours(types, count, self.clock.now(), self.placeable())
 
-    def route(self, request: GPURequest) -> RouteDecision | Refusal:
+    def route(self, request: GPURequest, *, again: bool = False) -> RouteDecision | Refusal:
         """Route `request` now, as the route node does: within what the project's budget
         admits once its running work has ended (placement makes it wait for that), with
-        each type's wait and the project's usage factor (fleet.routing.route)."""
-        return route(
+        each type's wait and the project's usage factor (fleet.routing.route).
+
+        `again`: the route node's, right after the council priced the same request with no
+        pause between. The route given then stands (once) if nothing it read has changed
+        since: the ledger (Ledger.stamp: never on PostgreSQL) and the placeable GPUs."""
+        stamp, placeable = self.ledger.stamp(), self.placeable()
+        with self._lock:
+            last, self._routed = self._routed, None
+        if (
+            again
+            and last is not None
+            and stamp is not None
+            and last[0] == stamp
+            and last[1] is placeable
+            and last[2] == request
+        ):
+            return last[3]
+        decision = route(
             request,
             self.config,
             self.ledger.remaining_usd(request.project, running=False),
             self.starts_in_hours(types_for(request, self.config), request.count),
             self.ledger.usage_factor(request.project),
         )
+        with self._lock:
+            self._routed = (stamp, placeable, request, decision)
+        return decision
 
     def sample(self, gpu_ids: list[str], now: float, holders: dict[str, str]) -> list[GPUSample]:
         """Read GPUs; those found unhealthy leave placement at once."""
@@ -282,10 +305,11 @@ class Services:
 
     # ---- who monitors (fleet.monitors) ----------------------------------------------------
 
-    def watch(self, allocation_id: str, thread_id: str) -> None:
+    def watch(self, allocation_id: str, thread_id: str, db: Conn | None = None) -> None:
         """This process runs the allocation's thread from now on: claim its monitor row and
         beat for it. MonitoredElsewhere when a live monitor of another process holds it (two
-        processes never run one allocation's thread). No-op without a monitor_kind."""
+        processes never run one allocation's thread). No-op without a monitor_kind. `db`: the
+        claim joins that transaction (a placement's, which then commits both at once)."""
         if self.monitor_kind is None:
             return
         with self._lock:
@@ -300,7 +324,7 @@ class Services:
             mine = self._watched.get(thread_id) == allocation_id
         if mine and beat.holds(allocation_id):
             return
-        holder = beat.claim(allocation_id)
+        holder = beat.claim(allocation_id, db)
         if holder is not None:
             raise MonitoredElsewhere(
                 f"allocation {allocation_id} is monitored by {holder.describe(time.time())}; "

@@ -21,7 +21,6 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     request = request_of(state)
     thread_id = state.get("thread_id") or "anonymous"
     aid = allocation_id(thread_id, request.request_id)
-    svc.watch(aid, thread_id)  # before placing: a live allocation always has its monitor
     now = svc.clock.now()
     result = svc.ledger.place(
         request,
@@ -31,6 +30,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         svc.placeable(),
         svc.topology,
         approval=audit.approval(svc, state, request),
+        # in the placement's transaction: a live allocation always has its monitor
+        first=lambda db: svc.watch(aid, thread_id, db),
     )
     fault("allocate:placed")
     svc.moved(result.moved)  # the budget now ends these sooner: their monitors hear at once

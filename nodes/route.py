@@ -1,11 +1,12 @@
 """Choose the GPU type and price. Validate already applied the hard rules; they are checked
-again here because budgets can change while the council deliberates."""
+again here because budgets can change while the council deliberates. The route the council
+priced stands if nothing it read changed since and no review came between (Services.route)."""
 
 from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from fleet.models import Status
+from fleet.models import CouncilOutcome, Status
 from fleet.routing import Refusal, guarded
 from nodes import audit
 from nodes.context import Context, services_for
@@ -16,13 +17,16 @@ from nodes.state import State, guardrails_of, request_of
 def route(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     request = request_of(state)
+    decided = state.get("council")
     routed = guarded(request, guardrails_of(state))
-    decision = svc.route(routed)
+    reviewed = decided is None or decided.outcome is CouncilOutcome.SPLIT  # time passed
+    decision = svc.route(routed, again=not reviewed)
     if isinstance(decision, Refusal):
         audit.denial(svc, state, request, "rules", decision.reason)
         return {"status": Status.DENIED, "reason": f"refused: {decision.reason}"}
-    if routed is not request:
-        decision.reason += " (the council's guardrail: the cheaper type, not the fastest)"
+    if routed is not request:  # a copy: Services.route may give the same route again
+        guardrail = " (the council's guardrail: the cheaper type, not the fastest)"
+        decision = decision.model_copy(update={"reason": decision.reason + guardrail})
     report(
         runtime,
         "route",

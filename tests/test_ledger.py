@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import random
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from council.record import past_jobs, rates
+from fleet.budget import RECORDS
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.fleet_backend import SchedulerJob
@@ -373,7 +376,7 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
                 ledger._fleet_share(db),
                 ledger._actives(db, "p"),
             )
-        return (*kept, ledger.project_stats("p", T0 + 60, 4))
+        return (*kept, ledger.project_stats("p", T0 + 60, 4), ledger.usage_factor("p"))
 
     def check() -> None:
         kept = seen(fx.ledger)  # before the fresh ledger's own transaction
@@ -404,6 +407,65 @@ def test_what_the_ledger_keeps_between_reads_follows_every_change(
     check()
     fx.ledger.release(rows["f"].id, ReleaseReason.CANCELLED, T0 + 2200)  # a waiting one
     check()
+    other.close()
+    fx.ledger.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_kept_project_record_and_shares_follow_releases_as_a_fresh_read_finds_them(
+    tmp_path: Path, config: FleetConfig, seed: int
+) -> None:
+    """A project's record (project_stats) and its shares (usage_factor) are kept between
+    reads and follow this connection's releases without reading them again: releases at the
+    same time, back in time, of both projects, by another connection, with utilisation and
+    idling, and records mended by a resume. After each, they are what a ledger opened afresh
+    reads, the record for several windows."""
+    path = tmp_path / "ledger.sqlite"
+    fx = Fixture(path, config)
+    other = Ledger(path, config)
+    rng = random.Random(seed)
+
+    def check(now: float) -> None:
+        fresh = Ledger(path, config)
+        try:
+            for project in ("p0", "p1"):
+                assert fx.ledger.usage_factor(project) == fresh.usage_factor(project), project
+                with fx.ledger.reading() as db, fresh.reading() as fresh_db:
+                    shares = fx.ledger._kept(  # as kept (or read, where it is not kept)
+                        db,
+                        ("shares", project),
+                        fx.ledger._finished_of[project],
+                        functools.partial(fx.ledger._shares, db, project, RECORDS),
+                    )
+                    assert shares == fresh._shares(fresh_db, project, RECORDS), project
+                for recent in (1, 3, 8):
+                    kept = fx.ledger.project_stats(project, now, recent)
+                    assert kept == fresh.project_stats(project, now, recent), (project, recent)
+        finally:
+            fresh.close()
+
+    live: list[str] = []
+    released: list[str] = []
+    t = T0
+    for i in range(120):
+        t += rng.choice([0.0, rng.uniform(0, 3600)])
+        placed = fx.place(
+            f"t{i}", t, project=f"p{rng.randrange(2)}", count=rng.choice([1, 2]), duration_hours=1
+        )
+        if placed.row is not None and placed.row.state == "active":
+            live.append(placed.row.id)
+        while live and (len(live) > 3 or rng.random() < 0.5):
+            aid = live.pop(rng.randrange(len(live)))
+            when = t + rng.choice([0.0, rng.uniform(-3600, 1800)])
+            by = fx.ledger if rng.random() < 0.8 else other
+            if rng.random() < 0.5:
+                idle = when - 500 if rng.random() < 0.4 else None
+                by.heartbeat(aid, when, 3, rng.uniform(0, 300), 3, 50.0, idle_since=idle)
+            by.release(aid, rng.choice(list(ReleaseReason)), when)
+            if rng.random() < 0.1 and released:
+                fx.ledger.resume(released[-1], aid, when, when)
+            released.append(aid)
+            check(t + 1)
     other.close()
     fx.ledger.close()
 
@@ -439,7 +501,7 @@ def test_what_a_release_counts_against_its_project_is_a_property_of_its_reason(
     sqlite_fx.ledger.release(row.id, reason, T0 + 1800)
     cut = reason.cut_by_budget
     with sqlite_fx.ledger.reading() as db:
-        assert sqlite_fx.ledger._shares(db, "p", 10) == [1.0 if cut else 0.25]
+        assert [s for *_, s in sqlite_fx.ledger._shares(db, "p", 10)] == [1.0 if cut else 0.25]
         kept = db.execute("SELECT gpu_hours, budget_gpu_hours FROM records").fetchone()
     assert (kept["budget_gpu_hours"] == kept["gpu_hours"] > 0) is cut
     assert kept["budget_gpu_hours"] == (kept["gpu_hours"] if cut else 0.0)

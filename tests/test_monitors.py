@@ -4,16 +4,18 @@ on SQLite and PostgreSQL. Times are passed in, so nothing here waits on the mach
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from fleet.config import FleetConfig
 from fleet.ledger import Ledger
+from fleet.ledger.rows import allocation_id
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import route
 from fleet.simulated import SimulatedFleet
+from fleet.sql import Conn
 from fleet.topology import Topology
 
 T0 = 1_800_000_000.0
@@ -61,6 +63,38 @@ def test_a_live_monitor_holds_its_claim_and_a_stale_one_loses_it(ledger: Ledger)
     ledger.release(aid, ReleaseReason.EXPLICIT, T0 + 60)
     assert mons.orphans(T0 + 10 * stale) == []  # a released allocation needs no monitor
     assert mons.prune() == 1 and mons.get(aid) is None
+
+
+def test_a_claim_in_a_placement_commits_with_it_or_nothing_does(ledger: Ledger) -> None:
+    """The allocate node claims the monitor in the placement's transaction (one commit for
+    both): a refused claim places nothing; a placement made has its monitor."""
+    mons = Monitors(ledger)
+    request = GPURequest(project="p", count=1, duration_hours=1, gpu_type="A100", request_id="r-t1")
+    decision = route(request, ledger.config, None)
+    assert isinstance(decision, RouteDecision)
+    inventory = SimulatedFleet(ledger.config).inventory()
+    topology = Topology(ledger.config, inventory)
+    aid = allocation_id("t1", "r-t1")
+    assert mons.claim(aid, "h:1:a:cli", T0) is None  # a live monitor holds it already
+
+    def claim(owner: str) -> Callable[[Conn], None]:
+        def first(db: Conn) -> None:
+            holder = mons.claim(aid, owner, T0 + 1, db=db)
+            if holder is not None:
+                raise RuntimeError(f"monitored by {holder.owner}")
+
+        return first
+
+    before = ledger.dump()
+    with pytest.raises(RuntimeError, match="h:1:a:cli"):
+        ledger.place(request, decision, "t1", T0 + 1, inventory, topology, first=claim("h:2:w"))
+    assert ledger.dump() == before
+    placed = ledger.place(
+        request, decision, "t1", T0 + 1, inventory, topology, first=claim("h:1:a:cli")
+    )
+    assert placed.row is not None and placed.row.state == "active"
+    watcher = mons.get(aid)
+    assert watcher is not None and watcher.owner == "h:1:a:cli" and watcher.beat_at == T0 + 1
 
 
 def test_two_adopters_at_once_one_wins(ledger: Ledger) -> None:

@@ -89,6 +89,38 @@ def test_route_applies_the_budget(services: Services) -> None:
     assert early["status"] is Status.DENIED and "remaining" in early["reason"]
 
 
+def test_the_route_node_gives_the_councils_route_while_nothing_changed(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The council prices a request on the route it would take; the route node right after
+    gives that route, unless the ledger changed since, a review came between, or a
+    guardrail changed the request: then it routes again."""
+    import fleet.services
+
+    routed: list[GPURequest] = []
+
+    def counted(request: GPURequest, *args: Any) -> Any:
+        routed.append(request)
+        return choose_route(request, *args)
+
+    monkeypatch.setattr(fleet.services, "route", counted)
+    state: dict[str, Any] = {"request": request()}
+    voted = council(state, rt(services))  # type: ignore[arg-type]
+    assert voted["council"].outcome is CouncilOutcome.APPROVED and len(routed) == 1
+    given = route(state | voted, rt(services))  # type: ignore[arg-type]
+    assert len(routed) == 1 and given["route"].gpu_type == "H100"
+
+    council(state, rt(services))  # type: ignore[arg-type]
+    placed_state(services, "t2")  # the ledger changed between
+    route(state | voted, rt(services))  # type: ignore[arg-type]
+    assert len(routed) == 3
+
+    council(state, rt(services))  # type: ignore[arg-type]
+    split = voted["council"].model_copy(update={"outcome": CouncilOutcome.SPLIT})
+    route(state | {"council": split}, rt(services))  # type: ignore[arg-type]
+    assert len(routed) == 5  # a human decided between: time passed
+
+
 def test_validate_enforces_quota(tmp_path: Any) -> None:
     from nodes.context import open_services
 

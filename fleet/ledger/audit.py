@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple
-
 from fleet.ledger.rows import AUDIT, AuditEntry
 from fleet.ledger.store import Store
 
@@ -14,13 +12,13 @@ class Audit(Store):
     def audit(self, entry: AuditEntry) -> None:
         """Append to the audit log (once per key). One statement: atomic by itself."""
         with self.db.lock:
-            self.db.conn().execute(AUDIT, astuple(entry))
+            self.db.conn().execute(AUDIT, entry.row())
 
     def claim(self, entry: AuditEntry) -> tuple[bool, AuditEntry]:
         """Append `entry` unless its key is taken: (whether it was, the entry that holds the
         key). Two approvers deciding one review at once: exactly one claim wins."""
         with self.db.lock:
-            won = self.db.conn().execute(AUDIT, astuple(entry)).rowcount > 0
+            won = self.db.conn().execute(AUDIT, entry.row()).rowcount > 0
         return won, self.audit_entry(entry.key) or entry
 
     def audit_entry(self, key: str) -> AuditEntry | None:

@@ -61,23 +61,35 @@ class Budgets(Kept):
         kept = self._remaining.get((project, running))
         if version is not None and kept is not None and kept[0] == key:
             return kept[1]
-        with self.reading() as db:
-            budget = self._budget(db, project)
-            remaining = None
-            if budget is not None:
-                expected, factor = (
-                    self._expected(db, project) if running else (0.0, self._factor(db, project))
-                )
-                remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
-            if version is not None:
-                self._remaining[(project, running)] = (key, remaining)
-            return remaining
+        with self.db.lock:  # no budget: one statement says so, with no transaction around it
+            budget = self._budget(self.db.conn(), project)
+        remaining = None
+        if budget is not None:
+            with self.reading() as db:  # the budget again, and what it admits, in one state
+                budget = self._budget(db, project)
+                if budget is not None:
+                    expected, factor = (
+                        self._expected(db, project) if running else (0.0, self._factor(db, project))
+                    )
+                    remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
+        if version is not None:
+            self._remaining[(project, running)] = (key, remaining)
+        return remaining
 
     def usage_factor(self, project: str) -> float:
         """The project's q (fleet.budget.usage_factor): the share of its leases it is
-        expected to hold."""
+        expected to hold. Kept as remaining_usd is (the council's pricing and the route node
+        route one request in turn)."""
+        version = self.db.version()  # None (PostgreSQL): never kept
+        key = (version, self._writes)
+        kept = self._factors.get(project)
+        if version is not None and kept is not None and kept[0] == key:
+            return kept[1]
         with self.reading() as db:
-            return self._factor(db, project)
+            factor = self._factor(db, project)
+        if version is not None:
+            self._factors[project] = (key, factor)
+        return factor
 
     def _factor(self, db: Conn, project: str) -> float:
         """Placement, routing and admission ask it of every request: the project's shares are
@@ -88,7 +100,7 @@ class Budgets(Kept):
             self._finished_of[project],
             lambda: self._shares(db, project, RECORDS),
         )
-        return usage_factor(shares, self._fleet_share(db))
+        return usage_factor([s for *_, s in shares], self._fleet_share(db))
 
     def _fleet_share(self, db: Conn) -> float:
         """The prior of a project without a record: the mean used share of the fleet's newest
@@ -106,32 +118,26 @@ class Budgets(Kept):
         fresh = self._fresh(db)
         if self._window is not None:
             return self._window
-        window = [
+        window = self._shares(db, None, FLEET_RECORDS)
+        if fresh:
+            self._window = window
+        return window
+
+    def _shares(self, db: Conn, project: str | None, limit: int) -> list[tuple[float, str, float]]:
+        """(-ended_at, allocation id, budget.used_share) of the newest `limit` finished
+        allocations of `project` (None: of the fleet), newest first: in ascending order, so
+        that _finish keeps them with bisect."""
+        where, args = ("WHERE project=? ", (project,)) if project is not None else ("", ())
+        return [
             (
                 -r["ended_at"],
                 r["allocation_id"],
                 used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET),
             )
             for r in db.execute(
-                "SELECT ended_at, allocation_id, hours, requested_hours, "
-                "reason FROM history ORDER BY ended_at DESC, allocation_id "
-                f"LIMIT {FLEET_RECORDS}"
-            )
-        ]
-        if fresh:
-            self._window = window
-        return window
-
-    def _shares(self, db: Conn, project: str, limit: int) -> list[float]:
-        """budget.used_share of the project's newest `limit` finished allocations, newest
-        first."""
-        return [
-            used_share(r["hours"], r["requested_hours"], r["reason"] in CUT_BY_BUDGET)
-            for r in db.execute(
-                "SELECT hours, requested_hours, reason FROM history "
-                "WHERE project=? ORDER BY ended_at DESC, allocation_id "
-                f"LIMIT {limit}",
-                (project,),
+                "SELECT ended_at, allocation_id, hours, requested_hours, reason FROM history "
+                f"{where}ORDER BY ended_at DESC, allocation_id LIMIT {int(limit)}",
+                args,
             )
         ]
 

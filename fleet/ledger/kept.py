@@ -107,6 +107,7 @@ class Kept(Store):
         self._window: list[tuple[float, str, float]] | None = None  # see Budgets._newest
         self._free_of: dict[str, tuple[list[GPUInfo], set[str], list[GPUInfo]]] = {}
         self._remaining: dict[tuple[str, bool], tuple[tuple[int | None, int], float | None]] = {}
+        self._factors: dict[str, tuple[tuple[int | None, int], float]] = {}  # likewise
         # allocations this connection moved to history, in all and per project (where it
         # also counts a history it corrected, see Releasing.resume)
         self._finished = 0
@@ -229,6 +230,18 @@ class Kept(Store):
                 (project,),
             )
         ]
+
+    def _follow(
+        self, db: Conn, key: tuple[str, str], generation: int, update: Callable[[T], T]
+    ) -> None:
+        """This connection just changed what the value kept under `key` is computed from, as
+        one step of `generation`: the value follows (`update` of the value kept at the step
+        before) instead of being computed again at the next read, if no other connection
+        has committed since it was kept."""
+        version = self.db.data_version(db)
+        kept = self._kept_values.get(key)
+        if version is not None and kept is not None and kept[0] == (version, generation - 1):
+            self._kept_values[key] = ((version, generation), update(kept[1]))
 
     def _kept(self, db: Conn, key: tuple[str, str], generation: int, compute: Callable[[], T]) -> T:
         """`compute()`, kept under `key` while `generation` (a count of this connection's

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
-from dataclasses import astuple
+from collections.abc import Callable, Iterable
 
 from fleet.backfill import Ending, reserve
 from fleet.ledger.releasing import Releasing
@@ -30,13 +29,18 @@ class Placing(Releasing):
         inventory: list[GPUInfo],
         topology: Topology,
         approval: AuditEntry | None = None,
+        first: Callable[[Conn], None] | None = None,
     ) -> PlaceResult:
         """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request).
         `approval` (who approved it) is written to the audit log when the request is first
         placed or queued. Admission is on expected cost (fleet.budget); a placement then fits
-        the deadlines of the project's active allocations to its budget."""
+        the deadlines of the project's active allocations to its budget. `first` runs first
+        in the same transaction (the claim of the allocation's monitor: one commit for both,
+        and where it raises nothing is placed)."""
         aid = allocation_id(thread_id, request.request_id)
         with self.transaction(f"type:{route.gpu_type}", f"project:{request.project}") as db:
+            if first is not None:
+                first(db)
             existing = self._get(db, aid)
             if existing is not None and existing.state == "active":
                 return PlaceResult(Decision(Kind.PLACE, "already placed"), existing)
@@ -66,7 +70,7 @@ class Placing(Releasing):
                 if decision.kind is Kind.DENY:
                     return PlaceResult(decision, None)
                 if approval is not None:
-                    db.execute(AUDIT, astuple(approval))
+                    db.execute(AUDIT, approval.row())
                 db.execute(
                     "INSERT INTO allocations (id, thread_id, request_id, project, purpose, "
                     "priority, gpu_type, count, price_per_hour, hours, state, enqueued_at, "

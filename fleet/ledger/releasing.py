@@ -8,7 +8,7 @@ import bisect
 import json
 import math
 
-from fleet.budget import FLEET_RECORDS, used_share
+from fleet.budget import FLEET_RECORDS, RECORDS, used_share
 from fleet.errors import InvalidInput
 from fleet.ledger.project_record import ProjectRecord
 from fleet.ledger.rows import AUDIT, ROW, LedgerRow, Resumed, read_row
@@ -124,11 +124,16 @@ class Releasing(ProjectRecord):
         hoarded = self._hoarded_hours(db, row, end)
         self._finished += 1  # the usage factors read history: kept no longer
         self._finished_of[row.project] += 1
+        share = (-end, row.id, used_share(hours, row.hours, reason.cut_by_budget))
         if self._window is not None:
-            bisect.insort(
-                self._window, (-end, row.id, used_share(hours, row.hours, reason.cut_by_budget))
-            )
+            bisect.insort(self._window, share)
             del self._window[FLEET_RECORDS:]
+        self._follow(
+            db,
+            ("shares", row.project),
+            self._finished_of[row.project],
+            lambda shares: sorted([*shares, share])[:RECORDS],
+        )
         db.execute(
             "INSERT INTO history (allocation_id, thread_id, project, purpose, priority, "
             "gpu_type, count, gpu_ids, started_at, ended_at, hours, requested_hours, cost_usd, "
@@ -155,6 +160,7 @@ class Releasing(ProjectRecord):
         self._record(
             db, row.project, row.count * hours, row.count * hoarded, end, reason.value, mean_util
         )
+        self._follow_record(db, row.project, row.id)
         half_life = self.config.scheduler.half_life_hours
         old = db.execute(
             "SELECT gpu_hours, at FROM usage WHERE project=?", (row.project,)

@@ -123,6 +123,10 @@ class AuditEntry:
     target: str  # an allocation id, a thread id or a project
     detail: str
 
+    def row(self) -> tuple[str, float, str, str, str, str, str]:
+        """Its values in AUDIT's order (dataclasses.astuple copies each deeply)."""
+        return (self.key, self.at, self.who, self.action, self.project, self.target, self.detail)
+
 
 AUDIT = (
     "INSERT INTO audit (key, at, who, action, project, target, detail) "

@@ -25,6 +25,13 @@ class Store:
         self.config = config
         self._writes = 0  # this connection's write transactions, begun and ended (x2)
 
+    def stamp(self) -> tuple[int, int] | None:
+        """What changes when anything this connection reads may have: another connection's
+        commit (SQLite's data_version) or a write of its own; None on PostgreSQL (no
+        data_version: every read may have changed)."""
+        version = self.db.version()
+        return None if version is None else (version, self._writes)
+
     @property
     def postgres(self) -> bool:
         return self.db.dialect == "postgresql"
