@@ -147,11 +147,14 @@ class Services:
             and last[2] == request
         ):
             return last[3]
+        starts = self.ledger.starts_in_hours(  # as starts_in_hours, on the GPUs read above
+            types_for(request, self.config), request.count, self.clock.now(), placeable
+        )
         decision = route(
             request,
             self.config,
             self.ledger.remaining_usd(request.project, running=False),
-            self.starts_in_hours(types_for(request, self.config), request.count),
+            starts,
             self.ledger.usage_factor(request.project),
         )
         with self._lock:

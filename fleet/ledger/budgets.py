@@ -4,6 +4,7 @@ allocations within its budget, budgets set by hand and what each project has spe
 
 from __future__ import annotations
 
+import operator
 import uuid
 
 from fleet.budget import (
@@ -23,6 +24,8 @@ from fleet.ledger.kept import Kept
 from fleet.ledger.rows import AUDIT, ProjectCost
 from fleet.models import CUT_BY_BUDGET, ReleaseReason
 from fleet.sql import Conn
+
+_SHARE = operator.itemgetter(2)  # of _shares' (-ended_at, allocation id, used share)
 
 # budget.worst_case of a project's (:p) active allocations, summed by the database
 COMMITTED = (
@@ -100,7 +103,7 @@ class Budgets(Kept):
             self._finished_of[project],
             lambda: self._shares(db, project, RECORDS),
         )
-        return usage_factor([s for *_, s in shares], self._fleet_share(db))
+        return usage_factor(list(map(_SHARE, shares)), self._fleet_share(db))
 
     def _fleet_share(self, db: Conn) -> float:
         """The prior of a project without a record: the mean used share of the fleet's newest
@@ -108,7 +111,7 @@ class Budgets(Kept):
 
         def share() -> float:
             newest = self._newest(db)
-            return sum(s for *_, s in newest) / len(newest) if newest else 1.0
+            return sum(map(_SHARE, newest)) / len(newest) if newest else 1.0
 
         return self._kept(db, ("fleet", ""), self._finished, share)
 
