@@ -6,7 +6,7 @@ model run in float64 to 1e-9 and with its float32 to 1e-6 in probability
 (tests/test_council_inference.py): both sum the evidence decay from the end, as a total less a
 running sum cancelled thousands (in float32, up to 2e-4). The torch model computes the same
 CfC in another form (the batch longest first, padded steps skipped, tanh through sigmoid: see
-council/cfc.py); this one sigmoid through tanh, in few numpy calls a step (NumpyCouncilNet._cfc).
+council/cfc.py); this one computes sigmoid through tanh, in few numpy calls a step (_cfc).
 Training, the outcome head and the traces stay with the torch model.
 """
 
