@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from council.dataset import (
@@ -221,11 +221,18 @@ def pooled(
             {"weights": name, "training_seed": seeds[name], **got} for name, got in members.items()
         ],
     }
+    means = [{key: got[f"{key}_mean"] for key in (*FIGURES, *DETAILS)} for got in members.values()]
+    return family | spreads(means)
+
+
+def spreads(rows: Sequence[Mapping[str, object]]) -> dict[str, float | int | None]:
+    """Each figure's spread (mean, sd, n) over `rows`, as `<figure>_mean`, `_sd`, `_n`."""
+    out: dict[str, float | int | None] = {}
     for key in (*FIGURES, *DETAILS):
-        values = [got[f"{key}_mean"] for got in members.values()]
-        for part, value in spread([v if isinstance(v, float) else None for v in values]).items():
-            family[f"{key}_{part}"] = value
-    return family
+        values = [r[key] for r in rows]
+        got = spread([v if isinstance(v, float | int) else None for v in values])
+        out |= {f"{key}_{part}": value for part, value in got.items()}
+    return out
 
 
 def grouped(
@@ -275,13 +282,9 @@ def evaluate(
         for name, policy in policies.items():
             decisions = policy(known_train, known_val, w.test, config.council)
             runs[name].append(figures(decisions, w.test))
-    families = {}
+    families: dict[str, dict[str, object]] = {}
     for name, per_seed in runs.items():
-        family: dict[str, object] = {"per_seed": per_seed}
-        for key in (*FIGURES, *DETAILS):
-            for part, value in spread([r[key] for r in per_seed]).items():
-                family[f"{key}_{part}"] = value
-        families[name] = family
+        families[name] = {"per_seed": per_seed, **spreads(per_seed)}
     families = grouped(families, groups or {})
     lead = next(iter(families))
     first = families[lead]

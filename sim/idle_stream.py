@@ -34,6 +34,7 @@ import torch
 from council.dataset import THRESHOLDS, TRAIN
 from council.stream import KINDS, Kind, Query, StreamNet, batch, fit, probabilities
 from fleet.config import MonitorSettings
+from fleet.monitoring import UNKNOWN, idle_limit_s
 from sim.workload import SimJob
 
 TICK_HOURS = 5 / 60
@@ -142,13 +143,20 @@ def timeout(eps: Sequence[Episode], minutes: float) -> list[float]:
 
 
 def monitor(eps: Sequence[Episode], minutes: float) -> list[float]:
-    """The monitor's own rule (fleet.monitoring.idle_limit_s, no command known): the timeout,
-    but never shorter than pause_factor x the longest pause the stream came back from."""
-    factor = MonitorSettings().pause_factor
+    """The monitor's own rule with no command known (fleet.monitoring.idle_limit_s, with its
+    timeout set to `minutes`): never shorter than pause_factor x the longest pause the
+    stream came back from."""
+    settings = MonitorSettings().model_copy(
+        update={"idle_timeout_minutes": minutes, "idle_timeout_by_purpose": {}}
+    )
     return [
-        max(minutes / 60.0, factor * max((h for u, h in e.query.before if u <= 0), default=0.0))
-        for e in eps
+        idle_limit_s(settings, UNKNOWN, 3600.0 * max(pauses(e), default=0.0)) / 3600.0 for e in eps
     ]
+
+
+def pauses(e: Episode) -> list[float]:
+    """The hours of the pauses before the episode's idle stretch."""
+    return [h for u, h in e.query.before if u <= 0]
 
 
 class Scored:
