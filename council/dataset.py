@@ -110,6 +110,10 @@ class Sample:
     changed_at: float = math.inf
     # the project's habits when it asked, which no model sees (benchmarks/waste_ceiling.py)
     habits: Habits | None = None
+    # whether the job's work itself runs under WASTE_UTIL_PCT (its only work phase bursts now
+    # and then): waste no guardrail on idle tails, leases or budgets would remove, drawn per
+    # job (benchmarks/waste_ceiling.py's bound on the human band)
+    low_util: bool = False
 
     def outcome_at(self, cut: float) -> float | None:
         """`wasted` as a ledger knows it at time `cut`: None until the job has run and
@@ -350,6 +354,7 @@ class World:
             guarded,
             p.switch_at,
             habits,
+            plan.phases[0][0] == "bursty",
         )
 
     def _run(self, plan: _Plan, request: GPURequest, now: float) -> tuple[float, float]:

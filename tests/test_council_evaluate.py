@@ -144,6 +144,16 @@ def test_a_stricter_idle_release_turns_some_wasteful_tails_good_and_never_the_re
     assert all(s.would_waste >= s.would_waste_guarded for s in samples)
 
 
+def test_work_that_only_bursts_is_wasted_under_any_guardrail() -> None:
+    """A job whose work runs at a few per cent (Sample.low_util, the waste no guardrail on
+    idle tails or budgets removes: benchmarks/waste_ceiling.py's bound) ends wasteful with
+    the guardrails and without; the other jobs are the rest."""
+    samples = World(synthetic_jobs(3, 30, 12), load_fleet(None), 3, 3).run()
+    low = [s for s in samples if s.low_util]
+    assert low and len(low) < len(samples)
+    assert all(s.would_waste == s.would_waste_guarded == 1.0 for s in low)
+
+
 def test_approved_with_guardrails_counts_as_approved_at_its_guarded_outcome() -> None:
     """Guarded approvals count in auto_approved_waste_rate at the outcome the job has under
     its guardrails, apart in guarded_share, never in the human share."""
