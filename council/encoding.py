@@ -116,7 +116,7 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
     budget share, kind, released by its holder, share of the lease held; and the number of
     steps of each request. Column by column over the whole batch: a request's past
-    allocations are most of the work."""
+    allocations are most of the work (_rows_one: one request's, row by row)."""
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
     n_past = np.fromiter(map(len, map(_PAST_OF, batch)), np.int64, n)
@@ -207,8 +207,118 @@ def _scale(x: NDArray[np.float64], top: float) -> NDArray[np.float64]:
     return np.log1p(np.maximum(x, 0.0)) / math.log1p(top)
 
 
+_LOG_TOPS = np.array([math.log1p(top) for top in (64, 720, 1e4, 1e5)])
+
+
+def _rows_one(f: RequestFeatures) -> list[tuple[float, ...]]:
+    """_raw's rows of one request, in Python: the same operations on the same doubles as
+    _raw's columns, so the same values, bit for bit."""
+    older = f.older
+    rows: list[tuple[float, ...]] = []
+    if older is not None and older.events:
+        rated, share = older.rated_gpu_hours, older.gpu_hours or 1.0
+        rows.append(
+            (
+                f.past[0].ended_at if f.past else older.at.timestamp(),
+                older.events,
+                0.0,
+                older.gpu_hours,
+                0.0,
+                0.0,
+                older.util_gpu_hours / rated if rated > 0 else math.nan,
+                older.idle_gpu_hours / share,
+                older.budget_gpu_hours / share,
+                _SUMMARY,
+                0.0,
+                1.0,
+            )
+        )
+    for j in f.past:
+        count, hours, lease = float(j.count), j.hours, j.lease_hours
+        rows.append(
+            (
+                j.ended_at,
+                count,
+                hours,
+                count * hours,
+                j.cost_usd,
+                j.fleet_busy,
+                math.nan if j.util_pct is None else j.util_pct,
+                j.hoarded_hours / hours if hours > 0 else 0.0,
+                j.reason in _CUT_BY_BUDGET,
+                _PAST,
+                j.reason in _BY_HOLDER,
+                min(hours / lease, 1.0) if lease > 0 else 1.0,
+            )
+        )
+    count = float(f.count)
+    request = (f.now, count, f.hours, count * f.hours, f.worst_case_usd, f.pool_busy)
+    rows.append((*request, math.nan, 0.0, 0.0, _REQUEST, 0.0, 0.0))
+    return rows
+
+
+def _encode_one(f: RequestFeatures) -> Encoded[NDArray[Any]]:
+    """encode_arrays of one request, step by step in Python: a decision's request has a few
+    dozen steps, and numpy's calls, each dearer than a step's arithmetic, are what would
+    cost. The same operations on the same doubles as encode_arrays' columns (the scales'
+    log1p through numpy too), so the same arrays, bit for bit."""
+    rows = _rows_one(f)
+    n = len(rows)
+    flat = itertools.chain.from_iterable(r[1:5] for r in rows)  # GPUs, hours, GPU-hours, cost
+    logs = np.log1p(np.maximum(np.fromiter(flat, np.float64, 4 * n).reshape(n, 4), 0.0))
+    scaled: list[list[float]] = (logs / _LOG_TOPS).tolist()
+    free: list[float] = []
+    bad: list[float] = []
+    dt: list[float] = []
+    for k, (r, sizes) in enumerate(zip(rows, scaled, strict=True)):
+        gap = r[0] - rows[k - 1][0] if k else 0.0
+        if gap < 0:
+            raise _out_of_order([row[0] for row in rows], k)
+        util = r[6]
+        rated = not math.isnan(util)
+        free += sizes
+        free += (r[5], rated, r[9] == _REQUEST, r[9] == _SUMMARY, r[10], r[11])
+        bad += (r[7], r[8], 1 - util / 100 if rated else 0.0, rated and util < LOW_UTIL_PCT)
+        dt.append(gap / DAY)
+    count, hours, _, worst = scaled[-1]  # the request's step: its count, hours and cost scaled
+    static_free = (
+        f.budgeted,
+        worst,
+        f.usage_share,
+        f.priority,
+        count,
+        hours,
+        min(f.history_len, 256) / 256,
+    )
+    static_bad = (
+        min(f.cost_pressure, 10.0),
+        1.0 - f.fair_share,
+        f.pool_share,
+        f.pool_busy,
+        f.purpose_mismatch,
+    )
+    return Encoded(
+        np.fromiter(free, np.float64, len(free)).astype(np.float32).reshape(1, n, len(SEQ_FREE)),
+        np.fromiter(bad, np.float64, len(bad)).astype(np.float32).reshape(1, n, len(SEQ_BAD)),
+        np.fromiter(dt, np.float64, n).astype(np.float32).reshape(1, n),
+        np.ones((1, n), dtype=np.bool_),
+        np.array([static_free], dtype=np.float64).astype(np.float32),
+        np.array([static_bad], dtype=np.float64).astype(np.float32),
+    )
+
+
+def _out_of_order(times: Sequence[float] | NDArray[np.float64], at: int) -> InvalidInput:
+    return InvalidInput(
+        "the council's history must be in time order: an event at "
+        f"{float(times[at]):.0f} follows one at {float(times[at - 1]):.0f}"
+    )
+
+
 def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
-    """All requests in one pass; sequences are left-padded to the longest."""
+    """All requests in one pass; sequences are left-padded to the longest (one request, a
+    decision's: _encode_one)."""
+    if len(batch) == 1:
+        return _encode_one(batch[0])
     raw, lengths = _raw(batch)
     n, steps = len(batch), int(lengths.max())
     owner = np.repeat(np.arange(n), lengths)
@@ -220,11 +330,7 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
     gap[1:] = times[1:] - times[:-1]
     gap[first] = 0.0
     if bool((gap < 0).any()):
-        at = int(np.flatnonzero(gap < 0)[0])
-        raise InvalidInput(
-            "the council's history must be in time order: an event at "
-            f"{float(times[at]):.0f} follows one at {float(times[at - 1]):.0f}"
-        )
+        raise _out_of_order(times, int(np.flatnonzero(gap < 0)[0]))
     kind, util = raw[:, 9], raw[:, 6]
     rated = ~np.isnan(util)
     summary = kind == _SUMMARY

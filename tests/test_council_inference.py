@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from council.dataset import World, synthetic_jobs
-from council.encoding import Encoded, encode, encode_arrays
+from council.encoding import Encoded, _raw, _rows_one, encode, encode_arrays
 from council.features import RequestFeatures
 from council.inference import NumpyCouncilNet, sigmoid
 from council.neural_council import OCCLUSIONS, SHIPPED, NeuralCouncil, with_occlusions
@@ -26,6 +26,7 @@ from council.spec import NetSpec
 from council.torch_net import CouncilNet
 from council.weightfiles import arrays_path
 from fleet.config import CouncilSettings, load_fleet
+from fleet.errors import InvalidInput
 from tests.test_council_cfc import SPEC, features
 
 SETTINGS = CouncilSettings()
@@ -104,6 +105,35 @@ def test_numpy_logits_are_the_torch_models(
     assert ours.shape == (len(council.members), len(batch))
     assert np.abs(ours - in_float64).max() < 1e-9
     assert np.abs(sigmoid(ours) - sigmoid(in_float32)).max() < 1e-5
+
+
+def test_one_request_is_encoded_as_in_a_batch(batch: list[RequestFeatures]) -> None:
+    """encode_arrays encodes one request step by step in Python and a batch column by column
+    in numpy: the same arrays, bit for bit (summaries of older history, unrated, zero-hour
+    and lease-less jobs included), and the same refusal of a history out of time order."""
+    one_step = dataclasses.replace(batch[0], past=(), older=None)  # pads nothing beside it
+    odd = [
+        dataclasses.replace(f, past=(dataclasses.replace(f.past[0], **change), *f.past[1:]))
+        for f in batch
+        if f.past
+        for change in ({"hours": 0.0}, {"lease_hours": 0.0}, {"util_pct": None})
+    ][::7]
+    assert any(f.older is not None for f in batch) and odd
+    for f in [*batch, *odd]:
+        rows = np.array(_rows_one(f))  # the steps before float32, too
+        assert rows.tobytes() == _raw([f, one_step])[0][: len(rows)].tobytes()
+        alone, together = encode_arrays([f]), encode_arrays([f, one_step]).take([0])
+        for name in ("free", "bad", "dt", "mask", "static_free", "static_bad"):
+            a, b = getattr(alone, name), getattr(together, name)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    f = next(f for f in batch if len(f.past) > 2)
+    unsorted = dataclasses.replace(f, past=(f.past[1], f.past[0], *f.past[2:]))
+    errors = []
+    for encoding in ([unsorted], [unsorted, one_step]):
+        with pytest.raises(InvalidInput, match="time order") as raised:
+            encode_arrays(encoding)
+        errors.append(str(raised.value))
+    assert errors[0] == errors[1]
 
 
 # The shipped council's probabilities for requests 0, 1, 2, 3, 5, 8, 13 and 21 of PINNED_BATCH,
