@@ -68,6 +68,9 @@ class Hold:
     purpose: Purpose  # the pool it was routed to (Slurm: the pool's partition)
     gpu_ids: list[str]
     deadline: float
+    # the request's checkpoint notice (GPURequest.notice_seconds), sent by the scheduler
+    notice_seconds: float | None = None
+    notice_signal: str = "USR1"
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,10 @@ class ReleaseReason(StrEnum):
 # the values of the reasons cut_by_budget, for rows read as plain strings
 CUT_BY_BUDGET = frozenset(r.value for r in ReleaseReason if r.cut_by_budget)
 
+# The signals a checkpoint notice may be (GPURequest.notice_signal, `gpu-agent run
+# --notice-signal`): those a job can catch to checkpoint and go on, as Slurm's --signal sends.
+NOTICE_SIGNALS = ("USR1", "USR2", "HUP", "INT", "TERM")
+
 
 class Verdict(StrEnum):
     APPROVE = "approve"
@@ -183,6 +187,12 @@ class GPURequest(BaseModel):
     # The released allocation of the same project whose work this request goes on with: its
     # release was a pause, not hoarding, and its pause bounds this one's idle release.
     resumes: str | None = None
+    # A checkpoint notice: `notice_seconds` before the allocation's deadline its work is sent
+    # `notice_signal`, to checkpoint. Where a cluster's scheduler holds the GPUs (Slurm), the
+    # holder job carries it as --signal, so the scheduler sends it even while no gpu-agent
+    # process runs; `gpu-agent run --notice` sets it.
+    notice_seconds: float | None = Field(default=None, gt=0)
+    notice_signal: str = "USR1"
 
     @field_validator("project")
     @classmethod
@@ -203,6 +213,15 @@ class GPURequest(BaseModel):
     @classmethod
     def _resumed(cls, v: str | None) -> str | None:
         return None if v is None else _named("allocation id", v)
+
+    @field_validator("notice_signal", mode="before")
+    @classmethod
+    def _notice_signal(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            name = v.strip().upper().removeprefix("SIG")
+            if name in NOTICE_SIGNALS:
+                return name
+        raise ValueError(f"notice_signal must be one of {', '.join(NOTICE_SIGNALS)}")
 
     @field_validator("purpose", mode="before")
     @classmethod
@@ -230,7 +249,12 @@ class GPURequest(BaseModel):
         return v
 
     @field_validator(
-        "duration_hours", "budget_limit", "min_memory_gb", "max_wait_minutes", mode="before"
+        "duration_hours",
+        "budget_limit",
+        "min_memory_gb",
+        "max_wait_minutes",
+        "notice_seconds",
+        mode="before",
     )
     @classmethod
     def _finite(cls, v: Any) -> Any:

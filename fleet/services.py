@@ -191,16 +191,25 @@ class Services:
             if token is not None:
                 token.set()
 
-    def reserve(self, row: LedgerRow) -> str | None:
+    def reserve(self, row: LedgerRow, request: GPURequest) -> str | None:
         """Tell a reserving backend (Ray) about a placement, or have the cluster's scheduler
-        (Slurm) hold its GPUs in a job, recorded in the ledger; None, or why it could not."""
+        (Slurm) hold its GPUs in a job (with the request's checkpoint notice), recorded in the
+        ledger; None, or why it could not."""
         if self._reserving is not None:
             return self._reserving.reserve(row.id, row.gpu_ids)
         if self._scheduled is None:
             return None
         assert row.deadline is not None
         job = self._scheduled.submit(
-            Hold(row.id, row.project, row.purpose, row.gpu_ids, row.deadline)
+            Hold(
+                row.id,
+                row.project,
+                row.purpose,
+                row.gpu_ids,
+                row.deadline,
+                request.notice_seconds,
+                request.notice_signal,
+            )
         )
         if isinstance(job, str):
             return job

@@ -12,8 +12,6 @@ from fleet.choose_backend import BACKENDS
 from fleet.errors import flat
 from sim import DEFAULT_POLICIES  # a name only: the simulator is imported when it runs
 
-NOTICE_SIGNALS = ("USR1", "USR2", "HUP", "INT", "TERM")  # what `run --notice-signal` sends
-
 
 class Parser(argparse.ArgumentParser):
     json_errors = False  # --json was on the command line: errors go to stdout as JSON too

@@ -23,7 +23,7 @@ from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.fleet_backend import SchedulerJob
 from fleet.jobs import Job, JobQueue
-from fleet.models import Event, Status
+from fleet.models import NOTICE_SIGNALS, Event, Status
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
 from graph.cli_common import (
@@ -34,7 +34,6 @@ from graph.cli_common import (
     open_records,
     quoted,
 )
-from graph.cli_parser import NOTICE_SIGNALS
 from graph.outcome import RequestOutcome, lease_note
 
 if TYPE_CHECKING:

@@ -6,7 +6,9 @@ allocation (the monitor for idling, the lease, a budget, `gpu-agent release`) en
 SIGTERM to its process group, a grace period, SIGKILL; then the GPUs' process lists (NVML) are
 read to confirm nothing of it is left. Only processes this command started are signalled.
 With `--notice S`, the command is sent a signal (USR1 by default) S seconds before the
-allocation's deadline, to checkpoint, as Slurm's `--signal` does.
+allocation's deadline, to checkpoint, as Slurm's `--signal` does; on Slurm an allocation `run`
+requested carries it as its job's `--signal`, and Slurm sends it, not `run` (then `noticed`
+stays false: Slurm does not say when it signalled).
 With `--requeue N`, an allocation `run` requested that ends before its command does (its
 lease ran out, a GPU failed, gpu-agent was down past its lease) is asked for again, resuming
 the old one (`GPURequest.resumes`: it queues ahead of new work), and the command starts again
@@ -214,6 +216,12 @@ def request_and_run(
     requeued up to `requeue` times when the allocation ends first (REQUEUE_ON). A command
     that cannot start places nothing."""
     check_startable(argv, os.environ)
+    if notice_s > 0:  # in the request: where Slurm holds the GPUs, its job's --signal
+        named = notice_signal.name.removeprefix("SIG")
+        request = request.model_copy(update={"notice_seconds": notice_s, "notice_signal": named})
+        if orch.services.scheduler_holds:  # Slurm sends it, even with gpu-agent gone: not twice
+            say(f"Slurm sends {notice_signal.name} to the command before the job's time limit")
+            notice_s = 0.0
     earlier: list[str] = []
     last: RunReport | None = None
     while True:

@@ -57,7 +57,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
                 Event(at=utc(now), kind=EventKind.QUEUED, message=f"waiting: {decision.reason}")
             ]
         return update
-    problem = svc.reserve(row)  # Ray: its placement group; Slurm: its job
+    problem = svc.reserve(row, request)  # Ray: its placement group; Slurm: its job
     if problem is not None:  # it never held anything: charged nothing
         svc.release(aid, ReleaseReason.CANCELLED, at=row.started_at)
         return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}

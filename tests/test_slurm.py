@@ -256,6 +256,61 @@ def test_gpu_agent_run_runs_the_command_as_a_step_of_the_job(
     wait_for(lambda: not live(row.id), 20, "the job ends with the command")
 
 
+# ---- the checkpoint notice as Slurm's --signal ----------------------------------------------
+
+CATCH = "trap 'date +%s > {out}; exit 0' USR1; while :; do sleep 1; done"
+
+
+def test_the_notice_is_the_jobs_signal_slurm_sends_to_the_work_before_the_deadline(
+    orch: Orchestrator, tmp_path: Path
+) -> None:
+    """A two-minute lease with a 30 s notice: --signal=USR1@90 (the notice, and a minute for
+    the time limit's rounding); Slurm signals the step that srun runs in the job, itself, at
+    least 30 s before the ledger's deadline."""
+    placed = orch.request(ask("H100", 1, hours=2 / 60, notice_seconds=30), wait=False)
+    assert placed.allocation is not None
+    aid = placed.allocation.id
+    (held,) = live(aid)
+    assert held["time_limit"] == 2
+    out = tmp_path / "noticed"
+    step = subprocess.Popen(
+        ["srun", f"--jobid={held['job_id']}", "sh", "-c", CATCH.format(out=out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert step.wait(timeout=100) == 0  # the work caught the signal and exited
+    finally:
+        step.kill()
+    row = orch.services.ledger.get(aid)
+    assert row.state == "active" and row.deadline is not None  # nobody but Slurm signalled
+    assert int(out.read_text()) <= row.deadline - 30
+    orch.release(aid)
+
+
+def test_gpu_agent_run_leaves_the_notice_to_slurm_and_the_command_gets_it_once(
+    slurm: SlurmServer, tmp_path: Path
+) -> None:
+    (tmp_path / "fleet.toml").write_text(FLEET)
+    opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(tmp_path / "fleet.toml")]
+    args = ["--project", "vision", "--count", "1", "--hours", str(2 / 60), "--notice", "30"]
+    count = "trap 'echo noticed; exit 0' USR1; while :; do sleep 1; done"
+    done = run_cli(
+        "run", *args, "--backend", "slurm", "--json", *opts, "--", "sh", "-c", count, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Slurm sends SIGUSR1 to the command" in done.stderr
+    assert done.stdout.splitlines().count("noticed") == 1
+    report = json.loads(done.stdout[done.stdout.index("{") :])
+    assert report["ended_by"] == "command" and report["noticed"] is False  # Slurm's, not run's
+
+
+def test_a_notice_signal_that_cannot_checkpoint_is_one_line(orch: Orchestrator) -> None:
+    with pytest.raises(InvalidInput, match="notice_signal must be one of USR1"):
+        orch.request(ask("H100", 1, notice_seconds=30, notice_signal="KILL"), wait=False)
+    assert orch.services.ledger.allocations() == [] and not live()
+
+
 # ---- the lease and the budget ----------------------------------------------------------------
 
 

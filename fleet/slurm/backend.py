@@ -12,9 +12,10 @@
 - Holding: when the ledger places an allocation, a holder job named `gpu-agent:<allocation id>`
   (`sbatch --parsable`: the routed pool's partition, the node the ledger chose,
   `--gres=gpu:<type>:<n>`, `--time` the lease in whole minutes rounded up, `--no-requeue`,
-  gpu-agent's environment not exported) runs `sleep` until it ends; the user's work runs in it
-  with `srun --jobid`. A live job of that name is looked for first, so a re-run after a crash
-  never submits twice.
+  the request's checkpoint notice as `--signal`, gpu-agent's environment not exported) runs
+  `sleep` until it ends; the user's work runs in it with `srun --jobid` (and gets the
+  signal). A live job of that name is looked for first, so a re-run after a crash never
+  submits twice.
 - Ends: release scancels it; a moved deadline (a budget cut) updates its TimeLimit; a job
   Slurm ended by itself ends the allocation (`follow`): TIMEOUT as lease-expired, NODE_FAIL as
   unhealthy, anything else (an administrator's scancel, a preemption, a job gone from
@@ -47,6 +48,12 @@ POLL_S = 0.2
 # controller holds, ~6 KB each): monitor ticks and placements within it share one call. What
 # gpu-agent itself changes (a submission, a cancel, a time limit) is read afresh.
 JOBS_FRESH_S = 1.0
+# A checkpoint notice as --signal: Slurm counts its time from the job's end, which lies up to a
+# minute past the ledger's deadline (time limits are whole minutes), and sends it up to 60 s
+# early (its documented resolution): asking for the notice plus this many seconds lands it
+# between the notice and the notice plus two minutes before the ledger's deadline, never later.
+SIGNAL_SLACK_S = 60
+MAX_SIGNAL_S = 65535  # the largest --signal time sbatch accepts
 ENDINGS = {
     "TIMEOUT": ReleaseReason.LEASE_EXPIRED,
     "DEADLINE": ReleaseReason.LEASE_EXPIRED,
@@ -80,6 +87,15 @@ def ranges(found: tuple[int, ...]) -> str:
         else:
             out.append(str(i))
     return ",".join(out)
+
+
+def signal_arg(hold: Hold) -> list[str]:
+    """The hold's checkpoint notice as sbatch's --signal (sent to the job's steps: the work
+    `srun --jobid` runs, not the holder's sleep); none without one."""
+    if hold.notice_seconds is None:
+        return []
+    at = min(MAX_SIGNAL_S, math.ceil(hold.notice_seconds) + SIGNAL_SLACK_S)
+    return [f"--signal={hold.notice_signal}@{at}"]
 
 
 def _held(job: Job, start: float) -> SchedulerJob:
@@ -274,6 +290,7 @@ class SlurmFleet:
             f"--gres={gres}",
             f"--time={minutes(hold.deadline - time.time())}",
             "--no-requeue",
+            *signal_arg(hold),
             "--export=NONE",
             "--output=/dev/null",
             f"--comment=gpu-agent allocation {hold.allocation_id} of project {hold.project}",
