@@ -146,6 +146,15 @@ class LimitSettings(_Strict):
     min_lease_share: float = Field(default=0.5, gt=0, le=1)
 
 
+class PreemptionSettings(_Strict):
+    """When a running allocation may be asked to yield its GPUs (fleet.preemption)."""
+
+    # It has run at least this long when it yields, so that nobody thrashes.
+    min_run_minutes: float = Field(default=30, ge=0, allow_inf_nan=False)
+    # A project's allocations yield at most this many times in any 24 hours.
+    max_per_project_per_day: int = Field(default=4, ge=0)
+
+
 class QuotaSettings(_Strict):
     default_max_gpus: int | None = Field(default=None, ge=1)
     projects: dict[str, int] = Field(default_factory=dict)
@@ -202,6 +211,7 @@ class FleetConfig(_Strict):
     council: CouncilSettings = CouncilSettings()
     limits: LimitSettings = LimitSettings()
     quotas: QuotaSettings = QuotaSettings()
+    preemption: PreemptionSettings = PreemptionSettings()
     shares: dict[str, float] = Field(default_factory=dict)
     budgets: dict[str, float] = Field(default_factory=dict)
     simulation: SimulationSettings = SimulationSettings()

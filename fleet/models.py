@@ -84,6 +84,9 @@ class ReleaseReason(StrEnum):
     # the cluster's scheduler ended its job, not gpu-agent: an administrator's scancel,
     # a preemption, or a job gone with no record of how (Slurm)
     CANCELLED_OUTSIDE = "cancelled-outside"
+    # asked to yield its GPUs, after its checkpoint notice (fleet.preemption): its work goes
+    # on from the checkpoint in a request that resumes it
+    PREEMPTED = "preempted"
 
     @property
     def cut_by_budget(self) -> bool:
@@ -96,10 +99,10 @@ class ReleaseReason(StrEnum):
 
     @property
     def with_notice(self) -> bool:
-        """The holder knew the end was coming (the lease's end or the budget's cut deadline,
-        both in the ledger beforehand; `gpu-agent run --notice` signals it): a job can
-        checkpoint and lose no work. Other ends come without warning."""
-        return self in (ReleaseReason.LEASE_EXPIRED, ReleaseReason.BUDGET)
+        """The holder knew the end was coming (the lease's end, the budget's cut deadline or a
+        preemption's yield, all in the ledger beforehand; `gpu-agent run --notice` signals
+        it): a job can checkpoint and lose no work. Other ends come without warning."""
+        return self in (ReleaseReason.LEASE_EXPIRED, ReleaseReason.BUDGET, ReleaseReason.PREEMPTED)
 
 
 # the values of the reasons cut_by_budget, for rows read as plain strings

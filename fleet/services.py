@@ -377,6 +377,13 @@ class Services:
         self.moved(moved)
         return moved
 
+    def preempt(self, allocation_id: str, why: str, *, by: str | None = None) -> Moved:
+        """Ask a running allocation to yield its GPUs (fleet.preemption); its monitor and the
+        command running on it hear at once, and a scheduler's time limit follows."""
+        moved = self.ledger.preempt(allocation_id, self.clock.now(), by or self.actor, why)
+        self.moved([moved])
+        return moved
+
     def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.close()

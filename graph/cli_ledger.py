@@ -13,6 +13,7 @@ from fleet import names
 from fleet.access import ACCESS, add_identity, identify, identities, revoke_identity
 from fleet.budget import describe_moves
 from fleet.errors import InvalidInput
+from fleet.models import utc
 from fleet.statedir import default_state_dir, prepare
 from fleet.validation import check_budget
 from graph.cli_common import emit, open_records, quoted
@@ -144,6 +145,19 @@ def cmd_release(args: argparse.Namespace) -> int:
             f"{release.allocation_id}: released ({release.reason.value}) after "
             f"{release.hours:.2f} h, charged ${release.cost_usd:.2f}{note}",
         )
+    return 0
+
+
+def cmd_preempt(args: argparse.Namespace) -> int:
+    names.check("allocation id", args.allocation_id)
+    with open_records(args, create=False) as rec:
+        moved = rec.preempt(args.allocation_id, args.why)
+    emit(
+        args,
+        {"allocation_id": moved.id, "deadline_before": moved.before, "yields_at": moved.after},
+        f"{moved.id}: yields its GPUs at {utc(moved.after):%Y-%m-%d %H:%M:%S} UTC, after its "
+        "checkpoint notice (preempted)",
+    )
     return 0
 
 

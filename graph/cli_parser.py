@@ -221,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("allocation_id")
 
     p = sub.add_parser(
+        "preempt",
+        help="ask a running allocation to yield its GPUs after its checkpoint notice "
+        "(administrators; its `gpu-agent run --requeue` resumes it)",
+    )
+    _common(p)
+    p.add_argument("allocation_id")
+    p.add_argument("--why", required=True, help="one line for the audit log")
+
+    p = sub.add_parser(
         "resume",
         help="continue a thread from its last checkpoint (and "
         "monitor its allocation), or adopt every unmonitored one (--orphans)",

@@ -26,7 +26,7 @@ from fleet import names
 from fleet.access import Identity, identify
 from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice
-from fleet.errors import StateDirError
+from fleet.errors import InvalidInput, StateDirError
 from fleet.jobs import Job, JobQueue
 from fleet.ledger.rows import AuditEntry, LedgerRow, ProjectCost
 from fleet.models import HistoryRecord, Release, ReleaseReason
@@ -121,6 +121,15 @@ class Records:
         """Set a project's budget; returns the allocations whose deadline it moved."""
         self.identity.check_admin("set budgets")
         return self.services.set_budget(project, budget_usd, by=self.identity.name)
+
+    def preempt(self, allocation_id: str, why: str) -> Moved:
+        """Ask a running allocation to yield its GPUs after its checkpoint notice (an
+        administrator's decision: fleet.preemption); returns its deadline before and after."""
+        names.check("allocation id", allocation_id)
+        self.identity.check_admin("preempt allocations")
+        if not why.strip() or "\n" in why:
+            raise InvalidInput("--why must be one line saying why the allocation must yield")
+        return self.services.preempt(allocation_id, why.strip(), by=self.identity.name)
 
     def _visible(self, project: str | None) -> str | None:
         """The project a caller may read (None: all, for an admin who asked for all)."""

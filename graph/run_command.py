@@ -10,9 +10,10 @@ allocation's deadline, to checkpoint, as Slurm's `--signal` does; on Slurm an al
 requested carries it as its job's `--signal`, and Slurm sends it, not `run` (then `noticed`
 stays false: Slurm does not say when it signalled).
 With `--requeue N`, an allocation `run` requested that ends before its command does (its
-lease ran out, a GPU failed, gpu-agent was down past its lease) is asked for again, resuming
-the old one (`GPURequest.resumes`: it queues ahead of new work), and the command starts again
-on the new GPUs to go on from its checkpoint, at most N times, as Slurm's --requeue does.
+lease ran out, a GPU failed, gpu-agent was down past its lease, it was preempted: `gpu-agent
+preempt`) is asked for again, resuming the old one (`GPURequest.resumes`: it queues ahead of
+new work), and the command starts again on the new GPUs to go on from its checkpoint, at most
+N times, as Slurm's --requeue does.
 When the command ends by itself, an allocation `run` requested is released (command-exit);
 one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
 takes an idle spell for a pause and never releases the allocation for idling; once it has
@@ -48,6 +49,7 @@ REQUEUE_ON = frozenset(
         ReleaseReason.LEASE_EXPIRED.value,
         ReleaseReason.UNHEALTHY.value,
         ReleaseReason.EXPIRED_WHILE_DOWN.value,
+        ReleaseReason.PREEMPTED.value,  # it yielded after its notice: its work goes on
     }
 )
 CONFIRM_TRIES = 8

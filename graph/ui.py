@@ -139,6 +139,7 @@ RELEASE_REASON = {
     "unhealthy": "a GPU became unhealthy",
     "command-exit": "the command ended",
     "cancelled-outside": "ended by the cluster's scheduler",
+    "preempted": "yielded its GPUs after a checkpoint notice",
 }
 MODE = {
     "budget": "budget (cheapest per unit of work)",

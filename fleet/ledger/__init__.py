@@ -15,6 +15,7 @@ One class, `Ledger`, over one connection; each of its concerns is a module of th
   migrations      the schema's versions (schema: its tables)
   audit, health, queries   the audit log, unhealthy GPUs, read-only views
   scheduler_jobs  the Slurm job that holds an allocation's GPUs
+  preempting      asking a running allocation to yield (fleet.preemption)
   rows            what the ledger hands out
 """
 
@@ -29,13 +30,14 @@ from fleet.ledger.audit import Audit
 from fleet.ledger.health import Health
 from fleet.ledger.migrations import Migrations
 from fleet.ledger.placing import Placing
+from fleet.ledger.preempting import Preempting
 from fleet.ledger.queries import Queries
 from fleet.ledger.scheduler_jobs import SchedulerJobs
 
 __all__ = ["Ledger"]
 
 
-class Ledger(Placing, Migrations, Audit, Health, Queries, SchedulerJobs):
+class Ledger(Placing, Preempting, Migrations, Audit, Health, Queries, SchedulerJobs):
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
         """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
         scratch ledger, SQLite only): it works in memory and is written to its file when

@@ -168,15 +168,26 @@ class Budgets(Kept):
             if deadlines[a.id] != a.deadline
         ]
         ends = {a.id: a.lease_end for a in active}
+        # a lease a preemption shortened (fleet.ledger.preempting) ends as a yield
+        yielding = {
+            r[0]
+            for r in db.execute(
+                "SELECT id FROM allocations WHERE project=? AND state='active' "
+                "AND lease_end < started_at + hours * 3600.0 - 0.001",
+                (project,),
+            )
+        }
         db.executemany(
             "UPDATE allocations SET deadline=?, deadline_reason=? WHERE id=?",
             [
                 (
                     m.after,
                     (
-                        ReleaseReason.LEASE_EXPIRED
-                        if m.after >= ends[m.id]
-                        else ReleaseReason.BUDGET
+                        ReleaseReason.BUDGET
+                        if m.after < ends[m.id]
+                        else ReleaseReason.PREEMPTED
+                        if m.id in yielding
+                        else ReleaseReason.LEASE_EXPIRED
                     ).value,
                     m.id,
                 )
