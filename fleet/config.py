@@ -153,6 +153,10 @@ class PreemptionSettings(_Strict):
     min_run_minutes: float = Field(default=30, ge=0, allow_inf_nan=False)
     # A project's allocations yield at most this many times in any 24 hours.
     max_per_project_per_day: int = Field(default=4, ge=0)
+    # Borrowing between pools (fleet.borrowing): a request with a checkpoint notice whose own
+    # pool cannot start it now may run on another pool's free GPUs, which that pool reclaims
+    # (the loan yields after its notice) when its own work queues for them. Off by default.
+    borrow: bool = False
 
 
 class QuotaSettings(_Strict):

@@ -353,6 +353,7 @@ class RouteOption(BaseModel):
     feasible: bool
     why_not: str | None = None
     asked_hours: float | None = None  # the lease on this type, where the budget shortened it
+    lent_by: Purpose | None = None  # the pool whose free GPUs it borrows (fleet.borrowing)
 
 
 class RouteDecision(BaseModel):
@@ -365,6 +366,7 @@ class RouteDecision(BaseModel):
     reason: str
     alternatives: list[RouteOption] = Field(default_factory=list)
     asked_hours: float | None = None  # the lease on this type, where the budget shortened it
+    lent_by: Purpose | None = None  # the pool whose free GPUs it borrows (fleet.borrowing)
 
 
 class Allocation(BaseModel):

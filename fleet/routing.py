@@ -15,9 +15,10 @@ paid over the floor).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from fleet.borrowing import lender_of
 from fleet.budget import admitted_hours, even_shortened
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, Guardrails, RouteDecision, RouteMode, RouteOption
@@ -95,6 +96,7 @@ def route(
     remaining_usd: float | None,
     starts_in: Mapping[str, float] | None = None,
     used_share: float = 1.0,
+    lenders: Sequence[str] = (),
 ) -> RouteDecision | Refusal:
     """The type for `request`. `remaining_usd` (Ledger.remaining_usd with running=False: the
     largest worst case the project's budget admits once its running work has ended, by the
@@ -104,7 +106,9 @@ def route(
     makes the budget mode take the cheapest type that can start now over a cheaper one it
     would queue for, unless waiting for the cheaper one still finishes no later, for a
     request expected to hold `used_share` of its lease (the project's usage factor,
-    fleet.budget); without it, or when none can start now, the cheapest."""
+    fleet.budget); without it, or when none can start now, the cheapest. `lenders`: other
+    pools' types that could start it now, where it may borrow (fleet.borrowing): it takes
+    the one that finishes soonest when its own choice must wait and would finish later."""
     options = sorted(  # by price per unit of work, whatever lease the budget leaves
         (_option(request, config, t, remaining_usd) for t in types_for(request, config)),
         key=lambda o: (
@@ -134,6 +138,15 @@ def route(
         why = "fastest within budget"
     else:
         chosen, why = _cheapest_in_time(feasible, starts_in, used_share)
+    lent_by = None
+    loan = _loan(request, config, remaining_usd, chosen, starts_in, lenders)
+    if loan is not None:
+        chosen, lent_by = loan, lender_of(loan.gpu_type, config)
+        assert lent_by is not None
+        why = (
+            f"borrowed from the {lent_by.value} pool, free now (it finishes sooner than waiting "
+            f"for its own; given back after its checkpoint notice when that pool's work comes)"
+        )
     return RouteDecision(
         gpu_type=chosen.gpu_type,
         pool=request.purpose,
@@ -150,7 +163,28 @@ def route(
         ),
         alternatives=[o for o in options if o.gpu_type != chosen.gpu_type],
         asked_hours=chosen.asked_hours,
+        lent_by=lent_by,
     )
+
+
+def _loan(
+    request: GPURequest,
+    config: FleetConfig,
+    remaining_usd: float | None,
+    chosen: RouteOption,
+    starts_in: Mapping[str, float] | None,
+    lenders: Sequence[str],
+) -> RouteOption | None:
+    """Another pool's type to borrow instead of `chosen`: the feasible lender that finishes
+    the work soonest, where `chosen` cannot start now and would finish later, wait included."""
+    wait = math.inf if starts_in is None else starts_in.get(chosen.gpu_type, math.inf)
+    if not lenders or wait <= 0:
+        return None
+    options = [_option(request, config, t, remaining_usd) for t in lenders]
+    best = min((o for o in options if o.feasible), key=_work_hours, default=None)
+    if best is None or _work_hours(best) >= wait + _work_hours(chosen):
+        return None
+    return best
 
 
 def _cheapest_in_time(

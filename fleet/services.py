@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fleet.borrowing import lenders, may_borrow
 from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.clock import Clock, WakeToken
@@ -147,8 +148,13 @@ class Services:
             and last[2] == request
         ):
             return last[3]
+        types = types_for(request, self.config)
+        # and the other pools' types it may borrow (not on Slurm: a pool is a partition there)
+        borrows = may_borrow(request, self.config) and not self.scheduler_holds
+        if borrows:
+            types += [t for t in self.config.catalog if t not in types]
         starts = self.ledger.starts_in_hours(  # as starts_in_hours, on the GPUs read above
-            types_for(request, self.config), request.count, self.clock.now(), placeable
+            types, request.count, self.clock.now(), placeable
         )
         decision = route(
             request,
@@ -156,6 +162,7 @@ class Services:
             self.ledger.remaining_usd(request.project, running=False),
             starts,
             self.ledger.usage_factor(request.project),
+            lenders(request, self.config, starts) if borrows else (),
         )
         with self._lock:
             self._routed = (stamp, placeable, request, decision)
@@ -374,6 +381,13 @@ class Services:
         once. Returns what moved, and from when to when."""
         check_budget(project, budget_usd)
         moved = self.ledger.set_budget(project, budget_usd, self.clock.now(), by or self.actor)
+        self.moved(moved)
+        return moved
+
+    def reclaim(self, row: LedgerRow) -> list[Moved]:
+        """`row` queued for a type of its own pool: the youngest loans on that type (fleet.
+        borrowing) are asked to yield, after their notice, until enough GPUs come back."""
+        moved = self.ledger.reclaim(row, self.clock.now(), self.placeable())
         self.moved(moved)
         return moved
 

@@ -51,6 +51,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
             "cost_usd": row.cost_usd or 0.0,
         }
     if decision.kind is Kind.QUEUE:
+        svc.reclaim(row)  # its pool's GPUs lent to other pools' work come back (borrowing)
         update: State = {"status": Status.QUEUED, "reason": decision.reason, "allocation_id": aid}
         if state.get("status") != Status.QUEUED:
             update["events"] = [

@@ -1,17 +1,20 @@
-"""Asking a running allocation to yield its GPUs (fleet.preemption): its lease's new end and
-deadline, and the audit entry that says who asked and why, in one transaction."""
+"""Asking a running allocation to yield its GPUs (fleet.preemption), by hand or to give a
+loan back to its pool (fleet.borrowing): its lease's new end and deadline, and the audit entry
+that says who asked and why, in one transaction."""
 
 from __future__ import annotations
 
 import json
 import uuid
 
+from fleet.borrowing import on_loan
 from fleet.budget import Moved
 from fleet.errors import InvalidInput
 from fleet.ledger.budgets import Budgets
-from fleet.ledger.rows import AUDIT
-from fleet.models import ReleaseReason, utc
+from fleet.ledger.rows import AUDIT, LedgerRow
+from fleet.models import GPUInfo, ReleaseReason, utc
 from fleet.preemption import DAY_S, refusal, yield_at
+from fleet.sql import Conn
 
 
 class Preempting(Budgets):
@@ -45,22 +48,79 @@ class Preempting(Budgets):
                     f"allocation {aid} ends at {utc(deadline):%Y-%m-%d %H:%M:%S} UTC ({reason}), "
                     f"no later than it could yield ({utc(at):%H:%M:%S})"
                 )
-            db.execute(
-                "UPDATE allocations SET lease_end=?, deadline=?, deadline_reason=? WHERE id=?",
-                (at, at, ReleaseReason.PREEMPTED.value, aid),
+            return self._yield(db, (aid, project, deadline, notice), at, now, by, "preempt", why)
+
+    def reclaim(self, row: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[Moved]:
+        """`row` waits for a type of its own pool: the youngest loans on that type yield
+        after their notice (no minimum run, no daily limit: the terms they borrowed on) until
+        the free GPUs, with those already yielding, cover every request queued for the type.
+        Returns what moved; nothing where `row` itself borrows or nothing is lent."""
+        t = row.gpu_type
+        if not self.config.preemption.borrow or t not in self.config.pool(row.purpose):
+            return []  # nothing is lent, or `row` itself borrows
+        loans = [
+            r
+            for r in self.query(
+                "SELECT id, project, purpose, count, deadline, deadline_reason, request "
+                "FROM allocations WHERE state='active' AND gpu_type=? ORDER BY started_at DESC",
+                (t,),
             )
-            self._track(db, aid)
-            db.execute(
-                AUDIT,
-                (
-                    f"preempt:{aid}:{now!r}:{uuid.uuid4().hex[:8]}",
-                    now,
-                    by,
-                    "preempt",
-                    project,
-                    aid,
-                    f"yields at {utc(at):%Y-%m-%d %H:%M:%S} UTC after its {notice:g} s "
-                    f"checkpoint notice: {why}",
-                ),
-            )
-            return Moved(aid, deadline, at)
+            if on_loan(r[2], t, json.loads(r[6]).get("gpu_type"), self.config)
+        ]
+        if not loans:
+            return []
+        projects = sorted({r[1] for r in loans})
+        with self.transaction(f"type:{t}", *(f"project:{p}" for p in projects)) as db:
+            need = sum(q.count for q in self._queued(db, t).values())
+            need -= len(self._free(db, t, inventory))
+            moved = []
+            for aid, project, _, count, _, _, _ in loans:
+                if need <= 0:
+                    break
+                state, deadline, reason, request = db.execute(
+                    "SELECT state, deadline, deadline_reason, request FROM allocations "
+                    "WHERE id=?",
+                    (aid,),
+                ).fetchone()
+                if state != "active":
+                    continue
+                need -= count
+                notice = float(json.loads(request)["notice_seconds"])
+                if reason == ReleaseReason.PREEMPTED.value or deadline <= now + notice:
+                    continue  # it yields, or ends, by then anyway
+                why = f"the {row.purpose.value} pool takes its {t} back for {row.id}"
+                loan = (aid, project, deadline, notice)
+                moved.append(self._yield(db, loan, now + notice, now, "gpu-agent", "reclaim", why))
+            return moved
+
+    def _yield(
+        self,
+        db: Conn,
+        allocation: tuple[str, str, float, float],
+        at: float,
+        now: float,
+        by: str,
+        action: str,
+        why: str,
+    ) -> Moved:
+        """Allocation (id, project, deadline, notice) ends at `at`, preempted; audited."""
+        aid, project, deadline, notice = allocation
+        db.execute(
+            "UPDATE allocations SET lease_end=?, deadline=?, deadline_reason=? WHERE id=?",
+            (at, at, ReleaseReason.PREEMPTED.value, aid),
+        )
+        self._track(db, aid)
+        db.execute(
+            AUDIT,
+            (
+                f"{action}:{aid}:{now!r}:{uuid.uuid4().hex[:8]}",
+                now,
+                by,
+                action,
+                project,
+                aid,
+                f"yields at {utc(at):%Y-%m-%d %H:%M:%S} UTC after its {notice:g} s "
+                f"checkpoint notice: {why}",
+            ),
+        )
+        return Moved(aid, deadline, at)

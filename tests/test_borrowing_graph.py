@@ -1,0 +1,98 @@
+"""Borrowing between pools (fleet.borrowing) through the real graph, on SQLite and PostgreSQL,
+in virtual time: a training request with a checkpoint notice runs on the research pool's free
+GPUs while its own pool is full; research work arriving reclaims them after the loan's notice,
+the loan ends `preempted`, charged once for what it held, and the research request starts at
+the yield. Without a notice, or where the fleet does not lend, nothing is borrowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fleet.clock import VirtualClock
+from fleet.models import ReleaseReason, Status
+from graph.scenario import Submit, run_scenario
+from tests.conftest import OrchFactory, small_config
+
+NOTICE = 120.0
+HOUR = 3600.0
+
+
+def ask(project: str, purpose: str, count: int, hours: float, **more: Any) -> dict[str, Any]:
+    return {
+        "project": project,
+        "purpose": purpose,
+        "count": count,
+        "duration_hours": hours,
+        "priority": "critical",  # approved without a vote: these tests are about placement
+    } | more
+
+
+FULL = [  # the training pool (8 A100, 2 H100) held for 20 h
+    Submit(0.0, "a100", ask("big", "training", 8, 20.0)),
+    Submit(0.0, "h100", ask("big", "training", 2, 20.0, gpu_type="H100")),
+]
+
+
+def test_a_loan_runs_now_and_goes_back_after_its_notice(
+    make_orch: OrchFactory, database: str
+) -> None:
+    clock = VirtualClock()
+    on_server = {"database": database} if database.startswith("postgresql") else {}
+    orch = make_orch(small_config(preemption={"borrow": True}), clock=clock, **on_server)
+    start = clock.now()
+    result = run_scenario(
+        orch,
+        clock,
+        [
+            *FULL,
+            Submit(0.1, "loan", ask("vision", "training", 2, 3.0, notice_seconds=NOTICE)),
+            Submit(1.0, "owner", ask("lab", "research", 2, 1.0)),
+        ],
+        lambda *a: None,
+    )
+    loan, owner = result.outcomes["loan"], result.outcomes["owner"]
+    assert loan.route is not None and loan.route.gpu_type == "RTX4090"
+    assert loan.route.lent_by == "research" and "borrowed from the research pool" in (
+        loan.route.reason
+    )
+    assert loan.allocation is not None and loan.release is not None
+    assert loan.allocation.started_at.timestamp() == pytest.approx(start + 0.1 * HOUR)
+    yielded = start + 1.0 * HOUR + NOTICE
+    assert loan.release.reason is ReleaseReason.PREEMPTED
+    assert loan.release.released_at.timestamp() == pytest.approx(yielded)
+    price = orch.services.config.catalog["RTX4090"].price_per_hour
+    assert loan.release.cost_usd == pytest.approx(price * 2 * (0.9 + NOTICE / HOUR))
+    assert owner.status is Status.RELEASED and owner.allocation is not None
+    assert owner.allocation.started_at.timestamp() == pytest.approx(yielded)
+    [entry] = [e for e in orch.services.ledger.audit_log() if e.action == "reclaim"]
+    assert entry.target == loan.allocation.id and "research pool takes its RTX4090 back" in (
+        entry.detail
+    )
+    charged = orch.services.ledger.query(
+        "SELECT count(*) FROM charges WHERE allocation_id=?", (loan.allocation.id,)
+    )
+    assert charged[0][0] == 1
+
+
+@pytest.mark.parametrize(
+    ("borrow", "notice", "lends"),
+    [(True, NOTICE, True), (True, None, False), (False, NOTICE, False)],
+    ids=["borrows", "no-notice", "fleet-does-not-lend"],
+)
+def test_only_work_with_a_notice_borrows_and_only_where_the_fleet_lends(
+    make_orch: OrchFactory, borrow: bool, notice: float | None, lends: bool
+) -> None:
+    orch = make_orch(small_config(preemption={"borrow": borrow}))
+    for step in FULL:
+        assert orch.request(step.request, wait=False).status is Status.ALLOCATED
+    more = {} if notice is None else {"notice_seconds": notice}
+    out = orch.request(ask("vision", "training", 2, 3.0, **more), wait=False)
+    assert out.route is not None
+    if lends:
+        assert out.status is Status.ALLOCATED and out.route.gpu_type == "RTX4090"
+        assert out.route.lent_by == "research"
+    else:
+        assert out.status is Status.QUEUED and out.route.lent_by is None
+        assert out.route.gpu_type in ("A100", "H100")
