@@ -26,9 +26,7 @@ def may_borrow(request: GPURequest, config: FleetConfig) -> bool:
     """Whether `request` may run on another pool's GPUs: the fleet lends, it names no type,
     and a reclaim would lose none of its work (it has a checkpoint notice)."""
     return (
-        config.preemption.borrow
-        and request.gpu_type is None
-        and request.notice_seconds is not None
+        config.preemption.borrow and request.gpu_type is None and request.notice_seconds is not None
     )
 
 

@@ -78,8 +78,7 @@ class Preempting(Budgets):
                 if need <= 0:
                     break
                 state, deadline, reason, request = db.execute(
-                    "SELECT state, deadline, deadline_reason, request FROM allocations "
-                    "WHERE id=?",
+                    "SELECT state, deadline, deadline_reason, request FROM allocations WHERE id=?",
                     (aid,),
                 ).fetchone()
                 if state != "active":
