@@ -71,7 +71,9 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
   *lost_gpu_hours* = run_gpu_hours - useful_gpu_hours, the work that ran and did not end up
   in a completed job = *redone_gpu_hours* (completed jobs: work run in all their attempts
   minus the job's work, i.e. work killed before a checkpoint and run again) +
-  *abandoned_gpu_hours* (all work run by jobs that never completed); *killed_attempts*,
+  *abandoned_gpu_hours* (all work run by jobs that never completed); *preempted_attempts*
+  (attempts told to go with notice that checkpointed and were asked for again: their work is
+  kept, so they are neither killed nor lost work; sim/borrowing.py); *killed_attempts*,
   *kill_reasons* {reason: count} and *wasted_cost_usd* (the cost of killed attempts).
 - **per_project** {project: {cost_usd, budget_usd, gpu_hours_held, useful_gpu_hours,
   share_of_gpu_hours (of all GPU-hours held), jobs, jobs_completed, finish_ratio (x_p),
@@ -276,6 +278,7 @@ def _work(
         "redone_gpu_hours": _r(max(0.0, redone)),
         "abandoned_gpu_hours": _r(abandoned),
         "killed_attempts": len(killed),
+        "preempted_attempts": sum(1 for a in attempts if a.outcome == "preempted"),
         "kill_reasons": dict(sorted(Counter(a.reason for a in killed).items())),
         "wasted_cost_usd": _r(sum(a.cost_usd for a in killed), 2),
     }

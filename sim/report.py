@@ -87,6 +87,7 @@ ROWS: tuple[Row, ...] = (
     ("Unplaced jobs", _num("jobs.unplaced", "{:,}")),
     ("Lost work (GPU-hours)", _num("work.lost_gpu_hours")),
     ("Killed attempts", _num("work.killed_attempts", "{:,}")),
+    ("Preempted attempts (work kept)", _num("work.preempted_attempts", "{:,}")),
     ("Wasted cost (USD)", _num("work.wasted_cost_usd", "{:,.2f}")),
     ("Council denials / human reviews", _pair("council.denied", "reviews", "{:,}", "{:,}")),
 )

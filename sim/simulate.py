@@ -28,6 +28,7 @@ from fleet.trace import PHILLY, Job, TraceSchema, read_trace
 from sim.accounting import Floor, floor, same_work, savings
 from sim.agent_replay import run_gpu_agent
 from sim.baselines import BASELINES, run_baseline
+from sim.borrowing import run_borrowing
 from sim.lifecycle import Attempt
 from sim.metrics import metrics, worst_project
 from sim.report import BASELINE, strongest, table, write_report
@@ -72,8 +73,17 @@ def _baseline(name: str) -> Runner:
     return lambda w, c, _out, p: (run_baseline(name, w, c, p), {})
 
 
+def _borrowing(
+    workload: Workload, config: FleetConfig, _out: Path, progress: Callable[[int], None]
+) -> tuple[list[Attempt], dict[str, Any]]:
+    attempts, preemptions = run_borrowing(workload, config, progress)
+    return attempts, {"preemptions": preemptions}
+
+
 POLICIES: dict[str, Runner] = {
     **{name: _baseline(name) for name in BASELINES},
+    # slurm-cheapest with borrowing between pools, reclaimed with notice (sim/borrowing.py)
+    "slurm-cheapest-borrow": _borrowing,
     "gpu-agent": _agent(),
     # the same graph with the idle release switched off: what auto-release saves
     "gpu-agent-no-autorelease": _agent(auto_release=False),

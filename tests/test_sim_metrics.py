@@ -334,6 +334,7 @@ def test_budgets_jobs_and_work(m: dict[str, Any]) -> None:
         "redone_gpu_hours": 1.0,  # job 2's first hour, run again
         "abandoned_gpu_hours": 3.0,  # job 4's two tries
         "killed_attempts": 3,
+        "preempted_attempts": 0,
         "kill_reasons": {"idle": 1, "lease_expired": 2},
         "wasted_cost_usd": 9.0,
     }
