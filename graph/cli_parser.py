@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default=",".join(DEFAULT_POLICIES),
         help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
+        "slurm-cheapest-borrow, "
         f"gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council "
         f"(default: {','.join(DEFAULT_POLICIES)})",
     )

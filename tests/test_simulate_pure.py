@@ -136,20 +136,3 @@ def test_simulate_pure_on_a_virtual_cluster_twice_gives_the_same_bytes(
     assert set(worst["policies"]) == {"cheapest-first", "gpu-agent-no-council"}
     assert worst["policies"]["cheapest-first"]["project"] == "vc-e5f6"
     assert "worst project's mean slowdown" in (tmp_path / "one" / "report.md").read_text()
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--vc", "nope"], "no virtual cluster 'nope' in the trace"),
-        (["--workload", "pure", "--habits", "1.5"], "--habits has no meaning with --workload pure"),
-    ],
-)
-def test_bad_pure_arguments_are_one_line_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
-) -> None:
-    code, _, err = run(
-        capsys, "simulate", "--trace", str(_trace(tmp_path)), "--out", str(tmp_path / "o"), *args
-    )
-    assert code == 2 and message in err and err.count("\n") == 1
-    assert not (tmp_path / "o").exists()
