@@ -50,6 +50,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--jobs must be at least 1, not {args.jobs}")
     if not 0 <= args.habits <= MAX_HABIT_SIGMA:  # also refuses nan
         raise InvalidInput(f"--habits must be from 0 to {MAX_HABIT_SIGMA}, not {args.habits}")
+    if args.workload == "pure" and args.habits:
+        raise InvalidInput("--habits has no meaning with --workload pure (no job idles)")
     name, text = fleet_source(args.fleet)
     sim = simulate(
         args.trace,
@@ -60,7 +62,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         seed=args.seed,
         fleet_text=text,
-        settings=WorkloadSettings(habit_sigma=args.habits),
+        settings=WorkloadSettings(habit_sigma=args.habits, pure=args.workload == "pure"),
+        vc=args.vc,
     )
     if args.json:
         print(json.dumps(as_json(sim)))

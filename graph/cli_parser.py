@@ -393,10 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default=",".join(DEFAULT_POLICIES),
         help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
+        "slurm-cheapest-borrow, "
         f"gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council "
         f"(default: {','.join(DEFAULT_POLICIES)})",
     )
-    p.add_argument("--jobs", type=int, help="only the earliest N jobs of the trace")
+    p.add_argument(
+        "--jobs", type=int, help="only the earliest N jobs of the trace (of --vc when given)"
+    )
+    p.add_argument(
+        "--vc",
+        metavar="NAME",
+        help="only the jobs of this virtual cluster (project) of the trace, e.g. vc-b436b2",
+    )
+    p.add_argument(
+        "--workload",
+        choices=("normal", "pure"),
+        default="normal",
+        help="normal (default): jobs idle, users pad their leases, projects have budgets; "
+        "pure: the trace's durations are all work, leases are not padded and there are no "
+        "budgets, as in a pure-work scheduler's simulator (sim/workload.py)",
+    )
     p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace fleet)")
     p.add_argument(
         "--out",

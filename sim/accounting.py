@@ -87,6 +87,16 @@ def floor_usd(job: SimJob, config: FleetConfig) -> float:
     )
 
 
+def fastest_hours(job: SimJob, config: FleetConfig) -> float:
+    """The job alone on the fastest type it may use: its work at that type's speed and its
+    mid-job pauses, from its start to the end of its work (0 for a job with no work). No
+    policy finishes the job sooner after its submit."""
+    if not any(p.work for p in job.phases):
+        return 0.0
+    fastest = max(speed(job, t, config) for t in allowed_types(job, config))
+    return job.work_hours / fastest + pause_hours(job)
+
+
 @dataclass(frozen=True)
 class Floor:
     unit: str  # the type whose hours measure work

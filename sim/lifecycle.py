@@ -72,7 +72,7 @@ class Attempt:
     submit: float  # when this attempt was requested
     start: float | None
     end: float | None
-    outcome: str  # completed | killed | denied | unplaced
+    outcome: str  # completed | killed | preempted (checkpointed, asked again) | denied | unplaced
     reason: str  # the release reason, or why it was denied
     cost_usd: float = 0.0
     held_gpu_hours: float = 0.0

@@ -31,6 +31,15 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
 - **sm_util_fleet**: utilised GPU-hours / (fleet GPUs x span hours).
 - **jct_hours** {mean, p50, p99}: over completed jobs, the completing attempt's `done_at` (when
   the work finished, not when the GPUs were let go) minus the job's submit.
+- **slowdown_mean**: over completed jobs with work, the mean of each job's bounded slowdown
+  max(1, JCT / max(alone, 10 s)), where alone is the job's time on its own on the fastest type
+  it may use (`sim.accounting.fastest_hours`: its work at that type's speed plus its mid-job
+  pauses; its named type, else its pool's types the fleet has enough GPUs of). No policy
+  finishes a job sooner than alone, so a job's slowdown is 1 when it started at once on the
+  fastest type and ran without a break, 2 when it took twice that; the 10 s bound
+  (SLOWDOWN_BOUND_S; Feitelson et al., "Theory and Practice in Parallel Job Scheduling",
+  JSSPP 1997) keeps a one-second job that waited a minute from weighing as 60 jobs. Jobs
+  that did not complete are not in it (as in JCT): read it beside work_share.
 - **queue_hours** {mean, p50, p99}: over jobs that got GPUs at least once, the start of their
   first placed attempt minus the job's submit (first start - arrival).
 - Percentiles are numpy's default (linear interpolation between closest ranks: the q-th
@@ -62,11 +71,15 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
   *lost_gpu_hours* = run_gpu_hours - useful_gpu_hours, the work that ran and did not end up
   in a completed job = *redone_gpu_hours* (completed jobs: work run in all their attempts
   minus the job's work, i.e. work killed before a checkpoint and run again) +
-  *abandoned_gpu_hours* (all work run by jobs that never completed); *killed_attempts*,
+  *abandoned_gpu_hours* (all work run by jobs that never completed); *preempted_attempts*
+  (attempts told to go with notice that checkpointed and were asked for again: their work is
+  kept, so they are neither killed nor lost work; sim/borrowing.py); *killed_attempts*,
   *kill_reasons* {reason: count} and *wasted_cost_usd* (the cost of killed attempts).
 - **per_project** {project: {cost_usd, budget_usd, gpu_hours_held, useful_gpu_hours,
   share_of_gpu_hours (of all GPU-hours held), jobs, jobs_completed, finish_ratio (x_p),
-  work_share (the project's completed work units over its trace work units)}}.
+  work_share (the project's completed work units over its trace work units), slowdown_mean
+  (the mean slowdown of the project's completed jobs, as above: how soon its jobs finished,
+  so that each project's can be compared across policies)}}.
 - **series** (for plots, not the table): `t_hours` (GRID_POINTS points over the span, from the
   first submit), `cost_usd` (cumulative cost, each attempt's cost accrued evenly over its
   holding), `gpus_held` (GPUs allocated at each t, an attempt holding [start, end)) and
@@ -86,12 +99,13 @@ import numpy as np
 
 from fleet.budget import Running, reaches_at
 from fleet.config import FleetConfig
-from sim.accounting import Floor, breakdown, floor, work_units
+from sim.accounting import Floor, breakdown, fastest_hours, floor, work_units
 from sim.lifecycle import Attempt
 from sim.workload import SimJob
 
 HOUR = 3600.0
 GRID_POINTS = 200
+SLOWDOWN_BOUND_S = 10.0  # a job shorter than this counts as this long in its slowdown
 CHUNK = 8192  # attempts per block when sampling the series (bounds memory on 100k attempts)
 STATUSES = ("completed", "failed", "denied", "unplaced")
 _FAILED_BY = {"killed": "failed", "denied": "denied", "unplaced": "unplaced"}
@@ -126,6 +140,19 @@ def isolated_hours(job: SimJob) -> float:
     """Time the job needed on its trace GPUs to finish its work: phases to the last work one."""
     ends = [i for i, p in enumerate(job.phases) if p.work]
     return sum(p.hours for p in job.phases[: ends[-1] + 1]) if ends else 0.0
+
+
+def slowdown(result: JobResult, config: FleetConfig) -> float | None:
+    """The job's bounded slowdown (module docstring); None when it did not complete or had
+    no work."""
+    alone = fastest_hours(result.job, config)
+    if result.jct_hours is None or alone <= 0:
+        return None
+    return max(1.0, result.jct_hours / max(alone, SLOWDOWN_BOUND_S / HOUR))
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return _r(sum(xs) / len(xs)) if xs else None
 
 
 @dataclass(frozen=True)
@@ -251,6 +278,7 @@ def _work(
         "redone_gpu_hours": _r(max(0.0, redone)),
         "abandoned_gpu_hours": _r(abandoned),
         "killed_attempts": len(killed),
+        "preempted_attempts": sum(1 for a in attempts if a.outcome == "preempted"),
         "kill_reasons": dict(sorted(Counter(a.reason for a in killed).items())),
         "wasted_cost_usd": _r(sum(a.cost_usd for a in killed), 2),
     }
@@ -262,6 +290,7 @@ def _per_project(
     budgets: Mapping[str, float],
     held: float,
     config: FleetConfig,
+    slowdowns: Mapping[int, float],
 ) -> dict[str, dict[str, Any]]:
     cost: dict[str, float] = defaultdict(float)
     hours: dict[str, float] = defaultdict(float)
@@ -286,6 +315,7 @@ def _per_project(
             "jobs_completed": len(done),
             "finish_ratio": _r(sum(ratios) / len(ratios), 6) if ratios else None,
             "work_share": _ratio(sum(work_units(r.job, config) for r in done), work),
+            "slowdown_mean": _mean([slowdowns[r.job.id] for r in done if r.job.id in slowdowns]),
         }
     return out
 
@@ -294,6 +324,22 @@ def _fairness(projects: Mapping[str, Mapping[str, Any]], key: str) -> float | No
     """Jain's index over the projects' `key` (those that have one)."""
     xs = [v[key] for v in projects.values() if v[key] is not None]
     return _r(jain(xs), 6) if xs and any(x > 0 for x in xs) else None
+
+
+def worst_project(policy: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The project whose mean slowdown under `policy` is the largest multiple of its mean
+    slowdown under `base` (both metrics() dicts), over the projects both completed jobs of:
+    {project, ratio}; a ratio over 1 is a project served worse than under `base`."""
+    mine, theirs = policy.get("per_project", {}), base.get("per_project", {})
+    ratios = {
+        p: v["slowdown_mean"] / theirs[p]["slowdown_mean"]
+        for p, v in mine.items()
+        if v.get("slowdown_mean") and (theirs.get(p) or {}).get("slowdown_mean")
+    }
+    if not ratios:
+        return None
+    project = max(sorted(ratios), key=lambda p: ratios[p])
+    return {"project": project, "ratio": _r(ratios[project], 6)}
 
 
 def series(
@@ -350,7 +396,8 @@ def metrics(
     project_cost: dict[str, float] = defaultdict(float)
     for a in attempts:
         project_cost[a.project] += a.cost_usd
-    projects = _per_project(results, attempts, budgets, held, config)
+    slowdowns = {r.job.id: x for r in results if (x := slowdown(r, config)) is not None}
+    projects = _per_project(results, attempts, budgets, held, config, slowdowns)
     statuses = Counter(r.status for r in results)
     bound = bound or floor(jobs, config)
     units = sum(work_units(r.job, config) for r in results if r.status == "completed")
@@ -370,6 +417,7 @@ def metrics(
         "sm_util": _ratio(util, held),
         "sm_util_fleet": _ratio(util, fleet * span),
         "jct_hours": summary(jcts),
+        "slowdown_mean": _mean(list(slowdowns.values())),
         "queue_hours": summary(queues),
         "jain_fairness": _fairness(projects, "finish_ratio"),
         "jain_work_share": _fairness(projects, "work_share"),

@@ -71,6 +71,7 @@ ROWS: tuple[Row, ...] = (
     ("JCT mean (h)", _num("jct_hours.mean", "{:,.2f}")),
     ("JCT p50 (h)", _num("jct_hours.p50", "{:,.2f}")),
     ("JCT p99 (h)", _num("jct_hours.p99", "{:,.2f}")),
+    ("Slowdown mean", _num("slowdown_mean", "{:,.2f}")),
     ("Queue mean (h)", _num("queue_hours.mean", "{:,.2f}")),
     ("Queue p50 (h)", _num("queue_hours.p50", "{:,.2f}")),
     ("Queue p99 (h)", _num("queue_hours.p99", "{:,.2f}")),
@@ -86,6 +87,7 @@ ROWS: tuple[Row, ...] = (
     ("Unplaced jobs", _num("jobs.unplaced", "{:,}")),
     ("Lost work (GPU-hours)", _num("work.lost_gpu_hours")),
     ("Killed attempts", _num("work.killed_attempts", "{:,}")),
+    ("Preempted attempts (work kept)", _num("work.preempted_attempts", "{:,}")),
     ("Wasted cost (USD)", _num("work.wasted_cost_usd", "{:,.2f}")),
     ("Council denials / human reviews", _pair("council.denied", "reviews", "{:,}", "{:,}")),
 )
@@ -150,6 +152,7 @@ def judged(results: Mapping[str, Mapping[str, Any]], across: Mapping[str, Any]) 
             f"{n} {_num('cost_vs_floor', '{:.3f}x')(v)}" for n, v in same["policies"].items()
         ),
     ]
+    lines += _worst_projects(across.get("worst_project_slowdown"))
     best = across.get("strongest_baseline")
     if best is not None:
         lines.append(
@@ -166,6 +169,22 @@ def judged(results: Mapping[str, Mapping[str, Any]], across: Mapping[str, Any]) 
                 f"{_usd(s['work_not_done'])}"
             )
     return lines
+
+
+def _worst_projects(worst: Mapping[str, Any] | None) -> list[str]:
+    """The project each policy serves worst against the fairness baseline, by mean slowdown."""
+    if not worst:
+        return []
+    cells = [
+        f"{name} {w['ratio']:.3f}x ({w['project']})" if w else f"{name} n/a"
+        for name, w in worst["policies"].items()
+    ]
+    if not cells:
+        return []
+    return [
+        f"worst project's mean slowdown against {worst['against']} (over 1: served worse): "
+        + ", ".join(cells)
+    ]
 
 
 def table(results: Mapping[str, dict[str, Any]], across: Mapping[str, Any] | None = None) -> str:

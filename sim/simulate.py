@@ -2,7 +2,7 @@
 
     gpu-agent simulate --trace ../shared/traces/philly.csv \\
         --policies naive,slurm-like,slurm-cheapest,cheapest-first,gpu-agent \\
-        [--jobs N] [--fleet FILE] [--out DIR] [--seed S]
+        [--jobs N] [--vc NAME] [--workload normal|pure] [--fleet FILE] [--out DIR] [--seed S]
 
 The trace is read through a schema mapping (fleet.trace), made into requests and workloads by
 the seeded rule of sim.workload, and replayed under each policy in virtual time. The gpu-agent
@@ -24,12 +24,13 @@ from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
 from fleet.models import CouncilOutcome
 from fleet.statedir import LEDGER
-from fleet.trace import PHILLY, TraceSchema, read_trace
+from fleet.trace import PHILLY, Job, TraceSchema, read_trace
 from sim.accounting import Floor, floor, same_work, savings
 from sim.agent_replay import run_gpu_agent
 from sim.baselines import BASELINES, run_baseline
+from sim.borrowing import run_borrowing
 from sim.lifecycle import Attempt
-from sim.metrics import metrics
+from sim.metrics import metrics, worst_project
 from sim.report import BASELINE, strongest, table, write_report
 from sim.workload import SimJob, Workload, WorkloadSettings, calibration, synthesize
 
@@ -37,6 +38,7 @@ TRACE_FLEET = "trace_fleet.toml"
 NO_RELEASE_MINUTES = 10.0**9  # an idle timeout no allocation reaches: auto-release off
 # (workload, fleet, state directory, progress) -> (attempts, what else the policy reports)
 CouncilChoice = Literal["fleet", "reference", "none"]
+FAIRNESS_BASELINE = "slurm-cheapest"  # no project's mean slowdown should be worse than here
 Runner = Callable[
     [Workload, FleetConfig, Path, Callable[[int], None]], tuple[list[Attempt], dict[str, Any]]
 ]
@@ -71,8 +73,17 @@ def _baseline(name: str) -> Runner:
     return lambda w, c, _out, p: (run_baseline(name, w, c, p), {})
 
 
+def _borrowing(
+    workload: Workload, config: FleetConfig, _out: Path, progress: Callable[[int], None]
+) -> tuple[list[Attempt], dict[str, Any]]:
+    attempts, preemptions = run_borrowing(workload, config, progress)
+    return attempts, {"preemptions": preemptions}
+
+
 POLICIES: dict[str, Runner] = {
     **{name: _baseline(name) for name in BASELINES},
+    # slurm-cheapest with borrowing between pools, reclaimed with notice (sim/borrowing.py)
+    "slurm-cheapest-borrow": _borrowing,
     "gpu-agent": _agent(),
     # the same graph with the idle release switched off: what auto-release saves
     "gpu-agent-no-autorelease": _agent(auto_release=False),
@@ -144,18 +155,22 @@ def simulate(
     stream: TextIO | None = None,
     fleet_text: str | None = None,
     settings: WorkloadSettings | None = None,
+    vc: str | None = None,
 ) -> Simulation:
-    """Run `policies` on the trace's jobs; the progress bars go to `stream` (stderr).
-    `settings` changes the workload model (its seed is `seed`)."""
+    """Run `policies` on the trace's jobs (with `vc`, that virtual cluster's only); the
+    progress bars go to `stream` (stderr). `settings` changes the workload model (its seed
+    is `seed`)."""
     stream = stream or sys.stderr
     settings = replace(settings or WorkloadSettings(), seed=seed)
-    workload = synthesize(read_trace(trace, schema, limit=jobs), config, settings)
+    chosen = select(read_trace(trace, schema, limit=None if vc else jobs), schema, vc, jobs)
+    workload = synthesize(chosen, config, settings)
     cal = calibration(workload.jobs)
     meta = {
         "trace": str(trace),
         "jobs": len(workload.jobs),
         "fleet": fleet_name,
         "fleet_gpus": sum(n.gpus for n in config.nodes),
+        "vc": vc,
         "seed": seed,
         "policies": list(policies),
         "workload": _settings(settings),
@@ -181,6 +196,21 @@ def simulate(
     return sim
 
 
+def select(
+    trace: Sequence[Job], schema: TraceSchema, vc: str | None, jobs: int | None
+) -> list[Job]:
+    """The earliest `jobs` of the trace's jobs (all when None), of the virtual cluster `vc`
+    only when given: its project name (`vc-11cb48`) or the trace's own value (`11cb48`)."""
+    if vc is None:
+        return list(trace[:jobs])
+    names = {vc, schema.project_prefix + vc}
+    kept = [j for j in trace if j.project in names]
+    if not kept:
+        known = sorted({j.project for j in trace})
+        raise InvalidInput(f"no virtual cluster {vc!r} in the trace (it has {', '.join(known)})")
+    return kept[:jobs]
+
+
 def across(
     jobs: Sequence[SimJob],
     runs: Mapping[str, Sequence[Attempt]],
@@ -201,6 +231,16 @@ def across(
         },
         "same_work": same_work(jobs, runs, config),
         "strongest_baseline": best,
+        "worst_project_slowdown": {
+            "against": FAIRNESS_BASELINE,
+            "policies": {
+                name: worst_project(m, results[FAIRNESS_BASELINE])
+                for name, m in results.items()
+                if name != FAIRNESS_BASELINE
+            },
+        }
+        if FAIRNESS_BASELINE in results
+        else None,
         "savings_usd": {
             name: {
                 b: {k: round(v, 2) for k, v in savings(runs[b], attempts, config).items()}

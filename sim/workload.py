@@ -63,6 +63,16 @@ removed:
   stops using `gpu-agent run`, one that starts leaving notebooks open), so that its recent
   record says more than its old one. Each project's draws come from a generator keyed by
   its name; `calibration()` prints the spread this gives between projects.
+
+The pure workload (`pure=True`, `gpu-agent simulate --workload pure`) keeps the purpose and
+named type of each job (the same draws) and drops the rest of the synthetic half, so that a
+policy can be compared with a pure-work scheduler such as Gavel's simulator, whose jobs do
+nothing but work: the trace duration is all work (one phase at PURE_UTIL %, no pause, no
+stall, no idle tail), the lease is not padded (exactly the work on the slowest type the job
+may run on, so no lease ends before the work on any allowed type; at least the fleet's
+shortest lease), every job runs under
+`gpu-agent run` (a lease's end comes with notice under every policy alike), and no project
+has a budget (nothing is refused or cut for money).
 """
 
 from __future__ import annotations
@@ -103,6 +113,7 @@ ROUND_HOURS = (
 )
 MIN_PHASE_HOURS = 1 / 60  # a pause shorter than a minute is part of the work around it
 PAUSE_MODELS = ("lognormal", "exponential", "pareto")
+PURE_UTIL = 100.0  # a pure-work job's SM utilisation: all of its time is work
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,7 @@ class WorkloadSettings:
     habit_sigma: float = 0.0  # sd of the projects' idle shift (logit); 0: projects alike
     unsupervised_projects: float = 0.2  # with habits: projects that never use gpu-agent run
     drift_share: float = 0.5  # with habits: projects whose habits change once
+    pure: bool = False  # trace durations are all work: no idle, no pad, no budget
 
 
 @dataclass(frozen=True)
@@ -384,20 +396,30 @@ def synthesize(
         named = _named(purpose, config, s, rng)
         reference = named or config.pool(purpose)[0]
         hours = max(job.hours, 1 / 3600)  # a zero-second job still took a moment
+        base = SimJob(
+            id=i,
+            project=job.project,
+            submit=job.submit,
+            count=job.count,
+            purpose=purpose,
+            named_type=named,
+            reference=reference,
+            requested_hours=hours,
+            pad=1.0,
+            phases=(Phase(hours, PURE_UTIL),),
+            line=job.line,
+            supervised=True,
+        )
+        if s.pure:  # no budget either: its project's list cost is not counted
+            jobs.append(replace(base, requested_hours=pure_lease(base, config)))
+            continue
         pad = _pad(s, rng)
         jobs.append(
-            SimJob(
-                id=i,
-                project=job.project,
-                submit=job.submit,
-                count=job.count,
-                purpose=purpose,
-                named_type=named,
-                reference=reference,
+            replace(
+                base,
                 requested_hours=requested(hours, pad, max_hours),
                 pad=pad,
                 phases=phases(hours, s, rng, habit.idle_shift),
-                line=job.line,
                 supervised=_rng(s.seed, "run", job.line or i).random() < habit.supervised,
             )
         )
@@ -410,6 +432,17 @@ def synthesize(
         for p, cost in sorted(list_cost.items())
     }
     return Workload(jobs, budgets)
+
+
+def pure_lease(job: SimJob, config: FleetConfig) -> float:
+    """A pure job's lease: its work on the slowest type it may use (no pad, no rounding),
+    within the fleet's shortest and longest leases (a job of seconds asks for the shortest
+    lease: a shorter request is refused)."""
+    ref = config.catalog[job.reference].relative_throughput
+    slowest = min(config.catalog[t].relative_throughput for t in candidate_types(job, config))
+    hours = job.work_hours * max(1.0, ref / slowest)
+    limits = config.limits
+    return min(max(hours, limits.min_duration_minutes / 60), limits.max_duration_hours)
 
 
 def calibration(jobs: Sequence[SimJob]) -> dict[str, float]:

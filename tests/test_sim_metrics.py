@@ -17,6 +17,8 @@ Totals: cost 31, held 15.5 GPU-h, utilised 6.5, useful 2 + 2 + 2 = 6, span 7 h (
 GPU-h). JCTs 2, 1, 6; queueing 0, 0, 1 (job 2 first started at 2), 0 (job 4).
 Finish ratios, refused and failed jobs at 0: job 0 2/2, job 1 1/1, job 2 3/6, job 5 0, jobs 3
 and 4 0 -> a 1, b 0.25, c 0 -> Jain 1.5625 / (3 x 1.0625).
+Slowdowns (JCT over the job alone on its fastest type, pauses in): job 0 2/2, job 1 1/1, job 2
+6/3 (2 h of work and its 1 h pause) -> mean 4/3; per project a 1, b 2, c none completed.
 Work (A100-hours): 2, 2, 2, 16, 3, 8 = 33, of which 6 completed; per project a 4/4, b 2/10,
 c 0/19. Floor at $2/h, pauses in, tails out: 4 + 4 + 6 + 32 + 6 + 16 (job 5 needs more GPUs
 than the fleet has: priced on its type anyway) = 68.
@@ -35,7 +37,15 @@ import pytest
 from fleet.config import FleetConfig, GPUTypeSpec, NodeSpec
 from fleet.models import Purpose
 from sim.lifecycle import Attempt, account, rerun, timeline
-from sim.metrics import isolated_hours, jain, metrics, percentiles, series, summary
+from sim.metrics import (
+    isolated_hours,
+    jain,
+    metrics,
+    percentiles,
+    series,
+    summary,
+    worst_project,
+)
 from sim.report import table, write_report
 from sim.workload import Phase, SimJob
 
@@ -290,6 +300,20 @@ def test_completion_queueing_and_fairness(m: dict[str, Any]) -> None:
     assert m["jain_work_share"] == round(1.44 / (3 * 1.04), 6)
 
 
+def test_slowdown_against_the_job_alone(m: dict[str, Any]) -> None:
+    assert m["slowdown_mean"] == round(4 / 3, 4)
+    assert [m["per_project"][p]["slowdown_mean"] for p in "abc"] == [1.0, 2.0, None]
+
+
+def test_the_worst_project_against_a_baseline(m: dict[str, Any]) -> None:
+    """Project b's jobs take 1.5 times as long (slowdown 3 against 2), a's are unchanged."""
+    other = json.loads(json.dumps(m))
+    other["per_project"]["b"]["slowdown_mean"] = 3.0
+    assert worst_project(other, m) == {"project": "b", "ratio": 1.5}
+    assert worst_project(m, other) == {"project": "a", "ratio": 1.0}
+    assert worst_project({"per_project": {}}, m) is None
+
+
 def test_work_in_units_against_the_floor(m: dict[str, Any]) -> None:
     assert m["work_units_completed"] == 6.0
     assert m["work_share"] == round(6 / 33, 6)
@@ -310,6 +334,7 @@ def test_budgets_jobs_and_work(m: dict[str, Any]) -> None:
         "redone_gpu_hours": 1.0,  # job 2's first hour, run again
         "abandoned_gpu_hours": 3.0,  # job 4's two tries
         "killed_attempts": 3,
+        "preempted_attempts": 0,
         "kill_reasons": {"idle": 1, "lease_expired": 2},
         "wasted_cost_usd": 9.0,
     }
@@ -326,6 +351,7 @@ def test_per_project(m: dict[str, Any]) -> None:
         "jobs_completed": 2,
         "finish_ratio": 1.0,
         "work_share": 1.0,
+        "slowdown_mean": 1.0,
     }
     assert [m["per_project"][p]["cost_usd"] for p in "abc"] == [16.0, 9.0, 6.0]
     assert sum(v["share_of_gpu_hours"] for v in m["per_project"].values()) == pytest.approx(

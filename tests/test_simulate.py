@@ -290,6 +290,8 @@ def _fleet(tmp_path: Path) -> Path:
         (["--policies", "naive,fastest"], "unknown policy 'fastest'"),
         (["--policies", "naive,naive"], "named twice"),
         (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--vc", "nope"], "no virtual cluster 'nope' in the trace"),
+        (["--workload", "pure", "--habits", "1.5"], "--habits has no meaning with --workload pure"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(
