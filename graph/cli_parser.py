@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_POLICIES),
         help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
         "slurm-cheapest-borrow, "
-        f"gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council "
+        "gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council, "
+        "gpu-agent-borrow, gpu-agent-no-council-borrow "
         f"(default: {','.join(DEFAULT_POLICIES)})",
     )
     p.add_argument(

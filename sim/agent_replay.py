@@ -19,13 +19,13 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from council.voting import Council
 from fleet.config import FleetConfig
-from fleet.models import GPURequest, Release, ReleaseReason, Status
+from fleet.models import GPURequest, Purpose, Release, ReleaseReason, Status
 from fleet.monitors import new_owner
 from nodes.context import open_services
 from nodes.state import State
@@ -43,6 +43,7 @@ from sim.lifecycle import (
 from sim.telemetry import TraceFleet
 from sim.workload import SimJob, Workload
 
+NOTICE_S = 60.0  # a supervised training job's checkpoint notice (`gpu-agent run --notice 60`)
 RUNNER = new_owner("run")  # the simulated users' `gpu-agent run`: this process, alive
 HORIZON_DAYS = 365  # requests still queued this long after the last submission are unplaced
 STEP_HOURS = 24.0  # the engine runs a virtual day at a time between progress reports
@@ -55,6 +56,7 @@ class _Run:
     submit: float
     segments: list[Segment] = field(default_factory=list)
     resumes: str | None = None  # the killed allocation whose work this attempt goes on with
+    preempted: int = 0  # earlier attempts that yielded (preempted, work kept): never kills
 
 
 @dataclass
@@ -66,6 +68,10 @@ class AgentRun:
 
 
 def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPURequest:
+    """The job's request: a supervised training job's carries its checkpoint notice (it
+    checkpoints when given notice, sim.lifecycle), so the fleet may preempt it or lend it
+    another pool's GPUs (fleet.borrowing, where the fleet file opts in)."""
+    noticed = job.supervised and job.purpose is Purpose.TRAINING
     return GPURequest.model_validate(
         {
             "project": job.project,
@@ -75,6 +81,7 @@ def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPUReq
             "duration_hours": job.requested_hours,
             "request_id": f"{job.id}-{attempt}",
             "resumes": resumes,
+            "notice_seconds": NOTICE_S if noticed else None,
         }
     )
 
@@ -157,8 +164,12 @@ def run_gpu_agent(
                     release.cost_usd,
                 )
             )
-            if attempts[-1].outcome == "killed":
-                again = rerun(run.job, run.segments, end, release.reason, run.attempt, config)
+            yielded = release.reason is ReleaseReason.PREEMPTED
+            if yielded and attempts[-1].outcome == "killed":  # checkpointed, asked again
+                attempts[-1] = replace(attempts[-1], outcome="preempted")
+            if attempts[-1].outcome in ("killed", "preempted"):
+                kills = run.attempt - run.preempted - yielded  # a yield is never a kill
+                again = rerun(run.job, run.segments, end, release.reason, kills, config)
                 if again is not None:
                     start(
                         _Run(
@@ -166,6 +177,7 @@ def run_gpu_agent(
                             run.attempt + 1,
                             returns_at(run.segments, end),
                             resumes=state["allocation"].id,
+                            preempted=run.preempted + yielded,
                         )
                     )
                     return

@@ -44,13 +44,19 @@ Runner = Callable[
 ]
 
 
-def _agent(auto_release: bool = True, judge: CouncilChoice = "fleet") -> Runner:
+def _agent(
+    auto_release: bool = True, judge: CouncilChoice = "fleet", borrow: bool = False
+) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
-    none (every request approved)."""
+    none (every request approved); `borrow`: with borrowing between pools on, whatever the
+    fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice)."""
 
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
     ) -> tuple[list[Attempt], dict[str, Any]]:
+        if borrow:
+            lend = config.preemption.model_copy(update={"borrow": True})
+            config = config.model_copy(update={"preemption": lend})
         if not auto_release:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
@@ -91,6 +97,9 @@ POLICIES: dict[str, Runner] = {
     # fleet file's council adds
     "gpu-agent-rules": _agent(judge="reference"),
     "gpu-agent-no-council": _agent(judge="none"),
+    # with borrowing between pools, reclaimed after the loan's notice (fleet.borrowing)
+    "gpu-agent-borrow": _agent(borrow=True),
+    "gpu-agent-no-council-borrow": _agent(judge="none", borrow=True),
 }
 
 

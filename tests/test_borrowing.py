@@ -111,3 +111,28 @@ def test_a_job_that_names_its_type_never_borrows(tmp_path: Path) -> None:
     attempts, extra = POLICIES["slurm-cheapest-borrow"](w, config, tmp_path, lambda _n: None)
     assert extra == {"preemptions": 0}
     assert {a.gpu_type for a in attempts if a.job == 1} == {"A100"}
+
+
+def test_the_graph_borrows_the_same_way_through_the_real_ledger(tmp_path: Path) -> None:
+    """gpu-agent-no-council-borrow (fleet.borrowing through the graph's own nodes; the
+    supervised training jobs carry a 60 s notice): B borrows R at 0, C reclaims it at 1 h and
+    starts when B yields 60 s later; B goes on from its checkpoint; all work is done, none
+    lost, none killed, and B's preempted attempt is charged for what it held."""
+    config = parse_fleet(FLEET)
+    w = workload()
+    run = POLICIES["gpu-agent-no-council-borrow"]
+    attempts, _ = run(w, config, tmp_path / "borrow", lambda _n: None)
+    by_job = {i: [a for a in attempts if a.job == i] for i in range(3)}
+    first = by_job[1][0]
+    assert (first.gpu_type, first.outcome, first.start) == ("R", "preempted", T0)
+    assert first.end == pytest.approx(T0 + H + NOTICE_S)
+    assert first.cost_usd == pytest.approx((H + NOTICE_S) / H * 1.0)
+    [c] = by_job[2]
+    assert c.start == pytest.approx(T0 + H + NOTICE_S) and c.outcome == "completed"
+    m = metrics(w.jobs, attempts, config, w.budgets)
+    assert m["jobs"]["completed"] == 3
+    assert m["work"]["lost_gpu_hours"] == 0.0 and m["work"]["killed_attempts"] == 0
+    assert m["work"]["preempted_attempts"] >= 1
+    plain, _ = POLICIES["gpu-agent-no-council"](w, config, tmp_path / "plain", lambda _n: None)
+    b = next(a for a in plain if a.job == 1)
+    assert b.gpu_type == "A100" and b.start == pytest.approx(T0 + 4 * H)  # waited its pool
