@@ -177,26 +177,30 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
         axis=1,
     )
     for i in summarised:  # the older history's summary, first
-        f, older = batch[i], batch[i].older
-        assert older is not None
-        rated = older.rated_gpu_hours
-        share = older.gpu_hours or 1.0
-        raw[first[i]] = (
-            # at the oldest event read one by one (its datetime may round a microsecond later)
-            f.past[0].ended_at if f.past else older.at.timestamp(),
-            older.events,
-            0.0,
-            older.gpu_hours,
-            0.0,
-            0.0,
-            older.util_gpu_hours / rated if rated > 0 else math.nan,
-            older.idle_gpu_hours / share,
-            older.budget_gpu_hours / share,
-            _SUMMARY,
-            0.0,
-            1.0,
-        )
+        raw[first[i]] = _summary_row(batch[i])
     return raw, lengths
+
+
+def _summary_row(f: RequestFeatures) -> tuple[float, ...]:
+    """The step that summarises a request's older history (f.older, which has events)."""
+    older = f.older
+    assert older is not None
+    rated, share = older.rated_gpu_hours, older.gpu_hours or 1.0
+    return (
+        # at the oldest event read one by one (its datetime may round a microsecond later)
+        f.past[0].ended_at if f.past else older.at.timestamp(),
+        older.events,
+        0.0,
+        older.gpu_hours,
+        0.0,
+        0.0,
+        older.util_gpu_hours / rated if rated > 0 else math.nan,
+        older.idle_gpu_hours / share,
+        older.budget_gpu_hours / share,
+        _SUMMARY,
+        0.0,
+        1.0,
+    )
 
 
 def _column(items: Sequence[object], name: str) -> NDArray[np.float64]:
@@ -213,26 +217,7 @@ _LOG_TOPS = np.array([math.log1p(top) for top in (64, 720, 1e4, 1e5)])
 def _rows_one(f: RequestFeatures) -> list[tuple[float, ...]]:
     """_raw's rows of one request, in Python: the same operations on the same doubles as
     _raw's columns, so the same values, bit for bit."""
-    older = f.older
-    rows: list[tuple[float, ...]] = []
-    if older is not None and older.events:
-        rated, share = older.rated_gpu_hours, older.gpu_hours or 1.0
-        rows.append(
-            (
-                f.past[0].ended_at if f.past else older.at.timestamp(),
-                older.events,
-                0.0,
-                older.gpu_hours,
-                0.0,
-                0.0,
-                older.util_gpu_hours / rated if rated > 0 else math.nan,
-                older.idle_gpu_hours / share,
-                older.budget_gpu_hours / share,
-                _SUMMARY,
-                0.0,
-                1.0,
-            )
-        )
+    rows = [_summary_row(f)] if f.older is not None and f.older.events else []
     for j in f.past:
         count, hours, lease = float(j.count), j.hours, j.lease_hours
         rows.append(
