@@ -32,6 +32,8 @@ from slurm_fidelity import (
 )
 
 # Few GPUs, so that 20 jobs queue: the research jobs share 4 RTX4090s, training 8 A100 + 2 H100.
+NODES = {"a100-0": ("A100", 8), "h100-0": ("H100", 2), "t4-0": ("T4", 1), "v100-0": ("V100", 1)}
+NODES["rtx4090-0"] = ("RTX4090", 4)
 FLEET = """
 catalog = ["T4", "V100", "A100", "H100", "RTX4090"]
 
@@ -42,32 +44,9 @@ research = ["RTX4090"]
 
 [limits]
 max_duration_hours = 2160
-
-[[nodes]]
-name = "a100-0"
-gpu_type = "A100"
-gpus = 8
-
-[[nodes]]
-name = "h100-0"
-gpu_type = "H100"
-gpus = 2
-
-[[nodes]]
-name = "t4-0"
-gpu_type = "T4"
-gpus = 1
-
-[[nodes]]
-name = "v100-0"
-gpu_type = "V100"
-gpus = 1
-
-[[nodes]]
-name = "rtx4090-0"
-gpu_type = "RTX4090"
-gpus = 4
-"""
+""" + "".join(
+    f'\n[[nodes]]\nname = "{n}"\ngpu_type = "{t}"\ngpus = {g}\n' for n, (t, g) in NODES.items()
+)
 
 
 def test_the_slurm_shape_mirrors_the_fleet() -> None:
