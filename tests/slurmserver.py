@@ -14,6 +14,10 @@ warns, schedules the same, and sets no CUDA_VISIBLE_DEVICES). The nodes claim 16
 Fast settings for tests: finished jobs stay listed 30 s (`MinJobAge`), the scheduler runs
 every 2 s, a cancelled job's processes get 2 s between SIGTERM and SIGKILL. Needs Debian's
 `slurmctld slurmd slurm-client munge`; `.ci/run` installs them.
+
+A `Layout` gives another shape (benchmarks/slurm_fidelity.py mirrors a simulated fleet):
+its partitions, more keys on a node's line (Weight, Features) and slurm.conf settings set or
+replaced (priority, backfill). A node claims as many CPUs as it has GPUs where that is over 16.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -39,6 +44,17 @@ NODES: dict[str, list[tuple[str, int]]] = {
 }
 PARTITION = "gpu"
 START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A cluster other than the tests' default: partitions (name: nodes; none given, one
+    partition PARTITION of every node), more `Key=Value` text for a node's line, and
+    slurm.conf settings set or replaced (key: value)."""
+
+    partitions: dict[str, list[str]] = field(default_factory=dict)
+    node_keys: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 def installed() -> bool:
@@ -61,9 +77,15 @@ def _alive(pid: int) -> bool:
 
 
 class SlurmServer:
-    def __init__(self, root: Path, nodes: dict[str, list[tuple[str, int]]] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        nodes: dict[str, list[tuple[str, int]]] | None = None,
+        layout: Layout | None = None,
+    ) -> None:
         self.root = root
         self.nodes = nodes or NODES
+        self.layout = layout or Layout()
         self.conf = root / "slurm.conf"
         self.socket = root / "run" / "munge.sock"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -85,52 +107,66 @@ class SlurmServer:
                 gres += [f"NodeName={node} Name=gpu Type={kind} File={f}" for f in files]
                 index += count
             spec = ",".join(f"gpu:{k}:{n}" for k, n in kinds)
+            more = f" {self.layout.node_keys[node]}" if node in self.layout.node_keys else ""
             nodes.append(
                 f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 "
-                f"Port={_free_port()} CPUs=16 RealMemory=16000 Gres={spec} State=UNKNOWN"
+                f"Port={_free_port()} CPUs={max(16, index)} RealMemory=16000 Gres={spec} "
+                f"State=UNKNOWN{more}"
             )
         (self.root / "gres.conf").write_text("\n".join(gres) + "\n")
-        r = self.root
+        parts = self.layout.partitions or {PARTITION: list(self.nodes)}
         self.conf.write_text(
             "\n".join(
                 [
-                    "ClusterName=gpuagenttest",
-                    "SlurmctldHost=localhost(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
-                    "SlurmUser=root",
-                    "SlurmdUser=root",
-                    "AuthType=auth/munge",
-                    "CredType=cred/munge",
-                    f"AuthInfo=socket={self.socket}",
-                    f"StateSaveLocation={r}/state",
-                    f"SlurmdSpoolDir={r}/spool/%n",
-                    f"SlurmctldPidFile={r}/run/slurmctld.pid",
-                    f"SlurmdPidFile={r}/run/slurmd-%n.pid",
-                    f"SlurmctldLogFile={r}/log/slurmctld.log",
-                    f"SlurmdLogFile={r}/log/slurmd-%n.log",
-                    "ProctrackType=proctrack/linuxproc",
-                    "TaskPlugin=task/none",
-                    "MpiDefault=none",
-                    "JobAcctGatherType=jobacct_gather/none",
-                    "AccountingStorageType=accounting_storage/none",
-                    "SchedulerType=sched/backfill",
-                    "SchedulerParameters=sched_interval=2,bf_interval=2",
-                    "SelectType=select/cons_tres",
-                    "SelectTypeParameters=CR_Core",
-                    "GresTypes=gpu",
-                    "SlurmdParameters=config_overrides",
-                    "ReturnToService=2",
-                    "MinJobAge=30",
-                    "KillWait=2",
-                    "InactiveLimit=0",
-                    "MessageTimeout=5",
+                    *(f"{k}={v}" for k, v in self._settings().items()),
                     *nodes,
-                    f"PartitionName={PARTITION} Nodes={','.join(self.nodes)} Default=YES "
-                    "MaxTime=INFINITE State=UP",
+                    *(
+                        f"PartitionName={name} Nodes={','.join(members)}"
+                        f"{' Default=YES' if i == 0 else ''} MaxTime=INFINITE State=UP"
+                        for i, (name, members) in enumerate(parts.items())
+                    ),
                     "",
                 ]
             )
         )
+
+    def _settings(self) -> dict[str, str]:
+        """slurm.conf's settings (all but nodes and partitions), the layout's applied."""
+        r = self.root
+        lines = [
+            "ClusterName=gpuagenttest",
+            "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldPort={_free_port()}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.socket}",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/run/slurmctld.pid",
+            f"SlurmdPidFile={r}/run/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log",
+            f"SlurmdLogFile={r}/log/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "GresTypes=gpu",
+            "SlurmdParameters=config_overrides",
+            "ReturnToService=2",
+            "MinJobAge=30",
+            "KillWait=2",
+            "InactiveLimit=0",
+            "MessageTimeout=5",
+        ]
+        base = {key: value for key, _, value in (line.partition("=") for line in lines)}
+        return base | self.layout.settings
 
     def _device(self, node: str, index: int) -> Path:
         path = self.root / "dev" / node / f"nvidia{index}"
