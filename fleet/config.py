@@ -88,6 +88,11 @@ class SchedulerSettings(_Strict):
     weight_fairshare: float = Field(default=1000, ge=0)
     weight_age: float = Field(default=500, ge=0)
     stale_after_polls: float = Field(default=3, gt=1)
+    # A queued request that names no type moves, when it wakes, to another type of its pool
+    # that routing now prefers and that could start it now (nodes/wait.py), rather than wait
+    # for the type it was first routed to. Off by default until the whole trace's figures are
+    # measured with it (docs/evaluation.md).
+    move_queued: bool = False
 
 
 # Each policy's (deny at or below, approve at or above) on its own probability. The neural

@@ -1,13 +1,16 @@
-"""Wait for a fair turn: sleep one poll, then allocate tries again; give up after max wait."""
+"""Wait for a fair turn: sleep one poll, then allocate tries again (on another type of the
+pool where `[scheduler] move_queued` lets it move); give up after max wait."""
 
 from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
-from fleet.models import ReleaseReason, Status
+from fleet.models import GPURequest, ReleaseReason, RouteDecision, Status
+from fleet.routing import guarded
+from fleet.services import Services
 from nodes.context import Context, services_for
-from nodes.state import State, request_of
+from nodes.state import State, guardrails_of, request_of
 
 
 def wait(state: State, runtime: Runtime[Context]) -> State:
@@ -39,4 +42,17 @@ def wait(state: State, runtime: Runtime[Context]) -> State:
             "reason": f"not placed within {request.max_wait_minutes:g} min "
             f"({state.get('reason', 'no capacity')})",
         }
-    return {}
+    return _moved(svc, state, request)
+
+
+def _moved(svc: Services, state: State, request: GPURequest) -> State:
+    """The route to another type of its pool that could start it now, where routing now
+    prefers one (a queued request is not tied to the type it was first routed to)."""
+    route = state.get("route")
+    if not svc.config.scheduler.move_queued or request.gpu_type is not None or route is None:
+        return {}
+    decision = svc.route(guarded(request, guardrails_of(state)))
+    if not isinstance(decision, RouteDecision) or decision.gpu_type == route.gpu_type:
+        return {}
+    starts = svc.starts_in_hours([decision.gpu_type], request.count)
+    return {"route": decision} if starts[decision.gpu_type] <= 0 else {}

@@ -45,11 +45,15 @@ Runner = Callable[
 
 
 def _agent(
-    auto_release: bool = True, judge: CouncilChoice = "fleet", borrow: bool = False
+    auto_release: bool = True,
+    judge: CouncilChoice = "fleet",
+    borrow: bool = False,
+    move: bool = False,
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
-    fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice)."""
+    fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice);
+    `move`: queued requests move to another type of their pool ([scheduler] move_queued)."""
 
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
@@ -57,6 +61,9 @@ def _agent(
         if borrow:
             lend = config.preemption.model_copy(update={"borrow": True})
             config = config.model_copy(update={"preemption": lend})
+        if move:
+            moving = config.scheduler.model_copy(update={"move_queued": True})
+            config = config.model_copy(update={"scheduler": moving})
         if not auto_release:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
@@ -100,6 +107,9 @@ POLICIES: dict[str, Runner] = {
     # with borrowing between pools, reclaimed after the loan's notice (fleet.borrowing)
     "gpu-agent-borrow": _agent(borrow=True),
     "gpu-agent-no-council-borrow": _agent(judge="none", borrow=True),
+    # queued requests move to another type of their pool that frees first
+    "gpu-agent-move": _agent(move=True),
+    "gpu-agent-no-council-move": _agent(judge="none", move=True),
 }
 
 

@@ -38,7 +38,10 @@ class Placing(Releasing):
         in the same transaction (the claim of the allocation's monitor: one commit for both,
         and where it raises nothing is placed)."""
         aid = allocation_id(thread_id, request.request_id)
-        with self.transaction(f"type:{route.gpu_type}", f"project:{request.project}") as db:
+        was = self.query("SELECT gpu_type FROM allocations WHERE id=?", (aid,))
+        types = {route.gpu_type, *(r[0] for r in was)}  # a queued request may move type
+        keys = sorted(f"type:{t}" for t in types)
+        with self.transaction(*keys, f"project:{request.project}") as db:
             if first is not None:
                 first(db)
             existing = self._get(db, aid)
@@ -114,10 +117,14 @@ class Placing(Releasing):
                     self._held[route.gpu_type].update(g.uuid for g in decision.gpus)
                     self._free_of.pop(route.gpu_type, None)
                 nodes = sorted({g.node for g in decision.gpus})
+                if existing is not None and existing.gpu_type != route.gpu_type:
+                    old_queue = self._queues.get(existing.gpu_type)
+                    if old_queue is not None:
+                        old_queue.pop(aid, None)
                 db.execute(
                     "UPDATE allocations SET state='active', started_at=?, lease_end=?, "
                     "deadline=?, deadline_reason=?, heartbeat_at=?, gpu_ids=?, nodes=?, "
-                    "busy_at_start=?, hours=? WHERE id=?",
+                    "busy_at_start=?, hours=?, gpu_type=?, price_per_hour=? WHERE id=?",
                     (
                         now,
                         lease_end,
@@ -128,6 +135,8 @@ class Placing(Releasing):
                         json.dumps(nodes),
                         busy,
                         hours,
+                        route.gpu_type,
+                        route.price_per_hour,
                         aid,
                     ),
                 )

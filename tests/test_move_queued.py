@@ -1,0 +1,59 @@
+"""`[scheduler] move_queued`: a queued request that names no type moves, when it wakes, to
+another type of its pool that routing now prefers and that can start it now, rather than wait
+for the type it was first routed to; in virtual time through the real graph, on SQLite and
+PostgreSQL. Off, it waits for its first route's type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fleet.clock import VirtualClock
+from graph.scenario import Submit, run_scenario
+from tests.conftest import OrchFactory, small_config
+
+HOUR = 3600.0
+
+
+def ask(count: int, hours: float, **more: Any) -> dict[str, Any]:
+    return {
+        "project": "p",
+        "purpose": "training",
+        "count": count,
+        "duration_hours": hours,
+        "priority": "critical",  # approved without a vote: these tests are about placement
+    } | more
+
+
+# H100s (cheapest per unit of work here) held 10 h, A100s 1 h; then 2 GPUs for 2 A100-hours
+STEPS = [
+    Submit(0.0, "h100", ask(2, 10.0, gpu_type="H100")),
+    Submit(0.0, "a100", ask(8, 1.0, gpu_type="A100")),
+    Submit(0.1, "r", ask(2, 2.0)),
+]
+
+
+@pytest.mark.parametrize("move", [True, False], ids=["moves", "stays"])
+def test_a_queued_request_moves_to_the_type_that_frees_first(
+    make_orch: OrchFactory, database: str, move: bool
+) -> None:
+    clock = VirtualClock()
+    on_server = {"database": database} if database.startswith("postgresql") else {}
+    config = small_config(scheduler={"move_queued": move})
+    orch = make_orch(config, clock=clock, **on_server)
+    start = clock.now()
+    result = run_scenario(orch, clock, STEPS, lambda *a: None)
+    r = result.outcomes["r"]
+    assert r.allocation is not None and r.release is not None
+    began = r.allocation.started_at.timestamp() - start
+    [row] = [a for a in orch.services.ledger.allocations() if a.thread_id == "r"]
+    if move:  # at its first poll after the A100s' lease ends
+        poll = config.scheduler.poll_seconds
+        assert r.allocation.gpu_type == row.gpu_type == "A100"
+        assert 1.0 * HOUR <= began <= 1.0 * HOUR + poll
+        assert row.price_per_hour == config.catalog["A100"].price_per_hour
+        assert r.release.cost_usd == pytest.approx(5.12 * 2 * r.release.hours)
+    else:
+        assert r.allocation.gpu_type == row.gpu_type == "H100"
+        assert began == pytest.approx(10.0 * HOUR)
