@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fleet.clock import VirtualClock
-from graph.scenario import Submit, run_scenario
+from graph.scenario import Step, Submit, run_scenario
 from tests.conftest import OrchFactory, small_config
 
 HOUR = 3600.0
@@ -27,7 +27,7 @@ def ask(count: int, hours: float, **more: Any) -> dict[str, Any]:
 
 
 # H100s (cheapest per unit of work here) held 10 h, A100s 1 h; then 2 GPUs for 2 A100-hours
-STEPS = [
+STEPS: list[Step] = [
     Submit(0.0, "h100", ask(2, 10.0, gpu_type="H100")),
     Submit(0.0, "a100", ask(8, 1.0, gpu_type="A100")),
     Submit(0.1, "r", ask(2, 2.0)),
