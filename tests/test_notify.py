@@ -1,16 +1,20 @@
 """Many hosts on one PostgreSQL ledger: a release in one process wakes the queued requests of
 the others at once (LISTEN/NOTIFY, fleet/ledger/notify.py), not at their next poll, which is an
-hour here; with `[scheduler] notify = false`, and on SQLite, they wait for that poll."""
+hour here. With `[scheduler] notify = false` a release notifies nobody and nothing listens;
+SQLite has no listener (its processes poll, as before)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from fleet.ledger.notify import CHANNEL
 from fleet.models import Status
 from graph.orchestrator import Orchestrator
 from tests.conftest import small_config
@@ -22,12 +26,9 @@ def listening() -> bool:
     return any(t.name == "gpu-agent-listen" for t in threading.enumerate())
 
 
-@pytest.fixture
-def pair(
-    tmp_path: Path, database: str, request: pytest.FixtureRequest
-) -> Iterator[tuple[Orchestrator, Orchestrator]]:
+@contextmanager
+def pair(tmp_path: Path, database: str, notify: bool) -> Iterator[tuple[Orchestrator, ...]]:
     """Two processes' worth of services (own connections) on one ledger, polling hourly."""
-    notify = getattr(request, "param", True)
     config = small_config(scheduler={"poll_seconds": 3600, "notify": notify})
     where = {"database": database} if database.startswith("postgresql") else {}
     state = tmp_path / "state"
@@ -35,50 +36,51 @@ def pair(
         yield a, b
 
 
-def queued_behind(a: Orchestrator, b: Orchestrator) -> tuple[str, str]:
-    """A holds both H100s; B's request for them waits in the queue. (A's id, B's id)"""
-    held = a.request(HOLD, wait=False)
+def hold(orch: Orchestrator) -> str:
+    held = orch.request(HOLD, wait=False)
     assert held.status is Status.ALLOCATED and held.allocation is not None
-    waiting = b.request(HOLD, wait=False)
+    return held.allocation.id
+
+
+def queue(orch: Orchestrator) -> str:
+    """A request for the held GPUs, asleep in this orchestrator's queue until its poll."""
+    waiting = orch.request(HOLD, wait=False)
     assert waiting.status is Status.QUEUED
-    (queued,) = b.services.ledger.allocations("queued")
-    b.services.waker(queued.id)  # made now, so a release heard before B sleeps is not lost
-    b.continue_in_background(waiting.thread_id)  # B's queue: asleep until its poll
-    return held.allocation.id, queued.id
+    (queued,) = orch.services.ledger.allocations("queued")
+    orch.services.waker(queued.id)  # made now, so a release heard before it sleeps is not lost
+    orch.continue_in_background(waiting.thread_id)
+    return queued.id
 
 
-def state_of(orch: Orchestrator, aid: str) -> str:
-    return orch.services.ledger.get(aid).state
-
-
-def test_a_release_wakes_another_processes_queue_at_once(
-    pair: tuple[Orchestrator, Orchestrator], database: str
-) -> None:
-    a, b = pair
-    held, waiting = queued_behind(a, b)
-    a.release(held)
-    if database.startswith("postgresql"):
-        assert listening()
+def test_a_release_wakes_another_processes_queue_at_once(tmp_path: Path, pg_url: str) -> None:
+    with pair(tmp_path, pg_url, notify=True) as (a, b):
+        held = hold(a)
+        assert listening()  # from the first thread a process runs
+        waiting = queue(b)
+        a.release(held)
         deadline = time.monotonic() + 30  # the poll is an hour away
-        while state_of(b, waiting) != "active":
+        while b.services.ledger.get(waiting).state != "active":
             assert time.monotonic() < deadline, "not woken by the release"
             time.sleep(0.05)
-    else:  # SQLite: no channel, no listener; the queue waits for its poll
-        assert not listening()
-        time.sleep(2)
-        assert state_of(b, waiting) == "queued"
-    b.release(waiting)
+        b.release(waiting)
 
 
-@pytest.mark.parametrize("database", ["postgres"], indirect=True)
-@pytest.mark.parametrize("pair", [False], indirect=True)
-def test_with_notify_off_the_queue_waits_for_its_poll(
-    pair: tuple[Orchestrator, Orchestrator],
+@pytest.mark.parametrize("notify", [True, False])
+def test_a_release_notifies_every_listener_where_asked(
+    tmp_path: Path, pg_url: str, notify: bool
 ) -> None:
-    a, b = pair
-    assert not listening()
-    held, waiting = queued_behind(a, b)
-    a.release(held)
-    time.sleep(2)
-    assert state_of(b, waiting) == "queued"
-    b.release(waiting)
+    with psycopg.connect(pg_url, autocommit=True) as other, pair(tmp_path, pg_url, notify) as ab:
+        other.execute(f"LISTEN {CHANNEL}")
+        a, _ = ab
+        held = hold(a)
+        assert listening() is notify
+        a.release(held)
+        a.release(held)  # released before: nothing more
+        heard = [n.payload for n in other.notifies(timeout=1.0)]
+        assert heard == ([held] if notify else [])
+
+
+def test_sqlite_has_no_listener(tmp_path: Path) -> None:
+    with pair(tmp_path, str(tmp_path / "ledger"), notify=True) as (a, _):
+        a.release(hold(a))
+        assert not listening()

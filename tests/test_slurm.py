@@ -396,6 +396,7 @@ def test_a_job_slurm_starts_late_within_the_max_wait_runs_and_is_charged_from_it
         )
         asking.start()
         wait_for(lambda: [j for j in live() if j["job_state"] == "PENDING"], 20, "pending")
+        time.sleep(2)  # pending over a whole second: Slurm's start times are whole seconds
     # the reservation ended: Slurm starts the job
     asking.join(60)
     (done,) = placed
