@@ -194,6 +194,14 @@ class Services:
             if token is not None:
                 token.set()
 
+    def _heard(self, freed: str) -> None:
+        """Another process released `freed` (fleet.ledger.notify): wake_waiters, where this
+        process has anything asleep."""
+        with self._lock:
+            asleep = bool(self._wakers)
+        if asleep:
+            self.wake_waiters(freed)
+
     def reserve(self, row: LedgerRow, request: GPURequest) -> str | None:
         """Tell a reserving backend (Ray) about a placement, or have the cluster's scheduler
         (Slurm) hold its GPUs in a job (with the request's checkpoint notice, started within its
@@ -333,7 +341,7 @@ class Services:
             listens = isinstance(pg, PostgresDatabase) and self.config.scheduler.notify
             if self._listener is None and listens:  # other hosts' releases wake our queue
                 assert isinstance(pg, PostgresDatabase)
-                self._listener = FreedListener(pg.url, self.wake_waiters, pg.backend_pid)
+                self._listener = FreedListener(pg.url, self._heard, pg.backend_pid)
             if self._heartbeat is None:
                 self._heartbeat = Heartbeat(
                     Monitors(self.ledger),
