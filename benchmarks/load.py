@@ -13,11 +13,18 @@ over from their Postgres checkpoints when its leases run out. Then the ledger is
   checkpoint's status, every placed allocation released, charged and written to history
   exactly once.
 
+Then the wake-up delay across processes: a request queued in a `gpu-agent worker` behind the
+one GPU this script holds, released at a random moment of the worker's poll (`--wake-poll`,
+2 s, on the real clock): how long from the release until the worker placed it, with
+LISTEN/NOTIFY (`[scheduler] notify = true`, the default) and without (its next poll), both
+in the same run (`--wake-trials` each, 10), and their ratio.
+
     .venv/bin/python benchmarks/load.py [--database postgresql://...] [--requests 2000]
+    .venv/bin/python benchmarks/load.py --wake-only
 
 Without --database it starts a private PostgreSQL server (fsync on) in a temporary folder.
 It prints throughput and latency (submit -> done, and claim -> done of the last claim), then
-the checks; it exits 1 if a check fails.
+the checks, then the wake-up delays; it exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/council.py would shadow the council package
@@ -43,10 +53,11 @@ sys.path.insert(0, str(ROOT))  # benchmarks/council.py would shadow the council 
 from fleet.config import load_fleet  # noqa: E402
 from fleet.jobs import JobQueue  # noqa: E402
 from fleet.ledger import Ledger  # noqa: E402
+from fleet.ledger.rows import LedgerRow  # noqa: E402
 from fleet.models import GPURequest, Status  # noqa: E402
 from graph.orchestrator import Orchestrator  # noqa: E402
 
-FLEET = """
+TIMING = """
 [clock]
 time_scale = 3600
 
@@ -55,7 +66,8 @@ tick_seconds = 600
 
 [scheduler]
 poll_seconds = 900
-
+"""
+TYPES = """
 [council]
 auto_approve_max_gpus = 8
 auto_approve_max_usd = 100000
@@ -86,16 +98,35 @@ research = ["A100"]
 NODES = [("a100", "A100", 4), ("h100", "H100", 2), ("l4", "L4", 2)]  # 8 GPUs per node
 PROJECTS = ["vision", "speech", "nlp", "robotics", "ranking", "search"]
 BUDGETS = {"robotics": 3000.0, "ranking": 2000.0, "search": 1000.0}  # the others: none
+T = TypeVar("T")
 TERMINAL = {Status.RELEASED, Status.DENIED, Status.INVALID, Status.TIMED_OUT}
+# The wake-up measurement: the real clock, one H100, ticks of a second (a released waiter's
+# thread ends at its next tick); the load's TYPES (catalog, pools, council).
+WAKE_FLEET = """
+[monitor]
+tick_seconds = 1
+
+[scheduler]
+poll_seconds = {poll}
+notify = {notify}
+
+[[nodes]]
+name = "h100-0"
+gpu_type = "H100"
+gpus = 1
+rack = "rack-0"
+"""
+WAKE_ASK = {"project": "vision", "gpu_type": "H100", "count": 1, "duration_hours": 1.0}
 
 
-def fleet_toml() -> str:
+def fleet_toml(notify: bool = True) -> str:
     nodes = [
         f'\n[[nodes]]\nname = "{name}-{i}"\ngpu_type = "{t}"\ngpus = 8\nrack = "rack-{i % 2}"\n'
         for name, t, n in NODES
         for i in range(n)
     ]
-    return FLEET + "".join(nodes)
+    timing = TIMING if notify else TIMING + "notify = false\n"  # the last table: [scheduler]
+    return timing + TYPES + "".join(nodes)
 
 
 def requests(n: int, seed: int) -> list[GPURequest]:
@@ -169,6 +200,12 @@ def main() -> int:
     )
     ap.add_argument("--lease-seconds", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--wake-trials", type=int, default=10, help="per mode (0: none)")
+    ap.add_argument("--wake-poll", type=float, default=2.0, help="the waiter's poll, seconds")
+    ap.add_argument("--wake-only", action="store_true", help="only the wake-up delays")
+    ap.add_argument(
+        "--no-notify", action="store_true", help="the load run without LISTEN/NOTIFY (polls)"
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-agent-load-"))
@@ -178,9 +215,15 @@ def main() -> int:
         from tests.pgserver import PgServer, create_database
 
         server = PgServer(Path(f"/tmp/gpu-agent-load-pg-{os.getpid()}"), durable=True)
-        database = create_database(server.start(), "load")
+        admin = server.start()
+        database = create_database(admin, "load")
     try:
-        return run(args, database, tmp)
+        failed = 0 if args.wake_only else run(args, database, tmp)
+        if args.wake_trials:
+            given = database  # --database: both modes on it, one after the other
+            fresh = (lambda: create_database(admin)) if server is not None else (lambda: given)
+            wake(args, fresh, tmp)
+        return failed
     finally:
         if server is not None:
             server.stop()
@@ -189,7 +232,7 @@ def main() -> int:
 
 def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
     fleet = tmp / "fleet.toml"
-    fleet.write_text(fleet_toml())
+    fleet.write_text(fleet_toml(not args.no_notify))
     state = tmp / "state"
     state.mkdir()
     n = args.requests
@@ -250,7 +293,7 @@ def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
     taken = sum(j.attempts > 1 for j in jobs)
     print(
         f"requests {n}  workers {args.workers} x {args.concurrency} threads  "
-        f"fleet 64 GPUs  database PostgreSQL"
+        f"fleet 64 GPUs  database PostgreSQL  NOTIFY {'off' if args.no_notify else 'on'}"
     )
     print(f"outcomes {dict(Counter(j.outcome for j in jobs))}")
     print(
@@ -274,6 +317,75 @@ def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
         )
     )
     return 1 if problems else 0
+
+
+def wake(args: argparse.Namespace, fresh: Callable[[], str], tmp: Path) -> None:
+    """The wake-up delays with and without LISTEN/NOTIFY, each on a fresh database."""
+    rng = random.Random(args.seed)
+    delays = {mode: wake_delays(args, fresh(), tmp, mode, rng) for mode in (True, False)}
+    on, off = (statistics.mean(delays[m]) for m in (True, False))
+    print(
+        f"wake-up after a release in another process ({args.wake_trials} trials each, the "
+        f"waiter's poll {args.wake_poll:g} s):"
+    )
+    for mode, name in ((True, "LISTEN/NOTIFY"), (False, "polling only")):
+        d = sorted(delays[mode])
+        print(
+            f"  {name:<14} mean {1000 * statistics.mean(d):7.1f} ms  p50 "
+            f"{1000 * statistics.median(d):7.1f} ms  max {1000 * d[-1]:7.1f} ms"
+        )
+    print(f"  ratio polling / NOTIFY {off / on:.1f}")
+
+
+def wake_delays(
+    args: argparse.Namespace, database: str, tmp: Path, notify: bool, rng: random.Random
+) -> list[float]:
+    """Seconds from each release to the worker's placement of the request queued behind it."""
+    where = tmp / f"wake-{notify}"
+    where.mkdir()
+    fleet = where / "fleet.toml"
+    fleet.write_text(TYPES + WAKE_FLEET.format(poll=args.wake_poll, notify=str(notify).lower()))
+    opts = ["--state-dir", str(where / "state"), "--fleet", str(fleet), "--database", database]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "worker", "--concurrency", "4", *opts],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(where / "worker.log", "w"),  # noqa: SIM115
+    )
+    out = []
+    try:
+        with Orchestrator(where / "state", str(fleet), database=database) as orch:
+            ledger = orch.services.ledger
+            for i in range(args.wake_trials):
+                held = orch.request(WAKE_ASK, wait=False).allocation
+                assert held is not None
+                job = orch.submit(WAKE_ASK, thread_id=f"wake-{i}")
+                queued = until(partial(_allocation, ledger, job.thread_id, "queued"))
+                time.sleep(0.5 + rng.uniform(0, args.wake_poll))  # asleep, at a random phase
+                released = time.time()
+                orch.release(held.id)
+                placed = until(partial(_allocation, ledger, job.thread_id, "active"))
+                assert placed.id == queued.id and placed.started_at is not None
+                out.append(placed.started_at - released)
+                orch.release(placed.id)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+    return out
+
+
+def _allocation(ledger: Ledger, thread_id: str, state: str) -> LedgerRow | None:
+    return next((r for r in ledger.allocations(state) if r.thread_id == thread_id), None)
+
+
+def until(found: Callable[[], T | None], timeout: float = 120) -> T:
+    """Poll every 10 ms until `found` gives something."""
+    give_up = time.monotonic() + timeout
+    while (got := found()) is None:
+        if time.monotonic() > give_up:
+            raise SystemExit("the wake-up measurement got no answer in 120 s")
+        time.sleep(0.01)
+    return got
 
 
 if __name__ == "__main__":

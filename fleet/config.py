@@ -93,6 +93,9 @@ class SchedulerSettings(_Strict):
     # for the type it was first routed to. Off by default until the whole trace's figures are
     # measured with it (docs/evaluation.md).
     move_queued: bool = False
+    # On PostgreSQL, a release wakes the queued requests of every process at once (LISTEN/
+    # NOTIFY, fleet/ledger/notify.py); false: they try again at their next poll.
+    notify: bool = True
 
 
 # Each policy's (deny at or below, approve at or above) on its own probability. The neural
@@ -184,8 +187,8 @@ class SlurmSettings(_Strict):
     # The partition each pool's jobs go to; a pool not named here uses the cluster's default
     # partition. Only the nodes of these partitions are placed on.
     partitions: dict[Purpose, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
-    # A placed job that Slurm has not started within this long is cancelled, and so is its
-    # allocation (charged nothing).
+    # A placed job that Slurm has not started within this long (a request with a max wait: by
+    # its end instead) is cancelled, and so is its allocation (charged nothing).
     start_timeout_seconds: float = Field(default=60, gt=0)
     # Added to every holder job's sbatch line: what the site requires (--account, --qos).
     sbatch_args: list[str] = Field(default_factory=list)

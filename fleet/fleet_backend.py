@@ -71,6 +71,8 @@ class Hold:
     # the request's checkpoint notice (GPURequest.notice_seconds), sent by the scheduler
     notice_seconds: float | None = None
     notice_signal: str = "USR1"
+    # when the job must run by (the request's max wait), else the scheduler's own timeout
+    start_by: float | None = None
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,13 @@ class GPURequest(BaseModel):
     notice_seconds: float | None = Field(default=None, gt=0)
     notice_signal: str = "USR1"
 
+    def give_up_at(self, enqueued_at: float) -> float | None:
+        """When the request stops waiting for GPUs (`max_wait_minutes` from when it was asked
+        for): in gpu-agent's queue, and for a cluster's scheduler to start its job; None: never."""
+        if self.max_wait_minutes is None:
+            return None
+        return enqueued_at + self.max_wait_minutes * 60.0
+
     @field_validator("project")
     @classmethod
     def _project_name(cls, v: str) -> str:

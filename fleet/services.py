@@ -26,11 +26,12 @@ from fleet.errors import InvalidInput, MonitoredElsewhere
 from fleet.faults import SUBMITTED, fault
 from fleet.fleet_backend import Ended, FleetBackend, Hold, Reserving, Scheduled
 from fleet.ledger import Ledger
+from fleet.ledger.notify import FreedListener
 from fleet.ledger.rows import LedgerRow
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
-from fleet.sql import Conn, is_postgres
+from fleet.sql import Conn, PostgresDatabase, is_postgres
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
 from fleet.validation import check_budget
@@ -63,6 +64,7 @@ class Services:
     _reserving: Reserving | None = field(default=None, init=False)
     _scheduled: Scheduled | None = field(default=None, init=False)
     _heartbeat: Heartbeat | None = field(default=None, init=False)
+    _listener: FreedListener | None = field(default=None, init=False)  # PostgreSQL only
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
     # the last route given: (Ledger.stamp, placeable GPUs, request, route), see route()
     _routed: tuple[Any, list[GPUInfo], GPURequest, RouteDecision | Refusal] | None = field(
@@ -188,8 +190,9 @@ class Services:
         self.waker(allocation_id).set()
 
     def wake_waiters(self, freed: str) -> None:
-        """Allocation `freed` let its GPUs go: the queued requests in this process that can
-        start now retry now, not at their next poll."""
+        """Allocation `freed` let its GPUs go (here, or in another process on PostgreSQL:
+        fleet.ledger.notify): the queued requests in this process that can start now retry
+        now, not at their next poll."""
         for aid in self.ledger.placeable(
             self.ledger.get(freed), self.clock.now(), self.placeable()
         ):
@@ -198,10 +201,18 @@ class Services:
             if token is not None:
                 token.set()
 
+    def _heard(self, freed: str) -> None:
+        """Another process released `freed` (fleet.ledger.notify): wake_waiters, where this
+        process has anything asleep."""
+        with self._lock:
+            asleep = bool(self._wakers)
+        if asleep:
+            self.wake_waiters(freed)
+
     def reserve(self, row: LedgerRow, request: GPURequest) -> str | None:
         """Tell a reserving backend (Ray) about a placement, or have the cluster's scheduler
-        (Slurm) hold its GPUs in a job (with the request's checkpoint notice), recorded in the
-        ledger; None, or why it could not."""
+        (Slurm) hold its GPUs in a job (with the request's checkpoint notice, started within its
+        max wait), recorded in the ledger; None, or why it could not."""
         if self._reserving is not None:
             return self._reserving.reserve(row.id, row.gpu_ids)
         if self._scheduled is None:
@@ -216,6 +227,7 @@ class Services:
                 row.deadline,
                 request.notice_seconds,
                 request.notice_signal,
+                request.give_up_at(row.enqueued_at),
             )
         )
         if isinstance(job, str):
@@ -332,6 +344,11 @@ class Services:
         if self.monitor_kind is None:
             return
         with self._lock:
+            pg = self.ledger.db
+            listens = isinstance(pg, PostgresDatabase) and self.config.scheduler.notify
+            if self._listener is None and listens:  # other hosts' releases wake our queue
+                assert isinstance(pg, PostgresDatabase)
+                self._listener = FreedListener(pg.url, self._heard, pg.backend_pid)
             if self._heartbeat is None:
                 self._heartbeat = Heartbeat(
                     Monitors(self.ledger),
@@ -399,6 +416,8 @@ class Services:
         return moved
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._heartbeat is not None:
             self._heartbeat.close()
         self.ledger.close()

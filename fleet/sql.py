@@ -286,6 +286,10 @@ class PostgresDatabase(Database):
             self._connect()
         return _PgConn(self._conn)
 
+    def backend_pid(self) -> int:
+        """The server process of this connection (a notification's sender, fleet.ledger.notify)."""
+        return int(self._conn.info.backend_pid)
+
     @contextmanager
     def _tx(self, first: str | None, keys: tuple[str, ...] | None) -> Iterator[Conn]:
         with self.lock:

@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from fleet.commands import work
+from fleet.ledger.rows import LedgerRow
 from fleet.models import utc
 from fleet.monitoring import OUTSIDE, condition
 from fleet.monitors import Monitors
@@ -20,6 +22,18 @@ def scoped(fleet: dict[str, Any], project: str) -> dict[str, Any]:
         if gpu.get("project") not in (None, project):
             gpu["allocation_id"] = None
     return fleet
+
+
+def enforced(svc: Services, row: LedgerRow) -> str | None:
+    """What the monitor enforces on a live allocation where the backend reads no utilisation
+    (Slurm, Ray: no idle release): its lease and budget, and where `gpu-agent run` runs its
+    work, the command's end too; None where the monitor enforces everything."""
+    limited = getattr(svc.backend, "monitoring", None)
+    if limited is None or row.state == "released":
+        return None
+    if row.state == "active" and work(svc.ledger.lease(row.id)) == "running":
+        return "lease and budget; released when its `gpu-agent run` command ends"
+    return "lease and budget only: no idle release (its work does not run under `gpu-agent run`)"
 
 
 def fleet_status(svc: Services) -> dict[str, Any]:
@@ -94,6 +108,8 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             else watchers[r.id].describe(wall),
             # the Slurm job that holds it: its id, node and the GPU indices Slurm chose
             "job": asdict(jobs[r.id]) if r.id in jobs else None,
+            # what the monitor enforces on it, where that is less than everything
+            "enforced": enforced(svc, r),
         }
         for r in svc.ledger.allocations()
     ]

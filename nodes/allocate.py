@@ -61,7 +61,12 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     problem = svc.reserve(row, request)  # Ray: its placement group; Slurm: its job
     if problem is not None:  # it never held anything: charged nothing
         svc.release(aid, ReleaseReason.CANCELLED, at=row.started_at)
+        give_up = request.give_up_at(row.enqueued_at)
+        if give_up is not None and svc.clock.now() >= give_up:  # the job waited past it
+            reason = f"not started within {request.max_wait_minutes:g} min: {problem}"
+            return {"status": Status.TIMED_OUT, "reason": reason, "allocation_id": aid}
         return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}
+    row = svc.ledger.get(aid)  # Slurm: it starts when its job did (Ledger.record_job)
     allocation = row.to_allocation()
     resumed = (
         Resumed(0.0, False)

@@ -28,9 +28,8 @@ def wait(state: State, runtime: Runtime[Context]) -> State:
             "cost_usd": 0.0,
         }
     wake_at = svc.clock.now() + svc.config.scheduler.poll_seconds
-    give_up = None
-    if request.max_wait_minutes is not None:
-        give_up = row.enqueued_at + request.max_wait_minutes * 60.0
+    give_up = request.give_up_at(row.enqueued_at)
+    if give_up is not None:
         wake_at = min(wake_at, give_up)
     sleep_until(svc.clock, wake_at, svc.waker(aid))
     svc.check_watched(aid)

@@ -15,8 +15,10 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ from fleet.slurm.backend import PREFIX, SlurmFleet
 from fleet.slurm.cluster import LIVE, Slurm
 from graph.orchestrator import Orchestrator
 from graph.records import Records
+from graph.run_command import run_on
 from tests.conftest import run_cli
 from tests.slurmserver import SlurmServer
 
@@ -237,6 +240,38 @@ def test_the_command_line_names_the_job_to_run_in(slurm: SlurmServer, tmp_path: 
     (row,) = json.loads(shown.stdout)["allocations"]
     assert row["job"]["job_id"] == str(held["job_id"])
     assert "Slurm's time limit still ends it" in json.loads(shown.stdout)["problems"][0]
+    assert row["enforced"].startswith("lease and budget only: no idle release")
+    text = run_cli("status", "--backend", "slurm", *opts, cwd=tmp_path).stdout
+    assert "enforced: lease and budget only: no idle release (its work does not run" in text
+
+
+def test_status_says_an_allocation_whose_work_gpu_agent_runs_also_ends_with_it(
+    orch: Orchestrator,
+) -> None:
+    placed = orch.request(ask("H100", 1), wait=False)
+    assert placed.allocation is not None
+    aid = placed.allocation.id
+
+    def enforced() -> str:
+        (row,) = [a for a in orch.status()["allocations"] if a["id"] == aid]
+        return str(row["enforced"])
+
+    assert enforced().startswith("lease and budget only")
+    seen: list[str] = []
+
+    def watch() -> None:  # while the command runs: what status says, then the release
+        seen.append(wait_for(lambda: "command ends" in enforced() and enforced(), 30, "run"))
+        orch.release(aid)
+
+    watching = threading.Thread(target=watch)
+    watching.start()
+    try:  # in the main thread: `run` handles SIGINT and SIGTERM
+        report = run_on(orch, aid, ["sleep", "60"], grace_s=1, owned=False, say=lambda _: None)
+    finally:
+        watching.join(60)
+    assert seen == ["lease and budget; released when its `gpu-agent run` command ends"]
+    assert report.exit_code != 0  # the release's scancel ended the step
+    assert orch.services.ledger.get(aid).release_reason is ReleaseReason.EXPLICIT
 
 
 def test_gpu_agent_run_runs_the_command_as_a_step_of_the_job(
@@ -309,6 +344,74 @@ def test_a_notice_signal_that_cannot_checkpoint_is_one_line(orch: Orchestrator) 
     with pytest.raises(InvalidInput, match="notice_signal must be one of USR1"):
         orch.request(ask("H100", 1, notice_seconds=30, notice_signal="KILL"), wait=False)
     assert orch.services.ledger.allocations() == [] and not live()
+
+
+# ---- a job Slurm keeps pending past the request's max wait ---------------------------------
+
+
+@contextmanager
+def reserved_for_someone_else() -> Iterator[None]:
+    """A reservation of every node for another user: sinfo shows the nodes idle (gpu-agent
+    places on them), and Slurm keeps our jobs pending (ReqNodeNotAvail) while it lasts."""
+    name = f"maint-{os.getpid()}"
+    subprocess.run(
+        [
+            *("scontrol", "create", "reservation", f"ReservationName={name}", "StartTime=now"),
+            *("Duration=30", "Nodes=ALL", "Users=nobody", "Flags=IGNORE_JOBS"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield
+    finally:
+        subprocess.run(["scontrol", "delete", f"ReservationName={name}"], capture_output=True)
+
+
+def test_a_job_that_never_starts_within_the_max_wait_is_cancelled_and_charged_nothing(
+    orch: Orchestrator,
+) -> None:
+    with reserved_for_someone_else():
+        done = orch.request(ask("H100", 1, max_wait_minutes=0.1), wait=False)
+        assert done.status is Status.TIMED_OUT
+        assert done.reason is not None and done.reason.startswith("not started within 0.1 min: ")
+        assert "within the request's max wait (PENDING: ReqNodeNotAvail" in done.reason
+        (row,) = orch.services.ledger.allocations()
+        assert row.state == "released" and row.release_reason is ReleaseReason.CANCELLED
+        (job,) = jobs(row.id)  # one job, cancelled, none left
+        assert job["job_state"] == "CANCELLED" and not live(row.id)
+        assert charged_once(orch, row.id) == 0.0
+        assert orch.services.reconcile_jobs() == [] and charged_once(orch, row.id) == 0.0
+
+
+def test_a_job_slurm_starts_late_within_the_max_wait_runs_and_is_charged_from_its_start(
+    orch: Orchestrator,
+) -> None:
+    with reserved_for_someone_else():
+        placed: list[Any] = []
+        asking = threading.Thread(
+            target=lambda: placed.append(
+                orch.request(ask("H100", 1, max_wait_minutes=1), wait=False)
+            )
+        )
+        asking.start()
+        wait_for(lambda: [j for j in live() if j["job_state"] == "PENDING"], 20, "pending")
+        time.sleep(2)  # pending over a whole second: Slurm's start times are whole seconds
+    # the reservation ended: Slurm starts the job
+    asking.join(60)
+    (done,) = placed
+    assert done.status is Status.ALLOCATED and done.allocation is not None
+    aid = done.allocation.id
+    row = orch.services.ledger.get(aid)
+    (held,) = live(aid)
+    assert row.started_at == held["start_time"] == done.allocation.started_at.timestamp()
+    assert row.enqueued_at < row.started_at  # placed, then pending, then started
+    assert row.lease_end == row.deadline == pytest.approx(row.started_at + 3600)  # a whole hour
+    release = orch.release(aid)
+    ended = orch.services.ledger.get(aid).released_at
+    assert ended is not None
+    assert charged_once(orch, aid) == pytest.approx(release.cost_usd)
+    assert release.cost_usd == pytest.approx(row.price_per_hour * (ended - row.started_at) / 3600)
 
 
 # ---- the lease and the budget ----------------------------------------------------------------

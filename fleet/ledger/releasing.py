@@ -10,6 +10,7 @@ import math
 
 from fleet.budget import FLEET_RECORDS, RECORDS, used_share
 from fleet.errors import InvalidInput
+from fleet.ledger.notify import notify_freed
 from fleet.ledger.project_record import ProjectRecord
 from fleet.ledger.rows import AUDIT, ROW, LedgerRow, Resumed, read_row
 from fleet.models import Release, ReleaseReason
@@ -104,6 +105,8 @@ class Releasing(ProjectRecord):
             "UPDATE allocations SET util_sum=?, util_n=? WHERE id=?", (util_sum, util_n, row.id)
         )
         db.execute("DELETE FROM holds WHERE allocation_id=?", (row.id,))
+        if self.postgres and self.config.scheduler.notify:
+            notify_freed(db, row.id)  # other processes' queued requests hear it at commit
         db.executemany(
             "INSERT INTO freed (gpu_uuid, at) VALUES (?, ?) ON CONFLICT (gpu_uuid) "
             "DO UPDATE SET at=excluded.at",
