@@ -9,8 +9,10 @@ costs a poll, never a placement). SQLite has no such channel: its processes poll
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,9 @@ from fleet.sql import Conn
 CHANNEL = "gpu_agent_freed"
 RECONNECT_S = 1.0  # after a lost connection: the polls cover the gap
 log = logging.getLogger(__name__)
+# Listeners still open: stopped before the interpreter shuts down, so that no daemon thread is
+# inside libpq while it finalises (a process that never closed its services)
+_OPEN: weakref.WeakSet[FreedListener] = weakref.WeakSet()
 
 
 def notify_freed(db: Conn, allocation_id: str) -> None:
@@ -36,6 +41,7 @@ class FreedListener:
         self._conn: Any = None
         self._thread = threading.Thread(target=self._run, name="gpu-agent-listen", daemon=True)
         self._thread.start()
+        _OPEN.add(self)
 
     def _run(self) -> None:
         import psycopg
@@ -57,3 +63,10 @@ class FreedListener:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        _OPEN.discard(self)
+
+
+@atexit.register
+def _close_open() -> None:
+    for listener in list(_OPEN):
+        listener.close()
