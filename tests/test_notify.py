@@ -30,9 +30,12 @@ def listening() -> bool:
 def pair(tmp_path: Path, database: str, notify: bool) -> Iterator[tuple[Orchestrator, ...]]:
     """Two processes' worth of services (own connections) on one ledger, polling hourly."""
     config = small_config(scheduler={"poll_seconds": 3600, "notify": notify})
-    where = {"database": database} if database.startswith("postgresql") else {}
+    url = database if database.startswith("postgresql") else None  # SQLite: in the state dir
     state = tmp_path / "state"
-    with Orchestrator(state, config, **where) as a, Orchestrator(state, config, **where) as b:
+    with (
+        Orchestrator(state, config, database=url) as a,
+        Orchestrator(state, config, database=url) as b,
+    ):
         yield a, b
 
 

@@ -260,7 +260,7 @@ def test_status_says_an_allocation_whose_work_gpu_agent_runs_also_ends_with_it(
     seen: list[str] = []
 
     def watch() -> None:  # while the command runs: what status says, then the release
-        seen.append(wait_for(lambda: "command ends" in enforced() and enforced(), 30, "run"))
+        seen.append(str(wait_for(lambda: "command ends" in enforced() and enforced(), 30, "run")))
         orch.release(aid)
 
     watching = threading.Thread(target=watch)
@@ -404,6 +404,7 @@ def test_a_job_slurm_starts_late_within_the_max_wait_runs_and_is_charged_from_it
     aid = done.allocation.id
     row = orch.services.ledger.get(aid)
     (held,) = live(aid)
+    assert row.started_at is not None
     assert row.started_at == held["start_time"] == done.allocation.started_at.timestamp()
     assert row.enqueued_at < row.started_at  # placed, then pending, then started
     assert row.lease_end == row.deadline == pytest.approx(row.started_at + 3600)  # a whole hour
