@@ -81,10 +81,10 @@ class Preempting(Budgets):
                     "SELECT state, deadline, deadline_reason, request FROM allocations WHERE id=?",
                     (aid,),
                 ).fetchone()
-                if state != "active":
+                notice = json.loads(request).get("notice_seconds")
+                if state != "active" or notice is None:  # gone, or lent before the pools changed
                     continue
                 need -= count
-                notice = float(json.loads(request)["notice_seconds"])
                 if reason == ReleaseReason.PREEMPTED.value or deadline <= now + notice:
                     continue  # it yields, or ends, by then anyway
                 why = f"the {row.purpose.value} pool takes its {t} back for {row.id}"
