@@ -5,8 +5,8 @@ Only work that loses nothing when reclaimed may borrow: a request with a checkpo
 (`notice_seconds`: `gpu-agent run --notice`, whose `--requeue` resumes it) that names no type,
 where the fleet file opts in (`[preemption] borrow = true`). It borrows when no type of its own
 pool can start it now and another pool's type can (free GPUs beyond what that type's queue
-needs), taking the one that finishes its work soonest, if that is sooner than its own pool's
-cheapest type would even counting that type's wait (routing: fleet.routing.route). A loan is an
+needs), taking the one that finishes its work soonest, if that is sooner than the type routing
+chose in its own pool would, that type's wait included (fleet.routing.route). A loan is an
 allocation on a type outside its purpose's pool that it did not name (`on_loan`). When a request
 of the lending pool queues for that type, the youngest loans on it are asked to yield (fleet.
 ledger.preempting, action `reclaim`: after their notice, with no minimum run and no daily
