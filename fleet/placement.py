@@ -19,7 +19,7 @@ from fleet.backfill import Ending, Reservation, backfill, reserve
 from fleet.budget import admissible_usd, admits, admitted_hours, even_shortened
 from fleet.config import FleetConfig
 from fleet.models import GPUInfo, Priority, utc
-from fleet.scheduler import fair_share_factors, scorer
+from fleet.scheduler import PRIORITY_FACTOR, fair_share_factors, scorer
 from fleet.topology import Topology
 
 
@@ -34,6 +34,7 @@ class Ticket:
     heartbeat_at: float
     hours: float  # its lease, once placed: when its GPUs come back
     resumes: bool = False  # it goes on with released work: it queues as if it had aged fully
+    attained: float = 0.0  # effective hours its work received before (fleet.maxmin)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,7 @@ def decide(
     if quota is not None and held + me.count > quota:
         return Decision(Kind.QUEUE, f"quota: {me.project} holds {held} of its {quota} GPUs")
 
-    live = _live(snap, config)
-    line = sorted([me, *live], key=_fair_key(snap, config, [me, *live]), reverse=True)
+    line = line_order(snap, config, [me, *live(snap, config)])
     plan = plan_line(line, snap)
     if me not in plan.start:
         return Decision(Kind.QUEUE, _why_waiting(me, line, plan, snap))
@@ -161,10 +161,10 @@ def plan_line(line: list[Ticket], snap: Snapshot) -> Plan:
 def in_line(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
     """The waiting requests that `decide` would place now, in fair order (backfilled ones
     included): whom to wake when GPUs are freed."""
-    live = _live(snap, config)
-    if not live:
+    waiting = live(snap, config)
+    if not waiting:
         return []
-    return plan_line(sorted(live, key=_fair_key(snap, config, live), reverse=True), snap).start
+    return plan_line(line_order(snap, config, waiting), snap).start
 
 
 def _ends_at(t: Ticket, now: float) -> float:
@@ -184,7 +184,7 @@ def _why_waiting(me: Ticket, line: list[Ticket], plan: Plan, snap: Snapshot) -> 
     return f"{why}; the head of the line has GPUs reserved from {when}"
 
 
-def _live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
+def live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
     """Waiting requests still polling and not held back by their quota."""
     settings = config.scheduler
     stale_after = settings.stale_after_polls * settings.poll_seconds
@@ -193,6 +193,19 @@ def _live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
         for t in snap.waiting
         if snap.now - t.heartbeat_at <= stale_after and not _over_quota(t, snap, config)
     ]
+
+
+def line_order(snap: Snapshot, config: FleetConfig, tickets: list[Ticket]) -> list[Ticket]:
+    """A type's line in the order [scheduler] policy serves it: "fair-share", the multifactor
+    score; "max-min" (fleet.maxmin), priority levels first, then the least served, then the
+    multifactor score, then the earlier request."""
+    fair = _fair_key(snap, config, tickets)
+    if config.scheduler.policy == "fair-share":
+        return sorted(tickets, key=fair, reverse=True)
+    return sorted(
+        tickets,
+        key=lambda t: (-PRIORITY_FACTOR[t.priority], t.attained, -fair(t)[0], t.enqueued_at),
+    )
 
 
 def _fair_key(

@@ -192,14 +192,15 @@ class Services:
     def wake_waiters(self, freed: str) -> None:
         """Allocation `freed` let its GPUs go (here, or in another process on PostgreSQL:
         fleet.ledger.notify): the queued requests in this process that can start now retry
-        now, not at their next poll."""
-        for aid in self.ledger.placeable(
-            self.ledger.get(freed), self.clock.now(), self.placeable()
-        ):
+        now, not at their next poll; under max-min, slower work may move up (Ledger.move_up)."""
+        row = self.ledger.get(freed)
+        for aid in self.ledger.placeable(row, self.clock.now(), self.placeable()):
             with self._lock:
                 token = self._wakers.get(aid)
             if token is not None:
                 token.set()
+        # max-min: what runs slower elsewhere may move up to the GPUs nobody waits for
+        self.moved(self.ledger.move_up(row.gpu_type, self.clock.now(), self.placeable()))
 
     def _heard(self, freed: str) -> None:
         """Another process released `freed` (fleet.ledger.notify): wake_waiters, where this
@@ -405,6 +406,13 @@ class Services:
         """`row` queued for a type of its own pool: the youngest loans on that type (fleet.
         borrowing) are asked to yield, after their notice, until enough GPUs come back."""
         moved = self.ledger.reclaim(row, self.clock.now(), self.placeable())
+        self.moved(moved)
+        return moved
+
+    def preempt_for(self, row: LedgerRow) -> list[Moved]:
+        """`row` queued in a max-min line (fleet.maxmin): the running allocations of its type
+        that have received more service are asked to yield, after their notice."""
+        moved = self.ledger.preempt_for(row, self.clock.now(), self.placeable())
         self.moved(moved)
         return moved
 

@@ -52,6 +52,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         }
     if decision.kind is Kind.QUEUE:
         svc.reclaim(row)  # its pool's GPUs lent to other pools' work come back (borrowing)
+        svc.preempt_for(row)  # max-min: those served more than the line yield (fleet.maxmin)
         update: State = {"status": Status.QUEUED, "reason": decision.reason, "allocation_id": aid}
         if state.get("status") != Status.QUEUED:
             update["events"] = [

@@ -36,6 +36,7 @@ from sim.lifecycle import (
     account,
     refused,
     rerun,
+    restored,
     returns_at,
     timeline,
     work_done_at,
@@ -170,6 +171,8 @@ def run_gpu_agent(
             if attempts[-1].outcome in ("killed", "preempted"):
                 kills = run.attempt - run.preempted - yielded  # a yield is never a kill
                 again = rerun(run.job, run.segments, end, release.reason, kills, config)
+                if again is not None and yielded:
+                    again = restored(again, config)
                 if again is not None:
                     start(
                         _Run(

@@ -40,7 +40,15 @@ from itertools import islice
 from fleet.config import FleetConfig
 from fleet.models import Purpose
 from sim.baselines import _Alloc, _Request, _SlurmCheapest
-from sim.lifecycle import Attempt, Segment, account, speed, timeline, work_done_at
+from sim.lifecycle import (
+    Attempt,
+    Segment,
+    account,
+    restored,
+    speed,
+    timeline,
+    work_done_at,
+)
 from sim.workload import SimJob, Workload
 
 NOTICE_S = 60.0  # a reclaimed loan's notice: it checkpoints and lets go this long after
@@ -185,7 +193,7 @@ class BorrowingSlurm(_SlurmCheapest):
         if done:
             self.lent.pop(seq, None)
             return 1
-        rest = resumed(self.lent.pop(seq, job), alloc.segments, now)
+        rest = restored(resumed(self.lent.pop(seq, job), alloc.segments, now), self.config)
         self.push(now, _Request(rest, r.attempt + 1, now, self.seq))
         return 0
 

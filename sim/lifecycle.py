@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose, ReleaseReason
-from sim.workload import Phase, SimJob, requested
+from sim.workload import Phase, SimJob, candidate_types, requested
 
 MAX_ATTEMPTS = 3
+RESTORE_S = 60.0  # a preempted job's next allocation first loads its checkpoint: no work
 NOTICED = frozenset(r.value for r in ReleaseReason if r.with_notice)
 
 
@@ -187,6 +188,23 @@ def rerun(
         phases=rest,
         pad=pad,
         requested_hours=requested(hours, pad, config.limits.max_duration_hours),
+    )
+
+
+def restored(job: SimJob, config: FleetConfig) -> SimJob:
+    """The rest of a job that yielded (preempted or reclaimed, its work checkpointed), as its
+    next allocation runs it: RESTORE_S loading the checkpoint, GPUs held with no work, then the
+    work; its lease that much longer on the fastest type it may get (a lease is asked in
+    the reference type's hours, and loading takes its wall time on any type). The cost of a
+    preemption beside the notice."""
+    hours = RESTORE_S / 3600.0
+    fastest = max(speed(job, t, config) for t in candidate_types(job, config))
+    return replace(
+        job,
+        phases=(Phase(hours, 0.0), *job.phases),
+        requested_hours=min(
+            job.requested_hours + hours * fastest, config.limits.max_duration_hours
+        ),
     )
 
 

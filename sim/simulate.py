@@ -49,11 +49,14 @@ def _agent(
     judge: CouncilChoice = "fleet",
     borrow: bool = False,
     move: bool = False,
+    maxmin: bool = False,
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
     fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice);
-    `move`: queued requests move to another type of their pool ([scheduler] move_queued)."""
+    `move`: queued requests move to another type of their pool ([scheduler] move_queued);
+    `maxmin`: [scheduler] policy "max-min" (fleet.maxmin), the least served first, and those
+    served more yield with notice."""
 
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
@@ -61,9 +64,14 @@ def _agent(
         if borrow:
             lend = config.preemption.model_copy(update={"borrow": True})
             config = config.model_copy(update={"preemption": lend})
-        if move:
-            moving = config.scheduler.model_copy(update={"move_queued": True})
-            config = config.model_copy(update={"scheduler": moving})
+        if move or maxmin:
+            update: dict[str, Any] = {"move_queued": True} if move else {}
+            update |= {"policy": "max-min"} if maxmin else {}
+            scheduler = config.scheduler.model_copy(update=update)
+            config = config.model_copy(update={"scheduler": scheduler})
+        if maxmin:  # a virtual cluster is one project: its daily limit would stop max-min
+            unlimited = config.preemption.model_copy(update={"max_per_project_per_day": 10**9})
+            config = config.model_copy(update={"preemption": unlimited})
         if not auto_release:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
@@ -110,6 +118,9 @@ POLICIES: dict[str, Runner] = {
     # queued requests move to another type of their pool that frees first
     "gpu-agent-move": _agent(move=True),
     "gpu-agent-no-council-move": _agent(judge="none", move=True),
+    # max-min fairness over effective throughput (fleet.maxmin), queued requests moving
+    "gpu-agent-maxmin": _agent(move=True, maxmin=True),
+    "gpu-agent-no-council-maxmin": _agent(judge="none", move=True, maxmin=True),
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 from fleet.config import parse_fleet
 from fleet.models import Purpose
 from sim.borrowing import NOTICE_S, run_borrowing
+from sim.lifecycle import RESTORE_S
 from sim.metrics import metrics
 from sim.simulate import POLICIES
 from sim.workload import PURE_UTIL, Phase, Workload
@@ -64,8 +65,9 @@ def workload() -> Workload:
 def test_a_loan_is_reclaimed_with_notice_and_resumes_with_its_progress() -> None:
     """B borrows R at 0. C arrives at 1 h and reclaims it: B checkpoints at 1 h + 60 s with
     (3660 s x 0.5) of work done and is asked for again; C runs from 1 h + 60 s to 2 h + 60 s;
-    B's rest (2 h less that work) borrows R again then, at half speed: it ends at 5 h
-    exactly (on the A100 it would end at 4 h + the rest, later)."""
+    B's rest (2 h less that work) borrows R again then, loads its checkpoint (RESTORE_S) and
+    runs at half speed: it ends at 5 h and RESTORE_S (on the A100 it would end at 4 h + the
+    rest, later)."""
     config = parse_fleet(FLEET)
     w = workload()
     attempts, preemptions = run_borrowing(w, config)
@@ -84,16 +86,17 @@ def test_a_loan_is_reclaimed_with_notice_and_resumes_with_its_progress() -> None
     assert first.work_gpu_hours == pytest.approx((H + NOTICE_S) * 0.5 / H)
     assert (second.gpu_type, second.outcome) == ("R", "completed")
     assert second.start == pytest.approx(notice_end + H)
-    assert second.done_at == pytest.approx(T0 + 5 * H)
+    assert second.done_at is not None
+    assert second.done_at - T0 == pytest.approx(5 * H + RESTORE_S)
     [c] = by_job[2]
     assert (c.gpu_type, c.start, c.end) == ("R", notice_end, notice_end + H)
-    # held once, charged once: B's two attempts cover [0, 1h+60s] and [2h+60s, 5h] at $1/h
-    assert first.cost_usd + second.cost_usd == pytest.approx(5 - 1)
+    # held once, charged once: B's two attempts cover [0, 1h+60s] and [2h+60s, 5h+RESTORE_S]
+    assert first.cost_usd + second.cost_usd == pytest.approx(5 - 1 + RESTORE_S / H)
     m = metrics(w.jobs, attempts, config, w.budgets)
     assert m["jobs"]["completed"] == 3
     assert m["work"]["lost_gpu_hours"] == 0.0 and m["work"]["killed_attempts"] == 0
     assert m["work"]["preempted_attempts"] == 1
-    assert m["total_cost_usd"] == pytest.approx(4 * 4 + 4 + 1)
+    assert m["total_cost_usd"] == pytest.approx(4 * 4 + 4 + 1 + RESTORE_S / H, abs=0.01)
 
 
 def test_without_borrowing_the_job_waits_for_its_own_pool(tmp_path: Path) -> None:

@@ -28,16 +28,15 @@ from fleet.config import FleetConfig
 from fleet.errors import StateDirError
 from fleet.ledger.audit import Audit
 from fleet.ledger.health import Health
+from fleet.ledger.levelling import Levelling
 from fleet.ledger.migrations import Migrations
-from fleet.ledger.placing import Placing
-from fleet.ledger.preempting import Preempting
 from fleet.ledger.queries import Queries
 from fleet.ledger.scheduler_jobs import SchedulerJobs
 
 __all__ = ["Ledger"]
 
 
-class Ledger(Placing, Preempting, Migrations, Audit, Health, Queries, SchedulerJobs):
+class Ledger(Levelling, Migrations, Audit, Health, Queries, SchedulerJobs):
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
         """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
         scratch ledger, SQLite only): it works in memory and is written to its file when

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -15,6 +15,7 @@ from fleet.backfill import Ending
 from fleet.budget import Active
 from fleet.config import FleetConfig
 from fleet.ledger.store import Store
+from fleet.maxmin import effective_hours
 from fleet.models import GPUInfo, Priority
 from fleet.placement import Ticket
 from fleet.sql import Conn
@@ -114,6 +115,9 @@ class Kept(Store):
         self._finished_of: Counter[str] = Counter()
         self._kept_values: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
         self._version: int | None = None
+        # released allocation -> effective hours its work received (fleet.maxmin), its
+        # own and those it resumed: a released allocation's never changes
+        self._served_of: dict[str, float] = {}
 
     def _rolled_back(self) -> None:
         self._version = None  # what is kept may hold changes just undone: read again
@@ -177,7 +181,7 @@ class Kept(Store):
         queue = self._queues.get(gpu_type)
         if queue is None:
             queue = {
-                r[0]: ticket_of(r)
+                r[0]: self._served_ticket(db, r)
                 for r in db.execute(
                     f"SELECT {TICKET} FROM allocations WHERE state='queued' AND gpu_type=?",
                     (gpu_type,),
@@ -199,13 +203,43 @@ class Kept(Store):
             return
         queue = self._queues.get(r["gpu_type"])  # None: not kept, read whole when next asked
         if queue is not None and r["state"] == "queued":
-            queue[aid] = ticket_of(r)
+            queue[aid] = self._served_ticket(db, r)
         elif queue is not None:
             queue.pop(aid, None)
         if self._runs is not None and r["state"] == "active":
             self._runs.put(run_of(tuple(r)[10:]))
         elif self._runs is not None:
             self._runs.drop(aid, r["gpu_type"], r["project"])
+
+    def _served_ticket(self, db: Conn, r: Any) -> Ticket:
+        """ticket_of(r), with the service its work received where the line is max-min's."""
+        ticket = ticket_of(r)
+        resumes = tuple(r)[8]
+        if self.config.scheduler.policy != "max-min" or resumes is None:
+            return ticket
+        return replace(ticket, attained=self._served(db, resumes))
+
+    def _served(self, db: Conn, aid: str | None) -> float:
+        """Effective hours (fleet.maxmin) the work of allocation `aid` received: what it
+        held, and what the allocations it resumed held, each at its type's throughput."""
+        chain: list[tuple[str, Any]] = []
+        while aid is not None and aid not in self._served_of and len(chain) < 10_000:
+            r = db.execute(
+                "SELECT resumes, gpu_type, started_at, released_at, state FROM allocations "
+                "WHERE id=?",
+                (aid,),
+            ).fetchone()
+            if r is None:
+                break
+            chain.append((aid, r))
+            aid = r[0]
+        total = self._served_of.get(aid, 0.0) if aid is not None else 0.0
+        for link, (_, gpu_type, started, released, state) in reversed(chain):
+            if started is not None and released is not None:
+                total += effective_hours(released - started, gpu_type, self.config)
+            if state == "released":
+                self._served_of[link] = total
+        return total
 
     def _running(self, db: Conn) -> Runs | None:
         """The active allocations, read once and then kept up to date as the held GPUs are;

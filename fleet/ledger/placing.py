@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from fleet.backfill import Ending, reserve
 from fleet.ledger.releasing import Releasing
@@ -62,6 +63,8 @@ class Placing(Releasing):
                 route.est_hours,
                 request.resumes is not None,
             )
+            if self.config.scheduler.policy == "max-min" and request.resumes is not None:
+                me = replace(me, attained=self._served(db, request.resumes))
             decision = decide(
                 me,
                 route.est_cost_usd,

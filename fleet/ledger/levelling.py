@@ -1,0 +1,158 @@
+"""Max-min's preemptions (fleet.maxmin): a request waiting in a max-min line asks the running
+allocations of its type that have received more service to yield, through Preempting._yield
+(after their notice, audited, one transaction)."""
+
+from __future__ import annotations
+
+import json
+
+from fleet.budget import Moved
+from fleet.ledger.placing import Placing
+from fleet.ledger.preempting import Preempting
+from fleet.ledger.rows import LedgerRow
+from fleet.maxmin import Runner, effective_hours, faster_for, to_yield
+from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
+from fleet.placement import line_order, live
+from fleet.preemption import DAY_S, yield_at
+from fleet.sql import Conn
+
+
+class Levelling(Placing, Preempting):
+    def preempt_for(self, row: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[Moved]:
+        """`row` waits in a max-min line (fleet.maxmin): the running allocations of its type
+        that have received more service than those waiting are asked to yield, the most
+        served first, as fleet.maxmin.to_yield says. Nothing under "fair-share"."""
+        if self.config.scheduler.policy != "max-min":
+            return []
+        t = row.gpu_type
+        found = self.query(
+            "SELECT id, project, request FROM allocations WHERE state='active' AND gpu_type=?",
+            (t,),
+        )
+        notices = {r[0]: json.loads(r[2]).get("notice_seconds") for r in found}
+        projects = sorted({r[1] for r in found if notices[r[0]] is not None})
+        if not projects:
+            return []  # nothing running there could yield without losing work
+        settings = self.config.preemption
+        with self.transaction(f"type:{t}", *(f"project:{p}" for p in projects)) as db:
+            snap = self._line(db, t, row.project, now, inventory, money=False)
+            supply, runners = self._runners(db, t, notices, now)
+            asked: dict[str, int] = {}
+            moved = []
+            quantum = settings.min_run_minutes / 60.0
+            line = line_order(snap, self.config, live(snap, self.config))
+            for runner, want in to_yield(line, len(snap.free) + supply, runners, quantum):
+                if not self._may_ask(db, runner.project, asked, now):
+                    continue
+                why = (
+                    f"max-min: {want.allocation_id} has received {want.attained:.2f} effective "
+                    f"h of service, this {runner.attained:.2f} h"
+                )
+                held = (runner.allocation_id, runner.project, runner.deadline, runner.notice_s)
+                at = now + runner.notice_s
+                moved.append(self._yield(db, held, at, now, "gpu-agent", "preempt", why))
+            return moved
+
+    def move_up(self, gpu_type: str, now: float, inventory: list[GPUInfo]) -> list[Moved]:
+        """GPUs of `gpu_type` came free with nobody waiting for them (max-min only): running
+        allocations on a slower type of a pool that holds `gpu_type` too, where it does their
+        work for no more per unit (fleet.maxmin.faster_for), are asked to yield so that they
+        go on there, sooner, as Gavel moves jobs between types: the longest leases first, as
+        many as the spare GPUs hold, each with a checkpoint notice, its minimum run done and
+        more than that minimum of its lease left. Named types stay where they are."""
+        if self.config.scheduler.policy != "max-min":
+            return []
+        slower = faster_for(gpu_type, self.config)
+        if not slower:
+            return []
+        marks = ",".join("?" * len(slower))
+        settings, pool = self.config.preemption, self.config.pools
+        candidates = []
+        for aid, project, purpose, t, count, started, deadline, reason, request in self.query(
+            "SELECT id, project, purpose, gpu_type, count, started_at, deadline, deadline_reason, "
+            f"request FROM allocations WHERE state='active' AND gpu_type IN ({marks})",
+            tuple(slower),
+        ):
+            asked = json.loads(request)
+            notice = asked.get("notice_seconds")
+            if (
+                notice is None
+                or asked.get("gpu_type") is not None
+                or gpu_type not in pool.get(Purpose(purpose), [])
+                or reason == ReleaseReason.PREEMPTED.value
+                or deadline - now < notice + settings.min_run_minutes * 60.0
+                or yield_at(started, notice, now, settings) > now + notice
+            ):
+                continue
+            candidates.append((deadline, aid, project, t, count, notice))
+        if not candidates:
+            return []
+        keys = [f"type:{t}" for t in sorted({gpu_type, *(c[3] for c in candidates)})]
+        keys += [f"project:{p}" for p in sorted({c[2] for c in candidates})]
+        with self.transaction(*keys) as db:
+            spare = len(self._free(db, gpu_type, inventory))
+            spare -= sum(q.count for q in self._queued(db, gpu_type).values())
+            spare -= db.execute(  # already on their way, to here or elsewhere
+                f"SELECT coalesce(sum(count), 0) FROM allocations WHERE state='active' "
+                f"AND gpu_type IN ({marks}) AND deadline_reason=? AND deadline>?",
+                (*slower, ReleaseReason.PREEMPTED.value, now),
+            ).fetchone()[0]
+            asked_of: dict[str, int] = {}
+            moved = []
+            for deadline, aid, project, t, count, notice in sorted(candidates, reverse=True):
+                if count > spare:
+                    continue
+                state, reason = db.execute(
+                    "SELECT state, deadline_reason FROM allocations WHERE id=?", (aid,)
+                ).fetchone()
+                if state != "active" or reason == ReleaseReason.PREEMPTED.value:
+                    continue
+                if not self._may_ask(db, project, asked_of, now):
+                    continue
+                why = (
+                    f"max-min: {spare} {gpu_type} spare with nobody waiting, faster than its "
+                    f"{t} and no dearer a unit of work"
+                )
+                spare -= count
+                held = (aid, project, deadline, notice)
+                moved.append(self._yield(db, held, now + notice, now, "gpu-agent", "preempt", why))
+            return moved
+
+    def _may_ask(self, db: Conn, project: str, asked: dict[str, int], now: float) -> bool:
+        """Whether `project`'s allocations may be asked to yield once more within
+        [preemption] max_per_project_per_day; counts the ask in `asked` (read once)."""
+        if project not in asked:
+            asked[project] = db.execute(
+                "SELECT count(*) FROM audit WHERE action='preempt' AND project=? AND at>?",
+                (project, now - DAY_S),
+            ).fetchone()[0]
+        if asked[project] >= self.config.preemption.max_per_project_per_day:
+            return False
+        asked[project] += 1
+        return True
+
+    def _runners(
+        self, db: Conn, gpu_type: str, notices: dict[str, float | None], now: float
+    ) -> tuple[int, list[Runner]]:
+        """The type's running allocations as max-min sees them: the GPUs that come back
+        within their notice anyway (yielding, or ending), and those that could yield now
+        (a checkpoint notice, their minimum run done by the end of it)."""
+        supply, runners = 0, []
+        for r in db.execute(
+            "SELECT id, project, count, priority, started_at, deadline, deadline_reason, "
+            "resumes FROM allocations WHERE state='active' AND gpu_type=?",
+            (gpu_type,),
+        ):
+            aid, project, count, priority, started, deadline, reason, resumes = tuple(r)
+            notice = notices.get(aid)
+            if notice is None:
+                continue
+            if reason == ReleaseReason.PREEMPTED.value or deadline <= now + notice:
+                supply += count
+            elif yield_at(started, notice, now, self.config.preemption) <= now + notice:
+                served = self._served(db, resumes)
+                served += effective_hours(now - started, gpu_type, self.config)
+                runners.append(
+                    Runner(aid, project, count, Priority(priority), served, notice, deadline)
+                )
+        return supply, runners
