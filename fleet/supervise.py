@@ -5,6 +5,10 @@ UUID. Only that group is ever signalled: SIGTERM, a grace period, then SIGKILL (
 KillWait pattern). The group leader is never reaped before the end (its exit is observed with
 waitid(WNOWAIT)), so its PID, which is the group's id, cannot be reused by an unrelated process
 while this module may still signal the group.
+
+A command whose `gpu-agent run` died is adopted by the `run --resume` that carries its work on
+(Adopted): only the members of its group whose environment names its allocation are signalled,
+one PID at a time; nobody can read its exit status any more.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from fleet.errors import CannotStart, InvalidInput
 
 POLL_S = 0.05
+ALLOCATION_ENV = "GPU_AGENT_ALLOCATION"  # set for the command: the allocation it runs on
 
 
 @dataclass(frozen=True)
@@ -65,29 +70,23 @@ def check_startable(argv: Sequence[str], env: Mapping[str, str]) -> None:
         raise InvalidInput(f"cannot run {program!r}: not found on PATH; nothing was placed")
 
 
-class Supervised:
-    """A command started by gpu-agent, in its own process group."""
+class Group:
+    """A command's processes, signalled and stopped as one (Supervised, Adopted)."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        check_startable(argv, env)
-        try:
-            self._proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
-        except OSError as exc:  # checked a moment ago: it changed meanwhile
-            raise CannotStart(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
-        self.pid = self._proc.pid  # also the process group's id
+    pid: int  # the process group's id (its leader's PID)
 
     def exited(self) -> bool:
-        """Whether the leader has exited (without reaping it)."""
-        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        return info is not None and info.si_pid == self.pid
+        raise NotImplementedError
 
     def members(self) -> list[int]:
-        return group_members(self.pid)
+        raise NotImplementedError
 
     def signal(self, sig: signal.Signals) -> None:
-        """Signal the command's process group (and nothing else)."""
-        with contextlib.suppress(ProcessLookupError):  # the whole group is gone
-            os.killpg(self.pid, sig)
+        raise NotImplementedError
+
+    def returncode(self) -> int | None:
+        """Its exit status as a shell gives it (128 + signal if killed); None: unknown."""
+        raise NotImplementedError
 
     def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Poll `done` until it holds or `timeout` seconds pass; whether it held."""
@@ -114,7 +113,71 @@ class Supervised:
         leftover = [p for p in self.members() if p != self.pid]
         return Stopped(terminated, killed, leftover)
 
+
+class Supervised(Group):
+    """A command started by gpu-agent, in its own process group."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> None:
+        check_startable(argv, env)
+        try:
+            self._proc = subprocess.Popen(
+                list(argv), env=dict(env), cwd=cwd, start_new_session=True
+            )
+        except OSError as exc:  # checked a moment ago: it changed meanwhile
+            raise CannotStart(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        self.pid = self._proc.pid  # also the process group's id
+
+    def exited(self) -> bool:
+        """Whether the leader has exited (without reaping it)."""
+        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return info is not None and info.si_pid == self.pid
+
+    def members(self) -> list[int]:
+        return group_members(self.pid)
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Signal the command's process group (and nothing else)."""
+        with contextlib.suppress(ProcessLookupError):  # the whole group is gone
+            os.killpg(self.pid, sig)
+
     def returncode(self) -> int:
         """Reap the leader: its exit status as a shell gives it (128 + signal if killed)."""
         code = self._proc.wait()
         return 128 - code if code < 0 else code
+
+
+def runs_on(pid: int, allocation_id: str, proc: Path = Path("/proc")) -> bool:
+    """Whether process `pid` was started for `allocation_id` (its environment says so:
+    GPU_AGENT_ALLOCATION, which `gpu-agent run` sets and children inherit)."""
+    try:
+        env = (proc / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
+    return f"{ALLOCATION_ENV}={allocation_id}".encode() in env
+
+
+class Adopted(Group):
+    """A command another `gpu-agent run` started, which died: its process group's members
+    that were started for the allocation (runs_on), so that a reused group id never makes
+    this signal an unrelated process. Each is signalled by PID; its exit status is lost."""
+
+    def __init__(self, pgid: int, allocation_id: str) -> None:
+        self.pid = pgid
+        self.allocation_id = allocation_id
+
+    def members(self) -> list[int]:
+        return [p for p in group_members(self.pid) if runs_on(p, self.allocation_id)]
+
+    def exited(self) -> bool:
+        return not self.members()
+
+    def _gone(self) -> bool:
+        return self.exited()
+
+    def signal(self, sig: signal.Signals) -> None:
+        for pid in self.members():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def returncode(self) -> None:
+        return None  # its parent, the dead `run`, was the only one that could read it

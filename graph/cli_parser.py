@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a command on an allocation's GPUs "
         "(CUDA_VISIBLE_DEVICES = their UUIDs); stop it when the allocation ends",
         usage="gpu-agent run (--allocation ID | --project P --count N --hours H)"
-        " [options] -- COMMAND...",
+        " [options] -- COMMAND...\n       gpu-agent run --resume ID",
     )
     _common(p)
     p.add_argument(
@@ -329,7 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --project: when the allocation ends before the command (lease "
         "ran out, a GPU failed), ask again resuming it (ahead of new work) and "
         "start the command again to go on from its checkpoint, at most N times "
-        "(default 0)",
+        "(default 0); recorded in the ledger, so that --resume carries it on if this "
+        "process dies",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="ID",
+        help="carry on a `run --requeue` whose process died (ID: any allocation it ran "
+        "on): adopt its command, or requeue it once where its allocation was yielded "
+        "or lost; the recorded command, directory and options, this shell's environment",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
 

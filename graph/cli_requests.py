@@ -38,6 +38,7 @@ from graph.outcome import RequestOutcome, lease_note
 
 if TYPE_CHECKING:
     from graph.orchestrator import Orchestrator
+    from graph.run_command import RunReport
 
 EXIT_CODES = {Status.INVALID: 2, Status.DENIED: 3, Status.TIMED_OUT: 4}
 
@@ -343,6 +344,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from graph.run_command import request_and_run, run_on
 
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if args.resume is not None:
+        return _resume_run(args, argv)
     if not argv:
         raise InvalidInput("no command to run: put it after --")
     if (args.allocation is None) == (args.project is None):
@@ -376,27 +379,49 @@ def cmd_run(args: argparse.Namespace) -> int:
             raw["gpu_type"] = args.gpu_type
         request = parse_request(raw)
 
-    def say(line: str) -> None:
-        print(f"gpu-agent: {line}", file=sys.stderr, flush=True)
-
     with open_orchestrator(args, create=request is not None) as orch:
         if request is None:
             report = run_on(
-                orch, args.allocation, argv, grace_s=args.grace, owned=False, say=say, **notice
+                orch, args.allocation, argv, grace_s=args.grace, owned=False, say=_say, **notice
             )
         else:
             report = request_and_run(
-                orch, request, argv, grace_s=args.grace, say=say, requeue=args.requeue, **notice
+                orch, request, argv, grace_s=args.grace, say=_say, requeue=args.requeue, **notice
             )
+    return _ran(args, report)
+
+
+def _say(line: str) -> None:
+    print(f"gpu-agent: {line}", file=sys.stderr, flush=True)
+
+
+def _resume_run(args: argparse.Namespace, argv: list[str]) -> int:
+    """`run --resume ID`: the recorded command, carried on (graph.run_command.resume_run)."""
+    from graph.run_command import resume_run
+
+    if argv or args.allocation is not None or args.project is not None or args.requeue:
+        raise InvalidInput(
+            "--resume carries on the recorded command and its options: give no command, "
+            "--allocation, --project or --requeue"
+        )
+    names.check("allocation id", args.resume)
+    with open_orchestrator(args, create=False) as orch:
+        return _ran(args, resume_run(orch, args.resume, say=_say))
+
+
+def _ran(args: argparse.Namespace, report: RunReport) -> int:
+    """What `run` says of how its command ended; its exit status (1 where it is lost)."""
     if report.on_gpus:
-        say(f"processes of the command still on the GPUs: {report.on_gpus}")
+        _say(f"processes of the command still on the GPUs: {report.on_gpus}")
     elif report.ended_by != "command":
         checked = (
             "NVML lists none of its processes on the GPUs"
             if report.on_gpus is not None
             else "this backend lists no GPU processes"
         )
-        say(f"the command is gone ({'SIGKILL' if report.killed else 'SIGTERM'}); {checked}")
+        _say(f"the command is gone ({'SIGKILL' if report.killed else 'SIGTERM'}); {checked}")
+    if report.exit_code is None and report.ended_by == "command":
+        _say("the command ended while its `gpu-agent run` was dead: its exit status is lost")
     if args.json:
         print(json.dumps(report.to_json()))
-    return report.exit_code
+    return 1 if report.exit_code is None else report.exit_code

@@ -25,17 +25,20 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import FrameType
 
 from fleet.errors import Denied, InvalidInput, NotPlaced
+from fleet.ledger.rows import LedgerRow
+from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
-from fleet.monitors import Monitors, new_owner
-from fleet.supervise import Supervised, check_startable
+from fleet.monitors import Monitors, Orphan, gone_here, new_owner
+from fleet.supervise import ALLOCATION_ENV, Adopted, Group, Supervised, check_startable
+from graph.handle import AllocationHandle
 from graph.orchestrator import Orchestrator
 from graph.outcome import PendingReview
 
@@ -58,7 +61,7 @@ CONFIRM_TRIES = 8
 @dataclass
 class RunReport:
     allocation_id: str
-    exit_code: int
+    exit_code: int | None  # None: unknown (the command was adopted after its `run` died)
     ended_by: str  # "command" (it exited), a release reason, or "signal"
     terminated: bool = False
     killed: bool = False
@@ -69,6 +72,44 @@ class RunReport:
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Command:
+    """What a `run --requeue` runs, recorded in the ledger (fleet.ledger.runs) so that a
+    `run --resume` carries it on after its process died. The environment is not recorded
+    (it may hold secrets, and the ledger may be shared): the resuming process passes its own."""
+
+    argv: list[str]
+    cwd: str
+    grace_s: float
+    notice_s: float
+    notice_signal: str  # a signal's name, SIGUSR1
+
+    @property
+    def signal(self) -> signal.Signals:
+        return signal.Signals[self.notice_signal]
+
+    @classmethod
+    def read(cls, raw: dict[str, object]) -> Command:
+        return cls(**raw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """Who is in charge of a run's command (fleet.ledger.runs), and what it says."""
+
+    owner: str  # fleet.monitors.new_owner("run"); "" for a run that is not recorded
+    say: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Held:
+    """An allocation this `run` waits on: its id, and how to let it go when the command is
+    done (release it where it is still active, and join the thread that monitors it)."""
+
+    id: str
+    let_go: Callable[[], object]
 
 
 @contextmanager
@@ -101,41 +142,67 @@ def run_on(
     """Run `argv` on an active allocation until it exits or the allocation ends; `notice_s`
     (clock) seconds before the allocation's deadline (its lease end, or where its budget
     runs out) the command gets `notice_signal`, once, to checkpoint, as Slurm's --signal."""
-    svc = orch.services
     check_startable(argv, os.environ)
-    row = svc.ledger.get(allocation_id)
+    row = orch.services.ledger.get(allocation_id)
     orch.identity.check_project(row.project, "run commands on allocations")
     if row.state != "active":
         raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
-    monitors = Monitors(svc.ledger)
+    monitors = Monitors(orch.services.ledger)
     if not owned and not monitors.alive(monitors.get(allocation_id)):
         say(
             f"nobody monitors allocation {allocation_id}: it will not be released for idling "
             f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it"
         )
-    env = dict(os.environ) | {"GPU_AGENT_ALLOCATION": allocation_id}
-    command = list(argv)
+    command = Command(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
+    charge = Charge(new_owner("run"), say)
+    return _supervise(orch, row, _start(orch, row, command, charge), command, charge, owned)
+
+
+def _start(orch: Orchestrator, row: LedgerRow, command: Command, charge: Charge) -> Supervised:
+    """Start the command on the allocation's GPUs (on Slurm: a step of its job)."""
+    svc = orch.services
+    env = dict(os.environ) | {ALLOCATION_ENV: row.id}
+    argv = list(command.argv)
     if svc.scheduler_holds:  # a step of the allocation's Slurm job, on its node and GPUs
-        job = svc.ledger.scheduler_job(allocation_id)
+        job = svc.ledger.scheduler_job(row.id)
         if job is None:
             raise InvalidInput(
-                f"allocation {allocation_id} has no Slurm job yet: `gpu-agent resume "
+                f"allocation {row.id} has no Slurm job yet: `gpu-agent resume "
                 f"{shlex.quote(row.thread_id)}` submits it"
             )
         env.pop("CUDA_VISIBLE_DEVICES", None)  # Slurm sets it in the step
-        command = ["srun", f"--jobid={job.job_id}", *argv]
+        argv = ["srun", f"--jobid={job.job_id}", *argv]
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(row.gpu_ids)
+    proc = Supervised(argv, env, command.cwd)
+    if svc.ledger.run_record(row.id) is not None:  # a `run --resume` may adopt it
+        svc.ledger.command_started(row.id, charge.owner, proc.pid)
+    charge.say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
+    return proc
+
+
+def _supervise(
+    orch: Orchestrator,
+    row: LedgerRow,
+    proc: Group,
+    command: Command,
+    charge: Charge,
+    owned: bool,
+) -> RunReport:
+    """Watch the command until it exits or the allocation ends, send its notice once, stop
+    it (SIGTERM, grace, SIGKILL) and release what `run` owns."""
+    svc = orch.services
+    aid, say = row.id, charge.say
+    recorded = svc.ledger.run_record(aid)
+    notice_s = command.notice_s
     with _signals() as got:
-        proc = Supervised(command, env)
-        svc.commands.started(allocation_id, new_owner("run"), svc.clock.now())
-        say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
+        svc.commands.started(aid, charge.owner, svc.clock.now())
         seen = {proc.pid}
         ended_by = "command"
-        noticed = False
+        noticed = recorded is not None and recorded.noticed_at is not None  # not twice
         while not proc.exited():
             seen.update(proc.members())
-            lease = svc.ledger.lease(allocation_id)
+            lease = svc.ledger.lease(aid)
             now = svc.clock.now()
             if lease.state == "released":
                 assert lease.release_reason is not None
@@ -147,37 +214,43 @@ def run_on(
                 and lease.deadline is not None
                 and lease.deadline - now <= notice_s
             ):
-                proc.signal(notice_signal)
+                proc.signal(command.signal)
                 noticed = True
+                if recorded is not None:
+                    svc.ledger.noticed(aid, charge.owner, now)
                 assert lease.deadline_reason is not None
                 say(
-                    f"allocation {allocation_id} ends in {max(0.0, lease.deadline - now):.0f} s "
-                    f"({lease.deadline_reason.value}): {notice_signal.name} sent to the command "
-                    "to checkpoint"
+                    f"allocation {aid} ends in {max(0.0, lease.deadline - now):.0f} s "
+                    f"({lease.deadline_reason.value}): {command.notice_signal} sent to the "
+                    "command to checkpoint"
                 )
             if lease.deadline is not None and now >= lease.deadline:
                 assert lease.deadline_reason is not None  # nobody released it on time: we do
-                svc.release(allocation_id, lease.deadline_reason, at=lease.deadline)
+                svc.release(aid, lease.deadline_reason, at=lease.deadline)
                 ended_by = lease.deadline_reason.value
                 break
             if got:
                 ended_by = "signal"
                 break
             time.sleep(POLL_S)
+        if ended_by == "command" and isinstance(proc, Adopted):  # it went while unwatched:
+            ended = svc.ledger.get(aid)  # what ended first is unknown; the allocation's end
+            if ended.release_reason is not None:  # is what the ledger knows
+                ended_by = ended.release_reason.value
         if ended_by != "command":
             say(
-                f"allocation {allocation_id} ended ({ended_by}): stopping the command "
-                f"(SIGTERM, then SIGKILL after {grace_s:g} s)"
+                f"allocation {aid} ended ({ended_by}): stopping the command "
+                f"(SIGTERM, then SIGKILL after {command.grace_s:g} s)"
             )
-        stopped = proc.stop(grace_s)  # also what the command left behind when it exited
+        stopped = proc.stop(command.grace_s)  # also what the command left behind when it exited
         code = proc.returncode()
         if ended_by == "command":  # the work is done: idle time from now on is hoarding
-            svc.commands.ended(allocation_id, svc.clock.now(), code)
-    if owned and svc.ledger.get(allocation_id).state == "active":
+            svc.commands.ended(aid, svc.clock.now(), code)
+    if owned and svc.ledger.get(aid).state == "active":
         reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
-        orch.release(allocation_id, reason)
+        orch.release(aid, reason)
     return RunReport(
-        allocation_id,
+        aid,
         code,
         ended_by,
         stopped.terminated,
@@ -215,8 +288,9 @@ def request_and_run(
     requeue: int = 0,
 ) -> RunReport:
     """Request GPUs (the graph monitors them in the background) and run `argv` on them;
-    requeued up to `requeue` times when the allocation ends first (REQUEUE_ON). A command
-    that cannot start places nothing."""
+    requeued up to `requeue` times when the allocation ends first (REQUEUE_ON), through the
+    ledger (fleet.ledger.runs), so that `run --resume` carries the work on if this process
+    dies. A command that cannot start places nothing."""
     check_startable(argv, os.environ)
     if notice_s > 0:  # in the request: where Slurm holds the GPUs, its job's --signal
         named = notice_signal.name.removeprefix("SIG")
@@ -224,41 +298,175 @@ def request_and_run(
         if orch.services.scheduler_holds:  # Slurm sends it, even with gpu-agent gone: not twice
             say(f"Slurm sends {notice_signal.name} to the command before the job's time limit")
             notice_s = 0.0
-    earlier: list[str] = []
-    last: RunReport | None = None
+    command = Command(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
+    charge = Charge(new_owner("run"), say)
+    handle = orch.allocate_gpu_sync(request)
+    if requeue:
+        orch.services.ledger.record_run(handle.id, charge.owner, asdict(command), requeue)
+    held = _announced(handle, say)
+    return _carry_on(orch, held, command, charge, [])
+
+
+def _announced(handle: AllocationHandle, say: Callable[[str], None]) -> Held:
+    a = handle.allocation
+    say(f"allocation {a.id}: {a.count} x {a.gpu_type} until {a.lease_end:%Y-%m-%d %H:%M:%S} UTC")
+    return Held(handle.id, lambda: handle.release(ReleaseReason.EXPLICIT))
+
+
+def _carry_on(
+    orch: Orchestrator, held: Held, command: Command, charge: Charge, earlier: list[str]
+) -> RunReport:
+    """Run the command on `held`, and on each allocation that resumes it while requeues are
+    left (each made once: fleet.ledger.runs.requeue)."""
+    ledger = orch.services.ledger
     while True:
         try:
-            handle = orch.allocate_gpu_sync(request)
-        except (Denied, NotPlaced, PendingReview) as exc:
-            if last is None:
-                raise
-            say(f"the requeue of allocation {last.allocation_id} was not placed: {exc}")
-            return last
-        say(
-            f"allocation {handle.id}: {handle.allocation.count} x "
-            f"{handle.allocation.gpu_type} until "
-            f"{handle.allocation.lease_end:%Y-%m-%d %H:%M:%S} UTC"
+            report = _run_held(orch, held, command, charge)
+        finally:
+            held.let_go()  # a no-op when it ended; joins the graph
+        report.requeued_from = list(earlier)
+        record = ledger.run_record(held.id)
+        if report.ended_by not in REQUEUE_ON or record is None or record.requeues_left <= 0:
+            return report
+        why = f"allocation {held.id} ended ({report.ended_by}) before its command"
+        successor = ledger.requeue(held.id, charge.owner, orch.services.clock.now(), why)
+        earlier.append(held.id)
+        charge.say(
+            f"allocation {held.id} ended ({report.ended_by}) before the command: requeued "
+            f"to resume it ahead of new work ({record.requeues_left - 1} requeue(s) left)"
         )
         try:
-            report = run_on(
-                orch,
-                handle.id,
-                argv,
-                grace_s=grace_s,
-                owned=True,
-                say=say,
-                notice_s=notice_s,
-                notice_signal=notice_signal,
+            placed = _successor(orch, held.id, charge)
+        except (Denied, NotPlaced, PendingReview) as exc:
+            placed, problem = None, str(exc)
+        else:
+            problem = "its thread ended without GPUs"
+        if placed is None:
+            charge.say(
+                f"the requeue of allocation {held.id} ({successor}) was not placed: {problem}"
             )
-        finally:
-            handle.release(ReleaseReason.EXPLICIT)  # a no-op when it ended; joins the graph
-        report.requeued_from = list(earlier)
-        if report.ended_by not in REQUEUE_ON or len(earlier) >= requeue:
             return report
-        last = report
-        earlier.append(handle.id)
-        request = request.model_copy(update={"resumes": handle.id, "request_id": uuid.uuid4().hex})
-        say(
-            f"allocation {handle.id} ended ({report.ended_by}) before the command: requeued "
-            f"to resume it ahead of new work ({requeue - len(earlier)} requeue(s) left)"
+        held = placed
+
+
+def _run_held(orch: Orchestrator, held: Held, command: Command, charge: Charge) -> RunReport:
+    """The command on one allocation: started there, or adopted where a `run` that died
+    had started it; where the allocation ended before it could start, what ended it."""
+    ledger = orch.services.ledger
+    row = ledger.get(held.id)
+    record = ledger.run_record(held.id)
+    if record is not None and record.pgid is not None:
+        proc: Group = Adopted(record.pgid, held.id)
+        charge.say(
+            f"adopted the command of allocation {held.id} (process group {record.pgid}), "
+            "whose `gpu-agent run` died"
         )
+    elif row.state == "active":
+        proc = _start(orch, row, command, charge)
+    else:
+        reason = row.release_reason.value if row.release_reason else row.state
+        return RunReport(held.id, None, reason)
+    return _supervise(orch, row, proc, command, charge, owned=True)
+
+
+def _successor(orch: Orchestrator, pred: str, charge: Charge) -> Held | None:
+    """The allocation that resumes `pred`, placed under its fixed id where nobody did yet,
+    else carried on from where its asker stopped."""
+    aid, thread = successor_id(pred), successor_thread(pred)
+    if _row(orch, aid) is None and not _has_thread(orch, thread):
+        request = orch.services.ledger.successor_request(pred)
+        return _announced(orch.allocate_gpu_sync(request, thread_id=thread), charge.say)
+    return _attach(orch, aid, thread, charge.say)
+
+
+def _row(orch: Orchestrator, aid: str) -> LedgerRow | None:
+    try:
+        return orch.services.ledger.get(aid)
+    except InvalidInput:
+        return None
+
+
+def _has_thread(orch: Orchestrator, thread_id: str) -> bool:
+    try:
+        orch.outcome(thread_id)
+    except InvalidInput:
+        return False
+    return True
+
+
+def _attach(
+    orch: Orchestrator, aid: str, thread_id: str, say: Callable[[str], None]
+) -> Held | None:
+    """An allocation whose thread's process died: carry its thread on here in the background
+    (unless another live process monitors it) and wait until it holds GPUs or ended; None
+    when its thread ended without placing it."""
+    row = _row(orch, aid)
+    runner: threading.Thread | None = None
+    if row is None or (row.state != "released" and orch.claim_orphan(Orphan(row, None))):
+        runner = orch.continue_in_background(thread_id)
+        say(f"carrying on the thread of allocation {aid} ({thread_id}) here")
+    while row is None or row.state == "queued":
+        if runner is not None and not runner.is_alive():
+            row = _row(orch, aid)
+            if row is None or row.state == "queued":
+                return None
+            break
+        time.sleep(POLL_S)
+        row = _row(orch, aid)
+
+    def let_go() -> None:
+        orch.release(aid, ReleaseReason.EXPLICIT)  # a no-op when it ended
+        if runner is not None:
+            runner.join()
+
+    return Held(aid, let_go)
+
+
+def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print) -> RunReport:
+    """Carry on the `run --requeue` that allocation `aid` belongs to, after its process
+    died: from its newest allocation, adopting its command where it still runs, requeueing
+    where it was yielded or lost (once: fleet.ledger.runs.requeue). Refused, changing
+    nothing, where that run is finished or its process is alive."""
+    ledger = orch.services.ledger
+    chain = ledger.run_chain(aid)
+    if not chain:
+        raise InvalidInput(
+            f"allocation {aid} was not run by `gpu-agent run --requeue`: nothing to resume"
+        )
+    orch.identity.check_project(ledger.get(chain[0].allocation_id).project, "resume runs")
+    last = chain[-1]
+    finished = _finished(orch, last)
+    if finished is not None:
+        raise InvalidInput(f"nothing to resume: {finished}")
+    if not gone_here(last.owner):
+        host, pid = [*last.owner.split(":"), ""][:2]
+        raise InvalidInput(
+            f"allocation {last.allocation_id}'s command is in the charge of `gpu-agent run` "
+            f"pid {pid} on {host}, which is not known to have died: nothing to resume"
+        )
+    charge = Charge(new_owner("run"), say)
+    if not ledger.take_over(last.allocation_id, last.owner, charge.owner):
+        raise InvalidInput(f"another `gpu-agent run --resume` took {last.allocation_id} over first")
+    command = Command.read(last.command)
+    say(f"resuming the run of {chain[0].allocation_id} at allocation {last.allocation_id}")
+    earlier = [r.allocation_id for r in chain[:-1]]
+    if _row(orch, last.allocation_id) is None and earlier:  # its asker died before placing it
+        held = _successor(orch, earlier[-1], charge)
+    else:
+        held = _attach(orch, last.allocation_id, ledger.get(last.allocation_id).thread_id, say)
+    if held is None:
+        raise NotPlaced(f"allocation {last.allocation_id} was not placed")
+    return _carry_on(orch, held, command, charge, earlier)
+
+
+def _finished(orch: Orchestrator, last: RunRecord) -> str | None:
+    """Why a run whose newest allocation is `last` has nothing left to resume (None: it has)."""
+    row = _row(orch, last.allocation_id)
+    if row is None or row.release_reason is None:
+        return None  # to place, or placed
+    if last.pgid is not None and Adopted(last.pgid, last.allocation_id).members():
+        return None  # its command outlived it: to be stopped
+    reason = row.release_reason.value
+    if reason in REQUEUE_ON and last.requeues_left > 0:
+        return None  # to requeue
+    return f"its last allocation, {last.allocation_id}, ended ({reason})"

@@ -16,6 +16,7 @@ One class, `Ledger`, over one connection; each of its concerns is a module of th
   audit, health, queries   the audit log, unhealthy GPUs, read-only views
   scheduler_jobs  the Slurm job that holds an allocation's GPUs
   preempting      asking a running allocation to yield (fleet.preemption)
+  runs            what `gpu-agent run --requeue` outlives its process with; requeued once
   rows            what the ledger hands out
 """
 
@@ -31,12 +32,13 @@ from fleet.ledger.health import Health
 from fleet.ledger.levelling import Levelling
 from fleet.ledger.migrations import Migrations
 from fleet.ledger.queries import Queries
+from fleet.ledger.runs import Runs
 from fleet.ledger.scheduler_jobs import SchedulerJobs
 
 __all__ = ["Ledger"]
 
 
-class Ledger(Levelling, Migrations, Audit, Health, Queries, SchedulerJobs):
+class Ledger(Levelling, Migrations, Audit, Health, Queries, SchedulerJobs, Runs):
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
         """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
         scratch ledger, SQLite only): it works in memory and is written to its file when

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fleet.errors import StateDirError
 from fleet.ledger.project_record import ProjectRecord
-from fleet.ledger.schema import SCHEMA, SCHEMA_VERSION, TABLES, V2, V3, V4, V4_COLUMNS, V5, V6
+from fleet.ledger.schema import SCHEMA, SCHEMA_VERSION, TABLES, V2, V3, V4, V4_COLUMNS, V5, V6, V7
 from fleet.models import ReleaseReason
 from fleet.sql import Conn
 
@@ -33,7 +33,7 @@ class Migrations(ProjectRecord):
                         f"{self.name} holds tables but is not a gpu-agent ledger; "
                         "move it aside or choose another --state-dir or --database"
                     )
-                self._create(db, SCHEMA + V2 + V3 + V4 + V5 + V6)
+                self._create(db, SCHEMA + V2 + V3 + V4 + V5 + V6 + V7)
                 db.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -55,6 +55,8 @@ class Migrations(ProjectRecord):
                 self._create(db, V5)
             if version < 6:
                 self._create(db, V6)
+            if version < 7:
+                self._create(db, V7)
             if version < SCHEMA_VERSION:
                 db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)

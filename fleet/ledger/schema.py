@@ -8,7 +8,8 @@ from __future__ import annotations
 #    audit (who approved, denied, decided, released, set a budget, and why)
 # 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
 # 4: commands and the hoarding record; 5: indexes; 6: scheduler_jobs (a Slurm job per allocation)
-SCHEMA_VERSION = 6
+# 7: runs (what `gpu-agent run --requeue` must outlive its process for)
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -185,6 +186,21 @@ CREATE TABLE IF NOT EXISTS scheduler_jobs (
     started_at REAL NOT NULL
 );
 """
+# `gpu-agent run --requeue`, per allocation its command ran (or will run) on: the `run` process
+# in charge (fleet.monitors.new_owner), the command (JSON), the requeues left, the command's
+# process group, whether its checkpoint notice was sent, and the allocation that resumes this
+# one, set once (fleet.ledger.runs)
+V7 = """
+CREATE TABLE IF NOT EXISTS runs (
+    allocation_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    command TEXT NOT NULL,
+    requeues_left INTEGER NOT NULL CHECK (requeues_left >= 0),
+    pgid INTEGER,
+    noticed_at REAL,
+    successor TEXT UNIQUE
+);
+"""
 TABLES = (
     "meta",
     "allocations",
@@ -202,4 +218,5 @@ TABLES = (
     "monitors",
     "commands",
     "scheduler_jobs",
+    "runs",
 )
