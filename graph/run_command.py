@@ -13,7 +13,9 @@ With `--requeue N`, an allocation `run` requested that ends before its command d
 lease ran out, a GPU failed, gpu-agent was down past its lease, it was preempted: `gpu-agent
 preempt`) is asked for again, resuming the old one (`GPURequest.resumes`: it queues ahead of
 new work), and the command starts again on the new GPUs to go on from its checkpoint, at most
-N times, as Slurm's --requeue does.
+N times, as Slurm's --requeue does. The requeue is recorded in the ledger (fleet.ledger.runs)
+and made once, whoever asks first: `run --resume ID` carries on a `run` that died (resume_run),
+adopting the command it left running (fleet.supervise.Adopted).
 When the command ends by itself, an allocation `run` requested is released (command-exit);
 one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
 takes an idle spell for a pause and never releases the allocation for idling; once it has

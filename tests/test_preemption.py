@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -249,26 +249,39 @@ def test_a_preempted_run_checkpoints_and_resumes_on_another_gpu(tmp_path: Path) 
     assert all(n == 1 for _, n in charged) and {first, second} <= {a for a, _ in charged}
 
 
-def test_the_command_refuses_in_one_line_and_changes_nothing(tmp_path: Path) -> None:
-    """Without a checkpoint notice, with no reason given, for an unknown allocation: exit 2,
-    one line (a JSON error with --json), the allocation as it was."""
+def refuses_in_one_line(
+    tmp_path: Path, command: str, cases: Callable[[str], dict[tuple[str, ...], str]]
+) -> tuple[tuple[str, ...], str]:
+    """`gpu-agent COMMAND` with each case's arguments (given a running allocation's id):
+    exit 2, one line, the case's error in the JSON; the allocation still active after.
+    Returns the common arguments and the allocation's id."""
     common = ("--state-dir", str(tmp_path / "s"))
     held = run_cli(
         "request", *common, "--project", "p", "--purpose", "inference", "--count", "1",
         "--hours", "1", "--no-wait", "--json", cwd=tmp_path,
     )  # fmt: skip
     aid = json.loads(held.stdout)["allocation"]["id"]
-    cases = {
-        (aid, "--why", "make room"): "has no checkpoint notice",
-        (aid, "--why", "  "): "--why must be one line",
-        ("a-nope", "--why", "x"): "'a-' and 12 hex digits",
-        ("a-000000000000", "--why", "x"): "no allocation 'a-000000000000'",
-    }
-    for args, line in cases.items():
-        done = run_cli("preempt", *common, *args, "--json", cwd=tmp_path)
+    for args, line in cases(aid).items():
+        done = run_cli(command, *common, *args, "--json", cwd=tmp_path)
         assert done.returncode == 2 and line in json.loads(done.stdout)["error"], done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     status = json.loads(run_cli("status", *common, "--json", cwd=tmp_path).stdout)
     [mine] = [a for a in status["allocations"] if a["id"] == aid]
     assert mine["state"] == "active"
+    return common, aid
+
+
+def test_the_command_refuses_in_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    """Without a checkpoint notice, with no reason given, for an unknown allocation: exit 2,
+    one line (a JSON error with --json), the allocation as it was."""
+    common, _ = refuses_in_one_line(
+        tmp_path,
+        "preempt",
+        lambda aid: {
+            (aid, "--why", "make room"): "has no checkpoint notice",
+            (aid, "--why", "  "): "--why must be one line",
+            ("a-nope", "--why", "x"): "'a-' and 12 hex digits",
+            ("a-000000000000", "--why", "x"): "no allocation 'a-000000000000'",
+        },
+    )
     assert "preempt" not in run_cli("audit", *common, cwd=tmp_path).stdout

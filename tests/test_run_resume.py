@@ -25,7 +25,7 @@ from fleet.models import ReleaseReason, RouteDecision
 from fleet.routing import route
 from tests.conftest import fleet_toml, run_cli, small_config
 from tests.test_budget_admission import HOUR, T0, Fleet
-from tests.test_preemption import PREEMPTIBLE, running, wait_for
+from tests.test_preemption import PREEMPTIBLE, refuses_in_one_line, running, wait_for
 
 COMMAND = {"argv": ["true"], "cwd": "/", "grace_s": 1.0, "notice_s": 120.0}
 DEAD = "nohost:1:dead:run"  # an owner: the `run` process that recorded the run
@@ -117,14 +117,15 @@ def test_only_one_process_takes_a_dead_run_over(fleet: Fleet) -> None:
 
 # ---- real subprocesses: SIGKILL between the notice and the requeue -----------------------------
 
-NOTICE_S = 15  # the yield is this long after the preemption: the kill comes well before it
+NOTICE_S = 30  # the yield is this long after the preemption: the kill comes well before it
 
 
 def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -> None:
-    """`run --requeue 1 --notice 15`, preempted: the command checkpoints on its notice and
-    the run is SIGKILLed before its allocation yields (so before any requeue). `run
-    --resume` adopts the orphaned command, stops it at the yield, requeues once and starts it
-    again, which resumes from its checkpoint. A second `--resume` changes nothing."""
+    """`run --requeue 1 --notice 30`, preempted: the command checkpoints on its notice; a
+    `run --resume` while the run lives is refused; the run is SIGKILLed before its
+    allocation yields (so before any requeue). `run --resume` adopts the orphaned command,
+    stops it at the yield, requeues once and starts it again, which resumes from its
+    checkpoint. A second `--resume` changes nothing."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(
         fleet_toml(
@@ -167,6 +168,9 @@ def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -
             ),
             "the notice to reach the command and be recorded",
         )
+        busy = run_cli("run", *common, "--resume", first, "--json", cwd=tmp_path)
+        assert busy.returncode == 2, busy.stderr
+        assert "not known to have died: nothing to resume" in json.loads(busy.stdout)["error"]
         runner.send_signal(signal.SIGKILL)
         runner.wait(timeout=30)
     finally:
@@ -214,21 +218,12 @@ def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -
 
 def test_resume_refuses_in_one_line_and_changes_nothing(tmp_path: Path) -> None:
     """Not an allocation of a `run --requeue`, a command given with --resume, a bad id."""
-    common = ("--state-dir", str(tmp_path / "s"))
-    held = run_cli(
-        "request", *common, "--project", "p", "--purpose", "inference", "--count", "1",
-        "--hours", "1", "--no-wait", "--json", cwd=tmp_path,
-    )  # fmt: skip
-    aid = json.loads(held.stdout)["allocation"]["id"]
-    cases = {
-        ("--resume", aid): "was not run by `gpu-agent run --requeue`: nothing to resume",
-        ("--resume", aid, "--", "true"): "--resume carries on the recorded command",
-        ("--resume", "nope"): "'a-' and 12 hex digits",
-    }
-    for args, line in cases.items():
-        done = run_cli("run", *common, *args, "--json", cwd=tmp_path)
-        assert done.returncode == 2 and line in json.loads(done.stdout)["error"], done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
-    status = json.loads(run_cli("status", *common, "--json", cwd=tmp_path).stdout)
-    [mine] = [a for a in status["allocations"] if a["id"] == aid]
-    assert mine["state"] == "active"
+    refuses_in_one_line(
+        tmp_path,
+        "run",
+        lambda aid: {
+            ("--resume", aid): "was not run by `gpu-agent run --requeue`: nothing to resume",
+            ("--resume", aid, "--", "true"): "--resume carries on the recorded command",
+            ("--resume", "nope"): "'a-' and 12 hex digits",
+        },
+    )
