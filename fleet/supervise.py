@@ -55,16 +55,18 @@ def group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
     return sorted(out)
 
 
-def check_startable(argv: Sequence[str], env: Mapping[str, str]) -> None:
+def check_startable(argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> None:
     """InvalidInput unless `argv[0]` names an executable file (looked up on env's PATH like
-    exec does), so that GPUs are never placed for a command that cannot start."""
+    exec does, a relative path from `cwd`), so that GPUs are never placed for a command that
+    cannot start."""
     if not argv:
         raise InvalidInput("no command to run (put it after --)")
     program = argv[0]
     if "/" in program:
-        if not os.path.isfile(program):
+        path = os.path.join(cwd or os.getcwd(), program)  # as given where absolute
+        if not os.path.isfile(path):
             raise InvalidInput(f"cannot run {program!r}: no such file; nothing was placed")
-        if not os.access(program, os.X_OK):
+        if not os.access(path, os.X_OK):
             raise InvalidInput(f"cannot run {program!r}: not executable; nothing was placed")
     elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
         raise InvalidInput(f"cannot run {program!r}: not found on PATH; nothing was placed")
@@ -118,7 +120,7 @@ class Supervised(Group):
     """A command started by gpu-agent, in its own process group."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> None:
-        check_startable(argv, env)
+        check_startable(argv, env, cwd)
         try:
             self._proc = subprocess.Popen(
                 list(argv), env=dict(env), cwd=cwd, start_new_session=True

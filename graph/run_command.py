@@ -446,10 +446,11 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
             f"allocation {last.allocation_id}'s command is in the charge of `gpu-agent run` "
             f"pid {pid} on {host}, which is not known to have died: nothing to resume"
         )
+    command = Command.read(last.command)
+    check_startable(command.argv, os.environ, command.cwd)  # before anything is placed
     charge = Charge(new_owner("run"), say)
     if not ledger.take_over(last.allocation_id, last.owner, charge.owner):
         raise InvalidInput(f"another `gpu-agent run --resume` took {last.allocation_id} over first")
-    command = Command.read(last.command)
     say(f"resuming the run of {chain[0].allocation_id} at allocation {last.allocation_id}")
     earlier = [r.allocation_id for r in chain[:-1]]
     if _row(orch, last.allocation_id) is None and earlier:  # its asker died before placing it

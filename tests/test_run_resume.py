@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
 from fleet.ledger.runs import successor_id, successor_thread
@@ -227,3 +230,39 @@ def test_resume_refuses_in_one_line_and_changes_nothing(tmp_path: Path) -> None:
             ("--resume", "nope"): "'a-' and 12 hex digits",
         },
     )
+
+
+def test_a_requeue_asked_for_but_not_placed_is_placed_once_by_resume(tmp_path: Path) -> None:
+    """The `run` died after its requeue was written and before the successor was placed:
+    `run --resume` places it under its fixed id (not a second requeue) and runs the recorded
+    command there, in the recorded directory."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml())
+    common = ("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet))
+    held = run_cli(
+        "request", *common, "--project", "p", "--purpose", "inference", "--count", "1",
+        "--hours", "1", "--no-wait", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    aid = json.loads(held.stdout)["allocation"]["id"]
+    exited = subprocess.Popen(["true"])  # an exited process of this host: the dead `run`
+    exited.wait()
+    dead = f"{socket.gethostname()}:{exited.pid}:x:run"
+    out = tmp_path / "where"
+    argv = [sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.getcwd())"]
+    command = {"argv": argv, "cwd": str(tmp_path), "grace_s": 5.0, "notice_s": 0.0}
+    ledger = Ledger(tmp_path / "s" / "ledger.sqlite", load_fleet(fleet))
+    try:
+        ledger.record_run(aid, dead, command | {"notice_signal": "SIGUSR1"}, 2)
+        ledger.release(aid, ReleaseReason.PREEMPTED, time.time())
+        successor = ledger.requeue(aid, dead, time.time(), "preempted before its command")
+    finally:
+        ledger.close()
+    resumed = run_cli("run", *common, "--resume", aid, "--json", cwd=tmp_path / "s")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["allocation_id"] == successor and report["requeued_from"] == [aid]
+    assert out.read_text() == str(tmp_path)  # the recorded directory, not the caller's
+    with sqlite3.connect(tmp_path / "s" / "ledger.sqlite") as db:
+        rows = dict(db.execute("SELECT id, resumes FROM allocations").fetchall())
+        requeued = db.execute("SELECT target FROM audit WHERE action='requeue'").fetchall()
+    assert rows == {aid: None, successor: aid} and requeued == [(aid,)]
