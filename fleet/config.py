@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from fleet import names
 from fleet.errors import ConfigError, one_line
 from fleet.models import GPUInfo, Purpose
 
@@ -205,6 +206,9 @@ class ClockSettings(_Strict):
     time_scale: float = Field(default=1.0, gt=0)
 
 
+# A job's speed on one type, in relative_throughput's unit (the fleet's reference type = 1).
+Speed = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+
 SHIPPED_CATALOG = "catalog.toml"  # the GPU types a fleet file may name (fleet/data/)
 
 
@@ -234,6 +238,21 @@ class FleetConfig(_Strict):
     simulation: SimulationSettings = SimulationSettings()
     clock: ClockSettings = ClockSettings()
     slurm: SlurmSettings = SlurmSettings()
+    # Per-workload speeds, `[speeds.resnet50] A100 = 1.0, T4 = 0.2`: a request naming the
+    # workload runs this fast on these types; a type not listed runs at its average
+    # (relative_throughput). What a project's own runs measured may refine it (fleet.speeds).
+    speeds: dict[str, dict[str, Speed]] = Field(default_factory=dict)
+
+    @field_validator("speeds", mode="before")
+    @classmethod
+    def _speed_types(cls, value: Any) -> Any:
+        """Type names as requests write them: a GPU type is upper case (GPURequest.gpu_type)."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            w: {t.upper(): v for t, v in row.items()} if isinstance(row, dict) else row
+            for w, row in value.items()
+        }
 
     @field_validator("catalog", mode="before")
     @classmethod
@@ -275,7 +294,21 @@ class FleetConfig(_Strict):
         for project, budget in self.budgets.items():
             if budget < 0:
                 raise ValueError(f"budgets.{project} must not be negative")
+        self._check_speeds()
         return self
+
+    def _check_speeds(self) -> None:
+        """Each [speeds] table is a valid workload name over types of the catalog."""
+        for workload, row in self.speeds.items():
+            why = names.problem("workload", workload)
+            if why is not None:
+                raise ValueError(f"speeds: {why}")
+            for t in row:
+                if t not in self.catalog:
+                    raise ValueError(
+                        f"speeds.{workload} names unknown GPU type {t!r} "
+                        f"(known: {', '.join(self.catalog)})"
+                    )
 
     def with_inventory(self, inventory: list[GPUInfo]) -> FleetConfig:
         """This policy over the GPUs a hardware backend found: one node per host (and type)."""

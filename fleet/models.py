@@ -196,6 +196,10 @@ class GPURequest(BaseModel):
     # process runs; `gpu-agent run --notice` sets it.
     notice_seconds: float | None = Field(default=None, gt=0)
     notice_signal: str = "USR1"
+    # What the job is (e.g. "resnet50"), for its speed on each type: the fleet file's
+    # [speeds] table, or what the project's earlier runs of it measured (fleet.speeds).
+    # None: every type at its average speed.
+    workload: str | None = None
 
     def give_up_at(self, enqueued_at: float) -> float | None:
         """When the request stops waiting for GPUs (`max_wait_minutes` from when it was asked
@@ -223,6 +227,11 @@ class GPURequest(BaseModel):
     @classmethod
     def _resumed(cls, v: str | None) -> str | None:
         return None if v is None else _named("allocation id", v)
+
+    @field_validator("workload")
+    @classmethod
+    def _workload(cls, v: str | None) -> str | None:
+        return None if v is None else _named("workload", v)
 
     @field_validator("notice_signal", mode="before")
     @classmethod
@@ -354,13 +363,15 @@ class HumanDecision(BaseModel):
 class RouteOption(BaseModel):
     gpu_type: str
     price_per_hour: float
-    relative_throughput: float
+    relative_throughput: float  # the request's speed on this type (fleet.speeds)
     est_hours: float
     est_cost_usd: float
     feasible: bool
     why_not: str | None = None
     asked_hours: float | None = None  # the lease on this type, where the budget shortened it
     lent_by: Purpose | None = None  # the pool whose free GPUs it borrows (fleet.borrowing)
+    # where relative_throughput came from: "table", "history" or "type average"
+    speed_source: str | None = None
 
 
 class RouteDecision(BaseModel):
@@ -374,6 +385,9 @@ class RouteDecision(BaseModel):
     alternatives: list[RouteOption] = Field(default_factory=list)
     asked_hours: float | None = None  # the lease on this type, where the budget shortened it
     lent_by: Purpose | None = None  # the pool whose free GPUs it borrows (fleet.borrowing)
+    # the request's speed on the chosen type and where it came from (fleet.speeds)
+    speed: float | None = None
+    speed_source: str | None = None
 
 
 class Allocation(BaseModel):

@@ -1,5 +1,5 @@
 """The one place that says what a name or an id may look like: projects, identities, thread
-ids, allocation ids and request ids.
+ids, allocation ids, request ids and workloads.
 
 Every entry (CLI, Python API, LangGraph server, tools, the web page) checks with a full match
 of these patterns: `re.match(... $)` lets a final newline through, which made "vision\\n" an
@@ -21,9 +21,11 @@ IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 THREAD_ID = re.compile(_WORD + r"{0,127}")
 REQUEST_ID = THREAD_ID
 ALLOCATION_ID = re.compile(r"a-[0-9a-f]{12}")
+WORKLOAD = PROJECT  # a job's name for its speeds: a key of the fleet file's [speeds] table
 
+_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 RULES = {
-    "project": (PROJECT, "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    "project": (PROJECT, _NAME_RULE),
     "identity": (
         IDENTITY,
         "1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
@@ -37,6 +39,7 @@ RULES = {
         "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
     ),
     "allocation id": (ALLOCATION_ID, "'a-' and 12 hex digits, as `gpu-agent status` shows"),
+    "workload": (WORKLOAD, _NAME_RULE),
 }
 
 

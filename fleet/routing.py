@@ -2,7 +2,9 @@
 
 A request's duration is time on its reference type (the type it names, or the first type of its
 purpose's pool). On another type the same work takes duration x ref_speed / speed, so a card
-twice as fast at less than twice the price is the cheaper choice. A cheaper type that is full
+twice as fast at less than twice the price is the cheaper choice. The speeds are the request's
+own (fleet.speeds: its workload's row of the fleet file's table, or what its project's earlier
+runs of it measured), else the types' averages. A cheaper type that is full
 does not make a request wait while a dearer type of its pool could start it now (found by the
 trace simulation: every training job queued for the H100s while the A100s stood idle), unless
 it would still finish sooner: a cheaper type whose GPUs come back (at the latest, by the
@@ -22,6 +24,7 @@ from fleet.borrowing import lender_of
 from fleet.budget import admitted_hours, even_shortened
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, Guardrails, RouteDecision, RouteMode, RouteOption
+from fleet.speeds import Speed, job_speeds
 
 
 @dataclass(frozen=True)
@@ -31,20 +34,31 @@ class Refusal:
     reason: str
 
 
-def estimate(request: GPURequest, config: FleetConfig, gpu_type: str) -> tuple[float, float]:
-    """(hours, USD) for the request's work on `gpu_type`."""
+def estimate(
+    request: GPURequest,
+    config: FleetConfig,
+    gpu_type: str,
+    speeds: Mapping[str, Speed] | None = None,
+) -> tuple[float, float]:
+    """(hours, USD) for the request's work on `gpu_type`, at `speeds` (fleet.speeds; None:
+    the fleet file's for its workload)."""
+    speeds = job_speeds(config, request.workload) if speeds is None else speeds
     ref = request.gpu_type or config.pool(request.purpose)[0]
-    work = request.duration_hours * config.catalog[ref].relative_throughput
+    work = request.duration_hours * speeds[ref].value
     spec = config.catalog[gpu_type]
-    hours = work / spec.relative_throughput
+    hours = work / speeds[gpu_type].value
     return hours, spec.price_per_hour * request.count * hours
 
 
 def _option(
-    request: GPURequest, config: FleetConfig, gpu_type: str, remaining_usd: float | None
+    request: GPURequest,
+    config: FleetConfig,
+    gpu_type: str,
+    remaining_usd: float | None,
+    speeds: Mapping[str, Speed],
 ) -> RouteOption:
     spec = config.catalog[gpu_type]
-    hours, cost = estimate(request, config, gpu_type)
+    hours, cost = estimate(request, config, gpu_type, speeds)
     admitted = admitted_hours(hours, cost / hours, remaining_usd, config.limits.min_lease_share)
     why_not = None
     if request.min_memory_gb is not None and spec.memory_gb < request.min_memory_gb:
@@ -65,12 +79,13 @@ def _option(
     return RouteOption(
         gpu_type=gpu_type,
         price_per_hour=spec.price_per_hour,
-        relative_throughput=spec.relative_throughput,
+        relative_throughput=speeds[gpu_type].value,
         est_hours=lease,
         est_cost_usd=cost if lease == hours else cost * lease / hours,
         feasible=why_not is None,
         why_not=why_not,
         asked_hours=hours if lease < hours else None,
+        speed_source=speeds[gpu_type].source,
     )
 
 
@@ -97,6 +112,7 @@ def route(
     starts_in: Mapping[str, float] | None = None,
     used_share: float = 1.0,
     lenders: Sequence[str] = (),
+    learned: Mapping[str, float] | None = None,
 ) -> RouteDecision | Refusal:
     """The type for `request`. `remaining_usd` (Ledger.remaining_usd with running=False: the
     largest worst case the project's budget admits once its running work has ended, by the
@@ -108,9 +124,12 @@ def route(
     request expected to hold `used_share` of its lease (the project's usage factor,
     fleet.budget); without it, or when none can start now, the cheapest. `lenders`: other
     pools' types that could start it now, where it may borrow (fleet.borrowing): it takes
-    the one that finishes soonest when its own choice must wait and would finish later."""
+    the one that finishes soonest when its own choice must wait and would finish later.
+    `learned`: what the project's earlier runs of the request's workload measured
+    (fleet.speeds.learned_speeds); the request's speeds are otherwise the fleet file's."""
+    speeds = job_speeds(config, request.workload, learned)
     options = sorted(  # by price per unit of work, whatever lease the budget leaves
-        (_option(request, config, t, remaining_usd) for t in types_for(request, config)),
+        (_option(request, config, t, remaining_usd, speeds) for t in types_for(request, config)),
         key=lambda o: (
             o.price_per_hour / o.relative_throughput,
             -o.relative_throughput,
@@ -139,7 +158,7 @@ def route(
     else:
         chosen, why = _cheapest_in_time(feasible, starts_in, used_share)
     lent_by = None
-    loan = _loan(request, config, remaining_usd, chosen, starts_in, lenders)
+    loan = _loan(request, config, remaining_usd, chosen, starts_in, lenders, speeds)
     if loan is not None:
         chosen, lent_by = loan, lender_of(loan.gpu_type, config)
         assert lent_by is not None
@@ -155,7 +174,7 @@ def route(
         est_hours=chosen.est_hours,
         est_cost_usd=chosen.est_cost_usd,
         reason=f"{why}: {chosen.gpu_type} x{request.count} for {chosen.est_hours:.2f} h, "
-        f"${chosen.est_cost_usd:.2f}"
+        f"${chosen.est_cost_usd:.2f}, {speeds[chosen.gpu_type].describe()}"
         + (
             f" (the project's budget shortens the {chosen.asked_hours:.2f} h lease)"
             if chosen.asked_hours is not None
@@ -164,6 +183,8 @@ def route(
         alternatives=[o for o in options if o.gpu_type != chosen.gpu_type],
         asked_hours=chosen.asked_hours,
         lent_by=lent_by,
+        speed=chosen.relative_throughput,
+        speed_source=chosen.speed_source,
     )
 
 
@@ -174,13 +195,14 @@ def _loan(
     chosen: RouteOption,
     starts_in: Mapping[str, float] | None,
     lenders: Sequence[str],
+    speeds: Mapping[str, Speed],
 ) -> RouteOption | None:
     """Another pool's type to borrow instead of `chosen`: the feasible lender that finishes
     the work soonest, where `chosen` cannot start now and would finish later, wait included."""
     wait = math.inf if starts_in is None else starts_in.get(chosen.gpu_type, math.inf)
     if not lenders or wait <= 0:
         return None
-    options = [_option(request, config, t, remaining_usd) for t in lenders]
+    options = [_option(request, config, t, remaining_usd, speeds) for t in lenders]
     best = min((o for o in options if o.feasible), key=_work_hours, default=None)
     if best is None or _work_hours(best) >= wait + _work_hours(chosen):
         return None

@@ -31,6 +31,7 @@ from fleet.ledger.rows import LedgerRow
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
+from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
 from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
 from fleet.topology import Topology
@@ -165,6 +166,7 @@ class Services:
             starts,
             self.ledger.usage_factor(request.project),
             lenders(request, self.config, starts) if borrows else (),
+            learned_speeds(self.ledger, request.project, request.workload),
         )
         with self._lock:
             self._routed = (stamp, placeable, request, decision)

@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fleet.config import parse_fleet
-    from sim.simulate import as_json, fleet_source, parse_policies, simulate, summary
+    from sim.simulate import as_json, fleet_source, parse_policies, simulate, summary, with_models
     from sim.workload import WorkloadSettings
 
     policies = parse_policies(args.policies)
@@ -53,16 +53,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.workload == "pure" and args.habits:
         raise InvalidInput("--habits has no meaning with --workload pure (no job idles)")
     name, text = fleet_source(args.fleet)
+    if args.models is not None:
+        name, text = with_models(name, text, args.models)
+    config = parse_fleet(text, source=f"fleet file {name}")
+    if args.models is not None and not config.speeds:
+        raise InvalidInput(f"--models {args.models}: no [speeds] table")
     sim = simulate(
         args.trace,
         policies,
-        parse_fleet(text, source=f"fleet file {name}"),
+        config,
         name,
         Path(args.out),
         jobs=args.jobs,
         seed=args.seed,
         fleet_text=text,
-        settings=WorkloadSettings(habit_sigma=args.habits, pure=args.workload == "pure"),
+        settings=WorkloadSettings(
+            habit_sigma=args.habits, pure=args.workload == "pure", models=args.models is not None
+        ),
         vc=args.vc,
     )
     if args.json:

@@ -77,6 +77,12 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--hours", type=float, required=True)
     p.add_argument("--gpu-type")
+    p.add_argument(
+        "--workload",
+        metavar="NAME",
+        help="what the job is (e.g. resnet50): its speed on each type is the fleet file's "
+        "[speeds.NAME] row, or what this project's earlier runs of it measured",
+    )
     p.add_argument("--budget", type=float, help="this request's budget limit in USD")
     p.add_argument("--priority", default="normal", choices=["low", "normal", "high", "critical"])
     p.add_argument("--min-memory-gb", type=float)
@@ -300,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float)
     p.add_argument("--gpu-type")
     p.add_argument(
+        "--workload",
+        metavar="NAME",
+        help="with --project: what the job is (e.g. resnet50); a run that exits 0 measures "
+        "its speed on the type it ran on, for the project's next requests of it",
+    )
+    p.add_argument(
         "--grace",
         type=float,
         default=30.0,
@@ -440,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="projects with habits that differ and drift: the sd of their idle shift, from 0 "
         "(projects alike, the default) to 4; 1.5 spreads the projects' idle shares from about "
         "3 %% to 93 %% on Philly (sim/workload.py)",
+    )
+    p.add_argument(
+        "--models",
+        metavar="FILE",
+        help="a file of [speeds.NAME] tables (the fleet file's format), added to the fleet "
+        "file: each job is one of these workloads (a seeded, uniform draw) and runs at its "
+        "speed on each type, e.g. benchmarks/gavel_speeds.toml; without it every job runs "
+        "at the types' average speeds",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

@@ -133,6 +133,7 @@ def _request_of(args: argparse.Namespace) -> dict[str, Any]:
         "min_memory_gb": args.min_memory_gb,
         "max_wait_minutes": args.max_wait,
         "resumes": args.resumes,
+        "workload": args.workload,
     }
     if args.thread_id is not None:
         names.check("thread id", args.thread_id)
@@ -377,6 +378,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         }
         if args.gpu_type:
             raw["gpu_type"] = args.gpu_type
+        if args.workload is not None:
+            raw["workload"] = args.workload
         request = parse_request(raw)
 
     with open_orchestrator(args, create=request is not None) as orch:

@@ -39,6 +39,12 @@ class RequestGpusArgs(BaseModel):
     budget_usd: float | None = Field(
         default=None, gt=0, description="Refuse if the estimate is over this."
     )
+    workload: str | None = Field(
+        default=None,
+        description="What the job is, e.g. 'resnet50': routing then prices each type at this "
+        "job's own speed on it (the fleet file's table, or its earlier runs); omit for the "
+        "types' average speeds.",
+    )
 
 
 class ReleaseGpusArgs(BaseModel):
@@ -59,6 +65,7 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
         "duration_hours": args["hours"],
         "gpu_type": args.get("gpu_type"),
         "budget_limit": args.get("budget_usd"),
+        "workload": args.get("workload"),
     }
     thread_id = uuid.uuid4().hex
     try:

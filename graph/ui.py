@@ -115,6 +115,7 @@ FIELDS = {
     "budget_limit": "Budget limit",
     "min_memory_gb": "Minimum GPU memory",
     "max_wait_minutes": "Longest wait for GPUs",
+    "workload": "Workload",
     "request_id": "Request id",
 }
 STATUS = {

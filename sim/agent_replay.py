@@ -83,6 +83,7 @@ def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPUReq
             "request_id": f"{job.id}-{attempt}",
             "resumes": resumes,
             "notice_seconds": NOTICE_S if noticed else None,
+            "workload": job.workload,
         }
     )
 

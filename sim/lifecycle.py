@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose, ReleaseReason
+from fleet.speeds import table_speed
 from sim.workload import Phase, SimJob, candidate_types, requested
 
 MAX_ATTEMPTS = 3
@@ -38,9 +39,10 @@ class Segment:
 
 
 def speed(job: SimJob, gpu_type: str, config: FleetConfig) -> float:
-    return (
-        config.catalog[gpu_type].relative_throughput
-        / config.catalog[job.reference].relative_throughput
+    """How much faster than on its reference type the job works on `gpu_type`: by its
+    workload's speeds where the fleet file has them, else by the types' averages."""
+    return table_speed(config, job.workload, gpu_type) / table_speed(
+        config, job.workload, job.reference
     )
 
 

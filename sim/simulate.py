@@ -339,6 +339,16 @@ def fleet_source(path: str | None) -> tuple[str, str]:
         raise InvalidInput(f"fleet file {path}: cannot read it ({exc})") from None
 
 
+def with_models(name: str, text: str, path: str) -> tuple[str, str]:
+    """The fleet (name, TOML text) with the [speeds] tables of the file at `path` added (the
+    text each gpu-agent policy's state directory keeps, so its ledger reads with them)."""
+    try:
+        models = Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"--models {path}: cannot read it ({exc})") from None
+    return f"{name} + {path}", f"{text}\n# --models {path}\n{models}"
+
+
 def as_json(sim: Simulation) -> Mapping[str, Any]:
     return {
         "meta": sim.meta,

@@ -85,6 +85,7 @@ from dataclasses import dataclass, field, replace
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose
+from fleet.speeds import table_speed
 from fleet.trace import Job
 
 ROUND_HOURS = (
@@ -144,6 +145,7 @@ class SimJob:
     phases: tuple[Phase, ...]  # work and pauses, then the idle tail
     line: int = 0
     supervised: bool = False  # its work runs under `gpu-agent run`
+    workload: str | None = None  # its row of the fleet's [speeds] table; None: type averages
 
     @property
     def trace_hours(self) -> float:
@@ -188,6 +190,7 @@ class WorkloadSettings:
     unsupervised_projects: float = 0.2  # with habits: projects that never use gpu-agent run
     drift_share: float = 0.5  # with habits: projects whose habits change once
     pure: bool = False  # trace durations are all work: no idle, no pad, no budget
+    models: bool = False  # each job is one of the fleet's [speeds] workloads (per-job speeds)
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,14 @@ def _named(
     if purpose is Purpose.INFERENCE and draw < s.inference_on_training_share:
         return config.pool(Purpose.TRAINING)[0]
     return None
+
+
+def _model(config: FleetConfig, s: WorkloadSettings, line: int) -> str | None:
+    """With `models`, the job's workload: one of the fleet's [speeds] rows, uniformly, from a
+    generator of its own (the rest of the job does not change with it); else None."""
+    if not s.models or not config.speeds:
+        return None
+    return _rng(s.seed, "model", line).choice(sorted(config.speeds))
 
 
 def requested(hours: float, pad: float, max_hours: float) -> float:
@@ -396,6 +407,7 @@ def synthesize(
         named = _named(purpose, config, s, rng)
         reference = named or config.pool(purpose)[0]
         hours = max(job.hours, 1 / 3600)  # a zero-second job still took a moment
+        model = _model(config, s, job.line or i)
         base = SimJob(
             id=i,
             project=job.project,
@@ -409,6 +421,7 @@ def synthesize(
             phases=(Phase(hours, PURE_UTIL),),
             line=job.line,
             supervised=True,
+            workload=model,
         )
         if s.pure:  # no budget either: its project's list cost is not counted
             jobs.append(replace(base, requested_hours=pure_lease(base, config)))
@@ -438,8 +451,8 @@ def pure_lease(job: SimJob, config: FleetConfig) -> float:
     """A pure job's lease: its work on the slowest type it may use (no pad, no rounding),
     within the fleet's shortest and longest leases (a job of seconds asks for the shortest
     lease: a shorter request is refused)."""
-    ref = config.catalog[job.reference].relative_throughput
-    slowest = min(config.catalog[t].relative_throughput for t in candidate_types(job, config))
+    ref = table_speed(config, job.workload, job.reference)
+    slowest = min(table_speed(config, job.workload, t) for t in candidate_types(job, config))
     hours = job.work_hours * max(1.0, ref / slowest)
     limits = config.limits
     return min(max(hours, limits.min_duration_minutes / 60), limits.max_duration_hours)

@@ -211,6 +211,7 @@ BAD_REQUESTS = [
     ["--min-memory-gb", "500"],
     ["--mode", "cheap"],
     ["--max-wait", "-1"],
+    ["--workload", "no spaces"],
 ]
 
 
