@@ -1,7 +1,8 @@
 """Max-min fairness over effective throughput ([scheduler] policy = "max-min"), losing no work.
 
 A job's claim is the effective service its work has received: the hours its allocations held
-GPUs, each times its type's relative throughput (work done on a faster type counts for more),
+GPUs, each times its speed on the type (fleet.speeds' table: its workload's [speeds] row, else
+the type's relative throughput; work done on a faster type counts for more),
 summed over the allocations that resume one another (`GPURequest.resumes`). In each type's
 line the least served request goes first (priority levels still first; Slurm's multifactor
 score among equals). Where the line cannot start, running allocations that have received at
@@ -22,12 +23,15 @@ from fleet.config import FleetConfig
 from fleet.models import Priority
 from fleet.placement import Ticket
 from fleet.scheduler import PRIORITY_FACTOR
+from fleet.speeds import table_speed
 
 
-def effective_hours(seconds: float, gpu_type: str, config: FleetConfig) -> float:
-    """Service received by holding `gpu_type` for `seconds`, in reference hours."""
-    spec = config.catalog.get(gpu_type)
-    return max(0.0, seconds) / 3600.0 * (spec.relative_throughput if spec else 1.0)
+def effective_hours(
+    seconds: float, gpu_type: str, config: FleetConfig, workload: str | None = None
+) -> float:
+    """Service received by holding `gpu_type` for `seconds`, in reference hours: at the
+    workload's speed there by the fleet file's [speeds] (fleet.speeds), else the type's."""
+    return max(0.0, seconds) / 3600.0 * table_speed(config, workload, gpu_type)
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,15 @@ def to_yield(
     return out
 
 
-def faster_for(gpu_type: str, config: FleetConfig) -> list[str]:
-    """The types whose work `gpu_type` does faster and for no more per unit of work, in a
-    pool with it: their running allocations move up to it when it has GPUs spare."""
-    spec = config.catalog[gpu_type]
-    per_unit = spec.price_per_hour / spec.relative_throughput
-    pooled = {t for types in config.pools.values() if gpu_type in types for t in types}
+def pool_mates(gpu_type: str, config: FleetConfig) -> list[str]:
+    """The other types of the pools that hold `gpu_type`: where work may move up from."""
     return sorted(
-        t
-        for t in pooled
-        if config.catalog[t].relative_throughput < spec.relative_throughput
-        and config.catalog[t].price_per_hour / config.catalog[t].relative_throughput >= per_unit
+        {t for types in config.pools.values() if gpu_type in types for t in types} - {gpu_type}
     )
+
+
+def moves_up(workload: str | None, here: str, there: str, config: FleetConfig) -> bool:
+    """Whether `there` does the workload's work faster than `here`, for no more per unit."""
+    v_here, v_there = table_speed(config, workload, here), table_speed(config, workload, there)
+    per_unit_here = config.catalog[here].price_per_hour / v_here
+    return v_there > v_here and config.catalog[there].price_per_hour / v_there <= per_unit_here

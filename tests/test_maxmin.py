@@ -12,7 +12,7 @@ import pytest
 
 from fleet.clock import VirtualClock
 from fleet.ledger.rows import LedgerRow
-from fleet.maxmin import Runner, faster_for, to_yield
+from fleet.maxmin import Runner, moves_up, pool_mates, to_yield
 from fleet.models import GPURequest, Priority, ReleaseReason, RouteDecision
 from fleet.placement import Kind, Snapshot, Ticket, line_order
 from fleet.routing import route
@@ -78,10 +78,13 @@ def test_a_max_min_line_serves_the_least_served_first_priority_levels_first() ->
     assert [t.allocation_id for t in fair] == ["old", "new"]
 
 
-def test_faster_types_for_no_more_per_unit_of_work_in_a_shared_pool() -> None:
-    assert faster_for("H100", MAXMIN) == ["A100"]  # $4.00 a unit against $5.12
-    assert faster_for("A100", MAXMIN) == []
-    assert faster_for("T4", MAXMIN) == []
+def test_work_moves_up_to_a_faster_type_of_its_pool_for_no_more_per_unit() -> None:
+    assert pool_mates("H100", MAXMIN) == ["A100"] and pool_mates("T4", MAXMIN) == []
+    assert moves_up(None, "A100", "H100", MAXMIN)  # $4.00 a unit against $5.12
+    assert not moves_up(None, "H100", "A100", MAXMIN)
+    # a workload that gains little on the H100 costs more a unit there: it stays
+    slow = MAXMIN.model_copy(update={"speeds": {"io-bound": {"A100": 1.0, "H100": 1.2}}})
+    assert not moves_up("io-bound", "A100", "H100", slow)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ updated as this connection changes them; nothing is kept on PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -221,12 +222,12 @@ class Kept(Store):
 
     def _served(self, db: Conn, aid: str | None) -> float:
         """Effective hours (fleet.maxmin) the work of allocation `aid` received: what it
-        held, and what the allocations it resumed held, each at its type's throughput."""
+        held, and what the allocations it resumed held, each at its speed on its type."""
         chain: list[tuple[str, Any]] = []
         while aid is not None and aid not in self._served_of and len(chain) < 10_000:
             r = db.execute(
-                "SELECT resumes, gpu_type, started_at, released_at, state FROM allocations "
-                "WHERE id=?",
+                "SELECT resumes, gpu_type, started_at, released_at, state, request "
+                "FROM allocations WHERE id=?",
                 (aid,),
             ).fetchone()
             if r is None:
@@ -234,9 +235,10 @@ class Kept(Store):
             chain.append((aid, r))
             aid = r[0]
         total = self._served_of.get(aid, 0.0) if aid is not None else 0.0
-        for link, (_, gpu_type, started, released, state) in reversed(chain):
+        for link, (_, gpu_type, started, released, state, request) in reversed(chain):
             if started is not None and released is not None:
-                total += effective_hours(released - started, gpu_type, self.config)
+                workload = json.loads(request).get("workload")
+                total += effective_hours(released - started, gpu_type, self.config, workload)
             if state == "released":
                 self._served_of[link] = total
         return total

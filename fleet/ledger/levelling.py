@@ -5,12 +5,13 @@ allocations of its type that have received more service to yield, through Preemp
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fleet.budget import Moved
 from fleet.ledger.placing import Placing
 from fleet.ledger.preempting import Preempting
 from fleet.ledger.rows import LedgerRow
-from fleet.maxmin import Runner, effective_hours, faster_for, to_yield
+from fleet.maxmin import Runner, effective_hours, moves_up, pool_mates, to_yield
 from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
@@ -29,14 +30,15 @@ class Levelling(Placing, Preempting):
             "SELECT id, project, request FROM allocations WHERE state='active' AND gpu_type=?",
             (t,),
         )
-        notices = {r[0]: json.loads(r[2]).get("notice_seconds") for r in found}
-        projects = sorted({r[1] for r in found if notices[r[0]] is not None})
+        requests = {r[0]: json.loads(r[2]) for r in found}  # each running request, as asked
+        noticed = [r for r in found if requests[r[0]].get("notice_seconds") is not None]
+        projects = sorted({r[1] for r in noticed})
         if not projects:
             return []  # nothing running there could yield without losing work
         settings = self.config.preemption
         with self.transaction(f"type:{t}", *(f"project:{p}" for p in projects)) as db:
             snap = self._line(db, t, row.project, now, inventory, money=False)
-            supply, runners = self._runners(db, t, notices, now)
+            supply, runners = self._runners(db, t, requests, now)
             asked: dict[str, int] = {}
             moved = []
             quantum = settings.min_run_minutes / 60.0
@@ -56,13 +58,13 @@ class Levelling(Placing, Preempting):
     def move_up(self, gpu_type: str, now: float, inventory: list[GPUInfo]) -> list[Moved]:
         """GPUs of `gpu_type` came free with nobody waiting for them (max-min only): running
         allocations on a slower type of a pool that holds `gpu_type` too, where it does their
-        work for no more per unit (fleet.maxmin.faster_for), are asked to yield so that they
+        work for no more per unit (fleet.maxmin.moves_up), are asked to yield so that they
         go on there, sooner, as Gavel moves jobs between types: the longest leases first, as
         many as the spare GPUs hold, each with a checkpoint notice, its minimum run done and
         more than that minimum of its lease left. Named types stay where they are."""
         if self.config.scheduler.policy != "max-min":
             return []
-        slower = faster_for(gpu_type, self.config)
+        slower = pool_mates(gpu_type, self.config)
         if not slower:
             return []
         marks = ",".join("?" * len(slower))
@@ -79,6 +81,7 @@ class Levelling(Placing, Preempting):
                 notice is None
                 or asked.get("gpu_type") is not None
                 or gpu_type not in pool.get(Purpose(purpose), [])
+                or not moves_up(asked.get("workload"), t, gpu_type, self.config)
                 or reason == ReleaseReason.PREEMPTED.value
                 or deadline - now < notice + settings.min_run_minutes * 60.0
                 or yield_at(started, notice, now, settings) > now + notice
@@ -132,7 +135,7 @@ class Levelling(Placing, Preempting):
         return True
 
     def _runners(
-        self, db: Conn, gpu_type: str, notices: dict[str, float | None], now: float
+        self, db: Conn, gpu_type: str, requests: dict[str, dict[str, Any]], now: float
     ) -> tuple[int, list[Runner]]:
         """The type's running allocations as max-min sees them: the GPUs that come back
         within their notice anyway (yielding, or ending), and those that could yield now
@@ -144,14 +147,16 @@ class Levelling(Placing, Preempting):
             (gpu_type,),
         ):
             aid, project, count, priority, started, deadline, reason, resumes = tuple(r)
-            notice = notices.get(aid)
+            request = requests.get(aid, {})
+            notice = request.get("notice_seconds")
             if notice is None:
                 continue
             if reason == ReleaseReason.PREEMPTED.value or deadline <= now + notice:
                 supply += count
             elif yield_at(started, notice, now, self.config.preemption) <= now + notice:
                 served = self._served(db, resumes)
-                served += effective_hours(now - started, gpu_type, self.config)
+                workload = request.get("workload")
+                served += effective_hours(now - started, gpu_type, self.config, workload)
                 runners.append(
                     Runner(aid, project, count, Priority(priority), served, notice, deadline)
                 )
