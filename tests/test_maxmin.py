@@ -5,19 +5,22 @@ one nobody waits for; on SQLite and PostgreSQL, and through the graph in virtual
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from fleet.clock import VirtualClock
+from fleet.config import parse_fleet
+from fleet.errors import ConfigError
 from fleet.ledger.rows import LedgerRow
 from fleet.maxmin import Runner, moves_up, pool_mates, to_yield
 from fleet.models import GPURequest, Priority, ReleaseReason, RouteDecision
 from fleet.placement import Kind, Snapshot, Ticket, line_order
 from fleet.routing import route
 from graph.scenario import Step, Submit, run_scenario
-from tests.conftest import OrchFactory, small_config
+from tests.conftest import OrchFactory, fleet_toml, small_config
 from tests.test_budget_admission import HOUR, T0, Fleet
 
 MAXMIN = small_config(scheduler={"policy": "max-min"})
@@ -240,3 +243,9 @@ def test_through_the_graph_a_short_job_runs_when_the_long_one_yields(
     assert long.release.cost_usd == pytest.approx(8 * price * (HOUR + NOTICE) / HOUR)
     assert short.allocation is not None
     assert short.allocation.started_at.timestamp() - start == pytest.approx(HOUR + NOTICE)
+
+
+def test_an_unknown_policy_in_the_fleet_file_is_one_clear_error() -> None:
+    expected = "scheduler.policy: Input should be 'fair-share' or 'max-min'"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_fleet(fleet_toml(scheduler={"policy": "maxmin"}))
