@@ -12,7 +12,7 @@ from fleet.services import Services
 from fleet.validation import refusal
 from nodes import audit
 from nodes.context import Context, council_of, services_for
-from nodes.progress import report, votes
+from nodes.progress import report, streaming, votes
 from nodes.state import State, request_of
 
 
@@ -49,14 +49,17 @@ def council(state: State, runtime: Runtime[Context]) -> State:
     features = build_features(request, svc.config, stats, held, now, remaining, priced)
     decision = convene(council_of(svc), features, critical, settings)
     decision = decision.model_copy(update={"priced": priced})
-    report(
-        runtime,
-        "council",
-        "council: "
-        + ", ".join(f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)
-        + f" -> {decision.summary}",
-        votes=votes(decision),
-    )
+    if streaming(runtime):  # the line is built only for someone who reads it
+        report(
+            runtime,
+            "council",
+            "council: "
+            + ", ".join(
+                f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes
+            )
+            + f" -> {decision.summary}",
+            votes=votes(decision),
+        )
     update: State = {"council": decision}
     if decision.outcome is CouncilOutcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}
