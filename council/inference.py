@@ -34,11 +34,12 @@ def softplus(x: Array) -> Array:
     return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
 
 
-# The backbone's activation as act(x) = outer * f(inner * x), f = tanh for lecun_tanh and
-# f(a) = a (1 + tanh a) for silu (x sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2): the
-# scales join the weights, so that a step applies one tanh (numpy has no sigmoid ufunc, and
-# exp(-logaddexp) is several times slower than tanh).
-ACTIVATIONS: dict[str, tuple[float, float]] = {"lecun_tanh": (0.666, 1.7159), "silu": (0.5, 1.0)}
+# The backbone's activation as act(x) = outer * f(inner * x): f = tanh for lecun_tanh, and for
+# silu (x sigmoid(x) = x / (1 + e^-x)) f(a) = a / (1 + e^a) with inner = outer = -1. The scales
+# join the weights, so that a step applies one transcendental ufunc, and for silu exp rather
+# than tanh (numpy has no sigmoid ufunc, and its float64 tanh is not vectorised: over twice
+# exp's time a number; exp(-logaddexp) costs several tanh).
+ACTIVATIONS: dict[str, tuple[float, float]] = {"lecun_tanh": (0.666, 1.7159), "silu": (-1.0, -1.0)}
 
 
 class NumpyCouncilNet:
@@ -117,12 +118,14 @@ class NumpyCouncilNet:
 
         The same equations, arranged for few numpy calls a step: each costs about a
         microsecond whatever its few hundred numbers (three times that on a strided view, or
-        broadcasting), and numpy has no sigmoid (exp(-logaddexp) costs several tanh). With
-        t = tanh(-f dt / 2) the gate sigmoid(-f dt) is (1 + t) / 2, so h_k = h + gate (g - h)
-        is half the sum of the halves of q = [1 + t, 1 - t] * [g, h], the state the loop
-        keeps (the recurrent weights, stacked twice and halved, read it). One product gives
-        the pre-activations of [-f, f] and [g, h] (two contiguous blocks), one multiplication
-        scales the first by dt / 2, and one tanh squashes both."""
+        broadcasting), and numpy's float64 tanh costs over twice its exp. With
+        1 + tanh(u) = 2 / (1 + e^(-2u)), the gate sigmoid(-f dt) is half of 1 + t, with
+        t = tanh(-f dt / 2), and h_k = h + gate (g - h) is half the sum of the halves of
+        q = [1 + t, 1 - t] * [tanh g, tanh h], the state the loop keeps (the recurrent
+        weights, stacked twice and halved, read it). One product gives -2 times the
+        pre-activations of [-f, f] and [g, h] (two contiguous blocks), one multiplication
+        scales the first by dt / 2, and one exp, one addition and one division make
+        [1 + t, 1 - t] and [1 + tanh g, 1 + tanh h]."""
         _check_dt(dt)
         w, hid = self.loop, self.spec.hidden
         xp = np.matmul(x.transpose(1, 0, 2)[:, None], w.w_in) + w.b  # (T, M, B, U)
@@ -131,37 +134,40 @@ class NumpyCouncilNet:
         keep = mask.T.reshape(steps, 1, b, 1)
         padded = not bool(mask.all())
         silu = self.spec.activation == "silu"
-        one = np.array(1.0)  # as an array: numpy converts a float at every call
-        z = np.empty((steps, m, b, width))  # the backbone at each step
+        one, two = np.array(1.0), np.array(2.0)  # arrays: numpy converts a float at every call
+        z = np.empty((steps, m, b, width))  # the backbone at each step, over its outer scale
         q = np.zeros((m, b, 2 * hid))
-        a, t = np.empty((m, b, width)), np.empty((m, b, width))
+        a, e = np.empty((m, b, width)), np.empty((m, b, width))
         heads = np.empty((2, m, b, 2 * hid))
         gate, gh = heads[0], heads[1]
         # names bound once and outputs passed by position: the loop is all calls
-        matmul, tanh, multiply = np.matmul, np.tanh, np.multiply
+        matmul, exp, tanh, multiply, divide = np.matmul, np.exp, np.tanh, np.multiply, np.divide
         w_rec, w_heads, b_heads, no_gate = w.w_rec, w.w_heads, w.b_heads, self.no_gate
-        for k, (zk, xk, sk) in enumerate(zip(z, xp, scale, strict=True)):
-            matmul(q, w_rec, a)
-            a += xk
-            if silu:  # silu(2 a) = a (1 + tanh a)
-                tanh(a, t)
-                t += one
-                multiply(a, t, zk)
-            else:
-                tanh(a, zk)
-            matmul(zk, w_heads, heads)
-            heads += b_heads
-            gate *= sk
-            tanh(heads, heads)  # [t, -t], [g, h]
-            gate += one
-            if no_gate is None and not padded:  # the new state, in place
-                multiply(gate, gh, q)
-                continue
-            new = gate * gh
-            if no_gate is not None:  # h_k = g + gate h: q = [2 g, (1 + t) h]
-                ungated = [2.0 * gh[..., :hid], gate[..., :hid] * gh[..., hid:]]
-                new = np.where(no_gate, np.concatenate(ungated, axis=-1), new)
-            np.copyto(q, new, where=keep[k])  # a padded step leaves the state as it was
+        with np.errstate(over="ignore"):  # e^u = inf where u > 709: the limits come out
+            for k, (zk, xk, sk) in enumerate(zip(z, xp, scale, strict=True)):
+                matmul(q, w_rec, a)
+                a += xk
+                if silu:  # a = -x: a / (1 + e^a) = -silu(x)
+                    exp(a, e)
+                    e += one
+                    divide(a, e, zk)
+                else:
+                    tanh(a, zk)
+                matmul(zk, w_heads, heads)
+                heads += b_heads
+                gate *= sk
+                exp(heads, heads)
+                heads += one
+                divide(two, heads, heads)  # [1 + t, 1 - t], [1 + tanh g, 1 + tanh h]
+                gh -= one
+                if no_gate is None and not padded:  # the new state, in place
+                    multiply(gate, gh, q)
+                    continue
+                new = gate * gh
+                if no_gate is not None:  # h_k = g + gate h: q = [2 g, (1 + t) h]
+                    ungated = [2.0 * gh[..., :hid], gate[..., :hid] * gh[..., hid:]]
+                    new = np.where(no_gate, np.concatenate(ungated, axis=-1), new)
+                np.copyto(q, new, where=keep[k])  # a padded step leaves the state as it was
         extras = np.matmul(z, w.w_extra)  # (2, T, M, B, C): rates' and weights' logits
         extras += w.b_extra
         return 0.5 * (q[..., :hid] + q[..., hid:]), extras
@@ -200,24 +206,33 @@ class _CfCWeights:
     w_in: Array  # (M, F, U), times the activation's inner scale; b, its bias, likewise
     b: Array
     w_rec: Array  # (M, 2H, U): stacked twice, halved, times the inner scale
-    w_heads: Array  # (2, M, U, 2H): [-f, f] and [g, h], times the outer scale
-    b_heads: Array  # (2, M, 1, 2H)
+    w_heads: Array  # (2, M, U, 2H): [-f, f] and [g, h], times the outer scale and -2
+    b_heads: Array  # (2, M, 1, 2H): times -2
     w_extra: Array  # (2, 1, M, U, C): the read-outs (rates', weights'), times the outer scale
     b_extra: Array  # (2, 1, M, 1, C)
 
 
 def _cfc_weights(core: Mapping[str, Array], hid: int, activation: str) -> _CfCWeights:
+    """The weights arranged for _cfc; the scales are powers of two where the arithmetic must
+    stay exact (the heads' -2 and the halving), the activation's own where it was trained."""
     inner, outer = ACTIVATIONS[activation]
     w, b = outer * core["w_heads"], core["b_heads"]
+    heads_w, heads_b = -2.0 * w, -2.0 * b
     return _CfCWeights(
         w_in=inner * core["w_in"],
         b=inner * core["b"],
         w_rec=np.concatenate([core["w_rec"], core["w_rec"]], axis=1) * (0.5 * inner),
         w_heads=np.stack(
-            [np.concatenate([-w[..., :hid], w[..., :hid]], -1), w[..., hid : 3 * hid]]
+            [
+                np.concatenate([-heads_w[..., :hid], heads_w[..., :hid]], -1),
+                heads_w[..., hid : 3 * hid],
+            ]
         ),
         b_heads=np.stack(
-            [np.concatenate([-b[..., :hid], b[..., :hid]], -1), b[..., hid : 3 * hid]]
+            [
+                np.concatenate([-heads_b[..., :hid], heads_b[..., :hid]], -1),
+                heads_b[..., hid : 3 * hid],
+            ]
         ),
         w_extra=np.stack(np.split(w[..., 3 * hid :], 2, axis=-1))[:, None],
         b_extra=np.stack(np.split(b[..., 3 * hid :], 2, axis=-1))[:, None],

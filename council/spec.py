@@ -8,6 +8,7 @@ named them loads; `NetSpec.current` is what a council trained now reads."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -63,10 +64,11 @@ class NetSpec:
         return [every.index(n) for n in self.inputs(group)]
 
     def read(self, enc: Encoded[A]) -> Encoded[A]:
-        """What it reads of `enc` (numpy arrays or torch tensors): its columns; `enc` itself
-        where that is every column."""
-        cols = {g: self.columns(g) for g in GROUPS}
-        if all(c == list(range(len(GROUPS[g]))) for g, c in cols.items()):
+        """What it reads of `enc` (numpy arrays or torch tensors): its columns (a view where
+        they lead the group's, as the first weights' do); `enc` itself where that is every
+        column."""
+        cols = _selection(self)
+        if cols is None:
             return enc
         return Encoded(
             enc.free[..., cols["seq_free"]],
@@ -95,3 +97,13 @@ class NetSpec:
     def from_dict(d: Mapping[str, object]) -> NetSpec:
         tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list | tuple)}
         return NetSpec(**(dict(d) | tuples))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _selection(spec: NetSpec) -> dict[str, slice | list[int]] | None:
+    """NetSpec.read's index of each group, worked out once per spec (a decision reads them
+    all): a slice where the columns lead the group's, None where it reads every column."""
+    cols = {g: spec.columns(g) for g in GROUPS}
+    if all(c == list(range(len(GROUPS[g]))) for g, c in cols.items()):
+        return None
+    return {g: slice(len(c)) if c == list(range(len(c))) else c for g, c in cols.items()}

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from fleet import names
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, one_line
-from fleet.models import MAX_USD, GPURequest
+from fleet.models import MAX_USD, GPURequest, RouteDecision
 from fleet.routing import Refusal, route
 
 
@@ -70,14 +70,21 @@ def check_budget(project: str, budget_usd: float) -> None:
         raise InvalidInput(f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {budget_usd}")
 
 
-def refusal(request: GPURequest, config: FleetConfig, remaining_usd: float | None) -> str | None:
+def refusal(
+    request: GPURequest,
+    config: FleetConfig,
+    remaining_usd: float | None,
+    routed: RouteDecision | Refusal | None = None,
+) -> str | None:
     """Why a hard rule (quota, budget, duration on every type) refuses the request, if one does.
 
     Checked before the council sits and again before it votes, so nobody is asked to approve
-    what the rules forbid anyway.
+    what the rules forbid anyway. `routed`: the request's route on the same `remaining_usd`,
+    where the caller has one (Services.route), which is then not routed again: routing refuses
+    on the options the budget leaves alone, whatever the waits it weighs.
     """
     quota = config.quotas.max_gpus(request.project)
     if quota is not None and request.count > quota:
         return f"quota: {request.project} may hold at most {quota} GPUs"
-    decision = route(request, config, remaining_usd)
+    decision = route(request, config, remaining_usd) if routed is None else routed
     return f"refused: {decision.reason}" if isinstance(decision, Refusal) else None

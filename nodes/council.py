@@ -6,20 +6,19 @@ from langgraph.runtime import Runtime
 
 from council.features import build_features, cheapest, cost_pressure, is_critical, routed
 from council.voting import auto_approval, convene, small
-from fleet.models import CouncilOutcome, GPURequest, Priced, Status
+from fleet.models import CouncilOutcome, GPURequest, Priced, RouteDecision, Status
 from fleet.routing import Refusal
 from fleet.services import Services
 from fleet.validation import refusal
 from nodes import audit
 from nodes.context import Context, council_of, services_for
-from nodes.progress import report, votes
+from nodes.progress import report, streaming, votes
 from nodes.state import State, request_of
 
 
-def _priced(request: GPURequest, svc: Services) -> Priced:
+def _priced(request: GPURequest, svc: Services, route: RouteDecision | Refusal) -> Priced:
     """The route the request would take now, which the cost member judges; where routing
     refuses it (the route node then says why), the cheapest type that does the work."""
-    route = svc.route(request)
     return (
         cheapest(request, svc.config)
         if isinstance(route, Refusal)
@@ -32,11 +31,14 @@ def council(state: State, runtime: Runtime[Context]) -> State:
     request = request_of(state)
     settings = svc.config.council
     remaining = svc.ledger.remaining_usd(request.project)  # what it admits now, as trained
-    refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project, running=False))
+    route = svc.route(request)  # on the budget once the running work has ended, as the rules
+    refused = refusal(
+        request, svc.config, svc.ledger.remaining_usd(request.project, running=False), route
+    )
     if refused:  # the budget changed since validate: the rules decide, not the council
         audit.denial(svc, state, request, "rules", refused)
         return {"status": Status.DENIED, "reason": refused}
-    priced = _priced(request, svc)
+    priced = _priced(request, svc, route)
     worst = priced.cost_usd
     critical = is_critical(request)
     if small(request.count, worst, cost_pressure(worst, remaining), critical, settings):
@@ -49,14 +51,17 @@ def council(state: State, runtime: Runtime[Context]) -> State:
     features = build_features(request, svc.config, stats, held, now, remaining, priced)
     decision = convene(council_of(svc), features, critical, settings)
     decision = decision.model_copy(update={"priced": priced})
-    report(
-        runtime,
-        "council",
-        "council: "
-        + ", ".join(f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes)
-        + f" -> {decision.summary}",
-        votes=votes(decision),
-    )
+    if streaming(runtime):  # the line is built only for someone who reads it
+        report(
+            runtime,
+            "council",
+            "council: "
+            + ", ".join(
+                f"{v.member} {v.verdict.value} ({v.probability:.2f})" for v in decision.votes
+            )
+            + f" -> {decision.summary}",
+            votes=votes(decision),
+        )
     update: State = {"council": decision}
     if decision.outcome is CouncilOutcome.DENIED:
         update |= {"status": Status.DENIED, "reason": f"council: {decision.summary}"}

@@ -10,7 +10,7 @@ from fleet.models import CouncilOutcome, Status
 from fleet.routing import Refusal, guarded
 from nodes import audit
 from nodes.context import Context, services_for
-from nodes.progress import report
+from nodes.progress import report, streaming
 from nodes.state import State, guardrails_of, request_of
 
 
@@ -27,13 +27,14 @@ def route(state: State, runtime: Runtime[Context]) -> State:
     if routed is not request:  # a copy: Services.route may give the same route again
         guardrail = " (the council's guardrail: the cheaper type, not the fastest)"
         decision = decision.model_copy(update={"reason": decision.reason + guardrail})
-    report(
-        runtime,
-        "route",
-        f"route: {request.count} x {decision.gpu_type} at "
-        f"${decision.price_per_hour:.2f}/GPU-h, about {decision.est_hours:.2f} h, "
-        f"${decision.est_cost_usd:.2f} ({decision.reason})",
-        gpu_type=decision.gpu_type,
-        est_cost_usd=decision.est_cost_usd,
-    )
+    if streaming(runtime):  # the line is built only for someone who reads it
+        report(
+            runtime,
+            "route",
+            f"route: {request.count} x {decision.gpu_type} at "
+            f"${decision.price_per_hour:.2f}/GPU-h, about {decision.est_hours:.2f} h, "
+            f"${decision.est_cost_usd:.2f} ({decision.reason})",
+            gpu_type=decision.gpu_type,
+            est_cost_usd=decision.est_cost_usd,
+        )
     return {"route": decision}
