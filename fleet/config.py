@@ -85,8 +85,9 @@ class SchedulerSettings(_Strict):
     # Who goes first in a type's line (fleet.placement): "fair-share", Slurm's multifactor
     # score (priority, fair share, age); or "max-min", the request whose work has received the
     # least effective service first, with running allocations that have received more asked to
-    # yield (fleet.maxmin: max-min fairness over effective throughput, losing no work).
-    policy: Literal["fair-share", "max-min"] = "fair-share"
+    # yield (fleet.maxmin: max-min fairness over effective throughput, losing no work);
+    # "least-attained" the same with service counted per GPU, not per job (Tiresias).
+    policy: Literal["fair-share", "max-min", "least-attained"] = "fair-share"
     half_life_hours: float = Field(default=24, gt=0)
     poll_seconds: float = Field(default=60, gt=0)
     age_max_hours: float = Field(default=2, gt=0)

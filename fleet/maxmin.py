@@ -1,4 +1,5 @@
-"""Max-min fairness over effective throughput ([scheduler] policy = "max-min"), losing no work.
+"""Max-min fairness over effective throughput ([scheduler] policy = "max-min", or
+"least-attained"), losing no work.
 
 A job's claim is the effective service its work has received: the hours its allocations held
 GPUs, each times its speed on the type (fleet.speeds' table: its workload's [speeds] row, else
@@ -12,7 +13,9 @@ so no work is lost, and requeued by `gpu-agent run --requeue` with their service
 Over time this levels every job's received throughput up from the least served, as Gavel's
 max-min policy does in rounds; discretised as least-attained-service (Tiresias) with the
 minimum run as its quantum, so nobody thrashes. Only allocations with a checkpoint notice
-yield; the daily limit per project holds as for a preemption by hand.
+yield; the daily limit per project holds as for a preemption by hand. "least-attained"
+counts service per GPU rather than per job (Tiresias's two-dimensional least attained
+service: GPU-time), which serves small jobs sooner than large ones.
 """
 
 from __future__ import annotations
@@ -25,13 +28,23 @@ from fleet.placement import Ticket
 from fleet.scheduler import PRIORITY_FACTOR
 from fleet.speeds import table_speed
 
+LEVELLING = ("max-min", "least-attained")  # the [scheduler] policies this module serves
 
-def effective_hours(
-    seconds: float, gpu_type: str, config: FleetConfig, workload: str | None = None
+
+def levels(config: FleetConfig) -> bool:
+    """Whether the fleet's lines are served by service received (this module)."""
+    return config.scheduler.policy in LEVELLING
+
+
+def service(
+    seconds: float, gpu_type: str, count: int, config: FleetConfig, workload: str | None = None
 ) -> float:
-    """Service received by holding `gpu_type` for `seconds`, in reference hours: at the
-    workload's speed there by the fleet file's [speeds] (fleet.speeds), else the type's."""
-    return max(0.0, seconds) / 3600.0 * table_speed(config, workload, gpu_type)
+    """Service received by holding `count` GPUs of `gpu_type` for `seconds`, in reference
+    hours: at the workload's speed there by the fleet file's [speeds] (fleet.speeds), else the
+    type's; per job under "max-min" (each job, whatever its size, the same share of time, as
+    Gavel's scale factors give), per GPU under "least-attained" (Tiresias's GPU-time)."""
+    per_gpu = max(0.0, seconds) / 3600.0 * table_speed(config, workload, gpu_type)
+    return per_gpu * (count if config.scheduler.policy == "least-attained" else 1)
 
 
 @dataclass(frozen=True)

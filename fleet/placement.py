@@ -197,8 +197,8 @@ def live(snap: Snapshot, config: FleetConfig) -> list[Ticket]:
 
 def line_order(snap: Snapshot, config: FleetConfig, tickets: list[Ticket]) -> list[Ticket]:
     """A type's line in the order [scheduler] policy serves it: "fair-share", the multifactor
-    score; "max-min" (fleet.maxmin), priority levels first, then the least served, then the
-    multifactor score, then the earlier request."""
+    score; "max-min" or "least-attained" (fleet.maxmin), priority levels first, then the least
+    served, then the multifactor score, then the earlier request."""
     fair = _fair_key(snap, config, tickets)
     if config.scheduler.policy == "fair-share":
         return sorted(tickets, key=fair, reverse=True)

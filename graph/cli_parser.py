@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         "slurm-cheapest-borrow, "
         "gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council, "
         "gpu-agent-borrow, gpu-agent-no-council-borrow, gpu-agent-move, "
-        "gpu-agent-no-council-move, gpu-agent-maxmin, gpu-agent-no-council-maxmin "
+        "gpu-agent-no-council-move, gpu-agent-maxmin, gpu-agent-no-council-maxmin, "
+        "gpu-agent-las, gpu-agent-no-council-las "
         f"(default: {','.join(DEFAULT_POLICIES)})",
     )
     p.add_argument(

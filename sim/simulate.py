@@ -49,14 +49,14 @@ def _agent(
     judge: CouncilChoice = "fleet",
     borrow: bool = False,
     move: bool = False,
-    maxmin: bool = False,
+    levelling: str | None = None,
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
     fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice);
     `move`: queued requests move to another type of their pool ([scheduler] move_queued);
-    `maxmin`: [scheduler] policy "max-min" (fleet.maxmin), the least served first, and those
-    served more yield with notice."""
+    `levelling`: [scheduler] policy "max-min" or "least-attained" (fleet.maxmin), the least
+    served first, and those served more yield with notice."""
 
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
@@ -64,12 +64,12 @@ def _agent(
         if borrow:
             lend = config.preemption.model_copy(update={"borrow": True})
             config = config.model_copy(update={"preemption": lend})
-        if move or maxmin:
+        if move or levelling:
             update: dict[str, Any] = {"move_queued": True} if move else {}
-            update |= {"policy": "max-min"} if maxmin else {}
+            update |= {"policy": levelling} if levelling else {}
             scheduler = config.scheduler.model_copy(update=update)
             config = config.model_copy(update={"scheduler": scheduler})
-        if maxmin:  # a virtual cluster is one project: its daily limit would stop max-min
+        if levelling:  # a virtual cluster is one project: its daily limit would stop it
             unlimited = config.preemption.model_copy(update={"max_per_project_per_day": 10**9})
             config = config.model_copy(update={"preemption": unlimited})
         if not auto_release:
@@ -118,9 +118,12 @@ POLICIES: dict[str, Runner] = {
     # queued requests move to another type of their pool that frees first
     "gpu-agent-move": _agent(move=True),
     "gpu-agent-no-council-move": _agent(judge="none", move=True),
-    # max-min fairness over effective throughput (fleet.maxmin), queued requests moving
-    "gpu-agent-maxmin": _agent(move=True, maxmin=True),
-    "gpu-agent-no-council-maxmin": _agent(judge="none", move=True, maxmin=True),
+    # max-min fairness over effective throughput (fleet.maxmin), queued requests moving; and
+    # least attained service per GPU
+    "gpu-agent-maxmin": _agent(move=True, levelling="max-min"),
+    "gpu-agent-no-council-maxmin": _agent(judge="none", move=True, levelling="max-min"),
+    "gpu-agent-las": _agent(move=True, levelling="least-attained"),
+    "gpu-agent-no-council-las": _agent(judge="none", move=True, levelling="least-attained"),
 }
 
 

@@ -15,7 +15,7 @@ from fleet.clock import VirtualClock
 from fleet.config import parse_fleet
 from fleet.errors import ConfigError
 from fleet.ledger.rows import LedgerRow
-from fleet.maxmin import Runner, moves_up, pool_mates, to_yield
+from fleet.maxmin import Runner, moves_up, pool_mates, service, to_yield
 from fleet.models import GPURequest, Priority, ReleaseReason, RouteDecision
 from fleet.placement import Kind, Snapshot, Ticket, line_order
 from fleet.routing import route
@@ -79,6 +79,16 @@ def test_a_max_min_line_serves_the_least_served_first_priority_levels_first() ->
     # fair share: released work goes back ahead of new work of its standing
     fair = line_order(snap, small_config(), [old, new])
     assert [t.allocation_id for t in fair] == ["old", "new"]
+
+
+def test_service_is_per_job_under_max_min_and_per_gpu_under_least_attained() -> None:
+    """Two hours of 8 H100s (2.0 an A100 each): 4 effective hours for the job under max-min
+    (Gavel's equal time share per job), 32 under least-attained (Tiresias's GPU-time)."""
+    assert service(2 * HOUR, "H100", 8, MAXMIN) == pytest.approx(4.0)
+    las = small_config(scheduler={"policy": "least-attained"})
+    assert service(2 * HOUR, "H100", 8, las) == pytest.approx(32.0)
+    io_bound = MAXMIN.model_copy(update={"speeds": {"io": {"H100": 1.2}}})
+    assert service(2 * HOUR, "H100", 8, io_bound, "io") == pytest.approx(2.4)
 
 
 def test_work_moves_up_to_a_faster_type_of_its_pool_for_no_more_per_unit() -> None:
@@ -246,6 +256,6 @@ def test_through_the_graph_a_short_job_runs_when_the_long_one_yields(
 
 
 def test_an_unknown_policy_in_the_fleet_file_is_one_clear_error() -> None:
-    expected = "scheduler.policy: Input should be 'fair-share' or 'max-min'"
+    expected = "scheduler.policy: Input should be 'fair-share', 'max-min' or 'least-attained'"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         parse_fleet(fleet_toml(scheduler={"policy": "maxmin"}))

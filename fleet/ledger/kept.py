@@ -16,7 +16,7 @@ from fleet.backfill import Ending
 from fleet.budget import Active
 from fleet.config import FleetConfig
 from fleet.ledger.store import Store
-from fleet.maxmin import effective_hours
+from fleet.maxmin import levels, service
 from fleet.models import GPUInfo, Priority
 from fleet.placement import Ticket
 from fleet.sql import Conn
@@ -213,10 +213,10 @@ class Kept(Store):
             self._runs.drop(aid, r["gpu_type"], r["project"])
 
     def _served_ticket(self, db: Conn, r: Any) -> Ticket:
-        """ticket_of(r), with the service its work received where the line is max-min's."""
+        """ticket_of(r), with the service its work received where lines level (fleet.maxmin)."""
         ticket = ticket_of(r)
         resumes = tuple(r)[8]
-        if self.config.scheduler.policy != "max-min" or resumes is None:
+        if not levels(self.config) or resumes is None:
             return ticket
         return replace(ticket, attained=self._served(db, resumes))
 
@@ -226,7 +226,7 @@ class Kept(Store):
         chain: list[tuple[str, Any]] = []
         while aid is not None and aid not in self._served_of and len(chain) < 10_000:
             r = db.execute(
-                "SELECT resumes, gpu_type, started_at, released_at, state, request "
+                "SELECT resumes, gpu_type, started_at, released_at, state, request, count "
                 "FROM allocations WHERE id=?",
                 (aid,),
             ).fetchone()
@@ -235,10 +235,10 @@ class Kept(Store):
             chain.append((aid, r))
             aid = r[0]
         total = self._served_of.get(aid, 0.0) if aid is not None else 0.0
-        for link, (_, gpu_type, started, released, state, request) in reversed(chain):
+        for link, (_, gpu_type, started, released, state, request, count) in reversed(chain):
             if started is not None and released is not None:
                 workload = json.loads(request).get("workload")
-                total += effective_hours(released - started, gpu_type, self.config, workload)
+                total += service(released - started, gpu_type, count, self.config, workload)
             if state == "released":
                 self._served_of[link] = total
         return total

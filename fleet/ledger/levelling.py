@@ -11,7 +11,7 @@ from fleet.budget import Moved
 from fleet.ledger.placing import Placing
 from fleet.ledger.preempting import Preempting
 from fleet.ledger.rows import LedgerRow
-from fleet.maxmin import Runner, effective_hours, moves_up, pool_mates, to_yield
+from fleet.maxmin import Runner, levels, moves_up, pool_mates, service, to_yield
 from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
@@ -23,7 +23,7 @@ class Levelling(Placing, Preempting):
         """`row` waits in a max-min line (fleet.maxmin): the running allocations of its type
         that have received more service than those waiting are asked to yield, the most
         served first, as fleet.maxmin.to_yield says. Nothing under "fair-share"."""
-        if self.config.scheduler.policy != "max-min":
+        if not levels(self.config):
             return []
         t = row.gpu_type
         found = self.query(
@@ -47,8 +47,8 @@ class Levelling(Placing, Preempting):
                 if not self._may_ask(db, runner.project, asked, now):
                     continue
                 why = (
-                    f"max-min: {want.allocation_id} has received {want.attained:.2f} effective "
-                    f"h of service, this {runner.attained:.2f} h"
+                    f"{self.config.scheduler.policy}: {want.allocation_id} has received "
+                    f"{want.attained:.2f} effective h of service, this {runner.attained:.2f} h"
                 )
                 held = (runner.allocation_id, runner.project, runner.deadline, runner.notice_s)
                 at = now + runner.notice_s
@@ -62,7 +62,7 @@ class Levelling(Placing, Preempting):
         go on there, sooner, as Gavel moves jobs between types: the longest leases first, as
         many as the spare GPUs hold, each with a checkpoint notice, its minimum run done and
         more than that minimum of its lease left. Named types stay where they are."""
-        if self.config.scheduler.policy != "max-min":
+        if not levels(self.config):
             return []
         slower = pool_mates(gpu_type, self.config)
         if not slower:
@@ -113,8 +113,8 @@ class Levelling(Placing, Preempting):
                 if not self._may_ask(db, project, asked_of, now):
                     continue
                 why = (
-                    f"max-min: {spare} {gpu_type} spare with nobody waiting, faster than its "
-                    f"{t} and no dearer a unit of work"
+                    f"{self.config.scheduler.policy}: {spare} {gpu_type} spare with nobody "
+                    f"waiting, faster than its {t} and no dearer a unit of work"
                 )
                 spare -= count
                 held = (aid, project, deadline, notice)
@@ -156,7 +156,7 @@ class Levelling(Placing, Preempting):
             elif yield_at(started, notice, now, self.config.preemption) <= now + notice:
                 served = self._served(db, resumes)
                 workload = request.get("workload")
-                served += effective_hours(now - started, gpu_type, self.config, workload)
+                served += service(now - started, gpu_type, count, self.config, workload)
                 runners.append(
                     Runner(aid, project, count, Priority(priority), served, notice, deadline)
                 )

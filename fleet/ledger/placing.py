@@ -12,6 +12,7 @@ from dataclasses import replace
 from fleet.backfill import Ending, reserve
 from fleet.ledger.releasing import Releasing
 from fleet.ledger.rows import AUDIT, AuditEntry, LedgerRow, PlaceResult, allocation_id
+from fleet.maxmin import levels
 from fleet.models import GPUInfo, GPURequest, ReleaseReason, RouteDecision
 from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
 from fleet.sql import Conn
@@ -63,7 +64,7 @@ class Placing(Releasing):
                 route.est_hours,
                 request.resumes is not None,
             )
-            if self.config.scheduler.policy == "max-min" and request.resumes is not None:
+            if levels(self.config) and request.resumes is not None:
                 me = replace(me, attained=self._served(db, request.resumes))
             decision = decide(
                 me,
