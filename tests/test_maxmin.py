@@ -232,14 +232,15 @@ def ask(count: int, hours: float, **more: Any) -> dict[str, Any]:
     } | more
 
 
+@pytest.mark.parametrize("policy", ["max-min", "least-attained"])
 def test_through_the_graph_a_short_job_runs_when_the_long_one_yields(
-    make_orch: OrchFactory, database: str
+    make_orch: OrchFactory, database: str, policy: str
 ) -> None:
     """The long job holds every A100 from 0 with a 120 s notice; the short one asks at 1 h
     and starts when the long one has yielded, charged once for what it held."""
     clock = VirtualClock()
     on_server = {"database": database} if database.startswith("postgresql") else {}
-    orch = make_orch(MAXMIN, clock=clock, **on_server)
+    orch = make_orch(small_config(scheduler={"policy": policy}), clock=clock, **on_server)
     start = clock.now()
     steps: list[Step] = [
         Submit(0.0, "long", ask(8, 10.0, notice_seconds=NOTICE)),
