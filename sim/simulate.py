@@ -48,12 +48,13 @@ def _agent(
     auto_release: bool = True,
     judge: CouncilChoice = "fleet",
     borrow: bool = False,
-    move: bool = False,
+    move: bool = True,
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
     fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice);
-    `move`: queued requests move to another type of their pool ([scheduler] move_queued)."""
+    `move` false: queued requests stay on the type they were first routed to, whatever the
+    fleet file says ([scheduler] move_queued, on by default)."""
 
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
@@ -61,9 +62,9 @@ def _agent(
         if borrow:
             lend = config.preemption.model_copy(update={"borrow": True})
             config = config.model_copy(update={"preemption": lend})
-        if move:
-            moving = config.scheduler.model_copy(update={"move_queued": True})
-            config = config.model_copy(update={"scheduler": moving})
+        if not move:
+            staying = config.scheduler.model_copy(update={"move_queued": False})
+            config = config.model_copy(update={"scheduler": staying})
         if not auto_release:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
@@ -107,9 +108,10 @@ POLICIES: dict[str, Runner] = {
     # with borrowing between pools, reclaimed after the loan's notice (fleet.borrowing)
     "gpu-agent-borrow": _agent(borrow=True),
     "gpu-agent-no-council-borrow": _agent(judge="none", borrow=True),
-    # queued requests move to another type of their pool that frees first
-    "gpu-agent-move": _agent(move=True),
-    "gpu-agent-no-council-move": _agent(judge="none", move=True),
+    # queued requests stay on the type first routed to: what moving them to another type of
+    # their pool that frees first saves
+    "gpu-agent-no-move": _agent(move=False),
+    "gpu-agent-no-council-no-move": _agent(judge="none", move=False),
 }
 
 
