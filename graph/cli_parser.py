@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
         "slurm-cheapest-borrow, "
         "gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council, "
-        "gpu-agent-borrow, gpu-agent-no-council-borrow, gpu-agent-move, "
-        "gpu-agent-no-council-move, gpu-agent-maxmin, gpu-agent-no-council-maxmin, "
+        "gpu-agent-borrow, gpu-agent-no-council-borrow, gpu-agent-no-move, "
+        "gpu-agent-no-council-no-move, gpu-agent-maxmin, gpu-agent-no-council-maxmin, "
         "gpu-agent-las, gpu-agent-no-council-las "
         f"(default: {','.join(DEFAULT_POLICIES)})",
     )

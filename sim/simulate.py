@@ -48,15 +48,16 @@ def _agent(
     auto_release: bool = True,
     judge: CouncilChoice = "fleet",
     borrow: bool = False,
-    move: bool = False,
+    move: bool = True,
     levelling: str | None = None,
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
     fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice);
-    `move`: queued requests move to another type of their pool ([scheduler] move_queued);
-    `levelling`: [scheduler] policy "max-min" or "least-attained" (fleet.maxmin), the least
-    served first, and those served more yield with notice."""
+    `move` false: queued requests stay on the type they were first routed to, whatever the
+    fleet file says ([scheduler] move_queued, on by default); `levelling`: [scheduler] policy
+    "max-min" or "least-attained" (fleet.maxmin), the least served first, and those served
+    more yield with notice."""
 
     def run(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
@@ -64,14 +65,13 @@ def _agent(
         if borrow:
             lend = config.preemption.model_copy(update={"borrow": True})
             config = config.model_copy(update={"preemption": lend})
-        if move or levelling:
-            update: dict[str, Any] = {"move_queued": True} if move else {}
-            update |= {"policy": levelling} if levelling else {}
-            scheduler = config.scheduler.model_copy(update=update)
-            config = config.model_copy(update={"scheduler": scheduler})
+        if not move:
+            staying = config.scheduler.model_copy(update={"move_queued": False})
+            config = config.model_copy(update={"scheduler": staying})
         if levelling:  # a virtual cluster is one project: its daily limit would stop it
+            levelled = config.scheduler.model_copy(update={"policy": levelling})
             unlimited = config.preemption.model_copy(update={"max_per_project_per_day": 10**9})
-            config = config.model_copy(update={"preemption": unlimited})
+            config = config.model_copy(update={"scheduler": levelled, "preemption": unlimited})
         if not auto_release:
             monitor = config.monitor.model_copy(update={"idle_timeout_minutes": NO_RELEASE_MINUTES})
             config = config.model_copy(update={"monitor": monitor})
@@ -115,15 +115,16 @@ POLICIES: dict[str, Runner] = {
     # with borrowing between pools, reclaimed after the loan's notice (fleet.borrowing)
     "gpu-agent-borrow": _agent(borrow=True),
     "gpu-agent-no-council-borrow": _agent(judge="none", borrow=True),
-    # queued requests move to another type of their pool that frees first
-    "gpu-agent-move": _agent(move=True),
-    "gpu-agent-no-council-move": _agent(judge="none", move=True),
-    # max-min fairness over effective throughput (fleet.maxmin), queued requests moving; and
-    # least attained service per GPU
-    "gpu-agent-maxmin": _agent(move=True, levelling="max-min"),
-    "gpu-agent-no-council-maxmin": _agent(judge="none", move=True, levelling="max-min"),
-    "gpu-agent-las": _agent(move=True, levelling="least-attained"),
-    "gpu-agent-no-council-las": _agent(judge="none", move=True, levelling="least-attained"),
+    # queued requests stay on the type first routed to: what moving them to another type of
+    # their pool that frees first saves
+    "gpu-agent-no-move": _agent(move=False),
+    "gpu-agent-no-council-no-move": _agent(judge="none", move=False),
+    # max-min fairness over effective throughput (fleet.maxmin); and least attained service
+    # per GPU
+    "gpu-agent-maxmin": _agent(levelling="max-min"),
+    "gpu-agent-no-council-maxmin": _agent(judge="none", levelling="max-min"),
+    "gpu-agent-las": _agent(levelling="least-attained"),
+    "gpu-agent-no-council-las": _agent(judge="none", levelling="least-attained"),
 }
 
 

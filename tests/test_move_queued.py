@@ -1,7 +1,7 @@
 """`[scheduler] move_queued`: a queued request that names no type moves, when it wakes, to
 another type of its pool that routing now prefers and that can start it now, rather than wait
 for the type it was first routed to; in virtual time through the real graph, on SQLite and
-PostgreSQL. Off, it waits for its first route's type."""
+PostgreSQL. It is on by default; off, the request waits for its first route's type."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ STEPS: list[Step] = [
 ]
 
 
-@pytest.mark.parametrize("move", [True, False], ids=["moves", "stays"])
+@pytest.mark.parametrize("move", [True, False], ids=["moves-by-default", "stays-when-off"])
 def test_a_queued_request_moves_to_the_type_that_frees_first(
     make_orch: OrchFactory, database: str, move: bool
 ) -> None:
     clock = VirtualClock()
     on_server = {"database": database} if database.startswith("postgresql") else {}
-    config = small_config(scheduler={"move_queued": move})
+    config = small_config() if move else small_config(scheduler={"move_queued": False})
     orch = make_orch(config, clock=clock, **on_server)
     start = clock.now()
     result = run_scenario(orch, clock, STEPS, lambda *a: None)

@@ -397,3 +397,27 @@ def test_a_philly_slice_does_the_work_near_the_floor(tmp_path: Path) -> None:
     assert same["gpu-agent"]["cost_vs_floor"] < min(
         v["cost_vs_floor"] for n, v in same.items() if n != "gpu-agent"
     )
+
+
+def test_gpu_agent_moves_a_queued_job_and_no_move_keeps_it(tmp_path: Path) -> None:
+    """The H100s (cheaper per unit of work) are held for 10 h, the A100s for 1 h; a job that
+    names no type queues behind them. gpu-agent (`move_queued` on by default) moves it to
+    the A100s once they free; gpu-agent-no-move keeps it waiting for the H100s."""
+    config = parse_fleet(TINY_FLEET)
+    w = Workload(
+        [
+            job(0, "p", 0.0, [Phase(10.0, 90.0)], count=2, requested=10.0, named="H100"),
+            job(1, "p", 0.0, [Phase(1.0, 90.0)], count=4, requested=1.0, named="A100"),
+            job(2, "p", 0.1, [Phase(2.0, 90.0)], count=2, requested=4.0),
+        ],
+        {},
+    )
+    started = {}
+    for name in ("gpu-agent", "gpu-agent-no-move"):
+        attempts, _ = POLICIES[name](w, config, tmp_path / name, lambda _n: None)
+        assert metrics(w.jobs, attempts, config, w.budgets)["work_share"] == 1.0
+        [a] = [a for a in attempts if a.job == 2]
+        assert a.start is not None
+        started[name] = (a.gpu_type, (a.start - T0) / 3600)
+    assert started["gpu-agent"] == ("A100", pytest.approx(1.0, abs=0.05))
+    assert started["gpu-agent-no-move"] == ("H100", pytest.approx(10.0, abs=0.05))
