@@ -37,13 +37,20 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from fleet.config import FleetConfig
 from fleet.models import GPURequest
 
-if TYPE_CHECKING:
-    from fleet.ledger import Ledger
+
+class Ledger(Protocol):
+    """What reading a project's runs needs of fleet.ledger.Ledger (which imports this module
+    through fleet.maxmin: named here, not imported)."""
+
+    config: FleetConfig
+
+    def query(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()) -> list[Any]: ...
+
 
 TABLE, HISTORY, AVERAGE = "table", "history", "type average"
 RUNS_PER_TYPE = 5  # a type's speed: the median of its latest runs

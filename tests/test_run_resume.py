@@ -193,7 +193,7 @@ def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -
     assert [e[0] for e in events] == ["start", "checkpoint", "term", "resume-from-step-41"]
     assert [e[1] for e in events] == [first, first, first, second]
 
-    reasons = dict(one("SELECT id, release_reason FROM allocations"))
+    reasons = {r[0]: r[1] for r in one("SELECT id, release_reason FROM allocations")}
     # preempted where the adopted thread or the resumed run saw the yield come; expired-
     # while-down where it came before `--resume` started (reconciled at its start)
     assert set(reasons) == {first, second} and reasons[second] == "command-exit"
@@ -202,7 +202,8 @@ def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -
         "SELECT deadline, released_at, started_at, cost_usd FROM allocations WHERE id=?", first
     )
     assert released_at == pytest.approx(yield_at, abs=1e-3)  # charged to its yield, no later
-    charges = dict(one("SELECT allocation_id, count(*) FROM charges GROUP BY allocation_id"))
+    charged = one("SELECT allocation_id, count(*) FROM charges GROUP BY allocation_id")
+    charges = {r[0]: r[1] for r in charged}
     assert charges == {first: 1, second: 1}
     assert one("SELECT amount_usd FROM charges WHERE allocation_id=?", first) == [(cost,)]
     assert one("SELECT resumes FROM allocations WHERE id=?", second) == [(first,)]

@@ -412,12 +412,13 @@ def test_gpu_agent_moves_a_queued_job_and_no_move_keeps_it(tmp_path: Path) -> No
         ],
         {},
     )
-    started = {}
+    started: dict[str, tuple[str | None, float]] = {}
     for name in ("gpu-agent", "gpu-agent-no-move"):
         attempts, _ = POLICIES[name](w, config, tmp_path / name, lambda _n: None)
         assert metrics(w.jobs, attempts, config, w.budgets)["work_share"] == 1.0
         [a] = [a for a in attempts if a.job == 2]
         assert a.start is not None
         started[name] = (a.gpu_type, (a.start - T0) / 3600)
-    assert started["gpu-agent"] == ("A100", pytest.approx(1.0, abs=0.05))
-    assert started["gpu-agent-no-move"] == ("H100", pytest.approx(10.0, abs=0.05))
+    moved, stayed = started["gpu-agent"], started["gpu-agent-no-move"]
+    assert moved[0] == "A100" and moved[1] == pytest.approx(1.0, abs=0.05)
+    assert stayed[0] == "H100" and stayed[1] == pytest.approx(10.0, abs=0.05)
