@@ -4,7 +4,8 @@ A preemption must lose no work. Only an allocation whose request carries a check
 (`GPURequest.notice_seconds`: `gpu-agent run --notice`, which also carries it as Slurm's
 `--signal`) may be asked, and it yields no sooner than that notice after the ask, so that its
 work checkpoints first; `gpu-agent run --requeue` then asks again with a request that resumes it
-(queued ahead of new work of its standing), on the same type or another. So that nobody
+(queued ahead of new work of its standing; in a levelling line, fleet.maxmin, by the service
+its work received), on the same type or another. So that nobody
 thrashes, it has run at least `min_run_minutes` when it yields, and a project's allocations
 are asked at most `max_per_project_per_day` times in any 24 hours (fleet.config's
 [preemption]). The yield is its lease's new end and deadline, in the ledger, reason

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,23 +73,27 @@ def check_startable(argv: Sequence[str], env: Mapping[str, str], cwd: str | None
         raise InvalidInput(f"cannot run {program!r}: not found on PATH; nothing was placed")
 
 
-class Group:
-    """A command's processes, signalled and stopped as one (Supervised, Adopted)."""
+class Group(ABC):
+    """A command's processes, signalled and stopped as one: one started here (Supervised)
+    or one a dead `run` left behind (Adopted)."""
 
     pid: int  # the process group's id (its leader's PID)
 
+    @abstractmethod
     def exited(self) -> bool:
-        raise NotImplementedError
+        """Whether the group's leader has exited."""
 
+    @abstractmethod
     def members(self) -> list[int]:
-        raise NotImplementedError
+        """The PIDs of the group's processes still alive."""
 
+    @abstractmethod
     def signal(self, sig: signal.Signals) -> None:
-        raise NotImplementedError
+        """Send `sig` to the group's processes."""
 
+    @abstractmethod
     def returncode(self) -> int | None:
         """Its exit status as a shell gives it (128 + signal if killed); None: unknown."""
-        raise NotImplementedError
 
     def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Poll `done` until it holds or `timeout` seconds pass; whether it held."""

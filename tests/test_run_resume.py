@@ -120,11 +120,13 @@ def test_only_one_process_takes_a_dead_run_over(fleet: Fleet) -> None:
 
 # ---- real subprocesses: SIGKILL between the notice and the requeue -----------------------------
 
-NOTICE_S = 30  # the yield is this long after the preemption: the kill comes well before it
+# The yield is this long after the preemption: the checkpoint, a refused `--resume` (a CLI
+# start, seconds on a loaded machine) and the kill all come well before it.
+NOTICE_S = 60
 
 
 def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -> None:
-    """`run --requeue 1 --notice 30`, preempted: the command checkpoints on its notice; a
+    """`run --requeue 1 --notice 60`, preempted: the command checkpoints on its notice; a
     `run --resume` while the run lives is refused; the run is SIGKILLed before its
     allocation yields (so before any requeue). `run --resume` adopts the orphaned command,
     stops it at the yield, requeues once and starts it again, which resumes from its

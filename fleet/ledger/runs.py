@@ -147,7 +147,7 @@ class Runs(Store):
         project = db.execute("SELECT project FROM allocations WHERE id=?", (aid,)).fetchone()
         detail = (
             f"{why}: its command goes on as {successor}, asked for at "
-            f"{utc(now):%Y-%m-%d %H:%M:%S} UTC ahead of new work ({left} requeue(s) left)"
+            f"{utc(now):%Y-%m-%d %H:%M:%S} UTC ({left} requeue(s) left)"
         )
         db.execute(
             AUDIT,
