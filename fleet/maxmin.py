@@ -20,10 +20,12 @@ service: GPU-time), which serves small jobs sooner than large ones.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fleet.config import FleetConfig
-from fleet.models import Priority
+from fleet.models import Priority, Purpose
 from fleet.placement import Ticket
 from fleet.scheduler import PRIORITY_FACTOR
 from fleet.speeds import table_speed
@@ -89,15 +91,31 @@ def to_yield(
     return out
 
 
-def pool_mates(gpu_type: str, config: FleetConfig) -> list[str]:
-    """The other types of the pools that hold `gpu_type`: where work may move up from."""
+def sources(gpu_type: str, config: FleetConfig) -> list[str]:
+    """The types work may move up to `gpu_type` from: the other types of the pools that hold
+    it, and where the fleet lends (fleet.borrowing), every other type."""
+    if config.preemption.borrow:
+        return sorted(set(config.catalog) - {gpu_type})
     return sorted(
         {t for types in config.pools.values() if gpu_type in types for t in types} - {gpu_type}
     )
 
 
-def moves_up(workload: str | None, here: str, there: str, config: FleetConfig) -> bool:
-    """Whether `there` does the workload's work faster than `here`, for no more per unit."""
-    v_here, v_there = table_speed(config, workload, here), table_speed(config, workload, there)
-    per_unit_here = config.catalog[here].price_per_hour / v_here
-    return v_there > v_here and config.catalog[there].price_per_hour / v_there <= per_unit_here
+def moves_up(
+    asked: Mapping[str, Any], purpose: Purpose, here: str, there: str, config: FleetConfig
+) -> bool:
+    """Whether the work of a request (`asked`, as stored) for `purpose` running on `here`
+    goes on, sooner, on `there`: a type with the memory it asks for that does its workload's
+    work faster for no more a unit, of its own pool; or, where the fleet lends
+    (fleet.borrowing), of another pool, no dearer a unit than its own pool's cheapest type
+    either, so that routing borrows it when the work asks again (fleet.routing)."""
+    own = config.pool(purpose)
+    if (asked.get("min_memory_gb") or 0) > config.catalog[there].memory_gb:
+        return False
+    if there not in own and not config.preemption.borrow:
+        return False
+    workload = asked.get("workload")
+    speed = {t: table_speed(config, workload, t) for t in {here, there, *own}}
+    per_unit = {t: config.catalog[t].price_per_hour / v for t, v in speed.items()}
+    allowed = per_unit[here] if there in own else min(per_unit[t] for t in own)
+    return speed[there] > speed[here] and per_unit[there] <= allowed

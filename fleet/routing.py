@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fleet.borrowing import lender_of
 from fleet.budget import admitted_hours, even_shortened
 from fleet.config import FleetConfig
+from fleet.maxmin import levels
 from fleet.models import GPURequest, Guardrails, RouteDecision, RouteMode, RouteOption
 from fleet.speeds import Speed, job_speeds
 
@@ -160,11 +161,19 @@ def route(
     lent_by = None
     loan = _loan(request, config, remaining_usd, chosen, starts_in, lenders, speeds)
     if loan is not None:
-        chosen, lent_by = loan, lender_of(loan.gpu_type, config)
+        lent_by = lender_of(loan.gpu_type, config)
         assert lent_by is not None
-        why = (
-            f"borrowed from the {lent_by.value} pool, free now (it finishes sooner than waiting "
-            f"for its own; given back after its checkpoint notice when that pool's work comes)"
+        sooner = (
+            f"than {chosen.gpu_type} would, for no more a unit of work"
+            if _per_unit(loan) <= _per_unit(chosen)
+            else "than waiting for its own"
+        )
+        chosen, why = (
+            loan,
+            (
+                f"borrowed from the {lent_by.value} pool, free now (it finishes sooner {sooner}; "
+                "given back after its checkpoint notice when that pool's work comes)"
+            ),
         )
     return RouteDecision(
         gpu_type=chosen.gpu_type,
@@ -198,15 +207,27 @@ def _loan(
     speeds: Mapping[str, Speed],
 ) -> RouteOption | None:
     """Another pool's type to borrow instead of `chosen`: the feasible lender that finishes
-    the work soonest, where `chosen` cannot start now and would finish later, wait included."""
-    wait = math.inf if starts_in is None else starts_in.get(chosen.gpu_type, math.inf)
-    if not lenders or wait <= 0:
+    the work soonest, where it finishes sooner than `chosen`, wait included, and `chosen`
+    cannot start now; or where it is no dearer a unit of work either, when `chosen` could.
+    Under a levelling policy (fleet.maxmin) a full type of its own makes room by preemption,
+    so that its wait is no reason to borrow: only the loan no dearer a unit is taken."""
+    if not lenders:
         return None
+    wait = math.inf if starts_in is None else starts_in.get(chosen.gpu_type, math.inf)
+    if levels(config):
+        wait = 0.0
     options = [_option(request, config, t, remaining_usd, speeds) for t in lenders]
+    if wait <= 0:
+        options = [o for o in options if _per_unit(o) <= _per_unit(chosen)]
     best = min((o for o in options if o.feasible), key=_work_hours, default=None)
-    if best is None or _work_hours(best) >= wait + _work_hours(chosen):
+    if best is None or _work_hours(best) >= max(wait, 0.0) + _work_hours(chosen):
         return None
     return best
+
+
+def _per_unit(option: RouteOption) -> float:
+    """USD per unit of work on the option's type."""
+    return option.price_per_hour / option.relative_throughput
 
 
 def _cheapest_in_time(

@@ -9,7 +9,8 @@ the throughput table, for every policy alike:
                       x throughput(reference) / throughput(unit)
 
 The **floor** of a job is what its work costs at the cheapest type it may use (its named
-type, else its pool's types, less types the fleet has fewer GPUs of than it needs), held for
+type, else its pool's types and the other pools' types it could borrow with the memory it
+needs, less types the fleet has fewer GPUs of than it needs), held for
 its work at that type's speed plus its mid-job pauses (which no policy can avoid: the job is
 paused, not done), and not one minute of idle tail:
 
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from fleet.config import FleetConfig
 from fleet.models import Purpose
 from sim.lifecycle import Attempt, speed
-from sim.workload import SimJob, candidate_types
+from sim.workload import SimJob, candidate_types, loan_types
 
 PARTS = ("work", "pause", "tail", "killed")
 SAVINGS = ("tail", "pause", "killed", "routing", "work_not_done")
@@ -61,9 +62,10 @@ def work_units(job: SimJob, config: FleetConfig) -> float:
 
 
 def allowed_types(job: SimJob, config: FleetConfig) -> tuple[str, ...]:
-    """The named type, else the pool's types, less those the fleet has too few GPUs of
-    (all of them when none has enough: the floor is then a bound nobody reaches)."""
-    types = candidate_types(job, config)
+    """The named type, else the pool's types and those it could borrow from other pools (where
+    a policy lends: sim.workload.loan_types), less those the fleet has too few GPUs of (all of
+    them when none has enough: the floor is then a bound nobody reaches)."""
+    types = candidate_types(job, config) + loan_types(job, config)
     fits = tuple(t for t in types if config.gpus_of_type(t) >= job.count)
     return fits or types
 
@@ -74,17 +76,22 @@ def pause_hours(job: SimJob) -> float:
     return sum(p.hours for p in job.phases[:last] if not p.work)
 
 
+def _held_usd(job: SimJob, gpu_type: str, config: FleetConfig) -> float:
+    """The job's work and pauses held on `gpu_type`, at its price."""
+    hours = job.work_hours / speed(job, gpu_type, config) + pause_hours(job)
+    return config.catalog[gpu_type].price_per_hour * job.count * hours
+
+
+def floor_type(job: SimJob, config: FleetConfig) -> str:
+    """The cheapest type the job may use for its work and pauses: where the floor prices it."""
+    return min(allowed_types(job, config), key=lambda t: _held_usd(job, t, config))
+
+
 def floor_usd(job: SimJob, config: FleetConfig) -> float:
     """The job's work and pauses on the cheapest type it may use."""
     if not any(p.work for p in job.phases):
         return 0.0
-    pauses = pause_hours(job)
-    return min(
-        config.catalog[t].price_per_hour
-        * job.count
-        * (job.work_hours / speed(job, t, config) + pauses)
-        for t in allowed_types(job, config)
-    )
+    return _held_usd(job, floor_type(job, config), config)
 
 
 def fastest_hours(job: SimJob, config: FleetConfig) -> float:

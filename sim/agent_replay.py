@@ -25,7 +25,7 @@ from typing import Any
 
 from council.voting import Council
 from fleet.config import FleetConfig
-from fleet.models import GPURequest, Purpose, Release, ReleaseReason, Status
+from fleet.models import GPURequest, Release, ReleaseReason, Status
 from fleet.monitors import new_owner
 from nodes.context import open_services
 from nodes.state import State
@@ -42,7 +42,7 @@ from sim.lifecycle import (
     work_done_at,
 )
 from sim.telemetry import TraceFleet
-from sim.workload import SimJob, Workload
+from sim.workload import SimJob, Workload, borrows
 
 NOTICE_S = 60.0  # a supervised training job's checkpoint notice (`gpu-agent run --notice 60`)
 RUNNER = new_owner("run")  # the simulated users' `gpu-agent run`: this process, alive
@@ -69,10 +69,11 @@ class AgentRun:
 
 
 def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPURequest:
-    """The job's request: a supervised training job's carries its checkpoint notice (it
-    checkpoints when given notice, sim.lifecycle), so the fleet may preempt it or lend it
-    another pool's GPUs (fleet.borrowing, where the fleet file opts in)."""
-    noticed = job.supervised and job.purpose is Purpose.TRAINING
+    """The job's request: a supervised job that checkpoints carries its checkpoint notice (it
+    checkpoints when given notice, sim.lifecycle), so the fleet may preempt it; one that may
+    borrow another pool's GPUs (fleet.borrowing, where the fleet file opts in) also says the
+    memory its work needs (sim.workload.loan_types)."""
+    noticed = job.supervised and job.checkpoints
     return GPURequest.model_validate(
         {
             "project": job.project,
@@ -83,6 +84,7 @@ def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPUReq
             "request_id": f"{job.id}-{attempt}",
             "resumes": resumes,
             "notice_seconds": NOTICE_S if noticed else None,
+            "min_memory_gb": job.memory_gb if borrows(job) else None,
             "workload": job.workload,
         }
     )

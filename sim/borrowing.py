@@ -38,7 +38,6 @@ from dataclasses import replace
 from itertools import islice
 
 from fleet.config import FleetConfig
-from fleet.models import Purpose
 from sim.baselines import _Alloc, _Request, _SlurmCheapest
 from sim.lifecycle import (
     Attempt,
@@ -49,7 +48,7 @@ from sim.lifecycle import (
     timeline,
     work_done_at,
 )
-from sim.workload import SimJob, Workload
+from sim.workload import SimJob, Workload, borrows, loan_types
 
 NOTICE_S = 60.0  # a reclaimed loan's notice: it checkpoints and lets go this long after
 LOOK = 32  # waiting requests considered for a loan per partition and pass (bounds the work)
@@ -109,12 +108,12 @@ class BorrowingSlurm(_SlurmCheapest):
             for r in list(islice(self.ranked(waiting, now), LOOK)):  # borrow() edits waiting
                 if not any(self.free[t] > 0 for t in lendable):
                     break
-                job = r.job
-                if job.purpose is Purpose.TRAINING and job.named_type is None and job.supervised:
+                if borrows(r.job):
                     self.borrow(r, lendable, p, now)
 
     def borrow(self, r: _Request, lendable: list[str], p: int, now: float) -> None:
-        fits = [t for t in lendable if self.free[t] >= r.job.count]
+        held = loan_types(r.job, self.config)  # those with the memory its work needs
+        fits = [t for t in lendable if self.free[t] >= r.job.count and t in held]
         if not fits:
             return
         finish = {t: work_done_at(timeline(r.job, t, now, self.config)) for t in fits}

@@ -163,7 +163,7 @@ def rerun(
     if attempt >= MAX_ATTEMPTS:
         return None
     rest: tuple[Phase, ...] = job.phases
-    if job.purpose is Purpose.TRAINING:
+    if job.checkpoints:
         kept = 0  # phases up to the last work phase finished by `end` are checkpointed
         for i, s in enumerate(segments):
             if s.util > 0 and s.end <= end:

@@ -125,6 +125,13 @@ POLICIES: dict[str, Runner] = {
     "gpu-agent-no-council-maxmin": _agent(judge="none", levelling="max-min"),
     "gpu-agent-las": _agent(levelling="least-attained"),
     "gpu-agent-no-council-las": _agent(judge="none", levelling="least-attained"),
+    # ... with borrowing between pools: loans no dearer a unit of work (fleet.routing)
+    "gpu-agent-maxmin-borrow": _agent(borrow=True, levelling="max-min"),
+    "gpu-agent-no-council-maxmin-borrow": _agent(judge="none", borrow=True, levelling="max-min"),
+    "gpu-agent-las-borrow": _agent(borrow=True, levelling="least-attained"),
+    "gpu-agent-no-council-las-borrow": _agent(
+        judge="none", borrow=True, levelling="least-attained"
+    ),
 }
 
 

@@ -14,6 +14,10 @@ removed:
   type with probability `inference_on_training_share` (inference on training hardware, the
   waste the project exists to stop); all others leave the type to the router. The trace
   duration is time on the named type, or on the pool's first (reference) type.
+- memory: a job's work needs the memory of its pool's reference type (the type it is sized
+  on; a type named out of habit is no need). A request that may run on another pool's GPUs
+  (`borrows`: a loan, fleet.borrowing) says so (`min_memory_gb`), so that a training job
+  sized on an 80 GB A100 borrows no 24 GB card.
 - requested duration: users pad, and pick round values (Tsafrir, Etsion & Feitelson,
   "Modeling User Runtime Estimates", JSSPP 2005: estimates are modal and mostly far above
   the run time). The duration times a log-normal factor (median `pad_median`, sigma
@@ -146,6 +150,15 @@ class SimJob:
     line: int = 0
     supervised: bool = False  # its work runs under `gpu-agent run`
     workload: str | None = None  # its row of the fleet's [speeds] table; None: type averages
+    pure: bool = False  # of the pure workload: all work, checkpointed whatever its purpose
+    memory_gb: float | None = None  # what its work needs: its pool's reference type's memory
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether it resumes from checkpoints: a training job does; in the pure workload
+        every job does, as each of Philly's jobs is a training job (the inference and research
+        purposes are this workload's draws) and a pure-work scheduler's jobs all resume."""
+        return self.purpose is Purpose.TRAINING or self.pure
 
     @property
     def trace_hours(self) -> float:
@@ -220,6 +233,23 @@ class Workload:
 def candidate_types(job: SimJob, config: FleetConfig) -> tuple[str, ...]:
     """The types a job may use: the one its request names, else its purpose's pool."""
     return (job.named_type,) if job.named_type is not None else tuple(config.pool(job.purpose))
+
+
+def borrows(job: SimJob) -> bool:
+    """Whether a fleet that lends (fleet.borrowing) may lend the job another pool's GPUs: it
+    names no type and runs under `gpu-agent run`, checkpointing, so a reclaim loses nothing
+    (its request carries a checkpoint notice, sim.agent_replay)."""
+    return job.named_type is None and job.supervised and job.checkpoints
+
+
+def loan_types(job: SimJob, config: FleetConfig) -> tuple[str, ...]:
+    """The other pools' types a fleet that lends could run the job on: those with the memory
+    its work needs, where it `borrows`; none otherwise."""
+    if not borrows(job):
+        return ()
+    own = candidate_types(job, config)
+    need = job.memory_gb or 0.0
+    return tuple(t for t in config.catalog if t not in own and config.catalog[t].memory_gb >= need)
 
 
 def _rng(seed: int, *key: object) -> random.Random:
@@ -404,8 +434,11 @@ def synthesize(
         habit = habits[job.project].at(job.submit) if habits else alike
         rng = _rng(s.seed, "job", job.line or i)
         purpose = _purpose(job, s, rng)
-        named = _named(purpose, config, s, rng)
+        named = _named(purpose, config, s, rng)  # drawn alike, so that the later draws are
+        if s.pure:
+            named = None  # pure work names no type: a habit of the synthetic half
         reference = named or config.pool(purpose)[0]
+        memory = config.catalog[config.pool(purpose)[0]].memory_gb
         hours = max(job.hours, 1 / 3600)  # a zero-second job still took a moment
         model = _model(config, s, job.line or i)
         base = SimJob(
@@ -422,9 +455,10 @@ def synthesize(
             line=job.line,
             supervised=True,
             workload=model,
+            memory_gb=memory,
         )
         if s.pure:  # no budget either: its project's list cost is not counted
-            jobs.append(replace(base, requested_hours=pure_lease(base, config)))
+            jobs.append(replace(base, requested_hours=pure_lease(base, config), pure=True))
             continue
         pad = _pad(s, rng)
         jobs.append(

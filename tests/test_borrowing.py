@@ -116,6 +116,18 @@ def test_a_job_that_names_its_type_never_borrows(tmp_path: Path) -> None:
     assert {a.gpu_type for a in attempts if a.job == 1} == {"A100"}
 
 
+@pytest.mark.parametrize("policy", ["slurm-cheapest-borrow", "gpu-agent-no-council-borrow"])
+def test_a_job_that_needs_more_memory_than_the_lender_has_never_borrows(
+    tmp_path: Path, policy: str
+) -> None:
+    """B sized on the 80 GB A100 (memory_gb 80): the 24 GB R is no place for it; it waits."""
+    config = parse_fleet(FLEET)
+    w = workload()
+    w.jobs[1] = replace(w.jobs[1], memory_gb=80.0)
+    attempts, _ = POLICIES[policy](w, config, tmp_path, lambda _n: None)
+    assert {a.gpu_type for a in attempts if a.job == 1} == {"A100"}
+
+
 def test_the_graph_borrows_the_same_way_through_the_real_ledger(tmp_path: Path) -> None:
     """gpu-agent-no-council-borrow (fleet.borrowing through the graph's own nodes; the
     supervised training jobs carry a 60 s notice): B borrows R at 0, C reclaims it at 1 h and

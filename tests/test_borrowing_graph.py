@@ -96,3 +96,34 @@ def test_only_work_with_a_notice_borrows_and_only_where_the_fleet_lends(
     else:
         assert out.status is Status.QUEUED and out.route.lent_by is None
         assert out.route.gpu_type in ("A100", "H100")
+
+
+def test_a_loan_no_dearer_a_unit_is_taken_though_its_own_pool_is_free(
+    make_orch: OrchFactory,
+) -> None:
+    """Nothing is held: an inference request with a notice borrows a research RTX 4090 ($0.75
+    a unit of work, 0.8 an A100) over its own free T4 ($3.51, 0.15), as it finishes sooner
+    for less. A training request never borrows the slower card while its own pool can
+    start it."""
+    orch = make_orch(small_config(preemption={"borrow": True}))
+    out = orch.request(ask("serve", "inference", 1, 3.0, notice_seconds=NOTICE), wait=False)
+    assert out.status is Status.ALLOCATED and out.route is not None
+    assert (out.route.gpu_type, out.route.lent_by) == ("RTX4090", "research")
+    assert "sooner than T4 would, for no more a unit of work" in out.route.reason
+    train = orch.request(ask("vision", "training", 1, 3.0, notice_seconds=NOTICE), wait=False)
+    assert train.route is not None and train.route.lent_by is None
+
+
+def test_under_a_levelling_policy_a_full_pool_is_no_reason_to_borrow(
+    make_orch: OrchFactory,
+) -> None:
+    """Max-min with borrowing, the training pool full: the request the fair-share fleet lent
+    the RTX 4090s to queues in its own pool instead, where preemption makes room; the
+    slower card is no sooner than its own type started now."""
+    config = small_config(scheduler={"policy": "max-min"}, preemption={"borrow": True})
+    orch = make_orch(config)
+    for step in FULL:
+        assert orch.request(step.request, wait=False).status is Status.ALLOCATED
+    out = orch.request(ask("vision", "training", 2, 3.0, notice_seconds=NOTICE), wait=False)
+    assert out.status is Status.QUEUED and out.route is not None
+    assert out.route.lent_by is None and out.route.gpu_type in ("A100", "H100")

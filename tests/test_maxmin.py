@@ -15,8 +15,8 @@ from fleet.clock import VirtualClock
 from fleet.config import parse_fleet
 from fleet.errors import ConfigError
 from fleet.ledger.rows import LedgerRow
-from fleet.maxmin import Runner, moves_up, pool_mates, service, to_yield
-from fleet.models import GPURequest, Priority, ReleaseReason, RouteDecision
+from fleet.maxmin import Runner, moves_up, service, sources, to_yield
+from fleet.models import GPURequest, Priority, Purpose, ReleaseReason, RouteDecision
 from fleet.placement import Kind, Snapshot, Ticket, line_order
 from fleet.routing import route
 from graph.scenario import Step, Submit, run_scenario
@@ -91,13 +91,29 @@ def test_service_is_per_job_under_max_min_and_per_gpu_under_least_attained() -> 
     assert service(2 * HOUR, "H100", 8, io_bound, "io") == pytest.approx(2.4)
 
 
+TRAINING, INFERENCE = Purpose.TRAINING, Purpose.INFERENCE
+LENDING = small_config(scheduler={"policy": "max-min"}, preemption={"borrow": True})
+
+
 def test_work_moves_up_to_a_faster_type_of_its_pool_for_no_more_per_unit() -> None:
-    assert pool_mates("H100", MAXMIN) == ["A100"] and pool_mates("T4", MAXMIN) == []
-    assert moves_up(None, "A100", "H100", MAXMIN)  # $4.00 a unit against $5.12
-    assert not moves_up(None, "H100", "A100", MAXMIN)
+    assert sources("H100", MAXMIN) == ["A100"] and sources("T4", MAXMIN) == []
+    assert moves_up({}, TRAINING, "A100", "H100", MAXMIN)  # $4.00 a unit against $5.12
+    assert not moves_up({}, TRAINING, "H100", "A100", MAXMIN)
     # a workload that gains little on the H100 costs more a unit there: it stays
     slow = MAXMIN.model_copy(update={"speeds": {"io-bound": {"A100": 1.0, "H100": 1.2}}})
-    assert not moves_up("io-bound", "A100", "H100", slow)
+    assert not moves_up({"workload": "io-bound"}, TRAINING, "A100", "H100", slow)
+
+
+def test_where_the_fleet_lends_work_moves_up_to_another_pool_no_dearer_than_its_own() -> None:
+    """Inference on a T4 ($3.51 a unit) moves up to a research RTX 4090 ($0.75, 5x as fast)
+    only where the fleet lends and the card holds the memory asked for; never to an H100
+    ($4.00 a unit: dearer than its own pool's cheapest), nor training to the slower 4090."""
+    assert sources("RTX4090", LENDING) == ["A100", "H100", "T4"]
+    assert moves_up({}, INFERENCE, "T4", "RTX4090", LENDING)
+    assert not moves_up({}, INFERENCE, "T4", "RTX4090", MAXMIN)
+    assert not moves_up({"min_memory_gb": 32}, INFERENCE, "T4", "RTX4090", LENDING)
+    assert not moves_up({}, INFERENCE, "T4", "H100", LENDING)
+    assert not moves_up({}, TRAINING, "A100", "RTX4090", LENDING)
 
 
 @pytest.fixture
@@ -116,12 +132,13 @@ def place(
     notice: float | None = NOTICE,
     named: bool = True,
     resumes: str | None = None,
+    **more: Any,
 ) -> LedgerRow:
     """Place (or queue) a request for `count` GPUs of `gpu_type`; unnamed, routed there."""
     request = fleet.request("p", gpu_type, count, hours)
     decision = route(request, fleet.config, None)
     assert isinstance(decision, RouteDecision)
-    update: dict[str, Any] = {"notice_seconds": notice, "resumes": resumes}
+    update: dict[str, Any] = {"notice_seconds": notice, "resumes": resumes} | more
     request = request.model_copy(update=update | ({} if named else {"gpu_type": None}))
     thread = f"t{fleet.n}"
     result = fleet.ledger.place(request, decision, thread, at, fleet.inventory, fleet.topology)
@@ -219,6 +236,26 @@ def test_work_on_a_slower_type_moves_up_to_a_faster_one_nobody_waits_for(
         assert fleet.ledger.lease(row.id).deadline_reason is ReleaseReason.LEASE_EXPIRED
     # the mover already on its way: nothing more moves for the same spare GPUs
     assert fleet.ledger.move_up("H100", T0 + 2 * HOUR + 60.0, fleet.inventory) == []
+
+
+def test_where_the_fleet_lends_inference_moves_up_to_a_free_research_card(
+    database: str,
+) -> None:
+    """Max-min with borrowing: two inference jobs run on the T4s; the RTX 4090s are held,
+    then come free. The one that fits their memory yields to go on there; the one asking
+    for 32 GB stays."""
+    f = Fleet(database, LENDING)
+    try:
+        held = place(f, "RTX4090", 2, 2.0, T0)
+        mover = place(f, "T4", 1, 10.0, T0, named=False)
+        roomy = place(f, "T4", 1, 10.0, T0, named=False, min_memory_gb=32.0)
+        f.ledger.release(held.id, ReleaseReason.EXPLICIT, T0 + 2 * HOUR)
+        [moved] = f.ledger.move_up("RTX4090", T0 + 2 * HOUR, f.inventory)
+        assert moved.id == mover.id
+        assert "2 RTX4090 spare with nobody waiting, faster than its T4" in preemptions(f)[-1][1]
+        assert f.ledger.lease(roomy.id).deadline_reason is ReleaseReason.LEASE_EXPIRED
+    finally:
+        f.ledger.close()
 
 
 def ask(count: int, hours: float, **more: Any) -> dict[str, Any]:

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from fleet.config import parse_fleet
+from fleet.models import Purpose
 from fleet.trace import PHILLY as SCHEMA
 from fleet.trace import read_trace
+from sim.accounting import fastest_hours, floor_usd
 from sim.metrics import job_results, metrics, slowdown
 from sim.simulate import POLICIES, select
-from sim.workload import PURE_UTIL, Phase, Workload, WorkloadSettings, synthesize
+from sim.workload import PURE_UTIL, Phase, Workload, WorkloadSettings, loan_types, synthesize
 from tests.test_simulate import TINY_FLEET, _fleet, _trace, job, run
 
 PURE = WorkloadSettings(pure=True)
@@ -22,16 +24,18 @@ POLICY_NAMES = ("slurm-like", "slurm-cheapest", "cheapest-first", "gpu-agent-no-
 
 
 def test_pure_jobs_are_all_work_with_unpadded_leases(tmp_path: Path) -> None:
-    """Same purposes and named types as the normal workload; one work phase of the trace's
-    duration; the lease is that work on the slowest type the job may use (T4 for a job of
-    the T4-only pool is the reference itself), never under a minute; no budgets."""
+    """Same purposes as the normal workload, no named type (its work on its pool's reference
+    type); one work phase of the trace's duration; the lease is that work on the slowest
+    type the job may use (T4 for a job of the T4-only pool is the reference itself), never
+    under a minute; no budgets."""
     config = parse_fleet(TINY_FLEET)
     trace = read_trace(_trace(tmp_path))
     normal = synthesize(trace, config)
     pure = synthesize(trace, config, PURE)
     assert pure.budgets == {} and normal.budgets
     for n, p, t in zip(normal.jobs, pure.jobs, trace, strict=True):
-        assert (p.purpose, p.named_type, p.reference) == (n.purpose, n.named_type, n.reference)
+        assert p.purpose == n.purpose and p.named_type is None
+        assert p.reference == config.pool(p.purpose)[0]
         assert [(ph.hours, ph.util, ph.stall) for ph in p.phases] == [(t.hours, PURE_UTIL, 0.0)]
         assert p.pad == 1.0 and p.supervised
         # the pools' first types are their slowest here: the lease is the work itself
@@ -52,6 +56,27 @@ def test_a_pool_whose_first_type_is_not_its_slowest_gets_the_slowest_types_lease
     assert trained
     for j in trained:  # A100 work on a T4 at a quarter of the speed: four times as long
         assert j.requested_hours == pytest.approx(max(4 * j.work_hours, 1 / 60))
+
+
+def test_pure_jobs_all_checkpoint_and_may_borrow_the_types_with_their_memory(
+    tmp_path: Path,
+) -> None:
+    """Every pure job checkpoints (Philly's jobs all train), so that a fleet that lends may
+    lend it the other pools' types with its pool reference's memory: inference (sized on a
+    16 GB T4) the A100s and H100s, training (80 GB) no T4. Normal inference never borrows.
+    The floor and the fastest time read the loans too: the H100 for that inference."""
+    config = parse_fleet(TINY_FLEET)
+    trace = read_trace(_trace(tmp_path))
+    normal, pure = synthesize(trace, config), synthesize(trace, config, PURE)
+    assert all(j.checkpoints for j in pure.jobs)
+    assert {j.memory_gb for j in pure.jobs if j.purpose is Purpose.TRAINING} == {80.0}
+    served = [j for j in pure.jobs if j.purpose is Purpose.INFERENCE]
+    assert served and {loan_types(j, config) for j in served} == {("A100", "H100")}
+    assert {loan_types(j, config) for j in pure.jobs if j.purpose is Purpose.TRAINING} == {()}
+    assert not any(loan_types(j, config) for j in normal.jobs if j.purpose is Purpose.INFERENCE)
+    for j in served[:3]:
+        assert fastest_hours(j, config) == pytest.approx(j.work_hours * 0.25 / 2.0)
+        assert floor_usd(j, config) == pytest.approx(0.5 * j.work_hours)  # the T4: cheapest
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)

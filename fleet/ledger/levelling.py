@@ -11,7 +11,7 @@ from fleet.budget import Moved
 from fleet.ledger.placing import Placing
 from fleet.ledger.preempting import Preempting
 from fleet.ledger.rows import LedgerRow
-from fleet.maxmin import Runner, levels, moves_up, pool_mates, service, to_yield
+from fleet.maxmin import Runner, levels, moves_up, service, sources, to_yield
 from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
@@ -57,18 +57,19 @@ class Levelling(Placing, Preempting):
 
     def move_up(self, gpu_type: str, now: float, inventory: list[GPUInfo]) -> list[Moved]:
         """GPUs of `gpu_type` came free with nobody waiting for them (max-min only): running
-        allocations on a slower type of a pool that holds `gpu_type` too, where it does their
-        work for no more per unit (fleet.maxmin.moves_up), are asked to yield so that they
+        allocations on a slower type, of a pool that holds `gpu_type` too (or of any pool
+        where the fleet lends), where it does their work for no more per unit
+        (fleet.maxmin.moves_up), are asked to yield so that they
         go on there, sooner, as Gavel moves jobs between types: the longest leases first, as
         many as the spare GPUs hold, each with a checkpoint notice, its minimum run done and
         more than that minimum of its lease left. Named types stay where they are."""
         if not levels(self.config):
             return []
-        slower = pool_mates(gpu_type, self.config)
+        slower = sources(gpu_type, self.config)
         if not slower:
             return []
         marks = ",".join("?" * len(slower))
-        settings, pool = self.config.preemption, self.config.pools
+        settings = self.config.preemption
         candidates = []
         for aid, project, purpose, t, count, started, deadline, reason, request in self.query(
             "SELECT id, project, purpose, gpu_type, count, started_at, deadline, deadline_reason, "
@@ -80,8 +81,7 @@ class Levelling(Placing, Preempting):
             if (
                 notice is None
                 or asked.get("gpu_type") is not None
-                or gpu_type not in pool.get(Purpose(purpose), [])
-                or not moves_up(asked.get("workload"), t, gpu_type, self.config)
+                or not moves_up(asked, Purpose(purpose), t, gpu_type, self.config)
                 or reason == ReleaseReason.PREEMPTED.value
                 or deadline - now < notice + settings.min_run_minutes * 60.0
                 or yield_at(started, notice, now, settings) > now + notice
