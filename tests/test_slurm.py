@@ -435,6 +435,30 @@ def test_a_budget_cut_shortens_the_jobs_time_limit(orch: Orchestrator) -> None:
     assert after["time_limit"] == wanted and 10 <= wanted <= 11
 
 
+def test_under_max_min_the_more_served_jobs_time_limit_moves_to_its_yield(
+    slurm: SlurmServer, tmp_path: Path
+) -> None:
+    """Max-min on Slurm (no minimum run): four A100s run one job with a 30 s notice; a
+    request queued for one A100 has the served job yield at the end of its notice, audited,
+    and Slurm's time limit for that job follows (one minute, Slurm's unit)."""
+    config = fleet("\n[preemption]\nmin_run_minutes = 0\n")
+    levelled = config.scheduler.model_copy(update={"policy": "max-min"})
+    config = config.model_copy(update={"scheduler": levelled})
+    with Orchestrator(tmp_path / "state", config, backend="slurm") as orch:
+        held = orch.request(ask("A100", 4, notice_seconds=30), wait=False)
+        assert held.allocation is not None
+        aid = held.allocation.id
+        assert live(aid)[0]["time_limit"] == 60
+        waiting = orch.request(ask("A100", 1, notice_seconds=30), wait=False)
+        assert waiting.status is Status.QUEUED
+        row = orch.services.ledger.get(aid)
+        assert row.deadline_reason is ReleaseReason.PREEMPTED and row.deadline is not None
+        assert row.deadline - time.time() <= 31
+        (entry,) = [e for e in orch.services.ledger.audit_log() if e.action == "preempt"]
+        assert entry.target == aid and "max-min" in entry.detail
+        wait_for(lambda: live(aid)[0]["time_limit"] == 1, 10, "the time limit moved")
+
+
 def test_a_lease_slurm_ends_is_released_once_with_its_reason(
     slurm: SlurmServer, tmp_path: Path
 ) -> None:
