@@ -60,9 +60,12 @@ class Levelling(Placing, Preempting):
         allocations on a slower type, of a pool that holds `gpu_type` too (or of any pool
         where the fleet lends), where it does their work for no more per unit
         (fleet.maxmin.moves_up), are asked to yield so that they
-        go on there, sooner, as Gavel moves jobs between types: the longest leases first, as
-        many as the spare GPUs hold, each with a checkpoint notice, its minimum run done and
-        more than that minimum of its lease left. Named types stay where they are."""
+        go on there, sooner, as Gavel moves jobs between types: the least served first, as
+        the lines serve (on the Philly trace, the longest leases first left the work that
+        arrived while the faster type was full on the slower one, and two small projects
+        slower than under slurm-cheapest), as many as the spare GPUs hold, each with a
+        checkpoint notice, its minimum run done and more than that minimum of its lease left.
+        Named types stay where they are."""
         if not levels(self.config):
             return []
         slower = sources(gpu_type, self.config)
@@ -71,11 +74,12 @@ class Levelling(Placing, Preempting):
         marks = ",".join("?" * len(slower))
         settings = self.config.preemption
         candidates = []
-        for aid, project, purpose, t, count, started, deadline, reason, request in self.query(
+        for row in self.query(
             "SELECT id, project, purpose, gpu_type, count, started_at, deadline, deadline_reason, "
-            f"request FROM allocations WHERE state='active' AND gpu_type IN ({marks})",
+            f"request, resumes FROM allocations WHERE state='active' AND gpu_type IN ({marks})",
             tuple(slower),
         ):
+            aid, project, purpose, t, count, started, deadline, reason, request, resumes = row
             asked = json.loads(request)
             notice = asked.get("notice_seconds")
             if (
@@ -87,11 +91,12 @@ class Levelling(Placing, Preempting):
                 or yield_at(started, notice, now, settings) > now + notice
             ):
                 continue
-            candidates.append((deadline, aid, project, t, count, notice))
+            so_far = service(now - started, t, count, self.config, asked.get("workload"))
+            candidates.append((aid, project, t, count, notice, deadline, so_far, resumes))
         if not candidates:
             return []
-        keys = [f"type:{t}" for t in sorted({gpu_type, *(c[3] for c in candidates)})]
-        keys += [f"project:{p}" for p in sorted({c[2] for c in candidates})]
+        keys = [f"type:{t}" for t in sorted({gpu_type, *(c[2] for c in candidates)})]
+        keys += [f"project:{p}" for p in sorted({c[1] for c in candidates})]
         with self.transaction(*keys) as db:
             spare = len(self._free(db, gpu_type, inventory))
             spare -= sum(q.count for q in self._queued(db, gpu_type).values())
@@ -102,7 +107,10 @@ class Levelling(Placing, Preempting):
             ).fetchone()[0]
             asked_of: dict[str, int] = {}
             moved = []
-            for deadline, aid, project, t, count, notice in sorted(candidates, reverse=True):
+            served = {c[0]: c[6] + self._served(db, c[7]) for c in candidates}
+            for aid, project, t, count, notice, deadline, _, _ in sorted(
+                candidates, key=lambda c: (served[c[0]], c[0])
+            ):
                 if count > spare:
                     continue
                 state, reason = db.execute(
