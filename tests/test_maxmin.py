@@ -238,6 +238,19 @@ def test_work_on_a_slower_type_moves_up_to_a_faster_one_nobody_waits_for(
     assert fleet.ledger.move_up("H100", T0 + 2 * HOUR + 60.0, fleet.inventory) == []
 
 
+def test_the_least_served_moves_up_first(fleet: Fleet) -> None:
+    """One H100 comes free; two unnamed jobs run on A100s, one from T0 with the longer
+    lease, one from an hour later: the later, served less, moves up (as the line would serve
+    it first), not the one with the most lease left."""
+    place(fleet, "H100", 1, 10.0, T0)
+    short = place(fleet, "H100", 1, 2.0, T0)
+    place(fleet, "A100", 1, 20.0, T0, named=False)
+    later = place(fleet, "A100", 1, 10.0, T0 + HOUR, named=False)
+    fleet.ledger.release(short.id, ReleaseReason.EXPLICIT, T0 + 2 * HOUR)
+    [moved] = fleet.ledger.move_up("H100", T0 + 2 * HOUR, fleet.inventory)
+    assert moved.id == later.id
+
+
 def test_where_the_fleet_lends_inference_moves_up_to_a_free_research_card(
     database: str,
 ) -> None:
