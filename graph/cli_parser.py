@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("normal", "pure"),
         default="normal",
         help="normal (default): jobs idle, users pad their leases, projects have budgets; "
-        "pure: the trace's durations are all work, leases are not padded and there are no "
-        "budgets, as in a pure-work scheduler's simulator (sim/workload.py)",
+        "pure: the trace's durations are all work, no job names a type, every job "
+        "checkpoints, leases are not padded and there are no budgets, as in a pure-work "
+        "scheduler's simulator (sim/workload.py)",
     )
     p.add_argument("--fleet", help="fleet TOML file (default: the built-in 1,024-GPU trace fleet)")
     p.add_argument(
