@@ -16,8 +16,8 @@ removed:
   duration is time on the named type, or on the pool's first (reference) type.
 - memory: a job's work needs the memory of its pool's reference type (the type it is sized
   on; a type named out of habit is no need). A request that may run on another pool's GPUs
-  (`borrows`: a loan, fleet.borrowing) says so (`min_memory_gb`), so that a training job
-  sized on an 80 GB A100 borrows no 24 GB card.
+  (`borrows`: a loan, fleet.borrowing) asks for that memory (`min_memory_gb`), so that a
+  training job sized on an 80 GB A100 borrows no 24 GB card.
 - requested duration: users pad, and pick round values (Tsafrir, Etsion & Feitelson,
   "Modeling User Runtime Estimates", JSSPP 2005: estimates are modal and mostly far above
   the run time). The duration times a log-normal factor (median `pad_median`, sigma
@@ -434,7 +434,7 @@ def synthesize(
         habit = habits[job.project].at(job.submit) if habits else alike
         rng = _rng(s.seed, "job", job.line or i)
         purpose = _purpose(job, s, rng)
-        named = _named(purpose, config, s, rng)  # drawn alike, so that the later draws are
+        named = _named(purpose, config, s, rng)  # drawn in both, so later draws stay the same
         if s.pure:
             named = None  # pure work names no type: a habit of the synthetic half
         reference = named or config.pool(purpose)[0]

@@ -5,7 +5,7 @@ allocations of its type that have received more service to yield, through Preemp
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleet.budget import Moved
 from fleet.ledger.placing import Placing
@@ -16,6 +16,19 @@ from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
 from fleet.sql import Conn
+
+
+class _Mover(NamedTuple):
+    """A running allocation that may move up, and the service it received in this run."""
+
+    aid: str
+    project: str
+    gpu_type: str
+    gpus: int
+    notice: float
+    deadline: float
+    so_far: float
+    resumes: str | None
 
 
 class Levelling(Placing, Preempting):
@@ -73,7 +86,7 @@ class Levelling(Placing, Preempting):
             return []
         marks = ",".join("?" * len(slower))
         settings = self.config.preemption
-        candidates = []
+        candidates: list[_Mover] = []
         for row in self.query(
             "SELECT id, project, purpose, gpu_type, count, started_at, deadline, deadline_reason, "
             f"request, resumes FROM allocations WHERE state='active' AND gpu_type IN ({marks})",
@@ -92,11 +105,11 @@ class Levelling(Placing, Preempting):
             ):
                 continue
             so_far = service(now - started, t, count, self.config, asked.get("workload"))
-            candidates.append((aid, project, t, count, notice, deadline, so_far, resumes))
+            candidates.append(_Mover(aid, project, t, count, notice, deadline, so_far, resumes))
         if not candidates:
             return []
-        keys = [f"type:{t}" for t in sorted({gpu_type, *(c[2] for c in candidates)})]
-        keys += [f"project:{p}" for p in sorted({c[1] for c in candidates})]
+        keys = [f"type:{t}" for t in sorted({gpu_type, *(c.gpu_type for c in candidates)})]
+        keys += [f"project:{p}" for p in sorted({c.project for c in candidates})]
         with self.transaction(*keys) as db:
             spare = len(self._free(db, gpu_type, inventory))
             spare -= sum(q.count for q in self._queued(db, gpu_type).values())
@@ -107,9 +120,9 @@ class Levelling(Placing, Preempting):
             ).fetchone()[0]
             asked_of: dict[str, int] = {}
             moved = []
-            served = {c[0]: c[6] + self._served(db, c[7]) for c in candidates}
+            served = {c.aid: c.so_far + self._served(db, c.resumes) for c in candidates}
             for aid, project, t, count, notice, deadline, _, _ in sorted(
-                candidates, key=lambda c: (served[c[0]], c[0])
+                candidates, key=lambda c: (served[c.aid], c.aid)
             ):
                 if count > spare:
                     continue
