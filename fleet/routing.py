@@ -131,11 +131,7 @@ def route(
     speeds = job_speeds(config, request.workload, learned)
     options = sorted(  # by price per unit of work, whatever lease the budget leaves
         (_option(request, config, t, remaining_usd, speeds) for t in types_for(request, config)),
-        key=lambda o: (
-            o.price_per_hour / o.relative_throughput,
-            -o.relative_throughput,
-            o.gpu_type,
-        ),
+        key=lambda o: (_per_unit(o), -o.relative_throughput, o.gpu_type),
     )
     feasible = [o for o in options if o.feasible]
     if request.gpu_type:

@@ -44,7 +44,7 @@ from sim.lifecycle import (
 from sim.telemetry import TraceFleet
 from sim.workload import SimJob, Workload, borrows
 
-NOTICE_S = 60.0  # a supervised training job's checkpoint notice (`gpu-agent run --notice 60`)
+NOTICE_S = 60.0  # a supervised job's checkpoint notice (`gpu-agent run --notice 60`)
 RUNNER = new_owner("run")  # the simulated users' `gpu-agent run`: this process, alive
 HORIZON_DAYS = 365  # requests still queued this long after the last submission are unplaced
 STEP_HOURS = 24.0  # the engine runs a virtual day at a time between progress reports

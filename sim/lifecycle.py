@@ -7,9 +7,10 @@ tail after it is GPUs held with no work (hoarding) until the user lets go.
 
 When an allocation ends before the work is done (released for idling, a lease that ran out),
 the job is killed. Killed work is not a saving: the user asks again (at once, or when a pause
-it was killed in is over: `returns_at`). A training job checkpoints
-at the end of each work phase and resumes from the last checkpoint; research and inference jobs
-start over. A supervised training job also checkpoints when it is given notice: a lease or a
+it was killed in is over: `returns_at`). A job that checkpoints (`SimJob.checkpoints`: a
+training job, or any job of the pure workload) does so at the end of each work phase and
+resumes from the last checkpoint; the others start over. A supervised one also checkpoints
+when it is given notice: a lease or a
 budget ends it at a deadline known ahead (`gpu-agent run --notice`, or Slurm's `--signal`,
 under every policy alike), so it loses none of its work (NOTICED). The second request pads the
 rest of the job as the first did, twice as much after a lease ran out. After MAX_ATTEMPTS the

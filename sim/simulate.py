@@ -53,7 +53,7 @@ def _agent(
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
-    fleet file says (fleet.borrowing: supervised training jobs carry a checkpoint notice);
+    fleet file says (fleet.borrowing: supervised jobs that checkpoint carry a notice);
     `move` false: queued requests stay on the type they were first routed to, whatever the
     fleet file says ([scheduler] move_queued, on by default); `levelling`: [scheduler] policy
     "max-min" or "least-attained" (fleet.maxmin), the least served first, and those served

@@ -19,7 +19,7 @@ from fleet.sql import Conn
 
 
 class _Mover(NamedTuple):
-    """A running allocation that may move up, and the service it received in this run."""
+    """A running allocation that may move up."""
 
     aid: str
     project: str
@@ -27,7 +27,8 @@ class _Mover(NamedTuple):
     gpus: int
     notice: float
     deadline: float
-    so_far: float
+    started: float
+    workload: str | None
     resumes: str | None
 
 
@@ -104,8 +105,10 @@ class Levelling(Placing, Preempting):
                 or yield_at(started, notice, now, settings) > now + notice
             ):
                 continue
-            so_far = service(now - started, t, count, self.config, asked.get("workload"))
-            candidates.append(_Mover(aid, project, t, count, notice, deadline, so_far, resumes))
+            workload = asked.get("workload")
+            candidates.append(
+                _Mover(aid, project, t, count, notice, deadline, started, workload, resumes)
+            )
         if not candidates:
             return []
         keys = [f"type:{t}" for t in sorted({gpu_type, *(c.gpu_type for c in candidates)})]
@@ -120,8 +123,11 @@ class Levelling(Placing, Preempting):
             ).fetchone()[0]
             asked_of: dict[str, int] = {}
             moved = []
-            served = {c.aid: c.so_far + self._served(db, c.resumes) for c in candidates}
-            for aid, project, t, count, notice, deadline, _, _ in sorted(
+            served = {
+                c.aid: self._attained(db, c.resumes, c.started, c.gpu_type, c.gpus, c.workload, now)
+                for c in candidates
+            }
+            for aid, project, t, count, notice, deadline, *_ in sorted(
                 candidates, key=lambda c: (served[c.aid], c.aid)
             ):
                 if count > spare:
@@ -155,6 +161,22 @@ class Levelling(Placing, Preempting):
         asked[project] += 1
         return True
 
+    def _attained(
+        self,
+        db: Conn,
+        resumes: str | None,
+        started: float,
+        gpu_type: str,
+        count: int,
+        workload: str | None,
+        now: float,
+    ) -> float:
+        """The effective service a running allocation's work has received by `now`: what the
+        allocations it resumed held (Kept._served) and what it has held itself."""
+        return self._served(db, resumes) + service(
+            now - started, gpu_type, count, self.config, workload
+        )
+
     def _runners(
         self, db: Conn, gpu_type: str, requests: dict[str, dict[str, Any]], now: float
     ) -> tuple[int, list[Runner]]:
@@ -175,9 +197,8 @@ class Levelling(Placing, Preempting):
             if reason == ReleaseReason.PREEMPTED.value or deadline <= now + notice:
                 supply += count
             elif yield_at(started, notice, now, self.config.preemption) <= now + notice:
-                served = self._served(db, resumes)
                 workload = request.get("workload")
-                served += service(now - started, gpu_type, count, self.config, workload)
+                served = self._attained(db, resumes, started, gpu_type, count, workload, now)
                 runners.append(
                     Runner(aid, project, count, Priority(priority), served, notice, deadline)
                 )
