@@ -9,14 +9,13 @@ for), the one that finishes its work soonest, where that is sooner than the type
 in its own pool would finish, that type's wait included, and either that type cannot start it
 now or the loan is no dearer a unit of work too (fleet.routing.route: inference borrows an
 idle research card that does its work five times as fast for a fifth of the price). Under a
-levelling policy (fleet.maxmin) only the second, as a full type of its own makes room for
-it by preemption; and work running on a slower type moves up to such a loan when its GPUs
-come free (fleet.maxmin.moves_up). A loan is an allocation on a type outside its purpose's
-pool that it did not name (`on_loan`). When a request of the lending pool queues for that
-type, the youngest loans on it are asked to yield (fleet.ledger.preempting, action `reclaim`:
-after their notice, with no minimum run and no daily limit, the terms they borrowed on)
-until enough GPUs come back; the pool's own request is then first in its line, so quotas
-stay guarantees.
+levelling policy (fleet.maxmin) both, and work running on a slower type moves up to a loan
+of the second kind when its GPUs come free (fleet.maxmin.moves_up). A loan is an allocation
+on a type outside its purpose's pool that it did not name (`on_loan`). When a request of
+the lending pool queues for that type, the youngest loans on it are asked to yield
+(fleet.ledger.preempting, action `reclaim`: after their notice, with no minimum run and no
+daily limit, the terms they borrowed on) until enough GPUs come back; the pool's own request
+is then first in its line, so quotas stay guarantees.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from fleet.borrowing import lender_of
 from fleet.budget import admitted_hours, even_shortened
 from fleet.config import FleetConfig
-from fleet.maxmin import levels
 from fleet.models import GPURequest, Guardrails, RouteDecision, RouteMode, RouteOption
 from fleet.speeds import Speed, job_speeds
 
@@ -160,9 +159,9 @@ def route(
         lent_by = lender_of(loan.gpu_type, config)
         assert lent_by is not None
         sooner = (
-            f"than {chosen.gpu_type} would, for no more a unit of work"
-            if _per_unit(loan) <= _per_unit(chosen)
-            else "than waiting for its own"
+            "than waiting for its own"
+            if starts_in is not None and starts_in.get(chosen.gpu_type, math.inf) > 0
+            else f"than {chosen.gpu_type} would, for no more a unit of work"
         )
         chosen, why = (
             loan,
@@ -205,13 +204,12 @@ def _loan(
     """Another pool's type to borrow instead of `chosen`: the feasible lender that finishes
     the work soonest, where it finishes sooner than `chosen`, wait included, and `chosen`
     cannot start now; or where it is no dearer a unit of work either, when `chosen` could.
-    Under a levelling policy (fleet.maxmin) a full type of its own makes room by preemption,
-    so that its wait is no reason to borrow: only the loan no dearer a unit is taken."""
+    Under a levelling policy too (fleet.maxmin): preemption makes room in a full type of its
+    own only after the runners' minimum run, and on the Philly trace the research pool's
+    work queued for it while the training pool's A100s stood idle."""
     if not lenders:
         return None
     wait = math.inf if starts_in is None else starts_in.get(chosen.gpu_type, math.inf)
-    if levels(config):
-        wait = 0.0
     options = [_option(request, config, t, remaining_usd, speeds) for t in lenders]
     if wait <= 0:
         options = [o for o in options if _per_unit(o) <= _per_unit(chosen)]

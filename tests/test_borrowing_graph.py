@@ -114,16 +114,18 @@ def test_a_loan_no_dearer_a_unit_is_taken_though_its_own_pool_is_free(
     assert train.route is not None and train.route.lent_by is None
 
 
-def test_under_a_levelling_policy_a_full_pool_is_no_reason_to_borrow(
-    make_orch: OrchFactory,
+@pytest.mark.parametrize("policy", ["max-min", "least-attained"])
+def test_under_a_levelling_policy_a_full_pool_borrows_too(
+    make_orch: OrchFactory, policy: str
 ) -> None:
-    """Max-min with borrowing, the training pool full: the request the fair-share fleet lent
-    the RTX 4090s to queues in its own pool instead, where preemption makes room; the
-    slower card is no sooner than its own type started now."""
-    config = small_config(scheduler={"policy": "max-min"}, preemption={"borrow": True})
+    """Levelling with borrowing, the training pool full: the request borrows the research
+    pool's free RTX 4090s, as under fair-share, rather than wait in its own line for
+    preemption to make room after the runners' minimum run."""
+    config = small_config(scheduler={"policy": policy}, preemption={"borrow": True})
     orch = make_orch(config)
     for step in FULL:
         assert orch.request(step.request, wait=False).status is Status.ALLOCATED
     out = orch.request(ask("vision", "training", 2, 3.0, notice_seconds=NOTICE), wait=False)
-    assert out.status is Status.QUEUED and out.route is not None
-    assert out.route.lent_by is None and out.route.gpu_type in ("A100", "H100")
+    assert out.status is Status.ALLOCATED and out.route is not None
+    assert (out.route.gpu_type, out.route.lent_by) == ("RTX4090", "research")
+    assert "it finishes sooner than waiting for its own" in out.route.reason
