@@ -251,6 +251,40 @@ def test_the_least_served_moves_up_first(fleet: Fleet) -> None:
     assert moved.id == later.id
 
 
+def test_new_work_takes_back_the_faster_type_that_work_moved_up_to(fleet: Fleet) -> None:
+    """Work moved up from an A100 to a free H100 holds it only until new work comes for it:
+    once its minimum run there is done, routing sees the H100 start new work after the
+    mover's notice, and the new request, queued, has it yield (a resumed one, or a smaller
+    request than the mover, does not count it)."""
+    place(fleet, "H100", 1, 20.0, T0)
+    gone = place(fleet, "H100", 1, 1.0, T0)
+    mover = place(fleet, "A100", 1, 10.0, T0, named=False)
+    fleet.ledger.release(gone.id, ReleaseReason.EXPLICIT, T0 + HOUR)
+    [moved] = fleet.ledger.move_up("H100", T0 + HOUR, fleet.inventory)
+    fleet.ledger.release(mover.id, ReleaseReason.PREEMPTED, moved.after)
+    up = place(fleet, "H100", 1, 9.0, moved.after, named=False, resumes=mover.id)
+    assert up.state == "active"
+
+    def starts(at: float, new_work: bool) -> float:
+        hours = fleet.ledger.starts_in_hours(["H100"], 1, at, fleet.inventory, new_work=new_work)
+        return hours["H100"]
+
+    early = moved.after + 10 * 60.0  # its minimum run on the H100 is not done
+    assert starts(early, True) == starts(early, False) > 1.0
+    at = moved.after + HOUR
+    assert starts(at, True) == pytest.approx(NOTICE / HOUR)
+    assert starts(at, False) > 1.0
+    assert fleet.ledger.starts_in_hours(["H100"], 2, at, fleet.inventory, new_work=True)[
+        "H100"
+    ] > 1.0  # the mover holds one GPU: a 2-GPU request does not take it
+    new = place(fleet, "H100", 1, 2.0, at)
+    assert new.state == "queued"
+    [back] = fleet.ledger.preempt_for(new, at, fleet.inventory)
+    assert (back.id, back.after) == (up.id, at + NOTICE)
+    detail = preemptions(fleet)[-1][1]
+    assert f"new work {new.id} takes back the H100 that this work moved up to from A100" in detail
+
+
 def test_where_the_fleet_lends_inference_moves_up_to_a_free_research_card(
     database: str,
 ) -> None:

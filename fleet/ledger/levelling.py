@@ -15,6 +15,7 @@ from fleet.maxmin import Runner, levels, moves_up, service, sources, to_yield
 from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
+from fleet.speeds import table_speed
 from fleet.sql import Conn
 
 
@@ -34,9 +35,11 @@ class _Mover(NamedTuple):
 
 class Levelling(Placing, Preempting):
     def preempt_for(self, row: LedgerRow, now: float, inventory: list[GPUInfo]) -> list[Moved]:
-        """`row` waits in a max-min line (fleet.maxmin): the running allocations of its type
-        that have received more service than those waiting are asked to yield, the most
-        served first, as fleet.maxmin.to_yield says. Nothing under "fair-share"."""
+        """`row` waits in a max-min line (fleet.maxmin): where it is new work, what moved up
+        to its type gives the GPUs back first (_moved_up: the move up was made where nobody
+        waited for them); then the running allocations of its type that have received more
+        service than those waiting are asked to yield, the most served first, as
+        fleet.maxmin.to_yield says. Nothing under "fair-share"."""
         if not levels(self.config):
             return []
         t = row.gpu_type
@@ -54,9 +57,12 @@ class Levelling(Placing, Preempting):
             snap = self._line(db, t, row.project, now, inventory, money=False)
             supply, runners = self._runners(db, t, requests, now)
             asked: dict[str, int] = {}
-            moved = []
             quantum = settings.min_run_minutes / 60.0
             line = line_order(snap, self.config, live(snap, self.config))
+            short = sum(w.count for w in line) - len(snap.free) - supply
+            moved, back = self._take_back(db, row, short, asked, now)
+            supply += back
+            runners = [r for r in runners if r.allocation_id not in {m.id for m in moved}]
             for runner, want in to_yield(line, len(snap.free) + supply, runners, quantum):
                 if not self._may_ask(db, runner.project, asked, now):
                     continue
@@ -147,6 +153,76 @@ class Levelling(Placing, Preempting):
                 held = (aid, project, deadline, notice)
                 moved.append(self._yield(db, held, now + notice, now, "gpu-agent", "preempt", why))
             return moved
+
+    def _take_back(
+        self, db: Conn, row: LedgerRow, short: int, asked: dict[str, int], now: float
+    ) -> tuple[list[Moved], int]:
+        """Where `row` is new work (it resumes nothing) and its type's line is `short` of
+        GPUs, the work that moved up to the type yields them back (_moved_up), the last to
+        move first; returns what moved and how many GPUs come back."""
+        new = db.execute("SELECT resumes FROM allocations WHERE id=?", (row.id,)).fetchone()
+        if new is None or new[0] is not None:
+            return [], 0
+        moved: list[Moved] = []
+        back = 0
+        for up in self._moved_up(db, row.gpu_type, row.count, now):
+            if back >= short:
+                break
+            if not self._may_ask(db, up.project, asked, now):
+                continue
+            why = (
+                f"{self.config.scheduler.policy}: new work {row.id} takes back the "
+                f"{row.gpu_type} that this work moved up to from {up.gpu_type}"
+            )
+            held = (up.aid, up.project, up.deadline, up.notice)
+            moved.append(self._yield(db, held, now + up.notice, now, "gpu-agent", "preempt", why))
+            back += up.gpus
+        return moved, back
+
+    def _moved_up(self, db: Conn, gpu_type: str, most: int, now: float) -> list[_Mover]:
+        """Running allocations of at most `most` GPUs on `gpu_type` whose work moved up to it
+        (they resume an allocation on a slower type), that could yield now (a checkpoint
+        notice, their minimum run done by its end, not yielding yet): the last to move first.
+        Their `gpu_type` is the type they came from."""
+        if not levels(self.config):
+            return []
+        out = []
+        for r in db.execute(
+            "SELECT a.id, a.project, b.gpu_type, a.count, a.started_at, a.deadline, "
+            "a.deadline_reason, a.request, a.resumes FROM allocations a JOIN allocations b "
+            "ON b.id = a.resumes WHERE a.state='active' AND a.gpu_type=? AND b.gpu_type<>? "
+            "AND a.count<=? ORDER BY a.started_at DESC, a.id",
+            (gpu_type, gpu_type, most),
+        ):
+            aid, project, came, count, started, deadline, reason, request, resumes = tuple(r)
+            asked = json.loads(request)
+            notice, workload = asked.get("notice_seconds"), asked.get("workload")
+            if (
+                notice is None
+                or reason == ReleaseReason.PREEMPTED.value
+                or deadline <= now + notice
+                or yield_at(started, notice, now, self.config.preemption) > now + notice
+                or table_speed(self.config, workload, came)
+                >= table_speed(self.config, workload, gpu_type)
+            ):
+                continue
+            out.append(
+                _Mover(aid, project, came, count, notice, deadline, started, workload, resumes)
+            )
+        return out
+
+    def _given_back(
+        self, db: Conn, gpu_type: str, count: int, free: int, now: float
+    ) -> float | None:
+        """New work for `count` GPUs of `gpu_type` starts, under a levelling policy, on the
+        GPUs of work that moved up to the type once it yields them back after its notice
+        (preempt_for): the move up was made where nobody waited for them."""
+        back, at = free, 0.0
+        for up in self._moved_up(db, gpu_type, count, now):
+            if back >= count:
+                break
+            back, at = back + up.gpus, max(at, up.notice)
+        return at / 3600.0 if back >= count else None
 
     def _may_ask(self, db: Conn, project: str, asked: dict[str, int], now: float) -> bool:
         """Whether `project`'s allocations may be asked to yield once more within

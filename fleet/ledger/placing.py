@@ -259,18 +259,32 @@ class Placing(Releasing):
         return ids
 
     def starts_in_hours(
-        self, types: Iterable[str], count: int, now: float, inventory: list[GPUInfo]
+        self,
+        types: Iterable[str],
+        count: int,
+        now: float,
+        inventory: list[GPUInfo],
+        *,
+        new_work: bool = False,
     ) -> dict[str, float]:
         """Per type, at the latest how long until a new request for `count` GPUs could
         start (0: now): when running allocations have let enough GPUs go by their deadlines.
         Infinite (unknown) while others wait for the type: the fair queue orders them and
         may put them ahead, so no bound holds (waiting behind a line was what made routing
-        to a full type cost queueing time on the Philly trace)."""
+        to a full type cost queueing time on the Philly trace). `new_work` (it resumes
+        nothing): under a levelling policy, work that moved up to the type gives it back
+        after its notice (Levelling.moved_back)."""
         with self.reading() as db:
-            return {t: self._starts_in(db, t, count, now, inventory) for t in types}
+            return {t: self._starts_in(db, t, count, now, inventory, new_work) for t in types}
 
     def _starts_in(
-        self, db: Conn, gpu_type: str, count: int, now: float, inventory: list[GPUInfo]
+        self,
+        db: Conn,
+        gpu_type: str,
+        count: int,
+        now: float,
+        inventory: list[GPUInfo],
+        new_work: bool = False,
     ) -> float:
         free = len(self._free(db, gpu_type, inventory))
         queued = sum(t.count for t in self._queued(db, gpu_type).values())
@@ -278,8 +292,18 @@ class Placing(Releasing):
             return 0.0
         if queued:
             return math.inf
+        back = self._given_back(db, gpu_type, count, free, now) if new_work else None
+        if back is not None:
+            return back
         at = reserve(count, free, self._endings(db, gpu_type, inventory), now).at
         return (at - now) / 3600.0
+
+    def _given_back(
+        self, db: Conn, gpu_type: str, count: int, free: int, now: float
+    ) -> float | None:
+        """Hours until new work for `count` GPUs of `gpu_type` could start on what running
+        work gives back to it (Levelling); None: nothing is given back."""
+        return None
 
     def held_by_type(self) -> dict[str, int]:
         """GPUs held now, per GPU type."""
