@@ -5,7 +5,7 @@ simulator (Narayanan et al., OSDI'20, github.com/stanford-futuredata/gavel), bes
         --gavel-python /tmp/gavel-venv/bin/python [--models benchmarks/gavel_speeds.toml] \\
         [--vc 6c71a0] [--jobs 1000] [--fleet benchmarks/fleet_128.toml] \\
         [--variants five,five-memory,mapped] [--policies max_min_fairness_perf,fifo] \\
-        [--ours] [--out /tmp/gavel-compare]
+        [--round-s 360] [--ours] [--check-driver] [--out /tmp/gavel-compare]
 
 It takes the jobs `gpu-agent simulate --workload pure --vc 6c71a0 --jobs 1000` runs
 (sim.simulate.select and sim.workload.synthesize, so the same purpose, GPU count, arrival,
@@ -39,6 +39,9 @@ five types cannot run through it unmodified, so there are three variants:
   skips) on the types our pure workload would not give the job: its pool's types and the
   other pools' types with the memory it needs (training 80 GB: A100, H100; research 24 GB:
   not a T4; inference: any), as our borrowing policies allow (sim.accounting.allowed_types).
+
+`--check-driver` runs `mapped` through our driver too, with nothing replaced: it gives Gavel's
+driver's per-job JCTs bit for bit, so `five` differs from Gavel only by the replaced line.
 
 Gavel's policy names: `max_min_fairness_perf` is its heterogeneity-aware max-min fairness,
 `max_min_fairness` the heterogeneity-agnostic one (every throughput 1 in the LP),
@@ -86,7 +89,7 @@ VARIANTS = ("five", "five-memory", "mapped")
 HARDCODED = 'worker_types = ["v100", "p100", "k80"]'
 # Gavel's heterogeneity-agnostic FIFO gives each job one whole type, whatever its throughput
 # there: with a type a job cannot run on, it waits there for ever (tried: 633 jobs waiting, every
-# GPU idle, after 33 simulated days), so it is not run where throughput 0 says so.
+# GPU idle, after 23 simulated days), so it is not run where throughput 0 says so.
 SKIP = {("five-memory", "fifo"): "FIFO puts jobs on types they cannot run on, and they wait"}
 OURS_POLICIES = "slurm-cheapest,gpu-agent-no-council-maxmin-borrow,gpu-agent-no-council-las-borrow"
 
@@ -219,14 +222,17 @@ def run_gavel(
     work: Path,
     timeout: float,
     round_s: int,
+    our_driver: bool = False,
 ) -> tuple[list[float] | None, float]:
     """Gavel's per-job completion times (s), None if it ran past `timeout`, and its wall time;
-    its output is kept under `work`."""
+    its output is kept under `work`. `mapped` runs through Gavel's driver unless `our_driver`
+    (then through ours, with nothing replaced: the check that ours makes Gavel's calls)."""
     scheduler_dir = gavel / "scheduler"
     gpus, servers = cluster(config, variant)
     trace, tput = work / "gavel.trace", work / f"throughputs-{variant}.json"
-    stdout, stderr = work / f"{variant}-{policy}.out", work / f"{variant}-{policy}.err"
-    if variant == "mapped":  # Gavel's own driver, unmodified
+    name = f"{variant}-{policy}" + ("-our-driver" if our_driver else "")
+    stdout, stderr = work / f"{name}.out", work / f"{name}.err"
+    if variant == "mapped" and not our_driver:  # Gavel's own driver, unmodified
         command = [
             python,
             str(scheduler_dir / "scripts" / "drivers" / "simulate_scheduler_with_trace.py"),
@@ -236,10 +242,10 @@ def run_gavel(
             *("--seed", "0", "--solver", "ECOS", "--time_per_iteration", str(round_s)),
         ]
     else:
-        types = gavel_types(config)
+        types = json.dumps(gavel_types(config))
         args = {
             "scheduler_dir": str(scheduler_dir),
-            "replace": [HARDCODED, f"worker_types = {json.dumps(types)}"],
+            "replace": None if variant == "mapped" else [HARDCODED, f"worker_types = {types}"],
             "trace": str(trace),
             "throughputs": str(tput),
             "policy": policy,
@@ -322,6 +328,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per Gavel run")
     p.add_argument("--out", default=None, help="keep Gavel's inputs and output here")
     p.add_argument("--ours", action="store_true", help="run our simulator on the slice too")
+    p.add_argument(
+        "--check-driver",
+        action="store_true",
+        help="run `mapped` through our driver too: its JCTs must be Gavel's driver's, bit for bit",
+    )
     args = p.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
@@ -375,6 +386,20 @@ def main() -> None:
                 f"wall_s={r.seconds:.0f}",
                 flush=True,
             )
+            if variant == "mapped" and args.check_driver:
+                again, _ = run_gavel(
+                    Path(args.gavel),
+                    args.gavel_python,
+                    variant,
+                    policy,
+                    config,
+                    work,
+                    args.timeout,
+                    args.round_s,
+                    our_driver=True,
+                )
+                same = "the same" if again == jcts else "DIFFERENT"
+                print(f"      {policy} through our driver, nothing replaced: {same} JCTs")
     (work / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
     if args.ours:
         for name, mean in ours(args, work / "ours").items():
