@@ -157,7 +157,11 @@ class Services:
         if borrows:
             types += [t for t in self.config.catalog if t not in types]
         starts = self.ledger.starts_in_hours(  # as starts_in_hours, on the GPUs read above
-            types, request.count, self.clock.now(), placeable, new_work=request.resumes is None
+            types,
+            request.count,
+            self.clock.now(),
+            placeable,
+            new_work=request.priority if request.resumes is None else None,
         )
         decision = route(
             request,

@@ -254,8 +254,8 @@ def test_the_least_served_moves_up_first(fleet: Fleet) -> None:
 def test_new_work_takes_back_the_faster_type_that_work_moved_up_to(fleet: Fleet) -> None:
     """Work moved up from an A100 to a free H100 holds it only until new work comes for it:
     once its minimum run there is done, routing sees the H100 start new work after the
-    mover's notice, and the new request, queued, has it yield (a resumed one, or a smaller
-    request than the mover, does not count it)."""
+    mover's notice, and the new request, queued, has it yield (a resumed request, one of a
+    lower priority or one for more GPUs than come back so does not count it)."""
     place(fleet, "H100", 1, 20.0, T0)
     gone = place(fleet, "H100", 1, 1.0, T0)
     mover = place(fleet, "A100", 1, 10.0, T0, named=False)
@@ -265,18 +265,19 @@ def test_new_work_takes_back_the_faster_type_that_work_moved_up_to(fleet: Fleet)
     up = place(fleet, "H100", 1, 9.0, moved.after, named=False, resumes=mover.id)
     assert up.state == "active"
 
-    def starts(at: float, new_work: bool) -> float:
-        hours = fleet.ledger.starts_in_hours(["H100"], 1, at, fleet.inventory, new_work=new_work)
+    def starts(at: float, new_work: Priority | None, count: int = 1) -> float:
+        hours = fleet.ledger.starts_in_hours(
+            ["H100"], count, at, fleet.inventory, new_work=new_work
+        )
         return hours["H100"]
 
     early = moved.after + 10 * 60.0  # its minimum run on the H100 is not done
-    assert starts(early, True) == starts(early, False) > 1.0
+    assert starts(early, Priority.NORMAL) == starts(early, None) > 1.0
     at = moved.after + HOUR
-    assert starts(at, True) == pytest.approx(NOTICE / HOUR)
-    assert starts(at, False) > 1.0
-    assert fleet.ledger.starts_in_hours(["H100"], 2, at, fleet.inventory, new_work=True)[
-        "H100"
-    ] > 1.0  # the mover holds one GPU: a 2-GPU request does not take it
+    assert starts(at, Priority.NORMAL) == pytest.approx(NOTICE / HOUR)
+    assert starts(at, None) > 1.0
+    assert starts(at, Priority.LOW) > 1.0  # work of a lower priority takes nothing back
+    assert starts(at, Priority.NORMAL, count=2) > 1.0  # nor does a bigger request
     new = place(fleet, "H100", 1, 2.0, at)
     assert new.state == "queued"
     [back] = fleet.ledger.preempt_for(new, at, fleet.inventory)

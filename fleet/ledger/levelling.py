@@ -15,6 +15,7 @@ from fleet.maxmin import Runner, levels, moves_up, service, sources, to_yield
 from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
+from fleet.scheduler import PRIORITY_FACTOR
 from fleet.speeds import table_speed
 from fleet.sql import Conn
 
@@ -165,7 +166,7 @@ class Levelling(Placing, Preempting):
             return [], 0
         moved: list[Moved] = []
         back = 0
-        for up in self._moved_up(db, row.gpu_type, row.count, now):
+        for up in self._moved_up(db, row.gpu_type, row.count, Priority(row.priority), now):
             if back >= short:
                 break
             if not self._may_ask(db, up.project, asked, now):
@@ -179,26 +180,30 @@ class Levelling(Placing, Preempting):
             back += up.gpus
         return moved, back
 
-    def _moved_up(self, db: Conn, gpu_type: str, most: int, now: float) -> list[_Mover]:
-        """Running allocations of at most `most` GPUs on `gpu_type` whose work moved up to it
-        (they resume an allocation on a slower type), that could yield now (a checkpoint
-        notice, their minimum run done by its end, not yielding yet): the last to move first.
-        Their `gpu_type` is the type they came from."""
+    def _moved_up(
+        self, db: Conn, gpu_type: str, most: int, priority: Priority, now: float
+    ) -> list[_Mover]:
+        """Running allocations of at most `most` GPUs and no higher priority than `priority`
+        on `gpu_type` whose work moved up to it (they resume an allocation on a slower type),
+        that could yield now (a checkpoint notice, their minimum run done by its end, not
+        yielding yet): the last to move first. Their `gpu_type` is the type they came from."""
         if not levels(self.config):
             return []
         out = []
         for r in db.execute(
             "SELECT a.id, a.project, b.gpu_type, a.count, a.started_at, a.deadline, "
-            "a.deadline_reason, a.request, a.resumes FROM allocations a JOIN allocations b "
+            "a.deadline_reason, a.request, a.resumes, a.priority FROM allocations a "
+            "JOIN allocations b "
             "ON b.id = a.resumes WHERE a.state='active' AND a.gpu_type=? AND b.gpu_type<>? "
             "AND a.count<=? ORDER BY a.started_at DESC, a.id",
             (gpu_type, gpu_type, most),
         ):
-            aid, project, came, count, started, deadline, reason, request, resumes = tuple(r)
+            aid, project, came, count, started, deadline, reason, request, resumes, level = r
             asked = json.loads(request)
             notice, workload = asked.get("notice_seconds"), asked.get("workload")
             if (
                 notice is None
+                or PRIORITY_FACTOR[Priority(level)] > PRIORITY_FACTOR[priority]
                 or reason == ReleaseReason.PREEMPTED.value
                 or deadline <= now + notice
                 or yield_at(started, notice, now, self.config.preemption) > now + notice
@@ -212,13 +217,14 @@ class Levelling(Placing, Preempting):
         return out
 
     def _given_back(
-        self, db: Conn, gpu_type: str, count: int, free: int, now: float
+        self, db: Conn, gpu_type: str, count: int, free: int, priority: Priority, now: float
     ) -> float | None:
-        """New work for `count` GPUs of `gpu_type` starts, under a levelling policy, on the
+        """New work of `priority` for `count` GPUs of `gpu_type` starts, under a levelling
+        policy, on the
         GPUs of work that moved up to the type once it yields them back after its notice
         (preempt_for): the move up was made where nobody waited for them."""
         back, at = free, 0.0
-        for up in self._moved_up(db, gpu_type, count, now):
+        for up in self._moved_up(db, gpu_type, count, priority, now):
             if back >= count:
                 break
             back, at = back + up.gpus, max(at, up.notice)

@@ -13,7 +13,7 @@ from fleet.backfill import Ending, reserve
 from fleet.ledger.releasing import Releasing
 from fleet.ledger.rows import AUDIT, AuditEntry, LedgerRow, PlaceResult, allocation_id
 from fleet.maxmin import levels
-from fleet.models import GPUInfo, GPURequest, ReleaseReason, RouteDecision
+from fleet.models import GPUInfo, GPURequest, Priority, ReleaseReason, RouteDecision
 from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
 from fleet.sql import Conn
 from fleet.topology import Topology
@@ -265,15 +265,15 @@ class Placing(Releasing):
         now: float,
         inventory: list[GPUInfo],
         *,
-        new_work: bool = False,
+        new_work: Priority | None = None,
     ) -> dict[str, float]:
         """Per type, at the latest how long until a new request for `count` GPUs could
         start (0: now): when running allocations have let enough GPUs go by their deadlines.
         Infinite (unknown) while others wait for the type: the fair queue orders them and
         may put them ahead, so no bound holds (waiting behind a line was what made routing
-        to a full type cost queueing time on the Philly trace). `new_work` (it resumes
-        nothing): under a levelling policy, work that moved up to the type gives it back
-        after its notice (Levelling.moved_back)."""
+        to a full type cost queueing time on the Philly trace). `new_work`, the priority of a
+        request that resumes nothing: under a levelling policy, work of no higher priority
+        that moved up to the type gives it back after its notice (Levelling._given_back)."""
         with self.reading() as db:
             return {t: self._starts_in(db, t, count, now, inventory, new_work) for t in types}
 
@@ -284,7 +284,7 @@ class Placing(Releasing):
         count: int,
         now: float,
         inventory: list[GPUInfo],
-        new_work: bool = False,
+        new_work: Priority | None = None,
     ) -> float:
         free = len(self._free(db, gpu_type, inventory))
         queued = sum(t.count for t in self._queued(db, gpu_type).values())
@@ -292,17 +292,19 @@ class Placing(Releasing):
             return 0.0
         if queued:
             return math.inf
-        back = self._given_back(db, gpu_type, count, free, now) if new_work else None
+        back = (
+            None if new_work is None else self._given_back(db, gpu_type, count, free, new_work, now)
+        )
         if back is not None:
             return back
         at = reserve(count, free, self._endings(db, gpu_type, inventory), now).at
         return (at - now) / 3600.0
 
     def _given_back(
-        self, db: Conn, gpu_type: str, count: int, free: int, now: float
+        self, db: Conn, gpu_type: str, count: int, free: int, priority: Priority, now: float
     ) -> float | None:
-        """Hours until new work for `count` GPUs of `gpu_type` could start on what running
-        work gives back to it (Levelling); None: nothing is given back."""
+        """Hours until new work of `priority` for `count` GPUs of `gpu_type` could start on
+        what running work gives back to it (Levelling); None: nothing is given back."""
         return None
 
     def held_by_type(self) -> dict[str, int]:
