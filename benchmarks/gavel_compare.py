@@ -356,22 +356,29 @@ def main() -> None:
         f"speeds: {args.models or 'the catalog type averages'}, Gavel's rounds {args.round_s} s; "
         f"its files in {work}"
     )
+
+    def run(
+        variant: str, policy: str, our_driver: bool = False
+    ) -> tuple[list[float] | None, float]:
+        return run_gavel(
+            Path(args.gavel),
+            args.gavel_python,
+            variant,
+            policy,
+            config,
+            work,
+            args.timeout,
+            args.round_s,
+            our_driver,
+        )
+
     results = []
     for variant in variants:
         for policy in [q for q in args.policies.split(",") if q]:
             if (variant, policy) in SKIP:
                 print(f"gavel {variant:<11} {policy:<24} not run: {SKIP[variant, policy]}")
                 continue
-            jcts, seconds = run_gavel(
-                Path(args.gavel),
-                args.gavel_python,
-                variant,
-                policy,
-                config,
-                work,
-                args.timeout,
-                args.round_s,
-            )
+            jcts, seconds = run(variant, policy)
             if jcts is None or len(jcts) < len(jobs):
                 done = "no" if jcts is None else str(len(jcts))
                 print(f"gavel {variant:<11} {policy:<24} {done} jobs done in {seconds:.0f} s")
@@ -387,17 +394,7 @@ def main() -> None:
                 flush=True,
             )
             if variant == "mapped" and args.check_driver:
-                again, _ = run_gavel(
-                    Path(args.gavel),
-                    args.gavel_python,
-                    variant,
-                    policy,
-                    config,
-                    work,
-                    args.timeout,
-                    args.round_s,
-                    our_driver=True,
-                )
+                again, _ = run(variant, policy, our_driver=True)
                 same = "the same" if again == jcts else "DIFFERENT"
                 print(f"      {policy} through our driver, nothing replaced: {same} JCTs")
     (work / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))

@@ -65,15 +65,12 @@ class Levelling(Placing, Preempting):
             supply += back
             runners = [r for r in runners if r.allocation_id not in {m.id for m in moved}]
             for runner, want in to_yield(line, len(snap.free) + supply, runners, quantum):
-                if not self._may_ask(db, runner.project, asked, now):
-                    continue
                 why = (
                     f"{self.config.scheduler.policy}: {want.allocation_id} has received "
                     f"{want.attained:.2f} effective h of service, this {runner.attained:.2f} h"
                 )
                 held = (runner.allocation_id, runner.project, runner.deadline, runner.notice_s)
-                at = now + runner.notice_s
-                moved.append(self._yield(db, held, at, now, "gpu-agent", "preempt", why))
+                moved += self._ask(db, held, why, asked, now)
             return moved
 
     def move_up(self, gpu_type: str, now: float, inventory: list[GPUInfo]) -> list[Moved]:
@@ -144,15 +141,13 @@ class Levelling(Placing, Preempting):
                 ).fetchone()
                 if state != "active" or reason == ReleaseReason.PREEMPTED.value:
                     continue
-                if not self._may_ask(db, project, asked_of, now):
-                    continue
                 why = (
                     f"{self.config.scheduler.policy}: {spare} {gpu_type} spare with nobody "
                     f"waiting, faster than its {t} and no dearer a unit of work"
                 )
-                spare -= count
-                held = (aid, project, deadline, notice)
-                moved.append(self._yield(db, held, now + notice, now, "gpu-agent", "preempt", why))
+                asked = self._ask(db, (aid, project, deadline, notice), why, asked_of, now)
+                spare -= count if asked else 0
+                moved += asked
             return moved
 
     def _take_back(
@@ -169,15 +164,13 @@ class Levelling(Placing, Preempting):
         for up in self._moved_up(db, row.gpu_type, row.count, Priority(row.priority), now):
             if back >= short:
                 break
-            if not self._may_ask(db, up.project, asked, now):
-                continue
             why = (
                 f"{self.config.scheduler.policy}: new work {row.id} takes back the "
                 f"{row.gpu_type} that this work moved up to from {up.gpu_type}"
             )
-            held = (up.aid, up.project, up.deadline, up.notice)
-            moved.append(self._yield(db, held, now + up.notice, now, "gpu-agent", "preempt", why))
-            back += up.gpus
+            asked_now = self._ask(db, (up.aid, up.project, up.deadline, up.notice), why, asked, now)
+            back += up.gpus if asked_now else 0
+            moved += asked_now
         return moved, back
 
     def _moved_up(
@@ -229,6 +222,21 @@ class Levelling(Placing, Preempting):
                 break
             back, at = back + up.gpus, max(at, up.notice)
         return at / 3600.0 if back >= count else None
+
+    def _ask(
+        self,
+        db: Conn,
+        held: tuple[str, str, float, float],
+        why: str,
+        asked: dict[str, int],
+        now: float,
+    ) -> list[Moved]:
+        """Allocation (id, project, deadline, notice) is asked to yield after its notice
+        (Preempting._yield, audited `preempt`), within the daily limit per project
+        (_may_ask): what moved, nothing where the limit is reached."""
+        if not self._may_ask(db, held[1], asked, now):
+            return []
+        return [self._yield(db, held, now + held[3], now, "gpu-agent", "preempt", why)]
 
     def _may_ask(self, db: Conn, project: str, asked: dict[str, int], now: float) -> bool:
         """Whether `project`'s allocations may be asked to yield once more within
