@@ -14,10 +14,10 @@ Over time this levels every job's received throughput up from the least served, 
 max-min policy does in rounds; discretised as least-attained-service (Tiresias) with the
 minimum run as its quantum, so nobody thrashes. Work on a slower type moves up to a faster
 one nobody waits for, and gives it back when new work comes for it (fleet.ledger.levelling).
-Only allocations with a checkpoint notice
-yield; the daily limit per project holds as for a preemption by hand. "least-attained"
-counts service per GPU rather than per job (Tiresias's two-dimensional least attained
-service: GPU-time), which serves small jobs sooner than large ones.
+Only allocations with a checkpoint notice yield; the daily limit per project holds as for a
+preemption by hand. "least-attained" counts service per GPU rather than per job (Tiresias's
+two-dimensional least attained service: GPU-time), which serves small jobs sooner than large
+ones.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from fleet.sql import Conn
 
 
 class _Mover(NamedTuple):
-    """A running allocation that may move up."""
+    """A running allocation that may move up (move_up), or that moved up (_moved_up: its
+    `gpu_type` is then the type it came from)."""
 
     aid: str
     project: str
@@ -185,10 +186,10 @@ class Levelling(Placing, Preempting):
         out = []
         for r in db.execute(
             "SELECT a.id, a.project, b.gpu_type, a.count, a.started_at, a.deadline, "
-            "a.deadline_reason, a.request, a.resumes, a.priority FROM allocations a "
-            "JOIN allocations b "
-            "ON b.id = a.resumes WHERE a.state='active' AND a.gpu_type=? AND b.gpu_type<>? "
-            "AND a.count<=? ORDER BY a.started_at DESC, a.id",
+            "a.deadline_reason, a.request, a.resumes, a.priority "
+            "FROM allocations a JOIN allocations b ON b.id = a.resumes "
+            "WHERE a.state='active' AND a.gpu_type=? AND b.gpu_type<>? AND a.count<=? "
+            "ORDER BY a.started_at DESC, a.id",
             (gpu_type, gpu_type, most),
         ):
             aid, project, came, count, started, deadline, reason, request, resumes, level = r
@@ -213,9 +214,8 @@ class Levelling(Placing, Preempting):
         self, db: Conn, gpu_type: str, count: int, free: int, priority: Priority, now: float
     ) -> float | None:
         """New work of `priority` for `count` GPUs of `gpu_type` starts, under a levelling
-        policy, on the
-        GPUs of work that moved up to the type once it yields them back after its notice
-        (preempt_for): the move up was made where nobody waited for them."""
+        policy, on the GPUs of work that moved up to the type once it yields them back after
+        its notice (preempt_for): the move up was made where nobody waited for them."""
         back, at = free, 0.0
         for up in self._moved_up(db, gpu_type, count, priority, now):
             if back >= count:
