@@ -334,6 +334,10 @@ def main() -> None:
         help="run `mapped` through our driver too: its JCTs must be Gavel's driver's, bit for bit",
     )
     args = p.parse_args()
+    if args.jobs < 1 or args.round_s < 1 or args.timeout <= 0:
+        raise SystemExit("--jobs and --round-s must be at least 1 and --timeout above 0")
+    if not (Path(args.gavel) / "scheduler" / "scheduler.py").is_file():
+        raise SystemExit(f"--gavel {args.gavel}: no scheduler/scheduler.py (a Gavel checkout?)")
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")

@@ -160,7 +160,7 @@ def route(
         assert lent_by is not None
         sooner = (
             "than waiting for its own"
-            if starts_in is not None and starts_in.get(chosen.gpu_type, math.inf) > 0
+            if _wait(chosen, starts_in) > 0
             else f"than {chosen.gpu_type} would, for no more a unit of work"
         )
         chosen, why = (
@@ -209,7 +209,7 @@ def _loan(
     work queued for it while the training pool's A100s stood idle."""
     if not lenders:
         return None
-    wait = math.inf if starts_in is None else starts_in.get(chosen.gpu_type, math.inf)
+    wait = _wait(chosen, starts_in)
     options = [_option(request, config, t, remaining_usd, speeds) for t in lenders]
     if wait <= 0:
         options = [o for o in options if _per_unit(o) <= _per_unit(chosen)]
@@ -217,6 +217,11 @@ def _loan(
     if best is None or _work_hours(best) >= max(wait, 0.0) + _work_hours(chosen):
         return None
     return best
+
+
+def _wait(option: RouteOption, starts_in: Mapping[str, float] | None) -> float:
+    """Hours until the option's type could start the request (unknown: infinite)."""
+    return math.inf if starts_in is None else starts_in.get(option.gpu_type, math.inf)
 
 
 def _per_unit(option: RouteOption) -> float:
@@ -233,12 +238,12 @@ def _cheapest_in_time(
     why = "cheapest per unit of work"
     if starts_in is None:
         return feasible[0], why
-    ready = [o for o in feasible if starts_in.get(o.gpu_type, math.inf) <= 0]
+    ready = [o for o in feasible if _wait(o, starts_in) <= 0]
     if not ready or ready[0] is feasible[0]:
         return (ready or feasible)[0], why
     free_now = ready[0]
     for o in feasible[: feasible.index(free_now)]:
-        wait = starts_in.get(o.gpu_type, math.inf)
+        wait = _wait(o, starts_in)
         if wait <= used_share * (_work_hours(free_now) - _work_hours(o)):
             return o, (
                 f"{why}: {o.gpu_type} is full but frees within {wait:.2f} h, so it "

@@ -10,9 +10,9 @@ the job is killed. Killed work is not a saving: the user asks again (at once, or
 it was killed in is over: `returns_at`). A job that checkpoints (`SimJob.checkpoints`: a
 training job, or any job of the pure workload) does so at the end of each work phase and
 resumes from the last checkpoint; the others start over. A supervised one also checkpoints
-when it is given notice: a lease or a
-budget ends it at a deadline known ahead (`gpu-agent run --notice`, or Slurm's `--signal`,
-under every policy alike), so it loses none of its work (NOTICED). The second request pads the
+when it is given notice: a lease or a budget ends it at a deadline known ahead (`gpu-agent run
+--notice`, or Slurm's `--signal`, under every policy alike), so it loses none of its work
+(NOTICED). The second request pads the
 rest of the job as the first did, twice as much after a lease ran out. After MAX_ATTEMPTS the
 job counts as failed work.
 """
