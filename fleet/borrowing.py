@@ -8,7 +8,8 @@ that can start it now (free GPUs beyond what that type's queue needs, with the m
 for), the one that finishes its work soonest, where that is sooner than the type routing chose
 in its own pool would finish, that type's wait included, and either that type cannot start it
 now or the loan is no dearer a unit of work too (fleet.routing.route: inference borrows an
-idle research card that does its work five times as fast for a fifth of the price). Under a
+idle research card that does its work five times as fast for a fifth of the price), or, where
+the fleet pays for speed (`[preemption] borrow_dearer`), whatever its price. Under a
 levelling policy (fleet.maxmin) both, and work running on a slower type moves up to a loan
 of the second kind when its GPUs come free (fleet.maxmin.moves_up). A loan is an allocation
 on a type outside its purpose's pool that it did not name (`on_loan`). When a request of

@@ -172,6 +172,17 @@ class PreemptionSettings(_Strict):
     # pool cannot start it now may run on another pool's free GPUs, which that pool reclaims
     # (the loan yields after its notice) when its own work queues for them. Off by default.
     borrow: bool = False
+    # With borrow: a loan, and a move up to another pool's idle type (fleet.maxmin.moves_up),
+    # may cost more a unit of work than the request's own pool would, where it finishes the
+    # work sooner (research on idle A100s and H100s rather than its RTX 4090s): people wait
+    # less and their projects pay the dearer type. Off by default: loans no dearer a unit.
+    borrow_dearer: bool = False
+
+    @model_validator(mode="after")
+    def _dearer_borrows(self) -> PreemptionSettings:
+        if self.borrow_dearer and not self.borrow:
+            raise ValueError("borrow_dearer needs borrow = true")
+        return self
 
 
 class QuotaSettings(_Strict):

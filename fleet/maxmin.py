@@ -110,7 +110,8 @@ def moves_up(
     goes on, sooner, on `there`: a type with the memory it asks for that does its workload's
     work faster for no more a unit, of its own pool; or, where the fleet lends
     (fleet.borrowing), of another pool, no dearer a unit than its own pool's cheapest type
-    either, so that routing borrows it when the work asks again (fleet.routing)."""
+    either (`[preemption] borrow_dearer`: whatever its price), so that routing borrows it when
+    the work asks again (fleet.routing)."""
     own = config.pool(purpose)
     if (asked.get("min_memory_gb") or 0) > config.catalog[there].memory_gb:
         return False
@@ -119,5 +120,7 @@ def moves_up(
     workload = asked.get("workload")
     speed = {t: table_speed(config, workload, t) for t in {here, there, *own}}
     per_unit = {t: config.catalog[t].price_per_hour / v for t, v in speed.items()}
+    if there not in own and config.preemption.borrow_dearer:
+        return speed[there] > speed[here]
     allowed = per_unit[here] if there in own else min(per_unit[t] for t in own)
     return speed[there] > speed[here] and per_unit[there] <= allowed

@@ -158,11 +158,7 @@ def route(
     if loan is not None:
         lent_by = lender_of(loan.gpu_type, config)
         assert lent_by is not None
-        sooner = (
-            "than waiting for its own"
-            if _wait(chosen, starts_in) > 0
-            else f"than {chosen.gpu_type} would, for no more a unit of work"
-        )
+        sooner = _sooner(loan, chosen, starts_in)
         chosen, why = (
             loan,
             (
@@ -203,7 +199,8 @@ def _loan(
 ) -> RouteOption | None:
     """Another pool's type to borrow instead of `chosen`: the feasible lender that finishes
     the work soonest, where it finishes sooner than `chosen`, wait included, and `chosen`
-    cannot start now; or where it is no dearer a unit of work either, when `chosen` could.
+    cannot start now; or where it is no dearer a unit of work either (`[preemption]
+    borrow_dearer`: whatever its price), when `chosen` could.
     Under a levelling policy too (fleet.maxmin): preemption makes room in a full type of its
     own only after the runners' minimum run, and on the Philly trace the research pool's
     work queued for it while the training pool's A100s stood idle."""
@@ -211,12 +208,25 @@ def _loan(
         return None
     wait = _wait(chosen, starts_in)
     options = [_option(request, config, t, remaining_usd, speeds) for t in lenders]
-    if wait <= 0:
+    if wait <= 0 and not config.preemption.borrow_dearer:
         options = [o for o in options if _per_unit(o) <= _per_unit(chosen)]
     best = min((o for o in options if o.feasible), key=_work_hours, default=None)
     if best is None or _work_hours(best) >= max(wait, 0.0) + _work_hours(chosen):
         return None
     return best
+
+
+def _sooner(loan: RouteOption, chosen: RouteOption, starts_in: Mapping[str, float] | None) -> str:
+    """Why the loan finishes sooner than `chosen`, and at what price a unit of work."""
+    if _wait(chosen, starts_in) > 0:
+        return "than waiting for its own"
+    more = _per_unit(loan) - _per_unit(chosen)
+    price = (
+        "for no more a unit of work"
+        if more <= 0
+        else f"for ${more:.2f} more a unit of work (borrow_dearer)"
+    )
+    return f"than {chosen.gpu_type} would, {price}"
 
 
 def _wait(option: RouteOption, starts_in: Mapping[str, float] | None) -> float:

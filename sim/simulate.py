@@ -50,10 +50,13 @@ def _agent(
     borrow: bool = False,
     move: bool = True,
     levelling: str | None = None,
+    dearer: bool = False,
 ) -> Runner:
     """gpu-agent's graph; `judge`, its council: the fleet file's, the reference rules, or
     none (every request approved); `borrow`: with borrowing between pools on, whatever the
-    fleet file says (fleet.borrowing: supervised jobs that checkpoint carry a notice);
+    fleet file says (fleet.borrowing: supervised jobs that checkpoint carry a notice), and
+    with `dearer`, loans that cost more a unit of work where they finish sooner
+    ([preemption] borrow_dearer);
     `move` false: queued requests stay on the type they were first routed to, whatever the
     fleet file says ([scheduler] move_queued, on by default); `levelling`: [scheduler] policy
     "max-min" or "least-attained" (fleet.maxmin), the least served first, and those served
@@ -63,7 +66,7 @@ def _agent(
         workload: Workload, config: FleetConfig, out: Path, progress: Callable[[int], None]
     ) -> tuple[list[Attempt], dict[str, Any]]:
         if borrow:
-            lend = config.preemption.model_copy(update={"borrow": True})
+            lend = config.preemption.model_copy(update={"borrow": True, "borrow_dearer": dearer})
             config = config.model_copy(update={"preemption": lend})
         if not move:
             staying = config.scheduler.model_copy(update={"move_queued": False})
@@ -131,6 +134,15 @@ POLICIES: dict[str, Runner] = {
     "gpu-agent-las-borrow": _agent(borrow=True, levelling="least-attained"),
     "gpu-agent-no-council-las-borrow": _agent(
         judge="none", borrow=True, levelling="least-attained"
+    ),
+    # ... and loans dearer a unit where they finish sooner ([preemption] borrow_dearer)
+    "gpu-agent-maxmin-borrow-dearer": _agent(borrow=True, levelling="max-min", dearer=True),
+    "gpu-agent-no-council-maxmin-borrow-dearer": _agent(
+        judge="none", borrow=True, levelling="max-min", dearer=True
+    ),
+    "gpu-agent-las-borrow-dearer": _agent(borrow=True, levelling="least-attained", dearer=True),
+    "gpu-agent-no-council-las-borrow-dearer": _agent(
+        judge="none", borrow=True, levelling="least-attained", dearer=True
     ),
 }
 

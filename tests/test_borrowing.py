@@ -12,7 +12,7 @@ import pytest
 from fleet.config import parse_fleet
 from fleet.models import Purpose
 from sim.borrowing import NOTICE_S, run_borrowing
-from sim.lifecycle import RESTORE_S
+from sim.lifecycle import RESTORE_S, restored
 from sim.metrics import metrics
 from sim.simulate import POLICIES
 from sim.workload import PURE_UTIL, Phase, Workload
@@ -151,3 +151,23 @@ def test_the_graph_borrows_the_same_way_through_the_real_ledger(tmp_path: Path) 
     plain, _ = POLICIES["gpu-agent-no-council"](w, config, tmp_path / "plain", lambda _n: None)
     b = next(a for a in plain if a.job == 1)
     assert b.gpu_type == "A100" and b.start == pytest.approx(T0 + 4 * H)  # waited its pool
+
+
+def test_a_restored_lease_covers_loading_on_the_fastest_loan() -> None:
+    """Research on R (half an A100's speed, its reference) yields and asks again: its lease,
+    in R's hours, grows by loading's RESTORE_S on the fastest type it may get. Where the fleet
+    lends that is the A100, twice as fast, so 2 x RESTORE_S of R's hours (RESTORE_S there: a
+    loan does not run out of lease before its work); where it does not, RESTORE_S on R."""
+    config = parse_fleet(FLEET)
+    lending = config.model_copy(
+        update={"preemption": config.preemption.model_copy(update={"borrow": True})}
+    )
+    research = replace(
+        job(0, "q", 0, [Phase(1.0, PURE_UTIL)], requested=1.0),
+        purpose=Purpose.RESEARCH,
+        reference="R",
+        supervised=True,
+        pure=True,  # so it checkpoints, as every pure job does
+    )
+    assert restored(research, lending).requested_hours == pytest.approx(1.0 + 2 * RESTORE_S / H)
+    assert restored(research, config).requested_hours == pytest.approx(1.0 + RESTORE_S / H)

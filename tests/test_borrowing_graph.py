@@ -114,6 +114,27 @@ def test_a_loan_no_dearer_a_unit_is_taken_though_its_own_pool_is_free(
     assert train.route is not None and train.route.lent_by is None
 
 
+@pytest.mark.parametrize("dearer", [False, True])
+def test_a_dearer_loan_only_where_the_fleet_pays_for_speed(
+    make_orch: OrchFactory, dearer: bool
+) -> None:
+    """Nothing is held: a research request with a notice runs on its own RTX 4090 ($0.75 a
+    unit of work); with `borrow_dearer` on the training pool's idle H100 ($4.00 a unit, 2.5
+    times as fast), and its reason names the price difference."""
+    lend = {"borrow": True, "borrow_dearer": dearer}
+    orch = make_orch(small_config(preemption=lend))
+    out = orch.request(ask("lab", "research", 1, 2.0, notice_seconds=NOTICE), wait=False)
+    assert out.status is Status.ALLOCATED and out.route is not None
+    if not dearer:
+        assert (out.route.gpu_type, out.route.lent_by) == ("RTX4090", None)
+        return
+    assert (out.route.gpu_type, out.route.lent_by) == ("H100", "training")
+    assert "sooner than RTX4090 would, for $3.25 more a unit of work (borrow_dearer)" in (
+        out.route.reason
+    )
+    assert out.route.est_hours == pytest.approx(2.0 * 0.8 / 2.0)
+
+
 @pytest.mark.parametrize("policy", ["max-min", "least-attained"])
 def test_under_a_levelling_policy_a_full_pool_borrows_too(
     make_orch: OrchFactory, policy: str

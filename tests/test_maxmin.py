@@ -116,6 +116,22 @@ def test_where_the_fleet_lends_work_moves_up_to_another_pool_no_dearer_than_its_
     assert not moves_up({}, TRAINING, "A100", "RTX4090", LENDING)
 
 
+def test_where_the_fleet_pays_for_speed_work_moves_up_to_any_faster_pool() -> None:
+    """With `borrow_dearer`, research on its RTX 4090 ($0.75 a unit) and inference on a T4 move
+    up to an idle H100 ($4.00), being faster there; never to a slower card, and within its own
+    pool still for no more a unit."""
+    dearer = LENDING.model_copy(
+        update={"preemption": LENDING.preemption.model_copy(update={"borrow_dearer": True})}
+    )
+    assert moves_up({}, Purpose.RESEARCH, "RTX4090", "H100", dearer)
+    assert not moves_up({}, Purpose.RESEARCH, "RTX4090", "H100", LENDING)
+    assert moves_up({}, INFERENCE, "T4", "H100", dearer)
+    assert not moves_up({}, TRAINING, "A100", "RTX4090", dearer)
+    assert not moves_up({}, Purpose.RESEARCH, "H100", "RTX4090", dearer)
+    slow = dearer.model_copy(update={"speeds": {"io-bound": {"A100": 1.0, "H100": 1.2}}})
+    assert not moves_up({"workload": "io-bound"}, TRAINING, "A100", "H100", slow)
+
+
 @pytest.fixture
 def fleet(database: str) -> Iterator[Fleet]:
     f = Fleet(database, MAXMIN)
