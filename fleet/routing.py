@@ -200,7 +200,8 @@ def _loan(
     """Another pool's type to borrow instead of `chosen`: the feasible lender that finishes
     the work soonest, where it finishes sooner than `chosen`, wait included, and `chosen`
     cannot start now; or where it is no dearer a unit of work either (`[preemption]
-    borrow_dearer`: whatever its price), when `chosen` could.
+    borrow_dearer`: whatever its price, where the project's budget pays for the whole lease
+    there, not a shortened one that would end before the work), when `chosen` could.
     Under a levelling policy too (fleet.maxmin): preemption makes room in a full type of its
     own only after the runners' minimum run, and on the Philly trace the research pool's
     work queued for it while the training pool's A100s stood idle."""
@@ -208,8 +209,13 @@ def _loan(
         return None
     wait = _wait(chosen, starts_in)
     options = [_option(request, config, t, remaining_usd, speeds) for t in lenders]
-    if wait <= 0 and not config.preemption.borrow_dearer:
-        options = [o for o in options if _per_unit(o) <= _per_unit(chosen)]
+    if wait <= 0:
+        dearer = config.preemption.borrow_dearer
+        options = [
+            o
+            for o in options
+            if _per_unit(o) <= _per_unit(chosen) or (dearer and o.asked_hours is None)
+        ]
     best = min((o for o in options if o.feasible), key=_work_hours, default=None)
     if best is None or _work_hours(best) >= max(wait, 0.0) + _work_hours(chosen):
         return None

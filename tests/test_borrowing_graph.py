@@ -135,6 +135,20 @@ def test_a_dearer_loan_only_where_the_fleet_pays_for_speed(
     assert out.route.est_hours == pytest.approx(2.0 * 0.8 / 2.0)
 
 
+@pytest.mark.parametrize(("budget", "gpu_type"), [(10.0, "H100"), (5.0, "RTX4090")])
+def test_a_dearer_loan_only_where_the_budget_pays_its_whole_lease(
+    make_orch: OrchFactory, budget: float, gpu_type: str
+) -> None:
+    """With `borrow_dearer`, 2 h of research ($1.20 on its RTX 4090; 0.8 h for $6.40 on an
+    idle H100): a $10 budget takes the H100; a $5 one would lease the H100 only part of the
+    way, ending before the work, so the request stays on its own card."""
+    orch = make_orch(small_config(preemption={"borrow": True, "borrow_dearer": True}))
+    orch.services.ledger.set_budget("lab", budget, orch.services.clock.now())
+    out = orch.request(ask("lab", "research", 1, 2.0, notice_seconds=NOTICE), wait=False)
+    assert out.status is Status.ALLOCATED and out.route is not None
+    assert out.route.gpu_type == gpu_type and out.route.asked_hours is None
+
+
 @pytest.mark.parametrize("policy", ["max-min", "least-attained"])
 def test_under_a_levelling_policy_a_full_pool_borrows_too(
     make_orch: OrchFactory, policy: str

@@ -322,6 +322,28 @@ def test_where_the_fleet_lends_inference_moves_up_to_a_free_research_card(
         f.ledger.close()
 
 
+@pytest.mark.parametrize(("budget", "moves"), [(None, True), (100.0, True), (43.0, False)])
+def test_work_moves_up_to_a_dearer_loan_only_where_its_budget_pays_for_it(
+    database: str, budget: float | None, moves: bool
+) -> None:
+    """Max-min with dearer loans: research runs 10 h on an RTX 4090 ($0.60 an hour); the
+    H100s, held until 2 h for $32, come free. The 8 h of its lease left take 3.2 h there,
+    $25.60: with no budget, or $100, it moves up; with $43 (about $10 left) it stays, as
+    routing would send it back to its card."""
+    dearer = LENDING.preemption.model_copy(update={"borrow_dearer": True})
+    f = Fleet(database, LENDING.model_copy(update={"preemption": dearer}))
+    try:
+        held = place(f, "H100", 2, 2.0, T0)
+        research = place(f, "RTX4090", 1, 10.0, T0, named=False)
+        f.ledger.release(held.id, ReleaseReason.EXPLICIT, T0 + 2 * HOUR)
+        if budget is not None:
+            f.ledger.set_budget("p", budget, T0 + 2 * HOUR)
+        moved = f.ledger.move_up("H100", T0 + 2 * HOUR, f.inventory)
+        assert [m.id for m in moved] == ([research.id] if moves else [])
+    finally:
+        f.ledger.close()
+
+
 def ask(count: int, hours: float, **more: Any) -> dict[str, Any]:
     return {
         "project": "p",

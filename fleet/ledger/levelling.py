@@ -101,6 +101,7 @@ class Levelling(Placing, Preempting):
             aid, project, purpose, t, count, started, deadline, reason, request, resumes = row
             asked = json.loads(request)
             notice = asked.get("notice_seconds")
+            workload = asked.get("workload")
             if (
                 notice is None
                 or asked.get("gpu_type") is not None
@@ -108,9 +109,9 @@ class Levelling(Placing, Preempting):
                 or reason == ReleaseReason.PREEMPTED.value
                 or deadline - now < notice + settings.min_run_minutes * 60.0
                 or yield_at(started, notice, now, settings) > now + notice
+                or not self._pays_there(project, t, gpu_type, count, deadline - now, workload)
             ):
                 continue
-            workload = asked.get("workload")
             candidates.append(
                 _Mover(aid, project, t, count, notice, deadline, started, workload, resumes)
             )
@@ -150,6 +151,22 @@ class Levelling(Placing, Preempting):
                 spare -= count if asked else 0
                 moved += asked
             return moved
+
+    def _pays_there(
+        self, project: str, here: str, there: str, count: int, left_s: float, workload: str | None
+    ) -> bool:
+        """Whether the project's budget pays for the rest of a lease (`left_s` on `here`) on
+        `there`, where that costs more a unit of work (a dearer loan, `[preemption]
+        borrow_dearer`): otherwise routing would send the requeued work back, or lease it
+        only part of the way, and the move would cost its notice and restart for nothing.
+        No budget, or no dearer: it does."""
+        speed = {t: table_speed(self.config, workload, t) for t in (here, there)}
+        price = {t: self.config.catalog[t].price_per_hour for t in (here, there)}
+        if price[there] / speed[there] <= price[here] / speed[here]:
+            return True
+        remaining = self.remaining_usd(project, running=False)
+        hours = left_s / 3600.0 * speed[here] / speed[there]
+        return remaining is None or price[there] * count * hours <= remaining
 
     def _take_back(
         self, db: Conn, row: LedgerRow, short: int, asked: dict[str, int], now: float
