@@ -174,8 +174,9 @@ class PreemptionSettings(_Strict):
     borrow: bool = False
     # With borrow: a loan, and a move up to another pool's idle type (fleet.maxmin.moves_up),
     # may cost more a unit of work than the request's own pool would, where it finishes the
-    # work sooner (research on idle A100s and H100s rather than its RTX 4090s): people wait
-    # less and their projects pay the dearer type. Off by default: loans no dearer a unit.
+    # work sooner (research on idle A100s and H100s rather than its RTX 4090s), where the
+    # project's budget pays for the whole lease there: people wait less and their projects
+    # pay the dearer type. Off by default: loans no dearer a unit.
     borrow_dearer: bool = False
 
     @model_validator(mode="after")
