@@ -7,10 +7,11 @@ saturate without overflow over any gap), so a year-old record can be forgiven wh
 would freeze it at the cap's age (it was 60 days: the shipped weights denied a hoarder whose
 last idle release was 1,000 days old as they denied one of 60 days). Inputs are split by how
 they may move the vote:
-- `free` features (sizes, cost, fleet load, timing, how an allocation ended) reach the
-  recurrent cell;
+- `free` features (sizes, cost, fleet load, timing, the share of its lease an allocation
+  held) reach the recurrent cell;
 - `bad` features (held idle with no work left, stopped by the budget, the utilisation deficit
-  and utilisation under the waste line; and of the request: cost pressure, 1 - fair share,
+  and utilisation under the waste line, held on until its lease, the monitor or the budget
+  ended it; and of the request: cost pressure, 1 - fair share,
   its share of the pool, the pool's load, asking for training hardware for other work) reach
   the output only through non-negative weights, so a worse record can never raise approval
   (monotone by construction, see council/torch_net.py).
@@ -56,8 +57,13 @@ SEQ_FREE_V1 = (
 # released by its holder (not by the lease's end, the monitor or the budget); the share of
 # its lease it held (1 where the lease is unknown)
 SEQ_FREE = (*SEQ_FREE_V1, "by_holder", "lease_used")
+# what a council trained now reads: whether its holder released it enters as held_on (below),
+# where it can only count against a request (a free input let the council that learned
+# outcomes approve more where a holder's release became a budget cut)
+SEQ_FREE_NOW = tuple(n for n in SEQ_FREE if n != "by_holder")
 SEQ_BAD_V1 = ("hoarded_share", "budget_release", "util_deficit")
-SEQ_BAD = (*SEQ_BAD_V1, "low_util")  # utilisation under LOW_UTIL_PCT
+# utilisation under LOW_UTIL_PCT; held until its lease, the monitor or the budget ended it
+SEQ_BAD = (*SEQ_BAD_V1, "low_util", "held_on")
 STATIC_FREE = (
     "budgeted",
     "worst_case_usd",
@@ -109,13 +115,23 @@ _BY_HOLDER = frozenset(
         ReleaseReason.CANCELLED,
     }
 )
+# ended by the lease, the monitor or the budget, not by its holder: what held_on marks (a
+# preemption, a GPU's fault or a job cancelled outside are no one's habit)
+_HELD_ON = frozenset(
+    {
+        ReleaseReason.LEASE_EXPIRED,
+        ReleaseReason.EXPIRED_WHILE_DOWN,
+        ReleaseReason.IDLE,
+        ReleaseReason.BUDGET,
+    }
+)
 
 
 def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """One row per step, each request's steps in turn: time, count, hours, GPU-hours, cost,
     fleet busy, utilisation (NaN: unknown), hoarded share (held idle with no work left),
-    budget share, kind, released by its holder, share of the lease held; and the number of
-    steps of each request. Column by column over the whole batch: a request's past
+    budget share, kind, released by its holder, share of the lease held, held on; and the
+    number of steps of each request. Column by column over the whole batch: a request's past
     allocations are most of the work (_rows_one: one request's, row by row)."""
     n = len(batch)
     jobs = list(itertools.chain.from_iterable(f.past for f in batch))
@@ -125,7 +141,7 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
     has_summary[summarised] = 1
     lengths = has_summary + n_past + 1
     first = np.cumsum(lengths) - lengths  # flat index of each request's first step
-    raw = np.empty((int(lengths.sum()), 12))
+    raw = np.empty((int(lengths.sum()), 13))
 
     owner = np.repeat(np.arange(n), n_past)
     at = np.arange(len(jobs)) + (first + has_summary - (np.cumsum(n_past) - n_past))[owner]
@@ -155,6 +171,7 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
             np.full(len(jobs), _PAST),
             np.fromiter(map(_BY_HOLDER.__contains__, map(_REASON_OF, jobs)), np.bool_),
             np.minimum(np.divide(hours, lease, out=np.ones_like(hours), where=lease > 0), 1.0),
+            np.fromiter(map(_HELD_ON.__contains__, map(_REASON_OF, jobs)), np.bool_),
         ],
         axis=1,
     )
@@ -171,6 +188,7 @@ def _raw(batch: Sequence[RequestFeatures]) -> tuple[NDArray[np.float64], NDArray
             np.zeros(n),
             np.zeros(n),
             np.full(n, _REQUEST),
+            np.zeros(n),
             np.zeros(n),
             np.zeros(n),
         ],
@@ -200,6 +218,7 @@ def _summary_row(f: RequestFeatures) -> tuple[float, ...]:
         _SUMMARY,
         0.0,
         1.0,
+        0.0,  # how the older allocations ended is summarised in their idle and budget shares
     )
 
 
@@ -234,11 +253,12 @@ def _rows_one(f: RequestFeatures) -> list[tuple[float, ...]]:
                 _PAST,
                 j.reason in _BY_HOLDER,
                 min(hours / lease, 1.0) if lease > 0 else 1.0,
+                j.reason in _HELD_ON,
             )
         )
     count = float(f.count)
     request = (f.now, count, f.hours, count * f.hours, f.worst_case_usd, f.pool_busy)
-    rows.append((*request, math.nan, 0.0, 0.0, _REQUEST, 0.0, 0.0))
+    rows.append((*request, math.nan, 0.0, 0.0, _REQUEST, 0.0, 0.0, 0.0))
     return rows
 
 
@@ -263,7 +283,7 @@ def _encode_one(f: RequestFeatures) -> Encoded[NDArray[Any]]:
         rated = not math.isnan(util)
         free += sizes
         free += (r[5], rated, r[9] == _REQUEST, r[9] == _SUMMARY, r[10], r[11])
-        bad += (r[7], r[8], 1 - util / 100 if rated else 0.0, rated and util < LOW_UTIL_PCT)
+        bad += (r[7], r[8], 1 - util / 100 if rated else 0.0, rated and util < LOW_UTIL_PCT, r[12])
         dt.append(gap / DAY)
     count, hours, _, worst = scaled[-1]  # the request's step: its count, hours and cost scaled
     static_free = (
@@ -340,6 +360,7 @@ def encode_arrays(batch: Sequence[RequestFeatures]) -> Encoded[NDArray[Any]]:
             raw[:, 8],
             np.where(rated, 1 - util / 100, 0.0),
             rated & (np.nan_to_num(util) < LOW_UTIL_PCT),
+            raw[:, 12],
         ],
         axis=1,
     ).astype(np.float32)

@@ -94,9 +94,15 @@ class Slices:
 def world(seed: int, settings: EvalSettings, config: FleetConfig) -> list[Sample]:
     """The voted requests of evaluation world `seed`, in time order, with the exploration
     that lets a model learn from outcomes where the rules deny (council.dataset.EXPLORE)."""
+    return replayed(seed, settings, config)[1]
+
+
+def replayed(seed: int, settings: EvalSettings, config: FleetConfig) -> tuple[World, list[Sample]]:
+    """Evaluation world `seed` after its replay (what its projects did: the calibration,
+    council.dataset.World.unmanaged_util), and its voted requests."""
     w = WORLD_OFFSET + seed
-    jobs = synthetic_jobs(w, settings.days, settings.projects)
-    return World(jobs, config, w, w, EXPLORE).run()
+    replay = World(synthetic_jobs(w, settings.days, settings.projects), config, w, w, EXPLORE)
+    return replay, replay.run()
 
 
 def ipw(samples: list[Sample]) -> list[float]:
@@ -180,6 +186,20 @@ def oracle(
     learned model's."""
     deny, approve = band([1 - s.habit_waste for s in val], [s.wasted == 1.0 for s in val], ipw(val))
     return [banded(1 - s.habit_waste, deny, approve, "oracle", settings.guard_share) for s in test]
+
+
+def baselines() -> dict[str, Policy]:
+    """What every council is compared with: the rules, a logistic regression that learns
+    from each world's outcomes, the habits heuristic, and approving everything."""
+    from council.policies import approve_all
+    from council.rules import ReferenceCouncil
+
+    return {
+        "reference-rules": fixed(ReferenceCouncil().decide),
+        "outcome-logistic": outcome_logistic,
+        "oracle": oracle,
+        "approve-all": fixed(approve_all),
+    }
 
 
 def spread(values: list[float | None]) -> dict[str, float | int | None]:
@@ -319,11 +339,10 @@ def cell(family: Mapping[str, object], key: str, seeds: int) -> str:
     return text if n == seeds else f"{text} (n={n})"
 
 
-def report(result: dict[str, object]) -> str:
-    """The figures as a table: per policy, each figure's mean ± sd over the seeds; then per
-    seed and slice what a learned policy had to learn from."""
-    families, seeds, slices = result["families"], result["seeds"], result["slices"]
-    assert isinstance(families, dict) and isinstance(seeds, list) and isinstance(slices, list)
+def figure_rows(result: Mapping[str, object]) -> list[list[str]]:
+    """A header, then per policy each figure's mean ± sd over the seeds (report's table)."""
+    families, seeds = result["families"], result["seeds"]
+    assert isinstance(families, dict) and isinstance(seeds, list)
     shown = (*FIGURES, "guarded_share", "waste_auc_changed")
     rows = [["policy", *shown]]
     for name, f in families.items():
@@ -333,6 +352,15 @@ def report(result: dict[str, object]) -> str:
             rows.append([label, *(cell(f, key, len(trained)) for key in shown)])
         else:
             rows.append([name, *(cell(f, key, len(seeds)) for key in shown)])
+    return rows
+
+
+def report(result: dict[str, object]) -> str:
+    """The figures as a table: per policy, each figure's mean ± sd over the seeds; then per
+    seed and slice what a learned policy had to learn from."""
+    families, seeds, slices = result["families"], result["seeds"], result["slices"]
+    assert isinstance(families, dict) and isinstance(seeds, list) and isinstance(slices, list)
+    rows = figure_rows(result)
     learned = [["world", "slice", *SLICE_COLUMNS]]
     for entry in slices:
         for part in ("train", "validation", "test"):

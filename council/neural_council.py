@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from council.torch_net import CouncilNet
 
 SHIPPED = Path(__file__).parent / "weights" / "council.pt"
+# the shipped council trained on outcomes (`gpu-agent council train --target outcome --seed
+# 0`), opt-in: a fleet file's `[council] weights = "outcome"` (its card: weights/outcome/)
+SHIPPED_OUTCOME = SHIPPED.parent / "outcome" / SHIPPED.name
+SHIPPED_NAMES = {"outcome": SHIPPED_OUTCOME}
 ABSTAIN_MARGIN = 0.05
 TOP_REASONS = 3
 
@@ -123,7 +127,10 @@ class NeuralCouncil:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> NeuralCouncil:
-        return _load(str(Path(path or SHIPPED).resolve()))
+        """The council in weights file `path`, or a shipped one: None (the default, trained to
+        the reference rules) or a name in SHIPPED_NAMES."""
+        shipped = SHIPPED_NAMES.get(path) if isinstance(path, str) else None
+        return _load(str(Path(shipped or path or SHIPPED).resolve()))
 
     def save(self, path: str | Path, **meta: object) -> None:
         """`path` (council.pt) and council.npz beside it: see council/weightfiles.py."""

@@ -17,7 +17,7 @@ from council.encoding import (
     GROUPS,
     SEQ_BAD,
     SEQ_BAD_V1,
-    SEQ_FREE,
+    SEQ_FREE_NOW,
     SEQ_FREE_V1,
     STATIC_BAD,
     STATIC_BAD_V1,
@@ -81,9 +81,10 @@ class NetSpec:
 
     @staticmethod
     def current(**kw: object) -> NetSpec:
-        """A spec reading every input the encoding makes."""
+        """A spec reading every input the encoding makes but those kept for older weights
+        (encoding.SEQ_FREE_NOW)."""
         inputs: dict[str, object] = {
-            "seq_free": SEQ_FREE,
+            "seq_free": SEQ_FREE_NOW,
             "seq_bad": SEQ_BAD,
             "static_free": STATIC_FREE,
             "static_bad": STATIC_BAD,

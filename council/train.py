@@ -378,9 +378,10 @@ def monotonicity(council: NeuralCouncil, data: Split, n: int = 256) -> dict[str,
         sweeps[1].append(b)
         c = enc.take(torch.arange(len(enc)))
         hit = real & (torch.arange(enc.mask.shape[1]) >= (1 - level) * enc.mask.shape[1])
-        c.bad[:, :, SEQ_BAD.index("budget_release")] = torch.maximum(
-            c.bad[:, :, SEQ_BAD.index("budget_release")], hit.float()
-        )
+        for name in ("budget_release", "held_on"):  # a budget cut ends what the holder held on
+            c.bad[:, :, SEQ_BAD.index(name)] = torch.maximum(
+                c.bad[:, :, SEQ_BAD.index(name)], hit.float()
+            )
         sweeps[2].append(c)
     violations = checks = 0
     for sweep in sweeps:

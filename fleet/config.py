@@ -130,7 +130,10 @@ class CouncilSettings(_Strict):
     record_half_life_days: float = Field(default=7, gt=0)
     record_prior_gpu_hours: float = Field(default=4, ge=0)
     policy: Literal["neural", "reference"] = "neural"
-    weights: str | None = None  # a weights file from `gpu-agent council train`; None: shipped
+    # A weights file from `gpu-agent council train`; None: the shipped council (trained to the
+    # reference rules); "outcome": the shipped council trained on outcomes, with its own band
+    # (council/weights/outcome/MODEL_CARD.md)
+    weights: str | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> CouncilSettings:

@@ -33,6 +33,11 @@ class Profile:
     temp_rise: float
     power_share: float
 
+    @property
+    def mean_util(self) -> float:
+        """The utilisation its readings average (jitter is symmetric; clipping at 0 aside)."""
+        return self.util * (1 - self.burst_share) + self.burst_util * self.burst_share
+
 
 PROFILES: dict[str, Profile] = {
     "idle": Profile(0.0, 0.0, 0.0, 0.0, 0.004, 3.0, 0.12),

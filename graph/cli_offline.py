@@ -165,18 +165,8 @@ def family_and_path(entry: str) -> tuple[str | None, str]:
 def council_evaluate(args: argparse.Namespace) -> int:
     """`council evaluate`: every council named (the shipped one by default) beside the
     baselines, on the test slices of fresh worlds (council.evaluate)."""
-    from council.evaluate import (
-        EvalSettings,
-        Policy,
-        evaluate,
-        fixed,
-        oracle,
-        outcome_logistic,
-        report,
-    )
-    from council.neural_council import SHIPPED, NeuralCouncil
-    from council.policies import approve_all
-    from council.rules import ReferenceCouncil
+    from council.evaluate import EvalSettings, Policy, baselines, evaluate, fixed, report
+    from council.neural_council import NeuralCouncil
 
     try:
         seeds = tuple(int(x) for x in args.seeds.split(","))
@@ -191,27 +181,45 @@ def council_evaluate(args: argparse.Namespace) -> int:
             f"--days must be from {MIN_DAYS} to 3650 (each slice needs requests), "
             "--projects from 2 to 1000"
         )
+    card = _card_beside(args)
     config = load_fleet(fleet_file(args))
     policies: dict[str, Policy] = {}
     groups: dict[str, dict[str, int | None]] = {}
-    for family, path in map(family_and_path, args.weights or [""]):
-        name = path or "cfc-council"
+    # by default both shipped councils: trained to the rules, and on outcomes
+    for family, path in map(family_and_path, args.weights or ["", "outcome"]):
+        name = {"": "cfc-council", "outcome": "cfc-council-outcome"}.get(path, path)
         if name in policies:
             raise InvalidInput(f"--weights names {name} twice")
-        council = NeuralCouncil.load(path or SHIPPED)
+        council = NeuralCouncil.load(path or None)
         policies[name] = fixed(council.decide)
         if family:
             groups.setdefault(family, {})[name] = council.model.spec.seed
-    policies |= {
-        "reference-rules": fixed(ReferenceCouncil().decide),
-        "outcome-logistic": outcome_logistic,
-        "oracle": oracle,
-        "approve-all": fixed(approve_all),
-    }
+    policies |= baselines()
     settings = EvalSettings(seeds=seeds, days=args.days, projects=args.projects)
     result = evaluate(policies, config, settings, (lambda _: None) if args.json else print, groups)
+    if card is not None:
+        from council.card import evaluation_section, with_section
+        from council.evaluate import figure_rows
+
+        fleet = Path(args.fleet).name if args.fleet else None
+        section = evaluation_section(result, figure_rows(result), fleet)
+        card.write_text(with_section(card.read_text("utf-8"), section), "utf-8")
     emit(args, result, report(result))
     return 0
+
+
+def _card_beside(args: argparse.Namespace) -> Path | None:
+    """`--card`: the model card beside the one council evaluated, checked before the run."""
+    if not args.card:
+        return None
+    from council.neural_council import SHIPPED_NAMES
+
+    if not args.weights or len(args.weights) != 1 or family_and_path(args.weights[0])[0]:
+        raise InvalidInput("--card needs exactly one --weights, without a FAMILY")
+    card = Path(SHIPPED_NAMES.get(args.weights[0], args.weights[0])).parent / "MODEL_CARD.md"
+    if not card.is_file() or not os.access(card, os.W_OK):
+        raise InvalidInput(f"--card: no model card to write beside the weights ({card})")
+    return card
 
 
 def cmd_nvml(args: argparse.Namespace) -> int:

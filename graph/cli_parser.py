@@ -569,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         action="append",
         metavar="[FAMILY=]PATH",
-        help="a council.pt to evaluate (repeatable; default: the shipped weights); councils "
+        help="a council.pt, or `outcome` for the shipped council trained on outcomes, to "
+        "evaluate (repeatable; default: both shipped councils); councils "
         "given one FAMILY name (trained alike but for --seed) are reported as one, mean ± sd "
         "over their training seeds",
     )
@@ -581,5 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="each world's span, from 7 (so that every slice holds requests) to 3650 (default 120)",
     )
     ep.add_argument("--projects", type=int, default=24, help="projects per world (default 24)")
+    ep.add_argument(
+        "--card",
+        action="store_true",
+        help="write the figures into the model card beside the one --weights evaluated (its "
+        "section on fresh worlds, replaced where it has one)",
+    )
     ep.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return parser

@@ -66,7 +66,10 @@ removed:
   once, at a uniform time in its span in the trace (a team that mends its ways, one that
   stops using `gpu-agent run`, one that starts leaving notebooks open), so that its recent
   record says more than its old one. Each project's draws come from a generator keyed by
-  its name; `calibration()` prints the spread this gives between projects.
+  its name; `calibration()` prints the spread this gives between projects. The council's
+  training and evaluation worlds (council/dataset.py) give their projects habits calibrated
+  to the same figure (one care level on the logit scale of their chances to hoard, burst and
+  overrun), documented there.
 
 The pure workload (`pure=True`, `gpu-agent simulate --workload pure`) keeps the purpose and
 named type of each job (the same draws) and drops the rest of the synthetic half, so that a
