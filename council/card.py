@@ -205,7 +205,7 @@ def evaluation_section(
     result: Mapping[str, Any], rows: Sequence[Sequence[str]], fleet: str | None = None
 ) -> str:
     """The card's section of `council evaluate`'s figures for these weights (the first row
-    of `rows`, council.evaluate.report's table) beside its baselines; `fleet`: the fleet
+    of `rows`, council.evaluate.figure_rows) beside its baselines; `fleet`: the fleet
     file's name where one was given (its band, guarded share)."""
     seeds, world = result["seeds"], result["world"]
     header, first, *rest = rows

@@ -163,7 +163,7 @@ def family_and_path(entry: str) -> tuple[str | None, str]:
 
 
 def council_evaluate(args: argparse.Namespace) -> int:
-    """`council evaluate`: every council named (the shipped one by default) beside the
+    """`council evaluate`: every council named (both shipped ones by default) beside the
     baselines, on the test slices of fresh worlds (council.evaluate)."""
     from council.evaluate import EvalSettings, Policy, baselines, evaluate, fixed, report
     from council.neural_council import NeuralCouncil
