@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 
 from council.features import RequestFeatures, Standing, assemble
 from council.record import PastJob
-from council.rules import MEMBERS, member_vote
+from council.rules import MEMBERS, member_vote, sigmoid
 from council.voting import auto_approves
 from fleet.config import FleetConfig, SimulationSettings
 from fleet.errors import GPUAgentError
@@ -142,16 +142,12 @@ class Sample:
         return self.wasted if self.ended_at is not None and self.ended_at <= cut else None
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
 def _habits(rng: random.Random) -> Habits:
     """One project's habits: a care level shared by its hoarding, bursting and overrunning
     (a logit shift, normal with sd HABIT_SIGMA), each habit with a spread of its own."""
     care = rng.gauss(0.0, HABIT_SIGMA)
     hoard, bursty, overrun = (
-        _sigmoid(base + care + rng.gauss(0.0, HABIT_OWN_SIGMA)) for base in HABIT_LOGITS
+        sigmoid(base + care + rng.gauss(0.0, HABIT_OWN_SIGMA)) for base in HABIT_LOGITS
     )
     w = [rng.gammavariate(a, 1.0) for a in (1.0, 4.0, 2.0, 0.3)]
     return Habits(

@@ -19,7 +19,8 @@ from fleet.models import CouncilDecision, MemberVote, Reason, Verdict
 ABSTAIN_MARGIN = 0.05
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
+    """The logistic function of one logit."""
     return 1.0 / (1.0 + math.exp(-x))
 
 
@@ -129,7 +130,7 @@ MEMBERS: dict[str, Callable[[RequestFeatures], tuple[float, list[Term]]]] = {
 
 def member_vote(name: str, f: RequestFeatures) -> MemberVote:
     bias, terms = MEMBERS[name](f)
-    p = _sigmoid(bias + sum(effect for _, _, effect, _ in terms))
+    p = sigmoid(bias + sum(effect for _, _, effect, _ in terms))
     if abs(p - 0.5) < ABSTAIN_MARGIN:
         verdict = Verdict.ABSTAIN
     else:

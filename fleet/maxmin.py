@@ -30,7 +30,7 @@ from fleet.config import FleetConfig
 from fleet.models import Priority, Purpose
 from fleet.placement import Ticket
 from fleet.scheduler import PRIORITY_FACTOR
-from fleet.speeds import table_speed
+from fleet.speeds import table_speed, unit_price
 
 LEVELLING = ("max-min", "least-attained")  # the [scheduler] policies this module serves
 
@@ -118,9 +118,13 @@ def moves_up(
     if there not in own and not config.preemption.borrow:
         return False
     workload = asked.get("workload")
-    speed = {t: table_speed(config, workload, t) for t in {here, there, *own}}
-    per_unit = {t: config.catalog[t].price_per_hour / v for t, v in speed.items()}
+    if table_speed(config, workload, there) <= table_speed(config, workload, here):
+        return False
     if there not in own and config.preemption.borrow_dearer:
-        return speed[there] > speed[here]
-    allowed = per_unit[here] if there in own else min(per_unit[t] for t in own)
-    return speed[there] > speed[here] and per_unit[there] <= allowed
+        return True
+    allowed = (
+        unit_price(config, workload, here)
+        if there in own
+        else min(unit_price(config, workload, t) for t in own)
+    )
+    return unit_price(config, workload, there) <= allowed

@@ -77,6 +77,12 @@ def table_speed(config: FleetConfig, workload: str | None, gpu_type: str) -> flo
     return _row(config, workload).get(gpu_type, config.catalog[gpu_type].relative_throughput)
 
 
+def unit_price(config: FleetConfig, workload: str | None, gpu_type: str) -> float:
+    """What a unit of `workload`'s work costs on `gpu_type` by the fleet file (its price per
+    GPU-hour over its table speed)."""
+    return config.catalog[gpu_type].price_per_hour / table_speed(config, workload, gpu_type)
+
+
 def table_speeds(config: FleetConfig, workload: str | None) -> dict[str, Speed]:
     """Each catalog type's speed for `workload` by the fleet file: its [speeds] row where it
     lists the type, else the type's average."""

@@ -166,7 +166,7 @@ def council_evaluate(args: argparse.Namespace) -> int:
     """`council evaluate`: every council named (both shipped ones by default) beside the
     baselines, on the test slices of fresh worlds (council.evaluate)."""
     from council.evaluate import EvalSettings, Policy, baselines, evaluate, fixed, report
-    from council.neural_council import NeuralCouncil
+    from council.neural_council import SHIPPED_NAMES, NeuralCouncil
 
     try:
         seeds = tuple(int(x) for x in args.seeds.split(","))
@@ -185,9 +185,9 @@ def council_evaluate(args: argparse.Namespace) -> int:
     config = load_fleet(fleet_file(args))
     policies: dict[str, Policy] = {}
     groups: dict[str, dict[str, int | None]] = {}
-    # by default both shipped councils: trained to the rules, and on outcomes
-    for family, path in map(family_and_path, args.weights or ["", "outcome"]):
-        name = {"": "cfc-council", "outcome": "cfc-council-outcome"}.get(path, path)
+    # by default every shipped council: trained to the rules, and those named (on outcomes)
+    for family, path in map(family_and_path, args.weights or ["", *SHIPPED_NAMES]):
+        name = f"cfc-council-{path}" if path in SHIPPED_NAMES else path or "cfc-council"
         if name in policies:
             raise InvalidInput(f"--weights names {name} twice")
         council = NeuralCouncil.load(path or None)

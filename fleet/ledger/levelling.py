@@ -16,7 +16,7 @@ from fleet.models import GPUInfo, Priority, Purpose, ReleaseReason
 from fleet.placement import line_order, live
 from fleet.preemption import DAY_S, yield_at
 from fleet.scheduler import PRIORITY_FACTOR
-from fleet.speeds import table_speed
+from fleet.speeds import table_speed, unit_price
 from fleet.sql import Conn
 
 
@@ -160,13 +160,15 @@ class Levelling(Placing, Preempting):
         borrow_dearer`): otherwise routing would send the requeued work back, or lease it
         only part of the way, and the move would cost its notice and restart for nothing.
         No budget, or no dearer: it does."""
-        speed = {t: table_speed(self.config, workload, t) for t in (here, there)}
-        price = {t: self.config.catalog[t].price_per_hour for t in (here, there)}
-        if price[there] / speed[there] <= price[here] / speed[here]:
+        config = self.config
+        if unit_price(config, workload, there) <= unit_price(config, workload, here):
             return True
         remaining = self.remaining_usd(project, running=False)
-        hours = left_s / 3600.0 * speed[here] / speed[there]
-        return remaining is None or price[there] * count * hours <= remaining
+        if remaining is None:
+            return True
+        # the rest of the lease as units of work, priced there
+        units = left_s / 3600.0 * table_speed(config, workload, here)
+        return unit_price(config, workload, there) * count * units <= remaining
 
     def _take_back(
         self, db: Conn, row: LedgerRow, short: int, asked: dict[str, int], now: float
