@@ -70,7 +70,7 @@ def hindsight(p: list[float], test: list[Sample]) -> dict[str, float | None]:
     """The figures of approving at p (a chance of no waste) with the band chosen on `test`
     itself against its own outcomes (`Sample.would_waste`): the fewest sent to a human that
     any thresholds on this ranking allow."""
-    deny, approve = band(p, [s.would_waste == 1.0 for s in test])
+    deny, approve = band(p, [s.would_waste == 1.0 for s in test], z=0.0)  # in hindsight
     return figures([banded(x, deny, approve, "hindsight") for x in p], test)
 
 

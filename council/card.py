@@ -189,7 +189,8 @@ def outcome_card(m: dict[str, Any]) -> str:
             "",
             "## Known limits",
             "- The band asks that at most 5 % of what it approves ends wasteful and that at "
-            "most 0.5 % of the requests are good work denied: the requests it cannot tell "
+            "most 0.5 % of the requests are good work denied, each with 95 % confidence on "
+            "the threshold slice (a Wilson upper bound): the requests it cannot tell "
             f"that surely ({_pct(t['human_share'])} of the test slice's) fall between its "
             "thresholds and go to a human. `gpu-agent council evaluate` compares it with the "
             "rules, a logistic regression on the same outcomes and a heuristic that reads each "

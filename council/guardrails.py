@@ -4,10 +4,12 @@ Where a fleet opts in (`[council] guard_share`), between the human band and plai
 the council approves with guardrails rather than ask a human or deny: the allocation is
 released after `guard_idle_minutes` idle where nothing says its work goes on (no `gpu-agent
 run` command running; a pause the work came back from still stretches it,
-fleet.monitoring.idle_limit_s), and where the predicted waste lies in the upper half of the
-guarded band, it is also routed by price per unit of work even where the request asked for
-speed, so that what it may waste costs the least. A denial is for requests below the human
-band, whose expected waste no guardrail would bound.
+fleet.monitoring.idle_limit_s; work that an idle release already ended, asking again with
+`resumes`, is spared it, so that a pause that cost the work once does not cost it twice),
+and where the predicted waste lies in the upper half of the guarded band, it is also routed
+by price per unit of work even where the request asked for speed, so that what it may
+waste costs the least. A denial is for requests below the human band, whose expected waste
+no guardrail would bound.
 """
 
 from __future__ import annotations

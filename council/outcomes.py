@@ -33,6 +33,7 @@ DETAILS = (
 CHANGE_DAYS = 30
 AUTO_WASTE_GOAL = 0.05  # a learned band approves where at most this share ends wasteful
 GOOD_DENIED_GOAL = 0.005  # and denies at most this share of requests that would do good work
+BAND_Z = 1.645  # with 95 % confidence, one-sided (council.outcomes.upper)
 # A band's outer edges: "deny nothing" and "approve nothing" as CouncilSettings accepts them
 # (0 < deny < approve < 1), beyond any probability a calibrated model gives in practice
 BAND_FLOOR, BAND_CEILING = 1e-6, 1 - 1e-6
@@ -124,38 +125,59 @@ def ess(weight: Sequence[float]) -> float | None:
     return sum(weight) ** 2 / square if square else None
 
 
+def upper(hits: float, n: float, z: float = BAND_Z) -> float:
+    """The Wilson score upper bound on a share seen as `hits` of `n` (n: an effective
+    sample size), one-sided at `z`: what the share may be, not merely what it was (z=0:
+    the share seen)."""
+    if n <= 0:
+        return 1.0
+    x, z2 = hits / n, z * z
+    centre = x + z2 / (2 * n)
+    spread = z * math.sqrt(max(0.0, x * (1 - x)) / n + z2 / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z2 / n))
+
+
 def band(
-    p: Sequence[float], waste: Sequence[bool], weight: Sequence[float] | None = None
+    p: Sequence[float],
+    waste: Sequence[bool],
+    weight: Sequence[float] | None = None,
+    z: float = BAND_Z,
 ) -> tuple[float, float]:
     """(deny at or below, approve at or above), chosen on the threshold slice: the lowest
     approval threshold whose approved requests end wasteful at most AUTO_WASTE_GOAL of the
     time, and the highest denial threshold that denies good work of at most GOOD_DENIED_GOAL
-    of the requests. Between them a human decides. `weight`: each request's (inverse
+    of the requests, each with 95 % confidence (the Wilson upper bound, `upper`, on the
+    share the slice shows; `z`=0: the share itself, for a band chosen in hindsight on the
+    slice it is judged on): a goal met on average on one slice is missed on the next about
+    half the time. Between them a human decides. `weight`: each request's (inverse
     propensity), where only some of them ran.
 
     Both shares are self-normalised IPW estimates: weighted sums divided by the sum of the
     weights, not by the number of requests, so each stays within [0, 1] and has far less
     variance than the unnormalised estimate where a few explored requests carry large
-    weights (at the cost of a small bias that vanishes as they grow in number).
+    weights (at the cost of a small bias that vanishes as they grow in number); their
+    bounds count Kish's effective sample size (`ess`), not the requests.
 
     The band is always one CouncilSettings accepts: BAND_FLOOR <= deny < approve <=
     BAND_CEILING. Where no threshold meets the approval goal, approve is BAND_CEILING
     (approve nothing a calibrated model does not call certain); where none meets the denial
-    goal, deny is BAND_FLOOR; where the two overlap, deny sits just below approve."""
+    goal (too few requests to be sure of any), deny is BAND_FLOOR; where the two overlap,
+    deny sits just below approve."""
     w8 = [1.0] * len(p) if weight is None else list(weight)
     ranked = sorted(zip(p, waste, w8, strict=True), key=lambda r: -r[0])
-    total = sum(w8)
-    approve, wasted, seen = BAND_CEILING, 0.0, 0.0
+    total, n_all = sum(w8), ess(w8) or 0.0
+    approve, wasted, seen, square = BAND_CEILING, 0.0, 0.0, 0.0
     for i, (x, w, k) in enumerate(ranked):
-        wasted, seen = wasted + k * w, seen + k
+        wasted, seen, square = wasted + k * w, seen + k, square + k * k
         last_of_its_p = i + 1 == len(ranked) or ranked[i + 1][0] != x  # ties go together
-        if last_of_its_p and wasted <= AUTO_WASTE_GOAL * seen:
+        n = seen * seen / square
+        if last_of_its_p and upper(n * wasted / seen, n, z) <= AUTO_WASTE_GOAL:
             approve = min(max(x, math.nextafter(BAND_FLOOR, 1.0)), BAND_CEILING)
     deny, good = BAND_FLOOR, 0.0
     low = ranked[::-1]
     for i, (x, w, k) in enumerate(low):
         good += k * (not w)
-        if good > GOOD_DENIED_GOAL * total:
+        if upper(n_all * good / total, n_all, z) > GOOD_DENIED_GOAL:
             break
         if i + 1 == len(low) or low[i + 1][0] != x:
             deny = x

@@ -12,7 +12,8 @@ runs a small seeded share of the requests it denies (`explore`), and each reques
 weighs 1 / the chance it had to run (inverse propensity), so what the rules deny is still
 learned. Each world is split by time: the first 60 % trains, the next 10 % sets the
 temperature and the band (council.outcomes.band: approve where at most 5 % of the approved
-end wasteful), the last 30 % is the test. Members: risk and cost (their perspectives'
+end wasteful, deny where at most 0.5 % of the requests are good work denied, each with 95 %
+confidence), the last 30 % is the test. Members: risk and cost (their perspectives'
 inputs) and two generalists; fairness and capacity stay with placement, which enforces
 them. Every random draw is seeded: the same seed gives the same bytes.
 """

@@ -303,16 +303,17 @@ class MemberVote(BaseModel):
 
 class Guardrails(BaseModel):
     """What an approval with guardrails changes, chosen from the council's predicted waste
-    (council.guardrails): the allocation is released after `idle_minutes` idle where nothing
-    says its work goes on, and, with `cheaper_type`, routed by price per unit of work even
-    where the request asked for speed."""
+    (council.guardrails): its work is to run under `gpu-agent run` (a pause of a running
+    command never releases it, and its GPUs go when the command exits); where nothing says
+    its work goes on, it is released after `idle_minutes` idle; with `cheaper_type`, it is
+    routed by price per unit of work even where the request asked for speed."""
 
     predicted_waste: float  # the chance it ends wasteful, 1 - the council's probability
     idle_minutes: float
     cheaper_type: bool = False
 
     def describe(self) -> str:
-        parts = [f"idle release after {self.idle_minutes:g} min"]
+        parts = [f"`gpu-agent run` required (else idle release after {self.idle_minutes:g} min)"]
         if self.cheaper_type:
             parts.append("the cheapest type per unit of work")
         return "; ".join(parts)
@@ -457,6 +458,9 @@ class MonitorState(BaseModel):
     # it resumes work that went on while its GPUs looked idle (fleet.ledger.rows.Resumed): idling
     # is no evidence here, as under a running command
     works_while_idle: bool = False
+    # it resumes work an idle release ended (fleet.ledger.rows.Resumed): the council's
+    # stricter idle release is spared it, the purpose's timeout applies
+    guard_spared: bool = False
     low_util_warned: bool = False
     throttled: list[str] = Field(default_factory=list)
     # when the next tick is due (epoch s, exact: it may be the ledger's deadline), planned at

@@ -9,9 +9,11 @@
   after `idle_timeout_done_minutes` (0: at the first idle tick); with no command known (a
   notebook, a shell), after the purpose's timeout (`idle_timeout_by_purpose`, else
   `idle_timeout_minutes`), or the shorter timeout of an approval with guardrails
-  (council.guardrails). But for the tail, none is shorter than `pause_factor` x the
-  longest pause the job has already come back from, in this allocation or in the one it
-  resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not released after 30;
+  (council.guardrails; not where an idle release already ended the work the allocation
+  resumes, MonitorState.guard_spared). But for the tail, none is shorter than
+  `pause_factor` x the longest pause the job has already come back from, in this allocation
+  or in the one it resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not
+  released after 30;
 - hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
 - unhealthy: a GPU with an XID error or lost ends the allocation at once.
 A reading whose field is unavailable (None) counts neither for nor against a conclusion.

@@ -52,6 +52,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--habits must be from 0 to {MAX_HABIT_SIGMA}, not {args.habits}")
     if args.workload == "pure" and args.habits:
         raise InvalidInput("--habits has no meaning with --workload pure (no job idles)")
+    if not 0 <= args.run_compliance <= 1:  # also refuses nan
+        raise InvalidInput(f"--run-compliance must be from 0 to 1, not {args.run_compliance}")
+    if args.workload == "pure" and args.run_compliance:
+        raise InvalidInput(
+            "--run-compliance has no meaning with --workload pure (every job runs under "
+            "`gpu-agent run`)"
+        )
     name, text = fleet_source(args.fleet)
     if args.models is not None:
         name, text = with_models(name, text, args.models)
@@ -68,7 +75,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         fleet_text=text,
         settings=WorkloadSettings(
-            habit_sigma=args.habits, pure=args.workload == "pure", models=args.models is not None
+            habit_sigma=args.habits,
+            pure=args.workload == "pure",
+            models=args.models is not None,
+            run_compliance=args.run_compliance,
         ),
         vc=args.vc,
     )

@@ -456,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
         "3 %% to 93 %% on Philly (sim/workload.py)",
     )
     p.add_argument(
+        "--run-compliance",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="the share of owners who, told by the council's guardrails to run their work "
+        "under `gpu-agent run`, do so (a seeded draw per job; from 0, the default: none, to 1; "
+        "sim/workload.py)",
+    )
+    p.add_argument(
         "--models",
         metavar="FILE",
         help="a file of [speeds.NAME] tables (the fleet file's format), added to the fleet "

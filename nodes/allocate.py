@@ -87,6 +87,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
             last_tick_at=allocation.started_at,
             longest_pause_s=resumed.pause_s,
             works_while_idle=resumed.working,
+            guard_spared=resumed.idle_released,
         ),
         "events": [
             Event(

@@ -46,14 +46,15 @@ def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
     }
 
 
-def _policy(work: Work, state: State, works_while_idle: bool) -> IdlePolicy:
+def _policy(work: Work, state: State, mon: MonitorState) -> IdlePolicy:
     """What idling means here: a work that went on while idle is treated as running; the
     council's guardrails, where it approved with them and no human dropped them, shorten
-    the timeout."""
-    rails = guardrails_of(state)
+    the timeout, unless an idle release already ended the work this allocation resumes
+    (a second kill in the next pause would cost the work twice)."""
+    rails = None if mon.guard_spared else guardrails_of(state)
     return IdlePolicy(
         request_of(state).purpose,
-        "running" if works_while_idle and work == "unknown" else work,
+        "running" if mon.works_while_idle and work == "unknown" else work,
         None if rails is None else rails.idle_minutes,
     )
 
@@ -97,7 +98,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
             return ended
-        policy = _policy(work(row), state, mon.works_while_idle)
+        policy = _policy(work(row), state, mon)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc)
     else:  # planned by the last tick, which read the lease at the same moment
         wake = mon.wake_at
@@ -109,7 +110,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     if ended:
         return ended
     assert row.deadline is not None
-    policy = _policy(work(row), state, mon.works_while_idle)
+    policy = _policy(work(row), state, mon)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(

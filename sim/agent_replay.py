@@ -3,13 +3,14 @@
 Each job attempt is a graph thread in the engine (sim/engine.py), with the real ledger (a
 scratch SQLite file in the run's state directory), the real council, routing, fair queue,
 monitor and auto-release, and the project budgets of the workload enforced. The simulated
-user does what the trace says: a supervised job's command (`gpu-agent run`) starts with the
-allocation and exits when its work is done, which the monitor reads as `gpu-agent run`
-reports it (fleet.commands); when the job's timeline ends (after its idle tail) the user
-releases the GPUs, unless the monitor released them first. A user whose job was killed asks
-again at once, saying which allocation the new request resumes (`GPURequest.resumes`). A
-split council goes to a simulated reviewer who approves (a team lead who trusts their team);
-the count of reviews is reported.
+user does what the trace says: a supervised job's command (`gpu-agent run`; also an
+unsupervised one's where the council's guardrails ask for it and its owner complies,
+`under_command`) starts with the allocation and exits when its work is done, which the
+monitor reads as `gpu-agent run` reports it (fleet.commands); when the job's timeline ends
+(after its idle tail) the user releases the GPUs, unless the monitor released them first. A
+user whose job was killed asks again at once, saying which allocation the new request
+resumes (`GPURequest.resumes`). A split council goes to a simulated reviewer who approves (a
+team lead who trusts their team); the count of reviews is reported.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from council.voting import Council
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, Release, ReleaseReason, Status
 from fleet.monitors import new_owner
 from nodes.context import open_services
-from nodes.state import State
+from nodes.state import State, guardrails_of
 from sim.engine import Engine, EventClock, GraphThread
 from sim.lifecycle import (
     Attempt,
@@ -90,6 +91,13 @@ def request_for(job: SimJob, attempt: int, resumes: str | None = None) -> GPUReq
     )
 
 
+def under_command(job: SimJob, state: State) -> bool:
+    """Whether the job's work runs under `gpu-agent run`: its owner's habit, or, where the
+    allocation carries the council's guardrails, which ask for it, an owner who complies
+    (sim.workload, "compliance")."""
+    return job.supervised or (job.complies and guardrails_of(state) is not None)
+
+
 def run_gpu_agent(
     workload: Workload,
     config: FleetConfig,
@@ -137,7 +145,7 @@ def run_gpu_agent(
             run.job, allocation.gpu_type, allocation.started_at.timestamp(), config
         )
         backend.run(allocation.gpu_ids, run.segments)
-        if run.job.supervised:  # its command exits when the work is done
+        if under_command(run.job, cast(State, thread.state)):  # it exits when the work is done
             services.commands.started(allocation.id, RUNNER, run.segments[0].start)
             engine.call_at(
                 work_done_at(run.segments),

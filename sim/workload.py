@@ -50,6 +50,14 @@ removed:
   GPUs kept after the command: a shell or a notebook left open); the others give the monitor
   nothing but utilisation. Drawn from a generator of its own, so the rest of a job does not
   change with it.
+- compliance: an approval with guardrails (council.guardrails) asks for the work to run
+  under `gpu-agent run`, and releases it after a short idle spell where no command runs.
+  Whether owners who do not use `gpu-agent run` of their own accord start to when told is
+  not published anywhere; `run_compliance` is the chance that one does (a job's own draw,
+  from a generator of its own), 0 by default: every unsupervised job approved with
+  guardrails then stays unsupervised, and the guardrail's idle release is the whole of
+  what it does, kills in pauses included (`gpu-agent simulate --run-compliance` shows how
+  the figures move with it).
 - project habits (`habit_sigma` > 0; off by default, so the figures quoted for the whole
   trace are those of projects alike): projects differ by orders of magnitude in how well
   they use what they hold (research/scheduling.md, "How much projects differ": allocation
@@ -152,6 +160,8 @@ class SimJob:
     phases: tuple[Phase, ...]  # work and pauses, then the idle tail
     line: int = 0
     supervised: bool = False  # its work runs under `gpu-agent run`
+    # told by the council's guardrails to run its work under `gpu-agent run`, its owner does
+    complies: bool = False
     workload: str | None = None  # its row of the fleet's [speeds] table; None: type averages
     pure: bool = False  # of the pure workload: all work, checkpointed whatever its purpose
     memory_gb: float | None = None  # what its work needs: its pool's reference type's memory
@@ -205,6 +215,7 @@ class WorkloadSettings:
     habit_sigma: float = 0.0  # sd of the projects' idle shift (logit); 0: projects alike
     unsupervised_projects: float = 0.2  # with habits: projects that never use gpu-agent run
     drift_share: float = 0.5  # with habits: projects whose habits change once
+    run_compliance: float = 0.0  # owners told to use `gpu-agent run` who do (see the docstring)
     pure: bool = False  # trace durations are all work: no idle, no pad, no budget
     models: bool = False  # each job is one of the fleet's [speeds] workloads (per-job speeds)
 
@@ -471,6 +482,7 @@ def synthesize(
                 pad=pad,
                 phases=phases(hours, s, rng, habit.idle_shift),
                 supervised=_rng(s.seed, "run", job.line or i).random() < habit.supervised,
+                complies=_rng(s.seed, "comply", job.line or i).random() < s.run_compliance,
             )
         )
         list_cost[job.project] = (

@@ -142,7 +142,8 @@ def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(ledger: 
     assert ledger.resumable("p", aid) is None
     assert ledger.resumable("q", aid) == f"q has no released allocation {aid} to resume"
     assert ledger.resumable("p", "a-000000000000") is not None
-    assert ledger.resume(aid, "a-111111111111", T0 + 4500, T0 + 4500) == Resumed(2700.0, False)
+    again = ledger.resume(aid, "a-111111111111", T0 + 4500, T0 + 4500)
+    assert again == Resumed(2700.0, False, idle_released=True)
     assert ledger.resume(aid, "a-111111111111", T0 + 9999, T0 + 9999).pause_s == 2700.0  # once
     assert hoarded(ledger, aid) == 0.0
     with ledger.reading() as db:
@@ -159,7 +160,7 @@ def test_work_resumed_at_once_after_an_idle_release_went_on_while_it_looked_idle
     aid = place(ledger, "w1")
     ledger.heartbeat(aid, T0 + 600, 10, 20.0, 10, 2.0, idle_since=T0 + 600)
     ledger.release(aid, ReleaseReason.IDLE, T0 + 2400)
-    assert ledger.resume(aid, "a-222222222222", T0 + 2400, T0 + 2400) == Resumed(1800.0, True)
+    assert ledger.resume(aid, "a-222222222222", T0 + 2400, T0 + 2400) == Resumed(1800.0, True, True)
 
 
 def test_resumes_names_an_allocation() -> None:

@@ -50,6 +50,7 @@ from council.outcomes import (
     ece,
     ess,
     figures,
+    upper,
 )
 from council.policies import approve_all
 from council.rules import ReferenceCouncil
@@ -286,18 +287,29 @@ def test_a_family_of_councils_is_pooled_over_its_training_seeds() -> None:
 
 def test_a_learned_band_meets_its_goals_on_the_slice_it_was_chosen_on() -> None:
     """Approve where at most 5 % of the approved end wasteful, deny where at most 0.5 % of
-    all requests are good work denied; between, a human."""
+    all requests are good work denied, each with 95 % confidence; between, a human."""
     rng = random.Random(3)
-    p = [rng.random() for _ in range(2000)]
+    p = [rng.random() ** 0.3 for _ in range(20000)]
     waste = [rng.random() > x for x in p]  # calibrated: p is the chance of no waste
     deny, approve = band(p, waste)
-    assert deny < approve
+    assert deny < approve < BAND_CEILING and deny > BAND_FLOOR
     approved = [w for x, w in zip(p, waste, strict=True) if x >= approve]
-    assert approved and sum(approved) / len(approved) <= 0.05
+    assert approved and upper(sum(approved), len(approved)) <= 0.05
     denied_good = sum(x <= deny and not w for x, w in zip(p, waste, strict=True))
-    assert denied_good / len(p) <= 0.005
-    assert band([0.9, 0.8], [False, False]) == (BAND_FLOOR, 0.8)  # all good: approve all
-    assert band([0.9, 0.8], [True, True]) == (0.9, BAND_CEILING)  # all wasteful: deny all
+    assert upper(denied_good, len(p)) <= 0.005
+    good = [False] * 1000
+    assert band([0.9, 0.8] * 500, good) == (BAND_FLOOR, 0.8)  # all good: approve all
+    assert band([0.9, 0.8] * 500, [True] * 1000) == (0.9, BAND_CEILING)  # all wasteful: deny all
+
+
+def test_a_band_decides_nothing_it_cannot_be_sure_of() -> None:
+    """On two good requests nothing is certain: a 95 % bound on the waste of what is approved
+    is far above 5 %, so the band approves nothing and denies nothing (all to a human). The
+    bound is Wilson's: 0 of n seen gives z^2 / (n + z^2)."""
+    assert band([0.9, 0.8], [False, False]) == (BAND_FLOOR, BAND_CEILING)
+    assert upper(0, 1000) == pytest.approx(1.645**2 / (1000 + 1.645**2))
+    assert upper(50, 1000) > 0.05 > upper(35, 1000)
+    assert upper(0, 0) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from council.features import routed
 from council.guardrails import guardrails
 from council.voting import combine
+from fleet.clock import VirtualClock, sleep_until
 from fleet.config import CouncilSettings, MonitorSettings
 from fleet.errors import InvalidInput
 from fleet.models import (
@@ -69,7 +70,7 @@ def test_the_four_decisions_by_probability() -> None:
     assert low.idle_minutes == high.idle_minutes == S.guard_idle_minutes
     assert low.cheaper_type and not high.cheaper_type  # more predicted waste, more guardrails
     assert low.predicted_waste == pytest.approx(0.48)
-    assert decided[0.52].summary.startswith("approved with guardrails at p=0.52: idle release")
+    assert decided[0.52].summary.startswith("approved with guardrails at p=0.52: `gpu-agent run`")
     # a human is shown what approval would carry
     split = decided[0.45].guardrails
     assert split is not None and split.cheaper_type
@@ -177,6 +178,34 @@ def test_a_guarded_allocation_is_released_at_the_guardrails_idle_limit(
     assert unguarded.release.released_at - unguarded.allocation.started_at > held
 
 
+def test_work_an_idle_release_ended_is_spared_the_guardrails_idle_limit_when_it_resumes(
+    make_orch: OrchFactory,
+) -> None:
+    """The work a guarded allocation's idle release ended asks again three minutes later (its
+    request `resumes` that allocation; a 13-minute pause, which stretches no limit past 19.5
+    minutes): the council guards it again, but the monitor holds it to the purpose's idle
+    timeout, not the guardrail's, so a pause that cost the work once does not cost it
+    twice."""
+    clock = VirtualClock()
+    council = GUARDED_FLEET | {"guard_share": 0.5}  # its record now shows an idle release
+    config = small_config(council=council, simulation={"workloads": {"lazy": "hoard"}})
+    orch = make_orch(config, clock=clock)
+    request = {"project": "lazy", "purpose": "training", "count": 2, "duration_hours": 4}
+    first = orch.request(request)
+    assert first.allocation is not None and first.release is not None
+    assert first.release.reason is ReleaseReason.IDLE
+    sleep_until(clock, clock.now() + 180)
+    again = orch.request(request | {"resumes": first.allocation.id})
+    assert again.council is not None and again.council.outcome is CouncilOutcome.GUARDED
+    assert again.release is not None and again.allocation is not None
+    assert again.release.reason is ReleaseReason.IDLE
+    held = (again.release.released_at - again.allocation.started_at).total_seconds()
+    timeout = config.monitor.idle_timeout_by_purpose.get(
+        Purpose.TRAINING, config.monitor.idle_timeout_minutes
+    )
+    assert held >= timeout * 60 > config.monitor.pause_factor * 13 * 60
+
+
 def test_the_cli_shows_the_guardrails_an_approval_carries(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(council=GUARDED_FLEET))
@@ -189,7 +218,8 @@ def test_the_cli_shows_the_guardrails_an_approval_carries(tmp_path: Path) -> Non
     )
     assert done.returncode == 0, done.stderr
     assert (
-        "guardrails (approved): idle release after 10 min; the cheapest type per unit of "
+        "guardrails (approved): `gpu-agent run` required (else idle release after 10 min); "
+        "the cheapest type per unit of "
         "work; predicted to end wasteful: " in done.stdout
     ), done.stdout
 

@@ -174,6 +174,46 @@ def test_a_job_under_gpu_agent_run_pauses_and_its_tail_goes_after_the_command(
     assert a.idle_gpu_hours == pytest.approx(0.75)  # the pause, paid for: not a saving
 
 
+GUARDED_TINY_FLEET = (
+    TINY_FLEET
+    + """
+[council]
+policy = "reference"
+auto_approve_max_gpus = 0
+deny_threshold = 0.01
+guard_share = 0.01
+approve_threshold = 0.999
+"""
+)
+
+
+@pytest.mark.parametrize("complies", [False, True])
+def test_an_owner_told_to_use_gpu_agent_run_keeps_its_work_where_it_complies(
+    tmp_path: Path, complies: bool
+) -> None:
+    """The same paused job, unsupervised, approved with guardrails (`gpu-agent run`
+    required, else an idle release after 10 min). An owner who ignores it loses the first
+    attempt 10 idle minutes into the 45-minute pause (at 1 h 10); the rerun, which resumes
+    what that idle release ended, does the rest from the checkpoint and completes. An owner
+    who complies runs the work under `gpu-agent run`: nothing is killed, and the tail goes
+    when the command exits."""
+    config = parse_fleet(GUARDED_TINY_FLEET)
+    phases = [Phase(1.0, 80.0), Phase(0.75, 0.0), Phase(1.0, 80.0), Phase(3.0, 0.0)]
+    owner = replace(job(0, "p", 0, phases, requested=8.0, named="A100"), complies=complies)
+    run = run_gpu_agent(Workload([owner], {"p": 1000.0}), config, tmp_path / "agent")
+    assert run.council == {"approved_with_guardrails": len(run.attempts)}
+    if complies:
+        [a] = run.attempts
+        assert (a.outcome, a.reason, a.hoarded_gpu_hours) == ("completed", "idle", 0.0)
+        assert held_s(a) == pytest.approx(2.75 * 3600)
+        return
+    first, second = run.attempts
+    assert (first.outcome, first.reason) == ("killed", "idle")
+    assert held_s(first) == pytest.approx(70 * 60)
+    assert (second.outcome, second.reason) == ("completed", "idle")
+    assert second.work_gpu_hours == pytest.approx(1.0)
+
+
 def test_budgets_hold_under_gpu_agent(tmp_path: Path) -> None:
     """A project whose budget covers two of its five jobs: gpu-agent denies the rest before
     spending; its spend never passes the budget (the naive policy overruns it)."""
@@ -292,6 +332,12 @@ def _fleet(tmp_path: Path) -> Path:
         (["--jobs", "0"], "--jobs must be at least 1"),
         (["--vc", "nope"], "no virtual cluster 'nope' in the trace"),
         (["--workload", "pure", "--habits", "1.5"], "--habits has no meaning with --workload pure"),
+        (["--run-compliance", "1.5"], "--run-compliance must be from 0 to 1, not 1.5"),
+        (["--run-compliance", "nan"], "--run-compliance must be from 0 to 1, not nan"),
+        (
+            ["--workload", "pure", "--run-compliance", "0.5"],
+            "--run-compliance has no meaning with --workload pure",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_errors(

@@ -226,12 +226,10 @@ class Releasing(ProjectRecord):
             row = db.execute("SELECT * FROM history WHERE allocation_id=?", (aid,)).fetchone()
             if row is None:
                 return Resumed(0.0, False)
-            working = (
-                row["reason"] == ReleaseReason.IDLE.value
-                and asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
-            )
+            idle = row["reason"] == ReleaseReason.IDLE.value
+            working = idle and asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
             if row["resumed_by"] is not None:
-                return Resumed(float(row["pause_s"] or 0.0), working)
+                return Resumed(float(row["pause_s"] or 0.0), working, idle)
             pause = (
                 max(0.0, started_at - (row["ended_at"] - row["hoarded_hours"] * 3600.0))
                 if row["hoarded_hours"] > 0
@@ -259,7 +257,7 @@ class Releasing(ProjectRecord):
                     "THEN idle_gpu_hours - ? ELSE 0 END WHERE project=?",
                     (was, was, row["project"]),
                 )
-            return Resumed(pause, working)
+            return Resumed(pause, working, idle)
 
     def reconcile(self, now: float) -> list[Release]:
         """Release leases that ran out while no monitor was alive to see it."""
