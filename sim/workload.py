@@ -270,6 +270,12 @@ def _rng(seed: int, *key: object) -> random.Random:
     return random.Random(zlib.crc32(":".join(map(str, (seed, *key))).encode()))
 
 
+def complies(s: WorkloadSettings, key: int) -> bool:
+    """Whether the owner of job `key` follows a guardrail that asks for `gpu-agent run`: a
+    draw of its own (none made where nobody does: half a second on the whole trace)."""
+    return s.run_compliance > 0 and _rng(s.seed, "comply", key).random() < s.run_compliance
+
+
 def _purpose(job: Job, s: WorkloadSettings, rng: random.Random) -> Purpose:
     if job.count >= 2:
         return Purpose.TRAINING
@@ -482,7 +488,7 @@ def synthesize(
                 pad=pad,
                 phases=phases(hours, s, rng, habit.idle_shift),
                 supervised=_rng(s.seed, "run", job.line or i).random() < habit.supervised,
-                complies=_rng(s.seed, "comply", job.line or i).random() < s.run_compliance,
+                complies=complies(s, job.line or i),
             )
         )
         list_cost[job.project] = (
