@@ -285,6 +285,11 @@ def evaluate(
     (councils trained alike but for their seed, each with its training seed): such a family
     is reported as one, its figures pooled over the training seeds (pooled). The first
     family's means are also the top-level figures."""
+    if config.council.guard_gpu_hours is not None:  # the baselines' bands are probabilities
+        raise InvalidInput(
+            "council evaluate judges bands on the probability alone: leave guard_gpu_hours "
+            "out of its fleet file (gpu-agent simulate measures it)"
+        )
     runs: dict[str, list[dict[str, float | None]]] = {name: [] for name in policies}
     slices = []
     for seed in settings.seeds:

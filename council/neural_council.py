@@ -36,7 +36,7 @@ from council.features import RequestFeatures
 from council.inference import NumpyCouncilNet, sigmoid
 from council.rules import describe
 from council.spec import NetSpec
-from council.voting import combine
+from council.voting import combine, gpu_hours_asked
 from fleet.config import CouncilSettings
 from fleet.errors import ConfigError
 from fleet.models import CouncilDecision, MemberVote, Reason, Verdict
@@ -229,7 +229,13 @@ class NeuralCouncil:
                     reasons=reasons,
                 )
             )
-        return combine(votes, self._voting(settings), self.name, self.temperature)
+        return combine(
+            votes,
+            self._voting(settings),
+            self.name,
+            self.temperature,
+            gpu_hours=gpu_hours_asked(features),
+        )
 
     def _voting(self, settings: CouncilSettings) -> CouncilSettings:
         """The settings the votes combine under: the policy's name and, where the council was

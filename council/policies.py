@@ -5,9 +5,9 @@ from voting, which both policies' members vote through."""
 from __future__ import annotations
 
 from council.features import RequestFeatures
-from council.voting import Council
+from council.voting import Council, gpu_hours_asked
 from fleet.config import CouncilSettings
-from fleet.models import CouncilDecision, CouncilOutcome
+from fleet.models import CouncilDecision, CouncilOutcome, Guardrails
 
 
 def council_for(settings: CouncilSettings) -> Council:
@@ -21,8 +21,28 @@ def council_for(settings: CouncilSettings) -> Council:
     return NeuralCouncil.load(settings.weights)
 
 
+NO_COUNCIL_P = 0.5  # with no council, the chance of waste is unknown: an even one
+
+
 def approve_all(features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
-    """The baseline with no council: every request approved."""
+    """The baseline with no council: every request approved; where the fleet guards by the
+    GPU-hours at risk (`guard_gpu_hours`), those at risk at an even chance of waste with
+    guardrails, so that guarding by size alone is a baseline too."""
+    if settings.guard_share is not None and settings.guard_gpu_hours is not None:
+        at_risk = (1.0 - NO_COUNCIL_P) * gpu_hours_asked(features)
+        if at_risk >= settings.guard_gpu_hours:
+            rails = Guardrails(
+                predicted_waste=1.0 - NO_COUNCIL_P, idle_minutes=settings.guard_idle_minutes
+            )
+            return CouncilDecision(
+                outcome=CouncilOutcome.GUARDED,
+                probability=NO_COUNCIL_P,
+                votes=[],
+                quorum=settings.quorum,
+                policy="none",
+                summary=f"approved with guardrails: no council; {at_risk:.1f} GPU-hours at risk",
+                guardrails=rails,
+            )
     return CouncilDecision(
         outcome=CouncilOutcome.APPROVED,
         probability=1.0,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from council.features import REFERENCE_USD, RequestFeatures
 from council.record import PastJob
-from council.voting import combine
+from council.voting import combine, gpu_hours_asked
 from fleet.config import CouncilSettings
 from fleet.models import CouncilDecision, MemberVote, Reason, Verdict
 
@@ -154,4 +154,5 @@ class ReferenceCouncil:
 
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
         votes = [member_vote(name, features) for name in MEMBERS]
-        return combine(votes, settings.model_copy(update={"policy": "reference"}), self.name)
+        reference = settings.model_copy(update={"policy": "reference"})
+        return combine(votes, reference, self.name, gpu_hours=gpu_hours_asked(features))

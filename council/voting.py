@@ -25,12 +25,20 @@ def calibrate(p: float, temperature: float) -> float:
 
 
 def combine(
-    votes: list[MemberVote], settings: CouncilSettings, policy: str, temperature: float = 1.0
+    votes: list[MemberVote],
+    settings: CouncilSettings,
+    policy: str,
+    temperature: float = 1.0,
+    gpu_hours: float | None = None,
 ) -> CouncilDecision:
     """Weighted soft vote over every member; then approve (at or above the approve threshold,
     with `quorum` members approving outright), approve with guardrails (where the fleet opted
     in, `guard_share`: at or above the guard threshold, or above approve without a quorum),
-    ask a human, or deny (at or below the deny threshold).
+    ask a human, or deny (at or below the deny threshold). Where the fleet also sets
+    `guard_gpu_hours`, from the guard threshold up the request's GPU-hours (`gpu_hours`, count
+    x hours asked) decide instead of the approve threshold: guardrails where the GPU-hours at
+    risk, (1 - p) x gpu_hours, reach it (or without a quorum), a plain approval below: a
+    burden is worth what it may save, and a small request saves little.
 
     Keeping unsure (abstaining) members in the average, rather than dropping them, makes the
     council's probability a monotone function of each member's; and since only approval
@@ -45,9 +53,14 @@ def combine(
     approvers = sum(v.verdict is Verdict.APPROVE for v in votes)
     quorate = approvers >= min(settings.quorum, len(votes))
     rails = None
+    at_risk = _at_risk(p, gpu_hours, settings)
+    worth_no_rails = at_risk is not None and at_risk < (settings.guard_gpu_hours or 0.0)
     if p <= deny:
         outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
-    elif p >= approve and quorate:
+    elif worth_no_rails and p >= guard and quorate:
+        outcome = CouncilOutcome.APPROVED
+        summary = f"approved with p={p:.2f}: {at_risk:.1f} GPU-hours at risk, too few to guard"
+    elif p >= approve and quorate and at_risk is None:
         outcome, summary = CouncilOutcome.APPROVED, f"approved with p={p:.2f}"
     else:  # a fleet that opted in to guardrails also shows a human what approval carries
         rails = None if settings.guard_share is None else guardrails(p, settings)
@@ -55,7 +68,9 @@ def combine(
         if rails is not None and p >= guard:
             outcome = CouncilOutcome.GUARDED
             summary = f"approved with guardrails at p={p:.2f}: {rails.describe()}"
-            summary += f"; {short}" if p >= approve else ""
+            if at_risk is not None:
+                summary += f"; {at_risk:.1f} GPU-hours at risk"
+            summary += f"; {short}" if not quorate and p >= approve else ""
         else:
             outcome = CouncilOutcome.SPLIT
             summary = (
@@ -78,6 +93,19 @@ def combine(
         summary=summary,
         guardrails=rails,
     )
+
+
+def gpu_hours_asked(features: RequestFeatures) -> float:
+    """What the request asks for, in GPU-hours: what an approval puts at risk."""
+    return features.count * features.hours
+
+
+def _at_risk(p: float, gpu_hours: float | None, settings: CouncilSettings) -> float | None:
+    """The GPU-hours an approval puts at risk, (1 - p) x those asked, where the fleet guards
+    by them (`guard_gpu_hours`); else None."""
+    if settings.guard_gpu_hours is None or settings.guard_share is None or gpu_hours is None:
+        return None
+    return (1.0 - p) * gpu_hours
 
 
 def auto_approves(features: RequestFeatures, critical: bool, settings: CouncilSettings) -> bool:

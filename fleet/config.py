@@ -125,6 +125,10 @@ class CouncilSettings(_Strict):
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
     guard_idle_minutes: float = Field(default=10, gt=0, allow_inf_nan=False)
+    # With guard_share: guardrails only where they are worth their burden, where the GPU-hours
+    # at risk, (1 - p) x the GPU-hours asked, reach this; an approval below it goes without
+    # them (council.voting.combine). None: by the probability alone.
+    guard_gpu_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
     quorum: int = Field(default=3, ge=1)
     history_events: int = Field(default=32, ge=1, le=64)
     record_half_life_days: float = Field(default=7, gt=0)
@@ -140,6 +144,8 @@ class CouncilSettings(_Strict):
         deny, approve = self.band()
         if deny >= approve:
             raise ValueError(f"deny_threshold ({deny}) must be below approve_threshold ({approve})")
+        if self.guard_gpu_hours is not None and self.guard_share is None:
+            raise ValueError("guard_gpu_hours needs guard_share: it chooses whom to guard")
         return self
 
     def band(self, policy: str | None = None) -> tuple[float, float]:

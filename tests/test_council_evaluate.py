@@ -603,6 +603,17 @@ def test_a_world_with_an_empty_slice_is_refused() -> None:
         evaluate({"approve-all": fixed(approve_all)}, load_fleet(None), tiny)
 
 
+def test_evaluate_refuses_a_fleet_that_guards_by_gpu_hours() -> None:
+    """The baselines' bands are on the probability alone: a size rule would judge the
+    councils and not them, so it is refused before any world is built."""
+    config = load_fleet(None)
+    sized = config.council.model_copy(update={"guard_share": 0.5, "guard_gpu_hours": 8.0})
+    with pytest.raises(InvalidInput, match="leave guard_gpu_hours out"):
+        evaluate(
+            {"approve-all": fixed(approve_all)}, config.model_copy(update={"council": sized}), SMALL
+        )
+
+
 @pytest.mark.parametrize(
     "args",
     [

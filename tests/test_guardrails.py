@@ -3,6 +3,8 @@ and routing enforce it."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from pydantic import ValidationError
 
 from council.features import routed
 from council.guardrails import guardrails
+from council.policies import approve_all
 from council.voting import combine
 from fleet.clock import VirtualClock, sleep_until
 from fleet.config import CouncilSettings, MonitorSettings
@@ -32,6 +35,7 @@ from fleet.routing import guarded
 from nodes.audit import recorded
 from nodes.review import parse_decision
 from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
+from tests.test_council_cfc import features
 
 RANK = {
     CouncilOutcome.DENIED: 0,
@@ -94,6 +98,67 @@ def test_more_waste_evidence_never_buys_a_kinder_decision() -> None:
     for i in range(1, 200):
         ranks = [RANK[combine(votes(i / 200, a), S, "t").outcome] for a in range(5)]
         assert ranks == sorted(ranks)
+
+
+SIZED = S.model_copy(update={"guard_gpu_hours": 8.0})  # guardrails where 8 GPU-hours at risk
+
+
+def test_by_gpu_hours_at_risk_a_large_request_is_guarded_and_a_small_one_is_not() -> None:
+    """From the guard threshold up, (1 - p) x the GPU-hours asked decides, not the approve
+    threshold: the same probability guards 64 GPU-hours and approves 4 plainly."""
+    big = combine(votes(0.7), SIZED, "t", gpu_hours=64.0)  # 19.2 GPU-hours at risk
+    small = combine(votes(0.52), SIZED, "t", gpu_hours=4.0)  # 1.9
+    assert big.outcome is CouncilOutcome.GUARDED and big.guardrails is not None
+    assert big.summary.endswith("19.2 GPU-hours at risk")
+    assert small.outcome is CouncilOutcome.APPROVED and small.guardrails is None
+    assert "1.9 GPU-hours at risk, too few to guard" in small.summary
+    # the band below the guard threshold is as before: a human, then a denial
+    assert combine(votes(0.45), SIZED, "t", gpu_hours=1.0).outcome is CouncilOutcome.SPLIT
+    assert combine(votes(0.3), SIZED, "t", gpu_hours=1.0).outcome is CouncilOutcome.DENIED
+    # a plain approval still needs its quorum
+    assert combine(votes(0.9, 2), SIZED, "t", gpu_hours=1.0).outcome is CouncilOutcome.GUARDED
+    # without the request's size, or without the setting, the probability alone decides
+    assert combine(votes(0.7), SIZED, "t").outcome is CouncilOutcome.APPROVED
+    assert combine(votes(0.7), S, "t", gpu_hours=64.0).outcome is CouncilOutcome.APPROVED
+
+
+def test_guarding_by_gpu_hours_stays_monotone() -> None:
+    """More waste evidence or a larger request never buys a kinder decision."""
+    for hours in (0.5, 8.0, 40.0, 1000.0):
+        for approvers in range(5):
+            ranks = [
+                RANK[combine(votes(i / 200, approvers), SIZED, "t", gpu_hours=hours).outcome]
+                for i in range(1, 200)
+            ]
+            assert ranks == sorted(ranks)
+    for i in range(1, 200):
+        ranks = [
+            RANK[combine(votes(i / 200), SIZED, "t", gpu_hours=h).outcome]
+            for h in (1000.0, 100.0, 20.0, 4.0, 1.0)
+        ]
+        assert ranks == sorted(ranks)
+
+
+def test_no_council_guards_by_size_alone_where_the_fleet_asks() -> None:
+    f = features(random.Random(0), count=8, hours=4.0)  # 32 GPU-hours, 16 at risk at even odds
+    assert approve_all(f, S).outcome is CouncilOutcome.APPROVED
+    guarded_by_size = approve_all(f, SIZED)
+    assert guarded_by_size.outcome is CouncilOutcome.GUARDED
+    assert guarded_by_size.guardrails is not None and not guarded_by_size.guardrails.cheaper_type
+    small = approve_all(features(random.Random(0), count=2, hours=4.0), SIZED)  # 4 at risk
+    assert small.outcome is CouncilOutcome.APPROVED and small.guardrails is None
+
+
+@pytest.mark.parametrize("hours", [0.0, -1.0, float("inf"), float("nan"), True])
+def test_guard_gpu_hours_must_be_a_positive_number(hours: float) -> None:
+    with pytest.raises(ValidationError, match="guard_gpu_hours"):
+        CouncilSettings(guard_share=0.5, guard_gpu_hours=hours)
+
+
+def test_guard_gpu_hours_needs_a_guarded_band() -> None:
+    with pytest.raises(ValidationError, match="guard_gpu_hours needs guard_share"):
+        CouncilSettings(guard_gpu_hours=8.0)
+    assert CouncilSettings(guard_share=0.5, guard_gpu_hours=8).guard_gpu_hours == 8.0
 
 
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.5, float("nan"), True])
@@ -222,6 +287,30 @@ def test_the_cli_shows_the_guardrails_an_approval_carries(tmp_path: Path) -> Non
         "the cheapest type per unit of "
         "work; predicted to end wasteful: " in done.stdout
     ), done.stdout
+
+
+def test_a_fleet_that_guards_by_gpu_hours_at_risk_spares_the_small_request(
+    tmp_path: Path,
+) -> None:
+    """`guard_gpu_hours` in the fleet file reaches the council in the graph: at the same
+    band, 2 GPU-hours asked go without guardrails and 40 carry them."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(council=GUARDED_FLEET | {"guard_share": 0.5, "guard_gpu_hours": 1}))
+    where = ("--state-dir", str(tmp_path / "s"), "--fleet", str(fleet), "--no-wait", "--json")
+    council = {}
+    for hours in ("1", "20"):
+        done = run_cli(
+            "request",
+            *("--project", "vision", "--purpose", "training", "--count", "2", "--hours", hours),
+            *where,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stderr
+        council[hours] = json.loads(done.stdout)["council"]
+    assert council["1"]["outcome"] == "approved" and council["1"]["guardrails"] is None
+    assert council["1"]["summary"].endswith("GPU-hours at risk, too few to guard")
+    assert council["20"]["outcome"] == "approved_with_guardrails"
+    assert council["20"]["summary"].endswith("GPU-hours at risk")
 
 
 def test_the_cli_approves_without_the_guardrails_only_when_asked(tmp_path: Path) -> None:
