@@ -18,13 +18,15 @@ from fleet.config import CouncilSettings
 from fleet.models import Guardrails
 
 
-def guardrails(p: float, settings: CouncilSettings) -> Guardrails:
+def guardrails(p: float, settings: CouncilSettings, at_risk: float | None = None) -> Guardrails:
     """The guardrails for an approval at council probability `p`: a cheaper type too where
-    `p` lies below the middle of the guarded band (guard to approve threshold)."""
+    `p` lies below the middle of the guarded band (guard to approve threshold); `at_risk`,
+    the GPU-hours at risk where the fleet guards by them."""
     guard = settings.guard()
     _, approve = settings.band()
     return Guardrails(
         predicted_waste=1.0 - p,
         idle_minutes=settings.guard_idle_minutes,
         cheaper_type=p < (guard + approve) / 2,
+        at_risk_gpu_hours=at_risk,
     )

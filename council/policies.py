@@ -32,7 +32,9 @@ def approve_all(features: RequestFeatures, settings: CouncilSettings) -> Council
         at_risk = (1.0 - NO_COUNCIL_P) * gpu_hours_asked(features)
         if at_risk >= settings.guard_gpu_hours:
             rails = Guardrails(
-                predicted_waste=1.0 - NO_COUNCIL_P, idle_minutes=settings.guard_idle_minutes
+                predicted_waste=1.0 - NO_COUNCIL_P,
+                idle_minutes=settings.guard_idle_minutes,
+                at_risk_gpu_hours=at_risk,
             )
             return CouncilDecision(
                 outcome=CouncilOutcome.GUARDED,

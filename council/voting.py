@@ -63,13 +63,13 @@ def combine(
     elif p >= approve and quorate and at_risk is None:
         outcome, summary = CouncilOutcome.APPROVED, f"approved with p={p:.2f}"
     else:  # a fleet that opted in to guardrails also shows a human what approval carries
-        rails = None if settings.guard_share is None else guardrails(p, settings)
+        rails = None if settings.guard_share is None else guardrails(p, settings, at_risk)
         short = f"no quorum: {approvers} of {len(votes)} members approve"  # p >= approve
         if rails is not None and p >= guard:
             outcome = CouncilOutcome.GUARDED
             summary = f"approved with guardrails at p={p:.2f}: {rails.describe()}"
             if at_risk is not None:
-                summary += f"; {at_risk:.1f} GPU-hours at risk"
+                summary += f"; {at_risk:.1f} GPU-hours at risk"  # the reason for them
             summary += f"; {short}" if not quorate and p >= approve else ""
         else:
             outcome = CouncilOutcome.SPLIT

@@ -311,6 +311,9 @@ class Guardrails(BaseModel):
     predicted_waste: float  # the chance it ends wasteful, 1 - the council's probability
     idle_minutes: float
     cheaper_type: bool = False
+    # where the fleet guards by size (`[council] guard_gpu_hours`): predicted_waste x the
+    # GPU-hours asked, what the guardrails are there for
+    at_risk_gpu_hours: float | None = None
 
     def describe(self) -> str:
         parts = [f"`gpu-agent run` required (else idle release after {self.idle_minutes:g} min)"]
@@ -320,7 +323,8 @@ class Guardrails(BaseModel):
 
     def outlook(self) -> str:
         """The guardrails and the waste predicted, as the CLI and the page show them."""
-        return f"{self.describe()}; predicted to end wasteful: {self.predicted_waste:.0%}"
+        risk = "" if self.at_risk_gpu_hours is None else f" ({self.at_risk_gpu_hours:.1f} GPU-h)"
+        return f"{self.describe()}; predicted to end wasteful: {self.predicted_waste:.0%}{risk}"
 
 
 class Priced(BaseModel):

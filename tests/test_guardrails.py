@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,7 @@ def test_by_gpu_hours_at_risk_a_large_request_is_guarded_and_a_small_one_is_not(
     small = combine(votes(0.52), SIZED, "t", gpu_hours=4.0)  # 1.9
     assert big.outcome is CouncilOutcome.GUARDED and big.guardrails is not None
     assert big.summary.endswith("19.2 GPU-hours at risk")
+    assert big.guardrails.at_risk_gpu_hours == pytest.approx(19.2)
     assert small.outcome is CouncilOutcome.APPROVED and small.guardrails is None
     assert "1.9 GPU-hours at risk, too few to guard" in small.summary
     # the band below the guard threshold is as before: a human, then a denial
@@ -145,6 +147,7 @@ def test_no_council_guards_by_size_alone_where_the_fleet_asks() -> None:
     guarded_by_size = approve_all(f, SIZED)
     assert guarded_by_size.outcome is CouncilOutcome.GUARDED
     assert guarded_by_size.guardrails is not None and not guarded_by_size.guardrails.cheaper_type
+    assert guarded_by_size.guardrails.at_risk_gpu_hours == 16.0
     small = approve_all(features(random.Random(0), count=2, hours=4.0), SIZED)  # 4 at risk
     assert small.outcome is CouncilOutcome.APPROVED and small.guardrails is None
 
@@ -311,6 +314,17 @@ def test_a_fleet_that_guards_by_gpu_hours_at_risk_spares_the_small_request(
     assert council["1"]["summary"].endswith("GPU-hours at risk, too few to guard")
     assert council["20"]["outcome"] == "approved_with_guardrails"
     assert council["20"]["summary"].endswith("GPU-hours at risk")
+    at_risk = council["20"]["guardrails"]["at_risk_gpu_hours"]
+    assert at_risk == pytest.approx((1 - council["20"]["probability"]) * 40)
+    shown = run_cli(  # the CLI shows what the guardrails are there for
+        "request",
+        *("--project", "vision", "--purpose", "training", "--count", "2", "--hours", "20"),
+        *where[:-1],
+        cwd=ROOT,
+    )
+    assert shown.returncode == 0, shown.stderr
+    outlook = r"guardrails \(approved\): .*predicted to end wasteful: \d+% \([\d.]+ GPU-h\)"
+    assert re.search(outlook, shown.stdout), shown.stdout
 
 
 def test_the_cli_approves_without_the_guardrails_only_when_asked(tmp_path: Path) -> None:
