@@ -47,7 +47,7 @@ from sim.workload import WorkloadSettings
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "philly.csv"
 NONE = 0.000001  # a threshold the fleet file accepts for "nothing" (no denials, no human)
 ALL = 0.999999  # approve nothing plainly: every voted request guarded
-BY_SIZE = 0.000002  # the approve threshold where G decides: none guarded for a low p alone
+BY_SIZE = 0.000002  # approve_threshold where G decides: just above deny, so no cheaper type
 
 
 @dataclass(frozen=True)
