@@ -71,8 +71,7 @@ def fleet_text(point: Point) -> str:
 
 
 def run(point: Point, trace: str, jobs: int | None, habits: float, compliance: float) -> Any:
-    text = fleet_text(point)
-    policy = point.policy
+    text, policy = fleet_text(point), point.policy
     settings = WorkloadSettings(habit_sigma=habits, run_compliance=compliance)
     with tempfile.TemporaryDirectory() as out:
         sim = simulate(
@@ -113,6 +112,8 @@ def main() -> None:
     parser.add_argument("--rules-size", default="80,23,10", help="guard_gpu_hours")
     parser.add_argument("--size", default="192,48,24", help="guard_gpu_hours, no council")
     args = parser.parse_args()
+    if not 0 <= args.compliance <= 1 or args.workers < 1:  # also refuses nan
+        parser.error("--compliance must be from 0 to 1 and --workers at least 1")
     points = [
         Point("no council", "gpu-agent-no-council"),
         Point("rules, all", "gpu-agent-rules", ALL),

@@ -5,7 +5,7 @@ from voting, which both policies' members vote through."""
 from __future__ import annotations
 
 from council.features import RequestFeatures
-from council.voting import Council, gpu_hours_asked
+from council.voting import Council, gpu_hours_asked, gpu_hours_at_risk
 from fleet.config import CouncilSettings
 from fleet.models import CouncilDecision, CouncilOutcome, Guardrails
 
@@ -28,23 +28,22 @@ def approve_all(features: RequestFeatures, settings: CouncilSettings) -> Council
     """The baseline with no council: every request approved; where the fleet guards by the
     GPU-hours at risk (`guard_gpu_hours`), those at risk at an even chance of waste with
     guardrails, so that guarding by size alone is a baseline too."""
-    if settings.guard_share is not None and settings.guard_gpu_hours is not None:
-        at_risk = (1.0 - NO_COUNCIL_P) * gpu_hours_asked(features)
-        if at_risk >= settings.guard_gpu_hours:
-            rails = Guardrails(
-                predicted_waste=1.0 - NO_COUNCIL_P,
-                idle_minutes=settings.guard_idle_minutes,
-                at_risk_gpu_hours=at_risk,
-            )
-            return CouncilDecision(
-                outcome=CouncilOutcome.GUARDED,
-                probability=NO_COUNCIL_P,
-                votes=[],
-                quorum=settings.quorum,
-                policy="none",
-                summary=f"approved with guardrails: no council; {at_risk:.1f} GPU-hours at risk",
-                guardrails=rails,
-            )
+    at_risk = gpu_hours_at_risk(NO_COUNCIL_P, gpu_hours_asked(features), settings)
+    if at_risk is not None and at_risk >= (settings.guard_gpu_hours or 0.0):
+        rails = Guardrails(
+            predicted_waste=1.0 - NO_COUNCIL_P,
+            idle_minutes=settings.guard_idle_minutes,
+            at_risk_gpu_hours=at_risk,
+        )
+        return CouncilDecision(
+            outcome=CouncilOutcome.GUARDED,
+            probability=NO_COUNCIL_P,
+            votes=[],
+            quorum=settings.quorum,
+            policy="none",
+            summary=f"approved with guardrails: no council; {at_risk:.1f} GPU-hours at risk",
+            guardrails=rails,
+        )
     return CouncilDecision(
         outcome=CouncilOutcome.APPROVED,
         probability=1.0,

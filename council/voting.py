@@ -53,7 +53,7 @@ def combine(
     approvers = sum(v.verdict is Verdict.APPROVE for v in votes)
     quorate = approvers >= min(settings.quorum, len(votes))
     rails = None
-    at_risk = _at_risk(p, gpu_hours, settings)
+    at_risk = gpu_hours_at_risk(p, gpu_hours, settings)
     worth_no_rails = at_risk is not None and at_risk < (settings.guard_gpu_hours or 0.0)
     if p <= deny:
         outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
@@ -100,7 +100,7 @@ def gpu_hours_asked(features: RequestFeatures) -> float:
     return features.count * features.hours
 
 
-def _at_risk(p: float, gpu_hours: float | None, settings: CouncilSettings) -> float | None:
+def gpu_hours_at_risk(p: float, gpu_hours: float | None, settings: CouncilSettings) -> float | None:
     """The GPU-hours an approval puts at risk, (1 - p) x those asked, where the fleet guards
     by them (`guard_gpu_hours`); else None."""
     if settings.guard_gpu_hours is None or settings.guard_share is None or gpu_hours is None:
