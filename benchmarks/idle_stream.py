@@ -2,7 +2,7 @@
 read the utilisation stream (sim/idle_stream.py, council/stream.py), on the trace's jobs.
 
     .venv/bin/python benchmarks/idle_stream.py [--trace ../shared/traces/philly.csv]
-        [--jobs N] [--steps 1500] [--seed 0] [--habits 0]
+        [--jobs N] [--steps 1500] [--seed 0] [--habits 0] [--save NPZ]
 
 Per policy on the last 30 % of the trace's span: the pauses it cut (released before the
 work came back) and the share of the tails' GPU-hours it held before releasing. Each model's
@@ -16,6 +16,7 @@ many cuts.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from council.stream_release import save
 from fleet.config import parse_fleet
 from fleet.trace import read_trace
-from sim.idle_stream import compare, on_the_curve
+from sim.idle_stream import compare, on_the_curve, train_release
 from sim.simulate import fleet_source
 from sim.workload import WorkloadSettings, synthesize
 
@@ -41,6 +43,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--habits", type=float, default=0.0, help="simulate --habits")
+    parser.add_argument(
+        "--save",
+        metavar="NPZ",
+        help='instead: train the GRU the monitor releases by (idle_release = "stream"), its '
+        "threshold matched to the trace fleet's own rule, and write it here",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     name, text = fleet_source(None)
@@ -48,6 +56,20 @@ def main() -> None:
     settings = WorkloadSettings(seed=args.seed, habit_sigma=args.habits)
     jobs = synthesize(read_trace(args.trace, limit=args.jobs), config, settings).jobs
     started = time.perf_counter()
+    if args.save:
+        state, threshold, figures = train_release(
+            jobs, config.monitor, args.seed, args.steps, log=print
+        )
+        meta = {
+            "trained_on": f"{len(jobs)} jobs of {Path(args.trace).name}, workload seed "
+            f"{args.seed}, habits {args.habits:g}, {args.steps} steps",
+            "matched_to": "the trace fleet's own idle rule (fleet/data/trace_fleet.toml)",
+            **figures,
+        }
+        save(Path(args.save), state, threshold, meta)
+        print(json.dumps({"threshold": threshold, **figures}, indent=1))
+        print(f"wrote {args.save} ({time.perf_counter() - started:.0f} s)")
+        return
     got = compare(jobs, seed=args.seed, steps=args.steps, log=print)
     rows = got["policies"]
     assert isinstance(rows, dict)

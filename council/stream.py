@@ -24,32 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from council.cfc import GRU, CfC
+from council.stream_release import Query, sequence
 
 Kind = Literal["cfc", "gru", "logistic"]
 KINDS: tuple[Kind, ...] = ("cfc", "gru", "logistic")
 SUMMARY = 7  # summary(): the logistic regression's inputs
-
-
-@dataclass(frozen=True)
-class Query:
-    """An idle stretch `idle_hours` long so far, after `before`: (utilisation %, hours) per
-    stretch since the allocation started, on a lease of `lease_hours`."""
-
-    before: tuple[tuple[float, float], ...]
-    idle_hours: float
-    lease_hours: float
-
-
-def sequence(q: Query) -> tuple[list[list[float]], list[float]]:
-    """The query as steps: per stretch (and the idle one so far, last) its utilisation as a
-    share, log(1 + hours) and the share of the lease gone when it ended; and each step's
-    time step, its hours."""
-    steps, dts, t = [], [], 0.0
-    for util, hours in (*q.before, (0.0, q.idle_hours)):
-        t += hours
-        steps.append([util / 100.0, math.log1p(hours), min(t / q.lease_hours, 4.0)])
-        dts.append(hours)
-    return steps, dts
 
 
 def summary(q: Query) -> list[float]:

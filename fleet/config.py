@@ -64,6 +64,10 @@ class MonitorSettings(_Strict):
         default_factory=dict
     )
     pause_factor: float = Field(default=1.5, ge=1)
+    # "stream": where no command is known, when to release an idle allocation is read from its
+    # utilisation stream by a model that tells a pause from an ending (council.stream_release),
+    # instead of the timeout and the pause factor; opt-in: trained on the simulator's jobs
+    idle_release: Literal["timeout", "stream"] = "timeout"
     throttle_temp_c: float = Field(default=85, gt=0)
     sample_window: int = Field(default=10, ge=1, le=1000)
     # Wall-clock seconds, whatever the clock's time_scale: how often a process that monitors

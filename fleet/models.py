@@ -463,10 +463,20 @@ class MonitorState(BaseModel):
     # is no evidence here, as under a running command
     works_while_idle: bool = False
     # it resumes work an idle release ended (fleet.ledger.rows.Resumed): the council's
-    # stricter idle release is spared it, the purpose's timeout applies
+    # stricter idle release and the stream's are spared it, the purpose's timeout applies
     guard_spared: bool = False
     low_util_warned: bool = False
     throttled: list[str] = Field(default_factory=list)
+    # the utilisation stream so far, for a release that reads it (`[monitor] idle_release =
+    # "stream"`, fleet.monitoring): the stretches that ended, (mean utilisation %, seconds),
+    # idle ones at 0, at most fleet.monitoring.STREAM_STRETCHES (the oldest merged); the working
+    # stretch under way since `stretch_since` (its readings' sum and count); and when the
+    # idle stretch under way is to be released, as the stream model said at its start
+    stream: list[tuple[float, float]] = Field(default_factory=list)
+    stretch_since: float | None = None
+    stretch_util_sum: float = 0.0
+    stretch_n: int = 0
+    stream_limit_s: float | None = None
     # when the next tick is due (epoch s, exact: it may be the ledger's deadline), planned at
     # the end of this one; None: not planned yet
     wake_at: float | None = None

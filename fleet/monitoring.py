@@ -13,7 +13,10 @@
   resumes, MonitorState.guard_spared). But for the tail, none is shorter than
   `pause_factor` x the longest pause the job has already come back from, in this allocation
   or in the one it resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not
-  released after 30;
+  released after 30. With `idle_release = "stream"` a model that reads the allocation's
+  utilisation stream (council.stream_release, given as `IdlePolicy.release_after`) says at
+  the start of each idle stretch when to release instead of the timeout and the pause
+  factor (an approval's guardrails still shorten it);
 - hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
 - unhealthy: a GPU with an XID error or lost ends the allocation at once.
 A reading whose field is unavailable (None) counts neither for nor against a conclusion.
@@ -22,6 +25,7 @@ A reading whose field is unavailable (None) counts neither for nor against a con
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -40,13 +44,26 @@ class IdlePolicy:
     work: Work = "unknown"
     # an approval with guardrails' stricter timeout where no command is known (its minutes)
     guard_minutes: float | None = None
+    # where the release reads the stream: the stretches before an idle one, (utilisation %,
+    # hours), to the hours of idling after which to release (council.stream_release)
+    release_after: Callable[[tuple[tuple[float, float], ...]], float] | None = None
+
+
+STREAM_STRETCHES = 64  # the stream's stretches kept in the state; the oldest are merged
 
 
 UNKNOWN = IdlePolicy()  # nothing known but utilisation (a training job's timeout)
 
 
-def idle_limit_s(settings: MonitorSettings, policy: IdlePolicy, longest_pause_s: float) -> float:
-    """How long every GPU may sit idle before the allocation is released (inf: never)."""
+def idle_limit_s(
+    settings: MonitorSettings,
+    policy: IdlePolicy,
+    longest_pause_s: float,
+    stream_limit_s: float | None = None,
+) -> float:
+    """How long every GPU may sit idle before the allocation is released (inf: never);
+    `stream_limit_s`: what the stream model said at the idle stretch's start, which replaces
+    the timeout and the pause factor (a guardrail's rule, where shorter, still applies)."""
     if policy.work == "running":
         return math.inf
     if policy.work == "done":
@@ -54,7 +71,49 @@ def idle_limit_s(settings: MonitorSettings, policy: IdlePolicy, longest_pause_s:
     minutes = settings.idle_timeout_by_purpose.get(policy.purpose, settings.idle_timeout_minutes)
     if policy.guard_minutes is not None:
         minutes = min(minutes, policy.guard_minutes)
-    return max(minutes * 60.0, settings.pause_factor * longest_pause_s)
+    rule = max(minutes * 60.0, settings.pause_factor * longest_pause_s)
+    if stream_limit_s is None:
+        return rule
+    return stream_limit_s if policy.guard_minutes is None else min(stream_limit_s, rule)
+
+
+def _stream_limit(state: MonitorState, policy: IdlePolicy) -> float | None:
+    return state.stream_limit_s if policy.release_after is not None else None
+
+
+def _stretch(state: MonitorState, util: float, seconds: float) -> None:
+    """A stretch of the stream ended; past STREAM_STRETCHES the two oldest become one."""
+    state.stream.append((util, seconds))
+    if len(state.stream) > STREAM_STRETCHES:
+        (u0, s0), (u1, s1) = state.stream[:2]
+        total = s0 + s1
+        state.stream[:2] = [((u0 * s0 + u1 * s1) / total if total > 0 else 0.0, total)]
+
+
+def _idle_began(state: MonitorState, now: float, started_at: float, policy: IdlePolicy) -> None:
+    """The working stretch under way ended (if any): where no command is known, ask the
+    stream model when to release (under a command its word would not count)."""
+    assert policy.release_after is not None
+    if state.stretch_n:
+        since = state.stretch_since if state.stretch_since is not None else started_at
+        _stretch(state, state.stretch_util_sum / state.stretch_n, now - since)
+    state.stretch_util_sum, state.stretch_n = 0.0, 0
+    state.stream_limit_s = None
+    if policy.work == "unknown":
+        hours = policy.release_after(tuple((u, s / 3600.0) for u, s in state.stream))
+        state.stream_limit_s = 3600.0 * hours
+
+
+def _work_back(state: MonitorState, now: float, started_at: float, mean: float) -> None:
+    """A working reading: the idle stretch under way (if any) ended, the working one goes on."""
+    if state.idle_since is not None:
+        _stretch(state, 0.0, now - state.idle_since.timestamp())
+        state.stretch_since, state.stretch_util_sum, state.stretch_n = now, 0.0, 0
+        state.stream_limit_s = None
+    elif state.stretch_since is None:
+        state.stretch_since = started_at
+    state.stretch_util_sum += mean
+    state.stretch_n += 1
 
 
 def _pause_over(state: MonitorState, now: float) -> None:
@@ -73,7 +132,11 @@ def _copy(state: MonitorState) -> MonitorState:
     """A copy whose lists can change without touching `state` (model_copy(deep=True) is
     many times slower, and this runs at every tick)."""
     return state.model_copy(
-        update={"window": list(state.window), "throttled": list(state.throttled)}
+        update={
+            "window": list(state.window),
+            "throttled": list(state.throttled),
+            "stream": list(state.stream),
+        }
     )
 
 
@@ -138,19 +201,24 @@ def assess(
         )
     elif utils and len(utils) == len(samples) and max(utils) < settings.idle_util_pct:
         if state.idle_since is None:
+            if policy.release_after is not None:
+                _idle_began(state, now, started_at, policy)
             state.idle_since = utc(now)
         idle_s = now - state.idle_since.timestamp()
-        if idle_s >= idle_limit_s(settings, policy, state.longest_pause_s):
+        stream = _stream_limit(state, policy)
+        if idle_s >= idle_limit_s(settings, policy, state.longest_pause_s, stream):
             release = ReleaseReason.IDLE
             events.append(
                 Event(
                     at=utc(now),
                     kind=EventKind.IDLE,
                     message=f"every GPU under {settings.idle_util_pct:g}% for {_span(idle_s)}"
-                    f"{_holding(samples)}{_why(policy)}",
+                    f"{_holding(samples)}{_why(policy, stream is not None)}",
                 )
             )
     elif utils:
+        if policy.release_after is not None and mean is not None:
+            _work_back(state, now, started_at, mean)
         _pause_over(state, now)
 
     throttle = []
@@ -173,12 +241,11 @@ def assess(
     return Assessment(state, events, throttle, release, mean)
 
 
-def _why(policy: IdlePolicy) -> str:
-    return (
-        " after its command exited"
-        if policy.work == "done"
-        else f" ({policy.purpose.value}; no command known to run on it)"
-    )
+def _why(policy: IdlePolicy, by_stream: bool = False) -> str:
+    if policy.work == "done":
+        return " after its command exited"
+    read = "; its utilisation stream reads as ended" if by_stream else ""
+    return f" ({policy.purpose.value}; no command known to run on it{read})"
 
 
 def _span(seconds: float) -> str:
@@ -277,6 +344,7 @@ def next_tick(
     warned = state.low_util_warned
     idle_since = state.idle_since.timestamp() if state.idle_since else None
     longest = state.longest_pause_s
+    stream = _stream_limit(state, policy)  # set when the idle stretch under way began
     t = t0
     for k in range(1, _transient(settings, tick) + 1):
         t = t0 + k * tick
@@ -294,7 +362,7 @@ def next_tick(
                 warned = False
         if last.idle:
             idle_since = t if idle_since is None else idle_since
-            if t - idle_since >= idle_limit_s(settings, policy, longest):
+            if t - idle_since >= idle_limit_s(settings, policy, longest, stream):
                 return t
         elif idle_since is not None:
             longest, idle_since = max(longest, t - idle_since), None
@@ -302,9 +370,8 @@ def next_tick(
     if last.mean < settings.low_util_pct and not warned:
         at = min(at, _grid(t0, max(t + tick, started_at + window_s), tick))
     if last.idle and idle_since is not None:
-        at = min(
-            at, _grid(t0, max(t + tick, idle_since + idle_limit_s(settings, policy, longest)), tick)
-        )
+        limit = idle_limit_s(settings, policy, longest, stream)
+        at = min(at, _grid(t0, max(t + tick, idle_since + limit), tick))
     return at
 
 
@@ -351,8 +418,14 @@ def skip(
         ]
         if t - started_at >= window_s and mean >= settings.low_util_pct:
             warned = False
+    stretch = (  # the working stretch under way goes on (a recorded stream only)
+        {"stretch_util_sum": state.stretch_util_sum + n * mean, "stretch_n": state.stretch_n + n}
+        if state.stretch_since is not None and not last.idle
+        else {}
+    )
     return state.model_copy(
         update={
+            **stretch,
             "util_sum": util_sum,
             "window": window,
             "low_util_warned": warned,

@@ -9,9 +9,10 @@ plain `Context` fields, which resolve to services opened once per process. `Serv
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,11 @@ from langgraph.runtime import Runtime
 
 from council.voting import Council
 from fleet.choose_backend import BackendChoice
+from fleet.models import Allocation
 from fleet.services import Services, open_services
 from fleet.statedir import default_state_dir
+
+Releaser = Callable[[tuple[tuple[float, float], ...]], float]
 
 __all__ = ["Context", "LocalContext", "Services", "open_services", "services_for"]
 
@@ -126,6 +130,17 @@ def council_of(svc: Services) -> Council:
         svc.chosen_council = council_for(svc.config.council)
     council: Council = svc.chosen_council
     return council
+
+
+def release_after(svc: Services, allocation: Allocation) -> Releaser | None:
+    """Where the fleet releases idle GPUs by their stream (`[monitor] idle_release =
+    "stream"`): the shipped model, on this allocation's lease (read once per process)."""
+    if svc.config.monitor.idle_release != "stream":
+        return None
+    from council.stream_release import shipped
+
+    lease_hours = (allocation.lease_end - allocation.started_at).total_seconds() / 3600.0
+    return functools.partial(shipped().after, lease_hours=max(lease_hours, 1e-6))
 
 
 def services_for(runtime: Runtime[Context]) -> Services:

@@ -20,7 +20,7 @@ from fleet.ledger.rows import Lease
 from fleet.models import Event, EventKind, MonitorState, utc
 from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, readings, skip
 from fleet.services import Services
-from nodes.context import Context, services_for
+from nodes.context import Context, release_after, services_for
 from nodes.progress import report, streaming
 from nodes.state import State, guardrails_of, request_of
 
@@ -46,16 +46,20 @@ def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
     }
 
 
-def _policy(work: Work, state: State, mon: MonitorState) -> IdlePolicy:
+def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdlePolicy:
     """What idling means here: a work that went on while idle is treated as running; the
     council's guardrails, where it approved with them and no human dropped them, shorten
     the timeout, unless an idle release already ended the work this allocation resumes
-    (a second kill in the next pause would cost the work twice)."""
-    rails = None if mon.guard_spared else guardrails_of(state)
+    (a second kill in the next pause would cost the work twice); where the fleet says so,
+    the stream model says when to release, with the same exception (its own timeout and
+    pause factor then apply)."""
+    spared = mon.guard_spared
+    rails = None if spared else guardrails_of(state)
     return IdlePolicy(
         request_of(state).purpose,
         "running" if mon.works_while_idle and work == "unknown" else work,
         None if rails is None else rails.idle_minutes,
+        None if spared else release_after(svc, state["allocation"]),
     )
 
 
@@ -98,7 +102,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
             return ended
-        policy = _policy(work(row), state, mon)
+        policy = _policy(work(row), state, mon, svc)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc)
     else:  # planned by the last tick, which read the lease at the same moment
         wake = mon.wake_at
@@ -110,7 +114,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     if ended:
         return ended
     assert row.deadline is not None
-    policy = _policy(work(row), state, mon)
+    policy = _policy(work(row), state, mon, svc)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(

@@ -28,17 +28,19 @@ import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from numpy.typing import NDArray
 
 from council.dataset import THRESHOLDS, TRAIN
-from council.stream import KINDS, Kind, Query, StreamNet, batch, fit, probabilities
+from council.stream import KINDS, Kind, StreamNet, batch, fit, probabilities
+from council.stream_release import MAX_WAIT_HOURS, TICK_HOURS, Query
 from fleet.config import MonitorSettings
-from fleet.monitoring import UNKNOWN, idle_limit_s
+from fleet.models import Purpose
+from fleet.monitoring import UNKNOWN, IdlePolicy, idle_limit_s
 from sim.workload import SimJob
 
-TICK_HOURS = 5 / 60
-MAX_WAIT_HOURS = 4.0
 TIMEOUTS_MIN = (5, 10, 20, 30, 60, 120)  # the timeouts compared (the fleet's training: 30)
 MATCHED_MIN = TIMEOUTS_MIN[1:]  # each model matched to these (5 min is the first tick)
 TRAIN_TICKS = 6  # at most this many ticks of one episode among the training examples
@@ -51,6 +53,7 @@ class Episode:
     ended: bool  # the tail: no work after it
     gpus: int
     submit: float
+    purpose: Purpose = Purpose.TRAINING
 
 
 def episodes(jobs: Sequence[SimJob]) -> list[Episode]:
@@ -62,7 +65,8 @@ def episodes(jobs: Sequence[SimJob]) -> list[Episode]:
         for i, p in enumerate(job.phases):
             if not p.work:
                 q = Query(tuple(before), 0.0, job.requested_hours)
-                out.append(Episode(q, p.hours, i > last_work, job.count, job.submit))
+                ended = i > last_work
+                out.append(Episode(q, p.hours, ended, job.count, job.submit, job.purpose))
             before.append((p.util, p.hours))
     return out
 
@@ -154,6 +158,15 @@ def monitor(eps: Sequence[Episode], minutes: float) -> list[float]:
     ]
 
 
+def fleet_rule(eps: Sequence[Episode], settings: MonitorSettings) -> list[float]:
+    """The fleet's own rule with no command known: its purpose's timeout, never shorter
+    than pause_factor x the longest pause the stream came back from."""
+    return [
+        idle_limit_s(settings, IdlePolicy(e.purpose), 3600.0 * max(pauses(e), default=0.0)) / 3600.0
+        for e in eps
+    ]
+
+
 def pauses(e: Episode) -> list[float]:
     """The hours of the pauses before the episode's idle stretch."""
     return [h for u, h in e.query.before if u <= 0]
@@ -242,3 +255,34 @@ def on_the_curve(got: Mapping[str, object], curve: Sequence[Mapping[str, object]
             y = y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
             return held / y if y > 0 else float("nan")
     return float("nan")
+
+
+def train_release(
+    jobs: Sequence[SimJob],
+    settings: MonitorSettings,
+    seed: int = 0,
+    steps: int = 1500,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[dict[str, NDArray[Any]], float, dict[str, object]]:
+    """The GRU the monitor releases by (`[monitor] idle_release = "stream"`): trained on the
+    first 60 % of the jobs' span, its threshold chosen on the next 10 % to cut no more
+    pauses there than the fleet's own rule (`settings`), judged against that rule on the
+    last 30 %. Returns its state (numpy arrays), the threshold and the figures."""
+    train, val, test = split(episodes(jobs))
+    if not train or not val or not test:
+        raise ValueError("too few jobs: every slice needs idle stretches")
+    queries, labels = examples(train, seed)
+    log(f"training the gru on {len(queries):,} ticks of {len(train):,} idle stretches")
+    net = fit(StreamNet("gru", seed), batch(queries), torch.tensor(labels), steps, seed)
+    allowed = judge(val, fleet_rule(val, settings)).cut
+    threshold = matched(Scored(net, val), val, allowed)
+    state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    figures: dict[str, object] = {
+        "episodes": {"train": len(train), "validation": len(val), "test": len(test)},
+        "validation_cuts_allowed": allowed,
+        "test": {
+            "fleet rule": judge(test, fleet_rule(test, settings)).figures(),
+            "gru": judge(test, Scored(net, test).release_at(threshold)).figures(),
+        },
+    }
+    return state, threshold, figures

@@ -163,6 +163,22 @@ def test_work_resumed_at_once_after_an_idle_release_went_on_while_it_looked_idle
     assert ledger.resume(aid, "a-222222222222", T0 + 2400, T0 + 2400) == Resumed(1800.0, True, True)
 
 
+def test_an_idle_release_anywhere_back_along_the_resumes_spares_the_work(
+    ledger: Ledger,
+) -> None:
+    """Killed in a pause by an idle release, resumed, then ended by its lease and resumed
+    again: the third allocation still carries the first's lesson (the council's and the
+    stream's stricter releases spare it). A chain with no idle release carries none."""
+    first, second, third = (place(ledger, f"c{i}") for i in range(3))
+    ledger.release(first, ReleaseReason.IDLE, T0 + 3600)
+    assert ledger.resume(first, second, T0 + 4000, T0 + 4000).idle_released
+    ledger.release(second, ReleaseReason.LEASE_EXPIRED, T0 + 7200)
+    assert ledger.resume(second, third, T0 + 7300, T0 + 7300).idle_released
+    plain, after = place(ledger, "d0"), place(ledger, "d1")
+    ledger.release(plain, ReleaseReason.LEASE_EXPIRED, T0 + 3600)
+    assert not ledger.resume(plain, after, T0 + 3700, T0 + 3700).idle_released
+
+
 def test_resumes_names_an_allocation() -> None:
     with pytest.raises(ValueError, match="allocation id"):
         GPURequest(project="p", duration_hours=1, resumes="../a-1")

@@ -43,6 +43,7 @@ def test_default_fleet() -> None:
         (SMALL_FLEET.replace('"RTX4090"]', '"GTX480"]', 1), "catalog names 'GTX480', not a type"),
         (SMALL_FLEET.replace('"T4", "RTX4090"]', '"T4", "T4", "RTX4090"]', 1), "a type twice"),
         (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
+        (SMALL_FLEET + '\n[monitor]\nidle_release = "model"\n', "'timeout' or 'stream'"),
         (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
         (SMALL_FLEET + "\n[preemption]\nborrow_dearer = true\n", "borrow_dearer needs borrow"),
         ("", "catalog"),

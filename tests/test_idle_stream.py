@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from council.stream import Query, StreamNet, batch, fit, probabilities, sequence
+from council.stream import StreamNet, batch, fit, probabilities
+from council.stream_release import Query, sequence
 from fleet.models import Purpose
 from sim.idle_stream import (
     Episode,

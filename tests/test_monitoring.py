@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from fleet.config import MonitorSettings
 from fleet.models import EventKind, GPUSample, MonitorState, Purpose, ReleaseReason, utc
-from fleet.monitoring import UNKNOWN, Assessment, IdlePolicy, assess, idle_limit_s
+from fleet.monitoring import (
+    STREAM_STRETCHES,
+    UNKNOWN,
+    Assessment,
+    IdlePolicy,
+    assess,
+    idle_limit_s,
+)
 
 S = MonitorSettings(
     tick_seconds=60,
@@ -125,3 +132,56 @@ def test_a_job_that_paused_for_40_minutes_is_not_released_after_30() -> None:
     assert released_at(results)[0] == 5 + 40 + 5 + 60
     assert released_at(run(utils))[0] == 5 + 30
     assert idle_limit_s(S, IdlePolicy(), 40 * 60.0) == 60 * 60.0
+
+
+class Model:
+    """The stream model as the monitor sees it (IdlePolicy.release_after): what it was asked,
+    and hours of idling that depend on the stream read."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[tuple[float, float], ...]] = []
+
+    def __call__(self, before: tuple[tuple[float, float], ...]) -> float:
+        self.asked.append(before)
+        return 0.5 if len(before) < 3 else 0.1
+
+
+def test_the_stream_release_reads_the_stretches_and_releases_when_its_model_says() -> None:
+    """Work 31 min, a 20-minute pause (its model says 30 min: kept), work 10 min, idle: the
+    model now reads three stretches and says 6 min, where the timeout would wait 30."""
+    model = Model()
+    utils = [[80.0]] * 30 + [[0.0]] * 20 + [[60.0]] * 10 + [[0.0]] * 40
+    results = run(utils, policy=IdlePolicy(release_after=model))
+    first, again = ((80.0, 31 / 60),), ((80.0, 31 / 60), (0.0, 20 / 60), (60.0, 10 / 60))
+    assert model.asked[:2] == [first, again]
+    assert released_at(results)[0] == 60 + 6
+    assert "its utilisation stream reads as ended" in results[66].events[-1].message
+    assert results[66].state.stream == [(80.0, 31 * 60.0), (0.0, 20 * 60.0), (60.0, 10 * 60.0)]
+    assert released_at(run(utils))[0] == 60 + 30  # the timeout
+
+
+def test_a_guardrail_still_shortens_the_stream_release_and_a_command_keeps_it() -> None:
+    def hour(before: tuple[tuple[float, float], ...]) -> float:
+        return 1.0
+
+    utils = [[80.0]] * 5 + [[0.0]] * 70
+    guarded = run(utils, policy=IdlePolicy(guard_minutes=10, release_after=hour))
+    assert released_at(guarded)[0] == 5 + 10
+    assert released_at(run(utils, policy=IdlePolicy(release_after=hour)))[0] == 5 + 60
+    running = run(utils, policy=IdlePolicy(work="running", release_after=hour))
+    assert released_at(running) == []
+    # the stream's word replaces the timeout and the pause factor, not a guardrail's
+    assert idle_limit_s(S, IdlePolicy(), 40 * 60.0, 600.0) == 600.0
+    assert idle_limit_s(S, IdlePolicy(guard_minutes=10), 40 * 60.0, 7200.0) == 60 * 60.0
+
+
+def test_the_stream_kept_in_the_state_is_bounded_and_keeps_its_time() -> None:
+    def hour(before: tuple[tuple[float, float], ...]) -> float:
+        return 1.0
+
+    utils = [[50.0], [0.0]] * 100
+    state = run(utils, policy=IdlePolicy(release_after=hour))[-1].state
+    assert len(state.stream) == STREAM_STRETCHES
+    assert sum(s for _, s in state.stream) == 200 * 60.0  # from the start to the last idle
+    assert state.stream[-1] == (50.0, 60.0) and state.stream[-2] == (0.0, 60.0)
+    assert run(utils)[-1].state.stream == []  # kept only where the release reads it

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from council.stream_release import shipped
 from fleet.clock import VirtualClock
 from fleet.config import MonitorSettings
 from fleet.models import EventKind, GPUSample, MonitorState, Purpose, utc
@@ -152,15 +153,18 @@ def _change_after(levels: list[tuple[float, float]], t: float) -> float:
     ),
     st.integers(0, 59),
     st.sampled_from(["unknown", "done", "running"]),
+    st.booleans(),
 )
 def test_skipped_ticks_conclude_what_every_tick_concludes(
-    phases: list[tuple[int, float]], offset: int, work: Work
+    phases: list[tuple[int, float]], offset: int, work: Work, stream: bool
 ) -> None:
     """Piecewise-constant readings (phases of 1-240 minutes at idle, bursty, low and busy
-    levels), whatever the command's state: the same warnings and idle release at the same
-    ticks, the same totals and the same longest pause (which moves the release when no
-    command is known)."""
-    policy = IdlePolicy(Purpose.TRAINING, work)
+    levels), whatever the command's state, with the timeout or the shipped stream model
+    deciding: the same warnings and idle release at the same ticks, the same totals, the
+    same longest pause (which moves the release when no command is known) and the same
+    stream."""
+    model = functools.partial(shipped().after, lease_hours=6.0) if stream else None
+    policy = IdlePolicy(Purpose.TRAINING, work, release_after=model)
     started = START + offset
     levels, t = [], started
     for minutes, util in phases:
@@ -176,6 +180,8 @@ def test_skipped_ticks_conclude_what_every_tick_concludes(
         assert b.longest_pause_s == a.longest_pause_s
         assert b.util_sum == pytest.approx(a.util_sum)
         assert b.low_util_warned == a.low_util_warned
+        assert b.stream == a.stream and b.stretch_n == a.stretch_n
+        assert b.stretch_util_sum == pytest.approx(a.stretch_util_sum)
 
 
 def test_a_monitor_without_promises_runs_every_tick() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from council.stream_release import shipped
 from fleet.config import parse_fleet
 from fleet.ledger import Ledger
 from fleet.models import Purpose, ReleaseReason
@@ -115,6 +116,25 @@ def test_gpu_agent_releases_the_idle_tail_and_routes_by_work(tmp_path: Path) -> 
     [b] = naive
     assert b.gpu_type == "H100" and b.cost_usd == pytest.approx(48.0)
     assert b.hoarded_gpu_hours == pytest.approx(7.0)
+
+
+def test_the_stream_release_lets_a_tail_go_when_the_stream_reads_as_ended(
+    tmp_path: Path,
+) -> None:
+    """`[monitor] idle_release = "stream"`: 2 h of work on the named A100 at 80 %, half of
+    the 4 h lease, then a 3 h idle tail. The shipped model reads the work and the lease and
+    releases at the idle stretch's first 5-minute tick where the 30-minute timeout waits 30;
+    the same job, the same work, 25 GPU-minutes less hoarded."""
+    tail = [Phase(2.0, 80.0), Phase(3.0, 0.0)]
+    w = Workload([job(0, "p", 0, tail, requested=4.0, named="A100")], {"p": 100.0})
+    stream = parse_fleet(TINY_FLEET + '\n[monitor]\nidle_release = "stream"\n')
+    [a] = run_gpu_agent(w, stream, tmp_path / "stream").attempts
+    [b] = run_gpu_agent(w, parse_fleet(TINY_FLEET), tmp_path / "timeout").attempts
+    assert shipped().after(((80.0, 2.0),), 4.0) == pytest.approx(5 / 60)
+    assert (a.outcome, a.reason, b.outcome) == ("completed", "idle", "completed")
+    assert held_s(a) == pytest.approx(125 * 60) and held_s(b) == pytest.approx(150 * 60)
+    assert a.hoarded_gpu_hours == pytest.approx(5 / 60)
+    assert a.work_gpu_hours == b.work_gpu_hours == pytest.approx(2.0)
 
 
 def test_a_pause_longer_than_the_idle_timeout_kills_the_job_and_it_runs_again(

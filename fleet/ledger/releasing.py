@@ -228,8 +228,9 @@ class Releasing(ProjectRecord):
                 return Resumed(0.0, False)
             idle = row["reason"] == ReleaseReason.IDLE.value
             working = idle and asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
+            misled = idle or _idle_released_before(db, aid)
             if row["resumed_by"] is not None:
-                return Resumed(float(row["pause_s"] or 0.0), working, idle)
+                return Resumed(float(row["pause_s"] or 0.0), working, misled)
             pause = (
                 max(0.0, started_at - (row["ended_at"] - row["hoarded_hours"] * 3600.0))
                 if row["hoarded_hours"] > 0
@@ -257,7 +258,7 @@ class Releasing(ProjectRecord):
                     "THEN idle_gpu_hours - ? ELSE 0 END WHERE project=?",
                     (was, was, row["project"]),
                 )
-            return Resumed(pause, working, idle)
+            return Resumed(pause, working, misled)
 
     def reconcile(self, now: float) -> list[Release]:
         """Release leases that ran out while no monitor was alive to see it."""
@@ -296,3 +297,16 @@ class Releasing(ProjectRecord):
             for project in sorted({r.project for r in rows}):
                 self._fit_deadlines(db, project, now)
             return releases
+
+
+def _idle_released_before(db: Conn, aid: str) -> bool:
+    """Whether an allocation whose work `aid` resumed, or one that resumed, back along the
+    chain, was released for idling: a pause that cost the work once must not cost it again
+    after a kill of another kind (a lease that ran out) came between."""
+    row = db.execute(
+        "WITH RECURSIVE chain(id) AS (SELECT allocation_id FROM history WHERE resumed_by=? "
+        "UNION SELECT h.allocation_id FROM history h JOIN chain c ON h.resumed_by = c.id) "
+        "SELECT 1 FROM history WHERE allocation_id IN (SELECT id FROM chain) AND reason=? LIMIT 1",
+        (aid, ReleaseReason.IDLE.value),
+    ).fetchone()
+    return row is not None

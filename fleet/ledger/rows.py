@@ -95,8 +95,9 @@ class Resumed:
 
     pause_s: float  # the longest pause the work has come back from
     working: bool  # it went on at once after an idle release: it works while looking idle
-    # the allocation it resumes was released for idling: its idleness misled once, so the
-    # council's stricter idle release (council.guardrails) does not apply again
+    # the allocation it resumes, or one before it along the chain of resumes, was released
+    # for idling: its idleness misled once, so the council's stricter idle release
+    # (council.guardrails) and the stream's do not apply again
     idle_released: bool = False
 
 
