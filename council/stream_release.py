@@ -121,7 +121,9 @@ class Release:
 
 
 def save(path: Path, state: Mapping[str, NDArray[Any]], threshold: float, meta: Any) -> None:
-    """The GRU's arrays, its threshold and how both were chosen (`meta`, JSON)."""
+    """The GRU's arrays, its threshold and how both were chosen (`meta`, JSON); refused
+    (ValueError) where they would not load."""
+    Release(state, threshold)
     header = {"threshold": threshold, "meta": meta}
     write_arrays(
         path, {"header": np.array(json.dumps(header))} | {f"state/{k}": state[k] for k in ARRAYS}

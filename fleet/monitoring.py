@@ -90,18 +90,33 @@ def _stretch(state: MonitorState, util: float, seconds: float) -> None:
         state.stream[:2] = [((u0 * s0 + u1 * s1) / total if total > 0 else 0.0, total)]
 
 
-def _idle_began(state: MonitorState, now: float, started_at: float, policy: IdlePolicy) -> None:
-    """The working stretch under way ended (if any): where no command is known, ask the
-    stream model when to release (under a command its word would not count)."""
-    assert policy.release_after is not None
+def _recording(state: MonitorState, policy: IdlePolicy) -> bool:
+    """Whether the stream is kept: where the release reads it, and once begun (so that
+    `skip`, which knows no policy, and `assess` keep the same stream)."""
+    return policy.release_after is not None or state.stretch_since is not None
+
+
+def _idle_began(state: MonitorState, now: float, started_at: float) -> None:
+    """The working stretch under way ended (if any)."""
     if state.stretch_n:
         since = state.stretch_since if state.stretch_since is not None else started_at
-        _stretch(state, state.stretch_util_sum / state.stretch_n, now - since)
+        # rounded, so that the readings summed one tick at a time (assess) and n at once
+        # (skip) give the stream model the same stretch
+        mean = round(state.stretch_util_sum / state.stretch_n, 6)
+        _stretch(state, mean, now - since)
+    if state.stretch_since is None:
+        state.stretch_since = started_at
     state.stretch_util_sum, state.stretch_n = 0.0, 0
     state.stream_limit_s = None
-    if policy.work == "unknown":
-        hours = policy.release_after(tuple((u, s / 3600.0) for u, s in state.stream))
-        state.stream_limit_s = 3600.0 * hours
+
+
+def _ask_stream(state: MonitorState, policy: IdlePolicy) -> None:
+    """Once per idle stretch, where no command is known (also when one stops being known
+    during it): the stream model's word on when to release."""
+    if policy.release_after is None or policy.work != "unknown" or state.stream_limit_s is not None:
+        return
+    hours = policy.release_after(tuple((u, s / 3600.0) for u, s in state.stream))
+    state.stream_limit_s = 3600.0 * hours
 
 
 def _work_back(state: MonitorState, now: float, started_at: float, mean: float) -> None:
@@ -201,23 +216,25 @@ def assess(
         )
     elif utils and len(utils) == len(samples) and max(utils) < settings.idle_util_pct:
         if state.idle_since is None:
-            if policy.release_after is not None:
-                _idle_began(state, now, started_at, policy)
+            if _recording(state, policy):
+                _idle_began(state, now, started_at)
             state.idle_since = utc(now)
+        _ask_stream(state, policy)
         idle_s = now - state.idle_since.timestamp()
         stream = _stream_limit(state, policy)
-        if idle_s >= idle_limit_s(settings, policy, state.longest_pause_s, stream):
+        limit = idle_limit_s(settings, policy, state.longest_pause_s, stream)
+        if idle_s >= limit:
             release = ReleaseReason.IDLE
             events.append(
                 Event(
                     at=utc(now),
                     kind=EventKind.IDLE,
                     message=f"every GPU under {settings.idle_util_pct:g}% for {_span(idle_s)}"
-                    f"{_holding(samples)}{_why(policy, stream is not None)}",
+                    f"{_holding(samples)}{_why(policy, limit == stream)}",
                 )
             )
     elif utils:
-        if policy.release_after is not None and mean is not None:
+        if _recording(state, policy) and mean is not None:
             _work_back(state, now, started_at, mean)
         _pause_over(state, now)
 
@@ -244,7 +261,7 @@ def assess(
 def _why(policy: IdlePolicy, by_stream: bool = False) -> str:
     if policy.work == "done":
         return " after its command exited"
-    read = "; its utilisation stream reads as ended" if by_stream else ""
+    read = "; released by the model of its utilisation stream" if by_stream else ""
     return f" ({policy.purpose.value}; no command known to run on it{read})"
 
 

@@ -155,7 +155,7 @@ def test_the_stream_release_reads_the_stretches_and_releases_when_its_model_says
     first, again = ((80.0, 31 / 60),), ((80.0, 31 / 60), (0.0, 20 / 60), (60.0, 10 / 60))
     assert model.asked[:2] == [first, again]
     assert released_at(results)[0] == 60 + 6
-    assert "its utilisation stream reads as ended" in results[66].events[-1].message
+    assert "released by the model of its utilisation stream" in results[66].events[-1].message
     assert results[66].state.stream == [(80.0, 31 * 60.0), (0.0, 20 * 60.0), (60.0, 10 * 60.0)]
     assert released_at(run(utils))[0] == 60 + 30  # the timeout
 
@@ -185,3 +185,18 @@ def test_the_stream_kept_in_the_state_is_bounded_and_keeps_its_time() -> None:
     assert sum(s for _, s in state.stream) == 200 * 60.0  # from the start to the last idle
     assert state.stream[-1] == (50.0, 60.0) and state.stream[-2] == (0.0, 60.0)
     assert run(utils)[-1].state.stream == []  # kept only where the release reads it
+
+
+def test_the_stream_is_asked_once_no_command_is_known_and_not_under_one() -> None:
+    """Idle while a command runs: the model is not asked (the command keeps the GPUs);
+    with no command known it is asked once in the stretch, and its word replaces the
+    timeout; a guardrail's rule, where shorter, decides and the event says so."""
+    model = Model()
+    utils = [[80.0]] * 5 + [[0.0]] * 40
+    assert released_at(run(utils, policy=IdlePolicy(work="running", release_after=model))) == []
+    assert model.asked == []
+    results = run(utils, policy=IdlePolicy(release_after=model))
+    assert len(model.asked) == 1 and released_at(results)[0] == 5 + 30
+    guarded = run(utils, policy=IdlePolicy(guard_minutes=10, release_after=model))
+    assert released_at(guarded)[0] == 5 + 10
+    assert "utilisation stream" not in guarded[15].events[-1].message

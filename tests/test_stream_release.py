@@ -82,6 +82,12 @@ def test_bad_thresholds_and_leases_are_refused() -> None:
         Release(state, 0.5).after((), 0.0)
 
 
+def test_weights_that_would_not_load_are_not_written(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        save(tmp_path / "s.npz", _state(_net()), 0.0, {})
+    assert not (tmp_path / "s.npz").exists()
+
+
 def test_the_weights_round_trip_and_the_shipped_ones_are_small(tmp_path: Path) -> None:
     net = _net()
     path = tmp_path / "stream.npz"
