@@ -5,7 +5,7 @@ from voting, which both policies' members vote through."""
 from __future__ import annotations
 
 from council.features import RequestFeatures
-from council.voting import Council, gpu_hours_asked, gpu_hours_at_risk
+from council.voting import Council, gpu_hours_asked, gpu_hours_at_risk, worth_guarding
 from fleet.config import CouncilSettings
 from fleet.models import CouncilDecision, CouncilOutcome, Guardrails
 
@@ -29,7 +29,7 @@ def approve_all(features: RequestFeatures, settings: CouncilSettings) -> Council
     GPU-hours at risk (`guard_gpu_hours`), those at risk at an even chance of waste with
     guardrails, so that guarding by size alone is a baseline too."""
     at_risk = gpu_hours_at_risk(NO_COUNCIL_P, gpu_hours_asked(features), settings)
-    if at_risk is not None and at_risk >= (settings.guard_gpu_hours or 0.0):
+    if at_risk is not None and worth_guarding(at_risk, settings):
         rails = Guardrails(
             predicted_waste=1.0 - NO_COUNCIL_P,
             idle_minutes=settings.guard_idle_minutes,

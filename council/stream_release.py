@@ -1,9 +1,9 @@
 """When to release an idle allocation, read from its utilisation stream: the model of
 council/stream.py that tells a pause from an ending, in numpy (the monitor never imports torch).
 
-At the start of an idle stretch the monitor asks, once, after how long it should release:
-the first tick (every TICK_HOURS, at most MAX_WAIT_HOURS) at which the model's chance that
-the work is over reaches the threshold shipped with the weights. The threshold was chosen on
+Once in an idle stretch where no command is known, the monitor asks after how long it
+should release: the first tick (every TICK_HOURS, at most MAX_WAIT_HOURS) at which the
+model's chance that the work is over reaches the threshold shipped with the weights. The threshold was chosen on
 the trace's jobs to cut no more pauses than the fleet's own rule (`sim/idle_stream.py`,
 `train_release`), so the model trades no more work for the tails it does not hold.
 

@@ -54,7 +54,7 @@ def combine(
     quorate = approvers >= min(settings.quorum, len(votes))
     rails = None
     at_risk = gpu_hours_at_risk(p, gpu_hours, settings)
-    worth_no_rails = at_risk is not None and at_risk < (settings.guard_gpu_hours or 0.0)
+    worth_no_rails = at_risk is not None and not worth_guarding(at_risk, settings)
     if p <= deny:
         outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
     elif worth_no_rails and p >= guard and quorate:
@@ -106,6 +106,11 @@ def gpu_hours_at_risk(p: float, gpu_hours: float | None, settings: CouncilSettin
     if settings.guard_gpu_hours is None or settings.guard_share is None or gpu_hours is None:
         return None
     return (1.0 - p) * gpu_hours
+
+
+def worth_guarding(at_risk: float, settings: CouncilSettings) -> bool:
+    """Whether GPU-hours at risk reach the fleet's `guard_gpu_hours`."""
+    return at_risk >= (settings.guard_gpu_hours or 0.0)
 
 
 def auto_approves(features: RequestFeatures, critical: bool, settings: CouncilSettings) -> bool:

@@ -471,7 +471,7 @@ class MonitorState(BaseModel):
     # "stream"`, fleet.monitoring): the stretches that ended, (mean utilisation %, seconds),
     # idle ones at 0, at most fleet.monitoring.STREAM_STRETCHES (the oldest merged); the working
     # stretch under way since `stretch_since` (its readings' sum and count); and when the
-    # idle stretch under way is to be released, as the stream model said at its start
+    # idle stretch under way is to be released, as the stream model said (once in it)
     stream: list[tuple[float, float]] = Field(default_factory=list)
     stretch_since: float | None = None
     stretch_util_sum: float = 0.0

@@ -14,9 +14,9 @@
   `pause_factor` x the longest pause the job has already come back from, in this allocation
   or in the one it resumes (`GPURequest.resumes`): a job that paused for 40 minutes is not
   released after 30. With `idle_release = "stream"` a model that reads the allocation's
-  utilisation stream (council.stream_release, given as `IdlePolicy.release_after`) says at
-  the start of each idle stretch when to release instead of the timeout and the pause
-  factor (an approval's guardrails still shorten it);
+  utilisation stream (council.stream_release, given as `IdlePolicy.release_after`) says,
+  once in each idle stretch where no command is known, when to release instead of the
+  timeout and the pause factor (an approval's guardrails still shorten it);
 - hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
 - unhealthy: a GPU with an XID error or lost ends the allocation at once.
 A reading whose field is unavailable (None) counts neither for nor against a conclusion.

@@ -38,7 +38,7 @@ from council.stream import KINDS, Kind, StreamNet, batch, fit, probabilities
 from council.stream_release import MAX_WAIT_HOURS, TICK_HOURS, Query
 from fleet.config import MonitorSettings
 from fleet.models import Purpose
-from fleet.monitoring import UNKNOWN, IdlePolicy, idle_limit_s
+from fleet.monitoring import IdlePolicy, idle_limit_s
 from sim.workload import SimJob
 
 TIMEOUTS_MIN = (5, 10, 20, 30, 60, 120)  # the timeouts compared (the fleet's training: 30)
@@ -149,13 +149,11 @@ def timeout(eps: Sequence[Episode], minutes: float) -> list[float]:
 def monitor(eps: Sequence[Episode], minutes: float) -> list[float]:
     """The monitor's own rule with no command known (fleet.monitoring.idle_limit_s, with its
     timeout set to `minutes`): never shorter than pause_factor x the longest pause the
-    stream came back from."""
+    stream came back from (fleet_rule with one timeout for every purpose)."""
     settings = MonitorSettings().model_copy(
         update={"idle_timeout_minutes": minutes, "idle_timeout_by_purpose": {}}
     )
-    return [
-        idle_limit_s(settings, UNKNOWN, 3600.0 * max(pauses(e), default=0.0)) / 3600.0 for e in eps
-    ]
+    return fleet_rule(eps, settings)
 
 
 def fleet_rule(eps: Sequence[Episode], settings: MonitorSettings) -> list[float]:
