@@ -3,9 +3,10 @@ council/stream.py that tells a pause from an ending, in numpy (the monitor never
 
 Once in an idle stretch where no command is known, the monitor asks after how long it
 should release: the first tick (every TICK_HOURS, at most MAX_WAIT_HOURS) at which the
-model's chance that the work is over reaches the threshold shipped with the weights. The threshold was chosen on
-the trace's jobs to cut no more pauses than the fleet's own rule (`sim/idle_stream.py`,
-`train_release`), so the model trades no more work for the tails it does not hold.
+model's chance that the work is over reaches the threshold shipped with the weights. The
+threshold was chosen on the trace's jobs to cut no more pauses than the fleet's own rule
+(`sim/idle_stream.py`, `train_release`), so the model trades no more work for the tails it
+does not hold.
 
 The shipped weights (`council/weights/stream.npz`) are a GRU: it held less of the tails than
 the CfC at as many cuts on the same jobs (docs/decisions.md, "Pause or ending"). They learned
