@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -28,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from council.weightfiles import write_arrays
+from fleet.errors import ConfigError
 
 TICK_HOURS = 5 / 60  # how often the chance is asked, as the idle stretch goes on
 MAX_WAIT_HOURS = 4.0  # released by then whatever the model says
@@ -138,7 +140,15 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
 
 
 @cache
-def shipped(path: Path = WEIGHTS) -> Release:
-    """The release model a fleet with `[monitor] idle_release = "stream"` uses, read once."""
-    header, state = read(path)
-    return Release(state, float(header["threshold"]))
+def shipped(path: Path | None = None) -> Release:
+    """The release model a fleet with `[monitor] idle_release = "stream"` uses, read once and
+    asked once: a file that cannot answer fails here, in one line (ConfigError), not at a
+    monitor's tick while GPUs are held. `path`: WEIGHTS, where none is given."""
+    path = WEIGHTS if path is None else path
+    try:
+        header, state = read(path)
+        model = Release(state, float(header["threshold"]))
+        model.after((), 1.0)
+    except (OSError, EOFError, LookupError, TypeError, ValueError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"cannot load the stream release model from {path}: {e}") from None
+    return model

@@ -44,7 +44,7 @@ from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
 from graph.records import Records
 from nodes import audit
-from nodes.context import LocalContext
+from nodes.context import LocalContext, check_release
 from nodes.review import parse_decision
 from nodes.state import InputState, State, request_of
 from nodes.wiring import after_allocate
@@ -95,6 +95,7 @@ class Orchestrator(Records):
         self.services.monitor_kind = monitor_kind
         self.project = project
         try:
+            check_release(self.services.config)
             self.checkpointer = open_checkpointer(
                 self.services.state_dir, database, pool_size=pool_size
             )

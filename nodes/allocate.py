@@ -67,7 +67,8 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
             reason = f"not started within {request.max_wait_minutes:g} min: {problem}"
             return {"status": Status.TIMED_OUT, "reason": reason, "allocation_id": aid}
         return {"status": Status.DENIED, "reason": problem, "allocation_id": aid}
-    row = svc.ledger.get(aid)  # Slurm: it starts when its job did (Ledger.record_job)
+    if svc.scheduler_holds:  # Slurm: it starts when its job did (Ledger.record_job)
+        row = svc.ledger.get(aid)
     allocation = row.to_allocation()
     resumed = (
         Resumed(0.0, False)

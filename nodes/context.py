@@ -20,6 +20,7 @@ from langgraph.runtime import Runtime
 
 from council.voting import Council
 from fleet.choose_backend import BackendChoice
+from fleet.config import FleetConfig
 from fleet.models import Allocation
 from fleet.services import Services, open_services
 from fleet.statedir import default_state_dir
@@ -132,6 +133,15 @@ def council_of(svc: Services) -> Council:
     return council
 
 
+def check_release(config: FleetConfig) -> None:
+    """Where the fleet releases idle GPUs by their stream, its model is read when the
+    services start (ConfigError, one line, where it cannot be), not first at a tick."""
+    if config.monitor.idle_release == "stream":
+        from council.stream_release import shipped
+
+        shipped()
+
+
 def release_after(svc: Services, allocation: Allocation) -> Releaser | None:
     """Where the fleet releases idle GPUs by their stream (`[monitor] idle_release =
     "stream"`): the shipped model, on this allocation's lease (read once per process)."""
@@ -163,8 +173,14 @@ def services_for(runtime: Runtime[Context]) -> Services:
     key = (str(_compared("state_dir", own.state_dir)), own.fleet_file, choice, own.database)
     with _opened_lock:
         if key not in _opened:
-            _opened[key] = open_services(
+            opened = open_services(
                 own.state_dir, own.fleet_file, backend=choice, database=own.database
             )
+            try:
+                check_release(opened.config)
+            except BaseException:
+                opened.close()
+                raise
+            _opened[key] = opened
             _opened[key].monitor_kind = "server"  # its runs beat for what they monitor
         return _opened[key]

@@ -5,14 +5,17 @@ cut budget it was matched to (sim/idle_stream.py, train_release)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from council import stream_release
 from council.stream import StreamNet, probabilities
 from council.stream_release import (
     MAX_WAIT_HOURS,
@@ -24,10 +27,15 @@ from council.stream_release import (
     save,
     shipped,
 )
+from council.weightfiles import write_arrays
+from fleet.clock import VirtualClock
 from fleet.config import MonitorSettings
+from fleet.errors import ConfigError
 from fleet.models import Purpose
+from graph.orchestrator import Orchestrator
 from sim.idle_stream import episodes, fleet_rule, judge, split, train_release
 from sim.workload import Phase, SimJob
+from tests.conftest import small_config
 
 
 def _net(seed: int = 3) -> StreamNet:
@@ -146,3 +154,41 @@ def test_training_is_seeded_and_keeps_the_fleet_rules_cut_budget() -> None:
         not e.ended and release.after(e.query.before, e.query.lease_hours) < e.hours for e in val
     )
     assert cuts <= allowed
+
+
+@pytest.fixture
+def damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The shipped weights' place holding a file the model cannot be read from."""
+    path = tmp_path / "stream.npz"
+    path.write_bytes(b"not an archive")
+    monkeypatch.setattr(stream_release, "WEIGHTS", path)
+    shipped.cache_clear()
+    yield path
+    shipped.cache_clear()
+
+
+def test_weights_that_cannot_answer_are_one_line_at_start_up(damaged: Path, tmp_path: Path) -> None:
+    """A missing, damaged or misshapen file fails where the services start (the
+    Orchestrator, the simulator, the server), in one line, not at a monitor's tick."""
+    with pytest.raises(ConfigError, match="cannot load the stream release model") as got:
+        shipped()
+    assert "\n" not in str(got.value) and str(damaged) in str(got.value)
+    with pytest.raises(ConfigError):
+        shipped(tmp_path / "missing.npz")
+    header, state = read(WEIGHTS)  # the real file (the name imported before the patch)
+    misshapen = tmp_path / "misshapen.npz"
+    write_arrays(
+        misshapen,
+        {"header": np.array(json.dumps(header))}
+        | {f"state/{k}": v[..., :2] for k, v in state.items()},
+    )
+    with pytest.raises(ConfigError):
+        shipped(misshapen)
+    stream = small_config()
+    stream = stream.model_copy(
+        update={"monitor": stream.monitor.model_copy(update={"idle_release": "stream"})}
+    )
+    with pytest.raises(ConfigError, match="stream release model"):
+        Orchestrator(tmp_path / "state", stream, clock=VirtualClock())
+    with Orchestrator(tmp_path / "state", small_config(), clock=VirtualClock()) as orch:
+        assert orch.services.config.monitor.idle_release == "timeout"  # no model read
