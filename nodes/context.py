@@ -181,6 +181,6 @@ def services_for(runtime: Runtime[Context]) -> Services:
             except BaseException:
                 opened.close()
                 raise
+            opened.monitor_kind = "server"  # its runs beat for what they monitor
             _opened[key] = opened
-            _opened[key].monitor_kind = "server"  # its runs beat for what they monitor
         return _opened[key]

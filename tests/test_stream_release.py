@@ -190,5 +190,6 @@ def test_weights_that_cannot_answer_are_one_line_at_start_up(damaged: Path, tmp_
     )
     with pytest.raises(ConfigError, match="stream release model"):
         Orchestrator(tmp_path / "state", stream, clock=VirtualClock())
+    # a fleet that does not ask for the stream starts: it never reads the damaged file
     with Orchestrator(tmp_path / "state", small_config(), clock=VirtualClock()) as orch:
-        assert orch.services.config.monitor.idle_release == "timeout"  # no model read
+        assert orch.services.config.monitor.idle_release == "timeout"
