@@ -154,7 +154,7 @@ class Monitors:
         if not allocation_ids:
             return set()
         now = time.time() if now is None else now
-        self._one("UPDATE monitors SET beat_at=? WHERE owner=?", (now, owner))
+        self.ledger.db.liveness("UPDATE monitors SET beat_at=? WHERE owner=?", (now, owner))
         held = {
             str(r[0])
             for r in self.ledger.query("SELECT allocation_id FROM monitors WHERE owner=?", (owner,))
@@ -162,8 +162,12 @@ class Monitors:
         return allocation_ids - held
 
     def drop(self, allocation_id: str, owner: str) -> None:
-        """Stop monitoring (the thread ended, or stopped before its allocation did)."""
-        self._one("DELETE FROM monitors WHERE allocation_id=? AND owner=?", (allocation_id, owner))
+        """Stop monitoring (the thread ended, or stopped before its allocation did). A drop
+        that a power failure loses (fleet.sql.Database.liveness) leaves the row of a process
+        that died with it: adopters take it over as they do any dead monitor's."""
+        self.ledger.db.liveness(
+            "DELETE FROM monitors WHERE allocation_id=? AND owner=?", (allocation_id, owner)
+        )
 
     def get(self, allocation_id: str, db: Conn | None = None) -> Watcher | None:
         sql, args = f"{WATCHER} WHERE allocation_id=?", (allocation_id,)

@@ -524,3 +524,28 @@ def test_what_a_release_counts_against_its_project_is_a_property_of_its_reason(
     stats = sqlite_fx.ledger.project_stats("p", T0 + 1800, 4)
     overrun = rates(past_jobs(stats), None, T0 + 1800, 30.0, 0.0).overrun
     assert (overrun == 1.0) is cut and (overrun == 0.0) is not cut
+
+
+def test_routing_reads_no_usage_factor_that_the_budget_check_just_read(
+    tmp_path: Path, config: FleetConfig
+) -> None:
+    """validate and the council ask what a budgeted project's budget admits once its running
+    work has ended, which reads its usage factor; routing asks that factor next, and on
+    SQLite finds it kept (no statement) while nothing was written, and what a fresh ledger
+    reads."""
+    path = tmp_path / "ledger.sqlite"
+    fx = Fixture(path, config)
+    fx.ledger.set_budget("p", 500.0, T0)
+    placed = fx.place("a", T0)
+    assert placed.row is not None
+    fx.ledger.release(placed.row.id, ReleaseReason.EXPLICIT, T0 + 1800)
+    assert fx.ledger.remaining_usd("p", running=False) is not None
+    statements: list[str] = []
+    fx.ledger.db.conn().set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    factor = fx.ledger.usage_factor("p")
+    fx.ledger.db.conn().set_trace_callback(None)  # type: ignore[attr-defined]
+    assert [s for s in statements if not s.startswith("PRAGMA data_version")] == []
+    fresh = Ledger(path, config)
+    assert factor == fresh.usage_factor("p") < 1.0
+    fresh.close()
+    fx.ledger.close()

@@ -3,8 +3,13 @@ on SQLite and PostgreSQL. Times are passed in, so nothing here waits on the mach
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -15,7 +20,7 @@ from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import route
 from fleet.simulated import SimulatedFleet
-from fleet.sql import Conn
+from fleet.sql import Conn, SqliteDatabase
 from fleet.topology import Topology
 
 T0 = 1_800_000_000.0
@@ -151,3 +156,79 @@ def test_an_adopted_allocation_is_reported_lost_to_its_old_monitor(ledger: Ledge
     beat.close()
     watcher = mons.get(aid)
     assert watcher is not None and watcher.owner == "h:9:z:worker"  # not dropped by the loser
+
+
+# A process that claims an allocation's monitor, beats, gives the claim up and dies at once,
+# closing nothing (os._exit): what it said of its liveness must be in the ledger all the same.
+_GIVE_UP_AND_DIE = """
+import os, sys
+from fleet.ledger import Ledger
+from fleet.monitors import Monitors
+from tests.conftest import small_config
+mons = Monitors(Ledger(sys.argv[1], small_config()))
+assert mons.claim(sys.argv[2], "h:1:a:cli", 1.0) is None
+assert mons.beat("h:1:a:cli", {sys.argv[2]}, 2.0) == set()
+assert mons.claim(sys.argv[3], "h:1:a:cli", 1.0) is None
+mons.drop(sys.argv[3], "h:1:a:cli")
+os._exit(0)
+"""
+
+
+def test_beats_and_a_monitor_given_up_outlive_a_crash_of_their_process(
+    ledger: Ledger, database: str
+) -> None:
+    """Beats and giving a monitor up are committed without waiting for the disk on SQLite
+    (fleet.sql.Database.liveness): a crash of the process that made them still finds them."""
+    kept, dropped = place(ledger, "t1"), place(ledger, "t2")
+    subprocess.run(
+        [sys.executable, "-c", _GIVE_UP_AND_DIE, database, kept, dropped],
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    mons = Monitors(ledger)
+    watcher = mons.get(kept)
+    assert watcher is not None and watcher.beat_at == 2.0
+    assert mons.get(dropped) is None
+
+
+def test_liveness_skips_the_sync_for_its_statement_alone(tmp_path: Path) -> None:
+    """Money and GPUs are written at synchronous FULL: a beat or a monitor given up is
+    committed at NORMAL, for its own statement only, also when the statement fails, when an
+    interrupt leaves the level changed, and not at all inside a transaction (SQLite keeps a
+    transaction's level: there it commits with the transaction)."""
+    db = SqliteDatabase(tmp_path / "ledger.sqlite")
+    conn = cast(sqlite3.Connection, db.conn())
+    conn.execute("CREATE TABLE m (a TEXT PRIMARY KEY)")
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+
+    def synchronous() -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert synchronous() == 2  # FULL
+    statements.clear()
+    assert db.liveness("INSERT INTO m (a) VALUES (?)", ("x",)) == 1
+    assert statements == [
+        "PRAGMA synchronous = NORMAL",
+        "INSERT INTO m (a) VALUES ('x')",
+        "PRAGMA synchronous = FULL",
+    ]
+    with pytest.raises(sqlite3.IntegrityError):
+        db.liveness("INSERT INTO m (a) VALUES (?)", ("x",))
+    assert synchronous() == 2
+    with db.write() as tx:  # inside a transaction: no change of level, one commit for both
+        statements.clear()
+        assert db.liveness("INSERT INTO m (a) VALUES (?)", ("y",)) == 1
+        tx.execute("INSERT INTO m (a) VALUES ('z')")
+    assert statements == [
+        "INSERT INTO m (a) VALUES ('y')",
+        "INSERT INTO m (a) VALUES ('z')",
+        "COMMIT",
+    ]
+    # what an interrupt between the two pragmas leaves: FULL again before the next write
+    conn.execute("PRAGMA synchronous = NORMAL")
+    db._relaxed = True
+    with db.write():
+        assert synchronous() == 2
+    conn.set_trace_callback(None)
+    db.close()

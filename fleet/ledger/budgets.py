@@ -75,6 +75,8 @@ class Budgets(Kept):
                         self._expected(db, project) if running else (0.0, self._factor(db, project))
                     )
                     remaining = admissible_usd(budget, self._spent(db, project), expected, factor)
+                    if version is not None and not running:  # routing asks it next
+                        self._factors[project] = (key, factor)
         if version is not None:
             self._remaining[(project, running)] = (key, remaining)
         return remaining
