@@ -47,6 +47,7 @@ class Watcher:
 
     def describe(self, now: float) -> str:
         host, pid = [*self.owner.split(":"), "", ""][:2]
+        host = host.split("@", 1)[0]  # without its PID namespace (this_host)
         return f"{self.kind} pid {pid} on {host}, beat {max(0.0, now - self.beat_at):.0f} s ago"
 
     def gone_here(self) -> bool:
@@ -56,15 +57,24 @@ class Watcher:
 
 
 @functools.cache
-def _host() -> str:
-    """This host's name, read once (the monitor asks at every tick)."""
-    return socket.gethostname()
+def this_host() -> str:
+    """This host's name and PID namespace (name@inode), read once (the monitor asks at every
+    tick). A PID says which process it is only in its own namespace: containers that share a
+    host name (a Kubernetes pod's) and a state directory but not their PIDs must not judge
+    each other's processes by PID (gone_here), only by their beats."""
+    try:
+        namespace = f"@{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux: the host's name alone
+        namespace = ""
+    return socket.gethostname() + namespace
 
 
 def gone_here(owner: str) -> bool:
-    """The process named by `owner` (new_owner's host:pid:...) ran on this host and exited."""
+    """The process named by `owner` (new_owner's host:pid:...) ran on this host, in this PID
+    namespace, and exited. (An owner written before namespaces were named never is: its
+    beats decide.)"""
     host, pid = [*owner.split(":"), "", ""][:2]
-    if host != _host() or not pid.isdigit():
+    if host != this_host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -91,7 +101,7 @@ class Orphan:
 
 def new_owner(kind: str) -> str:
     """A unique name for one monitoring process (or one Orchestrator in it)."""
-    return f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{kind}"
+    return f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{kind}"
 
 
 def _watcher(r: Any) -> Watcher:

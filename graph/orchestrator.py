@@ -288,7 +288,7 @@ class Orchestrator(Records):
         if snap.interrupts:
             human = self._decision(_state(snap.values), project, decision)
             if human is None:
-                return self.outcome(thread_id)
+                return self._stays(thread_id)
             graph_input = Command(resume=human.model_dump())
         elif decision is not None:
             values = _state(snap.values)
@@ -303,7 +303,7 @@ class Orchestrator(Records):
                 )
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
         elif not _to_run(snap):
-            return self.outcome(thread_id)
+            return self._stays(thread_id)
         return self._invoke(
             graph_input,
             thread_id,
@@ -312,6 +312,13 @@ class Orchestrator(Records):
             on_update=_events_to(on_event),
             on_progress=on_progress,
         )
+
+    def _stays(self, thread_id: str) -> RequestOutcome:
+        """Where a thread that does not run here stands (it ended, or waits for a review): a
+        monitor this process claimed for one of its allocations (adopting it) is given up, so
+        that `status` shows who runs it, nobody, rather than a beat for nothing."""
+        self.services.unwatch_thread(thread_id)
+        return self.outcome(thread_id)
 
     def _decision(
         self, values: State, project: str, decision: HumanDecision | bool | Mapping[str, Any] | None

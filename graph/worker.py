@@ -51,6 +51,7 @@ class Worker:
         self.queue = JobQueue(self.orch.services.ledger)
         self._lock = threading.Lock()
         self._adopted: set[str] = set()  # threads this worker's threads are adopting
+        self._stranded: set[str] = set()  # allocations adopted whose thread does not run them
 
     def serve(self) -> Counter[str]:
         """Run until `stopping` is set (or, with exit_when_idle, the queue is empty), then
@@ -101,7 +102,7 @@ class Worker:
             return False
         for orphan in orphans:
             tid = orphan.row.thread_id
-            if tid in queued:
+            if tid in queued or orphan.row.id in self._stranded:
                 continue
             with self._lock:
                 if tid in self._adopted:  # another thread of this worker has it
@@ -120,6 +121,17 @@ class Worker:
                 outcome = self.orch.resume(tid)
                 with self._lock:
                     self.finished[f"adopted {outcome.status.value}"] += 1
+                if self.orch.services.ledger.get(orphan.row.id).state != "released":
+                    with self._lock:  # its thread does not run it (it ended, or waits for a
+                        self._stranded.add(orphan.row.id)  # review): not adopted again here
+                    log.warning(
+                        "allocation %s stays unmonitored: its thread %s is %s and does not "
+                        "run it (gpu-agent release %s frees it)",
+                        orphan.row.id,
+                        tid,
+                        outcome.status.value,
+                        orphan.row.id,
+                    )
                 return True
             except Exception:
                 log.exception("adopted thread %s stopped", tid)

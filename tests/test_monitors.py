@@ -3,10 +3,12 @@ on SQLite and PostgreSQL. Times are passed in, so nothing here waits on the mach
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -16,14 +18,17 @@ import pytest
 from fleet.config import FleetConfig
 from fleet.ledger import Ledger
 from fleet.ledger.rows import allocation_id
-from fleet.models import GPURequest, ReleaseReason, RouteDecision
-from fleet.monitors import Heartbeat, Monitors
+from fleet.models import GPURequest, ReleaseReason, RouteDecision, Status
+from fleet.monitors import Heartbeat, Monitors, gone_here, this_host
 from fleet.routing import route
 from fleet.simulated import SimulatedFleet
 from fleet.sql import Conn, SqliteDatabase
 from fleet.topology import Topology
+from graph.orchestrator import Orchestrator
+from graph.worker import Worker
 
 T0 = 1_800_000_000.0
+REQUEST = GPURequest(project="p", count=1, duration_hours=1, gpu_type="A100")
 
 
 @pytest.fixture
@@ -232,3 +237,87 @@ def test_liveness_skips_the_sync_for_its_statement_alone(tmp_path: Path) -> None
         assert synchronous() == 2
     conn.set_trace_callback(None)
     db.close()
+
+
+def test_a_live_monitor_in_another_pid_namespace_is_judged_by_its_beats(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """Containers that share a host name and a state directory but not their PIDs (a
+    Kubernetes pod's, by default): a live monitor in another PID namespace is not judged dead
+    by its PID, which means another process there; only its beats going stale make it an
+    orphan. One of this namespace whose PID has exited still is, at once."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    aid = place(ledger, "t1")
+    ready = tmp_path / "owner"
+    script = (
+        "import pathlib, sys, time\n"
+        "from fleet.monitors import new_owner\n"
+        f"pathlib.Path({str(ready)!r}).write_text(new_owner('cli'))\n"
+        "time.sleep(60)\n"
+    )
+    inside = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        for _ in range(600):  # the namespace and the interpreter start (up to 60 s)
+            if ready.exists() and ready.read_text():
+                break
+            if inside.poll() is not None:
+                pytest.skip("this machine does not allow new PID namespaces")
+            time.sleep(0.1)
+        owner = ready.read_text()
+        assert owner.split(":")[0] != this_host()  # the same host, another namespace
+        mons = Monitors(ledger)
+        assert mons.claim(aid, owner, T0) is None
+        assert not gone_here(owner)
+        assert mons.alive(mons.get(aid), T0 + 1) and mons.orphans(T0 + 1) == []
+        assert [o.row.id for o in mons.orphans(T0 + mons.stale_seconds + 1)] == [aid]
+    finally:
+        inside.kill()
+        inside.wait()
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    assert gone_here(f"{this_host()}:{exited.pid}:x:cli")
+
+
+def test_an_allocation_whose_thread_does_not_run_it_is_not_beaten_for(
+    make_orch: Callable[..., Orchestrator],
+) -> None:
+    """Two requests raced on one named thread (or a thread's checkpoints were lost) and left
+    a live allocation whose thread has ended: adopting it runs nothing, so the adopter gives
+    its claim up at once (`status` then shows it unmonitored, not monitored for nothing), and
+    a worker does not adopt it again and again."""
+    orch = make_orch()
+    ended = orch.request(REQUEST, thread_id="dup", wait=False)
+    assert ended.allocation is not None
+    orch.services.release(ended.allocation.id, ReleaseReason.EXPLICIT)
+    assert orch.resume("dup").status is Status.RELEASED  # the thread ran to its end
+    ledger = orch.services.ledger
+    stray = ledger.place(
+        REQUEST.model_copy(update={"request_id": "r-stray"}),
+        ledger_route(orch),
+        "dup",
+        orch.services.clock.now(),
+        orch.services.inventory,
+        orch.services.topology,
+    ).row
+    assert stray is not None and stray.state == "active"
+    mons = Monitors(ledger)
+    assert [o.row.id for o in orch.orphans()] == [stray.id]
+    for _, thread in orch.adopt():  # resume --orphans
+        thread.join()
+    assert mons.get(stray.id) is None  # given up: nothing runs it
+    assert [o.row.id for o in orch.orphans()] == [stray.id]
+    worker = Worker(orch, concurrency=1)
+    assert worker._adopt_one() is True  # tried once ...
+    assert mons.get(stray.id) is None
+    assert worker._adopt_one() is False  # ... and not again
+    assert ledger.get(stray.id).state == "active"  # left for `gpu-agent release`
+
+
+def ledger_route(orch: Orchestrator) -> RouteDecision:
+    decision = orch.services.route(REQUEST)
+    assert isinstance(decision, RouteDecision)
+    return decision

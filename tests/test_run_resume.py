@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
 from fleet.ledger.runs import successor_id, successor_thread
 from fleet.models import ReleaseReason, RouteDecision
+from fleet.monitors import this_host
 from fleet.routing import route
 from tests.conftest import fleet_toml, run_cli, small_config
 from tests.test_budget_admission import HOUR, T0, Fleet
@@ -249,7 +249,7 @@ def test_a_requeue_asked_for_but_not_placed_is_placed_once_by_resume(tmp_path: P
     aid = json.loads(held.stdout)["allocation"]["id"]
     exited = subprocess.Popen(["true"])  # an exited process of this host: the dead `run`
     exited.wait()
-    dead = f"{socket.gethostname()}:{exited.pid}:x:run"
+    dead = f"{this_host()}:{exited.pid}:x:run"
     out = tmp_path / "where"
     argv = [sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.getcwd())"]
     command = {"argv": argv, "cwd": str(tmp_path), "grace_s": 5.0, "notice_s": 0.0}
