@@ -26,13 +26,15 @@ from fleet.models import GPUInfo, Purpose
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no infinities or NaN anywhere in a fleet file: `inf` is valid TOML, and a price, a
+    # speed, a budget or a clock's scale of inf or nan would reach the ledger and the votes
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GPUTypeSpec(_Strict):
     memory_gb: float = Field(gt=0)
     price_per_hour: float = Field(gt=0)
-    relative_throughput: float = Field(gt=0)
+    relative_throughput: float = Field(ge=0.001, le=1000)  # of the fleet's reference type
     tdp_watts: float = Field(default=400, gt=0)
 
 
@@ -46,7 +48,7 @@ class NodeSpec(_Strict):
 
 
 class MonitorSettings(_Strict):
-    tick_seconds: float = Field(default=60, gt=0)
+    tick_seconds: float = Field(default=60, ge=0.1)
     low_util_pct: float = Field(default=20, ge=0, le=100)
     low_util_window_minutes: float = Field(default=10, gt=0)
     idle_util_pct: float = Field(default=5, ge=0, le=100)
@@ -133,7 +135,7 @@ class CouncilSettings(_Strict):
     # at risk, (1 - p) x the GPU-hours asked, reach this; an approval below it goes without
     # them (council.voting.combine). None: by the probability alone.
     guard_gpu_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
-    quorum: int = Field(default=3, ge=1)
+    quorum: int = Field(default=3, ge=1, le=100)
     history_events: int = Field(default=32, ge=1, le=64)
     record_half_life_days: float = Field(default=7, gt=0)
     record_prior_gpu_hours: float = Field(default=4, ge=0)
@@ -201,7 +203,7 @@ class PreemptionSettings(_Strict):
 
 class QuotaSettings(_Strict):
     default_max_gpus: int | None = Field(default=None, ge=1)
-    projects: dict[str, int] = Field(default_factory=dict)
+    projects: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
 
     def max_gpus(self, project: str) -> int | None:
         return self.projects.get(project, self.default_max_gpus)
@@ -229,7 +231,7 @@ class SlurmSettings(_Strict):
 
 
 class ClockSettings(_Strict):
-    time_scale: float = Field(default=1.0, gt=0)
+    time_scale: float = Field(default=1.0, gt=0, le=1e7)  # at most 116 days a second
 
 
 # A job's speed on one type, in relative_throughput's unit (the fleet's reference type = 1).

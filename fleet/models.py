@@ -159,6 +159,7 @@ def check_project(name: str) -> str:
 # The largest amount of money gpu-agent accepts anywhere (a budget, a request's limit): far
 # above any real budget, far below where float arithmetic on cents goes wrong.
 MAX_USD = 1e9
+MAX_GPUS = 100_000  # the most GPUs one request may ask for
 
 
 def _named(kind: str, value: str) -> str:
@@ -176,7 +177,7 @@ class GPURequest(BaseModel):
     project: str = "default"
     purpose: Purpose = Purpose.TRAINING
     gpu_type: str | None = Field(default=None, alias="type")
-    count: int = Field(default=1, ge=1, le=100_000)
+    count: int = Field(default=1, ge=1, le=MAX_GPUS)
     duration_hours: float = Field(gt=0)
     priority: Priority = Priority.NORMAL
     budget_limit: float | None = Field(default=None, gt=0, le=MAX_USD)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from ray.util.placement_group import (
 )
 
 from fleet.config import FleetConfig
+from fleet.errors import InvalidInput
 from fleet.models import GPUInfo, GPUSample, utc
 from fleet.nvml.backend import gpu_type_of
 
@@ -61,12 +63,17 @@ class RayFleet:
         self._config = config
         self._owns = not ray.is_initialized()  # disconnect on close only if we connected
         if self._owns:
-            ray.init(
-                address=address or "auto",
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-            )
+            try:
+                ray.init(
+                    address=address or "auto",
+                    namespace=NAMESPACE,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
+            except ValueError as exc:  # an address Ray cannot parse (RAY_ADDRESS=bogus:::)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed"
+                named = address or os.environ.get("RAY_ADDRESS") or "auto"
+                raise InvalidInput(f"Ray address {named!r}: {first}") from None
         self._inventory = self._discover()
         self._alive = {node_of(g.uuid) for g in self._inventory}
         self._lost: dict[str, str] = {}

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fleet.errors import InvalidInput
+from fleet.models import MAX_GPUS
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,10 @@ def _job(row: dict[str, str], schema: TraceSchema, line: int) -> Job:
             f"not {row.get(schema.duration)!r}"
         )
     gpus = _number(row, schema.gpus)
-    if gpus < 1 or gpus != int(gpus):
+    if not 1 <= gpus <= MAX_GPUS or gpus != int(gpus):
         raise ValueError(
-            f"column {schema.gpus!r} must be a whole number of GPUs of at least "
-            f"1, not {row.get(schema.gpus)!r}"
+            f"column {schema.gpus!r} must be a whole number of GPUs from 1 to "
+            f"{MAX_GPUS:,}, not {row.get(schema.gpus)!r}"
         )
     project = (row.get(schema.project) or "").strip()
     if not project:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shlex
 import signal
@@ -23,6 +24,7 @@ from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.fleet_backend import SchedulerJob
 from fleet.jobs import Job, JobQueue
+from fleet.ledger.runs import MAX_REQUEUES
 from fleet.models import NOTICE_SIGNALS, Event, Status
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
@@ -351,8 +353,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput("no command to run: put it after --")
     if (args.allocation is None) == (args.project is None):
         raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
-    if args.grace < 0 or args.notice < 0 or args.requeue < 0:
-        raise InvalidInput("--grace, --notice and --requeue must not be negative")
+    if not (0 <= args.grace < math.inf and 0 <= args.notice < math.inf):
+        raise InvalidInput("--grace and --notice must be finite and not negative")
+    if not 0 <= args.requeue <= MAX_REQUEUES:
+        raise InvalidInput(f"--requeue must be from 0 to {MAX_REQUEUES}, not {args.requeue}")
     if args.requeue and args.allocation is not None:
         raise InvalidInput(
             "--requeue needs --project: an allocation given with --allocation "

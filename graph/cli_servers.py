@@ -24,6 +24,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--port must be 1-65535, not {args.port}")
     extra = [args.host, *(args.allow_host or hosts_from_env())]
     hosts = allowed_hosts(extra)  # checked before anything opens
+    try:  # a port taken, or a host that is not this machine's: before anything opens
+        _bind(args.host, args.port)
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot serve the page on {url_host(args.host)}:{args.port}: {exc.strerror or exc}"
+        ) from None
     orch = Orchestrator(
         args.state_dir,
         fleet_file(args),
@@ -126,27 +132,30 @@ def cmd_studio(args: argparse.Namespace) -> int:
     os.execv(argv[0], argv)
 
 
-def _studio_port(host: str, port: int) -> int:
-    """`port` if it can be bound on `host`, else a free one (said on stderr): `langgraph dev`
-    would move to another port by itself, and the printed link would be wrong."""
+def _bind(host: str, port: int) -> int:
+    """Bind `port` on `host` (0: any free one) as a server would, and let it go: the port it
+    got. InvalidInput where the host name does not resolve; OSError where it cannot bind."""
     import socket
 
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
         raise InvalidInput(f"--host {host!r}: {exc.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: not a listener's
+        s.bind((host, port))
+        return int(s.getsockname()[1])
 
-    def bound(wanted: int) -> int:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, wanted))
-            return int(s.getsockname()[1])
 
+def _studio_port(host: str, port: int) -> int:
+    """`port` if it can be bound on `host`, else a free one (said on stderr): `langgraph dev`
+    would move to another port by itself, and the printed link would be wrong."""
     try:
-        return bound(port)
+        return _bind(host, port)
     except OSError:
         pass
     try:
-        got = bound(0)
+        got = _bind(host, 0)
     except OSError as exc:
         raise InvalidInput(f"cannot serve on {host}: {exc.strerror}") from None
     print(f"gpu-agent: port {port} is taken on {host}; using {got}", file=sys.stderr)

@@ -124,6 +124,10 @@ class Orchestrator(Records):
         # who asked is whom the token names, whatever the request said
         req = req.model_copy(update={"requested_by": self.identity.name})
         check_against_fleet(req, self.services.config)
+        if req.resumes is not None:  # as validate checks it, before anything is written
+            problem = self.services.ledger.resumable(req.project, req.resumes)
+            if problem is not None:
+                raise InvalidInput(problem)
         return req
 
     def _project_of(self, values: dict[str, Any], what: str) -> str:

@@ -18,6 +18,8 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
     thread_id = runtime.execution_info.thread_id if runtime.execution_info else None
     update: State = {"thread_id": thread_id or ""}
     try:
+        if "request" not in state:  # the server's input is the caller's
+            raise InvalidInput("the input has no request: give {'request': {...}}")
         request = parse_request(state["request"])
         check_against_fleet(request, svc.config)
     except InvalidInput as exc:

@@ -228,7 +228,10 @@ def simulate(
         "policies": list(policies),
         "workload": _settings(settings),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on its path, a read-only place: one line, nothing run
+        raise InvalidInput(f"--out {out}: cannot make it a directory ({e.strerror or e})") from None
     sim = Simulation({}, cal, meta)
     runs: dict[str, list[Attempt]] = {}
     bound = floor(workload.jobs, config)

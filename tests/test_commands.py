@@ -6,6 +6,7 @@ real `run` subprocess."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -202,5 +203,12 @@ def test_resuming_an_allocation_that_is_not_the_projects_is_one_line(tmp_path: P
         "--no-wait",
         cwd=tmp_path,
     )
-    assert done.returncode == 2, done.stderr  # invalid: nothing changed
-    assert "invalid (vision has no released allocation a-000000000000 to resume)" in done.stdout
+    assert done.returncode == 2, done.stderr  # refused before anything is written
+    assert "vision has no released allocation a-000000000000 to resume" in done.stderr
+    assert done.stderr.count("\n") == 1
+    checkpoints = tmp_path / "s" / "checkpoints.sqlite"
+    if checkpoints.exists():  # no thread was started
+        with sqlite3.connect(checkpoints) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            if "checkpoints" in tables:
+                assert db.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 0

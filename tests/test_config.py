@@ -47,6 +47,29 @@ def test_default_fleet() -> None:
         (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
         (SMALL_FLEET + "\n[preemption]\nborrow_dearer = true\n", "borrow_dearer needs borrow"),
         ("", "catalog"),
+        # an attacker's pass (2026-12-06): values TOML accepts that broke a state directory,
+        # divided by zero, hung the simulator or reached the votes as nan
+        (SMALL_FLEET + "\n[clock]\ntime_scale = inf\n", "time_scale"),
+        (SMALL_FLEET + "\n[clock]\ntime_scale = 1e308\n", "less than or equal to 10000000"),
+        (SMALL_FLEET + "\n[monitor]\ntick_seconds = 1e-300\n", "greater than or equal to 0.1"),
+        (SMALL_FLEET + "\n[council]\nquorum = 99999999999999999999\n", "quorum"),
+        (SMALL_FLEET + "\n[budgets]\nvision = nan\n", "budgets.vision"),
+        (SMALL_FLEET + "\n[shares]\nvision = inf\n", "shares.vision"),
+        (SMALL_FLEET + "\n[quotas.projects]\nvision = -1\n", "quotas.projects.vision"),
+        (
+            SMALL_FLEET.replace(
+                'catalog = ["A100", "H100", "T4", "RTX4090"]',
+                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = 5\nrelative_throughput = 1e-300",
+            ),
+            "relative_throughput",
+        ),
+        (
+            SMALL_FLEET.replace(
+                'catalog = ["A100", "H100", "T4", "RTX4090"]',
+                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = inf\nrelative_throughput = 1",
+            ),
+            "price_per_hour",
+        ),
     ],
 )
 def test_malformed(text: str, needle: str) -> None:

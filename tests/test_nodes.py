@@ -71,6 +71,8 @@ def test_validate(services: Services) -> None:
     assert bad["status"] is Status.INVALID and "count" in bad["reason"]
     unknown = validate({"request": {"gpu_type": "K80", "duration_hours": 1}}, rt(services))
     assert unknown["status"] is Status.INVALID and "K80" in unknown["reason"]
+    missing = validate({}, rt(services))  # the server's input is the caller's
+    assert missing["status"] is Status.INVALID and "no request" in missing["reason"]
 
 
 def test_council_votes_and_auto_approves(services: Services) -> None:

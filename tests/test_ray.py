@@ -122,3 +122,18 @@ def test_a_restart_reconciles_what_a_crashed_worker_left(
         assert kept.allocation.id in live and ended.allocation.id not in live
         orch.release(kept.allocation.id)
     assert not groups()
+
+
+def test_an_address_ray_cannot_read_is_one_line(tmp_path: Path) -> None:
+    """RAY_ADDRESS=bogus::: (an attacker's pass, 2026-12-06): one line and exit 2, not Ray's
+    ValueError as a traceback."""
+    from tests.conftest import run_cli
+
+    done = run_cli(
+        "request", "--backend", "ray", "--state-dir", str(tmp_path / "s"), "--project", "p",
+        "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait",
+        cwd=tmp_path, env={"RAY_ADDRESS": "bogus:::"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Ray address 'bogus:::': Invalid address format" in done.stderr
+    assert done.stderr.count("\n") == 1

@@ -257,6 +257,16 @@ def test_run_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 2 and "count" in done.stderr
+    for flag, value, needle in [
+        ("--requeue", "99999999999999999999", "--requeue must be from 0 to 100"),
+        ("--grace", "inf", "--grace and --notice must be finite"),
+        ("--notice", "nan", "--grace and --notice must be finite"),
+    ]:  # refused before anything is placed (a --requeue too large once crashed after)
+        done = run_cli(
+            "run", "--state-dir", str(tmp_path), "--project", "p", "--count", "1",
+            "--hours", "1", flag, value, "--", "true", cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
     assert not (tmp_path / "ledger.sqlite").exists()
 
 

@@ -488,3 +488,14 @@ def test_gpu_agent_moves_a_queued_job_and_no_move_keeps_it(tmp_path: Path) -> No
     moved, stayed = started["gpu-agent"], started["gpu-agent-no-move"]
     assert moved[0] == "A100" and moved[1] == pytest.approx(1.0, abs=0.05)
     assert stayed[0] == "H100" and stayed[1] == pytest.approx(10.0, abs=0.05)
+
+
+def test_an_out_that_cannot_be_a_directory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "o"
+    code, _, err = run(capsys, "simulate", "--trace", str(_trace(tmp_path)), "--out", str(out))
+    assert code == 2 and f"--out {out}: cannot make it a directory" in err
+    assert err.count("\n") == 1

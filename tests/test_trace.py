@@ -70,6 +70,7 @@ def test_another_trace_loads_through_its_own_mapping(tmp_path: Path) -> None:
         (HEADER + "2017-10-09 07:01:55,nan,1,66,a\n", ":2: column 'duration' must be a finite"),
         (HEADER + "2017-10-09 07:01:55,66,0,66,a\n", ":2: column 'num_gpus' must be a whole"),
         (HEADER + "2017-10-09 07:01:55,66,1.5,66,a\n", ":2: column 'num_gpus' must be a whole"),
+        (HEADER + "2017-10-09 07:01:55,66,1e308,66,a\n", ":2: column 'num_gpus' .* to 100,000"),
         (HEADER + "2017-10-09 07:01:55,66,1,66,\n", ":2: column 'cluster' is empty"),
         (HEADER + "2017-10-09 07:01:55,66\n", ":2: column 'num_gpus' must be a number"),
     ],

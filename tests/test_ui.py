@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from fleet.errors import InvalidInput
 from fleet.models import Status
 from graph.orchestrator import Orchestrator
 from graph.ui import SERVER, create_app
-from tests.conftest import small_config
+from tests.conftest import run_cli, small_config
 
 COUNCIL = {
     "policy": "reference",
@@ -368,6 +369,8 @@ def test_the_cli_passes_its_host_names(
     assert args.allow_host == ["a.example", "b"]
     served: list[Any] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, kw)))
+    # 10.1.2.3 is no address of this machine: its bind check stands aside here (the next test)
+    monkeypatch.setattr("graph.cli_servers._bind", lambda host, port: port)
     monkeypatch.setenv("GPU_AGENT_UI_HOSTS", "env.example, other.example")
     state = str(tmp_path / "cli")
     assert (
@@ -663,3 +666,27 @@ def _html(text: str) -> str:
     import html
 
     return html.escape(text, quote=True)
+
+
+def test_a_page_that_cannot_bind_is_one_line_before_anything_opens(tmp_path: Path) -> None:
+    """A port taken (or an address that is not this machine's): exit 2 with one line (a JSON
+    error with --json), and no state directory made, not uvicorn's own error after it."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        state = tmp_path / "never"
+        done = run_cli("ui", "--state-dir", str(state), "--port", str(port), cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert f"cannot serve the page on 127.0.0.1:{port}" in done.stderr
+        assert done.stderr.count("\n") == 1
+        as_json = run_cli(
+            "ui", "--state-dir", str(state), "--port", str(port), "--json", cwd=tmp_path
+        )
+        assert (
+            as_json.returncode == 2
+            and "cannot serve the page" in json.loads(as_json.stdout)["error"]
+        )
+        assert not state.exists()

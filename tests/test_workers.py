@@ -222,3 +222,10 @@ def test_bad_databases_are_one_line_errors(tmp_path: Path) -> None:
 def test_a_worker_refuses_bad_settings(tmp_path: Path, pg_url: str) -> None:
     r = run_cli("worker", "--concurrency", "0", *_opts(tmp_path, pg_url), cwd=tmp_path)
     assert r.returncode == 2 and "--concurrency must be at least 1" in r.stderr
+    for flag, value, needle in [
+        ("--lease-seconds", "inf", "--lease-seconds must be above 0 and at most 86400"),
+        ("--lease-seconds", "nan", "--lease-seconds must be above 0"),
+        ("--poll-seconds", "inf", "--poll-seconds must be above 0"),
+    ]:  # Event.wait(inf) raised OverflowError once the worker ran
+        r = run_cli("worker", flag, value, *_opts(tmp_path, pg_url), cwd=tmp_path)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr

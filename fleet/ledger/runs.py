@@ -60,6 +60,9 @@ def successor_id(aid: str) -> str:
     return allocation_id(thread, thread)
 
 
+MAX_REQUEUES = 100  # what `run --requeue N` may ask: a count, not a number of any size
+
+
 class Runs(Store):
     """The `runs` table."""
 
