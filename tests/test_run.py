@@ -451,7 +451,7 @@ def test_requeue_is_for_what_run_requested(tmp_path: Path) -> None:
             "1",
             "--requeue",
             "-1",
-        ): "must not be negative",
+        ): "--requeue must be from 0 to 100, not -1",
     }
     for args, message in cases.items():
         done = run_cli("run", "--state-dir", str(tmp_path / "s"), *args, "--", "true", cwd=tmp_path)
