@@ -27,7 +27,7 @@ from fleet.jobs import Job, JobQueue
 from graph.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
-MAX_LEASE_SECONDS = 86400.0  # a dead worker's jobs wait at most this long for another
+MAX_WAIT_SECONDS = 86400.0  # a worker's lease and poll: a dead worker's jobs wait a day at most
 
 
 @dataclass
@@ -47,14 +47,14 @@ class Worker:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise InvalidInput(f"--concurrency must be at least 1, not {self.concurrency}")
-        if not 0 < self.lease_seconds <= MAX_LEASE_SECONDS:
+        if not 0 < self.lease_seconds <= MAX_WAIT_SECONDS:
             raise InvalidInput(
-                f"--lease-seconds must be above 0 and at most {MAX_LEASE_SECONDS:g} (a day), "
+                f"--lease-seconds must be above 0 and at most {MAX_WAIT_SECONDS:g} (a day), "
                 f"not {self.lease_seconds}"
             )
-        if not 0 < self.poll_seconds <= MAX_LEASE_SECONDS:
+        if not 0 < self.poll_seconds <= MAX_WAIT_SECONDS:
             raise InvalidInput(
-                f"--poll-seconds must be above 0 and at most {MAX_LEASE_SECONDS:g}, "
+                f"--poll-seconds must be above 0 and at most {MAX_WAIT_SECONDS:g}, "
                 f"not {self.poll_seconds}"
             )
         self.queue = JobQueue(self.orch.services.ledger)
