@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
+from fleet.ledger.threads import hand_to_job
 from fleet.models import GPURequest
 
 STATES = ("pending", "running", "done")
@@ -51,11 +52,21 @@ class JobQueue:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-    def submit(self, thread_id: str, request: GPURequest, now: float | None = None) -> Job:
-        """Queue a request for the workers; a thread id is submitted once."""
+    def submit(
+        self,
+        thread_id: str,
+        request: GPURequest,
+        now: float | None = None,
+        claimed_by: str | None = None,
+    ) -> Job:
+        """Queue a request for the workers; a thread id is submitted once. `claimed_by`: the
+        owner of the thread's claim (fleet.thread_claims), handed to the job in the same
+        transaction, so no `request` on the name runs beside its worker."""
         with self.ledger.queue_transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE thread_id=?", (thread_id,)).fetchone():
                 raise InvalidInput(f"thread {thread_id!r} was already submitted")
+            if claimed_by is not None:
+                hand_to_job(db, thread_id, claimed_by)
             db.execute(
                 "INSERT INTO jobs (thread_id, request, state, submitted_at) "
                 "VALUES (?, ?, 'pending', ?)",

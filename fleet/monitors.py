@@ -46,14 +46,19 @@ class Watcher:
     since: float
 
     def describe(self, now: float) -> str:
-        host, pid = [*self.owner.split(":"), "", ""][:2]
-        host = host.split("@", 1)[0]  # without its PID namespace (this_host)
-        return f"{self.kind} pid {pid} on {host}, beat {max(0.0, now - self.beat_at):.0f} s ago"
+        return f"{describe_owner(self.owner)}, beat {max(0.0, now - self.beat_at):.0f} s ago"
 
     def gone_here(self) -> bool:
         """Its process ran on this host and has exited: dead without waiting for the beats to
         go stale. (A reused PID only makes us wait for staleness, never adopt a live one.)"""
         return gone_here(self.owner)
+
+
+def describe_owner(owner: str) -> str:
+    """new_owner's name as people read it: "cli pid 123 on host"."""
+    host, pid = [*owner.split(":"), "", ""][:2]
+    host = host.split("@", 1)[0]  # without its PID namespace (this_host)
+    return f"{owner.rsplit(':', 1)[-1]} pid {pid} on {host}"
 
 
 @functools.cache

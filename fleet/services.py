@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
 from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
-from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare
+from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare, remove_new
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
@@ -450,11 +450,14 @@ def open_services(
     create: bool = True,
     durable: bool = True,
     database: str | None = None,
+    check: Callable[[FleetConfig], None] | None = None,
 ) -> Services:
     """Services over a backend named (or chosen: BackendChoice) or given ready-made. Without a
     fleet file, real GPUs get the host policy (fleet/data/host_fleet.toml), the simulated
     fleet the default fleet. `database`: a postgresql:// URL for the ledger (default: SQLite
-    in the state directory)."""
+    in the state directory). `check`: what must hold of the fleet before anything is
+    created (the models it names, nodes.context.check_models). A state directory created
+    here is taken away again if opening fails after it."""
     choice = BackendChoice(backend) if isinstance(backend, str) else backend
     resolved: Resolved | None = None
     if isinstance(choice, BackendChoice):
@@ -468,20 +471,28 @@ def open_services(
             f"--database must be a postgresql:// URL, not {database!r} "
             "(SQLite, the default, lives in --state-dir)"
         )
-    directory = prepare(
-        state_dir or default_state_dir(), create=create, ledger_here=database is None
-    )
-    clock = clock or clock_for(directory, config.clock)
-    if isinstance(choice, BackendChoice):
-        assert resolved is not None
-        fleet_backend = make_backend(resolved, choice, config, clock=clock, state_dir=directory)
-    else:
-        fleet_backend = choice
-    config = placeable_fleet(config, fleet_backend)
+    if check is not None:
+        check(config)
+    target = Path(state_dir or default_state_dir())
+    fresh = not target.exists()
+    directory = prepare(target, create=create, ledger_here=database is None)
+    try:
+        clock = clock or clock_for(directory, config.clock)
+        if isinstance(choice, BackendChoice):
+            assert resolved is not None
+            fleet_backend = make_backend(resolved, choice, config, clock=clock, state_dir=directory)
+        else:
+            fleet_backend = choice
+        config = placeable_fleet(config, fleet_backend)
+        ledger = Ledger(database or directory / LEDGER, config, durable=durable)
+    except BaseException:
+        if fresh:
+            remove_new(directory)
+        raise
     return Services(
         config=config,
         backend=fleet_backend,
-        ledger=Ledger(database or directory / LEDGER, config, durable=durable),
+        ledger=ledger,
         clock=clock,
         database=database,
         chosen_council=council,

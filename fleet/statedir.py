@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -67,3 +68,14 @@ def clock_for(state_dir: Path, settings: ClockSettings) -> Clock:
             ) from None
         epoch = {"real": real, "virtual": virtual}
     return ScaledClock(settings.time_scale, epoch["real"], epoch["virtual"])
+
+
+def remove_new(path: Path) -> None:
+    """Take away a state directory that this very opening created, once opening failed (a
+    backend it cannot reach, a ledger it cannot create): what was refused leaves nothing.
+    Only the files an opening writes are removed; a directory another process wrote to
+    meanwhile stays."""
+    for name in (CLOCK, LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm", f"{LEDGER}-journal"):
+        (path / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()

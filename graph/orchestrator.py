@@ -27,7 +27,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability, StateSnapshot, StreamMode
 
 from council.voting import Council
-from fleet import names
+from fleet import names, thread_claims
 from fleet.access import LOCAL, Identity
 from fleet.choose_backend import BackendChoice
 from fleet.clock import Clock, VirtualClock
@@ -44,7 +44,7 @@ from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
 from graph.records import Records
 from nodes import audit
-from nodes.context import LocalContext, check_release
+from nodes.context import LocalContext, check_models
 from nodes.review import parse_decision
 from nodes.state import InputState, State, request_of
 from nodes.wiring import after_allocate
@@ -91,11 +91,11 @@ class Orchestrator(Records):
             database=database,
             token=token,
             identity=identity,
+            check_config=check_models,
         )
         self.services.monitor_kind = monitor_kind
         self.project = project
         try:
-            check_release(self.services.config)
             self.checkpointer = open_checkpointer(
                 self.services.state_dir, database, pool_size=pool_size
             )
@@ -144,13 +144,43 @@ class Orchestrator(Records):
     def _config(self, thread_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": names.check("thread id", thread_id)}}
 
-    def _new_thread(self, thread_id: str | None) -> str:
-        """A thread id for a new request: the caller's (checked, unused) or a fresh one."""
+    def _new_thread(self, thread_id: str | None, req: GPURequest) -> tuple[str, str | None]:
+        """A thread id for a new request, and the owner of its claim: the caller's name
+        (checked, unused, claimed for this request: fleet.thread_claims) or a fresh one (no
+        claim). A claim is kept: a run that stops in its decision with an error still writes its
+        thread's checkpoint, and the claim of a process that died there is taken over."""
         if thread_id is None:
-            return uuid.uuid4().hex
-        if self.checkpointer.get_tuple(self._config(thread_id)) is not None:
+            return uuid.uuid4().hex, None
+        config = self._config(thread_id)
+
+        def started() -> bool:
+            return self.checkpointer.get_tuple(config) is not None
+
+        if started():
             raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
-        return thread_id
+        kind = self.services.monitor_kind or "python"
+        return thread_id, thread_claims.claim(
+            self.services.ledger, thread_id, req.request_id, kind, started
+        )
+
+    def _start(
+        self,
+        req: GPURequest,
+        thread_id: str,
+        *,
+        wait: bool = True,
+        on_update: Callable[[str, dict[str, Any]], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> RequestOutcome:
+        """Run a new thread from its first step."""
+        return self._invoke(
+            InputState(request=req),
+            thread_id,
+            wait=wait,
+            pure_first=True,
+            on_update=on_update,
+            on_progress=on_progress,
+        )
 
     def _stream(
         self,
@@ -264,15 +294,19 @@ class Orchestrator(Records):
         InvalidInput before anything is written.
         """
         req = self.check(request)
-        thread_id = self._new_thread(thread_id)
-        return self._invoke(
-            InputState(request=req),
+        thread_id, _ = self._new_thread(thread_id, req)
+        return self._start(
+            req,
             thread_id,
             wait=wait,
-            pure_first=True,
             on_update=_events_to(on_event),
             on_progress=on_progress,
         )
+
+    def start_job(self, job: Job) -> RequestOutcome:
+        """Run a submitted job's thread from its first step (a worker holding its lease: the
+        job's claim on the name is this worker's while the lease lasts)."""
+        return self._start(self.check(job.request), job.thread_id)
 
     def resume(
         self,
@@ -389,10 +423,12 @@ class Orchestrator(Records):
         self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
     ) -> Job:
         """Queue a request for `gpu-agent worker` (any worker on the same database runs it);
-        checked first, so invalid input raises InvalidInput and queues nothing."""
+        checked first, so invalid input raises InvalidInput and queues nothing. Its thread is
+        claimed for its job even where the id is generated: it is shown at once, and nothing is
+        checkpointed under it until a worker runs it."""
         req = self.check(request)
-        thread_id = self._new_thread(thread_id)
-        return JobQueue(self.services.ledger).submit(thread_id, req)
+        thread_id, claim = self._new_thread(thread_id or uuid.uuid4().hex, req)
+        return JobQueue(self.services.ledger).submit(thread_id, req, claimed_by=claim)
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
@@ -412,7 +448,7 @@ class Orchestrator(Records):
         Raises InvalidInput, Denied, NotPlaced or PendingReview when no GPUs were placed.
         """
         req = self.check(request)
-        thread_id = self._new_thread(thread_id)
+        thread_id, _ = self._new_thread(thread_id, req)
         placed = threading.Event()
         box: dict[str, Any] = {}
 
@@ -423,13 +459,7 @@ class Orchestrator(Records):
 
         def run() -> None:
             try:
-                box["outcome"] = self._invoke(
-                    InputState(request=req),
-                    thread_id,
-                    wait=True,
-                    pure_first=True,
-                    on_update=on_update,
-                )
+                box["outcome"] = self._start(req, thread_id, on_update=on_update)
             except BaseException as exc:  # handed to the caller, never swallowed
                 box["error"] = exc
             finally:

@@ -17,7 +17,7 @@ import os
 import shlex
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -56,6 +56,7 @@ class Records:
         database: str | None = None,
         token: str | None = None,
         identity: Identity | None = None,
+        check_config: Callable[[FleetConfig], None] | None = None,
     ) -> None:
         """Open the services and identify the caller, then set the ledger right for a start:
         allocations whose Slurm job ended meanwhile end as Slurm ended them, leases that ran out
@@ -63,7 +64,8 @@ class Records:
         (and Slurm jobs) are made to match the ledger. `database`: a postgresql:// URL
         (default: SQLite in the state directory). `token` (default: env GPU_AGENT_TOKEN): who
         is calling, where the state directory has an access file (fleet.access). `identity`:
-        one the caller authenticated itself."""
+        one the caller authenticated itself. `check_config`: what must hold of the fleet file
+        before anything is opened (open_services' `check`)."""
         self.services: Services = open_services(
             state_dir,
             fleet,
@@ -72,6 +74,7 @@ class Records:
             council=council,
             create=create,
             database=database,
+            check=check_config,
         )
         try:
             self.identity = identity or identify(

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 
 from fleet.errors import Denied, InvalidInput, NotPlaced
+from fleet.faults import RUN_PLACED, fault
 from fleet.ledger.rows import LedgerRow
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
@@ -292,7 +293,8 @@ def request_and_run(
     """Request GPUs (the graph monitors them in the background) and run `argv` on them;
     requeued up to `requeue` times when the allocation ends first (REQUEUE_ON), through the
     ledger (fleet.ledger.runs), so that `run --resume` carries the work on if this process
-    dies. A command that cannot start places nothing."""
+    dies. A command that cannot start places nothing; a failure between the placement and
+    the command's start releases what was placed."""
     check_startable(argv, os.environ)
     if notice_s > 0:  # in the request: where Slurm holds the GPUs, its job's --signal
         named = notice_signal.name.removeprefix("SIG")
@@ -303,9 +305,14 @@ def request_and_run(
     command = Command(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
     handle = orch.allocate_gpu_sync(request)
-    if requeue:
-        orch.services.ledger.record_run(handle.id, charge.owner, asdict(command), requeue)
-    held = _announced(handle, say)
+    try:
+        fault(RUN_PLACED)
+        if requeue:
+            orch.services.ledger.record_run(handle.id, charge.owner, asdict(command), requeue)
+        held = _announced(handle, say)
+    except BaseException:  # placed for a command that will not run here: not left held
+        handle.release(ReleaseReason.CONTEXT_EXIT)
+        raise
     return _carry_on(orch, held, command, charge, [])
 
 

@@ -158,7 +158,7 @@ class Worker:
         tid = job.thread_id
         try:
             if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
-                outcome = self.orch.request(job.request, thread_id=tid)
+                outcome = self.orch.start_job(job)
             else:
                 outcome = self.orch.resume(tid)
             status, error = outcome.status.value, None

@@ -133,13 +133,18 @@ def council_of(svc: Services) -> Council:
     return council
 
 
-def check_release(config: FleetConfig) -> None:
-    """Where the fleet releases idle GPUs by their stream, its model is read when the
-    services start (ConfigError, one line, where it cannot be), not first at a tick."""
+def check_models(config: FleetConfig) -> None:
+    """The models a fleet file names are read before anything is opened or written
+    (ConfigError, one line, where one cannot be), not first at a tick or a vote: the idle
+    stream's where GPUs are released by their stream, a council's `[council] weights`."""
     if config.monitor.idle_release == "stream":
         from council.stream_release import shipped
 
         shipped()
+    if config.council.weights is not None:
+        from council.policies import council_for
+
+        council_for(config.council)  # kept: council_of loads it again from the cache
 
 
 def release_after(svc: Services, allocation: Allocation) -> Releaser | None:
@@ -174,13 +179,12 @@ def services_for(runtime: Runtime[Context]) -> Services:
     with _opened_lock:
         if key not in _opened:
             opened = open_services(
-                own.state_dir, own.fleet_file, backend=choice, database=own.database
+                own.state_dir,
+                own.fleet_file,
+                backend=choice,
+                database=own.database,
+                check=check_models,
             )
-            try:
-                check_release(opened.config)
-            except BaseException:
-                opened.close()
-                raise
             opened.monitor_kind = "server"  # its runs beat for what they monitor
             _opened[key] = opened
         return _opened[key]

@@ -27,7 +27,7 @@ from langgraph.runtime import ExecutionInfo, Runtime
 
 from fleet.clock import WakeToken
 from fleet.models import GPURequest
-from nodes.context import Context, LocalContext, Services, check_release
+from nodes.context import Context, LocalContext, Services, check_models
 from nodes.review import decided, question
 from nodes.state import State
 from nodes.wiring import EDGES, NODES, ROUTERS, Node
@@ -126,7 +126,7 @@ class Engine:
         nodes: Mapping[str, Node] = NODES,
     ) -> None:
         assert services.clock is clock
-        check_release(services.config)
+        check_models(services.config)
         clock.engine = self
         self.services = services
         self.clock = clock

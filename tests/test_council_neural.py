@@ -77,10 +77,22 @@ def test_the_council_trained_on_outcomes_ships_beside_the_default_chosen_by_name
 
 
 def test_unreadable_weights_are_a_clear_config_error(tmp_path: Path) -> None:
+    """Also from the CLI: refused in one line before a state directory, ledger or
+    checkpoint is made (not first at the council's vote)."""
     bad = tmp_path / "council.pt"
     bad.write_bytes(b"not a state dict")
     with pytest.raises(ConfigError, match="cannot load council weights"):
         NeuralCouncil.load(bad)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(council={"policy": "neural", "weights": str(bad)}))
+    done = run_cli(
+        "request", "--state-dir", str(tmp_path / "s"), "--fleet", str(fleet), "--project",
+        "p", "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot load council weights" in done.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def good_and_bad() -> tuple[Any, Any]:
@@ -289,7 +301,9 @@ def test_review_interrupt_has_no_side_effects_and_resume_reserves_once(
     assert isinstance(council_of(orch.services), NeuralCouncil)
 
     def reserved() -> list[str]:  # the ledger less its audit log (which says who was asked)
-        return [r for r in orch.services.ledger.dump() if not r.startswith("audit: ")]
+        return [  # and the thread's claim on its name (fleet.thread_claims)
+            r for r in orch.services.ledger.dump() if not r.startswith(("audit: ", "threads: "))
+        ]
 
     before = reserved()
     out = orch.request(BIG, thread_id="t-1")

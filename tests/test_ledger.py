@@ -236,8 +236,8 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
 def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
     """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
     and the version-2 job queue, version 3's monitors, version 4's commands, version 5's
-    index and version 6's scheduler jobs) opens as the current version with its money and
-    history intact."""
+    index, version 6's scheduler jobs and version 8's thread claims) opens as the current
+    version with its money and history intact."""
     row = fx.place("t1").row
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
@@ -256,6 +256,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
             "monitors",
             "commands",
             "scheduler_jobs",
+            "threads",
         ):
             db.execute(f"DROP TABLE {table}")
         db.execute("DROP INDEX history_by_resumer")  # version 5's
@@ -279,6 +280,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
                 "monitors",
                 "commands",
                 "scheduler_jobs",
+                "threads",
             }
         assert [
             r

@@ -285,20 +285,20 @@ def test_a_live_monitor_in_another_pid_namespace_is_judged_by_its_beats(
 def test_an_allocation_whose_thread_does_not_run_it_is_not_beaten_for(
     make_orch: Callable[..., Orchestrator],
 ) -> None:
-    """Two requests raced on one named thread (or a thread's checkpoints were lost) and left
-    a live allocation whose thread has ended: adopting it runs nothing, so the adopter gives
-    its claim up at once (`status` then shows it unmonitored, not monitored for nothing), and
-    a worker does not adopt it again and again."""
+    """A live allocation whose thread has ended (its checkpoints were lost, or a version
+    before named threads were claimed let two requests race on one): adopting it runs
+    nothing, so the adopter gives its claim up at once (`status` then shows it unmonitored,
+    not monitored for nothing), and a worker does not adopt it again and again."""
     orch = make_orch()
-    ended = orch.request(REQUEST, thread_id="dup", wait=False)
+    ended = orch.request(REQUEST, wait=False)  # a generated thread id: never claimed
     assert ended.allocation is not None
     orch.services.release(ended.allocation.id, ReleaseReason.EXPLICIT)
-    assert orch.resume("dup").status is Status.RELEASED  # the thread ran to its end
+    assert orch.resume(ended.thread_id).status is Status.RELEASED  # it ran to its end
     ledger = orch.services.ledger
     stray = ledger.place(
         REQUEST.model_copy(update={"request_id": "r-stray"}),
         ledger_route(orch),
-        "dup",
+        ended.thread_id,
         orch.services.clock.now(),
         orch.services.inventory,
         orch.services.topology,

@@ -126,7 +126,8 @@ def test_a_restart_reconciles_what_a_crashed_worker_left(
 
 def test_an_address_ray_cannot_read_is_one_line(tmp_path: Path) -> None:
     """RAY_ADDRESS=bogus::: (an attacker's pass, 2026-12-06): one line and exit 2, not Ray's
-    ValueError as a traceback."""
+    ValueError as a traceback; the state directory the request would have made is not left
+    behind."""
     from tests.conftest import run_cli
 
     done = run_cli(
@@ -137,3 +138,4 @@ def test_an_address_ray_cannot_read_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "Ray address 'bogus:::': Invalid address format" in done.stderr
     assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "s").exists()

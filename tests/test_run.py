@@ -457,3 +457,39 @@ def test_requeue_is_for_what_run_requested(tmp_path: Path) -> None:
         done = run_cli("run", "--state-dir", str(tmp_path / "s"), *args, "--", "true", cwd=tmp_path)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_failure_after_placing_and_before_the_command_releases_the_gpus(tmp_path: Path) -> None:
+    """`run` placed, then failed before recording or starting its command (an injected raise
+    there): the allocation is released and charged once, not left held with no command."""
+    failed = run_cli(
+        "run",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--fleet",
+        str(idle_fleet(tmp_path, "train")),
+        "--project",
+        "vision",
+        "--count",
+        "1",
+        "--hours",
+        "1",
+        "--requeue",
+        "1",
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        "pass",
+        cwd=tmp_path,
+        env={"GPU_AGENT_FAULT": "run:placed,raise"},
+        timeout=60,
+    )
+    assert failed.returncode != 0 and "fault injected at run:placed" in failed.stderr
+    state = ["--state-dir", str(tmp_path / "s"), "--json"]
+    (record,) = json.loads(run_cli("history", *state, cwd=tmp_path).stdout)["records"]
+    assert record["reason"] == "context-exit"
+    status = json.loads(run_cli("status", *state, cwd=tmp_path).stdout)
+    assert status["problems"] == [] and not any(
+        a["state"] == "active" for a in status["allocations"]
+    )

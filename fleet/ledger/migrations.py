@@ -5,8 +5,21 @@ from __future__ import annotations
 
 from fleet.errors import StateDirError
 from fleet.ledger.project_record import ProjectRecord
-from fleet.ledger.schema import SCHEMA, SCHEMA_VERSION, TABLES, V2, V3, V4, V4_COLUMNS, V5, V6, V7
-from fleet.models import ReleaseReason
+from fleet.ledger.schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    TABLES,
+    V2,
+    V3,
+    V4,
+    V4_COLUMNS,
+    V5,
+    V6,
+    V7,
+    V8,
+)
+from fleet.ledger.threads import JOB
+from fleet.models import GPURequest, ReleaseReason
 from fleet.sql import Conn
 
 
@@ -33,7 +46,7 @@ class Migrations(ProjectRecord):
                         f"{self.name} holds tables but is not a gpu-agent ledger; "
                         "move it aside or choose another --state-dir or --database"
                     )
-                self._create(db, SCHEMA + V2 + V3 + V4 + V5 + V6 + V7)
+                self._create(db, SCHEMA + V2 + V3 + V4 + V5 + V6 + V7 + V8)
                 db.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -57,10 +70,23 @@ class Migrations(ProjectRecord):
                 self._create(db, V6)
             if version < 7:
                 self._create(db, V7)
+            if version < 8:
+                self._create(db, V8)
+                self._claim_submitted(db)
             if version < SCHEMA_VERSION:
                 db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
                 )
+
+    def _claim_submitted(self, db: Conn) -> None:
+        """Threads submitted before version 8 are claimed by their jobs, as submit claims
+        them now, so that no `request --thread-id` runs one beside its worker."""
+        for r in db.execute("SELECT thread_id, request, submitted_at FROM jobs").fetchall():
+            request_id = GPURequest.model_validate_json(r["request"]).request_id
+            db.execute(
+                "INSERT INTO threads (thread_id, owner, request_id, at) VALUES (?, ?, ?, ?)",
+                (r["thread_id"], JOB, request_id, r["submitted_at"]),
+            )
 
     def _recount_hoarding(self, db: Conn) -> None:
         """Before version 4 an idle release counted its whole allocation as hoarding; what is

@@ -12,6 +12,7 @@ from dataclasses import replace
 from fleet.backfill import Ending, reserve
 from fleet.ledger.releasing import Releasing
 from fleet.ledger.rows import AUDIT, AuditEntry, LedgerRow, PlaceResult, allocation_id
+from fleet.ledger.threads import check_placeable
 from fleet.maxmin import levels
 from fleet.models import GPUInfo, GPURequest, Priority, ReleaseReason, RouteDecision
 from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
@@ -33,10 +34,11 @@ class Placing(Releasing):
         approval: AuditEntry | None = None,
         first: Callable[[Conn], None] | None = None,
     ) -> PlaceResult:
-        """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request).
-        `approval` (who approved it) is written to the audit log when the request is first
-        placed or queued. Admission is on expected cost (fleet.budget); a placement then fits
-        the deadlines of the project's active allocations to its budget. `first` runs first
+        """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request),
+        and never on a thread claimed for another request (fleet.ledger.threads). `approval`
+        (who approved it) is written to the audit log when the request is first placed or
+        queued. Admission is on expected cost (fleet.budget); a placement then fits the
+        deadlines of the project's active allocations to its budget. `first` runs first
         in the same transaction (the claim of the allocation's monitor: one commit for both,
         and where it raises nothing is placed)."""
         aid = allocation_id(thread_id, request.request_id)
@@ -44,6 +46,7 @@ class Placing(Releasing):
         types = {route.gpu_type, *(r[0] for r in was)}  # a queued request may move type
         keys = sorted(f"type:{t}" for t in types)
         with self.transaction(*keys, f"project:{request.project}") as db:
+            check_placeable(db, thread_id, request.request_id)
             if first is not None:
                 first(db)
             existing = self._get(db, aid)

@@ -9,7 +9,8 @@ from __future__ import annotations
 # 3: monitors (which process runs each live allocation's thread, and its last heartbeat)
 # 4: commands and the hoarding record; 5: indexes; 6: scheduler_jobs (a Slurm job per allocation)
 # 7: runs (what `gpu-agent run --requeue` must outlive its process for)
-SCHEMA_VERSION = 7
+# 8: threads (the request each caller-named thread was started for, and by whom)
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -201,6 +202,17 @@ CREATE TABLE IF NOT EXISTS runs (
     successor TEXT UNIQUE
 );
 """
+# a thread named by its caller (`--thread-id`), claimed before its request runs: the process
+# that claimed it (fleet.monitors.new_owner, or "job" once submitted), the one request that may
+# be placed on it, and when (fleet.ledger.threads)
+V8 = """
+CREATE TABLE IF NOT EXISTS threads (
+    thread_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
 TABLES = (
     "meta",
     "allocations",
@@ -219,4 +231,5 @@ TABLES = (
     "commands",
     "scheduler_jobs",
     "runs",
+    "threads",
 )
