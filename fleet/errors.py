@@ -56,6 +56,12 @@ class CannotStart(GPUAgentError):
     exit_code = 127
 
 
+class Interrupted(GPUAgentError):
+    """Interrupted (Ctrl-C) where what it had started was undone, as its message says."""
+
+    exit_code = 130
+
+
 class NotPlaced(GPUAgentError):
     """The request could not be placed within its maximum wait."""
 

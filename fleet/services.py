@@ -33,7 +33,7 @@ from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
 from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
-from fleet.statedir import LEDGER, clock_for, default_state_dir, prepare, remove_new
+from fleet.statedir import LEDGER, clock_for, default_state_dir, opened, remove_new
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
@@ -457,7 +457,7 @@ def open_services(
     fleet the default fleet. `database`: a postgresql:// URL for the ledger (default: SQLite
     in the state directory). `check`: what must hold of the fleet before anything is
     created (the models it names, nodes.context.check_models). A state directory created
-    here is taken away again if opening fails after it."""
+    here is taken away again, while empty, if opening fails after it."""
     choice = BackendChoice(backend) if isinstance(backend, str) else backend
     resolved: Resolved | None = None
     if isinstance(choice, BackendChoice):
@@ -473,9 +473,9 @@ def open_services(
         )
     if check is not None:
         check(config)
-    target = Path(state_dir or default_state_dir())
-    fresh = not target.exists()
-    directory = prepare(target, create=create, ledger_here=database is None)
+    directory, made = opened(
+        state_dir or default_state_dir(), create=create, ledger_here=database is None
+    )
     try:
         clock = clock or clock_for(directory, config.clock)
         if isinstance(choice, BackendChoice):
@@ -486,7 +486,7 @@ def open_services(
         config = placeable_fleet(config, fleet_backend)
         ledger = Ledger(database or directory / LEDGER, config, durable=durable)
     except BaseException:
-        if fresh:
+        if made:
             remove_new(directory)
         raise
     return Services(

@@ -24,7 +24,14 @@ def default_state_dir() -> Path:
 def prepare(path: str | Path, *, create: bool, ledger_here: bool = True) -> Path:
     """The state directory, checked; created (parent must exist) only when `create`.
     `ledger_here=False`: the ledger is in a database, not in this directory."""
+    return opened(path, create=create, ledger_here=ledger_here)[0]
+
+
+def opened(path: str | Path, *, create: bool, ledger_here: bool = True) -> tuple[Path, bool]:
+    """prepare's directory, and whether this call made it (its own mkdir did: another
+    process that made it at the same moment is not us)."""
     p = Path(path)
+    made = False
     if p.exists() and not p.is_dir():
         raise StateDirError(f"state directory {p} is not a directory")
     if not p.exists():
@@ -37,6 +44,7 @@ def prepare(path: str | Path, *, create: bool, ledger_here: bool = True) -> Path
             raise StateDirError(f"cannot create state directory {p}: {p.parent} does not exist")
         try:
             p.mkdir()
+            made = True
         except FileExistsError:
             pass
         except OSError as exc:
@@ -45,7 +53,7 @@ def prepare(path: str | Path, *, create: bool, ledger_here: bool = True) -> Path
         raise StateDirError(f"state directory {p} is not readable and writable")
     if not create and ledger_here and not (p / LEDGER).exists():
         raise StateDirError(f"state directory {p} holds no ledger ({LEDGER} is missing)")
-    return p
+    return p, made
 
 
 def clock_for(state_dir: Path, settings: ClockSettings) -> Clock:
@@ -72,10 +80,8 @@ def clock_for(state_dir: Path, settings: ClockSettings) -> Clock:
 
 def remove_new(path: Path) -> None:
     """Take away a state directory that this very opening created, once opening failed (a
-    backend it cannot reach, a ledger it cannot create): what was refused leaves nothing.
-    Only the files an opening writes are removed; a directory another process wrote to
-    meanwhile stays."""
-    for name in (CLOCK, LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm", f"{LEDGER}-journal"):
-        (path / name).unlink(missing_ok=True)
+    backend it cannot reach): what was refused leaves nothing. Only while it is empty: a file
+    in it may be another process's that opened it meanwhile (a ledger, the scaled clock's
+    epoch), which is never removed."""
     with contextlib.suppress(OSError):
         path.rmdir()

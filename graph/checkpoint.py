@@ -3,6 +3,7 @@ the PostgreSQL database the ledger is in (so any worker can resume any thread)."
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import sqlite3
@@ -104,7 +105,11 @@ def open_checkpointer(
 
 
 def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
-    """Close a saver's connection (SQLite) or pool (PostgreSQL)."""
+    """Close a saver's connection (SQLite) or pool (PostgreSQL). SQLite's is closed under the
+    saver's own lock: a graph still running in a background thread (a `run` interrupted
+    while placing) then fails its next write with an error instead of crashing the process
+    with a write on a connection closed under it."""
     conn = getattr(saver, "conn", None)
     if conn is not None:
-        conn.close()
+        with getattr(saver, "lock", None) or contextlib.nullcontext():
+            conn.close()

@@ -16,6 +16,7 @@ only that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import uuid
@@ -147,8 +148,9 @@ class Orchestrator(Records):
     def _new_thread(self, thread_id: str | None, req: GPURequest) -> tuple[str, str | None]:
         """A thread id for a new request, and the owner of its claim: the caller's name
         (checked, unused, claimed for this request: fleet.thread_claims) or a fresh one (no
-        claim). A claim is kept: a run that stops in its decision with an error still writes its
-        thread's checkpoint, and the claim of a process that died there is taken over."""
+        claim). A run that stops in its decision with an error still writes its thread's
+        checkpoint, which keeps the name; a claim of a process that died before is taken
+        over."""
         if thread_id is None:
             return uuid.uuid4().hex, None
         config = self._config(thread_id)
@@ -163,24 +165,40 @@ class Orchestrator(Records):
             self.services.ledger, thread_id, req.request_id, kind, started
         )
 
+    def _give_back(self, thread_id: str, claim: str | None) -> None:
+        """A name claimed by a start that failed before anything of it was kept (no
+        checkpoint; a job, once queued, holds the claim under its own owner) is free again,
+        so a retry in this same process is not refused by a call that is over."""
+        if claim is None:
+            return
+        with contextlib.suppress(Exception):  # else it is held until this process exits
+            if self.checkpointer.get_tuple(self._config(thread_id)) is None:
+                self.services.ledger.give_thread_back(thread_id, claim)
+
     def _start(
         self,
         req: GPURequest,
         thread_id: str,
+        claim: str | None,
         *,
         wait: bool = True,
         on_update: Callable[[str, dict[str, Any]], None] | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
-        """Run a new thread from its first step."""
-        return self._invoke(
-            InputState(request=req),
-            thread_id,
-            wait=wait,
-            pure_first=True,
-            on_update=on_update,
-            on_progress=on_progress,
-        )
+        """Run a new thread from its first step (its name given back where it fails before
+        its first checkpoint)."""
+        try:
+            return self._invoke(
+                InputState(request=req),
+                thread_id,
+                wait=wait,
+                pure_first=True,
+                on_update=on_update,
+                on_progress=on_progress,
+            )
+        except BaseException:
+            self._give_back(thread_id, claim)
+            raise
 
     def _stream(
         self,
@@ -294,10 +312,11 @@ class Orchestrator(Records):
         InvalidInput before anything is written.
         """
         req = self.check(request)
-        thread_id, _ = self._new_thread(thread_id, req)
+        thread_id, claim = self._new_thread(thread_id, req)
         return self._start(
             req,
             thread_id,
+            claim,
             wait=wait,
             on_update=_events_to(on_event),
             on_progress=on_progress,
@@ -306,7 +325,7 @@ class Orchestrator(Records):
     def start_job(self, job: Job) -> RequestOutcome:
         """Run a submitted job's thread from its first step (a worker holding its lease: the
         job's claim on the name is this worker's while the lease lasts)."""
-        return self._start(self.check(job.request), job.thread_id)
+        return self._start(self.check(job.request), job.thread_id, None)
 
     def resume(
         self,
@@ -427,8 +446,14 @@ class Orchestrator(Records):
         claimed for its job even where the id is generated: it is shown at once, and nothing is
         checkpointed under it until a worker runs it."""
         req = self.check(request)
-        thread_id, claim = self._new_thread(thread_id or uuid.uuid4().hex, req)
-        return JobQueue(self.services.ledger).submit(thread_id, req, claimed_by=claim)
+        thread_id, claim = self._new_thread(
+            uuid.uuid4().hex if thread_id is None else thread_id, req
+        )
+        try:
+            return JobQueue(self.services.ledger).submit(thread_id, req, claimed_by=claim)
+        except BaseException:
+            self._give_back(thread_id, claim)
+            raise
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
@@ -448,7 +473,7 @@ class Orchestrator(Records):
         Raises InvalidInput, Denied, NotPlaced or PendingReview when no GPUs were placed.
         """
         req = self.check(request)
-        thread_id, _ = self._new_thread(thread_id, req)
+        thread_id, claim = self._new_thread(thread_id, req)
         placed = threading.Event()
         box: dict[str, Any] = {}
 
@@ -459,7 +484,7 @@ class Orchestrator(Records):
 
         def run() -> None:
             try:
-                box["outcome"] = self._start(req, thread_id, on_update=on_update)
+                box["outcome"] = self._start(req, thread_id, claim, on_update=on_update)
             except BaseException as exc:  # handed to the caller, never swallowed
                 box["error"] = exc
             finally:

@@ -29,14 +29,15 @@ import shlex
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import FrameType
 
-from fleet.errors import Denied, InvalidInput, NotPlaced
+from fleet.errors import Denied, GPUAgentError, Interrupted, InvalidInput, NotPlaced
 from fleet.faults import RUN_PLACED, fault
-from fleet.ledger.rows import LedgerRow
+from fleet.ledger.rows import LedgerRow, allocation_id
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, Orphan, gone_here, new_owner
@@ -304,7 +305,7 @@ def request_and_run(
             notice_s = 0.0
     command = Command(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
-    handle = orch.allocate_gpu_sync(request)
+    handle = _placed(orch, request)
     try:
         fault(RUN_PLACED)
         if requeue:
@@ -314,6 +315,30 @@ def request_and_run(
         handle.release(ReleaseReason.CONTEXT_EXIT)
         raise
     return _carry_on(orch, held, command, charge, [])
+
+
+def _placed(orch: Orchestrator, request: GPURequest) -> AllocationHandle:
+    """The request placed for the command. Interrupted (Ctrl-C) or failed while it was being
+    placed, nothing may stay placed for a command that never starts: the thread's claim is
+    revoked first, so that a placement still in flight is refused in its own transaction
+    (fleet.ledger.threads), then whatever was placed or queued is cancelled. A refusal
+    (denied, not placed, waiting for a review) is the request's answer and stays."""
+    thread_id = uuid.uuid4().hex
+    try:
+        return orch.allocate_gpu_sync(request, thread_id=thread_id)
+    except GPUAgentError:
+        raise
+    except BaseException as exc:
+        ledger = orch.services.ledger
+        ledger.revoke_thread(thread_id)
+        aid = allocation_id(thread_id, request.request_id)
+        if ledger.query("SELECT 1 FROM allocations WHERE id=?", (aid,)):
+            orch.release(aid, ReleaseReason.CANCELLED)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(
+                "interrupted before the command started; nothing is left placed for it"
+            ) from None
+        raise
 
 
 def _announced(handle: AllocationHandle, say: Callable[[str], None]) -> Held:

@@ -139,3 +139,10 @@ def test_an_address_ray_cannot_read_is_one_line(tmp_path: Path) -> None:
     assert "Ray address 'bogus:::': Invalid address format" in done.stderr
     assert done.stderr.count("\n") == 1
     assert not (tmp_path / "s").exists()
+    (tmp_path / "mine").mkdir()  # a directory the opening did not make is never taken away
+    done = run_cli(
+        "request", "--backend", "ray", "--state-dir", str(tmp_path / "mine"), "--project",
+        "p", "--purpose", "training", "--count", "1", "--hours", "1", "--no-wait",
+        cwd=tmp_path, env={"RAY_ADDRESS": "bogus:::"},
+    )  # fmt: skip
+    assert done.returncode == 2 and (tmp_path / "mine").is_dir()

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import fleet_toml, run_cli
 
 # A command that ignores SIGTERM and leaves a grandchild in its process group.
@@ -46,6 +48,12 @@ def idle_fleet(tmp_path: Path, workload: str = "idle") -> Path:
         )
     )
     return path
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP: state T)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
 
 
 def alive(pid: int) -> bool:
@@ -493,3 +501,32 @@ def test_a_failure_after_placing_and_before_the_command_releases_the_gpus(tmp_pa
     assert status["problems"] == [] and not any(
         a["state"] == "active" for a in status["allocations"]
     )
+
+
+@pytest.mark.parametrize("point", ["before:allocate", "after:allocate"])
+def test_ctrl_c_while_run_places_leaves_nothing_placed(tmp_path: Path, point: str) -> None:
+    """`gpu-agent run` interrupted (SIGINT) while its GPUs are being placed, just before the
+    placement or just after it (the process stopped there with SIGSTOP, interrupted, then
+    continued): exit 130, no command ran, and no allocation is left active or queued."""
+    marker = tmp_path / "ran"
+    state = ["--state-dir", str(tmp_path / "s")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "run", *state, "--fleet",
+         str(idle_fleet(tmp_path, "train")), "--project", "vision", "--count", "1",
+         "--hours", "1", "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+        cwd=tmp_path, env={**os.environ, "GPU_AGENT_FAULT": f"{point},stop"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not stopped(proc.pid):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "run never reached its armed point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert not marker.exists()
+    status = json.loads(run_cli("status", *state, "--json", cwd=tmp_path).stdout)
+    assert status["problems"] == []
+    assert not any(a["state"] in ("active", "queued") for a in status["allocations"])

@@ -120,21 +120,47 @@ def test_a_submitted_thread_is_its_jobs(
     exactly_once(orch.services.ledger)
 
 
+def test_a_submission_that_fails_gives_its_name_back(
+    make_orch: Callable[..., Orchestrator],
+) -> None:
+    """A start that fails before anything of it is kept (here the queue refuses: a job on the
+    name already, queued by a version before claims) frees the name at once, so a retry in
+    the same live process is not refused by a call that is over."""
+    orch = make_orch()
+    JobQueue(orch.services.ledger).submit("s", GPURequest.model_validate(ONE))  # unclaimed
+    with pytest.raises(InvalidInput, match="'s' was already submitted"):
+        orch.submit(ONE, thread_id="s")
+    assert orch.services.ledger.thread_claim("s") is None
+    with pytest.raises(InvalidInput, match="'s' was already submitted"):
+        orch.submit(ONE, thread_id="s")  # the queue's answer again, not "being started by"
+
+
 def test_jobs_submitted_before_claims_existed_are_claimed_by_their_jobs(
     database: str, config: FleetConfig
 ) -> None:
-    """A version-7 ledger's queued jobs: the migration claims their threads for them."""
+    """A version-7 ledger's queued jobs: the migration claims their threads for them, reading
+    only the request's id (a request today's model refuses, here a field it no longer knows,
+    is still its job's); a job that is done needs no claim (its thread exists)."""
     ledger = Ledger(database, config)
     request = GPURequest.model_validate(ONE)
     JobQueue(ledger).submit("old", request)
+    JobQueue(ledger).submit("done", GPURequest.model_validate(ONE))
     with ledger.transaction() as db:
         db.execute("DROP TABLE threads")
         db.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+        db.execute("UPDATE jobs SET state='done' WHERE thread_id='done'")
+        db.execute(
+            "INSERT INTO jobs (thread_id, request, state, submitted_at) VALUES (?, ?, ?, ?)",
+            ("odd", json.dumps({"request_id": "r-odd", "retired_field": 1}), "pending", T0),
+        )
     ledger.close()
     ledger = Ledger(database, config)
     try:
         claim = ledger.thread_claim("old")
         assert claim is not None and (claim.owner, claim.request_id) == (JOB, request.request_id)
+        odd = ledger.thread_claim("odd")
+        assert odd is not None and (odd.owner, odd.request_id) == (JOB, "r-odd")
+        assert ledger.thread_claim("done") is None
     finally:
         ledger.close()
 

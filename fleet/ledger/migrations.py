@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fleet.errors import StateDirError
 from fleet.ledger.project_record import ProjectRecord
 from fleet.ledger.schema import (
@@ -19,7 +21,7 @@ from fleet.ledger.schema import (
     V8,
 )
 from fleet.ledger.threads import JOB
-from fleet.models import GPURequest, ReleaseReason
+from fleet.models import ReleaseReason
 from fleet.sql import Conn
 
 
@@ -79,10 +81,17 @@ class Migrations(ProjectRecord):
                 )
 
     def _claim_submitted(self, db: Conn) -> None:
-        """Threads submitted before version 8 are claimed by their jobs, as submit claims
-        them now, so that no `request --thread-id` runs one beside its worker."""
-        for r in db.execute("SELECT thread_id, request, submitted_at FROM jobs").fetchall():
-            request_id = GPURequest.model_validate_json(r["request"]).request_id
+        """Threads submitted before version 8 and not done are claimed by their jobs, as
+        submit claims them now, so that no `request --thread-id` runs one beside its worker.
+        Only the request's id is read: a request today's model would refuse (a bound added
+        since) is still its job's."""
+        for r in db.execute(
+            "SELECT thread_id, request, submitted_at FROM jobs WHERE state != 'done'"
+        ).fetchall():
+            try:
+                request_id = str(json.loads(r["request"])["request_id"])
+            except (ValueError, TypeError, KeyError):
+                continue  # unreadable: the worker that claims it finds it invalid
             db.execute(
                 "INSERT INTO threads (thread_id, owner, request_id, at) VALUES (?, ?, ?, ?)",
                 (r["thread_id"], JOB, request_id, r["submitted_at"]),

@@ -20,6 +20,7 @@ from fleet.ledger.store import Store
 from fleet.sql import Conn
 
 JOB = "job"  # the owner of a submitted thread: its job's lease says which worker runs it
+REVOKED = ""  # the request id of a thread on which nothing may be placed (no request has it)
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,13 @@ class Threads(Store):
                 (owner, request_id, now, held.thread_id, held.owner, held.request_id),
             )
         )
+
+    def give_thread_back(self, thread_id: str, owner: str) -> None:
+        """Free a name whose request stopped before anything of it was kept (no checkpoint,
+        no job): a retry of the same name must not find it held by a call that failed."""
+        self.db.liveness("DELETE FROM threads WHERE thread_id=? AND owner=?", (thread_id, owner))
+
+    def revoke_thread(self, thread_id: str) -> None:
+        """No request may be placed on the thread from now on (check_placeable refuses every
+        one): a start given up while its placement may still be in flight."""
+        self.db.liveness("UPDATE threads SET request_id=? WHERE thread_id=?", (REVOKED, thread_id))
