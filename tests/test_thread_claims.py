@@ -89,6 +89,10 @@ def test_only_the_claimed_request_is_placed_on_a_thread(database: str, config: F
     placed = fx.place("t").row
     assert placed is not None and placed.state == "active"
     assert fx.place("u", request_id="anything").row is not None  # unclaimed: as before
+    fx.ledger.claim_thread("v", new_owner("run"), "r-v", T0)
+    fx.ledger.revoke_thread("v")  # a `run` interrupted while placing gave it up
+    with pytest.raises(InvalidInput, match="'v' was given up by its caller"):
+        fx.place("v")
     fx.ledger.close()
 
 

@@ -42,11 +42,13 @@ def check_placeable(db: Conn, thread_id: str, request_id: str) -> None:
     """InvalidInput, in a placement's transaction, where the thread was claimed for another
     request."""
     r = db.execute(CLAIM, (thread_id,)).fetchone()
-    if r is not None and str(r[2]) != request_id:
-        raise InvalidInput(
-            f"thread {thread_id!r} was started for request {r[2]}, not {request_id}; "
-            "nothing was placed"
-        )
+    if r is None or str(r[2]) == request_id:
+        return
+    if str(r[2]) == REVOKED:
+        raise InvalidInput(f"thread {thread_id!r} was given up by its caller; nothing was placed")
+    raise InvalidInput(
+        f"thread {thread_id!r} was started for request {r[2]}, not {request_id}; nothing was placed"
+    )
 
 
 def hand_to_job(db: Conn, thread_id: str, owner: str) -> None:
