@@ -74,12 +74,18 @@ def this_host() -> str:
     return socket.gethostname() + namespace
 
 
+def seen_from_here(owner: str) -> bool:
+    """The process named by `owner` ran on this host, in this PID namespace: whether it lives
+    can be seen (gone_here); elsewhere only what it writes says so."""
+    return owner.split(":", 1)[0] == this_host()
+
+
 def gone_here(owner: str) -> bool:
     """The process named by `owner` (new_owner's host:pid:...) ran on this host, in this PID
     namespace, and exited. (An owner written before namespaces were named never is: its
     beats decide.)"""
-    host, pid = [*owner.split(":"), "", ""][:2]
-    if host != this_host() or not pid.isdigit():
+    pid = [*owner.split(":"), ""][1]
+    if not seen_from_here(owner) or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

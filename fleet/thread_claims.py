@@ -6,7 +6,10 @@ submitted job's, and while its claimant may still be starting it. It is taken ov
 claimant known to be dead: a process of this host (and PID namespace) that exited before its
 thread's first checkpoint. Age alone never frees a name: a claimant stalled on another host
 (SIGSTOP, a paused VM) would wake up and write its decision into the thread beside the new
-one, so a name whose claimant died on another host stays refused, saying who holds it.
+one, so a name whose claimant died on another host stays refused, saying who holds it,
+unless the claim is for the very same request (its id fixed by the caller, or by a requeue:
+`gpu-agent run --resume` on another host): then a claimant there is not waited for, since
+only that request can be placed on the thread anyway, as when two processes resume one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
 from fleet.ledger.threads import JOB, ThreadClaim
-from fleet.monitors import describe_owner, gone_here, new_owner
+from fleet.monitors import describe_owner, gone_here, new_owner, seen_from_here
 
 
 def claim(
@@ -36,19 +39,23 @@ def claim(
         held = ledger.claim_thread(thread_id, owner, request_id, now)
         if held is None:
             return owner
-        _refuse_unless_gone(held, started, now)
+        _refuse_unless_gone(held, request_id, started, now)
         if ledger.take_thread(held, owner, request_id, now):
             return owner
     raise InvalidInput(f"thread {thread_id!r} is being started by another request; try again")
 
 
-def _refuse_unless_gone(held: ThreadClaim, started: Callable[[], bool], now: float) -> None:
+def _refuse_unless_gone(
+    held: ThreadClaim, request_id: str, started: Callable[[], bool], now: float
+) -> None:
     thread_id = held.thread_id
     if started():
         raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
     if held.owner == JOB:
         raise InvalidInput(f"thread {thread_id!r} was already submitted")
     if gone_here(held.owner):
+        return
+    if held.request_id == request_id and not seen_from_here(held.owner):
         return
     raise InvalidInput(
         f"thread {thread_id!r} is being started by {describe_owner(held.owner)} "

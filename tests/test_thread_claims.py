@@ -96,6 +96,25 @@ def test_only_the_claimed_request_is_placed_on_a_thread(database: str, config: F
     fx.ledger.close()
 
 
+def test_a_claimant_on_another_host_is_waited_for_unless_it_is_the_same_request(
+    make_orch: Callable[..., Orchestrator],
+) -> None:
+    """Whether a process on another host lives cannot be seen: its claim holds the name
+    against any other request, but not against the same request (a requeue's fixed id, run
+    again by `gpu-agent run --resume` there), which alone can be placed on the thread."""
+    orch = make_orch()
+    ledger = orch.services.ledger
+    elsewhere = "another-host@4026531836:4242:0123abcd:run"
+    req = GPURequest.model_validate(ONE | {"request_id": "fixed"})
+    for thread in ("other", "same"):
+        ledger.claim_thread(thread, elsewhere, "fixed", T0)
+    with pytest.raises(InvalidInput, match="being started by run pid 4242 on another-host"):
+        orch.request(ONE, thread_id="other")
+    assert orch.request(req, thread_id="same", wait=False).status is Status.ALLOCATED
+    claim = ledger.thread_claim("same")
+    assert claim is not None and claim.owner != elsewhere
+
+
 def test_a_submitted_thread_is_its_jobs(
     make_orch: Callable[..., Orchestrator], config: FleetConfig
 ) -> None:
