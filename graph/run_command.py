@@ -329,10 +329,9 @@ def _placed(orch: Orchestrator, request: GPURequest) -> AllocationHandle:
     except GPUAgentError:
         raise
     except BaseException as exc:
-        ledger = orch.services.ledger
-        ledger.revoke_thread(thread_id)
+        orch.services.ledger.revoke_thread(thread_id)
         aid = allocation_id(thread_id, request.request_id)
-        if ledger.query("SELECT 1 FROM allocations WHERE id=?", (aid,)):
+        if _row(orch, aid) is not None:  # a second release returns the first
             orch.release(aid, ReleaseReason.CANCELLED)
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(

@@ -6,8 +6,8 @@ first wins, and the claim records its request: a placement on the thread is refu
 placement's own transaction, for any other request (`check_placeable`), so a second request on
 the name never holds GPUs, whatever a race or a stalled process does with the thread's
 checkpoints. Who may take a claim over is fleet.thread_claims' rule. A claim stays after its
-request ran (its checkpoint then says the thread exists); generated thread ids (uuid4) are
-never claimed.
+request ran (its checkpoint then says the thread exists). A request's generated thread id
+(uuid4) is not claimed; a submission's is (it is shown before anything runs under it).
 """
 
 from __future__ import annotations
