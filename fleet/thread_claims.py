@@ -2,14 +2,15 @@
 
 A request (or a submission) on a named thread claims the name before anything runs. A name
 already claimed is refused while its thread exists (resume it instead), while it is a
-submitted job's, and while its claimant may still be starting it. It is taken over only from a
+submitted job's, and while its claimant may still be starting it. It is taken over from a
 claimant known to be dead: a process of this host (and PID namespace) that exited before its
-thread's first checkpoint. Age alone never frees a name: a claimant stalled on another host
-(SIGSTOP, a paused VM) would wake up and write its decision into the thread beside the new
-one, so a name whose claimant died on another host stays refused, saying who holds it,
-unless the claim is for the very same request (its id fixed by the caller, or by a requeue:
-`gpu-agent run --resume` on another host): then a claimant there is not waited for, since
-only that request can be placed on the thread anyway, as when two processes resume one.
+thread's first checkpoint. Whether a claimant on another host (or in another PID namespace)
+lives cannot be seen: its claim is taken over at once for the very same request (an id fixed
+by the caller, or by a requeue that `gpu-agent run --resume` places again there), which alone
+can be placed on the thread anyway, and for another request only once it is older than
+UNSEEN_SECONDS with still no checkpoint. A decision takes milliseconds; a claimant stalled
+that long (SIGSTOP, a paused VM) that wakes up places nothing (placement checks the claim's
+request), though its decision's checkpoint may still land in the thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from fleet.errors import InvalidInput
 from fleet.ledger import Ledger
 from fleet.ledger.threads import JOB, ThreadClaim
 from fleet.monitors import describe_owner, gone_here, new_owner, seen_from_here
+
+UNSEEN_SECONDS = 600.0  # a claim elsewhere without a checkpoint this long: its process is gone
 
 
 def claim(
@@ -35,10 +38,12 @@ def claim(
     holds the name. `started`: whether the thread has a checkpoint."""
     owner = new_owner(kind)
     now = time.time() if now is None else now
-    for _ in range(2):  # another taker was quicker between our reads: look again
-        held = ledger.claim_thread(thread_id, owner, request_id, now)
-        if held is None:
+    for _ in range(3):  # another taker was quicker between our statements: look again
+        won, held = ledger.claim_thread(thread_id, owner, request_id, now)
+        if won:
             return owner
+        if held is None:  # given back meanwhile: the name is free again
+            continue
         _refuse_unless_gone(held, request_id, started, now)
         if ledger.take_thread(held, owner, request_id, now):
             return owner
@@ -55,10 +60,12 @@ def _refuse_unless_gone(
         raise InvalidInput(f"thread {thread_id!r} was already submitted")
     if gone_here(held.owner):
         return
-    if held.request_id == request_id and not seen_from_here(held.owner):
+    unseen = not seen_from_here(held.owner)
+    if unseen and (held.request_id == request_id or now - held.at > UNSEEN_SECONDS):
         return
+    later = f", or after {UNSEEN_SECONDS:.0f} s if that process is gone" if unseen else ""
     raise InvalidInput(
         f"thread {thread_id!r} is being started by {describe_owner(held.owner)} "
-        f"(claimed {max(0.0, now - held.at):.0f} s ago); wait for it, or, if that process "
-        "is gone, name another thread"
+        f"(claimed {max(0.0, now - held.at):.0f} s ago); wait for it{later}, or name "
+        "another thread"
     )

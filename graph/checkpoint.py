@@ -105,10 +105,10 @@ def open_checkpointer(
 
 
 def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
-    """Close a saver's connection (SQLite) or pool (PostgreSQL). SQLite's is closed under the
-    saver's own lock: a graph still running in a background thread (a `run` interrupted
-    while placing) then fails its next write with an error instead of crashing the process
-    with a write on a connection closed under it."""
+    """Close a saver's connection (SQLite) or pool (PostgreSQL), under the saver's own lock:
+    a graph still running in a background thread (a `run` interrupted while placing) then
+    fails its next write with an error, instead of crashing the process (SQLite) with a write
+    on a connection closed under it."""
     conn = getattr(saver, "conn", None)
     if conn is not None:
         with getattr(saver, "lock", None) or contextlib.nullcontext():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import uuid
@@ -92,7 +93,7 @@ class Orchestrator(Records):
             database=database,
             token=token,
             identity=identity,
-            check_config=check_models,
+            check_config=functools.partial(check_models, council_given=council is not None),
         )
         self.services.monitor_kind = monitor_kind
         self.project = project

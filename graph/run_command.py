@@ -40,7 +40,7 @@ from fleet.faults import RUN_PLACED, fault
 from fleet.ledger.rows import LedgerRow, allocation_id
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
-from fleet.monitors import Monitors, Orphan, gone_here, new_owner
+from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owner
 from fleet.supervise import ALLOCATION_ENV, Adopted, Group, Supervised, check_startable
 from graph.handle import AllocationHandle
 from graph.orchestrator import Orchestrator
@@ -311,10 +311,15 @@ def request_and_run(
         if requeue:
             orch.services.ledger.record_run(handle.id, charge.owner, asdict(command), requeue)
         held = _announced(handle, say)
-    except BaseException:  # placed for a command that will not run here: not left held
-        handle.release(ReleaseReason.CONTEXT_EXIT)
+    except BaseException as exc:  # placed for a command that will not run here: not left held
+        handle.release(ReleaseReason.CANCELLED)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(INTERRUPTED) from None
         raise
     return _carry_on(orch, held, command, charge, [])
+
+
+INTERRUPTED = "interrupted before the command started; nothing is left placed for it"
 
 
 def _placed(orch: Orchestrator, request: GPURequest) -> AllocationHandle:
@@ -334,9 +339,7 @@ def _placed(orch: Orchestrator, request: GPURequest) -> AllocationHandle:
         if _row(orch, aid) is not None:  # a second release returns the first
             orch.release(aid, ReleaseReason.CANCELLED)
         if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(
-                "interrupted before the command started; nothing is left placed for it"
-            ) from None
+            raise Interrupted(INTERRUPTED) from None
         raise
 
 
@@ -472,10 +475,9 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
     if finished is not None:
         raise InvalidInput(f"nothing to resume: {finished}")
     if not gone_here(last.owner):
-        host, pid = [*last.owner.split(":"), ""][:2]
         raise InvalidInput(
-            f"allocation {last.allocation_id}'s command is in the charge of `gpu-agent run` "
-            f"pid {pid} on {host}, which is not known to have died: nothing to resume"
+            f"allocation {last.allocation_id}'s command is in the charge of gpu-agent "
+            f"{describe_owner(last.owner)}, which is not known to have died: nothing to resume"
         )
     command = Command.read(last.command)
     check_startable(command.argv, os.environ, command.cwd)  # before anything is placed

@@ -133,15 +133,16 @@ def council_of(svc: Services) -> Council:
     return council
 
 
-def check_models(config: FleetConfig) -> None:
+def check_models(config: FleetConfig, *, council_given: bool = False) -> None:
     """The models a fleet file names are read before anything is opened or written
     (ConfigError, one line, where one cannot be), not first at a tick or a vote: the idle
-    stream's where GPUs are released by their stream, a council's `[council] weights`."""
+    stream's where GPUs are released by their stream, a council's `[council] weights`
+    (unless the caller gives its own council, which is then convened instead)."""
     if config.monitor.idle_release == "stream":
         from council.stream_release import shipped
 
         shipped()
-    if config.council.weights is not None:
+    if config.council.weights is not None and not council_given:
         from council.policies import council_for
 
         council_for(config.council)  # kept: council_of loads it again from the cache

@@ -126,7 +126,7 @@ class Engine:
         nodes: Mapping[str, Node] = NODES,
     ) -> None:
         assert services.clock is clock
-        check_models(services.config)
+        check_models(services.config, council_given=services.chosen_council is not None)
         clock.engine = self
         self.services = services
         self.clock = clock

@@ -120,6 +120,12 @@ def make_orch(tmp_path: Path) -> Iterator[OrchFactory]:
         orch.close()
 
 
+def stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP: state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fleet_toml, run_cli
+from tests.conftest import fleet_toml, run_cli, stopped
 
 # A command that ignores SIGTERM and leaves a grandchild in its process group.
 STUBBORN = """
@@ -48,12 +48,6 @@ def idle_fleet(tmp_path: Path, workload: str = "idle") -> Path:
         )
     )
     return path
-
-
-def stopped(pid: int) -> bool:
-    """The process is stopped (SIGSTOP: state T)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] == "T"
 
 
 def alive(pid: int) -> bool:
@@ -496,7 +490,7 @@ def test_a_failure_after_placing_and_before_the_command_releases_the_gpus(tmp_pa
     assert failed.returncode != 0 and "fault injected at run:placed" in failed.stderr
     state = ["--state-dir", str(tmp_path / "s"), "--json"]
     (record,) = json.loads(run_cli("history", *state, cwd=tmp_path).stdout)["records"]
-    assert record["reason"] == "context-exit"
+    assert record["reason"] == "cancelled"
     status = json.loads(run_cli("status", *state, cwd=tmp_path).stdout)
     assert status["problems"] == [] and not any(
         a["state"] == "active" for a in status["allocations"]

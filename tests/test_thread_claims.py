@@ -25,9 +25,10 @@ from fleet.ledger import Ledger
 from fleet.ledger.threads import JOB
 from fleet.models import GPURequest, Status
 from fleet.monitors import new_owner
+from fleet.thread_claims import UNSEEN_SECONDS
 from graph.orchestrator import Orchestrator
 from graph.worker import Worker
-from tests.conftest import fleet_toml, run_cli, small_config
+from tests.conftest import fleet_toml, run_cli, small_config, stopped
 from tests.test_faults import exactly_once
 from tests.test_ledger import T0, Fixture
 
@@ -37,9 +38,10 @@ ONE = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 1, "
 def test_a_second_request_is_refused_while_the_first_decides(
     make_orch: Callable[..., Orchestrator],
 ) -> None:
-    """Two Orchestrators on one state directory: while the first request on "dup" is in its
-    council (before its first checkpoint), a request or a submission on the name is refused,
-    naming who holds it; afterwards the thread exists. One allocation, the first's."""
+    """Two Orchestrators on one state directory: while the first request on "dup" decides
+    (its council's progress line: before its first checkpoint), a request or a submission on
+    the name is refused, naming who holds it; afterwards the thread exists. One allocation,
+    the first's."""
     first, second = make_orch(), make_orch()
     refusals: list[str] = []
 
@@ -100,16 +102,22 @@ def test_a_claimant_on_another_host_is_waited_for_unless_it_is_the_same_request(
     make_orch: Callable[..., Orchestrator],
 ) -> None:
     """Whether a process on another host lives cannot be seen: its claim holds the name
-    against any other request, but not against the same request (a requeue's fixed id, run
-    again by `gpu-agent run --resume` there), which alone can be placed on the thread."""
+    against any other request for UNSEEN_SECONDS, but not against the same request (a
+    requeue's fixed id, run again by `gpu-agent run --resume` there), which alone can be
+    placed on the thread; an older claim with still no checkpoint is taken over."""
     orch = make_orch()
     ledger = orch.services.ledger
     elsewhere = "another-host@4026531836:4242:0123abcd:run"
     req = GPURequest.model_validate(ONE | {"request_id": "fixed"})
+    now = time.time()
     for thread in ("other", "same"):
-        ledger.claim_thread(thread, elsewhere, "fixed", T0)
-    with pytest.raises(InvalidInput, match="being started by run pid 4242 on another-host"):
+        ledger.claim_thread(thread, elsewhere, "fixed", now)
+    ledger.claim_thread("old", elsewhere, "fixed", now - UNSEEN_SECONDS - 1)
+    assert orch.request(ONE, thread_id="old", wait=False).status is Status.ALLOCATED
+    with pytest.raises(InvalidInput) as refused:
         orch.request(ONE, thread_id="other")
+    assert "being started by run pid 4242 on another-host" in str(refused.value)
+    assert "or after 600 s if that process is gone" in str(refused.value)
     assert orch.request(req, thread_id="same", wait=False).status is Status.ALLOCATED
     claim = ledger.thread_claim("same")
     assert claim is not None and claim.owner != elsewhere
@@ -191,15 +199,9 @@ def test_jobs_submitted_before_claims_existed_are_claimed_by_their_jobs(
 # ---- real processes ----------------------------------------------------------------------
 
 
-def _stopped(pid: int) -> bool:
-    """The process is stopped (state T in /proc/PID/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2] == "T"
-
-
 def _wait_stopped(proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 120
-    while not _stopped(proc.pid):
+    while not stopped(proc.pid):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the request never reached its armed point"
         time.sleep(0.05)

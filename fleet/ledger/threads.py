@@ -6,8 +6,9 @@ first wins, and the claim records its request: a placement on the thread is refu
 placement's own transaction, for any other request (`check_placeable`), so a second request on
 the name never holds GPUs, whatever a race or a stalled process does with the thread's
 checkpoints. Who may take a claim over is fleet.thread_claims' rule. A claim stays after its
-request ran (its checkpoint then says the thread exists). A request's generated thread id
-(uuid4) is not claimed; a submission's is (it is shown before anything runs under it).
+request ran (its checkpoint then says the thread exists). Every thread id a caller passes is
+claimed (`gpu-agent run` and the agent tools pass one), and a submission's even where it is
+generated (it is shown before anything runs under it); only the id `request` generates is not.
 """
 
 from __future__ import annotations
@@ -68,14 +69,15 @@ class Threads(Store):
 
     def claim_thread(
         self, thread_id: str, owner: str, request_id: str, now: float
-    ) -> ThreadClaim | None:
-        """Claim a name nobody holds: None when won, else the claim that holds it."""
+    ) -> tuple[bool, ThreadClaim | None]:
+        """Claim a name nobody holds: (True, None) when won, else (False, the claim that holds
+        it, or None where it was given back between the two statements: try again)."""
         won = self.db.liveness(
             "INSERT INTO threads (thread_id, owner, request_id, at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (thread_id) DO NOTHING",
             (thread_id, owner, request_id, now),
         )
-        return None if won else self.thread_claim(thread_id)
+        return (True, None) if won else (False, self.thread_claim(thread_id))
 
     def thread_claim(self, thread_id: str) -> ThreadClaim | None:
         rows = self.query(CLAIM, (thread_id,))
