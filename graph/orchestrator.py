@@ -154,11 +154,7 @@ class Orchestrator(Records):
         over."""
         if thread_id is None:
             return uuid.uuid4().hex, None
-        config = self._config(thread_id)
-
-        def started() -> bool:
-            return self.checkpointer.get_tuple(config) is not None
-
+        started = functools.partial(self._started, thread_id)
         if started():
             raise InvalidInput(f"thread {thread_id!r} already exists; resume it instead")
         kind = self.services.monitor_kind or "python"
@@ -173,7 +169,7 @@ class Orchestrator(Records):
         if claim is None:
             return
         with contextlib.suppress(Exception):  # else it is held until this process exits
-            if self.checkpointer.get_tuple(self._config(thread_id)) is None:
+            if not self._started(thread_id):
                 self.services.ledger.give_thread_back(thread_id, claim)
 
     def _start(
@@ -517,7 +513,11 @@ class Orchestrator(Records):
 
     def _checkpointed(self, thread_ids: list[str]) -> set[str]:
         """Through the open checkpointer (its connection or pool), not a second one."""
-        return {t for t in thread_ids if self.checkpointer.get_tuple(self._config(t)) is not None}
+        return {t for t in thread_ids if self._started(t)}
+
+    def _started(self, thread_id: str) -> bool:
+        """The thread has a checkpoint (read through the open checkpointer)."""
+        return self.checkpointer.get_tuple(self._config(thread_id)) is not None
 
 
 def _to_run(snap: StateSnapshot) -> tuple[str, ...]:

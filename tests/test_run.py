@@ -465,28 +465,11 @@ def test_a_failure_after_placing_and_before_the_command_releases_the_gpus(tmp_pa
     """`run` placed, then failed before recording or starting its command (an injected raise
     there): the allocation is released and charged once, not left held with no command."""
     failed = run_cli(
-        "run",
-        "--state-dir",
-        str(tmp_path / "s"),
-        "--fleet",
-        str(idle_fleet(tmp_path, "train")),
-        "--project",
-        "vision",
-        "--count",
-        "1",
-        "--hours",
-        "1",
-        "--requeue",
-        "1",
-        "--json",
-        "--",
-        sys.executable,
-        "-c",
-        "pass",
-        cwd=tmp_path,
-        env={"GPU_AGENT_FAULT": "run:placed,raise"},
-        timeout=60,
-    )
+        "run", "--state-dir", str(tmp_path / "s"), "--fleet", str(idle_fleet(tmp_path, "train")),
+        "--project", "vision", "--count", "1", "--hours", "1", "--requeue", "1", "--json",
+        "--", sys.executable, "-c", "pass",
+        cwd=tmp_path, env={"GPU_AGENT_FAULT": "run:placed,raise"}, timeout=60,
+    )  # fmt: skip
     assert failed.returncode != 0 and "fault injected at run:placed" in failed.stderr
     state = ["--state-dir", str(tmp_path / "s"), "--json"]
     (record,) = json.loads(run_cli("history", *state, cwd=tmp_path).stdout)["records"]
