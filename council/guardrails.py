@@ -8,8 +8,10 @@ fleet.monitoring.idle_limit_s; work that an idle release already ended, asking a
 `resumes`, is spared it, so that a pause that cost the work once does not cost it twice),
 and where the predicted waste lies in the upper half of the guarded band, it is also routed
 by price per unit of work even where the request asked for speed, so that what it may
-waste costs the least. A denial is for requests below the human band, whose expected waste
-no guardrail would bound.
+waste costs the least. Where the fleet sets `guard_lease_hours`, it also holds its GPUs a
+term at a time, renewed while they work (fleet.monitoring.renews): its budget commits one
+term, and a command that hangs with its GPUs idle loses them at the term's end. A denial
+is for requests below the human band, whose expected waste no guardrail would bound.
 """
 
 from __future__ import annotations
@@ -29,4 +31,5 @@ def guardrails(p: float, settings: CouncilSettings, at_risk: float | None = None
         idle_minutes=settings.guard_idle_minutes,
         cheaper_type=p < (guard + approve) / 2,
         at_risk_gpu_hours=at_risk,
+        lease_hours=settings.guard_lease_hours,
     )

@@ -135,6 +135,11 @@ class CouncilSettings(_Strict):
     # at risk, (1 - p) x the GPU-hours asked, reach this; an approval below it goes without
     # them (council.voting.combine). None: by the probability alone.
     guard_gpu_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+    # With guard_share: an approval with guardrails holds its GPUs this many hours at a time,
+    # renewed by its monitor while they work (fleet.monitoring.renews), up to the lease asked;
+    # what its budget commits, its scheduler's time limit and the backfill's view of when its
+    # GPUs free follow the term (at least 15 minutes). None: the lease asked for, whole.
+    guard_lease_hours: float | None = Field(default=None, ge=0.25, allow_inf_nan=False, strict=True)
     quorum: int = Field(default=3, ge=1, le=100)
     history_events: int = Field(default=32, ge=1, le=64)
     record_half_life_days: float = Field(default=7, gt=0)
@@ -152,6 +157,8 @@ class CouncilSettings(_Strict):
             raise ValueError(f"deny_threshold ({deny}) must be below approve_threshold ({approve})")
         if self.guard_gpu_hours is not None and self.guard_share is None:
             raise ValueError("guard_gpu_hours needs guard_share: it chooses whom to guard")
+        if self.guard_lease_hours is not None and self.guard_share is None:
+            raise ValueError("guard_lease_hours needs guard_share: it is one of the guardrails")
         return self
 
     def band(self, policy: str | None = None) -> tuple[float, float]:

@@ -144,6 +144,7 @@ class EventKind(StrEnum):
     RELEASED = "released"
     UNHEALTHY = "unhealthy"
     SCHEDULER = "scheduler"  # the cluster's scheduler (Slurm) ended the allocation's job
+    LEASE = "lease"  # a lease held a term at a time renewed, or not, at the term's end
 
 
 def utc(ts: float) -> datetime:
@@ -307,7 +308,9 @@ class Guardrails(BaseModel):
     (council.guardrails): its work is to run under `gpu-agent run` (a pause of a running
     command never releases it, and its GPUs go when the command exits); where nothing says
     its work goes on, it is released after `idle_minutes` idle; with `cheaper_type`, it is
-    routed by price per unit of work even where the request asked for speed."""
+    routed by price per unit of work even where the request asked for speed; with
+    `lease_hours`, it holds its GPUs that long at a time, renewed while they work, up to
+    the lease asked (fleet.monitoring.renews)."""
 
     predicted_waste: float  # the chance it ends wasteful, 1 - the council's probability
     idle_minutes: float
@@ -315,11 +318,14 @@ class Guardrails(BaseModel):
     # where the fleet guards by size (`[council] guard_gpu_hours`): predicted_waste x the
     # GPU-hours asked, what the guardrails are there for
     at_risk_gpu_hours: float | None = None
+    lease_hours: float | None = None  # the first lease's term, where shorter than asked
 
     def describe(self) -> str:
         parts = [f"`gpu-agent run` required (else idle release after {self.idle_minutes:g} min)"]
         if self.cheaper_type:
             parts.append("the cheapest type per unit of work")
+        if self.lease_hours is not None:
+            parts.append(f"a {self.lease_hours:g} h lease, renewed while its GPUs work")
         return "; ".join(parts)
 
     def outlook(self) -> str:
@@ -463,8 +469,9 @@ class MonitorState(BaseModel):
     # it resumes work that went on while its GPUs looked idle (fleet.ledger.rows.Resumed): idling
     # is no evidence here, as under a running command
     works_while_idle: bool = False
-    # it resumes work an idle release ended (fleet.ledger.rows.Resumed): the council's
-    # stricter idle release and the stream's are spared it, the purpose's timeout applies
+    # it resumes work an idle release or a term not renewed ended (fleet.ledger.rows.Resumed):
+    # the council's stricter idle release and the stream's are spared it, the purpose's
+    # timeout applies, and its terms are renewed whatever its GPUs do
     guard_spared: bool = False
     low_util_warned: bool = False
     throttled: list[str] = Field(default_factory=list)
@@ -481,6 +488,9 @@ class MonitorState(BaseModel):
     # when the next tick is due (epoch s, exact: it may be the ledger's deadline), planned at
     # the end of this one; None: not planned yet
     wake_at: float | None = None
+    # the end of the last term whose renewal it decided (a lease held a term at a time,
+    # fleet.monitoring.renews): decided once per term, also where the tick re-runs
+    renewal_for: float | None = None
 
     @property
     def mean_util(self) -> float | None:

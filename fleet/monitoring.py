@@ -17,6 +17,11 @@
   utilisation stream (council.stream_release, given as `IdlePolicy.release_after`) says,
   once in each idle stretch where no command is known, when to release instead of the
   timeout and the pause factor (an approval's guardrails still shorten it);
+- a lease held a term at a time (an approval's guardrails, `[council] guard_lease_hours`) is
+  renewed while its GPUs work (`renews`): not where every GPU has sat idle since the term
+  began, and for longer than `pause_factor` x the longest pause the work came back from,
+  which under a running command is how a hung command stops holding its GPUs (work that
+  resumes what an idle release or a term ended is renewed: MonitorState.guard_spared);
 - hot: a GPU over `throttle_temp_c` is throttled (once per allocation);
 - unhealthy: a GPU with an XID error or lost ends the allocation at once.
 A reading whose field is unavailable (None) counts neither for nor against a conclusion.
@@ -75,6 +80,19 @@ def idle_limit_s(
     if stream_limit_s is None:
         return rule
     return stream_limit_s if policy.guard_minutes is None else min(stream_limit_s, rule)
+
+
+def renews(state: MonitorState, settings: MonitorSettings, now: float, term_began: float) -> bool:
+    """Whether a lease held a term at a time is renewed at `now`, near the end of the term
+    that began at `term_began`: its GPUs worked in it (or its work goes on while they look
+    idle), unless every GPU has been idle since the term's first tick and for longer than
+    `pause_factor` x the longest pause the work came back from. Work whose idleness misled
+    once (`guard_spared`: it resumes work an idle release or a term ended) is renewed."""
+    if state.idle_since is None or state.works_while_idle or state.guard_spared:
+        return True
+    since = state.idle_since.timestamp()
+    idle_all_term = since <= term_began + settings.tick_seconds
+    return not idle_all_term or now - since < settings.pause_factor * state.longest_pause_s
 
 
 def _stream_limit(state: MonitorState, policy: IdlePolicy) -> float | None:

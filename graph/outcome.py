@@ -106,15 +106,23 @@ class RequestOutcome:
 
 
 def lease_note(outcome: RequestOutcome) -> str | None:
-    """Why the lease is not the hours asked, when it is not: the project's budget shortened
-    it (fleet.budget.admitted_hours), or the request's hours are time on its reference type
-    (fleet.routing) and a faster type does the same work sooner."""
+    """Why the lease is not the hours asked, when it is not: it is held a term at a time (an
+    approval's guardrails), the project's budget shortened it (fleet.budget.admitted_hours),
+    or the request's hours are time on its reference type (fleet.routing) and a faster type
+    does the same work sooner."""
     a, req = outcome.allocation, outcome.request
     if a is None or req is None:
         return None
     lease = (a.lease_end - a.started_at).total_seconds() / 3600.0
     route = outcome.route
     on_type = (route.asked_hours or route.est_hours) if route is not None else None
+    shown = outcome.guardrails()
+    term = shown[1].lease_hours if shown is not None and shown[0] == "approved" else None
+    if term is not None and on_type is not None and term < on_type - 0.005:
+        return (
+            f"held {term:g} h at a time, renewed while its GPUs work, up to the "
+            f"{on_type:.2f} h this work takes on {a.gpu_type} (the council's guardrails)"
+        )
     if on_type is not None and lease < on_type - 0.005:
         return (
             f"lease {lease:.2f} h, not the {on_type:.2f} h this work takes on "

@@ -13,7 +13,7 @@ from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, 
 from fleet.placement import Kind
 from nodes import audit
 from nodes.context import Context, services_for
-from nodes.state import State, request_of
+from nodes.state import State, guardrails_of, request_of
 
 
 def allocate(state: State, runtime: Runtime[Context]) -> State:
@@ -22,6 +22,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     thread_id = state.get("thread_id") or "anonymous"
     aid = allocation_id(thread_id, request.request_id)
     now = svc.clock.now()
+    rails = guardrails_of(state)  # a lease held a term at a time, where they say so
     result = svc.ledger.place(
         request,
         state["route"],
@@ -32,6 +33,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         approval=audit.approval(svc, state, request),
         # in the placement's transaction: a live allocation always has its monitor
         first=lambda db: svc.watch(aid, thread_id, db),
+        renew_hours=None if rails is None else rails.lease_hours,
     )
     fault("allocate:placed")
     svc.moved(result.moved)  # the budget now ends these sooner: their monitors hear at once
@@ -79,6 +81,9 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     )
     waited = (allocation.started_at.timestamp() - row.enqueued_at) / 3600.0
     note = f" (waited {waited:.1f} h)" if waited > 0 else ""
+    assert row.started_at is not None and row.lease_end is not None
+    if row.lease_end < row.started_at + row.hours * 3600.0 - 1.0:  # held a term at a time
+        note += f", renewed while its GPUs work, up to {row.hours:.2f} h"
     return {
         "status": Status.ALLOCATED,
         "reason": decision.reason,

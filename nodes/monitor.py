@@ -6,10 +6,14 @@ sim.engine after every sleep), and work before the sleep would be done twice. A 
 deadline moved meanwhile wakes it early. The ledger's deadline (lease end, or earlier when a
 budget was cut) is re-read every tick. When the backend knows the readings will stay the same
 (a simulated trace), the monitor sleeps through the ticks that could conclude nothing new
-(fleet.monitoring.next_tick and skip).
+(fleet.monitoring.next_tick and skip). A lease held a term at a time is decided on once per
+term, a tick and any checkpoint notice before the term ends (fleet.monitoring.renews): renewed
+in the ledger (Ledger.renew), or left to end with its term.
 """
 
 from __future__ import annotations
+
+import math
 
 from langgraph.runtime import Runtime
 
@@ -17,8 +21,17 @@ from fleet.clock import sleep_until
 from fleet.commands import work
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
-from fleet.models import Event, EventKind, MonitorState, utc
-from fleet.monitoring import IdlePolicy, Readings, Work, assess, next_tick, readings, skip
+from fleet.models import Event, EventKind, GPURequest, MonitorState, utc
+from fleet.monitoring import (
+    IdlePolicy,
+    Readings,
+    Work,
+    assess,
+    next_tick,
+    readings,
+    renews,
+    skip,
+)
 from fleet.services import Services
 from nodes.context import Context, release_after, services_for
 from nodes.progress import report, streaming
@@ -63,6 +76,37 @@ def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdleP
     )
 
 
+def _renewal(row: Lease, mon: MonitorState, request: GPURequest, svc: Services) -> float | None:
+    """When the term under way is decided on, a tick and the command's checkpoint notice
+    before it ends (so that a renewed term sends no notice); None: nothing left to decide."""
+    lead = svc.config.monitor.tick_seconds + (request.notice_seconds or 0.0)
+    at = row.renew_at(lead)
+    return None if at is None or mon.renewal_for == row.lease_end else at
+
+
+def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -> Event:
+    """Decide on the term under way (`mon` remembers it): renewed while the GPUs work, else
+    left to end at the term's end."""
+    assert row.lease_end is not None and row.renew_hours is not None
+    mon.renewal_for = row.lease_end
+    term = f"{row.renew_hours:g} h term"
+    ends = f"{utc(row.lease_end):%Y-%m-%d %H:%M:%S} UTC"
+    if not renews(mon, svc.config.monitor, now, row.lease_end - row.renew_hours * 3600.0):
+        assert mon.idle_since is not None
+        idle = (now - mon.idle_since.timestamp()) / 3600.0
+        why = f"every GPU idle for {idle:.2f} h, all its {term}; it ends at {ends}"
+        return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
+    done = svc.ledger.renew(aid, row.lease_end, now, f"its GPUs work (a {term})")
+    if done is None:  # a budget, a preemption or a release set its end meanwhile
+        return Event(at=utc(now), kind=EventKind.LEASE, message="lease not renewed: it ends")
+    svc.moved(done.moved)
+    svc.follow(aid, done.deadline)  # a scheduler's time limit covers the new term
+    message = f"lease renewed to {utc(done.lease_end):%Y-%m-%d %H:%M:%S} UTC: its GPUs work"
+    if done.deadline < done.lease_end:
+        message += f"; its budget ends it at {utc(done.deadline):%Y-%m-%d %H:%M:%S} UTC"
+    return Event(at=utc(now), kind=EventKind.LEASE, message=message)
+
+
 def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
     shown = "n/a" if util is None else f"{util:.0f}%"
     return f"tick {ticks}: utilisation {shown}, {left_s / 3600:.2f} h left"
@@ -76,17 +120,18 @@ def _wake(
     started: float,
     gpu_ids: list[str],
     svc: Services,
+    renew_at: float | None = None,
 ) -> float:
     """When the tick after `mon`'s is due: the next one, or the first that can conclude
     something new where the backend knows the readings stay the same; never past the
-    allocation's deadline."""
+    allocation's deadline, nor past when its term is decided on (`renew_at`)."""
     assert row.deadline is not None and mon.last_tick_at is not None
     settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
     wake = mon.last_tick_at.timestamp() + tick
     if last is not None:  # ticks that would read the same and conclude nothing are skipped
         steady = svc.backend.steady_until(gpu_ids, mon.last_tick_at.timestamp())
         wake = next_tick(mon, last, settings, tick, started, steady, policy)
-    return min(wake, row.deadline)
+    return min(wake, row.deadline, math.inf if renew_at is None else renew_at)
 
 
 def monitor(state: State, runtime: Runtime[Context]) -> State:
@@ -103,7 +148,8 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         if ended:
             return ended
         policy = _policy(work(row), state, mon, svc)
-        wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc)
+        renew_at = _renewal(row, mon, request_of(state), svc)
+        wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc, renew_at)
     else:  # planned by the last tick, which read the lease at the same moment
         wake = mon.wake_at
     sleep_until(svc.clock, wake, svc.waker(allocation.id))
@@ -148,13 +194,25 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
             seconds_left=left,
         )
     ticked = result.state
-    if result.release is None:  # plan the next tick now, from what this one read
+    events = result.events
+    renewed: State = {}
+    if result.release is None:  # decide on the term if due, and plan the next tick
+        request = request_of(state)
+        renew_at = _renewal(row, ticked, request, svc)
+        if renew_at is not None and now >= renew_at:
+            events = [*events, _renew(row, ticked, now, svc, allocation.id)]
+            row = svc.ledger.lease(allocation.id)
+            renew_at = _renewal(row, ticked, request, svc)
+            if row.lease_end is not None and row.lease_end != allocation.lease_end.timestamp():
+                end = utc(row.lease_end)  # the thread shows the term under way
+                renewed = {"allocation": allocation.model_copy(update={"lease_end": end})}
+        last_read = readings(samples, settings)
         ticked.wake_at = _wake(
-            row, ticked, readings(samples, settings), policy, started, allocation.gpu_ids, svc
+            row, ticked, last_read, policy, started, allocation.gpu_ids, svc, renew_at
         )
-    update: State = {"monitor": ticked, "samples": samples}
-    if result.events:
-        update["events"] = result.events
+    update: State = {"monitor": ticked, "samples": samples, **renewed}
+    if events:
+        update["events"] = events
     if result.release is not None:
         update |= {"release_reason": result.release, "release_at": utc(now)}
     return update

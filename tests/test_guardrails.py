@@ -17,22 +17,28 @@ from council.guardrails import guardrails
 from council.policies import approve_all
 from council.voting import combine
 from fleet.clock import VirtualClock, sleep_until
+from fleet.commands import Commands
 from fleet.config import CouncilSettings, MonitorSettings
 from fleet.errors import InvalidInput
 from fleet.models import (
     CouncilOutcome,
+    EventKind,
     GPURequest,
     Guardrails,
     MemberVote,
+    MonitorState,
     Purpose,
     ReleaseReason,
     RouteDecision,
     RouteMode,
     Status,
     Verdict,
+    utc,
 )
-from fleet.monitoring import IdlePolicy, idle_limit_s
+from fleet.monitoring import IdlePolicy, idle_limit_s, renews
+from fleet.monitors import new_owner
 from fleet.routing import guarded
+from graph.outcome import lease_note
 from nodes.audit import recorded
 from nodes.review import parse_decision
 from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
@@ -407,3 +413,128 @@ def test_a_human_may_approve_without_the_guardrails(make_orch: OrchFactory) -> N
     assert decided["bob"].guardrails is False and decided["ann"].guardrails is True
     with pytest.raises(InvalidInput):
         parse_decision({"approve": True, "guardrails": "no"})
+
+
+LEASED_FLEET = GUARDED_FLEET | {"guard_lease_hours": 1.0}
+
+
+def test_a_guard_lease_needs_a_guarded_band_and_at_least_a_quarter_hour() -> None:
+    assert CouncilSettings(guard_share=0.5, guard_lease_hours=2.0).guard_lease_hours == 2.0
+    with pytest.raises(ValidationError, match="guard_lease_hours needs guard_share"):
+        CouncilSettings(guard_lease_hours=2.0)
+    for hours in (0.1, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValidationError):
+            CouncilSettings(guard_share=0.5, guard_lease_hours=hours)
+
+
+def test_a_term_is_renewed_unless_its_gpus_sat_idle_all_of_it_and_past_any_pause() -> None:
+    m = MonitorSettings()  # a 60 s tick, pause factor 1.5
+    began, now = 0.0, 3540.0  # a 1 h term, decided a tick before its end
+    assert renews(MonitorState(), m, now, began)  # it works
+    idle = MonitorState(idle_since=utc(began + 60))  # idle from the term's first tick
+    assert not renews(idle, m, now, began)
+    assert renews(MonitorState(idle_since=utc(began + 120)), m, now, began)  # it worked
+    came_back = idle.model_copy(update={"longest_pause_s": 2400.0})  # 40 min x 1.5 > 58 min
+    assert renews(came_back, m, now, began)
+    assert renews(idle.model_copy(update={"works_while_idle": True}), m, now, began)
+    assert renews(idle.model_copy(update={"guard_spared": True}), m, now, began)
+
+
+def lease_events(out: Any) -> list[str]:
+    return [e.message for e in out.events if e.kind is EventKind.LEASE]
+
+
+def test_a_guarded_lease_is_renewed_a_term_at_a_time_while_its_gpus_work(
+    make_orch: OrchFactory,
+) -> None:
+    """6 hours asked on the reference type, 3 on the H100 the cheaper-type guardrail routes
+    it to, a 1-hour term: the GPUs train throughout, so the monitor renews it twice, each a
+    tick before the term ends, and it ends at the lease asked, charged once for the whole;
+    the audit log says who renewed it and why."""
+    orch = make_orch(small_config(council=LEASED_FLEET))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
+    out = orch.request(request)
+    assert out.council is not None and out.council.outcome is CouncilOutcome.GUARDED
+    rails = out.council.guardrails
+    assert rails is not None and rails.lease_hours == 1.0
+    assert "a 1 h lease, renewed while its GPUs work" in rails.describe()
+    assert out.allocation is not None and out.release is not None
+    assert out.release.reason is ReleaseReason.LEASE_EXPIRED
+    assert out.release.hours == pytest.approx(3.0)
+    assert out.allocation.lease_end == out.release.released_at  # the thread's, renewed
+    assert lease_note(out) == (
+        "held 1 h at a time, renewed while its GPUs work, up to the 3.00 h this work takes "
+        "on H100 (the council's guardrails)"
+    )
+    placed = next(e.message for e in out.events if e.kind is EventKind.PLACED)
+    assert "until 2026-01-01 01:00 UTC, renewed while its GPUs work, up to 3.00 h" in placed
+    renewed = lease_events(out)
+    assert renewed == [
+        "lease renewed to 2026-01-01 02:00:00 UTC: its GPUs work",
+        "lease renewed to 2026-01-01 03:00:00 UTC: its GPUs work",
+    ]
+    assert [e.at.minute for e in out.events if e.kind is EventKind.LEASE] == [59, 59]
+    ledger = orch.services.ledger
+    row = ledger.get(out.allocation.id)
+    assert row.started_at is not None and row.hours == 3.0
+    assert row.lease_end == pytest.approx(row.started_at + 3 * 3600)
+    assert ledger.query("SELECT renew_hours FROM allocations")[0][0] is None  # the last term
+    audit = [e for e in ledger.audit_log("vision") if e.action == "renew"]
+    assert len(audit) == 2 and {e.who for e in audit} == {"gpu-agent"}
+    assert out.cost_usd == pytest.approx(row.price_per_hour * 2 * 3.0)
+
+
+def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
+    make_orch: OrchFactory,
+) -> None:
+    """Under a running `gpu-agent run` command an idle spell never releases the GPUs (it may
+    be a pause); a guarded lease is still not renewed where every GPU has been idle all its
+    term, so a command that hangs holds them 1 hour, not the 4 asked (8 on the reference
+    type, on the H100 both are routed to). Unguarded, the same request holds them to its
+    lease's end; so does the request that resumes the work a term ended (its idleness
+    misled once: it is not judged by it again)."""
+    config = small_config(council=LEASED_FLEET, simulation={"workloads": {"lazy": "hoard"}})
+    request = {"project": "lazy", "purpose": "training", "count": 2, "duration_hours": 8}
+    held = {}
+    for name, fleet in (("guarded", config), ("plain", small_config(**config_without_rails()))):
+        orch = make_orch(fleet, name=name)
+        placed = orch.request(request, thread_id=name, wait=False)
+        assert placed.allocation is not None
+        Commands(orch.services.ledger).started(placed.allocation.id, new_owner("run"), 0.0)
+        out = orch.resume(name)
+        assert out.release is not None and out.release.reason is ReleaseReason.LEASE_EXPIRED
+        held[name] = out.release.hours
+        if name == "guarded":
+            (why,) = lease_events(out)
+            assert why.startswith("lease not renewed: every GPU idle for "), why
+            assert "all its 1 h term; it ends at 2026-01-01 01:00:00 UTC" in why
+            assert out.allocation is not None
+            again = orch.request(request | {"resumes": out.allocation.id}, wait=False)
+            assert again.status is Status.PENDING_REVIEW  # its record is worse now
+            again = orch.resume(again.thread_id, {"approve": True, "by": "ann"}, wait=False)
+            assert again.allocation is not None
+            Commands(orch.services.ledger).started(again.allocation.id, new_owner("run"), 0.0)
+            spared = orch.resume(again.thread_id)
+            assert spared.release is not None
+            held["spared"] = spared.release.hours
+            assert lease_events(spared) == [
+                f"lease renewed to 2026-01-01 0{h}:00:00 UTC: its GPUs work" for h in (3, 4, 5)
+            ]
+    assert held["guarded"] == pytest.approx(1.0)
+    assert held["plain"] == held["spared"] == pytest.approx(4.0)
+
+
+def config_without_rails() -> dict[str, Any]:
+    return {"simulation": {"workloads": {"lazy": "hoard"}}}
+
+
+def test_a_human_who_drops_the_guardrails_drops_the_term_too(make_orch: OrchFactory) -> None:
+    split = LEASED_FLEET | {"guard_share": 0.95}  # guard at 0.95 > p = 0.91: a human's
+    orch = make_orch(small_config(council=split))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 3}
+    orch.request(request, thread_id="t")
+    out = orch.resume("t", {"approve": True, "by": "bob", "guardrails": False})
+    assert out.release is not None and out.release.reason is ReleaseReason.LEASE_EXPIRED
+    assert out.allocation is not None and lease_events(out) == []
+    row = orch.services.ledger.get(out.allocation.id)
+    assert row.hours > 1.0 and out.release.hours == pytest.approx(row.hours)  # whole

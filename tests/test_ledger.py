@@ -18,7 +18,7 @@ from fleet.errors import InvalidInput, StateDirError
 from fleet.fleet_backend import SchedulerJob
 from fleet.ledger import Ledger
 from fleet.ledger.schema import SCHEMA_VERSION
-from fleet.models import GPURequest, ReleaseReason, RouteDecision
+from fleet.models import GPURequest, ReleaseReason, RouteDecision, utc
 from fleet.placement import Kind
 from fleet.routing import route
 from fleet.scheduler import summarise
@@ -35,7 +35,9 @@ class Fixture:
         self.inventory = SimulatedFleet(config).inventory()
         self.topology = Topology(config, self.inventory)
 
-    def place(self, thread: str, now: float = T0, **fields: object):  # type: ignore[no-untyped-def]
+    def place(  # type: ignore[no-untyped-def]
+        self, thread: str, now: float = T0, renew_hours: float | None = None, **fields: object
+    ):
         base: dict[str, object] = {
             "project": "p",
             "purpose": "training",
@@ -47,7 +49,9 @@ class Fixture:
         request = GPURequest.model_validate(base | fields)
         decision = route(request, self.config, None)
         assert isinstance(decision, RouteDecision)
-        return self.ledger.place(request, decision, thread, now, self.inventory, self.topology)
+        return self.ledger.place(
+            request, decision, thread, now, self.inventory, self.topology, renew_hours=renew_hours
+        )
 
 
 @pytest.fixture
@@ -236,8 +240,8 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
 def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
     """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
     and the version-2 job queue, version 3's monitors, version 4's commands, version 5's
-    index, version 6's scheduler jobs and version 8's thread claims) opens as the current
-    version with its money and history intact."""
+    index, version 6's scheduler jobs, version 8's thread claims and version 9's terms)
+    opens as the current version with its money and history intact."""
     row = fx.place("t1").row
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
@@ -260,7 +264,7 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
         ):
             db.execute(f"DROP TABLE {table}")
         db.execute("DROP INDEX history_by_resumer")  # version 5's
-        for column in ("util_last", "busy_at_start", "idle_since", "resumes"):
+        for column in ("util_last", "busy_at_start", "idle_since", "resumes", "renew_hours"):
             db.execute(f"ALTER TABLE allocations DROP COLUMN {column}")
         for column in ("hoarded_hours", "resumed_by", "pause_s"):
             db.execute(f"ALTER TABLE history DROP COLUMN {column}")
@@ -551,3 +555,64 @@ def test_routing_reads_no_usage_factor_that_the_budget_check_just_read(
     assert factor == fresh.usage_factor("p") < 1.0
     fresh.close()
     fx.ledger.close()
+
+
+def lease_of(fx: Fixture, aid: str) -> tuple[float, float, str, float | None]:
+    (row,) = fx.ledger.query(
+        "SELECT lease_end, deadline, deadline_reason, renew_hours FROM allocations WHERE id=?",
+        (aid,),
+    )
+    return tuple(row)
+
+
+def test_a_lease_held_a_term_at_a_time_is_renewed_once_per_term_up_to_the_lease_asked(
+    fx: Fixture,
+) -> None:
+    row = fx.place("t1", renew_hours=0.75).row  # 2 h asked
+    assert row is not None and row.hours == 2.0
+    h = 3600.0
+    assert lease_of(fx, row.id) == (T0 + 0.75 * h, T0 + 0.75 * h, "lease-expired", 0.75)
+    assert fx.ledger.renew(row.id, T0 + h, T0 + 0.7 * h, "x") is None  # not its term's end
+    first = fx.ledger.renew(row.id, T0 + 0.75 * h, T0 + 0.7 * h, "its GPUs work")
+    assert first is not None and first.lease_end == first.deadline == T0 + 1.5 * h
+    assert fx.ledger.renew(row.id, T0 + 0.75 * h, T0 + 0.7 * h, "again") is None  # once
+    last = fx.ledger.renew(row.id, T0 + 1.5 * h, T0 + 1.4 * h, "its GPUs work")
+    assert last is not None and last.lease_end == T0 + 2 * h  # no further than asked
+    assert lease_of(fx, row.id) == (T0 + 2 * h, T0 + 2 * h, "lease-expired", None)
+    assert fx.ledger.renew(row.id, T0 + 2 * h, T0 + 1.9 * h, "x") is None
+    audit = [e for e in fx.ledger.audit_log("p") if e.action == "renew"]
+    assert [e.detail for e in audit] == [
+        f"lease renewed to {utc(T0 + 1.5 * h):%Y-%m-%d %H:%M:%S} UTC: its GPUs work",
+        f"lease renewed to {utc(T0 + 2 * h):%Y-%m-%d %H:%M:%S} UTC: its GPUs work",
+    ]
+    whole = fx.place("t2", renew_hours=3.0).row  # a term no shorter than the lease: whole
+    assert whole is not None and lease_of(fx, whole.id)[3] is None
+    assert fx.ledger.renew(whole.id, T0 + 2 * h, T0, "x") is None
+
+
+def test_a_budget_commits_one_term_and_cuts_a_renewal_it_cannot_pay_for(fx: Fixture) -> None:
+    """2 x A100 at $10.24 an hour, a 0.75 h term ($7.68) of 2 h, then a $12 budget: it
+    commits the term, which fits whole; renewed, the budget cuts it at $12 (reason budget),
+    and it is renewed no more. A budget raised again gives it back its term's end as a
+    lease's, not a yield's."""
+    h = 3600.0
+    row = fx.place("t1", renew_hours=0.75).row
+    assert row is not None
+    assert fx.ledger.set_budget("p", 12.0, T0) == []
+    assert lease_of(fx, row.id)[:3] == (T0 + 0.75 * h, T0 + 0.75 * h, "lease-expired")
+    renewed = fx.ledger.renew(row.id, T0 + 0.75 * h, T0 + 0.7 * h, "its GPUs work")
+    assert renewed is not None and renewed.lease_end == T0 + 1.5 * h
+    assert renewed.deadline == pytest.approx(T0 + 12.0 / 10.24 * h)
+    assert lease_of(fx, row.id)[2] == "budget"
+    assert fx.ledger.renew(row.id, T0 + 1.5 * h, T0 + h, "x") is None
+    fx.ledger.set_budget("p", 100.0, T0 + 0.8 * h)
+    assert lease_of(fx, row.id)[1:3] == (T0 + 1.5 * h, "lease-expired")
+
+
+def test_a_preempted_term_is_renewed_no_more(fx: Fixture) -> None:
+    row = fx.place("t1", renew_hours=1.5, duration_hours=4, notice_seconds=60).row
+    assert row is not None
+    moved = fx.ledger.preempt(row.id, T0 + 600, "admin", "the pool takes it back")
+    end, deadline, reason, term = lease_of(fx, row.id)
+    assert reason == "preempted" and term is None and end == deadline == moved.after
+    assert fx.ledger.renew(row.id, end, T0 + 600, "x") is None

@@ -38,7 +38,7 @@ def ledger(database: str, config: FleetConfig) -> Iterator[Ledger]:
     led.close()
 
 
-def place(ledger: Ledger, thread: str) -> str:
+def place(ledger: Ledger, thread: str, renew_hours: float | None = None) -> str:
     request = GPURequest(
         project="p", count=1, duration_hours=1, gpu_type="A100", request_id=f"r-{thread}"
     )
@@ -46,7 +46,13 @@ def place(ledger: Ledger, thread: str) -> str:
     assert isinstance(decision, RouteDecision)
     inventory = SimulatedFleet(ledger.config).inventory()
     placed = ledger.place(
-        request, decision, thread, T0, inventory, Topology(ledger.config, inventory)
+        request,
+        decision,
+        thread,
+        T0,
+        inventory,
+        Topology(ledger.config, inventory),
+        renew_hours=renew_hours,
     )
     assert placed.row is not None
     return placed.row.id

@@ -437,6 +437,33 @@ def test_a_budget_cut_shortens_the_jobs_time_limit(orch: Orchestrator) -> None:
     assert after["time_limit"] == wanted and 10 <= wanted <= 11
 
 
+def test_a_renewed_term_raises_the_jobs_time_limit(slurm: SlurmServer, tmp_path: Path) -> None:
+    """An approval with guardrails holds its GPUs a quarter hour at a time: the job is
+    submitted for the term, and the term renewed (what the monitor does while the GPUs
+    work) raises its time limit to the next term's end."""
+    guarded = FLEET.replace(
+        "[council]\nauto_approve_max_gpus = 8",
+        '[council]\npolicy = "reference"\ndeny_threshold = 0.01\nguard_share = 0.01\n'
+        "approve_threshold = 0.999\nguard_lease_hours = 0.25\nauto_approve_max_gpus = 0",
+    )
+    with Orchestrator(tmp_path / "state", parse_fleet(guarded), backend="slurm") as o:
+        placed = o.request(ask("A100", 1), wait=False)
+        assert placed.council is not None and placed.council.guardrails is not None
+        assert placed.allocation is not None
+        aid = placed.allocation.id
+        (held,) = live(aid)
+        assert held["time_limit"] == 15
+        svc = o.services
+        lease = svc.ledger.lease(aid)
+        assert lease.lease_end is not None and lease.renew_hours == 0.25
+        renewed = svc.ledger.renew(aid, lease.lease_end, svc.clock.now(), "its GPUs work")
+        assert renewed is not None and svc.follow(aid, renewed.deadline) is None
+        (after,) = live(aid)
+        assert after["time_limit"] == math.ceil((renewed.deadline - held["start_time"]) / 60)
+        assert 29 <= after["time_limit"] <= 31
+        o.release(aid)
+
+
 def test_under_max_min_the_more_served_jobs_time_limit_moves_to_its_yield(
     slurm: SlurmServer, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ One class, `Ledger`, over one connection; each of its concerns is a module of th
   audit, health, queries   the audit log, unhealthy GPUs, read-only views
   scheduler_jobs  the Slurm job that holds an allocation's GPUs
   preempting      asking a running allocation to yield (fleet.preemption)
+  renewing        the next term of a lease renewed while its GPUs work
   runs            what `gpu-agent run --requeue` outlives its process with; requeued once
   threads         the request each caller-named thread was started for
   rows            what the ledger hands out
@@ -33,6 +34,7 @@ from fleet.ledger.health import Health
 from fleet.ledger.levelling import Levelling
 from fleet.ledger.migrations import Migrations
 from fleet.ledger.queries import Queries
+from fleet.ledger.renewing import Renewing
 from fleet.ledger.runs import Runs
 from fleet.ledger.scheduler_jobs import SchedulerJobs
 from fleet.ledger.threads import Threads
@@ -40,7 +42,7 @@ from fleet.ledger.threads import Threads
 __all__ = ["Ledger"]
 
 
-class Ledger(Levelling, Migrations, Audit, Health, Queries, SchedulerJobs, Runs, Threads):
+class Ledger(Levelling, Migrations, Audit, Health, Queries, SchedulerJobs, Runs, Threads, Renewing):
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
         """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
         scratch ledger, SQLite only): it works in memory and is written to its file when

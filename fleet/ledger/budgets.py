@@ -170,12 +170,13 @@ class Budgets(Kept):
             if deadlines[a.id] != a.deadline
         ]
         ends = {a.id: a.lease_end for a in active}
-        # a lease a preemption shortened (fleet.ledger.preempting) ends as a yield
+        # a lease a preemption shortened (fleet.ledger.preempting) ends as a yield; one held
+        # a term at a time (fleet.ledger.renewing) as a lease
         yielding = {
             r[0]
             for r in db.execute(
                 "SELECT id FROM allocations WHERE project=? AND state='active' "
-                "AND lease_end < started_at + hours * 3600.0 - 0.001",
+                "AND lease_end < started_at + hours * 3600.0 - 0.001 AND renew_hours IS NULL",
                 (project,),
             )
         }

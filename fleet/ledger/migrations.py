@@ -19,6 +19,7 @@ from fleet.ledger.schema import (
     V6,
     V7,
     V8,
+    V9_COLUMNS,
 )
 from fleet.ledger.threads import JOB
 from fleet.models import ReleaseReason
@@ -61,10 +62,7 @@ class Migrations(ProjectRecord):
                 self._create(db, V3)
             if version < 4:
                 self._create(db, V4)
-                for table, columns in V4_COLUMNS.items():
-                    for column in columns:
-                        if column.split()[0] not in self.db.columns(db, table):
-                            db.execute(self.db.schema(f"ALTER TABLE {table} ADD COLUMN {column}"))
+                self._add_columns(db, V4_COLUMNS)
                 self._recount_hoarding(db)
             if version < 5:
                 self._create(db, V5)
@@ -75,10 +73,20 @@ class Migrations(ProjectRecord):
             if version < 8:
                 self._create(db, V8)
                 self._claim_submitted(db)
+            if version < 9:
+                self._add_columns(db, V9_COLUMNS)
             if version < SCHEMA_VERSION:
                 db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
                 )
+
+    def _add_columns(self, db: Conn, columns: dict[str, list[str]]) -> None:
+        """The columns a version added, where the table lacks them (a table created since
+        has them)."""
+        for table, added in columns.items():
+            for column in added:
+                if column.split()[0] not in self.db.columns(db, table):
+                    db.execute(self.db.schema(f"ALTER TABLE {table} ADD COLUMN {column}"))
 
     def _claim_submitted(self, db: Conn) -> None:
         """Threads submitted before version 8 and not done are claimed by their jobs, as

@@ -33,6 +33,7 @@ class Placing(Releasing):
         topology: Topology,
         approval: AuditEntry | None = None,
         first: Callable[[Conn], None] | None = None,
+        renew_hours: float | None = None,
     ) -> PlaceResult:
         """Reserve GPUs for the request, queue it, or deny it; idempotent per (thread, request),
         and never on a thread claimed for another request (fleet.ledger.threads). `approval`
@@ -40,7 +41,8 @@ class Placing(Releasing):
         queued. Admission is on expected cost (fleet.budget); a placement then fits the
         deadlines of the project's active allocations to its budget. `first` runs first
         in the same transaction (the claim of the allocation's monitor: one commit for both,
-        and where it raises nothing is placed)."""
+        and where it raises nothing is placed). `renew_hours`: the lease is held that many hours
+        at a time where it asks for more (an approval's guardrails; Ledger.renew)."""
         aid = allocation_id(thread_id, request.request_id)
         was = self.query("SELECT gpu_type FROM allocations WHERE id=?", (aid,))
         types = {route.gpu_type, *(r[0] for r in was)}  # a queued request may move type
@@ -113,7 +115,8 @@ class Placing(Releasing):
                 ).fetchone()[0]
                 now = max(now, freed) if freed is not None else now
                 hours = decision.hours or route.est_hours
-                lease_end = now + hours * 3600.0
+                term = renew_hours if renew_hours is not None and renew_hours < hours else None
+                lease_end = now + (hours if term is None else term) * 3600.0
                 held = db.execute("SELECT count(*) FROM holds").fetchone()[0]
                 busy = min(1.0, held / len(inventory)) if inventory else 0.0
                 db.executemany(
@@ -131,7 +134,8 @@ class Placing(Releasing):
                 db.execute(
                     "UPDATE allocations SET state='active', started_at=?, lease_end=?, "
                     "deadline=?, deadline_reason=?, heartbeat_at=?, gpu_ids=?, nodes=?, "
-                    "busy_at_start=?, hours=?, gpu_type=?, price_per_hour=? WHERE id=?",
+                    "busy_at_start=?, hours=?, gpu_type=?, price_per_hour=?, renew_hours=? "
+                    "WHERE id=?",
                     (
                         now,
                         lease_end,
@@ -144,6 +148,7 @@ class Placing(Releasing):
                         hours,
                         route.gpu_type,
                         route.price_per_hour,
+                        term,
                         aid,
                     ),
                 )

@@ -105,7 +105,8 @@ class Preempting(Budgets):
         """Allocation (id, project, deadline, notice) ends at `at`, preempted; audited."""
         aid, project, deadline, notice = allocation
         db.execute(
-            "UPDATE allocations SET lease_end=?, deadline=?, deadline_reason=? WHERE id=?",
+            "UPDATE allocations SET lease_end=?, deadline=?, deadline_reason=?, "
+            "renew_hours=NULL WHERE id=?",  # a yield is renewed no more
             (at, at, ReleaseReason.PREEMPTED.value, aid),
         )
         self._track(db, aid)

@@ -15,13 +15,24 @@ class Queries(Store):
     def lease(self, aid: str) -> Lease:
         rows = self.query(
             "SELECT a.state, a.deadline, a.deadline_reason, a.released_at, "
-            "a.release_reason, c.owner, c.ended_at FROM allocations a "
+            "a.release_reason, c.owner, c.ended_at, a.lease_end, a.renew_hours "
+            "FROM allocations a "
             "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
             (aid,),
         )
         if not rows:
             raise InvalidInput(f"no allocation {aid!r}")
-        state, deadline, deadline_reason, released_at, release_reason, owner, ended = rows[0]
+        (
+            state,
+            deadline,
+            deadline_reason,
+            released_at,
+            release_reason,
+            owner,
+            ended,
+            lease_end,
+            renew_hours,
+        ) = rows[0]
         return Lease(
             state,
             deadline,
@@ -30,6 +41,8 @@ class Queries(Store):
             ReleaseReason(release_reason) if release_reason else None,
             owner,
             ended,
+            lease_end,
+            renew_hours,
         )
 
     def allocations(self, state: str | None = None) -> list[LedgerRow]:

@@ -228,7 +228,7 @@ class Releasing(ProjectRecord):
                 return Resumed(0.0, False)
             idle = row["reason"] == ReleaseReason.IDLE.value
             working = idle and asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
-            misled = idle or _idle_released_before(db, aid)
+            misled = _misled_along(db, aid)
             if row["resumed_by"] is not None:
                 return Resumed(float(row["pause_s"] or 0.0), working, misled)
             pause = (
@@ -299,14 +299,19 @@ class Releasing(ProjectRecord):
             return releases
 
 
-def _idle_released_before(db: Conn, aid: str) -> bool:
-    """Whether an allocation whose work `aid` resumed, or one that resumed, back along the
-    chain, was released for idling: a pause that cost the work once must not cost it again
-    after a kill of another kind (a lease that ran out) came between."""
+def _misled_along(db: Conn, aid: str) -> bool:
+    """Whether `aid`, or an allocation whose work it resumed, back along the chain, ended
+    because its GPUs looked idle: released for idling, or its term not renewed (a lease
+    held a term at a time, fleet.ledger.renewing, that ran out with a term still to come).
+    A pause that cost the work once must not cost it again, also after a kill of another
+    kind (a lease that ran out) came between."""
     row = db.execute(
-        "WITH RECURSIVE chain(id) AS (SELECT allocation_id FROM history WHERE resumed_by=? "
-        "UNION SELECT h.allocation_id FROM history h JOIN chain c ON h.resumed_by = c.id) "
-        "SELECT 1 FROM history WHERE allocation_id IN (SELECT id FROM chain) AND reason=? LIMIT 1",
-        (aid, ReleaseReason.IDLE.value),
+        "WITH RECURSIVE chain(id) AS (SELECT CAST(? AS TEXT) UNION SELECT h.allocation_id "
+        "FROM history h "
+        "JOIN chain c ON h.resumed_by = c.id) "
+        "SELECT 1 FROM history h JOIN allocations a ON a.id = h.allocation_id "
+        "WHERE h.allocation_id IN (SELECT id FROM chain) AND (h.reason = ? OR "
+        "(h.reason = ? AND a.renew_hours IS NOT NULL)) LIMIT 1",
+        (aid, ReleaseReason.IDLE.value, ReleaseReason.LEASE_EXPIRED.value),
     ).fetchone()
     return row is not None

@@ -96,8 +96,8 @@ class Resumed:
     pause_s: float  # the longest pause the work has come back from
     working: bool  # it went on at once after an idle release: it works while looking idle
     # the allocation it resumes, or one before it along the chain of resumes, was released
-    # for idling: its idleness misled once, so the council's stricter idle release
-    # (council.guardrails) and the stream's do not apply again
+    # for idling or its term not renewed: its idleness misled once, so the council's stricter
+    # idle release (council.guardrails), the stream's and a term's refusal do not apply again
     idle_released: bool = False
 
 
@@ -113,6 +113,23 @@ class Lease:
     # its latest command under `gpu-agent run` (fleet.commands.work reads these)
     command_owner: str | None = None
     command_ended_at: float | None = None
+    # where it is held a term at a time (Ledger.renew): its term's end and length
+    lease_end: float | None = None
+    renew_hours: float | None = None
+
+    def renew_at(self, lead_s: float) -> float | None:
+        """When its monitor decides whether to renew its term, `lead_s` before the term ends
+        (before a command's checkpoint notice); None: there is no term to renew (its lease
+        runs whole, or a budget or a preemption set its end)."""
+        if (
+            self.state != "active"
+            or self.renew_hours is None
+            or self.lease_end is None
+            or self.deadline != self.lease_end
+            or self.deadline_reason is not ReleaseReason.LEASE_EXPIRED
+        ):
+            return None
+        return self.lease_end - lead_s
 
 
 @dataclass(frozen=True)
@@ -122,7 +139,7 @@ class AuditEntry:
     key: str  # what makes it happen once: a re-run of the same step appends nothing
     at: float
     who: str
-    action: str  # approve, deny, decide, release, cancel, budget
+    action: str  # approve, deny, decide, release, cancel, budget, preempt, reclaim, renew, ...
     project: str
     target: str  # an allocation id, a thread id or a project
     detail: str

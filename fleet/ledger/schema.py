@@ -10,7 +10,8 @@ from __future__ import annotations
 # 4: commands and the hoarding record; 5: indexes; 6: scheduler_jobs (a Slurm job per allocation)
 # 7: runs (what `gpu-agent run --requeue` must outlive its process for)
 # 8: threads (the request each caller-named thread was started for, and by whom)
-SCHEMA_VERSION = 8
+# 9: allocations.renew_hours (a lease held a term at a time, renewed while its GPUs work)
+SCHEMA_VERSION = 9
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS allocations (
     busy_at_start REAL,
     idle_since REAL,
     resumes TEXT,
+    renew_hours REAL,
     gpu_ids TEXT NOT NULL DEFAULT '[]',
     nodes TEXT NOT NULL DEFAULT '[]',
     request TEXT NOT NULL,
@@ -213,6 +215,10 @@ CREATE TABLE IF NOT EXISTS threads (
     at REAL NOT NULL
 );
 """
+# an approval with guardrails' term (council.guardrails): its lease ends `renew_hours` after it
+# began or was last renewed, short of `hours`; NULL once the last term is under way, or where
+# the lease runs whole (Ledger.renew)
+V9_COLUMNS = {"allocations": ["renew_hours REAL"]}
 TABLES = (
     "meta",
     "allocations",

@@ -1,0 +1,75 @@
+"""Renewing a lease held a term at a time (an approval with guardrails,
+`[council] guard_lease_hours`): its next term, up to the lease asked, committed to its budget
+in the same transaction as the other leases' deadlines, and the audit entry that says so."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleet.budget import Moved
+from fleet.ledger.budgets import Budgets
+from fleet.ledger.rows import AUDIT
+from fleet.models import ReleaseReason, utc
+
+EPS_S = 0.001  # a lease end within this of the one expected is the same
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """A term renewed: its new lease end, its deadline (earlier where the budget cuts the new
+    term short) and the project's other allocations whose deadlines moved with it."""
+
+    lease_end: float
+    deadline: float
+    moved: list[Moved] = field(default_factory=list)
+
+
+class Renewing(Budgets):
+    """The next term of a lease renewed while its GPUs work."""
+
+    def renew(self, aid: str, lease_end: float, now: float, why: str) -> Renewed | None:
+        """Renew the term that ends at `lease_end` by one more (fleet.monitoring.renews said
+        its GPUs work), to at most the lease asked. None, and nothing changes, where there is
+        nothing to renew: the allocation ended, its term was renewed already (a monitor that
+        re-runs its tick), its lease runs whole, or a budget or a preemption set its end."""
+        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
+        if not found:
+            return None
+        gpu_type, project = found[0]
+        with self.transaction(f"type:{gpu_type}", f"project:{project}") as db:
+            r = db.execute(
+                "SELECT state, started_at, hours, lease_end, deadline, deadline_reason, "
+                "renew_hours FROM allocations WHERE id=?",
+                (aid,),
+            ).fetchone()
+            if (
+                r["state"] != "active"
+                or r["renew_hours"] is None
+                or abs(r["lease_end"] - lease_end) > EPS_S
+                or r["deadline"] != r["lease_end"]
+                or r["deadline_reason"] != ReleaseReason.LEASE_EXPIRED.value
+            ):
+                return None
+            asked_end = r["started_at"] + r["hours"] * 3600.0
+            end = min(lease_end + r["renew_hours"] * 3600.0, asked_end)
+            last = end >= asked_end - EPS_S  # the last term: the lease now runs whole
+            db.execute(
+                "UPDATE allocations SET lease_end=?, deadline=?, renew_hours=? WHERE id=?",
+                (end, end, None if last else r["renew_hours"], aid),
+            )
+            self._track(db, aid)
+            moved = self._fit_deadlines(db, project, now)
+            deadline = next((m.after for m in moved if m.id == aid), end)
+            db.execute(
+                AUDIT,
+                (
+                    f"renew:{aid}:{lease_end!r}",
+                    now,
+                    "gpu-agent",
+                    "renew",
+                    project,
+                    aid,
+                    f"lease renewed to {utc(end):%Y-%m-%d %H:%M:%S} UTC: {why}",
+                ),
+            )
+            return Renewed(end, deadline, [m for m in moved if m.id != aid])
