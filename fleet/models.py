@@ -414,8 +414,12 @@ class Allocation(BaseModel):
     nodes: list[str]
     price_per_hour: float
     started_at: datetime
-    lease_end: datetime
+    lease_end: datetime  # the end of its lease, or of the term under way
     cuda_visible_devices: str
+    # held a term at a time (an approval's guardrails, fleet.ledger.renewing): the term, and
+    # the end it is renewed up to while its GPUs work
+    term_hours: float | None = None
+    renewed_up_to: datetime | None = None
 
 
 class GPUInfo(BaseModel):

@@ -82,6 +82,18 @@ def idle_limit_s(
     return stream_limit_s if policy.guard_minutes is None else min(stream_limit_s, rule)
 
 
+# Slurm sends a job's --signal up to this much before the time it was asked for
+SLURM_SIGNAL_EARLY_S = 60.0
+
+
+def renewal_lead_s(settings: MonitorSettings, notice_s: float | None, scheduler: bool) -> float:
+    """How long before a term ends its monitor decides whether to renew it: a tick, and the
+    command's checkpoint notice (and Slurm's early signal, where Slurm sends it), so that a
+    renewed term sends the command no notice."""
+    early = SLURM_SIGNAL_EARLY_S if scheduler and notice_s else 0.0
+    return settings.tick_seconds + (notice_s or 0.0) + early
+
+
 def renews(state: MonitorState, settings: MonitorSettings, now: float, term_began: float) -> bool:
     """Whether a lease held a term at a time is renewed at `now`, near the end of the term
     that began at `term_began`: its GPUs worked in it (or its work goes on while they look

@@ -116,12 +116,14 @@ def lease_note(outcome: RequestOutcome) -> str | None:
     lease = (a.lease_end - a.started_at).total_seconds() / 3600.0
     route = outcome.route
     on_type = (route.asked_hours or route.est_hours) if route is not None else None
-    shown = outcome.guardrails()
-    term = shown[1].lease_hours if shown is not None and shown[0] == "approved" else None
-    if term is not None and on_type is not None and term < on_type - 0.005:
-        return (
-            f"held {term:g} h at a time, renewed while its GPUs work, up to the "
-            f"{on_type:.2f} h this work takes on {a.gpu_type} (the council's guardrails)"
+    if a.term_hours is not None and a.renewed_up_to is not None:
+        up_to = (a.renewed_up_to - a.started_at).total_seconds() / 3600.0
+        return f"held {a.term_hours:g} h at a time, renewed while its GPUs work, up to " + (
+            f"{up_to:.2f} h (the council's guardrails)"
+            if on_type is None or up_to >= on_type - 0.005
+            else f"{up_to:.2f} h, not the {on_type:.2f} h this work takes on {a.gpu_type}: "
+            "the project's budget buys no more (the council's guardrails; "
+            "limits.min_lease_share)"
         )
     if on_type is not None and lease < on_type - 0.005:
         return (

@@ -193,8 +193,9 @@ def _supervise(
     charge: Charge,
     owned: bool,
 ) -> RunReport:
-    """Watch the command until it exits or the allocation ends, send its notice once, stop
-    it (SIGTERM, grace, SIGKILL) and release what `run` owns."""
+    """Watch the command until it exits or the allocation ends, send its notice once per
+    deadline (again only where a renewed term moved it later), stop it (SIGTERM, grace,
+    SIGKILL) and release what `run` owns."""
     svc = orch.services
     aid, say = row.id, charge.say
     recorded = svc.ledger.run_record(aid)
@@ -204,10 +205,15 @@ def _supervise(
         seen = {proc.pid}
         ended_by = "command"
         noticed = recorded is not None and recorded.noticed_at is not None  # not twice
+        noticed_for: float | None = None  # the deadline the notice was sent for
         while not proc.exited():
             seen.update(proc.members())
             lease = svc.ledger.lease(aid)
             now = svc.clock.now()
+            if noticed and noticed_for is None:
+                noticed_for = lease.deadline  # sent by the `run` before it, for this end
+            if noticed and noticed_for is not None and lease.deadline is not None:
+                noticed = lease.deadline <= noticed_for + 1.0  # renewed: a new end to notice
             if lease.state == "released":
                 assert lease.release_reason is not None
                 ended_by = lease.release_reason.value
@@ -219,7 +225,7 @@ def _supervise(
                 and lease.deadline - now <= notice_s
             ):
                 proc.signal(command.signal)
-                noticed = True
+                noticed, noticed_for = True, lease.deadline
                 if recorded is not None:
                     svc.ledger.noticed(aid, charge.owner, now)
                 assert lease.deadline_reason is not None
@@ -261,7 +267,7 @@ def _supervise(
         stopped.killed,
         stopped.leftover,
         _left_on_gpus(orch, row.gpu_ids, seen),
-        noticed,
+        noticed or noticed_for is not None,
     )
 
 

@@ -9,11 +9,32 @@ from langgraph.runtime import Runtime
 
 from fleet.faults import fault
 from fleet.ledger.rows import Resumed, allocation_id
-from fleet.models import Event, EventKind, MonitorState, ReleaseReason, Status, utc
+from fleet.models import (
+    Event,
+    EventKind,
+    GPURequest,
+    Guardrails,
+    MonitorState,
+    ReleaseReason,
+    Status,
+    utc,
+)
+from fleet.monitoring import renewal_lead_s
 from fleet.placement import Kind
+from fleet.services import Services
 from nodes import audit
 from nodes.context import Context, services_for
 from nodes.state import State, guardrails_of, request_of
+
+
+def term_hours(rails: Guardrails | None, request: GPURequest, svc: Services) -> float | None:
+    """The term a guarded lease is held for (None: whole): the guardrails', but at least
+    twice the lead with which its monitor decides on renewing it, so that each decision
+    reads at least half a term."""
+    if rails is None or rails.lease_hours is None:
+        return None
+    lead = renewal_lead_s(svc.config.monitor, request.notice_seconds, svc.scheduler_holds)
+    return max(rails.lease_hours, 2.0 * lead / 3600.0)
 
 
 def allocate(state: State, runtime: Runtime[Context]) -> State:
@@ -33,7 +54,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
         approval=audit.approval(svc, state, request),
         # in the placement's transaction: a live allocation always has its monitor
         first=lambda db: svc.watch(aid, thread_id, db),
-        renew_hours=None if rails is None else rails.lease_hours,
+        renew_hours=term_hours(rails, request, svc),
     )
     fault("allocate:placed")
     svc.moved(result.moved)  # the budget now ends these sooner: their monitors hear at once
@@ -81,8 +102,7 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     )
     waited = (allocation.started_at.timestamp() - row.enqueued_at) / 3600.0
     note = f" (waited {waited:.1f} h)" if waited > 0 else ""
-    assert row.started_at is not None and row.lease_end is not None
-    if row.lease_end < row.started_at + row.hours * 3600.0 - 1.0:  # held a term at a time
+    if row.renew_hours is not None:  # held a term at a time
         note += f", renewed while its GPUs work, up to {row.hours:.2f} h"
     return {
         "status": Status.ALLOCATED,

@@ -155,7 +155,8 @@ def release_after(svc: Services, allocation: Allocation) -> Releaser | None:
         return None
     from council.stream_release import shipped
 
-    lease_hours = (allocation.lease_end - allocation.started_at).total_seconds() / 3600.0
+    end = allocation.renewed_up_to or allocation.lease_end  # a term's renewals included
+    lease_hours = (end - allocation.started_at).total_seconds() / 3600.0
     return functools.partial(shipped().after, lease_hours=max(lease_hours, 1e-6))
 
 

@@ -29,6 +29,7 @@ from fleet.monitoring import (
     assess,
     next_tick,
     readings,
+    renewal_lead_s,
     renews,
     skip,
 )
@@ -77,11 +78,14 @@ def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdleP
 
 
 def _renewal(row: Lease, mon: MonitorState, request: GPURequest, svc: Services) -> float | None:
-    """When the term under way is decided on, a tick and the command's checkpoint notice
-    before it ends (so that a renewed term sends no notice); None: nothing left to decide."""
-    lead = svc.config.monitor.tick_seconds + (request.notice_seconds or 0.0)
+    """When the term under way is decided on (fleet.monitoring.renewal_lead_s before it
+    ends, never before its middle); None: nothing left to decide."""
+    lead = renewal_lead_s(svc.config.monitor, request.notice_seconds, svc.scheduler_holds)
     at = row.renew_at(lead)
-    return None if at is None or mon.renewal_for == row.lease_end else at
+    if at is None or mon.renewal_for == row.lease_end:
+        return None
+    assert row.lease_end is not None and row.renew_hours is not None
+    return max(at, row.lease_end - row.renew_hours * 1800.0)
 
 
 def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -> Event:
@@ -95,10 +99,12 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
         assert mon.idle_since is not None
         idle = (now - mon.idle_since.timestamp()) / 3600.0
         why = f"every GPU idle for {idle:.2f} h, all its {term}; it ends at {ends}"
+        svc.ledger.decline(aid, row.lease_end, now, why)
         return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
     done = svc.ledger.renew(aid, row.lease_end, now, f"its GPUs work (a {term})")
     if done is None:  # a budget, a preemption or a release set its end meanwhile
-        return Event(at=utc(now), kind=EventKind.LEASE, message="lease not renewed: it ends")
+        why = "its end moved meanwhile (a budget, a preemption or a release)"
+        return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
     svc.moved(done.moved)
     svc.follow(aid, done.deadline)  # a scheduler's time limit covers the new term
     message = f"lease renewed to {utc(done.lease_end):%Y-%m-%d %H:%M:%S} UTC: its GPUs work"

@@ -215,12 +215,19 @@ def test_resuming_an_allocation_that_is_not_the_projects_is_one_line(tmp_path: P
 
 
 def test_a_term_not_renewed_spares_the_work_that_resumes_it(ledger: Ledger) -> None:
-    """A lease held a quarter hour at a time whose term ran out unrenewed (its GPUs looked
+    """A lease held a quarter hour at a time whose monitor let its term end (its GPUs looked
     idle all of it) taught what an idle release teaches: the allocation that resumes its
-    work has its terms renewed whatever its GPUs do. A lease that ran out whole did not."""
+    work has its terms renewed whatever its GPUs do. A term that ran out unwatched (no
+    monitor decided) and a lease that ran out whole did not."""
     term, after = place(ledger, "e0", renew_hours=0.25), place(ledger, "e1")
+    ledger.decline(term, T0 + 900, T0 + 840, "every GPU idle")
+    ledger.decline(term, T0 + 900, T0 + 841, "again")  # once
+    assert [e.action for e in ledger.audit_log("p")].count("not-renewed") == 1
     ledger.release(term, ReleaseReason.LEASE_EXPIRED, T0 + 900)
     assert ledger.resume(term, after, T0 + 1000, T0 + 1000).idle_released
+    unwatched, then = place(ledger, "g0", renew_hours=0.25), place(ledger, "g1")
+    ledger.release(unwatched, ReleaseReason.LEASE_EXPIRED, T0 + 900)
+    assert not ledger.resume(unwatched, then, T0 + 1000, T0 + 1000).idle_released
     whole, next_ = place(ledger, "f0", renew_hours=1.0), place(ledger, "f1")  # no term: 1 h
     ledger.release(whole, ReleaseReason.LEASE_EXPIRED, T0 + 3600)
     assert not ledger.resume(whole, next_, T0 + 3700, T0 + 3700).idle_released

@@ -463,8 +463,7 @@ def test_a_guarded_lease_is_renewed_a_term_at_a_time_while_its_gpus_work(
     assert out.release.hours == pytest.approx(3.0)
     assert out.allocation.lease_end == out.release.released_at  # the thread's, renewed
     assert lease_note(out) == (
-        "held 1 h at a time, renewed while its GPUs work, up to the 3.00 h this work takes "
-        "on H100 (the council's guardrails)"
+        "held 1 h at a time, renewed while its GPUs work, up to 3.00 h (the council's guardrails)"
     )
     placed = next(e.message for e in out.events if e.kind is EventKind.PLACED)
     assert "until 2026-01-01 01:00 UTC, renewed while its GPUs work, up to 3.00 h" in placed
@@ -538,3 +537,26 @@ def test_a_human_who_drops_the_guardrails_drops_the_term_too(make_orch: OrchFact
     assert out.allocation is not None and lease_events(out) == []
     row = orch.services.ledger.get(out.allocation.id)
     assert row.hours > 1.0 and out.release.hours == pytest.approx(row.hours)  # whole
+
+
+def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_lengthens_it(
+    make_orch: OrchFactory,
+) -> None:
+    """A 1 h term on a lease of 0.5 h (1 h asked on the reference type, on an H100) is no
+    guardrail: the lease runs whole and the guardrail does not promise a term. A 2,000 s
+    checkpoint notice with a quarter-hour term: the term is made twice the decision's lead
+    (a tick and the notice), so each decision reads half a term or more."""
+    orch = make_orch(small_config(council=LEASED_FLEET))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1}
+    short = orch.request(request, wait=False)
+    assert short.council is not None and short.council.guardrails is not None
+    assert short.council.guardrails.lease_hours is None
+    assert "renewed" not in short.council.guardrails.describe()
+    assert short.allocation is not None and short.allocation.term_hours is None
+    quarter = make_orch(
+        small_config(council=LEASED_FLEET | {"guard_lease_hours": 0.25}), name="quarter"
+    )
+    long = quarter.request(request | {"duration_hours": 8, "notice_seconds": 2000}, wait=False)
+    assert long.allocation is not None and long.council is not None
+    assert long.council.guardrails is not None and long.council.guardrails.lease_hours == 0.25
+    assert long.allocation.term_hours == pytest.approx(2 * (60 + 2000) / 3600)

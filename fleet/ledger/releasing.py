@@ -12,6 +12,7 @@ from fleet.budget import FLEET_RECORDS, RECORDS, used_share
 from fleet.errors import InvalidInput
 from fleet.ledger.notify import notify_freed
 from fleet.ledger.project_record import ProjectRecord
+from fleet.ledger.renewing import NOT_RENEWED
 from fleet.ledger.rows import AUDIT, ROW, LedgerRow, Resumed, read_row
 from fleet.models import Release, ReleaseReason
 from fleet.scheduler import decayed
@@ -301,17 +302,17 @@ class Releasing(ProjectRecord):
 
 def _misled_along(db: Conn, aid: str) -> bool:
     """Whether `aid`, or an allocation whose work it resumed, back along the chain, ended
-    because its GPUs looked idle: released for idling, or its term not renewed (a lease
-    held a term at a time, fleet.ledger.renewing, that ran out with a term still to come).
+    because its GPUs looked idle: released for idling, or ended with a term its monitor did
+    not renew (fleet.ledger.renewing, audited as such; not a term that ran out unwatched).
     A pause that cost the work once must not cost it again, also after a kill of another
     kind (a lease that ran out) came between."""
     row = db.execute(
         "WITH RECURSIVE chain(id) AS (SELECT CAST(? AS TEXT) UNION SELECT h.allocation_id "
         "FROM history h "
         "JOIN chain c ON h.resumed_by = c.id) "
-        "SELECT 1 FROM history h JOIN allocations a ON a.id = h.allocation_id "
-        "WHERE h.allocation_id IN (SELECT id FROM chain) AND (h.reason = ? OR "
-        "(h.reason = ? AND a.renew_hours IS NOT NULL)) LIMIT 1",
+        "SELECT 1 FROM history h WHERE h.allocation_id IN (SELECT id FROM chain) AND "
+        "(h.reason = ? OR (h.reason = ? AND EXISTS (SELECT 1 FROM audit "
+        f"WHERE key = '{NOT_RENEWED}:' || h.allocation_id))) LIMIT 1",
         (aid, ReleaseReason.IDLE.value, ReleaseReason.LEASE_EXPIRED.value),
     ).fetchone()
     return row is not None

@@ -12,6 +12,12 @@ from fleet.ledger.rows import AUDIT
 from fleet.models import ReleaseReason, utc
 
 EPS_S = 0.001  # a lease end within this of the one expected is the same
+NOT_RENEWED = "not-renewed"  # the audit action (and key prefix) of a term its monitor let end
+
+
+def not_renewed_key(aid: str) -> str:
+    """The one audit entry of a term its monitor did not renew (the lease then ends)."""
+    return f"{NOT_RENEWED}:{aid}"
 
 
 @dataclass(frozen=True)
@@ -73,3 +79,24 @@ class Renewing(Budgets):
                 ),
             )
             return Renewed(end, deadline, [m for m in moved if m.id != aid])
+
+    def decline(self, aid: str, lease_end: float, now: float, why: str) -> None:
+        """Its monitor lets the term that ends at `lease_end` end (its GPUs looked idle all of
+        it): audited once, so that the work that resumes it is not judged by its idling
+        again (Ledger.resume)."""
+        found = self.query("SELECT project FROM allocations WHERE id=?", (aid,))
+        if not found:
+            return
+        with self.transaction() as db:
+            db.execute(
+                AUDIT,
+                (
+                    not_renewed_key(aid),
+                    now,
+                    "gpu-agent",
+                    NOT_RENEWED,
+                    found[0][0],
+                    aid,
+                    f"lease not renewed past {utc(lease_end):%Y-%m-%d %H:%M:%S} UTC: {why}",
+                ),
+            )

@@ -49,6 +49,7 @@ class LedgerRow:
     ticks: int = 0
     util_last: float | None = None  # the last tick's mean utilisation
     busy_at_start: float | None = None  # share of the fleet held by others when it started
+    renew_hours: float | None = None  # its term, while it is held a term at a time
 
     @property
     def rate_usd_per_s(self) -> float:
@@ -74,6 +75,10 @@ class LedgerRow:
             started_at=utc(self.started_at),
             lease_end=utc(self.lease_end),
             cuda_visible_devices=",".join(self.gpu_ids),
+            term_hours=self.renew_hours,
+            renewed_up_to=(
+                None if self.renew_hours is None else utc(self.started_at + self.hours * 3600.0)
+            ),
         )
 
     def to_release(self) -> Release:
