@@ -12,12 +12,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import fleet_toml, run_cli, stopped
+from fleet.clock import VirtualClock, sleep_until
+from graph.run_command import run_on
+from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config, stopped
+from tests.test_guardrails import GUARDED_FLEET
 
 # A command that ignores SIGTERM and leaves a grandchild in its process group.
 STUBBORN = """
@@ -507,3 +511,61 @@ def test_ctrl_c_while_run_places_leaves_nothing_placed(tmp_path: Path, point: st
     status = json.loads(run_cli("status", *state, "--json", cwd=tmp_path).stdout)
     assert status["problems"] == []
     assert not any(a["state"] in ("active", "queued") for a in status["allocations"])
+
+
+READY = NOTICED.replace("while True:", 'log.write("ready 0\\n")\nlog.flush()\nwhile True:')
+
+
+def test_a_renewed_term_gets_a_notice_of_its_own(make_orch: OrchFactory, tmp_path: Path) -> None:
+    """A guarded lease held an hour at a time, `run --notice 30` on it: USR1 before the term
+    ends; the term renewed, the deadline moved, so USR1 again before the new end; at that
+    end, SIGTERM (the report says it was noticed)."""
+    clock = VirtualClock()
+    council = GUARDED_FLEET | {"guard_lease_hours": 1.0}
+    orch = make_orch(small_config(council=council), clock=clock)
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
+    placed = orch.request(request, wait=False)
+    assert placed.allocation is not None and placed.allocation.term_hours == 1.0
+    aid, first_end = placed.allocation.id, placed.allocation.lease_end.timestamp()
+    log = tmp_path / "log"
+
+    def logged(what: str, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while not log.exists() or log.read_text().count(what) < n:
+            assert time.monotonic() < deadline, f"no {what} within 60 s"
+            time.sleep(0.05)
+
+    def checkpoints(n: int) -> None:
+        logged("checkpoint", n)
+
+    def drive() -> None:
+        logged("ready", 1)  # its handlers are set
+        sleep_until(clock, first_end - 20)
+        checkpoints(1)
+        renewed = orch.services.ledger.renew(aid, first_end, clock.now(), "its GPUs work")
+        assert renewed is not None
+        sleep_until(clock, renewed.deadline - 20)
+        checkpoints(2)
+        sleep_until(clock, renewed.deadline + 1)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    said: list[str] = []
+    report = run_on(
+        orch,
+        aid,
+        [sys.executable, "-c", READY, str(log)],
+        grace_s=10,
+        owned=False,
+        say=said.append,
+        notice_s=30,
+    )
+    driver.join(timeout=60)
+    assert report.noticed and report.ended_by == "lease-expired" and report.terminated
+    assert [line.split()[0] for line in log.read_text().splitlines()] == [
+        "ready",
+        "checkpoint",
+        "checkpoint",
+        "term",
+    ]
+    assert sum("USR1 sent to the command to checkpoint" in s for s in said) == 2
