@@ -20,19 +20,11 @@ from fleet.config import CouncilSettings
 from fleet.models import Guardrails
 
 
-def guardrails(
-    p: float,
-    settings: CouncilSettings,
-    at_risk: float | None = None,
-    lease_hours: float | None = None,
-) -> Guardrails:
+def guardrails(p: float, settings: CouncilSettings, at_risk: float | None = None) -> Guardrails:
     """The guardrails for an approval at council probability `p`: a cheaper type too where
     `p` lies below the middle of the guarded band (guard to approve threshold); `at_risk`,
-    the GPU-hours at risk where the fleet guards by them; a term (`guard_lease_hours`)
-    where it is shorter than the lease priced, `lease_hours` (unknown: where set)."""
-    term = settings.guard_lease_hours
-    if term is not None and lease_hours is not None and term >= lease_hours:
-        term = None  # the lease is no longer than a term: it runs whole
+    the GPU-hours at risk where the fleet guards by them; the fleet's term, which placement
+    applies only where the lease placed is longer (nodes.allocate.term_hours)."""
     guard = settings.guard()
     _, approve = settings.band()
     return Guardrails(
@@ -40,5 +32,5 @@ def guardrails(
         idle_minutes=settings.guard_idle_minutes,
         cheaper_type=p < (guard + approve) / 2,
         at_risk_gpu_hours=at_risk,
-        lease_hours=term,
+        lease_hours=settings.guard_lease_hours,
     )

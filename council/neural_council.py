@@ -235,7 +235,6 @@ class NeuralCouncil:
             self.name,
             self.temperature,
             gpu_hours=gpu_hours_asked(features),
-            lease_hours=features.priced.hours if features.priced else None,
         )
 
     def _voting(self, settings: CouncilSettings) -> CouncilSettings:

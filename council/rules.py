@@ -155,10 +155,4 @@ class ReferenceCouncil:
     def decide(self, features: RequestFeatures, settings: CouncilSettings) -> CouncilDecision:
         votes = [member_vote(name, features) for name in MEMBERS]
         reference = settings.model_copy(update={"policy": "reference"})
-        return combine(
-            votes,
-            reference,
-            self.name,
-            gpu_hours=gpu_hours_asked(features),
-            lease_hours=features.priced.hours if features.priced else None,
-        )
+        return combine(votes, reference, self.name, gpu_hours=gpu_hours_asked(features))

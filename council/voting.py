@@ -30,7 +30,6 @@ def combine(
     policy: str,
     temperature: float = 1.0,
     gpu_hours: float | None = None,
-    lease_hours: float | None = None,
 ) -> CouncilDecision:
     """Weighted soft vote over every member; then approve (at or above the approve threshold,
     with `quorum` members approving outright), approve with guardrails (where the fleet opted
@@ -64,9 +63,7 @@ def combine(
     elif p >= approve and quorate and at_risk is None:
         outcome, summary = CouncilOutcome.APPROVED, f"approved with p={p:.2f}"
     else:  # a fleet that opted in to guardrails also shows a human what approval carries
-        rails = (
-            None if settings.guard_share is None else guardrails(p, settings, at_risk, lease_hours)
-        )
+        rails = None if settings.guard_share is None else guardrails(p, settings, at_risk)
         short = f"no quorum: {approvers} of {len(votes)} members approve"  # p >= approve
         if rails is not None and p >= guard:
             outcome = CouncilOutcome.GUARDED

@@ -318,14 +318,16 @@ class Guardrails(BaseModel):
     # where the fleet guards by size (`[council] guard_gpu_hours`): predicted_waste x the
     # GPU-hours asked, what the guardrails are there for
     at_risk_gpu_hours: float | None = None
-    lease_hours: float | None = None  # the first lease's term, where shorter than asked
+    # the fleet's term; once placed, the term as placed (Allocation.term_hours: none where the
+    # lease is no longer, at least twice the renewal decision's lead)
+    lease_hours: float | None = None
 
     def describe(self) -> str:
         parts = [f"`gpu-agent run` required (else idle release after {self.idle_minutes:g} min)"]
         if self.cheaper_type:
             parts.append("the cheapest type per unit of work")
         if self.lease_hours is not None:
-            parts.append(f"a {self.lease_hours:g} h lease, renewed while its GPUs work")
+            parts.append(f"a {round(self.lease_hours, 2):g} h lease, renewed while its GPUs work")
         return "; ".join(parts)
 
     def outlook(self) -> str:

@@ -58,6 +58,9 @@ class RequestOutcome:
         rails = self.council.guardrails if self.council is not None else None
         if rails is None or self.status is Status.DENIED:
             return None
+        if self.allocation is not None and rails.lease_hours is not None:  # as placed: a
+            term = self.allocation.term_hours  # term where the lease is longer (allocate)
+            rails = rails.model_copy(update={"lease_hours": term})
         if self.status is Status.PENDING_REVIEW:
             return "if approved", rails
         human = self.human
@@ -118,7 +121,8 @@ def lease_note(outcome: RequestOutcome) -> str | None:
     on_type = (route.asked_hours or route.est_hours) if route is not None else None
     if a.term_hours is not None and a.renewed_up_to is not None:
         up_to = (a.renewed_up_to - a.started_at).total_seconds() / 3600.0
-        return f"held {a.term_hours:g} h at a time, renewed while its GPUs work, up to " + (
+        term = round(a.term_hours, 2)
+        return f"held {term:g} h at a time, renewed while its GPUs work, up to " + (
             f"{up_to:.2f} h (the council's guardrails)"
             if on_type is None or up_to >= on_type - 0.005
             else f"{up_to:.2f} h, not the {on_type:.2f} h this work takes on {a.gpu_type}: "

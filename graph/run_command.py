@@ -204,28 +204,24 @@ def _supervise(
         svc.commands.started(aid, charge.owner, svc.clock.now())
         seen = {proc.pid}
         ended_by = "command"
-        noticed = recorded is not None and recorded.noticed_at is not None  # not twice
-        noticed_for: float | None = None  # the deadline the notice was sent for
+        # when the command was last told (also by the `run` before this one): not twice
+        told_at = recorded.noticed_at if recorded is not None else None
         while not proc.exited():
             seen.update(proc.members())
             lease = svc.ledger.lease(aid)
             now = svc.clock.now()
-            if noticed and noticed_for is None:
-                noticed_for = lease.deadline  # sent by the `run` before it, for this end
-            if noticed and noticed_for is not None and lease.deadline is not None:
-                noticed = lease.deadline <= noticed_for + 1.0  # renewed: a new end to notice
             if lease.state == "released":
                 assert lease.release_reason is not None
                 ended_by = lease.release_reason.value
                 break
             if (
-                not noticed
-                and notice_s > 0
+                notice_s > 0
                 and lease.deadline is not None
+                and not told(told_at, lease.deadline, notice_s)
                 and lease.deadline - now <= notice_s
             ):
                 proc.signal(command.signal)
-                noticed, noticed_for = True, lease.deadline
+                told_at = now
                 if recorded is not None:
                     svc.ledger.noticed(aid, charge.owner, now)
                 assert lease.deadline_reason is not None
@@ -267,8 +263,15 @@ def _supervise(
         stopped.killed,
         stopped.leftover,
         _left_on_gpus(orch, row.gpu_ids, seen),
-        noticed or noticed_for is not None,
+        told_at is not None,
     )
+
+
+def told(told_at: float | None, deadline: float, notice_s: float) -> bool:
+    """Whether a notice sent at `told_at` was for `deadline`: not where the deadline has
+    since moved more than a notice later (a renewed term: the command worked on after its
+    checkpoint and is told again; a budget's small move is not worth a second checkpoint)."""
+    return told_at is not None and deadline - told_at <= 2.0 * notice_s
 
 
 def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> list[int] | None:

@@ -93,7 +93,7 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
     left to end at the term's end."""
     assert row.lease_end is not None and row.renew_hours is not None
     mon.renewal_for = row.lease_end
-    term = f"{row.renew_hours:g} h term"
+    term = f"{round(row.renew_hours, 2):g} h term"
     ends = f"{utc(row.lease_end):%Y-%m-%d %H:%M:%S} UTC"
     if not renews(mon, svc.config.monitor, now, row.lease_end - row.renew_hours * 3600.0):
         assert mon.idle_since is not None

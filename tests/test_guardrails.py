@@ -542,17 +542,20 @@ def test_a_human_who_drops_the_guardrails_drops_the_term_too(make_orch: OrchFact
 def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_lengthens_it(
     make_orch: OrchFactory,
 ) -> None:
-    """A 1 h term on a lease of 0.5 h (1 h asked on the reference type, on an H100) is no
-    guardrail: the lease runs whole and the guardrail does not promise a term. A 2,000 s
+    """A 1 h term on a lease of 0.5 h (1 h asked on the reference type, on an H100): the
+    lease runs whole, and the guardrails shown once placed promise no term. A 2,000 s
     checkpoint notice with a quarter-hour term: the term is made twice the decision's lead
-    (a tick and the notice), so each decision reads half a term or more."""
+    (a tick and the notice), so each decision reads half a term or more, and the guardrails
+    shown say so."""
     orch = make_orch(small_config(council=LEASED_FLEET))
     request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 1}
     short = orch.request(request, wait=False)
     assert short.council is not None and short.council.guardrails is not None
-    assert short.council.guardrails.lease_hours is None
-    assert "renewed" not in short.council.guardrails.describe()
+    assert short.council.guardrails.lease_hours == 1.0  # the fleet's, before placement
     assert short.allocation is not None and short.allocation.term_hours is None
+    shown = short.guardrails()
+    assert shown is not None and shown[1].lease_hours is None  # as placed: whole
+    assert "renewed" not in shown[1].describe()
     quarter = make_orch(
         small_config(council=LEASED_FLEET | {"guard_lease_hours": 0.25}), name="quarter"
     )
@@ -560,3 +563,7 @@ def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_leng
     assert long.allocation is not None and long.council is not None
     assert long.council.guardrails is not None and long.council.guardrails.lease_hours == 0.25
     assert long.allocation.term_hours == pytest.approx(2 * (60 + 2000) / 3600)
+    shown = long.guardrails()
+    assert shown is not None and "a 1.14 h lease, renewed while its GPUs work" in (
+        shown[1].describe()
+    )

@@ -569,3 +569,57 @@ def test_a_renewed_term_gets_a_notice_of_its_own(make_orch: OrchFactory, tmp_pat
         "term",
     ]
     assert sum("USR1 sent to the command to checkpoint" in s for s in said) == 2
+
+
+def test_a_run_that_takes_over_after_a_renewal_notices_the_new_end(
+    make_orch: OrchFactory, tmp_path: Path
+) -> None:
+    """The `run` before this one told the command of the first term's end, then died; the
+    term was renewed meanwhile. The notice it recorded was for an end that has moved: this
+    `run` tells the command again before the renewed end."""
+    clock = VirtualClock()
+    council = GUARDED_FLEET | {"guard_lease_hours": 1.0}
+    orch = make_orch(small_config(council=council), clock=clock)
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
+    placed = orch.request(request, wait=False)
+    assert placed.allocation is not None
+    aid, first_end = placed.allocation.id, placed.allocation.lease_end.timestamp()
+    ledger = orch.services.ledger
+    command = {"argv": ["x"], "cwd": "/", "grace_s": 10, "notice_s": 30}
+    ledger.record_run(aid, "run-old", command | {"notice_signal": "SIGUSR1"}, 1)
+    sleep_until(clock, first_end - 20)
+    ledger.noticed(aid, "run-old", clock.now())
+    renewed = ledger.renew(aid, first_end, clock.now(), "its GPUs work")
+    assert renewed is not None
+    log = tmp_path / "log"
+
+    def logged(what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not log.exists() or what not in log.read_text():
+            assert time.monotonic() < deadline, f"no {what} within 60 s"
+            time.sleep(0.05)
+
+    def drive() -> None:
+        logged("ready")
+        sleep_until(clock, renewed.deadline - 20)
+        logged("checkpoint")
+        sleep_until(clock, renewed.deadline + 1)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    report = run_on(
+        orch,
+        aid,
+        [sys.executable, "-c", READY, str(log)],
+        grace_s=10,
+        owned=False,
+        say=lambda _: None,
+        notice_s=30,
+    )
+    driver.join(timeout=60)
+    assert report.noticed and report.ended_by == "lease-expired"
+    assert [line.split()[0] for line in log.read_text().splitlines()] == [
+        "ready",
+        "checkpoint",
+        "term",
+    ]
