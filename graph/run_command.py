@@ -194,8 +194,8 @@ def _supervise(
     owned: bool,
 ) -> RunReport:
     """Watch the command until it exits or the allocation ends, send its notice once per
-    deadline (again only where a renewed term moved it later), stop it (SIGTERM, grace,
-    SIGKILL) and release what `run` owns."""
+    deadline (again only where the deadline moved more than a notice past the last one: a
+    renewed term), stop it (SIGTERM, grace, SIGKILL) and release what `run` owns."""
     svc = orch.services
     aid, say = row.id, charge.say
     recorded = svc.ledger.run_record(aid)
