@@ -88,6 +88,10 @@ class RequestOutcome:
                 "started_at": a.started_at.isoformat(),
                 "lease_end": a.lease_end.isoformat(),
                 "price_per_hour": a.price_per_hour,
+                # held a term at a time (the council's guardrails): the term and the end
+                # it renews to while its GPUs work; null: the lease runs whole
+                "term_hours": a.term_hours,
+                "renewed_up_to": None if a.renewed_up_to is None else a.renewed_up_to.isoformat(),
             },
             "release": None if self.release is None else self.release.model_dump(mode="json"),
             "council": None if self.council is None else self.council.model_dump(mode="json"),

@@ -95,6 +95,8 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
             "lease_end": a.lease_end.isoformat(),
             "price_per_hour": a.price_per_hour,
         }
+        if a.renewed_up_to is not None:  # held a term at a time, renewed while its GPUs work
+            result["renewed_up_to"] = a.renewed_up_to.isoformat()
     if out.status in (Status.ALLOCATED, Status.QUEUED):  # keep watching it, as `request` would
         monitors.append(orch.continue_in_background(thread_id))
     return result

@@ -567,3 +567,7 @@ def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_leng
     assert shown is not None and "a 1.14 h lease, renewed while its GPUs work" in (
         shown[1].describe()
     )
+    placed = long.to_json()["allocation"]
+    assert placed["term_hours"] == pytest.approx(2 * (60 + 2000) / 3600)
+    assert placed["renewed_up_to"] == "2026-01-01T04:00:00+00:00"  # 8 h on the H100: 4 h
+    assert short.to_json()["allocation"]["renewed_up_to"] is None
