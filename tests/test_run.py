@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fleet.clock import VirtualClock, sleep_until
+from graph.orchestrator import Orchestrator
 from graph.run_command import run_on
 from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config, stopped
 from tests.test_guardrails import GUARDED_FLEET
@@ -516,36 +517,40 @@ def test_ctrl_c_while_run_places_leaves_nothing_placed(tmp_path: Path, point: st
 READY = NOTICED.replace("while True:", 'log.write("ready 0\\n")\nlog.flush()\nwhile True:')
 
 
-def test_a_renewed_term_gets_a_notice_of_its_own(make_orch: OrchFactory, tmp_path: Path) -> None:
-    """A guarded lease held an hour at a time, `run --notice 30` on it: USR1 before the term
-    ends; the term renewed, the deadline moved, so USR1 again before the new end; at that
-    end, SIGTERM (the report says it was noticed)."""
-    clock = VirtualClock()
+def logged(log: Path, what: str, n: int = 1) -> None:
+    """Wait (60 s at most) until the command has logged `what` `n` times."""
+    deadline = time.monotonic() + 60
+    while not log.exists() or log.read_text().count(what) < n:
+        assert time.monotonic() < deadline, f"no {what} within 60 s"
+        time.sleep(0.05)
+
+
+def placed_in_terms(make_orch: OrchFactory, clock: VirtualClock) -> tuple[Orchestrator, str, float]:
+    """A guarded 3-hour lease held an hour at a time: (its orchestrator, id, first term's end)."""
     council = GUARDED_FLEET | {"guard_lease_hours": 1.0}
     orch = make_orch(small_config(council=council), clock=clock)
     request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
     placed = orch.request(request, wait=False)
     assert placed.allocation is not None and placed.allocation.term_hours == 1.0
-    aid, first_end = placed.allocation.id, placed.allocation.lease_end.timestamp()
+    return orch, placed.allocation.id, placed.allocation.lease_end.timestamp()
+
+
+def test_a_renewed_term_gets_a_notice_of_its_own(make_orch: OrchFactory, tmp_path: Path) -> None:
+    """A guarded lease held an hour at a time, `run --notice 30` on it: USR1 before the term
+    ends; the term renewed, the deadline moved, so USR1 again before the new end; at that
+    end, SIGTERM (the report says it was noticed)."""
+    clock = VirtualClock()
+    orch, aid, first_end = placed_in_terms(make_orch, clock)
     log = tmp_path / "log"
 
-    def logged(what: str, n: int) -> None:
-        deadline = time.monotonic() + 60
-        while not log.exists() or log.read_text().count(what) < n:
-            assert time.monotonic() < deadline, f"no {what} within 60 s"
-            time.sleep(0.05)
-
-    def checkpoints(n: int) -> None:
-        logged("checkpoint", n)
-
     def drive() -> None:
-        logged("ready", 1)  # its handlers are set
+        logged(log, "ready")  # its handlers are set
         sleep_until(clock, first_end - 20)
-        checkpoints(1)
+        logged(log, "checkpoint")
         renewed = orch.services.ledger.renew(aid, first_end, clock.now(), "its GPUs work")
         assert renewed is not None
         sleep_until(clock, renewed.deadline - 20)
-        checkpoints(2)
+        logged(log, "checkpoint", 2)
         sleep_until(clock, renewed.deadline + 1)
 
     driver = threading.Thread(target=drive, daemon=True)
@@ -578,12 +583,7 @@ def test_a_run_that_takes_over_after_a_renewal_notices_the_new_end(
     term was renewed meanwhile. The notice it recorded was for an end that has moved: this
     `run` tells the command again before the renewed end."""
     clock = VirtualClock()
-    council = GUARDED_FLEET | {"guard_lease_hours": 1.0}
-    orch = make_orch(small_config(council=council), clock=clock)
-    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
-    placed = orch.request(request, wait=False)
-    assert placed.allocation is not None
-    aid, first_end = placed.allocation.id, placed.allocation.lease_end.timestamp()
+    orch, aid, first_end = placed_in_terms(make_orch, clock)
     ledger = orch.services.ledger
     command = {"argv": ["x"], "cwd": "/", "grace_s": 10, "notice_s": 30}
     ledger.record_run(aid, "run-old", command | {"notice_signal": "SIGUSR1"}, 1)
@@ -593,16 +593,10 @@ def test_a_run_that_takes_over_after_a_renewal_notices_the_new_end(
     assert renewed is not None
     log = tmp_path / "log"
 
-    def logged(what: str) -> None:
-        deadline = time.monotonic() + 60
-        while not log.exists() or what not in log.read_text():
-            assert time.monotonic() < deadline, f"no {what} within 60 s"
-            time.sleep(0.05)
-
     def drive() -> None:
-        logged("ready")
+        logged(log, "ready")
         sleep_until(clock, renewed.deadline - 20)
-        logged("checkpoint")
+        logged(log, "checkpoint")
         sleep_until(clock, renewed.deadline + 1)
 
     driver = threading.Thread(target=drive, daemon=True)

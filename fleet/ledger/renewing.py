@@ -84,10 +84,10 @@ class Renewing(Budgets):
         """Its monitor lets the term that ends at `lease_end` end (its GPUs looked idle all of
         it): audited once, so that the work that resumes it is not judged by its idling
         again (Ledger.resume)."""
-        found = self.query("SELECT project FROM allocations WHERE id=?", (aid,))
-        if not found:
-            return
         with self.transaction() as db:
+            found = db.execute("SELECT project FROM allocations WHERE id=?", (aid,)).fetchone()
+            if found is None:
+                return
             db.execute(
                 AUDIT,
                 (
@@ -95,7 +95,7 @@ class Renewing(Budgets):
                     now,
                     "gpu-agent",
                     NOT_RENEWED,
-                    found[0][0],
+                    found[0],
                     aid,
                     f"lease not renewed past {utc(lease_end):%Y-%m-%d %H:%M:%S} UTC: {why}",
                 ),
