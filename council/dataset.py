@@ -50,7 +50,14 @@ from fleet.models import (
     RecordSummary,
     ReleaseReason,
 )
-from fleet.monitoring import IdlePolicy, assess
+from fleet.monitoring import (
+    IdlePolicy,
+    assess,
+    decided_at,
+    renewal_lead_s,
+    renews,
+    term_hours,
+)
 from fleet.routing import estimate
 from fleet.scheduler import decayed, fair_share_factors, summarise
 from fleet.simulated import PROFILES, SimulatedFleet
@@ -95,12 +102,13 @@ class _Plan:
 
 
 def wasteful(held: float, util: float, reason: ReleaseReason, work: float) -> float:
-    """1 where an allocation ended wasteful: released by the monitor or its budget before
-    its work was done (the work is lost), held with no work left for WASTE_IDLE_SHARE of its
-    time or more, or under WASTE_UTIL_PCT mean utilisation; else 0. The GPU-hours held idle,
-    not the release's reason, make an idle tail wasteful: a guardrail that releases it
-    sooner can turn a wasteful outcome into a good one."""
-    lost = (reason is ReleaseReason.IDLE or reason.cut_by_budget) and held < work - 1e-9
+    """1 where an allocation ended wasteful: released by the monitor (an idle release, a
+    term not renewed) or its budget before its work was done (the work is lost), held with
+    no work left for WASTE_IDLE_SHARE of its time or more, or under WASTE_UTIL_PCT mean
+    utilisation; else 0. The GPU-hours held idle, not the release's reason, make an idle
+    tail wasteful: a guardrail that releases it sooner can turn a wasteful outcome into a
+    good one."""
+    lost = reason is not ReleaseReason.EXPLICIT and held < work - 1e-9
     tail = max(0.0, held - work)
     return float(lost or tail >= WASTE_IDLE_SHARE * held or util < WASTE_UTIL_PCT)
 
@@ -454,23 +462,47 @@ class World:
         )
         return record, wasteful(held, util, reason, plan.work)
 
+    def _term(self, lease: float) -> float | None:
+        """The term an approval with guardrails holds its lease for, in hours, where the
+        fleet sets one and the lease is longer (as nodes.allocate places it); no command
+        runs in these worlds, so its monitor decides a tick before each term ends."""
+        hours = self.config.council.guard_lease_hours
+        if hours is None:
+            return None
+        term = term_hours(hours, renewal_lead_s(self.config.monitor, None, False))
+        return term if term < lease else None
+
     def _watch(
         self, request: GPURequest, plan: _Plan, start: float, guard_minutes: float | None
     ) -> tuple[float, float, ReleaseReason]:
+        """What the monitor makes of the plan: hours held, mean utilisation, why it ended.
+        With `guard_minutes` (an approval with guardrails), its stricter idle release and,
+        where the fleet sets one, its lease held a term at a time (fleet.monitoring.renews
+        decides each term, as nodes.monitor does; a term not renewed ends at its end)."""
         settings, cut, lease = self.config.monitor, plan.cut, plan.hours
         policy = IdlePolicy(guard_minutes=guard_minutes)
         gpus = self.gpus[plan.gpu_type][: min(2, request.count)]
         state, t, util_time = MonitorState(), 0.0, 0.0
+        term = None if guard_minutes is None else self._term(lease)
+        lead = renewal_lead_s(settings, None, False)
+        began, ends = 0.0, term or lease  # the term under way, hours from the start
         for profile, length in plan.phases:
             if length <= 0:
                 continue
             # the monitor ticks every 10 min where it can conclude something; a training
             # phase needs fewer readings to give its mean
             tick = max(600.0, length * 3600 / 6) if profile == "train" else 600.0
-            end = t + length
+            end, grid = t + length, t  # grid: the last of the ticks every `tick`
             while t < end:
-                step = min(tick / 3600, end - t)
+                step = min(tick / 3600, end - t) if t == grid else min(grid + tick / 3600, end) - t
+                decide = math.inf
+                if term is not None and ends < lease:
+                    decide = decided_at(ends * 3600, term, lead) / 3600
+                # a tick more where a term is decided on, the others where they were
+                extra = 1e-9 < decide - t < step
+                step = decide - t if extra else step
                 t += step
+                grid = grid if extra else t
                 if cut is not None and t >= cut:
                     return cut, util_time / cut if cut > 0 else 0.0, ReleaseReason.BUDGET
                 clock = start + t * 3600
@@ -480,6 +512,11 @@ class World:
                 util_time += (result.mean_util or 0.0) * step
                 if result.release is not None:
                     return t, util_time / t, result.release
+                while term is not None and ends < lease and t >= decide - 1e-9:
+                    if not renews(state, settings, clock, start + began * 3600):
+                        return ends, util_time / ends, ReleaseReason.LEASE_EXPIRED
+                    began, ends = ends, min(ends + term, lease)
+                    decide = decided_at(ends * 3600, term, lead) / 3600
         reason = ReleaseReason.EXPLICIT if t < lease - 1e-9 else ReleaseReason.LEASE_EXPIRED
         return t, util_time / t if t > 0 else 0.0, reason
 

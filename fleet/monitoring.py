@@ -94,6 +94,19 @@ def renewal_lead_s(settings: MonitorSettings, notice_s: float | None, scheduler:
     return settings.tick_seconds + (notice_s or 0.0) + early
 
 
+def term_hours(guard_hours: float, lead_s: float) -> float:
+    """The term a guarded lease is held for: the guardrails' hours, but at least twice the
+    lead with which its monitor decides on renewing it, so that each decision reads at least
+    half a term."""
+    return max(guard_hours, 2.0 * lead_s / 3600.0)
+
+
+def decided_at(term_end: float, term_h: float, lead_s: float) -> float:
+    """When the term of `term_h` hours that ends at `term_end` is decided on: `lead_s`
+    before it ends (renewal_lead_s), never before its middle."""
+    return max(term_end - lead_s, term_end - term_h * 1800.0)
+
+
 def renews(state: MonitorState, settings: MonitorSettings, now: float, term_began: float) -> bool:
     """Whether a lease held a term at a time is renewed at `now`, near the end of the term
     that began at `term_began`: its GPUs worked in it (or its work goes on while they look

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
+from fleet import monitoring
 from fleet.faults import fault
 from fleet.ledger.rows import Resumed, allocation_id
 from fleet.models import (
@@ -19,7 +20,6 @@ from fleet.models import (
     Status,
     utc,
 )
-from fleet.monitoring import renewal_lead_s
 from fleet.placement import Kind
 from fleet.services import Services
 from nodes import audit
@@ -28,13 +28,12 @@ from nodes.state import State, guardrails_of, request_of
 
 
 def term_hours(rails: Guardrails | None, request: GPURequest, svc: Services) -> float | None:
-    """The term a guarded lease is held for (None: whole): the guardrails', but at least
-    twice the lead with which its monitor decides on renewing it, so that each decision
-    reads at least half a term."""
+    """The term a guarded lease is held for (None: whole; fleet.monitoring.term_hours)."""
     if rails is None or rails.lease_hours is None:
         return None
-    lead = renewal_lead_s(svc.config.monitor, request.notice_seconds, svc.scheduler_holds)
-    return max(rails.lease_hours, 2.0 * lead / 3600.0)
+    monitor = svc.config.monitor
+    lead = monitoring.renewal_lead_s(monitor, request.notice_seconds, svc.scheduler_holds)
+    return monitoring.term_hours(rails.lease_hours, lead)
 
 
 def allocate(state: State, runtime: Runtime[Context]) -> State:

@@ -27,6 +27,7 @@ from fleet.monitoring import (
     Readings,
     Work,
     assess,
+    decided_at,
     next_tick,
     readings,
     renewal_lead_s,
@@ -80,12 +81,11 @@ def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdleP
 def _renewal(row: Lease, mon: MonitorState, request: GPURequest, svc: Services) -> float | None:
     """When the term under way is decided on (fleet.monitoring.renewal_lead_s before it
     ends, never before its middle); None: nothing left to decide."""
-    lead = renewal_lead_s(svc.config.monitor, request.notice_seconds, svc.scheduler_holds)
-    at = row.renew_at(lead)
-    if at is None or mon.renewal_for == row.lease_end:
+    if not row.renewable or mon.renewal_for == row.lease_end:
         return None
     assert row.lease_end is not None and row.renew_hours is not None
-    return max(at, row.lease_end - row.renew_hours * 1800.0)
+    lead = renewal_lead_s(svc.config.monitor, request.notice_seconds, svc.scheduler_holds)
+    return decided_at(row.lease_end, row.renew_hours, lead)
 
 
 def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -> Event:

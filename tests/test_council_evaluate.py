@@ -18,6 +18,7 @@ from council.card import EVALUATED, evaluation_section, with_section
 from council.dataset import (
     Sample,
     World,
+    _Plan,
     cuts,
     known,
     replay,
@@ -65,7 +66,14 @@ from council.train import auc as train_auc
 from council.voting import combine
 from fleet.config import CouncilSettings, load_fleet
 from fleet.errors import InvalidInput
-from fleet.models import CouncilDecision, CouncilOutcome, MemberVote, ReleaseReason, Verdict
+from fleet.models import (
+    CouncilDecision,
+    CouncilOutcome,
+    GPURequest,
+    MemberVote,
+    ReleaseReason,
+    Verdict,
+)
 from fleet.simulated import PROFILES
 from graph.cli import main
 from graph.cli_offline import writable_dir
@@ -221,6 +229,41 @@ def test_every_voted_request_has_an_outcome_and_a_denied_ones_is_recorded_nowher
     w._play(plan, request, job.submit, guard_minutes=10)
     assert w.rng.getstate() == state and w.running == running
     assert {name: p.past for name, p in w.projects.items()} == past
+
+
+def test_the_worlds_hold_a_guarded_lease_a_term_at_a_time_where_the_fleet_sets_one() -> None:
+    """An approval with guardrails plays out in the worlds as nodes.monitor holds it: where
+    the idle release is longer than a term, a term its GPUs sat idle all of is not renewed
+    and the lease ends there (3 h of a 6 h lease, its work done at 1.5 h); a term ended
+    while work was left loses it, which is wasteful. Where the idle release is shorter (the
+    fleet's 30 minutes; no command runs in the worlds), it ends the idle tail first, as
+    without a term."""
+    base = load_fleet(None)
+
+    def play(
+        term: float | None, idle_minutes: float, phases: tuple[tuple[str, float], ...]
+    ) -> tuple[float, ReleaseReason]:
+        council = base.council.model_copy(update={"guard_share": 0.5, "guard_lease_hours": term})
+        monitor = base.monitor.model_copy(update={"idle_timeout_minutes": idle_minutes})
+        config = base.model_copy(update={"council": council, "monitor": monitor})
+        w = World(synthetic_jobs(1, 2, 1), config, 1, 1)
+        request = GPURequest(project="team-00", purpose="training", count=2, duration_hours=6)
+        work = sum(h for p, h in phases if p != "hoard")
+        held, util, reason = w._watch(request, _Plan("A100", 6.0, work, phases, None), 0.0, 600)
+        assert wasteful(held, util, reason, work) == float(held < work or held - work >= 0.6)
+        return round(held, 6), reason
+
+    hoards = (("train", 1.5), ("hoard", 4.5))
+    assert play(1.0, 600, hoards) == (3.0, ReleaseReason.LEASE_EXPIRED)
+    assert play(None, 600, hoards) == (6.0, ReleaseReason.LEASE_EXPIRED)
+    assert play(1.0, 30, hoards) == play(None, 30, hoards)
+    assert play(1.0, 30, hoards)[1] is ReleaseReason.IDLE
+    # work that pauses longer than a term is ended before it is done: lost, so wasteful
+    assert play(1.0, 600, (("train", 1.0), ("hoard", 2.5), ("train", 2.5))) == (
+        3.0,
+        ReleaseReason.LEASE_EXPIRED,
+    )
+    assert play(1.0, 600, (("train", 6.0),)) == (6.0, ReleaseReason.LEASE_EXPIRED)
 
 
 def test_projects_differ_about_as_far_as_published_in_what_they_use_of_what_they_hold() -> None:

@@ -122,19 +122,17 @@ class Lease:
     lease_end: float | None = None
     renew_hours: float | None = None
 
-    def renew_at(self, lead_s: float) -> float | None:
-        """When its monitor decides whether to renew its term, `lead_s` before the term ends
-        (before a command's checkpoint notice); None: there is no term to renew (its lease
-        runs whole, or a budget or a preemption set its end)."""
-        if (
-            self.state != "active"
-            or self.renew_hours is None
-            or self.lease_end is None
-            or self.deadline != self.lease_end
-            or self.deadline_reason is not ReleaseReason.LEASE_EXPIRED
-        ):
-            return None
-        return self.lease_end - lead_s
+    @property
+    def renewable(self) -> bool:
+        """Whether it holds a term its monitor has to decide on renewing: not where its lease
+        runs whole, or a budget or a preemption set its end."""
+        return (
+            self.state == "active"
+            and self.renew_hours is not None
+            and self.lease_end is not None
+            and self.deadline == self.lease_end
+            and self.deadline_reason is ReleaseReason.LEASE_EXPIRED
+        )
 
 
 @dataclass(frozen=True)
