@@ -29,6 +29,7 @@ said little, because every project's jobs were coin flips near the middle.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -39,6 +40,7 @@ from datetime import UTC, datetime
 from council.features import RequestFeatures, Standing, assemble
 from council.record import PastJob
 from council.rules import MEMBERS, member_vote, sigmoid
+from council.stream_release import shipped
 from council.voting import auto_approves
 from fleet.config import FleetConfig, SimulationSettings
 from fleet.errors import GPUAgentError
@@ -476,11 +478,14 @@ class World:
         self, request: GPURequest, plan: _Plan, start: float, guard_minutes: float | None
     ) -> tuple[float, float, ReleaseReason]:
         """What the monitor makes of the plan: hours held, mean utilisation, why it ended.
-        With `guard_minutes` (an approval with guardrails), its stricter idle release and,
-        where the fleet sets one, its lease held a term at a time (fleet.monitoring.renews
-        decides each term, as nodes.monitor does; a term not renewed ends at its end)."""
+        With `guard_minutes` (an approval with guardrails), its stricter idle release (by
+        the stream too, where the fleet's guardrails read it) and, where the fleet sets one,
+        its lease held a term at a time (fleet.monitoring.renews decides each term, as
+        nodes.monitor does; a term not renewed ends at its end)."""
         settings, cut, lease = self.config.monitor, plan.cut, plan.hours
-        policy = IdlePolicy(guard_minutes=guard_minutes)
+        stream = guard_minutes is not None and self.config.council.guard_idle_release == "stream"
+        after = functools.partial(shipped().after, lease_hours=lease) if stream else None
+        policy = IdlePolicy(guard_minutes=guard_minutes, release_after=after)
         gpus = self.gpus[plan.gpu_type][: min(2, request.count)]
         state, t, util_time = MonitorState(), 0.0, 0.0
         term = None if guard_minutes is None else self._term(lease)

@@ -3,7 +3,8 @@
 Where a fleet opts in (`[council] guard_share`), between the human band and plain approval
 the council approves with guardrails rather than ask a human or deny: the allocation is
 released after `guard_idle_minutes` idle where nothing says its work goes on (no `gpu-agent
-run` command running; a pause the work came back from still stretches it,
+run` command running; sooner where `guard_idle_release = "stream"` and the allocation's
+utilisation stream reads as ended; a pause the work came back from still stretches it,
 fleet.monitoring.idle_limit_s; work that an idle release already ended, asking again with
 `resumes`, is spared it, so that a pause that cost the work once does not cost it twice),
 and where the predicted waste lies in the upper half of the guarded band, it is also routed
@@ -33,4 +34,5 @@ def guardrails(p: float, settings: CouncilSettings, at_risk: float | None = None
         cheaper_type=p < (guard + approve) / 2,
         at_risk_gpu_hours=at_risk,
         lease_hours=settings.guard_lease_hours,
+        idle_stream=settings.guard_idle_release == "stream",
     )

@@ -131,6 +131,10 @@ class CouncilSettings(_Strict):
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
     guard_idle_minutes: float = Field(default=10, gt=0, allow_inf_nan=False)
+    # With guard_share, "stream": that release comes sooner where the allocation's utilisation
+    # stream reads as ended (the model `[monitor] idle_release = "stream"` uses, on the
+    # guarded allocations only, never later than guard_idle_minutes). "timeout": the clock.
+    guard_idle_release: Literal["timeout", "stream"] = "timeout"
     # With guard_share: guardrails only where they are worth their burden, where the GPU-hours
     # at risk, (1 - p) x the GPU-hours asked, reach this; an approval below it goes without
     # them (council.voting.combine). None: by the probability alone.
@@ -159,6 +163,8 @@ class CouncilSettings(_Strict):
             raise ValueError("guard_gpu_hours needs guard_share: it chooses whom to guard")
         if self.guard_lease_hours is not None and self.guard_share is None:
             raise ValueError("guard_lease_hours needs guard_share: it is one of the guardrails")
+        if self.guard_idle_release != "timeout" and self.guard_share is None:
+            raise ValueError("guard_idle_release needs guard_share: it is one of the guardrails")
         return self
 
     def band(self, policy: str | None = None) -> tuple[float, float]:

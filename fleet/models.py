@@ -307,7 +307,8 @@ class Guardrails(BaseModel):
     """What an approval with guardrails changes, chosen from the council's predicted waste
     (council.guardrails): its work is to run under `gpu-agent run` (a pause of a running
     command never releases it, and its GPUs go when the command exits); where nothing says
-    its work goes on, it is released after `idle_minutes` idle; with `cheaper_type`, it is
+    its work goes on, it is released after `idle_minutes` idle (with `idle_stream`, sooner
+    where its utilisation stream reads as ended); with `cheaper_type`, it is
     routed by price per unit of work even where the request asked for speed; with
     `lease_hours`, it holds its GPUs that long at a time, renewed while they work, up to
     the lease asked (fleet.monitoring.renews)."""
@@ -321,9 +322,15 @@ class Guardrails(BaseModel):
     # the fleet's term; once placed, the term as placed (Allocation.term_hours: none where the
     # lease is no longer, at least twice the renewal decision's lead)
     lease_hours: float | None = None
+    # where the fleet says so (`[council] guard_idle_release = "stream"`): the idle release
+    # comes sooner where the stream model reads the work as ended
+    idle_stream: bool = False
 
     def describe(self) -> str:
-        parts = [f"`gpu-agent run` required (else idle release after {self.idle_minutes:g} min)"]
+        sooner = ", sooner where its utilisation reads as ended" if self.idle_stream else ""
+        parts = [
+            f"`gpu-agent run` required (else idle release after {self.idle_minutes:g} min{sooner})"
+        ]
         if self.cheaper_type:
             parts.append("the cheapest type per unit of work")
         if self.lease_hours is not None:

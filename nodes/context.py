@@ -138,7 +138,7 @@ def check_models(config: FleetConfig, *, council_given: bool = False) -> None:
     (ConfigError, one line, where one cannot be), not first at a tick or a vote: the idle
     stream's where GPUs are released by their stream, a council's `[council] weights`
     (unless the caller gives its own council, which is then convened instead)."""
-    if config.monitor.idle_release == "stream":
+    if "stream" in (config.monitor.idle_release, config.council.guard_idle_release):
         from council.stream_release import shipped
 
         shipped()
@@ -148,10 +148,11 @@ def check_models(config: FleetConfig, *, council_given: bool = False) -> None:
         council_for(config.council)  # kept: council_of loads it again from the cache
 
 
-def release_after(svc: Services, allocation: Allocation) -> Releaser | None:
+def release_after(svc: Services, allocation: Allocation, guarded: bool = False) -> Releaser | None:
     """Where the fleet releases idle GPUs by their stream (`[monitor] idle_release =
-    "stream"`): the shipped model, on this allocation's lease (read once per process)."""
-    if svc.config.monitor.idle_release != "stream":
+    "stream"`), or the guardrails say so for this allocation (`guarded`): the shipped model,
+    on this allocation's lease (read once per process)."""
+    if svc.config.monitor.idle_release != "stream" and not guarded:
         return None
     from council.stream_release import shipped
 

@@ -64,17 +64,18 @@ def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
 def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdlePolicy:
     """What idling means here: a work that went on while idle is treated as running; the
     council's guardrails, where it approved with them and no human dropped them, shorten
-    the timeout, unless an idle release already ended the work this allocation resumes
-    (a second kill in the next pause would cost the work twice); where the fleet says so,
-    the stream model says when to release, with the same exception (its own timeout and
-    pause factor then apply)."""
+    the timeout (and where they say so, the stream model may release sooner), unless an
+    idle release already ended the work this allocation resumes (a second kill in the next
+    pause would cost the work twice); where the fleet says so, the stream model says when to
+    release, with the same exception (its own timeout and pause factor then apply)."""
     spared = mon.guard_spared
     rails = None if spared else guardrails_of(state)
+    stream = rails is not None and rails.idle_stream
     return IdlePolicy(
         request_of(state).purpose,
         "running" if mon.works_while_idle and work == "unknown" else work,
         None if rails is None else rails.idle_minutes,
-        None if spared else release_after(svc, state["allocation"]),
+        None if spared else release_after(svc, state["allocation"], stream),
     )
 
 

@@ -237,13 +237,18 @@ def test_the_worlds_hold_a_guarded_lease_a_term_at_a_time_where_the_fleet_sets_o
     and the lease ends there (3 h of a 6 h lease, its work done at 1.5 h); a term ended
     while work was left loses it, which is wasteful. Where the idle release is shorter (the
     fleet's 30 minutes; no command runs in the worlds), it ends the idle tail first, as
-    without a term."""
+    without a term; where the guardrails read the stream, it ends the tail sooner still."""
     base = load_fleet(None)
 
     def play(
-        term: float | None, idle_minutes: float, phases: tuple[tuple[str, float], ...]
+        term: float | None,
+        idle_minutes: float,
+        phases: tuple[tuple[str, float], ...],
+        release: str = "timeout",
     ) -> tuple[float, ReleaseReason]:
-        council = base.council.model_copy(update={"guard_share": 0.5, "guard_lease_hours": term})
+        council = base.council.model_copy(
+            update={"guard_share": 0.5, "guard_lease_hours": term, "guard_idle_release": release}
+        )
         monitor = base.monitor.model_copy(update={"idle_timeout_minutes": idle_minutes})
         config = base.model_copy(update={"council": council, "monitor": monitor})
         w = World(synthetic_jobs(1, 2, 1), config, 1, 1)
@@ -264,6 +269,11 @@ def test_the_worlds_hold_a_guarded_lease_a_term_at_a_time_where_the_fleet_sets_o
         ReleaseReason.LEASE_EXPIRED,
     )
     assert play(1.0, 600, (("train", 6.0),)) == (6.0, ReleaseReason.LEASE_EXPIRED)
+    # where the guardrails read the stream, it ends the tail once the stream reads as ended:
+    # its idle stretch begins at the tail's first 10-minute tick, 5 minutes are enough
+    late = (("train", 3.0), ("hoard", 3.0))
+    assert play(None, 600, late, "stream") == (round(3 + 2 / 6, 6), ReleaseReason.IDLE)
+    assert play(None, 600, late) == (6.0, ReleaseReason.LEASE_EXPIRED)
 
 
 def test_projects_differ_about_as_far_as_published_in_what_they_use_of_what_they_hold() -> None:

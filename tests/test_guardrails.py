@@ -18,7 +18,7 @@ from council.policies import approve_all
 from council.voting import combine
 from fleet.clock import VirtualClock, sleep_until
 from fleet.commands import Commands
-from fleet.config import CouncilSettings, MonitorSettings
+from fleet.config import CouncilSettings, MonitorSettings, parse_fleet
 from fleet.errors import InvalidInput
 from fleet.models import (
     CouncilOutcome,
@@ -571,3 +571,51 @@ def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_leng
     assert placed["term_hours"] == pytest.approx(2 * (60 + 2000) / 3600)
     assert placed["renewed_up_to"] == "2026-01-01T04:00:00+00:00"  # 8 h on the H100: 4 h
     assert short.to_json()["allocation"]["renewed_up_to"] is None
+
+
+def test_a_stream_guardrail_needs_a_guarded_band_and_says_what_it_does() -> None:
+    settings = CouncilSettings(guard_share=0.5, guard_idle_release="stream")
+    rails = guardrails(0.9, settings)
+    assert rails.idle_stream and not guardrails(0.9, S).idle_stream
+    assert rails.describe().startswith(
+        "`gpu-agent run` required (else idle release after 10 min, sooner where its "
+        "utilisation reads as ended)"
+    )
+    with pytest.raises(ValidationError, match="guard_idle_release needs guard_share"):
+        CouncilSettings(guard_idle_release="stream")
+    with pytest.raises(ValidationError):
+        CouncilSettings.model_validate({"guard_share": 0.5, "guard_idle_release": "model"})
+
+
+STREAM_GUARD = (
+    '\n[council]\npolicy = "reference"\ndeny_threshold = 0.000001\n'
+    "approve_threshold = 0.999999\nguard_share = 0.000001\nguard_idle_minutes = 60\n"
+)
+
+
+def test_a_stream_guardrail_lets_a_guarded_tail_go_when_its_stream_reads_as_ended(
+    tmp_path: Path,
+) -> None:
+    """`[council] guard_idle_release = "stream"`: 2 h of work on the named A100 at 80 %, half
+    of the 4 h lease, then a 3 h idle tail, two GPUs (so the council votes, and guards it).
+    The stream model releases the guarded allocation at the idle stretch's first 5-minute
+    tick, where the guardrail's clock (60 minutes, no shorter than the fleet's 30) waits 30;
+    the same work done. A job small enough to be approved without a vote keeps the clock."""
+    from sim.agent_replay import run_gpu_agent
+    from sim.workload import Phase, Workload
+    from tests.test_simulate import TINY_FLEET, held_s, job
+
+    tail = [Phase(2.0, 80.0), Phase(3.0, 0.0)]
+    jobs = [job(0, "p", 0, tail, count=2, requested=4.0, named="A100")]
+    jobs.append(job(1, "q", 0, tail, count=1, requested=4.0, named="A100"))
+    w = Workload(jobs, {"p": 1000.0, "q": 1000.0})
+    held = {}
+    for release in ("stream", "timeout"):
+        fleet = parse_fleet(TINY_FLEET + STREAM_GUARD + f'guard_idle_release = "{release}"\n')
+        run = run_gpu_agent(w, fleet, tmp_path / release)
+        guarded, alone = sorted(run.attempts, key=lambda a: a.job)
+        assert (guarded.outcome, guarded.reason) == ("completed", "idle")
+        assert guarded.work_gpu_hours == pytest.approx(2 * 2.0)
+        held[release] = (held_s(guarded), held_s(alone))
+    assert held["stream"] == pytest.approx((125 * 60, 150 * 60))
+    assert held["timeout"] == pytest.approx((150 * 60, 150 * 60))
