@@ -173,7 +173,10 @@ def outcome_logistic(
     with torch.no_grad():
         pv, pt = (torch.sigmoid(lin(x).squeeze(1)).tolist() for x in xs[1:])
     deny, approve = band(pv, [s.wasted == 1.0 for s in val], ipw(val))
-    return [banded(x, deny, approve, "outcome-logistic", settings.guard_share) for x in pt]
+    return [
+        banded(x, deny, approve, "outcome-logistic", settings.guard_share, settings.auto_deny)
+        for x in pt
+    ]
 
 
 def oracle(
@@ -185,7 +188,8 @@ def oracle(
     these worlds, not a bound (it ignores the request itself). Its band is chosen like a
     learned model's."""
     deny, approve = band([1 - s.habit_waste for s in val], [s.wasted == 1.0 for s in val], ipw(val))
-    return [banded(1 - s.habit_waste, deny, approve, "oracle", settings.guard_share) for s in test]
+    share, auto = settings.guard_share, settings.auto_deny
+    return [banded(1 - s.habit_waste, deny, approve, "oracle", share, auto) for s in test]
 
 
 def baselines() -> dict[str, Policy]:

@@ -185,16 +185,22 @@ def band(
 
 
 def banded(
-    p: float, deny: float, approve: float, policy: str, guard_share: float | None = None
+    p: float,
+    deny: float,
+    approve: float,
+    policy: str,
+    guard_share: float | None = None,
+    auto_deny: bool = True,
 ) -> CouncilDecision:
     """A decision from a probability and a band (no members: a single model), in
-    council.voting.combine's order: denied at or below `deny` before approved at or above
-    `approve`; approved with guardrails from `guard_share` of the way between, where given,
-    as a council's band is split (fleet.config.CouncilSettings.guard)."""
+    council.voting.combine's order: denied at or below `deny` (asked of a human instead
+    without `auto_deny`) before approved at or above `approve`; approved with guardrails
+    from `guard_share` of the way between, where given, as a council's band is split
+    (fleet.config.CouncilSettings.guard)."""
     guard = approve if guard_share is None else deny + guard_share * (approve - deny)
     outcome = (
         CouncilOutcome.DENIED
-        if p <= deny
+        if p <= deny and auto_deny
         else CouncilOutcome.APPROVED
         if p >= approve
         else CouncilOutcome.GUARDED

@@ -34,7 +34,8 @@ def combine(
     """Weighted soft vote over every member; then approve (at or above the approve threshold,
     with `quorum` members approving outright), approve with guardrails (where the fleet opted
     in, `guard_share`: at or above the guard threshold, or above approve without a quorum),
-    ask a human, or deny (at or below the deny threshold). Where the fleet also sets
+    ask a human, or deny (at or below the deny threshold; a human decides there instead
+    where the fleet turns `auto_deny` off). Where the fleet also sets
     `guard_gpu_hours`, from the guard threshold up the request's GPU-hours (`gpu_hours`, count
     x hours asked) decide instead of the approve threshold: guardrails where the GPU-hours at
     risk, (1 - p) x gpu_hours, reach it (or without a quorum), a plain approval below: a
@@ -55,7 +56,7 @@ def combine(
     rails = None
     at_risk = gpu_hours_at_risk(p, gpu_hours, settings)
     worth_no_rails = at_risk is not None and not worth_guarding(at_risk, settings)
-    if p <= deny:
+    if p <= deny and settings.auto_deny:
         outcome, summary = CouncilOutcome.DENIED, f"denied with p={p:.2f}"
     elif worth_no_rails and p >= guard and quorate:
         outcome = CouncilOutcome.APPROVED
@@ -77,6 +78,8 @@ def combine(
                 f"{short}; a human decides"
                 if p >= approve
                 else f"split at p={p:.2f}: a human decides"
+                if p > deny
+                else f"below the deny threshold at p={p:.2f}: a human decides (no auto-deny)"
             )
     if outcome is not CouncilOutcome.APPROVED:
         against = sorted(

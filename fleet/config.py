@@ -128,6 +128,9 @@ class CouncilSettings(_Strict):
     # the deny to the approve threshold (0.5: the upper half of the human band), and above
     # approve without a quorum of approvers. None: every uncertain request goes to a human.
     guard_share: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
+    # False: the council denies nothing on its own; what it would deny (at or below the deny
+    # threshold) goes to a human, as the human band does.
+    auto_deny: bool = True
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
     guard_idle_minutes: float = Field(default=10, gt=0, allow_inf_nan=False)

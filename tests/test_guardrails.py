@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from council.features import routed
 from council.guardrails import guardrails
+from council.outcomes import banded
 from council.policies import approve_all
 from council.voting import combine
 from fleet.clock import VirtualClock, sleep_until
@@ -105,6 +106,25 @@ def test_more_waste_evidence_never_buys_a_kinder_decision() -> None:
     for i in range(1, 200):
         ranks = [RANK[combine(votes(i / 200, a), S, "t").outcome] for a in range(5)]
         assert ranks == sorted(ranks)
+
+
+def test_a_fleet_without_auto_deny_asks_a_human_where_the_council_would_deny() -> None:
+    """`auto_deny = false`: at or below the deny threshold a human decides (the simulated
+    reviewer then approves, with the guardrails the council shows); the rest of the band is
+    as before, and still monotone."""
+    human = S.model_copy(update={"auto_deny": False})
+    low = combine(votes(0.3), human, "t")
+    assert low.outcome is CouncilOutcome.SPLIT
+    assert low.guardrails is not None and low.guardrails.cheaper_type
+    assert low.summary.startswith("below the deny threshold at p=0.30: a human decides")
+    assert combine(votes(0.3), S, "t").outcome is CouncilOutcome.DENIED
+    for p in (0.45, 0.52, 0.7):
+        assert combine(votes(p), human, "t").outcome is combine(votes(p), S, "t").outcome
+    for approvers in range(5):
+        ranks = [RANK[combine(votes(i / 200, approvers), human, "t").outcome] for i in range(200)]
+        assert ranks == sorted(ranks) and RANK[CouncilOutcome.DENIED] not in ranks
+    assert banded(0.1, 0.2, 0.8, "t", auto_deny=False).outcome is CouncilOutcome.SPLIT
+    assert banded(0.1, 0.2, 0.8, "t").outcome is CouncilOutcome.DENIED
 
 
 SIZED = S.model_copy(update={"guard_gpu_hours": 8.0})  # guardrails where 8 GPU-hours at risk

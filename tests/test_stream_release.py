@@ -190,6 +190,9 @@ def test_weights_that_cannot_answer_are_one_line_at_start_up(damaged: Path, tmp_
     )
     with pytest.raises(ConfigError, match="stream release model"):
         Orchestrator(tmp_path / "state", stream, clock=VirtualClock())
+    guard = small_config(council={"guard_share": 0.5, "guard_idle_release": "stream"})
+    with pytest.raises(ConfigError, match="stream release model"):  # the guardrail reads it too
+        Orchestrator(tmp_path / "state", guard, clock=VirtualClock())
     # a fleet that does not ask for the stream starts: it never reads the damaged file
     with Orchestrator(tmp_path / "state", small_config(), clock=VirtualClock()) as orch:
         assert orch.services.config.monitor.idle_release == "timeout"
