@@ -71,6 +71,7 @@ EPOCH = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
 BUDGET_PERIOD_DAYS = 30
 TRAIN, THRESHOLDS = 0.6, 0.7  # ends of the training and threshold slices, as shares of a span
 EXPLORE = 0.05  # learning from outcomes: the share of denied requests that run anyway
+TICK_S = 600.0  # the worlds' monitor reads an allocation every 10 minutes (World._watch)
 WASTE_UTIL_PCT = 20.0
 WASTE_IDLE_SHARE = 0.1  # of the hours held, held idle with no work left
 # Project habits, calibrated to how far projects are published to differ (see the module's
@@ -490,13 +491,16 @@ class World:
         state, t, util_time = MonitorState(), 0.0, 0.0
         term = None if guard_minutes is None else self._term(lease)
         lead = renewal_lead_s(settings, None, False)
+        # idling that began within a tick of a term's start read as idle all of it, the
+        # worlds' tick as the monitor's own (fleet.monitoring.renews)
+        coarse = settings.model_copy(update={"tick_seconds": TICK_S})
         began, ends = 0.0, term or lease  # the term under way, hours from the start
         for profile, length in plan.phases:
             if length <= 0:
                 continue
             # the monitor ticks every 10 min where it can conclude something; a training
             # phase needs fewer readings to give its mean
-            tick = max(600.0, length * 3600 / 6) if profile == "train" else 600.0
+            tick = max(TICK_S, length * 3600 / 6) if profile == "train" else TICK_S
             end, grid = t + length, t  # grid: the last of the ticks every `tick`
             while t < end:
                 step = min(tick / 3600, end - t) if t == grid else min(grid + tick / 3600, end) - t
@@ -504,7 +508,7 @@ class World:
                 if term is not None and ends < lease:
                     decide = decided_at(ends * 3600, term, lead) / 3600
                 # a tick more where a term is decided on, the others where they were
-                extra = 1e-9 < decide - t < step
+                extra = 1e-9 < decide - t < step - 1e-9
                 step = decide - t if extra else step
                 t += step
                 grid = grid if extra else t
@@ -518,7 +522,9 @@ class World:
                 if result.release is not None:
                     return t, util_time / t, result.release
                 while term is not None and ends < lease and t >= decide - 1e-9:
-                    if not renews(state, settings, clock, start + began * 3600):
+                    if not renews(state, coarse, clock, start + began * 3600):
+                        if cut is not None and cut < ends:  # its budget ends it first
+                            return cut, util_time / cut, ReleaseReason.BUDGET
                         return ends, util_time / ends, ReleaseReason.LEASE_EXPIRED
                     began, ends = ends, min(ends + term, lease)
                     decide = decided_at(ends * 3600, term, lead) / 3600

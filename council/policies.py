@@ -5,9 +5,10 @@ from voting, which both policies' members vote through."""
 from __future__ import annotations
 
 from council.features import RequestFeatures
+from council.guardrails import guardrails
 from council.voting import Council, gpu_hours_asked, gpu_hours_at_risk, worth_guarding
 from fleet.config import CouncilSettings
-from fleet.models import CouncilDecision, CouncilOutcome, Guardrails
+from fleet.models import CouncilDecision, CouncilOutcome
 
 
 def council_for(settings: CouncilSettings) -> Council:
@@ -30,10 +31,9 @@ def approve_all(features: RequestFeatures, settings: CouncilSettings) -> Council
     guardrails, so that guarding by size alone is a baseline too."""
     at_risk = gpu_hours_at_risk(NO_COUNCIL_P, gpu_hours_asked(features), settings)
     if at_risk is not None and worth_guarding(at_risk, settings):
-        rails = Guardrails(
-            predicted_waste=1.0 - NO_COUNCIL_P,
-            idle_minutes=settings.guard_idle_minutes,
-            at_risk_gpu_hours=at_risk,
+        # the fleet's guardrails, but no cheaper type: with no council nothing ranks the risk
+        rails = guardrails(NO_COUNCIL_P, settings, at_risk).model_copy(
+            update={"cheaper_type": False}
         )
         return CouncilDecision(
             outcome=CouncilOutcome.GUARDED,

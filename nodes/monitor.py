@@ -70,7 +70,12 @@ def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdleP
     release, with the same exception (its own timeout and pause factor then apply)."""
     spared = mon.guard_spared
     rails = None if spared else guardrails_of(state)
-    stream = rails is not None and rails.idle_stream
+    # as the fleet now says (read at start-up: nodes.context.check_models)
+    stream = (
+        rails is not None
+        and rails.idle_stream
+        and svc.config.council.guard_idle_release == "stream"
+    )
     return IdlePolicy(
         request_of(state).purpose,
         "running" if mon.works_while_idle and work == "unknown" else work,

@@ -245,6 +245,7 @@ def test_the_worlds_hold_a_guarded_lease_a_term_at_a_time_where_the_fleet_sets_o
         idle_minutes: float,
         phases: tuple[tuple[str, float], ...],
         release: str = "timeout",
+        cut: float | None = None,
     ) -> tuple[float, ReleaseReason]:
         council = base.council.model_copy(
             update={"guard_share": 0.5, "guard_lease_hours": term, "guard_idle_release": release}
@@ -254,20 +255,25 @@ def test_the_worlds_hold_a_guarded_lease_a_term_at_a_time_where_the_fleet_sets_o
         w = World(synthetic_jobs(1, 2, 1), config, 1, 1)
         request = GPURequest(project="team-00", purpose="training", count=2, duration_hours=6)
         work = sum(h for p, h in phases if p != "hoard")
-        held, util, reason = w._watch(request, _Plan("A100", 6.0, work, phases, None), 0.0, 600)
+        held, util, reason = w._watch(request, _Plan("A100", 6.0, work, phases, cut), 0.0, 600)
         assert wasteful(held, util, reason, work) == float(held < work or held - work >= 0.6)
         return round(held, 6), reason
 
     hoards = (("train", 1.5), ("hoard", 4.5))
     assert play(1.0, 600, hoards) == (3.0, ReleaseReason.LEASE_EXPIRED)
     assert play(None, 600, hoards) == (6.0, ReleaseReason.LEASE_EXPIRED)
+    # a budget that ends it between the decision and the term's end ends it there
+    assert play(1.0, 600, hoards, cut=2.995) == (2.995, ReleaseReason.BUDGET)
     assert play(1.0, 30, hoards) == play(None, 30, hoards)
     assert play(1.0, 30, hoards)[1] is ReleaseReason.IDLE
     # work that pauses longer than a term is ended before it is done: lost, so wasteful
     assert play(1.0, 600, (("train", 1.0), ("hoard", 2.5), ("train", 2.5))) == (
-        3.0,
+        2.0,
         ReleaseReason.LEASE_EXPIRED,
     )
+    # idling that began at a term's start is read a world's tick (10 minutes) later: still
+    # idle all the term, as the monitor, reading every minute, would find it
+    assert play(1.0, 600, (("train", 2.0), ("hoard", 4.0))) == (3.0, ReleaseReason.LEASE_EXPIRED)
     assert play(1.0, 600, (("train", 6.0),)) == (6.0, ReleaseReason.LEASE_EXPIRED)
     # where the guardrails read the stream, it ends the tail once the stream reads as ended:
     # its idle stretch begins at the tail's first 10-minute tick, 5 minutes are enough
