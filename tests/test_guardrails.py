@@ -42,8 +42,11 @@ from fleet.routing import guarded
 from graph.outcome import lease_note
 from nodes.audit import recorded
 from nodes.review import parse_decision
+from sim.agent_replay import run_gpu_agent
+from sim.workload import Phase, Workload
 from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
 from tests.test_council_cfc import features
+from tests.test_simulate import TINY_FLEET, held_s, job
 
 RANK = {
     CouncilOutcome.DENIED: 0,
@@ -621,10 +624,6 @@ def test_a_stream_guardrail_lets_a_guarded_tail_go_when_its_stream_reads_as_ende
     The stream model releases the guarded allocation at the idle stretch's first 5-minute
     tick, where the guardrail's clock (60 minutes, no shorter than the fleet's 30) waits 30;
     the same work done. A job small enough to be approved without a vote keeps the clock."""
-    from sim.agent_replay import run_gpu_agent
-    from sim.workload import Phase, Workload
-    from tests.test_simulate import TINY_FLEET, held_s, job
-
     tail = [Phase(2.0, 80.0), Phase(3.0, 0.0)]
     jobs = [job(0, "p", 0, tail, count=2, requested=4.0, named="A100")]
     jobs.append(job(1, "q", 0, tail, count=1, requested=4.0, named="A100"))
