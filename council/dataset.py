@@ -492,8 +492,8 @@ class World:
         term = None if guard_minutes is None else self._term(lease)
         lead = renewal_lead_s(settings, None, False)
         # idling that began within a tick of a term's start read as idle all of it, the
-        # worlds' tick as the monitor's own (fleet.monitoring.renews)
-        coarse = settings.model_copy(update={"tick_seconds": TICK_S})
+        # worlds' tick where it is the longer (fleet.monitoring.renews)
+        coarse = settings.model_copy(update={"tick_seconds": max(settings.tick_seconds, TICK_S)})
         began, ends = 0.0, term or lease  # the term under way, hours from the start
         for profile, length in plan.phases:
             if length <= 0:

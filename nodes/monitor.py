@@ -70,7 +70,8 @@ def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdleP
     release, with the same exception (its own timeout and pause factor then apply)."""
     spared = mon.guard_spared
     rails = None if spared else guardrails_of(state)
-    # as the fleet now says (read at start-up: nodes.context.check_models)
+    # the stream only while the fleet still reads it (its model is loaded at start-up then:
+    # nodes.context.check_models)
     stream = (
         rails is not None
         and rails.idle_stream

@@ -179,6 +179,11 @@ def test_no_council_guards_by_size_alone_where_the_fleet_asks() -> None:
     assert guarded_by_size.guardrails.at_risk_gpu_hours == 16.0
     small = approve_all(features(random.Random(0), count=2, hours=4.0), SIZED)  # 4 at risk
     assert small.outcome is CouncilOutcome.APPROVED and small.guardrails is None
+    # the fleet's other guardrails come with them: its term and its stream
+    more = SIZED.model_copy(update={"guard_lease_hours": 2.0, "guard_idle_release": "stream"})
+    rails = approve_all(f, more).guardrails
+    assert rails is not None and rails.lease_hours == 2.0 and rails.idle_stream
+    assert not rails.cheaper_type
 
 
 @pytest.mark.parametrize("hours", [0.0, -1.0, float("inf"), float("nan"), True])
