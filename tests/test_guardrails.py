@@ -41,7 +41,9 @@ from fleet.monitors import new_owner
 from fleet.routing import guarded
 from graph.outcome import lease_note
 from nodes.audit import recorded
+from nodes.monitor import _policy
 from nodes.review import parse_decision
+from nodes.state import State
 from sim.agent_replay import run_gpu_agent
 from sim.workload import Phase, Workload
 from tests.conftest import ROOT, OrchFactory, fleet_toml, run_cli, small_config
@@ -643,3 +645,24 @@ def test_a_stream_guardrail_lets_a_guarded_tail_go_when_its_stream_reads_as_ende
         held[release] = (held_s(guarded), held_s(alone))
     assert held["stream"] == pytest.approx((125 * 60, 150 * 60))
     assert held["timeout"] == pytest.approx((150 * 60, 150 * 60))
+
+
+def test_a_stored_stream_guardrail_reads_the_stream_only_while_the_fleet_still_does(
+    make_orch: OrchFactory,
+) -> None:
+    """The guardrails a request was approved with are kept in its thread; a fleet restarted
+    with `guard_idle_release = "timeout"` has not loaded the stream model (check_models), so
+    its monitor releases those allocations by the clock alone."""
+    stream = GUARDED_FLEET | {"guard_idle_release": "stream"}
+    orch = make_orch(small_config(council=stream))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 4}
+    out = orch.request(request, wait=False)
+    assert out.council is not None and out.council.guardrails is not None
+    assert out.council.guardrails.idle_stream and out.allocation is not None
+    assert out.request is not None
+    state: State = {"council": out.council, "request": out.request, "allocation": out.allocation}
+    assert _policy("unknown", state, MonitorState(), orch.services).release_after is not None
+    clock = make_orch(small_config(council=GUARDED_FLEET), name="clock")
+    assert _policy("unknown", state, MonitorState(), clock.services).release_after is None
+    spared = MonitorState(guard_spared=True)
+    assert _policy("unknown", state, spared, orch.services).release_after is None
