@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fleet.clock import VirtualClock, sleep_until
 from graph.orchestrator import Orchestrator
-from graph.run_command import run_on
+from graph.run_command import RunReport, run_on
 from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config, stopped
 from tests.test_guardrails import GUARDED_FLEET
 
@@ -535,6 +536,26 @@ def placed_in_terms(make_orch: OrchFactory, clock: VirtualClock) -> tuple[Orches
     return orch, placed.allocation.id, placed.allocation.lease_end.timestamp()
 
 
+def run_driven(
+    orch: Orchestrator, aid: str, log: Path, drive: Callable[[], None], say: Callable[[str], None]
+) -> RunReport:
+    """`run --notice 30` of a command that logs to `log`, on allocation `aid`, while `drive`
+    moves the virtual clock in another thread (it waits on the command's log lines)."""
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    report = run_on(
+        orch,
+        aid,
+        [sys.executable, "-c", READY, str(log)],
+        grace_s=10,
+        owned=False,
+        say=say,
+        notice_s=30,
+    )
+    driver.join(timeout=60)
+    return report
+
+
 def test_a_renewed_term_gets_a_notice_of_its_own(make_orch: OrchFactory, tmp_path: Path) -> None:
     """A guarded lease held an hour at a time, `run --notice 30` on it: USR1 before the term
     ends; the term renewed, the deadline moved, so USR1 again before the new end; at that
@@ -553,19 +574,8 @@ def test_a_renewed_term_gets_a_notice_of_its_own(make_orch: OrchFactory, tmp_pat
         logged(log, "checkpoint", 2)
         sleep_until(clock, renewed.deadline + 1)
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
     said: list[str] = []
-    report = run_on(
-        orch,
-        aid,
-        [sys.executable, "-c", READY, str(log)],
-        grace_s=10,
-        owned=False,
-        say=said.append,
-        notice_s=30,
-    )
-    driver.join(timeout=60)
+    report = run_driven(orch, aid, log, drive, said.append)
     assert report.noticed and report.ended_by == "lease-expired" and report.terminated
     assert [line.split()[0] for line in log.read_text().splitlines()] == [
         "ready",
@@ -599,18 +609,7 @@ def test_a_run_that_takes_over_after_a_renewal_notices_the_new_end(
         logged(log, "checkpoint")
         sleep_until(clock, renewed.deadline + 1)
 
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    report = run_on(
-        orch,
-        aid,
-        [sys.executable, "-c", READY, str(log)],
-        grace_s=10,
-        owned=False,
-        say=lambda _: None,
-        notice_s=30,
-    )
-    driver.join(timeout=60)
+    report = run_driven(orch, aid, log, drive, lambda _: None)
     assert report.noticed and report.ended_by == "lease-expired"
     assert [line.split()[0] for line in log.read_text().splitlines()] == [
         "ready",

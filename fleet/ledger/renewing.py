@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from fleet.budget import Moved
 from fleet.ledger.budgets import Budgets
-from fleet.ledger.rows import AUDIT
+from fleet.ledger.rows import AUDIT, term_open
 from fleet.models import ReleaseReason, utc
 
 EPS_S = 0.001  # a lease end within this of the one expected is the same
@@ -48,12 +48,16 @@ class Renewing(Budgets):
                 "renew_hours FROM allocations WHERE id=?",
                 (aid,),
             ).fetchone()
+            reason = r["deadline_reason"]
             if (
-                r["state"] != "active"
-                or r["renew_hours"] is None
+                not term_open(
+                    r["state"],
+                    r["renew_hours"],
+                    r["lease_end"],
+                    r["deadline"],
+                    ReleaseReason(reason) if reason else None,
+                )
                 or abs(r["lease_end"] - lease_end) > EPS_S
-                or r["deadline"] != r["lease_end"]
-                or r["deadline_reason"] != ReleaseReason.LEASE_EXPIRED.value
             ):
                 return None
             asked_end = r["started_at"] + r["hours"] * 3600.0

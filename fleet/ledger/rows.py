@@ -124,15 +124,29 @@ class Lease:
 
     @property
     def renewable(self) -> bool:
-        """Whether it holds a term its monitor has to decide on renewing: not where its lease
-        runs whole, or a budget or a preemption set its end."""
-        return (
-            self.state == "active"
-            and self.renew_hours is not None
-            and self.lease_end is not None
-            and self.deadline == self.lease_end
-            and self.deadline_reason is ReleaseReason.LEASE_EXPIRED
+        """Whether it holds a term its monitor has to decide on renewing (term_open)."""
+        return term_open(
+            self.state, self.renew_hours, self.lease_end, self.deadline, self.deadline_reason
         )
+
+
+def term_open(
+    state: str,
+    renew_hours: float | None,
+    lease_end: float | None,
+    deadline: float | None,
+    deadline_reason: ReleaseReason | None,
+) -> bool:
+    """Whether an allocation holds a term still to be renewed or not: active, held a term at
+    a time, and ending with its term (not where its lease runs whole, or a budget or a
+    preemption set its end)."""
+    return (
+        state == "active"
+        and renew_hours is not None
+        and lease_end is not None
+        and deadline == lease_end
+        and deadline_reason is ReleaseReason.LEASE_EXPIRED
+    )
 
 
 @dataclass(frozen=True)
