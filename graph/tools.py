@@ -96,7 +96,7 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
             "price_per_hour": a.price_per_hour,
         }
         if a.renewed_up_to is not None:  # held a term at a time, renewed while its GPUs work
-            result["renewed_up_to"] = a.renewed_up_to.isoformat()
+            result |= {"term_hours": a.term_hours, "renewed_up_to": a.renewed_up_to.isoformat()}
     if out.status in (Status.ALLOCATED, Status.QUEUED):  # keep watching it, as `request` would
         monitors.append(orch.continue_in_background(thread_id))
     return result

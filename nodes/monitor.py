@@ -109,8 +109,11 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
         svc.ledger.decline(aid, row.lease_end, now, why)
         return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
     done = svc.ledger.renew(aid, row.lease_end, now, f"its GPUs work (a {term})")
-    if done is None:  # a budget, a preemption or a release set its end meanwhile
-        why = "its end moved meanwhile (a budget, a preemption or a release)"
+    if done is None:  # its end was set meanwhile, or the term declined before a restart
+        why = (
+            "its end was set meanwhile (a budget, a preemption, a release, or its monitor "
+            "declining the term before a restart)"
+        )
         return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
     svc.moved(done.moved)
     svc.follow(aid, done.deadline)  # a scheduler's time limit covers the new term

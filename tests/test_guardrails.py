@@ -40,6 +40,7 @@ from fleet.monitoring import IdlePolicy, idle_limit_s, renews
 from fleet.monitors import new_owner
 from fleet.routing import guarded
 from graph.outcome import lease_note
+from graph.tools import gpu_tools
 from nodes.audit import recorded
 from nodes.monitor import _policy
 from nodes.review import parse_decision
@@ -601,6 +602,14 @@ def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_leng
     assert placed["term_hours"] == pytest.approx(2 * (60 + 2000) / 3600)
     assert placed["renewed_up_to"] == "2026-01-01T04:00:00+00:00"  # 8 h on the H100: 4 h
     assert short.to_json()["allocation"]["renewed_up_to"] is None
+    quarter.release(long.allocation.id)  # its GPUs free for an agent, whose tool says it too
+    request_gpus, release_gpus, _ = tools = gpu_tools(quarter)
+    got = request_gpus.invoke({"project": "vision", "count": 2, "hours": 8})
+    assert got["status"] == "allocated" and got["term_hours"] == 0.25
+    assert got["renewed_up_to"] == "2026-01-01T04:00:00+00:00"
+    assert release_gpus.invoke({"allocation_id": got["allocation_id"]})["status"] == "released"
+    for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
+        monitor.join(30)
 
 
 def test_a_stream_guardrail_needs_a_guarded_band_and_says_what_it_does() -> None:

@@ -590,6 +590,22 @@ def test_a_lease_held_a_term_at_a_time_is_renewed_once_per_term_up_to_the_lease_
     assert fx.ledger.renew(whole.id, T0 + 2 * h, T0, "x") is None
 
 
+def test_a_term_declined_stays_declined_when_a_restarted_monitor_decides_it_again(
+    fx: Fixture,
+) -> None:
+    """A monitor that declined a term and died before the checkpoint that remembers it
+    decides the term again: however its GPUs look now, the term ends as declined (its job
+    had its notice), and the audit holds one decision."""
+    h = 3600.0
+    row = fx.place("t1", renew_hours=0.75).row
+    assert row is not None
+    fx.ledger.decline(row.id, T0 + 0.75 * h, T0 + 0.7 * h, "every GPU idle")
+    assert fx.ledger.renew(row.id, T0 + 0.75 * h, T0 + 0.71 * h, "its GPUs work") is None
+    assert lease_of(fx, row.id) == (T0 + 0.75 * h, T0 + 0.75 * h, "lease-expired", 0.75)
+    actions = [e.action for e in fx.ledger.audit_log("p")]
+    assert actions.count("not-renewed") == 1 and "renew" not in actions
+
+
 def test_a_budget_commits_one_term_and_cuts_a_renewal_it_cannot_pay_for(fx: Fixture) -> None:
     """2 x A100 at $10.24 an hour, a 0.75 h term ($7.68) of 2 h, then a $12 budget: it
     commits the term, which fits whole; renewed, the budget cuts it at $12 (reason budget),

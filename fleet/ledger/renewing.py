@@ -37,7 +37,9 @@ class Renewing(Budgets):
         """Renew the term that ends at `lease_end` by one more (fleet.monitoring.renews said
         its GPUs work), to at most the lease asked. None, and nothing changes, where there is
         nothing to renew: the allocation ended, its term was renewed already (a monitor that
-        re-runs its tick), its lease runs whole, or a budget or a preemption set its end."""
+        re-runs its tick), its lease runs whole, a budget or a preemption set its end, or its
+        monitor declined the term before a restart (Renewing.decline: a decision taken
+        stands, as the notice it gave the job did)."""
         found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
         if not found:
             return None
@@ -58,6 +60,7 @@ class Renewing(Budgets):
                     ReleaseReason(reason) if reason else None,
                 )
                 or abs(r["lease_end"] - lease_end) > EPS_S
+                or db.execute("SELECT 1 FROM audit WHERE key=?", (not_renewed_key(aid),)).fetchone()
             ):
                 return None
             asked_end = r["started_at"] + r["hours"] * 3600.0
@@ -87,7 +90,9 @@ class Renewing(Budgets):
     def decline(self, aid: str, lease_end: float, now: float, why: str) -> None:
         """Its monitor lets the term that ends at `lease_end` end (its GPUs looked idle all of
         it): audited once, so that the work that resumes it is not judged by its idling
-        again (Ledger.resume)."""
+        again (Ledger.resume), and so that a monitor that decides the term again after a
+        restart cannot renew it (Renewing.renew): the lease ends at the term's end, the last
+        term an allocation has, so one entry per allocation says which."""
         with self.transaction() as db:
             found = db.execute("SELECT project FROM allocations WHERE id=?", (aid,)).fetchone()
             if found is None:
