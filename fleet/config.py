@@ -31,19 +31,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# How fast a type, or a job on a type, may be said to run against the fleet's reference type
+# (1): beyond a thousandfold either way a figure is a typo, and its leases would round to
+# nothing (fleet.routing.estimate divides the work by it).
+SPEED_MIN, SPEED_MAX = 0.001, 1000.0
+# The dearest GPU-hour a catalog may price, in USD: far above any card's, and far enough
+# below a float's limit that a whole fleet's worst case never overflows.
+PRICE_MAX = 10_000.0
+
+
 class GPUTypeSpec(_Strict):
     memory_gb: float = Field(gt=0)
-    price_per_hour: float = Field(gt=0)
-    relative_throughput: float = Field(ge=0.001, le=1000)  # of the fleet's reference type
+    price_per_hour: float = Field(gt=0, le=PRICE_MAX)
+    relative_throughput: float = Field(ge=SPEED_MIN, le=SPEED_MAX)  # of the reference type
     tdp_watts: float = Field(default=400, gt=0)
 
 
 class NodeSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str
     gpu_type: str
-    gpus: int = Field(ge=1, le=64)
+    gpus: int = Field(ge=1, le=64, strict=True)
     rack: str = "rack-0"
-    nvlink: bool = True
+    nvlink: bool = Field(default=True, strict=True)
     ambient_c: float = 30.0
 
 
@@ -71,7 +80,7 @@ class MonitorSettings(_Strict):
     # instead of the timeout and the pause factor; opt-in: trained on the simulator's jobs
     idle_release: Literal["timeout", "stream"] = "timeout"
     throttle_temp_c: float = Field(default=85, gt=0)
-    sample_window: int = Field(default=10, ge=1, le=1000)
+    sample_window: int = Field(default=10, ge=1, le=1000, strict=True)
     # Wall-clock seconds, whatever the clock's time_scale: how often a process that monitors
     # allocations says it is alive, and how long a silence means it is gone (fleet.monitors).
     heartbeat_seconds: float = Field(default=5, gt=0, le=3600)
@@ -105,10 +114,10 @@ class SchedulerSettings(_Strict):
     # that routing now prefers and that could start it now (nodes/wait.py), rather than wait
     # for the type it was first routed to. On by default: it cut mean JCT on the whole trace
     # and on a queued slice (docs/evaluation.md); false keeps a queued request on its first type.
-    move_queued: bool = True
+    move_queued: bool = Field(default=True, strict=True)
     # On PostgreSQL, a release wakes the queued requests of every process at once (LISTEN/
     # NOTIFY, fleet/ledger/notify.py); false: they try again at their next poll.
-    notify: bool = True
+    notify: bool = Field(default=True, strict=True)
 
 
 # Each policy's (deny at or below, approve at or above) on its own probability. The neural
@@ -118,7 +127,7 @@ POLICY_BANDS: dict[str, tuple[float, float]] = {"neural": (0.25, 0.75), "referen
 
 
 class CouncilSettings(_Strict):
-    auto_approve_max_gpus: int = Field(default=1, ge=0)
+    auto_approve_max_gpus: int = Field(default=1, ge=0, strict=True)
     auto_approve_max_usd: float = Field(default=25, ge=0)
     # On the council's probability; between the two a human decides. Unset: the policy's
     # own (neural: 0.25 / 0.75 on its calibrated probability; reference: 0.4 / 0.6).
@@ -130,7 +139,7 @@ class CouncilSettings(_Strict):
     guard_share: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
     # False: the council denies nothing on its own; what it would deny (at or below the deny
     # threshold) goes to a human, as the human band does.
-    auto_deny: bool = True
+    auto_deny: bool = Field(default=True, strict=True)
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
     guard_idle_minutes: float = Field(default=10, gt=0, allow_inf_nan=False)
@@ -147,8 +156,8 @@ class CouncilSettings(_Strict):
     # what its budget commits, its scheduler's time limit and the backfill's view of when its
     # GPUs free follow the term (at least 15 minutes). None: the lease asked for, whole.
     guard_lease_hours: float | None = Field(default=None, ge=0.25, allow_inf_nan=False, strict=True)
-    quorum: int = Field(default=3, ge=1, le=100)
-    history_events: int = Field(default=32, ge=1, le=64)
+    quorum: int = Field(default=3, ge=1, le=100, strict=True)
+    history_events: int = Field(default=32, ge=1, le=64, strict=True)
     record_half_life_days: float = Field(default=7, gt=0)
     record_prior_gpu_hours: float = Field(default=4, ge=0)
     policy: Literal["neural", "reference"] = "neural"
@@ -191,6 +200,15 @@ class LimitSettings(_Strict):
     # asked rather than refuse the request (fleet.budget.admitted_hours); 1: never shortens.
     min_lease_share: float = Field(default=0.5, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _a_request_fits(self) -> LimitSettings:
+        if self.min_duration_minutes > 60 * self.max_duration_hours:
+            raise ValueError(
+                "limits: min_duration_minutes is longer than max_duration_hours: every "
+                "request would be refused"
+            )
+        return self
+
 
 class PreemptionSettings(_Strict):
     """When a running allocation may be asked to yield its GPUs (fleet.preemption)."""
@@ -198,17 +216,17 @@ class PreemptionSettings(_Strict):
     # It has run at least this long when it yields, so that nobody thrashes.
     min_run_minutes: float = Field(default=30, ge=0, allow_inf_nan=False)
     # A project's allocations yield at most this many times in any 24 hours.
-    max_per_project_per_day: int = Field(default=4, ge=0)
+    max_per_project_per_day: int = Field(default=4, ge=0, strict=True)
     # Borrowing between pools (fleet.borrowing): a request with a checkpoint notice whose own
     # pool cannot start it now may run on another pool's free GPUs, which that pool reclaims
     # (the loan yields after its notice) when its own work queues for them. Off by default.
-    borrow: bool = False
+    borrow: bool = Field(default=False, strict=True)
     # With borrow: a loan, and a move up to another pool's idle type (fleet.maxmin.moves_up),
     # may cost more a unit of work than the request's own pool would, where it finishes the
     # work sooner (research on idle A100s and H100s rather than its RTX 4090s), where the
     # project's budget pays for the whole lease there: people wait less and their projects
     # pay the dearer type. Off by default: loans no dearer a unit.
-    borrow_dearer: bool = False
+    borrow_dearer: bool = Field(default=False, strict=True)
 
     @model_validator(mode="after")
     def _dearer_borrows(self) -> PreemptionSettings:
@@ -218,15 +236,15 @@ class PreemptionSettings(_Strict):
 
 
 class QuotaSettings(_Strict):
-    default_max_gpus: int | None = Field(default=None, ge=1)
-    projects: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    default_max_gpus: int | None = Field(default=None, ge=1, strict=True)
+    projects: dict[str, Annotated[int, Field(ge=1, strict=True)]] = Field(default_factory=dict)
 
     def max_gpus(self, project: str) -> int | None:
         return self.projects.get(project, self.default_max_gpus)
 
 
 class SimulationSettings(_Strict):
-    seed: int = 0
+    seed: int = Field(default=0, strict=True)
     default_workload: str = "train"
     workloads: dict[str, str] = Field(default_factory=dict)
 
@@ -251,7 +269,7 @@ class ClockSettings(_Strict):
 
 
 # A job's speed on one type, in relative_throughput's unit (the fleet's reference type = 1).
-Speed = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+Speed = Annotated[float, Field(ge=SPEED_MIN, le=SPEED_MAX, allow_inf_nan=False, strict=True)]
 
 SHIPPED_CATALOG = "catalog.toml"  # the GPU types a fleet file may name (fleet/data/)
 
@@ -293,10 +311,14 @@ class FleetConfig(_Strict):
         """Type names as requests write them: a GPU type is upper case (GPURequest.gpu_type)."""
         if not isinstance(value, dict):
             return value
-        return {
-            w: {t.upper(): v for t, v in row.items()} if isinstance(row, dict) else row
-            for w, row in value.items()
-        }
+        upper = {}
+        for w, row in value.items():
+            if isinstance(row, dict):
+                if len({str(t).upper() for t in row}) < len(row):
+                    raise ValueError(f"speeds.{w} names a GPU type twice (names are upper case)")
+                row = {str(t).upper(): v for t, v in row.items()}
+            upper[w] = row
+        return upper
 
     @field_validator("catalog", mode="before")
     @classmethod
@@ -325,13 +347,25 @@ class FleetConfig(_Strict):
             for t in types:
                 if t not in self.catalog:
                     raise ValueError(f"pools.{purpose.value} names unknown GPU type {t!r}")
-        names: set[str] = set()
-        for node in self.nodes:
+        seen: set[str] = set()
+        for node in self.nodes:  # a file's names, printed and sent to schedulers: a host's
+            why = names.problem("node", node.name) or names.problem("node", node.rack)
+            if why is not None:  # (a backend's inventory names its own: with_inventory)
+                raise ValueError(f"nodes: {why}")
             if node.gpu_type not in self.catalog:
                 raise ValueError(f"node {node.name!r} has unknown GPU type {node.gpu_type!r}")
-            if node.name in names:
+            if node.name in seen:
                 raise ValueError(f"node name {node.name!r} appears twice")
-            names.add(node.name)
+            seen.add(node.name)
+        for table, projects in (
+            ("shares", self.shares),
+            ("budgets", self.budgets),
+            ("quotas.projects", self.quotas.projects),
+        ):
+            for project in projects:
+                why = names.problem("project", project)
+                if why is not None:
+                    raise ValueError(f"{table}: {why}")
         for project, share in self.shares.items():
             if share <= 0:
                 raise ValueError(f"shares.{project} must be positive")

@@ -1,5 +1,5 @@
 """The one place that says what a name or an id may look like: projects, identities, thread
-ids, allocation ids, request ids and workloads.
+ids, allocation ids, request ids, workloads, and the fleet file's node names.
 
 Every entry (CLI, Python API, LangGraph server, tools, the web page) checks with a full match
 of these patterns: `re.match(... $)` lets a final newline through, which made "vision\\n" an
@@ -22,6 +22,7 @@ THREAD_ID = re.compile(_WORD + r"{0,127}")
 REQUEST_ID = THREAD_ID
 ALLOCATION_ID = re.compile(r"a-[0-9a-f]{12}")
 WORKLOAD = PROJECT  # a job's name for its speeds: a key of the fleet file's [speeds] table
+NODE = re.compile(_WORD + r"{0,252}")  # a host name's characters, as long as a host name
 
 _NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 RULES = {
@@ -40,6 +41,10 @@ RULES = {
     ),
     "allocation id": (ALLOCATION_ID, "'a-' and 12 hex digits, as `gpu-agent status` shows"),
     "workload": (WORKLOAD, _NAME_RULE),
+    "node": (
+        NODE,
+        "1-253 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ),
 }
 
 

@@ -16,10 +16,13 @@ in the catalog's relative_throughput unit (the fleet's reference type = 1), is, 
    gpu-agent knows. What users pad onto the hours they ask for inflates every type's measure
    alike (a pad does not depend on the type a job lands on), so it leaves the ratios between
    types as they are, and the level is taken from the table, not from history (below). A
-   type's measure is the median of its latest RUNS_PER_TYPE runs. The measured ratios between
+   type's measure is the median of its latest RUNS_PER_TYPE runs. A run shorter than the
+   shortest request the fleet admits (`limits.min_duration_minutes`) measures nothing: a
+   command that exits 0 at once did not do the work its hours asked for. The measured ratios between
    the types measured stand as measured; their level is set by the table (or the type
    averages) on those same types, on average (the geometric mean of table / measured), so
-   that a type measured and a type not measured compare on one scale.
+   that a type measured and a type not measured compare on one scale, and within the range
+   any speed may take (fleet.config.SPEED_MIN to SPEED_MAX).
 2. **table**: the fleet file's `[speeds.WORKLOAD]` row for the type.
 3. **type average**: the type's relative_throughput (what every request got before
    workloads had speeds).
@@ -39,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fleet.config import FleetConfig
+from fleet.config import SPEED_MAX, SPEED_MIN, FleetConfig
 from fleet.models import GPURequest
 
 
@@ -104,7 +107,9 @@ def job_speeds(
     if len(known) < MIN_TYPES:
         return prior
     level = math.exp(statistics.fmean(math.log(prior[t].value / m) for t, m in known.items()))
-    return prior | {t: Speed(level * m, HISTORY) for t, m in known.items()}
+    return prior | {
+        t: Speed(min(max(level * m, SPEED_MIN), SPEED_MAX), HISTORY) for t, m in known.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -141,11 +146,12 @@ def runs(ledger: Ledger, project: str, workload: str) -> list[Run]:
     """The project's latest completed runs of `workload` in the ledger, newest first."""
     config = ledger.config
     prior = table_speeds(config, workload)
+    shortest = config.limits.min_duration_minutes / 60.0
     out = []
     for r in ledger.query(_RUNS, (project, f'%"workload":"{workload}"%', RUNS_READ)):
         request = GPURequest.model_validate_json(r["request"])
         hours = (r["ended_at"] - r["started_at"]) / 3600.0
-        if request.workload != workload or hours <= 0:
+        if request.workload != workload or hours < shortest:
             continue
         ref = request.gpu_type or config.pool(request.purpose)[0]
         if ref in prior:

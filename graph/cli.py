@@ -3,12 +3,14 @@
 Exit codes: 0 done (or queued / pending review), 2 invalid input (one line on stderr and,
 with --json, {"error": ...} on stdout; nothing changed), 3 denied (council, budget or quota),
 4 not placed within --max-wait, 5 not allowed (the caller's token is for another project or
-role), 127 a command `run` placed GPUs for could not start.
+role), 127 a command `run` placed GPUs for could not start, 141 its output closed early (a
+pipe whose reader left, as a shell reports a process SIGPIPE ended).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
@@ -62,11 +64,22 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout closed early: what is left to print goes nowhere, also
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # at exit
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    Parser.json_errors = "--json" in argv
+    ours = argv[: argv.index("--")] if "--" in argv else argv  # after it: `run`'s command's
+    Parser.json_errors = "--json" in ours
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except GPUAgentError as exc:
         error_json(str(exc), exc.exit_code, type(exc).__name__, Parser.json_errors)
         print(f"gpu-agent: {exc}", file=sys.stderr)

@@ -150,9 +150,10 @@ def lease_note(outcome: RequestOutcome) -> str | None:
         None,
     )
     on = f"time on {ref}, the reference type" if ref else "time on the pool's reference type"
+    fast = f"{req.duration_hours / lease:.2f}x" if lease > 0 else "many times"  # under 1 µs
     return (
         f"lease {lease:.2f} h, not the {req.duration_hours:g} h asked: --hours counts {on}; "
-        f"{a.gpu_type} does that work {req.duration_hours / lease:.2f}x as fast"
+        f"{a.gpu_type} does that work {fast} as fast"
     )
 
 

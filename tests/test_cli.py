@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,6 +285,36 @@ def test_missing_and_corrupt_state_dirs(tmp_path: Path) -> None:
     empty.mkdir()
     r = run_cli("history", "--state-dir", str(empty), cwd=tmp_path)
     assert r.returncode == 2 and "no ledger" in r.stderr
+
+
+def test_json_is_the_cli_s_only_before_a_double_dash_and_a_closed_pipe_is_no_traceback(
+    tmp_path: Path,
+) -> None:
+    """`--json` after `--` is `run`'s command's, so the error is text; a reader that leaves
+    the pipe early ends the command with 141 (as SIGPIPE would), never a traceback."""
+    state = ["--state-dir", str(tmp_path / "s")]
+    nan_hours = "--project p --count 1 --hours nan -- echo --json"
+    theirs = run_cli("run", *state, *nan_hours.split(), cwd=tmp_path)
+    assert theirs.returncode == 2 and theirs.stdout == ""
+    assert theirs.stderr.count("\n") == 1 and "finite number" in theirs.stderr
+    one_gpu = "--project p --purpose training --count 1 --hours 1 --no-wait"
+    made = run_cli("request", *state, *one_gpu.split(), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    for args in (["status", *state], ["costs", *state, "--json"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader has left
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "graph.cli", *args],
+                cwd=tmp_path,
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.close(write)
+        assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_malformed_fleet_file(tmp_path: Path) -> None:

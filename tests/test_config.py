@@ -70,6 +70,32 @@ def test_default_fleet() -> None:
             ),
             "price_per_hour",
         ),
+        # a second pass (2026-12-06, session 23): a speed or price that overflowed into a
+        # lease of nothing or a probability of nan, names that forged output lines, types
+        # quietly converted, limits no request could meet
+        (SMALL_FLEET + "\n[speeds.r]\nH100 = 1e20\n", "less than or equal to 1000"),
+        (SMALL_FLEET + "\n[speeds.r]\nA100 = 1e-300\n", "greater than or equal to 0.001"),
+        (SMALL_FLEET + "\n[speeds.r]\na100 = 1.0\nA100 = 3.0\n", "names a GPU type twice"),
+        (
+            SMALL_FLEET.replace(
+                'catalog = ["A100", "H100", "T4", "RTX4090"]',
+                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = 1e308\nrelative_throughput = 1",
+            ),
+            "less than or equal to 10000",
+        ),
+        (SMALL_FLEET.replace('name = "t4-0"', 'name = "t4\\nproblem: FAKE"'), "node 't4\\n"),
+        (SMALL_FLEET.replace('rack = "rack-b"', 'rack = "a b"', 1), "node 'a b'"),
+        (SMALL_FLEET + '\n[budgets]\n"a b" = 5\n', "budgets: project 'a b'"),
+        (SMALL_FLEET + '\n[shares]\n"q/q" = 2\n', "shares: project 'q/q'"),
+        (SMALL_FLEET + '\n[quotas.projects]\n"zz\\tx" = 2\n', "quotas.projects: project"),
+        (SMALL_FLEET.replace("gpus = 4", "gpus = true", 1), "valid integer"),
+        (SMALL_FLEET.replace("nvlink = false", 'nvlink = "no"', 1), "valid boolean"),
+        (SMALL_FLEET + '\n[council]\nauto_deny = "off"\n', "valid boolean"),
+        (SMALL_FLEET + "\n[council]\nquorum = true\n", "valid integer"),
+        (
+            SMALL_FLEET + "\n[limits]\nmax_duration_hours = 1\nmin_duration_minutes = 120\n",
+            "every request would be refused",
+        ),
     ],
 )
 def test_malformed(text: str, needle: str) -> None:

@@ -60,12 +60,22 @@ def test_the_table_speaks_for_its_types_and_the_average_for_the_rest(config: Fle
     ("table", "message"),
     [
         ("[speeds.bert]\nK80 = 1.0", "speeds.bert names unknown GPU type 'K80'"),
-        ("[speeds.bert]\nA100 = 0", "speeds.bert.A100: Input should be greater than 0"),
-        ("[speeds.bert]\nA100 = -2.5", "speeds.bert.A100: Input should be greater than 0"),
+        (
+            "[speeds.bert]\nA100 = 0",
+            "speeds.bert.A100: Input should be greater than or equal to 0.001",
+        ),
+        (
+            "[speeds.bert]\nA100 = -2.5",
+            "speeds.bert.A100: Input should be greater than or equal to 0.001",
+        ),
         ("[speeds.bert]\nA100 = nan", "speeds.bert.A100: Input should be a finite number"),
         ('[speeds.bert]\nA100 = "2"', "speeds.bert.A100: Input should be a valid number"),
         ("[speeds.bert]\nA100 = true", "speeds.bert.A100: Input should be a valid number"),
         ('[speeds."no spaces"]\nA100 = 1', "speeds: workload 'no spaces': 1-64 letters"),
+        (
+            "[speeds.bert]\nH100 = 1e20",
+            "speeds.bert.H100: Input should be less than or equal to 1000",
+        ),
     ],
 )
 def test_a_bad_table_is_one_clear_error(table: str, message: str) -> None:
@@ -183,6 +193,19 @@ def test_only_completed_whole_runs_of_the_same_project_and_workload_count(
     # h6 was resumed by h7 (Ledger.resume marks it), so neither did the whole work
     assert learned_speeds(ledger, "p", "bert") == {"A100": 2.0, "H100": 19.2}
     assert learned_speeds(ledger, "q", "bert") == {"H100": 4 * 1.2 / 9.0}
+
+
+def test_a_run_shorter_than_any_request_measures_nothing_and_history_stays_in_range(
+    ledger: Ledger,
+) -> None:
+    """A command that exits 0 at once did not do the 8 h its request asked for: shorter than
+    the shortest request the fleet admits (a minute), it is no measure; and what history
+    says stays within the range a speed may take, however lopsided its runs."""
+    ran(ledger, "a1", "A100", 2.0)
+    ran(ledger, "h1", "H100", 0.5 / 60, asked=8.0)  # 30 s
+    assert learned_speeds(ledger, "p", "bert") == {"A100": 2.0}
+    speeds = job_speeds(ledger.config, "bert", {"A100": 1e-6, "H100": 1e6})
+    assert speeds["A100"].value == 0.001 and speeds["H100"].value == 1000.0
 
 
 def test_history_routes_where_the_table_would_not(ledger: Ledger) -> None:
