@@ -47,7 +47,9 @@ from council.neural_council import ABSTAIN_MARGIN, NeuralCouncil, torch_threads
 from council.outcomes import band, figures
 from council.spec import Core, NetSpec, TimeMode
 from council.torch_net import CouncilNet, param_count
+from council.weightfiles import arrays_path
 from fleet.config import FleetConfig
+from fleet.errors import InvalidInput
 from fleet.trace import Job, read_trace
 
 MEMBERS = ("cost", "fairness", "capacity", "risk", "general-1", "general-2")
@@ -56,6 +58,8 @@ Target = Literal["reference", "outcome"]
 PERSPECTIVE = {"cost": "cost", "fairness": "fairness", "capacity": "capacity", "risk": "risk"}
 COUNCIL_TARGET = TARGETS.index("council")
 WEIGHTS_FILE, METRICS_FILE, CARD_FILE = "council.pt", "metrics.json", "MODEL_CARD.md"
+# What `train` writes in its folder, checked before training starts (the .npz: weightfiles)
+OUTPUTS = (WEIGHTS_FILE, arrays_path(Path(WEIGHTS_FILE)).name, METRICS_FILE, CARD_FILE)
 TEMPERATURE_LOG10 = (-6.5, 6.0)  # the widest search of fit_temperature, in log10 t
 # What `council train` runs where its options do not say, per target. Outcomes learn from more
 # and longer worlds, for more steps: records as long as those of the worlds `council evaluate`
@@ -553,10 +557,19 @@ def _train(
     if s.ablations and s.target == "reference":
         metrics["ablations"] = ablations(council, train_set, val, test, s, log)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    council.save(out / WEIGHTS_FILE, seed=s.seed)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    save(council, metrics, out, s.seed)
+    return metrics
+
+
+def save(council: NeuralCouncil, metrics: dict[str, object], out: Path, seed: int) -> None:
+    """The weights, metrics and model card in `out`; a place that changed since it was
+    checked (OSError, or torch.save's RuntimeError on a file it cannot open) in one line."""
     from council.card import model_card
 
-    (out / CARD_FILE).write_text(model_card(metrics))
-    return metrics
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        council.save(out / WEIGHTS_FILE, seed=seed)
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        (out / CARD_FILE).write_text(model_card(metrics))
+    except (OSError, RuntimeError) as exc:
+        raise InvalidInput(f"--out {out}: cannot write the council ({exc})") from None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fleet import names
 from fleet.errors import InvalidInput
 from fleet.models import MAX_GPUS
 
@@ -107,6 +108,9 @@ def _job(row: dict[str, str], schema: TraceSchema, line: int) -> Job:
     project = (row.get(schema.project) or "").strip()
     if not project:
         raise ValueError(f"column {schema.project!r} is empty")
+    why = names.problem("project", schema.project_prefix + project)
+    if why is not None:  # refused here, not by the first policy that requests for it
+        raise ValueError(f"column {schema.project!r} makes {why}")
     return Job(
         schema.project_prefix + project,
         submit,

@@ -6,9 +6,12 @@ Each imports what it runs when it runs (sim/, torch, pynvml)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from fleet.config import load_fleet
@@ -21,16 +24,51 @@ MAX_HABIT_SIGMA = 4.0  # simulate --habits: beyond, every project is all idle or
 MIN_DAYS = 7  # council evaluate --days: a week, so that each slice of a world holds requests
 
 
-def writable_dir(path: Path, option: str) -> None:
-    """Refuses, before any work, a directory `path` that cannot be created or written in:
-    an existing file, a path under a file, or an unwritable nearest existing folder."""
-    if path.exists() and not path.is_dir():
-        raise InvalidInput(f"{option} {path} is a file, not a directory")
-    base = next(p for p in (path, *path.parents) if p.exists())
-    if not base.is_dir():
-        raise InvalidInput(f"{option} {path}: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise InvalidInput(f"{option} {path}: cannot write in {base}")
+def writable_dir(path: Path, option: str, files: Iterable[str] = ()) -> None:
+    """Refuses, before any work, an output folder the command could not fill, so that it
+    fails in one line rather than after the work with part of its output written: `path`, or
+    a folder of `files` (paths relative to `path`), that exists and is no directory; one of
+    `files` that exists and is no regular file, or cannot be written; a folder in which no
+    file can be made. That last is tried with a probe file, made and removed: os.access
+    says yes to root, and knows nothing of read-only or virtual file systems (/proc)."""
+    targets = [path / f for f in files]
+    folders = dict.fromkeys([path, *(d for t in targets for d in _folders_between(path, t))])
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            where = str(path) if folder == path else f"{path}: {folder}"
+            raise InvalidInput(f"{option} {where} is a file, not a directory")
+    for target in targets:
+        if target.exists() and not target.is_file():
+            raise InvalidInput(f"{option} {path}: {target} is not a regular file")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise InvalidInput(f"{option} {path}: cannot write {target}")
+    for base in dict.fromkeys(_nearest_existing(folder) for folder in folders):
+        if not base.is_dir():
+            raise InvalidInput(f"{option} {path}: {base} is a file, not a directory")
+        _probe(base, option, path)
+
+
+def _folders_between(top: Path, file: Path) -> list[Path]:
+    """The folders from `top` (excluded) down to `file`'s own: those the command makes."""
+    return [p for p in file.parents if p != top and top in p.parents]
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or the nearest of its parents that exists: where its folders would be made."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def _probe(folder: Path, option: str, path: Path) -> None:
+    """Makes and removes a file in `folder`, or says in one line why it cannot."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gpu-agent-probe-", dir=folder)
+    except OSError as exc:
+        raise InvalidInput(
+            f"{option} {path}: cannot write in {folder} ({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -42,7 +80,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fleet.config import parse_fleet
-    from sim.simulate import as_json, fleet_source, parse_policies, simulate, summary, with_models
+    from sim.simulate import (
+        as_json,
+        fleet_source,
+        outputs,
+        parse_policies,
+        simulate,
+        summary,
+        with_models,
+    )
     from sim.workload import WorkloadSettings
 
     policies = parse_policies(args.policies)
@@ -65,12 +111,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = parse_fleet(text, source=f"fleet file {name}")
     if args.models is not None and not config.speeds:
         raise InvalidInput(f"--models {args.models}: no [speeds] table")
+    out = Path(args.out)
+    writable_dir(out, "--out", outputs(policies))
     sim = simulate(
         args.trace,
         policies,
         config,
         name,
-        Path(args.out),
+        out,
         jobs=args.jobs,
         seed=args.seed,
         fleet_text=text,
@@ -91,7 +139,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from sim.analysis import run_analyze  # like demo: only the CLI reaches into sim/
+    from sim.analysis.plots import PLOTS, plots_dir
 
+    if not args.no_plots:  # written only where the history has records: checked anyway
+        option = "--out" if args.out else "plots folder (--out's default)"
+        writable_dir(plots_dir(args.state_dir, args.out), option, PLOTS.values())
     code: int = run_analyze(
         state_dir=args.state_dir,
         fleet=args.fleet,
@@ -107,7 +159,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_council(args: argparse.Namespace) -> int:
     if args.council_command == "evaluate":
         return council_evaluate(args)
-    from council.train import DEFAULTS, TrainSettings, train
+    from council.train import DEFAULTS, OUTPUTS, TrainSettings, train
 
     if not 0 <= args.seed < 900:  # training worlds are seed * 1000 + w; evaluation's 900000+
         raise InvalidInput("--seed must be from 0 to 899 (evaluation worlds use the rest)")
@@ -127,7 +179,7 @@ def cmd_council(args: argparse.Namespace) -> int:
     if args.target == "outcome" and args.trace:
         raise InvalidInput("--target outcome trains on synthetic worlds only (no --trace yet)")
     out = Path(args.out)
-    writable_dir(out, "--out")
+    writable_dir(out, "--out", OUTPUTS)
     settings = TrainSettings(
         seed=args.seed,
         worlds=worlds,

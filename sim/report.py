@@ -21,6 +21,7 @@ BASELINE = "naive"
 PHILLY_IDLE_SHARE = 0.32  # share of Philly's GPU samples at 0 % (Jeon et al., ATC'19)
 PHILLY_MEAN_UTIL = "47-52 %"  # Philly's published mean GPU utilisation
 PLOTS = ("cost_over_time.png", "utilisation.png", "jct.png", "project_share.png")
+METRICS, REPORT = "metrics.json", "report.md"
 
 
 def _get(m: Mapping[str, Any], path: str) -> Any:
@@ -330,7 +331,7 @@ def write_report(
 ) -> list[Path]:
     """metrics.json, report.md and the four plots in `out_dir`; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "metrics.json", out_dir / "report.md"]
+    written = [out_dir / METRICS, out_dir / REPORT]
     written[0].write_text(dump(results, calibration, meta, across), encoding="utf-8")
     written[1].write_text(markdown(results, calibration, meta, across), encoding="utf-8")
     return written + plot(out_dir, results)

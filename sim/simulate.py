@@ -12,15 +12,17 @@ policies leave their ledger (and the fleet they ran on) in OUT/<policy>/, so tha
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from council.policies import NoCouncil
-from fleet.config import FleetConfig
+from fleet.config import FleetConfig, parse_fleet
 from fleet.errors import InvalidInput
 from fleet.models import CouncilOutcome
 from fleet.statedir import LEDGER
@@ -31,10 +33,15 @@ from sim.baselines import BASELINES, run_baseline
 from sim.borrowing import run_borrowing
 from sim.lifecycle import Attempt
 from sim.metrics import metrics, worst_project
-from sim.report import BASELINE, strongest, table, write_report
+from sim.report import BASELINE, METRICS, PLOTS, REPORT, strongest, table, write_report
 from sim.workload import SimJob, Workload, WorkloadSettings, calibration, synthesize
 
 TRACE_FLEET = "trace_fleet.toml"
+REPORT_FILES = (METRICS, REPORT, *PLOTS)  # sim.report.write_report's
+# in each policy's folder: the fleet it ran on, and the ledger (gpu-agent's policies) with
+# SQLite's files beside it; a previous run's are removed first
+STATE_FLEET = "fleet.toml"  # what sim.analysis.history reads beside the ledger
+STATE_FILES = (LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm", STATE_FLEET)
 NO_RELEASE_MINUTES = 10.0**9  # an idle timeout no allocation reaches: auto-release off
 # (workload, fleet, state directory, progress) -> (attempts, what else the policy reports)
 CouncilChoice = Literal["fleet", "reference", "none"]
@@ -228,17 +235,16 @@ def simulate(
         "policies": list(policies),
         "workload": _settings(settings),
     }
-    try:
+    with writing(out):  # a file on its path, a read-only place: one line, nothing run
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on its path, a read-only place: one line, nothing run
-        raise InvalidInput(f"--out {out}: cannot make it a directory ({e.strerror or e})") from None
     sim = Simulation({}, cal, meta)
     runs: dict[str, list[Attempt]] = {}
     bound = floor(workload.jobs, config)
     for name in policies:
-        state = _fresh_state(out / name)
-        if fleet_text is not None:
-            (state / "fleet.toml").write_text(fleet_text, encoding="utf-8")
+        with writing(out):
+            state = _fresh_state(out / name)
+            if fleet_text is not None:
+                (state / STATE_FLEET).write_text(fleet_text, encoding="utf-8")
         bar = Progress(name, len(workload.jobs), stream)
         attempts, extra = POLICIES[name](workload, config, state, bar)
         bar.draw(end="\n")
@@ -248,8 +254,27 @@ def simulate(
         )
         runs[name] = attempts
     sim.across = across(workload.jobs, runs, sim.results, config, bound)
-    sim.written = write_report(out, sim.results, cal, meta, sim.across)
+    with writing(out):
+        sim.written = write_report(out, sim.results, cal, meta, sim.across)
     return sim
+
+
+def outputs(policies: Sequence[str]) -> list[str]:
+    """What `simulate` writes under its --out folder, relative to it: checked before the
+    run (graph.cli_offline.writable_dir), so that a place it cannot write fails at once."""
+    return [*REPORT_FILES, *(f"{name}/{file}" for name in policies for file in STATE_FILES)]
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """An OSError while writing under --out (the place changed since it was checked) as
+    one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise InvalidInput(
+            f"--out {out}: cannot write {e.filename or out} ({e.strerror or e})"
+        ) from None
 
 
 def select(
@@ -315,7 +340,7 @@ def _settings(s: WorkloadSettings) -> dict[str, Any]:
 def _fresh_state(directory: Path) -> Path:
     """The policy's state directory, emptied of a previous run's ledger (only ours)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm", "fleet.toml"):
+    for name in STATE_FILES:
         (directory / name).unlink(missing_ok=True)
     return directory
 
@@ -366,13 +391,59 @@ def fleet_source(path: str | None) -> tuple[str, str]:
 
 
 def with_models(name: str, text: str, path: str) -> tuple[str, str]:
-    """The fleet (name, TOML text) with the [speeds] tables of the file at `path` added (the
-    text each gpu-agent policy's state directory keeps, so its ledger reads with them)."""
+    """The fleet (name, TOML text) with the [speeds.<workload>] tables of the file at `path`
+    added as data, not as text: pasted, a key above its first table would join the fleet's
+    last table, and a [council] table would change the council simulated, unseen. The text
+    is what each policy's state directory keeps, so that its ledger reads with them; the
+    caller checks it as a fleet file (fleet.config.parse_fleet)."""
+    speeds = models_speeds(path)
+    own = parse_fleet(text, source=f"fleet file {name}").speeds
+    twice = [w for w in speeds if w in own]
+    if twice:
+        raise InvalidInput(f"--models {path}: [speeds.{twice[0]}] is in the fleet file too")
+    tables = "".join(_speeds_table(w, row) for w, row in speeds.items())
+    return f"{name} + {path}", f"{text}\n\n# the [speeds] tables of --models {path!r}\n{tables}"
+
+
+def models_speeds(path: str) -> dict[str, dict[str, Any]]:
+    """The [speeds.<workload>] tables of a --models file; anything else in it is refused."""
     try:
-        models = Path(path).read_text("utf-8")
+        data = tomllib.loads(Path(path).read_text("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"--models {path}: cannot read it ({exc})") from None
-    return f"{name} + {path}", f"{text}\n# --models {path}\n{models}"
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"--models {path}: not valid TOML: {exc}") from None
+    speeds: dict[str, dict[str, Any]] = data.pop("speeds", {})
+    if not isinstance(speeds, dict):  # `speeds = 1`: no table
+        data["speeds"] = speeds
+    stray = [*data] or [f"speeds.{w}" for w, row in speeds.items() if not isinstance(row, dict)]
+    if stray:
+        raise InvalidInput(
+            f"--models {path}: may hold only [speeds.<workload>] tables, not {stray[0]!r}"
+        )
+    return speeds
+
+
+def _speeds_table(workload: str, row: Mapping[str, Any]) -> str:
+    """One [speeds.<workload>] table as TOML text, its values as read (the fleet's model
+    judges them)."""
+    lines = [f"[speeds.{_quoted(workload)}]"]
+    lines += [f"{_quoted(t)} = {_toml_value(v)}" for t, v in row.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    """A number or a bool as TOML writes it; anything else as a string (no speed: refused)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)  # inf and nan too: TOML writes them so
+    return _quoted(str(value))
+
+
+def _quoted(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    return '"' + "".join(f"\\u{ord(c):04x}" if c in '"\\\x7f' or c < " " else c for c in text) + '"'
 
 
 def as_json(sim: Simulation) -> Mapping[str, Any]:

@@ -497,5 +497,5 @@ def test_an_out_that_cannot_be_a_directory_is_one_line(
     blocker.write_text("")
     out = blocker / "o"
     code, _, err = run(capsys, "simulate", "--trace", str(_trace(tmp_path)), "--out", str(out))
-    assert code == 2 and f"--out {out}: cannot make it a directory" in err
+    assert code == 2 and f"--out {out}: {blocker} is a file, not a directory" in err
     assert err.count("\n") == 1

@@ -73,12 +73,23 @@ def test_another_trace_loads_through_its_own_mapping(tmp_path: Path) -> None:
         (HEADER + "2017-10-09 07:01:55,66,1e308,66,a\n", ":2: column 'num_gpus' .* to 100,000"),
         (HEADER + "2017-10-09 07:01:55,66,1,66,\n", ":2: column 'cluster' is empty"),
         (HEADER + "2017-10-09 07:01:55,66\n", ":2: column 'num_gpus' must be a number"),
+        # the project a value makes must be a project name (fleet.names): refused here, not
+        # by the first policy to request for it
+        (HEADER + "2017-10-09 07:01:55,66,1,66,x y/z\n", ":2: column 'cluster' makes project"),
+        (HEADER + "2017-10-09 07:01:55,66,1,66,été\n", ":2: .* 'vc-été': 1-64 letters"),
+        (HEADER + '2017-10-09 07:01:55,66,1,66,"a\nb"\n', ":3: .* project 'vc-a\\\\nb'"),
+        (HEADER + f"2017-10-09 07:01:55,66,1,66,{'a' * 62}\n", ":2: column 'cluster' makes"),
     ],
 )
 def test_bad_traces_name_the_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(")) as err:
         read_trace(write(tmp_path, text))
     assert "\n" not in str(err.value)
+
+
+def test_a_value_as_long_as_a_project_name_allows_loads(tmp_path: Path) -> None:
+    jobs = read_trace(write(tmp_path, HEADER + f"2017-10-09 07:01:55,66,1,66,{'a' * 61}\n"))
+    assert jobs[0].project == "vc-" + "a" * 61  # 64 characters: the longest project name
 
 
 def test_a_missing_file_and_a_bad_limit(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import networkx as nx
 
 from fleet.errors import InvalidInput
 from fleet.models import Purpose
+from fleet.statedir import default_state_dir
 from sim.analysis.history import _iso
 from sim.analysis.result import Analysis
 from sim.analysis.timeseries import wait_hours
@@ -20,6 +21,12 @@ PLOTS = {
     "idle_hoarded": "idle_hoarded.png",
     "project_pool_graph": "project_pool_graph.png",
 }
+
+
+def plots_dir(state_dir: str | Path | None, out: str | Path | None) -> Path:
+    """Where `analyze` draws: `out`, else the analysis/ folder of the state directory
+    read (sim.analysis.history.load_history), checked before the analysis starts."""
+    return Path(out) if out else Path(state_dir or default_state_dir()) / "analysis"
 
 
 def write_plots(a: Analysis, out: Path) -> dict[str, str]:
@@ -44,8 +51,12 @@ def write_plots(a: Analysis, out: Path) -> dict[str, str]:
     for name, draw in drawers.items():
         fig = draw(a, plt)
         path = out / PLOTS[name]
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        try:  # checked before the analysis: only a place changed since fails here
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+        except OSError as exc:
+            raise InvalidInput(f"cannot write plot {path}: {exc.strerror or exc}") from None
+        finally:
+            plt.close(fig)
         written[name] = str(path)
     return written
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose
 from sim.analysis.bottlenecks import build_graph, graph_summary
 from sim.analysis.history import History, load_history
-from sim.analysis.plots import write_plots
+from sim.analysis.plots import plots_dir, write_plots
 from sim.analysis.pools import pool_stats, type_stats
 from sim.analysis.projects import project_usage
 from sim.analysis.recommendations import recommend
@@ -45,7 +44,7 @@ def run_analyze(
     history, config = load_history(state_dir, fleet, since=since, until=until)
     result = analyze(history, config)
     if plots and history.records:
-        directory = Path(out) if out else Path(history.ledger).parent / "analysis"
+        directory = plots_dir(state_dir, out)
         result = replace(result, plots=write_plots(result, directory), plots_dir=str(directory))
     print(json.dumps(to_json(result)) if as_json else to_text(result))
     return 0
