@@ -109,15 +109,31 @@ def decided_at(term_end: float, term_h: float, lead_s: float) -> float:
 
 def renews(state: MonitorState, settings: MonitorSettings, now: float, term_began: float) -> bool:
     """Whether a lease held a term at a time is renewed at `now`, near the end of the term
-    that began at `term_began`: its GPUs worked in it (or its work goes on while they look
-    idle), unless every GPU has been idle since the term's first tick and for longer than
-    `pause_factor` x the longest pause the work came back from. Work whose idleness misled
-    once (`guard_spared`: it resumes work an idle release or a term ended) is renewed."""
-    if state.idle_since is None or state.works_while_idle or state.guard_spared:
-        return True
+    that began at `term_began` (renewal_reason)."""
+    return renewal_reason(state, settings, now, term_began) is not None
+
+
+def renewal_reason(
+    state: MonitorState, settings: MonitorSettings, now: float, term_began: float
+) -> str | None:
+    """Why the term that began at `term_began` is renewed at `now`, near its end, as its
+    audit entry says it; None: it is not. Renewed where its GPUs worked in it (or its work
+    goes on while they look idle), or where every GPU has been idle since the term's first
+    tick for no longer than `pause_factor` x the longest pause the work came back from; and
+    where the work's idleness misled once (`guard_spared`: it resumes work an idle release
+    or a declined term ended), whatever its GPUs do."""
+    if state.idle_since is None:
+        return "its GPUs work"
     since = state.idle_since.timestamp()
-    idle_all_term = since <= term_began + settings.tick_seconds
-    return not idle_all_term or now - since < settings.pause_factor * state.longest_pause_s
+    if since > term_began + settings.tick_seconds:
+        return "its GPUs work"
+    if state.works_while_idle:
+        return "its work goes on while its GPUs look idle"
+    if now - since < settings.pause_factor * state.longest_pause_s:
+        return "its GPUs idle no longer than a pause its work came back from"
+    if state.guard_spared:
+        return "it resumes work an idle release or a declined term ended (spared)"
+    return None
 
 
 def _stream_limit(state: MonitorState, policy: IdlePolicy) -> float | None:

@@ -37,6 +37,7 @@ from types import FrameType
 
 from fleet.errors import Denied, GPUAgentError, Interrupted, InvalidInput, NotPlaced
 from fleet.faults import RUN_PLACED, fault
+from fleet.ledger import Ledger
 from fleet.ledger.rows import LedgerRow, allocation_id
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
@@ -50,7 +51,8 @@ POLL_S = 0.25
 NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm's is opt-in too)
 NOTICE_SIGNAL = signal.SIGUSR1
 # Ends that the same request may outlive; not a budget (it would be refused again), an
-# idle release or someone's explicit release (a decision, not an accident).
+# idle release or someone's explicit release (a decision, not an accident), nor a term its
+# monitor declined, which ends as a lease does (`requeues`).
 REQUEUE_ON = frozenset(
     {
         ReleaseReason.LEASE_EXPIRED.value,
@@ -60,6 +62,14 @@ REQUEUE_ON = frozenset(
     }
 )
 CONFIRM_TRIES = 8
+
+
+def requeues(ledger: Ledger, aid: str, reason: str) -> bool:
+    """Whether work whose allocation ended with `reason` before its command goes on in a
+    requeue: an accident (REQUEUE_ON), not a term its monitor declined because its GPUs sat
+    idle all of it (an idle release in effect: requeued, a hung command would hold GPUs a
+    term after a term, and the requeue would be spared the guardrail that caught it)."""
+    return reason in REQUEUE_ON and not ledger.declined(aid)
 
 
 @dataclass
@@ -371,7 +381,11 @@ def _carry_on(
             held.let_go()  # a no-op when it ended; joins the graph
         report.requeued_from = list(earlier)
         record = ledger.run_record(held.id)
-        if report.ended_by not in REQUEUE_ON or record is None or record.requeues_left <= 0:
+        if (
+            record is None
+            or record.requeues_left <= 0
+            or not requeues(ledger, held.id, report.ended_by)
+        ):
             return report
         why = f"allocation {held.id} ended ({report.ended_by}) before its command"
         successor = ledger.requeue(held.id, charge.owner, orch.services.clock.now(), why)
@@ -512,6 +526,6 @@ def _finished(orch: Orchestrator, last: RunRecord) -> str | None:
     if last.pgid is not None and Adopted(last.pgid, last.allocation_id).members():
         return None  # its command outlived it: to be stopped
     reason = row.release_reason.value
-    if reason in REQUEUE_ON and last.requeues_left > 0:
+    if last.requeues_left > 0 and requeues(orch.services.ledger, last.allocation_id, reason):
         return None  # to requeue
     return f"its last allocation, {last.allocation_id}, ended ({reason})"

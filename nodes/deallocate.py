@@ -6,8 +6,17 @@ from langgraph.runtime import Runtime
 
 from fleet.faults import fault
 from fleet.models import Event, EventKind, ReleaseReason, Status
+from fleet.services import Services
 from nodes.context import Context, services_for
 from nodes.state import State
+
+
+def _still_its(aid: str, gpu_ids: list[str], svc: Services) -> list[str]:
+    """The allocation's GPUs that no other allocation holds: reset before the release, while
+    they are still its own, and never, on a step re-run after a crash or an explicit release,
+    once the next allocation holds them (its throttle would be undone)."""
+    held = svc.ledger.holders()
+    return [g for g in gpu_ids if held.get(g, (aid, ""))[0] == aid]
 
 
 def deallocate(state: State, runtime: Runtime[Context]) -> State:
@@ -16,9 +25,9 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
+    svc.backend.reset(_still_its(allocation.id, allocation.gpu_ids, svc))
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
-    svc.backend.reset(allocation.gpu_ids)
     svc.free(allocation.id)
     fault("deallocate:freed")
     svc.forget(allocation.id)

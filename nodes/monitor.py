@@ -31,7 +31,7 @@ from fleet.monitoring import (
     next_tick,
     readings,
     renewal_lead_s,
-    renews,
+    renewal_reason,
     skip,
 )
 from fleet.services import Services
@@ -102,13 +102,15 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
     mon.renewal_for = row.lease_end
     term = f"{round(row.renew_hours, 2):g} h term"
     ends = f"{utc(row.lease_end):%Y-%m-%d %H:%M:%S} UTC"
-    if not renews(mon, svc.config.monitor, now, row.lease_end - row.renew_hours * 3600.0):
+    began = row.lease_end - row.renew_hours * 3600.0
+    why = renewal_reason(mon, svc.config.monitor, now, began)
+    if why is None:
         assert mon.idle_since is not None
         idle = (now - mon.idle_since.timestamp()) / 3600.0
         why = f"every GPU idle for {idle:.2f} h, all its {term}; it ends at {ends}"
         svc.ledger.decline(aid, row.lease_end, now, why)
         return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
-    done = svc.ledger.renew(aid, row.lease_end, now, f"its GPUs work (a {term})")
+    done = svc.ledger.renew(aid, row.lease_end, now, f"{why} (a {term})")
     if done is None:  # its end was set meanwhile, or the term declined before a restart
         why = (
             "its end was set meanwhile (a budget, a preemption, a release, or its monitor "
@@ -117,7 +119,7 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
         return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
     svc.moved(done.moved)
     svc.follow(aid, done.deadline)  # a scheduler's time limit covers the new term
-    message = f"lease renewed to {utc(done.lease_end):%Y-%m-%d %H:%M:%S} UTC: its GPUs work"
+    message = f"lease renewed to {utc(done.lease_end):%Y-%m-%d %H:%M:%S} UTC: {why}"
     if done.deadline < done.lease_end:
         message += f"; its budget ends it at {utc(done.deadline):%Y-%m-%d %H:%M:%S} UTC"
     return Event(at=utc(now), kind=EventKind.LEASE, message=message)

@@ -20,6 +20,7 @@ from fleet.ledger import Ledger
 from fleet.ledger.rows import Resumed
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import new_owner
+from graph.run_command import requeues
 from tests.conftest import run_cli
 from tests.test_monitors import T0, place
 from tests.test_run import idle_fleet
@@ -146,6 +147,12 @@ def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(ledger: 
     again = ledger.resume(aid, "a-111111111111", T0 + 4500, T0 + 4500)
     assert again == Resumed(2700.0, False, idle_released=True)
     assert ledger.resume(aid, "a-111111111111", T0 + 9999, T0 + 9999).pause_s == 2700.0  # once
+    # work goes on once: a second request that says it resumes the same work is refused,
+    # and one that got past the check meanwhile (queued) gets nothing from it
+    assert ledger.resumable("p", aid) == (
+        f"allocation {aid}'s work was resumed already, by a-111111111111"
+    )
+    assert ledger.resume(aid, "a-222222222222", T0 + 9999, T0 + 9999) == Resumed(0.0, False)
     assert hoarded(ledger, aid) == 0.0
     with ledger.reading() as db:
         assert db.execute("SELECT idle_gpu_hours FROM records WHERE project='p'").fetchone()[
@@ -231,3 +238,18 @@ def test_a_term_not_renewed_spares_the_work_that_resumes_it(ledger: Ledger) -> N
     whole, next_ = place(ledger, "f0", renew_hours=1.0), place(ledger, "f1")  # no term: 1 h
     ledger.release(whole, ReleaseReason.LEASE_EXPIRED, T0 + 3600)
     assert not ledger.resume(whole, next_, T0 + 3700, T0 + 3700).idle_released
+
+
+def test_run_requeues_a_lease_that_ran_out_but_not_a_term_its_monitor_declined(
+    ledger: Ledger,
+) -> None:
+    """`run --requeue` carries work on past an accident; a term let end because its GPUs sat
+    idle all of it is an idle release in effect (a hung command would hold GPUs a term after
+    a term, each requeue spared the guardrail that caught it)."""
+    declined, ran_out = place(ledger, "d0", renew_hours=0.25), place(ledger, "d1")
+    ledger.decline(declined, T0 + 900, T0 + 840, "every GPU idle")
+    assert ledger.declined(declined) and not ledger.declined(ran_out)
+    lease = ReleaseReason.LEASE_EXPIRED.value
+    assert not requeues(ledger, declined, lease)
+    assert requeues(ledger, ran_out, lease)
+    assert not requeues(ledger, ran_out, ReleaseReason.IDLE.value)

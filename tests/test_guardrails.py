@@ -547,8 +547,14 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
             spared = orch.resume(again.thread_id)
             assert spared.release is not None
             held["spared"] = spared.release.hours
-            assert lease_events(spared) == [
-                f"lease renewed to 2026-01-01 0{h}:00:00 UTC: its GPUs work" for h in (3, 4, 5)
+            assert lease_events(spared) == [  # not "its GPUs work": they sat idle
+                "lease renewed to 2026-01-01 03:00:00 UTC: its GPUs idle no longer than a "
+                "pause its work came back from",
+                *(
+                    f"lease renewed to 2026-01-01 0{h}:00:00 UTC: it resumes work an idle "
+                    "release or a declined term ended (spared)"
+                    for h in (4, 5)
+                ),
             ]
     assert held["guarded"] == pytest.approx(1.0)
     assert held["plain"] == held["spared"] == pytest.approx(4.0)

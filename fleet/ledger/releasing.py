@@ -211,10 +211,14 @@ class Releasing(ProjectRecord):
         return row.util_sum + missed * row.util_last, row.util_n + missed
 
     def resumable(self, project: str, aid: str) -> str | None:
-        """Why a request of `project` may not say it resumes allocation `aid` (None: it may)."""
-        rows = self.query("SELECT project FROM history WHERE allocation_id=?", (aid,))
+        """Why a request of `project` may not say it resumes allocation `aid` (None: it may):
+        work goes on once, so an allocation another already resumes is not offered again
+        (its pause, its sparing and its place ahead of new work would be claimed twice)."""
+        rows = self.query("SELECT project, resumed_by FROM history WHERE allocation_id=?", (aid,))
         if not rows or rows[0][0] != project:
             return f"{project} has no released allocation {aid} to resume"
+        if rows[0][1] is not None:
+            return f"allocation {aid}'s work was resumed already, by {rows[0][1]}"
         return None
 
     def resume(self, aid: str, by: str, asked_at: float, started_at: float) -> Resumed:
@@ -222,7 +226,8 @@ class Releasing(ProjectRecord):
         the work of released allocation `aid`: the idle time at aid's end was a pause, not
         hoarding (its record is corrected once), and the pause lasted from when aid went idle
         until `by` started. Asked for within a tick of an idle release, the work was not
-        paused at all: it went on while the GPUs looked idle. The same on a re-run."""
+        paused at all: it went on while the GPUs looked idle. The same on a re-run; nothing
+        for another allocation once `by` resumed it (two requests that both said so)."""
         with self.transaction() as db:
             row = db.execute("SELECT * FROM history WHERE allocation_id=?", (aid,)).fetchone()
             if row is None:
@@ -231,6 +236,8 @@ class Releasing(ProjectRecord):
             working = idle and asked_at <= row["ended_at"] + self.config.monitor.tick_seconds
             misled = _misled_along(db, aid)
             if row["resumed_by"] is not None:
+                if row["resumed_by"] != by:
+                    return Resumed(0.0, False)
                 return Resumed(float(row["pause_s"] or 0.0), working, misled)
             pause = (
                 max(0.0, started_at - (row["ended_at"] - row["hoarded_hours"] * 3600.0))

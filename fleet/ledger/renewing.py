@@ -87,6 +87,10 @@ class Renewing(Budgets):
             )
             return Renewed(end, deadline, [m for m in moved if m.id != aid])
 
+    def declined(self, aid: str) -> bool:
+        """Whether its monitor let a term end (Renewing.decline): an idle release in effect."""
+        return bool(self.query("SELECT 1 FROM audit WHERE key=?", (not_renewed_key(aid),)))
+
     def decline(self, aid: str, lease_end: float, now: float, why: str) -> None:
         """Its monitor lets the term that ends at `lease_end` end (its GPUs looked idle all of
         it): audited once, so that the work that resumes it is not judged by its idling
