@@ -163,6 +163,8 @@ def cmd_preempt(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    if args.clear is not None and not args.clear.strip():
+        raise InvalidInput("--clear needs a GPU's uuid (gpu-agent health lists them)")
     with open_records(args, create=False) as rec:
         if args.clear:
             rec.identity.check_admin("put GPUs back into placement")

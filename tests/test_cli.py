@@ -244,6 +244,7 @@ def test_bad_requests_exit_2_and_change_nothing(
         ["resume", "no-such-thread"],
         ["request"],
         ["frobnicate"],
+        ["health", "--clear", " "],
     ],
 )
 def test_other_bad_input(env: tuple[Path, list[str]], args: list[str]) -> None:

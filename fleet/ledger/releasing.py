@@ -310,7 +310,8 @@ class Releasing(ProjectRecord):
 def _misled_along(db: Conn, aid: str) -> bool:
     """Whether `aid`, or an allocation whose work it resumed, back along the chain, ended
     because its GPUs looked idle: released for idling, or ended with a term its monitor did
-    not renew (fleet.ledger.renewing, audited as such; not a term that ran out unwatched).
+    not renew (fleet.ledger.renewing, audited as such; also where it then ended while no
+    process watched it; not a term that ran out unwatched, undecided).
     A pause that cost the work once must not cost it again, also after a kill of another
     kind (a lease that ran out) came between."""
     row = db.execute(
@@ -318,8 +319,13 @@ def _misled_along(db: Conn, aid: str) -> bool:
         "FROM history h "
         "JOIN chain c ON h.resumed_by = c.id) "
         "SELECT 1 FROM history h WHERE h.allocation_id IN (SELECT id FROM chain) AND "
-        "(h.reason = ? OR (h.reason = ? AND EXISTS (SELECT 1 FROM audit "
+        "(h.reason = ? OR (h.reason IN (?, ?) AND EXISTS (SELECT 1 FROM audit "
         f"WHERE key = '{NOT_RENEWED}:' || h.allocation_id))) LIMIT 1",
-        (aid, ReleaseReason.IDLE.value, ReleaseReason.LEASE_EXPIRED.value),
+        (
+            aid,
+            ReleaseReason.IDLE.value,
+            ReleaseReason.LEASE_EXPIRED.value,
+            ReleaseReason.EXPIRED_WHILE_DOWN.value,  # declined, then ended while none watched
+        ),
     ).fetchone()
     return row is not None
