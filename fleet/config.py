@@ -204,8 +204,8 @@ class LimitSettings(_Strict):
     def _a_request_fits(self) -> LimitSettings:
         if self.min_duration_minutes > 60 * self.max_duration_hours:
             raise ValueError(
-                "limits: min_duration_minutes is longer than max_duration_hours: every "
-                "request would be refused"
+                "min_duration_minutes is longer than max_duration_hours: every request would "
+                "be refused"
             )
         return self
 
@@ -315,7 +315,7 @@ class FleetConfig(_Strict):
         for w, row in value.items():
             if isinstance(row, dict):
                 if len({str(t).upper() for t in row}) < len(row):
-                    raise ValueError(f"speeds.{w} names a GPU type twice (names are upper case)")
+                    raise ValueError(f"{w} names a GPU type twice (names are upper case)")
                 row = {str(t).upper(): v for t, v in row.items()}
             upper[w] = row
         return upper
@@ -349,7 +349,7 @@ class FleetConfig(_Strict):
                     raise ValueError(f"pools.{purpose.value} names unknown GPU type {t!r}")
         seen: set[str] = set()
         for node in self.nodes:  # a file's names, printed and sent to schedulers: a host's
-            why = names.problem("node", node.name) or names.problem("node", node.rack)
+            why = names.problem("node", node.name) or names.problem("rack", node.rack)
             if why is not None:  # (a backend's inventory names its own: with_inventory)
                 raise ValueError(f"nodes: {why}")
             if node.gpu_type not in self.catalog:

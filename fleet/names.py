@@ -25,6 +25,7 @@ WORKLOAD = PROJECT  # a job's name for its speeds: a key of the fleet file's [sp
 NODE = re.compile(_WORD + r"{0,252}")  # a host name's characters, as long as a host name
 
 _NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_HOST_RULE = "1-253 letters, digits, '.', '_' or '-', starting with a letter or digit"
 RULES = {
     "project": (PROJECT, _NAME_RULE),
     "identity": (
@@ -41,10 +42,8 @@ RULES = {
     ),
     "allocation id": (ALLOCATION_ID, "'a-' and 12 hex digits, as `gpu-agent status` shows"),
     "workload": (WORKLOAD, _NAME_RULE),
-    "node": (
-        NODE,
-        "1-253 letters, digits, '.', '_' or '-', starting with a letter or digit",
-    ),
+    "node": (NODE, _HOST_RULE),
+    "rack": (NODE, _HOST_RULE),
 }
 
 

@@ -16,9 +16,9 @@ in the catalog's relative_throughput unit (the fleet's reference type = 1), is, 
    gpu-agent knows. What users pad onto the hours they ask for inflates every type's measure
    alike (a pad does not depend on the type a job lands on), so it leaves the ratios between
    types as they are, and the level is taken from the table, not from history (below). A
-   type's measure is the median of its latest RUNS_PER_TYPE runs. A run shorter than the
-   shortest request the fleet admits (`limits.min_duration_minutes`) measures nothing: a
-   command that exits 0 at once did not do the work its hours asked for. The measured ratios between
+   type's measure is the median of its latest RUNS_PER_TYPE runs. A measure beyond the range
+   any speed may take (fleet.config.SPEED_MIN to SPEED_MAX) is none: a command that exits 0
+   at once did not do the work its hours asked for. The measured ratios between
    the types measured stand as measured; their level is set by the table (or the type
    averages) on those same types, on average (the geometric mean of table / measured), so
    that a type measured and a type not measured compare on one scale, and within the range
@@ -122,10 +122,11 @@ class Run:
 
 def measured_speeds(runs: Iterable[Run]) -> dict[str, float]:
     """Each type's measure: the median of its latest RUNS_PER_TYPE runs (`runs` newest
-    first); a run of no time, or of no work, measures nothing."""
+    first); a run whose measure no speed can be (of next to no time, or of no work: beyond
+    SPEED_MIN to SPEED_MAX) measures nothing."""
     per_type: dict[str, list[float]] = defaultdict(list)
     for r in runs:
-        if 0 < r.speed < math.inf and len(per_type[r.gpu_type]) < RUNS_PER_TYPE:
+        if SPEED_MIN <= r.speed <= SPEED_MAX and len(per_type[r.gpu_type]) < RUNS_PER_TYPE:
             per_type[r.gpu_type].append(r.speed)
     return {t: statistics.median(speeds) for t, speeds in per_type.items()}
 
@@ -146,12 +147,11 @@ def runs(ledger: Ledger, project: str, workload: str) -> list[Run]:
     """The project's latest completed runs of `workload` in the ledger, newest first."""
     config = ledger.config
     prior = table_speeds(config, workload)
-    shortest = config.limits.min_duration_minutes / 60.0
     out = []
     for r in ledger.query(_RUNS, (project, f'%"workload":"{workload}"%', RUNS_READ)):
         request = GPURequest.model_validate_json(r["request"])
         hours = (r["ended_at"] - r["started_at"]) / 3600.0
-        if request.workload != workload or hours < shortest:
+        if request.workload != workload or hours <= 0:
             continue
         ref = request.gpu_type or config.pool(request.purpose)[0]
         if ref in prior:

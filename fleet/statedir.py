@@ -13,6 +13,7 @@ from fleet.config import ClockSettings
 from fleet.errors import StateDirError
 
 LEDGER = "ledger.sqlite"
+FLEET_COPY = "fleet.toml"  # the fleet a state directory ran on, beside its ledger (simulate)
 CHECKPOINTS = "checkpoints.sqlite"
 CLOCK = "clock.json"
 

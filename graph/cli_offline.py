@@ -24,22 +24,30 @@ MAX_HABIT_SIGMA = 4.0  # simulate --habits: beyond, every project is all idle or
 MIN_DAYS = 7  # council evaluate --days: a week, so that each slice of a world holds requests
 
 
-def writable_dir(path: Path, option: str, files: Iterable[str] = ()) -> None:
+def writable_dir(
+    path: Path, option: str, files: Iterable[str] = (), replaced: Iterable[str] = ()
+) -> None:
     """Refuses, before any work, an output folder the command could not fill, so that it
     fails in one line rather than after the work with part of its output written: `path`, or
-    a folder of `files` (paths relative to `path`), that exists and is no directory; one of
-    `files` that exists and is no regular file, or cannot be written; a folder in which no
-    file can be made. That last is tried with a probe file, made and removed: os.access
-    says yes to root, and knows nothing of read-only or virtual file systems (/proc)."""
-    targets = [path / f for f in files]
+    a folder of `files` or `replaced` (paths relative to `path`), that exists and is no
+    directory, or is a link to nothing; one of them that exists and is no regular file; one
+    of `files` (written over) that cannot be written (`replaced` ones are removed first: only
+    their folder counts); a folder in which no file can be made. That last is tried with a
+    probe file, made and removed: os.access says yes to root, and knows nothing of read-only
+    or virtual file systems (/proc)."""
+    written, removed = [path / f for f in files], [path / f for f in replaced]
+    targets = written + removed
     folders = dict.fromkeys([path, *(d for t in targets for d in _folders_between(path, t))])
     for folder in folders:
+        if folder.is_symlink() and not folder.exists():
+            raise InvalidInput(f"{option} {path}: {folder} is a link to nothing")
         if folder.exists() and not folder.is_dir():
             where = str(path) if folder == path else f"{path}: {folder}"
             raise InvalidInput(f"{option} {where} is a file, not a directory")
     for target in targets:
         if target.exists() and not target.is_file():
             raise InvalidInput(f"{option} {path}: {target} is not a regular file")
+    for target in written:
         if target.exists() and not os.access(target, os.W_OK):
             raise InvalidInput(f"{option} {path}: cannot write {target}")
     for base in dict.fromkeys(_nearest_existing(folder) for folder in folders):
@@ -112,7 +120,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.models is not None and not config.speeds:
         raise InvalidInput(f"--models {args.models}: no [speeds] table")
     out = Path(args.out)
-    writable_dir(out, "--out", outputs(policies))
+    writable_dir(out, "--out", *outputs(policies))
     sim = simulate(
         args.trace,
         policies,
@@ -139,11 +147,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from sim.analysis import run_analyze  # like demo: only the CLI reaches into sim/
-    from sim.analysis.plots import PLOTS, plots_dir
+    from sim.analysis.plots import PLOTS
 
-    if not args.no_plots:  # written only where the history has records: checked anyway
-        option = "--out" if args.out else "plots folder (--out's default)"
-        writable_dir(plots_dir(args.state_dir, args.out), option, PLOTS.values())
+    option = "--out" if args.out else "plots folder (--out's default)"
     code: int = run_analyze(
         state_dir=args.state_dir,
         fleet=args.fleet,
@@ -152,6 +158,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         out=args.out,
         plots=not args.no_plots,
         as_json=args.json,
+        check_plots=lambda folder: writable_dir(folder, option, PLOTS.values()),
     )
     return code
 

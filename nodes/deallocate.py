@@ -11,12 +11,13 @@ from nodes.context import Context, services_for
 from nodes.state import State
 
 
-def _still_its(aid: str, gpu_ids: list[str], svc: Services) -> list[str]:
-    """The allocation's GPUs that no other allocation holds: reset before the release, while
-    they are still its own, and never, on a step re-run after a crash or an explicit release,
-    once the next allocation holds them (its throttle would be undone)."""
+def _free_of_its(gpu_ids: list[str], svc: Services) -> list[str]:
+    """The released allocation's GPUs that no allocation holds now, the ones to reset: on a
+    step re-run after a crash, or after an explicit release, the next allocation may hold
+    them already, and a reset would undo its throttle. (Reset after the release, so that a
+    backend that fails to reset cannot keep the GPUs held.)"""
     held = svc.ledger.holders()
-    return [g for g in gpu_ids if held.get(g, (aid, ""))[0] == aid]
+    return [g for g in gpu_ids if g not in held]
 
 
 def deallocate(state: State, runtime: Runtime[Context]) -> State:
@@ -25,9 +26,9 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
-    svc.backend.reset(_still_its(allocation.id, allocation.gpu_ids, svc))
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
+    svc.backend.reset(_free_of_its(allocation.gpu_ids, svc))
     svc.free(allocation.id)
     fault("deallocate:freed")
     svc.forget(allocation.id)

@@ -25,7 +25,7 @@ from council.policies import NoCouncil
 from fleet.config import FleetConfig, parse_fleet
 from fleet.errors import InvalidInput
 from fleet.models import CouncilOutcome
-from fleet.statedir import LEDGER
+from fleet.statedir import FLEET_COPY, LEDGER
 from fleet.trace import PHILLY, Job, TraceSchema, read_trace
 from sim.accounting import Floor, floor, same_work, savings
 from sim.agent_replay import run_gpu_agent
@@ -40,8 +40,7 @@ TRACE_FLEET = "trace_fleet.toml"
 REPORT_FILES = (METRICS, REPORT, *PLOTS)  # sim.report.write_report's
 # in each policy's folder: the fleet it ran on, and the ledger (gpu-agent's policies) with
 # SQLite's files beside it; a previous run's are removed first
-STATE_FLEET = "fleet.toml"  # what sim.analysis.history reads beside the ledger
-STATE_FILES = (LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm", STATE_FLEET)
+STATE_FILES = (LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm", FLEET_COPY)
 NO_RELEASE_MINUTES = 10.0**9  # an idle timeout no allocation reaches: auto-release off
 # (workload, fleet, state directory, progress) -> (attempts, what else the policy reports)
 CouncilChoice = Literal["fleet", "reference", "none"]
@@ -244,7 +243,7 @@ def simulate(
         with writing(out):
             state = _fresh_state(out / name)
             if fleet_text is not None:
-                (state / STATE_FLEET).write_text(fleet_text, encoding="utf-8")
+                (state / FLEET_COPY).write_text(fleet_text, encoding="utf-8")
         bar = Progress(name, len(workload.jobs), stream)
         attempts, extra = POLICIES[name](workload, config, state, bar)
         bar.draw(end="\n")
@@ -259,10 +258,12 @@ def simulate(
     return sim
 
 
-def outputs(policies: Sequence[str]) -> list[str]:
-    """What `simulate` writes under its --out folder, relative to it: checked before the
-    run (graph.cli_offline.writable_dir), so that a place it cannot write fails at once."""
-    return [*REPORT_FILES, *(f"{name}/{file}" for name in policies for file in STATE_FILES)]
+def outputs(policies: Sequence[str]) -> tuple[list[str], list[str]]:
+    """What `simulate` writes under its --out folder, relative to it: the report's files,
+    written over, and each policy's state files, removed first (_fresh_state). Checked
+    before the run (graph.cli_offline.writable_dir), so that a place it cannot write fails
+    at once."""
+    return list(REPORT_FILES), [f"{name}/{file}" for name in policies for file in STATE_FILES]
 
 
 @contextlib.contextmanager
@@ -402,7 +403,15 @@ def with_models(name: str, text: str, path: str) -> tuple[str, str]:
     if twice:
         raise InvalidInput(f"--models {path}: [speeds.{twice[0]}] is in the fleet file too")
     tables = "".join(_speeds_table(w, row) for w, row in speeds.items())
-    return f"{name} + {path}", f"{text}\n\n# the [speeds] tables of --models {path!r}\n{tables}"
+    merged = f"{text}\n\n# the [speeds] tables of --models {path!r}\n{tables}"
+    try:  # both valid alone: only the fleet's own speeds written as one table can clash
+        tomllib.loads(merged)
+    except tomllib.TOMLDecodeError:
+        raise InvalidInput(
+            f"--models {path}: cannot add its tables to fleet file {name}, whose speeds are "
+            "one table (`speeds = {...}` or [speeds]): write them as [speeds.WORKLOAD] tables"
+        ) from None
+    return f"{name} + {path}", merged
 
 
 def models_speeds(path: str) -> dict[str, dict[str, Any]]:

@@ -84,7 +84,7 @@ def test_default_fleet() -> None:
             "less than or equal to 10000",
         ),
         (SMALL_FLEET.replace('name = "t4-0"', 'name = "t4\\nproblem: FAKE"'), "node 't4\\n"),
-        (SMALL_FLEET.replace('rack = "rack-b"', 'rack = "a b"', 1), "node 'a b'"),
+        (SMALL_FLEET.replace('rack = "rack-b"', 'rack = "a b"', 1), "nodes: rack 'a b'"),
         (SMALL_FLEET + '\n[budgets]\n"a b" = 5\n', "budgets: project 'a b'"),
         (SMALL_FLEET + '\n[shares]\n"q/q" = 2\n', "shares: project 'q/q'"),
         (SMALL_FLEET + '\n[quotas.projects]\n"zz\\tx" = 2\n', "quotas.projects: project"),

@@ -259,3 +259,6 @@ def test_models_speeds_merge_as_data(tmp_path: Path) -> None:
     again.write_text("[speeds.lm]\nA100 = 1\n")
     with pytest.raises(InvalidInput, match=r"\[speeds.lm\] is in the fleet file too"):
         with_models("merged", merged, str(again))
+    inline = "speeds = { train = { A100 = 1.0 } }\n" + text  # the fleet's own: one table
+    with pytest.raises(InvalidInput, match=r"write them as \[speeds.WORKLOAD\] tables"):
+        with_models("inline", inline, str(models))

@@ -195,14 +195,14 @@ def test_only_completed_whole_runs_of_the_same_project_and_workload_count(
     assert learned_speeds(ledger, "q", "bert") == {"H100": 4 * 1.2 / 9.0}
 
 
-def test_a_run_shorter_than_any_request_measures_nothing_and_history_stays_in_range(
+def test_a_run_that_measures_no_speed_is_dropped_and_history_stays_in_range(
     ledger: Ledger,
 ) -> None:
-    """A command that exits 0 at once did not do the 8 h its request asked for: shorter than
-    the shortest request the fleet admits (a minute), it is no measure; and what history
-    says stays within the range a speed may take, however lopsided its runs."""
+    """A command that exits 0 at once did not do the 8 h its request asked for: its measure
+    (28,800 x the reference type) is beyond any speed, so no measure; and what history says
+    stays within the range a speed may take, however lopsided its runs."""
     ran(ledger, "a1", "A100", 2.0)
-    ran(ledger, "h1", "H100", 0.5 / 60, asked=8.0)  # 30 s
+    ran(ledger, "h1", "H100", 1 / 3600, asked=8.0)  # 1 s
     assert learned_speeds(ledger, "p", "bert") == {"A100": 2.0}
     speeds = job_speeds(ledger.config, "bert", {"A100": 1e-6, "H100": 1e6})
     assert speeds["A100"].value == 0.001 and speeds["H100"].value == 1000.0

@@ -12,7 +12,7 @@ from fleet.budget import FLEET_RECORDS, RECORDS, used_share
 from fleet.errors import InvalidInput
 from fleet.ledger.notify import notify_freed
 from fleet.ledger.project_record import ProjectRecord
-from fleet.ledger.renewing import NOT_RENEWED
+from fleet.ledger.renewing import not_renewed_key_sql
 from fleet.ledger.rows import AUDIT, ROW, LedgerRow, Resumed, read_row
 from fleet.models import Release, ReleaseReason
 from fleet.scheduler import decayed
@@ -320,7 +320,7 @@ def _misled_along(db: Conn, aid: str) -> bool:
         "JOIN chain c ON h.resumed_by = c.id) "
         "SELECT 1 FROM history h WHERE h.allocation_id IN (SELECT id FROM chain) AND "
         "(h.reason = ? OR (h.reason IN (?, ?) AND EXISTS (SELECT 1 FROM audit "
-        f"WHERE key = '{NOT_RENEWED}:' || h.allocation_id))) LIMIT 1",
+        f"WHERE key = {not_renewed_key_sql('h.allocation_id')}))) LIMIT 1",
         (
             aid,
             ReleaseReason.IDLE.value,

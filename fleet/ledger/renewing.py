@@ -10,6 +10,7 @@ from fleet.budget import Moved
 from fleet.ledger.budgets import Budgets
 from fleet.ledger.rows import AUDIT, term_open
 from fleet.models import ReleaseReason, utc
+from fleet.sql import Conn
 
 EPS_S = 0.001  # a lease end within this of the one expected is the same
 NOT_RENEWED = "not-renewed"  # the audit action (and key prefix) of a term its monitor let end
@@ -18,6 +19,11 @@ NOT_RENEWED = "not-renewed"  # the audit action (and key prefix) of a term its m
 def not_renewed_key(aid: str) -> str:
     """The one audit entry of a term its monitor did not renew (the lease then ends)."""
     return f"{NOT_RENEWED}:{aid}"
+
+
+def not_renewed_key_sql(column: str) -> str:
+    """not_renewed_key in SQL, of the allocation id in `column`."""
+    return f"'{NOT_RENEWED}:' || {column}"
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,8 @@ class Renewing(Budgets):
     """The next term of a lease renewed while its GPUs work."""
 
     def renew(self, aid: str, lease_end: float, now: float, why: str) -> Renewed | None:
-        """Renew the term that ends at `lease_end` by one more (fleet.monitoring.renews said
-        its GPUs work), to at most the lease asked. None, and nothing changes, where there is
+        """Renew the term that ends at `lease_end` by one more (fleet.monitoring.renewal_reason
+        gave its reason), to at most the lease asked. None, and nothing changes, where there is
         nothing to renew: the allocation ended, its term was renewed already (a monitor that
         re-runs its tick), its lease runs whole, a budget or a preemption set its end, or its
         monitor declined the term before a restart (Renewing.decline: a decision taken
@@ -60,7 +66,7 @@ class Renewing(Budgets):
                     ReleaseReason(reason) if reason else None,
                 )
                 or abs(r["lease_end"] - lease_end) > EPS_S
-                or db.execute("SELECT 1 FROM audit WHERE key=?", (not_renewed_key(aid),)).fetchone()
+                or _declined(db, aid)
             ):
                 return None
             asked_end = r["started_at"] + r["hours"] * 3600.0
@@ -89,7 +95,8 @@ class Renewing(Budgets):
 
     def declined(self, aid: str) -> bool:
         """Whether its monitor let a term end (Renewing.decline): an idle release in effect."""
-        return bool(self.query("SELECT 1 FROM audit WHERE key=?", (not_renewed_key(aid),)))
+        with self.reading() as db:
+            return _declined(db, aid)
 
     def decline(self, aid: str, lease_end: float, now: float, why: str) -> None:
         """Its monitor lets the term that ends at `lease_end` end (its GPUs looked idle all of
@@ -113,3 +120,9 @@ class Renewing(Budgets):
                     f"lease not renewed past {utc(lease_end):%Y-%m-%d %H:%M:%S} UTC: {why}",
                 ),
             )
+
+
+def _declined(db: Conn, aid: str) -> bool:
+    """Whether `aid`'s monitor let a term end: its one `not-renewed` audit entry."""
+    found = db.execute("SELECT 1 FROM audit WHERE key=?", (not_renewed_key(aid),)).fetchone()
+    return found is not None

@@ -15,7 +15,7 @@ from pathlib import Path
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput
 from fleet.models import Purpose
-from fleet.statedir import LEDGER, default_state_dir
+from fleet.statedir import FLEET_COPY, LEDGER, default_state_dir
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def resolve_fleet(state_dir: Path, explicit: str | None) -> tuple[FleetConfig, s
     """--fleet, else the state directory's fleet.toml, else env GPU_AGENT_FLEET, else built-in."""
     if explicit:
         return load_fleet(explicit), explicit
-    copy = state_dir / "fleet.toml"
+    copy = state_dir / FLEET_COPY
     if copy.is_file():
         return load_fleet(copy), str(copy)
     env = os.environ.get("GPU_AGENT_FLEET")

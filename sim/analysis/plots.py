@@ -9,7 +9,6 @@ import networkx as nx
 
 from fleet.errors import InvalidInput
 from fleet.models import Purpose
-from fleet.statedir import default_state_dir
 from sim.analysis.history import _iso
 from sim.analysis.result import Analysis
 from sim.analysis.timeseries import wait_hours
@@ -23,10 +22,9 @@ PLOTS = {
 }
 
 
-def plots_dir(state_dir: str | Path | None, out: str | Path | None) -> Path:
-    """Where `analyze` draws: `out`, else the analysis/ folder of the state directory
-    read (sim.analysis.history.load_history), checked before the analysis starts."""
-    return Path(out) if out else Path(state_dir or default_state_dir()) / "analysis"
+def plots_dir(ledger: str | Path, out: str | Path | None) -> Path:
+    """Where `analyze` draws: `out`, else the analysis/ folder beside the ledger read."""
+    return Path(out) if out else Path(ledger).parent / "analysis"
 
 
 def write_plots(a: Analysis, out: Path) -> dict[str, str]:

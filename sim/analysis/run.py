@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from fleet.config import FleetConfig
 from fleet.models import Purpose
@@ -40,11 +42,16 @@ def run_analyze(
     out: str | None = None,
     plots: bool = True,
     as_json: bool = False,
+    check_plots: Callable[[Path], None] = lambda _: None,
 ) -> int:
+    """The analysis of a state directory's ledger, printed; `check_plots` refuses the folder
+    the plots go to, once the ledger is found and before any work (the CLI's check)."""
     history, config = load_history(state_dir, fleet, since=since, until=until)
+    directory = plots_dir(history.ledger, out)
+    if plots and history.records:
+        check_plots(directory)
     result = analyze(history, config)
     if plots and history.records:
-        directory = plots_dir(state_dir, out)
         result = replace(result, plots=write_plots(result, directory), plots_dir=str(directory))
     print(json.dumps(to_json(result)) if as_json else to_text(result))
     return 0
