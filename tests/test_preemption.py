@@ -262,7 +262,7 @@ def refuses_in_one_line(
     )  # fmt: skip
     aid = json.loads(held.stdout)["allocation"]["id"]
     for args, line in cases(aid).items():
-        done = run_cli(command, *common, *args, "--json", cwd=tmp_path)
+        done = run_cli(command, *common, "--json", *args, cwd=tmp_path)  # before any `--`
         assert done.returncode == 2 and line in json.loads(done.stdout)["error"], done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     status = json.loads(run_cli("status", *common, "--json", cwd=tmp_path).stdout)
