@@ -25,6 +25,7 @@ comes back as the tool's result.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,10 +37,14 @@ from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
 from nodes.context import BOUND, bound_context_refusal, chosen_context
+from nodes.review import parse_decision
 
 auth = Auth()
 
 VIA_MCP = "via:mcp"  # a permission: the request came through the server's MCP endpoint
+# LangGraph's interrupt ids (a hash of the task's namespace): `Command(resume={id: answer})`
+# answers interrupts by id, its values the answers
+INTERRUPT_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @auth.authenticate
@@ -100,6 +105,34 @@ def _context_refusal(chosen: list[str]) -> Auth.exceptions.HTTPException:
     return _refuse(bound_context_refusal(chosen))
 
 
+def _answers(resume: Any, who: Identity, mcp: bool) -> Any:
+    """A resume command's answer(s) as the review will read them: each a decision, refused
+    in one line (422) before the run where it is none (the graph asks again, but the caller
+    should hear why now); with tokens, the caller's (`by`), whatever form it came in."""
+    if (
+        isinstance(resume, Mapping)
+        and resume
+        and all(isinstance(k, str) and INTERRUPT_ID.fullmatch(k) for k in resume)
+    ):
+        return {k: _answer(v, who, mcp) for k, v in resume.items()}
+    return _answer(resume, who, mcp)
+
+
+def _answer(answer: Any, who: Identity, mcp: bool) -> Any:
+    theirs = who.name != LOCAL.name
+    try:
+        human = parse_decision(
+            answer | {"by": who.name} if theirs and isinstance(answer, dict) else answer
+        )
+    except InvalidInput as exc:
+        if mcp:
+            return answer  # the review asks again, saying why (graph/server.py's habit)
+        raise _refuse(str(exc), 422) from None
+    if theirs:
+        human = human.model_copy(update={"by": who.name})
+    return human.model_dump(mode="json")
+
+
 def _check_thread_id(thread_id: object) -> None:
     if thread_id is not None:
         why = names.problem("thread id", str(thread_id))
@@ -111,6 +144,11 @@ def _check_thread_id(thread_id: object) -> None:
 async def on_thread_create(ctx: Auth.types.AuthContext, value: ThreadsCreate) -> None:
     _check_thread_id(value.get("thread_id"))
     who = _who(ctx)
+    if not who.admin and value.get("if_exists") not in (None, "raise"):
+        raise _refuse(  # "do_nothing" hands back an existing thread, another project's too
+            f"{who.name} may not create a thread with if_exists "
+            f"{value.get('if_exists')!r}: only an admin may"
+        )
     if not who.admin:  # in place: the server keeps its own reference to the dict
         metadata = value.setdefault("metadata", {})
         metadata["project"] = who.project
@@ -150,12 +188,7 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
                 f"{who.name} is a member, not an approver: only an approver or an "
                 "admin decides reviews"
             )
-        answer = command["resume"]
-        if who.name != LOCAL.name:  # with tokens, the decision is the caller's
-            if isinstance(answer, bool):
-                answer = {"approve": answer}
-            if isinstance(answer, dict):
-                command["resume"] = answer | {"by": who.name}
+        command["resume"] = _answers(command["resume"], who, mcp)
     if who.admin:
         return None
     metadata = value.get("metadata")
@@ -170,6 +203,11 @@ async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] 
     thread's state (an update that is neither a metadata patch nor a run's cancel) could
     skip the council or the review: admins only; nor may a thread change project."""
     who = _who(ctx)
+    if ctx.action == "update" and isinstance(value, Mapping) and value.get("action") == "rollback":
+        raise _refuse(  # the checkpointer deletes no run's checkpoints: a thread would lose
+            "a run is not rolled back here: its thread would lose the GPUs it placed; "
+            "cancel it with action 'interrupt' and release what it holds"
+        )  # its allocation, still monitored by the server, its lease passed unseen
     if who.admin:
         return None
     if ctx.action == "update" and isinstance(value, Mapping):

@@ -138,7 +138,9 @@ class Orchestrator(Records):
         project = str(
             request.project
             if isinstance(request, GPURequest)
-            else dict(request or {}).get("project", "default")
+            else request.get("project", "default")
+            if isinstance(request, Mapping)
+            else "default"  # no request object at all: refused by validate, the default's
         )
         self.identity.check_project(project, what)
         return project

@@ -237,14 +237,13 @@ class Records:
 
     def pending_review_entries(self) -> list[tuple[str, AuditEntry]]:
         """(thread, the council's "ask" entry: when and for which project) of each review
-        waiting for a decision that the caller may see, oldest first."""
+        waiting for a decision that the caller may see, oldest first; not one whose thread is
+        gone (deleted on the server, or a stateless run's), which nobody can answer."""
         log = self.services.ledger.audit_log(self._visible(None))
         decided = {e.key.removeprefix("decide:") for e in log if e.key.startswith("decide:")}
-        return [
-            (e.target, e)
-            for e in log
-            if e.action == "ask" and e.key.removeprefix("ask:") not in decided
-        ]
+        asks = [e for e in log if e.action == "ask" and e.key.removeprefix("ask:") not in decided]
+        alive = checkpointed(self.services, (e.target for e in asks))
+        return [(e.target, e) for e in asks if e.target in alive]
 
     def jobs(self) -> list[Job]:
         """The submitted requests the caller may see, oldest first."""

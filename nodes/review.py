@@ -84,4 +84,15 @@ def decided(state: State, runtime: Runtime[Context], answer: Any) -> State:
 
 
 def review(state: State, runtime: Runtime[Context]) -> State:
-    return decided(state, runtime, interrupt(question(state)))
+    """Asks until an answer is a decision: a malformed one does not stand (LangGraph replays
+    a node's answers in order on each re-run, so an answer that raised would raise for good
+    and block the review); the next ask says why it was refused."""
+    ask = question(state)
+    while True:
+        answer = interrupt(ask)
+        try:
+            human = parse_decision(answer)
+        except InvalidInput as exc:
+            ask = question(state) | {"refused": f"not a decision: {exc}"}
+            continue
+        return decided(state, runtime, human)

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+from langgraph.types import Command
 
 from fleet.clock import VirtualClock
 from fleet.errors import Denied, InvalidInput, NotPlaced
@@ -255,3 +256,19 @@ def test_checkpoints_reload_as_models_without_warnings(
         assert not [r for r in caplog.records if "eserializ" in r.getMessage()]
     finally:
         again.close()
+
+
+def test_a_malformed_answer_that_reaches_the_graph_asks_again(make_orch: OrchFactory) -> None:
+    """An answer the Orchestrator would refuse, sent to the graph itself (as a server's
+    caller may): the review does not stand on it for good, it asks again saying why, and
+    the next answer decides; the Orchestrator then reads the thread as any other."""
+    orch = make_orch(split_config())
+    orch.request(req(), thread_id="t")
+    config: Any = {"configurable": {"thread_id": "t"}}
+    again = orch.graph.invoke(Command(resume={"approve": "sure"}), config, context=orch.context)
+    (ask,) = again["__interrupt__"]
+    assert ask.value["refused"].startswith("not a decision: a review decision must be")
+    assert orch.resume("t").status is Status.PENDING_REVIEW
+    orch.graph.invoke(Command(resume={"approve": True, "by": "ana"}), config, context=orch.context)
+    done = orch.outcome("t")
+    assert done.status is Status.RELEASED and done.human is not None and done.human.by == "ana"

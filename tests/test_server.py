@@ -377,6 +377,39 @@ def test_tokens_scope_threads_runs_and_decisions(secured: dict[str, Any]) -> Non
     assert [a["id"] for a in seen["fleet"]["allocations"]] == [aid]
 
 
+def test_an_answer_that_is_no_decision_is_refused_before_the_run(
+    secured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed answer is refused in one line (422) before any run, so the review still
+    waits for a good one (LangGraph would replay a bad one for good); "approve" as a string
+    is recorded as the caller's, as true and {...} are. A member may not take another
+    project's thread with if_exists, and nobody rolls a run back (its thread would lose the
+    GPUs it placed). A stateless run's review, whose thread is gone, is listed nowhere."""
+    client = secured["client"]
+    alice, bob, dave, root = (client(n) for n in ("alice", "bob", "dave", "root"))
+    tid = alice.threads.create()["thread_id"]
+    assert alice.runs.wait(tid, "gpu-agent", input={"request": REQUEST})["status"] == (
+        "pending_review"
+    )
+    bad = status_of(422, lambda: dave.runs.wait(tid, "gpu-agent", command={"resume": "sure"}))
+    assert bad.startswith("a review decision must be true/false")
+    run = dave.runs.create(tid, "gpu-agent", command={"resume": "approve"})
+    done = dave.runs.join(tid, run["run_id"])
+    assert done["status"] == "released" and done["human"]["by"] == "dave"
+    taken = status_of(403, lambda: bob.threads.create(thread_id=tid, if_exists="do_nothing"))
+    assert taken.startswith("bob may not create a thread with if_exists")
+    back = status_of(403, lambda: root.runs.cancel(tid, run["run_id"], action="rollback"))
+    assert back.startswith("a run is not rolled back here")
+    gone = alice.runs.wait(None, "gpu-agent", input={"request": REQUEST | {"duration_hours": 2}})
+    assert gone["status"] == "pending_review"
+    monkeypatch.setenv("GPU_AGENT_TOKEN", secured["tokens"]["root"])
+    with Orchestrator(
+        secured["state"], secured["fleet"], create=False, database=secured["database"] or None
+    ) as orch:
+        waiting = orch.pending_review_entries()  # the stateless run's thread is gone
+        assert all(orch.outcome(t).next == ("review",) for t, _ in waiting)
+
+
 def status_of(code: int, call: Any) -> str:
     """The one-line `detail` of a call refused with HTTP `code`."""
     import httpx
