@@ -18,7 +18,9 @@ in the catalog's relative_throughput unit (the fleet's reference type = 1), is, 
    types as they are, and the level is taken from the table, not from history (below). A
    type's measure is the median of its latest RUNS_PER_TYPE runs. A measure beyond the range
    any speed may take (fleet.config.SPEED_MIN to SPEED_MAX) is none: a command that exits 0
-   at once did not do the work its hours asked for. The measured ratios between
+   within seconds of asking for hours did not do that work. Within it, a run much shorter
+   than asked reads as padding (above): one such run on a type measured once moves that
+   type's speed as far, until more runs' median damps it. The measured ratios between
    the types measured stand as measured; their level is set by the table (or the type
    averages) on those same types, on average (the geometric mean of table / measured), so
    that a type measured and a type not measured compare on one scale, and within the range

@@ -45,6 +45,13 @@ VIA_MCP = "via:mcp"  # a permission: the request came through the server's MCP e
 # LangGraph's interrupt ids (a hash of the task's namespace): `Command(resume={id: answer})`
 # answers interrupts by id, its values the answers
 INTERRUPT_ID = re.compile(r"[0-9a-f]{32}")
+# The checkpointer deletes no run's checkpoints: a run rolled back (a cancel, or a new run's
+# multitask strategy) would leave its allocation without its thread, still monitored by the
+# server, its lease passing unseen
+ROLLBACK = (
+    "a run is not rolled back here: its thread would lose the GPUs it placed; cancel it "
+    "with action 'interrupt' (or run with another multitask_strategy)"
+)
 
 
 @auth.authenticate
@@ -105,28 +112,27 @@ def _context_refusal(chosen: list[str]) -> Auth.exceptions.HTTPException:
     return _refuse(bound_context_refusal(chosen))
 
 
-def _answers(resume: Any, who: Identity, mcp: bool) -> Any:
+def _answers(resume: Any, who: Identity) -> Any:
     """A resume command's answer(s) as the review will read them: each a decision, refused
     in one line (422) before the run where it is none (the graph asks again, but the caller
-    should hear why now); with tokens, the caller's (`by`), whatever form it came in."""
+    should hear why now); with tokens, the caller's (`by`), whatever form it came in. (MCP's
+    tool calls send no command.)"""
     if (
         isinstance(resume, Mapping)
         and resume
         and all(isinstance(k, str) and INTERRUPT_ID.fullmatch(k) for k in resume)
     ):
-        return {k: _answer(v, who, mcp) for k, v in resume.items()}
-    return _answer(resume, who, mcp)
+        return {k: _answer(v, who) for k, v in resume.items()}
+    return _answer(resume, who)
 
 
-def _answer(answer: Any, who: Identity, mcp: bool) -> Any:
+def _answer(answer: Any, who: Identity) -> Any:
     theirs = who.name != LOCAL.name
     try:
         human = parse_decision(
             answer | {"by": who.name} if theirs and isinstance(answer, dict) else answer
         )
     except InvalidInput as exc:
-        if mcp:
-            return answer  # the review asks again, saying why (graph/server.py's habit)
         raise _refuse(str(exc), 422) from None
     if theirs:
         human = human.model_copy(update={"by": who.name})
@@ -174,6 +180,8 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
         if why is None and not who.may_act_on(project) and not mcp:
             raise _refuse(f"{who.name} may not request GPUs for project {project}")
         request["requested_by"] = who.name  # in place: who asked, whatever was sent
+    if value.get("multitask_strategy") == "rollback" and not mcp:  # on_threads says why
+        raise _refuse(ROLLBACK)
     command = kwargs.get("command") or {}
     if isinstance(command, dict):
         steered = [k for k in ("update", "goto") if command.get(k) not in (None, {}, [], "")]
@@ -188,7 +196,7 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
                 f"{who.name} is a member, not an approver: only an approver or an "
                 "admin decides reviews"
             )
-        command["resume"] = _answers(command["resume"], who, mcp)
+        command["resume"] = _answers(command["resume"], who)
     if who.admin:
         return None
     metadata = value.get("metadata")
@@ -204,10 +212,7 @@ async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] 
     skip the council or the review: admins only; nor may a thread change project."""
     who = _who(ctx)
     if ctx.action == "update" and isinstance(value, Mapping) and value.get("action") == "rollback":
-        raise _refuse(  # the checkpointer deletes no run's checkpoints: a thread would lose
-            "a run is not rolled back here: its thread would lose the GPUs it placed; "
-            "cancel it with action 'interrupt' and release what it holds"
-        )  # its allocation, still monitored by the server, its lease passed unseen
+        raise _refuse(ROLLBACK)
     if who.admin:
         return None
     if ctx.action == "update" and isinstance(value, Mapping):

@@ -45,6 +45,8 @@ def writable_dir(
             where = str(path) if folder == path else f"{path}: {folder}"
             raise InvalidInput(f"{option} {where} is a file, not a directory")
     for target in targets:
+        if target.is_symlink() and not target.exists():
+            raise InvalidInput(f"{option} {path}: {target} is a link to nothing")
         if target.exists() and not target.is_file():
             raise InvalidInput(f"{option} {path}: {target} is not a regular file")
     for target in written:

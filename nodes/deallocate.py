@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from langgraph.runtime import Runtime
 
+from fleet.errors import GPUAgentError
 from fleet.faults import fault
 from fleet.models import Event, EventKind, ReleaseReason, Status
 from fleet.services import Services
@@ -11,13 +14,19 @@ from nodes.context import Context, services_for
 from nodes.state import State
 
 
-def _free_of_its(gpu_ids: list[str], svc: Services) -> list[str]:
-    """The released allocation's GPUs that no allocation holds now, the ones to reset: on a
-    step re-run after a crash, or after an explicit release, the next allocation may hold
-    them already, and a reset would undo its throttle. (Reset after the release, so that a
-    backend that fails to reset cannot keep the GPUs held.)"""
+def _reset(aid: str, gpu_ids: list[str], svc: Services) -> None:
+    """Restores what the allocation's monitor lowered (a throttle, a power limit) before the
+    release, while the GPUs are still its own, so that the next holder never inherits it;
+    only GPUs no other allocation holds, since on a step re-run after a crash, or after an
+    explicit release, the next allocation may hold them already and a reset would undo its
+    throttle. A backend that fails to reset keeps no GPUs held: the release goes on, and
+    the start-up's sweep (graph/records.py) restores what is left."""
     held = svc.ledger.holders()
-    return [g for g in gpu_ids if g not in held]
+    mine = [g for g in gpu_ids if held.get(g, (aid, ""))[0] == aid]
+    try:
+        svc.backend.reset(mine)
+    except (GPUAgentError, OSError) as exc:
+        logging.getLogger(__name__).warning("allocation %s: GPUs not reset: %s", aid, exc)
 
 
 def deallocate(state: State, runtime: Runtime[Context]) -> State:
@@ -26,9 +35,9 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
+    _reset(allocation.id, allocation.gpu_ids, svc)
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
-    svc.backend.reset(_free_of_its(allocation.gpu_ids, svc))
     svc.free(allocation.id)
     fault("deallocate:freed")
     svc.forget(allocation.id)

@@ -409,7 +409,7 @@ def with_models(name: str, text: str, path: str) -> tuple[str, str]:
     except tomllib.TOMLDecodeError:
         raise InvalidInput(
             f"--models {path}: cannot add its tables to fleet file {name}, whose speeds are "
-            "one table (`speeds = {...}` or [speeds]): write them as [speeds.WORKLOAD] tables"
+            "one inline table (`speeds = {...}`): write them as [speeds.WORKLOAD] tables"
         ) from None
     return f"{name} + {path}", merged
 

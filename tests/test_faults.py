@@ -265,23 +265,27 @@ def test_a_sigkill_in_review_and_wait(tmp_path: Path, point: str) -> None:
 def test_a_release_re_run_after_a_crash_leaves_the_next_holder_s_gpus_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A dies after its release committed; B is placed on the same two H100s and its monitor
-    throttles them; A's thread, carried on, releases nothing twice and resets nothing of
-    B's (a reset would undo B's throttle, which B's monitor does once)."""
+    """A's monitor throttles its hot GPUs; A dies after its release committed. B, placed on
+    the same two H100s, gets them unthrottled (A reset them before it let them go); B's
+    monitor throttles them; A's thread, carried on, releases nothing twice and resets
+    nothing of B's (a reset would undo B's throttle, which B's monitor does once)."""
     monkeypatch.setenv(ENV, "deallocate:released,raise")
-    orch = Orchestrator(tmp_path / "s", small_config(), clock=VirtualClock())
+    hot = small_config(monitor={"throttle_temp_c": 30})
+    orch = Orchestrator(tmp_path / "s", hot, clock=VirtualClock())
     try:
         a = ONE | {"gpu_type": "H100", "count": 2}
         with pytest.raises(InjectedFault):
             orch.request(a, thread_id="a")
         monkeypatch.delenv(ENV)
+        throttled = orch.outcome("a").events
+        assert any(e.kind.value == "throttle" for e in throttled)  # A's monitor did
         b = orch.request(a | {"project": "q"}, thread_id="b", wait=False)
         assert b.allocation is not None and b.status is Status.ALLOCATED
-        backend = orch.services.backend
+        backend, now = orch.services.backend, orch.services.clock.now()
+        assert not any(s.throttled for s in backend.sample(b.allocation.gpu_ids, now, {}))
         for gpu in b.allocation.gpu_ids:
             backend.throttle(gpu)
         assert orch.resume("a").status is Status.RELEASED
-        now = orch.services.clock.now()
         assert all(s.throttled for s in backend.sample(b.allocation.gpu_ids, now, {}))
     finally:
         orch.close()

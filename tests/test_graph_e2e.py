@@ -269,6 +269,7 @@ def test_a_malformed_answer_that_reaches_the_graph_asks_again(make_orch: OrchFac
     (ask,) = again["__interrupt__"]
     assert ask.value["refused"].startswith("not a decision: a review decision must be")
     assert orch.resume("t").status is Status.PENDING_REVIEW
-    orch.graph.invoke(Command(resume={"approve": True, "by": "ana"}), config, context=orch.context)
-    done = orch.outcome("t")
+    done = orch.resume("t", {"approve": True, "by": "ana"})  # the CLI's and page's way
     assert done.status is Status.RELEASED and done.human is not None and done.human.by == "ana"
+    actions = [e.action for e in orch.services.ledger.audit_log("p")]
+    assert actions.count("ask") == 1 and actions.count("approve") == 1

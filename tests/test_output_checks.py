@@ -100,6 +100,27 @@ def test_simulate_refuses_an_out_it_cannot_fill_before_the_run(
     assert _tree(out) == before
 
 
+def test_simulate_takes_what_it_removes_first_and_refuses_links_to_nothing(
+    tmp_path: Path,
+) -> None:
+    """A read-only fleet.toml a policy's folder kept is removed before it is written, as
+    before the check: no refusal. A link to nothing as --out, or where a report file goes,
+    is refused before the run."""
+    out = tmp_path / "s"
+    (out / "naive").mkdir(parents=True)
+    (out / "naive" / "fleet.toml").write_text("")
+    (out / "naive" / "fleet.toml").chmod(0o444)
+    args = ["simulate", "--trace", str(_trace(tmp_path)), "--policies", "naive", "--json"]
+    done = run_cli(*args, "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    nowhere = tmp_path / "dangling"
+    nowhere.symlink_to(tmp_path / "absent")
+    refused(run_cli(*args, "--out", str(nowhere), cwd=tmp_path), "is a link to nothing")
+    (out / "report.md").unlink()
+    (out / "report.md").symlink_to(tmp_path / "absent")
+    refused(run_cli(*args, "--out", str(out), cwd=tmp_path), "report.md is a link to nothing")
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")
 def test_simulate_refuses_a_folder_no_file_can_be_made_in(tmp_path: Path) -> None:
     """/proc/self: a folder os.access calls writable for root; a probe file says otherwise."""
@@ -169,6 +190,13 @@ def test_analyze_refuses_a_plots_folder_it_cannot_fill(history: Path, tmp_path: 
             "analyze", "--state-dir", str(history), "--out", "/proc/self", "--json", cwd=tmp_path
         )
         refused(r, "--out /proc/self: cannot write in /proc/self")
+
+
+def test_analyze_of_no_ledger_says_so_before_any_plots_folder(tmp_path: Path) -> None:
+    """A wrong --state-dir is the error, not the plots folder it would have held."""
+    r = run_cli("analyze", "--state-dir", str(tmp_path / "nope"), "--json", cwd=tmp_path)
+    refused(r, "no ledger at")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_analyze_checks_its_default_plots_folder_too(history: Path, tmp_path: Path) -> None:

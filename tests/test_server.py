@@ -400,14 +400,42 @@ def test_an_answer_that_is_no_decision_is_refused_before_the_run(
     assert taken.startswith("bob may not create a thread with if_exists")
     back = status_of(403, lambda: root.runs.cancel(tid, run["run_id"], action="rollback"))
     assert back.startswith("a run is not rolled back here")
+    rolled = status_of(
+        403, lambda: alice.runs.create(tid, "gpu-agent", input={}, multitask_strategy="rollback")
+    )
+    assert rolled == back
     gone = alice.runs.wait(None, "gpu-agent", input={"request": REQUEST | {"duration_hours": 2}})
     assert gone["status"] == "pending_review"
+    live = alice.threads.create()["thread_id"]
+    alice.runs.wait(live, "gpu-agent", input={"request": REQUEST | {"duration_hours": 3}})
     monkeypatch.setenv("GPU_AGENT_TOKEN", secured["tokens"]["root"])
     with Orchestrator(
         secured["state"], secured["fleet"], create=False, database=secured["database"] or None
     ) as orch:
-        waiting = orch.pending_review_entries()  # the stateless run's thread is gone
-        assert all(orch.outcome(t).next == ("review",) for t, _ in waiting)
+        waiting = [t for t, _ in orch.pending_review_entries()]  # the stateless one is gone
+        assert live in waiting and all(orch.outcome(t).next == ("review",) for t in waiting)
+
+
+def test_answers_are_read_as_the_review_reads_them_and_are_the_caller_s() -> None:
+    """The auth's check of a resume command, in any form LangGraph takes: each answer parsed
+    (with tokens stamped with the caller's name), one that is no decision refused with 422;
+    a map of interrupt ids to answers answer by answer."""
+    from langgraph_sdk import Auth
+
+    from fleet.access import LOCAL, Identity, role_of
+    from graph.auth import _answers
+
+    dave = Identity("dave", "vision", role_of("approver"))
+    iid = "10ced3568f730a9c2db379f99b39992b"
+    mine = {"approve": True, "by": "dave", "comment": "", "guardrails": True}
+    assert _answers(" Approve ", dave) == mine
+    assert _answers({"approve": True, "by": "mallory"}, dave) == mine
+    assert _answers({iid: True}, dave) == {iid: mine}
+    assert _answers({"approve": False, "by": "ann"}, LOCAL)["by"] == "ann"  # no tokens
+    for bad in ("sure", {"approve": "yes"}, {iid: "sure"}, None):
+        with pytest.raises(Auth.exceptions.HTTPException) as exc:
+            _answers(bad, dave)
+        assert exc.value.status_code == 422
 
 
 def status_of(code: int, call: Any) -> str:
