@@ -267,6 +267,15 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _first(error: BaseException, most: int = 160) -> str:
+    """An error's first sentence, at most `most` characters: torch's unpickling errors go on
+    for a paragraph, advising `weights_only=False`, which a file of unknown origin must not
+    be given."""
+    text = " ".join(str(error).split())
+    first = text.split(". ")[0]
+    return first if len(first) <= most else first[: most - 3] + "..."
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: str) -> NeuralCouncil:
     try:
@@ -283,7 +292,7 @@ def _load(path: str) -> NeuralCouncil:
         pickle.UnpicklingError,
         zipfile.BadZipFile,
     ) as e:
-        raise ConfigError(f"cannot load council weights from {path}: {e}") from e
+        raise ConfigError(f"cannot load council weights from {path}: {_first(e)}") from e
     return NeuralCouncil(
         model,
         float(header["temperature"]),

@@ -413,3 +413,13 @@ def write_fleet(directory: Path) -> Path:
     path = directory / "small.toml"
     path.write_text(SMALL_FLEET)
     return path
+
+
+def test_dates_are_iso_whatever_the_year() -> None:
+    """`--since 0001-01-01` echoed as an ISO date (the C library's %Y writes year 1 as "1")."""
+    from sim.analysis.history import _iso
+
+    assert _iso(datetime(1, 1, 1, tzinfo=UTC).timestamp()) == "0001-01-01T00:00:00Z"
+    assert _iso(datetime(2026, 1, 1, 0, 0, 0, 700000, tzinfo=UTC).timestamp()) == (
+        "2026-01-01T00:00:00Z"
+    )

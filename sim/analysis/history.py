@@ -82,7 +82,12 @@ def parse_date(value: str | None, flag: str) -> float | None:
 
 
 def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime("%Y"): the C library writes year 1 as "1", no ISO date
+    return (
+        None
+        if t is None
+        else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
 
 
 def resolve_fleet(state_dir: Path, explicit: str | None) -> tuple[FleetConfig, str]:
