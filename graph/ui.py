@@ -362,7 +362,13 @@ class _Guard:
             )
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return None
-        origin, referer = headers.get("origin"), headers.get("referer")
+        origins, referers = headers.getlist("origin"), headers.getlist("referer")
+        if len(origins) > 1 or len(referers) > 1:  # as two Hosts are: no browser sends them
+            return self.ui.error(
+                Request(scope), None, 403, "this form came with two origins: nothing changed"
+            )
+        origin = origins[0] if origins else None
+        referer = referers[0] if referers else None
         if origin is not None:
             why = (
                 None
@@ -861,7 +867,7 @@ class WebUI:
         choice = form.get("decision")
         if choice not in ("approve", "deny"):
             raise InvalidInput("the decision must be approve or deny")
-        comment = form.get("comment", "")[:500]
+        comment = form.get("comment", "")  # too long: refused as elsewhere (nodes.review)
         orch = self._as(who)
         answer = {
             "approve": choice == "approve",
@@ -1064,6 +1070,25 @@ def _login_form(root: str) -> str:
     )
 
 
+# The most a POST may carry: a decision, a comment of nodes.review.COMMENT_MAX characters (up
+# to 4 bytes each, percent-encoded: 12) and the form's token, with room to spare
+BODY_MAX = 64 * 1024
+
+
+async def _bounded_body(request: Request) -> bytes | None:
+    """The request's body, or None where it is (or says it is) longer than BODY_MAX: read
+    before the caller is known, so an anonymous sender cannot fill the memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > BODY_MAX):
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > BODY_MAX:
+            return None
+    return body
+
+
 def create_app(
     orch: Orchestrator, *, simulation: Path | None = None, allowed: Iterable[str] = ()
 ) -> Starlette:
@@ -1075,7 +1100,10 @@ def create_app(
 
     def with_body(fn: Callable[[Request], Response]) -> Any:
         async def endpoint(request: Request) -> Response:
-            request.state.body = await request.body()
+            body = await _bounded_body(request)
+            if body is None:  # read before anyone is known: never more than a form holds
+                return PlainTextResponse(f"a form is at most {BODY_MAX} bytes\n", 413)
+            request.state.body = body
 
             def call() -> Response:
                 if request.method == "POST":

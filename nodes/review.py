@@ -5,6 +5,7 @@ No side effects before interrupt(): LangGraph re-runs this node from its first l
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from langgraph.runtime import Runtime
@@ -19,6 +20,10 @@ from nodes.context import Context, services_for
 from nodes.state import State, request_of
 
 COMMENT_MAX = 500
+# What may reorder how a line reads (embeddings, overrides, isolates): refused with the
+# control characters; other format characters (a joiner in an emoji, Persian's non-joiner)
+# are text
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def parse_decision(answer: Any) -> HumanDecision:
@@ -46,7 +51,7 @@ def parse_decision(answer: Any) -> HumanDecision:
 def _checked(human: HumanDecision) -> HumanDecision:
     names.check("identity", human.by)
     comment = " ".join(human.comment.split())
-    if not comment.isprintable():
+    if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in comment):
         raise InvalidInput("a review comment may not hold control characters")
     if len(comment) > COMMENT_MAX:
         raise InvalidInput(

@@ -179,6 +179,12 @@ def test_bad_posts_change_nothing(site: dict[str, Any]) -> None:
             403,
         ),
         (dave, "/reviews/r1/decide", {"csrf": token, "decision": "maybe"}, 400),
+        (  # refused, not cut to fit (the limit nodes.review gives every other caller)
+            dave,
+            "/reviews/r1/decide",
+            {"csrf": token, "decision": "deny", "comment": "x" * 501},
+            400,
+        ),
         (dave, "/reviews/nope/decide", {"csrf": token, "decision": "approve"}, 404),
         (dave, "/reviews/placed/decide", {"csrf": token, "decision": "approve"}, 409),
     ]
@@ -186,8 +192,14 @@ def test_bad_posts_change_nothing(site: dict[str, Any]) -> None:
         r = client.post(path, data=form)
         assert r.status_code == status, (path, form, r.text[-400:])
         assert 'class="error"' in r.text
+    anonymous = TestClient(site["app"], base_url="http://127.0.0.1")
+    huge = anonymous.post("/reviews/r1/decide", content=b"x" * (64 * 1024 + 1))
+    assert huge.status_code == 413  # read before anyone is known: never more than a form
     assert orch.services.ledger.dump() == before
-    ok = dave.post("/reviews/r1/decide", data={"csrf": token, "decision": "approve"})
+    ok = dave.post(
+        "/reviews/r1/decide",
+        data={"csrf": token, "decision": "approve", "comment": "ok \U0001f468\u200d\U0001f469"},
+    )  # a joiner is text (an emoji's, Persian's), not a control character
     assert ok.status_code == 200
     replay = dave.post("/reviews/r1/decide", data={"csrf": token, "decision": "deny"})
     assert replay.status_code == 409 and "approve by dave" in replay.text
@@ -322,6 +334,9 @@ def test_a_foreign_origin_is_refused_and_changes_nothing(local: dict[str, Any]) 
         assert r.status_code == 403, (headers, r.text[-300:])
         assert "posted from elsewhere" in r.text and "nothing changed" in r.text
         assert "Not allowed - gpu-agent" in r.text
+    two = [("Origin", "http://127.0.0.1"), ("Origin", "http://evil.example")]
+    r = client.post("/reviews/r1/decide", data=form, headers=two)
+    assert r.status_code == 403 and "two origins" in r.text
     assert orch.services.ledger.dump() == before
     # the page's own origin (a browser), then a client that sends none (curl): both go on
     ok = client.post(
