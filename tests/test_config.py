@@ -24,6 +24,15 @@ def test_default_fleet() -> None:
     assert config.pools[Purpose.RESEARCH] == ["RTX4090"]
 
 
+def own_a100(price: str, throughput: str) -> str:
+    """The small fleet with an A100 of its own, priced and rated as given (TOML values)."""
+    return SMALL_FLEET.replace(
+        'catalog = ["A100", "H100", "T4", "RTX4090"]',
+        f"[catalog.A100]\nmemory_gb = 80\nprice_per_hour = {price}\n"
+        f"relative_throughput = {throughput}",
+    )
+
+
 @pytest.mark.parametrize(
     "text,needle",
     [
@@ -34,10 +43,7 @@ def test_default_fleet() -> None:
         (SMALL_FLEET.replace('research = ["RTX4090"]', "research = []"), "at least one"),
         (SMALL_FLEET.replace('name = "a100-1"', 'name = "a100-0"'), "appears twice"),
         (
-            SMALL_FLEET.replace(
-                'catalog = ["A100", "H100", "T4", "RTX4090"]',
-                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = -1\nrelative_throughput = 1",
-            ),
+            own_a100("-1", "1"),
             "greater than 0",
         ),
         (SMALL_FLEET.replace('"RTX4090"]', '"GTX480"]', 1), "catalog names 'GTX480', not a type"),
@@ -57,17 +63,11 @@ def test_default_fleet() -> None:
         (SMALL_FLEET + "\n[shares]\nvision = inf\n", "shares.vision"),
         (SMALL_FLEET + "\n[quotas.projects]\nvision = -1\n", "quotas.projects.vision"),
         (
-            SMALL_FLEET.replace(
-                'catalog = ["A100", "H100", "T4", "RTX4090"]',
-                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = 5\nrelative_throughput = 1e-300",
-            ),
+            own_a100("5", "1e-300"),
             "relative_throughput",
         ),
         (
-            SMALL_FLEET.replace(
-                'catalog = ["A100", "H100", "T4", "RTX4090"]',
-                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = inf\nrelative_throughput = 1",
-            ),
+            own_a100("inf", "1"),
             "price_per_hour",
         ),
         # a second pass (2026-12-06, session 23): a speed or price that overflowed into a
@@ -77,10 +77,7 @@ def test_default_fleet() -> None:
         (SMALL_FLEET + "\n[speeds.r]\nA100 = 1e-300\n", "greater than or equal to 0.001"),
         (SMALL_FLEET + "\n[speeds.r]\na100 = 1.0\nA100 = 3.0\n", "names a GPU type twice"),
         (
-            SMALL_FLEET.replace(
-                'catalog = ["A100", "H100", "T4", "RTX4090"]',
-                "[catalog.A100]\nmemory_gb = 80\nprice_per_hour = 1e308\nrelative_throughput = 1",
-            ),
+            own_a100("1e308", "1"),
             "less than or equal to 10000",
         ),
         (SMALL_FLEET.replace('name = "t4-0"', 'name = "t4\\nproblem: FAKE"'), "node 't4\\n"),

@@ -42,6 +42,15 @@ def _tree(path: Path) -> list[str]:
     return sorted(str(p) for p in [path, *path.rglob("*")])
 
 
+def simulating(
+    tmp_path: Path, out: Path | str, *extra: str, trace: Path | None = None, policies: str = "naive"
+) -> subprocess.CompletedProcess[str]:
+    """`gpu-agent simulate --json` of a small trace into `out`."""
+    trace = _trace(tmp_path) if trace is None else trace
+    args = ["--trace", str(trace), *extra, "--out", str(out), "--policies", policies, "--json"]
+    return run_cli("simulate", *args, cwd=tmp_path)
+
+
 def refused(r: subprocess.CompletedProcess[str], says: str) -> None:
     """One line on stderr saying `says`, exit 2, and the same line as JSON on stdout."""
     assert r.returncode == 2, r.stderr
@@ -56,17 +65,7 @@ def test_a_trace_value_that_makes_no_project_name_is_refused_before_any_policy(
 ) -> None:
     trace = _trace(tmp_path, "x y/z")
     out = tmp_path / "o"
-    r = run_cli(
-        "simulate",
-        "--trace",
-        str(trace),
-        "--out",
-        str(out),
-        "--policies",
-        "naive,gpu-agent",
-        "--json",
-        cwd=tmp_path,
-    )
+    r = simulating(tmp_path, out, trace=trace, policies="naive,gpu-agent")
     refused(r, f"{trace}:2: column 'cluster' makes project 'vc-x y/z'")
     assert not out.exists()
 
@@ -85,17 +84,7 @@ def test_simulate_refuses_an_out_it_cannot_fill_before_the_run(
     else:
         (out / blocked).mkdir(parents=True)
     before = _tree(out)
-    r = run_cli(
-        "simulate",
-        "--trace",
-        str(_trace(tmp_path)),
-        "--out",
-        str(out),
-        "--policies",
-        "naive,gpu-agent",
-        "--json",
-        cwd=tmp_path,
-    )
+    r = simulating(tmp_path, out, policies="naive,gpu-agent")
     refused(r, f"--out {out}: {out / blocked} is ")
     assert _tree(out) == before
 
@@ -110,32 +99,20 @@ def test_simulate_takes_what_it_removes_first_and_refuses_links_to_nothing(
     (out / "naive").mkdir(parents=True)
     (out / "naive" / "fleet.toml").write_text("")
     (out / "naive" / "fleet.toml").chmod(0o444)
-    args = ["simulate", "--trace", str(_trace(tmp_path)), "--policies", "naive", "--json"]
-    done = run_cli(*args, "--out", str(out), cwd=tmp_path)
+    done = simulating(tmp_path, out)
     assert done.returncode == 0, done.stderr
     nowhere = tmp_path / "dangling"
     nowhere.symlink_to(tmp_path / "absent")
-    refused(run_cli(*args, "--out", str(nowhere), cwd=tmp_path), "is a link to nothing")
+    refused(simulating(tmp_path, nowhere), "is a link to nothing")
     (out / "report.md").unlink()
     (out / "report.md").symlink_to(tmp_path / "absent")
-    refused(run_cli(*args, "--out", str(out), cwd=tmp_path), "report.md is a link to nothing")
+    refused(simulating(tmp_path, out), "report.md is a link to nothing")
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")
 def test_simulate_refuses_a_folder_no_file_can_be_made_in(tmp_path: Path) -> None:
     """/proc/self: a folder os.access calls writable for root; a probe file says otherwise."""
-    r = run_cli(
-        "simulate",
-        "--trace",
-        str(_trace(tmp_path)),
-        "--out",
-        "/proc/self",
-        "--policies",
-        "naive",
-        "--json",
-        cwd=tmp_path,
-    )
-    refused(r, "--out /proc/self: cannot write in /proc/self")
+    refused(simulating(tmp_path, "/proc/self"), "--out /proc/self: cannot write in /proc/self")
 
 
 def test_simulate_writes_under_a_place_that_changed_since_the_check_in_one_line(
@@ -233,21 +210,7 @@ def test_a_models_file_holds_only_speeds_and_they_are_checked_as_a_fleet_files(
     models = tmp_path / "models.toml"
     models.write_text(text)
     out = tmp_path / "o"
-    r = run_cli(
-        "simulate",
-        "--trace",
-        str(_trace(tmp_path)),
-        "--fleet",
-        str(BASE),
-        "--models",
-        str(models),
-        "--out",
-        str(out),
-        "--policies",
-        "naive",
-        "--json",
-        cwd=tmp_path,
-    )
+    r = simulating(tmp_path, out, "--fleet", str(BASE), "--models", str(models))
     refused(r, MODELS[text])
     assert str(models) in r.stderr and not out.exists()
 
