@@ -36,7 +36,7 @@ from fleet import names
 from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
-from nodes.context import BOUND, bound_context_refusal, chosen_context
+from nodes.context import BOUND, bound_context_refusal, chosen_context, own_services
 from nodes.review import parse_decision
 
 auth = Auth()
@@ -205,14 +205,33 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
     return {"project": who.project or ""}
 
 
+async def _keeps_its_gpus(thread_id: object, who: Identity) -> None:
+    """Refuse to delete a thread (or one of its runs) whose allocation is queued or active,
+    whoever asks: it would lose its thread while its GPUs stay held, as a rollback would.
+    Another project's thread is not named: the project filter answers for it (404)."""
+    if thread_id is None:
+        return
+    live = await asyncio.to_thread(lambda: own_services().ledger.live_on(str(thread_id)))
+    ids = [aid for aid, project in live if who.admin or project == who.project]
+    if ids:
+        raise _refuse(
+            f"thread {thread_id} holds allocation {', '.join(ids)}: release it first "
+            f"(gpu-agent release {ids[0]}, or the gpu-release tool), then delete the thread",
+            409,
+        )
+
+
 @auth.on.threads
 async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] | None:
     """Reading, searching, updating and deleting threads: one's own project's only. Writing a
     thread's state (an update that is neither a metadata patch nor a run's cancel) could
-    skip the council or the review: admins only; nor may a thread change project."""
+    skip the council or the review: admins only; nor may a thread change project. Nobody
+    deletes a thread that holds GPUs (_keeps_its_gpus)."""
     who = _who(ctx)
     if ctx.action == "update" and isinstance(value, Mapping) and value.get("action") == "rollback":
         raise _refuse(ROLLBACK)
+    if ctx.action == "delete" and isinstance(value, Mapping):
+        await _keeps_its_gpus(value.get("thread_id"), who)
     if who.admin:
         return None
     if ctx.action == "update" and isinstance(value, Mapping):

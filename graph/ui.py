@@ -45,7 +45,7 @@ from council.features import cheapest
 from fleet import names
 from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput
-from fleet.models import CouncilDecision, GPURequest, RouteMode, Status
+from fleet.models import CouncilDecision, GPURequest, ReleaseReason, RouteMode, Status
 from fleet.routing import Refusal, guarded
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
@@ -61,6 +61,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HOSTS_ENV = "GPU_AGENT_UI_HOSTS"
 REFRESH_SECONDS = 15  # the pending reviews list reloads itself (a <meta> refresh, no script)
 LIVE = ("queued", "active")
+# what a release from the page leaves (a queued allocation placed meanwhile is released)
+BY_HAND = (ReleaseReason.EXPLICIT, ReleaseReason.CANCELLED)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{background:#1f2937;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;
@@ -897,19 +899,19 @@ class WebUI:
             )
         row = self.orch.services.ledger.get(aid)
         who.check_project(row.project, "release allocations")
-        if row.state not in LIVE:
+        done = self._as(who).release(aid) if row.state in LIVE else row.to_release()
+        if row.state not in LIVE or done.reason not in BY_HAND:  # before, or meanwhile
             return self.error(
                 request,
                 who,
                 409,
                 f"allocation {aid} was already released "
-                f"({label(RELEASE_REASON, row.release_reason or '')}, at "
-                f"{_when(row.released_at)}, charged {_money(row.cost_usd)}): "
+                f"({label(RELEASE_REASON, done.reason.value)}, at "
+                f"{_when(done.released_at.timestamp())}, charged {_money(done.cost_usd)}): "
                 "nothing changed",
                 title="Already released",
             )
-        done = self._as(who).release(aid)
-        verb = "Cancelled" if row.state == "queued" else "Released"
+        verb = "Cancelled" if done.reason is ReleaseReason.CANCELLED else "Released"
         body = (
             f'<p class="decided">{verb} allocation <span class="id aid">{_e(aid)}</span> '
             f"({row.count} x {_e(row.gpu_type)} of {_e(row.project)}): held "

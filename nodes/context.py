@@ -176,6 +176,12 @@ def services_for(runtime: Runtime[Context]) -> Services:
     chosen = chosen_context({name: getattr(ctx, name, None) for name in BOUND})
     if chosen:
         raise InvalidInput(bound_context_refusal(chosen))
+    return own_services()
+
+
+def own_services() -> Services:
+    """This process's own services, what `Context()` reads from the environment: opened once
+    and shared by every run (and the server's auth) that is bound to them."""
     own = Context()
     choice = BackendChoice(own.backend, own.replay)
     key = (str(_compared("state_dir", own.state_dir)), own.fleet_file, choice, own.database)

@@ -416,6 +416,40 @@ def test_an_answer_that_is_no_decision_is_refused_before_the_run(
         assert live in waiting and all(orch.outcome(t).next == ("review",) for t in waiting)
 
 
+def test_a_thread_holding_gpus_is_not_deleted(secured: dict[str, Any]) -> None:
+    """Deleting a thread whose allocation is active is refused (409, one line), an admin's
+    delete too, and another project's member is told only that there is no such thread; once
+    the allocation is released the thread may go."""
+    client = secured["client"]
+    alice, bob, dave, root = (client(n) for n in ("alice", "bob", "dave", "root"))
+    tid = alice.threads.create()["thread_id"]
+    long = REQUEST | {"duration_hours": 100}  # 100 s at the fleet's 3,600 x clock
+    assert alice.runs.wait(tid, "gpu-agent", input={"request": long})["status"] == (
+        "pending_review"
+    )
+    run = dave.runs.create(tid, "gpu-agent", command={"resume": {"approve": True}})
+    deadline = time.monotonic() + 60
+    while True:
+        seen = alice.runs.wait(None, "gpu-status", input={"project": "vision"})["fleet"]
+        active = [a["id"] for a in seen["allocations"] if a["state"] == "active"]
+        if active:
+            break
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.5)
+    (aid,) = active
+    held = status_of(409, lambda: alice.threads.delete(tid))
+    assert held.startswith(f"thread {tid} holds allocation {aid}: release it first")
+    assert status_of(409, lambda: root.threads.delete(tid)) == held
+    assert refused(lambda: bob.threads.delete(tid)) == 404
+    assert (
+        alice.runs.wait(None, "gpu-release", input={"allocation_id": aid})["release"]["reason"]
+        == "explicit"
+    )
+    assert dave.runs.join(tid, run["run_id"])["status"] == "released"
+    alice.threads.delete(tid)
+    assert refused(lambda: alice.threads.get(tid)) == 404
+
+
 def test_answers_are_read_as_the_review_reads_them_and_are_the_caller_s() -> None:
     """The auth's check of a resume command, in any form LangGraph takes: each answer parsed
     (with tokens stamped with the caller's name), one that is no decision refused with 422;

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 from fleet.access import Identity, add_identity
 from fleet.errors import InvalidInput
-from fleet.models import Status
+from fleet.models import ReleaseReason, Status
 from graph.orchestrator import Orchestrator
 from graph.ui import SERVER, create_app
 from tests.conftest import run_cli, small_config
@@ -652,6 +652,36 @@ def test_the_release_button_releases_once(site: dict[str, Any]) -> None:
     assert len(releases) == 1
     assert not release_form(dave.get("/fleet").text, aid)
     assert "released by hand" in dave.get("/reviews/live").text
+
+
+def test_a_lease_that_ends_while_the_release_is_asked_is_not_reported_as_it(
+    site: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page read the allocation live, then its lease ended before the page's release
+    ran: the page says it was already released, by what, and charges nothing more."""
+    orch: Orchestrator = site["orch"]
+    aid = live_allocation(site, "race")
+    ledger = orch.services.ledger
+    read = ledger.get
+
+    def read_then_expire(allocation_id: str) -> Any:
+        row = read(allocation_id)
+        if allocation_id == aid and row.state == "active":
+            ledger.release(aid, ReleaseReason.LEASE_EXPIRED, orch.services.clock.now())
+        return row
+
+    dave = login(site, "dave")
+    token = csrf(dave.get("/fleet").text)
+    monkeypatch.setattr(ledger, "get", read_then_expire)
+    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
+    monkeypatch.undo()
+    assert r.status_code == 409, r.text[-300:]
+    text = re.sub(r"<[^>]+>", "", r.text)
+    assert f"allocation {aid} was already released (lease ended" in text, text[-400:]
+    assert "Released allocation" not in text
+    assert [(e.action, e.who) for e in orch.audit() if e.target == aid] == [
+        ("release", "gpu-agent")
+    ]  # the lease's end, not dave
 
 
 def test_an_unmonitored_allocation_is_flagged(site: dict[str, Any]) -> None:

@@ -61,6 +61,18 @@ class Queries(Store):
             )
         ]
 
+    def live_on(self, thread_id: str) -> list[tuple[str, str]]:
+        """(id, project) of the queued and active allocations a thread placed: what deleting
+        the thread would orphan."""
+        return [
+            (r[0], r[1])
+            for r in self.query(
+                "SELECT id, project FROM allocations WHERE thread_id=? "
+                "AND state IN ('queued', 'active') ORDER BY enqueued_at, id",
+                (thread_id,),
+            )
+        ]
+
     def holders(self) -> dict[str, tuple[str, str]]:
         """GPU uuid -> (allocation id, project) for every held GPU."""
         return {
