@@ -147,17 +147,18 @@ def _check_thread_id(thread_id: object) -> None:
 
 
 @auth.on.threads.create
-async def on_thread_create(ctx: Auth.types.AuthContext, value: ThreadsCreate) -> None:
+async def on_thread_create(
+    ctx: Auth.types.AuthContext, value: ThreadsCreate
+) -> dict[str, str] | None:
+    """A member's thread is stamped with their project; the filter returned makes
+    `if_exists="do_nothing"` hand back only a thread of that project (another's: 409)."""
     _check_thread_id(value.get("thread_id"))
     who = _who(ctx)
-    if not who.admin and value.get("if_exists") not in (None, "raise"):
-        raise _refuse(  # "do_nothing" hands back an existing thread, another project's too
-            f"{who.name} may not create a thread with if_exists "
-            f"{value.get('if_exists')!r}: only an admin may"
-        )
-    if not who.admin:  # in place: the server keeps its own reference to the dict
-        metadata = value.setdefault("metadata", {})
-        metadata["project"] = who.project
+    if who.admin:
+        return None
+    metadata = value.setdefault("metadata", {})  # in place: the server keeps the dict
+    metadata["project"] = who.project
+    return {"project": who.project or ""}
 
 
 @auth.on.threads.create_run

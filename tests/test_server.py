@@ -383,8 +383,9 @@ def test_an_answer_that_is_no_decision_is_refused_before_the_run(
     """A malformed answer is refused in one line (422) before any run, so the review still
     waits for a good one (LangGraph would replay a bad one for good); "approve" as a string
     is recorded as the caller's, as true and {...} are. A member may not take another
-    project's thread with if_exists, and nobody rolls a run back (its thread would lose the
-    GPUs it placed). A stateless run's review, whose thread is gone, is listed nowhere."""
+    project's thread with if_exists (their own comes back), and nobody rolls a run back (its
+    thread would lose the GPUs it placed). A stateless run's review, whose thread is gone, is
+    listed nowhere."""
     client = secured["client"]
     alice, bob, dave, root = (client(n) for n in ("alice", "bob", "dave", "root"))
     tid = alice.threads.create()["thread_id"]
@@ -396,8 +397,10 @@ def test_an_answer_that_is_no_decision_is_refused_before_the_run(
     run = dave.runs.create(tid, "gpu-agent", command={"resume": "approve"})
     done = dave.runs.join(tid, run["run_id"])
     assert done["status"] == "released" and done["human"]["by"] == "dave"
-    taken = status_of(403, lambda: bob.threads.create(thread_id=tid, if_exists="do_nothing"))
-    assert taken.startswith("bob may not create a thread with if_exists")
+    taken = status_of(409, lambda: bob.threads.create(thread_id=tid, if_exists="do_nothing"))
+    assert taken == f"Thread with ID {tid} already exists"  # not handed to another project
+    again = alice.threads.create(thread_id=tid, if_exists="do_nothing")
+    assert again["thread_id"] == tid and again["metadata"]["project"] == "vision"
     back = status_of(403, lambda: root.runs.cancel(tid, run["run_id"], action="rollback"))
     assert back.startswith("a run is not rolled back here")
     rolled = status_of(
