@@ -75,14 +75,16 @@ class JobQueue:
         return self.get(thread_id)
 
     def claim(self, worker: str, lease_seconds: float, now: float | None = None) -> Job | None:
-        """The oldest job nobody holds (pending, or its worker's lease ran out), now ours."""
+        """The oldest job nobody holds (pending, or its worker's lease ran out), now ours.
+        Never one this worker holds itself: its lease ran out while one of its threads runs
+        it (a renewal held up), and a second thread would run the same graph thread."""
         now = time.time() if now is None else now
         with self.ledger.queue_transaction() as db:
             row = db.execute(
                 "SELECT thread_id FROM jobs WHERE state='pending' OR (state='running' AND "
-                "lease_until<?) ORDER BY submitted_at, thread_id LIMIT 1"
+                "lease_until<? AND worker<>?) ORDER BY submitted_at, thread_id LIMIT 1"
                 + self.ledger.db.skip_locked,
-                (now,),
+                (now, worker),
             ).fetchone()
             if row is None:
                 return None

@@ -7,7 +7,6 @@ threads. Add fields with defaults; never rename.
 
 from __future__ import annotations
 
-import math
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -173,7 +172,15 @@ def _named(kind: str, value: str) -> str:
 class GPURequest(BaseModel):
     """What a user asks for. Field-level checks here; fleet-level checks in fleet.validation."""
 
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+    # every float finite, also when given as a string ("inf"); an attribute set on a request
+    # is checked as the field's value is (a request the caller changed reaches the ledger)
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_by_name=True,
+        validate_by_alias=True,
+        allow_inf_nan=False,
+        validate_assignment=True,
+    )
 
     project: str = "default"
     purpose: Purpose = Purpose.TRAINING
@@ -278,11 +285,9 @@ class GPURequest(BaseModel):
         mode="before",
     )
     @classmethod
-    def _finite(cls, v: Any) -> Any:
+    def _no_bool(cls, v: Any) -> Any:  # finite: allow_inf_nan=False
         if isinstance(v, bool):
             raise ValueError("must be a number")
-        if isinstance(v, int | float) and not math.isfinite(v):
-            raise ValueError("must be a finite number")
         return v
 
 
@@ -373,6 +378,9 @@ class CouncilDecision(BaseModel):
 
 
 class HumanDecision(BaseModel):
+    # a key misspelt ("guardrail") is refused, not dropped: the decision would stand without it
+    model_config = ConfigDict(extra="forbid")
+
     approve: bool
     by: str = "human"
     comment: str = ""

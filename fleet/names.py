@@ -1,5 +1,6 @@
 """The one place that says what a name or an id may look like: projects, identities, thread
-ids, allocation ids, request ids, workloads, and the fleet file's node names.
+ids, allocation ids, request ids, workloads, and the fleet file's node names; and what free
+text a person writes into the audit log may hold (a review's comment, a preemption's reason).
 
 Every entry (CLI, Python API, LangGraph server, tools, the web page) checks with a full match
 of these patterns: `re.match(... $)` lets a final newline through, which made "vision\\n" an
@@ -11,6 +12,7 @@ spaces, '/', '?', '#', quotes and ':' (the audit log's key separator).
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from fleet.errors import InvalidInput
@@ -74,3 +76,20 @@ def shown(value: object) -> str:
     if not isinstance(value, str):
         return f"of type {type(value).__name__}"
     return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+TEXT_MAX = 500  # characters of free text: a review's comment, a preemption's reason
+# What may reorder how a line reads (embeddings, overrides, isolates): refused with the
+# control characters; other format characters (a joiner in an emoji, Persian's non-joiner)
+# are text
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def text_problem(what: str, text: str) -> str | None:
+    """Why `text` may not be written as `what` (None: it may): control characters and bidi
+    overrides would garble the audit log's lines and the page, and it is at most TEXT_MAX."""
+    if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in text):
+        return f"{what} may not hold control characters"
+    if len(text) > TEXT_MAX:
+        return f"{what} is at most {TEXT_MAX} characters, not {len(text)}"
+    return None

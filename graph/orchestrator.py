@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, TypeVar, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command, Durability, StateSnapshot, StreamMode
@@ -37,8 +38,9 @@ from fleet.config import FleetConfig
 from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere
 from fleet.fleet_backend import FleetBackend
 from fleet.jobs import Job, JobQueue
-from fleet.models import Event, GPURequest, HumanDecision, Status
-from fleet.monitors import Orphan
+from fleet.ledger.rows import allocation_id
+from fleet.models import Event, GPURequest, HumanDecision, ReleaseReason, Status
+from fleet.monitors import KINDS, Orphan
 from fleet.validation import check_against_fleet, parse_request
 from graph.builder import build_graph
 from graph.checkpoint import close_checkpointer, open_checkpointer
@@ -55,6 +57,18 @@ from nodes.wiring import after_allocate
 # (see Orchestrator._invoke for the pure part before it).
 DURABILITY: Durability = "sync"
 PURE_NODES = frozenset({"validate", "council", "review", "route"})  # no side effects
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class _Placing:
+    """A request running in the background until it is placed (allocate_gpu_sync)."""
+
+    thread_id: str
+    request_id: str
+    placed: threading.Event
+    box: dict[str, Any]  # "allocation", then "outcome" or "error"
+    runner: threading.Thread | None = None
 
 
 class Orchestrator(Records):
@@ -83,6 +97,10 @@ class Orchestrator(Records):
         is opened and set right as for Records (graph/records.py); then the checkpointer.
         `monitor_kind`: what this process is ("cli", "worker", "page", "python"), shown by
         `status` beside each allocation whose thread it runs (fleet.monitors)."""
+        if project is not None:  # applied to requests later without a model's checks
+            names.check("project", project)
+        if monitor_kind not in KINDS:
+            raise InvalidInput(f"monitor_kind must be one of {', '.join(KINDS)}")
         super().__init__(
             state_dir,
             fleet,
@@ -97,6 +115,10 @@ class Orchestrator(Records):
         )
         self.services.monitor_kind = monitor_kind
         self.project = project
+        # the threads this process runs now (shared with its acting_as copies): one graph
+        # thread never runs twice at once here, as the monitor's claim ensures across processes
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
         try:
             self.checkpointer = open_checkpointer(
                 self.services.state_dir, database, pool_size=pool_size
@@ -105,11 +127,18 @@ class Orchestrator(Records):
             self.services.close()
             raise
         self.graph = build_graph(self.checkpointer)
-        self.context = LocalContext(state_dir=str(self.services.state_dir), services=self.services)
+        self.context = LocalContext(
+            state_dir=str(self.services.state_dir), services=self.services, identity=self.identity
+        )
 
     def close(self) -> None:
         close_checkpointer(self.checkpointer)
         super().close()
+
+    def acting_as(self, identity: Identity) -> Self:
+        other = super().acting_as(identity)
+        other.context = dataclasses.replace(self.context, identity=identity)
+        return other
 
     # ---- running threads -------------------------------------------------------------------
 
@@ -258,6 +287,10 @@ class Orchestrator(Records):
         GPUs are held resumes from the last tick. Both parts are idempotent on re-run.
         """
         config = self._config(thread_id)
+        with self._running_lock:
+            if thread_id in self._running:
+                raise MonitoredElsewhere(f"thread {thread_id!r} already runs in this process")
+            self._running.add(thread_id)
         try:
             if pure_first:
                 values, stopped = self._stream(
@@ -282,6 +315,8 @@ class Orchestrator(Records):
             return self._outcome_of(thread_id, values, stopped)
         finally:  # whatever stopped it, this process no longer runs the thread
             self.services.unwatch_thread(thread_id)
+            with self._running_lock:
+                self._running.discard(thread_id)
 
     def _outcome_of(
         self, thread_id: str, values: State, stopped: tuple[Any, ...] | None
@@ -318,13 +353,19 @@ class Orchestrator(Records):
             claim,
             wait=wait,
             on_update=_events_to(on_event),
-            on_progress=on_progress,
+            on_progress=_heard(on_progress),
         )
 
     def start_job(self, job: Job) -> RequestOutcome:
         """Run a submitted job's thread from its first step (a worker holding its lease: the
-        job's claim on the name is this worker's while the lease lasts)."""
-        return self._start(self.check(job.request), job.thread_id, None)
+        job's claim on the name is this worker's while the lease lasts). A thread that has
+        started is resumed, never started again: its first step would overwrite it."""
+        req = self.check(job.request)
+        if self.identity.admin:  # a worker runs it for whoever submitted it
+            req = req.model_copy(update={"requested_by": job.request.requested_by})
+        if self._started(job.thread_id):
+            raise InvalidInput(f"thread {job.thread_id!r} already exists; resume it instead")
+        return self._start(req, job.thread_id, None)
 
     def resume(
         self,
@@ -366,7 +407,7 @@ class Orchestrator(Records):
             wait=wait,
             pure_first=bool(PURE_NODES & set(_to_run(snap))),
             on_update=_events_to(on_event),
-            on_progress=on_progress,
+            on_progress=_heard(on_progress),
         )
 
     def _stays(self, thread_id: str) -> RequestOutcome:
@@ -402,7 +443,12 @@ class Orchestrator(Records):
         return human
 
     def continue_in_background(self, thread_id: str) -> threading.Thread:
-        """Carry a placed or queued thread on (monitor, release) in a background thread."""
+        """Carry a placed or queued thread on (monitor, release) in a background thread; a
+        thread that does not exist, or that the caller may not act on, is refused here."""
+        snap = self.graph.get_state(self._config(thread_id))
+        if not snap.values:
+            raise InvalidInput(f"no thread {thread_id!r}")
+        self._project_of(snap.values, "resume threads")
         return self._spawn(lambda: self._resume_quietly(thread_id))
 
     def _resume_quietly(self, thread_id: str) -> None:
@@ -470,40 +516,82 @@ class Orchestrator(Records):
         """Place the request and return while the graph keeps monitoring in the background.
 
         Raises InvalidInput, Denied, NotPlaced or PendingReview when no GPUs were placed.
-        """
+        Interrupted (Ctrl-C) while it waits, nothing stays placed for it (_withdraw)."""
+        return self._held(self._placing(request, thread_id))
+
+    async def allocate_gpu(
+        self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
+    ) -> AllocationHandle:
+        """allocate_gpu_sync for asyncio; cancelled (a timeout) while it waits, nothing stays
+        placed for it."""
+        begun = asyncio.ensure_future(asyncio.to_thread(self._placing, request, thread_id))
+        try:
+            placing = await asyncio.shield(begun)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # it may have been refused: nothing to undo
+                await asyncio.to_thread(self._withdraw, await begun)
+            raise
+        try:
+            return await asyncio.to_thread(self._held, placing)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self._withdraw, placing)
+            raise
+
+    def _placing(self, request: GPURequest | Mapping[str, Any], thread_id: str | None) -> _Placing:
+        """The request checked, its thread claimed (a generated name too, so that it can be
+        revoked) and run in the background until it is placed or ends."""
         req = self.check(request)
-        thread_id, claim = self._new_thread(thread_id, req)
-        placed = threading.Event()
-        box: dict[str, Any] = {}
+        thread_id, claim = self._new_thread(
+            uuid.uuid4().hex if thread_id is None else thread_id, req
+        )
+        placing = _Placing(thread_id, req.request_id, threading.Event(), {})
 
         def on_update(node: str, update: dict[str, Any]) -> None:
             if node == "allocate" and update.get("status") == Status.ALLOCATED:
-                box["allocation"] = update["allocation"]
-                placed.set()
+                placing.box["allocation"] = update["allocation"]
+                placing.placed.set()
 
         def run() -> None:
             try:
-                box["outcome"] = self._start(req, thread_id, claim, on_update=on_update)
+                placing.box["outcome"] = self._start(req, thread_id, claim, on_update=on_update)
             except BaseException as exc:  # handed to the caller, never swallowed
-                box["error"] = exc
+                placing.box["error"] = exc
             finally:
-                placed.set()
+                placing.placed.set()
 
-        runner = self._spawn(run)
-        placed.wait()
-        if "allocation" in box:
-            return AllocationHandle(self, thread_id, box["allocation"], runner, box)
-        runner.join()
+        placing.runner = self._spawn(run)
+        return placing
+
+    def _held(self, placing: _Placing) -> AllocationHandle:
+        """The handle once placed, or the request's answer; a wait given up (Ctrl-C) or a
+        run that failed leaves nothing placed."""
+        box, runner = placing.box, placing.runner
+        assert runner is not None
+        try:
+            placing.placed.wait()
+            if "allocation" in box:
+                return AllocationHandle(self, placing.thread_id, box["allocation"], runner, box)
+            runner.join()
+        except BaseException:
+            self._withdraw(placing)
+            raise
         if "error" in box:
+            if not isinstance(box["error"], GPUAgentError):
+                self._withdraw(placing)
             raise box["error"]
         outcome: RequestOutcome = box["outcome"]
         outcome.raise_for_status()
         raise GPUAgentError(f"request ended without GPUs: {outcome.reason}")
 
-    async def allocate_gpu(
-        self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
-    ) -> AllocationHandle:
-        return await asyncio.to_thread(self.allocate_gpu_sync, request, thread_id=thread_id)
+    def _withdraw(self, placing: _Placing) -> None:
+        """Nothing stays placed for a caller that stopped waiting: the thread's claim is
+        revoked first, so that a placement still in flight is refused in its own transaction
+        (fleet.ledger.threads), then whatever was placed or queued is cancelled."""
+        self.services.ledger.revoke_thread(placing.thread_id)
+        with contextlib.suppress(InvalidInput):  # none was written
+            self.services.release(
+                allocation_id(placing.thread_id, placing.request_id), ReleaseReason.CANCELLED
+            )
 
     def _spawn(self, fn: Callable[[], None]) -> threading.Thread:
         clock = self.services.clock
@@ -529,15 +617,31 @@ def _to_run(snap: StateSnapshot) -> tuple[str, ...]:
     return tuple(snap.next) or tuple(t.name for t in snap.tasks if not t.interrupts)
 
 
+def _heard(fn: Callable[[T], None] | None) -> Callable[[T], None] | None:
+    """A caller's callback that cannot stop the run: one that raises is logged and the run
+    goes on (stopped mid-run, its allocation would stay placed with nobody monitoring it)."""
+    if fn is None:
+        return None
+
+    def call(arg: T) -> None:
+        try:
+            fn(arg)
+        except Exception:
+            logging.getLogger(__name__).exception("a callback raised; the run goes on")
+
+    return call
+
+
 def _events_to(
     on_event: Callable[[Event], None] | None,
 ) -> Callable[[str, dict[str, Any]], None] | None:
-    if on_event is None:
+    heard = _heard(on_event)
+    if heard is None:
         return None
 
     def on_update(node: str, update: dict[str, Any]) -> None:
         for event in update.get("events", []):
-            on_event(event)
+            heard(event)
 
     return on_update
 

@@ -42,6 +42,15 @@ if TYPE_CHECKING:
     from fleet.config import FleetConfig
     from fleet.fleet_backend import FleetBackend
 
+# What a caller may say ended an allocation (by hand, a `with` block, a start given up, a
+# command's exit); the others (idle, budget, lease, health...) are the monitor's findings
+CALLER_REASONS = (
+    ReleaseReason.EXPLICIT,
+    ReleaseReason.CONTEXT_EXIT,
+    ReleaseReason.CANCELLED,
+    ReleaseReason.COMMAND_EXIT,
+)
+
 
 class Records:
     def __init__(
@@ -113,8 +122,15 @@ class Records:
     def release(
         self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
     ) -> Release:
-        """Release now (or cancel a queued request). A second release returns the first."""
+        """Release now (or cancel a queued request). A second release returns the first.
+        `reason`: one a caller gives (CALLER_REASONS); the others are the monitor's."""
         names.check("allocation id", allocation_id)
+        if reason not in CALLER_REASONS:
+            raise InvalidInput(
+                f"a release's reason is one of {', '.join(r.value for r in CALLER_REASONS)}, "
+                f"not {names.shown(reason)}"
+            )
+        reason = ReleaseReason(reason)
         self.identity.check_project(
             self.services.ledger.get(allocation_id).project, "release allocations"
         )
@@ -130,8 +146,11 @@ class Records:
         administrator's decision: fleet.preemption); returns its deadline before and after."""
         names.check("allocation id", allocation_id)
         self.identity.check_admin("preempt allocations")
-        if not why.strip() or "\n" in why:
+        if not isinstance(why, str) or not why.strip() or "\n" in why:
             raise InvalidInput("--why must be one line saying why the allocation must yield")
+        problem = names.text_problem("--why", why.strip())
+        if problem is not None:
+            raise InvalidInput(problem)
         return self.services.preempt(allocation_id, why.strip(), by=self.identity.name)
 
     def _visible(self, project: str | None) -> str | None:
@@ -154,7 +173,10 @@ class Records:
         ]
 
     def audit(self, project: str | None = None, limit: int | None = None) -> list[AuditEntry]:
-        """Who approved, denied, decided, released and set budgets, and why; oldest first."""
+        """Who approved, denied, decided, released and set budgets, and why; oldest first
+        (the last `limit` entries: a positive whole number, or None for all)."""
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise InvalidInput(f"limit must be a whole number of at least 1, not {limit!r}")
         return self.services.ledger.audit_log(self._visible(project), limit)
 
     def _checkpointed(self, thread_ids: list[str]) -> set[str]:

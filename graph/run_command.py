@@ -29,16 +29,15 @@ import shlex
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import FrameType
 
-from fleet.errors import Denied, GPUAgentError, Interrupted, InvalidInput, NotPlaced
+from fleet.errors import Denied, Interrupted, InvalidInput, NotPlaced
 from fleet.faults import RUN_PLACED, fault
 from fleet.ledger import Ledger
-from fleet.ledger.rows import LedgerRow, allocation_id
+from fleet.ledger.rows import LedgerRow
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owner
@@ -343,23 +342,13 @@ INTERRUPTED = "interrupted before the command started; nothing is left placed fo
 
 def _placed(orch: Orchestrator, request: GPURequest) -> AllocationHandle:
     """The request placed for the command. Interrupted (Ctrl-C) or failed while it was being
-    placed, nothing may stay placed for a command that never starts: the thread's claim is
-    revoked first, so that a placement still in flight is refused in its own transaction
-    (fleet.ledger.threads), then whatever was placed or queued is cancelled. A refusal
-    (denied, not placed, waiting for a review) is the request's answer and stays."""
-    thread_id = uuid.uuid4().hex
+    placed, nothing stays placed for a command that never starts (allocate_gpu_sync
+    withdraws it). A refusal (denied, not placed, waiting for a review) is the request's
+    answer and stays."""
     try:
-        return orch.allocate_gpu_sync(request, thread_id=thread_id)
-    except GPUAgentError:
-        raise
-    except BaseException as exc:
-        orch.services.ledger.revoke_thread(thread_id)
-        aid = allocation_id(thread_id, request.request_id)
-        if _row(orch, aid) is not None:  # a second release returns the first
-            orch.release(aid, ReleaseReason.CANCELLED)
-        if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(INTERRUPTED) from None
-        raise
+        return orch.allocate_gpu_sync(request)
+    except KeyboardInterrupt:
+        raise Interrupted(INTERRUPTED) from None
 
 
 def _announced(handle: AllocationHandle, say: Callable[[str], None]) -> Held:

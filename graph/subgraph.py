@@ -46,6 +46,9 @@ def gpu_request_node(
     compiled = graph or build_graph()
 
     def get_gpus(state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        if request_key not in state:
+            missing = {"status": Status.INVALID, "reason": f"the state has no {request_key!r}"}
+            return {result_key: summary(missing)}
         values = compiled.invoke({"request": state[request_key]}, config)
         return {result_key: summary(values)}
 

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleet.errors import GPUAgentError
 from fleet.models import Status
@@ -23,7 +23,7 @@ from graph.orchestrator import Orchestrator
 
 
 class RequestGpusArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     project: str = Field(description="The project that pays, e.g. 'vision'.")
     purpose: str = Field(
@@ -45,6 +45,14 @@ class RequestGpusArgs(BaseModel):
         "job's own speed on it (the fleet file's table, or its earlier runs); omit for the "
         "types' average speeds.",
     )
+
+    @field_validator("count", "hours", "budget_usd", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        """Numbers, not true/false (which pydantic would read as 1 and 0)."""
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not true or false")
+        return v
 
 
 class ReleaseGpusArgs(BaseModel):

@@ -1072,7 +1072,7 @@ def _login_form(root: str) -> str:
     )
 
 
-# The most a POST may carry: a decision, a comment of nodes.review.COMMENT_MAX characters (up
+# The most a POST may carry: a decision, a comment of fleet.names.TEXT_MAX characters (up
 # to 4 bytes each, percent-encoded: 12) and the form's token, with room to spare
 BODY_MAX = 64 * 1024
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from fleet.errors import InvalidInput, MonitoredElsewhere
 from fleet.jobs import Job, JobQueue
+from fleet.models import ReleaseReason
 from graph.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class Worker:
                 if not any(t.is_alive() for t in threads):
                     break
         finally:
-            self.stopping.set()
-            handed = self.queue.hand_back(self.worker_id)
+            self.stopping.set()  # handed back uncounted: stopping is no failed attempt
+            handed = self.queue.hand_back(self.worker_id, retry=True)
             if handed:
                 log.info("worker %s handed %d running job(s) back", self.worker_id, handed)
         return self.finished
@@ -142,8 +143,10 @@ class Worker:
                         orphan.row.id,
                     )
                 return True
-            except Exception:
-                log.exception("adopted thread %s stopped", tid)
+            except Exception:  # not adopted again here: it would fail as often as it is
+                log.exception("adopted thread %s stopped; this worker leaves it", tid)
+                with self._lock:
+                    self._stranded.add(orphan.row.id)
                 return True
             finally:
                 with self._lock:
@@ -156,6 +159,9 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         tid = job.thread_id
+        if job.attempts > self.max_attempts:  # its workers stopped while running it
+            self._give_up(job, f"its workers stopped {job.attempts - 1} times while running it")
+            return
         try:
             if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
                 outcome = self.orch.start_job(job)
@@ -175,7 +181,20 @@ class Worker:
             if job.attempts < self.max_attempts:
                 self.queue.hand_back(self.worker_id, tid)
                 return
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            self._give_up(job, f"{type(exc).__name__}: {exc}")
+            return
+        self._finish(tid, status, error)
+
+    def _finish(self, tid: str, status: str, error: str | None) -> None:
         if self.queue.finish(tid, self.worker_id, status, error):
             with self._lock:
                 self.finished[status] += 1
+
+    def _give_up(self, job: Job, why: str) -> None:
+        """The job failed for good: what its thread placed or queued is released, as a
+        start given up is (else its GPUs stay held with nobody watching them, and each worker
+        that adopts them fails as the job did), and the job ends failed, saying why."""
+        log.warning("job %s given up after %d attempts: %s", job.thread_id, job.attempts, why)
+        for aid, _ in self.orch.services.ledger.live_on(job.thread_id):
+            self.orch.services.release(aid, ReleaseReason.CANCELLED, by=self.worker_id)
+        self._finish(job.thread_id, "failed", why)

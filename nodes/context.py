@@ -19,6 +19,7 @@ from pathlib import Path
 from langgraph.runtime import Runtime
 
 from council.voting import Council
+from fleet.access import Identity
 from fleet.choose_backend import BackendChoice
 from fleet.config import FleetConfig
 from fleet.models import Allocation
@@ -73,9 +74,13 @@ class Context:
 @dataclass(kw_only=True)
 class LocalContext(Context):
     """What in-process callers (the Orchestrator, the simulator, tests) pass: ready services.
-    Not JSON, so never part of the graph's context schema that the server and Studio show."""
+    Not JSON, so never part of the graph's context schema that the server and Studio show.
+    `identity`: who is calling, where the caller authenticated one (the Orchestrator's): the
+    validate node then requests GPUs only for a project they may act on, as theirs, also
+    when the graph runs inside another (graph/subgraph.py); None: the caller is trusted."""
 
     services: Services
+    identity: Identity | None = None
 
 
 _opened: dict[tuple[str, str | None, BackendChoice, str | None], Services] = {}

@@ -5,7 +5,6 @@ No side effects before interrupt(): LangGraph re-runs this node from its first l
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Any
 
 from langgraph.runtime import Runtime
@@ -18,12 +17,6 @@ from fleet.models import Event, EventKind, HumanDecision, Status, utc
 from nodes import audit
 from nodes.context import Context, services_for
 from nodes.state import State, request_of
-
-COMMENT_MAX = 500
-# What may reorder how a line reads (embeddings, overrides, isolates): refused with the
-# control characters; other format characters (a joiner in an emoji, Persian's non-joiner)
-# are text
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def parse_decision(answer: Any) -> HumanDecision:
@@ -51,12 +44,9 @@ def parse_decision(answer: Any) -> HumanDecision:
 def _checked(human: HumanDecision) -> HumanDecision:
     names.check("identity", human.by)
     comment = " ".join(human.comment.split())
-    if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in comment):
-        raise InvalidInput("a review comment may not hold control characters")
-    if len(comment) > COMMENT_MAX:
-        raise InvalidInput(
-            f"a review comment is at most {COMMENT_MAX} characters, not {len(comment)}"
-        )
+    why = names.text_problem("a review comment", comment)
+    if why is not None:
+        raise InvalidInput(why)
     return human if comment == human.comment else human.model_copy(update={"comment": comment})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
-from fleet.errors import InvalidInput
+from fleet.errors import Forbidden, InvalidInput
 from fleet.models import Status
 from fleet.validation import check_against_fleet, parse_request, refusal
 from nodes import audit
@@ -24,6 +24,14 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
         check_against_fleet(request, svc.config)
     except InvalidInput as exc:
         return update | {"status": Status.INVALID, "reason": str(exc)}
+    who = getattr(runtime.context, "identity", None)  # an in-process caller's (LocalContext)
+    if who is not None:
+        try:
+            who.check_project(request.project, "request GPUs")
+        except Forbidden as exc:
+            return update | {"status": Status.DENIED, "reason": str(exc)}
+        if not (who.admin and request.requested_by):  # an admin may act for whom it names
+            request = request.model_copy(update={"requested_by": who.name})
     update["request"] = request
     if request.resumes is not None:
         problem = svc.ledger.resumable(request.project, request.resumes)

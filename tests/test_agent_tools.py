@@ -109,6 +109,10 @@ def test_bad_tool_arguments_are_refused_by_the_schema(make_orch: OrchFactory) ->
         {"project": "p", "hours": -1},
         {"project": "p", "hours": 1, "count": 0},
         {"project": "p", "hours": 1, "colour": "red"},
+        {"project": "p", "hours": True},  # not read as 1
+        {"project": "p", "hours": 1, "count": True},
+        {"project": "p", "hours": "inf"},
+        {"project": "p", "hours": 1, "budget_usd": "nan"},
     ):
         try:
             request.invoke(bad)

@@ -56,6 +56,9 @@ def test_type_alias_and_api_shape() -> None:
         ({"duration_hours": math.nan}, "finite"),
         ({"duration_hours": math.inf}, "finite"),
         ({"budget_limit": math.nan}, "finite"),
+        ({"duration_hours": "inf"}, "finite"),  # a string that parses to infinity
+        ({"notice_seconds": "1e400"}, "finite"),
+        ({"max_wait_minutes": "Infinity"}, "finite"),
         ({"budget_limit": -5}, "budget_limit"),
         ({"budget_limit": 0}, "budget_limit"),
         ({"min_memory_gb": -1}, "min_memory_gb"),
@@ -73,6 +76,15 @@ def test_bad_fields_give_one_line(fields: dict[str, object], needle: str) -> Non
         parse_request(req(**fields))
     message = str(err.value)
     assert needle in message and "\n" not in message
+
+
+def test_a_request_changed_after_it_was_made_is_checked_as_it_changes() -> None:
+    """An attribute set on a GPURequest is validated: it reaches the ledger as it is."""
+    request = parse_request(req())
+    for field, value in (("project", "vision\n"), ("count", -3), ("count", True)):
+        with pytest.raises(ValueError, match=field):
+            setattr(request, field, value)
+    assert (request.project, request.count) == ("p", 1)
 
 
 def test_not_a_mapping() -> None:

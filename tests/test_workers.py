@@ -18,8 +18,9 @@ from fleet.config import FleetConfig
 from fleet.errors import InvalidInput
 from fleet.jobs import JobQueue
 from fleet.ledger import Ledger
-from fleet.models import GPURequest
-from tests.conftest import fleet_toml, run_cli
+from fleet.models import GPURequest, ReleaseReason
+from tests.conftest import OrchFactory, fleet_toml, run_cli
+from tests.test_monitors import ledger_route
 
 REQUEST = GPURequest(project="p", purpose="training", count=1, duration_hours=1)
 
@@ -46,6 +47,67 @@ def test_claims_leases_and_takeover(queue: JobQueue) -> None:
     assert [j.thread_id for j in queue.jobs("pending")] == ["t0", "t2"]
     assert queue.counts() == {"pending": 2, "running": 0, "done": 1}
     assert queue.get("t1").outcome == "released" and queue.get("t1").request == REQUEST
+    queue.ledger.close()
+
+
+def test_a_worker_never_claims_a_job_it_runs(queue: JobQueue) -> None:
+    """Its lease ran out while one of its threads runs the job (a renewal held up by a lock):
+    another worker may take the job over, this one's other threads may not (two of its
+    threads would run one graph thread side by side)."""
+    queue.submit("t0", REQUEST, now=100.0)
+    assert queue.claim("A", 10.0, now=200.0) is not None
+    assert queue.claim("A", 10.0, now=300.0) is None  # its own, lapsed
+    taken = queue.claim("B", 10.0, now=300.0)
+    assert taken is not None and taken.worker == "B" and taken.attempts == 2
+    queue.ledger.close()
+
+
+def test_a_job_its_workers_keep_dying_on_is_given_up_and_what_it_placed_released(
+    make_orch: OrchFactory,
+) -> None:
+    """A job claimed more often than max_attempts (each worker running it died: a crash it
+    causes) fails at the next claim, saying why, and what its thread placed is released:
+    it no longer takes down every worker that serves the queue."""
+    from graph.worker import Worker
+
+    orch = make_orch()
+    job = orch.submit(REQUEST.model_copy(update={"duration_hours": 5}), thread_id="poison")
+    queue = JobQueue(orch.services.ledger)
+    first = queue.claim("dead-1", 1.0, now=100.0)
+    assert first is not None
+    placed = orch.request(
+        REQUEST.model_copy(update={"duration_hours": 5, "request_id": "r2"}), wait=False
+    )
+    assert placed.allocation is not None
+    held = orch.services.ledger.place(  # what the dead worker's thread had placed
+        job.request,
+        ledger_route(orch),
+        "poison",
+        orch.services.clock.now(),
+        orch.services.inventory,
+        orch.services.topology,
+    ).row
+    assert held is not None and held.state == "active"
+    for n in (2, 3):  # two more workers die running it
+        assert queue.claim(f"dead-{n}", 1.0, now=100.0 + 10 * n) is not None
+    worker = Worker(orch, concurrency=1, max_attempts=3)
+    last = queue.claim(worker.worker_id, 30.0, now=200.0)
+    assert last is not None and last.attempts == 4
+    worker._run(last)
+    done = queue.get("poison")
+    assert (done.state, done.outcome) == ("done", "failed")
+    assert done.error == "its workers stopped 3 times while running it"
+    row = orch.services.ledger.get(held.id)
+    assert row.state == "released" and row.release_reason is ReleaseReason.CANCELLED
+    assert orch.services.ledger.get(placed.allocation.id).state == "active"  # not its
+
+
+def test_a_stopping_worker_hands_its_jobs_back_uncounted(queue: JobQueue) -> None:
+    queue.submit("t0", REQUEST, now=100.0)
+    assert queue.claim("A", 10.0, now=200.0) is not None
+    assert queue.hand_back("A", retry=True) == 1
+    again = queue.claim("B", 10.0, now=201.0)
+    assert again is not None and again.attempts == 1
     queue.ledger.close()
 
 
