@@ -231,8 +231,10 @@ async def on_threads(ctx: Auth.types.AuthContext, value: Any) -> dict[str, str] 
     who = _who(ctx)
     if ctx.action == "update" and isinstance(value, Mapping) and value.get("action") == "rollback":
         raise _refuse(ROLLBACK)
-    if ctx.action == "delete" and isinstance(value, Mapping):
-        await _keeps_its_gpus(value.get("thread_id"), who)
+    if ctx.action == "delete" and isinstance(value, Mapping):  # one thread, or a prune's
+        ids = value.get("thread_ids")
+        for thread_id in [value.get("thread_id"), *(ids if isinstance(ids, list | tuple) else [])]:
+            await _keeps_its_gpus(thread_id, who)
     if who.admin:
         return None
     if ctx.action == "update" and isinstance(value, Mapping):

@@ -71,6 +71,28 @@ class _Placing:
     runner: threading.Thread | None = None
 
 
+class _Ticket:
+    """Between allocate_gpu and the thread placing its request: exactly one of them withdraws
+    a request whose caller gave up (the caller if it was placed by then, else the thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._placing: _Placing | None = None
+
+    def check_in(self, placing: _Placing) -> bool:
+        """The thread's: False where the caller gave up (the thread withdraws it)."""
+        with self._lock:
+            self._placing = placing
+            return not self._abandoned
+
+    def abandon(self) -> _Placing | None:
+        """The caller's: what it must withdraw itself (None: the thread will)."""
+        with self._lock:
+            self._abandoned = True
+            return self._placing
+
+
 class Orchestrator(Records):
     def __init__(
         self,
@@ -511,35 +533,46 @@ class Orchestrator(Records):
     # ---- holding GPUs in a block ------------------------------------------------------------
 
     def allocate_gpu_sync(
-        self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
+        self,
+        request: GPURequest | Mapping[str, Any],
+        *,
+        thread_id: str | None = None,
+        withdraw: bool = True,
     ) -> AllocationHandle:
         """Place the request and return while the graph keeps monitoring in the background.
 
         Raises InvalidInput, Denied, NotPlaced or PendingReview when no GPUs were placed.
-        Interrupted (Ctrl-C) while it waits, nothing stays placed for it (_withdraw)."""
-        return self._held(self._placing(request, thread_id))
+        Interrupted (Ctrl-C) while it waits, nothing stays placed for it (_withdraw), unless
+        `withdraw` is False: the request then stays placed or queued for a later `resume`
+        (a requeued `gpu-agent run`, which `run --resume` carries on)."""
+        return self._held(self._placing(request, thread_id), withdraw)
 
     async def allocate_gpu(
         self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
     ) -> AllocationHandle:
         """allocate_gpu_sync for asyncio; cancelled (a timeout) while it waits, nothing stays
-        placed for it."""
-        begun = asyncio.ensure_future(asyncio.to_thread(self._placing, request, thread_id))
+        placed for it. The cleanup awaits nothing: a cancel scope that cancels again at every
+        await (anyio's) would stop it halfway."""
+        ticket = _Ticket()
+        begun = asyncio.ensure_future(asyncio.to_thread(self._placing, request, thread_id, ticket))
         try:
             placing = await asyncio.shield(begun)
+            return await asyncio.to_thread(self._held, placing, True)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):  # it may have been refused: nothing to undo
-                await asyncio.to_thread(self._withdraw, await begun)
-            raise
-        try:
-            return await asyncio.to_thread(self._held, placing)
-        except asyncio.CancelledError:
-            await asyncio.to_thread(self._withdraw, placing)
+            placed = ticket.abandon()  # None: the thread still checks in, and withdraws
+            if placed is not None:
+                self._withdraw(placed)
             raise
 
-    def _placing(self, request: GPURequest | Mapping[str, Any], thread_id: str | None) -> _Placing:
+    def _placing(
+        self,
+        request: GPURequest | Mapping[str, Any],
+        thread_id: str | None,
+        ticket: _Ticket | None = None,
+    ) -> _Placing:
         """The request checked, its thread claimed (a generated name too, so that it can be
-        revoked) and run in the background until it is placed or ends."""
+        revoked) and run in the background until it is placed or ends. With a `ticket` its
+        caller (allocate_gpu) may have given up meanwhile: then it is withdrawn at once."""
         req = self.check(request)
         thread_id, claim = self._new_thread(
             uuid.uuid4().hex if thread_id is None else thread_id, req
@@ -560,11 +593,13 @@ class Orchestrator(Records):
                 placing.placed.set()
 
         placing.runner = self._spawn(run)
+        if ticket is not None and not ticket.check_in(placing):
+            self._withdraw(placing)
         return placing
 
-    def _held(self, placing: _Placing) -> AllocationHandle:
+    def _held(self, placing: _Placing, withdraw: bool) -> AllocationHandle:
         """The handle once placed, or the request's answer; a wait given up (Ctrl-C) or a
-        run that failed leaves nothing placed."""
+        run that failed leaves nothing placed where `withdraw`."""
         box, runner = placing.box, placing.runner
         assert runner is not None
         try:
@@ -573,10 +608,11 @@ class Orchestrator(Records):
                 return AllocationHandle(self, placing.thread_id, box["allocation"], runner, box)
             runner.join()
         except BaseException:
-            self._withdraw(placing)
+            if withdraw:
+                self._withdraw(placing)
             raise
         if "error" in box:
-            if not isinstance(box["error"], GPUAgentError):
+            if withdraw and not isinstance(box["error"], GPUAgentError):
                 self._withdraw(placing)
             raise box["error"]
         outcome: RequestOutcome = box["outcome"]

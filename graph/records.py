@@ -128,7 +128,7 @@ class Records:
         if reason not in CALLER_REASONS:
             raise InvalidInput(
                 f"a release's reason is one of {', '.join(r.value for r in CALLER_REASONS)}, "
-                f"not {names.shown(reason)}"
+                f"not {reason.value if isinstance(reason, ReleaseReason) else names.shown(reason)}"
             )
         reason = ReleaseReason(reason)
         self.identity.check_project(

@@ -423,7 +423,9 @@ def _successor(orch: Orchestrator, pred: str, charge: Charge) -> Held | None:
     aid, thread = successor_id(pred), successor_thread(pred)
     if _row(orch, aid) is None and not _has_thread(orch, thread):
         request = orch.services.ledger.successor_request(pred)
-        return _announced(orch.allocate_gpu_sync(request, thread_id=thread), charge.say)
+        # kept if this process stops waiting: `run --resume` carries the requeue on
+        placed = orch.allocate_gpu_sync(request, thread_id=thread, withdraw=False)
+        return _announced(placed, charge.say)
     return _attach(orch, aid, thread, charge.say)
 
 

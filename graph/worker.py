@@ -13,6 +13,7 @@ left placed with --no-wait, and monitors them to their end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -62,6 +63,7 @@ class Worker:
         self._lock = threading.Lock()
         self._adopted: set[str] = set()  # threads this worker's threads are adopting
         self._stranded: set[str] = set()  # allocations adopted whose thread does not run them
+        self._failed: Counter[str] = Counter()  # adoptions that raised, by allocation
 
     def serve(self) -> Counter[str]:
         """Run until `stopping` is set (or, with exit_when_idle, the queue is empty), then
@@ -143,10 +145,16 @@ class Worker:
                         orphan.row.id,
                     )
                 return True
-            except Exception:  # not adopted again here: it would fail as often as it is
-                log.exception("adopted thread %s stopped; this worker leaves it", tid)
+            except Exception:  # let go, for another adopter; left after max_attempts
+                self.orch.services.unwatch(orphan.row.id)
                 with self._lock:
-                    self._stranded.add(orphan.row.id)
+                    self._failed[orphan.row.id] += 1
+                    left = self._failed[orphan.row.id] >= self.max_attempts
+                    if left:
+                        self._stranded.add(orphan.row.id)
+                log.exception(
+                    "adopted thread %s stopped%s", tid, "; this worker leaves it" if left else ""
+                )
                 return True
             finally:
                 with self._lock:
@@ -160,7 +168,16 @@ class Worker:
     def _run(self, job: Job) -> None:
         tid = job.thread_id
         if job.attempts > self.max_attempts:  # its workers stopped while running it
-            self._give_up(job, f"its workers stopped {job.attempts - 1} times while running it")
+            try:
+                elsewhere = self._watched_elsewhere(tid)
+            except Exception:  # the database went away: the next claim looks again
+                log.exception("reading job %s's allocations failed", tid)
+                elsewhere = True
+            if elsewhere:  # no attempt: try again after a poll, as below
+                self.queue.hand_back(self.worker_id, tid, retry=True)
+                self.stopping.wait(self.poll_seconds)
+            else:
+                self._give_up(job, f"its workers stopped {job.attempts - 1} times running it")
             return
         try:
             if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
@@ -181,8 +198,7 @@ class Worker:
             if job.attempts < self.max_attempts:
                 self.queue.hand_back(self.worker_id, tid)
                 return
-            self._give_up(job, f"{type(exc).__name__}: {exc}")
-            return
+            status, error = "failed", f"{type(exc).__name__}: {exc}"  # what it placed: adopted
         self._finish(tid, status, error)
 
     def _finish(self, tid: str, status: str, error: str | None) -> None:
@@ -190,11 +206,24 @@ class Worker:
             with self._lock:
                 self.finished[status] += 1
 
+    def _watched_elsewhere(self, tid: str) -> bool:
+        """A live process still monitors what the job's thread placed: its old worker runs
+        it (its lease lapsed), and the claim was no attempt."""
+        live = {aid for aid, _ in self.orch.services.ledger.live_on(tid)}
+        return bool(live - {o.row.id for o in self.orch.orphans()})
+
     def _give_up(self, job: Job, why: str) -> None:
-        """The job failed for good: what its thread placed or queued is released, as a
-        start given up is (else its GPUs stay held with nobody watching them, and each worker
-        that adopts them fails as the job did), and the job ends failed, saying why."""
-        log.warning("job %s given up after %d attempts: %s", job.thread_id, job.attempts, why)
-        for aid, _ in self.orch.services.ledger.live_on(job.thread_id):
-            self.orch.services.release(aid, ReleaseReason.CANCELLED, by=self.worker_id)
+        """A job its workers kept dying on (a crash it causes) fails for good: what its
+        thread placed or queued, which nobody monitors, is released (each worker adopting it
+        would die as the job's did), and the job ends failed, saying why."""
+        log.warning("job %s given up after %d claims: %s", job.thread_id, job.attempts, why)
+        try:
+            for orphan in self.orch.orphans():
+                if orphan.row.thread_id == job.thread_id:
+                    self.orch.services.release(orphan.row.id, ReleaseReason.CANCELLED)
+        except Exception:  # the database went away: the next claim gives it up again
+            log.exception("giving job %s up failed", job.thread_id)
+            with contextlib.suppress(Exception):
+                self.queue.hand_back(self.worker_id, job.thread_id, retry=True)
+            return
         self._finish(job.thread_id, "failed", why)

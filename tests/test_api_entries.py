@@ -223,3 +223,69 @@ def test_a_worker_runs_a_job_as_its_submitter(make_orch: OrchFactory) -> None:
     worker._run(claimed)
     [record] = worker.orch.history()
     assert record.request is not None and record.request.requested_by == "vic"
+
+
+def test_an_adoption_that_fails_once_lets_go_and_is_tried_again(
+    make_orch: OrchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient error while adopting gives the monitor's claim back (another process may
+    adopt it) and this worker tries again; it leaves the allocation only after max_attempts."""
+    from fleet.monitors import Monitors
+    from graph.worker import Worker
+
+    orch = make_orch()
+    out = orch.request(req(gpu_type="A100"), thread_id="orphan", wait=False)
+    assert out.allocation is not None  # nobody monitors it once the call returned
+    resume = orch.resume
+    calls: list[str] = []
+
+    def flaky(thread_id: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(thread_id)
+        if len(calls) == 1:
+            raise RuntimeError("the database went away for a moment")
+        return resume(thread_id, *args, **kwargs)
+
+    monkeypatch.setattr(orch, "resume", flaky)
+    worker = Worker(orch, concurrency=1)
+    assert worker._adopt_one() is True
+    assert Monitors(orch.services.ledger).get(out.allocation.id) is None  # let go
+    assert worker._adopt_one() is True  # again, and now to its end
+    assert calls == ["orphan", "orphan"]
+    assert orch.services.ledger.get(out.allocation.id).state == "released"
+
+
+def test_a_cancel_scope_that_cancels_again_still_withdraws(
+    make_orch: OrchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """anyio cancels again at every await in a cancelled scope: the cleanup awaits nothing,
+    so a request whose caller gave up while it was being checked is still withdrawn."""
+    import time
+
+    import anyio
+
+    orch = make_orch(small_config(monitor={"tick_seconds": 1}), clock=WallClock())
+    check = orch.check
+
+    def slow(request: Any) -> GPURequest:
+        time.sleep(0.5)  # database round trips, slowed
+        return check(request)
+
+    monkeypatch.setattr(orch, "check", slow)
+    spawn, runs = orch._spawn, []
+
+    def spawned(fn: Any) -> threading.Thread:
+        runs.append(spawn(fn))
+        return runs[-1]
+
+    monkeypatch.setattr(orch, "_spawn", spawned)
+
+    async def main() -> None:
+        with anyio.move_on_after(0.1):
+            await orch.allocate_gpu(req(gpu_type="A100", project="q"))
+
+    asyncio.run(main())  # waits for the thread that was placing it
+    [run] = runs
+    run.join(30)  # refused (its thread revoked): it ends; placed, it would hold an hour
+    assert not run.is_alive()
+    rows = [r for r in orch.services.ledger.allocations() if r.project == "q"]
+    assert all(r.state == "released" for r in rows), rows

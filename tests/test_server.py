@@ -443,6 +443,7 @@ def test_a_thread_holding_gpus_is_not_deleted(secured: dict[str, Any]) -> None:
     held = status_of(409, lambda: alice.threads.delete(tid))
     assert held.startswith(f"thread {tid} holds allocation {aid}: release it first")
     assert status_of(409, lambda: root.threads.delete(tid)) == held
+    assert status_of(409, lambda: alice.threads.prune([tid])) == held  # nor pruned
     assert refused(lambda: bob.threads.delete(tid)) == 404
     assert (
         alice.runs.wait(None, "gpu-release", input={"allocation_id": aid})["release"]["reason"]

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,10 +97,51 @@ def test_a_job_its_workers_keep_dying_on_is_given_up_and_what_it_placed_released
     worker._run(last)
     done = queue.get("poison")
     assert (done.state, done.outcome) == ("done", "failed")
-    assert done.error == "its workers stopped 3 times while running it"
+    assert done.error == "its workers stopped 3 times running it"
     row = orch.services.ledger.get(held.id)
     assert row.state == "released" and row.release_reason is ReleaseReason.CANCELLED
     assert orch.services.ledger.get(placed.allocation.id).state == "active"  # not its
+
+
+def test_a_job_whose_allocation_a_live_process_monitors_is_not_given_up(
+    make_orch: OrchFactory,
+) -> None:
+    """Its old worker still runs it (its lease lapsed): the fourth claim is no attempt, the
+    job goes back to the queue and its GPUs stay placed."""
+    from graph.orchestrator import Orchestrator
+    from graph.worker import Worker
+
+    orch = make_orch()
+    job = orch.submit(REQUEST.model_copy(update={"duration_hours": 5}), thread_id="slow")
+    queue = JobQueue(orch.services.ledger)
+    assert queue.claim("old", 1.0, now=100.0) is not None
+    held = orch.services.ledger.place(
+        job.request,
+        ledger_route(orch),
+        "slow",
+        orch.services.clock.now(),
+        orch.services.inventory,
+        orch.services.topology,
+    ).row
+    assert held is not None
+    old = Orchestrator(orch.services.state_dir, config_of(orch), clock=orch.services.clock)
+    try:
+        old.services.watch(held.id, "slow")  # the old worker's monitor beats on
+        for n in (2, 3):
+            assert queue.claim(f"dead-{n}", 1.0, now=100.0 + 10 * n) is not None
+        worker = Worker(orch, concurrency=1, max_attempts=3, poll_seconds=0.01)
+        last = queue.claim(worker.worker_id, 30.0, now=200.0)
+        assert last is not None and last.attempts == 4
+        worker._run(last)
+        assert queue.get("slow").state == "pending" and queue.get("slow").attempts == 3
+        assert orch.services.ledger.get(held.id).state == "active"
+    finally:
+        old.close()
+
+
+def config_of(orch: Any) -> FleetConfig:
+    config: FleetConfig = orch.services.config
+    return config
 
 
 def test_a_stopping_worker_hands_its_jobs_back_uncounted(queue: JobQueue) -> None:
