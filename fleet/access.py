@@ -44,6 +44,11 @@ class Identity:
     def may_act_on(self, project: str) -> bool:
         return self.admin or project == self.project
 
+    def asker(self, named: str | None) -> str:
+        """Who asked, for a request that names `named`: an admin may act for whom it names
+        (a worker for a job's submitter); anyone else asks as themselves."""
+        return named if self.admin and named else self.name
+
     def check_project(self, project: str, what: str) -> None:
         if not self.may_act_on(project):
             raise Forbidden(

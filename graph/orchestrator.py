@@ -382,9 +382,8 @@ class Orchestrator(Records):
         """Run a submitted job's thread from its first step (a worker holding its lease: the
         job's claim on the name is this worker's while the lease lasts). A thread that has
         started is resumed, never started again: its first step would overwrite it."""
-        req = self.check(job.request)
-        if self.identity.admin:  # a worker runs it for whoever submitted it
-            req = req.model_copy(update={"requested_by": job.request.requested_by})
+        req = self.check(job.request)  # a worker runs it for whoever submitted it
+        req = req.model_copy(update={"requested_by": self.identity.asker(job.request.requested_by)})
         if self._started(job.thread_id):
             raise InvalidInput(f"thread {job.thread_id!r} already exists; resume it instead")
         return self._start(req, job.thread_id, None)
@@ -399,10 +398,7 @@ class Orchestrator(Records):
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
         """Carry a thread on from its last checkpoint: after a crash, a queue, or a review."""
-        snap = self.graph.get_state(self._config(thread_id))
-        if not snap.values:
-            raise InvalidInput(f"no thread {thread_id!r}")
-        project = self._project_of(snap.values, "resume threads")
+        snap, project = self._thread(thread_id, "resume threads")
         graph_input: Command[Any] | None = None
         if snap.interrupts:
             human = self._decision(_state(snap.values), project, decision)
@@ -467,10 +463,7 @@ class Orchestrator(Records):
     def continue_in_background(self, thread_id: str) -> threading.Thread:
         """Carry a placed or queued thread on (monitor, release) in a background thread; a
         thread that does not exist, or that the caller may not act on, is refused here."""
-        snap = self.graph.get_state(self._config(thread_id))
-        if not snap.values:
-            raise InvalidInput(f"no thread {thread_id!r}")
-        self._project_of(snap.values, "resume threads")
+        self._thread(thread_id, "resume threads")
         return self._spawn(lambda: self._resume_quietly(thread_id))
 
     def _resume_quietly(self, thread_id: str) -> None:
@@ -524,11 +517,16 @@ class Orchestrator(Records):
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
+        snap, _ = self._thread(thread_id, "read threads")
+        return outcome_from(thread_id, snap.values, bool(snap.interrupts), _to_run(snap))
+
+    def _thread(self, thread_id: str, what: str) -> tuple[StateSnapshot, str]:
+        """The thread's last checkpoint and its project, if it has one and the caller may
+        `what` on it (else InvalidInput or Forbidden)."""
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
-        self._project_of(snap.values, "read threads")
-        return outcome_from(thread_id, snap.values, bool(snap.interrupts), _to_run(snap))
+        return snap, self._project_of(snap.values, what)
 
     # ---- holding GPUs in a block ------------------------------------------------------------
 

@@ -169,15 +169,16 @@ class Worker:
         tid = job.thread_id
         if job.attempts > self.max_attempts:  # its workers stopped while running it
             try:
-                elsewhere = self._watched_elsewhere(tid)
+                orphaned = self._orphaned(tid)
             except Exception:  # the database went away: the next claim looks again
                 log.exception("reading job %s's allocations failed", tid)
-                elsewhere = True
-            if elsewhere:  # no attempt: try again after a poll, as below
+                orphaned = None
+            if orphaned is None:  # no attempt: try again after a poll, as below
                 self.queue.hand_back(self.worker_id, tid, retry=True)
                 self.stopping.wait(self.poll_seconds)
             else:
-                self._give_up(job, f"its workers stopped {job.attempts - 1} times running it")
+                why = f"its workers stopped {job.attempts - 1} times running it"
+                self._give_up(job, orphaned, why)
             return
         try:
             if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
@@ -206,21 +207,22 @@ class Worker:
             with self._lock:
                 self.finished[status] += 1
 
-    def _watched_elsewhere(self, tid: str) -> bool:
-        """A live process still monitors what the job's thread placed: its old worker runs
-        it (its lease lapsed), and the claim was no attempt."""
+    def _orphaned(self, tid: str) -> list[str] | None:
+        """What the job's thread placed and nobody monitors; None where a live process still
+        monitors some of it: its old worker runs it (its lease lapsed), and the claim was no
+        attempt."""
         live = {aid for aid, _ in self.orch.services.ledger.live_on(tid)}
-        return bool(live - {o.row.id for o in self.orch.orphans()})
+        orphaned = [o.row.id for o in self.orch.orphans() if o.row.id in live]
+        return None if len(orphaned) < len(live) else orphaned
 
-    def _give_up(self, job: Job, why: str) -> None:
+    def _give_up(self, job: Job, orphaned: list[str], why: str) -> None:
         """A job its workers kept dying on (a crash it causes) fails for good: what its
         thread placed or queued, which nobody monitors, is released (each worker adopting it
         would die as the job's did), and the job ends failed, saying why."""
         log.warning("job %s given up after %d claims: %s", job.thread_id, job.attempts, why)
         try:
-            for orphan in self.orch.orphans():
-                if orphan.row.thread_id == job.thread_id:
-                    self.orch.services.release(orphan.row.id, ReleaseReason.CANCELLED)
+            for aid in orphaned:
+                self.orch.services.release(aid, ReleaseReason.CANCELLED)
         except Exception:  # the database went away: the next claim gives it up again
             log.exception("giving job %s up failed", job.thread_id)
             with contextlib.suppress(Exception):

@@ -30,8 +30,9 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
             who.check_project(request.project, "request GPUs")
         except Forbidden as exc:
             return update | {"status": Status.DENIED, "reason": str(exc)}
-        if not (who.admin and request.requested_by):  # an admin may act for whom it names
-            request = request.model_copy(update={"requested_by": who.name})
+        asker = who.asker(request.requested_by)
+        if asker != request.requested_by:  # the Orchestrator stamped it already
+            request = request.model_copy(update={"requested_by": asker})
     update["request"] = request
     if request.resumes is not None:
         problem = svc.ledger.resumable(request.project, request.resumes)
