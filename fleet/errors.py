@@ -30,6 +30,11 @@ class MonitoredElsewhere(InvalidInput):
     """Another live process runs this allocation's thread: nothing was done here."""
 
 
+class ThreadStarting(InvalidInput):
+    """Another live request is starting this thread (its name is claimed, nothing of it is
+    checkpointed yet): nothing was done here; asking again later sees where it stands."""
+
+
 class ConfigError(InvalidInput):
     """A malformed fleet file."""
 

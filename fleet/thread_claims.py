@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fleet.errors import InvalidInput
+from fleet.errors import InvalidInput, ThreadStarting
 from fleet.ledger import Ledger
 from fleet.ledger.threads import JOB, ThreadClaim
 from fleet.monitors import describe_owner, gone_here, new_owner, seen_from_here
@@ -47,7 +47,7 @@ def claim(
         _refuse_unless_gone(held, request_id, started, now)
         if ledger.take_thread(held, owner, request_id, now):
             return owner
-    raise InvalidInput(f"thread {thread_id!r} is being started by another request; try again")
+    raise ThreadStarting(f"thread {thread_id!r} is being started by another request; try again")
 
 
 def _refuse_unless_gone(
@@ -64,7 +64,7 @@ def _refuse_unless_gone(
     if unseen and (held.request_id == request_id or now - held.at > UNSEEN_SECONDS):
         return
     later = f", or after {UNSEEN_SECONDS:.0f} s if that process is gone" if unseen else ""
-    raise InvalidInput(
+    raise ThreadStarting(
         f"thread {thread_id!r} is being started by {describe_owner(held.owner)} "
         f"(claimed {max(0.0, now - held.at):.0f} s ago); wait for it{later}, or name "
         "another thread"

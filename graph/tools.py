@@ -4,11 +4,14 @@ The tools own the thread id: an agent asks for GPUs and gets a plain result back
 exception or a LangGraph interrupt. A request the council splits comes back as
 "pending_human_approval" with the thread a human decides on (`gpu-agent resume THREAD
 --approve`); a placed request keeps being monitored in the background (idle release, lease,
-budget) until it ends or `release_gpus` ends it.
+budget) until it ends or `release_gpus` ends it. An agent framework retries a tool call that
+timed out or failed on its side: with an `idempotency_key`, the retry answers where the first
+call's request stands instead of requesting the GPUs a second time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import threading
 import uuid
@@ -17,9 +20,10 @@ from typing import Any
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fleet.errors import GPUAgentError
-from fleet.models import Status
+from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere, ThreadStarting
+from fleet.models import GPURequest, Status
 from graph.orchestrator import Orchestrator
+from graph.outcome import RequestOutcome
 
 
 class RequestGpusArgs(BaseModel):
@@ -45,6 +49,14 @@ class RequestGpusArgs(BaseModel):
         "job's own speed on it (the fleet file's table, or its earlier runs); omit for the "
         "types' average speeds.",
     )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="A key of your own for this one request (e.g. a uuid you keep): calling "
+        "again with the same key (a retry) returns where the first call's request stands, "
+        "and never requests the GPUs twice. Use a new key for a new request.",
+    )
 
     @field_validator("count", "hours", "budget_usd", mode="before")
     @classmethod
@@ -65,6 +77,10 @@ class GpuStatusArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# what a retry with the same key must ask again for the same thread (the request, as checked)
+_SAME = {"project", "purpose", "count", "duration_hours", "gpu_type", "budget_limit", "workload"}
+
+
 def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) -> dict[str, Any]:
     raw = {
         "project": args["project"],
@@ -75,13 +91,63 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
         "budget_limit": args.get("budget_usd"),
         "workload": args.get("workload"),
     }
-    thread_id = uuid.uuid4().hex
+    key = args.get("idempotency_key")
+    out: RequestOutcome | None
     try:
-        out = orch.request(
-            {k: v for k, v in raw.items() if v is not None}, thread_id=thread_id, wait=False
-        )
+        req = orch.check({k: v for k, v in raw.items() if v is not None})
+        if key is None:
+            thread_id = uuid.uuid4().hex
+            out = orch.request(req, thread_id=thread_id, wait=False)
+        else:
+            thread_id = keyed_thread(req.project, key)
+            out = _once(orch, req.model_copy(update={"request_id": thread_id}), thread_id)
     except GPUAgentError as exc:
         return {"status": "invalid", "reason": str(exc)}
+    if out is None:
+        return {
+            "status": "in_progress",
+            "reason": "the first call with this idempotency_key is still deciding",
+            "thread_id": thread_id,
+            "next_step": "call request_gpus again with the same arguments and key",
+        }
+    return _answer(orch, monitors, out)
+
+
+def keyed_thread(project: str, key: str) -> str:
+    """The thread a request with an idempotency key runs on: one per project and key."""
+    return "tool-" + hashlib.sha256(f"{project}\n{key}".encode()).hexdigest()[:32]
+
+
+def _once(orch: Orchestrator, req: GPURequest, thread_id: str) -> RequestOutcome | None:
+    """The request on its key's thread, run where the thread is new; where it exists (a
+    retry), where it stands, carried on where its first call stopped before placing it
+    (that process died). None while another call is still deciding or placing it."""
+    try:
+        return orch.request(req, thread_id=thread_id, wait=False)
+    except ThreadStarting:  # claimed, nothing checkpointed yet: the first call decides
+        return None
+    except InvalidInput:
+        first = orch.outcome(thread_id)  # no thread either: the refusal is what it was
+        if first.request is not None and first.request.model_dump(include=_SAME) != req.model_dump(
+            include=_SAME
+        ):
+            raise InvalidInput(
+                "this idempotency_key was already used for another request; "
+                "use a new key for a new request"
+            ) from None
+    if "allocate" not in first.next:
+        return first
+    try:  # decided, not yet placed: placement is idempotent, and one process monitors it
+        return orch.resume(thread_id, wait=False)
+    except MonitoredElsewhere:  # the first call is placing it now
+        return None
+
+
+def _answer(
+    orch: Orchestrator, monitors: list[threading.Thread], out: RequestOutcome
+) -> dict[str, Any]:
+    """The tool's result for where a request stands; what is placed or queued stays watched."""
+    thread_id = out.thread_id
     result: dict[str, Any] = {
         "status": out.status.value,
         "reason": out.reason,
@@ -93,10 +159,11 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
             "next_step": f"a human decides: gpu-agent resume {shlex.quote(thread_id)} "
             "--approve (or --deny)",
         }
+    if out.allocation is not None:  # a retry may find it ended: which one, still
+        result["allocation_id"] = out.allocation.id
     if out.allocation is not None and out.status is Status.ALLOCATED:
         a = out.allocation
         result |= {
-            "allocation_id": a.id,
             "gpu_type": a.gpu_type,
             "gpu_ids": a.gpu_ids,
             "cuda_visible_devices": a.cuda_visible_devices,

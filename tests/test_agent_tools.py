@@ -13,8 +13,10 @@ from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
+from fleet import thread_claims
 from fleet.models import Status
-from graph.tools import gpu_tools
+from graph.tools import gpu_tools, keyed_thread
+from nodes.state import InputState
 from tests.conftest import ROOT, OrchFactory, small_config
 
 
@@ -134,3 +136,60 @@ def test_the_agent_example_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert '"status": "allocated"' in done.stdout and "release_gpus -> explicit" in done.stdout
+
+
+def test_a_retry_with_the_same_key_never_requests_twice(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    tools = gpu_tools(orch)
+    request = tools[0]
+    args = {"project": "vision", "count": 2, "hours": 1, "idempotency_key": "job-7"}
+    first = request.invoke(args)
+    assert first["status"] == "allocated"
+    for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
+        monitor.join(30)
+    again = request.invoke(args)  # the framework retries: the first call's answer, ended now
+    assert again["status"] == "released" and again["thread_id"] == first["thread_id"]
+    assert again["allocation_id"] == first["allocation_id"]
+    (row,) = orch.services.ledger.allocations()
+    assert row.id == first["allocation_id"]
+    other = request.invoke(args | {"count": 1})  # the same key for another request
+    assert other["status"] == "invalid" and "already used for another request" in other["reason"]
+    elsewhere = request.invoke(args | {"project": "nlp"})  # keys are per project
+    assert elsewhere["status"] == "allocated" and elsewhere["thread_id"] != first["thread_id"]
+    for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
+        monitor.join(30)
+    assert len(orch.services.ledger.allocations()) == 2
+
+
+def test_a_retry_while_the_first_call_decides_places_nothing(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    request = gpu_tools(orch)[0]
+    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
+    thread = keyed_thread("vision", "k")
+    # the first call (alive, this process) has claimed the name and is deciding
+    thread_claims.claim(orch.services.ledger, thread, thread, "python", lambda: False)
+    busy = request.invoke(args)
+    assert busy["status"] == "in_progress" and busy["thread_id"] == thread
+    assert orch.services.ledger.allocations() == []
+
+
+def test_a_retry_places_what_a_dead_first_call_decided(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    tools = gpu_tools(orch)
+    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
+    thread = keyed_thread("vision", "k")
+    req = orch.check({"project": "vision", "count": 1, "duration_hours": 1, "request_id": thread})
+    # the first call decided and its process died before allocate: the thread stands there
+    orch.graph.invoke(
+        InputState(request=req),
+        {"configurable": {"thread_id": thread}},
+        context=orch.context,
+        interrupt_before=["allocate"],
+    )
+    assert orch.outcome(thread).next == ("allocate",)
+    placed = tools[0].invoke(args)
+    assert placed["status"] == "allocated" and placed["thread_id"] == thread
+    for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
+        monitor.join(30)
+    (row,) = orch.services.ledger.allocations()
+    assert row.id == placed["allocation_id"] and row.state == "released"
