@@ -55,6 +55,13 @@ class Identity:
                 f"{self.name} ({self.role} of {self.project}) may not {what} of project {project}"
             )
 
+    def check_sees(self, project: str, missing: str) -> None:
+        """Something named by its id (an allocation, a thread, a job) that is another
+        project's is answered as if there were none (`missing`, what a wrong id gets): its
+        id tells a caller nothing of other projects, as the server's 404 does."""
+        if not self.may_act_on(project):
+            raise InvalidInput(missing)
+
     def check_decide(self, project: str) -> None:
         self.check_project(project, "decide reviews")
         if self.role == "member":

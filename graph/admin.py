@@ -22,7 +22,7 @@ from langgraph.runtime import Runtime
 from typing_extensions import TypedDict
 
 from fleet import names
-from fleet.errors import GPUAgentError, InvalidInput
+from fleet.errors import GPUAgentError
 from fleet.models import ReleaseReason
 from graph.auth import caller_of
 from graph.status import fleet_status, scoped
@@ -71,8 +71,8 @@ def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any
         svc = services_for(runtime)
         row = svc.ledger.get(aid)  # InvalidInput: no allocation 'a-...'
         who = caller_of(get_config())
-        if who is not None and not who.may_act_on(row.project):
-            raise InvalidInput(f"no allocation {aid!r}")  # another project's: as if none
+        if who is not None:
+            who.check_sees(row.project, f"no allocation {aid!r}")
         release = svc.release(
             row.id, ReleaseReason.EXPLICIT, by=who.name if who is not None else None
         )

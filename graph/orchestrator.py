@@ -183,8 +183,8 @@ class Orchestrator(Records):
                 raise InvalidInput(problem)
         return req
 
-    def _project_of(self, values: dict[str, Any], what: str) -> str:
-        """The thread's project, if the caller may act on it (else Forbidden)."""
+    def _project_of(self, values: dict[str, Any], thread_id: str) -> str:
+        """The thread's project, if the caller may act on it (else as if it had none)."""
         request = values.get("request")
         project = str(
             request.project
@@ -193,7 +193,7 @@ class Orchestrator(Records):
             if isinstance(request, Mapping)
             else "default"  # no request object at all: refused by validate, the default's
         )
-        self.identity.check_project(project, what)
+        self.identity.check_sees(project, f"no thread {thread_id!r}")
         return project
 
     def _config(self, thread_id: str) -> RunnableConfig:
@@ -398,7 +398,7 @@ class Orchestrator(Records):
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
         """Carry a thread on from its last checkpoint: after a crash, a queue, or a review."""
-        snap, project = self._thread(thread_id, "resume threads")
+        snap, project = self._thread(thread_id)
         graph_input: Command[Any] | None = None
         if snap.interrupts:
             human = self._decision(_state(snap.values), project, decision)
@@ -463,7 +463,7 @@ class Orchestrator(Records):
     def continue_in_background(self, thread_id: str) -> threading.Thread:
         """Carry a placed or queued thread on (monitor, release) in a background thread; a
         thread that does not exist, or that the caller may not act on, is refused here."""
-        self._thread(thread_id, "resume threads")
+        self._thread(thread_id)
         return self._spawn(lambda: self._resume_quietly(thread_id))
 
     def _resume_quietly(self, thread_id: str) -> None:
@@ -517,16 +517,16 @@ class Orchestrator(Records):
 
     def outcome(self, thread_id: str) -> RequestOutcome:
         """Where a thread stands, read from its last checkpoint."""
-        snap, _ = self._thread(thread_id, "read threads")
+        snap, _ = self._thread(thread_id)
         return outcome_from(thread_id, snap.values, bool(snap.interrupts), _to_run(snap))
 
-    def _thread(self, thread_id: str, what: str) -> tuple[StateSnapshot, str]:
-        """The thread's last checkpoint and its project, if it has one and the caller may
-        `what` on it (else InvalidInput or Forbidden)."""
+    def _thread(self, thread_id: str) -> tuple[StateSnapshot, str]:
+        """The thread's last checkpoint and its project, if it has one and the caller may act
+        on it (else InvalidInput: another project's thread is as if none)."""
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
             raise InvalidInput(f"no thread {thread_id!r}")
-        return snap, self._project_of(snap.values, what)
+        return snap, self._project_of(snap.values, thread_id)
 
     # ---- holding GPUs in a block ------------------------------------------------------------
 

@@ -131,8 +131,8 @@ class Records:
                 f"not {reason.value if isinstance(reason, ReleaseReason) else names.shown(reason)}"
             )
         reason = ReleaseReason(reason)
-        self.identity.check_project(
-            self.services.ledger.get(allocation_id).project, "release allocations"
+        self.identity.check_sees(
+            self.services.ledger.get(allocation_id).project, f"no allocation {allocation_id!r}"
         )
         return self.services.release(allocation_id, reason, by=self.identity.name)
 
@@ -279,7 +279,7 @@ class Records:
     def job(self, thread_id: str) -> Job:
         """A submitted request's job: pending, running (on which worker) or done (how)."""
         job = JobQueue(self.services.ledger).get(names.check("thread id", thread_id))
-        self.identity.check_project(job.request.project, "read jobs")
+        self.identity.check_sees(job.request.project, f"no submitted thread {thread_id!r}")
         return job
 
 

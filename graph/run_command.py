@@ -157,7 +157,7 @@ def run_on(
     runs out) the command gets `notice_signal`, once, to checkpoint, as Slurm's --signal."""
     check_startable(argv, os.environ)
     row = orch.services.ledger.get(allocation_id)
-    orch.identity.check_project(row.project, "run commands on allocations")
+    orch.identity.check_sees(row.project, f"no allocation {allocation_id!r}")
     if row.state != "active":
         raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
     monitors = Monitors(orch.services.ledger)
@@ -479,11 +479,10 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
     nothing, where that run is finished or its process is alive."""
     ledger = orch.services.ledger
     chain = ledger.run_chain(aid)
+    missing = f"allocation {aid} was not run by `gpu-agent run --requeue`: nothing to resume"
     if not chain:
-        raise InvalidInput(
-            f"allocation {aid} was not run by `gpu-agent run --requeue`: nothing to resume"
-        )
-    orch.identity.check_project(ledger.get(chain[0].allocation_id).project, "resume runs")
+        raise InvalidInput(missing)
+    orch.identity.check_sees(ledger.get(chain[0].allocation_id).project, missing)
     last = chain[-1]
     finished = _finished(orch, last)
     if finished is not None:

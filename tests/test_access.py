@@ -16,7 +16,7 @@ import pytest
 
 from fleet.access import ACCESS, LOCAL, add_identity
 from fleet.clock import VirtualClock
-from fleet.errors import Forbidden
+from fleet.errors import Forbidden, InvalidInput
 from fleet.models import HumanDecision, Status
 from graph.orchestrator import Orchestrator
 from nodes import audit
@@ -82,27 +82,52 @@ def test_identities_come_from_tokens(world: dict[str, Any], tmp_path: Path) -> N
     assert world["tokens"]["alice"] not in (world["state"] / ACCESS).read_text()
 
 
-def cross_project_attempts(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
+def cross_project_attempts(
+    world: dict[str, Any],
+) -> list[tuple[str, Callable[[], object], str | None]]:
     """Everything bob (speech) and carol (speech's approver) might try on vision, and what a
-    member may not do even in their own project."""
+    member may not do even in their own project; each with what it answers where it names
+    another project's allocation or thread by its id (as if there were none), else None
+    (Forbidden, naming who may not do what)."""
     bob, carol, alice = world["as"]("bob"), world["as"]("carol"), world["as"]("alice")
     aid = world["allocation"]
+    no_allocation, no_thread = f"no allocation {aid!r}", "no thread {!r}".format
     return [
-        ("bob releases vision's allocation", lambda: bob.release(aid)),
-        ("carol releases vision's allocation", lambda: carol.release(aid)),
-        ("bob resumes vision's thread", lambda: bob.resume("placed", wait=False)),
-        ("bob reads vision's thread", lambda: bob.outcome("placed")),
-        ("bob approves vision's review", lambda: bob.resume("review", True)),
-        ("carol approves vision's review", lambda: carol.resume("review", True)),
-        ("carol denies vision's review", lambda: carol.resume("review", False)),
-        ("alice (a member) approves her own review", lambda: alice.resume("review", True)),
-        ("bob requests GPUs for vision", lambda: bob.request(ONE | {"project": "vision"})),
-        ("bob submits for vision", lambda: bob.submit(ONE | {"project": "vision"})),
-        ("bob reads vision's history", lambda: bob.history("vision")),
-        ("bob reads vision's audit", lambda: bob.audit("vision")),
-        ("bob sets vision's budget", lambda: bob.set_budget("vision", 100.0)),
-        ("carol sets speech's budget", lambda: carol.set_budget("speech", 100.0)),
-        ("alice sets her own budget", lambda: alice.set_budget("vision", 1000.0)),
+        ("bob releases vision's allocation", lambda: bob.release(aid), no_allocation),
+        ("carol releases vision's allocation", lambda: carol.release(aid), no_allocation),
+        (
+            "bob resumes vision's thread",
+            lambda: bob.resume("placed", wait=False),
+            no_thread("placed"),
+        ),
+        ("bob reads vision's thread", lambda: bob.outcome("placed"), no_thread("placed")),
+        (
+            "bob approves vision's review",
+            lambda: bob.resume("review", True),
+            no_thread("review"),
+        ),
+        (
+            "carol approves vision's review",
+            lambda: carol.resume("review", True),
+            no_thread("review"),
+        ),
+        (
+            "carol denies vision's review",
+            lambda: carol.resume("review", False),
+            no_thread("review"),
+        ),
+        (
+            "alice (a member) approves her own review",
+            lambda: alice.resume("review", True),
+            None,
+        ),
+        ("bob requests GPUs for vision", lambda: bob.request(ONE | {"project": "vision"}), None),
+        ("bob submits for vision", lambda: bob.submit(ONE | {"project": "vision"}), None),
+        ("bob reads vision's history", lambda: bob.history("vision"), None),
+        ("bob reads vision's audit", lambda: bob.audit("vision"), None),
+        ("bob sets vision's budget", lambda: bob.set_budget("vision", 100.0), None),
+        ("carol sets speech's budget", lambda: carol.set_budget("speech", 100.0), None),
+        ("alice sets her own budget", lambda: alice.set_budget("vision", 1000.0), None),
     ]
 
 
@@ -110,13 +135,25 @@ def test_no_cross_project_action_is_allowed(world: dict[str, Any]) -> None:
     ledger = world["as"]("root").services.ledger
     before = ledger.dump()
     attempts = cross_project_attempts(world)
-    for what, attempt in attempts:
-        with pytest.raises(Forbidden) as exc:
+    for what, attempt, as_if_none in attempts:
+        with pytest.raises(Forbidden if as_if_none is None else InvalidInput) as exc:
             attempt()
         assert "\n" not in str(exc.value), what
+        if as_if_none is not None:  # word for word what an id that does not exist gets
+            assert str(exc.value) == as_if_none and not isinstance(exc.value, Forbidden), what
     assert ledger.dump() == before
     assert world["as"]("root").outcome("review").status is Status.PENDING_REVIEW
     assert len(attempts) == 15  # the count in docs/reliability.md
+    bob = world["as"]("bob")
+    for missing, attempt in [  # what ids that do not exist get
+        ("no allocation 'a-000000000000'", lambda: bob.release("a-000000000000")),
+        ("no thread 'none'", lambda: bob.outcome("none")),
+        ("no thread 'none'", lambda: bob.resume("none", True)),
+        ("no submitted thread 'none'", lambda: bob.job("none")),
+    ]:
+        with pytest.raises(InvalidInput) as exc:
+            attempt()
+        assert str(exc.value) == missing
 
 
 def test_what_each_role_may_do(world: dict[str, Any]) -> None:
