@@ -46,7 +46,7 @@ from graph.builder import build_graph
 from graph.checkpoint import close_checkpointer, open_checkpointer
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
-from graph.records import Records
+from graph.records import Records, check_arguments
 from nodes import audit
 from nodes.context import LocalContext, check_models
 from nodes.review import parse_decision
@@ -121,6 +121,7 @@ class Orchestrator(Records):
         `status` beside each allocation whose thread it runs (fleet.monitors)."""
         if project is not None:  # applied to requests later without a model's checks
             names.check("project", project)
+        check_arguments(pool_size=pool_size)
         if monitor_kind not in KINDS:
             raise InvalidInput(f"monitor_kind must be one of {', '.join(KINDS)}")
         super().__init__(

@@ -52,6 +52,43 @@ CALLER_REASONS = (
 )
 
 
+# what each argument of Records (and the Orchestrator) must be, and how it is said: one line,
+# before anything is opened or created (a clock given as "now" crashed with AttributeError
+# after creating the state directory); objects by the methods they are used through
+_WANTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "state_dir": (lambda v: v is None or isinstance(v, str | os.PathLike), "a path"),
+    "fleet": (
+        lambda v: v is None or isinstance(v, str | os.PathLike) or hasattr(v, "model_copy"),
+        "a fleet file's path or a FleetConfig",
+    ),
+    "backend": (
+        lambda v: isinstance(v, str | BackendChoice) or _has(v, "inventory", "reset"),
+        "a backend's name, a BackendChoice or a FleetBackend",
+    ),
+    "clock": (lambda v: v is None or _has(v, "now", "sleep", "token"), "a Clock (fleet.clock)"),
+    "council": (lambda v: v is None or _has(v, "decide"), "a Council (council.voting)"),
+    "create": (lambda v: isinstance(v, bool), "true or false"),
+    "token": (lambda v: v is None or isinstance(v, str), "a token (text)"),
+    "identity": (lambda v: v is None or isinstance(v, Identity), "an Identity (fleet.access)"),
+    "pool_size": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "a whole number of connections, at least 1",
+    ),
+}
+
+
+def _has(value: object, *methods: str) -> bool:
+    return all(callable(getattr(value, m, None)) for m in methods)
+
+
+def check_arguments(**given: object) -> None:
+    """InvalidInput in one line for the first argument that is not what it must be."""
+    for name, value in given.items():
+        ok, wanted = _WANTED[name]
+        if not ok(value):
+            raise InvalidInput(f"{name} must be {wanted}, not {names.shown(value)}")
+
+
 class Records:
     def __init__(
         self,
@@ -75,6 +112,16 @@ class Records:
         is calling, where the state directory has an access file (fleet.access). `identity`:
         one the caller authenticated itself. `check_config`: what must hold of the fleet file
         before anything is opened (open_services' `check`)."""
+        check_arguments(
+            state_dir=state_dir,
+            fleet=fleet,
+            backend=backend,
+            clock=clock,
+            council=council,
+            create=create,
+            token=token,
+            identity=identity,
+        )
         self.services: Services = open_services(
             state_dir,
             fleet,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from langgraph.graph import END, START, StateGraph
 from typing_extensions import TypedDict
 
 from fleet.access import add_identity
-from fleet.clock import WallClock
+from fleet.clock import VirtualClock, WallClock
 from fleet.errors import Forbidden, InvalidInput
 from fleet.jobs import Job
 from fleet.models import GPURequest, ReleaseReason, Status
@@ -33,6 +34,30 @@ def test_the_constructor_checks_the_project_and_the_monitor_kind(make_orch: Orch
         make_orch(project="bad name!")
     with pytest.raises(InvalidInput, match="monitor_kind must be one of"):
         make_orch(monitor_kind="evil\nkind")
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "said"),
+    [
+        ("clock", "now", "clock must be a Clock (fleet.clock), not 'now'"),
+        ("council", 5, "council must be a Council (council.voting), not of type int"),
+        ("create", "yes", "create must be true or false, not 'yes'"),
+        ("pool_size", "8", "pool_size must be a whole number of connections, at least 1"),
+        ("pool_size", 0, "pool_size must be a whole number of connections, at least 1"),
+        ("token", 5, "token must be a token (text), not of type int"),
+        ("identity", "root", "identity must be an Identity (fleet.access), not 'root'"),
+        ("backend", 5, "backend must be a backend's name, a BackendChoice or a FleetBackend"),
+        ("fleet", 5, "fleet must be a fleet file's path or a FleetConfig, not of type int"),
+    ],
+)
+def test_wrong_typed_constructor_arguments_are_one_line_and_create_nothing(
+    tmp_path: Path, argument: str, value: object, said: str
+) -> None:
+    given = {"fleet": small_config(), "clock": VirtualClock()} | {argument: value}
+    with pytest.raises(InvalidInput) as exc:
+        Orchestrator(tmp_path / "state", **given)  # type: ignore[arg-type]
+    assert str(exc.value).startswith(said) and "\n" not in str(exc.value)
+    assert not (tmp_path / "state").exists()
 
 
 def test_release_preempt_and_audit_check_their_arguments(make_orch: OrchFactory) -> None:
