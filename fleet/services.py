@@ -327,13 +327,24 @@ class Services:
         """Release now, or at `at` (a lease's end that passed unseen), or cancel a queued
         request; its monitor and the queue hear at once. A second release returns the first.
         `by`: who, for the audit log (default: whoever these services act for)."""
-        release = self.ledger.release(
+        return self.release_once(allocation_id, reason, at=at, by=by)[0]
+
+    def release_once(
+        self,
+        allocation_id: str,
+        reason: ReleaseReason,
+        *,
+        at: float | None = None,
+        by: str | None = None,
+    ) -> tuple[Release, bool]:
+        """`release`, and whether this call released it (False: something else did first)."""
+        release, now = self.ledger.release_once(
             allocation_id, reason, self.clock.now() if at is None else at, by or self.actor
         )
         self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
-        return release
+        return release, now
 
     def forget(self, allocation_id: str) -> None:
         """The allocation ended: no more wake-ups for it, no more heartbeat."""

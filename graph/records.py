@@ -171,6 +171,13 @@ class Records:
     ) -> Release:
         """Release now (or cancel a queued request). A second release returns the first.
         `reason`: one a caller gives (CALLER_REASONS); the others are the monitor's."""
+        return self.release_once(allocation_id, reason)[0]
+
+    def release_once(
+        self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
+    ) -> tuple[Release, bool]:
+        """`release`, and whether this call released it (False: the monitor, the lease or
+        another caller had, or did meanwhile: what a caller then reports is theirs)."""
         names.check("allocation id", allocation_id)
         if reason not in CALLER_REASONS:
             raise InvalidInput(
@@ -181,7 +188,7 @@ class Records:
         self.identity.check_sees(
             self.services.ledger.get(allocation_id).project, f"no allocation {allocation_id!r}"
         )
-        return self.services.release(allocation_id, reason, by=self.identity.name)
+        return self.services.release_once(allocation_id, reason, by=self.identity.name)
 
     def set_budget(self, project: str, budget_usd: float) -> list[Moved]:
         """Set a project's budget; returns the allocations whose deadline it moved."""

@@ -61,8 +61,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HOSTS_ENV = "GPU_AGENT_UI_HOSTS"
 REFRESH_SECONDS = 15  # the pending reviews list reloads itself (a <meta> refresh, no script)
 LIVE = ("queued", "active")
-# what a release from the page leaves (a queued allocation placed meanwhile is released)
-BY_HAND = (ReleaseReason.EXPLICIT, ReleaseReason.CANCELLED)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{background:#1f2937;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;
@@ -897,10 +895,8 @@ class WebUI:
                 if back.startswith("reviews/") and names.valid("thread id", tid)
                 else "fleet"
             )
-        row = self.orch.services.ledger.get(aid)
-        who.check_project(row.project, "release allocations")
-        done = self._as(who).release(aid) if row.state in LIVE else row.to_release()
-        if row.state not in LIVE or done.reason not in BY_HAND:  # before, or meanwhile
+        done, here = self._as(who).release_once(aid)
+        if not here:  # before, or meanwhile (the lease, the monitor, another click, the CLI)
             return self.error(
                 request,
                 who,
@@ -912,6 +908,7 @@ class WebUI:
                 title="Already released",
             )
         verb = "Cancelled" if done.reason is ReleaseReason.CANCELLED else "Released"
+        row = self.orch.services.ledger.get(aid)
         body = (
             f'<p class="decided">{verb} allocation <span class="id aid">{_e(aid)}</span> '
             f"({row.count} x {_e(row.gpu_type)} of {_e(row.project)}): held "

@@ -630,7 +630,7 @@ def test_the_release_button_releases_once(site: dict[str, Any]) -> None:
         (dave, {"csrf": token}, {"Origin": "http://evil.example"}, 403),
         (dave, {"csrf": token}, {"Origin": "null"}, 403),
         (dave, {"csrf": "0" * 64}, {}, 403),
-        (bob, {"csrf": form_token(site, "bob")}, {}, 403),  # his own token, not his project
+        (bob, {"csrf": form_token(site, "bob")}, {}, 404),  # his own token; as if none
     ]
     for client, form, headers, status in refused:
         r = client.post(f"/allocations/{aid}/release", data=form, headers=headers)
@@ -682,6 +682,32 @@ def test_a_lease_that_ends_while_the_release_is_asked_is_not_reported_as_it(
     assert [(e.action, e.who) for e in orch.audit() if e.target == aid] == [
         ("release", "gpu-agent")
     ]  # the lease's end, not dave
+
+
+def test_a_release_by_hand_meanwhile_is_not_reported_as_the_pages(
+    site: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another click (or `gpu-agent release`) released the allocation between the page's
+    read and its release: the page says it was already released, not that it released it."""
+    orch: Orchestrator = site["orch"]
+    aid = live_allocation(site, "race2")
+    ledger = orch.services.ledger
+    release_once = ledger.release_once
+
+    def another_first(allocation_id: str, *args: Any, **kwargs: Any) -> Any:
+        if allocation_id == aid and ledger.get(aid).state == "active":
+            release_once(aid, ReleaseReason.EXPLICIT, orch.services.clock.now(), "alice")
+        return release_once(allocation_id, *args, **kwargs)
+
+    dave = login(site, "dave")
+    token = csrf(dave.get("/fleet").text)
+    monkeypatch.setattr(ledger, "release_once", another_first)
+    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
+    monkeypatch.undo()
+    assert r.status_code == 409, r.text[-300:]
+    text = re.sub(r"<[^>]+>", "", r.text)
+    assert f"allocation {aid} was already released (released by hand" in text, text[-400:]
+    assert [(e.action, e.who) for e in orch.audit() if e.target == aid] == [("release", "alice")]
 
 
 def test_an_unmonitored_allocation_is_flagged(site: dict[str, Any]) -> None:
