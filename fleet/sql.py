@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +109,11 @@ class Database(ABC):
         """data_version outside a transaction (read before one opens, a commit in between
         shows as a change the next time)."""
         return None
+
+    def rows(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()) -> list[Any]:
+        """One read statement outside a transaction (a statement is consistent by itself)."""
+        with self.lock:
+            return self.conn().execute(sql, args).fetchall()
 
     def liveness(self, sql: str, args: tuple[object, ...] = ()) -> int:
         """One statement that only says whether a process is alive (a monitor's beat, its
@@ -318,9 +323,23 @@ class PostgresDatabase(Database):
             raise StateDirError(f"cannot reach the database {self.name}: {reason}") from None
 
     def conn(self) -> Conn:
-        if self._conn.closed or self._conn.broken:  # a server restart: connect again
-            self._connect()
+        if self._conn.closed or self._conn.broken or not self._alive():
+            self._connect()  # the server dropped it (a restart, an administrator): again
         return _PgConn(self._conn)
+
+    def _alive(self) -> bool:
+        """Whether the server still holds the connection, read without waiting: one it ended
+        while idle has sent its notice (the first read) and closed (the second finds the end),
+        and a statement sent on it would fail (only the statement's own failure could not
+        tell whether it ran)."""
+        import psycopg
+
+        try:
+            self._conn.pgconn.consume_input()
+            self._conn.pgconn.consume_input()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def backend_pid(self) -> int:
         """The server process of this connection (a notification's sender, fleet.ledger.notify)."""
@@ -328,14 +347,45 @@ class PostgresDatabase(Database):
 
     @contextmanager
     def _tx(self, first: str | None, keys: tuple[str, ...] | None) -> Iterator[Conn]:
+        with self.lock, ExitStack() as stack:
+            db = self._begun(stack)
+            if first:
+                db.execute(first)
+            if keys is not None:
+                self._advisory(db, keys)
+            yield db
+
+    def rows(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()) -> list[Any]:
+        """A read on a connection the server drops as it is sent (a restart, an
+        administrator ending it a moment before) is read again on a new one: a SELECT
+        changed nothing, wherever it stopped."""
+        import psycopg
+
+        if not sql.lstrip().upper().startswith("SELECT"):
+            raise ValueError("rows() reads: one SELECT")
         with self.lock:
+            try:
+                return self.conn().execute(sql, args).fetchall()
+            except psycopg.OperationalError:
+                if not (self._conn.closed or self._conn.broken):
+                    raise
+                return self.conn().execute(sql, args).fetchall()
+
+    def _begun(self, stack: ExitStack) -> Conn:
+        """A transaction begun on `stack`. A connection the server dropped since its last
+        use (a restart, an administrator, a proxy's idle timeout) is only found out at BEGIN,
+        before anything of the transaction ran: connected again, it is begun once more."""
+        import psycopg
+
+        try:
             db = self.conn()
-            with self._conn.transaction():
-                if first:
-                    db.execute(first)
-                if keys is not None:
-                    self._advisory(db, keys)
-                yield db
+            stack.enter_context(self._conn.transaction())
+        except psycopg.OperationalError:
+            if not (self._conn.closed or self._conn.broken):
+                raise
+            db = self.conn()  # connects again
+            stack.enter_context(self._conn.transaction())
+        return db
 
     @staticmethod
     def _advisory(db: Conn, keys: tuple[str, ...]) -> None:

@@ -71,6 +71,9 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
         open=False,
         timeout=60.0,
         kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        # a connection the server dropped while it waited in the pool (a restart, an idle
+        # timeout) is replaced when taken, not handed to a run, which it would fail
+        check=ConnectionPool.check_connection,
     )
     try:
         pool.open(wait=True, timeout=15.0)

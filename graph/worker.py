@@ -76,15 +76,28 @@ class Worker:
             t.start()
         try:
             while not self.stopping.wait(self.lease_seconds / 4):
-                self.queue.renew(self.worker_id, self.lease_seconds)
+                self._renew()
                 if not any(t.is_alive() for t in threads):
                     break
         finally:
             self.stopping.set()  # handed back uncounted: stopping is no failed attempt
-            handed = self.queue.hand_back(self.worker_id, retry=True)
-            if handed:
-                log.info("worker %s handed %d running job(s) back", self.worker_id, handed)
+            try:
+                handed = self.queue.hand_back(self.worker_id, retry=True)
+            except Exception:  # their leases lapse instead: other workers take them over
+                log.exception("worker %s could not hand its jobs back", self.worker_id)
+            else:
+                if handed:
+                    log.info("worker %s handed %d running job(s) back", self.worker_id, handed)
         return self.finished
+
+    def _renew(self) -> None:
+        """Extend this worker's leases. A database that went away for a moment (a restart,
+        a dropped connection) is tried again at the next beat, the jobs running on: ended
+        here, the worker would leave every job it runs to lapse (and their monitors)."""
+        try:
+            self.queue.renew(self.worker_id, self.lease_seconds)
+        except Exception:
+            log.exception("worker %s could not renew its leases", self.worker_id)
 
     def _loop(self) -> None:
         while not self.stopping.is_set():

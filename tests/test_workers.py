@@ -333,3 +333,74 @@ def test_a_worker_refuses_bad_settings(tmp_path: Path, pg_url: str) -> None:
     ]:  # Event.wait(inf) raised OverflowError once the worker ran
         r = run_cli("worker", flag, value, *_opts(tmp_path, pg_url), cwd=tmp_path)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_a_worker_rides_out_dropped_database_connections(tmp_path: Path, pg_url: str) -> None:
+    """Every connection of a running worker is cut (a database restart, a proxy's idle
+    timeout) three times while it runs its jobs: the worker reconnects and goes on, and every
+    job ends as it would have, each GPU freed and each cost charged once."""
+    import psycopg
+
+    from fleet.config import load_fleet
+
+    opts = _opts(tmp_path, pg_url)
+    ids = _submit(tmp_path, opts, 4, hours=3)  # 3 virtual hours: 3 s each; 4 GPUs
+    worker = _worker(
+        tmp_path, opts, "--concurrency", "4", "--lease-seconds", "2", "--exit-when-idle"
+    )
+    config = load_fleet(str(_fleet(tmp_path)))
+    ledger = Ledger(pg_url, config)
+    try:
+        deadline = time.monotonic() + 60
+        while ledger.counts_by_state()["active"] < 4:
+            assert time.monotonic() < deadline, "the worker never placed its requests"
+            time.sleep(0.1)
+    finally:
+        ledger.close()
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        for _ in range(3):
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            time.sleep(0.5)
+    stdout, stderr = worker.communicate(timeout=240)
+    assert worker.returncode == 0, stderr[-3000:]
+    print(stderr)  # shown where a job failed: which statement met a dropped connection
+    jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
+    assert {j["thread_id"] for j in jobs} == set(ids)
+    assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), [
+        (j["outcome"], j["attempts"], j["error"]) for j in jobs
+    ]
+    assert sum(_ledger_checks(pg_url, config, 4).values()) == 4
+
+
+def test_a_worker_whose_renewal_fails_goes_on(
+    make_orch: OrchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that raises (the database went away for a moment) is tried again at the
+    next beat while the jobs run on; it ended the worker, leaving its jobs' leases to lapse."""
+    import threading
+
+    from graph.worker import Worker
+
+    orch = make_orch()
+    job = orch.submit({"project": "p", "count": 1, "duration_hours": 1, "gpu_type": "A100"})
+    worker = Worker(orch, concurrency=1, lease_seconds=0.2, poll_seconds=0.01, exit_when_idle=True)
+    renew, start_job = worker.queue.renew, orch.start_job
+    failed = threading.Event()
+
+    def flaky(*args: Any, **kwargs: Any) -> int:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("the database went away for a moment")
+        return renew(*args, **kwargs)
+
+    def after_a_failed_renewal(claimed: Any) -> Any:
+        assert failed.wait(30)  # the job runs while its worker's renewal fails
+        return start_job(claimed)
+
+    monkeypatch.setattr(worker.queue, "renew", flaky)
+    monkeypatch.setattr(orch, "start_job", after_a_failed_renewal)
+    assert worker.serve() == Counter({"released": 1})
+    assert orch.job(job.thread_id).outcome == "released"

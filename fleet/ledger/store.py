@@ -70,9 +70,8 @@ class Store:
         return self._begin(self.db.read(), write=False)
 
     def query(self, sql: str, args: tuple[object, ...] | dict[str, object] = ()) -> list[Any]:
-        """One statement outside a transaction (a statement is consistent by itself)."""
-        with self.db.lock:
-            return self.db.conn().execute(sql, args).fetchall()
+        """One read statement outside a transaction (a statement is consistent by itself)."""
+        return self.db.rows(sql, args)
 
     def _get(self, db: Conn, aid: str) -> LedgerRow | None:
         r = db.execute(f"{ROW} WHERE id=?", (aid,)).fetchone()
