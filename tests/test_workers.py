@@ -366,12 +366,13 @@ def test_a_worker_rides_out_dropped_database_connections(tmp_path: Path, pg_url:
             time.sleep(0.5)
     stdout, stderr = worker.communicate(timeout=240)
     assert worker.returncode == 0, stderr[-3000:]
-    print(stderr)  # shown where a job failed: which statement met a dropped connection
+    assert sum(json.loads(stdout)["finished"].values()) == 4
     jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
     assert {j["thread_id"] for j in jobs} == set(ids)
-    assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), [
-        (j["outcome"], j["attempts"], j["error"]) for j in jobs
-    ]
+    assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), (
+        [(j["outcome"], j["attempts"], j["error"]) for j in jobs],
+        stderr[-3000:],  # which statement met a dropped connection
+    )
     assert sum(_ledger_checks(pg_url, config, 4).values()) == 4
 
 
