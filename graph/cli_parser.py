@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--concurrency", type=int, default=4, help="requests run at once (4)")
     p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        help="requests that wait for GPUs in the fair queue beside them, each letting its "
+        "turn go to the next job (64; 0: a waiting request keeps its turn)",
+    )
+    p.add_argument(
         "--lease-seconds",
         type=float,
         default=30.0,

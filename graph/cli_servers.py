@@ -65,6 +65,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker = Worker(
             orch,
             concurrency=args.concurrency,
+            max_waiting=args.max_waiting,
             lease_seconds=args.lease_seconds,
             poll_seconds=args.poll_seconds,
             exit_when_idle=args.exit_when_idle,

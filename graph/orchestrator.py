@@ -379,15 +379,18 @@ class Orchestrator(Records):
             on_progress=_heard(on_progress),
         )
 
-    def start_job(self, job: Job) -> RequestOutcome:
+    def start_job(
+        self, job: Job, *, on_event: Callable[[Event], None] | None = None
+    ) -> RequestOutcome:
         """Run a submitted job's thread from its first step (a worker holding its lease: the
         job's claim on the name is this worker's while the lease lasts). A thread that has
-        started is resumed, never started again: its first step would overwrite it."""
+        started is resumed, never started again: its first step would overwrite it.
+        `on_event`: as for `request`."""
         req = self.check(job.request)  # a worker runs it for whoever submitted it
         req = req.model_copy(update={"requested_by": self.identity.asker(job.request.requested_by)})
         if self._started(job.thread_id):
             raise InvalidInput(f"thread {job.thread_id!r} already exists; resume it instead")
-        return self._start(req, job.thread_id, None)
+        return self._start(req, job.thread_id, None, on_update=_events_to(on_event))
 
     def resume(
         self,

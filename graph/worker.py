@@ -1,10 +1,14 @@
 """`gpu-agent worker`: serve the job queue with N threads at once, beside other workers.
 
 Each thread claims a job (fleet.jobs), runs its request's thread to the end (placement,
-monitoring, release) and marks the job done with the thread's status. A job whose thread was
-checkpointed already (its worker died, or handed it back on SIGTERM) is resumed, not
-restarted: every side effect from allocate on is idempotent on (thread, request), so a GPU is
-freed and a cost charged once whoever finishes the thread.
+monitoring, release) and marks the job done with the thread's status. A job whose request
+waits in the fleet's fair queue for GPUs lets its turn go to a new thread (up to
+`max_waiting` such jobs at once), so that jobs behind it reach the fair queue, where
+priority, fairness and other types' free GPUs decide, instead of waiting behind it.
+
+A job whose thread was checkpointed already (its worker died, or handed it back on SIGTERM)
+is resumed, not restarted: every side effect from allocate on is idempotent on (thread,
+request), so a GPU is freed and a cost charged once whoever finishes the thread.
 
 A thread with no job to claim also adopts live allocations whose monitor died (a `request`
 or `resume --approve` killed, a page, another worker's thread: fleet.monitors) or that were
@@ -21,11 +25,12 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleet.errors import InvalidInput, MonitoredElsewhere
 from fleet.jobs import Job, JobQueue
-from fleet.models import ReleaseReason
+from fleet.models import Event, EventKind, ReleaseReason, Status
 from graph.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ class Worker:
     poll_seconds: float = 1.0  # how often an idle thread looks for work
     exit_when_idle: bool = False  # stop once no job is pending or running anywhere
     max_attempts: int = 3  # a job that fails this often (an exception, not a status) is failed
+    max_waiting: int = 64  # jobs waiting for GPUs in the fair queue beside `concurrency`
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
@@ -59,8 +65,13 @@ class Worker:
                 f"--poll-seconds must be above 0 and at most {MAX_WAIT_SECONDS:g}, "
                 f"not {self.poll_seconds}"
             )
+        if self.max_waiting < 0:
+            raise InvalidInput(f"--max-waiting must be at least 0, not {self.max_waiting}")
         self.queue = JobQueue(self.orch.services.ledger)
         self._lock = threading.Lock()
+        self._turns = threading.Semaphore(self.concurrency)
+        self._threads: list[threading.Thread] = []
+        self._waiting = 0  # jobs that let their turn go while they wait for GPUs
         self._adopted: set[str] = set()  # threads this worker's threads are adopting
         self._stranded: set[str] = set()  # allocations adopted whose thread does not run them
         self._failed: Counter[str] = Counter()  # adoptions that raised, by allocation
@@ -68,17 +79,15 @@ class Worker:
     def serve(self) -> Counter[str]:
         """Run until `stopping` is set (or, with exit_when_idle, the queue is empty), then
         hand the jobs still running back to the queue. The outcomes of the jobs it ended."""
-        threads = [
-            threading.Thread(target=self._loop, name=f"job-{i}", daemon=True)
-            for i in range(self.concurrency)
-        ]
-        for t in threads:
-            t.start()
+        for _ in range(self.concurrency):
+            self._spawn()
         try:
             while not self.stopping.wait(self.lease_seconds / 4):
                 self._renew()
-                if not any(t.is_alive() for t in threads):
-                    break
+                with self._lock:
+                    self._threads = [t for t in self._threads if t.is_alive()]
+                    if not self._threads:
+                        break
         finally:
             self.stopping.set()  # handed back uncounted: stopping is no failed attempt
             try:
@@ -99,22 +108,44 @@ class Worker:
         except Exception:
             log.exception("worker %s could not renew its leases", self.worker_id)
 
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._loop, name="job", daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
     def _loop(self) -> None:
+        """A thread of the worker: each of its rounds holds one of `concurrency` turns. One
+        whose job let its turn go (to a new thread) ends with that job."""
         while not self.stopping.is_set():
+            if not self._turns.acquire(timeout=self.poll_seconds):
+                continue
+            turn = _Turn(self)
             try:
-                job = self.queue.claim(self.worker_id, self.lease_seconds)
-            except Exception:  # the database went away for a moment: try again
-                log.exception("claiming a job failed")
-                self.stopping.wait(self.poll_seconds)
-                continue
-            if job is None:
-                if self._adopt_one():
-                    continue
-                if self.exit_when_idle and self._idle():
-                    return
-                self.stopping.wait(self.poll_seconds)
-                continue
-            self._run(job)
+                go_on = self._round(turn)
+            finally:
+                kept = turn.end()
+            if not (go_on and kept):
+                return
+
+    def _round(self, turn: _Turn) -> bool:
+        """Claim a job and run it, or adopt an orphan, or wait a poll; False: idle, and
+        told to exit when idle."""
+        try:
+            job = self.queue.claim(self.worker_id, self.lease_seconds)
+        except Exception:  # the database went away for a moment: try again
+            log.exception("claiming a job failed")
+            self.stopping.wait(self.poll_seconds)
+            return True
+        if job is None:
+            if self._adopt_one():
+                return True
+            if self.exit_when_idle and self._idle():
+                return False
+            self.stopping.wait(self.poll_seconds)
+            return True
+        self._run(job, turn.let_go)
+        return True
 
     def _adopt_one(self) -> bool:
         """Monitor one allocation nobody monitors (whose thread no job of the queue holds:
@@ -178,7 +209,9 @@ class Worker:
         counts = self.queue.counts()
         return counts["pending"] == 0 and counts["running"] == 0
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, waits: Callable[[], None] = lambda: None) -> None:
+        """Run the job's thread to its end; `waits` is called where its request waits in the
+        fair queue for GPUs."""
         tid = job.thread_id
         if job.attempts > self.max_attempts:  # its workers stopped while running it
             try:
@@ -194,10 +227,13 @@ class Worker:
                 self._give_up(job, orphaned, why)
             return
         try:
+            heard = _on_queued(waits)
             if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
-                outcome = self.orch.start_job(job)
+                outcome = self.orch.start_job(job, on_event=heard)
             else:
-                outcome = self.orch.resume(tid)
+                if self.orch.outcome(tid).status is Status.QUEUED:  # queued before: waits
+                    waits()
+                outcome = self.orch.resume(tid, on_event=heard)
             status, error = outcome.status.value, None
         except MonitoredElsewhere:  # its old monitor still beats: try again after a poll
             self.queue.hand_back(self.worker_id, tid, retry=True)
@@ -242,3 +278,44 @@ class Worker:
                 self.queue.hand_back(self.worker_id, job.thread_id, retry=True)
             return
         self._finish(job.thread_id, "failed", why)
+
+
+def _on_queued(waits: Callable[[], None]) -> Callable[[Event], None]:
+    def heard(event: Event) -> None:
+        if event.kind is EventKind.QUEUED:
+            waits()
+
+    return heard
+
+
+class _Turn:
+    """One of a worker's `concurrency` turns, held by a thread for a round. A job that waits
+    for GPUs in the fair queue lets it go (`let_go`, once; not beyond `max_waiting` jobs
+    waiting so), to a new thread that claims the next job; placed later, the job runs on
+    beside the others (its GPUs are monitored whatever the count)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.held = True
+
+    def let_go(self) -> None:
+        w = self.worker
+        with w._lock:
+            if not self.held or w._waiting >= w.max_waiting:
+                return
+            self.held = False
+            w._waiting += 1
+        w._turns.release()
+        w._spawn()
+
+    def end(self) -> bool:
+        """The round is over: give the turn back; False where it was let go (this thread's
+        job waited, and another thread took its turn: this one ends)."""
+        w = self.worker
+        with w._lock:
+            if not self.held:
+                w._waiting -= 1
+                return False
+            self.held = False
+        w._turns.release()
+        return True

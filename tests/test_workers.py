@@ -20,7 +20,7 @@ from fleet.errors import InvalidInput
 from fleet.jobs import JobQueue
 from fleet.ledger import Ledger
 from fleet.models import GPURequest, ReleaseReason
-from tests.conftest import OrchFactory, fleet_toml, run_cli
+from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config
 from tests.test_monitors import ledger_route
 
 REQUEST = GPURequest(project="p", purpose="training", count=1, duration_hours=1)
@@ -330,6 +330,7 @@ def test_a_worker_refuses_bad_settings(tmp_path: Path, pg_url: str) -> None:
         ("--lease-seconds", "inf", "--lease-seconds must be above 0 and at most 86400"),
         ("--lease-seconds", "nan", "--lease-seconds must be above 0"),
         ("--poll-seconds", "inf", "--poll-seconds must be above 0"),
+        ("--max-waiting", "-1", "--max-waiting must be at least 0"),
     ]:  # Event.wait(inf) raised OverflowError once the worker ran
         r = run_cli("worker", flag, value, *_opts(tmp_path, pg_url), cwd=tmp_path)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
@@ -397,11 +398,57 @@ def test_a_worker_whose_renewal_fails_goes_on(
             raise RuntimeError("the database went away for a moment")
         return renew(*args, **kwargs)
 
-    def after_a_failed_renewal(claimed: Any) -> Any:
+    def after_a_failed_renewal(claimed: Any, **kwargs: Any) -> Any:
         assert failed.wait(30)  # the job runs while its worker's renewal fails
-        return start_job(claimed)
+        return start_job(claimed, **kwargs)
 
     monkeypatch.setattr(worker.queue, "renew", flaky)
     monkeypatch.setattr(orch, "start_job", after_a_failed_renewal)
     assert worker.serve() == Counter({"released": 1})
     assert orch.job(job.thread_id).outcome == "released"
+
+
+@pytest.mark.parametrize("max_waiting", [64, 0])
+def test_a_job_waiting_for_gpus_lets_the_next_job_start(
+    make_orch: OrchFactory, max_waiting: int
+) -> None:
+    """Every A100 is held (a request monitored here); a worker with one turn claims a job
+    that waits for an A100 in the fair queue, and it lets its turn go, so the T4 job behind
+    it starts at once, not when the A100s come free (it waited behind the waiting job, as
+    it still does with --max-waiting 0)."""
+    import threading
+    import time as real
+
+    from fleet.clock import ScaledClock
+    from graph.worker import Worker
+
+    config = small_config(
+        council={"auto_approve_max_gpus": 8, "auto_approve_max_usd": 100000},
+        monitor={"tick_seconds": 600},
+    )
+    now = real.time()
+    orch = make_orch(config, clock=ScaledClock(3600, now, now))  # a virtual hour a second
+    big = {"project": "a", "count": 8, "duration_hours": 3, "gpu_type": "A100"}
+    holder = threading.Thread(target=orch.request, args=(big,), kwargs={"thread_id": "big"})
+    holder.start()
+    deadline = real.monotonic() + 30
+    while orch.services.ledger.counts_by_state()["active"] < 1:
+        assert real.monotonic() < deadline, "the A100s were never placed"
+        real.sleep(0.01)
+    behind = orch.submit({"project": "b", "count": 1, "duration_hours": 1, "gpu_type": "A100"})
+    other = orch.submit(
+        {"project": "c", "purpose": "inference", "count": 1, "duration_hours": 1, "gpu_type": "T4"}
+    )
+    worker = Worker(
+        orch, concurrency=1, poll_seconds=0.05, exit_when_idle=True, max_waiting=max_waiting
+    )
+    assert worker.serve() == Counter({"released": 2})
+    holder.join(30)
+    rows = {r.thread_id: r for r in orch.services.ledger.allocations()}
+    big_row, behind_row, other_row = rows["big"], rows[behind.thread_id], rows[other.thread_id]
+    assert big_row.released_at is not None and other_row.started_at is not None
+    assert behind_row.started_at is not None and behind_row.started_at >= big_row.released_at
+    if max_waiting:
+        assert other_row.started_at < big_row.released_at - 3600  # hours before, not after
+    else:
+        assert other_row.started_at >= big_row.released_at
