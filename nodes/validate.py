@@ -6,6 +6,7 @@ from __future__ import annotations
 from langgraph.runtime import Runtime
 
 from fleet.errors import Forbidden, InvalidInput
+from fleet.ledger.rows import allocation_id
 from fleet.models import Status
 from fleet.validation import check_against_fleet, parse_request, refusal
 from nodes import audit
@@ -35,7 +36,8 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
             request = request.model_copy(update={"requested_by": asker})
     update["request"] = request
     if request.resumes is not None:
-        problem = svc.ledger.resumable(request.project, request.resumes)
+        mine = allocation_id(thread_id, request.request_id) if thread_id else None
+        problem = svc.ledger.resumable(request.project, request.resumes, mine)
         if problem is not None:
             return update | {"status": Status.INVALID, "reason": problem}
     refused = refusal(request, svc.config, svc.ledger.remaining_usd(request.project, running=False))

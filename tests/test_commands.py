@@ -18,8 +18,11 @@ from fleet.commands import Commands, work
 from fleet.config import FleetConfig, load_fleet
 from fleet.ledger import Ledger
 from fleet.ledger.rows import Resumed
-from fleet.models import GPURequest, ReleaseReason
+from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.monitors import new_owner
+from fleet.routing import route
+from fleet.simulated import SimulatedFleet
+from fleet.topology import Topology
 from graph.run_command import requeues
 from tests.conftest import run_cli
 from tests.test_monitors import T0, place
@@ -158,6 +161,35 @@ def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(ledger: 
         assert db.execute("SELECT idle_gpu_hours FROM records WHERE project='p'").fetchone()[
             0
         ] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_work_a_live_request_resumes_is_not_offered_to_another(ledger: Ledger) -> None:
+    """Two requests that both say they resume one released allocation would both go ahead
+    of new work: while one is queued or running, the other is refused (not the request
+    itself, asked again: validate re-runs on a resume)."""
+    aid = place(ledger, "r1")
+    ledger.release(aid, ReleaseReason.IDLE, T0 + 3600)
+    request = GPURequest(
+        project="p",
+        count=1,
+        duration_hours=1,
+        gpu_type="A100",
+        request_id="r-again",
+        resumes=aid,
+    )
+    decision = route(request, ledger.config, None)
+    assert isinstance(decision, RouteDecision)
+    inventory = SimulatedFleet(ledger.config).inventory()
+    placed = ledger.place(
+        request, decision, "again", T0 + 3700, inventory, Topology(ledger.config, inventory)
+    )
+    assert placed.row is not None and placed.row.state == "active"
+    assert ledger.resumable("p", aid) == (
+        f"allocation {aid}'s work is being resumed already, by {placed.row.id} (active)"
+    )
+    assert ledger.resumable("p", aid, mine=placed.row.id) is None
+    ledger.release(placed.row.id, ReleaseReason.EXPLICIT, T0 + 3800)  # gave up before it ran
+    assert ledger.resumable("p", aid) is None
 
 
 def test_work_resumed_at_once_after_an_idle_release_went_on_while_it_looked_idle(

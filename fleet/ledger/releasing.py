@@ -210,15 +210,26 @@ class Releasing(ProjectRecord):
         missed = max(0, math.ceil((end - row.heartbeat_at) / tick - 1e-9) - 1)
         return row.util_sum + missed * row.util_last, row.util_n + missed
 
-    def resumable(self, project: str, aid: str) -> str | None:
+    def resumable(self, project: str, aid: str, mine: str | None = None) -> str | None:
         """Why a request of `project` may not say it resumes allocation `aid` (None: it may):
-        work goes on once, so an allocation another already resumes is not offered again
-        (its pause, its sparing and its place ahead of new work would be claimed twice)."""
+        work goes on once, so an allocation another already resumes, or a live request (queued
+        or running, other than `mine`, the asking request's own allocation) says it resumes,
+        is not offered again (its pause, its sparing and its place ahead of new work would be
+        claimed twice)."""
         rows = self.query("SELECT project, resumed_by FROM history WHERE allocation_id=?", (aid,))
         if not rows or rows[0][0] != project:
             return f"{project} has no released allocation {aid} to resume"
         if rows[0][1] is not None:
             return f"allocation {aid}'s work was resumed already, by {rows[0][1]}"
+        live = self.query(
+            "SELECT id, state FROM allocations WHERE resumes=? AND state IN ('queued', 'active') "
+            "AND id<>? ORDER BY id",
+            (aid, mine or ""),
+        )
+        if live:
+            return (
+                f"allocation {aid}'s work is being resumed already, by {live[0][0]} ({live[0][1]})"
+            )
         return None
 
     def resume(self, aid: str, by: str, asked_at: float, started_at: float) -> Resumed:
