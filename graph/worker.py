@@ -110,9 +110,9 @@ class Worker:
 
     def _spawn(self) -> None:
         t = threading.Thread(target=self._loop, name="job", daemon=True)
-        with self._lock:
+        with self._lock:  # started before serve's count of the living can see it
             self._threads.append(t)
-        t.start()
+            t.start()
 
     def _loop(self) -> None:
         """A thread of the worker: each of its rounds holds one of `concurrency` turns. One
