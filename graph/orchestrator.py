@@ -72,8 +72,9 @@ class _Placing:
 
 
 class _Ticket:
-    """Between allocate_gpu and the thread placing its request: exactly one of them withdraws
-    a request whose caller gave up (the caller if it was placed by then, else the thread)."""
+    """Between allocate_gpu(_sync) and the thread that places its request: exactly one of them
+    withdraws a request whose caller gave up (the caller where the thread had checked in,
+    else the thread, as it checks in before it runs anything)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -547,7 +548,17 @@ class Orchestrator(Records):
         Interrupted (Ctrl-C) while it waits, nothing stays placed for it (_withdraw), unless
         `withdraw` is False: the request then stays placed or queued for a later `resume`
         (a requeued `gpu-agent run`, which `run --resume` carries on)."""
-        return self._held(self._placing(request, thread_id), withdraw)
+        ticket = _Ticket()
+        try:
+            return self._held(self._placing(request, thread_id, ticket), withdraw)
+        except GPUAgentError:  # the request's answer (a review stays for its human)
+            raise
+        except BaseException:  # Ctrl-C, wherever it came: before _held's own cleanup too
+            if withdraw:
+                placed = ticket.abandon()  # None: the thread still checks in, and withdraws
+                if placed is not None:
+                    self._withdraw(placed)
+            raise
 
     async def allocate_gpu(
         self, request: GPURequest | Mapping[str, Any], *, thread_id: str | None = None
@@ -587,6 +598,10 @@ class Orchestrator(Records):
                 placing.placed.set()
 
         def run() -> None:
+            if ticket is not None and not ticket.check_in(placing):  # its caller gave up
+                self._withdraw(placing)
+                placing.placed.set()
+                return
             try:
                 placing.box["outcome"] = self._start(req, thread_id, claim, on_update=on_update)
             except BaseException as exc:  # handed to the caller, never swallowed
@@ -595,8 +610,6 @@ class Orchestrator(Records):
                 placing.placed.set()
 
         placing.runner = self._spawn(run)
-        if ticket is not None and not ticket.check_in(placing):
-            self._withdraw(placing)
         return placing
 
     def _held(self, placing: _Placing, withdraw: bool) -> AllocationHandle:

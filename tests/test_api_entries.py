@@ -178,6 +178,32 @@ def test_ctrl_c_while_allocate_gpu_sync_waits_leaves_nothing_placed(
     _nothing_left_for(orch, "q", first)
 
 
+def test_ctrl_c_before_the_wait_begins_leaves_nothing_placed(
+    make_orch: OrchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the request's thread was spawned, before the wait's own cleanup could
+    run (between `_placing` and `_held`): the caller still withdraws it."""
+    orch, first = _full_then_waiting(make_orch)
+    queued = _queued(orch, "q")
+    spawn, runners = orch._spawn, []
+
+    def recorded(fn: Any) -> threading.Thread:
+        runners.append(spawn(fn))
+        return runners[-1]
+
+    def interrupted(placing: Any, withdraw: bool) -> Any:
+        assert queued.wait(30)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orch, "_spawn", recorded)
+    monkeypatch.setattr(orch, "_held", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        orch.allocate_gpu_sync(req(gpu_type="H100", count=2, project="q"), thread_id="qq")
+    for runner in runners:
+        runner.join(30)
+    _nothing_left_for(orch, "q", first)
+
+
 def test_a_cancelled_allocate_gpu_leaves_nothing_placed(make_orch: OrchFactory) -> None:
     orch, first = _full_then_waiting(make_orch)
 
