@@ -11,6 +11,7 @@ skew).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from fleet.errors import InvalidInput
@@ -95,16 +96,26 @@ class JobQueue:
             )
         return self.get(row[0])
 
-    def renew(self, worker: str, lease_seconds: float, now: float | None = None) -> int:
-        """Extend every lease this worker holds; how many it still holds."""
+    def renew(
+        self,
+        worker: str,
+        lease_seconds: float,
+        now: float | None = None,
+        *,
+        threads: Collection[str] | None = None,
+    ) -> int:
+        """Extend the leases this worker holds (of `threads` only, where given: the jobs its
+        threads still run; one whose thread stopped lapses and is claimed again); how many."""
         now = time.time() if now is None else now
+        sql = "UPDATE jobs SET lease_until=? WHERE worker=? AND state='running'"
+        args: tuple[str, ...] = ()
+        if threads is not None:
+            if not threads:
+                return 0
+            sql += f" AND thread_id IN ({', '.join('?' * len(threads))})"
+            args = tuple(sorted(threads))
         with self.ledger.queue_transaction() as db:
-            return int(
-                db.execute(
-                    "UPDATE jobs SET lease_until=? WHERE worker=? AND state='running'",
-                    (now + lease_seconds, worker),
-                ).rowcount
-            )
+            return int(db.execute(sql, (now + lease_seconds, worker, *args)).rowcount)
 
     def finish(
         self,

@@ -132,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         "workers; SIGTERM hands running ones back to the others",
     )
     _common(p)
-    p.add_argument("--concurrency", type=int, default=4, help="requests run at once (4)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="requests decided and run at once, on turns (4); one that waits for GPUs lets its "
+        "turn go, and runs on beside them once placed",
+    )
     p.add_argument(
         "--max-waiting",
         type=int,

@@ -27,13 +27,15 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from fleet.errors import InvalidInput, MonitoredElsewhere
+from fleet.errors import InvalidInput, MonitoredElsewhere, StateDirError
 from fleet.jobs import Job, JobQueue
 from fleet.models import Event, EventKind, ReleaseReason, Status
 from graph.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_WAIT_SECONDS = 86400.0  # a worker's lease and poll: a dead worker's jobs wait a day at most
 
 
@@ -71,7 +73,8 @@ class Worker:
         self._lock = threading.Lock()
         self._turns = threading.Semaphore(self.concurrency)
         self._threads: list[threading.Thread] = []
-        self._waiting = 0  # jobs that let their turn go while they wait for GPUs
+        self._waiting = 0  # jobs that let their turn go and wait for GPUs
+        self._jobs: set[str] = set()  # the jobs this worker's threads run: their leases renew
         self._adopted: set[str] = set()  # threads this worker's threads are adopting
         self._stranded: set[str] = set()  # allocations adopted whose thread does not run them
         self._failed: Counter[str] = Counter()  # adoptions that raised, by allocation
@@ -103,8 +106,10 @@ class Worker:
         """Extend this worker's leases. A database that went away for a moment (a restart,
         a dropped connection) is tried again at the next beat, the jobs running on: ended
         here, the worker would leave every job it runs to lapse (and their monitors)."""
+        with self._lock:
+            running = set(self._jobs)
         try:
-            self.queue.renew(self.worker_id, self.lease_seconds)
+            self.queue.renew(self.worker_id, self.lease_seconds, threads=running)
         except Exception:
             log.exception("worker %s could not renew its leases", self.worker_id)
 
@@ -138,16 +143,16 @@ class Worker:
             self.stopping.wait(self.poll_seconds)
             return True
         if job is None:
-            if self._adopt_one():
+            if self._adopt_one(turn):
                 return True
             if self.exit_when_idle and self._idle():
                 return False
             self.stopping.wait(self.poll_seconds)
             return True
-        self._run(job, turn.let_go)
+        self._run(job, turn)
         return True
 
-    def _adopt_one(self) -> bool:
+    def _adopt_one(self, turn: _Turn | None = None) -> bool:
         """Monitor one allocation nobody monitors (whose thread no job of the queue holds:
         the job's own takeover resumes those); whether there was one."""
         try:
@@ -174,7 +179,9 @@ class Worker:
                     tid,
                     orphan.describe(time.time()),
                 )
-                outcome = self.orch.resume(tid)
+                if turn is not None and orphan.row.state == "queued":  # waits, as a job
+                    turn.let_go()
+                outcome = self.orch.resume(tid, on_event=_hook(turn))
                 with self._lock:
                     self.finished[f"adopted {outcome.status.value}"] += 1
                 if self.orch.services.ledger.get(orphan.row.id).state != "released":
@@ -209,9 +216,19 @@ class Worker:
         counts = self.queue.counts()
         return counts["pending"] == 0 and counts["running"] == 0
 
-    def _run(self, job: Job, waits: Callable[[], None] = lambda: None) -> None:
-        """Run the job's thread to its end; `waits` is called where its request waits in the
-        fair queue for GPUs."""
+    def _run(self, job: Job, turn: _Turn | None = None) -> None:
+        """Run the job's thread to its end (its request waiting in the fair queue lets its
+        `turn` go); what it ends as is recorded, and the job is handed back where its run
+        raised or the database could not be reached."""
+        with self._lock:
+            self._jobs.add(job.thread_id)
+        try:
+            self._run_job(job, turn)
+        finally:
+            with self._lock:
+                self._jobs.discard(job.thread_id)
+
+    def _run_job(self, job: Job, turn: _Turn | None) -> None:
         tid = job.thread_id
         if job.attempts > self.max_attempts:  # its workers stopped while running it
             try:
@@ -220,24 +237,29 @@ class Worker:
                 log.exception("reading job %s's allocations failed", tid)
                 orphaned = None
             if orphaned is None:  # no attempt: try again after a poll, as below
-                self.queue.hand_back(self.worker_id, tid, retry=True)
+                self._hand_back(tid, retry=True)
                 self.stopping.wait(self.poll_seconds)
             else:
                 why = f"its workers stopped {job.attempts - 1} times running it"
                 self._give_up(job, orphaned, why)
             return
         try:
-            heard = _on_queued(waits)
+            heard = _hook(turn)
             if self.orch.checkpointer.get_tuple({"configurable": {"thread_id": tid}}) is None:
                 outcome = self.orch.start_job(job, on_event=heard)
             else:
-                if self.orch.outcome(tid).status is Status.QUEUED:  # queued before: waits
-                    waits()
+                if turn is not None and self.orch.outcome(tid).status is Status.QUEUED:
+                    turn.let_go()  # it queued before: it waits
                 outcome = self.orch.resume(tid, on_event=heard)
             status, error = outcome.status.value, None
         except MonitoredElsewhere:  # its old monitor still beats: try again after a poll
-            self.queue.hand_back(self.worker_id, tid, retry=True)
+            self._hand_back(tid, retry=True)
             self.stopping.wait(self.poll_seconds)
+            return
+        except StateDirError as exc:  # the database cannot be reached (a restart): no attempt
+            if not self.stopping.is_set():
+                log.warning("job %s handed back to be tried again: %s", tid, exc)
+                self._hand_back(tid, retry=True)
             return
         except InvalidInput as exc:
             status, error = "invalid", str(exc)
@@ -246,15 +268,36 @@ class Worker:
                 return  # stopping: the job is handed back
             log.exception("job %s failed (attempt %d)", tid, job.attempts)
             if job.attempts < self.max_attempts:
-                self.queue.hand_back(self.worker_id, tid)
+                self._hand_back(tid)
                 return
             status, error = "failed", f"{type(exc).__name__}: {exc}"  # what it placed: adopted
         self._finish(tid, status, error)
 
     def _finish(self, tid: str, status: str, error: str | None) -> None:
-        if self.queue.finish(tid, self.worker_id, status, error):
+        if self._persist(
+            f"recording job {tid}'s end",
+            lambda: self.queue.finish(tid, self.worker_id, status, error),
+        ):
             with self._lock:
                 self.finished[status] += 1
+
+    def _hand_back(self, tid: str, *, retry: bool = False) -> None:
+        self._persist(
+            f"handing job {tid} back",
+            lambda: self.queue.hand_back(self.worker_id, tid, retry=retry),
+        )
+
+    def _persist(self, what: str, write: Callable[[], T]) -> T | None:
+        """A job's write to the queue, tried again every poll while the database cannot be
+        taken (a restart); None where the worker stops first: the job's lease, renewed no
+        more, lapses and it is claimed again."""
+        while True:
+            try:
+                return write()
+            except Exception:
+                log.exception("%s failed; trying again", what)
+                if self.stopping.wait(self.poll_seconds):
+                    return None
 
     def _orphaned(self, tid: str) -> list[str] | None:
         """What the job's thread placed and nobody monitors; None where a live process still
@@ -280,42 +323,58 @@ class Worker:
         self._finish(job.thread_id, "failed", why)
 
 
-def _on_queued(waits: Callable[[], None]) -> Callable[[Event], None]:
+def _hook(turn: _Turn | None) -> Callable[[Event], None] | None:
+    """What a job's events tell its turn: queued, it waits; placed, it waits no more."""
+    if turn is None:
+        return None
+
     def heard(event: Event) -> None:
         if event.kind is EventKind.QUEUED:
-            waits()
+            turn.let_go()
+        elif event.kind is EventKind.PLACED:
+            turn.placed()
 
     return heard
 
 
 class _Turn:
     """One of a worker's `concurrency` turns, held by a thread for a round. A job that waits
-    for GPUs in the fair queue lets it go (`let_go`, once; not beyond `max_waiting` jobs
-    waiting so), to a new thread that claims the next job; placed later, the job runs on
-    beside the others (its GPUs are monitored whatever the count)."""
+    for GPUs in the fair queue lets it go (`let_go`, once; while fewer than `max_waiting`
+    jobs wait so), to a new thread that claims the next job; placed later, the job waits no
+    more and runs on beside the others (its GPUs are monitored whatever the count)."""
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.held = True
+        self.waiting = False  # let go, and counted among the worker's waiting jobs
 
     def let_go(self) -> None:
         w = self.worker
         with w._lock:
             if not self.held or w._waiting >= w.max_waiting:
                 return
-            self.held = False
+            self.held, self.waiting = False, True
             w._waiting += 1
         w._turns.release()
         w._spawn()
+
+    def placed(self) -> None:
+        with self.worker._lock:
+            self._counted_out()
 
     def end(self) -> bool:
         """The round is over: give the turn back; False where it was let go (this thread's
         job waited, and another thread took its turn: this one ends)."""
         w = self.worker
         with w._lock:
+            self._counted_out()
             if not self.held:
-                w._waiting -= 1
                 return False
             self.held = False
         w._turns.release()
         return True
+
+    def _counted_out(self) -> None:
+        if self.waiting:  # the worker's lock is held
+            self.waiting = False
+            self.worker._waiting -= 1

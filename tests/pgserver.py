@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -69,6 +70,10 @@ class PgServer:
             "UTF8",
             "--no-instructions",
         )
+        self._pg_ctl_start()
+        return self.url("postgres")
+
+    def _pg_ctl_start(self) -> None:
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data} -c max_connections=300"
         if not self.durable:  # test data: nothing to keep across a power cut
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -83,7 +88,12 @@ class PgServer:
             "-w",
             "start",
         )
-        return self.url("postgres")
+
+    def restart(self, down_seconds: float) -> None:
+        """Stop the server (its clients' connections end), keep it down, start it again."""
+        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        time.sleep(down_seconds)
+        self._pg_ctl_start()
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

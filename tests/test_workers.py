@@ -4,11 +4,13 @@ and a SIGKILLed worker whose threads another worker finishes from their checkpoi
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,10 @@ from fleet.jobs import JobQueue
 from fleet.ledger import Ledger
 from fleet.models import GPURequest, ReleaseReason
 from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config
+from tests.pgserver import bindir
 from tests.test_monitors import ledger_route
 
+REQUIRE_PG = bool(os.environ.get("GPU_AGENT_REQUIRE_POSTGRES"))
 REQUEST = GPURequest(project="p", purpose="training", count=1, duration_hours=1)
 
 
@@ -452,3 +456,100 @@ def test_a_job_waiting_for_gpus_lets_the_next_job_start(
         assert other_row.started_at < big_row.released_at - 3600  # hours before, not after
     else:
         assert other_row.started_at >= big_row.released_at
+
+
+def test_a_job_that_waited_and_was_placed_waits_no_more(make_orch: OrchFactory) -> None:
+    """With --max-waiting 1: a job that waited for A100s and was then placed no longer counts
+    as waiting, so the next job that waits lets its turn go too, and the T4 job behind it
+    starts at once (it waited for the A100 job to end, five virtual hours)."""
+    import threading
+    import time as real
+
+    from fleet.clock import ScaledClock
+    from graph.worker import Worker
+
+    config = small_config(
+        council={"auto_approve_max_gpus": 8, "auto_approve_max_usd": 100000},
+        monitor={"tick_seconds": 600},
+    )
+    now = real.time()
+    orch = make_orch(config, clock=ScaledClock(3600, now, now))  # a virtual hour a second
+    big = {"project": "a", "count": 8, "duration_hours": 1, "gpu_type": "A100"}
+    holder = threading.Thread(target=orch.request, args=(big,), kwargs={"thread_id": "big"})
+    holder.start()
+    ledger = orch.services.ledger
+
+    def until(what: str, done: Callable[[], bool]) -> None:
+        deadline = real.monotonic() + 60
+        while not done():
+            assert real.monotonic() < deadline, what
+            real.sleep(0.02)
+
+    until("the A100s were never placed", lambda: ledger.counts_by_state()["active"] == 1)
+    first = orch.submit({"project": "b", "count": 4, "duration_hours": 4, "gpu_type": "A100"})
+    worker = Worker(orch, concurrency=1, poll_seconds=0.05, exit_when_idle=True, max_waiting=1)
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+
+    def state(thread_id: str) -> str | None:
+        rows = [r for r in ledger.allocations() if r.thread_id == thread_id]
+        return rows[0].state if rows else None
+
+    until("the waiting job was never placed", lambda: state(first.thread_id) == "active")
+    orch.submit({"project": "c", "count": 8, "duration_hours": 1, "gpu_type": "A100"})  # waits
+    other = orch.submit(
+        {"project": "d", "purpose": "inference", "count": 1, "duration_hours": 1, "gpu_type": "T4"}
+    )
+    serving.join(60)
+    holder.join(30)
+    assert not serving.is_alive() and worker.finished == Counter({"released": 3})
+    rows = {r.thread_id: r for r in ledger.allocations()}
+    first_row, other_row = rows[first.thread_id], rows[other.thread_id]
+    assert first_row.released_at is not None and other_row.started_at is not None
+    assert other_row.started_at < first_row.released_at - 3600  # hours before it ended
+    assert worker._waiting == 0
+
+
+@pytest.mark.skipif(bindir() is None and not REQUIRE_PG, reason="PostgreSQL is not installed")
+def test_a_database_restart_costs_no_job_its_run(tmp_path: Path) -> None:
+    """The PostgreSQL server restarts (down 3 s) while a worker runs 4 jobs: each job that
+    met the database down is handed back uncounted and carried on from its checkpoint (it
+    ended `invalid`, reading 'cannot reach the database' as the request's fault)."""
+    import shutil
+    import tempfile
+
+    from fleet.config import load_fleet
+    from tests.pgserver import PgServer, create_database
+
+    # its own server, which it restarts; outside pytest's folders, which its user cannot read
+    server = PgServer(Path(tempfile.mkdtemp(prefix="gpu-agent-pg-restart-")))
+    try:
+        url = create_database(server.start())
+        opts = _opts(tmp_path, url)
+        ids = _submit(tmp_path, opts, 4, hours=6)  # 6 virtual hours: 6 s each
+        worker = _worker(
+            tmp_path, opts, "--concurrency", "4", "--lease-seconds", "2", "--exit-when-idle"
+        )
+        config = load_fleet(str(_fleet(tmp_path)))
+        ledger = Ledger(url, config)
+        try:
+            deadline = time.monotonic() + 60
+            while ledger.counts_by_state()["active"] < 4:
+                assert time.monotonic() < deadline, "the worker never placed its requests"
+                time.sleep(0.1)
+        finally:
+            ledger.close()
+        server.restart(down_seconds=3)
+        stdout, stderr = worker.communicate(timeout=240)
+        assert worker.returncode == 0, stderr[-3000:]
+        jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
+        assert {j["thread_id"] for j in jobs} == set(ids)
+        assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), (
+            [(j["outcome"], j["attempts"], j["error"]) for j in jobs],
+            stderr[-3000:],
+        )
+        assert json.loads(stdout)["finished"] == {"released": 4}
+        assert sum(_ledger_checks(url, config, 4).values()) == 4
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
