@@ -21,7 +21,8 @@ from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere, ThreadStarting
-from fleet.models import GPURequest, Status
+from fleet.models import Status
+from fleet.validation import parse_request
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
 
@@ -79,6 +80,8 @@ class GpuStatusArgs(BaseModel):
 
 # what a retry with the same key must ask again for the same thread (the request, as checked)
 _SAME = {"project", "purpose", "count", "duration_hours", "gpu_type", "budget_limit", "workload"}
+# the steps before a request is placed: a thread that stopped at one is carried on by a retry
+_DECIDING = {"validate", "council", "route", "allocate"}
 
 
 def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) -> dict[str, Any]:
@@ -91,16 +94,16 @@ def _request(orch: Orchestrator, monitors: list[threading.Thread], **args: Any) 
         "budget_limit": args.get("budget_usd"),
         "workload": args.get("workload"),
     }
+    given = {k: v for k, v in raw.items() if v is not None}
     key = args.get("idempotency_key")
     out: RequestOutcome | None
     try:
-        req = orch.check({k: v for k, v in raw.items() if v is not None})
         if key is None:
             thread_id = uuid.uuid4().hex
-            out = orch.request(req, thread_id=thread_id, wait=False)
+            out = orch.request(given, thread_id=thread_id, wait=False)
         else:
-            thread_id = keyed_thread(req.project, key)
-            out = _once(orch, req.model_copy(update={"request_id": thread_id}), thread_id)
+            thread_id = keyed_thread(str(args["project"]), key)
+            out = _once(orch, given, thread_id)
     except GPUAgentError as exc:
         return {"status": "invalid", "reason": str(exc)}
     if out is None:
@@ -118,28 +121,41 @@ def keyed_thread(project: str, key: str) -> str:
     return "tool-" + hashlib.sha256(f"{project}\n{key}".encode()).hexdigest()[:32]
 
 
-def _once(orch: Orchestrator, req: GPURequest, thread_id: str) -> RequestOutcome | None:
-    """The request on its key's thread, run where the thread is new; where it exists (a
-    retry), where it stands, carried on where its first call stopped before placing it
-    (that process died). None while another call is still deciding or placing it."""
-    try:
-        return orch.request(req, thread_id=thread_id, wait=False)
-    except ThreadStarting:  # claimed, nothing checkpointed yet: the first call decides
-        return None
-    except InvalidInput:
-        first = orch.outcome(thread_id)  # no thread either: the refusal is what it was
-        if first.request is not None and first.request.model_dump(include=_SAME) != req.model_dump(
-            include=_SAME
-        ):
-            raise InvalidInput(
-                "this idempotency_key was already used for another request; "
-                "use a new key for a new request"
-            ) from None
-    if "allocate" not in first.next:
+def _once(orch: Orchestrator, given: dict[str, Any], thread_id: str) -> RequestOutcome | None:
+    """The request on its key's thread. Where the thread exists (a retry) it is looked up
+    before the request is checked again (a check that fails now must not hide GPUs the first
+    call placed): where it stands, carried on where its first call stopped before placing
+    it (it raised, or its process died). None while another call is still starting it."""
+    first = _standing(orch, thread_id)
+    if first is None:
+        req = orch.check(given)
+        try:
+            return orch.request(req, thread_id=thread_id, wait=False)
+        except ThreadStarting:  # claimed, nothing checkpointed yet: the first call decides
+            return None
+        except InvalidInput:
+            first = _standing(orch, thread_id)  # the first call checkpointed meanwhile
+            if first is None:
+                raise
+    asked = parse_request(given).model_dump(include=_SAME)
+    if first.request is not None and first.request.model_dump(include=_SAME) != asked:
+        raise InvalidInput(
+            "this idempotency_key was already used for another request; "
+            "use a new key for a new request"
+        )
+    if not _DECIDING.intersection(first.next) or first.status is Status.PENDING_REVIEW:
         return first
-    try:  # decided, not yet placed: placement is idempotent, and one process monitors it
+    try:  # decided in part, not placed: placement is idempotent, one process monitors it
         return orch.resume(thread_id, wait=False)
-    except MonitoredElsewhere:  # the first call is placing it now
+    except MonitoredElsewhere:  # the first call is deciding or placing it now
+        return None
+
+
+def _standing(orch: Orchestrator, thread_id: str) -> RequestOutcome | None:
+    """Where the thread stands; None where it has no checkpoint (or is not the caller's)."""
+    try:
+        return orch.outcome(thread_id)
+    except InvalidInput:
         return None
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -167,9 +169,17 @@ def test_a_retry_while_the_first_call_decides_places_nothing(make_orch: OrchFact
     args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
     thread = keyed_thread("vision", "k")
     # the first call (alive, this process) has claimed the name and is deciding
-    thread_claims.claim(orch.services.ledger, thread, thread, "python", lambda: False)
+    owner = thread_claims.claim(orch.services.ledger, thread, "r-1", "python", lambda: False)
     busy = request.invoke(args)
     assert busy["status"] == "in_progress" and busy["thread_id"] == thread
+    # ... and the same where it decides on another host (whose life cannot be seen here):
+    # each call is its own request, so its claim is not taken over at once
+    orch.services.ledger.give_thread_back(thread, owner)
+    won, _ = orch.services.ledger.claim_thread(
+        thread, "otherhost@1:4242:deadbeef:python", "r-2", time.time()
+    )
+    assert won
+    assert request.invoke(args)["status"] == "in_progress"
     assert orch.services.ledger.allocations() == []
 
 
@@ -193,3 +203,52 @@ def test_a_retry_places_what_a_dead_first_call_decided(make_orch: OrchFactory) -
         monitor.join(30)
     (row,) = orch.services.ledger.allocations()
     assert row.id == placed["allocation_id"] and row.state == "released"
+
+
+class FlakyCouncil:
+    """The council, failing its first decision (a model that timed out)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    def decide(self, features: Any, settings: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise TimeoutError("the council's model timed out")
+        return self.inner.decide(features, settings)
+
+
+def test_a_retry_carries_on_a_first_call_that_failed_deciding(make_orch: OrchFactory) -> None:
+    """The first call raised in the council and its thread stopped there: a retry with the
+    same key carries it on from its checkpoint (it answered that checkpoint's 'pending')."""
+    from council.policies import council_for
+
+    council = FlakyCouncil(council_for(small_config().council))
+    orch = make_orch(
+        small_config(council={"auto_approve_max_gpus": 0, "auto_approve_max_usd": 0}),
+        council=council,
+    )
+    request = gpu_tools(orch)[0]
+    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k1"}
+    with pytest.raises(TimeoutError):
+        request.invoke(args)
+    assert orch.outcome(keyed_thread("vision", "k1")).next == ("council",)
+    again = request.invoke(args)
+    assert again["status"] == "allocated" and council.calls == 2
+    assert len(orch.services.ledger.allocations()) == 1
+
+
+def test_a_retry_finds_its_gpus_whatever_a_check_says_now(
+    make_orch: OrchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry looks its key up before checking the request again: a check that fails now
+    (the backend unreachable for a moment) must not answer 'invalid' for GPUs placed."""
+    orch = make_orch()
+    request = gpu_tools(orch)[0]
+    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
+    first = request.invoke(args)
+    assert first["status"] == "allocated"
+    monkeypatch.setattr(orch.services.backend, "problem", "cannot reach it", raising=False)
+    monkeypatch.setattr(orch.services, "inventory", [])
+    again = request.invoke(args)
+    assert again["allocation_id"] == first["allocation_id"] and again["status"] != "invalid"
