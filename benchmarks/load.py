@@ -99,7 +99,9 @@ NODES = [("a100", "A100", 4), ("h100", "H100", 2), ("l4", "L4", 2)]  # 8 GPUs pe
 PROJECTS = ["vision", "speech", "nlp", "robotics", "ranking", "search"]
 BUDGETS = {"robotics": 3000.0, "ranking": 2000.0, "search": 1000.0}  # the others: none
 T = TypeVar("T")
-TERMINAL = {Status.RELEASED, Status.DENIED, Status.INVALID, Status.TIMED_OUT}
+# where a job may end: also `pending_review`, a request the council asks a human about (the
+# human finishes it with `gpu-agent resume`), for which nothing is placed
+ENDS = {Status.RELEASED, Status.DENIED, Status.INVALID, Status.TIMED_OUT, Status.PENDING_REVIEW}
 # The wake-up measurement: the real clock, one H100, ticks of a second (a released waiter's
 # thread ends at its next tick); the load's TYPES (catalog, pools, council).
 WAKE_FLEET = """
@@ -162,7 +164,7 @@ def check(database: str, state: Path, fleet: Path, n: int) -> list[str]:
             problems.append(f"jobs: {Counter(j.state for j in jobs)} of {n}")
         for j in jobs:
             status = orch.outcome(j.thread_id).status
-            if status not in TERMINAL or j.outcome != status.value:
+            if status not in ENDS or j.outcome != status.value:
                 problems.append(f"{j.thread_id}: job {j.outcome}, thread {status.value}")
         rows = ledger.allocations()
         if any(r.state != "released" for r in rows):
@@ -192,6 +194,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=24, help="threads per worker")
+    ap.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        help="jobs waiting for GPUs beside them, per worker (default: the worker's)",
+    )
     ap.add_argument(
         "--kill-at",
         type=float,
@@ -254,6 +262,7 @@ def run(args: argparse.Namespace, database: str, tmp: Path) -> int:
                 "--json",
                 "--concurrency",
                 str(args.concurrency),
+                *([] if args.max_waiting is None else ["--max-waiting", str(args.max_waiting)]),
                 "--lease-seconds",
                 str(args.lease_seconds),
                 "--poll-seconds",

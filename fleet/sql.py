@@ -291,6 +291,16 @@ class _PgConn:
                 cur.executemany(_pg(sql), rows)
 
 
+def check_alive(conn: Any) -> None:
+    """OperationalError where the server no longer holds an idle psycopg connection, read
+    without waiting and without a round trip: one it ended (a restart, an administrator, a
+    proxy's idle timeout) has sent its notice (the first read) and closed (the second finds
+    the end). A statement sent on it would fail, and only a read's failure can be retried
+    whatever it met (a write's could not tell whether it ran)."""
+    conn.pgconn.consume_input()
+    conn.pgconn.consume_input()
+
+
 def lock_key(key: str) -> int:
     """A stable signed 64-bit advisory-lock key (0 is the everything lock)."""
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big", signed=True) or 1
@@ -328,15 +338,10 @@ class PostgresDatabase(Database):
         return _PgConn(self._conn)
 
     def _alive(self) -> bool:
-        """Whether the server still holds the connection, read without waiting: one it ended
-        while idle has sent its notice (the first read) and closed (the second finds the end),
-        and a statement sent on it would fail (only the statement's own failure could not
-        tell whether it ran)."""
         import psycopg
 
         try:
-            self._conn.pgconn.consume_input()
-            self._conn.pgconn.consume_input()
+            check_alive(self._conn)
         except psycopg.OperationalError:
             return False
         return True

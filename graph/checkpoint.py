@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 import fleet.models
 from fleet.errors import StateDirError
-from fleet.sql import lock_key, redact
+from fleet.sql import check_alive, lock_key, redact
 from fleet.statedir import CHECKPOINTS
 
 
@@ -72,8 +72,9 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
         timeout=60.0,
         kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
         # a connection the server dropped while it waited in the pool (a restart, an idle
-        # timeout) is replaced when taken, not handed to a run, which it would fail
-        check=ConnectionPool.check_connection,
+        # timeout) is replaced when taken, not handed to a run, which it would fail; read
+        # without a round trip (psycopg_pool's check_connection sends one each time)
+        check=check_alive,
     )
     try:
         pool.open(wait=True, timeout=15.0)
