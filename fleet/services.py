@@ -338,13 +338,13 @@ class Services:
         by: str | None = None,
     ) -> tuple[Release, bool]:
         """`release`, and whether this call released it (False: something else did first)."""
-        release, now = self.ledger.release_once(
+        release, here = self.ledger.release_once(
             allocation_id, reason, self.clock.now() if at is None else at, by or self.actor
         )
         self.free(allocation_id)
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
-        return release, now
+        return release, here
 
     def forget(self, allocation_id: str) -> None:
         """The allocation ended: no more wake-ups for it, no more heartbeat."""
