@@ -19,14 +19,16 @@ import re
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from fleet.errors import StateDirError
+
+T = TypeVar("T")
 
 
 class Cursor(Protocol):
@@ -364,33 +366,34 @@ class PostgresDatabase(Database):
         """A read on a connection the server drops as it is sent (a restart, an
         administrator ending it a moment before) is read again on a new one: a SELECT
         changed nothing, wherever it stopped."""
-        import psycopg
-
         if not sql.lstrip().upper().startswith("SELECT"):
             raise ValueError("rows() reads: one SELECT")
         with self.lock:
-            try:
-                return self.conn().execute(sql, args).fetchall()
-            except psycopg.OperationalError:
-                if not (self._conn.closed or self._conn.broken):
-                    raise
-                return self.conn().execute(sql, args).fetchall()
+            return self._once_more(lambda: self.conn().execute(sql, args).fetchall())
 
     def _begun(self, stack: ExitStack) -> Conn:
         """A transaction begun on `stack`. A connection the server dropped since its last
         use (a restart, an administrator, a proxy's idle timeout) is only found out at BEGIN,
         before anything of the transaction ran: connected again, it is begun once more."""
+
+        def begin() -> Conn:
+            db = self.conn()
+            stack.enter_context(self._conn.transaction())
+            return db
+
+        return self._once_more(begin)
+
+    def _once_more(self, step: Callable[[], T]) -> T:
+        """`step`, and once more on a new connection where the one it met was dropped (the
+        caller's to say that nothing of it can have run twice)."""
         import psycopg
 
         try:
-            db = self.conn()
-            stack.enter_context(self._conn.transaction())
+            return step()
         except psycopg.OperationalError:
             if not (self._conn.closed or self._conn.broken):
                 raise
-            db = self.conn()  # connects again
-            stack.enter_context(self._conn.transaction())
-        return db
+            return step()  # conn() connects again
 
     @staticmethod
     def _advisory(db: Conn, keys: tuple[str, ...]) -> None:

@@ -128,9 +128,8 @@ def _once(orch: Orchestrator, given: dict[str, Any], thread_id: str) -> RequestO
     it (it raised, or its process died). None while another call is still starting it."""
     first = _standing(orch, thread_id)
     if first is None:
-        req = orch.check(given)
         try:
-            return orch.request(req, thread_id=thread_id, wait=False)
+            return orch.request(given, thread_id=thread_id, wait=False)
         except ThreadStarting:  # claimed, nothing checkpointed yet: the first call decides
             return None
         except InvalidInput:

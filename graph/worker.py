@@ -93,13 +93,12 @@ class Worker:
                         break
         finally:
             self.stopping.set()  # handed back uncounted: stopping is no failed attempt
-            try:
-                handed = self.queue.hand_back(self.worker_id, retry=True)
-            except Exception:  # their leases lapse instead: other workers take them over
-                log.exception("worker %s could not hand its jobs back", self.worker_id)
-            else:
-                if handed:
-                    log.info("worker %s handed %d running job(s) back", self.worker_id, handed)
+            handed = self._persist(  # tried once (stopping); else their leases lapse
+                f"worker {self.worker_id} handing its jobs back",
+                lambda: self.queue.hand_back(self.worker_id, retry=True),
+            )
+            if handed:
+                log.info("worker %s handed %d running job(s) back", self.worker_id, handed)
         return self.finished
 
     def _renew(self) -> None:
@@ -288,9 +287,9 @@ class Worker:
         )
 
     def _persist(self, what: str, write: Callable[[], T]) -> T | None:
-        """A job's write to the queue, tried again every poll while the database cannot be
-        taken (a restart); None where the worker stops first: the job's lease, renewed no
-        more, lapses and it is claimed again."""
+        """A write to the queue, tried again every poll while the database cannot take it
+        (a restart); None where the worker stops first (once stopping, one try): the job's
+        lease, renewed no more, lapses and it is claimed again."""
         while True:
             try:
                 return write()

@@ -12,7 +12,7 @@ import hmac
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -654,6 +654,23 @@ def test_the_release_button_releases_once(site: dict[str, Any]) -> None:
     assert "released by hand" in dave.get("/reviews/live").text
 
 
+def released_from_page(
+    site: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    aid: str,
+    method: str,
+    raced: Callable[..., Any],
+) -> tuple[int, str]:
+    """dave releases `aid` on the page, read before the ledger's `method` was replaced by
+    `raced` (a race set up; put back after the post): the status and the page's text."""
+    dave = login(site, "dave")
+    token = csrf(dave.get("/fleet").text)
+    monkeypatch.setattr(site["orch"].services.ledger, method, raced)
+    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
+    monkeypatch.undo()
+    return r.status_code, re.sub(r"<[^>]+>", "", r.text)
+
+
 def test_a_lease_that_ends_while_the_release_is_asked_is_not_reported_as_it(
     site: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -670,13 +687,8 @@ def test_a_lease_that_ends_while_the_release_is_asked_is_not_reported_as_it(
             ledger.release(aid, ReleaseReason.LEASE_EXPIRED, orch.services.clock.now())
         return row
 
-    dave = login(site, "dave")
-    token = csrf(dave.get("/fleet").text)
-    monkeypatch.setattr(ledger, "get", read_then_expire)
-    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
-    monkeypatch.undo()
-    assert r.status_code == 409, r.text[-300:]
-    text = re.sub(r"<[^>]+>", "", r.text)
+    status, text = released_from_page(site, monkeypatch, aid, "get", read_then_expire)
+    assert status == 409, text[-300:]
     assert f"allocation {aid} was already released (lease ended" in text, text[-400:]
     assert "Released allocation" not in text
     assert [(e.action, e.who) for e in orch.audit() if e.target == aid] == [
@@ -699,13 +711,8 @@ def test_a_release_by_hand_meanwhile_is_not_reported_as_the_pages(
             release_once(aid, ReleaseReason.EXPLICIT, orch.services.clock.now(), "alice")
         return release_once(allocation_id, *args, **kwargs)
 
-    dave = login(site, "dave")
-    token = csrf(dave.get("/fleet").text)
-    monkeypatch.setattr(ledger, "release_once", another_first)
-    r = dave.post(f"/allocations/{aid}/release", data={"csrf": token})
-    monkeypatch.undo()
-    assert r.status_code == 409, r.text[-300:]
-    text = re.sub(r"<[^>]+>", "", r.text)
+    status, text = released_from_page(site, monkeypatch, aid, "release_once", another_first)
+    assert status == 409, text[-300:]
     assert f"allocation {aid} was already released (released by hand" in text, text[-400:]
     assert [(e.action, e.who) for e in orch.audit() if e.target == aid] == [("release", "alice")]
 

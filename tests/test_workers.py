@@ -227,6 +227,36 @@ def _submit(tmp_path: Path, opts: list[str], n: int, hours: float) -> list[str]:
     return ids
 
 
+def _until(what: str, done: Callable[[], bool], seconds: float = 60) -> None:
+    """Wait until `done`, polled every 20 ms; bounded, so that a hang fails saying `what`."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _until_counts(url: str, config: FleetConfig, what: str, active: int, queued: int = 0) -> None:
+    """Wait until the ledger holds at least `active` running and `queued` queued allocations."""
+    ledger = Ledger(url, config)
+    try:
+        _until(
+            what,
+            lambda: (c := ledger.counts_by_state())["active"] >= active and c["queued"] >= queued,
+        )
+    finally:
+        ledger.close()
+
+
+def _all_released(tmp_path: Path, opts: list[str], ids: list[str], stderr: str) -> None:
+    """Every submitted job done, its thread released (the workers' log shown where not)."""
+    jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
+    assert {j["thread_id"] for j in jobs} == set(ids)
+    assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), (
+        [(j["outcome"], j["attempts"], j["error"]) for j in jobs],
+        stderr[-3000:],  # which statement met the database down
+    )
+
+
 def _ledger_checks(pg_url: str, config: FleetConfig, n: int) -> Counter[str]:
     """Every allocation released once, charged once, written to history once; no GPU held
     by two allocations at any moment."""
@@ -279,14 +309,7 @@ def test_a_killed_workers_threads_are_finished_by_another(tmp_path: Path, pg_url
     ids = _submit(tmp_path, opts, 6, hours=4)  # 4 virtual hours: 4 s each; 4 GPUs, 6 requests
     victim = _worker(tmp_path, opts, "--concurrency", "6", "--lease-seconds", "2")
     config = load_fleet(str(_fleet(tmp_path)))
-    ledger = Ledger(pg_url, config)
-    try:
-        deadline = time.monotonic() + 60
-        while ledger.counts_by_state()["active"] < 4 or ledger.counts_by_state()["queued"] < 2:
-            assert time.monotonic() < deadline, "the victim never placed its requests"
-            time.sleep(0.1)
-    finally:
-        ledger.close()
+    _until_counts(pg_url, config, "the victim never placed its requests", active=4, queued=2)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     heir = _worker(tmp_path, opts, "--concurrency", "6", "--lease-seconds", "2", "--exit-when-idle")
@@ -354,14 +377,7 @@ def test_a_worker_rides_out_dropped_database_connections(tmp_path: Path, pg_url:
         tmp_path, opts, "--concurrency", "4", "--lease-seconds", "2", "--exit-when-idle"
     )
     config = load_fleet(str(_fleet(tmp_path)))
-    ledger = Ledger(pg_url, config)
-    try:
-        deadline = time.monotonic() + 60
-        while ledger.counts_by_state()["active"] < 4:
-            assert time.monotonic() < deadline, "the worker never placed its requests"
-            time.sleep(0.1)
-    finally:
-        ledger.close()
+    _until_counts(pg_url, config, "the worker never placed its requests", active=4)
     with psycopg.connect(pg_url, autocommit=True) as admin:
         for _ in range(3):
             admin.execute(
@@ -372,12 +388,7 @@ def test_a_worker_rides_out_dropped_database_connections(tmp_path: Path, pg_url:
     stdout, stderr = worker.communicate(timeout=240)
     assert worker.returncode == 0, stderr[-3000:]
     assert sum(json.loads(stdout)["finished"].values()) == 4
-    jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
-    assert {j["thread_id"] for j in jobs} == set(ids)
-    assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), (
-        [(j["outcome"], j["attempts"], j["error"]) for j in jobs],
-        stderr[-3000:],  # which statement met a dropped connection
-    )
+    _all_released(tmp_path, opts, ids, stderr)
     assert sum(_ledger_checks(pg_url, config, 4).values()) == 4
 
 
@@ -421,7 +432,6 @@ def test_a_job_waiting_for_gpus_lets_the_next_job_start(
     it starts at once, not when the A100s come free (it waited behind the waiting job, as
     it still does with --max-waiting 0)."""
     import threading
-    import time as real
 
     from fleet.clock import ScaledClock
     from graph.worker import Worker
@@ -430,15 +440,16 @@ def test_a_job_waiting_for_gpus_lets_the_next_job_start(
         council={"auto_approve_max_gpus": 8, "auto_approve_max_usd": 100000},
         monitor={"tick_seconds": 600},
     )
-    now = real.time()
+    now = time.time()
     orch = make_orch(config, clock=ScaledClock(3600, now, now))  # a virtual hour a second
-    big = {"project": "a", "count": 8, "duration_hours": 3, "gpu_type": "A100"}
+    # five hours (seconds) held: the T4 job has four to start in, however busy the machine
+    big = {"project": "a", "count": 8, "duration_hours": 5, "gpu_type": "A100"}
     holder = threading.Thread(target=orch.request, args=(big,), kwargs={"thread_id": "big"})
     holder.start()
-    deadline = real.monotonic() + 30
-    while orch.services.ledger.counts_by_state()["active"] < 1:
-        assert real.monotonic() < deadline, "the A100s were never placed"
-        real.sleep(0.01)
+    _until(
+        "the A100s were never placed",
+        lambda: orch.services.ledger.counts_by_state()["active"] >= 1,
+    )
     behind = orch.submit({"project": "b", "count": 1, "duration_hours": 1, "gpu_type": "A100"})
     other = orch.submit(
         {"project": "c", "purpose": "inference", "count": 1, "duration_hours": 1, "gpu_type": "T4"}
@@ -461,9 +472,8 @@ def test_a_job_waiting_for_gpus_lets_the_next_job_start(
 def test_a_job_that_waited_and_was_placed_waits_no_more(make_orch: OrchFactory) -> None:
     """With --max-waiting 1: a job that waited for A100s and was then placed no longer counts
     as waiting, so the next job that waits lets its turn go too, and the T4 job behind it
-    starts at once (it waited for the A100 job to end, five virtual hours)."""
+    starts at once (it waited for the A100 job to end, seven virtual hours)."""
     import threading
-    import time as real
 
     from fleet.clock import ScaledClock
     from graph.worker import Worker
@@ -472,21 +482,15 @@ def test_a_job_that_waited_and_was_placed_waits_no_more(make_orch: OrchFactory) 
         council={"auto_approve_max_gpus": 8, "auto_approve_max_usd": 100000},
         monitor={"tick_seconds": 600},
     )
-    now = real.time()
+    now = time.time()
     orch = make_orch(config, clock=ScaledClock(3600, now, now))  # a virtual hour a second
     big = {"project": "a", "count": 8, "duration_hours": 1, "gpu_type": "A100"}
     holder = threading.Thread(target=orch.request, args=(big,), kwargs={"thread_id": "big"})
     holder.start()
     ledger = orch.services.ledger
-
-    def until(what: str, done: Callable[[], bool]) -> None:
-        deadline = real.monotonic() + 60
-        while not done():
-            assert real.monotonic() < deadline, what
-            real.sleep(0.02)
-
-    until("the A100s were never placed", lambda: ledger.counts_by_state()["active"] == 1)
-    first = orch.submit({"project": "b", "count": 4, "duration_hours": 4, "gpu_type": "A100"})
+    _until("the A100s were never placed", lambda: ledger.counts_by_state()["active"] == 1)
+    # six hours (seconds) placed: the T4 job has five to start in, however busy the machine
+    first = orch.submit({"project": "b", "count": 4, "duration_hours": 6, "gpu_type": "A100"})
     worker = Worker(orch, concurrency=1, poll_seconds=0.05, exit_when_idle=True, max_waiting=1)
     serving = threading.Thread(target=worker.serve)
     serving.start()
@@ -495,7 +499,7 @@ def test_a_job_that_waited_and_was_placed_waits_no_more(make_orch: OrchFactory) 
         rows = [r for r in ledger.allocations() if r.thread_id == thread_id]
         return rows[0].state if rows else None
 
-    until("the waiting job was never placed", lambda: state(first.thread_id) == "active")
+    _until("the waiting job was never placed", lambda: state(first.thread_id) == "active")
     orch.submit({"project": "c", "count": 8, "duration_hours": 1, "gpu_type": "A100"})  # waits
     other = orch.submit(
         {"project": "d", "purpose": "inference", "count": 1, "duration_hours": 1, "gpu_type": "T4"}
@@ -531,23 +535,11 @@ def test_a_database_restart_costs_no_job_its_run(tmp_path: Path) -> None:
             tmp_path, opts, "--concurrency", "4", "--lease-seconds", "2", "--exit-when-idle"
         )
         config = load_fleet(str(_fleet(tmp_path)))
-        ledger = Ledger(url, config)
-        try:
-            deadline = time.monotonic() + 60
-            while ledger.counts_by_state()["active"] < 4:
-                assert time.monotonic() < deadline, "the worker never placed its requests"
-                time.sleep(0.1)
-        finally:
-            ledger.close()
+        _until_counts(url, config, "the worker never placed its requests", active=4)
         server.restart(down_seconds=3)
         stdout, stderr = worker.communicate(timeout=240)
         assert worker.returncode == 0, stderr[-3000:]
-        jobs = json.loads(run_cli("jobs", "--json", *opts, cwd=tmp_path).stdout)["jobs"]
-        assert {j["thread_id"] for j in jobs} == set(ids)
-        assert all(j["state"] == "done" and j["outcome"] == "released" for j in jobs), (
-            [(j["outcome"], j["attempts"], j["error"]) for j in jobs],
-            stderr[-3000:],
-        )
+        _all_released(tmp_path, opts, ids, stderr)
         assert json.loads(stdout)["finished"] == {"released": 4}
         assert sum(_ledger_checks(url, config, 4).values()) == 4
     finally:
