@@ -171,7 +171,9 @@ class Monitors:
 
     def beat(self, owner: str, allocation_ids: set[str], now: float | None = None) -> set[str]:
         """Say `owner` is alive for its allocations; those it no longer holds (another process
-        adopted them after this one went quiet too long)."""
+        adopted them after this one went quiet too long, or its claim was undone with the
+        transaction it joined). A released allocation's row went with its release
+        (Ledger._close): it ended, nobody adopted it, so it is not among them."""
         if not allocation_ids:
             return set()
         now = time.time() if now is None else now
@@ -180,7 +182,18 @@ class Monitors:
             str(r[0])
             for r in self.ledger.query("SELECT allocation_id FROM monitors WHERE owner=?", (owner,))
         }
-        return allocation_ids - held
+        missing = sorted(allocation_ids - held)
+        if not missing:
+            return set()
+        marks = ",".join("?" * len(missing))
+        ended = {
+            str(r[0])
+            for r in self.ledger.query(
+                f"SELECT id FROM allocations WHERE state='released' AND id IN ({marks})",
+                tuple(missing),
+            )
+        }
+        return set(missing) - ended
 
     def drop(self, allocation_id: str, owner: str) -> None:
         """Stop monitoring (the thread ended, or stopped before its allocation did). A drop
@@ -218,14 +231,6 @@ class Monitors:
             for row in (self.ledger.live() if rows is None else rows)
             if not self.alive(watchers.get(row.id), now)
         ]
-
-    def prune(self) -> int:
-        """Forget the monitors of allocations that ended."""
-        return self._one(
-            "DELETE FROM monitors WHERE allocation_id IN "
-            "(SELECT id FROM allocations WHERE state='released')",
-            (),
-        )
 
 
 class Heartbeat:

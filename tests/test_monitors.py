@@ -78,7 +78,26 @@ def test_a_live_monitor_holds_its_claim_and_a_stale_one_loses_it(ledger: Ledger)
     assert mons.beat("h:2:b:worker", {aid}, T0 + stale + 3) == set()
     ledger.release(aid, ReleaseReason.EXPLICIT, T0 + 60)
     assert mons.orphans(T0 + 10 * stale) == []  # a released allocation needs no monitor
-    assert mons.prune() == 1 and mons.get(aid) is None
+    assert mons.get(aid) is None  # its row went with the release
+
+
+def test_a_dead_monitors_row_goes_with_the_release_whatever_releases_it(ledger: Ledger) -> None:
+    """A worker that dies leaves its rows behind; the release of its allocation (by hand,
+    by an adopter, or at start-up where its lease ran out unwatched) removes the row in the
+    release's transaction, so nothing shows a monitor of an ended allocation. A live monitor
+    whose allocation is released is not told an adopter took it; a claim undone is still
+    lost."""
+    mons = Monitors(ledger)
+    by_hand, ran_out, live = place(ledger, "t1"), place(ledger, "t2"), place(ledger, "t3")
+    for aid in (by_hand, ran_out):
+        assert mons.claim(aid, "h:1:a:worker", T0) is None  # then the worker died
+    assert mons.claim(live, "h:2:b:cli", T0) is None
+    for aid in (by_hand, live):
+        ledger.release(aid, ReleaseReason.EXPLICIT, T0 + 60)
+    assert set(mons.watchers()) == {ran_out}
+    assert mons.beat("h:2:b:cli", {live, "a-undone"}, T0 + 61) == {"a-undone"}
+    assert [r.allocation_id for r in ledger.reconcile(T0 + 2 * 3600)] == [ran_out]
+    assert mons.watchers() == {}
 
 
 def test_a_claim_in_a_placement_commits_with_it_or_nothing_does(ledger: Ledger) -> None:

@@ -178,11 +178,15 @@ class Releasing(ProjectRecord):
         self._close(db, row.id, reason, end, cost)
 
     def _close(self, db: Conn, aid: str, reason: ReleaseReason, at: float, cost: float) -> None:
+        """Every release ends here: released, and its monitors row (fleet.monitors) gone in the
+        same transaction, so that no row says a process monitors what has ended, also where
+        that process died before the release (a dead worker's, adopted and released)."""
         db.execute(
             "UPDATE allocations SET state='released', released_at=?, release_reason=?, "
             "cost_usd=? WHERE id=?",
             (at, reason.value, cost, aid),
         )
+        db.execute("DELETE FROM monitors WHERE allocation_id=?", (aid,))
         self._track(db, aid)
 
     def _hoarded_hours(self, db: Conn, row: LedgerRow, end: float) -> float:
