@@ -437,6 +437,10 @@ class Allocation(BaseModel):
     # the end it is renewed up to while its GPUs work
     term_hours: float | None = None
     renewed_up_to: datetime | None = None
+    # where the ledger will not renew or lengthen its lease any more (fleet.ledger.rows.Lease.held):
+    # why, "preempted" (its lease cut to the yield) or "not-renewed" (its monitor let its term
+    # end); its term is then gone and `lease_end` is where the lease ends
+    lease_cut: str | None = None
 
 
 class GPUInfo(BaseModel):

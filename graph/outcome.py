@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.errors import Denied, GPUAgentError, InvalidInput, NotPlaced
+from fleet.ledger.rows import NOT_RENEWED
 from fleet.models import (
     Allocation,
     CouncilDecision,
@@ -16,6 +17,7 @@ from fleet.models import (
     Guardrails,
     HumanDecision,
     Release,
+    ReleaseReason,
     RouteDecision,
     Status,
 )
@@ -92,6 +94,9 @@ class RequestOutcome:
                 # it renews to while its GPUs work; null: the lease runs whole
                 "term_hours": a.term_hours,
                 "renewed_up_to": None if a.renewed_up_to is None else a.renewed_up_to.isoformat(),
+                # where the ledger renews or lengthens its lease no more: "preempted" or
+                # "not-renewed" (its term let end); null: the lease stands as placed
+                "lease_cut": a.lease_cut,
             },
             "release": None if self.release is None else self.release.model_dump(mode="json"),
             "council": None if self.council is None else self.council.model_dump(mode="json"),
@@ -112,6 +117,15 @@ class RequestOutcome:
             raise PendingReview(self.thread_id, self.reason)
 
 
+# why the ledger ends a lease sooner than placed or renewed, and renews it no more
+# (Allocation.lease_cut), as lease_note says it
+LEASE_CUT = {
+    ReleaseReason.PREEMPTED.value: "preempted: it yields its GPUs at the end shown, after its "
+    "checkpoint notice, and is renewed no more",
+    NOT_RENEWED: "its term not renewed (its GPUs sat idle all of it): the lease ends with it",
+}
+
+
 def lease_note(outcome: RequestOutcome) -> str | None:
     """Why the lease is not the hours asked, when it is not: it is held a term at a time (an
     approval's guardrails), the project's budget shortened it (fleet.budget.admitted_hours),
@@ -120,6 +134,8 @@ def lease_note(outcome: RequestOutcome) -> str | None:
     a, req = outcome.allocation, outcome.request
     if a is None or req is None:
         return None
+    if a.lease_cut is not None:  # what follows explains a lease as placed or renewed
+        return LEASE_CUT[a.lease_cut]
     lease = (a.lease_end - a.started_at).total_seconds() / 3600.0
     route = outcome.route
     on_type = (route.asked_hours or route.est_hours) if route is not None else None

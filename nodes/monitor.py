@@ -21,7 +21,7 @@ from fleet.clock import sleep_until
 from fleet.commands import work
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
-from fleet.models import Event, EventKind, GPURequest, MonitorState, utc
+from fleet.models import Allocation, Event, EventKind, GPURequest, MonitorState, utc
 from fleet.monitoring import (
     IdlePolicy,
     Readings,
@@ -38,6 +38,14 @@ from fleet.services import Services
 from nodes.context import Context, release_after, services_for
 from nodes.progress import report, streaming
 from nodes.state import State, guardrails_of, request_of
+
+
+def _as_held(allocation: Allocation, row: Lease, declined: bool = False) -> State:
+    """The thread's allocation where the ledger's lease changed (Lease.held: a term renewed,
+    a lease cut by a preemption, a term its monitor let end), so that what the thread says
+    is what the ledger holds; {} where nothing changed."""
+    held = row.held(allocation, declined)
+    return {} if held == allocation else {"allocation": held}
 
 
 def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
@@ -164,7 +172,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         row = svc.ledger.lease(allocation.id)
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
-            return ended
+            return ended | _as_held(allocation, row)
         policy = _policy(work(row), state, mon, svc)
         renew_at = _renewal(row, mon, request_of(state), svc)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc, renew_at)
@@ -176,7 +184,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     row = svc.ledger.lease(allocation.id)  # the allocation may have ended meanwhile
     ended = _ended(row, now, svc, allocation.id)
     if ended:
-        return ended
+        return ended | _as_held(allocation, row)
     assert row.deadline is not None
     policy = _policy(work(row), state, mon, svc)
     if last is not None:
@@ -213,22 +221,20 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         )
     ticked = result.state
     events = result.events
-    renewed: State = {}
+    declined = False
     if result.release is None:  # decide on the term if due, and plan the next tick
         request = request_of(state)
         renew_at = _renewal(row, ticked, request, svc)
         if renew_at is not None and now >= renew_at:
             events = [*events, _renew(row, ticked, now, svc, allocation.id)]
             row = svc.ledger.lease(allocation.id)
+            declined = svc.ledger.declined(allocation.id)  # once per term
             renew_at = _renewal(row, ticked, request, svc)
-            if row.lease_end is not None and row.lease_end != allocation.lease_end.timestamp():
-                end = utc(row.lease_end)  # the thread shows the term under way
-                renewed = {"allocation": allocation.model_copy(update={"lease_end": end})}
         last_read = readings(samples, settings)
         ticked.wake_at = _wake(
             row, ticked, last_read, policy, started, allocation.gpu_ids, svc, renew_at
         )
-    update: State = {"monitor": ticked, "samples": samples, **renewed}
+    update: State = {"monitor": ticked, "samples": samples, **_as_held(allocation, row, declined)}
     if events:
         update["events"] = events
     if result.release is not None:

@@ -538,6 +538,10 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
             (why,) = lease_events(out)
             assert why.startswith("lease not renewed: every GPU idle for "), why
             assert "all its 1 h term; it ends at 2026-01-01 01:00:00 UTC" in why
+            assert out.allocation is not None and out.allocation.term_hours is None
+            assert lease_note(out) == (  # not "renewed while its GPUs work, up to 4.00 h"
+                "its term not renewed (its GPUs sat idle all of it): the lease ends with it"
+            )
             assert out.allocation is not None
             again = orch.request(request | {"resumes": out.allocation.id}, wait=False)
             assert again.status is Status.PENDING_REVIEW  # its record is worse now
@@ -558,6 +562,34 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
             ]
     assert held["guarded"] == pytest.approx(1.0)
     assert held["plain"] == held["spared"] == pytest.approx(4.0)
+
+
+def test_a_preempted_term_held_lease_is_shown_renewed_no_more(make_orch: OrchFactory) -> None:
+    """A guarded lease held a 1 h term at a time (3 h on the H100) is asked to yield: the
+    ledger cuts its lease to the yield and renews it no more, and so does what the thread
+    says (the CLI's note, its JSON, the guardrails shown), before and after the release."""
+    orch = make_orch(small_config(council=LEASED_FLEET))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
+    placed = orch.request(request | {"notice_seconds": 120}, thread_id="t", wait=False)
+    assert placed.allocation is not None and placed.allocation.term_hours == 1.0
+    assert (lease_note(placed) or "").startswith("held 1 h at a time")
+    moved = orch.services.preempt(placed.allocation.id, "the pool takes it back", by="admin")
+    assert moved.after == placed.allocation.started_at.timestamp() + 30 * 60  # min_run
+    out = orch.resume("t")
+    assert out.release is not None and out.release.reason is ReleaseReason.PREEMPTED
+    a = out.allocation
+    assert a is not None and a.term_hours is None and a.renewed_up_to is None
+    assert a.lease_end.timestamp() == moved.after == out.release.released_at.timestamp()
+    assert lease_note(out) == (
+        "preempted: it yields its GPUs at the end shown, after its checkpoint notice, "
+        "and is renewed no more"
+    )
+    shown = out.to_json()["allocation"]
+    assert (shown["term_hours"], shown["renewed_up_to"]) == (None, None)
+    assert shown["lease_cut"] == "preempted"
+    rails = out.guardrails()
+    assert rails is not None and "renewed" not in rails[1].describe()
+    assert lease_events(out) == []  # no term was decided: the yield came first
 
 
 def config_without_rails() -> dict[str, Any]:

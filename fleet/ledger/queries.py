@@ -15,7 +15,8 @@ class Queries(Store):
     def lease(self, aid: str) -> Lease:
         rows = self.query(
             "SELECT a.state, a.deadline, a.deadline_reason, a.released_at, "
-            "a.release_reason, c.owner, c.ended_at, a.lease_end, a.renew_hours "
+            "a.release_reason, c.owner, c.ended_at, a.lease_end, a.renew_hours, "
+            "a.started_at + a.hours * 3600.0 "
             "FROM allocations a "
             "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
             (aid,),
@@ -32,6 +33,7 @@ class Queries(Store):
             ended,
             lease_end,
             renew_hours,
+            asked_end,
         ) = rows[0]
         return Lease(
             state,
@@ -43,6 +45,7 @@ class Queries(Store):
             ended,
             lease_end,
             renew_hours,
+            asked_end,
         )
 
     def allocations(self, state: str | None = None) -> list[LedgerRow]:

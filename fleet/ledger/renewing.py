@@ -8,12 +8,9 @@ from dataclasses import dataclass, field
 
 from fleet.budget import Moved
 from fleet.ledger.budgets import Budgets
-from fleet.ledger.rows import AUDIT, term_open
+from fleet.ledger.rows import AUDIT, EPS_S, NOT_RENEWED, term_open
 from fleet.models import ReleaseReason, utc
 from fleet.sql import Conn
-
-EPS_S = 0.001  # a lease end within this of the one expected is the same
-NOT_RENEWED = "not-renewed"  # the audit action (and key prefix) of a term its monitor let end
 
 
 def not_renewed_key(aid: str) -> str:

@@ -12,6 +12,9 @@ from fleet.budget import Moved
 from fleet.models import Allocation, Purpose, Release, ReleaseReason, utc
 from fleet.placement import Decision
 
+EPS_S = 0.001  # a lease end within this of the one expected is the same
+NOT_RENEWED = "not-renewed"  # the audit action (and key prefix) of a term its monitor let end
+
 
 def allocation_id(thread_id: str, request_id: str) -> str:
     """Deterministic, so that a re-run of the allocate node finds its own allocation."""
@@ -121,6 +124,37 @@ class Lease:
     # where it is held a term at a time (Ledger.renew): its term's end and length
     lease_end: float | None = None
     renew_hours: float | None = None
+    asked_end: float | None = None  # where the lease asked ends (its start and hours)
+
+    @property
+    def yields(self) -> bool:
+        """A preemption cut its lease (fleet.ledger.preempting): no term left, and an end
+        before the lease asked (what Budgets._fit_deadlines reads as a yield)."""
+        return (
+            self.renew_hours is None
+            and self.lease_end is not None
+            and self.asked_end is not None
+            and self.lease_end < self.asked_end - EPS_S
+        )
+
+    def held(self, allocation: Allocation, declined: bool = False) -> Allocation:
+        """`allocation` (a thread's) as the ledger holds it now, so that the thread describes
+        the lease that applies: its lease's (or term's) end; where a preemption cut it, or
+        its monitor let its term end (`declined`: Renewing.decline), no term any more, and
+        why (a cut stands: nothing renews it again)."""
+        if self.lease_end is None:
+            return allocation
+        cut = (
+            ReleaseReason.PREEMPTED.value
+            if self.yields
+            else NOT_RENEWED
+            if declined
+            else allocation.lease_cut
+        )
+        update: dict[str, Any] = {"lease_end": utc(self.lease_end)}
+        if cut is not None:
+            update |= {"term_hours": None, "renewed_up_to": None, "lease_cut": cut}
+        return allocation.model_copy(update=update)
 
     @property
     def renewable(self) -> bool:
