@@ -45,7 +45,7 @@ def _as_held(allocation: Allocation, row: Lease, declined: bool = False) -> Stat
     a lease cut by a preemption, a term its monitor let end), so that what the thread says
     is what the ledger holds; {} where nothing changed."""
     held = row.held(allocation, declined)
-    return {} if held == allocation else {"allocation": held}
+    return {} if held is allocation else {"allocation": held}
 
 
 def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:

@@ -21,7 +21,7 @@ from fleet.budget import (
 )
 from fleet.errors import InvalidInput
 from fleet.ledger.kept import Kept
-from fleet.ledger.rows import AUDIT, ProjectCost
+from fleet.ledger.rows import AUDIT, EPS_S, ProjectCost
 from fleet.models import CUT_BY_BUDGET, ReleaseReason
 from fleet.sql import Conn
 
@@ -176,8 +176,8 @@ class Budgets(Kept):
             r[0]
             for r in db.execute(
                 "SELECT id FROM allocations WHERE project=? AND state='active' "
-                "AND lease_end < started_at + hours * 3600.0 - 0.001 AND renew_hours IS NULL",
-                (project,),
+                "AND lease_end < started_at + hours * 3600.0 - ? AND renew_hours IS NULL",
+                (project, EPS_S),  # Lease.yields, in SQL
             )
         }
         db.executemany(

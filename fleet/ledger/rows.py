@@ -151,10 +151,13 @@ class Lease:
             if declined
             else allocation.lease_cut
         )
-        update: dict[str, Any] = {"lease_end": utc(self.lease_end)}
-        if cut is not None:
+        update: dict[str, Any] = {}
+        if abs(self.lease_end - allocation.lease_end.timestamp()) > EPS_S:
+            update["lease_end"] = utc(self.lease_end)
+        if cut != allocation.lease_cut:
             update |= {"term_hours": None, "renewed_up_to": None, "lease_cut": cut}
-        return allocation.model_copy(update=update)
+        # the same object where nothing changed: the monitor asks at every tick
+        return allocation.model_copy(update=update) if update else allocation
 
     @property
     def renewable(self) -> bool:
