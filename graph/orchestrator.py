@@ -272,7 +272,7 @@ class Orchestrator(Records):
         for mode, part in self.graph.stream(
             graph_input,
             config,
-            context=self.context,
+            context=self._context_for(graph_input),
             durability=durability,
             stream_mode=modes,
             interrupt_before=interrupt_before,
@@ -291,6 +291,13 @@ class Orchestrator(Records):
                     if isinstance(update, dict):
                         on_update(node, update)
         return values, stopped
+
+    def _context_for(self, graph_input: InputState | Command[Any] | None) -> LocalContext:
+        """This caller's context; marked `resumed` where the run carries a checkpoint on (no
+        new request), so that validate, run again, keeps the request's first asker."""
+        if isinstance(graph_input, dict):  # InputState: a new request, stamped by check()
+            return self.context
+        return dataclasses.replace(self.context, resumed=True)
 
     def _invoke(
         self,

@@ -77,10 +77,15 @@ class LocalContext(Context):
     Not JSON, so never part of the graph's context schema that the server and Studio show.
     `identity`: who is calling, where the caller authenticated one (the Orchestrator's): the
     validate node then requests GPUs only for a project they may act on, as theirs, also
-    when the graph runs inside another (graph/subgraph.py); None: the caller is trusted."""
+    when the graph runs inside another (graph/subgraph.py); None: the caller is trusted.
+    `resumed`: the run carries a thread on from its checkpoint with no new input (the
+    Orchestrator's resume), so the request in the state is the one first submitted, stamped
+    then with who asked: validate keeps that name instead of the caller's, who only carries
+    it on."""
 
     services: Services
     identity: Identity | None = None
+    resumed: bool = False
 
 
 _opened: dict[tuple[str, str | None, BackendChoice, str | None], Services] = {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from langgraph.runtime import Runtime
 
+from fleet.access import Identity
 from fleet.errors import Forbidden, InvalidInput
 from fleet.ledger.rows import allocation_id
-from fleet.models import Status
+from fleet.models import GPURequest, Status
 from fleet.validation import check_against_fleet, parse_request, refusal
 from nodes import audit
 from nodes.context import Context, services_for
@@ -31,7 +32,7 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
             who.check_project(request.project, "request GPUs")
         except Forbidden as exc:
             return update | {"status": Status.DENIED, "reason": str(exc)}
-        asker = who.asker(request.requested_by)
+        asker = _asker(request, who, resumed=getattr(runtime.context, "resumed", False))
         if asker != request.requested_by:  # the Orchestrator stamped it already
             request = request.model_copy(update={"requested_by": asker})
     update["request"] = request
@@ -45,3 +46,12 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
         audit.denial(svc, update | state, request, "rules", refused)
         return update | {"status": Status.DENIED, "reason": refused}
     return update | {"status": Status.PENDING}
+
+
+def _asker(request: GPURequest, who: Identity, *, resumed: bool) -> str | None:
+    """Who asked. A caller's new request is theirs (an admin's: whom it names, as a worker
+    runs a job for its submitter), whatever it says. A resumed thread's request is the one
+    its first caller submitted, stamped then (an Orchestrator stamps it into the input, whose
+    checkpoint a failure in validate leaves): validate running again for whoever resumes it
+    (another member of the project, a worker adopting it) must not make them its asker."""
+    return request.requested_by if resumed else who.asker(request.requested_by)

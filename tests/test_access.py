@@ -17,6 +17,7 @@ import pytest
 from fleet.access import ACCESS, LOCAL, add_identity
 from fleet.clock import VirtualClock
 from fleet.errors import Forbidden, InvalidInput
+from fleet.faults import ENV, InjectedFault
 from fleet.models import HumanDecision, Status
 from graph.orchestrator import Orchestrator
 from nodes import audit
@@ -301,3 +302,34 @@ def test_a_claimed_decision_a_crash_left_unapplied_is_applied_on_resume(
     assert root.services.ledger.claim(entry)[0]  # claimed, then the process died
     out = root.resume("review")
     assert out.status is Status.DENIED and out.reason == "denied by dave (no)"
+
+
+@pytest.mark.parametrize("point", ["before:validate", "after:validate"])
+def test_who_asked_survives_a_resume_by_another_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """alice's request stops in validate (it raised; its update never checkpointed) and ann,
+    of the same project, carries the thread on: validate runs again for ann, yet the request,
+    its record and what resume returns still say alice asked."""
+    state = tmp_path / "s"
+    state.mkdir()
+    tokens = {n: add_identity(state, n, "member", "vision") for n in ("alice", "ann")}
+    monkeypatch.setenv(ENV, "nowhere,raise")  # the nodes wrapped, nothing armed yet
+    clock = VirtualClock()
+    alice, ann = (
+        Orchestrator(state, small_config(), clock=clock, token=tokens[n]) for n in ("alice", "ann")
+    )
+    try:
+        monkeypatch.setenv(ENV, f"{point},raise")
+        with pytest.raises(InjectedFault):
+            alice.request(ONE, thread_id="t")
+        monkeypatch.setenv(ENV, "nowhere,raise")
+        assert ann.outcome("t").next == ("validate",)
+        out = ann.resume("t")
+        assert out.status is Status.RELEASED
+        assert out.request is not None and out.request.requested_by == "alice"
+        [record] = ann.history()
+        assert record.request is not None and record.request.requested_by == "alice"
+    finally:
+        alice.close()
+        ann.close()
