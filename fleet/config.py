@@ -265,6 +265,7 @@ class SlurmSettings(_Strict):
 
 
 class ClockSettings(_Strict):
+    # A state directory's ledger runs at the scale it first ran at (fleet.ledger.time_scale)
     time_scale: float = Field(default=1.0, gt=0, le=1e7)  # at most 116 days a second
 
 

@@ -33,7 +33,15 @@ from fleet.monitors import Heartbeat, Monitors
 from fleet.routing import Refusal, route, types_for
 from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
-from fleet.statedir import LEDGER, clock_for, default_state_dir, opened, remove_new
+from fleet.statedir import (
+    LEDGER,
+    clock_of,
+    default_state_dir,
+    opened,
+    remove_new,
+    scale_before,
+    share_epoch,
+)
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
@@ -470,6 +478,7 @@ def open_services(
     created (the models it names, nodes.context.check_models). A state directory created
     here is taken away again, while empty, if opening fails after it."""
     choice = BackendChoice(backend) if isinstance(backend, str) else backend
+    given_clock = clock is not None
     resolved: Resolved | None = None
     if isinstance(choice, BackendChoice):
         resolved = resolve(choice)
@@ -488,7 +497,8 @@ def open_services(
         state_dir or default_state_dir(), create=create, ledger_here=database is None
     )
     try:
-        clock = clock or clock_for(directory, config.clock)
+        before = scale_before(directory)
+        clock = clock or clock_of(directory, config.clock)
         if isinstance(choice, BackendChoice):
             assert resolved is not None
             fleet_backend = make_backend(resolved, choice, config, clock=clock, state_dir=directory)
@@ -496,6 +506,8 @@ def open_services(
             fleet_backend = choice
         config = placeable_fleet(config, fleet_backend)
         ledger = Ledger(database or directory / LEDGER, config, durable=durable)
+        if not given_clock:  # one the caller gives (virtual time) is theirs to keep right
+            _agree_on_time(ledger, directory, clock, config.clock.time_scale, before)
     except BaseException:
         if made:
             remove_new(directory)
@@ -510,3 +522,16 @@ def open_services(
         state_dir=directory,
         note=resolved.note if resolved else None,
     )
+
+
+def _agree_on_time(
+    ledger: Ledger, directory: Path, clock: Clock, scale: float, before: float | None
+) -> None:
+    """The ledger's time scale recorded and the sped-up clock's epoch shared, or the ledger
+    refused at another scale (closed again, and no clock.json written for it)."""
+    try:
+        ledger.keep_time_scale(scale, before)
+        share_epoch(directory, clock)
+    except BaseException:
+        ledger.close()
+        raise

@@ -1,4 +1,5 @@
-"""The state directory: ledger, checkpoints and the shared epoch of a scaled clock."""
+"""The state directory: ledger, checkpoints and the shared epoch of a scaled clock (whose
+scale the ledger records: fleet.ledger.time_scale)."""
 
 from __future__ import annotations
 
@@ -57,26 +58,61 @@ def opened(path: str | Path, *, create: bool, ledger_here: bool = True) -> tuple
     return p, made
 
 
+def scale_before(state_dir: Path) -> float | None:
+    """The time scale a state directory ran at before its ledger recorded one
+    (fleet.ledger.time_scale), read before this opening may write a clock.json. Such a directory
+    with a clock.json ran on a sped-up clock: only a time_scale other than 1 ever wrote one,
+    and it did not write which (None: any scale but 1 reads its times alike). Without one it
+    ran on the wall clock (1.0), or never ran (its ledger holds nothing to misread)."""
+    return None if (state_dir / CLOCK).exists() else 1.0
+
+
 def clock_for(state_dir: Path, settings: ClockSettings) -> Clock:
     """Wall time, or wall time sped up from an epoch every process of this state dir shares."""
+    clock = clock_of(state_dir, settings)
+    share_epoch(state_dir, clock)
+    return clock
+
+
+def clock_of(state_dir: Path, settings: ClockSettings) -> Clock:
+    """clock_for's clock, nothing written yet: a sped-up clock from the epoch in clock.json,
+    or from now where there is none, which share_epoch writes once the ledger has agreed to
+    the scale (a refused opening leaves no clock.json behind). clock.json holds only the
+    epoch: the scale is the ledger's (fleet.ledger.time_scale)."""
     if settings.time_scale == 1.0:
         return WallClock()
+    now = time.time()
+    epoch = _epoch(state_dir / CLOCK)
+    return ScaledClock(settings.time_scale, *(epoch or (now, now)))
+
+
+def share_epoch(state_dir: Path, clock: Clock) -> None:
+    """Write a sped-up clock's epoch to clock.json for every process of this state dir, or,
+    where another process wrote one first (both opened a new directory at once), take that
+    one: before anything is timed on the clock, its epoch moves by the moments between."""
+    if not isinstance(clock, ScaledClock):
+        return
     path = state_dir / CLOCK
-    epoch = {"real": time.time(), "virtual": time.time()}
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(epoch, f)
     except FileExistsError:
-        try:
-            epoch = json.loads(path.read_text())
-            real, virtual = float(epoch["real"]), float(epoch["virtual"])
-        except (ValueError, KeyError, TypeError, OSError):
-            raise StateDirError(
-                f"{path} is corrupt; delete it to restart the scaled clock"
-            ) from None
-        epoch = {"real": real, "virtual": virtual}
-    return ScaledClock(settings.time_scale, epoch["real"], epoch["virtual"])
+        epoch = _epoch(path)
+        if epoch is not None:  # None: removed meanwhile; this clock's own epoch stands
+            clock.epoch_real, clock.epoch_virtual = epoch
+        return
+    with os.fdopen(fd, "w") as f:
+        json.dump({"real": clock.epoch_real, "virtual": clock.epoch_virtual}, f)
+
+
+def _epoch(path: Path) -> tuple[float, float] | None:
+    """clock.json's (real, virtual) epoch; None where there is none."""
+    try:
+        epoch = json.loads(path.read_text())
+        return float(epoch["real"]), float(epoch["virtual"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, OSError):
+        raise StateDirError(f"{path} is corrupt; delete it to restart the scaled clock") from None
 
 
 def remove_new(path: Path) -> None:

@@ -418,3 +418,33 @@ def test_the_demos_lines_of_one_instant_follow_cause_and_effect() -> None:
         "released:",
         "placed:",
     ]
+
+
+def test_a_state_dir_is_opened_only_at_the_time_scale_it_ran_at(tmp_path: Path) -> None:
+    """A 100-hour lease placed at one clock speed; every command at another is refused in one
+    line (JSON with --json, exit 2) naming both, and changes nothing: read at the wrong speed
+    the lease would be released as expired-while-down (or held years too long)."""
+    wall, fast = tmp_path / "wall.toml", tmp_path / "fast.toml"
+    wall.write_text(fleet_toml())
+    fast.write_text(fleet_toml(clock={"time_scale": 1200}))
+    cases = [
+        (fast, wall, "ran at time_scale 1200, not at time_scale 1 (the wall clock)"),
+        (wall, fast, "ran at time_scale 1 (the wall clock), not at time_scale 1200"),
+    ]
+    for ran, other, says in cases:
+        state = tmp_path / ran.stem
+        opts = ["--state-dir", str(state)]
+        hold = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "100"]
+        hold += ["--no-wait", "--json"]
+        r = run_cli("request", *hold, *opts, "--fleet", str(ran), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        aid = json.loads(r.stdout)["allocation"]["id"]
+        before = ledger_rows(state), (state / "clock.json").exists()
+        r = run_cli("status", "--json", *opts, "--fleet", str(other), cwd=tmp_path)
+        assert r.returncode == 2 and says in json.loads(r.stdout)["error"], r.stdout + r.stderr
+        r = run_cli("release", aid, *opts, "--fleet", str(other), cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr
+        assert (ledger_rows(state), (state / "clock.json").exists()) == before
+        r = run_cli("status", "--json", *opts, "--fleet", str(ran), cwd=tmp_path)
+        [alloc] = json.loads(r.stdout)["allocations"]
+        assert alloc["state"] == "active"

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from fleet.clock import VirtualClock, WallClock, sleep_until
-from fleet.config import ClockSettings
-from fleet.statedir import clock_for
+from fleet.config import ClockSettings, FleetConfig
+from fleet.errors import StateDirError
+from fleet.models import Status
+from fleet.statedir import CLOCK, LEDGER, clock_for
+from graph.orchestrator import Orchestrator
+from graph.records import Records
+from tests.conftest import small_config
 
 
 def test_virtual_sleep_without_actors_advances() -> None:
@@ -105,3 +113,105 @@ def test_scaled_clock_epoch_is_shared(tmp_path: Path) -> None:
     before = a.now()
     time.sleep(0.05)
     assert a.now() - before >= 60 * 0.05 * 0.9
+
+
+# ---- a state directory runs at one time scale (fleet.ledger.time_scale) -----------------------
+
+HELD = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 100}
+
+
+def scaled(scale: float) -> FleetConfig:
+    return small_config(clock={"time_scale": scale})
+
+
+def placed(state: Path, config: FleetConfig, database: str | None = None) -> str:
+    """An allocation held for 100 hours (wall or scaled: its lease outlasts the test)."""
+    with Orchestrator(state, config, database=database) as orch:
+        out = orch.request(HELD, wait=False)
+        assert out.status is Status.ALLOCATED and out.allocation is not None
+        return out.allocation.id
+
+
+def test_a_scaled_state_dir_refuses_the_wall_clock_and_another_scale(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    aid = placed(state, scaled(600))
+    for config, says in [
+        (scaled(1), "ran at time_scale 600, not at time_scale 1 (the wall clock)"),
+        (scaled(60), "ran at time_scale 600, not at time_scale 60"),
+    ]:
+        with pytest.raises(StateDirError) as error:
+            Records(state, config)
+        assert str(error.value).count("\n") == 0 and says in str(error.value)
+        assert "([clock] time_scale = 600)" in str(error.value)
+    with Records(state, scaled(600)) as r:  # its own scale: the lease runs on
+        assert r.services.ledger.get(aid).state == "active"
+
+
+def test_a_wall_clock_state_dir_with_allocations_refuses_a_scaled_clock(tmp_path: Path) -> None:
+    """Opened sped up, its wall-clock lease would read as long over and be reconciled as
+    expired-while-down: refused, and nothing changed."""
+    state = tmp_path / "s"
+    aid = placed(state, small_config())
+    with Records(state, small_config()) as r:
+        before = r.services.ledger.dump()
+    with pytest.raises(StateDirError, match=r"ran at time_scale 1 \(the wall clock\), not at "):
+        Orchestrator(state, scaled(3600))
+    assert not (state / CLOCK).exists()  # no epoch left behind either
+    with Records(state, small_config()) as r:
+        assert r.services.ledger.dump() == before
+        assert r.services.ledger.get(aid).state == "active"
+
+
+def test_a_ledger_with_nothing_timed_takes_a_new_scale(tmp_path: Path) -> None:
+    """Only allocations and jobs are read at the clock's speed: before any, a ledger (with a
+    budget) takes another scale, which binds it from its first allocation on."""
+    state = tmp_path / "s"
+    with Records(state, small_config()) as r:
+        r.set_budget("p", 10_000)  # no allocation, no job: nothing read at a clock's speed
+    placed(state, scaled(600))
+    with pytest.raises(StateDirError, match="ran at time_scale 600"):
+        Records(state, small_config())
+
+
+def forget_scale(state: Path) -> None:
+    """The ledger as gpu-agent wrote it before it recorded its time scale."""
+    db = sqlite3.connect(state / LEDGER)
+    with db:
+        db.execute("DELETE FROM meta WHERE key='time_scale'")
+    db.close()
+
+
+def test_a_clock_json_from_before_the_scale_was_recorded_means_a_scaled_clock(
+    tmp_path: Path,
+) -> None:
+    """Such a clock.json was only ever written by a sped-up clock, at a scale it did not
+    write: the wall clock is refused, and the first sped-up clock records its own."""
+    state = tmp_path / "s"
+    aid = placed(state, scaled(600))
+    forget_scale(state)
+    with pytest.raises(StateDirError, match=r"ran at a time_scale other than 1 \(not recorded"):
+        Records(state, small_config())
+    with Records(state, scaled(600)) as r:
+        assert r.services.ledger.get(aid).state == "active"
+    with pytest.raises(StateDirError, match="ran at time_scale 600, not at time_scale 60"):
+        Records(state, scaled(60))
+
+
+def test_a_ledger_from_before_without_clock_json_ran_on_the_wall_clock(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    placed(state, small_config())
+    forget_scale(state)
+    with pytest.raises(StateDirError, match=r"ran at time_scale 1 \(the wall clock\)"):
+        Records(state, scaled(600))
+    with Records(state, small_config()):
+        pass
+
+
+def test_every_process_sharing_a_database_agrees_on_the_scale(tmp_path: Path, pg_url: str) -> None:
+    """Two hosts' state directories, one PostgreSQL ledger: the scale is the ledger's, so a
+    second state directory on the wall clock is refused the first's sped-up ledger."""
+    aid = placed(tmp_path / "a", scaled(600), database=pg_url)
+    with pytest.raises(StateDirError, match="ran at time_scale 600, not at time_scale 1"):
+        Records(tmp_path / "b", small_config(), database=pg_url)
+    with Records(tmp_path / "a", scaled(600), database=pg_url) as r:
+        assert r.services.ledger.get(aid).state == "active"

@@ -19,6 +19,7 @@ One class, `Ledger`, over one connection; each of its concerns is a module of th
   renewing        the next term of a lease renewed while its GPUs work
   runs            what `gpu-agent run --requeue` outlives its process with; requeued once
   threads         the request each caller-named thread was started for
+  time_scale      the clock's speed its times run at, which every process must share
   rows            what the ledger hands out
 """
 
@@ -38,11 +39,23 @@ from fleet.ledger.renewing import Renewing
 from fleet.ledger.runs import Runs
 from fleet.ledger.scheduler_jobs import SchedulerJobs
 from fleet.ledger.threads import Threads
+from fleet.ledger.time_scale import TimeScale
 
 __all__ = ["Ledger"]
 
 
-class Ledger(Levelling, Migrations, Audit, Health, Queries, SchedulerJobs, Runs, Threads, Renewing):
+class Ledger(
+    Levelling,
+    Migrations,
+    Audit,
+    Health,
+    Queries,
+    SchedulerJobs,
+    Runs,
+    Threads,
+    Renewing,
+    TimeScale,
+):
     def __init__(self, path: str | Path, config: FleetConfig, *, durable: bool = True) -> None:
         """`path`: a SQLite file, or a postgresql:// URL. `durable=False` (a simulation's
         scratch ledger, SQLite only): it works in memory and is written to its file when
