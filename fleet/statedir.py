@@ -67,15 +67,9 @@ def scale_before(state_dir: Path) -> float | None:
     return None if (state_dir / CLOCK).exists() else 1.0
 
 
-def clock_for(state_dir: Path, settings: ClockSettings) -> Clock:
-    """Wall time, or wall time sped up from an epoch every process of this state dir shares."""
-    clock = clock_of(state_dir, settings)
-    share_epoch(state_dir, clock)
-    return clock
-
-
 def clock_of(state_dir: Path, settings: ClockSettings) -> Clock:
-    """clock_for's clock, nothing written yet: a sped-up clock from the epoch in clock.json,
+    """Wall time, or wall time sped up from an epoch every process of this state dir
+    shares; nothing written yet: a sped-up clock from the epoch in clock.json,
     or from now where there is none, which share_epoch writes once the ledger has agreed to
     the scale (a refused opening leaves no clock.json behind). clock.json holds only the
     epoch: the scale is the ledger's (fleet.ledger.time_scale)."""

@@ -13,7 +13,7 @@ from fleet.clock import VirtualClock, WallClock, sleep_until
 from fleet.config import ClockSettings, FleetConfig
 from fleet.errors import StateDirError
 from fleet.models import Status
-from fleet.statedir import CLOCK, LEDGER, clock_for
+from fleet.statedir import CLOCK, LEDGER, clock_of, share_epoch
 from graph.orchestrator import Orchestrator
 from graph.records import Records
 from tests.conftest import small_config
@@ -107,8 +107,9 @@ def test_wall_clock_wake() -> None:
 
 
 def test_scaled_clock_epoch_is_shared(tmp_path: Path) -> None:
-    a = clock_for(tmp_path, ClockSettings(time_scale=60))
-    b = clock_for(tmp_path, ClockSettings(time_scale=60))
+    a = clock_of(tmp_path, ClockSettings(time_scale=60))
+    share_epoch(tmp_path, a)  # the first opening writes its epoch
+    b = clock_of(tmp_path, ClockSettings(time_scale=60))  # a second one reads it
     assert abs(a.now() - b.now()) < 1.0
     before = a.now()
     time.sleep(0.05)
