@@ -22,7 +22,7 @@ from council.voting import Council
 from fleet.access import Identity
 from fleet.choose_backend import BackendChoice
 from fleet.config import FleetConfig
-from fleet.models import Allocation
+from fleet.models import Allocation, utc
 from fleet.services import Services, open_services
 from fleet.statedir import default_state_dir
 
@@ -158,15 +158,21 @@ def check_models(config: FleetConfig, *, council_given: bool = False) -> None:
         council_for(config.council)  # kept: council_of loads it again from the cache
 
 
-def release_after(svc: Services, allocation: Allocation, guarded: bool = False) -> Releaser | None:
+def release_after(
+    svc: Services, allocation: Allocation, placed_end: float | None, guarded: bool = False
+) -> Releaser | None:
     """Where the fleet releases idle GPUs by their stream (`[monitor] idle_release =
     "stream"`), or the guardrails say so for this allocation (`guarded`): the shipped model,
-    on this allocation's lease (read once per process)."""
+    on this allocation's lease as placed (read once per process). `placed_end`: where the
+    lease asked ends (fleet.ledger.rows.Lease.asked_end), read where a preemption or a term
+    let end cut it (Allocation.lease_cut): the job was expected to take the lease asked."""
     if svc.config.monitor.idle_release != "stream" and not guarded:
         return None
     from council.stream_release import shipped
 
     end = allocation.renewed_up_to or allocation.lease_end  # a term's renewals included
+    if allocation.lease_cut is not None and placed_end is not None:
+        end = utc(placed_end)
     lease_hours = (end - allocation.started_at).total_seconds() / 3600.0
     return functools.partial(shipped().after, lease_hours=max(lease_hours, 1e-6))
 

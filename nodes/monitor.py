@@ -69,13 +69,17 @@ def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
     }
 
 
-def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdlePolicy:
+def _policy(
+    work: Work, state: State, mon: MonitorState, svc: Services, placed_end: float | None = None
+) -> IdlePolicy:
     """What idling means here: a work that went on while idle is treated as running; the
     council's guardrails, where it approved with them and no human dropped them, shorten
     the timeout (and where they say so, the stream model may release sooner), unless an
     idle release already ended the work this allocation resumes (a second kill in the next
     pause would cost the work twice); where the fleet says so, the stream model says when to
-    release, with the same exception (its own timeout and pause factor then apply)."""
+    release, with the same exception (its own timeout and pause factor then apply).
+    `placed_end`: where the lease asked ends in the ledger, which the stream model reads
+    where a preemption or a declined term cut the thread's lease (nodes.context.release_after)."""
     spared = mon.guard_spared
     rails = None if spared else guardrails_of(state)
     # the stream only while the fleet still reads it (its model is loaded at start-up then:
@@ -89,7 +93,7 @@ def _policy(work: Work, state: State, mon: MonitorState, svc: Services) -> IdleP
         request_of(state).purpose,
         "running" if mon.works_while_idle and work == "unknown" else work,
         None if rails is None else rails.idle_minutes,
-        None if spared else release_after(svc, state["allocation"], stream),
+        None if spared else release_after(svc, state["allocation"], placed_end, stream),
     )
 
 
@@ -173,7 +177,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
             return ended | _as_held(allocation, row)
-        policy = _policy(work(row), state, mon, svc)
+        policy = _policy(work(row), state, mon, svc, row.asked_end)
         renew_at = _renewal(row, mon, request_of(state), svc)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc, renew_at)
     else:  # planned by the last tick, which read the lease at the same moment
@@ -186,7 +190,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     if ended:
         return ended | _as_held(allocation, row)
     assert row.deadline is not None
-    policy = _policy(work(row), state, mon, svc)
+    policy = _policy(work(row), state, mon, svc, row.asked_end)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(

@@ -3,6 +3,7 @@ and routing enforce it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -22,6 +23,7 @@ from fleet.commands import Commands
 from fleet.config import CouncilSettings, MonitorSettings, parse_fleet
 from fleet.errors import InvalidInput
 from fleet.models import (
+    Allocation,
     CouncilOutcome,
     EventKind,
     GPURequest,
@@ -713,3 +715,31 @@ def test_a_stored_stream_guardrail_reads_the_stream_only_while_the_fleet_still_d
     assert _policy("unknown", state, MonitorState(), clock.services).release_after is None
     spared = MonitorState(guard_spared=True)
     assert _policy("unknown", state, spared, orch.services).release_after is None
+
+
+def test_the_stream_reads_the_lease_as_placed_after_a_cut(make_orch: OrchFactory) -> None:
+    """A preemption cuts the thread's lease to the yield (Allocation.lease_cut); the stream
+    model goes on reading the lease the job asked for, which says how long it was expected to
+    run, not the few minutes to its yield."""
+    orch = make_orch(small_config(council=GUARDED_FLEET | {"guard_idle_release": "stream"}))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 4}
+    out = orch.request(request, wait=False)
+    council, asked, placed = out.council, out.request, out.allocation
+    assert council is not None and asked is not None and placed is not None
+    cut = placed.model_copy(
+        update={"lease_end": placed.started_at + (placed.lease_end - placed.started_at) / 40}
+    )
+    cut = cut.model_copy(update={"lease_cut": "preempted"})
+    asked_end = orch.services.ledger.lease(placed.id).asked_end
+
+    def lease_hours(allocation: Allocation) -> float:
+        state: State = {"council": council, "request": asked, "allocation": allocation}
+        releaser = _policy("unknown", state, MonitorState(), orch.services, asked_end)
+        assert isinstance(releaser.release_after, functools.partial)
+        return float(releaser.release_after.keywords["lease_hours"])
+
+    assert asked_end is not None
+    hours = (asked_end - placed.started_at.timestamp()) / 3600.0
+    assert lease_hours(placed) == pytest.approx(hours)
+    assert lease_hours(cut) == pytest.approx(hours)  # not the cut lease, as without lease_cut:
+    assert lease_hours(cut.model_copy(update={"lease_cut": None})) == pytest.approx(hours / 40)
