@@ -497,7 +497,8 @@ def open_services(
         state_dir or default_state_dir(), create=create, ledger_here=database is None
     )
     try:
-        before = scale_before(directory)
+        # a shared database's other hosts have state directories of their own: not known
+        before = scale_before(directory) if database is None else None
         clock = clock or clock_of(directory, config.clock)
         if isinstance(choice, BackendChoice):
             assert resolved is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -59,11 +60,12 @@ def opened(path: str | Path, *, create: bool, ledger_here: bool = True) -> tuple
 
 
 def scale_before(state_dir: Path) -> float | None:
-    """The time scale a state directory ran at before its ledger recorded one
-    (fleet.ledger.time_scale), read before this opening may write a clock.json. Such a directory
-    with a clock.json ran on a sped-up clock: only a time_scale other than 1 ever wrote one,
-    and it did not write which (None: any scale but 1 reads its times alike). Without one it
-    ran on the wall clock (1.0), or never ran (its ledger holds nothing to misread)."""
+    """The time scale a state directory's SQLite ledger ran at before it recorded one
+    (fleet.ledger.time_scale), read before this opening may write a clock.json: without one,
+    no sped-up clock ever opened it, so it ran on the wall clock (1.0). With one it is not
+    known (None): every opening at a time_scale other than 1 wrote one, a read-only command
+    too, and did not write which, so the wall clock may have placed its allocations all the
+    same."""
     return None if (state_dir / CLOCK).exists() else 1.0
 
 
@@ -83,19 +85,24 @@ def clock_of(state_dir: Path, settings: ClockSettings) -> Clock:
 def share_epoch(state_dir: Path, clock: Clock) -> None:
     """Write a sped-up clock's epoch to clock.json for every process of this state dir, or,
     where another process wrote one first (both opened a new directory at once), take that
-    one: before anything is timed on the clock, its epoch moves by the moments between."""
+    one: before anything is timed on the clock, its epoch moves by the moments between. The
+    file appears whole (written aside, then linked, which fails where one exists), so that a
+    process reading it at that moment never finds it empty and calls it corrupt."""
     if not isinstance(clock, ScaledClock):
         return
     path = state_dir / CLOCK
+    aside = state_dir / f".{CLOCK}.{os.getpid()}.{threading.get_ident()}"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        aside.write_text(json.dumps({"real": clock.epoch_real, "virtual": clock.epoch_virtual}))
+        os.link(aside, path)
     except FileExistsError:
         epoch = _epoch(path)
         if epoch is not None:  # None: removed meanwhile; this clock's own epoch stands
             clock.epoch_real, clock.epoch_virtual = epoch
-        return
-    with os.fdopen(fd, "w") as f:
-        json.dump({"real": clock.epoch_real, "virtual": clock.epoch_virtual}, f)
+    except OSError as exc:
+        raise StateDirError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _epoch(path: Path) -> tuple[float, float] | None:

@@ -48,6 +48,14 @@ def _as_held(allocation: Allocation, row: Lease, declined: bool = False) -> Stat
     return {} if held is allocation else {"allocation": held}
 
 
+def _as_ended(allocation: Allocation, row: Lease, svc: Services) -> State:
+    """_as_held at its end: whether a term was let end is asked of the ledger, since the
+    tick that declined it may not have reached the thread (its process died after the
+    decline and before that tick's checkpoint)."""
+    declined = row.renew_hours is not None and svc.ledger.declined(allocation.id)
+    return _as_held(allocation, row, declined)
+
+
 def _ended(row: Lease, now: float, svc: Services, aid: str) -> State | None:
     """The release this tick must make, if the allocation is over: in the ledger, or where a
     cluster's scheduler holds the GPUs (Slurm), by the scheduler (whose job's time limit
@@ -176,7 +184,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         row = svc.ledger.lease(allocation.id)
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
-            return ended | _as_held(allocation, row)
+            return ended | _as_ended(allocation, row, svc)
         policy = _policy(work(row), state, mon, svc, row.asked_end)
         renew_at = _renewal(row, mon, request_of(state), svc)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc, renew_at)
@@ -188,7 +196,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     row = svc.ledger.lease(allocation.id)  # the allocation may have ended meanwhile
     ended = _ended(row, now, svc, allocation.id)
     if ended:
-        return ended | _as_held(allocation, row)
+        return ended | _as_ended(allocation, row, svc)
     assert row.deadline is not None
     policy = _policy(work(row), state, mon, svc, row.asked_end)
     if last is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.clock import VirtualClock, WallClock, sleep_until
+from fleet.clock import Clock, ScaledClock, VirtualClock, WallClock, sleep_until
 from fleet.config import ClockSettings, FleetConfig
 from fleet.errors import StateDirError
 from fleet.models import Status
@@ -116,6 +117,36 @@ def test_scaled_clock_epoch_is_shared(tmp_path: Path) -> None:
     assert a.now() - before >= 60 * 0.05 * 0.9
 
 
+def open_clock(state: Path, clocks: list[Clock], errors: list[StateDirError]) -> None:
+    """One opening's clock, as open_services makes it: read, then the epoch shared."""
+    try:
+        clock = clock_of(state, ClockSettings(time_scale=60))
+        share_epoch(state, clock)
+        clocks.append(clock)
+    except StateDirError as exc:
+        errors.append(exc)
+
+
+def test_openings_of_a_new_sped_up_state_dir_at_once_share_one_epoch(tmp_path: Path) -> None:
+    """clock.json appears whole: one opening reading it while another writes it never finds
+    it empty (which read as corrupt, "delete it")."""
+    for i in range(100):
+        state = tmp_path / f"s{i}"
+        state.mkdir()
+        clocks: list[Clock] = []
+        errors: list[StateDirError] = []
+        threads = [
+            threading.Thread(target=open_clock, args=(state, clocks, errors)) for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        epochs = {(c.epoch_real, c.epoch_virtual) for c in clocks if isinstance(c, ScaledClock)}
+        assert len(epochs) == 1 and sorted(p.name for p in state.iterdir()) == [CLOCK]
+
+
 # ---- a state directory runs at one time scale (fleet.ledger.time_scale) -----------------------
 
 HELD = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 100}
@@ -163,15 +194,18 @@ def test_a_wall_clock_state_dir_with_allocations_refuses_a_scaled_clock(tmp_path
         assert r.services.ledger.get(aid).state == "active"
 
 
-def test_a_ledger_with_nothing_timed_takes_a_new_scale(tmp_path: Path) -> None:
-    """Only allocations and jobs are read at the clock's speed: before any, a ledger (with a
-    budget) takes another scale, which binds it from its first allocation on."""
+def test_a_recorded_scale_binds_an_empty_ledger_too(tmp_path: Path) -> None:
+    """A process may run on a ledger that holds nothing yet (a server just started): another
+    at another speed would place on it what the first misreads, so it is refused as well."""
     state = tmp_path / "s"
+    with Records(state, small_config()) as first:  # still open: a server at the wall clock
+        first.set_budget("p", 10_000)
+        with pytest.raises(StateDirError, match=r"ran at time_scale 1 \(the wall clock\), not at"):
+            Records(state, scaled(3600))
+        aid = placed(state, small_config())
+    assert not (state / CLOCK).exists()
     with Records(state, small_config()) as r:
-        r.set_budget("p", 10_000)  # no allocation, no job: nothing read at a clock's speed
-    placed(state, scaled(600))
-    with pytest.raises(StateDirError, match="ran at time_scale 600"):
-        Records(state, small_config())
+        assert r.services.ledger.get(aid).state == "active"
 
 
 def forget_scale(state: Path) -> None:
@@ -182,20 +216,20 @@ def forget_scale(state: Path) -> None:
     db.close()
 
 
-def test_a_clock_json_from_before_the_scale_was_recorded_means_a_scaled_clock(
+def test_a_ledger_from_before_with_a_clock_json_takes_its_first_opening_s_scale(
     tmp_path: Path,
 ) -> None:
-    """Such a clock.json was only ever written by a sped-up clock, at a scale it did not
-    write: the wall clock is refused, and the first sped-up clock records its own."""
+    """Before the scale was recorded every opening at another scale wrote a clock.json, a
+    read-only command too, so one beside a ledger from then does not say its leases ran sped
+    up: the first opening's scale is taken (as it was then), and binds from then on."""
     state = tmp_path / "s"
-    aid = placed(state, scaled(600))
+    aid = placed(state, small_config())
     forget_scale(state)
-    with pytest.raises(StateDirError, match=r"ran at a time_scale other than 1 \(not recorded"):
-        Records(state, small_config())
-    with Records(state, scaled(600)) as r:
+    (state / CLOCK).write_text(json.dumps({"real": time.time(), "virtual": time.time()}))
+    with Records(state, small_config()) as r:  # the wall clock it ran on: not refused
         assert r.services.ledger.get(aid).state == "active"
-    with pytest.raises(StateDirError, match="ran at time_scale 600, not at time_scale 60"):
-        Records(state, scaled(60))
+    with pytest.raises(StateDirError, match=r"ran at time_scale 1 \(the wall clock\), not at"):
+        Records(state, scaled(600))
 
 
 def test_a_ledger_from_before_without_clock_json_ran_on_the_wall_clock(tmp_path: Path) -> None:

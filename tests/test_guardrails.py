@@ -566,6 +566,28 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
     assert held["plain"] == held["spared"] == pytest.approx(4.0)
 
 
+def test_a_term_declined_before_a_crash_is_shown_declined(make_orch: OrchFactory) -> None:
+    """The monitor let the term end (the ledger's `not-renewed` entry committed) and its
+    process died before that tick's checkpoint: the thread carried on from its checkpoint
+    ends with the term gone and says why, as if the tick had been checkpointed."""
+    orch = make_orch(small_config(council=LEASED_FLEET))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
+    placed = orch.request(request, thread_id="t", wait=False)
+    assert placed.allocation is not None and placed.allocation.term_hours == 1.0
+    ledger, clock = orch.services.ledger, orch.services.clock
+    end = ledger.lease(placed.allocation.id).lease_end
+    assert end is not None
+    ledger.decline(placed.allocation.id, end, clock.now(), "every GPU idle all its term")
+    clock.sleep(end - clock.now() + 60)  # its term ran out while nothing carried it on
+    out = orch.resume("t")
+    assert out.release is not None and out.release.reason is ReleaseReason.LEASE_EXPIRED
+    assert out.allocation is not None and out.allocation.term_hours is None
+    assert out.allocation.lease_cut == "not-renewed"
+    assert lease_note(out) == (
+        "its term not renewed (its GPUs sat idle all of it): the lease ends with it"
+    )
+
+
 def test_a_preempted_term_held_lease_is_shown_renewed_no_more(make_orch: OrchFactory) -> None:
     """A guarded lease held a 1 h term at a time (3 h on the H100) is asked to yield: the
     ledger cuts its lease to the yield and renews it no more, and so does what the thread
