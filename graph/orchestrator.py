@@ -341,13 +341,38 @@ class Orchestrator(Records):
                 DURABILITY,
                 on_update,
                 on_progress=on_progress,
+                interrupt_before=["wait"] if wait else None,
                 interrupt_after=None if wait else ["allocate"],
             )
+            if wait and stopped == ():  # queued: it waits for GPUs in the fair queue
+                values, stopped = self._wait_in_queue(config, on_update, on_progress)
             return self._outcome_of(thread_id, values, stopped)
         finally:  # whatever stopped it, this process no longer runs the thread
             self.services.unwatch_thread(thread_id)
             with self._running_lock:
                 self._running.discard(thread_id)
+
+    def _wait_in_queue(
+        self,
+        config: RunnableConfig,
+        on_update: Callable[[str, dict[str, Any]], None] | None,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> tuple[State, tuple[Any, ...] | None]:
+        """A queued request's wait: wait and allocate again at every poll (or wake-up) with
+        durability "exit", one checkpoint when it is placed or gives up, not two a poll for
+        as long as it waits (about 5.5 KB each: a day's wait at the default 60-second poll wrote
+        16 MB); then, placed, its allocation from its first tick on with "sync", as always.
+        Waiting changes nothing a resume needs: the ledger's queued row holds its place, so a
+        crash meanwhile resumes from the checkpoint before the wait (the thread shows it
+        queued), and allocate, idempotent, finds a placement made before the crash."""
+        values, stopped = self._stream(
+            None, config, "exit", on_update, on_progress=on_progress, interrupt_before=["monitor"]
+        )
+        if stopped == ():  # placed: before its first tick
+            values, stopped = self._stream(
+                None, config, DURABILITY, on_update, on_progress=on_progress
+            )
+        return values, stopped
 
     def _outcome_of(
         self, thread_id: str, values: State, stopped: tuple[Any, ...] | None

@@ -27,6 +27,8 @@ def wait(state: State, runtime: Runtime[Context]) -> State:
             "release": row.to_release(),
             "cost_usd": 0.0,
         }
+    if row.state == "active":  # placed before a crash, unrecorded: allocate finds it now
+        return {}
     wake_at = svc.clock.now() + svc.config.scheduler.poll_seconds
     give_up = request.give_up_at(row.enqueued_at)
     if give_up is not None:

@@ -15,6 +15,7 @@ from fleet.models import (
     Allocation,
     CouncilDecision,
     CouncilOutcome,
+    Event,
     EventKind,
     GPURequest,
     ReleaseReason,
@@ -165,6 +166,77 @@ def test_max_wait_times_out(make_orch: OrchFactory) -> None:
         orch.allocate_gpu_sync(req(gpu_type="H100", max_wait_minutes=5))
     row = next(a for a in orch.services.ledger.allocations() if a.thread_id == "b")
     assert row.state == "released" and row.release_reason is ReleaseReason.CANCELLED
+
+
+def test_a_waiting_request_writes_no_checkpoint_a_poll(make_orch: OrchFactory) -> None:
+    """Ten hours in the fair queue at a 60-second poll are 600 tries of wait and allocate;
+    they change nothing a resume needs (the ledger's queued row holds its place), so they
+    write one checkpoint when the wait ends, not 1,200; and the thread's history still says
+    it queued, once."""
+    orch = make_orch()
+    orch.request(req(gpu_type="H100", duration_hours=12), thread_id="a", wait=False)
+    out = orch.request(req(gpu_type="H100", max_wait_minutes=600), thread_id="b")
+    assert out.status is Status.TIMED_OUT and kinds(out).count(EventKind.QUEUED) == 1
+    checkpoints = list(orch.checkpointer.list({"configurable": {"thread_id": "b"}}))
+    assert len(checkpoints) <= 4, len(checkpoints)
+
+
+def test_a_request_placed_after_waiting_is_checkpointed_from_its_first_tick(
+    make_orch: OrchFactory,
+) -> None:
+    """Placed after its wait, its allocation is checkpointed at every step from then on, as
+    any allocation is (a crash while it is held resumes from its last tick)."""
+    clock = VirtualClock()
+    orch = make_orch(clock=clock)
+    result = run_scenario(
+        orch,
+        clock,
+        [
+            Submit(0.0, "first", req(gpu_type="H100", duration_hours=1)),
+            Submit(0.1, "second", req(gpu_type="H100", duration_hours=1)),
+        ],
+        lambda *a: None,
+    )
+    second = result.outcomes["second"]
+    assert second.status is Status.RELEASED and EventKind.QUEUED in kinds(second)
+    assert second.allocation is not None
+    [(ticks,)] = orch.services.ledger.query(
+        "SELECT ticks FROM allocations WHERE id=?", (second.allocation.id,)
+    )
+    checkpoints = len(list(orch.checkpointer.list({"configurable": {"thread_id": "second"}})))
+    # a checkpoint a tick (and its release), a few before; none for its 54 polls
+    assert int(ticks) >= 10 and int(ticks) <= checkpoints <= int(ticks) + 8, (ticks, checkpoints)
+
+
+def test_a_request_that_stops_once_placed_after_waiting_resumes_its_placement(
+    make_orch: OrchFactory,
+) -> None:
+    """Its run stops once it is placed after waiting (here its caller stops it on hearing
+    so): the thread resumes with that placement (from the checkpoint an orderly stop writes,
+    or, where the process died first, from the one before the wait: wait and allocate find
+    it, tests/test_nodes.py) and monitors it, charged once."""
+    orch = make_orch()
+    held = orch.request(req(gpu_type="H100", duration_hours=5), thread_id="a", wait=False)
+    assert held.allocation is not None
+
+    class Stopped(BaseException):  # as a process that dies: no handler runs
+        pass
+
+    def hear(event: Event) -> None:
+        if event.kind is EventKind.QUEUED:  # the holder goes: the waiter is placed
+            orch.release(held.allocation.id if held.allocation else "")
+        if event.kind is EventKind.PLACED:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        orch.request(req(gpu_type="H100"), thread_id="b", on_event=hear)
+    placed_at = orch.services.clock.now()
+    done = orch.resume("b")
+    assert done.status is Status.RELEASED and done.allocation is not None
+    assert done.allocation.started_at.timestamp() == placed_at
+    rows = [r for r in orch.services.ledger.allocations() if r.thread_id == "b"]
+    assert [(r.state, r.cost_usd) for r in rows] == [("released", done.cost_usd)]
+    assert kinds(done).count(EventKind.PLACED) == 1
 
 
 def test_budget_cut_releases_before_overrun(make_orch: OrchFactory) -> None:

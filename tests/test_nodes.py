@@ -159,6 +159,20 @@ def test_wait_times_out_and_cancels(services: Services) -> None:
     assert services.ledger.get(queued["allocation_id"]).release_reason is ReleaseReason.CANCELLED
 
 
+def test_wait_does_not_sleep_for_a_placement_made_before_a_crash(services: Services) -> None:
+    """The thread's checkpoint says it waits, the ledger that it was placed (its process died
+    between the placement and the checkpoint): wait gives allocate, idempotent, the turn at
+    once, without sleeping a poll while the GPUs are held."""
+    placed = placed_state(services, gpu_type="H100")
+    assert placed["status"] is Status.ALLOCATED
+    as_queued = placed | {"status": Status.QUEUED}
+    before = services.clock.now()
+    assert wait(as_queued, rt(services)) == {}  # type: ignore[arg-type]
+    assert services.clock.now() == before
+    again = allocate(cast(State, as_queued), rt(services))
+    assert again["status"] is Status.ALLOCATED and again["allocation"] == placed["allocation"]
+
+
 def test_monitor_ticks_then_releases_at_the_deadline(services: Services) -> None:
     state = placed_state(services, gpu_type="A100", duration_hours=0.1)  # a 6-minute lease
     ticks = 0
