@@ -21,8 +21,8 @@ def _reset(aid: str, gpu_ids: list[str], svc: Services) -> None:
     explicit release, the next allocation may hold them already and a reset would undo its
     throttle. A backend that fails to reset keeps no GPUs held: the release goes on, and
     the start-up's sweep (graph/records.py) restores what is left."""
-    held = svc.ledger.holders()
-    mine = [g for g in gpu_ids if held.get(g, (aid, ""))[0] == aid]
+    held = svc.ledger.holding(gpu_ids)
+    mine = [g for g in gpu_ids if held.get(g, aid) == aid]
     try:
         svc.backend.reset(mine)
     except (GPUAgentError, OSError) as exc:

@@ -86,6 +86,20 @@ class Queries(Store):
             )
         }
 
+    def holding(self, gpu_ids: list[str]) -> dict[str, str]:
+        """GPU uuid -> the allocation id holding it, for those of `gpu_ids` that are held: one
+        allocation's GPUs without reading every hold in the fleet (a release asks this)."""
+        if not gpu_ids:
+            return {}
+        marks = ",".join("?" * len(gpu_ids))
+        return {
+            r["gpu_uuid"]: r["allocation_id"]
+            for r in self.query(
+                f"SELECT gpu_uuid, allocation_id FROM holds WHERE gpu_uuid IN ({marks})",
+                tuple(gpu_ids),
+            )
+        }
+
     def counts_by_state(self) -> dict[str, int]:
         """Allocations per state (queued, active, released)."""
         counts = dict.fromkeys(("queued", "active", "released"), 0)
