@@ -184,11 +184,11 @@ def services_for(runtime: Runtime[Context]) -> Services:
     GPU_AGENT_BACKEND, GPU_AGENT_REPLAY, GPU_AGENT_DATABASE): a caller may echo it or leave
     a field empty, never choose another state directory, fleet file, backend, recording or
     database (InvalidInput), so that no run opens a ledger the server was not started on."""
+    ctx = runtime.context if runtime.context is not None else Context()
+    if isinstance(ctx, LocalContext):  # every node asks, at every step: nothing else first
+        return ctx.services
     from fleet.errors import InvalidInput
 
-    ctx = runtime.context if runtime.context is not None else Context()
-    if isinstance(ctx, LocalContext):
-        return ctx.services
     chosen = chosen_context({name: getattr(ctx, name, None) for name in BOUND})
     if chosen:
         raise InvalidInput(bound_context_refusal(chosen))
