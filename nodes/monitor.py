@@ -19,6 +19,7 @@ from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
 from fleet.commands import work
+from fleet.config import MonitorSettings
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
 from fleet.models import Allocation, Event, EventKind, GPURequest, MonitorState, utc
@@ -145,6 +146,11 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
     return Event(at=utc(now), kind=EventKind.LEASE, message=message)
 
 
+def _last(state: State, settings: MonitorSettings) -> Readings | None:
+    """What the tick before read (None before the first)."""
+    return readings(state["samples"], settings) if state.get("samples") else None
+
+
 def _tick_text(ticks: int, util: float | None, left_s: float) -> str:
     shown = "n/a" if util is None else f"{util:.0f}%"
     return f"tick {ticks}: utilisation {shown}, {left_s / 3600:.2f} h left"
@@ -179,7 +185,6 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     svc.watch(allocation.id, allocation.thread_id)
     settings, tick = svc.config.monitor, svc.config.monitor.tick_seconds
     started = allocation.started_at.timestamp()
-    last = readings(state["samples"], settings) if state.get("samples") else None
     if mon.wake_at is None:  # the first tick, or a checkpoint from before ticks were planned
         row = svc.ledger.lease(allocation.id)
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
@@ -187,10 +192,12 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
             return ended | _as_ended(allocation, row, svc)
         policy = _policy(work(row), state, mon, svc, row.asked_end)
         renew_at = _renewal(row, mon, request_of(state), svc)
+        last = _last(state, settings)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc, renew_at)
     else:  # planned by the last tick, which read the lease at the same moment
         wake = mon.wake_at
     sleep_until(svc.clock, wake, svc.waker(allocation.id))
+    last = _last(state, settings)  # read after the sleep: a sleep that parks re-runs the node
     svc.check_watched(allocation.id)  # adopted elsewhere while this process was silent
     now = svc.clock.now()
     row = svc.ledger.lease(allocation.id)  # the allocation may have ended meanwhile
