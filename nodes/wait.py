@@ -28,7 +28,7 @@ def wait(state: State, runtime: Runtime[Context]) -> State:
             "cost_usd": 0.0,
         }
     if row.state == "active":  # placed before a crash, unrecorded: allocate finds it now
-        return {}
+        return _placed_on(svc, state, request, row.gpu_type)
     wake_at = svc.clock.now() + svc.config.scheduler.poll_seconds
     give_up = request.give_up_at(row.enqueued_at)
     if give_up is not None:
@@ -57,3 +57,18 @@ def _moved(svc: Services, state: State, request: GPURequest) -> State:
         return {}
     starts = svc.starts_in_hours([decision.gpu_type], request.count)
     return {"route": decision} if starts[decision.gpu_type] <= 0 else {}
+
+
+def _placed_on(svc: Services, state: State, request: GPURequest, gpu_type: str) -> State:
+    """The route to the type the ledger placed it on, where that is not the thread's: a move
+    while queued (`_moved`) that a crash kept from its checkpoint, the wait's being written
+    only when it ends (graph.orchestrator.Orchestrator._wait_in_queue)."""
+    route = state.get("route")
+    if route is None or route.gpu_type == gpu_type:
+        return {}
+    on_type = guarded(request, guardrails_of(state)).model_copy(update={"gpu_type": gpu_type})
+    decision = svc.route(on_type)
+    if not isinstance(decision, RouteDecision):  # the thread's route stands, as it was
+        return {}
+    why = decision.reason.partition(": ")[2]
+    return {"route": decision.model_copy(update={"reason": f"moved while queued: {why}"})}

@@ -5,11 +5,15 @@ PostgreSQL. It is on by default; off, the request waits for its first route's ty
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet.clock import VirtualClock
+from fleet.placement import Kind
 from graph.scenario import Step, Submit, run_scenario
 from tests.conftest import OrchFactory, small_config
 
@@ -57,3 +61,39 @@ def test_a_queued_request_moves_to_the_type_that_frees_first(
     else:
         assert r.allocation.gpu_type == row.gpu_type == "H100"
         assert began == pytest.approx(10.0 * HOUR)
+
+
+def test_a_moved_request_placed_just_before_a_crash_resumes_on_its_type(
+    make_orch: OrchFactory, tmp_path: Path
+) -> None:
+    """Its move and its placement are in no checkpoint yet (the wait writes one when it
+    ends): a crash right after the placement resumes from before the wait, on the first
+    route's H100, and the thread must say what the ledger holds: the A100, at its price."""
+    clock = VirtualClock()
+    orch = make_orch(small_config(), clock=clock)
+    ledger, crash = orch.services.ledger, tmp_path / "crash"
+    place, crashed_at = ledger.place, []
+
+    def place_and_copy(request: Any, route: Any, thread_id: str, *a: Any, **k: Any) -> Any:
+        """The ledger's own place; where it places "r", the state directory as a SIGKILL
+        right then leaves it."""
+        result = place(request, route, thread_id, *a, **k)
+        if thread_id == "r" and result.decision.kind is Kind.PLACE and not crash.exists():
+            shutil.copytree(orch.services.state_dir, crash)
+            crashed_at.append(clock.now())
+        return result
+
+    ledger.place = place_and_copy  # type: ignore[method-assign]
+    run_scenario(orch, clock, STEPS, lambda *a: None)
+    orch.close()
+    with sqlite3.connect(crash / "ledger.sqlite") as db:
+        db.execute("DELETE FROM monitors")  # its process is gone
+    again = make_orch(small_config(), clock=VirtualClock(start=crashed_at[0]), name="crash")
+    before = again.graph.get_state({"configurable": {"thread_id": "r"}}).values
+    assert before["route"].gpu_type == "H100"  # the checkpoint before the wait
+    out = again.resume("r")
+    assert out.allocation is not None and out.route is not None and out.release is not None
+    assert out.allocation.gpu_type == out.route.gpu_type == "A100"
+    assert out.route.est_cost_usd == pytest.approx(5.12 * 2 * 2.0)
+    assert out.route.reason.startswith("moved while queued: ")
+    assert out.release.cost_usd == pytest.approx(5.12 * 2 * out.release.hours)
