@@ -360,8 +360,9 @@ class Orchestrator(Records):
     ) -> tuple[State, tuple[Any, ...] | None]:
         """A queued request's wait: wait and allocate again at every poll (or wake-up) with
         durability "exit", one checkpoint when it is placed or gives up, not two a poll for
-        as long as it waits (about 5.5 KB each: a day's wait at the default 60-second poll wrote
-        16 MB); then, placed, its allocation from its first tick on with "sync", as always.
+        as long as it waits (about 5.5 KB each: ten hours at the default 60-second poll wrote
+        1,201, 6.5 MB, docs/durability.md); then, placed, its allocation from its first tick
+        on with "sync", as always.
         Waiting changes nothing a resume needs: the ledger's queued row holds its place, so a
         crash meanwhile resumes from the checkpoint before the wait (the thread shows it
         queued), and allocate, idempotent, finds a placement made before the crash."""
