@@ -264,6 +264,14 @@ class SlurmSettings(_Strict):
     command_timeout_seconds: float = Field(default=30, gt=0)
 
 
+class CheckpointSettings(_Strict):
+    # What a thread run by gpu-agent keeps of its checkpoints (graph.checkpoint.prune):
+    # "latest", its latest alone, pruned every few monitor ticks and when its run stops (all a
+    # resume reads; a tick's checkpoint is about 7 KB, and a monitored allocation writes one
+    # a tick); "all", every step's, for stepping back through a run's history
+    keep: Literal["latest", "all"] = "latest"
+
+
 class ClockSettings(_Strict):
     # A state directory's ledger runs at the scale it first ran at (fleet.ledger.time_scale)
     time_scale: float = Field(default=1.0, gt=0, le=1e7)  # at most 116 days a second
@@ -300,6 +308,7 @@ class FleetConfig(_Strict):
     budgets: dict[str, float] = Field(default_factory=dict)
     simulation: SimulationSettings = SimulationSettings()
     clock: ClockSettings = ClockSettings()
+    checkpoints: CheckpointSettings = CheckpointSettings()
     slurm: SlurmSettings = SlurmSettings()
     # Per-workload speeds, `[speeds.resnet50] A100 = 1.0, T4 = 0.2`: a request naming the
     # workload runs this fast on these types; a type not listed runs at its average

@@ -43,7 +43,7 @@ from fleet.models import Event, GPURequest, HumanDecision, ReleaseReason, Status
 from fleet.monitors import KINDS, Orphan
 from fleet.validation import check_against_fleet, parse_request
 from graph.builder import build_graph
-from graph.checkpoint import close_checkpointer, open_checkpointer
+from graph.checkpoint import PRUNE_EVERY, close_checkpointer, open_checkpointer, prune
 from graph.handle import AllocationHandle
 from graph.outcome import RequestOutcome, outcome_from
 from graph.records import Records, check_arguments
@@ -263,9 +263,12 @@ class Orchestrator(Records):
         interrupt_before: list[str] | None = None,
         interrupt_after: list[str] | None = None,
     ) -> tuple[State, tuple[Any, ...] | None]:
-        """Run until the graph stops: (final values, interrupts or None if it did not stop)."""
+        """Run until the graph stops: (final values, interrupts or None if it did not stop).
+        Where the fleet keeps only a thread's latest checkpoint, a run that monitored prunes
+        the thread every PRUNE_EVERY ticks and once more when it stops (graph.checkpoint)."""
         values: State = {}
         stopped: tuple[Any, ...] | None = None
+        ticks = 0
         modes: list[StreamMode] = ["updates", "values"]
         if on_progress is not None:
             modes.append("custom")
@@ -286,11 +289,32 @@ class Orchestrator(Records):
                 values = _state(chunk)
             elif "__interrupt__" in chunk:
                 stopped = tuple(chunk["__interrupt__"])
-            elif on_update is not None:
-                for node, update in chunk.items():
-                    if isinstance(update, dict):
-                        on_update(node, update)
+            else:
+                if "monitor" in chunk:
+                    ticks += 1
+                    if ticks % PRUNE_EVERY == 0:
+                        self._prune(config)
+                if on_update is not None:
+                    for node, update in chunk.items():
+                        if isinstance(update, dict):
+                            on_update(node, update)
+        if ticks:
+            self._prune(config)
         return values, stopped
+
+    def _prune(self, config: RunnableConfig) -> None:
+        """The thread's checkpoints cut to its latest (graph.checkpoint.prune), where the
+        fleet keeps no more. A prune that fails (a database gone away) costs nothing but
+        space: the next one takes what it left."""
+        if self.services.config.checkpoints.keep != "latest":
+            return
+        thread_id = str(config["configurable"]["thread_id"])
+        try:
+            prune(self.checkpointer, thread_id)
+        except Exception as exc:  # a run is never failed by its tidying
+            logging.getLogger(__name__).warning(
+                "could not prune the checkpoints of thread %s: %s", thread_id, exc
+            )
 
     def _context_for(self, graph_input: InputState | Command[Any] | None) -> LocalContext:
         """This caller's context; marked `resumed` where the run carries a checkpoint on (no

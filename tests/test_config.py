@@ -50,6 +50,7 @@ def own_a100(price: str, throughput: str) -> str:
         (SMALL_FLEET.replace('"T4", "RTX4090"]', '"T4", "T4", "RTX4090"]', 1), "a type twice"),
         (SMALL_FLEET + "\n[monitor]\ntick_secnds = 5\n", "tick_secnds"),
         (SMALL_FLEET + '\n[monitor]\nidle_release = "model"\n', "'timeout' or 'stream'"),
+        (SMALL_FLEET + '\n[checkpoints]\nkeep = "none"\n', "checkpoints.keep"),
         (SMALL_FLEET + "\n[council]\napprove_threshold = 0.2\n", "deny_threshold"),
         (SMALL_FLEET + "\n[preemption]\nborrow_dearer = true\n", "borrow_dearer needs borrow"),
         ("", "catalog"),

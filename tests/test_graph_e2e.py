@@ -10,6 +10,7 @@ import pytest
 from langgraph.types import Command
 
 from fleet.clock import VirtualClock
+from fleet.config import CheckpointSettings
 from fleet.errors import Denied, InvalidInput, NotPlaced
 from fleet.models import (
     Allocation,
@@ -185,9 +186,11 @@ def test_a_request_placed_after_waiting_is_checkpointed_from_its_first_tick(
     make_orch: OrchFactory,
 ) -> None:
     """Placed after its wait, its allocation is checkpointed at every step from then on, as
-    any allocation is (a crash while it is held resumes from its last tick)."""
+    any allocation is (a crash while it is held resumes from its last tick); seen where the
+    fleet keeps every checkpoint, not only the latest (test_checkpoint_pruning.py)."""
     clock = VirtualClock()
-    orch = make_orch(clock=clock)
+    every = CheckpointSettings(keep="all")
+    orch = make_orch(small_config().model_copy(update={"checkpoints": every}), clock=clock)
     result = run_scenario(
         orch,
         clock,

@@ -1,0 +1,132 @@
+"""A thread run by gpu-agent keeps its latest checkpoint, not one a monitor tick: what it
+shows, a resume after a crash mid-run, a review, PostgreSQL, and `keep = "all"`."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from fleet.clock import VirtualClock
+from fleet.config import CheckpointSettings, FleetConfig
+from fleet.models import EventKind, ReleaseReason, Status
+from graph.checkpoint import PRUNE_EVERY
+from graph.orchestrator import Orchestrator
+from tests.conftest import OrchFactory, small_config
+
+TEN_HOURS = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 10}
+
+
+def checkpoints(orch: Orchestrator, thread_id: str) -> int:
+    return len(list(orch.checkpointer.list({"configurable": {"thread_id": thread_id}})))
+
+
+def charged_once(orch: Orchestrator, allocation_id: str) -> float:
+    rows = orch.services.ledger.query(
+        "SELECT amount_usd FROM charges WHERE allocation_id = ?", (allocation_id,)
+    )
+    assert len(rows) == 1, rows
+    return float(rows[0][0])
+
+
+def keeping(keep: Literal["latest", "all"]) -> FleetConfig:
+    return small_config().model_copy(update={"checkpoints": CheckpointSettings(keep=keep)})
+
+
+def test_a_monitored_run_keeps_its_latest_checkpoint(make_orch: OrchFactory) -> None:
+    """Ten hours at a 60-second tick wrote 303 checkpoints (2.3 MB); now one, from which
+    the thread says all it said before, and a resume of the ended thread changes nothing."""
+    orch = make_orch()
+    out = orch.request(TEN_HOURS, thread_id="t")
+    assert out.status is Status.RELEASED and out.release is not None and out.allocation
+    assert out.release.reason is ReleaseReason.LEASE_EXPIRED
+    assert checkpoints(orch, "t") == 1
+    snap = orch.graph.get_state({"configurable": {"thread_id": "t"}})
+    assert snap.next == () and snap.parent_config is None
+    later = orch.outcome("t")
+    assert later.status is Status.RELEASED and later.release == out.release
+    assert later.council == out.council and later.route == out.route
+    assert [e.kind for e in later.events] == [e.kind for e in out.events]
+    assert orch.resume("t").release == out.release
+    assert charged_once(orch, out.allocation.id) == pytest.approx(out.release.cost_usd)
+
+
+def test_keep_all_keeps_every_step(make_orch: OrchFactory) -> None:
+    orch = make_orch(keeping("all"))
+    out = orch.request(TEN_HOURS, thread_id="t")
+    assert out.status is Status.RELEASED
+    assert checkpoints(orch, "t") > 300
+
+
+def test_a_crash_after_a_prune_resumes_from_the_latest_tick(
+    make_orch: OrchFactory, tmp_path: Path
+) -> None:
+    """The state directory as a SIGKILL leaves it some ticks after a prune mid-run: the
+    thread holds the ticks since, and a resume carries the allocation on to its end, the
+    ticks counted on from where they were, released and charged once."""
+    clock = VirtualClock()
+    orch = make_orch(clock=clock)
+    crash, at = tmp_path / "crash", []
+    ticks = PRUNE_EVERY + 8
+
+    def copy_at_tick(line: dict[str, Any]) -> None:
+        if line.get("node") == "monitor" and not crash.exists():
+            at.append(clock.now())
+            if len(at) == ticks:
+                shutil.copytree(orch.services.state_dir, crash)
+
+    done = orch.request(TEN_HOURS, thread_id="t", on_progress=copy_at_tick)
+    assert done.release is not None and done.allocation is not None
+    orch.close()
+    with sqlite3.connect(crash / "ledger.sqlite") as db:
+        db.execute("DELETE FROM monitors")  # its process is gone
+        [(ticks_then,)] = db.execute("SELECT ticks FROM allocations").fetchall()
+    again = make_orch(clock=VirtualClock(start=at[-1]), name="crash")
+    kept = checkpoints(again, "t")
+    assert 1 <= kept <= ticks - PRUNE_EVERY + 2, kept
+    out = again.resume("t")
+    assert out.status is Status.RELEASED and out.release is not None
+    assert out.release.reason is ReleaseReason.LEASE_EXPIRED
+    assert out.release.hours == pytest.approx(done.release.hours)
+    assert charged_once(again, done.allocation.id) == pytest.approx(done.release.cost_usd)
+    [(ticks_after,)] = again.services.ledger.query("SELECT ticks FROM allocations", ())
+    assert int(ticks_after) > int(ticks_then) >= PRUNE_EVERY
+    assert checkpoints(again, "t") == 1
+
+
+def test_a_review_is_kept_through_the_prune(make_orch: OrchFactory) -> None:
+    """A thread that stops for a review is not pruned (nothing ticked); approved, it runs,
+    and the one checkpoint left still says who decided."""
+    config = small_config(
+        council={
+            "policy": "reference",
+            "approve_threshold": 0.99,
+            "deny_threshold": 0.05,
+            "auto_approve_max_gpus": 0,
+        }
+    )
+    orch = make_orch(config)
+    asked = orch.request(TEN_HOURS | {"count": 2}, thread_id="r")
+    assert asked.status is Status.PENDING_REVIEW
+    assert checkpoints(orch, "r") == 1  # durability "exit": one at the interrupt
+    done = orch.resume("r", {"approve": True, "by": "ana", "comment": "deadline"})
+    assert done.status is Status.RELEASED and checkpoints(orch, "r") == 1
+    later = orch.outcome("r")
+    assert EventKind.HUMAN_DECISION in [e.kind for e in later.events]
+    assert later.human is not None and later.human.by == "ana"
+
+
+def test_postgres_keeps_the_latest_too(tmp_path: Path, pg_url: str) -> None:
+    orch = Orchestrator(tmp_path / "s", small_config(), clock=VirtualClock(), database=pg_url)
+    try:
+        out = orch.request(TEN_HOURS, thread_id="t")
+        assert out.status is Status.RELEASED and out.allocation is not None
+        assert checkpoints(orch, "t") == 1
+        assert orch.outcome("t").release == out.release
+        assert orch.resume("t").release == out.release
+        assert charged_once(orch, out.allocation.id) == pytest.approx(out.cost_usd)
+    finally:
+        orch.close()
