@@ -119,9 +119,10 @@ def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
             conn.close()
 
 
-# A monitored thread writes a checkpoint a tick (about 7 KB): ten hours at the default
+# A monitored thread writes a checkpoint a tick (about 7.6 KB): ten hours at the default
 # 60-second tick wrote 303, 2.3 MB, and nothing read them after the next. Orchestrator
-# prunes a thread to its latest checkpoint every PRUNE_EVERY ticks and when its run stops.
+# prunes a thread to its latest checkpoint at a run's first tick, every PRUNE_EVERY ticks
+# after, and when a run that ticked or released stops (Orchestrator._stream).
 PRUNE_EVERY = 32
 
 
@@ -133,19 +134,26 @@ def prune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
     if not isinstance(saver, SqliteSaver):
         saver.prune([thread_id], strategy="keep_latest")  # PostgresSaver's own
         return
-    with saver.cursor() as cur:  # under the saver's lock; committed as one transaction
-        latest = cur.execute(
-            "SELECT checkpoint_ns, MAX(checkpoint_id) FROM checkpoints WHERE thread_id = ? "
-            "GROUP BY checkpoint_ns",
-            (thread_id,),
-        ).fetchall()
-        for ns, kept in latest:
-            key = (thread_id, ns, kept)
-            where = "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id < ?"
-            cur.execute(f"DELETE FROM writes {where}", key)
-            cur.execute(f"DELETE FROM checkpoints {where}", key)
-            cur.execute(  # as PostgresSaver.prune leaves it: no parent to go back to
-                "UPDATE checkpoints SET parent_checkpoint_id = NULL "
-                "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?",
-                key,
-            )
+    with saver.lock:  # SqliteSaver.cursor would commit what an exception interrupted
+        conn = saver.conn
+        conn.execute("BEGIN IMMEDIATE")  # the latest read is the latest kept
+        try:
+            latest = conn.execute(
+                "SELECT checkpoint_ns, MAX(checkpoint_id) FROM checkpoints "
+                "WHERE thread_id = ? GROUP BY checkpoint_ns",
+                (thread_id,),
+            ).fetchall()
+            for ns, kept in latest:
+                key = (thread_id, ns, kept)
+                where = "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id < ?"
+                conn.execute(f"DELETE FROM writes {where}", key)
+                conn.execute(f"DELETE FROM checkpoints {where}", key)
+                conn.execute(  # as PostgresSaver.prune leaves it: no parent to go back to
+                    "UPDATE checkpoints SET parent_checkpoint_id = NULL "
+                    "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?",
+                    key,
+                )
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()

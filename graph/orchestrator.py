@@ -264,11 +264,13 @@ class Orchestrator(Records):
         interrupt_after: list[str] | None = None,
     ) -> tuple[State, tuple[Any, ...] | None]:
         """Run until the graph stops: (final values, interrupts or None if it did not stop).
-        Where the fleet keeps only a thread's latest checkpoint, a run that monitored prunes
-        the thread every PRUNE_EVERY ticks and once more when it stops (graph.checkpoint)."""
+        Where the fleet keeps only a thread's latest checkpoint, a run that monitors prunes
+        the thread at its first tick and every PRUNE_EVERY ticks after (so that runs cut short
+        one after another do not pile theirs up), and once more when it stops where it ticked
+        or released (graph.checkpoint)."""
         values: State = {}
         stopped: tuple[Any, ...] | None = None
-        ticks = 0
+        ticks, ended = 0, False
         modes: list[StreamMode] = ["updates", "values"]
         if on_progress is not None:
             modes.append("custom")
@@ -292,13 +294,14 @@ class Orchestrator(Records):
             else:
                 if "monitor" in chunk:
                     ticks += 1
-                    if ticks % PRUNE_EVERY == 0:
+                    if ticks % PRUNE_EVERY == 1:
                         self._prune(config)
+                ended = ended or "deallocate" in chunk
                 if on_update is not None:
                     for node, update in chunk.items():
                         if isinstance(update, dict):
                             on_update(node, update)
-        if ticks:
+        if ticks or ended:
             self._prune(config)
         return values, stopped
 
@@ -479,7 +482,8 @@ class Orchestrator(Records):
                     f"this review was already decided: {done.action} by {done.who}; nothing changed"
                 )
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
-        elif not _to_run(snap):
+        elif not _to_run(snap):  # it ended: kept as its end left it, pruned if it was not
+            self._prune(self._config(thread_id))
             return self._stays(thread_id)
         return self._invoke(
             graph_input,

@@ -1,21 +1,24 @@
 """A thread run by gpu-agent keeps its latest checkpoint, not one a monitor tick: what it
-shows, a resume after a crash mid-run, a review, PostgreSQL, and `keep = "all"`."""
+shows, a resume after a crash mid-run or before its release, runs cut short one after
+another, a prune interrupted, a review, PostgreSQL, and `keep = "all"`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from langgraph.checkpoint.sqlite import SqliteSaver
 
 from fleet.clock import VirtualClock
 from fleet.config import CheckpointSettings, FleetConfig
 from fleet.models import EventKind, ReleaseReason, Status
-from graph.checkpoint import PRUNE_EVERY
+from graph.checkpoint import PRUNE_EVERY, prune
 from graph.orchestrator import Orchestrator
-from tests.conftest import OrchFactory, small_config
+from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config
 
 TEN_HOURS = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 10}
 
@@ -130,3 +133,100 @@ def test_postgres_keeps_the_latest_too(tmp_path: Path, pg_url: str) -> None:
         assert charged_once(orch, out.allocation.id) == pytest.approx(out.cost_usd)
     finally:
         orch.close()
+
+
+class _Stop(BaseException):
+    """Stops a run from its progress hook, as Ctrl-C would."""
+
+
+def test_runs_cut_short_one_after_another_do_not_pile_up(make_orch: OrchFactory) -> None:
+    """Each run prunes at its first tick, so runs stopped before their 32nd tick (Ctrl-C, a
+    worker giving a job back) leave no more than one run's ticks."""
+    orch = make_orch()
+
+    def stop_at(n: int) -> Any:
+        seen = [0]
+
+        def hook(line: dict[str, Any]) -> None:
+            seen[0] += line.get("node") == "monitor"
+            if seen[0] == n:
+                raise _Stop
+
+        return hook
+
+    with pytest.raises(_Stop):
+        orch.request(TEN_HOURS, thread_id="t", on_progress=stop_at(PRUNE_EVERY - 1))
+    for _ in range(3):
+        with pytest.raises(_Stop):
+            orch.resume("t", on_progress=stop_at(PRUNE_EVERY - 1))
+        assert checkpoints(orch, "t") <= PRUNE_EVERY + 1
+    assert orch.resume("t").status is Status.RELEASED and checkpoints(orch, "t") == 1
+
+
+def test_an_ended_thread_is_pruned_when_resumed(make_orch: OrchFactory, tmp_path: Path) -> None:
+    """A thread that ended with every step kept (`keep = "all"`, a version before pruning,
+    or an end whose prune failed) is pruned by a `resume`, which changes nothing else."""
+    orch = make_orch(keeping("all"))
+    out = orch.request(TEN_HOURS, thread_id="t")
+    assert checkpoints(orch, "t") > 300
+    orch.close()
+    again = make_orch()  # the same state directory, keeping the latest
+    assert again.resume("t").release == out.release and checkpoints(again, "t") == 1
+    assert again.outcome("t").release == out.release
+
+
+def test_an_interrupted_prune_deletes_nothing(make_orch: OrchFactory) -> None:
+    """Ctrl-C between its statements rolls the whole prune back: one transaction."""
+    orch = make_orch(keeping("all"))
+    orch.request(TEN_HOURS, thread_id="t")
+    saver = orch.checkpointer
+    assert isinstance(saver, SqliteSaver)
+    before = checkpoints(orch, "t")
+    real = saver.conn
+
+    class Interrupted:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql.startswith("DELETE FROM checkpoints"):
+                raise KeyboardInterrupt
+            return real.execute(sql, *args)
+
+    saver.conn = Interrupted()  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prune(saver, "t")
+    finally:
+        saver.conn = real
+    assert not real.in_transaction
+    assert checkpoints(orch, "t") == before
+    [(writes,)] = real.execute("SELECT count(*) FROM writes WHERE thread_id = 't'").fetchall()
+    assert writes > 3  # the writes of every step, not only the latest's
+    prune(saver, "t")
+    assert checkpoints(orch, "t") == 1
+
+
+def test_a_crash_before_the_release_then_resume_leaves_one(tmp_path: Path) -> None:
+    """A real `gpu-agent request` killed (SIGKILL) just before deallocate, after its ticks;
+    the `resume` that releases it ticks no more and still leaves one checkpoint."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(clock={"time_scale": 600}, monitor={"tick_seconds": 30}))
+    opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
+    ask = ["request", "--project", "p", "--purpose", "training", "--count", "2", "--hours", "1"]
+    killed = run_cli(
+        *ask, "--gpu-type", "A100", "--thread-id", "t", *opts,
+        cwd=tmp_path, env={"GPU_AGENT_FAULT": "before:deallocate"},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+
+    def left() -> int:
+        with sqlite3.connect(tmp_path / "state" / "checkpoints.sqlite") as db:
+            return int(
+                db.execute("SELECT count(*) FROM checkpoints WHERE thread_id = 't'").fetchone()[0]
+            )
+
+    assert left() > 3
+    done = run_cli("resume", "t", "--json", *opts, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "released" and left() == 1
