@@ -482,7 +482,7 @@ class Orchestrator(Records):
                     f"this review was already decided: {done.action} by {done.who}; nothing changed"
                 )
             raise InvalidInput(f"thread {thread_id!r} is not waiting for a review decision")
-        elif not _to_run(snap):  # it ended: kept as its end left it, pruned if it was not
+        elif not _to_run(snap):  # it ended; pruned where its last prune failed, or from before
             self._prune(self._config(thread_id))
             return self._stays(thread_id)
         return self._invoke(
