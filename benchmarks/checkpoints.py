@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    if not (args.hours > 0 and args.runs >= 1):
+        parser.error("--hours must be above 0 and --runs at least 1")
     keeps: tuple[Keep, ...] = ("all", "latest")
     results: dict[Keep, list[dict[str, float]]] = {keep: [] for keep in keeps}
     for _ in range(args.runs):

@@ -267,7 +267,7 @@ class SlurmSettings(_Strict):
 class CheckpointSettings(_Strict):
     # What a thread run by gpu-agent keeps of its checkpoints (graph.checkpoint.prune):
     # "latest", its latest alone, pruned every few monitor ticks and when its run stops (all a
-    # resume reads; a tick's checkpoint is about 7 KB, and a monitored allocation writes one
+    # resume reads; a tick's checkpoint is about 7.6 KB, and a monitored allocation writes one
     # a tick); "all", every step's, for stepping back through a run's history
     keep: Literal["latest", "all"] = "latest"
 

@@ -226,7 +226,9 @@ def test_a_crash_before_the_release_then_resume_leaves_one(tmp_path: Path) -> No
                 db.execute("SELECT count(*) FROM checkpoints WHERE thread_id = 't'").fetchone()[0]
             )
 
-    assert left() > 3
+    # the last prune kept one and the last tick wrote one: two at least, however many ticks
+    # this machine ran before the lease ended
+    assert left() >= 2
     done = run_cli("resume", "t", "--json", *opts, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "released" and left() == 1
