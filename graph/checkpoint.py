@@ -6,17 +6,28 @@ from __future__ import annotations
 import contextlib
 import enum
 import inspect
+import logging
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+)
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
 import fleet.models
 from fleet.errors import StateDirError
+from fleet.models import Status
 from fleet.sql import check_alive, lock_key, redact
 from fleet.statedir import CHECKPOINTS
 
@@ -122,8 +133,34 @@ def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
 # A monitored thread writes a checkpoint a tick (about 7.6 KB): ten hours at the default
 # 60-second tick wrote 303, 2.3 MB, and nothing read them after the next. Orchestrator
 # prunes a thread to its latest checkpoint at a run's first tick, every PRUNE_EVERY ticks
-# after, and when a run that ticked or released stops (Orchestrator._stream).
+# after, and when a run that ticked or released stops (Orchestrator._stream); the LangGraph
+# server's checkpointer at every PRUNE_EVERY-th step of a thread and at its release
+# (PrunedOnPut).
 PRUNE_EVERY = 32
+
+# the thread's latest checkpoint of each namespace: what a prune keeps
+_LATEST = (
+    "SELECT checkpoint_ns, MAX(checkpoint_id) FROM checkpoints "
+    "WHERE thread_id = ? GROUP BY checkpoint_ns"
+)
+
+
+def _pruning(thread_id: str, latest: Iterable[Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """The statements that cut a SQLite thread to `latest` (its _LATEST rows)."""
+    where = "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id < ?"
+    statements: list[tuple[str, tuple[str, ...]]] = []
+    for ns, kept in latest:
+        key = (thread_id, ns, kept)
+        statements += [
+            (f"DELETE FROM writes {where}", key),
+            (f"DELETE FROM checkpoints {where}", key),
+            (  # as PostgresSaver.prune leaves it: no parent to go back to
+                "UPDATE checkpoints SET parent_checkpoint_id = NULL "
+                "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?",
+                key,
+            ),
+        ]
+    return statements
 
 
 def prune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
@@ -138,22 +175,57 @@ def prune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
         conn = saver.conn
         conn.execute("BEGIN IMMEDIATE")  # the latest read is the latest kept
         try:
-            latest = conn.execute(
-                "SELECT checkpoint_ns, MAX(checkpoint_id) FROM checkpoints "
-                "WHERE thread_id = ? GROUP BY checkpoint_ns",
-                (thread_id,),
-            ).fetchall()
-            for ns, kept in latest:
-                key = (thread_id, ns, kept)
-                where = "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id < ?"
-                conn.execute(f"DELETE FROM writes {where}", key)
-                conn.execute(f"DELETE FROM checkpoints {where}", key)
-                conn.execute(  # as PostgresSaver.prune leaves it: no parent to go back to
-                    "UPDATE checkpoints SET parent_checkpoint_id = NULL "
-                    "WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?",
-                    key,
-                )
+            for sql, args in _pruning(thread_id, conn.execute(_LATEST, (thread_id,)).fetchall()):
+                conn.execute(sql, args)
         except BaseException:
             conn.rollback()
             raise
         conn.commit()
+
+
+async def aprune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
+    """`prune` for the asynchronous savers the LangGraph server runs on."""
+    if not isinstance(saver, AsyncSqliteSaver):
+        await saver.aprune([thread_id], strategy="keep_latest")  # AsyncPostgresSaver's own
+        return
+    async with saver.lock:
+        conn = saver.conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            async with conn.execute(_LATEST, (thread_id,)) as cursor:
+                latest = await cursor.fetchall()
+            for sql, args in _pruning(thread_id, latest):
+                await conn.execute(sql, args)
+        except BaseException:
+            await conn.rollback()
+            raise
+        await conn.commit()
+
+
+class PrunedOnPut(BaseCheckpointSaver[str]):
+    """An asynchronous saver (mixed in before AsyncSqliteSaver or AsyncPostgresSaver) that
+    keeps a thread's latest checkpoint, for the LangGraph server, whose runs write one a
+    step and which no Orchestrator prunes: after every PRUNE_EVERY-th step of a thread, and
+    after the step that released its GPUs. So a thread holds at most PRUNE_EVERY + 1
+    checkpoints while it runs, fewer after it ended otherwise (denied, timed out), and one
+    after its release. A prune that fails is logged; the next one takes what it left."""
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        saved = await super().aput(config, checkpoint, metadata, new_versions)
+        step = metadata.get("step", -1)
+        released = checkpoint["channel_values"].get("status") == Status.RELEASED
+        if step > 0 and (step % PRUNE_EVERY == 0 or released):
+            thread_id = str(config["configurable"]["thread_id"])
+            try:
+                await aprune(self, thread_id)
+            except Exception as exc:  # a run is never failed by its tidying
+                logging.getLogger(__name__).warning(
+                    "could not prune the checkpoints of thread %s: %s", thread_id, exc
+                )
+        return saved

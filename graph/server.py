@@ -11,7 +11,8 @@ checkpointer is the project's own SQLite file in the state directory
 (env GPU_AGENT_HOME, default ./.gpu-agent), or with env GPU_AGENT_DATABASE=postgresql://... the
 PostgreSQL database the workers share, with the same allow-listed serializer the CLI uses,
 so a thread started in Studio or through the SDK can be resumed, inspected or forked from the
-CLI (`gpu-agent resume THREAD`) or a notebook, and the other way round.
+CLI (`gpu-agent resume THREAD`) or a notebook, and the other way round. It prunes a thread
+to its latest checkpoint as it writes, where the fleet keeps no more (graph.checkpoint).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from fleet.models import GPURequest, Status
 from fleet.statedir import CHECKPOINTS, default_state_dir, prepare
 from graph.auth import caller_of
 from graph.builder import build_graph
-from graph.checkpoint import SETUP_LOCK, serializer
-from nodes.context import Context, services_for
+from graph.checkpoint import SETUP_LOCK, PrunedOnPut, serializer
+from nodes.context import Context, own_services, services_for
 from nodes.state import State
 from nodes.validate import validate
 
@@ -70,23 +71,35 @@ def validate_for_caller(state: State, runtime: Runtime[Context]) -> State:
 graph = build_graph(replace={"validate": validate_for_caller})
 
 
+class _PrunedSqliteSaver(PrunedOnPut, AsyncSqliteSaver):
+    """The SQLite saver, keeping a thread's latest checkpoint (graph.checkpoint)."""
+
+
 @asynccontextmanager
 async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[str]]:
+    """The server's checkpointer. Where the fleet keeps only a thread's latest checkpoint
+    (`[checkpoints] keep`, read from the server's own fleet), it prunes as it writes."""
+    keep_latest = own_services().config.checkpoints.keep == "latest"
     database = os.environ.get("GPU_AGENT_DATABASE")
     if database:
-        async with _postgres(database) as saver:
+        async with _postgres(database, keep_latest) as saver:
             yield saver
         return
     directory = prepare(default_state_dir(), create=True)
     async with aiosqlite.connect(str(directory / CHECKPOINTS), timeout=60.0) as conn:
-        sqlite_saver = AsyncSqliteSaver(conn, serde=serializer())
+        kind = _PrunedSqliteSaver if keep_latest else AsyncSqliteSaver
+        sqlite_saver = kind(conn, serde=serializer())
         await sqlite_saver.setup()
         yield sqlite_saver
 
 
 @asynccontextmanager
-async def _postgres(url: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
+async def _postgres(url: str, keep_latest: bool) -> AsyncIterator[BaseCheckpointSaver[str]]:
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    class PrunedPostgresSaver(PrunedOnPut, AsyncPostgresSaver):
+        """The PostgreSQL saver, keeping a thread's latest checkpoint (graph.checkpoint)."""
+
     from psycopg import AsyncConnection
     from psycopg.rows import DictRow, dict_row, tuple_row
     from psycopg_pool import AsyncConnectionPool
@@ -95,7 +108,8 @@ async def _postgres(url: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
     async with AsyncConnectionPool(
         url, connection_class=AsyncConnection[DictRow], min_size=1, max_size=8, kwargs=kwargs
     ) as pool:
-        saver = AsyncPostgresSaver(pool, serde=serializer())
+        kind = PrunedPostgresSaver if keep_latest else AsyncPostgresSaver
+        saver = kind(pool, serde=serializer())
         async with pool.connection() as conn:
             while True:  # polled, not a waiting statement: see graph.checkpoint
                 async with conn.cursor(row_factory=tuple_row) as cur:

@@ -4,20 +4,26 @@ another, a prune interrupted, a review, PostgreSQL, and `keep = "all"`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any, Literal
 
+import aiosqlite
 import pytest
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from fleet.clock import VirtualClock
 from fleet.config import CheckpointSettings, FleetConfig
-from fleet.models import EventKind, ReleaseReason, Status
-from graph.checkpoint import PRUNE_EVERY, prune
+from fleet.models import EventKind, GPURequest, ReleaseReason, Status
+from graph.builder import build_graph
+from graph.checkpoint import PRUNE_EVERY, PrunedOnPut, prune, serializer
 from graph.orchestrator import Orchestrator
+from graph.server import _postgres, _PrunedSqliteSaver, checkpointer
+from nodes.state import InputState
 from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config
 
 TEN_HOURS = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 10}
@@ -232,3 +238,78 @@ def test_a_crash_before_the_release_then_resume_leaves_one(tmp_path: Path) -> No
     done = run_cli("resume", "t", "--json", *opts, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "released" and left() == 1
+
+
+def _server_run(orch: Orchestrator, saver: Any) -> tuple[Any, list[int]]:
+    """TEN_HOURS through our graph on an asynchronous saver, as the LangGraph server runs
+    it (one checkpoint a step, durability "async"): its final state, and how many
+    checkpoints the thread held after each write."""
+    live: list[int] = []
+    real = saver.aput
+    config: Any = {"configurable": {"thread_id": "t"}}
+
+    async def counted(*args: Any) -> Any:
+        saved = await real(*args)
+        live.append(len([c async for c in saver.alist(config)]))
+        return saved
+
+    saver.aput = counted
+    graph = build_graph(saver)
+    ask = InputState(request=GPURequest.model_validate(TEN_HOURS))
+    final = asyncio.run(graph.ainvoke(ask, config, context=orch.context))
+    return final, live
+
+
+async def _sqlite_saver(path: Path, keep_latest: bool) -> Any:
+    kind = _PrunedSqliteSaver if keep_latest else AsyncSqliteSaver
+    saver = kind(await aiosqlite.connect(str(path)), serde=serializer())
+    await saver.setup()
+    return saver
+
+
+def test_the_servers_saver_keeps_the_latest(make_orch: OrchFactory, tmp_path: Path) -> None:
+    """The LangGraph server's runs write a checkpoint a step and no Orchestrator prunes
+    them: its saver prunes at every PRUNE_EVERY-th step and at the release, so a thread holds
+    at most PRUNE_EVERY + 1 while it runs and one at its end, with the same outcome as
+    a saver that keeps every step."""
+    orch = make_orch()
+    pruned = asyncio.run(_sqlite_saver(tmp_path / "pruned.sqlite", True))
+    out, live = _server_run(orch, pruned)
+    asyncio.run(pruned.conn.close())
+    kept = asyncio.run(_sqlite_saver(tmp_path / "all.sqlite", False))
+    everything, all_live = _server_run(orch, kept)
+    asyncio.run(kept.conn.close())
+    assert out["status"] is Status.RELEASED and everything["status"] is Status.RELEASED
+    assert out["release"].reason is everything["release"].reason is ReleaseReason.LEASE_EXPIRED
+    assert out["release"].cost_usd == everything["release"].cost_usd
+    assert len(live) == len(all_live) > 300  # a put a step, ticks included
+    assert max(live) == PRUNE_EVERY + 1 and live[-1] == 1
+    assert all_live[-1] == len(all_live)
+    assert charged_once(orch, out["allocation"].id) == pytest.approx(out["release"].cost_usd)
+
+
+def test_the_servers_postgres_saver_keeps_the_latest(make_orch: OrchFactory, pg_url: str) -> None:
+    async def run() -> tuple[Any, list[int]]:
+        async with _postgres(pg_url, keep_latest=True) as saver:
+            return await asyncio.to_thread(_server_run, make_orch(), saver)
+
+    out, live = asyncio.run(run())
+    assert out["status"] is Status.RELEASED
+    assert max(live) == PRUNE_EVERY + 1 and live[-1] == 1
+
+
+@pytest.mark.parametrize("keep", ["latest", "all"])
+def test_the_servers_checkpointer_follows_the_fleet(
+    keep: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(checkpoints={"keep": keep}))
+    monkeypatch.setenv("GPU_AGENT_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("GPU_AGENT_FLEET", str(fleet))
+    monkeypatch.delenv("GPU_AGENT_DATABASE", raising=False)
+
+    async def kind() -> type:
+        async with checkpointer() as saver:
+            return type(saver)
+
+    assert issubclass(asyncio.run(kind()), PrunedOnPut) is (keep == "latest")

@@ -156,7 +156,10 @@ def test_the_server_shows_the_graph_and_its_context_form(server: dict[str, str])
 
 
 def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[str, str]) -> None:
-    async def flow() -> tuple[Any, Any, Any]:
+    """... and the thread keeps its latest checkpoint, not one a step of its hour's ticks
+    (the fleet's default `[checkpoints] keep = "latest"`)."""
+
+    async def flow() -> tuple[Any, Any, Any, Any]:
         client = get_client(url=server["url"])
         thread = await client.threads.create()
         tid = thread["thread_id"]
@@ -176,9 +179,10 @@ def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[st
             command={"resume": {"approve": True, "by": "ana", "comment": "deadline"}},
         )
         assert isinstance(final, dict)
-        return state, final, await client.threads.get_state(tid)
+        history = await client.threads.get_history(tid, limit=1000)
+        return state, final, await client.threads.get_state(tid), history
 
-    state, final, after = asyncio.run(flow())
+    state, final, after, history = asyncio.run(flow())
     assert state["next"] == ["review"]
     (question,) = state["interrupts"]
     assert question["value"]["question"] == "approve 2 GPU(s) for vision?"
@@ -188,6 +192,7 @@ def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[st
     assert final["release"]["reason"] == "lease-expired"
     assert "human_decision" in [e["kind"] for e in final["events"]]
     assert after["next"] == []
+    assert len(history) == 1 and history[0]["values"]["status"] == "released"
 
 
 def test_remote_graph_behaves_like_the_local_graph(server: dict[str, str]) -> None:
