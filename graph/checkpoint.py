@@ -19,6 +19,8 @@ from langgraph.checkpoint.base import (
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
 )
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -26,7 +28,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
 import fleet.models
-from fleet.errors import StateDirError
+from fleet.errors import InvalidInput, StateDirError
 from fleet.models import Status
 from fleet.sql import check_alive, lock_key, redact
 from fleet.statedir import CHECKPOINTS
@@ -47,11 +49,40 @@ def serializer() -> JsonPlusSerializer:
     return JsonPlusSerializer(allowed_msgpack_modules=model_allowlist())
 
 
+class KnownOnly(BaseCheckpointSaver[str]):
+    """A saver (mixed in before LangGraph's) that refuses a checkpoint id it does not hold,
+    one pruned (`[checkpoints] keep = "latest"`) or never written: LangGraph would take it
+    for a new thread and run the graph from its start with what it was given, so that a
+    fork from it moved the thread's head to an empty or invalid state (on the LangGraph
+    server, one no run could carry on), where now nothing changes."""
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return _held(config, super().get_tuple(config))
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return _held(config, await super().aget_tuple(config))
+
+
+def _held(config: RunnableConfig, found: CheckpointTuple | None) -> CheckpointTuple | None:
+    asked = get_checkpoint_id(config)
+    if found is None and asked:
+        thread = config["configurable"].get("thread_id")
+        raise InvalidInput(
+            f"thread {thread!r} has no checkpoint {asked!r} (nothing changed): a thread keeps "
+            'only its latest checkpoint unless the fleet sets [checkpoints] keep = "all"'
+        )
+    return found
+
+
+class _SqliteSaver(KnownOnly, SqliteSaver):
+    """SqliteSaver, refusing a checkpoint id it does not hold."""
+
+
 def open_sqlite_saver(state_dir: str | Path) -> SqliteSaver:
     path = Path(state_dir) / CHECKPOINTS
     try:
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=60.0)
-        saver = SqliteSaver(conn, serde=serializer())
+        saver = _SqliteSaver(conn, serde=serializer())
         saver.setup()
     except sqlite3.DatabaseError as exc:
         raise StateDirError(
@@ -71,6 +102,10 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
     """A PostgresSaver over a connection pool, set up (once, whoever starts first)."""
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg import Connection, Error
+
+    class KnownPostgresSaver(KnownOnly, PostgresSaver):
+        """PostgresSaver, refusing a checkpoint id it does not hold."""
+
     from psycopg.rows import DictRow, dict_row, tuple_row
     from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -89,7 +124,7 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
     )
     try:
         pool.open(wait=True, timeout=15.0)
-        saver = PostgresSaver(pool, serde=serializer())
+        saver = KnownPostgresSaver(pool, serde=serializer())
         with pool.connection() as conn:
             while True:
                 with conn.cursor(row_factory=tuple_row) as cur:
@@ -202,7 +237,7 @@ async def aprune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
         await conn.commit()
 
 
-class PrunedOnPut(BaseCheckpointSaver[str]):
+class PrunedOnPut(KnownOnly):
     """An asynchronous saver (mixed in before AsyncSqliteSaver or AsyncPostgresSaver) that
     keeps a thread's latest checkpoint, for the LangGraph server, whose runs write one a
     step and which no Orchestrator prunes: after every PRUNE_EVERY-th step of a thread, and

@@ -34,7 +34,7 @@ from fleet.models import GPURequest, Status
 from fleet.statedir import CHECKPOINTS, default_state_dir, prepare
 from graph.auth import caller_of
 from graph.builder import build_graph
-from graph.checkpoint import SETUP_LOCK, PrunedOnPut, serializer
+from graph.checkpoint import SETUP_LOCK, KnownOnly, PrunedOnPut, serializer
 from nodes.context import Context, own_services, services_for
 from nodes.state import State
 from nodes.validate import validate
@@ -71,6 +71,10 @@ def validate_for_caller(state: State, runtime: Runtime[Context]) -> State:
 graph = build_graph(replace={"validate": validate_for_caller})
 
 
+class _SqliteSaver(KnownOnly, AsyncSqliteSaver):
+    """The SQLite saver, refusing a checkpoint id it does not hold (graph.checkpoint)."""
+
+
 class _PrunedSqliteSaver(PrunedOnPut, AsyncSqliteSaver):
     """The SQLite saver, keeping a thread's latest checkpoint (graph.checkpoint)."""
 
@@ -87,7 +91,7 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[str]]:
         return
     directory = prepare(default_state_dir(), create=True)
     async with aiosqlite.connect(str(directory / CHECKPOINTS), timeout=60.0) as conn:
-        kind = _PrunedSqliteSaver if keep_latest else AsyncSqliteSaver
+        kind = _PrunedSqliteSaver if keep_latest else _SqliteSaver
         sqlite_saver = kind(conn, serde=serializer())
         await sqlite_saver.setup()
         yield sqlite_saver
@@ -96,6 +100,9 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[str]]:
 @asynccontextmanager
 async def _postgres(url: str, keep_latest: bool) -> AsyncIterator[BaseCheckpointSaver[str]]:
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    class PostgresSaver(KnownOnly, AsyncPostgresSaver):
+        """The PostgreSQL saver, refusing a checkpoint id it does not hold."""
 
     class PrunedPostgresSaver(PrunedOnPut, AsyncPostgresSaver):
         """The PostgreSQL saver, keeping a thread's latest checkpoint (graph.checkpoint)."""
@@ -108,7 +115,7 @@ async def _postgres(url: str, keep_latest: bool) -> AsyncIterator[BaseCheckpoint
     async with AsyncConnectionPool(
         url, connection_class=AsyncConnection[DictRow], min_size=1, max_size=8, kwargs=kwargs
     ) as pool:
-        kind = PrunedPostgresSaver if keep_latest else AsyncPostgresSaver
+        kind = PrunedPostgresSaver if keep_latest else PostgresSaver
         saver = kind(pool, serde=serializer())
         async with pool.connection() as conn:
             while True:  # polled, not a waiting statement: see graph.checkpoint

@@ -15,9 +15,11 @@ import aiosqlite
 import pytest
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.types import Command
 
 from fleet.clock import VirtualClock
 from fleet.config import CheckpointSettings, FleetConfig
+from fleet.errors import InvalidInput
 from fleet.models import EventKind, GPURequest, ReleaseReason, Status
 from graph.builder import build_graph
 from graph.checkpoint import PRUNE_EVERY, PrunedOnPut, prune, serializer
@@ -43,6 +45,18 @@ def charged_once(orch: Orchestrator, allocation_id: str) -> float:
 
 def keeping(keep: Literal["latest", "all"]) -> FleetConfig:
     return small_config().model_copy(update={"checkpoints": CheckpointSettings(keep=keep)})
+
+
+def reviewing() -> FleetConfig:
+    """Every request stops for a human review."""
+    return small_config(
+        council={
+            "policy": "reference",
+            "approve_threshold": 0.99,
+            "deny_threshold": 0.05,
+            "auto_approve_max_gpus": 0,
+        }
+    )
 
 
 def test_a_monitored_run_keeps_its_latest_checkpoint(make_orch: OrchFactory) -> None:
@@ -109,15 +123,7 @@ def test_a_crash_after_a_prune_resumes_from_the_latest_tick(
 def test_a_review_is_kept_through_the_prune(make_orch: OrchFactory) -> None:
     """A thread that stops for a review is not pruned (nothing ticked); approved, it runs,
     and the one checkpoint left still says who decided."""
-    config = small_config(
-        council={
-            "policy": "reference",
-            "approve_threshold": 0.99,
-            "deny_threshold": 0.05,
-            "auto_approve_max_gpus": 0,
-        }
-    )
-    orch = make_orch(config)
+    orch = make_orch(reviewing())
     asked = orch.request(TEN_HOURS | {"count": 2}, thread_id="r")
     assert asked.status is Status.PENDING_REVIEW
     assert checkpoints(orch, "r") == 1  # durability "exit": one at the interrupt
@@ -139,6 +145,27 @@ def test_postgres_keeps_the_latest_too(tmp_path: Path, pg_url: str) -> None:
         assert charged_once(orch, out.allocation.id) == pytest.approx(out.cost_usd)
     finally:
         orch.close()
+
+
+def test_a_fork_from_a_pruned_checkpoint_is_refused(make_orch: OrchFactory) -> None:
+    """A checkpoint id noted before a prune (the review's) no longer exists: reading or
+    forking from it is refused with one line, and nothing changes (LangGraph would run the
+    graph from its start, moving the thread's head to an invalid state)."""
+    orch = make_orch(reviewing())
+    asked = orch.request(TEN_HOURS | {"count": 2}, thread_id="r")
+    assert asked.status is Status.PENDING_REVIEW
+    review = orch.graph.get_state({"configurable": {"thread_id": "r"}}).config
+    done = orch.resume("r", {"approve": True, "by": "ana"})
+    assert done.status is Status.RELEASED and done.allocation is not None
+    for read in (
+        lambda: orch.graph.get_state(review),
+        lambda: orch.graph.invoke(Command(resume={"approve": False, "by": "bo"}), review),
+    ):
+        with pytest.raises(InvalidInput, match=r"has no checkpoint .* keep = .all."):
+            read()
+    assert checkpoints(orch, "r") == 1 and orch.outcome("r").release == done.release
+    assert [a.id for a in orch.services.ledger.allocations()] == [done.allocation.id]
+    assert charged_once(orch, done.allocation.id) == pytest.approx(done.cost_usd)
 
 
 class _Stop(BaseException):

@@ -28,6 +28,7 @@ import pytest
 from langgraph.pregel.remote import RemoteGraph
 from langgraph.types import Command
 from langgraph_sdk import get_client, get_sync_client
+from langgraph_sdk.errors import BadRequestError
 
 from graph.orchestrator import Orchestrator
 from tests.conftest import ROOT, fleet_toml
@@ -193,6 +194,29 @@ def test_sdk_review_interrupt_then_resume_allocates_and_releases(server: dict[st
     assert "human_decision" in [e["kind"] for e in final["events"]]
     assert after["next"] == []
     assert len(history) == 1 and history[0]["values"]["status"] == "released"
+
+
+def test_a_fork_from_a_pruned_checkpoint_is_refused(server: dict[str, str]) -> None:
+    """The review's checkpoint is pruned once the thread ran: a fork from its id through
+    the SDK fails with one line, reading it is a 400, and the thread stays released (the
+    server would have run the graph from its start, leaving a head no run carries on)."""
+    client = get_sync_client(url=server["url"])
+    tid = client.threads.create()["thread_id"]
+    client.runs.wait(tid, "gpu-agent", input={"request": REQUEST | {"project": "speech"}})
+    review = client.threads.get_state(tid)["checkpoint"]["checkpoint_id"]
+    client.runs.wait(tid, "gpu-agent", command={"resume": {"approve": True, "by": "ana"}})
+    no: Any = {"resume": {"approve": False, "by": "bo"}}
+    with pytest.raises(Exception, match=f"InvalidInput: .* has no checkpoint {review!r}"):
+        client.runs.wait(tid, "gpu-agent", command=no, checkpoint_id=review)
+    with pytest.raises(BadRequestError, match="has no checkpoint"):
+        client.threads.get_state(tid, checkpoint_id=review)
+    history: Any = client.threads.get_history(tid)
+    assert [h["values"]["status"] for h in history] == ["released"]
+    with Orchestrator(
+        server["state"], server["fleet"], create=False, database=server["database"] or None
+    ) as orch:
+        assert orch.resume(tid).status.value == "released"
+        assert [a.project for a in orch.services.ledger.allocations()].count("speech") == 1
 
 
 def test_remote_graph_behaves_like_the_local_graph(server: dict[str, str]) -> None:
