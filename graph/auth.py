@@ -36,6 +36,7 @@ from fleet import names
 from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
+from graph.checkpoint import carried_status
 from nodes.context import BOUND, bound_context_refusal, chosen_context, own_services
 from nodes.review import parse_decision
 
@@ -181,6 +182,7 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
         if why is None and not who.may_act_on(project) and not mcp:
             raise _refuse(f"{who.name} may not request GPUs for project {project}")
         request["requested_by"] = who.name  # in place: who asked, whatever was sent
+        await _carries_none(value.get("thread_id"))
     if value.get("multitask_strategy") == "rollback" and not mcp:  # on_threads says why
         raise _refuse(ROLLBACK)
     command = kwargs.get("command") or {}
@@ -204,6 +206,20 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
     if isinstance(metadata, dict):  # in place: a stateless run's thread is made from it
         metadata["project"] = who.project
     return {"project": who.project or ""}
+
+
+async def _carries_none(thread_id: object) -> None:
+    """Refuse a new request on a thread that carries one already (409), as the CLI refuses a
+    thread name in use: the run's input would land on the other request's state, whose
+    allocation the new one would take for its own (placed, then released at once, as the
+    other's was) or leave without its thread."""
+    status = None if thread_id is None else await carried_status(str(thread_id))
+    if status is not None:
+        raise _refuse(
+            f"thread {thread_id} already carries a request ({status}): make a new thread for "
+            "a new request (a thread waiting for a review is answered with a resume command)",
+            409,
+        )
 
 
 async def _keeps_its_gpus(thread_id: object, who: Identity) -> None:

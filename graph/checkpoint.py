@@ -165,6 +165,22 @@ def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
             conn.close()
 
 
+# The saver graph/server.py's checkpointer() opened, while it is open, for graph.auth to read
+# threads through: langgraph.json loads graph/server.py by its path, as a module of its own.
+SERVING: list[BaseCheckpointSaver[str]] = []
+
+
+async def carried_status(thread_id: str) -> str | None:
+    """The status of the request a thread of the LangGraph server already carries (None: it
+    carries none yet), from its latest checkpoint: graph.auth refuses a new request on such
+    a thread before its run, since the run's input would land on the other's state."""
+    if not SERVING:
+        return None
+    found = await SERVING[-1].aget_tuple({"configurable": {"thread_id": thread_id}})
+    status = found.checkpoint["channel_values"].get("status") if found else None
+    return None if status is None else str(status)
+
+
 # A monitored thread writes a checkpoint a tick (about 7.6 KB): ten hours at the default
 # 60-second tick wrote 303, 2.3 MB, and nothing read them after the next. Orchestrator
 # prunes a thread to its latest checkpoint at a run's first tick, every PRUNE_EVERY ticks

@@ -34,7 +34,7 @@ from fleet.models import GPURequest, Status
 from fleet.statedir import CHECKPOINTS, default_state_dir, prepare
 from graph.auth import caller_of
 from graph.builder import build_graph
-from graph.checkpoint import SETUP_LOCK, KnownOnly, PrunedOnPut, serializer
+from graph.checkpoint import SERVING, SETUP_LOCK, KnownOnly, PrunedOnPut, serializer
 from nodes.context import Context, own_services, services_for
 from nodes.state import State
 from nodes.validate import validate
@@ -83,6 +83,16 @@ class _PrunedSqliteSaver(PrunedOnPut, AsyncSqliteSaver):
 async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[str]]:
     """The server's checkpointer. Where the fleet keeps only a thread's latest checkpoint
     (`[checkpoints] keep`, read from the server's own fleet), it prunes as it writes."""
+    async with _opened() as saver:
+        SERVING.append(saver)
+        try:
+            yield saver
+        finally:
+            SERVING.remove(saver)
+
+
+@asynccontextmanager
+async def _opened() -> AsyncIterator[BaseCheckpointSaver[str]]:
     keep_latest = own_services().config.checkpoints.keep == "latest"
     database = os.environ.get("GPU_AGENT_DATABASE")
     if database:

@@ -19,6 +19,8 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     thread_id = runtime.execution_info.thread_id if runtime.execution_info else None
     update: State = {"thread_id": thread_id or ""}
+    if "status" in state:  # validate runs once a thread: this input came after another's
+        return update | {"status": Status.INVALID, "reason": _carried(thread_id, state)}
     try:
         if "request" not in state:  # the server's input is the caller's
             raise InvalidInput("the input has no request: give {'request': {...}}")
@@ -46,6 +48,17 @@ def validate(state: State, runtime: Runtime[Context]) -> State:
         audit.denial(svc, update | state, request, "rules", refused)
         return update | {"status": Status.DENIED, "reason": refused}
     return update | {"status": Status.PENDING}
+
+
+def _carried(thread_id: str | None, state: State) -> str:
+    """Why a new request on a thread that carried one is refused: its input landed on the
+    other's state, whose allocation it would take for its own. (The Orchestrator refuses a
+    thread name in use before it runs, graph.auth a new request on a server thread.)"""
+    held = f", allocation {state['allocation_id']}" if "allocation_id" in state else ""
+    return (
+        f"thread {thread_id!r} already carried a request ({state['status']}{held}): "
+        "make a new thread for a new request"
+    )
 
 
 def _asker(request: GPURequest, who: Identity, *, resumed: bool) -> str | None:

@@ -13,7 +13,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from fleet.models import ReleaseReason, Status
 from graph.builder import build_graph, graph
-from nodes.context import Context
+from nodes.context import Context, own_services
 from tests.conftest import ROOT, fleet_toml
 
 
@@ -55,6 +55,18 @@ def test_context_fields_resolve_to_services(
     config: RunnableConfig = {"configurable": {"thread_id": "t"}}
     bad = with_memory.invoke({"request": request | {"count": "lots"}}, config, context=context)
     assert bad["status"] is Status.INVALID and "count" in bad["reason"]
+    once: RunnableConfig = {"configurable": {"thread_id": "once"}}
+    first = with_memory.invoke({"request": request}, once, context=context)
+    assert first["status"] is Status.RELEASED
+    # a second request on the thread would take the first one's allocation for its own
+    again = with_memory.invoke({"request": request}, once, context=context)
+    assert again["status"] is Status.INVALID
+    assert again["reason"] == (
+        f"thread 'once' already carried a request (released, allocation "
+        f"{first['allocation_id']}): make a new thread for a new request"
+    )
+    allocations = own_services().ledger.allocations()
+    assert [a.thread_id for a in allocations].count("once") == 1
 
 
 def test_quickstart_runs(tmp_path: Path) -> None:

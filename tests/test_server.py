@@ -219,6 +219,28 @@ def test_a_fork_from_a_pruned_checkpoint_is_refused(server: dict[str, str]) -> N
         assert [a.project for a in orch.services.ledger.allocations()].count("speech") == 1
 
 
+def test_a_new_request_on_a_used_thread_is_refused(server: dict[str, str]) -> None:
+    """A thread carries one request: a new one on a thread whose request ran is refused
+    before its run (409, one line) and nothing changes; before, its input landed on the
+    other's state, and its GPUs were placed and released at once, charged $0."""
+    client = get_sync_client(url=server["url"])
+    tid = client.threads.create()["thread_id"]
+    one = REQUEST | {"project": "ops", "count": 1}  # one GPU: no review
+    first: Any = client.runs.wait(tid, "gpu-agent", input={"request": one})
+    assert first["status"] == "released"
+    refused = status_of(409, lambda: client.runs.wait(tid, "gpu-agent", input={"request": one}))
+    assert refused == (
+        f"thread {tid} already carries a request (released): make a new thread for a new "
+        "request (a thread waiting for a review is answered with a resume command)"
+    )
+    history: Any = client.threads.get_history(tid)
+    assert [h["values"]["status"] for h in history] == ["released"]
+    with Orchestrator(
+        server["state"], server["fleet"], create=False, database=server["database"] or None
+    ) as orch:
+        assert [a.project for a in orch.services.ledger.allocations()].count("ops") == 1
+
+
 def test_remote_graph_behaves_like_the_local_graph(server: dict[str, str]) -> None:
     remote = RemoteGraph("gpu-agent", url=server["url"])
     tid = get_sync_client(url=server["url"]).threads.create()["thread_id"]
@@ -471,6 +493,8 @@ def test_a_thread_holding_gpus_is_not_deleted(secured: dict[str, Any]) -> None:
     (aid,) = active
     held = status_of(409, lambda: alice.threads.delete(tid))
     assert held.startswith(f"thread {tid} holds allocation {aid}: release it first")
+    again = lambda: alice.runs.wait(tid, "gpu-agent", input={"request": REQUEST})  # noqa: E731
+    assert status_of(409, again).startswith(f"thread {tid} already carries a request (allocated)")
     assert status_of(409, lambda: root.threads.delete(tid)) == held
     assert status_of(409, lambda: alice.threads.prune([tid])) == held  # nor pruned
     assert refused(lambda: bob.threads.delete(tid)) == 404
