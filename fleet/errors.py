@@ -35,6 +35,11 @@ class ThreadStarting(InvalidInput):
     checkpointed yet): nothing was done here; asking again later sees where it stands."""
 
 
+class RunStopped(KeyboardInterrupt):
+    """A node of a run that its caller interrupted (Ctrl-C) stops where it slept: nothing of
+    its step happened, and a resume carries the thread on from its last checkpoint."""
+
+
 class ConfigError(InvalidInput):
     """A malformed fleet file."""
 

@@ -22,7 +22,7 @@ from fleet.choose_backend import BackendChoice, Resolved, make_backend, placeabl
 from fleet.clock import Clock, WakeToken
 from fleet.commands import Commands
 from fleet.config import FleetConfig, load_fleet
-from fleet.errors import InvalidInput, MonitoredElsewhere
+from fleet.errors import InvalidInput, MonitoredElsewhere, RunStopped
 from fleet.faults import SUBMITTED, fault
 from fleet.fleet_backend import Ended, FleetBackend, Hold, Reserving, Scheduled
 from fleet.ledger import Ledger
@@ -75,6 +75,7 @@ class Services:
     _heartbeat: Heartbeat | None = field(default=None, init=False)
     _listener: FreedListener | None = field(default=None, init=False)  # PostgreSQL only
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
+    _stopping: set[str] = field(default_factory=set, init=False)  # threads interrupted here
     # the last route given: (Ledger.stamp, placeable GPUs, request, route), see route()
     _routed: tuple[Any, list[GPUInfo], GPURequest, RouteDecision | Refusal] | None = field(
         default=None, init=False
@@ -395,9 +396,31 @@ class Services:
         with self._lock:
             self._watched[thread_id] = allocation_id
 
+    def stop_thread(self, thread_id: str) -> None:
+        """The thread's run here was interrupted (Ctrl-C): the sleep of its node (a tick's,
+        a queue poll's) ends now and the node stops there (check_watched), where the caller
+        waited for the next tick, up to a minute, before it could stop."""
+        with self._lock:
+            self._stopping.add(thread_id)
+            allocation_id = self._watched.get(thread_id)
+        if allocation_id is not None:
+            self.wake(allocation_id)
+
+    def go_on(self, thread_id: str) -> None:
+        """The interrupted run has stopped: the thread may run here again (a resume)."""
+        with self._lock:
+            self._stopping.discard(thread_id)
+
     def check_watched(self, allocation_id: str) -> None:
         """MonitoredElsewhere if another process adopted the allocation meanwhile (this one
-        was silent longer than heartbeat_stale_seconds): its monitor here must stop."""
+        was silent longer than heartbeat_stale_seconds): its monitor here must stop.
+        RunStopped if the run of its thread here was interrupted (stop_thread)."""
+        if self._stopping:
+            with self._lock:
+                threads = [t for t, a in self._watched.items() if a == allocation_id]
+                stopped = any(t in self._stopping for t in threads)
+            if stopped:
+                raise RunStopped(f"allocation {allocation_id}: its run was interrupted here")
         beat = self._heartbeat
         if beat is not None and not beat.holds(allocation_id):
             raise MonitoredElsewhere(

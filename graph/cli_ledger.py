@@ -35,7 +35,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{'temp':>7}{'power':>8}  condition",
     ]
     for g in data["gpus"]:
-        holder = f"{quoted(g['project'])}/{g['allocation_id']}" if g["allocation_id"] else "-"
+        # another project's GPU (a member's view: graph.status.scoped) shows its project alone
+        holder = (
+            "-"
+            if g["project"] is None
+            else quoted(g["project"]) + (f"/{g['allocation_id']}" if g["allocation_id"] else "")
+        )
         condition = g["condition"] + (f" ({g['unhealthy']})" if g["unhealthy"] else "")
         lines.append(
             f"{g['uuid'][:16]:<18}{g['type']:<9}{g['node'][:11]:<12}{holder:<22}"

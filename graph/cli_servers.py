@@ -30,10 +30,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise InvalidInput(
             f"cannot serve the page on {url_host(args.host)}:{args.port}: {exc.strerror or exc}"
         ) from None
-    orch = Orchestrator(
+    orch = Orchestrator(  # a missing state directory is refused, as `status` refuses it
         args.state_dir,
         fleet_file(args),
         backend=backend_choice(args),
+        create=False,
         database=database_url(args),
         identity=SERVER,
         monitor_kind="page",

@@ -20,10 +20,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import signal
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any, Self, TypeVar, cast
 
 from langchain_core.runnables import RunnableConfig
@@ -274,36 +276,63 @@ class Orchestrator(Records):
         modes: list[StreamMode] = ["updates", "values"]
         if on_progress is not None:
             modes.append("custom")
-        for mode, part in self.graph.stream(
-            graph_input,
-            config,
-            context=self._context_for(graph_input),
-            durability=durability,
-            stream_mode=modes,
-            interrupt_before=interrupt_before,
-            interrupt_after=interrupt_after,
-        ):
-            chunk = cast(dict[str, Any], part)
-            if mode == "custom":
-                assert on_progress is not None
-                on_progress(chunk)
-            elif mode == "values":
-                values = _state(chunk)
-            elif "__interrupt__" in chunk:
-                stopped = tuple(chunk["__interrupt__"])
-            else:
-                if "monitor" in chunk:
-                    ticks += 1
-                    if ticks % PRUNE_EVERY == 1:
-                        self._prune(config)
-                ended = ended or "deallocate" in chunk
-                if on_update is not None:
-                    for node, update in chunk.items():
-                        if isinstance(update, dict):
-                            on_update(node, update)
+        with self._ctrl_c_stops(str(config["configurable"]["thread_id"])):
+            for mode, part in self.graph.stream(
+                graph_input,
+                config,
+                context=self._context_for(graph_input),
+                durability=durability,
+                stream_mode=modes,
+                interrupt_before=interrupt_before,
+                interrupt_after=interrupt_after,
+            ):
+                chunk = cast(dict[str, Any], part)
+                if mode == "custom":
+                    assert on_progress is not None
+                    on_progress(chunk)
+                elif mode == "values":
+                    values = _state(chunk)
+                elif "__interrupt__" in chunk:
+                    stopped = tuple(chunk["__interrupt__"])
+                else:
+                    if "monitor" in chunk:
+                        ticks += 1
+                        if ticks % PRUNE_EVERY == 1:
+                            self._prune(config)
+                    ended = ended or "deallocate" in chunk
+                    if on_update is not None:
+                        for node, update in chunk.items():
+                            if isinstance(update, dict):
+                                on_update(node, update)
         if ticks or ended:
             self._prune(config)
         return values, stopped
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops(self, thread_id: str) -> Iterator[None]:
+        """Ctrl-C stops the run at once, not at its next tick. LangGraph runs a node in a
+        worker thread and, interrupted, waits for it to finish: a monitor's sleep, up to a
+        tick (a minute), and a second Ctrl-C meanwhile left the process hanging. While the
+        run streams in the main thread with Python's own SIGINT handler, Ctrl-C also ends
+        the node's sleep, where it stops (Services.stop_thread). Another handler (`gpu-agent
+        run`'s, which stops its command as a release would; a notebook's) is left alone."""
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield
+            return
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.services.stop_thread(thread_id)
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.services.go_on(thread_id)
 
     def _prune(self, config: RunnableConfig) -> None:
         """The thread's checkpoints cut to its latest (graph.checkpoint.prune), where the

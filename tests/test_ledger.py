@@ -156,6 +156,29 @@ def test_lowering_a_budget_moves_deadlines(fx: Fixture) -> None:
         fx.ledger.set_budget("p", 1.0, T0 + 7200)
 
 
+def test_a_budget_below_the_spend_is_refused_in_amounts_that_read_apart(fx: Fixture) -> None:
+    """The release hint only where an allocation still accrues (a release stops that, never
+    lowers what was charged); the budget and the floor with the decimals that tell them apart."""
+    row = fx.place("t1").row  # 10.24 $/h: $0.0028 a second
+    assert row is not None
+    with pytest.raises(InvalidInput) as running:
+        fx.ledger.set_budget("p", 0.001, T0 + 1)
+    assert str(running.value) == (
+        "budget $0.001 for p is below what it has already spent or accrued ($0.003); "
+        "its running allocation adds to it until released"
+    )
+    fx.ledger.set_budget("p", 0.01, T0 + 1)  # its deadline: about T0 + 3.5 s
+    with pytest.raises(InvalidInput) as ended:  # past its deadline: it accrues no more
+        fx.ledger.set_budget("p", 0.0099, T0 + 60)
+    assert str(ended.value) == (
+        "budget $0.0099 for p is below what it has already spent or accrued ($0.0100)"
+    )
+    fx.ledger.release(row.id, ReleaseReason.BUDGET, T0 + 60)
+    with pytest.raises(InvalidInput) as spent:
+        fx.ledger.set_budget("p", 0, T0 + 60)
+    assert str(spent.value) == "budget $0.00 for p is below what it has already spent ($0.01)"
+
+
 def test_raising_the_budget_restores_the_lease(fx: Fixture) -> None:
     row = fx.place("t1").row
     assert row is not None

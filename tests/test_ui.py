@@ -388,6 +388,7 @@ def test_the_cli_passes_its_host_names(
     monkeypatch.setattr("graph.cli_servers._bind", lambda host, port: port)
     monkeypatch.setenv("GPU_AGENT_UI_HOSTS", "env.example, other.example")
     state = str(tmp_path / "cli")
+    Orchestrator(state).close()  # the page opens a state directory that is there, never makes one
     assert (
         main(["ui", "--state-dir", state, "--host", "10.1.2.3", "--allow-host", "gpu.example.com"])
         == 0
@@ -768,3 +769,16 @@ def test_a_page_that_cannot_bind_is_one_line_before_anything_opens(tmp_path: Pat
             and "cannot serve the page" in json.loads(as_json.stdout)["error"]
         )
         assert not state.exists()
+
+
+def test_a_missing_state_directory_is_refused_not_made(tmp_path: Path) -> None:
+    """As `status` and the other commands that read: one line, exit 2, nothing created."""
+    import socket
+
+    missing = tmp_path / "nonexistent"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = run_cli("ui", "--state-dir", str(missing), "--port", str(port), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "does not exist" in done.stderr and not missing.exists()

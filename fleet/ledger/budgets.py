@@ -214,13 +214,24 @@ class Budgets(Kept):
         has already spent or accrued.
         """
         with self.transaction(f"project:{project}") as db:
-            floor = self._spent(db, project) + accrued(
-                [a.running(now) for a in self._actives(db, project)], now
-            )
+            actives = self._actives(db, project)
+            so_far = accrued([a.running(now) for a in actives], now)
+            floor = self._spent(db, project) + so_far
             if budget_usd + EPS < floor:
+                asked, least = _apart(budget_usd, floor)
+                # a release stops an allocation accruing, never lowers what it has cost
+                accruing = sum(a.deadline > now for a in actives)
                 raise InvalidInput(
-                    f"budget ${budget_usd:.2f} for {project} is below what it has already spent "
-                    f"or accrued (${floor:.2f}); release its allocations first"
+                    f"budget {asked} for {project} is below what it has already spent"
+                    + (" or accrued" if so_far > EPS else "")
+                    + f" ({least})"
+                    + (
+                        "; its running allocation adds to it until released"
+                        if accruing == 1
+                        else f"; its {accruing} running allocations add to it until released"
+                        if accruing
+                        else ""
+                    )
                 )
             old = self._budget(db, project)
             db.execute(
@@ -239,7 +250,7 @@ class Budgets(Kept):
                     "budget",
                     project,
                     project,
-                    f"${'none' if old is None else f'{old:.2f}'} -> "
+                    f"{'no budget' if old is None else f'${old:.2f}'} -> "
                     f"${budget_usd:.2f}; {len(moved)} deadline(s) moved",
                 ),
             )
@@ -265,3 +276,13 @@ class Budgets(Kept):
                     )
                 )
             return out
+
+
+def _apart(low: float, high: float) -> tuple[str, str]:
+    """Two amounts, `low` below `high`, as dollars with the cents and as many more decimals
+    as they need to read apart ($0.001 and $0.004, not $0.00 and $0.00)."""
+    for places in range(2, 10):  # apart by more than EPS (1e-9): the 9th decimal differs
+        a, b = f"${low:,.{places}f}", f"${high:,.{places}f}"
+        if a != b:
+            return a, b
+    return f"${low!r}", f"${high!r}"

@@ -1,0 +1,117 @@
+"""What a new user following the README met at the command line: a GPU another project holds
+in `status`, `budget set` refusals that say only what is true, and the audit of a first
+budget."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import fleet_toml, run_cli
+
+COUNCIL = {  # a request of one GPU is approved without a human
+    "policy": "reference",
+    "approve_threshold": 0.99,
+    "deny_threshold": 0.01,
+    "auto_approve_max_gpus": 1,
+    "auto_approve_max_usd": 100_000,
+}
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> dict[str, Any]:
+    """Tokens: root (admin), alice (member of vision), bob (member of nlp); bob holds one
+    A100 (on the wall clock: its lease outlasts the test)."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(council=COUNCIL))
+    state = ["--state-dir", str(tmp_path / "s")]
+    tokens: dict[str, str] = {}
+    for name, role, project, by in [
+        ("root", "admin", None, ""),
+        ("alice", "member", "vision", "root"),
+        ("bob", "member", "nlp", "root"),
+    ]:
+        extra = ["--project", project] if project else []
+        r = run_cli(
+            "token",
+            "add",
+            name,
+            "--role",
+            role,
+            *extra,
+            "--json",
+            *state,
+            cwd=tmp_path,
+            env={"GPU_AGENT_TOKEN": tokens.get(by, "")},
+        )
+        assert r.returncode == 0, r.stderr
+        tokens[name] = json.loads(r.stdout)["token"]
+    day = {"cwd": tmp_path, "opts": [*state, "--fleet", str(fleet)], "tokens": tokens}
+    r = cli(day, "bob", "request", "--purpose", "training", "--count", "1", "--hours", "4")
+    day["held"] = json.loads(r.stdout)["allocation"]["id"]
+    return day
+
+
+def cli(day: dict[str, Any], who: str, *args: str) -> Any:
+    """The command as `who`; a request returns once placed (--no-wait), as JSON."""
+    extra = ["--no-wait", "--json"] if args[0] == "request" else []
+    return run_cli(
+        *args, *extra, *day["opts"], cwd=day["cwd"], env={"GPU_AGENT_TOKEN": day["tokens"][who]}
+    )
+
+
+def holder(status: str, aid_or_project: str) -> list[str]:
+    """The holder column of the GPU rows that name it."""
+    return [line.split()[3] for line in status.splitlines() if aid_or_project in line.split()]
+
+
+def test_a_gpu_another_project_holds_shows_that_project(two: dict[str, Any]) -> None:
+    """docs/projects.md: GPUs held by other projects show as held, without the allocation."""
+    aid = two["held"]
+    theirs = cli(two, "bob", "status").stdout
+    assert holder(theirs, f"nlp/{aid}") == [f"nlp/{aid}"]
+    mine = cli(two, "alice", "status")
+    assert mine.returncode == 0, mine.stderr
+    assert holder(mine.stdout, "nlp") == ["nlp"] and aid not in mine.stdout
+    gpus = json.loads(cli(two, "alice", "status", "--json").stdout)["gpus"]
+    assert [(g["project"], g["allocation_id"]) for g in gpus if g["project"]] == [("nlp", None)]
+    assert cli(two, "bob", "release", aid).returncode == 0
+
+
+def amounts(line: str) -> list[float]:
+    return [float(a.replace(",", "")) for a in re.findall(r"\$([\d,]+\.\d+)", line)]
+
+
+def test_a_budget_below_the_spend_is_refused_with_what_is_true(two: dict[str, Any]) -> None:
+    """Running: what it accrued, which its allocation adds to until released. Released:
+    what it spent, and no release to ask for (a release never lowers what was charged); the
+    two amounts never read alike when the budget asked is below the spend."""
+    running = cli(two, "root", "budget", "set", "nlp", "0")
+    assert running.returncode == 2 and running.stderr.count("\n") == 1, running.stderr
+    assert "already spent or accrued ($" in running.stderr
+    assert "its running allocation adds to it until released" in running.stderr
+    assert cli(two, "bob", "release", two["held"]).returncode == 0
+    costs = json.loads(cli(two, "root", "costs", "--json").stdout)["projects"]
+    [cost] = [c["spent_usd"] for c in costs if c["project"] == "nlp"]
+    assert 0.0002 < cost < 1  # seconds of one A100
+    for asked in (0.0, cost - 0.0001):
+        done = cli(two, "root", "budget", "set", "nlp", f"{asked:.10f}")
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "already spent ($" in done.stderr and "release" not in done.stderr
+        budget, spent = amounts(done.stderr)
+        assert budget < spent, done.stderr  # at cents the second read "$0.00 ... ($0.00)"
+
+
+def test_the_audit_of_a_first_budget_says_there_was_none(tmp_path: Path) -> None:
+    opts = ["--state-dir", str(tmp_path / "s")]
+    for usd in ("500", "600"):
+        assert run_cli("budget", "set", "sandbox", usd, *opts, cwd=tmp_path).returncode == 0
+    audit = run_cli("audit", *opts, cwd=tmp_path).stdout.splitlines()
+    assert [line.split("by local: ")[1] for line in audit] == [
+        "no budget -> $500.00; 0 deadline(s) moved",
+        "$500.00 -> $600.00; 0 deadline(s) moved",
+    ]
