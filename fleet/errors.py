@@ -36,8 +36,13 @@ class ThreadStarting(InvalidInput):
 
 
 class RunStopped(KeyboardInterrupt):
-    """A node of a run that its caller interrupted (Ctrl-C) stops where it slept: nothing of
-    its step happened, and a resume carries the thread on from its last checkpoint."""
+    """A run its caller interrupted (Ctrl-C), naming its thread for the resume that carries
+    it on from its last checkpoint; raised in its node, which stops where it slept (nothing
+    of its step happened), and again to the caller."""
+
+    def __init__(self, message: str, thread_id: str | None = None) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
 
 
 class ConfigError(InvalidInput):

@@ -92,11 +92,12 @@ def _main(argv: Sequence[str] | None) -> int:
         error_json(message, 2, "StateDirError", Parser.json_errors)
         print(f"gpu-agent: {flat(message)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "gpu-agent: interrupted; the thread is checkpointed: `gpu-agent resume` carries it on",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as exc:
+        thread = getattr(exc, "thread_id", None)  # RunStopped's: the run's thread
+        resume = f"gpu-agent resume {thread}" if thread else "gpu-agent resume"
+        message = f"interrupted; the thread is checkpointed: `{resume}` carries it on"
+        error_json(message, 130, "Interrupted", Parser.json_errors)
+        print(f"gpu-agent: {message}", file=sys.stderr)
         return 130
 
 

@@ -37,7 +37,7 @@ from fleet.access import LOCAL, Identity
 from fleet.choose_backend import BackendChoice
 from fleet.clock import Clock, VirtualClock
 from fleet.config import FleetConfig
-from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere
+from fleet.errors import GPUAgentError, InvalidInput, MonitoredElsewhere, RunStopped
 from fleet.fleet_backend import FleetBackend
 from fleet.jobs import Job, JobQueue
 from fleet.ledger.rows import allocation_id
@@ -315,24 +315,29 @@ class Orchestrator(Records):
         tick (a minute), and a second Ctrl-C meanwhile left the process hanging. While the
         run streams in the main thread with Python's own SIGINT handler, Ctrl-C also ends
         the node's sleep, where it stops (Services.stop_thread). Another handler (`gpu-agent
-        run`'s, which stops its command as a release would; a notebook's) is left alone."""
-        if (
-            threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        ):
-            yield
-            return
+        run`'s, which stops its command as a release would; a notebook's) is left alone.
+        The interruption the caller gets names the thread (RunStopped), for its resume."""
+        ours = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
 
         def stop(signum: int, frame: FrameType | None) -> None:
             self.services.stop_thread(thread_id)
             signal.default_int_handler(signum, frame)
 
-        signal.signal(signal.SIGINT, stop)
+        if ours:
+            signal.signal(signal.SIGINT, stop)
         try:
             yield
+        except KeyboardInterrupt as exc:
+            if getattr(exc, "thread_id", None) is not None:
+                raise
+            raise RunStopped(f"thread {thread_id} interrupted", thread_id) from exc
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.services.go_on(thread_id)
+            if ours:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                self.services.go_on(thread_id)
 
     def _prune(self, config: RunnableConfig) -> None:
         """The thread's checkpoints cut to its latest (graph.checkpoint.prune), where the

@@ -178,3 +178,51 @@ def test_a_checkpoint_from_before_the_council_outcome_was_renamed_still_loads() 
         {"o": ormsgpack.Ext(0, ormsgpack.packb(["fleet.models", "Outcome", "split"]))}
     )
     assert serializer().loads_typed(("msgpack", old))["o"] is CouncilOutcome.SPLIT
+
+
+def _requesting(cwd: Path, opts: list[str], thread: str, count: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "request", "--project", "p", "--purpose",
+         "training", "--gpu-type", "A100", "--count", count, "--hours", "10",
+         "--thread-id", thread, *opts],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _said(proc: subprocess.Popen[str], what: str) -> None:
+    """Read the request's lines until one says `what` (60 s at most)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while what not in (line := proc.stdout.readline()):
+        assert line and time.monotonic() < deadline, f"no {what!r} before exit"
+
+
+def test_ctrl_c_stops_a_request_at_once_not_at_its_next_tick(tmp_path: Path) -> None:
+    """Ctrl-C on a foreground request that monitors, and on one that waits in the queue:
+    each exits 130 at once, where it waited for its node's next tick or poll (a minute by
+    default, an hour here, so the old behaviour fails the minute this allows), naming the
+    thread to resume. Released from elsewhere, each `resume` ends its thread, one charge."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(monitor={"tick_seconds": 3600}, scheduler={"poll_seconds": 3600}))
+    opts = ["--state-dir", str(tmp_path / "state"), "--fleet", str(fleet)]
+    held = _requesting(tmp_path, opts, "held", "8")
+    _said(held, "placed")
+    waits = _requesting(tmp_path, opts, "waits", "1")  # all 8 A100s are held
+    _said(waits, "queued")
+    for proc, thread in ((waits, "waits"), (held, "held")):
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert f"checkpointed: `gpu-agent resume {thread}` carries it on" in out
+    allocations = json.loads(run_cli("status", *opts, "--json", cwd=tmp_path).stdout)
+    live = {a["thread_id"]: a for a in allocations["allocations"]}
+    assert {t: a["state"] for t, a in live.items()} == {"held": "active", "waits": "queued"}
+    ended = {}
+    for thread in ("held", "waits"):
+        assert run_cli("release", live[thread]["id"], *opts, cwd=tmp_path).returncode == 0
+        done = run_cli("resume", thread, "--json", *opts, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        ended[thread] = json.loads(done.stdout)["reason"]
+    assert ended == {"held": "released: explicit", "waits": "cancelled while queued"}
+    charged = ledger(tmp_path / "state", "SELECT allocation_id FROM charges")
+    assert charged == [(live["held"]["id"],)]  # the queued one never ran: nothing to charge
