@@ -25,7 +25,7 @@ from fleet.errors import InvalidInput
 from fleet.fleet_backend import SchedulerJob
 from fleet.jobs import Job, JobQueue
 from fleet.ledger.runs import MAX_REQUEUES
-from fleet.models import NOTICE_SIGNALS, Event, Status
+from fleet.models import NOTICE_SIGNALS, Event, Status, utc
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
 from graph.cli_common import (
@@ -76,7 +76,9 @@ class _Live:
             self.ticking = True
 
 
-def _describe(outcome: RequestOutcome, job: SchedulerJob | None = None) -> str:
+def _describe(
+    outcome: RequestOutcome, job: SchedulerJob | None = None, budget_end: datetime | None = None
+) -> str:
     tid = shlex.quote(outcome.thread_id)
     lines = [f"thread {outcome.thread_id}: {outcome.status.value} ({quoted(outcome.reason)})"]
     shown = outcome.guardrails()
@@ -92,6 +94,13 @@ def _describe(outcome: RequestOutcome, job: SchedulerJob | None = None) -> str:
         why = lease_note(outcome)
         if why:
             lines.append(why)
+        if budget_end is not None:
+            hours = (budget_end - a.started_at).total_seconds() / 3600.0
+            lines.append(
+                f"its project's budget runs out at {budget_end:%Y-%m-%d %H:%M:%S} UTC, "
+                f"{hours:.2f} h in: its GPUs go then (reason budget) unless the budget is "
+                "raised (gpu-agent budget set)"
+            )
         if job is None:
             lines.append(f"CUDA_VISIBLE_DEVICES={a.cuda_visible_devices}")
         else:  # Slurm sets CUDA_VISIBLE_DEVICES in the job's steps
@@ -112,12 +121,30 @@ def _describe(outcome: RequestOutcome, job: SchedulerJob | None = None) -> str:
 
 
 def _finish(
-    args: argparse.Namespace, outcome: RequestOutcome, job: SchedulerJob | None = None
+    args: argparse.Namespace,
+    outcome: RequestOutcome,
+    job: SchedulerJob | None = None,
+    budget_end: datetime | None = None,
 ) -> int:
-    """The outcome printed; `job`: the Slurm job that holds its GPUs, where one does."""
+    """The outcome printed; `job`: the Slurm job that holds its GPUs, where one does;
+    `budget_end`: when the project's budget runs out, where that is before the lease ends."""
     data = outcome.to_json() | ({"job": asdict(job)} if job is not None else {})
-    emit(args, data, _describe(outcome, job))
+    if outcome.allocation is not None and outcome.status is Status.ALLOCATED:
+        data["allocation"]["budget_end"] = None if budget_end is None else budget_end.isoformat()
+    emit(args, data, _describe(outcome, job, budget_end))
     return EXIT_CODES.get(outcome.status, 0)
+
+
+def _budget_end(orch: Orchestrator, outcome: RequestOutcome) -> datetime | None:
+    """When the project's budget ends a running allocation, where that is before its lease
+    ends (Budgets: the deadline it moves, the lease it never lengthens), else None."""
+    held = outcome.allocation
+    if held is None or outcome.status is not Status.ALLOCATED:
+        return None
+    row = orch.services.ledger.get(held.id)
+    if row.state != "active" or not row.budget_cuts or row.deadline is None:
+        return None
+    return utc(row.deadline)
 
 
 def _request_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,7 +222,7 @@ def _followed(
         live.done()
     held = outcome.allocation
     job = orch.services.ledger.scheduler_job(held.id) if held is not None else None
-    return _finish(args, outcome, job)
+    return _finish(args, outcome, job, _budget_end(orch, outcome))
 
 
 def _job_json(job: Job) -> dict[str, Any]:

@@ -103,6 +103,9 @@ def allocate(state: State, runtime: Runtime[Context]) -> State:
     note = f" (waited {waited:.1f} h)" if waited > 0 else ""
     if row.renew_hours is not None:  # held a term at a time
         note += f", renewed while its GPUs work, up to {row.hours:.2f} h"
+    if row.budget_cuts:
+        assert row.deadline is not None
+        note += f"; its project's budget runs out at {utc(row.deadline):%Y-%m-%d %H:%M} UTC"
     return {
         "status": Status.ALLOCATED,
         "reason": decision.reason,

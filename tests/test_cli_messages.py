@@ -1,6 +1,6 @@
 """What a new user following the README met at the command line: a GPU another project holds
-in `status`, `budget set` refusals that say only what is true, and the audit of a first
-budget."""
+in `status`, `budget set` refusals that say only what is true, the audit of a first budget,
+and a lease its budget ends sooner than the lease says."""
 
 from __future__ import annotations
 
@@ -115,3 +115,30 @@ def test_the_audit_of_a_first_budget_says_there_was_none(tmp_path: Path) -> None
         "no budget -> $500.00; 0 deadline(s) moved",
         "$500.00 -> $600.00; 0 deadline(s) moved",
     ]
+
+
+def test_a_lease_its_budget_cuts_short_says_when_the_budget_runs_out(tmp_path: Path) -> None:
+    """A request admitted on its expected cost (the project once released soon after it
+    started) whose budget runs out before its lease ends: the CLI says when, in its text,
+    its JSON (`allocation.budget_end`, `status`'s deadline) and the placed event; where the
+    budget covers the lease, `budget_end` is null."""
+    opts = ["--state-dir", str(tmp_path / "s")]  # the default fleet: 16 A100s at $5.12
+    ask = ["request", "--project", "p", "--purpose", "training", "--gpu-type", "A100"]
+    ask += ["--count", "16", "--hours", "24", "--priority", "critical", "--no-wait", *opts]
+    first = json.loads(run_cli(*ask, "--json", cwd=tmp_path).stdout)
+    assert first["allocation"]["budget_end"] is None  # no budget
+    assert run_cli("release", first["allocation"]["id"], *opts, cwd=tmp_path).returncode == 0
+    assert run_cli("budget", "set", "p", "500", *opts, cwd=tmp_path).returncode == 0
+    cut = json.loads(run_cli(*ask, "--json", cwd=tmp_path).stdout)
+    held, ends = cut["allocation"], cut["allocation"]["budget_end"]
+    assert ends is not None and ends < held["lease_end"]
+    status = json.loads(run_cli("status", "--json", *opts, cwd=tmp_path).stdout)
+    assert [a["deadline"] for a in status["allocations"] if a["state"] == "active"] == [ends]
+    (placed,) = [e["message"] for e in cut["events"] if e["kind"] == "placed"]
+    assert placed.endswith(f"; its project's budget runs out at {ends[:10]} {ends[11:16]} UTC")
+    assert run_cli("release", held["id"], *opts, cwd=tmp_path).returncode == 0
+    text = run_cli(*ask, cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    said = re.search(r"its project's budget runs out at \S+ \S+ UTC, ([\d.]+) h in", text.stdout)
+    assert said is not None, text.stdout
+    assert float(said[1]) == pytest.approx(500 / (16 * 5.12), abs=0.05)  # $500 at $81.92/h

@@ -96,6 +96,16 @@ class LedgerRow:
             mean_util_pct=self.mean_util,
         )
 
+    @property
+    def budget_cuts(self) -> bool:
+        """Its project's budget runs out before its lease ends (Budgets moves the deadline,
+        never the lease): it is released then, reason budget, unless the budget is raised."""
+        return (
+            self.deadline is not None
+            and self.lease_end is not None
+            and self.deadline < self.lease_end - EPS_S
+        )
+
 
 @dataclass(frozen=True)
 class Resumed:
