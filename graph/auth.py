@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langgraph_sdk import Auth
 from langgraph_sdk.auth.types import RunsCreate, ThreadsCreate
 
-from fleet import names
+from fleet import names, thread_claims
 from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
 from fleet.statedir import default_state_dir
@@ -182,7 +183,6 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
         if why is None and not who.may_act_on(project) and not mcp:
             raise _refuse(f"{who.name} may not request GPUs for project {project}")
         request["requested_by"] = who.name  # in place: who asked, whatever was sent
-        await _carries_none(value.get("thread_id"))
     if value.get("multitask_strategy") == "rollback" and not mcp:  # on_threads says why
         raise _refuse(ROLLBACK)
     command = kwargs.get("command") or {}
@@ -200,6 +200,8 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
                 "admin decides reviews"
             )
         command["resume"] = _answers(command["resume"], who)
+    if run_input is not None and not mcp:
+        await _starts_its_thread(value.get("thread_id"), request)
     if who.admin:
         return None
     metadata = value.get("metadata")
@@ -208,18 +210,39 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
     return {"project": who.project or ""}
 
 
-async def _carries_none(thread_id: object) -> None:
-    """Refuse a new request on a thread that carries one already (409), as the CLI refuses a
-    thread name in use: the run's input would land on the other request's state, whose
-    allocation the new one would take for its own (placed, then released at once, as the
-    other's was) or leave without its thread."""
-    status = None if thread_id is None else await carried_status(str(thread_id))
+async def _starts_its_thread(thread_id: object, request: object) -> None:
+    """A run that brings an input, whatever its shape, starts its thread's one request:
+    refused (409) where the thread carries a request already (its latest checkpoint says
+    so: a copied thread's too) or another run's input claimed it first, also one queued
+    behind a run in flight (the server's default multitask strategy enqueues), which no
+    checkpoint shows yet. The input would land on the other request's state: it would take
+    that allocation for its own (placed, then released at once, as the other's was), leave
+    a live one without its monitor, or drop a review. The claim is the CLI's
+    (fleet.thread_claims), for the request's id, stamped here where it has none, so that
+    nothing but this request is ever placed on the thread (fleet.ledger.threads)."""
+    if thread_id is None:  # a stateless run: a thread of its own
+        return
+    status = await carried_status(str(thread_id))
     if status is not None:
         raise _refuse(
             f"thread {thread_id} already carries a request ({status}): make a new thread for "
             "a new request (a thread waiting for a review is answered with a resume command)",
             409,
         )
+    asked = request.get("request_id") if isinstance(request, dict) else None
+    if isinstance(request, dict) and asked is None:
+        asked = request["request_id"] = uuid.uuid4().hex  # in place, as requested_by
+    try:
+        await asyncio.to_thread(
+            thread_claims.claim,
+            own_services().ledger,
+            str(thread_id),
+            str(asked or uuid.uuid4().hex),
+            "server",
+            lambda: False,
+        )
+    except InvalidInput as exc:
+        raise _refuse(f"{exc} (a thread carries one request: make a new thread)", 409) from None
 
 
 async def _keeps_its_gpus(thread_id: object, who: Identity) -> None:

@@ -322,7 +322,10 @@ class Orchestrator(Records):
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         )
 
+        hit: list[int] = []
+
         def stop(signum: int, frame: FrameType | None) -> None:
+            hit.append(signum)
             self.services.stop_thread(thread_id)
             signal.default_int_handler(signum, frame)
 
@@ -332,6 +335,10 @@ class Orchestrator(Records):
             yield
         except KeyboardInterrupt as exc:
             if getattr(exc, "thread_id", None) is not None:
+                raise
+            raise RunStopped(f"thread {thread_id} interrupted", thread_id) from exc
+        except Exception as exc:  # a library that turned the interruption into its own error
+            if not hit:  # (a checkpoint's decoder: ValueError "ext_hook failed")
                 raise
             raise RunStopped(f"thread {thread_id} interrupted", thread_id) from exc
         finally:

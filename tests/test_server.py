@@ -233,8 +233,20 @@ def test_a_new_request_on_a_used_thread_is_refused(server: dict[str, str]) -> No
         f"thread {tid} already carries a request (released): make a new thread for a new "
         "request (a thread waiting for a review is answered with a resume command)"
     )
+    for shape in ({"other": 1}, {"request": "x"}, {"request": None}):  # any input at all
+        carried = status_of(409, lambda s=shape: client.runs.wait(tid, "gpu-agent", input=s))
+        assert carried == refused
     history: Any = client.threads.get_history(tid)
     assert [h["values"]["status"] for h in history] == ["released"]
+    # a second input queued behind the first's run (the default multitask strategy), before
+    # any checkpoint of the thread says it carries a request: the first's claim refuses it
+    queued = client.threads.create()["thread_id"]
+    review = REQUEST | {"project": "ops"}  # two GPUs: it stops for a review
+    run = client.runs.create(queued, "gpu-agent", input={"request": review})
+    again = status_of(409, lambda: client.runs.create(queued, "gpu-agent", input={"request": one}))
+    assert "a thread carries one request: make a new thread" in again or "already carries" in again
+    client.runs.join(queued, run["run_id"])
+    assert client.threads.get_state(queued)["next"] == ["review"]  # the first's review stands
     with Orchestrator(
         server["state"], server["fleet"], create=False, database=server["database"] or None
     ) as orch:
