@@ -141,6 +141,20 @@ def run_cli(
     )
 
 
+def add_token(
+    cwd: Path, state_dir: Path, name: str, role: str, project: str | None, by: str | None
+) -> str:
+    """`gpu-agent token add` through the real CLI, as the holder of token `by` (None: the
+    local admin, before any token exists): the new token."""
+    extra = ["--project", project] if project else []
+    r = run_cli(
+        "token", "add", name, "--role", role, *extra, "--json", "--state-dir", str(state_dir),
+        cwd=cwd, env={"GPU_AGENT_TOKEN": by or ""},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return str(json.loads(r.stdout)["token"])
+
+
 # ---- PostgreSQL ------------------------------------------------------------------------------
 # A real server on loopback: GPU_AGENT_TEST_DATABASE (an admin URL) if set, else a private one
 # started here (tests/pgserver.py). Without PostgreSQL installed the Postgres cases skip, unless

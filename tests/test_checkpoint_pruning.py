@@ -27,6 +27,7 @@ from graph.orchestrator import Orchestrator
 from graph.server import _postgres, _PrunedSqliteSaver, checkpointer
 from nodes.state import InputState
 from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config
+from tests.test_graph_e2e import split_config  # every request stops for a review
 
 TEN_HOURS = {"project": "p", "purpose": "training", "count": 1, "duration_hours": 10}
 
@@ -45,18 +46,6 @@ def charged_once(orch: Orchestrator, allocation_id: str) -> float:
 
 def keeping(keep: Literal["latest", "all"]) -> FleetConfig:
     return small_config().model_copy(update={"checkpoints": CheckpointSettings(keep=keep)})
-
-
-def reviewing() -> FleetConfig:
-    """Every request stops for a human review."""
-    return small_config(
-        council={
-            "policy": "reference",
-            "approve_threshold": 0.99,
-            "deny_threshold": 0.05,
-            "auto_approve_max_gpus": 0,
-        }
-    )
 
 
 def test_a_monitored_run_keeps_its_latest_checkpoint(make_orch: OrchFactory) -> None:
@@ -123,7 +112,7 @@ def test_a_crash_after_a_prune_resumes_from_the_latest_tick(
 def test_a_review_is_kept_through_the_prune(make_orch: OrchFactory) -> None:
     """A thread that stops for a review is not pruned (nothing ticked); approved, it runs,
     and the one checkpoint left still says who decided."""
-    orch = make_orch(reviewing())
+    orch = make_orch(split_config())
     asked = orch.request(TEN_HOURS | {"count": 2}, thread_id="r")
     assert asked.status is Status.PENDING_REVIEW
     assert checkpoints(orch, "r") == 1  # durability "exit": one at the interrupt
@@ -151,7 +140,7 @@ def test_a_fork_from_a_pruned_checkpoint_is_refused(make_orch: OrchFactory) -> N
     """A checkpoint id noted before a prune (the review's) no longer exists: reading or
     forking from it is refused with one line, and nothing changes (LangGraph would run the
     graph from its start, moving the thread's head to an invalid state)."""
-    orch = make_orch(reviewing())
+    orch = make_orch(split_config())
     asked = orch.request(TEN_HOURS | {"count": 2}, thread_id="r")
     assert asked.status is Status.PENDING_REVIEW
     review = orch.graph.get_state({"configurable": {"thread_id": "r"}}).config

@@ -15,7 +15,7 @@ import pytest
 
 from fleet.errors import InvalidInput
 from graph.cli_servers import _studio_port
-from tests.conftest import fleet_toml, run_cli
+from tests.conftest import add_token, fleet_toml, run_cli
 
 COUNCIL = {
     "policy": "reference",
@@ -34,29 +34,11 @@ def day(tmp_path: Path) -> dict[str, Any]:
     fleet.write_text(fleet_toml(council=COUNCIL))
     opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(fleet)]
 
-    def add(name: str, role: str, project: str | None, token: str | None) -> str:
-        extra = ["--project", project] if project else []
-        r = run_cli(
-            "token",
-            "add",
-            name,
-            "--role",
-            role,
-            *extra,
-            "--json",
-            "--state-dir",
-            str(tmp_path / "s"),
-            cwd=tmp_path,
-            env={"GPU_AGENT_TOKEN": token or ""},
-        )
-        assert r.returncode == 0, r.stderr
-        return str(json.loads(r.stdout)["token"])
-
-    root = add("root", "admin", None, None)
+    root = add_token(tmp_path, tmp_path / "s", "root", "admin", None, None)
     tokens = {
         "root": root,
-        "alice": add("alice", "member", "vision", root),
-        "dave": add("dave", "approver", "vision", root),
+        "alice": add_token(tmp_path, tmp_path / "s", "alice", "member", "vision", root),
+        "dave": add_token(tmp_path, tmp_path / "s", "dave", "approver", "vision", root),
     }
     return {"cwd": tmp_path, "opts": opts, "tokens": tokens, "state": tmp_path / "s"}
 

@@ -11,15 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import fleet_toml, run_cli
-
-COUNCIL = {  # a request of one GPU is approved without a human
-    "policy": "reference",
-    "approve_threshold": 0.99,
-    "deny_threshold": 0.01,
-    "auto_approve_max_gpus": 1,
-    "auto_approve_max_usd": 100_000,
-}
+from tests.conftest import add_token, fleet_toml, run_cli
+from tests.test_cli_daily import COUNCIL  # a request of one GPU needs no human
 
 
 @pytest.fixture
@@ -29,27 +22,12 @@ def two(tmp_path: Path) -> dict[str, Any]:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(council=COUNCIL))
     state = ["--state-dir", str(tmp_path / "s")]
-    tokens: dict[str, str] = {}
-    for name, role, project, by in [
-        ("root", "admin", None, ""),
-        ("alice", "member", "vision", "root"),
-        ("bob", "member", "nlp", "root"),
-    ]:
-        extra = ["--project", project] if project else []
-        r = run_cli(
-            "token",
-            "add",
-            name,
-            "--role",
-            role,
-            *extra,
-            "--json",
-            *state,
-            cwd=tmp_path,
-            env={"GPU_AGENT_TOKEN": tokens.get(by, "")},
-        )
-        assert r.returncode == 0, r.stderr
-        tokens[name] = json.loads(r.stdout)["token"]
+    root = add_token(tmp_path, tmp_path / "s", "root", "admin", None, None)
+    tokens = {
+        "root": root,
+        "alice": add_token(tmp_path, tmp_path / "s", "alice", "member", "vision", root),
+        "bob": add_token(tmp_path, tmp_path / "s", "bob", "member", "nlp", root),
+    }
     day = {"cwd": tmp_path, "opts": [*state, "--fleet", str(fleet)], "tokens": tokens}
     r = cli(day, "bob", "request", "--purpose", "training", "--count", "1", "--hours", "4")
     day["held"] = json.loads(r.stdout)["allocation"]["id"]
