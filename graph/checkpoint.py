@@ -102,12 +102,11 @@ def open_postgres_saver(url: str, *, pool_size: int = 8) -> BaseCheckpointSaver[
     """A PostgresSaver over a connection pool, set up (once, whoever starts first)."""
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg import Connection, Error
+    from psycopg.rows import DictRow, dict_row, tuple_row
+    from psycopg_pool import ConnectionPool, PoolTimeout
 
     class KnownPostgresSaver(KnownOnly, PostgresSaver):
         """PostgresSaver, refusing a checkpoint id it does not hold."""
-
-    from psycopg.rows import DictRow, dict_row, tuple_row
-    from psycopg_pool import ConnectionPool, PoolTimeout
 
     pool = ConnectionPool(
         url,
