@@ -24,7 +24,6 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import BaseModel
 
 import fleet.models
@@ -235,6 +234,8 @@ def prune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
 
 async def aprune(saver: BaseCheckpointSaver[str], thread_id: str) -> None:
     """`prune` for the asynchronous savers the LangGraph server runs on."""
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver  # the server's: not at start-up
+
     if not isinstance(saver, AsyncSqliteSaver):
         await saver.aprune([thread_id], strategy="keep_latest")  # AsyncPostgresSaver's own
         return

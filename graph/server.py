@@ -110,16 +110,15 @@ async def _opened() -> AsyncIterator[BaseCheckpointSaver[str]]:
 @asynccontextmanager
 async def _postgres(url: str, keep_latest: bool) -> AsyncIterator[BaseCheckpointSaver[str]]:
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+    from psycopg import AsyncConnection
+    from psycopg.rows import DictRow, dict_row, tuple_row
+    from psycopg_pool import AsyncConnectionPool
 
     class PostgresSaver(KnownOnly, AsyncPostgresSaver):
         """The PostgreSQL saver, refusing a checkpoint id it does not hold."""
 
     class PrunedPostgresSaver(PrunedOnPut, AsyncPostgresSaver):
         """The PostgreSQL saver, keeping a thread's latest checkpoint (graph.checkpoint)."""
-
-    from psycopg import AsyncConnection
-    from psycopg.rows import DictRow, dict_row, tuple_row
-    from psycopg_pool import AsyncConnectionPool
 
     kwargs = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row}
     async with AsyncConnectionPool(

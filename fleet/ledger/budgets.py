@@ -221,18 +221,13 @@ class Budgets(Kept):
                 asked, least = _apart(budget_usd, floor)
                 # a release stops an allocation accruing, never lowers what it has cost
                 accruing = sum(a.deadline > now for a in actives)
-                raise InvalidInput(
-                    f"budget {asked} for {project} is below what it has already spent"
-                    + (" or accrued" if so_far > EPS else "")
-                    + f" ({least})"
-                    + (
-                        "; its running allocation adds to it until released"
-                        if accruing == 1
-                        else f"; its {accruing} running allocations add to it until released"
-                        if accruing
-                        else ""
-                    )
-                )
+                why = f"budget {asked} for {project} is below what it has already spent"
+                why += f" or accrued ({least})" if so_far > EPS else f" ({least})"
+                if accruing == 1:
+                    why += "; its running allocation adds to it until released"
+                elif accruing:
+                    why += f"; its {accruing} running allocations add to it until released"
+                raise InvalidInput(why)
             old = self._budget(db, project)
             db.execute(
                 "INSERT INTO budgets (project, budget_usd, updated_at) VALUES (?,?,?) "
