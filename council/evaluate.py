@@ -29,6 +29,7 @@ habits changed (the habit-change test: where an old record misleads, time should
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,7 @@ from council.outcomes import (
     ess,
     figures,
 )
+from council.spec import NetSpec
 from fleet.config import CouncilSettings, FleetConfig
 from fleet.errors import InvalidInput
 from fleet.models import CouncilDecision
@@ -230,6 +232,24 @@ def split_world(seed: int, settings: EvalSettings, config: FleetConfig) -> Slice
                 "give it more days or more projects"
             )
     return Slices(*parts, *cuts(samples))
+
+
+def check_family(family: str, specs: Mapping[str, NetSpec]) -> None:
+    """InvalidInput unless the councils named `family` differ only in their training seed,
+    each its own: else the spread pooled() reports is not the one between training seeds."""
+    first, *rest = specs.items()
+    for name, spec in rest:
+        if dataclasses.replace(spec, seed=0) != dataclasses.replace(first[1], seed=0):
+            raise InvalidInput(
+                f"--weights {family}=: {name} is not trained as {first[0]} is (a family's "
+                "councils differ only in their training seed)"
+            )
+    seeds = [spec.seed for spec in specs.values()]
+    if len(set(seeds)) != len(seeds):
+        raise InvalidInput(
+            f"--weights {family}=: two councils trained with the same seed "
+            f"({', '.join(map(str, seeds))}); a family's come from different seeds"
+        )
 
 
 def pooled(

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Iterator
@@ -79,24 +80,84 @@ LOCAL = Identity("local", None, "admin")
 
 
 def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """The token's SHA-256; an environment's bytes that are no UTF-8 (Python's surrogate
+    escapes) hash as those bytes: an unknown token, not a traceback."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+_KEYS = ("name", "project", "role", "token_sha256")  # an [[identity]]'s, in _write's order
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # hashlib's hexdigest
+
+
+# not "move it aside": without the file, anyone is the local admin of the state directory
+_WAY_OUT = "fix it or restore it from a backup (without it, anyone acts as an admin)"
 
 
 def _load(path: Path) -> list[dict[str, str]]:
+    """The access file's identities, each checked as add_identity wrote it: a hand-edited one
+    that is not (a hash that is no string) would fail every caller's identify, not just its own."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise StateDirError(f"{path} is unreadable ({exc}); fix it or move it aside") from None
+        raise StateDirError(f"{path} is unreadable ({exc}); {_WAY_OUT}") from None
     entries = data.get("identity", [])
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and {"name", "role", "token_sha256"} <= set(e) and e["role"] in ROLES
-        for e in entries
-    ):
-        raise StateDirError(
-            f"{path}: each [[identity]] needs name, role ({', '.join(ROLES)}), "
-            "token_sha256 and, unless an admin, project"
-        )
+    why = _file_problem(data, entries)
+    if why is not None:
+        raise StateDirError(f"{path} is damaged: {why}; {_WAY_OUT}")
     return cast(list[dict[str, str]], entries)
+
+
+def _file_problem(data: dict[str, object], entries: object) -> str | None:
+    """Why the access file's `data` is not what _write writes (None: it is)."""
+    unknown = sorted(set(data) - {"identity"})
+    if unknown or not isinstance(entries, list):
+        return "it holds [[identity]] tables and nothing else"
+    seen: set[object] = set()
+    for i, e in enumerate(entries, 1):
+        name = e.get("name") if isinstance(e, dict) else None
+        why = _entry_problem(e)
+        if why is None and name in seen:
+            why = f"identity {name!r} appears twice"
+        if why is not None:
+            return f"[[identity]] {i}: {why}"
+        seen.add(name)
+    return None
+
+
+def _entry_problem(e: object) -> str | None:
+    """Why one [[identity]] is not one add_identity could have written (None: it is)."""
+    if not isinstance(e, dict):
+        return "not a table"
+    unknown = sorted(set(e) - set(_KEYS))
+    if unknown:
+        return f"unknown key {names.shown(unknown[0])} (keys: {', '.join(_KEYS)})"
+    missing = [k for k in _KEYS if k != "project" and k not in e]
+    if missing:
+        return f"no {missing[0]}"
+    digest = e["token_sha256"]
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        return "token_sha256 is not 64 lower-case hex digits (a token's SHA-256)"
+    return identity_problem(e["name"], e["role"], e.get("project"))
+
+
+def identity_problem(name: object, role: object, project: object) -> str | None:
+    """Why (name, role, project) is no identity (None: it is one): what add_identity refuses
+    and what _load calls damage in a hand-edited file."""
+    why = names.problem("identity", name)
+    if why is not None:
+        return why
+    if name == LOCAL.name:
+        return (
+            f"identity name {LOCAL.name!r} is reserved (the user of a state directory "
+            "without tokens)"
+        )
+    if role not in ROLES:
+        return f"role must be one of {', '.join(ROLES)}, not {names.shown(role)}"
+    if role == "admin" and project is not None:
+        return "an admin acts on every project: give it none (--project)"
+    if role != "admin" and project is None:
+        return f"a {role} belongs to a project: give it one (--project)"
+    return None if project is None else names.problem("project", project)
 
 
 def identify(state_dir: Path, token: str | None) -> Identity:
@@ -128,7 +189,7 @@ def _write(path: Path, entries: list[dict[str, str]]) -> None:
     """Replace the access file at once (0600): a crash leaves the old one or the new one."""
     blocks = []
     for e in entries:
-        keys = [k for k in ("name", "project", "role", "token_sha256") if e.get(k)]
+        keys = [k for k in _KEYS if e.get(k)]
         # json.dumps quotes as a TOML basic string does for these characters
         blocks.append("[[identity]]\n" + "".join(f"{k} = {json.dumps(e[k])}\n" for k in keys))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -148,21 +209,18 @@ def role_of(value: str) -> Role:
     raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {value!r}")
 
 
+def check_identity(name: str, role: str, project: str | None) -> Role:
+    """The role of a valid new identity (name, role, project), else InvalidInput: what can be
+    refused before anything is written or created."""
+    why = identity_problem(name, role, project or None)
+    if why is not None:
+        raise InvalidInput(why)
+    return cast(Role, role)
+
+
 def add_identity(state_dir: Path, name: str, role: str, project: str | None) -> str:
     """Add an identity; its new token (shown once, stored only as a hash)."""
-    names.check("identity", name)
-    if name == LOCAL.name:
-        raise InvalidInput(
-            f"identity name {LOCAL.name!r} is reserved (the user of a state "
-            "directory without tokens)"
-        )
-    role = role_of(role)
-    if role != "admin" and not project:
-        raise InvalidInput(f"a {role} belongs to a project: pass --project")
-    if role == "admin" and project:
-        raise InvalidInput("an admin acts on every project: leave --project out")
-    if project:
-        names.check("project", project)
+    role = check_identity(name, role, project)
     with _locked(state_dir) as path:
         entries = _load(path) if path.exists() else []
         if any(e["name"] == name for e in entries):

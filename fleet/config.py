@@ -38,6 +38,10 @@ SPEED_MIN, SPEED_MAX = 0.001, 1000.0
 # The dearest GPU-hour a catalog may price, in USD: far above any card's, and far enough
 # below a float's limit that a whole fleet's worst case never overflows.
 PRICE_MAX = 10_000.0
+# A project's [shares] weight against the others' (a project not named weighs 1): beyond a
+# millionfold either way a weight is a typo, and within it the fair-share factor's sums and
+# ratios stay finite and non-zero (fleet.scheduler.fair_share_factors divides by them).
+SHARE_MIN, SHARE_MAX = 0.001, 1_000_000.0
 
 
 class GPUTypeSpec(_Strict):
@@ -350,6 +354,10 @@ class FleetConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetConfig:
+        for t in self.catalog:  # printed in every table and route (pools and nodes name these)
+            why = names.problem("GPU type", t)
+            if why is not None:
+                raise ValueError(f"catalog: {why}")
         for purpose in Purpose:
             if not self.pools.get(purpose):
                 raise ValueError(f"pools.{purpose.value} must list at least one GPU type")
@@ -377,8 +385,11 @@ class FleetConfig(_Strict):
                 if why is not None:
                     raise ValueError(f"{table}: {why}")
         for project, share in self.shares.items():
-            if share <= 0:
-                raise ValueError(f"shares.{project} must be positive")
+            if not SHARE_MIN <= share <= SHARE_MAX:
+                raise ValueError(
+                    f"shares.{project} must be from {SHARE_MIN:g} to {SHARE_MAX:,.0f} "
+                    f"(a weight against the others', 1 for a project not named), not {share:g}"
+                )
         for project, budget in self.budgets.items():
             if budget < 0:
                 raise ValueError(f"budgets.{project} must not be negative")

@@ -1,6 +1,7 @@
 """The one place that says what a name or an id may look like: projects, identities, thread
-ids, allocation ids, request ids, workloads, and the fleet file's node names; and what free
-text a person writes into the audit log may hold (a review's comment, a preemption's reason).
+ids, allocation ids, request ids, workloads, and the fleet file's node and GPU type names; and
+what free text a person writes into the audit log may hold (a review's comment, a preemption's
+reason).
 
 Every entry (CLI, Python API, LangGraph server, tools, the web page) checks with a full match
 of these patterns: `re.match(... $)` lets a final newline through, which made "vision\\n" an
@@ -25,6 +26,7 @@ REQUEST_ID = THREAD_ID
 ALLOCATION_ID = re.compile(r"a-[0-9a-f]{12}")
 WORKLOAD = PROJECT  # a job's name for its speeds: a key of the fleet file's [speeds] table
 NODE = re.compile(_WORD + r"{0,252}")  # a host name's characters, as long as a host name
+GPU_TYPE = PROJECT  # a catalog's type ("A100", "RTX4090"): printed in every table and route
 
 _NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _HOST_RULE = "1-253 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -44,6 +46,7 @@ RULES = {
     ),
     "allocation id": (ALLOCATION_ID, "'a-' and 12 hex digits, as `gpu-agent status` shows"),
     "workload": (WORKLOAD, _NAME_RULE),
+    "GPU type": (GPU_TYPE, _NAME_RULE),
     "node": (NODE, _HOST_RULE),
     "rack": (NODE, _HOST_RULE),
 }

@@ -54,19 +54,25 @@ def simulated_uuid(node: str, index: int) -> str:
     return f"GPU-{uuid.uuid5(_NAMESPACE, f'{node}/{index}')}"
 
 
+def check_simulable(config: FleetConfig) -> None:
+    """ConfigError unless the fleet file describes a fleet to simulate: its nodes, and
+    workloads that name known profiles. `gpu-agent simulate` asks before it writes anything."""
+    if not config.nodes:
+        raise ConfigError("the simulated fleet needs [[nodes]] in the fleet file")
+    sim = config.simulation
+    for profile in [sim.default_workload, *sim.workloads.values()]:
+        if profile not in PROFILES:
+            raise ConfigError(
+                f"simulation workload {profile!r} is unknown (use {', '.join(PROFILES)})"
+            )
+
+
 class SimulatedFleet:
     name = "simulated"
     hardware = False
 
     def __init__(self, config: FleetConfig) -> None:
-        if not config.nodes:
-            raise ConfigError("the simulated fleet needs [[nodes]] in the fleet file")
-        sim = config.simulation
-        for profile in [sim.default_workload, *sim.workloads.values()]:
-            if profile not in PROFILES:
-                raise ConfigError(
-                    f"simulation workload {profile!r} is unknown (use {', '.join(PROFILES)})"
-                )
+        check_simulable(config)
         self._config = config
         self._inventory = [
             GPUInfo(

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
-from fleet.errors import GPUAgentError, flat
+from fleet.errors import GPUAgentError, RunStopped, flat
 from graph.cli_ledger import (
     cmd_audit,
     cmd_budget,
@@ -94,8 +94,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         thread = getattr(exc, "thread_id", None)  # RunStopped's: the run's thread
-        resume = f"gpu-agent resume {thread}" if thread else "gpu-agent resume"
-        message = f"interrupted; the thread is checkpointed: `{resume}` carries it on"
+        message = (
+            f"interrupted; the thread is checkpointed: `gpu-agent resume {thread}` carries it on"
+            if thread
+            else f"interrupted; {exc}"  # a request stopped before anything of it was kept
+            if isinstance(exc, RunStopped)
+            else "interrupted"  # before a thread was named, or outside one
+        )
         error_json(message, 130, "Interrupted", Parser.json_errors)
         print(f"gpu-agent: {message}", file=sys.stderr)
         return 130

@@ -8,9 +8,17 @@ import argparse
 import os
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fleet import names
-from fleet.access import ACCESS, add_identity, identify, identities, revoke_identity
+from fleet.access import (
+    ACCESS,
+    add_identity,
+    check_identity,
+    identify,
+    identities,
+    revoke_identity,
+)
 from fleet.budget import describe_moves
 from fleet.errors import InvalidInput
 from fleet.models import utc
@@ -230,13 +238,17 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def _token_add(args: argparse.Namespace) -> int:
-    directory = prepare(args.state_dir or default_state_dir(), create=True)
-    if (directory / ACCESS).exists():
-        identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin("add identities")
-    elif args.role != "admin":
+    """`token add`, refused before the state directory is created where it can be: a refused
+    add changes nothing, a new directory included."""
+    check_identity(args.name, args.role, args.project)
+    path = Path(args.state_dir or default_state_dir())
+    if args.role != "admin" and not (path / ACCESS).exists():
         raise InvalidInput(
             "the first identity must be an admin (who else would set budgets and add the others?)"
         )
+    directory = prepare(path, create=True)
+    if (directory / ACCESS).exists():
+        identify(directory, os.environ.get("GPU_AGENT_TOKEN")).check_admin("add identities")
     token = add_identity(directory, args.name, args.role, args.project)
     emit(
         args,

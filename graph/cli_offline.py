@@ -90,6 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fleet.config import parse_fleet
+    from fleet.simulated import check_simulable
     from sim.simulate import (
         as_json,
         fleet_source,
@@ -119,6 +120,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.models is not None:
         name, text = with_models(name, text, args.models)
     config = parse_fleet(text, source=f"fleet file {name}")
+    check_simulable(config)  # else a refusal midway, after the earlier policies' folders
     if args.models is not None and not config.speeds:
         raise InvalidInput(f"--models {args.models}: no [speeds] table")
     out = Path(args.out)
@@ -236,8 +238,17 @@ def family_and_path(entry: str) -> tuple[str | None, str]:
 def council_evaluate(args: argparse.Namespace) -> int:
     """`council evaluate`: every council named (both shipped ones by default) beside the
     baselines, on the test slices of fresh worlds (council.evaluate)."""
-    from council.evaluate import EvalSettings, Policy, baselines, evaluate, fixed, report
+    from council.evaluate import (
+        EvalSettings,
+        Policy,
+        baselines,
+        check_family,
+        evaluate,
+        fixed,
+        report,
+    )
     from council.neural_council import SHIPPED_NAMES, NeuralCouncil
+    from council.spec import NetSpec
 
     try:
         seeds = tuple(int(x) for x in args.seeds.split(","))
@@ -256,6 +267,7 @@ def council_evaluate(args: argparse.Namespace) -> int:
     config = load_fleet(fleet_file(args))
     policies: dict[str, Policy] = {}
     groups: dict[str, dict[str, int | None]] = {}
+    specs: dict[str, dict[str, NetSpec]] = {}
     # by default every shipped council: trained to the rules, and those named (on outcomes)
     for family, path in map(family_and_path, args.weights or ["", *SHIPPED_NAMES]):
         name = f"cfc-council-{path}" if path in SHIPPED_NAMES else path or "cfc-council"
@@ -265,6 +277,9 @@ def council_evaluate(args: argparse.Namespace) -> int:
         policies[name] = fixed(council.decide)
         if family:
             groups.setdefault(family, {})[name] = council.model.spec.seed
+            specs.setdefault(family, {})[name] = council.model.spec
+    for family, members in specs.items():
+        check_family(family, members)
     policies |= baselines()
     settings = EvalSettings(seeds=seeds, days=args.days, projects=args.projects)
     result = evaluate(policies, config, settings, (lambda _: None) if args.json else print, groups)

@@ -409,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("usd", type=float)
 
     p = sub.add_parser("demo", help="a short story on the simulated fleet in virtual time")
-    _common(p)
+    p.add_argument(
+        "--state-dir", help="a new state directory to keep it in (default: a temporary one)"
+    )
+    p.add_argument("--fleet", help="fleet TOML file (env GPU_AGENT_FLEET; default: built-in fleet)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser(
         "simulate",

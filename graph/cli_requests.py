@@ -23,7 +23,7 @@ from fleet.access import ACCESS, identify
 from fleet.config import load_fleet
 from fleet.errors import InvalidInput
 from fleet.fleet_backend import SchedulerJob
-from fleet.jobs import Job, JobQueue
+from fleet.jobs import Job
 from fleet.ledger.runs import MAX_REQUEUES
 from fleet.models import NOTICE_SIGNALS, Event, Status, utc
 from fleet.statedir import default_state_dir
@@ -252,7 +252,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     with open_records(args, create=False) as rec:
         jobs = [rec.job(args.thread_id)] if args.thread_id is not None else rec.jobs()
-        counts = JobQueue(rec.services.ledger).counts()
+        counts = rec.job_counts()
     lines = [
         f"{j.thread_id}  {j.state:<8} {j.outcome or '':<15} {quoted(j.request.project):<12} "
         f"{quoted(j.worker or '')}" + (f"  ({quoted(j.error)})" if j.error else "")

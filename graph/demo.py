@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fleet.clock import VirtualClock
 from fleet.config import FleetConfig, load_fleet
+from fleet.errors import InvalidInput
 from fleet.ledger.rows import ProjectCost
 from graph.orchestrator import Orchestrator
 from graph.scenario import ScenarioResult, SetBudget, Step, Submit, run_scenario
@@ -89,6 +90,13 @@ def demo_fleet(fleet: str | Path | None) -> FleetConfig:
 
 
 def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bool = False) -> int:
+    """The story on `fleet`, kept in `state_dir` where given: a new or empty directory, as
+    its threads' names would meet those of a story told there before."""
+    if state_dir and Path(state_dir).is_dir() and any(Path(state_dir).iterdir()):
+        raise InvalidInput(
+            f"--state-dir {state_dir} is not empty: the demo tells its story in a new state "
+            "directory (or, without --state-dir, in a temporary one)"
+        )
     with tempfile.TemporaryDirectory(prefix="gpu-agent-demo-") as tmp:
         directory = Path(state_dir) if state_dir else Path(tmp) / "state"
         clock = VirtualClock()
@@ -115,7 +123,8 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bo
                     show(at)
 
         if not as_json:
-            print(f"gpu-agent demo: one virtual day on the default fleet (state: {directory})")
+            where = f"fleet file {fleet}" if fleet else "the default fleet"
+            print(f"gpu-agent demo: one virtual day on {where} (state: {directory})")
         with Orchestrator(directory, demo_fleet(fleet), clock=clock) as orch:
             result = run_scenario(orch, clock, STORY, report)
             with lock:

@@ -316,7 +316,10 @@ class Orchestrator(Records):
         run streams in the main thread with Python's own SIGINT handler, Ctrl-C also ends
         the node's sleep, where it stops (Services.stop_thread). Another handler (`gpu-agent
         run`'s, which stops its command as a release would; a notebook's) is left alone.
-        The interruption the caller gets names the thread (RunStopped), for its resume."""
+        The interruption the caller gets names the thread (RunStopped), for its resume.
+        `request` and `resume` hold it around all they do, so that a Ctrl-C that lands while
+        they read a checkpoint (whose decoder turns it into a ValueError) stops them alike;
+        the run's own use inside them then leaves their handler be."""
         ours = (
             threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -472,14 +475,20 @@ class Orchestrator(Records):
         """
         req = self.check(request)
         thread_id, claim = self._new_thread(thread_id, req)
-        return self._start(
-            req,
-            thread_id,
-            claim,
-            wait=wait,
-            on_update=_events_to(on_event),
-            on_progress=_heard(on_progress),
-        )
+        try:
+            with self._ctrl_c_stops(thread_id):
+                return self._start(
+                    req,
+                    thread_id,
+                    claim,
+                    wait=wait,
+                    on_update=_events_to(on_event),
+                    on_progress=_heard(on_progress),
+                )
+        except RunStopped as exc:
+            if self._started(thread_id):
+                raise
+            raise RunStopped("nothing of the request was kept: ask again") from exc
 
     def start_job(
         self, job: Job, *, on_event: Callable[[Event], None] | None = None
@@ -504,6 +513,17 @@ class Orchestrator(Records):
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestOutcome:
         """Carry a thread on from its last checkpoint: after a crash, a queue, or a review."""
+        with self._ctrl_c_stops(thread_id):  # also while it reads the checkpoint
+            return self._resume(thread_id, decision, wait, on_event, on_progress)
+
+    def _resume(
+        self,
+        thread_id: str,
+        decision: HumanDecision | bool | Mapping[str, Any] | None,
+        wait: bool,
+        on_event: Callable[[Event], None] | None,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> RequestOutcome:
         snap, project = self._thread(thread_id)
         graph_input: Command[Any] | None = None
         if snap.interrupts:
@@ -632,8 +652,19 @@ class Orchestrator(Records):
         on it (else InvalidInput: another project's thread is as if none)."""
         snap = self.graph.get_state(self._config(thread_id))
         if not snap.values:
-            raise InvalidInput(f"no thread {thread_id!r}")
+            raise InvalidInput(self._no_thread(thread_id))
         return snap, self._project_of(snap.values, thread_id)
+
+    def _no_thread(self, thread_id: str) -> str:
+        """Why there is no thread: a submitted request has none until a worker starts it."""
+        with contextlib.suppress(InvalidInput):
+            job = JobQueue(self.services.ledger).get(thread_id)
+            if job.state == "pending" and self.identity.may_act_on(job.request.project):
+                return (
+                    f"thread {thread_id!r} is a submitted request no worker has started yet "
+                    f"(`gpu-agent jobs {thread_id}`); a worker runs it"
+                )
+        return f"no thread {thread_id!r}"
 
     # ---- holding GPUs in a block ------------------------------------------------------------
 

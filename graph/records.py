@@ -27,7 +27,7 @@ from fleet.access import Identity, identify
 from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice
 from fleet.errors import InvalidInput, StateDirError
-from fleet.jobs import Job, JobQueue
+from fleet.jobs import STATES, Job, JobQueue
 from fleet.ledger.rows import AuditEntry, LedgerRow, ProjectCost
 from fleet.models import HistoryRecord, Release, ReleaseReason
 from fleet.monitors import Monitors, Orphan
@@ -329,6 +329,16 @@ class Records:
             for j in JobQueue(self.services.ledger).jobs()
             if mine is None or j.request.project == mine
         ]
+
+    def job_counts(self) -> dict[str, int]:
+        """How many of the submitted requests the caller may see are pending, running and
+        done (a member's: its project's)."""
+        if self._visible(None) is None:
+            return JobQueue(self.services.ledger).counts()
+        counts = dict.fromkeys(STATES, 0)
+        for j in self.jobs():
+            counts[j.state] += 1
+        return counts
 
     def job(self, thread_id: str) -> Job:
         """A submitted request's job: pending, running (on which worker) or done (how)."""

@@ -37,6 +37,10 @@ from graph.orchestrator import Orchestrator
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_WAIT_SECONDS = 86400.0  # a worker's lease and poll: a dead worker's jobs wait a day at most
+# A lease renews every quarter of its length: shorter, a living worker's lease lapses between
+# two commits and another claims its job, which it then counts as stopped; a poll shorter
+# than a hundredth of a second only spins.
+MIN_LEASE_SECONDS, MIN_POLL_SECONDS = 0.2, 0.01
 
 
 @dataclass
@@ -55,16 +59,17 @@ class Worker:
     finished: Counter[str] = field(default_factory=Counter)  # outcomes of the jobs it ended
 
     def __post_init__(self) -> None:
+        self.orch.identity.check_admin("run a worker (it runs every project's requests)")
         if self.concurrency < 1:
             raise InvalidInput(f"--concurrency must be at least 1, not {self.concurrency}")
-        if not 0 < self.lease_seconds <= MAX_WAIT_SECONDS:
+        if not MIN_LEASE_SECONDS <= self.lease_seconds <= MAX_WAIT_SECONDS:
             raise InvalidInput(
-                f"--lease-seconds must be above 0 and at most {MAX_WAIT_SECONDS:g} (a day), "
-                f"not {self.lease_seconds}"
+                f"--lease-seconds must be from {MIN_LEASE_SECONDS:g} to {MAX_WAIT_SECONDS:g} "
+                f"(a day), not {self.lease_seconds}"
             )
-        if not 0 < self.poll_seconds <= MAX_WAIT_SECONDS:
+        if not MIN_POLL_SECONDS <= self.poll_seconds <= MAX_WAIT_SECONDS:
             raise InvalidInput(
-                f"--poll-seconds must be above 0 and at most {MAX_WAIT_SECONDS:g}, "
+                f"--poll-seconds must be from {MIN_POLL_SECONDS:g} to {MAX_WAIT_SECONDS:g}, "
                 f"not {self.poll_seconds}"
             )
         if self.max_waiting < 0:

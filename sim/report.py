@@ -374,6 +374,8 @@ def _util_plot(ax: Any, results: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def _jct_plot(ax: Any, results: Mapping[str, Mapping[str, Any]]) -> None:
+    """The completion times' CDF of each policy that completed a job; where none did, the
+    plot says so (a legend of no line is a warning on the user's terminal)."""
     for name, m in results.items():
         hours = _get(m, "series.jct_cdf.hours") or []
         if hours:
@@ -385,7 +387,10 @@ def _jct_plot(ax: Any, results: Mapping[str, Mapping[str, Any]]) -> None:
         xlabel="JCT (hours, log)",
         ylabel="fraction of jobs",
     )
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no policy completed a job", ha="center", transform=ax.transAxes)
 
 
 def _share_plot(ax: Any, results: Mapping[str, Mapping[str, Any]]) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from fleet.access import ACCESS, LOCAL, add_identity
+from fleet.access import ACCESS, LOCAL, add_identity, identify
 from fleet.clock import VirtualClock
-from fleet.errors import Forbidden, InvalidInput
+from fleet.errors import Forbidden, InvalidInput, StateDirError
 from fleet.faults import ENV, InjectedFault
 from fleet.models import HumanDecision, Status
 from graph.orchestrator import Orchestrator
@@ -333,3 +333,96 @@ def test_who_asked_survives_a_resume_by_another_member(
     finally:
         alice.close()
         ann.close()
+
+
+GOOD_HASH = "0" * 64
+
+
+def identity_block(**fields: str | int) -> str:
+    """One [[identity]] table of the access file, its values as TOML writes them."""
+    return "[[identity]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+
+
+ROOT: dict[str, str | int] = {"name": "root", "role": "admin", "token_sha256": GOOD_HASH}
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        # a hand-edited file (session 29): a hash that was no ASCII string passed _load and
+        # failed every command in identify's hmac.compare_digest (a traceback)
+        (identity_block(**ROOT | {"token_sha256": 5}), "token_sha256"),
+        (identity_block(**ROOT | {"token_sha256": "é"}), "token_sha256"),
+        (identity_block(**ROOT | {"token_sha256": "A" * 64}), "64 lower-case hex digits"),
+        (identity_block(**ROOT | {"name": 7}), "identity of type int"),
+        (identity_block(**ROOT | {"name": "eve\x1b[2J"}), "identity 'eve\\x1b[2J'"),
+        (identity_block(**ROOT | {"role": "root"}), "role must be one of"),
+        (identity_block(**ROOT | {"project": "vision"}), "an admin acts on every project"),
+        (identity_block(**ROOT | {"role": "member"}), "a member belongs to a project"),
+        (identity_block(**ROOT | {"role": "member", "project": 3}), "project of type int"),
+        (identity_block(**ROOT | {"name": "local"}), "is reserved"),
+        (identity_block(**ROOT | {"tokne_sha256": GOOD_HASH}), "unknown key 'tokne_sha256'"),
+        (identity_block(name="root", role="admin"), "no token_sha256"),
+        (identity_block(**ROOT) + identity_block(**ROOT), "[[identity]] 2: identity 'root'"),
+        ("identity = 5\n", "[[identity]] tables and nothing else"),
+        (identity_block(**ROOT) + "[extra]\n", "[[identity]] tables and nothing else"),
+    ],
+    ids=lambda v: "file" if "\n" in str(v) else str(v),
+)
+def test_a_damaged_access_file_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
+    """What identify reads of access.toml is checked as add_identity writes it: anything
+    else is one StateDirError line naming the file and the way out, never a TypeError."""
+    (tmp_path / ACCESS).write_text(text)
+    with pytest.raises(StateDirError) as err:
+        identify(tmp_path, "anything")
+    line = str(err.value)
+    assert line.startswith(f"{tmp_path / ACCESS} is damaged: ") and needle in line, line
+    assert (
+        line.endswith("fix it or restore it from a backup (without it, anyone acts as an admin)")
+        and "\n" not in line
+    )
+
+
+def test_a_damaged_access_file_through_the_cli(tmp_path: Path) -> None:
+    """The session-29 reproducer: `token list`, `budget set` and `health` on a state directory
+    whose access.toml has a number for a hash exit 2 with one line (a JSON error with
+    --json), not a traceback."""
+    state = tmp_path / "st"
+    state.mkdir()
+    (state / ACCESS).write_text(identity_block(**ROOT | {"token_sha256": 5}))
+    env = {"GPU_AGENT_TOKEN": "abc"}
+    for command in (["token", "list"], ["budget", "set", "ads", "5"], ["health"]):
+        r = run_cli(*command, "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (command, r.stderr)
+        error = json.loads(r.stdout)
+        assert error["type"] == "StateDirError" and "is damaged" in error["error"], error
+    r = run_cli("token", "list", "--state-dir", str(state), cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("gpu-agent: ") and r.stderr.count("\n") == 1
+
+
+def test_a_token_that_is_no_utf8_is_unknown(tmp_path: Path) -> None:
+    """GPU_AGENT_TOKEN holding bytes that are no UTF-8 (Python's surrogate escapes) is an
+    unknown token, not a UnicodeEncodeError."""
+    add_identity(tmp_path, "root", "admin", None)
+    with pytest.raises(Forbidden, match="unknown token"):
+        identify(tmp_path, "\udcff")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["alice", "--role", "member", "--project", "vision"], "first identity must be an admin"),
+        (["bad name", "--role", "admin"], "identity 'bad name'"),
+        (["root", "--role", "admin", "--project", "vision"], "an admin acts on every project"),
+        (["alice", "--role", "member", "--project", "a/b"], "project 'a/b'"),
+    ],
+)
+def test_a_refused_token_add_creates_no_state_directory(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    """A `token add` that is refused exits 2 and changes nothing: it leaves no new state
+    directory behind (it made one, empty, before it checked)."""
+    state = tmp_path / "new"
+    r = run_cli("token", "add", *args, "--state-dir", str(state), "--json", cwd=tmp_path)
+    assert r.returncode == 2 and needle in json.loads(r.stdout)["error"], r.stderr
+    assert not state.exists()

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,29 @@ def test_demo(tmp_path: Path) -> None:
         < out["vision-finetune"]["allocation"]["started_at"]
     )  # queued later, went first
     assert any(e["kind"] == "queued" for e in out["vision-finetune"]["events"])
+
+
+def test_demo_tells_its_story_once_in_a_state_directory(tmp_path: Path) -> None:
+    """Told again in the same state directory, its threads' names would meet the first
+    story's (every request refused, budgets set again, exit 0): refused up front, nothing
+    changed. Its header names the fleet it runs on; it offers no backend (it simulates)."""
+    state = tmp_path / "s"
+    fleet = tmp_path / "f.toml"
+    fleet.write_text(resources.files("fleet").joinpath("data", "default_fleet.toml").read_text())
+    told = run_cli("demo", "--state-dir", str(state), "--fleet", str(fleet), cwd=tmp_path)
+    assert told.returncode == 0, told.stderr
+    assert told.stdout.startswith(f"gpu-agent demo: one virtual day on fleet file {fleet} ")
+    before = sorted((p, p.stat().st_mtime_ns) for p in state.rglob("*"))
+    again = run_cli("demo", "--state-dir", str(state), "--json", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"gpu-agent: --state-dir {state} is not empty: the demo tells its story in a new "
+        "state directory (or, without --state-dir, in a temporary one)\n"
+    )
+    assert json.loads(again.stdout)["type"] == "InvalidInput"
+    assert sorted((p, p.stat().st_mtime_ns) for p in state.rglob("*")) == before
+    other = run_cli("demo", "--backend", "nvml", cwd=tmp_path)
+    assert other.returncode == 2 and "unrecognized arguments: --backend nvml" in other.stderr
 
 
 def test_human_review_through_the_cli(tmp_path: Path) -> None:

@@ -4,13 +4,18 @@ and a lease its budget ends sooner than the lease says."""
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fleet.errors import RunStopped
+from graph import cli as cli_main
+from graph import entry
 from tests.conftest import add_token, fleet_toml, run_cli
 from tests.test_cli_daily import COUNCIL  # a request of one GPU needs no human
 
@@ -120,3 +125,61 @@ def test_a_lease_its_budget_cuts_short_says_when_the_budget_runs_out(tmp_path: P
     said = re.search(r"its project's budget runs out at \S+ \S+ UTC, ([\d.]+) h in", text.stdout)
     assert said is not None, text.stdout
     assert float(said[1]) == pytest.approx(500 / (16 * 5.12), abs=0.05)  # $500 at $81.92/h
+
+
+@pytest.mark.parametrize(
+    ("stopped", "said"),
+    [
+        (RunStopped("thread t1 interrupted", "t1"), "the thread is checkpointed: `gpu-agent "
+         "resume t1` carries it on"),
+        (RunStopped("nothing of the request was kept: ask again"), "nothing of the request was "
+         "kept: ask again"),
+        (KeyboardInterrupt(), "interrupted"),
+    ],
+)  # fmt: skip
+def test_ctrl_c_names_a_thread_to_resume_only_where_one_was_kept(
+    stopped: KeyboardInterrupt,
+    said: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 130 and one line (a JSON error of type Interrupted with --json) that names a
+    thread to resume only where the run kept one (RunStopped's thread)."""
+
+    def interrupted(args: object) -> int:
+        raise stopped
+
+    monkeypatch.setitem(cli_main.COMMANDS, "costs", interrupted)
+    assert cli_main.main(["costs"]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"gpu-agent: interrupted; {said}".removesuffix("; interrupted")]
+    assert ("checkpointed" in err) == (getattr(stopped, "thread_id", None) is not None)
+    assert cli_main.main(["costs", "--json"]) == 130
+    error = json.loads(capsys.readouterr().out)
+    assert error["type"] == "Interrupted" and error["exit_code"] == 130
+    assert said in error["error"]
+
+
+class _Interrupting(importlib.abc.MetaPathFinder):
+    """A Ctrl-C while graph.cli loads."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "graph.cli":
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("json_wanted", [False, True])
+def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(
+    json_wanted: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The console script loads the command's modules inside its handler: a Ctrl-C then is
+    `interrupted`, exit 130 (a JSON error with --json), where it was a traceback."""
+    monkeypatch.delitem(sys.modules, "graph.cli")
+    monkeypatch.setattr(sys, "meta_path", [_Interrupting(), *sys.meta_path])
+    monkeypatch.setattr(sys, "argv", ["gpu-agent", "status", *(["--json"] * json_wanted)])
+    assert entry.main() == 130
+    out, err = capsys.readouterr()
+    assert err == "gpu-agent: interrupted\n"
+    assert (json.loads(out)["type"] if json_wanted else out) == (
+        "Interrupted" if json_wanted else ""
+    )

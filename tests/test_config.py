@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from fleet.config import load_fleet, parse_fleet
+from fleet import config
+from fleet.config import SHARE_MAX, SHARE_MIN, load_fleet, parse_fleet
 from fleet.errors import ConfigError
 from fleet.models import Purpose
+from fleet.scheduler import fair_share_factors
 from tests.conftest import SMALL_FLEET
 
 
@@ -30,6 +33,15 @@ def own_a100(price: str, throughput: str) -> str:
         'catalog = ["A100", "H100", "T4", "RTX4090"]',
         f"[catalog.A100]\nmemory_gb = 80\nprice_per_hour = {price}\n"
         f"relative_throughput = {throughput}",
+    )
+
+
+def own_type(key: str) -> str:
+    """A fleet of one type of its own, under the TOML key `key`, in every pool and a node."""
+    return (
+        f"[catalog.{key}]\nmemory_gb = 24\nprice_per_hour = 1\nrelative_throughput = 1\n"
+        f"[pools]\ntraining = [{key}]\ninference = [{key}]\nresearch = [{key}]\n"
+        f'[[nodes]]\nname = "n0"\ngpu_type = {key}\ngpus = 1\n'
     )
 
 
@@ -94,6 +106,14 @@ def own_a100(price: str, throughput: str) -> str:
             SMALL_FLEET + "\n[limits]\nmax_duration_hours = 1\nmin_duration_minutes = 120\n",
             "every request would be refused",
         ),
+        # a third pass (session 29): shares whose sum overflowed into a division by zero in
+        # the fair-share factor, GPU type names that forged output lines
+        (SMALL_FLEET + "\n[shares]\nvision = 1e308\nspeech = 1e308\n", "0.001 to 1,000,000"),
+        (SMALL_FLEET + "\n[shares]\nvision = 1e-320\n", "shares.vision must be from"),
+        (SMALL_FLEET + "\n[shares]\nvision = 0\n", "not 0"),
+        (own_type('"X\\nFORGED LINE"'), "catalog: GPU type 'X\\nFORGED LINE'"),
+        (own_type('"L4\\u001b[31m"'), "catalog: GPU type 'L4\\x1b[31m'"),
+        (own_type('"A 100"'), "catalog: GPU type 'A 100'"),
     ],
 )
 def test_malformed(text: str, needle: str) -> None:
@@ -102,6 +122,37 @@ def test_malformed(text: str, needle: str) -> None:
     assert needle in str(err.value)
     assert str(err.value).startswith("fleet file f.toml: ")
     assert "\n" not in str(err.value)
+
+
+def test_own_type_loads() -> None:
+    """own_type's fleet is valid with a valid name: the cases above fail on the name alone."""
+    config = parse_fleet(own_type('"L40S-48GB_v2.1"'))
+    assert list(config.catalog) == ["L40S-48GB_v2.1"]
+    assert config.nodes[0].gpu_type == "L40S-48GB_v2.1"
+
+
+SHIPPED_FLEETS = [
+    *(Path(config.__file__).parent / "data").glob("*fleet*.toml"),
+    *(Path(__file__).parents[1] / "benchmarks").glob("*fleet*.toml"),
+    *(Path(__file__).parents[1] / "examples").rglob("*.toml"),
+]
+
+
+@pytest.mark.parametrize("path", SHIPPED_FLEETS, ids=lambda p: p.name)
+def test_shipped_fleets_load(path: Path) -> None:
+    """Every fleet file the project ships passes the rules above (a name a shipped fleet
+    uses that a rule refuses is the rule's fault, not the fleet's)."""
+    assert load_fleet(path).catalog
+
+
+def test_the_widest_shares_give_finite_factors() -> None:
+    """At [shares]' bounds the fair-share factor stays a number in [0, 1]: the bounds are what
+    keeps its sums and ratios from overflowing or vanishing."""
+    shares = {"tiny": SHARE_MIN} | {f"p{i}": SHARE_MAX for i in range(1000)}
+    usage = {"tiny": 1e9, "p0": 1e-9}
+    factors = fair_share_factors(usage, shares, [*shares, "unnamed"])
+    assert len(factors) == 1002
+    assert all(math.isfinite(f) and 0 <= f <= 1 for f in factors.values()), factors
 
 
 def test_missing_and_unreadable(tmp_path: Path) -> None:

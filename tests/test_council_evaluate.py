@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from council import weightfiles
 from council.card import EVALUATED, evaluation_section, with_section
 from council.dataset import (
     Sample,
@@ -434,12 +435,14 @@ def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path:
     twin.mkdir()
     for f in SHIPPED.parent.glob("council.*"):
         shutil.copy(f, twin / f.name)
-    family = ("--weights", f"cfc={SHIPPED}", "--weights", f"cfc={twin / SHIPPED.name}")
+    blob = torch.load(SHIPPED, weights_only=True)  # the same weights, said to be seed 1's
+    weightfiles.write(tmp_path / "seed1.pt", blob | {"spec": blob["spec"] | {"seed": 1}})
+    family = ("--weights", f"cfc={SHIPPED}", "--weights", f"cfc={tmp_path / 'seed1.pt'}")
     done = run_cli(*args, *family, "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     cfc = got["families"]["cfc"]
-    assert got["policy"] == "cfc" and cfc["training_seeds"] == [0, 0]
+    assert got["policy"] == "cfc" and cfc["training_seeds"] == [0, 1]
     assert cfc["waste_auc_sd"] == 0.0 and got["waste_auc"] == cfc["waste_auc_mean"]
     for bad in (
         ("--seeds", "x"),
@@ -454,6 +457,8 @@ def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path:
         ("--weights", "cfc="),
         ("--weights", "a.pt", "--weights", "a.pt"),
         ("--weights", "outcome", "--weights", "outcome"),
+        ("--weights", f"cfc={SHIPPED}", "--weights", f"cfc={twin / SHIPPED.name}"),  # seed 0 twice
+        ("--weights", f"cfc={SHIPPED}", "--weights", "cfc=outcome"),  # trained otherwise
         ("--card",),  # whose card?
         ("--card", "--weights", "outcome", "--weights", str(SHIPPED)),
         ("--card", "--weights", f"cfc={SHIPPED}"),

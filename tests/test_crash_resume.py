@@ -14,8 +14,10 @@ from pathlib import Path
 import ormsgpack
 import pytest
 
-from fleet.models import CouncilOutcome
+from fleet.errors import RunStopped
+from fleet.models import CouncilOutcome, ReleaseReason, Status
 from graph.checkpoint import serializer
+from graph.orchestrator import Orchestrator
 from tests.conftest import fleet_toml, run_cli
 
 # 600x: one real second is ten virtual minutes; a 1-hour lease lasts 6 s.
@@ -226,3 +228,68 @@ def test_ctrl_c_stops_a_request_at_once_not_at_its_next_tick(tmp_path: Path) -> 
     assert ended == {"held": "released: explicit", "waits": "cancelled while queued"}
     charged = ledger(tmp_path / "state", "SELECT allocation_id FROM charges")
     assert charged == [(live["held"]["id"],)]  # the queued one never ran: nothing to charge
+
+
+def _interrupted_once(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """`owner.name` hears a Ctrl-C at its next call, where ormsgpack's decoder would turn it
+    into its own error (a ValueError, "ext_hook failed"); then it is itself again."""
+    real = getattr(owner, name)
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(owner, name, real)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ValueError("ext_hook failed") from None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def test_ctrl_c_while_resume_reads_its_checkpoint_names_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands while `resume` reads its thread's checkpoint, before the run,
+    stops it as one in the run does: RunStopped naming the thread (the CLI's message, exit
+    130), not the decoder's ValueError and a traceback; Python's handler is back, and the
+    next resume carries the thread on."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml(monitor={"tick_seconds": 3600}))
+    orch = Orchestrator(tmp_path / "state", fleet)
+    request = {"project": "p", "purpose": "training", "gpu_type": "A100", "count": 1}
+    request |= {"duration_hours": 1}
+    placed = orch.request(request, thread_id="A", wait=False).allocation
+    assert placed is not None
+    _interrupted_once(monkeypatch, orch.checkpointer.serde, "loads_typed")
+    with pytest.raises(RunStopped) as stopped:
+        orch.resume("A")
+    assert stopped.value.thread_id == "A"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    svc = orch.services
+    svc.ledger.release(placed.id, ReleaseReason.EXPLICIT, svc.clock.now())
+    assert orch.resume("A").reason == "released: explicit"  # not stopped at once again
+    orch.close()
+
+
+def test_ctrl_c_in_a_requests_decision_is_resumed_or_says_nothing_was_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request stopped in its decision (routing) keeps its checkpoint: RunStopped names
+    the thread, whose resume places it. One stopped before anything of it was kept names
+    no thread (there is none to resume), says so, and gives its name back for the retry."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml())
+    orch = Orchestrator(tmp_path / "state", fleet)
+    request = {"project": "p", "purpose": "training", "gpu_type": "A100", "count": 1}
+    request |= {"duration_hours": 1}
+    _interrupted_once(monkeypatch, orch.services, "route")
+    with pytest.raises(RunStopped) as stopped:
+        orch.request(request, thread_id="A", wait=False)
+    assert stopped.value.thread_id == "A"
+    assert orch.resume("A", wait=False).status is Status.ALLOCATED
+    _interrupted_once(monkeypatch, orch, "_context_for")  # as the run starts
+    with pytest.raises(RunStopped, match="nothing of the request was kept") as stopped:
+        orch.request(request, thread_id="B", wait=False)
+    assert stopped.value.thread_id is None
+    assert orch.request(request, thread_id="B", wait=False).status is Status.ALLOCATED
+    orch.close()

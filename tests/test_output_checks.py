@@ -71,6 +71,30 @@ def test_a_trace_value_that_makes_no_project_name_is_refused_before_any_policy(
 
 
 @pytest.mark.parametrize(
+    ("fleet_edit", "says"),
+    [
+        ('\n[simulation]\ndefault_workload = "bogus"\n', "simulation workload 'bogus' is unknown"),
+        (None, "the simulated fleet needs [[nodes]]"),
+    ],
+)
+def test_a_fleet_no_simulation_can_run_on_is_refused_before_a_policys_folder_is_touched(
+    tmp_path: Path, fleet_edit: str | None, says: str
+) -> None:
+    """A fleet file SimulatedFleet refuses (no nodes, a workload no profile plays) is refused
+    before the first policy runs: the earlier run's results under --out stay as they were,
+    not freshened for a run that stops at its gpu-agent policy."""
+    out = tmp_path / "s"
+    assert simulating(tmp_path, out, policies="naive,gpu-agent").returncode == 0
+    before = {p: p.read_bytes() for p in map(Path, _tree(out)) if p.is_file()}
+    text = BASE.read_text()
+    text = text + fleet_edit if fleet_edit else text[: text.index("[[nodes]]")]
+    fleet = tmp_path / "bad.toml"
+    fleet.write_text(text)
+    refused(simulating(tmp_path, out, "--fleet", str(fleet), policies="naive,gpu-agent"), says)
+    assert {p: p.read_bytes() for p in map(Path, _tree(out)) if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
     "blocked", ["report.md", "jct.png", "naive", "gpu-agent/ledger.sqlite", "gpu-agent/fleet.toml"]
 )
 def test_simulate_refuses_an_out_it_cannot_fill_before_the_run(
@@ -253,3 +277,16 @@ def test_models_speeds_merge_as_data(tmp_path: Path) -> None:
     inline = "speeds = { train = { A100 = 1.0 } }\n" + text  # the fleet's own: one table
     with pytest.raises(InvalidInput, match=r"write them as \[speeds.WORKLOAD\] tables"):
         with_models("inline", inline, str(models))
+
+
+def test_a_run_where_no_job_completes_writes_its_report_without_a_warning(
+    tmp_path: Path,
+) -> None:
+    """A trace whose one job asks for more GPUs than the fleet has completes nothing: the
+    completion-time plot says so, where a legend of no line warned on the terminal."""
+    trace = tmp_path / "big.csv"
+    trace.write_text(HEADER + "2017-10-09 07:01:55,600,1024,1,abc\n")
+    r = simulating(tmp_path, tmp_path / "s", trace=trace)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and "legend" not in r.stderr, r.stderr
+    assert (tmp_path / "s" / "jct.png").is_file()

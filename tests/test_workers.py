@@ -22,7 +22,7 @@ from fleet.errors import InvalidInput
 from fleet.jobs import JobQueue
 from fleet.ledger import Ledger
 from fleet.models import GPURequest, ReleaseReason
-from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config
+from tests.conftest import OrchFactory, add_token, fleet_toml, run_cli, small_config
 from tests.pgserver import bindir
 from tests.test_monitors import ledger_route
 
@@ -354,9 +354,11 @@ def test_a_worker_refuses_bad_settings(tmp_path: Path, pg_url: str) -> None:
     r = run_cli("worker", "--concurrency", "0", *_opts(tmp_path, pg_url), cwd=tmp_path)
     assert r.returncode == 2 and "--concurrency must be at least 1" in r.stderr
     for flag, value, needle in [
-        ("--lease-seconds", "inf", "--lease-seconds must be above 0 and at most 86400"),
-        ("--lease-seconds", "nan", "--lease-seconds must be above 0"),
-        ("--poll-seconds", "inf", "--poll-seconds must be above 0"),
+        ("--lease-seconds", "inf", "--lease-seconds must be from 0.2 to 86400"),
+        ("--lease-seconds", "nan", "--lease-seconds must be from 0.2"),
+        ("--lease-seconds", "0.001", "--lease-seconds must be from 0.2"),
+        ("--poll-seconds", "inf", "--poll-seconds must be from 0.01"),
+        ("--poll-seconds", "1e-300", "--poll-seconds must be from 0.01"),
         ("--max-waiting", "-1", "--max-waiting must be at least 0"),
     ]:  # Event.wait(inf) raised OverflowError once the worker ran
         r = run_cli("worker", flag, value, *_opts(tmp_path, pg_url), cwd=tmp_path)
@@ -545,3 +547,41 @@ def test_a_database_restart_costs_no_job_its_run(tmp_path: Path) -> None:
     finally:
         server.stop()
         shutil.rmtree(server.root, ignore_errors=True)
+
+
+def test_a_worker_needs_an_admin_and_a_member_sees_its_projects_queue(tmp_path: Path) -> None:
+    """A worker runs every project's requests: started with a member's token it is refused
+    (exit 5, one line) and another project's job stays pending, where it once claimed it,
+    failed three times with tracebacks and ended it `failed`. A member's `jobs` counts its
+    project's jobs, not the whole queue's; `resume` of a job no worker has started says so
+    to whom may see it."""
+    state = tmp_path / "s"
+    root = add_token(tmp_path, state, "root", "admin", None, None)
+    alice = add_token(tmp_path, state, "alice", "member", "p1", root)
+    bob = add_token(tmp_path, state, "bob", "member", "p2", root)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(fleet_toml())
+    opts = ["--state-dir", str(state), "--fleet", str(fleet)]
+    ask = ["--purpose", "training", "--count", "1", "--hours", "1", "--thread-id", "a1"]
+    assert (
+        run_cli("submit", *ask, *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": alice}).returncode == 0
+    )
+
+    def jobs(token: str) -> dict[str, Any]:
+        r = run_cli("jobs", "--json", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": token})
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    assert jobs(bob) == {"counts": {"pending": 0, "running": 0, "done": 0}, "jobs": []}
+    assert jobs(root)["counts"] == jobs(alice)["counts"] == {"pending": 1, "running": 0, "done": 0}
+    r = run_cli(
+        "worker", "--exit-when-idle", "--json", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": bob}
+    )
+    assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+    assert "bob (member) may not run a worker" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(r.stdout)["type"] == "Forbidden"
+    assert [j["state"] for j in jobs(alice)["jobs"]] == ["pending"]
+    r = run_cli("resume", "a1", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": alice})
+    assert r.returncode == 2 and "a submitted request no worker has started yet" in r.stderr
+    r = run_cli("resume", "a1", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": bob})
+    assert r.returncode == 2 and r.stderr == "gpu-agent: no thread 'a1'\n"  # not bob's to see

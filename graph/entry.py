@@ -1,0 +1,21 @@
+"""The `gpu-agent` console script. It loads graph.cli, the command's modules (LangGraph,
+pydantic, the fleet: a second or more on a busy machine), inside a handler, so that a Ctrl-C
+meanwhile ends as one later does (`interrupted`, exit 130; with --json also one JSON error)
+rather than with a traceback. Nothing has started then: there is nothing to resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> int:
+    try:
+        from graph.cli import main as command
+    except KeyboardInterrupt:
+        argv = sys.argv[1:]
+        if "--json" in (argv[: argv.index("--")] if "--" in argv else argv):  # as graph.cli
+            print(json.dumps({"error": "interrupted", "exit_code": 130, "type": "Interrupted"}))
+        print("gpu-agent: interrupted", file=sys.stderr)
+        return 130
+    return command()
