@@ -144,6 +144,7 @@ class EventKind(StrEnum):
     UNHEALTHY = "unhealthy"
     SCHEDULER = "scheduler"  # the cluster's scheduler (Slurm) ended the allocation's job
     LEASE = "lease"  # a lease held a term at a time renewed, or not, at the term's end
+    COMMAND = "command"  # a command a dead `gpu-agent run` left: its notice, its end
 
 
 def utc(ts: float) -> datetime:

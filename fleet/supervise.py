@@ -31,6 +31,29 @@ ALLOCATION_ENV = "GPU_AGENT_ALLOCATION"  # set for the command: the allocation i
 
 
 @dataclass(frozen=True)
+class RunCommand:
+    """What a `run --requeue` runs, recorded in the ledger (fleet.ledger.runs) so that a
+    `run --resume` carries it on after its process died, and a monitor that adopted its
+    allocation gives it its notice and its end (fleet.left_running). The environment is not
+    recorded (it may hold secrets, and the ledger may be shared): the resuming process
+    passes its own."""
+
+    argv: list[str]
+    cwd: str
+    grace_s: float
+    notice_s: float
+    notice_signal: str  # a signal's name, SIGUSR1
+
+    @property
+    def signal(self) -> signal.Signals:
+        return signal.Signals[self.notice_signal]
+
+    @classmethod
+    def read(cls, raw: dict[str, object]) -> RunCommand:
+        return cls(**raw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Stopped:
     """How the command ended when it was told to."""
 

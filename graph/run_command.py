@@ -41,7 +41,14 @@ from fleet.ledger.rows import LedgerRow
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owner
-from fleet.supervise import ALLOCATION_ENV, Adopted, Group, Supervised, check_startable
+from fleet.supervise import (
+    ALLOCATION_ENV,
+    Adopted,
+    Group,
+    RunCommand,
+    Supervised,
+    check_startable,
+)
 from graph.handle import AllocationHandle
 from graph.orchestrator import Orchestrator
 from graph.outcome import PendingReview
@@ -85,27 +92,6 @@ class RunReport:
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Command:
-    """What a `run --requeue` runs, recorded in the ledger (fleet.ledger.runs) so that a
-    `run --resume` carries it on after its process died. The environment is not recorded
-    (it may hold secrets, and the ledger may be shared): the resuming process passes its own."""
-
-    argv: list[str]
-    cwd: str
-    grace_s: float
-    notice_s: float
-    notice_signal: str  # a signal's name, SIGUSR1
-
-    @property
-    def signal(self) -> signal.Signals:
-        return signal.Signals[self.notice_signal]
-
-    @classmethod
-    def read(cls, raw: dict[str, object]) -> Command:
-        return cls(**raw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -166,12 +152,12 @@ def run_on(
             f"nobody monitors allocation {allocation_id}: it will not be released for idling "
             f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it"
         )
-    command = Command(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
+    command = RunCommand(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
     return _supervise(orch, row, _start(orch, row, command, charge), command, charge, owned)
 
 
-def _start(orch: Orchestrator, row: LedgerRow, command: Command, charge: Charge) -> Supervised:
+def _start(orch: Orchestrator, row: LedgerRow, command: RunCommand, charge: Charge) -> Supervised:
     """Start the command on the allocation's GPUs (on Slurm: a step of its job)."""
     svc = orch.services
     env = dict(os.environ) | {ALLOCATION_ENV: row.id}
@@ -198,7 +184,7 @@ def _supervise(
     orch: Orchestrator,
     row: LedgerRow,
     proc: Group,
-    command: Command,
+    command: RunCommand,
     charge: Charge,
     owned: bool,
 ) -> RunReport:
@@ -321,7 +307,7 @@ def request_and_run(
         if orch.services.scheduler_holds:  # Slurm sends it, even with gpu-agent gone: not twice
             say(f"Slurm sends {notice_signal.name} to the command before the job's time limit")
             notice_s = 0.0
-    command = Command(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
+    command = RunCommand(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
     handle = _placed(orch, request)
     try:
@@ -358,7 +344,7 @@ def _announced(handle: AllocationHandle, say: Callable[[str], None]) -> Held:
 
 
 def _carry_on(
-    orch: Orchestrator, held: Held, command: Command, charge: Charge, earlier: list[str]
+    orch: Orchestrator, held: Held, command: RunCommand, charge: Charge, earlier: list[str]
 ) -> RunReport:
     """Run the command on `held`, and on each allocation that resumes it while requeues are
     left (each made once: fleet.ledger.runs.requeue)."""
@@ -397,7 +383,7 @@ def _carry_on(
         held = placed
 
 
-def _run_held(orch: Orchestrator, held: Held, command: Command, charge: Charge) -> RunReport:
+def _run_held(orch: Orchestrator, held: Held, command: RunCommand, charge: Charge) -> RunReport:
     """The command on one allocation: started there, or adopted where a `run` that died
     had started it; where the allocation ended before it could start, what ended it."""
     ledger = orch.services.ledger
@@ -492,7 +478,7 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
             f"allocation {last.allocation_id}'s command is in the charge of gpu-agent "
             f"{describe_owner(last.owner)}, which is not known to have died: nothing to resume"
         )
-    command = Command.read(last.command)
+    command = RunCommand.read(last.command)
     check_startable(command.argv, os.environ, command.cwd)  # before anything is placed
     charge = Charge(new_owner("run"), say)
     if not ledger.take_over(last.allocation_id, last.owner, charge.owner):

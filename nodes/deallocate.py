@@ -8,6 +8,7 @@ from langgraph.runtime import Runtime
 
 from fleet.errors import GPUAgentError
 from fleet.faults import fault
+from fleet.left_running import end_with
 from fleet.models import Event, EventKind, ReleaseReason, Status
 from fleet.services import Services
 from nodes.context import Context, services_for
@@ -35,6 +36,7 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
+    stopped = end_with(svc.ledger, allocation.id)  # before its GPUs can be placed again
     _reset(allocation.id, allocation.gpu_ids, svc)
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
@@ -43,17 +45,28 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     svc.forget(allocation.id)
     if now_freed:  # whoever released it earlier has woken the queue
         svc.wake_waiters(allocation.id)
+    events = [
+        Event(
+            at=release.released_at,
+            kind=EventKind.RELEASED,
+            message=f"after {release.hours:.2f} h ({release.reason.value}), "
+            f"charged ${release.cost_usd:.2f}",
+        )
+    ]
+    if stopped is not None:
+        how = "SIGTERM, then SIGKILL" if stopped.killed else "SIGTERM"
+        events.append(
+            Event(
+                at=release.released_at,
+                kind=EventKind.COMMAND,
+                message=f"the command a `gpu-agent run` that died left running was stopped "
+                f"({how}); `gpu-agent run --resume {allocation.id}` carries its work on",
+            )
+        )
     return {
         "status": Status.RELEASED,
         "reason": f"released: {release.reason.value}",
         "release": release,
         "cost_usd": release.cost_usd,
-        "events": [
-            Event(
-                at=release.released_at,
-                kind=EventKind.RELEASED,
-                message=f"after {release.hours:.2f} h ({release.reason.value}), "
-                f"charged ${release.cost_usd:.2f}",
-            )
-        ],
+        "events": events,
     }

@@ -22,6 +22,7 @@ from fleet.commands import work
 from fleet.config import MonitorSettings
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
+from fleet.left_running import notice_if_due
 from fleet.models import Allocation, Event, EventKind, GPURequest, MonitorState, utc
 from fleet.monitoring import (
     IdlePolicy,
@@ -178,6 +179,9 @@ def _wake(
     return min(wake, row.deadline, math.inf if renew_at is None else renew_at)
 
 
+_NOTICED = "checkpoint notice sent to the command a `gpu-agent run` that died left running"
+
+
 def monitor(state: State, runtime: Runtime[Context]) -> State:
     svc = services_for(runtime)
     allocation = state["allocation"]
@@ -228,6 +232,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         idle.timestamp() if idle is not None else None,
     )
     fault("monitor:heartbeat")
+    noticed = notice_if_due(svc.ledger, allocation.id, row, now)
     if streaming(runtime):
         left = row.deadline - now
         report(
@@ -240,6 +245,8 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         )
     ticked = result.state
     events = result.events
+    if noticed:
+        events = [*events, Event(at=utc(now), kind=EventKind.COMMAND, message=_NOTICED)]
     declined = False
     if result.release is None:  # decide on the term if due, and plan the next tick
         request = request_of(state)

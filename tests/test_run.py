@@ -616,3 +616,56 @@ def test_a_run_that_takes_over_after_a_renewal_notices_the_new_end(
         "checkpoint",
         "term",
     ]
+
+
+def test_a_dead_runs_command_gets_its_notice_and_its_end_from_whoever_adopts_it(
+    tmp_path: Path,
+) -> None:
+    """`run --requeue 1 --notice 4` is SIGKILLed while its command runs; `resume --orphans`
+    adopts the allocation. Its monitor sends the command the notice before the lease ends
+    (it checkpoints) and, at the end, SIGTERM: no GPU the ledger shows free still runs it,
+    where the command once ran on, un-noticed. `run --resume` then carries the work on."""
+    import sqlite3
+
+    log = tmp_path / "log"
+    fleet = idle_fleet(tmp_path, "train")  # busy GPUs: no idle release, the lease ends it
+    opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(fleet)]
+    ask = ["--project", "vision", "--count", "1", "--hours", "0.004", "--notice", "4"]
+    ask += ["--grace", "10"]
+    command = [sys.executable, "-c", READY, str(log)]
+    run = subprocess.Popen(  # no pipes: the command would hold them open past the run's death
+        [sys.executable, "-m", "graph.cli", "run", *opts, *ask, "--requeue", "1", "--", *command],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    logged(log, "ready")
+
+    def pgid() -> int | None:
+        with sqlite3.connect(tmp_path / "s" / "ledger.sqlite") as db:
+            return db.execute("SELECT pgid FROM runs").fetchone()[0]  # type: ignore[no-any-return]
+
+    deadline = time.monotonic() + 30
+    while pgid() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    group = int(pgid() or 0)
+    run.kill()
+    run.wait()
+    adopted = run_cli("resume", "--orphans", "--json", *opts, cwd=tmp_path, timeout=60)
+    assert adopted.returncode == 0, adopted.stderr
+    [ended] = json.loads(adopted.stdout)["adopted"]
+    assert ended["reason"] == "released: lease-expired"
+    said = [e["message"] for e in ended["events"] if e["kind"] == "command"]
+    assert said[0].startswith("checkpoint notice sent to the command")
+    assert said[1].startswith("the command a `gpu-agent run` that died left running was stopped")
+    assert [line.split()[0] for line in log.read_text().splitlines()] == [
+        "ready",
+        "checkpoint",
+        "term",
+    ]
+    assert not alive(group)
+    aid = ended["allocation"]["id"]
+    again = run_cli("run", "--resume", aid, "--json", *opts, cwd=tmp_path, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["requeued_from"] == [aid]
