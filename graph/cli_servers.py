@@ -178,6 +178,7 @@ def cmd_serve_metrics(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise InvalidInput(f"--port must be 0-65535, not {args.port}")
     with open_orchestrator(args, create=False) as orch:
+        orch.identity.check_admin("serve the metrics (every project's spend and allocations)")
         try:
             serve_until_signalled(orch.services, args.host, args.port, on_ready=ready)
         except OSError as exc:  # the port is taken, the address is not this machine's

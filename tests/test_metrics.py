@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from fleet.config import FleetConfig
 from fleet.models import GPUInfo, GPUSample, Status, utc
 from graph.metrics import DCGM_LABELS, registry_for, serve
 from nodes.context import open_services
-from tests.conftest import ROOT, SMALL_FLEET, OrchFactory, small_config
+from tests.conftest import ROOT, SMALL_FLEET, OrchFactory, add_token, run_cli, small_config
 
 
 def parse(text: str) -> dict[str, list[Sample]]:
@@ -231,3 +232,19 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
+
+
+def test_a_members_token_may_not_serve_every_projects_metrics(tmp_path: Path) -> None:
+    """The metrics are the fleet's, every project's spend, budgets and allocation ids, where
+    a member's `status` and `costs` show its own project's: serving them needs an admin."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SMALL_FLEET)
+    state = tmp_path / "state"
+    root = add_token(tmp_path, state, "root", "admin", None, None)
+    bob = add_token(tmp_path, state, "bob", "member", "speech", root)
+    open_services(state, str(fleet)).close()  # the command opens an existing state dir
+    opts = ["--state-dir", str(state), "--fleet", str(fleet), "--port", "0", "--json"]
+    r = run_cli("serve-metrics", *opts, cwd=tmp_path, env={"GPU_AGENT_TOKEN": bob}, timeout=60)
+    assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+    assert "bob (member) may not serve the metrics" in r.stderr
+    assert json.loads(r.stdout)["type"] == "Forbidden"
