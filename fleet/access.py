@@ -75,6 +75,13 @@ class Identity:
         if not self.admin:
             raise Forbidden(f"{self.name} ({self.role}) may not {what}: admins only")
 
+    def problem(self) -> str | None:
+        """Why nobody may act as this identity (None: one may): it is LOCAL, or one an access
+        file could hold, as its name is stamped on requests and written to the audit log."""
+        if self == LOCAL:
+            return None
+        return identity_problem(self.name, self.role, self.project)
+
 
 LOCAL = Identity("local", None, "admin")
 

@@ -538,6 +538,11 @@ class Release(BaseModel):
     cost_usd: float
     mean_util_pct: float | None = None
 
+    @property
+    def said(self) -> str:
+        """A released thread's reason, as its outcome says it."""
+        return f"released: {self.reason.value}"
+
 
 class HistoryRecord(BaseModel):
     allocation_id: str

@@ -16,12 +16,29 @@ from fleet.routing import Refusal, route
 
 
 def parse_request(raw: GPURequest | Mapping[str, Any]) -> GPURequest:
+    """The request, validated whatever it came as: a GPURequest is checked again, since
+    pydantic's model_copy(update=...) and model_construct skip its checks and a subclass may
+    carry fields of its own (else they reach the council, the ledger and the checkpoints)."""
     if isinstance(raw, GPURequest):
-        return raw
+        return _checked_again(raw)
     if not isinstance(raw, Mapping):
         raise InvalidInput(f"request must be an object, not {type(raw).__name__}")
+    return _validated(dict(raw))
+
+
+def _checked_again(request: GPURequest) -> GPURequest:
+    """`request` validated anew, with the fields its caller set still the ones set
+    (Orchestrator.check gives a request the caller's project only where it named none)."""
+    # every field, a subclass's own too (refused as unknown); a value of the wrong type is
+    # dumped as it is, for validation to refuse, not warned about
+    checked = _validated(request.model_dump(warnings=False))
+    fields = checked.model_dump()
+    return GPURequest.model_construct(_fields_set=set(request.model_fields_set), **fields)
+
+
+def _validated(fields: dict[str, Any]) -> GPURequest:
     try:
-        return GPURequest.model_validate(dict(raw))
+        return GPURequest.model_validate(fields)
     except ValidationError as exc:
         raise InvalidInput(one_line(exc, prefix="invalid request: ")) from None
 
@@ -60,14 +77,26 @@ def check_against_fleet(request: GPURequest, config: FleetConfig) -> None:
 
 
 def check_budget(project: str, budget_usd: float) -> None:
+    """A budget is a number (no bool) from $0 to MAX_USD, compared as given: never converted,
+    as math.isfinite converts an int (one past a float's range overflows); NaN and the
+    infinities fail the comparison."""
     names.check("project", project)
     if (
         isinstance(budget_usd, bool)
         or not isinstance(budget_usd, int | float)
-        or not math.isfinite(budget_usd)
         or not 0 <= budget_usd <= MAX_USD
     ):
-        raise InvalidInput(f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {budget_usd}")
+        raise InvalidInput(
+            f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {_shown_amount(budget_usd)}"
+        )
+
+
+def _shown_amount(value: object) -> str:
+    """A refused budget as its message quotes it: an int of many digits by its magnitude
+    (past 4300 digits Python will not print it), another number as written, else by type."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**16:
+        return f"about {'-' if value < 0 else ''}1e{math.log10(abs(value)):.0f}"
+    return str(value) if isinstance(value, int | float) else names.shown(value)
 
 
 def refusal(

@@ -162,8 +162,8 @@ class Orchestrator(Records):
         super().close()
 
     def acting_as(self, identity: Identity) -> Self:
-        other = super().acting_as(identity)
-        other.context = dataclasses.replace(self.context, identity=identity)
+        other = super().acting_as(identity)  # checked there
+        other.context = dataclasses.replace(self.context, identity=other.identity)
         return other
 
     # ---- running threads -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from fleet import names
 from fleet.access import Identity, identify
 from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice
+from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.jobs import STATES, Job, JobQueue
 from fleet.ledger.rows import AuditEntry, LedgerRow, ProjectCost
@@ -39,7 +40,6 @@ from graph.status import fleet_status, scoped
 if TYPE_CHECKING:
     from council.voting import Council
     from fleet.clock import Clock
-    from fleet.config import FleetConfig
     from fleet.fleet_backend import FleetBackend
 
 # What a caller may say ended an allocation (by hand, a `with` block, a start given up, a
@@ -58,7 +58,7 @@ CALLER_REASONS = (
 _WANTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "state_dir": (lambda v: v is None or isinstance(v, str | os.PathLike), "a path"),
     "fleet": (
-        lambda v: v is None or isinstance(v, str | os.PathLike) or hasattr(v, "model_copy"),
+        lambda v: v is None or isinstance(v, str | os.PathLike | FleetConfig),
         "a fleet file's path or a FleetConfig",
     ),
     "backend": (
@@ -84,9 +84,24 @@ def _has(value: object, *methods: str) -> bool:
 def check_arguments(**given: object) -> None:
     """InvalidInput in one line for the first argument that is not what it must be."""
     for name, value in given.items():
-        ok, wanted = _WANTED[name]
-        if not ok(value):
-            raise InvalidInput(f"{name} must be {wanted}, not {names.shown(value)}")
+        if not _WANTED[name][0](value):
+            raise _wrong(name, value)
+
+
+def _wrong(name: str, value: object) -> InvalidInput:
+    return InvalidInput(f"{name} must be {_WANTED[name][1]}, not {names.shown(value)}")
+
+
+def checked_identity(identity: object) -> Identity:
+    """`identity` if one may act as it, else InvalidInput in one line: an Identity (None
+    names nobody) whose name, role and project an access file could hold (fleet.access), as
+    its name is stamped on requests as who asked and written to the audit log."""
+    if not isinstance(identity, Identity):
+        raise _wrong("identity", identity)
+    why = identity.problem()
+    if why is not None:
+        raise InvalidInput(why)
+    return identity
 
 
 class Records:
@@ -122,6 +137,8 @@ class Records:
             token=token,
             identity=identity,
         )
+        if identity is not None:
+            checked_identity(identity)
         self.services: Services = open_services(
             state_dir,
             fleet,
@@ -159,9 +176,10 @@ class Records:
     def acting_as(self, identity: Identity) -> Self:
         """This object (same services, and for an Orchestrator the same graph and
         checkpoints) acting as `identity`: what a server that authenticates each request (the
-        web page) calls per request."""
+        web page) calls per request. `identity` is checked as the constructor's."""
+        checked = checked_identity(identity)
         other = copy.copy(self)
-        other.identity = identity
+        other.identity = checked
         return other
 
     # ---- the ledger's view ----------------------------------------------------------------

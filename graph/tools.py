@@ -15,6 +15,7 @@ import hashlib
 import shlex
 import threading
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from langchain_core.tools import BaseTool, StructuredTool
@@ -153,9 +154,30 @@ def _once(orch: Orchestrator, given: dict[str, Any], thread_id: str) -> RequestO
 def _standing(orch: Orchestrator, thread_id: str) -> RequestOutcome | None:
     """Where the thread stands; None where it has no checkpoint (or is not the caller's)."""
     try:
-        return orch.outcome(thread_id)
+        out = orch.outcome(thread_id)
     except InvalidInput:
         return None
+    return _as_ledger_has_it(orch, out)
+
+
+def _as_ledger_has_it(orch: Orchestrator, out: RequestOutcome) -> RequestOutcome:
+    """The outcome, released where the ledger has released the allocation its checkpoint
+    holds: a release ends it in the ledger at once, in the checkpoint only when its monitor
+    next wakes, and a retry must not hand out GPUs that are free again."""
+    a = out.allocation
+    if a is None or out.status is not Status.ALLOCATED:
+        return out
+    row = orch.services.ledger.get(a.id)
+    if row.state != "released":
+        return out
+    release = row.to_release()
+    return replace(
+        out,
+        status=Status.RELEASED,
+        reason=release.said,
+        release=release,
+        cost_usd=release.cost_usd,
+    )
 
 
 def _answer(
@@ -201,10 +223,13 @@ def _release(orch: Orchestrator, allocation_id: str) -> dict[str, Any]:
 
 
 def _status(orch: Orchestrator) -> dict[str, Any]:
+    """Free GPUs per type and the live allocations the caller may see. A GPU is free where
+    nobody holds it, whoever asks: a member's status (graph.status.scoped) leaves another
+    project's GPU its project, without the allocation."""
     data = orch.status()
     free: dict[str, int] = {}
     for g in data["gpus"]:
-        if g["allocation_id"] is None and g["placeable"]:
+        if g["project"] is None and g["placeable"]:
             free[g["type"]] = free.get(g["type"], 0) + 1
     live = [
         {k: a[k] for k in ("id", "project", "state", "gpu_type", "count", "deadline")}
@@ -212,6 +237,18 @@ def _status(orch: Orchestrator) -> dict[str, Any]:
         if a["state"] != "released"
     ]
     return {"free_gpus_by_type": free, "allocations": live}
+
+
+class _NoArgsTool(StructuredTool):
+    """A tool that takes no arguments and refuses any, as the other tools refuse extra keys:
+    LangChain skips the args schema of a tool whose schema has no fields (and calls it with
+    none), so its extra="forbid" would never be seen."""
+
+    def _to_args_and_kwargs(
+        self, tool_input: str | dict[str, Any], tool_call_id: str | None
+    ) -> tuple[tuple[str, ...], dict[str, Any]]:
+        GpuStatusArgs.model_validate(tool_input)  # pydantic's ValidationError, as the others
+        return super()._to_args_and_kwargs(tool_input, tool_call_id)
 
 
 def gpu_tools(orch: Orchestrator) -> list[BaseTool]:
@@ -234,7 +271,7 @@ def gpu_tools(orch: Orchestrator) -> list[BaseTool]:
         "hours held and the cost charged.",
         args_schema=ReleaseGpusArgs,
     )
-    status = StructuredTool.from_function(
+    status = _NoArgsTool.from_function(
         func=lambda: _status(orch),
         name="gpu_status",
         description="Free GPUs per type and the live allocations.",

@@ -24,14 +24,15 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import os
 import re
 import threading
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, quote
+from typing import Any, TypeGuard
+from urllib.parse import parse_qsl, quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -44,7 +45,7 @@ from starlette.routing import Mount, Route
 from council.features import cheapest
 from fleet import names
 from fleet.access import ACCESS, LOCAL, Identity, identify, identities
-from fleet.errors import Forbidden, GPUAgentError, InvalidInput
+from fleet.errors import Forbidden, GPUAgentError, InvalidInput, StateDirError
 from fleet.models import CouncilDecision, GPURequest, ReleaseReason, RouteMode, Status
 from fleet.routing import Refusal, guarded
 from graph.orchestrator import Orchestrator
@@ -493,16 +494,20 @@ class WebUI:
             request,
             who,
             title
-            or {403: "Not allowed", 404: "Not found", 409: "Already decided"}.get(
-                status, "Bad request"
-            ),
+            or {
+                403: "Not allowed",
+                404: "Not found",
+                409: "Already decided",
+                503: "Unavailable",
+            }.get(status, "Bad request"),
             f'<p class="error">{_e(message)}</p>{more}',
             status,
         )
 
     def guarded(self, fn: Callable[[Request, Identity], Response]) -> Callable[[Request], Response]:
         """Ids in the path checked first (a malformed one: a one-line 404); then log in where
-        tokens are required; GPUAgentError -> an error page."""
+        tokens are required; GPUAgentError -> an error page (a damaged access file too: the
+        caller cannot be known, so the page says why instead)."""
 
         def endpoint(request: Request) -> Response:
             for param, kind in (("thread", "thread id"), ("allocation", "allocation id")):
@@ -510,24 +515,17 @@ class WebUI:
                     why = names.problem(kind, request.path_params[param])
                     if why is not None:
                         return PlainTextResponse(f"not found: {why}\n", 404)
-            who = self._identity(request)
+            try:
+                who = self._identity(request)
+            except StateDirError as exc:
+                return self.error(request, None, _status(exc), str(exc))
             if who is None:
                 root = request.scope.get("root_path", "")
                 return RedirectResponse(f"{root}/login", status_code=303)
             try:
                 return fn(request, who)
-            except Forbidden as exc:
-                return self.error(request, who, 403, str(exc))
-            except InvalidInput as exc:
-                text = str(exc)
-                status = (
-                    404
-                    if text.startswith(("no thread", "no allocation"))
-                    else 409
-                    if "already decided" in text or "not waiting" in text
-                    else 400
-                )
-                return self.error(request, who, status, text)
+            except (Forbidden, InvalidInput) as exc:
+                return self.error(request, who, _status(exc), str(exc))
 
         return endpoint
 
@@ -537,18 +535,20 @@ class WebUI:
             token = _form(request).get("token", "")
             try:
                 identify(self.state_dir, token)
+            except StateDirError as exc:  # no token can be checked: not the token's fault
+                return self._login_refused(request, _status(exc), str(exc))
             except GPUAgentError:
-                return self.page(
-                    request,
-                    None,
-                    "Log in",
-                    '<p class="error">unknown token</p>' + _login_form(root),
-                    403,
-                )
+                return self._login_refused(request, 403, "unknown token")
             response = RedirectResponse(f"{root}/reviews", status_code=303)
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=root or "/")
             return response
         return self.page(request, None, "Log in", _login_form(root))
+
+    def _login_refused(self, request: Request, status: int, message: str) -> HTMLResponse:
+        """The log-in page again, saying why the token was not taken."""
+        root = request.scope.get("root_path", "")
+        body = f'<p class="error">{_e(message)}</p>{_login_form(root)}'
+        return self.page(request, None, "Log in", body, status)
 
     # ---- reviews ----------------------------------------------------------------------------
 
@@ -1023,25 +1023,25 @@ class WebUI:
         return self.page(request, who, "Spend", body)
 
     def _simulation(self) -> str:
-        """The cost figures of the latest `gpu-agent simulate` report, if there is one."""
+        """The cost figures of the latest `gpu-agent simulate` report, if there is one; one
+        that cannot be used (damaged, hand-edited, another tool's) is a line saying why."""
         path = (self.simulation or Path("simulation")) / "metrics.json"
         try:
-            policies = json.loads(path.read_text())["policies"]
-        except (OSError, ValueError, KeyError, TypeError):
+            report = _simulation_report(path)
+        except InvalidInput as exc:
+            why = f"The simulation report {path} cannot be read: {exc}"
+            return f'<p class="error">{_e(why)}</p>'
+        if report is None:
             return "<p>No simulation report (gpu-agent simulate writes one).</p>"
-        naive = (policies.get("naive") or {}).get("total_cost_usd")
+        naive = next((total for name, total, _ in report if name == "naive"), None)
 
-        def saving(cost: Any) -> str:
-            if not naive or not isinstance(cost, int | float):
-                return "-"
-            return f"{100.0 * (1.0 - cost / naive):.1f} %"
+        def saving(cost: float) -> str:
+            return "-" if not naive else f"{100.0 * (1.0 - cost / naive):.1f} %"
 
         rows = "".join(
-            f"<tr><td>{_e(name)}</td><td>{_money(m.get('total_cost_usd'))}</td>"
-            f"<td>{saving(m.get('total_cost_usd'))}</td>"
-            f"<td>{_e(m.get('cost_per_useful_gpu_hour'))}</td></tr>"
-            for name, m in sorted(policies.items())
-            if isinstance(m, dict)
+            f"<tr><td>{_e(name)}</td><td>{_money(total)}</td><td>{saving(total)}</td>"
+            f"<td>{_money(per_hour)}</td></tr>"
+            for name, total, per_hour in report
         )
         return (
             f"<h2>Latest simulation ({_e(path)})</h2><table><tr><th>Policy</th>"
@@ -1050,15 +1050,107 @@ class WebUI:
         )
 
 
+def _simulation_report(path: Path) -> list[tuple[str, float, float | None]] | None:
+    """A simulate report's (policy, total cost, cost per useful GPU-hour), sorted by policy,
+    each field checked for the type the page shows it as; None where there is no report.
+    InvalidInput (why, briefly) for a file that is no report the page can show."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
+        raise InvalidInput(str(exc) or type(exc).__name__) from None
+    policies = doc.get("policies") if isinstance(doc, dict) else None
+    if not isinstance(policies, dict):
+        raise InvalidInput('its "policies" is not an object of policy names')
+    report = []
+    for name, m in sorted(policies.items()):
+        if not isinstance(m, dict):
+            raise InvalidInput(f"policy {names.shown(name)} is not an object")
+        total, per_hour = m.get("total_cost_usd"), m.get("cost_per_useful_gpu_hour")
+        if not _number(total):
+            raise InvalidInput(f"policy {names.shown(name)}: total_cost_usd is not a number")
+        if per_hour is not None and not _number(per_hour):
+            raise InvalidInput(
+                f"policy {names.shown(name)}: cost_per_useful_gpu_hour is not a number or null"
+            )
+        report.append((name, float(total), None if per_hour is None else float(per_hour)))
+    return report
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    """A finite JSON number that fits a float (JSON's true and false are no numbers, nor NaN,
+    Infinity or an integer of 400 digits)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _status(exc: GPUAgentError) -> int:
+    """The HTTP status of an error a page raised: a state directory it cannot read (a
+    damaged access file) is the server's trouble until its operator mends it (503), not the
+    caller's."""
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, StateDirError):
+        return 503
+    text = str(exc)
+    if text.startswith(("no thread", "no allocation")):
+        return 404
+    if "already decided" in text or "not waiting" in text:
+        return 409
+    return 400
+
+
 def out_request(out: RequestOutcome) -> dict[str, Any]:
     """The request a thread was made from, as plain values."""
     return dict(out.request.model_dump(mode="json")) if out.request is not None else {}
 
 
 def _form(request: Request) -> dict[str, str]:
-    """An urlencoded form body (no multipart parser needed)."""
-    body = request.state.body if hasattr(request.state, "body") else b""
-    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+    """A POST's form, as create_app read and checked it (_parse_form)."""
+    form: dict[str, str] = request.state.form
+    return form
+
+
+FORM_TYPE = "application/x-www-form-urlencoded"  # what the page's forms send (no enctype)
+
+
+class FormRefused(InvalidInput):
+    """A POST body unlike what the page's own forms send, with the status its refusal gets."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parse_form(content_types: list[str], body: bytes) -> dict[str, str]:
+    """A POST body as the page's forms send it: urlencoded UTF-8, each field once. Anything
+    else is refused (FormRefused), never guessed at: a field sent twice would be read as one
+    of its values, bytes that are not UTF-8 replaced, another content type parsed as this."""
+    sent = content_types[0] if len(content_types) == 1 else ""
+    media, *params = (part.strip().lower() for part in sent.split(";"))
+    charsets = [v.strip('" ') for k, _, v in (p.partition("=") for p in params) if k == "charset"]
+    if media != FORM_TYPE or any(c not in ("utf-8", "utf8") for c in charsets):
+        got = {0: "missing", 1: names.shown(sent)}.get(len(content_types), "given twice")
+        raise FormRefused(f"a form is sent as {FORM_TYPE} (UTF-8); its Content-Type is {got}", 415)
+    try:
+        fields = parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, strict_parsing=True, errors="strict"
+        )
+    except UnicodeDecodeError:
+        raise FormRefused("the form is not UTF-8 (a field's bytes are no UTF-8 text)") from None
+    except ValueError as exc:  # a field with no "=" (strict_parsing)
+        raise FormRefused(f"the form is malformed ({exc})") from None
+    form: dict[str, str] = {}
+    for name, value in fields:
+        if name in form:
+            raise FormRefused(f"the form gives the field {names.shown(name)} twice")
+        form[name] = value
+    return form
 
 
 def _login_form(root: str) -> str:
@@ -1102,7 +1194,11 @@ def create_app(
             body = await _bounded_body(request)
             if body is None:  # read before anyone is known: never more than a form holds
                 return PlainTextResponse(f"a form is at most {BODY_MAX} bytes\n", 413)
-            request.state.body = body
+            if request.method == "POST":  # every form the page takes is read here, once
+                try:
+                    request.state.form = _parse_form(request.headers.getlist("content-type"), body)
+                except FormRefused as exc:
+                    return PlainTextResponse(f"{exc}: nothing changed\n", exc.status)
 
             def call() -> Response:
                 if request.method == "POST":
@@ -1115,8 +1211,11 @@ def create_app(
         return endpoint
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        return PlainTextResponse("not found\n" if status == 404 else f"error {status}\n", status)
+        """Starlette's 404 and 405 as one line, with the headers it gave them (a 405's Allow,
+        which RFC 9110 requires)."""
+        http = exc if isinstance(exc, HTTPException) else HTTPException(500)
+        text = "not found\n" if http.status_code == 404 else f"error {http.status_code}\n"
+        return PlainTextResponse(text, http.status_code, headers=http.headers)
 
     routes = [
         Route("/", lambda r: RedirectResponse(f"{r.scope.get('root_path', '')}/reviews")),

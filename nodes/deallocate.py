@@ -65,7 +65,7 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
         )
     return {
         "status": Status.RELEASED,
-        "reason": f"released: {release.reason.value}",
+        "reason": release.said,
         "release": release,
         "cost_usd": release.cost_usd,
         "events": events,

@@ -14,8 +14,10 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from pydantic import ValidationError
 
 from fleet import thread_claims
+from fleet.access import add_identity
 from fleet.models import Status
 from graph.tools import gpu_tools, keyed_thread
 from nodes.state import InputState
@@ -252,3 +254,62 @@ def test_a_retry_finds_its_gpus_whatever_a_check_says_now(
     monkeypatch.setattr(orch.services, "inventory", [])
     again = request.invoke(args)
     assert again["allocation_id"] == first["allocation_id"] and again["status"] != "invalid"
+
+
+def test_gpu_status_counts_gpus_other_projects_hold_as_held(
+    make_orch: OrchFactory, tmp_path: Path
+) -> None:
+    """A member's status shows another project's GPUs without their allocation: they are
+    held all the same, not free (a member asking for them would be queued)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    root = add_identity(state, "root", "admin", None)
+    speech = make_orch(token=add_identity(state, "bob", "member", "speech"))
+    held = speech.request({"count": 2, "duration_hours": 1, "purpose": "inference"}, wait=False)
+    assert held.allocation is not None and held.allocation.gpu_type == "T4"  # both T4s
+    vision = gpu_tools(make_orch(token=add_identity(state, "alice", "member", "vision")))[2]
+    seen = vision.invoke({})
+    assert "T4" not in seen["free_gpus_by_type"]
+    assert (
+        seen["free_gpus_by_type"]
+        == gpu_tools(make_orch(token=root))[2].invoke({})["free_gpus_by_type"]
+    )
+    assert seen["allocations"] == []  # and speech's allocation stays its own
+
+
+def test_a_retry_after_release_answers_released(make_orch: OrchFactory) -> None:
+    """The ledger releases at once, the thread's checkpoint when its monitor next wakes: a
+    retry in between answers what the ledger says, not the GPUs that are free again."""
+    orch = make_orch()
+    request, release, _ = gpu_tools(orch)
+    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
+    thread = keyed_thread("vision", "k")
+    req = orch.check({"project": "vision", "count": 1, "duration_hours": 1, "request_id": thread})
+    # placed, and its monitor not awake yet: the checkpoint says allocated
+    orch.graph.invoke(
+        InputState(request=req),
+        {"configurable": {"thread_id": thread}},
+        context=orch.context,
+        interrupt_before=["monitor"],
+    )
+    placed = orch.outcome(thread)
+    assert placed.status is Status.ALLOCATED and placed.allocation is not None
+    assert release.invoke({"allocation_id": placed.allocation.id})["status"] == "released"
+    assert orch.outcome(thread).status is Status.ALLOCATED  # the checkpoint lags
+    again = request.invoke(args)
+    assert again["status"] == "released" and again["reason"] == "released: explicit"
+    assert again["allocation_id"] == placed.allocation.id and "gpu_ids" not in again
+    assert request.metadata is not None and request.metadata["monitors"] == []
+
+
+def test_gpu_status_refuses_arguments(make_orch: OrchFactory) -> None:
+    """gpu_status takes none: an extra key is refused as the other tools refuse one, not
+    dropped (an agent passing a project must not read the answer as that project's)."""
+    orch = make_orch()
+    _, release, status = gpu_tools(orch)
+    for bad in ({"project": "speech"}, {"bogus": "x\n"}, "speech"):
+        with pytest.raises(ValidationError, match="validation error"):
+            status.invoke(bad)
+    with pytest.raises(ValidationError, match="validation error"):
+        release.invoke({"allocation_id": "a-000000000000", "bogus": 1})
+    assert set(status.invoke({})) == {"free_gpus_by_type", "allocations"}

@@ -14,7 +14,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from typing_extensions import TypedDict
 
-from fleet.access import add_identity
+from fleet.access import LOCAL, Identity, add_identity
 from fleet.clock import VirtualClock, WallClock
 from fleet.errors import Forbidden, InvalidInput
 from fleet.jobs import Job
@@ -48,6 +48,16 @@ def test_the_constructor_checks_the_project_and_the_monitor_kind(make_orch: Orch
         ("identity", "root", "identity must be an Identity (fleet.access), not 'root'"),
         ("backend", 5, "backend must be a backend's name, a BackendChoice or a FleetBackend"),
         ("fleet", 5, "fleet must be a fleet file's path or a FleetConfig, not of type int"),
+        (
+            "fleet",
+            GPURequest(duration_hours=1),  # a pydantic model, but no FleetConfig
+            "fleet must be a fleet file's path or a FleetConfig, not of type GPURequest",
+        ),
+        (
+            "identity",
+            Identity("ev il\nname", "p", "member"),
+            "identity 'ev il\\nname': 1-64 letters",
+        ),
     ],
 )
 def test_wrong_typed_constructor_arguments_are_one_line_and_create_nothing(
@@ -340,3 +350,90 @@ def test_a_cancel_scope_that_cancels_again_still_withdraws(
     assert not run.is_alive()
     rows = [r for r in orch.services.ledger.allocations() if r.project == "q"]
     assert all(r.state == "released" for r in rows), rows
+
+
+class _MyRequest(GPURequest):
+    """A caller's own request type, with a field the graph knows nothing of."""
+
+    note: str = "mine"
+
+
+_BASE = GPURequest(project="p", count=1, duration_hours=1)
+
+
+@pytest.mark.parametrize(
+    ("request_", "said"),
+    [
+        (_BASE.model_copy(update={"project": "vi sion\n"}), "invalid request: project"),
+        (_BASE.model_copy(update={"duration_hours": float("nan")}), "duration_hours: Input"),
+        (_BASE.model_copy(update={"count": 0}), "count: Input should be greater than"),
+        (_BASE.model_copy(update={"count": "x"}), "count: Input should be a valid integer"),
+        (_MyRequest(project="p", count=1, duration_hours=1), "note: Extra inputs"),
+    ],
+)
+def test_a_request_instance_is_checked_again_and_a_bad_one_leaves_nothing(
+    make_orch: OrchFactory, request_: GPURequest, said: str
+) -> None:
+    """model_copy(update=...) skips a model's checks and a subclass adds fields: such a
+    request is refused in one line, with no thread, ledger row or claim on its name left."""
+    orch = make_orch()
+    before = orch.services.ledger.dump()
+    with pytest.raises(InvalidInput, match=said) as exc:
+        orch.request(request_, thread_id="t", wait=False)
+    assert "\n" not in str(exc.value)
+    assert orch.services.ledger.dump() == before
+    with pytest.raises(InvalidInput, match="no thread 't'"):
+        orch.outcome("t")
+    assert orch.request(_BASE, thread_id="t", wait=False).status is Status.ALLOCATED
+
+
+def test_a_checked_request_keeps_the_fields_its_caller_set(make_orch: OrchFactory) -> None:
+    """Only a request that names no project is given the Orchestrator's project."""
+    orch = make_orch(project="vision")
+    named = orch.check(GPURequest(project="p", duration_hours=1).model_copy(update={"count": 2}))
+    assert (named.project, named.count) == ("p", 2)
+    unnamed = GPURequest(duration_hours=1)
+    checked = orch.check(unnamed)
+    assert checked.project == "vision" and checked.request_id == unnamed.request_id
+
+
+@pytest.mark.parametrize(
+    ("identity", "said"),
+    [
+        ("root", "identity must be an Identity (fleet.access), not 'root'"),
+        ({"name": "x"}, "identity must be an Identity (fleet.access), not of type dict"),
+        (None, "identity must be an Identity (fleet.access), not of type NoneType"),
+        (Identity("ev il\nname", "p", "member"), "identity 'ev il\\nname': 1-64"),
+        (Identity("eve", "p", "boss"), "role must be one of member, approver, admin"),  # type: ignore[arg-type]
+        (Identity("eve", None, "member"), "a member belongs to a project"),
+        (Identity("eve", "p q", "approver"), "project 'p q'"),
+        (Identity("local", "p", "member"), "identity name 'local' is reserved"),
+    ],
+)
+def test_acting_as_checks_the_identity_as_the_constructor_does(
+    make_orch: OrchFactory, identity: object, said: str
+) -> None:
+    """A server acting for its users gets one line for an identity nobody may act as (its
+    name would be stamped as who asked), not an AttributeError later; nothing is changed."""
+    orch = make_orch()
+    before = orch.services.ledger.dump()
+    with pytest.raises(InvalidInput) as exc:
+        orch.acting_as(identity)  # type: ignore[arg-type]
+    assert str(exc.value).startswith(said) and "\n" not in str(exc.value)
+    assert orch.services.ledger.dump() == before
+    alice = orch.acting_as(Identity("alice", "p", "member"))
+    asked = alice.request(req(), thread_id="t", wait=False).request
+    assert asked is not None and asked.requested_by == "alice"
+    assert orch.acting_as(LOCAL).context.identity is LOCAL
+
+
+def test_a_budget_past_a_floats_range_is_invalid_input(make_orch: OrchFactory) -> None:
+    """An int too large for a float is refused as any other amount out of range."""
+    orch = make_orch()
+    before = orch.services.ledger.dump()
+    for usd in (10**400, -(10**5000)):
+        with pytest.raises(
+            InvalidInput, match=r"budget must be an amount from \$0 to .*, not about"
+        ):
+            orch.set_budget("p", usd)
+    assert orch.services.ledger.dump() == before

@@ -98,6 +98,34 @@ def test_login_is_required_and_checked(site: dict[str, Any]) -> None:
     assert r.status_code == 200 and "dave (approver of vision)" in r.text
 
 
+def test_a_damaged_access_file_is_a_page_saying_so(site: dict[str, Any]) -> None:
+    """access.toml damaged by a hand edit while the page runs: no caller can be known, so
+    every page (and a log-in) says what the CLI says, in one line (503), not a traceback and
+    not "unknown token"; nothing changes."""
+    orch: Orchestrator = site["orch"]
+    dave = login(site, "dave")
+    token = csrf(dave.get("/reviews/r1").text)
+    access = orch.services.state_dir / "access.toml"
+    access.write_text(access.read_text().replace('role = "member"', 'role = "boss"', 1))
+    before = orch.services.ledger.dump()
+    damaged = f"{access} is damaged: [[identity]] 2: role must be one of"
+    anonymous = TestClient(site["app"], base_url="http://127.0.0.1")
+    for r in (
+        dave.get("/reviews"),
+        dave.get("/reviews/r1"),
+        dave.get("/fleet"),
+        dave.post("/reviews/r1/decide", data={"csrf": token, "decision": "approve"}),
+        anonymous.post("/login", data={"token": site["tokens"]["root"]}, follow_redirects=False),
+    ):
+        assert r.status_code == 503, r.text[-400:]
+        shown = re.findall(r'<p class="error">(.*?)</p>', r.text)
+        assert len(shown) == 1 and shown[0].startswith(_html(damaged)), shown
+        assert "restore it from a backup" in shown[0] and "unknown token" not in r.text
+        assert "set-cookie" not in r.headers
+    assert orch.services.ledger.dump() == before
+    assert orch.outcome("r1").status is Status.PENDING_REVIEW
+
+
 def test_pending_reviews_and_what_a_reviewer_sees(site: dict[str, Any]) -> None:
     dave = login(site, "dave")
     listing = dave.get("/reviews").text
@@ -205,6 +233,76 @@ def test_bad_posts_change_nothing(site: dict[str, Any]) -> None:
     assert replay.status_code == 409 and "approve by dave" in replay.text
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def test_a_body_that_is_not_one_utf8_form_is_refused(site: dict[str, Any]) -> None:
+    """Every form the page takes (log in, decide, release): another content type (415), a
+    field given twice, bytes that are not UTF-8 or a field without "=" (400) are one line and
+    change nothing, where they were read as the first value, with U+FFFD, or as a form."""
+    orch: Orchestrator = site["orch"]
+    aid = live_allocation(site)
+    dave = login(site, "dave")
+    token = csrf(dave.get("/reviews/r1").text)
+    before = orch.services.ledger.dump()
+    decide, release = "/reviews/r1/decide", f"/allocations/{aid}/release"
+    root = site["tokens"]["root"]
+    cases: list[tuple[str, bytes, dict[str, str], int, str]] = [
+        (decide, f"csrf={token}&decision=deny&decision=approve".encode(), {}, 400, "twice"),
+        (decide, f"csrf={token}&decision=deny&comment=a&comment=b".encode(), {}, 400, "twice"),
+        (decide, f"csrf={token}&decision=deny&decisio%6E=approve".encode(), {}, 400, "twice"),
+        (decide, f"csrf={token}&decision=deny&comment=caf%E9".encode(), {}, 400, "not UTF-8"),
+        (
+            decide,
+            f"csrf={token}&decision=deny&comment=caf\xe9".encode("latin-1"),
+            {},
+            400,
+            "not UTF-8",
+        ),
+        (decide, f"csrf={token}&decision=deny&oops".encode(), {}, 400, "malformed"),
+        (release, f"csrf={token}&csrf={token}".encode(), {}, 400, "twice"),
+        (
+            decide,
+            f"csrf={token}&decision=deny".encode(),
+            {"Content-Type": "text/plain"},
+            415,
+            "'text/plain'",
+        ),
+        (decide, f"csrf={token}&decision=deny".encode(), {"Content-Type": ""}, 415, "''"),
+        (
+            decide,
+            f"csrf={token}&decision=deny".encode(),
+            {"Content-Type": f"{FORM}; charset=latin-1"},
+            415,
+            "latin-1",
+        ),
+        (
+            release,
+            f"csrf={token}".encode(),
+            {"Content-Type": "multipart/form-data; boundary=x"},
+            415,
+            "multipart",
+        ),
+        ("/login", f"token={root}&token={root}".encode(), {}, 400, "twice"),
+        ("/login", f"token={root}".encode(), {"Content-Type": "application/json"}, 415, "json"),
+    ]
+    anonymous = TestClient(site["app"], base_url="http://127.0.0.1")
+    for path, body, headers, status, why in cases:
+        client = anonymous if path == "/login" else dave
+        r = client.post(path, content=body, headers={"Content-Type": FORM} | headers)
+        assert r.status_code == status and one_line(r), (path, body, headers, r.text)
+        assert why in r.text and r.text.endswith(": nothing changed\n"), r.text
+        assert "set-cookie" not in r.headers
+    assert orch.services.ledger.dump() == before
+    assert orch.outcome("r1").status is Status.PENDING_REVIEW
+    ok = dave.post(  # what a browser sends, with a charset named
+        decide,
+        content=f"csrf={token}&decision=deny&comment=caf%C3%A9&guardrails=".encode(),
+        headers={"Content-Type": "Application/X-WWW-Form-Urlencoded; charset=UTF-8"},
+    )
+    assert ok.status_code == 200 and "caf\u00e9" in ok.text, ok.text[-400:]
+
+
 def test_two_approvers_at_once_one_decision(site: dict[str, Any]) -> None:
     clients = [login(site, "dave"), login(site, "erin")]
     tokens = [csrf(c.get("/reviews/r1").text) for c in clients]
@@ -259,6 +357,47 @@ def test_spend_shows_the_latest_simulation(site: dict[str, Any], tmp_path: Path)
     client.post("/login", data={"token": site["tokens"]["root"]})
     page = client.get("/spend").text
     assert "Latest simulation" in page and "36.0 %" in page and "$640.00" in page
+
+
+def test_spend_says_why_it_cannot_read_a_simulation_report(
+    site: dict[str, Any], tmp_path: Path
+) -> None:
+    """A report the page cannot use (hand-edited, damaged, another tool's): the Spend page
+    still renders, with one line saying so and why; every field it reads is checked."""
+    report = tmp_path / "simulation"
+    report.mkdir()
+    client = TestClient(create_app(site["orch"], simulation=report), base_url="http://127.0.0.1")
+    client.post("/login", data={"token": site["tokens"]["root"]})
+    naive = '{"policies": {"naive": %s}}'
+    for content, why in (
+        ('{"policies": []}', '"policies" is not an object'),
+        ("[1, 2]", '"policies" is not an object'),
+        ("{}", '"policies" is not an object'),
+        ('{"policies": {"naive": 3}}', "policy 'naive' is not an object"),
+        (naive % '{"total_cost_usd": "12.5"}', "total_cost_usd is not a number"),
+        (naive % '{"total_cost_usd": true}', "total_cost_usd is not a number"),
+        (naive % '{"total_cost_usd": NaN}', "total_cost_usd is not a number"),
+        (naive % f'{{"total_cost_usd": 1{"0" * 400}}}', "total_cost_usd is not a number"),
+        (naive % "{}", "total_cost_usd is not a number"),
+        (
+            naive % '{"total_cost_usd": 1, "cost_per_useful_gpu_hour": "x"}',
+            "cost_per_useful_gpu_hour is not a number or null",
+        ),
+        ('{"policies": ', "Expecting value"),
+        ("\udcff", "can't decode byte 0xff"),  # a byte that is no UTF-8
+    ):
+        (report / "metrics.json").write_text(content, errors="surrogateescape")
+        r = client.get("/spend")
+        assert r.status_code == 200, (content, r.text[-300:])
+        shown = re.findall(r'<p class="error">(.*?)</p>', r.text)
+        assert len(shown) == 1 and "metrics.json cannot be read: " in shown[0], (content, shown)
+        assert _html(why) in shown[0], (content, shown)
+        assert "vision" in r.text and "Latest simulation" not in r.text
+    (report / "metrics.json").write_text(
+        naive % '{"total_cost_usd": 12.5, "cost_per_useful_gpu_hour": null}'
+    )
+    page = client.get("/spend").text
+    assert "<td>naive</td><td>$12.50</td><td>0.0 %</td><td>-</td>" in page, page
 
 
 # ---- hosts and origins ---------------------------------------------------------------------
@@ -415,6 +554,23 @@ def test_the_cli_passes_its_host_names(
 
 
 # ---- ids -------------------------------------------------------------------------------------
+
+
+def test_a_method_not_allowed_says_which_are(site: dict[str, Any]) -> None:
+    """A 405 carries Allow (RFC 9110 requires it) beside the page's one-line body."""
+    client = login(site, "dave")
+    for method, path, allowed in (
+        ("GET", "/reviews/r1/decide", {"POST"}),
+        ("PUT", "/reviews/r1/decide", {"POST"}),
+        ("POST", "/fleet", {"GET", "HEAD"}),
+        ("DELETE", "/login", {"GET", "HEAD", "POST"}),
+        ("GET", "/allocations/a-000000000000/release", {"POST"}),
+    ):
+        r = client.request(method, path)
+        assert r.status_code == 405 and one_line(r), (method, path, r.text)
+        assert {m.strip() for m in r.headers["allow"].split(",")} == allowed, r.headers
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert "allow" not in client.get("/nope").headers
 
 
 def test_malformed_ids_are_a_one_line_404(site: dict[str, Any]) -> None:
