@@ -18,6 +18,7 @@ import hashlib
 import re
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fleet.errors import StateDirError
 
 T = TypeVar("T")
+BUSY_S = 60.0  # how long a SQLite connection waits for another's lock
 
 
 class Cursor(Protocol):
@@ -147,7 +149,8 @@ class SqliteDatabase(Database):
         try:
             if durable:
                 self._db = _connect(str(path))
-                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                db = self._db
+                mode = unlocked(lambda: db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
                 self._wal = str(mode).lower() == "wal"
                 self._db.execute("PRAGMA synchronous = FULL")
             else:
@@ -238,10 +241,25 @@ class SqliteDatabase(Database):
             self._db.close()
 
 
+def unlocked(run: Callable[[], T], timeout_s: float = BUSY_S) -> T:
+    """`run`, tried again a moment later for as long as a busy wait would have waited, while
+    SQLite answers "database is locked" at once: a lock it could deadlock on is refused
+    without its busy handler (eight processes turning one new ledger to WAL at once: each
+    holds the shared lock the others wait to pass)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return run()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _connect(target: str) -> sqlite3.Connection:
-    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=60.0)
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=BUSY_S)
     db.row_factory = sqlite3.Row
-    db.execute("PRAGMA busy_timeout = 60000")
+    db.execute(f"PRAGMA busy_timeout = {int(BUSY_S * 1000)}")
     return db
 
 

@@ -4,14 +4,18 @@ with the ledger in SQLite and in PostgreSQL."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleet.config import parse_fleet
 from fleet.ledger import Ledger
+from fleet.sql import unlocked
 from tests.conftest import SMALL_FLEET, run_cli
 
 TINY = SMALL_FLEET.replace("gpus = 4", "gpus = 2")  # 4 A100 on two nodes
@@ -102,3 +106,46 @@ def test_eight_processes_never_overspend(tmp_path: Path, opts: list[str]) -> Non
     costs = json.loads(run_cli("costs", "--json", *opts, cwd=tmp_path).stdout)
     [team] = costs["projects"]
     assert team["spent_usd"] + team["committed_usd"] <= 16.0
+
+
+def _open_when_all_are_ready(path: str, ready: Any) -> str | None:
+    """Open the ledger at `path` once every process is ready (a spawned worker's task)."""
+    ready.wait()
+    try:
+        Ledger(path, parse_fleet(TINY)).close()
+    except Exception as exc:  # what the CLI would have said in one line
+        return str(exc)
+    return None
+
+
+def test_eight_processes_open_one_new_ledger_at_once(tmp_path: Path) -> None:
+    """Turning a new file to WAL, each of eight processes holds the shared lock the others
+    wait to pass: SQLite answers one of them "database is locked" at once, without waiting
+    (a deadlock), which refused its command ("ledger ... is unreadable"), 18 opens in 320
+    on this machine before, so a CLI request now and then in `test_eight_processes_never_
+    double_book`. fleet.sql.unlocked tries again while a busy wait would have waited."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(8) as pool:
+        refused = []
+        for i in range(10):
+            ready = manager.Barrier(8)
+            path = str(tmp_path / f"ledger-{i}.sqlite")
+            refused += [r for r in pool.starmap(_open_when_all_are_ready, [(path, ready)] * 8) if r]
+    assert refused == []
+
+
+def test_a_lock_sqlite_refused_at_once_is_tried_again_and_nothing_else_is() -> None:
+    """Tried again while it is locked, for as long as it may wait; another error at once."""
+    calls: list[int] = []
+
+    def locked(times: int) -> str:
+        calls.append(1)
+        if len(calls) <= times:
+            raise sqlite3.OperationalError("database is locked")
+        return "wal"
+
+    assert unlocked(lambda: locked(2)) == "wal" and len(calls) == 3
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        unlocked(lambda: sqlite3.connect(":memory:").execute("SELECT * FROM none"))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # not past its time
+        unlocked(lambda: locked(10**9), 0.05)

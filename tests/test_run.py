@@ -630,7 +630,9 @@ def test_a_dead_runs_command_gets_its_notice_and_its_end_from_whoever_adopts_it(
     log = tmp_path / "log"
     fleet = idle_fleet(tmp_path, "train")  # busy GPUs: no idle release, the lease ends it
     opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(fleet)]
-    ask = ["--project", "vision", "--count", "1", "--hours", "0.004", "--notice", "4"]
+    # a 28.8-s lease: the adopter, a new process on a busy machine, starts well before the
+    # notice is due (4 s before its end)
+    ask = ["--project", "vision", "--count", "1", "--hours", "0.008", "--notice", "4"]
     ask += ["--grace", "10"]
     command = [sys.executable, "-c", READY, str(log)]
     run = subprocess.Popen(  # no pipes: the command would hold them open past the run's death
