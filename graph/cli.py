@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fleet.errors import GPUAgentError, RunStopped, flat
+from graph.cli_json import json_wanted
 from graph.cli_ledger import (
     cmd_audit,
     cmd_budget,
@@ -73,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ours = argv[: argv.index("--")] if "--" in argv else argv  # after it: `run`'s command's
-    Parser.json_errors = "--json" in ours
+    Parser.json_errors = json_wanted(argv)
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.command](args)

@@ -5,11 +5,11 @@ command's handler (graph/cli_requests.py, cli_ledger.py, cli_servers.py, cli_off
 from __future__ import annotations
 
 import argparse
-import json
 from typing import NoReturn
 
 from fleet.choose_backend import BACKENDS
 from fleet.errors import flat
+from graph.cli_json import error_object
 from sim import DEFAULT_POLICIES  # a name only: the simulator is imported when it runs
 
 
@@ -25,7 +25,7 @@ class Parser(argparse.ArgumentParser):
 def error_json(message: str, code: int, kind: str, wanted: bool) -> None:
     """With --json, an error is also one JSON object on stdout (scripts read only stdout)."""
     if wanted:
-        print(json.dumps({"error": flat(message), "exit_code": code, "type": kind}), flush=True)
+        print(error_object(flat(message), code, kind), flush=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -5,17 +5,17 @@ rather than with a traceback. Nothing has started then: there is nothing to resu
 
 from __future__ import annotations
 
-import json
 import sys
+
+from graph.cli_json import error_object, json_wanted
 
 
 def main() -> int:
     try:
         from graph.cli import main as command
     except KeyboardInterrupt:
-        argv = sys.argv[1:]
-        if "--json" in (argv[: argv.index("--")] if "--" in argv else argv):  # as graph.cli
-            print(json.dumps({"error": "interrupted", "exit_code": 130, "type": "Interrupted"}))
+        if json_wanted(sys.argv[1:]):
+            print(error_object("interrupted", 130, "Interrupted"))
         print("gpu-agent: interrupted", file=sys.stderr)
         return 130
     return command()

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from fleet import thread_claims
 from fleet.access import add_identity
 from fleet.models import Status
+from graph.orchestrator import Orchestrator
 from graph.tools import gpu_tools, keyed_thread
 from nodes.state import InputState
 from tests.conftest import ROOT, OrchFactory, small_config
@@ -185,19 +186,26 @@ def test_a_retry_while_the_first_call_decides_places_nothing(make_orch: OrchFact
     assert orch.services.ledger.allocations() == []
 
 
-def test_a_retry_places_what_a_dead_first_call_decided(make_orch: OrchFactory) -> None:
-    orch = make_orch()
-    tools = gpu_tools(orch)
-    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
+def first_call_stopped_before(orch: Orchestrator, node: str) -> str:
+    """The thread of a first `request_gpus` call (project vision, key "k", one GPU for an
+    hour), run through the graph until it stands before `node`, as if its process died."""
     thread = keyed_thread("vision", "k")
     req = orch.check({"project": "vision", "count": 1, "duration_hours": 1, "request_id": thread})
-    # the first call decided and its process died before allocate: the thread stands there
     orch.graph.invoke(
         InputState(request=req),
         {"configurable": {"thread_id": thread}},
         context=orch.context,
-        interrupt_before=["allocate"],
+        interrupt_before=[node],
     )
+    return thread
+
+
+def test_a_retry_places_what_a_dead_first_call_decided(make_orch: OrchFactory) -> None:
+    orch = make_orch()
+    tools = gpu_tools(orch)
+    args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
+    # the first call decided and its process died before allocate: the thread stands there
+    thread = first_call_stopped_before(orch, "allocate")
     assert orch.outcome(thread).next == ("allocate",)
     placed = tools[0].invoke(args)
     assert placed["status"] == "allocated" and placed["thread_id"] == thread
@@ -283,15 +291,8 @@ def test_a_retry_after_release_answers_released(make_orch: OrchFactory) -> None:
     orch = make_orch()
     request, release, _ = gpu_tools(orch)
     args = {"project": "vision", "count": 1, "hours": 1, "idempotency_key": "k"}
-    thread = keyed_thread("vision", "k")
-    req = orch.check({"project": "vision", "count": 1, "duration_hours": 1, "request_id": thread})
     # placed, and its monitor not awake yet: the checkpoint says allocated
-    orch.graph.invoke(
-        InputState(request=req),
-        {"configurable": {"thread_id": thread}},
-        context=orch.context,
-        interrupt_before=["monitor"],
-    )
+    thread = first_call_stopped_before(orch, "monitor")
     placed = orch.outcome(thread)
     assert placed.status is Status.ALLOCATED and placed.allocation is not None
     assert release.invoke({"allocation_id": placed.allocation.id})["status"] == "released"
