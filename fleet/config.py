@@ -22,7 +22,11 @@ from pydantic import (
 
 from fleet import names
 from fleet.errors import ConfigError, one_line
-from fleet.models import GPUInfo, Purpose
+from fleet.models import GPUInfo, Purpose, budget_problem
+
+# A number in a fleet file: an integer or a float, not TOML's true or false, nor a string,
+# which pydantic's lax mode would read as 1, 0 or the string's number
+Number = Annotated[float, Field(strict=True)]
 
 
 class _Strict(BaseModel):
@@ -45,10 +49,10 @@ SHARE_MIN, SHARE_MAX = 0.001, 1_000_000.0
 
 
 class GPUTypeSpec(_Strict):
-    memory_gb: float = Field(gt=0)
-    price_per_hour: float = Field(gt=0, le=PRICE_MAX)
-    relative_throughput: float = Field(ge=SPEED_MIN, le=SPEED_MAX)  # of the reference type
-    tdp_watts: float = Field(default=400, gt=0)
+    memory_gb: Number = Field(gt=0)
+    price_per_hour: Number = Field(gt=0, le=PRICE_MAX)
+    relative_throughput: Number = Field(ge=SPEED_MIN, le=SPEED_MAX)  # of the reference type
+    tdp_watts: Number = Field(default=400, gt=0)
 
 
 class NodeSpec(_Strict):
@@ -57,15 +61,15 @@ class NodeSpec(_Strict):
     gpus: int = Field(ge=1, le=64, strict=True)
     rack: str = "rack-0"
     nvlink: bool = Field(default=True, strict=True)
-    ambient_c: float = 30.0
+    ambient_c: Number = 30.0
 
 
 class MonitorSettings(_Strict):
-    tick_seconds: float = Field(default=60, ge=0.1)
-    low_util_pct: float = Field(default=20, ge=0, le=100)
-    low_util_window_minutes: float = Field(default=10, gt=0)
-    idle_util_pct: float = Field(default=5, ge=0, le=100)
-    idle_timeout_minutes: float = Field(default=30, gt=0)
+    tick_seconds: Number = Field(default=60, ge=0.1)
+    low_util_pct: Number = Field(default=20, ge=0, le=100)
+    low_util_window_minutes: Number = Field(default=10, gt=0)
+    idle_util_pct: Number = Field(default=5, ge=0, le=100)
+    idle_timeout_minutes: Number = Field(default=30, gt=0)
     # Where no command is known to run on the GPUs: a timeout per purpose (the one above where
     # none is given), never shorter than pause_factor x the longest pause the allocation has
     # already come back from; while a command runs under `gpu-agent run`, idling is a pause
@@ -74,21 +78,21 @@ class MonitorSettings(_Strict):
     # idle_timeout_done_minutes, 0 by default (the first tick that reads the GPUs idle: no
     # work is lost by it, the next command asks again; raise it to keep GPUs between
     # commands, as SkyPilot's autostop waits 5) (fleet.monitoring.idle_limit_s).
-    idle_timeout_done_minutes: float = Field(default=0, ge=0)
-    idle_timeout_by_purpose: dict[Purpose, Annotated[float, Field(gt=0)]] = Field(
+    idle_timeout_done_minutes: Number = Field(default=0, ge=0)
+    idle_timeout_by_purpose: dict[Purpose, Annotated[Number, Field(gt=0)]] = Field(
         default_factory=dict
     )
-    pause_factor: float = Field(default=1.5, ge=1)
+    pause_factor: Number = Field(default=1.5, ge=1)
     # "stream": where no command is known, when to release an idle allocation is read from its
     # utilisation stream by a model that tells a pause from an ending (council.stream_release),
     # instead of the timeout and the pause factor; opt-in: trained on the simulator's jobs
     idle_release: Literal["timeout", "stream"] = "timeout"
-    throttle_temp_c: float = Field(default=85, gt=0)
+    throttle_temp_c: Number = Field(default=85, gt=0)
     sample_window: int = Field(default=10, ge=1, le=1000, strict=True)
     # Wall-clock seconds, whatever the clock's time_scale: how often a process that monitors
     # allocations says it is alive, and how long a silence means it is gone (fleet.monitors).
-    heartbeat_seconds: float = Field(default=5, gt=0, le=3600)
-    heartbeat_stale_seconds: float = Field(default=30, gt=0)
+    heartbeat_seconds: Number = Field(default=5, gt=0, le=3600)
+    heartbeat_stale_seconds: Number = Field(default=30, gt=0)
 
     @model_validator(mode="after")
     def _stale_after_beats(self) -> MonitorSettings:
@@ -107,13 +111,13 @@ class SchedulerSettings(_Strict):
     # yield (fleet.maxmin: max-min fairness over effective throughput, losing no work);
     # "least-attained" the same with service counted per GPU, not per job (Tiresias).
     policy: Literal["fair-share", "max-min", "least-attained"] = "fair-share"
-    half_life_hours: float = Field(default=24, gt=0)
-    poll_seconds: float = Field(default=60, gt=0)
-    age_max_hours: float = Field(default=2, gt=0)
-    weight_priority: float = Field(default=1000, ge=0)
-    weight_fairshare: float = Field(default=1000, ge=0)
-    weight_age: float = Field(default=500, ge=0)
-    stale_after_polls: float = Field(default=3, gt=1)
+    half_life_hours: Number = Field(default=24, gt=0)
+    poll_seconds: Number = Field(default=60, gt=0)
+    age_max_hours: Number = Field(default=2, gt=0)
+    weight_priority: Number = Field(default=1000, ge=0)
+    weight_fairshare: Number = Field(default=1000, ge=0)
+    weight_age: Number = Field(default=500, ge=0)
+    stale_after_polls: Number = Field(default=3, gt=1)
     # A queued request that names no type moves, when it wakes, to another type of its pool
     # that routing now prefers and that could start it now (nodes/wait.py), rather than wait
     # for the type it was first routed to. On by default: it cut mean JCT on the whole trace
@@ -132,21 +136,21 @@ POLICY_BANDS: dict[str, tuple[float, float]] = {"neural": (0.25, 0.75), "referen
 
 class CouncilSettings(_Strict):
     auto_approve_max_gpus: int = Field(default=1, ge=0, strict=True)
-    auto_approve_max_usd: float = Field(default=25, ge=0)
+    auto_approve_max_usd: Number = Field(default=25, ge=0)
     # On the council's probability; between the two a human decides. Unset: the policy's
     # own (neural: 0.25 / 0.75 on its calibrated probability; reference: 0.4 / 0.6).
-    approve_threshold: float | None = Field(default=None, gt=0, lt=1)
-    deny_threshold: float | None = Field(default=None, gt=0, lt=1)
+    approve_threshold: Number | None = Field(default=None, gt=0, lt=1)
+    deny_threshold: Number | None = Field(default=None, gt=0, lt=1)
     # Approval with guardrails (council.guardrails), opt-in: from this share of the way from
     # the deny to the approve threshold (0.5: the upper half of the human band), and above
     # approve without a quorum of approvers. None: every uncertain request goes to a human.
-    guard_share: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
+    guard_share: Number | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
     # False: the council denies nothing on its own; what it would deny (at or below the deny
     # threshold) goes to a human, as the human band does.
     auto_deny: bool = Field(default=True, strict=True)
     # The idle release an approval with guardrails carries where nothing says the work goes
     # on (no `gpu-agent run` command running): stricter than the monitor's own timeouts.
-    guard_idle_minutes: float = Field(default=10, gt=0, allow_inf_nan=False)
+    guard_idle_minutes: Number = Field(default=10, gt=0, allow_inf_nan=False)
     # With guard_share, "stream": that release comes sooner where the allocation's utilisation
     # stream reads as ended (the model `[monitor] idle_release = "stream"` uses, on the
     # guarded allocations only, never later than guard_idle_minutes). "timeout": the clock.
@@ -154,16 +158,18 @@ class CouncilSettings(_Strict):
     # With guard_share: guardrails only where they are worth their burden, where the GPU-hours
     # at risk, (1 - p) x the GPU-hours asked, reach this; an approval below it goes without
     # them (council.voting.combine). None: by the probability alone.
-    guard_gpu_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+    guard_gpu_hours: Number | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
     # With guard_share: an approval with guardrails holds its GPUs this many hours at a time,
     # renewed by its monitor while they work (fleet.monitoring.renews), up to the lease asked;
     # what its budget commits, its scheduler's time limit and the backfill's view of when its
     # GPUs free follow the term (at least 15 minutes). None: the lease asked for, whole.
-    guard_lease_hours: float | None = Field(default=None, ge=0.25, allow_inf_nan=False, strict=True)
+    guard_lease_hours: Number | None = Field(
+        default=None, ge=0.25, allow_inf_nan=False, strict=True
+    )
     quorum: int = Field(default=3, ge=1, le=100, strict=True)
     history_events: int = Field(default=32, ge=1, le=64, strict=True)
-    record_half_life_days: float = Field(default=7, gt=0)
-    record_prior_gpu_hours: float = Field(default=4, ge=0)
+    record_half_life_days: Number = Field(default=7, gt=0)
+    record_prior_gpu_hours: Number = Field(default=4, ge=0)
     policy: Literal["neural", "reference"] = "neural"
     # A weights file from `gpu-agent council train`; None: the shipped council (trained to the
     # reference rules); "outcome": the shipped council trained on outcomes, with its own band
@@ -198,11 +204,11 @@ class CouncilSettings(_Strict):
 
 
 class LimitSettings(_Strict):
-    max_duration_hours: float = Field(default=720, gt=0)
-    min_duration_minutes: float = Field(default=1, gt=0)
+    max_duration_hours: Number = Field(default=720, gt=0)
+    min_duration_minutes: Number = Field(default=1, gt=0)
     # A budget that cannot take a whole lease shortens it down to this share of the hours
     # asked rather than refuse the request (fleet.budget.admitted_hours); 1: never shortens.
-    min_lease_share: float = Field(default=0.5, gt=0, le=1)
+    min_lease_share: Number = Field(default=0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _a_request_fits(self) -> LimitSettings:
@@ -218,7 +224,7 @@ class PreemptionSettings(_Strict):
     """When a running allocation may be asked to yield its GPUs (fleet.preemption)."""
 
     # It has run at least this long when it yields, so that nobody thrashes.
-    min_run_minutes: float = Field(default=30, ge=0, allow_inf_nan=False)
+    min_run_minutes: Number = Field(default=30, ge=0, allow_inf_nan=False)
     # A project's allocations yield at most this many times in any 24 hours.
     max_per_project_per_day: int = Field(default=4, ge=0, strict=True)
     # Borrowing between pools (fleet.borrowing): a request with a checkpoint notice whose own
@@ -261,11 +267,11 @@ class SlurmSettings(_Strict):
     partitions: dict[Purpose, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
     # A placed job that Slurm has not started within this long (a request with a max wait: by
     # its end instead) is cancelled, and so is its allocation (charged nothing).
-    start_timeout_seconds: float = Field(default=60, gt=0)
+    start_timeout_seconds: Number = Field(default=60, gt=0)
     # Added to every holder job's sbatch line: what the site requires (--account, --qos).
     sbatch_args: list[str] = Field(default_factory=list)
     # How long one Slurm command may take before Slurm counts as not answering.
-    command_timeout_seconds: float = Field(default=30, gt=0)
+    command_timeout_seconds: Number = Field(default=30, gt=0)
 
 
 class CheckpointSettings(_Strict):
@@ -278,7 +284,7 @@ class CheckpointSettings(_Strict):
 
 class ClockSettings(_Strict):
     # A state directory's ledger runs at the scale it first ran at (fleet.ledger.time_scale)
-    time_scale: float = Field(default=1.0, gt=0, le=1e7)  # at most 116 days a second
+    time_scale: Number = Field(default=1.0, gt=0, le=1e7)  # at most 116 days a second
 
 
 # A job's speed on one type, in relative_throughput's unit (the fleet's reference type = 1).
@@ -308,8 +314,8 @@ class FleetConfig(_Strict):
     limits: LimitSettings = LimitSettings()
     quotas: QuotaSettings = QuotaSettings()
     preemption: PreemptionSettings = PreemptionSettings()
-    shares: dict[str, float] = Field(default_factory=dict)
-    budgets: dict[str, float] = Field(default_factory=dict)
+    shares: dict[str, Number] = Field(default_factory=dict)
+    budgets: dict[str, Number] = Field(default_factory=dict)
     simulation: SimulationSettings = SimulationSettings()
     clock: ClockSettings = ClockSettings()
     checkpoints: CheckpointSettings = CheckpointSettings()
@@ -358,6 +364,11 @@ class FleetConfig(_Strict):
             why = names.problem("GPU type", t)
             if why is not None:
                 raise ValueError(f"catalog: {why}")
+            if t != t.upper():  # a request's type is read in upper case (GPURequest.gpu_type)
+                raise ValueError(
+                    f"catalog: GPU type {t!r} must be upper case, {t.upper()!r}, as requests "
+                    "name it"
+                )
         for purpose in Purpose:
             if not self.pools.get(purpose):
                 raise ValueError(f"pools.{purpose.value} must list at least one GPU type")
@@ -379,6 +390,7 @@ class FleetConfig(_Strict):
             ("shares", self.shares),
             ("budgets", self.budgets),
             ("quotas.projects", self.quotas.projects),
+            ("simulation.workloads", self.simulation.workloads),
         ):
             for project in projects:
                 why = names.problem("project", project)
@@ -391,8 +403,9 @@ class FleetConfig(_Strict):
                     f"(a weight against the others', 1 for a project not named), not {share:g}"
                 )
         for project, budget in self.budgets.items():
-            if budget < 0:
-                raise ValueError(f"budgets.{project} must not be negative")
+            why = budget_problem(budget)
+            if why is not None:
+                raise ValueError(f"budgets.{project}: {why}")
         self._check_speeds()
         return self
 

@@ -23,6 +23,8 @@ INSIDE = (
 )
 # `gpu-agent run`: its GPUs placed, its command not yet recorded or started (graph.run_command)
 RUN_PLACED = "run:placed"
+# `gpu-agent run`: its command started, not yet recorded or watched
+RUN_STARTED = "run:started"
 # Reached only where a cluster's scheduler holds the GPUs (Slurm: tests/test_slurm.py): the job
 # is submitted and runs, the ledger has not recorded it, the graph has not checkpointed.
 SUBMITTED = "allocate:submitted"

@@ -1,8 +1,10 @@
-"""A command that a `gpu-agent run --requeue` left running on its allocation when it died,
-whose allocation a worker or `resume --orphans` then adopted. Whoever monitors the allocation
-on the command's host gives the command what its run would have: the checkpoint notice
-before the deadline (`--notice`), and its end with the allocation (SIGTERM, its grace,
-SIGKILL). The ledger never then shows a GPU free while the command still runs on it.
+"""A command that a `gpu-agent run` left running on its allocation when it died, whose
+allocation a worker or `resume --orphans` then adopted, or whose lease ran out unwatched.
+Whoever monitors the allocation on the command's host gives the command what its run would
+have: the checkpoint notice before the deadline (`--notice`), and its end with the allocation
+(SIGTERM, its grace, SIGKILL); a process that finds its lease ran out while nobody watched
+ends it before the release (reconcile). The ledger never then shows a GPU free while the
+command still runs on it.
 
 Nothing here acts while the run lives, or where the command runs on another host: its
 owner is not known dead here (fleet.monitors.gone_here), or no process of this host was
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from fleet.ledger import Ledger
 from fleet.ledger.rows import Lease
 from fleet.ledger.runs import RunRecord
+from fleet.models import Release
 from fleet.monitors import gone_here
 from fleet.supervise import Adopted, RunCommand, Stopped
 
@@ -61,3 +64,12 @@ def end_with(ledger: Ledger, aid: str) -> Stopped | None:
     """The allocation `aid` has ended: its command ends too (None: none was left here)."""
     left = left_running(ledger, aid)
     return None if left is None else left.group.stop(left.command.grace_s)
+
+
+def reconcile(ledger: Ledger, now: float) -> list[Release]:
+    """Ledger.reconcile: leases that ran out while no process watched them are released,
+    each after the command a dead run left running on it here has ended (end_with), as a
+    monitor would have ended it."""
+    for aid in ledger.ran_out_unwatched(now):
+        end_with(ledger, aid)
+    return ledger.reconcile(now)

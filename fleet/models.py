@@ -7,6 +7,7 @@ threads. Add fields with defaults; never rename.
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -161,6 +162,30 @@ def check_project(name: str) -> str:
 # above any real budget, far below where float arithmetic on cents goes wrong.
 MAX_USD = 1e9
 MAX_GPUS = 100_000  # the most GPUs one request may ask for
+# The longest checkpoint notice a request may ask: an hour, where clouds give 30 s to 2 min.
+# A guarded lease's term is at least twice its notice (fleet.monitoring.term_hours), so a
+# notice of days would have held the council's one-hour term for the whole lease.
+MAX_NOTICE_S = 3600.0
+
+
+def budget_problem(usd: object) -> str | None:
+    """Why `usd` is no budget (None: it is one): a number (no bool) from $0 to MAX_USD,
+    compared as given, never converted, as math.isfinite converts an int (one past a float's
+    range overflows; NaN and the infinities fail the comparison), in whole micro-dollars, as
+    the ledger keeps costs (a budget of 1e-300 would print as hundreds of zeros)."""
+    if isinstance(usd, bool) or not isinstance(usd, int | float) or not 0 <= usd <= MAX_USD:
+        return f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {_shown_amount(usd)}"
+    if round(usd, 6) != usd:
+        return f"budget must be in dollars to at most 6 decimal places ($0.000001), not {usd}"
+    return None
+
+
+def _shown_amount(value: object) -> str:
+    """A refused budget as its message quotes it: an int of many digits by its magnitude
+    (past 4300 digits Python will not print it), another number as written, else by type."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**16:
+        return f"about {'-' if value < 0 else ''}1e{math.log10(abs(value)):.0f}"
+    return str(value) if isinstance(value, int | float) else names.shown(value)
 
 
 def _named(kind: str, value: str) -> str:
@@ -204,7 +229,7 @@ class GPURequest(BaseModel):
     # `notice_signal`, to checkpoint. Where a cluster's scheduler holds the GPUs (Slurm), the
     # holder job carries it as --signal, so the scheduler sends it even while no gpu-agent
     # process runs; `gpu-agent run --notice` sets it.
-    notice_seconds: float | None = Field(default=None, gt=0)
+    notice_seconds: float | None = Field(default=None, gt=0, le=MAX_NOTICE_S)
     notice_signal: str = "USR1"
     # What the job is (e.g. "resnet50"), for its speed on each type: the fleet file's
     # [speeds] table, or what the project's earlier runs of it measured (fleet.speeds).

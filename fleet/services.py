@@ -76,6 +76,8 @@ class Services:
     _listener: FreedListener | None = field(default=None, init=False)  # PostgreSQL only
     _watched: dict[str, str] = field(default_factory=dict, init=False)  # thread -> allocation
     _stopping: set[str] = field(default_factory=set, init=False)  # threads interrupted here
+    # allocation -> how to stop the command this process's `gpu-agent run` supervises on it
+    _supervised: dict[str, Callable[[], object]] = field(default_factory=dict, init=False)
     # the last route given: (Ledger.stamp, placeable GPUs, request, route), see route()
     _routed: tuple[Any, list[GPUInfo], GPURequest, RouteDecision | Refusal] | None = field(
         default=None, init=False
@@ -252,6 +254,23 @@ class Services:
         self.ledger.record_job(row.id, self.backend.name, job)
         return None
 
+    def supervising(self, allocation_id: str, stop: Callable[[], object] | None) -> None:
+        """This process runs a command on the allocation (`gpu-agent run`), and `stop` stops
+        it (None: no longer): whatever releases the allocation here stops it first."""
+        with self._lock:
+            if stop is None:
+                self._supervised.pop(allocation_id, None)
+            else:
+                self._supervised[allocation_id] = stop
+
+    def stop_supervised(self, allocation_id: str) -> None:
+        """Stop the command this process supervises on the allocation, if any, and wait for
+        it (its SIGTERM and grace): its GPUs are never free in the ledger while it runs."""
+        with self._lock:
+            stop = self._supervised.get(allocation_id)
+        if stop is not None:
+            stop()
+
     def free(self, allocation_id: str) -> None:
         """Free what the backend holds for an allocation the ledger has released."""
         if self._reserving is not None:
@@ -347,6 +366,7 @@ class Services:
         by: str | None = None,
     ) -> tuple[Release, bool]:
         """`release`, and whether this call released it (False: something else did first)."""
+        self.stop_supervised(allocation_id)
         release, here = self.ledger.release_once(
             allocation_id, reason, self.clock.now() if at is None else at, by or self.actor
         )

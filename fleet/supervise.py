@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -102,6 +103,10 @@ class Group(ABC):
 
     pid: int  # the process group's id (its leader's PID)
 
+    def __init__(self) -> None:
+        self._stop_lock = threading.Lock()
+        self._stopped: Stopped | None = None  # what the last stop did
+
     @abstractmethod
     def exited(self) -> bool:
         """Whether the group's leader has exited."""
@@ -131,23 +136,31 @@ class Group(ABC):
         return self.exited() and not [p for p in self.members() if p != self.pid]
 
     def stop(self, grace_s: float) -> Stopped:
-        """SIGTERM the group, wait up to `grace_s`, SIGKILL what is left."""
-        terminated = killed = False
-        if not self._gone():
-            self.signal(signal.SIGTERM)
-            terminated = True
-            if not self.wait_until(self._gone, grace_s):
-                self.signal(signal.SIGKILL)
-                killed = True
-                self.wait_until(self._gone, 10.0)
-        leftover = [p for p in self.members() if p != self.pid]
-        return Stopped(terminated, killed, leftover)
+        """SIGTERM the group, wait up to `grace_s`, SIGKILL what is left. One stop at a time:
+        a second caller (a release in another thread of `run`) waits for the first and is
+        told what it did, and the command gets one SIGTERM, not two (a second SIGTERM is
+        "quit now" to many training loops)."""
+        with self._stop_lock:
+            if self._stopped is not None and self._gone():
+                return self._stopped
+            terminated = killed = False
+            if not self._gone():
+                self.signal(signal.SIGTERM)
+                terminated = True
+                if not self.wait_until(self._gone, grace_s):
+                    self.signal(signal.SIGKILL)
+                    killed = True
+                    self.wait_until(self._gone, 10.0)
+            leftover = [p for p in self.members() if p != self.pid]
+            self._stopped = Stopped(terminated, killed, leftover)
+            return self._stopped
 
 
 class Supervised(Group):
     """A command started by gpu-agent, in its own process group."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> None:
+        super().__init__()
         check_startable(argv, env, cwd)
         try:
             self._proc = subprocess.Popen(
@@ -192,6 +205,7 @@ class Adopted(Group):
     this signal an unrelated process. Each is signalled by PID; its exit status is lost."""
 
     def __init__(self, pgid: int, allocation_id: str) -> None:
+        super().__init__()
         self.pid = pgid
         self.allocation_id = allocation_id
 

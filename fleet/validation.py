@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +10,7 @@ from pydantic import ValidationError
 from fleet import names
 from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, one_line
-from fleet.models import MAX_USD, GPURequest, RouteDecision
+from fleet.models import GPURequest, RouteDecision, budget_problem
 from fleet.routing import Refusal, route
 
 
@@ -77,26 +76,11 @@ def check_against_fleet(request: GPURequest, config: FleetConfig) -> None:
 
 
 def check_budget(project: str, budget_usd: float) -> None:
-    """A budget is a number (no bool) from $0 to MAX_USD, compared as given: never converted,
-    as math.isfinite converts an int (one past a float's range overflows); NaN and the
-    infinities fail the comparison."""
+    """A project's budget, as `budget set` and Services.set_budget take it (budget_problem)."""
     names.check("project", project)
-    if (
-        isinstance(budget_usd, bool)
-        or not isinstance(budget_usd, int | float)
-        or not 0 <= budget_usd <= MAX_USD
-    ):
-        raise InvalidInput(
-            f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {_shown_amount(budget_usd)}"
-        )
-
-
-def _shown_amount(value: object) -> str:
-    """A refused budget as its message quotes it: an int of many digits by its magnitude
-    (past 4300 digits Python will not print it), another number as written, else by type."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**16:
-        return f"about {'-' if value < 0 else ''}1e{math.log10(abs(value)):.0f}"
-    return str(value) if isinstance(value, int | float) else names.shown(value)
+    why = budget_problem(budget_usd)
+    if why is not None:
+        raise InvalidInput(why)
 
 
 def refusal(

@@ -16,6 +16,13 @@ database is refused (403), whoever asks; echoing the server's own values is fine
 write a thread's state or steer a run (a command's `update` or `goto`): either could skip the
 council or the review. Caller-chosen thread ids must be valid names (fleet.names).
 
+Every live allocation has a monitor: a run may stop (interrupt_before/_after) only before
+anything is placed or queued (STOPS), whoever asks, and runs under the graph's own recursion
+limit. What the server or the graph would fail or refuse after this handler is refused before
+it claims the thread (422, 404): an input that is no JSON object, a resume command on a thread
+not waiting for a review, a thread that does not exist or is another project's, a tool graph
+run on a thread.
+
 Refusals are HTTP errors with one line, except for MCP's tool calls: the server's MCP endpoint
 runs the tool through an in-process client that turns any refusal into a 500 with a traceback,
 so for those the graphs themselves refuse (graph/server.py, graph/admin.py) and the refusal
@@ -28,18 +35,23 @@ import asyncio
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from langgraph_sdk import Auth
+import httpx
+from langgraph_sdk import Auth, get_client
 from langgraph_sdk.auth.types import RunsCreate, ThreadsCreate
 
 from fleet import names, thread_claims
 from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
+from fleet.models import Status
 from fleet.statedir import default_state_dir
-from graph.checkpoint import carried_status
+from graph.builder import GRAPH_NAME, RECURSION_LIMIT
+from graph.checkpoint import carried_status, carried_values
+from nodes import audit
 from nodes.context import BOUND, bound_context_refusal, chosen_context, own_services
 from nodes.review import parse_decision
+from nodes.state import State, request_of
 
 auth = Auth()
 
@@ -54,6 +66,11 @@ ROLLBACK = (
     "a run is not rolled back here: its thread would lose the GPUs it placed; cancel it "
     "with action 'interrupt' (or run with another multitask_strategy)"
 )
+# The nodes (nodes.wiring) a run may stop before or after (interrupt_before/_after): those that
+# run before anything is placed or queued, so that every live allocation keeps its monitor.
+# Not allocate: it runs again after each wait, and a run stopped there leaves its request
+# queued in its type's line, where nothing will place it.
+STOPS = ("validate", "council", "review", "route")
 
 
 @auth.authenticate
@@ -168,12 +185,17 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
     who = _who(ctx)
     # Over MCP a refusal here becomes a 500: the graphs refuse those runs themselves.
     mcp = VIA_MCP in ctx.permissions
-    _check_thread_id(value.get("thread_id"))
+    thread_id = value.get("thread_id")
+    _check_thread_id(thread_id)
     kwargs = value.get("kwargs") or {}
+    _keeps_its_monitor(kwargs)
     chosen = await _chosen(kwargs)
     if chosen and not mcp:
         raise _context_refusal(chosen)
     run_input = kwargs.get("input")
+    if run_input is not None and not isinstance(run_input, dict):
+        raise _refuse("the input must be a JSON object: {'request': {...}} for gpu-agent", 422)
+    await _its_thread(value, who)
     request = run_input.get("request") if isinstance(run_input, dict) else None
     if isinstance(request, dict):
         project = request.get("project", "default")
@@ -200,14 +222,107 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
                 "admin decides reviews"
             )
         command["resume"] = _answers(command["resume"], who)
+        await _waits_for_review(thread_id, kwargs)
     if run_input is not None and not mcp:
-        await _starts_its_thread(value.get("thread_id"), request)
+        await _starts_its_thread(thread_id, request)
     if who.admin:
         return None
     metadata = value.get("metadata")
     if isinstance(metadata, dict):  # in place: a stateless run's thread is made from it
         metadata["project"] = who.project
     return {"project": who.project or ""}
+
+
+def _keeps_its_monitor(kwargs: Mapping[str, Any]) -> None:
+    """Refuse (422, whoever asks) a run that would stop once it placed GPUs: its allocation
+    would live on with nothing monitoring it, past its lease. A run may stop only before or
+    after the STOPS nodes. Its recursion limit is the graph's own, whatever was sent (in
+    place: Studio may send one), since the monitor loops a super-step per tick and a lower
+    limit would stop it."""
+    for key in ("interrupt_before", "interrupt_after"):
+        nodes = kwargs.get(key)
+        if nodes in (None, [], ()):
+            continue
+        named = nodes if isinstance(nodes, list | tuple) else [nodes]
+        late = [str(n) for n in named if n not in STOPS]
+        if late:
+            raise _refuse(
+                f"a run may not stop at {', '.join(late)} ({key}): it may stop only before "
+                f"or after {', '.join(STOPS)}, before anything is placed, so that every "
+                "allocation keeps its monitor",
+                422,
+            )
+    config = kwargs.get("config")
+    if isinstance(config, dict):
+        config["recursion_limit"] = RECURSION_LIMIT
+
+
+async def _its_thread(value: RunsCreate, who: Identity) -> None:
+    """A run's thread as the server holds it, looked up before anything is read or claimed
+    for it: refused as the server would refuse it after this handler (404), where it does not
+    exist and the run would not make it, or is another project's, so that no claim outlives
+    the refusal. Only gpu-agent runs on a thread (422): the tools, run there, would take it
+    over (its graph_id), hiding a review it waits for."""
+    thread_id = value.get("thread_id")
+    if thread_id is None:
+        return
+    thread = await _server_thread(str(thread_id))
+    metadata = (thread or {}).get("metadata") or {}
+    if thread is None and value.get("if_not_exists") != "create":
+        raise _refuse(f"thread {thread_id} not found", 404)
+    if thread is not None and not (who.admin or metadata.get("project") == who.project):
+        raise _refuse(f"thread {thread_id} not found", 404)
+    graph = await _graph_of(str(value.get("assistant_id")), metadata)
+    if graph != GRAPH_NAME:
+        raise _refuse(
+            f"{graph} is a tool: run it without a thread (thread_id None), as MCP does", 422
+        )
+
+
+async def _server_thread(thread_id: str) -> dict[str, Any] | None:
+    """The thread (None: no such thread), read through langgraph_sdk's loopback client, the
+    server's own API in process, past this handler."""
+    async with get_client(url=None, api_key=None) as server:
+        try:
+            return dict(await server.threads.get(thread_id))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 404:
+                return None
+            raise
+
+
+async def _graph_of(assistant_id: str, thread: Mapping[str, Any]) -> str | None:
+    """The graph an assistant runs: the thread's (its metadata) where it ran it last."""
+    if assistant_id == thread.get("assistant_id"):
+        return thread.get("graph_id")
+    async with get_client(url=None, api_key=None) as server:
+        return (await server.assistants.get(assistant_id)).get("graph_id")
+
+
+async def _waits_for_review(thread_id: object, kwargs: Mapping[str, Any]) -> None:
+    """Refuse (422) a resume command where the thread's checkpoint it runs from (its latest,
+    or the one it names) waits for no review: LangGraph would run the graph from there with
+    no input, failing with a traceback, and a thread never run could never start. A
+    checkpoint the thread does not hold is the run's to refuse, in one line (KnownOnly)."""
+    if thread_id is None:  # a stateless resume: the server refuses it
+        return
+    config = kwargs.get("config")
+    configurable = config.get("configurable") if isinstance(config, Mapping) else None
+    named = configurable.get("checkpoint_id") if isinstance(configurable, Mapping) else None
+    try:
+        values = await carried_values(str(thread_id), str(named) if named else None)
+    except InvalidInput:
+        return
+    if values.get("status") != Status.PENDING_REVIEW:
+        raise _refuse(f"thread {thread_id} is not waiting for a review", 422)
+    state = cast(State, values)
+    key = audit.decision_key(state, request_of(state))  # the request's, on any copy of it
+    done = await asyncio.to_thread(own_services().ledger.audit_entry, key)
+    if done is not None:  # a copy of the thread was answered: one decision per request
+        raise _refuse(
+            f"this review was already decided: {done.action} by {done.who}; nothing changed",
+            409,
+        )
 
 
 async def _starts_its_thread(thread_id: object, request: object) -> None:

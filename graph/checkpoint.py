@@ -168,14 +168,24 @@ def close_checkpointer(saver: BaseCheckpointSaver[str]) -> None:
 SERVING: list[BaseCheckpointSaver[str]] = []
 
 
-async def carried_status(thread_id: str) -> str | None:
-    """The status of the request a thread of the LangGraph server already carries (None: it
-    carries none yet), from its latest checkpoint: graph.auth refuses a new request on such
-    a thread before its run, since the run's input would land on the other's state."""
+async def carried_values(thread_id: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+    """The state a thread of the LangGraph server carries (empty: none yet), from its latest
+    checkpoint (or `checkpoint_id`, InvalidInput where the thread holds no such one):
+    graph.auth refuses a new request on such a thread before its run, since the run's input
+    would land on the other's state, and a review's answer where it waits for none or was
+    answered (on a copy of the thread)."""
     if not SERVING:
-        return None
-    found = await SERVING[-1].aget_tuple({"configurable": {"thread_id": thread_id}})
-    status = found.checkpoint["channel_values"].get("status") if found else None
+        return {}
+    configurable = {"thread_id": thread_id}
+    if checkpoint_id is not None:
+        configurable["checkpoint_id"] = checkpoint_id
+    found = await SERVING[-1].aget_tuple({"configurable": configurable})
+    return dict(found.checkpoint["channel_values"]) if found else {}
+
+
+async def carried_status(thread_id: str) -> str | None:
+    """The status of the request a thread carries (None: it carries none yet): carried_values."""
+    status = (await carried_values(thread_id)).get("status")
     return None if status is None else str(status)
 
 

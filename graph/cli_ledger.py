@@ -8,6 +8,7 @@ import argparse
 import os
 from dataclasses import asdict
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 from fleet import names
@@ -112,7 +113,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
         lines.append(
             f"{quoted(c.project):<16}{f'${c.spent_usd:,.2f}':>12}"
             f"{f'${c.accrued_usd:,.2f}':>12}"
-            f"{_usd(c.budget_usd):>12}{_usd(remaining):>12}"
+            f"{_budget(c.budget_usd):>12}{_usd(remaining):>12}"
         )
     emit(args, {"projects": rows}, "\n".join(lines))
     return 0
@@ -120,6 +121,14 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 def _usd(value: float | None) -> str:
     return "-" if value is None else f"${value:,.2f}"
+
+
+def _budget(value: float | None) -> str:
+    """A budget as it was set: in cents, or with every digit where it holds fractions of a
+    cent, so that a budget of $0.001 does not read as none ($0.00)."""
+    if value is None or round(value, 2) == value:
+        return _usd(value)
+    return f"${Decimal(repr(value)):,f}"  # repr: the float's shortest digits, never 1e-07
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
@@ -142,7 +151,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
                 for m in moved
             ],
         },
-        f"budget of {args.project}: ${args.usd:,.2f}{note}",
+        f"budget of {args.project}: {_budget(args.usd)}{note}",
     )
     return 0
 

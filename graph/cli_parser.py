@@ -295,7 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
         "GPUs, gpu_agent_* for the ledger) until SIGINT/SIGTERM",
     )
     _common(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1); the metrics answer to it and to the "
+        "loopback names",
+    )
+    p.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        dest="allow_host",
+        help="another host name the metrics answer to (repeatable), e.g. the one Prometheus "
+        "scrapes: requests with any other Host are refused",
+    )
     p.add_argument(
         "--port", type=int, default=9400, help="port to bind (default 9400; 0: any free port)"
     )
@@ -360,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="ID",
-        help="carry on a `run --requeue` whose process died (ID: any allocation it ran "
-        "on): adopt its command, or requeue it once where its allocation was yielded "
+        help="carry on a `run` whose process died (ID: any allocation it ran on): adopt "
+        "its command, or with --requeue requeue it once where its allocation was yielded "
         "or lost; the recorded command, directory and options, this shell's environment",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND...")

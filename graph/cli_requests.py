@@ -25,7 +25,7 @@ from fleet.errors import InvalidInput
 from fleet.fleet_backend import SchedulerJob
 from fleet.jobs import Job
 from fleet.ledger.runs import MAX_REQUEUES
-from fleet.models import NOTICE_SIGNALS, Event, Status, utc
+from fleet.models import MAX_NOTICE_S, NOTICE_SIGNALS, Event, Status, utc
 from fleet.statedir import default_state_dir
 from fleet.validation import check_against_fleet, parse_request
 from graph.cli_common import (
@@ -371,7 +371,7 @@ def _ago(seconds: float) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fleet.supervise import check_startable
-    from graph.run_command import request_and_run, run_on
+    from graph.run_command import request_and_run, run_on, sigterm_as_ctrl_c
 
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if args.resume is not None:
@@ -382,6 +382,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput("give either --allocation ID or --project P --count N --hours H")
     if not (0 <= args.grace < math.inf and 0 <= args.notice < math.inf):
         raise InvalidInput("--grace and --notice must be finite and not negative")
+    if args.notice > MAX_NOTICE_S:
+        raise InvalidInput(
+            f"--notice must be at most {MAX_NOTICE_S:.0f} seconds, not {args.notice:g}"
+        )
     if not 0 <= args.requeue <= MAX_REQUEUES:
         raise InvalidInput(f"--requeue must be from 0 to {MAX_REQUEUES}, not {args.requeue}")
     if args.requeue and args.allocation is not None:
@@ -413,7 +417,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raw["workload"] = args.workload
         request = parse_request(raw)
 
-    with open_orchestrator(args, create=request is not None) as orch:
+    with sigterm_as_ctrl_c(), open_orchestrator(args, create=request is not None) as orch:
         if request is None:
             report = run_on(
                 orch, args.allocation, argv, grace_s=args.grace, owned=False, say=_say, **notice
@@ -431,7 +435,7 @@ def _say(line: str) -> None:
 
 def _resume_run(args: argparse.Namespace, argv: list[str]) -> int:
     """`run --resume ID`: the recorded command, carried on (graph.run_command.resume_run)."""
-    from graph.run_command import resume_run
+    from graph.run_command import resume_run, sigterm_as_ctrl_c
 
     if argv or args.allocation is not None or args.project is not None or args.requeue:
         raise InvalidInput(
@@ -439,7 +443,7 @@ def _resume_run(args: argparse.Namespace, argv: list[str]) -> int:
             "--allocation, --project or --requeue"
         )
     names.check("allocation id", args.resume)
-    with open_orchestrator(args, create=False) as orch:
+    with sigterm_as_ctrl_c(), open_orchestrator(args, create=False) as orch:
         return _ran(args, resume_run(orch, args.resume, say=_say))
 
 

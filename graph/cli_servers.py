@@ -17,8 +17,9 @@ from graph.cli_common import backend_choice, database_url, emit, fleet_file, ope
 def cmd_ui(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from graph.hosts import allowed_hosts
     from graph.orchestrator import Orchestrator
-    from graph.ui import SERVER, allowed_hosts, create_app, hosts_from_env
+    from graph.ui import SERVER, create_app, hosts_from_env
 
     if not 0 < args.port < 65536:
         raise InvalidInput(f"--port must be 1-65535, not {args.port}")
@@ -165,22 +166,32 @@ def _studio_port(host: str, port: int) -> int:
 
 
 def cmd_serve_metrics(args: argparse.Namespace) -> int:
+    from graph.hosts import allowed_hosts
     from graph.metrics import MetricsServer, serve_until_signalled
 
     def ready(server: MetricsServer) -> None:
         emit(
             args,
-            {"host": server.host, "port": server.port, "url": server.url},
+            {
+                "host": server.host,
+                "port": server.port,
+                "url": server.url,
+                "hosts": sorted(server.hosts),
+            },
             f"serving metrics on {server.url}",
         )
         sys.stdout.flush()
 
     if not 0 <= args.port <= 65535:
         raise InvalidInput(f"--port must be 0-65535, not {args.port}")
+    allowed = args.allow_host or []
+    allowed_hosts([args.host, *allowed])  # a bad name is refused before anything opens
     with open_orchestrator(args, create=False) as orch:
         orch.identity.check_admin("serve the metrics (every project's spend and allocations)")
         try:
-            serve_until_signalled(orch.services, args.host, args.port, on_ready=ready)
+            serve_until_signalled(
+                orch.services, args.host, args.port, on_ready=ready, allowed=allowed
+            )
         except OSError as exc:  # the port is taken, the address is not this machine's
             raise InvalidInput(
                 f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}"

@@ -25,27 +25,31 @@ in Prometheus base units:
                                             process monitors (fleet.monitors): alert on it
 
 `registry_for`, `wsgi_app` and `asgi_app` let another server mount the metrics; `serve` runs
-prometheus_client's own HTTP server in a thread; `serve_until_signalled` is what
-`gpu-agent serve-metrics` runs.
+a threaded HTTP server as prometheus_client's own, but answering only to the Host names it
+serves (graph.hosts, the web page's check: a page on another site that rebinds its DNS name
+to this address reads nothing); `serve_until_signalled` is what `gpu-agent serve-metrics` runs.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from types import FrameType
 from typing import Any, NamedTuple
-from wsgiref.simple_server import WSGIServer
-from wsgiref.types import WSGIApplication
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import make_asgi_app, make_wsgi_app, start_http_server
+from prometheus_client import make_asgi_app, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from fleet.models import GPUInfo, GPUSample
 from fleet.monitors import Monitors
+from graph.hosts import allowed_hosts, host_refusal, served_host
 from nodes.context import Services
 
 MIB_PER_GIB = 1024.0
@@ -218,12 +222,61 @@ def asgi_app(services: Services) -> ASGIApp:
     return app
 
 
+def host_checked(app: WSGIApplication, hosts: frozenset[str]) -> WSGIApplication:
+    """`app` for requests whose one Host header names one of `hosts`; any other gets one line
+    (421), as the web page answers it: no DNS-rebinding page reads the fleet's metrics."""
+
+    def checked(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # wsgiref joins two Host headers with a comma: no single host, refused as the page does
+        sent = [environ["HTTP_HOST"]] if "HTTP_HOST" in environ else []
+        if served_host(sent, hosts) is not None:
+            return app(environ, start_response)
+        how = "`gpu-agent serve-metrics --allow-host NAME`"
+        body = host_refusal(sent, "the metrics are", how).encode()
+        start_response(
+            "421 Misdirected Request",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return checked
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, as prometheus_client's server; daemon threads, so that a scrape in
+    flight never holds the process up at exit."""
+
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    """Logs no request: a scrape every few seconds is no news (as prometheus_client's)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _bound(host: str, port: int, app: WSGIApplication) -> WSGIServer:
+    """A server for `app` bound to host:port, on an IPv6 socket for an IPv6 address. OSError
+    (socket.gaierror included) where it cannot bind."""
+    family, *_, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = _Server6 if family == socket.AF_INET6 else _Server
+    return make_server(str(address[0]), port, app, server_class, _Quiet)
+
+
 @dataclass
 class MetricsServer:
-    """prometheus_client's HTTP server running in a daemon thread."""
+    """The metrics' HTTP server running in a daemon thread."""
 
     host: str
     port: int  # the bound port (the one the system chose when asked for 0)
+    hosts: frozenset[str]  # the Host names it answers to
     server: WSGIServer = field(repr=False)
     thread: threading.Thread = field(repr=False)
 
@@ -246,11 +299,18 @@ class MetricsServer:
         self.close()
 
 
-def serve(services: Services, host: str = "127.0.0.1", port: int = 9400) -> MetricsServer:
-    """Serve the metrics at http://host:port/metrics in a thread; port 0: any free port."""
-    server, thread = start_http_server(port, host, registry_for(services))
+def serve(
+    services: Services, host: str = "127.0.0.1", port: int = 9400, allowed: Iterable[str] = ()
+) -> MetricsServer:
+    """Serve the metrics at http://host:port/metrics in a thread; port 0: any free port. They
+    answer to a Host of the loopback names, `host` and the `allowed` names only (InvalidInput
+    for a name that is none, before anything binds)."""
+    hosts = allowed_hosts([host, *allowed])
+    server = _bound(host, port, host_checked(make_wsgi_app(registry_for(services)), hosts))
+    thread = threading.Thread(target=server.serve_forever, name="gpu-agent-metrics", daemon=True)
+    thread.start()
     return MetricsServer(
-        host=host, port=int(server.server_address[1]), server=server, thread=thread
+        host=host, port=int(server.server_address[1]), hosts=hosts, server=server, thread=thread
     )
 
 
@@ -259,6 +319,8 @@ def serve_until_signalled(
     host: str = "127.0.0.1",
     port: int = 9400,
     on_ready: Callable[[MetricsServer], None] | None = None,
+    *,
+    allowed: Iterable[str] = (),
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly and return (main thread only).
 
@@ -272,7 +334,7 @@ def serve_until_signalled(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with serve(services, host, port) as server:
+        with serve(services, host, port, allowed) as server:
             if on_ready is not None:
                 on_ready(server)
             while not stop.wait(1.0):

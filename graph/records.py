@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from fleet import names
+from fleet import left_running, names
 from fleet.access import Identity, identify
 from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice
@@ -159,7 +159,7 @@ class Records:
             raise
         svc = self.services
         svc.reconcile_jobs()  # Slurm jobs that ended while down end their allocations
-        svc.ledger.reconcile(svc.clock.now())  # leases that ran out while down
+        left_running.reconcile(svc.ledger, svc.clock.now())  # leases that ran out while down
         held = svc.ledger.holders()  # power limits a crashed process left lowered
         svc.backend.reset([g.uuid for g in svc.gpus if g.uuid not in held])
         svc.reconcile_reservations()  # a crashed worker's placement groups (Ray), Slurm jobs

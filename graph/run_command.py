@@ -14,8 +14,9 @@ lease ran out, a GPU failed, gpu-agent was down past its lease, it was preempted
 preempt`) is asked for again, resuming the old one (`GPURequest.resumes`: it queues ahead of
 new work), and the command starts again on the new GPUs to go on from its checkpoint, at most
 N times, as Slurm's --requeue does. The requeue is recorded in the ledger (fleet.ledger.runs)
-and made once, whoever asks first: `run --resume ID` carries on a `run` that died (resume_run),
-adopting the command it left running (fleet.supervise.Adopted).
+and made once, whoever asks first. Every `run` that requested its allocation is recorded so
+(with no requeue left without `--requeue`): `run --resume ID` carries on a `run` that died
+(resume_run), adopting the command it left running (fleet.supervise.Adopted).
 When the command ends by itself, an allocation `run` requested is released (command-exit);
 one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
 takes an idle spell for a pause and never releases the allocation for idling; once it has
@@ -35,17 +36,19 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 
 from fleet.errors import Denied, Interrupted, InvalidInput, NotPlaced
-from fleet.faults import RUN_PLACED, fault
+from fleet.faults import RUN_PLACED, RUN_STARTED, fault
 from fleet.ledger import Ledger
 from fleet.ledger.rows import LedgerRow
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owner
+from fleet.services import Services
 from fleet.supervise import (
     ALLOCATION_ENV,
     Adopted,
     Group,
     RunCommand,
+    Stopped,
     Supervised,
     check_startable,
 )
@@ -54,6 +57,7 @@ from graph.orchestrator import Orchestrator
 from graph.outcome import PendingReview
 
 POLL_S = 0.25
+RELEASE_WAIT_S = 30.0  # how long after its command stopped a release may take to land
 NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm's is opt-in too)
 NOTICE_SIGNAL = signal.SIGUSR1
 # Ends that the same request may outlive; not a budget (it would be refused again), an
@@ -127,6 +131,28 @@ def _signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, systemd) to `gpu-agent run` does what Ctrl-C does, also
+    while it waits for GPUs or places them: the SIGINT handler then in place runs (the
+    Orchestrator's, or _signals' once a command runs). Without this, SIGTERM killed `run`
+    outright there and left a queued allocation to be placed and charged for a command that
+    would never run."""
+
+    def as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # ignored or the default: as Python's own handler would
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_on(
     orch: Orchestrator,
     allocation_id: str,
@@ -154,7 +180,9 @@ def run_on(
         )
     command = RunCommand(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
-    return _supervise(orch, row, _start(orch, row, command, charge), command, charge, owned)
+    with _signals() as got:  # from before the start: a Ctrl-C then stops the command too
+        proc = _start(orch, row, command, charge)
+        return _supervise(orch, row, proc, command, charge, owned, got)
 
 
 def _start(orch: Orchestrator, row: LedgerRow, command: RunCommand, charge: Charge) -> Supervised:
@@ -174,6 +202,7 @@ def _start(orch: Orchestrator, row: LedgerRow, command: RunCommand, charge: Char
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(row.gpu_ids)
     proc = Supervised(argv, env, command.cwd)
+    fault(RUN_STARTED)
     if svc.ledger.run_record(row.id) is not None:  # a `run --resume` may adopt it
         svc.ledger.command_started(row.id, charge.owner, proc.pid)
     charge.say(f"started pid {proc.pid} on {', '.join(row.gpu_ids)}")
@@ -187,15 +216,27 @@ def _supervise(
     command: RunCommand,
     charge: Charge,
     owned: bool,
+    got: list[int],
 ) -> RunReport:
-    """Watch the command until it exits or the allocation ends, send its notice once per
-    deadline (again only where the deadline moved more than a notice past the last one: a
-    renewed term), stop it (SIGTERM, grace, SIGKILL) and release what `run` owns."""
+    """Watch the command until it exits, the allocation ends or a signal came (`got`, noted
+    by _signals since before the command started), send its notice once per deadline (again
+    only where the deadline moved more than a notice past the last one: a renewed term),
+    stop it (SIGTERM, grace, SIGKILL) and release what `run` owns. Its lease's end is
+    released once the command has stopped, and whatever else releases the allocation in
+    this process (its monitor, a tool) stops the command first (Services.supervising)."""
     svc = orch.services
     aid, say = row.id, charge.say
     recorded = svc.ledger.run_record(aid)
     notice_s = command.notice_s
-    with _signals() as got:
+    lease_end: tuple[ReleaseReason, float] | None = None  # released after the stop
+    by_release: list[bool] = []  # a release in this process stopped it (its monitor's)
+
+    def stop_first() -> Stopped:
+        by_release.append(True)
+        return proc.stop(command.grace_s)
+
+    svc.supervising(aid, stop_first)
+    try:
         svc.commands.started(aid, charge.owner, svc.clock.now())
         seen = {proc.pid}
         ended_by = "command"
@@ -227,7 +268,7 @@ def _supervise(
                 )
             if lease.deadline is not None and now >= lease.deadline:
                 assert lease.deadline_reason is not None  # nobody released it on time: we do
-                svc.release(aid, lease.deadline_reason, at=lease.deadline)
+                lease_end = (lease.deadline_reason, lease.deadline)
                 ended_by = lease.deadline_reason.value
                 break
             if got:
@@ -238,6 +279,8 @@ def _supervise(
             ended = svc.ledger.get(aid)  # what ended first is unknown; the allocation's end
             if ended.release_reason is not None:  # is what the ledger knows
                 ended_by = ended.release_reason.value
+        if ended_by == "command" and by_release:  # stopped for a release that lands next
+            ended_by = _released_reason(svc, aid, command.grace_s + RELEASE_WAIT_S)
         if ended_by != "command":
             say(
                 f"allocation {aid} ended ({ended_by}): stopping the command "
@@ -247,6 +290,10 @@ def _supervise(
         code = proc.returncode()
         if ended_by == "command":  # the work is done: idle time from now on is hoarding
             svc.commands.ended(aid, svc.clock.now(), code)
+    finally:
+        svc.supervising(aid, None)
+    if lease_end is not None:  # its GPUs go back once the command has stopped
+        svc.release(aid, lease_end[0], at=lease_end[1])
     if owned and svc.ledger.get(aid).state == "active":
         reason = ReleaseReason.COMMAND_EXIT if ended_by == "command" else ReleaseReason.EXPLICIT
         orch.release(aid, reason)
@@ -260,6 +307,17 @@ def _supervise(
         _left_on_gpus(orch, row.gpu_ids, seen),
         told_at is not None,
     )
+
+
+def _released_reason(svc: Services, aid: str, timeout_s: float) -> str:
+    """Why the allocation was released, once the release that stopped its command (in
+    another thread of this process) lands: within `timeout_s`, else "signal" (stopped)."""
+    end = time.monotonic() + timeout_s
+    while (reason := svc.ledger.get(aid).release_reason) is None:
+        if time.monotonic() >= end:
+            return "signal"
+        time.sleep(POLL_S)
+    return reason.value
 
 
 def told(told_at: float | None, deadline: float, notice_s: float) -> bool:
@@ -312,8 +370,9 @@ def request_and_run(
     handle = _placed(orch, request)
     try:
         fault(RUN_PLACED)
-        if requeue:
-            orch.services.ledger.record_run(handle.id, charge.owner, asdict(command), requeue)
+        # recorded with no requeue too: whoever adopts the allocation of a `run` that died
+        # then stops its command with it (fleet.left_running), and `run --resume` carries it on
+        orch.services.ledger.record_run(handle.id, charge.owner, asdict(command), requeue)
         held = _announced(handle, say)
     except BaseException as exc:  # placed for a command that will not run here: not left held
         handle.release(ReleaseReason.CANCELLED)
@@ -389,18 +448,19 @@ def _run_held(orch: Orchestrator, held: Held, command: RunCommand, charge: Charg
     ledger = orch.services.ledger
     row = ledger.get(held.id)
     record = ledger.run_record(held.id)
-    if record is not None and record.pgid is not None:
-        proc: Group = Adopted(record.pgid, held.id)
-        charge.say(
-            f"adopted the command of allocation {held.id} (process group {record.pgid}), "
-            "whose `gpu-agent run` died"
-        )
-    elif row.state == "active":
-        proc = _start(orch, row, command, charge)
-    else:
-        reason = row.release_reason.value if row.release_reason else row.state
-        return RunReport(held.id, None, reason)
-    return _supervise(orch, row, proc, command, charge, owned=True)
+    with _signals() as got:  # from before the start: a Ctrl-C then stops the command too
+        if record is not None and record.pgid is not None:
+            proc: Group = Adopted(record.pgid, held.id)
+            charge.say(
+                f"adopted the command of allocation {held.id} (process group {record.pgid}), "
+                "whose `gpu-agent run` died"
+            )
+        elif row.state == "active":
+            proc = _start(orch, row, command, charge)
+        else:
+            reason = row.release_reason.value if row.release_reason else row.state
+            return RunReport(held.id, None, reason)
+        return _supervise(orch, row, proc, command, charge, True, got)
 
 
 def _successor(orch: Orchestrator, pred: str, charge: Charge) -> Held | None:
@@ -459,13 +519,13 @@ def _attach(
 
 
 def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print) -> RunReport:
-    """Carry on the `run --requeue` that allocation `aid` belongs to, after its process
+    """Carry on the `run` (`--requeue` or not) that allocation `aid` belongs to, after its process
     died: from its newest allocation, adopting its command where it still runs, requeueing
     where it was yielded or lost (once: fleet.ledger.runs.requeue). Refused, changing
     nothing, where that run is finished or its process is alive."""
     ledger = orch.services.ledger
     chain = ledger.run_chain(aid)
-    missing = f"allocation {aid} was not run by `gpu-agent run --requeue`: nothing to resume"
+    missing = f"allocation {aid} was not requested by `gpu-agent run`: nothing to resume"
     if not chain:
         raise InvalidInput(missing)
     orch.identity.check_sees(ledger.get(chain[0].allocation_id).project, missing)

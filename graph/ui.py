@@ -12,10 +12,12 @@ approver gets a page saying who decided. Every form carries a token bound to the
 (HMAC of their token), so a forged post from another site is refused.
 
 Before any of that, every request passes `_Guard`: its Host must be a name the page serves
-(loopback names, the bound address, the operator's --allow-host / GPU_AGENT_UI_HOSTS), so a
-page elsewhere that rebinds its DNS name to 127.0.0.1 reads nothing; and a POST whose Origin
-(or, without one, Referer) is another origin, or `null`, is refused. A POST with neither
-(curl, scripts) goes on: the per-caller form token still has to match.
+(loopback names, the bound address, the operator's --allow-host / GPU_AGENT_UI_HOSTS; the
+check is graph.hosts', which the metrics server shares), so a page elsewhere that rebinds its
+DNS name to 127.0.0.1 reads nothing; and a POST whose Origin (or, without one, Referer) is
+another origin, or `null`, is refused. A POST with neither (curl, scripts) goes on: the
+per-caller form token still has to match. A request that fails unexpectedly gets one line
+(500) and its traceback goes to the server's log, never to the caller.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput, StateDirError
 from fleet.models import CouncilDecision, GPURequest, ReleaseReason, RouteMode, Status
 from fleet.routing import Refusal, guarded
+from graph.hosts import allowed_hosts, host_port, host_refusal, served_host
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
 from nodes.audit import ask_key, decision_key, recorded
@@ -56,9 +59,8 @@ COOKIE = "gpu_agent_token"
 # Who the page's own orchestrator is: it acts for each caller through `acting_as`, and as itself
 # only to carry a decided thread on (monitoring, release), as a worker does.
 SERVER = Identity("web-ui", None, "admin")
-# Host names the page always answers to; `gpu-agent ui --host` and --allow-host (or
-# GPU_AGENT_UI_HOSTS, comma-separated) add others.
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Host names the page answers to besides graph.hosts.LOOPBACK, comma-separated, where
+# `gpu-agent ui` has no --allow-host (and always under the LangGraph server)
 HOSTS_ENV = "GPU_AGENT_UI_HOSTS"
 REFRESH_SECONDS = 15  # the pending reviews list reloads itself (a <meta> refresh, no script)
 LIVE = ("queued", "active")
@@ -273,44 +275,12 @@ def bars(
 
 # ---- host names and origins ------------------------------------------------------------------
 
-_HOST = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?")
-_NAME = re.compile(r"[a-z0-9._-]{1,253}|[0-9a-f:.]{2,45}")
 _DEFAULT_PORT = {"http": 80, "https": 443}
-
-
-def allowed_hosts(extra: Iterable[str] = ()) -> frozenset[str]:
-    """The host names the page answers to: the loopback names and `extra` (a name or an
-    address, IPv6 with or without brackets, no port). InvalidInput for anything else."""
-    out = set(LOOPBACK)
-    for raw in extra:
-        name = raw.strip().lower()
-        if name.startswith("[") and name.endswith("]"):
-            name = name[1:-1]
-        if not name:
-            continue
-        if not _NAME.fullmatch(name):
-            raise InvalidInput(
-                f"host name {raw!r}: a DNS name or an IP address, without a port or a scheme"
-            )
-        out.add(name)
-    return frozenset(out)
 
 
 def hosts_from_env() -> list[str]:
     """GPU_AGENT_UI_HOSTS, comma-separated."""
     return [h for h in os.environ.get(HOSTS_ENV, "").split(",") if h.strip()]
-
-
-def _host_port(value: str) -> tuple[str, int | None] | None:
-    """A Host header's (or an origin's authority's) name and port; None if it is malformed
-    (user info, a path, spaces: nothing but a name or address and a port)."""
-    found = _HOST.fullmatch(value.strip().lower())
-    if found is None:
-        return None
-    port = int(found[3]) if found[3] else None
-    if port is not None and not 0 < port < 65536:
-        return None
-    return found[1] or found[2], port
 
 
 def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
@@ -319,16 +289,24 @@ def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
     found = re.fullmatch(r"(https?)://([^/?#]+)(?:[/?#].*)?", origin.strip(), re.S)
     if found is None:
         return False
-    theirs = _host_port(found[2])
+    theirs = host_port(found[2])
     if theirs is None:
         return False
     default = _DEFAULT_PORT[found[1].lower()]
     return theirs[0] == host[0] and (theirs[1] or default) == (host[1] or default)
 
 
+def _internal_error() -> Response:
+    """What a request that failed unexpectedly gets: one line, never the exception's text (a
+    path, a token) nor a traceback, which go to the server's log."""
+    return PlainTextResponse(
+        "gpu-agent: internal error: the page could not answer; see the server's log\n", 500
+    )
+
+
 class _Guard:
-    """ASGI middleware: the Host check on every request, the Origin check on every POST, and
-    the security headers on every response."""
+    """ASGI middleware: the Host check on every request, the Origin check on every POST, the
+    security headers on every response, and one line for a request that failed unexpectedly."""
 
     def __init__(self, app: Any, ui: WebUI, hosts: frozenset[str]) -> None:
         self.app, self.ui, self.hosts = app, ui, hosts
@@ -338,29 +316,34 @@ class _Guard:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Any) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = dict(message)
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        refusal = self.refusal(scope)
-        if refusal is not None:
-            await refusal(scope, receive, send_with_headers)
+        refused = self.refusal(scope)
+        if refused is not None:
+            await refused(scope, receive, send_with_headers)
             return
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if not started:
+                await _internal_error()(scope, receive, send_with_headers)
+            raise  # on to the server, which logs the traceback (uvicorn under `gpu-agent ui`)
 
     def refusal(self, scope: Any) -> Response | None:
         headers = Headers(scope=scope)
-        hosts = headers.getlist("host")
-        host = _host_port(hosts[0]) if len(hosts) == 1 else None
-        if host is None or host[0] not in self.hosts:
-            shown = names.shown(hosts[0] if len(hosts) == 1 else "")
-            return PlainTextResponse(
-                f"gpu-agent: this page is not served under host {shown} (its operator adds "
-                "names with `gpu-agent ui --allow-host NAME` or GPU_AGENT_UI_HOSTS)\n",
-                421,
-            )
+        sent = headers.getlist("host")
+        host = served_host(sent, self.hosts)
+        if host is None:
+            how = f"`gpu-agent ui --allow-host NAME` or {HOSTS_ENV}"
+            return PlainTextResponse(host_refusal(sent, "this page is", how), 421)
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return None
         origins, referers = headers.getlist("origin"), headers.getlist("referer")
@@ -407,16 +390,23 @@ class WebUI:
     # ---- identity ------------------------------------------------------------------------
 
     def _identity(self, request: Request) -> Identity | None:
-        """The caller (None: not logged in where tokens are required)."""
+        """The caller (None: not logged in where tokens are required). StateDirError where the
+        access file is damaged, with a token or without one."""
         if not (self.state_dir / ACCESS).exists():
             return LOCAL
         token = request.cookies.get(COOKIE)
         if not token:
+            self._check_access()
             return None
         try:
             return identify(self.state_dir, token)
         except Forbidden:
             return None
+
+    def _check_access(self) -> None:
+        """StateDirError where the access file cannot be read: no token can be checked, so a
+        visitor without one is told so (503), not sent to a log-in that cannot work."""
+        identities(self.state_dir)
 
     def _csrf(self, request: Request) -> str:
         basis = request.cookies.get(COOKIE, "local").encode()
@@ -530,19 +520,28 @@ class WebUI:
         return endpoint
 
     def login(self, request: Request) -> Response:
-        root = request.scope.get("root_path", "")
+        """The log-in form; a damaged access file instead says so (503), as every page does."""
         if request.method == "POST":
-            token = _form(request).get("token", "")
-            try:
-                identify(self.state_dir, token)
-            except StateDirError as exc:  # no token can be checked: not the token's fault
-                return self._login_refused(request, _status(exc), str(exc))
-            except GPUAgentError:
-                return self._login_refused(request, 403, "unknown token")
-            response = RedirectResponse(f"{root}/reviews", status_code=303)
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=root or "/")
-            return response
-        return self.page(request, None, "Log in", _login_form(root))
+            return self._log_in(request)
+        try:
+            self._check_access()
+        except StateDirError as exc:
+            return self.error(request, None, _status(exc), str(exc))
+        return self.page(request, None, "Log in", _login_form(request.scope.get("root_path", "")))
+
+    def _log_in(self, request: Request) -> Response:
+        """A posted token: the cookie and on to the reviews, or the form again saying why not."""
+        root = request.scope.get("root_path", "")
+        token = _form(request).get("token", "")
+        try:
+            identify(self.state_dir, token)
+        except StateDirError as exc:  # no token can be checked: not the token's fault
+            return self._login_refused(request, _status(exc), str(exc))
+        except GPUAgentError:
+            return self._login_refused(request, 403, "unknown token")
+        response = RedirectResponse(f"{root}/reviews", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path=root or "/")
+        return response
 
     def _login_refused(self, request: Request, status: int, message: str) -> HTMLResponse:
         """The log-in page again, saying why the token was not taken."""

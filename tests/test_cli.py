@@ -240,6 +240,7 @@ def test_bad_requests_exit_2_and_change_nothing(
     [
         ["budget", "set", "p", "nan"],
         ["budget", "set", "p", "-3"],
+        ["budget", "set", "p", "1e-300"],  # hundreds of zeros as a budget (session 30)
         ["budget", "set", "bad name", "3"],
         ["release", "a-nope"],
         ["resume", "no-such-thread"],
@@ -255,6 +256,17 @@ def test_other_bad_input(env: tuple[Path, list[str]], args: list[str]) -> None:
     r = run_cli(*args, *(opts if args[0] not in ("request", "frobnicate") else []), cwd=cwd)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert ledger_rows(cwd / "state") == before
+
+
+def test_a_budget_of_fractions_of_a_cent_is_shown_as_set(env: tuple[Path, list[str]]) -> None:
+    """$0.001 used to read as $0.00, a budget of nothing, in both `budget set` and `costs`."""
+    cwd, opts = env
+    r = run_cli("budget", "set", "p", "0.001", *opts, cwd=cwd)
+    assert r.returncode == 0 and "budget of p: $0.001;" in r.stdout
+    costs = run_cli("costs", *opts, cwd=cwd)
+    assert "$0.001" in costs.stdout.splitlines()[1]
+    r = run_cli("budget", "set", "p", "1234.5", *opts, cwd=cwd)
+    assert "budget of p: $1,234.50;" in r.stdout  # whole cents as before
 
 
 def test_missing_and_corrupt_state_dirs(tmp_path: Path) -> None:

@@ -114,6 +114,23 @@ def own_type(key: str) -> str:
         (own_type('"X\\nFORGED LINE"'), "catalog: GPU type 'X\\nFORGED LINE'"),
         (own_type('"L4\\u001b[31m"'), "catalog: GPU type 'L4\\x1b[31m'"),
         (own_type('"A 100"'), "catalog: GPU type 'A 100'"),
+        # session 30: true and strings read as numbers, a type no request could name, a
+        # simulated project's name unchecked
+        (SMALL_FLEET + "\n[shares]\nvision = true\n", "shares.vision: Input should be a valid"),
+        (SMALL_FLEET + '\n[budgets]\nvision = "5"\n', "budgets.vision: Input should be a valid"),
+        (own_a100("true", "1"), "price_per_hour: Input should be a valid number"),
+        (SMALL_FLEET + '\n[monitor]\ntick_seconds = "5"\n', "tick_seconds: Input should be"),
+        (
+            SMALL_FLEET + "\n[council]\nrecord_half_life_days = true\n",
+            "record_half_life_days: Input",
+        ),
+        (SMALL_FLEET + "\n[budgets]\nvision = 1e300\n", "budgets.vision: budget must be an"),
+        (SMALL_FLEET + "\n[budgets]\nvision = 1e-300\n", "to at most 6 decimal places"),
+        (own_type('"l4"'), "catalog: GPU type 'l4' must be upper case, 'L4'"),
+        (
+            SMALL_FLEET + '\n[simulation.workloads]\n"a b" = "train"\n',
+            "simulation.workloads: project",
+        ),
     ],
 )
 def test_malformed(text: str, needle: str) -> None:
@@ -126,9 +143,9 @@ def test_malformed(text: str, needle: str) -> None:
 
 def test_own_type_loads() -> None:
     """own_type's fleet is valid with a valid name: the cases above fail on the name alone."""
-    config = parse_fleet(own_type('"L40S-48GB_v2.1"'))
-    assert list(config.catalog) == ["L40S-48GB_v2.1"]
-    assert config.nodes[0].gpu_type == "L40S-48GB_v2.1"
+    config = parse_fleet(own_type('"L40S-48GB_V2.1"'))
+    assert list(config.catalog) == ["L40S-48GB_V2.1"]
+    assert config.nodes[0].gpu_type == "L40S-48GB_V2.1"
 
 
 SHIPPED_FLEETS = [

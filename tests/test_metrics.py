@@ -1,7 +1,9 @@
-"""The Prometheus exporter: DCGM names and labels, the ledger's gauges, the CLI's server."""
+"""The Prometheus exporter: DCGM names and labels, the ledger's gauges, the CLI's server, and
+its Host check (a DNS-rebinding page elsewhere reads nothing)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import subprocess
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from fleet.config import FleetConfig
+from fleet.errors import InvalidInput
 from fleet.models import GPUInfo, GPUSample, Status, utc
 from graph.metrics import DCGM_LABELS, registry_for, serve
 from nodes.context import open_services
@@ -41,6 +44,20 @@ def scrape(url: str) -> dict[str, list[Sample]]:
 def one(samples: list[Sample], **labels: str) -> float:
     [value] = [s.value for s in samples if labels.items() <= s.labels.items()]
     return value
+
+
+def get(port: int, *hosts: str) -> tuple[int, str]:
+    """GET /metrics from 127.0.0.1:port with exactly these Host headers (none: no Host)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", "/metrics", skip_host=True)
+        for host in hosts:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
 
 
 def test_scrape_over_loopback(make_orch: OrchFactory) -> None:
@@ -117,6 +134,35 @@ def test_scrape_over_loopback(make_orch: OrchFactory) -> None:
     } == {(str(index[g]), "vision", held.allocation.id) for g in held.allocation.gpu_ids}
     [bad] = m["gpu_agent_gpu_unhealthy"]
     assert bad.labels == {"UUID": free.uuid, "reason": "XID 79"} and bad.value == 1
+
+
+def test_a_forged_host_is_refused(make_orch: OrchFactory) -> None:
+    """A page on evil.example that rebinds its name to 127.0.0.1: the browser sends
+    Host: evil.example[:port]. The metrics answer it one line (421), as the web page does, and
+    name no GPU, project or allocation; the loopback names and the allowed ones are served."""
+    orch = make_orch()
+    with serve(orch.services, "127.0.0.1", 0, allowed=["Prom.example"]) as server:
+        assert server.hosts == {"127.0.0.1", "localhost", "::1", "prom.example"}
+        for sent in (
+            ["evil.example"],
+            ["evil.example:9400"],
+            ["127.0.0.1.evil.example"],
+            ["127.0.0.1@evil.example"],
+            ["evil.example:80, 127.0.0.1"],
+            ["127.0.0.1", "evil.example"],
+            [""],
+            [],
+        ):
+            status, text = get(server.port, *sent)
+            assert status == 421 and text.endswith("\n") and text.count("\n") == 1, (sent, text)
+            assert "not served under host" in text and "serve-metrics --allow-host" in text
+            assert "DCGM" not in text and "gpu_agent" not in text
+        for host in ("127.0.0.1", f"127.0.0.1:{server.port}", "LOCALHOST:9400", "[::1]:9400"):
+            status, text = get(server.port, host)
+            assert status == 200 and "gpu_agent_queue_length 0.0" in text, host
+        assert get(server.port, "prom.example:9400")[0] == 200
+    with pytest.raises(InvalidInput, match=r"host name 'http://prom\.example/'"):
+        serve(orch.services, "127.0.0.1", 0, allowed=["http://prom.example/"])
 
 
 class NoTempFleet:
@@ -208,6 +254,8 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             str(fleet),
             "--port",
             "0",
+            "--allow-host",
+            "prom.example",
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -224,6 +272,9 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         m = scrape(url)
         assert len(m["DCGM_FI_DEV_GPU_UTIL"]) == 14  # the small fleet's GPUs
         assert one(m["gpu_agent_allocations"], state="active") == 0
+        port = int(url.removesuffix("/metrics").rsplit(":", 1)[1])
+        assert get(port, "prom.example:9400")[0] == 200  # --allow-host
+        assert get(port, "evil.example:9400")[0] == 421
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -248,3 +299,11 @@ def test_a_members_token_may_not_serve_every_projects_metrics(tmp_path: Path) ->
     assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
     assert "bob (member) may not serve the metrics" in r.stderr
     assert json.loads(r.stdout)["type"] == "Forbidden"
+
+
+def test_a_bad_allowed_host_is_refused_before_anything_opens(tmp_path: Path) -> None:
+    """As `gpu-agent ui --allow-host`: one line, exit 2, no state directory opened."""
+    missing = tmp_path / "never"
+    r = run_cli("serve-metrics", "--state-dir", str(missing), "--allow-host", "a/b", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "host name 'a/b'" in r.stderr and not missing.exists()

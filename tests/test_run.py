@@ -269,6 +269,7 @@ def test_run_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
         ("--requeue", "99999999999999999999", "--requeue must be from 0 to 100"),
         ("--grace", "inf", "--grace and --notice must be finite"),
         ("--notice", "nan", "--grace and --notice must be finite"),
+        ("--notice", "1e6", "--notice must be at most 3600 seconds, not 1e+06"),
     ]:  # refused before anything is placed (a --requeue too large once crashed after)
         done = run_cli(
             "run", "--state-dir", str(tmp_path), "--project", "p", "--count", "1",
@@ -672,3 +673,175 @@ def test_a_dead_runs_command_gets_its_notice_and_its_end_from_whoever_adopts_it(
     again = run_cli("run", "--resume", aid, "--json", *opts, cwd=tmp_path, timeout=180)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["requeued_from"] == [aid]
+
+
+def test_a_plain_runs_command_ends_with_a_lease_that_ran_out_unwatched(tmp_path: Path) -> None:
+    """A `run` without --requeue is SIGKILLed while its command runs, and nothing adopts its
+    allocation. Its lease runs out; the next process to open the state dir (`status`)
+    releases it as expired-while-down, and stops the command first, where the command once
+    ran on, on GPUs the ledger showed free (plain runs recorded no process group, and that
+    release stopped no command)."""
+    import sqlite3
+
+    log = tmp_path / "log"
+    fleet = tmp_path / "fleet.toml"  # busy GPUs; a monitor counts as gone 1.5 s after its beat
+    fleet.write_text(
+        fleet_toml(
+            monitor={"tick_seconds": 0.5},
+            scheduler={"poll_seconds": 0.5},
+            simulation={"default_workload": "train"},
+            limits={"min_duration_minutes": 0.05},
+        )
+    )
+    opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(fleet)]
+    ask = ["--project", "vision", "--count", "1", "--hours", "0.003", "--grace", "10"]
+    command = [sys.executable, "-c", READY, str(log)]
+    run = subprocess.Popen(  # no pipes: the command would hold them open past the run's death
+        [sys.executable, "-m", "graph.cli", "run", *opts, *ask, "--", *command],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    logged(log, "ready")
+
+    def one(sql: str) -> tuple[object, ...]:
+        with sqlite3.connect(tmp_path / "s" / "ledger.sqlite") as db:
+            return tuple(db.execute(sql).fetchone() or ())
+
+    deadline = time.monotonic() + 30
+    while not one("SELECT pgid FROM runs WHERE pgid IS NOT NULL"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (group,) = one("SELECT pgid FROM runs")
+    assert isinstance(group, int)
+    run.kill()
+    run.wait()
+    try:
+        (ends,) = one("SELECT deadline FROM allocations")
+        assert isinstance(ends, float)
+        time.sleep(max(0.0, ends + 2.0 - time.time()))  # the lease ran out, its beat is stale
+        assert alive(group)  # nobody has stopped it yet
+        status = run_cli("status", *opts, cwd=tmp_path, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert one("SELECT state, release_reason FROM allocations") == (
+            "released",
+            "expired-while-down",
+        )
+        assert [line.split()[0] for line in log.read_text().splitlines()] == ["ready", "term"]
+        assert not alive(group)
+    finally:
+        if alive(group):  # not left running if the test fails
+            os.killpg(group, signal.SIGKILL)
+
+
+def _ledger_one(state: Path, sql: str) -> tuple[object, ...]:
+    import sqlite3
+
+    with sqlite3.connect(state / "ledger.sqlite") as db:
+        return tuple(db.execute(sql).fetchone() or ())
+
+
+def test_sigterm_to_a_queued_run_leaves_nothing_placed(tmp_path: Path) -> None:
+    """SIGTERM (`timeout`, systemd, `kill`) reaches `run` while it waits in the queue: it
+    stops as Ctrl-C does (exit 130, the request cancelled), where it once died outright and
+    left the queued request to be placed and charged by whoever adopted it, for a command
+    that never ran."""
+    fleet = idle_fleet(tmp_path, "train")
+    opts = ["--state-dir", str(tmp_path / "s"), "--fleet", str(fleet)]
+    ask = ["--purpose", "training", "--count", "8", "--hours", "1", "--gpu-type", "A100"]
+    full = run_cli("request", *opts, "--project", "busy", *ask, "--no-wait", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr  # the small fleet's 8 A100, held unmonitored
+    run = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "run", *opts, "--project", "p", *ask, "--", "true"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    query = "SELECT state FROM allocations WHERE project='p'"
+    while _ledger_one(tmp_path / "s", query) != ("queued",):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "nothing is left placed for it" in err
+    assert _ledger_one(tmp_path / "s", "SELECT state, release_reason FROM allocations "
+                       "WHERE project='p'") == ("released", "cancelled")  # fmt: skip
+
+
+def test_a_ctrl_c_as_the_command_starts_stops_the_command(tmp_path: Path) -> None:
+    """Ctrl-C lands just after the command started, before `run` watched it (the process
+    stalled there, GPU_AGENT_FAULT=run:started,stop, and is sent SIGINT): the command is
+    stopped with the allocation, where it once ran on, on GPUs the ledger had freed, and
+    nothing could ever stop it (no process group recorded yet)."""
+    pidfile = tmp_path / "pid"
+    command = ["bash", "-c", f'echo $$ > "{pidfile}"; sleep 60']
+    fleet = idle_fleet(tmp_path, "train")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "run", "--state-dir", str(tmp_path / "s"),
+         "--fleet", str(fleet), "--project", "p", "--count", "1", "--hours", "1",
+         "--grace", "5", "--", *command],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "GPU_AGENT_FAULT": "run:started,stop"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text().strip() or not stalled(run.pid):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    try:
+        run.send_signal(signal.SIGINT)
+        run.send_signal(signal.SIGCONT)
+        _, err = run.communicate(timeout=60)
+        assert "ended (signal): stopping the command" in err, err
+        assert not alive(pid)
+        assert _ledger_one(tmp_path / "s", "SELECT state FROM allocations") == ("released",)
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def stalled(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+# The command reads its allocation's row in the ledger on SIGTERM, after a second of its grace
+READS_ON_TERM = """
+import signal, sqlite3, sys, time
+def on_term(signum, frame):
+    time.sleep(1.0)
+    with sqlite3.connect(sys.argv[2]) as db:
+        state = db.execute("SELECT state FROM allocations").fetchone()[0]
+    open(sys.argv[1], "a").write(f"state on term: {state}\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+open(sys.argv[1], "a").write("ready\\n")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_lease_end_frees_the_gpus_only_once_the_command_has_stopped(tmp_path: Path) -> None:
+    """At the lease's end `run` released the allocation, then stopped its command: during
+    the command's grace its GPUs were free in the ledger, and a queued request's command ran
+    beside it. Now the GPUs go back once it has stopped: in its SIGTERM handler the ledger
+    still shows the allocation active (one SIGTERM, though the monitor and `run` both end
+    it)."""
+    log = tmp_path / "log"
+    ledger = tmp_path / "s" / "ledger.sqlite"
+    done = run_cli(
+        "run", "--state-dir", str(tmp_path / "s"), "--fleet", str(idle_fleet(tmp_path, "train")),
+        "--project", "p", "--count", "1", "--hours", "0.002", "--grace", "20", "--",
+        sys.executable, "-c", READS_ON_TERM, str(log), str(ledger),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == ["ready", "state on term: active"]
+    assert _ledger_one(tmp_path / "s", "SELECT state, release_reason FROM allocations") == (
+        "released",
+        "lease-expired",
+    )

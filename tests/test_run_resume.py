@@ -223,12 +223,12 @@ def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -
 
 
 def test_resume_refuses_in_one_line_and_changes_nothing(tmp_path: Path) -> None:
-    """Not an allocation of a `run --requeue`, a command given with --resume, a bad id."""
+    """Not an allocation of a `run`, a command given with --resume, a bad id."""
     refuses_in_one_line(
         tmp_path,
         "run",
         lambda aid: {
-            ("--resume", aid): "was not run by `gpu-agent run --requeue`: nothing to resume",
+            ("--resume", aid): "was not requested by `gpu-agent run`: nothing to resume",
             ("--resume", aid, "--", "true"): "--resume carries on the recorded command",
             ("--resume", "nope"): "'a-' and 12 hex digits",
         },

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -517,6 +518,88 @@ def test_a_thread_holding_gpus_is_not_deleted(secured: dict[str, Any]) -> None:
     assert dave.runs.join(tid, run["run_id"])["status"] == "released"
     alice.threads.delete(tid)
     assert refused(lambda: alice.threads.get(tid)) == 404
+
+
+def test_a_run_may_not_stop_once_it_placed_gpus(secured: dict[str, Any]) -> None:
+    """A run's interrupt_before/interrupt_after naming a node at or after placement (or "*")
+    is refused (422, one line), an admin's too: the run ended with its GPUs placed and
+    nothing monitoring them past their lease (allocate, too: it runs again after each wait,
+    a queued request then left with no one to place it). A stop before placement is fine.
+    A run's recursion_limit is the graph's own, whatever was sent: a low one stopped the
+    monitor."""
+    client = secured["client"]
+    alice, root = client("alice"), client("root")
+    one = REQUEST | {"count": 1, "duration_hours": 0.02}  # auto-approved, 20 ms
+    tid = alice.threads.create()["thread_id"]
+    stops: list[dict[str, Any]] = [
+        {"interrupt_before": ["monitor"]},
+        {"interrupt_after": ["allocate"]},
+        {"interrupt_before": ["deallocate"]},
+        {"interrupt_before": ["route", "allocate"]},
+        {"interrupt_after": "*"},
+    ]
+    for who in (alice, root):
+        for stop in stops:
+            detail = status_of(
+                422,
+                lambda w=who, s=stop: w.runs.wait(tid, "gpu-agent", input={"request": one}, **s),
+            )
+            assert detail.startswith("a run may not stop at ")
+    assert alice.threads.get_state(tid)["values"] == {}  # nothing ran
+    stopped = alice.runs.wait(tid, "gpu-agent", input={"request": one}, interrupt_after=["route"])
+    assert stopped["status"] == "pending" and alice.threads.get_state(tid)["next"] == ["allocate"]
+    assert alice.runs.wait(tid, "gpu-agent", input=None)["status"] == "released"
+    hour = REQUEST | {"count": 1}  # 60 ticks of its monitor
+    low = alice.runs.wait(None, "gpu-agent", input={"request": hour}, config={"recursion_limit": 5})
+    assert low["status"] == "released" and low["release"]["reason"] == "lease-expired"
+
+
+def test_a_run_the_server_would_fail_is_refused_before_it_claims_its_thread(
+    secured: dict[str, Any],
+) -> None:
+    """Refused in one line before the run, so that a good request then starts the thread: an
+    input that is no JSON object (it failed inside LangGraph, leaving the thread in error and
+    claimed), a resume command on a thread waiting for no review (a TypeError, the thread
+    claimed for good), a thread that does not exist or is another project's (the server's
+    404 came after the claim). The tools run without a thread: run on one, they took it
+    over (its graph_id), hiding the review it waits for. A review answered on a copy of the
+    thread is not answered again on the original."""
+    client = secured["client"]
+    alice, bob, dave = client("alice"), client("bob"), client("dave")
+    log = secured["tmp"] / "server.log"
+    tracebacks = log.read_text().count("Traceback")
+    one = REQUEST | {"count": 1, "duration_hours": 0.02}  # auto-approved, 20 ms
+    run = lambda c, t, r: c.runs.wait(t, "gpu-agent", input={"request": r})  # noqa: E731
+    for shape in ("x", 5, [1]):
+        tid = alice.threads.create()["thread_id"]
+        detail = status_of(422, lambda t=tid, s=shape: alice.runs.wait(t, "gpu-agent", input=s))
+        assert detail == "the input must be a JSON object: {'request': {...}} for gpu-agent"
+    assert run(alice, tid, one)["status"] == "released"
+    tid = alice.threads.create()["thread_id"]
+    none = f"thread {tid} is not waiting for a review"
+    resume = lambda **k: dave.runs.wait(tid, "gpu-agent", command={"resume": True}, **k)  # noqa: E731
+    assert status_of(422, resume) == none  # never run
+    assert status_of(422, lambda: resume(input={"request": one})) == none
+    assert run(alice, tid, one)["status"] == "released"
+    assert status_of(422, resume) == none
+    new, theirs = str(uuid.uuid4()), alice.threads.create()["thread_id"]
+    status_of(404, lambda: run(alice, new, one))
+    status_of(404, lambda: run(bob, theirs, REQUEST | {"project": "speech"}))
+    alice.threads.create(thread_id=new)
+    assert run(alice, new, one)["status"] == "released"
+    assert run(alice, theirs, REQUEST)["status"] == "pending_review"
+    for tool, tool_input in [("gpu-status", None), ("gpu-release", {"allocation_id": "a-0"})]:
+        detail = status_of(422, lambda g=tool, i=tool_input: alice.runs.wait(theirs, g, input=i))
+        assert detail == f"{tool} is a tool: run it without a thread (thread_id None), as MCP does"
+    assert theirs in {t["thread_id"] for t in dave.threads.search(status="interrupted", limit=100)}
+    # a copy of the thread carries its request: answered there, the original's answer is
+    # refused (it was applied, placing GPUs the audit log said were denied)
+    copy = alice.threads.copy(theirs)["thread_id"]
+    no = dave.runs.wait(copy, "gpu-agent", command={"resume": {"approve": False}})
+    assert no["status"] == "denied"
+    yes = lambda: dave.runs.wait(theirs, "gpu-agent", command={"resume": True})  # noqa: E731
+    assert status_of(409, yes) == "this review was already decided: deny by dave; nothing changed"
+    assert log.read_text().count("Traceback") == tracebacks
 
 
 def test_answers_are_read_as_the_review_reads_them_and_are_the_caller_s() -> None:

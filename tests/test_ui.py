@@ -101,7 +101,8 @@ def test_login_is_required_and_checked(site: dict[str, Any]) -> None:
 def test_a_damaged_access_file_is_a_page_saying_so(site: dict[str, Any]) -> None:
     """access.toml damaged by a hand edit while the page runs: no caller can be known, so
     every page (and a log-in) says what the CLI says, in one line (503), not a traceback and
-    not "unknown token"; nothing changes."""
+    not "unknown token"; nothing changes. A visitor without a cookie is told the same, not
+    sent to a log-in form that cannot work."""
     orch: Orchestrator = site["orch"]
     dave = login(site, "dave")
     token = csrf(dave.get("/reviews/r1").text)
@@ -116,6 +117,8 @@ def test_a_damaged_access_file_is_a_page_saying_so(site: dict[str, Any]) -> None
         dave.get("/fleet"),
         dave.post("/reviews/r1/decide", data={"csrf": token, "decision": "approve"}),
         anonymous.post("/login", data={"token": site["tokens"]["root"]}, follow_redirects=False),
+        anonymous.get("/reviews", follow_redirects=False),
+        anonymous.get("/login"),
     ):
         assert r.status_code == 503, r.text[-400:]
         shown = re.findall(r'<p class="error">(.*?)</p>', r.text)
@@ -451,6 +454,29 @@ def test_a_forged_host_is_refused_and_changes_nothing(local: dict[str, Any]) -> 
     for host in ("127.0.0.1:8750", "localhost", "LOCALHOST:8750", "[::1]:8750"):
         ok = TestClient(local["app"], base_url="http://127.0.0.1", headers={"Host": host})
         assert ok.get("/reviews").status_code == 200, host
+
+
+def test_an_unexpected_failure_is_one_line_and_goes_to_the_log(
+    local: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something no page expects raises (a bug, a disk gone): the caller gets one line (500)
+    with the page's headers, never the exception's text (a path, a token) nor a traceback;
+    the exception goes on to the server, which logs it with its traceback."""
+    secret = "/home/op/.gpu-agent/access.toml: token s3cr3t"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(Orchestrator, "pending_review_entries", fail)
+    client = TestClient(local["app"], base_url="http://127.0.0.1", raise_server_exceptions=False)
+    r = client.get("/reviews")
+    assert r.status_code == 500 and one_line(r), r.text
+    assert "internal error" in r.text and "see the server's log" in r.text
+    assert "s3cr3t" not in r.text and "RuntimeError" not in r.text and "Traceback" not in r.text
+    assert r.headers["x-frame-options"] == "DENY" and "content-security-policy" in r.headers
+    with pytest.raises(RuntimeError, match="s3cr3t"):  # what uvicorn logs, traceback and all
+        TestClient(local["app"], base_url="http://127.0.0.1").get("/reviews")
+    assert client.get("/fleet").status_code == 200  # the next request is served as ever
 
 
 def test_a_foreign_origin_is_refused_and_changes_nothing(local: dict[str, Any]) -> None:

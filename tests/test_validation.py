@@ -58,6 +58,7 @@ def test_type_alias_and_api_shape() -> None:
         ({"budget_limit": math.nan}, "finite"),
         ({"duration_hours": "inf"}, "finite"),  # a string that parses to infinity
         ({"notice_seconds": "1e400"}, "finite"),
+        ({"notice_seconds": 1e6}, "less than or equal to 3600"),  # a guarded term for good
         ({"max_wait_minutes": "Infinity"}, "finite"),
         ({"budget_limit": -5}, "budget_limit"),
         ({"budget_limit": 0}, "budget_limit"),

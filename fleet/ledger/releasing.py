@@ -283,21 +283,26 @@ class Releasing(ProjectRecord):
                 )
             return Resumed(pause, working, misled)
 
-    def reconcile(self, now: float) -> list[Release]:
-        """Release leases that ran out while no monitor was alive to see it."""
+    def _ran_out_unwatched(self, now: float) -> tuple[str, tuple[float, float]]:
+        """The query's condition and arguments for leases that ran out while no monitor
+        was alive to see it (its heartbeat stale)."""
         settings = self.config.scheduler
         stale = max(
             settings.stale_after_polls * self.config.monitor.tick_seconds,
             settings.stale_after_polls * settings.poll_seconds,
         )
+        return "state='active' AND deadline<=? AND heartbeat_at<?", (now, now - stale)
+
+    def ran_out_unwatched(self, now: float) -> list[str]:
+        """The allocations `reconcile(now)` would release."""
+        where, args = self._ran_out_unwatched(now)
+        return [str(r[0]) for r in self.query(f"SELECT id FROM allocations WHERE {where}", args)]
+
+    def reconcile(self, now: float) -> list[Release]:
+        """Release leases that ran out while no monitor was alive to see it."""
+        where, args = self._ran_out_unwatched(now)
         with self.transaction() as db:
-            rows = [
-                read_row(r)
-                for r in db.execute(
-                    f"{ROW} WHERE state='active' AND deadline<=? AND heartbeat_at<?",
-                    (now, now - stale),
-                )
-            ]
+            rows = [read_row(r) for r in db.execute(f"{ROW} WHERE {where}", args)]
             releases = []
             for row in rows:
                 assert row.deadline is not None
