@@ -272,7 +272,7 @@ def _first(error: BaseException, most: int = 160) -> str:
     for a paragraph, advising `weights_only=False`, which a file of unknown origin must not
     be given."""
     text = " ".join(str(error).split())
-    first = text.split(". ")[0]
+    first = text.split(". ")[0] or type(error).__name__  # an error that says nothing: its kind
     return first if len(first) <= most else first[: most - 3] + "..."
 
 
@@ -289,6 +289,7 @@ def _load(path: str) -> NeuralCouncil:
         TypeError,
         ValueError,
         AttributeError,
+        IndexError,  # torch's weights-only unpickler, on a file that is no pickle
         pickle.UnpicklingError,
         zipfile.BadZipFile,
     ) as e:

@@ -171,12 +171,9 @@ MAX_NOTICE_S = 3600.0
 def budget_problem(usd: object) -> str | None:
     """Why `usd` is no budget (None: it is one): a number (no bool) from $0 to MAX_USD,
     compared as given, never converted, as math.isfinite converts an int (one past a float's
-    range overflows; NaN and the infinities fail the comparison), in whole micro-dollars, as
-    the ledger keeps costs (a budget of 1e-300 would print as hundreds of zeros)."""
+    range overflows; NaN and the infinities fail the comparison)."""
     if isinstance(usd, bool) or not isinstance(usd, int | float) or not 0 <= usd <= MAX_USD:
         return f"budget must be an amount from $0 to ${MAX_USD:,.0f}, not {_shown_amount(usd)}"
-    if round(usd, 6) != usd:
-        return f"budget must be in dollars to at most 6 decimal places ($0.000001), not {usd}"
     return None
 
 

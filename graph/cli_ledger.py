@@ -8,7 +8,6 @@ import argparse
 import os
 from dataclasses import asdict
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 from fleet import names
@@ -124,11 +123,13 @@ def _usd(value: float | None) -> str:
 
 
 def _budget(value: float | None) -> str:
-    """A budget as it was set: in cents, or with every digit where it holds fractions of a
-    cent, so that a budget of $0.001 does not read as none ($0.00)."""
+    """A budget as it was set: in cents, or to the micro-dollar (as costs are kept) where it
+    holds fractions of a cent, so that a budget of $0.001 does not read as none ($0.00)."""
     if value is None or round(value, 2) == value:
         return _usd(value)
-    return f"${Decimal(repr(value)):,f}"  # repr: the float's shortest digits, never 1e-07
+    if value < 0.000001:  # less than a micro-dollar: its magnitude
+        return f"${value:.3g}"
+    return f"${value:,.6f}".rstrip("0")
 
 
 def cmd_budget(args: argparse.Namespace) -> int:

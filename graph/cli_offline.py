@@ -89,6 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from council.policies import council_for
     from fleet.config import parse_fleet
     from fleet.simulated import check_simulable
     from sim.simulate import (
@@ -121,6 +122,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         name, text = with_models(name, text, args.models)
     config = parse_fleet(text, source=f"fleet file {name}")
     check_simulable(config)  # else a refusal midway, after the earlier policies' folders
+    if any(p.startswith("gpu-agent") for p in policies):  # its council's weights load
+        council_for(config.council)  # (ConfigError) before any folder is cleared
     if args.models is not None and not config.speeds:
         raise InvalidInput(f"--models {args.models}: no [speeds] table")
     out = Path(args.out)

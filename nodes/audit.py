@@ -67,6 +67,10 @@ def decision_entry(
     )
 
 
+def decision(svc: Services, state: State, request: GPURequest, human: HumanDecision) -> None:
+    svc.ledger.audit(decision_entry(svc, state, request, human))
+
+
 def recorded(entry: AuditEntry) -> HumanDecision:
     """The decision an entry records (to apply a claimed decision a crash left unapplied)."""
     bare = entry.detail.startswith(BARE)

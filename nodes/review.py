@@ -62,16 +62,11 @@ def question(state: State) -> dict[str, Any]:
 
 
 def decided(state: State, runtime: Runtime[Context], answer: Any) -> State:
-    """The update a human's answer makes (the simulator's reviewer answers through this too).
-    A request has one decision: the first recorded for it stands, whichever thread carries
-    it (a copy of the thread, through the LangGraph server, shares its request and its audit
-    key), so that what is placed and what the audit log says never differ."""
+    """The update a human's answer makes (the simulator's reviewer answers through this too)."""
     human = parse_decision(answer)
     svc = services_for(runtime)
     now = svc.clock.now()
-    won, held = svc.ledger.claim(audit.decision_entry(svc, state, request_of(state), human))
-    if not won:  # the Orchestrator's own claim, or an earlier decision on another copy
-        human = audit.recorded(held)
+    audit.decision(svc, state, request_of(state), human)
     verdict = "approved" if human.approve else "denied"
     if human.approve and not human.guardrails and state["council"].guardrails is not None:
         verdict += " without the council's guardrails"

@@ -68,7 +68,11 @@ slurm-cheapest (slurm-like with node weights set by cost, as a Slurm administrat
   still uses only that type.
 
 cheapest-first (what a cloud launcher with autostop does: SkyPilot's optimizer picks the
-cheapest resource, and the GPUs go back when the job's process exits):
+cheapest resource, and the GPUs go back when the job's session ends: SkyPilot's autostop
+waits, by default (`wait_for: jobs_and_ssh`), for running jobs and open SSH sessions, so a
+shell or a notebook left open after the command, the workload's idle tail, holds them; the
+stricter `wait_for: jobs`, which would stop a supervised job's GPUs minutes after its command,
+is not simulated):
 
 - Type: the named type, else the allowed type cheapest per unit of work (price_per_hour /
   relative_throughput; ties in pool order) among those with enough free GPUs now.

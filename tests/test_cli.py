@@ -240,7 +240,6 @@ def test_bad_requests_exit_2_and_change_nothing(
     [
         ["budget", "set", "p", "nan"],
         ["budget", "set", "p", "-3"],
-        ["budget", "set", "p", "1e-300"],  # hundreds of zeros as a budget (session 30)
         ["budget", "set", "bad name", "3"],
         ["release", "a-nope"],
         ["resume", "no-such-thread"],
@@ -267,6 +266,10 @@ def test_a_budget_of_fractions_of_a_cent_is_shown_as_set(env: tuple[Path, list[s
     assert "$0.001" in costs.stdout.splitlines()[1]
     r = run_cli("budget", "set", "p", "1234.5", *opts, cwd=cwd)
     assert "budget of p: $1,234.50;" in r.stdout  # whole cents as before
+    r = run_cli("budget", "set", "p", "0.8540597344292535", *opts, cwd=cwd)
+    assert "budget of p: $0.85406;" in r.stdout  # to the micro-dollar
+    r = run_cli("budget", "set", "p", "1e-300", *opts, cwd=cwd)
+    assert "budget of p: $1e-300;" in r.stdout  # not hundreds of zeros
 
 
 def test_missing_and_corrupt_state_dirs(tmp_path: Path) -> None:

@@ -125,7 +125,6 @@ def own_type(key: str) -> str:
             "record_half_life_days: Input",
         ),
         (SMALL_FLEET + "\n[budgets]\nvision = 1e300\n", "budgets.vision: budget must be an"),
-        (SMALL_FLEET + "\n[budgets]\nvision = 1e-300\n", "to at most 6 decimal places"),
         (own_type('"l4"'), "catalog: GPU type 'l4' must be upper case, 'L4'"),
         (
             SMALL_FLEET + '\n[simulation.workloads]\n"a b" = "train"\n',

@@ -83,6 +83,14 @@ def test_unreadable_weights_are_a_clear_config_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a state dict")
     with pytest.raises(ConfigError, match="cannot load council weights"):
         NeuralCouncil.load(bad)
+    table = tmp_path / "one.csv"  # torch's unpickler raised IndexError: a traceback (session 30)
+    table.write_text("timestamp,duration\n2017-10-09 07:01:55,66.0\n")
+    with pytest.raises(ConfigError, match=r"cannot load council weights .*: pop from empty"):
+        NeuralCouncil.load(table)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"empty.pt: \w"):  # a reason, never none
+        NeuralCouncil.load(empty)
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_toml(council={"policy": "neural", "weights": str(bad)}))
     done = run_cli(

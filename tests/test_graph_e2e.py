@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from langgraph.types import Command
@@ -19,15 +19,12 @@ from fleet.models import (
     Event,
     EventKind,
     GPURequest,
-    HumanDecision,
     ReleaseReason,
     Status,
 )
 from graph.orchestrator import Orchestrator
 from graph.outcome import PendingReview
 from graph.scenario import SetBudget, Submit, run_scenario
-from nodes import audit
-from nodes.state import State, request_of
 from tests.conftest import OrchFactory, small_config
 
 
@@ -112,31 +109,6 @@ def test_split_council_waits_for_a_human(make_orch: OrchFactory) -> None:
         orch.resume("t-no", True)
     with pytest.raises(PendingReview):
         orch.allocate_gpu_sync(req())
-
-
-def test_a_request_has_one_review_decision_whichever_thread_answers(
-    make_orch: OrchFactory,
-) -> None:
-    """A copy of a waiting thread (the LangGraph server's threads.copy) carries the same
-    request: a deny answered on the copy, then an approve on the original, placed the GPUs
-    while the audit log said deny (its entry is written once per request). The first
-    decision recorded for the request now stands on both."""
-    orch = make_orch(split_config())
-    orch.request(req(), thread_id="t-orig")
-    config = orch._config("t-orig")
-    values = cast(State, orch.graph.get_state(config).values)
-    request = request_of(values)
-    denied = HumanDecision(approve=False, by="dave", comment="not now")
-    won, _ = orch.services.ledger.claim(  # the copy's decision, as its review records it
-        audit.decision_entry(orch.services, values, request, denied)
-    )
-    assert won
-    answer: Command[Any] = Command(resume={"approve": True, "by": "dave"})
-    out = orch.graph.invoke(answer, config, context=orch.context)
-    assert out["status"] is Status.DENIED and out["reason"] == "denied by dave (not now)"
-    assert orch.services.ledger.allocations() == []
-    [entry] = [e for e in orch.services.ledger.audit_log() if e.key.startswith("decide:")]
-    assert entry.action == "deny"
 
 
 def test_bad_review_answer_changes_nothing(make_orch: OrchFactory) -> None:

@@ -336,6 +336,20 @@ def test_simulate_writes_the_report_and_the_same_seed_gives_the_same_metrics(
     )
     assert other[0] == 0
     assert json.loads((tmp_path / "three" / "metrics.json").read_text())["meta"]["seed"] == 7
+    # a fleet whose council cannot load: refused before anything under --out is touched (it
+    # was refused once the gpu-agent policy started, its earlier run's ledger emptied)
+    missing = tmp_path / "missing.toml"
+    weights = f'[council]\nweights = "{tmp_path / "none.pt"}"\n'
+    missing.write_text(_fleet(tmp_path).read_text() + weights)
+    ledger = tmp_path / "one" / "gpu-agent" / "ledger.sqlite"
+    before = ledger.read_bytes()
+    code, _, err = run(
+        capsys, "simulate", "--trace", str(trace), "--out", str(tmp_path / "one"),
+        "--fleet", str(missing), "--policies", "naive,gpu-agent",
+    )  # fmt: skip
+    assert code == 2 and "cannot load council weights" in err and err.count("\n") == 1
+    assert ledger.read_bytes() == before
+    assert "none.pt" not in (tmp_path / "one" / "naive" / "fleet.toml").read_text()
 
 
 def _fleet(tmp_path: Path) -> Path:
