@@ -3,7 +3,8 @@ mapping, so that any trace in that shape loads: the Philly extract in ../shared/
 default mapping.
 
 A bad trace is refused with the file and line of the first bad row; rows out of time order
-are sorted (the Philly extract is not sorted), never refused.
+are sorted (the Philly extract is not sorted), never refused. A job may last at most
+MAX_DURATION_S (a year; the Philly extract's longest job runs 54 days).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class TraceSchema:
 
 
 PHILLY = TraceSchema()
+
+MAX_DURATION_S = 365 * 86_400.0
+"""The longest job a trace may hold, in seconds: a year (Philly's longest job runs 54 days)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,11 @@ def _job(row: dict[str, str], schema: TraceSchema, line: int) -> Job:
         raise ValueError(
             f"column {schema.duration!r} must be a duration of at least 0, "
             f"not {row.get(schema.duration)!r}"
+        )
+    if duration * schema.duration_seconds > MAX_DURATION_S:
+        raise ValueError(
+            f"column {schema.duration!r} must be a duration of at most a year "
+            f"({MAX_DURATION_S / schema.duration_seconds:,.0f}), not {row.get(schema.duration)!r}"
         )
     gpus = _number(row, schema.gpus)
     if not 1 <= gpus <= MAX_GPUS or gpus != int(gpus):

@@ -44,7 +44,7 @@ from langgraph_sdk.auth.types import RunsCreate, ThreadsCreate
 from fleet import names, thread_claims
 from fleet.access import LOCAL, Identity, identify, role_of
 from fleet.errors import Forbidden, InvalidInput
-from fleet.models import Status
+from fleet.models import HumanDecision, Status
 from fleet.statedir import default_state_dir
 from graph.builder import GRAPH_NAME, RECURSION_LIMIT
 from graph.checkpoint import carried_status, carried_values
@@ -136,13 +136,18 @@ def _answers(resume: Any, who: Identity) -> Any:
     in one line (422) before the run where it is none (the graph asks again, but the caller
     should hear why now); with tokens, the caller's (`by`), whatever form it came in. (MCP's
     tool calls send no command.)"""
-    if (
-        isinstance(resume, Mapping)
-        and resume
-        and all(isinstance(k, str) and INTERRUPT_ID.fullmatch(k) for k in resume)
-    ):
+    if _by_interrupt(resume):
         return {k: _answer(v, who) for k, v in resume.items()}
     return _answer(resume, who)
+
+
+def _by_interrupt(resume: Any) -> bool:
+    """Whether a resume command maps interrupt ids to answers (else it is one answer)."""
+    return (
+        isinstance(resume, Mapping)
+        and bool(resume)
+        and all(isinstance(k, str) and INTERRUPT_ID.fullmatch(k) for k in resume)
+    )
 
 
 def _answer(answer: Any, who: Identity) -> Any:
@@ -222,7 +227,7 @@ async def on_run(ctx: Auth.types.AuthContext, value: RunsCreate) -> dict[str, st
                 "admin decides reviews"
             )
         command["resume"] = _answers(command["resume"], who)
-        await _waits_for_review(thread_id, kwargs)
+        await _waits_for_review(thread_id, kwargs, command["resume"])
     if run_input is not None and not mcp:
         await _starts_its_thread(thread_id, request)
     if who.admin:
@@ -299,11 +304,14 @@ async def _graph_of(assistant_id: str, thread: Mapping[str, Any]) -> str | None:
         return (await server.assistants.get(assistant_id)).get("graph_id")
 
 
-async def _waits_for_review(thread_id: object, kwargs: Mapping[str, Any]) -> None:
+async def _waits_for_review(thread_id: object, kwargs: Mapping[str, Any], answer: Any) -> None:
     """Refuse (422) a resume command where the thread's checkpoint it runs from (its latest,
     or the one it names) waits for no review: LangGraph would run the graph from there with
     no input, failing with a traceback, and a thread never run could never start. A
-    checkpoint the thread does not hold is the run's to refuse, in one line (KnownOnly)."""
+    checkpoint the thread does not hold is the run's to refuse, in one line (KnownOnly).
+    Refuse (409) an answer to a review its request already has a decision for, on a copy or
+    a fork of the thread, unless it is that decision again (`answer`, as _answers made it: a
+    run that died after recording it is carried on)."""
     if thread_id is None:  # a stateless resume: the server refuses it
         return
     config = kwargs.get("config")
@@ -318,11 +326,22 @@ async def _waits_for_review(thread_id: object, kwargs: Mapping[str, Any]) -> Non
     state = cast(State, values)
     key = audit.decision_key(state, request_of(state))  # the request's, on any copy of it
     done = await asyncio.to_thread(own_services().ledger.audit_entry, key)
-    if done is not None:  # a copy of the thread was answered: one decision per request
+    if done is not None and not _same_decision(answer, audit.recorded(done)):
         raise _refuse(
             f"this review was already decided: {done.action} by {done.who}; nothing changed",
             409,
         )
+
+
+def _same_decision(answer: Any, recorded: HumanDecision) -> bool:
+    """Whether a resume command's answer(s) (_answers' form) are the recorded decision."""
+    answers = list(answer.values()) if _by_interrupt(answer) else [answer]
+    return all(
+        isinstance(a, Mapping)
+        and a.get("approve") == recorded.approve
+        and a.get("by") == recorded.by
+        for a in answers
+    )
 
 
 async def _starts_its_thread(thread_id: object, request: object) -> None:

@@ -313,11 +313,14 @@ def _card_beside(args: argparse.Namespace) -> Path | None:
 
 def cmd_nvml(args: argparse.Namespace) -> int:
     from fleet.nvml.reader import NvmlSession
-    from fleet.nvml.record import record, write
+    from fleet.nvml.record import check_options, record, write
 
     out = Path(args.out)
     if not out.parent.is_dir():
         raise InvalidInput(f"cannot write {out}: {out.parent} is not a directory")
+    if out.is_dir():
+        raise InvalidInput(f"cannot write {out}: it is a directory (--out names the file to write)")
+    check_options(args.seconds, args.period)
     recording = record(
         NvmlSession(timed=True), seconds=args.seconds, period=args.period, phase=args.phase
     )

@@ -97,6 +97,7 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bo
             f"--state-dir {state_dir} is not empty: the demo tells its story in a new state "
             "directory (or, without --state-dir, in a temporary one)"
         )
+    config = demo_fleet(fleet)  # a fleet it cannot load is refused before anything is printed
     with tempfile.TemporaryDirectory(prefix="gpu-agent-demo-") as tmp:
         directory = Path(state_dir) if state_dir else Path(tmp) / "state"
         clock = VirtualClock()
@@ -125,7 +126,7 @@ def run_demo(state_dir: str | None = None, fleet: str | None = None, as_json: bo
         if not as_json:
             where = f"fleet file {fleet}" if fleet else "the default fleet"
             print(f"gpu-agent demo: one virtual day on {where} (state: {directory})")
-        with Orchestrator(directory, demo_fleet(fleet), clock=clock) as orch:
+        with Orchestrator(directory, config, clock=clock) as orch:
             result = run_scenario(orch, clock, STORY, report)
             with lock:
                 show(math.inf)

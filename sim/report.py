@@ -114,7 +114,12 @@ def strongest(results: Mapping[str, Mapping[str, Any]]) -> str | None:
         return None
     most = max(m.get("work_share") or 0.0 for m in base.values())
     fair = [n for n, m in base.items() if (m.get("work_share") or 0.0) >= most - 1e-3]
-    return min(fair, key=lambda n: base[n].get("cost_vs_floor") or float("inf"))
+
+    def cost(name: str) -> float:
+        value = base[name].get("cost_vs_floor")
+        return float("inf") if value is None else value  # a real 0.0 is the cheapest
+
+    return min(fair, key=cost)
 
 
 def versus(results: Mapping[str, Mapping[str, Any]], baseline: str = BASELINE) -> list[str]:

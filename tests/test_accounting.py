@@ -132,6 +132,15 @@ def test_the_strongest_baseline_does_the_most_work_then_costs_least() -> None:
     assert strongest({"gpu-agent": full}) is None
 
 
+def test_a_cost_against_the_floor_of_zero_is_the_cheapest_not_unknown() -> None:
+    results: dict[str, dict[str, float | None]] = {
+        "naive": {"work_share": 0.0, "cost_vs_floor": 0.5},
+        "slurm-like": {"work_share": 0.0, "cost_vs_floor": 0.0},
+        "unknown": {"work_share": 0.0, "cost_vs_floor": None},
+    }
+    assert strongest(results) == "slurm-like"
+
+
 def test_the_report_says_what_the_policies_say_together(tmp_path: Path) -> None:
     from sim.simulate import across
 

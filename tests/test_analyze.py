@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -24,6 +25,7 @@ from sim.analysis import (
     percentile,
     series,
     sustained_excess,
+    to_text,
 )
 from tests.conftest import SMALL_FLEET, small_config
 
@@ -213,6 +215,38 @@ def test_planted_hoarder(state: Path) -> None:
     assert hoarders["sandbox"]["hoarded_gpu_hours"] == pytest.approx(8.1)
     assert hoarders["sandbox"]["hoarded_share"] == pytest.approx(8.1 / 10.5, abs=1e-3)
     assert all(u.hoarded_gpu_hours == 0 for u in a.projects if u.project != "sandbox")
+
+
+def test_the_project_table_keeps_its_columns_apart_for_large_values(state: Path) -> None:
+    a = run(state)
+    big = dataclasses.replace(
+        a.projects[0],
+        project="p" * 40,
+        allocations=12_345_678,
+        gpu_hours=23_908.73,
+        cost_usd=186_157.69,
+        idle_gpu_hours=1_234_567.89,
+        hoarded_gpu_hours=123_456.78,
+        idle_releases=12_345_678,
+    )
+    text = to_text(dataclasses.replace(a, projects=[big, *a.projects[1:]]))
+    table = text.split("Idle and hoarded GPU-hours per project")[1].split("\n\n")[0]
+    head, *rows = table.splitlines()[1:]
+    row = next(r for r in rows if r.strip().startswith("p" * 40))
+    assert row.split() == [
+        "p" * 40,
+        "12345678",
+        "23908.73",
+        "$186,157.69",
+        *row.split()[4:5],
+        "1234567.89",
+        "123456.78",
+        *row.split()[7:8],
+        "12345678",
+    ]
+    # the header and every row line up: each value ends where its column's name ends
+    assert len({len(r) for r in [head, *rows]}) == 1
+    assert head.index("cost") + len("cost") == row.index("$186,157.69") + len("$186,157.69")
 
 
 def test_unused_quota_and_budget(state: Path) -> None:

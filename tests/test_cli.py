@@ -372,6 +372,17 @@ def test_demo(tmp_path: Path) -> None:
     assert any(e["kind"] == "queued" for e in out["vision-finetune"]["events"])
 
 
+@pytest.mark.parametrize("fleet", ["missing.toml", "bad.toml"])
+def test_demo_refuses_a_fleet_it_cannot_load_in_one_line(tmp_path: Path, fleet: str) -> None:
+    """Refused before its header (which would name a state directory that never comes to be)."""
+    (tmp_path / "bad.toml").write_text("[[nodes]]\nname = 3\n")
+    for extra in ([], ["--state-dir", str(tmp_path / "s")]):
+        r = run_cli("demo", "--fleet", str(tmp_path / fleet), *extra, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", r.stdout
+        assert r.stderr.startswith("gpu-agent: fleet file") and r.stderr.count("\n") == 1
+        assert not (tmp_path / "s").exists()
+
+
 def test_demo_tells_its_story_once_in_a_state_directory(tmp_path: Path) -> None:
     """Told again in the same state directory, its threads' names would meet the first
     story's (every request refused, budgets set again, exit 0): refused up front, nothing

@@ -511,6 +511,39 @@ def test_the_cli_explains_a_missing_driver(tmp_path: Path) -> None:
     assert done.returncode == 0 and "backend nvml: NVML library not found" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--out", "adir"], "is a directory"),
+        (["--out", "missing/r.json"], "missing is not a directory"),
+        (["--out", "r.json", "--seconds", "0.3", "--period", "inf"], "--period"),
+        (["--out", "r.json", "--seconds", "0.3", "--period", "nan"], "--period"),
+        (["--out", "r.json", "--seconds", "1", "--period", "2"], "--period"),
+        (["--out", "r.json", "--seconds", "inf"], "--seconds"),
+        (["--out", "r.json", "--seconds", "nan"], "--seconds"),
+        (["--out", "r.json", "--seconds", "86401"], "--seconds"),
+        (["--out", "r.json", "--seconds", "0"], "--seconds"),
+    ],
+)
+def test_nvml_record_refuses_bad_options_before_recording(
+    flags: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from graph.cli import main
+
+    class NoSession:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("opened NVML before checking the options")
+
+    monkeypatch.setattr(nvml, "NvmlSession", NoSession)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    assert main(["nvml", "record", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
+    assert not any((tmp_path / "adir").iterdir())
+
+
 # ---- our own recording of a real H200 (tests/data, made with `gpu-agent nvml record`) -------
 
 RECORDED = Path(__file__).with_name("data") / "h200-recorded.json"

@@ -599,6 +599,10 @@ def test_a_run_the_server_would_fail_is_refused_before_it_claims_its_thread(
     assert no["status"] == "denied"
     yes = lambda: dave.runs.wait(theirs, "gpu-agent", command={"resume": True})  # noqa: E731
     assert status_of(409, yes) == "this review was already decided: deny by dave; nothing changed"
+    # the decision itself again carries the thread on (as after a run that died once it had
+    # recorded it)
+    again = dave.runs.wait(theirs, "gpu-agent", command={"resume": {"approve": False}})
+    assert again["status"] == "denied"
     assert log.read_text().count("Traceback") == tracebacks
 
 

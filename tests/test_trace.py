@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fleet.errors import InvalidInput
-from fleet.trace import PHILLY, TraceSchema, read_trace
+from fleet.trace import MAX_DURATION_S, PHILLY, TraceSchema, read_trace
 from tests.conftest import SHARED
 
 HEADER = "timestamp,duration,num_gpus,gpu_time,cluster\n"
@@ -68,6 +68,13 @@ def test_another_trace_loads_through_its_own_mapping(tmp_path: Path) -> None:
         (HEADER + "2017-10-09 07:01:55,-1,1,66,a\n", ":2: column 'duration' must be a duration"),
         (HEADER + "2017-10-09 07:01:55,soon,1,66,a\n", ":2: column 'duration' must be a number"),
         (HEADER + "2017-10-09 07:01:55,nan,1,66,a\n", ":2: column 'duration' must be a finite"),
+        # at most a year (MAX_DURATION_S): a 1e300 s job would make every figure meaningless
+        (HEADER + "2017-10-09 07:01:55,1e300,1,66,a\n", ":2: column 'duration' .* at most a year"),
+        (HEADER + "2017-10-09 07:01:55,1e9,1,66,a\n", ":2: column 'duration' .* at most a year"),
+        (
+            HEADER + "2017-10-09 07:01:55,31536001,1,66,a\n",
+            ":2: .* year .31,536,000., not '31536001'",
+        ),
         (HEADER + "2017-10-09 07:01:55,66,0,66,a\n", ":2: column 'num_gpus' must be a whole"),
         (HEADER + "2017-10-09 07:01:55,66,1.5,66,a\n", ":2: column 'num_gpus' must be a whole"),
         (HEADER + "2017-10-09 07:01:55,66,1e308,66,a\n", ":2: column 'num_gpus' .* to 100,000"),
@@ -85,6 +92,17 @@ def test_bad_traces_name_the_line(tmp_path: Path, text: str, message: str) -> No
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(")) as err:
         read_trace(write(tmp_path, text))
     assert "\n" not in str(err.value)
+
+
+def test_a_job_of_a_year_loads_and_the_limit_is_in_the_traces_own_unit(tmp_path: Path) -> None:
+    jobs = read_trace(write(tmp_path, HEADER + f"2017-10-09 07:01:55,{MAX_DURATION_S},1,66,a\n"))
+    assert jobs[0].hours == 365 * 24
+    minutes = TraceSchema(duration="minutes", duration_seconds=60)
+    head = "timestamp,minutes,num_gpus,cluster\n"
+    year = 365 * 24 * 60
+    assert read_trace(write(tmp_path, head + f"2017-10-09 07:01:55,{year},1,a\n"), minutes)
+    with pytest.raises(InvalidInput, match=r":2: .* at most a year \(525,600\), not '525601'"):
+        read_trace(write(tmp_path, head + f"2017-10-09 07:01:55,{year + 1},1,a\n"), minutes)
 
 
 def test_a_value_as_long_as_a_project_name_allows_loads(tmp_path: Path) -> None:
@@ -105,3 +123,4 @@ def test_the_whole_philly_trace_loads() -> None:
     assert len(jobs) == 82_247
     assert all(a.submit <= b.submit for a, b in itertools.pairwise(jobs))
     assert len({j.project for j in jobs}) == 15 and max(j.count for j in jobs) == 128
+    assert max(j.hours for j in jobs) * 3600 < MAX_DURATION_S / 6  # 54 days: well inside a year

@@ -10,6 +10,7 @@ again. Only getters are called: recording never changes a card's settings.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +30,21 @@ def binding_version() -> str:
         return "unknown"
 
 
+MAX_SECONDS = 86_400.0
+"""The longest recording `nvml record` takes: a day."""
+
+
+def check_options(seconds: float, period: float) -> None:
+    """Refuse a length or period that is not finite, positive, and at most a day (the period at
+    most the length), before anything is opened or written."""
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise InvalidInput(
+            f"--seconds must be a positive number of seconds, at most {MAX_SECONDS:.0f} (a day)"
+        )
+    if not (math.isfinite(period) and 0 < period <= seconds):
+        raise InvalidInput("--period must be a positive number of seconds, at most --seconds")
+
+
 def record(
     session: NvmlSession,
     *,
@@ -39,8 +55,7 @@ def record(
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Sample every GPU each `period` for `seconds`; the recording as a JSON-ready dict."""
-    if not (seconds > 0 and period > 0):
-        raise InvalidInput("--seconds and --period must be positive")
+    check_options(seconds, period)
     session.open()
     started = clock()
     inventory = [session.static(i) for i in range(len(session.handles))]

@@ -89,20 +89,52 @@ def _pool_lines(a: Analysis) -> list[str]:
     return lines
 
 
+_PROJECT_COLUMNS = (
+    ("project", "<", 16),
+    ("allocs", ">", 7),
+    ("GPU-h", ">", 9),
+    ("cost", ">", 11),
+    ("util", ">", 7),
+    ("idle GPU-h", ">", 11),
+    ("hoarded", ">", 9),
+    ("share", ">", 7),
+    ("idle rel.", ">", 10),
+)
+
+
 def _project_lines(a: Analysis) -> list[str]:
-    lines = [
-        "Idle and hoarded GPU-hours per project (hoarded: a lower bound)",
-        f"  {'project':<16}{'allocs':>7}{'GPU-h':>9}{'cost':>11}{'util':>7}{'idle GPU-h':>11}"
-        f"{'hoarded':>9}{'share':>7}{'idle rel.':>10}",
+    rows = [
+        [
+            u.project,
+            str(u.allocations),
+            f"{u.gpu_hours:.2f}",
+            f"${u.cost_usd:,.2f}",
+            "-" if u.mean_util_pct is None else f"{u.mean_util_pct:.0f}%",
+            f"{u.idle_gpu_hours:.2f}",
+            f"{u.hoarded_gpu_hours:.2f}",
+            f"{u.hoarded_share:.0%}",
+            str(u.idle_releases),
+        ]
+        for u in a.projects
     ]
-    for u in a.projects:
-        util = "-" if u.mean_util_pct is None else f"{u.mean_util_pct:.0f}%"
-        lines.append(
-            f"  {u.project:<16}{u.allocations:>7}{u.gpu_hours:>9.2f}"
-            f"{f'${u.cost_usd:,.2f}':>11}{util:>7}{u.idle_gpu_hours:>11.2f}"
-            f"{u.hoarded_gpu_hours:>9.2f}{u.hoarded_share:>7.0%}{u.idle_releases:>10}"
+    # each column at least as wide as its default, and a space wider than its widest value,
+    # so that columns never run together (a cost of $100,000 or a long project name)
+    widths = [
+        max(width, len(name) + 1, *(len(row[i]) + 1 for row in rows))
+        for i, (name, _, width) in enumerate(_PROJECT_COLUMNS)
+    ]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "".join(
+            f"{cell:{align}{width}}"
+            for cell, (_, align, _), width in zip(cells, _PROJECT_COLUMNS, widths, strict=True)
         )
-    return lines
+
+    return [
+        "Idle and hoarded GPU-hours per project (hoarded: a lower bound)",
+        line([name for name, _, _ in _PROJECT_COLUMNS]),
+        *(line(row) for row in rows),
+    ]
 
 
 def _name(node: str) -> str:
