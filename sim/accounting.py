@@ -23,9 +23,12 @@ all of the work for less. A policy's `cost_vs_floor` is its total cost over that
 
 A policy's cost splits by what the GPUs were doing (`breakdown`), each part at the held type's
 price: **tail** (held after the work was done: the idle tail and a lease with nothing left),
-**pause** (held at 0 % before the work was done), **killed** (the rest of attempts that were
-killed: work that was lost or had to be checkpointed and resumed) and **work** (the rest of
-attempts that completed). The four add up to the total cost.
+**pause** (held at 0 % before the work was done), **killed** (the work of killed attempts that
+was lost: redone by a rerun, or never done where the job gave up) and **work** (the rest: the
+work of completed and preempted attempts, and the work a killed attempt kept, up to the
+checkpoint its rerun resumed from, `Attempt.kept_gpu_hours`). The four add up to the total
+cost. (Until 2026-12-07 a killed attempt's kept work counted as killed, which showed it as a
+routing saving of the policy that killed it.)
 
 `savings(base, other)` explains base's cost minus other's in dollars, in parts that add up:
 hoarding cut (tail), pauses cut (pause), kills avoided (killed), routing (the work cost on
@@ -127,8 +130,13 @@ def parts(attempt: Attempt, config: FleetConfig) -> dict[str, float]:
     price = config.catalog[attempt.gpu_type].price_per_hour
     out["tail"] = attempt.hoarded_gpu_hours * price
     out["pause"] = attempt.idle_gpu_hours * price
-    rest = attempt.cost_usd - out["tail"] - out["pause"]
-    out["killed" if attempt.outcome == "killed" else "work"] = rest
+    rest = attempt.cost_usd - out["tail"] - out["pause"]  # held while working, on one type
+    kept = 1.0
+    if attempt.outcome == "killed":  # its work up to the checkpoint its rerun resumed from
+        run = attempt.work_gpu_hours
+        kept = min(1.0, attempt.kept_gpu_hours / run) if run > 0 else 0.0
+    out["work"] = rest * kept
+    out["killed"] = rest - out["work"]
     return out
 
 
@@ -145,11 +153,10 @@ def completed_jobs(attempts: Iterable[Attempt]) -> set[int]:
 
 
 def work_cost_by_job(attempts: Iterable[Attempt], config: FleetConfig) -> dict[int, float]:
-    """The `work` part of each job's completed attempts."""
+    """The `work` part of each job's attempts (its killed attempts' kept work included)."""
     out: dict[int, float] = defaultdict(float)
     for a in attempts:
-        if a.outcome == "completed":
-            out[a.job] += parts(a, config)["work"]
+        out[a.job] += parts(a, config)["work"]
     return out
 
 

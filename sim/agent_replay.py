@@ -40,6 +40,7 @@ from sim.lifecycle import (
     restored,
     returns_at,
     timeline,
+    with_kept,
     work_done_at,
 )
 from sim.telemetry import TraceFleet
@@ -182,6 +183,7 @@ def run_gpu_agent(
             if attempts[-1].outcome in ("killed", "preempted"):
                 kills = run.attempt - run.preempted - yielded  # a yield is never a kill
                 again = rerun(run.job, run.segments, end, release.reason, kills, config)
+                attempts[-1] = with_kept(attempts[-1], run.job, again)
                 if again is not None and yielded:
                     again = restored(again, config)
                 if again is not None:

@@ -97,7 +97,16 @@ from dataclasses import dataclass
 from fleet.config import FleetConfig
 from fleet.models import Priority, Purpose, ReleaseReason
 from fleet.scheduler import decayed, fair_share_factors, scorer
-from sim.lifecycle import Attempt, Segment, account, refused, rerun, returns_at, timeline
+from sim.lifecycle import (
+    Attempt,
+    Segment,
+    account,
+    refused,
+    rerun,
+    returns_at,
+    timeline,
+    with_kept,
+)
 from sim.workload import SimJob, Workload, candidate_types
 
 Progress = Callable[[int], None]
@@ -249,6 +258,7 @@ class _Simulation(ABC):
         self.released(alloc, now)
         if attempt.outcome == "killed":
             again = rerun(job, alloc.segments, now, alloc.reason, r.attempt, self.config)
+            self.attempts[-1] = with_kept(attempt, job, again)
             if again is not None:
                 back = returns_at(alloc.segments, now)
                 self.push(back, _Request(again, r.attempt + 1, back, self.seq))

@@ -85,6 +85,23 @@ class Attempt:
     hoarded_gpu_hours: float = 0.0  # held after the work was done
     work_gpu_hours: float = 0.0  # reference GPU-hours of work run (lost work included)
     done_at: float | None = None  # the job's work finished in this attempt
+    # of a killed attempt: the reference GPU-hours of its work that its rerun does not redo
+    # (a checkpointing job's, up to its checkpoint: with_kept); the rest was lost
+    kept_gpu_hours: float = 0.0
+
+
+def _work_hours(job: SimJob) -> float:
+    return sum(p.hours for p in job.phases if p.work)
+
+
+def with_kept(attempt: Attempt, job: SimJob, again: SimJob | None) -> Attempt:
+    """The killed `attempt` of `job`, with the work its rerun `again` does not redo: what a
+    killed attempt cost for work that was kept is work, not waste (sim.accounting.parts).
+    Without a rerun (the job gave up) none of it counts as kept."""
+    if attempt.outcome != "killed" or again is None:
+        return attempt
+    kept = max(0.0, _work_hours(job) - _work_hours(again))
+    return replace(attempt, kept_gpu_hours=job.count * kept)
 
 
 def account(

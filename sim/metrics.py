@@ -71,10 +71,14 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
   *lost_gpu_hours* = run_gpu_hours - useful_gpu_hours, the work that ran and did not end up
   in a completed job = *redone_gpu_hours* (completed jobs: work run in all their attempts
   minus the job's work, i.e. work killed before a checkpoint and run again) +
-  *abandoned_gpu_hours* (all work run by jobs that never completed); *preempted_attempts*
+  *abandoned_gpu_hours* (all work run by jobs that never completed); *lost_work_units*, the
+  lost work in work units (hours of the unit type, as work_share counts it: reference-type
+  hours of T4 and A100 jobs are not the same work, and added up they compared policies that
+  lose different work in different units; the report's "Lost work" row); *preempted_attempts*
   (attempts told to go with notice that checkpointed and were asked for again: their work is
   kept, so they are neither killed nor lost work; sim/borrowing.py); *killed_attempts*,
-  *kill_reasons* {reason: count} and *wasted_cost_usd* (the cost of killed attempts).
+  *kill_reasons* {reason: count} and *wasted_cost_usd* (what killed attempts cost for work
+  that was lost: sim.accounting.parts).
 - **per_project** {project: {cost_usd, budget_usd, gpu_hours_held, useful_gpu_hours,
   share_of_gpu_hours (of all GPU-hours held), jobs, jobs_completed, finish_ratio (x_p),
   work_share (the project's completed work units over its trace work units), slowdown_mean
@@ -99,7 +103,7 @@ import numpy as np
 
 from fleet.budget import Running, reaches_at
 from fleet.config import FleetConfig
-from sim.accounting import Floor, breakdown, fastest_hours, floor, work_units
+from sim.accounting import Floor, breakdown, fastest_hours, floor, parts, work_units
 from sim.lifecycle import Attempt
 from sim.workload import SimJob
 
@@ -262,10 +266,16 @@ def _in_budget_units(
 
 
 def _work(
-    results: Sequence[JobResult], attempts: Sequence[Attempt], useful: float
+    results: Sequence[JobResult], attempts: Sequence[Attempt], useful: float, config: FleetConfig
 ) -> dict[str, Any]:
     killed = [a for a in attempts if a.outcome == "killed"]
     run = sum(a.work_gpu_hours for a in attempts)
+    # the same in work units (hours of the unit type): each job's reference-type hours
+    # scaled as its work is, so that work lost on T4s and on A100s adds up
+    unit = {r.job.id: work_units(r.job, config) / r.job.work_gpu_hours for r in results
+            if r.job.work_gpu_hours > 0}  # fmt: skip
+    run_units = sum(a.work_gpu_hours * unit.get(a.job, 0.0) for a in attempts)
+    done_units = sum(work_units(r.job, config) for r in results if r.status == "completed")
     redone = sum(r.run_gpu_hours - r.job.work_gpu_hours for r in results if r.status == "completed")
     abandoned = sum(r.run_gpu_hours for r in results if r.status != "completed")
     return {
@@ -275,12 +285,13 @@ def _work(
         ),
         "run_gpu_hours": _r(run),
         "lost_gpu_hours": _r(max(0.0, run - useful)),
+        "lost_work_units": _r(max(0.0, run_units - done_units)),
         "redone_gpu_hours": _r(max(0.0, redone)),
         "abandoned_gpu_hours": _r(abandoned),
         "killed_attempts": len(killed),
         "preempted_attempts": sum(1 for a in attempts if a.outcome == "preempted"),
         "kill_reasons": dict(sorted(Counter(a.reason for a in killed).items())),
-        "wasted_cost_usd": _r(sum(a.cost_usd for a in killed), 2),
+        "wasted_cost_usd": _r(sum(parts(a, config)["killed"] for a in killed), 2),
     }
 
 
@@ -428,7 +439,7 @@ def metrics(
         "hoarded_gpu_hours": _r(sum(a.hoarded_gpu_hours for a in attempts)),
         "idle_gpu_hours": _r(sum(a.idle_gpu_hours for a in attempts)),
         "jobs": {"total": len(results), **{s: statuses.get(s, 0) for s in STATUSES}},
-        "work": _work(results, attempts, useful),
+        "work": _work(results, attempts, useful, config),
         "per_project": projects,
         "series": series(attempts, first, last, jcts),
     }

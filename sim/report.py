@@ -86,7 +86,7 @@ ROWS: tuple[Row, ...] = (
     ("Idle GPU-hours", _num("idle_gpu_hours")),
     ("Jobs completed / failed / denied", _jobs),
     ("Unplaced jobs", _num("jobs.unplaced", "{:,}")),
-    ("Lost work (GPU-hours)", _num("work.lost_gpu_hours")),
+    ("Lost work (unit-hours)", _num("work.lost_work_units")),
     ("Killed attempts", _num("work.killed_attempts", "{:,}")),
     ("Preempted attempts (work kept)", _num("work.preempted_attempts", "{:,}")),
     ("Wasted cost (USD)", _num("work.wasted_cost_usd", "{:,.2f}")),

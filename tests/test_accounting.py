@@ -4,6 +4,7 @@ and the floor and work units on a fleet with a faster and a cheaper type."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,17 @@ from sim.accounting import (
     breakdown,
     floor,
     floor_usd,
+    parts,
     pause_hours,
     same_work,
     savings,
     unit_type,
     work_units,
 )
+from sim.lifecycle import Attempt, account, rerun, timeline, with_kept
 from sim.report import strongest, table, write_report
 from sim.workload import Phase, SimJob
-from tests.test_sim_metrics import ATTEMPTS, CONFIG, J4, JOBS, _results, refused, t
+from tests.test_sim_metrics import ATTEMPTS, CONFIG, J4, JOBS, _results, job, refused, t
 
 AGENT = [a for a in ATTEMPTS if a.job != 4] + [refused(J4, "denied", "budget")]
 MIXED = FleetConfig(
@@ -104,6 +107,37 @@ def test_savings_add_up_and_work_not_done_is_named() -> None:
     fewer = [a for a in ATTEMPTS if a.job != 0] + [refused(JOBS[0], "denied", "council")]
     s = savings(ATTEMPTS, fewer, CONFIG)
     assert s["work_not_done"] == 4.0 and s["routing"] == 0.0 and s["total"] == 4.0
+
+
+def test_work_a_killed_attempt_kept_is_work_not_a_routing_saving() -> None:
+    """A training job (2 GPUs, two 1-hour work phases with a pause between) killed in its
+    pause, after its first phase's checkpoint, and run again from it: the $4 its first hour
+    of work cost is work (kept), the pause $4, nothing is lost. Against a run that did the
+    job in one go on the same type (its pause held too), nothing is saved: not by routing,
+    not by kills. Before, the kept $4 counted as killed, and as $4 of routing saved."""
+    j = job(0, "a", 2, Purpose.TRAINING, 0, Phase(1.0, 80.0), Phase(1.0, 0.0), Phase(1.0, 80.0))
+
+    def run(job_: SimJob, start: float, end: float, attempt: int) -> Attempt:
+        segments = timeline(job_, "A100", t(start), CONFIG)
+        cost = 2.0 * job_.count * (end - start)  # $2 an A100-hour
+        return account(job_, attempt, "A100", t(start), segments, t(end), "idle", cost)
+
+    killed = run(j, 0, 2, 1)  # its first phase done and checkpointed, killed in its pause
+    again = rerun(j, timeline(j, "A100", t(0), CONFIG), t(2), "idle", 1, CONFIG)
+    assert again is not None and [p.hours for p in again.phases] == [1.0]
+    killed = with_kept(killed, j, again)
+    assert killed.outcome == "killed" and killed.kept_gpu_hours == 2.0
+    assert parts(killed, CONFIG) == {"work": 4.0, "pause": 4.0, "tail": 0.0, "killed": 0.0}
+    done = run(again, 2, 3, 2)
+    straight = run(j, 0, 3, 1)  # the pause held, the work done in one allocation
+    s = savings([straight], [killed, done], CONFIG)
+    assert s["routing"] == 0.0 and s["killed"] == 0.0 and s["total"] == s["pause"] == 0.0
+    # without a checkpoint (an inference job starts over) all of its work is lost
+    k = replace(j, purpose=Purpose.INFERENCE)
+    lost = with_kept(
+        run(k, 0, 2, 1), k, rerun(k, timeline(k, "A100", t(0), CONFIG), t(2), "idle", 1, CONFIG)
+    )
+    assert lost.kept_gpu_hours == 0.0 and parts(lost, CONFIG)["killed"] == 4.0
 
 
 def test_same_work_is_the_jobs_every_policy_completed() -> None:

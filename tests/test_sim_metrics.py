@@ -331,12 +331,13 @@ def test_budgets_jobs_and_work(m: dict[str, Any]) -> None:
         "failed_gpu_hours": 16.0 + 3.0 + 8.0,
         "run_gpu_hours": 10.0,
         "lost_gpu_hours": 4.0,
+        "lost_work_units": 4.0,  # A100 alone: the unit type's hours
         "redone_gpu_hours": 1.0,  # job 2's first hour, run again
         "abandoned_gpu_hours": 3.0,  # job 4's two tries
         "killed_attempts": 3,
         "preempted_attempts": 0,
         "kill_reasons": {"idle": 1, "lease_expired": 2},
-        "wasted_cost_usd": 9.0,
+        "wasted_cost_usd": 8.0,  # the killed part (job 2's held pause is a pause: $1)
     }
 
 
