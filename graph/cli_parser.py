@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default=",".join(DEFAULT_POLICIES),
         help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
+        "cheapest-autostop, "
         "slurm-cheapest-borrow, "
         "gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council, "
         "gpu-agent-borrow, gpu-agent-no-council-borrow, gpu-agent-no-move, "

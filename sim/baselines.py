@@ -71,8 +71,7 @@ cheapest-first (what a cloud launcher with autostop does: SkyPilot's optimizer p
 cheapest resource, and the GPUs go back when the job's session ends: SkyPilot's autostop
 waits, by default (`wait_for: jobs_and_ssh`), for running jobs and open SSH sessions, so a
 shell or a notebook left open after the command, the workload's idle tail, holds them; the
-stricter `wait_for: jobs`, which would stop a supervised job's GPUs minutes after its command,
-is not simulated):
+stricter `wait_for: jobs` is cheapest-autostop, below):
 
 - Type: the named type, else the allowed type cheapest per unit of work (price_per_hour /
   relative_throughput; ties in pool order) among those with enough free GPUs now.
@@ -83,6 +82,14 @@ is not simulated):
 - No lease, no walltime, no idle release: the allocation ends at the end of the job's
   timeline (the process exits after its idle tail: "explicit"). No job is ever killed, and
   `requested_hours` plays no role.
+
+cheapest-autostop (cheapest-first with SkyPilot's autostop waiting for jobs alone, `wait_for:
+jobs`, at its default 5 idle minutes):
+
+- Everything as cheapest-first, except that a job whose work runs as a launched command (the
+  workload's `supervised` jobs, the same draw as those under `gpu-agent run`) ends AUTOSTOP_S
+  after its last work phase, where its idle tail is longer: the launcher sees its command
+  exit, as `gpu-agent run` tells gpu-agent. Other jobs keep their tail.
 """
 
 from __future__ import annotations
@@ -106,6 +113,7 @@ from sim.lifecycle import (
     returns_at,
     timeline,
     with_kept,
+    work_done_at,
 )
 from sim.workload import SimJob, Workload, candidate_types
 
@@ -481,6 +489,22 @@ class _CheapestFirst(_Simulation):
         return segments[-1].end, EXPLICIT
 
 
+# SkyPilot's default autostop idle time (`sky autostop -i`, `resources.autostop: true`)
+AUTOSTOP_S = 5 * 60.0
+
+
+class _CheapestAutostop(_CheapestFirst):
+    """cheapest-first whose launcher stops a launched job's GPUs AUTOSTOP_S after its command
+    exits (SkyPilot's autostop with `wait_for: jobs`); a job whose work is no launched command
+    (SimJob.supervised false: a shell or a notebook) keeps its tail."""
+
+    def ends(self, request: _Request, segments: list[Segment], now: float) -> tuple[float, str]:
+        end, reason = super().ends(request, segments, now)
+        if request.job.supervised:
+            end = min(end, work_done_at(segments) + AUTOSTOP_S)
+        return end, reason
+
+
 def _cheapest(types: Sequence[str], config: FleetConfig) -> tuple[str, ...]:
     """The types cheapest per unit of work first, ties in the order given: a type twice as
     fast runs the same work in half the hours, so what the work costs is price / throughput."""
@@ -528,6 +552,7 @@ BASELINES: dict[str, type[_Simulation]] = {
     "slurm-like": _SlurmLike,
     "slurm-cheapest": _SlurmCheapest,
     "cheapest-first": _CheapestFirst,
+    "cheapest-autostop": _CheapestAutostop,
 }
 
 
@@ -543,6 +568,7 @@ run_naive = functools.partial(run_baseline, "naive")
 run_slurm_like = functools.partial(run_baseline, "slurm-like")
 run_slurm_cheapest = functools.partial(run_baseline, "slurm-cheapest")
 run_cheapest_first = functools.partial(run_baseline, "cheapest-first")
+run_cheapest_autostop = functools.partial(run_baseline, "cheapest-autostop")
 
 __all__ = [
     "BASELINES",

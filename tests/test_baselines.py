@@ -7,6 +7,7 @@ import itertools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from fleet.models import Purpose
 from fleet.trace import read_trace
 from sim.baselines import (
     _partitions,
+    run_cheapest_autostop,
     run_cheapest_first,
     run_naive,
     run_slurm_cheapest,
@@ -30,6 +32,7 @@ POLICIES: dict[str, Policy] = {
     "slurm-like": run_slurm_like,
     "slurm-cheapest": run_slurm_cheapest,
     "cheapest-first": run_cheapest_first,
+    "cheapest-autostop": run_cheapest_autostop,
 }
 LEASED = ("naive", "slurm-like", "slurm-cheapest")  # an allocation ends by its lease at the latest
 H = 3600.0
@@ -369,6 +372,19 @@ def test_cheapest_first_has_no_lease() -> None:
     assert [(a.outcome, a.end) for a in run(run_cheapest_first, [long], config)] == [
         ("completed", 2 * H)
     ]
+
+
+def test_cheapest_autostop_stops_a_launched_jobs_gpus_after_its_command() -> None:
+    """SkyPilot's autostop waiting for jobs alone: a launched job's GPUs go 5 minutes after
+    its last work phase (its command exited), not after its 2-hour idle tail; a job whose work
+    is no launched command (a notebook) keeps its tail, as cheapest-first does."""
+    j = job(0, 0, 2, [(1, 80), (0.5, 0), (1, 80), (2, 0)], requested=8)
+    launched = replace(j, supervised=True)
+    (stopped,) = run(run_cheapest_autostop, [launched])
+    assert (stopped.outcome, stopped.end, stopped.done_at) == ("completed", 2.5 * H + 300, 2.5 * H)
+    assert stopped.cost_usd == pytest.approx(4.0 * 2 * (2.5 + 300 / H))
+    (kept,) = run(run_cheapest_autostop, [j])
+    assert kept.end == 4.5 * H == run(run_cheapest_first, [launched])[0].end
 
 
 def test_research_starts_over_after_a_kill() -> None:
