@@ -675,14 +675,19 @@ def test_a_dead_runs_command_gets_its_notice_and_its_end_from_whoever_adopts_it(
     assert json.loads(again.stdout)["requeued_from"] == [aid]
 
 
+def _ledger_one(state: Path, sql: str) -> tuple[object, ...]:
+    import sqlite3
+
+    with sqlite3.connect(state / "ledger.sqlite") as db:
+        return tuple(db.execute(sql).fetchone() or ())
+
+
 def test_a_plain_runs_command_ends_with_a_lease_that_ran_out_unwatched(tmp_path: Path) -> None:
     """A `run` without --requeue is SIGKILLed while its command runs, and nothing adopts its
     allocation. Its lease runs out; the next process to open the state dir (`status`)
     releases it as expired-while-down, and stops the command first, where the command once
     ran on, on GPUs the ledger showed free (plain runs recorded no process group, and that
     release stopped no command)."""
-    import sqlite3
-
     log = tmp_path / "log"
     fleet = tmp_path / "fleet.toml"  # busy GPUs; a monitor counts as gone 1.5 s after its beat
     fleet.write_text(
@@ -705,8 +710,7 @@ def test_a_plain_runs_command_ends_with_a_lease_that_ran_out_unwatched(tmp_path:
     logged(log, "ready")
 
     def one(sql: str) -> tuple[object, ...]:
-        with sqlite3.connect(tmp_path / "s" / "ledger.sqlite") as db:
-            return tuple(db.execute(sql).fetchone() or ())
+        return _ledger_one(tmp_path / "s", sql)
 
     deadline = time.monotonic() + 30
     while not one("SELECT pgid FROM runs WHERE pgid IS NOT NULL"):
@@ -732,13 +736,6 @@ def test_a_plain_runs_command_ends_with_a_lease_that_ran_out_unwatched(tmp_path:
     finally:
         if alive(group):  # not left running if the test fails
             os.killpg(group, signal.SIGKILL)
-
-
-def _ledger_one(state: Path, sql: str) -> tuple[object, ...]:
-    import sqlite3
-
-    with sqlite3.connect(state / "ledger.sqlite") as db:
-        return tuple(db.execute(sql).fetchone() or ())
 
 
 def test_sigterm_to_a_queued_run_leaves_nothing_placed(tmp_path: Path) -> None:
