@@ -213,7 +213,7 @@ def _summary_row(f: RequestFeatures) -> tuple[float, ...]:
         0.0,
         0.0,
         older.util_gpu_hours / rated if rated > 0 else math.nan,
-        older.idle_gpu_hours / share,
+        older.hoarded_gpu_hours / share,
         older.budget_gpu_hours / share,
         _SUMMARY,
         0.0,

@@ -83,7 +83,7 @@ def rates(
         k = decay(older.at.timestamp())
         total, idle, budget = (
             k * older.gpu_hours,
-            k * older.idle_gpu_hours,
+            k * older.hoarded_gpu_hours,
             k * older.budget_gpu_hours,
         )
         rated, util = k * older.rated_gpu_hours, k * older.util_gpu_hours

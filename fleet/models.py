@@ -593,7 +593,7 @@ class RecordSummary(BaseModel):
     events: int = 0
     at: datetime
     gpu_hours: float = 0.0
-    idle_gpu_hours: float = 0.0  # hoarded: held idle at the end with no work left
+    hoarded_gpu_hours: float = 0.0  # held idle at the end with no work left
     budget_gpu_hours: float = 0.0  # stopped by the budget
     rated_gpu_hours: float = 0.0  # with a utilisation reading
     util_gpu_hours: float = 0.0  # sum of utilisation (%) x GPU-hours over rated events

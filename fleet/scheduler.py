@@ -34,7 +34,7 @@ def summarise(records: Iterable[Record], at: float, half_life_hours: float) -> R
         w = decayed(count * hours, ended_at, at, half_life_hours)
         out.events += 1
         out.gpu_hours += w
-        out.idle_gpu_hours += decayed(count * hoarded_hours, ended_at, at, half_life_hours)
+        out.hoarded_gpu_hours += decayed(count * hoarded_hours, ended_at, at, half_life_hours)
         out.budget_gpu_hours += w if reason in CUT_BY_BUDGET else 0.0
         if util is not None:
             out.rated_gpu_hours += w

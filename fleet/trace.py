@@ -65,7 +65,7 @@ def read_trace(
         raise InvalidInput(
             f"cannot read trace {path}: {getattr(e, 'strerror', None) or e}"
         ) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # an open quote: an error
     if not reader.fieldnames:
         raise InvalidInput(f"trace {path} is empty")
     missing = [c for c in schema.columns if c not in reader.fieldnames]
@@ -78,8 +78,8 @@ def read_trace(
         jobs = [_job(row, schema, reader.line_num) for row in reader]
     except ValueError as e:
         raise InvalidInput(f"{path}:{reader.line_num}: {e}") from None
-    except csv.Error as e:
-        raise InvalidInput(f"{path}:{reader.line_num}: not CSV: {e}") from None
+    except csv.Error as e:  # the record that failed starts after the last one read
+        raise InvalidInput(f"{path}:{reader.line_num + 1}: not CSV: {e}") from None
     if not jobs:
         raise InvalidInput(f"trace {path} has a header but no jobs")
     jobs.sort(key=lambda j: (j.submit, j.line))

@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policies",
         default=",".join(DEFAULT_POLICIES),
-        help="comma-separated: naive, slurm-like, slurm-cheapest, cheapest-first, "
+        help="comma-separated: naive, slurm-like, slurm-cheapest, slurm-batch, cheapest-first, "
         "cheapest-autostop, "
         "slurm-cheapest-borrow, "
         "gpu-agent, gpu-agent-no-autorelease, gpu-agent-rules, gpu-agent-no-council, "

@@ -129,7 +129,7 @@ def parts(attempt: Attempt, config: FleetConfig) -> dict[str, float]:
         return out
     price = config.catalog[attempt.gpu_type].price_per_hour
     out["tail"] = attempt.hoarded_gpu_hours * price
-    out["pause"] = attempt.idle_gpu_hours * price
+    out["pause"] = attempt.paused_gpu_hours * price
     rest = attempt.cost_usd - out["tail"] - out["pause"]  # held while working, on one type
     kept = 1.0
     if attempt.outcome == "killed":  # its work up to the checkpoint its rerun resumed from

@@ -67,6 +67,14 @@ slurm-cheapest (slurm-like with node weights set by cost, as a Slurm administrat
   backfill included) and ties between types in the reservation. A request that names a type
   still uses only that type.
 
+slurm-batch (slurm-cheapest where work run as a command is a batch job, as `sbatch` runs it):
+
+- Everything as slurm-cheapest, except that a job whose work runs as a launched command (the
+  workload's `supervised` jobs, the same draw as those under `gpu-agent run`) is a batch job:
+  its allocation ends when its script exits, at its last work phase's end, if that comes
+  before its walltime ("explicit"). Other jobs (a shell or a notebook in `salloc`) keep their
+  idle tail, up to the walltime.
+
 cheapest-first (what a cloud launcher with autostop does: SkyPilot's optimizer picks the
 cheapest resource, and the GPUs go back when the job's session ends: SkyPilot's autostop
 waits, by default (`wait_for: jobs_and_ssh`), for running jobs and open SSH sessions, so a
@@ -452,6 +460,18 @@ class _SlurmCheapest(_SlurmLike):
         return _cheapest(types, self.config)
 
 
+class _SlurmBatch(_SlurmCheapest):
+    """slurm-cheapest whose launched commands are batch jobs: Slurm ends a batch job when its
+    script exits, so such a job holds no idle tail."""
+
+    def ends(self, request: _Request, segments: list[Segment], now: float) -> tuple[float, str]:
+        if request.job.supervised:
+            done = work_done_at(segments)
+            if done <= now + request.walltime:
+                return done, EXPLICIT
+        return super().ends(request, segments, now)
+
+
 class _CheapestFirst(_Simulation):
     """The cheapest type free now, strict FCFS per partition, released when the process
     exits."""
@@ -551,6 +571,7 @@ BASELINES: dict[str, type[_Simulation]] = {
     "naive": _Naive,
     "slurm-like": _SlurmLike,
     "slurm-cheapest": _SlurmCheapest,
+    "slurm-batch": _SlurmBatch,
     "cheapest-first": _CheapestFirst,
     "cheapest-autostop": _CheapestAutostop,
 }
@@ -567,14 +588,17 @@ def run_baseline(
 run_naive = functools.partial(run_baseline, "naive")
 run_slurm_like = functools.partial(run_baseline, "slurm-like")
 run_slurm_cheapest = functools.partial(run_baseline, "slurm-cheapest")
+run_slurm_batch = functools.partial(run_baseline, "slurm-batch")
 run_cheapest_first = functools.partial(run_baseline, "cheapest-first")
 run_cheapest_autostop = functools.partial(run_baseline, "cheapest-autostop")
 
 __all__ = [
     "BASELINES",
     "run_baseline",
+    "run_cheapest_autostop",
     "run_cheapest_first",
     "run_naive",
+    "run_slurm_batch",
     "run_slurm_cheapest",
     "run_slurm_like",
 ]

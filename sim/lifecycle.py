@@ -81,7 +81,7 @@ class Attempt:
     cost_usd: float = 0.0
     held_gpu_hours: float = 0.0
     util_gpu_hours: float = 0.0  # sum of utilisation x GPU-hours / 100
-    idle_gpu_hours: float = 0.0  # held at 0 % before the work was done
+    paused_gpu_hours: float = 0.0  # held at 0 % before the work was done
     hoarded_gpu_hours: float = 0.0  # held after the work was done
     work_gpu_hours: float = 0.0  # reference GPU-hours of work run (lost work included)
     done_at: float | None = None  # the job's work finished in this attempt
@@ -152,7 +152,7 @@ def account(
         cost_usd=cost_usd,
         held_gpu_hours=n * held,
         util_gpu_hours=n * util,
-        idle_gpu_hours=n * idle,
+        paused_gpu_hours=n * idle,
         hoarded_gpu_hours=n * hoard,
         work_gpu_hours=n * work,
         done_at=done if completed else None,

@@ -63,7 +63,7 @@ end of any attempt; the fleet is `sum(node.gpus)` GPUs):
   holding): the work a policy did with money the project had. Equal to work_share for a
   policy without violations; the fair measure of a baseline that overruns budgets.
 - **hoarded_gpu_hours**: GPU-hours held after the job's work was done (idle tail, lease left).
-- **idle_gpu_hours**: GPU-hours held at 0 % before the work was done (pauses).
+- **paused_gpu_hours**: GPU-hours held at 0 % before the work was done (pauses).
 - **jobs** {total, completed, failed, denied, unplaced}: the job statuses above.
 - **work**: *completed_gpu_hours* = useful_gpu_hours; *failed_gpu_hours* = work of the jobs
   that did not complete (failed, denied or unplaced); *run_gpu_hours* = sum of the attempts'
@@ -437,7 +437,7 @@ def metrics(
             _in_budget_units(results, attempts, budgets, config), bound.work_units
         ),
         "hoarded_gpu_hours": _r(sum(a.hoarded_gpu_hours for a in attempts)),
-        "idle_gpu_hours": _r(sum(a.idle_gpu_hours for a in attempts)),
+        "paused_gpu_hours": _r(sum(a.paused_gpu_hours for a in attempts)),
         "jobs": {"total": len(results), **{s: statuses.get(s, 0) for s in STATUSES}},
         "work": _work(results, attempts, useful, config),
         "per_project": projects,

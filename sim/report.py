@@ -83,7 +83,7 @@ ROWS: tuple[Row, ...] = (
         _pair("budget_violations.count", "budget_violations.usd", "{:,}", "{:,.2f}"),
     ),
     ("Hoarded GPU-hours", _num("hoarded_gpu_hours")),
-    ("Idle GPU-hours", _num("idle_gpu_hours")),
+    ("Paused GPU-hours (idle mid-job)", _num("paused_gpu_hours")),
     ("Jobs completed / failed / denied", _jobs),
     ("Unplaced jobs", _num("jobs.unplaced", "{:,}")),
     ("Lost work (unit-hours)", _num("work.lost_work_units")),

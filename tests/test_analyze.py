@@ -174,6 +174,22 @@ def test_the_fleet_the_history_ran_on_is_read(state: Path, monkeypatch: pytest.M
     assert len(history.records) == 11 and history.end == T0 + 8 * H
 
 
+def test_a_fleet_smaller_than_the_history_is_named(state: Path, tmp_path: Path) -> None:
+    """--fleet with another fleet: the history held 8 A100s at once (vision's 8 end at 6 h as
+    nlp's 4 x 2 start: 8, not 16), and a fleet of 4 gets a warning; the state's own has none."""
+    assert load_history(state)[0].warnings == []
+    small = tmp_path / "four.toml"
+    text = SMALL_FLEET.replace('gpu_type = "A100"\ngpus = 4', 'gpu_type = "A100"\ngpus = 2')
+    assert text.count('gpu_type = "A100"\ngpus = 2') == 2
+    small.write_text(text)
+    history, config = load_history(state, str(small))
+    assert history.warnings == [
+        f"the history held up to 8 A100 GPUs at once and this fleet has 4: is {small} the "
+        "fleet it ran on?"
+    ]
+    assert f"warning: {history.warnings[0]}" in to_text(analyze(history, config))
+
+
 def test_planted_bottleneck(state: Path) -> None:
     a = run(state)
     training = a.pools["training"]

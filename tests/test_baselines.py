@@ -1,4 +1,5 @@
-"""The baselines (naive, slurm-like, slurm-cheapest, cheapest-first) on hand-built jobs, with
+"""The baselines (naive, slurm-like, slurm-cheapest, slurm-batch, cheapest-first,
+cheapest-autostop) on hand-built jobs, with
 answers worked out by hand, and their invariants on the start of the real trace."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sim.baselines import (
     run_cheapest_autostop,
     run_cheapest_first,
     run_naive,
+    run_slurm_batch,
     run_slurm_cheapest,
     run_slurm_like,
 )
@@ -31,10 +33,12 @@ POLICIES: dict[str, Policy] = {
     "naive": run_naive,
     "slurm-like": run_slurm_like,
     "slurm-cheapest": run_slurm_cheapest,
+    "slurm-batch": run_slurm_batch,
     "cheapest-first": run_cheapest_first,
     "cheapest-autostop": run_cheapest_autostop,
 }
-LEASED = ("naive", "slurm-like", "slurm-cheapest")  # an allocation ends by its lease at the latest
+# an allocation ends by its lease at the latest
+LEASED = ("naive", "slurm-like", "slurm-cheapest", "slurm-batch")
 H = 3600.0
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "philly.csv"
 
@@ -385,6 +389,22 @@ def test_cheapest_autostop_stops_a_launched_jobs_gpus_after_its_command() -> Non
     assert stopped.cost_usd == pytest.approx(4.0 * 2 * (2.5 + 300 / H))
     (kept,) = run(run_cheapest_autostop, [j])
     assert kept.end == 4.5 * H == run(run_cheapest_first, [launched])[0].end
+
+
+def test_slurm_batch_ends_a_launched_job_with_its_script() -> None:
+    """A batch job ends when its script exits: a launched job's GPUs go at its last work
+    phase's end, not after its 2-hour idle tail; a job run in a shell keeps its tail, as under
+    slurm-cheapest; a launched job whose work passes its walltime is still killed there."""
+    j = job(0, 0, 2, [(1, 80), (0.5, 0), (1, 80), (2, 0)], requested=8)
+    launched = replace(j, supervised=True)
+    (ended,) = run(run_slurm_batch, [launched])
+    assert (ended.outcome, ended.reason, ended.end) == ("completed", "explicit", 2.5 * H)
+    assert ended.cost_usd == pytest.approx(4.0 * 2 * 2.5)
+    (kept,) = run(run_slurm_batch, [j])
+    assert kept.end == 4.5 * H == run(run_slurm_cheapest, [launched])[0].end
+    short = replace(launched, requested_hours=2.0)
+    first = run(run_slurm_batch, [short])[0]
+    assert (first.outcome, first.reason, first.end) == ("killed", "lease-expired", 2 * H)
 
 
 def test_research_starts_over_after_a_kill() -> None:

@@ -133,7 +133,7 @@ def test_the_record_counts_only_what_was_held_with_no_work_left(ledger: Ledger) 
     assert hoarded(ledger, exited) == 0.5 and hoarded(ledger, idle) == 0.25
     assert hoarded(ledger, both) == 0.5 and hoarded(ledger, neither) == 0.0
     older = ledger.project_stats("p", T0 + 3600, recent=1).older
-    assert older is not None and older.idle_gpu_hours == pytest.approx(0.75, rel=1e-6)
+    assert older is not None and older.hoarded_gpu_hours == pytest.approx(0.75, rel=1e-6)
 
 
 def test_a_request_that_resumes_work_turns_the_pause_back_from_hoarding(ledger: Ledger) -> None:

@@ -176,7 +176,7 @@ ATTEMPTS = [
         cost_usd=3.0,
         held_gpu_hours=1.5,
         util_gpu_hours=1.0,
-        idle_gpu_hours=0.5,
+        paused_gpu_hours=0.5,
         work_gpu_hours=1.0,
     ),
     ran(
@@ -190,7 +190,7 @@ ATTEMPTS = [
         cost_usd=6.0,
         held_gpu_hours=3.0,
         util_gpu_hours=2.0,
-        idle_gpu_hours=1.0,
+        paused_gpu_hours=1.0,
         work_gpu_hours=2.0,
         done_at=7,
     ),
@@ -247,7 +247,7 @@ def test_hand_attempts_match_the_lifecycle_accounting() -> None:
             "outcome",
             "held_gpu_hours",
             "util_gpu_hours",
-            "idle_gpu_hours",
+            "paused_gpu_hours",
             "hoarded_gpu_hours",
             "work_gpu_hours",
             "done_at",
@@ -287,7 +287,7 @@ def test_cost_and_utilisation(m: dict[str, Any]) -> None:
     assert m["sm_util"] == round(6.5 / 15.5, 6)
     assert m["sm_util_fleet"] == round(6.5 / 28, 6)
     assert m["hoarded_gpu_hours"] == 4.0
-    assert m["idle_gpu_hours"] == 1.5
+    assert m["paused_gpu_hours"] == 1.5
 
 
 def test_completion_queueing_and_fairness(m: dict[str, Any]) -> None:

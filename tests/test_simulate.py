@@ -191,7 +191,7 @@ def test_a_job_under_gpu_agent_run_pauses_and_its_tail_goes_after_the_command(
     assert (a.outcome, a.reason) == ("completed", "idle")
     assert held_s(a) == pytest.approx(2.75 * 3600)
     assert a.hoarded_gpu_hours == pytest.approx(0.0)
-    assert a.idle_gpu_hours == pytest.approx(0.75)  # the pause, paid for: not a saving
+    assert a.paused_gpu_hours == pytest.approx(0.75)  # the pause, paid for: not a saving
 
 
 GUARDED_TINY_FLEET = (

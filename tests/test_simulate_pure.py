@@ -86,7 +86,7 @@ def test_pure_jobs_never_idle_and_finish_all_their_work(tmp_path: Path, name: st
     attempts, _ = POLICIES[name](w, config, tmp_path / name, lambda _n: None)
     m = metrics(w.jobs, attempts, config, w.budgets)
     assert m["jobs"]["completed"] == len(w.jobs) and m["work_share"] == 1.0
-    assert m["idle_gpu_hours"] == 0.0 and m["hoarded_gpu_hours"] == 0.0
+    assert m["paused_gpu_hours"] == 0.0 and m["hoarded_gpu_hours"] == 0.0
     assert m["work"]["killed_attempts"] == 0 and m["work"]["lost_gpu_hours"] == 0.0
     assert m["sm_util"] == pytest.approx(1.0)
     results = job_results(w.jobs, attempts)
@@ -154,7 +154,7 @@ def test_simulate_pure_on_a_virtual_cluster_twice_gives_the_same_bytes(
     assert doc["meta"]["vc"] == "e5f6" and doc["meta"]["workload"]["pure"] is True
     assert doc["meta"]["jobs"] == 12
     for m in doc["policies"].values():
-        assert m["slowdown_mean"] >= 1.0 and m["idle_gpu_hours"] == 0.0
+        assert m["slowdown_mean"] >= 1.0 and m["paused_gpu_hours"] == 0.0
         assert set(m["jct_hours"]) == {"mean", "p50", "p99"}
     worst = doc["worst_project_slowdown"]
     assert worst["against"] == "slurm-cheapest"

@@ -86,6 +86,12 @@ def test_another_trace_loads_through_its_own_mapping(tmp_path: Path) -> None:
         (HEADER + "2017-10-09 07:01:55,66,1,66,été\n", ":2: .* 'vc-été': 1-64 letters"),
         (HEADER + '2017-10-09 07:01:55,66,1,66,"a\nb"\n', ":3: .* project 'vc-a\\\\nb'"),
         (HEADER + f"2017-10-09 07:01:55,66,1,66,{'a' * 62}\n", ":2: column 'cluster' makes"),
+        # a quote never closed: not the rest of the file read as one value
+        (
+            HEADER + '2017-10-09 07:01:55,66,1,"66,a\n2017-10-09 07:01:56,66,1,66,b\n',
+            ":2: not CSV: unexpected end of data",
+        ),
+        (HEADER + '2017-10-09 07:01:55,66,1,"66"x,a\n', ":2: not CSV: ',' expected"),
     ],
 )
 def test_bad_traces_name_the_line(tmp_path: Path, text: str, message: str) -> None:

@@ -196,7 +196,7 @@ class ProjectRecord(Budgets):
     ) -> None:
         """Add a finished allocation to the project's decayed record sums (kept at the time
         of its latest end), so the council's older-history summary costs one row to read.
-        The sum named idle_gpu_hours holds hoarded GPU-hours (held idle at the end)."""
+        The column named idle_gpu_hours holds hoarded GPU-hours (held idle at the end)."""
         half_life = self.config.council.record_half_life_days * 24.0
         row = db.execute("SELECT * FROM records WHERE project=?", (project,)).fetchone()
         at = max(ended_at, row["at"]) if row else ended_at
@@ -250,12 +250,12 @@ class ProjectRecord(Budgets):
                 w * r.mean_util_pct if r.mean_util_pct is not None else 0.0,
             ]
             sums = [a - b for a, b in zip(sums, mine, strict=True)]
-        gpu, idle_h, budget_h, rated_h, util_h = (max(0.0, x) for x in sums)
+        gpu, hoarded_h, budget_h, rated_h, util_h = (max(0.0, x) for x in sums)
         return RecordSummary(
             events=row["record_events"] - len(recent),
             at=utc(at),
             gpu_hours=gpu,
-            idle_gpu_hours=idle_h,
+            hoarded_gpu_hours=hoarded_h,
             budget_gpu_hours=budget_h,
             rated_gpu_hours=rated_h,
             util_gpu_hours=util_h,

@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS records (
     at REAL NOT NULL,
     events INTEGER NOT NULL,
     gpu_hours REAL NOT NULL,
-    idle_gpu_hours REAL NOT NULL,
+    idle_gpu_hours REAL NOT NULL,  -- hoarded GPU-hours (RecordSummary.hoarded_gpu_hours)
     budget_gpu_hours REAL NOT NULL,
     rated_gpu_hours REAL NOT NULL,
     util_gpu_hours REAL NOT NULL

@@ -200,8 +200,16 @@ def load_history(
     finally:
         db.close()
     records = [_record(r, config) for r in rows]
+    return History(
+        str(path), source, records, budgets, lo, hi, _misfits(records, config, source)
+    ), config
+
+
+def _misfits(records: list[Record], config: FleetConfig, source: str) -> list[str]:
+    """Why the fleet may not be the one the history ran on: a type it lacks, or more GPUs of
+    a type held at once than it has (the pools' utilisation would pass 100 %)."""
     unknown = sorted({r.gpu_type for r in records} - set(config.catalog))
-    warnings = (
+    out = (
         [
             f"the history names GPU types this fleet lacks ({', '.join(unknown)}): "
             f"is {source} the fleet it ran on?"
@@ -209,4 +217,29 @@ def load_history(
         if unknown
         else []
     )
-    return History(str(path), source, records, budgets, lo, hi, warnings), config
+    for gpu_type, peak in sorted(_peak_held(records).items()):
+        has = config.gpus_of_type(gpu_type) if gpu_type in config.catalog else None
+        if has is not None and peak > has:
+            out.append(
+                f"the history held up to {peak} {gpu_type} GPUs at once and this fleet has "
+                f"{has}: is {source} the fleet it ran on?"
+            )
+    return out
+
+
+def _peak_held(records: list[Record]) -> dict[str, int]:
+    """The most GPUs of each type held at one time (an allocation still held counts to the
+    end: releases come before placements at the same instant)."""
+    steps: dict[str, list[tuple[float, int]]] = {}
+    for r in records:
+        if r.started_at is not None:
+            stop = math.inf if r.ended_at is None else r.ended_at
+            steps.setdefault(r.gpu_type, []).extend([(r.started_at, r.count), (stop, -r.count)])
+    peaks: dict[str, int] = {}
+    for gpu_type, changes in steps.items():
+        level = peak = 0
+        for _, n in sorted(changes, key=lambda c: (c[0], c[1])):
+            level += n
+            peak = max(peak, level)
+        peaks[gpu_type] = peak
+    return peaks
