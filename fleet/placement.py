@@ -74,8 +74,14 @@ def decide(
     snap: Snapshot,
     config: FleetConfig,
     topology: Topology,
+    work_hours: float | None = None,
 ) -> Decision:
-    asked, share = me.hours, config.limits.min_lease_share  # the route's lease
+    """Place, queue or deny `me`, whose lease (me.hours) costs at most `worst_case_usd`;
+    `work_hours`: what its work is expected to take, where the lease is longer (a faster type
+    than the hours asked): the budget may shorten the lease to min_lease_share of that, not
+    of the lease."""
+    asked = me.hours  # the route's lease
+    share = config.limits.min_lease_share * min(1.0, (work_hours or asked) / asked)
     if snap.budget_usd is not None:
         rate = worst_case_usd / me.hours
         # the lease the budget less the spend admits: never more, and never shortened for

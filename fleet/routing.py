@@ -268,6 +268,17 @@ def _cheapest_in_time(
     return free_now, f"{why} free now ({feasible[0].gpu_type} is full)"
 
 
+def lease_hours(route: RouteDecision, request: GPURequest) -> float:
+    """The lease on the routed type: the hours asked, or the work's hours there where that is
+    longer (a slower type than the reference), or what the project's budget admits where it
+    shortened that. Never shorter than asked because a type is faster: a speed is an
+    estimate, and a job's pauses, loading and checkpoints take their wall time on any type
+    (the expected hours, `est_hours`, still price the request)."""
+    if route.asked_hours is not None:  # the budget shortened it
+        return route.est_hours
+    return max(route.est_hours, request.duration_hours)
+
+
 def _work_hours(option: RouteOption) -> float:
     """How long the request's work takes on the option's type, whatever the budget leases."""
     return option.asked_hours or option.est_hours

@@ -480,10 +480,11 @@ def lease_events(out: Any) -> list[str]:
 def test_a_guarded_lease_is_renewed_a_term_at_a_time_while_its_gpus_work(
     make_orch: OrchFactory,
 ) -> None:
-    """6 hours asked on the reference type, 3 on the H100 the cheaper-type guardrail routes
-    it to, a 1-hour term: the GPUs train throughout, so the monitor renews it twice, each a
-    tick before the term ends, and it ends at the lease asked, charged once for the whole;
-    the audit log says who renewed it and why."""
+    """6 hours asked on the reference type (3 h of work on the H100 the cheaper-type guardrail
+    routes it to, but a lease is never shorter than asked: fleet.routing.lease_hours), a
+    1-hour term: the GPUs train throughout, so the monitor renews it five times, each a tick
+    before the term ends, and it ends at the lease asked, charged once for the whole; the
+    audit log says who renewed it and why."""
     orch = make_orch(small_config(council=LEASED_FLEET))
     request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
     out = orch.request(request)
@@ -493,27 +494,26 @@ def test_a_guarded_lease_is_renewed_a_term_at_a_time_while_its_gpus_work(
     assert "a 1 h lease, renewed while its GPUs work" in rails.describe()
     assert out.allocation is not None and out.release is not None
     assert out.release.reason is ReleaseReason.LEASE_EXPIRED
-    assert out.release.hours == pytest.approx(3.0)
+    assert out.release.hours == pytest.approx(6.0)
     assert out.allocation.lease_end == out.release.released_at  # the thread's, renewed
     assert lease_note(out) == (
-        "held 1 h at a time, renewed while its GPUs work, up to 3.00 h (the council's guardrails)"
+        "held 1 h at a time, renewed while its GPUs work, up to 6.00 h (the council's guardrails)"
     )
     placed = next(e.message for e in out.events if e.kind is EventKind.PLACED)
-    assert "until 2026-01-01 01:00 UTC, renewed while its GPUs work, up to 3.00 h" in placed
+    assert "until 2026-01-01 01:00 UTC, renewed while its GPUs work, up to 6.00 h" in placed
     renewed = lease_events(out)
     assert renewed == [
-        "lease renewed to 2026-01-01 02:00:00 UTC: its GPUs work",
-        "lease renewed to 2026-01-01 03:00:00 UTC: its GPUs work",
+        f"lease renewed to 2026-01-01 0{h}:00:00 UTC: its GPUs work" for h in range(2, 7)
     ]
-    assert [e.at.minute for e in out.events if e.kind is EventKind.LEASE] == [59, 59]
+    assert [e.at.minute for e in out.events if e.kind is EventKind.LEASE] == [59] * 5
     ledger = orch.services.ledger
     row = ledger.get(out.allocation.id)
-    assert row.started_at is not None and row.hours == 3.0
-    assert row.lease_end == pytest.approx(row.started_at + 3 * 3600)
+    assert row.started_at is not None and row.hours == 6.0
+    assert row.lease_end == pytest.approx(row.started_at + 6 * 3600)
     assert ledger.query("SELECT renew_hours FROM allocations")[0][0] is None  # the last term
     audit = [e for e in ledger.audit_log("vision") if e.action == "renew"]
-    assert len(audit) == 2 and {e.who for e in audit} == {"gpu-agent"}
-    assert out.cost_usd == pytest.approx(row.price_per_hour * 2 * 3.0)
+    assert len(audit) == 5 and {e.who for e in audit} == {"gpu-agent"}
+    assert out.cost_usd == pytest.approx(row.price_per_hour * 2 * 6.0)
 
 
 def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
@@ -521,8 +521,8 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
 ) -> None:
     """Under a running `gpu-agent run` command an idle spell never releases the GPUs (it may
     be a pause); a guarded lease is still not renewed where every GPU has been idle all its
-    term, so a command that hangs holds them 1 hour, not the 4 asked (8 on the reference
-    type, on the H100 both are routed to). Unguarded, the same request holds them to its
+    term, so a command that hangs holds them 1 hour, not the 8 asked (on the reference type;
+    the H100 both are routed to leases them as long). Unguarded, the same request holds them to its
     lease's end; so does the request that resumes the work a term ended (its idleness
     misled once: it is not judged by it again)."""
     config = small_config(council=LEASED_FLEET, simulation={"workloads": {"lazy": "hoard"}})
@@ -541,7 +541,7 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
             assert why.startswith("lease not renewed: every GPU idle for "), why
             assert "all its 1 h term; it ends at 2026-01-01 01:00:00 UTC" in why
             assert out.allocation is not None and out.allocation.term_hours is None
-            assert lease_note(out) == (  # not "renewed while its GPUs work, up to 4.00 h"
+            assert lease_note(out) == (  # not "renewed while its GPUs work, up to 8.00 h"
                 "its term not renewed (its GPUs sat idle all of it): the lease ends with it"
             )
             assert out.allocation is not None
@@ -557,13 +557,13 @@ def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
                 "lease renewed to 2026-01-01 03:00:00 UTC: its GPUs idle no longer than a "
                 "pause its work came back from",
                 *(
-                    f"lease renewed to 2026-01-01 0{h}:00:00 UTC: it resumes work an idle "
+                    f"lease renewed to 2026-01-01 {h:02d}:00:00 UTC: it resumes work an idle "
                     "release or a declined term ended (spared)"
-                    for h in (4, 5)
+                    for h in range(4, 10)
                 ),
             ]
     assert held["guarded"] == pytest.approx(1.0)
-    assert held["plain"] == held["spared"] == pytest.approx(4.0)
+    assert held["plain"] == held["spared"] == pytest.approx(8.0)
 
 
 def test_a_term_declined_before_a_crash_is_shown_declined(make_orch: OrchFactory) -> None:
@@ -635,8 +635,9 @@ def test_a_human_who_drops_the_guardrails_drops_the_term_too(make_orch: OrchFact
 def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_lengthens_it(
     make_orch: OrchFactory,
 ) -> None:
-    """A 1 h term on a lease of 0.5 h (1 h asked on the reference type, on an H100): the
-    lease runs whole, and the guardrails shown once placed promise no term. A 2,000 s
+    """A 1 h term on a lease of 1 h (1 h asked on the reference type, on an H100 that does
+    the work in half of it): the lease runs whole, and the guardrails shown once placed
+    promise no term. A 2,000 s
     checkpoint notice with a quarter-hour term: the term is made twice the decision's lead
     (a tick and the notice), so each decision reads half a term or more, and the guardrails
     shown say so."""
@@ -662,13 +663,13 @@ def test_a_term_no_shorter_than_the_lease_is_no_guardrail_and_a_long_notice_leng
     )
     placed = long.to_json()["allocation"]
     assert placed["term_hours"] == pytest.approx(2 * (60 + 2000) / 3600)
-    assert placed["renewed_up_to"] == "2026-01-01T04:00:00+00:00"  # 8 h on the H100: 4 h
+    assert placed["renewed_up_to"] == "2026-01-01T08:00:00+00:00"  # 8 h asked, on the H100 too
     assert short.to_json()["allocation"]["renewed_up_to"] is None
     quarter.release(long.allocation.id)  # its GPUs free for an agent, whose tool says it too
     request_gpus, release_gpus, _ = tools = gpu_tools(quarter)
     got = request_gpus.invoke({"project": "vision", "count": 2, "hours": 8})
     assert got["status"] == "allocated" and got["term_hours"] == 0.25
-    assert got["renewed_up_to"] == "2026-01-01T04:00:00+00:00"
+    assert got["renewed_up_to"] == "2026-01-01T08:00:00+00:00"
     assert release_gpus.invoke({"allocation_id": got["allocation_id"]})["status"] == "released"
     for monitor in tools[0].metadata["monitors"]:  # type: ignore[index]
         monitor.join(30)

@@ -167,3 +167,21 @@ def test_in_line_is_the_line_that_starts_now(config: FleetConfig) -> None:
     assert [t.allocation_id for t in in_line(snapshot(config, 8, line), config)] == ["a", "b"]
     # a waits for 1 GPU back in 30 min, with none to spare: c (1 h) would delay it
     assert in_line(snapshot(config, 3, line, endings=[Ending(NOW + 1800, 1)]), config) == []
+
+
+def test_a_budget_shortens_a_lease_longer_than_its_work_to_a_share_of_the_work(
+    config: FleetConfig,
+) -> None:
+    """A 4 h lease (the hours asked) whose work takes 2 h on its type, at $10 an hour: $12
+    left buys 1.2 h, over min_lease_share (0.5) of the 2 h of work though under half the
+    lease, so it is placed with a 1.2 h lease; measured against the lease alone it was
+    denied. $8 left buys 0.8 h, under half the work: denied."""
+    me = Ticket("a", "p", "A100", 2, Priority.NORMAL, NOW, NOW, 4.0)
+    for left, kind, hours in ((12.0, Kind.PLACE, 1.2), (8.0, Kind.DENY, None)):
+        snap = snapshot(config, 4, [], budget_usd=left)
+        d = decide(me, 40.0, snap, config, topo(config), work_hours=2.0)
+        assert d.kind is kind and d.hours == (None if hours is None else pytest.approx(hours))
+    assert (
+        decide(me, 40.0, snapshot(config, 4, [], budget_usd=12.0), config, topo(config)).kind
+        is Kind.DENY
+    )

@@ -6,7 +6,7 @@ import pytest
 
 from fleet.config import FleetConfig
 from fleet.models import GPURequest, RouteMode
-from fleet.routing import Refusal, estimate, route
+from fleet.routing import Refusal, estimate, lease_hours, route
 
 
 def r(**fields: object) -> GPURequest:
@@ -28,6 +28,21 @@ def test_faster_card_wins_when_it_finishes_sooner(config: FleetConfig) -> None:
     assert decision.est_cost_usd == pytest.approx(32.0)
     [alt] = decision.alternatives
     assert alt.gpu_type == "A100" and alt.est_cost_usd == pytest.approx(40.96) and alt.feasible
+    # the 2 h are priced; the lease is the 4 h asked: a speed is an estimate, pauses are not
+    assert lease_hours(decision, r()) == 4.0
+
+
+def test_a_lease_is_the_hours_asked_the_work_on_a_slower_type_or_what_the_budget_buys(
+    config: FleetConfig,
+) -> None:
+    """Never shorter than asked on a faster type; as long as the work takes on a slower one
+    (4 h of H100 work on an A100: 8 h); where the budget shortened it, what it buys."""
+    slow = route(r(gpu_type=None, mode="budget", duration_hours=4), config, None)
+    assert not isinstance(slow, Refusal)
+    on_a100 = slow.model_copy(update={"gpu_type": "A100", "est_hours": 8.0})
+    assert lease_hours(on_a100, r()) == 8.0
+    cut = slow.model_copy(update={"est_hours": 1.5, "asked_hours": 2.0})
+    assert lease_hours(cut, r()) == 1.5
 
 
 def test_cheaper_card_wins_when_speed_does_not_pay(config: FleetConfig) -> None:

@@ -16,6 +16,7 @@ from fleet.ledger.threads import check_placeable
 from fleet.maxmin import levels
 from fleet.models import GPUInfo, GPURequest, Priority, ReleaseReason, RouteDecision
 from fleet.placement import Decision, Kind, Snapshot, Ticket, decide, in_line
+from fleet.routing import lease_hours
 from fleet.sql import Conn
 from fleet.topology import Topology
 
@@ -58,6 +59,7 @@ class Placing(Releasing):
                 reason = existing.release_reason.value if existing.release_reason else "released"
                 return PlaceResult(Decision(Kind.GONE, f"already ended ({reason})"), existing)
             enqueued_at = existing.enqueued_at if existing else now
+            lease = lease_hours(route, request)
             me = Ticket(
                 aid,
                 request.project,
@@ -66,17 +68,18 @@ class Placing(Releasing):
                 request.priority,
                 enqueued_at,
                 now,
-                route.est_hours,
+                lease,
                 request.resumes is not None,
             )
             if levels(self.config) and request.resumes is not None:
                 me = replace(me, attained=self._served(db, request.resumes))
             decision = decide(
                 me,
-                route.est_cost_usd,
+                route.est_cost_usd * lease / route.est_hours,
                 self._snapshot(db, me, now, inventory),
                 self.config,
                 topology,
+                route.est_hours,
             )
             if existing is None:
                 if decision.kind is Kind.DENY:
@@ -98,7 +101,7 @@ class Placing(Releasing):
                         route.gpu_type,
                         request.count,
                         route.price_per_hour,
-                        route.est_hours,
+                        lease,
                         now,
                         now,
                         request.model_dump_json(),
@@ -114,7 +117,7 @@ class Placing(Releasing):
                     [g.uuid for g in decision.gpus],
                 ).fetchone()[0]
                 now = max(now, freed) if freed is not None else now
-                hours = decision.hours or route.est_hours
+                hours = decision.hours or lease
                 term = renew_hours if renew_hours is not None and renew_hours < hours else None
                 lease_end = now + (hours if term is None else term) * 3600.0
                 held = db.execute("SELECT count(*) FROM holds").fetchone()[0]
