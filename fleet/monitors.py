@@ -110,6 +110,14 @@ class Orphan:
         return f"its monitor ({self.last.describe(now)}) stopped beating"
 
 
+def lives_here_elsewhere(owner: str) -> bool:
+    """The process named by `owner` runs on this host, alive, and is not this process."""
+    pid = [*owner.split(":"), ""][1]
+    return (
+        seen_from_here(owner) and pid.isdigit() and int(pid) != os.getpid() and not gone_here(owner)
+    )
+
+
 def new_owner(kind: str) -> str:
     """A unique name for one monitoring process (or one Orchestrator in it)."""
     return f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{kind}"

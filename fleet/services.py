@@ -28,8 +28,9 @@ from fleet.fleet_backend import Ended, FleetBackend, Hold, Reserving, Scheduled
 from fleet.ledger import Ledger
 from fleet.ledger.notify import FreedListener
 from fleet.ledger.rows import LedgerRow
+from fleet.left_running import end_with
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
-from fleet.monitors import Heartbeat, Monitors
+from fleet.monitors import Heartbeat, Monitors, gone_here, lives_here_elsewhere
 from fleet.routing import Refusal, route, types_for
 from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
@@ -42,6 +43,7 @@ from fleet.statedir import (
     scale_before,
     share_epoch,
 )
+from fleet.supervise import GRACE_S, POLL_S, RELEASE_WAIT_S, RunCommand
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
@@ -374,6 +376,41 @@ class Services:
         self.wake(allocation_id)
         self.wake_waiters(allocation_id)
         return release, here
+
+    def release_asked(
+        self, allocation_id: str, reason: ReleaseReason, by: str
+    ) -> tuple[Release, bool]:
+        """A caller's release (`gpu-agent release`, a tool, the page). Where a live
+        `gpu-agent run` of this host runs a command on the allocation, its lease ends now
+        instead (Ledger.end_now) and that run stops the command and then releases it, as at
+        any lease end, so that its GPUs never show free while the command runs; this waits
+        for that, at most the command's grace and RELEASE_WAIT_S. Then, or where no such run
+        lives, the release goes ahead here, after a dead run's command left here has ended
+        (fleet.left_running)."""
+        asked = self._end_command_first(allocation_id, reason, by)
+        end_with(self.ledger, allocation_id)
+        release, here = self.release_once(allocation_id, reason, by=by)
+        return release, here or asked
+
+    def _end_command_first(self, aid: str, reason: ReleaseReason, by: str) -> bool:
+        """Whether the run of another process here stopped its command on `aid` and released
+        it, as asked (False: no such run, or it did not within its grace and RELEASE_WAIT_S)."""
+        lease = self.ledger.lease(aid)
+        owner = lease.command_owner
+        if owner is None or lease.command_ended_at is not None or lease.state != "active":
+            return False
+        if not lives_here_elsewhere(owner):
+            return False
+        record = self.ledger.run_record(aid)
+        grace = RunCommand.read(record.command).grace_s if record is not None else GRACE_S
+        if not self.ledger.end_now(aid, self.clock.now(), by, reason):
+            return False
+        give_up = time.monotonic() + grace + RELEASE_WAIT_S
+        while self.ledger.lease(aid).state != "released":
+            if gone_here(owner) or time.monotonic() >= give_up:
+                return False
+            time.sleep(POLL_S)
+        return True
 
     def forget(self, allocation_id: str) -> None:
         """The allocation ended: no more wake-ups for it, no more heartbeat."""

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from fleet.choose_backend import BACKENDS
 from fleet.errors import flat
+from fleet.supervise import GRACE_S
 from graph.cli_json import error_object
 from sim import DEFAULT_POLICIES  # a name only: the simulator is imported when it runs
 
@@ -340,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace",
         type=float,
-        default=30.0,
+        default=GRACE_S,
         metavar="SECONDS",
-        help="between SIGTERM and SIGKILL (default 30)",
+        help=f"between SIGTERM and SIGKILL (default {GRACE_S:g})",
     )
     p.add_argument(
         "--notice",

@@ -123,6 +123,8 @@ LEASE_CUT = {
     ReleaseReason.PREEMPTED.value: "preempted: it yields its GPUs at the end shown, after its "
     "checkpoint notice, and is renewed no more",
     NOT_RENEWED: "its term not renewed (its GPUs sat idle all of it): the lease ends with it",
+    ReleaseReason.EXPLICIT.value: "released on request: its command under gpu-agent run stops "
+    "first, then its GPUs go back",
 }
 
 

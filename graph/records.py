@@ -206,7 +206,7 @@ class Records:
         self.identity.check_sees(
             self.services.ledger.get(allocation_id).project, f"no allocation {allocation_id!r}"
         )
-        return self.services.release_once(allocation_id, reason, by=self.identity.name)
+        return self.services.release_asked(allocation_id, reason, self.identity.name)
 
     def set_budget(self, project: str, budget_usd: float) -> list[Moved]:
         """Set a project's budget; returns the allocations whose deadline it moved."""

@@ -45,6 +45,8 @@ from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owne
 from fleet.services import Services
 from fleet.supervise import (
     ALLOCATION_ENV,
+    POLL_S,
+    RELEASE_WAIT_S,
     Adopted,
     Group,
     RunCommand,
@@ -56,8 +58,6 @@ from graph.handle import AllocationHandle
 from graph.orchestrator import Orchestrator
 from graph.outcome import PendingReview
 
-POLL_S = 0.25
-RELEASE_WAIT_S = 30.0  # how long after its command stopped a release may take to land
 NOTICE_S = 0.0  # none unless asked: an unhandled SIGUSR1 ends a process (Slurm's is opt-in too)
 NOTICE_SIGNAL = signal.SIGUSR1
 # Ends that the same request may outlive; not a budget (it would be refused again), an

@@ -19,11 +19,12 @@ from fleet.models import (
     Event,
     EventKind,
     GPURequest,
+    Purpose,
     ReleaseReason,
     Status,
 )
 from graph.orchestrator import Orchestrator
-from graph.outcome import PendingReview
+from graph.outcome import PendingReview, lease_note
 from graph.scenario import SetBudget, Submit, run_scenario
 from tests.conftest import OrchFactory, small_config
 
@@ -348,3 +349,25 @@ def test_a_malformed_answer_that_reaches_the_graph_asks_again(make_orch: OrchFac
     assert done.status is Status.RELEASED and done.human is not None and done.human.by == "ana"
     actions = [e.action for e in orch.services.ledger.audit_log("p")]
     assert actions.count("ask") == 1 and actions.count("approve") == 1
+
+
+def test_a_slower_type_leases_the_hours_its_work_takes_there(make_orch: OrchFactory) -> None:
+    """H100 is the training pool's reference here and dearer a unit of work than the A100, so
+    4 H100-hours go to A100s, where the work takes 8 h: the lease is those 8 h, and the
+    outcome says why it is not the 4 asked (a faster type's lease stays the hours asked)."""
+    base = small_config()
+    catalog = dict(base.catalog)
+    catalog["H100"] = catalog["H100"].model_copy(update={"price_per_hour": 12.0})
+    pools = dict(base.pools) | {Purpose.TRAINING: ["H100", "A100"]}
+    orch = make_orch(small_config(catalog=catalog, pools=pools))
+    out = orch.request(
+        {"project": "vision", "purpose": "training", "count": 1, "duration_hours": 4},
+        wait=False,
+    )
+    assert out.allocation is not None and out.allocation.gpu_type == "A100"
+    assert out.allocation.lease_end is not None and out.allocation.started_at is not None
+    assert (out.allocation.lease_end - out.allocation.started_at).total_seconds() == 8 * 3600
+    assert lease_note(out) == (
+        "lease 8.00 h, not the 4 h asked: --hours counts time on H100, the reference type; "
+        "A100 does that work 0.50x as fast"
+    )

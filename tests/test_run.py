@@ -842,3 +842,49 @@ def test_a_lease_end_frees_the_gpus_only_once_the_command_has_stopped(tmp_path: 
         "released",
         "lease-expired",
     )
+
+
+def test_a_release_from_another_shell_frees_the_gpus_only_once_the_command_has_stopped(
+    tmp_path: Path,
+) -> None:
+    """`gpu-agent release` from another shell, while `run`'s command runs: the release used
+    to free the GPUs at once and `run` then stopped the command, so for its grace the next
+    holder's command could run beside it. Now the lease ends at the release instead, `run`
+    stops the command and then releases: in its SIGTERM handler the ledger still shows the
+    allocation active; the release is explicit, charged to when it was asked, and the audit
+    log says who asked."""
+    log = tmp_path / "log"
+    state = tmp_path / "s"
+    fleet = str(idle_fleet(tmp_path, "train"))
+    runner = subprocess.Popen(
+        [
+            sys.executable, "-m", "graph.cli", "run", "--state-dir", str(state), "--fleet",
+            fleet, "--project", "p", "--count", "1", "--hours", "1", "--grace", "20", "--",
+            sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        logged(log, "ready")
+        (aid,) = _ledger_one(state, "SELECT id FROM allocations WHERE state='active'")
+        released = run_cli(
+            "release", "--state-dir", str(state), "--fleet", fleet, str(aid), "--json",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert released.returncode == 0, released.stderr
+        _, err = runner.communicate(timeout=60)
+    finally:
+        runner.kill()
+    assert log.read_text().splitlines() == ["ready", "state on term: active"]
+    out = json.loads(released.stdout)
+    assert out["reason"] == "explicit" and not out["already_released"], out
+    (asked_at,) = _ledger_one(state, "SELECT at FROM audit WHERE action='release-asked'")
+    assert _ledger_one(state, "SELECT state, release_reason, released_at FROM allocations") == (
+        "released",
+        "explicit",
+        pytest.approx(asked_at, abs=1e-3),  # charged to when it was asked, not to the stop
+    )
+    assert "ended (explicit): stopping the command" in err, err

@@ -92,6 +92,43 @@ class Preempting(Budgets):
                 moved.append(self._yield(db, loan, now + notice, now, "gpu-agent", "reclaim", why))
             return moved
 
+    def end_now(self, aid: str, now: float, by: str, reason: ReleaseReason) -> bool:
+        """A caller's release of an active allocation whose command a `gpu-agent run` still
+        runs: its lease ends now instead, for `reason`, so that the run stops the command and
+        then releases it, as at any lease end (the GPUs never show free while the command
+        runs); audited. False, changing nothing, where it is not active or no command runs."""
+        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
+        if not found:
+            return False
+        gpu_type, project = found[0][0], found[0][1]
+        with self.transaction(f"type:{gpu_type}", f"project:{project}") as db:
+            state, owner, ended = db.execute(
+                "SELECT a.state, c.owner, c.ended_at FROM allocations a "
+                "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
+                (aid,),
+            ).fetchone()
+            if state != "active" or owner is None or ended is not None:
+                return False
+            db.execute(
+                "UPDATE allocations SET lease_end=?, deadline=?, deadline_reason=?, "
+                "renew_hours=NULL WHERE id=?",
+                (now, now, reason.value, aid),
+            )
+            self._track(db, aid)
+            db.execute(
+                AUDIT,
+                (
+                    f"release-asked:{aid}:{now!r}:{uuid.uuid4().hex[:8]}",
+                    now,
+                    by,
+                    "release-asked",
+                    project,
+                    aid,
+                    f"{reason.value}: its command under gpu-agent run stops first",
+                ),
+            )
+            return True
+
     def _yield(
         self,
         db: Conn,

@@ -155,7 +155,11 @@ class Lease:
         if self.lease_end is None:
             return allocation
         cut = (
-            ReleaseReason.PREEMPTED.value
+            (  # a caller's release waits for its command (Ledger.end_now), or a preemption
+                ReleaseReason.EXPLICIT.value
+                if self.deadline_reason is ReleaseReason.EXPLICIT
+                else ReleaseReason.PREEMPTED.value
+            )
             if self.yields
             else NOT_RENEWED
             if declined
