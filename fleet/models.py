@@ -108,6 +108,15 @@ class ReleaseReason(StrEnum):
 # the values of the reasons cut_by_budget, for rows read as plain strings
 CUT_BY_BUDGET = frozenset(r.value for r in ReleaseReason if r.cut_by_budget)
 
+# What a caller may say ended an allocation (by hand, a `with` block, a start given up, a
+# command's exit); the others (idle, budget, lease, health...) are the monitor's findings
+CALLER_REASONS = (
+    ReleaseReason.EXPLICIT,
+    ReleaseReason.CONTEXT_EXIT,
+    ReleaseReason.CANCELLED,
+    ReleaseReason.COMMAND_EXIT,
+)
+
 # The signals a checkpoint notice may be (GPURequest.notice_signal, `gpu-agent run
 # --notice-signal`): those a job can catch to checkpoint and go on, as Slurm's --signal sends.
 NOTICE_SIGNALS = ("USR1", "USR2", "HUP", "INT", "TERM")

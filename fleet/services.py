@@ -43,7 +43,7 @@ from fleet.statedir import (
     scale_before,
     share_epoch,
 )
-from fleet.supervise import GRACE_S, POLL_S, RELEASE_WAIT_S, RunCommand
+from fleet.supervise import GRACE_S, RELEASE_WAIT_S, RUN_POLL_S, RunCommand
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
@@ -378,39 +378,45 @@ class Services:
         return release, here
 
     def release_asked(
-        self, allocation_id: str, reason: ReleaseReason, by: str
-    ) -> tuple[Release, bool]:
+        self, allocation_id: str, reason: ReleaseReason, by: str | None = None
+    ) -> tuple[Release, bool, bool]:
         """A caller's release (`gpu-agent release`, a tool, the page). Where a live
         `gpu-agent run` of this host runs a command on the allocation, its lease ends now
         instead (Ledger.end_now) and that run stops the command and then releases it, as at
         any lease end, so that its GPUs never show free while the command runs; this waits
         for that, at most the command's grace and RELEASE_WAIT_S. Then, or where no such run
         lives, the release goes ahead here, after a dead run's command left here has ended
-        (fleet.left_running)."""
-        asked = self._end_command_first(allocation_id, reason, by)
+        (fleet.left_running). Returns the release, whether this call released it (or asked
+        first the run that did), and whether it gave up waiting for a run that did not stop
+        its command in time (it may still run: the caller should say so)."""
+        asked, gave_up = self._end_command_first(allocation_id, reason, by or self.actor)
         end_with(self.ledger, allocation_id)
         release, here = self.release_once(allocation_id, reason, by=by)
-        return release, here or asked
+        return release, here or asked, gave_up
 
-    def _end_command_first(self, aid: str, reason: ReleaseReason, by: str) -> bool:
-        """Whether the run of another process here stopped its command on `aid` and released
-        it, as asked (False: no such run, or it did not within its grace and RELEASE_WAIT_S)."""
+    def _end_command_first(self, aid: str, reason: ReleaseReason, by: str) -> tuple[bool, bool]:
+        """(whether this call asked the run of another process here to stop its command on
+        `aid` first, whether it gave up waiting for that run to release it: its grace and
+        RELEASE_WAIT_S went by). (False, False) where no such run lives, or it died."""
         lease = self.ledger.lease(aid)
         owner = lease.command_owner
         if owner is None or lease.command_ended_at is not None or lease.state != "active":
-            return False
+            return False, False
         if not lives_here_elsewhere(owner):
-            return False
+            return False, False
         record = self.ledger.run_record(aid)
         grace = RunCommand.read(record.command).grace_s if record is not None else GRACE_S
-        if not self.ledger.end_now(aid, self.clock.now(), by, reason):
-            return False
+        asked = self.ledger.end_now(aid, self.clock.now(), by, reason)
+        if asked is None:
+            return False, False
         give_up = time.monotonic() + grace + RELEASE_WAIT_S
         while self.ledger.lease(aid).state != "released":
-            if gone_here(owner) or time.monotonic() >= give_up:
-                return False
-            time.sleep(POLL_S)
-        return True
+            if gone_here(owner):
+                break
+            if time.monotonic() >= give_up:
+                return asked == "asked", True
+            time.sleep(RUN_POLL_S)
+        return asked == "asked", False
 
     def forget(self, allocation_id: str) -> None:
         """The allocation ended: no more wake-ups for it, no more heartbeat."""

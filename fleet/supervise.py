@@ -32,7 +32,7 @@ ALLOCATION_ENV = "GPU_AGENT_ALLOCATION"  # set for the command: the allocation i
 
 
 GRACE_S = 30.0  # between a command's SIGTERM and its SIGKILL, unless `run --grace` says
-POLL_S = 0.25  # how often `run`, and a caller waiting for it, read the ledger
+RUN_POLL_S = 0.25  # how often `run`, and a caller waiting for it, read the ledger
 RELEASE_WAIT_S = 30.0  # how long after its command stopped a release may take to land
 
 

@@ -73,12 +73,18 @@ def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any
         who = caller_of(get_config())
         if who is not None:
             who.check_sees(row.project, f"no allocation {aid!r}")
-        release = svc.release(
-            row.id, ReleaseReason.EXPLICIT, by=who.name if who is not None else None
+        release, _, gave_up = svc.release_asked(
+            row.id, ReleaseReason.EXPLICIT, who.name if who is not None else None
         )
     except GPUAgentError as exc:
         return {"error": str(exc)}
-    return {"release": release.model_dump(mode="json")}
+    out: dict[str, Any] = {"release": release.model_dump(mode="json")}
+    if gave_up:  # Services.release_asked
+        out["warning"] = (
+            "the gpu-agent run on it did not stop its command in time: the GPUs are "
+            "released, and the command may still be running"
+        )
+    return out
 
 
 def _one_step(

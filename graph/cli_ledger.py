@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,12 +161,20 @@ def cmd_budget(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     names.check("allocation id", args.allocation_id)
     with open_records(args, create=False) as rec:
-        before = rec.services.ledger.get(args.allocation_id)
-        release = rec.release(args.allocation_id)  # Forbidden for another project's
-        note = " (it was already released)" if before.state == "released" else ""
+        # Forbidden for another project's
+        release, here, gave_up = rec.release_checked(args.allocation_id)
+        note = "" if here else " (it was already released)"
+        if gave_up:
+            print(
+                f"warning: the gpu-agent run on {release.allocation_id} did not stop its "
+                "command within its grace and 30 s: the GPUs are released, and the command "
+                "may still be running",
+                file=sys.stderr,
+            )
         emit(
             args,
-            release.model_dump(mode="json") | {"already_released": bool(note)},
+            release.model_dump(mode="json")
+            | {"already_released": not here, "command_may_still_run": gave_up},
             f"{release.allocation_id}: released ({release.reason.value}) after "
             f"{release.hours:.2f} h, charged ${release.cost_usd:.2f}{note}",
         )

@@ -131,8 +131,9 @@ LEASE_CUT = {
 def lease_note(outcome: RequestOutcome) -> str | None:
     """Why the lease is not the hours asked, when it is not: it is held a term at a time (an
     approval's guardrails), the project's budget shortened it (fleet.budget.admitted_hours),
-    or the request's hours are time on its reference type (fleet.routing) and a faster type
-    does the same work sooner."""
+    or the request's hours are time on its reference type (fleet.routing) and a slower type
+    takes longer over the same work (a faster type's lease is the hours asked all the
+    same)."""
     a, req = outcome.allocation, outcome.request
     if a is None or req is None:
         return None
@@ -155,6 +156,11 @@ def lease_note(outcome: RequestOutcome) -> str | None:
         return (
             f"lease {lease:.2f} h, not the {on_type:.2f} h this work takes on "
             f"{a.gpu_type}: the project's budget buys no more (limits.min_lease_share)"
+        )
+    if on_type is not None and lease < req.duration_hours - 0.005:  # fleet.routing.lease_hours
+        return (
+            f"lease {lease:.2f} h, not the {req.duration_hours:g} h asked: the project's "
+            "budget buys no more (limits.min_lease_share)"
         )
     if abs(lease - req.duration_hours) < 0.005:
         return None

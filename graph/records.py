@@ -30,7 +30,7 @@ from fleet.config import FleetConfig
 from fleet.errors import InvalidInput, StateDirError
 from fleet.jobs import STATES, Job, JobQueue
 from fleet.ledger.rows import AuditEntry, LedgerRow, ProjectCost
-from fleet.models import HistoryRecord, Release, ReleaseReason
+from fleet.models import CALLER_REASONS, HistoryRecord, Release, ReleaseReason
 from fleet.monitors import Monitors, Orphan
 from fleet.services import Services, open_services
 from fleet.sql import Conn
@@ -41,16 +41,6 @@ if TYPE_CHECKING:
     from council.voting import Council
     from fleet.clock import Clock
     from fleet.fleet_backend import FleetBackend
-
-# What a caller may say ended an allocation (by hand, a `with` block, a start given up, a
-# command's exit); the others (idle, budget, lease, health...) are the monitor's findings
-CALLER_REASONS = (
-    ReleaseReason.EXPLICIT,
-    ReleaseReason.CONTEXT_EXIT,
-    ReleaseReason.CANCELLED,
-    ReleaseReason.COMMAND_EXIT,
-)
-
 
 # what each argument of Records (and the Orchestrator) must be, and how it is said: one line,
 # before anything is opened or created (a clock given as "now" crashed with AttributeError
@@ -196,6 +186,13 @@ class Records:
     ) -> tuple[Release, bool]:
         """`release`, and whether this call released it (False: the monitor, the lease or
         another caller had, or did meanwhile: what a caller then reports is theirs)."""
+        return self.release_checked(allocation_id, reason)[:2]
+
+    def release_checked(
+        self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
+    ) -> tuple[Release, bool, bool]:
+        """`release_once`, and whether a `gpu-agent run` here that runs a command on it did
+        not stop the command in time (Services.release_asked): it may still run."""
         names.check("allocation id", allocation_id)
         if reason not in CALLER_REASONS:
             raise InvalidInput(

@@ -45,8 +45,8 @@ from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owne
 from fleet.services import Services
 from fleet.supervise import (
     ALLOCATION_ENV,
-    POLL_S,
     RELEASE_WAIT_S,
+    RUN_POLL_S,
     Adopted,
     Group,
     RunCommand,
@@ -274,7 +274,7 @@ def _supervise(
             if got:
                 ended_by = "signal"
                 break
-            time.sleep(POLL_S)
+            time.sleep(RUN_POLL_S)
         if ended_by == "command" and isinstance(proc, Adopted):  # it went while unwatched:
             ended = svc.ledger.get(aid)  # what ended first is unknown; the allocation's end
             if ended.release_reason is not None:  # is what the ledger knows
@@ -316,7 +316,7 @@ def _released_reason(svc: Services, aid: str, timeout_s: float) -> str:
     while (reason := svc.ledger.get(aid).release_reason) is None:
         if time.monotonic() >= end:
             return "signal"
-        time.sleep(POLL_S)
+        time.sleep(RUN_POLL_S)
     return reason.value
 
 
@@ -338,7 +338,7 @@ def _left_on_gpus(orch: Orchestrator, gpu_ids: list[str], pids: set[int]) -> lis
         found = sorted(p.pid for s in samples for p in s.processes or [] if p.pid in pids)
         if not found:
             return found
-        time.sleep(POLL_S)
+        time.sleep(RUN_POLL_S)
     return found
 
 
@@ -507,7 +507,7 @@ def _attach(
             if row is None or row.state == "queued":
                 return None
             break
-        time.sleep(POLL_S)
+        time.sleep(RUN_POLL_S)
         row = _row(orch, aid)
 
     def let_go() -> None:

@@ -371,3 +371,27 @@ def test_a_slower_type_leases_the_hours_its_work_takes_there(make_orch: OrchFact
         "lease 8.00 h, not the 4 h asked: --hours counts time on H100, the reference type; "
         "A100 does that work 0.50x as fast"
     )
+
+
+def test_a_budget_that_shortens_a_faster_types_lease_is_named_for_it(
+    make_orch: OrchFactory,
+) -> None:
+    """4 A100-hours go to an H100 (performance), where the work takes 2 h ($16) and the
+    lease is the 4 h asked ($32): a $20 budget buys 2.5 h of it, and the note blames the
+    budget, not the H100's speed."""
+    orch = make_orch(small_config(budgets={"vision": 20.0}))
+    out = orch.request(
+        {
+            "project": "vision",
+            "purpose": "training",
+            "count": 1,
+            "duration_hours": 4,
+            "mode": "performance",
+        },
+        wait=False,
+    )
+    assert out.allocation is not None and out.allocation.gpu_type == "H100", out.reason
+    assert lease_note(out) == (
+        "lease 2.50 h, not the 4 h asked: the project's budget buys no more "
+        "(limits.min_lease_share)"
+    )

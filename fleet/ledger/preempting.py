@@ -12,7 +12,7 @@ from fleet.budget import Moved
 from fleet.errors import InvalidInput
 from fleet.ledger.budgets import Budgets
 from fleet.ledger.rows import AUDIT, LedgerRow
-from fleet.models import GPUInfo, ReleaseReason, utc
+from fleet.models import CALLER_REASONS, GPUInfo, ReleaseReason, utc
 from fleet.preemption import DAY_S, refusal, yield_at
 from fleet.sql import Conn
 
@@ -92,23 +92,27 @@ class Preempting(Budgets):
                 moved.append(self._yield(db, loan, now + notice, now, "gpu-agent", "reclaim", why))
             return moved
 
-    def end_now(self, aid: str, now: float, by: str, reason: ReleaseReason) -> bool:
+    def end_now(self, aid: str, now: float, by: str, reason: ReleaseReason) -> str | None:
         """A caller's release of an active allocation whose command a `gpu-agent run` still
         runs: its lease ends now instead, for `reason`, so that the run stops the command and
         then releases it, as at any lease end (the GPUs never show free while the command
-        runs); audited. False, changing nothing, where it is not active or no command runs."""
+        runs); audited. "asked"; "asked before" where a caller's release already ended it
+        (its end stays: charged to the first ask); None, changing nothing, where it is not
+        active or no command runs."""
         found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
         if not found:
-            return False
+            return None
         gpu_type, project = found[0][0], found[0][1]
         with self.transaction(f"type:{gpu_type}", f"project:{project}") as db:
-            state, owner, ended = db.execute(
-                "SELECT a.state, c.owner, c.ended_at FROM allocations a "
-                "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
+            state, owner, ended, deadline, why = db.execute(
+                "SELECT a.state, c.owner, c.ended_at, a.deadline, a.deadline_reason "
+                "FROM allocations a LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
                 (aid,),
             ).fetchone()
             if state != "active" or owner is None or ended is not None:
-                return False
+                return None
+            if why in {r.value for r in CALLER_REASONS} and deadline <= now:
+                return "asked before"
             db.execute(
                 "UPDATE allocations SET lease_end=?, deadline=?, deadline_reason=?, "
                 "renew_hours=NULL WHERE id=?",
@@ -127,7 +131,7 @@ class Preempting(Budgets):
                     f"{reason.value}: its command under gpu-agent run stops first",
                 ),
             )
-            return True
+            return "asked"
 
     def _yield(
         self,
