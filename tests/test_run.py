@@ -844,6 +844,31 @@ def test_a_lease_end_frees_the_gpus_only_once_the_command_has_stopped(tmp_path: 
     )
 
 
+def reading_run(tmp_path: Path, grace: str) -> tuple[subprocess.Popen[str], str, Path, str, Path]:
+    """`gpu-agent run` of READS_ON_TERM with `--grace`, once its command is ready: the
+    process, its allocation's id, the state directory, the fleet file and the command's log."""
+    log, state = tmp_path / "log", tmp_path / "s"
+    fleet = str(idle_fleet(tmp_path, "train"))
+    runner = subprocess.Popen(
+        [
+            sys.executable, "-m", "graph.cli", "run", "--state-dir", str(state), "--fleet",
+            fleet, "--project", "p", "--count", "1", "--hours", "1", "--grace", grace, "--",
+            sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        logged(log, "ready")
+    except BaseException:
+        runner.kill()
+        raise
+    (aid,) = _ledger_one(state, "SELECT id FROM allocations WHERE state='active'")
+    return runner, str(aid), state, fleet, log
+
+
 TOOL_RELEASE = """
 import json, sys
 from graph.admin import release_graph
@@ -862,24 +887,9 @@ def test_a_release_from_another_shell_frees_the_gpus_only_once_the_command_has_s
     handler the ledger still shows the allocation active; the release is explicit, charged
     to when it was first asked, and the audit log says who asked. Of two releases at once,
     one released it and the other says it was already released."""
-    log = tmp_path / "log"
-    state = tmp_path / "s"
-    fleet = str(idle_fleet(tmp_path, "train"))
-    runner = subprocess.Popen(
-        [
-            sys.executable, "-m", "graph.cli", "run", "--state-dir", str(state), "--fleet",
-            fleet, "--project", "p", "--count", "1", "--hours", "1", "--grace", "20", "--",
-            sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite"),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    runner, aid, state, fleet, log = reading_run(tmp_path, "20")
     release = [sys.executable, "-m", "graph.cli", "release", "--state-dir", str(state)]
     try:
-        logged(log, "ready")
-        (aid,) = _ledger_one(state, "SELECT id FROM allocations WHERE state='active'")
         if by == "tool":
             env = {**os.environ, "GPU_AGENT_HOME": str(state), "GPU_AGENT_FLEET": fleet}
             calls = [[sys.executable, "-c", TOOL_RELEASE, str(aid)]]
@@ -922,22 +932,8 @@ def test_a_release_that_gives_up_waiting_for_a_stalled_run_says_the_command_may_
     look like a clean release."""
     from graph.cli import main
 
-    log = tmp_path / "log"
-    state = tmp_path / "s"
-    fleet = str(idle_fleet(tmp_path, "train"))
-    runner = subprocess.Popen(
-        [
-            sys.executable, "-m", "graph.cli", "run", "--state-dir", str(state), "--fleet",
-            fleet, "--project", "p", "--count", "1", "--hours", "1", "--grace", "0.5", "--",
-            sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite"),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    runner, aid, state, fleet, _ = reading_run(tmp_path, "0.5")
     try:
-        logged(log, "ready")
-        (aid,) = _ledger_one(state, "SELECT id FROM allocations WHERE state='active'")
         os.kill(runner.pid, signal.SIGSTOP)
         monkeypatch.setattr("fleet.services.RELEASE_WAIT_S", 0.5)
         args = ["release", "--state-dir", str(state), "--fleet", fleet, str(aid), "--json"]
