@@ -22,10 +22,10 @@ class Preempting(Budgets):
         """Ask active allocation `aid` to yield at fleet.preemption.yield_at: its lease ends
         there (a budget that cuts sooner still does), reason `preempted`. Refused, changing
         nothing, where fleet.preemption.refusal says so or it ends by then anyway."""
-        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
-        if not found:
+        found = self._type_and_project(aid)
+        if found is None:
             raise InvalidInput(f"no allocation {aid!r}")
-        gpu_type, project = found[0][0], found[0][1]
+        gpu_type, project = found
         with self.transaction(f"type:{gpu_type}", f"project:{project}") as db:
             state, started, deadline, reason, request = db.execute(
                 "SELECT state, started_at, deadline, deadline_reason, request FROM allocations "
@@ -99,10 +99,10 @@ class Preempting(Budgets):
         runs); audited. "asked"; "asked before" where a caller's release already ended it
         (its end stays: charged to the first ask); None, changing nothing, where it is not
         active or no command runs."""
-        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
-        if not found:
+        found = self._type_and_project(aid)
+        if found is None:
             return None
-        gpu_type, project = found[0][0], found[0][1]
+        gpu_type, project = found
         with self.transaction(f"type:{gpu_type}", f"project:{project}") as db:
             state, owner, ended, deadline, why = db.execute(
                 "SELECT a.state, c.owner, c.ended_at, a.deadline, a.deadline_reason "
@@ -132,6 +132,11 @@ class Preempting(Budgets):
                 ),
             )
             return "asked"
+
+    def _type_and_project(self, aid: str) -> tuple[str, str] | None:
+        """The GPU type and project of allocation `aid` (the locks a change to it takes)."""
+        found = self.query("SELECT gpu_type, project FROM allocations WHERE id=?", (aid,))
+        return (str(found[0][0]), str(found[0][1])) if found else None
 
     def _yield(
         self,
