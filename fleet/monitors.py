@@ -110,12 +110,9 @@ class Orphan:
         return f"its monitor ({self.last.describe(now)}) stopped beating"
 
 
-def lives_here_elsewhere(owner: str) -> bool:
-    """The process named by `owner` runs on this host, alive, and is not this process."""
-    pid = [*owner.split(":"), ""][1]
-    return (
-        seen_from_here(owner) and pid.isdigit() and int(pid) != os.getpid() and not gone_here(owner)
-    )
+def of_this_process(owner: str) -> bool:
+    """`owner` names this very process (new_owner's host:pid:...)."""
+    return seen_from_here(owner) and [*owner.split(":"), ""][1] == str(os.getpid())
 
 
 def new_owner(kind: str) -> str:

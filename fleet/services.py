@@ -20,17 +20,18 @@ from fleet.borrowing import lenders, may_borrow
 from fleet.budget import Moved
 from fleet.choose_backend import BackendChoice, Resolved, make_backend, placeable_fleet, resolve
 from fleet.clock import Clock, WakeToken
-from fleet.commands import Commands
+from fleet.commands import Commands, run_lives, work
 from fleet.config import FleetConfig, load_fleet
 from fleet.errors import InvalidInput, MonitoredElsewhere, RunStopped
 from fleet.faults import SUBMITTED, fault
 from fleet.fleet_backend import Ended, FleetBackend, Hold, Reserving, Scheduled
 from fleet.ledger import Ledger
 from fleet.ledger.notify import FreedListener
-from fleet.ledger.rows import LedgerRow
+from fleet.ledger.rows import Lease, LedgerRow
 from fleet.left_running import end_with
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
-from fleet.monitors import Heartbeat, Monitors, gone_here, lives_here_elsewhere
+from fleet.monitoring import Work
+from fleet.monitors import Heartbeat, Monitors, of_this_process
 from fleet.routing import Refusal, route, types_for
 from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
@@ -381,7 +382,8 @@ class Services:
         self, allocation_id: str, reason: ReleaseReason, by: str | None = None
     ) -> tuple[Release, bool, bool]:
         """A caller's release (`gpu-agent release`, a tool, the page). Where a live
-        `gpu-agent run` of this host runs a command on the allocation, its lease ends now
+        `gpu-agent run` of another process (of this host or, by its beats, another) runs a
+        command on the allocation, its lease ends now
         instead (Ledger.end_now) and that run stops the command and then releases it, as at
         any lease end, so that its GPUs never show free while the command runs; this waits
         for that, at most the command's grace and RELEASE_WAIT_S. Then, or where no such run
@@ -394,24 +396,30 @@ class Services:
         release, here = self.release_once(allocation_id, reason, by=by)
         return release, here or asked, gave_up
 
+    def work(self, lease: Lease) -> Work:
+        """What `gpu-agent run` says of the lease's work (fleet.commands.work), its run's
+        beats judged by this fleet's heartbeat_stale_seconds."""
+        return work(lease, self.config.monitor.heartbeat_stale_seconds)
+
     def _end_command_first(self, aid: str, reason: ReleaseReason, by: str) -> tuple[bool, bool]:
-        """(whether this call asked the run of another process here to stop its command on
-        `aid` first, whether it gave up waiting for that run to release it: its grace and
+        """(whether this call asked the run of another process to stop its command on `aid`
+        first, whether it gave up waiting for that run to release it: its grace and
         RELEASE_WAIT_S went by). (False, False) where no such run lives, or it died."""
+        stale = self.config.monitor.heartbeat_stale_seconds
         lease = self.ledger.lease(aid)
         owner = lease.command_owner
-        if owner is None or lease.command_ended_at is not None or lease.state != "active":
+        if owner is None or lease.state != "active" or not run_lives(lease, stale):
             return False, False
-        if not lives_here_elsewhere(owner):
-            return False, False
+        if of_this_process(owner):
+            return False, False  # this process's own run: Services.supervising stops it
         record = self.ledger.run_record(aid)
         grace = RunCommand.read(record.command).grace_s if record is not None else GRACE_S
         asked = self.ledger.end_now(aid, self.clock.now(), by, reason)
         if asked is None:
             return False, False
         give_up = time.monotonic() + grace + RELEASE_WAIT_S
-        while self.ledger.lease(aid).state != "released":
-            if gone_here(owner):
+        while (lease := self.ledger.lease(aid)).state != "released":
+            if not run_lives(lease, stale):
                 break
             if time.monotonic() >= give_up:
                 return asked == "asked", True

@@ -36,6 +36,16 @@ RUN_POLL_S = 0.25  # how often `run`, and a caller waiting for it, read the ledg
 RELEASE_WAIT_S = 30.0  # how long after its command stopped a release may take to land
 
 
+def still_running(allocation_id: str) -> str:
+    """What a caller's release says when it gave up waiting for the `gpu-agent run` that runs
+    a command on the allocation (Services.release_asked): it released, the command may not
+    have stopped."""
+    return (
+        f"the gpu-agent run on {allocation_id} did not stop its command within its grace and "
+        f"{RELEASE_WAIT_S:.0f} s: the GPUs are released, and the command may still be running"
+    )
+
+
 @dataclass(frozen=True)
 class RunCommand:
     """What a `run --requeue` runs, recorded in the ledger (fleet.ledger.runs) so that a

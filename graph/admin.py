@@ -24,6 +24,7 @@ from typing_extensions import TypedDict
 from fleet import names
 from fleet.errors import GPUAgentError
 from fleet.models import ReleaseReason
+from fleet.supervise import still_running
 from graph.auth import caller_of
 from graph.status import fleet_status, scoped
 from nodes.context import Context, services_for
@@ -80,10 +81,7 @@ def release_now(state: ReleaseState, runtime: Runtime[Context]) -> dict[str, Any
         return {"error": str(exc)}
     out: dict[str, Any] = {"release": release.model_dump(mode="json")}
     if gave_up:  # Services.release_asked
-        out["warning"] = (
-            "the gpu-agent run on it did not stop its command in time: the GPUs are "
-            "released, and the command may still be running"
-        )
+        out["warning"] = still_running(release.allocation_id)
     return out
 
 

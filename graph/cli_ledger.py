@@ -24,6 +24,7 @@ from fleet.budget import describe_moves
 from fleet.errors import InvalidInput
 from fleet.models import utc
 from fleet.statedir import default_state_dir, prepare
+from fleet.supervise import still_running
 from fleet.validation import check_budget
 from graph.cli_common import emit, open_records, quoted
 
@@ -165,12 +166,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         release, here, gave_up = rec.release_checked(args.allocation_id)
         note = "" if here else " (it was already released)"
         if gave_up:
-            print(
-                f"warning: the gpu-agent run on {release.allocation_id} did not stop its "
-                "command within its grace and 30 s: the GPUs are released, and the command "
-                "may still be running",
-                file=sys.stderr,
-            )
+            print(f"warning: {still_running(release.allocation_id)}", file=sys.stderr)
         emit(
             args,
             release.model_dump(mode="json")

@@ -25,6 +25,7 @@ exited, idle time is hoarding (fleet.commands, fleet.monitoring.idle_limit_s).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -236,8 +237,12 @@ def _supervise(
         return proc.stop(command.grace_s)
 
     svc.supervising(aid, stop_first)
+    beats = contextlib.ExitStack()  # another host reads them: this run lives (run_lives)
     try:
         svc.commands.started(aid, charge.owner, svc.clock.now())
+        beats.enter_context(
+            svc.commands.beating(aid, charge.owner, svc.config.monitor.heartbeat_seconds)
+        )
         seen = {proc.pid}
         ended_by = "command"
         # when the command was last told (also by the `run` before this one): not twice
@@ -291,6 +296,7 @@ def _supervise(
         if ended_by == "command":  # the work is done: idle time from now on is hoarding
             svc.commands.ended(aid, svc.clock.now(), code)
     finally:
+        beats.close()
         svc.supervising(aid, None)
     if lease_end is not None:  # its GPUs go back once the command has stopped
         svc.release(aid, lease_end[0], at=lease_end[1])

@@ -6,7 +6,6 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from fleet.commands import work
 from fleet.ledger.rows import LedgerRow
 from fleet.models import utc
 from fleet.monitoring import OUTSIDE, condition
@@ -31,7 +30,7 @@ def enforced(svc: Services, row: LedgerRow) -> str | None:
     limited = getattr(svc.backend, "monitoring", None)
     if limited is None or row.state == "released":
         return None
-    if row.state == "active" and work(svc.ledger.lease(row.id)) == "running":
+    if row.state == "active" and svc.work(svc.ledger.lease(row.id)) == "running":
         return "lease and budget; released when its `gpu-agent run` command ends"
     return "lease and budget only: no idle release (its work does not run under `gpu-agent run`)"
 

@@ -50,6 +50,7 @@ from fleet.access import ACCESS, LOCAL, Identity, identify, identities
 from fleet.errors import Forbidden, GPUAgentError, InvalidInput, StateDirError
 from fleet.models import CouncilDecision, GPURequest, ReleaseReason, RouteMode, Status
 from fleet.routing import Refusal, guarded
+from fleet.supervise import still_running
 from graph.hosts import allowed_hosts, host_port, host_refusal, served_host
 from graph.orchestrator import Orchestrator
 from graph.outcome import RequestOutcome
@@ -894,7 +895,7 @@ class WebUI:
                 if back.startswith("reviews/") and names.valid("thread id", tid)
                 else "fleet"
             )
-        done, here = self._as(who).release_once(aid)
+        done, here, gave_up = self._as(who).release_checked(aid)
         if not here:  # before, or meanwhile (the lease, the monitor, another click, the CLI)
             return self.error(
                 request,
@@ -912,7 +913,8 @@ class WebUI:
             f'<p class="decided">{verb} allocation <span class="id aid">{_e(aid)}</span> '
             f"({row.count} x {_e(row.gpu_type)} of {_e(row.project)}): held "
             f"{_hours(round(done.hours, 2))}, charged {_money(done.cost_usd)}.</p>"
-            f'<p><a href="{_e(root)}/{_e(back)}">Back</a></p>'
+            + (f'<p class="flag">Warning: {_e(still_running(aid))}.</p>' if gave_up else "")
+            + f'<p><a href="{_e(root)}/{_e(back)}">Back</a></p>'
         )
         return self.page(request, who, f"{verb} {aid}", body)
 

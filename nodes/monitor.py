@@ -18,7 +18,6 @@ import math
 from langgraph.runtime import Runtime
 
 from fleet.clock import sleep_until
-from fleet.commands import work
 from fleet.config import MonitorSettings
 from fleet.faults import fault
 from fleet.ledger.rows import Lease
@@ -194,7 +193,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
         ended = _ended(row, svc.clock.now(), svc, allocation.id)
         if ended:
             return ended | _as_ended(allocation, row, svc)
-        policy = _policy(work(row), state, mon, svc, row.asked_end)
+        policy = _policy(svc.work(row), state, mon, svc, row.asked_end)
         renew_at = _renewal(row, mon, request_of(state), svc)
         last = _last(state, settings)
         wake = _wake(row, mon, last, policy, started, allocation.gpu_ids, svc, renew_at)
@@ -209,7 +208,7 @@ def monitor(state: State, runtime: Runtime[Context]) -> State:
     if ended:
         return ended | _as_ended(allocation, row, svc)
     assert row.deadline is not None
-    policy = _policy(work(row), state, mon, svc, row.asked_end)
+    policy = _policy(svc.work(row), state, mon, svc, row.asked_end)
     if last is not None:
         mon = skip(mon, last, settings, tick, started, now)
     samples = svc.sample(

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from tests.conftest import run_cli
 from tests.test_monitors import T0, place
 from tests.test_run import idle_fleet
 
+STALE = 30.0  # heartbeat_stale_seconds
+
 
 @pytest.fixture
 def ledger(database: str, config: FleetConfig) -> Iterator[Ledger]:
@@ -46,22 +49,49 @@ def dead_owner() -> str:
 
 def test_a_command_runs_then_its_exit_says_the_work_is_done(ledger: Ledger) -> None:
     commands, aid = Commands(ledger), place(ledger, "t1")
-    assert work(ledger.lease(aid)) == "unknown"  # nothing known: idleness decides
+    assert work(ledger.lease(aid), STALE) == "unknown"  # nothing known: idleness decides
     commands.started(aid, new_owner("run"), T0)
-    assert work(ledger.lease(aid)) == "running"
+    assert work(ledger.lease(aid), STALE) == "running"
     commands.ended(aid, T0 + 60, 0)
     lease = ledger.lease(aid)
-    assert work(lease) == "done" and lease.command_ended_at == T0 + 60
+    assert work(lease, STALE) == "done" and lease.command_ended_at == T0 + 60
     commands.ended(aid, T0 + 90, 1)  # once: the first exit stands
     assert ledger.lease(aid).command_ended_at == T0 + 60
     commands.started(aid, new_owner("run"), T0 + 120)  # a second command on it
-    assert work(ledger.lease(aid)) == "running"
+    assert work(ledger.lease(aid), STALE) == "running"
 
 
 def test_a_dead_supervisor_shields_nothing(ledger: Ledger) -> None:
     commands, aid = Commands(ledger), place(ledger, "t2")
     commands.started(aid, dead_owner(), T0)
-    assert work(ledger.lease(aid)) == "unknown"
+    assert work(ledger.lease(aid), STALE) == "unknown"
+
+
+def another_hosts_run() -> str:
+    """A `run` process of another host (or PID namespace): only its beats say it lives."""
+    _, *rest = new_owner("run").split(":")
+    return ":".join(["elsewhere@1", *rest])
+
+
+def test_a_run_on_another_host_shields_only_while_it_beats(ledger: Ledger) -> None:
+    """Before its beats, a command whose `run` ran on another host counted as running for
+    good, even after that run died: the allocation was never released for idling. Now it
+    counts while the run beat within heartbeat_stale_seconds (wall clock)."""
+    commands, aid = Commands(ledger), place(ledger, "t3")
+    owner = another_hosts_run()
+    commands.started(aid, owner, T0)  # beats now, as it starts
+    lease = ledger.lease(aid)
+    assert lease.command_beat_at == pytest.approx(time.time(), abs=5)
+    assert work(lease, STALE) == "running"
+    ledger.db.liveness("UPDATE commands SET beat_at=? WHERE allocation_id=?", (1.0, aid))
+    assert work(ledger.lease(aid), STALE) == "unknown"  # went quiet: it died
+    with commands.beating(aid, owner, period=0.01):
+        deadline = time.monotonic() + 30
+        while work(ledger.lease(aid), STALE) != "running":  # its beats bring it back
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    ledger.db.liveness("UPDATE commands SET beat_at=NULL WHERE allocation_id=?", (aid,))
+    assert work(ledger.lease(aid), STALE) == "unknown"  # a run from before the beats
 
 
 def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
@@ -107,7 +137,7 @@ def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["ended_by"] == "command"
     ledger = Ledger(str(Path(state) / "ledger.sqlite"), load_fleet(fleet))
     try:
-        assert work(ledger.lease(aid)) == "done"
+        assert work(ledger.lease(aid), STALE) == "done"
     finally:
         ledger.close()
 

@@ -263,8 +263,8 @@ def test_newer_schema_is_refused(fx: Fixture, database: str, config: FleetConfig
 def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetConfig) -> None:
     """An early version-1 ledger (before spend, records, unhealthy, util_last, busy_at_start
     and the version-2 job queue, version 3's monitors, version 4's commands, version 5's
-    index, version 6's scheduler jobs, version 8's thread claims and version 9's terms)
-    opens as the current version with its money and history intact."""
+    index, version 6's scheduler jobs, version 8's thread claims, version 9's terms and
+    version 10's beats) opens as the current version with its money and history intact."""
     row = fx.place("t1").row
     assert row is not None
     fx.ledger.release(row.id, ReleaseReason.EXPLICIT, T0 + 3600)
@@ -317,6 +317,31 @@ def test_an_older_schema_is_migrated(fx: Fixture, database: str, config: FleetCo
         assert ledger.costs(T0)[0].spent_usd == pytest.approx(spent) == pytest.approx(5.12 * 2)
         stats = ledger.project_stats("p", T0 + 7200, recent=5)
         assert stats.spent_usd == pytest.approx(spent) and len(stats.recent) == 1
+    finally:
+        ledger.close()
+
+
+def test_a_version_9_ledger_gains_the_runs_beats(
+    fx: Fixture, database: str, config: FleetConfig
+) -> None:
+    """Version 10 adds commands.beat_at (a `run`'s beats, read from other hosts); a command
+    recorded before it has none, which counts as a run not known to live."""
+    aid = fx.place("t1").row.id
+    with fx.ledger.transaction() as db:
+        db.execute(
+            "INSERT INTO commands (allocation_id, owner, started_at) VALUES (?, ?, ?)",
+            (aid, "h:1:x:run", T0),
+        )
+        db.execute("ALTER TABLE commands DROP COLUMN beat_at")
+        db.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
+    fx.ledger.close()
+    ledger = Ledger(database, config)
+    try:
+        with ledger.reading() as db:
+            assert "beat_at" in ledger.db.columns(db, "commands")
+            assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+        lease = ledger.lease(aid)
+        assert lease.command_owner == "h:1:x:run" and lease.command_beat_at is None
     finally:
         ledger.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from starlette.testclient import TestClient
 
 from fleet.clock import VirtualClock, sleep_until
+from fleet.config import load_fleet
 from graph.orchestrator import Orchestrator
 from graph.run_command import RunReport, run_on
+from graph.ui import SERVER, create_app
 from tests.conftest import OrchFactory, fleet_toml, run_cli, small_config, stopped
 from tests.test_guardrails import GUARDED_FLEET
 
@@ -844,15 +848,24 @@ def test_a_lease_end_frees_the_gpus_only_once_the_command_has_stopped(tmp_path: 
     )
 
 
-def reading_run(tmp_path: Path, grace: str) -> tuple[subprocess.Popen[str], str, Path, str, Path]:
-    """`gpu-agent run` of READS_ON_TERM with `--grace`, once its command is ready: the
-    process, its allocation's id, the state directory, the fleet file and the command's log."""
+# `run` in a PID namespace of its own: to gpu-agent another host (fleet.monitors.this_host),
+# whose processes it cannot see, only read the beats of; its SIGKILL kills what runs in it
+ANOTHER_HOST = ["unshare", "--pid", "--fork", "--kill-child"]
+
+
+def reading_run(
+    tmp_path: Path, grace: str, elsewhere: bool = False
+) -> tuple[subprocess.Popen[str], str, Path, str, Path]:
+    """`gpu-agent run` of READS_ON_TERM with `--grace` (on ANOTHER_HOST where `elsewhere`),
+    once its command is ready: the process, its allocation's id, the state directory, the
+    fleet file and the command's log."""
     log, state = tmp_path / "log", tmp_path / "s"
     fleet = str(idle_fleet(tmp_path, "train"))
     runner = subprocess.Popen(
         [
-            sys.executable, "-m", "graph.cli", "run", "--state-dir", str(state), "--fleet",
-            fleet, "--project", "p", "--count", "1", "--hours", "1", "--grace", grace, "--",
+            *(ANOTHER_HOST if elsewhere else []), sys.executable, "-m", "graph.cli", "run",
+            "--state-dir", str(state), "--fleet", fleet, "--project", "p", "--count", "1",
+            "--hours", "1", "--grace", grace, "--",
             sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite"),
         ],
         cwd=tmp_path,
@@ -876,7 +889,7 @@ print(json.dumps(release_graph.invoke({"allocation_id": sys.argv[1]})))
 """
 
 
-@pytest.mark.parametrize("by", ["cli", "tool", "two clis"])
+@pytest.mark.parametrize("by", ["cli", "tool", "two clis", "another host"])
 def test_a_release_from_another_shell_frees_the_gpus_only_once_the_command_has_stopped(
     tmp_path: Path, by: str
 ) -> None:
@@ -886,8 +899,10 @@ def test_a_release_from_another_shell_frees_the_gpus_only_once_the_command_has_s
     ends at the release instead, `run` stops the command and then releases: in its SIGTERM
     handler the ledger still shows the allocation active; the release is explicit, charged
     to when it was first asked, and the audit log says who asked. Of two releases at once,
-    one released it and the other says it was already released."""
-    runner, aid, state, fleet, log = reading_run(tmp_path, "20")
+    one released it and the other says it was already released. From another host, where
+    `run`'s process cannot be seen, its beats say it lives (before, that release freed the
+    GPUs at once)."""
+    runner, aid, state, fleet, log = reading_run(tmp_path, "20", by == "another host")
     release = [sys.executable, "-m", "graph.cli", "release", "--state-dir", str(state)]
     try:
         if by == "tool":
@@ -923,25 +938,34 @@ def test_a_release_from_another_shell_frees_the_gpus_only_once_the_command_has_s
     assert "ended (explicit): stopping the command" in err, err
 
 
+@pytest.mark.parametrize("by", ["cli", "page"])
 def test_a_release_that_gives_up_waiting_for_a_stalled_run_says_the_command_may_still_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    by: str,
 ) -> None:
     """The `run` that runs the command is stopped (SIGSTOP) and never acts on the release:
     after the command's grace (and RELEASE_WAIT_S, shortened here) the release goes ahead
-    and says, on stderr and in its JSON, that the command may still be running, rather than
-    look like a clean release."""
+    and says, on stderr and in its JSON or on the page, that the command may still be
+    running, rather than look like a clean release."""
     from graph.cli import main
 
     runner, aid, state, fleet, _ = reading_run(tmp_path, "0.5")
     try:
         os.kill(runner.pid, signal.SIGSTOP)
         monkeypatch.setattr("fleet.services.RELEASE_WAIT_S", 0.5)
-        args = ["release", "--state-dir", str(state), "--fleet", fleet, str(aid), "--json"]
-        assert main(args) == 0
-        out, err = capsys.readouterr()
-        assert json.loads(out)["command_may_still_run"] is True
-        assert err.startswith(f"warning: the gpu-agent run on {aid} did not stop its command")
-        assert err.count("\n") == 1
+        if by == "page":
+            text = released_on_page(state, fleet, aid)
+            assert f"Released allocation {aid}" in text, text[-500:]
+            assert f"Warning: the gpu-agent run on {aid} did not stop its command" in text
+        else:
+            args = ["release", "--state-dir", str(state), "--fleet", fleet, str(aid), "--json"]
+            assert main(args) == 0
+            out, err = capsys.readouterr()
+            assert json.loads(out)["command_may_still_run"] is True
+            assert err.startswith(f"warning: the gpu-agent run on {aid} did not stop its command")
+            assert err.count("\n") == 1
     finally:
         os.kill(runner.pid, signal.SIGCONT)
         runner.communicate(timeout=60)
@@ -949,3 +973,17 @@ def test_a_release_that_gives_up_waiting_for_a_stalled_run_says_the_command_may_
         "released",
         "explicit",
     )
+
+
+def released_on_page(state: Path, fleet: str, aid: str) -> str:
+    """The page (single-user: no access file) over `state` releases `aid`: its text."""
+    orch = Orchestrator(state, load_fleet(fleet), identity=SERVER)
+    try:
+        client = TestClient(create_app(orch), base_url="http://127.0.0.1")
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', client.get("/fleet").text)
+        assert token is not None
+        r = client.post(f"/allocations/{aid}/release", data={"csrf": token.group(1)})
+        assert r.status_code == 200, r.text[-500:]
+        return re.sub(r"<[^>]+>", "", r.text)
+    finally:
+        orch.close()

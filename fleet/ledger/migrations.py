@@ -20,6 +20,7 @@ from fleet.ledger.schema import (
     V7,
     V8,
     V9_COLUMNS,
+    V10_COLUMNS,
 )
 from fleet.ledger.threads import JOB
 from fleet.models import ReleaseReason
@@ -75,6 +76,8 @@ class Migrations(ProjectRecord):
                 self._claim_submitted(db)
             if version < 9:
                 self._add_columns(db, V9_COLUMNS)
+            if version < 10:
+                self._add_columns(db, V10_COLUMNS)
             if version < SCHEMA_VERSION:
                 db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)

@@ -16,7 +16,7 @@ class Queries(Store):
         rows = self.query(
             "SELECT a.state, a.deadline, a.deadline_reason, a.released_at, "
             "a.release_reason, c.owner, c.ended_at, a.lease_end, a.renew_hours, "
-            "a.started_at + a.hours * 3600.0 "
+            "a.started_at + a.hours * 3600.0, c.beat_at "
             "FROM allocations a "
             "LEFT JOIN commands c ON c.allocation_id = a.id WHERE a.id=?",
             (aid,),
@@ -34,6 +34,7 @@ class Queries(Store):
             lease_end,
             renew_hours,
             asked_end,
+            beat_at,
         ) = rows[0]
         return Lease(
             state,
@@ -46,6 +47,7 @@ class Queries(Store):
             lease_end,
             renew_hours,
             asked_end,
+            beat_at,
         )
 
     def allocations(self, state: str | None = None) -> list[LedgerRow]:

@@ -135,6 +135,7 @@ class Lease:
     lease_end: float | None = None
     renew_hours: float | None = None
     asked_end: float | None = None  # where the lease asked ends (its start and hours)
+    command_beat_at: float | None = None  # wall clock: its `run` last said it lives
 
     @property
     def yields(self) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 # 7: runs (what `gpu-agent run --requeue` must outlive its process for)
 # 8: threads (the request each caller-named thread was started for, and by whom)
 # 9: allocations.renew_hours (a lease held a term at a time, renewed while its GPUs work)
-SCHEMA_VERSION = 9
+# 10: commands.beat_at (the `gpu-agent run` in charge of a command beats while it supervises it)
+SCHEMA_VERSION = 10
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -162,7 +163,8 @@ CREATE TABLE IF NOT EXISTS commands (
     owner TEXT NOT NULL,
     started_at REAL NOT NULL,
     ended_at REAL,
-    exit_code INTEGER
+    exit_code INTEGER,
+    beat_at REAL
 );
 """
 V4_COLUMNS = {
@@ -219,6 +221,9 @@ CREATE TABLE IF NOT EXISTS threads (
 # began or was last renewed, short of `hours`; NULL once the last term is under way, or where
 # the lease runs whole (Ledger.renew)
 V9_COLUMNS = {"allocations": ["renew_hours REAL"]}
+# the wall-clock time the `run` in charge of an allocation's command last said it lives: seen
+# from another host, where its PID says nothing, its beats do (fleet.commands.run_lives)
+V10_COLUMNS = {"commands": ["beat_at REAL"]}
 TABLES = (
     "meta",
     "allocations",
