@@ -141,6 +141,17 @@ def run_cli(
     )
 
 
+def cli_in_process(*args: str) -> int:
+    """`gpu-agent ARGS` in this process (graph.cli.main), its exit code (argparse's refusals
+    exit): for checks of many refusals, where an interpreter apiece costs more than they do."""
+    from graph.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 def add_token(
     cwd: Path, state_dir: Path, name: str, role: str, project: str | None, by: str | None
 ) -> str:

@@ -78,7 +78,7 @@ from fleet.models import (
 from fleet.simulated import PROFILES
 from graph.cli import main
 from graph.cli_offline import writable_dir
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 from tests.test_council_cfc import features
 
 SMALL = EvalSettings(seeds=(0, 1), days=20, projects=8)
@@ -412,7 +412,9 @@ def test_approve_all_is_a_decision_like_any_other() -> None:
     assert d.outcome is CouncilOutcome.APPROVED and d.probability == 1.0
 
 
-def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path: Path) -> None:
+def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ("council", "evaluate", "--seeds", "0", "--days", "20", "--projects", "8")
     done = run_cli(*args, "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -464,9 +466,9 @@ def test_the_evaluate_command_prints_the_figures_and_refuses_bad_input(tmp_path:
         ("--card", "--weights", f"cfc={SHIPPED}"),
         ("--card", "--weights", str(tmp_path / "twin" / "missing" / "council.pt")),
     ):
-        done = run_cli("council", "evaluate", *bad, "--json", cwd=tmp_path)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-        assert json.loads(done.stdout)["error"]
+        assert cli_in_process("council", "evaluate", *bad, "--json") == 2, bad
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and json.loads(out)["error"], err
 
 
 def test_council_evaluate_reproduces_the_shipped_cards_figures() -> None:

@@ -35,7 +35,15 @@ from fleet.errors import ConfigError
 from fleet.models import CouncilOutcome, ReleaseReason, Status, Verdict
 from fleet.trace import read_trace
 from nodes.context import council_of
-from tests.conftest import ROOT, SHARED, OrchFactory, fleet_toml, run_cli, small_config
+from tests.conftest import (
+    ROOT,
+    SHARED,
+    OrchFactory,
+    cli_in_process,
+    fleet_toml,
+    run_cli,
+    small_config,
+)
 from tests.test_council_cfc import NOW, features, history
 
 SETTINGS = CouncilSettings()
@@ -261,7 +269,9 @@ def test_training_is_deterministic_and_writes_weights_and_a_card(tmp_path: Path)
     NeuralCouncil.load(tmp_path / "a" / WEIGHTS_FILE)  # loads like the shipped weights
 
 
-def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None:
+def test_train_command_rejects_bad_arguments_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,-5,1,a\n")
     for args in (
@@ -275,8 +285,9 @@ def test_train_command_rejects_bad_arguments_in_one_line(tmp_path: Path) -> None
         ("--target", "outcome", "--trace", str(bad)),
         ("--target", "outcomes"),
     ):
-        done = run_cli("council", "train", "--out", str(tmp_path / "w"), *args, cwd=tmp_path)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert cli_in_process("council", "train", "--out", str(tmp_path / "w"), *args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
         assert not (tmp_path / "w").exists()
 
 

@@ -521,6 +521,15 @@ def test_ctrl_c_while_run_places_leaves_nothing_placed(tmp_path: Path, point: st
 
 
 READY = NOTICED.replace("while True:", 'log.write("ready 0\\n")\nlog.flush()\nwhile True:')
+# READY, but run again after it was stopped (a requeue) it says so and exits: its work done
+RESUMES = READY.replace(
+    'log = open(sys.argv[1], "a")',
+    "import os\n"
+    'if os.path.exists(sys.argv[1]) and "term" in open(sys.argv[1]).read():\n'
+    '    open(sys.argv[1], "a").write("resumed 0\\n")\n'
+    "    sys.exit(0)\n"
+    'log = open(sys.argv[1], "a")',
+)
 
 
 def logged(log: Path, what: str, n: int = 1) -> None:
@@ -639,7 +648,7 @@ def test_a_dead_runs_command_gets_its_notice_and_its_end_from_whoever_adopts_it(
     # notice is due (4 s before its end)
     ask = ["--project", "vision", "--count", "1", "--hours", "0.008", "--notice", "4"]
     ask += ["--grace", "10"]
-    command = [sys.executable, "-c", READY, str(log)]
+    command = [sys.executable, "-c", RESUMES, str(log)]
     run = subprocess.Popen(  # no pipes: the command would hold them open past the run's death
         [sys.executable, "-m", "graph.cli", "run", *opts, *ask, "--requeue", "1", "--", *command],
         cwd=tmp_path,
@@ -673,10 +682,12 @@ def test_a_dead_runs_command_gets_its_notice_and_its_end_from_whoever_adopts_it(
     ]
     assert not alive(group)
     aid = ended["allocation"]["id"]
-    # its requeue runs the command again for a whole lease: room for a busy machine
+    # its requeue runs the command again, which finds its work stopped and finishes it
     again = run_cli("run", "--resume", aid, "--json", *opts, cwd=tmp_path, timeout=180)
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["requeued_from"] == [aid]
+    report = json.loads(again.stdout)
+    assert report["requeued_from"] == [aid] and report["ended_by"] == "command"
+    assert log.read_text().splitlines()[-1] == "resumed 0"
 
 
 def _ledger_one(state: Path, sql: str) -> tuple[object, ...]:

@@ -122,7 +122,7 @@ def test_only_one_process_takes_a_dead_run_over(fleet: Fleet) -> None:
 
 # The yield is this long after the preemption: the checkpoint, a refused `--resume` (a CLI
 # start, seconds on a loaded machine) and the kill all come well before it.
-NOTICE_S = 60
+NOTICE_S = 30
 
 
 def test_a_run_killed_mid_preemption_resumes_once_charged_once(tmp_path: Path) -> None:

@@ -170,7 +170,8 @@ def test_an_approver_may_drop_the_guardrails_the_page_shows(tmp_path: Path) -> N
     state.mkdir()
     token = add_identity(state, "dave", "approver", "vision")
     guarded = COUNCIL | {"guard_share": 0.99}  # guard at 0.98, above the request's 0.95
-    orch = Orchestrator(state, small_config(council=guarded), identity=SERVER)
+    config = small_config(council=guarded, clock={"time_scale": 3600})  # its hour: a second
+    orch = Orchestrator(state, config, identity=SERVER)
     try:
         asked = orch.acting_as(ALICE).request(TWO, thread_id="g1")
         assert asked.status is Status.PENDING_REVIEW and asked.guardrails() is not None
