@@ -170,6 +170,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return code
 
 
+# what one `council train` may ask for: the defaults are 32 worlds and 4,000 steps; more than
+# this is a typo (a 10**23-step run was accepted and never ended), not a bigger run
+MAX_WORLDS = 1000
+MAX_STEPS = 1_000_000
+
+
 def cmd_council(args: argparse.Namespace) -> int:
     if args.council_command == "evaluate":
         return council_evaluate(args)
@@ -181,8 +187,11 @@ def cmd_council(args: argparse.Namespace) -> int:
     worlds = default["worlds"] if args.worlds is None else args.worlds
     days = default["world_days"] if args.days is None else args.days
     steps = default["steps"] if args.steps is None else args.steps
-    if worlds < 3 or steps < 1 or args.trace_jobs < 1:
-        raise InvalidInput("--worlds must be at least 3, --steps and --trace-jobs at least 1")
+    if not (3 <= worlds <= MAX_WORLDS and 1 <= steps <= MAX_STEPS and args.trace_jobs >= 1):
+        raise InvalidInput(
+            f"--worlds must be from 3 to {MAX_WORLDS}, --steps from 1 to {MAX_STEPS:,}, "
+            "--trace-jobs at least 1"
+        )
     if not MIN_DAYS <= days <= 3650:
         raise InvalidInput(f"--days must be from {MIN_DAYS} to 3650, not {days:g}")
     if args.explore is not None and args.target != "outcome":

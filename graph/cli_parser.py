@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument(
         "--worlds",
         type=int,
-        help="synthetic worlds (at least 3; default 16, with --target outcome 32)",
+        help="synthetic worlds (3 to 1000; default 16, with --target outcome 32)",
     )
     cp.add_argument(
         "--days",
@@ -563,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="each world's span in days, from 7 to 3650 (default 60, with --target outcome 120)",
     )
     cp.add_argument(
-        "--steps", type=int, help="training steps (default 2000, with --target outcome 4000)"
+        "--steps",
+        type=int,
+        help="training steps, 1 to 1,000,000 (default 2000, with --target outcome 4000)",
     )
     cp.add_argument(
         "--trace",

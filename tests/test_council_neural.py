@@ -276,6 +276,9 @@ def test_train_command_rejects_bad_arguments_in_one_line(
     bad.write_text("timestamp,duration,num_gpus,cluster\n2017-10-01 00:00:00,-5,1,a\n")
     for args in (
         ("--worlds", "2"),
+        ("--worlds", "1001"),
+        ("--steps", "0"),
+        ("--steps", str(10**23)),  # accepted once, and it never ended
         ("--days", "6"),
         ("--target", "outcome", "--days", "nan"),
         ("--trace", str(tmp_path / "missing.csv")),
