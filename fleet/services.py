@@ -31,7 +31,7 @@ from fleet.ledger.rows import Lease, LedgerRow
 from fleet.left_running import end_with
 from fleet.models import GPUInfo, GPURequest, GPUSample, Release, ReleaseReason, RouteDecision
 from fleet.monitoring import Work
-from fleet.monitors import Heartbeat, Monitors, of_this_process
+from fleet.monitors import Heartbeat, Monitors, of_this_process, seen_from_here
 from fleet.routing import Refusal, route, types_for
 from fleet.speeds import learned_speeds
 from fleet.sql import Conn, PostgresDatabase, is_postgres
@@ -404,7 +404,9 @@ class Services:
     def _end_command_first(self, aid: str, reason: ReleaseReason, by: str) -> tuple[bool, bool]:
         """(whether this call asked the run of another process to stop its command on `aid`
         first, whether it gave up waiting for that run to release it: its grace and
-        RELEASE_WAIT_S went by). (False, False) where no such run lives, or it died."""
+        RELEASE_WAIT_S went by, or a run of another host went quiet meanwhile, which leaves
+        its command to run on as far as anyone here can tell). (False, False) where no such
+        run lives, or one of this host died (its command is ended here: end_with)."""
         stale = self.config.monitor.heartbeat_stale_seconds
         lease = self.ledger.lease(aid)
         owner = lease.command_owner
@@ -420,7 +422,8 @@ class Services:
         give_up = time.monotonic() + grace + RELEASE_WAIT_S
         while (lease := self.ledger.lease(aid)).state != "released":
             if not run_lives(lease, stale):
-                break
+                quiet = not seen_from_here(owner) and lease.command_ended_at is None
+                return asked == "asked", quiet
             if time.monotonic() >= give_up:
                 return asked == "asked", True
             time.sleep(RUN_POLL_S)

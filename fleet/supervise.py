@@ -42,7 +42,8 @@ def still_running(allocation_id: str) -> str:
     have stopped."""
     return (
         f"the gpu-agent run on {allocation_id} did not stop its command within its grace and "
-        f"{RELEASE_WAIT_S:.0f} s: the GPUs are released, and the command may still be running"
+        f"{RELEASE_WAIT_S:.0f} s, or went quiet on its host: the GPUs are released, and the "
+        "command may still be running"
     )
 
 
