@@ -382,15 +382,15 @@ class Services:
         self, allocation_id: str, reason: ReleaseReason, by: str | None = None
     ) -> tuple[Release, bool, bool]:
         """A caller's release (`gpu-agent release`, a tool, the page). Where a live
-        `gpu-agent run` of another process (of this host or, by its beats, another) runs a
-        command on the allocation, its lease ends now
-        instead (Ledger.end_now) and that run stops the command and then releases it, as at
-        any lease end, so that its GPUs never show free while the command runs; this waits
-        for that, at most the command's grace and RELEASE_WAIT_S. Then, or where no such run
-        lives, the release goes ahead here, after a dead run's command left here has ended
-        (fleet.left_running). Returns the release, whether this call released it (or asked
-        first the run that did), and whether it gave up waiting for a run that did not stop
-        its command in time (it may still run: the caller should say so)."""
+        `gpu-agent run` of another process (of this host, or by its beats another) runs a
+        command on the allocation, its lease ends now instead (Ledger.end_now) and that run
+        stops the command and then releases it, as at any lease end, so that its GPUs never
+        show free while the command runs; this waits for that, at most the command's grace
+        and RELEASE_WAIT_S. Then, or where no such run lives, the release goes ahead here,
+        after a dead run's command left here has ended (fleet.left_running). Returns the
+        release, whether this call released it (or asked first the run that did), and
+        whether it gave up waiting for a run that did not stop its command in time, or went
+        quiet on another host (it may still run: the caller should say so)."""
         asked, gave_up = self._end_command_first(allocation_id, reason, by or self.actor)
         end_with(self.ledger, allocation_id)
         release, here = self.release_once(allocation_id, reason, by=by)

@@ -191,8 +191,9 @@ class Records:
     def release_checked(
         self, allocation_id: str, reason: ReleaseReason = ReleaseReason.EXPLICIT
     ) -> tuple[Release, bool, bool]:
-        """`release_once`, and whether a `gpu-agent run` here that runs a command on it did
-        not stop the command in time (Services.release_asked): it may still run."""
+        """`release_once`, and whether a `gpu-agent run` that runs a command on it did not
+        stop the command in time, or went quiet on another host (Services.release_asked): it
+        may still run."""
         names.check("allocation id", allocation_id)
         if reason not in CALLER_REASONS:
             raise InvalidInput(
