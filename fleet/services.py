@@ -390,11 +390,25 @@ class Services:
         after a dead run's command left here has ended (fleet.left_running). Returns the
         release, whether this call released it (or asked first the run that did), and
         whether it gave up waiting for a run that did not stop its command in time, or went
-        quiet on another host (it may still run: the caller should say so)."""
+        quiet on another host, or died leaving a command nothing here could stop (it may
+        still run: the caller should say so)."""
         asked, gave_up = self._end_command_first(allocation_id, reason, by or self.actor)
-        end_with(self.ledger, allocation_id)
+        stopped = end_with(self.ledger, allocation_id)
+        left = stopped is None and self._left_by_a_dead_run(allocation_id)
         release, here = self.release_once(allocation_id, reason, by=by)
-        return release, here or asked, gave_up
+        return release, here or asked, gave_up or left
+
+    def _left_by_a_dead_run(self, aid: str) -> bool:
+        """A `gpu-agent run` that died left a command on active allocation `aid` whose exit
+        nobody saw and that nothing here could stop (`run --allocation` records no process
+        group; another host's is out of reach): it may still run."""
+        lease = self.ledger.lease(aid)
+        return (
+            lease.state == "active"
+            and lease.command_owner is not None
+            and lease.command_ended_at is None
+            and not run_lives(lease, self.config.monitor.heartbeat_stale_seconds)
+        )
 
     def work(self, lease: Lease) -> Work:
         """What `gpu-agent run` says of the lease's work (fleet.commands.work), its run's
@@ -403,31 +417,57 @@ class Services:
 
     def _end_command_first(self, aid: str, reason: ReleaseReason, by: str) -> tuple[bool, bool]:
         """(whether this call asked the run of another process to stop its command on `aid`
-        first, whether it gave up waiting for that run to release it: its grace and
-        RELEASE_WAIT_S went by, or a run of another host went quiet meanwhile, which leaves
-        its command to run on as far as anyone here can tell). (False, False) where no such
-        run lives, or one of this host died (its command is ended here: end_with)."""
-        stale = self.config.monitor.heartbeat_stale_seconds
-        lease = self.ledger.lease(aid)
-        owner = lease.command_owner
-        if owner is None or lease.state != "active" or not run_lives(lease, stale):
+        first, whether it gave up waiting for that run to release it: _wait_for_run).
+        (False, False) where no such run lives, or one of this host died (its command is
+        ended here: end_with)."""
+        found = self._run_elsewhere(aid)
+        if found is None:
             return False, False
-        if of_this_process(owner):
-            return False, False  # this process's own run: Services.supervising stops it
-        record = self.ledger.run_record(aid)
-        grace = RunCommand.read(record.command).grace_s if record is not None else GRACE_S
         asked = self.ledger.end_now(aid, self.clock.now(), by, reason)
         if asked is None:
             return False, False
+        return asked == "asked", self._wait_for_run(aid, *found)
+
+    def await_run(self, aid: str, reason: ReleaseReason) -> bool:
+        """Before this process's monitor releases `aid` at its deadline (its lease, its
+        budget): where a living `gpu-agent run` of another process runs a command on it (`run
+        --allocation`), that run stops the command and releases at the deadline, as at any
+        lease end; wait for it, so that the GPUs never show free while the command runs.
+        Whether it gave up waiting (_wait_for_run: the command may still run)."""
+        found = self._run_elsewhere(aid)
+        if found is None:
+            return False
+        lease = self.ledger.lease(aid)
+        if lease.deadline is None or lease.deadline_reason is not reason:
+            return False
+        return self._wait_for_run(aid, *found)
+
+    def _run_elsewhere(self, aid: str) -> tuple[str, float] | None:
+        """The living `gpu-agent run` of another process (of this host, or by its beats
+        another) that runs a command on active allocation `aid`, and its command's grace."""
+        lease = self.ledger.lease(aid)
+        owner = lease.command_owner
+        if owner is None or lease.state != "active" or of_this_process(owner):
+            return None  # this process's own run: Services.supervising stops it
+        if not run_lives(lease, self.config.monitor.heartbeat_stale_seconds):
+            return None
+        record = self.ledger.run_record(aid)
+        return owner, RunCommand.read(record.command).grace_s if record is not None else GRACE_S
+
+    def _wait_for_run(self, aid: str, owner: str, grace: float) -> bool:
+        """Wait until the run `owner` has released `aid`: False once it has, or died on this
+        host (its command is ended here: end_with); True where it gave up (the command may
+        still run): its grace and RELEASE_WAIT_S went by, or a run of another host went quiet,
+        whose command nothing here can stop."""
+        stale = self.config.monitor.heartbeat_stale_seconds
         give_up = time.monotonic() + grace + RELEASE_WAIT_S
         while (lease := self.ledger.lease(aid)).state != "released":
             if not run_lives(lease, stale):
-                quiet = not seen_from_here(owner) and lease.command_ended_at is None
-                return asked == "asked", quiet
+                return not seen_from_here(owner) and lease.command_ended_at is None
             if time.monotonic() >= give_up:
-                return asked == "asked", True
+                return True
             time.sleep(RUN_POLL_S)
-        return asked == "asked", False
+        return False
 
     def forget(self, allocation_id: str) -> None:
         """The allocation ended: no more wake-ups for it, no more heartbeat."""

@@ -41,9 +41,9 @@ def still_running(allocation_id: str) -> str:
     a command on the allocation (Services.release_asked): it released, the command may not
     have stopped."""
     return (
-        f"the gpu-agent run on {allocation_id} did not stop its command within its grace and "
-        f"{RELEASE_WAIT_S:.0f} s, or went quiet on its host: the GPUs are released, and the "
-        "command may still be running"
+        f"the gpu-agent run on {allocation_id} did not stop its command (not within its grace "
+        f"and {RELEASE_WAIT_S:.0f} s, or it went quiet or died): the GPUs are released, and "
+        "the command may still be running"
     )
 
 

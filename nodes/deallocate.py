@@ -11,6 +11,7 @@ from fleet.faults import fault
 from fleet.left_running import end_with
 from fleet.models import Event, EventKind, ReleaseReason, Status
 from fleet.services import Services
+from fleet.supervise import still_running
 from nodes.context import Context, services_for
 from nodes.state import State
 
@@ -38,6 +39,7 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
     stopped = end_with(svc.ledger, allocation.id)  # before its GPUs can be placed again
     svc.stop_supervised(allocation.id)  # a live `gpu-agent run`'s command, in this process
+    gave_up = svc.await_run(allocation.id, reason)  # or in another (`run --allocation`)
     _reset(allocation.id, allocation.gpu_ids, svc)
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
@@ -54,6 +56,9 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
             f"charged ${release.cost_usd:.2f}",
         )
     ]
+    if gave_up:
+        said = still_running(allocation.id)
+        events.append(Event(at=release.released_at, kind=EventKind.COMMAND, message=said))
     if stopped is not None:
         how = "SIGTERM, then SIGKILL" if stopped.killed else "SIGTERM"
         events.append(

@@ -903,6 +903,76 @@ def reading_run(
     return runner, str(aid), state, fleet, log
 
 
+def test_a_lease_end_another_process_monitors_waits_for_the_run_on_it(tmp_path: Path) -> None:
+    """`run --allocation` on an allocation whose thread `resume` monitors in another
+    process: at the lease's end that monitor released it at once and the command ran on for
+    its grace on GPUs the ledger showed free. Now the monitor waits for the run, which stops
+    the command and then releases it (lease-expired, at the deadline); charged once."""
+    log, state = tmp_path / "log", tmp_path / "s"
+    opts = ["--state-dir", str(state), "--fleet", str(idle_fleet(tmp_path, "train"))]
+    ask = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "0.003"]
+    ask += ["--no-wait", "--json"]
+    placed = json.loads(run_cli("request", *opts, *ask, cwd=tmp_path).stdout)
+    aid, thread = placed["allocation"]["id"], placed["thread_id"]
+    cli = [sys.executable, "-m", "graph.cli"]
+    monitor = subprocess.Popen(
+        [*cli, "resume", *opts, thread, "--json"], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    command = [sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite")]
+    try:
+        done = run_cli("run", *opts, "--allocation", aid, "--grace", "20", "--json", "--",
+                       *command, cwd=tmp_path)  # fmt: skip
+        outcome, _ = monitor.communicate(timeout=120)
+    finally:
+        monitor.kill()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ended_by"] == "lease-expired"
+    assert log.read_text().splitlines() == ["ready", "state on term: active"]
+    assert json.loads(outcome)["status"] == "released", outcome
+    (deadline, released_at) = _ledger_one(state, "SELECT deadline, released_at FROM allocations")
+    assert released_at == deadline
+    assert _ledger_one(state, "SELECT count(*) FROM charges") == (1,)
+
+
+SLEEPS = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)"
+
+
+def test_a_release_after_a_killed_run_allocation_says_its_command_may_still_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run --allocation` is SIGKILLed; its command (in a session of its own, no process
+    group recorded) runs on, and nothing can stop it from here. A release then reported a
+    clean release; now it says the command may still be running."""
+    from graph.cli import main
+
+    pid, state = tmp_path / "pid", tmp_path / "s"
+    opts = ["--state-dir", str(state), "--fleet", str(idle_fleet(tmp_path, "train"))]
+    ask = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "1"]
+    placed = run_cli("request", *opts, *ask, "--no-wait", "--json", cwd=tmp_path)
+    aid = json.loads(placed.stdout)["allocation"]["id"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "graph.cli", "run", *opts, "--allocation", aid, "--",
+         sys.executable, "-c", SLEEPS, str(pid)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid.exists() and pid.read_text()):
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.05)
+        run.kill()
+        run.wait(timeout=30)
+        assert main(["release", *opts, aid, "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["command_may_still_run"] is True
+        assert err.startswith(f"warning: the gpu-agent run on {aid} did not stop its command")
+        assert alive(int(pid.read_text()))  # as it said
+    finally:
+        run.kill()
+        if pid.exists() and pid.read_text():
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+
+
 TOOL_RELEASE = """
 import json, sys
 from graph.admin import release_graph
