@@ -37,9 +37,9 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
     at = state.get("release_at")
     when = at.timestamp() if at is not None else svc.clock.now()
     reason = ReleaseReason(state["release_reason"])  # a plain str from a Postgres checkpoint
+    gave_up = svc.await_run(allocation.id, reason)  # a `run --allocation` of another process
     stopped = end_with(svc.ledger, allocation.id)  # before its GPUs can be placed again
     svc.stop_supervised(allocation.id)  # a live `gpu-agent run`'s command, in this process
-    gave_up = svc.await_run(allocation.id, reason)  # or in another (`run --allocation`)
     _reset(allocation.id, allocation.gpu_ids, svc)
     release, now_freed = svc.ledger.release_once(allocation.id, reason, when, by="monitor")
     fault("deallocate:released")
