@@ -420,7 +420,7 @@ class Services:
         first, whether it gave up waiting for that run to release it: _wait_for_run).
         (False, False) where no such run lives, or one of this host died (its command is
         ended here: end_with)."""
-        found = self._run_elsewhere(aid)
+        found = self._run_elsewhere(aid, self.ledger.lease(aid))
         if found is None:
             return False, False
         asked = self.ledger.end_now(aid, self.clock.now(), by, reason)
@@ -434,18 +434,16 @@ class Services:
         --allocation`), that run stops the command and releases at the deadline, as at any
         lease end; wait for it, so that the GPUs never show free while the command runs.
         Whether it gave up waiting (_wait_for_run: the command may still run)."""
-        found = self._run_elsewhere(aid)
-        if found is None:
-            return False
-        lease = self.ledger.lease(aid)
+        lease = self.ledger.lease(aid)  # one read: every release of every allocation asks
         if lease.deadline is None or lease.deadline_reason is not reason:
             return False
-        return self._wait_for_run(aid, *found)
+        found = self._run_elsewhere(aid, lease)
+        return False if found is None else self._wait_for_run(aid, *found)
 
-    def _run_elsewhere(self, aid: str) -> tuple[str, float] | None:
+    def _run_elsewhere(self, aid: str, lease: Lease) -> tuple[str, float] | None:
         """The living `gpu-agent run` of another process (of this host, or by its beats
-        another) that runs a command on active allocation `aid`, and its command's grace."""
-        lease = self.ledger.lease(aid)
+        another) that runs a command on active allocation `aid` (its `lease`), and its
+        command's grace."""
         owner = lease.command_owner
         if owner is None or lease.state != "active" or of_this_process(owner):
             return None  # this process's own run: Services.supervising stops it

@@ -910,7 +910,8 @@ def test_a_lease_end_another_process_monitors_waits_for_the_run_on_it(tmp_path: 
     the command and then releases it (lease-expired, at the deadline); charged once."""
     log, state = tmp_path / "log", tmp_path / "s"
     opts = ["--state-dir", str(state), "--fleet", str(idle_fleet(tmp_path, "train"))]
-    ask = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "0.003"]
+    # an 18-s lease: `resume` and `run` start (seconds each on a busy machine) well within it
+    ask = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "0.005"]
     ask += ["--no-wait", "--json"]
     placed = json.loads(run_cli("request", *opts, *ask, cwd=tmp_path).stdout)
     aid, thread = placed["allocation"]["id"], placed["thread_id"]
