@@ -400,14 +400,24 @@ class Services:
 
     def _left_by_a_dead_run(self, aid: str) -> bool:
         """A `gpu-agent run` that died left a command on active allocation `aid` whose exit
-        nobody saw and that nothing here could stop (`run --allocation` records no process
-        group; another host's is out of reach): it may still run."""
+        nobody saw and that nothing here could stop or see gone (another host's; or a run
+        whose process group was not recorded: one of another `run`'s allocation, or from
+        before `run --allocation` recorded its own): it may still run."""
         lease = self.ledger.lease(aid)
-        return (
-            lease.state == "active"
-            and lease.command_owner is not None
-            and lease.command_ended_at is None
-            and not run_lives(lease, self.config.monitor.heartbeat_stale_seconds)
+        owner = lease.command_owner
+        if (
+            lease.state != "active"
+            or owner is None
+            or lease.command_ended_at is not None
+            or run_lives(lease, self.config.monitor.heartbeat_stale_seconds)
+        ):
+            return False
+        record = self.ledger.run_record(aid)  # its group's end was seen here: end_with
+        return not (
+            seen_from_here(owner)
+            and record is not None
+            and record.owner == owner
+            and record.pgid is not None
         )
 
     def work(self, lease: Lease) -> Work:

@@ -49,7 +49,7 @@ def still_running(allocation_id: str) -> str:
 
 @dataclass(frozen=True)
 class RunCommand:
-    """What a `run --requeue` runs, recorded in the ledger (fleet.ledger.runs) so that a
+    """What a `run` runs, recorded in the ledger (fleet.ledger.runs) so that a
     `run --resume` carries it on after its process died, and a monitor that adopted its
     allocation gives it its notice and its end (fleet.left_running). The environment is not
     recorded (it may hold secrets, and the ledger may be shared): the resuming process
@@ -60,6 +60,9 @@ class RunCommand:
     grace_s: float
     notice_s: float
     notice_signal: str  # a signal's name, SIGUSR1
+    # given to the run (`run --allocation`), not requested by it: left to its owner when the
+    # command ends, and no `run --resume` carries it on (recorded only to stop its command)
+    given: bool = False
 
     @property
     def signal(self) -> signal.Signals:

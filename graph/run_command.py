@@ -16,7 +16,9 @@ new work), and the command starts again on the new GPUs to go on from its checkp
 N times, as Slurm's --requeue does. The requeue is recorded in the ledger (fleet.ledger.runs)
 and made once, whoever asks first. Every `run` that requested its allocation is recorded so
 (with no requeue left without `--requeue`): `run --resume ID` carries on a `run` that died
-(resume_run), adopting the command it left running (fleet.supervise.Adopted).
+(resume_run), adopting the command it left running (fleet.supervise.Adopted). A `run
+--allocation` is recorded too, as given (nothing to resume), so that whoever ends its
+allocation after it died stops the command it left (fleet.left_running).
 When the command ends by itself, an allocation `run` requested is released (command-exit);
 one it was given (`--allocation`) is left to its owner. While the command runs, the monitor
 takes an idle spell for a pause and never releases the allocation for idling; once it has
@@ -41,6 +43,7 @@ from fleet.faults import RUN_PLACED, RUN_STARTED, fault
 from fleet.ledger import Ledger
 from fleet.ledger.rows import LedgerRow
 from fleet.ledger.runs import RunRecord, successor_id, successor_thread
+from fleet.left_running import left_running
 from fleet.models import GPURequest, ReleaseReason
 from fleet.monitors import Monitors, Orphan, describe_owner, gone_here, new_owner
 from fleet.services import Services
@@ -179,11 +182,32 @@ def run_on(
             f"nobody monitors allocation {allocation_id}: it will not be released for idling "
             f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it"
         )
-    command = RunCommand(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
+    command = RunCommand(
+        list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name, given=not owned
+    )
     charge = Charge(new_owner("run"), say)
+    if not owned:
+        _record_given(orch.services, allocation_id, charge.owner, command)
     with _signals() as got:  # from before the start: a Ctrl-C then stops the command too
         proc = _start(orch, row, command, charge)
         return _supervise(orch, row, proc, command, charge, owned, got)
+
+
+def _record_given(svc: Services, aid: str, owner: str, command: RunCommand) -> None:
+    """Record the command of a `run --allocation` as a requested run's is (its process group
+    once started), so that whoever ends the allocation after this process died stops it
+    (fleet.left_running): where the allocation has no record, or the record of an earlier
+    `run --allocation` whose command is over (it exited, or its run died here and left
+    nothing running). A record still in another run's charge stays as it is."""
+    record = svc.ledger.run_record(aid)
+    if record is None:
+        svc.ledger.record_given(aid, owner, asdict(command), None)
+        return
+    lease = svc.ledger.lease(aid)
+    exited = lease.command_owner == record.owner and lease.command_ended_at is not None
+    died_here = gone_here(record.owner) and left_running(svc.ledger, aid) is None
+    if RunCommand.read(record.command).given and (exited or died_here):
+        svc.ledger.record_given(aid, owner, asdict(command), record.owner)
 
 
 def _start(orch: Orchestrator, row: LedgerRow, command: RunCommand, charge: Charge) -> Supervised:
@@ -536,6 +560,11 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
         raise InvalidInput(missing)
     orch.identity.check_sees(ledger.get(chain[0].allocation_id).project, missing)
     last = chain[-1]
+    if RunCommand.read(last.command).given:
+        raise InvalidInput(
+            f"allocation {aid} was given to `gpu-agent run --allocation`, which leaves it to "
+            "its owner: nothing to resume"
+        )
     finished = _finished(orch, last)
     if finished is not None:
         raise InvalidInput(f"nothing to resume: {finished}")

@@ -938,12 +938,14 @@ def test_a_lease_end_another_process_monitors_waits_for_the_run_on_it(tmp_path: 
 SLEEPS = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)"
 
 
-def test_a_release_after_a_killed_run_allocation_says_its_command_may_still_run(
+def test_a_release_after_a_killed_run_allocation_stops_the_command_it_left(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`run --allocation` is SIGKILLed; its command (in a session of its own, no process
-    group recorded) runs on, and nothing can stop it from here. A release then reported a
-    clean release; now it says the command may still be running."""
+    """`run --allocation` is SIGKILLed; its command (in a session of its own) runs on. It
+    recorded no process group, so a release freed the GPUs with the command still on them
+    (later: said it might still run). Now it is recorded as a given run's (after an earlier
+    `run --allocation` on the same allocation whose command exited): the release stops the
+    command first and says nothing of it, and `run --resume` leaves a given allocation be."""
     from graph.cli import main
 
     pid, state = tmp_path / "pid", tmp_path / "s"
@@ -951,6 +953,10 @@ def test_a_release_after_a_killed_run_allocation_says_its_command_may_still_run(
     ask = ["--project", "p", "--purpose", "training", "--count", "1", "--hours", "1"]
     placed = run_cli("request", *opts, *ask, "--no-wait", "--json", cwd=tmp_path)
     aid = json.loads(placed.stdout)["allocation"]["id"]
+    first = run_cli(
+        "run", *opts, "--allocation", aid, "--", sys.executable, "-c", "pass", cwd=tmp_path
+    )
+    assert first.returncode == 0, first.stderr
     run = subprocess.Popen(
         [sys.executable, "-m", "graph.cli", "run", *opts, "--allocation", aid, "--",
          sys.executable, "-c", SLEEPS, str(pid)],
@@ -963,14 +969,17 @@ def test_a_release_after_a_killed_run_allocation_says_its_command_may_still_run(
             time.sleep(0.05)
         run.kill()
         run.wait(timeout=30)
+        assert alive(int(pid.read_text()))  # the run's death left it running
+        assert main(["run", *opts, "--resume", aid, "--json"]) == 2
+        out, err = capsys.readouterr()
+        assert "given to `gpu-agent run --allocation`" in json.loads(out)["error"]
         assert main(["release", *opts, aid, "--json"]) == 0
         out, err = capsys.readouterr()
-        assert json.loads(out)["command_may_still_run"] is True
-        assert err.startswith(f"warning: the gpu-agent run on {aid} did not stop its command")
-        assert alive(int(pid.read_text()))  # as it said
+        assert json.loads(out)["command_may_still_run"] is False and err == ""
+        assert not alive(int(pid.read_text()))
     finally:
         run.kill()
-        if pid.exists() and pid.read_text():
+        if pid.exists() and pid.read_text() and alive(int(pid.read_text())):
             os.kill(int(pid.read_text()), signal.SIGKILL)
 
 

@@ -1,6 +1,8 @@
-"""What `gpu-agent run --requeue` must outlive its own process for (graph.run_command): per
+"""What `gpu-agent run` must outlive its own process for (graph.run_command): per
 allocation, the `run` process in charge, the command, the requeues left, the command's process
-group, and the allocation that resumes this one once it was yielded or lost.
+group, and the allocation that resumes this one once it was yielded or lost. A `run
+--allocation` is recorded too (no requeue, its command `given`), so that whoever ends the
+allocation after it died stops its command (fleet.left_running).
 
 A requeue is made exactly once, whoever asks first (the `run` that started the command, or a
 `gpu-agent run --resume` after it died): the successor is written in the same transaction as
@@ -26,7 +28,7 @@ RUN = "SELECT allocation_id, owner, command, requeues_left, pgid, noticed_at, su
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One allocation of a `run --requeue`: who is in charge, and what it runs there."""
+    """One allocation of a `run`: who is in charge, and what it runs there."""
 
     allocation_id: str
     owner: str  # fleet.monitors.new_owner of the `run` process in charge
@@ -75,6 +77,27 @@ class Runs(Store):
                 "VALUES (?, ?, ?, ?) ON CONFLICT (allocation_id) DO NOTHING",
                 (aid, owner, json.dumps(command), requeues),
             )
+
+    def record_given(
+        self, aid: str, owner: str, command: dict[str, Any], replacing: str | None
+    ) -> bool:
+        """`owner` runs `command` on allocation `aid`, which it was given (`run --allocation`):
+        recorded where `aid` has no record, or in place of the given run `replacing` (whose
+        command is over); False where another run took the record first."""
+        with self.transaction(f"run:{aid}") as db:
+            if replacing is None:
+                sql = (
+                    "INSERT INTO runs (allocation_id, owner, command, requeues_left) "
+                    "VALUES (?, ?, ?, 0) ON CONFLICT (allocation_id) DO NOTHING"
+                )
+                args: tuple[object, ...] = (aid, owner, json.dumps(command))
+            else:
+                sql = (
+                    "UPDATE runs SET owner=?, command=?, pgid=NULL, noticed_at=NULL "
+                    "WHERE allocation_id=? AND owner=?"
+                )
+                args = (owner, json.dumps(command), aid, replacing)
+            return bool(db.execute(sql, args).rowcount)
 
     def run_record(self, aid: str) -> RunRecord | None:
         rows = self.query(f"{RUN} WHERE allocation_id=?", (aid,))
