@@ -269,14 +269,20 @@ def _cheapest_in_time(
 
 
 def lease_hours(route: RouteDecision, request: GPURequest) -> float:
-    """The lease on the routed type: the hours asked, or the work's hours there where that is
-    longer (a slower type than the reference), or what the project's budget admits where it
-    shortened that. Never shorter than asked because a type is faster: a speed is an
-    estimate, and a job's pauses, loading and checkpoints take their wall time on any type
-    (the expected hours, `est_hours`, still price the request)."""
+    """The lease on the routed type (lease_on), or what the project's budget admits where
+    it shortened that."""
     if route.asked_hours is not None:  # the budget shortened it
         return route.est_hours
-    return max(route.est_hours, request.duration_hours)
+    return lease_on(route.est_hours, request)
+
+
+def lease_on(est_hours: float, request: GPURequest) -> float:
+    """The lease on a type whose estimate for the work is `est_hours`: the hours asked, or
+    the estimate where that is longer (a slower type than the reference). Never shorter
+    than asked because a type is faster: a speed is an estimate, and a job's pauses,
+    loading and checkpoints take their wall time on any type (the estimate still prices
+    the request)."""
+    return max(est_hours, request.duration_hours)
 
 
 def _work_hours(option: RouteOption) -> float:
