@@ -14,11 +14,29 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from fleet.ledger import Ledger
 from fleet.ledger.rows import Lease
 from fleet.monitoring import Work
 from fleet.monitors import gone_here, seen_from_here
+
+SELECT = "SELECT allocation_id, owner, started_at, ended_at, exit_code, beat_at FROM commands"
+STARTED = (
+    "INSERT INTO commands (allocation_id, owner, started_at, beat_at) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT (allocation_id) DO UPDATE SET "
+    "owner=excluded.owner, started_at=excluded.started_at, ended_at=NULL, "
+    "exit_code=NULL, beat_at=excluded.beat_at"
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Commands.claim's answer: the living run that holds the allocation's command (None:
+    the claim is this one's), and the row as it was (None: none)."""
+
+    holder: str | None
+    was: tuple[object, ...] | None
 
 
 class Commands:
@@ -34,12 +52,32 @@ class Commands:
 
     def started(self, allocation_id: str, owner: str, at: float) -> None:
         """A command started on the allocation under the `run` process `owner`."""
+        self._write(STARTED, (allocation_id, owner, at, time.time()))
+
+    def claim(self, allocation_id: str, owner: str, at: float, stale_s: float) -> Claim:
+        """`owner` is about to start a command on the allocation (as `started`), unless a
+        living run already runs one there: one command at a time, for the monitor reads one
+        (fleet.monitoring.IdlePolicy). The claim says which run holds it where refused, and
+        what `unclaim` puts back if the command then fails to start."""
+        with self.ledger.transaction(f"run:{allocation_id}") as db:
+            row = db.execute(f"{SELECT} WHERE allocation_id=?", (allocation_id,)).fetchone()
+            was = None if row is None else tuple(row)
+            if was is not None and was[3] is None and lives(str(was[1]), was[5], stale_s):
+                return Claim(str(was[1]), was)
+            db.execute(STARTED, (allocation_id, owner, at, time.time()))
+        return Claim(None, was)
+
+    def unclaim(self, allocation_id: str, owner: str, claim: Claim) -> None:
+        """`owner`'s command never started: the allocation's command is what it was."""
+        if claim.was is None:
+            self._write(
+                "DELETE FROM commands WHERE allocation_id=? AND owner=?", (allocation_id, owner)
+            )
+            return
         self._write(
-            "INSERT INTO commands (allocation_id, owner, started_at, beat_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (allocation_id) DO UPDATE SET "
-            "owner=excluded.owner, started_at=excluded.started_at, ended_at=NULL, "
-            "exit_code=NULL, beat_at=excluded.beat_at",
-            (allocation_id, owner, at, time.time()),
+            "UPDATE commands SET owner=?, started_at=?, ended_at=?, exit_code=?, beat_at=? "
+            "WHERE allocation_id=? AND owner=?",
+            (*claim.was[1:], allocation_id, owner),
         )
 
     @contextlib.contextmanager
@@ -64,12 +102,12 @@ class Commands:
             stop.set()
             thread.join()
 
-    def ended(self, allocation_id: str, at: float, exit_code: int | None) -> None:
-        """The command exited by itself: the allocation's work is done."""
+    def ended(self, allocation_id: str, owner: str, at: float, exit_code: int | None) -> None:
+        """`owner`'s command exited by itself: the allocation's work is done."""
         self._write(
-            "UPDATE commands SET ended_at=?, exit_code=? WHERE allocation_id=? "
+            "UPDATE commands SET ended_at=?, exit_code=? WHERE allocation_id=? AND owner=? "
             "AND ended_at IS NULL",
-            (at, exit_code, allocation_id),
+            (at, exit_code, allocation_id, owner),
         )
 
 
@@ -80,9 +118,15 @@ def run_lives(lease: Lease, stale_s: float) -> bool:
     owner = lease.command_owner
     if owner is None or lease.command_ended_at is not None:
         return False
+    return lives(owner, lease.command_beat_at, stale_s)
+
+
+def lives(owner: str, beat_at: float | None, stale_s: float) -> bool:
+    """The `run` process `owner` has not exited: on this host, while its process lives;
+    elsewhere, while it beat (last at `beat_at`, wall clock) within `stale_s` seconds."""
     if seen_from_here(owner):
         return not gone_here(owner)
-    return lease.command_beat_at is not None and time.time() - lease.command_beat_at <= stale_s
+    return beat_at is not None and time.time() - beat_at <= stale_s
 
 
 def work(lease: Lease, stale_s: float) -> Work:

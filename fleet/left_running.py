@@ -60,10 +60,26 @@ def notice_if_due(ledger: Ledger, aid: str, lease: Lease, now: float) -> bool:
     return True
 
 
-def end_with(ledger: Ledger, aid: str) -> Stopped | None:
+@dataclass(frozen=True)
+class Ended:
+    """How end_with stopped the command a dead run left, and whether that run was given its
+    allocation (`run --allocation`: nothing for `run --resume` to carry on)."""
+
+    stopped: Stopped
+    given: bool
+
+    def said(self, aid: str) -> str:
+        how = "SIGTERM, then SIGKILL" if self.stopped.killed else "SIGTERM"
+        then = "" if self.given else f"; `gpu-agent run --resume {aid}` carries its work on"
+        return f"the command a `gpu-agent run` that died left running was stopped ({how}){then}"
+
+
+def end_with(ledger: Ledger, aid: str) -> Ended | None:
     """The allocation `aid` has ended: its command ends too (None: none was left here)."""
     left = left_running(ledger, aid)
-    return None if left is None else left.group.stop(left.command.grace_s)
+    if left is None:
+        return None
+    return Ended(left.group.stop(left.command.grace_s), left.record.given)
 
 
 def reconcile(ledger: Ledger, now: float) -> list[Release]:

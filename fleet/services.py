@@ -44,7 +44,7 @@ from fleet.statedir import (
     scale_before,
     share_epoch,
 )
-from fleet.supervise import GRACE_S, RELEASE_WAIT_S, RUN_POLL_S, RunCommand
+from fleet.supervise import GRACE_S, RELEASE_WAIT_S, RUN_POLL_S, RunCommand, group_members
 from fleet.topology import Topology
 from fleet.validation import check_budget
 
@@ -393,16 +393,17 @@ class Services:
         quiet on another host, or died leaving a command nothing here could stop (it may
         still run: the caller should say so)."""
         asked, gave_up = self._end_command_first(allocation_id, reason, by or self.actor)
-        stopped = end_with(self.ledger, allocation_id)
-        left = stopped is None and self._left_by_a_dead_run(allocation_id)
+        end_with(self.ledger, allocation_id)
+        left = self._left_by_a_dead_run(allocation_id)
         release, here = self.release_once(allocation_id, reason, by=by)
         return release, here or asked, gave_up or left
 
     def _left_by_a_dead_run(self, aid: str) -> bool:
         """A `gpu-agent run` that died left a command on active allocation `aid` whose exit
-        nobody saw and that nothing here could stop or see gone (another host's; or a run
-        whose process group was not recorded: one of another `run`'s allocation, or from
-        before `run --allocation` recorded its own): it may still run."""
+        nobody saw and that nothing here could stop or see gone (another host's; a run whose
+        process group was not recorded, as `run --allocation` before schema 11; or a group
+        with processes that do not name the allocation, which end_with leaves alone): it may
+        still run."""
         lease = self.ledger.lease(aid)
         owner = lease.command_owner
         if (
@@ -412,13 +413,10 @@ class Services:
             or run_lives(lease, self.config.monitor.heartbeat_stale_seconds)
         ):
             return False
-        record = self.ledger.run_record(aid)  # its group's end was seen here: end_with
-        return not (
-            seen_from_here(owner)
-            and record is not None
-            and record.owner == owner
-            and record.pgid is not None
-        )
+        record = self.ledger.run_record(aid)  # its group's end is seen here (end_with)
+        if not seen_from_here(owner) or record is None or record.owner != owner:
+            return True
+        return record.pgid is None or bool(group_members(record.pgid))
 
     def work(self, lease: Lease) -> Work:
         """What `gpu-agent run` says of the lease's work (fleet.commands.work), its run's

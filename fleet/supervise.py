@@ -60,9 +60,6 @@ class RunCommand:
     grace_s: float
     notice_s: float
     notice_signal: str  # a signal's name, SIGUSR1
-    # given to the run (`run --allocation`), not requested by it: left to its owner when the
-    # command ends, and no `run --resume` carries it on (recorded only to stop its command)
-    given: bool = False
 
     @property
     def signal(self) -> signal.Signals:

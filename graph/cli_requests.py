@@ -419,9 +419,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with sigterm_as_ctrl_c(), open_orchestrator(args, create=request is not None) as orch:
         if request is None:
-            report = run_on(
-                orch, args.allocation, argv, grace_s=args.grace, owned=False, say=_say, **notice
-            )
+            report = run_on(orch, args.allocation, argv, grace_s=args.grace, say=_say, **notice)
         else:
             report = request_and_run(
                 orch, request, argv, grace_s=args.grace, say=_say, requeue=args.requeue, **notice

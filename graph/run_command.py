@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import FrameType
 
+from fleet.commands import Claim
 from fleet.errors import Denied, Interrupted, InvalidInput, NotPlaced
 from fleet.faults import RUN_PLACED, RUN_STARTED, fault
 from fleet.ledger import Ledger
@@ -163,50 +164,77 @@ def run_on(
     argv: Sequence[str],
     *,
     grace_s: float,
-    owned: bool,
     say: Callable[[str], None] = print,
     notice_s: float = NOTICE_S,
     notice_signal: signal.Signals = NOTICE_SIGNAL,
 ) -> RunReport:
-    """Run `argv` on an active allocation until it exits or the allocation ends; `notice_s`
-    (clock) seconds before the allocation's deadline (its lease end, or where its budget
-    runs out) the command gets `notice_signal`, once, to checkpoint, as Slurm's --signal."""
+    """Run `argv` on an active allocation it was given (`run --allocation`: left to its
+    owner when the command ends) until it exits or the allocation ends; `notice_s` (clock)
+    seconds before the allocation's deadline (its lease end, or where its budget runs out)
+    the command gets `notice_signal`, once, to checkpoint, as Slurm's --signal. One command
+    at a time on an allocation (_claim)."""
     check_startable(argv, os.environ)
     row = orch.services.ledger.get(allocation_id)
     orch.identity.check_sees(row.project, f"no allocation {allocation_id!r}")
     if row.state != "active":
         raise InvalidInput(f"allocation {allocation_id} is {row.state}, not active")
     monitors = Monitors(orch.services.ledger)
-    if not owned and not monitors.alive(monitors.get(allocation_id)):
+    if not monitors.alive(monitors.get(allocation_id)):
         say(
             f"nobody monitors allocation {allocation_id}: it will not be released for idling "
             f"until a worker or `gpu-agent resume {shlex.quote(row.thread_id)}` adopts it"
         )
-    command = RunCommand(
-        list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name, given=not owned
-    )
+    command = RunCommand(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
-    if not owned:
-        _record_given(orch.services, allocation_id, charge.owner, command)
+    svc = orch.services
+    claim = _claim(svc, allocation_id, charge.owner)
+    _record_given(svc, allocation_id, charge.owner, command, claim)
     with _signals() as got:  # from before the start: a Ctrl-C then stops the command too
-        proc = _start(orch, row, command, charge)
-        return _supervise(orch, row, proc, command, charge, owned, got)
+        try:
+            proc = _start(orch, row, command, charge)
+        except BaseException:
+            svc.commands.unclaim(allocation_id, charge.owner, claim)
+            raise
+        return _supervise(orch, row, proc, command, charge, False, got)
 
 
-def _record_given(svc: Services, aid: str, owner: str, command: RunCommand) -> None:
+def _claim(svc: Services, aid: str, owner: str) -> Claim:
+    """The allocation's command is `owner`'s from now on. Refused where a living `gpu-agent
+    run` runs one there, or a command a dead one left still runs here: the monitor reads one
+    command an allocation (the second's exit would say the first's work was done), and a
+    release stops the one it knows."""
+    left = left_running(svc.ledger, aid)
+    if left is not None:
+        raise InvalidInput(
+            f"allocation {aid} still runs the command a `gpu-agent run` left when it died "
+            f"(process group {left.record.pgid}): release the allocation to stop it"
+            + ("" if left.record.given else f", or `gpu-agent run --resume {aid}` to carry it on")
+        )
+    stale = svc.config.monitor.heartbeat_stale_seconds
+    claim = svc.commands.claim(aid, owner, svc.clock.now(), stale)
+    if claim.holder is not None:
+        raise InvalidInput(
+            f"allocation {aid} already runs a command under gpu-agent "
+            f"{describe_owner(claim.holder)}: one command at a time; wait for it to end, or "
+            "release the allocation"
+        )
+    return claim
+
+
+def _record_given(svc: Services, aid: str, owner: str, command: RunCommand, claim: Claim) -> None:
     """Record the command of a `run --allocation` as a requested run's is (its process group
     once started), so that whoever ends the allocation after this process died stops it
     (fleet.left_running): where the allocation has no record, or the record of an earlier
     `run --allocation` whose command is over (it exited, or its run died here and left
-    nothing running). A record still in another run's charge stays as it is."""
+    nothing running: `claim` says what the allocation's command was). A record another run
+    keeps (a requested run's; another host's that died) stays as it is."""
     record = svc.ledger.run_record(aid)
     if record is None:
         svc.ledger.record_given(aid, owner, asdict(command), None)
         return
-    lease = svc.ledger.lease(aid)
-    exited = lease.command_owner == record.owner and lease.command_ended_at is not None
-    died_here = gone_here(record.owner) and left_running(svc.ledger, aid) is None
-    if RunCommand.read(record.command).given and (exited or died_here):
+    was = claim.was
+    exited = was is not None and was[1] == record.owner and was[3] is not None
+    if record.given and (exited or gone_here(record.owner)):
         svc.ledger.record_given(aid, owner, asdict(command), record.owner)
 
 
@@ -270,7 +298,9 @@ def _supervise(
         seen = {proc.pid}
         ended_by = "command"
         # when the command was last told (also by the `run` before this one): not twice
-        told_at = recorded.noticed_at if recorded is not None else None
+        told_at = None
+        if recorded is not None and recorded.owner == charge.owner:
+            told_at = recorded.noticed_at
         while not proc.exited():
             seen.update(proc.members())
             lease = svc.ledger.lease(aid)
@@ -318,7 +348,7 @@ def _supervise(
         stopped = proc.stop(command.grace_s)  # also what the command left behind when it exited
         code = proc.returncode()
         if ended_by == "command":  # the work is done: idle time from now on is hoarding
-            svc.commands.ended(aid, svc.clock.now(), code)
+            svc.commands.ended(aid, charge.owner, svc.clock.now(), code)
     finally:
         beats.close()
         svc.supervising(aid, None)
@@ -560,7 +590,7 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
         raise InvalidInput(missing)
     orch.identity.check_sees(ledger.get(chain[0].allocation_id).project, missing)
     last = chain[-1]
-    if RunCommand.read(last.command).given:
+    if last.given:
         raise InvalidInput(
             f"allocation {aid} was given to `gpu-agent run --allocation`, which leaves it to "
             "its owner: nothing to resume"

@@ -60,15 +60,8 @@ def deallocate(state: State, runtime: Runtime[Context]) -> State:
         said = still_running(allocation.id)
         events.append(Event(at=release.released_at, kind=EventKind.COMMAND, message=said))
     if stopped is not None:
-        how = "SIGTERM, then SIGKILL" if stopped.killed else "SIGTERM"
-        events.append(
-            Event(
-                at=release.released_at,
-                kind=EventKind.COMMAND,
-                message=f"the command a `gpu-agent run` that died left running was stopped "
-                f"({how}); `gpu-agent run --resume {allocation.id}` carries its work on",
-            )
-        )
+        said = stopped.said(allocation.id)
+        events.append(Event(at=release.released_at, kind=EventKind.COMMAND, message=said))
     return {
         "status": Status.RELEASED,
         "reason": release.said,

@@ -150,7 +150,7 @@ def run_gpu_agent(
             services.commands.started(allocation.id, RUNNER, run.segments[0].start)
             engine.call_at(
                 work_done_at(run.segments),
-                lambda: services.commands.ended(allocation.id, clock.now(), 0),
+                lambda: services.commands.ended(allocation.id, RUNNER, clock.now(), 0),
             )
         engine.call_at(run.segments[-1].end, lambda: _user_release(allocation.id))
 

@@ -19,10 +19,12 @@ from fleet.commands import Commands, work
 from fleet.config import FleetConfig, load_fleet
 from fleet.ledger import Ledger
 from fleet.ledger.rows import Resumed
+from fleet.left_running import Ended
 from fleet.models import GPURequest, ReleaseReason, RouteDecision
 from fleet.monitors import new_owner
 from fleet.routing import route
 from fleet.simulated import SimulatedFleet
+from fleet.supervise import Stopped
 from fleet.topology import Topology
 from graph.run_command import requeues
 from tests.conftest import run_cli
@@ -50,12 +52,15 @@ def dead_owner() -> str:
 def test_a_command_runs_then_its_exit_says_the_work_is_done(ledger: Ledger) -> None:
     commands, aid = Commands(ledger), place(ledger, "t1")
     assert work(ledger.lease(aid), STALE) == "unknown"  # nothing known: idleness decides
-    commands.started(aid, new_owner("run"), T0)
+    owner = new_owner("run")
+    commands.started(aid, owner, T0)
     assert work(ledger.lease(aid), STALE) == "running"
-    commands.ended(aid, T0 + 60, 0)
+    commands.ended(aid, "h:1:earlier:run", T0 + 30, 0)  # another run's exit says nothing
+    assert work(ledger.lease(aid), STALE) == "running"
+    commands.ended(aid, owner, T0 + 60, 0)
     lease = ledger.lease(aid)
     assert work(lease, STALE) == "done" and lease.command_ended_at == T0 + 60
-    commands.ended(aid, T0 + 90, 1)  # once: the first exit stands
+    commands.ended(aid, owner, T0 + 90, 1)  # once: the first exit stands
     assert ledger.lease(aid).command_ended_at == T0 + 60
     commands.started(aid, new_owner("run"), T0 + 120)  # a second command on it
     assert work(ledger.lease(aid), STALE) == "running"
@@ -92,6 +97,46 @@ def test_a_run_on_another_host_shields_only_while_it_beats(ledger: Ledger) -> No
             time.sleep(0.01)
     ledger.db.liveness("UPDATE commands SET beat_at=NULL WHERE allocation_id=?", (aid,))
     assert work(ledger.lease(aid), STALE) == "unknown"  # a run from before the beats
+
+
+def test_one_command_at_a_time_and_a_claim_whose_command_never_started_is_undone(
+    ledger: Ledger,
+) -> None:
+    """A second `run` on an allocation whose command a living run supervises is refused (the
+    second's exit would tell the monitor the first's work was done); once that run died or
+    its command exited, another may claim it. A claim whose command then fails to start puts
+    back what the allocation's command was."""
+    commands, aid, fresh = Commands(ledger), place(ledger, "t4"), place(ledger, "t5")
+    first, second = new_owner("run"), new_owner("run")
+    assert commands.claim(aid, first, T0, STALE).holder is None
+    assert commands.claim(aid, second, T0 + 1, STALE).holder == first
+    assert ledger.lease(aid).command_owner == first
+    commands.ended(aid, first, T0 + 60, 0)
+    claim = commands.claim(aid, second, T0 + 61, STALE)
+    assert claim.holder is None and ledger.lease(aid).command_owner == second
+    commands.unclaim(aid, second, claim)  # its command never started
+    lease = ledger.lease(aid)
+    assert (lease.command_owner, lease.command_ended_at) == (first, T0 + 60)
+    assert work(lease, STALE) == "done"
+    dead = dead_owner()
+    commands.started(fresh, dead, T0)
+    claim = commands.claim(fresh, second, T0 + 1, STALE)  # its run died
+    assert claim.holder is None and ledger.lease(fresh).command_owner == second
+    commands.unclaim(fresh, second, claim)
+    assert ledger.lease(fresh).command_owner == dead
+    none = place(ledger, "t6")
+    commands.unclaim(none, second, commands.claim(none, second, T0, STALE))
+    assert ledger.lease(none).command_owner is None
+
+
+def test_a_stopped_leftover_points_to_resume_only_where_there_is_a_run_to_resume() -> None:
+    stopped = Stopped(terminated=True, killed=False, leftover=[])
+    assert (
+        Ended(stopped, given=False)
+        .said("a-1")
+        .endswith("`gpu-agent run --resume a-1` carries its work on")
+    )
+    assert "resume" not in Ended(stopped, given=True).said("a-1")
 
 
 def test_run_on_a_given_allocation_records_its_command(tmp_path: Path) -> None:
@@ -152,11 +197,12 @@ def test_the_record_counts_only_what_was_held_with_no_work_left(ledger: Ledger) 
     longer; not the allocation, and nothing when neither is known."""
     commands = Commands(ledger)
     exited, idle, both, neither = (place(ledger, f"h{i}") for i in range(4))
-    commands.started(exited, new_owner("run"), T0)
-    commands.ended(exited, T0 + 1800, 0)
+    owner = new_owner("run")
+    commands.started(exited, owner, T0)
+    commands.ended(exited, owner, T0 + 1800, 0)
     ledger.heartbeat(idle, T0 + 2400, 40, 800.0, 40, 0.0, idle_since=T0 + 2700)
-    commands.started(both, new_owner("run"), T0)
-    commands.ended(both, T0 + 2700, 0)
+    commands.started(both, owner, T0)
+    commands.ended(both, owner, T0 + 2700, 0)
     ledger.heartbeat(both, T0 + 2400, 40, 800.0, 40, 0.0, idle_since=T0 + 1800)
     for aid in (exited, idle, both, neither):
         ledger.release(aid, ReleaseReason.IDLE, T0 + 3600)

@@ -346,6 +346,33 @@ def test_a_version_9_ledger_gains_the_runs_beats(
         ledger.close()
 
 
+def test_a_version_10_ledger_gains_the_given_runs(
+    fx: Fixture, database: str, config: FleetConfig
+) -> None:
+    """Version 11 adds runs.given (`run --allocation` is recorded too); a run recorded before
+    it was one that requested its allocation."""
+    aid, other = fx.place("t1").row.id, fx.place("t2").row.id
+    fx.ledger.record_run(aid, "h:1:x:run", {"argv": ["true"]}, 0)
+    with fx.ledger.transaction() as db:
+        db.execute("ALTER TABLE runs DROP COLUMN given")
+        db.execute("UPDATE meta SET value='10' WHERE key='schema_version'")
+    fx.ledger.close()
+    ledger = Ledger(database, config)
+    try:
+        with ledger.reading() as db:
+            assert "given" in ledger.db.columns(db, "runs")
+            assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+        record = ledger.run_record(aid)
+        assert record is not None and record.given is False
+        assert ledger.record_given(other, "h:2:y:run", {"argv": ["true"]}, None)
+        assert ledger.record_given(other, "h:3:z:run", {"argv": ["true"]}, None) is False
+        given = ledger.run_record(other)
+        assert given is not None and given.given and given.owner == "h:2:y:run"
+        assert ledger.record_given(aid, "h:3:z:run", {}, "h:1:x:run") is False  # requested
+    finally:
+        ledger.close()
+
+
 def test_a_scheduler_job_is_recorded_once_per_allocation(fx: Fixture) -> None:
     row = fx.place("t1").row
     assert row is not None and fx.ledger.scheduler_job(row.id) is None

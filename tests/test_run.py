@@ -564,7 +564,6 @@ def run_driven(
         aid,
         [sys.executable, "-c", READY, str(log)],
         grace_s=10,
-        owned=False,
         say=say,
         notice_s=30,
     )
@@ -938,14 +937,18 @@ def test_a_lease_end_another_process_monitors_waits_for_the_run_on_it(tmp_path: 
 SLEEPS = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)"
 
 
+@pytest.mark.parametrize("named", [True, False])
 def test_a_release_after_a_killed_run_allocation_stops_the_command_it_left(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], named: bool
 ) -> None:
     """`run --allocation` is SIGKILLed; its command (in a session of its own) runs on. It
     recorded no process group, so a release freed the GPUs with the command still on them
     (later: said it might still run). Now it is recorded as a given run's (after an earlier
     `run --allocation` on the same allocation whose command exited): the release stops the
-    command first and says nothing of it, and `run --resume` leaves a given allocation be."""
+    command first and says nothing of it, and `run --resume` leaves a given allocation be.
+    One command at a time: a second `run` beside it, or beside what it left, is refused. A
+    command that hides which allocation it runs on (its environment no longer names it) is
+    left alone, and the release says it may still run."""
     from graph.cli import main
 
     pid, state = tmp_path / "pid", tmp_path / "s"
@@ -957,26 +960,37 @@ def test_a_release_after_a_killed_run_allocation_stops_the_command_it_left(
         "run", *opts, "--allocation", aid, "--", sys.executable, "-c", "pass", cwd=tmp_path
     )
     assert first.returncode == 0, first.stderr
+    hide = [] if named else ["env", "-u", "GPU_AGENT_ALLOCATION"]
     run = subprocess.Popen(
-        [sys.executable, "-m", "graph.cli", "run", *opts, "--allocation", aid, "--",
+        [sys.executable, "-m", "graph.cli", "run", *opts, "--allocation", aid, "--", *hide,
          sys.executable, "-c", SLEEPS, str(pid)],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    beside = ["run", *opts, "--allocation", aid, "--json", "--", "true"]
     try:
         deadline = time.monotonic() + 60
         while not (pid.exists() and pid.read_text()):
             assert time.monotonic() < deadline, "the command never started"
             time.sleep(0.05)
+        assert main(beside) == 2
+        assert (
+            "already runs a command under gpu-agent" in json.loads(capsys.readouterr()[0])["error"]
+        )
         run.kill()
         run.wait(timeout=30)
         assert alive(int(pid.read_text()))  # the run's death left it running
         assert main(["run", *opts, "--resume", aid, "--json"]) == 2
-        out, err = capsys.readouterr()
-        assert "given to `gpu-agent run --allocation`" in json.loads(out)["error"]
+        assert (
+            "given to `gpu-agent run --allocation`" in json.loads(capsys.readouterr()[0])["error"]
+        )
+        if named:
+            assert main(beside) == 2
+            assert "left when it died" in json.loads(capsys.readouterr()[0])["error"]
         assert main(["release", *opts, aid, "--json"]) == 0
         out, err = capsys.readouterr()
-        assert json.loads(out)["command_may_still_run"] is False and err == ""
-        assert not alive(int(pid.read_text()))
+        assert json.loads(out)["command_may_still_run"] is not named
+        assert (err == "") is named
+        assert alive(int(pid.read_text())) is not named
     finally:
         run.kill()
         if pid.exists() and pid.read_text() and alive(int(pid.read_text())):

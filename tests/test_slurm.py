@@ -266,7 +266,7 @@ def test_status_says_an_allocation_whose_work_gpu_agent_runs_also_ends_with_it(
     watching = threading.Thread(target=watch)
     watching.start()
     try:  # in the main thread: `run` handles SIGINT and SIGTERM
-        report = run_on(orch, aid, ["sleep", "60"], grace_s=1, owned=False, say=lambda _: None)
+        report = run_on(orch, aid, ["sleep", "60"], grace_s=1, say=lambda _: None)
     finally:
         watching.join(60)
     assert seen == ["lease and budget; released when its `gpu-agent run` command ends"]

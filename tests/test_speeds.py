@@ -169,9 +169,10 @@ def ran(
     aid, end = placed.row.id, T0 + hours * 3600
     if resumes is not None:  # as the allocate node marks it
         ledger.resume(resumes, aid, T0, T0)
-    Commands(ledger).started(aid, new_owner("run"), T0)
+    owner = new_owner("run")
+    Commands(ledger).started(aid, owner, T0)
     if exit_code is not None:
-        Commands(ledger).ended(aid, end, exit_code)
+        Commands(ledger).ended(aid, owner, end, exit_code)
     ledger.release(aid, ReleaseReason.COMMAND_EXIT, end)
     return aid
 

@@ -21,6 +21,7 @@ from fleet.ledger.schema import (
     V8,
     V9_COLUMNS,
     V10_COLUMNS,
+    V11_COLUMNS,
 )
 from fleet.ledger.threads import JOB
 from fleet.models import ReleaseReason
@@ -78,6 +79,8 @@ class Migrations(ProjectRecord):
                 self._add_columns(db, V9_COLUMNS)
             if version < 10:
                 self._add_columns(db, V10_COLUMNS)
+            if version < 11:
+                self._add_columns(db, V11_COLUMNS)
             if version < SCHEMA_VERSION:
                 db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)

@@ -1,7 +1,7 @@
 """What `gpu-agent run` must outlive its own process for (graph.run_command): per
 allocation, the `run` process in charge, the command, the requeues left, the command's process
 group, and the allocation that resumes this one once it was yielded or lost. A `run
---allocation` is recorded too (no requeue, its command `given`), so that whoever ends the
+--allocation` is recorded too (given: no requeue, nothing to resume), so that whoever ends the
 allocation after it died stops its command (fleet.left_running).
 
 A requeue is made exactly once, whoever asks first (the `run` that started the command, or a
@@ -23,7 +23,10 @@ from fleet.ledger.store import Store
 from fleet.models import GPURequest, utc
 from fleet.sql import Conn
 
-RUN = "SELECT allocation_id, owner, command, requeues_left, pgid, noticed_at, successor FROM runs"
+RUN = (
+    "SELECT allocation_id, owner, command, requeues_left, pgid, noticed_at, successor, given "
+    "FROM runs"
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class RunRecord:
     pgid: int | None  # the command's process group on the owner's host, once started
     noticed_at: float | None  # when the command was sent its checkpoint notice here
     successor: str | None  # the allocation that resumes this one (set once)
+    given: bool  # `run --allocation`: left to its owner, nothing to resume or requeue
 
 
 def _record(r: Any) -> RunRecord:
@@ -48,6 +52,7 @@ def _record(r: Any) -> RunRecord:
         None if r[4] is None else int(r[4]),
         None if r[5] is None else float(r[5]),
         None if r[6] is None else str(r[6]),
+        bool(r[7]),
     )
 
 
@@ -87,14 +92,14 @@ class Runs(Store):
         with self.transaction(f"run:{aid}") as db:
             if replacing is None:
                 sql = (
-                    "INSERT INTO runs (allocation_id, owner, command, requeues_left) "
-                    "VALUES (?, ?, ?, 0) ON CONFLICT (allocation_id) DO NOTHING"
+                    "INSERT INTO runs (allocation_id, owner, command, requeues_left, given) "
+                    "VALUES (?, ?, ?, 0, 1) ON CONFLICT (allocation_id) DO NOTHING"
                 )
                 args: tuple[object, ...] = (aid, owner, json.dumps(command))
             else:
                 sql = (
                     "UPDATE runs SET owner=?, command=?, pgid=NULL, noticed_at=NULL "
-                    "WHERE allocation_id=? AND owner=?"
+                    "WHERE allocation_id=? AND owner=? AND given=1"
                 )
                 args = (owner, json.dumps(command), aid, replacing)
             return bool(db.execute(sql, args).rowcount)

@@ -12,7 +12,8 @@ from __future__ import annotations
 # 8: threads (the request each caller-named thread was started for, and by whom)
 # 9: allocations.renew_hours (a lease held a term at a time, renewed while its GPUs work)
 # 10: commands.beat_at (the `gpu-agent run` in charge of a command beats while it supervises it)
-SCHEMA_VERSION = 10
+# 11: runs.given (`run --allocation` is recorded too, so that its command is stopped if it dies)
+SCHEMA_VERSION = 11
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -191,10 +192,10 @@ CREATE TABLE IF NOT EXISTS scheduler_jobs (
     started_at REAL NOT NULL
 );
 """
-# `gpu-agent run --requeue`, per allocation its command ran (or will run) on: the `run` process
-# in charge (fleet.monitors.new_owner), the command (JSON), the requeues left, the command's
-# process group, whether its checkpoint notice was sent, and the allocation that resumes this
-# one, set once (fleet.ledger.runs)
+# `gpu-agent run`, per allocation its command ran (or will run) on: the `run` process in charge
+# (fleet.monitors.new_owner), the command (JSON), the requeues left, the command's process
+# group, whether its checkpoint notice was sent, the allocation that resumes this one, set
+# once, and whether the allocation was given to the run (fleet.ledger.runs)
 V7 = """
 CREATE TABLE IF NOT EXISTS runs (
     allocation_id TEXT PRIMARY KEY,
@@ -203,7 +204,8 @@ CREATE TABLE IF NOT EXISTS runs (
     requeues_left INTEGER NOT NULL CHECK (requeues_left >= 0),
     pgid INTEGER,
     noticed_at REAL,
-    successor TEXT UNIQUE
+    successor TEXT UNIQUE,
+    given INTEGER NOT NULL DEFAULT 0
 );
 """
 # a thread named by its caller (`--thread-id`), claimed before its request runs: the process
@@ -224,6 +226,9 @@ V9_COLUMNS = {"allocations": ["renew_hours REAL"]}
 # the wall-clock time the `run` in charge of an allocation's command last said it lives: seen
 # from another host, where its PID says nothing, its beats do (fleet.commands.run_lives)
 V10_COLUMNS = {"commands": ["beat_at REAL"]}
+# a run on an allocation it was given (`run --allocation`), not requested: recorded only so that
+# whoever ends the allocation after it died stops its command; nothing to resume or requeue
+V11_COLUMNS = {"runs": ["given INTEGER NOT NULL DEFAULT 0"]}
 TABLES = (
     "meta",
     "allocations",
