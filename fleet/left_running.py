@@ -53,8 +53,8 @@ def notice_if_due(ledger: Ledger, aid: str, lease: Lease, now: float) -> bool:
     if left is None or left.record.noticed_at is not None:
         return False
     notice = left.command.notice_s
-    if notice <= 0 or lease.deadline is None or now < lease.deadline - notice:
-        return False
+    if notice <= 0 or lease.deadline is None or not lease.deadline - notice <= now < lease.deadline:
+        return False  # not due yet, or the deadline passed: the end comes with no notice
     left.group.signal(left.command.signal)
     ledger.noticed(aid, left.record.owner, now)
     return True

@@ -107,6 +107,11 @@ def decided_at(term_end: float, term_h: float, lead_s: float) -> float:
     return max(term_end - lead_s, term_end - term_h * 1800.0)
 
 
+# how late, in ticks, a tick may land and still be the term's first (renewal_reason): on the
+# virtual clock ticks land on time, so no figure moves; the next tick is a whole tick later
+TICK_SLACK = 0.5
+
+
 def renews(state: MonitorState, settings: MonitorSettings, now: float, term_began: float) -> bool:
     """Whether a lease held a term at a time is renewed at `now`, near the end of the term
     that began at `term_began` (renewal_reason)."""
@@ -121,11 +126,13 @@ def renewal_reason(
     goes on while they look idle), or where every GPU has been idle since the term's first
     tick for no longer than `pause_factor` x the longest pause the work came back from; and
     where the work's idleness misled once (`guard_spared`: it resumes work an idle release
-    or a declined term ended), whatever its GPUs do."""
+    or a declined term ended), whatever its GPUs do. The first tick is the one within a
+    tick and TICK_SLACK of the term's start: a real clock's ticks land late (a sleep
+    overshoots), and one that read idle a moment past the tick is no sign of work."""
     if state.idle_since is None:
         return "its GPUs work"
     since = state.idle_since.timestamp()
-    if since > term_began + settings.tick_seconds:
+    if since > term_began + (1 + TICK_SLACK) * settings.tick_seconds:
         return "its GPUs work"
     if state.works_while_idle:
         return "its work goes on while its GPUs look idle"

@@ -309,6 +309,11 @@ def _supervise(
                 assert lease.release_reason is not None
                 ended_by = lease.release_reason.value
                 break
+            if lease.deadline is not None and now >= lease.deadline:
+                assert lease.deadline_reason is not None  # nobody released it on time: we do
+                lease_end = (lease.deadline_reason, lease.deadline)
+                ended_by = lease.deadline_reason.value
+                break  # no notice once the deadline passed (a release from afar ends it now)
             if (
                 notice_s > 0
                 and lease.deadline is not None
@@ -325,11 +330,6 @@ def _supervise(
                     f"({lease.deadline_reason.value}): {command.notice_signal} sent to the "
                     "command to checkpoint"
                 )
-            if lease.deadline is not None and now >= lease.deadline:
-                assert lease.deadline_reason is not None  # nobody released it on time: we do
-                lease_end = (lease.deadline_reason, lease.deadline)
-                ended_by = lease.deadline_reason.value
-                break
             if got:
                 ended_by = "signal"
                 break

@@ -129,21 +129,26 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
         assert mon.idle_since is not None
         idle = (now - mon.idle_since.timestamp()) / 3600.0
         why = f"every GPU idle for {idle:.2f} h, all its {term}; it ends at {ends}"
-        svc.ledger.decline(aid, row.lease_end, now, why)
-        return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
+        if svc.ledger.decline(aid, row.lease_end, now, why):
+            return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
+        return _set_meanwhile(now)
     done = svc.ledger.renew(aid, row.lease_end, now, f"{why} (a {term})")
     if done is None:  # its end was set meanwhile, or the term declined before a restart
-        why = (
-            "its end was set meanwhile (a budget, a preemption, a release, or its monitor "
-            "declining the term before a restart)"
-        )
-        return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
+        return _set_meanwhile(now)
     svc.moved(done.moved)
     svc.follow(aid, done.deadline)  # a scheduler's time limit covers the new term
     message = f"lease renewed to {utc(done.lease_end):%Y-%m-%d %H:%M:%S} UTC: {why}"
     if done.deadline < done.lease_end:
         message += f"; its budget ends it at {utc(done.deadline):%Y-%m-%d %H:%M:%S} UTC"
     return Event(at=utc(now), kind=EventKind.LEASE, message=message)
+
+
+def _set_meanwhile(now: float) -> Event:
+    why = (
+        "its end was set meanwhile (a budget, a preemption, a release, or its monitor "
+        "declining the term before a restart)"
+    )
+    return Event(at=utc(now), kind=EventKind.LEASE, message=f"lease not renewed: {why}")
 
 
 def _last(state: State, settings: MonitorSettings) -> Readings | None:

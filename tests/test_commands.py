@@ -347,9 +347,11 @@ def test_a_term_not_renewed_spares_the_work_that_resumes_it(ledger: Ledger) -> N
     ledger.release(whole, ReleaseReason.LEASE_EXPIRED, T0 + 3600)
     assert not ledger.resume(whole, next_, T0 + 3700, T0 + 3700).idle_released
     down, later = place(ledger, "h0", renew_hours=0.25), place(ledger, "h1")  # declined,
-    ledger.decline(down, T0 + 900, T0 + 840, "every GPU idle")  # then ended while none watched
-    ledger.release(down, ReleaseReason.EXPIRED_WHILE_DOWN, T0 + 900)
-    assert ledger.resume(down, later, T0 + 1000, T0 + 1000).idle_released
+    end = ledger.lease(down).lease_end  # (placed once the GPUs above are back)
+    assert end is not None
+    assert ledger.decline(down, end, end - 60, "every GPU idle")  # then ended while none
+    ledger.release(down, ReleaseReason.EXPIRED_WHILE_DOWN, end)  # watched
+    assert ledger.resume(down, later, end + 100, end + 100).idle_released
 
 
 def test_run_requeues_a_lease_that_ran_out_but_not_a_term_its_monitor_declined(

@@ -466,6 +466,10 @@ def test_a_term_is_renewed_unless_its_gpus_sat_idle_all_of_it_and_past_any_pause
     assert renews(MonitorState(), m, now, began)  # it works
     idle = MonitorState(idle_since=utc(began + 60))  # idle from the term's first tick
     assert not renews(idle, m, now, began)
+    # a real clock's first tick lands a moment late: still idle from the first tick (a strict
+    # comparison renewed such a term as worked, so a hung command held two terms)
+    assert not renews(MonitorState(idle_since=utc(began + 60.001)), m, now, began)
+    assert not renews(MonitorState(idle_since=utc(began + 89)), m, now, began)
     assert renews(MonitorState(idle_since=utc(began + 120)), m, now, began)  # it worked
     came_back = idle.model_copy(update={"longest_pause_s": 2400.0})  # 40 min x 1.5 > 58 min
     assert renews(came_back, m, now, began)

@@ -674,11 +674,28 @@ def test_a_term_declined_stays_declined_when_a_restarted_monitor_decides_it_agai
     h = 3600.0
     row = fx.place("t1", renew_hours=0.75).row
     assert row is not None
-    fx.ledger.decline(row.id, T0 + 0.75 * h, T0 + 0.7 * h, "every GPU idle")
+    assert fx.ledger.decline(row.id, T0 + 0.75 * h, T0 + 0.7 * h, "every GPU idle")
     assert fx.ledger.renew(row.id, T0 + 0.75 * h, T0 + 0.71 * h, "its GPUs work") is None
     assert lease_of(fx, row.id) == (T0 + 0.75 * h, T0 + 0.75 * h, "lease-expired", 0.75)
     actions = [e.action for e in fx.ledger.audit_log("p")]
     assert actions.count("not-renewed") == 1 and "renew" not in actions
+
+
+def test_a_term_whose_end_was_set_meanwhile_is_not_declined(fx: Fixture) -> None:
+    """A release, a budget or a preemption that lands between the monitor's read of the
+    lease and its decision ends the allocation, not a declined term: a decline then records
+    nothing (it did, and so spared the work that resumed a release and refused a requeue)."""
+    h = 3600.0
+    released, cut = (fx.place(t, renew_hours=0.75).row for t in ("t1", "t2"))
+    assert released is not None and cut is not None
+    fx.ledger.release(released.id, ReleaseReason.EXPLICIT, T0 + 0.7 * h)
+    assert not fx.ledger.decline(released.id, T0 + 0.75 * h, T0 + 0.7 * h, "every GPU idle")
+    assert not fx.ledger.declined(released.id)
+    fx.ledger.set_budget("p", 14.0, T0 + 0.6 * h)  # its budget ends it sooner
+    assert lease_of(fx, cut.id)[2] == "budget"
+    assert not fx.ledger.decline(cut.id, T0 + 0.75 * h, T0 + 0.7 * h, "every GPU idle")
+    assert not fx.ledger.declined(cut.id)
+    assert "not-renewed" not in [e.action for e in fx.ledger.audit_log("p")]
 
 
 def test_a_budget_commits_one_term_and_cuts_a_renewal_it_cannot_pay_for(fx: Fixture) -> None:

@@ -874,9 +874,11 @@ def can_unshare() -> bool:
 def reading_run(
     tmp_path: Path, grace: str, elsewhere: bool = False, **monitor: float
 ) -> tuple[subprocess.Popen[str], str, Path, str, Path]:
-    """`gpu-agent run` of READS_ON_TERM with `--grace` (on ANOTHER_HOST where `elsewhere`;
-    `monitor`: the fleet's settings), once its command is ready: the process, its
-    allocation's id, the state directory, the fleet file and the command's log."""
+    """`gpu-agent run` of READS_ON_TERM with `--grace` and `--notice 60` (its SIGUSR1 would
+    end the command: no notice is due before a release or the lease's end from afar), on
+    ANOTHER_HOST where `elsewhere` (`monitor`: the fleet's settings), once its command is
+    ready: the process, its allocation's id, the state directory, the fleet file and the
+    command's log."""
     if elsewhere and not can_unshare():
         pytest.skip("another host is a PID namespace of its own: unshare --pid needs root")
     log, state = tmp_path / "log", tmp_path / "s"
@@ -885,7 +887,7 @@ def reading_run(
         [
             *(ANOTHER_HOST if elsewhere else []), sys.executable, "-m", "graph.cli", "run",
             "--state-dir", str(state), "--fleet", fleet, "--project", "p", "--count", "1",
-            "--hours", "1", "--grace", grace, "--",
+            "--hours", "1", "--grace", grace, "--notice", "60", "--",
             sys.executable, "-c", READS_ON_TERM, str(log), str(state / "ledger.sqlite"),
         ],
         cwd=tmp_path,

@@ -95,16 +95,34 @@ class Renewing(Budgets):
         with self.reading() as db:
             return _declined(db, aid)
 
-    def decline(self, aid: str, lease_end: float, now: float, why: str) -> None:
+    def decline(self, aid: str, lease_end: float, now: float, why: str) -> bool:
         """Its monitor lets the term that ends at `lease_end` end (its GPUs looked idle all of
         it): audited once, so that the work that resumes it is not judged by its idling
         again (Ledger.resume), and so that a monitor that decides the term again after a
         restart cannot renew it (Renewing.renew): the lease ends at the term's end, the last
-        term an allocation has, so one entry per allocation says which."""
+        term an allocation has, so one entry per allocation says which. Whether it was
+        audited: not where that term is no longer open (a release, a budget or a preemption
+        set the end since the monitor read it: that end, not a declined term, ends it)."""
         with self.transaction() as db:
-            found = db.execute("SELECT project FROM allocations WHERE id=?", (aid,)).fetchone()
-            if found is None:
-                return
+            r = db.execute(
+                "SELECT project, state, lease_end, deadline, deadline_reason, renew_hours "
+                "FROM allocations WHERE id=?",
+                (aid,),
+            ).fetchone()
+            if r is None:
+                return False
+            reason = r["deadline_reason"]
+            if (
+                not term_open(
+                    r["state"],
+                    r["renew_hours"],
+                    r["lease_end"],
+                    r["deadline"],
+                    ReleaseReason(reason) if reason else None,
+                )
+                or abs(r["lease_end"] - lease_end) > EPS_S
+            ):
+                return False
             db.execute(
                 AUDIT,
                 (
@@ -112,11 +130,12 @@ class Renewing(Budgets):
                     now,
                     "gpu-agent",
                     NOT_RENEWED,
-                    found[0],
+                    r["project"],
                     aid,
                     f"lease not renewed past {utc(lease_end):%Y-%m-%d %H:%M:%S} UTC: {why}",
                 ),
             )
+        return True
 
 
 def _declined(db: Conn, aid: str) -> bool:
