@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fleet import names
 from fleet.access import (
@@ -62,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append("")
     lines.append(f"{len(live)} live allocation(s), {len(data['allocations']) - len(live)} released")
     for a in live:
-        until = f"until {a['deadline']}" if a["state"] == "active" else "waiting"
+        until = f"until {a['deadline']}{why_then(a)}" if a["state"] == "active" else "waiting"
         watched = f"monitored by {a['monitor']}" if a["monitored"] else "NOT MONITORED"
         job = a["job"]
         held = f"  Slurm job {job['job_id']} on {job['node']} (GPUs {job['gpus']})" if job else ""
@@ -73,6 +74,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     emit(args, data, "\n".join(lines))
     return 0
+
+
+def why_then(a: dict[str, Any]) -> str:
+    """Why a live allocation ends when `status` says: nothing for a lease that runs whole."""
+    if a["term_hours"] is not None:
+        return (
+            f" (a {a['term_hours']:g} h term, renewed while its GPUs work up to "
+            f"{a['lease_asked_end']})"
+        )
+    reason = a["deadline_reason"]
+    return "" if reason in (None, "lease-expired") else f" ({reason})"
 
 
 def _num(value: float | None, unit: str = "") -> str:

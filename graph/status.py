@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from fleet.ledger.rows import LedgerRow
+from fleet.ledger.rows import LedgerRow, term_open
 from fleet.models import utc
 from fleet.monitoring import OUTSIDE, condition
 from fleet.monitors import Monitors
@@ -33,6 +33,21 @@ def enforced(svc: Services, row: LedgerRow) -> str | None:
     if row.state == "active" and svc.work(svc.ledger.lease(row.id)) == "running":
         return "lease and budget; released when its `gpu-agent run` command ends"
     return "lease and budget only: no idle release (its work does not run under `gpu-agent run`)"
+
+
+def _ends(r: LedgerRow) -> dict[str, Any]:
+    """Why a live allocation ends at its deadline (its lease, a budget, a preemption, a
+    release asked), and where its lease is held a term at a time (term_open), the term and
+    the end of the lease asked, which renewals reach while its GPUs work."""
+    term = term_open(r.state, r.renew_hours, r.lease_end, r.deadline, r.deadline_reason)
+    asked = None if r.started_at is None else r.started_at + r.hours * 3600.0
+    return {
+        "deadline_reason": None
+        if r.state != "active" or r.deadline_reason is None
+        else r.deadline_reason.value,
+        "term_hours": r.renew_hours if term else None,
+        "lease_asked_end": utc(asked).isoformat() if term and asked is not None else None,
+    }
 
 
 def fleet_status(svc: Services) -> dict[str, Any]:
@@ -95,6 +110,7 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             "started_at": utc(r.started_at).isoformat() if r.started_at else None,
             "lease_end": utc(r.lease_end).isoformat() if r.lease_end else None,
             "deadline": utc(r.deadline).isoformat() if r.deadline else None,
+            **_ends(r),
             "released_at": utc(r.released_at).isoformat() if r.released_at else None,
             "reason": r.release_reason.value if r.release_reason else None,
             "cost_usd": r.cost_usd,

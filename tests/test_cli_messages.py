@@ -116,7 +116,10 @@ def test_a_lease_its_budget_cuts_short_says_when_the_budget_runs_out(tmp_path: P
     held, ends = cut["allocation"], cut["allocation"]["budget_end"]
     assert ends is not None and ends < held["lease_end"]
     status = json.loads(run_cli("status", "--json", *opts, cwd=tmp_path).stdout)
-    assert [a["deadline"] for a in status["allocations"] if a["state"] == "active"] == [ends]
+    (live,) = [a for a in status["allocations"] if a["state"] == "active"]
+    assert (live["deadline"], live["deadline_reason"], live["term_hours"]) == (ends, "budget", None)
+    shown = run_cli("status", *opts, cwd=tmp_path).stdout
+    assert f"until {ends} (budget)" in shown
     (placed,) = [e["message"] for e in cut["events"] if e["kind"] == "placed"]
     assert placed.endswith(f"; its project's budget runs out at {ends[:10]} {ends[11:16]} UTC")
     assert run_cli("release", held["id"], *opts, cwd=tmp_path).returncode == 0

@@ -41,7 +41,9 @@ from fleet.models import (
 from fleet.monitoring import IdlePolicy, idle_limit_s, renews
 from fleet.monitors import new_owner
 from fleet.routing import guarded
+from graph.cli_ledger import why_then
 from graph.outcome import lease_note
+from graph.status import fleet_status
 from graph.tools import gpu_tools
 from nodes.audit import recorded
 from nodes.monitor import _policy
@@ -518,6 +520,26 @@ def test_a_guarded_lease_is_renewed_a_term_at_a_time_while_its_gpus_work(
     audit = [e for e in ledger.audit_log("vision") if e.action == "renew"]
     assert len(audit) == 5 and {e.who for e in audit} == {"gpu-agent"}
     assert out.cost_usd == pytest.approx(row.price_per_hour * 2 * 6.0)
+
+
+def test_status_says_a_lease_is_held_a_term_at_a_time_and_to_when(
+    make_orch: OrchFactory,
+) -> None:
+    """`status` showed only the term's end, as if the lease ended there: now its JSON and
+    text say the term and the end of the lease asked, which renewals reach."""
+    orch = make_orch(small_config(council=LEASED_FLEET))
+    request = {"project": "vision", "purpose": "training", "count": 2, "duration_hours": 6}
+    out = orch.request(request, wait=False)
+    assert out.allocation is not None
+    (live,) = [a for a in fleet_status(orch.services)["allocations"] if a["state"] == "active"]
+    assert (live["term_hours"], live["deadline_reason"]) == (1.0, "lease-expired")
+    assert live["deadline"] == "2026-01-01T01:00:00+00:00"
+    assert live["lease_asked_end"] == "2026-01-01T06:00:00+00:00"
+    assert why_then(live) == (
+        " (a 1 h term, renewed while its GPUs work up to 2026-01-01T06:00:00+00:00)"
+    )
+    whole = {"term_hours": None, "deadline_reason": "lease-expired"}
+    assert why_then(whole) == "" and why_then(whole | {"deadline_reason": "budget"}) == " (budget)"
 
 
 def test_a_hung_command_loses_its_gpus_at_the_end_of_a_term_they_sat_idle(
