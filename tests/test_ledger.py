@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import sqlite3
@@ -332,16 +333,27 @@ def test_a_version_9_ledger_gains_the_runs_beats(
             "INSERT INTO commands (allocation_id, owner, started_at) VALUES (?, ?, ?)",
             (aid, "h:1:x:run", T0),
         )
-        db.execute("ALTER TABLE commands DROP COLUMN beat_at")
-        db.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
+    with reopened_at(fx, database, config, 9, "commands", "beat_at") as ledger:
+        lease = ledger.lease(aid)
+        assert lease.command_owner == "h:1:x:run" and lease.command_beat_at is None
+
+
+@contextlib.contextmanager
+def reopened_at(
+    fx: Fixture, database: str, config: FleetConfig, version: int, table: str, column: str
+) -> Iterator[Ledger]:
+    """The fixture's ledger as schema `version` left it (without `table.column`, which the
+    next version added), opened again: it has gained the column and the current version."""
+    with fx.ledger.transaction() as db:
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     fx.ledger.close()
     ledger = Ledger(database, config)
     try:
         with ledger.reading() as db:
-            assert "beat_at" in ledger.db.columns(db, "commands")
+            assert column in ledger.db.columns(db, table)
             assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
-        lease = ledger.lease(aid)
-        assert lease.command_owner == "h:1:x:run" and lease.command_beat_at is None
+        yield ledger
     finally:
         ledger.close()
 
@@ -353,15 +365,7 @@ def test_a_version_10_ledger_gains_the_given_runs(
     it was one that requested its allocation."""
     aid, other = fx.place("t1").row.id, fx.place("t2").row.id
     fx.ledger.record_run(aid, "h:1:x:run", {"argv": ["true"]}, 0)
-    with fx.ledger.transaction() as db:
-        db.execute("ALTER TABLE runs DROP COLUMN given")
-        db.execute("UPDATE meta SET value='10' WHERE key='schema_version'")
-    fx.ledger.close()
-    ledger = Ledger(database, config)
-    try:
-        with ledger.reading() as db:
-            assert "given" in ledger.db.columns(db, "runs")
-            assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+    with reopened_at(fx, database, config, 10, "runs", "given") as ledger:
         record = ledger.run_record(aid)
         assert record is not None and record.given is False
         assert ledger.record_given(other, "h:2:y:run", {"argv": ["true"]}, None)
@@ -369,8 +373,6 @@ def test_a_version_10_ledger_gains_the_given_runs(
         given = ledger.run_record(other)
         assert given is not None and given.given and given.owner == "h:2:y:run"
         assert ledger.record_given(aid, "h:3:z:run", {}, "h:1:x:run") is False  # requested
-    finally:
-        ledger.close()
 
 
 def test_a_scheduler_job_is_recorded_once_per_allocation(fx: Fixture) -> None:

@@ -5,6 +5,7 @@ in the same transaction as the other leases' deadlines, and the audit entry that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleet.budget import Moved
 from fleet.ledger.budgets import Budgets
@@ -53,18 +54,7 @@ class Renewing(Budgets):
                 "renew_hours FROM allocations WHERE id=?",
                 (aid,),
             ).fetchone()
-            reason = r["deadline_reason"]
-            if (
-                not term_open(
-                    r["state"],
-                    r["renew_hours"],
-                    r["lease_end"],
-                    r["deadline"],
-                    ReleaseReason(reason) if reason else None,
-                )
-                or abs(r["lease_end"] - lease_end) > EPS_S
-                or _declined(db, aid)
-            ):
+            if not _still_open(r, lease_end) or _declined(db, aid):
                 return None
             asked_end = r["started_at"] + r["hours"] * 3600.0
             end = min(lease_end + r["renew_hours"] * 3600.0, asked_end)
@@ -109,19 +99,7 @@ class Renewing(Budgets):
                 "FROM allocations WHERE id=?",
                 (aid,),
             ).fetchone()
-            if r is None:
-                return False
-            reason = r["deadline_reason"]
-            if (
-                not term_open(
-                    r["state"],
-                    r["renew_hours"],
-                    r["lease_end"],
-                    r["deadline"],
-                    ReleaseReason(reason) if reason else None,
-                )
-                or abs(r["lease_end"] - lease_end) > EPS_S
-            ):
+            if r is None or not _still_open(r, lease_end):
                 return False
             db.execute(
                 AUDIT,
@@ -136,6 +114,23 @@ class Renewing(Budgets):
                 ),
             )
         return True
+
+
+def _still_open(r: Any, lease_end: float) -> bool:
+    """Whether allocation row `r` (its state, lease_end, deadline, deadline_reason and
+    renew_hours) still holds the open term that ends at `lease_end` (term_open), the one its
+    monitor read: not where it ended, or a budget, a preemption or a release set its end."""
+    reason = r["deadline_reason"]
+    return (
+        term_open(
+            r["state"],
+            r["renew_hours"],
+            r["lease_end"],
+            r["deadline"],
+            ReleaseReason(reason) if reason else None,
+        )
+        and abs(r["lease_end"] - lease_end) <= EPS_S
+    )
 
 
 def _declined(db: Conn, aid: str) -> bool:
