@@ -394,11 +394,11 @@ class Services:
         still run: the caller should say so)."""
         asked, gave_up = self._end_command_first(allocation_id, reason, by or self.actor)
         end_with(self.ledger, allocation_id)
-        left = self._left_by_a_dead_run(allocation_id)
+        left = self.left_by_a_dead_run(allocation_id)
         release, here = self.release_once(allocation_id, reason, by=by)
         return release, here or asked, gave_up or left
 
-    def _left_by_a_dead_run(self, aid: str) -> bool:
+    def left_by_a_dead_run(self, aid: str) -> bool:
         """A `gpu-agent run` that died left a command on active allocation `aid` whose exit
         nobody saw and that nothing here could stop or see gone (another host's; a run whose
         process group was not recorded, as `run --allocation` before schema 11; or a group

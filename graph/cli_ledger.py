@@ -71,6 +71,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {a['id']}  {quoted(a['project']):<12} {a['state']:<7} {a['count']} x "
             f"{a['gpu_type']:<8} {until}  {watched}{held}"
             + (f"\n    enforced: {a['enforced']}" if a["enforced"] else "")
+            + (f"\n    command: {a['command']}" if a["command"] else "")
         )
     emit(args, data, "\n".join(lines))
     return 0

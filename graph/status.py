@@ -7,9 +7,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fleet.ledger.rows import LedgerRow, term_open
+from fleet.left_running import left_running
 from fleet.models import utc
 from fleet.monitoring import OUTSIDE, condition
-from fleet.monitors import Monitors
+from fleet.monitors import Monitors, describe_owner
 from fleet.services import Services
 
 
@@ -33,6 +34,31 @@ def enforced(svc: Services, row: LedgerRow) -> str | None:
     if row.state == "active" and svc.work(svc.ledger.lease(row.id)) == "running":
         return "lease and budget; released when its `gpu-agent run` command ends"
     return "lease and budget only: no idle release (its work does not run under `gpu-agent run`)"
+
+
+def command_of(svc: Services, row: LedgerRow) -> str | None:
+    """What `gpu-agent run` says of a live allocation's latest command (None: none ran
+    under it), so that a command a dead run left on its GPUs is seen."""
+    if row.state != "active":
+        return None
+    lease = svc.ledger.lease(row.id)
+    owner = lease.command_owner
+    if owner is None:
+        return None
+    run = f"gpu-agent {describe_owner(owner)}"
+    if lease.command_ended_at is not None:
+        return f"exited under {run}: its work is done"
+    if svc.work(lease) == "running":
+        return f"running under {run}"
+    left = left_running(svc.ledger, row.id)
+    if left is not None:
+        return (
+            f"left running by {run}, which died (process group {left.record.pgid}): its end "
+            "stops it"
+        )
+    if svc.left_by_a_dead_run(row.id):
+        return f"{run} died or went quiet: the command may still run, and nothing here stops it"
+    return f"ended with {run}, which died"
 
 
 def _ends(r: LedgerRow) -> dict[str, Any]:
@@ -125,6 +151,7 @@ def fleet_status(svc: Services) -> dict[str, Any]:
             "job": asdict(jobs[r.id]) if r.id in jobs else None,
             # what the monitor enforces on it, where that is less than everything
             "enforced": enforced(svc, r),
+            "command": command_of(svc, r),
         }
         for r in svc.ledger.allocations()
     ]

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -962,6 +963,13 @@ def test_a_release_after_a_killed_run_allocation_stops_the_command_it_left(
         "run", *opts, "--allocation", aid, "--", sys.executable, "-c", "pass", cwd=tmp_path
     )
     assert first.returncode == 0, first.stderr
+
+    def command() -> str:  # what `status` says of it
+        assert main(["status", *opts, "--json"]) == 0
+        (live,) = json.loads(capsys.readouterr()[0])["allocations"]
+        return str(live["command"])
+
+    assert command().startswith("exited under gpu-agent run pid")
     hide = [] if named else ["env", "-u", "GPU_AGENT_ALLOCATION"]
     run = subprocess.Popen(
         [sys.executable, "-m", "graph.cli", "run", *opts, "--allocation", aid, "--", *hide,
@@ -978,9 +986,16 @@ def test_a_release_after_a_killed_run_allocation_stops_the_command_it_left(
         assert (
             "already runs a command under gpu-agent" in json.loads(capsys.readouterr()[0])["error"]
         )
+        assert command() == f"running under gpu-agent run pid {run.pid} on {socket.gethostname()}"
         run.kill()
         run.wait(timeout=30)
         assert alive(int(pid.read_text()))  # the run's death left it running
+        said = command()
+        if named:
+            assert said.startswith(f"left running by gpu-agent run pid {run.pid} on ")
+            assert said.endswith(f"which died (process group {pid.read_text()}): its end stops it")
+        else:
+            assert said.endswith("the command may still run, and nothing here stops it")
         assert main(["run", *opts, "--resume", aid, "--json"]) == 2
         assert (
             "given to `gpu-agent run --allocation`" in json.loads(capsys.readouterr()[0])["error"]
