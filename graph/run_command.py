@@ -188,11 +188,11 @@ def run_on(
     charge = Charge(new_owner("run"), say)
     svc = orch.services
     claim = _claim(svc, allocation_id, charge.owner)
-    _record_given(svc, allocation_id, charge.owner, command, claim)
     with _signals() as got:  # from before the start: a Ctrl-C then stops the command too
         try:
+            _record_given(svc, allocation_id, charge.owner, command, claim)
             proc = _start(orch, row, command, charge)
-        except BaseException:
+        except BaseException:  # no command started: the allocation's is what it was
             svc.commands.unclaim(allocation_id, charge.owner, claim)
             raise
         return _supervise(orch, row, proc, command, charge, False, got)
