@@ -4,12 +4,13 @@ Whoever monitors the allocation on the command's host gives the command what its
 have: the checkpoint notice before the deadline (`--notice`), and its end with the allocation
 (SIGTERM, its grace, SIGKILL); a process that finds its lease ran out while nobody watched
 ends it before the release (reconcile). The ledger never then shows a GPU free while the
-command still runs on it.
+command still runs on it (where its environment still names the allocation: Adopted).
 
 Nothing here acts while the run lives, or where the command runs on another host: its
 owner is not known dead here (fleet.monitors.gone_here), or no process of this host was
 started for the allocation (fleet.supervise.Adopted). `run --resume` still carries the work
-on afterwards, from its checkpoint (a requeue).
+on afterwards, from its checkpoint (a requeue), unless the run was given its allocation
+(`run --allocation`).
 """
 
 from __future__ import annotations

@@ -126,9 +126,12 @@ def renewal_reason(
     goes on while they look idle), or where every GPU has been idle since the term's first
     tick for no longer than `pause_factor` x the longest pause the work came back from; and
     where the work's idleness misled once (`guard_spared`: it resumes work an idle release
-    or a declined term ended), whatever its GPUs do. The first tick is the one within a
-    tick and TICK_SLACK of the term's start: a real clock's ticks land late (a sleep
-    overshoots), and one that read idle a moment past the tick is no sign of work."""
+    or a declined term ended), whatever its GPUs do. Idle since the term's first tick means
+    idle since within a tick and TICK_SLACK of the term's start: a real clock's ticks land
+    late (a sleep overshoots), and one that read idle a moment past the tick is no sign of
+    work. Where the ticks are not aligned with the term (after a renewal's decision the
+    grid restarts a lead before the term's end), GPUs that worked only at a tick in the
+    first half tick of the term and sat idle from the next count as idle all of it."""
     if state.idle_since is None:
         return "its GPUs work"
     since = state.idle_since.timestamp()

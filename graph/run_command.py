@@ -187,15 +187,17 @@ def run_on(
     command = RunCommand(list(argv), os.getcwd(), grace_s, notice_s, notice_signal.name)
     charge = Charge(new_owner("run"), say)
     svc = orch.services
-    claim = _claim(svc, allocation_id, charge.owner)
     with _signals() as got:  # from before the start: a Ctrl-C then stops the command too
+        claim = _claim(svc, allocation_id, charge.owner)
+        record = svc.ledger.run_record(allocation_id)
         try:
-            _record_given(svc, allocation_id, charge.owner, command, claim)
+            _record_given(svc, allocation_id, charge.owner, command, claim, record)
             proc = _start(orch, row, command, charge)
         except BaseException:  # no command started: the allocation's is what it was
             svc.commands.unclaim(allocation_id, charge.owner, claim)
+            svc.ledger.restore_run(allocation_id, charge.owner, record)
             raise
-        return _supervise(orch, row, proc, command, charge, False, got)
+        return _supervise(orch, row, proc, command, charge, owned=False, got=got)
 
 
 def _claim(svc: Services, aid: str, owner: str) -> Claim:
@@ -221,14 +223,21 @@ def _claim(svc: Services, aid: str, owner: str) -> Claim:
     return claim
 
 
-def _record_given(svc: Services, aid: str, owner: str, command: RunCommand, claim: Claim) -> None:
+def _record_given(
+    svc: Services,
+    aid: str,
+    owner: str,
+    command: RunCommand,
+    claim: Claim,
+    record: RunRecord | None,
+) -> None:
     """Record the command of a `run --allocation` as a requested run's is (its process group
     once started), so that whoever ends the allocation after this process died stops it
     (fleet.left_running): where the allocation has no record, or the record of an earlier
     `run --allocation` whose command is over (it exited, or its run died here and left
     nothing running: `claim` says what the allocation's command was). A record another run
-    keeps (a requested run's; another host's that died) stays as it is."""
-    record = svc.ledger.run_record(aid)
+    keeps (a requested run's; another host's that died) stays as it is. `record`: the
+    allocation's record as it was."""
     if record is None:
         svc.ledger.record_given(aid, owner, asdict(command), None)
         return
@@ -603,6 +612,7 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
             f"allocation {last.allocation_id}'s command is in the charge of gpu-agent "
             f"{describe_owner(last.owner)}, which is not known to have died: nothing to resume"
         )
+    _check_no_other_command(orch, last)
     command = RunCommand.read(last.command)
     check_startable(command.argv, os.environ, command.cwd)  # before anything is placed
     charge = Charge(new_owner("run"), say)
@@ -617,6 +627,20 @@ def resume_run(orch: Orchestrator, aid: str, say: Callable[[str], None] = print)
     if held is None:
         raise NotPlaced(f"allocation {last.allocation_id} was not placed")
     return _carry_on(orch, held, command, charge, earlier)
+
+
+def _check_no_other_command(orch: Orchestrator, last: RunRecord) -> None:
+    """One command at a time (_claim): no resume while another living `run` runs one on the
+    run's newest allocation (a `run --allocation` after this run died)."""
+    if _row(orch, last.allocation_id) is None:  # not placed yet
+        return
+    lease = orch.services.ledger.lease(last.allocation_id)
+    other = lease.command_owner
+    if other not in (None, last.owner) and orch.services.work(lease) == "running":
+        raise InvalidInput(
+            f"allocation {last.allocation_id} runs a command under gpu-agent "
+            f"{describe_owner(other)} now: nothing to resume while it runs"
+        )
 
 
 def _finished(orch: Orchestrator, last: RunRecord) -> str | None:

@@ -144,6 +144,8 @@ def _renew(row: Lease, mon: MonitorState, now: float, svc: Services, aid: str) -
 
 
 def _set_meanwhile(now: float) -> Event:
+    """A term neither renewed nor declined here: its end was set since the lease was read
+    (or, for a renewal, its monitor declined it before a restart)."""
     why = (
         "its end was set meanwhile (a budget, a preemption, a release, or its monitor "
         "declining the term before a restart)"

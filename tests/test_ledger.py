@@ -375,6 +375,21 @@ def test_a_version_10_ledger_gains_the_given_runs(
         assert ledger.record_given(aid, "h:3:z:run", {}, "h:1:x:run") is False  # requested
 
 
+def test_a_given_record_whose_command_never_started_is_put_back(fx: Fixture) -> None:
+    """`run --allocation` records its command, then fails to start it: the record another
+    given run held is back as it was, and a record it made alone is gone."""
+    aid, fresh = fx.place("t1").row.id, fx.place("t2").row.id
+    assert fx.ledger.record_given(aid, "h:1:a:run", {"argv": ["true"]}, None)
+    fx.ledger.command_started(aid, "h:1:a:run", 4242)
+    was = fx.ledger.run_record(aid)
+    assert fx.ledger.record_given(aid, "h:2:b:run", {"argv": ["false"]}, "h:1:a:run")
+    fx.ledger.restore_run(aid, "h:2:b:run", was)
+    assert fx.ledger.run_record(aid) == was
+    assert fx.ledger.record_given(fresh, "h:2:b:run", {"argv": ["false"]}, None)
+    fx.ledger.restore_run(fresh, "h:2:b:run", None)
+    assert fx.ledger.run_record(fresh) is None
+
+
 def test_a_scheduler_job_is_recorded_once_per_allocation(fx: Fixture) -> None:
     row = fx.place("t1").row
     assert row is not None and fx.ledger.scheduler_job(row.id) is None

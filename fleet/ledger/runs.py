@@ -104,6 +104,19 @@ class Runs(Store):
                 args = (owner, json.dumps(command), aid, replacing)
             return bool(db.execute(sql, args).rowcount)
 
+    def restore_run(self, aid: str, owner: str, was: RunRecord | None) -> None:
+        """`owner`'s command never started: `aid`'s record is what it was (`was`; None: none),
+        where `owner` holds it (record_given made or replaced it)."""
+        with self.transaction(f"run:{aid}") as db:
+            if was is None:
+                db.execute("DELETE FROM runs WHERE allocation_id=? AND owner=?", (aid, owner))
+                return
+            db.execute(
+                "UPDATE runs SET owner=?, command=?, pgid=?, noticed_at=? "
+                "WHERE allocation_id=? AND owner=?",
+                (was.owner, json.dumps(was.command), was.pgid, was.noticed_at, aid, owner),
+            )
+
     def run_record(self, aid: str) -> RunRecord | None:
         rows = self.query(f"{RUN} WHERE allocation_id=?", (aid,))
         return _record(rows[0]) if rows else None
