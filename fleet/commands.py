@@ -21,7 +21,7 @@ from fleet.ledger.rows import Lease
 from fleet.monitoring import Work
 from fleet.monitors import gone_here, seen_from_here
 
-SELECT = "SELECT allocation_id, owner, started_at, ended_at, exit_code, beat_at FROM commands"
+KEPT = ("owner", "started_at", "ended_at", "exit_code", "beat_at")  # what unclaim puts back
 STARTED = (
     "INSERT INTO commands (allocation_id, owner, started_at, beat_at) "
     "VALUES (?, ?, ?, ?) ON CONFLICT (allocation_id) DO UPDATE SET "
@@ -36,7 +36,7 @@ class Claim:
     the claim is this one's), and the row as it was (None: none)."""
 
     holder: str | None
-    was: tuple[object, ...] | None
+    was: dict[str, object] | None  # KEPT, by name
 
 
 class Commands:
@@ -60,10 +60,14 @@ class Commands:
         (fleet.monitoring.IdlePolicy). The claim says which run holds it where refused, and
         what `unclaim` puts back if the command then fails to start."""
         with self.ledger.transaction(f"run:{allocation_id}") as db:
-            row = db.execute(f"{SELECT} WHERE allocation_id=?", (allocation_id,)).fetchone()
-            was = None if row is None else tuple(row)
-            if was is not None and was[3] is None and lives(str(was[1]), was[5], stale_s):
-                return Claim(str(was[1]), was)
+            row = db.execute(
+                f"SELECT {', '.join(KEPT)} FROM commands WHERE allocation_id=?", (allocation_id,)
+            ).fetchone()
+            was = None if row is None else dict(zip(KEPT, row, strict=True))
+            if row is not None:
+                holder, _, ended_at, _, beat_at = row  # KEPT
+                if ended_at is None and lives(str(holder), beat_at, stale_s):
+                    return Claim(str(holder), was)
             db.execute(STARTED, (allocation_id, owner, at, time.time()))
         return Claim(None, was)
 
@@ -75,9 +79,9 @@ class Commands:
             )
             return
         self._write(
-            "UPDATE commands SET owner=?, started_at=?, ended_at=?, exit_code=?, beat_at=? "
+            f"UPDATE commands SET {', '.join(f'{k}=?' for k in KEPT)} "
             "WHERE allocation_id=? AND owner=?",
-            (*claim.was[1:], allocation_id, owner),
+            (*claim.was.values(), allocation_id, owner),
         )
 
     @contextlib.contextmanager

@@ -242,7 +242,7 @@ def _record_given(
         svc.ledger.record_given(aid, owner, asdict(command), None)
         return
     was = claim.was
-    exited = was is not None and was[1] == record.owner and was[3] is not None
+    exited = was is not None and was["owner"] == record.owner and was["ended_at"] is not None
     if record.given and (exited or gone_here(record.owner)):
         svc.ledger.record_given(aid, owner, asdict(command), record.owner)
 
